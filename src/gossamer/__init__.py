@@ -1,0 +1,1 @@
+"""Gossamer: train PyTorch models on machines that are heterogeneous, unreliable and far apart."""

@@ -1,0 +1,1 @@
+"""Benchmark programs: each runs Gossamer and its reference side by side and reports ratios."""

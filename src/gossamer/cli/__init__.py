@@ -1,0 +1,1 @@
+"""The gossamer command. Wiring only: parses, builds configs, calls the layers."""

@@ -1,0 +1,27 @@
+"""The `gossamer` command."""
+
+from __future__ import annotations
+
+import typer
+
+from gossamer._version import __version__
+from gossamer.cli import lab
+
+app = typer.Typer(
+    name="gossamer",
+    help="Train PyTorch models on machines that are heterogeneous, unreliable and far apart.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(lab.app, name="lab")
+
+
+@app.command()
+def version() -> None:
+    """Print Gossamer's version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    """Entry point of the `gossamer` console script."""
+    app()

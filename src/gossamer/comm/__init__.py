@@ -1,0 +1,1 @@
+"""Collectives: group formation, fault-tolerant all-reduce, compression codecs."""

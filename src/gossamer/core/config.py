@@ -1,0 +1,249 @@
+"""Config dataclasses for a training run.
+
+Each component owns a small frozen dataclass, checked in ``__post_init__`` with messages that say
+what is wrong and what to do. :class:`RunConfig` is the root; :mod:`gossamer.core.config_loader`
+builds one from a TOML file, environment variables and flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from gossamer.core.errors import ConfigError
+
+__all__ = [
+    "CheckpointConfig",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+]
+
+DataSource = Literal["stdlib", "text", "tokens"]
+TokenDtype = Literal["uint16", "uint32"]
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelConfig:
+    """The built-in decoder-only transformer (GPT)."""
+
+    num_layers: int = 4
+    """Transformer blocks."""
+    num_heads: int = 4
+    """Attention heads per block; must divide ``width``."""
+    width: int = 128
+    """Embedding and residual stream width."""
+    context: int = 128
+    """Longest sequence the model attends over (tokens); also the training sequence length."""
+    vocab_size: int = 256
+    """Token vocabulary; 256 for the byte-level corpora."""
+    dropout: float = 0.0
+    """Dropout probability in attention and MLP outputs."""
+    tie_weights: bool = True
+    """Share the token embedding with the output projection."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.num_layers >= 1, "model.num_layers", f"must be at least 1, got {self.num_layers}"
+        )
+        _require(
+            self.num_heads >= 1, "model.num_heads", f"must be at least 1, got {self.num_heads}"
+        )
+        _require(self.width >= 1, "model.width", f"must be at least 1, got {self.width}")
+        _require(
+            self.width % self.num_heads == 0,
+            "model.num_heads",
+            f"{self.num_heads} heads do not divide width {self.width}; "
+            f"choose num_heads among the divisors of {self.width} or change model.width",
+        )
+        _require(self.context >= 2, "model.context", f"must be at least 2, got {self.context}")
+        _require(
+            self.vocab_size >= 2, "model.vocab_size", f"must be at least 2, got {self.vocab_size}"
+        )
+        _require(
+            0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}"
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DataConfig:
+    """Where training tokens come from and how they are split."""
+
+    source: DataSource = "stdlib"
+    """``stdlib`` (the Python standard library's sources, embedded), ``text`` or ``tokens``."""
+    path: str | None = None
+    """A text file or folder (``text``) or a token file (``tokens``); unused for ``stdlib``."""
+    token_dtype: TokenDtype = "uint16"
+    """Element type of a pre-tokenized file (``tokens`` only)."""
+    validation_fraction: float = 0.05
+    """Share of files (or of tokens, for a single file) held out for validation."""
+    max_corpus_bytes: int = 0
+    """Cap on the training corpus size in bytes; 0 means no cap."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.source in ("stdlib", "text", "tokens"),
+            "data.source",
+            f"unknown source {self.source!r}; use 'stdlib', 'text' or 'tokens'",
+        )
+        _require(
+            self.source == "stdlib" or bool(self.path),
+            "data.path",
+            f"data.source = {self.source!r} needs data.path (a file or folder to read)",
+        )
+        _require(
+            self.token_dtype in ("uint16", "uint32"),
+            "data.token_dtype",
+            f"unknown dtype {self.token_dtype!r}; use 'uint16' or 'uint32'",
+        )
+        _require(
+            0.0 < self.validation_fraction < 1.0,
+            "data.validation_fraction",
+            f"must be strictly between 0 and 1, got {self.validation_fraction}",
+        )
+        _require(
+            self.max_corpus_bytes >= 0,
+            "data.max_corpus_bytes",
+            f"must be 0 (no cap) or positive, got {self.max_corpus_bytes}",
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay, and gradient clipping."""
+
+    lr: float = 3e-3
+    """Peak learning rate, reached at the end of warm-up."""
+    min_lr_ratio: float = 0.1
+    """Learning rate at the end of the cosine, as a fraction of ``lr``."""
+    warmup_steps: int = 20
+    """Steps of linear warm-up from 0 to ``lr``."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (applied to matrices only, not to biases and norms)."""
+    beta1: float = 0.9
+    """AdamW first-moment decay."""
+    beta2: float = 0.95
+    """AdamW second-moment decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
+        _require(
+            0.0 <= self.min_lr_ratio <= 1.0,
+            "optim.min_lr_ratio",
+            f"must be in [0, 1], got {self.min_lr_ratio}",
+        )
+        _require(
+            self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}"
+        )
+        _require(
+            self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}"
+        )
+        _require(0.0 <= self.beta1 < 1.0, "optim.beta1", f"must be in [0, 1), got {self.beta1}")
+        _require(0.0 <= self.beta2 < 1.0, "optim.beta2", f"must be in [0, 1), got {self.beta2}")
+        _require(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    """The training loop: how long, how big a batch, how often to evaluate."""
+
+    max_steps: int = 200
+    """Optimizer steps to run (the learning-rate schedule spans this many)."""
+    max_seconds: float = 0.0
+    """Stop early after this much wall time; 0 means no time budget."""
+    batch_size: int = 16
+    """Sequences per micro-batch."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated into one optimizer step."""
+    eval_every: int = 50
+    """Evaluate on the validation split every this many steps; 0 disables periodic evaluation."""
+    eval_batches: int = 8
+    """Validation micro-batches per evaluation."""
+    seed: int = 0
+    """Seeds the model initialisation, the data streams and dropout."""
+    num_threads: int = 0
+    """Torch intra-op threads; 0 leaves torch's default."""
+    log_every: int = 10
+    """Log a progress line every this many steps."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.max_steps >= 1, "train.max_steps", f"must be at least 1, got {self.max_steps}"
+        )
+        _require(
+            self.max_seconds >= 0, "train.max_seconds", f"must be >= 0, got {self.max_seconds}"
+        )
+        _require(
+            self.batch_size >= 1, "train.batch_size", f"must be at least 1, got {self.batch_size}"
+        )
+        _require(
+            self.grad_accum_steps >= 1,
+            "train.grad_accum_steps",
+            f"must be at least 1, got {self.grad_accum_steps}",
+        )
+        _require(self.eval_every >= 0, "train.eval_every", f"must be >= 0, got {self.eval_every}")
+        _require(
+            self.eval_batches >= 1,
+            "train.eval_batches",
+            f"must be at least 1, got {self.eval_batches}",
+        )
+        _require(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
+        _require(
+            self.num_threads >= 0, "train.num_threads", f"must be >= 0, got {self.num_threads}"
+        )
+        _require(
+            self.log_every >= 1, "train.log_every", f"must be at least 1, got {self.log_every}"
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CheckpointConfig:
+    """Where and how often checkpoints are written, and whether a run resumes from one."""
+
+    directory: str = "checkpoints"
+    """Folder that holds this run's checkpoints (one sub-folder per checkpoint)."""
+    every_steps: int = 100
+    """Write a checkpoint every this many steps (and always at the end); 0: only at the end."""
+    keep_last: int = 3
+    """How many of the newest checkpoints to keep; older ones are deleted."""
+    resume: bool = True
+    """Resume from the newest valid checkpoint in ``directory`` if there is one."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.directory), "checkpoint.directory", "must not be empty")
+        _require(
+            self.every_steps >= 0, "checkpoint.every_steps", f"must be >= 0, got {self.every_steps}"
+        )
+        _require(
+            self.keep_last >= 1, "checkpoint.keep_last", f"must be at least 1, got {self.keep_last}"
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunConfig:
+    """The root config of a training run."""
+
+    name: str = "gossamer"
+    """The run's name; peers training together share it."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The built-in model (ignored when a custom model factory is given)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and validation data."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing and resume."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "name", "must not be empty")

@@ -1,0 +1,1 @@
+"""Datasets: the embedded corpus, text files, token files, and per-peer streams. Torch only."""

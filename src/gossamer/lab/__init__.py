@@ -1,0 +1,1 @@
+"""The lab: namespaces, capped links, NAT and scheduled faults to rehearse a swarm."""

@@ -1,0 +1,1 @@
+"""The built-in models (a small GPT). Torch only."""

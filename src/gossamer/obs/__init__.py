@@ -1,0 +1,1 @@
+"""Observability: Prometheus metrics, goodput accounting, trace events, structured logs."""

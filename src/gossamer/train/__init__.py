@@ -1,0 +1,1 @@
+"""Training: the loop, strategies, and state sync for newcomers."""

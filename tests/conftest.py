@@ -1,0 +1,57 @@
+"""Shared test set-up: markers by folder, and no real sockets in unit tests."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_TESTS = Path(__file__).parent
+_FOLDER_MARKERS = {
+    "unit": "unit",
+    "integration": "integration",
+    "fault": "fault",
+    "netlab": "netlab",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        try:
+            folder = Path(str(item.fspath)).relative_to(_TESTS).parts[0]
+        except ValueError:
+            continue
+        marker = _FOLDER_MARKERS.get(folder)
+        if marker:
+            item.add_marker(getattr(pytest.mark, marker))
+
+
+class _SocketForbiddenError(RuntimeError):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _no_sockets_in_unit_tests(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Unit tests run in memory: opening a real socket there is an error."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    real_socket = socket.socket
+
+    def guarded(*args: Any, **kwargs: Any) -> socket.socket:
+        family = args[0] if args else kwargs.get("family", socket.AF_INET)
+        if family == socket.AF_UNIX:  # event loops' self-pipes are fine
+            return real_socket(*args, **kwargs)
+        raise _SocketForbiddenError(
+            f"{request.node.nodeid}: unit tests must not open network sockets; "
+            "move this test to tests/integration"
+        )
+
+    socket.socket = guarded  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        socket.socket = real_socket  # type: ignore[misc]
