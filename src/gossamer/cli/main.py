@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from gossamer._version import __version__
-from gossamer.cli import lab
+from gossamer.cli import lab, peer
 
 app = typer.Typer(
     name="gossamer",
@@ -14,6 +14,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(lab.app, name="lab")
+peer.register(app)
 
 
 @app.command()
