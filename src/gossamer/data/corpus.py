@@ -1,0 +1,336 @@
+"""Corpora: where training and validation tokens come from, split deterministically.
+
+Three sources, chosen by ``DataConfig.source``:
+
+- ``stdlib``: the embedded corpus, the ``.py`` sources of the Python standard library installed on
+  this machine, as bytes. Nothing is downloaded.
+- ``text``: a text file or a folder of text files, as bytes.
+- ``tokens``: a pre-tokenized file of little-endian ``uint16`` or ``uint32`` ids, memory-mapped.
+
+Folders (the standard library included) are split **by file**: a file goes to validation when the
+sha256 of its relative path, read as a fraction in [0, 1), is below ``validation_fraction``. The
+split depends on nothing but the path, so every machine puts a file on the same side, and adding or
+removing a file never moves another one. A single file is split by its tail: the last
+``validation_fraction`` of its tokens are validation.
+
+``max_corpus_bytes`` caps the training split to a prefix (files in sorted order, the last one cut);
+the validation split is capped in proportion, so the train/validation ratio stays
+``validation_fraction``. The cap is applied after the split, so it never moves a file across it.
+
+Every :class:`Corpus` carries a JSON-serializable manifest that says exactly which files (or which
+token range) went where and the sha256 of each split's tokens, so two peers can check that they
+train on the same data.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import math
+import os
+import platform
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from gossamer.core.config import DataConfig
+from gossamer.core.errors import DataError
+
+__all__ = ["Corpus", "TokenSource", "load_corpus", "stdlib_source_files"]
+
+MANIFEST_VERSION = 1
+_TOKEN_DTYPES: dict[str, np.dtype[Any]] = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+_SNIFF_BYTES = 8192
+_HASH_CHUNK_TOKENS = 1 << 20
+# Test suites are left out of the embedded corpus (see stdlib_source_files); build-configuration
+# folders (config-3.11-x86_64-linux-gnu) hold platform-specific files.
+_STDLIB_SKIPPED_FOLDERS = frozenset(
+    {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSource:
+    """A read-only 1-D array of token ids: one split of a corpus.
+
+    ``tokens`` is ``uint8`` for byte corpora and a read-only ``np.memmap`` of ``uint16`` or
+    ``uint32`` for token files (pages are read only when a batch touches them).
+    """
+
+    tokens: npt.NDArray[np.unsignedinteger[Any]]
+    """The token ids, in corpus order."""
+    description: str
+    """What this is, for error messages ("validation split of /data/corpus.bin")."""
+
+    def __post_init__(self) -> None:
+        assert self.tokens.ndim == 1, f"token arrays are 1-D, got shape {self.tokens.shape}"
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Corpus:
+    """A dataset's training and validation splits plus the manifest that describes them."""
+
+    train: TokenSource
+    """Tokens to train on."""
+    validation: TokenSource
+    """Held-out tokens for evaluation; disjoint from ``train``."""
+    manifest: dict[str, Any]
+    """JSON-serializable record of the source, the split and the sha256 of each split's tokens."""
+
+
+def load_corpus(config: DataConfig) -> Corpus:
+    """Load the dataset that ``config`` names and split it into train and validation.
+
+    The embedded corpus is read once per process and cached; later calls with the same split
+    settings return it at once (with a fresh copy of the manifest).
+
+    Raises:
+        DataError: The path is missing, holds no data, or a split comes out empty.
+    """
+    if config.source == "stdlib":
+        corpus = _load_stdlib_cached(config.validation_fraction, config.max_corpus_bytes)
+        return Corpus(corpus.train, corpus.validation, copy.deepcopy(corpus.manifest))
+    assert config.path is not None, "DataConfig checks that text and tokens sources have a path"
+    path = Path(config.path).expanduser()
+    if not path.exists():
+        what = "text file or folder" if config.source == "text" else "token file"
+        raise DataError(
+            f"data.path {str(path)!r} does not exist; point data.path at a {what}, "
+            "or use data.source = 'stdlib' for the embedded corpus"
+        )
+    if config.source == "tokens":
+        if not path.is_file():
+            raise DataError(
+                f"data.path {str(path)!r} is not a file; data.source = 'tokens' reads one file "
+                "of raw uint16/uint32 token ids"
+            )
+        return _load_single_file(path, config, _TOKEN_DTYPES[config.token_dtype])
+    if path.is_file():
+        return _load_single_file(path, config, np.dtype(np.uint8))
+    files = _text_files(path)
+    if not files:
+        raise DataError(
+            f"data.path {str(path)!r} holds no text files (hidden and binary files are skipped); "
+            "add .txt or source files to it, or point data.path at another folder"
+        )
+    if len(files) == 1:
+        return _load_single_file(path / files[0], config, np.dtype(np.uint8))
+    manifest: dict[str, Any] = {"source": "text", "path": str(path)}
+    return _load_files(path, files, config, manifest, str(path))
+
+
+def stdlib_source_files() -> tuple[Path, list[str]]:
+    """The embedded corpus's files: the standard library root and its ``.py`` files, sorted.
+
+    Left out: ``site-packages``/``dist-packages`` (third-party code, different on every
+    machine), caches, symlinks, the build-configuration folder and ``_sysconfigdata*`` (their
+    contents are specific to how this Python was built), and the test suites (``test``, ``tests``,
+    ``idle_test``). Tests are skipped because they are about 60% of the bytes yet mostly
+    repetitive assertions and deliberately odd inputs (bad encodings, invalid syntax), and because
+    distributions ship them separately (Debian's ``libpython3.X-testsuite``), so leaving them out
+    keeps the corpus the same on more machines with the same Python version.
+
+    Returns:
+        The root folder and the relative POSIX paths of the files, in sorted order.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found: list[str] = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [
+            name
+            for name in subfolders
+            if name not in _STDLIB_SKIPPED_FOLDERS
+            and not name.startswith((".", "config-"))
+            and not os.path.islink(os.path.join(folder, name))
+        ]
+        for name in names:
+            full = os.path.join(folder, name)
+            if (
+                name.endswith(".py")
+                and not name.startswith("_sysconfigdata")
+                and not os.path.islink(full)
+                and os.path.getsize(full) > 0
+            ):
+                found.append(Path(full).relative_to(root).as_posix())
+    return root, sorted(found)
+
+
+@functools.cache
+def _load_stdlib_cached(validation_fraction: float, max_corpus_bytes: int) -> Corpus:
+    root, files = stdlib_source_files()
+    if not files:
+        raise DataError(
+            f"found no .py files under the standard library at {str(root)!r}; this Python "
+            "installation has no sources (only .pyc?), so use data.source = 'text' with a folder"
+        )
+    config = DataConfig(
+        source="stdlib",
+        validation_fraction=validation_fraction,
+        max_corpus_bytes=max_corpus_bytes,
+    )
+    manifest: dict[str, Any] = {
+        "source": "stdlib",
+        "path": str(root),
+        "python_implementation": platform.python_implementation(),
+    }
+    return _load_files(root, files, config, manifest, "the stdlib corpus")
+
+
+def _text_files(folder: Path) -> list[str]:
+    """Relative POSIX paths of the non-empty, non-hidden, non-binary files under ``folder``."""
+    found: list[str] = []
+    for current, subfolders, names in os.walk(folder):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        for name in names:
+            full = Path(current) / name
+            if name.startswith(".") or not full.is_file() or full.stat().st_size == 0:
+                continue
+            with full.open("rb") as f:
+                if b"\0" in f.read(_SNIFF_BYTES):  # binary, as git and grep decide it
+                    continue
+            found.append(full.relative_to(folder).as_posix())
+    return sorted(found)
+
+
+def _is_validation_file(relative_path: str, validation_fraction: float) -> bool:
+    digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < validation_fraction
+
+
+def _split_files(files: list[str], validation_fraction: float) -> tuple[list[str], list[str]]:
+    """Split by path hash; with few files, move the extreme-hash file so neither side is empty."""
+    train = [name for name in files if not _is_validation_file(name, validation_fraction)]
+    validation = [name for name in files if _is_validation_file(name, validation_fraction)]
+    if len(files) >= 2 and (not train or not validation):
+        by_hash = sorted(files, key=lambda name: hashlib.sha256(name.encode("utf-8")).digest())
+        moved = by_hash[0] if not validation else by_hash[-1]
+        train = [name for name in files if name != moved] if not validation else [moved]
+        validation = [moved] if not validation else [name for name in files if name != moved]
+    return train, validation
+
+
+def _caps(config: DataConfig) -> tuple[int | None, int | None]:
+    """Byte caps for the train and validation splits (``None``: no cap)."""
+    if config.max_corpus_bytes == 0:
+        return None, None
+    ratio = config.validation_fraction / (1.0 - config.validation_fraction)
+    return config.max_corpus_bytes, max(1, math.ceil(config.max_corpus_bytes * ratio))
+
+
+def _read_prefix(root: Path, files: list[str], cap: int | None) -> tuple[bytes, list[str]]:
+    """The files' bytes concatenated in order, stopping at ``cap`` bytes; the files used."""
+    chunks: list[bytes] = []
+    used: list[str] = []
+    num_bytes = 0
+    for name in files:
+        if cap is not None and num_bytes >= cap:
+            break
+        data = (root / name).read_bytes()
+        if cap is not None:
+            data = data[: cap - num_bytes]
+        chunks.append(data)
+        used.append(name)
+        num_bytes += len(data)
+    return b"".join(chunks), used
+
+
+def _load_files(
+    root: Path, files: list[str], config: DataConfig, manifest: dict[str, Any], label: str
+) -> Corpus:
+    train_files, validation_files = _split_files(files, config.validation_fraction)
+    train_cap, validation_cap = _caps(config)
+    train_bytes, train_used = _read_prefix(root, train_files, train_cap)
+    validation_bytes, validation_used = _read_prefix(root, validation_files, validation_cap)
+    if not train_bytes or not validation_bytes:
+        raise DataError(
+            f"{label} at {str(root)!r} has too little data to split ({len(files)} file(s), "
+            f"{len(train_bytes) + len(validation_bytes)} bytes); add files to it"
+        )
+    train = np.frombuffer(train_bytes, dtype=np.uint8)  # read-only: backed by immutable bytes
+    validation = np.frombuffer(validation_bytes, dtype=np.uint8)
+    manifest.update(
+        _common_manifest(config, train, validation, "uint8"),
+        train_files=train_used,
+        validation_files=validation_used,
+    )
+    return Corpus(
+        TokenSource(train, f"training split of {label}"),
+        TokenSource(validation, f"validation split of {label}"),
+        manifest,
+    )
+
+
+def _load_single_file(path: Path, config: DataConfig, dtype: np.dtype[Any]) -> Corpus:
+    num_bytes = path.stat().st_size
+    if num_bytes == 0:
+        raise DataError(f"data.path {str(path)!r} is empty; point data.path at a file with data")
+    if num_bytes % dtype.itemsize:
+        raise DataError(
+            f"token file {str(path)!r} is {num_bytes} bytes, not a multiple of "
+            f"{dtype.itemsize} ({config.token_dtype}); the file is truncated or "
+            "data.token_dtype is wrong"
+        )
+    tokens: npt.NDArray[np.unsignedinteger[Any]] = np.memmap(path, dtype=dtype, mode="r")
+    num_tokens = len(tokens)
+    num_validation = max(1, round(num_tokens * config.validation_fraction))
+    split_index = num_tokens - num_validation
+    if split_index < 1:
+        raise DataError(
+            f"data.path {str(path)!r} holds only {num_tokens} token(s), too few to split into "
+            "training and validation; add data"
+        )
+    train_cap, validation_cap = _caps(config)
+    train_end = split_index if train_cap is None else min(split_index, train_cap // dtype.itemsize)
+    validation_end = num_tokens
+    if validation_cap is not None:
+        validation_end = min(num_tokens, split_index + max(1, validation_cap // dtype.itemsize))
+    train, validation = tokens[: max(1, train_end)], tokens[split_index:validation_end]
+    token_dtype = "uint8" if dtype.itemsize == 1 else config.token_dtype
+    manifest: dict[str, Any] = {
+        "source": config.source,
+        "path": str(path),
+        "split_index": split_index,
+        **_common_manifest(config, train, validation, token_dtype),
+    }
+    return Corpus(
+        TokenSource(train, f"training split of {str(path)!r}"),
+        TokenSource(validation, f"validation split of {str(path)!r}"),
+        manifest,
+    )
+
+
+def _common_manifest(
+    config: DataConfig,
+    train: npt.NDArray[np.unsignedinteger[Any]],
+    validation: npt.NDArray[np.unsignedinteger[Any]],
+    token_dtype: str,
+) -> dict[str, Any]:
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "python_version": platform.python_version(),
+        "token_dtype": token_dtype,
+        "validation_fraction": config.validation_fraction,
+        "max_corpus_bytes": config.max_corpus_bytes,
+        "num_train_tokens": len(train),
+        "num_validation_tokens": len(validation),
+        "train_bytes": int(train.nbytes),
+        "validation_bytes": int(validation.nbytes),
+        "train_sha256": _sha256_tokens(train),
+        "validation_sha256": _sha256_tokens(validation),
+    }
+
+
+def _sha256_tokens(tokens: npt.NDArray[np.unsignedinteger[Any]]) -> str:
+    """Hex sha256 of the tokens' little-endian bytes, a chunk at a time (memory maps stay cold)."""
+    digest = hashlib.sha256()
+    for start in range(0, len(tokens), _HASH_CHUNK_TOKENS):
+        digest.update(np.ascontiguousarray(tokens[start : start + _HASH_CHUNK_TOKENS]).data)
+    return digest.hexdigest()

@@ -1,0 +1,207 @@
+"""Per-peer streams of training batches, and fixed validation batches.
+
+How a :class:`TokenStream` walks its source: the source is cut into non-overlapping windows of
+``seq_len + 1`` tokens (inputs plus the target shifted by one) that start at ``offset + i *
+seq_len``. Each epoch draws a new ``offset`` in ``[0, seq_len)`` and a new order of the windows
+from a numpy ``Generator`` seeded with ``(seed, epoch)`` only, so every peer computes the same
+order; peer ``p`` of ``N`` then takes windows ``p, p + N, p + 2N, ...`` of it. Within an epoch
+the peers' shards are disjoint and together cover the epoch's windows; across epochs the windows
+shift and reshuffle. A stream depends on nothing but ``(seed, peer_index, num_peers)`` and its
+position, never on global random state, so it can be rebuilt anywhere from :meth:`state_dict`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from gossamer.core.errors import DataError
+from gossamer.data.corpus import TokenSource
+
+__all__ = ["TokenStream", "validation_batches"]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class TokenStream:
+    """An endless, reproducible stream of ``(inputs, targets)`` batches for one peer.
+
+    Args:
+        source: The tokens to draw windows from (usually a corpus's training split).
+        seq_len: Tokens per sequence (the model's context).
+        batch_size: Sequences per batch.
+        seed: Seeds the per-epoch window order; peers training together share it.
+        peer_index: This peer's shard, in ``0..num_peers - 1``.
+        num_peers: How many peers split each epoch between them.
+
+    Raises:
+        ValueError: An argument is out of range.
+        DataError: The source is too short for one sequence, or for one per peer.
+    """
+
+    def __init__(
+        self,
+        source: TokenSource,
+        *,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        peer_index: int = 0,
+        num_peers: int = 1,
+    ) -> None:
+        if seq_len < 1 or batch_size < 1 or seed < 0:
+            raise ValueError(
+                f"need seq_len >= 1, batch_size >= 1 and seed >= 0; "
+                f"got seq_len={seq_len}, batch_size={batch_size}, seed={seed}"
+            )
+        if num_peers < 1 or not 0 <= peer_index < num_peers:
+            raise ValueError(
+                f"peer_index must be in 0..num_peers - 1; got {peer_index} of {num_peers}"
+            )
+        _check_long_enough(source, seq_len)
+        fewest_windows = _num_windows(len(source), seq_len, _max_offset(len(source), seq_len))
+        if fewest_windows < num_peers:
+            raise DataError(
+                f"{source.description} holds {len(source)} tokens, only {fewest_windows} "
+                f"sequences of {seq_len}, fewer than the {num_peers} peers sharing it; "
+                "add data or use a shorter model.context"
+            )
+        self._source = source
+        self._seq_len = seq_len
+        self._batch_size = batch_size
+        self._seed = seed
+        self._peer_index = peer_index
+        self._num_peers = num_peers
+        self._epoch = 0
+        self._position = 0
+        self._shard: npt.NDArray[np.int64] | None = None
+        self._window_offsets = np.arange(seq_len + 1, dtype=np.int64)
+
+    @property
+    def epoch(self) -> int:
+        """How many times this peer's stream has wrapped around its source."""
+        return self._epoch
+
+    def next_batch(self) -> Batch:
+        """The next ``(inputs, targets)``: int64 tensors ``[batch_size, seq_len]``.
+
+        ``targets[:, t]`` is the token after ``inputs[:, t]``.
+        """
+        starts = np.empty(self._batch_size, dtype=np.int64)
+        filled = 0
+        while filled < self._batch_size:
+            shard = self._current_shard()
+            if self._position >= len(shard):
+                self._epoch += 1
+                self._position = 0
+                self._shard = None
+                continue
+            taken = shard[self._position : self._position + self._batch_size - filled]
+            starts[filled : filled + len(taken)] = taken
+            filled += len(taken)
+            self._position += len(taken)
+        return _gather(self._source, starts, self._window_offsets)
+
+    def state_dict(self) -> dict[str, int]:
+        """The stream's position, plus what it was built with (checked on load). JSON-safe."""
+        return {
+            "epoch": self._epoch,
+            "position": self._position,
+            "seed": self._seed,
+            "peer_index": self._peer_index,
+            "num_peers": self._num_peers,
+            "seq_len": self._seq_len,
+            "num_tokens": len(self._source),
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a saved position: the next batches are those the saved stream would give.
+
+        ``batch_size`` may differ from the saved stream's (positions count sequences).
+
+        Raises:
+            ValueError: The state is malformed or was saved by a stream over other data, with
+                another seed, sequence length or peer layout.
+        """
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise ValueError(f"stream state lacks {missing}; it was not made by TokenStream")
+        for key in ("seed", "peer_index", "num_peers", "seq_len", "num_tokens"):
+            if int(state[key]) != expected[key]:
+                raise ValueError(
+                    f"stream state was saved with {key}={state[key]}, but this stream has "
+                    f"{key}={expected[key]}; resume with the same data and settings, or start "
+                    "a fresh stream"
+                )
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or position < 0:
+            raise ValueError(f"stream state has a negative position: epoch {epoch}, {position}")
+        self._epoch, self._position, self._shard = epoch, position, None
+
+    def _current_shard(self) -> npt.NDArray[np.int64]:
+        if self._shard is None:
+            num_tokens = len(self._source)
+            generator = np.random.default_rng([self._seed, self._epoch])
+            offset = int(generator.integers(0, _max_offset(num_tokens, self._seq_len) + 1))
+            order = generator.permutation(_num_windows(num_tokens, self._seq_len, offset))
+            shard = order[self._peer_index :: self._num_peers]
+            self._shard = offset + shard.astype(np.int64) * self._seq_len
+        return self._shard
+
+
+def validation_batches(
+    source: TokenSource, *, seq_len: int, batch_size: int, num_batches: int
+) -> list[Batch]:
+    """Fixed evaluation batches whose sequences start at evenly spaced points of ``source``.
+
+    The same arguments give the same batches on every call and every machine, so validation
+    losses are comparable across steps, runs and peers.
+
+    Raises:
+        ValueError: An argument is out of range.
+        DataError: ``source`` is shorter than one sequence.
+    """
+    if seq_len < 1 or batch_size < 1 or num_batches < 1:
+        raise ValueError(
+            f"need seq_len, batch_size and num_batches >= 1; "
+            f"got {seq_len}, {batch_size}, {num_batches}"
+        )
+    _check_long_enough(source, seq_len)
+    last_start = len(source) - seq_len - 1
+    starts = np.linspace(0, last_start, batch_size * num_batches).round().astype(np.int64)
+    window_offsets = np.arange(seq_len + 1, dtype=np.int64)
+    return [
+        _gather(source, batch_starts, window_offsets)
+        for batch_starts in starts.reshape(num_batches, batch_size)
+    ]
+
+
+def _check_long_enough(source: TokenSource, seq_len: int) -> None:
+    if len(source) < seq_len + 1:
+        raise DataError(
+            f"{source.description} holds {len(source)} tokens, fewer than one sequence needs "
+            f"({seq_len} + 1 for the shifted target); add data, raise "
+            "data.validation_fraction or max_corpus_bytes, or use a shorter model.context"
+        )
+
+
+def _max_offset(num_tokens: int, seq_len: int) -> int:
+    """Largest first-window offset that still leaves one whole window."""
+    return min(seq_len - 1, num_tokens - seq_len - 1)
+
+
+def _num_windows(num_tokens: int, seq_len: int, offset: int) -> int:
+    """Windows of ``seq_len + 1`` tokens starting at ``offset + i * seq_len``."""
+    return (num_tokens - 1 - offset) // seq_len
+
+
+def _gather(
+    source: TokenSource, starts: npt.NDArray[np.int64], window_offsets: npt.NDArray[np.int64]
+) -> Batch:
+    windows: npt.NDArray[Any] = source.tokens[starts[:, None] + window_offsets]
+    tokens = torch.from_numpy(windows.astype(np.int64))
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
