@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Annotated
+
 import typer
 
 from gossamer._version import __version__
@@ -12,9 +15,21 @@ app = typer.Typer(
     help="Train PyTorch models on machines that are heterogeneous, unreliable and far apart.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    add_completion=False,
 )
 app.add_typer(lab.app, name="lab")
 peer.register(app)
+
+
+@app.callback()
+def _configure(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress lines.")] = False,
+) -> None:
+    """Train PyTorch models on machines that are heterogeneous, unreliable and far apart."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 @app.command()

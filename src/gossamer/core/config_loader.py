@@ -10,6 +10,7 @@ starts.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import difflib
 import functools
@@ -81,6 +82,7 @@ def load_run_config(
     overrides: Iterable[tuple[str, str]] = (),
     *,
     environ: Mapping[str, str] | None = None,
+    base: Mapping[str, Any] | None = None,
 ) -> RunConfig:
     """Load the root config from an optional TOML file, the environment and flag overrides.
 
@@ -88,15 +90,16 @@ def load_run_config(
         path: a TOML file, or None for the defaults.
         overrides: ``(dotted_key, text_value)`` pairs from flags, applied last.
         environ: the environment to read ``GOSSAMER_*`` variables from; ``os.environ`` if None.
+        base: nested values to start from instead of the defaults (a checkpoint's config, say).
 
     Raises:
         ConfigError: the file is missing or not TOML, or a key, type or value is wrong.
     """
-    data: dict[str, Any] = {}
+    data: dict[str, Any] = copy.deepcopy(dict(base)) if base else {}
     if path is not None:
         try:
             with Path(path).open("rb") as f:
-                data = tomllib.load(f)
+                _deep_merge(data, tomllib.load(f))
         except FileNotFoundError as exc:
             raise ConfigError(f"config file {path} does not exist; check the path") from exc
         except tomllib.TOMLDecodeError as exc:
@@ -226,6 +229,14 @@ def _set_text(data: dict[str, Any], cls: type, key: str, text: str, *, origin: s
             raise ConfigError(f"{section} must be a table of keys, not {child!r} (from {origin})")
         node = child
     node[leaf] = value
+
+
+def _deep_merge(into: dict[str, Any], new: Mapping[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def _leaf_hint(cls: type, key: str) -> Any:

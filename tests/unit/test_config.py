@@ -1,0 +1,198 @@
+"""Config dataclasses and the loader: unknown keys, wrong types and bad values fail early."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gossamer.core.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from gossamer.core.config_loader import (
+    config_from_dict,
+    config_to_dict,
+    describe_fields,
+    load_run_config,
+    parse_flag_overrides,
+)
+from gossamer.core.errors import ConfigError, FatalError
+
+
+def _toml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_valid() -> None:
+    config = load_run_config(None, environ={})
+    assert config == RunConfig()
+
+
+def test_configs_are_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        RunConfig().train.max_steps = 3  # type: ignore[misc]
+
+
+def test_heads_must_divide_width_and_message_says_how_to_fix() -> None:
+    with pytest.raises(ConfigError, match=r"model\.num_heads.*do not divide width 128.*divisors"):
+        ModelConfig(width=128, num_heads=3)
+
+
+@pytest.mark.parametrize(
+    ("factory", "key"),
+    [
+        (lambda: TrainConfig(max_steps=0), "train.max_steps"),
+        (lambda: TrainConfig(batch_size=-1), "train.batch_size"),
+        (lambda: OptimConfig(lr=0.0), "optim.lr"),
+        (lambda: OptimConfig(beta2=1.0), "optim.beta2"),
+        (lambda: DataConfig(source="text"), "data.path"),
+        (lambda: DataConfig(validation_fraction=1.0), "data.validation_fraction"),
+        (lambda: ModelConfig(dropout=1.5), "model.dropout"),
+    ],
+)
+def test_impossible_values_name_their_key(factory: object, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        factory()  # type: ignore[operator]
+
+
+def test_config_error_is_fatal_and_a_value_error() -> None:
+    assert issubclass(ConfigError, FatalError)
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_toml_file_is_loaded(tmp_path: Path) -> None:
+    path = _toml(tmp_path, "[model]\nwidth = 64\nnum_heads = 2\n[train]\nmax_steps = 7\n")
+    config = load_run_config(path, environ={})
+    assert config.model.width == 64
+    assert config.model.num_heads == 2
+    assert config.train.max_steps == 7
+
+
+def test_unknown_key_in_file_is_named_with_a_suggestion(tmp_path: Path) -> None:
+    path = _toml(tmp_path, "[train]\nmax_step = 7\n")
+    with pytest.raises(ConfigError, match=r"train\.max_step.*did you mean 'train\.max_steps'"):
+        load_run_config(path, environ={})
+
+
+def test_unknown_section_is_named(tmp_path: Path) -> None:
+    path = _toml(tmp_path, "[trian]\nmax_steps = 7\n")
+    with pytest.raises(ConfigError, match="trian"):
+        load_run_config(path, environ={})
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ('[train]\nmax_steps = "ten"\n', r"train\.max_steps: expected int, got 'ten'"),
+        ("[train]\nmax_steps = 1.5\n", r"train\.max_steps: expected int"),
+        ("[checkpoint]\nresume = 1\n", r"checkpoint\.resume: expected bool"),
+        ('[data]\nsource = "web"\n', r"data\.source: 'web' is not one of"),
+        ("train = 3\n", r"train must be a table"),
+    ],
+)
+def test_wrong_types_are_named(tmp_path: Path, text: str, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        load_run_config(_toml(tmp_path, text), environ={})
+
+
+def test_int_is_accepted_for_float(tmp_path: Path) -> None:
+    config = load_run_config(_toml(tmp_path, "[optim]\nlr = 1\n"), environ={})
+    assert config.optim.lr == 1.0
+    assert isinstance(config.optim.lr, float)
+
+
+def test_missing_and_malformed_files_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_run_config(tmp_path / "nope.toml", environ={})
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_run_config(_toml(tmp_path, "[train\n"), environ={})
+
+
+def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
+    path = _toml(tmp_path, "[train]\nmax_steps = 10\nbatch_size = 4\nseed = 1\n")
+    environ = {"GOSSAMER_TRAIN__MAX_STEPS": "20", "GOSSAMER_TRAIN__BATCH_SIZE": "8"}
+    config = load_run_config(path, [("train.max_steps", "30")], environ=environ)
+    assert config.train.max_steps == 30  # flag beats environment
+    assert config.train.batch_size == 8  # environment beats file
+    assert config.train.seed == 1  # file beats default
+    assert config.train.eval_every == TrainConfig().eval_every
+
+
+def test_unknown_environment_key_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="GOSSAMER_TRAIN__MAX_STPES"):
+        load_run_config(None, environ={"GOSSAMER_TRAIN__MAX_STPES": "3"})
+
+
+def test_unrelated_environment_variables_are_ignored() -> None:
+    assert load_run_config(None, environ={"GOSSAMER_HOME": "/x", "PATH": "/bin"}) == RunConfig()
+
+
+def test_flag_parsing_forms() -> None:
+    pairs = parse_flag_overrides(
+        ["--train.max-steps", "5", "--model.width=64", "--checkpoint.resume", "--optim.lr", "1e-3"]
+    )
+    assert pairs == [
+        ("train.max_steps", "5"),
+        ("model.width", "64"),
+        ("checkpoint.resume", "true"),
+        ("optim.lr", "1e-3"),
+    ]
+    config = load_run_config(None, [*pairs, ("model.num_heads", "2")], environ={})
+    assert config.train.max_steps == 5
+    assert config.checkpoint.resume is True
+    assert config.optim.lr == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        (["--train.max_stepz", "5"], "did you mean 'train.max_steps'"),
+        (["5"], "unexpected argument '5'"),
+        (["--train.max_steps", "five"], r"train\.max_steps: expected int, got 'five'"),
+    ],
+)
+def test_bad_flags_are_named(args: list[str], pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        load_run_config(None, parse_flag_overrides(args), environ={})
+
+
+def test_bad_value_from_flag_names_key() -> None:
+    with pytest.raises(ConfigError, match=r"model\.num_heads"):
+        load_run_config(None, [("model.num_heads", "5")], environ={})
+
+
+def test_optional_path_accepts_none_text() -> None:
+    config = load_run_config(None, [("data.path", "none")], environ={})
+    assert config.data.path is None
+
+
+def test_every_field_is_documented() -> None:
+    infos = describe_fields(RunConfig)
+    assert {i.key for i in infos} >= {"train.max_steps", "model.width", "data.source"}
+    undocumented = [i.key for i in infos if not i.doc]
+    assert not undocumented
+
+
+def test_base_values_are_overridden_by_flags() -> None:
+    base = config_to_dict(RunConfig(train=TrainConfig(batch_size=3)))
+    config = load_run_config(None, [("train.seed", "9")], environ={}, base=base)
+    assert config.train.batch_size == 3
+    assert config.train.seed == 9
+
+
+@given(
+    max_steps=st.integers(1, 10_000),
+    lr=st.floats(1e-6, 1.0),
+    width_heads=st.sampled_from([(64, 2), (128, 4), (96, 3)]),
+)
+def test_round_trip_through_dict(max_steps: int, lr: float, width_heads: tuple[int, int]) -> None:
+    width, heads = width_heads
+    config = RunConfig(
+        model=ModelConfig(width=width, num_heads=heads),
+        optim=OptimConfig(lr=lr),
+        train=TrainConfig(max_steps=max_steps),
+    )
+    assert config_from_dict(RunConfig, config_to_dict(config)) == config
