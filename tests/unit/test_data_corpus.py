@@ -1,0 +1,220 @@
+"""Corpora: the embedded stdlib corpus, text files and folders, token files, and bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gossamer.core.config import DataConfig
+from gossamer.core.errors import DataError
+from gossamer.data import load_corpus, stdlib_source_files
+
+
+def _sha256(tokens: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()
+
+
+# --- the embedded corpus ---------------------------------------------------------------------
+
+
+def test_stdlib_split_is_the_same_every_time_and_disjoint() -> None:
+    first = load_corpus(DataConfig())
+    second = load_corpus(DataConfig())
+    assert first.manifest == second.manifest
+    assert np.array_equal(first.train.tokens, second.train.tokens)
+    train_files = set(first.manifest["train_files"])
+    validation_files = set(first.manifest["validation_files"])
+    assert train_files
+    assert validation_files
+    assert not train_files & validation_files
+    _, all_files = stdlib_source_files()
+    assert train_files | validation_files == set(all_files)
+
+
+def test_stdlib_manifest_is_json_and_matches_the_tokens() -> None:
+    corpus = load_corpus(DataConfig())
+    manifest = json.loads(json.dumps(corpus.manifest))
+    assert manifest["source"] == "stdlib"
+    assert manifest["python_version"].count(".") == 2
+    assert manifest["num_train_tokens"] == len(corpus.train) == manifest["train_bytes"]
+    assert manifest["num_validation_tokens"] == len(corpus.validation)
+    assert manifest["train_sha256"] == _sha256(corpus.train.tokens)
+    assert manifest["validation_sha256"] == _sha256(corpus.validation.tokens)
+    assert corpus.train.tokens.dtype == np.uint8
+    assert len(corpus.train) > 1_000_000
+
+
+def test_stdlib_leaves_out_tests_third_party_code_and_build_config() -> None:
+    _, files = stdlib_source_files()
+    assert "os.py" in files
+    assert "json/decoder.py" in files
+    for name in files:
+        parts = name.split("/")
+        assert not {"test", "tests", "idle_test", "site-packages", "dist-packages"} & set(parts)
+        assert not parts[-1].startswith("_sysconfigdata")
+        assert name.endswith(".py")
+    assert files == sorted(files)
+
+
+def test_stdlib_corpus_is_cached_but_its_manifest_is_a_fresh_copy() -> None:
+    first = load_corpus(DataConfig())
+    first.manifest["train_files"].clear()
+    assert load_corpus(DataConfig()).manifest["train_files"]
+    assert not first.train.tokens.flags.writeable
+
+
+def test_raising_the_validation_fraction_only_moves_files_into_validation() -> None:
+    small = load_corpus(DataConfig(validation_fraction=0.05)).manifest
+    large = load_corpus(DataConfig(validation_fraction=0.2)).manifest
+    assert set(small["validation_files"]) < set(large["validation_files"])
+
+
+def test_max_corpus_bytes_takes_a_prefix_and_keeps_the_split() -> None:
+    full = load_corpus(DataConfig())
+    capped = load_corpus(DataConfig(max_corpus_bytes=50_000))
+    assert len(capped.train) == 50_000
+    assert np.array_equal(capped.train.tokens, full.train.tokens[:50_000])
+    assert 0 < len(capped.validation) <= 50_000
+    assert np.array_equal(
+        capped.validation.tokens, full.validation.tokens[: len(capped.validation)]
+    )
+    assert (
+        capped.manifest["train_files"]
+        == full.manifest["train_files"][: len(capped.manifest["train_files"])]
+    )
+
+
+# --- text files and folders ------------------------------------------------------------------
+
+
+def test_single_text_file_is_split_by_its_tail(tmp_path: Path) -> None:
+    data = bytes(range(32, 127)) * 20
+    path = tmp_path / "book.txt"
+    path.write_bytes(data)
+    corpus = load_corpus(DataConfig(source="text", path=str(path), validation_fraction=0.1))
+    split = corpus.manifest["split_index"]
+    assert split == len(data) - round(len(data) * 0.1)
+    assert corpus.train.tokens.tobytes() == data[:split]
+    assert corpus.validation.tokens.tobytes() == data[split:]
+    assert isinstance(corpus.train.tokens, np.memmap)
+
+
+def _write_folder(root: Path, num_files: int) -> dict[str, bytes]:
+    contents = {}
+    for index in range(num_files):
+        name = f"part{index % 3}/file{index:02d}.txt"
+        contents[name] = f"text of file {index}\n".encode() * (index + 1)
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(contents[name])
+    return contents
+
+
+def test_text_folder_is_read_recursively_in_order_and_split_by_file(tmp_path: Path) -> None:
+    contents = _write_folder(tmp_path, 30)
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (tmp_path / "image.bin").write_bytes(b"\x89PNG\0\0\0")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    config = DataConfig(source="text", path=str(tmp_path), validation_fraction=0.3)
+    corpus = load_corpus(config)
+    train_files = corpus.manifest["train_files"]
+    validation_files = corpus.manifest["validation_files"]
+    assert sorted(train_files + validation_files) == sorted(contents)
+    assert train_files == sorted(train_files)
+    assert train_files
+    assert validation_files
+    assert corpus.train.tokens.tobytes() == b"".join(contents[name] for name in train_files)
+    assert corpus.validation.tokens.tobytes() == b"".join(
+        contents[name] for name in validation_files
+    )
+    assert load_corpus(config).manifest == corpus.manifest
+
+
+def test_a_folder_of_two_files_still_gets_both_splits(tmp_path: Path) -> None:
+    _write_folder(tmp_path, 2)
+    corpus = load_corpus(DataConfig(source="text", path=str(tmp_path), validation_fraction=0.01))
+    assert len(corpus.manifest["train_files"]) == 1
+    assert len(corpus.manifest["validation_files"]) == 1
+
+
+# --- token files -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("token_dtype", "numpy_dtype"), [("uint16", "<u2"), ("uint32", "<u4")])
+def test_token_files_are_memory_mapped_and_split_by_tail(
+    tmp_path: Path, token_dtype: str, numpy_dtype: str
+) -> None:
+    values = (np.arange(1000, dtype=np.uint64) * 7919 % 50_000).astype(numpy_dtype)
+    path = tmp_path / "tokens.bin"
+    values.tofile(path)
+    config = DataConfig(source="tokens", path=str(path), token_dtype=token_dtype)  # type: ignore[arg-type]
+    corpus = load_corpus(config)
+    assert isinstance(corpus.train.tokens, np.memmap)
+    assert corpus.train.tokens.dtype == np.dtype(numpy_dtype)
+    assert len(corpus.train) + len(corpus.validation) == 1000
+    assert len(corpus.validation) == 50
+    assert np.array_equal(corpus.train.tokens, values[:950])
+    assert np.array_equal(corpus.validation.tokens, values[950:])
+    manifest = json.loads(json.dumps(corpus.manifest))
+    assert manifest["split_index"] == 950
+    assert manifest["token_dtype"] == token_dtype
+    assert manifest["train_sha256"] == _sha256(values[:950])
+    with pytest.raises(ValueError, match="read-only"):
+        corpus.train.tokens[0] = 1
+
+
+def test_token_file_cap_is_in_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.bin"
+    np.arange(1000, dtype="<u4").tofile(path)
+    config = DataConfig(source="tokens", path=str(path), token_dtype="uint32", max_corpus_bytes=400)
+    corpus = load_corpus(config)
+    assert len(corpus.train) == 100
+    assert corpus.train.tokens[-1] == 99
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["text", "tokens"])
+def test_a_missing_path_names_the_path(tmp_path: Path, source: str) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError, match=r"nowhere.*does not exist.*data\.path"):
+        load_corpus(DataConfig(source=source, path=str(missing)))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("source", ["text", "tokens"])
+def test_an_empty_file_is_a_clear_error(tmp_path: Path, source: str) -> None:
+    path = tmp_path / "empty"
+    path.write_bytes(b"")
+    with pytest.raises(DataError, match="is empty"):
+        load_corpus(DataConfig(source=source, path=str(path)))  # type: ignore[arg-type]
+
+
+def test_a_folder_without_text_files_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "data.bin").write_bytes(b"\0\1\2")
+    (tmp_path / ".hidden.txt").write_text("secret")
+    with pytest.raises(DataError, match="holds no text files"):
+        load_corpus(DataConfig(source="text", path=str(tmp_path)))
+
+
+def test_a_token_file_of_the_wrong_size_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.bin"
+    path.write_bytes(b"\0" * 7)
+    with pytest.raises(DataError, match=r"not a multiple of 2 .*token_dtype"):
+        load_corpus(DataConfig(source="tokens", path=str(path)))
+
+
+def test_a_folder_as_token_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="is not a file"):
+        load_corpus(DataConfig(source="tokens", path=str(tmp_path)))
+
+
+def test_a_single_token_is_too_few_to_split(tmp_path: Path) -> None:
+    path = tmp_path / "one.txt"
+    path.write_bytes(b"x")
+    with pytest.raises(DataError, match="too few to split"):
+        load_corpus(DataConfig(source="text", path=str(path)))
