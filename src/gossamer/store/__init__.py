@@ -1,1 +1,21 @@
 """Storage: content-addressed blobs and the verified, atomic checkpoint format."""
+
+from gossamer.store.checkpoint import (
+    CheckpointInfo,
+    CheckpointState,
+    CheckpointStore,
+    flatten_optimizer_state,
+    rng_state_capture,
+    rng_state_restore,
+    unflatten_optimizer_state,
+)
+
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointState",
+    "CheckpointStore",
+    "flatten_optimizer_state",
+    "rng_state_capture",
+    "rng_state_restore",
+    "unflatten_optimizer_state",
+]

@@ -1,0 +1,116 @@
+"""The file-system seam of the store: durable writes, directory fsyncs and atomic renames.
+
+Everything the checkpoint store does to the disk goes through these few functions, so tests can
+swap one of them for a faulty version and so the durability rules live in one place: a file's bytes
+are fsynced before it is renamed into place, and a directory is fsynced after an entry in it is
+created, renamed or removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import cast
+
+__all__ = [
+    "exchange_dirs",
+    "fsync_dir",
+    "locked",
+    "remove_tree",
+    "rename",
+    "write_file_durably",
+]
+
+# renameat2(2) flag that swaps two existing paths atomically (Linux >= 3.15, glibc >= 2.28).
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def write_file_durably(path: Path, data: bytes | memoryview) -> None:
+    """Create ``path`` (which must not exist), write ``data`` and fsync it before returning."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` (creations, renames, removals) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rename(source: Path, target: Path) -> None:
+    """Atomically rename ``source`` to ``target``; for directories ``target`` must not exist."""
+    os.rename(source, target)
+
+
+def _load_renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        func = ctypes.CDLL(name, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return cast(Callable[[int, bytes, int, bytes, int], int], func)
+
+
+_renameat2 = _load_renameat2()
+
+
+def exchange_dirs(first: Path, second: Path) -> bool:
+    """Swap two existing directories in one atomic step, where the OS and file system can.
+
+    Returns:
+        True if the two were swapped; False if atomic exchange is not supported here (the caller
+        then falls back to two renames). Other failures raise ``OSError``.
+    """
+    if _renameat2 is None:
+        return False
+    result = _renameat2(
+        _AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE
+    )
+    if result == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(first), None, str(second))
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory and everything in it; a path that is already gone is fine."""
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(path)
+
+
+@contextlib.contextmanager
+def locked(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``lock_path`` (created if needed) for the block."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
