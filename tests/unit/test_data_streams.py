@@ -173,3 +173,12 @@ def test_validation_batches_are_fixed_and_spread_over_the_source() -> None:
     for inputs, targets in batches:
         assert inputs.shape == targets.shape == (4, 16)
         assert torch.equal(inputs + 1, targets)
+
+
+def test_token_ids_outside_the_vocabulary_are_a_clear_error() -> None:
+    with pytest.raises(DataError, match="outside the model's vocabulary of 256"):
+        _stream(vocab_size=256).next_batch()
+    with pytest.raises(DataError, match=r"model\.vocab_size"):
+        validation_batches(POSITIONS, seq_len=16, batch_size=2, num_batches=1, vocab_size=256)
+    small = TokenSource(np.arange(100, dtype=np.uint16) % 7, "small ids")
+    TokenStream(small, seq_len=8, batch_size=4, seed=0, vocab_size=7).next_batch()

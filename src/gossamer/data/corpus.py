@@ -68,7 +68,8 @@ class TokenSource:
     """What this is, for error messages ("validation split of /data/corpus.bin")."""
 
     def __post_init__(self) -> None:
-        assert self.tokens.ndim == 1, f"token arrays are 1-D, got shape {self.tokens.shape}"
+        if self.tokens.ndim != 1:
+            raise ValueError(f"{self.description}: tokens must be 1-D, got {self.tokens.shape}")
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -200,20 +201,22 @@ def _text_files(folder: Path) -> list[str]:
     return sorted(found)
 
 
-def _is_validation_file(relative_path: str, validation_fraction: float) -> bool:
+def _path_fraction(relative_path: str) -> float:
+    """The sha256 of a relative path read as a number in [0, 1): where the file falls."""
     digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < validation_fraction
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def _split_files(files: list[str], validation_fraction: float) -> tuple[list[str], list[str]]:
-    """Split by path hash; with few files, move the extreme-hash file so neither side is empty."""
-    train = [name for name in files if not _is_validation_file(name, validation_fraction)]
-    validation = [name for name in files if _is_validation_file(name, validation_fraction)]
-    if len(files) >= 2 and (not train or not validation):
-        by_hash = sorted(files, key=lambda name: hashlib.sha256(name.encode("utf-8")).digest())
-        moved = by_hash[0] if not validation else by_hash[-1]
-        train = [name for name in files if name != moved] if not validation else [moved]
-        validation = [moved] if not validation else [name for name in files if name != moved]
+    """Split by path hash; with few files, move the nearest file across so neither side is empty."""
+    train = [name for name in files if _path_fraction(name) >= validation_fraction]
+    validation = [name for name in files if _path_fraction(name) < validation_fraction]
+    if len(files) >= 2 and not validation:
+        moved = min(files, key=_path_fraction)
+        train, validation = [name for name in files if name != moved], [moved]
+    elif len(files) >= 2 and not train:
+        moved = max(files, key=_path_fraction)
+        train, validation = [moved], [name for name in files if name != moved]
     return train, validation
 
 

@@ -36,6 +36,8 @@ class TokenStream:
         seed: Seeds the per-epoch window order; peers training together share it.
         peer_index: This peer's shard, in ``0..num_peers - 1``.
         num_peers: How many peers split each epoch between them.
+        vocab_size: If given, a batch holding a token id ``>= vocab_size`` raises
+            :class:`DataError` instead of failing later inside the model's embedding.
 
     Raises:
         ValueError: An argument is out of range.
@@ -51,6 +53,7 @@ class TokenStream:
         seed: int,
         peer_index: int = 0,
         num_peers: int = 1,
+        vocab_size: int | None = None,
     ) -> None:
         if seq_len < 1 or batch_size < 1 or seed < 0:
             raise ValueError(
@@ -75,6 +78,7 @@ class TokenStream:
         self._seed = seed
         self._peer_index = peer_index
         self._num_peers = num_peers
+        self._vocab_size = vocab_size
         self._epoch = 0
         self._position = 0
         self._shard: npt.NDArray[np.int64] | None = None
@@ -103,7 +107,7 @@ class TokenStream:
             starts[filled : filled + len(taken)] = taken
             filled += len(taken)
             self._position += len(taken)
-        return _gather(self._source, starts, self._window_offsets)
+        return _gather(self._source, starts, self._window_offsets, self._vocab_size)
 
     def state_dict(self) -> dict[str, int]:
         """The stream's position, plus what it was built with (checked on load). JSON-safe."""
@@ -154,16 +158,23 @@ class TokenStream:
 
 
 def validation_batches(
-    source: TokenSource, *, seq_len: int, batch_size: int, num_batches: int
+    source: TokenSource,
+    *,
+    seq_len: int,
+    batch_size: int,
+    num_batches: int,
+    vocab_size: int | None = None,
 ) -> list[Batch]:
     """Fixed evaluation batches whose sequences start at evenly spaced points of ``source``.
 
     The same arguments give the same batches on every call and every machine, so validation
-    losses are comparable across steps, runs and peers.
+    losses are comparable across steps, runs and peers. Sequences overlap when the source holds
+    fewer than ``batch_size * num_batches`` of them.
 
     Raises:
         ValueError: An argument is out of range.
-        DataError: ``source`` is shorter than one sequence.
+        DataError: ``source`` is shorter than one sequence, or (with ``vocab_size``) holds a
+            token id outside the vocabulary.
     """
     if seq_len < 1 or batch_size < 1 or num_batches < 1:
         raise ValueError(
@@ -175,7 +186,7 @@ def validation_batches(
     starts = np.linspace(0, last_start, batch_size * num_batches).round().astype(np.int64)
     window_offsets = np.arange(seq_len + 1, dtype=np.int64)
     return [
-        _gather(source, batch_starts, window_offsets)
+        _gather(source, batch_starts, window_offsets, vocab_size)
         for batch_starts in starts.reshape(num_batches, batch_size)
     ]
 
@@ -200,8 +211,17 @@ def _num_windows(num_tokens: int, seq_len: int, offset: int) -> int:
 
 
 def _gather(
-    source: TokenSource, starts: npt.NDArray[np.int64], window_offsets: npt.NDArray[np.int64]
+    source: TokenSource,
+    starts: npt.NDArray[np.int64],
+    window_offsets: npt.NDArray[np.int64],
+    vocab_size: int | None,
 ) -> Batch:
     windows: npt.NDArray[Any] = source.tokens[starts[:, None] + window_offsets]
+    if vocab_size is not None and int(windows.max()) >= vocab_size:
+        raise DataError(
+            f"{source.description} holds token id {int(windows.max())}, outside the model's "
+            f"vocabulary of {vocab_size}; set model.vocab_size above the largest id, or check "
+            "data.token_dtype and that the file was made with this tokenizer"
+        )
     tokens = torch.from_numpy(windows.astype(np.int64))
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
