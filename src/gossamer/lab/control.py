@@ -1,0 +1,172 @@
+"""Drive a built lab: run processes in peers, signal them, and change links while they run.
+
+:class:`LabControl` is what the context manager yields and what faults act through. Process faults
+act on every process in a peer's namespace, so they work from another command (`gossamer lab
+faults`) as well as from the Python process that started the peers. Link faults act on the switch:
+a cut takes the peer's switch port down (the cable is pulled; the peer keeps its address and
+routes), a partition moves one side's ports to a second bridge, a rate change replaces the tbf on
+every end of the peer's path.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+
+from gossamer.core.errors import ConfigError
+from gossamer.lab.build import namespace_pids, tbf_command
+from gossamer.lab.config import format_rate
+from gossamer.lab.plan import PARTITION_BRIDGE, SWITCH_BRIDGE, PeerNode, Topology
+from gossamer.lab.runner import CommandResult, CommandRunner, RunningProcess
+from gossamer.lab.state import LabState, save_state
+
+__all__ = ["LabControl"]
+
+logger = logging.getLogger(__name__)
+
+
+class LabControl:
+    """Operations on a built lab.
+
+    Args:
+        state: the lab's recorded state; link changes are written back to it.
+        runner: how commands run.
+        state_dir: where to persist ``state`` after a change; None keeps it in memory only.
+    """
+
+    def __init__(
+        self, state: LabState, runner: CommandRunner, *, state_dir: Path | None = None
+    ) -> None:
+        self.state = state
+        self.runner = runner
+        self._state_dir = state_dir
+
+    @property
+    def topology(self) -> Topology:
+        """The lab's names and addresses."""
+        return self.state.topology
+
+    def peer(self, name: str) -> PeerNode:
+        """The peer called ``name`` (raises ConfigError listing the names when unknown)."""
+        return self.topology.peer(name)
+
+    def address_of(self, name: str) -> str:
+        """The address other peers dial to reach ``name`` (its router's, behind NAT)."""
+        return self.peer(name).public_address
+
+    # Processes -----------------------------------------------------------------------------
+
+    def command_in(self, name: str, argv: Sequence[str]) -> list[str]:
+        """``argv`` wrapped to run inside peer ``name``'s namespace."""
+        if not argv:
+            raise ConfigError("give a command to run in the peer, e.g. `-- ip addr`")
+        return ["ip", "netns", "exec", self.peer(name).namespace, *argv]
+
+    def run_in(
+        self, name: str, argv: Sequence[str], *, check: bool = True, timeout_s: float = 30.0
+    ) -> CommandResult:
+        """Run ``argv`` inside peer ``name`` to completion and capture its output."""
+        return self.runner.run(self.command_in(name, argv), check=check, timeout_s=timeout_s)
+
+    def spawn_in(self, name: str, argv: Sequence[str], *, quiet: bool = False) -> RunningProcess:
+        """Start ``argv`` inside peer ``name`` in the background; the caller owns the process."""
+        return self.runner.spawn(self.command_in(name, argv), quiet=quiet)
+
+    def pids_in(self, name: str) -> list[int]:
+        """The processes running in peer ``name``'s namespace."""
+        return namespace_pids(self.runner, self.peer(name).namespace)
+
+    def signal_peer(self, name: str, signum: int) -> list[int]:
+        """Send ``signum`` to every process of peer ``name``; returns the pids signalled."""
+        signalled = [pid for pid in self.pids_in(name) if self.runner.send_signal(pid, signum)]
+        logger.info(
+            "peer %s: sent %s to %d processes %s",
+            name, signal.Signals(signum).name, len(signalled), signalled,
+        )  # fmt: skip
+        return signalled
+
+    def kill(self, name: str) -> list[int]:
+        """SIGKILL every process of peer ``name``."""
+        return self.signal_peer(name, signal.SIGKILL)
+
+    def pause(self, name: str) -> list[int]:
+        """SIGSTOP every process of peer ``name``."""
+        return self.signal_peer(name, signal.SIGSTOP)
+
+    def resume(self, name: str) -> list[int]:
+        """SIGCONT every process of peer ``name``."""
+        return self.signal_peer(name, signal.SIGCONT)
+
+    # Links ---------------------------------------------------------------------------------
+
+    def _set_port(self, peer: PeerNode, *args: str) -> None:
+        self.runner.run(["ip", "-n", self.topology.switch_namespace, "link", "set",
+                         peer.switch_port, *args])  # fmt: skip
+
+    def cut(self, name: str) -> None:
+        """Cut peer ``name``'s access link: its switch port goes down, nothing passes."""
+        peer = self.peer(name)
+        self._set_port(peer, "down")
+        if name not in self.state.cut_peers:
+            self.state.cut_peers.append(name)
+        self._save()
+        logger.info("peer %s: link cut", name)
+
+    def restore(self, name: str) -> None:
+        """Restore peer ``name``'s access link after :meth:`cut`."""
+        peer = self.peer(name)
+        self._set_port(peer, "up")
+        if name in self.state.cut_peers:
+            self.state.cut_peers.remove(name)
+        self._save()
+        logger.info("peer %s: link restored", name)
+
+    def set_rate(self, name: str, rate_bps: int) -> None:
+        """Change peer ``name``'s link rate on every shaped end, while traffic flows."""
+        peer = self.peer(name)
+        for end in peer.shaped_ends:
+            self.runner.run(tbf_command(end, rate_bps))
+        self.state.rates_bps[name] = rate_bps
+        self._save()
+        logger.info("peer %s: link rate set to %s", name, format_rate(rate_bps))
+
+    def partition(self, side: Sequence[str]) -> None:
+        """Split the lab in two: the peers of ``side`` reach each other and nobody else.
+
+        Raises:
+            ConfigError: ``side`` is empty, names an unknown peer, or names every peer.
+        """
+        chosen = [self.peer(name) for name in side]
+        if not chosen or len(set(side)) == len(self.topology.peers):
+            raise ConfigError(
+                "a partition needs one side with some but not all peers, e.g. side = ['p0']"
+            )
+        if self.state.partition_side:
+            self.heal()
+        switch = self.topology.switch_namespace
+        self.runner.run(["ip", "-n", switch, "link", "add", PARTITION_BRIDGE, "type", "bridge",
+                         "forward_delay", "0", "stp_state", "0"])  # fmt: skip
+        self.runner.run(["ip", "-n", switch, "link", "set", PARTITION_BRIDGE, "up"])
+        for peer in chosen:
+            self._set_port(peer, "master", PARTITION_BRIDGE)
+        self.state.partition_side = [peer.name for peer in chosen]
+        self._save()
+        logger.info("partition: %s | the rest", ", ".join(self.state.partition_side))
+
+    def heal(self) -> None:
+        """Undo :meth:`partition`: every port back on the one switch bridge."""
+        for name in self.state.partition_side:
+            self._set_port(self.peer(name), "master", SWITCH_BRIDGE)
+        self.runner.run(
+            ["ip", "-n", self.topology.switch_namespace, "link", "del", PARTITION_BRIDGE],
+            check=False,
+        )
+        self.state.partition_side = []
+        self._save()
+        logger.info("partition healed")
+
+    def _save(self) -> None:
+        if self._state_dir is not None:
+            save_state(self.state, self._state_dir)

@@ -1,0 +1,335 @@
+"""Faults on a schedule: a small TOML file of times and actions, played against a running lab.
+
+A schedule file is a list of ``[[fault]]`` tables; ``at_s`` counts seconds from the start of play::
+
+    [[fault]]
+    at_s = 1.0
+    action = "pause"        # SIGSTOP every process of the peer
+    peer = "p1"
+
+    [[fault]]
+    at_s = 2.5
+    action = "set_rate"     # change the link rate while traffic flows
+    peer = "p0"
+    rate = "10mbit"
+
+    [[fault]]
+    at_s = 4.0
+    action = "partition"    # these peers on one side, everyone else on the other
+    side = ["p0", "p1"]
+
+Actions: ``kill``, ``pause``, ``resume``, ``cut``, ``restore``, ``set_rate`` (with ``rate``),
+``partition`` (with ``side``) and ``heal``. Every applied action is logged with the time it was
+planned for and the time it took effect, and returned as an :class:`AppliedFault`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from gossamer.core.clock import Clock, SystemClock
+from gossamer.core.errors import ConfigError, DeadlineExceededError, GossamerError
+from gossamer.lab.config import format_rate, parse_rate
+from gossamer.lab.control import LabControl
+
+__all__ = [
+    "AppliedFault",
+    "Fault",
+    "FaultAction",
+    "FaultPlayer",
+    "check_schedule",
+    "fault_log_writer",
+    "load_schedule",
+    "parse_schedule",
+    "play_schedule",
+]
+
+logger = logging.getLogger(__name__)
+
+FaultAction = Literal["kill", "pause", "resume", "cut", "restore", "set_rate", "partition", "heal"]
+_ACTIONS: tuple[str, ...] = get_args(FaultAction)
+_PEER_ACTIONS = {"kill", "pause", "resume", "cut", "restore", "set_rate"}
+_KEYS = {"at_s", "action", "peer", "rate", "side"}
+_MAX_SLEEP_SLICE_S = 0.05
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Fault:
+    """One scheduled action."""
+
+    at_s: float
+    """When to act, in seconds from the start of play."""
+    action: FaultAction
+    """What to do (see the module docstring)."""
+    peer: str | None = None
+    """The peer acted on; required by every action but ``partition`` and ``heal``."""
+    rate_bps: int | None = None
+    """The new link rate (``set_rate`` only), in bits per second."""
+    side: tuple[str, ...] = ()
+    """The peers split off from the rest (``partition`` only)."""
+
+    def __post_init__(self) -> None:
+        where = f"fault at {self.at_s} s"
+        if self.action not in _ACTIONS:
+            raise ConfigError(
+                f"{where}: unknown action {self.action!r}; use one of {', '.join(_ACTIONS)}"
+            )
+        if not self.at_s >= 0:
+            raise ConfigError(f"{where}: at_s must be 0 or more seconds from the start")
+        if (self.action in _PEER_ACTIONS) != (self.peer is not None):
+            needs = "needs" if self.action in _PEER_ACTIONS else "takes no"
+            raise ConfigError(f'{where}: action {self.action!r} {needs} a peer (peer = "p0")')
+        if (self.action == "set_rate") != (self.rate_bps is not None):
+            raise ConfigError(f"{where}: only set_rate takes a rate, and it needs one")
+        if (self.action == "partition") != bool(self.side):
+            raise ConfigError(
+                f'{where}: only partition takes a side, and it needs one (side = ["p0"])'
+            )
+
+    def describe(self) -> str:
+        """A short human description, e.g. ``set_rate p0 10mbit``."""
+        words: list[str] = [self.action]
+        if self.peer is not None:
+            words.append(self.peer)
+        if self.rate_bps is not None:
+            words.append(format_rate(self.rate_bps))
+        if self.side:
+            words.append("[" + ",".join(self.side) + "]")
+        return " ".join(words)
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedFault:
+    """What happened when a fault was played."""
+
+    fault: Fault
+    """The fault as scheduled."""
+    started_at_s: float
+    """When acting began, in seconds from the start of play."""
+    applied_at_s: float
+    """When the action had taken effect (its commands had returned)."""
+    ok: bool
+    """Whether the action succeeded."""
+    detail: str
+    """The pids signalled, or the error."""
+
+    @property
+    def late_s(self) -> float:
+        """How long after its planned time the fault took effect."""
+        return self.applied_at_s - self.fault.at_s
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready record, as written to the fault log."""
+        return {
+            "action": self.fault.action,
+            "peer": self.fault.peer,
+            "rate_bps": self.fault.rate_bps,
+            "side": list(self.fault.side),
+            "planned_at_s": self.fault.at_s,
+            "started_at_s": self.started_at_s,
+            "applied_at_s": self.applied_at_s,
+            "late_s": self.late_s,
+            "ok": self.ok,
+            "detail": self.detail,
+        }
+
+
+def _fault_from_table(index: int, table: dict[str, Any]) -> Fault:
+    unknown = set(table) - _KEYS
+    if unknown:
+        raise ConfigError(
+            f"fault #{index + 1}: unknown keys {sorted(unknown)}; a fault has {sorted(_KEYS)}"
+        )
+    if "at_s" not in table or "action" not in table:
+        raise ConfigError(f"fault #{index + 1}: needs at_s (seconds) and action")
+    at_s = table["at_s"]
+    if isinstance(at_s, bool) or not isinstance(at_s, int | float):
+        raise ConfigError(f"fault #{index + 1}: at_s must be a number of seconds, got {at_s!r}")
+    side = table.get("side", [])
+    if not isinstance(side, list) or not all(isinstance(p, str) for p in side):
+        raise ConfigError(f"fault #{index + 1}: side must be a list of peer names")
+    rate = table.get("rate")
+    return Fault(
+        at_s=float(at_s),
+        action=table["action"],
+        peer=table.get("peer"),
+        rate_bps=None if rate is None else parse_rate(str(rate), key=f"fault #{index + 1} rate"),
+        side=tuple(side),
+    )
+
+
+def parse_schedule(text: str) -> tuple[Fault, ...]:
+    """Parse a schedule's TOML text into faults ordered by time.
+
+    Raises:
+        ConfigError: the text is not TOML, or a fault is malformed (the message says which).
+    """
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"fault schedule is not valid TOML: {exc}") from exc
+    extra = set(document) - {"fault"}
+    if extra:
+        raise ConfigError(f"fault schedule: unknown top-level keys {sorted(extra)}; use [[fault]]")
+    tables = document.get("fault", [])
+    if not isinstance(tables, list):
+        raise ConfigError("fault schedule: write each fault as a [[fault]] table")
+    faults = [_fault_from_table(i, table) for i, table in enumerate(tables)]
+    return tuple(sorted(faults, key=lambda fault: fault.at_s))
+
+
+def load_schedule(path: Path) -> tuple[Fault, ...]:
+    """Read and parse the schedule file at ``path`` (see :func:`parse_schedule`)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read fault schedule {path}: {exc}") from exc
+    return parse_schedule(text)
+
+
+def check_schedule(control: LabControl, faults: tuple[Fault, ...]) -> None:
+    """Check every peer a schedule names exists in the lab, before anything is played.
+
+    Raises:
+        ConfigError: a fault names a peer the lab does not have.
+    """
+    for fault in faults:
+        for name in (fault.peer, *fault.side):
+            if name is not None:
+                control.peer(name)
+
+
+def _apply(control: LabControl, fault: Fault) -> str:
+    if fault.action == "kill":
+        return f"pids {control.kill(_required(fault.peer))}"
+    if fault.action == "pause":
+        return f"pids {control.pause(_required(fault.peer))}"
+    if fault.action == "resume":
+        return f"pids {control.resume(_required(fault.peer))}"
+    if fault.action == "cut":
+        control.cut(_required(fault.peer))
+    elif fault.action == "restore":
+        control.restore(_required(fault.peer))
+    elif fault.action == "set_rate":
+        assert fault.rate_bps is not None
+        control.set_rate(_required(fault.peer), fault.rate_bps)
+    elif fault.action == "partition":
+        control.partition(fault.side)
+    else:
+        control.heal()
+    return ""
+
+
+def _required(peer: str | None) -> str:
+    assert peer is not None, "Fault.__post_init__ guarantees a peer for peer actions"
+    return peer
+
+
+def play_schedule(
+    control: LabControl,
+    faults: tuple[Fault, ...],
+    *,
+    clock: Clock | None = None,
+    stop: threading.Event | None = None,
+    on_applied: Callable[[AppliedFault], None] | None = None,
+) -> list[AppliedFault]:
+    """Apply ``faults`` at their times; returns what was applied, in order.
+
+    A fault that fails is logged and recorded with ``ok=False``; the rest still play.
+
+    Args:
+        control: the lab to act on.
+        faults: the schedule, ordered by time (as :func:`parse_schedule` returns it).
+        clock: time source; sleeping is done in slices so ``stop`` is noticed quickly.
+        stop: when set, play ends before the next fault.
+        on_applied: called with each record as soon as it is made (to stream a log).
+    """
+    clock = clock or SystemClock()
+    check_schedule(control, faults)
+    start = clock.monotonic()
+    applied: list[AppliedFault] = []
+    for fault in faults:
+        while (remaining := start + fault.at_s - clock.monotonic()) > 0:
+            if stop is not None and stop.is_set():
+                return applied
+            clock.sleep(min(remaining, _MAX_SLEEP_SLICE_S))
+        if stop is not None and stop.is_set():
+            return applied
+        started = clock.monotonic() - start
+        try:
+            detail, ok = _apply(control, fault), True
+        except GossamerError as exc:
+            detail, ok = str(exc), False
+        record = AppliedFault(fault, started, clock.monotonic() - start, ok, detail)
+        log = logger.info if ok else logger.error
+        log(
+            "fault %s: planned at %.3f s, applied at %.3f s (%+.3f s)%s%s",
+            fault.describe(), fault.at_s, record.applied_at_s, record.late_s,
+            "" if ok else " FAILED: ", "" if ok else detail,
+        )  # fmt: skip
+        applied.append(record)
+        if on_applied is not None:
+            on_applied(record)
+    return applied
+
+
+def fault_log_writer(path: Path) -> Callable[[AppliedFault], None]:
+    """An ``on_applied`` callback that appends each record to ``path`` as a JSON line."""
+
+    def write(record: AppliedFault) -> None:
+        with path.open("a") as handle:
+            handle.write(json.dumps(record.to_json()) + "\n")
+
+    return write
+
+
+class FaultPlayer:
+    """Plays a schedule in a background thread; a context manager that stops and joins it.
+
+    >>> with FaultPlayer(lab, load_schedule(Path("faults.toml"))) as player:  # doctest: +SKIP
+    ...     run_the_workload()
+    ...     applied = player.wait(timeout_s=30)
+    """
+
+    def __init__(self, control: LabControl, faults: tuple[Fault, ...], **kwargs: Any) -> None:
+        check_schedule(control, faults)
+        self._stop = threading.Event()
+        self._applied: list[AppliedFault] = []
+        self._error: BaseException | None = None
+
+        def play() -> None:
+            try:
+                self._applied = play_schedule(control, faults, stop=self._stop, **kwargs)
+            except BaseException as exc:  # handed to wait(), never lost
+                self._error = exc
+
+        self._thread = threading.Thread(target=play, name="gossamer-lab-faults", daemon=True)
+
+    def __enter__(self) -> FaultPlayer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10.0)
+
+    def wait(self, timeout_s: float) -> list[AppliedFault]:
+        """Wait for the whole schedule to play; returns what was applied.
+
+        Raises:
+            DeadlineExceededError: play did not finish within ``timeout_s``.
+            GossamerError: play failed.
+        """
+        self._thread.join(timeout=timeout_s)
+        if self._thread.is_alive():
+            raise DeadlineExceededError(f"fault schedule still playing after {timeout_s} s")
+        if self._error is not None:
+            raise GossamerError(f"fault schedule failed: {self._error}") from self._error
+        return list(self._applied)

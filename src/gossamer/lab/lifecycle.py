@@ -1,0 +1,185 @@
+"""Bring a lab up, report on it, take it down; and the context manager that does all three.
+
+>>> with open_lab(LabConfig(num_peers=3, rate_bps=50_000_000, num_nat=1)) as lab:  # doctest: +SKIP
+...     server = lab.spawn_in("p0", ["iperf3", "-s"])
+...     ...
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from gossamer.core.errors import ConfigError
+from gossamer.lab.build import build_topology, list_namespaces, remove_namespaces
+from gossamer.lab.config import LAB_PREFIX, LabConfig
+from gossamer.lab.control import LabControl
+from gossamer.lab.plan import plan_topology
+from gossamer.lab.runner import CommandRunner, SubprocessRunner, require_tools
+from gossamer.lab.state import DEFAULT_STATE_DIR, LabState, delete_state, load_state, save_state
+
+__all__ = [
+    "LATENCY_NOTICE",
+    "LabStatus",
+    "attach_lab",
+    "lab_down",
+    "lab_status",
+    "lab_up",
+    "open_lab",
+]
+
+logger = logging.getLogger(__name__)
+
+LATENCY_NOTICE = (
+    "latency and packet loss are NOT emulated (this kernel has no netem): links are capped in "
+    "rate only, and a round trip inside the lab takes well under a millisecond"
+)
+"""Said by `lab up` and the docs, so nobody mistakes the lab for a long-haul network."""
+
+
+def lab_up(
+    config: LabConfig,
+    *,
+    runner: CommandRunner | None = None,
+    state_dir: Path = DEFAULT_STATE_DIR,
+) -> LabControl:
+    """Build the lab ``config`` describes and record it; returns its control.
+
+    Raises:
+        MissingDependencyError: not root, or ``ip``/``tc``/``iptables`` missing.
+        ConfigError: a lab of that name already exists.
+        CommandFailedError: building failed (whatever was built has been removed).
+    """
+    runner = runner or SubprocessRunner()
+    require_tools(runner)
+    existing = list_namespaces(runner, config.namespace_prefix)
+    if existing:
+        raise ConfigError(
+            f"lab {config.name!r} already exists ({', '.join(existing)}); "
+            f"run `gossamer lab down --name {config.name}` first, or pick another --name"
+        )
+    state = LabState(topology=plan_topology(config))
+    save_state(state, state_dir)  # before building, so a crash leaves a record for `down`
+    try:
+        build_topology(state.topology, runner)
+    except BaseException:
+        delete_state(config.name, state_dir)
+        raise
+    state.built = True
+    save_state(state, state_dir)
+    logger.warning("lab %s is up; %s", config.name, LATENCY_NOTICE)
+    return LabControl(state, runner, state_dir=state_dir)
+
+
+def lab_down(
+    name: str | None,
+    *,
+    runner: CommandRunner | None = None,
+    state_dir: Path = DEFAULT_STATE_DIR,
+) -> list[str]:
+    """Remove lab ``name`` (every lab, when None); returns the namespaces removed.
+
+    Everything is found by prefix as well as from the state file, so the leftovers of a crashed
+    process are removed too, and nothing without the prefix is ever touched.
+    """
+    runner = runner or SubprocessRunner()
+    require_tools(runner)
+    names = [name] if name is not None else _recorded_lab_names(state_dir)
+    namespaces: list[str] = []
+    for lab_name in names:
+        state = load_state(lab_name, state_dir)
+        if state is not None:
+            namespaces += state.topology.namespaces()
+    prefix = LabConfig(num_peers=1, name=name).namespace_prefix if name else LAB_PREFIX
+    namespaces += [ns for ns in list_namespaces(runner, prefix) if ns not in namespaces]
+    removed = remove_namespaces(runner, namespaces)
+    for lab_name in names:
+        delete_state(lab_name, state_dir)
+    return removed
+
+
+def _recorded_lab_names(state_dir: Path) -> list[str]:
+    if not state_dir.is_dir():
+        return []
+    return sorted(path.stem for path in state_dir.glob("*.json"))
+
+
+@dataclass(frozen=True, slots=True)
+class LabStatus:
+    """What is recorded about a lab and what actually exists."""
+
+    name: str
+    """The lab's name."""
+    state: LabState | None
+    """Its record, or None when only stray namespaces were found."""
+    existing_namespaces: tuple[str, ...]
+    """Its namespaces that exist now."""
+
+    @property
+    def missing_namespaces(self) -> list[str]:
+        """Recorded namespaces that are gone (deleted by hand, or a reboot)."""
+        if self.state is None:
+            return []
+        return [ns for ns in self.state.topology.namespaces() if ns not in self.existing_namespaces]
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the lab is fully built and every namespace still exists."""
+        return self.state is not None and self.state.built and not self.missing_namespaces
+
+
+def lab_status(
+    *, runner: CommandRunner | None = None, state_dir: Path = DEFAULT_STATE_DIR
+) -> list[LabStatus]:
+    """Every lab that is recorded or has namespaces on this machine."""
+    runner = runner or SubprocessRunner()
+    require_tools(runner)
+    existing = list_namespaces(runner, LAB_PREFIX)
+    names = set(_recorded_lab_names(state_dir))
+    names |= {ns.removeprefix(LAB_PREFIX).split("-", 1)[0] for ns in existing}
+    report = []
+    for lab_name in sorted(names):
+        prefix = f"{LAB_PREFIX}{lab_name}-"
+        report.append(
+            LabStatus(
+                name=lab_name,
+                state=load_state(lab_name, state_dir),
+                existing_namespaces=tuple(ns for ns in existing if ns.startswith(prefix)),
+            )
+        )
+    return report
+
+
+def attach_lab(
+    name: str, *, runner: CommandRunner | None = None, state_dir: Path = DEFAULT_STATE_DIR
+) -> LabControl:
+    """The control of lab ``name`` built earlier, maybe by another process.
+
+    Raises:
+        ConfigError: no such lab is recorded, or it is not fully built.
+    """
+    state = load_state(name, state_dir)
+    if state is None or not state.built:
+        raise ConfigError(
+            f"no lab {name!r} is up; start one with `gossamer lab up --name {name} --peers N`"
+        )
+    return LabControl(state, runner or SubprocessRunner(), state_dir=state_dir)
+
+
+@contextmanager
+def open_lab(
+    config: LabConfig,
+    *,
+    runner: CommandRunner | None = None,
+    state_dir: Path = DEFAULT_STATE_DIR,
+) -> Iterator[LabControl]:
+    """Build a lab, yield its control, and always take it down (failure, Ctrl-C included)."""
+    runner = runner or SubprocessRunner()
+    control = lab_up(config, runner=runner, state_dir=state_dir)
+    try:
+        yield control
+    finally:
+        lab_down(config.name, runner=runner, state_dir=state_dir)

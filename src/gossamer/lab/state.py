@@ -1,0 +1,141 @@
+"""What a lab looks like now, kept in a small JSON file so separate commands can share it.
+
+`gossamer lab up` writes the file before it builds anything (so a crash mid-build still leaves a
+record) and again once built; faults that change links update it; `gossamer lab down` deletes it.
+The file is a convenience, not the truth: `down` also sweeps namespaces by the lab's prefix, so a
+lost or stale file never leaves anything behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gossamer.core.errors import CorruptedDataError
+from gossamer.lab.plan import Topology
+
+__all__ = ["DEFAULT_STATE_DIR", "LabState", "delete_state", "load_state", "save_state"]
+
+DEFAULT_STATE_DIR = Path("/run/gossamer-lab")
+"""Where labs are recorded; /run is cleared at boot, as are the namespaces themselves."""
+
+_FORMAT_VERSION = 1
+
+
+@dataclass(slots=True)
+class LabState:
+    """A lab's topology plus what faults have changed since it was built."""
+
+    topology: Topology
+    """Names and addresses as planned and built."""
+    built: bool = False
+    """False while `up` is still building (or crashed building)."""
+    created_at: float = field(default_factory=time.time)
+    """Wall-clock time of `up` (seconds since the epoch)."""
+    rates_bps: dict[str, int] = field(default_factory=dict)
+    """Each peer's current link rate, where a fault changed it."""
+    cut_peers: list[str] = field(default_factory=list)
+    """Peers whose access link is cut now."""
+    partition_side: list[str] = field(default_factory=list)
+    """Peers split off from the rest by a partition in force; empty when healed."""
+
+    def rate_bps(self, peer: str) -> int:
+        """The current link rate of ``peer``."""
+        return self.rates_bps.get(peer, self.topology.peer(peer).rate_bps)
+
+    def peer_records(self) -> list[dict[str, Any]]:
+        """One record per peer for `lab status --json`: identity, addresses and link state."""
+        records = []
+        for peer in self.topology.peers:
+            records.append(
+                {
+                    "name": peer.name,
+                    "namespace": peer.namespace,
+                    "address": peer.address,
+                    "public_address": peer.public_address,
+                    "rate_bps": self.rate_bps(peer.name),
+                    "behind_nat": peer.behind_nat,
+                    "router_namespace": peer.router_namespace,
+                    "link": "cut" if peer.name in self.cut_peers else "up",
+                    "partitioned": peer.name in self.partition_side,
+                }
+            )
+        return records
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of everything in this state."""
+        return {
+            "format_version": _FORMAT_VERSION,
+            "topology": self.topology.to_json(),
+            "built": self.built,
+            "created_at": self.created_at,
+            "rates_bps": self.rates_bps,
+            "cut_peers": self.cut_peers,
+            "partition_side": self.partition_side,
+        }
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> LabState:
+        """Rebuild a state from :meth:`to_json`'s output."""
+        return cls(
+            topology=Topology.from_json(record["topology"]),
+            built=bool(record["built"]),
+            created_at=float(record["created_at"]),
+            rates_bps={str(k): int(v) for k, v in record["rates_bps"].items()},
+            cut_peers=[str(p) for p in record["cut_peers"]],
+            partition_side=[str(p) for p in record["partition_side"]],
+        )
+
+
+def _state_path(state_dir: Path, name: str) -> Path:
+    return state_dir / f"{name}.json"
+
+
+def save_state(state: LabState, state_dir: Path = DEFAULT_STATE_DIR) -> Path:
+    """Write ``state`` atomically (temporary file, fsync, rename); returns its path."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = _state_path(state_dir, state.topology.name)
+    fd, temporary = tempfile.mkstemp(dir=state_dir, prefix=f".{state.topology.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(state.to_json(), handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_state(name: str, state_dir: Path = DEFAULT_STATE_DIR) -> LabState | None:
+    """The recorded state of lab ``name``, or None when there is no record.
+
+    Raises:
+        CorruptedDataError: the record exists but cannot be read (delete it, or run `lab down`).
+    """
+    path = _state_path(state_dir, name)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        record = json.loads(text)
+        if record.get("format_version") != _FORMAT_VERSION:
+            raise ValueError(f"unknown format version {record.get('format_version')!r}")
+        return LabState.from_json(record)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptedDataError(
+            f"lab state file {path} is unreadable ({exc}); `gossamer lab down --name {name}` "
+            "removes the lab by its namespace prefix and deletes the file"
+        ) from exc
+
+
+def delete_state(name: str, state_dir: Path = DEFAULT_STATE_DIR) -> None:
+    """Forget lab ``name`` (no error when it was never recorded)."""
+    _state_path(state_dir, name).unlink(missing_ok=True)
