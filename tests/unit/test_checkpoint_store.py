@@ -1,0 +1,506 @@
+"""The checkpoint store: exact round trips, atomic saves, corruption detection, pruning."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from gossamer.core.clock import FakeClock
+from gossamer.core.errors import CheckpointCorruptedError, IncompatibleCheckpointError
+from gossamer.store import CheckpointState, CheckpointStore, durable_files
+from gossamer.store.checkpoint_manifest import MANIFEST_NAME
+
+
+def _state(step: int, *, fill: float | None = None) -> CheckpointState:
+    """A small checkpoint whose tensors all hold ``fill`` (default: the step)."""
+    value = float(step if fill is None else fill)
+    return CheckpointState(
+        step=step,
+        tensors={
+            "model": {"w": torch.full((4, 3), value), "b": torch.full((3,), value)},
+            "optimizer": {"m": torch.full((5,), value, dtype=torch.float64)},
+        },
+        meta={"step": step, "fill": value},
+    )
+
+
+def _fill(state: CheckpointState) -> float:
+    return float(state.tensors["model"]["w"][0, 0])
+
+
+def _assert_same(loaded: CheckpointState, expected: CheckpointState) -> None:
+    assert loaded.step == expected.step
+    assert list(loaded.tensors) == list(expected.tensors)
+    for group, tensors in expected.tensors.items():
+        assert list(loaded.tensors[group]) == list(tensors), group
+        for name, tensor in tensors.items():
+            got = loaded.tensors[group][name]
+            assert got.dtype == tensor.dtype, (group, name)
+            assert got.shape == tensor.shape, (group, name)
+            # Bit-exact: compare raw bytes, so NaNs and -0.0 count too.
+            want_bytes = tensor.contiguous().view(-1).view(torch.uint8)
+            assert torch.equal(got.contiguous().view(-1).view(torch.uint8), want_bytes)
+    assert loaded.meta == expected.meta
+
+
+def test_round_trip_is_bit_exact_for_every_kind_of_tensor(tmp_path: Path) -> None:
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    tied = torch.randn(3, 5)
+    state = CheckpointState(
+        step=7,
+        tensors={
+            "model": {
+                "fp32": torch.randn(8, 16),
+                "bf16": torch.randn(5, 7).to(torch.bfloat16),
+                "fp16": torch.randn(9).to(torch.float16),
+                "int64": torch.randint(-(2**62), 2**62, (11,)),
+                "int8": torch.randint(-128, 127, (6,), dtype=torch.int8),
+                "uint8": torch.randint(0, 255, (3, 3), dtype=torch.uint8),
+                "bool": torch.tensor([True, False, True]),
+                "scalar": torch.tensor(3.25),
+                "int_scalar": torch.tensor(-9, dtype=torch.int32),
+                "empty": torch.zeros(0, 4),
+                "special": torch.tensor([float("nan"), float("inf"), -0.0, 1e-45]),
+                "transposed": base.t(),  # not contiguous
+                "slice": base[1:3],  # a view into a bigger storage
+                "tied_a": tied,  # two names, one storage (weight tying)
+                "tied_b": tied,
+            },
+            "empty_group": {},
+            "rng": {"torch_cpu": torch.get_rng_state()},
+        },
+        meta={"config": {"lr": 3e-4, "layers": 2, "name": "tiny", "flags": [True, None]}},
+    )
+    store = CheckpointStore(tmp_path)
+    path = store.save(state)
+    assert path == tmp_path / "step-000000007"
+    assert sorted(p.name for p in path.iterdir()) == [
+        "empty_group.safetensors",
+        "manifest.json",
+        "model.safetensors",
+        "rng.safetensors",
+    ]
+    _assert_same(store.load(path), state)
+    _assert_same(store.load(path / MANIFEST_NAME), state)
+    latest = store.load_latest()
+    assert latest is not None
+    _assert_same(latest, state)
+
+
+def test_manifest_records_version_step_time_meta_and_every_file(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, clock=FakeClock(wall_start_s=1_234_567.5))
+    path = store.save(_state(3))
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    assert manifest["format_version"] == 1
+    assert manifest["step"] == 3
+    assert manifest["created_unix_s"] == 1_234_567.5
+    assert manifest["meta"] == {"step": 3, "fill": 3.0}
+    files = {entry["name"]: entry for entry in manifest["files"]}
+    assert set(files) == {"model.safetensors", "optimizer.safetensors"}
+    for name, entry in files.items():
+        data = (path / name).read_bytes()
+        assert entry["bytes"] == len(data)
+        assert len(entry["sha256"]) == 64
+
+
+@pytest.mark.parametrize(
+    ("tensors", "meta", "message"),
+    [
+        ({"model": {"x": 3}}, {}, "not a torch.Tensor"),
+        ({"bad/name": {}}, {}, "cannot name a file"),
+        ({".hidden": {}}, {}, "cannot name a file"),
+        ({"model": {"__metadata__": torch.zeros(1)}}, {}, "bad tensor name"),
+        ({}, {"x": object()}, "JSON"),
+    ],
+)
+def test_bad_state_is_refused_with_an_actionable_message(
+    tmp_path: Path, tensors: dict[str, dict[str, object]], meta: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        CheckpointStore(tmp_path).save(CheckpointState(step=1, tensors=tensors, meta=meta))  # type: ignore[arg-type]
+    assert not any(p.name.startswith("step-") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("step", [-1, True, 1.0])
+def test_bad_step_is_refused(step: object) -> None:
+    with pytest.raises(ValueError, match="step"):
+        CheckpointState(step=step, tensors={}, meta={})  # type: ignore[arg-type]
+
+
+def test_keep_last_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="keep_last"):
+        CheckpointStore(tmp_path, keep_last=0)
+
+
+def test_load_latest_of_an_empty_or_missing_directory_is_none(tmp_path: Path) -> None:
+    assert CheckpointStore(tmp_path / "nowhere").load_latest() is None
+    assert CheckpointStore(tmp_path).load_latest() is None
+    with pytest.raises(FileNotFoundError):
+        CheckpointStore(tmp_path).load(tmp_path / "step-000000001")
+
+
+# ---- corruption ---------------------------------------------------------------------------------
+
+
+def _truncate(path: Path) -> None:
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _flip_tensor_bit(path: Path) -> None:
+    target = path / "model.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-3] ^= 0x10  # in the tensor bytes, past the header
+    target.write_bytes(bytes(data))
+
+
+def _flip_manifest_bit(path: Path) -> None:
+    target = path / MANIFEST_NAME
+    text = target.read_bytes()
+    at = text.index(b'"step": ') + len(b'"step": ')  # the step's digit: 2 -> 3 is one bit
+    data = bytearray(text)
+    data[at] ^= 0x01
+    target.write_bytes(bytes(data))
+
+
+def _delete_file(path: Path) -> None:
+    (path / "optimizer.safetensors").unlink()
+
+
+def _garbage_manifest(path: Path) -> None:
+    (path / MANIFEST_NAME).write_bytes(b"\x00\xffnot json at all")
+
+
+def _delete_manifest(path: Path) -> None:
+    (path / MANIFEST_NAME).unlink()
+
+
+def _future_version(path: Path) -> None:
+    # A well-formed manifest of a newer format: self-hash recomputed, so it is intact.
+    from gossamer.store import checkpoint_manifest
+
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    manifest.pop("manifest_sha256")
+    manifest["format_version"] = 99
+    manifest["manifest_sha256"] = checkpoint_manifest.sha256_bytes(
+        checkpoint_manifest._canonical(manifest).encode()
+    )
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("damage", "error", "names"),
+    [
+        (_truncate, CheckpointCorruptedError, r"model\.safetensors: truncated"),
+        (_flip_tensor_bit, CheckpointCorruptedError, r"model\.safetensors: hash mismatch"),
+        (_flip_manifest_bit, CheckpointCorruptedError, r"manifest\.json: hash mismatch"),
+        (_delete_file, CheckpointCorruptedError, r"optimizer\.safetensors: missing"),
+        (_garbage_manifest, CheckpointCorruptedError, r"manifest\.json: not valid JSON"),
+        (_delete_manifest, CheckpointCorruptedError, r"manifest\.json: missing"),
+        (_future_version, IncompatibleCheckpointError, r"unknown format version 99"),
+    ],
+)
+def test_damage_is_named_and_load_latest_falls_back(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    damage: object,
+    error: type[Exception],
+    names: str,
+) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(_state(1))
+    damaged = store.save(_state(2))
+    damage(damaged)  # type: ignore[operator]
+
+    with pytest.raises(error, match=names):
+        store.load(damaged)
+
+    with caplog.at_level(logging.WARNING, logger="gossamer.store"):
+        latest = store.load_latest()
+    assert latest is not None
+    _assert_same(latest, _state(1))
+    assert [path for path, _ in store.skipped] == [damaged]
+    assert store.skipped[0][1].startswith(str(damaged))
+    assert "step-000000002" in caplog.text
+
+    listing = {info.step: info for info in store.list()}
+    assert listing[1].valid
+    assert not listing[2].valid
+    assert listing[2].reason is not None
+
+
+def test_every_bit_flip_in_a_manifest_is_caught_or_harmless(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    expected = _state(5)
+    path = store.save(expected)
+    manifest_path = path / MANIFEST_NAME
+    original = manifest_path.read_bytes()
+    rng = random.Random(0)
+    num_caught = 0
+    for bit in rng.sample(range(len(original) * 8), 300):
+        data = bytearray(original)
+        data[bit // 8] ^= 1 << (bit % 8)
+        manifest_path.write_bytes(bytes(data))
+        try:
+            loaded = store.load(path)
+        except (CheckpointCorruptedError, IncompatibleCheckpointError):
+            num_caught += 1
+            continue
+        # A flip JSON reads the same way ('1e-05' vs '1E-05') changes nothing that matters.
+        _assert_same(loaded, expected)
+    assert num_caught >= 290
+
+
+def test_a_folder_renamed_to_another_step_is_caught(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    path = store.save(_state(4))
+    path.rename(tmp_path / "step-000000009")
+    with pytest.raises(CheckpointCorruptedError, match="says step 4"):
+        store.load(tmp_path / "step-000000009")
+
+
+def test_extra_bytes_are_a_size_mismatch(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    path = store.save(_state(1))
+    with (path / "model.safetensors").open("ab") as f:
+        f.write(b"\x00")
+    with pytest.raises(CheckpointCorruptedError, match="size mismatch"):
+        store.load(path)
+
+
+def test_when_every_checkpoint_is_damaged_load_latest_says_so(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    _truncate(store.save(_state(1)))
+    _flip_tensor_bit(store.save(_state(2)))
+    with pytest.raises(CheckpointCorruptedError, match="no valid checkpoint") as excinfo:
+        store.load_latest()
+    assert "step-000000001" in str(excinfo.value)
+    assert "step-000000002" in str(excinfo.value)
+    assert len(store.skipped) == 2
+
+
+# ---- pruning ------------------------------------------------------------------------------------
+
+
+def _steps(directory: Path) -> list[int]:
+    return sorted(int(p.name.removeprefix("step-")) for p in directory.glob("step-*"))
+
+
+def test_keep_last_keeps_the_newest_valid_checkpoints(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, keep_last=3)
+    for step in range(1, 7):
+        store.save(_state(step))
+    assert _steps(tmp_path) == [4, 5, 6]
+    assert [info.step for info in store.list()] == [4, 5, 6]
+
+
+def test_pruning_never_counts_damaged_ones_and_keeps_the_valid(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, keep_last=2)
+    store.save(_state(1))
+    store.save(_state(2))
+    _flip_tensor_bit(tmp_path / "step-000000002")  # after the store verified it
+    store.save(_state(3))
+    # 2 is damaged, so 1 is still one of the two newest valid ones.
+    assert _steps(tmp_path) == [1, 2, 3]
+    store.save(_state(4))
+    assert _steps(tmp_path) == [3, 4]
+
+
+def test_keep_last_one_never_deletes_the_only_valid_checkpoint(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, keep_last=1)
+    store.save(_state(1))
+    store.save(_state(2))
+    assert _steps(tmp_path) == [2]
+    # Saving an older step (a run rolled back) keeps what was just saved.
+    store.save(_state(1, fill=11))
+    assert _steps(tmp_path) == [1]
+    latest = store.load_latest()
+    assert latest is not None
+    assert _fill(latest) == 11
+
+
+def test_pruning_leaves_checkpoints_of_unknown_format_alone(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, keep_last=1)
+    _future_version(store.save(_state(1)))
+    store.save(_state(2))
+    store.save(_state(3))
+    assert _steps(tmp_path) == [1, 3]
+
+
+# ---- atomicity ----------------------------------------------------------------------------------
+
+
+def test_saving_the_same_step_replaces_it_whole(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(_state(5, fill=1))
+    path = store.save(_state(5, fill=2))
+    assert _fill(store.load(path)) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "step-000000005"]
+
+
+def test_replacing_without_atomic_exchange_also_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(durable_files, "exchange_dirs", lambda first, second: False)
+    store = CheckpointStore(tmp_path)
+    store.save(_state(5, fill=1))
+    path = store.save(_state(5, fill=2))
+    assert _fill(store.load(path)) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "step-000000005"]
+
+
+class _InjectedFaultError(OSError):
+    pass
+
+
+def _fail(*args: object) -> None:
+    raise _InjectedFaultError("injected fault")
+
+
+@pytest.mark.parametrize(
+    ("seam", "same_step"),
+    [
+        ("write_file_durably", False),
+        ("write_file_durably", True),
+        ("fsync_dir", False),
+        ("fsync_dir", True),
+        ("rename", False),
+        ("exchange_dirs", True),
+    ],
+)
+def test_a_failed_save_loses_nothing_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seam: str, same_step: bool
+) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(_state(1))
+    store.save(_state(2))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    monkeypatch.setattr(durable_files, seam, _fail)
+    with pytest.raises(_InjectedFaultError):
+        store.save(_state(2 if same_step else 3, fill=99))
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    for kept in (1, 2):
+        _assert_same(store.load(store.path_for(kept)), _state(kept))
+
+
+def test_the_fallback_swap_failing_midway_restores_the_old_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(_state(2))
+    monkeypatch.setattr(durable_files, "exchange_dirs", lambda first, second: False)
+    real_rename = durable_files.rename
+    calls: list[Path] = []
+
+    def second_rename_fails(source: Path, target: Path) -> None:
+        calls.append(source)
+        if len(calls) == 2:  # old moved aside; now the new one fails to move in
+            raise _InjectedFaultError("injected fault")
+        real_rename(source, target)
+
+    monkeypatch.setattr(durable_files, "rename", second_rename_fails)
+    with pytest.raises(_InjectedFaultError):
+        store.save(_state(2, fill=99))
+    monkeypatch.undo()
+    _assert_same(store.load(store.path_for(2)), _state(2))
+
+
+def test_a_writer_that_died_between_the_fallback_renames_is_undone(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "run")
+    path = store.save(_state(2))
+    newer = CheckpointStore(tmp_path / "elsewhere").save(_state(2, fill=7))
+    # What the fallback leaves if killed between its two renames: the old one hidden, the new
+    # one complete but still temporary.
+    path.rename(store.directory / ".old-step-000000002-deadbeef")
+    newer.rename(store.directory / ".tmp-step-000000002-cafef00d")
+    assert store.load_latest() is None  # a reader sees neither half
+    store.save(_state(1))  # the next save puts the old one back and removes the new one
+    assert _steps(store.directory) == [1, 2]
+    _assert_same(store.load(store.path_for(2)), _state(2))
+    assert not [p for p in store.directory.iterdir() if p.name.startswith((".tmp", ".old"))]
+
+
+def test_a_tensor_that_fails_to_serialize_leaves_the_old_checkpoint(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(_state(3))
+    bad = CheckpointState(
+        step=3,
+        tensors={"model": {"w": torch.zeros(2)}, "sparse": {"s": torch.zeros(3).to_sparse()}},
+        meta={},
+    )
+    with pytest.raises(ValueError, match="sparse"):
+        store.save(bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "step-000000003"]
+    _assert_same(store.load(store.path_for(3)), _state(3))
+
+
+def test_stale_temporary_folders_are_ignored_then_cleaned(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(_state(1))
+    stale = tmp_path / ".tmp-step-000000002-0badc0de"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half a file")
+    latest = store.load_latest()
+    assert latest is not None
+    assert latest.step == 1
+    assert store.skipped == []
+    assert [info.step for info in store.list()] == [1]
+    store.save(_state(2))
+    assert not stale.exists()
+
+
+def test_files_are_fsynced_before_the_rename_and_the_directory_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[str] = []
+    real_write, real_fsync_dir, real_rename = (
+        durable_files.write_file_durably,
+        durable_files.fsync_dir,
+        durable_files.rename,
+    )
+
+    def write(path: Path, data: bytes | memoryview) -> None:
+        real_write(path, data)
+        events.append(f"write {path.name}")
+
+    def fsync_dir(path: Path) -> None:
+        real_fsync_dir(path)
+        events.append(f"fsync {'parent' if path == tmp_path else 'tmp'}")
+
+    def rename(source: Path, target: Path) -> None:
+        real_rename(source, target)
+        events.append(f"rename to {target.name}")
+
+    monkeypatch.setattr(durable_files, "write_file_durably", write)
+    monkeypatch.setattr(durable_files, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(durable_files, "rename", rename)
+    CheckpointStore(tmp_path).save(_state(1))
+    assert events == [
+        "write model.safetensors",
+        "write optimizer.safetensors",
+        "write manifest.json",
+        "fsync tmp",
+        "rename to step-000000001",
+        "fsync parent",
+    ]
+
+
+def test_saves_hold_the_directory_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    held: list[bool] = []
+    real_locked = durable_files.locked
+
+    def spy_locked(path: Path):  # type: ignore[no-untyped-def]
+        held.append(path == tmp_path / ".lock")
+        return real_locked(path)
+
+    monkeypatch.setattr(durable_files, "locked", spy_locked)
+    CheckpointStore(tmp_path).save(_state(1))
+    assert held == [True]
+    assert os.path.exists(tmp_path / ".lock")
