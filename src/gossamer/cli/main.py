@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from gossamer._version import __version__
-from gossamer.cli import lab, peer
+from gossamer.cli import bench, lab, peer, train
 
 app = typer.Typer(
     name="gossamer",
@@ -17,6 +17,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+train.register(app)
+app.add_typer(bench.app, name="bench")
 app.add_typer(lab.app, name="lab")
 peer.register(app)
 

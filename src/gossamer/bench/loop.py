@@ -1,0 +1,167 @@
+"""`gossamer bench loop`: Gossamer's one-peer loop against a plain hand-written PyTorch loop.
+
+Both train the same model (same config, same seed, same initial weights) on the same token array,
+with the same optimizer settings, batch shape and gradient clipping, in one process, taking turns
+so that drift in the machine's speed hits both alike. Each side's throughput is measured over the
+steps after its warm-up, between the end of one step and the end of another, so evaluation,
+checkpoints and start-up are outside both measurements. The result is the ratio of Gossamer's
+tokens per second to the plain loop's.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gossamer.core.config import CheckpointConfig, RunConfig, TrainConfig
+from gossamer.data import Corpus, load_corpus
+from gossamer.models import GPT
+from gossamer.train import ProgressEvent, Trainer, TrainingListener
+from gossamer.train.optim import learning_rate_at
+
+__all__ = ["LoopBenchResult", "run_loop_bench"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LoopBenchResult:
+    """Throughput of both loops, per repeat, and their ratio."""
+
+    gossamer_tokens_per_s: list[float]
+    """Gossamer's loop, one figure per repeat."""
+    plain_tokens_per_s: list[float]
+    """The plain PyTorch loop, one figure per repeat."""
+    steps: int
+    """Measured steps per repeat (after warm-up)."""
+    tokens_per_step: int
+    """Batch size x sequence length."""
+    threads: int
+    """Torch intra-op threads."""
+
+    @property
+    def ratio(self) -> float:
+        """Median Gossamer throughput over median plain throughput (1.0 = equal)."""
+        return statistics.median(self.gossamer_tokens_per_s) / statistics.median(
+            self.plain_tokens_per_s
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """Fields for ``--json``."""
+        return {
+            "gossamer_tokens_per_s": statistics.median(self.gossamer_tokens_per_s),
+            "plain_tokens_per_s": statistics.median(self.plain_tokens_per_s),
+            "ratio": self.ratio,
+            "slowdown_percent": (1.0 - self.ratio) * 100.0,
+            "gossamer_runs": self.gossamer_tokens_per_s,
+            "plain_runs": self.plain_tokens_per_s,
+            "steps": self.steps,
+            "tokens_per_step": self.tokens_per_step,
+            "threads": self.threads,
+        }
+
+
+class _StepTimer(TrainingListener):
+    """Records the time at the end of the warm-up step and of the last step."""
+
+    def __init__(self, warmup_steps: int) -> None:
+        self.warmup_steps = warmup_steps
+        self.marks: dict[int, float] = {}
+
+    def on_step(self, event: ProgressEvent) -> None:
+        self.marks[event.step] = time.perf_counter()
+
+
+def _gossamer_tokens_per_s(config: RunConfig, corpus: Corpus, warmup: int, steps: int) -> float:
+    with tempfile.TemporaryDirectory(prefix="gossamer-bench-") as tmp:
+        run_config = replace(
+            config,
+            checkpoint=CheckpointConfig(directory=str(Path(tmp) / "ckpt"), resume=False),
+        )
+        timer = _StepTimer(warmup)
+        with Trainer(run_config, corpus=corpus, listener=timer) as trainer:
+            trainer.run()
+    elapsed = timer.marks[warmup + steps] - timer.marks[warmup]
+    return steps * config.train.batch_size * config.model.context / elapsed
+
+
+def _plain_tokens_per_s(config: RunConfig, corpus: Corpus, warmup: int, steps: int) -> float:
+    """What a user would write by hand: random windows, AdamW, clipping, the same schedule."""
+    torch.manual_seed(config.train.seed)
+    model = GPT(config.model)
+    optim = config.optim
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": optim.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=optim.lr,
+        betas=(optim.beta1, optim.beta2),
+    )
+    tokens = corpus.train.tokens
+    seq_len, batch_size = config.model.context, config.train.batch_size
+    rng = np.random.default_rng(config.train.seed)
+    model.train()
+    started = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(step, config=optim, max_steps=config.train.max_steps)
+        starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
+        window = np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)
+        batch = torch.from_numpy(window)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = model(inputs)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        loss.backward()  # type: ignore[no-untyped-call]
+        loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return steps * batch_size * seq_len / (time.perf_counter() - started)
+
+
+def run_loop_bench(
+    *, config: RunConfig | None = None, steps: int = 60, warmup_steps: int = 5, repeats: int = 3
+) -> LoopBenchResult:
+    """Measure both loops ``repeats`` times each, alternating which goes first.
+
+    Args:
+        config: model, data and optimizer settings; the default run config if None.
+        steps: measured steps per repeat.
+        warmup_steps: unmeasured steps before them.
+        repeats: measurements per side.
+    """
+    base = config or RunConfig()
+    total = warmup_steps + steps
+    base = replace(
+        base,
+        train=replace(base.train, max_steps=total, max_seconds=0.0, eval_every=0, eval_batches=1),
+    )
+    assert isinstance(base.train, TrainConfig)
+    corpus = load_corpus(base.data)
+    gossamer: list[float] = []
+    plain: list[float] = []
+    for repeat in range(repeats):
+        if repeat % 2 == 0:
+            gossamer.append(_gossamer_tokens_per_s(base, corpus, warmup_steps, steps))
+            plain.append(_plain_tokens_per_s(base, corpus, warmup_steps, steps))
+        else:
+            plain.append(_plain_tokens_per_s(base, corpus, warmup_steps, steps))
+            gossamer.append(_gossamer_tokens_per_s(base, corpus, warmup_steps, steps))
+    return LoopBenchResult(
+        gossamer_tokens_per_s=gossamer,
+        plain_tokens_per_s=plain,
+        steps=steps,
+        tokens_per_step=base.train.batch_size * base.model.context,
+        threads=torch.get_num_threads(),
+    )

@@ -1,0 +1,88 @@
+"""A live progress bar for training runs (step, loss, tokens/s, time left)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from gossamer.train import ProgressEvent, TrainingListener
+
+__all__ = ["RichProgressListener"]
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class RichProgressListener(TrainingListener):
+    """Shows a run's progress on the terminal; evaluation and checkpoint lines above the bar."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self._progress = Progress(
+            TextColumn("[bold]train[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[tokens_per_s]} tok/s"),
+            TimeElapsedColumn(),
+            TextColumn("left {task.fields[left]}"),
+            console=self.console,
+            transient=False,
+        )
+        self._task: TaskID | None = None
+
+    def __enter__(self) -> Self:
+        self._progress.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._progress.stop()
+
+    def on_start(self, *, start_step: int, max_steps: int, num_parameters: int) -> None:
+        self.console.print(
+            f"model: {num_parameters / 1e6:.2f}M parameters; steps {start_step} -> {max_steps}"
+        )
+        self._task = self._progress.add_task(
+            "train",
+            total=max_steps,
+            completed=start_step,
+            loss="-",
+            tokens_per_s="-",
+            left="-",
+        )
+
+    def on_eval(self, *, step: int, val_loss: float) -> None:
+        self.console.print(f"step {step}: validation loss {val_loss:.4f}")
+
+    def on_step(self, event: ProgressEvent) -> None:
+        if self._task is None:
+            return
+        self._progress.update(
+            self._task,
+            total=event.max_steps,
+            completed=event.step,
+            loss=f"{event.loss:.3f}",
+            tokens_per_s=f"{event.tokens_per_s:,.0f}",
+            left=_format_seconds(event.eta_s),
+        )
+
+    def on_checkpoint(self, *, step: int, path: Path) -> None:
+        self.console.print(f"step {step}: checkpoint {path}")

@@ -1,0 +1,203 @@
+"""`gossamer train`, `eval`, `sample`, `demo` and `config`: one-peer training from the shell."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gossamer.cli.errors import exit_on_gossamer_errors
+from gossamer.cli.progress import RichProgressListener
+from gossamer.core.config import RunConfig
+from gossamer.core.config_loader import (
+    config_to_dict,
+    describe_fields,
+    load_run_config,
+    parse_flag_overrides,
+)
+from gossamer.data import load_corpus, validation_batches
+from gossamer.train import Trainer
+from gossamer.train.demo import run_demo
+from gossamer.train.inference import load_model, mean_validation_loss, sample_text
+
+_OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
+_console = Console()
+
+config_app = typer.Typer(help="Inspect configs: every key, and the resolved config of a run.")
+
+ConfigFile = Annotated[
+    Path | None, typer.Option("--config", "-c", help="A TOML config file.", show_default=False)
+]
+
+
+def _load(ctx: typer.Context, config: Path | None) -> RunConfig:
+    return load_run_config(config, parse_flag_overrides(ctx.args))
+
+
+def _to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    scalars = [(k, v) for k, v in data.items() if not isinstance(v, dict)]
+    tables = [(k, v) for k, v in data.items() if isinstance(v, dict)]
+    lines = [f"[{prefix}]"] if prefix and scalars else []
+    lines += [f"{k} = {json.dumps(v)}" for k, v in scalars if v is not None]
+    out = "\n".join(lines)
+    for key, value in tables:
+        out += ("\n\n" if out else "") + _to_toml(value, f"{prefix}.{key}" if prefix else key)
+    return out
+
+
+def register(app: typer.Typer) -> None:
+    """Add the training commands to the root command."""
+    app.command(context_settings=_OVERRIDES)(train)
+    app.command(name="eval", context_settings=_OVERRIDES)(evaluate)
+    app.command()(sample)
+    app.command()(demo)
+    app.add_typer(config_app, name="config")
+
+
+def train(
+    ctx: typer.Context,
+    config: ConfigFile = None,
+    summary_json: Annotated[
+        Path | None, typer.Option(help="Also write the run's summary as JSON here.")
+    ] = None,
+) -> None:
+    """Train on this peer. Any config key is a flag: --train.max_steps 100 --model.width 256.
+
+    Resumes from the newest valid checkpoint in checkpoint.directory unless
+    --checkpoint.resume false. `gossamer config keys` lists every key.
+    """
+    with exit_on_gossamer_errors():
+        run_config = _load(ctx, config)
+        with RichProgressListener() as listener, Trainer(run_config, listener=listener) as trainer:
+            result = trainer.run()
+    summary = {
+        "steps": result.steps_done,
+        "start_step": result.start_step,
+        "tokens_trained": result.tokens_trained,
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "seconds": round(result.wall_seconds, 2),
+        "val_loss_before": result.val_loss_before,
+        "val_loss_after": result.val_loss_after,
+        "checkpoint_path": str(result.checkpoint_path),
+        "resumed_from": str(result.resumed_from) if result.resumed_from else None,
+        "stopped_by_time_budget": result.stopped_by_time_budget,
+    }
+    _console.print(
+        f"validation loss {result.val_loss_before:.4f} -> {result.val_loss_after:.4f}; "
+        f"{result.tokens_per_s:,.0f} tokens/s; checkpoint {result.checkpoint_path}"
+    )
+    if summary_json is not None:
+        summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def evaluate(
+    ctx: typer.Context,
+    checkpoint: Annotated[Path, typer.Option(help="A checkpoint folder, or a run's directory.")],
+    batches: Annotated[int, typer.Option(help="Validation batches to average over.")] = 16,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Validation loss of a checkpoint, on the data it was trained on (or --data.* flags)."""
+    with exit_on_gossamer_errors():
+        loaded = load_model(checkpoint)
+        run_config = load_run_config(
+            None, parse_flag_overrides(ctx.args), base=config_to_dict(loaded.config)
+        )
+        corpus = load_corpus(run_config.data)
+        loss = mean_validation_loss(
+            loaded.model,
+            validation_batches(
+                corpus.validation,
+                seq_len=run_config.model.context,
+                batch_size=run_config.train.batch_size,
+                num_batches=batches,
+            ),
+        )
+    bits = loss / math.log(2)
+    if json_output:
+        result = {"checkpoint": str(loaded.path), "step": loaded.step, "val_loss": loss}
+        typer.echo(json.dumps(result | {"bits_per_token": bits}))
+    else:
+        _console.print(
+            f"step {loaded.step}: validation loss {loss:.4f} ({bits:.3f} bits per token)"
+        )
+
+
+def sample(
+    checkpoint: Annotated[Path, typer.Option(help="A checkpoint folder, or a run's directory.")],
+    prompt: Annotated[str, typer.Option(help="Text to continue.")] = "def ",
+    tokens: Annotated[int, typer.Option(help="Bytes to generate.")] = 300,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (> 0).")] = 0.8,
+    top_k: Annotated[int, typer.Option(help="Sample among the k likeliest; 0 for all.")] = 40,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler.")] = 0,
+) -> None:
+    """Generate text from a checkpoint of the built-in model."""
+    with exit_on_gossamer_errors():
+        loaded = load_model(checkpoint)
+        text = sample_text(
+            loaded.model,
+            prompt,
+            num_tokens=tokens,
+            temperature=temperature,
+            top_k=top_k or None,
+            seed=seed,
+        )
+    sys.stdout.write(prompt + text + "\n")
+
+
+def demo(
+    summary_json: Annotated[
+        Path | None, typer.Option(help="Also write the summary as JSON here.")
+    ] = None,
+    budget_s: Annotated[
+        float, typer.Option("--seconds", help="Training time budget in seconds.")
+    ] = 100.0,
+    max_steps: Annotated[int, typer.Option(help="Length of the learning-rate schedule.")] = 1200,
+    runs_dir: Annotated[Path, typer.Option(help="Where demo runs are kept.")] = Path("runs"),
+) -> None:
+    """Train the built-in GPT on the embedded corpus for about two minutes, then sample from it."""
+    with exit_on_gossamer_errors(), RichProgressListener() as listener:
+        summary = run_demo(
+            budget_s=budget_s, max_steps=max_steps, runs_dir=runs_dir, listener=listener
+        )
+    table = Table(title="Gossamer demo: one peer", show_header=False)
+    table.add_row(
+        "validation loss", f"{summary.val_loss_before:.4f} -> {summary.val_loss_after:.4f}"
+    )
+    table.add_row("steps", str(summary.steps))
+    table.add_row("tokens trained", f"{summary.tokens_trained:,}")
+    table.add_row("tokens/s", f"{summary.tokens_per_s:,.0f}")
+    table.add_row("seconds", f"{summary.seconds:.1f}")
+    table.add_row("parameters", f"{summary.num_parameters:,}")
+    table.add_row("checkpoint", summary.checkpoint_path)
+    _console.print(table)
+    _console.print(f"[bold]sample[/] (prompt {summary.sample_prompt!r}):")
+    _console.print(summary.sample_prompt + summary.sample, markup=False, highlight=False)
+    if summary_json is not None:
+        summary.write_json(summary_json)
+        _console.print(f"summary written to {summary_json}")
+
+
+@config_app.command("keys")
+def config_keys() -> None:
+    """List every config key with its type, default and meaning."""
+    table = Table("key", "type", "default", "meaning")
+    for info in describe_fields(RunConfig):
+        table.add_row(info.key, info.type_name, repr(info.default), info.doc)
+    _console.print(table)
+
+
+@config_app.command("show", context_settings=_OVERRIDES)
+def config_show(ctx: typer.Context, config: ConfigFile = None) -> None:
+    """Print the resolved config (file, environment and flags applied) as TOML."""
+    with exit_on_gossamer_errors():
+        resolved = _load(ctx, config)
+    text = _to_toml(config_to_dict(resolved))
+    tomllib.loads(text)  # what we print must load back
+    typer.echo(text)

@@ -1,0 +1,124 @@
+"""Everything a run needs to resume exactly, captured into and restored from a checkpoint.
+
+A checkpoint of a training run holds the model weights, the optimizer state, the strategy's own
+state, the data stream's position and every random generator's state, so that N steps, a resume,
+then N more steps give bit-identical weights to 2N steps in one go (on CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gossamer.core.config import RunConfig
+from gossamer.core.config_loader import config_to_dict
+from gossamer.core.errors import IncompatibleCheckpointError
+from gossamer.data import TokenStream
+from gossamer.store import (
+    CheckpointState,
+    flatten_optimizer_state,
+    rng_state_capture,
+    rng_state_restore,
+    unflatten_optimizer_state,
+)
+from gossamer.train.strategy import TrainingStrategy
+
+__all__ = ["RunState", "capture_run_state", "restore_run_state"]
+
+
+@dataclass(kw_only=True, slots=True)
+class RunState:
+    """The live objects of a run that a checkpoint captures."""
+
+    config: RunConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    stream: TokenStream
+    strategy: TrainingStrategy
+    custom_model: bool
+    step: int = 0
+    tokens_trained: int = 0
+
+
+def _model_signature(model: nn.Module) -> dict[str, list[int]]:
+    return {name: list(t.shape) for name, t in model.state_dict().items()}
+
+
+def capture_run_state(run: RunState) -> CheckpointState:
+    """Snapshot ``run`` (tensors are cloned, so training may go on while it is written)."""
+    optimizer_tensors, optimizer_meta = flatten_optimizer_state(run.optimizer.state_dict())
+    rng_tensors, rng_meta = rng_state_capture()
+    strategy_tensors, strategy_meta = run.strategy.state_for_checkpoint()
+    model_tensors = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+    return CheckpointState(
+        step=run.step,
+        tensors={
+            "model": model_tensors,
+            "optimizer": optimizer_tensors,
+            "rng": rng_tensors,
+            "strategy": strategy_tensors,
+        },
+        meta={
+            "config": config_to_dict(run.config),
+            "custom_model": run.custom_model,
+            "model_signature": _model_signature(run.model),
+            "optimizer": optimizer_meta,
+            "rng": rng_meta,
+            "data_position": run.stream.state_dict(),
+            "strategy": {"name": run.strategy.name, "state": strategy_meta},
+            "tokens_trained": run.tokens_trained,
+        },
+    )
+
+
+def check_compatible(state: CheckpointState, run: RunState, *, where: str) -> None:
+    """Raise :class:`IncompatibleCheckpointError` unless ``state`` fits ``run``'s model.
+
+    Args:
+        state: the loaded checkpoint.
+        run: the run about to be resumed.
+        where: the checkpoint's location, for the message.
+    """
+    meta = state.meta
+    if not run.custom_model and not meta.get("custom_model", False):
+        saved = meta.get("config", {}).get("model", {})
+        current = config_to_dict(run.config.model)
+        if saved != current:
+            diffs = ", ".join(
+                f"model.{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}"
+                for k in sorted(set(saved) | set(current))
+                if saved.get(k) != current.get(k)
+            )
+            raise IncompatibleCheckpointError(
+                f"checkpoint {where} was written for another model ({diffs}); set the model "
+                "config back to match it, or point checkpoint.directory at a fresh folder"
+            )
+    saved_signature = meta.get("model_signature")
+    current_signature = _model_signature(run.model)
+    if saved_signature != current_signature:
+        raise IncompatibleCheckpointError(
+            f"checkpoint {where} holds weights of another shape than this model "
+            "(parameter names or shapes differ); use the model it was written with, or point "
+            "checkpoint.directory at a fresh folder"
+        )
+
+
+def restore_run_state(state: CheckpointState, run: RunState, *, where: str) -> None:
+    """Load ``state`` into ``run`` in place: weights, optimizer, data position, RNGs, strategy."""
+    check_compatible(state, run, where=where)
+    meta = state.meta
+    run.model.load_state_dict(state.tensors["model"])
+    run.optimizer.load_state_dict(
+        unflatten_optimizer_state(state.tensors.get("optimizer", {}), meta["optimizer"])
+    )
+    run.stream.load_state_dict(meta["data_position"])
+    rng_state_restore(state.tensors.get("rng", {}), meta["rng"])
+    strategy_meta: dict[str, Any] = meta.get("strategy", {})
+    run.strategy.load_checkpoint_state(
+        state.tensors.get("strategy", {}), strategy_meta.get("state", {})
+    )
+    run.step = state.step
+    run.tokens_trained = int(meta.get("tokens_trained", 0))

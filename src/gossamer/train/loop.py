@@ -1,0 +1,376 @@
+"""The training loop of one peer.
+
+:class:`Trainer` runs AdamW with warm-up and cosine decay, gradient clipping, gradient accumulation,
+periodic evaluation and verified checkpoints, and resumes exactly from the newest valid checkpoint.
+How peers cooperate is a :class:`~gossamer.train.strategy.TrainingStrategy` plugged into it, so
+synchronous data parallel and DiLoCo reuse this loop unchanged. :func:`train` is the few-lines entry
+point; the model may be any ``nn.Module`` factory whose forward maps tokens ``[B, T]`` to logits
+``[B, T, vocab]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gossamer.core.clock import Clock, SystemClock
+from gossamer.core.config import RunConfig
+from gossamer.core.errors import DataError
+from gossamer.data import Corpus, TokenStream, load_corpus, validation_batches
+from gossamer.models import GPT
+from gossamer.store import CheckpointStore
+from gossamer.train.checkpointing import RunState, capture_run_state, restore_run_state
+from gossamer.train.inference import mean_validation_loss
+from gossamer.train.optim import build_optimizer, learning_rate_at
+from gossamer.train.strategy import LocalStrategy, TrainingStrategy
+
+__all__ = ["ModelFactory", "ProgressEvent", "TrainResult", "Trainer", "TrainingListener", "train"]
+
+logger = logging.getLogger(__name__)
+
+ModelFactory = Callable[[], nn.Module]
+"""Builds a fresh model; called once, after the run's seed is set."""
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ProgressEvent:
+    """One finished optimizer step, as a progress display sees it."""
+
+    step: int
+    """Steps done so far in the run (1 after the first step)."""
+    max_steps: int
+    """The run's total steps."""
+    loss: float
+    """Mean training loss over the step's micro-batches."""
+    lr: float
+    """Learning rate used for the step."""
+    tokens_per_s: float
+    """Training tokens per second of training time, since this process started."""
+    elapsed_s: float
+    """Wall seconds since this process started the run."""
+    eta_s: float
+    """Estimated wall seconds to the end (of the step budget or the time budget, if sooner)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainResult:
+    """What a run did."""
+
+    start_step: int
+    """Step the run started from (non-zero after a resume)."""
+    steps_done: int
+    """Step reached at the end (steps in the whole run, resumes included)."""
+    tokens_trained: int
+    """Training tokens consumed in the whole run, resumes included."""
+    tokens_this_session: int
+    """Training tokens consumed by this process."""
+    train_seconds: float
+    """Seconds spent in training steps by this process (no evaluation, no checkpointing)."""
+    wall_seconds: float
+    """Wall seconds of this process's run, evaluation and checkpointing included."""
+    val_loss_before: float
+    """Validation loss when this process started (after any resume)."""
+    val_loss_after: float
+    """Validation loss at the end."""
+    final_train_loss: float
+    """Training loss of the last step (NaN if no step ran)."""
+    checkpoint_path: Path | None
+    """The checkpoint written at the end."""
+    resumed_from: Path | None
+    """The checkpoint this process resumed from, if any."""
+    stopped_by_time_budget: bool
+    """True if ``train.max_seconds`` ended the run before ``train.max_steps``."""
+    num_parameters: int
+    """Distinct trainable parameters of the model."""
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Training throughput of this process: tokens per second of training time."""
+        return self.tokens_this_session / self.train_seconds if self.train_seconds > 0 else 0.0
+
+
+class TrainingListener:
+    """Receives the run's events; subclass and override what you need (all do nothing here)."""
+
+    def on_start(self, *, start_step: int, max_steps: int, num_parameters: int) -> None:
+        """The run is about to take its first step."""
+
+    def on_eval(self, *, step: int, val_loss: float) -> None:
+        """A validation loss was measured at ``step``."""
+
+    def on_step(self, event: ProgressEvent) -> None:
+        """An optimizer step finished."""
+
+    def on_checkpoint(self, *, step: int, path: Path) -> None:
+        """A checkpoint was written."""
+
+
+class Trainer:
+    """Trains one peer's model; the strategy decides how it cooperates with others.
+
+    Args:
+        config: the run's config.
+        model_factory: builds the model; the built-in GPT from ``config.model`` if None.
+        strategy: how to cooperate with other peers; alone if None.
+        listener: receives progress events.
+        corpus: pre-loaded data; loaded from ``config.data`` if None.
+        peer_index: this peer's index among ``num_peers`` (chooses its data stream).
+        num_peers: how many peers draw streams from the same data.
+        clock: time source for the time budget and throughput.
+
+    Raises:
+        DataError: the data is missing, empty or shorter than one sequence.
+        IncompatibleCheckpointError: the checkpoint to resume from was made for another model.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        model_factory: ModelFactory | None = None,
+        strategy: TrainingStrategy | None = None,
+        listener: TrainingListener | None = None,
+        corpus: Corpus | None = None,
+        peer_index: int = 0,
+        num_peers: int = 1,
+        clock: Clock | None = None,
+    ) -> None:
+        self.config = config
+        self.listener = listener or TrainingListener()
+        self.clock = clock or SystemClock()
+        if config.train.num_threads:
+            torch.set_num_threads(config.train.num_threads)
+        self.corpus = corpus if corpus is not None else load_corpus(config.data)
+        seq_len = config.model.context
+        torch.manual_seed(config.train.seed)
+        model = model_factory() if model_factory is not None else GPT(config.model)
+        self.run_state = RunState(
+            config=config,
+            model=model,
+            optimizer=build_optimizer(model, config.optim),
+            stream=TokenStream(
+                self.corpus.train,
+                seq_len=seq_len,
+                batch_size=config.train.batch_size,
+                seed=config.train.seed,
+                peer_index=peer_index,
+                num_peers=num_peers,
+            ),
+            strategy=strategy or LocalStrategy(),
+            custom_model=model_factory is not None,
+        )
+        self.val_batches: list[Batch] = validation_batches(
+            self.corpus.validation,
+            seq_len=seq_len,
+            batch_size=config.train.batch_size,
+            num_batches=config.train.eval_batches,
+        )
+        for inputs, targets in self.val_batches:
+            self._check_vocabulary(inputs, targets)
+        self.store = CheckpointStore(
+            config.checkpoint.directory, keep_last=config.checkpoint.keep_last
+        )
+        self.resumed_from: Path | None = None
+        if config.checkpoint.resume:
+            self._resume()
+        self.run_state.strategy.setup(model, self.run_state.optimizer)
+
+    @property
+    def model(self) -> nn.Module:
+        """The model being trained."""
+        return self.run_state.model
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken so far in the run."""
+        return self.run_state.step
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the strategy's resources."""
+        self.run_state.strategy.close()
+
+    def _resume(self) -> None:
+        state = self.store.load_latest()
+        for path, reason in self.store.skipped:
+            logger.warning("skipped corrupted checkpoint %s: %s", path, reason)
+        if state is None:
+            return
+        self.resumed_from = self.store.path_for(state.step)
+        restore_run_state(state, self.run_state, where=str(self.resumed_from))
+        logger.info("resumed from %s at step %d", self.resumed_from, state.step)
+
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation batches."""
+        return mean_validation_loss(self.run_state.model, self.val_batches)
+
+    def _check_vocabulary(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        vocab_size = self.config.model.vocab_size
+        largest = max(int(inputs.max()), int(targets.max()))
+        if largest >= vocab_size:
+            raise DataError(
+                f"token id {largest} in {self.corpus.train.description} does not fit "
+                f"model.vocab_size = {vocab_size}; raise model.vocab_size or check data.token_dtype"
+            )
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+    def _train_step(self, step: int) -> float:
+        run = self.run_state
+        cfg = self.config
+        lr = learning_rate_at(step, config=cfg.optim, max_steps=cfg.train.max_steps)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        accum = cfg.train.grad_accum_steps
+        loss_total = 0.0
+        for _ in range(accum):
+            inputs, targets = run.stream.next_batch()
+            self._check_vocabulary(inputs, targets)
+            logits = run.model(inputs)
+            loss = self._loss(logits, targets)
+            (loss / accum).backward()  # type: ignore[no-untyped-call]
+            loss_total += loss.item()
+        run.strategy.on_gradients(run.model, step)
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.strategy.on_step_end(run.model, step)
+        run.step = step + 1
+        run.tokens_trained += accum * cfg.train.batch_size * cfg.model.context
+        return loss_total / accum
+
+    def save_checkpoint(self) -> Path:
+        """Write a checkpoint of the current state and return its folder."""
+        path = self.store.save(capture_run_state(self.run_state))
+        self.listener.on_checkpoint(step=self.run_state.step, path=path)
+        return path
+
+    def run(self, *, stop_at_step: int | None = None) -> TrainResult:
+        """Train until ``train.max_steps`` (or ``stop_at_step``, or the time budget).
+
+        Args:
+            stop_at_step: stop after this step even if the schedule runs longer (the learning
+                rate schedule still spans ``train.max_steps``), e.g. to resume later.
+
+        Returns:
+            What the run did; a checkpoint of the final state has been written.
+        """
+        cfg = self.config
+        run = self.run_state
+        start_step = run.step
+        stop = min(cfg.train.max_steps, stop_at_step if stop_at_step is not None else math.inf)
+        num_parameters = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+        self.listener.on_start(
+            start_step=start_step, max_steps=cfg.train.max_steps, num_parameters=num_parameters
+        )
+        started = self.clock.monotonic()
+        val_before = self.evaluate()
+        self.listener.on_eval(step=start_step, val_loss=val_before)
+        val_latest = val_before
+        train_seconds = 0.0
+        tokens_start = run.tokens_trained
+        last_loss = math.nan
+        stopped_by_time = False
+        last_checkpoint: Path | None = None
+        last_checkpoint_step = -1
+        run.model.train()
+        step = start_step
+        while step < stop:
+            step_started = self.clock.monotonic()
+            last_loss = self._train_step(step)
+            step = run.step
+            train_seconds += self.clock.monotonic() - step_started
+            elapsed = self.clock.monotonic() - started
+            tokens = run.tokens_trained - tokens_start
+            per_step = elapsed / (step - start_step)
+            eta = per_step * (stop - step)
+            if cfg.train.max_seconds:
+                eta = min(eta, max(0.0, cfg.train.max_seconds - elapsed))
+            self.listener.on_step(
+                ProgressEvent(
+                    step=step,
+                    max_steps=int(stop),
+                    loss=last_loss,
+                    lr=run.optimizer.param_groups[0]["lr"],
+                    tokens_per_s=tokens / train_seconds if train_seconds else 0.0,
+                    elapsed_s=elapsed,
+                    eta_s=eta,
+                )
+            )
+            if step % cfg.train.log_every == 0:
+                logger.info("step %d/%d loss %.4f", step, cfg.train.max_steps, last_loss)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < stop:
+                val_latest = self.evaluate()
+                self.listener.on_eval(step=step, val_loss=val_latest)
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+                last_checkpoint, last_checkpoint_step = self.save_checkpoint(), step
+            if cfg.train.max_seconds and elapsed + per_step > cfg.train.max_seconds:
+                stopped_by_time = step < stop
+                break
+        if step > start_step:
+            val_latest = self.evaluate()
+            self.listener.on_eval(step=step, val_loss=val_latest)
+        if last_checkpoint is None or last_checkpoint_step != run.step:
+            last_checkpoint = self.save_checkpoint()
+        return TrainResult(
+            start_step=start_step,
+            steps_done=run.step,
+            tokens_trained=run.tokens_trained,
+            tokens_this_session=run.tokens_trained - tokens_start,
+            train_seconds=train_seconds,
+            wall_seconds=self.clock.monotonic() - started,
+            val_loss_before=val_before,
+            val_loss_after=val_latest,
+            final_train_loss=last_loss,
+            checkpoint_path=last_checkpoint,
+            resumed_from=self.resumed_from,
+            stopped_by_time_budget=stopped_by_time,
+            num_parameters=num_parameters,
+        )
+
+
+def train(
+    config: RunConfig | None = None,
+    *,
+    model_factory: ModelFactory | None = None,
+    listener: TrainingListener | None = None,
+    stop_at_step: int | None = None,
+) -> TrainResult:
+    """Train a model on one peer, resuming from the newest valid checkpoint if there is one.
+
+    Args:
+        config: the run's config; all defaults if None.
+        model_factory: builds any ``nn.Module`` mapping tokens ``[B, T]`` to logits
+            ``[B, T, vocab]``; the built-in GPT from ``config.model`` if None.
+            ``config.model.context`` is still the training sequence length.
+        listener: receives progress events.
+        stop_at_step: stop after this step (the schedule still spans ``train.max_steps``).
+
+    Returns:
+        What the run did, including the final checkpoint's folder.
+    """
+    with Trainer(config or RunConfig(), model_factory=model_factory, listener=listener) as trainer:
+        return trainer.run(stop_at_step=stop_at_step)

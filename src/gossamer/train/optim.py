@@ -1,0 +1,46 @@
+"""The inner optimizer (AdamW) and its learning-rate schedule (linear warm-up, then cosine)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from gossamer.core.config import OptimConfig
+
+__all__ = ["build_optimizer", "learning_rate_at"]
+
+
+def learning_rate_at(step: int, *, config: OptimConfig, max_steps: int) -> float:
+    """The learning rate for optimizer step ``step`` (0-based) of a run of ``max_steps``.
+
+    Linear warm-up from 0 to ``config.lr`` over ``warmup_steps``, then cosine decay to
+    ``config.lr * config.min_lr_ratio`` at ``max_steps``. A pure function of the step, so a resumed
+    run follows exactly the same schedule.
+    """
+    peak = config.lr
+    floor = peak * config.min_lr_ratio
+    if config.warmup_steps and step < config.warmup_steps:
+        return peak * (step + 1) / config.warmup_steps
+    span = max(1, max_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases, norms or other vectors).
+
+    Parameters shared between modules (tied embeddings) appear once.
+    """
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))

@@ -1,0 +1,73 @@
+"""The seam between the training loop and how peers cooperate.
+
+The loop (:mod:`gossamer.train.loop`) does forward, backward and the inner optimizer step; a
+:class:`TrainingStrategy` decides what happens around them. One peer alone needs nothing
+(:class:`LocalStrategy`); synchronous data parallel averages gradients in
+:meth:`~TrainingStrategy.on_gradients`; DiLoCo averages pseudo-gradients every H steps in
+:meth:`~TrainingStrategy.on_step_end`. A strategy's own state (DiLoCo's global weights and outer
+optimizer, say) goes into the checkpoint through :meth:`~TrainingStrategy.state_for_checkpoint`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+__all__ = ["LocalStrategy", "TrainingStrategy"]
+
+
+class TrainingStrategy(Protocol):
+    """How a peer cooperates with others around each training step."""
+
+    name: str
+    """Short name, recorded in checkpoints and summaries."""
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Called once before the first step, after any resume."""
+        ...
+
+    def on_gradients(self, model: nn.Module, step: int) -> None:
+        """Called after backward (all micro-batches accumulated), before clipping and stepping."""
+        ...
+
+    def on_step_end(self, model: nn.Module, step: int) -> None:
+        """Called after the optimizer step ``step`` (0-based) has been applied."""
+        ...
+
+    def state_for_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The strategy's tensors and JSON-serializable state, to be checkpointed."""
+        ...
+
+    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Restore what :meth:`state_for_checkpoint` returned."""
+        ...
+
+    def close(self) -> None:
+        """Release whatever the strategy holds (connections, threads)."""
+        ...
+
+
+class LocalStrategy:
+    """One peer, training alone: every hook does nothing."""
+
+    name = "local"
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        del model, optimizer
+
+    def on_gradients(self, model: nn.Module, step: int) -> None:
+        del model, step
+
+    def on_step_end(self, model: nn.Module, step: int) -> None:
+        del model, step
+
+    def state_for_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {}
+
+    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        del tensors, meta
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,168 @@
+"""The `gossamer` command end to end on a tiny config, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+GOSSAMER = [sys.executable, "-m", "gossamer.cli"]
+
+
+def run(args: list[str], cwd: Path, *, timeout_s: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GOSSAMER_")}
+    env["COLUMNS"] = "120"
+    return subprocess.run(
+        [*GOSSAMER, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "corpus.txt").write_text(
+        "def square(x):\n    return x * x\n\n" * 300 + "import os\nprint(os.getcwd())\n" * 100
+    )
+    (tmp_path / "tiny.toml").write_text(
+        """
+name = "tiny"
+[model]
+num_layers = 1
+num_heads = 2
+width = 32
+context = 32
+[data]
+source = "text"
+path = "corpus.txt"
+[train]
+max_steps = 30
+batch_size = 4
+eval_batches = 2
+eval_every = 10
+[checkpoint]
+directory = "ckpt"
+every_steps = 10
+"""
+    )
+    return tmp_path
+
+
+def test_help_and_version(workdir: Path) -> None:
+    help_result = run(["--help"], workdir)
+    assert help_result.returncode == 0
+    for command in ("train", "eval", "sample", "demo", "version", "bench", "lab"):
+        assert command in help_result.stdout
+    version = run(["version"], workdir)
+    assert version.returncode == 0
+    assert version.stdout.strip() == "0.1.0"
+
+
+def test_train_eval_sample_and_resume(workdir: Path) -> None:
+    first = run(
+        ["train", "--config", "tiny.toml", "--train.max-steps", "20", "--summary-json", "s.json"],
+        workdir,
+    )
+    assert first.returncode == 0, first.stderr
+    summary = json.loads((workdir / "s.json").read_text())
+    assert summary["steps"] == 20
+    assert summary["val_loss_after"] < summary["val_loss_before"]
+    assert Path(workdir / summary["checkpoint_path"]).is_dir()
+
+    # Same directory, longer schedule: resumes from step 20 rather than starting over.
+    second = run(
+        ["train", "--config", "tiny.toml", "--train.max_steps=30", "--summary-json", "s2.json"],
+        workdir,
+    )
+    assert second.returncode == 0, second.stderr
+    resumed = json.loads((workdir / "s2.json").read_text())
+    assert resumed["start_step"] == 20
+    assert resumed["steps"] == 30
+
+    evaluation = run(["eval", "--checkpoint", "ckpt", "--json", "--batches", "2"], workdir)
+    assert evaluation.returncode == 0, evaluation.stderr
+    measured = json.loads(evaluation.stdout)
+    assert measured["step"] == 30
+    assert 0 < measured["val_loss"] < 5.6
+
+    sample = run(["sample", "--checkpoint", "ckpt", "--prompt", "def ", "--tokens", "40"], workdir)
+    assert sample.returncode == 0, sample.stderr
+    assert sample.stdout.startswith("def ")
+    assert len(sample.stdout) > 10
+
+
+def test_bad_config_fails_before_training(workdir: Path) -> None:
+    result = run(["train", "--config", "tiny.toml", "--model.num_heads", "3"], workdir)
+    assert result.returncode == 2
+    assert "model.num_heads" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (workdir / "ckpt").exists()
+
+    unknown = run(["train", "--config", "tiny.toml", "--train.max_stepz", "3"], workdir)
+    assert unknown.returncode == 2
+    assert "did you mean 'train.max_steps'" in unknown.stderr
+
+
+def test_corrupted_checkpoint_is_reported_and_previous_used(workdir: Path) -> None:
+    assert run(["train", "--config", "tiny.toml"], workdir).returncode == 0
+    checkpoints = sorted((workdir / "ckpt").glob("step-*"))
+    newest = checkpoints[-1]
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # torn write
+    evaluation = run(["eval", "--checkpoint", str(newest), "--batches", "1"], workdir)
+    assert evaluation.returncode == 1
+    assert "model.safetensors" in evaluation.stderr
+    fallback = run(["eval", "--checkpoint", "ckpt", "--json", "--batches", "1"], workdir)
+    assert fallback.returncode == 0, fallback.stderr
+    assert json.loads(fallback.stdout)["step"] == 20
+
+
+def test_missing_data_is_a_clear_error(workdir: Path) -> None:
+    shutil.move(workdir / "corpus.txt", workdir / "elsewhere.txt")
+    result = run(["train", "--config", "tiny.toml"], workdir)
+    assert result.returncode == 1
+    assert "corpus.txt" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_config_show_and_keys(workdir: Path) -> None:
+    shown = run(["config", "show", "--config", "tiny.toml", "--train.seed", "7"], workdir)
+    assert shown.returncode == 0, shown.stderr
+    assert "seed = 7" in shown.stdout
+    keys = run(["config", "keys"], workdir)
+    assert keys.returncode == 0
+    assert "train.max_steps" in keys.stdout
+
+
+def test_demo_at_reduced_budget(workdir: Path) -> None:
+    result = run(
+        [
+            "demo",
+            "--seconds",
+            "20",
+            "--max-steps",
+            "40",
+            "--summary-json",
+            "demo.json",
+            "--runs-dir",
+            "runs",
+        ],
+        workdir,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((workdir / "demo.json").read_text())
+    for key in ("val_loss_before", "val_loss_after", "tokens_trained", "tokens_per_s", "seconds"):
+        assert key in summary
+    assert summary["val_loss_after"] < summary["val_loss_before"] - 0.5
+    assert Path(workdir / summary["checkpoint_path"]).is_dir()
+    assert summary["tokens_trained"] > 0
+    assert "sample" in result.stdout

@@ -1,0 +1,184 @@
+"""The one-peer training loop: it learns, resumes bit-exactly, and refuses what it can't use."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from gossamer.core.clock import FakeClock
+from gossamer.core.config import (
+    CheckpointConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+)
+from gossamer.core.errors import DataError, IncompatibleCheckpointError
+from gossamer.core.hashing import sha256_file, sha256_state
+from gossamer.train import Trainer, train
+from gossamer.train.optim import learning_rate_at
+
+TEXT = "def add(a, b):\n    return a + b\n\n" * 200 + "class Point:\n    x: int\n    y: int\n" * 100
+
+
+@pytest.fixture
+def corpus_file(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def tiny_config(corpus_file: Path, ckpt_dir: Path, **train_kwargs: object) -> RunConfig:
+    train_fields: dict[str, object] = {
+        "max_steps": 12,
+        "batch_size": 4,
+        "eval_every": 0,
+        "eval_batches": 2,
+        "seed": 3,
+        "log_every": 100,
+    }
+    train_fields.update(train_kwargs)
+    return RunConfig(
+        model=ModelConfig(num_layers=1, num_heads=2, width=32, context=32, dropout=0.1),
+        data=DataConfig(source="text", path=str(corpus_file), validation_fraction=0.1),
+        optim=OptimConfig(lr=1e-2, warmup_steps=2),
+        train=TrainConfig(**train_fields),  # type: ignore[arg-type]
+        checkpoint=CheckpointConfig(directory=str(ckpt_dir), every_steps=4, keep_last=3),
+    )
+
+
+def test_loss_goes_down(corpus_file: Path, tmp_path: Path) -> None:
+    config = tiny_config(corpus_file, tmp_path / "ckpt", max_steps=40)
+    result = train(config)
+    assert result.steps_done == 40
+    assert result.val_loss_after < result.val_loss_before - 1.0
+    assert result.tokens_trained == 40 * 4 * 32
+    assert result.checkpoint_path is not None
+    assert result.checkpoint_path.is_dir()
+
+
+def test_resume_is_bit_exact(corpus_file: Path, tmp_path: Path) -> None:
+    """2N steps in one go == N steps, a new process-like Trainer, then N more steps."""
+    straight = tiny_config(corpus_file, tmp_path / "a", grad_accum_steps=2)
+    with Trainer(straight) as trainer:
+        trainer.run()
+        expected = sha256_state(trainer.model.state_dict())
+
+    split = tiny_config(corpus_file, tmp_path / "b", grad_accum_steps=2)
+    with Trainer(split) as first:
+        first.run(stop_at_step=6)
+        halfway = sha256_state(first.model.state_dict())
+    torch.manual_seed(12345)  # disturb global RNG state as a new process would have other state
+    with Trainer(split) as second:
+        assert second.step == 6
+        assert sha256_state(second.model.state_dict()) == halfway
+        result = second.run()
+        actual = sha256_state(second.model.state_dict())
+    assert result.start_step == 6
+    assert result.resumed_from is not None
+    assert actual == expected
+
+
+def test_custom_model_factory(corpus_file: Path, tmp_path: Path) -> None:
+    class Bigram(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Embedding(256, 256)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.table(tokens)  # type: ignore[no-any-return]
+
+    config = tiny_config(corpus_file, tmp_path / "ckpt", max_steps=30)
+    result = train(config, model_factory=Bigram)
+    assert result.val_loss_after < result.val_loss_before
+    assert result.num_parameters == 256 * 256
+
+
+def test_incompatible_checkpoint_is_refused_and_kept(corpus_file: Path, tmp_path: Path) -> None:
+    config = tiny_config(corpus_file, tmp_path / "ckpt", max_steps=4)
+    result = train(config)
+    assert result.checkpoint_path is not None
+    files = sorted(result.checkpoint_path.iterdir())
+    before = {f.name: sha256_file(f) for f in files}
+    wider = RunConfig(
+        model=ModelConfig(num_layers=1, num_heads=2, width=64, context=32),
+        data=config.data,
+        train=config.train,
+        checkpoint=config.checkpoint,
+    )
+    with pytest.raises(
+        IncompatibleCheckpointError, match=r"model\.width: checkpoint 32, config 64"
+    ):
+        Trainer(wider)
+    assert {f.name: sha256_file(f) for f in sorted(result.checkpoint_path.iterdir())} == before
+
+
+def test_corrupted_newest_checkpoint_falls_back_to_previous(
+    corpus_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tiny_config(corpus_file, tmp_path / "ckpt", max_steps=8)
+    result = train(config)
+    assert result.checkpoint_path is not None
+    weights = result.checkpoint_path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x10
+    weights.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING), Trainer(config) as trainer:
+        assert trainer.step == 4
+    assert result.checkpoint_path.name in caplog.text
+
+
+def test_time_budget_stops_early(corpus_file: Path, tmp_path: Path) -> None:
+    class TickingClock(FakeClock):
+        def monotonic(self) -> float:
+            self.advance(0.5)
+            return super().monotonic()
+
+    config = tiny_config(corpus_file, tmp_path / "ckpt", max_steps=1000, max_seconds=5.0)
+    with Trainer(config, clock=TickingClock()) as trainer:
+        result = trainer.run()
+    assert result.stopped_by_time_budget
+    assert 0 < result.steps_done < 1000
+
+
+def test_tokens_outside_the_vocabulary_are_a_data_error(tmp_path: Path) -> None:
+    import numpy as np
+
+    path = tmp_path / "tokens.bin"
+    np.arange(5000, dtype=np.uint16).tofile(path)
+    config = RunConfig(
+        model=ModelConfig(num_layers=1, num_heads=2, width=32, context=32, vocab_size=256),
+        data=DataConfig(source="tokens", path=str(path), token_dtype="uint16"),
+        train=TrainConfig(max_steps=2, batch_size=2, eval_batches=1),
+        checkpoint=CheckpointConfig(directory=str(tmp_path / "ckpt")),
+    )
+    with pytest.raises(DataError, match=r"model\.vocab_size"):
+        train(config)
+
+
+def test_missing_data_path_is_a_data_error(tmp_path: Path) -> None:
+    config = RunConfig(
+        data=DataConfig(source="text", path=str(tmp_path / "missing.txt")),
+        checkpoint=CheckpointConfig(directory=str(tmp_path / "ckpt")),
+    )
+    with pytest.raises(DataError, match=r"missing\.txt"):
+        train(config)
+
+
+def test_learning_rate_schedule() -> None:
+    optim = OptimConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10)
+    assert learning_rate_at(0, config=optim, max_steps=110) == pytest.approx(0.1)
+    assert learning_rate_at(9, config=optim, max_steps=110) == pytest.approx(1.0)
+    assert learning_rate_at(10, config=optim, max_steps=110) == pytest.approx(1.0)
+    assert learning_rate_at(60, config=optim, max_steps=110) == pytest.approx(0.55)
+    assert learning_rate_at(110, config=optim, max_steps=110) == pytest.approx(0.1)
+    rates = [learning_rate_at(s, config=optim, max_steps=110) for s in range(10, 111)]
+    assert all(a >= b for a, b in itertools.pairwise(rates))
+    assert not any(math.isnan(r) for r in rates)
