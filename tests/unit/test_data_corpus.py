@@ -218,3 +218,16 @@ def test_a_single_token_is_too_few_to_split(tmp_path: Path) -> None:
     path.write_bytes(b"x")
     with pytest.raises(DataError, match="too few to split"):
         load_corpus(DataConfig(source="text", path=str(path)))
+
+
+def test_an_unreadable_file_is_a_data_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_folder(tmp_path, 3)
+
+    def refuse(self: Path) -> bytes:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    with pytest.raises(DataError, match=r"Permission denied.*readable"):
+        load_corpus(DataConfig(source="text", path=str(tmp_path)))

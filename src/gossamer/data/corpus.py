@@ -94,8 +94,18 @@ def load_corpus(config: DataConfig) -> Corpus:
     settings return it at once (with a fresh copy of the manifest).
 
     Raises:
-        DataError: The path is missing, holds no data, or a split comes out empty.
+        DataError: The path is missing, unreadable or holds no data, or a split comes out empty.
     """
+    try:
+        return _load_corpus(config)
+    except OSError as exc:
+        raise DataError(
+            f"could not read the {config.source} corpus ({exc}); check that data.path is "
+            "readable by this user"
+        ) from exc
+
+
+def _load_corpus(config: DataConfig) -> Corpus:
     if config.source == "stdlib":
         corpus = _load_stdlib_cached(config.validation_fraction, config.max_corpus_bytes)
         return Corpus(corpus.train, corpus.validation, copy.deepcopy(corpus.manifest))
