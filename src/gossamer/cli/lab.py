@@ -2,6 +2,217 @@
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-app = typer.Typer(help="Rehearse a swarm on one machine: namespaces, capped links, NAT, faults.")
+from gossamer.core.errors import GossamerError
+from gossamer.lab import (
+    LATENCY_NOTICE,
+    LabConfig,
+    attach_lab,
+    format_rate,
+    lab_down,
+    lab_status,
+    lab_up,
+    load_schedule,
+    measure_tcp_throughput,
+    parse_rate,
+    parse_rates,
+    play_schedule,
+)
+from gossamer.lab.faults import AppliedFault, fault_log_writer
+from gossamer.lab.state import DEFAULT_STATE_DIR, LabState
+
+app = typer.Typer(
+    help="Rehearse a swarm on one machine: namespaces, capped links, NAT, faults.",
+    no_args_is_help=True,
+)
+
+NameOption = Annotated[
+    str, typer.Option("--name", help="The lab's name (a-z, 0-9); namespaces are gsl-NAME-*.")
+]
+StateDirOption = Annotated[
+    Path, typer.Option("--state-dir", help="Where labs are recorded.", hidden=True)
+]
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn Gossamer's errors into one red line and exit status 1, not a traceback."""
+    try:
+        yield
+    except GossamerError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from exc
+
+
+@app.callback()
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _print_peers(state: LabState) -> None:
+    typer.echo(f"{'peer':<6}{'namespace':<22}{'address':<16}{'public':<16}{'rate':<10}nat  link")
+    for record in state.peer_records():
+        typer.echo(
+            f"{record['name']:<6}{record['namespace']:<22}{record['address']:<16}"
+            f"{record['public_address']:<16}{format_rate(record['rate_bps']):<10}"
+            f"{'yes' if record['behind_nat'] else 'no':<5}{record['link']}"
+            + (" (partitioned)" if record["partitioned"] else "")
+        )
+
+
+@app.command()
+def up(
+    peers: Annotated[int, typer.Option("--peers", help="How many peers (1-64).")],
+    rate: Annotated[str, typer.Option("--rate", help="Every peer's link rate.")] = "100mbit",
+    rates: Annotated[
+        str | None, typer.Option("--rates", help="One rate per peer: 10mbit,100mbit,...")
+    ] = None,
+    nat: Annotated[
+        int, typer.Option("--nat", help="How many peers (the last) sit behind NAT.")
+    ] = 0,
+    name: NameOption = "lab",
+    state_dir: StateDirOption = DEFAULT_STATE_DIR,
+) -> None:
+    """Build a lab: a namespace per peer, a bridge, tbf-capped links, NAT for the last K peers."""
+    with _user_errors():
+        config = LabConfig(
+            num_peers=peers,
+            rate_bps=parse_rate(rate, key="--rate"),
+            peer_rates_bps=parse_rates(rates, key="--rates") if rates else (),
+            num_nat=nat,
+            name=name,
+        )
+        control = lab_up(config, state_dir=state_dir)
+        _print_peers(control.state)
+        typer.secho(f"note: {LATENCY_NOTICE}", fg=typer.colors.YELLOW)
+        typer.echo("run `gossamer lab exec p0 -- CMD` to use it; `gossamer lab down` to remove it")
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
+    state_dir: StateDirOption = DEFAULT_STATE_DIR,
+) -> None:
+    """Show every lab on this machine: its peers, addresses, rates, NAT and link state."""
+    with _user_errors():
+        report = lab_status(state_dir=state_dir)
+    if as_json:
+        labs = [
+            {
+                "name": item.name,
+                "healthy": item.healthy,
+                "namespaces": list(item.existing_namespaces),
+                "missing_namespaces": item.missing_namespaces,
+                "peers": item.state.peer_records() if item.state else [],
+                "latency_emulated": False,
+            }
+            for item in report
+        ]
+        typer.echo(json.dumps({"labs": labs}, indent=2))
+        return
+    if not report:
+        typer.echo("no lab is up")
+    for item in report:
+        health = "up" if item.healthy else "BROKEN: run `gossamer lab down` to clean up"
+        typer.echo(f"lab {item.name}: {health}")
+        if item.state is not None:
+            _print_peers(item.state)
+        if item.missing_namespaces:
+            typer.echo(f"missing namespaces: {', '.join(item.missing_namespaces)}")
+
+
+@app.command()
+def down(
+    name: Annotated[
+        str | None, typer.Option("--name", help="Only this lab (default: every lab).")
+    ] = None,
+    state_dir: StateDirOption = DEFAULT_STATE_DIR,
+) -> None:
+    """Remove labs: their processes, namespaces, links, qdiscs and rules; nothing else."""
+    with _user_errors():
+        removed = lab_down(name, state_dir=state_dir)
+    typer.echo(
+        f"removed {len(removed)} namespaces" + (f": {', '.join(removed)}" if removed else "")
+    )
+
+
+@app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def exec_in_peer(
+    peer: Annotated[str, typer.Argument(help="The peer, e.g. p0.")],
+    command: Annotated[list[str], typer.Argument(help="The command, after --.")],
+    name: NameOption = "lab",
+    state_dir: StateDirOption = DEFAULT_STATE_DIR,
+) -> None:
+    """Run a command inside a peer's namespace: `gossamer lab exec p0 -- ip addr`."""
+    with _user_errors():
+        process = attach_lab(name, state_dir=state_dir).spawn_in(peer, command)
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        code = process.wait(timeout=10.0)
+    raise typer.Exit(code)
+
+
+@app.command()
+def iperf(
+    sender: Annotated[str, typer.Argument(help="The sending peer.")],
+    receiver: Annotated[str, typer.Argument(help="The receiving peer.")],
+    duration_s: Annotated[float, typer.Option("--duration-s", help="Seconds measured.")] = 5.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    name: NameOption = "lab",
+    state_dir: StateDirOption = DEFAULT_STATE_DIR,
+) -> None:
+    """Measure TCP throughput from one peer to another with iperf3."""
+    with _user_errors():
+        control = attach_lab(name, state_dir=state_dir)
+        result = measure_tcp_throughput(control, sender, receiver, duration_s=duration_s)
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+        return
+    typer.echo(
+        f"{sender} -> {receiver}: {result.bits_per_second / 1e6:.2f} Mbit/s over "
+        f"{result.duration_s:.1f} s = {100 * result.share_of_bottleneck:.1f}% of the "
+        f"{format_rate(result.bottleneck_bps)} bottleneck (TCP payload; headers take ~4.4%)"
+    )
+
+
+def _echo_applied(log_path: Path | None) -> Callable[[AppliedFault], None]:
+    write = fault_log_writer(log_path) if log_path else None
+
+    def echo(record: AppliedFault) -> None:
+        outcome = "ok" if record.ok else f"FAILED: {record.detail}"
+        typer.echo(
+            f"{record.applied_at_s:8.3f} s  {record.fault.describe():<28} "
+            f"planned {record.fault.at_s:.3f} s ({record.late_s:+.3f} s)  {outcome}"
+        )
+        if write is not None:
+            write(record)
+
+    return echo
+
+
+@app.command()
+def faults(
+    schedule: Annotated[Path, typer.Argument(help="A TOML file of [[fault]] tables.")],
+    log: Annotated[
+        Path | None, typer.Option("--log", help="Append each applied fault here as JSON lines.")
+    ] = None,
+    name: NameOption = "lab",
+    state_dir: StateDirOption = DEFAULT_STATE_DIR,
+) -> None:
+    """Play a fault schedule against a running lab, printing each action with its time."""
+    with _user_errors():
+        control = attach_lab(name, state_dir=state_dir)
+        applied = play_schedule(control, load_schedule(schedule), on_applied=_echo_applied(log))
+    failed = [record for record in applied if not record.ok]
+    if failed:
+        raise typer.Exit(1)

@@ -54,6 +54,8 @@ class ThroughputResult:
     """TCP retransmissions the sender counted, when iperf3 reports them."""
     bottleneck_bps: int
     """The lower of the two peers' link rates."""
+    interval_bps: tuple[float, ...] = ()
+    """Throughput in each reporting interval (one per second), omitted start included."""
 
     @property
     def share_of_bottleneck(self) -> float:
@@ -71,6 +73,7 @@ class ThroughputResult:
             "retransmits": self.retransmits,
             "bottleneck_bps": self.bottleneck_bps,
             "share_of_bottleneck": self.share_of_bottleneck,
+            "interval_bps": list(self.interval_bps),
         }
 
 
@@ -154,6 +157,9 @@ def measure_tcp_throughput(
         duration_s=float(received["seconds"]),
         retransmits=report["end"].get("sum_sent", {}).get("retransmits"),
         bottleneck_bps=min(control.state.rate_bps(sender), control.state.rate_bps(receiver)),
+        interval_bps=tuple(
+            float(interval["sum"]["bits_per_second"]) for interval in report.get("intervals", [])
+        ),
     )
     logger.info(
         "iperf %s -> %s: %.2f Mbit/s (%.1f%% of the %.0f Mbit/s bottleneck)",

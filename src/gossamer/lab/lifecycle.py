@@ -70,7 +70,7 @@ def lab_up(
         raise
     state.built = True
     save_state(state, state_dir)
-    logger.warning("lab %s is up; %s", config.name, LATENCY_NOTICE)
+    logger.info("lab %s is up; %s", config.name, LATENCY_NOTICE)
     return LabControl(state, runner, state_dir=state_dir)
 
 

@@ -187,8 +187,10 @@ Responder = Callable[[tuple[str, ...]], CommandResult | None]
 class FakeCommandRunner:
     """Records every command and signal; answers commands from ``responders``.
 
-    Each responder sees the argv and may return a result; the first non-None answer wins, and a
-    command nobody answers succeeds with empty output. Nothing touches the system.
+    Each responder sees the argv and may return a result; the first non-None answer wins. Commands
+    nobody answers are handled in memory where the lab depends on their output (``ip netns add``,
+    ``del``, ``list`` and ``pids`` keep a set of namespaces) and otherwise succeed with empty
+    output. Nothing touches the system.
     """
 
     responders: list[Responder] = field(default_factory=list)
@@ -205,6 +207,10 @@ class FakeCommandRunner:
     """Every process ``spawn`` pretended to start."""
     spawn_exit_code: int = 0
     """What every spawned fake process exits with."""
+    namespaces: set[str] = field(default_factory=set)
+    """The network namespaces that exist, as ``ip netns`` commands left them."""
+    pids_by_namespace: dict[str, list[int]] = field(default_factory=dict)
+    """What ``ip netns pids`` reports per namespace."""
 
     def answer(self, prefix: Sequence[str], stdout: str = "", returncode: int = 0) -> None:
         """Answer every command starting with ``prefix`` with ``stdout`` and ``returncode``."""
@@ -222,15 +228,35 @@ class FakeCommandRunner:
     ) -> CommandResult:
         key = tuple(argv)
         self.commands.append(key)
-        result = CommandResult(key, 0)
+        result = None
         for responder in self.responders:
-            answer = responder(key)
-            if answer is not None:
-                result = answer
+            result = responder(key)
+            if result is not None:
                 break
+        if result is None:
+            result = self._netns(key) if key[:2] == ("ip", "netns") else CommandResult(key, 0)
         if check and not result.ok:
             raise CommandFailedError(key, result.returncode, result.stderr)
         return result
+
+    def _netns(self, argv: tuple[str, ...]) -> CommandResult:
+        verb, name = (argv[2] if len(argv) > 2 else "list"), (argv[3] if len(argv) > 3 else "")
+        if verb == "list":
+            listing = "".join(f"{ns} (id: {i})\n" for i, ns in enumerate(sorted(self.namespaces)))
+            return CommandResult(argv, 0, listing)
+        exists = name in self.namespaces
+        if verb == "add" and not exists:
+            self.namespaces.add(name)
+        elif verb == "del" and exists:
+            self.namespaces.discard(name)
+            self.pids_by_namespace.pop(name, None)
+        elif verb == "pids" and exists:
+            pids = self.pids_by_namespace.get(name, [])
+            return CommandResult(argv, 0, "".join(f"{pid}\n" for pid in pids))
+        elif verb in ("add", "del", "pids"):
+            problem = "exists" if verb == "add" else "does not exist"
+            return CommandResult(argv, 1, "", f"namespace {name} {problem}")
+        return CommandResult(argv, 0)
 
     def spawn(self, argv: Sequence[str], *, quiet: bool = False) -> RunningProcess:
         self.commands.append(tuple(argv))

@@ -1,0 +1,117 @@
+"""Link and process operations on a lab, against a fake runner."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from gossamer.core.errors import ConfigError
+from gossamer.lab.config import LabConfig
+from gossamer.lab.control import LabControl
+from gossamer.lab.lifecycle import lab_up
+from gossamer.lab.runner import FakeCommandRunner
+from gossamer.lab.state import load_state
+
+
+@pytest.fixture
+def runner() -> FakeCommandRunner:
+    return FakeCommandRunner()
+
+
+@pytest.fixture
+def lab(runner: FakeCommandRunner, tmp_path: Path) -> LabControl:
+    control = lab_up(
+        LabConfig(num_peers=3, rate_bps=50_000_000, num_nat=1, name="t1"),
+        runner=runner,
+        state_dir=tmp_path,
+    )
+    runner.commands.clear()
+    return control
+
+
+def test_commands_run_inside_the_peer_namespace(lab: LabControl) -> None:
+    assert lab.command_in("p1", ["ip", "addr"]) == [
+        "ip",
+        "netns",
+        "exec",
+        "gsl-t1-p1",
+        "ip",
+        "addr",
+    ]
+    with pytest.raises(ConfigError, match="its peers are p0, p1, p2"):
+        lab.command_in("p7", ["true"])
+    with pytest.raises(ConfigError, match="give a command"):
+        lab.command_in("p0", [])
+
+
+def test_process_faults_signal_every_process_in_the_peer(
+    lab: LabControl, runner: FakeCommandRunner
+) -> None:
+    runner.pids_by_namespace["gsl-t1-p1"] = [11, 12]
+    assert lab.pause("p1") == [11, 12]
+    assert lab.resume("p1") == [11, 12]
+    assert lab.kill("p1") == [11, 12]
+    assert runner.signals == [
+        (11, signal.SIGSTOP), (12, signal.SIGSTOP),
+        (11, signal.SIGCONT), (12, signal.SIGCONT),
+        (11, signal.SIGKILL), (12, signal.SIGKILL),
+    ]  # fmt: skip
+
+
+def test_cut_and_restore_act_on_the_switch_port_and_are_recorded(
+    lab: LabControl, runner: FakeCommandRunner, tmp_path: Path
+) -> None:
+    lab.cut("p2")
+    assert runner.ran("ip", "-n", "gsl-t1-switch", "link", "set", "gsl-p2", "down")
+    state = load_state("t1", tmp_path)
+    assert state is not None
+    assert state.cut_peers == ["p2"]
+    lab.restore("p2")
+    assert runner.ran("ip", "-n", "gsl-t1-switch", "link", "set", "gsl-p2", "up")
+    state = load_state("t1", tmp_path)
+    assert state is not None
+    assert state.cut_peers == []
+
+
+def test_set_rate_replaces_the_tbf_on_every_end_of_the_path(
+    lab: LabControl, runner: FakeCommandRunner, tmp_path: Path
+) -> None:
+    lab.set_rate("p2", 10_000_000)
+    changed = [argv for argv in runner.commands if argv[0] == "tc"]
+    assert len(changed) == 4  # switch port, router wan, router lan, peer eth0
+    assert all("replace" in argv and "10000000bit" in argv for argv in changed)
+    state = load_state("t1", tmp_path)
+    assert state is not None
+    assert state.rate_bps("p2") == 10_000_000
+    assert state.rate_bps("p0") == 50_000_000
+
+
+def test_partition_moves_one_side_to_a_second_bridge_and_heal_moves_it_back(
+    lab: LabControl, runner: FakeCommandRunner
+) -> None:
+    lab.partition(["p0"])
+    assert runner.ran("link", "add", "gsl-br1", "type", "bridge")
+    assert runner.ran("link", "set", "gsl-p0", "master", "gsl-br1")
+    assert not runner.ran("link", "set", "gsl-p1", "master", "gsl-br1")
+    assert lab.state.partition_side == ["p0"]
+    lab.heal()
+    assert runner.ran("link", "set", "gsl-p0", "master", "gsl-br0")
+    assert runner.ran("link", "del", "gsl-br1")
+    assert lab.state.partition_side == []
+
+
+@pytest.mark.parametrize("side", [[], ["p0", "p1", "p2"], ["p9"]])
+def test_partition_needs_some_but_not_all_known_peers(lab: LabControl, side: list[str]) -> None:
+    with pytest.raises(ConfigError):
+        lab.partition(side)
+
+
+def test_status_records_show_rate_nat_and_link(lab: LabControl) -> None:
+    lab.cut("p0")
+    records = {r["name"]: r for r in lab.state.peer_records()}
+    assert records["p0"]["link"] == "cut"
+    assert records["p2"]["behind_nat"]
+    assert records["p2"]["public_address"] == "10.213.0.12"
+    assert records["p1"]["rate_bps"] == 50_000_000

@@ -1,0 +1,165 @@
+"""Fault schedules: parsing, checking, and playing them on time with a fake clock."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from pathlib import Path
+
+import pytest
+
+from gossamer.core.clock import FakeClock
+from gossamer.core.errors import ConfigError
+from gossamer.lab.config import LabConfig
+from gossamer.lab.control import LabControl
+from gossamer.lab.faults import (
+    Fault,
+    FaultPlayer,
+    fault_log_writer,
+    load_schedule,
+    parse_schedule,
+    play_schedule,
+)
+from gossamer.lab.lifecycle import lab_up
+from gossamer.lab.runner import FakeCommandRunner
+
+SCHEDULE = """
+[[fault]]
+at_s = 2.0
+action = "set_rate"
+peer = "p1"
+rate = "10mbit"
+
+[[fault]]
+at_s = 0.5
+action = "pause"
+peer = "p0"
+
+[[fault]]
+at_s = 1
+action = "kill"
+peer = "p0"
+
+[[fault]]
+at_s = 1.5
+action = "cut"
+peer = "p1"
+
+[[fault]]
+at_s = 3
+action = "partition"
+side = ["p0"]
+
+[[fault]]
+at_s = 3.5
+action = "heal"
+"""
+
+
+@pytest.fixture
+def runner() -> FakeCommandRunner:
+    return FakeCommandRunner(pids_by_namespace={"gsl-t1-p0": [7]})
+
+
+@pytest.fixture
+def lab(runner: FakeCommandRunner, tmp_path: Path) -> LabControl:
+    return lab_up(LabConfig(num_peers=3, name="t1"), runner=runner, state_dir=tmp_path)
+
+
+def test_parse_schedule_orders_faults_by_time() -> None:
+    faults = parse_schedule(SCHEDULE)
+    assert [f.at_s for f in faults] == [0.5, 1.0, 1.5, 2.0, 3.0, 3.5]
+    assert faults[3] == Fault(at_s=2.0, action="set_rate", peer="p1", rate_bps=10_000_000)
+    assert faults[4].side == ("p0",)
+    assert faults[3].describe() == "set_rate p1 10mbit"
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('[[fault]]\nat_s = 1\naction = "explode"\npeer = "p0"', "unknown action"),
+        ('[[fault]]\nat_s = 1\naction = "kill"', "needs a peer"),
+        ('[[fault]]\nat_s = 1\naction = "heal"\npeer = "p0"', "takes no a peer"),
+        ('[[fault]]\nat_s = 1\naction = "set_rate"\npeer = "p0"', "set_rate"),
+        ('[[fault]]\nat_s = 1\naction = "set_rate"\npeer = "p0"\nrate = "9mbps"', "bits"),
+        ('[[fault]]\nat_s = 1\naction = "partition"', "side"),
+        ('[[fault]]\nat_s = -1\naction = "heal"', "at_s"),
+        ('[[fault]]\nat_s = "soon"\naction = "heal"', "number of seconds"),
+        ('[[fault]]\naction = "heal"', "needs at_s"),
+        ('[[fault]]\nat_s = 1\naction = "heal"\nwhen = 3', "unknown keys"),
+        ("[faults]\nx = 1", "top-level"),
+        ("not toml = = =", "not valid TOML"),
+    ],
+)
+def test_bad_schedules_are_refused_with_the_reason(text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        parse_schedule(text)
+
+
+def test_load_schedule_reads_a_file_and_names_a_missing_one(tmp_path: Path) -> None:
+    path = tmp_path / "faults.toml"
+    path.write_text(SCHEDULE)
+    assert len(load_schedule(path)) == 6
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_schedule(tmp_path / "missing.toml")
+
+
+def test_play_applies_every_fault_at_its_time_and_logs_it(
+    lab: LabControl, runner: FakeCommandRunner, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock()
+    with caplog.at_level(logging.INFO, logger="gossamer.lab.faults"):
+        applied = play_schedule(lab, parse_schedule(SCHEDULE), clock=clock)
+    assert [a.fault.action for a in applied] == [
+        "pause", "kill", "cut", "set_rate", "partition", "heal",
+    ]  # fmt: skip
+    assert all(a.ok for a in applied)
+    assert all(a.late_s == pytest.approx(0.0, abs=1e-9) for a in applied)
+    assert clock.monotonic() == pytest.approx(3.5)
+    assert runner.signals == [(7, signal.SIGSTOP), (7, signal.SIGKILL)]
+    assert applied[0].detail == "pids [7]"
+    lines = [r.getMessage() for r in caplog.records if r.name == "gossamer.lab.faults"]
+    assert lines[0] == "fault pause p0: planned at 0.500 s, applied at 0.500 s (+0.000 s)"
+    assert len(lines) == 6
+
+
+def test_a_failing_fault_is_recorded_and_the_rest_still_play(
+    lab: LabControl, runner: FakeCommandRunner, caplog: pytest.LogCaptureFixture
+) -> None:
+    runner.answer(["ip", "-n", "gsl-t1-switch", "link", "set", "gsl-p1", "down"], returncode=2)
+    with caplog.at_level(logging.ERROR, logger="gossamer.lab.faults"):
+        applied = play_schedule(lab, parse_schedule(SCHEDULE), clock=FakeClock())
+    assert [a.ok for a in applied] == [True, True, False, True, True, True]
+    assert "exited with 2" in applied[2].detail
+    assert "FAILED" in caplog.text
+
+
+def test_unknown_peers_are_refused_before_anything_is_played(
+    lab: LabControl, runner: FakeCommandRunner
+) -> None:
+    faults = (
+        Fault(at_s=0, action="kill", peer="p0"),
+        Fault(at_s=1, action="partition", side=("p0", "p8")),
+    )
+    with pytest.raises(ConfigError, match="no peer 'p8'"):
+        play_schedule(lab, faults, clock=FakeClock())
+    assert runner.signals == []
+
+
+def test_fault_log_is_one_json_line_per_applied_fault(lab: LabControl, tmp_path: Path) -> None:
+    log = tmp_path / "faults.jsonl"
+    play_schedule(
+        lab, parse_schedule(SCHEDULE), clock=FakeClock(), on_applied=fault_log_writer(log)
+    )
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["action"] for r in records][:2] == ["pause", "kill"]
+    assert records[3]["rate_bps"] == 10_000_000
+    assert records[3]["planned_at_s"] == 2.0
+    assert all(abs(r["late_s"]) < 1e-9 for r in records)
+
+
+def test_player_runs_in_the_background_and_can_be_stopped(lab: LabControl) -> None:
+    with FaultPlayer(lab, parse_schedule(SCHEDULE), clock=FakeClock()) as player:
+        applied = player.wait(timeout_s=10.0)
+    assert len(applied) == 6

@@ -1,0 +1,129 @@
+"""Up, down, status and the context manager, against a fake runner (no root, no sockets)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from gossamer.core.errors import ConfigError, MissingDependencyError
+from gossamer.lab.config import LabConfig
+from gossamer.lab.lifecycle import attach_lab, lab_down, lab_status, lab_up, open_lab
+from gossamer.lab.runner import CommandFailedError, CommandResult, FakeCommandRunner, require_tools
+from gossamer.lab.state import load_state
+
+
+def _config(name: str = "t1") -> LabConfig:
+    return LabConfig(num_peers=3, rate_bps=20_000_000, num_nat=1, name=name)
+
+
+def test_require_tools_names_the_debian_package_to_install() -> None:
+    runner = FakeCommandRunner(installed={"ip", "tc"})
+    with pytest.raises(MissingDependencyError, match=r"apt-get install iptables"):
+        require_tools(runner)
+    with pytest.raises(MissingDependencyError, match="root"):
+        require_tools(FakeCommandRunner(root=False))
+
+
+def test_up_builds_every_namespace_and_records_the_lab(tmp_path: Path) -> None:
+    runner = FakeCommandRunner()
+    control = lab_up(_config(), runner=runner, state_dir=tmp_path)
+    assert runner.namespaces == set(control.topology.namespaces())
+    state = load_state("t1", tmp_path)
+    assert state is not None
+    assert state.built
+    assert state.topology == control.topology
+
+
+def test_up_refuses_a_lab_that_already_exists(tmp_path: Path) -> None:
+    runner = FakeCommandRunner(namespaces={"gsl-t1-switch"})
+    with pytest.raises(ConfigError, match="lab down --name t1"):
+        lab_up(_config(), runner=runner, state_dir=tmp_path)
+
+
+def test_a_failed_build_removes_what_it_built_and_its_record(tmp_path: Path) -> None:
+    runner = FakeCommandRunner()
+    runner.answer(["ip", "netns", "exec", "gsl-t1-r2", "iptables"], returncode=1)
+    with pytest.raises(CommandFailedError):
+        lab_up(_config(), runner=runner, state_dir=tmp_path)
+    assert runner.namespaces == set()
+    assert load_state("t1", tmp_path) is None
+
+
+def test_down_kills_processes_then_removes_recorded_and_stray_namespaces_only(
+    tmp_path: Path,
+) -> None:
+    runner = FakeCommandRunner()
+    lab_up(_config(), runner=runner, state_dir=tmp_path)
+    # a crashed run left a namespace the record doesn't know; other labs and others' stay
+    runner.namespaces |= {"gsl-t1-p9", "gsl-t2-p0", "gsl-t10-p0", "someone-elses"}
+    runner.pids_by_namespace["gsl-t1-p0"] = [4242]
+    removed = lab_down("t1", runner=runner, state_dir=tmp_path)
+    assert "gsl-t1-p9" in removed
+    assert len(removed) == 6
+    assert runner.namespaces == {"gsl-t2-p0", "gsl-t10-p0", "someone-elses"}
+    assert (4242, signal.SIGKILL) in runner.signals
+    assert load_state("t1", tmp_path) is None
+
+
+def test_down_without_a_name_removes_every_lab_and_nothing_else(tmp_path: Path) -> None:
+    runner = FakeCommandRunner(namespaces={"gsl-old-p0", "unrelated"})
+    lab_up(_config(), runner=runner, state_dir=tmp_path)
+    lab_down(None, runner=runner, state_dir=tmp_path)
+    assert runner.namespaces == {"unrelated"}
+    assert list(tmp_path.glob("*.json")) == []
+
+
+def test_open_lab_tears_down_when_the_body_fails(tmp_path: Path) -> None:
+    runner = FakeCommandRunner()
+    built: list[str] = []
+
+    def body() -> None:
+        with open_lab(_config(), runner=runner, state_dir=tmp_path) as lab:
+            built.extend(lab.topology.namespaces())
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        body()
+    assert built
+    assert runner.namespaces == set()
+
+
+def test_open_lab_tears_down_on_keyboard_interrupt(tmp_path: Path) -> None:
+    runner = FakeCommandRunner()
+
+    def body() -> None:
+        with open_lab(_config(), runner=runner, state_dir=tmp_path):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        body()
+    assert runner.namespaces == set()
+
+
+def test_status_reports_recorded_labs_and_missing_namespaces(tmp_path: Path) -> None:
+    runner = FakeCommandRunner(namespaces={"gsl-zz-p0"})
+    lab_up(_config(), runner=runner, state_dir=tmp_path)
+    runner.namespaces.discard("gsl-t1-p1")
+    report = {item.name: item for item in lab_status(runner=runner, state_dir=tmp_path)}
+    assert set(report) == {"t1", "zz"}
+    assert report["t1"].missing_namespaces == ["gsl-t1-p1"]
+    assert not report["t1"].healthy
+    assert report["zz"].state is None
+    assert report["zz"].existing_namespaces == ("gsl-zz-p0",)
+
+
+def test_attach_finds_a_lab_built_by_another_process(tmp_path: Path) -> None:
+    runner = FakeCommandRunner()
+    built = lab_up(_config(), runner=runner, state_dir=tmp_path)
+    attached = attach_lab("t1", runner=runner, state_dir=tmp_path)
+    assert attached.topology == built.topology
+    with pytest.raises(ConfigError, match="no lab 'nope' is up"):
+        attach_lab("nope", runner=runner, state_dir=tmp_path)
+
+
+def test_fake_runner_answers_take_precedence() -> None:
+    runner = FakeCommandRunner()
+    runner.answer(["ip", "netns", "list"], stdout="x\n")
+    assert runner.run(["ip", "netns", "list"]) == CommandResult(("ip", "netns", "list"), 0, "x\n")
