@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from gossamer.store import (
@@ -157,3 +159,39 @@ def test_rng_restore_refuses_malformed_state() -> None:
         rng_state_restore({}, meta)
     with pytest.raises(ValueError, match="random state"):
         rng_state_restore(tensors, {"python": meta["python"]})
+
+
+_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
+_trees = st.recursive(
+    _scalars | st.builds(torch.tensor, st.lists(st.floats(allow_nan=False), max_size=3)),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.tuples(children, children)
+        | st.dictionaries(st.text(max_size=5) | st.integers(), children, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+@given(st.dictionaries(st.text(max_size=5), _trees, max_size=4))
+@settings(max_examples=60, deadline=None)
+def test_any_optimizer_like_tree_survives_flattening_and_json(state: dict[str, Any]) -> None:
+    tensors, meta = flatten_optimizer_state(state)
+    restored = unflatten_optimizer_state(tensors, json.loads(json.dumps(meta)))
+    _assert_tree_equal(restored, state)
+
+
+def _assert_tree_equal(got: Any, want: Any) -> None:
+    assert type(got) is type(want)
+    if isinstance(want, torch.Tensor):
+        assert got is want
+    elif isinstance(want, dict):
+        assert list(got) == list(want)
+        for key in want:
+            _assert_tree_equal(got[key], want[key])
+    elif isinstance(want, list | tuple):
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            _assert_tree_equal(a, b)
+    else:
+        assert got == want

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -492,15 +492,15 @@ def test_files_are_fsynced_before_the_rename_and_the_directory_after(
     ]
 
 
-def test_saves_hold_the_directory_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    held: list[bool] = []
-    real_locked = durable_files.locked
-
-    def spy_locked(path: Path):  # type: ignore[no-untyped-def]
-        held.append(path == tmp_path / ".lock")
-        return real_locked(path)
-
-    monkeypatch.setattr(durable_files, "locked", spy_locked)
-    CheckpointStore(tmp_path).save(_state(1))
-    assert held == [True]
-    assert os.path.exists(tmp_path / ".lock")
+def test_a_save_waits_for_another_writer_holding_the_directory_lock(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(_state(1))
+    with durable_files.locked(tmp_path / ".lock"):
+        writer = threading.Thread(target=store.save, args=(_state(2),))
+        writer.start()
+        writer.join(timeout=0.3)  # a bounded check that it is blocked, not a synchronisation
+        assert writer.is_alive()
+        assert _steps(tmp_path) == [1]
+    writer.join(timeout=30)
+    assert not writer.is_alive()
+    assert _steps(tmp_path) == [1, 2]

@@ -192,7 +192,9 @@ class CheckpointStore:
             OSError: the disk failed (likewise).
         """
         encode_meta(state.meta)  # fail on bad meta before writing any tensor
-        self._directory.mkdir(parents=True, exist_ok=True)
+        if not self._directory.is_dir():
+            self._directory.mkdir(parents=True, exist_ok=True)
+            durable_files.fsync_dir(self._directory.parent)
         final = self.path_for(state.step)
         with durable_files.locked(self._directory / _LOCK_NAME):
             self._clean_after_crashed_writers()
