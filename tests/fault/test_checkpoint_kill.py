@@ -61,7 +61,7 @@ def _check_contents(state: CheckpointState, *, last_reported: int) -> None:
 
 
 def test_writer_killed_at_random_moments_leaves_only_whole_checkpoints(tmp_path: Path) -> None:
-    seed = random.randrange(2**32)
+    seed = random.SystemRandom().randrange(2**32)  # independent of tests that seed `random`
     rng = random.Random(seed)
     directory = tmp_path / "checkpoints"
     stderr_path = tmp_path / "writer-stderr.txt"
