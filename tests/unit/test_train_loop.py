@@ -182,3 +182,25 @@ def test_learning_rate_schedule() -> None:
     rates = [learning_rate_at(s, config=optim, max_steps=110) for s in range(10, 111)]
     assert all(a >= b for a, b in itertools.pairwise(rates))
     assert not any(math.isnan(r) for r in rates)
+
+
+def test_schedule_is_fitted_to_the_time_budget(corpus_file: Path, tmp_path: Path) -> None:
+    class TickingClock(FakeClock):
+        def monotonic(self) -> float:
+            self.advance(0.05)
+            return super().monotonic()
+
+    config = tiny_config(corpus_file, tmp_path / "ckpt", max_steps=1000, max_seconds=10.0)
+    with Trainer(config, clock=TickingClock()) as trainer:
+        result = trainer.run()
+        fitted = trainer.schedule_steps
+        final_lr = trainer.run_state.optimizer.param_groups[0]["lr"]
+    assert 20 < fitted < 1000
+    assert result.steps_done == fitted
+    assert not result.stopped_by_time_budget
+    assert final_lr == pytest.approx(
+        learning_rate_at(fitted - 1, config=config.optim, max_steps=fitted)
+    )
+    assert final_lr < config.optim.lr * 0.2
+    with Trainer(config) as resumed:  # the fitted length travels in the checkpoint
+        assert resumed.schedule_steps == fitted

@@ -60,7 +60,8 @@ def loop(
         ", ".join(f"{v:,.0f}" for v in result.plain_tokens_per_s),
     )
     _console.print(table)
+    change = "slower" if result.ratio < 1 else "faster"
     _console.print(
-        f"ratio gossamer / plain = {result.ratio:.3f} "
-        f"({fields['slowdown_percent']:+.1f}% slower; target: at most 5%)"
+        f"ratio gossamer / plain = {result.ratio:.3f}: Gossamer's loop is "
+        f"{abs(fields['slowdown_percent']):.1f}% {change} (target: at most 5% slower)"
     )

@@ -159,7 +159,7 @@ class TrainConfig:
     max_steps: int = 200
     """Optimizer steps to run (the learning-rate schedule spans this many)."""
     max_seconds: float = 0.0
-    """Stop early after this much wall time; 0 means no time budget."""
+    """Wall-time budget; 0: none. With one, the LR schedule is fitted to it after 20 steps."""
     batch_size: int = 16
     """Sequences per micro-batch."""
     grad_accum_steps: int = 1

@@ -41,6 +41,7 @@ class RunState:
     custom_model: bool
     step: int = 0
     tokens_trained: int = 0
+    schedule_steps: int | None = None
 
 
 def _model_signature(model: nn.Module) -> dict[str, list[int]]:
@@ -70,6 +71,7 @@ def capture_run_state(run: RunState) -> CheckpointState:
             "data_position": run.stream.state_dict(),
             "strategy": {"name": run.strategy.name, "state": strategy_meta},
             "tokens_trained": run.tokens_trained,
+            "schedule_steps": run.schedule_steps,
         },
     )
 
@@ -122,3 +124,5 @@ def restore_run_state(state: CheckpointState, run: RunState, *, where: str) -> N
     )
     run.step = state.step
     run.tokens_trained = int(meta.get("tokens_trained", 0))
+    schedule_steps = meta.get("schedule_steps")
+    run.schedule_steps = int(schedule_steps) if schedule_steps is not None else None

@@ -42,6 +42,11 @@ ModelFactory = Callable[[], nn.Module]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
+_SCHEDULE_CALIBRATION_STEPS = 20
+"""Steps measured before a time budget fixes the schedule's length."""
+_SCHEDULE_BUDGET_SHARE = 0.93
+"""Share of the remaining budget planned for steps; evaluation and checkpoints take the rest."""
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ProgressEvent:
@@ -192,6 +197,29 @@ class Trainer:
         return self.run_state.model
 
     @property
+    def schedule_steps(self) -> int:
+        """Length of the learning-rate schedule: ``train.max_steps``, or fitted to the budget."""
+        return self.run_state.schedule_steps or self.config.train.max_steps
+
+    def _fit_schedule_to_budget(self, step: int, start_step: int, elapsed_s: float) -> None:
+        """With a time budget, fix the schedule's length once from the measured step rate.
+
+        The learning rate then decays fully by the end of the budget instead of being cut off
+        mid-schedule. The length is saved in checkpoints, so a resumed run follows it exactly.
+        """
+        budget_s = self.config.train.max_seconds
+        if not budget_s or self.run_state.schedule_steps is not None:
+            return
+        if step - start_step < _SCHEDULE_CALIBRATION_STEPS:
+            return
+        steps_per_s = (step - start_step) / elapsed_s
+        reachable = step + int(steps_per_s * (budget_s - elapsed_s) * _SCHEDULE_BUDGET_SHARE)
+        self.run_state.schedule_steps = max(step + 1, min(self.config.train.max_steps, reachable))
+        logger.info(
+            "learning-rate schedule fitted to the time budget: %d steps", self.schedule_steps
+        )
+
+    @property
     def step(self) -> int:
         """Optimizer steps taken so far in the run."""
         return self.run_state.step
@@ -240,7 +268,7 @@ class Trainer:
     def _train_step(self, step: int) -> float:
         run = self.run_state
         cfg = self.config
-        lr = learning_rate_at(step, config=cfg.optim, max_steps=cfg.train.max_steps)
+        lr = learning_rate_at(step, config=cfg.optim, max_steps=self.schedule_steps)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         accum = cfg.train.grad_accum_steps
@@ -281,7 +309,7 @@ class Trainer:
         cfg = self.config
         run = self.run_state
         start_step = run.step
-        stop = min(cfg.train.max_steps, stop_at_step if stop_at_step is not None else math.inf)
+        stop = min(self.schedule_steps, stop_at_step if stop_at_step is not None else math.inf)
         num_parameters = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
         self.listener.on_start(
             start_step=start_step, max_steps=cfg.train.max_steps, num_parameters=num_parameters
@@ -304,6 +332,8 @@ class Trainer:
             step = run.step
             train_seconds += self.clock.monotonic() - step_started
             elapsed = self.clock.monotonic() - started
+            self._fit_schedule_to_budget(step, start_step, elapsed)
+            stop = min(stop, self.schedule_steps)
             tokens = run.tokens_trained - tokens_start
             per_step = elapsed / (step - start_step)
             eta = per_step * (stop - step)

@@ -1,0 +1,24 @@
+"""The loop benchmark runs both sides on the same model and data and reports a ratio."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gossamer.bench.loop import run_loop_bench
+from gossamer.core.config import DataConfig, ModelConfig, RunConfig
+
+
+def test_loop_bench_measures_both_sides(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("for i in range(10):\n    print(i)\n" * 400)
+    config = RunConfig(
+        model=ModelConfig(num_layers=1, num_heads=2, width=32, context=32),
+        data=DataConfig(source="text", path=str(corpus)),
+    )
+    result = run_loop_bench(config=config, steps=3, warmup_steps=1, repeats=2)
+    assert len(result.gossamer_tokens_per_s) == 2
+    assert len(result.plain_tokens_per_s) == 2
+    assert all(v > 0 for v in result.gossamer_tokens_per_s + result.plain_tokens_per_s)
+    fields = result.to_json()
+    assert fields["ratio"] == result.ratio > 0
+    assert fields["tokens_per_step"] == 16 * 32
