@@ -240,9 +240,7 @@ class Trainer:
         self.run_state.strategy.close()
 
     def _resume(self) -> None:
-        state = self.store.load_latest()
-        for path, reason in self.store.skipped:
-            logger.warning("skipped corrupted checkpoint %s: %s", path, reason)
+        state = self.store.load_latest()  # logs every corrupted checkpoint it skips
         if state is None:
             return
         self.resumed_from = self.store.path_for(state.step)
