@@ -1,0 +1,215 @@
+"""Bulk bytes between peers, streamed in chunks, optionally over several parallel streams.
+
+This is what ``comm/`` moves tensors with. A sender splits a payload into ``num_streams``
+contiguous ranges and streams each in chunks; the receiver checks the announced size against its
+limits before allocating one buffer for the whole payload, fills it as chunks arrive, and hands the
+complete payload to the handler registered for the transfer's topic. The call returns to the
+sender once the handler has run, so "sent" means "received and handled".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+
+from gossamer.core.errors import ProtocolError
+from gossamer.net.config import LimitsConfig
+from gossamer.net.connections import ConnectionPool
+from gossamer.net.counters import NetCounters
+from gossamer.net.identity import short_peer_id
+from gossamer.net.server import current_session
+from gossamer.proto import net_pb2, net_pb2_grpc
+
+__all__ = ["PUSH_METHOD", "BulkHandler", "BulkReceiver", "send_bulk"]
+
+_log = logging.getLogger(__name__)
+PUSH_METHOD = "/gossamer.net.v1.Bulk/Push"
+_MAX_TOPIC_CHARS = 256
+_MAX_TRANSFER_ID_CHARS = 64
+
+BulkHandler = Callable[[str, str, bytearray], Awaitable[None]]
+"""Called with (sender peer id, topic, payload) once a transfer is complete."""
+
+
+@dataclass(slots=True)
+class _Transfer:
+    topic: str
+    buffer: bytearray
+    received: int = 0
+    num_open_streams: int = 0
+
+
+class BulkReceiver(net_pb2_grpc.BulkServicer):
+    """Receives bulk transfers and hands them to the handler of their topic.
+
+    Args:
+        limits: largest transfer and in-flight total.
+        counters: bytes received and protocol errors are counted here.
+    """
+
+    def __init__(self, limits: LimitsConfig, counters: NetCounters) -> None:
+        self._limits = limits
+        self._counters = counters
+        self._handlers: dict[str, BulkHandler] = {}
+        self._transfers: dict[tuple[str, str], _Transfer] = {}
+        self._inflight_bytes = 0
+
+    def register(self, topic: str, handler: BulkHandler) -> None:
+        """Deliver transfers on ``topic`` to ``handler`` (replacing any earlier one)."""
+        if not 0 < len(topic) <= _MAX_TOPIC_CHARS:
+            raise ValueError(f"a topic has 1..{_MAX_TOPIC_CHARS} characters, got {len(topic)}")
+        self._handlers[topic] = handler
+
+    def unregister(self, topic: str) -> None:
+        """Stop accepting transfers on ``topic``."""
+        self._handlers.pop(topic, None)
+
+    def _open(self, sender: str, first: net_pb2.BulkChunk) -> tuple[tuple[str, str], _Transfer]:
+        if not 0 < len(first.transfer_id) <= _MAX_TRANSFER_ID_CHARS:
+            raise ProtocolError("bulk stream without a valid transfer id")
+        if first.topic not in self._handlers:
+            raise ProtocolError(f"no handler for bulk topic {first.topic[:_MAX_TOPIC_CHARS]!r}")
+        total = first.total_bytes
+        if total > self._limits.max_bulk_transfer_bytes:
+            raise ProtocolError(
+                f"bulk transfer of {total} bytes exceeds limits.max_bulk_transfer_bytes "
+                f"({self._limits.max_bulk_transfer_bytes})"
+            )
+        key = (sender, first.transfer_id)
+        transfer = self._transfers.get(key)
+        if transfer is None:
+            if self._inflight_bytes + total > self._limits.max_bulk_inflight_bytes:
+                raise ProtocolError("too many bulk bytes in flight; try again later")
+            transfer = _Transfer(first.topic, bytearray(total))
+            self._transfers[key] = transfer
+            self._inflight_bytes += total
+        elif len(transfer.buffer) != total or transfer.topic != first.topic:
+            raise ProtocolError("parallel streams of one transfer disagree on its size or topic")
+        return key, transfer
+
+    async def Push(
+        self,
+        request_iterator: AsyncIterator[net_pb2.BulkChunk],
+        context: grpc.aio.ServicerContext,
+    ) -> net_pb2.BulkAck:
+        sender = current_session().peer_id
+        key: tuple[str, str] | None = None
+        transfer: _Transfer | None = None
+        received = 0
+        next_offset = 0
+        try:
+            async for chunk in request_iterator:
+                if transfer is None:
+                    key, transfer = self._open(sender, chunk)
+                    transfer.num_open_streams += 1
+                    next_offset = chunk.offset
+                if chunk.offset != next_offset:
+                    raise ProtocolError("bulk chunks of one stream must be contiguous")
+                end = next_offset + len(chunk.data)
+                if end > len(transfer.buffer):
+                    raise ProtocolError("bulk chunk runs past the announced size")
+                transfer.buffer[next_offset:end] = chunk.data
+                next_offset = end
+                transfer.received += len(chunk.data)
+                received += len(chunk.data)
+            self._counters.received(sender, received)
+            if transfer is None or key is None:
+                return net_pb2.BulkAck(received_bytes=0, transfer_complete=False)
+            transfer.num_open_streams -= 1
+            if transfer.received < len(transfer.buffer):
+                if transfer.num_open_streams == 0:
+                    self._close(key, transfer)  # every stream ended and bytes are missing
+                    raise ProtocolError("bulk transfer ended short of its announced size")
+                return net_pb2.BulkAck(received_bytes=received, transfer_complete=False)
+            self._close(key, transfer)
+            await self._handlers[transfer.topic](sender, transfer.topic, transfer.buffer)
+            return net_pb2.BulkAck(received_bytes=received, transfer_complete=True)
+        except BaseException:
+            if transfer is not None and key is not None and key in self._transfers:
+                self._close(key, transfer)  # a broken stream dooms the transfer
+            raise
+
+    def _close(self, key: tuple[str, str], transfer: _Transfer) -> None:
+        if self._transfers.pop(key, None) is not None:
+            self._inflight_bytes -= len(transfer.buffer)
+
+
+async def send_bulk(
+    pool: ConnectionPool,
+    peer_id: str,
+    topic: str,
+    payload: bytes | bytearray | memoryview,
+    *,
+    chunk_bytes: int,
+    num_streams: int = 1,
+    timeout_s: float,
+    counters: NetCounters,
+) -> None:
+    """Send ``payload`` to ``peer_id``'s handler for ``topic``; returns once it was handled.
+
+    Args:
+        pool: the node's connections.
+        peer_id: the receiver.
+        topic: the handler to deliver to.
+        payload: the bytes.
+        chunk_bytes: bytes per chunk (within the message size limit).
+        num_streams: parallel streams (more can fill a long fat link).
+        timeout_s: deadline of the whole transfer.
+        counters: bytes sent are counted here.
+
+    Raises:
+        GossamerError: the mapped error if any stream failed.
+    """
+    if num_streams < 1:
+        raise ValueError(f"num_streams must be at least 1, got {num_streams}")
+    view = memoryview(payload).cast("B")
+    total = len(view)
+    transfer_id = secrets.token_hex(16)
+    num_streams = max(1, min(num_streams, total // chunk_bytes or 1))
+    bounds = [total * i // num_streams for i in range(num_streams + 1)]
+    connection = await pool.connection(peer_id, timeout_s=timeout_s)
+    push = connection.stream_unary(PUSH_METHOD, net_pb2.BulkAck)
+
+    async def chunks(start: int, stop: int) -> AsyncIterator[net_pb2.BulkChunk]:
+        offset = start
+        first = True
+        while first or offset < stop:
+            end = min(offset + chunk_bytes, stop)
+            chunk = net_pb2.BulkChunk(offset=offset, data=bytes(view[offset:end]))
+            if first:
+                chunk.transfer_id, chunk.topic, chunk.total_bytes = transfer_id, topic, total
+                first = False
+            yield chunk
+            offset = end
+
+    started = time.perf_counter()
+
+    async def one_stream(start: int, stop: int) -> None:
+        try:
+            await push(chunks(start, stop), timeout=timeout_s, metadata=connection.metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise await pool.failed(connection, exc, PUSH_METHOD) from exc
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for i in range(num_streams):
+                group.create_task(one_stream(bounds[i], bounds[i + 1]))
+    except* Exception as group_error:
+        first_error = group_error.exceptions[0]
+        counters.call_made(peer_id, PUSH_METHOD, time.perf_counter() - started, ok=False)
+        raise first_error from None
+    counters.call_made(peer_id, PUSH_METHOD, time.perf_counter() - started, ok=True)
+    counters.sent(peer_id, total)
+    _log.debug(
+        "sent %d bytes on %r to %s over %d streams",
+        total,
+        topic,
+        short_peer_id(peer_id),
+        num_streams,
+    )

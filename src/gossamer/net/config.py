@@ -1,0 +1,242 @@
+"""Configs of the peer-to-peer layer, one small frozen dataclass per component."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gossamer.core.errors import ConfigError
+
+__all__ = [
+    "BreakerConfig",
+    "DhtConfig",
+    "HeartbeatConfig",
+    "LimitsConfig",
+    "NodeConfig",
+    "RelayConfig",
+    "RetryConfig",
+]
+
+_MiB = 1 << 20
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _check_address(key: str, address: str) -> None:
+    host, sep, port = address.rpartition(":")
+    _require(
+        bool(sep) and bool(host) and port.isdigit() and 0 <= int(port) <= 65535,
+        key,
+        f"expected HOST:PORT (port 0 picks a free one), got {address!r}",
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RetryConfig:
+    """Retries of retryable errors: exponential backoff with full jitter under a total deadline."""
+
+    max_attempts: int = 4
+    """Attempts in all, the first included."""
+    initial_backoff_s: float = 0.1
+    """Upper bound of the first wait."""
+    max_backoff_s: float = 2.0
+    """Upper bound of any single wait."""
+    total_deadline_s: float = 10.0
+    """No attempt starts after this much time since the first one."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_attempts >= 1, "retry.max_attempts", "must be at least 1")
+        _require(self.initial_backoff_s > 0, "retry.initial_backoff_s", "must be positive")
+        _require(
+            self.max_backoff_s >= self.initial_backoff_s,
+            "retry.max_backoff_s",
+            f"must be at least retry.initial_backoff_s ({self.initial_backoff_s})",
+        )
+        _require(self.total_deadline_s > 0, "retry.total_deadline_s", "must be positive")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BreakerConfig:
+    """The per-peer circuit breaker: stop dialing a peer that keeps failing, for a while."""
+
+    failure_threshold: int = 5
+    """Consecutive failures that open the breaker."""
+    open_s: float = 5.0
+    """How long an open breaker refuses calls before letting one trial call through."""
+
+    def __post_init__(self) -> None:
+        _require(self.failure_threshold >= 1, "breaker.failure_threshold", "must be at least 1")
+        _require(self.open_s > 0, "breaker.open_s", "must be positive")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LimitsConfig:
+    """Sizes and counts accepted from the network, checked before anything is allocated."""
+
+    max_message_bytes: int = 8 * _MiB
+    """Largest single gRPC message sent or received."""
+    bulk_chunk_bytes: int = 1 * _MiB
+    """Payload bytes per bulk-stream chunk."""
+    max_bulk_transfer_bytes: int = 8 << 30
+    """Largest bulk transfer accepted."""
+    max_bulk_inflight_bytes: int = 16 << 30
+    """Bytes of all incomplete incoming bulk transfers together."""
+    max_record_value_bytes: int = 16 * 1024
+    """Largest DHT record value."""
+    max_records_per_key: int = 64
+    """Records (one per publisher) kept under one DHT key."""
+    max_stored_records: int = 100_000
+    """Records a node stores for others in all."""
+    max_sessions: int = 10_000
+    """Authenticated sessions a server keeps; the oldest is dropped past this."""
+
+    def __post_init__(self) -> None:
+        _require(
+            64 * 1024 <= self.max_message_bytes <= 1 << 30,
+            "limits.max_message_bytes",
+            f"must be between 64 KiB and 1 GiB, got {self.max_message_bytes}",
+        )
+        _require(
+            0 < self.bulk_chunk_bytes <= self.max_message_bytes - 4096,
+            "limits.bulk_chunk_bytes",
+            f"must be positive and at least 4 KiB below limits.max_message_bytes "
+            f"({self.max_message_bytes}), got {self.bulk_chunk_bytes}",
+        )
+        _require(self.max_bulk_transfer_bytes > 0, "limits.max_bulk_transfer_bytes", "> 0")
+        _require(
+            self.max_bulk_inflight_bytes >= self.max_bulk_transfer_bytes,
+            "limits.max_bulk_inflight_bytes",
+            "must be at least limits.max_bulk_transfer_bytes",
+        )
+        _require(self.max_record_value_bytes > 0, "limits.max_record_value_bytes", "> 0")
+        _require(self.max_records_per_key >= 1, "limits.max_records_per_key", ">= 1")
+        _require(self.max_stored_records >= 1, "limits.max_stored_records", ">= 1")
+        _require(self.max_sessions >= 1, "limits.max_sessions", ">= 1")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DhtConfig:
+    """The Kademlia DHT."""
+
+    bucket_size: int = 20
+    """k: contacts per bucket and results per lookup."""
+    parallelism: int = 3
+    """alpha: requests in flight per lookup step."""
+    record_ttl_s: float = 60.0
+    """Lifetime of the records this node signs (its peer record included)."""
+    republish_interval_s: float = 20.0
+    """How often this node re-signs and republishes its records; below ``record_ttl_s``."""
+    refresh_interval_s: float = 5.0
+    """How often a random lookup refreshes the routing table and the peer directory."""
+    rpc_timeout_s: float = 2.0
+    """Deadline of one DHT request."""
+    max_peer_directory: int = 10_000
+    """Peer records kept in the directory of known peers."""
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.bucket_size <= 64, "dht.bucket_size", "must be in 1..64")
+        _require(1 <= self.parallelism <= 16, "dht.parallelism", "must be in 1..16")
+        _require(self.record_ttl_s > 0, "dht.record_ttl_s", "must be positive")
+        _require(
+            0 < self.republish_interval_s < self.record_ttl_s,
+            "dht.republish_interval_s",
+            f"must be positive and below dht.record_ttl_s ({self.record_ttl_s}) or records "
+            "expire before they are renewed",
+        )
+        _require(self.refresh_interval_s > 0, "dht.refresh_interval_s", "must be positive")
+        _require(self.rpc_timeout_s > 0, "dht.rpc_timeout_s", "must be positive")
+        _require(self.max_peer_directory >= 1, "dht.max_peer_directory", ">= 1")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HeartbeatConfig:
+    """Failure detection between peers that work together."""
+
+    interval_s: float = 0.5
+    """Time between heartbeats to one peer."""
+    timeout_s: float = 2.5
+    """A peer with no answered heartbeat for this long is reported gone."""
+
+    def __post_init__(self) -> None:
+        _require(self.interval_s > 0, "heartbeat.interval_s", "must be positive")
+        _require(
+            self.timeout_s > self.interval_s,
+            "heartbeat.timeout_s",
+            f"must exceed heartbeat.interval_s ({self.interval_s}) or every peer looks gone",
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RelayConfig:
+    """Serving as a relay for peers that cannot be reached, and using relays."""
+
+    serve: bool = True
+    """Relay for others when this peer is reachable (opt out with False)."""
+    max_reservations: int = 64
+    """Relayed peers served at once."""
+    bytes_per_s_per_peer: float = 12.5e6
+    """Cap on relayed bandwidth per relayed peer (both directions together)."""
+    num_relays: int = 2
+    """Relays this peer keeps reservations with when it cannot be reached."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_reservations >= 0, "relay.max_reservations", "must be >= 0")
+        _require(self.bytes_per_s_per_peer > 0, "relay.bytes_per_s_per_peer", "must be positive")
+        _require(self.num_relays >= 1, "relay.num_relays", "must be at least 1")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NodeConfig:
+    """A peer's network node."""
+
+    listen_address: str = "0.0.0.0:0"
+    """HOST:PORT the node's one gRPC server listens on; port 0 picks a free port."""
+    advertise_addresses: tuple[str, ...] = ()
+    """Addresses others should dial; by default the listen address (with a routable host)."""
+    bootstrap: tuple[str, ...] = ()
+    """Known peers to join through, as HOST:PORT or PEER_ID@HOST:PORT."""
+    swarm_secret: bytes | None = field(default=None, repr=False)
+    """Shared secret of a private swarm; peers that cannot prove it are refused."""
+    connect_timeout_s: float = 5.0
+    """Deadline to open and authenticate a connection."""
+    rpc_timeout_s: float = 5.0
+    """Default deadline of one request."""
+    keepalive_interval_s: float = 10.0
+    """HTTP/2 keepalive ping interval on idle connections."""
+    keepalive_timeout_s: float = 5.0
+    """A connection whose keepalive ping is unanswered this long is closed."""
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    """Sizes and counts accepted from the network."""
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    """Retries of retryable errors."""
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    """Per-peer circuit breaker."""
+    dht: DhtConfig = field(default_factory=DhtConfig)
+    """Discovery."""
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    """Failure detection."""
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    """NAT traversal through relays."""
+
+    def __post_init__(self) -> None:
+        _check_address("net.listen_address", self.listen_address)
+        for address in self.advertise_addresses:
+            _check_address("net.advertise_addresses", address)
+            _require(
+                not address.endswith(":0"),
+                "net.advertise_addresses",
+                f"{address!r} has port 0; advertise the port others should dial",
+            )
+        for entry in self.bootstrap:
+            _check_address("net.bootstrap", entry.rpartition("@")[2])
+        _require(
+            self.swarm_secret is None or len(self.swarm_secret) >= 16,
+            "net.swarm_secret",
+            "must be at least 16 bytes; make one with `head -c 32 /dev/urandom > swarm.key`",
+        )
+        _require(self.connect_timeout_s > 0, "net.connect_timeout_s", "must be positive")
+        _require(self.rpc_timeout_s > 0, "net.rpc_timeout_s", "must be positive")
+        _require(self.keepalive_interval_s > 0, "net.keepalive_interval_s", "must be positive")
+        _require(self.keepalive_timeout_s > 0, "net.keepalive_timeout_s", "must be positive")

@@ -1,0 +1,385 @@
+"""Outgoing connections: dial with a deadline, authenticate, call with retries, close cleanly.
+
+A connection is a gRPC channel pinned to the remote's TLS certificate plus the session token the
+remote granted in the handshake. The pool keeps one per remote peer, redials after a broken one,
+retries retryable errors with backoff and jitter, and guards each peer with a circuit breaker.
+gRPC's errors become Gossamer's here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from gossamer.core.clock import Clock
+from gossamer.core.errors import (
+    AuthenticationError,
+    DeadlineExceededError,
+    GossamerError,
+    PeerLostError,
+    PeerUnavailableError,
+    ProtocolError,
+    RetryableError,
+)
+from gossamer.net.circuit_breaker import CircuitBreakers
+from gossamer.net.config import NodeConfig
+from gossamer.net.counters import NetCounters
+from gossamer.net.grpc_errors import error_of_rpc_error
+from gossamer.net.handshake import SESSION_METADATA_KEY, ClientHandshake
+from gossamer.net.identity import Identity, short_peer_id
+from gossamer.net.retry import retry_async
+from gossamer.net.server import grpc_options
+from gossamer.net.tls import TLS_SERVER_NAME, cert_pem_of_der, probe_server_certificate
+from gossamer.proto import net_pb2
+
+__all__ = ["ConnectionPool", "DialTarget", "PeerConnection"]
+
+_log = logging.getLogger(__name__)
+R = TypeVar("R", bound=Message)
+_HELLO = "/gossamer.net.v1.Handshake/Hello"
+_PROVE = "/gossamer.net.v1.Handshake/Prove"
+
+
+@dataclass(frozen=True, slots=True)
+class DialTarget:
+    """One way to reach a peer."""
+
+    address: str
+    """HOST:PORT to open the TLS connection to (a relay tunnel's local entrance for relayed)."""
+    kind: str = "direct"
+    """``direct`` or ``relayed``."""
+    cert_der: bytes = b""
+    """The peer's TLS certificate if known (from its record); probed otherwise."""
+
+
+@dataclass(slots=True)
+class PeerConnection:
+    """An authenticated channel to one remote peer."""
+
+    peer_id: str
+    """The remote's proven peer id."""
+    target: DialTarget
+    """How it was reached."""
+    channel: grpc.aio.Channel
+    """The pinned TLS channel."""
+    metadata: tuple[tuple[str, str], ...]
+    """Sent with every call (the session token)."""
+    opened_at_s: float
+    """Monotonic time it was opened."""
+    _callables: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+    def unary_unary(self, method: str, response_type: type[R]) -> Any:
+        """A cached unary callable for ``method``."""
+        key = ("uu", method)
+        callable_ = self._callables.get(key)
+        if callable_ is None:
+            callable_ = self.channel.unary_unary(
+                method,
+                request_serializer=_serialize,
+                response_deserializer=response_type.FromString,
+            )
+            self._callables[key] = callable_
+        return callable_
+
+    def stream_unary(self, method: str, response_type: type[R]) -> Any:
+        """A cached client-streaming callable for ``method``."""
+        key = ("su", method)
+        callable_ = self._callables.get(key)
+        if callable_ is None:
+            callable_ = self.channel.stream_unary(
+                method,
+                request_serializer=_serialize,
+                response_deserializer=response_type.FromString,
+            )
+            self._callables[key] = callable_
+        return callable_
+
+
+def _serialize(message: Message) -> bytes:
+    return bytes(message.SerializeToString())
+
+
+class ConnectionPool:
+    """Connections to remote peers, one per peer id (an async context manager).
+
+    Args:
+        identity: this node's identity.
+        config: the node config.
+        clock: time source for deadlines and backoff.
+        counters: where traffic, latency and errors are counted.
+        resolve: the ways to reach a peer id (from the peer directory and relays).
+        own_record: this node's current peer record, sent in the handshake.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        config: NodeConfig,
+        clock: Clock,
+        counters: NetCounters,
+        resolve: Callable[[str], list[DialTarget]],
+        own_record: Callable[[], net_pb2.SignedPeerRecord | None],
+    ) -> None:
+        self._identity = identity
+        self._config = config
+        self._clock = clock
+        self._counters = counters
+        self._resolve = resolve
+        self._own_record = own_record
+        self._connections: dict[str, PeerConnection] = {}
+        self._dial_locks: dict[str, asyncio.Lock] = {}
+        self.breakers = CircuitBreakers(config.breaker, clock)
+        """One circuit breaker per remote peer."""
+        self._rng = random.Random()
+        self._closed = False
+
+    def get(self, peer_id: str) -> PeerConnection | None:
+        """The open connection to a peer, if any."""
+        return self._connections.get(peer_id)
+
+    @property
+    def peer_ids(self) -> list[str]:
+        """Peers with an open connection."""
+        return list(self._connections)
+
+    async def dial(
+        self, target: DialTarget, *, expected_peer_id: str | None, timeout_s: float | None = None
+    ) -> PeerConnection:
+        """Open and authenticate a connection.
+
+        Args:
+            target: where to connect.
+            expected_peer_id: the peer that must be there; None accepts whoever proves an id.
+            timeout_s: deadline of the whole dial (probe, TLS, handshake).
+
+        Raises:
+            PeerUnavailableError: nothing answers at the address.
+            DeadlineExceededError: the dial ran past its deadline.
+            AuthenticationError: the peer is not who it should be, or the swarm secret differs.
+        """
+        if self._closed:
+            raise PeerUnavailableError("the connection pool is closed")
+        timeout_s = timeout_s or self._config.connect_timeout_s
+        deadline = self._clock.monotonic() + timeout_s
+        cert_der = target.cert_der
+        if not cert_der:
+            cert_der = await probe_server_certificate(target.address, timeout_s)
+        channel = grpc.aio.secure_channel(
+            target.address,
+            grpc.ssl_channel_credentials(root_certificates=cert_pem_of_der(cert_der)),
+            options=[
+                *grpc_options(self._config),
+                ("grpc.ssl_target_name_override", TLS_SERVER_NAME),
+                ("grpc.use_local_subchannel_pool", 1),
+                ("grpc.initial_reconnect_backoff_ms", 100),
+            ],
+        )
+        handshake = ClientHandshake(
+            self._identity,
+            hashlib.sha256(cert_der).digest(),
+            self._config.swarm_secret,
+            expected_peer_id,
+        )
+        where = expected_peer_id or target.address
+        try:
+            hello = channel.unary_unary(
+                _HELLO,
+                request_serializer=_serialize,
+                response_deserializer=net_pb2.HelloResponse.FromString,
+            )
+            prove = channel.unary_unary(
+                _PROVE,
+                request_serializer=_serialize,
+                response_deserializer=net_pb2.ProveResponse.FromString,
+            )
+            response = await hello(handshake.hello(), timeout=self._remaining(deadline, where))
+            peer_id, proof = handshake.prove(response, self._own_record())
+            granted = await prove(proof, timeout=self._remaining(deadline, where))
+        except grpc.aio.AioRpcError as exc:
+            await channel.close(None)
+            error = error_of_rpc_error(exc, where, "handshake")
+            self._counters.error(error)
+            raise error from exc
+        except BaseException as exc:
+            await channel.close(None)
+            if isinstance(exc, GossamerError):
+                self._counters.error(exc)
+            raise
+        connection = PeerConnection(
+            peer_id=peer_id,
+            target=target,
+            channel=channel,
+            metadata=((SESSION_METADATA_KEY, granted.session_token),),
+            opened_at_s=self._clock.monotonic(),
+        )
+        previous = self._connections.get(peer_id)
+        self._connections[peer_id] = connection
+        self._counters.connections[target.kind] += 1
+        if previous is not None:
+            await self._close_connection(previous)
+        _log.debug(
+            "peer %s: connected to %s at %s (%s)",
+            short_peer_id(self._identity.peer_id),
+            short_peer_id(peer_id),
+            target.address,
+            target.kind,
+        )
+        return connection
+
+    def _remaining(self, deadline: float, where: str) -> float:
+        remaining = deadline - self._clock.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceededError(f"connecting to {where} ran past its deadline")
+        return remaining
+
+    async def connection(self, peer_id: str, timeout_s: float | None = None) -> PeerConnection:
+        """The connection to ``peer_id``, dialing it (each known way in turn) if needed.
+
+        Raises:
+            PeerUnavailableError: no known way to reach the peer worked, or its breaker is open.
+        """
+        existing = self._connections.get(peer_id)
+        if existing is not None:
+            return existing
+        lock = self._dial_locks.setdefault(peer_id, asyncio.Lock())
+        async with lock:
+            existing = self._connections.get(peer_id)
+            if existing is not None:
+                return existing
+            targets = self._resolve(peer_id)
+            if not targets:
+                raise PeerUnavailableError(f"no known address for peer {short_peer_id(peer_id)}")
+            last: GossamerError | None = None
+            for target in targets:
+                try:
+                    return await self.dial(target, expected_peer_id=peer_id, timeout_s=timeout_s)
+                except (RetryableError, ProtocolError) as exc:
+                    last = exc
+            assert last is not None
+            raise last
+
+    async def call(
+        self,
+        peer_id: str,
+        method: str,
+        request: Message,
+        response_type: type[R],
+        *,
+        timeout_s: float | None = None,
+        retry: bool = True,
+    ) -> R:
+        """One unary call to a peer, with breaker, retries and error mapping.
+
+        Args:
+            peer_id: the remote peer.
+            method: the full method path, e.g. ``/gossamer.net.v1.Dht/Ping``.
+            request: the request message.
+            response_type: the response message class.
+            timeout_s: deadline of each attempt (the node's rpc_timeout_s by default).
+            retry: retry retryable errors under the retry config; False for one attempt.
+
+        Raises:
+            GossamerError: the mapped error of the last attempt.
+        """
+        timeout_s = timeout_s or self._config.rpc_timeout_s
+
+        async def attempt() -> R:
+            return await self._call_once(peer_id, method, request, response_type, timeout_s)
+
+        if not retry:
+            return await attempt()
+
+        def count_retry(exc: BaseException) -> None:
+            self._counters.num_retries += 1
+
+        return await retry_async(
+            attempt,
+            config=self._config.retry,
+            clock=self._clock,
+            what=f"{method} to {short_peer_id(peer_id)}",
+            rng=self._rng,
+            on_retry=count_retry,
+        )
+
+    async def _call_once(
+        self, peer_id: str, method: str, request: Message, response_type: type[R], timeout_s: float
+    ) -> R:
+        breaker = self.breakers[peer_id]
+        breaker.before_call()
+        try:
+            connection = await self.connection(peer_id, timeout_s=timeout_s)
+        except RetryableError:
+            breaker.failed()
+            raise
+        started = time.perf_counter()
+        try:
+            response: R = await connection.unary_unary(method, response_type)(
+                request, timeout=timeout_s, metadata=connection.metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            self._counters.call_made(peer_id, method, time.perf_counter() - started, ok=False)
+            error = await self.failed(connection, exc, method)
+            breaker.failed() if isinstance(error, RetryableError) else breaker.succeeded()
+            raise error from exc
+        breaker.succeeded()
+        self._counters.call_made(peer_id, method, time.perf_counter() - started, ok=True)
+        self._counters.sent(peer_id, request.ByteSize())
+        self._counters.received(peer_id, response.ByteSize())
+        return response
+
+    async def failed(
+        self, connection: PeerConnection, exc: grpc.aio.AioRpcError, method: str
+    ) -> GossamerError:
+        """Map a failed call's error, dropping the connection if it is broken."""
+        error = error_of_rpc_error(exc, short_peer_id(connection.peer_id), method)
+        self._counters.error(error)
+        if isinstance(error, AuthenticationError):
+            # The remote forgot our session (it restarted or evicted it): redial and retry.
+            error = PeerLostError(f"session with {short_peer_id(connection.peer_id)} ended")
+        if isinstance(error, PeerUnavailableError | PeerLostError):
+            await self.drop(connection.peer_id, connection)
+        return error
+
+    async def drop(self, peer_id: str, connection: PeerConnection | None = None) -> None:
+        """Close the connection to a peer (only ``connection``, if given and still current)."""
+        current = self._connections.get(peer_id)
+        if current is None or (connection is not None and current is not connection):
+            return
+        del self._connections[peer_id]
+        await self._close_connection(current)
+
+    async def _close_connection(self, connection: PeerConnection) -> None:
+        self._counters.connections[connection.target.kind] -= 1
+        await connection.channel.close(None)
+
+    async def close(self) -> None:
+        """Close every connection; later dials fail."""
+        self._closed = True
+        connections = list(self._connections.values())
+        self._connections.clear()
+        for connection in connections:
+            await self._close_connection(connection)
+
+    async def __aenter__(self) -> ConnectionPool:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+async def with_deadline(awaitable: Awaitable[R], timeout_s: float, what: str) -> R:
+    """Await with a deadline, mapping a timeout to :class:`DeadlineExceededError`."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await awaitable
+    except TimeoutError as exc:
+        raise DeadlineExceededError(f"{what} took over {timeout_s} s") from exc

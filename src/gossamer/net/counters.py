@@ -1,0 +1,131 @@
+"""In-memory counters of the network layer, for ``obs/`` to export.
+
+Updated on the node's event loop; :meth:`NetCounters.snapshot` copies them for readers on other
+threads. Recording a count never blocks.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["LATENCY_BUCKETS_S", "LatencyHistogram", "NetCounters", "PeerTraffic"]
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@dataclass(slots=True)
+class PeerTraffic:
+    """What went to and came from one remote peer."""
+
+    bytes_sent: int = 0
+    """Payload bytes sent (message sizes, before gRPC framing and TLS)."""
+    bytes_received: int = 0
+    """Payload bytes received."""
+    num_rpcs_sent: int = 0
+    """Calls this node made to the peer."""
+    num_rpcs_received: int = 0
+    """Calls the peer made to this node."""
+    num_errors: int = 0
+    """Failed calls either way."""
+
+
+@dataclass(slots=True)
+class LatencyHistogram:
+    """Call latencies in fixed buckets (upper bounds :data:`LATENCY_BUCKETS_S`, then +inf)."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    """Calls per bucket."""
+    total_s: float = 0.0
+    """Sum of all latencies."""
+    num_calls: int = 0
+    """Calls recorded."""
+
+    def record(self, latency_s: float) -> None:
+        """Add one call."""
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS_S, latency_s)] += 1
+        self.total_s += latency_s
+        self.num_calls += 1
+
+
+class NetCounters:
+    """All counters of one node."""
+
+    def __init__(self) -> None:
+        self.peers: defaultdict[str, PeerTraffic] = defaultdict(PeerTraffic)
+        """Traffic by remote peer id."""
+        self.rpc_latency: defaultdict[str, LatencyHistogram] = defaultdict(LatencyHistogram)
+        """Client-side latency by method."""
+        self.rpc_calls: defaultdict[str, int] = defaultdict(int)
+        """Calls by method, both directions."""
+        self.errors: defaultdict[str, int] = defaultdict(int)
+        """Errors by kind (the Gossamer error class name)."""
+        self.connections: defaultdict[str, int] = defaultdict(int)
+        """Open connections by kind: ``direct``, ``relayed``, ``inbound``."""
+        self.num_handshakes_refused = 0
+        """Handshakes this node refused."""
+        self.num_protocol_errors = 0
+        """Malformed, oversized or out-of-order messages received."""
+        self.num_retries = 0
+        """Retried attempts."""
+        self.relayed_bytes: defaultdict[str, int] = defaultdict(int)
+        """Bytes this node relayed, by relayed peer id."""
+
+    def sent(self, peer_id: str, num_bytes: int) -> None:
+        """Count bytes sent to a peer."""
+        self.peers[peer_id].bytes_sent += num_bytes
+
+    def received(self, peer_id: str, num_bytes: int) -> None:
+        """Count bytes received from a peer."""
+        self.peers[peer_id].bytes_received += num_bytes
+
+    def call_made(self, peer_id: str, method: str, latency_s: float, ok: bool) -> None:
+        """Count one outgoing call."""
+        traffic = self.peers[peer_id]
+        traffic.num_rpcs_sent += 1
+        if not ok:
+            traffic.num_errors += 1
+        self.rpc_calls[method] += 1
+        self.rpc_latency[method].record(latency_s)
+
+    def call_served(self, peer_id: str, method: str) -> None:
+        """Count one incoming call."""
+        self.peers[peer_id].num_rpcs_received += 1
+        self.rpc_calls[method] += 1
+
+    def error(self, exc: BaseException) -> None:
+        """Count an error by its class."""
+        self.errors[type(exc).__name__] += 1
+
+    def protocol_error(self) -> None:
+        """Count a malformed message."""
+        self.num_protocol_errors += 1
+        self.errors["ProtocolError"] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """A plain, JSON-ready copy of every counter."""
+        return {
+            "peers": {
+                peer: {
+                    "bytes_sent": t.bytes_sent,
+                    "bytes_received": t.bytes_received,
+                    "num_rpcs_sent": t.num_rpcs_sent,
+                    "num_rpcs_received": t.num_rpcs_received,
+                    "num_errors": t.num_errors,
+                }
+                for peer, t in list(self.peers.items())
+            },
+            "rpc_calls": dict(self.rpc_calls),
+            "rpc_latency": {
+                method: {"num_calls": h.num_calls, "total_s": h.total_s, "buckets": list(h.counts)}
+                for method, h in list(self.rpc_latency.items())
+            },
+            "errors": dict(self.errors),
+            "connections": dict(self.connections),
+            "num_handshakes_refused": self.num_handshakes_refused,
+            "num_protocol_errors": self.num_protocol_errors,
+            "num_retries": self.num_retries,
+            "relayed_bytes": dict(self.relayed_bytes),
+        }

@@ -1,0 +1,329 @@
+"""Kademlia discovery: iterative lookups with parallel requests, signed records with expiry.
+
+The DHT speaks through a :class:`DhtTransport` (gRPC in a node, an in-memory fake in unit tests).
+Peers are known by their signed peer records, kept in the :class:`PeerDirectory`; the routing
+table holds the ids of those records. Every request and answer carries the sender's own record, so
+records spread as the DHT is used, and a record that is no longer renewed expires everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+from collections.abc import Callable
+from typing import Protocol
+
+from gossamer.core.clock import Clock
+from gossamer.core.errors import AuthenticationError, GossamerError, ProtocolError
+from gossamer.net.config import DhtConfig, LimitsConfig
+from gossamer.net.counters import NetCounters
+from gossamer.net.directory import PeerDirectory
+from gossamer.net.identity import (
+    Identity,
+    digest_of_peer_id,
+    peer_id_of_public_key,
+    short_peer_id,
+)
+from gossamer.net.records import check_record, sign_record
+from gossamer.net.routing import RoutingTable
+from gossamer.proto import net_pb2
+
+__all__ = ["Dht", "DhtTransport"]
+
+_log = logging.getLogger(__name__)
+
+
+class DhtTransport(Protocol):
+    """How the DHT reaches another peer; errors are Gossamer errors."""
+
+    async def find_node(self, peer_id: str, target: bytes) -> list[net_pb2.SignedPeerRecord]:
+        """Ask ``peer_id`` for the peers it knows nearest to ``target``."""
+        ...
+
+    async def find_value(
+        self, peer_id: str, key: bytes
+    ) -> tuple[list[net_pb2.SignedRecord], list[net_pb2.SignedPeerRecord]]:
+        """Ask ``peer_id`` for records under ``key``, and the peers nearest to it."""
+        ...
+
+    async def store(self, peer_id: str, record: net_pb2.SignedRecord) -> bool:
+        """Ask ``peer_id`` to store ``record``; whether it did."""
+        ...
+
+
+class Dht:
+    """One node's part of the DHT.
+
+    Args:
+        identity: this node's identity (signs its records).
+        config: bucket size, parallelism, lifetimes.
+        limits: sizes accepted from the network.
+        clock: time source.
+        counters: where rejections are counted.
+        directory: the peer directory this DHT fills.
+        transport: how requests reach other peers.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        config: DhtConfig,
+        limits: LimitsConfig,
+        clock: Clock,
+        counters: NetCounters,
+        directory: PeerDirectory,
+        transport: DhtTransport,
+    ) -> None:
+        self.identity = identity
+        self.config = config
+        self.limits = limits
+        self.clock = clock
+        self.counters = counters
+        self.directory = directory
+        self.transport = transport
+        self.routing = RoutingTable(identity.digest, config.bucket_size)
+        self._store: dict[bytes, dict[str, net_pb2.SignedRecord]] = {}
+        self._num_stored = 0
+        self._published: dict[bytes, bytes] = {}
+        self._rng = random.Random()
+        self.own_record: Callable[[], net_pb2.SignedPeerRecord | None] = lambda: None
+        """This node's current peer record (set by the node)."""
+        directory.on_removed = self.routing.remove
+
+    @property
+    def _short(self) -> str:
+        return short_peer_id(self.identity.peer_id)
+
+    # ---- learning about peers --------------------------------------------------------------
+
+    def learn(self, signed: net_pb2.SignedPeerRecord | None, *, contacted: bool = False) -> None:
+        """Take in a peer record from the network (checked; bad ones are counted and dropped)."""
+        if signed is None or not signed.HasField("record"):
+            return
+        record = self.directory.learn(signed)
+        if record is None:
+            return
+        self.routing.add(record.peer_id, record.signed.record.key)
+        if contacted:
+            self.directory.contacted(record.peer_id)
+
+    def peer_failed(self, peer_id: str) -> None:
+        """A request to ``peer_id`` failed: take it out of the routing table."""
+        self.routing.remove(peer_id)
+
+    def _closest_records(self, target: bytes, exclude: str = "") -> list[net_pb2.SignedPeerRecord]:
+        found = []
+        for peer_id in self.routing.closest(target, self.config.bucket_size, frozenset({exclude})):
+            record = self.directory.get(peer_id)
+            if record is not None:
+                found.append(record.signed)
+        return found
+
+    # ---- serving requests ------------------------------------------------------------------
+
+    def handle_find_node(self, sender: str, target: bytes) -> list[net_pb2.SignedPeerRecord]:
+        """The records of the peers nearest ``target`` that this node knows."""
+        if len(target) != 32:
+            raise ProtocolError(f"FindNode target has {len(target)} bytes, not 32")
+        return self._closest_records(target, exclude=sender)
+
+    def gossip_records(self, exclude: str = "") -> list[net_pb2.SignedPeerRecord]:
+        """Up to k records to spread: the most recently renewed half, and a random half."""
+        records = [r for r in self.directory.records() if r.peer_id != exclude]
+        half = self.config.bucket_size // 2 or 1
+        if len(records) <= self.config.bucket_size:
+            return [r.signed for r in records]
+        records.sort(key=lambda r: r.published_at_s, reverse=True)
+        chosen = records[:half] + self._rng.sample(records[half:], self.config.bucket_size - half)
+        return [r.signed for r in chosen]
+
+    def handle_find_value(
+        self, sender: str, key: bytes
+    ) -> tuple[list[net_pb2.SignedRecord], list[net_pb2.SignedPeerRecord]]:
+        """Records under ``key`` that are still valid, and the nearest peers."""
+        if len(key) != 32:
+            raise ProtocolError(f"FindValue key has {len(key)} bytes, not 32")
+        return self.local_records(key), self._closest_records(key, exclude=sender)
+
+    def handle_store(self, record: net_pb2.SignedRecord) -> None:
+        """Keep a record for others, after checking it.
+
+        Raises:
+            ProtocolError: malformed, oversized, expired, or no room.
+            AuthenticationError: forged.
+        """
+        publisher = check_record(
+            record, now_s=self.clock.wall(), max_value_bytes=self.limits.max_record_value_bytes
+        )
+        under_key = self._store.setdefault(bytes(record.key), {})
+        current = under_key.get(publisher)
+        if current is not None and current.published_at_s >= record.published_at_s:
+            return
+        if current is None:
+            if len(under_key) >= self.limits.max_records_per_key:
+                self._drop_expired(record.key)
+                if len(under_key) >= self.limits.max_records_per_key:
+                    raise ProtocolError("too many publishers under this key")
+            if self._num_stored >= self.limits.max_stored_records:
+                raise ProtocolError("this node stores no more records")
+            self._num_stored += 1
+        under_key[publisher] = record
+
+    def local_records(self, key: bytes) -> list[net_pb2.SignedRecord]:
+        """Valid records this node holds under ``key``."""
+        self._drop_expired(key)
+        return list(self._store.get(bytes(key), {}).values())
+
+    def _drop_expired(self, key: bytes) -> None:
+        under_key = self._store.get(bytes(key))
+        if not under_key:
+            return
+        now = self.clock.wall()
+        for publisher in [p for p, r in under_key.items() if r.expires_at_s <= now]:
+            del under_key[publisher]
+            self._num_stored -= 1
+        if not under_key:
+            del self._store[bytes(key)]
+
+    def expire(self) -> None:
+        """Drop expired stored records and expired peers."""
+        for key in list(self._store):
+            self._drop_expired(key)
+        self.directory.expire()
+
+    # ---- lookups ---------------------------------------------------------------------------
+
+    async def lookup(self, target: bytes) -> list[str]:
+        """Iterative FindNode: the k peers nearest ``target`` that answered, nearest first."""
+        closest, _ = await self._iterate(target, want_value=False)
+        return closest
+
+    async def get(self, key: bytes) -> list[net_pb2.SignedRecord]:
+        """Every valid record under ``key`` found on the nearest peers (one per publisher)."""
+        _, records = await self._iterate(key, want_value=True)
+        best: dict[bytes, net_pb2.SignedRecord] = {}
+        for record in [*self.local_records(key), *records]:
+            publisher = bytes(record.publisher_public_key)
+            if publisher not in best or best[publisher].published_at_s < record.published_at_s:
+                best[publisher] = record
+        return list(best.values())
+
+    async def put(self, key: bytes, value: bytes, ttl_s: float | None = None) -> int:
+        """Sign a record and store it on the peers nearest ``key``; returns how many took it."""
+        ttl_s = ttl_s or self.config.record_ttl_s
+        record = sign_record(self.identity, key, value, now_s=self.clock.wall(), ttl_s=ttl_s)
+        self._published[bytes(key)] = value
+        return await self.store_on_closest(record)
+
+    async def store_on_closest(
+        self, record: net_pb2.SignedRecord, closest: list[str] | None = None
+    ) -> int:
+        """Store a signed record on the k nearest peers to its key (and locally).
+
+        Args:
+            record: the signed record.
+            closest: the nearest peers if a lookup just found them; looked up otherwise.
+        """
+        self.handle_store(record)
+        if closest is None:
+            closest = await self.lookup(record.key)
+
+        async def store_one(peer_id: str) -> bool:
+            try:
+                return await self.transport.store(peer_id, record)
+            except GossamerError as exc:
+                _log.debug("peer %s: store on %s failed: %s", self._short, peer_id[:12], exc)
+                return False
+
+        results = await asyncio.gather(*(store_one(p) for p in closest))
+        return sum(results)
+
+    async def republish(self) -> None:
+        """Re-sign and re-store what this node published (records must be renewed to live)."""
+        for key, value in list(self._published.items()):
+            await self.put(key, value)
+
+    async def refresh(self) -> None:
+        """A lookup of a random id: fills buckets and spreads peer records."""
+        await self.lookup(secrets.token_bytes(32))
+
+    async def _iterate(
+        self, target: bytes, *, want_value: bool
+    ) -> tuple[list[str], list[net_pb2.SignedRecord]]:
+        k, alpha = self.config.bucket_size, self.config.parallelism
+        target_int = int.from_bytes(target, "big")
+        candidates = set(self.routing.closest(target, k))
+        queried: set[str] = set()
+        answered: set[str] = set()
+        records: list[net_pb2.SignedRecord] = []
+        max_rounds = 64  # bounded even if the network keeps offering new peers
+
+        def distance(peer_id: str) -> int:
+            return int.from_bytes(digest_of_peer_id(peer_id), "big") ^ target_int
+
+        for _ in range(max_rounds):
+            nearest = sorted(candidates - {self.identity.peer_id}, key=distance)[:k]
+            batch = [p for p in nearest if p not in queried][:alpha]
+            if not batch:
+                break
+            queried.update(batch)
+            results = await asyncio.gather(
+                *(self._ask(p, target, want_value) for p in batch), return_exceptions=False
+            )
+            for peer_id, (ok, found_records, found_peers) in zip(batch, results, strict=True):
+                if not ok:
+                    candidates.discard(peer_id)
+                    continue
+                answered.add(peer_id)
+                records.extend(found_records)
+                for signed in found_peers:
+                    self.learn(signed)
+                    peer = self.directory.get(_peer_id_of(signed))
+                    if peer is not None:
+                        candidates.add(peer.peer_id)
+        closest = sorted(answered, key=distance)[:k]
+        return closest, records
+
+    async def _ask(
+        self, peer_id: str, target: bytes, want_value: bool
+    ) -> tuple[bool, list[net_pb2.SignedRecord], list[net_pb2.SignedPeerRecord]]:
+        try:
+            if want_value:
+                raw_records, peers = await self.transport.find_value(peer_id, target)
+            else:
+                raw_records, peers = [], await self.transport.find_node(peer_id, target)
+        except GossamerError as exc:
+            _log.debug("peer %s: lookup request to %s failed: %s", self._short, peer_id[:12], exc)
+            self.peer_failed(peer_id)
+            return False, [], []
+        if (
+            len(peers) > self.config.bucket_size
+            or len(raw_records) > self.limits.max_records_per_key
+        ):
+            self.counters.protocol_error()
+            return True, [], []
+        good = []
+        for record in raw_records:
+            if record.key != target:
+                self.counters.protocol_error()
+                continue
+            try:
+                check_record(
+                    record,
+                    now_s=self.clock.wall(),
+                    max_value_bytes=self.limits.max_record_value_bytes,
+                )
+            except (ProtocolError, AuthenticationError) as exc:
+                self.counters.error(exc)
+                continue
+            good.append(record)
+        return True, good, peers
+
+
+def _peer_id_of(signed: net_pb2.SignedPeerRecord) -> str:
+    try:
+        return peer_id_of_public_key(signed.record.publisher_public_key)
+    except ProtocolError:
+        return ""

@@ -1,0 +1,131 @@
+"""The peer directory: the newest valid record of every peer this node has heard of.
+
+Records reach the directory from handshakes, from the sender and responder fields of DHT calls
+and from lookup results; each is checked (signature, expiry) before it is kept. An entry leaves
+when its record expires: a peer that stopped republishing (killed, partitioned) drops out within
+the lifetime of its last record.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from gossamer.core.clock import Clock
+from gossamer.core.errors import AuthenticationError, ProtocolError
+from gossamer.net.counters import NetCounters
+from gossamer.net.identity import peer_id_of_public_key, short_peer_id
+from gossamer.net.records import PeerRecord, parse_peer_record
+from gossamer.proto import net_pb2
+
+__all__ = ["PeerDirectory"]
+
+_log = logging.getLogger(__name__)
+
+
+class PeerDirectory:
+    """Peer records by peer id, newest wins, bounded in size.
+
+    Args:
+        own_peer_id: this node's id (never stored).
+        clock: wall time for expiry.
+        counters: rejected records are counted here.
+        max_value_bytes: largest record value accepted.
+        max_peers: entries kept; the one expiring soonest goes first.
+    """
+
+    def __init__(
+        self,
+        own_peer_id: str,
+        clock: Clock,
+        counters: NetCounters,
+        *,
+        max_value_bytes: int,
+        max_peers: int,
+    ) -> None:
+        self._own = own_peer_id
+        self._clock = clock
+        self._counters = counters
+        self._max_value_bytes = max_value_bytes
+        self._max_peers = max_peers
+        self._records: dict[str, PeerRecord] = {}
+        self.last_contact_wall_s: dict[str, float] = {}
+        """Wall time of the last authenticated exchange with each peer."""
+        self.on_added: Callable[[PeerRecord], None] | None = None
+        """Called when a peer appears (not on updates)."""
+        self.on_removed: Callable[[str], None] | None = None
+        """Called when a peer's record expires."""
+
+    def learn(self, signed: net_pb2.SignedPeerRecord) -> PeerRecord | None:
+        """Check a record from the network and keep it if it is newer; None if rejected."""
+        try:
+            claimed = peer_id_of_public_key(signed.record.publisher_public_key)
+        except ProtocolError:
+            claimed = ""
+        current = self._records.get(claimed)
+        if current is not None and current.published_at_s >= signed.record.published_at_s:
+            return current  # not newer: keep what was verified, skip verifying this copy
+        try:
+            record = parse_peer_record(
+                signed, now_s=self._clock.wall(), max_value_bytes=self._max_value_bytes
+            )
+        except (ProtocolError, AuthenticationError) as exc:
+            self._counters.error(exc)
+            if isinstance(exc, ProtocolError):
+                self._counters.num_protocol_errors += 1
+            _log.debug("peer %s: ignored a peer record: %s", short_peer_id(self._own), exc)
+            return None
+        if record.peer_id == self._own:
+            return None
+        current = self._records.get(record.peer_id)
+        if current is not None and current.published_at_s >= record.published_at_s:
+            return current
+        self._records[record.peer_id] = record
+        if current is None:
+            self._evict_if_full()
+            if self.on_added is not None and record.peer_id in self._records:
+                self.on_added(record)
+        return record
+
+    def contacted(self, peer_id: str) -> None:
+        """Note an authenticated exchange with a peer."""
+        self.last_contact_wall_s[peer_id] = self._clock.wall()
+
+    def get(self, peer_id: str) -> PeerRecord | None:
+        """The peer's record if it is still valid."""
+        record = self._records.get(peer_id)
+        if record is not None and record.expires_at_s <= self._clock.wall():
+            self._remove(peer_id)
+            return None
+        return record
+
+    def expire(self) -> list[str]:
+        """Drop expired records; returns the peers that left."""
+        now = self._clock.wall()
+        gone = [peer for peer, record in self._records.items() if record.expires_at_s <= now]
+        for peer_id in gone:
+            self._remove(peer_id)
+        return gone
+
+    def records(self) -> list[PeerRecord]:
+        """Every valid record."""
+        self.expire()
+        return list(self._records.values())
+
+    def __contains__(self, peer_id: object) -> bool:
+        return isinstance(peer_id, str) and self.get(peer_id) is not None
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def _remove(self, peer_id: str) -> None:
+        del self._records[peer_id]
+        self.last_contact_wall_s.pop(peer_id, None)
+        _log.info("peer %s: peer %s left the directory", short_peer_id(self._own), peer_id)
+        if self.on_removed is not None:
+            self.on_removed(peer_id)
+
+    def _evict_if_full(self) -> None:
+        while len(self._records) > self._max_peers:
+            soonest = min(self._records.values(), key=lambda r: r.expires_at_s)
+            self._remove(soonest.peer_id)

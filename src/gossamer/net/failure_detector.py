@@ -1,0 +1,167 @@
+"""Failure detection by heartbeats between peers that work together.
+
+Each watched peer gets its own heartbeat loop. A heartbeat waits at most until the peer's gone
+deadline (``timeout_s`` after its last answered heartbeat), so a peer that was killed (calls fail
+at once) or paused (calls hang) is reported gone ``timeout_s`` after it last answered, not later.
+A gone peer keeps being probed; when it answers again (for instance restarted with the same key,
+so the same peer id) it is reported back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from gossamer.core.clock import Clock
+from gossamer.core.errors import DeadlineExceededError, GossamerError
+from gossamer.net.config import HeartbeatConfig
+from gossamer.net.identity import short_peer_id
+
+__all__ = ["FailureDetector", "PeerLiveness"]
+
+_log = logging.getLogger(__name__)
+Heartbeat = Callable[[str, float], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class PeerLiveness:
+    """What the detector knows about one watched peer."""
+
+    peer_id: str
+    """The watched peer."""
+    alive: bool
+    """Whether it answered within the timeout."""
+    last_answer_s: float
+    """Monotonic time of its last answered heartbeat (or of the start of watching)."""
+    changed_at_s: float
+    """Monotonic time of the last change between alive and gone."""
+
+
+class FailureDetector:
+    """Heartbeats to watched peers (an async context manager that owns their tasks).
+
+    Args:
+        heartbeat: sends one heartbeat to a peer with a deadline in seconds; raises a Gossamer
+            error if it was not answered.
+        config: interval and timeout.
+        clock: time source.
+        on_change: called with (peer id, alive) each time a peer goes or comes back.
+        own_peer_id: this node's id, for logs.
+    """
+
+    def __init__(
+        self,
+        heartbeat: Heartbeat,
+        config: HeartbeatConfig,
+        clock: Clock,
+        on_change: Callable[[str, bool], None] | None = None,
+        own_peer_id: str = "",
+    ) -> None:
+        self._heartbeat = heartbeat
+        self._config = config
+        self._clock = clock
+        self._on_change = on_change
+        self._own = short_peer_id(own_peer_id)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._liveness: dict[str, PeerLiveness] = {}
+        self._changed = asyncio.Condition()
+
+    def watch(self, peer_id: str) -> None:
+        """Start heartbeats to ``peer_id`` (no-op if already watched)."""
+        if peer_id in self._tasks:
+            return
+        now = self._clock.monotonic()
+        self._liveness[peer_id] = PeerLiveness(peer_id, True, now, now)
+        self._tasks[peer_id] = asyncio.get_running_loop().create_task(
+            self._run(peer_id), name=f"heartbeat-{short_peer_id(peer_id)}"
+        )
+
+    async def unwatch(self, peer_id: str) -> None:
+        """Stop heartbeats to ``peer_id`` and forget it."""
+        task = self._tasks.pop(peer_id, None)
+        self._liveness.pop(peer_id, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def liveness(self, peer_id: str) -> PeerLiveness | None:
+        """The state of a watched peer."""
+        return self._liveness.get(peer_id)
+
+    @property
+    def watched(self) -> list[str]:
+        """Peers being watched."""
+        return list(self._tasks)
+
+    async def wait_for(self, peer_id: str, *, alive: bool, timeout_s: float) -> float:
+        """Wait until ``peer_id`` is reported alive (or gone); returns the monotonic time it was.
+
+        Raises:
+            DeadlineExceededError: it did not happen within ``timeout_s``.
+        """
+        try:
+            async with asyncio.timeout(timeout_s), self._changed:
+                await self._changed.wait_for(
+                    lambda: (s := self._liveness.get(peer_id)) is not None and s.alive == alive
+                )
+        except TimeoutError as exc:
+            state = "alive" if alive else "gone"
+            raise DeadlineExceededError(
+                f"peer {short_peer_id(peer_id)} was not reported {state} within {timeout_s} s"
+            ) from exc
+        return self._liveness[peer_id].changed_at_s
+
+    async def _run(self, peer_id: str) -> None:
+        interval_s, timeout_s = self._config.interval_s, self._config.timeout_s
+        while True:
+            state = self._liveness[peer_id]
+            started = self._clock.monotonic()
+            # Never wait past the moment the peer would be declared gone.
+            budget_s = state.last_answer_s + timeout_s - started if state.alive else interval_s
+            budget_s = max(min(budget_s, timeout_s), 0.01)
+            try:
+                await self._heartbeat(peer_id, budget_s)
+                answered = True
+            except GossamerError as exc:
+                answered = False
+                _log.debug("peer %s: heartbeat to %s failed: %s", self._own, peer_id[:12], exc)
+            now = self._clock.monotonic()
+            if answered:
+                state.last_answer_s = now
+                if not state.alive:
+                    await self._set(state, True, now)
+            elif state.alive and now - state.last_answer_s >= timeout_s - 1e-3:
+                await self._set(state, False, now)
+            await self._clock.sleep_async(max(0.0, interval_s - (now - started)))
+
+    async def _set(self, state: PeerLiveness, alive: bool, now: float) -> None:
+        state.alive = alive
+        state.changed_at_s = now
+        if alive:
+            _log.info("peer %s: peer %s is back", self._own, state.peer_id)
+        else:
+            _log.warning(
+                "peer %s: peer %s is gone (no heartbeat answered for %.1f s)",
+                self._own,
+                state.peer_id,
+                now - state.last_answer_s,
+            )
+        if self._on_change is not None:
+            self._on_change(state.peer_id, alive)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def close(self) -> None:
+        """Stop every heartbeat loop and wait for it to end."""
+        for peer_id in list(self._tasks):
+            await self.unwatch(peer_id)
+
+    async def __aenter__(self) -> FailureDetector:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

@@ -1,0 +1,66 @@
+"""The edge where gRPC's errors enter Gossamer's error tree, and where ours leave as statuses."""
+
+from __future__ import annotations
+
+import grpc
+
+from gossamer.core.errors import (
+    AuthenticationError,
+    ConfigError,
+    DeadlineExceededError,
+    GossamerError,
+    PeerLostError,
+    PeerUnavailableError,
+    ProtocolError,
+    RetryableError,
+)
+
+__all__ = ["error_of_rpc_error", "status_of_error"]
+
+_ERROR_OF_CODE: dict[grpc.StatusCode, type[GossamerError]] = {
+    grpc.StatusCode.UNAVAILABLE: PeerUnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,
+    grpc.StatusCode.INVALID_ARGUMENT: ProtocolError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ProtocolError,
+    grpc.StatusCode.OUT_OF_RANGE: ProtocolError,
+    grpc.StatusCode.UNIMPLEMENTED: ProtocolError,
+    grpc.StatusCode.FAILED_PRECONDITION: ProtocolError,
+    grpc.StatusCode.NOT_FOUND: ProtocolError,
+    grpc.StatusCode.ALREADY_EXISTS: ProtocolError,
+    # The connection broke mid-call, or the peer's handler died: the peer may come back.
+    grpc.StatusCode.CANCELLED: PeerLostError,
+    grpc.StatusCode.ABORTED: PeerLostError,
+    grpc.StatusCode.UNKNOWN: PeerLostError,
+    grpc.StatusCode.INTERNAL: PeerLostError,
+    grpc.StatusCode.DATA_LOSS: PeerLostError,
+}
+
+
+def error_of_rpc_error(exc: grpc.RpcError, peer: str, method: str) -> GossamerError:
+    """The Gossamer error for a failed call; raise it ``from exc``.
+
+    Args:
+        exc: what gRPC raised.
+        peer: the remote peer (id or address), named in the message.
+        method: the RPC, named in the message.
+    """
+    code = exc.code() if isinstance(exc, grpc.aio.AioRpcError | grpc.Call) else None
+    details = exc.details() if isinstance(exc, grpc.aio.AioRpcError | grpc.Call) else str(exc)
+    kind = _ERROR_OF_CODE.get(code, PeerLostError) if code is not None else PeerLostError
+    name = code.name if code is not None else "error"
+    return kind(f"{method} to {peer} failed: {name}: {details}")
+
+
+def status_of_error(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status a handler aborts with for one of our errors (or an unexpected one)."""
+    if isinstance(exc, AuthenticationError):
+        return grpc.StatusCode.UNAUTHENTICATED, str(exc)
+    if isinstance(exc, ProtocolError | ConfigError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, DeadlineExceededError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+    if isinstance(exc, RetryableError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"

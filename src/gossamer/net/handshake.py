@@ -1,0 +1,341 @@
+"""The authentication handshake that opens every connection, as plain logic (no I/O).
+
+Over a TLS channel pinned to the server's certificate the client sends ``Hello`` (its public key,
+a nonce, the fingerprint of the certificate it pinned); the server answers with its public key, a
+nonce, a signature over the *server transcript* and an HMAC of it under the swarm secret. The
+client checks both, then sends ``Prove`` with its own signature and HMAC over the *client
+transcript*. The server answers with a session token the client attaches to every later call.
+
+Each transcript binds both keys, both nonces and the certificate fingerprint, so a signature can
+neither be replayed on another connection nor relayed by a man in the middle with its own
+certificate. Without the swarm secret a peer gets no session, and nothing it sends is processed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from gossamer.core.clock import Clock
+from gossamer.core.errors import AuthenticationError, ProtocolError
+from gossamer.net.identity import (
+    PUBLIC_KEY_BYTES,
+    Identity,
+    peer_id_of_public_key,
+    short_peer_id,
+    verify_signature,
+)
+from gossamer.proto import net_pb2
+
+__all__ = [
+    "HANDSHAKE_VERSION",
+    "SESSION_METADATA_KEY",
+    "ClientHandshake",
+    "HandshakeAuthority",
+    "Session",
+    "swarm_proof",
+    "transcript",
+]
+
+_log = logging.getLogger(__name__)
+
+HANDSHAKE_VERSION = 1
+SESSION_METADATA_KEY = "gossamer-session"
+NONCE_BYTES = 32
+_MAX_PENDING = 4096
+
+
+def transcript(
+    role: bytes,
+    *,
+    cert_sha256: bytes,
+    client_public_key: bytes,
+    server_public_key: bytes,
+    client_nonce: bytes,
+    server_nonce: bytes,
+) -> bytes:
+    """The bytes each side signs; every part has a fixed length, so the encoding is unambiguous."""
+    assert role in (b"client", b"server")
+    return b"".join(
+        (
+            b"gossamer-handshake-v1\x00",
+            role,
+            cert_sha256,
+            client_public_key,
+            server_public_key,
+            client_nonce,
+            server_nonce,
+        )
+    )
+
+
+def swarm_proof(secret: bytes | None, message: bytes) -> bytes:
+    """HMAC-SHA256 of ``message`` under the swarm secret; empty for an open swarm."""
+    if secret is None:
+        return b""
+    return hmac.new(secret, message, hashlib.sha256).digest()
+
+
+def _check_sizes(**fields: bytes) -> None:
+    sizes = {"cert_sha256": 32, "public_key": PUBLIC_KEY_BYTES, "nonce": NONCE_BYTES}
+    for name, value in fields.items():
+        expected = next(size for suffix, size in sizes.items() if name.endswith(suffix))
+        if len(value) != expected:
+            raise ProtocolError(f"handshake field {name} has {len(value)} bytes, not {expected}")
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """An authenticated caller of this node's server."""
+
+    peer_id: str
+    """The caller's proven peer id."""
+    public_key: bytes
+    """The caller's public key."""
+    created_at_s: float
+    """Monotonic time of the handshake."""
+    record: net_pb2.SignedPeerRecord | None
+    """The caller's peer record, if it sent one."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    client_public_key: bytes
+    client_nonce: bytes
+    created_at_s: float
+
+
+class HandshakeAuthority:
+    """The server side: answers Hello, checks Prove, and keeps the sessions it granted.
+
+    Args:
+        identity: this node's identity.
+        cert_sha256: fingerprint of this node's TLS certificate.
+        swarm_secret: the swarm secret, or None for an open swarm.
+        clock: time source for expiring challenges.
+        max_sessions: sessions kept; the oldest goes first.
+        challenge_ttl_s: how long a Hello's challenge stays valid.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        cert_sha256: bytes,
+        swarm_secret: bytes | None,
+        clock: Clock,
+        *,
+        max_sessions: int = 10_000,
+        challenge_ttl_s: float = 10.0,
+    ) -> None:
+        self._identity = identity
+        self._cert_sha256 = cert_sha256
+        self._secret = swarm_secret
+        self._clock = clock
+        self._max_sessions = max_sessions
+        self._challenge_ttl_s = challenge_ttl_s
+        self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self.num_refused = 0
+        """Handshakes refused (bad signature, wrong secret, malformed)."""
+
+    def hello(self, request: net_pb2.HelloRequest) -> net_pb2.HelloResponse:
+        """Answer a client's Hello with this node's proof and a fresh challenge.
+
+        Raises:
+            ProtocolError: a field has the wrong size or version.
+        """
+        if request.version != HANDSHAKE_VERSION:
+            raise ProtocolError(f"handshake version {request.version}, expected 1")
+        _check_sizes(
+            client_public_key=request.client_public_key,
+            client_nonce=request.client_nonce,
+            server_cert_sha256=request.server_cert_sha256,
+        )
+        if not hmac.compare_digest(request.server_cert_sha256, self._cert_sha256):
+            raise AuthenticationError("the client pinned a TLS certificate that is not ours")
+        self._expire_pending()
+        server_nonce = secrets.token_bytes(NONCE_BYTES)
+        self._pending[server_nonce] = _Pending(
+            request.client_public_key, request.client_nonce, self._clock.monotonic()
+        )
+        while len(self._pending) > _MAX_PENDING:
+            self._pending.popitem(last=False)
+        message = transcript(
+            b"server",
+            cert_sha256=self._cert_sha256,
+            client_public_key=request.client_public_key,
+            server_public_key=self._identity.public_key,
+            client_nonce=request.client_nonce,
+            server_nonce=server_nonce,
+        )
+        return net_pb2.HelloResponse(
+            version=HANDSHAKE_VERSION,
+            server_public_key=self._identity.public_key,
+            server_nonce=server_nonce,
+            server_signature=self._identity.sign(message),
+            server_swarm_proof=swarm_proof(self._secret, message),
+        )
+
+    def prove(self, request: net_pb2.ProveRequest, remote: str) -> tuple[str, Session]:
+        """Check a client's proof and grant it a session.
+
+        Args:
+            request: the client's Prove message.
+            remote: the caller's transport address, for the log line.
+
+        Returns:
+            The session token and the session.
+
+        Raises:
+            AuthenticationError: the signature or the swarm proof is wrong, or the challenge is
+                unknown or expired. Logged with the claimed peer id and the address.
+        """
+        self._expire_pending()
+        pending = self._pending.pop(bytes(request.server_nonce), None)
+        if pending is None:
+            self._refuse(remote, "?", "unknown or expired challenge")
+        assert pending is not None
+        claimed = peer_id_of_public_key(pending.client_public_key)
+        message = transcript(
+            b"client",
+            cert_sha256=self._cert_sha256,
+            client_public_key=pending.client_public_key,
+            server_public_key=self._identity.public_key,
+            client_nonce=pending.client_nonce,
+            server_nonce=bytes(request.server_nonce),
+        )
+        if self._secret is not None and not hmac.compare_digest(
+            request.client_swarm_proof, swarm_proof(self._secret, message)
+        ):
+            self._refuse(remote, claimed, "it does not know the swarm secret")
+        if not verify_signature(pending.client_public_key, request.client_signature, message):
+            self._refuse(remote, claimed, "its signature does not match the key of its peer id")
+        token = secrets.token_hex(32)
+        record = request.client_record if request.HasField("client_record") else None
+        session = Session(claimed, pending.client_public_key, self._clock.monotonic(), record)
+        self._sessions[token] = session
+        while len(self._sessions) > self._max_sessions:
+            self._sessions.popitem(last=False)
+        _log.debug("peer %s: authenticated %s from %s", self._short, short_peer_id(claimed), remote)
+        return token, session
+
+    def session(self, token: str) -> Session | None:
+        """The session behind a token, or None."""
+        return self._sessions.get(token)
+
+    @property
+    def num_sessions(self) -> int:
+        """Sessions currently granted."""
+        return len(self._sessions)
+
+    @property
+    def _short(self) -> str:
+        return short_peer_id(self._identity.peer_id)
+
+    def _refuse(self, remote: str, claimed: str, why: str) -> None:
+        self.num_refused += 1
+        _log.warning(
+            "peer %s: refused connection from %s claiming peer id %s: %s",
+            self._short,
+            remote,
+            claimed,
+            why,
+        )
+        raise AuthenticationError(f"handshake refused: {why}")
+
+    def _expire_pending(self) -> None:
+        horizon = self._clock.monotonic() - self._challenge_ttl_s
+        while self._pending:
+            nonce, pending = next(iter(self._pending.items()))
+            if pending.created_at_s >= horizon:
+                break
+            del self._pending[nonce]
+
+
+class ClientHandshake:
+    """The client side of one handshake.
+
+    Args:
+        identity: this node's identity.
+        cert_sha256: fingerprint of the server certificate the channel is pinned to.
+        swarm_secret: the swarm secret, or None.
+        expected_peer_id: the peer id the caller wants to reach, if known.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        cert_sha256: bytes,
+        swarm_secret: bytes | None,
+        expected_peer_id: str | None,
+    ) -> None:
+        self._identity = identity
+        self._cert_sha256 = cert_sha256
+        self._secret = swarm_secret
+        self._expected = expected_peer_id
+        self._nonce = secrets.token_bytes(NONCE_BYTES)
+
+    def hello(self) -> net_pb2.HelloRequest:
+        """The first message."""
+        return net_pb2.HelloRequest(
+            version=HANDSHAKE_VERSION,
+            client_public_key=self._identity.public_key,
+            client_nonce=self._nonce,
+            server_cert_sha256=self._cert_sha256,
+        )
+
+    def prove(
+        self, response: net_pb2.HelloResponse, record: net_pb2.SignedPeerRecord | None
+    ) -> tuple[str, net_pb2.ProveRequest]:
+        """Check the server's answer and build the client's proof.
+
+        Returns:
+            The server's proven peer id and the Prove message.
+
+        Raises:
+            AuthenticationError: the server is not the expected peer, its signature is wrong, or
+                it does not prove the swarm secret.
+            ProtocolError: the answer is malformed.
+        """
+        _check_sizes(
+            server_public_key=response.server_public_key, server_nonce=response.server_nonce
+        )
+        server_peer_id = peer_id_of_public_key(response.server_public_key)
+        if self._expected is not None and server_peer_id != self._expected:
+            raise AuthenticationError(
+                f"expected peer {short_peer_id(self._expected)} but the server is "
+                f"{short_peer_id(server_peer_id)}"
+            )
+        parts = {
+            "cert_sha256": self._cert_sha256,
+            "client_public_key": self._identity.public_key,
+            "server_public_key": bytes(response.server_public_key),
+            "client_nonce": self._nonce,
+            "server_nonce": bytes(response.server_nonce),
+        }
+        server_message = transcript(b"server", **parts)
+        if not verify_signature(
+            response.server_public_key, response.server_signature, server_message
+        ):
+            raise AuthenticationError(
+                f"peer {short_peer_id(server_peer_id)} did not prove the key behind its id"
+            )
+        if self._secret is not None and not hmac.compare_digest(
+            response.server_swarm_proof, swarm_proof(self._secret, server_message)
+        ):
+            raise AuthenticationError(
+                f"peer {short_peer_id(server_peer_id)} does not know this swarm's secret"
+            )
+        client_message = transcript(b"client", **parts)
+        request = net_pb2.ProveRequest(
+            server_nonce=response.server_nonce,
+            client_signature=self._identity.sign(client_message),
+            client_swarm_proof=swarm_proof(self._secret, client_message),
+        )
+        if record is not None:
+            request.client_record.CopyFrom(record)
+        return server_peer_id, request

@@ -1,0 +1,172 @@
+"""Who a peer is: its Ed25519 key, the peer id derived from it, signatures, and the key file.
+
+A peer id is the lowercase base32 (no padding) of the SHA-256 of the raw 32-byte public key, so
+anyone holding a public key can check the id it claims. The same 32-byte digest is the peer's
+position in the DHT's key space.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from gossamer.core.errors import AuthenticationError, ConfigError, ProtocolError
+
+__all__ = [
+    "PUBLIC_KEY_BYTES",
+    "SIGNATURE_BYTES",
+    "Identity",
+    "digest_of_peer_id",
+    "load_or_create_identity",
+    "peer_id_of_public_key",
+    "short_peer_id",
+    "verify_signature",
+]
+
+_log = logging.getLogger(__name__)
+
+PUBLIC_KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+PEER_ID_CHARS = 52  # base32 of 32 bytes, unpadded
+
+
+@functools.lru_cache(maxsize=65536)
+def peer_id_of_public_key(public_key: bytes) -> str:
+    """The peer id that belongs to a raw Ed25519 public key.
+
+    Raises:
+        ProtocolError: the key is not 32 bytes.
+    """
+    if len(public_key) != PUBLIC_KEY_BYTES:
+        raise ProtocolError(f"an Ed25519 public key is 32 bytes, got {len(public_key)}")
+    digest = hashlib.sha256(public_key).digest()
+    return base64.b32encode(digest).decode("ascii").rstrip("=").lower()
+
+
+@functools.lru_cache(maxsize=65536)
+def digest_of_peer_id(peer_id: str) -> bytes:
+    """The 32-byte DHT position of a peer id (the inverse of the base32 encoding).
+
+    Raises:
+        ProtocolError: the string is not a well-formed peer id.
+    """
+    if len(peer_id) != PEER_ID_CHARS:
+        raise ProtocolError(f"a peer id has {PEER_ID_CHARS} characters, got {len(peer_id)}")
+    try:
+        digest = base64.b32decode(peer_id.upper() + "====", casefold=False)
+    except (ValueError, TypeError) as exc:
+        raise ProtocolError(f"not a peer id: {peer_id[:60]!r}") from exc
+    if len(digest) != 32:
+        raise ProtocolError(f"not a peer id: {peer_id[:60]!r}")
+    return digest
+
+
+def short_peer_id(peer_id: str) -> str:
+    """The first characters of a peer id, for logs and tables."""
+    return peer_id[:12]
+
+
+def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> bool:
+    """Whether ``signature`` is a valid Ed25519 signature of ``message`` by ``public_key``."""
+    if len(public_key) != PUBLIC_KEY_BYTES or len(signature) != SIGNATURE_BYTES:
+        return False
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+class Identity:
+    """A peer's Ed25519 key pair and the peer id derived from it.
+
+    Args:
+        private_key: the key; a fresh one when omitted.
+    """
+
+    def __init__(self, private_key: Ed25519PrivateKey | None = None) -> None:
+        self._private_key = private_key or Ed25519PrivateKey.generate()
+        self.public_key: bytes = self._private_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        """The raw 32-byte public key."""
+        self.peer_id: str = peer_id_of_public_key(self.public_key)
+        """The peer id (base32 of SHA-256 of the public key)."""
+        self.digest: bytes = hashlib.sha256(self.public_key).digest()
+        """The 32-byte DHT position."""
+
+    @classmethod
+    def generate(cls) -> Identity:
+        """A new random identity."""
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_private_bytes(cls, raw: bytes) -> Identity:
+        """An identity from a raw 32-byte Ed25519 private key."""
+        if len(raw) != 32:
+            raise AuthenticationError(f"an Ed25519 private key is 32 bytes, got {len(raw)}")
+        return cls(Ed25519PrivateKey.from_private_bytes(raw))
+
+    def sign(self, message: bytes) -> bytes:
+        """Sign ``message`` with the identity key."""
+        return self._private_key.sign(message)
+
+    def private_pem(self) -> bytes:
+        """The private key as unencrypted PKCS#8 PEM (for the key file)."""
+        return self._private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def __repr__(self) -> str:
+        return f"Identity({short_peer_id(self.peer_id)})"
+
+
+def load_or_create_identity(path: Path) -> Identity:
+    """Load the identity key from ``path``, creating it (mode 0600) on first use.
+
+    Args:
+        path: a PEM file holding an Ed25519 private key.
+
+    Returns:
+        The identity; the same peer id every time the same file is used.
+
+    Raises:
+        ConfigError: the file exists but is not an Ed25519 private key, or is readable by others.
+    """
+    path = Path(path).expanduser()
+    if path.exists():
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise ConfigError(
+                f"key file {path} has mode {mode:o}; others can read it. "
+                f"Run `chmod 600 {path}` (the key is this peer's identity)."
+            )
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"key file {path} is not a PEM private key: {exc}") from exc
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ConfigError(f"key file {path} holds a {type(key).__name__}, not an Ed25519 key")
+        return Identity(key)
+    identity = Identity.generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, identity.private_pem())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _log.info("created identity key %s for peer %s", path, identity.peer_id)
+    return identity

@@ -1,0 +1,345 @@
+"""A peer's network node: one server, its connections, the DHT, bulk streams, failure detection.
+
+``Node`` is an async context manager living on one event loop. Starting it binds the server,
+publishes a signed peer record and joins the swarm through the bootstrap peers; a maintenance task
+it owns renews the record, refreshes the routing table and expires what is stale. Stopping it
+cancels and awaits that task, closes every connection and stops the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from google.protobuf.message import Message
+
+from gossamer.core.clock import Clock, SystemClock
+from gossamer.core.errors import GossamerError, PeerUnavailableError
+from gossamer.net.bulk import BulkHandler, BulkReceiver, send_bulk
+from gossamer.net.config import NodeConfig
+from gossamer.net.connections import ConnectionPool, DialTarget
+from gossamer.net.counters import NetCounters
+from gossamer.net.dht import Dht
+from gossamer.net.dht_service import DhtServicer, GrpcDhtTransport
+from gossamer.net.directory import PeerDirectory
+from gossamer.net.failure_detector import FailureDetector
+from gossamer.net.handshake import Session
+from gossamer.net.identity import Identity, short_peer_id
+from gossamer.net.records import PeerRecord, sign_peer_record
+from gossamer.net.server import NetServer
+from gossamer.net.tls import TlsCertificate
+from gossamer.proto import net_pb2, net_pb2_grpc
+
+__all__ = ["Node", "local_capabilities"]
+
+_log = logging.getLogger(__name__)
+R = TypeVar("R", bound=Message)
+
+
+def local_capabilities() -> net_pb2.Capabilities:
+    """What this machine offers: CPUs and memory (GPUs are filled in by layers that use torch)."""
+    memory = 0
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return net_pb2.Capabilities(num_cpus=os.cpu_count() or 1, memory_bytes=memory)
+
+
+def _routable_host(listen_host: str, towards: tuple[str, ...]) -> str:
+    """The address others should dial when listening on a wildcard host."""
+    if listen_host not in ("0.0.0.0", "::", ""):
+        return listen_host
+    for entry in towards:
+        host, _, port = entry.rpartition("@")[2].rpartition(":")
+        with (
+            contextlib.suppress(OSError, ValueError),
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe,
+        ):
+            probe.connect((host.strip("[]"), int(port)))  # no packet is sent
+            return str(probe.getsockname()[0])
+    return "127.0.0.1"
+
+
+class Node:
+    """One peer's presence on the network.
+
+    Args:
+        config: listen address, bootstrap peers, swarm secret, limits and timings.
+        identity: the peer's identity (a fresh one when omitted).
+        clock: time source.
+        capabilities: advertised in the peer record (this machine's CPUs and memory by default).
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        identity: Identity | None = None,
+        *,
+        clock: Clock | None = None,
+        capabilities: net_pb2.Capabilities | None = None,
+    ) -> None:
+        self.config = config
+        self.identity = identity or Identity.generate()
+        self.clock = clock or SystemClock()
+        self.counters = NetCounters()
+        self.capabilities = capabilities or local_capabilities()
+        self.tls = TlsCertificate.generate()
+        self.server = NetServer(
+            self.identity, self.tls, config, self.clock, self.counters, self._on_session
+        )
+        self.directory = PeerDirectory(
+            self.identity.peer_id,
+            self.clock,
+            self.counters,
+            max_value_bytes=config.limits.max_record_value_bytes,
+            max_peers=config.dht.max_peer_directory,
+        )
+        self.pool = ConnectionPool(
+            self.identity, config, self.clock, self.counters, self._resolve, self.own_record
+        )
+        self._transport = GrpcDhtTransport(self.pool, config.dht)
+        self.dht = Dht(
+            self.identity,
+            config.dht,
+            config.limits,
+            self.clock,
+            self.counters,
+            self.directory,
+            self._transport,
+        )
+        self._transport.dht = self.dht
+        self.dht.own_record = self.own_record
+        self.bulk = BulkReceiver(config.limits, self.counters)
+        self.detector = FailureDetector(
+            self._heartbeat, config.heartbeat, self.clock, own_peer_id=self.identity.peer_id
+        )
+        self.server.add_servicer(net_pb2_grpc.add_DhtServicer_to_server, DhtServicer(self.dht))
+        self.server.add_servicer(net_pb2_grpc.add_BulkServicer_to_server, self.bulk)
+        self.addresses: tuple[str, ...] = ()
+        """Where others dial this node (known after start)."""
+        self.reachability = net_pb2.REACHABILITY_UNKNOWN
+        """Whether others can reach this node directly (a ``ReachabilityKind``)."""
+        self.relays: list[tuple[str, str]] = []
+        """(relay peer id, relay address) pairs this node is reachable through."""
+        self._own_record: net_pb2.SignedPeerRecord | None = None
+        self._record_signed_at_s = 0.0
+        self._bootstrap_ids: dict[str, str] = {}
+        self._maintenance: asyncio.Task[None] | None = None
+        self.extra_dial_targets: Callable[[str], list[DialTarget]] | None = None
+        """Further ways to reach a peer (relay tunnels), consulted after direct addresses."""
+
+    @property
+    def peer_id(self) -> str:
+        """This node's peer id."""
+        return self.identity.peer_id
+
+    @property
+    def short_id(self) -> str:
+        """The short form of the peer id, for logs."""
+        return short_peer_id(self.identity.peer_id)
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on."""
+        return self.server.port
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen, publish the peer record, join through the bootstrap peers, start maintenance."""
+        await self.server.start()
+        host = self.config.listen_address.rpartition(":")[0]
+        self.addresses = self.config.advertise_addresses or (
+            f"{_routable_host(host, self.config.bootstrap)}:{self.server.port}",
+        )
+        self.sign_own_record()
+        if self.config.bootstrap:
+            await self.bootstrap(self.config.bootstrap)
+        self._maintenance = asyncio.get_running_loop().create_task(
+            self._maintain(), name=f"node-maintenance-{self.short_id}"
+        )
+        _log.info("peer %s: started at %s", self.peer_id, ", ".join(self.addresses))
+
+    async def stop(self) -> None:
+        """Stop maintenance and heartbeats, close connections, stop the server."""
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+            self._maintenance = None
+        await self.detector.close()
+        await self.pool.close()
+        await self.server.stop(grace_s=0.5)
+        _log.info("peer %s: stopped", self.short_id)
+
+    async def __aenter__(self) -> Node:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # ---- records and directory -------------------------------------------------------------
+
+    def sign_own_record(self) -> net_pb2.SignedPeerRecord:
+        """Sign a fresh peer record for this node (after a change, or to renew it)."""
+        value = net_pb2.PeerRecordValue(
+            addresses=list(self.addresses),
+            reachability=self.reachability,
+            relays=[net_pb2.RelayHop(relay_peer_id=p, relay_address=a) for p, a in self.relays],
+            capabilities=self.capabilities,
+            tls_cert_der=self.tls.cert_der,
+            relay_service=self.config.relay.serve,
+        )
+        self._own_record = sign_peer_record(
+            self.identity, value, now_s=self.clock.wall(), ttl_s=self.config.dht.record_ttl_s
+        )
+        self._record_signed_at_s = self.clock.monotonic()
+        return self._own_record
+
+    def own_record(self) -> net_pb2.SignedPeerRecord | None:
+        """This node's current signed peer record."""
+        return self._own_record
+
+    def peers(self) -> list[PeerRecord]:
+        """Every peer this node knows a valid record of."""
+        return self.directory.records()
+
+    def _on_session(self, session: Session) -> None:
+        self.directory.contacted(session.peer_id)
+        if session.record is not None:
+            self.dht.learn(session.record)
+
+    def _resolve(self, peer_id: str) -> list[DialTarget]:
+        targets: list[DialTarget] = []
+        record = self.directory.get(peer_id)
+        if record is not None:
+            targets += [DialTarget(a, "direct", record.tls_cert_der) for a in record.addresses]
+        if peer_id in self._bootstrap_ids:
+            targets.append(DialTarget(self._bootstrap_ids[peer_id]))
+        if self.extra_dial_targets is not None:
+            targets += self.extra_dial_targets(peer_id)
+        return targets
+
+    # ---- discovery -------------------------------------------------------------------------
+
+    async def bootstrap(self, entries: tuple[str, ...] | list[str]) -> int:
+        """Join through known peers (HOST:PORT or PEER_ID@HOST:PORT); returns how many answered."""
+        reached = 0
+        for entry in entries:
+            expected, _, address = entry.rpartition("@")
+            try:
+                connection = await self.pool.dial(
+                    DialTarget(address), expected_peer_id=expected or None
+                )
+                self._bootstrap_ids[connection.peer_id] = address
+                await self._transport.ping(
+                    connection.peer_id, with_record=True, timeout_s=self.config.rpc_timeout_s
+                )
+                reached += 1
+            except GossamerError as exc:
+                _log.warning(
+                    "peer %s: bootstrap peer %s did not answer: %s", self.short_id, entry, exc
+                )
+        if reached:
+            await self._publish_own_record(await self.dht.lookup(self.identity.digest))
+        return reached
+
+    async def _publish_own_record(self, closest: list[str] | None = None) -> None:
+        if (
+            self.clock.monotonic() - self._record_signed_at_s
+            >= self.config.dht.republish_interval_s
+        ):
+            self.sign_own_record()
+        record = self._own_record
+        if record is not None:
+            try:
+                await self.dht.store_on_closest(record.record, closest)
+            except GossamerError as exc:
+                _log.warning("peer %s: publishing the peer record failed: %s", self.short_id, exc)
+
+    async def _maintain(self) -> None:
+        dht = self.config.dht
+        tick_s = min(dht.refresh_interval_s, dht.republish_interval_s)
+        next_refresh = self.clock.monotonic() + dht.refresh_interval_s
+        while True:
+            await self.clock.sleep_async(tick_s)
+            try:
+                self.dht.expire()
+                now = self.clock.monotonic()
+                if now - self._record_signed_at_s >= dht.republish_interval_s:
+                    self.sign_own_record()
+                    await self._publish_own_record()
+                    await self.dht.republish()
+                if not self.directory and self.config.bootstrap:
+                    await self.bootstrap(self.config.bootstrap)
+                elif now >= next_refresh:
+                    next_refresh = now + dht.refresh_interval_s
+                    await self.dht.refresh()
+            except GossamerError as exc:
+                _log.warning("peer %s: maintenance step failed: %s", self.short_id, exc)
+
+    # ---- calls -----------------------------------------------------------------------------
+
+    def add_servicer(self, add_to_server: Callable[[Any, Any], None], servicer: Any) -> None:
+        """Serve a service of another layer through this node's server (see NetServer)."""
+        self.server.add_servicer(add_to_server, servicer)
+
+    async def call(
+        self,
+        peer_id: str,
+        method: str,
+        request: Message,
+        response_type: type[R],
+        *,
+        timeout_s: float | None = None,
+        retry: bool = True,
+    ) -> R:
+        """A unary call to a peer by id (see ConnectionPool.call)."""
+        return await self.pool.call(
+            peer_id, method, request, response_type, timeout_s=timeout_s, retry=retry
+        )
+
+    async def ping(self, peer_id: str, timeout_s: float | None = None) -> None:
+        """A ping that trades peer records."""
+        await self._transport.ping(
+            peer_id, with_record=True, timeout_s=timeout_s or self.config.rpc_timeout_s
+        )
+
+    async def _heartbeat(self, peer_id: str, timeout_s: float) -> None:
+        await self._transport.ping(peer_id, with_record=False, timeout_s=timeout_s)
+
+    def on_bulk(self, topic: str, handler: BulkHandler) -> None:
+        """Receive bulk transfers on ``topic`` with ``handler``."""
+        self.bulk.register(topic, handler)
+
+    async def send_bulk(
+        self,
+        peer_id: str,
+        topic: str,
+        payload: bytes | bytearray | memoryview,
+        *,
+        num_streams: int = 1,
+        timeout_s: float = 60.0,
+    ) -> None:
+        """Stream ``payload`` to a peer's handler for ``topic``; returns once it was handled."""
+        if self.pool.breakers[peer_id].state == "open":
+            raise PeerUnavailableError(f"peer {short_peer_id(peer_id)}: circuit open")
+        await send_bulk(
+            self.pool,
+            peer_id,
+            topic,
+            payload,
+            chunk_bytes=self.config.limits.bulk_chunk_bytes,
+            num_streams=num_streams,
+            timeout_s=timeout_s,
+            counters=self.counters,
+        )

@@ -1,0 +1,313 @@
+"""The node's one gRPC server: TLS, the handshake, authentication of every call, and services.
+
+Every layer that speaks on the wire (``net/`` itself, ``comm/``, ``train/``) registers its
+services here with :meth:`NetServer.add_servicer`, passing the generated
+``add_<Name>Servicer_to_server`` function, at any time before or after start. Calls other than the
+handshake must carry a session token; without one the call is refused before its request is even
+decoded. Inside a handler, :func:`current_session` names the authenticated caller, and raising a
+Gossamer error aborts the call with the matching status.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import grpc
+
+from gossamer.core.clock import Clock
+from gossamer.core.errors import ConfigError, GossamerError, ProtocolError
+from gossamer.net.config import NodeConfig
+from gossamer.net.counters import NetCounters
+from gossamer.net.grpc_errors import status_of_error
+from gossamer.net.handshake import SESSION_METADATA_KEY, HandshakeAuthority, Session
+from gossamer.net.identity import Identity, short_peer_id
+from gossamer.net.tls import TlsCertificate
+from gossamer.proto import net_pb2, net_pb2_grpc
+
+__all__ = ["NetServer", "current_session", "grpc_options"]
+
+_log = logging.getLogger(__name__)
+_session_var: contextvars.ContextVar[Session] = contextvars.ContextVar("gossamer_session")
+_HANDSHAKE_PREFIX = "/gossamer.net.v1.Handshake/"
+
+
+def current_session() -> Session:
+    """The authenticated caller of the RPC being handled (only valid inside a handler)."""
+    return _session_var.get()
+
+
+def grpc_options(config: NodeConfig) -> list[tuple[str, Any]]:
+    """Channel and server options shared by both ends: message limits and keepalive."""
+    return [
+        ("grpc.max_send_message_length", config.limits.max_message_bytes),
+        ("grpc.max_receive_message_length", config.limits.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(config.keepalive_interval_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(config.keepalive_interval_s * 500)),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
+
+class _HandlerCollector:
+    """Stands in for a server when calling a generated ``add_*_to_server`` function."""
+
+    def __init__(self) -> None:
+        self.handlers: list[grpc.GenericRpcHandler] = []
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self.handlers.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        """Registered methods are only an optimisation; the generic handler covers them."""
+
+
+class _HandshakeServicer(net_pb2_grpc.HandshakeServicer):
+    def __init__(self, server: NetServer) -> None:
+        self._server = server
+
+    async def Hello(
+        self, request: net_pb2.HelloRequest, context: grpc.aio.ServicerContext
+    ) -> net_pb2.HelloResponse:
+        try:
+            return self._server.authority.hello(request)
+        except GossamerError as exc:
+            self._server.counters.error(exc)
+            await context.abort(*status_of_error(exc))
+            raise AssertionError("unreachable") from exc
+
+    async def Prove(
+        self, request: net_pb2.ProveRequest, context: grpc.aio.ServicerContext
+    ) -> net_pb2.ProveResponse:
+        try:
+            token, session = self._server.authority.prove(request, context.peer())
+        except GossamerError as exc:
+            self._server.counters.num_handshakes_refused += 1
+            self._server.counters.error(exc)
+            await context.abort(*status_of_error(exc))
+            raise AssertionError("unreachable") from exc
+        self._server.on_session(session)
+        return net_pb2.ProveResponse(session_token=token, session_ttl_s=0.0)
+
+
+class _Dispatcher(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """Finds the handler of a method among the registered services and guards it."""
+
+    def __init__(self, server: NetServer) -> None:
+        self._server = server
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        method: str = handler_call_details.method
+        handler = self._server.find_handler(handler_call_details)
+        if handler is None:
+            return None
+        if method.startswith(_HANDSHAKE_PREFIX):
+            return handler
+        token = ""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == SESSION_METADATA_KEY:
+                token = value if isinstance(value, str) else value.decode("ascii", "replace")
+        session = self._server.authority.session(token) if token else None
+        if session is None:
+            return _refusing_handler(handler, method, self._server)
+        return _guarded_handler(handler, method, session, self._server)
+
+
+def _refusing_handler(
+    handler: grpc.RpcMethodHandler, method: str, server: NetServer
+) -> grpc.RpcMethodHandler:
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        server.counters.num_handshakes_refused += 1
+        _log.warning(
+            "peer %s: refused %s from %s: no valid session (handshake missing or expired)",
+            server.short_id,
+            method,
+            context.peer(),
+        )
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no session: handshake first")
+
+    async def refuse_streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await refuse(request, context)
+        yield  # pragma: no cover
+
+    # Raw bytes in, nothing decoded: an unauthenticated request is never parsed.
+    if handler.response_streaming:
+        if handler.request_streaming:
+            return grpc.stream_stream_rpc_method_handler(refuse_streaming)
+        return grpc.unary_stream_rpc_method_handler(refuse_streaming)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+def _guarded_handler(
+    handler: grpc.RpcMethodHandler, method: str, session: Session, server: NetServer
+) -> grpc.RpcMethodHandler:
+    """Run the handler with the session set, counting it and mapping our errors to statuses."""
+
+    async def on_error(exc: Exception, context: grpc.aio.ServicerContext) -> None:
+        server.counters.error(exc)
+        server.counters.peers[session.peer_id].num_errors += 1
+        if isinstance(exc, ProtocolError):
+            server.counters.num_protocol_errors += 1
+        if not isinstance(exc, GossamerError):
+            _log.exception("peer %s: %s from %s failed", server.short_id, method, session.peer_id)
+        await context.abort(*status_of_error(exc))
+
+    def unary_response(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(behavior)
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            _session_var.set(session)
+            server.counters.call_served(session.peer_id, method)
+            try:
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await on_error(exc, context)
+
+        return run
+
+    def streaming_response(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(behavior)
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            _session_var.set(session)
+            server.counters.call_served(session.peer_id, method)
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await on_error(exc, context)
+
+        return run
+
+    kinds = {
+        (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler, unary_response),
+        (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler, unary_response),
+        (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler, streaming_response),
+        (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler, streaming_response),
+    }
+    attr, make, wrap = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(
+        wrap(getattr(handler, attr)),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class NetServer:
+    """The one gRPC server of a node (an async context manager).
+
+    Args:
+        identity: this node's identity.
+        tls: this node's TLS certificate.
+        config: the node config (listen address, limits, keepalive, swarm secret).
+        clock: time source.
+        counters: where calls and errors are counted.
+        on_session: called with each newly authenticated session (e.g. to learn its record).
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        tls: TlsCertificate,
+        config: NodeConfig,
+        clock: Clock,
+        counters: NetCounters,
+        on_session: Callable[[Session], None] | None = None,
+    ) -> None:
+        self.identity = identity
+        self.tls = tls
+        self.config = config
+        self.counters = counters
+        self.authority = HandshakeAuthority(
+            identity,
+            tls.sha256,
+            config.swarm_secret,
+            clock,
+            max_sessions=config.limits.max_sessions,
+        )
+        self._on_session = on_session
+        self._handlers: dict[str, list[grpc.GenericRpcHandler]] = {}
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+        """The port bound (known after start)."""
+        self.add_servicer(net_pb2_grpc.add_HandshakeServicer_to_server, _HandshakeServicer(self))
+
+    @property
+    def short_id(self) -> str:
+        """This node's short peer id, for logs."""
+        return short_peer_id(self.identity.peer_id)
+
+    def add_servicer(self, add_to_server: Callable[[Any, Any], None], servicer: Any) -> None:
+        """Serve ``servicer`` through this server; callable before or after start.
+
+        Args:
+            add_to_server: the generated ``add_<Name>Servicer_to_server`` function.
+            servicer: the implementation.
+        """
+        collector = _HandlerCollector()
+        add_to_server(servicer, collector)
+        self._handlers[type(servicer).__name__] = collector.handlers
+
+    def find_handler(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        """The registered handler for a call, or None."""
+        for handlers in list(self._handlers.values()):
+            for generic in handlers:
+                handler = generic.service(details)
+                if handler is not None:
+                    return handler
+        return None
+
+    def on_session(self, session: Session) -> None:
+        """Called by the handshake servicer for each new session."""
+        if self._on_session is not None:
+            self._on_session(session)
+
+    async def start(self) -> None:
+        """Bind and start serving.
+
+        Raises:
+            ConfigError: the listen address cannot be bound.
+        """
+        server = grpc.aio.server(options=grpc_options(self.config))
+        server.add_generic_rpc_handlers((_Dispatcher(self),))
+        credentials = grpc.ssl_server_credentials([(self.tls.key_pem, self.tls.cert_pem)])
+        try:
+            port = server.add_secure_port(self.config.listen_address, credentials)
+        except RuntimeError as exc:
+            port = 0
+            cause: Exception | None = exc
+        else:
+            cause = None
+        if not port:
+            raise ConfigError(
+                f"net.listen_address: cannot listen on {self.config.listen_address} "
+                "(in use or not an address of this machine); pick another port or use port 0"
+            ) from cause
+        await server.start()
+        self._server = server
+        self.port = port
+        _log.info("peer %s: listening on port %d", self.short_id, port)
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        """Stop serving; calls in flight get ``grace_s`` to finish."""
+        if self._server is not None:
+            server, self._server = self._server, None
+            await server.stop(grace_s)
+
+    async def __aenter__(self) -> NetServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
