@@ -231,6 +231,13 @@ class GPT(nn.Module):
             kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth_largest, float("-inf"))
         probabilities = torch.softmax(logits, dim=-1)
+        if generator is not None and generator.device != probabilities.device:
+            # A CPU generator with a GPU model: sample where the generator lives, so the same
+            # seed gives the same sample whatever device the model is on.
+            sampled = torch.multinomial(
+                probabilities.to(generator.device), num_samples=1, generator=generator
+            )
+            return sampled.to(probabilities.device)
         return torch.multinomial(probabilities, num_samples=1, generator=generator)
 
     def num_parameters(self) -> int:
