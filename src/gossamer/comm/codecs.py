@@ -1,0 +1,300 @@
+"""Compression codecs for averaging: fp32, fp16, bf16 and 8-bit blockwise, with error feedback.
+
+A codec turns a 1-D float32 array into payload bytes and back. Codecs are stateless; the block
+size travels in the wire header (see :mod:`gossamer.comm.wire`), so a receiver needs only the codec
+id to decode. :class:`ErrorFeedback` keeps, per tensor, what compression lost last round and adds
+it back before the next encoding, so the sum of what a sender's peers decode over many rounds
+tracks the sum of what it meant to send. Every function here is numpy/torch work: call it from a
+thread, never on the event loop.
+
+New codecs subclass :class:`Codec` and are registered with :func:`register_codec`.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from gossamer.core.errors import ProtocolError
+
+__all__ = [
+    "BFloat16Codec",
+    "Blockwise8BitCodec",
+    "Codec",
+    "CodecChoice",
+    "CodecPolicy",
+    "ErrorFeedback",
+    "Float16Codec",
+    "FloatArray",
+    "NoCompressionCodec",
+    "codec_by_id",
+    "codec_by_name",
+    "codec_names",
+    "register_codec",
+]
+
+FloatArray = npt.NDArray[np.float32]
+_FP16_MAX = float(np.finfo(np.float16).max)
+MAX_BLOCK_SIZE = 1 << 24
+"""Largest block size a decoder accepts."""
+
+
+class Codec(ABC):
+    """Encodes a 1-D float32 array into bytes and back."""
+
+    codec_id: int
+    """The id written on the wire (0..255, unique)."""
+    name: str
+    """The name users pick it by."""
+    lossy: bool = True
+    """Whether decoding may differ from the input (error feedback applies only to lossy codecs)."""
+
+    @abstractmethod
+    def encoded_nbytes(self, num_elements: int, block_size: int) -> int:
+        """Exact payload size for ``num_elements`` values; a decoder checks it before reading."""
+
+    @abstractmethod
+    def encode(self, values: FloatArray, block_size: int) -> bytes:
+        """Payload bytes for ``values`` (1-D, float32, contiguous)."""
+
+    @abstractmethod
+    def decode(self, payload: memoryview, num_elements: int, block_size: int) -> FloatArray:
+        """The float32 values of a payload whose size was already checked."""
+
+    def check_block_size(self, block_size: int) -> None:
+        """Raise ProtocolError if ``block_size`` is not usable with this codec."""
+        if block_size <= 0:
+            raise ProtocolError(f"{self.name}: block size must be positive, got {block_size}")
+
+
+class NoCompressionCodec(Codec):
+    """Raw little-endian float32."""
+
+    codec_id = 0
+    name = "none"
+    lossy = False
+
+    def encoded_nbytes(self, num_elements: int, block_size: int) -> int:
+        return 4 * num_elements
+
+    def encode(self, values: FloatArray, block_size: int) -> bytes:
+        return np.ascontiguousarray(values, dtype="<f4").tobytes()
+
+    def decode(self, payload: memoryview, num_elements: int, block_size: int) -> FloatArray:
+        return np.frombuffer(payload, dtype="<f4", count=num_elements).astype(np.float32)
+
+
+class Float16Codec(Codec):
+    """IEEE half precision; values beyond its range are clipped to ±65504 rather than made inf."""
+
+    codec_id = 1
+    name = "fp16"
+
+    def encoded_nbytes(self, num_elements: int, block_size: int) -> int:
+        return 2 * num_elements
+
+    def encode(self, values: FloatArray, block_size: int) -> bytes:
+        return np.clip(values, -_FP16_MAX, _FP16_MAX).astype("<f2").tobytes()
+
+    def decode(self, payload: memoryview, num_elements: int, block_size: int) -> FloatArray:
+        return np.frombuffer(payload, dtype="<f2", count=num_elements).astype(np.float32)
+
+
+class BFloat16Codec(Codec):
+    """bfloat16 (float32's range, 8 bits of mantissa), rounded to nearest even by torch."""
+
+    codec_id = 2
+    name = "bf16"
+
+    def encoded_nbytes(self, num_elements: int, block_size: int) -> int:
+        return 2 * num_elements
+
+    def encode(self, values: FloatArray, block_size: int) -> bytes:
+        halves = torch.from_numpy(np.ascontiguousarray(values)).to(torch.bfloat16)
+        return bytes(halves.view(torch.int16).numpy().astype("<i2").tobytes())
+
+    def decode(self, payload: memoryview, num_elements: int, block_size: int) -> FloatArray:
+        raw = np.frombuffer(payload, dtype="<i2", count=num_elements).astype(np.int16)
+        decoded = torch.from_numpy(raw).view(torch.bfloat16).to(torch.float32)
+        return np.asarray(decoded.numpy(), dtype=np.float32)
+
+
+class Blockwise8BitCodec(Codec):
+    """8 bits per value plus one float32 scale (absmax / 127) per block of ``block_size`` values.
+
+    The payload is the scales (one per block, the last block may be short) followed by one signed
+    byte per value. The error per value is at most half a step: ``absmax(block) / 254``.
+    """
+
+    codec_id = 3
+    name = "int8"
+
+    def check_block_size(self, block_size: int) -> None:
+        if not 0 < block_size <= MAX_BLOCK_SIZE:
+            raise ProtocolError(f"8-bit codec block size {block_size} outside 1..{MAX_BLOCK_SIZE}")
+
+    def encoded_nbytes(self, num_elements: int, block_size: int) -> int:
+        return 4 * (-(-num_elements // block_size)) + num_elements
+
+    def encode(self, values: FloatArray, block_size: int) -> bytes:
+        self.check_block_size(block_size)
+        quantized, scales = self._quantize(values, block_size)
+        return scales.astype("<f4").tobytes() + quantized.tobytes()
+
+    def decode(self, payload: memoryview, num_elements: int, block_size: int) -> FloatArray:
+        num_blocks = -(-num_elements // block_size)
+        scales = np.frombuffer(payload, dtype="<f4", count=num_blocks).astype(np.float32)
+        quantized = np.frombuffer(payload, dtype=np.int8, count=num_elements, offset=4 * num_blocks)
+        return self._dequantize(quantized, scales, block_size)
+
+    @staticmethod
+    def _quantize(values: FloatArray, block_size: int) -> tuple[npt.NDArray[np.int8], FloatArray]:
+        num = values.shape[0]
+        num_blocks = -(-num // block_size)
+        padded = np.zeros(num_blocks * block_size, dtype=np.float32)
+        padded[:num] = values
+        blocks = padded.reshape(num_blocks, block_size)
+        scales = (np.abs(blocks).max(axis=1) / 127.0).astype(np.float32)
+        safe = np.where(scales > 0, scales, np.float32(1.0))
+        quantized = np.rint(blocks / safe[:, None]).clip(-127, 127).astype(np.int8)
+        return quantized.reshape(-1)[:num], scales
+
+    @staticmethod
+    def _dequantize(
+        quantized: npt.NDArray[np.int8], scales: FloatArray, block_size: int
+    ) -> FloatArray:
+        num = quantized.shape[0]
+        per_value = np.repeat(scales, block_size)[:num]
+        return (quantized.astype(np.float32) * per_value).astype(np.float32)
+
+
+_BY_ID: dict[int, Codec] = {}
+_BY_NAME: dict[str, Codec] = {}
+
+
+def register_codec(codec: Codec) -> None:
+    """Make ``codec`` available by id (on the wire) and by name (in configs)."""
+    if not 0 <= codec.codec_id <= 255:
+        raise ValueError(f"codec ids are 0..255, got {codec.codec_id}")
+    existing = _BY_ID.get(codec.codec_id)
+    if existing is not None and existing.name != codec.name:
+        raise ValueError(f"codec id {codec.codec_id} is taken by {existing.name!r}")
+    _BY_ID[codec.codec_id] = codec
+    _BY_NAME[codec.name] = codec
+
+
+for _codec in (NoCompressionCodec(), Float16Codec(), BFloat16Codec(), Blockwise8BitCodec()):
+    register_codec(_codec)
+
+
+def codec_by_id(codec_id: int) -> Codec:
+    """The codec behind a wire id.
+
+    Raises:
+        ProtocolError: the id is unknown (a peer speaks a codec we lack).
+    """
+    try:
+        return _BY_ID[codec_id]
+    except KeyError:
+        raise ProtocolError(f"unknown codec id {codec_id}") from None
+
+
+def codec_by_name(name: str) -> Codec:
+    """The codec called ``name`` (``none``, ``fp16``, ``bf16``, ``int8``, or a registered one)."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unknown codec {name!r}; choose one of {codec_names()}") from None
+
+
+def codec_names() -> list[str]:
+    """Names of the registered codecs."""
+    return sorted(_BY_NAME)
+
+
+@dataclass(frozen=True, slots=True)
+class CodecChoice:
+    """A codec and the block size it encodes with."""
+
+    codec: Codec
+    """The codec."""
+    block_size: int
+    """Values per block (used by blockwise codecs; carried in the header for all)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CodecPolicy:
+    """Which codec each tensor gets: small tensors travel uncompressed."""
+
+    codec: str = "none"
+    """Codec for tensors of at least ``min_compressed_numel`` elements."""
+    block_size: int = 4096
+    """Values per block of blockwise codecs."""
+    min_compressed_numel: int = 65_536
+    """Tensors smaller than this go uncompressed (biases and norms: tiny and sensitive)."""
+
+    def __post_init__(self) -> None:
+        codec_by_name(self.codec)
+        if not 0 < self.block_size <= MAX_BLOCK_SIZE:
+            raise ValueError(f"block_size must be in 1..{MAX_BLOCK_SIZE}, got {self.block_size}")
+        if self.min_compressed_numel < 0:
+            raise ValueError("min_compressed_numel must be >= 0")
+
+    def choose(self, numel: int) -> CodecChoice:
+        """The codec for a tensor of ``numel`` elements."""
+        name = self.codec if numel >= self.min_compressed_numel else "none"
+        return CodecChoice(codec_by_name(name), self.block_size)
+
+
+class ErrorFeedback:
+    """Residuals of lossy encodings, one float32 array per tensor key, kept across rounds.
+
+    Encoding a slice adds the slice's stored residual first and stores the new one after, so
+    slices of one tensor may be encoded by different threads as long as they do not overlap.
+    """
+
+    def __init__(self) -> None:
+        self._residuals: dict[str, FloatArray] = {}
+        self._lock = threading.Lock()
+
+    def _residual(self, key: str, numel: int) -> FloatArray:
+        with self._lock:
+            residual = self._residuals.get(key)
+            if residual is None or residual.shape[0] != numel:
+                residual = np.zeros(numel, dtype=np.float32)
+                self._residuals[key] = residual
+            return residual
+
+    def encode(
+        self, choice: CodecChoice, key: str, numel: int, offset: int, values: FloatArray
+    ) -> tuple[bytes, FloatArray]:
+        """Encode ``values`` (elements ``offset..`` of tensor ``key``) with feedback.
+
+        Returns:
+            The payload and what the receiver will decode from it.
+        """
+        codec = choice.codec
+        if not codec.lossy:
+            return codec.encode(values, choice.block_size), values
+        residual = self._residual(key, numel)[offset : offset + values.shape[0]]
+        corrected = values + residual
+        payload = codec.encode(corrected, choice.block_size)
+        decoded = codec.decode(memoryview(payload), values.shape[0], choice.block_size)
+        residual[:] = corrected - decoded
+        return payload, decoded
+
+    def residual_norm(self, key: str) -> float:
+        """L2 norm of the residual stored for ``key`` (0 when none)."""
+        with self._lock:
+            residual = self._residuals.get(key)
+        return 0.0 if residual is None else float(np.linalg.norm(residual))
+
+    def clear(self) -> None:
+        """Forget every residual (e.g. when the model is reset)."""
+        with self._lock:
+            self._residuals.clear()

@@ -1,0 +1,159 @@
+"""Codecs and the tensor wire format: round trips, error bounds, limits, error feedback."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from gossamer.comm.codecs import (
+    CodecChoice,
+    CodecPolicy,
+    ErrorFeedback,
+    codec_by_name,
+    codec_names,
+)
+from gossamer.comm.wire import WireLimits, decode_piece, decode_tensor, encode_piece, encode_tensor
+from gossamer.core.errors import ProtocolError
+
+LIMITS = WireLimits()
+finite_floats = st.floats(-1e4, 1e4, allow_nan=False, width=32)
+value_arrays = arrays(np.float32, st.integers(1, 3000), elements=finite_floats)
+
+
+def _round_trip(values: np.ndarray, name: str, block_size: int = 256) -> np.ndarray:
+    encoded, decoded_by_sender = encode_piece(values, CodecChoice(codec_by_name(name), block_size))
+    piece, end = decode_piece(memoryview(encoded), 0, LIMITS)
+    assert end == len(encoded)
+    np.testing.assert_array_equal(piece.values, decoded_by_sender)
+    return piece.values
+
+
+@settings(max_examples=40, deadline=None)
+@given(value_arrays)
+def test_none_codec_is_exact(values: np.ndarray) -> None:
+    np.testing.assert_array_equal(_round_trip(values, "none"), values)
+
+
+@settings(max_examples=40, deadline=None)
+@given(value_arrays, st.sampled_from(["fp16", "bf16"]))
+def test_half_codecs_keep_relative_precision(values: np.ndarray, name: str) -> None:
+    decoded = _round_trip(values, name)
+    relative = 2.0**-11 if name == "fp16" else 2.0**-8
+    bound = np.abs(values) * relative + (6e-8 if name == "fp16" else 1e-38)
+    assert np.all(np.abs(decoded - values) <= bound + 1e-30)
+
+
+@settings(max_examples=40, deadline=None)
+@given(value_arrays, st.sampled_from([1, 7, 64, 4096]))
+def test_int8_error_is_at_most_half_a_step_per_block(values: np.ndarray, block: int) -> None:
+    decoded = _round_trip(values, "int8", block)
+    for start in range(0, values.shape[0], block):
+        chunk = values[start : start + block]
+        step = float(np.abs(chunk).max()) / 127.0
+        error = np.abs(decoded[start : start + block] - chunk)
+        assert float(error.max()) <= step / 2 * 1.0001 + 1e-12
+
+
+def test_int8_is_about_four_times_smaller() -> None:
+    values = np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32)
+    encoded, _ = encode_piece(values, CodecChoice(codec_by_name("int8"), 4096))
+    assert 3.9 < values.nbytes / len(encoded) < 4.0
+
+
+def test_fp16_clips_instead_of_overflowing() -> None:
+    decoded = _round_trip(np.array([1e6, -1e6, 1.0], dtype=np.float32), "fp16")
+    assert np.all(np.isfinite(decoded))
+
+
+@pytest.mark.parametrize("name", ["none", "fp16", "bf16", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_tensor_round_trip_keeps_shape_and_dtype(name: str, dtype: torch.dtype) -> None:
+    tensor = torch.randn(3, 5, 7).to(dtype)
+    decoded = decode_tensor(encode_tensor(tensor, CodecChoice(codec_by_name(name), 16)), LIMITS)
+    assert decoded.shape == tensor.shape
+    assert decoded.dtype == dtype
+    assert torch.allclose(decoded.float(), tensor.float(), atol=0.05, rtol=0.02)
+
+
+def test_small_tensors_go_uncompressed() -> None:
+    policy = CodecPolicy(codec="int8", min_compressed_numel=1000)
+    assert policy.choose(999).codec.name == "none"
+    assert policy.choose(1000).codec.name == "int8"
+    assert set(codec_names()) >= {"none", "fp16", "bf16", "int8"}
+    with pytest.raises(ValueError, match="unknown codec"):
+        CodecPolicy(codec="zstd")
+
+
+def _valid_piece() -> bytes:
+    encoded, _ = encode_piece(
+        np.arange(8, dtype=np.float32), CodecChoice(codec_by_name("int8"), 4), shape=(2, 4)
+    )
+    return encoded
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda b: b"XXXX" + b[4:], "magic"),
+        (lambda b: b[:4] + b"\x63" + b[5:], "unknown codec"),
+        (lambda b: b[:5] + b"\x09" + b[6:], "dtype"),
+        (lambda b: b[:6] + b"\x20" + b[7:], "dims"),
+        (lambda b: b[:12] + struct.pack("<Q", 1 << 40) + b[20:], "values"),
+        (lambda b: b[:20] + struct.pack("<Q", 1 << 40) + b[28:], "payload"),
+        (lambda b: b[:-1], "payload"),
+        (lambda b: b[:10], "header"),
+        (lambda b: b[:32] + struct.pack("<Q", 3) + b[40:], "does not hold"),
+        (lambda b: b[:8] + struct.pack("<I", 0) + b[12:], "block size"),
+    ],
+)
+def test_malformed_pieces_are_refused_before_allocating(mutate: object, message: str) -> None:
+    assert callable(mutate)
+    with pytest.raises(ProtocolError, match=message):
+        decode_tensor(mutate(_valid_piece()), WireLimits(max_elements=1 << 20))
+
+
+def test_trailing_bytes_are_refused() -> None:
+    with pytest.raises(ProtocolError, match="after the tensor"):
+        decode_tensor(_valid_piece() + b"\0", LIMITS)
+
+
+@pytest.mark.parametrize("name", ["int8", "fp16", "bf16"])
+def test_error_feedback_makes_the_cumulative_error_vanish(name: str) -> None:
+    rng = np.random.default_rng(1)
+    feedback = ErrorFeedback()
+    choice = CodecChoice(codec_by_name(name), 64)
+    sent_sum = np.zeros(4096, dtype=np.float64)
+    decoded_sum = np.zeros(4096, dtype=np.float64)
+    plain_sum = np.zeros(4096, dtype=np.float64)
+    errors = []
+    for _ in range(200):
+        values = (rng.standard_normal(4096) * 0.01 + 0.003).astype(np.float32)
+        encoded, _ = encode_piece(values, choice, feedback=feedback, feedback_key="w")
+        decoded = decode_piece(memoryview(encoded), 0, LIMITS)[0].values
+        plain, _ = encode_piece(values, choice)
+        sent_sum += values
+        decoded_sum += decoded
+        plain_sum += decode_piece(memoryview(plain), 0, LIMITS)[0].values
+        errors.append(float(np.abs(decoded_sum - sent_sum).max()))
+    # With feedback the cumulative error stays bounded by one round's residual ...
+    assert errors[-1] <= feedback.residual_norm("w") + 1e-6
+    assert errors[-1] < 2 * max(errors[:10])
+    # ... while without it, it grows with the rounds.
+    assert float(np.abs(plain_sum - sent_sum).max()) > 5 * errors[-1]
+
+
+def test_error_feedback_on_slices_matches_the_whole() -> None:
+    values = np.random.default_rng(2).standard_normal(1000).astype(np.float32)
+    choice = CodecChoice(codec_by_name("int8"), 100)
+    whole, sliced = ErrorFeedback(), ErrorFeedback()
+    for _ in range(3):
+        _, a = whole.encode(choice, "t", 1000, 0, values)
+        _, b1 = sliced.encode(choice, "t", 1000, 0, values[:500])
+        _, b2 = sliced.encode(choice, "t", 1000, 500, values[500:])
+        np.testing.assert_array_equal(a, np.concatenate([b1, b2]))
