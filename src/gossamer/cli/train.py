@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -23,6 +24,8 @@ from gossamer.core.config_loader import (
     parse_flag_overrides,
 )
 from gossamer.data import load_corpus, validation_batches
+from gossamer.obs.metrics import PeerMetrics, serve_metrics
+from gossamer.obs.trace import SpanRecorder
 from gossamer.train import Trainer
 from gossamer.train.demo import run_demo
 from gossamer.train.inference import load_model, mean_validation_loss, sample_text
@@ -67,16 +70,34 @@ def train(
     summary_json: Annotated[
         Path | None, typer.Option(help="Also write the run's summary as JSON here.")
     ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus /metrics on this port (0: any free one).")
+    ] = None,
+    metrics_host: Annotated[str, typer.Option(help="Address for /metrics.")] = "127.0.0.1",
+    trace: Annotated[
+        Path | None,
+        typer.Option(help="Append spans to this JSON-lines file (see `gossamer trace export`)."),
+    ] = None,
 ) -> None:
     """Train on this peer. Any config key is a flag: --train.max_steps 100 --model.width 256.
 
     Resumes from the newest valid checkpoint in checkpoint.directory unless
     --checkpoint.resume false. `gossamer config keys` lists every key.
     """
-    with exit_on_gossamer_errors():
+    with exit_on_gossamer_errors(), contextlib.ExitStack() as stack:
         run_config = _load(ctx, config)
-        with RichProgressListener() as listener, Trainer(run_config, listener=listener) as trainer:
-            result = trainer.run()
+        metrics = PeerMetrics() if metrics_port is not None else None
+        if metrics is not None and metrics_port is not None:
+            server = serve_metrics(metrics.registry, host=metrics_host, port=metrics_port)
+            stack.callback(server.close)
+            _console.print(f"metrics at {server.url}")
+        spans = SpanRecorder(peer=run_config.name, path=trace)
+        stack.callback(spans.close)
+        listener = stack.enter_context(RichProgressListener())
+        trainer = stack.enter_context(
+            Trainer(run_config, listener=listener, spans=spans, metrics=metrics)
+        )
+        result = trainer.run()
     summary = {
         "steps": result.steps_done,
         "start_step": result.start_step,

@@ -27,6 +27,8 @@ from gossamer.core.config import RunConfig
 from gossamer.core.errors import DataError
 from gossamer.data import Corpus, TokenStream, load_corpus, validation_batches
 from gossamer.models import GPT
+from gossamer.obs.metrics import PeerMetrics
+from gossamer.obs.trace import SpanRecorder
 from gossamer.store import CheckpointStore
 from gossamer.train.checkpointing import RunState, capture_run_state, restore_run_state
 from gossamer.train.inference import mean_validation_loss
@@ -133,6 +135,8 @@ class Trainer:
         peer_index: this peer's index among ``num_peers`` (chooses its data stream).
         num_peers: how many peers draw streams from the same data.
         clock: time source for the time budget and throughput.
+        spans: records compute, communication, evaluation and checkpoint spans.
+        metrics: Prometheus metrics to keep up to date (they also receive the spans).
 
     Raises:
         DataError: the data is missing, empty or shorter than one sequence.
@@ -150,10 +154,16 @@ class Trainer:
         peer_index: int = 0,
         num_peers: int = 1,
         clock: Clock | None = None,
+        spans: SpanRecorder | None = None,
+        metrics: PeerMetrics | None = None,
     ) -> None:
         self.config = config
         self.listener = listener or TrainingListener()
         self.clock = clock or SystemClock()
+        self.spans = spans or SpanRecorder()
+        self.metrics = metrics
+        if metrics is not None:
+            self.spans.add_sink(metrics.record_span)
         if config.train.num_threads:
             torch.set_num_threads(config.train.num_threads)
         self.corpus = corpus if corpus is not None else load_corpus(config.data)
@@ -249,7 +259,11 @@ class Trainer:
 
     def evaluate(self) -> float:
         """Mean loss over the fixed validation batches."""
-        return mean_validation_loss(self.run_state.model, self.val_batches)
+        with self.spans.span("evaluation", step=self.run_state.step):
+            loss = mean_validation_loss(self.run_state.model, self.val_batches)
+        if self.metrics is not None:
+            self.metrics.validation_loss.set(loss)
+        return loss
 
     def _check_vocabulary(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         vocab_size = self.config.model.vocab_size
@@ -271,26 +285,39 @@ class Trainer:
             group["lr"] = lr
         accum = cfg.train.grad_accum_steps
         loss_total = 0.0
-        for _ in range(accum):
-            inputs, targets = run.stream.next_batch()
-            self._check_vocabulary(inputs, targets)
-            logits = run.model(inputs)
-            loss = self._loss(logits, targets)
-            (loss / accum).backward()  # type: ignore[no-untyped-call]
-            loss_total += loss.item()
-        run.strategy.on_gradients(run.model, step)
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        run.strategy.on_step_end(run.model, step)
+        spans = self.spans
+        with spans.span("compute", step=step):
+            for _ in range(accum):
+                inputs, targets = run.stream.next_batch()
+                self._check_vocabulary(inputs, targets)
+                logits = run.model(inputs)
+                loss = self._loss(logits, targets)
+                (loss / accum).backward()  # type: ignore[no-untyped-call]
+                loss_total += loss.item()
+        with spans.span("communication", step=step, hook="on_gradients"):
+            run.strategy.on_gradients(run.model, step)
+        with spans.span("compute", step=step, part="optimizer"):
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        with spans.span("communication", step=step, hook="on_step_end"):
+            run.strategy.on_step_end(run.model, step)
+        tokens = accum * cfg.train.batch_size * cfg.model.context
         run.step = step + 1
-        run.tokens_trained += accum * cfg.train.batch_size * cfg.model.context
-        return loss_total / accum
+        run.tokens_trained += tokens
+        loss_mean = loss_total / accum
+        if self.metrics is not None:
+            self.metrics.step.set(run.step)
+            self.metrics.loss.set(loss_mean)
+            self.metrics.tokens.inc(tokens)
+            self.metrics.goodput.add_step(tokens)
+        return loss_mean
 
     def save_checkpoint(self) -> Path:
         """Write a checkpoint of the current state and return its folder."""
-        path = self.store.save(capture_run_state(self.run_state))
+        with self.spans.span("checkpoint", step=self.run_state.step):
+            path = self.store.save(capture_run_state(self.run_state))
         self.listener.on_checkpoint(step=self.run_state.step, path=path)
         return path
 
@@ -337,6 +364,8 @@ class Trainer:
             eta = per_step * (stop - step)
             if cfg.train.max_seconds:
                 eta = min(eta, max(0.0, cfg.train.max_seconds - elapsed))
+            if self.metrics is not None and train_seconds:
+                self.metrics.tokens_per_second.set(tokens / train_seconds)
             self.listener.on_step(
                 ProgressEvent(
                     step=step,
@@ -349,7 +378,9 @@ class Trainer:
                 )
             )
             if step % cfg.train.log_every == 0:
-                logger.info("step %d/%d loss %.4f", step, cfg.train.max_steps, last_loss)
+                logger.info(
+                    "peer %s step %d/%d loss %.4f", self.spans.peer, step, int(stop), last_loss
+                )
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < stop:
                 val_latest = self.evaluate()
                 self.listener.on_eval(step=step, val_loss=val_latest)

@@ -1,0 +1,35 @@
+"""`gossamer trace export`: spans recorded by a peer as a Chrome trace / Perfetto file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gossamer.obs.trace import export_chrome_trace, read_spans
+
+app = typer.Typer(help="Timelines of where a peer's time went.")
+
+
+@app.command()
+def export(
+    spans: Annotated[Path, typer.Argument(help="JSON-lines spans (from `train --trace FILE`).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Chrome trace JSON to write.")] = (
+        Path("trace.json")
+    ),
+) -> None:
+    """Convert spans to Chrome trace JSON; open it in Perfetto or chrome://tracing."""
+    if not spans.is_file():
+        typer.echo(
+            f"error: no spans file at {spans}; record one with `gossamer train --trace`", err=True
+        )
+        raise typer.Exit(2)
+    try:
+        recorded = read_spans(spans)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    output.write_text(json.dumps(export_chrome_trace(recorded)))
+    typer.echo(f"{len(recorded)} spans written to {output}")
