@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the lab needs (iproute2, iptables, iperf3) where we are root and
-# apt-get exists. Never fails the build: without them the netlab tests skip with the reason.
+# Installs the Debian packages the lab and the observability tests need (iproute2, iptables, iperf3,
+# prometheus) where we are root and apt-get exists. Never fails the build: without them the tests
+# that need them skip with the reason.
 set -u
 missing=()
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v tc >/dev/null 2>&1 || missing+=(iproute2)
 command -v iptables >/dev/null 2>&1 || missing+=(iptables)
 command -v iperf3 >/dev/null 2>&1 || missing+=(iperf3)
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
 if [ "$(id -u)" != "0" ] || ! command -v apt-get >/dev/null 2>&1; then
-  echo "system-deps: not root or no apt-get; missing ${missing[*]} (netlab tests will skip)"
+  echo "system-deps: not root or no apt-get; missing ${missing[*]} (the tests that need them will skip)"
   exit 0
 fi
 echo "system-deps: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq >/dev/null 2>&1 || true
 apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null 2>&1 \
-  || echo "system-deps: apt-get install failed; netlab tests will skip"
+  || echo "system-deps: apt-get install failed; the tests that need them will skip"
 exit 0
