@@ -81,6 +81,8 @@ def test_set_rate_replaces_the_tbf_on_every_end_of_the_path(
     lab.set_rate("p2", 10_000_000)
     changed = [argv for argv in runner.commands if argv[0] == "tc"]
     assert len(changed) == 4  # switch port, router wan, router lan, peer eth0
+    kicks = [argv for argv in runner.commands if "txqueuelen" in argv]
+    assert len(kicks) == 8  # each queue restarted after its tbf is replaced
     assert all("replace" in argv and "10000000bit" in argv for argv in changed)
     state = load_state("t1", tmp_path)
     assert state is not None

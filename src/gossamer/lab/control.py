@@ -26,6 +26,9 @@ __all__ = ["LabControl"]
 
 logger = logging.getLogger(__name__)
 
+_DEFAULT_TXQUEUELEN = 1000  # a veth's own default
+_KICK_TXQUEUELEN = 1001
+
 
 class LabControl:
     """Operations on a built lab.
@@ -124,10 +127,19 @@ class LabControl:
         logger.info("peer %s: link restored", name)
 
     def set_rate(self, name: str, rate_bps: int) -> None:
-        """Change peer ``name``'s link rate on every shaped end, while traffic flows."""
+        """Change peer ``name``'s link rate on every shaped end, while traffic flows.
+
+        Packets queued at that moment may be dropped (TCP resends them).
+        """
         peer = self.peer(name)
         for end in peer.shaped_ends:
             self.runner.run(tbf_command(end, rate_bps))
+            # Replacing a tbf under load can leave a veth's queue stalled for good (seen on
+            # 6.18: backlog stuck, TCP in RTO backoff). Changing the queue length deactivates and
+            # reactivates the device's queues, which restarts it; measured 0 stalls in 20 tries.
+            for queue_length in (_KICK_TXQUEUELEN, _DEFAULT_TXQUEUELEN):
+                self.runner.run(["ip", "-n", end.namespace, "link", "set", end.device,
+                                 "txqueuelen", str(queue_length)])  # fmt: skip
         self.state.rates_bps[name] = rate_bps
         self._save()
         logger.info("peer %s: link rate set to %s", name, format_rate(rate_bps))

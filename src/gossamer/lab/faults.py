@@ -239,6 +239,7 @@ def play_schedule(
     clock: Clock | None = None,
     stop: threading.Event | None = None,
     on_applied: Callable[[AppliedFault], None] | None = None,
+    start_at: float | None = None,
 ) -> list[AppliedFault]:
     """Apply ``faults`` at their times; returns what was applied, in order.
 
@@ -250,10 +251,11 @@ def play_schedule(
         clock: time source; sleeping is done in slices so ``stop`` is noticed quickly.
         stop: when set, play ends before the next fault.
         on_applied: called with each record as soon as it is made (to stream a log).
+        start_at: the ``clock.monotonic()`` reading that ``at_s`` counts from; now when None.
     """
     clock = clock or SystemClock()
     check_schedule(control, faults)
-    start = clock.monotonic()
+    start = clock.monotonic() if start_at is None else start_at
     applied: list[AppliedFault] = []
     for fault in faults:
         while (remaining := start + fault.at_s - clock.monotonic()) > 0:
@@ -296,23 +298,48 @@ class FaultPlayer:
     >>> with FaultPlayer(lab, load_schedule(Path("faults.toml"))) as player:  # doctest: +SKIP
     ...     run_the_workload()
     ...     applied = player.wait(timeout_s=30)
+
+
+    Args:
+        control: the lab to act on.
+        faults: the schedule.
+        clock: time source (the system clock when None).
+        on_applied: as for :func:`play_schedule`.
     """
 
-    def __init__(self, control: LabControl, faults: tuple[Fault, ...], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        control: LabControl,
+        faults: tuple[Fault, ...],
+        *,
+        clock: Clock | None = None,
+        on_applied: Callable[[AppliedFault], None] | None = None,
+    ) -> None:
         check_schedule(control, faults)
+        self._clock = clock or SystemClock()
         self._stop = threading.Event()
         self._applied: list[AppliedFault] = []
         self._error: BaseException | None = None
+        self.started_at: float | None = None
+        """The clock's monotonic reading that the schedule's ``at_s`` count from."""
 
         def play() -> None:
             try:
-                self._applied = play_schedule(control, faults, stop=self._stop, **kwargs)
+                self._applied = play_schedule(
+                    control,
+                    faults,
+                    clock=self._clock,
+                    stop=self._stop,
+                    on_applied=on_applied,
+                    start_at=self.started_at,
+                )
             except BaseException as exc:  # handed to wait(), never lost
                 self._error = exc
 
         self._thread = threading.Thread(target=play, name="gossamer-lab-faults", daemon=True)
 
     def __enter__(self) -> FaultPlayer:
+        self.started_at = self._clock.monotonic()
         self._thread.start()
         return self
 

@@ -55,7 +55,7 @@ class ThroughputResult:
     bottleneck_bps: int
     """The lower of the two peers' link rates."""
     interval_bps: tuple[float, ...] = ()
-    """Throughput in each reporting interval (one per second), omitted start included."""
+    """Throughput the receiver saw in each second of the transfer, omitted start included."""
 
     @property
     def share_of_bottleneck(self) -> float:
@@ -100,6 +100,12 @@ def _parse_report(stdout: str, sender: str, receiver: str) -> dict[str, Any]:
     return report
 
 
+def _receiver_intervals(report: dict[str, Any]) -> tuple[float, ...]:
+    """Per-second throughput as the receiver saw it (the sender's view lags by its buffer)."""
+    server = report.get("server_output_json") or report
+    return tuple(float(item["sum"]["bits_per_second"]) for item in server.get("intervals", []))
+
+
 def measure_tcp_throughput(
     control: LabControl,
     sender: str,
@@ -135,7 +141,7 @@ def measure_tcp_throughput(
         client = control.run_in(
             sender,
             ["iperf3", "-c", target, "-p", str(port), "-t", f"{duration_s:g}", "-O", f"{omit_s:g}",
-             "-J", "--connect-timeout", str(_CONNECT_TIMEOUT_MS)],
+             "-J", "--get-server-output", "--connect-timeout", str(_CONNECT_TIMEOUT_MS)],
             check=False,
             timeout_s=duration_s + omit_s + _CONNECT_TIMEOUT_MS / 1000 + 10.0,
         )  # fmt: skip
@@ -157,9 +163,7 @@ def measure_tcp_throughput(
         duration_s=float(received["seconds"]),
         retransmits=report["end"].get("sum_sent", {}).get("retransmits"),
         bottleneck_bps=min(control.state.rate_bps(sender), control.state.rate_bps(receiver)),
-        interval_bps=tuple(
-            float(interval["sum"]["bits_per_second"]) for interval in report.get("intervals", [])
-        ),
+        interval_bps=_receiver_intervals(report),
     )
     logger.info(
         "iperf %s -> %s: %.2f Mbit/s (%.1f%% of the %.0f Mbit/s bottleneck)",
