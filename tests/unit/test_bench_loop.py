@@ -22,3 +22,18 @@ def test_loop_bench_measures_both_sides(tmp_path: Path) -> None:
     fields = result.to_json()
     assert fields["ratio"] == result.ratio > 0
     assert fields["tokens_per_step"] == 16 * 32
+
+
+def test_obs_overhead_bench_measures_both_settings(tmp_path: Path) -> None:
+    from gossamer.bench.obs_overhead import run_obs_overhead_bench
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("while x:\n    x -= 1\n" * 400)
+    config = RunConfig(
+        model=ModelConfig(num_layers=1, num_heads=2, width=32, context=32),
+        data=DataConfig(source="text", path=str(corpus)),
+    )
+    result = run_obs_overhead_bench(config=config, steps=3, warmup_steps=1, repeats=2)
+    assert len(result.off_tokens_per_s) == len(result.full_tokens_per_s) == 2
+    assert all(v > 0 for v in result.off_tokens_per_s + result.full_tokens_per_s)
+    assert result.to_json()["overhead_percent"] == result.overhead_percent

@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,10 +24,12 @@ import torch.nn.functional as F
 from gossamer.core.config import CheckpointConfig, RunConfig, TrainConfig
 from gossamer.data import Corpus, load_corpus
 from gossamer.models import GPT
+from gossamer.obs.metrics import PeerMetrics
+from gossamer.obs.trace import SpanRecorder
 from gossamer.train import ProgressEvent, Trainer, TrainingListener
 from gossamer.train.optim import learning_rate_at
 
-__all__ = ["LoopBenchResult", "run_loop_bench"]
+__all__ = ["LoopBenchResult", "gossamer_tokens_per_s", "run_loop_bench"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -78,15 +80,42 @@ class _StepTimer(TrainingListener):
         self.marks[event.step] = time.perf_counter()
 
 
-def _gossamer_tokens_per_s(config: RunConfig, corpus: Corpus, warmup: int, steps: int) -> float:
+def gossamer_tokens_per_s(
+    config: RunConfig,
+    corpus: Corpus,
+    warmup: int,
+    steps: int,
+    *,
+    observability: Literal["off", "default", "full"] = "default",
+) -> float:
+    """Throughput of Gossamer's loop over ``steps`` steps after ``warmup``.
+
+    Args:
+        config: the run; its checkpoint folder is replaced by a temporary one.
+        corpus: the data, loaded once for every measurement.
+        warmup: unmeasured steps first.
+        steps: measured steps.
+        observability: ``default`` as :class:`Trainer` runs when given nothing (spans kept in
+            memory, no metrics); ``full`` with Prometheus metrics and spans appended to a file
+            (as ``gossamer train --metrics-port --trace`` runs); ``off`` with neither.
+    """
     with tempfile.TemporaryDirectory(prefix="gossamer-bench-") as tmp:
         run_config = replace(
             config,
             checkpoint=CheckpointConfig(directory=str(Path(tmp) / "ckpt"), resume=False),
         )
         timer = _StepTimer(warmup)
-        with Trainer(run_config, corpus=corpus, listener=timer) as trainer:
+        metrics = PeerMetrics() if observability == "full" else None
+        spans = SpanRecorder(
+            peer="bench",
+            path=Path(tmp) / "spans.jsonl" if observability == "full" else None,
+            enabled=observability != "off",
+        )
+        with Trainer(
+            run_config, corpus=corpus, listener=timer, metrics=metrics, spans=spans
+        ) as trainer:
             trainer.run()
+        spans.close()
     elapsed = timer.marks[warmup + steps] - timer.marks[warmup]
     return steps * config.train.batch_size * config.model.context / elapsed
 
@@ -153,11 +182,11 @@ def run_loop_bench(
     plain: list[float] = []
     for repeat in range(repeats):
         if repeat % 2 == 0:
-            gossamer.append(_gossamer_tokens_per_s(base, corpus, warmup_steps, steps))
+            gossamer.append(gossamer_tokens_per_s(base, corpus, warmup_steps, steps))
             plain.append(_plain_tokens_per_s(base, corpus, warmup_steps, steps))
         else:
             plain.append(_plain_tokens_per_s(base, corpus, warmup_steps, steps))
-            gossamer.append(_gossamer_tokens_per_s(base, corpus, warmup_steps, steps))
+            gossamer.append(gossamer_tokens_per_s(base, corpus, warmup_steps, steps))
     return LoopBenchResult(
         gossamer_tokens_per_s=gossamer,
         plain_tokens_per_s=plain,

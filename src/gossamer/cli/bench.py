@@ -3,22 +3,41 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from gossamer.bench.loop import run_loop_bench
+from gossamer.bench.obs_overhead import run_obs_overhead_bench
 from gossamer.cli.errors import exit_on_gossamer_errors
 from gossamer.core.config_loader import load_run_config, parse_flag_overrides
 
 app = typer.Typer(help="Benchmarks: Gossamer against its reference, measured in the same run.")
 _console = Console()
+_OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def _write_json(fields: dict[str, Any], out: Path | None) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(fields, indent=2) + "\n")
+
+
+def _runs_table(title: str, rows: list[tuple[str, list[float]]]) -> Table:
+    table = Table(title=title)
+    table.add_column("variant")
+    table.add_column("tokens/s (median)", justify="right")
+    table.add_column("runs", justify="right")
+    for name, runs in rows:
+        table.add_row(name, f"{statistics.median(runs):,.0f}", ", ".join(f"{v:,.0f}" for v in runs))
+    return table
+
+
+@app.command(context_settings=_OVERRIDES)
 def loop(
     ctx: typer.Context,
     steps: Annotated[int, typer.Option(help="Measured steps per repeat.")] = 60,
@@ -37,31 +56,55 @@ def loop(
             config=config, steps=steps, warmup_steps=warmup_steps, repeats=repeats
         )
     fields = result.to_json()
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(fields, indent=2) + "\n")
+    _write_json(fields, out)
     if json_output:
         typer.echo(json.dumps(fields))
         return
-    table = Table(
-        title=f"one-peer loop, {steps} steps x {repeats} repeats, {result.threads} threads"
+    title = f"one-peer loop, {steps} steps x {repeats} repeats, {result.threads} threads"
+    _console.print(
+        _runs_table(
+            title,
+            [
+                ("gossamer", result.gossamer_tokens_per_s),
+                ("plain torch", result.plain_tokens_per_s),
+            ],
+        )
     )
-    table.add_column("loop")
-    table.add_column("tokens/s (median)", justify="right")
-    table.add_column("runs", justify="right")
-    table.add_row(
-        "gossamer",
-        f"{fields['gossamer_tokens_per_s']:,.0f}",
-        ", ".join(f"{v:,.0f}" for v in result.gossamer_tokens_per_s),
-    )
-    table.add_row(
-        "plain torch",
-        f"{fields['plain_tokens_per_s']:,.0f}",
-        ", ".join(f"{v:,.0f}" for v in result.plain_tokens_per_s),
-    )
-    _console.print(table)
     change = "slower" if result.ratio < 1 else "faster"
     _console.print(
         f"ratio gossamer / plain = {result.ratio:.3f}: Gossamer's loop is "
         f"{abs(fields['slowdown_percent']):.1f}% {change} (target: at most 5% slower)"
     )
+
+
+@app.command(context_settings=_OVERRIDES)
+def obs(
+    ctx: typer.Context,
+    steps: Annotated[int, typer.Option(help="Measured steps per repeat.")] = 60,
+    warmup_steps: Annotated[int, typer.Option(help="Unmeasured steps first.")] = 5,
+    repeats: Annotated[int, typer.Option(help="Measurements per side (alternating).")] = 3,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Also write the JSON result here.")] = None,
+) -> None:
+    """What metrics and tracing cost training: the same run with both off and with both on."""
+    with exit_on_gossamer_errors():
+        config = load_run_config(None, parse_flag_overrides(ctx.args))
+        result = run_obs_overhead_bench(
+            config=config, steps=steps, warmup_steps=warmup_steps, repeats=repeats
+        )
+    fields = result.to_json()
+    _write_json(fields, out)
+    if json_output:
+        typer.echo(json.dumps(fields))
+        return
+    title = f"observability overhead, {steps} steps x {repeats} repeats, {result.threads} threads"
+    _console.print(
+        _runs_table(
+            title,
+            [
+                ("metrics + tracing off", result.off_tokens_per_s),
+                ("metrics + tracing on", result.full_tokens_per_s),
+            ],
+        )
+    )
+    _console.print(f"overhead = {result.overhead_percent:+.2f}% of throughput (target: at most 2%)")

@@ -54,6 +54,7 @@ class SpanRecorder:
         max_spans: how many recent spans to keep in memory.
         path: append spans to this JSON-lines file if given.
         sinks: called with each finished span.
+        enabled: if False, ``span`` records nothing (the baseline of the overhead benchmark).
     """
 
     def __init__(
@@ -63,8 +64,10 @@ class SpanRecorder:
         max_spans: int = 10_000,
         path: Path | None = None,
         sinks: Iterable[SpanSink] = (),
+        enabled: bool = True,
     ) -> None:
         self.peer = peer
+        self.enabled = enabled
         self._spans: deque[Span] = deque(maxlen=max_spans)
         self._sinks = list(sinks)
         self._lock = threading.Lock()
@@ -80,6 +83,9 @@ class SpanRecorder:
     @contextmanager
     def span(self, name: str, *, step: int = -1, **attrs: Any) -> Iterator[None]:
         """Time the body of a ``with`` block as a span called ``name``."""
+        if not self.enabled:
+            yield
+            return
         wall = time.time()
         started = time.perf_counter()
         try:
