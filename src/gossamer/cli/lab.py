@@ -211,8 +211,9 @@ def faults(
 ) -> None:
     """Play a fault schedule against a running lab, printing each action with its time."""
     with _user_errors():
+        faults_to_play = load_schedule(schedule)  # a bad file is refused before the lab is needed
         control = attach_lab(name, state_dir=state_dir)
-        applied = play_schedule(control, load_schedule(schedule), on_applied=_echo_applied(log))
+        applied = play_schedule(control, faults_to_play, on_applied=_echo_applied(log))
     failed = [record for record in applied if not record.ok]
     if failed:
         raise typer.Exit(1)

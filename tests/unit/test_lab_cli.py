@@ -1,0 +1,38 @@
+"""`gossamer lab`'s handling of bad input, before it touches the system."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from gossamer.cli.lab import app
+
+
+def test_a_bad_rate_is_one_line_with_the_fix() -> None:
+    result = CliRunner().invoke(app, ["up", "--peers", "2", "--rate", "100mbps"])
+    assert result.exit_code == 1
+    assert "bytes per second" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_too_many_rates_for_the_peers_is_refused() -> None:
+    result = CliRunner().invoke(app, ["up", "--peers", "2", "--rates", "1mbit,2mbit,3mbit"])
+    assert result.exit_code == 1
+    assert "one rate per peer" in result.output
+
+
+def test_commands_on_a_lab_that_is_not_up_say_how_to_start_one(tmp_path: Path) -> None:
+    common = ["--name", "absent", "--state-dir", str(tmp_path)]
+    for argv in (["exec", "p0", *common, "--", "true"], ["iperf", "p0", "p1", *common]):
+        result = CliRunner().invoke(app, argv)
+        assert result.exit_code == 1
+        assert "gossamer lab up --name absent" in result.output
+
+
+def test_a_bad_schedule_is_refused_before_play(tmp_path: Path) -> None:
+    schedule = tmp_path / "faults.toml"
+    schedule.write_text('[[fault]]\nat_s = 1\naction = "explode"\n')
+    result = CliRunner().invoke(app, ["faults", str(schedule), "--state-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "unknown action 'explode'" in result.output
