@@ -2,8 +2,291 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+from gossamer.core.errors import ConfigError, GossamerError
+from gossamer.net.bridge import NodeThread
+from gossamer.net.config import DhtConfig, HeartbeatConfig, NodeConfig
+from gossamer.net.identity import load_or_create_identity
+from gossamer.net.node import Node
+from gossamer.net.status import node_status, write_status_file
+
+DEFAULT_KEY_FILE = Path("~/.gossamer/key.pem")
+
+peer_app = typer.Typer(help="Run this machine's peer.", no_args_is_help=True)
+
+ListenOption = Annotated[
+    str, typer.Option("--listen", help="HOST:PORT to listen on (port 0 picks a free one).")
+]
+BootstrapOption = Annotated[
+    list[str] | None,
+    typer.Option("--bootstrap", help="A known peer, HOST:PORT or PEER_ID@HOST:PORT (repeatable)."),
+]
+SecretOption = Annotated[
+    Path | None,
+    typer.Option("--swarm-secret-file", help="File with the private swarm's secret (>= 16 bytes)."),
+]
+KeyOption = Annotated[
+    Path, typer.Option("--key-file", help="This peer's identity key (created on first run, 0600).")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn Gossamer's errors into one line on stderr and exit status 1, not a traceback."""
+    try:
+        yield
+    except GossamerError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from exc
+
+
+def _read_secret(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        secret = path.expanduser().read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"--swarm-secret-file: cannot read {path}: {exc}") from exc
+    return secret
+
+
+def _config(
+    listen: str,
+    bootstrap: list[str] | None,
+    secret_file: Path | None,
+    *,
+    advertise: list[str] | None = None,
+    record_ttl_s: float = 60.0,
+    heartbeat_timeout_s: float = 2.5,
+    refresh_interval_s: float = 5.0,
+) -> NodeConfig:
+    return NodeConfig(
+        listen_address=listen,
+        advertise_addresses=tuple(advertise or ()),
+        bootstrap=tuple(bootstrap or ()),
+        swarm_secret=_read_secret(secret_file),
+        dht=DhtConfig(
+            record_ttl_s=record_ttl_s,
+            republish_interval_s=record_ttl_s / 3,
+            refresh_interval_s=refresh_interval_s,
+        ),
+        heartbeat=HeartbeatConfig(
+            interval_s=min(0.5, heartbeat_timeout_s / 3), timeout_s=heartbeat_timeout_s
+        ),
+    )
+
+
+def _human_bytes(num: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if num < 1024 or unit == "TiB":
+            return f"{num:.0f} {unit}" if unit == "B" else f"{num:.1f} {unit}"
+        num /= 1024
+    return f"{num}"
+
+
+def _print_peers(rows: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} peers")
+    for column in (
+        "peer id",
+        "address",
+        "reachability",
+        "CPU / GPU",
+        "memory",
+        "bandwidth",
+        "last seen",
+    ):
+        table.add_column(column)
+    for row in sorted(rows, key=lambda r: r["peer_id"]):
+        caps = row["capabilities"]
+        via = ", ".join(r["peer_id"][:12] for r in row["relays"])
+        bandwidth = caps["measured_bandwidth_bytes_per_s"]
+        table.add_row(
+            row["peer_id"][:16],
+            ", ".join(row["addresses"]) or "-",
+            row["reachability"] + (f" via {via}" if via else ""),
+            f"{caps['num_cpus']} CPU / {caps['num_gpus']} GPU",
+            _human_bytes(caps["memory_bytes"]),
+            f"{_human_bytes(bandwidth)}/s" if bandwidth else "-",
+            f"{row['last_seen_s_ago']:.0f} s ago",
+        )
+    Console().print(table)
+
+
+@peer_app.command("start")
+def peer_start(
+    listen: ListenOption = "0.0.0.0:0",
+    bootstrap: BootstrapOption = None,
+    swarm_secret_file: SecretOption = None,
+    key_file: KeyOption = DEFAULT_KEY_FILE,
+    advertise: Annotated[
+        list[str] | None, typer.Option("--advertise", help="HOST:PORT others should dial.")
+    ] = None,
+    status_file: Annotated[
+        Path | None, typer.Option("--status-file", help="Write this peer's view here as JSON.")
+    ] = None,
+    record_ttl_s: Annotated[
+        float, typer.Option("--record-ttl-s", help="Lifetime of this peer's signed records.")
+    ] = 60.0,
+    refresh_interval_s: Annotated[
+        float, typer.Option("--refresh-interval-s", help="Seconds between DHT refreshes.")
+    ] = 5.0,
+    check_reachability: Annotated[
+        bool, typer.Option(help="Ask peers to dial back at start.")
+    ] = True,
+) -> None:
+    """Run a long-lived peer until interrupted (Ctrl-C or SIGTERM)."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    with _user_errors():
+        identity = load_or_create_identity(key_file.expanduser())
+        config = _config(
+            listen,
+            bootstrap,
+            swarm_secret_file,
+            advertise=advertise,
+            record_ttl_s=record_ttl_s,
+            refresh_interval_s=refresh_interval_s,
+        )
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        with NodeThread(config, identity) as thread:
+            node = thread.node
+            if check_reachability and config.bootstrap:
+                thread.run(lambda n: n.check_reachability(), timeout_s=15.0)
+            typer.echo(f"peer {node.peer_id} listening on {', '.join(node.addresses)}", err=False)
+            while not stop.is_set():
+                if status_file is not None:
+                    status = thread.run(_status, timeout_s=5.0)
+                    write_status_file(status_file, status)
+                stop.wait(1.0)
+        typer.echo(f"peer {identity.peer_id} stopped")
+
+
+async def _status(node: Node) -> dict[str, Any]:
+    return node_status(node)
+
+
+@peer_app.command("id")
+def peer_id(key_file: KeyOption = DEFAULT_KEY_FILE) -> None:
+    """Print this peer's id (creating its key on first use)."""
+    with _user_errors():
+        typer.echo(load_or_create_identity(key_file.expanduser()).peer_id)
+
+
+def _transient_view(config: NodeConfig, wait_s: float, reachability: bool) -> dict[str, Any]:
+    """Join with a throwaway identity, look around for ``wait_s``, and report what was seen."""
+    config = dataclasses.replace(config, announce=False)
+
+    async def look(node: Node) -> dict[str, Any]:
+        if reachability:
+            await node.check_reachability(timeout_s=min(5.0, wait_s))
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            await node.dht.refresh()
+        return node_status(node)
+
+    with NodeThread(config) as thread:
+        return thread.run(look, timeout_s=wait_s + 15.0)
+
+
+def peers(
+    bootstrap: BootstrapOption = None,
+    swarm_secret_file: SecretOption = None,
+    as_json: JsonOption = False,
+    wait_s: Annotated[float, typer.Option("--wait-s", help="Seconds to look around.")] = 2.0,
+) -> None:
+    """List the swarm's peers: id, address, reachability, capabilities, last seen."""
+    logging.basicConfig(level=logging.ERROR)
+    with _user_errors():
+        if not bootstrap:
+            raise ConfigError("--bootstrap: name at least one peer of the swarm")
+        config = _config("0.0.0.0:0", bootstrap, swarm_secret_file)
+        status = _transient_view(config, wait_s, reachability=False)
+        _print_peers(status["peers"], as_json)
+
+
+def doctor(
+    bootstrap: BootstrapOption = None,
+    swarm_secret_file: SecretOption = None,
+    listen: ListenOption = "0.0.0.0:0",
+    status_file: Annotated[
+        Path | None,
+        typer.Option("--status-file", help="A running peer's status file to diagnose."),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Say whether this peer can be reached by others, whether it uses a relay, what to change."""
+    logging.basicConfig(level=logging.ERROR)
+    with _user_errors():
+        if status_file is not None:
+            status = json.loads(status_file.read_text())
+        elif bootstrap:
+            config = _config(listen, bootstrap, swarm_secret_file)
+            status = _transient_view(config, 1.0, reachability=True)
+        else:
+            raise ConfigError("doctor needs --bootstrap (peers to ask) or --status-file")
+        verdict = _verdict(status)
+        if as_json:
+            typer.echo(json.dumps({**verdict, "peer_id": status["peer_id"]}, indent=1))
+        else:
+            typer.echo(f"peer {status['peer_id']}")
+            typer.echo(f"reachable directly: {verdict['reachable']}")
+            typer.echo(f"relayed: {verdict['relayed']}")
+            typer.echo(f"known peers: {len(status['peers'])}")
+            typer.echo(verdict["advice"])
+
+
+def _verdict(status: dict[str, Any]) -> dict[str, Any]:
+    reachability = status["reachability"]
+    relays = status.get("relays", [])
+    port = status.get("port", 0)
+    if reachability == "direct":
+        advice = f"fine: others reach this peer directly at {', '.join(status['addresses'])}"
+    elif relays:
+        via = ", ".join(f"{r['peer_id'][:12]} ({r['address']})" for r in relays)
+        advice = (
+            f"fine: relayed through {via}. For direct connections, open TCP port {port} "
+            "(forward it on your router) and pass --advertise PUBLIC_IP:PORT"
+        )
+    elif reachability == "relayed":
+        advice = (
+            f"not reachable and no relay yet: open TCP port {port} (forward it on your router) "
+            "or make sure some reachable peer relays (it does unless it opted out)"
+        )
+    else:
+        advice = "unknown: no peer answered a dial-back request; check --bootstrap"
+    return {
+        "reachable": reachability == "direct",
+        "relayed": bool(relays),
+        "reachability": reachability,
+        "relays": relays,
+        "advice": advice,
+    }
 
 
 def register(app: typer.Typer) -> None:
     """Add the peer commands to the root command."""
+    app.add_typer(peer_app, name="peer")
+    app.command("peers")(peers)
+    app.command("doctor")(doctor)

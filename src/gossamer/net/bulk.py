@@ -32,6 +32,7 @@ _log = logging.getLogger(__name__)
 PUSH_METHOD = "/gossamer.net.v1.Bulk/Push"
 _MAX_TOPIC_CHARS = 256
 _MAX_TRANSFER_ID_CHARS = 64
+_MAX_STREAMS = 64
 
 BulkHandler = Callable[[str, str, bytearray], Awaitable[None]]
 """Called with (sender peer id, topic, payload) once a transfer is complete."""
@@ -41,8 +42,9 @@ BulkHandler = Callable[[str, str, bytearray], Awaitable[None]]
 class _Transfer:
     topic: str
     buffer: bytearray
+    num_streams: int
     received: int = 0
-    num_open_streams: int = 0
+    num_finished_streams: int = 0
 
 
 class BulkReceiver(net_pb2_grpc.BulkServicer):
@@ -86,10 +88,16 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
         if transfer is None:
             if self._inflight_bytes + total > self._limits.max_bulk_inflight_bytes:
                 raise ProtocolError("too many bulk bytes in flight; try again later")
-            transfer = _Transfer(first.topic, bytearray(total))
+            if not 1 <= first.num_streams <= _MAX_STREAMS:
+                raise ProtocolError(f"a transfer runs over 1..{_MAX_STREAMS} streams")
+            transfer = _Transfer(first.topic, bytearray(total), first.num_streams)
             self._transfers[key] = transfer
             self._inflight_bytes += total
-        elif len(transfer.buffer) != total or transfer.topic != first.topic:
+        elif (len(transfer.buffer), transfer.topic, transfer.num_streams) != (
+            total,
+            first.topic,
+            first.num_streams,
+        ):
             raise ProtocolError("parallel streams of one transfer disagree on its size or topic")
         return key, transfer
 
@@ -107,7 +115,6 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
             async for chunk in request_iterator:
                 if transfer is None:
                     key, transfer = self._open(sender, chunk)
-                    transfer.num_open_streams += 1
                     next_offset = chunk.offset
                 if chunk.offset != next_offset:
                     raise ProtocolError("bulk chunks of one stream must be contiguous")
@@ -121,9 +128,9 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
             self._counters.received(sender, received)
             if transfer is None or key is None:
                 return net_pb2.BulkAck(received_bytes=0, transfer_complete=False)
-            transfer.num_open_streams -= 1
+            transfer.num_finished_streams += 1
             if transfer.received < len(transfer.buffer):
-                if transfer.num_open_streams == 0:
+                if transfer.num_finished_streams >= transfer.num_streams:
                     self._close(key, transfer)  # every stream ended and bytes are missing
                     raise ProtocolError("bulk transfer ended short of its announced size")
                 return net_pb2.BulkAck(received_bytes=received, transfer_complete=False)
@@ -184,6 +191,7 @@ async def send_bulk(
             chunk = net_pb2.BulkChunk(offset=offset, data=bytes(view[offset:end]))
             if first:
                 chunk.transfer_id, chunk.topic, chunk.total_bytes = transfer_id, topic, total
+                chunk.num_streams = num_streams
                 first = False
             yield chunk
             offset = end

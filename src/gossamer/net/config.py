@@ -199,6 +199,8 @@ class NodeConfig:
     """Known peers to join through, as HOST:PORT or PEER_ID@HOST:PORT."""
     swarm_secret: bytes | None = field(default=None, repr=False)
     """Shared secret of a private swarm; peers that cannot prove it are refused."""
+    announce: bool = True
+    """Publish this node's peer record; False for short-lived observers (`gossamer peers`)."""
     connect_timeout_s: float = 5.0
     """Deadline to open and authenticate a connection."""
     rpc_timeout_s: float = 5.0

@@ -30,6 +30,7 @@ from gossamer.net.directory import PeerDirectory
 from gossamer.net.failure_detector import FailureDetector
 from gossamer.net.handshake import Session
 from gossamer.net.identity import Identity, short_peer_id
+from gossamer.net.reachability import DIAL_BACK_METHOD, ReachabilityServicer
 from gossamer.net.records import PeerRecord, sign_peer_record
 from gossamer.net.server import NetServer
 from gossamer.net.tls import TlsCertificate
@@ -119,6 +120,9 @@ class Node:
         )
         self.server.add_servicer(net_pb2_grpc.add_DhtServicer_to_server, DhtServicer(self.dht))
         self.server.add_servicer(net_pb2_grpc.add_BulkServicer_to_server, self.bulk)
+        self.server.add_servicer(
+            net_pb2_grpc.add_ReachabilityServicer_to_server, ReachabilityServicer(self.pool)
+        )
         self.addresses: tuple[str, ...] = ()
         """Where others dial this node (known after start)."""
         self.reachability = net_pb2.REACHABILITY_UNKNOWN
@@ -206,8 +210,8 @@ class Node:
         return self._own_record
 
     def own_record(self) -> net_pb2.SignedPeerRecord | None:
-        """This node's current signed peer record."""
-        return self._own_record
+        """This node's current signed peer record (None for a node that does not announce)."""
+        return self._own_record if self.config.announce else None
 
     def peers(self) -> list[PeerRecord]:
         """Every peer this node knows a valid record of."""
@@ -259,7 +263,7 @@ class Node:
             >= self.config.dht.republish_interval_s
         ):
             self.sign_own_record()
-        record = self._own_record
+        record = self.own_record()
         if record is not None:
             try:
                 await self.dht.store_on_closest(record.record, closest)
@@ -286,6 +290,55 @@ class Node:
                     await self.dht.refresh()
             except GossamerError as exc:
                 _log.warning("peer %s: maintenance step failed: %s", self.short_id, exc)
+
+    # ---- reachability ----------------------------------------------------------------------
+
+    async def check_reachability(self, num_helpers: int = 3, timeout_s: float = 5.0) -> bool:
+        """Ask up to ``num_helpers`` known peers to dial back; updates the peer record.
+
+        Returns:
+            Whether any helper reached this node directly. With no helper answering, the
+            reachability stays unknown and False is returned.
+        """
+        helpers = list(self._bootstrap_ids) + [r.peer_id for r in self.peers()]
+        helpers = list(dict.fromkeys(helpers))[:num_helpers]
+        request = net_pb2.DialBackRequest(addresses=list(self.addresses))
+        reachable: list[str] = []
+        answered = 0
+        for helper in helpers:
+            try:
+                response = await self.call(
+                    helper,
+                    DIAL_BACK_METHOD,
+                    request,
+                    net_pb2.DialBackResponse,
+                    timeout_s=timeout_s,
+                    retry=False,
+                )
+            except GossamerError as exc:
+                _log.info(
+                    "peer %s: dial-back helper %s failed: %s",
+                    self.short_id,
+                    short_peer_id(helper),
+                    exc,
+                )
+                continue
+            answered += 1
+            reachable += [a for a in response.reachable_addresses if a not in reachable]
+        if answered:
+            self.reachability = (
+                net_pb2.REACHABILITY_DIRECT if reachable else net_pb2.REACHABILITY_RELAYED
+            )
+            if reachable:
+                self.addresses = tuple(reachable[:4])
+            self.sign_own_record()
+        _log.info(
+            "peer %s: reachability %s (%d helpers answered)",
+            self.short_id,
+            "direct" if reachable else "none",
+            answered,
+        )
+        return bool(reachable)
 
     # ---- calls -----------------------------------------------------------------------------
 

@@ -191,18 +191,20 @@ class StoreResponse(_message.Message):
     def __init__(self, stored: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class BulkChunk(_message.Message):
-    __slots__ = ("transfer_id", "topic", "total_bytes", "offset", "data")
+    __slots__ = ("transfer_id", "topic", "total_bytes", "offset", "data", "num_streams")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     TOPIC_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    NUM_STREAMS_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     topic: str
     total_bytes: int
     offset: int
     data: bytes
-    def __init__(self, transfer_id: _Optional[str] = ..., topic: _Optional[str] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    num_streams: int
+    def __init__(self, transfer_id: _Optional[str] = ..., topic: _Optional[str] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., num_streams: _Optional[int] = ...) -> None: ...
 
 class BulkAck(_message.Message):
     __slots__ = ("received_bytes", "transfer_complete")

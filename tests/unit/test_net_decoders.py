@@ -1,0 +1,207 @@
+"""Random, truncated and oversized bytes into every decoder and handler: clean, counted errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from google.protobuf.message import DecodeError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gossamer.core.clock import FakeClock
+from gossamer.core.errors import AuthenticationError, ProtocolError
+from gossamer.net.bulk import BulkReceiver
+from gossamer.net.config import DhtConfig, LimitsConfig
+from gossamer.net.counters import NetCounters
+from gossamer.net.handshake import HandshakeAuthority, Session
+from gossamer.net.identity import Identity
+from gossamer.net.records import check_record, parse_peer_record, sign_peer_record, sign_record
+from gossamer.net.routing import RoutingTable, bucket_index, xor_distance
+from gossamer.net.server import _session_var
+from gossamer.net.tls import cert_pem_of_der
+from gossamer.proto import net_pb2
+from net_fakes import FakeDhtNetwork
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+CLOCK = FakeClock()
+
+
+def _decode(message_type: Any, data: bytes) -> Any:
+    try:
+        return message_type.FromString(data)
+    except DecodeError:
+        return None
+
+
+def _mutations(valid: bytes) -> st.SearchStrategy[bytes]:
+    return st.one_of(
+        st.binary(max_size=2048),
+        st.integers(0, len(valid)).map(lambda n: valid[:n]),  # truncated
+        st.binary(min_size=1, max_size=64).map(lambda junk: valid + junk),  # trailing junk
+        st.tuples(st.integers(0, max(0, len(valid) - 1)), st.integers(0, 255)).map(
+            lambda m: valid[: m[0]] + bytes([m[1]]) + valid[m[0] + 1 :]  # one byte flipped
+        ),
+    )
+
+
+_IDENTITY = Identity.generate()
+_VALID_RECORD = sign_peer_record(
+    _IDENTITY, net_pb2.PeerRecordValue(addresses=["127.0.0.1:1"]), now_s=CLOCK.wall(), ttl_s=60
+).SerializeToString()
+
+
+@FUZZ
+@given(_mutations(_VALID_RECORD))
+def test_peer_records_from_random_bytes_fail_cleanly(data: bytes) -> None:
+    message = _decode(net_pb2.SignedPeerRecord, data)
+    if message is None:
+        return
+    try:
+        record = parse_peer_record(message, now_s=CLOCK.wall(), max_value_bytes=16 * 1024)
+    except (ProtocolError, AuthenticationError):
+        return
+    assert record.peer_id == _IDENTITY.peer_id  # only an intact record passes
+
+
+@FUZZ
+@given(st.binary(max_size=4096))
+def test_signed_records_from_random_bytes_fail_cleanly(data: bytes) -> None:
+    message = _decode(net_pb2.SignedRecord, data)
+    if message is not None:
+        with contextlib.suppress(ProtocolError, AuthenticationError):
+            check_record(message, now_s=CLOCK.wall(), max_value_bytes=1024)
+
+
+def test_oversized_record_value_is_refused_before_verifying() -> None:
+    record = sign_record(_IDENTITY, b"k" * 32, b"x" * 5000, now_s=CLOCK.wall(), ttl_s=10)
+    with pytest.raises(ProtocolError, match="5000 bytes"):
+        check_record(record, now_s=CLOCK.wall(), max_value_bytes=4096)
+
+
+@FUZZ
+@given(st.binary(max_size=512), st.binary(max_size=512))
+def test_handshake_messages_from_random_bytes_fail_cleanly(hello: bytes, prove: bytes) -> None:
+    authority = HandshakeAuthority(Identity.generate(), b"c" * 32, b"s" * 16, CLOCK)
+    for message_type, handle in (
+        (net_pb2.HelloRequest, authority.hello),
+        (net_pb2.ProveRequest, lambda m: authority.prove(m, "fuzz")),
+    ):
+        message = _decode(message_type, hello if message_type is net_pb2.HelloRequest else prove)
+        if message is not None:
+            with contextlib.suppress(ProtocolError, AuthenticationError):
+                handle(message)
+    assert authority.num_sessions == 0
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_tls_certificates_from_random_bytes_fail_cleanly(data: bytes) -> None:
+    with contextlib.suppress(ProtocolError):
+        cert_pem_of_der(data)
+
+
+_NETWORK = FakeDhtNetwork(CLOCK, DhtConfig(bucket_size=4))
+_DHT = _NETWORK.add_node()
+
+
+@FUZZ
+@given(st.binary(max_size=256), st.binary(max_size=2048))
+def test_dht_handlers_given_random_requests_fail_cleanly(target: bytes, store: bytes) -> None:
+    for call in (
+        lambda: _DHT.handle_find_node("fuzz", target),
+        lambda: _DHT.handle_find_value("fuzz", target),
+    ):
+        try:
+            call()
+        except ProtocolError:
+            assert len(target) != 32
+    record = _decode(net_pb2.SignedRecord, store)
+    if record is not None:
+        with contextlib.suppress(ProtocolError, AuthenticationError):
+            _DHT.handle_store(record)
+
+
+def _session() -> Session:
+    return Session("s" * 52, b"p" * 32, 0.0, None)
+
+
+async def _push(receiver: BulkReceiver, chunks: list[net_pb2.BulkChunk]) -> Any:
+    async def stream() -> AsyncIterator[net_pb2.BulkChunk]:
+        for chunk in chunks:
+            yield chunk
+
+    _session_var.set(_session())
+    return await receiver.Push(stream(), None)  # type: ignore[arg-type]
+
+
+@FUZZ
+@given(st.lists(st.binary(max_size=300), max_size=6), st.integers(0, 1 << 62))
+def test_bulk_receiver_given_random_chunks_never_allocates_unbounded(
+    raw: list[bytes], total: int
+) -> None:
+    limits = LimitsConfig(max_bulk_transfer_bytes=1 << 20, max_bulk_inflight_bytes=1 << 20)
+    receiver = BulkReceiver(limits, NetCounters())
+    delivered: list[bytes] = []
+
+    async def handler(sender: str, topic: str, payload: bytearray) -> None:
+        delivered.append(bytes(payload))
+
+    receiver.register("t", handler)
+    chunks = [c for c in (_decode(net_pb2.BulkChunk, r) for r in raw) if c is not None]
+    if chunks:
+        chunks[0].total_bytes = total
+        chunks[0].topic = chunks[0].topic if len(chunks) % 2 else "t"
+        chunks[0].transfer_id = chunks[0].transfer_id or "x"
+        chunks[0].num_streams = 1
+    with contextlib.suppress(ProtocolError):  # any other error fails the test
+        asyncio.run(_push(receiver, chunks))
+    assert receiver._inflight_bytes == 0  # nothing left allocated after the stream ended
+    assert all(len(p) <= limits.max_bulk_transfer_bytes for p in delivered)
+
+
+def test_bulk_receiver_assembles_parallel_streams_and_refuses_oversize() -> None:
+    receiver = BulkReceiver(LimitsConfig(max_bulk_transfer_bytes=1000), NetCounters())
+    got: list[bytes] = []
+
+    async def handler(sender: str, topic: str, payload: bytearray) -> None:
+        got.append(bytes(payload))
+
+    receiver.register("t", handler)
+    head = {"transfer_id": "x1", "topic": "t", "total_bytes": 10, "num_streams": 2}
+
+    async def scenario() -> None:
+        first = await _push(receiver, [net_pb2.BulkChunk(**head, offset=5, data=b"56789")])
+        assert not first.transfer_complete
+        second = await _push(receiver, [net_pb2.BulkChunk(**head, offset=0, data=b"01234")])
+        assert second.transfer_complete
+        with pytest.raises(ProtocolError, match="exceeds"):
+            await _push(
+                receiver,
+                [net_pb2.BulkChunk(transfer_id="y", topic="t", total_bytes=1001, num_streams=1)],
+            )
+
+    asyncio.run(scenario())
+    assert got == [b"0123456789"]
+
+
+@FUZZ
+@given(
+    st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=60, unique=True),
+    st.binary(min_size=32, max_size=32),
+)
+def test_routing_table_closest_matches_brute_force(digests: list[bytes], target: bytes) -> None:
+    own = hashlib.sha256(b"own").digest()
+    table = RoutingTable(own, bucket_size=64)
+    for digest in digests:
+        if digest != own:
+            table.add(digest.hex(), digest)
+    expected = sorted((d for d in digests if d != own), key=lambda d: xor_distance(d, target))
+    assert table.closest(target, 5) == [d.hex() for d in expected[:5]]
+    for digest in digests:
+        if digest != own:
+            assert 0 <= bucket_index(own, digest) < 256

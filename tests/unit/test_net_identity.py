@@ -1,0 +1,63 @@
+"""Identity: peer ids, signatures, the key file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from gossamer.core.errors import ConfigError, ProtocolError
+from gossamer.net.identity import (
+    Identity,
+    digest_of_peer_id,
+    load_or_create_identity,
+    peer_id_of_public_key,
+    verify_signature,
+)
+
+
+def test_peer_id_is_derived_from_the_public_key_and_round_trips() -> None:
+    identity = Identity.generate()
+    assert identity.peer_id == peer_id_of_public_key(identity.public_key)
+    assert len(identity.peer_id) == 52
+    assert digest_of_peer_id(identity.peer_id) == identity.digest
+    assert Identity.generate().peer_id != identity.peer_id
+
+
+def test_signatures_verify_only_for_the_signer_and_the_message() -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    signature = alice.sign(b"hello")
+    assert verify_signature(alice.public_key, signature, b"hello")
+    assert not verify_signature(bob.public_key, signature, b"hello")
+    assert not verify_signature(alice.public_key, signature, b"hellO")
+    assert not verify_signature(alice.public_key, signature[:10], b"hello")
+
+
+@pytest.mark.parametrize("bad", ["", "1" * 52, "abc", "0" * 52])
+def test_malformed_peer_ids_are_protocol_errors(bad: str) -> None:
+    with pytest.raises(ProtocolError):
+        digest_of_peer_id(bad)
+
+
+def test_key_file_is_created_0600_and_gives_the_same_id_again(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "key.pem"
+    first = load_or_create_identity(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert load_or_create_identity(path).peer_id == first.peer_id
+
+
+def test_key_file_readable_by_others_is_refused_with_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "key.pem"
+    load_or_create_identity(path)
+    os.chmod(path, 0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load_or_create_identity(path)
+
+
+def test_key_file_that_is_not_a_key_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "key.pem"
+    path.write_bytes(b"not a key")
+    os.chmod(path, 0o600)
+    with pytest.raises(ConfigError, match="not a PEM private key"):
+        load_or_create_identity(path)

@@ -1,0 +1,156 @@
+"""Retries, the circuit breaker, the failure detector and error mapping, on a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import grpc
+import pytest
+
+from gossamer.core.clock import FakeClock
+from gossamer.core.errors import (
+    AuthenticationError,
+    DeadlineExceededError,
+    PeerLostError,
+    PeerUnavailableError,
+    ProtocolError,
+)
+from gossamer.net.circuit_breaker import CircuitBreaker
+from gossamer.net.config import BreakerConfig, HeartbeatConfig, RetryConfig
+from gossamer.net.failure_detector import FailureDetector
+from gossamer.net.grpc_errors import error_of_rpc_error, status_of_error
+from gossamer.net.retry import backoff_s, retry_async
+
+RETRY = RetryConfig(max_attempts=5, initial_backoff_s=0.1, max_backoff_s=1.0, total_deadline_s=10)
+
+
+def test_retry_retries_retryable_errors_then_succeeds() -> None:
+    clock = FakeClock()
+    attempts: list[float] = []
+
+    async def flaky() -> str:
+        attempts.append(clock.monotonic())
+        if len(attempts) < 3:
+            raise PeerUnavailableError("down")
+        return "ok"
+
+    assert asyncio.run(retry_async(flaky, config=RETRY, clock=clock, what="t")) == "ok"
+    assert len(attempts) == 3
+
+
+@pytest.mark.parametrize(
+    "error", [AuthenticationError("no"), ProtocolError("bad"), AssertionError()]
+)
+def test_retry_never_retries_fatal_errors(error: BaseException) -> None:
+    calls = 0
+
+    async def fails() -> None:
+        nonlocal calls
+        calls += 1
+        raise error
+
+    with pytest.raises(type(error)):
+        asyncio.run(retry_async(fails, config=RETRY, clock=FakeClock(), what="t"))
+    assert calls == 1
+
+
+def test_retry_gives_up_at_the_total_deadline() -> None:
+    clock = FakeClock()
+    config = RetryConfig(
+        max_attempts=1000, initial_backoff_s=1, max_backoff_s=4, total_deadline_s=10
+    )
+
+    async def always_down() -> None:
+        raise PeerLostError("gone")
+
+    with pytest.raises(DeadlineExceededError, match="gave up"):
+        asyncio.run(retry_async(always_down, config=config, clock=clock, what="t"))
+    assert clock.monotonic() <= 10
+
+
+def test_backoff_grows_exponentially_with_jitter_under_the_cap() -> None:
+    rng = random.Random(0)
+    for attempt in range(1, 10):
+        ceiling = min(RETRY.max_backoff_s, RETRY.initial_backoff_s * 2 ** (attempt - 1))
+        waits = [backoff_s(attempt, RETRY, rng) for _ in range(50)]
+        assert all(0 <= w <= ceiling for w in waits)
+        assert len(set(waits)) > 1
+
+
+def test_breaker_opens_after_threshold_half_opens_and_closes() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker("p" * 52, BreakerConfig(failure_threshold=3, open_s=5), clock)
+    for _ in range(3):
+        breaker.before_call()
+        breaker.failed()
+    assert breaker.state == "open"
+    with pytest.raises(PeerUnavailableError, match="circuit open"):
+        breaker.before_call()
+    clock.advance(5)
+    assert breaker.state == "half-open"
+    breaker.before_call()  # the one trial call
+    with pytest.raises(PeerUnavailableError):
+        breaker.before_call()
+    breaker.succeeded()
+    assert breaker.state == "closed"
+
+
+def _rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="d")
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, PeerUnavailableError),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, DeadlineExceededError),
+        (grpc.StatusCode.UNAUTHENTICATED, AuthenticationError),
+        (grpc.StatusCode.INVALID_ARGUMENT, ProtocolError),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, ProtocolError),
+        (grpc.StatusCode.CANCELLED, PeerLostError),
+        (grpc.StatusCode.INTERNAL, PeerLostError),
+    ],
+)
+def test_grpc_errors_map_into_the_error_tree(code: grpc.StatusCode, kind: type) -> None:
+    error = error_of_rpc_error(_rpc_error(code), "peer", "/x/Y")
+    assert type(error) is kind
+    assert "/x/Y to peer failed" in str(error)
+
+
+def test_our_errors_map_to_statuses() -> None:
+    assert status_of_error(AuthenticationError("a"))[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert status_of_error(ProtocolError("p"))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_of_error(PeerUnavailableError("u"))[0] == grpc.StatusCode.UNAVAILABLE
+    assert status_of_error(RuntimeError("r"))[0] == grpc.StatusCode.INTERNAL
+
+
+def test_detector_reports_a_silent_peer_gone_at_the_timeout_and_back_when_it_answers() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        config = HeartbeatConfig(interval_s=0.5, timeout_s=2.5)
+        alive = {"a": True}
+        changes: list[tuple[str, bool, float]] = []
+
+        async def heartbeat(peer_id: str, timeout_s: float) -> None:
+            if not alive[peer_id]:
+                clock.advance(timeout_s)  # a paused peer: the call runs to its deadline
+                raise DeadlineExceededError("no answer")
+
+        async with FailureDetector(
+            heartbeat, config, clock, lambda p, a: changes.append((p, a, clock.monotonic()))
+        ) as detector:
+            detector.watch("a")
+            await detector.wait_for("a", alive=True, timeout_s=5)
+            for _ in range(100):  # let a few heartbeats pass (fake time, bounded)
+                await asyncio.sleep(0)
+            alive["a"] = False
+            silent_since = detector.liveness("a").last_answer_s  # type: ignore[union-attr]
+            gone_at = await detector.wait_for("a", alive=False, timeout_s=5)
+            assert gone_at - silent_since == pytest.approx(config.timeout_s, abs=0.01)
+            alive["a"] = True
+            await detector.wait_for("a", alive=True, timeout_s=5)
+        assert [(p, a) for p, a, _ in changes] == [("a", False), ("a", True)]
+        assert detector.watched == []
+
+    asyncio.run(scenario())
