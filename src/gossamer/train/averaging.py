@@ -1,0 +1,128 @@
+"""How a training strategy averages tensors with the other peers of its round.
+
+Strategies see only :class:`TensorAverager`: hand over tensors and a round key, get back the group's
+weighted average and what it cost. Across machines the averager is the fault-tolerant all-reduce of
+``comm/`` over the peer-to-peer transport; :class:`InProcessAverager` averages among peers that are
+threads of one process, for tests and for the quality benchmark, where the algorithm is what is
+measured and the network is not.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from gossamer.core.errors import DeadlineExceededError
+
+__all__ = ["AverageOutcome", "InProcessAverager", "InProcessGroup", "TensorAverager"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AverageOutcome:
+    """One averaging round, as a strategy sees it."""
+
+    tensors: list[torch.Tensor]
+    """The group's weighted average, one tensor per input, same shapes."""
+    group_size: int
+    """Peers whose contributions are in the average."""
+    bytes_sent: int
+    """Bytes this peer put on the wire for the round (0 in process)."""
+    bytes_received: int
+    """Bytes this peer received for the round."""
+    seconds: float = 0.0
+    """Wall time of the round."""
+    failed_peers: list[str] = field(default_factory=list)
+    """Peers dropped from the round."""
+
+
+class TensorAverager(Protocol):
+    """Averages tensors with whoever else is in the round; blocks until done or the deadline."""
+
+    def average(
+        self, tensors: list[torch.Tensor], *, round_key: str, weight: float
+    ) -> AverageOutcome:
+        """The weighted average of ``tensors`` over the round's peers (this one included)."""
+        ...
+
+
+class InProcessGroup:
+    """Peers that are threads of one process meet here to average; a fixed-size group.
+
+    Args:
+        num_peers: how many peers take part in every round.
+        timeout_s: how long a round waits for all peers before failing.
+        wire_bytes_per_element: bytes one element would take on the wire (4 for fp32, about 1 for
+            an 8-bit codec), used to count what a ring all-reduce of the tensors would send.
+    """
+
+    def __init__(
+        self, num_peers: int, *, timeout_s: float = 120.0, wire_bytes_per_element: float = 4.0
+    ) -> None:
+        if num_peers < 1:
+            raise ValueError(f"num_peers must be at least 1, got {num_peers}")
+        self.num_peers = num_peers
+        self.timeout_s = timeout_s
+        self.wire_bytes_per_element = wire_bytes_per_element
+        self._lock = threading.Condition()
+        self._rounds: dict[str, _Round] = {}
+
+    def averager(self) -> InProcessAverager:
+        """An averager for one peer of this group."""
+        return InProcessAverager(self)
+
+    def _contribute(
+        self, round_key: str, tensors: list[torch.Tensor], weight: float
+    ) -> list[torch.Tensor]:
+        with self._lock:
+            state = self._rounds.setdefault(round_key, _Round())
+            state.contributions.append(([t.detach().clone() for t in tensors], weight))
+            if len(state.contributions) == self.num_peers:
+                total = sum(w for _, w in state.contributions)
+                weights = torch.tensor(
+                    [w / total for _, w in state.contributions], dtype=torch.float64
+                )
+                state.result = [
+                    torch.tensordot(
+                        weights, torch.stack([ts[i].double() for ts, _ in state.contributions]), 1
+                    ).to(tensors[i].dtype)
+                    for i in range(len(tensors))
+                ]
+                self._lock.notify_all()
+            elif not self._lock.wait_for(lambda: state.result is not None, self.timeout_s):
+                raise DeadlineExceededError(
+                    f"round {round_key}: {len(state.contributions)} of {self.num_peers} peers "
+                    f"arrived within {self.timeout_s} s"
+                )
+            state.collected += 1
+            result = state.result
+            if state.collected == self.num_peers:
+                del self._rounds[round_key]
+        assert result is not None
+        return [t.clone() for t in result]
+
+
+@dataclass(slots=True)
+class _Round:
+    contributions: list[tuple[list[torch.Tensor], float]] = field(default_factory=list)
+    result: list[torch.Tensor] | None = None
+    collected: int = 0
+
+
+class InProcessAverager:
+    """One thread-peer's handle on an :class:`InProcessGroup`."""
+
+    def __init__(self, group: InProcessGroup) -> None:
+        self.group = group
+
+    def average(
+        self, tensors: list[torch.Tensor], *, round_key: str, weight: float
+    ) -> AverageOutcome:
+        averaged = self.group._contribute(round_key, tensors, weight)
+        n = self.group.num_peers
+        elements = sum(t.numel() for t in tensors)
+        # What a ring all-reduce sends per peer: 2 (N - 1) / N of the payload.
+        wire = int(2 * (n - 1) / n * elements * self.group.wire_bytes_per_element)
+        return AverageOutcome(tensors=averaged, group_size=n, bytes_sent=wire, bytes_received=wire)
