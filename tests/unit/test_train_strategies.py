@@ -135,3 +135,29 @@ def test_diloco_config_is_checked() -> None:
         DiLoCoConfig(inner_steps=0)
     with pytest.raises(ValueError, match="outer_momentum"):
         DiLoCoConfig(outer_momentum=1.0)
+
+
+def test_lossy_codec_is_applied_and_counted() -> None:
+    from gossamer.comm.codecs import CodecPolicy
+
+    exact, lossy = InProcessGroup(1), InProcessGroup(1, codec=CodecPolicy(codec="int8"))
+    tensor = torch.randn(100_000, generator=torch.Generator().manual_seed(0))
+    plain = exact.averager().average([tensor], round_key="r", weight=1.0)
+    averager = lossy.averager()
+    squeezed = averager.average([tensor], round_key="r", weight=1.0)
+    assert torch.equal(plain.tensors[0], tensor)
+    assert not torch.equal(squeezed.tensors[0], tensor)
+    assert torch.allclose(squeezed.tensors[0], tensor, atol=0.05)
+    assert averager.feedback.residual_norm("0") > 0  # the residual is kept for the next round
+    group = InProcessGroup(2, codec=CodecPolicy(codec="int8"))
+    outcomes = []
+    thread = threading.Thread(
+        target=lambda: outcomes.append(
+            group.averager().average([tensor], round_key="r", weight=1.0)
+        )
+    )
+    thread.start()
+    mine = group.averager().average([tensor], round_key="r", weight=1.0)
+    thread.join(timeout=10)
+    fp32_ring_bytes = 2 * (1 / 2) * tensor.numel() * 4
+    assert mine.bytes_sent < fp32_ring_bytes / 3.5

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from gossamer.comm.codecs import CodecPolicy, ErrorFeedback
 from gossamer.core.errors import DeadlineExceededError
 
 __all__ = ["AverageOutcome", "InProcessAverager", "InProcessGroup", "TensorAverager"]
@@ -51,21 +52,24 @@ class TensorAverager(Protocol):
 class InProcessGroup:
     """Peers that are threads of one process meet here to average; a fixed-size group.
 
+    Contributions and the average go through the same codecs as on the wire (``comm/``'s, with
+    each peer's error feedback), so a lossy codec costs here what it costs across machines; the
+    bytes counted are those a ring all-reduce of the encoded tensors sends, 2 (N - 1) / N of them.
+
     Args:
         num_peers: how many peers take part in every round.
         timeout_s: how long a round waits for all peers before failing.
-        wire_bytes_per_element: bytes one element would take on the wire (4 for fp32, about 1 for
-            an 8-bit codec), used to count what a ring all-reduce of the tensors would send.
+        codec: which codec each tensor gets; none (fp32) if None.
     """
 
     def __init__(
-        self, num_peers: int, *, timeout_s: float = 120.0, wire_bytes_per_element: float = 4.0
+        self, num_peers: int, *, timeout_s: float = 120.0, codec: CodecPolicy | None = None
     ) -> None:
         if num_peers < 1:
             raise ValueError(f"num_peers must be at least 1, got {num_peers}")
         self.num_peers = num_peers
         self.timeout_s = timeout_s
-        self.wire_bytes_per_element = wire_bytes_per_element
+        self.codec = codec or CodecPolicy()
         self._lock = threading.Condition()
         self._rounds: dict[str, _Round] = {}
 
@@ -112,17 +116,32 @@ class _Round:
 
 
 class InProcessAverager:
-    """One thread-peer's handle on an :class:`InProcessGroup`."""
+    """One thread-peer's handle on an :class:`InProcessGroup`, with its own error feedback."""
 
     def __init__(self, group: InProcessGroup) -> None:
         self.group = group
+        self.feedback = ErrorFeedback()
+
+    def _encode(self, tensor: torch.Tensor, key: str | None) -> tuple[torch.Tensor, int]:
+        values = tensor.detach().to(torch.float32).reshape(-1).numpy()
+        choice = self.group.codec.choose(values.shape[0])
+        if key is None:  # the average on its way back: lossy, no feedback
+            payload = choice.codec.encode(values, choice.block_size)
+            decoded = choice.codec.decode(memoryview(payload), values.shape[0], choice.block_size)
+        else:
+            payload, decoded = self.feedback.encode(choice, key, values.shape[0], 0, values)
+        restored = torch.from_numpy(decoded.copy()).reshape(tensor.shape).to(tensor.dtype)
+        return restored, len(payload)
 
     def average(
         self, tensors: list[torch.Tensor], *, round_key: str, weight: float
     ) -> AverageOutcome:
-        averaged = self.group._contribute(round_key, tensors, weight)
+        encoded = [self._encode(t, key=str(i)) for i, t in enumerate(tensors)]
+        averaged = self.group._contribute(round_key, [t for t, _ in encoded], weight)
+        returned = [self._encode(t, key=None) for t in averaged]
         n = self.group.num_peers
-        elements = sum(t.numel() for t in tensors)
-        # What a ring all-reduce sends per peer: 2 (N - 1) / N of the payload.
-        wire = int(2 * (n - 1) / n * elements * self.group.wire_bytes_per_element)
-        return AverageOutcome(tensors=averaged, group_size=n, bytes_sent=wire, bytes_received=wire)
+        share = (n - 1) / n  # each leg of a ring all-reduce sends (N - 1) / N of the payload
+        wire = int(share * (sum(b for _, b in encoded) + sum(b for _, b in returned)))
+        return AverageOutcome(
+            tensors=[t for t, _ in returned], group_size=n, bytes_sent=wire, bytes_received=wire
+        )
