@@ -45,6 +45,7 @@ class _Transfer:
     num_streams: int
     received: int = 0
     num_finished_streams: int = 0
+    delivered: bool = False
 
 
 class BulkReceiver(net_pb2_grpc.BulkServicer):
@@ -135,7 +136,9 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
                     raise ProtocolError("bulk transfer ended short of its announced size")
                 return net_pb2.BulkAck(received_bytes=received, transfer_complete=False)
             self._close(key, transfer)
-            await self._handlers[transfer.topic](sender, transfer.topic, transfer.buffer)
+            if not transfer.delivered:  # the first stream to see it complete delivers it
+                transfer.delivered = True
+                await self._handlers[transfer.topic](sender, transfer.topic, transfer.buffer)
             return net_pb2.BulkAck(received_bytes=received, transfer_complete=True)
         except BaseException:
             if transfer is not None and key is not None and key in self._transfers:

@@ -254,7 +254,9 @@ class Node:
                     "peer %s: bootstrap peer %s did not answer: %s", self.short_id, entry, exc
                 )
         if reached:
-            await self._publish_own_record(await self.dht.lookup(self.identity.digest))
+            # Joining is a lookup of our own id: it fills our buckets and puts our record (sent
+            # with every request) on the peers nearest us. Stores follow at republish time.
+            await self.dht.lookup(self.identity.digest)
         return reached
 
     async def _publish_own_record(self, closest: list[str] | None = None) -> None:

@@ -59,12 +59,14 @@ class _HandlerCollector:
 
     def __init__(self) -> None:
         self.handlers: list[grpc.GenericRpcHandler] = []
+        self.service_names: list[str] = []
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
         self.handlers.extend(handlers)
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
         """Registered methods are only an optimisation; the generic handler covers them."""
+        self.service_names.append(service)
 
 
 class _HandshakeServicer(net_pb2_grpc.HandshakeServicer):
@@ -147,10 +149,45 @@ def _refusing_handler(
     return grpc.unary_unary_rpc_method_handler(refuse)
 
 
+class _Malformed:
+    """Stands in for a request that did not decode, so the handler can refuse it cleanly."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf raises DecodeError, and others on odd input
+            return _Malformed(exc)
+
+    return deserialize
+
+
+def _checked(request: Any) -> Any:
+    if isinstance(request, _Malformed):
+        raise ProtocolError(f"request does not decode: {request.error}")
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _checked(request)
+
+
 def _guarded_handler(
     handler: grpc.RpcMethodHandler, method: str, session: Session, server: NetServer
 ) -> grpc.RpcMethodHandler:
     """Run the handler with the session set, counting it and mapping our errors to statuses."""
+    streaming_request = handler.request_streaming
+
+    def checked(request: Any) -> Any:
+        return _checked_stream(request) if streaming_request else _checked(request)
 
     async def on_error(exc: Exception, context: grpc.aio.ServicerContext) -> None:
         server.counters.error(exc)
@@ -167,7 +204,7 @@ def _guarded_handler(
             _session_var.set(session)
             server.counters.call_served(session.peer_id, method)
             try:
-                return await behavior(request, context)
+                return await behavior(checked(request), context)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
@@ -181,7 +218,7 @@ def _guarded_handler(
             _session_var.set(session)
             server.counters.call_served(session.peer_id, method)
             try:
-                async for response in behavior(request, context):
+                async for response in behavior(checked(request), context):
                     yield response
             except grpc.aio.AbortError:
                 raise
@@ -199,7 +236,7 @@ def _guarded_handler(
     attr, make, wrap = kinds[(handler.request_streaming, handler.response_streaming)]
     return make(
         wrap(getattr(handler, attr)),
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=_tolerant(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
 
@@ -251,13 +288,16 @@ class NetServer:
     def add_servicer(self, add_to_server: Callable[[Any, Any], None], servicer: Any) -> None:
         """Serve ``servicer`` through this server; callable before or after start.
 
+        Registering a service again replaces the earlier implementation.
+
         Args:
             add_to_server: the generated ``add_<Name>Servicer_to_server`` function.
             servicer: the implementation.
         """
         collector = _HandlerCollector()
         add_to_server(servicer, collector)
-        self._handlers[type(servicer).__name__] = collector.handlers
+        name = ",".join(collector.service_names) or type(servicer).__name__
+        self._handlers[name] = collector.handlers
 
     def find_handler(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         """The registered handler for a call, or None."""

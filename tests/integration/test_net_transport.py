@@ -1,0 +1,196 @@
+"""Real gRPC over TLS on 127.0.0.1: authentication, refusals, errors, services, bulk streams."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from gossamer.core.errors import (
+    AuthenticationError,
+    DeadlineExceededError,
+    PeerUnavailableError,
+    ProtocolError,
+)
+from gossamer.net.config import NodeConfig, RetryConfig
+from gossamer.net.connections import DialTarget
+from gossamer.net.dht_service import DHT_METHODS
+from gossamer.net.identity import Identity
+from gossamer.net.node import Node
+from gossamer.net.server import current_session
+from gossamer.net.tls import TLS_SERVER_NAME, cert_pem_of_der
+from gossamer.proto import net_pb2, net_pb2_grpc
+
+SECRET = b"integration-secret-0123456789"
+
+
+def _config(**overrides: Any) -> NodeConfig:
+    return NodeConfig(listen_address="127.0.0.1:0", swarm_secret=SECRET, **overrides)
+
+
+def _run(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+
+
+def test_two_peers_authenticate_and_call_each_other() -> None:
+    async def scenario() -> None:
+        async with Node(_config()) as a, Node(_config()) as b:
+            connection = await b.pool.dial(DialTarget(a.addresses[0]), expected_peer_id=a.peer_id)
+            assert connection.peer_id == a.peer_id
+            await b.ping(a.peer_id)
+            assert b.peer_id in a.directory  # a learned b's record from the handshake
+            assert a.counters.peers[b.peer_id].num_rpcs_received >= 1
+            assert b.counters.peers[a.peer_id].bytes_sent > 0
+            assert b.counters.connections["direct"] == 1
+
+    _run(scenario)
+
+
+def test_peer_without_the_swarm_secret_is_refused_with_a_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> None:
+        async with Node(_config()) as a, Node(NodeConfig(listen_address="127.0.0.1:0")) as open_:
+            with pytest.raises(AuthenticationError):
+                await open_.pool.dial(DialTarget(a.addresses[0]), expected_peer_id=None)
+            assert a.counters.num_handshakes_refused == 1
+            assert a.server.authority.num_sessions == 0
+
+    with caplog.at_level(logging.WARNING):
+        _run(scenario)
+    assert "does not know the swarm secret" in caplog.text
+
+
+def test_peer_claiming_another_id_is_refused() -> None:
+    async def scenario() -> None:
+        async with Node(_config()) as a, Node(_config()) as b:
+            impostor_claim = Identity.generate().peer_id
+            with pytest.raises(AuthenticationError, match="expected peer"):
+                await b.pool.dial(DialTarget(a.addresses[0]), expected_peer_id=impostor_claim)
+
+    _run(scenario)
+
+
+def test_call_without_a_session_is_refused_before_decoding() -> None:
+    async def scenario() -> None:
+        async with Node(_config()) as a:
+            cert = a.tls.cert_der
+            async with grpc.aio.secure_channel(
+                a.addresses[0],
+                grpc.ssl_channel_credentials(root_certificates=cert_pem_of_der(cert)),
+                options=[("grpc.ssl_target_name_override", TLS_SERVER_NAME)],
+            ) as channel:
+                raw = channel.unary_unary(DHT_METHODS["FindNode"])
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await raw(b"\xff\x00garbage", timeout=5)
+                assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert a.counters.num_handshakes_refused == 1
+
+    _run(scenario)
+
+
+def test_random_bytes_to_every_method_get_clean_errors_and_the_node_survives() -> None:
+    async def scenario() -> None:
+        async with Node(_config()) as a, Node(_config()) as b:
+            connection = await b.pool.dial(DialTarget(a.addresses[0]), expected_peer_id=None)
+            rng = __import__("random").Random(7)
+            methods = [*DHT_METHODS.values(), "/gossamer.net.v1.Reachability/DialBack"]
+            for method in methods:
+                raw = connection.channel.unary_unary(method)
+                for size in (1, 7, 100, 4096):
+                    junk = bytes(rng.randrange(256) for _ in range(size))
+                    try:
+                        await raw(junk, timeout=5, metadata=connection.metadata)
+                    except grpc.aio.AioRpcError as exc:
+                        assert exc.code() in (
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            grpc.StatusCode.INTERNAL,
+                            grpc.StatusCode.UNAUTHENTICATED,
+                        )
+            await b.ping(a.peer_id)  # still serving
+
+    _run(scenario)
+
+
+def test_unreachable_peer_and_deadlines_map_to_retryable_errors() -> None:
+    async def scenario() -> None:
+        config = _config(retry=RetryConfig(max_attempts=2, total_deadline_s=2.0))
+        async with Node(config) as a:
+            with pytest.raises(PeerUnavailableError):
+                await a.pool.dial(DialTarget("127.0.0.1:1"), expected_peer_id=None)
+
+            class Slow(net_pb2_grpc.DhtServicer):
+                async def FindNode(self, request: Any, context: Any) -> Any:
+                    await asyncio.sleep(5)
+
+            async with Node(_config()) as slow:
+                slow.add_servicer(net_pb2_grpc.add_DhtServicer_to_server, Slow())
+                await a.pool.dial(DialTarget(slow.addresses[0]), expected_peer_id=None)
+                started = time.monotonic()
+                with pytest.raises(DeadlineExceededError):
+                    await a.call(
+                        slow.peer_id,
+                        DHT_METHODS["FindNode"],
+                        net_pb2.FindNodeRequest(),
+                        net_pb2.FindNodeResponse,
+                        timeout_s=0.3,
+                        retry=False,
+                    )
+                assert time.monotonic() - started < 2
+
+    _run(scenario)
+
+
+def test_services_of_other_layers_register_after_start_and_see_the_caller() -> None:
+    async def scenario() -> None:
+        async with Node(_config()) as a, Node(_config()) as b:
+
+            class Echo(net_pb2_grpc.ReachabilityServicer):
+                async def DialBack(self, request: Any, context: Any) -> Any:
+                    caller = current_session().peer_id
+                    return net_pb2.DialBackResponse(detail=caller)
+
+            a.add_servicer(net_pb2_grpc.add_ReachabilityServicer_to_server, Echo())
+            await b.pool.dial(DialTarget(a.addresses[0]), expected_peer_id=None)
+            response = await b.call(
+                a.peer_id,
+                "/gossamer.net.v1.Reachability/DialBack",
+                net_pb2.DialBackRequest(),
+                net_pb2.DialBackResponse,
+            )
+            assert response.detail == b.peer_id
+
+    _run(scenario)
+
+
+@pytest.mark.parametrize("num_streams", [1, 4])
+def test_bulk_stream_of_64_mib_arrives_intact(num_streams: int) -> None:
+    payload = os.urandom(64 << 20)
+
+    async def scenario() -> None:
+        async with Node(_config()) as a, Node(_config()) as b:
+            received: list[bytes] = []
+
+            async def handler(sender: str, topic: str, data: bytearray) -> None:
+                assert sender == a.peer_id
+                received.append(hashlib.sha256(data).digest())
+
+            b.on_bulk("tensor", handler)
+            await a.pool.dial(DialTarget(b.addresses[0]), expected_peer_id=b.peer_id)
+            started = time.perf_counter()
+            await a.send_bulk(b.peer_id, "tensor", payload, num_streams=num_streams)
+            elapsed = time.perf_counter() - started
+            assert received == [hashlib.sha256(payload).digest()]
+            assert b.counters.peers[a.peer_id].bytes_received == len(payload)
+            print(f"\nbulk 64 MiB over {num_streams} streams: {64 / elapsed:.0f} MiB/s")
+            with pytest.raises(ProtocolError, match="no handler"):
+                await a.send_bulk(b.peer_id, "nobody-listens", b"x", timeout_s=5)
+
+    _run(scenario)
