@@ -1,0 +1,185 @@
+"""Fault-tolerant all-reduce: reduce-scatter then all-gather, chunk by chunk, under a deadline.
+
+Each member owns one part of the flat buffer (sized by bandwidth, see :class:`PartPlan`). Every
+member streams its values for each part to the part's owner, several chunks in flight per peer;
+an owner averages a chunk as soon as every awaited member's copy arrived and sends the average
+straight back to everyone, so sending, reducing and gathering overlap.
+
+Faults: a member whose send fails is marked failed and every other member is told (a
+``PEER_FAILED`` frame), so owners stop waiting for it. A part whose owner failed is reassigned
+to the next live member in order, which averages it among the survivors; the report says so.
+Owners stop waiting for contributions at the reduce deadline and average what arrived (weights
+renormalised per chunk). At the round deadline everything still running is cancelled and parts
+that never came back keep this member's own values. Numeric work runs in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from gossamer.comm.codecs import CodecPolicy, ErrorFeedback, FloatArray
+from gossamer.comm.plan import FlatLayout, PartPlan, round_id_of
+from gossamer.comm.reduction import ChunkCodec
+from gossamer.comm.report import AllReduceReport, AllReduceResult
+from gossamer.comm.round_state import RoundState
+from gossamer.comm.transport import CommMailbox, wait_for_event
+from gossamer.comm.wire import WireLimits
+from gossamer.core.clock import Clock, SystemClock
+
+__all__ = ["AllReduceConfig", "Offload", "all_reduce"]
+
+_log = logging.getLogger(__name__)
+T = TypeVar("T")
+Offload = Callable[[Callable[[], Any]], Awaitable[Any]]
+"""Runs a function off the event loop (``asyncio.to_thread`` unless a test swaps it)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AllReduceConfig:
+    """One averaging round."""
+
+    timeout_s: float = 60.0
+    """Deadline of the round: nothing waits past it."""
+    reduce_deadline_share: float = 0.7
+    """Share of the deadline after which owners average whatever contributions arrived."""
+    send_timeout_s: float = 30.0
+    """Deadline of one chunk message; a peer that misses it is treated as failed."""
+    chunk_elements: int = 1 << 20
+    """Values per chunk message (4 MiB of float32)."""
+    max_in_flight_per_peer: int = 3
+    """Chunk messages in flight to one peer at once."""
+    codec: CodecPolicy = field(default_factory=CodecPolicy)
+    """Codec of each tensor."""
+    limits: WireLimits = field(default_factory=WireLimits)
+    """What a received piece may announce."""
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+        if not 0 < self.reduce_deadline_share < 1:
+            raise ValueError("reduce_deadline_share must be between 0 and 1 (exclusive)")
+        if self.send_timeout_s <= 0:
+            raise ValueError(f"send_timeout_s must be positive, got {self.send_timeout_s}")
+        if self.chunk_elements < 1 or self.max_in_flight_per_peer < 1:
+            raise ValueError("chunk_elements and max_in_flight_per_peer must be at least 1")
+
+
+def _flatten(tensors: Sequence[torch.Tensor], layout: FlatLayout) -> FloatArray:
+    flat = np.empty(layout.total, dtype=np.float32)
+    for tensor, lo, hi in zip(tensors, layout.offsets, layout.offsets[1:], strict=False):
+        flat[lo:hi] = tensor.detach().to("cpu", torch.float32).reshape(-1).numpy()
+    return flat
+
+
+def _unflatten(flat: FloatArray, layout: FlatLayout) -> list[torch.Tensor]:
+    out = []
+    for shape, dtype, lo, hi in zip(
+        layout.shapes, layout.dtypes, layout.offsets, layout.offsets[1:], strict=False
+    ):
+        out.append(torch.from_numpy(flat[lo:hi].copy()).reshape(shape).to(dtype))
+    return out
+
+
+async def all_reduce(
+    tensors: Sequence[torch.Tensor],
+    *,
+    mailbox: CommMailbox,
+    members: Sequence[str],
+    round_key: str,
+    config: AllReduceConfig | None = None,
+    weight: float = 1.0,
+    bandwidth_weights: Sequence[float] | None = None,
+    feedback: ErrorFeedback | None = None,
+    names: Sequence[str] | None = None,
+    clock: Clock | None = None,
+    offload: Offload | None = None,
+) -> AllReduceResult:
+    """Average ``tensors`` across ``members`` (this peer among them) within the deadline.
+
+    Args:
+        tensors: this member's float tensors (CPU); the same shapes on every member.
+        mailbox: this peer's comm mailbox (over its transport).
+        members: the agreed member list, in the agreed order.
+        round_key: names the round (e.g. run id and step); the same on every member.
+        config: deadline, chunking and codecs.
+        weight: this member's weight in the average (e.g. its number of samples).
+        bandwidth_weights: relative bandwidth of each member; parts are sized by it.
+        feedback: error-feedback state kept by the caller across rounds (lossy codecs).
+        names: stable tensor names for the error feedback (positions by default).
+        clock: time source for deadlines.
+        offload: runs numeric work off the event loop.
+
+    Returns:
+        The averages and the round's report. Never raises for a failed peer: failures are in
+        the report.
+    """
+    config = config or AllReduceConfig()
+    clock = clock or SystemClock()
+    offload = offload or asyncio.to_thread
+    if mailbox.peer_id not in members:
+        raise ValueError("this peer is not in the member list")
+    if not np.isfinite(weight) or weight < 0:
+        raise ValueError(f"weight must be finite and >= 0, got {weight}")
+    layout = FlatLayout(tensors, config.codec, names)
+    plan = PartPlan.create(
+        members,
+        layout.total,
+        bandwidth_weights=bandwidth_weights,
+        chunk_elements=config.chunk_elements,
+        align=config.codec.block_size,
+    )
+    round_id = round_id_of(round_key, plan, layout)
+    flat = await offload(lambda: _flatten(tensors, layout))
+    state = RoundState(
+        round_id=round_id,
+        plan=plan,
+        me=plan.members.index(mailbox.peer_id),
+        local=flat,
+        weight=weight,
+        chunk_codec=ChunkCodec(layout, config.limits),
+        transport=mailbox.transport,
+        clock=clock,
+        offload=offload,
+        feedback=feedback,
+        send_timeout_s=config.send_timeout_s,
+        max_in_flight_per_peer=config.max_in_flight_per_peer,
+    )
+    report = AllReduceReport(
+        round_id=round_id.hex(),
+        peer_id=mailbox.peer_id,
+        members=list(plan.members),
+        codec=config.codec.codec,
+    )
+    started_wall = time.perf_counter()
+    start = clock.monotonic()
+    deadline = start + config.timeout_s
+    state.reduce_deadline_s = start + config.timeout_s * config.reduce_deadline_share
+    state.deadline_s = deadline
+    mailbox.open_round(round_id, state)
+    try:
+        async with asyncio.TaskGroup() as group:
+            state.group = group
+            state.begin()
+            finished = await wait_for_event(state.done, deadline, clock)
+            report.deadline_hit = not finished
+            state.cancel_all()
+    finally:
+        mailbox.close_round(round_id)
+    state.fill_report(report, started_wall)
+    if report.deadline_hit:
+        _log.warning(
+            "peer %s: round %s hit its deadline: %s",
+            mailbox.peer_id[:12],
+            round_key,
+            report.outcome_counts(),
+        )
+    result = await offload(lambda: _unflatten(state.output, layout))
+    return AllReduceResult(result, report)

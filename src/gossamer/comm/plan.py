@@ -1,0 +1,168 @@
+"""Who reduces what: parts sized by bandwidth, chunks, and the flat layout of a tensor list.
+
+Every member of a group computes the same :class:`PartPlan` from the same inputs (the agreed member
+list and bandwidth weights), so parts need no negotiation. A round's id hashes the group, the
+round key and the tensor layout: members that disagree on any of them never mix their messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gossamer.comm.codecs import CodecChoice, CodecPolicy
+
+__all__ = ["FlatLayout", "PartPlan", "Segment", "round_id_of"]
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """The piece of one tensor that falls inside a flat range."""
+
+    tensor_index: int
+    """Which tensor."""
+    tensor_offset: int
+    """First element, counted inside the tensor."""
+    flat_start: int
+    """First element, counted in the flat buffer."""
+    flat_end: int
+    """One past the last element in the flat buffer."""
+
+
+class FlatLayout:
+    """A list of tensors seen as one flat float32 buffer, with a codec per tensor.
+
+    Args:
+        tensors: the tensors (their shapes and dtypes; values are not read here).
+        policy: picks each tensor's codec by size.
+        names: stable names for error-feedback state (default: the positions).
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[torch.Tensor],
+        policy: CodecPolicy,
+        names: Sequence[str] | None = None,
+    ) -> None:
+        if not tensors:
+            raise ValueError("nothing to average: the tensor list is empty")
+        for t in tensors:
+            if not t.is_floating_point():
+                raise ValueError(f"only float tensors can be averaged, got {t.dtype}")
+        self.shapes = [tuple(t.shape) for t in tensors]
+        self.dtypes = [t.dtype for t in tensors]
+        self.numels = [t.numel() for t in tensors]
+        self.names = list(names) if names is not None else [str(i) for i in range(len(tensors))]
+        if len(self.names) != len(tensors):
+            raise ValueError(f"{len(self.names)} names for {len(tensors)} tensors")
+        self.offsets = [0]
+        for n in self.numels:
+            self.offsets.append(self.offsets[-1] + n)
+        self.total = self.offsets[-1]
+        self.choices: list[CodecChoice] = [policy.choose(n) for n in self.numels]
+
+    def signature(self) -> bytes:
+        """Bytes that differ whenever shapes or codecs differ."""
+        parts = [
+            f"{s}|{c.codec.name}|{c.block_size}"
+            for s, c in zip(self.shapes, self.choices, strict=True)
+        ]
+        return "/".join(parts).encode()
+
+    def segments(self, start: int, end: int) -> list[Segment]:
+        """The tensor pieces that make up flat elements ``start..end``."""
+        found: list[Segment] = []
+        for index, (lo, hi) in enumerate(itertools.pairwise(self.offsets)):
+            a, b = max(lo, start), min(hi, end)
+            if a < b:
+                found.append(Segment(index, a - lo, a, b))
+        return found
+
+    def fp32_nbytes(self) -> int:
+        """Bytes of the whole buffer in float32."""
+        return 4 * self.total
+
+
+@dataclass(frozen=True, slots=True)
+class PartPlan:
+    """Which member reduces which flat range, and how parts are cut into chunks."""
+
+    members: tuple[str, ...]
+    """Peer ids in the agreed order."""
+    bounds: tuple[int, ...]
+    """Part ``i`` (owned by member ``i``) is flat elements ``bounds[i]..bounds[i+1]``."""
+    chunk_elements: int
+    """Most elements per chunk (one message)."""
+
+    @classmethod
+    def create(
+        cls,
+        members: Sequence[str],
+        total: int,
+        *,
+        bandwidth_weights: Sequence[float] | None = None,
+        chunk_elements: int = 1 << 20,
+        align: int = 4096,
+    ) -> PartPlan:
+        """Parts sized in proportion to ``bandwidth_weights`` (equal when omitted).
+
+        Boundaries fall on multiples of ``align`` elements; a member with weight 0 owns nothing.
+        """
+        if not members or len(set(members)) != len(members):
+            raise ValueError("members must be a non-empty list of distinct peer ids")
+        weights = list(bandwidth_weights) if bandwidth_weights is not None else [1.0] * len(members)
+        if len(weights) != len(members):
+            raise ValueError(f"{len(weights)} bandwidth weights for {len(members)} members")
+        if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"bandwidth weights must be finite, >= 0, not all 0: {weights}")
+        if chunk_elements < 1 or align < 1:
+            raise ValueError("chunk_elements and align must be positive")
+        total_weight = sum(weights)
+        bounds = [0]
+        cumulative = 0.0
+        for w in weights[:-1]:
+            cumulative += w
+            cut = int(total * cumulative / total_weight) // align * align
+            bounds.append(min(max(cut, bounds[-1]), total))
+        bounds.append(total)
+        return cls(tuple(members), tuple(bounds), chunk_elements)
+
+    @property
+    def num_parts(self) -> int:
+        """One part per member."""
+        return len(self.members)
+
+    def part_range(self, part: int) -> tuple[int, int]:
+        """Flat range of a part."""
+        return self.bounds[part], self.bounds[part + 1]
+
+    def chunks(self, part: int) -> list[tuple[int, int]]:
+        """Flat ranges of a part's chunks, in order."""
+        start, end = self.part_range(part)
+        return [
+            (a, min(a + self.chunk_elements, end)) for a in range(start, end, self.chunk_elements)
+        ]
+
+    def backup_of(self, part: int, failed: set[int]) -> int | None:
+        """The member that reduces ``part`` when its owner failed: the next live one in order."""
+        n = len(self.members)
+        for step in range(1, n):
+            candidate = (part + step) % n
+            if candidate not in failed:
+                return candidate
+        return None
+
+
+def round_id_of(round_key: str, plan: PartPlan, layout: FlatLayout) -> bytes:
+    """16 bytes naming one round of one group over one tensor layout."""
+    digest = hashlib.sha256()
+    for item in (round_key.encode(), *(m.encode() for m in plan.members)):
+        digest.update(len(item).to_bytes(8, "little") + item)
+    digest.update(repr((plan.bounds, plan.chunk_elements)).encode())
+    digest.update(layout.signature())
+    return digest.digest()[:16]

@@ -1,0 +1,169 @@
+"""The numeric half of an all-reduce: chunk bodies and the weighted sums of one part.
+
+Everything here is numpy work meant to run in a worker thread. :class:`ChunkCodec` turns a flat
+range into message bodies (one wire piece per tensor segment, each with that tensor's codec) and
+back, checking that a received body matches the layout exactly. :class:`PartReducer` keeps the
+weighted sum of one part per chunk; each chunk is averaged over the contributions that arrived
+for it, so a member whose stream broke half-way still counts for the chunks it delivered.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from gossamer.comm.codecs import ErrorFeedback, FloatArray
+from gossamer.comm.plan import FlatLayout
+from gossamer.comm.wire import WireLimits, decode_piece, encode_piece
+from gossamer.core.errors import ProtocolError
+
+__all__ = ["ChunkCodec", "PartReducer", "pack_contributors", "unpack_contributors"]
+
+_COUNT = struct.Struct("<H")
+
+
+class ChunkCodec:
+    """Encodes and decodes the bodies of chunk messages for one layout.
+
+    Args:
+        layout: the flat layout every member shares.
+        limits: what a received piece may announce.
+    """
+
+    def __init__(self, layout: FlatLayout, limits: WireLimits) -> None:
+        self.layout = layout
+        self.limits = limits
+
+    def encode(
+        self,
+        values: FloatArray,
+        start: int,
+        end: int,
+        feedback: ErrorFeedback | None,
+        *,
+        base: int = 0,
+    ) -> tuple[bytes, FloatArray]:
+        """Body for flat elements ``start..end`` and the values a receiver will decode.
+
+        ``values[i - base]`` holds flat element ``i`` (``base`` 0: the whole flat buffer).
+        """
+        bodies: list[bytes] = []
+        decoded = np.empty(end - start, dtype=np.float32)
+        for seg in self.layout.segments(start, end):
+            index = seg.tensor_index
+            piece, piece_values = encode_piece(
+                values[seg.flat_start - base : seg.flat_end - base],
+                self.layout.choices[index],
+                feedback=feedback,
+                feedback_key=self.layout.names[index],
+                feedback_numel=self.layout.numels[index],
+                feedback_offset=seg.tensor_offset,
+            )
+            bodies.append(piece)
+            decoded[seg.flat_start - start : seg.flat_end - start] = piece_values
+        return b"".join(bodies), decoded
+
+    def decode(self, body: memoryview, start: int, end: int) -> FloatArray:
+        """Values of flat elements ``start..end`` from a body.
+
+        Raises:
+            ProtocolError: the body does not match the layout (sizes, codecs, extra bytes).
+        """
+        values = np.empty(end - start, dtype=np.float32)
+        position = 0
+        for seg in self.layout.segments(start, end):
+            piece, position = decode_piece(body, position, self.limits)
+            expected = self.layout.choices[seg.tensor_index].codec.name
+            length = seg.flat_end - seg.flat_start
+            if piece.values.shape[0] != length or piece.codec_name != expected:
+                raise ProtocolError(
+                    f"chunk piece of {piece.values.shape[0]} {piece.codec_name} values where the "
+                    f"layout has {length} {expected} values"
+                )
+            values[seg.flat_start - start : seg.flat_end - start] = piece.values
+        if position != len(body):
+            raise ProtocolError(f"{len(body) - position} bytes after the last chunk piece")
+        return values
+
+
+def pack_contributors(indices: Sequence[int]) -> bytes:
+    """The contributor list that leads a result body."""
+    return _COUNT.pack(len(indices)) + b"".join(_COUNT.pack(i) for i in indices)
+
+
+def unpack_contributors(body: memoryview, num_members: int) -> tuple[list[int], memoryview]:
+    """The contributor list of a result body and the rest of the body."""
+    if len(body) < _COUNT.size:
+        raise ProtocolError("result body without a contributor list")
+    (count,) = _COUNT.unpack_from(body)
+    end = _COUNT.size * (1 + count)
+    if count > num_members or len(body) < end:
+        raise ProtocolError(f"result names {count} contributors in a group of {num_members}")
+    indices = [_COUNT.unpack_from(body, _COUNT.size * (1 + i))[0] for i in range(count)]
+    if any(i >= num_members for i in indices):
+        raise ProtocolError("result names a contributor outside the group")
+    return indices, body[end:]
+
+
+class PartReducer:
+    """Weighted sums of one part, per chunk, until each chunk is finalised.
+
+    Args:
+        part: the part's index.
+        chunks: flat ranges of its chunks.
+        expected: member indices whose contributions are awaited.
+    """
+
+    def __init__(self, part: int, chunks: list[tuple[int, int]], expected: set[int]) -> None:
+        self.part = part
+        self.chunks = chunks
+        self.expected = set(expected)
+        self.contributors: list[set[int]] = [set() for _ in chunks]
+        self.finalized = [False] * len(chunks)
+        self._sums: list[FloatArray | None] = [None] * len(chunks)
+        self._weights = [0.0] * len(chunks)
+        self._locks = [threading.Lock() for _ in chunks]
+
+    def add(self, chunk: int, member: int, weight: float, values: FloatArray) -> bool:
+        """Add one contribution (in a thread); False if the chunk was already finalised."""
+        with self._locks[chunk]:
+            if self.finalized[chunk] or member in self.contributors[chunk]:
+                return False
+            total = self._sums[chunk]
+            if total is None:
+                total = self._sums[chunk] = np.zeros(values.shape[0], dtype=np.float32)
+            if weight != 1.0:
+                total += np.float32(weight) * values
+            else:
+                total += values
+            self._weights[chunk] += weight
+            self.contributors[chunk].add(member)
+            return True
+
+    def is_complete(self, chunk: int) -> bool:
+        """Whether every awaited member contributed to ``chunk``."""
+        return self.expected <= self.contributors[chunk]
+
+    def pending_chunks(self) -> list[int]:
+        """Chunks not finalised yet."""
+        return [c for c, done in enumerate(self.finalized) if not done]
+
+    def finalize(self, chunk: int, fallback: FloatArray) -> tuple[FloatArray, list[int]] | None:
+        """The chunk's average and its contributors (in a thread); None if already finalised.
+
+        ``fallback`` is used when the weights that arrived sum to zero.
+        """
+        with self._locks[chunk]:
+            if self.finalized[chunk]:
+                return None
+            self.finalized[chunk] = True
+            total, weight = self._sums[chunk], self._weights[chunk]
+            self._sums[chunk] = None
+            if total is None or weight <= 0:
+                average = fallback.copy()
+            else:
+                average = total / np.float32(weight) if weight != 1.0 else total
+            return average, sorted(self.contributors[chunk])

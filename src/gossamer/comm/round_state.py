@@ -1,0 +1,397 @@
+"""One member's state in one all-reduce round: what it sends, reduces, receives and who failed.
+
+Driven by :func:`gossamer.comm.allreduce.all_reduce`, which owns the task group every task here
+runs in and the deadlines. Messages arrive through :meth:`RoundState.handle` (the mailbox calls
+it); numeric work goes through ``offload``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from gossamer.comm.codecs import ErrorFeedback, FloatArray
+from gossamer.comm.plan import PartPlan
+from gossamer.comm.reduction import (
+    ChunkCodec,
+    PartReducer,
+    pack_contributors,
+    unpack_contributors,
+)
+from gossamer.comm.report import AllReduceReport, PartOutcome, PartReport
+from gossamer.comm.transport import (
+    FLAG_REASSIGNED,
+    FRAME_NBYTES,
+    CommTransport,
+    Frame,
+    FrameKind,
+    pack_frame,
+)
+from gossamer.core.clock import Clock
+from gossamer.core.errors import GossamerError, ProtocolError
+
+__all__ = ["RoundState"]
+
+_log = logging.getLogger(__name__)
+
+
+class RoundState:
+    """Everything one member tracks during a round (see the module docstring of allreduce)."""
+
+    def __init__(
+        self,
+        *,
+        round_id: bytes,
+        plan: PartPlan,
+        me: int,
+        local: FloatArray,
+        weight: float,
+        chunk_codec: ChunkCodec,
+        transport: CommTransport,
+        clock: Clock,
+        offload: Any,
+        feedback: ErrorFeedback | None,
+        send_timeout_s: float,
+        max_in_flight_per_peer: int,
+    ) -> None:
+        self.round_id = round_id
+        self.plan = plan
+        self.me = me
+        self.local = local
+        self.output = local.copy()
+        self.weight = weight
+        self.codec = chunk_codec
+        self.transport = transport
+        self.clock = clock
+        self.offload = offload
+        self.feedback = feedback
+        self.send_timeout_s = send_timeout_s
+        n = plan.num_parts
+        self.index = {peer: i for i, peer in enumerate(plan.members)}
+        self.failed: dict[int, str] = {}
+        self.reducer_of = list(range(n))
+        self.reducers: dict[int, PartReducer] = {}
+        self.chunks = [plan.chunks(p) for p in range(n)]
+        self.result_from: list[list[int | None]] = [[None] * len(c) for c in self.chunks]
+        self.result_contributors: list[list[list[int]]] = [[[] for _ in c] for c in self.chunks]
+        self.slots = [asyncio.Semaphore(max_in_flight_per_peer) for _ in range(n)]
+        self.done = asyncio.Event()
+        self.group: asyncio.TaskGroup | None = None
+        self.reduce_deadline_s = 0.0
+        self.deadline_s = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._num_pending_result_sends = 0
+        self._num_contribution_senders = 0
+        self._started = time.perf_counter()
+        self._contributions_done_at: float | None = None
+        self._own_part_done_at: float | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.fp32_bytes_sent = 0
+        self.encode_s = 0.0
+        self.decode_s = 0.0
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` in the round's task group (cancelled when the round ends)."""
+        assert self.group is not None
+        task = self.group.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def begin(self) -> None:
+        """Start reducing this member's part and sending its values for every other part."""
+        self._started = time.perf_counter()
+        if self.chunks[self.me]:
+            self._start_reducer(self.me, set(range(self.plan.num_parts)), self.reduce_deadline_s)
+        n = self.plan.num_parts
+        for step in range(1, n):
+            part = (self.me + step) % n
+            if self.chunks[part]:
+                self._num_contribution_senders += 1
+                self.spawn(self._send_part(part, part, flags=0, counted=True))
+        if self._num_contribution_senders == 0:
+            self._contributions_done_at = time.perf_counter()
+        self._check_done()
+
+    def cancel_all(self) -> None:
+        """Cancel every task of the round (the task group then awaits them)."""
+        for task in list(self._tasks):
+            task.cancel()
+
+    def _check_done(self) -> None:
+        if any(r.pending_chunks() for r in self.reducers.values()):
+            return
+        if self._own_part_done_at is None:
+            self._own_part_done_at = time.perf_counter()
+        if self._num_pending_result_sends:
+            return
+        for part, sources in enumerate(self.result_from):
+            if any(source != self.reducer_of[part] for source in sources):
+                return
+        self.done.set()
+
+    # ---- reducing ------------------------------------------------------------------------------
+
+    def _start_reducer(self, part: int, expected: set[int], deadline_s: float) -> None:
+        reducer = PartReducer(part, self.chunks[part], expected - set(self.failed))
+        self.reducers[part] = reducer
+        self.spawn(self._add_own(reducer))
+        self.spawn(self._reduce_deadline(reducer, deadline_s))
+
+    async def _add_own(self, reducer: PartReducer) -> None:
+        def add() -> None:
+            for chunk, (a, b) in enumerate(reducer.chunks):
+                reducer.add(chunk, self.me, self.weight, self.local[a:b])
+
+        await self.offload(add)
+        for chunk in range(len(reducer.chunks)):
+            self._check_chunk(reducer, chunk)
+
+    async def _reduce_deadline(self, reducer: PartReducer, deadline_s: float) -> None:
+        await self.clock.sleep_async(max(0.0, deadline_s - self.clock.monotonic()))
+        for chunk in reducer.pending_chunks():
+            self.spawn(self._finalize(reducer, chunk))
+
+    def _check_chunk(self, reducer: PartReducer, chunk: int) -> None:
+        if not reducer.finalized[chunk] and reducer.is_complete(chunk):
+            self.spawn(self._finalize(reducer, chunk))
+
+    async def _finalize(self, reducer: PartReducer, chunk: int) -> None:
+        a, b = reducer.chunks[chunk]
+
+        def work() -> tuple[bytes, list[int]] | None:
+            got = reducer.finalize(chunk, self.local[a:b])
+            if got is None:
+                return None
+            average, contributors = got
+            body, decoded = self.codec.encode(average, a, b, None, base=a)
+            self.output[a:b] = decoded  # what every receiver decodes, so all members agree
+            return body, contributors
+
+        started = time.perf_counter()
+        finished = await self.offload(work)
+        self.encode_s += time.perf_counter() - started
+        if finished is None:
+            return
+        body, contributors = finished
+        part = reducer.part
+        flags = FLAG_REASSIGNED if part != self.me else 0
+        if self.reducer_of[part] == self.me:
+            self.result_from[part][chunk] = self.me
+            self.result_contributors[part][chunk] = contributors
+        frame = Frame(FrameKind.RESULT, self.round_id, part, chunk, self.me, 0.0, flags)
+        message = pack_frame(frame) + pack_contributors(contributors) + body
+        for dest in range(self.plan.num_parts):
+            if dest != self.me and dest not in self.failed:
+                self._num_pending_result_sends += 1
+                self.spawn(self._send_result(dest, message, 4 * (b - a)))
+        self._check_done()
+
+    async def _send_result(self, dest: int, message: bytes, fp32_nbytes: int) -> None:
+        try:
+            async with self.slots[dest]:
+                if await self._transmit(dest, message):
+                    self.fp32_bytes_sent += fp32_nbytes
+        finally:
+            self._num_pending_result_sends -= 1
+            self._check_done()
+
+    # ---- sending -------------------------------------------------------------------------------
+
+    async def _transmit(self, dest: int, message: bytes) -> bool:
+        if dest in self.failed:
+            return False
+        remaining = self.deadline_s - self.clock.monotonic()
+        if remaining <= 0:
+            return False
+        try:
+            await self.transport.send(
+                self.plan.members[dest], message, timeout_s=min(self.send_timeout_s, remaining)
+            )
+        except GossamerError as exc:
+            self.peer_failed(dest, f"{type(exc).__name__}: {exc}", notify=True)
+            return False
+        self.bytes_sent += len(message)
+        return True
+
+    async def _send_part(self, part: int, dest: int, *, flags: int, counted: bool) -> None:
+        feedback = self.feedback if flags == 0 else None  # a resend must not reapply feedback
+
+        async def one(chunk: int, a: int, b: int) -> None:
+            async with self.slots[dest]:
+                if dest in self.failed or self.reducer_of[part] != dest:
+                    return
+                started = time.perf_counter()
+                body, _ = await self.offload(lambda: self.codec.encode(self.local, a, b, feedback))
+                self.encode_s += time.perf_counter() - started
+                frame = Frame(
+                    FrameKind.CONTRIBUTION, self.round_id, part, chunk, self.me, self.weight, flags
+                )
+                if await self._transmit(dest, pack_frame(frame) + body):
+                    self.fp32_bytes_sent += 4 * (b - a)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for chunk, (a, b) in enumerate(self.chunks[part]):
+                    group.create_task(one(chunk, a, b))
+        finally:
+            if counted:
+                self._num_contribution_senders -= 1
+                if self._num_contribution_senders == 0:
+                    self._contributions_done_at = time.perf_counter()
+
+    # ---- failures ------------------------------------------------------------------------------
+
+    def peer_failed(self, member: int, reason: str, *, notify: bool) -> None:
+        """Stop waiting for ``member``, reassign what it reduced, and (optionally) tell the rest."""
+        if member == self.me or member in self.failed:
+            return
+        self.failed[member] = reason
+        _log.info(
+            "peer %s: member %s failed in round %s: %s",
+            self.plan.members[self.me][:12],
+            self.plan.members[member][:12],
+            self.round_id.hex()[:12],
+            reason,
+        )
+        for reducer in self.reducers.values():
+            reducer.expected.discard(member)
+            for chunk in reducer.pending_chunks():
+                self._check_chunk(reducer, chunk)
+        for part in range(self.plan.num_parts):
+            if self.reducer_of[part] == member and self.chunks[part]:
+                self._reassign(part)
+        if notify:
+            message = pack_frame(Frame(FrameKind.PEER_FAILED, self.round_id, 0, 0, member, 0.0, 0))
+            for dest in range(self.plan.num_parts):
+                if dest != self.me and dest not in self.failed:
+                    self.spawn(self._notify(dest, message))
+        self._check_done()
+
+    async def _notify(self, dest: int, message: bytes) -> None:
+        await self._transmit(dest, message)
+
+    def _reassign(self, part: int) -> None:
+        backup = self.plan.backup_of(part, set(self.failed))
+        if backup is None:
+            return
+        self.reducer_of[part] = backup
+        if backup == self.me:
+            # The survivors resend this part now: give them at least half the time left.
+            now = self.clock.monotonic()
+            deadline_s = max(self.reduce_deadline_s, now + 0.5 * (self.deadline_s - now))
+            self._start_reducer(part, set(range(self.plan.num_parts)), deadline_s)
+        else:
+            self.spawn(self._send_part(part, backup, flags=FLAG_REASSIGNED, counted=False))
+
+    # ---- receiving -----------------------------------------------------------------------------
+
+    async def handle(self, sender: str, frame: Frame, body: Any) -> None:
+        """Process one message of this round (called by the mailbox)."""
+        member = self.index.get(sender)
+        if member is None:
+            raise ProtocolError(f"peer {sender[:12]} is not a member of this round")
+        self.bytes_received += FRAME_NBYTES + len(body)
+        n = self.plan.num_parts
+        if frame.kind is FrameKind.PEER_FAILED:
+            if frame.peer_index >= n:
+                raise ProtocolError(f"failure report for member {frame.peer_index} of {n}")
+            self.peer_failed(frame.peer_index, f"reported by {sender[:12]}", notify=False)
+            return
+        if frame.part >= n or frame.chunk >= len(self.chunks[frame.part]):
+            raise ProtocolError(f"chunk {frame.chunk} of part {frame.part} is not in the plan")
+        if frame.kind is FrameKind.CONTRIBUTION:
+            await self._on_contribution(member, frame, body)
+        else:
+            await self._on_result(member, frame, body)
+
+    async def _on_contribution(self, member: int, frame: Frame, body: Any) -> None:
+        part, chunk = frame.part, frame.chunk
+        reducer = self.reducers.get(part)
+        if reducer is None and frame.flags & FLAG_REASSIGNED and part not in self.failed:
+            self.peer_failed(part, f"reported by {self.plan.members[member][:12]}", notify=False)
+            reducer = self.reducers.get(part)
+        if reducer is None or reducer.finalized[chunk]:
+            return  # not ours to reduce, or it came too late
+        a, b = self.chunks[part][chunk]
+
+        def work() -> None:
+            reducer.add(chunk, member, frame.weight, self.codec.decode(body, a, b))
+
+        started = time.perf_counter()
+        await self.offload(work)
+        self.decode_s += time.perf_counter() - started
+        self._check_chunk(reducer, chunk)
+
+    async def _on_result(self, member: int, frame: Frame, body: Any) -> None:
+        part, chunk = frame.part, frame.chunk
+        if member != self.reducer_of[part] and frame.flags & FLAG_REASSIGNED:
+            if self.reducer_of[part] == part:  # we had not heard that the owner failed
+                self.peer_failed(
+                    part, f"reassigned by {self.plan.members[member][:12]}", notify=False
+                )
+            if part == self.me:  # others think this member failed: take the backup's average
+                self.reducer_of[part] = member
+        if member != self.reducer_of[part] or self.result_from[part][chunk] == member:
+            return
+        contributors, rest = unpack_contributors(body, self.plan.num_parts)
+        a, b = self.chunks[part][chunk]
+
+        def work() -> None:
+            self.output[a:b] = self.codec.decode(rest, a, b)
+
+        started = time.perf_counter()
+        await self.offload(work)
+        self.decode_s += time.perf_counter() - started
+        self.result_from[part][chunk] = member
+        self.result_contributors[part][chunk] = contributors
+        self._check_done()
+
+    # ---- report --------------------------------------------------------------------------------
+
+    def fill_report(self, report: AllReduceReport, started_wall: float) -> None:
+        """Write what this member saw into ``report``."""
+        members = self.plan.members
+        ended = time.perf_counter()
+        report.failed = {members[i]: why for i, why in sorted(self.failed.items())}
+        report.bytes_sent = self.bytes_sent
+        report.bytes_received = self.bytes_received
+        report.fp32_bytes_sent = self.fp32_bytes_sent
+        report.total_s = ended - started_wall
+        reduced = max(self._contributions_done_at or ended, self._own_part_done_at or ended)
+        report.reduce_scatter_s = reduced - started_wall
+        report.all_gather_s = max(0.0, ended - reduced)
+        report.encode_s, report.decode_s = self.encode_s, self.decode_s
+        for part in range(self.plan.num_parts):
+            sources = self.result_from[part]
+            reducer = self.reducer_of[part]
+            if all(s == reducer for s in sources):
+                outcome = PartOutcome.AVERAGED if reducer == part else PartOutcome.REASSIGNED
+            elif any(s is not None for s in sources):
+                outcome = PartOutcome.PARTIAL
+            else:
+                outcome = PartOutcome.KEPT_LOCAL
+            sets = [
+                set(c)
+                for c, s in zip(self.result_contributors[part], sources, strict=True)
+                if s is not None
+            ]
+            full = set.intersection(*sets) if sets else set()
+            some = set.union(*sets) if sets else set()
+            start, end = self.plan.part_range(part)
+            report.parts.append(
+                PartReport(
+                    index=part,
+                    owner=members[part],
+                    reducer=members[reducer],
+                    num_elements=end - start,
+                    outcome=outcome,
+                    contributors=[members[i] for i in sorted(full)],
+                    partial_contributors=[members[i] for i in sorted(some - full)],
+                )
+            )

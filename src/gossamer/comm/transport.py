@@ -1,0 +1,242 @@
+"""The seam between collectives and the network: a per-peer message channel and a mailbox.
+
+A :class:`CommTransport` sends one message to one peer and returns once the peer has handled it
+(that is what net's bulk streams do, and what the in-memory fake does). Incoming messages all go
+to one receiver, a :class:`CommMailbox`, which reads the small frame header and hands the
+message to the round it belongs to. A message for a round that has not opened yet (a fast peer
+started first) waits a bounded time for the round to open; one for a round that already ended is
+dropped.
+
+Frame header (little-endian)::
+
+    magic "GCM1" | kind u8 | flags u8 | 0 u16 | round id 16 bytes | part u32 | chunk u32
+    | peer index u32 | weight f64
+
+followed by tensor pieces (see :mod:`gossamer.comm.wire`) for contributions and results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import math
+import struct
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from gossamer.core.clock import Clock
+from gossamer.core.errors import ProtocolError
+
+__all__ = [
+    "CommMailbox",
+    "CommTransport",
+    "Frame",
+    "FrameKind",
+    "MessageReceiver",
+    "RoundHandler",
+    "pack_frame",
+    "unpack_frame",
+    "wait_for_event",
+]
+
+_log = logging.getLogger(__name__)
+_MAGIC = b"GCM1"
+_FRAME = struct.Struct("<4sBBH16sIIId")
+FRAME_NBYTES = _FRAME.size
+ROUND_ID_NBYTES = 16
+
+MessageReceiver = Callable[[str, memoryview], Awaitable[None]]
+"""Called with (sender peer id, message) for every message a transport receives."""
+
+
+class CommTransport(Protocol):
+    """Sends messages to peers; implemented over net's bulk streams and in memory for tests."""
+
+    @property
+    def peer_id(self) -> str:
+        """This peer's id."""
+        ...
+
+    async def send(self, peer_id: str, message: bytes, *, timeout_s: float) -> None:
+        """Deliver ``message`` to ``peer_id``'s receiver; return once the receiver handled it.
+
+        Raises:
+            GossamerError: the peer could not be reached, refused the message, or the deadline
+                passed.
+        """
+        ...
+
+    def set_receiver(self, receiver: MessageReceiver) -> None:
+        """Route every incoming message to ``receiver``."""
+        ...
+
+
+class FrameKind(enum.IntEnum):
+    """What a message carries."""
+
+    CONTRIBUTION = 1
+    """A member's values for one chunk of a part, sent to the part's reducer."""
+    RESULT = 2
+    """The average of one chunk, sent by the part's reducer to every member."""
+    PEER_FAILED = 3
+    """The sender saw the member at ``peer_index`` fail; no payload."""
+
+
+FLAG_REASSIGNED = 1
+"""The frame concerns a part whose owner failed and that a backup reduces instead."""
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A parsed frame header."""
+
+    kind: FrameKind
+    round_id: bytes
+    part: int
+    chunk: int
+    peer_index: int
+    weight: float
+    flags: int = 0
+
+
+def pack_frame(frame: Frame) -> bytes:
+    """The header bytes of ``frame``."""
+    assert len(frame.round_id) == ROUND_ID_NBYTES
+    return _FRAME.pack(
+        _MAGIC,
+        int(frame.kind),
+        frame.flags,
+        0,
+        frame.round_id,
+        frame.part,
+        frame.chunk,
+        frame.peer_index,
+        frame.weight,
+    )
+
+
+def unpack_frame(message: memoryview) -> tuple[Frame, memoryview]:
+    """The frame header and the body after it.
+
+    Raises:
+        ProtocolError: not a well-formed comm frame.
+    """
+    if len(message) < _FRAME.size:
+        raise ProtocolError("comm message shorter than its frame header")
+    magic, kind, flags, _, round_id, part, chunk, index, weight = _FRAME.unpack_from(message)
+    if magic != _MAGIC:
+        raise ProtocolError("comm message without the GCM1 magic")
+    try:
+        frame_kind = FrameKind(kind)
+    except ValueError:
+        raise ProtocolError(f"comm message of unknown kind {kind}") from None
+    if not math.isfinite(weight) or weight < 0:
+        raise ProtocolError(f"comm message with weight {weight}; weights are finite and >= 0")
+    frame = Frame(frame_kind, bytes(round_id), part, chunk, index, weight, flags)
+    return frame, message[_FRAME.size :]
+
+
+class RoundHandler(Protocol):
+    """What a mailbox hands a round's messages to."""
+
+    async def handle(self, sender: str, frame: Frame, body: memoryview) -> None:
+        """Process one message (decode in a thread; raise ProtocolError if malformed)."""
+        ...
+
+
+async def wait_for_event(event: asyncio.Event, deadline_s: float, clock: Clock) -> bool:
+    """Wait until ``event`` is set or ``clock`` reaches ``deadline_s``; True if it was set."""
+    if event.is_set():
+        return True
+    remaining = deadline_s - clock.monotonic()
+    if remaining <= 0:
+        return False
+    waiter = asyncio.ensure_future(event.wait())
+    sleeper = asyncio.ensure_future(clock.sleep_async(remaining))
+    try:
+        await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (waiter, sleeper):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    return event.is_set()
+
+
+class CommMailbox:
+    """Dispatches a transport's messages to the open rounds by round id.
+
+    Args:
+        transport: the transport whose messages it receives (it registers itself).
+        clock: time source for the early-arrival wait.
+        early_arrival_timeout_s: how long a message for a not-yet-open round waits for it.
+        max_waiting_rounds: distinct unopened rounds messages may wait for at once.
+    """
+
+    def __init__(
+        self,
+        transport: CommTransport,
+        clock: Clock,
+        *,
+        early_arrival_timeout_s: float = 30.0,
+        max_waiting_rounds: int = 64,
+    ) -> None:
+        self.transport = transport
+        self._clock = clock
+        self._early_timeout_s = early_arrival_timeout_s
+        self._max_waiting_rounds = max_waiting_rounds
+        self._rounds: dict[bytes, RoundHandler] = {}
+        self._opened: dict[bytes, asyncio.Event] = {}
+        self._closed: OrderedDict[bytes, None] = OrderedDict()
+        transport.set_receiver(self.deliver)
+
+    @property
+    def peer_id(self) -> str:
+        """The local peer id."""
+        return self.transport.peer_id
+
+    def open_round(self, round_id: bytes, handler: RoundHandler) -> None:
+        """Start routing messages of ``round_id`` to ``handler``."""
+        if round_id in self._rounds:
+            raise ValueError(f"round {round_id.hex()} is already open on this peer")
+        self._rounds[round_id] = handler
+        self._closed.pop(round_id, None)
+        event = self._opened.pop(round_id, None)
+        if event is not None:
+            event.set()
+
+    def close_round(self, round_id: bytes) -> None:
+        """Stop routing ``round_id``; later messages of it are dropped."""
+        self._rounds.pop(round_id, None)
+        self._closed[round_id] = None
+        while len(self._closed) > 1024:
+            self._closed.popitem(last=False)
+
+    async def deliver(self, sender: str, message: memoryview) -> None:
+        """The transport's receiver: route one message to its round."""
+        frame, body = unpack_frame(message)
+        handler = self._rounds.get(frame.round_id)
+        if handler is None:
+            if frame.round_id in self._closed:
+                return  # a straggler of a round that already ended
+            handler = await self._wait_open(frame.round_id)
+            if handler is None:
+                return
+        await handler.handle(sender, frame, body)
+
+    async def _wait_open(self, round_id: bytes) -> RoundHandler | None:
+        event = self._opened.get(round_id)
+        if event is None:
+            if len(self._opened) >= self._max_waiting_rounds:
+                raise ProtocolError("too many messages for rounds this peer has not opened")
+            event = self._opened[round_id] = asyncio.Event()
+        deadline = self._clock.monotonic() + self._early_timeout_s
+        opened = await wait_for_event(event, deadline, self._clock)
+        if not opened:
+            self._opened.pop(round_id, None)
+            raise ProtocolError(f"round {round_id.hex()[:12]} did not open on this peer in time")
+        return self._rounds.get(round_id)

@@ -1,0 +1,298 @@
+"""All-reduce on the in-memory fake: exact means, weights, codecs, faults and deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import torch
+from comm_fakes import IdleJumpClock, inline_offload
+
+from gossamer.comm.allreduce import AllReduceConfig, all_reduce
+from gossamer.comm.codecs import CodecPolicy
+from gossamer.comm.fake_transport import FakeNetwork, FaultScript
+from gossamer.comm.report import AllReduceResult, PartOutcome
+from gossamer.comm.transport import CommMailbox
+
+TIMEOUT_S = 30.0
+CONFIG = AllReduceConfig(
+    timeout_s=TIMEOUT_S,
+    send_timeout_s=5.0,
+    chunk_elements=500,
+    max_in_flight_per_peer=2,
+    codec=CodecPolicy(codec="none", block_size=64, min_compressed_numel=0),
+)
+SHAPES = [(40, 50), (7,), (3, 300), (1,)]
+
+
+def _inputs(num_members: int, seed: int = 0) -> list[list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=gen) for s in SHAPES] for _ in range(num_members)]
+
+
+def _mean(inputs: Sequence[Sequence[torch.Tensor]], members: Sequence[int]) -> list[torch.Tensor]:
+    return [
+        torch.stack([inputs[m][t].double() for m in members]).mean(0) for t in range(len(SHAPES))
+    ]
+
+
+def _run(
+    inputs: list[list[torch.Tensor]],
+    *,
+    scripts: dict[int, FaultScript] | None = None,
+    absent: Sequence[int] = (),
+    config: AllReduceConfig = CONFIG,
+    weights: Sequence[float] | None = None,
+    bandwidths: Sequence[float] | None = None,
+) -> tuple[dict[int, AllReduceResult], IdleJumpClock]:
+    clock = IdleJumpClock()
+    scripts = scripts or {}
+    members = [f"peer-{i}" for i in range(len(inputs))]
+
+    async def main() -> dict[int, AllReduceResult]:
+        network = FakeNetwork(clock)
+        mailboxes = {
+            i: CommMailbox(network.transport(m, scripts.get(i)), clock)
+            for i, m in enumerate(members)
+            if i not in absent  # an absent peer refuses connections
+        }
+
+        async def one(i: int) -> AllReduceResult:
+            return await all_reduce(
+                inputs[i],
+                mailbox=mailboxes[i],
+                members=members,
+                round_key="run/7",
+                config=config,
+                weight=1.0 if weights is None else weights[i],
+                bandwidth_weights=bandwidths,
+                clock=clock,
+                offload=inline_offload,
+            )
+
+        async with asyncio.TaskGroup() as group:
+            tasks = {i: group.create_task(one(i)) for i in range(len(inputs)) if i not in absent}
+        return {i: t.result() for i, t in tasks.items()}
+
+    return asyncio.run(clock.run(main())), clock
+
+
+def _assert_close(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], atol: float) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g.double(), w, atol=atol, rtol=0)
+
+
+def _assert_agree(results: dict[int, AllReduceResult]) -> None:
+    first = next(iter(results.values())).tensors
+    for result in results.values():
+        for a, b in zip(result.tensors, first, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_exact_mean_without_faults() -> None:
+    inputs = _inputs(4)
+    results, clock = _run(inputs)
+    want = _mean(inputs, range(4))
+    for result in results.values():
+        _assert_close(result.tensors, want, atol=1e-6)
+        report = result.report
+        assert not report.failed
+        assert not report.deadline_hit
+        assert [p.outcome for p in report.parts] == [PartOutcome.AVERAGED] * 4
+        assert all(len(p.contributors) == 4 for p in report.parts)
+        assert report.bytes_sent > 0
+        assert report.bytes_received > 0
+        assert 0.9 < report.compression_ratio < 1.0  # headers cost a little
+    _assert_agree(results)
+    assert clock.monotonic() == 0.0  # no deadline was needed
+
+
+def test_matches_torch_mean_with_dtypes_kept() -> None:
+    inputs = [[torch.randn(100, 30).to(torch.float16), torch.randn(64)] for _ in range(3)]
+    clock = IdleJumpClock()
+    del clock
+    results, _ = _run(inputs)
+    for result in results.values():
+        assert result.tensors[0].dtype == torch.float16
+        want = torch.stack([i[1] for i in inputs]).mean(0)
+        torch.testing.assert_close(result.tensors[1], want, atol=1e-6, rtol=1e-6)
+
+
+def test_weights_make_a_weighted_mean() -> None:
+    inputs = _inputs(3)
+    results, _ = _run(inputs, weights=[1.0, 2.0, 0.0])
+    want = [(inputs[0][t].double() + 2 * inputs[1][t].double()) / 3 for t in range(len(SHAPES))]
+    for result in results.values():
+        _assert_close(result.tensors, want, atol=1e-6)
+
+
+def test_parts_follow_bandwidth() -> None:
+    inputs = _inputs(3)
+    results, _ = _run(inputs, bandwidths=[1.0, 4.0, 5.0])
+    sizes = [p.num_elements for p in results[0].report.parts]
+    total = sum(sizes)
+    assert sizes[0] < sizes[1] < sizes[2]
+    assert abs(sizes[2] / total - 0.5) < 0.05
+    _assert_close(results[0].tensors, _mean(inputs, range(3)), atol=1e-6)
+
+
+@pytest.mark.parametrize("codec", ["fp16", "bf16", "int8"])
+def test_codecs_keep_members_identical_and_close(codec: str) -> None:
+    config = AllReduceConfig(
+        timeout_s=TIMEOUT_S,
+        chunk_elements=700,
+        codec=CodecPolicy(codec=codec, block_size=64, min_compressed_numel=100),
+    )
+    inputs = _inputs(4, seed=3)
+    results, _ = _run(inputs, config=config)
+    _assert_agree(results)
+    atol = {"fp16": 5e-3, "bf16": 5e-2, "int8": 8e-2}[codec]
+    _assert_close(results[0].tensors, _mean(inputs, range(4)), atol=atol)
+    # the one-element and seven-element tensors travel uncompressed: exact
+    _assert_close(results[0].tensors[1:2], _mean(inputs, range(4))[1:2], atol=1e-6)
+    assert results[0].report.compression_ratio > (1.5 if codec != "int8" else 2.5)
+
+
+def test_absent_member_is_dropped_and_its_part_reassigned() -> None:
+    inputs = _inputs(4)
+    results, clock = _run(inputs, absent=[2])
+    want = _mean(inputs, [0, 1, 3])
+    for result in results.values():
+        _assert_close(result.tensors, want, atol=1e-6)
+        report = result.report
+        assert "peer-2" in report.failed
+        part = report.parts[2]
+        assert part.outcome is PartOutcome.REASSIGNED
+        assert part.reducer == "peer-3"
+        assert part.contributors == ["peer-0", "peer-1", "peer-3"]
+    _assert_agree(results)
+    assert clock.monotonic() <= TIMEOUT_S
+
+
+@pytest.mark.parametrize("crash_after", [1, 3, 6, 9])
+def test_member_crashing_mid_round(crash_after: int) -> None:
+    inputs = _inputs(4, seed=crash_after)
+    results, clock = _run(inputs, scripts={1: FaultScript(crash_after_sends=crash_after)})
+    survivors = {i: r for i, r in results.items() if i != 1}
+    _assert_agree(survivors)
+    everyone, without = _mean(inputs, range(4)), _mean(inputs, [0, 2, 3])
+    flat_got = torch.cat([t.double().reshape(-1) for t in survivors[0].tensors])
+    flat_all = torch.cat([t.reshape(-1) for t in everyone])
+    flat_without = torch.cat([t.reshape(-1) for t in without])
+    # every element is the mean over everyone or over the survivors, never anything else
+    ok = ((flat_got - flat_all).abs() < 1e-6) | ((flat_got - flat_without).abs() < 1e-6)
+    assert bool(ok.all())
+    for result in survivors.values():
+        assert "peer-1" in result.report.failed
+        assert result.report.parts[1].outcome is PartOutcome.REASSIGNED
+    assert clock.monotonic() <= TIMEOUT_S
+
+
+def test_member_failing_while_reducing_has_its_part_reassigned() -> None:
+    inputs = _inputs(4)
+    results, clock = _run(inputs, scripts={0: FaultScript(fail_receiving_after=2)})
+    survivors = {i: r for i, r in results.items() if i != 0}
+    _assert_agree(survivors)
+    for result in survivors.values():
+        assert result.report.parts[0].outcome is PartOutcome.REASSIGNED
+        assert result.report.parts[0].reducer == "peer-1"
+    assert clock.monotonic() <= TIMEOUT_S
+
+
+def test_slow_member_is_dropped_at_the_reduce_deadline() -> None:
+    inputs = _inputs(3)
+    slow = FaultScript(send_delay_s=TIMEOUT_S * 10)
+    results, clock = _run(inputs, scripts={2: slow})
+    assert clock.monotonic() <= TIMEOUT_S
+    # peer 2's values reach nobody in time, nor does its average of its own part: the others
+    # average parts 0 and 1 without it and keep their own values for part 2.
+    for i in (0, 1):
+        report = results[i].report
+        assert report.deadline_hit
+        assert report.parts[0].contributors == ["peer-0", "peer-1"]
+        assert report.parts[1].contributors == ["peer-0", "peer-1"]
+        assert report.parts[2].outcome is PartOutcome.KEPT_LOCAL
+        got = torch.cat([t.double().reshape(-1) for t in results[i].tensors])
+        want = torch.cat([t.reshape(-1) for t in _mean(inputs, [0, 1])])
+        own = torch.cat([t.double().reshape(-1) for t in inputs[i]])
+        start, end = report.parts[0].num_elements + report.parts[1].num_elements, got.numel()
+        torch.testing.assert_close(got[:start], want[:start], atol=1e-6, rtol=0)
+        torch.testing.assert_close(got[start:end], own[start:end], atol=0, rtol=0)
+
+
+def test_paused_member_never_holds_the_round_past_its_deadline() -> None:
+    inputs = _inputs(4)
+    results, clock = _run(inputs, scripts={3: FaultScript(hung=True)})
+    assert clock.monotonic() <= TIMEOUT_S
+    for i in (0, 1, 2):
+        assert "peer-3" in results[i].report.failed
+        _assert_close(results[i].tensors, _mean(inputs, [0, 1, 2]), atol=1e-6)
+
+
+def test_cut_link_reports_the_peer_and_the_round_still_completes() -> None:
+    inputs = _inputs(3)
+    script = FaultScript(refuse_sends_to=frozenset({"peer-2"}))
+    results, clock = _run(inputs, scripts={0: script})
+    assert clock.monotonic() <= TIMEOUT_S
+    assert "peer-2" in results[0].report.failed
+    assert all(not np.isnan(t.numpy()).any() for r in results.values() for t in r.tensors)
+
+
+def test_cancelling_a_round_leaves_no_task_behind() -> None:
+    clock = IdleJumpClock()
+    members = ["a", "b"]
+
+    async def main() -> None:
+        network = FakeNetwork(clock)
+        mailbox = CommMailbox(network.transport("a"), clock)
+        network.transport("b", FaultScript(hung=True))
+        task = asyncio.ensure_future(
+            all_reduce(
+                [torch.ones(3000)],
+                mailbox=mailbox,
+                members=members,
+                round_key="k",
+                config=CONFIG,
+                clock=clock,
+                offload=inline_offload,
+            )
+        )
+        for _ in range(50):
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+        assert not mailbox._rounds
+
+    asyncio.run(main())
+
+
+def test_real_threads_and_real_clock_without_faults() -> None:
+    inputs = _inputs(3, seed=9)
+    members = ["x", "y", "z"]
+
+    async def main() -> list[AllReduceResult]:
+        from gossamer.core.clock import SystemClock
+
+        clock = SystemClock()
+        network = FakeNetwork(clock)
+        boxes = [CommMailbox(network.transport(m), clock) for m in members]
+        config = AllReduceConfig(timeout_s=60.0, chunk_elements=1000)
+        return list(
+            await asyncio.gather(
+                *(
+                    all_reduce(
+                        inputs[i], mailbox=boxes[i], members=members, round_key="r", config=config
+                    )
+                    for i in range(3)
+                )
+            )
+        )
+
+    results = asyncio.run(main())
+    for result in results:
+        _assert_close(result.tensors, _mean(inputs, range(3)), atol=1e-6)
