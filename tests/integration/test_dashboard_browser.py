@@ -1,0 +1,188 @@
+"""The dashboard in headless Chromium, fed by real peers' /metrics endpoints (real processes).
+
+Checks that the peers and a curve appear and update, keeps screenshots under ``test-artifacts/``,
+and that a SIGKILLed peer shows as gone within the failure-detection time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gossamer.obs.dashboard import (
+    DashboardConfig,
+    DashboardServer,
+    DashboardService,
+    ScrapeConfig,
+    ScrapeSwarmSource,
+    create_app,
+)
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+GONE_AFTER_S = 2.0
+POLL_INTERVAL_S = 0.25
+PAGE_REFRESH_S = 0.5
+
+# A stand-in training peer: real PeerMetrics served over HTTP, values changing like training.
+PEER_SCRIPT = """
+import sys, time, math, random
+from prometheus_client import Counter, Info
+from gossamer.obs.metrics import PeerMetrics, serve_metrics
+peer_id, other = sys.argv[1], sys.argv[2]
+metrics = PeerMetrics()
+Info("gossamer_peer", "This peer.", registry=metrics.registry).info({"peer_id": peer_id})
+sent = Counter("gossamer_net_sent_bytes", "Bytes sent.", ["peer"], registry=metrics.registry)
+server = serve_metrics(metrics.registry, port=0)
+print(server.url, flush=True)
+rate = 900.0 + 400.0 * random.random()
+step = 0
+while True:
+    step += 1
+    metrics.step.set(step)
+    metrics.loss.set(4.0 * math.exp(-step / 40.0) + 1.0 + 0.05 * random.random())
+    metrics.tokens.inc(256)
+    metrics.tokens_per_second.set(rate + 100.0 * random.random())
+    sent.labels(peer=other).inc(4096 + random.randrange(4096))
+    time.sleep(0.1)  # the pace of this fake training, not synchronisation
+"""
+
+
+def _wait_for(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def _playwright() -> Any:
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright package is missing: pip install 'playwright==1.65.2'")
+    return sync_playwright
+
+
+@pytest.fixture
+def peers() -> Iterator[list[tuple[str, subprocess.Popen[str]]]]:
+    names = ["peer-a", "peer-b"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PEER_SCRIPT, name, names[1 - i]],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i, name in enumerate(names)
+    ]
+    try:
+        urls = []
+        for proc in procs:
+            assert proc.stdout is not None
+            line = proc.stdout.readline().strip()  # the peer prints its URL once serving
+            assert line.startswith("http://127.0.0.1:"), f"peer did not start: {line!r}"
+            urls.append(line)
+        yield list(zip(urls, procs, strict=True))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+@pytest.mark.slow
+def test_dashboard_shows_peers_curves_and_a_killed_peer(
+    peers: list[tuple[str, subprocess.Popen[str]]],
+) -> None:
+    sync_playwright = _playwright()
+    source = ScrapeSwarmSource(
+        ScrapeConfig(urls=tuple(url for url, _ in peers), gone_after_s=GONE_AFTER_S, timeout_s=0.5)
+    )
+    service = DashboardService(
+        source, DashboardConfig(poll_interval_s=POLL_INTERVAL_S, page_refresh_s=PAGE_REFRESH_S)
+    )
+    ARTIFACTS.mkdir(exist_ok=True)
+    with DashboardServer(create_app(service)) as server, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(server.url)
+            rows = 'tr[data-peer-id][data-status="alive"]'
+            page.wait_for_function(
+                f"document.querySelectorAll('{rows}').length === 2", timeout=15_000
+            )
+            assert set(page.eval_on_selector_all(rows, "rs => rs.map(r => r.dataset.peerId)")) == {
+                "peer-a",
+                "peer-b",
+            }
+
+            # A curve appears, then grows: the page updates live.
+            curve = '#loss-chart path.series[data-peer-id="peer-a"]'
+            page.wait_for_function(
+                f"(document.querySelector('{curve}')?.dataset.points ?? 0) >= 3", timeout=15_000
+            )
+            points = int(page.get_attribute(curve, "data-points") or 0)
+            step = page.text_content('tr[data-peer-id="peer-a"] td:nth-child(5)')
+            page.wait_for_function(
+                f"document.querySelector('{curve}').dataset.points > {points}", timeout=10_000
+            )
+            _wait_for(
+                lambda: page.text_content('tr[data-peer-id="peer-a"] td:nth-child(5)') != step,
+                10,
+                "the step column to change",
+            )
+            assert page.locator('#throughput-chart path.series').count() == 2
+            assert page.locator("#links-body tr").count() == 2
+            page.wait_for_function(
+                "document.querySelectorAll('#events li[data-kind=\"joined\"]').length === 2",
+                timeout=5_000,
+            )
+            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+
+            # SIGKILL one peer: it shows as gone within the failure-detection time.
+            _, victim = peers[1]
+            killed_at = time.monotonic()
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.wait(timeout=10)
+            budget_s = GONE_AFTER_S + POLL_INTERVAL_S + PAGE_REFRESH_S + 1.0
+            page.wait_for_function(
+                "document.querySelector('tr[data-peer-id=\"peer-b\"]')?.dataset.status === 'gone'",
+                timeout=budget_s * 1000,
+            )
+            shown_gone_s = time.monotonic() - killed_at
+            assert shown_gone_s <= budget_s
+            assert page.locator('#events li[data-kind="gone"][data-peer-id="peer-b"]').count() == 1
+            assert page.get_attribute('tr[data-peer-id="peer-a"]', "data-status") == "alive"
+            assert page.text_content("#num-gone") == "1"
+            page.screenshot(path=str(ARTIFACTS / "dashboard-peer-gone.png"), full_page=True)
+            (ARTIFACTS / "dashboard-peer-gone.txt").write_text(
+                f"peer killed -> shown gone on the page after {shown_gone_s:.2f} s "
+                f"(gone_after_s={GONE_AFTER_S}, budget {budget_s:.2f} s)\n"
+            )
+        finally:
+            browser.close()
