@@ -1,0 +1,86 @@
+"""Group formation: same members, order and hash on every peer, even under racing joins."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from comm_fakes import IdleJumpClock
+
+from gossamer.comm.groups import (
+    AgreedGroup,
+    GroupConfig,
+    InMemoryRendezvousBoard,
+    JoinEntry,
+    form_group,
+    split_into_groups,
+)
+from gossamer.core.errors import DeadlineExceededError, ProtocolError
+
+CONFIG = GroupConfig(min_group_size=2, max_group_size=8, join_window_s=5.0)
+
+
+def _join_all(
+    num_peers: int, seed: int, key: str = "run/1", late: frozenset[int] = frozenset()
+) -> dict[int, AgreedGroup | Exception]:
+    clock = IdleJumpClock()
+    board = InMemoryRendezvousBoard()
+    rng = random.Random(seed)
+    opens_at = clock.wall()
+
+    async def one(i: int) -> AgreedGroup | Exception:
+        # racing joins: each peer arrives at its own moment inside (or after) the window
+        await clock.sleep_async(6.0 if i in late else rng.uniform(0, 5.0))
+        me = JoinEntry(f"peer-{i:03d}", 0.0, float(1 + i % 3))
+        try:
+            return await form_group(board, key, me, opens_at_s=opens_at, config=CONFIG, clock=clock)
+        except DeadlineExceededError as exc:
+            return exc
+
+    async def main() -> dict[int, AgreedGroup | Exception]:
+        results = await asyncio.gather(*(one(i) for i in range(num_peers)))
+        return dict(enumerate(results))
+
+    return asyncio.run(clock.run(main()))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_member_computes_the_same_group_under_racing_joins(seed: int) -> None:
+    results = _join_all(6, seed, late=frozenset({5}))
+    groups = [r for r in results.values() if isinstance(r, AgreedGroup)]
+    assert len(groups) == 5
+    assert len({g.group_hash for g in groups}) == 1
+    assert len({g.members for g in groups}) == 1
+    assert groups[0].members[0] == groups[0].leader
+    assert "peer-005" not in groups[0].members
+    assert isinstance(results[5], DeadlineExceededError)  # the late peer joins the next round
+
+
+def test_a_large_swarm_splits_into_bounded_groups_that_change_each_round() -> None:
+    results = _join_all(30, seed=1)
+    groups = {g.group_hash: g for g in results.values() if isinstance(g, AgreedGroup)}
+    assert len(groups) == 4
+    sizes = sorted(len(g.members) for g in groups.values())
+    assert sizes == [7, 7, 8, 8]
+    members = [m for g in groups.values() for m in g.members]
+    assert len(members) == len(set(members)) == 30
+    peers = [f"p{i}" for i in range(30)]
+    first, second = split_into_groups("run/1", peers, 8), split_into_groups("run/2", peers, 8)
+    assert {frozenset(g) for g in first} != {frozenset(g) for g in second}
+
+
+def test_too_few_peers_means_no_round() -> None:
+    results = _join_all(1, seed=0)
+    assert isinstance(results[0], DeadlineExceededError)
+
+
+def test_join_entries_are_checked() -> None:
+    entry = JoinEntry("peer-a", 1.0, 10.0, "10.0.0.1")
+    assert JoinEntry.decode(entry.encode(), "peer-a") == entry
+    with pytest.raises(ProtocolError, match="other than its publisher"):
+        JoinEntry.decode(entry.encode(), "peer-b")
+    with pytest.raises(ProtocolError, match="malformed"):
+        JoinEntry.decode(b"[1, 2]", "peer-a")
+    with pytest.raises(ProtocolError, match="limit"):
+        JoinEntry.decode(b" " * 5000, "peer-a")
