@@ -37,3 +37,24 @@ def test_obs_overhead_bench_measures_both_settings(tmp_path: Path) -> None:
     assert len(result.off_tokens_per_s) == len(result.full_tokens_per_s) == 2
     assert all(v > 0 for v in result.off_tokens_per_s + result.full_tokens_per_s)
     assert result.to_json()["overhead_percent"] == result.overhead_percent
+
+
+def test_diloco_bench_compares_methods_on_the_same_budget(tmp_path: Path) -> None:
+    from gossamer.bench.diloco import run_diloco_bench
+    from gossamer.core.config import TrainConfig
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def g(y):\n    return y * 2\n" * 400)
+    config = RunConfig(
+        model=ModelConfig(num_layers=1, num_heads=4, width=256, context=32),  # int8-sized
+        data=DataConfig(source="text", path=str(corpus)),
+        train=TrainConfig(batch_size=4, eval_batches=2),
+    )
+    result = run_diloco_bench(config=config, peers=2, inner_steps=4, steps=8)
+    fields = result.to_json()
+    assert set(result.methods) == {"sync", "diloco", "diloco_int8"}
+    # Sync averages every step, DiLoCo every 4 steps: 4x fewer rounds of the same tensors.
+    assert fields["bytes_ratio_sync_over_diloco"] == 4.0
+    assert fields["bytes_diloco_int8"] < fields["bytes_diloco"]
+    for key in ("loss_sync", "loss_diloco", "loss_diloco_int8"):
+        assert 0 < fields[key] < 6

@@ -18,12 +18,12 @@ from gossamer.core.config import (
 )
 from gossamer.core.errors import DeadlineExceededError
 from gossamer.core.hashing import sha256_state
-from gossamer.data import load_corpus
 from gossamer.train import Trainer, TrainResult
 from gossamer.train.averaging import InProcessGroup
 from gossamer.train.diloco import DiLoCoConfig, DiLoCoStrategy
 from gossamer.train.strategy import TrainingStrategy
 from gossamer.train.sync import SyncStrategy
+from gossamer.train.thread_swarm import run_thread_swarm
 
 NUM_PEERS = 3
 
@@ -44,29 +44,10 @@ def _config(tmp_path: Path, peer: int, max_steps: int) -> RunConfig:
 def _run_peers(
     tmp_path: Path, strategies: list[TrainingStrategy], max_steps: int
 ) -> tuple[list[Trainer], list[TrainResult]]:
-    configs = [_config(tmp_path, i, max_steps) for i in range(len(strategies))]
-    corpus = load_corpus(configs[0].data)
-    trainers = [
-        Trainer(c, strategy=s, corpus=corpus, peer_index=i, num_peers=len(strategies))
-        for i, (c, s) in enumerate(zip(configs, strategies, strict=True))
-    ]
-    results: list[TrainResult | None] = [None] * len(trainers)
-    errors: list[BaseException] = []
-
-    def work(index: int) -> None:
-        try:
-            results[index] = trainers[index].run()
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(trainers))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not errors, errors
-    assert all(r is not None for r in results)
-    return trainers, [r for r in results if r is not None]
+    swarm = run_thread_swarm(
+        _config(tmp_path, 0, max_steps), strategies, checkpoint_root=tmp_path, timeout_s=120
+    )
+    return swarm.trainers, swarm.results
 
 
 def test_diloco_peers_agree_on_global_weights_and_learn(tmp_path: Path) -> None:

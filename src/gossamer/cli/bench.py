@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gossamer.bench.diloco import run_diloco_bench
 from gossamer.bench.loop import run_loop_bench
 from gossamer.bench.obs_overhead import run_obs_overhead_bench
 from gossamer.cli.errors import exit_on_gossamer_errors
@@ -108,3 +109,55 @@ def obs(
         )
     )
     _console.print(f"overhead = {result.overhead_percent:+.2f}% of throughput (target: at most 2%)")
+
+
+@app.command(context_settings=_OVERRIDES)
+def diloco(
+    ctx: typer.Context,
+    peers: Annotated[int, typer.Option(help="Peers training together.")] = 4,
+    inner_steps: Annotated[int, typer.Option(help="DiLoCo's H: inner steps per outer step.")] = 50,
+    steps: Annotated[int, typer.Option(help="Inner steps per peer, for every method.")] = 400,
+    int8: Annotated[bool, typer.Option(help="Also run DiLoCo with the 8-bit codec.")] = True,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Also write the JSON result here.")] = None,
+) -> None:
+    """DiLoCo vs synchronous data parallel on the same token budget: loss and bytes sent.
+
+    Peers are threads of this process averaging through the same codecs as on the wire; the
+    thin-link comparison (`--rate`) needs the lab and is not part of this command yet.
+    """
+    with exit_on_gossamer_errors():
+        config = load_run_config(None, parse_flag_overrides(ctx.args))
+        result = run_diloco_bench(
+            config=config, peers=peers, inner_steps=inner_steps, steps=steps, with_int8=int8
+        )
+    fields = result.to_json()
+    _write_json(fields, out)
+    if json_output:
+        typer.echo(json.dumps(fields))
+        return
+    table = Table(
+        title=f"{peers} peers, {steps} steps each ({result.tokens_per_peer:,} tokens per peer), "
+        f"H = {inner_steps}"
+    )
+    table.add_column("method")
+    table.add_column("validation loss", justify="right")
+    table.add_column("bytes sent per peer", justify="right")
+    table.add_column("seconds", justify="right")
+    for method in result.methods.values():
+        table.add_row(
+            method.name,
+            f"{method.val_loss:.4f}",
+            f"{method.bytes_per_peer:,}",
+            f"{method.seconds:.0f}",
+        )
+    _console.print(table)
+    _console.print(
+        f"DiLoCo sends {fields['bytes_ratio_sync_over_diloco']:.0f}x fewer bytes than sync; "
+        f"its loss is {fields['loss_gap_diloco_vs_sync_percent']:+.2f}% vs sync (target: within 3%)"
+    )
+    if "loss_gap_int8_vs_diloco_percent" in fields:
+        _console.print(
+            f"8-bit codec: loss {fields['loss_gap_int8_vs_diloco_percent']:+.2f}% vs fp32 DiLoCo "
+            "(target: at most +1%)"
+        )

@@ -1,0 +1,164 @@
+"""`gossamer bench diloco`: DiLoCo against synchronous data parallel on the same token budget.
+
+N peers train the same model from the same initial weights on their own streams of the same data,
+each for the same number of inner steps, once with synchronous data parallel (gradients averaged
+every step) and once with DiLoCo (pseudo-gradients averaged every H steps), and once more with
+DiLoCo and the 8-bit codec. The peers are threads of one process and average in process through
+``comm/``'s codecs, so what is compared is the algorithm: final validation loss, and the bytes a
+ring all-reduce of the encoded tensors puts on the wire.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gossamer.comm.codecs import CodecPolicy
+from gossamer.core.config import CheckpointConfig, RunConfig
+from gossamer.data import load_corpus
+from gossamer.train.averaging import InProcessGroup
+from gossamer.train.diloco import DiLoCoConfig, DiLoCoStrategy
+from gossamer.train.strategy import TrainingStrategy
+from gossamer.train.sync import SyncStrategy
+from gossamer.train.thread_swarm import run_thread_swarm
+
+__all__ = ["DiLoCoBenchResult", "MethodResult", "run_diloco_bench"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class MethodResult:
+    """One training method's outcome."""
+
+    name: str
+    """``sync``, ``diloco`` or ``diloco_int8``."""
+    val_loss: float
+    """Mean validation loss over the peers at the end."""
+    bytes_per_peer: int
+    """Bytes each peer sent in averaging rounds."""
+    seconds: float
+    """Wall time of the whole method (threads on this machine)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class DiLoCoBenchResult:
+    """Every method's outcome and the ratios the issue asks for."""
+
+    peers: int
+    inner_steps: int
+    steps: int
+    tokens_per_peer: int
+    methods: dict[str, MethodResult]
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields of ``--json``."""
+        sync, diloco = self.methods["sync"], self.methods["diloco"]
+        fields: dict[str, Any] = {
+            "peers": self.peers,
+            "inner_steps": self.inner_steps,
+            "steps": self.steps,
+            "tokens_per_peer": self.tokens_per_peer,
+            "loss_sync": sync.val_loss,
+            "loss_diloco": diloco.val_loss,
+            "bytes_sync": sync.bytes_per_peer,
+            "bytes_diloco": diloco.bytes_per_peer,
+            "bytes_ratio_sync_over_diloco": sync.bytes_per_peer / max(1, diloco.bytes_per_peer),
+            "loss_gap_diloco_vs_sync_percent": (diloco.val_loss / sync.val_loss - 1) * 100,
+            "seconds": {name: m.seconds for name, m in self.methods.items()},
+        }
+        if "diloco_int8" in self.methods:
+            int8 = self.methods["diloco_int8"]
+            fields["loss_diloco_int8"] = int8.val_loss
+            fields["bytes_diloco_int8"] = int8.bytes_per_peer
+            fields["loss_gap_int8_vs_diloco_percent"] = (int8.val_loss / diloco.val_loss - 1) * 100
+        return fields
+
+
+def _run_method(
+    name: str,
+    config: RunConfig,
+    make_strategy: Callable[[InProcessGroup], TrainingStrategy],
+    group: InProcessGroup,
+    peers: int,
+    corpus: Any,
+) -> MethodResult:
+    strategies = [make_strategy(group) for _ in range(peers)]
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=f"gossamer-bench-{name}-") as tmp:
+        swarm = run_thread_swarm(config, strategies, checkpoint_root=Path(tmp), corpus=corpus)
+    seconds = time.monotonic() - started
+    losses = [r.val_loss_after for r in swarm.results]
+    sent = [int(getattr(s, "bytes_sent", 0)) for s in strategies]
+    return MethodResult(
+        name=name,
+        val_loss=sum(losses) / len(losses),
+        bytes_per_peer=max(sent),
+        seconds=seconds,
+    )
+
+
+def run_diloco_bench(
+    *,
+    config: RunConfig | None = None,
+    peers: int = 4,
+    inner_steps: int = 50,
+    steps: int = 400,
+    with_int8: bool = True,
+) -> DiLoCoBenchResult:
+    """Train the same budget with each method and compare.
+
+    Args:
+        config: model, data, optimizer and batch settings (steps and checkpoints are set here).
+        peers: how many peers train together.
+        inner_steps: DiLoCo's H.
+        steps: inner steps per peer, for every method (a multiple of ``inner_steps`` ends each
+            DiLoCo run right after an outer step).
+        with_int8: also run DiLoCo with the 8-bit blockwise codec.
+    """
+    base = config or RunConfig()
+    base = dataclasses.replace(
+        base,
+        train=dataclasses.replace(base.train, max_steps=steps, max_seconds=0.0, eval_every=0),
+        checkpoint=CheckpointConfig(every_steps=0, resume=False),
+    )
+    corpus = load_corpus(base.data)
+    diloco_config = DiLoCoConfig(inner_steps=inner_steps, run_id="bench")
+    methods: dict[str, MethodResult] = {}
+    methods["sync"] = _run_method(
+        "sync",
+        base,
+        lambda g: SyncStrategy(g.averager(), run_id="bench"),
+        InProcessGroup(peers),
+        peers,
+        corpus,
+    )
+    methods["diloco"] = _run_method(
+        "diloco",
+        base,
+        lambda g: DiLoCoStrategy(diloco_config, g.averager()),
+        InProcessGroup(peers),
+        peers,
+        corpus,
+    )
+    if with_int8:
+        methods["diloco_int8"] = _run_method(
+            "diloco_int8",
+            base,
+            lambda g: DiLoCoStrategy(diloco_config, g.averager()),
+            InProcessGroup(peers, codec=CodecPolicy(codec="int8")),
+            peers,
+            corpus,
+        )
+    return DiLoCoBenchResult(
+        peers=peers,
+        inner_steps=inner_steps,
+        steps=steps,
+        tokens_per_peer=steps
+        * base.train.batch_size
+        * base.model.context
+        * base.train.grad_accum_steps,
+        methods=methods,
+    )
