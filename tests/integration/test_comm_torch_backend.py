@@ -1,0 +1,27 @@
+"""The torch.distributed backend and the p2p path with real processes on loopback."""
+
+from __future__ import annotations
+
+import pytest
+
+from gossamer.bench.allreduce import run_allreduce_bench
+from gossamer.comm.torch_backend import choose_backend
+
+
+def test_auto_picks_torch_only_when_everyone_is_reachable() -> None:
+    assert choose_backend("auto", ["10.0.0.1", "10.0.0.2"]) == "torch"
+    assert choose_backend("auto", ["10.0.0.1", ""]) == "p2p"
+    assert choose_backend("p2p", ["10.0.0.1"]) == "p2p"
+    with pytest.raises(ValueError, match="backend"):
+        choose_backend("mpi", [])
+
+
+@pytest.mark.parametrize(
+    ("backend", "codec", "atol"), [("torch", "none", 1e-6), ("p2p", "int8", 0.05)]
+)
+def test_processes_average_like_gloo(backend: str, codec: str, atol: float) -> None:
+    result = run_allreduce_bench(peers=2, size_bytes=400_000, codec=codec, backend=backend)
+    assert result.backend == backend
+    assert result.max_abs_error_vs_gloo < atol
+    assert result.seconds > 0
+    assert result.gloo_seconds > 0
