@@ -172,8 +172,11 @@ def test_a_rate_change_applies_to_a_running_transfer(make_lab: MakeLab) -> None:
     schedule = parse_schedule('[[fault]]\nat_s = 2.0\naction = "set_rate"\npeer = "p0"\n'
                               'rate = "20mbit"\n')  # fmt: skip
     with make_lab(num_peers=2, rate_bps=50_000_000) as lab, FaultPlayer(lab, schedule) as player:
-        result = measure_tcp_throughput(lab, "p0", "p1", duration_s=4, omit_s=0)
+        result = measure_tcp_throughput(lab, "p0", "p1", duration_s=5, omit_s=0)
         player.wait(timeout_s=5.0)
-    before, after = result.interval_bps[1], result.interval_bps[3]
-    assert 0.85 * 50e6 <= before <= 1.05 * 50e6, result.interval_bps  # one-second samples jitter
-    assert 0.80 * 20e6 <= after <= 1.05 * 20e6, result.interval_bps
+    # One-second samples jitter as packets straddle their edges, and TCP takes a moment to
+    # recover the packets the change dropped: judge the last two seconds together.
+    before = result.interval_bps[1]
+    after = sum(result.interval_bps[3:5]) / 2
+    assert 0.85 * 50e6 <= before <= 1.05 * 50e6, result.interval_bps
+    assert 0.85 * 20e6 <= after <= 1.02 * 20e6, result.interval_bps
