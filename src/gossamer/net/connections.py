@@ -59,6 +59,8 @@ class DialTarget:
     """``direct`` or ``relayed``."""
     cert_der: bytes = b""
     """The peer's TLS certificate if known (from its record); probed otherwise."""
+    open_entrance: Callable[[], Awaitable[str]] | None = field(default=None, compare=False)
+    """For tunnels: prepares the local entrance and returns its HOST:PORT (used over address)."""
 
 
 @dataclass(slots=True)
@@ -88,6 +90,25 @@ class PeerConnection:
                 response_deserializer=response_type.FromString,
             )
             self._callables[key] = callable_
+        return callable_
+
+    def unary_stream(self, method: str, response_type: type[R]) -> Any:
+        """A cached server-streaming callable for ``method``."""
+        return self._cached("us", method, response_type, self.channel.unary_stream)
+
+    def stream_stream(self, method: str, response_type: type[R]) -> Any:
+        """A cached bidirectional-streaming callable for ``method``."""
+        return self._cached("ss", method, response_type, self.channel.stream_stream)
+
+    def _cached(self, kind: str, method: str, response_type: type[R], make: Any) -> Any:
+        callable_ = self._callables.get((kind, method))
+        if callable_ is None:
+            callable_ = make(
+                method,
+                request_serializer=_serialize,
+                response_deserializer=response_type.FromString,
+            )
+            self._callables[(kind, method)] = callable_
         return callable_
 
     def stream_unary(self, method: str, response_type: type[R]) -> Any:
@@ -170,11 +191,14 @@ class ConnectionPool:
             raise PeerUnavailableError("the connection pool is closed")
         timeout_s = timeout_s or self._config.connect_timeout_s
         deadline = self._clock.monotonic() + timeout_s
+        address = target.address
+        if target.open_entrance is not None:
+            address = await with_deadline(target.open_entrance(), timeout_s, "opening a tunnel")
         cert_der = target.cert_der
         if not cert_der:
-            cert_der = await probe_server_certificate(target.address, timeout_s)
+            cert_der = await probe_server_certificate(address, timeout_s)
         channel = grpc.aio.secure_channel(
-            target.address,
+            address,
             grpc.ssl_channel_credentials(root_certificates=cert_pem_of_der(cert_der)),
             options=[
                 *grpc_options(self._config),

@@ -71,7 +71,17 @@ class NetCounters:
         self.num_retries = 0
         """Retried attempts."""
         self.relayed_bytes: defaultdict[str, int] = defaultdict(int)
-        """Bytes this node relayed, by relayed peer id."""
+        """Bytes this node relayed, by relayed peer id (both directions; capped per peer)."""
+        self.relay_reservations = 0
+        """Peers holding a relay reservation on this node now."""
+        self.relay_tunnels_opened = 0
+        """Tunnels this node spliced as a relay."""
+        self.num_relayed_dials = 0
+        """Connections this node opened through a relay."""
+        self.num_direct_upgrades = 0
+        """Relayed connections replaced by a direct path."""
+        self.bulk_transfers_expired = 0
+        """Incoming multi-stream bulk transfers dropped because their streams stalled."""
 
     def sent(self, peer_id: str, num_bytes: int) -> None:
         """Count bytes sent to a peer."""
@@ -128,4 +138,9 @@ class NetCounters:
             "num_protocol_errors": self.num_protocol_errors,
             "num_retries": self.num_retries,
             "relayed_bytes": dict(self.relayed_bytes),
+            "relay_reservations": self.relay_reservations,
+            "relay_tunnels_opened": self.relay_tunnels_opened,
+            "num_relayed_dials": self.num_relayed_dials,
+            "num_direct_upgrades": self.num_direct_upgrades,
+            "bulk_transfers_expired": self.bulk_transfers_expired,
         }

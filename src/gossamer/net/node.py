@@ -32,8 +32,10 @@ from gossamer.net.handshake import Session
 from gossamer.net.identity import Identity, short_peer_id
 from gossamer.net.reachability import DIAL_BACK_METHOD, ReachabilityServicer
 from gossamer.net.records import PeerRecord, sign_peer_record
+from gossamer.net.relay import RelayServicer
 from gossamer.net.server import NetServer
 from gossamer.net.tls import TlsCertificate
+from gossamer.net.tunnels import RelayDialer, RelayReservations
 from gossamer.proto import net_pb2, net_pb2_grpc
 
 __all__ = ["Node", "local_capabilities"]
@@ -48,6 +50,11 @@ def local_capabilities() -> net_pb2.Capabilities:
     with contextlib.suppress(OSError, ValueError, AttributeError):
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return net_pb2.Capabilities(num_cpus=os.cpu_count() or 1, memory_bytes=memory)
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _routable_host(listen_host: str, towards: tuple[str, ...]) -> str:
@@ -123,6 +130,26 @@ class Node:
         self.server.add_servicer(
             net_pb2_grpc.add_ReachabilityServicer_to_server, ReachabilityServicer(self.pool)
         )
+        self.relay_service = RelayServicer(
+            config.relay,
+            self.counters,
+            self.clock,
+            may_relay=lambda: self.reachability != net_pb2.REACHABILITY_RELAYED,
+        )
+        self.server.add_servicer(net_pb2_grpc.add_RelayServicer_to_server, self.relay_service)
+        self.relay_dialer = RelayDialer(self.pool, self.directory, self.peer_id, self.counters)
+        self.reservations = RelayReservations(
+            self.pool,
+            self.directory,
+            config,
+            self.clock,
+            self.peer_id,
+            local_address=self._local_address,
+            needs_relay=lambda: self.reachability == net_pb2.REACHABILITY_RELAYED,
+            on_change=self._relays_changed,
+        )
+        self._reservation_task: asyncio.Task[None] | None = None
+        self._relays_changed_event = asyncio.Event()
         self.addresses: tuple[str, ...] = ()
         """Where others dial this node (known after start)."""
         self.reachability = net_pb2.REACHABILITY_UNKNOWN
@@ -133,7 +160,9 @@ class Node:
         self._record_signed_at_s = 0.0
         self._bootstrap_ids: dict[str, str] = {}
         self._maintenance: asyncio.Task[None] | None = None
-        self.extra_dial_targets: Callable[[str], list[DialTarget]] | None = None
+        self.extra_dial_targets: Callable[[str], list[DialTarget]] | None = (
+            self.relay_dialer.targets
+        )
         """Further ways to reach a peer (relay tunnels), consulted after direct addresses."""
 
     @property
@@ -163,18 +192,25 @@ class Node:
         self.sign_own_record()
         if self.config.bootstrap:
             await self.bootstrap(self.config.bootstrap)
-        self._maintenance = asyncio.get_running_loop().create_task(
+        loop = asyncio.get_running_loop()
+        self._maintenance = loop.create_task(
             self._maintain(), name=f"node-maintenance-{self.short_id}"
+        )
+        self._reservation_task = loop.create_task(
+            self.reservations.run(), name=f"node-relays-{self.short_id}"
         )
         _log.info("peer %s: started at %s", self.peer_id, ", ".join(self.addresses))
 
     async def stop(self) -> None:
         """Stop maintenance and heartbeats, close connections, stop the server."""
-        if self._maintenance is not None:
-            self._maintenance.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._maintenance
-            self._maintenance = None
+        for task in (self._maintenance, self._reservation_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._maintenance = self._reservation_task = None
+        await self.reservations.close()
+        await self.relay_dialer.close()
         await self.detector.close()
         await self.pool.close()
         await self.server.stop(grace_s=0.5)
@@ -225,7 +261,11 @@ class Node:
     def _resolve(self, peer_id: str) -> list[DialTarget]:
         targets: list[DialTarget] = []
         record = self.directory.get(peer_id)
-        if record is not None:
+        # A peer that found itself unreachable lists private addresses: dialing them would only
+        # run into the connect deadline, so its relays are the way in.
+        if record is not None and not (
+            record.reachability == net_pb2.REACHABILITY_RELAYED and record.relays
+        ):
             targets += [DialTarget(a, "direct", record.tls_cert_der) for a in record.addresses]
         if peer_id in self._bootstrap_ids:
             targets.append(DialTarget(self._bootstrap_ids[peer_id]))
@@ -293,7 +333,33 @@ class Node:
             except GossamerError as exc:
                 _log.warning("peer %s: maintenance step failed: %s", self.short_id, exc)
 
-    # ---- reachability ----------------------------------------------------------------------
+    # ---- reachability and relays -----------------------------------------------------------
+
+    def _local_address(self) -> str:
+        host = self.config.listen_address.rpartition(":")[0].strip("[]")
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        return f"{host}:{self.port}"
+
+    async def _relays_changed(self) -> None:
+        self.relays = sorted(self.reservations.active.items())
+        self.sign_own_record()
+        self._relays_changed_event.set()
+        if not _cancelling() and self.relays:
+            await self._publish_own_record()
+
+    async def wait_for_relay(self, timeout_s: float) -> bool:
+        """Wait until this node holds a relay reservation (or ``timeout_s`` passes)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not self.relays:
+                    self._relays_changed_event.clear()
+                    await self._relays_changed_event.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def check_reachability(self, num_helpers: int = 3, timeout_s: float = 5.0) -> bool:
         """Ask up to ``num_helpers`` known peers to dial back; updates the peer record.
@@ -334,6 +400,7 @@ class Node:
             if reachable:
                 self.addresses = tuple(reachable[:4])
             self.sign_own_record()
+            self.reservations.wake()
         _log.info(
             "peer %s: reachability %s (%d helpers answered)",
             self.short_id,

@@ -1,0 +1,342 @@
+"""The relay service: peers that cannot be reached keep a reservation here, others tunnel to them.
+
+A relayed peer holds a ``Reserve`` stream open; the relay answers ``reserved`` and then announces
+each incoming tunnel on it. A dialer opens ``Connect`` naming the target; the relay announces a
+tunnel id to the target, which opens ``Accept`` naming that id, and the relay splices the two
+streams. The relay only moves opaque bytes: TLS and the handshake run end to end between the
+dialer and the target inside the tunnel, so a relay can neither read nor forge what it carries.
+
+Relayed bytes are capped per relayed peer (a token bucket over both directions together) and
+counted in :attr:`NetCounters.relayed_bytes`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from gossamer.core.clock import Clock
+from gossamer.core.errors import DeadlineExceededError, PeerUnavailableError, ProtocolError
+from gossamer.net.config import RelayConfig
+from gossamer.net.counters import NetCounters
+from gossamer.net.identity import short_peer_id
+from gossamer.net.server import current_session
+from gossamer.proto import net_pb2, net_pb2_grpc
+
+__all__ = [
+    "ACCEPT_METHOD",
+    "CONNECT_METHOD",
+    "RESERVE_METHOD",
+    "BytePipe",
+    "RelayServicer",
+    "TokenBucket",
+]
+
+_log = logging.getLogger(__name__)
+RESERVE_METHOD = "/gossamer.net.v1.Relay/Reserve"
+CONNECT_METHOD = "/gossamer.net.v1.Relay/Connect"
+ACCEPT_METHOD = "/gossamer.net.v1.Relay/Accept"
+_PIPE_FRAMES = 16
+_MAX_EVENTS = 64
+_MAX_PENDING_PER_PEER = 32
+
+
+class TokenBucket:
+    """A byte-rate cap: :meth:`take` waits until the bytes fit under ``rate``.
+
+    Args:
+        rate_bytes_per_s: sustained rate.
+        burst_bytes: bytes that may pass at once after an idle spell.
+        clock: time source (waits go through it, so tests can move time).
+    """
+
+    def __init__(self, rate_bytes_per_s: float, burst_bytes: float, clock: Clock) -> None:
+        self.rate = rate_bytes_per_s
+        self.burst = burst_bytes
+        self._clock = clock
+        self._tokens = burst_bytes
+        self._stamp = clock.monotonic()
+        self.throttled_s = 0.0
+        """Time spent waiting for tokens, in all."""
+
+    async def take(self, num_bytes: int) -> None:
+        """Spend ``num_bytes``; waits while the bucket is in debt (a frame may overdraw it)."""
+        now = self._clock.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        self._tokens -= num_bytes
+        if self._tokens < 0:
+            wait_s = -self._tokens / self.rate
+            self.throttled_s += wait_s
+            await self._clock.sleep_async(wait_s)
+
+
+class BytePipe:
+    """A bounded one-way queue of byte frames between two tasks; closing wakes both ends.
+
+    After :meth:`close`, :meth:`get` still hands out what was queued, then returns None, and
+    :meth:`put` returns False.
+    """
+
+    def __init__(self, max_frames: int = _PIPE_FRAMES) -> None:
+        self._frames: deque[bytes] = deque()
+        self._max = max_frames
+        self._closed = False
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+
+    async def put(self, data: bytes) -> bool:
+        """Queue a frame, waiting for room; False once the pipe is closed."""
+        while len(self._frames) >= self._max and not self._closed:
+            self._writable.clear()
+            await self._writable.wait()
+        if self._closed:
+            return False
+        self._frames.append(data)
+        self._readable.set()
+        return True
+
+    async def get(self) -> bytes | None:
+        """The next frame, or None once the pipe is closed and drained."""
+        while not self._frames and not self._closed:
+            self._readable.clear()
+            await self._readable.wait()
+        if self._frames:
+            self._writable.set()
+            return self._frames.popleft()
+        return None
+
+    def close(self) -> None:
+        """No more frames go in."""
+        self._closed = True
+        self._readable.set()
+        self._writable.set()
+
+
+@dataclass(slots=True)
+class _Reservation:
+    peer_id: str
+    bucket: TokenBucket
+    events: asyncio.Queue[net_pb2.RelayEvent] = field(
+        default_factory=lambda: asyncio.Queue(_MAX_EVENTS)
+    )
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    num_pending: int = 0
+
+
+@dataclass(slots=True)
+class _Tunnel:
+    tunnel_id: str
+    dialer: str
+    target: str
+    reservation: _Reservation
+    to_target: BytePipe = field(default_factory=BytePipe)
+    to_dialer: BytePipe = field(default_factory=BytePipe)
+    accepted: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def close(self) -> None:
+        self.to_target.close()
+        self.to_dialer.close()
+
+
+async def _first_frame(
+    requests: AsyncIterator[net_pb2.TunnelFrame], timeout_s: float, what: str
+) -> net_pb2.TunnelFrame:
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await anext(requests)
+    except TimeoutError as exc:
+        raise DeadlineExceededError(f"{what}: no first frame within {timeout_s} s") from exc
+    except StopAsyncIteration as exc:
+        raise ProtocolError(f"{what}: the stream ended before its first frame") from exc
+
+
+class RelayServicer(net_pb2_grpc.RelayServicer):
+    """Relays byte tunnels to peers that hold a reservation here.
+
+    Args:
+        config: whether to relay, how many peers, the per-peer bandwidth cap.
+        counters: relayed bytes per relayed peer, tunnels, reservations.
+        clock: time source of the bandwidth cap.
+        may_relay: whether this node can relay right now (it must itself be reachable).
+        accept_timeout_s: how long a dialer waits for the target to accept a tunnel.
+    """
+
+    def __init__(
+        self,
+        config: RelayConfig,
+        counters: NetCounters,
+        clock: Clock,
+        may_relay: Callable[[], bool],
+        *,
+        accept_timeout_s: float = 5.0,
+    ) -> None:
+        self._config = config
+        self._counters = counters
+        self._clock = clock
+        self._may_relay = may_relay
+        self._accept_timeout_s = accept_timeout_s
+        self._reservations: dict[str, _Reservation] = {}
+        self._pending: dict[str, _Tunnel] = {}
+        self._buckets: dict[str, TokenBucket] = {}
+
+    @property
+    def reserved_peers(self) -> list[str]:
+        """Peers holding a reservation here."""
+        return list(self._reservations)
+
+    def _bucket(self, peer_id: str) -> TokenBucket:
+        # One bucket per relayed peer, kept across reservations so reconnecting does not reset it.
+        bucket = self._buckets.get(peer_id)
+        if bucket is None:
+            rate = self._config.bytes_per_s_per_peer
+            bucket = TokenBucket(rate, max(rate * 0.05, 1 << 20), self._clock)
+            if len(self._buckets) >= 4 * max(1, self._config.max_reservations):
+                for stale in [p for p in self._buckets if p not in self._reservations]:
+                    del self._buckets[stale]
+            self._buckets[peer_id] = bucket
+        return bucket
+
+    async def Reserve(
+        self, request: net_pb2.ReserveRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[net_pb2.RelayEvent]:
+        peer = current_session().peer_id
+        if not self._config.serve or not self._may_relay():
+            raise PeerUnavailableError("this peer does not relay (opted out or not reachable)")
+        previous = self._reservations.get(peer)
+        if previous is None and len(self._reservations) >= self._config.max_reservations:
+            raise PeerUnavailableError(
+                f"this relay is full ({self._config.max_reservations} reservations)"
+            )
+        if previous is not None:
+            previous.ended.set()  # the peer reconnected: the newer stream wins
+        reservation = _Reservation(peer, self._bucket(peer))
+        self._reservations[peer] = reservation
+        self._counters.relay_reservations = len(self._reservations)
+        _log.info("relay: reservation for %s", short_peer_id(peer))
+        try:
+            yield net_pb2.RelayEvent(reserved=True)
+            while not reservation.ended.is_set():
+                get = asyncio.ensure_future(reservation.events.get())
+                ended = asyncio.ensure_future(reservation.ended.wait())
+                try:
+                    await asyncio.wait((get, ended), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for waiter in (get, ended):
+                        waiter.cancel()
+                if get.done() and not get.cancelled():
+                    yield get.result()
+        finally:
+            reservation.ended.set()
+            if self._reservations.get(peer) is reservation:
+                del self._reservations[peer]
+            self._counters.relay_reservations = len(self._reservations)
+            _log.info("relay: reservation for %s ended", short_peer_id(peer))
+
+    async def Connect(
+        self,
+        request_iterator: AsyncIterator[net_pb2.TunnelFrame],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[net_pb2.TunnelFrame]:
+        dialer = current_session().peer_id
+        first = await _first_frame(request_iterator, self._accept_timeout_s, "relay connect")
+        target = first.target_peer_id
+        reservation = self._reservations.get(target)
+        if reservation is None or reservation.ended.is_set():
+            raise PeerUnavailableError(f"peer {short_peer_id(target)} holds no reservation here")
+        if reservation.num_pending >= _MAX_PENDING_PER_PEER:
+            raise PeerUnavailableError(f"too many tunnels waiting for {short_peer_id(target)}")
+        tunnel = _Tunnel(secrets.token_hex(12), dialer, target, reservation)
+        self._pending[tunnel.tunnel_id] = tunnel
+        reservation.num_pending += 1
+        try:
+            try:
+                reservation.events.put_nowait(
+                    net_pb2.RelayEvent(tunnel_id=tunnel.tunnel_id, dialer_peer_id=dialer)
+                )
+                async with asyncio.timeout(self._accept_timeout_s):
+                    await tunnel.accepted.wait()
+            except asyncio.QueueFull as exc:
+                raise PeerUnavailableError(f"{short_peer_id(target)} is not keeping up") from exc
+            except TimeoutError as exc:
+                raise PeerUnavailableError(
+                    f"{short_peer_id(target)} did not accept the tunnel within "
+                    f"{self._accept_timeout_s} s"
+                ) from exc
+            finally:
+                reservation.num_pending -= 1
+                self._pending.pop(tunnel.tunnel_id, None)
+            self._counters.relay_tunnels_opened += 1
+            if first.data and not await self._forward(tunnel, tunnel.to_target, first.data):
+                return
+            async for frame in self._splice(
+                tunnel, request_iterator, tunnel.to_target, tunnel.to_dialer
+            ):
+                yield frame
+        finally:
+            tunnel.close()
+
+    async def Accept(
+        self,
+        request_iterator: AsyncIterator[net_pb2.TunnelFrame],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[net_pb2.TunnelFrame]:
+        peer = current_session().peer_id
+        first = await _first_frame(request_iterator, self._accept_timeout_s, "relay accept")
+        tunnel = self._pending.get(first.tunnel_id)
+        if tunnel is None or tunnel.target != peer:
+            raise ProtocolError("no tunnel with that id is waiting for this peer")
+        del self._pending[first.tunnel_id]
+        tunnel.accepted.set()
+        try:
+            async for frame in self._splice(
+                tunnel, request_iterator, tunnel.to_dialer, tunnel.to_target
+            ):
+                yield frame
+        finally:
+            tunnel.close()
+
+    async def _forward(self, tunnel: _Tunnel, pipe: BytePipe, data: bytes) -> bool:
+        await tunnel.reservation.bucket.take(len(data))
+        self._counters.relayed_bytes[tunnel.target] += len(data)
+        return await pipe.put(data)
+
+    async def _splice(
+        self,
+        tunnel: _Tunnel,
+        requests: AsyncIterator[net_pb2.TunnelFrame],
+        outbound: BytePipe,
+        inbound: BytePipe,
+    ) -> AsyncIterator[net_pb2.TunnelFrame]:
+        """Forward this side's frames into ``outbound``; yield the other side's from ``inbound``."""
+
+        async def pump() -> None:
+            try:
+                async for frame in requests:
+                    if frame.data and not await self._forward(tunnel, outbound, frame.data):
+                        return
+                    if frame.close:
+                        return
+            finally:
+                outbound.close()
+
+        task = asyncio.get_running_loop().create_task(pump(), name="relay-pump")
+        try:
+            while (data := await inbound.get()) is not None:
+                yield net_pb2.TunnelFrame(data=data)
+            yield net_pb2.TunnelFrame(close=True)
+        finally:
+            tunnel.close()
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception as exc:  # the other side's stream broke: the tunnel is over
+                _log.debug("relay tunnel %s ended: %s", tunnel.tunnel_id, exc)

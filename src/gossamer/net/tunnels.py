@@ -1,0 +1,368 @@
+"""Using relays: reservations for a peer nobody can dial, tunnels for the peers that dial it.
+
+Both ends of a relayed connection are ordinary TCP sockets on loopback carried over a relay's
+byte tunnel:
+
+* the dialer's gRPC channel connects to a local *entrance* (127.0.0.1, a port picked by the OS);
+  each connection accepted there opens ``Relay.Connect`` towards the target through a relay;
+* the relayed peer, told about the tunnel on its reservation stream, opens ``Relay.Accept`` and a
+  TCP connection to its own server, and carries bytes between the two.
+
+TLS and the handshake run end to end inside the tunnel, so the relayed connection is exactly as
+authenticated as a direct one and the rest of the node uses it through the same API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from gossamer.core.clock import Clock
+from gossamer.core.errors import GossamerError, PeerUnavailableError
+from gossamer.net.config import NodeConfig
+from gossamer.net.connections import ConnectionPool, DialTarget, PeerConnection
+from gossamer.net.counters import NetCounters
+from gossamer.net.directory import PeerDirectory
+from gossamer.net.grpc_errors import error_of_rpc_error
+from gossamer.net.identity import short_peer_id
+from gossamer.net.relay import ACCEPT_METHOD, CONNECT_METHOD, RESERVE_METHOD
+from gossamer.proto import net_pb2
+
+__all__ = ["FRAME_BYTES", "RelayDialer", "RelayReservations", "carry_socket_over_call"]
+
+_log = logging.getLogger(__name__)
+FRAME_BYTES = 256 * 1024
+"""Largest tunnel frame: one read from the local socket."""
+_LOCAL_CONNECT_TIMEOUT_S = 5.0
+_RETRY_RELAY_AFTER_S = 10.0
+
+OpenCall = Callable[[AsyncIterator[net_pb2.TunnelFrame]], Any]
+"""Starts a bidirectional tunnel call with the given request frames; returns the call."""
+
+
+async def carry_socket_over_call(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    open_call: OpenCall,
+    first: net_pb2.TunnelFrame,
+) -> None:
+    """Carry a local TCP connection's bytes over a tunnel call until either side ends.
+
+    Args:
+        reader: the local connection's read side.
+        writer: the local connection's write side (closed on return).
+        open_call: starts the tunnel call with an iterator of outgoing frames.
+        first: the frame that names the tunnel (target peer or tunnel id).
+
+    Raises:
+        GossamerError: the tunnel call failed (mapped from gRPC's error).
+    """
+
+    async def frames() -> AsyncIterator[net_pb2.TunnelFrame]:
+        yield first
+        while data := await reader.read(FRAME_BYTES):
+            yield net_pb2.TunnelFrame(data=data)
+        yield net_pb2.TunnelFrame(close=True)
+
+    call = open_call(frames())
+    try:
+        async for frame in call:
+            if frame.data:
+                writer.write(frame.data)
+                await writer.drain()
+            if frame.close:
+                break
+    except grpc.aio.AioRpcError as exc:
+        raise error_of_rpc_error(exc, "relay", "tunnel") from exc
+    finally:
+        call.cancel()
+        writer.close()
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(1.0):
+                await writer.wait_closed()
+
+
+class _OwnedTasks:
+    """Tasks this object started and must cancel and await on close."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coroutine: Awaitable[Any], name: str) -> None:
+        task = asyncio.ensure_future(coroutine)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def cancel_all(self) -> None:
+        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+
+
+class RelayDialer:
+    """Dial targets through relays: a local entrance per (target, relay) pair.
+
+    Args:
+        pool: the node's connections (the relay is dialed through it).
+        directory: where the target's record (its relays and certificate) comes from.
+        own_peer_id: this node's id (it never relays through itself).
+        counters: relayed dials are counted here.
+    """
+
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        directory: PeerDirectory,
+        own_peer_id: str,
+        counters: NetCounters,
+    ) -> None:
+        self._pool = pool
+        self._directory = directory
+        self._own_peer_id = own_peer_id
+        self._counters = counters
+        self._entrances: dict[tuple[str, str], asyncio.Server] = {}
+        self._tasks = _OwnedTasks()
+        self._closed = False
+
+    def targets(self, peer_id: str) -> list[DialTarget]:
+        """Ways to reach ``peer_id`` through the relays its record names."""
+        record = self._directory.get(peer_id)
+        if record is None:
+            return []
+        return [
+            DialTarget(
+                f"relay {short_peer_id(relay_id)} at {relay_address}",
+                "relayed",
+                record.tls_cert_der,
+                open_entrance=functools.partial(self._entrance, peer_id, relay_id, relay_address),
+            )
+            for relay_id, relay_address in record.relays
+            if relay_id not in (self._own_peer_id, peer_id)
+        ]
+
+    async def _entrance(self, target: str, relay_id: str, relay_address: str) -> str:
+        if self._closed:
+            raise PeerUnavailableError("the node is stopping")
+        key = (target, relay_id)
+        server = self._entrances.get(key)
+        if server is None:
+            server = await asyncio.start_server(
+                functools.partial(self._serve, target, relay_id, relay_address), "127.0.0.1", 0
+            )
+            self._entrances[key] = server
+        self._counters.num_relayed_dials += 1
+        return f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+    async def _relay_connection(self, relay_id: str, relay_address: str) -> PeerConnection:
+        if self._pool.get(relay_id) is None and self._directory.get(relay_id) is None:
+            return await self._pool.dial(DialTarget(relay_address), expected_peer_id=relay_id)
+        return await self._pool.connection(relay_id)
+
+    def _serve(
+        self,
+        target: str,
+        relay_id: str,
+        relay_address: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        # A plain callback: the tunnel runs in a task this object owns (cancelled on close).
+        self._tasks.spawn(
+            self._tunnel(target, relay_id, relay_address, reader, writer),
+            f"tunnel-{target[:8]}",
+        )
+
+    async def _tunnel(
+        self,
+        target: str,
+        relay_id: str,
+        relay_address: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        try:
+            connection = await self._relay_connection(relay_id, relay_address)
+            tunnel = connection.stream_stream(CONNECT_METHOD, net_pb2.TunnelFrame)
+
+            def open_call(frames: AsyncIterator[net_pb2.TunnelFrame]) -> Any:
+                return tunnel(frames, metadata=connection.metadata)
+
+            await carry_socket_over_call(
+                reader, writer, open_call, net_pb2.TunnelFrame(target_peer_id=target)
+            )
+        except GossamerError as exc:
+            _log.info(
+                "tunnel to %s via %s ended: %s", short_peer_id(target), short_peer_id(relay_id), exc
+            )
+            writer.close()
+        except Exception:
+            _log.exception("tunnel to %s failed", short_peer_id(target))
+            writer.close()
+
+    async def close(self) -> None:
+        """Close every entrance and the tunnels through them."""
+        self._closed = True
+        servers = list(self._entrances.values())
+        self._entrances.clear()
+        for server in servers:
+            server.close()
+        await self._tasks.cancel_all()
+        for server in servers:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await server.wait_closed()
+
+
+class RelayReservations:
+    """Keeps reservations with relays while this node cannot be reached, and accepts tunnels.
+
+    Args:
+        pool: the node's connections.
+        directory: where relay candidates come from (peers that relay and are reachable).
+        config: the node config (``relay.num_relays``, timeouts).
+        clock: time source.
+        own_peer_id: this node's id.
+        local_address: HOST:PORT of this node's own server, where tunnels are delivered.
+        needs_relay: whether this node should hold reservations now.
+        on_change: called after the set of active relays changed (re-sign and publish).
+    """
+
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        directory: PeerDirectory,
+        config: NodeConfig,
+        clock: Clock,
+        own_peer_id: str,
+        local_address: Callable[[], str],
+        needs_relay: Callable[[], bool],
+        on_change: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._pool = pool
+        self._directory = directory
+        self._config = config
+        self._clock = clock
+        self._own_peer_id = own_peer_id
+        self._local_address = local_address
+        self._needs_relay = needs_relay
+        self._on_change = on_change
+        self.active: dict[str, str] = {}
+        """Relays holding a reservation for this node: relay peer id -> its address."""
+        self._holding: set[str] = set()
+        self._failed_at: dict[str, float] = {}
+        self._wake = asyncio.Event()
+        self._tasks = _OwnedTasks()
+        self._rng = random.Random()
+
+    def wake(self) -> None:
+        """Look at the reservations now (after reachability changed)."""
+        self._wake.set()
+
+    def candidates(self) -> list[str]:
+        """Peers that may relay for this node, reachable ones first."""
+        now = self._clock.monotonic()
+        found = [
+            r
+            for r in self._directory.records()
+            if r.relay_service
+            and r.peer_id != self._own_peer_id
+            and r.reachability != net_pb2.REACHABILITY_RELAYED
+            and r.peer_id not in self._holding
+            and now - self._failed_at.get(r.peer_id, -1e9) >= _RETRY_RELAY_AFTER_S
+        ]
+        self._rng.shuffle(found)
+        found.sort(key=lambda r: r.reachability != net_pb2.REACHABILITY_DIRECT)
+        return [r.peer_id for r in found]
+
+    async def run(self, check_interval_s: float = 1.0) -> None:
+        """Keep ``relay.num_relays`` reservations while needed (runs until cancelled)."""
+        try:
+            while True:
+                if self._needs_relay():
+                    wanted = self._config.relay.num_relays - len(self._holding)
+                    for relay_id in self.candidates()[: max(0, wanted)]:
+                        self._holding.add(relay_id)
+                        self._tasks.spawn(self._hold(relay_id), f"relay-hold-{relay_id[:8]}")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(check_interval_s):
+                        await self._wake.wait()
+                self._wake.clear()
+        finally:
+            await self._tasks.cancel_all()
+
+    async def _hold(self, relay_id: str) -> None:
+        call: Any = None
+        try:
+            connection = await self._pool.connection(relay_id)
+            reserve = connection.unary_stream(RESERVE_METHOD, net_pb2.RelayEvent)
+            call = reserve(net_pb2.ReserveRequest(), metadata=connection.metadata)
+            async with asyncio.timeout(self._config.rpc_timeout_s):
+                first = await call.read()
+            if first is grpc.aio.EOF or not first.reserved:
+                raise PeerUnavailableError("the relay ended the reservation at once")
+            record = self._directory.get(relay_id)
+            address = record.addresses[0] if record and record.addresses else ""
+            self.active[relay_id] = address or connection.target.address
+            _log.info("relayed through %s (%s)", short_peer_id(relay_id), self.active[relay_id])
+            await self._on_change()
+            # A reservation lives as long as the relay keeps it; keepalive notices a dead relay.
+            while (event := await call.read()) is not grpc.aio.EOF:
+                if event.tunnel_id:
+                    self._tasks.spawn(
+                        self._accept(connection, event), f"relay-accept-{event.tunnel_id[:8]}"
+                    )
+        except grpc.aio.AioRpcError as exc:
+            _log.info("reservation with %s ended: %s", short_peer_id(relay_id), exc.details())
+            self._failed_at[relay_id] = self._clock.monotonic()
+        except (GossamerError, TimeoutError) as exc:
+            _log.info("reservation with %s failed: %s", short_peer_id(relay_id), exc)
+            self._failed_at[relay_id] = self._clock.monotonic()
+        finally:
+            if call is not None:
+                call.cancel()
+            self._holding.discard(relay_id)
+            if self.active.pop(relay_id, None) is not None and not _cancelling():
+                await self._on_change()
+            self.wake()
+
+    async def _accept(self, connection: PeerConnection, event: net_pb2.RelayEvent) -> None:
+        host, _, port = self._local_address().rpartition(":")
+        try:
+            async with asyncio.timeout(_LOCAL_CONNECT_TIMEOUT_S):
+                reader, writer = await asyncio.open_connection(host, int(port))
+            accept = connection.stream_stream(ACCEPT_METHOD, net_pb2.TunnelFrame)
+
+            def open_call(frames: AsyncIterator[net_pb2.TunnelFrame]) -> Any:
+                return accept(frames, metadata=connection.metadata)
+
+            await carry_socket_over_call(
+                reader, writer, open_call, net_pb2.TunnelFrame(tunnel_id=event.tunnel_id)
+            )
+        except (GossamerError, OSError, TimeoutError) as exc:
+            _log.info(
+                "tunnel from %s via %s ended: %s",
+                short_peer_id(event.dialer_peer_id),
+                short_peer_id(connection.peer_id),
+                exc,
+            )
+
+    async def close(self) -> None:
+        """End every reservation and tunnel."""
+        await self._tasks.cancel_all()
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

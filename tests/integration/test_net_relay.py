@@ -1,0 +1,144 @@
+"""Relays on loopback: a peer marked unreachable is reached through a relay with the same API."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from gossamer.core.errors import PeerUnavailableError
+from gossamer.net.config import NodeConfig, RelayConfig
+from gossamer.net.node import Node
+from gossamer.proto import net_pb2
+
+SECRET = b"relay-test-secret-0123456789"
+
+
+def _config(**overrides: Any) -> NodeConfig:
+    return NodeConfig(listen_address="127.0.0.1:0", swarm_secret=SECRET, **overrides)
+
+
+def _run(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+
+
+async def _make_unreachable(node: Node, relay: Node) -> None:
+    """Mark ``node`` as behind NAT and let it reserve a relay (as dial-back would)."""
+    await node.bootstrap([f"{relay.peer_id}@{relay.addresses[0]}"])
+    node.reachability = net_pb2.REACHABILITY_RELAYED
+    node.reservations.wake()
+    assert await node.wait_for_relay(10.0), "no relay reservation within 10 s"
+
+
+def test_unreachable_peer_is_reached_through_a_relay_with_the_same_api() -> None:
+    payload = os.urandom(8 << 20)
+
+    async def scenario() -> None:
+        async with (
+            Node(_config()) as relay,
+            Node(_config(advertise_addresses=("127.0.0.1:9",))) as hidden,
+            Node(_config()) as dialer,
+        ):
+            await _make_unreachable(hidden, relay)
+            assert hidden.relays == [(relay.peer_id, relay.addresses[0])]
+            record = hidden.own_record()
+            assert record is not None
+            dialer.dht.learn(record)
+            received: list[bytes] = []
+
+            async def handler(sender: str, topic: str, data: bytearray) -> None:
+                assert sender == dialer.peer_id
+                received.append(hashlib.sha256(data).digest())
+
+            hidden.on_bulk("t", handler)
+            await dialer.ping(hidden.peer_id)
+            await dialer.send_bulk(hidden.peer_id, "t", payload, num_streams=2)
+            assert received == [hashlib.sha256(payload).digest()]
+            connection = dialer.pool.get(hidden.peer_id)
+            assert connection is not None
+            assert connection.target.kind == "relayed"
+            assert dialer.counters.connections["relayed"] == 1
+            assert relay.counters.relayed_bytes[hidden.peer_id] >= len(payload)
+            assert relay.counters.relay_reservations == 1
+            # the relayed peer can call back as well (its own relayed or direct connection)
+            await hidden.ping(dialer.peer_id)
+
+    _run(scenario)
+
+
+def test_relay_that_opted_out_refuses_and_the_dial_fails_cleanly() -> None:
+    async def scenario() -> None:
+        async with (
+            Node(_config(relay=RelayConfig(serve=False))) as relay,
+            Node(_config()) as hidden,
+        ):
+            await hidden.bootstrap([f"{relay.peer_id}@{relay.addresses[0]}"])
+            hidden.reachability = net_pb2.REACHABILITY_RELAYED
+            hidden.reservations.wake()
+            assert not await hidden.wait_for_relay(1.0)
+            assert hidden.relays == []
+            assert relay.counters.relay_reservations == 0
+
+    _run(scenario)
+
+
+def test_relay_caps_bandwidth_per_relayed_peer() -> None:
+    payload = os.urandom(6 << 20)
+    rate = 4e6
+
+    async def scenario() -> None:
+        async with (
+            Node(_config(relay=RelayConfig(bytes_per_s_per_peer=rate))) as relay,
+            Node(_config(advertise_addresses=("127.0.0.1:9",))) as hidden,
+            Node(_config()) as dialer,
+        ):
+            await _make_unreachable(hidden, relay)
+            record = hidden.own_record()
+            assert record is not None
+            dialer.dht.learn(record)
+            done = asyncio.Event()
+
+            async def handler(sender: str, topic: str, data: bytearray) -> None:
+                done.set()
+
+            hidden.on_bulk("t", handler)
+            await dialer.ping(hidden.peer_id)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await dialer.send_bulk(hidden.peer_id, "t", payload, timeout_s=30)
+            elapsed = loop.time() - started
+            assert done.is_set()
+            # the bucket starts with 1 MiB of burst; the rest flows at the cap at most
+            assert elapsed >= (len(payload) - (1 << 20)) / rate * 0.9
+            assert relay.counters.relayed_bytes[hidden.peer_id] >= len(payload)
+
+    _run(scenario)
+
+
+def test_dialing_a_relayed_peer_whose_relay_is_gone_fails_with_unavailable() -> None:
+    async def scenario() -> None:
+        async with Node(_config()) as dialer, Node(_config()) as hidden:
+            relay = Node(_config())
+            await relay.start()
+            try:
+                await _make_unreachable(hidden, relay)
+                record = hidden.own_record()
+                assert record is not None
+                dialer.dht.learn(record)
+            finally:
+                await relay.stop()
+            with pytest.raises(PeerUnavailableError):
+                await dialer.call(
+                    hidden.peer_id,
+                    "/gossamer.net.v1.Dht/Ping",
+                    net_pb2.PingRequest(),
+                    net_pb2.PingResponse,
+                    timeout_s=2.0,
+                    retry=False,
+                )
+
+    _run(scenario)
