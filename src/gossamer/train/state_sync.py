@@ -1,0 +1,373 @@
+"""State sync for newcomers: download the global state from several donors at once.
+
+A newcomer asks every donor for its manifest, picks the version most donors agree on (newest on
+a tie), and spreads chunk requests over the donors that hold exactly that manifest, sending each
+next chunk to the donor expected to deliver it soonest (its requests in flight times its observed
+latency). Every chunk is checked against the manifest's sha256 before it is kept; a donor that
+sends a bad chunk, refuses, times out or drops is struck off and its chunks are fetched again from
+the others. Nothing received is unpickled, and every size and count is checked against
+:class:`StateSyncLimits` before memory is allocated for it.
+
+Donors live in :mod:`gossamer.train.state_sync_donor`, the message format in
+:mod:`gossamer.train.state_sync_wire`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import weakref
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from gossamer.core.errors import (
+    CorruptedDataError,
+    DeadlineExceededError,
+    GossamerError,
+    PeerUnavailableError,
+    ProtocolError,
+)
+from gossamer.train.state_sync_donor import BulkEndpoint, StateDonor
+from gossamer.train.state_sync_wire import (
+    REPLY_TOPIC,
+    REQUEST_TOPIC,
+    Manifest,
+    ReplyHeader,
+    ReplyStatus,
+    Request,
+    RequestKind,
+    StateSnapshot,
+    StateSyncLimits,
+    decode_manifest,
+    decode_reply,
+    deserialize_snapshot,
+    encode_request,
+)
+
+__all__ = [
+    "DownloadReport",
+    "StateDonor",
+    "StateSnapshot",
+    "StateSyncLimits",
+    "download_state",
+]
+
+_log = logging.getLogger(__name__)
+_EWMA_WEIGHT = 0.3
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DownloadReport:
+    """How a state download went."""
+
+    version: int
+    """The version downloaded."""
+    total_bytes: int
+    """Serialized state bytes."""
+    seconds: float
+    """Wall time from the first request to tensors in hand (the newcomer's time to state)."""
+    bytes_per_donor: dict[str, int]
+    """Verified chunk bytes each donor served."""
+    failed_donors: dict[str, str]
+    """Donors struck off, and why."""
+    refetched_chunks: int
+    """Chunk requests repeated after a donor failed them."""
+
+    @property
+    def bytes_per_s(self) -> float:
+        """Download throughput."""
+        return self.total_bytes / self.seconds if self.seconds > 0 else float("inf")
+
+
+class _ReplyRouter:
+    """Hands replies on a node's reply topic to the request that waits for them."""
+
+    def __init__(self, node: BulkEndpoint) -> None:
+        self._waiting: dict[bytes, tuple[str, asyncio.Future[tuple[ReplyHeader, memoryview]]]] = {}
+        node.on_bulk(REPLY_TOPIC, self._on_reply)
+
+    def expect(self, donor: str) -> tuple[bytes, asyncio.Future[tuple[ReplyHeader, memoryview]]]:
+        request_id = secrets.token_bytes(16)
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = (donor, future)
+        return request_id, future
+
+    def forget(self, request_id: bytes) -> None:
+        self._waiting.pop(request_id, None)
+
+    async def _on_reply(self, sender: str, topic: str, payload: bytearray) -> None:
+        header, body = decode_reply(payload)
+        waiting = self._waiting.get(header.request_id)
+        if waiting is None or waiting[0] != sender:
+            raise ProtocolError("state reply to no request of ours")
+        if not waiting[1].done():
+            waiting[1].set_result((header, body))
+
+
+_routers: weakref.WeakKeyDictionary[BulkEndpoint, _ReplyRouter] = weakref.WeakKeyDictionary()
+
+
+@dataclass(slots=True)
+class _Donor:
+    peer_id: str
+    num_in_flight: int = 0
+    latency_s: float | None = None
+    num_bytes: int = 0
+
+
+@dataclass(slots=True)
+class _Download:
+    """One download's progress, owned by :func:`download_state`."""
+
+    node: BulkEndpoint
+    router: _ReplyRouter
+    loop: asyncio.AbstractEventLoop
+    deadline: float
+    request_timeout_s: float
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def remaining_s(self) -> float:
+        return self.deadline - self.loop.time()
+
+    async def ask(self, donor: str, request: Request) -> tuple[ReplyHeader, memoryview]:
+        """Send ``request`` to ``donor`` and wait for its OK reply (any failure raises)."""
+        timeout_s = min(self.remaining_s(), self.request_timeout_s)
+        if timeout_s <= 0:
+            raise DeadlineExceededError("no time left for the request")
+        request_id, future = self.router.expect(donor)
+        request = Request(
+            kind=request.kind,
+            request_id=request_id,
+            version=request.version,
+            index=request.index,
+            timeout_ms=max(1, int(timeout_s * 1000)),
+        )
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.node.send_bulk(
+                    donor, REQUEST_TOPIC, encode_request(request), timeout_s=timeout_s
+                )
+                header, body = await future  # donors reply before their handler returns
+        except TimeoutError:
+            raise DeadlineExceededError(f"no reply within {timeout_s:.1f} s") from None
+        finally:
+            self.router.forget(request_id)
+        if header.kind is not request.kind or header.index != request.index:
+            raise ProtocolError("reply does not match its request")
+        if request.kind is RequestKind.CHUNK and header.version != request.version:
+            raise ProtocolError("reply does not match its request")
+        if header.status is not ReplyStatus.OK:
+            reason = bytes(body[:200]).decode(errors="replace")
+            raise PeerUnavailableError(f"refused: {header.status.name} ({reason})")
+        return header, body
+
+    def strike(self, donor: str, exc: BaseException) -> None:
+        if donor not in self.failed:
+            self.failed[donor] = f"{type(exc).__name__}: {exc}"
+            _log.warning("state sync: dropping donor %s: %s", donor[:8], self.failed[donor])
+
+
+async def download_state(
+    node: BulkEndpoint,
+    donors: Sequence[str],
+    *,
+    timeout_s: float,
+    version: int | None = None,
+    max_chunks_in_flight: int = 8,
+    request_timeout_s: float = 30.0,
+    limits: StateSyncLimits | None = None,
+) -> tuple[StateSnapshot, DownloadReport]:
+    """Download the global state from ``donors`` at once, every chunk checked by hash.
+
+    Args:
+        node: this peer's node (on whose event loop this runs).
+        donors: peer ids to download from.
+        timeout_s: deadline of the whole download.
+        version: the version to fetch; the one most donors hold (newest on a tie) when None.
+        max_chunks_in_flight: chunk requests outstanding at once, over all donors.
+        request_timeout_s: a donor taking longer for one request is struck off.
+        limits: sizes and counts accepted from donors.
+
+    Returns:
+        The snapshot and a report of who served what.
+
+    Raises:
+        DeadlineExceededError: not finished within ``timeout_s``.
+        PeerUnavailableError: no donor holds a usable state, or every donor failed.
+        CorruptedDataError: the verified bytes are not a valid snapshot (the donors agree on it).
+    """
+    if timeout_s <= 0 or max_chunks_in_flight < 1 or request_timeout_s <= 0:
+        raise ValueError("timeout_s, request_timeout_s and max_chunks_in_flight must be positive")
+    unique_donors = list(dict.fromkeys(d for d in donors if d != node.peer_id))
+    if not unique_donors:
+        raise ValueError("download_state needs at least one donor other than this peer")
+    limits = limits or StateSyncLimits()
+    loop = asyncio.get_running_loop()
+    router = _routers.get(node)
+    if router is None:
+        router = _routers[node] = _ReplyRouter(node)
+    started = loop.time()
+    job = _Download(node, router, loop, started + timeout_s, request_timeout_s)
+    manifest, holders = await _choose_manifest(job, unique_donors, version, limits)
+    blob, stats, num_refetched = await _fetch_chunks(job, manifest, holders, max_chunks_in_flight)
+    snapshot = await asyncio.to_thread(deserialize_snapshot, manifest, blob)
+    report = DownloadReport(
+        version=manifest.version,
+        total_bytes=manifest.total_bytes,
+        seconds=loop.time() - started,
+        bytes_per_donor={d.peer_id: d.num_bytes for d in stats if d.num_bytes},
+        failed_donors=dict(job.failed),
+        refetched_chunks=num_refetched,
+    )
+    _log.info(
+        "peer %s: state version %d downloaded: %d bytes in %.2f s (%.1f MiB/s) from %d donors, "
+        "%d failed, %d chunks refetched",
+        node.peer_id[:8],
+        report.version,
+        report.total_bytes,
+        report.seconds,
+        report.bytes_per_s / (1 << 20),
+        len(report.bytes_per_donor),
+        len(report.failed_donors),
+        report.refetched_chunks,
+    )
+    return snapshot, report
+
+
+async def _choose_manifest(
+    job: _Download, donors: list[str], version: int | None, limits: StateSyncLimits
+) -> tuple[Manifest, list[str]]:
+    """Ask every donor for its manifest; pick the one most donors agree on (newest on a tie)."""
+
+    async def one(donor: str) -> Manifest | None:
+        try:
+            _, body = await job.ask(donor, Request(kind=RequestKind.MANIFEST, request_id=b""))
+            return decode_manifest(body, limits)
+        except GossamerError as exc:
+            job.strike(donor, exc)
+            return None
+
+    manifests = await asyncio.gather(*(one(d) for d in donors))
+    groups: dict[str, list[str]] = {}
+    by_hash: dict[str, Manifest] = {}
+    for donor, manifest in zip(donors, manifests, strict=True):
+        if manifest is not None and (version is None or manifest.version == version):
+            groups.setdefault(manifest.sha256, []).append(donor)
+            by_hash[manifest.sha256] = manifest
+    if not groups:
+        wanted = "any version" if version is None else f"version {version}"
+        raise PeerUnavailableError(
+            f"no donor offers {wanted} of the state: {_reasons(job.failed, donors)}"
+        )
+    best = max(groups, key=lambda h: (len(groups[h]), by_hash[h].version))
+    chosen = by_hash[best]
+    for digest, members in groups.items():
+        if digest != best and by_hash[digest].version == chosen.version:
+            for donor in members:  # same version, other bytes: a liar or a diverged peer
+                job.strike(donor, CorruptedDataError("its manifest disagrees with the majority"))
+    return chosen, groups[best]
+
+
+async def _fetch_chunks(
+    job: _Download, manifest: Manifest, holders: list[str], max_in_flight: int
+) -> tuple[bytearray, list[_Donor], int]:
+    """Fetch every chunk from ``holders``, each to the donor expected to finish it first."""
+    donors = [_Donor(peer_id) for peer_id in holders]
+    blob = bytearray(manifest.total_bytes)  # size checked against the limits by decode_manifest
+    pending = deque(range(manifest.num_chunks))
+    num_attempts = [0] * manifest.num_chunks
+    num_done = 0
+    tasks: dict[asyncio.Task[int], tuple[int, _Donor]] = {}
+
+    async def fetch(index: int, donor: _Donor) -> int:
+        started = job.loop.time()
+        _, body = await job.ask(
+            donor.peer_id,
+            Request(kind=RequestKind.CHUNK, request_id=b"", version=manifest.version, index=index),
+        )
+        start, stop = manifest.chunk_range(index)
+        if len(body) != stop - start:
+            raise ProtocolError(f"chunk {index} has {len(body)} bytes, expected {stop - start}")
+        await asyncio.to_thread(_check_and_place, blob, start, body, manifest, index)
+        elapsed = job.loop.time() - started
+        donor.latency_s = (
+            elapsed
+            if donor.latency_s is None
+            else (1 - _EWMA_WEIGHT) * donor.latency_s + _EWMA_WEIGHT * elapsed
+        )
+        return stop - start
+
+    try:
+        while num_done < manifest.num_chunks:
+            live = [d for d in donors if d.peer_id not in job.failed]
+            if not live:
+                raise PeerUnavailableError(
+                    f"state version {manifest.version}: {num_done}/{manifest.num_chunks} chunks "
+                    f"fetched and every donor failed: {_reasons(job.failed, holders)}"
+                )
+            while pending and len(tasks) < max_in_flight:
+                index = pending.popleft()
+                donor = _pick(live)
+                donor.num_in_flight += 1
+                num_attempts[index] += 1
+                task = job.loop.create_task(fetch(index, donor), name=f"state-chunk-{index}")
+                tasks[task] = (index, donor)
+            remaining = job.remaining_s()
+            done = (
+                (await asyncio.wait(tasks, timeout=remaining, return_when="FIRST_COMPLETED"))[0]
+                if remaining > 0
+                else set()
+            )
+            if not done:
+                raise DeadlineExceededError(
+                    f"state version {manifest.version}: {num_done}/{manifest.num_chunks} chunks "
+                    f"fetched when the deadline passed; failed donors: "
+                    f"{_reasons(job.failed, holders)}"
+                )
+            for task in done:
+                index, donor = tasks.pop(task)
+                donor.num_in_flight -= 1
+                exc = task.exception()
+                if exc is None:
+                    donor.num_bytes += task.result()
+                    num_done += 1
+                elif isinstance(exc, GossamerError):
+                    job.strike(donor.peer_id, exc)
+                    pending.appendleft(index)
+                else:
+                    raise exc
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return blob, donors, sum(n - 1 for n in num_attempts)
+
+
+def _pick(live: list[_Donor]) -> _Donor:
+    """The donor expected to deliver one more chunk soonest; untried donors count as fast."""
+    known = [d.latency_s for d in live if d.latency_s is not None]
+    optimistic = min(known) if known else 1.0
+    return min(
+        live,
+        key=lambda d: (
+            (d.num_in_flight + 1) * (d.latency_s if d.latency_s is not None else optimistic),
+            d.num_in_flight,
+            d.num_bytes,
+        ),
+    )
+
+
+def _check_and_place(
+    blob: bytearray, start: int, body: memoryview, manifest: Manifest, index: int
+) -> None:
+    if hashlib.sha256(body).digest() != manifest.chunk_digests[index]:
+        raise CorruptedDataError(f"chunk {index} of version {manifest.version} failed its sha256")
+    blob[start : start + len(body)] = body
+
+
+def _reasons(failed: dict[str, str], donors: Sequence[str]) -> str:
+    parts = [f"{d[:8]}: {failed[d]}" for d in donors if d in failed]
+    return "; ".join(parts) if parts else "none answered"

@@ -1,0 +1,428 @@
+"""The wire format of state sync: requests, replies and the manifest, every size bounded.
+
+A newcomer pulls state by pushing small requests to a donor's :data:`REQUEST_TOPIC`; the donor
+answers each one with a bulk transfer to the newcomer's :data:`REPLY_TOPIC`. Nothing here is ever
+unpickled: a request is a short JSON object, a reply is a fixed binary header plus raw bytes, and a
+manifest is a fixed binary header, JSON meta and one raw sha256 digest per chunk. Decoders check
+every size and count against :class:`StateSyncLimits` before trusting it and raise
+:class:`ProtocolError` on anything malformed.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from gossamer.core.errors import CorruptedDataError, ProtocolError
+
+__all__ = [
+    "MAX_REQUEST_BYTES",
+    "REPLY_HEADER_BYTES",
+    "REPLY_TOPIC",
+    "REQUEST_TOPIC",
+    "Manifest",
+    "ReplyHeader",
+    "ReplyStatus",
+    "Request",
+    "RequestKind",
+    "SerializedSnapshot",
+    "StateSnapshot",
+    "StateSyncLimits",
+    "decode_manifest",
+    "decode_reply",
+    "decode_request",
+    "deserialize_snapshot",
+    "encode_manifest",
+    "encode_reply",
+    "encode_request",
+    "serialize_snapshot",
+]
+
+REQUEST_TOPIC = "gossamer.state.v1.req"
+"""Bulk topic a donor receives requests on."""
+REPLY_TOPIC = "gossamer.state.v1.resp"
+"""Bulk topic a newcomer receives replies on."""
+MAX_REQUEST_BYTES = 512
+"""Largest request accepted; requests are short JSON objects."""
+MAX_ERROR_BYTES = 1024
+"""Longest error text in a reply."""
+MAX_TIMEOUT_MS = 3_600_000
+"""Longest reply deadline a request may ask for."""
+
+_REPLY_MAGIC = b"GSR1"
+_REPLY_HEADER = struct.Struct(
+    "<4sBB2x16sqqQ"
+)  # magic, kind, status, request id, version, index, body
+REPLY_HEADER_BYTES = _REPLY_HEADER.size
+_MANIFEST_MAGIC = b"GSM1"
+_MANIFEST_FORMAT = 1
+_MANIFEST_HEADER = struct.Struct("<4sH2xqQQQQ")  # magic, format, version, total, chunk, count, meta
+_DIGEST_BYTES = 32
+_REQUEST_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+_MAX_INT = 1 << 62
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StateSnapshot:
+    """The global state a newcomer needs to start contributing."""
+
+    version: int
+    """The outer step the state belongs to."""
+    tensors: dict[str, torch.Tensor]
+    """Global weights, outer optimizer momentum, ... (CPU copies are made when serializing)."""
+    meta: dict[str, Any]
+    """JSON-serializable state: step, tokens, config hash, ... (comes back as JSON gives it)."""
+
+    def __post_init__(self) -> None:
+        if type(self.version) is not int or not 0 <= self.version < _MAX_INT:
+            raise ValueError(f"snapshot version must be an int >= 0, got {self.version!r}")
+        if not isinstance(self.meta, dict):
+            raise ValueError(f"snapshot meta must be a dict, got {type(self.meta).__name__}")
+        for name, tensor in self.tensors.items():
+            if not isinstance(name, str) or not name or name == "__metadata__":
+                raise ValueError(f"snapshot: bad tensor name {name!r}")
+            if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
+                raise ValueError(f"snapshot: {name!r} must be a dense torch.Tensor")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StateSyncLimits:
+    """Sizes and counts a newcomer accepts from donors, checked before anything is allocated."""
+
+    max_state_bytes: int = 64 << 30
+    """Largest serialized state (weights, optimizer state) accepted."""
+    max_chunk_bytes: int = 64 << 20
+    """Largest chunk accepted."""
+    max_num_chunks: int = 1 << 20
+    """Most chunks a manifest may list."""
+    max_meta_bytes: int = 1 << 20
+    """Largest JSON meta accepted."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_state_bytes", "max_chunk_bytes", "max_num_chunks", "max_meta_bytes"):
+            value = getattr(self, name)
+            if type(value) is not int or value <= 0:
+                raise ValueError(f"StateSyncLimits.{name} must be a positive int, got {value!r}")
+
+    @property
+    def max_manifest_bytes(self) -> int:
+        """Largest manifest these limits allow."""
+        return _MANIFEST_HEADER.size + self.max_meta_bytes + _DIGEST_BYTES * self.max_num_chunks
+
+
+class RequestKind(enum.IntEnum):
+    """What a request asks for."""
+
+    MANIFEST = 1
+    CHUNK = 2
+
+
+class ReplyStatus(enum.IntEnum):
+    """How a donor answered."""
+
+    OK = 0
+    NOTHING_PUBLISHED = 1
+    VERSION_GONE = 2
+    BAD_REQUEST = 3
+    CLOSED = 4
+
+
+_KINDS = frozenset(int(kind) for kind in RequestKind)
+_STATUSES = frozenset(int(status) for status in ReplyStatus)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Request:
+    """A newcomer's request: the manifest of the newest snapshot, or one chunk of a version."""
+
+    kind: RequestKind
+    request_id: bytes
+    """16 random bytes that the reply carries back."""
+    version: int = 0
+    index: int = 0
+    timeout_ms: int = 60_000
+    """How long the donor may take to deliver the reply."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ReplyHeader:
+    """The fixed header in front of every reply's body."""
+
+    kind: RequestKind
+    status: ReplyStatus
+    request_id: bytes
+    version: int
+    index: int
+    body_bytes: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Manifest:
+    """What a snapshot is made of: its version, meta, and the sha256 of every chunk."""
+
+    version: int
+    total_bytes: int
+    chunk_bytes: int
+    meta: dict[str, Any]
+    chunk_digests: tuple[bytes, ...]
+    sha256: str
+    """Hex sha256 of the encoded manifest: donors holding the same state agree on it."""
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.chunk_digests)
+
+    def chunk_range(self, index: int) -> tuple[int, int]:
+        """Byte range ``[start, stop)`` of chunk ``index`` in the serialized state."""
+        start = index * self.chunk_bytes
+        return start, min(start + self.chunk_bytes, self.total_bytes)
+
+
+def encode_request(request: Request) -> bytes:
+    """A request as compact JSON."""
+    fields: dict[str, Any] = {
+        "kind": "manifest" if request.kind is RequestKind.MANIFEST else "chunk",
+        "request_id": request.request_id.hex(),
+        "timeout_ms": request.timeout_ms,
+    }
+    if request.kind is RequestKind.CHUNK:
+        fields |= {"version": request.version, "index": request.index}
+    return json.dumps(fields, separators=(",", ":")).encode()
+
+
+def decode_request(payload: bytes | bytearray | memoryview) -> Request:
+    """Parse and check a request.
+
+    Raises:
+        ProtocolError: oversized, not JSON, or a field missing, of the wrong type or out of range.
+    """
+    if len(payload) > MAX_REQUEST_BYTES:
+        raise ProtocolError(f"state request of {len(payload)} bytes (at most {MAX_REQUEST_BYTES})")
+    try:
+        fields = json.loads(bytes(payload))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError("state request is not JSON") from exc
+    if not isinstance(fields, dict):
+        raise ProtocolError("state request is not a JSON object")
+    kinds = {"manifest": RequestKind.MANIFEST, "chunk": RequestKind.CHUNK}
+    kind_name = fields.get("kind")
+    kind = kinds.get(kind_name) if isinstance(kind_name, str) else None
+    request_id = fields.get("request_id")
+    if kind is None or not isinstance(request_id, str) or not _REQUEST_ID_RE.match(request_id):
+        raise ProtocolError("state request without a valid kind and request_id")
+    timeout_ms = _bounded_int(fields, "timeout_ms", 1, MAX_TIMEOUT_MS)
+    version = index = 0
+    if kind is RequestKind.CHUNK:
+        version = _bounded_int(fields, "version", 0, _MAX_INT)
+        index = _bounded_int(fields, "index", 0, _MAX_INT)
+    return Request(
+        kind=kind,
+        request_id=bytes.fromhex(request_id),
+        version=version,
+        index=index,
+        timeout_ms=timeout_ms,
+    )
+
+
+def _bounded_int(fields: dict[str, Any], name: str, low: int, high: int) -> int:
+    value = fields.get(name)
+    if type(value) is not int or not low <= value <= high:
+        raise ProtocolError(f"state request field {name!r} must be an int in [{low}, {high}]")
+    return value
+
+
+def encode_reply(header: ReplyHeader, body: bytes | memoryview = b"") -> bytes:
+    """Header plus body, ready for one bulk transfer."""
+    assert header.body_bytes == len(body), "reply header and body disagree"
+    packed = _REPLY_HEADER.pack(
+        _REPLY_MAGIC,
+        header.kind,
+        header.status,
+        header.request_id,
+        header.version,
+        header.index,
+        header.body_bytes,
+    )
+    return b"".join((packed, body))
+
+
+def decode_reply(payload: bytearray) -> tuple[ReplyHeader, memoryview]:
+    """Split a reply into its header and a view of its body (no copy).
+
+    Raises:
+        ProtocolError: too short, wrong magic, unknown kind or status, or a body of another size.
+    """
+    if len(payload) < _REPLY_HEADER.size:
+        raise ProtocolError(f"state reply of {len(payload)} bytes is shorter than its header")
+    magic, kind, status, request_id, version, index, body_bytes = _REPLY_HEADER.unpack_from(payload)
+    if magic != _REPLY_MAGIC:
+        raise ProtocolError("state reply with a wrong magic number")
+    if kind not in _KINDS or status not in _STATUSES:
+        raise ProtocolError(f"state reply with unknown kind {kind} or status {status}")
+    if body_bytes != len(payload) - _REPLY_HEADER.size:
+        raise ProtocolError(
+            f"state reply announces {body_bytes} body bytes, carries "
+            f"{len(payload) - _REPLY_HEADER.size}"
+        )
+    header = ReplyHeader(
+        kind=RequestKind(kind),
+        status=ReplyStatus(status),
+        request_id=request_id,
+        version=version,
+        index=index,
+        body_bytes=body_bytes,
+    )
+    return header, memoryview(payload)[_REPLY_HEADER.size :]
+
+
+def encode_manifest(
+    *, version: int, total_bytes: int, chunk_bytes: int, meta: dict[str, Any], digests: list[bytes]
+) -> bytes:
+    """A manifest's bytes; the same state always encodes to the same bytes."""
+    meta_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    header = _MANIFEST_HEADER.pack(
+        _MANIFEST_MAGIC,
+        _MANIFEST_FORMAT,
+        version,
+        total_bytes,
+        chunk_bytes,
+        len(digests),
+        len(meta_bytes),
+    )
+    return b"".join((header, meta_bytes, *digests))
+
+
+def decode_manifest(data: bytes | memoryview, limits: StateSyncLimits) -> Manifest:
+    """Parse and check a manifest against ``limits``.
+
+    Raises:
+        ProtocolError: malformed, inconsistent, or over a limit (the message names which).
+    """
+    size = len(data)
+    if not _MANIFEST_HEADER.size <= size <= limits.max_manifest_bytes:
+        raise ProtocolError(
+            f"state manifest of {size} bytes (at most {limits.max_manifest_bytes} accepted)"
+        )
+    magic, fmt, version, total, chunk_bytes, num_chunks, meta_len = _MANIFEST_HEADER.unpack_from(
+        data
+    )
+    if magic != _MANIFEST_MAGIC or fmt != _MANIFEST_FORMAT:
+        raise ProtocolError(f"state manifest of unknown format ({magic!r}, {fmt})")
+    if version < 0:
+        raise ProtocolError(f"state manifest with negative version {version}")
+    _check_limit("total bytes", total, limits.max_state_bytes, low=1)
+    _check_limit("chunk bytes", chunk_bytes, limits.max_chunk_bytes, low=1)
+    _check_limit("chunk count", num_chunks, limits.max_num_chunks, low=1)
+    _check_limit("meta bytes", meta_len, limits.max_meta_bytes, low=0)
+    if num_chunks != -(-total // chunk_bytes):
+        raise ProtocolError(
+            f"state manifest lists {num_chunks} chunks for {total} bytes in chunks of {chunk_bytes}"
+        )
+    meta_start = _MANIFEST_HEADER.size
+    digests_start = meta_start + meta_len
+    if size != digests_start + _DIGEST_BYTES * num_chunks:
+        raise ProtocolError(f"state manifest of {size} bytes does not match its header")
+    try:
+        meta = json.loads(bytes(data[meta_start:digests_start]))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError("state manifest meta is not JSON") from exc
+    if not isinstance(meta, dict):
+        raise ProtocolError("state manifest meta is not a JSON object")
+    digests = tuple(
+        bytes(data[digests_start + i * _DIGEST_BYTES : digests_start + (i + 1) * _DIGEST_BYTES])
+        for i in range(num_chunks)
+    )
+    return Manifest(
+        version=version,
+        total_bytes=total,
+        chunk_bytes=chunk_bytes,
+        meta=meta,
+        chunk_digests=digests,
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+
+
+def _check_limit(what: str, value: int, limit: int, *, low: int) -> None:
+    if not low <= value <= limit:
+        raise ProtocolError(f"state manifest {what} {value} outside [{low}, {limit}]")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SerializedSnapshot:
+    """A snapshot as a donor serves it: safetensors bytes cut into chunks, and their manifest."""
+
+    manifest: Manifest
+    manifest_bytes: bytes
+    blob: bytes
+
+
+def serialize_snapshot(snapshot: StateSnapshot, *, chunk_bytes: int) -> SerializedSnapshot:
+    """Serialize once: safetensors bytes, a sha256 per chunk, the manifest (blocking; CPU-heavy).
+
+    Raises:
+        ValueError: meta is not JSON-serializable, or the tensors cannot be saved.
+    """
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    try:
+        json.dumps(snapshot.meta, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"snapshot meta must be JSON-serializable (no NaN): {exc}") from exc
+    prepared: dict[str, torch.Tensor] = {}
+    seen_storages: set[int] = set()
+    for name, tensor in snapshot.tensors.items():
+        out = tensor.detach().to("cpu").contiguous()
+        pointer = out.untyped_storage().data_ptr()
+        if pointer and pointer in seen_storages:
+            out = out.clone()  # safetensors refuses tensors that share memory (tied weights)
+        seen_storages.add(pointer)
+        prepared[name] = out
+    try:
+        blob = safetensors.torch.save(prepared)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise ValueError(f"snapshot tensors cannot be serialized: {exc}") from exc
+    view = memoryview(blob)
+    digests = [
+        hashlib.sha256(view[start : start + chunk_bytes]).digest()
+        for start in range(0, len(blob), chunk_bytes)
+    ]
+    manifest_bytes = encode_manifest(
+        version=snapshot.version,
+        total_bytes=len(blob),
+        chunk_bytes=chunk_bytes,
+        meta=snapshot.meta,
+        digests=digests,
+    )
+    limits = StateSyncLimits(
+        max_state_bytes=max(1, len(blob)),
+        max_chunk_bytes=chunk_bytes,
+        max_num_chunks=max(1, len(digests)),
+        max_meta_bytes=max(1, len(manifest_bytes)),
+    )
+    manifest = decode_manifest(manifest_bytes, limits)
+    return SerializedSnapshot(manifest=manifest, manifest_bytes=manifest_bytes, blob=blob)
+
+
+def deserialize_snapshot(manifest: Manifest, blob: bytearray) -> StateSnapshot:
+    """Tensors from verified safetensors bytes (blocking; consumes ``blob``).
+
+    Raises:
+        CorruptedDataError: the bytes do not parse as safetensors.
+    """
+    data = bytes(blob)
+    del blob[:]  # keep the peak at two copies: the bytes and the tensors
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as exc:  # safetensors raises its own error type from Rust
+        raise CorruptedDataError(
+            f"state version {manifest.version}: not safetensors ({exc})"
+        ) from exc
+    return StateSnapshot(version=manifest.version, tensors=tensors, meta=manifest.meta)
