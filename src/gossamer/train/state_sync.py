@@ -247,7 +247,8 @@ async def _choose_manifest(
             _, body = await job.ask(donor, Request(kind=RequestKind.MANIFEST, request_id=b""))
             return decode_manifest(body, limits)
         except GossamerError as exc:
-            job.strike(donor, exc)
+            if not (isinstance(exc, DeadlineExceededError) and job.remaining_s() <= 0):
+                job.strike(donor, exc)
             return None
 
     manifests = await asyncio.gather(*(one(d) for d in donors))
@@ -257,6 +258,10 @@ async def _choose_manifest(
         if manifest is not None and (version is None or manifest.version == version):
             groups.setdefault(manifest.sha256, []).append(donor)
             by_hash[manifest.sha256] = manifest
+    if not groups and job.remaining_s() <= 0:
+        raise DeadlineExceededError(
+            f"no state manifest arrived before the deadline: {_reasons(job.failed, donors)}"
+        )
     if not groups:
         wanted = "any version" if version is None else f"version {version}"
         raise PeerUnavailableError(
@@ -302,6 +307,12 @@ async def _fetch_chunks(
 
     try:
         while num_done < manifest.num_chunks:
+            if job.remaining_s() <= 0:
+                raise DeadlineExceededError(
+                    f"state version {manifest.version}: {num_done}/{manifest.num_chunks} chunks "
+                    f"fetched when the deadline passed; failed donors: "
+                    f"{_reasons(job.failed, holders)}"
+                )
             live = [d for d in donors if d.peer_id not in job.failed]
             if not live:
                 raise PeerUnavailableError(
@@ -315,18 +326,8 @@ async def _fetch_chunks(
                 num_attempts[index] += 1
                 task = job.loop.create_task(fetch(index, donor), name=f"state-chunk-{index}")
                 tasks[task] = (index, donor)
-            remaining = job.remaining_s()
-            done = (
-                (await asyncio.wait(tasks, timeout=remaining, return_when="FIRST_COMPLETED"))[0]
-                if remaining > 0
-                else set()
-            )
-            if not done:
-                raise DeadlineExceededError(
-                    f"state version {manifest.version}: {num_done}/{manifest.num_chunks} chunks "
-                    f"fetched when the deadline passed; failed donors: "
-                    f"{_reasons(job.failed, holders)}"
-                )
+            await asyncio.wait(tasks, timeout=job.remaining_s(), return_when="FIRST_COMPLETED")
+            done = [task for task in tasks if task.done()]
             for task in done:
                 index, donor = tasks.pop(task)
                 donor.num_in_flight -= 1
@@ -334,6 +335,8 @@ async def _fetch_chunks(
                 if exc is None:
                     donor.num_bytes += task.result()
                     num_done += 1
+                elif isinstance(exc, DeadlineExceededError) and job.remaining_s() <= 0:
+                    pending.appendleft(index)  # our deadline, not the donor's fault
                 elif isinstance(exc, GossamerError):
                     job.strike(donor.peer_id, exc)
                     pending.appendleft(index)

@@ -1,0 +1,131 @@
+"""In-memory doubles of the two node methods state sync uses (``on_bulk``, ``send_bulk``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+from gossamer.core.errors import (
+    DeadlineExceededError,
+    PeerLostError,
+    PeerUnavailableError,
+    ProtocolError,
+)
+from gossamer.train.state_sync_wire import REPLY_TOPIC, decode_reply
+
+BulkHandler = Callable[[str, str, bytearray], Awaitable[None]]
+
+
+class FakeBulkNetwork:
+    """Nodes that deliver bulk transfers to each other's handlers in memory; nodes can die."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, FakeBulkNode] = {}
+        self.dead: set[str] = set()
+        self.bytes_sent: Counter[tuple[str, str]] = Counter()
+
+    def add(self, peer_id: str, node_type: type[FakeBulkNode] | None = None) -> FakeBulkNode:
+        node = (node_type or FakeBulkNode)(self, peer_id)
+        self.nodes[peer_id] = node
+        return node
+
+    def kill(self, peer_id: str) -> None:
+        self.dead.add(peer_id)
+
+
+class FakeBulkNode:
+    """A node's ``on_bulk`` and ``send_bulk``, with net's contract: returns once handled."""
+
+    def __init__(self, network: FakeBulkNetwork, peer_id: str) -> None:
+        self.network = network
+        self._peer_id = peer_id
+        self.handlers: dict[str, BulkHandler] = {}
+
+    @property
+    def peer_id(self) -> str:
+        return self._peer_id
+
+    def on_bulk(self, topic: str, handler: BulkHandler) -> None:
+        self.handlers[topic] = handler
+
+    def outgoing(self, peer_id: str, topic: str, payload: bytearray) -> bytearray:
+        """Hook for faulty nodes: change or refuse what this node sends."""
+        return payload
+
+    async def send_bulk(
+        self,
+        peer_id: str,
+        topic: str,
+        payload: bytes | bytearray | memoryview,
+        *,
+        num_streams: int = 1,
+        timeout_s: float = 60.0,
+    ) -> None:
+        await asyncio.sleep(0)
+        if self.peer_id in self.network.dead:
+            raise PeerLostError(f"{self.peer_id} is dead")
+        data = self.outgoing(peer_id, topic, bytearray(payload))
+        target = self.network.nodes.get(peer_id)
+        if target is None or peer_id in self.network.dead:
+            raise PeerUnavailableError(f"{peer_id} is down")
+        handler = target.handlers.get(topic)
+        if handler is None:
+            raise ProtocolError(f"no handler for {topic}")
+        self.network.bytes_sent[(self.peer_id, peer_id)] += len(data)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await handler(self.peer_id, topic, data)
+        except TimeoutError:
+            raise DeadlineExceededError(f"bulk to {peer_id} timed out") from None
+
+
+class FaultyBulkNode(FakeBulkNode):
+    """A fake node that misbehaves on a script, in the replies it sends as a donor.
+
+    Attributes:
+        corrupt_chunks: flip a byte in every chunk reply's body.
+        die_after_chunks: die (as if killed) when about to send this many-plus-one chunk reply.
+        stall: never deliver replies (waits forever, until the sender's deadline).
+        after_chunk: called after each chunk reply leaves.
+    """
+
+    corrupt_chunks = False
+    die_after_chunks: int | None = None
+    stall = False
+    after_chunk: Callable[[int], None] | None = None
+
+    def __init__(self, network: FakeBulkNetwork, peer_id: str) -> None:
+        super().__init__(network, peer_id)
+        self.num_chunk_replies = 0
+
+    def outgoing(self, peer_id: str, topic: str, payload: bytearray) -> bytearray:
+        if topic != REPLY_TOPIC:
+            return payload
+        header, _ = decode_reply(payload)
+        if header.kind.name != "CHUNK":
+            return payload
+        if self.die_after_chunks is not None and self.num_chunk_replies >= self.die_after_chunks:
+            self.network.kill(self.peer_id)
+            raise PeerLostError(f"{self.peer_id} died")
+        self.num_chunk_replies += 1
+        if self.after_chunk is not None:
+            self.after_chunk(self.num_chunk_replies)
+        if self.corrupt_chunks:
+            payload[-1] ^= 0xFF
+        return payload
+
+    async def send_bulk(
+        self,
+        peer_id: str,
+        topic: str,
+        payload: bytes | bytearray | memoryview,
+        *,
+        num_streams: int = 1,
+        timeout_s: float = 60.0,
+    ) -> None:
+        if self.stall and topic == REPLY_TOPIC:
+            await asyncio.Event().wait()  # a donor that hangs; the requester's deadline ends it
+        await super().send_bulk(
+            peer_id, topic, payload, num_streams=num_streams, timeout_s=timeout_s
+        )

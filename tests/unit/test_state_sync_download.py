@@ -1,0 +1,374 @@
+"""State sync between in-memory nodes: multi-donor download, faults, versions, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import pytest
+import torch
+from state_sync_fakes import FakeBulkNetwork, FakeBulkNode, FaultyBulkNode
+
+from gossamer.core.clock import FakeClock
+from gossamer.core.errors import DeadlineExceededError, PeerUnavailableError, ProtocolError
+from gossamer.train.state_sync import (
+    DownloadReport,
+    StateDonor,
+    StateSnapshot,
+    StateSyncLimits,
+    download_state,
+)
+from gossamer.train.state_sync_wire import (
+    REPLY_TOPIC,
+    REQUEST_TOPIC,
+    ReplyHeader,
+    ReplyStatus,
+    RequestKind,
+    encode_manifest,
+    encode_reply,
+)
+
+T = TypeVar("T")
+CHUNK = 4096
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def snapshot(version: int = 7, seed: int = 0, numel: int = 40_000) -> StateSnapshot:
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.randn(numel, generator=gen)
+    weights[3] = float("nan")  # bit-exact means NaNs and signs survive too
+    weights[4] = -0.0
+    return StateSnapshot(
+        version=version,
+        tensors={
+            "model.w": weights.reshape(200, -1),
+            "model.b16": torch.randn(33, 5, generator=gen).to(torch.bfloat16),
+            "model.h16": torch.randn(17, generator=gen).to(torch.float16),
+            "outer.momentum": torch.randn(1000, generator=gen, dtype=torch.float64),
+            "step": torch.tensor(12345, dtype=torch.int64),
+            "scale": torch.tensor(0.5),
+            "mask": torch.rand(9, generator=gen) > 0.5,
+            "ids": torch.randint(-100, 100, (3, 4), generator=gen, dtype=torch.int8),
+            "empty": torch.zeros(0, 3, dtype=torch.int32),
+        },
+        meta={"step": 12345, "tokens": 10**12, "config_hash": "ab" * 32, "lr": [0.7, 0.9]},
+    )
+
+
+def assert_bit_exact(got: StateSnapshot, want: StateSnapshot) -> None:
+    assert got.version == want.version
+    assert got.meta == want.meta
+    assert got.tensors.keys() == want.tensors.keys()
+    for name, tensor in want.tensors.items():
+        out = got.tensors[name]
+        assert out.dtype == tensor.dtype, name
+        assert out.shape == tensor.shape, name
+        assert out.flatten().view(torch.uint8).tolist() == (
+            tensor.flatten().view(torch.uint8).tolist()
+        ), name
+
+
+def swarm(
+    num_donors: int, node_type: type[FakeBulkNode] | None = None
+) -> tuple[FakeBulkNetwork, FakeBulkNode, list[FakeBulkNode]]:
+    network = FakeBulkNetwork()
+    newcomer = network.add("newcomer")
+    donors = [network.add(f"donor{i}", node_type) for i in range(num_donors)]
+    return network, newcomer, donors
+
+
+def donate(nodes: list[FakeBulkNode], snap: StateSnapshot, **kwargs: Any) -> list[StateDonor]:
+    out = []
+    for node in nodes:
+        donor = StateDonor(node, chunk_bytes=CHUNK, **kwargs)
+        donor.publish(snap)
+        out.append(donor)
+    return out
+
+
+def test_round_trip_is_bit_exact_from_one_donor() -> None:
+    _, newcomer, nodes = swarm(1)
+    want = snapshot()
+    donate(nodes, want)
+    got, report = run(download_state(newcomer, ["donor0"], timeout_s=10))
+    assert_bit_exact(got, want)
+    assert report.version == 7
+    assert report.bytes_per_donor == {"donor0": report.total_bytes}
+    assert report.failed_donors == {}
+    assert report.refetched_chunks == 0
+
+
+def test_chunks_are_spread_over_three_donors() -> None:
+    _, newcomer, nodes = swarm(3)
+    want = snapshot()
+    donate(nodes, want)
+    got, report = run(download_state(newcomer, [n.peer_id for n in nodes], timeout_s=10))
+    assert_bit_exact(got, want)
+    assert set(report.bytes_per_donor) == {"donor0", "donor1", "donor2"}
+    assert sum(report.bytes_per_donor.values()) == report.total_bytes
+    assert all(b >= CHUNK for b in report.bytes_per_donor.values())
+
+
+class CorruptingNode(FaultyBulkNode):
+    pass
+
+
+def test_corrupted_chunk_is_refetched_elsewhere_and_the_donor_dropped() -> None:
+    network, newcomer, nodes = swarm(2)
+    liar = network.add("liar", CorruptingNode)
+    liar.corrupt_chunks = True  # type: ignore[attr-defined]
+    want = snapshot()
+    donate([*nodes, liar], want)
+    got, report = run(download_state(newcomer, ["liar", "donor0", "donor1"], timeout_s=10))
+    assert_bit_exact(got, want)
+    assert "liar" in report.failed_donors
+    assert "sha256" in report.failed_donors["liar"]
+    assert "liar" not in report.bytes_per_donor
+    assert report.refetched_chunks >= 1
+
+
+def test_donor_dying_mid_download_is_replaced_by_the_others() -> None:
+    network, newcomer, nodes = swarm(2)
+    dying = network.add("dying", FaultyBulkNode)
+    dying.die_after_chunks = 2  # type: ignore[attr-defined]
+    want = snapshot()
+    donate([*nodes, dying], want)
+    got, report = run(download_state(newcomer, ["dying", "donor0", "donor1"], timeout_s=10))
+    assert_bit_exact(got, want)
+    assert "dying" in network.dead
+    assert "dying" in report.failed_donors
+    assert report.bytes_per_donor.get("dying", 0) == 2 * CHUNK
+    assert report.refetched_chunks >= 1
+
+
+def test_every_donor_failing_raises_peer_unavailable() -> None:
+    _network, newcomer, nodes = swarm(2, FaultyBulkNode)
+    for node in nodes:
+        node.die_after_chunks = 1  # type: ignore[attr-defined]
+    donate(nodes, snapshot())
+    with pytest.raises(PeerUnavailableError, match="every donor failed"):
+        run(download_state(newcomer, [n.peer_id for n in nodes], timeout_s=10))
+
+
+def test_majority_version_is_chosen_newest_on_a_tie() -> None:
+    _, newcomer, nodes = swarm(4)
+    old, new = snapshot(version=5, seed=1), snapshot(version=6, seed=2)
+    donate(nodes[:2], old)
+    donate(nodes[2:3], new)
+    ids = [n.peer_id for n in nodes[:3]]
+    got, report = run(download_state(newcomer, ids, timeout_s=10))
+    assert_bit_exact(got, old)
+    assert set(report.bytes_per_donor) <= {"donor0", "donor1"}
+    assert report.failed_donors == {}  # other versions are not failures
+
+    got, _ = run(download_state(newcomer, ids, timeout_s=10, version=6))
+    assert_bit_exact(got, new)
+
+    donate(nodes[3:], new)  # 2 and 2: the newest wins
+    got, _ = run(download_state(newcomer, [n.peer_id for n in nodes], timeout_s=10))
+    assert got.version == 6
+
+    with pytest.raises(PeerUnavailableError, match="version 9"):
+        run(download_state(newcomer, ids, timeout_s=10, version=9))
+
+
+def test_donor_with_other_bytes_at_the_same_version_is_struck_off() -> None:
+    _, newcomer, nodes = swarm(3)
+    want = snapshot(version=5, seed=1)
+    donate(nodes[:2], want)
+    donate(nodes[2:], snapshot(version=5, seed=99))
+    got, report = run(download_state(newcomer, [n.peer_id for n in nodes], timeout_s=10))
+    assert_bit_exact(got, want)
+    assert "disagrees" in report.failed_donors["donor2"]
+
+
+def test_previous_snapshot_is_served_to_a_download_in_progress() -> None:
+    network, newcomer, _ = swarm(0)
+    node = network.add("donor", FaultyBulkNode)
+    old, new = snapshot(version=1, seed=1), snapshot(version=2, seed=2)
+    (donor,) = donate([node], old)
+    node.after_chunk = lambda n: donor.publish(new) if n == 1 else None  # type: ignore[attr-defined]
+    got, _report = run(download_state(newcomer, ["donor"], timeout_s=10))
+    assert_bit_exact(got, old)
+    assert donor.version == 2
+
+
+def test_previous_snapshot_is_dropped_after_its_grace() -> None:
+    network, newcomer, _ = swarm(0)
+    clock = FakeClock()
+    node = network.add("donor", FaultyBulkNode)
+    old, new = snapshot(version=1, seed=1), snapshot(version=2, seed=2)
+    (donor,) = donate([node], old, grace_s=5.0, clock=clock)
+
+    def next_outer_step(num_replies: int) -> None:
+        if num_replies == 1:
+            donor.publish(new)
+            clock.advance(6.0)
+
+    node.after_chunk = next_outer_step  # type: ignore[attr-defined]
+    with pytest.raises(PeerUnavailableError, match="VERSION_GONE"):
+        run(download_state(newcomer, ["donor"], timeout_s=10))
+
+
+def test_stalled_donor_is_dropped_after_the_request_timeout() -> None:
+    network, newcomer, nodes = swarm(2)
+    staller = network.add("staller", FaultyBulkNode)
+    want = snapshot()
+    donate([*nodes, staller], want)
+    staller.stall = True  # type: ignore[attr-defined]  # answers nothing from now on
+    got, report = run(
+        download_state(
+            newcomer, ["staller", "donor0", "donor1"], timeout_s=10, request_timeout_s=0.2
+        )
+    )
+    assert_bit_exact(got, want)
+    assert "DeadlineExceeded" in report.failed_donors["staller"]
+
+
+def test_deadline_is_respected() -> None:
+    _network, newcomer, nodes = swarm(1, FaultyBulkNode)
+    donate(nodes, snapshot())
+    nodes[0].stall = True  # type: ignore[attr-defined]
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceededError, match="manifest"):
+        run(download_state(newcomer, ["donor0"], timeout_s=0.3))
+    assert time.monotonic() - started < 2.0
+
+
+def test_deadline_during_chunks_raises_deadline_exceeded() -> None:
+    network, newcomer, _ = swarm(0)
+    node = network.add("donor", FaultyBulkNode)
+    donate([node], snapshot())
+
+    def stall_from_now(num_replies: int) -> None:
+        node.stall = True  # type: ignore[attr-defined]
+
+    node.after_chunk = stall_from_now  # type: ignore[attr-defined]
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceededError, match="chunks"):
+        run(download_state(newcomer, ["donor"], timeout_s=0.3, request_timeout_s=5))
+    assert time.monotonic() - started < 2.0
+
+
+def test_junk_requests_are_refused_and_the_donor_keeps_serving() -> None:
+    _network, newcomer, nodes = swarm(1)
+    (donor,) = donate(nodes, snapshot())
+    junk = [
+        b"",
+        b"\x00\xff" * 10,
+        b"[1,2]",
+        b'{"kind":"chunk"}',
+        b'{"kind":"chunk","request_id":"' + b"0" * 32 + b'","timeout_ms":1000,"index":-1,'
+        b'"version":7}',
+        b'{"kind":"chunk","request_id":"' + b"0" * 32 + b'","timeout_ms":1000,"index":1e99,'
+        b'"version":7}',
+        b"{" + b" " * 100_000 + b"}",
+    ]
+
+    async def main() -> None:
+        for payload in junk:
+            with pytest.raises(ProtocolError):
+                await newcomer.send_bulk("donor0", REQUEST_TOPIC, payload)
+
+    run(main())
+    assert donor.num_requests_refused == len(junk)
+    got, _ = run(download_state(newcomer, ["donor0"], timeout_s=10))
+    assert got.version == 7
+
+
+class LyingManifestNode(FakeBulkNode):
+    """A donor that answers every manifest request with a crafted manifest."""
+
+    manifest = b""
+
+    def __init__(self, network: FakeBulkNetwork, peer_id: str) -> None:
+        super().__init__(network, peer_id)
+        self.on_bulk(REQUEST_TOPIC, self._answer)
+
+    async def _answer(self, sender: str, topic: str, payload: bytearray) -> None:
+        import json
+
+        request = json.loads(payload)
+        header = ReplyHeader(
+            kind=RequestKind.MANIFEST,
+            status=ReplyStatus.OK,
+            request_id=bytes.fromhex(request["request_id"]),
+            version=0,
+            index=0,
+            body_bytes=len(self.manifest),
+        )
+        await self.send_bulk(sender, REPLY_TOPIC, encode_reply(header, self.manifest))
+
+
+@pytest.mark.parametrize(
+    ("total", "chunk", "num_chunks"),
+    [(1 << 50, 1 << 20, 1 << 30), (1 << 20, 1 << 40, 1), (10, 1, 10**9), (100, 10, 3)],
+)
+def test_manifest_with_huge_or_inconsistent_sizes_is_refused(
+    total: int, chunk: int, num_chunks: int
+) -> None:
+    network, newcomer, _ = swarm(0)
+    liar = network.add("liar", LyingManifestNode)
+    liar.manifest = (
+        encode_manifest(  # type: ignore[attr-defined]
+            version=1, total_bytes=total, chunk_bytes=chunk, meta={}, digests=[b"\0" * 32]
+        )[:48]
+        + b""
+    )  # header only: the counts claim far more than the bytes hold
+    with pytest.raises(PeerUnavailableError, match="ProtocolError"):
+        run(download_state(newcomer, ["liar"], timeout_s=5, limits=StateSyncLimits()))
+
+
+def test_unsolicited_and_junk_replies_are_refused() -> None:
+    _, newcomer, nodes = swarm(1)
+    donate(nodes, snapshot())
+    run(download_state(newcomer, ["donor0"], timeout_s=10))  # registers the reply router
+
+    async def main() -> None:
+        header = ReplyHeader(
+            kind=RequestKind.CHUNK,
+            status=ReplyStatus.OK,
+            request_id=b"\1" * 16,
+            version=7,
+            index=0,
+            body_bytes=3,
+        )
+        for payload in (b"junk", encode_reply(header, b"abc"), encode_reply(header, b"abc")[:-1]):
+            with pytest.raises(ProtocolError):
+                await nodes[0].send_bulk("newcomer", REPLY_TOPIC, payload)
+
+    run(main())
+
+
+def test_bad_arguments() -> None:
+    _network, newcomer, nodes = swarm(1)
+    with pytest.raises(ValueError, match="at least one donor"):
+        run(download_state(newcomer, ["newcomer"], timeout_s=1))
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        StateDonor(nodes[0], chunk_bytes=10)
+    with pytest.raises(ValueError, match="JSON"):
+        StateDonor(nodes[0]).publish(StateSnapshot(version=1, tensors={}, meta={"x": object()}))
+    with pytest.raises(ValueError, match="version"):
+        StateSnapshot(version=-1, tensors={}, meta={})
+    report = DownloadReport(
+        version=1,
+        total_bytes=10,
+        seconds=2.0,
+        bytes_per_donor={},
+        failed_donors={},
+        refetched_chunks=0,
+    )
+    assert report.bytes_per_s == 5.0
+
+
+def test_closed_donor_refuses() -> None:
+    _, newcomer, nodes = swarm(1)
+    (donor,) = donate(nodes, snapshot())
+    donor.close()
+    with pytest.raises(PeerUnavailableError, match="CLOSED"):
+        run(download_state(newcomer, ["donor0"], timeout_s=5))

@@ -1,0 +1,118 @@
+"""State sync's wire format: encode/decode round trips and refusal of malformed input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gossamer.core.errors import ProtocolError
+from gossamer.train.state_sync_wire import (
+    MAX_REQUEST_BYTES,
+    REPLY_HEADER_BYTES,
+    ReplyHeader,
+    ReplyStatus,
+    Request,
+    RequestKind,
+    StateSnapshot,
+    StateSyncLimits,
+    decode_manifest,
+    decode_reply,
+    decode_request,
+    encode_manifest,
+    encode_reply,
+    encode_request,
+    serialize_snapshot,
+)
+
+
+def test_request_round_trip() -> None:
+    request = Request(
+        kind=RequestKind.CHUNK, request_id=b"\x07" * 16, version=3, index=9, timeout_ms=1500
+    )
+    assert decode_request(encode_request(request)) == request
+    manifest = Request(kind=RequestKind.MANIFEST, request_id=b"\x01" * 16)
+    assert decode_request(encode_request(manifest)) == manifest
+    assert len(encode_request(request)) < MAX_REQUEST_BYTES
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"kind": "all", "request_id": "0" * 32, "timeout_ms": 10},
+        {"kind": "manifest", "request_id": "0" * 31, "timeout_ms": 10},
+        {"kind": "manifest", "request_id": "G" * 32, "timeout_ms": 10},
+        {"kind": "manifest", "request_id": "0" * 32, "timeout_ms": 0},
+        {"kind": "manifest", "request_id": "0" * 32, "timeout_ms": True},
+        {"kind": "chunk", "request_id": "0" * 32, "timeout_ms": 10, "version": 1},
+        {"kind": "chunk", "request_id": "0" * 32, "timeout_ms": 10, "version": 1, "index": 2**70},
+        {"kind": ["chunk"], "request_id": "0" * 32, "timeout_ms": 10},
+    ],
+)
+def test_malformed_requests_are_refused(fields: dict[str, object]) -> None:
+    with pytest.raises(ProtocolError):
+        decode_request(json.dumps(fields).encode())
+
+
+def test_reply_round_trip_and_refusals() -> None:
+    header = ReplyHeader(
+        kind=RequestKind.CHUNK,
+        status=ReplyStatus.OK,
+        request_id=b"\x02" * 16,
+        version=4,
+        index=5,
+        body_bytes=3,
+    )
+    payload = bytearray(encode_reply(header, b"xyz"))
+    got, body = decode_reply(payload)
+    assert got == header
+    assert bytes(body) == b"xyz"
+    for bad in (payload[:-1], payload + b"!", payload[: REPLY_HEADER_BYTES - 1], b"x" * 100):
+        with pytest.raises(ProtocolError):
+            decode_reply(bytearray(bad))
+    wrong_kind = bytearray(payload)
+    wrong_kind[4] = 99
+    with pytest.raises(ProtocolError, match="unknown kind"):
+        decode_reply(wrong_kind)
+
+
+def test_serialized_snapshot_manifest_is_deterministic_and_checked() -> None:
+    tensors = {"a": torch.arange(5000, dtype=torch.float32), "b": torch.tensor(3)}
+    one = serialize_snapshot(
+        StateSnapshot(version=2, tensors=tensors, meta={"z": 1, "a": 2}), chunk_bytes=4096
+    )
+    two = serialize_snapshot(
+        StateSnapshot(version=2, tensors=dict(reversed(tensors.items())), meta={"a": 2, "z": 1}),
+        chunk_bytes=4096,
+    )
+    assert one.manifest_bytes == two.manifest_bytes
+    assert one.manifest.num_chunks == -(-len(one.blob) // 4096)
+    assert one.manifest.chunk_range(one.manifest.num_chunks - 1)[1] == len(one.blob)
+    limits = StateSyncLimits()
+    assert decode_manifest(one.manifest_bytes, limits).sha256 == one.manifest.sha256
+    with pytest.raises(ProtocolError, match="total bytes"):
+        decode_manifest(one.manifest_bytes, StateSyncLimits(max_state_bytes=100))
+    with pytest.raises(ProtocolError, match="does not match"):
+        decode_manifest(one.manifest_bytes[:-1], limits)
+    with pytest.raises(ProtocolError, match="format"):
+        decode_manifest(b"XXXX" + one.manifest_bytes[4:], limits)
+    with pytest.raises(ProtocolError, match="bytes"):
+        decode_manifest(b"short", limits)
+    not_json = encode_manifest(
+        version=1, total_bytes=10, chunk_bytes=10, meta={}, digests=[b"\0" * 32]
+    ).replace(b"{}", b"{]")
+    with pytest.raises(ProtocolError, match="JSON"):
+        decode_manifest(not_json, limits)
+
+
+def test_tied_weights_are_serialized() -> None:
+    base = torch.arange(10.0)
+    snap = StateSnapshot(version=0, tensors={"a": base, "b": base, "c": base[2:5]}, meta={})
+    assert serialize_snapshot(snap, chunk_bytes=4096).manifest.total_bytes > 0
+
+
+@pytest.mark.parametrize("field", ["max_state_bytes", "max_chunk_bytes", "max_num_chunks"])
+def test_limits_must_be_positive(field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        StateSyncLimits(**{field: 0})  # type: ignore[arg-type]
