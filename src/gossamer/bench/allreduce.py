@@ -1,24 +1,41 @@
 """``gossamer bench allreduce``: Gossamer's averaging against plain gloo, same tensor, same run.
 
-N worker processes on loopback each hold a random float32 tensor of the given size. In one run
-they time, with a barrier before each: plain ``torch.distributed`` gloo ``all_reduce`` (the
-reference), then Gossamer's averaging on the chosen backend (``p2p``: comm over net's TLS gRPC
-bulk streams; ``torch``: the torch.distributed backend; ``auto``: torch where every member is
-directly reachable, which on loopback it is). A figure is the slowest worker's time.
+N worker processes each hold a random float32 tensor of the given size. On loopback they run
+as plain processes; with a rate (``--rate``, root) each runs inside its own lab namespace behind
+a tbf-capped link (``gossamer.lab``). In one run, repeated ``repeats`` times with a barrier
+before each timing, every worker times plain ``torch.distributed`` gloo ``all_reduce`` of its
+tensor (the reference) and then Gossamer's averaging of the same tensor for each codec asked
+for (``p2p``: comm over net's TLS gRPC bulk streams; ``torch``: the torch.distributed backend,
+in place like gloo; ``auto``: torch where every member is directly reachable). A repeat's
+figure is its slowest worker's time; the result is the median over repeats.
 
-The ring bound is ``2(N-1)/N * size / rate``; it needs a link rate (``--rate``), which needs the
-lab (namespaces, root). Header overhead is reported separately: the bytes Gossamer sent over the
-bytes the ring bound counts.
+The ring bound is ``2(N-1)/N * size * 8 / rate`` with ``size`` the tensor's bytes: everything
+else on the wire (TCP/IP and Ethernet framing, TLS, gRPC, comm's own headers) counts against
+Gossamer (and against gloo). ``header_overhead`` states Gossamer's application bytes over the
+ring's bytes; the framing below it is at least 1514/1448 (+4.6%) for full TCP segments.
+
+Workers meet through files in a temporary folder (namespaces share the file system, not the
+network): worker 0 opens the ``TCPStore`` on a free port of its own address and writes the
+port; results come back as JSON files.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
-import multiprocessing
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+import traceback
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,9 +50,16 @@ from gossamer.comm.transport import CommMailbox
 from gossamer.net.config import LimitsConfig, NodeConfig
 from gossamer.net.node import Node
 
-__all__ = ["AllReduceBenchResult", "run_allreduce_bench"]
+__all__ = [
+    "AllReduceBenchResult",
+    "run_allreduce_bench",
+    "run_allreduce_sweep",
+    "write_throughput_plot",
+]
 
 _TIMEOUT_S = 600.0
+_TCP_FRAMING = 1514 / 1448
+"""Ethernet + IP + TCP (with timestamps) bytes per payload byte of a full segment."""
 
 
 @dataclass(slots=True)
@@ -52,10 +76,14 @@ class AllReduceBenchResult:
     speedup_vs_gloo: float
     algorithm_bandwidth_bytes_per_s: float
     share_of_bound: float | None
+    gloo_share_of_bound: float | None
     ring_bound_seconds: float | None
     wire_bytes_per_peer: int
     header_overhead: float
     max_abs_error_vs_gloo: float
+    repeats: int
+    all_seconds: list[float]
+    all_gloo_seconds: list[float]
 
     def to_json(self) -> str:
         """The result as one JSON object."""
@@ -63,77 +91,287 @@ class AllReduceBenchResult:
 
     def table(self) -> str:
         """A human-readable summary."""
-        bound = "n/a (no --rate)" if self.share_of_bound is None else f"{self.share_of_bound:.1%}"
+        if self.share_of_bound is None or self.gloo_share_of_bound is None:
+            bound = "n/a (no --rate)"
+        else:
+            bound = (
+                f"{self.share_of_bound:.1%} (gloo {self.gloo_share_of_bound:.1%}) of "
+                f"{self.ring_bound_seconds:.2f} s"
+            )
         return "\n".join(
             [
                 f"all-reduce of {self.size_bytes / 1e6:.1f} MB over {self.peers} peers "
-                f"(backend {self.backend}, codec {self.codec})",
+                f"(backend {self.backend}, codec {self.codec}, median of {self.repeats})",
                 f"  gossamer      {self.seconds:8.3f} s  "
                 f"({self.algorithm_bandwidth_bytes_per_s / 1e6:.1f} MB/s algorithm bandwidth)",
                 f"  gloo          {self.gloo_seconds:8.3f} s",
                 f"  speedup       {self.speedup_vs_gloo:8.2f}x vs gloo",
                 f"  ring bound    {bound}",
                 f"  wire bytes    {self.wire_bytes_per_peer} per peer "
-                f"({self.header_overhead:+.2%} vs the ring bound's bytes, headers included)",
+                f"({self.header_overhead:+.2%} vs the ring bound's bytes, comm/codec headers; "
+                f"TCP/IP framing adds >= {_TCP_FRAMING - 1:.1%} on top)",
                 f"  max |error|   {self.max_abs_error_vs_gloo:.2e} vs gloo's mean",
             ]
         )
 
 
-def _worker(rank: int, world: int, port: int, options: dict[str, Any]) -> None:
-    store = TCPStore(
-        "127.0.0.1", port, world, is_master=False, timeout=datetime.timedelta(seconds=_TIMEOUT_S)
-    )
+# ---- worker side ---------------------------------------------------------------------------
+
+
+def _open_store(spec: dict[str, Any]) -> TCPStore:
+    folder = Path(spec["folder"])
+    timeout = datetime.timedelta(seconds=_TIMEOUT_S)
+    world = spec["world"]
+    if spec["rank"] == 0:
+        store = TCPStore(spec["host"], 0, world, is_master=True, timeout=timeout,
+                         wait_for_workers=False)  # fmt: skip
+        staged = folder / "store.tmp"
+        staged.write_text(f"{spec['host']}:{store.port}")
+        staged.rename(folder / "store")
+        return store
+    address = folder / "store"
+    deadline = time.monotonic() + 120.0
+    while not address.exists():  # worker 0 is starting; a bounded wait for its file
+        if time.monotonic() > deadline:
+            raise TimeoutError("worker 0 did not open the rendezvous store in 120 s")
+        time.sleep(0.05)
+    host, _, port = address.read_text().rpartition(":")
+    return TCPStore(host, int(port), world, is_master=False, timeout=timeout)
+
+
+def _worker_main(spec: dict[str, Any]) -> None:
+    if spec.get("ifname"):
+        os.environ["GLOO_SOCKET_IFNAME"] = spec["ifname"]
+    rank, world = spec["rank"], spec["world"]
+    store = _open_store(spec)
     torch.manual_seed(rank)
-    tensor = torch.randn(options["num_elements"])
+    tensor = torch.randn(spec["num_elements"])
     averager = TorchGroupAverager(timeout_s=_TIMEOUT_S)
     averager.ensure_group("bench", [str(r) for r in range(world)], rank, store)
-    reference = tensor.clone()
-    dist.barrier()
-    started = time.perf_counter()
-    dist.all_reduce(reference)
-    gloo_s = time.perf_counter() - started
-    reference /= world
-    backend = choose_backend(options["backend"], ["127.0.0.1"] * world)
+    backend = choose_backend(spec["backend"], [spec["host"]] * world)
     if backend == "torch":
-        dist.barrier()
-        started = time.perf_counter()
-        result = averager.average([tensor])
-        seconds = time.perf_counter() - started
-        wire = result.report.bytes_sent
-        averaged = result.tensors[0]
+        rows = _torch_rounds(averager, tensor, spec)
     else:
-        seconds, wire, averaged = asyncio.run(_p2p(rank, world, store, tensor, options))
-    error = float((averaged - reference).abs().max())
-    store.set(f"result/{rank}", json.dumps([gloo_s, seconds, wire, error]))
+        rows = asyncio.run(_p2p_rounds(store, tensor, spec))
+    out = Path(spec["folder"]) / f"result-{rank}.json"
+    out.write_text(json.dumps(rows))
     dist.barrier()
     averager.close()
 
 
-async def _p2p(
-    rank: int, world: int, store: TCPStore, tensor: torch.Tensor, options: dict[str, Any]
-) -> tuple[float, int, torch.Tensor]:
-    limits = LimitsConfig(max_message_bytes=32 << 20, bulk_chunk_bytes=4 << 20)
-    async with Node(NodeConfig(listen_address="127.0.0.1:0", limits=limits)) as node:
-        store.set(f"node/{rank}", f"{node.peer_id}@127.0.0.1:{node.port}")
+def _gloo_round(tensor: torch.Tensor) -> tuple[float, torch.Tensor]:
+    reference = tensor.clone()
+    dist.barrier()
+    started = time.perf_counter()
+    dist.all_reduce(reference)
+    seconds = time.perf_counter() - started
+    reference /= dist.get_world_size()
+    return seconds, reference
+
+
+def _torch_rounds(
+    averager: TorchGroupAverager, tensor: torch.Tensor, spec: dict[str, Any]
+) -> dict[str, Any]:
+    gloo: list[float] = []
+    timed: list[float] = []
+    error = 0.0
+    wire = 0
+    for _ in range(spec["repeats"]):
+        gloo_s, reference = _gloo_round(tensor)
+        gloo.append(gloo_s)
+        work = tensor.clone()  # like gloo's reference: allocated before the clock starts
+        dist.barrier()
+        started = time.perf_counter()
+        report = averager.average_([work])
+        timed.append(time.perf_counter() - started)
+        wire = report.bytes_sent
+        error = max(error, float((work - reference).abs().max()))
+    return {"gloo": gloo, "codecs": {"none": {"seconds": timed, "wire": wire, "error": error}}}
+
+
+async def _p2p_rounds(
+    store: TCPStore, tensor: torch.Tensor, spec: dict[str, Any]
+) -> dict[str, Any]:
+    rank, world = spec["rank"], spec["world"]
+    limits = LimitsConfig(max_message_bytes=32 << 20, bulk_chunk_bytes=spec["bulk_chunk_bytes"])
+    host = spec["host"]
+    async with Node(NodeConfig(listen_address=f"{host}:0", limits=limits)) as node:
+        store.set(f"node/{rank}", f"{node.peer_id}@{host}:{node.port}")
         entries = [store.get(f"node/{r}").decode() for r in range(world)]
         others = [e for r, e in enumerate(entries) if r != rank]
         await asyncio.wait_for(node.bootstrap(others), 60)
         members = [e.partition("@")[0] for e in entries]
         mailbox = CommMailbox(NetCommTransport(node), node.clock)
-        config = AllReduceConfig(
-            timeout_s=_TIMEOUT_S,
-            codec=CodecPolicy(codec=options["codec"]),
-            chunk_elements=options["chunk_elements"],
-        )
-        await asyncio.to_thread(dist.barrier)
-        started = time.perf_counter()
-        result = await all_reduce(
-            [tensor], mailbox=mailbox, members=members, round_key="bench/1", config=config
-        )
-        seconds = time.perf_counter() - started
+        gloo: list[float] = []
+        codecs: dict[str, dict[str, Any]] = {
+            c: {"seconds": [], "wire": 0, "error": 0.0} for c in spec["codecs"]
+        }
+        for repeat in range(spec["repeats"]):
+            gloo_s, reference = await asyncio.to_thread(_gloo_round, tensor)
+            gloo.append(gloo_s)
+            for codec in spec["codecs"]:
+                config = AllReduceConfig(
+                    timeout_s=_TIMEOUT_S,
+                    codec=CodecPolicy(codec=codec),
+                    chunk_elements=spec["chunk_elements"],
+                )
+                await asyncio.to_thread(dist.barrier)
+                started = time.perf_counter()
+                result = await all_reduce(
+                    [tensor],
+                    mailbox=mailbox,
+                    members=members,
+                    round_key=f"bench/{repeat}/{codec}",
+                    config=config,
+                )
+                row = codecs[codec]
+                row["seconds"].append(time.perf_counter() - started)
+                row["wire"] = result.report.bytes_sent
+                error = float((result.tensors[0] - reference).abs().max())
+                row["error"] = max(row["error"], error)
         await asyncio.to_thread(dist.barrier)  # nobody stops its node while others still send
-        return seconds, result.report.bytes_sent, result.tensors[0]
+        return {"gloo": gloo, "codecs": codecs}
+
+
+# ---- driver side ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Placement:
+    hosts: list[str]
+    ifnames: list[str]
+    wrap: list[list[str]]
+
+
+@contextlib.contextmanager
+def _placement(
+    peers: int, rate_bits_per_s: float | None, peer_rates: Sequence[int] | None
+) -> Iterator[_Placement]:
+    if rate_bits_per_s is None and not peer_rates:
+        yield _Placement(["127.0.0.1"] * peers, [""] * peers, [[] for _ in range(peers)])
+        return
+    from gossamer.lab import LabConfig, open_lab  # root only; the loopback run never needs it
+
+    config = LabConfig(
+        num_peers=peers,
+        rate_bps=int(rate_bits_per_s or max(peer_rates or [1])),
+        peer_rates_bps=tuple(peer_rates or ()),
+        name=f"ar{secrets.token_hex(3)}",
+    )
+    with open_lab(config) as lab:
+        nodes = lab.topology.peers
+        yield _Placement(
+            [p.address for p in nodes],
+            [next(e.device for e in p.shaped_ends if e.namespace == p.namespace) for p in nodes],
+            [["ip", "netns", "exec", p.namespace] for p in nodes],
+        )
+
+
+def _run_workers(placement: _Placement, options: dict[str, Any]) -> list[dict[str, Any]]:
+    peers = len(placement.hosts)
+    with tempfile.TemporaryDirectory(prefix="gossamer-bench-") as folder:
+        processes = []
+        for rank in range(peers):
+            spec = dict(options, rank=rank, world=peers, folder=folder,
+                        host=placement.hosts[rank], ifname=placement.ifnames[rank])  # fmt: skip
+            argv = [*placement.wrap[rank], sys.executable, "-m", "gossamer.bench.allreduce",
+                    json.dumps(spec)]  # fmt: skip
+            log = Path(folder) / f"worker-{rank}.log"
+            with log.open("wb") as sink:
+                processes.append(subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT))
+        try:
+            deadline = time.monotonic() + _TIMEOUT_S
+            for process in processes:
+                process.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait(timeout=10)
+        rows = []
+        for rank, process in enumerate(processes):
+            result = Path(folder) / f"result-{rank}.json"
+            if process.returncode != 0 or not result.exists():
+                text = (Path(folder) / f"worker-{rank}.log").read_text(errors="replace")
+                raise RuntimeError(
+                    f"bench worker {rank} failed (exit {process.returncode}):\n{text[-3000:]}"
+                )
+            rows.append(json.loads(result.read_text()))
+        return rows
+
+
+def run_allreduce_sweep(
+    *,
+    peers: int,
+    size_bytes: int,
+    codecs: Sequence[str] = ("none",),
+    backend: str = "auto",
+    rate_bits_per_s: float | None = None,
+    peer_rates_bps: Sequence[int] | None = None,
+    chunk_elements: int = 1 << 20,
+    bulk_chunk_bytes: int = 4 << 20,
+    repeats: int = 3,
+) -> list[AllReduceBenchResult]:
+    """Run the benchmark once for several codecs (same processes, same links, same run).
+
+    With ``rate_bits_per_s`` (or per-peer rates) the peers run in a lab (root); else on
+    loopback. The torch backend has no codecs: it runs ``none`` only.
+    """
+    if peers < 2:
+        raise ValueError("--peers must be at least 2")
+    if repeats < 1:
+        raise ValueError("--repeats must be at least 1")
+    resolved = choose_backend(backend, ["direct"] * peers)
+    codecs = list(codecs)
+    if resolved == "torch" and codecs != ["none"]:
+        raise ValueError("the torch backend averages fp32 only; use --backend p2p for codecs")
+    num_elements = max(1, size_bytes // 4)
+    options = {
+        "num_elements": num_elements,
+        "codecs": codecs,
+        "backend": backend,
+        "chunk_elements": chunk_elements,
+        "bulk_chunk_bytes": bulk_chunk_bytes,
+        "repeats": repeats,
+    }
+    with _placement(peers, rate_bits_per_s, peer_rates_bps) as placement:
+        rows = _run_workers(placement, options)
+    real_size = 4 * num_elements
+    ring_bytes = 2 * (peers - 1) * real_size / peers
+    rate = rate_bits_per_s or (min(peer_rates_bps) if peer_rates_bps else None)
+    bound = ring_bytes * 8 / rate if rate else None
+    gloo_each = [max(r["gloo"][i] for r in rows) for i in range(repeats)]
+    gloo_s = statistics.median(gloo_each)
+    results = []
+    for codec in codecs:
+        each = [max(r["codecs"][codec]["seconds"][i] for r in rows) for i in range(repeats)]
+        seconds = statistics.median(each)
+        wire = max(int(r["codecs"][codec]["wire"]) for r in rows)
+        results.append(
+            AllReduceBenchResult(
+                peers=peers,
+                size_bytes=real_size,
+                codec=codec,
+                backend=resolved,
+                rate_bits_per_s=rate,
+                seconds=seconds,
+                gloo_seconds=gloo_s,
+                speedup_vs_gloo=gloo_s / seconds,
+                algorithm_bandwidth_bytes_per_s=real_size / seconds,
+                share_of_bound=bound / seconds if bound else None,
+                gloo_share_of_bound=bound / gloo_s if bound else None,
+                ring_bound_seconds=bound,
+                wire_bytes_per_peer=wire,
+                header_overhead=wire / ring_bytes - 1.0,
+                max_abs_error_vs_gloo=max(float(r["codecs"][codec]["error"]) for r in rows),
+                repeats=repeats,
+                all_seconds=each,
+                all_gloo_seconds=gloo_each,
+            )
+        )
+    return results
 
 
 def run_allreduce_bench(
@@ -144,68 +382,64 @@ def run_allreduce_bench(
     backend: str = "auto",
     rate_bits_per_s: float | None = None,
     chunk_elements: int = 1 << 20,
+    repeats: int = 1,
 ) -> AllReduceBenchResult:
-    """Run the benchmark on loopback and return its figures.
-
-    Raises:
-        NotImplementedError: ``rate_bits_per_s`` was given (lab runs are not wired in yet).
-    """
-    if rate_bits_per_s is not None:
-        raise NotImplementedError(
-            "--rate needs the benchmark to run its peers in lab namespaces; not wired in yet. "
-            "Run without --rate for loopback figures."
-        )
-    if peers < 2:
-        raise ValueError("--peers must be at least 2")
-    num_elements = max(1, size_bytes // 4)
-    options = {
-        "num_elements": num_elements,
-        "codec": codec,
-        "backend": backend,
-        "chunk_elements": chunk_elements,
-    }
-    store = TCPStore(
-        "127.0.0.1",
-        0,
-        peers + 1,
-        is_master=True,
-        timeout=datetime.timedelta(seconds=_TIMEOUT_S),
-        wait_for_workers=False,
-    )
-    context = multiprocessing.get_context("spawn")
-    workers = [
-        context.Process(target=_worker, args=(rank, peers, store.port, options), daemon=True)
-        for rank in range(peers)
-    ]
-    for worker in workers:
-        worker.start()
-    try:
-        rows = [json.loads(store.get(f"result/{rank}")) for rank in range(peers)]
-        for worker in workers:
-            worker.join(timeout=60)
-    finally:
-        for worker in workers:
-            if worker.is_alive():
-                worker.kill()
-                worker.join(timeout=10)
-    gloo_s = max(r[0] for r in rows)
-    seconds = max(r[1] for r in rows)
-    wire = max(int(r[2]) for r in rows)
-    real_size = 4 * num_elements
-    ring_bytes = 2 * (peers - 1) * real_size / peers
-    return AllReduceBenchResult(
+    """Run the benchmark for one codec and return its figures (see :func:`run_allreduce_sweep`)."""
+    (result,) = run_allreduce_sweep(
         peers=peers,
-        size_bytes=real_size,
-        codec=codec,
-        backend=choose_backend(backend, ["127.0.0.1"] * peers),
-        rate_bits_per_s=None,
-        seconds=seconds,
-        gloo_seconds=gloo_s,
-        speedup_vs_gloo=gloo_s / seconds,
-        algorithm_bandwidth_bytes_per_s=real_size / seconds,
-        share_of_bound=None,
-        ring_bound_seconds=None,
-        wire_bytes_per_peer=wire,
-        header_overhead=wire / ring_bytes - 1.0,
-        max_abs_error_vs_gloo=max(float(r[3]) for r in rows),
+        size_bytes=size_bytes,
+        codecs=[codec],
+        backend=backend,
+        rate_bits_per_s=rate_bits_per_s,
+        chunk_elements=chunk_elements,
+        repeats=repeats,
     )
+    return result
+
+
+def write_throughput_plot(results: Sequence[AllReduceBenchResult], path: Path) -> str:
+    """Plot algorithm bandwidth against peers, one line per codec plus gloo; returns a message.
+
+    matplotlib is a dev extra: without it nothing is written and the message says so.
+    """
+    try:
+        import matplotlib  # type: ignore[import-not-found,unused-ignore]
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install 'matplotlib>=3.8')"
+    figure, axes = plt.subplots(figsize=(6, 4))
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in results:
+        label = f"gossamer {r.backend} {r.codec}"
+        series.setdefault(label, []).append((r.peers, r.algorithm_bandwidth_bytes_per_s / 1e6))
+        gloo = (r.peers, r.size_bytes / r.gloo_seconds / 1e6)
+        if gloo not in series.setdefault("gloo fp32", []):
+            series["gloo fp32"].append(gloo)
+    for label, points in sorted(series.items()):
+        points.sort()
+        axes.plot([p for p, _ in points], [v for _, v in points], marker="o", label=label)
+    rate = results[0].rate_bits_per_s if results else None
+    where = f"{rate / 1e6:.0f} Mbit/s links" if rate else "loopback"
+    axes.set_xlabel("peers")
+    axes.set_ylabel("algorithm bandwidth (MB/s)")
+    axes.set_title(f"all-reduce of {results[0].size_bytes / 1e6:.0f} MB, {where}")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return f"plot written to {path}"
+
+
+def _main() -> None:
+    spec = json.loads(sys.argv[1])
+    try:
+        _worker_main(spec)
+    except BaseException:
+        traceback.print_exc()
+        raise
+
+
+if __name__ == "__main__":
+    _main()

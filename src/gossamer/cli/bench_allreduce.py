@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from gossamer.bench.allreduce import run_allreduce_bench
+from gossamer.bench.allreduce import run_allreduce_sweep, write_throughput_plot
 from gossamer.lab import parse_rate
 
 __all__ = ["register"]
@@ -42,28 +44,57 @@ def register(app: typer.Typer) -> None:
 
     @app.command("allreduce")
     def allreduce_command(
-        peers: Annotated[int, typer.Option("--peers", help="Worker processes.")] = 4,
+        peers: Annotated[
+            str, typer.Option("--peers", help="Worker processes; several for a sweep: 2,3,4.")
+        ] = "4",
         size: Annotated[str, typer.Option("--size", help="Tensor size (float32), e.g. 100MB.")] = (
             "100MB"
         ),
         rate: Annotated[
             str | None, typer.Option("--rate", help="Link rate, e.g. 100mbit (lab, root).")
         ] = None,
-        codec: Annotated[str, typer.Option("--codec", help="none, fp16, bf16 or int8.")] = "none",
+        codec: Annotated[
+            str, typer.Option("--codec", help="none, fp16, bf16 or int8; several: none,int8.")
+        ] = "none",
         backend: Annotated[str, typer.Option("--backend", help="auto, p2p or torch.")] = "auto",
+        repeats: Annotated[
+            int, typer.Option("--repeats", help="Timed repeats; figures are medians.")
+        ] = 3,
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON, not a table.")] = False,
+        plot: Annotated[
+            Path | None,
+            typer.Option("--plot", help="Write a PNG of throughput by codec (needs matplotlib)."),
+        ] = None,
     ) -> None:
         """Time Gossamer's all-reduce against plain gloo on the same links, in one run."""
         rate_bits = float(parse_rate(rate)) if rate else None
+        codecs = [c.strip() for c in codec.split(",") if c.strip()]
         try:
-            result = run_allreduce_bench(
-                peers=peers,
-                size_bytes=_parse_size(size),
-                codec=codec,
-                backend=backend,
-                rate_bits_per_s=rate_bits,
-            )
-        except NotImplementedError as exc:
-            typer.echo(str(exc), err=True)
-            raise typer.Exit(2) from exc
-        typer.echo(result.to_json() if as_json else result.table())
+            counts = [int(p) for p in peers.split(",") if p.strip()]
+        except ValueError:
+            raise typer.BadParameter(
+                f"--peers: a number or a list like 2,4; got {peers!r}"
+            ) from None
+        try:
+            results = [
+                result
+                for count in counts
+                for result in run_allreduce_sweep(
+                    peers=count,
+                    size_bytes=_parse_size(size),
+                    codecs=codecs,
+                    backend=backend,
+                    rate_bits_per_s=rate_bits,
+                    repeats=repeats,
+                )
+            ]
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        if as_json:
+            rows = [json.loads(r.to_json()) for r in results]
+            typer.echo(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2))
+        else:
+            typer.echo("\n\n".join(r.table() for r in results))
+        if plot is not None:
+            message = write_throughput_plot(results, plot)
+            typer.echo(message, err=True)

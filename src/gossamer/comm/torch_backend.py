@@ -69,6 +69,7 @@ class TorchGroupAverager:
         self._group_hash: str | None = None
         self.members: tuple[str, ...] = ()
         self.rank = -1
+        self._buffer: torch.Tensor | None = None
 
     def ensure_group(
         self, group_hash: str, members: Sequence[str], rank: int, store: Store
@@ -96,35 +97,81 @@ class TorchGroupAverager:
         """Tear the group down (idempotent)."""
         if dist.is_initialized():
             dist.destroy_process_group()
+        self._buffer = None
         self._group_hash, self.members, self.rank = None, (), -1
 
-    def average(self, tensors: Sequence[torch.Tensor], weight: float = 1.0) -> AllReduceResult:
-        """Weighted average of ``tensors`` across the group (blocks; run it in a thread).
+    def _total_weight(self, weight: float) -> float:
+        """Sum of every member's weight (a one-value all-reduce; also a liveness check)."""
+        box = torch.tensor([weight], dtype=torch.float64)
+        if torch.cuda.is_available():
+            box = box.cuda()
+        self._all_reduce(box)
+        return float(box.cpu()[0])
+
+    def _all_reduce(self, tensor: torch.Tensor) -> None:
+        try:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        except (RuntimeError, dist.DistError) as exc:
+            self.close()
+            raise PeerLostError(f"torch.distributed all_reduce failed: {exc}") from exc
+
+    def _staging(self, numel: int, device: torch.device) -> torch.Tensor:
+        """A flat float32 buffer re-used across rounds (fresh pages cost more than the copy)."""
+        buffer = self._buffer
+        if buffer is None or buffer.numel() != numel or buffer.device != device:
+            buffer = self._buffer = torch.empty(numel, dtype=torch.float32, device=device)
+        return buffer
+
+    def average_(self, tensors: Sequence[torch.Tensor], weight: float = 1.0) -> AllReduceReport:
+        """Replace ``tensors`` by their weighted average across the group, in place.
+
+        This is the same work as ``dist.all_reduce`` on the tensors plus the scaling: the
+        weights are summed first (one tiny all-reduce), each member scales its values by
+        ``weight / total`` and the sum of the scaled values is the average. One float32
+        contiguous tensor on the group's device is reduced where it lies; anything else goes
+        through a staging buffer re-used across rounds.
 
         Raises:
             PeerLostError: a member failed during the collective (the group must be re-made).
         """
         if self._group_hash is None:
             raise ValueError("no group: call ensure_group first")
+        if not tensors:
+            raise ValueError("nothing to average: the tensor list is empty")
         started = time.perf_counter()
-        flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
-        payload = torch.cat([flat * weight, torch.tensor([weight], dtype=torch.float32)])
-        if torch.cuda.is_available():
-            payload = payload.cuda()
-        try:
-            dist.all_reduce(payload, op=dist.ReduceOp.SUM)
-        except (RuntimeError, dist.DistError) as exc:
-            self.close()
-            raise PeerLostError(f"torch.distributed all_reduce failed: {exc}") from exc
-        payload = payload.cpu()
-        total_weight = float(payload[-1])
-        averaged = payload[:-1] / total_weight if total_weight > 0 else flat
-        out, offset = [], 0
-        for t in tensors:
-            out.append(averaged[offset : offset + t.numel()].reshape(t.shape).to(t.dtype))
-            offset += t.numel()
+        total_weight = self._total_weight(weight)
+        scale = weight / total_weight if total_weight > 0 else 1.0 / len(self.members)
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        only = tensors[0]
+        direct = (
+            len(tensors) == 1
+            and only.dtype == torch.float32
+            and only.is_contiguous()
+            and only.device == device
+        )
+        if direct:
+            with torch.no_grad():
+                if scale != 1.0:
+                    only.mul_(scale)
+                self._all_reduce(only)
+            numel = only.numel()
+        else:
+            numel = sum(t.numel() for t in tensors)
+            flat = self._staging(numel, device)
+            offset = 0
+            for t in tensors:
+                flat[offset : offset + t.numel()].copy_(t.detach().reshape(-1))
+                offset += t.numel()
+            if scale != 1.0:
+                flat.mul_(scale)
+            self._all_reduce(flat)
+            offset = 0
+            with torch.no_grad():
+                for t in tensors:
+                    t.copy_(flat[offset : offset + t.numel()].reshape(t.shape))
+                    offset += t.numel()
         n = len(self.members)
-        wire = 2 * (n - 1) * payload.numel() * 4 // max(n, 1)
+        wire = 2 * (n - 1) * numel * 4 // max(n, 1)
         report = AllReduceReport(
             round_id=self._group_hash,
             peer_id=self.members[self.rank],
@@ -139,10 +186,24 @@ class TorchGroupAverager:
                 index=0,
                 owner="torch.distributed",
                 reducer="torch.distributed",
-                num_elements=flat.numel(),
+                num_elements=numel,
                 outcome=PartOutcome.AVERAGED,
                 contributors=list(self.members),
             )
         ]
         report.total_s = report.reduce_scatter_s = time.perf_counter() - started
+        return report
+
+    def average(self, tensors: Sequence[torch.Tensor], weight: float = 1.0) -> AllReduceResult:
+        """Weighted average of ``tensors`` across the group as new tensors (blocks; thread it).
+
+        Leaves ``tensors`` untouched (one copy each); :meth:`average_` works in place.
+
+        Raises:
+            PeerLostError: a member failed during the collective (the group must be re-made).
+        """
+        if self._group_hash is None:
+            raise ValueError("no group: call ensure_group first")
+        out = [t.detach().clone() for t in tensors]
+        report = self.average_(out, weight)
         return AllReduceResult(out, report)
