@@ -79,9 +79,10 @@ class DashboardService:
     async def poll_once(self) -> None:
         """Take one snapshot into the history; a failure is remembered and logged, not raised."""
         try:
-            snapshot = await asyncio.wait_for(
-                self.source.snapshot(), timeout=self.config.snapshot_timeout_s
-            )
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
+            # arrives as the snapshot completes, and the polling loop would never stop.
+            async with asyncio.timeout(self.config.snapshot_timeout_s):
+                snapshot = await self.source.snapshot()
         except TimeoutError:
             self.last_error = f"the swarm did not answer within {self.config.snapshot_timeout_s} s"
             _log.warning("dashboard: %s", self.last_error)

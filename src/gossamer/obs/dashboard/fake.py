@@ -33,17 +33,21 @@ class FakeSwarmSource:
         *,
         address: str = "",
         alive: bool = True,
-        reachability: str = "direct",
+        reachability: str | None = None,
         sample: PeerSample | None = None,
     ) -> None:
-        """Add or change a peer (alive peers are seen now); replace its sample if given."""
+        """Add or change a peer (alive peers are seen now); replace its sample if given.
+
+        Unset address and reachability keep their previous values (a new peer: none, direct).
+        """
         previous = self._peers.get(peer_id)
         seen = self._clock.wall() if alive else (previous.last_seen_wall_s if previous else None)
         self._peers[peer_id] = PeerView(
             peer_id=peer_id,
             address=address or (previous.address if previous else ""),
             status="alive" if alive else "gone",
-            reachability=reachability,  # type: ignore[arg-type]  # checked by PeerView
+            reachability=reachability  # type: ignore[arg-type]  # PeerView checks it
+            or (previous.reachability if previous else "direct"),
             last_seen_wall_s=seen,
         )
         if sample is not None:

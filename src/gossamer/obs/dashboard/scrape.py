@@ -122,10 +122,8 @@ class ScrapeSwarmSource:
 
     async def _scrape(self, target: _Target) -> None:
         try:
-            text = await asyncio.wait_for(
-                asyncio.to_thread(self._fetch, target.url, self.config.timeout_s),
-                timeout=self.config.timeout_s + 0.5,
-            )
+            async with asyncio.timeout(self.config.timeout_s + 0.5):
+                text = await asyncio.to_thread(self._fetch, target.url, self.config.timeout_s)
             parsed = parse_metrics(text)
         except (OSError, TimeoutError, ValueError) as exc:
             _log.debug("scrape of %s failed: %s", target.url, exc)

@@ -1,0 +1,124 @@
+"""SwarmHistory: curves, link rates and events derived from snapshots; everything bounded."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from gossamer.obs.dashboard.history import HistoryConfig, SwarmHistory
+from gossamer.obs.dashboard.source import PeerSample, PeerView, SwarmSnapshot
+
+
+def _view(peer_id: str, status: str = "alive") -> PeerView:
+    return PeerView(peer_id=peer_id, address=f"{peer_id}:1", status=status)  # type: ignore[arg-type]
+
+
+def _snap(t: float, *views: PeerView, **samples: PeerSample) -> SwarmSnapshot:
+    return SwarmSnapshot(taken_at_wall_s=t, peers=views, samples=samples)
+
+
+def _kinds(history: SwarmHistory) -> list[tuple[str, str]]:
+    return [(e.kind, e.peer_id) for e in history.events]
+
+
+def test_status_changes_become_events() -> None:
+    history = SwarmHistory()
+    history.record(_snap(1.0, _view("a"), _view("b")))
+    history.record(_snap(2.0, _view("a"), _view("b", "gone")))
+    history.record(_snap(3.0, _view("a"), _view("b", "gone")))
+    history.record(_snap(4.0, _view("a"), _view("b")))
+    assert _kinds(history) == [("joined", "a"), ("joined", "b"), ("gone", "b"), ("came back", "b")]
+    state = history.state()
+    assert [e["kind"] for e in state["events"]] == ["came back", "gone", "joined", "joined"]
+    assert state["swarm"]["num_alive"] == 2
+
+
+def test_a_peer_no_longer_listed_is_gone_and_then_forgotten() -> None:
+    history = SwarmHistory(HistoryConfig(forget_after_s=10.0))
+    history.record(_snap(0.0, _view("a"), _view("b")))
+    history.record(_snap(1.0, _view("a")))
+    assert _kinds(history)[-1] == ("gone", "b")
+    assert {p["peer_id"]: p["status"] for p in history.state()["peers"]} == {
+        "a": "alive",
+        "b": "gone",
+    }
+    history.record(_snap(12.0, _view("a")))
+    assert [p["peer_id"] for p in history.state()["peers"]] == ["a"]
+
+
+def test_an_address_that_never_answered_is_replaced_silently() -> None:
+    history = SwarmHistory()
+    history.record(_snap(0.0, _view("127.0.0.1:9", "gone")))
+    history.record(_snap(1.0, _view("peer-id")))
+    assert _kinds(history) == [("joined", "peer-id")]
+    assert [p["peer_id"] for p in history.state()["peers"]] == ["peer-id"]
+
+
+def test_curves_are_bounded_rings_of_changed_samples() -> None:
+    history = SwarmHistory(HistoryConfig(num_points=5))
+    for step in range(12):
+        sample = PeerSample(step=step, loss=10.0 - step, tokens_per_second=100.0 + step)
+        history.record(_snap(float(step), _view("a"), a=sample))
+        history.record(_snap(step + 0.5, _view("a"), a=sample))  # unchanged: no new point
+    curve = history.state()["curves"]["a"]
+    assert curve["t"] == [7.0, 8.0, 9.0, 10.0, 11.0]
+    assert curve["loss"] == [3.0, 2.0, 1.0, 0.0, -1.0]
+    assert curve["tokens_per_second"][-1] == 111.0
+
+
+def test_link_rates_come_from_counter_differences() -> None:
+    history = SwarmHistory()
+    a0 = PeerSample(bytes_sent={"b": 1000.0}, bytes_received={"b": 10.0})
+    b0 = PeerSample(bytes_received={"a": 990.0})
+    history.record(_snap(10.0, _view("a"), _view("b"), a=a0, b=b0))
+    a1 = PeerSample(bytes_sent={"b": 3000.0}, bytes_received={"b": 20.0})
+    history.record(_snap(12.0, _view("a"), _view("b"), a=a1, b=b0))
+    links = {(link["source"], link["target"]): link for link in history.state()["links"]}
+    # a reports its own sends (preferred over b's receipts); b -> a only from a's receipts.
+    assert links[("a", "b")]["bytes_total"] == 3000
+    assert links[("a", "b")]["bytes_per_s"] == 1000.0
+    assert links[("b", "a")]["bytes_per_s"] == 5.0
+    # A counter going down (a restarted peer) gives no rate rather than a negative one.
+    history.record(_snap(13.0, _view("a"), _view("b"), a=PeerSample(bytes_sent={"b": 5.0})))
+    links = {(link["source"], link["target"]): link for link in history.state()["links"]}
+    assert links[("a", "b")]["bytes_per_s"] is None
+
+
+def test_resync_counter_increases_become_events() -> None:
+    history = SwarmHistory()
+    history.record(_snap(0.0, _view("a"), a=PeerSample(num_resyncs=0.0)))
+    history.record(_snap(1.0, _view("a"), a=PeerSample(num_resyncs=2.0)))
+    assert history.events[-1].kind == "resynced"
+    assert history.events[-1].detail == "2x"
+
+
+def test_state_is_strict_json_even_with_nan_values() -> None:
+    history = SwarmHistory()
+    history.record(
+        _snap(0.0, _view("a"), a=PeerSample(loss=math.nan, goodput_ratio=math.inf, step=1))
+    )
+    state = history.state()
+    json.dumps(state, allow_nan=False)
+    assert state["peers"][0]["loss"] is None
+    assert state["swarm"]["goodput_ratio"] is None
+
+
+def test_gone_peers_add_no_throughput_and_events_are_bounded() -> None:
+    history = SwarmHistory(HistoryConfig(num_events=3))
+    for t in range(5):
+        status = "alive" if t % 2 == 0 else "gone"
+        sample = PeerSample(tokens_per_second=50.0)
+        history.record(_snap(float(t), _view("a", status), _view("b"), a=sample, b=sample))
+    assert len(history.events) == 3
+    history.record(_snap(9.0, _view("a", "gone"), _view("b")))
+    state = history.state()
+    assert state["swarm"]["tokens_per_second"] == 50.0  # b's last figure; a, gone, adds none
+    assert {p["peer_id"]: p["tokens_per_second"] for p in state["peers"]} == {"a": 0.0, "b": 50.0}
+
+
+@pytest.mark.parametrize("kwargs", [{"num_points": 1}, {"num_events": 0}, {"forget_after_s": 0.0}])
+def test_config_rejects_useless_values(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="HistoryConfig"):
+        HistoryConfig(**kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,170 @@
+"""SwarmSource implementations: one contract, run against each; scrape failure detection."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+from prometheus_client import Counter, Info, generate_latest
+
+from gossamer.core.clock import FakeClock
+from gossamer.obs.dashboard.exposition import parse_metrics
+from gossamer.obs.dashboard.fake import FakeSwarmSource
+from gossamer.obs.dashboard.scrape import ScrapeConfig, ScrapeSwarmSource, normalize_metrics_url
+from gossamer.obs.dashboard.source import PeerSample, PeerView, SwarmSnapshot, SwarmSource
+from gossamer.obs.metrics import PeerMetrics
+
+
+def _peer_metrics_text(peer_id: str | None, loss: float = 2.5) -> str:
+    metrics = PeerMetrics()
+    metrics.loss.set(loss)
+    metrics.step.set(7)
+    metrics.tokens.inc(512)
+    metrics.tokens_per_second.set(1234.5)
+    if peer_id is not None:
+        Info("gossamer_peer", "This peer.", registry=metrics.registry).info({"peer_id": peer_id})
+    sent = Counter("gossamer_net_sent_bytes", "Sent.", ["peer"], registry=metrics.registry)
+    sent.labels(peer="other").inc(4096)
+    return generate_latest(metrics.registry).decode()
+
+
+class _FakeEndpoints:
+    """In-memory metrics endpoints: URL -> text; a missing URL refuses like a dead peer."""
+
+    def __init__(self) -> None:
+        self.pages: dict[str, str] = {}
+
+    def __call__(self, url: str, timeout_s: float) -> str:
+        if url not in self.pages:
+            raise ConnectionRefusedError(f"{url}: connection refused")
+        return self.pages[url]
+
+
+def _fake_source() -> SwarmSource:
+    source = FakeSwarmSource(FakeClock())
+    source.set_peer("a", address="10.0.0.1:1", sample=PeerSample(loss=2.0))
+    source.set_peer("b", address="10.0.0.2:1", alive=False)
+    return source
+
+
+def _scrape_source() -> SwarmSource:
+    endpoints = _FakeEndpoints()
+    endpoints.pages["http://10.0.0.1:9/metrics"] = _peer_metrics_text("a")
+    config = ScrapeConfig(urls=("http://10.0.0.1:9/metrics", "http://10.0.0.2:9/metrics"))
+    return ScrapeSwarmSource(config, fetch=endpoints, clock=FakeClock())
+
+
+@pytest.mark.parametrize("make_source", [_fake_source, _scrape_source], ids=["fake", "scrape"])
+def test_swarm_source_contract(make_source: Callable[[], SwarmSource]) -> None:
+    """Every source: unique peers, valid statuses, samples only for listed peers, stable ids."""
+    source = make_source()
+    first = asyncio.run(source.snapshot())
+    second = asyncio.run(source.snapshot())
+    for snapshot in (first, second):
+        assert isinstance(snapshot, SwarmSnapshot)
+        assert all(isinstance(p, PeerView) for p in snapshot.peers)
+        assert {p.status for p in snapshot.peers} == {"alive", "gone"}
+        assert set(snapshot.samples) <= {p.peer_id for p in snapshot.peers}
+        alive = [p for p in snapshot.peers if p.status == "alive"]
+        assert all(p.last_seen_wall_s is not None for p in alive)
+    assert [p.peer_id for p in first.peers] == [p.peer_id for p in second.peers]
+    assert first.samples["a"].loss is not None
+
+
+def test_scrape_marks_a_silent_peer_gone_after_the_deadline_and_back_when_it_answers() -> None:
+    clock = FakeClock()
+    endpoints = _FakeEndpoints()
+    url = "http://10.0.0.1:9/metrics"
+    endpoints.pages[url] = _peer_metrics_text("peer-1")
+    source = ScrapeSwarmSource(
+        ScrapeConfig(urls=(url,), gone_after_s=2.0), fetch=endpoints, clock=clock
+    )
+    assert asyncio.run(source.snapshot()).peers[0].status == "alive"
+    del endpoints.pages[url]  # killed
+    clock.advance(1.9)
+    snapshot = asyncio.run(source.snapshot())
+    assert snapshot.peers[0].status == "alive"
+    clock.advance(0.1)
+    snapshot = asyncio.run(source.snapshot())
+    assert (snapshot.peers[0].peer_id, snapshot.peers[0].status) == ("peer-1", "gone")
+    assert snapshot.samples["peer-1"].loss == 2.5  # last known values stay
+    endpoints.pages[url] = _peer_metrics_text("peer-1", loss=1.5)
+    snapshot = asyncio.run(source.snapshot())
+    assert snapshot.peers[0].status == "alive"
+    assert snapshot.samples["peer-1"].loss == 1.5
+
+
+def test_scrape_names_peers_by_address_without_peer_info_and_separates_duplicates() -> None:
+    endpoints = _FakeEndpoints()
+    urls = ("http://10.0.0.1:9/metrics", "http://10.0.0.2:9/metrics", "http://10.0.0.3:9/metrics")
+    endpoints.pages[urls[0]] = _peer_metrics_text(None)
+    endpoints.pages[urls[1]] = _peer_metrics_text("same")
+    endpoints.pages[urls[2]] = _peer_metrics_text("same")
+    source = ScrapeSwarmSource(ScrapeConfig(urls=urls), fetch=endpoints, clock=FakeClock())
+    ids = [p.peer_id for p in asyncio.run(source.snapshot()).peers]
+    assert ids == ["10.0.0.1:9", "same", "same@10.0.0.3:9"]
+
+
+def test_scrape_treats_garbage_as_no_answer() -> None:
+    endpoints = _FakeEndpoints()
+    endpoints.pages["http://h:1/metrics"] = "<html>not metrics</html>"
+    source = ScrapeSwarmSource(
+        ScrapeConfig(urls=("http://h:1/metrics",)), fetch=endpoints, clock=FakeClock()
+    )
+    snapshot = asyncio.run(source.snapshot())
+    assert snapshot.peers[0].status == "gone"
+    assert snapshot.peers[0].last_seen_wall_s is None
+
+
+def test_parse_metrics_reads_the_peer_metrics_names() -> None:
+    parsed = parse_metrics(_peer_metrics_text("p"))
+    assert parsed.peer_id == "p"
+    sample = parsed.sample
+    assert (sample.step, sample.loss, sample.tokens_total) == (7.0, 2.5, 512.0)
+    assert sample.tokens_per_second == 1234.5
+    assert sample.bytes_sent == {"other": 4096.0}
+    assert "compute" in sample.phase_seconds
+    assert sample.num_resyncs is None  # not exported by this peer
+
+
+def test_parse_metrics_rejects_what_is_not_the_exposition_format() -> None:
+    with pytest.raises(ValueError, match="not Prometheus text format"):
+        parse_metrics("loss is low")
+
+
+@pytest.mark.parametrize(
+    ("target", "url"),
+    [
+        ("127.0.0.1:9100", "http://127.0.0.1:9100/metrics"),
+        ("http://h:1", "http://h:1/metrics"),
+        ("https://h:1/custom", "https://h:1/custom"),
+    ],
+)
+def test_normalize_metrics_url(target: str, url: str) -> None:
+    assert normalize_metrics_url(target) == url
+
+
+@pytest.mark.parametrize("target", ["ftp://h:1", "http://:1", "h:notaport"])
+def test_normalize_metrics_url_rejects_bad_targets(target: str) -> None:
+    with pytest.raises(ValueError, match="--scrape"):
+        normalize_metrics_url(target)
+
+
+def test_scrape_config_is_checked() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        ScrapeConfig(urls=())
+    with pytest.raises(ValueError, match="twice"):
+        ScrapeConfig(urls=("http://a:1/metrics", "http://a:1/metrics"))
+    with pytest.raises(ValueError, match="gone_after_s"):
+        ScrapeConfig(urls=("http://a:1/metrics",), gone_after_s=0)
+
+
+def test_snapshot_rejects_inconsistent_peers() -> None:
+    view = PeerView(peer_id="a", address="", status="alive")
+    with pytest.raises(ValueError, match="unique"):
+        SwarmSnapshot(taken_at_wall_s=0.0, peers=(view, view))
+    with pytest.raises(ValueError, match="unlisted"):
+        SwarmSnapshot(taken_at_wall_s=0.0, peers=(view,), samples={"b": PeerSample()})
+    with pytest.raises(ValueError, match="status"):
+        PeerView(peer_id="a", address="", status="dead")  # type: ignore[arg-type]
