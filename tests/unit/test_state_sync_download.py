@@ -372,3 +372,23 @@ def test_closed_donor_refuses() -> None:
     donor.close()
     with pytest.raises(PeerUnavailableError, match="CLOSED"):
         run(download_state(newcomer, ["donor0"], timeout_s=5))
+
+
+def test_hung_donor_is_hedged_without_waiting_for_its_timeout() -> None:
+    network, newcomer, nodes = swarm(2)
+    hung = network.add("hung", FaultyBulkNode)
+    want = snapshot()
+    donate([*nodes, hung], want)
+
+    def hang_from_now(num_replies: int) -> None:
+        hung.stall = True  # type: ignore[attr-defined]
+
+    hung.after_chunk = hang_from_now  # type: ignore[attr-defined]
+    started = time.monotonic()
+    got, report = run(
+        download_state(newcomer, ["hung", "donor0", "donor1"], timeout_s=30, request_timeout_s=20)
+    )
+    assert time.monotonic() - started < 5.0
+    assert_bit_exact(got, want)
+    assert report.refetched_chunks >= 1
+    assert sum(report.bytes_per_donor.values()) == report.total_bytes

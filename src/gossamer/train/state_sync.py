@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import logging
 import secrets
+import statistics
 import weakref
 from collections import deque
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from gossamer.core.errors import (
     CorruptedDataError,
     DeadlineExceededError,
     GossamerError,
+    PeerLostError,
     PeerUnavailableError,
     ProtocolError,
 )
@@ -57,6 +59,8 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 _EWMA_WEIGHT = 0.3
+_HEDGE_FACTOR = 4.0
+_MIN_HEDGE_S = 0.05
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -74,7 +78,7 @@ class DownloadReport:
     failed_donors: dict[str, str]
     """Donors struck off, and why."""
     refetched_chunks: int
-    """Chunk requests repeated after a donor failed them."""
+    """Chunk requests repeated because a donor failed them or was far slower than the rest."""
 
     @property
     def bytes_per_s(self) -> float:
@@ -153,6 +157,12 @@ class _Download:
                 header, body = await future  # donors reply before their handler returns
         except TimeoutError:
             raise DeadlineExceededError(f"no reply within {timeout_s:.1f} s") from None
+        except (GossamerError, AssertionError):
+            raise
+        except Exception as exc:
+            # net should map every transport error; a stray one (gRPC's UsageError from a
+            # channel closed under a call) must still only cost us this donor.
+            raise PeerLostError(f"transport error: {exc!r}") from exc
         finally:
             self.router.forget(request_id)
         if header.kind is not request.kind or header.index != request.index:
@@ -279,15 +289,23 @@ async def _choose_manifest(
 async def _fetch_chunks(
     job: _Download, manifest: Manifest, holders: list[str], max_in_flight: int
 ) -> tuple[bytearray, list[_Donor], int]:
-    """Fetch every chunk from ``holders``, each to the donor expected to finish it first."""
+    """Fetch every chunk from ``holders``, each to the donor expected to finish it first.
+
+    A chunk still in flight long after most chunks took (``_HEDGE_FACTOR`` times the median)
+    is also asked of another donor once, and the first verified copy wins: one hung or slow
+    donor then costs the tail of the download a little, not its request timeout.
+    """
     donors = [_Donor(peer_id) for peer_id in holders]
     blob = bytearray(manifest.total_bytes)  # size checked against the limits by decode_manifest
     pending = deque(range(manifest.num_chunks))
-    num_attempts = [0] * manifest.num_chunks
-    num_done = 0
-    tasks: dict[asyncio.Task[int], tuple[int, _Donor]] = {}
+    is_done = [False] * manifest.num_chunks
+    copies: dict[int, set[asyncio.Task[float]]] = {}
+    tasks: dict[asyncio.Task[float], tuple[int, _Donor, float]] = {}
+    orphans: list[asyncio.Task[float]] = []
+    latencies: list[float] = []
+    num_done = num_refetched = 0
 
-    async def fetch(index: int, donor: _Donor) -> int:
+    async def fetch(index: int, donor: _Donor) -> float:
         started = job.loop.time()
         _, body = await job.ask(
             donor.peer_id,
@@ -303,7 +321,28 @@ async def _fetch_chunks(
             if donor.latency_s is None
             else (1 - _EWMA_WEIGHT) * donor.latency_s + _EWMA_WEIGHT * elapsed
         )
-        return stop - start
+        return elapsed
+
+    def launch(index: int, donor: _Donor) -> None:
+        donor.num_in_flight += 1
+        task = job.loop.create_task(fetch(index, donor), name=f"state-chunk-{index}")
+        tasks[task] = (index, donor, job.loop.time())
+        copies.setdefault(index, set()).add(task)
+
+    def forget(task: asyncio.Task[float], *, cancel: bool) -> int:
+        index, donor, _ = tasks.pop(task)
+        donor.num_in_flight -= 1
+        copies[index].discard(task)
+        if cancel:
+            task.cancel()
+            orphans.append(task)
+        return index
+
+    def requeue_if_orphaned(index: int) -> int:
+        if copies[index] or is_done[index]:
+            return 0
+        pending.appendleft(index)
+        return 1
 
     try:
         while num_done < manifest.num_chunks:
@@ -313,6 +352,9 @@ async def _fetch_chunks(
                     f"fetched when the deadline passed; failed donors: "
                     f"{_reasons(job.failed, holders)}"
                 )
+            for task, (_, donor, _) in list(tasks.items()):
+                if donor.peer_id in job.failed:  # struck off: stop waiting for it
+                    num_refetched += requeue_if_orphaned(forget(task, cancel=True))
             live = [d for d in donors if d.peer_id not in job.failed]
             if not live:
                 raise PeerUnavailableError(
@@ -321,32 +363,46 @@ async def _fetch_chunks(
                 )
             while pending and len(tasks) < max_in_flight:
                 index = pending.popleft()
-                donor = _pick(live)
-                donor.num_in_flight += 1
-                num_attempts[index] += 1
-                task = job.loop.create_task(fetch(index, donor), name=f"state-chunk-{index}")
-                tasks[task] = (index, donor)
-            await asyncio.wait(tasks, timeout=job.remaining_s(), return_when="FIRST_COMPLETED")
-            done = [task for task in tasks if task.done()]
-            for task in done:
-                index, donor = tasks.pop(task)
-                donor.num_in_flight -= 1
+                if not is_done[index]:
+                    launch(index, _pick(live))
+            wake_s = job.remaining_s()
+            if not pending and len(live) > 1 and latencies:
+                hedge_after_s = max(_MIN_HEDGE_S, _HEDGE_FACTOR * statistics.median(latencies))
+                now = job.loop.time()
+                for index, donor, started in sorted(tasks.values(), key=lambda t: t[2]):
+                    if len(copies[index]) != 1 or len(tasks) >= max_in_flight:
+                        continue
+                    if now - started >= hedge_after_s:
+                        launch(index, _pick([d for d in live if d is not donor]))
+                        num_refetched += 1
+                    else:
+                        wake_s = min(wake_s, started + hedge_after_s - now)
+            await asyncio.wait(tasks, timeout=max(0.0, wake_s), return_when="FIRST_COMPLETED")
+            for task in [t for t in tasks if t.done()]:
+                donor = tasks[task][1]
+                index = forget(task, cancel=False)
                 exc = task.exception()
                 if exc is None:
-                    donor.num_bytes += task.result()
-                    num_done += 1
+                    latencies.append(task.result())
+                    if not is_done[index]:
+                        is_done[index] = True
+                        num_done += 1
+                        start, stop = manifest.chunk_range(index)
+                        donor.num_bytes += stop - start
+                    for sibling in list(copies[index]):
+                        forget(sibling, cancel=True)
                 elif isinstance(exc, DeadlineExceededError) and job.remaining_s() <= 0:
-                    pending.appendleft(index)  # our deadline, not the donor's fault
+                    requeue_if_orphaned(index)  # our deadline, not the donor's fault
                 elif isinstance(exc, GossamerError):
                     job.strike(donor.peer_id, exc)
-                    pending.appendleft(index)
+                    num_refetched += requeue_if_orphaned(index)
                 else:
                     raise exc
     finally:
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    return blob, donors, sum(n - 1 for n in num_attempts)
+        await asyncio.gather(*tasks, *orphans, return_exceptions=True)
+    return blob, donors, num_refetched
 
 
 def _pick(live: list[_Donor]) -> _Donor:
