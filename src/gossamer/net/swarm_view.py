@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -19,10 +20,13 @@ from gossamer.core.clock import Clock, SystemClock
 from gossamer.core.errors import GossamerError
 from gossamer.net.bridge import NodeThread
 from gossamer.net.config import DhtConfig, HeartbeatConfig, NodeConfig
+from gossamer.net.connections import DialTarget
+from gossamer.net.dht_service import DHT_METHODS
 from gossamer.net.node import Node
 from gossamer.net.status import REACHABILITY_NAMES
 from gossamer.obs.dashboard.scrape import ScrapeConfig, ScrapeSwarmSource
 from gossamer.obs.dashboard.source import PeerSample, PeerView, Reachability, SwarmSnapshot
+from gossamer.proto import net_pb2
 
 __all__ = ["NetSwarmSource", "NetSwarmViewConfig"]
 
@@ -114,8 +118,40 @@ class NetSwarmSource:
             self._thread.stop()
             self._thread = None
 
+    async def _seed(self, node: Node, timeout_s: float) -> None:
+        """Learn the bootstrap peers' records with one FindNode each.
+
+        A node that does not announce sends no record with its bootstrap Ping, so the answer
+        carries none either and its routing table stays empty; FindNode always returns the
+        responder's record. (Reported to net: remove once bootstrap handles observers.)
+        """
+        for entry in self.config.bootstrap:
+            expected, _, address = entry.rpartition("@")
+            try:
+                async with asyncio.timeout(timeout_s):
+                    connection = await node.pool.dial(
+                        DialTarget(address), expected_peer_id=expected or None
+                    )
+                    response = await node.call(
+                        connection.peer_id,
+                        DHT_METHODS["FindNode"],
+                        net_pb2.FindNodeRequest(target=secrets.token_bytes(32)),
+                        net_pb2.FindNodeResponse,
+                        timeout_s=timeout_s,
+                        retry=False,
+                    )
+            except (GossamerError, TimeoutError) as exc:
+                _log.warning("dashboard: bootstrap peer %s did not answer: %s", entry, exc)
+                continue
+            if response.HasField("responder"):
+                node.dht.learn(response.responder, contacted=True)
+            for record in (*response.closest, *response.gossip):
+                node.dht.learn(record)
+
     async def _look(self, node: Node) -> tuple[float, list[PeerView]]:
         now_s = self._clock.monotonic()
+        if not node.peers():
+            await self._seed(node, self.config.look_timeout_s / 4)
         if self._last_refresh_s is None or now_s - self._last_refresh_s >= (
             self.config.refresh_interval_s
         ):
