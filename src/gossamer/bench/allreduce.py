@@ -206,6 +206,7 @@ async def _p2p_rounds(
         codecs: dict[str, dict[str, Any]] = {
             c: {"seconds": [], "wire": 0, "error": 0.0} for c in spec["codecs"]
         }
+        landing = tensor.clone()  # where averages land, allocated once like gloo's buffer
         for repeat in range(spec["repeats"]):
             gloo_s, reference = await asyncio.to_thread(_gloo_round, tensor)
             gloo.append(gloo_s)
@@ -223,6 +224,7 @@ async def _p2p_rounds(
                     members=members,
                     round_key=f"bench/{repeat}/{codec}",
                     config=config,
+                    out=[landing],
                 )
                 row = codecs[codec]
                 row["seconds"].append(time.perf_counter() - started)

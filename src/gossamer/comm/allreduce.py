@@ -72,14 +72,30 @@ class AllReduceConfig:
             raise ValueError("chunk_elements and max_in_flight_per_peer must be at least 1")
 
 
+def _flat_view(tensors: Sequence[torch.Tensor]) -> FloatArray | None:
+    """The tensors' own memory as a flat float32 array, when one CPU fp32 tensor makes it up."""
+    if len(tensors) != 1:
+        return None
+    only = tensors[0].detach()
+    if only.dtype != torch.float32 or only.device.type != "cpu" or not only.is_contiguous():
+        return None
+    view: FloatArray = only.reshape(-1).numpy()
+    return view
+
+
 def _flatten(tensors: Sequence[torch.Tensor], layout: FlatLayout) -> FloatArray:
+    view = _flat_view(tensors)
+    if view is not None:  # read only from here on: no copy needed
+        return view
     flat = np.empty(layout.total, dtype=np.float32)
     for tensor, lo, hi in zip(tensors, layout.offsets, layout.offsets[1:], strict=False):
         flat[lo:hi] = tensor.detach().to("cpu", torch.float32).reshape(-1).numpy()
     return flat
 
 
-def _unflatten(flat: FloatArray, layout: FlatLayout) -> list[torch.Tensor]:
+def _unflatten(flat: FloatArray, layout: FlatLayout, fresh: bool) -> list[torch.Tensor]:
+    if fresh and len(layout.shapes) == 1 and layout.dtypes[0] == torch.float32:
+        return [torch.from_numpy(flat).reshape(layout.shapes[0])]  # the buffer is the result's
     out = []
     for shape, dtype, lo, hi in zip(
         layout.shapes, layout.dtypes, layout.offsets, layout.offsets[1:], strict=False
@@ -101,6 +117,7 @@ async def all_reduce(
     names: Sequence[str] | None = None,
     clock: Clock | None = None,
     offload: Offload | None = None,
+    out: Sequence[torch.Tensor] | None = None,
 ) -> AllReduceResult:
     """Average ``tensors`` across ``members`` (this peer among them) within the deadline.
 
@@ -116,6 +133,9 @@ async def all_reduce(
         names: stable tensor names for the error feedback (positions by default).
         clock: time source for deadlines.
         offload: runs numeric work off the event loop.
+        out: tensors to write the averages into (shapes of ``tensors``; they may be
+            ``tensors`` themselves); re-using them across rounds spares an allocation per
+            round. The result's tensors are then ``out``.
 
     Returns:
         The averages and the round's report. Never raises for a failed peer: failures are in
@@ -138,11 +158,21 @@ async def all_reduce(
     )
     round_id = round_id_of(round_key, plan, layout)
     flat = await offload(lambda: _flatten(tensors, layout))
+    if out is not None:
+        if [tuple(t.shape) for t in out] != layout.shapes:
+            raise ValueError("out must hold tensors of the same shapes as tensors")
+        target = _flat_view(out)
+        if target is not None and np.shares_memory(target, flat):
+            flat = flat.copy()  # averaging in place: keep our own values while results land
+    else:
+        target = None
+    output = target if target is not None else np.empty(layout.total, dtype=np.float32)
     state = RoundState(
         round_id=round_id,
         plan=plan,
         me=plan.members.index(mailbox.peer_id),
         local=flat,
+        output=output,
         weight=weight,
         chunk_codec=ChunkCodec(layout, config.limits),
         transport=mailbox.transport,
@@ -181,5 +211,13 @@ async def all_reduce(
             round_key,
             report.outcome_counts(),
         )
-    result = await offload(lambda: _unflatten(state.output, layout))
-    return AllReduceResult(result, report)
+    await offload(state.fill_missing)
+    if out is None:
+        result = await offload(lambda: _unflatten(output, layout, fresh=True))
+        return AllReduceResult(result, report)
+    if target is None:
+        averaged = await offload(lambda: _unflatten(output, layout, fresh=True))
+        with torch.no_grad():
+            for dest, value in zip(out, averaged, strict=True):
+                dest.copy_(value)
+    return AllReduceResult(list(out), report)

@@ -71,7 +71,7 @@ class FakeTransport:
         """Whether this peer is paused (accepts connections but never answers)."""
         return False
 
-    async def accept(self, sender: str, message: bytes) -> None:
+    async def accept(self, sender: str, message: bytes | bytearray) -> None:
         """Handle one incoming message (called by the sender's transport)."""
         if self.is_hung():
             await asyncio.Event().wait()  # a paused process: the sender's deadline ends it
@@ -79,7 +79,7 @@ class FakeTransport:
             raise PeerUnavailableError(f"peer {self._peer_id} has no receiver")
         await self.receiver(sender, memoryview(bytearray(message)))
 
-    async def send(self, peer_id: str, message: bytes, *, timeout_s: float) -> None:
+    async def send(self, peer_id: str, message: bytes | bytearray, *, timeout_s: float) -> None:
         """Deliver ``message`` to ``peer_id``; return once it was handled."""
         if self.is_down():
             raise PeerLostError(f"peer {self._peer_id} is down and cannot send")
@@ -135,14 +135,14 @@ class FaultyTransport(FakeTransport):
     def is_hung(self) -> bool:
         return self.script.hung
 
-    async def accept(self, sender: str, message: bytes) -> None:
+    async def accept(self, sender: str, message: bytes | bytearray) -> None:
         limit = self.script.fail_receiving_after
         if limit is not None and self.num_received >= limit:
             raise PeerLostError(f"peer {self.peer_id} failed while handling a message")
         self.num_received += 1
         await super().accept(sender, message)
 
-    async def send(self, peer_id: str, message: bytes, *, timeout_s: float) -> None:
+    async def send(self, peer_id: str, message: bytes | bytearray, *, timeout_s: float) -> None:
         self.num_send_attempts += 1
         if self.script.send_delay_s:
             await self.network.clock.sleep_async(self.script.send_delay_s)

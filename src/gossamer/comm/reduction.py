@@ -15,9 +15,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gossamer.comm.codecs import ErrorFeedback, FloatArray
+from gossamer.comm.codecs import ErrorFeedback, FloatArray, NoCompressionCodec
 from gossamer.comm.plan import FlatLayout
-from gossamer.comm.wire import WireLimits, decode_piece, encode_piece
+from gossamer.comm.wire import WireLimits, decode_piece, encode_piece, pack_piece_header
 from gossamer.core.errors import ProtocolError
 
 __all__ = ["ChunkCodec", "PartReducer", "pack_contributors", "unpack_contributors"]
@@ -45,26 +45,52 @@ class ChunkCodec:
         feedback: ErrorFeedback | None,
         *,
         base: int = 0,
-    ) -> tuple[bytes, FloatArray]:
-        """Body for flat elements ``start..end`` and the values a receiver will decode.
+        prefix: bytes = b"",
+    ) -> tuple[bytearray, FloatArray]:
+        """``prefix`` + body for flat elements ``start..end``, and what a receiver will decode.
 
-        ``values[i - base]`` holds flat element ``i`` (``base`` 0: the whole flat buffer).
+        ``values[i - base]`` holds flat element ``i`` (``base`` 0: the whole flat buffer). The
+        message is written once into one buffer: uncompressed values are copied straight in
+        from ``values``; compressed payloads (small) are copied after encoding.
         """
-        bodies: list[bytes] = []
-        decoded = np.empty(end - start, dtype=np.float32)
+        parts: list[tuple[bytes, FloatArray | None]] = []
+        decoded_parts: list[tuple[int, FloatArray]] = []
         for seg in self.layout.segments(start, end):
             index = seg.tensor_index
+            choice = self.layout.choices[index]
+            segment = values[seg.flat_start - base : seg.flat_end - base]
+            if isinstance(choice.codec, NoCompressionCodec):
+                n = segment.shape[0]
+                parts.append((pack_piece_header(choice, (n,), n, 4 * n), segment))
+                decoded_parts.append((seg.flat_start - start, segment))
+                continue
             piece, piece_values = encode_piece(
-                values[seg.flat_start - base : seg.flat_end - base],
-                self.layout.choices[index],
+                segment,
+                choice,
                 feedback=feedback,
                 feedback_key=self.layout.names[index],
                 feedback_numel=self.layout.numels[index],
                 feedback_offset=seg.tensor_offset,
             )
-            bodies.append(piece)
-            decoded[seg.flat_start - start : seg.flat_end - start] = piece_values
-        return b"".join(bodies), decoded
+            parts.append((piece, None))
+            decoded_parts.append((seg.flat_start - start, piece_values))
+        size = len(prefix) + sum(len(h) + (0 if v is None else 4 * v.shape[0]) for h, v in parts)
+        message = bytearray(size)
+        message[: len(prefix)] = prefix
+        position = len(prefix)
+        for head, raw in parts:
+            message[position : position + len(head)] = head
+            position += len(head)
+            if raw is not None:
+                target = np.frombuffer(message, dtype="<f4", count=raw.shape[0], offset=position)
+                target[:] = raw
+                position += 4 * raw.shape[0]
+        if len(decoded_parts) == 1:
+            return message, decoded_parts[0][1]
+        decoded = np.empty(end - start, dtype=np.float32)
+        for offset, part in decoded_parts:
+            decoded[offset : offset + part.shape[0]] = part
+        return message, decoded
 
     def decode(self, body: memoryview, start: int, end: int) -> FloatArray:
         """Values of flat elements ``start..end`` from a body.
@@ -72,9 +98,11 @@ class ChunkCodec:
         Raises:
             ProtocolError: the body does not match the layout (sizes, codecs, extra bytes).
         """
-        values = np.empty(end - start, dtype=np.float32)
+        segments = self.layout.segments(start, end)
+        single = len(segments) == 1
+        values = np.empty(0 if single else end - start, dtype=np.float32)
         position = 0
-        for seg in self.layout.segments(start, end):
+        for seg in segments:
             piece, position = decode_piece(body, position, self.limits)
             expected = self.layout.choices[seg.tensor_index].codec.name
             length = seg.flat_end - seg.flat_start
@@ -83,7 +111,10 @@ class ChunkCodec:
                     f"chunk piece of {piece.values.shape[0]} {piece.codec_name} values where the "
                     f"layout has {length} {expected} values"
                 )
-            values[seg.flat_start - start : seg.flat_end - start] = piece.values
+            if single:
+                values = piece.values
+            else:
+                values[seg.flat_start - start : seg.flat_end - start] = piece.values
         if position != len(body):
             raise ProtocolError(f"{len(body) - position} bytes after the last chunk piece")
         return values
@@ -133,9 +164,12 @@ class PartReducer:
             if self.finalized[chunk] or member in self.contributors[chunk]:
                 return False
             total = self._sums[chunk]
-            if total is None:
-                total = self._sums[chunk] = np.zeros(values.shape[0], dtype=np.float32)
-            if weight != 1.0:
+            if total is None:  # the first contribution starts the sum (one pass, no zeros)
+                if weight != 1.0:
+                    self._sums[chunk] = np.float32(weight) * values
+                else:
+                    self._sums[chunk] = np.array(values, dtype=np.float32, copy=True)
+            elif weight != 1.0:
                 total += np.float32(weight) * values
             else:
                 total += values

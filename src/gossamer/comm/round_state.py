@@ -48,6 +48,7 @@ class RoundState:
         plan: PartPlan,
         me: int,
         local: FloatArray,
+        output: FloatArray,
         weight: float,
         chunk_codec: ChunkCodec,
         transport: CommTransport,
@@ -61,7 +62,8 @@ class RoundState:
         self.plan = plan
         self.me = me
         self.local = local
-        self.output = local.copy()
+        self.output = output
+        """Where averages land; chunks that never got one are filled from ``local`` at the end."""
         self.weight = weight
         self.codec = chunk_codec
         self.transport = transport
@@ -76,6 +78,7 @@ class RoundState:
         self.reducers: dict[int, PartReducer] = {}
         self.chunks = [plan.chunks(p) for p in range(n)]
         self.result_from: list[list[int | None]] = [[None] * len(c) for c in self.chunks]
+        self.has_output: list[list[bool]] = [[False] * len(c) for c in self.chunks]
         self.result_contributors: list[list[list[int]]] = [[[] for _ in c] for c in self.chunks]
         self.slots = [asyncio.Semaphore(max_in_flight_per_peer) for _ in range(n)]
         self.done = asyncio.Event()
@@ -163,36 +166,37 @@ class RoundState:
 
     async def _finalize(self, reducer: PartReducer, chunk: int) -> None:
         a, b = reducer.chunks[chunk]
+        part = reducer.part
+        flags = FLAG_REASSIGNED if part != self.me else 0
+        frame = Frame(FrameKind.RESULT, self.round_id, part, chunk, self.me, 0.0, flags)
 
-        def work() -> tuple[bytes, list[int]] | None:
+        def work() -> tuple[bytearray, list[int]] | None:
             got = reducer.finalize(chunk, self.local[a:b])
             if got is None:
                 return None
             average, contributors = got
-            body, decoded = self.codec.encode(average, a, b, None, base=a)
+            prefix = pack_frame(frame) + pack_contributors(contributors)
+            message, decoded = self.codec.encode(average, a, b, None, base=a, prefix=prefix)
             self.output[a:b] = decoded  # what every receiver decodes, so all members agree
-            return body, contributors
+            self.has_output[part][chunk] = True
+            return message, contributors
 
         started = time.perf_counter()
         finished = await self.offload(work)
         self.encode_s += time.perf_counter() - started
         if finished is None:
             return
-        body, contributors = finished
-        part = reducer.part
-        flags = FLAG_REASSIGNED if part != self.me else 0
+        message, contributors = finished
         if self.reducer_of[part] == self.me:
             self.result_from[part][chunk] = self.me
             self.result_contributors[part][chunk] = contributors
-        frame = Frame(FrameKind.RESULT, self.round_id, part, chunk, self.me, 0.0, flags)
-        message = pack_frame(frame) + pack_contributors(contributors) + body
         for dest in range(self.plan.num_parts):
             if dest != self.me and dest not in self.failed:
                 self._num_pending_result_sends += 1
                 self.spawn(self._send_result(dest, message, 4 * (b - a)))
         self._check_done()
 
-    async def _send_result(self, dest: int, message: bytes, fp32_nbytes: int) -> None:
+    async def _send_result(self, dest: int, message: bytearray, fp32_nbytes: int) -> None:
         try:
             async with self.slots[dest]:
                 if await self._transmit(dest, message):
@@ -203,7 +207,7 @@ class RoundState:
 
     # ---- sending -------------------------------------------------------------------------------
 
-    async def _transmit(self, dest: int, message: bytes) -> bool:
+    async def _transmit(self, dest: int, message: bytes | bytearray) -> bool:
         if dest in self.failed:
             return False
         remaining = self.deadline_s - self.clock.monotonic()
@@ -227,12 +231,15 @@ class RoundState:
                 if dest in self.failed or self.reducer_of[part] != dest:
                     return
                 started = time.perf_counter()
-                body, _ = await self.offload(lambda: self.codec.encode(self.local, a, b, feedback))
-                self.encode_s += time.perf_counter() - started
                 frame = Frame(
                     FrameKind.CONTRIBUTION, self.round_id, part, chunk, self.me, self.weight, flags
                 )
-                if await self._transmit(dest, pack_frame(frame) + body):
+                prefix = pack_frame(frame)
+                message, _ = await self.offload(
+                    lambda: self.codec.encode(self.local, a, b, feedback, prefix=prefix)
+                )
+                self.encode_s += time.perf_counter() - started
+                if await self._transmit(dest, message):
                     self.fp32_bytes_sent += 4 * (b - a)
 
         try:
@@ -344,6 +351,7 @@ class RoundState:
 
         def work() -> None:
             self.output[a:b] = self.codec.decode(rest, a, b)
+            self.has_output[part][chunk] = True
 
         started = time.perf_counter()
         await self.offload(work)
@@ -351,6 +359,13 @@ class RoundState:
         self.result_from[part][chunk] = member
         self.result_contributors[part][chunk] = contributors
         self._check_done()
+
+    def fill_missing(self) -> None:
+        """Give every chunk that got no average this member's own values (in a thread)."""
+        for part, chunks in enumerate(self.chunks):
+            for chunk, (a, b) in enumerate(chunks):
+                if not self.has_output[part][chunk]:
+                    self.output[a:b] = self.local[a:b]
 
     # ---- report --------------------------------------------------------------------------------
 

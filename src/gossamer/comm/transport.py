@@ -61,7 +61,7 @@ class CommTransport(Protocol):
         """This peer's id."""
         ...
 
-    async def send(self, peer_id: str, message: bytes, *, timeout_s: float) -> None:
+    async def send(self, peer_id: str, message: bytes | bytearray, *, timeout_s: float) -> None:
         """Deliver ``message`` to ``peer_id``'s receiver; return once the receiver handled it.
 
         Raises:

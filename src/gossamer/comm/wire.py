@@ -29,6 +29,7 @@ __all__ = [
     "decode_tensor",
     "encode_piece",
     "encode_tensor",
+    "pack_piece_header",
     "piece_header_nbytes",
 ]
 
@@ -79,6 +80,29 @@ def piece_header_nbytes(ndim: int) -> int:
     return _HEADER.size + _DIM.size * ndim
 
 
+def pack_piece_header(
+    choice: CodecChoice,
+    shape: tuple[int, ...],
+    num_elements: int,
+    payload_nbytes: int,
+    dtype: torch.dtype = torch.float32,
+) -> bytes:
+    """The header (dims included) of a piece whose payload follows it."""
+    if dtype not in _DTYPE_CODES:
+        raise ValueError(f"dtype {dtype} is not a float dtype the wire format carries")
+    header = _HEADER.pack(
+        _MAGIC,
+        choice.codec.codec_id,
+        _DTYPE_CODES[dtype],
+        len(shape),
+        0,
+        choice.block_size,
+        num_elements,
+        payload_nbytes,
+    )
+    return header + b"".join(_DIM.pack(d) for d in shape)
+
+
 def encode_piece(
     values: FloatArray,
     choice: CodecChoice,
@@ -112,18 +136,7 @@ def encode_piece(
             if codec.lossy
             else values
         )
-    header = _HEADER.pack(
-        _MAGIC,
-        codec.codec_id,
-        _DTYPE_CODES[dtype],
-        len(shape),
-        0,
-        choice.block_size,
-        values.shape[0],
-        len(payload),
-    )
-    dims = b"".join(_DIM.pack(d) for d in shape)
-    return header + dims + payload, decoded
+    return pack_piece_header(choice, shape, values.shape[0], len(payload), dtype) + payload, decoded
 
 
 def decode_piece(data: memoryview, offset: int, limits: WireLimits) -> tuple[DecodedPiece, int]:
