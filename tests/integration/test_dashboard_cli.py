@@ -1,0 +1,71 @@
+"""`gossamer dashboard --scrape URL --port 0` as a process: prints its address, serves state."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Any
+
+from gossamer.obs.metrics import PeerMetrics, serve_metrics
+
+# cli/main.py wires the command in; this runs it on a root command of its own so the test does
+# not depend on that wiring.
+CLI = (
+    "import typer; from gossamer.cli.dashboard import register; "
+    "app = typer.Typer(); register(app); app.command('noop')(lambda: None); app()"
+)
+
+
+def _state(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url + "api/state", timeout=5) as response:
+        return dict(json.loads(response.read()))
+
+
+def test_dashboard_command_serves_the_scraped_peer() -> None:
+    metrics = PeerMetrics()
+    metrics.loss.set(2.25)
+    server = serve_metrics(metrics.registry, port=0)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CLI, "dashboard", "--scrape", server.url, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        assert line.startswith("dashboard at http://127.0.0.1:"), line
+        url = line.removeprefix("dashboard at ")
+        deadline = time.monotonic() + 15
+        while True:
+            peers = _state(url)["peers"]
+            if peers and peers[0]["status"] == "alive":
+                break
+            assert time.monotonic() < deadline, f"peer not alive on the dashboard: {peers}"
+            time.sleep(0.1)  # pacing between requests; the loop ends on the condition or deadline
+        assert peers[0]["loss"] == 2.25
+        proc.send_signal(signal.SIGINT)
+        # uvicorn shuts down cleanly, then re-raises the signal: 130 is Ctrl-C's usual status.
+        assert proc.wait(timeout=15) == 130
+        assert proc.stderr is not None
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+        server.close()
+
+
+def test_dashboard_command_without_a_swarm_says_what_to_pass() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", CLI, "dashboard"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert "--bootstrap HOST:PORT or --scrape URL" in done.stderr
