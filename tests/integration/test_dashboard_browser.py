@@ -156,7 +156,7 @@ def test_dashboard_shows_peers_curves_and_a_killed_peer(
                 10,
                 "the step column to change",
             )
-            assert page.locator('#throughput-chart path.series').count() == 2
+            assert page.locator("#throughput-chart path.series").count() == 2
             assert page.locator("#links-body tr").count() == 2
             page.wait_for_function(
                 "document.querySelectorAll('#events li[data-kind=\"joined\"]').length === 2",
