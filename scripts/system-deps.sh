@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the lab and the observability tests need (iproute2, iptables, iperf3,
-# prometheus) where we are root and apt-get exists. Never fails the build: without them the tests
+# prometheus, chromium) where we are root and apt-get exists. Never fails the build: without them the tests
 # that need them skip with the reason.
 set -u
 missing=()
@@ -9,6 +9,7 @@ command -v tc >/dev/null 2>&1 || missing+=(iproute2)
 command -v iptables >/dev/null 2>&1 || missing+=(iptables)
 command -v iperf3 >/dev/null 2>&1 || missing+=(iperf3)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

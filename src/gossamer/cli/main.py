@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from gossamer._version import __version__
-from gossamer.cli import bench, lab, peer, trace, train
+from gossamer.cli import bench, dashboard, lab, peer, trace, train
 
 app = typer.Typer(
     name="gossamer",
@@ -22,6 +22,7 @@ app.add_typer(bench.app, name="bench")
 app.add_typer(lab.app, name="lab")
 app.add_typer(trace.app, name="trace")
 peer.register(app)
+dashboard.register(app)
 
 
 @app.callback()
