@@ -1,0 +1,99 @@
+"""One all-reduce peer process for the comm fault tests (run by tests/fault/test_comm_*.py).
+
+Usage: ``python tests/comm_fault_peer.py FOLDER RANK WORLD``. It starts a node (TLS gRPC on
+127.0.0.1, port 0), writes ``FOLDER/addr-RANK``, waits (bounded) for every other address, joins
+them, writes ``FOLDER/ready-RANK`` and waits for ``FOLDER/go``, then averages one tensor. After its
+first chunk message was delivered it writes ``FOLDER/sent-RANK`` (so a test can kill it
+mid-round); at the end it writes ``FOLDER/result-RANK.json``: timings, report and a result hash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gossamer.comm.allreduce import AllReduceConfig, all_reduce
+from gossamer.comm.net_transport import NetCommTransport
+from gossamer.comm.transport import CommMailbox
+from gossamer.net.config import NodeConfig
+from gossamer.net.node import Node
+
+NUM_ELEMENTS = 3_000_000
+TIMEOUT_S = 8.0
+
+
+async def _wait_for(path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await asyncio.to_thread(path.exists):  # files are the only channel here
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path.name} did not appear in {timeout_s} s")
+        await asyncio.sleep(0.02)
+
+
+class _MarkingTransport(NetCommTransport):
+    def __init__(self, node: Node, marker: Path) -> None:
+        super().__init__(node)
+        self.marker = marker
+        self.marked = False
+
+    async def send(self, peer_id: str, message: bytes | bytearray, *, timeout_s: float) -> None:
+        await super().send(peer_id, message, timeout_s=timeout_s)
+        if not self.marked:
+            self.marked = True
+            await asyncio.to_thread(self.marker.write_text, "sent")
+
+
+async def main(folder: Path, rank: int, world: int) -> None:
+    async with Node(NodeConfig(listen_address="127.0.0.1:0")) as node:
+        staged = folder / f"addr-{rank}.tmp"
+        staged.write_text(f"{node.peer_id}@127.0.0.1:{node.port}")
+        staged.rename(folder / f"addr-{rank}")
+        entries = []
+        for other in range(world):
+            await _wait_for(folder / f"addr-{other}", 60)
+            entries.append((folder / f"addr-{other}").read_text())
+        others = [e for r, e in enumerate(entries) if r != rank]
+        await asyncio.wait_for(node.bootstrap(others), 30)
+        (folder / f"ready-{rank}").write_text("ready")
+        await _wait_for(folder / "go", 60)
+        mailbox = CommMailbox(_MarkingTransport(node, folder / f"sent-{rank}"), node.clock)
+        tensor = torch.full((NUM_ELEMENTS,), float(rank))
+        config = AllReduceConfig(
+            timeout_s=TIMEOUT_S,
+            send_timeout_s=4.0,
+            chunk_elements=100_000,
+            max_in_flight_per_peer=1,
+        )
+        started = time.perf_counter()
+        result = await all_reduce(
+            [tensor],
+            mailbox=mailbox,
+            members=[e.partition("@")[0] for e in entries],
+            round_key="fault/1",
+            config=config,
+        )
+        seconds = time.perf_counter() - started
+        values = result.tensors[0].numpy()
+        report = result.report
+        record = {
+            "peer_id": node.peer_id,
+            "seconds": seconds,
+            "hash": hashlib.sha256(values.tobytes()).hexdigest(),
+            "failed": report.failed,
+            "deadline_hit": report.deadline_hit,
+            "outcomes": [str(p.outcome) for p in report.parts],
+            "contributors": [p.contributors for p in report.parts],
+            "min": float(values.min()),
+            "max": float(values.max()),
+        }
+        (folder / f"result-{rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))

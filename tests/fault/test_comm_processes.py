@@ -1,0 +1,129 @@
+"""All-reduce between real peer processes over TLS gRPC with one of them SIGKILLed mid-round.
+
+The survivors must finish within the round's deadline plus one part's transfer time, agree
+bit for bit, and name the killed peer in their reports. A cancelled round must leave no bulk
+stream open on either side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gossamer.comm.allreduce import AllReduceConfig, all_reduce
+from gossamer.comm.net_transport import NetCommTransport
+from gossamer.comm.transport import CommMailbox
+from gossamer.core.clock import SystemClock
+from gossamer.net.config import NodeConfig
+from gossamer.net.node import Node
+
+PEER_SCRIPT = Path(__file__).resolve().parents[1] / "comm_fault_peer.py"
+WORLD = 4
+VICTIM = 2
+ROUND_TIMEOUT_S = 8.0  # the peer script's AllReduceConfig.timeout_s
+PART_TRANSFER_S = 3.0  # a generous ceiling for one part (3 M values / 4) on 2 busy cores
+
+
+def _wait_for(predicate: object, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout_s} s")
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(120)
+def test_survivors_of_a_killed_peer_finish_in_time_and_agree(tmp_path: Path) -> None:
+    logs = [(tmp_path / f"log-{rank}").open("wb") for rank in range(WORLD)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(PEER_SCRIPT), str(tmp_path), str(rank), str(WORLD)],
+            stdout=subprocess.DEVNULL,
+            stderr=logs[rank],
+        )
+        for rank in range(WORLD)
+    ]
+    try:
+        ready = [tmp_path / f"ready-{r}" for r in range(WORLD)]
+        _wait_for(lambda: all(p.exists() for p in ready), 90, "all peers ready")
+        (tmp_path / "go").write_text("go")
+        started = time.monotonic()
+        _wait_for(lambda: (tmp_path / f"sent-{VICTIM}").exists(), 30, "the victim's first send")
+        os.kill(procs[VICTIM].pid, signal.SIGKILL)
+        survivors = [r for r in range(WORLD) if r != VICTIM]
+        for rank in survivors:
+            procs[rank].wait(timeout=ROUND_TIMEOUT_S + PART_TRANSFER_S + 30)
+        wall_s = time.monotonic() - started
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+        for log in logs:
+            log.close()
+    tails = {r: (tmp_path / f"log-{r}").read_text(errors="replace")[-2000:] for r in survivors}
+    assert all(procs[r].returncode == 0 for r in survivors), tails
+    assert procs[VICTIM].returncode == -signal.SIGKILL
+    records = [json.loads((tmp_path / f"result-{r}.json").read_text()) for r in survivors]
+    victim_id = (tmp_path / f"addr-{VICTIM}").read_text().partition("@")[0]
+    for record in records:
+        assert record["seconds"] <= ROUND_TIMEOUT_S + PART_TRANSFER_S, record
+        assert victim_id in record["failed"], record
+        assert not record["deadline_hit"], record
+    assert len({r["hash"] for r in records}) == 1, records  # bit-identical everywhere
+    # Every value is a mean of ranks 0..3 over some subset that holds every survivor.
+    assert all(0.0 <= r["min"] <= r["max"] <= 3.0 for r in records)
+    assert wall_s < 60
+
+
+@pytest.mark.timeout(60)
+def test_cancelling_a_round_closes_its_streams() -> None:
+    async def scenario() -> None:
+        clock = SystemClock()
+        async with contextlib.AsyncExitStack() as stack:
+            nodes = [
+                await stack.enter_async_context(
+                    Node(NodeConfig(listen_address="127.0.0.1:0"), clock=clock)
+                )
+                for _ in range(2)
+            ]
+            for node in nodes:
+                others = [f"{o.peer_id}@127.0.0.1:{o.port}" for o in nodes if o is not node]
+                assert await asyncio.wait_for(node.bootstrap(others), 30) == 1
+            members = [n.peer_id for n in nodes]
+            boxes = [CommMailbox(NetCommTransport(n), clock) for n in nodes]
+            config = AllReduceConfig(timeout_s=30.0, chunk_elements=1 << 20)
+            # Only the first member runs the round: its messages wait at the other for a
+            # round that never opens, so its streams stay open until it is cancelled.
+            round_task = asyncio.create_task(
+                all_reduce(
+                    [torch.ones(4 << 20)],
+                    mailbox=boxes[0],
+                    members=members,
+                    round_key="cancel/1",
+                    config=config,
+                )
+            )
+            deadline = time.monotonic() + 20
+            while not nodes[1].bulk._transfers:  # a transfer reached the other side
+                assert time.monotonic() < deadline, "no stream opened"
+                await asyncio.sleep(0.01)
+            round_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await round_task
+            deadline = time.monotonic() + 10
+            while nodes[1].bulk._transfers or nodes[1].bulk._inflight_bytes:
+                assert time.monotonic() < deadline, "streams still open after the cancel"
+                await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
