@@ -17,10 +17,11 @@ import typer
 
 from gossamer.core.errors import ConfigError, GossamerError
 from gossamer.net.bridge import NodeThread
-from gossamer.net.config import DhtConfig, HeartbeatConfig, NodeConfig
+from gossamer.net.config import DhtConfig, HeartbeatConfig, NodeConfig, RelayConfig
 from gossamer.net.identity import load_or_create_identity
 from gossamer.net.node import Node
 from gossamer.net.status import node_status, write_status_file
+from gossamer.proto import net_pb2
 
 DEFAULT_KEY_FILE = Path("~/.gossamer/key.pem")
 
@@ -72,6 +73,8 @@ def _config(
     record_ttl_s: float = 60.0,
     heartbeat_timeout_s: float = 2.5,
     refresh_interval_s: float = 5.0,
+    relay_enabled: bool = True,
+    relay_bytes_per_s: float = RelayConfig().bytes_per_s_per_peer,
 ) -> NodeConfig:
     return NodeConfig(
         listen_address=listen,
@@ -86,6 +89,7 @@ def _config(
         heartbeat=HeartbeatConfig(
             interval_s=min(0.5, heartbeat_timeout_s / 3), timeout_s=heartbeat_timeout_s
         ),
+        relay=RelayConfig(serve=relay_enabled, bytes_per_s_per_peer=relay_bytes_per_s),
     )
 
 
@@ -152,6 +156,17 @@ def peer_start(
     check_reachability: Annotated[
         bool, typer.Option(help="Ask peers to dial back at start.")
     ] = True,
+    relay_enabled: Annotated[
+        bool,
+        typer.Option(
+            "--relay-enabled/--no-relay-enabled",
+            help="Relay for peers behind NAT when this peer is reachable.",
+        ),
+    ] = True,
+    relay_bytes_per_s: Annotated[
+        float,
+        typer.Option("--relay-bytes-per-s", help="Relayed bandwidth cap per relayed peer."),
+    ] = RelayConfig().bytes_per_s_per_peer,
 ) -> None:
     """Run a long-lived peer until interrupted (Ctrl-C or SIGTERM)."""
     logging.basicConfig(
@@ -166,6 +181,8 @@ def peer_start(
             advertise=advertise,
             record_ttl_s=record_ttl_s,
             refresh_interval_s=refresh_interval_s,
+            relay_enabled=relay_enabled,
+            relay_bytes_per_s=relay_bytes_per_s,
         )
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -173,9 +190,14 @@ def peer_start(
         with NodeThread(config, identity) as thread:
             node = thread.node
             if check_reachability and config.bootstrap:
-                thread.run(lambda n: n.check_reachability(), timeout_s=15.0)
+                thread.run(_reach, timeout_s=20.0)
             typer.echo(f"peer {node.peer_id} listening on {', '.join(node.addresses)}", err=False)
+            next_check = time.monotonic() + 5.0
             while not stop.is_set():
+                if check_reachability and time.monotonic() >= next_check:
+                    # A first peer has nobody to ask at start: ask once others have joined.
+                    next_check = time.monotonic() + 5.0
+                    thread.run(_recheck_unknown, timeout_s=20.0)
                 if status_file is not None:
                     status = thread.run(_status, timeout_s=5.0)
                     write_status_file(status_file, status)
@@ -185,6 +207,17 @@ def peer_start(
 
 async def _status(node: Node) -> dict[str, Any]:
     return node_status(node)
+
+
+async def _reach(node: Node) -> None:
+    """Find out whether others can dial this peer; if not, wait a little for a relay."""
+    if not await node.check_reachability(timeout_s=4.0) and node.relays == []:
+        await node.wait_for_relay(timeout_s=8.0)
+
+
+async def _recheck_unknown(node: Node) -> None:
+    if node.reachability == net_pb2.REACHABILITY_UNKNOWN and node.peers():
+        await _reach(node)
 
 
 @peer_app.command("id")
@@ -200,7 +233,10 @@ def _transient_view(config: NodeConfig, wait_s: float, reachability: bool) -> di
 
     async def look(node: Node) -> dict[str, Any]:
         if reachability:
-            await node.check_reachability(timeout_s=min(5.0, wait_s))
+            # Helpers wait 2 s on a dial back that NAT drops; asking them takes up to ~4 s.
+            reachable = await node.check_reachability(timeout_s=4.0)
+            if not reachable and node.reachability == net_pb2.REACHABILITY_RELAYED:
+                await node.wait_for_relay(timeout_s=3.0)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             await node.dht.refresh()

@@ -29,7 +29,7 @@ from gossamer.net.dht_service import DhtServicer, GrpcDhtTransport
 from gossamer.net.directory import PeerDirectory
 from gossamer.net.failure_detector import FailureDetector
 from gossamer.net.handshake import Session
-from gossamer.net.identity import Identity, short_peer_id
+from gossamer.net.identity import Identity, digest_of_peer_id, short_peer_id
 from gossamer.net.reachability import DIAL_BACK_METHOD, ReachabilityServicer
 from gossamer.net.records import PeerRecord, sign_peer_record
 from gossamer.net.relay import RelayServicer
@@ -137,7 +137,9 @@ class Node:
             may_relay=lambda: self.reachability != net_pb2.REACHABILITY_RELAYED,
         )
         self.server.add_servicer(net_pb2_grpc.add_RelayServicer_to_server, self.relay_service)
-        self.relay_dialer = RelayDialer(self.pool, self.directory, self.peer_id, self.counters)
+        self.relay_dialer = RelayDialer(
+            self.pool, self.directory, self.peer_id, self.counters, self.relay_service
+        )
         self.reservations = RelayReservations(
             self.pool,
             self.directory,
@@ -147,6 +149,7 @@ class Node:
             local_address=self._local_address,
             needs_relay=lambda: self.reachability == net_pb2.REACHABILITY_RELAYED,
             on_change=self._relays_changed,
+            bootstrap_peers=lambda: list(self._bootstrap_ids),
         )
         self._reservation_task: asyncio.Task[None] | None = None
         self._relays_changed_event = asyncio.Event()
@@ -350,6 +353,16 @@ class Node:
         if not _cancelling() and self.relays:
             await self._publish_own_record()
 
+    async def find_peer(self, peer_id: str, timeout_s: float | None = None) -> PeerRecord | None:
+        """This node's freshest record of ``peer_id``, looked up in the DHT (None if not found)."""
+        try:
+            async with asyncio.timeout(timeout_s or self.config.rpc_timeout_s):
+                for record in await self.dht.get(digest_of_peer_id(peer_id)):
+                    self.dht.learn(net_pb2.SignedPeerRecord(record=record))
+        except (TimeoutError, GossamerError) as exc:
+            _log.info("peer %s: looking up %s failed: %s", self.short_id, peer_id[:12], exc)
+        return self.directory.get(peer_id)
+
     async def wait_for_relay(self, timeout_s: float) -> bool:
         """Wait until this node holds a relay reservation (or ``timeout_s`` passes)."""
         try:
@@ -368,14 +381,15 @@ class Node:
             Whether any helper reached this node directly. With no helper answering, the
             reachability stays unknown and False is returned.
         """
-        helpers = list(self._bootstrap_ids) + [r.peer_id for r in self.peers()]
+        helpers = list(self._bootstrap_ids) + [
+            r.peer_id for r in self.peers() if r.reachability != net_pb2.REACHABILITY_RELAYED
+        ]
         helpers = list(dict.fromkeys(helpers))[:num_helpers]
         request = net_pb2.DialBackRequest(addresses=list(self.addresses))
-        reachable: list[str] = []
-        answered = 0
-        for helper in helpers:
+
+        async def ask(helper: str) -> net_pb2.DialBackResponse | None:
             try:
-                response = await self.call(
+                return await self.call(
                     helper,
                     DIAL_BACK_METHOD,
                     request,
@@ -390,6 +404,14 @@ class Node:
                     short_peer_id(helper),
                     exc,
                 )
+                return None
+
+        # In parallel: a helper's dial back to a NATed address waits out its connect deadline.
+        responses = await asyncio.gather(*(ask(helper) for helper in helpers))
+        reachable: list[str] = []
+        answered = 0
+        for response in responses:
+            if response is None:
                 continue
             answered += 1
             reachable += [a for a in response.reachable_addresses if a not in reachable]

@@ -246,32 +246,8 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
     ) -> AsyncIterator[net_pb2.TunnelFrame]:
         dialer = current_session().peer_id
         first = await _first_frame(request_iterator, self._accept_timeout_s, "relay connect")
-        target = first.target_peer_id
-        reservation = self._reservations.get(target)
-        if reservation is None or reservation.ended.is_set():
-            raise PeerUnavailableError(f"peer {short_peer_id(target)} holds no reservation here")
-        if reservation.num_pending >= _MAX_PENDING_PER_PEER:
-            raise PeerUnavailableError(f"too many tunnels waiting for {short_peer_id(target)}")
-        tunnel = _Tunnel(secrets.token_hex(12), dialer, target, reservation)
-        self._pending[tunnel.tunnel_id] = tunnel
-        reservation.num_pending += 1
+        tunnel = await self._open_tunnel(dialer, first.target_peer_id)
         try:
-            try:
-                reservation.events.put_nowait(
-                    net_pb2.RelayEvent(tunnel_id=tunnel.tunnel_id, dialer_peer_id=dialer)
-                )
-                async with asyncio.timeout(self._accept_timeout_s):
-                    await tunnel.accepted.wait()
-            except asyncio.QueueFull as exc:
-                raise PeerUnavailableError(f"{short_peer_id(target)} is not keeping up") from exc
-            except TimeoutError as exc:
-                raise PeerUnavailableError(
-                    f"{short_peer_id(target)} did not accept the tunnel within "
-                    f"{self._accept_timeout_s} s"
-                ) from exc
-            finally:
-                reservation.num_pending -= 1
-                self._pending.pop(tunnel.tunnel_id, None)
             self._counters.relay_tunnels_opened += 1
             if first.data and not await self._forward(tunnel, tunnel.to_target, first.data):
                 return
@@ -281,6 +257,74 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
                 yield frame
         finally:
             tunnel.close()
+
+    async def _open_tunnel(self, dialer: str, target: str) -> _Tunnel:
+        """Announce a tunnel to ``target`` and wait until it accepts."""
+        reservation = self._reservations.get(target)
+        if reservation is None or reservation.ended.is_set():
+            raise PeerUnavailableError(f"peer {short_peer_id(target)} holds no reservation here")
+        if reservation.num_pending >= _MAX_PENDING_PER_PEER:
+            raise PeerUnavailableError(f"too many tunnels waiting for {short_peer_id(target)}")
+        tunnel = _Tunnel(secrets.token_hex(12), dialer, target, reservation)
+        self._pending[tunnel.tunnel_id] = tunnel
+        reservation.num_pending += 1
+        try:
+            reservation.events.put_nowait(
+                net_pb2.RelayEvent(tunnel_id=tunnel.tunnel_id, dialer_peer_id=dialer)
+            )
+            async with asyncio.timeout(self._accept_timeout_s):
+                await tunnel.accepted.wait()
+        except asyncio.QueueFull as exc:
+            raise PeerUnavailableError(f"{short_peer_id(target)} is not keeping up") from exc
+        except TimeoutError as exc:
+            raise PeerUnavailableError(
+                f"{short_peer_id(target)} did not accept the tunnel within "
+                f"{self._accept_timeout_s} s"
+            ) from exc
+        finally:
+            reservation.num_pending -= 1
+            self._pending.pop(tunnel.tunnel_id, None)
+        return tunnel
+
+    async def carry_local(
+        self,
+        dialer: str,
+        target: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        frame_bytes: int,
+    ) -> None:
+        """A tunnel whose dialer is this relay's own node: a local socket stands in for Connect.
+
+        Raises:
+            PeerUnavailableError: the target holds no reservation here or does not accept.
+        """
+        tunnel = await self._open_tunnel(dialer, target)
+        self._counters.relay_tunnels_opened += 1
+
+        async def pump_in() -> None:
+            try:
+                while data := await reader.read(frame_bytes):
+                    if not await self._forward(tunnel, tunnel.to_target, data):
+                        return
+            finally:
+                tunnel.to_target.close()
+
+        task = asyncio.get_running_loop().create_task(pump_in(), name="relay-local-pump")
+        try:
+            while (data := await tunnel.to_dialer.get()) is not None:
+                writer.write(data)
+                await writer.drain()
+        finally:
+            tunnel.close()
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except OSError as exc:
+                _log.debug("local tunnel %s ended: %s", tunnel.tunnel_id, exc)
+            writer.close()
 
     async def Accept(
         self,

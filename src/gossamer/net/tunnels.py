@@ -32,7 +32,7 @@ from gossamer.net.counters import NetCounters
 from gossamer.net.directory import PeerDirectory
 from gossamer.net.grpc_errors import error_of_rpc_error
 from gossamer.net.identity import short_peer_id
-from gossamer.net.relay import ACCEPT_METHOD, CONNECT_METHOD, RESERVE_METHOD
+from gossamer.net.relay import ACCEPT_METHOD, CONNECT_METHOD, RESERVE_METHOD, RelayServicer
 from gossamer.proto import net_pb2
 
 __all__ = ["FRAME_BYTES", "RelayDialer", "RelayReservations", "carry_socket_over_call"]
@@ -117,8 +117,9 @@ class RelayDialer:
     Args:
         pool: the node's connections (the relay is dialed through it).
         directory: where the target's record (its relays and certificate) comes from.
-        own_peer_id: this node's id (it never relays through itself).
+        own_peer_id: this node's id.
         counters: relayed dials are counted here.
+        local_relay: this node's relay service, for targets that hold a reservation here.
     """
 
     def __init__(
@@ -127,7 +128,9 @@ class RelayDialer:
         directory: PeerDirectory,
         own_peer_id: str,
         counters: NetCounters,
+        local_relay: RelayServicer | None = None,
     ) -> None:
+        self._local_relay = local_relay
         self._pool = pool
         self._directory = directory
         self._own_peer_id = own_peer_id
@@ -149,7 +152,7 @@ class RelayDialer:
                 open_entrance=functools.partial(self._entrance, peer_id, relay_id, relay_address),
             )
             for relay_id, relay_address in record.relays
-            if relay_id not in (self._own_peer_id, peer_id)
+            if relay_id != peer_id and (relay_id != self._own_peer_id or self._local_relay)
         ]
 
     async def _entrance(self, target: str, relay_id: str, relay_address: str) -> str:
@@ -193,6 +196,12 @@ class RelayDialer:
         writer: asyncio.StreamWriter,
     ) -> None:
         try:
+            if relay_id == self._own_peer_id and self._local_relay is not None:
+                # This node is the target's relay: splice the socket into the reservation here.
+                await self._local_relay.carry_local(
+                    self._own_peer_id, target, reader, writer, FRAME_BYTES
+                )
+                return
             connection = await self._relay_connection(relay_id, relay_address)
             tunnel = connection.stream_stream(CONNECT_METHOD, net_pb2.TunnelFrame)
 
@@ -237,6 +246,8 @@ class RelayReservations:
         local_address: HOST:PORT of this node's own server, where tunnels are delivered.
         needs_relay: whether this node should hold reservations now.
         on_change: called after the set of active relays changed (re-sign and publish).
+        bootstrap_peers: peers dialed at start; tried too when their record is unknown (an
+            observer that announces nothing gets no records back from a lone bootstrap peer).
     """
 
     def __init__(
@@ -249,7 +260,9 @@ class RelayReservations:
         local_address: Callable[[], str],
         needs_relay: Callable[[], bool],
         on_change: Callable[[], Awaitable[None]],
+        bootstrap_peers: Callable[[], list[str]] = list,
     ) -> None:
+        self._bootstrap_peers = bootstrap_peers
         self._pool = pool
         self._directory = directory
         self._config = config
@@ -284,7 +297,14 @@ class RelayReservations:
         ]
         self._rng.shuffle(found)
         found.sort(key=lambda r: r.reachability != net_pb2.REACHABILITY_DIRECT)
-        return [r.peer_id for r in found]
+        extra = [
+            p
+            for p in self._bootstrap_peers()
+            if p not in self._directory
+            and p not in self._holding
+            and now - self._failed_at.get(p, -1e9) >= _RETRY_RELAY_AFTER_S
+        ]
+        return [r.peer_id for r in found] + extra
 
     async def run(self, check_interval_s: float = 1.0) -> None:
         """Keep ``relay.num_relays`` reservations while needed (runs until cancelled)."""
@@ -312,9 +332,12 @@ class RelayReservations:
                 first = await call.read()
             if first is grpc.aio.EOF or not first.reserved:
                 raise PeerUnavailableError("the relay ended the reservation at once")
-            record = self._directory.get(relay_id)
-            address = record.addresses[0] if record and record.addresses else ""
-            self.active[relay_id] = address or connection.target.address
+            # The address this node reached the relay at is one that works from outside.
+            address = connection.target.address
+            if connection.target.kind != "direct":
+                record = self._directory.get(relay_id)
+                address = record.addresses[0] if record and record.addresses else address
+            self.active[relay_id] = address
             _log.info("relayed through %s (%s)", short_peer_id(relay_id), self.active[relay_id])
             await self._on_change()
             # A reservation lives as long as the relay keeps it; keepalive notices a dead relay.

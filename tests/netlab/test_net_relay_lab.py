@@ -1,0 +1,119 @@
+"""Issue 4's netlab acceptance: 2 peers behind NAT, 2 reachable, every pair streams 50 MB.
+
+The peers are real processes (tests/net_lab_peer.py) inside the lab's namespaces. The NATed ones
+find out by dial-back that nobody can reach them, reserve a relay and publish it; every peer then
+sends 50 MB to every other one (through a relay where the receiver is behind NAT), and
+``gossamer doctor`` run inside a NATed peer says it is relayed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from netlab_support import MakeLab
+
+from gossamer.lab.runner import RunningProcess
+
+_TESTS = Path(__file__).resolve().parent.parent
+_PEER_PROGRAM = _TESTS / "net_lab_peer.py"
+_GOSSAMER = Path(sys.executable).parent / "gossamer"
+_NAMES = ("p0", "p1", "p2", "p3")
+_NATED = ("p2", "p3")
+
+sys.path.insert(0, str(_TESTS))
+from net_lab_peer import payload_of  # noqa: E402
+
+
+def _wait_for_file(path: Path, timeout_s: float, processes: list[RunningProcess]) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            return json.loads(path.read_text())
+        for process in processes:
+            assert process.poll() is None, f"a peer process exited early ({process.poll()})"
+        time.sleep(0.05)  # polling a file the peer writes atomically, under a deadline
+    raise AssertionError(f"{path.name} did not appear within {timeout_s} s")
+
+
+@pytest.mark.slow
+def test_nated_peers_are_relayed_and_every_pair_streams_50_mb(
+    make_lab: MakeLab, tmp_path: Path
+) -> None:
+    started = time.monotonic()
+    processes: list[RunningProcess] = []
+    with make_lab(num_peers=4, num_nat=2, rate_bps=1_000_000_000) as lab:
+        try:
+
+            def spawn(name: str, *extra: str) -> None:
+                argv = [sys.executable, str(_PEER_PROGRAM), name, str(tmp_path), *extra]
+                with (tmp_path / f"{name}.log").open("w") as log:
+                    processes.append(
+                        subprocess.Popen(lab.command_in(name, argv), stdout=log, stderr=log)
+                    )
+
+            spawn("p0", "--advertise-host", lab.address_of("p0"))
+            first = _wait_for_file(tmp_path / "p0.ready.json", 20, processes)
+            bootstrap = f"{first['peer_id']}@{lab.address_of('p0')}:{first['port']}"
+            for name in _NAMES[1:]:
+                spawn(name, bootstrap)
+            ready = {n: _wait_for_file(tmp_path / f"{n}.ready.json", 30, processes) for n in _NAMES}
+            for name in _NATED:
+                assert ready[name]["reachability"] == "relayed", ready[name]
+                assert ready[name]["relays"], f"{name} holds no relay"
+            assert ready["p1"]["reachability"] == "direct"
+
+            ids = {name: ready[name]["peer_id"] for name in _NAMES}
+            # one stream per pair, towards the NATed side where there is one
+            plan = {n: [ids[m] for m in _NAMES[i + 1 :]] for i, n in enumerate(_NAMES)}
+            (tmp_path / "plan.json").write_text(json.dumps(plan))
+            sent = {n: _wait_for_file(tmp_path / f"{n}.sent.json", 60, processes) for n in _NAMES}
+
+            # doctor inside a NATed peer: unreachable, relayed, within 10 s
+            doctor_started = time.monotonic()
+            doctor = lab.run_in(
+                "p2",
+                [str(_GOSSAMER), "doctor", "--bootstrap", bootstrap, "--json"],
+                check=False,
+                timeout_s=30,
+            )
+            doctor_s = time.monotonic() - doctor_started
+        finally:
+            for process in processes:
+                process.send_signal(signal.SIGTERM)
+            for process in processes:
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(timeout=10)
+
+    logs = {n: (tmp_path / f"{n}.log").read_text()[-3000:] for n in _NAMES}
+    expected = {ids[n]: hashlib.sha256(payload_of(n)).hexdigest() for n in _NAMES}
+    for name in _NAMES:
+        path = tmp_path / f"{name}.received.json"
+        received = json.loads(path.read_text()) if path.exists() else []
+        got = {r["from"]: r["sha256"] for r in received}
+        want = {ids[m]: expected[ids[m]] for m in _NAMES[: _NAMES.index(name)]}
+        assert got == want, logs[name]
+    kinds = {(n, s["to"]): s["kind"] for n in _NAMES for s in sent[n]}
+    assert len(kinds) == 6
+    assert kinds.pop(("p0", ids["p1"])) == "direct"
+    assert set(kinds.values()) == {"relayed"}, kinds
+    rates = {f"{n}->{s['to'][:6]}": round(50 / s["seconds"], 1) for n in _NAMES for s in sent[n]}
+    print(f"\nMB/s per transfer: {rates}")
+
+    assert doctor.ok, doctor.stderr
+    verdict = json.loads(doctor.stdout)
+    assert verdict["reachable"] is False
+    assert verdict["relayed"] is True, doctor.stdout + doctor.stderr[-3000:]
+    assert verdict["advice"].startswith("fine: relayed through")
+    assert doctor_s < 10.0, f"doctor took {doctor_s:.1f} s"
+    print(f"doctor: {doctor_s:.1f} s; whole test {time.monotonic() - started:.1f} s")
