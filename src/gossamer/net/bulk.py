@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from gossamer.core.clock import Clock, SystemClock
 from gossamer.core.errors import ProtocolError
 from gossamer.net.config import LimitsConfig
 from gossamer.net.connections import ConnectionPool
@@ -43,8 +44,10 @@ class _Transfer:
     topic: str
     buffer: bytearray
     num_streams: int
+    last_activity_s: float
     received: int = 0
     num_finished_streams: int = 0
+    num_active_streams: int = 0
     delivered: bool = False
 
 
@@ -52,11 +55,15 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
     """Receives bulk transfers and hands them to the handler of their topic.
 
     Args:
-        limits: largest transfer and in-flight total.
-        counters: bytes received and protocol errors are counted here.
+        limits: largest transfer, in-flight total, idle timeout.
+        counters: bytes received, protocol errors and expired transfers are counted here.
+        clock: time source of the idle timeout.
     """
 
-    def __init__(self, limits: LimitsConfig, counters: NetCounters) -> None:
+    def __init__(
+        self, limits: LimitsConfig, counters: NetCounters, clock: Clock | None = None
+    ) -> None:
+        self._clock = clock or SystemClock()
         self._limits = limits
         self._counters = counters
         self._handlers: dict[str, BulkHandler] = {}
@@ -85,13 +92,16 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
                 f"({self._limits.max_bulk_transfer_bytes})"
             )
         key = (sender, first.transfer_id)
+        self.expire_idle()
         transfer = self._transfers.get(key)
         if transfer is None:
             if self._inflight_bytes + total > self._limits.max_bulk_inflight_bytes:
                 raise ProtocolError("too many bulk bytes in flight; try again later")
             if not 1 <= first.num_streams <= _MAX_STREAMS:
                 raise ProtocolError(f"a transfer runs over 1..{_MAX_STREAMS} streams")
-            transfer = _Transfer(first.topic, bytearray(total), first.num_streams)
+            transfer = _Transfer(
+                first.topic, bytearray(total), first.num_streams, self._clock.monotonic()
+            )
             self._transfers[key] = transfer
             self._inflight_bytes += total
         elif (len(transfer.buffer), transfer.topic, transfer.num_streams) != (
@@ -116,6 +126,7 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
             async for chunk in request_iterator:
                 if transfer is None:
                     key, transfer = self._open(sender, chunk)
+                    transfer.num_active_streams += 1
                     next_offset = chunk.offset
                 if chunk.offset != next_offset:
                     raise ProtocolError("bulk chunks of one stream must be contiguous")
@@ -144,6 +155,41 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
             if transfer is not None and key is not None and key in self._transfers:
                 self._close(key, transfer)  # a broken stream dooms the transfer
             raise
+        finally:
+            if transfer is not None:
+                transfer.num_active_streams -= 1
+                transfer.last_activity_s = self._clock.monotonic()
+
+    def expire_idle(self) -> int:
+        """Drop incomplete transfers with no stream open past ``limits.bulk_idle_timeout_s``.
+
+        A multi-stream transfer whose other streams never start (the sender died, or a stream
+        was refused) would otherwise hold its buffer until the node stops.
+
+        Returns:
+            How many transfers were dropped.
+        """
+        horizon = self._clock.monotonic() - self._limits.bulk_idle_timeout_s
+        stale = [
+            (key, t)
+            for key, t in self._transfers.items()
+            if t.num_active_streams == 0 and t.last_activity_s < horizon
+        ]
+        for key, transfer in stale:
+            self._close(key, transfer)
+            self._counters.bulk_transfers_expired += 1
+            _log.info(
+                "dropped an incomplete bulk transfer from %s on %r after %.0f s idle",
+                short_peer_id(key[0]),
+                transfer.topic,
+                self._limits.bulk_idle_timeout_s,
+            )
+        return len(stale)
+
+    @property
+    def num_incomplete(self) -> int:
+        """Incoming transfers waiting for more streams."""
+        return len(self._transfers)
 
     def _close(self, key: tuple[str, str], transfer: _Transfer) -> None:
         if self._transfers.pop(key, None) is not None:

@@ -91,6 +91,8 @@ class LimitsConfig:
     """Records a node stores for others in all."""
     max_sessions: int = 10_000
     """Authenticated sessions a server keeps; the oldest is dropped past this."""
+    bulk_idle_timeout_s: float = 30.0
+    """An incomplete bulk transfer with no stream moving for this long is dropped."""
 
     def __post_init__(self) -> None:
         _require(
@@ -114,6 +116,7 @@ class LimitsConfig:
         _require(self.max_records_per_key >= 1, "limits.max_records_per_key", ">= 1")
         _require(self.max_stored_records >= 1, "limits.max_stored_records", ">= 1")
         _require(self.max_sessions >= 1, "limits.max_sessions", ">= 1")
+        _require(self.bulk_idle_timeout_s > 0, "limits.bulk_idle_timeout_s", "must be positive")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -121,7 +121,7 @@ class Node:
         )
         self._transport.dht = self.dht
         self.dht.own_record = self.own_record
-        self.bulk = BulkReceiver(config.limits, self.counters)
+        self.bulk = BulkReceiver(config.limits, self.counters, self.clock)
         self.detector = FailureDetector(
             self._heartbeat, config.heartbeat, self.clock, own_peer_id=self.identity.peer_id
         )
@@ -323,6 +323,7 @@ class Node:
             await self.clock.sleep_async(tick_s)
             try:
                 self.dht.expire()
+                self.bulk.expire_idle()
                 now = self.clock.monotonic()
                 if now - self._record_signed_at_s >= dht.republish_interval_s:
                     self.sign_own_record()
