@@ -1,0 +1,60 @@
+"""``gossamer bench transport``: wiring only (see gossamer.bench.transport)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gossamer.bench.transport import run_transport_bench
+
+__all__ = ["register"]
+
+_MiB = 1 << 20
+
+
+def transport(
+    payload_mib: Annotated[int, typer.Option(help="MiB per transfer.")] = 64,
+    streams: Annotated[
+        list[int] | None, typer.Option(help="Parallel streams (repeatable).")
+    ] = None,
+    repeats: Annotated[int, typer.Option(help="Transfers per setting; the best counts.")] = 3,
+    pings: Annotated[int, typer.Option(help="RPC round trips measured.")] = 300,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Also write the JSON result here.")] = None,
+) -> None:
+    """Bulk stream throughput vs plain TCP on loopback (same bytes, same run), RPC p50/p99."""
+    result = run_transport_bench(
+        payload_bytes=payload_mib * _MiB,
+        streams=tuple(streams or (1, 4)),
+        repeats=repeats,
+        num_pings=pings,
+    )
+    fields = result.to_json()
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(fields, indent=2) + "\n")
+    if json_output:
+        typer.echo(json.dumps(fields))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"transport on loopback, {payload_mib} MiB per transfer")
+    for column in ("what", "MiB/s", "ratio to TCP"):
+        table.add_column(column, justify="right")
+    for num_streams, rate in result.stream_bytes_per_s.items():
+        ratio = rate / result.tcp_bytes_per_s
+        table.add_row(f"gossamer, {num_streams} streams", f"{rate / _MiB:,.0f}", f"{ratio:.3f}")
+    table.add_row("plain TCP", f"{result.tcp_bytes_per_s / _MiB:,.0f}", "1.000")
+    Console().print(table)
+    typer.echo(
+        f"RPC round trip: p50 {result.rpc_p50_s * 1e3:.2f} ms, p99 {result.rpc_p99_s * 1e3:.2f} ms"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``transport`` command to the bench app."""
+    app.command("transport")(transport)
