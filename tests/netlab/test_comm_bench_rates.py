@@ -1,0 +1,34 @@
+"""The all-reduce benchmark in the lab: 4 peer processes behind 50 Mbit/s tbf links (root).
+
+Gossamer's p2p path (TLS gRPC) and plain gloo move the same 20 MB tensor over the same links in
+the same run. At this size start-up and the last chunk's tail weigh more than at 100 MB, so the
+check is against gloo's own share of the ring bound, plus a floor; the 100 MB figures are in
+docs/comm.md.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gossamer.bench.allreduce import run_allreduce_sweep
+
+
+@pytest.mark.timeout(150)
+def test_p2p_matches_gloo_share_of_bound_and_int8_beats_gloo() -> None:
+    plain, int8 = run_allreduce_sweep(
+        peers=4,
+        size_bytes=20_000_000,
+        codecs=["none", "int8"],
+        backend="p2p",
+        rate_bits_per_s=50e6,
+        repeats=1,
+    )
+    assert plain.share_of_bound is not None
+    assert plain.gloo_share_of_bound is not None
+    # The target is gloo's share (docs/comm.md: not met yet, 78% vs 90% at 100 MB); this
+    # guards against regressions with room for the shared cores' noise.
+    assert plain.share_of_bound >= 0.8 * plain.gloo_share_of_bound, plain.table()
+    assert plain.share_of_bound >= 0.65, plain.table()
+    assert plain.max_abs_error_vs_gloo < 1e-5
+    assert int8.speedup_vs_gloo >= 2.5, int8.table()
+    assert int8.max_abs_error_vs_gloo < 0.1
