@@ -15,11 +15,13 @@ from gossamer.bench.diloco import run_diloco_bench
 from gossamer.bench.loop import run_loop_bench
 from gossamer.bench.obs_overhead import run_obs_overhead_bench
 from gossamer.cli.bench_allreduce import register as register_allreduce
+from gossamer.cli.bench_transport import register as register_transport
 from gossamer.cli.errors import exit_on_gossamer_errors
 from gossamer.core.config_loader import load_run_config, parse_flag_overrides
 
 app = typer.Typer(help="Benchmarks: Gossamer against its reference, measured in the same run.")
 register_allreduce(app)
+register_transport(app)
 _console = Console()
 _OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
 
