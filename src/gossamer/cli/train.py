@@ -26,9 +26,10 @@ from gossamer.core.config_loader import (
 from gossamer.data import load_corpus, validation_batches
 from gossamer.obs.metrics import PeerMetrics, serve_metrics
 from gossamer.obs.trace import SpanRecorder
-from gossamer.train import Trainer
+from gossamer.train import Trainer, TrainResult
 from gossamer.train.demo import run_demo
 from gossamer.train.inference import load_model, mean_validation_loss, sample_text
+from gossamer.train.swarm import run_swarm_peer
 
 _OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
 _console = Console()
@@ -78,6 +79,10 @@ def train(
         Path | None,
         typer.Option(help="Append spans to this JSON-lines file (see `gossamer trace export`)."),
     ] = None,
+    bootstrap: Annotated[
+        list[str] | None,
+        typer.Option(help="A peer of the swarm to join, [PEER_ID@]HOST:PORT (repeatable)."),
+    ] = None,
 ) -> None:
     """Train on this peer. Any config key is a flag: --train.max_steps 100 --model.width 256.
 
@@ -85,7 +90,10 @@ def train(
     --checkpoint.resume false. `gossamer config keys` lists every key.
     """
     with exit_on_gossamer_errors(), contextlib.ExitStack() as stack:
-        run_config = _load(ctx, config)
+        overrides = parse_flag_overrides(ctx.args)
+        if bootstrap:
+            overrides.append(("swarm.bootstrap", ",".join(bootstrap)))
+        run_config = load_run_config(config, overrides)
         metrics = PeerMetrics() if metrics_port is not None else None
         if metrics is not None and metrics_port is not None:
             server = serve_metrics(metrics.registry, host=metrics_host, port=metrics_port)
@@ -94,10 +102,23 @@ def train(
         spans = SpanRecorder(peer=run_config.name, path=trace)
         stack.callback(spans.close)
         listener = stack.enter_context(RichProgressListener())
-        trainer = stack.enter_context(
-            Trainer(run_config, listener=listener, spans=spans, metrics=metrics)
-        )
-        result = trainer.run()
+        if run_config.swarm.strategy == "local":
+            trainer = stack.enter_context(
+                Trainer(run_config, listener=listener, spans=spans, metrics=metrics)
+            )
+            result = trainer.run()
+        else:
+            result = run_swarm_peer(
+                run_config,
+                listener=listener,
+                spans=spans,
+                metrics=metrics,
+                on_address=lambda address: _console.print(f"peer address: {address}"),
+            ).result
+    _print_summary(result, summary_json)
+
+
+def _print_summary(result: TrainResult, summary_json: Path | None) -> None:
     summary = {
         "steps": result.steps_done,
         "start_step": result.start_step,

@@ -18,6 +18,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "RunConfig",
+    "SwarmConfig",
     "TrainConfig",
 ]
 
@@ -228,6 +229,76 @@ class CheckpointConfig:
         )
 
 
+Strategy = Literal["local", "sync", "diloco"]
+CodecName = Literal["none", "fp16", "bf16", "int8"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SwarmConfig:
+    """How this peer trains with others: the strategy, the network, the rounds."""
+
+    strategy: Strategy = "local"
+    """``local`` (alone), ``sync`` (average gradients every step) or ``diloco``."""
+    inner_steps: int = 50
+    """DiLoCo: inner steps (H) between averaging rounds."""
+    outer_lr: float = 0.7
+    """DiLoCo: outer Nesterov SGD learning rate (DiLoCo paper: 0.7)."""
+    outer_momentum: float = 0.9
+    """DiLoCo: outer Nesterov momentum (DiLoCo paper: 0.9)."""
+    codec: CodecName = "none"
+    """Codec of averaged tensors: none (fp32), fp16, bf16 or int8 (blockwise, error feedback)."""
+    listen: str = "127.0.0.1:0"
+    """HOST:PORT this peer listens on (port 0: any free one)."""
+    bootstrap: str = ""
+    """Comma-separated [PEER_ID@]HOST:PORT of peers to join through; empty: start a swarm."""
+    key_file: str = ""
+    """This peer's identity key (created if missing); empty: ``<checkpoint.directory>/peer.key``."""
+    swarm_secret_file: str = ""
+    """A file holding the private swarm's secret; empty: an open swarm."""
+    max_group_size: int = 16
+    """Peers per averaging group; a larger swarm splits into groups that change every round."""
+    join_window_s: float = 30.0
+    """Longest a round waits for the previous round's peers (the dead are dropped sooner)."""
+    round_timeout_s: float = 60.0
+    """Deadline of one averaging round; nothing waits past it."""
+    status_file: str = ""
+    """If set, this peer keeps a JSON status (step, loss, throughput, bytes) in this file."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.strategy in ("local", "sync", "diloco"),
+            "swarm.strategy",
+            f"unknown strategy {self.strategy!r}; use 'local', 'sync' or 'diloco'",
+        )
+        _require(
+            self.inner_steps >= 1, "swarm.inner_steps", f"must be >= 1, got {self.inner_steps}"
+        )
+        _require(self.outer_lr > 0, "swarm.outer_lr", f"must be positive, got {self.outer_lr}")
+        _require(
+            0.0 <= self.outer_momentum < 1.0,
+            "swarm.outer_momentum",
+            f"must be in [0, 1), got {self.outer_momentum}",
+        )
+        _require(
+            self.codec in ("none", "fp16", "bf16", "int8"),
+            "swarm.codec",
+            f"unknown codec {self.codec!r}; use 'none', 'fp16', 'bf16' or 'int8'",
+        )
+        _require(":" in self.listen, "swarm.listen", f"expected HOST:PORT, got {self.listen!r}")
+        _require(
+            self.max_group_size >= 1,
+            "swarm.max_group_size",
+            f"must be at least 1, got {self.max_group_size}",
+        )
+        _require(self.join_window_s > 0, "swarm.join_window_s", "must be positive")
+        _require(self.round_timeout_s > 0, "swarm.round_timeout_s", "must be positive")
+
+    @property
+    def bootstrap_addresses(self) -> tuple[str, ...]:
+        """The bootstrap list, split and stripped."""
+        return tuple(a.strip() for a in self.bootstrap.split(",") if a.strip())
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RunConfig:
     """The root config of a training run."""
@@ -244,6 +315,8 @@ class RunConfig:
     """The training loop."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpointing and resume."""
+    swarm: SwarmConfig = field(default_factory=SwarmConfig)
+    """Training with other peers."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "name", "must not be empty")

@@ -79,7 +79,7 @@ class DiLoCoStrategy:
         self.last_group_size = 0
         """Peers in the last round."""
 
-    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
         del optimizer
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._global = [p.detach().clone() for p in self._params]
@@ -94,6 +94,7 @@ class DiLoCoStrategy:
         if self._pending_state is not None:
             self._apply_state(*self._pending_state)
             self._pending_state = None
+        return None
 
     def on_gradients(self, model: nn.Module, step: int) -> None:
         del model, step

@@ -137,6 +137,8 @@ class Trainer:
         clock: time source for the time budget and throughput.
         spans: records compute, communication, evaluation and checkpoint spans.
         metrics: Prometheus metrics to keep up to date (they also receive the spans).
+        stream_seed: seeds this peer's data stream; ``train.seed`` if None (the model's
+            initialisation always uses ``train.seed``, so peers start from the same weights).
 
     Raises:
         DataError: the data is missing, empty or shorter than one sequence.
@@ -156,6 +158,7 @@ class Trainer:
         clock: Clock | None = None,
         spans: SpanRecorder | None = None,
         metrics: PeerMetrics | None = None,
+        stream_seed: int | None = None,
     ) -> None:
         self.config = config
         self.listener = listener or TrainingListener()
@@ -178,7 +181,7 @@ class Trainer:
                 self.corpus.train,
                 seq_len=seq_len,
                 batch_size=config.train.batch_size,
-                seed=config.train.seed,
+                seed=config.train.seed if stream_seed is None else stream_seed,
                 peer_index=peer_index,
                 num_peers=num_peers,
             ),
@@ -199,7 +202,9 @@ class Trainer:
         self.resumed_from: Path | None = None
         if config.checkpoint.resume:
             self._resume()
-        self.run_state.strategy.setup(model, self.run_state.optimizer)
+        synced_step = self.run_state.strategy.setup(model, self.run_state.optimizer)
+        if synced_step is not None and synced_step > self.run_state.step:
+            self.run_state.step = synced_step  # state came from other peers: continue from there
 
     @property
     def model(self) -> nn.Module:

@@ -24,8 +24,13 @@ class TrainingStrategy(Protocol):
     name: str
     """Short name, recorded in checkpoints and summaries."""
 
-    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Called once before the first step, after any resume."""
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
+        """Called once before the first step, after any resume.
+
+        Returns:
+            The step to continue from when the strategy brought the state from other peers (a
+            newcomer synced from donors), else None.
+        """
         ...
 
     def on_gradients(self, model: nn.Module, step: int) -> None:
@@ -54,8 +59,9 @@ class LocalStrategy:
 
     name = "local"
 
-    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
         del model, optimizer
+        return None
 
     def on_gradients(self, model: nn.Module, step: int) -> None:
         del model, step

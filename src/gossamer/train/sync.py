@@ -34,8 +34,9 @@ class SyncStrategy:
         self.last_group_size = 0
         """Peers in the last round."""
 
-    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
         del model, optimizer
+        return None
 
     def on_gradients(self, model: nn.Module, step: int) -> None:
         params = [p for p in model.parameters() if p.requires_grad]

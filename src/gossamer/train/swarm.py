@@ -1,0 +1,455 @@
+"""A training peer in a swarm: DiLoCo or synchronous data parallel across machines.
+
+:func:`run_swarm_peer` starts this peer's node, joins the swarm through the bootstrap peers, and
+trains with the configured strategy. With DiLoCo the peer also
+
+- serves its global state to newcomers (:class:`~gossamer.train.state_sync.StateDonor`), and as a
+  newcomer downloads it from several donors at once before its first step;
+- after every outer step publishes a sha256 of its global weights, and compares the previous
+  round's hashes with the other peers': a peer that differs from the majority resyncs from donors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gossamer.core.config import RunConfig
+from gossamer.core.errors import GossamerError
+from gossamer.net.bridge import NodeThread
+from gossamer.net.config import DhtConfig, HeartbeatConfig, NodeConfig
+from gossamer.net.identity import load_or_create_identity
+from gossamer.net.node import Node
+from gossamer.obs.metrics import PeerMetrics
+from gossamer.obs.trace import SpanRecorder
+from gossamer.train.diloco import DiLoCoConfig, DiLoCoStrategy
+from gossamer.train.loop import ModelFactory, ProgressEvent, Trainer, TrainingListener, TrainResult
+from gossamer.train.state_sync import StateSnapshot, download_state
+from gossamer.train.state_sync_donor import StateDonor
+from gossamer.train.strategy import TrainingStrategy
+from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig
+from gossamer.train.sync import SyncStrategy
+
+__all__ = [
+    "ListenerGroup",
+    "StatusFileListener",
+    "SwarmDiLoCoStrategy",
+    "SwarmPeerResult",
+    "run_swarm_peer",
+]
+
+logger = logging.getLogger(__name__)
+
+_HASH_TTL_S = 600.0
+_DOWNLOAD_TIMEOUT_S = 120.0
+
+
+def _hash_key(run_id: str, outer_step: int) -> bytes:
+    return hashlib.sha256(f"gossamer.train.hash/{run_id}/{outer_step}".encode()).digest()
+
+
+class SwarmDiLoCoStrategy(DiLoCoStrategy):
+    """DiLoCo across machines: donates state, syncs as a newcomer, checks agreement.
+
+    Args:
+        config: inner steps and the outer optimizer.
+        averager: averages pseudo-gradients over the swarm.
+        node_thread: this peer's node.
+        donor: serves this peer's global state to newcomers.
+        join_existing: download the swarm's state before the first step (a bootstrap was given).
+    """
+
+    def __init__(
+        self,
+        config: DiLoCoConfig,
+        averager: SwarmAverager,
+        node_thread: NodeThread,
+        donor: StateDonor,
+        *,
+        join_existing: bool,
+    ) -> None:
+        super().__init__(config, averager)
+        self.swarm_averager = averager
+        self.node_thread = node_thread
+        self.donor = donor
+        self.join_existing = join_existing
+        self.resyncs = 0
+        """Times this peer found itself out of agreement and resynced."""
+        self.time_to_productive_s: float | None = None
+        """Seconds from start to the newcomer's state being in place (None: not a newcomer)."""
+        self.state_download_bytes = 0
+        """Bytes downloaded from donors."""
+        self._model: nn.Module | None = None
+        self._started = time.monotonic()
+        self._hashes: dict[int, str] = {}
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
+        super().setup(model, optimizer)
+        self._model = model
+        start_step: int | None = None
+        if self.join_existing and self.outer_step == 0:
+            snapshot = self._download(version=None)
+            if snapshot is not None and int(snapshot.meta.get("outer_step", 0)) > 0:
+                self._apply_snapshot(snapshot)
+                start_step = int(snapshot.meta["step"])
+                # The next round waits for peers that announced the last one: so for us too.
+                self.swarm_averager.register(f"{self.config.run_id}/outer/{self.outer_step - 1}")
+                self.time_to_productive_s = time.monotonic() - self._started
+                logger.info(
+                    "peer %s synced from donors at outer step %d (%.1f s)",
+                    self._short(),
+                    self.outer_step,
+                    self.time_to_productive_s,
+                )
+        self._publish(step=start_step if start_step is not None else 0)
+        return start_step
+
+    def _short(self) -> str:
+        return self.node_thread.node.peer_id[:8]
+
+    def _others(self) -> list[str]:
+        me = self.node_thread.node.peer_id
+
+        async def known(node: Node) -> list[str]:
+            return [r.peer_id for r in node.peers() if r.peer_id != me]
+
+        return self.node_thread.run(known, timeout_s=10)
+
+    def _download(self, version: int | None) -> StateSnapshot | None:
+        donors = self._others()
+        if not donors:
+            return None
+
+        async def fetch(node: Node) -> tuple[StateSnapshot, Any]:
+            return await download_state(
+                node, donors, timeout_s=_DOWNLOAD_TIMEOUT_S, version=version
+            )
+
+        try:
+            snapshot, report = self.node_thread.run(fetch, timeout_s=_DOWNLOAD_TIMEOUT_S + 10)
+        except GossamerError as exc:
+            logger.warning("peer %s: no state from donors (%s)", self._short(), exc)
+            return None
+        self.state_download_bytes += report.total_bytes
+        return snapshot
+
+    def _apply_snapshot(self, snapshot: StateSnapshot) -> None:
+        """Take the swarm's global state; the local model restarts from it."""
+        self._apply_state(
+            snapshot.tensors,
+            {k: snapshot.meta.get(k, 0) for k in ("outer_step",)}
+            | {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received},
+        )
+        with torch.no_grad():
+            for param, tensor in zip(self._params, self._global, strict=True):
+                param.copy_(tensor)
+
+    def _snapshot(self, step: int) -> StateSnapshot:
+        tensors, _ = self.state_for_checkpoint()
+        return StateSnapshot(
+            version=self.outer_step,
+            tensors=tensors,
+            meta={"outer_step": self.outer_step, "step": step},
+        )
+
+    def _publish(self, step: int) -> None:
+        self.donor.publish(self._snapshot(step))
+
+    def on_step_end(self, model: nn.Module, step: int) -> None:
+        before = self.outer_step
+        super().on_step_end(model, step)
+        if self.outer_step == before:
+            return
+        self._publish(step=step + 1)
+        self._publish_hash()
+        if self._out_of_agreement(self.outer_step - 1):
+            snapshot = self._download(version=None)
+            if snapshot is not None:
+                self._apply_snapshot(snapshot)
+                self.resyncs += 1
+                logger.warning(
+                    "peer %s differed from the swarm; resynced at outer step %d",
+                    self._short(),
+                    self.outer_step,
+                )
+                self._publish(step=step + 1)
+                self._publish_hash()
+
+    def _publish_hash(self) -> None:
+        key = _hash_key(self.config.run_id, self.outer_step)
+        digest = self.global_weights_hash()
+        self._hashes[self.outer_step] = digest
+        value = json.dumps({"hash": digest}).encode()
+
+        async def put(node: Node) -> None:
+            await node.dht.put(key, value, _HASH_TTL_S)
+
+        try:
+            self.node_thread.run(put, timeout_s=10)
+        except GossamerError as exc:
+            logger.warning("peer %s could not publish its hash: %s", self._short(), exc)
+
+    def _out_of_agreement(self, outer_step: int) -> bool:
+        """Whether this peer's hash after ``outer_step`` differs from most peers'."""
+        if outer_step < 1:
+            return False
+        key = _hash_key(self.config.run_id, outer_step)
+
+        async def get(node: Node) -> list[str]:
+            found = []
+            for record in await node.dht.get(key):
+                try:
+                    found.append(str(json.loads(bytes(record.value))["hash"]))
+                except (ValueError, KeyError, TypeError):
+                    continue
+            return found
+
+        try:
+            hashes = self.node_thread.run(get, timeout_s=10)
+        except GossamerError:
+            return False
+        mine = self._hashes.get(outer_step)
+        if mine is None or len(hashes) < 2:
+            return False
+        counts = {h: hashes.count(h) for h in set(hashes)}
+        majority = max(counts, key=lambda h: (counts[h], h))
+        return mine != majority and counts[majority] > counts.get(mine, 0)
+
+
+class StatusFileListener(TrainingListener):
+    """Keeps a small JSON status of this peer in a file (written atomically), for live tables.
+
+    Args:
+        path: the status file.
+        peer_id: this peer's id.
+        strategy: read for bytes sent, rounds and resyncs.
+        min_interval_s: write at most this often (the last step is always written).
+    """
+
+    def __init__(
+        self, path: Path, *, peer_id: str, strategy: TrainingStrategy, min_interval_s: float = 0.5
+    ) -> None:
+        self.path = path
+        self.peer_id = peer_id
+        self.strategy = strategy
+        self.min_interval_s = min_interval_s
+        self._last_write = 0.0
+        self.status: dict[str, Any] = {"peer_id": peer_id, "state": "starting", "pid": os.getpid()}
+        self._write()
+
+    def _write(self) -> None:
+        self.status["updated_unix_s"] = time.time()
+        self.status["bytes_sent"] = int(getattr(self.strategy, "bytes_sent", 0))
+        self.status["bytes_received"] = int(getattr(self.strategy, "bytes_received", 0))
+        self.status["outer_step"] = int(getattr(self.strategy, "outer_step", 0))
+        self.status["group_size"] = int(getattr(self.strategy, "last_group_size", 0))
+        self.status["resyncs"] = int(getattr(self.strategy, "resyncs", 0))
+        ttp = getattr(self.strategy, "time_to_productive_s", None)
+        self.status["time_to_productive_s"] = ttp
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(self.status))
+        os.replace(tmp, self.path)
+        self._last_write = time.monotonic()
+
+    def on_start(self, *, start_step: int, max_steps: int, num_parameters: int) -> None:
+        self.status.update(state="training", step=start_step, max_steps=max_steps)
+        self._write()
+
+    def on_eval(self, *, step: int, val_loss: float) -> None:
+        self.status.setdefault("val_loss_first", val_loss)
+        self.status["val_loss"] = val_loss
+        self._write()
+
+    def on_step(self, event: ProgressEvent) -> None:
+        self.status.update(
+            step=event.step,
+            max_steps=event.max_steps,
+            loss=event.loss,
+            tokens_per_s=event.tokens_per_s,
+        )
+        if time.monotonic() - self._last_write >= self.min_interval_s:
+            self._write()
+
+    def on_checkpoint(self, *, step: int, path: Path) -> None:
+        self.status["checkpoint"] = str(path)
+        self._write()
+
+    def finish(self, result: TrainResult | None, error: str | None = None) -> None:
+        """Record the end of the run."""
+        self.status["state"] = "failed" if error else "done"
+        if error:
+            self.status["error"] = error
+        if result is not None:
+            self.status.update(
+                step=result.steps_done,
+                tokens_trained=result.tokens_trained,
+                val_loss=result.val_loss_after,
+                val_loss_first=result.val_loss_before,
+                checkpoint=str(result.checkpoint_path),
+            )
+        self._write()
+
+
+class ListenerGroup(TrainingListener):
+    """Hands every event to several listeners."""
+
+    def __init__(self, listeners: Sequence[TrainingListener]) -> None:
+        self.listeners = list(listeners)
+
+    def on_start(self, *, start_step: int, max_steps: int, num_parameters: int) -> None:
+        for listener in self.listeners:
+            listener.on_start(
+                start_step=start_step, max_steps=max_steps, num_parameters=num_parameters
+            )
+
+    def on_eval(self, *, step: int, val_loss: float) -> None:
+        for listener in self.listeners:
+            listener.on_eval(step=step, val_loss=val_loss)
+
+    def on_step(self, event: ProgressEvent) -> None:
+        for listener in self.listeners:
+            listener.on_step(event)
+
+    def on_checkpoint(self, *, step: int, path: Path) -> None:
+        for listener in self.listeners:
+            listener.on_checkpoint(step=step, path=path)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SwarmPeerResult:
+    """What a swarm peer did."""
+
+    peer_id: str
+    result: TrainResult
+    bytes_sent: int
+    bytes_received: int
+    resyncs: int
+    time_to_productive_s: float | None
+
+
+def _node_config(config: RunConfig) -> NodeConfig:
+    swarm = config.swarm
+    secret = None
+    if swarm.swarm_secret_file:
+        secret = Path(swarm.swarm_secret_file).expanduser().read_bytes().strip()
+    return NodeConfig(
+        listen_address=swarm.listen,
+        bootstrap=swarm.bootstrap_addresses,
+        swarm_secret=secret,
+        dht=DhtConfig(record_ttl_s=30.0, republish_interval_s=10.0, refresh_interval_s=5.0),
+        heartbeat=HeartbeatConfig(interval_s=0.5, timeout_s=2.5),
+    )
+
+
+def run_swarm_peer(
+    config: RunConfig,
+    *,
+    model_factory: ModelFactory | None = None,
+    listener: TrainingListener | None = None,
+    spans: SpanRecorder | None = None,
+    metrics: PeerMetrics | None = None,
+    on_address: Callable[[str], None] | None = None,
+) -> SwarmPeerResult:
+    """Train as one peer of a swarm, with ``config.swarm``'s strategy.
+
+    Args:
+        config: the run; ``config.swarm`` says how to reach and average with the others.
+        model_factory: builds the model; the built-in GPT if None.
+        listener: receives progress events.
+        spans: records where time goes.
+        metrics: Prometheus metrics to keep up to date.
+        on_address: called with this peer's ``PEER_ID@HOST:PORT`` once it listens.
+
+    Returns:
+        The training result and the swarm figures (bytes on the wire, resyncs, time to productive).
+    """
+    swarm = config.swarm
+    checkpoint_dir = Path(config.checkpoint.directory)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    key_file = Path(swarm.key_file) if swarm.key_file else checkpoint_dir / "peer.key"
+    identity = load_or_create_identity(key_file)
+    with NodeThread(_node_config(config), identity) as node_thread:
+        node = node_thread.node
+        address = f"{node.peer_id}@{node.addresses[0]}"
+        logger.info("peer %s listening at %s", node.peer_id[:8], address)
+        if on_address is not None:
+            on_address(address)
+        averager = SwarmAverager(
+            node_thread,
+            SwarmAveragerConfig(
+                run_id=config.name,
+                codec=swarm.codec,
+                join_window_s=swarm.join_window_s,
+                round_timeout_s=swarm.round_timeout_s,
+                max_group_size=swarm.max_group_size,
+            ),
+        )
+
+        async def make_donor(n: Node) -> StateDonor:
+            return StateDonor(n)
+
+        donor = node_thread.run(make_donor, timeout_s=10)
+        strategy: TrainingStrategy
+        if swarm.strategy == "diloco":
+            strategy = SwarmDiLoCoStrategy(
+                DiLoCoConfig(
+                    inner_steps=swarm.inner_steps,
+                    outer_lr=swarm.outer_lr,
+                    outer_momentum=swarm.outer_momentum,
+                    run_id=config.name,
+                ),
+                averager,
+                node_thread,
+                donor,
+                join_existing=bool(swarm.bootstrap_addresses),
+            )
+        elif swarm.strategy == "sync":
+            strategy = SyncStrategy(averager, run_id=config.name)
+        else:
+            raise ValueError("run_swarm_peer needs swarm.strategy 'sync' or 'diloco'")
+        listeners = [listener] if listener is not None else []
+        status: StatusFileListener | None = None
+        if swarm.status_file:
+            status = StatusFileListener(
+                Path(swarm.status_file), peer_id=node.peer_id, strategy=strategy
+            )
+            status.status["address"] = address
+            listeners.append(status)
+        stream_seed = int.from_bytes(hashlib.sha256(node.peer_id.encode()).digest()[:4], "little")
+        try:
+            with Trainer(
+                config,
+                model_factory=model_factory,
+                strategy=strategy,
+                listener=ListenerGroup(listeners),
+                stream_seed=stream_seed,
+                spans=spans,
+                metrics=metrics,
+            ) as trainer:
+                result = trainer.run()
+        except BaseException as exc:
+            if status is not None:
+                status.finish(None, error=f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            donor.close()
+        if status is not None:
+            status.finish(result)
+        return SwarmPeerResult(
+            peer_id=node.peer_id,
+            result=result,
+            bytes_sent=int(getattr(strategy, "bytes_sent", 0)),
+            bytes_received=int(getattr(strategy, "bytes_received", 0)),
+            resyncs=int(getattr(strategy, "resyncs", 0)),
+            time_to_productive_s=getattr(strategy, "time_to_productive_s", None),
+        )
