@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from gossamer.cli.errors import exit_on_gossamer_errors
@@ -23,11 +24,13 @@ from gossamer.core.config_loader import (
     load_run_config,
     parse_flag_overrides,
 )
+from gossamer.core.errors import GossamerError
 from gossamer.data import load_corpus, validation_batches
 from gossamer.obs.metrics import PeerMetrics, serve_metrics
 from gossamer.obs.trace import SpanRecorder
 from gossamer.train import Trainer, TrainResult
 from gossamer.train.demo import run_demo
+from gossamer.train.demo_swarm import run_swarm_demo
 from gossamer.train.inference import load_model, mean_validation_loss, sample_text
 from gossamer.train.swarm import run_swarm_peer
 
@@ -199,11 +202,80 @@ def demo(
     ] = None,
     budget_s: Annotated[
         float, typer.Option("--seconds", help="Training time budget in seconds.")
-    ] = 100.0,
-    max_steps: Annotated[int, typer.Option(help="Length of the learning-rate schedule.")] = 1200,
+    ] = 150.0,
+    single: Annotated[
+        bool, typer.Option("--single", help="One peer alone instead of a swarm.")
+    ] = False,
+    max_steps: Annotated[
+        int, typer.Option(help="With --single: length of the learning-rate schedule.")
+    ] = 1200,
     runs_dir: Annotated[Path, typer.Option(help="Where demo runs are kept.")] = Path("runs"),
 ) -> None:
-    """Train the built-in GPT on the embedded corpus for about two minutes, then sample from it."""
+    """A local swarm trains the built-in GPT: one peer is killed, a newcomer syncs and joins.
+
+    Three peer processes on loopback train with DiLoCo on the embedded corpus; partway one is
+    killed with SIGKILL and a new one downloads the state from the donors. With --single, one
+    peer trains alone.
+    """
+    if single:
+        _demo_single(summary_json, budget_s, max_steps, runs_dir)
+        return
+    with exit_on_gossamer_errors(), Live(console=_console, refresh_per_second=4) as live:
+
+        def view(statuses: dict[str, dict[str, Any]], line: str) -> None:
+            live.update(_swarm_table(statuses, line))
+
+        try:
+            summary = run_swarm_demo(budget_s=budget_s, runs_dir=runs_dir, view=view)
+        except RuntimeError as exc:
+            raise GossamerError(str(exc)) from exc
+    table = Table(title="Gossamer demo: a swarm of peers on this machine", show_header=False)
+    table.add_row(
+        "validation loss", f"{summary.val_loss_before:.4f} -> {summary.val_loss_after:.4f}"
+    )
+    table.add_row(
+        "peers", f"{summary.peers} ({summary.peers_killed} killed, {summary.peers_joined} joined)"
+    )
+    table.add_row("survivors' weights agree", "yes" if summary.final_weights_agree else "NO")
+    table.add_row("tokens trained", f"{summary.tokens_trained:,}")
+    table.add_row("tokens/s (swarm)", f"{summary.tokens_per_s:,.0f}")
+    table.add_row(
+        "bytes on the wire", f"{summary.bytes_on_wire:,} ({summary.bytes_per_token:.2f} per token)"
+    )
+    table.add_row("seconds lost to failures", f"{summary.seconds_lost_to_failures:.1f}")
+    ttp = summary.time_to_productive_s
+    table.add_row("newcomer productive after", "-" if ttp is None else f"{ttp:.1f} s")
+    table.add_row("seconds", f"{summary.seconds:.1f}")
+    table.add_row("checkpoint", summary.checkpoint_path)
+    _console.print(table)
+    _console.print(f"[bold]sample[/] (prompt {summary.sample_prompt!r}):")
+    _console.print(summary.sample_prompt + summary.sample, markup=False, highlight=False)
+    if summary_json is not None:
+        summary.write_json(summary_json)
+        _console.print(f"summary written to {summary_json}")
+
+
+def _swarm_table(statuses: dict[str, dict[str, Any]], line: str) -> Table:
+    table = Table(title=f"swarm: {line}")
+    for column in ("peer", "status", "step", "loss", "tokens/s", "bytes sent", "group"):
+        table.add_column(column, justify="left" if column in ("peer", "status") else "right")
+    for name, status in statuses.items():
+        loss = status.get("loss")
+        table.add_row(
+            name,
+            str(status.get("state", "?")),
+            f"{status.get('step', 0)}/{status.get('max_steps', '?')}",
+            "-" if loss is None else f"{float(loss):.3f}",
+            f"{float(status.get('tokens_per_s', 0) or 0):,.0f}",
+            f"{int(status.get('bytes_sent', 0) or 0):,}",
+            str(status.get("group_size", 0)),
+        )
+    return table
+
+
+def _demo_single(
+    summary_json: Path | None, budget_s: float, max_steps: int, runs_dir: Path
+) -> None:
     with exit_on_gossamer_errors(), RichProgressListener() as listener:
         summary = run_demo(
             budget_s=budget_s, max_steps=max_steps, runs_dir=runs_dir, listener=listener

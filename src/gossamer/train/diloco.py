@@ -13,6 +13,7 @@ bytes than synchronous data parallel for the same model.
 from __future__ import annotations
 
 import logging
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +79,12 @@ class DiLoCoStrategy:
         """Bytes received in averaging rounds so far."""
         self.last_group_size = 0
         """Peers in the last round."""
+        self.round_seconds: list[float] = []
+        """Wall time of every averaging round."""
+        self.seconds_lost_to_failures = 0.0
+        """Time rounds that lost a peer took beyond the median round."""
+        self.last_round_excluded = False
+        """Whether the last round closed before this peer came (its state is now behind)."""
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
         del optimizer
@@ -99,10 +106,10 @@ class DiLoCoStrategy:
     def on_gradients(self, model: nn.Module, step: int) -> None:
         del model, step
 
-    def on_step_end(self, model: nn.Module, step: int) -> None:
+    def on_step_end(self, model: nn.Module, step: int) -> int | None:
         del model
         if (step + 1) % self.config.inner_steps != 0:
-            return
+            return None
         assert self._outer is not None, "setup() must run before training"
         with torch.no_grad():
             pseudo = [
@@ -114,6 +121,13 @@ class DiLoCoStrategy:
         self.bytes_sent += outcome.bytes_sent
         self.bytes_received += outcome.bytes_received
         self.last_group_size = outcome.group_size
+        self.last_round_excluded = outcome.excluded
+        if outcome.excluded:  # the others moved on without us; the caller must fetch their state
+            return None
+        if (outcome.failed_peers or outcome.missing_peers) and self.round_seconds:
+            typical = statistics.median(self.round_seconds)
+            self.seconds_lost_to_failures += max(0.0, outcome.seconds - typical)
+        self.round_seconds.append(outcome.seconds)
         for tensor, averaged in zip(self._global, outcome.tensors, strict=True):
             tensor.grad = averaged.to(tensor.dtype)
         self._outer.step()
@@ -123,6 +137,7 @@ class DiLoCoStrategy:
                 param.copy_(tensor)
         self.outer_step += 1
         logger.info("outer step %d: averaged over %d peers", self.outer_step, outcome.group_size)
+        return None
 
     def global_weights_hash(self) -> str:
         """sha256 of the global weights, to compare with other peers after an outer step."""

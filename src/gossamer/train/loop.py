@@ -307,9 +307,9 @@ class Trainer:
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
         with spans.span("communication", step=step, hook="on_step_end"):
-            run.strategy.on_step_end(run.model, step)
+            continue_from = run.strategy.on_step_end(run.model, step)
         tokens = accum * cfg.train.batch_size * cfg.model.context
-        run.step = step + 1
+        run.step = step + 1 if continue_from is None else max(step + 1, continue_from)
         run.tokens_trained += tokens
         loss_mean = loss_total / accum
         if self.metrics is not None:
@@ -353,7 +353,7 @@ class Trainer:
         last_loss = math.nan
         stopped_by_time = False
         last_checkpoint: Path | None = None
-        last_checkpoint_step = -1
+        last_checkpoint_step = start_step
         run.model.train()
         step = start_step
         while step < stop:
@@ -389,7 +389,8 @@ class Trainer:
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < stop:
                 val_latest = self.evaluate()
                 self.listener.on_eval(step=step, val_loss=val_latest)
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+            every = cfg.checkpoint.every_steps
+            if every and step // every > last_checkpoint_step // every:  # steps may jump (sync)
                 last_checkpoint, last_checkpoint_step = self.save_checkpoint(), step
             if cfg.train.max_seconds and elapsed + per_step > cfg.train.max_seconds:
                 stopped_by_time = step < stop

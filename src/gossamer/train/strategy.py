@@ -37,8 +37,13 @@ class TrainingStrategy(Protocol):
         """Called after backward (all micro-batches accumulated), before clipping and stepping."""
         ...
 
-    def on_step_end(self, model: nn.Module, step: int) -> None:
-        """Called after the optimizer step ``step`` (0-based) has been applied."""
+    def on_step_end(self, model: nn.Module, step: int) -> int | None:
+        """Called after the optimizer step ``step`` (0-based) has been applied.
+
+        Returns:
+            The step to continue from when the strategy replaced the model's state with the
+            swarm's (a peer that fell behind), else None (continue from ``step + 1``).
+        """
         ...
 
     def state_for_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -66,8 +71,9 @@ class LocalStrategy:
     def on_gradients(self, model: nn.Module, step: int) -> None:
         del model, step
 
-    def on_step_end(self, model: nn.Module, step: int) -> None:
+    def on_step_end(self, model: nn.Module, step: int) -> int | None:
         del model, step
+        return None
 
     def state_for_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return {}, {}

@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 _HASH_TTL_S = 600.0
 _DOWNLOAD_TIMEOUT_S = 120.0
+_NEWER_STATE_WAIT_S = 30.0
 
 
 def _hash_key(run_id: str, outer_step: int) -> bytes:
@@ -97,13 +98,11 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         super().setup(model, optimizer)
         self._model = model
         start_step: int | None = None
-        if self.join_existing and self.outer_step == 0:
+        if self.join_existing:
             snapshot = self._download(version=None)
-            if snapshot is not None and int(snapshot.meta.get("outer_step", 0)) > 0:
+            if snapshot is not None and snapshot.version > self.outer_step:
                 self._apply_snapshot(snapshot)
                 start_step = int(snapshot.meta["step"])
-                # The next round waits for peers that announced the last one: so for us too.
-                self.swarm_averager.register(f"{self.config.run_id}/outer/{self.outer_step - 1}")
                 self.time_to_productive_s = time.monotonic() - self._started
                 logger.info(
                     "peer %s synced from donors at outer step %d (%.1f s)",
@@ -112,7 +111,11 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
                     self.time_to_productive_s,
                 )
         self._publish(step=start_step if start_step is not None else 0)
+        self.swarm_averager.join_run(self.outer_step)  # the others' rounds wait for this peer
         return start_step
+
+    def close(self) -> None:
+        self.swarm_averager.leave_run()
 
     def _short(self) -> str:
         return self.node_thread.node.peer_id[:8]
@@ -143,6 +146,16 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         self.state_download_bytes += report.total_bytes
         return snapshot
 
+    def _wait_for_newer_state(self) -> StateSnapshot | None:
+        """After a missed round: the state the others publish once it is done."""
+        deadline = time.monotonic() + _NEWER_STATE_WAIT_S
+        while time.monotonic() < deadline:
+            snapshot = self._download(version=None)
+            if snapshot is not None and snapshot.version > self.outer_step:
+                return snapshot
+            time.sleep(0.2)
+        return None
+
     def _apply_snapshot(self, snapshot: StateSnapshot) -> None:
         """Take the swarm's global state; the local model restarts from it."""
         self._apply_state(
@@ -165,25 +178,59 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
     def _publish(self, step: int) -> None:
         self.donor.publish(self._snapshot(step))
 
-    def on_step_end(self, model: nn.Module, step: int) -> None:
-        before = self.outer_step
-        super().on_step_end(model, step)
-        if self.outer_step == before:
-            return
-        self._publish(step=step + 1)
+    def on_step_end(self, model: nn.Module, step: int) -> int | None:
+        if (step + 1) % self.config.inner_steps != 0:
+            return None
+        weight = self.weight
+        continue_from: int | None = None
+        if self.swarm_averager.newest_version() > self.outer_step:
+            # Behind the swarm (restarted from an older checkpoint, say): take its state and
+            # join this round with a zero pseudo-gradient and no weight, so the round's result
+            # is the others' and everyone applies the same outer step.
+            snapshot = self._download(version=None)
+            if snapshot is not None and snapshot.version > self.outer_step:
+                self._apply_snapshot(snapshot)
+                self.resyncs += 1
+                self.weight = 0.0
+                # After this round the others stand at the step after it: so will this peer.
+                continue_from = int(snapshot.meta["step"]) + self.config.inner_steps
+                logger.warning(
+                    "peer %s was behind the swarm; took its state at outer step %d",
+                    self._short(),
+                    self.outer_step,
+                )
+        try:
+            super().on_step_end(model, step)
+        finally:
+            self.weight = weight
+        if self.last_round_excluded:
+            snapshot = self._wait_for_newer_state()
+            if snapshot is not None:
+                self._apply_snapshot(snapshot)
+                self.resyncs += 1
+                continue_from = int(snapshot.meta["step"])
+                logger.warning(
+                    "peer %s missed a round; took the swarm's state at outer step %d",
+                    self._short(),
+                    self.outer_step,
+                )
+        self.swarm_averager.join_run(self.outer_step)
+        self._publish(step=continue_from if continue_from is not None else step + 1)
         self._publish_hash()
         if self._out_of_agreement(self.outer_step - 1):
             snapshot = self._download(version=None)
             if snapshot is not None:
                 self._apply_snapshot(snapshot)
                 self.resyncs += 1
+                continue_from = int(snapshot.meta["step"])
                 logger.warning(
                     "peer %s differed from the swarm; resynced at outer step %d",
                     self._short(),
                     self.outer_step,
                 )
-                self._publish(step=step + 1)
+                self._publish(step=continue_from if continue_from is not None else step + 1)
                 self._publish_hash()
+        return continue_from
 
     def _publish_hash(self) -> None:
         key = _hash_key(self.config.run_id, self.outer_step)
@@ -254,6 +301,7 @@ class StatusFileListener(TrainingListener):
         self.status["outer_step"] = int(getattr(self.strategy, "outer_step", 0))
         self.status["group_size"] = int(getattr(self.strategy, "last_group_size", 0))
         self.status["resyncs"] = int(getattr(self.strategy, "resyncs", 0))
+        self.status["stall_s"] = float(getattr(self.strategy, "seconds_lost_to_failures", 0.0))
         ttp = getattr(self.strategy, "time_to_productive_s", None)
         self.status["time_to_productive_s"] = ttp
         tmp = self.path.with_name(f".{self.path.name}.tmp")

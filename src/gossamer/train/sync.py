@@ -50,8 +50,9 @@ class SyncStrategy:
         for param, averaged in zip(params, outcome.tensors, strict=True):
             param.grad = averaged.to(param.dtype)
 
-    def on_step_end(self, model: nn.Module, step: int) -> None:
+    def on_step_end(self, model: nn.Module, step: int) -> int | None:
         del model, step
+        return None
 
     def state_for_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return {}, {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received}

@@ -1,0 +1,168 @@
+"""DiLoCo peers as real processes on loopback: killed peers, a newcomer, a restart of everyone."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gossamer.core.hashing import sha256_state
+from gossamer.store import CheckpointStore
+
+MAX_STEPS = 60
+INNER_STEPS = 5
+
+
+class Swarm:
+    """Peer processes of one run, their status files and logs."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs: list[Any] = []
+        corpus = root / "corpus.txt"
+        corpus.write_text("def area(r):\n    return 3.14 * r * r\n" * 400 + "import math\n" * 300)
+
+    def start(self, name: str, bootstrap: str | None = None, max_steps: int = MAX_STEPS) -> None:
+        command = [
+            sys.executable, "-m", "gossamer.cli", "--verbose", "train",
+            "--name", "fault-swarm",
+            "--model.num-layers", "1", "--model.num-heads", "2",
+            "--model.width", "32", "--model.context", "32",
+            "--data.source", "text", "--data.path", str(self.root / "corpus.txt"),
+            "--train.max-steps", str(max_steps), "--train.batch-size", "4",
+            "--train.eval-every", "0", "--train.eval-batches", "2",
+            "--train.num-threads", "1",
+            "--swarm.strategy", "diloco", "--swarm.inner-steps", str(INNER_STEPS),
+            "--swarm.join-window-s", "8",
+            "--swarm.status-file", str(self.root / f"{name}.json"),
+            "--checkpoint.directory", str(self.root / name),
+            "--checkpoint.every-steps", "10",
+            "--summary-json", str(self.root / f"{name}.summary.json"),
+        ]  # fmt: skip
+        if bootstrap:
+            command += ["--bootstrap", bootstrap]
+        log = (self.root / f"{name}.log").open("ab")
+        self._logs.append(log)
+        self.processes[name] = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+
+    def status(self, name: str) -> dict[str, Any]:
+        try:
+            status: dict[str, Any] = json.loads((self.root / f"{name}.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return status
+
+    def wait_for(self, condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            time.sleep(0.1)
+        logs = {
+            n: (self.root / f"{n}.log").read_text(errors="replace")[-2000:] for n in self.processes
+        }
+        raise AssertionError(f"{what} within {timeout_s} s; logs: {logs}")
+
+    def address(self, name: str) -> str:
+        self.wait_for(lambda: "address" in self.status(name), 60, f"{name} listening")
+        return str(self.status(name)["address"])
+
+    def kill(self, name: str) -> None:
+        self.processes[name].send_signal(signal.SIGKILL)
+        self.processes[name].wait(timeout=10)
+
+    def wait_done(self, names: list[str], timeout_s: float) -> None:
+        self.wait_for(
+            lambda: all(self.processes[n].poll() is not None for n in names),
+            timeout_s,
+            f"{names} finishing",
+        )
+        for name in names:
+            assert self.processes[name].returncode == 0, (self.root / f"{name}.log").read_text()
+
+    def final_weights(self, name: str) -> str:
+        state = CheckpointStore(self.root / name).load_latest()
+        assert state is not None
+        return sha256_state(state.tensors["model"])
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+        for log in self._logs:
+            log.close()
+
+
+@pytest.fixture
+def swarm(tmp_path: Path) -> Iterator[Swarm]:
+    running = Swarm(tmp_path)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def test_killed_peer_survivors_agree_and_newcomer_joins(swarm: Swarm) -> None:
+    swarm.start("a")
+    address = swarm.address("a")
+    swarm.start("b", address)
+    swarm.start("c", address)
+    kill_at = random.Random().randint(12, 25)  # a random moment, any phase of a round
+    swarm.wait_for(lambda: swarm.status("a").get("step", 0) >= kill_at, 120, "step reached")
+    victim = random.Random().choice(["b", "c"])
+    swarm.kill(victim)
+    killed_at = time.monotonic()
+    swarm.start("d", address)
+    survivors = [n for n in ("a", "b", "c", "d") if n != victim]
+    swarm.wait_done(survivors, timeout_s=180)
+    assert time.monotonic() - killed_at < 180
+    hashes = {swarm.final_weights(n) for n in survivors}
+    assert len(hashes) == 1, "survivors' final weights differ"
+    for name in survivors:
+        status = swarm.status(name)
+        assert status["state"] == "done"
+        assert status["stall_s"] <= 5.0, f"{name} stalled {status['stall_s']} s"
+    newcomer = swarm.status("d")
+    assert newcomer["time_to_productive_s"] is not None
+    # 22 KB of state over loopback: the bound is the 10 s of the issue plus the transfer time.
+    assert newcomer["time_to_productive_s"] < 10.0 + 1.0
+    assert newcomer["outer_step"] == MAX_STEPS // INNER_STEPS
+
+
+def test_everyone_killed_then_restarted_resumes_from_checkpoints(swarm: Swarm) -> None:
+    swarm.start("a")
+    address = swarm.address("a")
+    swarm.start("b", address)
+    swarm.wait_for(lambda: swarm.status("b").get("step", 0) >= 25, 120, "step 25")
+    reached = min(swarm.status("a").get("step", 0), swarm.status("b").get("step", 0))
+    swarm.kill("a")
+    swarm.kill("b")
+    for name in ("a", "b"):
+        (swarm.root / f"{name}.json").unlink()  # the new processes write their own
+    swarm.start("a")
+    swarm.start("b", swarm.address("a"))
+    swarm.wait_done(["a", "b"], timeout_s=180)
+    summaries = [json.loads((swarm.root / f"{n}.summary.json").read_text()) for n in ("a", "b")]
+    # The run resumes from a checkpoint (a peer without one of its own takes the swarm's state).
+    assert any(s["resumed_from"] is not None for s in summaries)
+    for summary in summaries:
+        assert summary["start_step"] >= reached - 10  # lost at most the checkpoint interval
+        assert summary["steps"] == MAX_STEPS
+    assert swarm.final_weights("a") == swarm.final_weights("b")
