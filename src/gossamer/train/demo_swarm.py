@@ -56,7 +56,7 @@ def plan_swarm_demo(*, budget_s: float, num_peers: int = 3, batch_size: int = 8)
     """Size the run so the peers finish within ``budget_s`` on this machine.
 
     Measures the built-in model's training speed here for a few steps, assumes the peers share
-    the machine's cores, and keeps about a third of the budget for start-up, averaging rounds,
+    the machine's cores, and keeps about a quarter of the budget for start-up, averaging rounds,
     evaluation and the newcomer's sync.
     """
     config = ModelConfig()
@@ -74,7 +74,7 @@ def plan_swarm_demo(*, budget_s: float, num_peers: int = 3, batch_size: int = 8)
         optimizer.zero_grad()
         timings.append(time.perf_counter() - started)
     step_s = sorted(timings)[len(timings) // 2] * num_peers
-    max_steps = max(60, int(budget_s * 0.6 / step_s))
+    max_steps = max(60, int(budget_s * 0.75 / step_s))
     inner_steps = max(10, max_steps // 12)
     max_steps -= max_steps % inner_steps
     return SwarmDemoPlan(
