@@ -1,0 +1,317 @@
+"""One peer process of the thin-link benchmark (run as a module by its driver).
+
+The driver (:mod:`gossamer.bench.diloco_thin_link`) starts one of these per peer inside the
+peer's lab namespace, with a JSON spec as the only argument. The peer trains with its method:
+
+- ``diloco``: :func:`gossamer.train.swarm.run_swarm_peer` with ``swarm.strategy = diloco``,
+  exactly what ``gossamer train --swarm.strategy diloco`` runs;
+- ``sync``: Gossamer's :class:`~gossamer.train.sync.SyncStrategy` over the
+  :class:`~gossamer.train.swarm_averager.SwarmAverager`, in the same :class:`Trainer`;
+- ``ddp``: the reference, a plain PyTorch loop around ``DistributedDataParallel`` on gloo, with
+  the same model, initial weights, optimizer, learning-rate schedule and validation batches.
+
+Peers meet through files in a shared folder (namespaces share the file system, not the network):
+peer 0 writes its address; every peer writes ``ready`` once it is set up and waits for the
+driver's ``go``, so every method's clock starts with all its peers ready. Each evaluation appends
+a JSON line (wall time, step, loss, seconds spent per phase so far) to the peer's log, so the
+driver reads progress live and loses nothing when it stops the peers at the target.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch._C._distributed_c10d import TCPStore
+from torch.nn.parallel import DistributedDataParallel
+
+from gossamer.core.config import RunConfig
+from gossamer.core.config_loader import load_run_config
+from gossamer.data import TokenStream, load_corpus, validation_batches
+from gossamer.models import GPT
+from gossamer.net.bridge import NodeThread
+from gossamer.net.config import DhtConfig, HeartbeatConfig, NodeConfig
+from gossamer.net.identity import load_or_create_identity
+from gossamer.obs.trace import Span, SpanRecorder
+from gossamer.train.inference import mean_validation_loss
+from gossamer.train.loop import Trainer, TrainingListener
+from gossamer.train.optim import build_optimizer, learning_rate_at
+from gossamer.train.swarm import run_swarm_peer
+from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig
+from gossamer.train.sync import SyncStrategy
+
+_WAIT_S = 120.0
+"""Longest a peer waits for the rendezvous files (peer 0's address, the driver's go)."""
+_DIST_TIMEOUT_S = 600.0
+
+
+def _wait_for_file(path: Path, what: str) -> str:
+    deadline = time.monotonic() + _WAIT_S
+    while not path.exists():  # the writer renames the file into place: no partial reads
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not appear in {_WAIT_S:.0f} s ({path})")
+        time.sleep(0.05)
+    return path.read_text()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    staged = path.with_name(f".{path.name}.tmp")
+    staged.write_text(text)
+    staged.rename(path)
+
+
+class _PhaseClock:
+    """Seconds per span name (compute, communication, evaluation, ...) since the go signal."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seconds: dict[str, float] = {}
+        self.counting = False
+
+    def sink(self, span: Span) -> None:
+        if not self.counting:
+            return
+        with self._lock:
+            self.seconds[span.name] = self.seconds.get(span.name, 0.0) + span.duration_s
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self.seconds)
+
+
+class _EvalLog:
+    """The peer's side of the rendezvous and its JSON-lines evaluation log."""
+
+    def __init__(self, spec: dict[str, Any], phases: _PhaseClock) -> None:
+        self.folder = Path(spec["folder"])
+        self.tag = f"{spec['method']}-{spec['rank']}"
+        self.method = spec["method"]
+        self.phases = phases
+        self.path = self.folder / f"evals-{self.tag}.jsonl"
+        self.go_unix_s = 0.0
+        self.group_size: Callable[[], int | None] = lambda: None
+
+    def ready_then_wait_for_go(self) -> None:
+        _write_atomically(self.folder / f"ready-{self.tag}", str(os.getpid()))
+        self.go_unix_s = float(_wait_for_file(self.folder / f"go-{self.method}", "the go signal"))
+        self.phases.counting = True
+
+    def record(self, step: int, val_loss: float) -> None:
+        row = {
+            "unix_s": time.time(),
+            "step": step,
+            "val_loss": val_loss,
+            "phases_s": self.phases.snapshot(),
+            "group_size": self.group_size(),
+        }
+        with self.path.open("a") as out:
+            out.write(json.dumps(row) + "\n")
+
+
+class _BenchListener(TrainingListener):
+    def __init__(self, log: _EvalLog) -> None:
+        self.log = log
+
+    def on_start(self, *, start_step: int, max_steps: int, num_parameters: int) -> None:
+        self.log.ready_then_wait_for_go()  # set up and joined: the method's clock starts at go
+
+    def on_eval(self, *, step: int, val_loss: float) -> None:
+        self.log.record(step, val_loss)
+
+
+def _swarm_config(spec: dict[str, Any], bootstrap: str) -> RunConfig:
+    checkpoints = Path(spec["folder"]) / f"checkpoints-{spec['method']}-{spec['rank']}"
+    overrides = [
+        *[tuple(pair) for pair in spec["overrides"]],
+        ("swarm.strategy", spec["method"]),
+        ("swarm.listen", f"{spec['host']}:0"),
+        ("swarm.bootstrap", bootstrap),
+        ("checkpoint.directory", str(checkpoints)),
+    ]
+    return load_run_config(None, overrides)
+
+
+def _bootstrap_address(spec: dict[str, Any]) -> str:
+    if spec["rank"] == 0:
+        return ""
+    return _wait_for_file(Path(spec["folder"]) / f"address-{spec['method']}", "peer 0's address")
+
+
+def _publish_address(spec: dict[str, Any], address: str) -> None:
+    if spec["rank"] == 0:
+        _write_atomically(Path(spec["folder"]) / f"address-{spec['method']}", address)
+
+
+def _run_diloco(spec: dict[str, Any], config: RunConfig) -> None:
+    phases = _PhaseClock()
+    log = _EvalLog(spec, phases)
+    config = _swarm_config(spec, _bootstrap_address(spec))
+    run_swarm_peer(
+        config,
+        listener=_BenchListener(log),
+        spans=SpanRecorder(peer=log.tag, sinks=[phases.sink]),
+        on_address=lambda address: _publish_address(spec, address),
+    )
+
+
+def _run_sync(spec: dict[str, Any], config: RunConfig) -> None:
+    """Gossamer's sync strategy over the swarm averager, as a member of the run.
+
+    ``run_swarm_peer`` builds the same pieces for ``swarm.strategy = sync`` but does not publish
+    run membership (``SwarmAverager.join_run``), so its rounds do not wait for the other peers;
+    here the peer joins the run before training, as a DiLoCo peer does, so every round averages
+    over the whole group.
+    """
+    phases = _PhaseClock()
+    log = _EvalLog(spec, phases)
+    config = _swarm_config(spec, _bootstrap_address(spec))
+    swarm = config.swarm
+    folder = Path(config.checkpoint.directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    node_config = NodeConfig(
+        listen_address=swarm.listen,
+        bootstrap=swarm.bootstrap_addresses,
+        dht=DhtConfig(record_ttl_s=30.0, republish_interval_s=10.0, refresh_interval_s=5.0),
+        heartbeat=HeartbeatConfig(interval_s=0.5, timeout_s=2.5),
+    )
+    with NodeThread(node_config, load_or_create_identity(folder / "peer.key")) as node_thread:
+        node = node_thread.node
+        _publish_address(spec, f"{node.peer_id}@{node.addresses[0]}")
+        averager = SwarmAverager(
+            node_thread,
+            SwarmAveragerConfig(
+                run_id=config.name,
+                codec=swarm.codec,
+                join_window_s=swarm.join_window_s,
+                round_timeout_s=swarm.round_timeout_s,
+                max_group_size=swarm.max_group_size,
+            ),
+        )
+        strategy = SyncStrategy(averager, run_id=config.name)
+        log.group_size = lambda: strategy.last_group_size
+        averager.join_run(0)
+        seed = int.from_bytes(hashlib.sha256(node.peer_id.encode()).digest()[:4], "little")
+        try:
+            with Trainer(
+                config,
+                strategy=strategy,
+                listener=_BenchListener(log),
+                spans=SpanRecorder(peer=log.tag, sinks=[phases.sink]),
+                stream_seed=seed,
+            ) as trainer:
+                trainer.run()
+        finally:
+            averager.leave_run()
+
+
+def _open_store(spec: dict[str, Any]) -> TCPStore:
+    folder = Path(spec["folder"])
+    timeout = datetime.timedelta(seconds=_DIST_TIMEOUT_S)
+    if spec["rank"] == 0:
+        store = TCPStore(spec["host"], 0, spec["world"], is_master=True, timeout=timeout,
+                         wait_for_workers=False)  # fmt: skip
+        _write_atomically(folder / "address-ddp", f"{spec['host']}:{store.port}")
+        return store
+    host, _, port = _wait_for_file(folder / "address-ddp", "rank 0's store").rpartition(":")
+    return TCPStore(host, int(port), spec["world"], is_master=False, timeout=timeout)
+
+
+def _run_ddp(spec: dict[str, Any], config: RunConfig) -> None:
+    """The reference: plain PyTorch DDP (gloo), gradients all-reduced in every backward."""
+    if spec.get("ifname"):
+        os.environ["GLOO_SOCKET_IFNAME"] = spec["ifname"]
+    rank, world = spec["rank"], spec["world"]
+    store = _open_store(spec)
+    dist.init_process_group(
+        "gloo",
+        store=store,
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=_DIST_TIMEOUT_S),
+    )
+    try:
+        _ddp_loop(spec, config, rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_loop(spec: dict[str, Any], config: RunConfig, rank: int, world: int) -> None:
+    train, model_config = config.train, config.model
+    if train.num_threads:
+        torch.set_num_threads(train.num_threads)
+    corpus = load_corpus(config.data)
+    torch.manual_seed(train.seed)  # the same initial weights as the swarm peers
+    model = GPT(model_config)
+    ddp = DistributedDataParallel(model)
+    optimizer = build_optimizer(model, config.optim)
+    stream = TokenStream(
+        corpus.train,
+        seq_len=model_config.context,
+        batch_size=train.batch_size,
+        seed=train.seed,
+        peer_index=rank,
+        num_peers=world,
+    )
+    val = validation_batches(
+        corpus.validation,
+        seq_len=model_config.context,
+        batch_size=train.batch_size,
+        num_batches=train.eval_batches,
+    )
+    phases = _PhaseClock()
+    spans = SpanRecorder(peer=f"ddp-{rank}", sinks=[phases.sink])
+    log = _EvalLog(spec, phases)
+    log.group_size = lambda: world
+    log.ready_then_wait_for_go()
+
+    def evaluate(step: int) -> None:
+        with spans.span("evaluation", step=step):
+            loss = mean_validation_loss(model, val)
+        log.record(step, loss)
+
+    evaluate(0)
+    for step in range(train.max_steps):
+        lr = learning_rate_at(step, config=config.optim, max_steps=train.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # DDP all-reduces gradients inside backward, overlapped with it: the span holds both.
+        with spans.span("compute_and_communication", step=step):
+            for _ in range(train.grad_accum_steps):
+                inputs, targets = stream.next_batch()
+                logits = ddp(inputs)
+                loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+                (loss / train.grad_accum_steps).backward()  # type: ignore[no-untyped-call]
+            if config.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done == train.max_steps or (train.eval_every and done % train.eval_every == 0):
+            evaluate(done)
+
+
+def _main() -> None:
+    spec = json.loads(sys.argv[1])
+    try:
+        config = load_run_config(None, [tuple(pair) for pair in spec["overrides"]])
+        runners = {"diloco": _run_diloco, "sync": _run_sync, "ddp": _run_ddp}
+        runners[spec["method"]](spec, config)
+    except BaseException:
+        traceback.print_exc()
+        raise
+
+
+if __name__ == "__main__":
+    _main()
