@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -19,8 +20,10 @@ from gossamer.core.errors import ConfigError, GossamerError
 from gossamer.net.bridge import NodeThread
 from gossamer.net.config import DhtConfig, HeartbeatConfig, NodeConfig, RelayConfig
 from gossamer.net.identity import load_or_create_identity
+from gossamer.net.metrics import register_net_metrics
 from gossamer.net.node import Node
 from gossamer.net.status import node_status, write_status_file
+from gossamer.obs.metrics import PeerMetrics, serve_metrics
 from gossamer.proto import net_pb2
 
 DEFAULT_KEY_FILE = Path("~/.gossamer/key.pem")
@@ -167,6 +170,15 @@ def peer_start(
         float,
         typer.Option("--relay-bytes-per-s", help="Relayed bandwidth cap per relayed peer."),
     ] = RelayConfig().bytes_per_s_per_peer,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port", help="Serve Prometheus /metrics on this port (0: any free one)."
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option("--metrics-host", help="Address for /metrics.")
+    ] = "127.0.0.1",
 ) -> None:
     """Run a long-lived peer until interrupted (Ctrl-C or SIGTERM)."""
     logging.basicConfig(
@@ -187,8 +199,10 @@ def peer_start(
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
-        with NodeThread(config, identity) as thread:
+        with NodeThread(config, identity) as thread, contextlib.ExitStack() as metrics_stack:
             node = thread.node
+            if metrics_port is not None:
+                _serve_peer_metrics(metrics_stack, thread, metrics_host, metrics_port)
             if check_reachability and config.bootstrap:
                 thread.run(_reach, timeout_s=20.0)
             typer.echo(f"peer {node.peer_id} listening on {', '.join(node.addresses)}", err=False)
@@ -203,6 +217,19 @@ def peer_start(
                     write_status_file(status_file, status)
                 stop.wait(1.0)
         typer.echo(f"peer {identity.peer_id} stopped")
+
+
+def _serve_peer_metrics(
+    stack: contextlib.ExitStack, thread: NodeThread, host: str, port: int
+) -> None:
+    """Serve the node's metrics until ``stack`` closes (before the node stops)."""
+    metrics = PeerMetrics()
+    metrics.set_peer_id(thread.node.peer_id)
+    collector = register_net_metrics(metrics.registry, thread)
+    stack.callback(collector.close)
+    server = serve_metrics(metrics.registry, host=host, port=port)
+    stack.callback(server.close)
+    typer.echo(f"metrics at {server.url}")
 
 
 async def _status(node: Node) -> dict[str, Any]:

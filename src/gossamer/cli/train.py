@@ -98,10 +98,12 @@ def train(
             overrides.append(("swarm.bootstrap", ",".join(bootstrap)))
         run_config = load_run_config(config, overrides)
         metrics = PeerMetrics() if metrics_port is not None else None
+        metrics_url: str | None = None
         if metrics is not None and metrics_port is not None:
             server = serve_metrics(metrics.registry, host=metrics_host, port=metrics_port)
             stack.callback(server.close)
-            _console.print(f"metrics at {server.url}")
+            metrics_url = server.url
+            _console.print(f"metrics at {metrics_url}")
         spans = SpanRecorder(peer=run_config.name, path=trace)
         stack.callback(spans.close)
         listener = stack.enter_context(RichProgressListener())
@@ -116,6 +118,7 @@ def train(
                 listener=listener,
                 spans=spans,
                 metrics=metrics,
+                metrics_url=metrics_url,
                 on_address=lambda address: _console.print(f"peer address: {address}"),
             ).result
     _print_summary(result, summary_json)

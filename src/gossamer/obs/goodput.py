@@ -28,6 +28,8 @@ class GoodputSnapshot:
     """Every token pushed through the model."""
     tokens_kept: int
     """Tokens of steps whose result was kept."""
+    tokens_discarded: int = 0
+    """Tokens of steps whose result was thrown away (``tokens_processed - tokens_kept``)."""
 
     @property
     def goodput_tokens_per_s(self) -> float:
@@ -60,6 +62,7 @@ class GoodputTracker:
         self._compute_s = 0.0
         self._processed = 0
         self._kept = 0
+        self._discarded = 0
 
     def add_compute(self, seconds: float) -> None:
         """Count ``seconds`` of compute."""
@@ -72,11 +75,15 @@ class GoodputTracker:
             self._processed += tokens
             if kept:
                 self._kept += tokens
+            else:
+                self._discarded += tokens
 
     def discard(self, tokens: int) -> None:
         """Take back ``tokens`` counted as kept (a later failure rolled them back)."""
         with self._lock:
-            self._kept = max(0, self._kept - tokens)
+            taken = min(self._kept, tokens)
+            self._kept -= taken
+            self._discarded += taken
 
     def snapshot(self) -> GoodputSnapshot:
         """The figures now."""
@@ -86,4 +93,5 @@ class GoodputTracker:
                 compute_s=self._compute_s,
                 tokens_processed=self._processed,
                 tokens_kept=self._kept,
+                tokens_discarded=self._discarded,
             )

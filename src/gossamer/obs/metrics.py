@@ -8,7 +8,9 @@ swarm's size). Recording a metric is a lock-protected increment: it never blocks
 
 from __future__ import annotations
 
+import math
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
@@ -19,15 +21,27 @@ from prometheus_client import (
     Histogram,
     start_http_server,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-from gossamer.obs.goodput import GoodputTracker
+from gossamer.obs.goodput import GoodputSnapshot, GoodputTracker
 from gossamer.obs.trace import PHASES, Span
 
-__all__ = ["MetricsServer", "PeerMetrics", "serve_metrics"]
+__all__ = ["ROUND_OUTCOMES", "MetricsServer", "PeerMetrics", "SwarmMetrics", "serve_metrics"]
+
+
+_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+ROUND_OUTCOMES = ("complete", "shrunk", "alone", "excluded")
+"""How an averaging round ended for this peer: every expected peer contributed; some were
+dropped or did not come; nobody else came; or the round closed before this peer arrived."""
 
 
 class PeerMetrics:
-    """The metrics of one peer's training: loss, throughput, time split, goodput.
+    """The metrics of one peer: training, goodput, and (set from ``train/``) the swarm's rounds.
+
+    The network layer's counters are added to :attr:`registry` by ``gossamer.net.metrics``.
+    Every recording method is a lock-protected update of a pre-created series: none allocates a
+    label child or blocks the caller.
 
     Args:
         goodput: the tracker whose figures are exported; a new one if None.
@@ -37,11 +51,15 @@ class PeerMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.goodput = goodput or GoodputTracker()
         r = self.registry
+        self.peer_info: Gauge | None = None
+        """``gossamer_peer_info{peer_id}``, registered by :meth:`set_peer_id`."""
         self.step = Gauge("gossamer_train_step", "Optimizer steps taken.", registry=r)
         self.loss = Gauge("gossamer_train_loss", "Training loss of the last step.", registry=r)
+        self.loss.set(math.nan)
         self.validation_loss = Gauge(
             "gossamer_validation_loss", "Validation loss at the last evaluation.", registry=r
         )
+        self.validation_loss.set(math.nan)
         self.tokens = Counter(
             "gossamer_train_tokens", "Training tokens processed by this peer.", registry=r
         )
@@ -56,8 +74,7 @@ class PeerMetrics:
             ["phase"],
             registry=r,
         )
-        for phase in PHASES:
-            self.phase_seconds.labels(phase=phase)
+        self._phase_children = {phase: self.phase_seconds.labels(phase=phase) for phase in PHASES}
         self.checkpoint_seconds = Histogram(
             "gossamer_checkpoint_write_seconds",
             "Time to write one checkpoint.",
@@ -78,15 +95,176 @@ class PeerMetrics:
         self.goodput_tokens_per_second.set_function(
             lambda: self.goodput.snapshot().goodput_tokens_per_s
         )
+        r.register(_GoodputCollector(self.goodput))
+        self.swarm: SwarmMetrics | None = None
+        """The swarm's rounds, resyncs and state downloads, once :meth:`enable_swarm` ran."""
+
+    def enable_swarm(self) -> SwarmMetrics:
+        """Add the metrics of a peer that trains in a swarm (idempotent); a local run has none."""
+        if self.swarm is None:
+            self.swarm = SwarmMetrics(self.registry)
+        return self.swarm
+
+    def set_peer_id(self, peer_id: str) -> None:
+        """Name this peer in ``gossamer_peer_info`` (once its identity is known).
+
+        Registered only then, so a peer without an identity (local training) exports no name
+        and is shown by its metrics address.
+        """
+        if self.peer_info is None:
+            self.peer_info = Gauge(
+                "gossamer_peer_info",
+                "Always 1; names this peer (its peer id), to match other peers' peer labels.",
+                ["peer_id"],
+                registry=self.registry,
+            )
+        self.peer_info.clear()
+        self.peer_info.labels(peer_id=peer_id).set(1)
 
     def record_span(self, span: Span) -> None:
         """A :class:`~gossamer.obs.trace.SpanSink`: count the span's seconds under its phase."""
-        if span.name in PHASES:
-            self.phase_seconds.labels(phase=span.name).inc(span.duration_s)
+        child = self._phase_children.get(span.name)
+        if child is not None:
+            child.inc(span.duration_s)
         if span.name == "compute":
             self.goodput.add_compute(span.duration_s)
         elif span.name == "checkpoint":
             self.checkpoint_seconds.observe(span.duration_s)
+
+
+class SwarmMetrics:
+    """Metrics of a peer training in a swarm: averaging rounds, resyncs, state downloads.
+
+    Recorded once per round or download, never per step.
+
+    Args:
+        registry: where the series are registered (a :class:`PeerMetrics`'s).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.outer_step = Gauge(
+            "gossamer_outer_step", "Averaging rounds this peer's global state has seen.", registry=r
+        )
+        self.allreduce_seconds = Histogram(
+            "gossamer_allreduce_duration_seconds",
+            "Wall time of one averaging round, group formation included.",
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.compression_ratio = Gauge(
+            "gossamer_allreduce_compression_ratio",
+            "float32 bytes over encoded bytes of the last round's tensors (1: no compression).",
+            registry=r,
+        )
+        self.group_size = Gauge(
+            "gossamer_group_size", "Peers whose contributions were in the last round.", registry=r
+        )
+        self.rounds = Counter(
+            "gossamer_averaging_rounds",
+            "Averaging rounds by how they ended for this peer.",
+            ["outcome"],
+            registry=r,
+        )
+        self._round_children = {o: self.rounds.labels(outcome=o) for o in ROUND_OUTCOMES}
+        self.round_peers_dropped = Counter(
+            "gossamer_round_peers_dropped",
+            "Peers dropped from a round this peer was in (failed mid-round).",
+            registry=r,
+        )
+        self.round_peers_missing = Counter(
+            "gossamer_round_peers_missing",
+            "Peers of the run that did not come to a round this peer was in (gone or late).",
+            registry=r,
+        )
+        self.round_bytes_sent = Counter(
+            "gossamer_averaging_sent_bytes", "Bytes this peer sent in averaging rounds.", registry=r
+        )
+        self.round_bytes_received = Counter(
+            "gossamer_averaging_received_bytes",
+            "Bytes this peer received in averaging rounds.",
+            registry=r,
+        )
+        self.resyncs = Counter(
+            "gossamer_resyncs",
+            "Times this peer replaced its state with the swarm's (behind, excluded, or differed).",
+            registry=r,
+        )
+        self.state_download_seconds = Histogram(
+            "gossamer_state_download_duration_seconds",
+            "Time to download the global state from donors (newcomer sync and resyncs).",
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.state_download_bytes = Counter(
+            "gossamer_state_download_bytes", "Bytes of state downloaded from donors.", registry=r
+        )
+
+    def record_round(
+        self,
+        *,
+        seconds: float,
+        group_size: int,
+        outcome: str,
+        bytes_sent: int,
+        bytes_received: int,
+        compression_ratio: float,
+        num_dropped: int = 0,
+        num_missing: int = 0,
+    ) -> None:
+        """Count one averaging round (``outcome`` is one of :data:`ROUND_OUTCOMES`)."""
+        self._round_children[outcome].inc()
+        self.allreduce_seconds.observe(seconds)
+        self.group_size.set(group_size)
+        self.compression_ratio.set(compression_ratio)
+        self.round_bytes_sent.inc(bytes_sent)
+        self.round_bytes_received.inc(bytes_received)
+        if num_dropped:
+            self.round_peers_dropped.inc(num_dropped)
+        if num_missing:
+            self.round_peers_missing.inc(num_missing)
+
+    def record_state_download(self, seconds: float, num_bytes: int) -> None:
+        """Count one download of the global state from donors."""
+        self.state_download_seconds.observe(seconds)
+        self.state_download_bytes.inc(num_bytes)
+
+
+class _GoodputCollector(Collector):
+    """The goodput tracker's totals, read when scraped (nothing is done per step)."""
+
+    def __init__(self, tracker: GoodputTracker) -> None:
+        self._tracker = tracker
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families(None)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families(self._tracker.snapshot())
+
+    @staticmethod
+    def _families(snap: GoodputSnapshot | None) -> list[Metric]:
+        kept = CounterMetricFamily(
+            "gossamer_goodput_kept_tokens",
+            "Tokens of steps whose result was kept (the numerator of goodput).",
+        )
+        discarded = CounterMetricFamily(
+            "gossamer_goodput_discarded_tokens",
+            "Tokens of steps whose result was thrown away (excluded rounds, catch-ups).",
+        )
+        compute = GaugeMetricFamily(
+            "gossamer_compute_tokens_per_second",
+            "This peer's compute-only rate: tokens per second of compute, no communication.",
+        )
+        wall = GaugeMetricFamily(
+            "gossamer_goodput_wall_seconds", "Wall seconds over which goodput is measured."
+        )
+        if snap is not None:
+            kept.add_metric([], snap.tokens_kept)
+            discarded.add_metric([], snap.tokens_discarded)
+            compute.add_metric([], snap.compute_tokens_per_s)
+            wall.add_metric([], snap.wall_s)
+        return [kept, discarded, compute, wall]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -24,14 +24,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from gossamer.comm.codecs import CodecPolicy
 from gossamer.core.config import RunConfig
 from gossamer.core.errors import GossamerError
 from gossamer.net.bridge import NodeThread
 from gossamer.net.config import DhtConfig, HeartbeatConfig, NodeConfig
 from gossamer.net.identity import load_or_create_identity
+from gossamer.net.metrics import register_net_metrics
 from gossamer.net.node import Node
-from gossamer.obs.metrics import PeerMetrics
+from gossamer.obs.goodput import GoodputTracker
+from gossamer.obs.metrics import PeerMetrics, SwarmMetrics
 from gossamer.obs.trace import SpanRecorder
+from gossamer.train.averaging import AverageOutcome
 from gossamer.train.diloco import DiLoCoConfig, DiLoCoStrategy
 from gossamer.train.loop import ModelFactory, ProgressEvent, Trainer, TrainingListener, TrainResult
 from gossamer.train.state_sync import StateSnapshot, download_state
@@ -42,6 +46,7 @@ from gossamer.train.sync import SyncStrategy
 
 __all__ = [
     "ListenerGroup",
+    "ObservedAverager",
     "StatusFileListener",
     "SwarmDiLoCoStrategy",
     "SwarmPeerResult",
@@ -59,6 +64,58 @@ def _hash_key(run_id: str, outer_step: int) -> bytes:
     return hashlib.sha256(f"gossamer.train.hash/{run_id}/{outer_step}".encode()).digest()
 
 
+class ObservedAverager:
+    """A :class:`SwarmAverager` whose rounds are counted in a peer's metrics (observation only).
+
+    Args:
+        averager: does the averaging.
+        metrics: where each round is recorded.
+    """
+
+    def __init__(self, averager: SwarmAverager, metrics: SwarmMetrics) -> None:
+        self.averager = averager
+        self.metrics = metrics
+        self._policy = CodecPolicy(codec=averager.config.codec)
+        self._ratios: dict[tuple[int, ...], float] = {}
+
+    def compression_ratio(self, tensors: Sequence[torch.Tensor]) -> float:
+        """float32 bytes over the codec's encoded bytes for these tensors' sizes (cached)."""
+        sizes = tuple(t.numel() for t in tensors)
+        ratio = self._ratios.get(sizes)
+        if ratio is None:
+            encoded = 0
+            for numel in sizes:
+                choice = self._policy.choose(numel)
+                encoded += choice.codec.encoded_nbytes(numel, choice.block_size)
+            ratio = 4 * sum(sizes) / encoded if encoded else 1.0
+            self._ratios = {sizes: ratio}  # one shape set per run; never grows
+        return ratio
+
+    def average(
+        self, tensors: list[torch.Tensor], *, round_key: str, weight: float
+    ) -> AverageOutcome:
+        outcome = self.averager.average(tensors, round_key=round_key, weight=weight)
+        if outcome.excluded:
+            kind = "excluded"
+        elif outcome.group_size < 2:
+            kind = "alone"
+        elif outcome.failed_peers or outcome.missing_peers:
+            kind = "shrunk"
+        else:
+            kind = "complete"
+        self.metrics.record_round(
+            seconds=outcome.seconds,
+            group_size=outcome.group_size,
+            outcome=kind,
+            bytes_sent=outcome.bytes_sent,
+            bytes_received=outcome.bytes_received,
+            compression_ratio=self.compression_ratio(tensors),
+            num_dropped=len(outcome.failed_peers),
+            num_missing=len(outcome.missing_peers),
+        )
+        return outcome
+
+
 class SwarmDiLoCoStrategy(DiLoCoStrategy):
     """DiLoCo across machines: donates state, syncs as a newcomer, checks agreement.
 
@@ -68,6 +125,8 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         node_thread: this peer's node.
         donor: serves this peer's global state to newcomers.
         join_existing: download the swarm's state before the first step (a bootstrap was given).
+        metrics: records resyncs, state downloads, rounds and goodput (steps thrown away).
+        tokens_per_step: training tokens of one inner step, to count thrown-away work.
     """
 
     def __init__(
@@ -78,8 +137,16 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         donor: StateDonor,
         *,
         join_existing: bool,
+        metrics: PeerMetrics | None = None,
+        tokens_per_step: int = 0,
     ) -> None:
-        super().__init__(config, averager)
+        swarm_metrics = metrics.enable_swarm() if metrics is not None else None
+        super().__init__(
+            config, ObservedAverager(averager, swarm_metrics) if swarm_metrics else averager
+        )
+        self.metrics = metrics
+        self.swarm_metrics = swarm_metrics
+        self.tokens_per_step = tokens_per_step
         self.swarm_averager = averager
         self.node_thread = node_thread
         self.donor = donor
@@ -138,12 +205,15 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
                 node, donors, timeout_s=_DOWNLOAD_TIMEOUT_S, version=version
             )
 
+        started = time.monotonic()
         try:
             snapshot, report = self.node_thread.run(fetch, timeout_s=_DOWNLOAD_TIMEOUT_S + 10)
         except GossamerError as exc:
             logger.warning("peer %s: no state from donors (%s)", self._short(), exc)
             return None
         self.state_download_bytes += report.total_bytes
+        if self.swarm_metrics is not None:
+            self.swarm_metrics.record_state_download(time.monotonic() - started, report.total_bytes)
         return snapshot
 
     def _wait_for_newer_state(self) -> StateSnapshot | None:
@@ -178,11 +248,22 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
     def _publish(self, step: int) -> None:
         self.donor.publish(self._snapshot(step))
 
+    def _resynced(self) -> None:
+        self.resyncs += 1
+        if self.swarm_metrics is not None:
+            self.swarm_metrics.resyncs.inc()
+
+    def _discard_round(self) -> None:
+        """This peer's inner steps since the last round went into no average: not goodput."""
+        if self.metrics is not None:
+            self.metrics.goodput.discard(self.config.inner_steps * self.tokens_per_step)
+
     def on_step_end(self, model: nn.Module, step: int) -> int | None:
         if (step + 1) % self.config.inner_steps != 0:
             return None
         weight = self.weight
         continue_from: int | None = None
+        work_lost = False
         if self.swarm_averager.newest_version() > self.outer_step:
             # Behind the swarm (restarted from an older checkpoint, say): take its state and
             # join this round with a zero pseudo-gradient and no weight, so the round's result
@@ -190,8 +271,9 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             snapshot = self._download(version=None)
             if snapshot is not None and snapshot.version > self.outer_step:
                 self._apply_snapshot(snapshot)
-                self.resyncs += 1
+                self._resynced()
                 self.weight = 0.0
+                work_lost = True
                 # After this round the others stand at the step after it: so will this peer.
                 continue_from = int(snapshot.meta["step"]) + self.config.inner_steps
                 logger.warning(
@@ -204,16 +286,21 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         finally:
             self.weight = weight
         if self.last_round_excluded:
+            work_lost = True
             snapshot = self._wait_for_newer_state()
             if snapshot is not None:
                 self._apply_snapshot(snapshot)
-                self.resyncs += 1
+                self._resynced()
                 continue_from = int(snapshot.meta["step"])
                 logger.warning(
                     "peer %s missed a round; took the swarm's state at outer step %d",
                     self._short(),
                     self.outer_step,
                 )
+        if work_lost:
+            self._discard_round()
+        if self.swarm_metrics is not None:
+            self.swarm_metrics.outer_step.set(self.outer_step)
         self.swarm_averager.join_run(self.outer_step)
         self._publish(step=continue_from if continue_from is not None else step + 1)
         self._publish_hash()
@@ -221,7 +308,7 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             snapshot = self._download(version=None)
             if snapshot is not None:
                 self._apply_snapshot(snapshot)
-                self.resyncs += 1
+                self._resynced()
                 continue_from = int(snapshot.meta["step"])
                 logger.warning(
                     "peer %s differed from the swarm; resynced at outer step %d",
@@ -280,15 +367,23 @@ class StatusFileListener(TrainingListener):
         path: the status file.
         peer_id: this peer's id.
         strategy: read for bytes sent, rounds and resyncs.
+        goodput: read for kept and processed tokens, compute and wall time.
         min_interval_s: write at most this often (the last step is always written).
     """
 
     def __init__(
-        self, path: Path, *, peer_id: str, strategy: TrainingStrategy, min_interval_s: float = 0.5
+        self,
+        path: Path,
+        *,
+        peer_id: str,
+        strategy: TrainingStrategy,
+        goodput: GoodputTracker | None = None,
+        min_interval_s: float = 0.5,
     ) -> None:
         self.path = path
         self.peer_id = peer_id
         self.strategy = strategy
+        self.goodput = goodput
         self.min_interval_s = min_interval_s
         self._last_write = 0.0
         self.status: dict[str, Any] = {"peer_id": peer_id, "state": "starting", "pid": os.getpid()}
@@ -304,6 +399,17 @@ class StatusFileListener(TrainingListener):
         self.status["stall_s"] = float(getattr(self.strategy, "seconds_lost_to_failures", 0.0))
         ttp = getattr(self.strategy, "time_to_productive_s", None)
         self.status["time_to_productive_s"] = ttp
+        if self.goodput is not None:
+            snap = self.goodput.snapshot()
+            self.status["goodput"] = {
+                "wall_s": snap.wall_s,
+                "compute_s": snap.compute_s,
+                "tokens_processed": snap.tokens_processed,
+                "tokens_kept": snap.tokens_kept,
+                "tokens_per_s": snap.goodput_tokens_per_s,
+                "compute_tokens_per_s": snap.compute_tokens_per_s,
+                "ratio": snap.goodput_ratio,
+            }
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text(json.dumps(self.status))
         os.replace(tmp, self.path)
@@ -406,6 +512,7 @@ def run_swarm_peer(
     listener: TrainingListener | None = None,
     spans: SpanRecorder | None = None,
     metrics: PeerMetrics | None = None,
+    metrics_url: str | None = None,
     on_address: Callable[[str], None] | None = None,
 ) -> SwarmPeerResult:
     """Train as one peer of a swarm, with ``config.swarm``'s strategy.
@@ -415,7 +522,9 @@ def run_swarm_peer(
         model_factory: builds the model; the built-in GPT if None.
         listener: receives progress events.
         spans: records where time goes.
-        metrics: Prometheus metrics to keep up to date.
+        metrics: Prometheus metrics to keep up to date (the node's network metrics are added to
+            its registry while the node runs); goodput is tracked in a private one if None.
+        metrics_url: where ``metrics`` are served, written into the status file for scrapers.
         on_address: called with this peer's ``PEER_ID@HOST:PORT`` once it listens.
 
     Returns:
@@ -426,78 +535,119 @@ def run_swarm_peer(
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     key_file = Path(swarm.key_file) if swarm.key_file else checkpoint_dir / "peer.key"
     identity = load_or_create_identity(key_file)
+    metrics = metrics or PeerMetrics()
+    metrics.set_peer_id(identity.peer_id)
     with NodeThread(_node_config(config), identity) as node_thread:
-        node = node_thread.node
-        address = f"{node.peer_id}@{node.addresses[0]}"
-        logger.info("peer %s listening at %s", node.peer_id[:8], address)
-        if on_address is not None:
-            on_address(address)
-        averager = SwarmAverager(
-            node_thread,
-            SwarmAveragerConfig(
-                run_id=config.name,
-                codec=swarm.codec,
-                join_window_s=swarm.join_window_s,
-                round_timeout_s=swarm.round_timeout_s,
-                max_group_size=swarm.max_group_size,
-            ),
-        )
-
-        async def make_donor(n: Node) -> StateDonor:
-            return StateDonor(n)
-
-        donor = node_thread.run(make_donor, timeout_s=10)
-        strategy: TrainingStrategy
-        if swarm.strategy == "diloco":
-            strategy = SwarmDiLoCoStrategy(
-                DiLoCoConfig(
-                    inner_steps=swarm.inner_steps,
-                    outer_lr=swarm.outer_lr,
-                    outer_momentum=swarm.outer_momentum,
-                    run_id=config.name,
-                ),
-                averager,
-                node_thread,
-                donor,
-                join_existing=bool(swarm.bootstrap_addresses),
-            )
-        elif swarm.strategy == "sync":
-            strategy = SyncStrategy(averager, run_id=config.name)
-        else:
-            raise ValueError("run_swarm_peer needs swarm.strategy 'sync' or 'diloco'")
-        listeners = [listener] if listener is not None else []
-        status: StatusFileListener | None = None
-        if swarm.status_file:
-            status = StatusFileListener(
-                Path(swarm.status_file), peer_id=node.peer_id, strategy=strategy
-            )
-            status.status["address"] = address
-            listeners.append(status)
-        stream_seed = int.from_bytes(hashlib.sha256(node.peer_id.encode()).digest()[:4], "little")
+        net_metrics = register_net_metrics(metrics.registry, node_thread)
         try:
-            with Trainer(
+            return _train_on_node(
                 config,
+                node_thread,
                 model_factory=model_factory,
-                strategy=strategy,
-                listener=ListenerGroup(listeners),
-                stream_seed=stream_seed,
+                listener=listener,
                 spans=spans,
                 metrics=metrics,
-            ) as trainer:
-                result = trainer.run()
-        except BaseException as exc:
-            if status is not None:
-                status.finish(None, error=f"{type(exc).__name__}: {exc}")
-            raise
+                metrics_url=metrics_url,
+                on_address=on_address,
+            )
         finally:
-            donor.close()
-        if status is not None:
-            status.finish(result)
-        return SwarmPeerResult(
-            peer_id=node.peer_id,
-            result=result,
-            bytes_sent=int(getattr(strategy, "bytes_sent", 0)),
-            bytes_received=int(getattr(strategy, "bytes_received", 0)),
-            resyncs=int(getattr(strategy, "resyncs", 0)),
-            time_to_productive_s=getattr(strategy, "time_to_productive_s", None),
+            net_metrics.close()  # before the node stops: later scrapes serve the last view
+
+
+def _train_on_node(
+    config: RunConfig,
+    node_thread: NodeThread,
+    *,
+    model_factory: ModelFactory | None,
+    listener: TrainingListener | None,
+    spans: SpanRecorder | None,
+    metrics: PeerMetrics,
+    metrics_url: str | None,
+    on_address: Callable[[str], None] | None,
+) -> SwarmPeerResult:
+    swarm = config.swarm
+    node = node_thread.node
+    address = f"{node.peer_id}@{node.addresses[0]}"
+    logger.info("peer %s listening at %s", node.peer_id[:8], address)
+    if on_address is not None:
+        on_address(address)
+    averager = SwarmAverager(
+        node_thread,
+        SwarmAveragerConfig(
+            run_id=config.name,
+            codec=swarm.codec,
+            join_window_s=swarm.join_window_s,
+            round_timeout_s=swarm.round_timeout_s,
+            max_group_size=swarm.max_group_size,
+        ),
+    )
+
+    async def make_donor(n: Node) -> StateDonor:
+        return StateDonor(n)
+
+    donor = node_thread.run(make_donor, timeout_s=10)
+    strategy: TrainingStrategy
+    if swarm.strategy == "diloco":
+        strategy = SwarmDiLoCoStrategy(
+            DiLoCoConfig(
+                inner_steps=swarm.inner_steps,
+                outer_lr=swarm.outer_lr,
+                outer_momentum=swarm.outer_momentum,
+                run_id=config.name,
+            ),
+            averager,
+            node_thread,
+            donor,
+            join_existing=bool(swarm.bootstrap_addresses),
+            metrics=metrics,
+            tokens_per_step=(
+                config.train.grad_accum_steps * config.train.batch_size * config.model.context
+            ),
         )
+    elif swarm.strategy == "sync":
+        strategy = SyncStrategy(
+            ObservedAverager(averager, metrics.enable_swarm()), run_id=config.name
+        )
+    else:
+        raise ValueError("run_swarm_peer needs swarm.strategy 'sync' or 'diloco'")
+    listeners = [listener] if listener is not None else []
+    status: StatusFileListener | None = None
+    if swarm.status_file:
+        status = StatusFileListener(
+            Path(swarm.status_file),
+            peer_id=node.peer_id,
+            strategy=strategy,
+            goodput=metrics.goodput,
+        )
+        status.status["address"] = address
+        if metrics_url is not None:
+            status.status["metrics_url"] = metrics_url
+        listeners.append(status)
+    stream_seed = int.from_bytes(hashlib.sha256(node.peer_id.encode()).digest()[:4], "little")
+    try:
+        with Trainer(
+            config,
+            model_factory=model_factory,
+            strategy=strategy,
+            listener=ListenerGroup(listeners),
+            stream_seed=stream_seed,
+            spans=spans,
+            metrics=metrics,
+        ) as trainer:
+            result = trainer.run()
+    except BaseException as exc:
+        if status is not None:
+            status.finish(None, error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        donor.close()
+    if status is not None:
+        status.finish(result)
+    return SwarmPeerResult(
+        peer_id=node.peer_id,
+        result=result,
+        bytes_sent=int(getattr(strategy, "bytes_sent", 0)),
+        bytes_received=int(getattr(strategy, "bytes_received", 0)),
+        resyncs=int(getattr(strategy, "resyncs", 0)),
+        time_to_productive_s=getattr(strategy, "time_to_productive_s", None),
+    )

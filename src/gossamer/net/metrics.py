@@ -1,0 +1,372 @@
+"""The network layer's counters and state as Prometheus metrics of a peer.
+
+:class:`NetMetricsCollector` is a custom collector registered on a peer's registry (usually
+:class:`~gossamer.obs.metrics.PeerMetrics`'s). Nothing is done per message: the counters the
+node keeps anyway (:class:`~gossamer.net.counters.NetCounters`) are read when Prometheus scrapes.
+Counters are copied from the scraping thread (their snapshot is safe there); what only the node's
+event loop may touch (the directory, the connection pool, the failure detector) is read by a small
+coroutine submitted to the loop with a short deadline, and if the loop does not answer in time the
+last answer is served again, so a busy node never makes a scrape hang.
+
+Labels are bounded: remote peers by :attr:`NetMetricsConfig.max_peer_labels` (the busiest peers by
+bytes; the rest are summed under ``peer="other"``), methods and error kinds by the code's fixed
+sets, connection kinds and reachability by their enums.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from gossamer.core.errors import GossamerError
+from gossamer.net.bridge import NodeThread
+from gossamer.net.counters import LATENCY_BUCKETS_S
+from gossamer.net.node import Node
+from gossamer.proto import net_pb2
+
+__all__ = [
+    "OTHER_PEERS",
+    "LiveView",
+    "NetMetricsCollector",
+    "NetMetricsConfig",
+    "live_view",
+    "register_net_metrics",
+]
+
+_log = logging.getLogger(__name__)
+
+OTHER_PEERS = "other"
+"""The ``peer`` label under which peers beyond the label bound are summed."""
+
+_REACHABILITY = {
+    net_pb2.REACHABILITY_UNKNOWN: "unknown",
+    net_pb2.REACHABILITY_DIRECT: "direct",
+    net_pb2.REACHABILITY_RELAYED: "relayed",
+}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NetMetricsConfig:
+    """How the network metrics are read."""
+
+    max_peer_labels: int = 64
+    """Remote peers exported by name; the others are summed under ``peer="other"``."""
+    live_timeout_s: float = 1.0
+    """Deadline for reading the node's live state on its event loop during a scrape."""
+
+    def __post_init__(self) -> None:
+        if self.max_peer_labels < 1:
+            raise ValueError(
+                f"NetMetricsConfig.max_peer_labels: must be at least 1, not {self.max_peer_labels}"
+            )
+        if self.live_timeout_s <= 0:
+            raise ValueError(
+                f"NetMetricsConfig.live_timeout_s: must be positive, not {self.live_timeout_s}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LiveView:
+    """What only the node's event loop may read, copied there."""
+
+    peers_known: int = 0
+    """Peers with a valid record in the directory."""
+    peers_connected: int = 0
+    """Peers with an open connection in the pool."""
+    peers_relayed: int = 0
+    """Known peers that are reachable only through a relay."""
+    reachability: str = "unknown"
+    """Whether others can reach this node: direct, relayed or unknown."""
+    num_relays: int = 0
+    """Relays this node holds a reservation with."""
+    liveness: tuple[tuple[str, bool, float], ...] = ()
+    """(peer id, alive, monotonic time of the last change) of every watched peer."""
+
+
+def live_view(node: Node) -> LiveView:
+    """Copy the node's live state; call it on the node's event loop."""
+    records = node.peers()
+    liveness = []
+    for peer_id in node.detector.watched:
+        state = node.detector.liveness(peer_id)
+        if state is not None:
+            liveness.append((peer_id, state.alive, state.changed_at_s))
+    return LiveView(
+        peers_known=len(records),
+        peers_connected=len(node.pool.peer_ids),
+        peers_relayed=sum(r.reachability == net_pb2.REACHABILITY_RELAYED for r in records),
+        reachability=_REACHABILITY.get(node.reachability, "unknown"),
+        num_relays=len(node.relays),
+        liveness=tuple(liveness),
+    )
+
+
+@dataclass(slots=True)
+class _Failures:
+    """Counts each alive-to-gone change of a watched peer once."""
+
+    counted: dict[str, float] = field(default_factory=dict)
+    total: int = 0
+
+    def update(self, liveness: Iterable[tuple[str, bool, float]]) -> None:
+        for peer_id, alive, changed_at_s in liveness:
+            if not alive and self.counted.get(peer_id) != changed_at_s:
+                self.counted[peer_id] = changed_at_s
+                self.total += 1
+
+
+class NetMetricsCollector(Collector):
+    """Exports a node's counters and live state when scraped.
+
+    Args:
+        read_counters: returns :meth:`NetCounters.snapshot` (safe from any thread).
+        read_live: returns the node's :class:`LiveView`, or raises if it cannot in time.
+        config: label bound and deadline.
+    """
+
+    def __init__(
+        self,
+        read_counters: Callable[[], Mapping[str, Any]],
+        read_live: Callable[[], LiveView],
+        config: NetMetricsConfig | None = None,
+    ) -> None:
+        self._read_counters = read_counters
+        self._read_live = read_live
+        self.config = config or NetMetricsConfig()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._live = LiveView()
+        self._failures = _Failures()
+
+    def close(self) -> None:
+        """Stop reading the node (call before it stops); later scrapes serve the last view."""
+        with self._lock:
+            self._closed = True
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families({}, LiveView(), 0)
+
+    def collect(self) -> Iterable[Metric]:
+        counters = self._read_counters()
+        with self._lock:  # one live read at a time, and never after close()
+            if not self._closed:
+                try:
+                    self._live = self._read_live()
+                except (GossamerError, RuntimeError) as exc:
+                    _log.debug("metrics: node state not read (%s); serving the last one", exc)
+            live = self._live
+            self._failures.update(live.liveness)
+            failures = self._failures.total
+        return self._families(counters, live, failures)
+
+    def _families(self, counters: Mapping[str, Any], live: LiveView, failures: int) -> list[Metric]:
+        families: list[Metric] = []
+        families += self._traffic(counters.get("peers", {}))
+        families += self._rpcs(counters)
+        families += self._peers(live, failures)
+        families += self._connections_and_relays(counters, live)
+        return families
+
+    def _traffic(self, peers: Mapping[str, Mapping[str, int]]) -> list[Metric]:
+        fields = {
+            "bytes_sent": CounterMetricFamily(
+                "gossamer_net_sent_bytes",
+                "Payload bytes sent to a remote peer (before gRPC framing and TLS).",
+                labels=["peer"],
+            ),
+            "bytes_received": CounterMetricFamily(
+                "gossamer_net_received_bytes",
+                "Payload bytes received from a remote peer.",
+                labels=["peer"],
+            ),
+            "num_rpcs_sent": CounterMetricFamily(
+                "gossamer_net_peer_rpcs_sent", "Calls this node made to a peer.", labels=["peer"]
+            ),
+            "num_rpcs_received": CounterMetricFamily(
+                "gossamer_net_peer_rpcs_received",
+                "Calls a peer made to this node.",
+                labels=["peer"],
+            ),
+            "num_errors": CounterMetricFamily(
+                "gossamer_net_peer_rpc_errors",
+                "Failed calls with a peer, either way.",
+                labels=["peer"],
+            ),
+        }
+        busiest = sorted(
+            peers.items(),
+            key=lambda item: item[1].get("bytes_sent", 0) + item[1].get("bytes_received", 0),
+            reverse=True,
+        )
+        limit = self.config.max_peer_labels
+        other = dict.fromkeys(fields, 0)
+        for index, (peer_id, traffic) in enumerate(busiest):
+            for name, family in fields.items():
+                if index < limit:
+                    family.add_metric([peer_id], traffic.get(name, 0))
+                else:
+                    other[name] += traffic.get(name, 0)
+        if len(busiest) > limit:
+            for name, family in fields.items():
+                family.add_metric([OTHER_PEERS], other[name])
+        return list(fields.values())
+
+    @staticmethod
+    def _rpcs(counters: Mapping[str, Any]) -> list[Metric]:
+        calls = CounterMetricFamily(
+            "gossamer_net_rpcs", "Calls by method, made and served.", labels=["method"]
+        )
+        for method, count in sorted(counters.get("rpc_calls", {}).items()):
+            calls.add_metric([method], count)
+        latency = HistogramMetricFamily(
+            "gossamer_net_rpc_duration_seconds",
+            "Latency of calls this node made, by method.",
+            labels=["method"],
+        )
+        bounds = [str(b) for b in LATENCY_BUCKETS_S] + ["+Inf"]
+        for method, histogram in sorted(counters.get("rpc_latency", {}).items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip(bounds, histogram["buckets"], strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            latency.add_metric([method], buckets, histogram["total_s"])
+        errors = CounterMetricFamily(
+            "gossamer_net_errors", "Errors by kind (Gossamer error class).", labels=["kind"]
+        )
+        for kind, count in sorted(counters.get("errors", {}).items()):
+            errors.add_metric([kind], count)
+        families: list[Metric] = [calls, latency, errors]
+        for key, name, help_text in (
+            ("num_retries", "gossamer_net_retries", "Retried call attempts."),
+            ("num_handshakes_refused", "gossamer_net_handshakes_refused", "Handshakes refused."),
+            (
+                "num_protocol_errors",
+                "gossamer_net_protocol_errors",
+                "Malformed, oversized or out-of-order messages received.",
+            ),
+        ):
+            family = CounterMetricFamily(name, help_text)
+            family.add_metric([], counters.get(key, 0))
+            families.append(family)
+        return families
+
+    @staticmethod
+    def _peers(live: LiveView, failures: int) -> list[Metric]:
+        families: list[Metric] = []
+        for name, help_text, value in (
+            ("gossamer_net_peers_known", "Peers with a valid record.", live.peers_known),
+            (
+                "gossamer_net_peers_connected",
+                "Peers with an open connection.",
+                live.peers_connected,
+            ),
+            (
+                "gossamer_net_peers_relayed",
+                "Known peers reachable only through a relay.",
+                live.peers_relayed,
+            ),
+            (
+                "gossamer_net_peers_alive",
+                "Watched peers answering heartbeats.",
+                sum(alive for _, alive, _ in live.liveness),
+            ),
+            (
+                "gossamer_net_peers_gone",
+                "Watched peers the failure detector reports gone.",
+                sum(not alive for _, alive, _ in live.liveness),
+            ),
+        ):
+            family = GaugeMetricFamily(name, help_text)
+            family.add_metric([], value)
+            families.append(family)
+        up = GaugeMetricFamily(
+            "gossamer_net_peer_up",
+            "1 while a watched peer answers heartbeats, 0 once it is reported gone.",
+            labels=["peer"],
+        )
+        for peer_id, alive, _ in sorted(live.liveness):
+            up.add_metric([peer_id], 1.0 if alive else 0.0)
+        detected = CounterMetricFamily(
+            "gossamer_net_failures_detected",
+            "Times a watched peer was reported gone by the failure detector.",
+        )
+        detected.add_metric([], failures)
+        return [*families, up, detected]
+
+    @staticmethod
+    def _connections_and_relays(counters: Mapping[str, Any], live: LiveView) -> list[Metric]:
+        connections = GaugeMetricFamily(
+            "gossamer_net_connections", "Open connections by kind.", labels=["kind"]
+        )
+        for kind, count in sorted(counters.get("connections", {}).items()):
+            connections.add_metric([kind], count)
+        reachability = GaugeMetricFamily(
+            "gossamer_net_reachability",
+            "1 for how others reach this node now (direct, relayed or unknown).",
+            labels=["state"],
+        )
+        for state in _REACHABILITY.values():
+            reachability.add_metric([state], 1.0 if state == live.reachability else 0.0)
+        relays = GaugeMetricFamily(
+            "gossamer_net_relays", "Relays this node holds a reservation with."
+        )
+        relays.add_metric([], live.num_relays)
+        reservations = GaugeMetricFamily(
+            "gossamer_net_relay_reservations", "Peers holding a relay reservation on this node."
+        )
+        reservations.add_metric([], counters.get("relay_reservations", 0))
+        relayed_bytes = CounterMetricFamily(
+            "gossamer_net_relayed_bytes", "Bytes this node relayed for others, both directions."
+        )
+        relayed_bytes.add_metric([], sum(counters.get("relayed_bytes", {}).values()))
+        families: list[Metric] = [connections, reachability, relays, reservations, relayed_bytes]
+        for key, name, help_text in (
+            ("relay_tunnels_opened", "gossamer_net_relay_tunnels", "Tunnels spliced as a relay."),
+            ("num_relayed_dials", "gossamer_net_relayed_dials", "Connections via a relay."),
+            (
+                "num_direct_upgrades",
+                "gossamer_net_direct_upgrades",
+                "Relayed connections replaced by a direct path.",
+            ),
+            (
+                "bulk_transfers_expired",
+                "gossamer_net_bulk_transfers_expired",
+                "Incoming bulk transfers dropped because their streams stalled.",
+            ),
+        ):
+            family = CounterMetricFamily(name, help_text)
+            family.add_metric([], counters.get(key, 0))
+            families.append(family)
+        return families
+
+
+def register_net_metrics(
+    registry: CollectorRegistry, node_thread: NodeThread, config: NetMetricsConfig | None = None
+) -> NetMetricsCollector:
+    """Export ``node_thread``'s node on ``registry``; call :meth:`~NetMetricsCollector.close`
+    before the node stops.
+    """
+    config = config or NetMetricsConfig()
+    counters = node_thread.node.counters
+
+    async def read(node: Node) -> LiveView:
+        return live_view(node)
+
+    collector = NetMetricsCollector(
+        counters.snapshot,
+        lambda: node_thread.run(read, timeout_s=config.live_timeout_s),
+        config,
+    )
+    registry.register(collector)
+    return collector
