@@ -104,10 +104,13 @@ class ThinLinkResult:
     def speedup_over(self, reference: str, method: str = "diloco") -> float | None:
         """``reference``'s seconds to target over ``method``'s (None if either did not reach it;
         a lower bound, ``cap_s`` over ``method``'s, if only the reference did not)."""
-        mine = self.methods[method].seconds_to_target
-        theirs = self.methods[reference].seconds_to_target if reference in self.methods else None
-        if mine is None or reference not in self.methods:
+        if method not in self.methods or reference not in self.methods:
             return None
+        mine = self.methods[method].seconds_to_target
+        other = self.methods[reference]
+        if mine is None or (other.seconds_to_target is None and other.error is not None):
+            return None
+        theirs = other.seconds_to_target
         return (theirs if theirs is not None else self.cap_s) / mine
 
     def to_json(self) -> dict[str, Any]:

@@ -12,12 +12,14 @@ from rich.console import Console
 from rich.table import Table
 
 from gossamer.bench.diloco import run_diloco_bench
+from gossamer.bench.diloco_thin_link import ThinLinkResult, run_thin_link_bench
 from gossamer.bench.loop import run_loop_bench
 from gossamer.bench.obs_overhead import run_obs_overhead_bench
 from gossamer.cli.bench_allreduce import register as register_allreduce
 from gossamer.cli.bench_transport import register as register_transport
 from gossamer.cli.errors import exit_on_gossamer_errors
 from gossamer.core.config_loader import load_run_config, parse_flag_overrides
+from gossamer.lab import parse_rate
 
 app = typer.Typer(help="Benchmarks: Gossamer against its reference, measured in the same run.")
 register_allreduce(app)
@@ -122,20 +124,50 @@ def diloco(
     inner_steps: Annotated[int, typer.Option(help="DiLoCo's H: inner steps per outer step.")] = 50,
     steps: Annotated[int, typer.Option(help="Inner steps per peer, for every method.")] = 400,
     int8: Annotated[bool, typer.Option(help="Also run DiLoCo with the 8-bit codec.")] = True,
+    rate: Annotated[
+        str | None,
+        typer.Option(
+            "--rate", help="Also run the thin-link comparison at this link rate (lab, root)."
+        ),
+    ] = None,
+    target_loss: Annotated[
+        float, typer.Option(help="Thin link: the validation loss every method trains to.")
+    ] = 2.5,
+    time_cap_s: Annotated[
+        float, typer.Option(help="Thin link: longest one method runs before it is stopped.")
+    ] = 180.0,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
     out: Annotated[Path | None, typer.Option(help="Also write the JSON result here.")] = None,
 ) -> None:
     """DiLoCo vs synchronous data parallel on the same token budget: loss and bytes sent.
 
-    Peers are threads of this process averaging through the same codecs as on the wire; the
-    thin-link comparison (`--rate`) needs the lab and is not part of this command yet.
+    Peers are threads of this process averaging through the same codecs as on the wire. With
+    --rate, the peers then also run as processes in lab namespaces behind links of that rate, and
+    DiLoCo, sync and plain PyTorch DDP (gloo) are each timed to --target-loss, with the same
+    --steps budget and H. The thin link's model is a small GPT (see `settings` in the JSON);
+    config flags (--model.width 128, ...) change it and the quality part alike.
     """
     with exit_on_gossamer_errors():
-        config = load_run_config(None, parse_flag_overrides(ctx.args))
+        overrides = parse_flag_overrides(ctx.args)
+        config = load_run_config(None, overrides)
+        rate_bits = parse_rate(rate) if rate else None
         result = run_diloco_bench(
             config=config, peers=peers, inner_steps=inner_steps, steps=steps, with_int8=int8
         )
+        thin: ThinLinkResult | None = None
+        if rate_bits is not None:
+            thin = run_thin_link_bench(
+                rate_bits_per_s=rate_bits,
+                peers=peers,
+                target_loss=target_loss,
+                inner_steps=inner_steps,
+                max_steps=steps,
+                cap_s=time_cap_s,
+                overrides=overrides,
+            )
     fields = result.to_json()
+    if thin is not None:
+        fields.update(thin.to_json())
     _write_json(fields, out)
     if json_output:
         typer.echo(json.dumps(fields))
@@ -165,3 +197,40 @@ def diloco(
             f"8-bit codec: loss {fields['loss_gap_int8_vs_diloco_percent']:+.2f}% vs fp32 DiLoCo "
             "(target: at most +1%)"
         )
+    if thin is not None:
+        _print_thin_link(thin, rate or "")
+
+
+def _print_thin_link(thin: ThinLinkResult, rate: str) -> None:
+    table = Table(
+        title=f"thin link: {thin.peers} peer processes on {rate} links, time to validation "
+        f"loss {thin.target_loss} (cap {thin.cap_s:.0f} s, {thin.max_steps} steps, "
+        f"H = {thin.inner_steps})"
+    )
+    for column in ("method", "seconds to target", "steps", "best loss", "utilization (min)"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for method in thin.methods.values():
+        seconds = method.seconds_to_target
+        shares = [u for u in method.utilization.values() if u is not None]
+        table.add_row(
+            method.name,
+            f"{seconds:.1f}" if seconds is not None else f"not reached ({method.wall_s:.0f} s)",
+            str(method.steps_to_target if method.steps_to_target is not None else method.last_step),
+            f"{method.best_val_loss:.4f}" if method.best_val_loss is not None else "-",
+            f"{min(shares):.0%}" if shares else "-",
+        )
+    _console.print(table)
+    for method in thin.methods.values():
+        if method.error:
+            _console.print(f"{method.name} failed: {method.error}", markup=False)
+    for reference in ("ddp", "sync"):
+        speedup = thin.speedup_over(reference)
+        if speedup is not None:
+            bound = "" if thin.methods[reference].seconds_to_target is not None else " at least"
+            _console.print(
+                f"DiLoCo reaches the target{bound} {speedup:.1f}x faster than {reference}"
+            )
+    _console.print(
+        "targets: DiLoCo at least 5x faster than DDP, compute utilization at least 90% on every "
+        "peer; latency is not emulated in the lab (docs/lab.md)"
+    )
