@@ -228,8 +228,13 @@ def demo(
         def view(statuses: dict[str, dict[str, Any]], line: str) -> None:
             live.update(_swarm_table(statuses, line))
 
+        def announce(url: str) -> None:
+            live.console.print(f"dashboard at {url} (open it while the demo runs)")
+
         try:
-            summary = run_swarm_demo(budget_s=budget_s, runs_dir=runs_dir, view=view)
+            summary = run_swarm_demo(
+                budget_s=budget_s, runs_dir=runs_dir, view=view, on_dashboard=announce
+            )
         except RuntimeError as exc:
             raise GossamerError(str(exc)) from exc
     table = Table(title="Gossamer demo: a swarm of peers on this machine", show_header=False)
@@ -245,6 +250,17 @@ def demo(
     table.add_row(
         "bytes on the wire", f"{summary.bytes_on_wire:,} ({summary.bytes_per_token:.2f} per token)"
     )
+    swarm_goodput = summary.goodput.get("swarm", {})
+    table.add_row(
+        "goodput (swarm)",
+        f"{float(swarm_goodput.get('tokens_per_s', 0.0)):,.0f} kept tokens/s, "
+        f"{100 * float(swarm_goodput.get('ratio', 0.0)):.0f}% of the peers' compute rate",
+    )
+    for name, peer in summary.goodput.get("peers", {}).items():
+        table.add_row(
+            f"  goodput {name}",
+            f"{float(peer['tokens_per_s']):,.0f} tokens/s, {100 * float(peer['ratio']):.0f}%",
+        )
     table.add_row("seconds lost to failures", f"{summary.seconds_lost_to_failures:.1f}")
     ttp = summary.time_to_productive_s
     table.add_row("newcomer productive after", "-" if ttp is None else f"{ttp:.1f} s")

@@ -5,6 +5,9 @@ one. Partway through, one is killed with SIGKILL; the survivors drop it at the f
 deadline and go on. Then a newcomer starts, downloads the global state from the donors and trains
 from the next outer step. The parent watches the peers' status files, shows a live table, and at
 the end samples text from the final checkpoint and writes the summary.
+
+Every peer serves its Prometheus metrics on a free port (its status file says where), and the
+parent serves the dashboard, scraping them, on a free loopback port for the demo's duration.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +31,13 @@ from gossamer.core.config import ModelConfig
 from gossamer.models import GPT
 from gossamer.train.inference import load_model, sample_text
 
-__all__ = ["SwarmDemoPlan", "SwarmDemoSummary", "plan_swarm_demo", "run_swarm_demo"]
+__all__ = [
+    "SwarmDemoPlan",
+    "SwarmDemoSummary",
+    "plan_swarm_demo",
+    "run_swarm_demo",
+    "swarm_goodput",
+]
 
 DEMO_PROMPT = "def "
 StatusView = Callable[[dict[str, dict[str, Any]], str], None]
@@ -107,6 +117,11 @@ class SwarmDemoSummary:
     seconds_lost_to_failures: float
     time_to_productive_s: float | None
     final_weights_agree: bool
+    goodput: dict[str, Any] = field(default_factory=dict)
+    """``swarm``: kept tokens per wall second of the demo and their share of the peers' compute
+    capacity; ``peers``: the same per peer (see :func:`swarm_goodput`)."""
+    dashboard_url: str | None = None
+    """Where the dashboard was served while the demo ran."""
     plan: dict[str, int] = field(default_factory=dict)
 
     def write_json(self, path: Path) -> None:
@@ -150,6 +165,8 @@ def _peer_command(
         str(run_dir / name),
         "--checkpoint.every-steps",
         str(plan.inner_steps * 4),
+        "--metrics-port",
+        "0",
     ]
     if bootstrap:
         command += ["--bootstrap", bootstrap]
@@ -222,6 +239,55 @@ class _Swarm:
             log.close()
 
 
+class _Dashboard:
+    """The demo's dashboard: scrapes the peers' metrics URLs as they appear in their statuses."""
+
+    def __init__(self) -> None:
+        self.url: str | None = None
+        self._source: Any = None
+        self._server: Any = None
+
+    def start(self, first_metrics_url: str) -> str:
+        # Imported here: the web stack is needed only while a demo runs.
+        from gossamer.obs.dashboard.app import DashboardConfig, DashboardService, create_app
+        from gossamer.obs.dashboard.scrape import ScrapeConfig, ScrapeSwarmSource
+        from gossamer.obs.dashboard.server import DashboardServer
+
+        # Peers share the cores with training: a slow answer is not yet a dead peer.
+        self._source = ScrapeSwarmSource(
+            ScrapeConfig(urls=(first_metrics_url,), timeout_s=2.0, gone_after_s=5.0)
+        )
+        service = DashboardService(
+            self._source, DashboardConfig(poll_interval_s=1.0, title="Gossamer demo swarm")
+        )
+        self._server = DashboardServer(create_app(service), host="127.0.0.1", port=0).start()
+        self.url = str(self._server.url)
+        return self.url
+
+    def follow(self, statuses: dict[str, dict[str, Any]]) -> None:
+        """Scrape every peer that reports a metrics URL."""
+        if self._source is None:
+            return
+        for status in statuses.values():
+            url = status.get("metrics_url")
+            if isinstance(url, str):
+                self._source.add_url(url)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+
+@contextmanager
+def _dashboard_running() -> Iterator[_Dashboard]:
+    dashboard = _Dashboard()
+    try:
+        yield dashboard
+    finally:
+        dashboard.close()
+
+
 def run_swarm_demo(
     *,
     budget_s: float = 150.0,
@@ -229,8 +295,19 @@ def run_swarm_demo(
     view: StatusView | None = None,
     plan: SwarmDemoPlan | None = None,
     sample_tokens: int = 300,
+    dashboard: bool = True,
+    on_dashboard: Callable[[str], None] | None = None,
 ) -> SwarmDemoSummary:
     """Run the swarm demo and return its summary.
+
+    Args:
+        budget_s: training time budget the run is sized to.
+        runs_dir: where the demo's run folder is made.
+        view: shows the peers' statuses while the demo runs.
+        plan: the run's size; measured on this machine if None.
+        sample_tokens: bytes of text sampled from the final checkpoint.
+        dashboard: serve the dashboard on a free loopback port while the demo runs.
+        on_dashboard: called with the dashboard's URL as soon as it serves.
 
     Raises:
         RuntimeError: a peer failed, or the swarm did not finish in twice the budget.
@@ -242,9 +319,33 @@ def run_swarm_demo(
     show = view or (lambda statuses, line: None)
     swarm = _Swarm(run_dir, plan)
     events: list[str] = []
+    with _dashboard_running() as board:
 
-    def refresh(line: str = "") -> None:
-        show(swarm.statuses(), line or (events[-1] if events else "starting"))
+        def refresh(line: str = "") -> None:
+            statuses = swarm.statuses()
+            if dashboard:
+                first = statuses.get("peer0", {}).get("metrics_url")
+                if board.url is None and isinstance(first, str):
+                    url = board.start(first)
+                    if on_dashboard is not None:
+                        on_dashboard(url)
+                board.follow(statuses)
+            show(statuses, line or (events[-1] if events else "starting"))
+
+        return _run(run_dir, plan, swarm, events, refresh, started, budget_s, sample_tokens, board)
+
+
+def _run(
+    run_dir: Path,
+    plan: SwarmDemoPlan,
+    swarm: _Swarm,
+    events: list[str],
+    refresh: Callable[..., None],
+    started: float,
+    budget_s: float,
+    sample_tokens: int,
+    board: _Dashboard,
+) -> SwarmDemoSummary:
 
     def step_of(name: str) -> int:
         return int(swarm.statuses().get(name, {}).get("step", 0) or 0)
@@ -283,7 +384,8 @@ def run_swarm_demo(
     failed = [n for n in survivors if statuses[n].get("state") != "done"]
     if failed:
         raise RuntimeError(f"peers {failed} failed; see their logs in {run_dir}")
-    return _summarize(run_dir, plan, statuses, survivors, newcomer, started, sample_tokens)
+    summary = _summarize(run_dir, plan, statuses, survivors, newcomer, started, sample_tokens)
+    return replace(summary, dashboard_url=board.url)
 
 
 def _summarize(
@@ -299,7 +401,18 @@ def _summarize(
     checkpoint = str(first["checkpoint"])
     loaded = load_model(checkpoint)
     sample = sample_text(loaded.model, DEMO_PROMPT, num_tokens=sample_tokens, seed=0)
-    tokens = sum(int(s.get("tokens_trained", 0) or 0) for s in statuses.values())
+    # Tokens every peer process computed (a killed peer's too, from its last status).
+    tokens = sum(
+        int((s.get("goodput") or {}).get("tokens_processed", s.get("tokens_trained", 0)) or 0)
+        for s in statuses.values()
+    )
+    tokens_per_step = plan.batch_size * ModelConfig().context
+    lost = {
+        name: tokens_per_step
+        * max(0, int(s.get("step", 0) or 0) - int(s.get("outer_step", 0)) * plan.inner_steps)
+        for name, s in statuses.items()
+        if name not in survivors
+    }
     bytes_on_wire = sum(int(s.get("bytes_sent", 0) or 0) for s in statuses.values())
     seconds = time.monotonic() - started
     final_losses = {round(float(statuses[n]["val_loss"]), 6) for n in survivors}
@@ -322,5 +435,58 @@ def _summarize(
         ),
         time_to_productive_s=statuses[newcomer].get("time_to_productive_s"),
         final_weights_agree=len(final_losses) == 1,
+        goodput=swarm_goodput(statuses, seconds, lost_tokens=lost),
         plan=asdict(plan),
     )
+
+
+def swarm_goodput(
+    statuses: dict[str, dict[str, Any]],
+    wall_s: float,
+    *,
+    lost_tokens: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """Goodput per peer (from its status file) and over the swarm.
+
+    A peer's goodput is its kept tokens per wall second; its ratio divides that by its own
+    compute-only rate (tokens per second of compute, no communication). Over the swarm, the
+    tokens per second are all kept tokens over the demo's wall time, and the ratio is all kept
+    tokens over what the peers could have computed while they ran (each peer's wall time times
+    its compute-only rate): a peer that joined late or was killed counts for the time it ran.
+    A killed peer's last status is up to one write interval old, and the steps it took after its
+    last round went into no average: the caller passes them as ``lost_tokens``.
+
+    Args:
+        statuses: the peers' status files, by name.
+        wall_s: the swarm's wall time.
+        lost_tokens: tokens a peer counted as kept that were lost after all (killed mid-round).
+    """
+    lost_tokens = lost_tokens or {}
+    peers: dict[str, dict[str, float]] = {}
+    kept_total = 0.0
+    capacity = 0.0
+    for name, status in statuses.items():
+        goodput = status.get("goodput")
+        if not isinstance(goodput, dict):
+            continue
+        kept = max(0.0, float(goodput.get("tokens_kept", 0) or 0) - lost_tokens.get(name, 0))
+        peer_wall = float(goodput.get("wall_s", 0) or 0)
+        rate = float(goodput.get("compute_tokens_per_s", 0) or 0)
+        peers[name] = {
+            "tokens_kept": kept,
+            "tokens_processed": float(goodput.get("tokens_processed", 0) or 0),
+            "wall_s": peer_wall,
+            "tokens_per_s": kept / peer_wall if peer_wall > 0 else 0.0,
+            "compute_tokens_per_s": rate,
+            "ratio": kept / (peer_wall * rate) if peer_wall > 0 and rate > 0 else 0.0,
+        }
+        kept_total += kept
+        capacity += peer_wall * rate
+    return {
+        "swarm": {
+            "tokens_kept": kept_total,
+            "tokens_per_s": kept_total / wall_s if wall_s > 0 else 0.0,
+            "ratio": kept_total / capacity if capacity > 0 else 0.0,
+        },
+        "peers": peers,
+    }

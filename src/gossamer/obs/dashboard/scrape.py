@@ -115,10 +115,19 @@ class ScrapeSwarmSource:
         self.config = config
         self._fetch = fetch or fetch_url
         self._clock = clock or SystemClock()
-        self._targets = []
+        self._targets: list[_Target] = []
         for url in config.urls:
-            address = urllib.parse.urlsplit(url).netloc
-            self._targets.append(_Target(url=url, address=address, peer_id=address))
+            self.add_url(url)
+
+    def add_url(self, url: str) -> None:
+        """Scrape ``url`` too from the next snapshot on (a peer that started later); a URL
+        already scraped is ignored. Safe to call from another thread.
+        """
+        if any(t.url == url for t in self._targets):
+            return
+        address = urllib.parse.urlsplit(url).netloc
+        # Replaced, not appended to, so a snapshot iterating the old list is undisturbed.
+        self._targets = [*self._targets, _Target(url=url, address=address, peer_id=address)]
 
     async def _scrape(self, target: _Target) -> None:
         try:
@@ -135,13 +144,14 @@ class ScrapeSwarmSource:
             target.peer_id = parsed.peer_id
 
     async def snapshot(self) -> SwarmSnapshot:
+        targets = self._targets
         async with asyncio.TaskGroup() as group:
-            for target in self._targets:
+            for target in targets:
                 group.create_task(self._scrape(target))
         now = self._clock.monotonic()
         peers: list[PeerView] = []
         samples: dict[str, PeerSample] = {}
-        for target in self._targets:
+        for target in targets:
             # Two endpoints claiming one peer id: keep them apart by address.
             peer_id = target.peer_id
             if any(p.peer_id == peer_id for p in peers):

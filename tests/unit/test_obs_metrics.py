@@ -1,0 +1,237 @@
+"""Peer metrics in memory: the network collector, swarm rounds, goodput, the demo's aggregate."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gossamer.core.clock import FakeClock
+from gossamer.core.errors import DeadlineExceededError
+from gossamer.net.counters import NetCounters
+from gossamer.net.metrics import OTHER_PEERS, LiveView, NetMetricsCollector, NetMetricsConfig
+from gossamer.obs.goodput import GoodputTracker
+from gossamer.obs.metrics import PeerMetrics
+from gossamer.train.averaging import AverageOutcome
+from gossamer.train.demo_swarm import swarm_goodput
+from gossamer.train.swarm import ObservedAverager
+
+
+def _samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = generate_latest(registry).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+class _Live:
+    """A scripted live reader: returns views in turn, or raises when told to."""
+
+    def __init__(self) -> None:
+        self.view = LiveView()
+        self.fail = False
+        self.calls = 0
+
+    def __call__(self) -> LiveView:
+        self.calls += 1
+        if self.fail:
+            raise DeadlineExceededError("node work did not finish within 1.0 s")
+        return self.view
+
+
+def _collector(
+    counters: NetCounters, live: _Live, **config: Any
+) -> tuple[NetMetricsCollector, CollectorRegistry]:
+    registry = CollectorRegistry()
+    collector = NetMetricsCollector(counters.snapshot, live, NetMetricsConfig(**config))
+    registry.register(collector)
+    return collector, registry
+
+
+def test_net_counters_are_exported_with_prometheus_names() -> None:
+    counters = NetCounters()
+    counters.sent("peer-a", 1000)
+    counters.received("peer-a", 250)
+    counters.call_made("peer-a", "/gossamer.Dht/FindNode", 0.003, ok=True)
+    counters.call_made("peer-a", "/gossamer.Dht/FindNode", 0.2, ok=False)
+    counters.call_served("peer-b", "/gossamer.Dht/Ping")
+    counters.error(DeadlineExceededError("late"))
+    counters.num_retries = 3
+    counters.connections["direct"] = 2
+    live = _Live()
+    live.view = LiveView(peers_known=4, peers_connected=2, peers_relayed=1, reachability="direct")
+    _, registry = _collector(counters, live)
+    s = _samples(registry)
+    assert s[("gossamer_net_sent_bytes_total", (("peer", "peer-a"),))] == 1000
+    assert s[("gossamer_net_received_bytes_total", (("peer", "peer-a"),))] == 250
+    assert s[("gossamer_net_peer_rpc_errors_total", (("peer", "peer-a"),))] == 1
+    assert s[("gossamer_net_rpcs_total", (("method", "/gossamer.Dht/FindNode"),))] == 2
+    method = (("method", "/gossamer.Dht/FindNode"),)
+    assert s[("gossamer_net_rpc_duration_seconds_count", method)] == 2
+    assert s[("gossamer_net_rpc_duration_seconds_sum", method)] == pytest.approx(0.203)
+    assert s[("gossamer_net_rpc_duration_seconds_bucket", (("le", "0.005"), *method))] == 1
+    assert s[("gossamer_net_rpc_duration_seconds_bucket", (("le", "+Inf"), *method))] == 2
+    assert s[("gossamer_net_errors_total", (("kind", "DeadlineExceededError"),))] == 1
+    assert s[("gossamer_net_retries_total", ())] == 3
+    assert s[("gossamer_net_connections", (("kind", "direct"),))] == 2
+    assert s[("gossamer_net_peers_known", ())] == 4
+    assert s[("gossamer_net_peers_connected", ())] == 2
+    assert s[("gossamer_net_peers_relayed", ())] == 1
+    assert s[("gossamer_net_reachability", (("state", "direct"),))] == 1
+    assert s[("gossamer_net_reachability", (("state", "relayed"),))] == 0
+
+
+def test_remote_peer_labels_are_bounded_and_the_rest_summed() -> None:
+    counters = NetCounters()
+    for i in range(10):
+        counters.sent(f"peer-{i}", 100 * (i + 1))
+    _, registry = _collector(counters, _Live(), max_peer_labels=3)
+    sent = {
+        labels[0][1]: value
+        for (name, labels), value in _samples(registry).items()
+        if name == "gossamer_net_sent_bytes_total"
+    }
+    assert set(sent) == {"peer-9", "peer-8", "peer-7", OTHER_PEERS}
+    assert sent[OTHER_PEERS] == sum(100 * (i + 1) for i in range(7))
+
+
+def test_failures_are_counted_once_per_change_to_gone() -> None:
+    live = _Live()
+    _, registry = _collector(NetCounters(), live)
+    live.view = LiveView(liveness=(("a", True, 1.0), ("b", True, 1.0)))
+    s = _samples(registry)
+    assert s[("gossamer_net_failures_detected_total", ())] == 0
+    assert s[("gossamer_net_peers_alive", ())] == 2
+    live.view = LiveView(liveness=(("a", False, 5.0), ("b", True, 1.0)))
+    s = _samples(registry)
+    s = _samples(registry)  # scraped twice: still one failure
+    assert s[("gossamer_net_failures_detected_total", ())] == 1
+    assert s[("gossamer_net_peer_up", (("peer", "a"),))] == 0
+    assert s[("gossamer_net_peers_gone", ())] == 1
+    live.view = LiveView(liveness=(("a", True, 7.0), ("b", True, 1.0)))
+    _samples(registry)
+    live.view = LiveView(liveness=(("a", False, 9.0), ("b", True, 1.0)))
+    assert _samples(registry)[("gossamer_net_failures_detected_total", ())] == 2
+
+
+def test_a_busy_or_stopped_node_serves_the_last_view() -> None:
+    live = _Live()
+    collector, registry = _collector(NetCounters(), live)
+    live.view = LiveView(peers_known=3)
+    assert _samples(registry)[("gossamer_net_peers_known", ())] == 3
+    live.fail = True
+    assert _samples(registry)[("gossamer_net_peers_known", ())] == 3
+    collector.close()
+    calls = live.calls
+    assert _samples(registry)[("gossamer_net_peers_known", ())] == 3
+    assert live.calls == calls  # never asks a stopped node
+
+
+def test_net_metrics_config_is_checked() -> None:
+    with pytest.raises(ValueError, match="max_peer_labels"):
+        NetMetricsConfig(max_peer_labels=0)
+    with pytest.raises(ValueError, match="live_timeout_s"):
+        NetMetricsConfig(live_timeout_s=0)
+
+
+def test_peer_info_and_swarm_metrics_appear_only_when_enabled() -> None:
+    metrics = PeerMetrics()
+    names = {name for name, _ in _samples(metrics.registry)}
+    assert "gossamer_peer_info" not in names
+    assert "gossamer_resyncs_total" not in names
+    assert "gossamer_goodput_kept_tokens_total" in names
+    metrics.set_peer_id("abc")
+    metrics.set_peer_id("abd")  # renamed: one series
+    swarm = metrics.enable_swarm()
+    assert metrics.enable_swarm() is swarm
+    swarm.resyncs.inc()
+    swarm.record_state_download(1.5, 4096)
+    s = _samples(metrics.registry)
+    assert s[("gossamer_peer_info", (("peer_id", "abd"),))] == 1
+    assert ("gossamer_peer_info", (("peer_id", "abc"),)) not in s
+    assert s[("gossamer_resyncs_total", ())] == 1
+    assert s[("gossamer_state_download_duration_seconds_sum", ())] == 1.5
+    assert s[("gossamer_state_download_bytes_total", ())] == 4096
+
+
+class _FakeSwarmAverager:
+    """Stands in for SwarmAverager: returns scripted outcomes."""
+
+    def __init__(self, codec: str, outcomes: list[AverageOutcome]) -> None:
+        self.config = SimpleNamespace(codec=codec)
+        self.outcomes = outcomes
+
+    def average(
+        self, tensors: list[torch.Tensor], *, round_key: str, weight: float
+    ) -> AverageOutcome:
+        return self.outcomes.pop(0)
+
+
+def _outcome(tensors: list[torch.Tensor], **fields: Any) -> AverageOutcome:
+    defaults: dict[str, Any] = {"group_size": 3, "bytes_sent": 100, "bytes_received": 90}
+    return AverageOutcome(tensors=tensors, seconds=0.5, **(defaults | fields))
+
+
+def test_observed_averager_counts_rounds_by_outcome() -> None:
+    tensors = [torch.zeros(100_000), torch.zeros(10)]
+    metrics = PeerMetrics()
+    fake = _FakeSwarmAverager(
+        "int8",
+        [
+            _outcome(tensors),
+            _outcome(tensors, group_size=2, failed_peers=["x"], missing_peers=["y"]),
+            _outcome(tensors, group_size=1),
+            _outcome(tensors, group_size=0, excluded=True),
+        ],
+    )
+    averager = ObservedAverager(fake, metrics.enable_swarm())  # type: ignore[arg-type]
+    for i in range(4):
+        assert averager.average(tensors, round_key=f"r/{i}", weight=1.0).tensors is tensors
+    s = _samples(metrics.registry)
+    for outcome in ("complete", "shrunk", "alone", "excluded"):
+        assert s[("gossamer_averaging_rounds_total", (("outcome", outcome),))] == 1
+    assert s[("gossamer_round_peers_dropped_total", ())] == 1
+    assert s[("gossamer_round_peers_missing_total", ())] == 1
+    assert s[("gossamer_allreduce_duration_seconds_count", ())] == 4
+    assert s[("gossamer_averaging_sent_bytes_total", ())] == 400
+    assert s[("gossamer_group_size", ())] == 0
+    # 8-bit blockwise on the large tensor, the small one uncompressed: close to 4x, under it.
+    assert 3.5 < s[("gossamer_allreduce_compression_ratio", ())] < 4.0
+
+
+def test_goodput_counts_discarded_tokens() -> None:
+    clock = FakeClock()
+    tracker = GoodputTracker(clock)
+    tracker.add_compute(4.0)
+    tracker.add_step(1000)
+    tracker.add_step(1000)
+    tracker.discard(1500)
+    tracker.add_step(500, kept=False)
+    clock.advance(10.0)
+    snap = tracker.snapshot()
+    assert (snap.tokens_kept, snap.tokens_discarded, snap.tokens_processed) == (500, 2000, 2500)
+    assert snap.goodput_ratio == pytest.approx(50.0 / 625.0)
+
+
+def test_swarm_goodput_weighs_peers_by_the_time_they_ran() -> None:
+    statuses: dict[str, dict[str, Any]] = {
+        "a": {"goodput": {"tokens_kept": 800, "wall_s": 10.0, "compute_tokens_per_s": 100.0}},
+        "b": {"goodput": {"tokens_kept": 100, "wall_s": 5.0, "compute_tokens_per_s": 100.0}},
+        "c": {"state": "starting"},
+    }
+    goodput = swarm_goodput(statuses, wall_s=10.0)
+    assert set(goodput["peers"]) == {"a", "b"}
+    assert goodput["peers"]["a"]["ratio"] == pytest.approx(0.8)
+    assert goodput["peers"]["b"]["ratio"] == pytest.approx(0.2)
+    assert goodput["swarm"]["tokens_per_s"] == pytest.approx(90.0)
+    assert goodput["swarm"]["ratio"] == pytest.approx(900 / 1500)
+    assert swarm_goodput({}, wall_s=0.0)["swarm"]["ratio"] == 0.0
+    killed = swarm_goodput(statuses, wall_s=10.0, lost_tokens={"b": 100})
+    assert killed["peers"]["b"]["tokens_kept"] == 0
+    assert killed["swarm"]["ratio"] == pytest.approx(800 / 1500)
