@@ -37,12 +37,17 @@ async def _wait_for(path: Path, timeout_s: float) -> None:
 
 
 class _MarkingTransport(NetCommTransport):
-    def __init__(self, node: Node, marker: Path) -> None:
+    """Marks the first delivered message; a peer told to hang then stops sending (mid-round)."""
+
+    def __init__(self, node: Node, marker: Path, *, hang_after_first: bool) -> None:
         super().__init__(node)
         self.marker = marker
         self.marked = False
+        self.hang_after_first = hang_after_first
 
     async def send(self, peer_id: str, message: bytes | bytearray, *, timeout_s: float) -> None:
+        if self.marked and self.hang_after_first:
+            await asyncio.sleep(3600)  # the test kills this process here: always mid-round
         await super().send(peer_id, message, timeout_s=timeout_s)
         if not self.marked:
             self.marked = True
@@ -62,7 +67,9 @@ async def main(folder: Path, rank: int, world: int) -> None:
         await asyncio.wait_for(node.bootstrap(others), 30)
         (folder / f"ready-{rank}").write_text("ready")
         await _wait_for(folder / "go", 60)
-        mailbox = CommMailbox(_MarkingTransport(node, folder / f"sent-{rank}"), node.clock)
+        hang = (folder / f"hang-{rank}").exists()
+        transport = _MarkingTransport(node, folder / f"sent-{rank}", hang_after_first=hang)
+        mailbox = CommMailbox(transport, node.clock)
         tensor = torch.full((NUM_ELEMENTS,), float(rank))
         config = AllReduceConfig(
             timeout_s=TIMEOUT_S,
