@@ -49,9 +49,13 @@ class LoopBenchResult:
 
     @property
     def ratio(self) -> float:
-        """Median Gossamer throughput over median plain throughput (1.0 = equal)."""
-        return statistics.median(self.gossamer_tokens_per_s) / statistics.median(
-            self.plain_tokens_per_s
+        """Median over repeats of Gossamer's throughput over the plain loop's (1.0 = equal).
+
+        Each repeat measures both loops back to back, so the ratio of a pair sees the same load
+        on the machine; the median of those ratios resists load that comes and goes.
+        """
+        return statistics.median(
+            g / p for g, p in zip(self.gossamer_tokens_per_s, self.plain_tokens_per_s, strict=True)
         )
 
     def to_json(self) -> dict[str, Any]:
