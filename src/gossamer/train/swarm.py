@@ -608,6 +608,7 @@ def _train_on_node(
         strategy = SyncStrategy(
             ObservedAverager(averager, metrics.enable_swarm()), run_id=config.name
         )
+        averager.join_run(0)  # every step's round waits for this peer from now on
     else:
         raise ValueError("run_swarm_peer needs swarm.strategy 'sync' or 'diloco'")
     listeners = [listener] if listener is not None else []
@@ -640,6 +641,8 @@ def _train_on_node(
             status.finish(None, error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
+        if swarm.strategy == "sync":
+            averager.leave_run()  # DiLoCo's strategy leaves in its close()
         donor.close()
     if status is not None:
         status.finish(result)
