@@ -38,7 +38,7 @@ class AverageOutcome:
     failed_peers: list[str] = field(default_factory=list)
     """Peers dropped from the round."""
     missing_peers: list[str] = field(default_factory=list)
-    """Peers of the run that did not come to this round (gone, or late)."""
+    """Peers of the run, alive when the round began, that did not come to it (died, late)."""
     excluded: bool = False
     """This peer came after the round closed: the others averaged without it, and
     ``tensors`` are its own. Its state is now behind theirs."""

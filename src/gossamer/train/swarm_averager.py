@@ -285,6 +285,7 @@ class SwarmAverager:
         expected = set(await self._active_members(node))
         for peer in expected:
             node.detector.watch(peer)
+        alive_at_start = {p for p in expected if self._alive(node, p)}
         close_at: float | None = None
         while close_at is None:
             entries = await self._current(node, entry_key, "at")
@@ -310,7 +311,7 @@ class SwarmAverager:
             logger.warning("peer %s came after round %s closed", node.peer_id[:8], key)
             return [], []
         members = [p for p, at in entries.items() if at <= close_at]
-        missing = sorted(expected - set(members))
+        missing = sorted(alive_at_start - set(members))  # not those already known gone
         groups = split_into_groups(key, members, self.config.max_group_size)
         return next(g for g in groups if node.peer_id in g), missing
 
