@@ -5,7 +5,10 @@ Usage: python tests/net_lab_peer.py NAME DIR (--advertise-host HOST | BOOTSTRAP)
 Writes ``DIR/NAME.ready.json`` (id, port, reachability, relays) once it knows how others reach it,
 records every bulk transfer it receives in ``DIR/NAME.received.json``, waits for
 ``DIR/plan.json`` (``{"NAME": [peer_id, ...]}``), sends a 50 MB payload to each peer named for it,
-writes ``DIR/NAME.sent.json`` and runs until SIGTERM.
+writes ``DIR/NAME.sent.json``; then, once ``DIR/plan2.json`` appears, sends the first
+``SECOND_ROUND_BYTES`` of it again to the same peers and writes ``DIR/NAME.sent2.json``. Until
+SIGTERM it keeps ``DIR/NAME.state.json`` current: relayed bytes, direct upgrades, the peers holding
+a direct reservation here and the kind of each open connection.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from gossamer.net.status import REACHABILITY_NAMES
 from gossamer.proto import net_pb2
 
 PAYLOAD_BYTES = 50_000_000
+SECOND_ROUND_BYTES = 10_000_000
 TOPIC = "netlab"
 
 
@@ -76,6 +80,32 @@ async def _send(node: Node, peer_id: str, payload: bytes, deadline: float) -> di
     raise RuntimeError(f"could not send to {peer_id[:12]} before the deadline: {last}")
 
 
+def _state(node: Node) -> dict[str, Any]:
+    return {
+        "written_at": time.time(),
+        "relayed_bytes": sum(node.counters.relayed_bytes.values()),
+        "num_direct_upgrades": node.counters.num_direct_upgrades,
+        "direct_back": [
+            p.peer_id for p in node.peers() if node.relay_service.has_direct(p.peer_id)
+        ],
+        "kinds": {
+            p: c.target.kind for p in node.pool.peer_ids if (c := node.pool.get(p)) is not None
+        },
+    }
+
+
+async def _wait_for(path: Path, stop: asyncio.Event, timeout_s: float) -> bool:
+    """Wait for the test to write ``path``; look every 50 ms."""
+    deadline = time.monotonic() + timeout_s
+    while not stop.is_set() and time.monotonic() < deadline:
+        if await asyncio.to_thread(path.exists):
+            return True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await stop.wait()
+    return await asyncio.to_thread(path.exists)
+
+
 async def main(name: str, folder: Path, bootstrap: str | None, host: str | None) -> None:
     config = NodeConfig(
         listen_address="0.0.0.0:0",
@@ -112,19 +142,30 @@ async def main(name: str, folder: Path, bootstrap: str | None, host: str | None)
                 "relays": node.relays,
             },
         )
-        plan_file = folder / "plan.json"
-        deadline = time.monotonic() + 60.0
-        while not plan_file.exists() and not stop.is_set() and time.monotonic() < deadline:
-            # the test writes the plan once every peer is ready; look again every 50 ms
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.05):
-                    await stop.wait()
-        if plan_file.exists():
-            targets = json.loads(plan_file.read_text()).get(name, [])
-            payload = payload_of(name)
-            sent = [await _send(node, t, payload, time.monotonic() + 60.0) for t in targets]
-            _write(folder / f"{name}.sent.json", sent)
-        await stop.wait()
+
+        async def keep_state() -> None:
+            while True:
+                _write(folder / f"{name}.state.json", _state(node))
+                await asyncio.sleep(0.2)  # a snapshot for the test five times a second
+
+        state_task = asyncio.get_running_loop().create_task(keep_state())
+        try:
+            if await _wait_for(folder / "plan.json", stop, 60.0):
+                targets = json.loads((folder / "plan.json").read_text()).get(name, [])
+                payload = payload_of(name)
+                sent = [await _send(node, t, payload, time.monotonic() + 60.0) for t in targets]
+                _write(folder / f"{name}.sent.json", sent)
+                if await _wait_for(folder / "plan2.json", stop, 60.0):
+                    again = memoryview(payload)[:SECOND_ROUND_BYTES]
+                    sent = [
+                        await _send(node, t, bytes(again), time.monotonic() + 60.0) for t in targets
+                    ]
+                    _write(folder / f"{name}.sent2.json", sent)
+            await stop.wait()
+        finally:
+            state_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await state_task
 
 
 if __name__ == "__main__":

@@ -146,3 +146,74 @@ def test_dialing_a_relayed_peer_whose_relay_is_gone_fails_with_unavailable() -> 
                 )
 
     _run(scenario)
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Wait for ``condition`` under a deadline (the upgrade runs in the nodes' own tasks)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        if condition():
+            return
+        await asyncio.sleep(0.02)  # polling in-process state under a deadline
+    raise AssertionError(f"{what} within {timeout_s} s")
+
+
+def test_reachable_dialer_upgrades_to_direct_and_falls_back_to_the_relay() -> None:
+    payload = os.urandom(4 << 20)
+
+    async def scenario() -> None:
+        async with (
+            Node(_config()) as relay,
+            Node(_config(advertise_addresses=("127.0.0.1:9",))) as hidden,
+            Node(_config(advertise_addresses=("127.0.0.1:9",))) as other_hidden,
+            Node(_config()) as dialer,
+        ):
+            dialer.reachability = net_pb2.REACHABILITY_DIRECT
+            dialer.sign_own_record()
+            await _make_unreachable(hidden, relay)
+            await _make_unreachable(other_hidden, relay)
+            for node in (dialer, other_hidden):
+                record = hidden.own_record()
+                assert record is not None
+                node.dht.learn(record)
+            received: list[bytes] = []
+
+            async def handler(sender: str, topic: str, data: bytearray) -> None:
+                received.append(hashlib.sha256(data).digest())
+
+            hidden.on_bulk("t", handler)
+            # the first contact goes through the relay; the hidden peer then offers a way back
+            await dialer.send_bulk(hidden.peer_id, "t", payload)
+            await _until(lambda: dialer.counters.num_direct_upgrades == 1, 10, "no upgrade")
+            connection = dialer.pool.get(hidden.peer_id)
+            assert connection is not None
+            assert connection.target.kind == "direct"
+            assert dialer.counters.connections["relayed"] == 0
+            assert hidden.upgrades.active == {dialer.peer_id}
+            relayed_before = relay.counters.relayed_bytes[hidden.peer_id]
+            await dialer.send_bulk(hidden.peer_id, "t", payload, num_streams=2)
+            assert received == [hashlib.sha256(payload).digest()] * 2
+            assert relay.counters.relayed_bytes[hidden.peer_id] == relayed_before
+            assert hidden.counters.relayed_bytes == {}  # reversing is not relaying
+
+            # two peers behind NAT cannot reach each other directly: they stay relayed
+            await other_hidden.send_bulk(hidden.peer_id, "t", payload[: 1 << 20])
+            assert received[-1] == hashlib.sha256(payload[: 1 << 20]).digest()
+            assert other_hidden.peer_id not in hidden.upgrades.holding
+            other = other_hidden.pool.get(hidden.peer_id)
+            assert other is not None
+            assert other.target.kind == "relayed"
+
+            # the way back goes away: the next call falls back to the relay
+            await hidden.upgrades.close()
+            await _until(
+                lambda: not dialer.relay_service.has_direct(hidden.peer_id), 5, "still reserved"
+            )
+            await dialer.send_bulk(hidden.peer_id, "t", payload[: 1 << 20], timeout_s=20)
+            connection = dialer.pool.get(hidden.peer_id)
+            assert connection is not None
+            assert connection.target.kind == "relayed"
+            assert relay.counters.relayed_bytes[hidden.peer_id] > relayed_before
+
+    _run(scenario)

@@ -2,8 +2,12 @@
 
 The peers are real processes (tests/net_lab_peer.py) inside the lab's namespaces. The NATed ones
 find out by dial-back that nobody can reach them, reserve a relay and publish it; every peer then
-sends 50 MB to every other one (through a relay where the receiver is behind NAT), and
+sends 50 MB to every other one (through a relay where the receiver is behind NAT, at first), and
 ``gossamer doctor`` run inside a NATed peer says it is relayed.
+
+Then the upgrade: every NATed peer has offered each reachable peer that tunnelled to it a direct
+way back, so a second round of 10 MB per pair goes directly between a reachable and a NATed peer
+(the relays' counters grow only by the NATed pair's bytes), while the two NATed peers stay relayed.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ _NAMES = ("p0", "p1", "p2", "p3")
 _NATED = ("p2", "p3")
 
 sys.path.insert(0, str(_TESTS))
-from net_lab_peer import payload_of  # noqa: E402
+from net_lab_peer import PAYLOAD_BYTES, SECOND_ROUND_BYTES, payload_of  # noqa: E402
 
 
 def _wait_for_file(path: Path, timeout_s: float, processes: list[RunningProcess]) -> Any:
@@ -41,6 +45,18 @@ def _wait_for_file(path: Path, timeout_s: float, processes: list[RunningProcess]
             assert process.poll() is None, f"a peer process exited early ({process.poll()})"
         time.sleep(0.05)  # polling a file the peer writes atomically, under a deadline
     raise AssertionError(f"{path.name} did not appear within {timeout_s} s")
+
+
+def _fresh_states(folder: Path, processes: list[RunningProcess]) -> dict[str, Any]:
+    """Every peer's state file, as written after this call began (they rewrite it every 0.2 s)."""
+    since = time.time()
+    deadline = time.monotonic() + 10
+    while True:
+        states = {n: _wait_for_file(folder / f"{n}.state.json", 5, processes) for n in _NAMES}
+        if all(s["written_at"] > since for s in states.values()):
+            return states
+        assert time.monotonic() < deadline, "the peers stopped writing their state"
+        time.sleep(0.05)  # polling files the peers rewrite, under a deadline
 
 
 @pytest.mark.slow
@@ -76,6 +92,21 @@ def test_nated_peers_are_relayed_and_every_pair_streams_50_mb(
             (tmp_path / "plan.json").write_text(json.dumps(plan))
             sent = {n: _wait_for_file(tmp_path / f"{n}.sent.json", 60, processes) for n in _NAMES}
 
+            # every reachable peer holds a direct way back to every NATed one
+            deadline = time.monotonic() + 20
+            while True:
+                state = _fresh_states(tmp_path, processes)
+                back = {r: set(state[r]["direct_back"]) for r in ("p0", "p1")}
+                if all(ids[n] in back[r] for r in back for n in _NATED):
+                    break
+                assert time.monotonic() < deadline, f"no direct way back: {back}"
+                time.sleep(0.2)  # the peers rewrite their state files every 0.2 s
+            relayed_before = sum(s["relayed_bytes"] for s in state.values())
+            (tmp_path / "plan2.json").write_text("{}")
+            sent2 = {n: _wait_for_file(tmp_path / f"{n}.sent2.json", 60, processes) for n in _NAMES}
+            state = _fresh_states(tmp_path, processes)
+            relayed_after = sum(s["relayed_bytes"] for s in state.values())
+
             # doctor inside a NATed peer: unreachable, relayed, within 10 s
             doctor_started = time.monotonic()
             doctor = lab.run_in(
@@ -100,15 +131,29 @@ def test_nated_peers_are_relayed_and_every_pair_streams_50_mb(
     for name in _NAMES:
         path = tmp_path / f"{name}.received.json"
         received = json.loads(path.read_text()) if path.exists() else []
-        got = {r["from"]: r["sha256"] for r in received}
+        got = {r["from"]: r["sha256"] for r in received if r["bytes"] == PAYLOAD_BYTES}
         want = {ids[m]: expected[ids[m]] for m in _NAMES[: _NAMES.index(name)]}
         assert got == want, logs[name]
+        got = {r["from"] for r in received if r["bytes"] == SECOND_ROUND_BYTES}
+        assert got == set(want), logs[name]
     kinds = {(n, s["to"]): s["kind"] for n in _NAMES for s in sent[n]}
     assert len(kinds) == 6
     assert kinds.pop(("p0", ids["p1"])) == "direct"
-    assert set(kinds.values()) == {"relayed"}, kinds
+    assert kinds.pop(("p2", ids["p3"])) == "relayed"
+    assert set(kinds.values()) <= {"relayed", "direct"}, kinds  # upgraded during the send or not
     rates = {f"{n}->{s['to'][:6]}": round(50 / s["seconds"], 1) for n in _NAMES for s in sent[n]}
     print(f"\nMB/s per transfer: {rates}")
+
+    # after the upgrade: reachable-NATed pairs are direct, the NATed pair is still relayed, and
+    # the relays carried only the NATed pair's second round (plus TLS framing)
+    kinds2 = {(n, s["to"]): s["kind"] for n in _NAMES for s in sent2[n]}
+    assert kinds2.pop(("p2", ids["p3"])) == "relayed"
+    assert set(kinds2.values()) == {"direct"}, kinds2
+    grown = relayed_after - relayed_before
+    assert SECOND_ROUND_BYTES <= grown < 1.1 * SECOND_ROUND_BYTES, grown
+    num_upgrades = sum(s["num_direct_upgrades"] for s in state.values())
+    rates2 = {f"{n}->{s['to'][:6]}": round(10 / s["seconds"], 1) for n in _NAMES for s in sent2[n]}
+    print(f"after the upgrade, MB/s: {rates2}; upgrades counted: {num_upgrades}")
 
     assert doctor.ok, doctor.stderr
     verdict = json.loads(doctor.stdout)

@@ -158,6 +158,7 @@ class ConnectionPool:
         self._own_record = own_record
         self._connections: dict[str, PeerConnection] = {}
         self._dial_locks: dict[str, asyncio.Lock] = {}
+        self._retired: list[PeerConnection] = []
         self.breakers = CircuitBreakers(config.breaker, clock)
         """One circuit breaker per remote peer."""
         self._rng = random.Random()
@@ -173,7 +174,12 @@ class ConnectionPool:
         return list(self._connections)
 
     async def dial(
-        self, target: DialTarget, *, expected_peer_id: str | None, timeout_s: float | None = None
+        self,
+        target: DialTarget,
+        *,
+        expected_peer_id: str | None,
+        timeout_s: float | None = None,
+        retire_previous: bool = False,
     ) -> PeerConnection:
         """Open and authenticate a connection.
 
@@ -181,6 +187,8 @@ class ConnectionPool:
             target: where to connect.
             expected_peer_id: the peer that must be there; None accepts whoever proves an id.
             timeout_s: deadline of the whole dial (probe, TLS, handshake).
+            retire_previous: keep a replaced connection open for the calls running on it, until
+                :meth:`close_retired` (an upgrade); otherwise it is closed at once.
 
         Raises:
             PeerUnavailableError: nothing answers at the address.
@@ -248,7 +256,10 @@ class ConnectionPool:
         previous = self._connections.get(peer_id)
         self._connections[peer_id] = connection
         self._counters.connections[target.kind] += 1
-        if previous is not None:
+        if previous is not None and retire_previous:
+            self._counters.connections[previous.target.kind] -= 1
+            self._retired.append(previous)
+        elif previous is not None:
             await self._close_connection(previous)
         _log.debug(
             "peer %s: connected to %s at %s (%s)",
@@ -265,6 +276,10 @@ class ConnectionPool:
             raise DeadlineExceededError(f"connecting to {where} ran past its deadline")
         return remaining
 
+    def dial_lock(self, peer_id: str) -> asyncio.Lock:
+        """The lock :meth:`connection` holds while it dials ``peer_id``."""
+        return self._dial_locks.setdefault(peer_id, asyncio.Lock())
+
     async def connection(self, peer_id: str, timeout_s: float | None = None) -> PeerConnection:
         """The connection to ``peer_id``, dialing it (each known way in turn) if needed.
 
@@ -274,8 +289,7 @@ class ConnectionPool:
         existing = self._connections.get(peer_id)
         if existing is not None:
             return existing
-        lock = self._dial_locks.setdefault(peer_id, asyncio.Lock())
-        async with lock:
+        async with self.dial_lock(peer_id):
             existing = self._connections.get(peer_id)
             if existing is not None:
                 return existing
@@ -381,6 +395,24 @@ class ConnectionPool:
         del self._connections[peer_id]
         await self._close_connection(current)
 
+    def retire(self, peer_id: str, connection: PeerConnection) -> None:
+        """Take ``connection`` out of use if current; it stays open until :meth:`close_retired`."""
+        if self._connections.get(peer_id) is connection:
+            del self._connections[peer_id]
+            self._counters.connections[connection.target.kind] -= 1
+            self._retired.append(connection)
+
+    async def close_retired(self, peer_id: str, grace_s: float) -> None:
+        """Close retired connections to ``peer_id`` once their calls end (at most ``grace_s``)."""
+        retired = [c for c in self._retired if c.peer_id == peer_id]
+        self._retired = [c for c in self._retired if c.peer_id != peer_id]
+        for connection in retired:
+            try:
+                await connection.channel.close(grace_s)
+            except asyncio.CancelledError:
+                await connection.channel.close(None)
+                raise
+
     async def _close_connection(self, connection: PeerConnection) -> None:
         self._counters.connections[connection.target.kind] -= 1
         await connection.channel.close(None)
@@ -392,6 +424,9 @@ class ConnectionPool:
         self._connections.clear()
         for connection in connections:
             await self._close_connection(connection)
+        retired, self._retired = self._retired, []
+        for connection in retired:
+            await connection.channel.close(None)
 
     async def __aenter__(self) -> ConnectionPool:
         return self

@@ -36,6 +36,7 @@ from gossamer.net.relay import RelayServicer
 from gossamer.net.server import NetServer
 from gossamer.net.tls import TlsCertificate
 from gossamer.net.tunnels import RelayDialer, RelayReservations
+from gossamer.net.upgrades import DirectUpgrades
 from gossamer.proto import net_pb2, net_pb2_grpc
 
 __all__ = ["Node", "local_capabilities"]
@@ -151,6 +152,19 @@ class Node:
             on_change=self._relays_changed,
             bootstrap_peers=lambda: list(self._bootstrap_ids),
         )
+        self.upgrades = DirectUpgrades(
+            self.pool,
+            self.directory,
+            self.relay_dialer,
+            config,
+            self.clock,
+            self.counters,
+            local_address=self._local_address,
+            is_relayed=lambda: self.reachability == net_pb2.REACHABILITY_RELAYED,
+        )
+        self.reservations.on_tunnel = self.upgrades.offer
+        self.relay_service.on_direct_reservation = self.upgrades.reversed_to
+        self.relay_service.on_direct_reservation_ended = self.upgrades.reversal_ended
         self._reservation_task: asyncio.Task[None] | None = None
         self._relays_changed_event = asyncio.Event()
         self.addresses: tuple[str, ...] = ()
@@ -212,6 +226,7 @@ class Node:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._maintenance = self._reservation_task = None
+        await self.upgrades.close()
         await self.reservations.close()
         await self.relay_dialer.close()
         await self.detector.close()
@@ -260,6 +275,7 @@ class Node:
         self.directory.contacted(session.peer_id)
         if session.record is not None:
             self.dht.learn(session.record)
+        self.upgrades.session_opened(session.peer_id)
 
     def _resolve(self, peer_id: str) -> list[DialTarget]:
         targets: list[DialTarget] = []

@@ -8,6 +8,11 @@ dialer and the target inside the tunnel, so a relay can neither read nor forge w
 
 Relayed bytes are capped per relayed peer (a token bucket over both directions together) and
 counted in :attr:`NetCounters.relayed_bytes`.
+
+A *direct* reservation (``ReserveRequest.direct``) is a connection reversal, not a relay: a peer
+behind NAT that reached this one directly holds it so that this peer's own node can dial back
+through it (:meth:`RelayServicer.carry_local`). Nobody else may tunnel through it, its bytes are
+neither capped nor counted as relayed, and it is allowed on a peer that does not relay for others.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ ACCEPT_METHOD = "/gossamer.net.v1.Relay/Accept"
 _PIPE_FRAMES = 16
 _MAX_EVENTS = 64
 _MAX_PENDING_PER_PEER = 32
+_MAX_DIRECT_RESERVATIONS = 256
 
 
 class TokenBucket:
@@ -128,6 +134,7 @@ class _Reservation:
     )
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     num_pending: int = 0
+    direct: bool = False
 
 
 @dataclass(slots=True)
@@ -185,11 +192,21 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
         self._reservations: dict[str, _Reservation] = {}
         self._pending: dict[str, _Tunnel] = {}
         self._buckets: dict[str, TokenBucket] = {}
+        self._direct: dict[str, _Reservation] = {}
+        self.on_direct_reservation: Callable[[str], None] | None = None
+        """Called with the peer id when a peer takes a direct reservation here."""
+        self.on_direct_reservation_ended: Callable[[str], None] | None = None
+        """Called with the peer id when its direct reservation here ends."""
 
     @property
     def reserved_peers(self) -> list[str]:
-        """Peers holding a reservation here."""
+        """Peers holding a (relay) reservation here."""
         return list(self._reservations)
+
+    def has_direct(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` holds a direct reservation here (this node can dial it back)."""
+        reservation = self._direct.get(peer_id)
+        return reservation is not None and not reservation.ended.is_set()
 
     def _bucket(self, peer_id: str) -> TokenBucket:
         # One bucket per relayed peer, kept across reservations so reconnecting does not reset it.
@@ -207,21 +224,27 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
         self, request: net_pb2.ReserveRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[net_pb2.RelayEvent]:
         peer = current_session().peer_id
-        if not self._config.serve or not self._may_relay():
+        table = self._direct if request.direct else self._reservations
+        if request.direct:
+            limit = _MAX_DIRECT_RESERVATIONS
+        elif not self._config.serve or not self._may_relay():
             raise PeerUnavailableError("this peer does not relay (opted out or not reachable)")
-        previous = self._reservations.get(peer)
-        if previous is None and len(self._reservations) >= self._config.max_reservations:
-            raise PeerUnavailableError(
-                f"this relay is full ({self._config.max_reservations} reservations)"
-            )
+        else:
+            limit = self._config.max_reservations
+        previous = table.get(peer)
+        if previous is None and len(table) >= limit:
+            raise PeerUnavailableError(f"this peer is full ({limit} reservations)")
         if previous is not None:
             previous.ended.set()  # the peer reconnected: the newer stream wins
-        reservation = _Reservation(peer, self._bucket(peer))
-        self._reservations[peer] = reservation
+        reservation = _Reservation(peer, self._bucket(peer), direct=request.direct)
+        table[peer] = reservation
         self._counters.relay_reservations = len(self._reservations)
-        _log.info("relay: reservation for %s", short_peer_id(peer))
+        kind = "direct reservation" if request.direct else "reservation"
+        _log.info("relay: %s for %s", kind, short_peer_id(peer))
         try:
             yield net_pb2.RelayEvent(reserved=True)
+            if request.direct and self.on_direct_reservation is not None:
+                self.on_direct_reservation(peer)
             while not reservation.ended.is_set():
                 get = asyncio.ensure_future(reservation.events.get())
                 ended = asyncio.ensure_future(reservation.ended.wait())
@@ -234,10 +257,12 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
                     yield get.result()
         finally:
             reservation.ended.set()
-            if self._reservations.get(peer) is reservation:
-                del self._reservations[peer]
+            if table.get(peer) is reservation:
+                del table[peer]
+                if request.direct and self.on_direct_reservation_ended is not None:
+                    self.on_direct_reservation_ended(peer)
             self._counters.relay_reservations = len(self._reservations)
-            _log.info("relay: reservation for %s ended", short_peer_id(peer))
+            _log.info("relay: %s for %s ended", kind, short_peer_id(peer))
 
     async def Connect(
         self,
@@ -258,9 +283,9 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
         finally:
             tunnel.close()
 
-    async def _open_tunnel(self, dialer: str, target: str) -> _Tunnel:
+    async def _open_tunnel(self, dialer: str, target: str, *, direct: bool = False) -> _Tunnel:
         """Announce a tunnel to ``target`` and wait until it accepts."""
-        reservation = self._reservations.get(target)
+        reservation = (self._direct if direct else self._reservations).get(target)
         if reservation is None or reservation.ended.is_set():
             raise PeerUnavailableError(f"peer {short_peer_id(target)} holds no reservation here")
         if reservation.num_pending >= _MAX_PENDING_PER_PEER:
@@ -293,14 +318,20 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         frame_bytes: int,
+        *,
+        direct: bool = False,
     ) -> None:
         """A tunnel whose dialer is this relay's own node: a local socket stands in for Connect.
 
+        Args:
+            direct: through the target's direct reservation (a connection reversal).
+
         Raises:
-            PeerUnavailableError: the target holds no reservation here or does not accept.
+            PeerUnavailableError: the target holds no such reservation here or does not accept.
         """
-        tunnel = await self._open_tunnel(dialer, target)
-        self._counters.relay_tunnels_opened += 1
+        tunnel = await self._open_tunnel(dialer, target, direct=direct)
+        if not direct:
+            self._counters.relay_tunnels_opened += 1
 
         async def pump_in() -> None:
             try:
@@ -347,8 +378,9 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
             tunnel.close()
 
     async def _forward(self, tunnel: _Tunnel, pipe: BytePipe, data: bytes) -> bool:
-        await tunnel.reservation.bucket.take(len(data))
-        self._counters.relayed_bytes[tunnel.target] += len(data)
+        if not tunnel.reservation.direct:  # a reversed connection is not relaying
+            await tunnel.reservation.bucket.take(len(data))
+            self._counters.relayed_bytes[tunnel.target] += len(data)
         return await pipe.put(data)
 
     async def _splice(

@@ -55,6 +55,8 @@ def node_status(node: Node) -> dict[str, Any]:
         "port": node.port,
         "reachability": REACHABILITY_NAMES.get(int(node.reachability), "unknown"),
         "relays": [{"peer_id": p, "address": a} for p, a in node.relays],
+        # reachable peers this relayed node gave a direct way back (their traffic skips relays)
+        "direct_ways_back": sorted(node.upgrades.active),
         "peers": [peer_row(r, now, contacts.get(r.peer_id)) for r in node.peers()],
         "counters": node.counters.snapshot(),
         "written_at_s": now,

@@ -35,9 +35,19 @@ from gossamer.net.identity import short_peer_id
 from gossamer.net.relay import ACCEPT_METHOD, CONNECT_METHOD, RESERVE_METHOD, RelayServicer
 from gossamer.proto import net_pb2
 
-__all__ = ["FRAME_BYTES", "RelayDialer", "RelayReservations", "carry_socket_over_call"]
+__all__ = [
+    "FRAME_BYTES",
+    "REVERSED_ADDRESS",
+    "OwnedTasks",
+    "RelayDialer",
+    "RelayReservations",
+    "accept_tunnel",
+    "carry_socket_over_call",
+]
 
 _log = logging.getLogger(__name__)
+REVERSED_ADDRESS = "reversed over its own connection"
+"""The address of a dial target through a direct reservation (no address of its own)."""
 FRAME_BYTES = 256 * 1024
 """Largest tunnel frame: one read from the local socket."""
 _LOCAL_CONNECT_TIMEOUT_S = 5.0
@@ -89,7 +99,7 @@ async def carry_socket_over_call(
                 await writer.wait_closed()
 
 
-class _OwnedTasks:
+class OwnedTasks:
     """Tasks this object started and must cancel and await on close."""
 
     def __init__(self) -> None:
@@ -136,15 +146,34 @@ class RelayDialer:
         self._own_peer_id = own_peer_id
         self._counters = counters
         self._entrances: dict[tuple[str, str], asyncio.Server] = {}
-        self._tasks = _OwnedTasks()
+        self._tasks = OwnedTasks()
         self._closed = False
 
+    def direct_target(self, peer_id: str) -> DialTarget | None:
+        """The way back to ``peer_id`` through its direct reservation here, if it holds one.
+
+        The tunnel runs over the connection the peer opened to this node, so its bytes cross no
+        third peer: a connection reversal, counted as ``direct``.
+        """
+        record = self._directory.get(peer_id)
+        if self._local_relay is None or record is None or not self._local_relay.has_direct(peer_id):
+            return None
+        return DialTarget(
+            REVERSED_ADDRESS,
+            "direct",
+            record.tls_cert_der,
+            open_entrance=functools.partial(
+                self._entrance, peer_id, self._own_peer_id, "", direct=True
+            ),
+        )
+
     def targets(self, peer_id: str) -> list[DialTarget]:
-        """Ways to reach ``peer_id`` through the relays its record names."""
+        """Ways to reach ``peer_id``: back over its direct reservation, then its relays."""
         record = self._directory.get(peer_id)
         if record is None:
             return []
-        return [
+        reversed_ = self.direct_target(peer_id)
+        return ([reversed_] if reversed_ else []) + [
             DialTarget(
                 f"relay {short_peer_id(relay_id)} at {relay_address}",
                 "relayed",
@@ -155,17 +184,22 @@ class RelayDialer:
             if relay_id != peer_id and (relay_id != self._own_peer_id or self._local_relay)
         ]
 
-    async def _entrance(self, target: str, relay_id: str, relay_address: str) -> str:
+    async def _entrance(
+        self, target: str, relay_id: str, relay_address: str, *, direct: bool = False
+    ) -> str:
         if self._closed:
             raise PeerUnavailableError("the node is stopping")
-        key = (target, relay_id)
+        key = (target, "direct" if direct else relay_id)
         server = self._entrances.get(key)
         if server is None:
             server = await asyncio.start_server(
-                functools.partial(self._serve, target, relay_id, relay_address), "127.0.0.1", 0
+                functools.partial(self._serve, target, relay_id, relay_address, direct),
+                "127.0.0.1",
+                0,
             )
             self._entrances[key] = server
-        self._counters.num_relayed_dials += 1
+        if not direct:
+            self._counters.num_relayed_dials += 1
         return f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
     async def _relay_connection(self, relay_id: str, relay_address: str) -> PeerConnection:
@@ -178,12 +212,13 @@ class RelayDialer:
         target: str,
         relay_id: str,
         relay_address: str,
+        direct: bool,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
         # A plain callback: the tunnel runs in a task this object owns (cancelled on close).
         self._tasks.spawn(
-            self._tunnel(target, relay_id, relay_address, reader, writer),
+            self._tunnel(target, relay_id, relay_address, reader, writer, direct=direct),
             f"tunnel-{target[:8]}",
         )
 
@@ -194,12 +229,15 @@ class RelayDialer:
         relay_address: str,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        *,
+        direct: bool = False,
     ) -> None:
         try:
             if relay_id == self._own_peer_id and self._local_relay is not None:
-                # This node is the target's relay: splice the socket into the reservation here.
+                # This node is the target's relay, or holds its direct reservation: splice the
+                # socket into the reservation here.
                 await self._local_relay.carry_local(
-                    self._own_peer_id, target, reader, writer, FRAME_BYTES
+                    self._own_peer_id, target, reader, writer, FRAME_BYTES, direct=direct
                 )
                 return
             connection = await self._relay_connection(relay_id, relay_address)
@@ -271,12 +309,14 @@ class RelayReservations:
         self._local_address = local_address
         self._needs_relay = needs_relay
         self._on_change = on_change
+        self.on_tunnel: Callable[[str], None] | None = None
+        """Called with the dialer's peer id for every tunnel a relay announces."""
         self.active: dict[str, str] = {}
         """Relays holding a reservation for this node: relay peer id -> its address."""
         self._holding: set[str] = set()
         self._failed_at: dict[str, float] = {}
         self._wake = asyncio.Event()
-        self._tasks = _OwnedTasks()
+        self._tasks = OwnedTasks()
         self._rng = random.Random()
 
     def wake(self) -> None:
@@ -344,8 +384,11 @@ class RelayReservations:
             while (event := await call.read()) is not grpc.aio.EOF:
                 if event.tunnel_id:
                     self._tasks.spawn(
-                        self._accept(connection, event), f"relay-accept-{event.tunnel_id[:8]}"
+                        accept_tunnel(connection, event, self._local_address()),
+                        f"relay-accept-{event.tunnel_id[:8]}",
                     )
+                    if self.on_tunnel is not None:
+                        self.on_tunnel(event.dialer_peer_id)
         except grpc.aio.AioRpcError as exc:
             _log.info("reservation with %s ended: %s", short_peer_id(relay_id), exc.details())
             self._failed_at[relay_id] = self._clock.monotonic()
@@ -360,30 +403,34 @@ class RelayReservations:
                 await self._on_change()
             self.wake()
 
-    async def _accept(self, connection: PeerConnection, event: net_pb2.RelayEvent) -> None:
-        host, _, port = self._local_address().rpartition(":")
-        try:
-            async with asyncio.timeout(_LOCAL_CONNECT_TIMEOUT_S):
-                reader, writer = await asyncio.open_connection(host, int(port))
-            accept = connection.stream_stream(ACCEPT_METHOD, net_pb2.TunnelFrame)
-
-            def open_call(frames: AsyncIterator[net_pb2.TunnelFrame]) -> Any:
-                return accept(frames, metadata=connection.metadata)
-
-            await carry_socket_over_call(
-                reader, writer, open_call, net_pb2.TunnelFrame(tunnel_id=event.tunnel_id)
-            )
-        except (GossamerError, OSError, TimeoutError) as exc:
-            _log.info(
-                "tunnel from %s via %s ended: %s",
-                short_peer_id(event.dialer_peer_id),
-                short_peer_id(connection.peer_id),
-                exc,
-            )
-
     async def close(self) -> None:
         """End every reservation and tunnel."""
         await self._tasks.cancel_all()
+
+
+async def accept_tunnel(
+    connection: PeerConnection, event: net_pb2.RelayEvent, local_address: str
+) -> None:
+    """Accept an announced tunnel: carry it into this node's own server at ``local_address``."""
+    host, _, port = local_address.rpartition(":")
+    try:
+        async with asyncio.timeout(_LOCAL_CONNECT_TIMEOUT_S):
+            reader, writer = await asyncio.open_connection(host, int(port))
+        accept = connection.stream_stream(ACCEPT_METHOD, net_pb2.TunnelFrame)
+
+        def open_call(frames: AsyncIterator[net_pb2.TunnelFrame]) -> Any:
+            return accept(frames, metadata=connection.metadata)
+
+        await carry_socket_over_call(
+            reader, writer, open_call, net_pb2.TunnelFrame(tunnel_id=event.tunnel_id)
+        )
+    except (GossamerError, OSError, TimeoutError) as exc:
+        _log.info(
+            "tunnel from %s via %s ended: %s",
+            short_peer_id(event.dialer_peer_id),
+            short_peer_id(connection.peer_id),
+            exc,
+        )
 
 
 def _cancelling() -> bool:

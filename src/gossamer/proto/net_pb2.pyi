@@ -231,8 +231,10 @@ class DialBackResponse(_message.Message):
     def __init__(self, observed_address: _Optional[str] = ..., reachable_addresses: _Optional[_Iterable[str]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("direct",)
+    DIRECT_FIELD_NUMBER: _ClassVar[int]
+    direct: bool
+    def __init__(self, direct: _Optional[bool] = ...) -> None: ...
 
 class RelayEvent(_message.Message):
     __slots__ = ("tunnel_id", "dialer_peer_id", "reserved")

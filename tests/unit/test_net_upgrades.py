@@ -1,0 +1,312 @@
+"""Upgrading relayed connections to direct ones: the decisions on each side, with fakes.
+
+The NATed side offers a direct way back only to a reachable dialer, once per retry period; the
+reachable side swaps a relayed connection for one through the offer, counts it, keeps the relayed
+one on any failure, and goes back to the relays when the offer ends. The relay service keeps
+direct reservations apart from relayed ones: nobody else tunnels through them and their bytes are
+not counted as relayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from gossamer.core.clock import FakeClock
+from gossamer.core.errors import PeerUnavailableError
+from gossamer.net.config import NodeConfig, RelayConfig
+from gossamer.net.connections import DialTarget
+from gossamer.net.counters import NetCounters
+from gossamer.net.handshake import Session
+from gossamer.net.relay import RelayServicer
+from gossamer.net.server import _session_var
+from gossamer.net.tunnels import REVERSED_ADDRESS
+from gossamer.net.upgrades import DirectUpgrades
+from gossamer.proto import net_pb2
+
+DIRECT = net_pb2.REACHABILITY_DIRECT
+RELAYED = net_pb2.REACHABILITY_RELAYED
+
+
+@dataclass
+class FakeRecord:
+    reachability: int
+    addresses: tuple[str, ...] = ("10.0.0.1:1",)
+
+
+@dataclass
+class FakeDirectory:
+    records: dict[str, FakeRecord] = field(default_factory=dict)
+
+    def get(self, peer_id: str) -> FakeRecord | None:
+        return self.records.get(peer_id)
+
+
+@dataclass
+class FakeConnection:
+    peer_id: str
+    target: DialTarget
+
+
+class FakePool:
+    """Connections in memory; a dial through the reversal succeeds unless ``dial_error`` is set."""
+
+    def __init__(self) -> None:
+        self.connections: dict[str, FakeConnection] = {}
+        self.dial_error: Exception | None = None
+        self.dials: list[tuple[DialTarget, bool]] = []
+        self.retired: list[FakeConnection] = []
+        self.closed_retired: list[str] = []
+        self.asked: list[str] = []
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def get(self, peer_id: str) -> FakeConnection | None:
+        return self.connections.get(peer_id)
+
+    def dial_lock(self, peer_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(peer_id, asyncio.Lock())
+
+    async def connection(self, peer_id: str, timeout_s: float | None = None) -> FakeConnection:
+        self.asked.append(peer_id)
+        # The reachable peer is only known through a relay here, so no reservation is made.
+        return FakeConnection(peer_id, DialTarget("relay", "relayed"))
+
+    async def dial(
+        self, target: DialTarget, *, expected_peer_id: str, retire_previous: bool = False
+    ) -> FakeConnection:
+        self.dials.append((target, retire_previous))
+        if self.dial_error is not None:
+            raise self.dial_error
+        previous = self.connections.get(expected_peer_id)
+        if previous is not None and retire_previous:
+            self.retired.append(previous)
+        self.connections[expected_peer_id] = FakeConnection(expected_peer_id, target)
+        return self.connections[expected_peer_id]
+
+    def retire(self, peer_id: str, connection: FakeConnection) -> None:
+        if self.connections.get(peer_id) is connection:
+            del self.connections[peer_id]
+            self.retired.append(connection)
+
+    async def close_retired(self, peer_id: str, grace_s: float) -> None:
+        self.closed_retired.append(peer_id)
+
+
+class FakeDialer:
+    def __init__(self) -> None:
+        self.reversible: set[str] = set()
+
+    def direct_target(self, peer_id: str) -> DialTarget | None:
+        return DialTarget(REVERSED_ADDRESS, "direct") if peer_id in self.reversible else None
+
+
+@dataclass
+class Side:
+    upgrades: DirectUpgrades
+    pool: FakePool
+    directory: FakeDirectory
+    dialer: FakeDialer
+    counters: NetCounters
+    clock: FakeClock
+    relayed: list[bool]
+
+
+def _side(*, relayed: bool) -> Side:
+    pool, directory, dialer = FakePool(), FakeDirectory(), FakeDialer()
+    counters, clock, state = NetCounters(), FakeClock(), [relayed]
+    upgrades = DirectUpgrades(
+        pool,  # type: ignore[arg-type]
+        directory,  # type: ignore[arg-type]
+        dialer,  # type: ignore[arg-type]
+        NodeConfig(listen_address="127.0.0.1:0"),
+        clock,
+        counters,
+        local_address=lambda: "127.0.0.1:1",
+        is_relayed=lambda: state[0],
+    )
+    return Side(upgrades, pool, directory, dialer, counters, clock, state)
+
+
+async def _settle(side: Side) -> None:
+    await side.upgrades.close()  # cancels and awaits whatever the calls above started
+
+
+def test_nated_peer_offers_a_way_back_only_to_reachable_dialers() -> None:
+    async def scenario() -> None:
+        side = _side(relayed=True)
+        side.directory.records = {"nated": FakeRecord(RELAYED), "reachable": FakeRecord(DIRECT)}
+        side.upgrades.offer("nated")
+        side.upgrades.offer("reachable")
+        assert side.upgrades.holding == {"reachable"}
+        await asyncio.sleep(0)
+        await _settle(side)
+        assert side.pool.asked == ["reachable"]
+
+    asyncio.run(scenario())
+
+
+def test_reachable_peer_offers_nothing() -> None:
+    async def scenario() -> None:
+        side = _side(relayed=False)
+        side.directory.records = {"reachable": FakeRecord(DIRECT)}
+        side.upgrades.offer("reachable")
+        assert side.upgrades.holding == set()
+        await _settle(side)
+
+    asyncio.run(scenario())
+
+
+def test_offer_waits_for_the_dialers_record_from_its_handshake() -> None:
+    async def scenario() -> None:
+        side = _side(relayed=True)
+        side.upgrades.offer("reachable")  # the tunnel is announced before the handshake
+        assert side.upgrades.holding == set()
+        side.directory.records["reachable"] = FakeRecord(DIRECT)
+        side.upgrades.session_opened("reachable")
+        assert side.upgrades.holding == {"reachable"}
+        side.upgrades.session_opened("other")  # no tunnel from it: nothing to do
+        assert side.upgrades.holding == {"reachable"}
+        await _settle(side)
+
+    asyncio.run(scenario())
+
+
+def test_failed_offer_is_not_retried_until_the_retry_period_passes() -> None:
+    async def scenario() -> None:
+        side = _side(relayed=True)
+        side.directory.records["reachable"] = FakeRecord(DIRECT)
+        side.upgrades.offer("reachable")
+        for _ in range(5):  # the hold finds only a relayed way there and gives up
+            await asyncio.sleep(0)
+        assert side.upgrades.holding == set()
+        side.upgrades.offer("reachable")
+        assert side.upgrades.holding == set()
+        side.clock.advance(31.0)
+        side.upgrades.offer("reachable")
+        assert side.upgrades.holding == {"reachable"}
+        await asyncio.sleep(0)
+        await _settle(side)
+        assert side.pool.asked == ["reachable", "reachable"]
+
+    asyncio.run(scenario())
+
+
+def test_relayed_connection_is_swapped_for_the_reversal_and_counted() -> None:
+    async def scenario() -> None:
+        side = _side(relayed=False)
+        relayed = FakeConnection("nated", DialTarget("relay", "relayed"))
+        side.pool.connections["nated"] = relayed
+        side.dialer.reversible.add("nated")
+        side.upgrades.reversed_to("nated")
+        for _ in range(5):
+            await asyncio.sleep(0)
+        await _settle(side)
+        assert side.pool.dials == [(DialTarget(REVERSED_ADDRESS, "direct"), True)]
+        assert side.pool.connections["nated"].target.kind == "direct"
+        assert side.pool.retired == [relayed]
+        assert side.pool.closed_retired == ["nated"]
+        assert side.counters.num_direct_upgrades == 1
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("current_kind", [None, "direct"])
+def test_no_upgrade_without_a_relayed_connection(current_kind: str | None) -> None:
+    async def scenario() -> None:
+        side = _side(relayed=False)
+        if current_kind is not None:
+            side.pool.connections["nated"] = FakeConnection("nated", DialTarget("x", current_kind))
+        side.dialer.reversible.add("nated")
+        side.upgrades.reversed_to("nated")
+        for _ in range(5):
+            await asyncio.sleep(0)
+        await _settle(side)
+        assert side.pool.dials == []
+        assert side.counters.num_direct_upgrades == 0
+
+    asyncio.run(scenario())
+
+
+def test_failed_upgrade_keeps_the_relayed_connection() -> None:
+    async def scenario() -> None:
+        side = _side(relayed=False)
+        relayed = FakeConnection("nated", DialTarget("relay", "relayed"))
+        side.pool.connections["nated"] = relayed
+        side.pool.dial_error = PeerUnavailableError("the tunnel was not accepted")
+        side.dialer.reversible.add("nated")
+        side.upgrades.reversed_to("nated")
+        for _ in range(5):
+            await asyncio.sleep(0)
+        await _settle(side)
+        assert len(side.pool.dials) == 1
+        assert side.pool.connections["nated"] is relayed
+        assert side.counters.num_direct_upgrades == 0
+
+    asyncio.run(scenario())
+
+
+def test_ended_reversal_sends_later_calls_back_to_the_relays() -> None:
+    async def scenario() -> None:
+        side = _side(relayed=False)
+        reversed_ = FakeConnection("nated", DialTarget(REVERSED_ADDRESS, "direct"))
+        plain = FakeConnection("other", DialTarget("10.0.0.2:1", "direct"))
+        side.pool.connections = {"nated": reversed_, "other": plain}
+        side.upgrades.reversal_ended("nated")
+        side.upgrades.reversal_ended("other")
+        assert side.pool.connections == {"other": plain}
+        assert side.pool.retired == [reversed_]
+        await asyncio.sleep(0)
+        await _settle(side)
+
+    asyncio.run(scenario())
+
+
+def _relay(counters: NetCounters, *, serve: bool) -> RelayServicer:
+    return RelayServicer(
+        RelayConfig(serve=serve), counters, FakeClock(), may_relay=lambda: True, accept_timeout_s=1
+    )
+
+
+def test_direct_reservation_is_kept_apart_from_relaying() -> None:
+    async def scenario() -> None:
+        counters = NetCounters()
+        relay = _relay(counters, serve=False)  # a peer that relays for nobody still reverses
+        started: list[str] = []
+        ended: list[str] = []
+        relay.on_direct_reservation = started.append
+        relay.on_direct_reservation_ended = ended.append
+        _session_var.set(Session("nated", b"k" * 32, 0.0, None))
+        events: Any = relay.Reserve(net_pb2.ReserveRequest(direct=True), None)  # type: ignore[arg-type]
+        first = await anext(events)
+        assert first.reserved
+        pending = asyncio.ensure_future(anext(events))
+        await asyncio.sleep(0)
+        assert started == ["nated"]
+        assert relay.has_direct("nated")
+        assert relay.reserved_peers == []
+        assert counters.relay_reservations == 0
+        # nobody can tunnel to it through this peer as a relay
+        with pytest.raises(PeerUnavailableError):
+            await relay._open_tunnel("third", "nated")
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        await events.aclose()
+        assert ended == ["nated"]
+        assert not relay.has_direct("nated")
+
+    asyncio.run(scenario())
+
+
+def test_relay_reservation_still_refused_when_not_serving() -> None:
+    async def scenario() -> None:
+        relay = _relay(NetCounters(), serve=False)
+        _session_var.set(Session("nated", b"k" * 32, 0.0, None))
+        events: Any = relay.Reserve(net_pb2.ReserveRequest(), None)  # type: ignore[arg-type]
+        with pytest.raises(PeerUnavailableError):
+            await anext(events)
+
+    asyncio.run(scenario())
