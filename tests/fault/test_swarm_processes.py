@@ -18,7 +18,7 @@ import pytest
 from gossamer.core.hashing import sha256_state
 from gossamer.store import CheckpointStore
 
-MAX_STEPS = 60
+MAX_STEPS = 200  # long enough that the newcomer finds the swarm still running
 INNER_STEPS = 5
 
 

@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from torch import nn
 from gossamer.comm.codecs import CodecPolicy
 from gossamer.core.config import RunConfig
 from gossamer.core.errors import GossamerError
+from gossamer.core.hashing import sha256_state
 from gossamer.net.bridge import NodeThread
 from gossamer.net.config import DhtConfig, HeartbeatConfig, NodeConfig
 from gossamer.net.identity import load_or_create_identity
@@ -160,6 +162,10 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         self._model: nn.Module | None = None
         self._started = time.monotonic()
         self._hashes: dict[int, str] = {}
+        self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gossamer-publish")
+        """Publishes each outer step's state off the training thread, one at a time."""
+        self._publishing: Future[None] | None = None
+        """The last publication handed to the publisher (at most one is ever outstanding)."""
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
         super().setup(model, optimizer)
@@ -182,7 +188,13 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         return start_step
 
     def close(self) -> None:
-        self.swarm_averager.leave_run()
+        try:
+            self._wait_for_publication()
+        except Exception:  # closing on the way out of an error: that one is what counts
+            logger.exception("peer %s: the last state publication failed", self._short())
+        finally:
+            self._publisher.shutdown(wait=True)
+            self.swarm_averager.leave_run()
 
     def _short(self) -> str:
         return self.node_thread.node.peer_id[:8]
@@ -248,6 +260,34 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
     def _publish(self, step: int) -> None:
         self.donor.publish(self._snapshot(step))
 
+    def _wait_for_publication(self) -> None:
+        """Wait for the outstanding publication (its errors, other than the network's, raise)."""
+        if self._publishing is not None:
+            publishing, self._publishing = self._publishing, None
+            publishing.result()
+
+    def _publish_outer_step(self, step: int) -> None:
+        """Publish this outer step's state, version and hash from the publisher thread.
+
+        The snapshot is taken (cloned) here, on the training thread; serializing and hashing it
+        and the DHT puts run on the publisher while training goes on. The previous publication is
+        waited for first, so they stay in order and at most one is outstanding.
+        """
+        self._wait_for_publication()
+        snapshot = self._snapshot(step)
+        self._publishing = self._publisher.submit(self._publish_snapshot, snapshot)
+
+    def _publish_snapshot(self, snapshot: StateSnapshot) -> None:
+        """(Publisher thread.) Serve ``snapshot``, then announce its version and hash."""
+        outer_step = snapshot.version
+        digest = sha256_state(
+            {str(i): snapshot.tensors[f"global.{i}"] for i in range(len(self._global))}
+        )
+        self._hashes[outer_step] = digest
+        self.donor.publish(snapshot)
+        self.swarm_averager.join_run(outer_step)
+        self._put_hash(outer_step, digest)
+
     def _resynced(self) -> None:
         self.resyncs += 1
         if self.swarm_metrics is not None:
@@ -264,7 +304,7 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         weight = self.weight
         continue_from: int | None = None
         work_lost = False
-        if self.swarm_averager.newest_version() > self.outer_step:
+        if self._newest_version() > self.outer_step:
             # Behind the swarm (restarted from an older checkpoint, say): take its state and
             # join this round with a zero pseudo-gradient and no weight, so the round's result
             # is the others' and everyone applies the same outer step.
@@ -301,9 +341,7 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             self._discard_round()
         if self.swarm_metrics is not None:
             self.swarm_metrics.outer_step.set(self.outer_step)
-        self.swarm_averager.join_run(self.outer_step)
-        self._publish(step=continue_from if continue_from is not None else step + 1)
-        self._publish_hash()
+        self._publish_outer_step(step=continue_from if continue_from is not None else step + 1)
         if self._out_of_agreement(self.outer_step - 1):
             snapshot = self._download(version=None)
             if snapshot is not None:
@@ -315,14 +353,20 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
                     self._short(),
                     self.outer_step,
                 )
-                self._publish(step=continue_from if continue_from is not None else step + 1)
-                self._publish_hash()
+                self._publish_outer_step(step=continue_from)
         return continue_from
 
-    def _publish_hash(self) -> None:
-        key = _hash_key(self.config.run_id, self.outer_step)
-        digest = self.global_weights_hash()
-        self._hashes[self.outer_step] = digest
+    def _newest_version(self) -> int:
+        """The newest state version among the run's other active peers.
+
+        The last round's formation read every peer's membership (and version) already; only
+        before this peer's first round is a separate read needed.
+        """
+        seen = self.swarm_averager.newest_seen_version
+        return self.swarm_averager.newest_version() if seen is None else seen
+
+    def _put_hash(self, outer_step: int, digest: str) -> None:
+        key = _hash_key(self.config.run_id, outer_step)
         value = json.dumps({"hash": digest}).encode()
 
         async def put(node: Node) -> None:
@@ -352,7 +396,7 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             hashes = self.node_thread.run(get, timeout_s=10)
         except GossamerError:
             return False
-        mine = self._hashes.get(outer_step)
+        mine = self._hashes.get(outer_step)  # published a round ago: its publication is done
         if mine is None or len(hashes) < 2:
             return False
         counts = {h: hashes.count(h) for h in set(hashes)}

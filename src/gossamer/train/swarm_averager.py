@@ -21,6 +21,7 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,7 @@ from gossamer.net.identity import peer_id_of_public_key
 from gossamer.net.node import Node
 from gossamer.train.averaging import AverageOutcome
 
-__all__ = ["SwarmAverager", "SwarmAveragerConfig"]
+__all__ = ["SwarmAverager", "SwarmAveragerConfig", "round_settled"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,65 @@ def _members_key(run_id: str) -> bytes:
 
 
 _POLL_INTERVAL_S = 0.1
+_SETTLE_POLL_INTERVAL_S = 0.05
+
+
+def _active(memberships: dict[str, tuple[str, int, str]], me: str) -> set[str]:
+    """The run's other peers whose latest membership says they are active."""
+    return {p for p, (state, _, _) in memberships.items() if state == "active" and p != me}
+
+
+def round_settled(
+    *,
+    me: str,
+    stamp: float,
+    close_at: float,
+    active: set[str],
+    entries: dict[str, float],
+    closes: dict[str, float],
+    join_window_s: float,
+) -> bool:
+    """Whether a round's members are final before its propagation grace is over.
+
+    The grace protects against an announcement stamped before the close that a reader has not
+    seen yet (it would count it, another would not), and against an earlier close still on its
+    way (the smallest close counts). Neither can happen once
+
+    - every peer the run lists as active (read after the close) has announced: a peer's membership
+      is on the DHT before its first announcement is stamped, so a peer that could still announce
+      before the close is listed and makes this false;
+    - every member has published a close, all equal to this peer's: a non-member's close is at
+      least its own stamp, after this close, unless its join window ran out, and
+    - this close comes before the join window of the round's first announcement runs out, so no
+      peer can close by the window before it.
+
+    A peer alone keeps the grace: it has no all-reduce to start sooner, and a swarm's first peer
+    should not race through its rounds before the next peers can join (they start one after
+    another).
+
+    A DHT put returns once the record is on every replica a get asks, so whatever a peer
+    published before its close is read by anyone who read its close.
+
+    Args:
+        me: this peer's id.
+        stamp: this peer's announcement.
+        close_at: the close this peer computed and published.
+        active: the run's other active peers, read after the close.
+        entries: the current announcements, by peer.
+        closes: the current closes, by peer (this peer's included once published).
+        join_window_s: the round's join window.
+    """
+    entries = {**entries, me: stamp}
+    if not active <= set(entries):
+        return False
+    if close_at >= min(entries.values()) + join_window_s:
+        return False
+    others = [p for p, at in entries.items() if at <= close_at and p != me]
+    if not others:  # alone: no time to save in the all-reduce, and the pace stays as it was
+        return False
+    if any(closes.get(p) != close_at for p in others):
+        return False
+    return min(closes.values(), default=close_at) >= close_at
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -115,6 +175,9 @@ class SwarmAverager:
         """A nonce of this process: records of a killed predecessor with the same key differ."""
         self.last_failed: list[str] = []
         """Peers dropped from the last round."""
+        self.newest_seen_version: int | None = None
+        """The newest state version among the run's other active peers, as the last round's
+        formation read it (None before the first round)."""
 
         async def make_mailbox(node: Node) -> CommMailbox:
             return CommMailbox(NetCommTransport(node), self._clock)
@@ -251,19 +314,50 @@ class SwarmAverager:
             if state == "active" and peer != node.peer_id
         }
 
-    async def _current(self, node: Node, key: bytes, field: str) -> dict[str, float]:
-        """Records under ``key`` written by the current incarnation of each peer: ``field``."""
-        incarnations = {p: inc for p, (_, _, inc) in (await self._memberships(node)).items()}
-        incarnations[node.peer_id] = self.incarnation
-        found: dict[str, float] = {}
+    @staticmethod
+    async def _records_by_publisher(
+        node: Node, key: bytes, field: str
+    ) -> dict[str, tuple[float, str]]:
+        """(``field``, incarnation) of every record under ``key`` with a finite number."""
+        found: dict[str, tuple[float, str]] = {}
         for publisher, value in await _read_json_records(node, key):
             try:
                 number, inc = float(value[field]), str(value["inc"])
             except (KeyError, TypeError, ValueError):
                 continue
-            if inc == incarnations.get(publisher) and math.isfinite(number):
-                found[publisher] = number
+            if math.isfinite(number):
+                found[publisher] = (number, inc)
         return found
+
+    async def _read_round(
+        self, node: Node, keys: Sequence[tuple[bytes, str]]
+    ) -> tuple[dict[str, tuple[str, int, str]], list[dict[str, float]]]:
+        """The memberships and, for every (key, field), the current incarnations' records.
+
+        The reads run at once (one round trip instead of several); a record counts only if it
+        was written by the incarnation the publisher's membership names, so what a killed
+        process left on the DHT is ignored after its restart.
+        """
+        reads = asyncio.gather(*(self._records_by_publisher(node, k, f) for k, f in keys))
+        memberships, raw = await asyncio.gather(self._memberships(node), reads)
+        incarnations = {p: inc for p, (_, _, inc) in memberships.items()}
+        incarnations[node.peer_id] = self.incarnation
+        self._note_versions(node, memberships)
+        current = [
+            {p: number for p, (number, inc) in found.items() if inc == incarnations.get(p)}
+            for found in raw
+        ]
+        return memberships, current
+
+    def _note_versions(self, node: Node, memberships: dict[str, tuple[str, int, str]]) -> None:
+        self.newest_seen_version = max(
+            (
+                version
+                for peer, (state, version, _) in memberships.items()
+                if state == "active" and peer != node.peer_id
+            ),
+            default=-1,
+        )
 
     async def _form_group(self, node: Node, key: str) -> tuple[list[str], list[str]]:
         """The members of round ``key`` and the run's peers that did not come.
@@ -275,38 +369,66 @@ class SwarmAverager:
         peers) decides for everyone: the earliest published close counts, so a late reader never
         counts a member that already left. Records carry the writer's incarnation (a nonce per
         process), so what a killed incarnation left on the DHT is ignored after a restart.
+
+        Members are read again ``propagation_grace_s`` after the close, so announcements still on
+        their way are seen, unless the round has settled earlier (see :func:`round_settled`):
+        then nothing still on its way could change the members.
         """
         grace = self.config.propagation_grace_s
         entry_key = _round_key(key)
+        close_key = _close_key(key)
         stamp = self._clock.wall()
         await node.dht.put(
             entry_key, json.dumps({"at": stamp, "inc": self.incarnation}).encode(), _ENTRY_TTL_S
         )
-        expected = set(await self._active_members(node))
+        memberships, (entries,) = await self._read_round(node, [(entry_key, "at")])
+        expected = _active(memberships, node.peer_id)
         for peer in expected:
             node.detector.watch(peer)
         alive_at_start = {p for p in expected if self._alive(node, p)}
         close_at: float | None = None
-        while close_at is None:
-            entries = await self._current(node, entry_key, "at")
+        everyone_came = False
+        while True:
             entries[node.peer_id] = stamp
             opens_at = min(entries.values())
             awaited = {p for p in expected if self._alive(node, p)}
             if awaited <= set(entries):
                 close_at = max(entries[p] for p in awaited | {node.peer_id})
-            elif self._clock.wall() >= opens_at + self.config.join_window_s:
+                everyone_came = expected <= set(entries)
+                break
+            if self._clock.wall() >= opens_at + self.config.join_window_s:
                 close_at = opens_at + self.config.join_window_s
-            else:
-                await asyncio.sleep(_POLL_INTERVAL_S)
-        close_key = _close_key(key)
+                break
+            await asyncio.sleep(_POLL_INTERVAL_S)
+            _, (entries,) = await self._read_round(node, [(entry_key, "at")])
         await node.dht.put(
             close_key,
             json.dumps({"close_at": close_at, "inc": self.incarnation}).encode(),
             _ENTRY_TTL_S,
         )
-        await asyncio.sleep(max(0.0, close_at + grace - self._clock.wall()))
-        close_at = min([close_at, *(await self._current(node, close_key, "close_at")).values()])
-        entries.update(await self._current(node, entry_key, "at"))
+        read_after = close_at + grace
+        while True:
+            read_at = self._clock.wall()
+            memberships, (latest, closes) = await self._read_round(
+                node, [(entry_key, "at"), (close_key, "close_at")]
+            )
+            if read_at >= read_after:
+                break  # the full grace has passed: what this read saw decides
+            if everyone_came and round_settled(
+                me=node.peer_id,
+                stamp=stamp,
+                close_at=close_at,
+                active=_active(memberships, node.peer_id),
+                entries={**entries, **latest},
+                closes=closes,
+                join_window_s=self.config.join_window_s,
+            ):
+                break
+            await asyncio.sleep(
+                min(_SETTLE_POLL_INTERVAL_S, max(0.0, read_after - self._clock.wall()))
+            )
+        close_at = min([close_at, *closes.values()])
+        entries.update(latest)
         if stamp > close_at:
             logger.warning("peer %s came after round %s closed", node.peer_id[:8], key)
             return [], []

@@ -1,0 +1,73 @@
+"""When a swarm round's members are final before the propagation grace is over."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gossamer.train.swarm_averager import round_settled
+
+WINDOW_S = 30.0
+
+
+def _settled(**overrides: Any) -> bool:
+    """A round of three peers that all came (closing at c's stamp) and all published that close."""
+    args: dict[str, Any] = {
+        "me": "a",
+        "stamp": 10.0,
+        "close_at": 12.0,
+        "active": {"b", "c"},
+        "entries": {"b": 11.0, "c": 12.0},
+        "closes": {"a": 12.0, "b": 12.0, "c": 12.0},
+        "join_window_s": WINDOW_S,
+    }
+    return round_settled(**(args | overrides))
+
+
+def test_everyone_came_and_agrees_on_the_close() -> None:
+    assert _settled()
+
+
+def test_own_close_not_yet_read_back_still_settles() -> None:
+    assert _settled(closes={"b": 12.0, "c": 12.0})
+
+
+def test_an_active_peer_that_has_not_announced_keeps_the_grace() -> None:
+    # d joined the run: its announcement may be stamped before the close but not yet visible.
+    assert not _settled(active={"b", "c", "d"})
+
+
+def test_a_member_without_a_published_close_keeps_the_grace() -> None:
+    assert not _settled(closes={"a": 12.0, "b": 12.0})
+
+
+def test_a_member_with_another_close_keeps_the_grace() -> None:
+    assert not _settled(closes={"a": 12.0, "b": 11.5, "c": 12.0})
+
+
+def test_an_earlier_close_from_anyone_keeps_the_grace() -> None:
+    # e is no member (it came later), but the earliest close counts for everyone.
+    closes = {"a": 12.0, "b": 12.0, "c": 12.0, "e": 11.0}
+    assert not _settled(entries={"b": 11.0, "c": 12.0, "e": 13.0}, closes=closes)
+
+
+def test_a_later_non_member_close_does_not_matter() -> None:
+    closes = {"a": 12.0, "b": 12.0, "c": 12.0, "e": 13.0}
+    assert _settled(entries={"b": 11.0, "c": 12.0, "e": 13.0}, closes=closes)
+
+
+def test_a_close_at_the_join_window_keeps_the_grace() -> None:
+    # A peer that saw the window run out closes by it, possibly before this close.
+    assert not _settled(
+        stamp=0.0,
+        close_at=WINDOW_S,
+        entries={"b": 1.0, "c": WINDOW_S},
+        closes={"a": WINDOW_S, "b": WINDOW_S, "c": WINDOW_S},
+    )
+
+
+def test_a_peer_that_left_the_run_is_not_waited_for() -> None:
+    assert _settled(active={"b"}, entries={"b": 12.0}, closes={"a": 12.0, "b": 12.0})
+
+
+def test_a_peer_alone_keeps_the_grace() -> None:
+    assert not _settled(active=set(), entries={}, closes={"a": 10.0}, close_at=10.0)

@@ -1,0 +1,119 @@
+"""A swarm DiLoCo peer publishes each outer step's state off the training thread, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from gossamer.train.averaging import AverageOutcome
+from gossamer.train.diloco import DiLoCoConfig
+from gossamer.train.state_sync import StateSnapshot
+from gossamer.train.swarm import SwarmDiLoCoStrategy
+
+INNER_STEPS = 2
+
+
+class FakeDht:
+    """Records what was put; every get finds nothing."""
+
+    def __init__(self) -> None:
+        self.puts: list[tuple[bytes, bytes]] = []
+
+    async def put(self, key: bytes, value: bytes, ttl_s: float | None = None) -> int:
+        self.puts.append((key, value))
+        return 1
+
+    async def get(self, key: bytes) -> list[Any]:
+        return []
+
+
+class FakeNode:
+    peer_id = "a" * 64
+
+    def __init__(self) -> None:
+        self.dht = FakeDht()
+
+    def peers(self) -> list[Any]:
+        return []
+
+
+class FakeNodeThread:
+    """Runs node work to completion in the calling thread."""
+
+    def __init__(self) -> None:
+        self.node = FakeNode()
+
+    def run(self, work: Callable[[Any], Coroutine[Any, Any, Any]], timeout_s: float) -> Any:
+        return asyncio.run(work(self.node))
+
+
+class FakeAverager:
+    """A swarm of one that records the run's membership, and in which thread it was told."""
+
+    def __init__(self) -> None:
+        self.newest_seen_version: int | None = None
+        self.events: list[tuple[str, int]] = []
+        self.threads: set[str] = set()
+
+    def average(
+        self, tensors: list[torch.Tensor], *, round_key: str, weight: float
+    ) -> AverageOutcome:
+        self.newest_seen_version = -1
+        return AverageOutcome(
+            tensors=[t.clone() for t in tensors], group_size=1, bytes_sent=0, bytes_received=0
+        )
+
+    def newest_version(self) -> int:
+        return -1
+
+    def join_run(self, version: int) -> None:
+        self.events.append(("join", version))
+        self.threads.add(threading.current_thread().name)
+
+    def leave_run(self) -> None:
+        self.events.append(("leave", -1))
+
+
+class FakeDonor:
+    def __init__(self) -> None:
+        self.versions: list[int] = []
+
+    def publish(self, snapshot: StateSnapshot) -> None:
+        self.versions.append(snapshot.version)
+
+
+def test_outer_steps_are_published_in_order_and_drained_on_close() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4)
+    averager, donor, node_thread = FakeAverager(), FakeDonor(), FakeNodeThread()
+    strategy = SwarmDiLoCoStrategy(
+        DiLoCoConfig(inner_steps=INNER_STEPS, run_id="r"),
+        cast(Any, averager),
+        cast(Any, node_thread),
+        cast(Any, donor),
+        join_existing=False,
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    strategy.setup(model, optimizer)
+    hashes = []
+    for step in range(3 * INNER_STEPS):
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.01 * (step + 1))
+        strategy.on_step_end(model, step)
+        if (step + 1) % INNER_STEPS == 0:
+            hashes.append(strategy.global_weights_hash())
+    strategy.close()
+
+    assert donor.versions == [0, 1, 2, 3]
+    assert averager.events == [("join", 0), ("join", 1), ("join", 2), ("join", 3), ("leave", -1)]
+    assert any(name.startswith("gossamer-publish") for name in averager.threads)
+    published = [json.loads(value)["hash"] for _, value in node_thread.node.dht.puts]
+    assert published == hashes  # each step's hash is that of its global weights
+    assert not any(t.name.startswith("gossamer-publish") for t in threading.enumerate())
