@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from gossamer.core.errors import DeadlineExceededError
+from gossamer.core.errors import DeadlineExceededError, PeerUnavailableError
 from gossamer.net.config import NodeConfig
 from gossamer.net.identity import Identity
 from gossamer.net.node import Node
@@ -80,6 +80,7 @@ class NodeThread:
 
         Raises:
             DeadlineExceededError: it did not finish within ``timeout_s`` (it is cancelled).
+            PeerUnavailableError: it was cancelled inside the node (a connection closed under it).
         """
         return self._submit(work(self.node), timeout_s)
 
@@ -90,6 +91,9 @@ class NodeThread:
         except concurrent.futures.TimeoutError as exc:
             future.cancel()
             raise DeadlineExceededError(f"node work did not finish within {timeout_s} s") from exc
+        except concurrent.futures.CancelledError as exc:
+            # Cancelled inside the node, not by us: a connection closed under an RPC it awaited.
+            raise PeerUnavailableError("node work was cancelled inside the node") from exc
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the node, then the loop, then join the thread."""
