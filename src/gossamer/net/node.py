@@ -307,6 +307,13 @@ class Node:
                 await self._transport.ping(
                     connection.peer_id, with_record=True, timeout_s=self.config.rpc_timeout_s
                 )
+                # A FindNode always returns the responder's record (a Ping answers with one only
+                # if ours came with it, and a node that does not announce sends none), and the
+                # peers nearest us: enough to start the lookup below from.
+                for record in await self._transport.find_node(
+                    connection.peer_id, self.identity.digest
+                ):
+                    self.dht.learn(record)
                 reached += 1
             except GossamerError as exc:
                 _log.warning(
