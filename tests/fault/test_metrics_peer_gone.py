@@ -7,19 +7,16 @@ is SIGKILLed and the survivor's metrics are scraped until they report it gone.
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from swarm_processes import SwarmProcesses
 
 HEARTBEAT_TIMEOUT_S = 2.5  # gossamer.train.swarm's heartbeat timeout for swarm peers
 SCRAPE_INTERVAL_S = 0.25
@@ -38,80 +35,37 @@ def scrape(url: str) -> Samples:
     }
 
 
-class Peers:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self._logs: list[Any] = []
-        (root / "corpus.txt").write_text("def f(x):\n    return x * 2\n" * 400)
-
-    def start(self, name: str, bootstrap: str | None = None) -> None:
-        command = [
-            sys.executable, "-m", "gossamer.cli", "--verbose", "train",
-            "--name", "metrics-gone",
-            "--metrics-port", "0",
-            "--model.num-layers", "1", "--model.num-heads", "2",
-            "--model.width", "32", "--model.context", "32",
-            "--data.source", "text", "--data.path", str(self.root / "corpus.txt"),
-            "--train.max-steps", "100000", "--train.batch-size", "2",
-            "--train.eval-every", "0", "--train.eval-batches", "1",
-            "--train.num-threads", "1",
-            "--swarm.strategy", "diloco", "--swarm.inner-steps", "5",
-            "--swarm.join-window-s", "8",
-            "--swarm.status-file", str(self.root / f"{name}.json"),
-            "--checkpoint.directory", str(self.root / name),
-            "--checkpoint.every-steps", "0",
-        ]  # fmt: skip
-        if bootstrap:
-            command += ["--bootstrap", bootstrap]
-        log = (self.root / f"{name}.log").open("ab")
-        self._logs.append(log)
-        self.processes[name] = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
-
-    def status(self, name: str) -> dict[str, Any]:
-        try:
-            status: dict[str, Any] = json.loads((self.root / f"{name}.json").read_text())
-        except (OSError, ValueError):
-            return {}
-        return status
-
-    def wait_for(self, condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            value = condition()
-            if value:
-                return value
-            time.sleep(0.1)  # polling interval of a condition with a deadline
-        logs = {
-            n: (self.root / f"{n}.log").read_text(errors="replace")[-2000:] for n in self.processes
-        }
-        raise AssertionError(f"{what} within {timeout_s} s; logs: {logs}")
-
-    def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=10)
-        for log in self._logs:
-            log.close()
+def _peers(root: Path) -> SwarmProcesses:
+    return SwarmProcesses(
+        root,
+        run_name="metrics-gone",
+        extra_args=[
+            "--metrics-port",
+            "0",
+            "--train.max-steps",
+            "100000",
+            "--train.batch-size",
+            "2",
+            "--train.eval-batches",
+            "1",
+            "--checkpoint.every-steps",
+            "0",
+        ],
+    )
 
 
 @pytest.fixture
-def peers(tmp_path: Path) -> Iterator[Peers]:
-    running = Peers(tmp_path)
+def peers(tmp_path: Path) -> Iterator[SwarmProcesses]:
+    running = _peers(tmp_path)
     try:
         yield running
     finally:
         running.stop()
 
 
-def test_killed_peer_is_gone_in_survivor_metrics_within_detection_time(peers: Peers) -> None:
+def test_killed_peer_is_gone_in_survivor_metrics_within_detection_time(
+    peers: SwarmProcesses,
+) -> None:
     peers.start("survivor")
     address = peers.wait_for(lambda: peers.status("survivor").get("address"), 60, "listening")
     peers.start("victim", address)

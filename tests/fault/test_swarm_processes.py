@@ -3,89 +3,39 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from gossamer.core.hashing import sha256_state
 from gossamer.store import CheckpointStore
+from swarm_processes import SwarmProcesses
 
 MAX_STEPS = 200  # long enough that the newcomer finds the swarm still running
 INNER_STEPS = 5
 
 
-class Swarm:
-    """Peer processes of one run, their status files and logs."""
+class Swarm(SwarmProcesses):
+    """The fault-swarm run's peers, with what these tests check at the end."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self._logs: list[Any] = []
-        corpus = root / "corpus.txt"
-        corpus.write_text("def area(r):\n    return 3.14 * r * r\n" * 400 + "import math\n" * 300)
-
-    def start(self, name: str, bootstrap: str | None = None, max_steps: int = MAX_STEPS) -> None:
-        command = [
-            sys.executable, "-m", "gossamer.cli", "--verbose", "train",
-            "--name", "fault-swarm",
-            "--model.num-layers", "1", "--model.num-heads", "2",
-            "--model.width", "32", "--model.context", "32",
-            "--data.source", "text", "--data.path", str(self.root / "corpus.txt"),
-            "--train.max-steps", str(max_steps), "--train.batch-size", "4",
-            "--train.eval-every", "0", "--train.eval-batches", "2",
-            "--train.num-threads", "1",
-            "--swarm.strategy", "diloco", "--swarm.inner-steps", str(INNER_STEPS),
-            "--swarm.join-window-s", "8",
-            "--swarm.status-file", str(self.root / f"{name}.json"),
-            "--checkpoint.directory", str(self.root / name),
-            "--checkpoint.every-steps", "10",
-            "--summary-json", str(self.root / f"{name}.summary.json"),
-        ]  # fmt: skip
-        if bootstrap:
-            command += ["--bootstrap", bootstrap]
-        log = (self.root / f"{name}.log").open("ab")
-        self._logs.append(log)
-        self.processes[name] = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        super().__init__(
+            root,
+            run_name="fault-swarm",
+            extra_args=[
+                "--train.max-steps",
+                str(MAX_STEPS),
+                "--train.batch-size",
+                "4",
+                "--train.eval-batches",
+                "2",
+                "--checkpoint.every-steps",
+                "10",
+            ],
         )
-
-    def status(self, name: str) -> dict[str, Any]:
-        try:
-            status: dict[str, Any] = json.loads((self.root / f"{name}.json").read_text())
-        except (OSError, ValueError):
-            return {}
-        return status
-
-    def wait_for(self, condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if condition():
-                return
-            time.sleep(0.1)
-        logs = {
-            n: (self.root / f"{n}.log").read_text(errors="replace")[-2000:] for n in self.processes
-        }
-        raise AssertionError(f"{what} within {timeout_s} s; logs: {logs}")
-
-    def address(self, name: str) -> str:
-        self.wait_for(lambda: "address" in self.status(name), 60, f"{name} listening")
-        return str(self.status(name)["address"])
-
-    def kill(self, name: str) -> None:
-        self.processes[name].send_signal(signal.SIGKILL)
-        self.processes[name].wait(timeout=10)
 
     def wait_done(self, names: list[str], timeout_s: float) -> None:
         self.wait_for(
@@ -100,14 +50,6 @@ class Swarm:
         state = CheckpointStore(self.root / name).load_latest()
         assert state is not None
         return sha256_state(state.tensors["model"])
-
-    def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=10)
-        for log in self._logs:
-            log.close()
 
 
 @pytest.fixture

@@ -1,0 +1,105 @@
+"""`gossamer train` swarm peers as real processes, for the fault tests.
+
+Each peer trains a tiny GPT on a small text corpus with DiLoCo (H = 5), writes its status to
+``ROOT/NAME.json``, its summary to ``ROOT/NAME.summary.json`` and its log to ``ROOT/NAME.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SwarmProcesses"]
+
+
+class SwarmProcesses:
+    """Peer processes of one run, their status files and logs.
+
+    Args:
+        root: a fresh folder for the corpus, checkpoints, status files and logs.
+        run_name: the run all peers join.
+        extra_args: config flags every peer gets (steps, checkpoints, metrics port, ...).
+    """
+
+    def __init__(self, root: Path, *, run_name: str, extra_args: Sequence[str] = ()) -> None:
+        self.root = root
+        self.run_name = run_name
+        self.extra_args = list(extra_args)
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs: list[Any] = []
+        corpus = root / "corpus.txt"
+        corpus.write_text("def area(r):\n    return 3.14 * r * r\n" * 400 + "import math\n" * 300)
+
+    def start(self, name: str, bootstrap: str | None = None) -> None:
+        """Start peer ``name``, joining through ``bootstrap`` if given."""
+        command = [
+            sys.executable, "-m", "gossamer.cli", "--verbose", "train",
+            "--name", self.run_name,
+            "--model.num-layers", "1", "--model.num-heads", "2",
+            "--model.width", "32", "--model.context", "32",
+            "--data.source", "text", "--data.path", str(self.root / "corpus.txt"),
+            "--train.eval-every", "0", "--train.num-threads", "1",
+            "--swarm.strategy", "diloco", "--swarm.inner-steps", "5",
+            "--swarm.join-window-s", "8",
+            "--swarm.status-file", str(self.root / f"{name}.json"),
+            "--checkpoint.directory", str(self.root / name),
+            "--summary-json", str(self.root / f"{name}.summary.json"),
+            *self.extra_args,
+        ]  # fmt: skip
+        if bootstrap:
+            command += ["--bootstrap", bootstrap]
+        log = (self.root / f"{name}.log").open("ab")
+        self._logs.append(log)
+        self.processes[name] = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+
+    def status(self, name: str) -> dict[str, Any]:
+        """The peer's last status, or {} before it wrote one."""
+        try:
+            status: dict[str, Any] = json.loads((self.root / f"{name}.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return status
+
+    def wait_for(self, condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
+        """Poll ``condition`` until it is true; at the deadline, fail with the logs."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            value = condition()
+            if value:
+                return value
+            time.sleep(0.1)  # polling interval of a condition with a deadline
+        logs = {
+            n: (self.root / f"{n}.log").read_text(errors="replace")[-2000:] for n in self.processes
+        }
+        raise AssertionError(f"{what} within {timeout_s} s; logs: {logs}")
+
+    def address(self, name: str) -> str:
+        """The peer's PEER_ID@HOST:PORT once it listens."""
+        return str(self.wait_for(lambda: self.status(name).get("address"), 60, f"{name} listening"))
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the peer and reap it."""
+        self.processes[name].send_signal(signal.SIGKILL)
+        self.processes[name].wait(timeout=10)
+
+    def stop(self) -> None:
+        """Kill whatever still runs and close the logs."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+        for log in self._logs:
+            log.close()
