@@ -37,17 +37,24 @@ async def _wait_for(path: Path, timeout_s: float) -> None:
 
 
 class _MarkingTransport(NetCommTransport):
-    """Marks the first delivered message; a peer told to hang then stops sending (mid-round)."""
+    """Marks the first message this peer sends; a peer told to hang sends nothing at all.
 
-    def __init__(self, node: Node, marker: Path, *, hang_after_first: bool) -> None:
+    The hanging peer marks the moment its round starts and then never sends, so the test's kill
+    always lands mid-round and no result of this peer's reaches only some of the others.
+    """
+
+    def __init__(self, node: Node, marker: Path, *, hang: bool) -> None:
         super().__init__(node)
         self.marker = marker
         self.marked = False
-        self.hang_after_first = hang_after_first
+        self.hang = hang
 
     async def send(self, peer_id: str, message: bytes | bytearray, *, timeout_s: float) -> None:
-        if self.marked and self.hang_after_first:
-            await asyncio.sleep(3600)  # the test kills this process here: always mid-round
+        if self.hang:
+            if not self.marked:
+                self.marked = True
+                await asyncio.to_thread(self.marker.write_text, "started")
+            await asyncio.sleep(3600)  # the test kills this process here
         await super().send(peer_id, message, timeout_s=timeout_s)
         if not self.marked:
             self.marked = True
@@ -68,7 +75,7 @@ async def main(folder: Path, rank: int, world: int) -> None:
         (folder / f"ready-{rank}").write_text("ready")
         await _wait_for(folder / "go", 60)
         hang = (folder / f"hang-{rank}").exists()
-        transport = _MarkingTransport(node, folder / f"sent-{rank}", hang_after_first=hang)
+        transport = _MarkingTransport(node, folder / f"sent-{rank}", hang=hang)
         mailbox = CommMailbox(transport, node.clock)
         tensor = torch.full((NUM_ELEMENTS,), float(rank))
         config = AllReduceConfig(

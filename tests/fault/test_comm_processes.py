@@ -44,7 +44,7 @@ def _wait_for(predicate: object, timeout_s: float, what: str) -> None:
 
 @pytest.mark.timeout(120)
 def test_survivors_of_a_killed_peer_finish_in_time_and_agree(tmp_path: Path) -> None:
-    (tmp_path / f"hang-{VICTIM}").write_text("stop sending after the first message")
+    (tmp_path / f"hang-{VICTIM}").write_text("start the round, then send nothing")
     logs = [(tmp_path / f"log-{rank}").open("wb") for rank in range(WORLD)]
     procs = [
         subprocess.Popen(
