@@ -33,7 +33,7 @@ from gossamer.comm.groups import split_into_groups
 from gossamer.comm.net_transport import NetCommTransport
 from gossamer.comm.transport import CommMailbox
 from gossamer.core.clock import SystemClock
-from gossamer.core.errors import DeadlineExceededError, GossamerError
+from gossamer.core.errors import GossamerError
 from gossamer.net.bridge import NodeThread
 from gossamer.net.identity import peer_id_of_public_key
 from gossamer.net.node import Node
@@ -237,16 +237,17 @@ class SwarmAverager:
 
         try:
             outcome = self.node_thread.run(work, timeout_s=deadline_s)
-        except DeadlineExceededError:
-            logger.warning(
-                "round %s did not finish in %.0f s; keeping local values", key, deadline_s
-            )
+        except GossamerError as exc:  # the deadline, or the node's work cut under it
+            # Whatever the others did, this peer has no result: it counts as having missed the
+            # round, and the strategy takes the swarm's state once the others publish it.
+            logger.warning("round %s failed on this peer (%s); it missed the round", key, exc)
             outcome = AverageOutcome(
                 tensors=[t.clone() for t in tensors],
-                group_size=1,
+                group_size=0,
                 bytes_sent=0,
                 bytes_received=0,
                 seconds=time.monotonic() - started,
+                excluded=True,
             )
         self.last_failed = outcome.failed_peers
         logger.info(
