@@ -437,7 +437,11 @@ class CheckpointStore:
             if not valid and num_kept < self._keep_last:
                 continue
             logger.info("pruning checkpoint %s (step %d, valid=%s)", folder.name, step, valid)
-            durable_files.remove_tree(folder)
+            # Rename first (atomic), then delete: a writer killed while deleting leaves a
+            # temporary folder the next save cleans up, never a half-deleted checkpoint.
+            doomed = self._directory / f"{_TMP_PREFIX}{step:09d}-{secrets.token_hex(4)}"
+            durable_files.rename(folder, doomed)
+            durable_files.remove_tree(doomed)
             self._verified.pop(folder, None)
 
     def _is_valid(self, folder: Path) -> tuple[bool, bool]:
