@@ -142,7 +142,10 @@ def test_donor_dying_mid_download_is_replaced_by_the_others() -> None:
     assert_bit_exact(got, want)
     assert "dying" in network.dead
     assert "dying" in report.failed_donors
-    assert report.bytes_per_donor.get("dying", 0) == 2 * CHUNK
+    # It served two chunks before dying; a chunk is credited to the donor whose copy was used,
+    # and a hedged copy from another donor may win the race for one of them.
+    assert report.bytes_per_donor.get("dying", 0) <= 2 * CHUNK
+    assert sum(report.bytes_per_donor.values()) == report.total_bytes
     assert report.refetched_chunks >= 1
 
 

@@ -395,10 +395,13 @@ class Trainer:
             if cfg.train.max_seconds and elapsed + per_step > cfg.train.max_seconds:
                 stopped_by_time = step < stop
                 break
+        replaced = False
         if step > start_step:
+            with self.spans.span("sync", step=step, hook="finish"):
+                replaced = run.strategy.finish(run.model, step)
             val_latest = self.evaluate()
             self.listener.on_eval(step=step, val_loss=val_latest)
-        if last_checkpoint is None or last_checkpoint_step != run.step:
+        if replaced or last_checkpoint is None or last_checkpoint_step != run.step:
             last_checkpoint = self.save_checkpoint()
         return TrainResult(
             start_step=start_step,

@@ -46,6 +46,14 @@ class TrainingStrategy(Protocol):
         """
         ...
 
+    def finish(self, model: nn.Module, step: int) -> bool:
+        """Called once after the last training step, before the final evaluation and checkpoint.
+
+        Returns:
+            Whether it replaced the model's state (the final checkpoint is then written again).
+        """
+        ...
+
     def state_for_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The strategy's tensors and JSON-serializable state, to be checkpointed."""
         ...
@@ -74,6 +82,10 @@ class LocalStrategy:
     def on_step_end(self, model: nn.Module, step: int) -> int | None:
         del model, step
         return None
+
+    def finish(self, model: nn.Module, step: int) -> bool:
+        del model, step
+        return False
 
     def state_for_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return {}, {}

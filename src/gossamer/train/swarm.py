@@ -6,7 +6,10 @@ trains with the configured strategy. With DiLoCo the peer also
 - serves its global state to newcomers (:class:`~gossamer.train.state_sync.StateDonor`), and as a
   newcomer downloads it from several donors at once before its first step;
 - after every outer step publishes a sha256 of its global weights, and compares the previous
-  round's hashes with the other peers': a peer that differs from the majority resyncs from donors.
+  round's hashes with the other peers': a peer that differs from the majority resyncs from the
+  peers that hold the majority's state;
+- after its last step waits until every live peer of the run has published its hash of the final
+  outer step, and resyncs if it differs, so the peers end with the same weights.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from gossamer.train.loop import ModelFactory, ProgressEvent, Trainer, TrainingLi
 from gossamer.train.state_sync import StateSnapshot, download_state
 from gossamer.train.state_sync_donor import StateDonor
 from gossamer.train.strategy import TrainingStrategy
-from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig
+from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig, read_json_records
 from gossamer.train.sync import SyncStrategy
 
 __all__ = [
@@ -60,6 +63,9 @@ logger = logging.getLogger(__name__)
 _HASH_TTL_S = 600.0
 _DOWNLOAD_TIMEOUT_S = 120.0
 _NEWER_STATE_WAIT_S = 30.0
+_FINAL_AGREEMENT_S = 20.0
+"""How long a peer that finished waits for the others' hashes of the final outer step."""
+_FINAL_POLL_S = 0.2
 
 
 def _hash_key(run_id: str, outer_step: int) -> bytes:
@@ -207,8 +213,11 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
 
         return self.node_thread.run(known, timeout_s=10)
 
-    def _download(self, version: int | None) -> StateSnapshot | None:
-        donors = self._others()
+    def _download(
+        self, version: int | None, donors: Sequence[str] | None = None
+    ) -> StateSnapshot | None:
+        """The state most ``donors`` (every known peer if None) hold, or None if none serves it."""
+        donors = self._others() if donors is None else list(donors)
         if not donors:
             return None
 
@@ -342,8 +351,9 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         if self.swarm_metrics is not None:
             self.swarm_metrics.outer_step.set(self.outer_step)
         self._publish_outer_step(step=continue_from if continue_from is not None else step + 1)
-        if self._out_of_agreement(self.outer_step - 1):
-            snapshot = self._download(version=None)
+        majority_holders = self._out_of_agreement(self.outer_step - 1)
+        if majority_holders:
+            snapshot = self._download(version=None, donors=majority_holders)
             if snapshot is not None:
                 self._apply_snapshot(snapshot)
                 self._resynced()
@@ -377,31 +387,98 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         except GossamerError as exc:
             logger.warning("peer %s could not publish its hash: %s", self._short(), exc)
 
-    def _out_of_agreement(self, outer_step: int) -> bool:
-        """Whether this peer's hash after ``outer_step`` differs from most peers'."""
-        if outer_step < 1:
-            return False
-        key = _hash_key(self.config.run_id, outer_step)
+    def _published_hashes(self, outer_step: int) -> dict[str, str]:
+        """The other peers' hashes of their global weights after ``outer_step``, by peer.
 
-        async def get(node: Node) -> list[str]:
-            found = []
-            for record in await node.dht.get(key):
-                try:
-                    found.append(str(json.loads(bytes(record.value))["hash"]))
-                except (ValueError, KeyError, TypeError):
-                    continue
+        Raises:
+            GossamerError: the DHT could not be read.
+        """
+        key = _hash_key(self.config.run_id, outer_step)
+        me = self.node_thread.node.peer_id
+
+        async def get(node: Node) -> dict[str, str]:
+            found = {}
+            for publisher, value in await read_json_records(node, key):
+                if publisher != me and isinstance(value.get("hash"), str):
+                    found[publisher] = value["hash"]
             return found
 
+        return self.node_thread.run(get, timeout_s=10)
+
+    def _out_of_agreement(self, outer_step: int) -> list[str]:
+        """The peers to resync from if this peer's hash after ``outer_step`` is not the majority's.
+
+        The majority is the hash most peers published, the larger hash on a tie (every peer
+        computes the same one, so of two equal camps exactly one resyncs). Empty when this peer
+        agrees, or when it cannot tell (no hash of its own or of others).
+        """
+        if outer_step < 1:
+            return []
+        mine = self._hashes.get(outer_step)  # published a round ago: its publication is done
         try:
-            hashes = self.node_thread.run(get, timeout_s=10)
+            others = self._published_hashes(outer_step)
+        except GossamerError:
+            return []
+        if mine is None or not others:
+            return []
+        hashes = [*others.values(), mine]
+        majority = max(set(hashes), key=lambda h: (hashes.count(h), h))
+        if mine == majority:
+            return []
+        return sorted(p for p, h in others.items() if h == majority)
+
+    def finish(self, model: nn.Module, step: int) -> bool:
+        """End with the swarm's weights: wait for every live peer's hash of the final outer step.
+
+        Mid-run, a divergence found after one outer step is repaired after the next; after the
+        last there is no next. So each peer waits, up to ``_FINAL_AGREEMENT_S``, until every live
+        peer of the run has published its hash of this final outer step and all agree. A peer
+        whose hash is not the majority's downloads that state from the peers holding it and
+        publishes again; the others keep serving until they see it agree. A peer that missed the
+        last round is waited for too: it is fetching the others' state meanwhile.
+        """
+        del model
+        self._wait_for_publication()
+        final = self.outer_step
+        deadline = time.monotonic() + _FINAL_AGREEMENT_S
+        replaced = False
+        while True:
+            holders = self._out_of_agreement(final)
+            if holders:
+                snapshot = self._download(version=final, donors=holders)
+                if snapshot is not None:
+                    self._apply_snapshot(snapshot)
+                    self._resynced()
+                    replaced = True
+                    logger.warning(
+                        "peer %s ended out of agreement; took the majority's state at outer "
+                        "step %d",
+                        self._short(),
+                        final,
+                    )
+                    self._publish_outer_step(step=step)
+                    self._wait_for_publication()
+                    continue
+            elif self._final_agreement_reached(final):
+                return replaced
+            if time.monotonic() >= deadline:
+                logger.warning(
+                    "peer %s: no agreement on the final weights within %.0f s; ending with its own",
+                    self._short(),
+                    _FINAL_AGREEMENT_S,
+                )
+                return replaced
+            time.sleep(_FINAL_POLL_S)
+
+    def _final_agreement_reached(self, outer_step: int) -> bool:
+        """Whether every live peer published a hash after ``outer_step`` equal to this one's."""
+        try:
+            live = self.swarm_averager.live_peers()
+            others = self._published_hashes(outer_step)
         except GossamerError:
             return False
-        mine = self._hashes.get(outer_step)  # published a round ago: its publication is done
-        if mine is None or len(hashes) < 2:
-            return False
-        counts = {h: hashes.count(h) for h in set(hashes)}
-        majority = max(counts, key=lambda h: (counts[h], h))
-        return mine != majority and counts[majority] > counts.get(mine, 0)
+        mine = self._hashes.get(outer_step)
+        return live <= set(others) and all(others[p] == mine for p in live)
 
 
 class StatusFileListener(TrainingListener):

@@ -39,14 +39,14 @@ from gossamer.net.identity import peer_id_of_public_key
 from gossamer.net.node import Node
 from gossamer.train.averaging import AverageOutcome
 
-__all__ = ["SwarmAverager", "SwarmAveragerConfig", "round_settled"]
+__all__ = ["SwarmAverager", "SwarmAveragerConfig", "read_json_records", "round_settled"]
 
 logger = logging.getLogger(__name__)
 
 _ENTRY_TTL_S = 300.0
 
 
-async def _read_json_records(node: Node, key: bytes) -> list[tuple[str, dict[str, Any]]]:
+async def read_json_records(node: Node, key: bytes) -> list[tuple[str, dict[str, Any]]]:
     """(publisher, JSON object) of every record under ``key``; malformed ones are skipped."""
     found = []
     for record in await node.dht.get(key):
@@ -283,6 +283,18 @@ class SwarmAverager:
         except GossamerError:
             return -1
 
+    def live_peers(self) -> set[str]:
+        """The run's other active peers that the failure detector does not report gone.
+
+        Raises:
+            GossamerError: the DHT could not be read.
+        """
+
+        async def read(node: Node) -> set[str]:
+            return {p for p in await self._active_members(node) if self._alive(node, p)}
+
+        return self.node_thread.run(read, timeout_s=15)
+
     def _set_membership(self, state: str, version: int) -> None:
         key = _members_key(self.config.run_id)
         value = json.dumps({"state": state, "version": version, "inc": self.incarnation}).encode()
@@ -300,7 +312,7 @@ class SwarmAverager:
     async def _memberships(self, node: Node) -> dict[str, tuple[str, int, str]]:
         """Every peer's latest membership record: (state, version, incarnation)."""
         found: dict[str, tuple[str, int, str]] = {}
-        for publisher, value in await _read_json_records(node, _members_key(self.config.run_id)):
+        for publisher, value in await read_json_records(node, _members_key(self.config.run_id)):
             try:
                 found[publisher] = (str(value["state"]), int(value["version"]), str(value["inc"]))
             except (KeyError, TypeError, ValueError):
@@ -321,7 +333,7 @@ class SwarmAverager:
     ) -> dict[str, tuple[float, str]]:
         """(``field``, incarnation) of every record under ``key`` with a finite number."""
         found: dict[str, tuple[float, str]] = {}
-        for publisher, value in await _read_json_records(node, key):
+        for publisher, value in await read_json_records(node, key):
             try:
                 number, inc = float(value[field]), str(value["inc"])
             except (KeyError, TypeError, ValueError):

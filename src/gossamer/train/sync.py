@@ -54,6 +54,10 @@ class SyncStrategy:
         del model, step
         return None
 
+    def finish(self, model: nn.Module, step: int) -> bool:
+        del model, step
+        return False
+
     def state_for_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return {}, {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received}
 

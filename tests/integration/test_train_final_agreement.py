@@ -1,0 +1,132 @@
+"""Swarm DiLoCo peers that end a run with different weights agree before they stop.
+
+Real nodes on 127.0.0.1 (TLS gRPC, DHT, state donors); the divergence is made by hand after the
+last outer step, where no later round's hash check could repair it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from gossamer.net.bridge import NodeThread
+from gossamer.net.config import HeartbeatConfig, NodeConfig
+from gossamer.net.node import Node
+from gossamer.train.diloco import DiLoCoConfig
+from gossamer.train.state_sync_donor import StateDonor
+from gossamer.train.swarm import SwarmDiLoCoStrategy
+from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig
+
+RUN = "final-agreement"
+FINAL_OUTER_STEP = 3
+FINAL_STEP = 6
+
+
+@dataclass
+class Peer:
+    strategy: SwarmDiLoCoStrategy
+    model: nn.Module
+
+
+@contextlib.contextmanager
+def peers(count: int) -> Iterator[list[Peer]]:
+    with contextlib.ExitStack() as stack:
+        made: list[Peer] = []
+        bootstrap: tuple[str, ...] = ()
+        for _ in range(count):
+            config = NodeConfig(
+                listen_address="127.0.0.1:0",
+                bootstrap=bootstrap,
+                heartbeat=HeartbeatConfig(interval_s=0.5, timeout_s=2.5),
+            )
+            node_thread = stack.enter_context(NodeThread(config))
+            if not bootstrap:
+                node = node_thread.node
+                bootstrap = (f"{node.peer_id}@{node.addresses[0]}",)
+
+            async def make_donor(node: Node) -> StateDonor:
+                return StateDonor(node)
+
+            donor = node_thread.run(make_donor, timeout_s=10)
+            stack.callback(donor.close)
+            averager = SwarmAverager(node_thread, SwarmAveragerConfig(run_id=RUN))
+            strategy = SwarmDiLoCoStrategy(
+                DiLoCoConfig(inner_steps=2, run_id=RUN),
+                averager,
+                node_thread,
+                donor,
+                join_existing=False,
+            )
+            stack.callback(strategy.close)
+            torch.manual_seed(0)  # every peer starts from the same weights, as a run does
+            model = nn.Linear(8, 4)
+            strategy.setup(model, torch.optim.AdamW(model.parameters()))
+            made.append(Peer(strategy, model))
+        yield made
+
+
+def end_run_with(peer: Peer, value: float) -> None:
+    """Make ``peer`` stand after the final outer step with every global weight at ``value``."""
+    strategy = peer.strategy
+    strategy.outer_step = FINAL_OUTER_STEP
+    with torch.no_grad():
+        for tensor, param in zip(strategy._global, peer.model.parameters(), strict=True):
+            tensor.fill_(value)
+            param.fill_(value)
+    strategy._publish_outer_step(step=FINAL_STEP)
+
+
+def finish_all(made: list[Peer]) -> list[bool]:
+    replaced: list[bool | None] = [None] * len(made)
+
+    def finish(index: int) -> None:
+        replaced[index] = made[index].strategy.finish(made[index].model, FINAL_STEP)
+
+    threads = [threading.Thread(target=finish, args=(i,)) for i in range(len(made))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert all(r is not None for r in replaced), "a peer's finish() did not return"
+    return [bool(r) for r in replaced]
+
+
+@pytest.mark.timeout(120)
+def test_the_minority_takes_the_majoritys_final_state() -> None:
+    with peers(3) as made:
+        for peer, value in zip(made, [1.0, 2.0, 1.0], strict=True):
+            end_run_with(peer, value)
+        replaced = finish_all(made)
+        assert replaced == [False, True, False]
+        hashes = {p.strategy.global_weights_hash() for p in made}
+        assert len(hashes) == 1
+        odd = made[1]
+        assert odd.strategy.resyncs == 1
+        assert odd.strategy.outer_step == FINAL_OUTER_STEP
+        for param in odd.model.parameters():  # the model itself, not only the global copy
+            assert torch.equal(param.detach(), torch.full_like(param, 1.0))
+
+
+@pytest.mark.timeout(120)
+def test_two_equal_camps_settle_on_one_state() -> None:
+    with peers(2) as made:
+        end_run_with(made[0], 1.0)
+        end_run_with(made[1], 2.0)
+        replaced = finish_all(made)
+        assert sorted(replaced) == [False, True]  # exactly one of them gave way
+        assert made[0].strategy.global_weights_hash() == made[1].strategy.global_weights_hash()
+
+
+@pytest.mark.timeout(120)
+def test_peers_that_agree_finish_without_resyncing() -> None:
+    with peers(3) as made:
+        for peer in made:
+            end_run_with(peer, 1.5)
+        assert finish_all(made) == [False, False, False]
+        assert all(p.strategy.resyncs == 0 for p in made)
