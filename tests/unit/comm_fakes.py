@@ -1,4 +1,5 @@
-"""Test helpers for comm: a fake clock that jumps only when the loop is idle, inline offload."""
+"""Test helpers for comm: a fake clock that jumps only when the loop is idle, inline offload, and
+fake peers whose uplink has a rate."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import itertools
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from gossamer.comm.fake_transport import FakeNetwork, FakeTransport
 from gossamer.core.clock import FakeClock
 
 T = TypeVar("T")
@@ -59,3 +61,29 @@ class IdleJumpClock(FakeClock):
             future.set_result(None)
         task.cancel()
         raise AssertionError(f"still running after {max_jumps} clock jumps")
+
+
+class RateLimitedTransport(FakeTransport):
+    """A fake peer whose uplink moves ``bytes_per_s``: one message on the wire at a time, each
+    taking its size over the rate on the network's clock, then delivered (like a tbf-capped link
+    that the peer's sends to every destination share).
+    """
+
+    def __init__(self, network: FakeNetwork, peer_id: str, bytes_per_s: float) -> None:
+        super().__init__(network, peer_id)
+        self.bytes_per_s = bytes_per_s
+        self._wire = asyncio.Lock()
+
+    @classmethod
+    def join(cls, network: FakeNetwork, peer_id: str, bytes_per_s: float) -> RateLimitedTransport:
+        """A new peer on ``network`` with an uplink of ``bytes_per_s``."""
+        if peer_id in network.transports:
+            raise ValueError(f"peer {peer_id} is already on the fake network")
+        made = cls(network, peer_id, bytes_per_s)
+        network.transports[peer_id] = made
+        return made
+
+    async def send(self, peer_id: str, message: bytes | bytearray, *, timeout_s: float) -> None:
+        async with self._wire:
+            await self.network.clock.sleep_async(len(message) / self.bytes_per_s)
+        await super().send(peer_id, message, timeout_s=timeout_s)

@@ -1,6 +1,7 @@
 """Fault-tolerant all-reduce: reduce-scatter then all-gather, chunk by chunk, under a deadline.
 
-Each member owns one part of the flat buffer (sized by bandwidth, see :class:`PartPlan`). Every
+Each member owns one part of the flat buffer (sized by bandwidth, see :class:`PartPlan`; the
+round's own sends are timed to measure it, see :mod:`gossamer.comm.bandwidth`). Every
 member streams its values for each part to the part's owner, several chunks in flight per peer;
 an owner averages a chunk as soon as every awaited member's copy arrived and sends the average
 straight back to everyone, so sending, reducing and gathering overlap.
@@ -25,6 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from gossamer.comm.bandwidth import BandwidthMeter, BandwidthMeterConfig, SendTally
 from gossamer.comm.codecs import CodecPolicy, ErrorFeedback, FloatArray
 from gossamer.comm.plan import FlatLayout, PartPlan, round_id_of
 from gossamer.comm.reduction import ChunkCodec
@@ -38,6 +40,7 @@ __all__ = ["AllReduceConfig", "Offload", "all_reduce"]
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
+_DEFAULT_METER_CONFIG = BandwidthMeterConfig()
 Offload = Callable[[Callable[[], Any]], Awaitable[Any]]
 """Runs a function off the event loop (``asyncio.to_thread`` unless a test swaps it)."""
 
@@ -113,6 +116,7 @@ async def all_reduce(
     config: AllReduceConfig | None = None,
     weight: float = 1.0,
     bandwidth_weights: Sequence[float] | None = None,
+    meter: BandwidthMeter | None = None,
     feedback: ErrorFeedback | None = None,
     names: Sequence[str] | None = None,
     clock: Clock | None = None,
@@ -128,7 +132,11 @@ async def all_reduce(
         round_key: names the round (e.g. run id and step); the same on every member.
         config: deadline, chunking and codecs.
         weight: this member's weight in the average (e.g. its number of samples).
-        bandwidth_weights: relative bandwidth of each member; parts are sized by it.
+        bandwidth_weights: relative bandwidth of each member, the same on every member (e.g.
+            :func:`~gossamer.comm.bandwidth.plan_weights` of the figures the group agreed on);
+            parts are sized by it (equal parts when omitted).
+        meter: this peer's bandwidth meter; the round's own traffic updates it (the figure is
+            also in the report either way).
         feedback: error-feedback state kept by the caller across rounds (lossy codecs).
         names: stable tensor names for the error feedback (positions by default).
         clock: time source for deadlines.
@@ -167,6 +175,7 @@ async def all_reduce(
     else:
         target = None
     output = target if target is not None else np.empty(layout.total, dtype=np.float32)
+    tally = SendTally(mailbox.transport, clock)
     state = RoundState(
         round_id=round_id,
         plan=plan,
@@ -175,7 +184,7 @@ async def all_reduce(
         output=output,
         weight=weight,
         chunk_codec=ChunkCodec(layout, config.limits),
-        transport=mailbox.transport,
+        transport=tally,
         clock=clock,
         offload=offload,
         feedback=feedback,
@@ -204,6 +213,10 @@ async def all_reduce(
     finally:
         mailbox.close_round(round_id)
     state.fill_report(report, started_wall)
+    if meter is not None:
+        report.send_bytes_per_s = meter.update(tally)
+    else:
+        report.send_bytes_per_s = tally.throughput_bytes_per_s(_DEFAULT_METER_CONFIG)
     if report.deadline_hit:
         _log.warning(
             "peer %s: round %s hit its deadline: %s",

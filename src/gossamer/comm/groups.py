@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from gossamer.comm.bandwidth import plan_weights
 from gossamer.core.clock import Clock
 from gossamer.core.errors import DeadlineExceededError, ProtocolError
 from gossamer.net.identity import peer_id_of_public_key
@@ -45,7 +46,8 @@ class JoinEntry:
     announced_at_s: float
     """Wall time of the announcement (entries after the cutoff wait for the next round)."""
     bandwidth_bytes_per_s: float
-    """Measured bandwidth: sizes the peer's part."""
+    """The peer's measured send throughput (its ``BandwidthMeter`` estimate; 0 if unknown):
+    sizes its part."""
     address: str = ""
     """HOST for direct connections (the torch.distributed backend), empty if unreachable."""
 
@@ -161,6 +163,12 @@ class AgreedGroup:
     """Hex sha256 over key, members, bandwidths and addresses."""
     num_groups: int
     """Groups the swarm split into this round."""
+
+    def part_weights(self) -> list[float]:
+        """``bandwidth_weights`` for :func:`~gossamer.comm.allreduce.all_reduce`: the agreed
+        figures, bounded by :func:`~gossamer.comm.bandwidth.plan_weights` (the same on every
+        member)."""
+        return plan_weights(self.bandwidth_weights)
 
     @property
     def leader(self) -> str:

@@ -77,6 +77,9 @@ class AllReduceReport:
     """Thread time spent decoding and reducing."""
     deadline_hit: bool = False
     """Whether the round ended at its deadline rather than complete."""
+    send_bytes_per_s: float | None = None
+    """This member's send throughput measured on the round's traffic (see
+    :mod:`gossamer.comm.bandwidth`); None when too little was sent to tell."""
 
     @property
     def compression_ratio(self) -> float:

@@ -1,0 +1,213 @@
+"""How fast this peer sends, measured from each round's own traffic, and the part weights it sets.
+
+Parts of an all-reduce are sized by bandwidth (see :class:`~gossamer.comm.plan.PartPlan`), so a
+peer on a thin link reduces a small part and the round is not held up by it. A peer learns its
+own figure from the traffic it already sends: during a round, :class:`SendTally` wraps the
+transport and records, for every destination, the bytes delivered and the time at least one
+message to it was in flight. The round's figure is the sum over destinations of bytes over busy
+time. Per destination, because a round sends to every member at once: a fast peer's messages to
+a member on a thin link take long because of the *receiver's* link, and a plain "bytes over the
+round's busy time" would blame the sender for it; the sum of per-destination rates is what the
+sender's link carried while it served all of them. :class:`BandwidthMeter` keeps a moving average
+of these figures across rounds (the first measurement replaces the default), so the figure
+follows a link that changes during a run.
+
+Members publish their figure with their group-formation entry
+(:class:`~gossamer.comm.groups.JoinEntry`); every member then derives the same part weights from
+the same agreed figures with :func:`plan_weights`, which also bounds what one peer's (untrusted)
+figure can claim.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gossamer.comm.transport import CommTransport, MessageReceiver
+from gossamer.core.clock import Clock
+from gossamer.core.errors import GossamerError
+
+__all__ = [
+    "BandwidthMeter",
+    "BandwidthMeterConfig",
+    "SendTally",
+    "plan_weights",
+]
+
+DEFAULT_BYTES_PER_S = 12.5e6
+"""The figure a peer announces before it measured anything (100 Mbit/s)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BandwidthMeterConfig:
+    """How a peer measures its send throughput."""
+
+    default_bytes_per_s: float = DEFAULT_BYTES_PER_S
+    """Estimate before the first measurement."""
+    smoothing: float = 0.5
+    """Weight of the newest round's figure in the moving average (1.0: the last round only)."""
+    min_bytes_per_peer: int = 256 * 1024
+    """A destination counts in a round's figure once it was sent this many bytes (below that,
+    latency rather than bandwidth sets a transfer's time)..."""
+    min_busy_s: float = 1.0
+    """...or once messages to it were in flight this long (a slow link that moved little)."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.default_bytes_per_s) and self.default_bytes_per_s > 0):
+            raise ValueError(
+                f"default_bytes_per_s must be positive and finite, got {self.default_bytes_per_s}"
+            )
+        if not 0 < self.smoothing <= 1:
+            raise ValueError(f"smoothing must be in (0, 1], got {self.smoothing}")
+        if self.min_bytes_per_peer < 1:
+            raise ValueError(
+                f"min_bytes_per_peer must be at least 1, got {self.min_bytes_per_peer}"
+            )
+        if not self.min_busy_s > 0:
+            raise ValueError(f"min_busy_s must be positive, got {self.min_busy_s}")
+
+
+@dataclass(slots=True)
+class _Destination:
+    """What one round sent to one peer."""
+
+    bytes_sent: int = 0
+    busy_s: float = 0.0
+    num_in_flight: int = 0
+    busy_since: float = 0.0
+    failed: bool = False
+
+
+class SendTally:
+    """A :class:`CommTransport` for one round that times what it sends, per destination.
+
+    Args:
+        transport: the transport that does the sending.
+        clock: time source (the round's clock).
+    """
+
+    def __init__(self, transport: CommTransport, clock: Clock) -> None:
+        self._transport = transport
+        self._clock = clock
+        self._destinations: dict[str, _Destination] = {}
+
+    @property
+    def peer_id(self) -> str:
+        """This peer's id."""
+        return self._transport.peer_id
+
+    def set_receiver(self, receiver: MessageReceiver) -> None:
+        """Route incoming messages to ``receiver`` (on the wrapped transport)."""
+        self._transport.set_receiver(receiver)
+
+    async def send(self, peer_id: str, message: bytes | bytearray, *, timeout_s: float) -> None:
+        """Send through the wrapped transport, timing the transfer.
+
+        A send that fails marks its destination as failed: the time went to a peer that was not
+        answering, which says nothing about this peer's link. A send cancelled (the round's
+        deadline) keeps its time but adds no bytes, so a link too slow to finish a round still
+        yields a (low) figure.
+        """
+        destination = self._destinations.setdefault(peer_id, _Destination())
+        if destination.num_in_flight == 0:
+            destination.busy_since = self._clock.monotonic()
+        destination.num_in_flight += 1
+        try:
+            await self._transport.send(peer_id, message, timeout_s=timeout_s)
+        except GossamerError:
+            destination.failed = True
+            raise
+        else:
+            destination.bytes_sent += len(message)
+        finally:
+            destination.num_in_flight -= 1
+            if destination.num_in_flight == 0:
+                destination.busy_s += self._clock.monotonic() - destination.busy_since
+
+    def rates(self, config: BandwidthMeterConfig) -> dict[str, float]:
+        """Bytes per second to each destination that counts (see :class:`BandwidthMeterConfig`)."""
+        found: dict[str, float] = {}
+        for peer_id, d in self._destinations.items():
+            if d.failed or d.num_in_flight or d.busy_s <= 0:
+                continue
+            if d.bytes_sent >= config.min_bytes_per_peer or d.busy_s >= config.min_busy_s:
+                found[peer_id] = d.bytes_sent / d.busy_s
+        return found
+
+    def throughput_bytes_per_s(self, config: BandwidthMeterConfig) -> float | None:
+        """The round's figure: the sum of per-destination rates; None when nothing counts."""
+        rates = self.rates(config)
+        return sum(rates.values()) if rates else None
+
+
+class BandwidthMeter:
+    """This peer's send throughput: a moving average over the rounds it took part in.
+
+    Pass it to :func:`~gossamer.comm.allreduce.all_reduce` (``meter=``) and it updates itself
+    after every round; publish :attr:`estimate_bytes_per_s` with the next join entry.
+
+    Args:
+        config: default, smoothing and what counts as a measurement.
+    """
+
+    def __init__(self, config: BandwidthMeterConfig | None = None) -> None:
+        self.config = config or BandwidthMeterConfig()
+        self._estimate = self.config.default_bytes_per_s
+        self.num_measurements = 0
+        """Rounds whose traffic updated the estimate."""
+        self.last_sample_bytes_per_s: float | None = None
+        """The newest round's own figure (None before the first)."""
+
+    @property
+    def estimate_bytes_per_s(self) -> float:
+        """The figure to publish: the default until the first measurement."""
+        return self._estimate
+
+    def update(self, tally: SendTally) -> float | None:
+        """Fold a finished round's traffic into the estimate; returns the round's figure.
+
+        A round whose traffic does not count (too little, or only to failed peers) leaves the
+        estimate as it was and returns None.
+        """
+        sample = tally.throughput_bytes_per_s(self.config)
+        if sample is not None:
+            self.observe(sample)
+        return sample
+
+    def observe(self, sample_bytes_per_s: float) -> None:
+        """Fold one measured figure into the estimate (the first replaces the default)."""
+        if not (math.isfinite(sample_bytes_per_s) and sample_bytes_per_s >= 0):
+            raise ValueError(f"a bandwidth sample must be finite and >= 0: {sample_bytes_per_s}")
+        if self.num_measurements == 0:
+            self._estimate = sample_bytes_per_s
+        else:
+            alpha = self.config.smoothing
+            self._estimate = alpha * sample_bytes_per_s + (1 - alpha) * self._estimate
+        self.num_measurements += 1
+        self.last_sample_bytes_per_s = sample_bytes_per_s
+
+
+def plan_weights(bandwidths: Sequence[float], *, max_ratio: float = 100.0) -> list[float]:
+    """Part weights for members that published ``bandwidths`` (bytes/s, in member order).
+
+    A pure function of the agreed figures, so every member computes the same weights and so the
+    same :class:`~gossamer.comm.plan.PartPlan`. Figures come from other peers and are not
+    trusted: each is clamped to ``max_ratio`` times the median figure either way, so one peer
+    can neither take the whole buffer nor be left with nothing. A figure that is missing (0),
+    negative or not finite counts as the median. No positive figure at all: equal weights.
+
+    Raises:
+        ValueError: no members, or ``max_ratio`` below 1.
+    """
+    if not bandwidths:
+        raise ValueError("no bandwidth figures: the group is empty")
+    if not max_ratio >= 1:
+        raise ValueError(f"max_ratio must be at least 1, got {max_ratio}")
+    known = sorted(b for b in bandwidths if math.isfinite(b) and b > 0)
+    if not known:
+        return [1.0] * len(bandwidths)
+    median = statistics.median(known)
+    low, high = median / max_ratio, median * max_ratio
+    return [min(max(b, low), high) if math.isfinite(b) and b > 0 else median for b in bandwidths]
