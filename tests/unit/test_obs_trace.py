@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,16 @@ import pytest
 from gossamer.core.clock import FakeClock
 from gossamer.obs.goodput import GoodputTracker
 from gossamer.obs.metrics import PeerMetrics
-from gossamer.obs.trace import Span, SpanRecorder, export_chrome_trace, read_spans
+from gossamer.obs.trace import (
+    PHASES,
+    Span,
+    SpanRecorder,
+    active_recorder,
+    export_chrome_trace,
+    nested_span,
+    read_spans,
+    record_nested,
+)
 
 
 def test_spans_go_to_memory_sinks_and_file(tmp_path: Path) -> None:
@@ -84,3 +94,60 @@ def test_metrics_count_phase_seconds_from_spans() -> None:
     assert value("gossamer_time_seconds_total", {"phase": "checkpoint"}) == 0.5
     assert value("gossamer_time_seconds_total", {"phase": "waiting"}) == 0.0
     assert value("gossamer_checkpoint_write_seconds_count") == 1.0
+
+
+def test_nested_spans_count_their_time_once() -> None:
+    recorder = SpanRecorder(peer="a")
+    with recorder.span("communication", step=3, hook="on_step_end"):
+        time.sleep(0.02)
+        with nested_span("sync"):
+            time.sleep(0.03)
+        record_nested("waiting", start_unix_s=time.time(), duration_s=0.01, round="r")
+    with nested_span("checkpoint"):  # no span open: nothing recorded
+        pass
+    record_nested("waiting", start_unix_s=0.0, duration_s=5.0)
+    sync, waiting, hook = recorder.spans()
+    assert (sync.name, sync.step, sync.within) == ("sync", 3, "communication")
+    assert sync.own_s == pytest.approx(sync.duration_s)
+    assert (waiting.name, waiting.step, waiting.within) == ("waiting", 3, "communication")
+    assert waiting.duration_s == 0.01
+    assert waiting.attrs == {"round": "r"}
+    assert (hook.within, hook.step) == ("", 3)
+    assert hook.duration_s >= 0.05
+    assert hook.own_s == pytest.approx(hook.duration_s - sync.duration_s - 0.01)
+    assert active_recorder() is None
+
+
+def test_nested_spans_reach_metrics_under_their_own_phases() -> None:
+    metrics = PeerMetrics()
+    recorder = SpanRecorder(sinks=[metrics.record_span])
+    with recorder.span("communication"):
+        assert active_recorder() is recorder
+        record_nested("waiting", start_unix_s=0.0, duration_s=0.2)
+        time.sleep(0.25)  # the waiting above is timed elsewhere; this is the span's own time
+    (_, hook) = recorder.spans()
+    value = metrics.registry.get_sample_value
+    assert value("gossamer_time_seconds_total", {"phase": "waiting"}) == pytest.approx(0.2)
+    communication = value("gossamer_time_seconds_total", {"phase": "communication"})
+    assert communication == pytest.approx(hook.duration_s - 0.2)
+    total = sum(value("gossamer_time_seconds_total", {"phase": p}) or 0.0 for p in PHASES)
+    assert total == pytest.approx(hook.duration_s)
+
+
+def test_a_disabled_recorder_opens_no_span_for_nested_code() -> None:
+    recorder = SpanRecorder(enabled=False)
+    with recorder.span("communication"):
+        assert active_recorder() is None
+        record_nested("waiting", start_unix_s=0.0, duration_s=1.0)
+    assert recorder.spans() == []
+
+
+def test_chrome_trace_draws_nested_spans_under_the_outermost() -> None:
+    spans = [
+        Span(name="waiting", start_unix_s=10.0, duration_s=0.2, peer="a", within="communication"),
+        Span(name="communication", start_unix_s=10.0, duration_s=0.5, peer="a"),
+        Span(name="waiting", start_unix_s=11.0, duration_s=0.1, peer="a"),
+    ]
+    complete = [e for e in export_chrome_trace(spans)["traceEvents"] if e["ph"] == "X"]
+    assert complete[0]["tid"] == complete[1]["tid"]  # the nested waiting is under its hook
+    assert complete[2]["tid"] != complete[1]["tid"]  # a waiting of its own has its own row

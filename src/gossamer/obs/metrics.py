@@ -122,12 +122,16 @@ class PeerMetrics:
         self.peer_info.labels(peer_id=peer_id).set(1)
 
     def record_span(self, span: Span) -> None:
-        """A :class:`~gossamer.obs.trace.SpanSink`: count the span's seconds under its phase."""
+        """A :class:`~gossamer.obs.trace.SpanSink`: count the span's seconds under its phase.
+
+        Only its exclusive seconds: those of spans nested in it are counted under their own
+        phases, so no second is counted twice and the phases add up to at most the wall time.
+        """
         child = self._phase_children.get(span.name)
         if child is not None:
-            child.inc(span.duration_s)
+            child.inc(span.own_s)
         if span.name == "compute":
-            self.goodput.add_compute(span.duration_s)
+            self.goodput.add_compute(span.own_s)
         elif span.name == "checkpoint":
             self.checkpoint_seconds.observe(span.duration_s)
 

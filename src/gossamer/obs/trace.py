@@ -3,6 +3,13 @@
 A peer records spans with :class:`SpanRecorder`; they are kept in a bounded in-memory ring, handed
 to sinks (metrics count the seconds per phase), and optionally appended to a JSON-lines file that
 ``gossamer trace export`` turns into a Chrome trace / Perfetto JSON file.
+
+Spans nest. The training loop opens a span around each strategy hook; code deeper down that knows
+better what its time was (the averager: waiting for a round's group, then the all-reduce) records
+spans inside it with :func:`nested_span` or :func:`record_nested`, without being handed the
+recorder: they find the span open on their thread. A span's :attr:`Span.exclusive_s` is its time
+not covered by spans nested in it, so counting exclusive seconds per phase counts every second of
+a thread once, and the phases add up to at most the wall time.
 """
 
 from __future__ import annotations
@@ -18,7 +25,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["PHASES", "Span", "SpanRecorder", "SpanSink", "export_chrome_trace", "read_spans"]
+__all__ = [
+    "PHASES",
+    "Span",
+    "SpanRecorder",
+    "SpanSink",
+    "active_recorder",
+    "export_chrome_trace",
+    "nested_span",
+    "read_spans",
+    "record_nested",
+]
 
 PHASES = ("compute", "communication", "waiting", "checkpoint", "evaluation", "sync")
 """The phases a peer's time is split into."""
@@ -40,10 +57,90 @@ class Span:
     """The training step it belongs to, or -1."""
     attrs: dict[str, Any] = field(default_factory=dict)
     """Anything else worth showing (bytes, group size)."""
+    exclusive_s: float | None = None
+    """Seconds of ``duration_s`` not covered by spans nested in it (None: all of it)."""
+    within: str = ""
+    """The name of the outermost span this one ran inside ('' when it is outermost)."""
+
+    @property
+    def own_s(self) -> float:
+        """The seconds this span alone accounts for (its duration minus nested spans')."""
+        return self.duration_s if self.exclusive_s is None else self.exclusive_s
 
 
 SpanSink = Callable[[Span], None]
 """Receives every finished span; must be quick and never raise."""
+
+
+@dataclass(slots=True)
+class _OpenSpan:
+    """A span still open on some thread: who records it and how much of it nested spans took."""
+
+    recorder: SpanRecorder
+    step: int
+    outermost: str
+    nested_s: float = 0.0
+
+
+class _OpenSpans(threading.local):
+    """The spans open on the current thread, innermost last."""
+
+    def __init__(self) -> None:
+        self.stack: list[_OpenSpan] = []
+
+
+_open = _OpenSpans()
+
+
+def _innermost() -> _OpenSpan | None:
+    stack = _open.stack
+    return stack[-1] if stack else None
+
+
+def active_recorder() -> SpanRecorder | None:
+    """The recorder of the innermost span open on this thread (None outside any span)."""
+    frame = _innermost()
+    return frame.recorder if frame is not None else None
+
+
+@contextmanager
+def nested_span(name: str, **attrs: Any) -> Iterator[None]:
+    """Time the body as a span inside the span open on this thread; nothing if none is open.
+
+    For code that is called from inside a training loop's span but is not handed its recorder.
+    """
+    frame = _innermost()
+    if frame is None:
+        yield
+        return
+    with frame.recorder.span(name, step=frame.step, **attrs):
+        yield
+
+
+def record_nested(name: str, *, start_unix_s: float, duration_s: float, **attrs: Any) -> None:
+    """Record a span timed elsewhere (on the node's event loop, say) inside this thread's open span.
+
+    Its time is taken out of the open span's exclusive time, so it must have run within it. Does
+    nothing when no span is open on this thread (or its recorder is disabled).
+    """
+    frame = _innermost()
+    if frame is None:
+        return
+    duration_s = max(0.0, duration_s)
+    frame.nested_s += duration_s
+    recorder = frame.recorder
+    recorder.record(
+        Span(
+            name=name,
+            start_unix_s=start_unix_s,
+            duration_s=duration_s,
+            peer=recorder.peer,
+            step=frame.step,
+            attrs=attrs,
+            exclusive_s=duration_s,
+            within=frame.outermost,
+        )
+    )
 
 
 class SpanRecorder:
@@ -82,23 +179,40 @@ class SpanRecorder:
 
     @contextmanager
     def span(self, name: str, *, step: int = -1, **attrs: Any) -> Iterator[None]:
-        """Time the body of a ``with`` block as a span called ``name``."""
+        """Time the body of a ``with`` block as a span called ``name``.
+
+        Inside another span of this recorder on the same thread it is nested: its time is taken
+        out of the outer span's exclusive time, and it inherits the outer span's step if it has
+        none.
+        """
         if not self.enabled:
             yield
             return
+        stack = _open.stack
+        parent = stack[-1] if stack and stack[-1].recorder is self else None
+        if parent is not None and step < 0:
+            step = parent.step
+        frame = _OpenSpan(self, step, parent.outermost if parent is not None else name)
+        stack.append(frame)
         wall = time.time()
         started = time.perf_counter()
         try:
             yield
         finally:
+            duration_s = time.perf_counter() - started
+            stack.pop()
+            if parent is not None:
+                parent.nested_s += duration_s
             self.record(
                 Span(
                     name=name,
                     start_unix_s=wall,
-                    duration_s=time.perf_counter() - started,
+                    duration_s=duration_s,
                     peer=self.peer,
                     step=step,
                     attrs=attrs,
+                    exclusive_s=max(0.0, duration_s - frame.nested_s),
+                    within=parent.outermost if parent is not None else "",
                 )
             )
 
@@ -149,7 +263,9 @@ def read_spans(path: Path) -> list[Span]:
 def export_chrome_trace(spans: Iterable[Span]) -> dict[str, Any]:
     """Spans as a Chrome trace (the JSON object format Perfetto and chrome://tracing open).
 
-    Each peer is a process; each phase a thread within it, so phases stack as rows.
+    Each peer is a process; each phase a thread within it, so phases stack as rows. A nested span
+    goes on the row of the outermost span it ran inside, so it is drawn under that span (a hook's
+    "communication" span with its "waiting" and all-reduce parts below it).
     """
     events: list[dict[str, Any]] = []
     pids: dict[str, int] = {}
@@ -161,15 +277,16 @@ def export_chrome_trace(spans: Iterable[Span]) -> dict[str, Any]:
             events.append(
                 {"ph": "M", "name": "process_name", "pid": pids[peer], "args": {"name": peer}}
             )
-        if (peer, span.name) not in tids:
-            tids[(peer, span.name)] = len(tids) + 1
+        row = span.within or span.name
+        if (peer, row) not in tids:
+            tids[(peer, row)] = len(tids) + 1
             events.append(
                 {
                     "ph": "M",
                     "name": "thread_name",
                     "pid": pids[peer],
-                    "tid": tids[(peer, span.name)],
-                    "args": {"name": span.name},
+                    "tid": tids[(peer, row)],
+                    "args": {"name": row},
                 }
             )
         events.append(
@@ -178,7 +295,7 @@ def export_chrome_trace(spans: Iterable[Span]) -> dict[str, Any]:
                 "name": span.name,
                 "cat": "gossamer",
                 "pid": pids[peer],
-                "tid": tids[(peer, span.name)],
+                "tid": tids[(peer, row)],
                 "ts": span.start_unix_s * 1e6,
                 "dur": span.duration_s * 1e6,
                 "args": {"step": span.step, **span.attrs},

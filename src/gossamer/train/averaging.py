@@ -10,6 +10,7 @@ measured and the network is not.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -17,8 +18,15 @@ import torch
 
 from gossamer.comm.codecs import CodecPolicy, ErrorFeedback
 from gossamer.core.errors import DeadlineExceededError
+from gossamer.obs.trace import record_nested
 
-__all__ = ["AverageOutcome", "InProcessAverager", "InProcessGroup", "TensorAverager"]
+__all__ = [
+    "AverageOutcome",
+    "InProcessAverager",
+    "InProcessGroup",
+    "TensorAverager",
+    "record_round_phases",
+]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -42,6 +50,32 @@ class AverageOutcome:
     excluded: bool = False
     """This peer came after the round closed: the others averaged without it, and
     ``tensors`` are its own. Its state is now behind theirs."""
+    wait_seconds: float = 0.0
+    """Of ``seconds``, the time spent waiting for the round's group to form (for the others)."""
+    communication_seconds: float = 0.0
+    """Of ``seconds``, the time spent exchanging tensors with the group (the all-reduce)."""
+
+
+def record_round_phases(
+    round_key: str, *, began_unix_s: float, wait_seconds: float, communication_seconds: float
+) -> None:
+    """Record a round's waiting and all-reduce as spans nested in the caller's open span.
+
+    The training loop runs strategy hooks inside a span; the round's parts are counted under
+    their own phases ("waiting", "communication") instead of the hook's. Nothing is recorded
+    outside a span (an averager used on its own).
+    """
+    if wait_seconds > 0:
+        record_nested(
+            "waiting", start_unix_s=began_unix_s, duration_s=wait_seconds, round=round_key
+        )
+    if communication_seconds > 0:
+        record_nested(
+            "communication",
+            start_unix_s=began_unix_s + wait_seconds,
+            duration_s=communication_seconds,
+            round=round_key,
+        )
 
 
 class TensorAverager(Protocol):
@@ -142,11 +176,20 @@ class InProcessAverager:
         self, tensors: list[torch.Tensor], *, round_key: str, weight: float
     ) -> AverageOutcome:
         encoded = [self._encode(t, key=str(i)) for i, t in enumerate(tensors)]
+        began_unix_s, began = time.time(), time.perf_counter()
         averaged = self.group._contribute(round_key, [t for t, _ in encoded], weight)
+        wait_s = time.perf_counter() - began  # in process, the exchange is waiting for the others
+        record_round_phases(
+            round_key, began_unix_s=began_unix_s, wait_seconds=wait_s, communication_seconds=0.0
+        )
         returned = [self._encode(t, key=None) for t in averaged]
         n = self.group.num_peers
         share = (n - 1) / n  # each leg of a ring all-reduce sends (N - 1) / N of the payload
         wire = int(share * (sum(b for _, b in encoded) + sum(b for _, b in returned)))
         return AverageOutcome(
-            tensors=[t for t, _ in returned], group_size=n, bytes_sent=wire, bytes_received=wire
+            tensors=[t for t, _ in returned],
+            group_size=n,
+            bytes_sent=wire,
+            bytes_received=wire,
+            wait_seconds=wait_s,
         )

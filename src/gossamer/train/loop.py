@@ -135,7 +135,10 @@ class Trainer:
         peer_index: this peer's index among ``num_peers`` (chooses its data stream).
         num_peers: how many peers draw streams from the same data.
         clock: time source for the time budget and throughput.
-        spans: records compute, communication, evaluation and checkpoint spans.
+        spans: records compute, communication, evaluation, checkpoint and sync spans. The
+            strategy hooks run inside a "communication" span; what the strategy and its averager
+            record inside it (waiting for a round's group, the all-reduce, state downloads) is
+            nested and counted under its own phase, the rest as communication.
         metrics: Prometheus metrics to keep up to date (they also receive the spans).
         stream_seed: seeds this peer's data stream; ``train.seed`` if None (the model's
             initialisation always uses ``train.seed``, so peers start from the same weights).
@@ -202,7 +205,9 @@ class Trainer:
         self.resumed_from: Path | None = None
         if config.checkpoint.resume:
             self._resume()
-        synced_step = self.run_state.strategy.setup(model, self.run_state.optimizer)
+        # A swarm strategy's setup downloads the swarm's state as a newcomer: time to sync.
+        with self.spans.span("sync", step=self.run_state.step, hook="setup"):
+            synced_step = self.run_state.strategy.setup(model, self.run_state.optimizer)
         if synced_step is not None and synced_step > self.run_state.step:
             self.run_state.step = synced_step  # state came from other peers: continue from there
 

@@ -37,7 +37,7 @@ from gossamer.core.errors import GossamerError
 from gossamer.net.bridge import NodeThread
 from gossamer.net.identity import peer_id_of_public_key
 from gossamer.net.node import Node
-from gossamer.train.averaging import AverageOutcome
+from gossamer.train.averaging import AverageOutcome, record_round_phases
 
 __all__ = ["SwarmAverager", "SwarmAveragerConfig", "read_json_records", "round_settled"]
 
@@ -192,8 +192,16 @@ class SwarmAverager:
     def average(
         self, tensors: list[torch.Tensor], *, round_key: str, weight: float
     ) -> AverageOutcome:
-        """Average with whoever joins ``round_key`` in time; alone if nobody does."""
+        """Average with whoever joins ``round_key`` in time; alone if nobody does.
+
+        The round's group formation (waiting for the others) and its all-reduce are timed
+        apart, returned in the outcome and recorded as "waiting" and "communication" spans
+        nested in the caller's open span, if any.
+        """
         started = time.monotonic()
+        wall_offset_s = time.time() - started
+        marks: dict[str, float] = {}
+        """Monotonic times the work reached on the node's loop: began, formed (the group)."""
         key = f"{self.config.run_id}/{round_key}"
         deadline_s = (
             self.config.join_window_s * 2
@@ -203,16 +211,19 @@ class SwarmAverager:
         )
 
         async def work(node: Node) -> AverageOutcome:
+            marks["began"] = time.monotonic()
             members, missing = await self._form_group(node, key)
+            marks["formed"] = formed = time.monotonic()
             if len(members) < 2:
                 return AverageOutcome(
                     tensors=[t.clone() for t in tensors],
                     group_size=len(members),
                     bytes_sent=0,
                     bytes_received=0,
-                    seconds=time.monotonic() - started,
+                    seconds=formed - started,
                     missing_peers=missing,
                     excluded=not members,
+                    wait_seconds=formed - marks["began"],
                 )
             assert self._mailbox is not None
             result = await all_reduce(
@@ -225,14 +236,17 @@ class SwarmAverager:
                 feedback=self.feedback,
             )
             report = result.report
+            done = time.monotonic()
             return AverageOutcome(
                 tensors=result.tensors,
                 group_size=len(members) - len(report.failed),
                 bytes_sent=report.bytes_sent,
                 bytes_received=report.bytes_received,
-                seconds=time.monotonic() - started,
+                seconds=done - started,
                 failed_peers=sorted(report.failed),
                 missing_peers=missing,
+                wait_seconds=formed - marks["began"],
+                communication_seconds=done - formed,
             )
 
         try:
@@ -241,14 +255,24 @@ class SwarmAverager:
             # Whatever the others did, this peer has no result: it counts as having missed the
             # round, and the strategy takes the swarm's state once the others publish it.
             logger.warning("round %s failed on this peer (%s); it missed the round", key, exc)
+            now = time.monotonic()
+            began, formed = marks.get("began", now), marks.get("formed", now)
             outcome = AverageOutcome(
                 tensors=[t.clone() for t in tensors],
                 group_size=0,
                 bytes_sent=0,
                 bytes_received=0,
-                seconds=time.monotonic() - started,
+                seconds=now - started,
                 excluded=True,
+                wait_seconds=formed - began,
+                communication_seconds=now - formed,
             )
+        record_round_phases(
+            key,
+            began_unix_s=marks.get("began", started) + wall_offset_s,
+            wait_seconds=outcome.wait_seconds,
+            communication_seconds=outcome.communication_seconds,
+        )
         self.last_failed = outcome.failed_peers
         logger.info(
             "peer %s round %s: %d peers, %d bytes sent, %.2f s",
