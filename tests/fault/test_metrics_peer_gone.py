@@ -95,6 +95,7 @@ def test_killed_peer_is_gone_in_survivor_metrics_within_detection_time(
     assert 0 < before[("gossamer_goodput_ratio", ())] <= 1.0
     assert any(name == "gossamer_net_rpc_duration_seconds_count" for name, _ in before)
     alive_before = before[("gossamer_net_peers_alive", ())]
+    connected_before = before[("gossamer_net_peers_connected", ())]
     failures_before = before[("gossamer_net_failures_detected_total", ())]
 
     victim = peers.processes["victim"]
@@ -117,6 +118,7 @@ def test_killed_peer_is_gone_in_survivor_metrics_within_detection_time(
     assert after is not None, f"victim not reported gone within {limit_s + 10:.1f} s"
     assert took_s <= limit_s, f"reported gone after {took_s:.2f} s (limit {limit_s:.2f} s)"
     assert after[("gossamer_net_peers_alive", ())] == alive_before - 1
+    assert after[("gossamer_net_peers_connected", ())] == connected_before - 1
     assert after[("gossamer_net_peers_gone", ())] >= 1
     assert after[("gossamer_net_failures_detected_total", ())] == failures_before + 1
     assert peers.processes["survivor"].poll() is None

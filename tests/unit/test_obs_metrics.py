@@ -101,23 +101,28 @@ def test_remote_peer_labels_are_bounded_and_the_rest_summed() -> None:
     assert sent[OTHER_PEERS] == sum(100 * (i + 1) for i in range(7))
 
 
-def test_failures_are_counted_once_per_change_to_gone() -> None:
+def test_failures_are_counted_when_the_detector_reports_them() -> None:
     live = _Live()
-    _, registry = _collector(NetCounters(), live)
+    collector, registry = _collector(NetCounters(), live)
     live.view = LiveView(liveness=(("a", True, 1.0), ("b", True, 1.0)))
     s = _samples(registry)
     assert s[("gossamer_net_failures_detected_total", ())] == 0
     assert s[("gossamer_net_peers_alive", ())] == 2
+    collector.count_liveness_change("a", False)
     live.view = LiveView(liveness=(("a", False, 5.0), ("b", True, 1.0)))
     s = _samples(registry)
     s = _samples(registry)  # scraped twice: still one failure
     assert s[("gossamer_net_failures_detected_total", ())] == 1
     assert s[("gossamer_net_peer_up", (("peer", "a"),))] == 0
     assert s[("gossamer_net_peers_gone", ())] == 1
-    live.view = LiveView(liveness=(("a", True, 7.0), ("b", True, 1.0)))
-    _samples(registry)
-    live.view = LiveView(liveness=(("a", False, 9.0), ("b", True, 1.0)))
-    assert _samples(registry)[("gossamer_net_failures_detected_total", ())] == 2
+    # Between two scrapes, a goes, comes back and goes again, b goes and comes back: every
+    # failure counts although no scrape saw b gone.
+    for peer_id, alive in (("a", True), ("a", False), ("b", False), ("b", True), ("a", True)):
+        collector.count_liveness_change(peer_id, alive)
+    live.view = LiveView(liveness=(("a", True, 9.0), ("b", True, 9.5)))
+    s = _samples(registry)
+    assert s[("gossamer_net_failures_detected_total", ())] == 3
+    assert s[("gossamer_net_peers_gone", ())] == 0
 
 
 def test_a_busy_or_stopped_node_serves_the_last_view() -> None:

@@ -65,6 +65,7 @@ class FailureDetector:
         self._clock = clock
         self._on_change = on_change
         self._own = short_peer_id(own_peer_id)
+        self._observers: list[Callable[[str, bool], None]] = []
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._liveness: dict[str, PeerLiveness] = {}
         self._changed = asyncio.Condition()
@@ -87,6 +88,18 @@ class FailureDetector:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    def add_observer(self, observer: Callable[[str, bool], None]) -> None:
+        """Also call ``observer`` with (peer id, alive) at each change (metrics count them).
+
+        It runs on the event loop, after ``on_change``; it must be quick and never raise.
+        """
+        self._observers.append(observer)
+
+    def remove_observer(self, observer: Callable[[str, bool], None]) -> None:
+        """Stop calling ``observer`` (no-op if it was not added)."""
+        if observer in self._observers:
+            self._observers.remove(observer)
 
     def liveness(self, peer_id: str) -> PeerLiveness | None:
         """The state of a watched peer."""
@@ -152,6 +165,8 @@ class FailureDetector:
             )
         if self._on_change is not None:
             self._on_change(state.peer_id, alive)
+        for observer in list(self._observers):
+            observer(state.peer_id, alive)
         async with self._changed:
             self._changed.notify_all()
 

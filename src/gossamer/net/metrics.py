@@ -6,7 +6,10 @@ node keeps anyway (:class:`~gossamer.net.counters.NetCounters`) are read when Pr
 Counters are copied from the scraping thread (their snapshot is safe there); what only the node's
 event loop may touch (the directory, the connection pool, the failure detector) is read by a small
 coroutine submitted to the loop with a short deadline, and if the loop does not answer in time the
-last answer is served again, so a busy node never makes a scrape hang.
+last answer is served again, so a busy node never makes a scrape hang. The one thing counted as
+it happens is a failure: the collector observes the failure detector
+(:meth:`NetMetricsCollector.count_liveness_change`), so a peer that went and came back between two
+scrapes is still counted.
 
 Labels are bounded: remote peers by :attr:`NetMetricsConfig.max_peer_labels` (the busiest peers by
 bytes; the rest are summed under ``peer="other"``), methods and error kinds by the code's fixed
@@ -18,9 +21,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+import grpc
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -83,7 +87,7 @@ class LiveView:
     peers_known: int = 0
     """Peers with a valid record in the directory."""
     peers_connected: int = 0
-    """Peers with an open connection in the pool."""
+    """Peers with a live connection: open and ready, and not reported gone by the detector."""
     peers_relayed: int = 0
     """Known peers that are reachable only through a relay."""
     reachability: str = "unknown"
@@ -92,6 +96,27 @@ class LiveView:
     """Relays this node holds a reservation with."""
     liveness: tuple[tuple[str, bool, float], ...] = ()
     """(peer id, alive, monotonic time of the last change) of every watched peer."""
+
+
+def _peers_connected(node: Node) -> int:
+    """Peers with a live connection; call it on the node's event loop.
+
+    A connection stays in the pool until a call on it fails, so a peer that stopped answering
+    without closing its connections (paused, its machine gone, the link cut) would count as
+    connected for as long as nobody calls it. Counted here are only connections whose channel is
+    ready and whose peer the failure detector does not report gone.
+    """
+    count = 0
+    for peer_id in node.pool.peer_ids:
+        liveness = node.detector.liveness(peer_id)
+        if liveness is not None and not liveness.alive:
+            continue
+        connection = node.pool.get(peer_id)
+        if connection is None:
+            continue
+        if connection.channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY:
+            count += 1
+    return count
 
 
 def live_view(node: Node) -> LiveView:
@@ -104,26 +129,12 @@ def live_view(node: Node) -> LiveView:
             liveness.append((peer_id, state.alive, state.changed_at_s))
     return LiveView(
         peers_known=len(records),
-        peers_connected=len(node.pool.peer_ids),
+        peers_connected=_peers_connected(node),
         peers_relayed=sum(r.reachability == net_pb2.REACHABILITY_RELAYED for r in records),
         reachability=_REACHABILITY.get(node.reachability, "unknown"),
         num_relays=len(node.relays),
         liveness=tuple(liveness),
     )
-
-
-@dataclass(slots=True)
-class _Failures:
-    """Counts each alive-to-gone change of a watched peer once."""
-
-    counted: dict[str, float] = field(default_factory=dict)
-    total: int = 0
-
-    def update(self, liveness: Iterable[tuple[str, bool, float]]) -> None:
-        for peer_id, alive, changed_at_s in liveness:
-            if not alive and self.counted.get(peer_id) != changed_at_s:
-                self.counted[peer_id] = changed_at_s
-                self.total += 1
 
 
 class NetMetricsCollector(Collector):
@@ -147,7 +158,20 @@ class NetMetricsCollector(Collector):
         self._lock = threading.Lock()
         self._closed = False
         self._live = LiveView()
-        self._failures = _Failures()
+        self._failures_lock = threading.Lock()  # not _lock: a scrape holds that while it
+        # waits for the node's loop, and the loop calls count_liveness_change
+        self._failures = 0
+
+    def count_liveness_change(self, peer_id: str, alive: bool) -> None:
+        """A failure detector observer: count every watched peer reported gone, when it is.
+
+        Counting the change itself, not the state a scrape finds, misses no failure that came
+        and went (a peer gone and back) between two scrapes.
+        """
+        del peer_id
+        if not alive:
+            with self._failures_lock:
+                self._failures += 1
 
     def close(self) -> None:
         """Stop reading the node (call before it stops); later scrapes serve the last view."""
@@ -166,8 +190,8 @@ class NetMetricsCollector(Collector):
                 except (GossamerError, RuntimeError) as exc:
                     _log.debug("metrics: node state not read (%s); serving the last one", exc)
             live = self._live
-            self._failures.update(live.liveness)
-            failures = self._failures.total
+        with self._failures_lock:
+            failures = self._failures
         return self._families(counters, live, failures)
 
     def _families(self, counters: Mapping[str, Any], live: LiveView, failures: int) -> list[Metric]:
@@ -368,5 +392,10 @@ def register_net_metrics(
         lambda: node_thread.run(read, timeout_s=config.live_timeout_s),
         config,
     )
+
+    async def observe(node: Node) -> None:
+        node.detector.add_observer(collector.count_liveness_change)
+
+    node_thread.run(observe, timeout_s=10)
     registry.register(collector)
     return collector
