@@ -66,6 +66,60 @@ def test_diloco_peers_agree_on_global_weights_and_learn(tmp_path: Path) -> None:
     assert strategies[0].bytes_sent == expected
 
 
+@pytest.mark.parametrize("max_steps", [20, 22])  # the budget a multiple of H, and not
+def test_overlapped_diloco_peers_end_on_the_same_weights_and_learn(
+    tmp_path: Path, max_steps: int
+) -> None:
+    group = InProcessGroup(NUM_PEERS)
+    strategies = [
+        DiLoCoStrategy(DiLoCoConfig(inner_steps=5, overlap=True), group.averager())
+        for _ in range(NUM_PEERS)
+    ]
+    trainers, results = _run_peers(tmp_path, list(strategies), max_steps=max_steps)
+    # Four rounds in the background, each applied a round late and the last one at the end;
+    # steps past the last multiple of H go through one more round.
+    assert {s.outer_step for s in strategies} == {4 if max_steps == 20 else 5}
+    assert not any(s.round_in_flight for s in strategies)
+    assert len({s.global_weights_hash() for s in strategies}) == 1
+    assert len({sha256_state(t.model.state_dict()) for t in trainers}) == 1
+    for trainer, strategy in zip(trainers, strategies, strict=True):
+        for param, tensor in zip(trainer.model.parameters(), strategy._global, strict=True):
+            assert torch.equal(param.detach(), tensor.detach())
+    assert all(r.val_loss_after < r.val_loss_before for r in results)
+
+
+def test_overlapped_diloco_keeps_its_own_progress_until_the_average_arrives() -> None:
+    group = InProcessGroup(1)
+    strategy = DiLoCoStrategy(
+        DiLoCoConfig(inner_steps=2, outer_lr=1.0, outer_momentum=0.0, overlap=True),
+        group.averager(),
+    )
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+    def inner_step(delta: float, step: int) -> None:
+        with torch.no_grad():
+            model.weight.sub_(delta)
+        strategy.on_step_end(model, step)
+
+    inner_step(0.1, 0)
+    inner_step(0.1, 1)  # boundary: progress 0.2 in flight, global still 1.0
+    assert torch.allclose(model.weight, torch.full((1, 2), 0.8))
+    assert strategy.outer_step == 0
+    inner_step(0.1, 2)
+    inner_step(0.1, 3)  # boundary: the first round lands (global 0.8), the second launches
+    assert strategy.outer_step == 1
+    assert torch.allclose(strategy._global[0], torch.full((1, 2), 0.8))
+    assert torch.allclose(model.weight, torch.full((1, 2), 0.6))  # 0.8 minus its own 0.2
+    assert strategy.finish(model, 4)
+    assert strategy.outer_step == 2
+    assert torch.allclose(model.weight, torch.full((1, 2), 0.6))
+    assert torch.equal(model.weight.detach(), strategy._global[0].detach())
+    strategy.close()
+
+
 def test_sync_peers_stay_identical(tmp_path: Path) -> None:
     group = InProcessGroup(NUM_PEERS)
     strategies = [SyncStrategy(group.averager()) for _ in range(NUM_PEERS)]
@@ -83,7 +137,8 @@ def test_diloco_state_survives_a_checkpoint(tmp_path: Path) -> None:
         trainer.run()
     restored = DiLoCoStrategy(DiLoCoConfig(inner_steps=3), group.averager())
     with Trainer(config, strategy=restored):
-        assert restored.outer_step == strategy.outer_step == 3
+        # Three rounds of H = 3, and the tenth step's progress in a last one at the end.
+        assert restored.outer_step == strategy.outer_step == 4
         assert restored.global_weights_hash() == strategy.global_weights_hash()
         assert restored.bytes_sent == strategy.bytes_sent
 

@@ -245,6 +245,9 @@ class SwarmConfig:
     """DiLoCo: outer Nesterov SGD learning rate (DiLoCo paper: 0.7)."""
     outer_momentum: float = 0.9
     """DiLoCo: outer Nesterov momentum (DiLoCo paper: 0.9)."""
+    overlap: bool = False
+    """DiLoCo: average each round in the background during the next H inner steps (applied a
+    round late), so training does not wait for the network."""
     codec: CodecName = "none"
     """Codec of averaged tensors: none (fp32), fp16, bf16 or int8 (blockwise, error feedback)."""
     listen: str = "127.0.0.1:0"

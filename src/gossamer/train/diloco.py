@@ -8,12 +8,30 @@ model restarts from them. The inner optimizer's state is kept across rounds, as 
 
 Communication is once every H steps instead of every step: H = 500 sends about 500 times fewer
 bytes than synchronous data parallel for the same model.
+
+With ``overlap``, a round's averaging runs in the background while the next H inner steps
+compute, and its result is applied one round late (the idea of overlapping DiLoCo's outer step
+with the next inner steps: Douillard et al. 2025, Streaming DiLoCo, arXiv:2501.18512; Kale et al.
+2025, eager updates, arXiv:2502.12996). At every boundary the peer
+
+1. takes the progress of the round that just ended (start minus local weights),
+2. waits for the previous round's average (launched H steps ago, usually long done) and applies
+   the outer step to the global weights,
+3. restarts the local model from the new global weights minus its own progress (its progress is
+   kept until the average that contains it arrives), and
+4. launches the round averaging that progress.
+
+Training never waits for the network unless a round takes longer than H inner steps. After the
+last step (:meth:`DiLoCoStrategy.finish`), a round still in flight is applied and the progress
+since the last boundary is averaged in one more round, so every peer ends on the global weights.
 """
 
 from __future__ import annotations
 
 import logging
 import statistics
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +39,7 @@ import torch
 from torch import nn
 
 from gossamer.core.hashing import sha256_state
-from gossamer.train.averaging import TensorAverager
+from gossamer.train.averaging import AverageOutcome, TensorAverager
 
 __all__ = ["DiLoCoConfig", "DiLoCoStrategy"]
 
@@ -40,6 +58,8 @@ class DiLoCoConfig:
     """Outer Nesterov momentum (DiLoCo paper: 0.9)."""
     run_id: str = "gossamer"
     """Names the rounds, so peers of different runs never average together."""
+    overlap: bool = False
+    """Average each round in the background during the next H inner steps, applied a round late."""
 
     def __post_init__(self) -> None:
         if self.inner_steps < 1:
@@ -85,6 +105,13 @@ class DiLoCoStrategy:
         """Time rounds that lost a peer took beyond the median round."""
         self.last_round_excluded = False
         """Whether the last round closed before this peer came (its state is now behind)."""
+        self._start: list[torch.Tensor] = []
+        """(overlap) The local weights this round's inner steps started from."""
+        self._inflight: Future[AverageOutcome] | None = None
+        """(overlap) The round averaging the previous round's progress."""
+        self._rounds: ThreadPoolExecutor | None = None
+        self._steps_since_round = 0
+        """Inner steps since the last round was launched (or the state was taken from others)."""
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
         del optimizer
@@ -96,11 +123,15 @@ class DiLoCoStrategy:
             self._global,
             lr=self.config.outer_lr,
             momentum=self.config.outer_momentum,
-            nesterov=True,
+            nesterov=self.config.outer_momentum > 0,  # torch refuses Nesterov without momentum
         )
         if self._pending_state is not None:
             self._apply_state(*self._pending_state)
             self._pending_state = None
+        # Progress is measured from the global weights; with overlap, from where the local model
+        # stands (a resumed peer's round in flight was lost with its process).
+        origin = self._params if self.config.overlap else self._global
+        self._start = [t.detach().clone() for t in origin]
         return None
 
     def on_gradients(self, model: nn.Module, step: int) -> None:
@@ -108,40 +139,146 @@ class DiLoCoStrategy:
 
     def on_step_end(self, model: nn.Module, step: int) -> int | None:
         del model
+        self._steps_since_round += 1
         if (step + 1) % self.config.inner_steps != 0:
             return None
         assert self._outer is not None, "setup() must run before training"
+        self._steps_since_round = 0
+        if self.config.overlap:
+            self._overlapped_boundary()
+            return None
         with torch.no_grad():
             pseudo = [
                 g.detach() - p.detach() for g, p in zip(self._global, self._params, strict=True)
             ]
-        outcome = self.averager.average(
-            pseudo, round_key=f"{self.config.run_id}/outer/{self.outer_step}", weight=self.weight
+        self._apply_outcome(self._average(pseudo), waited_s=None)
+        if not self.last_round_excluded:
+            self._restart_local_from_global()
+        return None
+
+    def _round_key(self) -> str:
+        return f"{self.config.run_id}/outer/{self.outer_step}"
+
+    def _average(self, pseudo: list[torch.Tensor]) -> AverageOutcome:
+        return self.averager.average(pseudo, round_key=self._round_key(), weight=self.weight)
+
+    def _restart_local_from_global(self) -> None:
+        with torch.no_grad():
+            for param, start, tensor in zip(self._params, self._start, self._global, strict=True):
+                param.copy_(tensor)
+                start.copy_(tensor)
+
+    def _progress(self) -> list[torch.Tensor]:
+        """This round's local progress: where its inner steps started minus where they are."""
+        with torch.no_grad():
+            return [s - p.detach() for s, p in zip(self._start, self._params, strict=True)]
+
+    def _overlapped_boundary(self) -> None:
+        """Apply the previous round, restart from the new global weights, launch this round."""
+        progress = self._progress()
+        self._collect()
+        weight = self.weight
+        if self._catch_up():  # progress made from a state too old to count: restart without it
+            progress = [torch.zeros_like(t) for t in progress]
+            weight = 0.0
+        self._restart_with_progress(progress)
+        self._launch(progress, weight)
+
+    def _collect(self) -> None:
+        """Wait for the round in flight, if any, and apply its outer step."""
+        if self._inflight is None:
+            return
+        inflight, self._inflight = self._inflight, None
+        started = time.monotonic()
+        outcome = inflight.result()
+        self._apply_outcome(outcome, waited_s=time.monotonic() - started)
+
+    def _catch_up(self) -> bool:
+        """Before a round is launched: a peer behind the others takes their state here.
+
+        An in-process swarm never leaves a peer behind; the swarm strategy overrides this.
+
+        Returns:
+            Whether the progress since the last round was made from a state too old to count.
+        """
+        return False
+
+    def _restart_with_progress(self, progress: list[torch.Tensor]) -> None:
+        """Local weights become the global ones minus this peer's progress not yet averaged."""
+        with torch.no_grad():
+            for param, start, tensor, mine in zip(
+                self._params, self._start, self._global, progress, strict=True
+            ):
+                param.copy_(tensor - mine)
+                start.copy_(param)
+
+    def _launch(self, progress: list[torch.Tensor], weight: float) -> None:
+        if self._rounds is None:
+            self._rounds = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gossamer-round")
+        key = self._round_key()
+        self._inflight = self._rounds.submit(
+            self.averager.average, progress, round_key=key, weight=weight
         )
+
+    @property
+    def round_in_flight(self) -> bool:
+        """(overlap) Whether a round launched by this peer has not been applied yet."""
+        return self._inflight is not None
+
+    def finish(self, model: nn.Module, step: int) -> bool:
+        """Average what is not averaged yet, so the peer ends on the global weights.
+
+        A round still in flight is applied; progress since the last round (the last steps when
+        the step budget is not a multiple of H, or the last round's with ``overlap``) goes
+        through one more round. Every peer of a run ends at the same step, so all of them run
+        that round or none.
+
+        Returns:
+            Whether the model's weights changed.
+        """
+        del model, step
+        if self._outer is None:
+            return False
+        replaced = self._inflight is not None or self._steps_since_round > 0
+        version = self.outer_step
+        self._collect()
+        self._catch_up()
+        replaced = replaced or self.outer_step != version
+        if self._steps_since_round > 0:
+            self._steps_since_round = 0
+            self._apply_outcome(self._average(self._progress()), waited_s=None)
+            if self.last_round_excluded:
+                self._catch_up()
+        self._restart_local_from_global()
+        return replaced
+
+    def _apply_outcome(self, outcome: AverageOutcome, *, waited_s: float | None) -> None:
+        """Record a round and apply its averaged pseudo-gradient to the global weights.
+
+        Args:
+            outcome: the round's result.
+            waited_s: how long training waited for it (None: it ran in the foreground).
+        """
+        assert self._outer is not None
         self.bytes_sent += outcome.bytes_sent
         self.bytes_received += outcome.bytes_received
         self.last_group_size = outcome.group_size
         self.last_round_excluded = outcome.excluded
         if outcome.excluded:  # the others moved on without us; the caller must fetch their state
-            return None
+            return
         if (outcome.failed_peers or outcome.missing_peers) and self.round_seconds:
-            typical = statistics.median(self.round_seconds)
-            self.seconds_lost_to_failures += max(0.0, outcome.seconds - typical)
+            if waited_s is None:
+                typical = statistics.median(self.round_seconds)
+                self.seconds_lost_to_failures += max(0.0, outcome.seconds - typical)
+            else:  # in the background: training lost only the time it waited for the round
+                self.seconds_lost_to_failures += waited_s
         self.round_seconds.append(outcome.seconds)
         for tensor, averaged in zip(self._global, outcome.tensors, strict=True):
             tensor.grad = averaged.to(tensor.dtype)
         self._outer.step()
         self._outer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for param, tensor in zip(self._params, self._global, strict=True):
-                param.copy_(tensor)
         self.outer_step += 1
         logger.info("outer step %d: averaged over %d peers", self.outer_step, outcome.group_size)
-        return None
-
-    def finish(self, model: nn.Module, step: int) -> bool:
-        del model, step
-        return False
 
     def global_weights_hash(self) -> str:
         """sha256 of the global weights, to compare with other peers after an outer step."""
@@ -182,4 +319,5 @@ class DiLoCoStrategy:
         self.bytes_received = int(meta.get("bytes_received", 0))
 
     def close(self) -> None:
-        pass
+        if self._rounds is not None:
+            self._rounds.shutdown(wait=True)

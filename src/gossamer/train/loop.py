@@ -400,10 +400,11 @@ class Trainer:
             if cfg.train.max_seconds and elapsed + per_step > cfg.train.max_seconds:
                 stopped_by_time = step < stop
                 break
-        replaced = False
-        if step > start_step:
-            with self.spans.span("sync", step=step, hook="finish"):
-                replaced = run.strategy.finish(run.model, step)
+        with self.spans.span("sync", step=step, hook="finish"):
+            # Also when no step was left to take: a peer that joined at the very end still
+            # ends on the swarm's weights.
+            replaced = run.strategy.finish(run.model, step)
+        if step > start_step or replaced:
             val_latest = self.evaluate()
             self.listener.on_eval(step=step, val_loss=val_latest)
         if replaced or last_checkpoint is None or last_checkpoint_step != run.step:

@@ -172,6 +172,11 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         """Publishes each outer step's state off the training thread, one at a time."""
         self._publishing: Future[None] | None = None
         """The last publication handed to the publisher (at most one is ever outstanding)."""
+        self._joined_mid_round = False
+        """(overlap) The state taken from donors has a round in flight that this peer is not in:
+        before its first round it must take the state that round produces."""
+        self._continue_from: int | None = None
+        self._work_lost = False
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
         super().setup(model, optimizer)
@@ -181,6 +186,7 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             snapshot = self._download(version=None)
             if snapshot is not None and snapshot.version > self.outer_step:
                 self._apply_snapshot(snapshot)
+                self._joined_mid_round = bool(snapshot.meta.get("round_in_flight", False))
                 start_step = int(snapshot.meta["step"])
                 self.time_to_productive_s = time.monotonic() - self._started
                 logger.info(
@@ -200,6 +206,7 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             logger.exception("peer %s: the last state publication failed", self._short())
         finally:
             self._publisher.shutdown(wait=True)
+            super().close()  # a round still in flight ends before the run is left
             self.swarm_averager.leave_run()
 
     def _short(self) -> str:
@@ -248,22 +255,37 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         return None
 
     def _apply_snapshot(self, snapshot: StateSnapshot) -> None:
-        """Take the swarm's global state; the local model restarts from it."""
+        """Take the swarm's global state; the local model restarts from it.
+
+        With overlap the local model moves by as much as the global weights did, so the progress
+        it holds that is not averaged yet is kept.
+        """
+        before = [t.clone() for t in self._global] if self.config.overlap else []
         self._apply_state(
             snapshot.tensors,
             {k: snapshot.meta.get(k, 0) for k in ("outer_step",)}
             | {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received},
         )
+        if not self.config.overlap:
+            self._restart_local_from_global()
+            return
         with torch.no_grad():
-            for param, tensor in zip(self._params, self._global, strict=True):
-                param.copy_(tensor)
+            for param, start, tensor, old in zip(
+                self._params, self._start, self._global, before, strict=True
+            ):
+                param.add_(tensor - old)
+                start.add_(tensor - old)
 
     def _snapshot(self, step: int) -> StateSnapshot:
         tensors, _ = self.state_for_checkpoint()
         return StateSnapshot(
             version=self.outer_step,
             tensors=tensors,
-            meta={"outer_step": self.outer_step, "step": step},
+            meta={
+                "outer_step": self.outer_step,
+                "step": step,
+                "round_in_flight": self.round_in_flight,
+            },
         )
 
     def _publish(self, step: int) -> None:
@@ -309,7 +331,9 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
 
     def on_step_end(self, model: nn.Module, step: int) -> int | None:
         if (step + 1) % self.config.inner_steps != 0:
-            return None
+            return super().on_step_end(model, step)
+        if self.config.overlap:
+            return self._overlapped_step_end(model, step)
         weight = self.weight
         continue_from: int | None = None
         work_lost = False
@@ -366,6 +390,69 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
                 self._publish_outer_step(step=continue_from)
         return continue_from
 
+    def _overlapped_step_end(self, model: nn.Module, step: int) -> int | None:
+        """A boundary with overlap: the base class applies and launches; then publish and check."""
+        self._continue_from = None
+        self._work_lost = False
+        super().on_step_end(model, step)  # calls _catch_up() between applying and launching
+        if self._work_lost:
+            self._discard_round()
+        if self.swarm_metrics is not None:
+            self.swarm_metrics.outer_step.set(self.outer_step)
+        continue_from = self._continue_from
+        self._publish_outer_step(step=continue_from if continue_from is not None else step + 1)
+        majority_holders = self._out_of_agreement(self.outer_step - 1)
+        if majority_holders:
+            # The same version only: the round in flight was launched from it.
+            snapshot = self._download(version=self.outer_step, donors=majority_holders)
+            if snapshot is not None:
+                self._apply_snapshot(snapshot)
+                self._resynced()
+                logger.warning(
+                    "peer %s differed from the swarm; resynced at outer step %d",
+                    self._short(),
+                    self.outer_step,
+                )
+                self._publish_outer_step(step=int(snapshot.meta["step"]))
+        return continue_from
+
+    def _catch_up(self) -> bool:
+        """Take the others' newer state before launching a round (overlap) or at the end, if behind.
+
+        A peer is behind when its last round closed without it, when it joined with a round in
+        flight that it is not in, or when the others publish a newer version (it restarted from
+        an older checkpoint, say). Progress made from a state more than one round old does not
+        count.
+        """
+        behind = (
+            self.last_round_excluded
+            or self._joined_mid_round
+            or self._newest_version() > self.outer_step
+        )
+        if not behind:
+            return False
+        was = self.outer_step
+        missed = self.last_round_excluded
+        self._joined_mid_round = False
+        snapshot = self._wait_for_newer_state()
+        if snapshot is None:
+            logger.warning("peer %s is behind but no newer state came; goes on", self._short())
+            return False
+        self._apply_snapshot(snapshot)
+        self.last_round_excluded = False
+        self._continue_from = int(snapshot.meta["step"])
+        stale = snapshot.version > was + 1
+        self._work_lost = missed or stale
+        if missed or stale:
+            self._resynced()
+        logger.warning(
+            "peer %s was behind; took the swarm's state at outer step %d (from %d)",
+            self._short(),
+            self.outer_step,
+            was,
+        )
+        return stale
+
     def _newest_version(self) -> int:
         """The newest state version among the run's other active peers.
 
@@ -408,9 +495,7 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
     def _out_of_agreement(self, outer_step: int) -> list[str]:
         """The peers to resync from if this peer's hash after ``outer_step`` is not the majority's.
 
-        The majority is the hash most peers published, the larger hash on a tie (every peer
-        computes the same one, so of two equal camps exactly one resyncs). Empty when this peer
-        agrees, or when it cannot tell (no hash of its own or of others).
+        Empty when this peer agrees, or when it cannot tell (no hash of its own or of others).
         """
         if outer_step < 1:
             return []
@@ -421,11 +506,7 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             return []
         if mine is None or not others:
             return []
-        hashes = [*others.values(), mine]
-        majority = max(set(hashes), key=lambda h: (hashes.count(h), h))
-        if mine == majority:
-            return []
-        return sorted(p for p, h in others.items() if h == majority)
+        return _majority_holders(mine, others)
 
     def finish(self, model: nn.Module, step: int) -> bool:
         """End with the swarm's weights: wait for every live peer's hash of the final outer step.
@@ -437,15 +518,26 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         publishes again; the others keep serving until they see it agree. A peer that missed the
         last round is waited for too: it is fetching the others' state meanwhile.
         """
-        del model
+        replaced = super().finish(model, step)
         self._wait_for_publication()
+        if replaced or self.outer_step not in self._hashes:
+            self._publish_outer_step(step=step)
+            self._wait_for_publication()
         final = self.outer_step
         deadline = time.monotonic() + _FINAL_AGREEMENT_S
-        replaced = False
         while True:
-            holders = self._out_of_agreement(final)
-            if holders:
-                snapshot = self._download(version=final, donors=holders)
+            try:
+                live = self.swarm_averager.live_peers()
+                others = self._published_hashes(final)
+            except GossamerError:
+                live, others = None, {}
+            mine = self._hashes.get(final)
+            # Decide only once every live peer has spoken: a partial count can tie the wrong way.
+            if live is not None and live <= set(others) and mine is not None:
+                holders = _majority_holders(mine, others)
+                if not holders and all(others[p] == mine for p in live):
+                    return replaced
+                snapshot = self._download(version=final, donors=holders) if holders else None
                 if snapshot is not None:
                     self._apply_snapshot(snapshot)
                     self._resynced()
@@ -459,8 +551,6 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
                     self._publish_outer_step(step=step)
                     self._wait_for_publication()
                     continue
-            elif self._final_agreement_reached(final):
-                return replaced
             if time.monotonic() >= deadline:
                 logger.warning(
                     "peer %s: no agreement on the final weights within %.0f s; ending with its own",
@@ -470,15 +560,18 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
                 return replaced
             time.sleep(_FINAL_POLL_S)
 
-    def _final_agreement_reached(self, outer_step: int) -> bool:
-        """Whether every live peer published a hash after ``outer_step`` equal to this one's."""
-        try:
-            live = self.swarm_averager.live_peers()
-            others = self._published_hashes(outer_step)
-        except GossamerError:
-            return False
-        mine = self._hashes.get(outer_step)
-        return live <= set(others) and all(others[p] == mine for p in live)
+
+def _majority_holders(mine: str, others: dict[str, str]) -> list[str]:
+    """The peers to take the state from if ``mine`` is not the majority's hash, else [].
+
+    The majority is the hash most peers published, the larger hash on a tie: every peer computes
+    the same one, so of two equal camps exactly one gives way.
+    """
+    hashes = [*others.values(), mine]
+    majority = max(set(hashes), key=lambda h: (hashes.count(h), h))
+    if mine == majority:
+        return []
+    return sorted(p for p, h in others.items() if h == majority)
 
 
 class StatusFileListener(TrainingListener):
@@ -715,6 +808,7 @@ def _train_on_node(
                 outer_lr=swarm.outer_lr,
                 outer_momentum=swarm.outer_momentum,
                 run_id=config.name,
+                overlap=swarm.overlap,
             ),
             averager,
             node_thread,
