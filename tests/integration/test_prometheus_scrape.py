@@ -15,6 +15,7 @@ import pytest
 
 from gossamer.core.config import CheckpointConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
 from gossamer.obs.metrics import PeerMetrics, serve_metrics
+from gossamer.obs.trace import PHASES
 from gossamer.train import Trainer
 
 PROMETHEUS = shutil.which("prometheus")
@@ -83,8 +84,10 @@ def test_prometheus_scrapes_a_training_peer(tmp_path: Path) -> None:
         stderr=log,
     )
     try:
+        started = time.monotonic()
         with Trainer(config, metrics=metrics) as trainer:
             trainer.run()
+        wall_s = time.monotonic() - started
         base = f"http://127.0.0.1:{web_port}"
         steps = _wait_for_series(base, "gossamer_train_step == 8", deadline_s=40)
         assert steps[0]["metric"]["job"] == "gossamer"  # type: ignore[index]
@@ -92,6 +95,13 @@ def test_prometheus_scrapes_a_training_peer(tmp_path: Path) -> None:
             base, 'gossamer_time_seconds_total{phase="compute"} > 0', deadline_s=10
         )
         assert float(compute[0]["value"][1]) > 0  # type: ignore[index]
+        # The time split: every phase is a series, the setup and the end are "sync", and no
+        # second is counted twice (the phases add up to at most the run's wall time).
+        phases = _wait_for_series(base, "gossamer_time_seconds_total", deadline_s=10)
+        assert {p["metric"]["phase"] for p in phases} == set(PHASES)  # type: ignore[index]
+        _wait_for_series(base, 'gossamer_time_seconds_total{phase="sync"} > 0', deadline_s=10)
+        total = _wait_for_series(base, "sum(gossamer_time_seconds_total)", deadline_s=10)
+        assert 0 < float(total[0]["value"][1]) <= wall_s  # type: ignore[index]
         tokens = _wait_for_series(base, "gossamer_train_tokens_total", deadline_s=10)
         assert float(tokens[0]["value"][1]) == 8 * 2 * 32  # type: ignore[index]
         goodput = _wait_for_series(base, "gossamer_goodput_ratio", deadline_s=10)
