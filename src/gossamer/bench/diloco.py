@@ -69,6 +69,12 @@ class DiLoCoBenchResult:
             "loss_gap_diloco_vs_sync_percent": (diloco.val_loss / sync.val_loss - 1) * 100,
             "seconds": {name: m.seconds for name, m in self.methods.items()},
         }
+        if "diloco_overlap" in self.methods:
+            overlap = self.methods["diloco_overlap"]
+            fields["loss_diloco_overlap"] = overlap.val_loss
+            fields["loss_gap_overlap_vs_diloco_percent"] = (
+                overlap.val_loss / diloco.val_loss - 1
+            ) * 100
         if "diloco_int8" in self.methods:
             int8 = self.methods["diloco_int8"]
             fields["loss_diloco_int8"] = int8.val_loss
@@ -139,6 +145,14 @@ def run_diloco_bench(
         "diloco",
         base,
         lambda g: DiLoCoStrategy(diloco_config, g.averager()),
+        InProcessGroup(peers),
+        peers,
+        corpus,
+    )
+    methods["diloco_overlap"] = _run_method(
+        "diloco_overlap",
+        base,
+        lambda g: DiLoCoStrategy(dataclasses.replace(diloco_config, overlap=True), g.averager()),
         InProcessGroup(peers),
         peers,
         corpus,

@@ -6,6 +6,8 @@ data, with the same optimizer, learning-rate schedule and step budget, once per 
 
 - ``diloco``: ``gossamer train --swarm.strategy diloco`` (H inner AdamW steps, then the
   pseudo-gradients averaged over TLS gRPC and an outer Nesterov step);
+- ``diloco_overlap``: the same with ``--swarm.overlap`` (each round averages in the background
+  during the next H inner steps and is applied a round late);
 - ``sync``: Gossamer's synchronous data parallel (gradients averaged over the swarm averager
   every step);
 - ``ddp``: the reference, plain PyTorch ``DistributedDataParallel`` on gloo (gradients
@@ -57,7 +59,7 @@ THIN_LINK_DEFAULTS: tuple[tuple[str, str], ...] = (
 )
 """A small GPT (121k parameters) that trains in minutes on 2 shared cores; config flags win."""
 
-_METHODS = ("diloco", "sync", "ddp")
+_METHODS = ("diloco", "diloco_overlap", "sync", "ddp")
 _READY_TIMEOUT_S = 120.0
 _POLL_S = 0.2
 
@@ -67,7 +69,7 @@ class ThinLinkMethodResult:
     """One method's run over the capped links."""
 
     name: str
-    """``diloco``, ``sync`` or ``ddp``."""
+    """``diloco``, ``diloco_overlap``, ``sync`` or ``ddp``."""
     seconds_to_target: float | None
     """Seconds from go until every peer measured the target loss (None: not within the cap)."""
     steps_to_target: int | None
@@ -119,6 +121,9 @@ class ThinLinkResult:
         return {
             "seconds_to_target": {n: m.seconds_to_target for n, m in self.methods.items()},
             "utilization": dict(diloco.utilization) if diloco else {},
+            "utilization_by_method": {
+                n: dict(m.utilization) for n, m in self.methods.items() if m.utilization
+            },
             "thin_link": {
                 "peers": self.peers,
                 "rate_bits_per_s": self.rate_bits_per_s,
@@ -129,6 +134,7 @@ class ThinLinkResult:
                 "settings": self.settings,
                 "speedup_diloco_over_ddp": self.speedup_over("ddp"),
                 "speedup_diloco_over_sync": self.speedup_over("sync"),
+                "speedup_diloco_overlap_over_ddp": self.speedup_over("ddp", "diloco_overlap"),
                 "methods": {n: dataclasses.asdict(m) for n, m in self.methods.items()},
             },
         }
@@ -321,7 +327,7 @@ def run_thin_link_bench(
         eval_every_sync: evaluation interval of sync and DDP, in steps.
         overrides: config flags (``("model.width", "64")``) on top of :data:`THIN_LINK_DEFAULTS`,
             for every method alike.
-        methods: which of ``diloco``, ``sync``, ``ddp`` to run, in this order.
+        methods: which of ``diloco``, ``diloco_overlap``, ``sync``, ``ddp`` to run, in this order.
     """
     if peers < 2:
         raise ValueError("--peers must be at least 2 for the thin-link comparison")
@@ -346,7 +352,7 @@ def run_thin_link_bench(
         tempfile.TemporaryDirectory(prefix="gossamer-thin-link-") as tmp,
     ):
         for method in methods:
-            every = inner_steps if method == "diloco" else eval_every_sync
+            every = inner_steps if method.startswith("diloco") else eval_every_sync
             run_name = f"thin-{method}-{secrets.token_hex(3)}"
             method_overrides = [*shared, ("train.eval_every", str(every)), ("name", run_name)]
             results[method] = _run_method(

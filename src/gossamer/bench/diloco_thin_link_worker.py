@@ -135,7 +135,8 @@ def _swarm_config(spec: dict[str, Any], bootstrap: str) -> RunConfig:
     checkpoints = Path(spec["folder"]) / f"checkpoints-{spec['method']}-{spec['rank']}"
     overrides = [
         *[tuple(pair) for pair in spec["overrides"]],
-        ("swarm.strategy", spec["method"]),
+        ("swarm.strategy", "diloco" if spec["method"].startswith("diloco") else spec["method"]),
+        ("swarm.overlap", "true" if spec["method"] == "diloco_overlap" else "false"),
         ("swarm.listen", f"{spec['host']}:0"),
         ("swarm.bootstrap", bootstrap),
         ("checkpoint.directory", str(checkpoints)),
@@ -306,7 +307,12 @@ def _main() -> None:
     spec = json.loads(sys.argv[1])
     try:
         config = load_run_config(None, [tuple(pair) for pair in spec["overrides"]])
-        runners = {"diloco": _run_diloco, "sync": _run_sync, "ddp": _run_ddp}
+        runners = {
+            "diloco": _run_diloco,
+            "diloco_overlap": _run_diloco,
+            "sync": _run_sync,
+            "ddp": _run_ddp,
+        }
         runners[spec["method"]](spec, config)
     except BaseException:
         traceback.print_exc()

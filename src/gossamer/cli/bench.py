@@ -192,6 +192,11 @@ def diloco(
         f"DiLoCo sends {fields['bytes_ratio_sync_over_diloco']:.0f}x fewer bytes than sync; "
         f"its loss is {fields['loss_gap_diloco_vs_sync_percent']:+.2f}% vs sync (target: within 3%)"
     )
+    if "loss_gap_overlap_vs_diloco_percent" in fields:
+        _console.print(
+            f"overlapped DiLoCo (swarm.overlap): loss "
+            f"{fields['loss_gap_overlap_vs_diloco_percent']:+.2f}% vs DiLoCo"
+        )
     if "loss_gap_int8_vs_diloco_percent" in fields:
         _console.print(
             f"8-bit codec: loss {fields['loss_gap_int8_vs_diloco_percent']:+.2f}% vs fp32 DiLoCo "
@@ -223,13 +228,15 @@ def _print_thin_link(thin: ThinLinkResult, rate: str) -> None:
     for method in thin.methods.values():
         if method.error:
             _console.print(f"{method.name} failed: {method.error}", markup=False)
-    for reference in ("ddp", "sync"):
-        speedup = thin.speedup_over(reference)
-        if speedup is not None:
-            bound = "" if thin.methods[reference].seconds_to_target is not None else " at least"
-            _console.print(
-                f"DiLoCo reaches the target{bound} {speedup:.1f}x faster than {reference}"
-            )
+    for name, label in (("diloco", "DiLoCo"), ("diloco_overlap", "Overlapped DiLoCo")):
+        for reference in ("ddp", "sync"):
+            speedup = thin.speedup_over(reference, name)
+            if speedup is not None:
+                reached = thin.methods[reference].seconds_to_target is not None
+                bound = "" if reached else " at least"
+                _console.print(
+                    f"{label} reaches the target{bound} {speedup:.1f}x faster than {reference}"
+                )
     _console.print(
         "targets: DiLoCo at least 5x faster than DDP, compute utilization at least 90% on every "
         "peer; latency is not emulated in the lab (docs/lab.md)"

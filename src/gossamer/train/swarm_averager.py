@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from gossamer.comm.allreduce import AllReduceConfig, all_reduce
+from gossamer.comm.bandwidth import BandwidthMeter, plan_weights
 from gossamer.comm.codecs import CodecPolicy, ErrorFeedback
 from gossamer.comm.groups import split_into_groups
 from gossamer.comm.net_transport import NetCommTransport
@@ -164,6 +165,9 @@ class SwarmAverager:
         self.node_thread = node_thread
         self.config = config
         self.feedback = ErrorFeedback()
+        self.meter = BandwidthMeter()
+        """This peer's send throughput, measured by every round, published with its entry; parts
+        of the all-reduce are sized by the members' figures."""
         self._clock = SystemClock()
         self._allreduce_config = AllReduceConfig(
             timeout_s=config.round_timeout_s,
@@ -212,7 +216,7 @@ class SwarmAverager:
 
         async def work(node: Node) -> AverageOutcome:
             marks["began"] = time.monotonic()
-            members, missing = await self._form_group(node, key)
+            members, missing, part_weights = await self._form_group(node, key)
             marks["formed"] = formed = time.monotonic()
             if len(members) < 2:
                 return AverageOutcome(
@@ -233,6 +237,8 @@ class SwarmAverager:
                 round_key=key,
                 config=self._allreduce_config,
                 weight=weight,
+                bandwidth_weights=part_weights,
+                meter=self.meter,
                 feedback=self.feedback,
             )
             report = result.report
@@ -353,9 +359,13 @@ class SwarmAverager:
 
     @staticmethod
     async def _records_by_publisher(
-        node: Node, key: bytes, field: str
+        node: Node, key: bytes, field: str, figures: dict[str, float] | None = None
     ) -> dict[str, tuple[float, str]]:
-        """(``field``, incarnation) of every record under ``key`` with a finite number."""
+        """(``field``, incarnation) of every record under ``key`` with a finite number.
+
+        With ``figures``, each such record's bandwidth figure (``bw``) is put there too: read
+        from the same record as the field, so whoever counts a member knows the same figure.
+        """
         found: dict[str, tuple[float, str]] = {}
         for publisher, value in await read_json_records(node, key):
             try:
@@ -364,18 +374,32 @@ class SwarmAverager:
                 continue
             if math.isfinite(number):
                 found[publisher] = (number, inc)
+                if figures is not None:
+                    try:
+                        figures[publisher] = float(value.get("bw", 0.0))
+                    except (TypeError, ValueError):
+                        figures[publisher] = 0.0  # counts as the median in plan_weights
         return found
 
     async def _read_round(
-        self, node: Node, keys: Sequence[tuple[bytes, str]]
+        self,
+        node: Node,
+        keys: Sequence[tuple[bytes, str]],
+        figures: dict[str, float] | None = None,
     ) -> tuple[dict[str, tuple[str, int, str]], list[dict[str, float]]]:
         """The memberships and, for every (key, field), the current incarnations' records.
 
         The reads run at once (one round trip instead of several); a record counts only if it
         was written by the incarnation the publisher's membership names, so what a killed
-        process left on the DHT is ignored after its restart.
+        process left on the DHT is ignored after its restart. ``figures`` collects the
+        bandwidth figures of the round entries (the ``at`` reads).
         """
-        reads = asyncio.gather(*(self._records_by_publisher(node, k, f) for k, f in keys))
+        reads = asyncio.gather(
+            *(
+                self._records_by_publisher(node, k, f, figures if f == "at" else None)
+                for k, f in keys
+            )
+        )
         memberships, raw = await asyncio.gather(self._memberships(node), reads)
         incarnations = {p: inc for p, (_, _, inc) in memberships.items()}
         incarnations[node.peer_id] = self.incarnation
@@ -396,8 +420,11 @@ class SwarmAverager:
             default=-1,
         )
 
-    async def _form_group(self, node: Node, key: str) -> tuple[list[str], list[str]]:
-        """The members of round ``key`` and the run's peers that did not come.
+    async def _form_group(self, node: Node, key: str) -> tuple[list[str], list[str], list[float]]:
+        """The members of round ``key``, the run's peers that did not come, and part weights.
+
+        Every entry carries its writer's measured send throughput; the part weights follow the
+        members' figures (:func:`~gossamer.comm.bandwidth.plan_weights`), the same on every member.
 
         The round waits for every peer that joined the run and has not left (a peer reported gone
         by the failure detector is not waited for), or ``join_window_s`` after its first
@@ -415,10 +442,11 @@ class SwarmAverager:
         entry_key = _round_key(key)
         close_key = _close_key(key)
         stamp = self._clock.wall()
-        await node.dht.put(
-            entry_key, json.dumps({"at": stamp, "inc": self.incarnation}).encode(), _ENTRY_TTL_S
-        )
-        memberships, (entries,) = await self._read_round(node, [(entry_key, "at")])
+        figure = self.meter.estimate_bytes_per_s
+        entry = {"at": stamp, "bw": figure, "inc": self.incarnation}
+        await node.dht.put(entry_key, json.dumps(entry).encode(), _ENTRY_TTL_S)
+        figures: dict[str, float] = {}
+        memberships, (entries,) = await self._read_round(node, [(entry_key, "at")], figures)
         expected = _active(memberships, node.peer_id)
         for peer in expected:
             node.detector.watch(peer)
@@ -437,7 +465,7 @@ class SwarmAverager:
                 close_at = opens_at + self.config.join_window_s
                 break
             await asyncio.sleep(_POLL_INTERVAL_S)
-            _, (entries,) = await self._read_round(node, [(entry_key, "at")])
+            _, (entries,) = await self._read_round(node, [(entry_key, "at")], figures)
         await node.dht.put(
             close_key,
             json.dumps({"close_at": close_at, "inc": self.incarnation}).encode(),
@@ -447,7 +475,7 @@ class SwarmAverager:
         while True:
             read_at = self._clock.wall()
             memberships, (latest, closes) = await self._read_round(
-                node, [(entry_key, "at"), (close_key, "close_at")]
+                node, [(entry_key, "at"), (close_key, "close_at")], figures
             )
             if read_at >= read_after:
                 break  # the full grace has passed: what this read saw decides
@@ -468,11 +496,13 @@ class SwarmAverager:
         entries.update(latest)
         if stamp > close_at:
             logger.warning("peer %s came after round %s closed", node.peer_id[:8], key)
-            return [], []
+            return [], [], []
         members = [p for p, at in entries.items() if at <= close_at]
         missing = sorted(alive_at_start - set(members))  # not those already known gone
         groups = split_into_groups(key, members, self.config.max_group_size)
-        return next(g for g in groups if node.peer_id in g), missing
+        group = next(g for g in groups if node.peer_id in g)
+        figures[node.peer_id] = figure
+        return group, missing, plan_weights([figures.get(p, 0.0) for p in group])
 
     @staticmethod
     def _alive(node: Node, peer_id: str) -> bool:
