@@ -17,8 +17,9 @@ with the next inner steps: Douillard et al. 2025, Streaming DiLoCo, arXiv:2501.1
 1. takes the progress of the round that just ended (start minus local weights),
 2. waits for the previous round's average (launched H steps ago, usually long done) and applies
    the outer step to the global weights,
-3. restarts the local model from the new global weights minus its own progress (its progress is
-   kept until the average that contains it arrives), and
+3. restarts the local model from an eager estimate of the next global weights: the outer step
+   taken with its own progress standing in for the average that has not arrived (the eager
+   update of Kale et al.; the agreed global weights move only by real averages), and
 4. launches the round averaging that progress.
 
 Training never waits for the network unless a round takes longer than H inner steps. After the
@@ -204,12 +205,26 @@ class DiLoCoStrategy:
         return False
 
     def _restart_with_progress(self, progress: list[torch.Tensor]) -> None:
-        """Local weights become the global ones minus this peer's progress not yet averaged."""
+        """Restart the local model from an eager estimate of the next global weights.
+
+        The round averaging ``progress`` has not landed yet, so this peer's own progress stands
+        in for the average: the outer optimizer's step (Nesterov momentum included) is taken on
+        copies, with ``progress`` as the pseudo-gradient, from the current global weights. The
+        agreed global weights and momentum are not touched; they move only by real averages.
+        """
+        assert self._outer is not None
+        group = self._outer.param_groups[0]
+        lr, momentum = float(group["lr"]), float(group["momentum"])
         with torch.no_grad():
             for param, start, tensor, mine in zip(
                 self._params, self._start, self._global, progress, strict=True
             ):
-                param.copy_(tensor - mine)
+                step = mine
+                if momentum > 0:
+                    buffer = self._outer.state.get(tensor, {}).get("momentum_buffer")
+                    velocity = mine if buffer is None else buffer * momentum + mine
+                    step = mine + momentum * velocity  # Nesterov, as torch.optim.SGD
+                param.copy_(tensor - lr * step)
                 start.copy_(param)
 
     def _launch(self, progress: list[torch.Tensor], weight: float) -> None:
