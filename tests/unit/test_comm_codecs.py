@@ -157,3 +157,15 @@ def test_error_feedback_on_slices_matches_the_whole() -> None:
         _, b1 = sliced.encode(choice, "t", 1000, 0, values[:500])
         _, b2 = sliced.encode(choice, "t", 1000, 500, values[500:])
         np.testing.assert_array_equal(a, np.concatenate([b1, b2]))
+
+
+def test_uncompressed_values_are_read_where_they_lie_and_tensors_are_copied() -> None:
+    values = np.arange(10, dtype=np.float32)
+    encoded, _ = encode_piece(values, CodecChoice(codec_by_name("none"), 256))
+    message = bytearray(encoded)
+    piece, _ = decode_piece(memoryview(message), 0, LIMITS)
+    assert np.shares_memory(piece.values, np.frombuffer(message, dtype=np.uint8))
+    np.testing.assert_array_equal(piece.values, values)
+    tensor = decode_tensor(message, LIMITS)
+    message[-4:] = struct.pack("<f", -1.0)
+    assert tensor[-1].item() == 9.0  # a decoded tensor owns its memory

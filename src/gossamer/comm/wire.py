@@ -19,7 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gossamer.comm.codecs import CodecChoice, ErrorFeedback, FloatArray, codec_by_id
+from gossamer.comm.codecs import (
+    CodecChoice,
+    ErrorFeedback,
+    FloatArray,
+    NoCompressionCodec,
+    codec_by_id,
+)
 from gossamer.core.errors import ProtocolError
 
 __all__ = [
@@ -64,7 +70,7 @@ class DecodedPiece:
     """A decoded piece: float32 values with the shape and dtype its sender announced."""
 
     values: FloatArray
-    """The values, 1-D float32."""
+    """The values, 1-D float32 (uncompressed: a view of the message's bytes, not a copy)."""
     shape: tuple[int, ...]
     """The shape announced by the sender."""
     dtype: torch.dtype
@@ -178,7 +184,12 @@ def decode_piece(data: memoryview, offset: int, limits: WireLimits) -> tuple[Dec
             f"tensor piece payload of {payload_nbytes} bytes, {codec.name} needs {expected} "
             f"and {len(data) - position} remain"
         )
-    values = codec.decode(data[position : position + expected], num, block_size)
+    if isinstance(codec, NoCompressionCodec):
+        # The received bytes already are the values: read them where they lie (no copy; the
+        # array shares the message's memory, read-only if the message is).
+        values: FloatArray = np.frombuffer(data, dtype="<f4", count=num, offset=position)
+    else:
+        values = codec.decode(data[position : position + expected], num, block_size)
     end = position + expected
     piece = DecodedPiece(values, shape, _DTYPES[dtype_code], codec.name, end - offset)
     return piece, end
