@@ -134,7 +134,8 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         donor: serves this peer's global state to newcomers.
         join_existing: download the swarm's state before the first step (a bootstrap was given).
         metrics: records resyncs, state downloads, rounds and goodput (steps thrown away).
-        tokens_per_step: training tokens of one inner step, to count thrown-away work.
+        tokens_per_step: training tokens of one inner step: this peer's weight in every average,
+            and what thrown-away work is counted in.
     """
 
     def __init__(
@@ -150,7 +151,10 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
     ) -> None:
         swarm_metrics = metrics.enable_swarm() if metrics is not None else None
         super().__init__(
-            config, ObservedAverager(averager, swarm_metrics) if swarm_metrics else averager
+            config,
+            ObservedAverager(averager, swarm_metrics) if swarm_metrics else averager,
+            # Contributions count by tokens: a peer with twice the batch weighs twice as much.
+            weight=float(tokens_per_step) if tokens_per_step > 0 else 1.0,
         )
         self.metrics = metrics
         self.swarm_metrics = swarm_metrics
@@ -800,6 +804,7 @@ def _train_on_node(
         return StateDonor(n)
 
     donor = node_thread.run(make_donor, timeout_s=10)
+    tokens_per_step = config.train.grad_accum_steps * config.train.batch_size * config.model.context
     strategy: TrainingStrategy
     if swarm.strategy == "diloco":
         strategy = SwarmDiLoCoStrategy(
@@ -815,13 +820,13 @@ def _train_on_node(
             donor,
             join_existing=bool(swarm.bootstrap_addresses),
             metrics=metrics,
-            tokens_per_step=(
-                config.train.grad_accum_steps * config.train.batch_size * config.model.context
-            ),
+            tokens_per_step=tokens_per_step,
         )
     elif swarm.strategy == "sync":
         strategy = SyncStrategy(
-            ObservedAverager(averager, metrics.enable_swarm()), run_id=config.name
+            ObservedAverager(averager, metrics.enable_swarm()),
+            run_id=config.name,
+            weight=float(tokens_per_step),  # gradients count by the tokens behind them
         )
         averager.join_run(0)  # every step's round waits for this peer from now on
     else:
