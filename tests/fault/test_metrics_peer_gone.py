@@ -66,6 +66,7 @@ def peers(tmp_path: Path) -> Iterator[SwarmProcesses]:
 def test_killed_peer_is_gone_in_survivor_metrics_within_detection_time(
     peers: SwarmProcesses,
 ) -> None:
+    survivor_started = time.monotonic()
     peers.start("survivor")
     address = peers.wait_for(lambda: peers.status("survivor").get("address"), 60, "listening")
     peers.start("victim", address)
@@ -94,6 +95,16 @@ def test_killed_peer_is_gone_in_survivor_metrics_within_detection_time(
     assert before[("gossamer_train_step", ())] >= 5
     assert 0 < before[("gossamer_goodput_ratio", ())] <= 1.0
     assert any(name == "gossamer_net_rpc_duration_seconds_count" for name, _ in before)
+    # The time split: a round's group formation is waiting, counted once (phases <= wall time).
+    phase_s = {
+        labels[0][1]: value
+        for (name, labels), value in before.items()
+        if name == "gossamer_time_seconds_total"
+    }
+    assert phase_s["waiting"] > 0
+    assert phase_s["communication"] > 0
+    assert phase_s["compute"] > 0
+    assert sum(phase_s.values()) <= time.monotonic() - survivor_started
     alive_before = before[("gossamer_net_peers_alive", ())]
     connected_before = before[("gossamer_net_peers_connected", ())]
     failures_before = before[("gossamer_net_failures_detected_total", ())]
