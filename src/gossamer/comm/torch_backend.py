@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
@@ -55,6 +56,22 @@ def open_member_store(host: str, port: int, world_size: int, timeout_s: float) -
         )
     except (RuntimeError, dist.DistStoreError) as exc:
         raise PeerLostError(f"cannot reach the group leader's store at {host}:{port}") from exc
+
+
+def _scale_(tensor: torch.Tensor, scale: float) -> None:
+    """``tensor *= scale`` in place; on CPU in one thread, as numpy does.
+
+    torch's ``mul_`` splits the pass over its OpenMP threads, whose spinning after the pass
+    takes CPU from gloo's transfer that follows; the pass is memory-bound, so one thread is
+    as fast and costs a third less CPU (9 ms instead of 14 ms for 100 MB here).
+    """
+    if scale == 1.0:
+        return
+    if tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.is_contiguous():
+        values = tensor.detach().numpy()
+        np.multiply(values, np.float32(scale), out=values)
+    else:
+        tensor.mul_(scale)
 
 
 class TorchGroupAverager:
@@ -151,8 +168,7 @@ class TorchGroupAverager:
         )
         if direct:
             with torch.no_grad():
-                if scale != 1.0:
-                    only.mul_(scale)
+                _scale_(only, scale)
                 self._all_reduce(only)
             numel = only.numel()
         else:
@@ -162,8 +178,7 @@ class TorchGroupAverager:
             for t in tensors:
                 flat[offset : offset + t.numel()].copy_(t.detach().reshape(-1))
                 offset += t.numel()
-            if scale != 1.0:
-                flat.mul_(scale)
+            _scale_(flat, scale)
             self._all_reduce(flat)
             offset = 0
             with torch.no_grad():
