@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from gossamer.core.hashing import sha256_state
+from gossamer.obs.trace import nested_span
 from gossamer.train.averaging import AverageOutcome, TensorAverager
 
 __all__ = ["DiLoCoConfig", "DiLoCoStrategy"]
@@ -191,7 +192,8 @@ class DiLoCoStrategy:
             return
         inflight, self._inflight = self._inflight, None
         started = time.monotonic()
-        outcome = inflight.result()
+        with nested_span("waiting", what="round_in_flight"):
+            outcome = inflight.result()
         self._apply_outcome(outcome, waited_s=time.monotonic() - started)
 
     def _catch_up(self) -> bool:

@@ -39,7 +39,7 @@ from gossamer.net.metrics import register_net_metrics
 from gossamer.net.node import Node
 from gossamer.obs.goodput import GoodputTracker
 from gossamer.obs.metrics import PeerMetrics, SwarmMetrics
-from gossamer.obs.trace import SpanRecorder
+from gossamer.obs.trace import SpanRecorder, nested_span
 from gossamer.train.averaging import AverageOutcome
 from gossamer.train.diloco import DiLoCoConfig, DiLoCoStrategy
 from gossamer.train.loop import ModelFactory, ProgressEvent, Trainer, TrainingListener, TrainResult
@@ -239,7 +239,8 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
 
         started = time.monotonic()
         try:
-            snapshot, report = self.node_thread.run(fetch, timeout_s=_DOWNLOAD_TIMEOUT_S + 10)
+            with nested_span("sync", what="state_download"):
+                snapshot, report = self.node_thread.run(fetch, timeout_s=_DOWNLOAD_TIMEOUT_S + 10)
         except GossamerError as exc:
             logger.warning("peer %s: no state from donors (%s)", self._short(), exc)
             return None
@@ -251,11 +252,12 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
     def _wait_for_newer_state(self) -> StateSnapshot | None:
         """After a missed round: the state the others publish once it is done."""
         deadline = time.monotonic() + _NEWER_STATE_WAIT_S
-        while time.monotonic() < deadline:
-            snapshot = self._download(version=None)
-            if snapshot is not None and snapshot.version > self.outer_step:
-                return snapshot
-            time.sleep(0.2)
+        with nested_span("waiting", what="newer_state"):  # its downloads nest as "sync"
+            while time.monotonic() < deadline:
+                snapshot = self._download(version=None)
+                if snapshot is not None and snapshot.version > self.outer_step:
+                    return snapshot
+                time.sleep(0.2)
         return None
 
     def _apply_snapshot(self, snapshot: StateSnapshot) -> None:
