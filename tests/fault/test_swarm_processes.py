@@ -22,7 +22,7 @@ INNER_STEPS = 5
 class Swarm(SwarmProcesses):
     """The fault-swarm run's peers, with what these tests check at the end."""
 
-    def __init__(self, root: Path, *, overlap: bool = False) -> None:
+    def __init__(self, root: Path, *, overlap: bool = False, strategy: str = "diloco") -> None:
         self.max_steps = OVERLAP_MAX_STEPS if overlap else MAX_STEPS
         super().__init__(
             root,
@@ -37,6 +37,8 @@ class Swarm(SwarmProcesses):
                 "--checkpoint.every-steps",
                 "10",
                 *(["--swarm.overlap"] if overlap else []),
+                "--swarm.strategy",
+                strategy,
             ],
         )
 
@@ -111,3 +113,31 @@ def test_everyone_killed_then_restarted_resumes_from_checkpoints(swarm: Swarm) -
         assert summary["start_step"] >= reached - 10  # lost at most the checkpoint interval
         assert summary["steps"] == swarm.max_steps
     assert swarm.final_weights("a") == swarm.final_weights("b")
+
+
+def test_sync_peers_stay_identical_through_a_kill_and_a_newcomer(tmp_path: Path) -> None:
+    swarm = Swarm(tmp_path, strategy="sync")
+    try:
+        swarm.start("a")
+        address = swarm.address("a")
+        swarm.start("b", address)
+        swarm.start("c", address)
+        # b and c join at a step the run has not reached, with its exact weights and optimizer.
+        swarm.wait_for(
+            lambda: all(swarm.status(n).get("time_to_productive_s") for n in ("b", "c")),
+            120,
+            "b and c joined",
+        )
+        swarm.wait_for(lambda: swarm.status("a").get("step", 0) >= 80, 120, "step 80")
+        victim = random.Random().choice(["b", "c"])
+        swarm.kill(victim)
+        swarm.start("d", address)
+        survivors = [n for n in ("a", "b", "c", "d") if n != victim]
+        swarm.wait_done(survivors, timeout_s=180)
+        # Every step's update is the same average on the same state: the weights are identical.
+        assert len({swarm.final_weights(n) for n in survivors}) == 1
+        assert swarm.status("d")["time_to_productive_s"] is not None
+        for name in survivors:
+            assert swarm.status(name)["step"] == swarm.max_steps
+    finally:
+        swarm.stop()

@@ -47,7 +47,7 @@ from gossamer.train.state_sync import StateSnapshot, download_state
 from gossamer.train.state_sync_donor import StateDonor
 from gossamer.train.strategy import TrainingStrategy
 from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig, read_json_records
-from gossamer.train.sync import SyncStrategy
+from gossamer.train.swarm_sync import SwarmSyncStrategy
 
 __all__ = [
     "ListenerGroup",
@@ -825,12 +825,17 @@ def _train_on_node(
             tokens_per_step=tokens_per_step,
         )
     elif swarm.strategy == "sync":
-        strategy = SyncStrategy(
-            ObservedAverager(averager, metrics.enable_swarm()),
+        swarm_metrics = metrics.enable_swarm()
+        strategy = SwarmSyncStrategy(
+            ObservedAverager(averager, swarm_metrics),
+            averager,
+            node_thread,
+            donor,
+            join_existing=bool(swarm.bootstrap_addresses),
             run_id=config.name,
             weight=float(tokens_per_step),  # gradients count by the tokens behind them
+            metrics=swarm_metrics,
         )
-        averager.join_run(0)  # every step's round waits for this peer from now on
     else:
         raise ValueError("run_swarm_peer needs swarm.strategy 'sync' or 'diloco'")
     listeners = [listener] if listener is not None else []
@@ -863,8 +868,6 @@ def _train_on_node(
             status.finish(None, error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        if swarm.strategy == "sync":
-            averager.leave_run()  # DiLoCo's strategy leaves in its close()
         donor.close()
     if status is not None:
         status.finish(result)

@@ -182,6 +182,9 @@ class SwarmAverager:
         self.newest_seen_version: int | None = None
         """The newest state version among the run's other active peers, as the last round's
         formation read it (None before the first round)."""
+        self.joining: dict[str, int] = {}
+        """Peers joining the run and the step each joins at, as the last round's formation read
+        them (see :meth:`announce_joining`)."""
 
         async def make_mailbox(node: Node) -> CommMailbox:
             return CommMailbox(NetCommTransport(node), self._clock)
@@ -298,6 +301,30 @@ class SwarmAverager:
         """
         self._set_membership("active", version)
 
+    def announce_joining(self, step: int) -> None:
+        """Tell the run that this peer joins at ``step``: it needs the state the others hold then.
+
+        Not yet awaited at rounds; :meth:`join_run` makes it a member once it has the state.
+        """
+        self._set_membership("joining", step)
+
+    def run_states(self) -> dict[str, tuple[str, int]]:
+        """Every other peer of the run that the failure detector does not report gone: its
+        membership state (``active``, ``joining``, ``left``) and version (or joining step).
+
+        Raises:
+            GossamerError: the DHT could not be read.
+        """
+
+        async def read(node: Node) -> dict[str, tuple[str, int]]:
+            return {
+                peer: (state, version)
+                for peer, (state, version, _) in (await self._memberships(node)).items()
+                if peer != node.peer_id and self._alive(node, peer)
+            }
+
+        return self.node_thread.run(read, timeout_s=15)
+
     def leave_run(self) -> None:
         """Tell the run's other peers to stop waiting for this one."""
         self._set_membership("left", -1)
@@ -411,6 +438,14 @@ class SwarmAverager:
         return memberships, current
 
     def _note_versions(self, node: Node, memberships: dict[str, tuple[str, int, str]]) -> None:
+        joining = {
+            peer: version
+            for peer, (state, version, _) in memberships.items()
+            if state == "joining" and peer != node.peer_id
+        }
+        for peer in joining:
+            node.detector.watch(peer)  # one that dies while joining must not be waited for
+        self.joining = {p: v for p, v in joining.items() if self._alive(node, p)}
         self.newest_seen_version = max(
             (
                 version

@@ -33,6 +33,8 @@ class SyncStrategy:
         """Bytes received in averaging rounds so far."""
         self.last_group_size = 0
         """Peers in the last round."""
+        self.last_round_excluded = False
+        """Whether the last round went on without this peer (its update was its own)."""
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
         del model, optimizer
@@ -47,6 +49,7 @@ class SyncStrategy:
         self.bytes_sent += outcome.bytes_sent
         self.bytes_received += outcome.bytes_received
         self.last_group_size = outcome.group_size
+        self.last_round_excluded = outcome.excluded
         for param, averaged in zip(params, outcome.tensors, strict=True):
             param.grad = averaged.to(param.dtype)
 

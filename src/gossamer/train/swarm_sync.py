@@ -1,0 +1,278 @@
+"""Synchronous data parallel across machines, elastic: newcomers take the swarm's exact state.
+
+With gradients averaged every step, every peer applies the same update, so the peers' weights and
+optimizer states stay identical, and a newcomer must start from exactly that state at exactly one
+step. The join goes:
+
+1. the newcomer reads the run's members and the steps they announced (every peer announces its
+   step every ``announce_every`` steps) and picks a step ``S`` safely ahead of them;
+2. it announces that it joins at ``S`` (membership ``joining``), which no round waits for;
+3. every peer, at the end of step ``S - 1``, publishes its weights, optimizer state and step as
+   state version ``S``, then waits until the newcomer is a member (or gone, or a deadline);
+4. the newcomer downloads version ``S`` from all of them at once (every chunk checked by sha256),
+   takes it, becomes a member, and trains from step ``S``: the round of step ``S`` is its first.
+
+If the others passed ``S`` before they saw the announcement, the newcomer picks a new step and
+tries again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from gossamer.core.errors import GossamerError
+from gossamer.net.bridge import NodeThread
+from gossamer.net.node import Node
+from gossamer.obs.metrics import SwarmMetrics
+from gossamer.obs.trace import nested_span
+from gossamer.train.averaging import TensorAverager
+from gossamer.train.state_sync import StateSnapshot, download_state
+from gossamer.train.state_sync_donor import StateDonor
+from gossamer.train.swarm_averager import SwarmAverager
+from gossamer.train.sync import SyncStrategy
+
+__all__ = ["SwarmSyncStrategy"]
+
+logger = logging.getLogger(__name__)
+
+_JOIN_ATTEMPTS = 3
+_STATE_WAIT_S = 60.0
+"""How long a newcomer waits for the state of the step it joins at, per attempt."""
+_MEMBER_WAIT_S = 60.0
+"""How long the peers wait, after publishing, for a newcomer to become a member."""
+_POLL_S = 0.1
+_DOWNLOAD_TIMEOUT_S = 120.0
+
+
+class SwarmSyncStrategy(SyncStrategy):
+    """:class:`SyncStrategy` for a swarm of processes: announces steps, donates and takes state.
+
+    Args:
+        averager: averages gradients (the swarm averager, possibly observed for metrics).
+        swarm_averager: the run's membership and rounds.
+        node_thread: this peer's node.
+        donor: serves this peer's state to newcomers.
+        join_existing: take the swarm's state before the first step (a bootstrap was given).
+        run_id: names the rounds.
+        weight: this peer's weight in the average (its tokens per step).
+        metrics: records state downloads.
+        announce_every: steps between announcements of this peer's step.
+    """
+
+    def __init__(
+        self,
+        averager: TensorAverager,
+        swarm_averager: SwarmAverager,
+        node_thread: NodeThread,
+        donor: StateDonor,
+        *,
+        join_existing: bool,
+        run_id: str,
+        weight: float = 1.0,
+        metrics: SwarmMetrics | None = None,
+        announce_every: int = 20,
+    ) -> None:
+        if announce_every < 1:
+            raise ValueError(f"announce_every must be at least 1, got {announce_every}")
+        super().__init__(averager, run_id=run_id, weight=weight)
+        self.swarm_averager = swarm_averager
+        self.node_thread = node_thread
+        self.donor = donor
+        self.join_existing = join_existing
+        self.metrics = metrics
+        self.announce_every = announce_every
+        self.time_to_productive_s: float | None = None
+        """Seconds from start to the newcomer's state being in place (None: not a newcomer)."""
+        self.state_download_bytes = 0
+        """Bytes downloaded from donors."""
+        self.newcomers_served = 0
+        """Newcomers this peer published its state for."""
+        self.resyncs = 0
+        """Times this peer missed a round and took the swarm's state again."""
+        self._model: nn.Module | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._started = time.monotonic()
+
+    def _short(self) -> str:
+        return self.node_thread.node.peer_id[:8]
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
+        self._model = model
+        self._optimizer = optimizer
+        start_step = self._join() if self.join_existing else None
+        self.swarm_averager.join_run(start_step or 0)  # rounds wait for this peer from now on
+        return start_step
+
+    def close(self) -> None:
+        self.swarm_averager.leave_run()
+
+    def on_step_end(self, model: nn.Module, step: int) -> int | None:
+        del model
+        if self.last_round_excluded:
+            # The round went on without this peer, which applied its own gradient: its state is
+            # no longer the swarm's. It joins again, at a step the others have not reached.
+            logger.warning(
+                "peer %s missed the round of step %d; joining the run again",
+                self._short(),
+                step,
+            )
+            self.resyncs += 1
+            rejoined = self._join()
+            self.swarm_averager.join_run(rejoined if rejoined is not None else step + 1)
+            return rejoined
+        following = step + 1
+        if following % self.announce_every == 0:
+            self.swarm_averager.join_run(following)  # newcomers pick their step from these
+        newcomers = [p for p, at in self.swarm_averager.joining.items() if at == following]
+        if newcomers:
+            self._serve(newcomers, following)
+        return None
+
+    # -- donating --------------------------------------------------------------------------
+
+    def _snapshot(self, step: int) -> StateSnapshot:
+        assert self._model is not None
+        assert self._optimizer is not None
+        tensors: dict[str, torch.Tensor] = {}
+        params = [p for p in self._model.parameters() if p.requires_grad]
+        for i, param in enumerate(params):
+            tensors[f"param.{i}"] = param.detach().clone()
+            for name, value in self._optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optim.{i}.{name}"] = value.detach().clone()
+        return StateSnapshot(version=step, tensors=tensors, meta={"step": step})
+
+    def _serve(self, newcomers: list[str], step: int) -> None:
+        """Publish the state at ``step`` and wait until ``newcomers`` are members (or gone)."""
+        self.donor.publish(self._snapshot(step))
+        self.newcomers_served += len(newcomers)
+        logger.info(
+            "peer %s: state of step %d published for %d newcomer(s)",
+            self._short(),
+            step,
+            len(newcomers),
+        )
+        deadline = time.monotonic() + _MEMBER_WAIT_S
+        with nested_span("waiting", what="newcomer"):
+            while time.monotonic() < deadline:
+                try:
+                    states = self.swarm_averager.run_states()
+                except GossamerError:
+                    states = None
+                if states is not None and all(
+                    p not in states or states[p] != ("joining", step) for p in newcomers
+                ):
+                    return  # each is a member now, or gone, or joining at another step
+                time.sleep(_POLL_S)
+        logger.warning(
+            "peer %s: newcomers %s did not join at step %d within %.0f s; going on",
+            self._short(),
+            [p[:8] for p in newcomers],
+            step,
+            _MEMBER_WAIT_S,
+        )
+
+    # -- joining ---------------------------------------------------------------------------
+
+    def _join(self) -> int | None:
+        """Take the swarm's state at a step it has not reached yet; None when alone."""
+        for attempt in range(1, _JOIN_ATTEMPTS + 1):
+            try:
+                states = self.swarm_averager.run_states()
+            except GossamerError as exc:
+                logger.warning("peer %s: cannot read the run's members: %s", self._short(), exc)
+                return None
+            steps = {p: v for p, (state, v) in states.items() if state == "active"}
+            if not steps:
+                return None  # the first peer of the run
+            step = max(steps.values()) + 2 * self.announce_every
+            self.swarm_averager.announce_joining(step)
+            logger.info(
+                "peer %s joins the run at step %d (attempt %d)", self._short(), step, attempt
+            )
+            snapshot = self._wait_for_state(sorted(steps), step)
+            if snapshot is not None:
+                self._apply(snapshot)
+                self.time_to_productive_s = time.monotonic() - self._started
+                logger.info(
+                    "peer %s synced from donors at step %d (%.1f s)",
+                    self._short(),
+                    step,
+                    self.time_to_productive_s,
+                )
+                return step
+        raise GossamerError(
+            f"could not join the run: no peer published the state of the step this peer asked "
+            f"for in {_JOIN_ATTEMPTS} attempts; check that the others are training"
+        )
+
+    def _wait_for_state(self, donors: list[str], step: int) -> StateSnapshot | None:
+        """Download the state of ``step`` once the peers have reached it (they announce ``step``
+        just before publishing it), from all that have."""
+        deadline = time.monotonic() + _STATE_WAIT_S
+
+        with nested_span("sync", what="state_download"):
+            while time.monotonic() < deadline:
+                try:
+                    states = self.swarm_averager.run_states()
+                except GossamerError:
+                    states = {}
+                at_step = [p for p in donors if states.get(p) == ("active", step)]
+                past = [p for p in donors if states.get(p, ("", -1))[1] > step]
+                ready = at_step or past  # past it: it may have published it all the same
+                if not ready:
+                    time.sleep(_POLL_S)
+                    continue
+                snapshot = self._download(ready, step)
+                if snapshot is not None:
+                    return snapshot
+                time.sleep(_POLL_S)
+        return None
+
+    def _download(self, donors: list[str], step: int) -> StateSnapshot | None:
+        async def fetch(node: Node) -> tuple[StateSnapshot, Any]:
+            return await download_state(node, donors, timeout_s=_DOWNLOAD_TIMEOUT_S, version=step)
+
+        started = time.monotonic()
+        try:
+            snapshot, report = self.node_thread.run(fetch, timeout_s=_DOWNLOAD_TIMEOUT_S + 10)
+        except GossamerError as exc:
+            logger.info("peer %s: state of step %d not there yet (%s)", self._short(), step, exc)
+            return None
+        self.state_download_bytes += report.total_bytes
+        if self.metrics is not None:
+            self.metrics.record_state_download(time.monotonic() - started, report.total_bytes)
+        return snapshot
+
+    def _apply(self, snapshot: StateSnapshot) -> None:
+        assert self._model is not None
+        assert self._optimizer is not None
+        params = [p for p in self._model.parameters() if p.requires_grad]
+        expected = {f"param.{i}" for i in range(len(params))}
+        if not expected <= set(snapshot.tensors):
+            raise GossamerError(
+                "the swarm's state does not fit this model (different parameters): check that "
+                "every peer runs the same model config"
+            )
+        with torch.no_grad():
+            for i, param in enumerate(params):
+                source = snapshot.tensors[f"param.{i}"]
+                if source.shape != param.shape:
+                    raise GossamerError(
+                        f"the swarm's parameter {i} has shape {tuple(source.shape)}, this peer's "
+                        f"{tuple(param.shape)}: check that every peer runs the same model config"
+                    )
+                param.copy_(source)
+                prefix = f"optim.{i}."
+                state = {
+                    name[len(prefix) :]: tensor.clone()
+                    for name, tensor in snapshot.tensors.items()
+                    if name.startswith(prefix)
+                }
+                if state:
+                    self._optimizer.state[param] = state
