@@ -194,7 +194,9 @@ def test_reachable_dialer_upgrades_to_direct_and_falls_back_to_the_relay() -> No
             relayed_before = relay.counters.relayed_bytes[hidden.peer_id]
             await dialer.send_bulk(hidden.peer_id, "t", payload, num_streams=2)
             assert received == [hashlib.sha256(payload).digest()] * 2
-            assert relay.counters.relayed_bytes[hidden.peer_id] == relayed_before
+            # The payload went the direct way; the idle relayed connection (kept while calls on
+            # it finish) may still pass a late HTTP/2 control frame or two through the relay.
+            assert relay.counters.relayed_bytes[hidden.peer_id] - relayed_before < 4096
             assert hidden.counters.relayed_bytes == {}  # reversing is not relaying
 
             # two peers behind NAT cannot reach each other directly: they stay relayed
