@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from gossamer.comm.memory import keep_freed_memory
 from gossamer.core.clock import Clock
 from gossamer.core.errors import ProtocolError
 
@@ -193,6 +194,7 @@ class CommMailbox:
         self._opened: dict[bytes, asyncio.Event] = {}
         self._closed: OrderedDict[bytes, None] = OrderedDict()
         transport.set_receiver(self.deliver)
+        keep_freed_memory()  # rounds reuse the pages of their message buffers
 
     @property
     def peer_id(self) -> str:
