@@ -52,9 +52,13 @@ def test_diloco_bench_compares_methods_on_the_same_budget(tmp_path: Path) -> Non
     )
     result = run_diloco_bench(config=config, peers=2, inner_steps=4, steps=8)
     fields = result.to_json()
-    assert set(result.methods) == {"sync", "diloco", "diloco_int8"}
+    assert set(result.methods) == {"sync", "diloco", "diloco_overlap", "diloco_int8"}
     # Sync averages every step, DiLoCo every 4 steps: 4x fewer rounds of the same tensors.
     assert fields["bytes_ratio_sync_over_diloco"] == 4.0
     assert fields["bytes_diloco_int8"] < fields["bytes_diloco"]
-    for key in ("loss_sync", "loss_diloco", "loss_diloco_int8"):
+    # Overlapped rounds send the same rounds, only later.
+    assert (
+        result.methods["diloco_overlap"].bytes_per_peer == result.methods["diloco"].bytes_per_peer
+    )
+    for key in ("loss_sync", "loss_diloco", "loss_diloco_overlap", "loss_diloco_int8"):
         assert 0 < fields[key] < 6
