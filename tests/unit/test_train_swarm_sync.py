@@ -1,0 +1,142 @@
+"""Elastic sync's wiring: serving a newcomer at its step, rejoining after a missed round."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from gossamer.train.averaging import AverageOutcome
+from gossamer.train.state_sync import StateSnapshot
+from gossamer.train.swarm_sync import SwarmSyncStrategy
+
+
+class FakeAverager:
+    """A run's membership as a sync peer sees it; every round is this peer's alone."""
+
+    def __init__(self) -> None:
+        self.joining: dict[str, int] = {}
+        self.states: dict[str, tuple[str, int]] = {}
+        self.events: list[tuple[str, int]] = []
+        self.excluded = False
+
+    def average(
+        self, tensors: list[torch.Tensor], *, round_key: str, weight: float
+    ) -> AverageOutcome:
+        return AverageOutcome(
+            tensors=[t.clone() for t in tensors],
+            group_size=0 if self.excluded else 1,
+            bytes_sent=0,
+            bytes_received=0,
+            excluded=self.excluded,
+        )
+
+    def join_run(self, version: int) -> None:
+        self.events.append(("join", version))
+
+    def announce_joining(self, step: int) -> None:
+        self.events.append(("joining", step))
+
+    def leave_run(self) -> None:
+        self.events.append(("leave", -1))
+
+    def run_states(self) -> dict[str, tuple[str, int]]:
+        return dict(self.states)
+
+
+class FakeDonor:
+    def __init__(self) -> None:
+        self.snapshots: list[StateSnapshot] = []
+
+    def publish(self, snapshot: StateSnapshot) -> None:
+        self.snapshots.append(snapshot)
+
+
+class FakeNode:
+    peer_id = "m" * 52
+
+
+class FakeNodeThread:
+    node = FakeNode()
+
+
+def make(
+    averager: FakeAverager, donor: FakeDonor, *, join_existing: bool = False
+) -> SwarmSyncStrategy:
+    return SwarmSyncStrategy(
+        cast(Any, averager),
+        cast(Any, averager),
+        cast(Any, FakeNodeThread()),
+        cast(Any, donor),
+        join_existing=join_existing,
+        run_id="r",
+        announce_every=10,
+    )
+
+
+def train_one_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_serves_a_newcomer_the_exact_state_at_its_step() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    averager, donor = FakeAverager(), FakeDonor()
+    strategy = make(averager, donor)
+    strategy.setup(model, optimizer)
+    averager.joining = {"newcomer": 20}
+    averager.states = {"newcomer": ("active", 20)}  # it takes the state at once
+    for step in range(20):
+        train_one_step(model, optimizer)
+        strategy.on_step_end(model, step)
+    assert averager.events == [("join", 0), ("join", 10), ("join", 20)]
+    (snapshot,) = donor.snapshots  # published once, at the end of step 19, as version 20
+    assert snapshot.version == 20
+    assert snapshot.meta == {"step": 20}
+    assert strategy.newcomers_served == 1
+
+    # A newcomer that takes it stands exactly where this peer stands, optimizer included.
+    torch.manual_seed(1)
+    other = nn.Linear(4, 3)
+    other_optimizer = torch.optim.AdamW(other.parameters(), lr=0.1)
+    newcomer = make(FakeAverager(), FakeDonor(), join_existing=True)
+    newcomer._model, newcomer._optimizer = other, other_optimizer
+    newcomer._apply(snapshot)
+    for mine, theirs in zip(model.parameters(), other.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+        for name, value in optimizer.state[mine].items():
+            assert torch.equal(value, other_optimizer.state[theirs][name])
+    train_one_step(model, optimizer)
+    train_one_step(other, other_optimizer)
+    for mine, theirs in zip(model.parameters(), other.parameters(), strict=True):
+        assert torch.equal(mine, theirs)  # and stays there, step after step
+
+
+def test_a_peer_that_missed_a_round_joins_again_at_the_step_it_gets() -> None:
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    averager, donor = FakeAverager(), FakeDonor()
+    strategy = make(averager, donor)
+    strategy.setup(model, optimizer)
+    taken: list[int] = []
+
+    def join() -> int:
+        taken.append(1)
+        return 42
+
+    strategy._join = join  # type: ignore[method-assign]
+    averager.excluded = True
+    strategy.on_gradients(model, 7)
+    assert strategy.last_round_excluded
+    assert strategy.on_step_end(model, 7) == 42  # the loop continues from the step it took
+    assert taken == [1]
+    assert strategy.resyncs == 1
+    assert averager.events[-1] == ("join", 42)
+
+    averager.excluded = False
+    strategy.on_gradients(model, 42)
+    assert strategy.on_step_end(model, 42) is None
