@@ -20,7 +20,6 @@ driver reads progress live and loses nothing when it stops the peers at the targ
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import sys
@@ -42,14 +41,18 @@ from gossamer.core.config_loader import load_run_config
 from gossamer.data import TokenStream, load_corpus, validation_batches
 from gossamer.models import GPT
 from gossamer.net.bridge import NodeThread
-from gossamer.net.config import DhtConfig, HeartbeatConfig, NodeConfig
 from gossamer.net.identity import load_or_create_identity
 from gossamer.obs.trace import Span, SpanRecorder
 from gossamer.train.inference import mean_validation_loss
 from gossamer.train.loop import Trainer, TrainingListener
 from gossamer.train.optim import build_optimizer, learning_rate_at
-from gossamer.train.swarm import run_swarm_peer
-from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig
+from gossamer.train.swarm import (
+    run_swarm_peer,
+    stream_seed_of,
+    swarm_averager_config,
+    swarm_node_config,
+)
+from gossamer.train.swarm_averager import SwarmAverager
 from gossamer.train.sync import SyncStrategy
 
 _WAIT_S = 120.0
@@ -170,40 +173,25 @@ def _run_diloco(spec: dict[str, Any], config: RunConfig) -> None:
 def _run_sync(spec: dict[str, Any], config: RunConfig) -> None:
     """Gossamer's sync strategy over the swarm averager, as a member of the run.
 
-    ``run_swarm_peer`` builds the same pieces for ``swarm.strategy = sync`` but does not publish
-    run membership (``SwarmAverager.join_run``), so its rounds do not wait for the other peers;
-    here the peer joins the run before training, as a DiLoCo peer does, so every round averages
-    over the whole group.
+    ``run_swarm_peer`` with ``swarm.strategy = sync`` makes a peer with a bootstrap address join
+    elastically: at a later step, with the others' weights and optimizer state. Here every peer
+    starts at step 0 from the same weights (the clock starts at go, before any step), so each
+    joins the run as a member at once, with the same node and round settings.
     """
     phases = _PhaseClock()
     log = _EvalLog(spec, phases)
     config = _swarm_config(spec, _bootstrap_address(spec))
-    swarm = config.swarm
     folder = Path(config.checkpoint.directory)
     folder.mkdir(parents=True, exist_ok=True)
-    node_config = NodeConfig(
-        listen_address=swarm.listen,
-        bootstrap=swarm.bootstrap_addresses,
-        dht=DhtConfig(record_ttl_s=30.0, republish_interval_s=10.0, refresh_interval_s=5.0),
-        heartbeat=HeartbeatConfig(interval_s=0.5, timeout_s=2.5),
-    )
+    node_config = swarm_node_config(config)
     with NodeThread(node_config, load_or_create_identity(folder / "peer.key")) as node_thread:
         node = node_thread.node
         _publish_address(spec, f"{node.peer_id}@{node.addresses[0]}")
-        averager = SwarmAverager(
-            node_thread,
-            SwarmAveragerConfig(
-                run_id=config.name,
-                codec=swarm.codec,
-                join_window_s=swarm.join_window_s,
-                round_timeout_s=swarm.round_timeout_s,
-                max_group_size=swarm.max_group_size,
-            ),
-        )
+        averager = SwarmAverager(node_thread, swarm_averager_config(config))
         strategy = SyncStrategy(averager, run_id=config.name)
         log.group_size = lambda: strategy.last_group_size
         averager.join_run(0)
-        seed = int.from_bytes(hashlib.sha256(node.peer_id.encode()).digest()[:4], "little")
+        seed = stream_seed_of(node.peer_id)
         try:
             with Trainer(
                 config,

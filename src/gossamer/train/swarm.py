@@ -56,6 +56,9 @@ __all__ = [
     "SwarmDiLoCoStrategy",
     "SwarmPeerResult",
     "run_swarm_peer",
+    "stream_seed_of",
+    "swarm_averager_config",
+    "swarm_node_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -711,7 +714,9 @@ class SwarmPeerResult:
     time_to_productive_s: float | None
 
 
-def _node_config(config: RunConfig) -> NodeConfig:
+def swarm_node_config(config: RunConfig) -> NodeConfig:
+    """The node settings of a swarm peer of ``config``: its listen address, bootstrap peers,
+    swarm secret, and the DHT and heartbeat timings training rounds rely on."""
     swarm = config.swarm
     secret = None
     if swarm.swarm_secret_file:
@@ -723,6 +728,23 @@ def _node_config(config: RunConfig) -> NodeConfig:
         dht=DhtConfig(record_ttl_s=30.0, republish_interval_s=10.0, refresh_interval_s=5.0),
         heartbeat=HeartbeatConfig(interval_s=0.5, timeout_s=2.5),
     )
+
+
+def swarm_averager_config(config: RunConfig) -> SwarmAveragerConfig:
+    """The round settings of a swarm peer of ``config``."""
+    swarm = config.swarm
+    return SwarmAveragerConfig(
+        run_id=config.name,
+        codec=swarm.codec,
+        join_window_s=swarm.join_window_s,
+        round_timeout_s=swarm.round_timeout_s,
+        max_group_size=swarm.max_group_size,
+    )
+
+
+def stream_seed_of(peer_id: str) -> int:
+    """The seed of a peer's data stream: peers of a run read different batches."""
+    return int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:4], "little")
 
 
 def run_swarm_peer(
@@ -757,7 +779,7 @@ def run_swarm_peer(
     identity = load_or_create_identity(key_file)
     metrics = metrics or PeerMetrics()
     metrics.set_peer_id(identity.peer_id)
-    with NodeThread(_node_config(config), identity) as node_thread:
+    with NodeThread(swarm_node_config(config), identity) as node_thread:
         net_metrics = register_net_metrics(metrics.registry, node_thread)
         try:
             return _train_on_node(
@@ -791,16 +813,7 @@ def _train_on_node(
     logger.info("peer %s listening at %s", node.peer_id[:8], address)
     if on_address is not None:
         on_address(address)
-    averager = SwarmAverager(
-        node_thread,
-        SwarmAveragerConfig(
-            run_id=config.name,
-            codec=swarm.codec,
-            join_window_s=swarm.join_window_s,
-            round_timeout_s=swarm.round_timeout_s,
-            max_group_size=swarm.max_group_size,
-        ),
-    )
+    averager = SwarmAverager(node_thread, swarm_averager_config(config))
 
     async def make_donor(n: Node) -> StateDonor:
         return StateDonor(n)
@@ -851,7 +864,7 @@ def _train_on_node(
         if metrics_url is not None:
             status.status["metrics_url"] = metrics_url
         listeners.append(status)
-    stream_seed = int.from_bytes(hashlib.sha256(node.peer_id.encode()).digest()[:4], "little")
+    stream_seed = stream_seed_of(node.peer_id)
     try:
         with Trainer(
             config,
