@@ -43,11 +43,11 @@ from gossamer.obs.trace import SpanRecorder, nested_span
 from gossamer.train.averaging import AverageOutcome
 from gossamer.train.diloco import DiLoCoConfig, DiLoCoStrategy
 from gossamer.train.loop import ModelFactory, ProgressEvent, Trainer, TrainingListener, TrainResult
-from gossamer.train.state_sync import StateSnapshot, download_state
+from gossamer.train.state_sync import StateSnapshot
 from gossamer.train.state_sync_donor import StateDonor
 from gossamer.train.strategy import TrainingStrategy
 from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig, read_json_records
-from gossamer.train.swarm_sync import SwarmSyncStrategy
+from gossamer.train.swarm_sync import SwarmSyncStrategy, download_from_donors
 
 __all__ = [
     "ListenerGroup",
@@ -64,7 +64,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _HASH_TTL_S = 600.0
-_DOWNLOAD_TIMEOUT_S = 120.0
 _NEWER_STATE_WAIT_S = 30.0
 _FINAL_AGREEMENT_S = 20.0
 """How long a peer that finished waits for the others' hashes of the final outer step."""
@@ -235,21 +234,15 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         if not donors:
             return None
 
-        async def fetch(node: Node) -> tuple[StateSnapshot, Any]:
-            return await download_state(
-                node, donors, timeout_s=_DOWNLOAD_TIMEOUT_S, version=version
-            )
-
-        started = time.monotonic()
         try:
             with nested_span("sync", what="state_download"):
-                snapshot, report = self.node_thread.run(fetch, timeout_s=_DOWNLOAD_TIMEOUT_S + 10)
+                snapshot, num_bytes = download_from_donors(
+                    self.node_thread, donors, version=version, metrics=self.swarm_metrics
+                )
         except GossamerError as exc:
             logger.warning("peer %s: no state from donors (%s)", self._short(), exc)
             return None
-        self.state_download_bytes += report.total_bytes
-        if self.swarm_metrics is not None:
-            self.swarm_metrics.record_state_download(time.monotonic() - started, report.total_bytes)
+        self.state_download_bytes += num_bytes
         return snapshot
 
     def _wait_for_newer_state(self) -> StateSnapshot | None:

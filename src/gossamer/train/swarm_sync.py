@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ from gossamer.train.state_sync_donor import StateDonor
 from gossamer.train.swarm_averager import SwarmAverager
 from gossamer.train.sync import SyncStrategy
 
-__all__ = ["SwarmSyncStrategy"]
+__all__ = ["SwarmSyncStrategy", "download_from_donors"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,37 @@ _MEMBER_WAIT_S = 60.0
 """How long the peers wait, after publishing, for a newcomer to become a member."""
 _POLL_S = 0.1
 _DOWNLOAD_TIMEOUT_S = 120.0
+
+
+def download_from_donors(
+    node_thread: NodeThread,
+    donors: Sequence[str],
+    *,
+    version: int | None,
+    metrics: SwarmMetrics | None = None,
+) -> tuple[StateSnapshot, int]:
+    """(Training thread.) Download the state from ``donors`` at once; record it in ``metrics``.
+
+    Shared by both swarm strategies.
+
+    Returns:
+        The snapshot and the bytes downloaded.
+
+    Raises:
+        GossamerError: no donor served ``version`` (the most held one if None) in time.
+    """
+    donor_list = list(donors)
+
+    async def fetch(node: Node) -> tuple[StateSnapshot, Any]:
+        return await download_state(
+            node, donor_list, timeout_s=_DOWNLOAD_TIMEOUT_S, version=version
+        )
+
+    started = time.monotonic()
+    snapshot, report = node_thread.run(fetch, timeout_s=_DOWNLOAD_TIMEOUT_S + 10)
+    if metrics is not None:
+        metrics.record_state_download(time.monotonic() - started, report.total_bytes)
+    return snapshot, report.total_bytes
 
 
 class SwarmSyncStrategy(SyncStrategy):
@@ -235,18 +267,14 @@ class SwarmSyncStrategy(SyncStrategy):
         return None
 
     def _download(self, donors: list[str], step: int) -> StateSnapshot | None:
-        async def fetch(node: Node) -> tuple[StateSnapshot, Any]:
-            return await download_state(node, donors, timeout_s=_DOWNLOAD_TIMEOUT_S, version=step)
-
-        started = time.monotonic()
         try:
-            snapshot, report = self.node_thread.run(fetch, timeout_s=_DOWNLOAD_TIMEOUT_S + 10)
+            snapshot, num_bytes = download_from_donors(
+                self.node_thread, donors, version=step, metrics=self.metrics
+            )
         except GossamerError as exc:
             logger.info("peer %s: state of step %d not there yet (%s)", self._short(), step, exc)
             return None
-        self.state_download_bytes += report.total_bytes
-        if self.metrics is not None:
-            self.metrics.record_state_download(time.monotonic() - started, report.total_bytes)
+        self.state_download_bytes += num_bytes
         return snapshot
 
     def _apply(self, snapshot: StateSnapshot) -> None:
