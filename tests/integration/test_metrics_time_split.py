@@ -16,12 +16,11 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from gossamer.net.bridge import NodeThread
-from gossamer.net.config import HeartbeatConfig, NodeConfig
 from gossamer.obs.metrics import PeerMetrics
 from gossamer.obs.trace import PHASES, SpanRecorder
 from gossamer.train.averaging import AverageOutcome
 from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig
+from loopback_nodes import start_node_threads
 
 RUN = "time-split"
 LATE_S = 1.0
@@ -31,17 +30,7 @@ LATE_S = 1.0
 def averagers() -> Iterator[list[SwarmAverager]]:
     with contextlib.ExitStack() as stack:
         made: list[SwarmAverager] = []
-        bootstrap: tuple[str, ...] = ()
-        for _ in range(2):
-            config = NodeConfig(
-                listen_address="127.0.0.1:0",
-                bootstrap=bootstrap,
-                heartbeat=HeartbeatConfig(interval_s=0.5, timeout_s=2.5),
-            )
-            node_thread = stack.enter_context(NodeThread(config))
-            if not bootstrap:
-                node = node_thread.node
-                bootstrap = (f"{node.peer_id}@{node.addresses[0]}",)
+        for node_thread in start_node_threads(stack, 2):
             averager = SwarmAverager(node_thread, SwarmAveragerConfig(run_id=RUN))
             averager.join_run(0)
             stack.callback(averager.leave_run)

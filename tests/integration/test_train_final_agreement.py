@@ -15,13 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-from gossamer.net.bridge import NodeThread
-from gossamer.net.config import HeartbeatConfig, NodeConfig
 from gossamer.net.node import Node
 from gossamer.train.diloco import DiLoCoConfig
 from gossamer.train.state_sync_donor import StateDonor
 from gossamer.train.swarm import SwarmDiLoCoStrategy
 from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig
+from loopback_nodes import start_node_threads
 
 RUN = "final-agreement"
 FINAL_OUTER_STEP = 3
@@ -38,17 +37,7 @@ class Peer:
 def peers(count: int) -> Iterator[list[Peer]]:
     with contextlib.ExitStack() as stack:
         made: list[Peer] = []
-        bootstrap: tuple[str, ...] = ()
-        for _ in range(count):
-            config = NodeConfig(
-                listen_address="127.0.0.1:0",
-                bootstrap=bootstrap,
-                heartbeat=HeartbeatConfig(interval_s=0.5, timeout_s=2.5),
-            )
-            node_thread = stack.enter_context(NodeThread(config))
-            if not bootstrap:
-                node = node_thread.node
-                bootstrap = (f"{node.peer_id}@{node.addresses[0]}",)
+        for node_thread in start_node_threads(stack, count):
 
             async def make_donor(node: Node) -> StateDonor:
                 return StateDonor(node)
