@@ -96,7 +96,8 @@ def test_serves_a_newcomer_the_exact_state_at_its_step() -> None:
     assert averager.events == [("join", 0), ("join", 10), ("join", 20)]
     (snapshot,) = donor.snapshots  # published once, at the end of step 19, as version 20
     assert snapshot.version == 20
-    assert snapshot.meta == {"step": 20}
+    assert snapshot.meta["step"] == 20
+    assert set(snapshot.meta) == {"step", "optimizer"}  # the optimizer's tree beside its tensors
     assert strategy.newcomers_served == 1
 
     # A newcomer that takes it stands exactly where this peer stands, optimizer included.

@@ -31,6 +31,7 @@ from gossamer.net.bridge import NodeThread
 from gossamer.net.node import Node
 from gossamer.obs.metrics import SwarmMetrics
 from gossamer.obs.trace import nested_span
+from gossamer.store import flatten_optimizer_state, unflatten_optimizer_state
 from gossamer.train.averaging import TensorAverager
 from gossamer.train.state_sync import StateSnapshot, download_state
 from gossamer.train.state_sync_donor import StateDonor
@@ -170,14 +171,14 @@ class SwarmSyncStrategy(SyncStrategy):
     def _snapshot(self, step: int) -> StateSnapshot:
         assert self._model is not None
         assert self._optimizer is not None
-        tensors: dict[str, torch.Tensor] = {}
+        # No copies: the donor serializes the snapshot before publish() returns.
         params = [p for p in self._model.parameters() if p.requires_grad]
-        for i, param in enumerate(params):
-            tensors[f"param.{i}"] = param.detach().clone()
-            for name, value in self._optimizer.state.get(param, {}).items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"optim.{i}.{name}"] = value.detach().clone()
-        return StateSnapshot(version=step, tensors=tensors, meta={"step": step})
+        tensors = {f"param.{i}": param.detach() for i, param in enumerate(params)}
+        optimizer_tensors, optimizer_meta = flatten_optimizer_state(self._optimizer.state_dict())
+        tensors |= {f"optim.{name}": tensor for name, tensor in optimizer_tensors.items()}
+        return StateSnapshot(
+            version=step, tensors=tensors, meta={"step": step, "optimizer": optimizer_meta}
+        )
 
     def _serve(self, newcomers: list[str], step: int) -> None:
         """Publish the state at ``step`` and wait until ``newcomers`` are members (or gone)."""
@@ -296,11 +297,17 @@ class SwarmSyncStrategy(SyncStrategy):
                         f"{tuple(param.shape)}: check that every peer runs the same model config"
                     )
                 param.copy_(source)
-                prefix = f"optim.{i}."
-                state = {
-                    name[len(prefix) :]: tensor.clone()
-                    for name, tensor in snapshot.tensors.items()
-                    if name.startswith(prefix)
-                }
-                if state:
-                    self._optimizer.state[param] = state
+        prefix = "optim."
+        optimizer_tensors = {
+            name[len(prefix) :]: tensor
+            for name, tensor in snapshot.tensors.items()
+            if name.startswith(prefix)
+        }
+        try:
+            state = unflatten_optimizer_state(optimizer_tensors, snapshot.meta["optimizer"])
+            self._optimizer.load_state_dict(state)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise GossamerError(
+                f"the swarm's optimizer state does not fit this peer's ({exc}): check that every "
+                "peer runs the same model and optimizer config"
+            ) from exc
