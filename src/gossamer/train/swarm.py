@@ -529,7 +529,8 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         deadline = time.monotonic() + _FINAL_AGREEMENT_S
         while True:
             try:
-                live = self.swarm_averager.live_peers()
+                states = self.swarm_averager.run_states()
+                live = {p for p, (state, _) in states.items() if state == "active"}
                 others = self._published_hashes(final)
             except GossamerError:
                 live, others = None, {}

@@ -340,18 +340,6 @@ class SwarmAverager:
         except GossamerError:
             return -1
 
-    def live_peers(self) -> set[str]:
-        """The run's other active peers that the failure detector does not report gone.
-
-        Raises:
-            GossamerError: the DHT could not be read.
-        """
-
-        async def read(node: Node) -> set[str]:
-            return {p for p in await self._active_members(node) if self._alive(node, p)}
-
-        return self.node_thread.run(read, timeout_s=15)
-
     def _set_membership(self, state: str, version: int) -> None:
         key = _members_key(self.config.run_id)
         value = json.dumps({"state": state, "version": version, "inc": self.incarnation}).encode()
