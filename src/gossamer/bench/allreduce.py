@@ -9,6 +9,12 @@ for (``p2p``: comm over net's TLS gRPC bulk streams; ``torch``: the torch.distri
 in place like gloo; ``auto``: torch where every member is directly reachable). A repeat's
 figure is its slowest worker's time; the result is the median over repeats.
 
+With a rate, every worker also reads its link's own byte counters (``/proc/net/dev`` in its
+namespace) around each timing: ``uplink_utilization`` is the bytes its uplink carried (framing
+included, as the tbf counts them) over what the cap allows in the round's time, averaged over
+the peers; a tbf passes at most the cap, so 1.0 is a link never idle. It tells a link left idle
+(scheduling) from one kept busy with overhead (bytes).
+
 The ring bound is ``2(N-1)/N * size * 8 / rate`` with ``size`` the tensor's bytes: everything
 else on the wire (TCP/IP and Ethernet framing, TLS, gRPC, comm's own headers) counts against
 Gossamer (and against gloo). ``header_overhead`` states Gossamer's application bytes over the
@@ -84,6 +90,11 @@ class AllReduceBenchResult:
     repeats: int
     all_seconds: list[float]
     all_gloo_seconds: list[float]
+    uplink_utilization: float | None = None
+    """Bytes the peers' uplinks carried over what their caps allow in the round's time (mean
+    over peers, median over repeats); None without a rate."""
+    gloo_uplink_utilization: float | None = None
+    """The same for gloo's rounds."""
 
     def to_json(self) -> str:
         """The result as one JSON object."""
@@ -98,6 +109,12 @@ class AllReduceBenchResult:
                 f"{self.share_of_bound:.1%} (gloo {self.gloo_share_of_bound:.1%}) of "
                 f"{self.ring_bound_seconds:.2f} s"
             )
+        busy = ""
+        if self.uplink_utilization is not None and self.gloo_uplink_utilization is not None:
+            busy = (
+                f"  uplink busy   {self.uplink_utilization:.1%} of the cap's bytes "
+                f"(gloo {self.gloo_uplink_utilization:.1%})"
+            )
         return "\n".join(
             [
                 f"all-reduce of {self.size_bytes / 1e6:.1f} MB over {self.peers} peers "
@@ -111,6 +128,7 @@ class AllReduceBenchResult:
                 f"({self.header_overhead:+.2%} vs the ring bound's bytes, comm/codec headers; "
                 f"TCP/IP framing adds >= {_TCP_FRAMING - 1:.1%} on top)",
                 f"  max |error|   {self.max_abs_error_vs_gloo:.2e} vs gloo's mean",
+                *([busy] if busy else []),
             ]
         )
 
@@ -139,6 +157,17 @@ def _open_store(spec: dict[str, Any]) -> TCPStore:
     return TCPStore(host, int(port), world, is_master=False, timeout=timeout)
 
 
+def _link_tx_bytes(ifname: str) -> int:
+    """Bytes sent so far on ``ifname`` (in this process's network namespace); 0 without one."""
+    if not ifname:
+        return 0
+    for line in Path("/proc/net/dev").read_text().splitlines():
+        name, _, counters = line.partition(":")
+        if name.strip() == ifname:
+            return int(counters.split()[8])
+    raise RuntimeError(f"interface {ifname!r} is not in /proc/net/dev")
+
+
 def _worker_main(spec: dict[str, Any]) -> None:
     if spec.get("ifname"):
         os.environ["GLOO_SOCKET_IFNAME"] = spec["ifname"]
@@ -159,34 +188,44 @@ def _worker_main(spec: dict[str, Any]) -> None:
     averager.close()
 
 
-def _gloo_round(tensor: torch.Tensor) -> tuple[float, torch.Tensor]:
+def _gloo_round(tensor: torch.Tensor, ifname: str) -> tuple[float, int, torch.Tensor]:
+    """Seconds and uplink bytes of gloo's all-reduce of ``tensor``, and its mean."""
     reference = tensor.clone()
     dist.barrier()
+    sent = _link_tx_bytes(ifname)
     started = time.perf_counter()
     dist.all_reduce(reference)
     seconds = time.perf_counter() - started
+    sent = _link_tx_bytes(ifname) - sent
     reference /= dist.get_world_size()
-    return seconds, reference
+    return seconds, sent, reference
 
 
 def _torch_rounds(
     averager: TorchGroupAverager, tensor: torch.Tensor, spec: dict[str, Any]
 ) -> dict[str, Any]:
     gloo: list[float] = []
+    gloo_link: list[int] = []
     timed: list[float] = []
+    link: list[int] = []
     error = 0.0
     wire = 0
+    ifname = spec["ifname"]
     for _ in range(spec["repeats"]):
-        gloo_s, reference = _gloo_round(tensor)
+        gloo_s, gloo_sent, reference = _gloo_round(tensor, ifname)
         gloo.append(gloo_s)
+        gloo_link.append(gloo_sent)
         work = tensor.clone()  # like gloo's reference: allocated before the clock starts
         dist.barrier()
+        sent = _link_tx_bytes(ifname)
         started = time.perf_counter()
         report = averager.average_([work])
         timed.append(time.perf_counter() - started)
+        link.append(_link_tx_bytes(ifname) - sent)
         wire = report.bytes_sent
         error = max(error, float((work - reference).abs().max()))
-    return {"gloo": gloo, "codecs": {"none": {"seconds": timed, "wire": wire, "error": error}}}
+    row = {"seconds": timed, "wire": wire, "error": error, "link": link}
+    return {"gloo": gloo, "gloo_link": gloo_link, "codecs": {"none": row}}
 
 
 async def _p2p_rounds(
@@ -203,13 +242,16 @@ async def _p2p_rounds(
         members = [e.partition("@")[0] for e in entries]
         mailbox = CommMailbox(NetCommTransport(node), node.clock)
         gloo: list[float] = []
+        gloo_link: list[int] = []
         codecs: dict[str, dict[str, Any]] = {
-            c: {"seconds": [], "wire": 0, "error": 0.0} for c in spec["codecs"]
+            c: {"seconds": [], "wire": 0, "error": 0.0, "link": []} for c in spec["codecs"]
         }
         landing = tensor.clone()  # where averages land, allocated once like gloo's buffer
+        ifname = spec["ifname"]
         for repeat in range(spec["repeats"]):
-            gloo_s, reference = await asyncio.to_thread(_gloo_round, tensor)
+            gloo_s, gloo_sent, reference = await asyncio.to_thread(_gloo_round, tensor, ifname)
             gloo.append(gloo_s)
+            gloo_link.append(gloo_sent)
             for codec in spec["codecs"]:
                 config = AllReduceConfig(
                     timeout_s=_TIMEOUT_S,
@@ -217,6 +259,7 @@ async def _p2p_rounds(
                     chunk_elements=spec["chunk_elements"],
                 )
                 await asyncio.to_thread(dist.barrier)
+                sent = _link_tx_bytes(ifname)
                 started = time.perf_counter()
                 result = await all_reduce(
                     [tensor],
@@ -228,11 +271,12 @@ async def _p2p_rounds(
                 )
                 row = codecs[codec]
                 row["seconds"].append(time.perf_counter() - started)
+                row["link"].append(_link_tx_bytes(ifname) - sent)
                 row["wire"] = result.report.bytes_sent
                 error = float((result.tensors[0] - reference).abs().max())
                 row["error"] = max(row["error"], error)
         await asyncio.to_thread(dist.barrier)  # nobody stops its node while others still send
-        return {"gloo": gloo, "codecs": codecs}
+        return {"gloo": gloo, "gloo_link": gloo_link, "codecs": codecs}
 
 
 # ---- driver side ---------------------------------------------------------------------------
@@ -346,6 +390,7 @@ def run_allreduce_sweep(
     bound = ring_bytes * 8 / rate if rate else None
     gloo_each = [max(r["gloo"][i] for r in rows) for i in range(repeats)]
     gloo_s = statistics.median(gloo_each)
+    caps = list(peer_rates_bps) if peer_rates_bps else [rate] * peers if rate else None
     results = []
     for codec in codecs:
         each = [max(r["codecs"][codec]["seconds"][i] for r in rows) for i in range(repeats)]
@@ -371,9 +416,36 @@ def run_allreduce_sweep(
                 repeats=repeats,
                 all_seconds=each,
                 all_gloo_seconds=gloo_each,
+                uplink_utilization=_utilization(
+                    [r["codecs"][codec]["link"] for r in rows], each, caps
+                ),
+                gloo_uplink_utilization=_utilization(
+                    [r["gloo_link"] for r in rows], gloo_each, caps
+                ),
             )
         )
     return results
+
+
+def _utilization(
+    sent: list[list[int]], seconds: list[float], caps_bps: Sequence[float] | None
+) -> float | None:
+    """Median over repeats of the peers' mean uplink bytes over what their caps allow.
+
+    Args:
+        sent: per peer, the bytes its link sent in each repeat.
+        seconds: each repeat's time (the slowest worker's).
+        caps_bps: each peer's link rate; None on loopback.
+    """
+    if caps_bps is None:
+        return None
+    shares = [
+        statistics.fmean(
+            peer[i] / (seconds[i] * cap / 8) for peer, cap in zip(sent, caps_bps, strict=True)
+        )
+        for i in range(len(seconds))
+    ]
+    return statistics.median(shares)
 
 
 def run_allreduce_bench(
