@@ -8,6 +8,11 @@ first announcement. The round closes at the last awaited stamp; every entry stam
 then is a member, so peers reading the same entries after a propagation grace agree on the members
 without a leader. A peer that arrives after the round closed averages with nobody, and the hash
 check after the outer step sends it to the donors for the swarm's state.
+Peers read the DHT again at a poll interval while they wait, and nudge each other: a peer that
+announced itself or published its close tells the run's other active peers directly (a tiny bulk
+message naming the round), and a waiting peer reads again at once instead of at its next poll,
+so a round starts as soon as its last member comes, not up to a poll interval later. Nudges only
+hasten reads; the DHT records alone decide the members.
 Members then run comm's all-reduce; a member that dies mid-round is dropped at its deadline and the
 others finish with what arrived.
 """
@@ -15,6 +20,7 @@ others finish with what arrived.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -73,8 +79,10 @@ def _members_key(run_id: str) -> bytes:
     return hashlib.sha256(f"gossamer.train.members/{run_id}".encode()).digest()
 
 
-_POLL_INTERVAL_S = 0.1
-_SETTLE_POLL_INTERVAL_S = 0.05
+NUDGE_TOPIC = "gossamer.train.round_nudge.v1"
+"""The bulk topic of round nudges: the payload is the round key, UTF-8."""
+_MAX_NUDGE_BYTES = 1024
+_NUDGE_TIMEOUT_S = 5.0
 
 
 def _active(memberships: dict[str, tuple[str, int, str]], me: str) -> set[str]:
@@ -151,6 +159,13 @@ class SwarmAveragerConfig:
     """Deadline of the all-reduce."""
     max_group_size: int = 16
     """Peers per group; larger rounds split into several groups."""
+    poll_interval_s: float = 0.1
+    """How often a peer waiting for a round's members reads the DHT again when no nudge came
+    (half of it while it waits for the others' closes)."""
+
+    def __post_init__(self) -> None:
+        if not self.poll_interval_s > 0:
+            raise ValueError(f"poll_interval_s must be positive, got {self.poll_interval_s}")
 
 
 class SwarmAverager:
@@ -186,7 +201,12 @@ class SwarmAverager:
         """Peers joining the run and the step each joins at, as the last round's formation read
         them (see :meth:`announce_joining`)."""
 
+        self._nudged: dict[str, asyncio.Event] = {}
+        """Rounds this peer is forming, set when a peer nudges (used on the node's loop only)."""
+        self._nudges_in_flight: set[asyncio.Task[None]] = set()
+
         async def make_mailbox(node: Node) -> CommMailbox:
+            node.on_bulk(NUDGE_TOPIC, self._on_nudge)
             return CommMailbox(NetCommTransport(node), self._clock)
 
         self._mailbox = node_thread.run(make_mailbox, timeout_s=10)
@@ -461,7 +481,18 @@ class SwarmAverager:
         their way are seen, unless the round has settled earlier (see :func:`round_settled`):
         then nothing still on its way could change the members.
         """
+        nudged = self._nudged[key] = asyncio.Event()
+        try:
+            return await self._form_group_nudged(node, key, nudged)
+        finally:
+            self._nudged.pop(key, None)
+
+    async def _form_group_nudged(
+        self, node: Node, key: str, nudged: asyncio.Event
+    ) -> tuple[list[str], list[str], list[float]]:
+        """:meth:`_form_group`, waking between reads when ``nudged`` is set."""
         grace = self.config.propagation_grace_s
+        poll_s = self.config.poll_interval_s
         entry_key = _round_key(key)
         close_key = _close_key(key)
         stamp = self._clock.wall()
@@ -471,6 +502,7 @@ class SwarmAverager:
         figures: dict[str, float] = {}
         memberships, (entries,) = await self._read_round(node, [(entry_key, "at")], figures)
         expected = _active(memberships, node.peer_id)
+        self._nudge(node, expected, key)
         for peer in expected:
             node.detector.watch(peer)
         alive_at_start = {p for p in expected if self._alive(node, p)}
@@ -487,13 +519,14 @@ class SwarmAverager:
             if self._clock.wall() >= opens_at + self.config.join_window_s:
                 close_at = opens_at + self.config.join_window_s
                 break
-            await asyncio.sleep(_POLL_INTERVAL_S)
+            await self._until_nudged(nudged, poll_s)
             _, (entries,) = await self._read_round(node, [(entry_key, "at")], figures)
         await node.dht.put(
             close_key,
             json.dumps({"close_at": close_at, "inc": self.incarnation}).encode(),
             _ENTRY_TTL_S,
         )
+        self._nudge(node, expected, key)
         read_after = close_at + grace
         while True:
             read_at = self._clock.wall()
@@ -512,8 +545,8 @@ class SwarmAverager:
                 join_window_s=self.config.join_window_s,
             ):
                 break
-            await asyncio.sleep(
-                min(_SETTLE_POLL_INTERVAL_S, max(0.0, read_after - self._clock.wall()))
+            await self._until_nudged(
+                nudged, min(poll_s / 2, max(0.0, read_after - self._clock.wall()))
             )
         close_at = min([close_at, *closes.values()])
         entries.update(latest)
@@ -526,6 +559,38 @@ class SwarmAverager:
         group = next(g for g in groups if node.peer_id in g)
         figures[node.peer_id] = figure
         return group, missing, plan_weights([figures.get(p, 0.0) for p in group])
+
+    async def _on_nudge(self, sender: str, topic: str, payload: bytearray) -> None:
+        """A peer announced itself or closed a round: read that round's records again now."""
+        del sender, topic
+        if len(payload) > _MAX_NUDGE_BYTES:
+            return  # not a round key; nudges only hasten reads, so ignoring one is safe
+        event = self._nudged.get(bytes(payload).decode("utf-8", errors="replace"))
+        if event is not None:
+            event.set()
+
+    def _nudge(self, node: Node, peers: set[str], key: str) -> None:
+        """Tell ``peers`` (in the background) to read round ``key``'s records again."""
+        payload = key.encode()
+
+        async def one(peer: str) -> None:
+            try:
+                await node.send_bulk(peer, NUDGE_TOPIC, payload, timeout_s=_NUDGE_TIMEOUT_S)
+            except GossamerError as exc:  # the peer reads at its next poll instead
+                logger.debug("nudge to %s for %s failed: %s", peer[:8], key, exc)
+
+        for peer in peers:
+            task = asyncio.get_running_loop().create_task(one(peer))
+            self._nudges_in_flight.add(task)
+            task.add_done_callback(self._nudges_in_flight.discard)
+
+    @staticmethod
+    async def _until_nudged(event: asyncio.Event, timeout_s: float) -> None:
+        """Wait for a nudge or ``timeout_s``; the event is cleared for the read that follows."""
+        if timeout_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout_s)
+        event.clear()
 
     @staticmethod
     def _alive(node: Node, peer_id: str) -> bool:
