@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,6 +25,17 @@ CONFIG = AllReduceConfig(
     max_in_flight_per_peer=2,
     codec=CodecPolicy(codec="none", block_size=64, min_compressed_numel=0),
 )
+SCHEDULES = {"steps": 0.0, "all_at_once": float("inf")}
+"""``min_step_s`` for each way a round may send (see comm.steps); every test runs with both."""
+_schedule = {"min_step_s": 0.0}
+
+
+@pytest.fixture(autouse=True, params=sorted(SCHEDULES))
+def schedule(request: pytest.FixtureRequest) -> str:
+    _schedule["min_step_s"] = SCHEDULES[request.param]
+    return str(request.param)
+
+
 SHAPES = [(40, 50), (7,), (3, 300), (1,)]
 
 
@@ -43,12 +55,13 @@ def _run(
     *,
     scripts: dict[int, FaultScript] | None = None,
     absent: Sequence[int] = (),
-    config: AllReduceConfig = CONFIG,
+    config: AllReduceConfig | None = None,
     weights: Sequence[float] | None = None,
     bandwidths: Sequence[float] | None = None,
 ) -> tuple[dict[int, AllReduceResult], IdleJumpClock]:
     clock = IdleJumpClock()
     scripts = scripts or {}
+    config = dataclasses.replace(config or CONFIG, min_step_s=_schedule["min_step_s"])
     members = [f"peer-{i}" for i in range(len(inputs))]
 
     async def main() -> dict[int, AllReduceResult]:

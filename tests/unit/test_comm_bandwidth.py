@@ -86,10 +86,18 @@ def test_a_destination_counts_its_busy_time_once_however_many_messages_overlap()
     assert tally.rates(SMALL) == pytest.approx({"a": 1.5e6})
 
 
-def test_the_figure_is_the_sum_over_destinations() -> None:
+def test_destinations_served_at_once_add_up() -> None:
     tally = _run_tally([(0.0, "a", 100_000), (0.0, "b", 50_000)])
     assert tally.rates(SMALL) == pytest.approx({"a": 1e6, "b": 1e6})
     assert tally.throughput_bytes_per_s(SMALL) == pytest.approx(2e6)
+
+
+def test_one_destination_at_a_time_counts_the_link_once() -> None:
+    # pairwise steps: a, then b, then c, each alone on the 1 MB/s link
+    tally = _run_tally([(0.0, "a", 100_000), (0.1, "b", 100_000), (0.2, "c", 100_000)])
+    assert tally.rates(SMALL) == pytest.approx({"a": 1e6, "b": 1e6, "c": 1e6})
+    assert tally.shared_rates(SMALL) == pytest.approx({"a": 1e6, "b": 1e6, "c": 1e6})
+    assert tally.throughput_bytes_per_s(SMALL) == pytest.approx(1e6)  # not the sum, 3e6
 
 
 def test_failed_and_tiny_destinations_do_not_count() -> None:

@@ -49,6 +49,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import TCPStore
 
 from gossamer.comm.allreduce import AllReduceConfig, all_reduce
+from gossamer.comm.bandwidth import BandwidthMeter
 from gossamer.comm.codecs import CodecPolicy
 from gossamer.comm.net_transport import NetCommTransport
 from gossamer.comm.torch_backend import TorchGroupAverager, choose_backend
@@ -64,6 +65,7 @@ __all__ = [
 ]
 
 _TIMEOUT_S = 600.0
+_DEFAULT_CHUNK_ELEMENTS = AllReduceConfig().chunk_elements
 _TCP_FRAMING = 1514 / 1448
 """Ethernet + IP + TCP (with timestamps) bytes per payload byte of a full segment."""
 
@@ -247,6 +249,7 @@ async def _p2p_rounds(
             c: {"seconds": [], "wire": 0, "error": 0.0, "link": []} for c in spec["codecs"]
         }
         landing = tensor.clone()  # where averages land, allocated once like gloo's buffer
+        meter = BandwidthMeter()  # like a swarm peer's: its rounds measure its send rate
         ifname = spec["ifname"]
         for repeat in range(spec["repeats"]):
             gloo_s, gloo_sent, reference = await asyncio.to_thread(_gloo_round, tensor, ifname)
@@ -268,6 +271,7 @@ async def _p2p_rounds(
                     round_key=f"bench/{repeat}/{codec}",
                     config=config,
                     out=[landing],
+                    meter=meter,
                 )
                 row = codecs[codec]
                 row["seconds"].append(time.perf_counter() - started)
@@ -356,7 +360,7 @@ def run_allreduce_sweep(
     backend: str = "auto",
     rate_bits_per_s: float | None = None,
     peer_rates_bps: Sequence[int] | None = None,
-    chunk_elements: int = 1 << 20,
+    chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS,
     bulk_chunk_bytes: int = 4 << 20,
     repeats: int = 3,
 ) -> list[AllReduceBenchResult]:
@@ -455,7 +459,7 @@ def run_allreduce_bench(
     codec: str = "none",
     backend: str = "auto",
     rate_bits_per_s: float | None = None,
-    chunk_elements: int = 1 << 20,
+    chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS,
     repeats: int = 1,
 ) -> AllReduceBenchResult:
     """Run the benchmark for one codec and return its figures (see :func:`run_allreduce_sweep`)."""

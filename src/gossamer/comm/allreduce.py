@@ -4,7 +4,8 @@ Each member owns one part of the flat buffer (sized by bandwidth, see :class:`Pa
 round's own sends are timed to measure it, see :mod:`gossamer.comm.bandwidth`). Every
 member streams its values for each part to the part's owner, several chunks in flight per peer;
 an owner averages a chunk as soon as every awaited member's copy arrived and sends the average
-straight back to everyone, so sending, reducing and gathering overlap.
+back to everyone. Long rounds send in pairwise steps, one destination at a time, so that no two
+flows share a link (:mod:`gossamer.comm.steps`); short ones send to everyone at once.
 
 Faults: a member whose send fails is marked failed and every other member is told (a
 ``PEER_FAILED`` frame), so owners stop waiting for it. A part whose owner failed is reassigned
@@ -26,8 +27,13 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from gossamer.comm.bandwidth import BandwidthMeter, BandwidthMeterConfig, SendTally
-from gossamer.comm.codecs import CodecPolicy, ErrorFeedback, FloatArray
+from gossamer.comm.bandwidth import (
+    DEFAULT_BYTES_PER_S,
+    BandwidthMeter,
+    BandwidthMeterConfig,
+    SendTally,
+)
+from gossamer.comm.codecs import CodecPolicy, ErrorFeedback, FloatArray, codec_by_name
 from gossamer.comm.plan import FlatLayout, PartPlan, round_id_of
 from gossamer.comm.reduction import ChunkCodec
 from gossamer.comm.report import AllReduceReport, AllReduceResult
@@ -55,10 +61,14 @@ class AllReduceConfig:
     """Share of the deadline after which owners average whatever contributions arrived."""
     send_timeout_s: float = 30.0
     """Deadline of one chunk message; a peer that misses it is treated as failed."""
-    chunk_elements: int = 1 << 20
-    """Values per chunk message (4 MiB of float32)."""
+    chunk_elements: int = 1 << 19
+    """Values per chunk message (2 MiB of float32)."""
     max_in_flight_per_peer: int = 3
     """Chunk messages in flight to one peer at once."""
+    min_step_s: float = 1.0
+    """Send in pairwise steps (one destination at a time, see :mod:`gossamer.comm.steps`) when
+    a step is expected to take at least this long: the largest part, encoded, over this peer's
+    measured send rate. Shorter rounds send to everyone at once."""
     codec: CodecPolicy = field(default_factory=CodecPolicy)
     """Codec of each tensor."""
     limits: WireLimits = field(default_factory=WireLimits)
@@ -71,8 +81,29 @@ class AllReduceConfig:
             raise ValueError("reduce_deadline_share must be between 0 and 1 (exclusive)")
         if self.send_timeout_s <= 0:
             raise ValueError(f"send_timeout_s must be positive, got {self.send_timeout_s}")
+        if not self.min_step_s >= 0:
+            raise ValueError(f"min_step_s must be >= 0, got {self.min_step_s}")
         if self.chunk_elements < 1 or self.max_in_flight_per_peer < 1:
             raise ValueError("chunk_elements and max_in_flight_per_peer must be at least 1")
+
+
+def _in_steps(plan: PartPlan, config: AllReduceConfig, meter: BandwidthMeter | None) -> bool:
+    """Whether this member sends in pairwise steps (see :mod:`gossamer.comm.steps`).
+
+    Only when the parts are of about one size (within 2x: steps keep links to one flow when
+    members move alike; with parts sized for links 10x apart the fast members would wait on
+    the slow ones at every step, and sending all at once measured faster), and a step is
+    expected to take at least ``min_step_s`` (the largest part, encoded, over this member's
+    measured send rate).
+    """
+    sizes = [b - a for a, b in zip(plan.bounds, plan.bounds[1:], strict=False)]
+    if not sizes or max(sizes) > 2 * min(sizes):
+        return False
+    step_bytes = codec_by_name(config.codec.codec).encoded_nbytes(
+        max(sizes), config.codec.block_size
+    )
+    send_rate = meter.estimate_bytes_per_s if meter is not None else DEFAULT_BYTES_PER_S
+    return step_bytes / send_rate >= config.min_step_s
 
 
 def _flat_view(tensors: Sequence[torch.Tensor]) -> FloatArray | None:
@@ -165,6 +196,7 @@ async def all_reduce(
         align=config.codec.block_size,
     )
     round_id = round_id_of(round_key, plan, layout)
+    in_steps = _in_steps(plan, config, meter)
     flat = await offload(lambda: _flatten(tensors, layout))
     if out is not None:
         if [tuple(t.shape) for t in out] != layout.shapes:
@@ -190,12 +222,14 @@ async def all_reduce(
         feedback=feedback,
         send_timeout_s=config.send_timeout_s,
         max_in_flight_per_peer=config.max_in_flight_per_peer,
+        in_steps=in_steps,
     )
     report = AllReduceReport(
         round_id=round_id.hex(),
         peer_id=mailbox.peer_id,
         members=list(plan.members),
         codec=config.codec.codec,
+        in_steps=in_steps,
     )
     started_wall = time.perf_counter()
     start = clock.monotonic()

@@ -3,14 +3,15 @@
 Parts of an all-reduce are sized by bandwidth (see :class:`~gossamer.comm.plan.PartPlan`), so a
 peer on a thin link reduces a small part and the round is not held up by it. A peer learns its
 own figure from the traffic it already sends: during a round, :class:`SendTally` wraps the
-transport and records, for every destination, the bytes delivered and the time at least one
-message to it was in flight. The round's figure is the sum over destinations of bytes over busy
-time. Per destination, because a round sends to every member at once: a fast peer's messages to
-a member on a thin link take long because of the *receiver's* link, and a plain "bytes over the
-round's busy time" would blame the sender for it; the sum of per-destination rates is what the
-sender's link carried while it served all of them. :class:`BandwidthMeter` keeps a moving average
-of these figures across rounds (the first measurement replaces the default), so the figure
-follows a link that changes during a run.
+transport and records, for every destination, the bytes delivered, the time at least one
+message to it was in flight, and that time shared out among the destinations in flight at once.
+Per destination, because a fast peer's messages to a member on a thin link take long because of
+the *receiver's* link, and a plain "bytes over the round's busy time" would blame the sender for
+it. A round sends in pairwise steps, one destination at a time (:mod:`gossamer.comm.steps`), so
+the round's figure is the fastest destination's bytes over its share of the time, capped by the
+sum of the plain per-destination rates (for traffic that went to several at once).
+:class:`BandwidthMeter` keeps a moving average of these figures across rounds (the first
+measurement replaces the default), so the figure follows a link that changes during a run.
 
 Members publish their figure with their group-formation entry
 (:class:`~gossamer.comm.groups.JoinEntry`); every member then derives the same part weights from
@@ -75,6 +76,8 @@ class _Destination:
 
     bytes_sent: int = 0
     busy_s: float = 0.0
+    share_s: float = 0.0
+    """Busy time shared out: while k destinations have messages in flight, each gets 1/k."""
     num_in_flight: int = 0
     busy_since: float = 0.0
     failed: bool = False
@@ -92,6 +95,18 @@ class SendTally:
         self._transport = transport
         self._clock = clock
         self._destinations: dict[str, _Destination] = {}
+        self._busy: set[str] = set()
+        """Destinations with a message in flight now."""
+        self._shared_until = 0.0
+
+    def _share_out(self) -> None:
+        """Give the destinations in flight their shares of the time since the last change."""
+        now = self._clock.monotonic()
+        if self._busy:
+            share = (now - self._shared_until) / len(self._busy)
+            for peer_id in self._busy:
+                self._destinations[peer_id].share_s += share
+        self._shared_until = now
 
     @property
     def peer_id(self) -> str:
@@ -113,6 +128,8 @@ class SendTally:
         destination = self._destinations.setdefault(peer_id, _Destination())
         if destination.num_in_flight == 0:
             destination.busy_since = self._clock.monotonic()
+            self._share_out()
+            self._busy.add(peer_id)
         destination.num_in_flight += 1
         try:
             await self._transport.send(peer_id, message, timeout_s=timeout_s)
@@ -125,21 +142,42 @@ class SendTally:
             destination.num_in_flight -= 1
             if destination.num_in_flight == 0:
                 destination.busy_s += self._clock.monotonic() - destination.busy_since
+                self._share_out()
+                self._busy.discard(peer_id)
 
-    def rates(self, config: BandwidthMeterConfig) -> dict[str, float]:
-        """Bytes per second to each destination that counts (see :class:`BandwidthMeterConfig`)."""
-        found: dict[str, float] = {}
+    def _counted(self, config: BandwidthMeterConfig) -> dict[str, _Destination]:
+        found = {}
         for peer_id, d in self._destinations.items():
             if d.failed or d.num_in_flight or d.busy_s <= 0:
                 continue
             if d.bytes_sent >= config.min_bytes_per_peer or d.busy_s >= config.min_busy_s:
-                found[peer_id] = d.bytes_sent / d.busy_s
+                found[peer_id] = d
         return found
 
+    def rates(self, config: BandwidthMeterConfig) -> dict[str, float]:
+        """Bytes per second to each destination that counts (see :class:`BandwidthMeterConfig`)."""
+        return {p: d.bytes_sent / d.busy_s for p, d in self._counted(config).items()}
+
+    def shared_rates(self, config: BandwidthMeterConfig) -> dict[str, float]:
+        """Per destination, bytes over its share of the busy time (what the link would carry for
+        it alone): the rate to a destination that had the link to itself, the rate it got times
+        k while it shared the link with k - 1 others."""
+        return {
+            p: d.bytes_sent / d.share_s for p, d in self._counted(config).items() if d.share_s > 0
+        }
+
     def throughput_bytes_per_s(self, config: BandwidthMeterConfig) -> float | None:
-        """The round's figure: the sum of per-destination rates; None when nothing counts."""
-        rates = self.rates(config)
-        return sum(rates.values()) if rates else None
+        """The round's figure; None when nothing counts.
+
+        The fastest destination's rate over its share of the time (a round sends one step at a
+        time, to one destination: the one that is not held up by its own downlink shows what
+        this peer's uplink carries), but never more than the sum of the plain per-destination
+        rates (what the link carried while it served several at once).
+        """
+        shared = self.shared_rates(config)
+        if not shared:
+            return None
+        return min(max(shared.values()), sum(self.rates(config).values()))
 
 
 class BandwidthMeter:

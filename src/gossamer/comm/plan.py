@@ -106,7 +106,7 @@ class PartPlan:
         total: int,
         *,
         bandwidth_weights: Sequence[float] | None = None,
-        chunk_elements: int = 1 << 20,
+        chunk_elements: int = 1 << 19,
         align: int = 4096,
     ) -> PartPlan:
         """Parts sized in proportion to ``bandwidth_weights`` (equal when omitted).

@@ -55,6 +55,8 @@ class AllReduceReport:
     """The group in its agreed order."""
     codec: str
     """The codec of large tensors."""
+    in_steps: bool = False
+    """Whether this member sent in pairwise steps (else to everyone at once)."""
     parts: list[PartReport] = field(default_factory=list)
     """One entry per part."""
     failed: dict[str, str] = field(default_factory=dict)

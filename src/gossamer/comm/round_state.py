@@ -22,6 +22,7 @@ from gossamer.comm.reduction import (
     unpack_contributors,
 )
 from gossamer.comm.report import AllReduceReport, PartOutcome, PartReport
+from gossamer.comm.steps import PairwiseSteps
 from gossamer.comm.transport import (
     FLAG_REASSIGNED,
     FRAME_NBYTES,
@@ -29,6 +30,7 @@ from gossamer.comm.transport import (
     Frame,
     FrameKind,
     pack_frame,
+    wait_for_event,
 )
 from gossamer.core.clock import Clock
 from gossamer.core.errors import GossamerError, ProtocolError
@@ -57,6 +59,7 @@ class RoundState:
         feedback: ErrorFeedback | None,
         send_timeout_s: float,
         max_in_flight_per_peer: int,
+        in_steps: bool = True,
     ) -> None:
         self.round_id = round_id
         self.plan = plan
@@ -81,6 +84,11 @@ class RoundState:
         self.has_output: list[list[bool]] = [[False] * len(c) for c in self.chunks]
         self.result_contributors: list[list[list[int]]] = [[[] for _ in c] for c in self.chunks]
         self.slots = [asyncio.Semaphore(max_in_flight_per_peer) for _ in range(n)]
+        self.steps = PairwiseSteps(n, me, [len(c) for c in self.chunks])
+        if not in_steps:
+            self.steps.open_all()
+        self._step_began: list[float | None] = [None] * self.steps.num_steps
+        self._sends_done_at: list[float | None] = [None] * self.steps.num_steps
         self.done = asyncio.Event()
         self.group: asyncio.TaskGroup | None = None
         self.reduce_deadline_s = 0.0
@@ -193,17 +201,60 @@ class RoundState:
         for dest in range(self.plan.num_parts):
             if dest != self.me and dest not in self.failed:
                 self._num_pending_result_sends += 1
-                self.spawn(self._send_result(dest, message, 4 * (b - a)))
+                self.spawn(self._send_result(dest, message, 4 * (b - a), own=part == self.me))
         self._check_done()
 
-    async def _send_result(self, dest: int, message: bytearray, fp32_nbytes: int) -> None:
+    async def _send_result(
+        self, dest: int, message: bytearray, fp32_nbytes: int, *, own: bool
+    ) -> None:
+        step = self.steps.result_step(dest) if own else None  # a backup's sends are unscheduled
         try:
+            if step is not None:
+                await self._step_turn(step)
             async with self.slots[dest]:
                 if await self._transmit(dest, message):
                     self.fp32_bytes_sent += fp32_nbytes
         finally:
+            if step is not None:
+                self._step_sent(step)
             self._num_pending_result_sends -= 1
             self._check_done()
+
+    # ---- pairwise steps (see comm.steps) -------------------------------------------------------
+
+    async def _step_turn(self, step: int) -> None:
+        """Wait until ``step`` may start: see :mod:`gossamer.comm.steps`.
+
+        Never past the reduce deadline; and once this member sent the previous step, at most
+        ``patience`` (a quarter of that step's length, at least 50 ms) for its incoming messages.
+        """
+        opened = self.steps.opened[step]
+        if step > 1 and not opened.is_set():
+            before = step - 1
+            sent = self.steps.sends_done[before]
+            either = asyncio.Event()  # the step opened, or the one before is all sent
+            waiters = [asyncio.ensure_future(e.wait()) for e in (opened, sent)]
+            for waiter in waiters:
+                waiter.add_done_callback(lambda _: either.set())
+            try:
+                await wait_for_event(either, self.reduce_deadline_s, self.clock)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+            if sent.is_set() and not opened.is_set():
+                done_at = self._sends_done_at[before] or self.clock.monotonic()
+                began = self._step_began[before] or done_at
+                patience_s = max(0.05, 0.25 * (done_at - began))
+                until = min(done_at + patience_s, self.reduce_deadline_s)
+                if not await wait_for_event(opened, until, self.clock):
+                    self.steps.stop_waiting(step - 2)
+        await wait_for_event(opened, self.reduce_deadline_s, self.clock)
+        if self._step_began[step] is None:
+            self._step_began[step] = self.clock.monotonic()
+
+    def _step_sent(self, step: int) -> None:
+        if self.steps.sent(step):
+            self._sends_done_at[step] = self.clock.monotonic()
 
     # ---- sending -------------------------------------------------------------------------------
 
@@ -226,7 +277,18 @@ class RoundState:
     async def _send_part(self, part: int, dest: int, *, flags: int, counted: bool) -> None:
         feedback = self.feedback if flags == 0 else None  # a resend must not reapply feedback
 
+        step = self.steps.contribution_step(part) if flags == 0 else None
+
         async def one(chunk: int, a: int, b: int) -> None:
+            try:
+                if step is not None:
+                    await self._step_turn(step)
+                await send(chunk, a, b)
+            finally:
+                if step is not None:
+                    self._step_sent(step)
+
+        async def send(chunk: int, a: int, b: int) -> None:
             async with self.slots[dest]:
                 if dest in self.failed or self.reducer_of[part] != dest:
                     return
@@ -259,6 +321,7 @@ class RoundState:
         if member == self.me or member in self.failed:
             return
         self.failed[member] = reason
+        self.steps.member_failed(member)
         _log.info(
             "peer %s: member %s failed in round %s: %s",
             self.plan.members[self.me][:12],
@@ -323,6 +386,8 @@ class RoundState:
         if reducer is None and frame.flags & FLAG_REASSIGNED and part not in self.failed:
             self.peer_failed(part, f"reported by {self.plan.members[member][:12]}", notify=False)
             reducer = self.reducers.get(part)
+        if part == self.me and not frame.flags & FLAG_REASSIGNED:
+            self.steps.received_contribution(member, chunk)
         if reducer is None or reducer.finalized[chunk]:
             return  # not ours to reduce, or it came too late
         a, b = self.chunks[part][chunk]
@@ -344,6 +409,8 @@ class RoundState:
                 )
             if part == self.me:  # others think this member failed: take the backup's average
                 self.reducer_of[part] = member
+        if member == part:
+            self.steps.received_result(part, chunk)
         if member != self.reducer_of[part] or self.result_from[part][chunk] == member:
             return
         contributors, rest = unpack_contributors(body, self.plan.num_parts)

@@ -1,0 +1,136 @@
+"""Pairwise steps: every step a perfect matching, and when each step may start."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from comm_fakes import IdleJumpClock, inline_offload
+
+from gossamer.comm.allreduce import AllReduceConfig, all_reduce
+from gossamer.comm.codecs import CodecPolicy
+from gossamer.comm.fake_transport import FakeNetwork, FakeTransport
+from gossamer.comm.steps import PairwiseSteps
+from gossamer.comm.transport import CommMailbox
+
+
+def _steps(n: int, me: int, chunks: int = 2) -> PairwiseSteps:
+    async def make() -> PairwiseSteps:  # its events want a running loop on older Pythons
+        return PairwiseSteps(n, me, [chunks] * n)
+
+    return asyncio.run(make())
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 7])
+def test_every_step_is_a_perfect_matching(n: int) -> None:
+    members = [_steps(n, me) for me in range(n)]
+    for step in range(2 * (n - 1)):
+        receivers = [m.sends_to[step] for m in members]
+        assert sorted(receivers) == list(range(n))  # each downlink fed by exactly one sender
+        assert all(r != me for me, r in enumerate(receivers))
+        for me, member in enumerate(members):  # and the receiver expects exactly that sender
+            assert members[member.sends_to[step]].receives_from[step] == me
+    # reduce-scatter first (values to the part's owner), then all-gather (averages out)
+    first = members[0]
+    assert [first.contribution_step(p) for p in (1, 2)][: n - 1] == list(range(min(2, n - 1)))
+    assert first.result_step(1) == n - 1
+
+
+def test_a_step_opens_once_the_one_before_is_sent_and_the_one_before_that_arrived() -> None:
+    steps = _steps(4, me=0, chunks=2)
+    assert [e.is_set() for e in steps.opened] == [True] + [False] * 5
+    steps.sent(0)
+    assert not steps.opened[1].is_set()  # one message of step 0 still going
+    assert steps.sent(0)  # the last one
+    assert steps.opened[1].is_set()  # step 1 needs nothing received yet
+    steps.sent(1)
+    steps.sent(1)
+    assert not steps.opened[2].is_set()  # step 0's contributions (from member 3) not all in
+    steps.received_contribution(3, 0)
+    steps.received_contribution(3, 0)  # a repeat counts once
+    assert not steps.opened[2].is_set()
+    steps.received_contribution(3, 1)
+    assert steps.opened[2].is_set()
+
+
+def test_patience_and_failures_open_steps_without_the_missing_messages() -> None:
+    steps = _steps(3, me=0, chunks=1)
+    steps.sent(0)
+    steps.sent(1)
+    assert not steps.opened[2].is_set()
+    steps.stop_waiting(0)  # waited long enough for member 2's values
+    assert steps.opened[2].is_set()
+    steps.sent(2)
+    assert not steps.opened[3].is_set()
+    steps.member_failed(1)  # step 1 received from member 1: nothing more comes
+    assert steps.opened[3].is_set()
+    failed = _steps(3, me=0, chunks=1)
+    failed.member_failed(1)  # step 0 sends to member 1: nothing to send
+    assert failed.sends_done[0].is_set()
+    assert failed.opened[1].is_set()
+
+
+class _Recording(FakeTransport):
+    """A fake peer whose sends take 1 s each on the clock, recorded as (start, end, dest)."""
+
+    def __init__(self, network: FakeNetwork, peer_id: str, log: list[tuple[float, float, str]]):
+        super().__init__(network, peer_id)
+        self.log = log
+
+    async def send(self, peer_id: str, message: bytes | bytearray, *, timeout_s: float) -> None:
+        started = self.network.clock.monotonic()
+        await self.network.clock.sleep_async(1.0)
+        await super().send(peer_id, message, timeout_s=timeout_s)
+        self.log.append((started, self.network.clock.monotonic(), peer_id))
+
+
+def test_a_member_sends_to_one_destination_at_a_time_in_step_order() -> None:
+    clock = IdleJumpClock()
+    members = [f"peer-{i}" for i in range(4)]
+    logs: dict[str, list[tuple[float, float, str]]] = {m: [] for m in members}
+    gen = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(4000, generator=gen) for _ in members]
+    config = AllReduceConfig(
+        timeout_s=600.0,
+        chunk_elements=500,
+        min_step_s=0.0,
+        codec=CodecPolicy(codec="none", block_size=50, min_compressed_numel=0),
+    )
+
+    async def main() -> list[torch.Tensor]:
+        network = FakeNetwork(clock)
+        boxes = []
+        for m in members:
+            transport = _Recording(network, m, logs[m])
+            network.transports[m] = transport
+            boxes.append(CommMailbox(transport, clock))
+        results = await asyncio.gather(
+            *(
+                all_reduce(
+                    [inputs[i]],
+                    mailbox=boxes[i],
+                    members=members,
+                    round_key="steps",
+                    config=config,
+                    clock=clock,
+                    offload=inline_offload,
+                )
+                for i in range(4)
+            )
+        )
+        return [r.tensors[0] for r in results]
+
+    averages = asyncio.run(clock.run(main()))
+    want = torch.stack(inputs).double().mean(0)
+    for average in averages:
+        torch.testing.assert_close(average.double(), want, atol=1e-6, rtol=0)
+    for me, member in enumerate(members):
+        log = sorted(logs[member])
+        dests = [members.index(d) for _, _, d in log]
+        shifts = [(d - me) % 4 for d in dests]
+        # reduce-scatter to shifts 1, 2, 3, then all-gather to shifts 1, 2, 3
+        assert shifts == sorted(shifts[: len(shifts) // 2]) + sorted(shifts[len(shifts) // 2 :])
+        for (start, _, dest), (_, end, other) in zip(log[1:], log, strict=False):
+            if dest != other:
+                assert start >= end  # a new destination only once the last step was sent
