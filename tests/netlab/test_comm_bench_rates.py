@@ -33,7 +33,8 @@ def test_p2p_matches_gloo_share_of_bound_and_int8_beats_gloo() -> None:
     # the links' own counters: gloo's ring keeps every uplink near its cap, and no tbf passes
     # more than its cap (a wrong counter or interface would break either)
     gloo_busy, busy = plain.gloo_uplink_utilization, plain.uplink_utilization
-    assert gloo_busy is not None and busy is not None
+    assert gloo_busy is not None
+    assert busy is not None
     assert 0.8 <= gloo_busy <= 1.05, plain.table()
     assert 0.5 <= busy <= 1.05, plain.table()
     assert int8.speedup_vs_gloo >= 2.5, int8.table()
