@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
+from collections.abc import Callable
+
+import torch
 
 from gossamer.net.bridge import NodeThread
 from gossamer.net.config import HeartbeatConfig, NodeConfig
+from gossamer.train.averaging import AverageOutcome
+from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig
 
-__all__ = ["start_node_threads"]
+__all__ = ["average_one_late", "start_node_threads"]
 
 
 def start_node_threads(stack: contextlib.ExitStack, count: int) -> list[NodeThread]:
@@ -27,3 +34,55 @@ def start_node_threads(stack: contextlib.ExitStack, count: int) -> list[NodeThre
             bootstrap = (f"{node.peer_id}@{node.addresses[0]}",)
         threads.append(node_thread)
     return threads
+
+
+def average_one_late(
+    config: SwarmAveragerConfig,
+    late_s: float,
+    round_key: str,
+    around: Callable[[int], contextlib.AbstractContextManager[object]] | None = None,
+) -> tuple[list[AverageOutcome], list[float]]:
+    """Two swarm averagers on real loopback nodes average ``[full(1000, index)]`` in one round,
+    the second coming ``late_s`` later; each call runs inside ``around(index)`` if given.
+
+    Returns:
+        Each peer's outcome and how long its call took.
+    """
+    outcomes: list[AverageOutcome | None] = [None, None]
+    took_s = [0.0, 0.0]
+    errors: list[BaseException] = []
+    with contextlib.ExitStack() as stack:
+        averagers = []
+        for node_thread in start_node_threads(stack, 2):
+            averager = SwarmAverager(node_thread, config)
+            averager.join_run(0)
+            stack.callback(averager.leave_run)
+            averagers.append(averager)
+
+        def peer(index: int, delay_s: float) -> None:
+            try:
+                time.sleep(delay_s)  # this peer's own work before the round
+                started = time.monotonic()
+                with around(index) if around else contextlib.nullcontext():
+                    outcomes[index] = averagers[index].average(
+                        [torch.full((1000,), float(index))], round_key=round_key, weight=1.0
+                    )
+                took_s[index] = time.monotonic() - started
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=peer, args=(0, 0.0)),
+            threading.Thread(target=peer, args=(1, late_s)),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    assert not errors, errors
+    done = [o for o in outcomes if o is not None]
+    assert len(done) == 2, "a peer did not finish its round"
+    for outcome in done:
+        assert outcome.group_size == 2
+        assert torch.allclose(outcome.tensors[0], torch.full((1000,), 0.5))
+    return done, took_s
