@@ -62,3 +62,14 @@ def test_diloco_bench_compares_methods_on_the_same_budget(tmp_path: Path) -> Non
     )
     for key in ("loss_sync", "loss_diloco", "loss_diloco_overlap", "loss_diloco_int8"):
         assert 0 < fields[key] < 6
+
+
+def test_diloco_bench_takes_the_outer_optimizer_from_the_run_config() -> None:
+    from gossamer.bench.diloco import bench_diloco_config
+    from gossamer.core.config import SwarmConfig
+
+    default = bench_diloco_config(RunConfig(), inner_steps=50)
+    assert (default.inner_steps, default.outer_lr, default.outer_momentum) == (50, 0.7, 0.9)
+    plain = RunConfig(swarm=SwarmConfig(outer_lr=1.0, outer_momentum=0.0))
+    chosen = bench_diloco_config(plain, inner_steps=20)
+    assert (chosen.inner_steps, chosen.outer_lr, chosen.outer_momentum) == (20, 1.0, 0.0)

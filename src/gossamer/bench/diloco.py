@@ -26,7 +26,7 @@ from gossamer.train.strategy import TrainingStrategy
 from gossamer.train.sync import SyncStrategy
 from gossamer.train.thread_swarm import run_thread_swarm
 
-__all__ = ["DiLoCoBenchResult", "MethodResult", "run_diloco_bench"]
+__all__ = ["DiLoCoBenchResult", "MethodResult", "bench_diloco_config", "run_diloco_bench"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -106,6 +106,18 @@ def _run_method(
     )
 
 
+def bench_diloco_config(config: RunConfig, inner_steps: int) -> DiLoCoConfig:
+    """The DiLoCo settings every DiLoCo method of the bench uses: H, and the outer optimizer
+    from the run config (``swarm.outer_lr``, ``swarm.outer_momentum``; the paper's 0.7 and 0.9
+    unless a flag says otherwise)."""
+    return DiLoCoConfig(
+        inner_steps=inner_steps,
+        run_id="bench",
+        outer_lr=config.swarm.outer_lr,
+        outer_momentum=config.swarm.outer_momentum,
+    )
+
+
 def run_diloco_bench(
     *,
     config: RunConfig | None = None,
@@ -131,7 +143,7 @@ def run_diloco_bench(
         checkpoint=CheckpointConfig(every_steps=0, resume=False),
     )
     corpus = load_corpus(base.data)
-    diloco_config = DiLoCoConfig(inner_steps=inner_steps, run_id="bench")
+    diloco_config = bench_diloco_config(base, inner_steps)
     methods: dict[str, MethodResult] = {}
     methods["sync"] = _run_method(
         "sync",
