@@ -145,7 +145,8 @@ def diloco(
     --rate, the peers then also run as processes in lab namespaces behind links of that rate, and
     DiLoCo, sync and plain PyTorch DDP (gloo) are each timed to --target-loss, with the same
     --steps budget and H. The thin link's model is a small GPT (see `settings` in the JSON);
-    config flags (--model.width 128, ...) change it and the quality part alike.
+    config flags (--model.width 128, ...) change it and the quality part alike, and
+    --swarm.outer-lr / --swarm.outer-momentum set DiLoCo's outer optimizer (0.7 and 0.9).
     """
     with exit_on_gossamer_errors():
         overrides = parse_flag_overrides(ctx.args)
