@@ -230,17 +230,11 @@ class RoundState:
         """
         opened = self.steps.opened[step]
         if step > 1 and not opened.is_set():
+            # A step opens only once the one before is all sent: wait for that first, then
+            # at most the patience for the messages of the step before that.
             before = step - 1
             sent = self.steps.sends_done[before]
-            either = asyncio.Event()  # the step opened, or the one before is all sent
-            waiters = [asyncio.ensure_future(e.wait()) for e in (opened, sent)]
-            for waiter in waiters:
-                waiter.add_done_callback(lambda _: either.set())
-            try:
-                await wait_for_event(either, self.reduce_deadline_s, self.clock)
-            finally:
-                for waiter in waiters:
-                    waiter.cancel()
+            await wait_for_event(sent, self.reduce_deadline_s, self.clock)
             if sent.is_set() and not opened.is_set():
                 done_at = self._sends_done_at[before] or self.clock.monotonic()
                 began = self._step_began[before] or done_at

@@ -15,9 +15,10 @@ behind; in all-gather step ``s`` it sends its part's averages to the member ``s`
 and receives the averages of the part ``s`` places behind. So in every step each uplink carries
 one flow and each downlink receives one, like a ring's, and a step's chunks stream back to back
 on one connection. A member starts a step once it finished sending the previous one and either
-received that step's messages, or the member sending them failed, or it waited ``patience`` of
-the step's length for them (a slow member holds the others up by at most that per step), or the
-reduce deadline passed (then every step is open and the round runs as a free-for-all).
+received the messages of the step before that (members stay within a step of each other), or
+the member sending them failed, or it waited ``patience`` (a quarter of the previous step's
+length) for them (a slow member holds the others up by at most that per step), or the reduce
+deadline passed (then every step is open and the round runs as a free-for-all).
 
 Between steps the link waits for the last message's reply (its receiver's queue, handling and
 the way back): on 100 Mbit/s links a tenth of a second or so. Against a 2 s step that is little
@@ -131,12 +132,11 @@ class PairwiseSteps:
     def _may_follow(self, step: int) -> bool:
         """Whether the step after ``step`` may start (``step`` itself has started).
 
-        This member has at most one message of ``step`` still going (the next step's first
-        message streams right behind it, so the link does not wait for the last reply), and
-        the step before ``step`` arrived in full (members stay within a step of each other).
+        This member sent every message of ``step`` (starting the next step with the last one
+        still going measured slower: the two flows compete), and the step before ``step``
+        arrived in full (members stay within a step of each other).
         """
-        nearly_sent = self._to_send[step] <= 0 or self.sends_to[step] in self.failed
-        if not nearly_sent:
+        if not (self._to_send[step] <= 0 or self.sends_to[step] in self.failed):
             return False
         if step == 0:
             return True
