@@ -22,7 +22,15 @@ INNER_STEPS = 5
 class Swarm(SwarmProcesses):
     """The fault-swarm run's peers, with what these tests check at the end."""
 
-    def __init__(self, root: Path, *, overlap: bool = False, strategy: str = "diloco") -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        overlap: bool = False,
+        strategy: str = "diloco",
+        backend: str = "auto",
+    ) -> None:
+        self.backend = backend
         self.max_steps = OVERLAP_MAX_STEPS if overlap else MAX_STEPS
         super().__init__(
             root,
@@ -39,6 +47,8 @@ class Swarm(SwarmProcesses):
                 *(["--swarm.overlap"] if overlap else []),
                 "--swarm.strategy",
                 strategy,
+                "--swarm.backend",
+                backend,
             ],
         )
 
@@ -57,9 +67,20 @@ class Swarm(SwarmProcesses):
         return sha256_state(state.tensors["model"])
 
 
-@pytest.fixture(params=[False, True], ids=["blocking", "overlap"])
+def assert_rounds_went_over(swarm: Swarm, names: list[str]) -> None:
+    """Every peer of ``names`` averaged over the swarm's backend (auto on loopback: torch)."""
+    backend = "torch" if swarm.backend == "auto" else swarm.backend
+    for name in names:
+        rounds = swarm.status(name)["rounds_by_backend"]
+        assert rounds[backend] > 0, f"{name} averaged over {rounds}, not {backend}"
+
+
+# Blocking rounds take the default backend (torch on loopback), overlapped ones the p2p path:
+# both see the kills.
+@pytest.fixture(params=[(False, "auto"), (True, "p2p")], ids=["blocking-torch", "overlap-p2p"])
 def swarm(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Swarm]:
-    running = Swarm(tmp_path, overlap=request.param)
+    overlap, backend = request.param
+    running = Swarm(tmp_path, overlap=overlap, backend=backend)
     try:
         yield running
     finally:
@@ -86,6 +107,7 @@ def test_killed_peer_survivors_agree_and_newcomer_joins(swarm: Swarm) -> None:
         status = swarm.status(name)
         assert status["state"] == "done"
         assert status["stall_s"] <= 5.0, f"{name} stalled {status['stall_s']} s"
+    assert_rounds_went_over(swarm, survivors)
     newcomer = swarm.status("d")
     assert newcomer["time_to_productive_s"] is not None
     # 22 KB of state over loopback: the bound is the 10 s of the issue plus the transfer time.
@@ -139,5 +161,6 @@ def test_sync_peers_stay_identical_through_a_kill_and_a_newcomer(tmp_path: Path)
         assert swarm.status("d")["time_to_productive_s"] is not None
         for name in survivors:
             assert swarm.status(name)["step"] == swarm.max_steps
+        assert_rounds_went_over(swarm, survivors)
     finally:
         swarm.stop()

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import TCPStore
+from torch._C._distributed_c10d import PrefixStore, TCPStore
 
 from gossamer.comm.allreduce import AllReduceConfig, all_reduce
 from gossamer.comm.bandwidth import BandwidthMeter
@@ -177,8 +177,16 @@ def _worker_main(spec: dict[str, Any]) -> None:
     store = _open_store(spec)
     torch.manual_seed(rank)
     tensor = torch.randn(spec["num_elements"])
+    # the reference: plain torch.distributed, its default group; the averager holds its own
+    dist.init_process_group(
+        "gloo",
+        store=PrefixStore("reference", store),
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=_TIMEOUT_S),
+    )
     averager = TorchGroupAverager(timeout_s=_TIMEOUT_S)
-    averager.ensure_group("bench", [str(r) for r in range(world)], rank, store)
+    averager.ensure_group("bench", [str(r) for r in range(world)], rank, store, spec["host"])
     backend = choose_backend(spec["backend"], [spec["host"]] * world)
     if backend == "torch":
         rows = _torch_rounds(averager, tensor, spec)
@@ -188,6 +196,7 @@ def _worker_main(spec: dict[str, Any]) -> None:
     out.write_text(json.dumps(rows))
     dist.barrier()
     averager.close()
+    dist.destroy_process_group()
 
 
 def _gloo_round(tensor: torch.Tensor, ifname: str) -> tuple[float, int, torch.Tensor]:

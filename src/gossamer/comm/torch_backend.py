@@ -3,26 +3,40 @@
 Where every member reaches every other directly (one site, one cluster), the existing engine
 does the work. A process group is made for the agreed group (rendezvous at the leader's
 ``TCPStore``, on a port the leader picked) and torn down and made again when membership changes.
-torch.distributed keeps one default group per process, so one :class:`TorchGroupAverager` per
-process. Its calls block: run them in a thread, never on the event loop.
+Each :class:`TorchGroupAverager` holds a process group of its own, not torch.distributed's
+default one, so several peers may share a process (and a program may keep its own default
+group beside). Its calls block: run them in a thread, never on the event loop.
+
+torch.distributed's store and gloo's connections are plain TCP without authentication, as in
+any torch.distributed job: ``auto`` picks this backend only where every member's address is on
+a loopback or private network (:func:`site_local`).
 """
 
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import logging
+import math
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
+from torch._C._distributed_c10d import Backend, PrefixStore, Store, TCPStore
 
 from gossamer.comm.report import AllReduceReport, AllReduceResult, PartOutcome, PartReport
 from gossamer.core.errors import DeadlineExceededError, PeerLostError
 
-__all__ = ["TorchGroupAverager", "choose_backend", "open_leader_store", "open_member_store"]
+__all__ = [
+    "TorchGroupAverager",
+    "choose_backend",
+    "open_leader_store",
+    "open_member_store",
+    "site_local",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -34,6 +48,19 @@ def choose_backend(requested: str, addresses: Sequence[str]) -> str:
     if requested != "auto":
         return requested
     return "torch" if addresses and all(addresses) else "p2p"
+
+
+def site_local(host: str) -> bool:
+    """Whether ``host`` is a loopback or private address (RFC 1918, RFC 4193, link-local).
+
+    Names are not resolved: only a literal address counts, so the answer is the same on every
+    member that reads it.
+    """
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_private or address.is_link_local
 
 
 def open_leader_store(host: str, world_size: int, timeout_s: float) -> TCPStore:
@@ -56,6 +83,21 @@ def open_member_store(host: str, port: int, world_size: int, timeout_s: float) -
         )
     except (RuntimeError, dist.DistStoreError) as exc:
         raise PeerLostError(f"cannot reach the group leader's store at {host}:{port}") from exc
+
+
+def _gloo_group(
+    store: Store, rank: int, size: int, timeout: datetime.timedelta, host: str
+) -> Backend:
+    """A gloo group of its own (not torch.distributed's default) listening on ``host``.
+
+    These are the options ``init_process_group`` gives gloo, under the names torch's own
+    code uses (its type stubs name them otherwise).
+    """
+    gloo = dist.ProcessGroupGloo
+    options: Any = gloo._Options()  # type: ignore[attr-defined]
+    options._timeout = timeout
+    options._devices = [gloo.create_device(hostname=host) if host else gloo.create_default_device()]
+    return gloo(store, rank, size, options)
 
 
 def _scale_(tensor: torch.Tensor, scale: float) -> None:
@@ -87,33 +129,62 @@ class TorchGroupAverager:
         self.members: tuple[str, ...] = ()
         self.rank = -1
         self._buffer: torch.Tensor | None = None
+        self.groups_made = 0
+        """Process groups made so far (one per membership)."""
+        self._pg: Any = None
+        """The group's gloo or NCCL backend (torch's stubs give Backend no collectives)."""
 
     def ensure_group(
-        self, group_hash: str, members: Sequence[str], rank: int, store: Store
+        self, group_hash: str, members: Sequence[str], rank: int, store: Store, host: str = ""
     ) -> None:
-        """Join the group named ``group_hash``; tears down the old one if membership changed."""
+        """Join the group named ``group_hash``; tears down the old one if membership changed.
+
+        Args:
+            group_hash: the group's name, the same on every member (it prefixes the store's keys).
+            members: the group's members, in rank order.
+            rank: this member's index in ``members``.
+            store: the leader's store (the leader's own, on the leader).
+            host: the address gloo listens on and tells the others (empty: the machine's
+                default interface, as torch.distributed picks it).
+
+        Raises:
+            DeadlineExceededError: the others did not all come within ``timeout_s``.
+        """
         if group_hash == self._group_hash:
             return
         self.close()
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
         prefixed = PrefixStore(f"gossamer/{group_hash}", store)
+        timeout = datetime.timedelta(seconds=self.timeout_s)
         try:
-            dist.init_process_group(
-                backend,
-                store=prefixed,
-                rank=rank,
-                world_size=len(members),
-                timeout=datetime.timedelta(seconds=self.timeout_s),
-            )
+            if torch.cuda.is_available():
+                nccl = dist.ProcessGroupNCCL
+                self._pg = nccl(prefixed, rank, len(members), nccl.Options())
+            else:
+                self._pg = _gloo_group(prefixed, rank, len(members), timeout, host)
         except (RuntimeError, dist.DistError) as exc:
             raise DeadlineExceededError(f"torch.distributed rendezvous failed: {exc}") from exc
         self._group_hash, self.members, self.rank = group_hash, tuple(members), rank
-        _log.info("torch.distributed %s group of %d made (rank %d)", backend, len(members), rank)
+        self.groups_made += 1
+        _log.info(
+            "torch.distributed %s group of %d made (rank %d)",
+            "nccl" if torch.cuda.is_available() else "gloo",
+            len(members),
+            rank,
+        )
+
+    @property
+    def group_hash(self) -> str | None:
+        """The name of the group held now (None when none is)."""
+        return self._group_hash
 
     def close(self) -> None:
         """Tear the group down (idempotent)."""
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        pg, self._pg = self._pg, None
+        if pg is not None:
+            try:
+                pg.shutdown()
+            except (RuntimeError, dist.DistError) as exc:  # a broken group: nothing left to do
+                _log.debug("closing the torch.distributed group: %s", exc)
         self._buffer = None
         self._group_hash, self.members, self.rank = None, (), -1
 
@@ -126,8 +197,11 @@ class TorchGroupAverager:
         return float(box.cpu()[0])
 
     def _all_reduce(self, tensor: torch.Tensor) -> None:
+        pg = self._pg
+        if pg is None:
+            raise ValueError("no group: call ensure_group first")
         try:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            pg.allreduce([tensor]).wait()
         except (RuntimeError, dist.DistError) as exc:
             self.close()
             raise PeerLostError(f"torch.distributed all_reduce failed: {exc}") from exc
@@ -185,6 +259,58 @@ class TorchGroupAverager:
                 for t in tensors:
                     t.copy_(flat[offset : offset + t.numel()].reshape(t.shape))
                     offset += t.numel()
+        report = self._report(numel)
+        report.total_s = report.reduce_scatter_s = time.perf_counter() - started
+        return report
+
+    def average(self, tensors: Sequence[torch.Tensor], weight: float = 1.0) -> AllReduceResult:
+        """Weighted average of ``tensors`` across the group as new tensors (blocks; thread it).
+
+        One all-reduce does it: the values scaled by ``weight`` travel with the weight itself in
+        one more element, so the sum of the weights comes with the sum of the scaled values and
+        no member needs to know the others' weights beforehand. Leaves ``tensors`` untouched.
+        Where the weights sum to zero each member keeps its own values, as in the p2p path.
+
+        Raises:
+            PeerLostError: a member failed during the collective (the group must be re-made).
+        """
+        if self._group_hash is None:
+            raise ValueError("no group: call ensure_group first")
+        if not tensors:
+            raise ValueError("nothing to average: the tensor list is empty")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"weight must be finite and >= 0, got {weight}")
+        started = time.perf_counter()
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        numel = sum(t.numel() for t in tensors)
+        flat = self._staging(numel + 1, device)
+        offset = 0
+        with torch.no_grad():
+            for t in tensors:
+                torch.mul(t.detach().reshape(-1), weight, out=flat[offset : offset + t.numel()])
+                offset += t.numel()
+            flat[numel] = weight
+            self._all_reduce(flat)
+            total = float(flat[numel])
+            out = []
+            offset = 0
+            for t in tensors:
+                part = flat[offset : offset + t.numel()].reshape(t.shape)
+                # no weight anywhere: nothing was averaged, each member keeps its own values
+                mean = part / total if total > 0 else t.detach().clone()
+                out.append(mean.to(device=t.device, dtype=t.dtype))
+                offset += t.numel()
+        report = self._report(numel)
+        report.total_s = report.reduce_scatter_s = time.perf_counter() - started
+        return AllReduceResult(out, report)
+
+    def _report(self, numel: int) -> AllReduceReport:
+        """The report of one all-reduce of ``numel`` float32 values over the whole group.
+
+        Bytes are the ring algorithm's share per member, 2(N-1)/N of the tensor each way (gloo
+        reports none of its own).
+        """
+        assert self._group_hash is not None
         n = len(self.members)
         wire = 2 * (n - 1) * numel * 4 // max(n, 1)
         report = AllReduceReport(
@@ -206,19 +332,4 @@ class TorchGroupAverager:
                 contributors=list(self.members),
             )
         ]
-        report.total_s = report.reduce_scatter_s = time.perf_counter() - started
         return report
-
-    def average(self, tensors: Sequence[torch.Tensor], weight: float = 1.0) -> AllReduceResult:
-        """Weighted average of ``tensors`` across the group as new tensors (blocks; thread it).
-
-        Leaves ``tensors`` untouched (one copy each); :meth:`average_` works in place.
-
-        Raises:
-            PeerLostError: a member failed during the collective (the group must be re-made).
-        """
-        if self._group_hash is None:
-            raise ValueError("no group: call ensure_group first")
-        out = [t.detach().clone() for t in tensors]
-        report = self.average_(out, weight)
-        return AllReduceResult(out, report)

@@ -231,6 +231,7 @@ class CheckpointConfig:
 
 Strategy = Literal["local", "sync", "diloco"]
 CodecName = Literal["none", "fp16", "bf16", "int8"]
+BackendName = Literal["auto", "p2p", "torch"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -250,6 +251,10 @@ class SwarmConfig:
     round late), so training does not wait for the network."""
     codec: CodecName = "none"
     """Codec of averaged tensors: none (fp32), fp16, bf16 or int8 (blockwise, error feedback)."""
+    backend: BackendName = "auto"
+    """Who averages: p2p (over the peers' authenticated links), torch (a torch.distributed gloo
+    group of each round's members, fp32, plain TCP) or auto (torch where the codec is none and
+    every member is on a loopback or private address, p2p otherwise)."""
     listen: str = "127.0.0.1:0"
     """HOST:PORT this peer listens on (port 0: any free one)."""
     bootstrap: str = ""
@@ -286,6 +291,17 @@ class SwarmConfig:
             self.codec in ("none", "fp16", "bf16", "int8"),
             "swarm.codec",
             f"unknown codec {self.codec!r}; use 'none', 'fp16', 'bf16' or 'int8'",
+        )
+        _require(
+            self.backend in ("auto", "p2p", "torch"),
+            "swarm.backend",
+            f"unknown backend {self.backend!r}; use 'auto', 'p2p' or 'torch'",
+        )
+        _require(
+            self.backend != "torch" or self.codec == "none",
+            "swarm.backend",
+            f"backend 'torch' averages in fp32 and cannot use codec {self.codec!r}; "
+            "set swarm.codec to 'none' or swarm.backend to 'p2p' or 'auto'",
         )
         _require(":" in self.listen, "swarm.listen", f"expected HOST:PORT, got {self.listen!r}")
         _require(

@@ -246,15 +246,33 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         return snapshot
 
     def _wait_for_newer_state(self) -> StateSnapshot | None:
-        """After a missed round: the state the others publish once it is done."""
+        """After a missed round: the state the others publish once it is done.
+
+        Stops early when no other peer of the run is active any more (they finished or are
+        gone): nobody is left to publish a newer state.
+        """
         deadline = time.monotonic() + _NEWER_STATE_WAIT_S
         with nested_span("waiting", what="newer_state"):  # its downloads nest as "sync"
             while time.monotonic() < deadline:
                 snapshot = self._download(version=None)
                 if snapshot is not None and snapshot.version > self.outer_step:
                     return snapshot
+                if not self._others_active():
+                    logger.warning(
+                        "peer %s: no other peer of the run is active; it goes on alone",
+                        self._short(),
+                    )
+                    return None
                 time.sleep(0.2)
         return None
+
+    def _others_active(self) -> bool:
+        """Whether another peer of the run is active (True when the DHT cannot be read)."""
+        try:
+            states = self.swarm_averager.run_states()
+        except GossamerError:
+            return True
+        return any(state == "active" for state, _ in states.values())
 
     def _apply_snapshot(self, snapshot: StateSnapshot) -> None:
         """Take the swarm's global state; the local model restarts from it.
@@ -616,6 +634,10 @@ class StatusFileListener(TrainingListener):
         self.status["stall_s"] = float(getattr(self.strategy, "seconds_lost_to_failures", 0.0))
         ttp = getattr(self.strategy, "time_to_productive_s", None)
         self.status["time_to_productive_s"] = ttp
+        averager = getattr(self.strategy, "swarm_averager", None)
+        if isinstance(averager, SwarmAverager):
+            self.status["rounds_by_backend"] = dict(averager.rounds_by_backend)
+            self.status["torch_failures"] = averager.torch_failures
         if self.goodput is not None:
             snap = self.goodput.snapshot()
             self.status["goodput"] = {
@@ -730,6 +752,7 @@ def swarm_averager_config(config: RunConfig) -> SwarmAveragerConfig:
     return SwarmAveragerConfig(
         run_id=config.name,
         codec=swarm.codec,
+        backend=swarm.backend,
         join_window_s=swarm.join_window_s,
         round_timeout_s=swarm.round_timeout_s,
         max_group_size=swarm.max_group_size,
@@ -876,6 +899,7 @@ def _train_on_node(
         raise
     finally:
         donor.close()
+        averager.close()
     if status is not None:
         status.finish(result)
     return SwarmPeerResult(

@@ -15,6 +15,14 @@ so a round starts as soon as its last member comes, not up to a poll interval la
 hasten reads; the DHT records alone decide the members.
 Members then run comm's all-reduce; a member that dies mid-round is dropped at its deadline and the
 others finish with what arrived.
+
+Where every member is on one site, a torch.distributed group does the all-reduce instead
+(``backend``: ``auto`` or ``torch``): each peer keeps a ``TCPStore`` and publishes its address
+with its round entry, the group's first member is the rendezvous, and the group is re-used for as
+long as the same members come (each member publishes which group it holds, so all decide alike
+from the same entries). A member lost during the collective makes it fail on the others; they
+close the group and run the round again over the peer-to-peer path, which drops the lost one at
+its deadline.
 """
 
 from __future__ import annotations
@@ -32,18 +40,27 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch._C._distributed_c10d import Store
 
 from gossamer.comm.allreduce import AllReduceConfig, all_reduce
 from gossamer.comm.bandwidth import BandwidthMeter, plan_weights
 from gossamer.comm.codecs import CodecPolicy, ErrorFeedback
 from gossamer.comm.groups import split_into_groups
 from gossamer.comm.net_transport import NetCommTransport
+from gossamer.comm.report import AllReduceResult
+from gossamer.comm.torch_backend import (
+    TorchGroupAverager,
+    open_leader_store,
+    open_member_store,
+    site_local,
+)
 from gossamer.comm.transport import CommMailbox
 from gossamer.core.clock import SystemClock
-from gossamer.core.errors import GossamerError
+from gossamer.core.errors import DeadlineExceededError, GossamerError, PeerLostError
 from gossamer.net.bridge import NodeThread
 from gossamer.net.identity import peer_id_of_public_key
 from gossamer.net.node import Node
+from gossamer.proto import net_pb2
 from gossamer.train.averaging import AverageOutcome, record_round_phases
 
 __all__ = ["SwarmAverager", "SwarmAveragerConfig", "read_json_records", "round_settled"]
@@ -162,10 +179,56 @@ class SwarmAveragerConfig:
     poll_interval_s: float = 0.1
     """How often a peer waiting for a round's members reads the DHT again when no nudge came
     (half of it while it waits for the others' closes)."""
+    backend: str = "auto"
+    """``p2p`` (comm's all-reduce over the peers' authenticated links), ``torch`` (a
+    torch.distributed gloo or NCCL group of the agreed members, fp32) or ``auto``: torch where
+    the codec is none and every member published a direct loopback or private address, p2p
+    otherwise."""
 
     def __post_init__(self) -> None:
         if not self.poll_interval_s > 0:
             raise ValueError(f"poll_interval_s must be positive, got {self.poll_interval_s}")
+        if self.backend not in ("auto", "p2p", "torch"):
+            raise ValueError(f"backend must be auto, p2p or torch, got {self.backend!r}")
+        if self.backend == "torch" and self.codec != "none":
+            raise ValueError(
+                f"backend torch averages in fp32 and cannot use codec {self.codec!r}: "
+                "set the codec to none, or the backend to p2p or auto"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class _Formed:
+    """A round's group as formation agreed on it."""
+
+    members: list[str]
+    """This peer's group, in the order every member computed."""
+    missing: list[str]
+    """The run's peers, alive at the start, that did not come."""
+    part_weights: list[float]
+    """The members' shares of the p2p all-reduce's parts."""
+    entries: dict[str, dict[str, Any]]
+    """Every member's round entry (its stamp, figures, store address, held group)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _TorchPlan:
+    """How this peer joins a round's torch.distributed group."""
+
+    name: str
+    """The group's name: the held one when every member holds it, else a new one."""
+    members: tuple[str, ...]
+    rank: int
+    leader_address: str
+    """HOST:PORT of the rendezvous store (the first member's)."""
+
+
+def _figure(entry: dict[str, Any]) -> float:
+    """The bandwidth figure of a round entry (0, the median in ``plan_weights``, if unreadable)."""
+    try:
+        return float(entry.get("bw", 0.0))
+    except (TypeError, ValueError):
+        return 0.0
 
 
 class SwarmAverager:
@@ -204,6 +267,18 @@ class SwarmAverager:
         self._nudged: dict[str, asyncio.Event] = {}
         """Rounds this peer is forming, set when a peer nudges (used on the node's loop only)."""
         self._nudges_in_flight: set[asyncio.Task[None]] = set()
+        self.rounds_by_backend: dict[str, int] = {"p2p": 0, "torch": 0}
+        """Rounds with others this peer averaged, by the backend that did it."""
+        self.torch_failures = 0
+        """Rounds whose torch.distributed collective failed (run again over p2p)."""
+        self._torch: TorchGroupAverager | None = None
+        self._store: Store | None = None
+        self._store_address = ""
+        """HOST:PORT of this peer's rendezvous store, published with its entries ('' without)."""
+        self._leader_stores: dict[str, Store] = {}
+        """Connections to other leaders' stores, by address."""
+        self._torch_host = ""
+        self._open_torch_store()
 
         async def make_mailbox(node: Node) -> CommMailbox:
             node.on_bulk(NUDGE_TOPIC, self._on_nudge)
@@ -215,6 +290,37 @@ class SwarmAverager:
     def peer_id(self) -> str:
         """This peer's id."""
         return self.node_thread.node.peer_id
+
+    def _open_torch_store(self) -> None:
+        """Open this peer's rendezvous store where the torch backend may be chosen."""
+        if self.config.backend == "p2p" or self.config.codec != "none":
+            return
+        host = self.node_thread.node.addresses[0].rpartition(":")[0].strip("[]")
+        if self.config.backend == "auto" and not site_local(host):
+            logger.info("peer %s: %s is not site-local: rounds go over p2p", self.peer_id[:8], host)
+            return
+        timeout_s = self._torch_timeout_s
+        self._store = open_leader_store(host, 1, timeout_s)
+        self._store_address = (
+            f"[{host}]:{self._store.port}" if ":" in host else (f"{host}:{self._store.port}")
+        )
+        self._torch_host = host
+        self._torch = TorchGroupAverager(timeout_s=timeout_s)
+
+    @property
+    def _torch_timeout_s(self) -> float:
+        """Deadline of a torch.distributed rendezvous and collective: half the round's, so the
+        round can still run again over p2p when the group fails."""
+        return self.config.round_timeout_s / 2
+
+    def close(self) -> None:
+        """Tear down the torch.distributed group and the stores (idempotent)."""
+        if self._torch is not None:
+            self._torch.close()
+        self._leader_stores.clear()
+        self._store = None
+        self._store_address = ""
+        self._torch = None
 
     def average(
         self, tensors: list[torch.Tensor], *, round_key: str, weight: float
@@ -234,12 +340,14 @@ class SwarmAverager:
             self.config.join_window_s * 2
             + self.config.propagation_grace_s
             + self.config.round_timeout_s
+            + (self._torch_timeout_s * 2 if self._torch is not None else 0.0)
             + 10.0
         )
 
         async def work(node: Node) -> AverageOutcome:
             marks["began"] = time.monotonic()
-            members, missing, part_weights = await self._form_group(node, key)
+            round_ = await self._form_group(node, key)
+            members, missing = round_.members, round_.missing
             marks["formed"] = formed = time.monotonic()
             if len(members) < 2:
                 return AverageOutcome(
@@ -252,18 +360,26 @@ class SwarmAverager:
                     excluded=not members,
                     wait_seconds=formed - marks["began"],
                 )
-            assert self._mailbox is not None
-            result = await all_reduce(
-                tensors,
-                mailbox=self._mailbox,
-                members=members,
-                round_key=key,
-                config=self._allreduce_config,
-                weight=weight,
-                bandwidth_weights=part_weights,
-                meter=self.meter,
-                feedback=self.feedback,
-            )
+            result = None
+            plan = self._torch_plan(node, key, round_)
+            if plan is not None:
+                result = await asyncio.to_thread(self._torch_average, plan, tensors, weight)
+            if result is None:
+                assert self._mailbox is not None
+                result = await all_reduce(
+                    tensors,
+                    mailbox=self._mailbox,
+                    members=members,
+                    round_key=key if plan is None else f"{key}/p2p",
+                    config=self._allreduce_config,
+                    weight=weight,
+                    bandwidth_weights=round_.part_weights,
+                    meter=self.meter,
+                    feedback=self.feedback,
+                )
+                self.rounds_by_backend["p2p"] += 1
+            else:
+                self.rounds_by_backend["torch"] += 1
             report = result.report
             done = time.monotonic()
             return AverageOutcome(
@@ -312,6 +428,75 @@ class SwarmAverager:
             outcome.seconds,
         )
         return outcome
+
+    def _torch_plan(self, node: Node, key: str, round_: _Formed) -> _TorchPlan | None:
+        """The torch.distributed group of this round, or None where p2p does it.
+
+        Decided from the members' round entries alone, so every member decides alike: torch
+        when every member published a store address (site-local ones, under ``auto``); the
+        group held now is re-used when every member says it holds it and it has exactly these
+        members, otherwise a new one is made, named by the round and its first member's stamp.
+        """
+        if self._torch is None:
+            return None
+        entries = [round_.entries.get(p, {}) for p in round_.members]
+        addresses = [str(e.get("tcp", "")) for e in entries]
+        hosts = [a.rpartition(":")[0].strip("[]") for a in addresses]
+        if not all(addresses) or (
+            self.config.backend == "auto" and not all(site_local(h) for h in hosts)
+        ):
+            if self.config.backend == "torch":
+                logger.warning(
+                    "round %s: a member has no direct store address; the round goes over p2p",
+                    key,
+                )
+            return None
+        held = {str(e.get("pg", "")) for e in entries}
+        current = self._torch.group_hash
+        if held == {current} and set(self._torch.members) == set(round_.members):
+            assert current is not None  # an empty name is never held
+            members = self._torch.members
+            return _TorchPlan(current, members, self._torch.rank, addresses[0])
+        members = tuple(round_.members)
+        name = f"{key}@{entries[0].get('at')!r}"
+        return _TorchPlan(name, members, members.index(node.peer_id), addresses[0])
+
+    def _torch_average(
+        self, plan: _TorchPlan, tensors: list[torch.Tensor], weight: float
+    ) -> AllReduceResult | None:
+        """The round over the torch.distributed group (in a worker thread); None if it failed.
+
+        A failed rendezvous or collective closes the group (the others' collectives fail too,
+        their connections to this peer closed) and the caller runs the round over p2p.
+        """
+        averager = self._torch
+        assert averager is not None
+        try:
+            if plan.name != averager.group_hash:
+                store = self._store if plan.rank == 0 else self._leader_store(plan.leader_address)
+                assert store is not None
+                averager.ensure_group(plan.name, plan.members, plan.rank, store, self._torch_host)
+            return averager.average(tensors, weight)
+        except (PeerLostError, DeadlineExceededError) as exc:
+            self._leader_stores.pop(plan.leader_address, None)
+            averager.close()
+            self.torch_failures += 1
+            logger.warning(
+                "peer %s: torch.distributed round %s failed (%s); running it over p2p",
+                self.peer_id[:8],
+                plan.name,
+                exc,
+            )
+            return None
+
+    def _leader_store(self, address: str) -> Store:
+        """A connection to the store at ``address``, kept for later groups it leads."""
+        store = self._leader_stores.get(address)
+        if store is None:
+            host, _, port = address.rpartition(":")
+            store = open_member_store(host.strip("[]"), int(port), 1, self._torch_timeout_s)
+            self._leader_stores[address] = store
+        return store
 
     def join_run(self, version: int) -> None:
         """Tell the run's other peers to wait for this one at their rounds, and its state version.
@@ -394,12 +579,13 @@ class SwarmAverager:
 
     @staticmethod
     async def _records_by_publisher(
-        node: Node, key: bytes, field: str, figures: dict[str, float] | None = None
+        node: Node, key: bytes, field: str, seen: dict[str, dict[str, Any]] | None = None
     ) -> dict[str, tuple[float, str]]:
         """(``field``, incarnation) of every record under ``key`` with a finite number.
 
-        With ``figures``, each such record's bandwidth figure (``bw``) is put there too: read
-        from the same record as the field, so whoever counts a member knows the same figure.
+        With ``seen``, each such record is put there whole: its other fields (the bandwidth
+        figure, the store address) are read from the same record as the field, so whoever
+        counts a member knows the same figures.
         """
         found: dict[str, tuple[float, str]] = {}
         for publisher, value in await read_json_records(node, key):
@@ -409,31 +595,25 @@ class SwarmAverager:
                 continue
             if math.isfinite(number):
                 found[publisher] = (number, inc)
-                if figures is not None:
-                    try:
-                        figures[publisher] = float(value.get("bw", 0.0))
-                    except (TypeError, ValueError):
-                        figures[publisher] = 0.0  # counts as the median in plan_weights
+                if seen is not None:
+                    seen[publisher] = value
         return found
 
     async def _read_round(
         self,
         node: Node,
         keys: Sequence[tuple[bytes, str]],
-        figures: dict[str, float] | None = None,
+        seen: dict[str, dict[str, Any]] | None = None,
     ) -> tuple[dict[str, tuple[str, int, str]], list[dict[str, float]]]:
         """The memberships and, for every (key, field), the current incarnations' records.
 
         The reads run at once (one round trip instead of several); a record counts only if it
         was written by the incarnation the publisher's membership names, so what a killed
-        process left on the DHT is ignored after its restart. ``figures`` collects the
-        bandwidth figures of the round entries (the ``at`` reads).
+        process left on the DHT is ignored after its restart. ``seen`` collects the round
+        entries whole (those of the ``at`` reads).
         """
         reads = asyncio.gather(
-            *(
-                self._records_by_publisher(node, k, f, figures if f == "at" else None)
-                for k, f in keys
-            )
+            *(self._records_by_publisher(node, k, f, seen if f == "at" else None) for k, f in keys)
         )
         memberships, raw = await asyncio.gather(self._memberships(node), reads)
         incarnations = {p: inc for p, (_, _, inc) in memberships.items()}
@@ -463,7 +643,7 @@ class SwarmAverager:
             default=-1,
         )
 
-    async def _form_group(self, node: Node, key: str) -> tuple[list[str], list[str], list[float]]:
+    async def _form_group(self, node: Node, key: str) -> _Formed:
         """The members of round ``key``, the run's peers that did not come, and part weights.
 
         Every entry carries its writer's measured send throughput; the part weights follow the
@@ -487,9 +667,7 @@ class SwarmAverager:
         finally:
             self._nudged.pop(key, None)
 
-    async def _form_group_nudged(
-        self, node: Node, key: str, nudged: asyncio.Event
-    ) -> tuple[list[str], list[str], list[float]]:
+    async def _form_group_nudged(self, node: Node, key: str, nudged: asyncio.Event) -> _Formed:
         """:meth:`_form_group`, waking between reads when ``nudged`` is set."""
         grace = self.config.propagation_grace_s
         poll_s = self.config.poll_interval_s
@@ -497,10 +675,13 @@ class SwarmAverager:
         close_key = _close_key(key)
         stamp = self._clock.wall()
         figure = self.meter.estimate_bytes_per_s
-        entry = {"at": stamp, "bw": figure, "inc": self.incarnation}
+        entry: dict[str, Any] = {"at": stamp, "bw": figure, "inc": self.incarnation}
+        if self._store_address and node.reachability != net_pb2.REACHABILITY_RELAYED:
+            held = self._torch.group_hash if self._torch is not None else None
+            entry |= {"tcp": self._store_address, "pg": held or ""}
         await node.dht.put(entry_key, json.dumps(entry).encode(), _ENTRY_TTL_S)
-        figures: dict[str, float] = {}
-        memberships, (entries,) = await self._read_round(node, [(entry_key, "at")], figures)
+        seen: dict[str, dict[str, Any]] = {}
+        memberships, (entries,) = await self._read_round(node, [(entry_key, "at")], seen)
         expected = _active(memberships, node.peer_id)
         self._nudge(node, expected, key)
         for peer in expected:
@@ -520,7 +701,7 @@ class SwarmAverager:
                 close_at = opens_at + self.config.join_window_s
                 break
             await self._until_nudged(nudged, poll_s)
-            _, (entries,) = await self._read_round(node, [(entry_key, "at")], figures)
+            _, (entries,) = await self._read_round(node, [(entry_key, "at")], seen)
         await node.dht.put(
             close_key,
             json.dumps({"close_at": close_at, "inc": self.incarnation}).encode(),
@@ -531,7 +712,7 @@ class SwarmAverager:
         while True:
             read_at = self._clock.wall()
             memberships, (latest, closes) = await self._read_round(
-                node, [(entry_key, "at"), (close_key, "close_at")], figures
+                node, [(entry_key, "at"), (close_key, "close_at")], seen
             )
             if read_at >= read_after:
                 break  # the full grace has passed: what this read saw decides
@@ -552,13 +733,16 @@ class SwarmAverager:
         entries.update(latest)
         if stamp > close_at:
             logger.warning("peer %s came after round %s closed", node.peer_id[:8], key)
-            return [], [], []
+            return _Formed([], [], [], {})
         members = [p for p, at in entries.items() if at <= close_at]
         missing = sorted(alive_at_start - set(members))  # not those already known gone
         groups = split_into_groups(key, members, self.config.max_group_size)
         group = next(g for g in groups if node.peer_id in g)
-        figures[node.peer_id] = figure
-        return group, missing, plan_weights([figures.get(p, 0.0) for p in group])
+        seen[node.peer_id] = entry
+        records = {p: seen.get(p, {}) for p in group}
+        return _Formed(
+            group, missing, plan_weights([_figure(r) for r in records.values()]), records
+        )
 
     async def _on_nudge(self, sender: str, topic: str, payload: bytearray) -> None:
         """A peer announced itself or closed a round: read that round's records again now."""

@@ -1,0 +1,154 @@
+"""Swarm rounds over the torch.distributed backend: real nodes and gloo groups on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+
+import pytest
+import torch
+
+from gossamer.comm.report import AllReduceResult
+from gossamer.core.errors import PeerLostError
+from gossamer.train.averaging import AverageOutcome
+from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig
+from loopback_nodes import start_node_threads
+
+RUN = "torch-backend"
+
+
+@contextlib.contextmanager
+def averagers(count: int, **settings: object) -> Iterator[list[SwarmAverager]]:
+    config = SwarmAveragerConfig(run_id=RUN, round_timeout_s=8.0, **settings)  # type: ignore[arg-type]
+    with contextlib.ExitStack() as stack:
+        made = []
+        for node_thread in start_node_threads(stack, count):
+            averager = SwarmAverager(node_thread, config)
+            stack.callback(averager.close)
+            averager.join_run(0)
+            stack.callback(averager.leave_run)
+            made.append(averager)
+        yield made
+
+
+def tensors_of(index: int) -> list[torch.Tensor]:
+    """Peer ``index``'s tensors: a vector and a matrix (the flat buffer spans both)."""
+    generator = torch.Generator().manual_seed(index)
+    return [torch.randn(1000, generator=generator), torch.randn(3, 5, generator=generator)]
+
+
+def weighted_mean(indices: Sequence[int], weights: Sequence[float]) -> list[torch.Tensor]:
+    parts = [tensors_of(i) for i in indices]
+    scale = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+    means = []
+    for k in range(2):
+        stacked = torch.stack([p[k].double() for p in parts])
+        means.append(torch.tensordot(scale, stacked, dims=1).float())
+    return means
+
+
+def one_round(
+    made: Sequence[SwarmAverager], round_key: str, weights: Sequence[float]
+) -> list[AverageOutcome]:
+    outcomes: list[AverageOutcome | None] = [None] * len(made)
+    errors: list[BaseException] = []
+
+    def peer(index: int) -> None:
+        try:
+            outcomes[index] = made[index].average(
+                tensors_of(index), round_key=round_key, weight=weights[index]
+            )
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=peer, args=(i,)) for i in range(len(made))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    done = [o for o in outcomes if o is not None]
+    assert len(done) == len(made), "a peer did not finish its round"
+    return done
+
+
+def assert_weighted_mean(
+    outcomes: Sequence[AverageOutcome], indices: Sequence[int], weights: Sequence[float]
+) -> None:
+    expected = weighted_mean(indices, weights)
+    for outcome in outcomes:
+        assert outcome.group_size == len(indices)
+        for got, want in zip(outcome.tensors, expected, strict=True):
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.timeout(120)
+def test_auto_averages_over_one_gloo_group_kept_while_the_members_stay() -> None:
+    weights = [1.0, 2.0, 5.0]
+    with averagers(3) as made:
+        for round_index in range(3):
+            outcomes = one_round(made, f"outer/{round_index}", weights)
+            assert_weighted_mean(outcomes, [0, 1, 2], weights)
+        for averager in made:
+            assert averager.rounds_by_backend == {"p2p": 0, "torch": 3}
+            assert averager._torch is not None
+            assert averager._torch.groups_made == 1  # the same members: the group is re-used
+        assert outcomes[0].bytes_sent == 2 * 2 * 1015 * 4 // 3  # the ring's share of 1015 floats
+
+
+@pytest.mark.timeout(120)
+def test_a_member_leaving_remakes_the_group_with_those_left() -> None:
+    with averagers(3) as made:
+        assert_weighted_mean(one_round(made, "outer/0", [1.0] * 3), [0, 1, 2], [1.0] * 3)
+        made[2].leave_run()
+        made[2].close()
+        outcomes = one_round(made[:2], "outer/1", [1.0, 3.0])
+        assert_weighted_mean(outcomes, [0, 1], [1.0, 3.0])
+        for averager in made[:2]:
+            assert averager.rounds_by_backend["torch"] == 2
+            assert averager._torch is not None
+            assert averager._torch.groups_made == 2
+            assert set(averager._torch.members) == {made[0].peer_id, made[1].peer_id}
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_collective_runs_the_round_again_over_p2p() -> None:
+    with averagers(3) as made:
+        broken = made[2]
+        assert broken._torch is not None
+
+        def fail(tensors: Sequence[torch.Tensor], weight: float = 1.0) -> AllReduceResult:
+            raise PeerLostError("this member's collective failed")
+
+        broken._torch.average = fail  # type: ignore[method-assign]
+        weights = [1.0, 2.0, 5.0]
+        outcomes = one_round(made, "outer/0", weights)
+        expected = weighted_mean([0, 1, 2], weights)
+        for averager, outcome in zip(made, outcomes, strict=True):
+            assert averager.torch_failures == 1
+            assert averager.rounds_by_backend == {"p2p": 1, "torch": 0}
+            assert outcome.group_size == 3
+            for got, want in zip(outcome.tensors, expected, strict=True):
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.timeout(120)
+def test_p2p_backend_and_compressed_codecs_never_open_a_store() -> None:
+    with averagers(2, backend="p2p") as made:
+        assert_weighted_mean(one_round(made, "outer/0", [1.0, 1.0]), [0, 1], [1.0, 1.0])
+        for averager in made:
+            assert averager.rounds_by_backend == {"p2p": 1, "torch": 0}
+            assert averager._torch is None
+    with averagers(2, codec="int8") as made:  # auto: torch cannot compress
+        outcomes = one_round(made, "outer/0", [1.0, 1.0])
+        assert all(a.rounds_by_backend["p2p"] == 1 and a._torch is None for a in made)
+        assert all(o.group_size == 2 for o in outcomes)
+
+
+def test_torch_backend_with_a_codec_is_refused() -> None:
+    with pytest.raises(ValueError, match="codec"):
+        SwarmAveragerConfig(run_id=RUN, backend="torch", codec="int8")
+    with pytest.raises(ValueError, match="backend"):
+        SwarmAveragerConfig(run_id=RUN, backend="mpi")
