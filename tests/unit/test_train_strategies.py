@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 from pathlib import Path
 
@@ -118,6 +119,97 @@ def test_overlapped_diloco_keeps_its_own_progress_until_the_average_arrives() ->
     assert torch.allclose(model.weight, torch.full((1, 2), 0.6))
     assert torch.equal(model.weight.detach(), strategy._global[0].detach())
     strategy.close()
+
+
+class _LinearPeer:
+    """A one-weight model (all 1.0) under overlapped DiLoCo with lr 1 and no momentum, so the
+    global weights move by exactly the average progress."""
+
+    def __init__(self, group: InProcessGroup) -> None:
+        self.strategy = DiLoCoStrategy(
+            DiLoCoConfig(inner_steps=2, outer_lr=1.0, outer_momentum=0.0, overlap=True),
+            group.averager(),
+        )
+        self.model = torch.nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            self.model.weight.fill_(1.0)
+        self.strategy.setup(self.model, torch.optim.SGD(self.model.parameters(), lr=0.1))
+
+    def step(self, delta: float, step: int) -> None:
+        with torch.no_grad():
+            self.model.weight.sub_(delta)
+        self.strategy.on_step_end(self.model, step)
+
+    def wait_for_round(self) -> None:
+        inflight = self.strategy._inflight
+        assert inflight is not None
+        concurrent.futures.wait([inflight], timeout=10)
+
+    def weight(self) -> float:
+        return float(self.model.weight.detach()[0, 0])
+
+
+def _finish_together(peers: list[_LinearPeer], step: int) -> None:
+    threads = [threading.Thread(target=p.strategy.finish, args=(p.model, step)) for p in peers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    for peer in peers:
+        peer.strategy.close()
+
+
+def test_overlapped_round_lands_as_soon_as_it_is_done_and_moves_the_model_by_the_error() -> None:
+    group = InProcessGroup(2)
+    a, b = _LinearPeer(group), _LinearPeer(group)
+    for step in (0, 1):  # boundary at step 1: progress 0.2 (a) and 0.4 (b), average 0.3
+        a.step(0.1, step)
+        b.step(0.2, step)
+    assert a.weight() == pytest.approx(0.8)  # each restarts from its own estimate
+    assert b.weight() == pytest.approx(0.6)
+    a.wait_for_round()
+    b.wait_for_round()
+    a.step(0.1, 2)  # not a boundary, but the round is done: it lands now
+    b.step(0.2, 2)
+    for peer in (a, b):
+        assert peer.strategy.outer_step == 1
+        assert not peer.strategy.round_in_flight
+        assert float(peer.strategy._global[0].detach()[0, 0]) == pytest.approx(0.7)
+    # Moved by the estimate's error: a by 0.7 - 0.8, b by 0.7 - 0.6, after this step's own.
+    assert a.weight() == pytest.approx(0.8 - 0.1 - 0.1)
+    assert b.weight() == pytest.approx(0.6 - 0.2 + 0.1)
+    a.step(0.1, 3)  # boundary: progress from the real global weights, 0.2 and 0.4 again
+    b.step(0.2, 3)
+    assert a.weight() == pytest.approx(0.7 - 0.2)
+    assert b.weight() == pytest.approx(0.7 - 0.4)
+    _finish_together([a, b], 4)
+    for peer in (a, b):
+        assert peer.strategy.outer_step == 2
+        assert peer.weight() == pytest.approx(0.7 - 0.3)
+
+
+def test_overlapped_round_not_done_waits_for_the_boundary() -> None:
+    group = InProcessGroup(2)
+    a, b = _LinearPeer(group), _LinearPeer(group)
+    a.step(0.1, 0)
+    a.step(0.1, 1)  # a's round is launched; b has not come to it
+    a.step(0.1, 2)
+    assert a.strategy.outer_step == 0
+    assert a.strategy.round_in_flight
+    assert a.weight() == pytest.approx(0.7)  # its own steps only
+    b.step(0.2, 0)
+    b.step(0.2, 1)
+    a.step(0.1, 3)  # boundary: waits for the round, applies it, launches the next
+    assert a.strategy.outer_step == 1
+    assert float(a.strategy._global[0].detach()[0, 0]) == pytest.approx(0.7)
+    # Progress 0.2 since a restarted at 0.8; the next estimate is the real 0.7 minus it.
+    assert a.weight() == pytest.approx(0.5)
+    b.wait_for_round()
+    b.step(0.2, 2)  # b's round (the same one) lands early on b
+    assert b.strategy.outer_step == 1
+    b.step(0.2, 3)
+    _finish_together([a, b], 4)
+    assert a.strategy.global_weights_hash() == b.strategy.global_weights_hash()
 
 
 def test_sync_peers_stay_identical(tmp_path: Path) -> None:

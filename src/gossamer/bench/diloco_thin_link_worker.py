@@ -76,7 +76,8 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 class _PhaseClock:
-    """Seconds per span name (compute, communication, evaluation, ...) since the go signal."""
+    """Seconds per span name (compute, communication, evaluation, ...) since the go signal; each
+    span counts its own time, so the phases add up to the time spent in spans."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -87,7 +88,8 @@ class _PhaseClock:
         if not self.counting:
             return
         with self._lock:
-            self.seconds[span.name] = self.seconds.get(span.name, 0.0) + span.duration_s
+            # own time: a round's waiting and all-reduce nest in the hook's span, counted once
+            self.seconds[span.name] = self.seconds.get(span.name, 0.0) + span.own_s
 
     def snapshot(self) -> dict[str, float]:
         with self._lock:

@@ -143,6 +143,8 @@ class DiLoCoStrategy:
         del model
         self._steps_since_round += 1
         if (step + 1) % self.config.inner_steps != 0:
+            if self._inflight is not None and self._inflight.done():
+                self._land()
             return None
         assert self._outer is not None, "setup() must run before training"
         self._steps_since_round = 0
@@ -195,6 +197,26 @@ class DiLoCoStrategy:
         with nested_span("waiting", what="round_in_flight"):
             outcome = inflight.result()
         self._apply_outcome(outcome, waited_s=time.monotonic() - started)
+
+    def _land(self) -> None:
+        """(overlap) Apply the round in flight as soon as it is done, before the next boundary.
+
+        The local model restarted from an eager estimate of these global weights; it is moved by
+        the estimate's error (the real global weights minus the estimate), so the rest of the
+        round's inner steps run from where the real average put the model. Its progress is still
+        measured from the same start, moved alike. An excluded round moves nothing: the boundary
+        takes the others' state.
+        """
+        inflight, self._inflight = self._inflight, None
+        assert inflight is not None
+        version = self.outer_step
+        self._apply_outcome(inflight.result(), waited_s=0.0)
+        if self.outer_step == version:
+            return
+        with torch.no_grad():
+            for param, start, tensor in zip(self._params, self._start, self._global, strict=True):
+                param.add_(tensor - start)
+                start.copy_(tensor)
 
     def _catch_up(self) -> bool:
         """Before a round is launched: a peer behind the others takes their state here.
