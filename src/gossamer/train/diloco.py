@@ -10,18 +10,22 @@ Communication is once every H steps instead of every step: H = 500 sends about 5
 bytes than synchronous data parallel for the same model.
 
 With ``overlap``, a round's averaging runs in the background while the next H inner steps
-compute, and its result is applied one round late (the idea of overlapping DiLoCo's outer step
-with the next inner steps: Douillard et al. 2025, Streaming DiLoCo, arXiv:2501.18512; Kale et al.
-2025, eager updates, arXiv:2502.12996). At every boundary the peer
+compute (the idea of overlapping DiLoCo's outer step with the next inner steps: Douillard et al.
+2025, Streaming DiLoCo, arXiv:2501.18512; Kale et al. 2025, eager updates, arXiv:2502.12996). At
+every boundary the peer
 
 1. takes the progress of the round that just ended (start minus local weights),
-2. waits for the previous round's average (launched H steps ago, usually long done) and applies
-   the outer step to the global weights,
+2. applies the previous round's average if it has not landed yet (waiting for it, which happens
+   only when a round takes longer than H inner steps),
 3. restarts the local model from an eager estimate of the next global weights: the outer step
    taken with its own progress standing in for the average that has not arrived (the eager
    update of Kale et al.; the agreed global weights move only by real averages), and
 4. launches the round averaging that progress.
 
+A round lands as soon as it is done: at the first inner step after it, the outer step is applied
+to the global weights and the local model (and the start its progress is measured from) moves by
+the estimate's error, the real global weights minus the estimate, so the rest of the round's
+inner steps run from where the real average put the model, not from the estimate.
 Training never waits for the network unless a round takes longer than H inner steps. After the
 last step (:meth:`DiLoCoStrategy.finish`), a round still in flight is applied and the progress
 since the last boundary is averaged in one more round, so every peer ends on the global weights.
