@@ -74,14 +74,17 @@ def one_round(
 
 
 def assert_weighted_mean(
-    outcomes: Sequence[AverageOutcome], indices: Sequence[int], weights: Sequence[float]
+    outcomes: Sequence[AverageOutcome],
+    indices: Sequence[int],
+    weights: Sequence[float],
+    atol: float = 1e-6,
 ) -> None:
     expected = weighted_mean(indices, weights)
     for outcome in outcomes:
         assert outcome.group_size == len(indices)
         for got, want in zip(outcome.tensors, expected, strict=True):
             assert got.shape == want.shape
-            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+            torch.testing.assert_close(got, want, rtol=0, atol=atol)
 
 
 @pytest.mark.timeout(120)
@@ -114,7 +117,7 @@ def test_a_member_leaving_remakes_the_group_with_those_left() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_a_failed_collective_runs_the_round_again_over_p2p() -> None:
+def test_a_failed_collective_runs_the_round_again_over_p2p_then_sits_one_out() -> None:
     with averagers(3) as made:
         broken = made[2]
         assert broken._torch is not None
@@ -132,6 +135,15 @@ def test_a_failed_collective_runs_the_round_again_over_p2p() -> None:
             assert outcome.group_size == 3
             for got, want in zip(outcome.tensors, expected, strict=True):
                 torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        del broken._torch.average  # mended: the class's method again
+        # After a failure every member sits one round out of torch, then makes a new group.
+        assert_weighted_mean(one_round(made, "outer/1", weights), [0, 1, 2], weights, atol=1e-5)
+        assert all(a.rounds_by_backend == {"p2p": 2, "torch": 0} for a in made)
+        assert_weighted_mean(one_round(made, "outer/2", weights), [0, 1, 2], weights)
+        for averager in made:
+            assert averager.rounds_by_backend == {"p2p": 2, "torch": 1}
+            assert averager._torch is not None
+            assert averager._torch.groups_made == 2
 
 
 @pytest.mark.timeout(120)

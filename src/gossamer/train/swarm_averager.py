@@ -96,6 +96,9 @@ def _members_key(run_id: str) -> bytes:
     return hashlib.sha256(f"gossamer.train.members/{run_id}".encode()).digest()
 
 
+_MAX_TORCH_SKIP_ROUNDS = 64
+"""Most rounds a peer sends over p2p after torch.distributed failures in a row."""
+
 NUDGE_TOPIC = "gossamer.train.round_nudge.v1"
 """The bulk topic of round nudges: the payload is the round key, UTF-8."""
 _MAX_NUDGE_BYTES = 1024
@@ -271,6 +274,12 @@ class SwarmAverager:
         """Rounds with others this peer averaged, by the backend that did it."""
         self.torch_failures = 0
         """Rounds whose torch.distributed collective failed (run again over p2p)."""
+        self._torch_failures_in_a_row = 0
+        self._torch_rounds_to_skip = 0
+        """Rounds for which this peer publishes no store address after failures, so every round
+        it is in goes over p2p: 1 after a failure, doubling with each failure in a row (up to
+        :data:`_MAX_TORCH_SKIP_ROUNDS`), so a torch path that keeps failing (gloo's ports
+        blocked, say) costs a timeout now and then, not every round."""
         self._torch: TorchGroupAverager | None = None
         self._store: Store | None = None
         self._store_address = ""
@@ -476,11 +485,15 @@ class SwarmAverager:
                 store = self._store if plan.rank == 0 else self._leader_store(plan.leader_address)
                 assert store is not None
                 averager.ensure_group(plan.name, plan.members, plan.rank, store, self._torch_host)
-            return averager.average(tensors, weight)
+            result = averager.average(tensors, weight)
         except (PeerLostError, DeadlineExceededError) as exc:
             self._leader_stores.pop(plan.leader_address, None)
             averager.close()
             self.torch_failures += 1
+            self._torch_failures_in_a_row += 1
+            self._torch_rounds_to_skip = min(
+                _MAX_TORCH_SKIP_ROUNDS, 2 ** (self._torch_failures_in_a_row - 1)
+            )
             logger.warning(
                 "peer %s: torch.distributed round %s failed (%s); running it over p2p",
                 self.peer_id[:8],
@@ -488,6 +501,8 @@ class SwarmAverager:
                 exc,
             )
             return None
+        self._torch_failures_in_a_row = 0
+        return result
 
     def _leader_store(self, address: str) -> Store:
         """A connection to the store at ``address``, kept for later groups it leads."""
@@ -676,7 +691,9 @@ class SwarmAverager:
         stamp = self._clock.wall()
         figure = self.meter.estimate_bytes_per_s
         entry: dict[str, Any] = {"at": stamp, "bw": figure, "inc": self.incarnation}
-        if self._store_address and node.reachability != net_pb2.REACHABILITY_RELAYED:
+        if self._torch_rounds_to_skip > 0:  # after failures: this round over p2p
+            self._torch_rounds_to_skip -= 1
+        elif self._store_address and node.reachability != net_pb2.REACHABILITY_RELAYED:
             held = self._torch.group_hash if self._torch is not None else None
             entry |= {"tcp": self._store_address, "pg": held or ""}
         await node.dht.put(entry_key, json.dumps(entry).encode(), _ENTRY_TTL_S)
