@@ -21,8 +21,10 @@ and reported as not reached (``null``), with the loss it got to. ``utilization``
 compute time over its wall time to that point (evaluations left out); DDP overlaps its all-reduce
 with backward, so its compute cannot be told apart from its communication and it has none.
 
-DiLoCo's global weights exist only after an outer step, so it is evaluated every H steps; sync
-and DDP every ``eval_every_sync`` steps, which can only help them find the target sooner.
+Every method is evaluated the same way: each peer's model as it trains, every ``eval_every``
+steps. For DiLoCo that is the global weights right after an outer step and the local model
+between them; with overlap, the eager estimate at a boundary and the model moved by the real
+average once the round has landed.
 Latency is not emulated (docs/lab.md): the links are thin, not far.
 """
 
@@ -310,7 +312,7 @@ def run_thin_link_bench(
     inner_steps: int = 50,
     max_steps: int = 400,
     cap_s: float = 180.0,
-    eval_every_sync: int = 10,
+    eval_every: int = 10,
     overrides: Sequence[tuple[str, str]] = (),
     methods: Sequence[str] = _METHODS,
 ) -> ThinLinkResult:
@@ -324,7 +326,7 @@ def run_thin_link_bench(
         max_steps: the step budget every method's learning-rate schedule spans.
         cap_s: longest one method may run; one that has not reached the target by then is
             reported as not reached.
-        eval_every_sync: evaluation interval of sync and DDP, in steps.
+        eval_every: evaluation interval of every method, in steps.
         overrides: config flags (``("model.width", "64")``) on top of :data:`THIN_LINK_DEFAULTS`,
             for every method alike.
         methods: which of ``diloco``, ``diloco_overlap``, ``sync``, ``ddp`` to run, in this order.
@@ -352,13 +354,12 @@ def run_thin_link_bench(
         tempfile.TemporaryDirectory(prefix="gossamer-thin-link-") as tmp,
     ):
         for method in methods:
-            every = inner_steps if method.startswith("diloco") else eval_every_sync
             run_name = f"thin-{method}-{secrets.token_hex(3)}"
-            method_overrides = [*shared, ("train.eval_every", str(every)), ("name", run_name)]
+            method_overrides = [*shared, ("train.eval_every", str(eval_every)), ("name", run_name)]
             results[method] = _run_method(
                 method, placed, method_overrides, target=target_loss, cap_s=cap_s, folder=Path(tmp)
             )
-    settings["train.eval_every"] = f"{inner_steps} (diloco), {eval_every_sync} (sync, ddp)"
+    settings["train.eval_every"] = str(eval_every)
     return ThinLinkResult(
         peers=peers,
         rate_bits_per_s=rate_bits_per_s,

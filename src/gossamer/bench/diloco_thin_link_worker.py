@@ -20,6 +20,7 @@ driver reads progress live and loses nothing when it stops the peers at the targ
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import sys
@@ -41,7 +42,7 @@ from gossamer.core.config_loader import load_run_config
 from gossamer.data import TokenStream, load_corpus, validation_batches
 from gossamer.models import GPT
 from gossamer.net.bridge import NodeThread
-from gossamer.net.identity import load_or_create_identity
+from gossamer.net.identity import Identity, load_or_create_identity
 from gossamer.obs.trace import Span, SpanRecorder
 from gossamer.train.inference import mean_validation_loss
 from gossamer.train.loop import Trainer, TrainingListener
@@ -136,6 +137,30 @@ class _BenchListener(TrainingListener):
         self.log.record(step, val_loss)
 
 
+def _rank_identity(rank: int) -> Identity:
+    """Rank ``rank``'s identity, the same in every method and every run of the bench.
+
+    A swarm peer's data order follows its peer id (:func:`stream_seed_of`), so fixed ids give
+    every run the same batches per rank, and DDP's rank reads the same stream as the swarm
+    peers' rank: every method trains on the same data, and the time to the target does not
+    move from run to run with random ids' data orders.
+    """
+    return Identity.from_private_bytes(
+        hashlib.sha256(f"gossamer.bench.thin_link/{rank}".encode()).digest()
+    )
+
+
+def _rank_key_file(spec: dict[str, Any]) -> Path:
+    """The key file of :func:`_rank_identity` for this worker's rank (written once)."""
+    path = Path(spec["folder"]) / f"peer-{spec['rank']}.key"
+    if not path.exists():
+        staged = path.with_name(f".{path.name}.tmp")
+        with os.fdopen(os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            f.write(_rank_identity(spec["rank"]).private_pem())
+        staged.rename(path)
+    return path
+
+
 def _swarm_config(spec: dict[str, Any], bootstrap: str) -> RunConfig:
     checkpoints = Path(spec["folder"]) / f"checkpoints-{spec['method']}-{spec['rank']}"
     overrides = [
@@ -145,6 +170,7 @@ def _swarm_config(spec: dict[str, Any], bootstrap: str) -> RunConfig:
         ("swarm.listen", f"{spec['host']}:0"),
         ("swarm.bootstrap", bootstrap),
         ("checkpoint.directory", str(checkpoints)),
+        ("swarm.key_file", str(_rank_key_file(spec))),
     ]
     return load_run_config(None, overrides)
 
@@ -186,7 +212,8 @@ def _run_sync(spec: dict[str, Any], config: RunConfig) -> None:
     folder = Path(config.checkpoint.directory)
     folder.mkdir(parents=True, exist_ok=True)
     node_config = swarm_node_config(config)
-    with NodeThread(node_config, load_or_create_identity(folder / "peer.key")) as node_thread:
+    identity = load_or_create_identity(Path(config.swarm.key_file))
+    with NodeThread(node_config, identity) as node_thread:
         node = node_thread.node
         _publish_address(spec, f"{node.peer_id}@{node.addresses[0]}")
         averager = SwarmAverager(node_thread, swarm_averager_config(config))
@@ -247,13 +274,11 @@ def _ddp_loop(spec: dict[str, Any], config: RunConfig, rank: int, world: int) ->
     model = GPT(model_config)
     ddp = DistributedDataParallel(model)
     optimizer = build_optimizer(model, config.optim)
-    stream = TokenStream(
+    stream = TokenStream(  # the stream the swarm peers of this rank read
         corpus.train,
         seq_len=model_config.context,
         batch_size=train.batch_size,
-        seed=train.seed,
-        peer_index=rank,
-        num_peers=world,
+        seed=stream_seed_of(_rank_identity(rank).peer_id),
     )
     val = validation_batches(
         corpus.validation,
