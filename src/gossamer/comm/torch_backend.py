@@ -213,6 +213,20 @@ class TorchGroupAverager:
             buffer = self._buffer = torch.empty(numel, dtype=torch.float32, device=device)
         return buffer
 
+    def _check_round(self, tensors: Sequence[torch.Tensor], weight: float) -> torch.device:
+        """The group's device, once the arguments of a round are checked.
+
+        Raises:
+            ValueError: no group, no tensors, or a weight that is negative or not finite.
+        """
+        if self._group_hash is None:
+            raise ValueError("no group: call ensure_group first")
+        if not tensors:
+            raise ValueError("nothing to average: the tensor list is empty")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"weight must be finite and >= 0, got {weight}")
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
     def average_(self, tensors: Sequence[torch.Tensor], weight: float = 1.0) -> AllReduceReport:
         """Replace ``tensors`` by their weighted average across the group, in place.
 
@@ -225,14 +239,10 @@ class TorchGroupAverager:
         Raises:
             PeerLostError: a member failed during the collective (the group must be re-made).
         """
-        if self._group_hash is None:
-            raise ValueError("no group: call ensure_group first")
-        if not tensors:
-            raise ValueError("nothing to average: the tensor list is empty")
+        device = self._check_round(tensors, weight)
         started = time.perf_counter()
         total_weight = self._total_weight(weight)
         scale = weight / total_weight if total_weight > 0 else 1.0 / len(self.members)
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         only = tensors[0]
         direct = (
             len(tensors) == 1
@@ -274,14 +284,8 @@ class TorchGroupAverager:
         Raises:
             PeerLostError: a member failed during the collective (the group must be re-made).
         """
-        if self._group_hash is None:
-            raise ValueError("no group: call ensure_group first")
-        if not tensors:
-            raise ValueError("nothing to average: the tensor list is empty")
-        if not (math.isfinite(weight) and weight >= 0):
-            raise ValueError(f"weight must be finite and >= 0, got {weight}")
+        device = self._check_round(tensors, weight)
         started = time.perf_counter()
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         numel = sum(t.numel() for t in tensors)
         flat = self._staging(numel + 1, device)
         offset = 0
