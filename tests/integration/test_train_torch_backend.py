@@ -94,6 +94,7 @@ def test_auto_averages_over_one_gloo_group_kept_while_the_members_stay() -> None
         for round_index in range(3):
             outcomes = one_round(made, f"outer/{round_index}", weights)
             assert_weighted_mean(outcomes, [0, 1, 2], weights)
+            assert all(o.backend == "torch" for o in outcomes)
         for averager in made:
             assert averager.rounds_by_backend == {"p2p": 0, "torch": 3}
             assert averager._torch is not None
@@ -133,6 +134,7 @@ def test_a_failed_collective_runs_the_round_again_over_p2p_then_sits_one_out() -
             assert averager.torch_failures == 1
             assert averager.rounds_by_backend == {"p2p": 1, "torch": 0}
             assert outcome.group_size == 3
+            assert outcome.backend == "p2p"
             for got, want in zip(outcome.tensors, expected, strict=True):
                 torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
         del broken._torch.average  # mended: the class's method again

@@ -189,8 +189,8 @@ def test_observed_averager_counts_rounds_by_outcome() -> None:
     fake = _FakeSwarmAverager(
         "int8",
         [
-            _outcome(tensors),
-            _outcome(tensors, group_size=2, failed_peers=["x"], missing_peers=["y"]),
+            _outcome(tensors, backend="torch"),
+            _outcome(tensors, group_size=2, failed_peers=["x"], missing_peers=["y"], backend="p2p"),
             _outcome(tensors, group_size=1),
             _outcome(tensors, group_size=0, excluded=True),
         ],
@@ -201,6 +201,8 @@ def test_observed_averager_counts_rounds_by_outcome() -> None:
     s = _samples(metrics.registry)
     for outcome in ("complete", "shrunk", "alone", "excluded"):
         assert s[("gossamer_averaging_rounds_total", (("outcome", outcome),))] == 1
+    for backend in ("p2p", "torch"):  # the rounds alone or excluded had no backend
+        assert s[("gossamer_averaging_backend_rounds_total", (("backend", backend),))] == 1
     assert s[("gossamer_round_peers_dropped_total", ())] == 1
     assert s[("gossamer_round_peers_missing_total", ())] == 1
     assert s[("gossamer_allreduce_duration_seconds_count", ())] == 4

@@ -27,10 +27,19 @@ from prometheus_client.registry import Collector
 from gossamer.obs.goodput import GoodputSnapshot, GoodputTracker
 from gossamer.obs.trace import PHASES, Span
 
-__all__ = ["ROUND_OUTCOMES", "MetricsServer", "PeerMetrics", "SwarmMetrics", "serve_metrics"]
+__all__ = [
+    "BACKENDS",
+    "ROUND_OUTCOMES",
+    "MetricsServer",
+    "PeerMetrics",
+    "SwarmMetrics",
+    "serve_metrics",
+]
 
 
 _SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+BACKENDS = ("p2p", "torch")
+"""What averages a round with other peers: comm's all-reduce, or a torch.distributed group."""
 ROUND_OUTCOMES = ("complete", "shrunk", "alone", "excluded")
 """How an averaging round ended for this peer: every expected peer contributed; some were
 dropped or did not come; nobody else came; or the round closed before this peer arrived."""
@@ -171,6 +180,14 @@ class SwarmMetrics:
             registry=r,
         )
         self._round_children = {o: self.rounds.labels(outcome=o) for o in ROUND_OUTCOMES}
+        self.backend_rounds = Counter(
+            "gossamer_averaging_backend_rounds",
+            "Rounds averaged with other peers, by what averaged them: p2p (comm's all-reduce over "
+            "the peers' links) or torch (a torch.distributed group).",
+            ["backend"],
+            registry=r,
+        )
+        self._backend_children = {b: self.backend_rounds.labels(backend=b) for b in BACKENDS}
         self.round_peers_dropped = Counter(
             "gossamer_round_peers_dropped",
             "Peers dropped from a round this peer was in (failed mid-round).",
@@ -215,9 +232,13 @@ class SwarmMetrics:
         compression_ratio: float,
         num_dropped: int = 0,
         num_missing: int = 0,
+        backend: str = "",
     ) -> None:
-        """Count one averaging round (``outcome`` is one of :data:`ROUND_OUTCOMES`)."""
+        """Count one averaging round (``outcome`` is one of :data:`ROUND_OUTCOMES`; ``backend``
+        one of :data:`BACKENDS`, or '' when nobody else was averaged with)."""
         self._round_children[outcome].inc()
+        if backend:
+            self._backend_children[backend].inc()
         self.allreduce_seconds.observe(seconds)
         self.group_size.set(group_size)
         self.compression_ratio.set(compression_ratio)

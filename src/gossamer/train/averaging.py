@@ -54,6 +54,9 @@ class AverageOutcome:
     """Of ``seconds``, the time spent waiting for the round's group to form (for the others)."""
     communication_seconds: float = 0.0
     """Of ``seconds``, the time spent exchanging tensors with the group (the all-reduce)."""
+    backend: str = ""
+    """What averaged the round with the others: ``p2p`` or ``torch`` (torch.distributed); ''
+    where nobody else was averaged with, or in process."""
 
 
 def record_round_phases(

@@ -122,6 +122,7 @@ class ObservedAverager:
             compression_ratio=self.compression_ratio(tensors),
             num_dropped=len(outcome.failed_peers),
             num_missing=len(outcome.missing_peers),
+            backend=outcome.backend,
         )
         return outcome
 

@@ -370,6 +370,7 @@ class SwarmAverager:
                     wait_seconds=formed - marks["began"],
                 )
             result = None
+            backend = "torch"
             plan = self._torch_plan(node, key, round_)
             if plan is not None:
                 result = await asyncio.to_thread(self._torch_average, plan, tensors, weight)
@@ -386,9 +387,8 @@ class SwarmAverager:
                     meter=self.meter,
                     feedback=self.feedback,
                 )
-                self.rounds_by_backend["p2p"] += 1
-            else:
-                self.rounds_by_backend["torch"] += 1
+                backend = "p2p"
+            self.rounds_by_backend[backend] += 1
             report = result.report
             done = time.monotonic()
             return AverageOutcome(
@@ -401,6 +401,7 @@ class SwarmAverager:
                 missing_peers=missing,
                 wait_seconds=formed - marks["began"],
                 communication_seconds=done - formed,
+                backend=backend,
             )
 
         try:
