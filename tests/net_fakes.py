@@ -80,10 +80,12 @@ class FakeDhtTransport:
         self.network = network
         self.own = own
 
-    async def find_node(self, peer_id: str, target: bytes) -> list[net_pb2.SignedPeerRecord]:
+    async def find_node(
+        self, peer_id: str, target: bytes, known_filter: bytes = b""
+    ) -> list[net_pb2.SignedPeerRecord]:
         remote = self.network.reach(self.own, peer_id)
         found = remote.handle_find_node(self.own, target)
-        for record in remote.gossip_records(exclude=self.own):
+        for record in remote.gossip_records(exclude=self.own, known_filter=known_filter):
             self.network.nodes[self.own].learn(record)
         return found
 

@@ -110,8 +110,14 @@ _DHT = _NETWORK.add_node()
 
 
 @FUZZ
-@given(st.binary(max_size=256), st.binary(max_size=2048))
-def test_dht_handlers_given_random_requests_fail_cleanly(target: bytes, store: bytes) -> None:
+@given(
+    st.binary(max_size=256),
+    st.binary(max_size=2048),
+    st.one_of(st.binary(max_size=64), st.binary(min_size=8190, max_size=8194)),
+)
+def test_dht_handlers_given_random_requests_fail_cleanly(
+    target: bytes, store: bytes, known_filter: bytes
+) -> None:
     for call in (
         lambda: _DHT.handle_find_node("fuzz", target),
         lambda: _DHT.handle_find_value("fuzz", target),
@@ -120,6 +126,11 @@ def test_dht_handlers_given_random_requests_fail_cleanly(target: bytes, store: b
             call()
         except ProtocolError:
             assert len(target) != 32
+    if len(known_filter) > 8192:
+        with pytest.raises(ProtocolError):
+            _DHT.gossip_records("fuzz", known_filter)
+    else:
+        assert len(_DHT.gossip_records("fuzz", known_filter)) <= 4
     record = _decode(net_pb2.SignedRecord, store)
     if record is not None:
         with contextlib.suppress(ProtocolError, AuthenticationError):

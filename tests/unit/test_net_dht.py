@@ -6,11 +6,14 @@ import asyncio
 import hashlib
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gossamer.core.clock import FakeClock
 from gossamer.core.errors import AuthenticationError, ProtocolError
 from gossamer.net.config import DhtConfig
 from gossamer.net.identity import Identity
+from gossamer.net.peer_filter import MAX_FILTER_BYTES, PeerFilter
 from gossamer.net.records import sign_record
 from gossamer.net.routing import xor_distance
 from net_fakes import FakeDhtNetwork
@@ -127,3 +130,57 @@ def test_dead_peers_leave_routing_on_failure_and_the_directory_at_expiry() -> No
             assert victim not in survivor.routing
 
     asyncio.run(scenario())
+
+
+def test_a_newcomer_learns_a_settled_swarm_within_two_refreshes() -> None:
+    # Gossip drawn at random would leave a tail (a median of five refreshes and up to nine in
+    # this swarm); the newcomer's known-peer filter makes every answer bring records it lacks.
+    async def scenario() -> None:
+        network = await _swarm(64, FakeClock())
+        assert all(len(n.directory) == 63 for n in network.nodes.values())
+        first = next(iter(network.nodes.values()))
+        newcomer = network.add_node()
+        newcomer.learn(first.own_record())
+        await newcomer.lookup(newcomer.identity.digest)
+        for _ in range(2):
+            await newcomer.refresh()
+        assert len(newcomer.directory) == 64
+
+    asyncio.run(scenario())
+
+
+def test_gossip_sends_what_the_requester_lacks_first() -> None:
+    async def scenario() -> None:
+        network = await _swarm(40, FakeClock())
+        responder, requester = list(network.nodes.values())[:2]
+        held = [r for r in responder.directory.records() if r.peer_id != requester.identity.peer_id]
+        lacking = held[-3:]
+        known = PeerFilter.build(r.signed.record.key for r in held[:-3]).to_bytes()
+        for _ in range(5):  # the other slots stay random; the lacking are sent every time
+            gossip = responder.gossip_records(requester.identity.peer_id, known)
+            assert len(gossip) == CONFIG.bucket_size
+            sent = {r.record.key for r in gossip}
+            assert {r.signed.record.key for r in lacking} <= sent
+        with pytest.raises(ProtocolError, match="more than the 8192 accepted"):
+            responder.gossip_records(requester.identity.peer_id, bytes(MAX_FILTER_BYTES + 1))
+
+    asyncio.run(scenario())
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.binary(min_size=32, max_size=32), max_size=300, unique=True))
+def test_the_peer_filter_has_no_false_negatives(digests: list[bytes]) -> None:
+    peer_filter = PeerFilter.parse(PeerFilter.build(digests).to_bytes())
+    assert peer_filter is not None
+    assert all(peer_filter.might_hold(d) for d in digests)
+
+
+def test_the_peer_filter_false_positive_rate_is_about_one_percent() -> None:
+    members = [hashlib.sha256(b"in %d" % i).digest() for i in range(2000)]
+    others = [hashlib.sha256(b"out %d" % i).digest() for i in range(20_000)]
+    peer_filter = PeerFilter.build(members)
+    assert len(peer_filter.to_bytes()) == 2500
+    rate = sum(peer_filter.might_hold(d) for d in others) / len(others)
+    assert rate < 0.02, rate
+    assert PeerFilter.parse(b"") is None
+    assert len(PeerFilter.build(others).to_bytes()) == MAX_FILTER_BYTES

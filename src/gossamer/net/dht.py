@@ -26,6 +26,7 @@ from gossamer.net.identity import (
     peer_id_of_public_key,
     short_peer_id,
 )
+from gossamer.net.peer_filter import PeerFilter
 from gossamer.net.records import check_record, sign_record
 from gossamer.net.routing import RoutingTable
 from gossamer.proto import net_pb2
@@ -38,8 +39,14 @@ _log = logging.getLogger(__name__)
 class DhtTransport(Protocol):
     """How the DHT reaches another peer; errors are Gossamer errors."""
 
-    async def find_node(self, peer_id: str, target: bytes) -> list[net_pb2.SignedPeerRecord]:
-        """Ask ``peer_id`` for the peers it knows nearest to ``target``."""
+    async def find_node(
+        self, peer_id: str, target: bytes, known_filter: bytes = b""
+    ) -> list[net_pb2.SignedPeerRecord]:
+        """Ask ``peer_id`` for the peers it knows nearest to ``target``.
+
+        ``known_filter`` is a :class:`PeerFilter` of the records held here; the gossip that comes
+        back with the answer (learned by the transport) favours records outside it.
+        """
         ...
 
     async def find_value(
@@ -129,15 +136,28 @@ class Dht:
             raise ProtocolError(f"FindNode target has {len(target)} bytes, not 32")
         return self._closest_records(target, exclude=sender)
 
-    def gossip_records(self, exclude: str = "") -> list[net_pb2.SignedPeerRecord]:
-        """Up to k records to spread: the most recently renewed half, and a random half."""
+    def gossip_records(
+        self, exclude: str = "", known_filter: bytes = b""
+    ) -> list[net_pb2.SignedPeerRecord]:
+        """Up to k records to spread: the most recently renewed half, and a random half.
+
+        The random half is drawn first from the records the requester's ``known_filter`` (a
+        :class:`PeerFilter`; empty for none) says it lacks.
+
+        Raises:
+            ProtocolError: the filter is larger than the protocol allows.
+        """
+        known = PeerFilter.parse(known_filter)
         records = [r for r in self.directory.records() if r.peer_id != exclude]
         half = self.config.bucket_size // 2 or 1
         if len(records) <= self.config.bucket_size:
             return [r.signed for r in records]
         records.sort(key=lambda r: r.published_at_s, reverse=True)
-        chosen = records[:half] + self._rng.sample(records[half:], self.config.bucket_size - half)
-        return [r.signed for r in chosen]
+        rest = records[half:]
+        self._rng.shuffle(rest)
+        if known is not None:  # a stable sort: the lacking first, each side still shuffled
+            rest.sort(key=lambda r: known.might_hold(r.signed.record.key))
+        return [r.signed for r in records[:half] + rest[: self.config.bucket_size - half]]
 
     def handle_find_value(
         self, sender: str, key: bytes
@@ -258,6 +278,7 @@ class Dht:
         queried: set[str] = set()
         answered: set[str] = set()
         records: list[net_pb2.SignedRecord] = []
+        known_filter = b"" if want_value else self._known_filter()
         max_rounds = 64  # bounded even if the network keeps offering new peers
 
         def distance(peer_id: str) -> int:
@@ -270,7 +291,8 @@ class Dht:
                 break
             queried.update(batch)
             results = await asyncio.gather(
-                *(self._ask(p, target, want_value) for p in batch), return_exceptions=False
+                *(self._ask(p, target, want_value, known_filter) for p in batch),
+                return_exceptions=False,
             )
             for peer_id, (ok, found_records, found_peers) in zip(batch, results, strict=True):
                 if not ok:
@@ -286,14 +308,18 @@ class Dht:
         closest = sorted(answered, key=distance)[:k]
         return closest, records
 
+    def _known_filter(self) -> bytes:
+        return PeerFilter.build(r.signed.record.key for r in self.directory.records()).to_bytes()
+
     async def _ask(
-        self, peer_id: str, target: bytes, want_value: bool
+        self, peer_id: str, target: bytes, want_value: bool, known_filter: bytes = b""
     ) -> tuple[bool, list[net_pb2.SignedRecord], list[net_pb2.SignedPeerRecord]]:
         try:
             if want_value:
                 raw_records, peers = await self.transport.find_value(peer_id, target)
             else:
-                raw_records, peers = [], await self.transport.find_node(peer_id, target)
+                raw_records = []
+                peers = await self.transport.find_node(peer_id, target, known_filter)
         except GossamerError as exc:
             _log.debug("peer %s: lookup request to %s failed: %s", self._short, peer_id[:12], exc)
             self.peer_failed(peer_id)

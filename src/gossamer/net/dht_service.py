@@ -53,7 +53,8 @@ class DhtServicer(net_pb2_grpc.DhtServicer):
         sender = self._learn_sender(request.sender, request.HasField("sender"))
         closest = self._dht.handle_find_node(sender, request.target)
         response = net_pb2.FindNodeResponse(
-            closest=closest, gossip=self._dht.gossip_records(exclude=sender)
+            closest=closest,
+            gossip=self._dht.gossip_records(exclude=sender, known_filter=request.known_filter),
         )
         own = self._responder()
         if own is not None:
@@ -121,8 +122,10 @@ class GrpcDhtTransport:
         )
         self._learn(response.responder, response.HasField("responder"))
 
-    async def find_node(self, peer_id: str, target: bytes) -> list[net_pb2.SignedPeerRecord]:
-        request = net_pb2.FindNodeRequest(target=target)
+    async def find_node(
+        self, peer_id: str, target: bytes, known_filter: bytes = b""
+    ) -> list[net_pb2.SignedPeerRecord]:
+        request = net_pb2.FindNodeRequest(target=target, known_filter=known_filter)
         sender = self._sender()
         if sender is not None:
             request.sender.CopyFrom(sender)

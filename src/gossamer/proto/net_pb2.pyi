@@ -139,12 +139,14 @@ class PingResponse(_message.Message):
     def __init__(self, sequence: _Optional[int] = ..., responder: _Optional[_Union[SignedPeerRecord, _Mapping]] = ...) -> None: ...
 
 class FindNodeRequest(_message.Message):
-    __slots__ = ("sender", "target")
+    __slots__ = ("sender", "target", "known_filter")
     SENDER_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_FILTER_FIELD_NUMBER: _ClassVar[int]
     sender: SignedPeerRecord
     target: bytes
-    def __init__(self, sender: _Optional[_Union[SignedPeerRecord, _Mapping]] = ..., target: _Optional[bytes] = ...) -> None: ...
+    known_filter: bytes
+    def __init__(self, sender: _Optional[_Union[SignedPeerRecord, _Mapping]] = ..., target: _Optional[bytes] = ..., known_filter: _Optional[bytes] = ...) -> None: ...
 
 class FindNodeResponse(_message.Message):
     __slots__ = ("closest", "responder", "gossip")
