@@ -245,12 +245,38 @@ def test_paused_member_never_holds_the_round_past_its_deadline() -> None:
         _assert_close(results[i].tensors, _mean(inputs, [0, 1, 2]), atol=1e-6)
 
 
-def test_cut_link_reports_the_peer_and_the_round_still_completes() -> None:
-    inputs = _inputs(3)
+def test_a_member_wrongly_declared_failed_is_told_and_keeps_no_disputed_average() -> None:
+    # Peer 0 cannot reach peer 2, which is alive: 0 declares it failed, the others follow and
+    # take a backup's average of peer 2's part. Peer 2 is told, stops at once (not at its
+    # deadline: 0 cannot tell it, the others do) and keeps its own values for what it reduced,
+    # so no part holds two averages.
+    inputs = _inputs(4)
     script = FaultScript(refuse_sends_to=frozenset({"peer-2"}))
     results, clock = _run(inputs, scripts={0: script})
-    assert clock.monotonic() <= TIMEOUT_S
-    assert "peer-2" in results[0].report.failed
+    assert clock.monotonic() < CONFIG.send_timeout_s
+    others = {i: r for i, r in results.items() if i != 2}
+    _assert_agree(others)
+    for result in others.values():
+        assert "peer-2" in result.report.failed
+        assert result.report.excluded is None
+        assert result.report.parts[2].outcome is PartOutcome.REASSIGNED
+        assert "peer-2" not in result.report.parts[2].contributors
+    dropped = results[2].report
+    assert dropped.excluded in {"declared failed by peer-1", "declared failed by peer-3"}
+    assert not dropped.deadline_hit
+    assert dropped.parts[2].outcome is PartOutcome.KEPT_LOCAL
+    flat = torch.cat([t.reshape(-1) for t in results[2].tensors])
+    own = torch.cat([t.reshape(-1) for t in inputs[2]])
+    agreed = torch.cat([t.reshape(-1) for t in results[0].tensors])
+    start = 0
+    for part in dropped.parts:
+        end = start + part.num_elements
+        if part.outcome is PartOutcome.KEPT_LOCAL:
+            assert torch.equal(flat[start:end], own[start:end])
+        else:  # an average it received from the others' reducer: the one they hold
+            assert part.reducer != "peer-2"
+            assert torch.equal(flat[start:end], agreed[start:end])
+        start = end
     assert all(not np.isnan(t.numpy()).any() for r in results.values() for t in r.tensors)
 
 

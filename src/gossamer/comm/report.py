@@ -79,6 +79,11 @@ class AllReduceReport:
     """Thread time spent decoding and reducing."""
     deadline_hit: bool = False
     """Whether the round ended at its deadline rather than complete."""
+    excluded: str | None = None
+    """Why the other members dropped this one from the round (a send to it failed, so they
+    declared it failed), or None. Such a member keeps only the averages it received from the
+    others' reducers: the parts it reduced itself are ``kept_local``, as the others took a
+    backup's average of them."""
     send_bytes_per_s: float | None = None
     """This member's send throughput measured on the round's traffic (see
     :mod:`gossamer.comm.bandwidth`); None when too little was sent to tell."""

@@ -77,6 +77,8 @@ class RoundState:
         n = plan.num_parts
         self.index = {peer: i for i, peer in enumerate(plan.members)}
         self.failed: dict[int, str] = {}
+        self.excluded: str | None = None
+        """Why the others dropped this member from the round (None while they have not)."""
         self.reducer_of = list(range(n))
         self.reducers: dict[int, PartReducer] = {}
         self.chunks = [plan.chunks(p) for p in range(n)]
@@ -311,7 +313,12 @@ class RoundState:
     # ---- failures ------------------------------------------------------------------------------
 
     def peer_failed(self, member: int, reason: str, *, notify: bool) -> None:
-        """Stop waiting for ``member``, reassign what it reduced, and (optionally) tell the rest."""
+        """Stop waiting for ``member``, reassign what it reduced, and (optionally) tell the rest.
+
+        ``member`` itself is told too: if it is alive (wrongly declared failed, or cut off from
+        one member only) it stops at once instead of at its deadline, and does not take its own
+        averages for the ones the others take from a backup.
+        """
         if member == self.me or member in self.failed:
             return
         self.failed[member] = reason
@@ -330,15 +337,49 @@ class RoundState:
         for part in range(self.plan.num_parts):
             if self.reducer_of[part] == member and self.chunks[part]:
                 self._reassign(part)
+        message = pack_frame(Frame(FrameKind.PEER_FAILED, self.round_id, 0, 0, member, 0.0, 0))
         if notify:
-            message = pack_frame(Frame(FrameKind.PEER_FAILED, self.round_id, 0, 0, member, 0.0, 0))
             for dest in range(self.plan.num_parts):
                 if dest != self.me and dest not in self.failed:
                     self.spawn(self._notify(dest, message))
+        self.spawn(self._tell_excluded(member, message))
         self._check_done()
 
     async def _notify(self, dest: int, message: bytes) -> None:
         await self._transmit(dest, message)
+
+    async def _tell_excluded(self, member: int, message: bytes) -> None:
+        # Best effort: the member is probably gone, and the round never waits for this send.
+        remaining = self.deadline_s - self.clock.monotonic()
+        if remaining > 0:
+            try:
+                await self.transport.send(
+                    self.plan.members[member],
+                    message,
+                    timeout_s=min(self.send_timeout_s, remaining),
+                )
+            except GossamerError:
+                return
+
+    def _on_excluded(self, reason: str) -> None:
+        # The others take a backup's averages for what this member reduced; its own would
+        # differ, so they are dropped at the end (fill_missing) and the round ends now.
+        if self.excluded is None:
+            self.excluded = reason
+            _log.info(
+                "peer %s: the others dropped it from round %s: %s",
+                self.plan.members[self.me][:12],
+                self.round_id.hex()[:12],
+                reason,
+            )
+        self.done.set()
+
+    def _authoritative(self, part: int, chunk: int) -> bool:
+        """Whether this member's output for the chunk is what the others hold (or will)."""
+        if self.excluded is None:
+            return self.has_output[part][chunk]
+        source = self.result_from[part][chunk]
+        return source is not None and source != self.me and self.reducer_of[part] != self.me
 
     def _reassign(self, part: int) -> None:
         backup = self.plan.backup_of(part, set(self.failed))
@@ -365,6 +406,9 @@ class RoundState:
         if frame.kind is FrameKind.PEER_FAILED:
             if frame.peer_index >= n:
                 raise ProtocolError(f"failure report for member {frame.peer_index} of {n}")
+            if frame.peer_index == self.me:
+                self._on_excluded(f"declared failed by {sender[:12]}")
+                return
             self.peer_failed(frame.peer_index, f"reported by {sender[:12]}", notify=False)
             return
         if frame.part >= n or frame.chunk >= len(self.chunks[frame.part]):
@@ -422,10 +466,13 @@ class RoundState:
         self._check_done()
 
     def fill_missing(self) -> None:
-        """Give every chunk that got no average this member's own values (in a thread)."""
+        """Give every chunk that got no average this member's own values (in a thread).
+
+        A member the others dropped keeps only the averages it received from their reducers.
+        """
         for part, chunks in enumerate(self.chunks):
             for chunk, (a, b) in enumerate(chunks):
-                if not self.has_output[part][chunk]:
+                if not self._authoritative(part, chunk):
                     self.output[a:b] = self.local[a:b]
 
     # ---- report --------------------------------------------------------------------------------
@@ -435,6 +482,7 @@ class RoundState:
         members = self.plan.members
         ended = time.perf_counter()
         report.failed = {members[i]: why for i, why in sorted(self.failed.items())}
+        report.excluded = self.excluded
         report.bytes_sent = self.bytes_sent
         report.bytes_received = self.bytes_received
         report.fp32_bytes_sent = self.fp32_bytes_sent
@@ -444,7 +492,10 @@ class RoundState:
         report.all_gather_s = max(0.0, ended - reduced)
         report.encode_s, report.decode_s = self.encode_s, self.decode_s
         for part in range(self.plan.num_parts):
-            sources = self.result_from[part]
+            sources = [
+                s if self._authoritative(part, c) else None
+                for c, s in enumerate(self.result_from[part])
+            ]
             reducer = self.reducer_of[part]
             if all(s == reducer for s in sources):
                 outcome = PartOutcome.AVERAGED if reducer == part else PartOutcome.REASSIGNED

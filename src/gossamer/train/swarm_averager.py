@@ -402,6 +402,9 @@ class SwarmAverager:
                 wait_seconds=formed - marks["began"],
                 communication_seconds=done - formed,
                 backend=backend,
+                # Dropped by the others: its own parts differ from theirs, so the strategy takes
+                # the swarm's state, as for a missed round.
+                excluded=report.excluded is not None,
             )
 
         try:
