@@ -235,6 +235,10 @@ async def all_reduce(
     start = clock.monotonic()
     deadline = start + config.timeout_s
     state.reduce_deadline_s = start + config.timeout_s * config.reduce_deadline_share
+    # A third of the time left after the reduce deadline for the owners' first averages to
+    # arrive; a backup then still has the rest to reduce a silent owner's part again.
+    share = config.reduce_deadline_share
+    state.result_deadline_s = start + config.timeout_s * (share + (1 - share) / 3)
     state.deadline_s = deadline
     mailbox.open_round(round_id, state)
     try:

@@ -94,6 +94,9 @@ class RoundState:
         self.done = asyncio.Event()
         self.group: asyncio.TaskGroup | None = None
         self.reduce_deadline_s = 0.0
+        self.result_deadline_s = 0.0
+        """When an owner that sent no average of its part yet counts as failed (see
+        :meth:`_watch_results`)."""
         self.deadline_s = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         self._num_pending_result_sends = 0
@@ -129,6 +132,8 @@ class RoundState:
                 self.spawn(self._send_part(part, part, flags=0, counted=True))
         if self._num_contribution_senders == 0:
             self._contributions_done_at = time.perf_counter()
+        if self.result_deadline_s:
+            self.spawn(self._watch_results())
         self._check_done()
 
     def cancel_all(self) -> None:
@@ -147,6 +152,30 @@ class RoundState:
             if any(source != self.reducer_of[part] for source in sources):
                 return
         self.done.set()
+
+    async def _watch_results(self) -> None:
+        """Declare failed an owner that is alive but sent no average by the result deadline.
+
+        Its part then goes to a backup like a dead owner's (the others follow the report, the
+        owner is told), instead of being kept local everywhere. Only when at least half the other
+        owners' averages did arrive: if they did not either, this member's own link is what is slow,
+        and declaring everyone failed would wreck the round for all.
+        """
+        await self.clock.sleep_async(max(0.0, self.result_deadline_s - self.clock.monotonic()))
+        if self.done.is_set() or self.excluded is not None:
+            return
+        owners = [
+            p
+            for p in range(self.plan.num_parts)
+            if p != self.me and self.chunks[p] and self.reducer_of[p] == p and p not in self.failed
+        ]
+        silent = [p for p in owners if all(s is None for s in self.result_from[p])]
+        if 2 * len(silent) > len(owners):
+            return
+        for part in silent:
+            self.peer_failed(
+                part, "sent no average of its part by the result deadline", notify=True
+            )
 
     # ---- reducing ------------------------------------------------------------------------------
 
