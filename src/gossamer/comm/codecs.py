@@ -154,23 +154,44 @@ class Blockwise8BitCodec(Codec):
 
     @staticmethod
     def _quantize(values: FloatArray, block_size: int) -> tuple[npt.NDArray[np.int8], FloatArray]:
+        # Full blocks as one 2-D view and the short last block apart: no padded copy, and the
+        # scaled values are rounded and clipped in place (one temporary, not four).
         num = values.shape[0]
-        num_blocks = -(-num // block_size)
-        padded = np.zeros(num_blocks * block_size, dtype=np.float32)
-        padded[:num] = values
-        blocks = padded.reshape(num_blocks, block_size)
-        scales = (np.abs(blocks).max(axis=1) / 127.0).astype(np.float32)
-        safe = np.where(scales > 0, scales, np.float32(1.0))
-        quantized = np.rint(blocks / safe[:, None]).clip(-127, 127).astype(np.int8)
-        return quantized.reshape(-1)[:num], scales
+        scales = np.empty(-(-num // block_size), dtype=np.float32)
+        quantized = np.empty(num, dtype=np.int8)
+        for first_block, blocks in _block_views(values, block_size):
+            count = blocks.shape[0]
+            absmax = np.maximum(blocks.max(axis=1), -blocks.min(axis=1))
+            block_scales = scales[first_block : first_block + count]
+            np.divide(absmax, np.float32(127.0), out=block_scales)
+            safe = np.where(block_scales > 0, block_scales, np.float32(1.0))
+            scaled = blocks / safe[:, None]
+            np.rint(scaled, out=scaled)
+            np.clip(scaled, -127, 127, out=scaled)
+            start = first_block * block_size
+            quantized[start : start + scaled.size] = scaled.reshape(-1)
+        return quantized, scales
 
     @staticmethod
     def _dequantize(
         quantized: npt.NDArray[np.int8], scales: FloatArray, block_size: int
     ) -> FloatArray:
-        num = quantized.shape[0]
-        per_value = np.repeat(scales, block_size)[:num]
-        return (quantized.astype(np.float32) * per_value).astype(np.float32)
+        values = quantized.astype(np.float32)
+        for first_block, blocks in _block_views(values, block_size):
+            blocks *= scales[first_block : first_block + blocks.shape[0], None]
+        return values
+
+
+def _block_views(values: FloatArray, block_size: int) -> list[tuple[int, FloatArray]]:
+    """(index of the first block, 2-D view) for the full blocks and for the short last one."""
+    num = values.shape[0]
+    full = num // block_size
+    views = []
+    if full:
+        views.append((0, values[: full * block_size].reshape(full, block_size)))
+    if num > full * block_size:
+        views.append((full, values[full * block_size :].reshape(1, -1)))
+    return views
 
 
 _BY_ID: dict[int, Codec] = {}

@@ -53,6 +53,33 @@ class ChunkCodec:
         message is written once into one buffer: uncompressed values are copied straight in
         from ``values``; compressed payloads (small) are copied after encoding.
         """
+        message, decoded = self._encode(values, start, end, feedback, base, prefix, True)
+        assert decoded is not None
+        return message, decoded
+
+    def encode_message(
+        self,
+        values: FloatArray,
+        start: int,
+        end: int,
+        feedback: ErrorFeedback | None,
+        *,
+        prefix: bytes = b"",
+    ) -> bytearray:
+        """The message of :meth:`encode` alone: without error feedback, a lossy codec's
+        payload is then not decoded back (a contribution's sender has no use for it)."""
+        return self._encode(values, start, end, feedback, 0, prefix, False)[0]
+
+    def _encode(
+        self,
+        values: FloatArray,
+        start: int,
+        end: int,
+        feedback: ErrorFeedback | None,
+        base: int,
+        prefix: bytes,
+        want_decoded: bool,
+    ) -> tuple[bytearray, FloatArray | None]:
         parts: list[tuple[bytes, FloatArray | None]] = []
         decoded_parts: list[tuple[int, FloatArray]] = []
         for seg in self.layout.segments(start, end):
@@ -63,6 +90,11 @@ class ChunkCodec:
                 n = segment.shape[0]
                 parts.append((pack_piece_header(choice, (n,), n, 4 * n), segment))
                 decoded_parts.append((seg.flat_start - start, segment))
+                continue
+            if feedback is None and not want_decoded:
+                payload = choice.codec.encode(segment, choice.block_size)
+                n = segment.shape[0]
+                parts.append((pack_piece_header(choice, (n,), n, len(payload)) + payload, None))
                 continue
             piece, piece_values = encode_piece(
                 segment,
@@ -85,6 +117,8 @@ class ChunkCodec:
                 target = np.frombuffer(message, dtype="<f4", count=raw.shape[0], offset=position)
                 target[:] = raw
                 position += 4 * raw.shape[0]
+        if not want_decoded:
+            return message, None
         if len(decoded_parts) == 1:
             return message, decoded_parts[0][1]
         decoded = np.empty(end - start, dtype=np.float32)

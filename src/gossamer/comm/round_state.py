@@ -322,8 +322,8 @@ class RoundState:
                     FrameKind.CONTRIBUTION, self.round_id, part, chunk, self.me, self.weight, flags
                 )
                 prefix = pack_frame(frame)
-                message, _ = await self.offload(
-                    lambda: self.codec.encode(self.local, a, b, feedback, prefix=prefix)
+                message = await self.offload(
+                    lambda: self.codec.encode_message(self.local, a, b, feedback, prefix=prefix)
                 )
                 self.encode_s += time.perf_counter() - started
                 if await self._transmit(dest, message):
