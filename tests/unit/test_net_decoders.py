@@ -20,6 +20,7 @@ from gossamer.net.config import DhtConfig, LimitsConfig
 from gossamer.net.counters import NetCounters
 from gossamer.net.handshake import HandshakeAuthority, Session
 from gossamer.net.identity import Identity
+from gossamer.net.peer_filter import MAX_FILTER_BYTES
 from gossamer.net.records import check_record, parse_peer_record, sign_peer_record, sign_record
 from gossamer.net.routing import RoutingTable, bucket_index, xor_distance
 from gossamer.net.server import _session_var
@@ -113,7 +114,7 @@ _DHT = _NETWORK.add_node()
 @given(
     st.binary(max_size=256),
     st.binary(max_size=2048),
-    st.one_of(st.binary(max_size=64), st.binary(min_size=8190, max_size=8194)),
+    st.one_of(st.binary(max_size=64), st.binary(min_size=8198, max_size=8202)),
 )
 def test_dht_handlers_given_random_requests_fail_cleanly(
     target: bytes, store: bytes, known_filter: bytes
@@ -126,7 +127,7 @@ def test_dht_handlers_given_random_requests_fail_cleanly(
             call()
         except ProtocolError:
             assert len(target) != 32
-    if len(known_filter) > 8192:
+    if len(known_filter) > MAX_FILTER_BYTES or 0 < len(known_filter) <= 8:
         with pytest.raises(ProtocolError):
             _DHT.gossip_records("fuzz", known_filter)
     else:

@@ -132,9 +132,11 @@ def test_dead_peers_leave_routing_on_failure_and_the_directory_at_expiry() -> No
     asyncio.run(scenario())
 
 
-def test_a_newcomer_learns_a_settled_swarm_within_two_refreshes() -> None:
+def test_a_newcomer_learns_a_settled_swarm_within_four_refreshes() -> None:
     # Gossip drawn at random would leave a tail (a median of five refreshes and up to nine in
-    # this swarm); the newcomer's known-peer filter makes every answer bring records it lacks.
+    # this swarm); the newcomer's known-peer filter makes every answer bring records it lacks
+    # (two refreshes in 30 of 30 runs; the other two are for a record a filter's false
+    # positive hid, which the next lookup's salt shows).
     async def scenario() -> None:
         network = await _swarm(64, FakeClock())
         assert all(len(n.directory) == 63 for n in network.nodes.values())
@@ -142,7 +144,7 @@ def test_a_newcomer_learns_a_settled_swarm_within_two_refreshes() -> None:
         newcomer = network.add_node()
         newcomer.learn(first.own_record())
         await newcomer.lookup(newcomer.identity.digest)
-        for _ in range(2):
+        for _ in range(4):
             await newcomer.refresh()
         assert len(newcomer.directory) == 64
 
@@ -161,7 +163,7 @@ def test_gossip_sends_what_the_requester_lacks_first() -> None:
             assert len(gossip) == CONFIG.bucket_size
             sent = {r.record.key for r in gossip}
             assert {r.signed.record.key for r in lacking} <= sent
-        with pytest.raises(ProtocolError, match="more than the 8192 accepted"):
+        with pytest.raises(ProtocolError, match="more than the 8200 accepted"):
             responder.gossip_records(requester.identity.peer_id, bytes(MAX_FILTER_BYTES + 1))
 
     asyncio.run(scenario())
@@ -179,8 +181,14 @@ def test_the_peer_filter_false_positive_rate_is_about_one_percent() -> None:
     members = [hashlib.sha256(b"in %d" % i).digest() for i in range(2000)]
     others = [hashlib.sha256(b"out %d" % i).digest() for i in range(20_000)]
     peer_filter = PeerFilter.build(members)
-    assert len(peer_filter.to_bytes()) == 2500
+    assert len(peer_filter.to_bytes()) == 8 + 2500
     rate = sum(peer_filter.might_hold(d) for d in others) / len(others)
     assert rate < 0.02, rate
+    # Another salt hides other records: what one filter wrongly claims, another does not.
+    again = PeerFilter.build(members)
+    both = sum(peer_filter.might_hold(d) and again.might_hold(d) for d in others) / len(others)
+    assert both < rate / 10, (both, rate)
     assert PeerFilter.parse(b"") is None
+    with pytest.raises(ProtocolError, match="no bits"):
+        PeerFilter.parse(bytes(8))
     assert len(PeerFilter.build(others).to_bytes()) == MAX_FILTER_BYTES
