@@ -240,6 +240,24 @@ def test_slow_owner_is_dropped_and_its_part_averaged_by_a_backup() -> None:
     assert dropped.parts[2].outcome is PartOutcome.KEPT_LOCAL
 
 
+def test_a_member_on_a_slow_downlink_does_not_declare_the_owners_failed() -> None:
+    # Every message to peer 0 takes 20 s (under the send timeout, so nobody drops it for
+    # that): at its result deadline (24 s) it has no average from any owner. That is its own
+    # link, not theirs, so it declares nobody failed; the others get everyone's mean (their
+    # sends to peer 0 still run to the deadline).
+    inputs = _inputs(4)
+    config = dataclasses.replace(CONFIG, send_timeout_s=25.0)
+    results, clock = _run(inputs, scripts={0: FaultScript(receive_delay_s=20.0)}, config=config)
+    assert clock.monotonic() <= TIMEOUT_S
+    for i, result in results.items():
+        assert result.report.failed == {}, (i, result.report.failed)
+        assert result.report.excluded is None
+    for i in (1, 2, 3):
+        assert all(p.outcome is PartOutcome.AVERAGED for p in results[i].report.parts)
+        _assert_close(results[i].tensors, _mean(inputs, [0, 1, 2, 3]), atol=1e-6)
+    assert results[0].report.deadline_hit
+
+
 def test_paused_member_never_holds_the_round_past_its_deadline() -> None:
     inputs = _inputs(4)
     results, clock = _run(inputs, scripts={3: FaultScript(hung=True)})

@@ -115,6 +115,8 @@ class FaultScript:
     """After this many handled messages, incoming ones fail (a peer failing while reducing)."""
     send_delay_s: float = 0.0
     """Each send first waits this long (a slow peer)."""
+    receive_delay_s: float = 0.0
+    """Each incoming message is handled this long after it came (a slow downlink)."""
     hung: bool = False
     """Sends to this peer never complete (a paused process)."""
 
@@ -140,6 +142,8 @@ class FaultyTransport(FakeTransport):
         if limit is not None and self.num_received >= limit:
             raise PeerLostError(f"peer {self.peer_id} failed while handling a message")
         self.num_received += 1
+        if self.script.receive_delay_s:
+            await self.network.clock.sleep_async(self.script.receive_delay_s)
         await super().accept(sender, message)
 
     async def send(self, peer_id: str, message: bytes | bytearray, *, timeout_s: float) -> None:
