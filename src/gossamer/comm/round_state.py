@@ -8,6 +8,7 @@ it); numeric work goes through ``offload``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Coroutine
@@ -283,16 +284,26 @@ class RoundState:
 
     # ---- sending -------------------------------------------------------------------------------
 
-    async def _transmit(self, dest: int, message: bytes | bytearray) -> bool:
-        if dest in self.failed:
-            return False
+    async def _send(self, dest: int, message: bytes | bytearray) -> bool:
+        """Send within the round's deadline; False if none of it is left.
+
+        Raises:
+            GossamerError: the send failed.
+        """
         remaining = self.deadline_s - self.clock.monotonic()
         if remaining <= 0:
             return False
+        await self.transport.send(
+            self.plan.members[dest], message, timeout_s=min(self.send_timeout_s, remaining)
+        )
+        return True
+
+    async def _transmit(self, dest: int, message: bytes | bytearray) -> bool:
+        if dest in self.failed:
+            return False
         try:
-            await self.transport.send(
-                self.plan.members[dest], message, timeout_s=min(self.send_timeout_s, remaining)
-            )
+            if not await self._send(dest, message):
+                return False
         except GossamerError as exc:
             self.peer_failed(dest, f"{type(exc).__name__}: {exc}", notify=True)
             return False
@@ -379,16 +390,8 @@ class RoundState:
 
     async def _tell_excluded(self, member: int, message: bytes) -> None:
         # Best effort: the member is probably gone, and the round never waits for this send.
-        remaining = self.deadline_s - self.clock.monotonic()
-        if remaining > 0:
-            try:
-                await self.transport.send(
-                    self.plan.members[member],
-                    message,
-                    timeout_s=min(self.send_timeout_s, remaining),
-                )
-            except GossamerError:
-                return
+        with contextlib.suppress(GossamerError):
+            await self._send(member, message)
 
     def _on_excluded(self, reason: str) -> None:
         # The others take a backup's averages for what this member reduced; its own would
