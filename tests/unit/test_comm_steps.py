@@ -12,7 +12,8 @@ from gossamer.comm.allreduce import AllReduceConfig, all_reduce
 from gossamer.comm.codecs import CodecPolicy
 from gossamer.comm.fake_transport import FakeNetwork, FakeTransport
 from gossamer.comm.steps import PairwiseSteps
-from gossamer.comm.transport import CommMailbox
+from gossamer.comm.transport import FRAME_NBYTES, CommMailbox
+from gossamer.core.errors import ProtocolError
 
 
 def _steps(n: int, me: int, chunks: int = 2) -> PairwiseSteps:
@@ -37,58 +38,104 @@ def test_every_step_is_a_perfect_matching(n: int) -> None:
     assert first.result_step(1) == n - 1
 
 
-def test_a_step_opens_once_the_one_before_is_sent_and_the_one_before_that_arrived() -> None:
+def test_a_step_opens_once_the_one_before_is_sent_and_its_receiver_answered() -> None:
     steps = _steps(4, me=0, chunks=2)
     assert [e.is_set() for e in steps.opened] == [True] + [False] * 5
+    steps.receiver_ready(1, 2)  # step 1 goes to member 2, which already said its link is free
     steps.sent(0)
     assert not steps.opened[1].is_set()  # one message of step 0 still going
     assert steps.sent(0)  # the last one
-    assert steps.opened[1].is_set()  # step 1 needs nothing received yet
+    assert steps.opened[1].is_set()
     steps.sent(1)
     steps.sent(1)
-    assert not steps.opened[2].is_set()  # step 0's contributions (from member 3) not all in
+    assert not steps.opened[2].is_set()  # member 3 has not answered
+    steps.receiver_ready(2, 3)
+    assert steps.opened[2].is_set()
+    with pytest.raises(ProtocolError):
+        steps.receiver_ready(3, 2)  # step 3 goes to member 1, not 2
+    with pytest.raises(ProtocolError):
+        steps.receiver_ready(9, 1)
+
+
+def test_the_downlink_is_free_for_a_step_once_every_step_before_arrived_in_order() -> None:
+    steps = _steps(4, me=0, chunks=2)
+    assert [e.is_set() for e in steps.downlink_free] == [True] + [False] * 5
+    steps.received_contribution(2, 0)  # step 1's sender (member 2) is early: not enough
+    steps.received_contribution(2, 1)
+    assert not steps.downlink_free[1].is_set()
+    assert not steps.downlink_free[2].is_set()
     steps.received_contribution(3, 0)
     steps.received_contribution(3, 0)  # a repeat counts once
-    assert not steps.opened[2].is_set()
-    steps.received_contribution(3, 1)
-    assert steps.opened[2].is_set()
+    assert not steps.downlink_free[1].is_set()
+    steps.received_contribution(3, 1)  # step 0 is in: steps 1 and 2 are free at once
+    assert [e.is_set() for e in steps.downlink_free] == [True, True, True] + [False] * 3
+    steps.check_asker(1, 2)
+    with pytest.raises(ProtocolError):
+        steps.check_asker(1, 3)  # member 3 sends step 0 to this member, not step 1
+    steps.member_failed(1)  # step 2's sender: nothing more comes from it
+    assert steps.downlink_free[3].is_set()
+    steps.release()
+    assert all(e.is_set() for e in steps.downlink_free)
 
 
-def test_patience_and_failures_open_steps_without_the_missing_messages() -> None:
+def test_patience_and_failures_open_steps_without_the_receivers_answer() -> None:
     steps = _steps(3, me=0, chunks=1)
     steps.sent(0)
+    assert not steps.opened[1].is_set()
+    steps.stop_waiting(1)  # waited long enough for member 2's answer
+    assert steps.opened[1].is_set()
     steps.sent(1)
     assert not steps.opened[2].is_set()
-    steps.stop_waiting(0)  # waited long enough for member 2's values
+    steps.member_failed(1)  # step 2 sends to member 1: nobody to wait for
     assert steps.opened[2].is_set()
-    steps.sent(2)
-    assert not steps.opened[3].is_set()
-    steps.member_failed(1)  # step 1 received from member 1: nothing more comes
-    assert steps.opened[3].is_set()
     failed = _steps(3, me=0, chunks=1)
     failed.member_failed(1)  # step 0 sends to member 1: nothing to send
     assert failed.sends_done[0].is_set()
+    assert not failed.opened[1].is_set()  # step 1's receiver (member 2) has not answered
+    failed.receiver_ready(1, 2)
     assert failed.opened[1].is_set()
 
 
-class _Recording(FakeTransport):
-    """A fake peer whose sends take 1 s each on the clock, recorded as (start, end, dest)."""
+def test_all_at_once_nobody_waits_for_a_downlink() -> None:
+    steps = _steps(4, me=0, chunks=2)
+    steps.open_all()
+    assert all(e.is_set() for e in steps.opened)
+    assert all(e.is_set() for e in steps.downlink_free)
 
-    def __init__(self, network: FakeNetwork, peer_id: str, log: list[tuple[float, float, str]]):
+
+class _Recording(FakeTransport):
+    """A fake peer whose data messages take ``send_s`` each on the clock, recorded as (start,
+    end, dest); header-only messages (a step's question) go at once, unrecorded."""
+
+    def __init__(
+        self,
+        network: FakeNetwork,
+        peer_id: str,
+        log: list[tuple[float, float, str]],
+        send_s: float = 1.0,
+    ):
         super().__init__(network, peer_id)
         self.log = log
+        self.send_s = send_s
 
     async def send(self, peer_id: str, message: bytes | bytearray, *, timeout_s: float) -> None:
+        if len(message) <= FRAME_NBYTES:
+            await super().send(peer_id, message, timeout_s=timeout_s)
+            return
         started = self.network.clock.monotonic()
-        await self.network.clock.sleep_async(1.0)
+        await self.network.clock.sleep_async(self.send_s)
         await super().send(peer_id, message, timeout_s=timeout_s)
         self.log.append((started, self.network.clock.monotonic(), peer_id))
 
 
-def test_a_member_sends_to_one_destination_at_a_time_in_step_order() -> None:
+_Log = list[tuple[float, float, str]]
+
+
+def _recorded_round(send_s: list[float]) -> dict[str, _Log]:
+    """Four members average in steps; member i's data messages take ``send_s[i]`` each."""
     clock = IdleJumpClock()
     members = [f"peer-{i}" for i in range(4)]
-    logs: dict[str, list[tuple[float, float, str]]] = {m: [] for m in members}
+    logs: dict[str, _Log] = {m: [] for m in members}
     gen = torch.Generator().manual_seed(3)
     inputs = [torch.randn(4000, generator=gen) for _ in members]
     config = AllReduceConfig(
@@ -101,8 +148,8 @@ def test_a_member_sends_to_one_destination_at_a_time_in_step_order() -> None:
     async def main() -> list[torch.Tensor]:
         network = FakeNetwork(clock)
         boxes = []
-        for m in members:
-            transport = _Recording(network, m, logs[m])
+        for i, m in enumerate(members):
+            transport = _Recording(network, m, logs[m], send_s[i])
             network.transports[m] = transport
             boxes.append(CommMailbox(transport, clock))
         results = await asyncio.gather(
@@ -119,12 +166,20 @@ def test_a_member_sends_to_one_destination_at_a_time_in_step_order() -> None:
                 for i in range(4)
             )
         )
+        for result in results:
+            assert result.report.in_steps
         return [r.tensors[0] for r in results]
 
     averages = asyncio.run(clock.run(main()))
     want = torch.stack(inputs).double().mean(0)
     for average in averages:
         torch.testing.assert_close(average.double(), want, atol=1e-6, rtol=0)
+    return logs
+
+
+def test_a_member_sends_to_one_destination_at_a_time_in_step_order() -> None:
+    logs = _recorded_round([1.0] * 4)
+    members = list(logs)
     for me, member in enumerate(members):
         log = sorted(logs[member])
         dests = [members.index(d) for _, _, d in log]
@@ -134,3 +189,18 @@ def test_a_member_sends_to_one_destination_at_a_time_in_step_order() -> None:
         for (start, _, dest), (_, end, other) in zip(log[1:], log, strict=False):
             if dest != other:
                 assert start >= end  # a new destination only once the last step was sent
+
+
+def test_a_late_member_never_has_two_senders_feeding_its_downlink() -> None:
+    """Member 3 sends a little slower: the others wait for their receivers' answers instead of
+    starting a step into a downlink that still drains member 3's (the old rule did not)."""
+    logs = _recorded_round([1.0, 1.0, 1.0, 1.1])
+    into: dict[str, list[tuple[float, float, str]]] = {m: [] for m in logs}
+    for sender, log in logs.items():
+        for start, end, dest in log:
+            into[dest].append((start, end, sender))
+    for receiver, arrivals in into.items():
+        arrivals.sort()
+        for (start, _, sender), (_, end, other) in zip(arrivals[1:], arrivals, strict=False):
+            if sender != other:
+                assert start >= end - 1e-9, (receiver, sender, other, start, end)

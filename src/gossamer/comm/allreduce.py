@@ -217,6 +217,7 @@ async def all_reduce(
         weight=weight,
         chunk_codec=ChunkCodec(layout, config.limits),
         transport=tally,
+        untimed_transport=mailbox.transport,
         clock=clock,
         offload=offload,
         feedback=feedback,

@@ -61,6 +61,7 @@ class RoundState:
         send_timeout_s: float,
         max_in_flight_per_peer: int,
         in_steps: bool = True,
+        untimed_transport: CommTransport | None = None,
     ) -> None:
         self.round_id = round_id
         self.plan = plan
@@ -71,6 +72,8 @@ class RoundState:
         self.weight = weight
         self.codec = chunk_codec
         self.transport = transport
+        self.untimed_transport = untimed_transport or transport
+        """Sends that are no data (a step's question): around the send tally."""
         self.clock = clock
         self.offload = offload
         self.feedback = feedback
@@ -135,10 +138,13 @@ class RoundState:
             self._contributions_done_at = time.perf_counter()
         if self.result_deadline_s:
             self.spawn(self._watch_results())
+        if self.steps.in_steps:
+            self.spawn(self._ask_ahead())
         self._check_done()
 
     def cancel_all(self) -> None:
         """Cancel every task of the round (the task group then awaits them)."""
+        self.steps.release()
         for task in list(self._tasks):
             task.cancel()
 
@@ -258,22 +264,27 @@ class RoundState:
         """Wait until ``step`` may start: see :mod:`gossamer.comm.steps`.
 
         Never past the reduce deadline; and once this member sent the previous step, at most
-        ``patience`` (a quarter of that step's length, at least 50 ms) for its incoming messages.
+        ``patience`` (a quarter of that step's length, at least 50 ms) for the word of the
+        step's receiver.
         """
         opened = self.steps.opened[step]
-        if step > 1 and not opened.is_set():
+        if step > 0 and not opened.is_set():
             # A step opens only once the one before is all sent: wait for that first, then
-            # at most the patience for the messages of the step before that.
+            # at most the patience for the receiver's word.
             before = step - 1
             sent = self.steps.sends_done[before]
             await wait_for_event(sent, self.reduce_deadline_s, self.clock)
             if sent.is_set() and not opened.is_set():
-                done_at = self._sends_done_at[before] or self.clock.monotonic()
-                began = self._step_began[before] or done_at
+                done_at = self._sends_done_at[before]
+                if done_at is None:
+                    done_at = self.clock.monotonic()
+                began = self._step_began[before]
+                if began is None:  # (a fake clock starts at 0.0: no ``or`` here)
+                    began = done_at
                 patience_s = max(0.05, 0.25 * (done_at - began))
                 until = min(done_at + patience_s, self.reduce_deadline_s)
                 if not await wait_for_event(opened, until, self.clock):
-                    self.steps.stop_waiting(step - 2)
+                    self.steps.stop_waiting(step)
         await wait_for_event(opened, self.reduce_deadline_s, self.clock)
         if self._step_began[step] is None:
             self._step_began[step] = self.clock.monotonic()
@@ -281,6 +292,39 @@ class RoundState:
     def _step_sent(self, step: int) -> None:
         if self.steps.sent(step):
             self._sends_done_at[step] = self.clock.monotonic()
+
+    async def _ask_ahead(self) -> None:
+        """Once a step opens, ask the next step's receiver to answer when its downlink is free."""
+        for step in range(1, self.steps.num_steps):
+            opened = self.steps.opened[step - 1]
+            if not await wait_for_event(opened, self.reduce_deadline_s, self.clock):
+                return
+            if not self.steps.in_steps:
+                return
+            self.spawn(self._ask_ready(step))
+
+    async def _ask_ready(self, step: int) -> None:
+        """Ask the receiver of ``step`` whether this member may start it; the answer comes when
+        the receiver got everything of the steps before (see :mod:`gossamer.comm.steps`).
+
+        The question travels on this member's connection to the receiver, and the answer as
+        the reply on that connection, never behind the receiver's own bulk data. It goes around
+        the round's send tally, which would count the wait as time spent sending.
+        """
+        dest = self.steps.sends_to[step]
+        remaining = self.reduce_deadline_s - self.clock.monotonic()
+        if dest in self.failed or self.steps.opened[step].is_set() or remaining <= 0:
+            return
+        frame = Frame(FrameKind.STEP_ASK, self.round_id, 0, step, self.me, 0.0, 0)
+        try:
+            await self.untimed_transport.send(
+                self.plan.members[dest],
+                pack_frame(frame),
+                timeout_s=min(self.send_timeout_s, remaining),
+            )
+        except GossamerError:
+            return  # no word: the patience applies, and a dead peer shows in the data sends
+        self.steps.receiver_ready(step, dest)
 
     # ---- sending -------------------------------------------------------------------------------
 
@@ -435,6 +479,12 @@ class RoundState:
             raise ProtocolError(f"peer {sender[:12]} is not a member of this round")
         self.bytes_received += FRAME_NBYTES + len(body)
         n = self.plan.num_parts
+        if frame.kind is FrameKind.STEP_ASK:
+            # The sender of a step asks to start it: answer once everything before arrived.
+            self.steps.check_asker(frame.chunk, member)
+            until = min(self.reduce_deadline_s, self.clock.monotonic() + 0.5 * self.send_timeout_s)
+            await wait_for_event(self.steps.downlink_free[frame.chunk], until, self.clock)
+            return
         if frame.kind is FrameKind.PEER_FAILED:
             if frame.peer_index >= n:
                 raise ProtocolError(f"failure report for member {frame.peer_index} of {n}")

@@ -14,23 +14,38 @@ ahead to that part's owner and receives its own part's values from the member ``
 behind; in all-gather step ``s`` it sends its part's averages to the member ``s`` places ahead
 and receives the averages of the part ``s`` places behind. So in every step each uplink carries
 one flow and each downlink receives one, like a ring's, and a step's chunks stream back to back
-on one connection. A member starts a step once it finished sending the previous one and either
-received the messages of the step before that (members stay within a step of each other), or
-the member sending them failed, or it waited ``patience`` (a quarter of the previous step's
-length) for them (a slow member holds the others up by at most that per step), or the reduce
-deadline passed (then every step is open and the round runs as a free-for-all).
+on one connection.
 
-Between steps the link waits for the last message's reply (its receiver's queue, handling and
-the way back): on 100 Mbit/s links a tenth of a second or so. Against a 2 s step that is little
-(100 MB over 4 peers: 13.4-13.9 s against 15.5-16.7 s all at once, gloo 13.0-13.4 s); against a
-0.5 s step it costs more than the contention it avoids (the same with the 8-bit codec: 4.3 s
-against 4.0 s). So a round goes in steps only when a step is expected to take at least
-``AllReduceConfig.min_step_s``; else every step is open from the start.
+That holds only while the members move together. A member starts a step once it sent the
+previous one (its uplink is free) and the step's receiver said that it received everything of
+the steps before (its downlink is free). The member asks as soon as the step before opens (a
+``STEP_ASK`` frame on its own connection to the receiver), and the receiver handles the question
+once the last message of its current step arrived, so the answer comes back as the reply on
+that connection. It never queues behind the receiver's own bulk data: a word sent on the
+receiver's connection would, whenever the receiver's next destination is also its next sender
+(the middle step of four members), and it then came half a second late. Without the word a
+member that runs ahead starts feeding a downlink that still drains a late sender; the two flows
+share it, the late one falls further behind, and the lag spreads: on 100 Mbit/s lab links a
+step that took 2.2 s while the members were in line took 2.7-3.5 s once they were not, with the
+earlier rule that a step waits only until the step before the previous one arrived. In one
+run alternating the two rules (100 MB, 4 peers), rounds took 13.9-14.6 s with the word and
+15.9-17.7 s without (gloo 12.8-13.1 s). A member waits for the word at most ``patience`` (a
+quarter of its previous step's length) after it sent the previous step, so a slow member holds
+the others up by at most that per step; a failed receiver needs no word, and past the reduce
+deadline every step is open (the round runs as a free-for-all).
+
+Between steps the sender's link waits for the last message's reply. Against a 2 s step that is
+little; against a 0.5 s step it costs more than the contention it avoids (100 MB over 4 peers with
+the 8-bit codec: 4.3 s in steps against 4.0 s all at once). So a round goes in steps only when
+a step is expected to take at least ``AllReduceConfig.min_step_s``; else every step is open from
+the start.
 """
 
 from __future__ import annotations
 
 import asyncio
+
+from gossamer.core.errors import ProtocolError
 
 __all__ = ["PairwiseSteps"]
 
@@ -65,21 +80,29 @@ class PairwiseSteps:
             self.receives_from.append((me - shift) % n)
             outgoing.append(chunk_counts[me])
             incoming.append(chunk_counts[(me - shift) % n])
+        self.in_steps = True
+        """False once every step was opened at once (then nobody waits for a word)."""
         self._to_send = outgoing
         self._to_receive = incoming
         self._received: list[set[int]] = [set() for _ in range(self.num_steps)]
+        self._receiver_ready = [False] * self.num_steps
         self._gave_up_waiting = [False] * self.num_steps
         self.opened = [asyncio.Event() for _ in range(self.num_steps)]
         """Set when a step may start (the first at once)."""
         self.sends_done = [asyncio.Event() for _ in range(self.num_steps)]
         """Set when this member sent (or gave up) every message of a step."""
+        self.downlink_free = [asyncio.Event() for _ in range(self.num_steps)]
+        """Set for a step once this member received everything of the steps before it: the
+        member that sends it that step may start."""
         self.failed: set[int] = set()
         for step, count in enumerate(outgoing):
             if count == 0:
                 self.sends_done[step].set()
         if self.num_steps:
             self.opened[0].set()
+            self.downlink_free[0].set()
             self._advance(0)
+            self._update_downlink()
 
     def contribution_step(self, part: int) -> int:
         """The step that sends this member's values for ``part`` to its owner."""
@@ -109,12 +132,49 @@ class PairwiseSteps:
     def _received_in(self, step: int, chunk: int) -> None:
         if 0 <= step < self.num_steps:
             self._received[step].add(chunk)
-            self._advance(step + 1)
+            self._update_downlink()
+
+    def receiver_ready(self, step: int, member: int) -> None:
+        """``member`` answered: it received everything before ``step``, this member may send it.
+
+        Raises:
+            ProtocolError: ``member`` does not receive from this member in ``step``.
+        """
+        if not 0 <= step < self.num_steps or self.sends_to[step] != member:
+            raise ProtocolError(f"member {member} does not receive step {step} from this member")
+        self._receiver_ready[step] = True
+        self._advance(step - 1)
+
+    def check_asker(self, step: int, member: int) -> None:
+        """Check that ``member`` sends this member ``step`` (it asks whether it may start).
+
+        Raises:
+            ProtocolError: it does not.
+        """
+        if not 0 <= step < self.num_steps or self.receives_from[step] != member:
+            raise ProtocolError(f"member {member} does not send step {step} to this member")
+
+    def release(self) -> None:
+        """The round ended: nobody waits for this member's downlink any more."""
+        for event in self.downlink_free:
+            event.set()
+
+    def _update_downlink(self) -> None:
+        for step in range(1, self.num_steps):
+            if not self._incoming_done(step - 1):
+                return
+            self.downlink_free[step].set()
+
+    def _incoming_done(self, step: int) -> bool:
+        return (
+            len(self._received[step]) >= self._to_receive[step]
+            or self.receives_from[step] in self.failed
+        )
 
     def stop_waiting(self, step: int) -> None:
-        """Let the steps after ``step`` start without the rest of ``step``'s messages."""
+        """Let ``step`` start without its receiver's word."""
         self._gave_up_waiting[step] = True
-        self._advance(step + 1)
+        self._advance(step - 1)
 
     def member_failed(self, member: int) -> None:
         """Nothing more comes from or goes to ``member``."""
@@ -123,28 +183,31 @@ class PairwiseSteps:
             if self.sends_to[step] == member:
                 self.sends_done[step].set()
         self._advance(0)
+        self._update_downlink()
 
     def open_all(self) -> None:
         """Let every step start at once (messages then go out all together)."""
+        self.in_steps = False
         for event in self.opened:
             event.set()
+        self.release()
 
     def _may_follow(self, step: int) -> bool:
         """Whether the step after ``step`` may start (``step`` itself has started).
 
         This member sent every message of ``step`` (starting the next step with the last one
-        still going measured slower: the two flows compete), and the step before ``step``
-        arrived in full (members stay within a step of each other).
+        still going measured slower: the two flows compete), and the next step's receiver said
+        its downlink is free (or there is nothing to send it, or it failed, or this member
+        waited long enough for its word).
         """
         if not (self._to_send[step] <= 0 or self.sends_to[step] in self.failed):
             return False
-        if step == 0:
-            return True
-        before = step - 1
+        after = step + 1
         return (
-            len(self._received[before]) >= self._to_receive[before]
-            or self.receives_from[before] in self.failed
-            or self._gave_up_waiting[before]
+            self._receiver_ready[after]
+            or self._to_send[after] <= 0
+            or self.sends_to[after] in self.failed
+            or self._gave_up_waiting[after]
         )
 
     def _advance(self, step: int) -> None:

@@ -85,6 +85,10 @@ class FrameKind(enum.IntEnum):
     """The average of one chunk, sent by the part's reducer to every member."""
     PEER_FAILED = 3
     """The sender saw the member at ``peer_index`` fail; no payload."""
+    STEP_ASK = 4
+    """The sender of step ``chunk`` to the receiver asks whether it may start; the receiver
+    handles it once it received everything of the steps before (see :mod:`gossamer.comm.steps`);
+    no payload."""
 
 
 FLAG_REASSIGNED = 1
