@@ -25,3 +25,11 @@ def test_processes_average_like_gloo(backend: str, codec: str, atol: float) -> N
     assert result.max_abs_error_vs_gloo < atol
     assert result.seconds > 0
     assert result.gloo_seconds > 0
+
+
+def test_a_round_adds_at_most_three_times_the_tensor_to_a_peers_memory() -> None:
+    """The issue's bound on extra peak memory, read from each worker's high-water mark."""
+    result = run_allreduce_bench(peers=2, size_bytes=40_000_000, codec="none", backend="p2p")
+    assert result.peak_extra_memory_ratio is not None
+    assert result.gloo_peak_extra_memory_ratio is not None
+    assert result.peak_extra_memory_ratio <= 3.0

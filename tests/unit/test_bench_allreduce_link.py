@@ -1,10 +1,18 @@
-"""The all-reduce bench's link counters (the real ones are checked in tests/netlab)."""
+"""The all-reduce bench's link counters (the real ones are checked in tests/netlab) and its
+memory figure."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from gossamer.bench.allreduce import _link_tx_bytes, _utilization
+from gossamer.bench.allreduce import (
+    AllReduceBenchResult,
+    _ExtraMemory,
+    _link_tx_bytes,
+    _memory_ratio,
+    _utilization,
+)
 
 
 def test_link_counter_is_zero_without_an_interface_and_names_a_missing_one() -> None:
@@ -21,3 +29,32 @@ def test_utilization_is_bytes_over_what_each_cap_allows_in_the_round() -> None:
     # repeat 0: (1.0 + 1.0) / 2 = 1.0; repeat 1: (0.25 + 0.5) / 2 = 0.375; median of the two
     assert share == pytest.approx((1.0 + 0.375) / 2)
     assert _utilization(sent, seconds, None) is None
+
+
+def test_extra_memory_counts_a_buffer_freed_inside_the_block() -> None:
+    with _ExtraMemory() as memory:
+        buffer = np.ones(16 << 20, dtype=np.float32)  # 64 MiB, touched
+        del buffer  # freed again before the block ends: the high-water mark keeps it
+    assert 60 << 20 <= memory.extra_bytes <= 96 << 20
+    with _ExtraMemory() as idle:
+        pass
+    assert 0 <= idle.extra_bytes < 8 << 20
+
+
+def test_memory_ratio_is_the_largest_worker_over_the_tensor_and_unknown_if_any_is() -> None:
+    assert _memory_ratio([100, 300, 200], 100) == 3.0
+    assert _memory_ratio([100, -1], 100) is None
+    assert _memory_ratio([], 100) is None
+
+
+def test_the_table_shows_the_memory_figure_next_to_gloos() -> None:
+    result = AllReduceBenchResult(
+        peers=4, size_bytes=100, codec="none", backend="p2p", rate_bits_per_s=None,
+        seconds=1.0, gloo_seconds=1.0, speedup_vs_gloo=1.0, algorithm_bandwidth_bytes_per_s=100,
+        share_of_bound=None, gloo_share_of_bound=None, ring_bound_seconds=None,
+        wire_bytes_per_peer=150, header_overhead=0.0, max_abs_error_vs_gloo=0.0, repeats=1,
+        all_seconds=[1.0], all_gloo_seconds=[1.0],
+        peak_extra_memory_ratio=1.31, gloo_peak_extra_memory_ratio=0.02,
+    )  # fmt: skip
+    assert "peak memory   +1.31x the tensor per peer (gloo 0.02x)" in result.table()
+    assert '"peak_extra_memory_ratio": 1.31' in result.to_json()

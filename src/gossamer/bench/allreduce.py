@@ -97,6 +97,12 @@ class AllReduceBenchResult:
     over peers, median over repeats); None without a rate."""
     gloo_uplink_utilization: float | None = None
     """The same for gloo's rounds."""
+    peak_extra_memory_ratio: float | None = None
+    """The most resident memory a round added to a worker (its high-water mark over its size
+    when the round began, the tensor and the output buffer already allocated), over the
+    tensor's bytes: the largest over workers and repeats; None where it can't be read."""
+    gloo_peak_extra_memory_ratio: float | None = None
+    """The same for gloo's in-place all-reduce."""
 
     def to_json(self) -> str:
         """The result as one JSON object."""
@@ -117,6 +123,17 @@ class AllReduceBenchResult:
                 f"  uplink busy   {self.uplink_utilization:.1%} of the cap's bytes "
                 f"(gloo {self.gloo_uplink_utilization:.1%})"
             )
+        memory = ""
+        if self.peak_extra_memory_ratio is not None:
+            gloo_memory = (
+                f" (gloo {self.gloo_peak_extra_memory_ratio:.2f}x)"
+                if self.gloo_peak_extra_memory_ratio is not None
+                else ""
+            )
+            memory = (
+                f"  peak memory   +{self.peak_extra_memory_ratio:.2f}x the tensor per peer"
+                f"{gloo_memory}"
+            )
         return "\n".join(
             [
                 f"all-reduce of {self.size_bytes / 1e6:.1f} MB over {self.peers} peers "
@@ -131,6 +148,7 @@ class AllReduceBenchResult:
                 f"TCP/IP framing adds >= {_TCP_FRAMING - 1:.1%} on top)",
                 f"  max |error|   {self.max_abs_error_vs_gloo:.2e} vs gloo's mean",
                 *([busy] if busy else []),
+                *([memory] if memory else []),
             ]
         )
 
@@ -170,6 +188,41 @@ def _link_tx_bytes(ifname: str) -> int:
     raise RuntimeError(f"interface {ifname!r} is not in /proc/net/dev")
 
 
+def _status_bytes(field: str) -> int:
+    """A size from ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+class _ExtraMemory:
+    """The most resident memory a block of code added to this process.
+
+    Opening resets the kernel's high-water mark of the resident size (``clear_refs`` 5, Linux
+    4.0+) and reads the resident size; closing reads the high-water mark, so a buffer allocated
+    and freed inside the block counts. ``extra_bytes`` is -1 where the reset is not allowed.
+    """
+
+    def __init__(self) -> None:
+        self.extra_bytes = -1
+        self._before = 0
+        self._armed = False
+
+    def __enter__(self) -> _ExtraMemory:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            return self
+        self._before = _status_bytes("VmRSS")
+        self._armed = True
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._armed:
+            self.extra_bytes = max(0, _status_bytes("VmHWM") - self._before)
+
+
 def _worker_main(spec: dict[str, Any]) -> None:
     if spec.get("ifname"):
         os.environ["GLOO_SOCKET_IFNAME"] = spec["ifname"]
@@ -199,17 +252,18 @@ def _worker_main(spec: dict[str, Any]) -> None:
     dist.destroy_process_group()
 
 
-def _gloo_round(tensor: torch.Tensor, ifname: str) -> tuple[float, int, torch.Tensor]:
-    """Seconds and uplink bytes of gloo's all-reduce of ``tensor``, and its mean."""
+def _gloo_round(tensor: torch.Tensor, ifname: str) -> tuple[float, int, int, torch.Tensor]:
+    """Seconds, uplink bytes and extra memory of gloo's all-reduce of ``tensor``, and its mean."""
     reference = tensor.clone()
     dist.barrier()
-    sent = _link_tx_bytes(ifname)
-    started = time.perf_counter()
-    dist.all_reduce(reference)
-    seconds = time.perf_counter() - started
+    with _ExtraMemory() as memory:  # the reset and reads stay outside the timing
+        sent = _link_tx_bytes(ifname)
+        started = time.perf_counter()
+        dist.all_reduce(reference)
+        seconds = time.perf_counter() - started
     sent = _link_tx_bytes(ifname) - sent
     reference /= dist.get_world_size()
-    return seconds, sent, reference
+    return seconds, sent, memory.extra_bytes, reference
 
 
 def _torch_rounds(
@@ -217,26 +271,36 @@ def _torch_rounds(
 ) -> dict[str, Any]:
     gloo: list[float] = []
     gloo_link: list[int] = []
+    gloo_memory = 0
     timed: list[float] = []
     link: list[int] = []
+    memory = 0
     error = 0.0
     wire = 0
     ifname = spec["ifname"]
     for _ in range(spec["repeats"]):
-        gloo_s, gloo_sent, reference = _gloo_round(tensor, ifname)
+        gloo_s, gloo_sent, gloo_extra, reference = _gloo_round(tensor, ifname)
         gloo.append(gloo_s)
         gloo_link.append(gloo_sent)
+        gloo_memory = max(gloo_memory, gloo_extra)
         work = tensor.clone()  # like gloo's reference: allocated before the clock starts
         dist.barrier()
-        sent = _link_tx_bytes(ifname)
-        started = time.perf_counter()
-        report = averager.average_([work])
-        timed.append(time.perf_counter() - started)
+        with _ExtraMemory() as extra:
+            sent = _link_tx_bytes(ifname)
+            started = time.perf_counter()
+            report = averager.average_([work])
+            timed.append(time.perf_counter() - started)
+        memory = max(memory, extra.extra_bytes)
         link.append(_link_tx_bytes(ifname) - sent)
         wire = report.bytes_sent
         error = max(error, float((work - reference).abs().max()))
-    row = {"seconds": timed, "wire": wire, "error": error, "link": link}
-    return {"gloo": gloo, "gloo_link": gloo_link, "codecs": {"none": row}}
+    row = {"seconds": timed, "wire": wire, "error": error, "link": link, "memory": memory}
+    return {
+        "gloo": gloo,
+        "gloo_link": gloo_link,
+        "gloo_memory": gloo_memory,
+        "codecs": {"none": row},
+    }
 
 
 async def _p2p_rounds(
@@ -254,16 +318,21 @@ async def _p2p_rounds(
         mailbox = CommMailbox(NetCommTransport(node), node.clock)
         gloo: list[float] = []
         gloo_link: list[int] = []
+        gloo_memory = 0
         codecs: dict[str, dict[str, Any]] = {
-            c: {"seconds": [], "wire": 0, "error": 0.0, "link": []} for c in spec["codecs"]
+            c: {"seconds": [], "wire": 0, "error": 0.0, "link": [], "memory": 0}
+            for c in spec["codecs"]
         }
         landing = tensor.clone()  # where averages land, allocated once like gloo's buffer
         meter = BandwidthMeter()  # like a swarm peer's: its rounds measure its send rate
         ifname = spec["ifname"]
         for repeat in range(spec["repeats"]):
-            gloo_s, gloo_sent, reference = await asyncio.to_thread(_gloo_round, tensor, ifname)
+            gloo_s, gloo_sent, gloo_extra, reference = await asyncio.to_thread(
+                _gloo_round, tensor, ifname
+            )
             gloo.append(gloo_s)
             gloo_link.append(gloo_sent)
+            gloo_memory = max(gloo_memory, gloo_extra)
             for codec in spec["codecs"]:
                 config = AllReduceConfig(
                     timeout_s=_TIMEOUT_S,
@@ -271,25 +340,33 @@ async def _p2p_rounds(
                     chunk_elements=spec["chunk_elements"],
                 )
                 await asyncio.to_thread(dist.barrier)
-                sent = _link_tx_bytes(ifname)
-                started = time.perf_counter()
-                result = await all_reduce(
-                    [tensor],
-                    mailbox=mailbox,
-                    members=members,
-                    round_key=f"bench/{repeat}/{codec}",
-                    config=config,
-                    out=[landing],
-                    meter=meter,
-                )
+                with _ExtraMemory() as extra:
+                    sent = _link_tx_bytes(ifname)
+                    started = time.perf_counter()
+                    result = await all_reduce(
+                        [tensor],
+                        mailbox=mailbox,
+                        members=members,
+                        round_key=f"bench/{repeat}/{codec}",
+                        config=config,
+                        out=[landing],
+                        meter=meter,
+                    )
+                    elapsed = time.perf_counter() - started
                 row = codecs[codec]
-                row["seconds"].append(time.perf_counter() - started)
+                row["memory"] = max(row["memory"], extra.extra_bytes)
+                row["seconds"].append(elapsed)
                 row["link"].append(_link_tx_bytes(ifname) - sent)
                 row["wire"] = result.report.bytes_sent
                 error = float((result.tensors[0] - reference).abs().max())
                 row["error"] = max(row["error"], error)
         await asyncio.to_thread(dist.barrier)  # nobody stops its node while others still send
-        return {"gloo": gloo, "gloo_link": gloo_link, "codecs": codecs}
+        return {
+            "gloo": gloo,
+            "gloo_link": gloo_link,
+            "gloo_memory": gloo_memory,
+            "codecs": codecs,
+        }
 
 
 # ---- driver side ---------------------------------------------------------------------------
@@ -435,9 +512,22 @@ def run_allreduce_sweep(
                 gloo_uplink_utilization=_utilization(
                     [r["gloo_link"] for r in rows], gloo_each, caps
                 ),
+                peak_extra_memory_ratio=_memory_ratio(
+                    [r["codecs"][codec]["memory"] for r in rows], real_size
+                ),
+                gloo_peak_extra_memory_ratio=_memory_ratio(
+                    [r["gloo_memory"] for r in rows], real_size
+                ),
             )
         )
     return results
+
+
+def _memory_ratio(extra_bytes: list[int], size_bytes: int) -> float | None:
+    """The largest extra memory over the tensor's size; None if any worker could not read it."""
+    if not extra_bytes or min(extra_bytes) < 0:
+        return None
+    return max(extra_bytes) / size_bytes
 
 
 def _utilization(
