@@ -3,6 +3,9 @@ memory figure."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -12,6 +15,7 @@ from gossamer.bench.allreduce import (
     _link_tx_bytes,
     _memory_ratio,
     _utilization,
+    write_throughput_plot,
 )
 
 
@@ -47,7 +51,7 @@ def test_memory_ratio_is_the_largest_worker_over_the_tensor_and_unknown_if_any_i
     assert _memory_ratio([], 100) is None
 
 
-def test_the_table_shows_the_memory_figure_next_to_gloos() -> None:
+def _result(**changes: object) -> AllReduceBenchResult:
     result = AllReduceBenchResult(
         peers=4, size_bytes=100, codec="none", backend="p2p", rate_bits_per_s=None,
         seconds=1.0, gloo_seconds=1.0, speedup_vs_gloo=1.0, algorithm_bandwidth_bytes_per_s=100,
@@ -56,5 +60,23 @@ def test_the_table_shows_the_memory_figure_next_to_gloos() -> None:
         all_seconds=[1.0], all_gloo_seconds=[1.0],
         peak_extra_memory_ratio=1.31, gloo_peak_extra_memory_ratio=0.02,
     )  # fmt: skip
+    return replace(result, **changes)  # type: ignore[arg-type]
+
+
+def test_the_table_shows_the_memory_figure_next_to_gloos() -> None:
+    result = _result()
     assert "peak memory   +1.31x the tensor per peer (gloo 0.02x)" in result.table()
     assert '"peak_extra_memory_ratio": 1.31' in result.to_json()
+
+
+def test_the_plot_is_a_png_of_every_codec_and_gloo_against_peers(tmp_path: Path) -> None:
+    results = [
+        _result(peers=peers, codec=codec, algorithm_bandwidth_bytes_per_s=rate)
+        for peers in (2, 4)
+        for codec, rate in (("none", 7e6), ("int8", 25e6))
+    ]
+    path = tmp_path / "throughput.png"
+    assert write_throughput_plot(results, path) == f"plot written to {path}"
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    assert len(data) > 10_000

@@ -577,7 +577,7 @@ def run_allreduce_bench(
 def write_throughput_plot(results: Sequence[AllReduceBenchResult], path: Path) -> str:
     """Plot algorithm bandwidth against peers, one line per codec plus gloo; returns a message.
 
-    matplotlib is a dev extra: without it nothing is written and the message says so.
+    matplotlib is the ``plot`` extra: without it nothing is written and the message says so.
     """
     try:
         import matplotlib  # type: ignore[import-not-found,unused-ignore]
@@ -585,7 +585,7 @@ def write_throughput_plot(results: Sequence[AllReduceBenchResult], path: Path) -
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
-        return "no plot: matplotlib is not installed (pip install 'matplotlib>=3.8')"
+        return "no plot: matplotlib is not installed (pip install 'gossamer[plot]')"
     figure, axes = plt.subplots(figsize=(6, 4))
     series: dict[str, list[tuple[int, float]]] = {}
     for r in results:
@@ -599,6 +599,7 @@ def write_throughput_plot(results: Sequence[AllReduceBenchResult], path: Path) -
         axes.plot([p for p, _ in points], [v for _, v in points], marker="o", label=label)
     rate = results[0].rate_bits_per_s if results else None
     where = f"{rate / 1e6:.0f} Mbit/s links" if rate else "loopback"
+    axes.set_xticks(sorted({r.peers for r in results}))
     axes.set_xlabel("peers")
     axes.set_ylabel("algorithm bandwidth (MB/s)")
     axes.set_title(f"all-reduce of {results[0].size_bytes / 1e6:.0f} MB, {where}")
