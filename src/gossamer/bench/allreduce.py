@@ -293,6 +293,7 @@ def _torch_rounds(
         memory = max(memory, extra.extra_bytes)
         link.append(_link_tx_bytes(ifname) - sent)
         wire = report.bytes_sent
+        dist.barrier()  # every worker stopped its clock before the check takes CPU
         error = max(error, float((work - reference).abs().max()))
     row = {"seconds": timed, "wire": wire, "error": error, "link": link, "memory": memory}
     return {
@@ -353,6 +354,9 @@ async def _p2p_rounds(
                         meter=meter,
                     )
                     elapsed = time.perf_counter() - started
+                # The check below allocates and scans the whole tensor: only once every worker
+                # has stopped its clock, so it never takes CPU from a round still running.
+                await asyncio.to_thread(dist.barrier)
                 row = codecs[codec]
                 row["memory"] = max(row["memory"], extra.extra_bytes)
                 row["seconds"].append(elapsed)
