@@ -70,6 +70,10 @@ def test_diloco_bench_takes_the_outer_optimizer_from_the_run_config() -> None:
 
     default = bench_diloco_config(RunConfig(), inner_steps=50)
     assert (default.inner_steps, default.outer_lr, default.outer_momentum) == (50, 0.7, 0.9)
-    plain = RunConfig(swarm=SwarmConfig(outer_lr=1.0, outer_momentum=0.0))
+    assert default.outer_momentum_warmup
+    plain = RunConfig(
+        swarm=SwarmConfig(outer_lr=1.0, outer_momentum=0.0, outer_momentum_warmup=False)
+    )
     chosen = bench_diloco_config(plain, inner_steps=20)
     assert (chosen.inner_steps, chosen.outer_lr, chosen.outer_momentum) == (20, 1.0, 0.0)
+    assert not chosen.outer_momentum_warmup

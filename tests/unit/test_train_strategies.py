@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -119,6 +120,45 @@ def test_overlapped_diloco_keeps_its_own_progress_until_the_average_arrives() ->
     assert torch.allclose(model.weight, torch.full((1, 2), 0.6))
     assert torch.equal(model.weight.detach(), strategy._global[0].detach())
     strategy.close()
+
+
+def _outer_steps(config: DiLoCoConfig, deltas: list[float]) -> list[float]:
+    """One peer with a one-weight model (all 1.0) and H = 1: each inner step moves the weight by
+    the next delta, each outer step applies it; the global weight after every outer step."""
+    strategy = DiLoCoStrategy(config, InProcessGroup(1).averager())
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    weights = []
+    for step, delta in enumerate(deltas):
+        with torch.no_grad():
+            model.weight.sub_(delta)
+        strategy.on_step_end(model, step)
+        weights.append(float(strategy._global[0].detach()[0, 0]))
+    return weights
+
+
+def test_outer_momentum_warms_up_along_nesterovs_sequence() -> None:
+    strategy = DiLoCoStrategy(DiLoCoConfig(), InProcessGroup(1).averager())
+    assert [strategy.outer_momentum_at(t) for t in range(4)] == pytest.approx(
+        [0, 1 / 4, 2 / 5, 1 / 2]
+    )
+    assert strategy.outer_momentum_at(27) == pytest.approx(0.9)
+    assert strategy.outer_momentum_at(1000) == pytest.approx(0.9)  # capped at outer_momentum
+    paper = DiLoCoStrategy(DiLoCoConfig(outer_momentum_warmup=False), InProcessGroup(1).averager())
+    assert {paper.outer_momentum_at(t) for t in range(30)} == {0.9}
+
+
+def test_first_outer_steps_do_not_replay_the_first_pseudo_gradient_at_full_momentum() -> None:
+    config = DiLoCoConfig(inner_steps=1, outer_lr=0.5, outer_momentum=0.9)
+    # Momentum 0, then 1/4, then 2/5 (torch's Nesterov form: buffer = m * buffer + g, step
+    # g + m * buffer); with none, the first pseudo-gradient leaves no buffer behind.
+    expected = [1 - 0.5 * 0.1, 0.95 - 0.5 * (0.1 + 0.25 * 0.1), 0.8875 - 0.5 * (0.1 + 0.4 * 0.14)]
+    assert _outer_steps(config, [0.1, 0.1, 0.1]) == pytest.approx(expected)
+    # The paper's constant momentum, from the first step: 0.1 * (1 + 0.9) at once.
+    paper = dataclasses.replace(config, outer_momentum_warmup=False)
+    assert _outer_steps(paper, [0.1])[0] == pytest.approx(1 - 0.5 * 0.19)
 
 
 class _LinearPeer:

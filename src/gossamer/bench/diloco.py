@@ -109,12 +109,14 @@ def _run_method(
 def bench_diloco_config(config: RunConfig, inner_steps: int) -> DiLoCoConfig:
     """The DiLoCo settings every DiLoCo method of the bench uses: H, and the outer optimizer
     from the run config (``swarm.outer_lr``, ``swarm.outer_momentum``; the paper's 0.7 and 0.9
-    unless a flag says otherwise)."""
+    unless a flag says otherwise; ``swarm.outer_momentum_warmup``, on unless
+    ``--swarm.outer-momentum-warmup false``)."""
     return DiLoCoConfig(
         inner_steps=inner_steps,
         run_id="bench",
         outer_lr=config.swarm.outer_lr,
         outer_momentum=config.swarm.outer_momentum,
+        outer_momentum_warmup=config.swarm.outer_momentum_warmup,
     )
 
 

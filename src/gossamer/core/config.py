@@ -246,6 +246,9 @@ class SwarmConfig:
     """DiLoCo: outer Nesterov SGD learning rate (DiLoCo paper: 0.7)."""
     outer_momentum: float = 0.9
     """DiLoCo: outer Nesterov momentum (DiLoCo paper: 0.9)."""
+    outer_momentum_warmup: bool = True
+    """DiLoCo: ramp the outer momentum up along Nesterov's sequence t / (t + 3), from none at the
+    first outer step to ``outer_momentum`` (false: the paper's constant momentum from the start)."""
     overlap: bool = False
     """DiLoCo: average each round in the background during the next H inner steps (applied a
     round late), so training does not wait for the network."""

@@ -6,6 +6,17 @@ with Nesterov momentum, learning rate 0.7 and momentum 0.9 as in the DiLoCo pape
 2023, arXiv:2311.08105) applies the averaged pseudo-gradient to the global weights, and the local
 model restarts from them. The inner optimizer's state is kept across rounds, as in the paper.
 
+The outer momentum is warmed up (``outer_momentum_warmup``, on by default): outer step ``t``
+(0-based) uses ``min(outer_momentum, t / (t + 3))``, the momentum sequence of Nesterov's
+accelerated gradient method (Nesterov 1983; in this form Su, Boyd and Candes 2016,
+arXiv:1503.01243), so the first outer step applies the average alone and 0.9 is reached at outer
+step 27. The first pseudo-gradients of a model trained from scratch are by far the largest (the
+loss falls off its initial plateau) and say little about where to go next; at full momentum they
+are replayed over the next ~10 rounds (7 times the first one in all, at lr 0.7 and momentum 0.9).
+The paper starts most runs from a pretrained model and runs over a hundred outer steps, where
+this hardly shows; a short run from scratch loses whole rounds to it (4 peers, H = 50, small GPT:
+validation loss 2.47 instead of 2.27 after 8 outer steps, 1.88 instead of 1.71 after 40).
+
 Communication is once every H steps instead of every step: H = 500 sends about 500 times fewer
 bytes than synchronous data parallel for the same model.
 
@@ -66,6 +77,9 @@ class DiLoCoConfig:
     """Names the rounds, so peers of different runs never average together."""
     overlap: bool = False
     """Average each round in the background during the next H inner steps, applied a round late."""
+    outer_momentum_warmup: bool = True
+    """Ramp the outer momentum up along Nesterov's sequence t / (t + 3) (capped at
+    ``outer_momentum``) instead of using it from the first outer step."""
 
     def __post_init__(self) -> None:
         if self.inner_steps < 1:
@@ -164,6 +178,17 @@ class DiLoCoStrategy:
             self._restart_local_from_global()
         return None
 
+    def outer_momentum_at(self, outer_step: int) -> float:
+        """The outer momentum of outer step ``outer_step`` (0-based): the configured one, warmed
+        up along Nesterov's sequence ``t / (t + 3)`` unless ``outer_momentum_warmup`` is off.
+
+        A function of the agreed outer step only, so every peer of a round applies the same one.
+        """
+        momentum = self.config.outer_momentum
+        if self.config.outer_momentum_warmup:
+            momentum = min(momentum, outer_step / (outer_step + 3))
+        return momentum
+
     def _round_key(self) -> str:
         return f"{self.config.run_id}/outer/{self.outer_step}"
 
@@ -241,8 +266,8 @@ class DiLoCoStrategy:
         agreed global weights and momentum are not touched; they move only by real averages.
         """
         assert self._outer is not None
-        group = self._outer.param_groups[0]
-        lr, momentum = float(group["lr"]), float(group["momentum"])
+        lr = float(self._outer.param_groups[0]["lr"])
+        momentum = self.outer_momentum_at(self.outer_step)  # the step this estimate stands in for
         with torch.no_grad():
             for param, start, tensor, mine in zip(
                 self._params, self._start, self._global, progress, strict=True
@@ -318,6 +343,10 @@ class DiLoCoStrategy:
         self.round_seconds.append(outcome.seconds)
         for tensor, averaged in zip(self._global, outcome.tensors, strict=True):
             tensor.grad = averaged.to(tensor.dtype)
+        momentum = self.outer_momentum_at(self.outer_step)
+        for group in self._outer.param_groups:
+            group["momentum"] = momentum
+            group["nesterov"] = momentum > 0  # with none, torch keeps no buffer: a plain step
         self._outer.step()
         self._outer.zero_grad(set_to_none=True)
         self.outer_step += 1

@@ -845,6 +845,7 @@ def _train_on_node(
                 inner_steps=swarm.inner_steps,
                 outer_lr=swarm.outer_lr,
                 outer_momentum=swarm.outer_momentum,
+                outer_momentum_warmup=swarm.outer_momentum_warmup,
                 run_id=config.name,
                 overlap=swarm.overlap,
             ),
