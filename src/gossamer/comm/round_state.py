@@ -299,8 +299,6 @@ class RoundState:
             opened = self.steps.opened[step - 1]
             if not await wait_for_event(opened, self.reduce_deadline_s, self.clock):
                 return
-            if not self.steps.in_steps:
-                return
             self.spawn(self._ask_ready(step))
 
     async def _ask_ready(self, step: int) -> None:
