@@ -10,6 +10,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from gossamer.comm.fake_transport import FakeNetwork, FakeTransport
+from gossamer.comm.transport import Message, message_nbytes
 from gossamer.core.clock import FakeClock
 
 T = TypeVar("T")
@@ -83,7 +84,7 @@ class RateLimitedTransport(FakeTransport):
         network.transports[peer_id] = made
         return made
 
-    async def send(self, peer_id: str, message: bytes | bytearray, *, timeout_s: float) -> None:
+    async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
         async with self._wire:
-            await self.network.clock.sleep_async(len(message) / self.bytes_per_s)
+            await self.network.clock.sleep_async(message_nbytes(message) / self.bytes_per_s)
         await super().send(peer_id, message, timeout_s=timeout_s)

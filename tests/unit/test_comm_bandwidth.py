@@ -29,7 +29,7 @@ from gossamer.comm.groups import (
 )
 from gossamer.comm.plan import PartPlan
 from gossamer.comm.report import AllReduceResult
-from gossamer.comm.transport import CommMailbox
+from gossamer.comm.transport import CommMailbox, Message, message_nbytes
 from gossamer.core.errors import PeerUnavailableError
 
 SMALL = BandwidthMeterConfig(min_bytes_per_peer=1000, min_busy_s=10.0)
@@ -50,8 +50,8 @@ class _TimedTransport:
     def set_receiver(self, receiver: object) -> None:
         del receiver
 
-    async def send(self, peer_id: str, message: bytes | bytearray, *, timeout_s: float) -> None:
-        await self.clock.sleep_async(len(message) * self.seconds_per_byte)
+    async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
+        await self.clock.sleep_async(message_nbytes(message) * self.seconds_per_byte)
         if peer_id in self.refusing:
             raise PeerUnavailableError(f"{peer_id} refused")
 

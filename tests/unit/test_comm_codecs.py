@@ -18,6 +18,9 @@ from gossamer.comm.codecs import (
     codec_by_name,
     codec_names,
 )
+from gossamer.comm.plan import FlatLayout
+from gossamer.comm.reduction import ChunkCodec
+from gossamer.comm.transport import message_bytes
 from gossamer.comm.wire import WireLimits, decode_piece, decode_tensor, encode_piece, encode_tensor
 from gossamer.core.errors import ProtocolError
 
@@ -169,3 +172,22 @@ def test_uncompressed_values_are_read_where_they_lie_and_tensors_are_copied() ->
     tensor = decode_tensor(message, LIMITS)
     message[-4:] = struct.pack("<f", -1.0)
     assert tensor[-1].item() == 9.0  # a decoded tensor owns its memory
+
+
+@pytest.mark.parametrize("codec", ["none", "int8"])
+def test_a_chunk_message_sends_uncompressed_values_from_where_they_lie(codec: str) -> None:
+    tensors = [torch.zeros(100), torch.zeros(70_000), torch.zeros(30)]
+    layout = FlatLayout(tensors, CodecPolicy(codec=codec, min_compressed_numel=1000))
+    chunk_codec = ChunkCodec(layout, LIMITS)
+    values = np.arange(layout.total, dtype=np.float32)
+    start, end = 50, layout.total - 10  # spans all three tensors
+    message = chunk_codec.encode_message(values, start, end, None, prefix=b"head")
+    assert isinstance(message, tuple)
+    joined = message_bytes(message)
+    assert joined[:4] == b"head"
+    decoded = chunk_codec.decode(memoryview(joined)[4:], start, end)
+    np.testing.assert_allclose(decoded, values[start:end], atol=float(values.max()) / 254 + 1e-3)
+    # the uncompressed tensors' values are views of ``values``: not copied into the message
+    shared = [p for p in message if isinstance(p, memoryview)]
+    assert len(shared) == (3 if codec == "none" else 2)
+    assert all(np.shares_memory(np.frombuffer(p, dtype=np.uint8), values) for p in shared)

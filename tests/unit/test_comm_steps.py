@@ -12,7 +12,7 @@ from gossamer.comm.allreduce import AllReduceConfig, all_reduce
 from gossamer.comm.codecs import CodecPolicy
 from gossamer.comm.fake_transport import FakeNetwork, FakeTransport
 from gossamer.comm.steps import PairwiseSteps
-from gossamer.comm.transport import FRAME_NBYTES, CommMailbox
+from gossamer.comm.transport import FRAME_NBYTES, CommMailbox, Message, message_nbytes
 from gossamer.core.errors import ProtocolError
 
 
@@ -118,8 +118,8 @@ class _Recording(FakeTransport):
         self.log = log
         self.send_s = send_s
 
-    async def send(self, peer_id: str, message: bytes | bytearray, *, timeout_s: float) -> None:
-        if len(message) <= FRAME_NBYTES:
+    async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
+        if message_nbytes(message) <= FRAME_NBYTES:
             await super().send(peer_id, message, timeout_s=timeout_s)
             return
         started = self.network.clock.monotonic()

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gossamer.core.clock import FakeClock
 from gossamer.core.errors import ProtocolError
-from gossamer.net.bulk import BulkReceiver, _encode_chunk
+from gossamer.net.bulk import BulkReceiver, ReceivedChunk, _encode_chunk, _Pieces, decode_chunk
 from gossamer.net.config import LimitsConfig
 from gossamer.net.counters import NetCounters
 from gossamer.net.handshake import Session
@@ -21,16 +24,18 @@ from gossamer.proto import net_pb2
 def test_a_hand_serialized_chunk_parses_as_the_protobuf_message(size: int) -> None:
     data = bytes(i % 251 for i in range(size))
     head = {"transfer_id": "ab", "topic": "t", "total_bytes": 99, "num_streams": 3, "offset": 7}
-    wire = _encode_chunk(net_pb2.BulkChunk(**head), memoryview(data))
+    wire = _encode_chunk(net_pb2.BulkChunk(**head), [memoryview(data)])
     assert net_pb2.BulkChunk.FromString(wire) == net_pb2.BulkChunk(**head, data=data)
-    plain = _encode_chunk(net_pb2.BulkChunk(offset=5), memoryview(data))
+    split = [memoryview(data)[: size // 3], memoryview(data)[size // 3 :]]
+    assert _encode_chunk(net_pb2.BulkChunk(**head), split) == wire
+    plain = _encode_chunk(net_pb2.BulkChunk(offset=5), [memoryview(data)])
     assert net_pb2.BulkChunk.FromString(plain) == net_pb2.BulkChunk(offset=5, data=data)
 
 
 async def _push(receiver: BulkReceiver, chunks: list[net_pb2.BulkChunk]) -> net_pb2.BulkAck:
-    async def stream() -> AsyncIterator[net_pb2.BulkChunk]:
+    async def stream() -> AsyncIterator[ReceivedChunk]:
         for chunk in chunks:
-            yield chunk
+            yield decode_chunk(chunk.SerializeToString())
 
     _session_var.set(Session("sender", b"k" * 32, 0.0, None))
     return await receiver.Push(stream(), None)  # type: ignore[arg-type]
@@ -69,3 +74,82 @@ def test_a_chunk_past_a_whole_first_chunk_is_refused() -> None:
     with pytest.raises(ProtocolError, match="past the announced size"):
         asyncio.run(_push(receiver, chunks))
     assert receiver.num_incomplete == 0
+
+
+_HEADS = st.fixed_dictionaries(
+    {},
+    optional={
+        "transfer_id": st.text(max_size=40),
+        "topic": st.text(max_size=40),
+        "total_bytes": st.integers(0, (1 << 64) - 1),
+        "offset": st.integers(0, (1 << 64) - 1),
+        "num_streams": st.integers(0, (1 << 32) - 1),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_HEADS, st.binary(max_size=2000))
+def test_a_chunk_decodes_without_copying_its_data(head: dict[str, Any], data: bytes) -> None:
+    wire = net_pb2.BulkChunk(**head, data=data).SerializeToString()
+    chunk = decode_chunk(wire)
+    assert chunk.fields == net_pb2.BulkChunk(**head)
+    assert chunk.data == data
+    if data:
+        assert chunk.data.obj is wire  # a view of the received bytes, not a copy
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=300))
+def test_decode_chunk_agrees_with_protobuf_or_refuses(wire: bytes) -> None:
+    try:
+        expected: net_pb2.BulkChunk | None = net_pb2.BulkChunk.FromString(wire)
+    except Exception:
+        expected = None
+    try:
+        chunk = decode_chunk(wire)
+    except ProtocolError:
+        return  # refusing is always safe; protobuf may accept groups, which no sender writes
+    assert expected is not None, "decode_chunk accepted bytes protobuf refuses"
+    assert chunk.data == expected.data
+    expected.ClearField("data")
+    assert chunk.fields == expected
+
+
+def test_decode_chunk_keeps_the_last_of_repeated_data_fields() -> None:
+    wire = (
+        net_pb2.BulkChunk(offset=3, data=b"first").SerializeToString()
+        + net_pb2.BulkChunk(data=b"second").SerializeToString()
+    )
+    assert net_pb2.BulkChunk.FromString(wire).data == b"second"
+    chunk = decode_chunk(wire)
+    assert (chunk.fields.offset, bytes(chunk.data)) == (3, b"second")
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        bytes([5 << 3 | 2, 10]) + b"short",  # data runs past the end
+        bytes([4 << 3 | 0, 0x80]),  # varint cut short
+        bytes([4 << 3 | 0]) + b"\xff" * 11,  # varint too long
+        bytes([5 << 3 | 3]),  # a group
+        bytes([2 << 3 | 2, 2]) + b"\xff\xfe",  # topic not UTF-8
+    ],
+)
+def test_decode_chunk_refuses_malformed_bytes(wire: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode_chunk(wire)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=50), max_size=6), st.integers(0, 400), st.integers(0, 400))
+def test_a_payload_of_several_buffers_cuts_like_their_concatenation(
+    buffers: list[bytes], a: int, b: int
+) -> None:
+    joined = b"".join(buffers)
+    pieces = _Pieces([bytearray(x) for x in buffers])
+    start, stop = min(a, b, len(joined)), min(max(a, b), len(joined))
+    assert pieces.total == len(joined)
+    cut = pieces.cut(start, stop)
+    assert b"".join(cut) == joined[start:stop]
+    assert all(len(v) for v in cut)

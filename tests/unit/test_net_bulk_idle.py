@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from gossamer.core.clock import FakeClock
-from gossamer.net.bulk import BulkReceiver
+from gossamer.net.bulk import BulkReceiver, ReceivedChunk, decode_chunk
 from gossamer.net.config import LimitsConfig
 from gossamer.net.counters import NetCounters
 from gossamer.net.handshake import Session
@@ -15,9 +15,9 @@ from gossamer.proto import net_pb2
 
 
 async def _push(receiver: BulkReceiver, chunks: list[net_pb2.BulkChunk]) -> net_pb2.BulkAck:
-    async def stream() -> AsyncIterator[net_pb2.BulkChunk]:
+    async def stream() -> AsyncIterator[ReceivedChunk]:
         for chunk in chunks:
-            yield chunk
+            yield decode_chunk(chunk.SerializeToString())
 
     _session_var.set(Session("sender", b"k" * 32, 0.0, None))
     return await receiver.Push(stream(), None)  # type: ignore[arg-type]

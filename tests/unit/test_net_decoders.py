@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from gossamer.core.clock import FakeClock
 from gossamer.core.errors import AuthenticationError, ProtocolError
-from gossamer.net.bulk import BulkReceiver
+from gossamer.net.bulk import BulkReceiver, ReceivedChunk, decode_chunk
 from gossamer.net.config import DhtConfig, LimitsConfig
 from gossamer.net.counters import NetCounters
 from gossamer.net.handshake import HandshakeAuthority, Session
@@ -143,9 +143,9 @@ def _session() -> Session:
 
 
 async def _push(receiver: BulkReceiver, chunks: list[net_pb2.BulkChunk]) -> Any:
-    async def stream() -> AsyncIterator[net_pb2.BulkChunk]:
+    async def stream() -> AsyncIterator[ReceivedChunk]:
         for chunk in chunks:
-            yield chunk
+            yield decode_chunk(chunk.SerializeToString())
 
     _session_var.set(_session())
     return await receiver.Push(stream(), None)  # type: ignore[arg-type]

@@ -26,7 +26,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gossamer.comm.transport import CommTransport, MessageReceiver
+from gossamer.comm.transport import CommTransport, Message, MessageReceiver, message_nbytes
 from gossamer.core.clock import Clock
 from gossamer.core.errors import GossamerError
 
@@ -117,7 +117,7 @@ class SendTally:
         """Route incoming messages to ``receiver`` (on the wrapped transport)."""
         self._transport.set_receiver(receiver)
 
-    async def send(self, peer_id: str, message: bytes | bytearray, *, timeout_s: float) -> None:
+    async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
         """Send through the wrapped transport, timing the transfer.
 
         A send that fails marks its destination as failed: the time went to a peer that was not
@@ -137,7 +137,7 @@ class SendTally:
             destination.failed = True
             raise
         else:
-            destination.bytes_sent += len(message)
+            destination.bytes_sent += message_nbytes(message)
         finally:
             destination.num_in_flight -= 1
             if destination.num_in_flight == 0:

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
-from gossamer.comm.transport import MessageReceiver
+from gossamer.comm.transport import Message, MessageReceiver, message_bytes, message_nbytes
 from gossamer.core.clock import Clock
 from gossamer.core.errors import DeadlineExceededError, PeerLostError, PeerUnavailableError
 
@@ -71,15 +71,15 @@ class FakeTransport:
         """Whether this peer is paused (accepts connections but never answers)."""
         return False
 
-    async def accept(self, sender: str, message: bytes | bytearray) -> None:
+    async def accept(self, sender: str, message: Message) -> None:
         """Handle one incoming message (called by the sender's transport)."""
         if self.is_hung():
             await asyncio.Event().wait()  # a paused process: the sender's deadline ends it
         if self.receiver is None:
             raise PeerUnavailableError(f"peer {self._peer_id} has no receiver")
-        await self.receiver(sender, memoryview(bytearray(message)))
+        await self.receiver(sender, memoryview(bytearray(message_bytes(message))))
 
-    async def send(self, peer_id: str, message: bytes | bytearray, *, timeout_s: float) -> None:
+    async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
         """Deliver ``message`` to ``peer_id``; return once it was handled."""
         if self.is_down():
             raise PeerLostError(f"peer {self._peer_id} is down and cannot send")
@@ -100,7 +100,7 @@ class FakeTransport:
             raise DeadlineExceededError(f"peer {peer_id} did not answer in {timeout_s} s")
         handled.result()
         self.num_sent += 1
-        self.bytes_sent += len(message)
+        self.bytes_sent += message_nbytes(message)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -137,7 +137,7 @@ class FaultyTransport(FakeTransport):
     def is_hung(self) -> bool:
         return self.script.hung
 
-    async def accept(self, sender: str, message: bytes | bytearray) -> None:
+    async def accept(self, sender: str, message: Message) -> None:
         limit = self.script.fail_receiving_after
         if limit is not None and self.num_received >= limit:
             raise PeerLostError(f"peer {self.peer_id} failed while handling a message")
@@ -146,7 +146,7 @@ class FaultyTransport(FakeTransport):
             await self.network.clock.sleep_async(self.script.receive_delay_s)
         await super().accept(sender, message)
 
-    async def send(self, peer_id: str, message: bytes | bytearray, *, timeout_s: float) -> None:
+    async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
         self.num_send_attempts += 1
         if self.script.send_delay_s:
             await self.network.clock.sleep_async(self.script.send_delay_s)

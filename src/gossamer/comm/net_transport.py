@@ -8,7 +8,7 @@ adds no service of its own. gRPC errors arrive here already mapped to Gossamer's
 
 from __future__ import annotations
 
-from gossamer.comm.transport import MessageReceiver
+from gossamer.comm.transport import Message, MessageReceiver
 from gossamer.core.errors import PeerUnavailableError
 from gossamer.net.node import Node
 
@@ -46,7 +46,7 @@ class NetCommTransport:
             raise PeerUnavailableError("comm is not receiving on this peer yet")
         await self._receiver(sender, memoryview(payload))
 
-    async def send(self, peer_id: str, message: bytes | bytearray, *, timeout_s: float) -> None:
+    async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
         """Stream ``message`` to ``peer_id``; returns once its comm receiver handled it."""
         await self.node.send_bulk(
             peer_id, COMM_TOPIC, message, num_streams=self.num_streams, timeout_s=timeout_s

@@ -17,6 +17,7 @@ import numpy as np
 
 from gossamer.comm.codecs import ErrorFeedback, FloatArray, NoCompressionCodec
 from gossamer.comm.plan import FlatLayout
+from gossamer.comm.transport import Message
 from gossamer.comm.wire import WireLimits, decode_piece, encode_piece, pack_piece_header
 from gossamer.core.errors import ProtocolError
 
@@ -46,12 +47,13 @@ class ChunkCodec:
         *,
         base: int = 0,
         prefix: bytes = b"",
-    ) -> tuple[bytearray, FloatArray]:
+    ) -> tuple[Message, FloatArray]:
         """``prefix`` + body for flat elements ``start..end``, and what a receiver will decode.
 
         ``values[i - base]`` holds flat element ``i`` (``base`` 0: the whole flat buffer). The
-        message is written once into one buffer: uncompressed values are copied straight in
-        from ``values``; compressed payloads (small) are copied after encoding.
+        message is in pieces: uncompressed values are views of ``values`` (not copied, so
+        ``values`` must not change until the message is sent); headers and compressed payloads
+        (small) lie in byte strings between them.
         """
         message, decoded = self._encode(values, start, end, feedback, base, prefix, True)
         assert decoded is not None
@@ -65,7 +67,7 @@ class ChunkCodec:
         feedback: ErrorFeedback | None,
         *,
         prefix: bytes = b"",
-    ) -> bytearray:
+    ) -> Message:
         """The message of :meth:`encode` alone: without error feedback, a lossy codec's
         payload is then not decoded back (a contribution's sender has no use for it)."""
         return self._encode(values, start, end, feedback, 0, prefix, False)[0]
@@ -79,7 +81,7 @@ class ChunkCodec:
         base: int,
         prefix: bytes,
         want_decoded: bool,
-    ) -> tuple[bytearray, FloatArray | None]:
+    ) -> tuple[Message, FloatArray | None]:
         parts: list[tuple[bytes, FloatArray | None]] = []
         decoded_parts: list[tuple[int, FloatArray]] = []
         for seg in self.layout.segments(start, end):
@@ -106,17 +108,17 @@ class ChunkCodec:
             )
             parts.append((piece, None))
             decoded_parts.append((seg.flat_start - start, piece_values))
-        size = len(prefix) + sum(len(h) + (0 if v is None else 4 * v.shape[0]) for h, v in parts)
-        message = bytearray(size)
-        message[: len(prefix)] = prefix
-        position = len(prefix)
+        pieces: list[bytes | memoryview] = []
+        small = bytearray(prefix)
         for head, raw in parts:
-            message[position : position + len(head)] = head
-            position += len(head)
+            small += head
             if raw is not None:
-                target = np.frombuffer(message, dtype="<f4", count=raw.shape[0], offset=position)
-                target[:] = raw
-                position += 4 * raw.shape[0]
+                pieces.append(bytes(small))
+                small.clear()
+                pieces.append(np.ascontiguousarray(raw, dtype="<f4").data.cast("B"))
+        if small:
+            pieces.append(bytes(small))
+        message = tuple(pieces)
         if not want_decoded:
             return message, None
         if len(decoded_parts) == 1:

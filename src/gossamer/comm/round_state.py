@@ -30,6 +30,8 @@ from gossamer.comm.transport import (
     CommTransport,
     Frame,
     FrameKind,
+    Message,
+    message_nbytes,
     pack_frame,
     wait_for_event,
 )
@@ -216,7 +218,7 @@ class RoundState:
         flags = FLAG_REASSIGNED if part != self.me else 0
         frame = Frame(FrameKind.RESULT, self.round_id, part, chunk, self.me, 0.0, flags)
 
-        def work() -> tuple[bytearray, list[int]] | None:
+        def work() -> tuple[Message, list[int]] | None:
             got = reducer.finalize(chunk, self.local[a:b])
             if got is None:
                 return None
@@ -243,7 +245,7 @@ class RoundState:
         self._check_done()
 
     async def _send_result(
-        self, dest: int, message: bytearray, fp32_nbytes: int, *, own: bool
+        self, dest: int, message: Message, fp32_nbytes: int, *, own: bool
     ) -> None:
         step = self.steps.result_step(dest) if own else None  # a backup's sends are unscheduled
         try:
@@ -326,7 +328,7 @@ class RoundState:
 
     # ---- sending -------------------------------------------------------------------------------
 
-    async def _send(self, dest: int, message: bytes | bytearray) -> bool:
+    async def _send(self, dest: int, message: Message) -> bool:
         """Send within the round's deadline; False if none of it is left.
 
         Raises:
@@ -340,7 +342,7 @@ class RoundState:
         )
         return True
 
-    async def _transmit(self, dest: int, message: bytes | bytearray) -> bool:
+    async def _transmit(self, dest: int, message: Message) -> bool:
         if dest in self.failed:
             return False
         try:
@@ -349,7 +351,7 @@ class RoundState:
         except GossamerError as exc:
             self.peer_failed(dest, f"{type(exc).__name__}: {exc}", notify=True)
             return False
-        self.bytes_sent += len(message)
+        self.bytes_sent += message_nbytes(message)
         return True
 
     async def _send_part(self, part: int, dest: int, *, flags: int, counted: bool) -> None:

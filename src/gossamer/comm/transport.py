@@ -37,8 +37,11 @@ __all__ = [
     "CommTransport",
     "Frame",
     "FrameKind",
+    "Message",
     "MessageReceiver",
     "RoundHandler",
+    "message_bytes",
+    "message_nbytes",
     "pack_frame",
     "unpack_frame",
     "wait_for_event",
@@ -53,6 +56,22 @@ ROUND_ID_NBYTES = 16
 MessageReceiver = Callable[[str, memoryview], Awaitable[None]]
 """Called with (sender peer id, message) for every message a transport receives."""
 
+Message = bytes | bytearray | tuple[bytes | memoryview, ...]
+"""What a transport sends: one buffer, or byte buffers sent back to back as one message (so a
+chunk's values go out from where they lie instead of being copied into a message first)."""
+
+
+def message_nbytes(message: Message) -> int:
+    """Bytes in ``message``."""
+    if isinstance(message, tuple):
+        return sum(len(piece) for piece in message)
+    return len(message)
+
+
+def message_bytes(message: Message) -> bytes | bytearray:
+    """``message`` as one buffer (copied if it is in pieces)."""
+    return b"".join(message) if isinstance(message, tuple) else message
+
 
 class CommTransport(Protocol):
     """Sends messages to peers; implemented over net's bulk streams and in memory for tests."""
@@ -62,7 +81,7 @@ class CommTransport(Protocol):
         """This peer's id."""
         ...
 
-    async def send(self, peer_id: str, message: bytes | bytearray, *, timeout_s: float) -> None:
+    async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
         """Deliver ``message`` to ``peer_id``'s receiver; return once the receiver handled it.
 
         Raises:

@@ -10,11 +10,13 @@ sender once the handler has run, so "sent" means "received and handled".
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -27,7 +29,16 @@ from gossamer.net.identity import short_peer_id
 from gossamer.net.server import current_session
 from gossamer.proto import net_pb2, net_pb2_grpc
 
-__all__ = ["PUSH_METHOD", "BulkHandler", "BulkReceiver", "send_bulk"]
+__all__ = [
+    "PUSH_METHOD",
+    "BulkHandler",
+    "BulkPayload",
+    "BulkReceiver",
+    "ReceivedChunk",
+    "add_bulk_receiver_to_server",
+    "decode_chunk",
+    "send_bulk",
+]
 
 _log = logging.getLogger(__name__)
 PUSH_METHOD = "/gossamer.net.v1.Bulk/Push"
@@ -39,8 +50,96 @@ _DATA_TAG = bytes([5 << 3 | 2])
 _TAIL_SLACK_BYTES = 1024
 """A stream's last few bytes join the chunk before them (limits keep 4 KiB of message room)."""
 
+_DATA_FIELD = 5
+_MAX_VARINT_BYTES = 10
+
 BulkHandler = Callable[[str, str, bytearray], Awaitable[None]]
 """Called with (sender peer id, topic, payload) once a transfer is complete."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedChunk:
+    """One ``BulkChunk`` as received: its small fields parsed by protobuf, its data a view of the
+    received bytes."""
+
+    fields: net_pb2.BulkChunk
+    """Every field but ``data`` (which is left empty here)."""
+    data: memoryview
+    """The ``data`` field, where it lies in the received message (not a copy)."""
+
+
+def _read_varint(view: memoryview, position: int) -> tuple[int, int]:
+    value = 0
+    for i in range(_MAX_VARINT_BYTES):
+        if position + i >= len(view):
+            raise ProtocolError("bulk chunk cut inside a varint")
+        byte = view[position + i]
+        value |= (byte & 0x7F) << (7 * i)
+        if byte < 0x80:
+            return value, position + i + 1
+    raise ProtocolError("bulk chunk with an overlong varint")
+
+
+def decode_chunk(wire: bytes) -> ReceivedChunk:
+    """Parse a ``BulkChunk`` without copying its data.
+
+    Reading a bytes field from a protobuf message copies it, and so does parsing: the data of
+    every chunk was copied twice before it reached the transfer's buffer. Here the message's
+    fields are walked by their tags (wire types and lengths only); the data field is kept as a
+    view, and the other fields' bytes are handed to protobuf, which parses them as usual. As in
+    protobuf, of a repeated data field the last one counts.
+
+    Raises:
+        ProtocolError: the bytes are not a well-formed message (a field cut short, a group or
+            an unknown wire type, or fields protobuf refuses).
+    """
+    view = memoryview(wire).cast("B")
+    data = view[0:0]
+    others: list[memoryview] = []
+    position = 0
+    while position < len(view):
+        start = position
+        tag, position = _read_varint(view, position)
+        wire_type = tag & 7
+        if wire_type == 0:
+            _, position = _read_varint(view, position)
+        elif wire_type == 1:
+            position += 8
+        elif wire_type == 5:
+            position += 4
+        elif wire_type == 2:
+            length, position = _read_varint(view, position)
+            if tag >> 3 == _DATA_FIELD and position + length <= len(view):
+                data = view[position : position + length]
+                position += length
+                continue
+            position += length
+        else:
+            raise ProtocolError(f"bulk chunk with a field of wire type {wire_type}")
+        if position > len(view):
+            raise ProtocolError("bulk chunk cut inside a field")
+        others.append(view[start:position])
+    try:
+        fields = net_pb2.BulkChunk.FromString(b"".join(others))
+    except Exception as exc:  # protobuf raises DecodeError, and others on odd input
+        raise ProtocolError(f"bulk chunk does not decode: {exc}") from exc
+    return ReceivedChunk(fields, data)
+
+
+def add_bulk_receiver_to_server(receiver: BulkReceiver, server: Any) -> None:
+    """Like the generated ``add_BulkServicer_to_server``, with :func:`decode_chunk` as the
+    request decoder."""
+    handlers = {
+        "Push": grpc.stream_unary_rpc_method_handler(
+            receiver.Push,
+            request_deserializer=decode_chunk,
+            response_serializer=net_pb2.BulkAck.SerializeToString,
+        )
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("gossamer.net.v1.Bulk", handlers),)
+    )
+    server.add_registered_method_handlers("gossamer.net.v1.Bulk", handlers)
 
 
 @dataclass(slots=True)
@@ -85,7 +184,7 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
         self._handlers.pop(topic, None)
 
     def _open(
-        self, sender: str, first: net_pb2.BulkChunk, data: bytes
+        self, sender: str, first: net_pb2.BulkChunk, data: memoryview
     ) -> tuple[tuple[str, str], _Transfer, bool]:
         """The transfer ``first`` opens or joins, and whether ``data`` is already in its buffer."""
         if not 0 < len(first.transfer_id) <= _MAX_TRANSFER_ID_CHARS:
@@ -123,7 +222,7 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
 
     async def Push(
         self,
-        request_iterator: AsyncIterator[net_pb2.BulkChunk],
+        request_iterator: AsyncIterator[ReceivedChunk],
         context: grpc.aio.ServicerContext,
     ) -> net_pb2.BulkAck:
         sender = current_session().peer_id
@@ -133,13 +232,13 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
         next_offset = 0
         try:
             async for chunk in request_iterator:
-                data = chunk.data  # each read of a bytes field copies it: read it once
+                data = chunk.data
                 filled = False
                 if transfer is None:
-                    key, transfer, filled = self._open(sender, chunk, data)
+                    key, transfer, filled = self._open(sender, chunk.fields, data)
                     transfer.num_active_streams += 1
-                    next_offset = chunk.offset
-                if chunk.offset != next_offset:
+                    next_offset = chunk.fields.offset
+                if chunk.fields.offset != next_offset:
                     raise ProtocolError("bulk chunks of one stream must be contiguous")
                 end = next_offset + len(data)
                 if end > len(transfer.buffer):
@@ -221,21 +320,58 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _encode_chunk(fields: net_pb2.BulkChunk, data: memoryview) -> bytes:
-    """The wire bytes of ``fields`` with ``data`` as its ``data`` field, copying ``data`` once.
+def _encode_chunk(fields: net_pb2.BulkChunk, data: Sequence[memoryview]) -> bytes:
+    """The wire bytes of ``fields`` with ``data`` (joined) as its ``data`` field, copying the
+    data once.
 
     The small fields are serialized by protobuf and the ``data`` field is written out after
     them: a message's encoding is the concatenation of its fields' encodings, so this parses
-    back exactly as ``BulkChunk(..., data=data)`` would.
+    back exactly as ``BulkChunk(..., data=b"".join(data))`` would.
     """
-    return b"".join((fields.SerializeToString(), _DATA_TAG, _varint(len(data)), data))
+    size = sum(len(piece) for piece in data)
+    return b"".join((fields.SerializeToString(), _DATA_TAG, _varint(size), *data))
+
+
+BulkPayload = bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]
+"""What :func:`send_bulk` sends: one buffer, or several sent back to back as one payload (so a
+caller need not copy its pieces into one buffer before they are copied into chunks)."""
+
+
+class _Pieces:
+    """A payload's buffers as one run of bytes that can be cut anywhere without copying."""
+
+    def __init__(self, payload: BulkPayload) -> None:
+        if isinstance(payload, bytes | bytearray | memoryview):
+            payload = [payload]
+        self.views = [memoryview(p).cast("B") for p in payload]
+        self.starts = [0]
+        for view in self.views:
+            self.starts.append(self.starts[-1] + len(view))
+
+    @property
+    def total(self) -> int:
+        return self.starts[-1]
+
+    def cut(self, start: int, stop: int) -> list[memoryview]:
+        """Views of bytes ``start..stop``."""
+        first = max(0, bisect.bisect_right(self.starts, start) - 1)
+        out = []
+        for i in range(first, len(self.views)):
+            begin = self.starts[i]
+            if begin >= stop:
+                break
+            view = self.views[i]
+            piece = view[max(0, start - begin) : min(len(view), stop - begin)]
+            if len(piece):
+                out.append(piece)
+        return out
 
 
 async def send_bulk(
     pool: ConnectionPool,
     peer_id: str,
     topic: str,
-    payload: bytes | bytearray | memoryview,
+    payload: BulkPayload,
     *,
     chunk_bytes: int,
     num_streams: int = 1,
@@ -248,7 +384,7 @@ async def send_bulk(
         pool: the node's connections.
         peer_id: the receiver.
         topic: the handler to deliver to.
-        payload: the bytes.
+        payload: the bytes: one buffer or several, sent back to back.
         chunk_bytes: bytes per chunk (within the message size limit).
         num_streams: parallel streams (more can fill a long fat link).
         timeout_s: deadline of the whole transfer.
@@ -259,8 +395,8 @@ async def send_bulk(
     """
     if num_streams < 1:
         raise ValueError(f"num_streams must be at least 1, got {num_streams}")
-    view = memoryview(payload).cast("B")
-    total = len(view)
+    pieces = _Pieces(payload)
+    total = pieces.total
     transfer_id = secrets.token_hex(16)
     num_streams = max(1, min(num_streams, total // chunk_bytes or 1))
     bounds = [total * i // num_streams for i in range(num_streams + 1)]
@@ -286,7 +422,7 @@ async def send_bulk(
             end = min(offset + chunk_bytes, stop)
             if stop - end <= _TAIL_SLACK_BYTES:
                 end = stop  # a few bytes past a whole chunk ride along instead of a tiny chunk
-            yield _encode_chunk(fields, view[offset:end])
+            yield _encode_chunk(fields, pieces.cut(offset, end))
             offset = end
             if offset >= stop:
                 return

@@ -20,7 +20,13 @@ from google.protobuf.message import Message
 
 from gossamer.core.clock import Clock, SystemClock
 from gossamer.core.errors import GossamerError, PeerUnavailableError
-from gossamer.net.bulk import BulkHandler, BulkReceiver, send_bulk
+from gossamer.net.bulk import (
+    BulkHandler,
+    BulkPayload,
+    BulkReceiver,
+    add_bulk_receiver_to_server,
+    send_bulk,
+)
 from gossamer.net.config import NodeConfig
 from gossamer.net.connections import ConnectionPool, DialTarget
 from gossamer.net.counters import NetCounters
@@ -127,7 +133,7 @@ class Node:
             self._heartbeat, config.heartbeat, self.clock, own_peer_id=self.identity.peer_id
         )
         self.server.add_servicer(net_pb2_grpc.add_DhtServicer_to_server, DhtServicer(self.dht))
-        self.server.add_servicer(net_pb2_grpc.add_BulkServicer_to_server, self.bulk)
+        self.server.add_servicer(add_bulk_receiver_to_server, self.bulk)
         self.server.add_servicer(
             net_pb2_grpc.add_ReachabilityServicer_to_server, ReachabilityServicer(self.pool)
         )
@@ -493,7 +499,7 @@ class Node:
         self,
         peer_id: str,
         topic: str,
-        payload: bytes | bytearray | memoryview,
+        payload: BulkPayload,
         *,
         num_streams: int = 1,
         timeout_s: float = 60.0,
