@@ -153,3 +153,30 @@ def test_a_payload_of_several_buffers_cuts_like_their_concatenation(
     cut = pieces.cut(start, stop)
     assert b"".join(cut) == joined[start:stop]
     assert all(len(v) for v in cut)
+
+
+def test_a_read_only_handler_gets_a_one_chunk_transfer_as_a_view_of_the_message() -> None:
+    receiver = BulkReceiver(LimitsConfig(), NetCounters(), FakeClock())
+    got: list[bytearray | memoryview] = []
+
+    async def handler(sender: str, topic: str, payload: bytearray | memoryview) -> None:
+        got.append(payload)
+
+    receiver.register("t", handler, read_only=True)
+    wire = net_pb2.BulkChunk(
+        transfer_id="v", topic="t", total_bytes=6, num_streams=1, offset=0, data=b"abcdef"
+    ).SerializeToString()
+
+    async def stream() -> AsyncIterator[ReceivedChunk]:
+        yield decode_chunk(wire)
+
+    _session_var.set(Session("sender", b"k" * 32, 0.0, None))
+    ack = asyncio.run(receiver.Push(stream(), None))  # type: ignore[arg-type]
+    assert ack.transfer_complete
+    assert isinstance(got[0], memoryview)
+    assert got[0].obj is wire and got[0].readonly  # no copy
+    assert bytes(got[0]) == b"abcdef"
+    receiver.register("t", handler)  # registered again without read_only: its own copy
+    head = {"transfer_id": "u", "topic": "t", "total_bytes": 2, "num_streams": 1}
+    asyncio.run(_push(receiver, [net_pb2.BulkChunk(**head, offset=0, data=b"xy")]))
+    assert isinstance(got[1], bytearray)

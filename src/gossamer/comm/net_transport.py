@@ -30,7 +30,7 @@ class NetCommTransport:
         self.node = node
         self.num_streams = num_streams
         self._receiver: MessageReceiver | None = None
-        node.on_bulk(COMM_TOPIC, self._on_bulk)
+        node.on_bulk_read_only(COMM_TOPIC, self._on_bulk)
 
     @property
     def peer_id(self) -> str:
@@ -41,7 +41,7 @@ class NetCommTransport:
         """Route incoming comm messages to ``receiver``."""
         self._receiver = receiver
 
-    async def _on_bulk(self, sender: str, topic: str, payload: bytearray) -> None:
+    async def _on_bulk(self, sender: str, topic: str, payload: bytearray | memoryview) -> None:
         if self._receiver is None:
             raise PeerUnavailableError("comm is not receiving on this peer yet")
         await self._receiver(sender, memoryview(payload))

@@ -16,7 +16,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import grpc
 
@@ -34,6 +34,7 @@ __all__ = [
     "BulkHandler",
     "BulkPayload",
     "BulkReceiver",
+    "ReadOnlyBulkHandler",
     "ReceivedChunk",
     "add_bulk_receiver_to_server",
     "decode_chunk",
@@ -55,6 +56,10 @@ _MAX_VARINT_BYTES = 10
 
 BulkHandler = Callable[[str, str, bytearray], Awaitable[None]]
 """Called with (sender peer id, topic, payload) once a transfer is complete."""
+
+ReadOnlyBulkHandler = Callable[[str, str, bytearray | memoryview], Awaitable[None]]
+"""A handler that only reads its payload: a transfer that came in one chunk reaches it as a
+read-only view of the received message, without a copy."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +150,7 @@ def add_bulk_receiver_to_server(receiver: BulkReceiver, server: Any) -> None:
 @dataclass(slots=True)
 class _Transfer:
     topic: str
-    buffer: bytearray
+    buffer: bytearray | memoryview
     num_streams: int
     last_activity_s: float
     received: int = 0
@@ -169,19 +174,40 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
         self._clock = clock or SystemClock()
         self._limits = limits
         self._counters = counters
-        self._handlers: dict[str, BulkHandler] = {}
+        self._handlers: dict[str, BulkHandler | ReadOnlyBulkHandler] = {}
+        self._read_only: set[str] = set()
         self._transfers: dict[tuple[str, str], _Transfer] = {}
         self._inflight_bytes = 0
 
-    def register(self, topic: str, handler: BulkHandler) -> None:
-        """Deliver transfers on ``topic`` to ``handler`` (replacing any earlier one)."""
+    @overload
+    def register(self, topic: str, handler: BulkHandler) -> None: ...
+
+    @overload
+    def register(
+        self, topic: str, handler: ReadOnlyBulkHandler, *, read_only: Literal[True]
+    ) -> None: ...
+
+    def register(
+        self, topic: str, handler: BulkHandler | ReadOnlyBulkHandler, *, read_only: bool = False
+    ) -> None:
+        """Deliver transfers on ``topic`` to ``handler`` (replacing any earlier one).
+
+        A handler gets a payload of its own to change, unless it is registered ``read_only``:
+        then a transfer that came in one chunk is handed over as a read-only view of the
+        received message (one copy fewer).
+        """
         if not 0 < len(topic) <= _MAX_TOPIC_CHARS:
             raise ValueError(f"a topic has 1..{_MAX_TOPIC_CHARS} characters, got {len(topic)}")
         self._handlers[topic] = handler
+        if read_only:
+            self._read_only.add(topic)
+        else:
+            self._read_only.discard(topic)
 
     def unregister(self, topic: str) -> None:
         """Stop accepting transfers on ``topic``."""
         self._handlers.pop(topic, None)
+        self._read_only.discard(topic)
 
     def _open(
         self, sender: str, first: net_pb2.BulkChunk, data: memoryview
@@ -205,9 +231,12 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
                 raise ProtocolError("too many bulk bytes in flight; try again later")
             if not 1 <= first.num_streams <= _MAX_STREAMS:
                 raise ProtocolError(f"a transfer runs over 1..{_MAX_STREAMS} streams")
-            # A transfer that is all in its first chunk is copied once, with no zeroing pass.
+            # A transfer that is all in its first chunk is copied once, with no zeroing pass, or
+            # not at all for a handler that only reads it.
             whole = first.num_streams == 1 and first.offset == 0 and len(data) == total
-            buffer = bytearray(data) if whole else bytearray(total)
+            buffer: bytearray | memoryview = bytearray(total)
+            if whole:
+                buffer = data if first.topic in self._read_only else bytearray(data)
             transfer = _Transfer(first.topic, buffer, first.num_streams, self._clock.monotonic())
             self._transfers[key] = transfer
             self._inflight_bytes += total
@@ -260,7 +289,9 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
             self._close(key, transfer)
             if not transfer.delivered:  # the first stream to see it complete delivers it
                 transfer.delivered = True
-                await self._handlers[transfer.topic](sender, transfer.topic, transfer.buffer)
+                handler = self._handlers[transfer.topic]
+                # a view only reaches handlers registered read-only, which take one
+                await handler(sender, transfer.topic, transfer.buffer)  # type: ignore[arg-type]
             return net_pb2.BulkAck(received_bytes=received, transfer_complete=True)
         except BaseException:
             if transfer is not None and key is not None and key in self._transfers:

@@ -24,6 +24,7 @@ from gossamer.net.bulk import (
     BulkHandler,
     BulkPayload,
     BulkReceiver,
+    ReadOnlyBulkHandler,
     add_bulk_receiver_to_server,
     send_bulk,
 )
@@ -494,6 +495,11 @@ class Node:
     def on_bulk(self, topic: str, handler: BulkHandler) -> None:
         """Receive bulk transfers on ``topic`` with ``handler``."""
         self.bulk.register(topic, handler)
+
+    def on_bulk_read_only(self, topic: str, handler: ReadOnlyBulkHandler) -> None:
+        """Receive bulk transfers on ``topic`` with a ``handler`` that only reads them (see
+        :meth:`BulkReceiver.register`)."""
+        self.bulk.register(topic, handler, read_only=True)
 
     async def send_bulk(
         self,
