@@ -174,7 +174,8 @@ def test_a_read_only_handler_gets_a_one_chunk_transfer_as_a_view_of_the_message(
     ack = asyncio.run(receiver.Push(stream(), None))  # type: ignore[arg-type]
     assert ack.transfer_complete
     assert isinstance(got[0], memoryview)
-    assert got[0].obj is wire and got[0].readonly  # no copy
+    assert got[0].obj is wire  # no copy
+    assert got[0].readonly
     assert bytes(got[0]) == b"abcdef"
     receiver.register("t", handler)  # registered again without read_only: its own copy
     head = {"transfer_id": "u", "topic": "t", "total_bytes": 2, "num_streams": 1}
