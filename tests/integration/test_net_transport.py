@@ -19,7 +19,8 @@ from gossamer.core.errors import (
     PeerUnavailableError,
     ProtocolError,
 )
-from gossamer.net.config import NodeConfig, RetryConfig
+from gossamer.net.bulk import PUSH_METHOD, PUSH_ONE_METHOD
+from gossamer.net.config import LimitsConfig, NodeConfig, RetryConfig
 from gossamer.net.connections import DialTarget
 from gossamer.net.dht_service import DHT_METHODS
 from gossamer.net.identity import Identity
@@ -101,7 +102,11 @@ def test_random_bytes_to_every_method_get_clean_errors_and_the_node_survives() -
         async with Node(_config()) as a, Node(_config()) as b:
             connection = await b.pool.dial(DialTarget(a.addresses[0]), expected_peer_id=None)
             rng = __import__("random").Random(7)
-            methods = [*DHT_METHODS.values(), "/gossamer.net.v1.Reachability/DialBack"]
+            methods = [
+                *DHT_METHODS.values(),
+                "/gossamer.net.v1.Reachability/DialBack",
+                PUSH_ONE_METHOD,
+            ]
             codes = []
             for method in methods:
                 raw = connection.channel.unary_unary(method)
@@ -192,5 +197,26 @@ def test_bulk_stream_of_64_mib_arrives_intact(num_streams: int) -> None:
             print(f"\nbulk 64 MiB over {num_streams} streams: {64 / elapsed:.0f} MiB/s")
             with pytest.raises(ProtocolError, match="no handler"):
                 await a.send_bulk(b.peer_id, "nobody-listens", b"x", timeout_s=5)
+
+    _run(scenario)
+
+
+def test_a_one_chunk_transfer_goes_as_one_unary_call_and_a_larger_one_as_a_stream() -> None:
+    async def scenario() -> None:
+        config = _config(limits=LimitsConfig(bulk_chunk_bytes=1 << 20))
+        async with Node(config) as a, Node(config) as b:
+            received: list[bytes] = []
+
+            async def handler(sender: str, topic: str, data: bytearray | memoryview) -> None:
+                received.append(bytes(data))
+
+            b.on_bulk_read_only("t", handler)
+            await a.pool.dial(DialTarget(b.addresses[0]), expected_peer_id=b.peer_id)
+            small, large = os.urandom(1 << 20), os.urandom(3 << 20)
+            await a.send_bulk(b.peer_id, "t", [small[:100], memoryview(small)[100:]])
+            assert b.counters.rpc_calls[PUSH_ONE_METHOD] == 1
+            await a.send_bulk(b.peer_id, "t", large)
+            assert b.counters.rpc_calls[PUSH_METHOD] == 1
+            assert received == [small, large]
 
     _run(scenario)

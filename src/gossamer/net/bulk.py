@@ -31,6 +31,7 @@ from gossamer.proto import net_pb2, net_pb2_grpc
 
 __all__ = [
     "PUSH_METHOD",
+    "PUSH_ONE_METHOD",
     "BulkHandler",
     "BulkPayload",
     "BulkReceiver",
@@ -43,6 +44,7 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 PUSH_METHOD = "/gossamer.net.v1.Bulk/Push"
+PUSH_ONE_METHOD = "/gossamer.net.v1.Bulk/PushOne"
 _MAX_TOPIC_CHARS = 256
 _MAX_TRANSFER_ID_CHARS = 64
 _MAX_STREAMS = 64
@@ -139,7 +141,12 @@ def add_bulk_receiver_to_server(receiver: BulkReceiver, server: Any) -> None:
             receiver.Push,
             request_deserializer=decode_chunk,
             response_serializer=net_pb2.BulkAck.SerializeToString,
-        )
+        ),
+        "PushOne": grpc.unary_unary_rpc_method_handler(
+            receiver.PushOne,
+            request_deserializer=decode_chunk,
+            response_serializer=net_pb2.BulkAck.SerializeToString,
+        ),
     }
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("gossamer.net.v1.Bulk", handlers),)
@@ -302,6 +309,16 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
                 transfer.num_active_streams -= 1
                 transfer.last_activity_s = self._clock.monotonic()
 
+    async def PushOne(
+        self, request: ReceivedChunk, context: grpc.aio.ServicerContext
+    ) -> net_pb2.BulkAck:
+        """A transfer in one chunk, as one unary call (see :func:`send_bulk`)."""
+
+        async def one() -> AsyncIterator[ReceivedChunk]:
+            yield request
+
+        return await self.Push(one(), context)
+
     def expire_idle(self) -> int:
         """Drop incomplete transfers with no stream open past ``limits.bulk_idle_timeout_s``.
 
@@ -432,6 +449,30 @@ async def send_bulk(
     num_streams = max(1, min(num_streams, total // chunk_bytes or 1))
     bounds = [total * i // num_streams for i in range(num_streams + 1)]
     connection = await pool.connection(peer_id, timeout_s=timeout_s)
+    started = time.perf_counter()
+    if num_streams == 1 and total <= chunk_bytes + _TAIL_SLACK_BYTES:
+        # One chunk: a unary call sends it, closes and waits for the ack in one batch of
+        # operations, where a stream takes a round of the event loop for each.
+        fields = net_pb2.BulkChunk(
+            transfer_id=transfer_id, topic=topic, total_bytes=total, num_streams=1, offset=0
+        )
+        push_one = connection.channel.unary_unary(
+            PUSH_ONE_METHOD,
+            request_serializer=_pre_serialized,
+            response_deserializer=net_pb2.BulkAck.FromString,
+        )
+        try:
+            await push_one(
+                _encode_chunk(fields, pieces.cut(0, total)),
+                timeout=timeout_s,
+                metadata=connection.metadata,
+            )
+        except grpc.aio.AioRpcError as exc:
+            counters.call_made(peer_id, PUSH_ONE_METHOD, time.perf_counter() - started, ok=False)
+            raise await pool.failed(connection, exc, PUSH_ONE_METHOD) from exc
+        counters.call_made(peer_id, PUSH_ONE_METHOD, time.perf_counter() - started, ok=True)
+        counters.sent(peer_id, total)
+        return
     # Chunks go out pre-serialized (see _encode_chunk): the payload is copied once into the
     # message instead of three times (slice to bytes, into the message, serialized).
     push = connection.channel.stream_unary(
@@ -458,8 +499,6 @@ async def send_bulk(
             if offset >= stop:
                 return
             fields = net_pb2.BulkChunk(offset=offset)
-
-    started = time.perf_counter()
 
     async def one_stream(start: int, stop: int) -> None:
         try:

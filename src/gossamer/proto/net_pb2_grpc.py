@@ -386,6 +386,11 @@ class BulkStub:
                 request_serializer=gossamer_dot_proto_dot_net__pb2.BulkChunk.SerializeToString,
                 response_deserializer=gossamer_dot_proto_dot_net__pb2.BulkAck.FromString,
                 _registered_method=True)
+        self.PushOne = channel.unary_unary(
+                '/gossamer.net.v1.Bulk/PushOne',
+                request_serializer=gossamer_dot_proto_dot_net__pb2.BulkChunk.SerializeToString,
+                response_deserializer=gossamer_dot_proto_dot_net__pb2.BulkAck.FromString,
+                _registered_method=True)
 
 
 class BulkServicer:
@@ -401,11 +406,23 @@ class BulkServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushOne(self, request, context):
+        """A transfer in one chunk: one call carries it and its ack, with none of a stream's steps.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BulkServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Push': grpc.stream_unary_rpc_method_handler(
                     servicer.Push,
+                    request_deserializer=gossamer_dot_proto_dot_net__pb2.BulkChunk.FromString,
+                    response_serializer=gossamer_dot_proto_dot_net__pb2.BulkAck.SerializeToString,
+            ),
+            'PushOne': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushOne,
                     request_deserializer=gossamer_dot_proto_dot_net__pb2.BulkChunk.FromString,
                     response_serializer=gossamer_dot_proto_dot_net__pb2.BulkAck.SerializeToString,
             ),
@@ -439,6 +456,33 @@ class Bulk:
             request_iterator,
             target,
             '/gossamer.net.v1.Bulk/Push',
+            gossamer_dot_proto_dot_net__pb2.BulkChunk.SerializeToString,
+            gossamer_dot_proto_dot_net__pb2.BulkAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushOne(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gossamer.net.v1.Bulk/PushOne',
             gossamer_dot_proto_dot_net__pb2.BulkChunk.SerializeToString,
             gossamer_dot_proto_dot_net__pb2.BulkAck.FromString,
             options,
