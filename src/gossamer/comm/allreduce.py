@@ -65,10 +65,10 @@ class AllReduceConfig:
     """Values per chunk message (2 MiB of float32)."""
     max_in_flight_per_peer: int = 3
     """Chunk messages in flight to one peer at once."""
-    min_step_s: float = 1.0
+    min_step_s: float = 0.15
     """Send in pairwise steps (one destination at a time, see :mod:`gossamer.comm.steps`) when
     a step is expected to take at least this long: the largest part, encoded, over this peer's
-    measured send rate. Shorter rounds send to everyone at once."""
+    measured send rate. Shorter rounds (loopback, small tensors) send to everyone at once."""
     codec: CodecPolicy = field(default_factory=CodecPolicy)
     """Codec of each tensor."""
     limits: WireLimits = field(default_factory=WireLimits)

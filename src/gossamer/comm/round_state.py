@@ -109,6 +109,7 @@ class RoundState:
         self._num_contribution_senders = 0
         self._started = time.perf_counter()
         self._contributions_done_at: float | None = None
+        self._contributions_sent = asyncio.Event()
         self._own_part_done_at: float | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -138,6 +139,7 @@ class RoundState:
                 self.spawn(self._send_part(part, part, flags=0, counted=True))
         if self._num_contribution_senders == 0:
             self._contributions_done_at = time.perf_counter()
+            self._contributions_sent.set()
         if self.result_deadline_s:
             self.spawn(self._watch_results())
         if self.steps.in_steps:
@@ -251,6 +253,11 @@ class RoundState:
         try:
             if step is not None:
                 await self._step_turn(step)
+            if own and not self.steps.in_steps:
+                # All at once, this member's averages wait for its contributions to be sent:
+                # sharing the uplink they would slow the contributions the other owners'
+                # averages wait on (see steps.py).
+                await wait_for_event(self._contributions_sent, self.reduce_deadline_s, self.clock)
             async with self.slots[dest]:
                 if await self._transmit(dest, message):
                     self.fp32_bytes_sent += fp32_nbytes
@@ -393,6 +400,7 @@ class RoundState:
                 self._num_contribution_senders -= 1
                 if self._num_contribution_senders == 0:
                     self._contributions_done_at = time.perf_counter()
+                    self._contributions_sent.set()
 
     # ---- failures ------------------------------------------------------------------------------
 
