@@ -11,8 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gossamer.core.clock import FakeClock
-from gossamer.core.errors import ProtocolError
-from gossamer.net.bulk import BulkReceiver, ReceivedChunk, _encode_chunk, _Pieces, decode_chunk
+from gossamer.core.errors import PeerUnavailableError, ProtocolError
+from gossamer.net.bulk import (
+    BulkReceiver,
+    ReceivedChunk,
+    _encode_chunk,
+    _ended_under_us,
+    _Pieces,
+    decode_chunk,
+)
 from gossamer.net.config import LimitsConfig
 from gossamer.net.counters import NetCounters
 from gossamer.net.handshake import Session
@@ -181,3 +188,31 @@ def test_a_read_only_handler_gets_a_one_chunk_transfer_as_a_view_of_the_message(
     head = {"transfer_id": "u", "topic": "t", "total_bytes": 2, "num_streams": 1}
     asyncio.run(_push(receiver, [net_pb2.BulkChunk(**head, offset=0, data=b"xy")]))
     assert isinstance(got[1], bytearray)
+
+
+def test_a_call_cancelled_under_a_task_is_an_unavailable_peer_and_a_task_cancel_stays_one() -> None:
+    async def call_ended() -> PeerUnavailableError | None:
+        return _ended_under_us("peer")
+
+    assert isinstance(asyncio.run(call_ended()), PeerUnavailableError)
+
+    async def cancelled_task() -> None:
+        started = asyncio.Event()
+        seen: list[PeerUnavailableError | None] = []
+
+        async def victim() -> None:
+            started.set()
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                seen.append(_ended_under_us("peer"))
+                raise
+
+        task = asyncio.create_task(victim())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert seen == [None]
+
+    asyncio.run(cancelled_task())

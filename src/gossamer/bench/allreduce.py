@@ -308,7 +308,7 @@ async def _p2p_rounds(
     store: TCPStore, tensor: torch.Tensor, spec: dict[str, Any]
 ) -> dict[str, Any]:
     rank, world = spec["rank"], spec["world"]
-    limits = LimitsConfig(max_message_bytes=32 << 20, bulk_chunk_bytes=spec["bulk_chunk_bytes"])
+    limits = LimitsConfig(bulk_chunk_bytes=spec["bulk_chunk_bytes"])
     host = spec["host"]
     async with Node(NodeConfig(listen_address=f"{host}:0", limits=limits)) as node:
         store.set(f"node/{rank}", f"{node.peer_id}@{host}:{node.port}")
@@ -451,7 +451,7 @@ def run_allreduce_sweep(
     rate_bits_per_s: float | None = None,
     peer_rates_bps: Sequence[int] | None = None,
     chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS,
-    bulk_chunk_bytes: int = 4 << 20,
+    bulk_chunk_bytes: int = LimitsConfig().bulk_chunk_bytes,
     repeats: int = 3,
 ) -> list[AllReduceBenchResult]:
     """Run the benchmark once for several codecs (same processes, same links, same run).

@@ -61,8 +61,8 @@ class AllReduceConfig:
     """Share of the deadline after which owners average whatever contributions arrived."""
     send_timeout_s: float = 30.0
     """Deadline of one chunk message; a peer that misses it is treated as failed."""
-    chunk_elements: int = 1 << 19
-    """Values per chunk message (2 MiB of float32)."""
+    chunk_elements: int = 1 << 20
+    """Values per chunk message (4 MiB of float32: one bulk chunk at net's default size)."""
     max_in_flight_per_peer: int = 3
     """Chunk messages in flight to one peer at once."""
     min_step_s: float = 0.15

@@ -77,8 +77,8 @@ class LimitsConfig:
 
     max_message_bytes: int = 8 * _MiB
     """Largest single gRPC message sent or received."""
-    bulk_chunk_bytes: int = 1 * _MiB
-    """Payload bytes per bulk-stream chunk."""
+    bulk_chunk_bytes: int = 4 * _MiB
+    """Payload bytes per bulk-stream chunk (a transfer of up to one chunk is one unary call)."""
     max_bulk_transfer_bytes: int = 8 << 30
     """Largest bulk transfer accepted."""
     max_bulk_inflight_bytes: int = 16 << 30
