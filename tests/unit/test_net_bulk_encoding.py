@@ -16,11 +16,11 @@ from gossamer.net.bulk import (
     BulkReceiver,
     ReceivedChunk,
     _encode_chunk,
-    _ended_under_us,
     _Pieces,
     decode_chunk,
 )
 from gossamer.net.config import LimitsConfig
+from gossamer.net.connections import ended_under_call
 from gossamer.net.counters import NetCounters
 from gossamer.net.handshake import Session
 from gossamer.net.server import _session_var
@@ -192,7 +192,7 @@ def test_a_read_only_handler_gets_a_one_chunk_transfer_as_a_view_of_the_message(
 
 def test_a_call_cancelled_under_a_task_is_an_unavailable_peer_and_a_task_cancel_stays_one() -> None:
     async def call_ended() -> PeerUnavailableError | None:
-        return _ended_under_us("peer")
+        return ended_under_call("peer")
 
     assert isinstance(asyncio.run(call_ended()), PeerUnavailableError)
 
@@ -205,7 +205,7 @@ def test_a_call_cancelled_under_a_task_is_an_unavailable_peer_and_a_task_cancel_
             try:
                 await asyncio.sleep(10)
             except asyncio.CancelledError:
-                seen.append(_ended_under_us("peer"))
+                seen.append(ended_under_call("peer"))
                 raise
 
         task = asyncio.create_task(victim())

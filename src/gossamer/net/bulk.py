@@ -21,9 +21,9 @@ from typing import Any, Literal, overload
 import grpc
 
 from gossamer.core.clock import Clock, SystemClock
-from gossamer.core.errors import PeerUnavailableError, ProtocolError
+from gossamer.core.errors import ProtocolError
 from gossamer.net.config import LimitsConfig
-from gossamer.net.connections import ConnectionPool
+from gossamer.net.connections import ConnectionPool, ended_under_call
 from gossamer.net.counters import NetCounters
 from gossamer.net.identity import short_peer_id
 from gossamer.net.server import current_session
@@ -415,22 +415,6 @@ class _Pieces:
         return out
 
 
-def _ended_under_us(peer_id: str) -> PeerUnavailableError | None:
-    """For a call that ended in ``CancelledError``: the error to raise instead, or None when
-    the cancellation is this task's own (then it must go on).
-
-    gRPC also ends a call with ``CancelledError`` when the call's channel was closed under it
-    (the connection to the peer was dropped while the call ran). Passed on, that would look to
-    the caller like its own cancellation.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        return None
-    return PeerUnavailableError(
-        f"bulk transfer to {short_peer_id(peer_id)} ended: its connection was closed"
-    )
-
-
 async def send_bulk(
     pool: ConnectionPool,
     peer_id: str,
@@ -487,7 +471,7 @@ async def send_bulk(
             counters.call_made(peer_id, PUSH_ONE_METHOD, time.perf_counter() - started, ok=False)
             raise await pool.failed(connection, exc, PUSH_ONE_METHOD) from exc
         except asyncio.CancelledError:
-            if (error := _ended_under_us(peer_id)) is None:
+            if (error := ended_under_call(peer_id)) is None:
                 raise
             counters.call_made(peer_id, PUSH_ONE_METHOD, time.perf_counter() - started, ok=False)
             raise error from None
@@ -527,7 +511,7 @@ async def send_bulk(
         except grpc.aio.AioRpcError as exc:
             raise await pool.failed(connection, exc, PUSH_METHOD) from exc
         except asyncio.CancelledError:
-            if (error := _ended_under_us(peer_id)) is None:
+            if (error := ended_under_call(peer_id)) is None:
                 raise
             raise error from None
 

@@ -41,7 +41,7 @@ from gossamer.net.server import grpc_options
 from gossamer.net.tls import TLS_SERVER_NAME, cert_pem_of_der, probe_server_certificate
 from gossamer.proto import net_pb2
 
-__all__ = ["ConnectionPool", "DialTarget", "PeerConnection"]
+__all__ = ["ConnectionPool", "DialTarget", "PeerConnection", "ended_under_call"]
 
 _log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Message)
@@ -127,6 +127,22 @@ class PeerConnection:
 
 def _serialize(message: Message) -> bytes:
     return bytes(message.SerializeToString())
+
+
+def ended_under_call(peer_id: str) -> PeerUnavailableError | None:
+    """For a gRPC call that ended in ``CancelledError``: the error to raise instead, or None
+    when the cancellation is the calling task's own (then it must go on).
+
+    gRPC also ends a call with ``CancelledError`` when the call's channel was closed under it
+    (the connection to the peer was dropped while the call ran). Passed on, that would look to
+    the caller like its own cancellation.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        return None
+    return PeerUnavailableError(
+        f"call to {short_peer_id(peer_id)} ended: its connection was closed under it"
+    )
 
 
 class ConnectionPool:
@@ -368,6 +384,12 @@ class ConnectionPool:
             error = await self.failed(connection, exc, method)
             breaker.failed() if isinstance(error, RetryableError) else breaker.succeeded()
             raise error from exc
+        except asyncio.CancelledError:
+            if (unavailable := ended_under_call(peer_id)) is None:
+                raise
+            self._counters.call_made(peer_id, method, time.perf_counter() - started, ok=False)
+            breaker.failed()
+            raise unavailable from None
         breaker.succeeded()
         self._counters.call_made(peer_id, method, time.perf_counter() - started, ok=True)
         self._counters.sent(peer_id, request.ByteSize())
