@@ -138,13 +138,16 @@ class RoundState:
                 self._num_contribution_senders += 1
                 self.spawn(self._send_part(part, part, flags=0, counted=True))
         if self._num_contribution_senders == 0:
-            self._contributions_done_at = time.perf_counter()
-            self._contributions_sent.set()
+            self._contributions_finished()
         if self.result_deadline_s:
             self.spawn(self._watch_results())
         if self.steps.in_steps:
             self.spawn(self._ask_ahead())
         self._check_done()
+
+    def _contributions_finished(self) -> None:
+        self._contributions_done_at = time.perf_counter()
+        self._contributions_sent.set()
 
     def cancel_all(self) -> None:
         """Cancel every task of the round (the task group then awaits them)."""
@@ -399,8 +402,7 @@ class RoundState:
             if counted:
                 self._num_contribution_senders -= 1
                 if self._num_contribution_senders == 0:
-                    self._contributions_done_at = time.perf_counter()
-                    self._contributions_sent.set()
+                    self._contributions_finished()
 
     # ---- failures ------------------------------------------------------------------------------
 

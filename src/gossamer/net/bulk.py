@@ -448,52 +448,24 @@ async def send_bulk(
     transfer_id = secrets.token_hex(16)
     num_streams = max(1, min(num_streams, total // chunk_bytes or 1))
     bounds = [total * i // num_streams for i in range(num_streams + 1)]
+    # One chunk: a unary call sends it, closes and waits for the ack in one batch of
+    # operations, where a stream takes a round of the event loop for each.
+    one_chunk = num_streams == 1 and total <= chunk_bytes + _TAIL_SLACK_BYTES
+    method = PUSH_ONE_METHOD if one_chunk else PUSH_METHOD
     connection = await pool.connection(peer_id, timeout_s=timeout_s)
-    started = time.perf_counter()
-    if num_streams == 1 and total <= chunk_bytes + _TAIL_SLACK_BYTES:
-        # One chunk: a unary call sends it, closes and waits for the ack in one batch of
-        # operations, where a stream takes a round of the event loop for each.
-        fields = net_pb2.BulkChunk(
-            transfer_id=transfer_id, topic=topic, total_bytes=total, num_streams=1, offset=0
-        )
-        push_one = connection.channel.unary_unary(
-            PUSH_ONE_METHOD,
-            request_serializer=_pre_serialized,
-            response_deserializer=net_pb2.BulkAck.FromString,
-        )
-        try:
-            await push_one(
-                _encode_chunk(fields, pieces.cut(0, total)),
-                timeout=timeout_s,
-                metadata=connection.metadata,
-            )
-        except grpc.aio.AioRpcError as exc:
-            counters.call_made(peer_id, PUSH_ONE_METHOD, time.perf_counter() - started, ok=False)
-            raise await pool.failed(connection, exc, PUSH_ONE_METHOD) from exc
-        except asyncio.CancelledError:
-            if (error := ended_under_call(peer_id)) is None:
-                raise
-            counters.call_made(peer_id, PUSH_ONE_METHOD, time.perf_counter() - started, ok=False)
-            raise error from None
-        counters.call_made(peer_id, PUSH_ONE_METHOD, time.perf_counter() - started, ok=True)
-        counters.sent(peer_id, total)
-        return
-    # Chunks go out pre-serialized (see _encode_chunk): the payload is copied once into the
-    # message instead of three times (slice to bytes, into the message, serialized).
-    push = connection.channel.stream_unary(
-        PUSH_METHOD,
-        request_serializer=_pre_serialized,
-        response_deserializer=net_pb2.BulkAck.FromString,
-    )
 
-    async def chunks(start: int, stop: int) -> AsyncIterator[bytes]:
-        fields = net_pb2.BulkChunk(  # the first chunk of each stream carries the header
+    def header(start: int) -> net_pb2.BulkChunk:
+        """The fields the first chunk of each stream carries."""
+        return net_pb2.BulkChunk(
             transfer_id=transfer_id,
             topic=topic,
             total_bytes=total,
             num_streams=num_streams,
             offset=start,
         )
+
+    async def chunks(start: int, stop: int) -> AsyncIterator[bytes]:
+        fields = header(start)
         offset = start
         while True:  # at least one chunk, even for an empty payload
             end = min(offset + chunk_bytes, stop)
@@ -506,24 +478,41 @@ async def send_bulk(
             fields = net_pb2.BulkChunk(offset=offset)
 
     async def one_stream(start: int, stop: int) -> None:
+        # Chunks go out pre-serialized (see _encode_chunk): the payload is copied once into
+        # the message instead of three times (slice to bytes, into the message, serialized).
+        channel, ack = connection.channel, net_pb2.BulkAck.FromString
         try:
-            await push(chunks(start, stop), timeout=timeout_s, metadata=connection.metadata)
+            if one_chunk:
+                push_one = channel.unary_unary(
+                    method, request_serializer=_pre_serialized, response_deserializer=ack
+                )
+                request = _encode_chunk(header(start), pieces.cut(start, stop))
+                await push_one(request, timeout=timeout_s, metadata=connection.metadata)
+            else:
+                push = channel.stream_unary(
+                    method, request_serializer=_pre_serialized, response_deserializer=ack
+                )
+                await push(chunks(start, stop), timeout=timeout_s, metadata=connection.metadata)
         except grpc.aio.AioRpcError as exc:
-            raise await pool.failed(connection, exc, PUSH_METHOD) from exc
+            raise await pool.failed(connection, exc, method) from exc
         except asyncio.CancelledError:
             if (error := ended_under_call(peer_id)) is None:
                 raise
             raise error from None
 
+    started = time.perf_counter()
     try:
-        async with asyncio.TaskGroup() as group:
-            for i in range(num_streams):
-                group.create_task(one_stream(bounds[i], bounds[i + 1]))
+        if num_streams == 1:
+            await one_stream(0, total)  # no task for the one stream
+        else:
+            async with asyncio.TaskGroup() as group:
+                for i in range(num_streams):
+                    group.create_task(one_stream(bounds[i], bounds[i + 1]))
     except* Exception as group_error:
         first_error = group_error.exceptions[0]
-        counters.call_made(peer_id, PUSH_METHOD, time.perf_counter() - started, ok=False)
+        counters.call_made(peer_id, method, time.perf_counter() - started, ok=False)
         raise first_error from None
-    counters.call_made(peer_id, PUSH_METHOD, time.perf_counter() - started, ok=True)
+    counters.call_made(peer_id, method, time.perf_counter() - started, ok=True)
     counters.sent(peer_id, total)
     _log.debug(
         "sent %d bytes on %r to %s over %d streams",
