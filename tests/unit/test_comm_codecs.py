@@ -93,6 +93,24 @@ def test_small_tensors_go_uncompressed() -> None:
         CodecPolicy(codec="zstd")
 
 
+def test_the_default_policy_compresses_the_matrices_of_a_small_model() -> None:
+    """A 64-wide GPT's matrices (64 x 64 and up) are compressed, its biases and norms are not."""
+    from gossamer.core.config_loader import load_run_config
+    from gossamer.models import GPT
+
+    flags = [("model.num_layers", "2"), ("model.num_heads", "2"), ("model.width", "64")]
+    model = GPT(load_run_config(None, flags).model)
+    policy = CodecPolicy(codec="int8")
+    compressed = 0
+    total = 0
+    for param in model.parameters():
+        name = policy.choose(param.numel()).codec.name
+        assert name == ("int8" if param.dim() >= 2 else "none"), tuple(param.shape)
+        compressed += param.numel() if name == "int8" else 0
+        total += param.numel()
+    assert compressed / total > 0.95
+
+
 def _valid_piece() -> bytes:
     encoded, _ = encode_piece(
         np.arange(8, dtype=np.float32), CodecChoice(codec_by_name("int8"), 4), shape=(2, 4)
