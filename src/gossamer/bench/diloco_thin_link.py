@@ -58,8 +58,11 @@ THIN_LINK_DEFAULTS: tuple[tuple[str, str], ...] = (
     ("train.eval_batches", "4"),
     ("train.num_threads", "1"),
     ("train.log_every", "50"),
+    ("swarm.codec", "int8"),
 )
-"""A small GPT (121k parameters) that trains in minutes on 2 shared cores; config flags win."""
+"""A small GPT (121k parameters) that trains in minutes on 2 shared cores, and the swarm's rounds
+(DiLoCo's and sync's) in 8 bits, as on any thin link; DDP is plain fp32 gloo. Config flags win
+(``--swarm.codec none`` for fp32 rounds, which ``auto`` then runs over torch.distributed)."""
 
 _METHODS = ("diloco", "diloco_overlap", "sync", "ddp")
 _READY_TIMEOUT_S = 120.0
