@@ -127,6 +127,7 @@ def run_diloco_bench(
     inner_steps: int = 50,
     steps: int = 400,
     with_int8: bool = True,
+    with_overlap: bool = True,
 ) -> DiLoCoBenchResult:
     """Train the same budget with each method and compare.
 
@@ -137,6 +138,7 @@ def run_diloco_bench(
         steps: inner steps per peer, for every method (a multiple of ``inner_steps`` ends each
             DiLoCo run right after an outer step).
         with_int8: also run DiLoCo with the 8-bit blockwise codec.
+        with_overlap: also run overlapped DiLoCo (``swarm.overlap``).
     """
     base = config or RunConfig()
     base = dataclasses.replace(
@@ -163,14 +165,17 @@ def run_diloco_bench(
         peers,
         corpus,
     )
-    methods["diloco_overlap"] = _run_method(
-        "diloco_overlap",
-        base,
-        lambda g: DiLoCoStrategy(dataclasses.replace(diloco_config, overlap=True), g.averager()),
-        InProcessGroup(peers),
-        peers,
-        corpus,
-    )
+    if with_overlap:
+        methods["diloco_overlap"] = _run_method(
+            "diloco_overlap",
+            base,
+            lambda g: DiLoCoStrategy(
+                dataclasses.replace(diloco_config, overlap=True), g.averager()
+            ),
+            InProcessGroup(peers),
+            peers,
+            corpus,
+        )
     if with_int8:
         methods["diloco_int8"] = _run_method(
             "diloco_int8",

@@ -124,6 +124,9 @@ def diloco(
     inner_steps: Annotated[int, typer.Option(help="DiLoCo's H: inner steps per outer step.")] = 50,
     steps: Annotated[int, typer.Option(help="Inner steps per peer, for every method.")] = 400,
     int8: Annotated[bool, typer.Option(help="Also run DiLoCo with the 8-bit codec.")] = True,
+    overlap: Annotated[
+        bool, typer.Option(help="Also run overlapped DiLoCo (swarm.overlap).")
+    ] = True,
     rate: Annotated[
         str | None,
         typer.Option(
@@ -153,7 +156,12 @@ def diloco(
         config = load_run_config(None, overrides)
         rate_bits = parse_rate(rate) if rate else None
         result = run_diloco_bench(
-            config=config, peers=peers, inner_steps=inner_steps, steps=steps, with_int8=int8
+            config=config,
+            peers=peers,
+            inner_steps=inner_steps,
+            steps=steps,
+            with_int8=int8,
+            with_overlap=overlap,
         )
         thin: ThinLinkResult | None = None
         if rate_bits is not None:
