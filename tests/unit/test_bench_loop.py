@@ -55,6 +55,7 @@ def test_diloco_bench_compares_methods_on_the_same_budget(tmp_path: Path) -> Non
     assert set(result.methods) == {"sync", "diloco", "diloco_overlap", "diloco_int8"}
     # Sync averages every step, DiLoCo every 4 steps: 4x fewer rounds of the same tensors.
     assert fields["bytes_ratio_sync_over_diloco"] == 4.0
+    assert (fields["outer_lr"], fields["outer_momentum"]) == (0.7, 0.9)  # what it ran with
     assert fields["bytes_diloco_int8"] < fields["bytes_diloco"]
     # Overlapped rounds send the same rounds, only later.
     assert (

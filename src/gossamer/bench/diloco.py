@@ -52,6 +52,8 @@ class DiLoCoBenchResult:
     steps: int
     tokens_per_peer: int
     methods: dict[str, MethodResult]
+    outer: DiLoCoConfig | None = None
+    """The DiLoCo settings every DiLoCo method ran with (the outer optimizer's, in the JSON)."""
 
     def to_json(self) -> dict[str, Any]:
         """The fields of ``--json``."""
@@ -69,6 +71,10 @@ class DiLoCoBenchResult:
             "loss_gap_diloco_vs_sync_percent": (diloco.val_loss / sync.val_loss - 1) * 100,
             "seconds": {name: m.seconds for name, m in self.methods.items()},
         }
+        if self.outer is not None:
+            fields["outer_lr"] = self.outer.outer_lr
+            fields["outer_momentum"] = self.outer.outer_momentum
+            fields["outer_momentum_warmup"] = self.outer.outer_momentum_warmup
         if "diloco_overlap" in self.methods:
             overlap = self.methods["diloco_overlap"]
             fields["loss_diloco_overlap"] = overlap.val_loss
@@ -194,4 +200,5 @@ def run_diloco_bench(
         * base.model.context
         * base.train.grad_accum_steps,
         methods=methods,
+        outer=diloco_config,
     )

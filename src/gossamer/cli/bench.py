@@ -183,7 +183,7 @@ def diloco(
         return
     table = Table(
         title=f"{peers} peers, {steps} steps each ({result.tokens_per_peer:,} tokens per peer), "
-        f"H = {inner_steps}"
+        f"H = {inner_steps}, outer lr {fields['outer_lr']:g}, momentum {fields['outer_momentum']:g}"
     )
     table.add_column("method")
     table.add_column("validation loss", justify="right")
