@@ -18,11 +18,11 @@ this hardly shows; a short run from scratch loses whole rounds to it (4 peers, H
 validation loss 2.47 instead of 2.27 after 8 outer steps, 1.88 instead of 1.71 after 40).
 
 The outer learning rate stays the paper's 0.7 by default. For 4 peers at H = 50 trained from
-scratch, 1.0 did better in every run measured (2026-12-03, ``gossamer bench diloco``): small
-GPT, 2000 steps, validation loss 1.676 against 1.712 at 0.7 and 1.811 at 1.3 (sync 1.656, so
-+1.2% instead of +3.4%); default GPT, 400 steps, 1.817 against 1.896 (sync 1.679). Decaying the
-outer learning rate along the inner cosine schedule did worse (1.807). Set it with
-``swarm.outer_lr``.
+scratch, 1.0 did better or as well (2026-12-03, ``gossamer bench diloco``): small GPT, 2000
+steps, validation loss 1.676 against 1.712 at 0.7 and 1.811 at 1.3 (sync 1.656, so +1.2% instead
+of +3.4%); default GPT, 400 steps, 1.817 against 1.896 (sync 1.679); default GPT, 2000 steps,
+1.213 against 1.215 (sync 1.135). Decaying the outer learning rate along the inner cosine
+schedule did worse (small GPT, 1.807). Set it with ``swarm.outer_lr``.
 
 Communication is once every H steps instead of every step: H = 500 sends about 500 times fewer
 bytes than synchronous data parallel for the same model.
