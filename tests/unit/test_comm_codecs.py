@@ -22,7 +22,9 @@ from gossamer.comm.plan import FlatLayout
 from gossamer.comm.reduction import ChunkCodec
 from gossamer.comm.transport import message_bytes
 from gossamer.comm.wire import WireLimits, decode_piece, decode_tensor, encode_piece, encode_tensor
+from gossamer.core.config_loader import load_run_config
 from gossamer.core.errors import ProtocolError
+from gossamer.models import GPT
 
 LIMITS = WireLimits()
 finite_floats = st.floats(-1e4, 1e4, allow_nan=False, width=32)
@@ -95,9 +97,6 @@ def test_small_tensors_go_uncompressed() -> None:
 
 def test_the_default_policy_compresses_the_matrices_of_a_small_model() -> None:
     """A 64-wide GPT's matrices (64 x 64 and up) are compressed, its biases and norms are not."""
-    from gossamer.core.config_loader import load_run_config
-    from gossamer.models import GPT
-
     flags = [("model.num_layers", "2"), ("model.num_heads", "2"), ("model.width", "64")]
     model = GPT(load_run_config(None, flags).model)
     policy = CodecPolicy(codec="int8")

@@ -52,7 +52,7 @@ class DiLoCoBenchResult:
     steps: int
     tokens_per_peer: int
     methods: dict[str, MethodResult]
-    outer: DiLoCoConfig | None = None
+    outer: DiLoCoConfig
     """The DiLoCo settings every DiLoCo method ran with (the outer optimizer's, in the JSON)."""
 
     def to_json(self) -> dict[str, Any]:
@@ -70,11 +70,10 @@ class DiLoCoBenchResult:
             "bytes_ratio_sync_over_diloco": sync.bytes_per_peer / max(1, diloco.bytes_per_peer),
             "loss_gap_diloco_vs_sync_percent": (diloco.val_loss / sync.val_loss - 1) * 100,
             "seconds": {name: m.seconds for name, m in self.methods.items()},
+            "outer_lr": self.outer.outer_lr,
+            "outer_momentum": self.outer.outer_momentum,
+            "outer_momentum_warmup": self.outer.outer_momentum_warmup,
         }
-        if self.outer is not None:
-            fields["outer_lr"] = self.outer.outer_lr
-            fields["outer_momentum"] = self.outer.outer_momentum
-            fields["outer_momentum_warmup"] = self.outer.outer_momentum_warmup
         if "diloco_overlap" in self.methods:
             overlap = self.methods["diloco_overlap"]
             fields["loss_diloco_overlap"] = overlap.val_loss
