@@ -27,6 +27,7 @@ class Swarm(SwarmProcesses):
         root: Path,
         *,
         overlap: bool = False,
+        train_while_forming: bool = True,
         strategy: str = "diloco",
         backend: str = "auto",
     ) -> None:
@@ -45,6 +46,8 @@ class Swarm(SwarmProcesses):
                 "--checkpoint.every-steps",
                 "10",
                 *(["--swarm.overlap"] if overlap else []),
+                "--swarm.train-while-forming",
+                str(train_while_forming).lower(),
                 "--swarm.strategy",
                 strategy,
                 "--swarm.backend",
@@ -75,12 +78,17 @@ def assert_rounds_went_over(swarm: Swarm, names: list[str]) -> None:
         assert rounds[backend] > 0, f"{name} averaged over {rounds}, not {backend}"
 
 
-# Blocking rounds take the default backend (torch on loopback), overlapped ones the p2p path:
-# both see the kills.
-@pytest.fixture(params=[(False, "auto"), (True, "p2p")], ids=["blocking-torch", "overlap-p2p"])
+# Rounds that train while their group forms (the default) and rounds that stop at the boundary
+# take the default backend (torch on loopback), overlapped ones the p2p path: all see the kills.
+@pytest.fixture(
+    params=[(False, True, "auto"), (False, False, "auto"), (True, False, "p2p")],
+    ids=["forming-torch", "blocking-torch", "overlap-p2p"],
+)
 def swarm(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Swarm]:
-    overlap, backend = request.param
-    running = Swarm(tmp_path, overlap=overlap, backend=backend)
+    overlap, train_while_forming, backend = request.param
+    running = Swarm(
+        tmp_path, overlap=overlap, train_while_forming=train_while_forming, backend=backend
+    )
     try:
         yield running
     finally:

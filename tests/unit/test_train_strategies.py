@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -52,11 +53,13 @@ def _run_peers(
     return swarm.trainers, swarm.results
 
 
-def test_diloco_peers_agree_on_global_weights_and_learn(tmp_path: Path) -> None:
+@pytest.mark.parametrize("train_while_forming", [False, True])
+def test_diloco_peers_agree_on_global_weights_and_learn(
+    tmp_path: Path, train_while_forming: bool
+) -> None:
     group = InProcessGroup(NUM_PEERS)
-    strategies = [
-        DiLoCoStrategy(DiLoCoConfig(inner_steps=5), group.averager()) for _ in range(NUM_PEERS)
-    ]
+    config = DiLoCoConfig(inner_steps=5, train_while_forming=train_while_forming)
+    strategies = [DiLoCoStrategy(config, group.averager()) for _ in range(NUM_PEERS)]
     trainers, results = _run_peers(tmp_path, list(strategies), max_steps=20)
     assert {s.outer_step for s in strategies} == {4}
     assert len({s.global_weights_hash() for s in strategies}) == 1
@@ -252,6 +255,90 @@ def test_overlapped_round_not_done_waits_for_the_boundary() -> None:
     assert a.strategy.global_weights_hash() == b.strategy.global_weights_hash()
 
 
+class _FormingPeer:
+    """A one-weight model (all 1.0) under DiLoCo that trains while a round's group forms, with
+    lr 1 and no momentum, so the global weights move by exactly the weighted average progress."""
+
+    def __init__(self, group: InProcessGroup) -> None:
+        self.strategy = DiLoCoStrategy(
+            DiLoCoConfig(inner_steps=4, outer_lr=1.0, outer_momentum=0.0, train_while_forming=True),
+            group.averager(),
+        )
+        self.model = torch.nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            self.model.weight.fill_(1.0)
+        self.strategy.setup(self.model, torch.optim.SGD(self.model.parameters(), lr=0.1))
+
+    def steps(self, delta: float, steps: range) -> None:
+        for step in steps:
+            with torch.no_grad():
+                self.model.weight.sub_(delta)
+            self.strategy.on_step_end(self.model, step)
+
+    def weight(self) -> float:
+        return float(self.model.weight.detach()[0, 0])
+
+    def global_weight(self) -> float:
+        return float(self.strategy._global[0].detach()[0, 0])
+
+    def wait_until_formed(self) -> None:
+        forming = self.strategy._forming
+        assert forming is not None
+        deadline = time.monotonic() + 10
+        while not forming.ready():
+            assert time.monotonic() < deadline, "the round never formed"
+            time.sleep(0.01)
+
+
+def test_a_peer_trains_while_the_group_forms_and_counts_by_the_steps_behind_it() -> None:
+    group = InProcessGroup(2)
+    a, b = _FormingPeer(group), _FormingPeer(group)
+    a.steps(0.1, range(4))  # the boundary at step 3 begins round 0; b is not there
+    a.steps(0.1, range(4, 6))  # a trains on meanwhile
+    assert a.strategy.outer_step == 0
+    assert a.weight() == pytest.approx(0.4)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # b's boundary completes the group; b averages at its next step end, a at its own.
+        b_done = pool.submit(b.steps, 0.2, range(5))
+        a.wait_until_formed()
+        a.steps(0.1, range(6, 7))
+        b_done.result(timeout=10)
+    # a: 7 steps, progress 0.7; b: 5 steps, progress 1.0; weighed 7 to 5.
+    first = 1 - (7 * 0.7 + 5 * 1.0) / 12
+    for peer in (a, b):
+        assert peer.strategy.outer_step == 1
+        assert peer.global_weight() == pytest.approx(first)
+        assert peer.weight() == pytest.approx(first)  # restarted from the new global weights
+    a.steps(0.1, range(7, 8))  # boundary: round 1 begins; b comes at its own boundary
+    b.steps(0.2, range(5, 8))
+    _finish_together([a, b], 8)
+    second = first - (1 * 0.1 + 3 * 0.6) / 4  # a: 1 step since round 0, b: 3
+    for peer in (a, b):
+        assert peer.strategy.outer_step == 2
+        assert peer.weight() == pytest.approx(second)
+
+
+def test_a_round_not_formed_by_the_next_boundary_is_waited_for_there() -> None:
+    group = InProcessGroup(2)
+    a, b = _FormingPeer(group), _FormingPeer(group)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        a_done = pool.submit(a.steps, 0.1, range(8))  # waits at step 7 for b's round 0
+        time.sleep(0.2)
+        assert not a_done.done()
+        b.steps(0.2, range(5))  # b begins round 0 at step 3 and averages at step 4
+        a_done.result(timeout=10)
+    first = 1 - (8 * 0.8 + 5 * 1.0) / 13
+    assert a.strategy.outer_step == b.strategy.outer_step == 1
+    assert a.global_weight() == pytest.approx(first)
+    assert a.weight() == pytest.approx(first)  # round 1 began at step 7: no steps in it yet
+    b.steps(0.2, range(5, 8))
+    _finish_together([a, b], 8)
+    # a's part in round 1 has no steps and no weight: the average is b's progress alone.
+    for peer in (a, b):
+        assert peer.strategy.outer_step == 2
+        assert peer.weight() == pytest.approx(first - 0.6)
+
+
 def test_sync_peers_stay_identical(tmp_path: Path) -> None:
     group = InProcessGroup(NUM_PEERS)
     strategies = [SyncStrategy(group.averager()) for _ in range(NUM_PEERS)]
@@ -296,6 +383,18 @@ def test_weighted_average() -> None:
     thread.join(timeout=10)
     assert torch.equal(mine.tensors[0], torch.full((2,), 3.0))
     assert torch.equal(out[0], mine.tensors[0])
+    out.clear()
+
+    def second_without_weight() -> None:
+        out.extend(
+            group.averager().average([torch.full((2,), 4.0)], round_key="z", weight=0.0).tensors
+        )
+
+    thread = threading.Thread(target=second_without_weight)
+    thread.start()
+    mine = group.averager().average([torch.zeros(2)], round_key="z", weight=0.0)
+    thread.join(timeout=10)
+    assert torch.equal(mine.tensors[0], torch.full((2,), 2.0))  # no weight anywhere: alike
 
 
 def test_diloco_config_is_checked() -> None:
@@ -303,6 +402,8 @@ def test_diloco_config_is_checked() -> None:
         DiLoCoConfig(inner_steps=0)
     with pytest.raises(ValueError, match="outer_momentum"):
         DiLoCoConfig(outer_momentum=1.0)
+    with pytest.raises(ValueError, match="exclude each other"):
+        DiLoCoConfig(overlap=True, train_while_forming=True)
 
 
 def test_lossy_codec_is_applied_and_counted() -> None:

@@ -122,6 +122,7 @@ def bench_diloco_config(config: RunConfig, inner_steps: int) -> DiLoCoConfig:
         outer_lr=config.swarm.outer_lr,
         outer_momentum=config.swarm.outer_momentum,
         outer_momentum_warmup=config.swarm.outer_momentum_warmup,
+        train_while_forming=config.swarm.train_while_forming,
     )
 
 
@@ -175,7 +176,8 @@ def run_diloco_bench(
             "diloco_overlap",
             base,
             lambda g: DiLoCoStrategy(
-                dataclasses.replace(diloco_config, overlap=True), g.averager()
+                dataclasses.replace(diloco_config, overlap=True, train_while_forming=False),
+                g.averager(),
             ),
             InProcessGroup(peers),
             peers,

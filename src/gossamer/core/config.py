@@ -252,6 +252,10 @@ class SwarmConfig:
     overlap: bool = False
     """DiLoCo: average each round in the background during the next H inner steps (applied a
     round late), so training does not wait for the network."""
+    train_while_forming: bool = True
+    """DiLoCo: keep taking inner steps while a round's group forms (waiting for slower peers)
+    and average once it has formed, each peer's pseudo-gradient weighted by the inner steps
+    behind it; false: stop at every H-th step until the round is done. Moot with ``overlap``."""
     codec: CodecName = "none"
     """Codec of averaged tensors: none (fp32), fp16, bf16 or int8 (blockwise, error feedback)."""
     backend: BackendName = "auto"

@@ -84,6 +84,10 @@ class NodeThread:
         """
         return self._submit(work(self.node), timeout_s)
 
+    def call_soon(self, callback: Callable[[], object]) -> None:
+        """Run ``callback()`` on the loop soon, without waiting for it (from any thread)."""
+        self._loop.call_soon_threadsafe(callback)
+
     def _submit(self, coroutine: Coroutine[Any, Any, T], timeout_s: float) -> T:
         future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
         try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 
@@ -24,7 +24,9 @@ __all__ = [
     "AverageOutcome",
     "InProcessAverager",
     "InProcessGroup",
+    "PendingRound",
     "TensorAverager",
+    "begin_round",
     "record_round_phases",
 ]
 
@@ -91,6 +93,57 @@ class TensorAverager(Protocol):
         ...
 
 
+class PendingRound(Protocol):
+    """A round whose group is forming while the caller goes on (see :func:`begin_round`)."""
+
+    def ready(self) -> bool:
+        """Whether the group has formed: :meth:`average` starts exchanging at once."""
+        ...
+
+    def average(self, tensors: list[torch.Tensor], *, weight: float) -> AverageOutcome:
+        """The weighted average of ``tensors`` over the round's group, once it has formed."""
+        ...
+
+    def cancel(self) -> None:
+        """Give the round up (the caller is closing); idempotent."""
+        ...
+
+
+class _FormsWhileWaiting(Protocol):
+    def begin(self, round_key: str) -> PendingRound: ...
+
+
+class _FormsOnAverage:
+    """The pending round of an averager that forms its group inside ``average``."""
+
+    def __init__(self, averager: TensorAverager, round_key: str) -> None:
+        self._averager = averager
+        self._round_key = round_key
+
+    def ready(self) -> bool:
+        return True
+
+    def average(self, tensors: list[torch.Tensor], *, weight: float) -> AverageOutcome:
+        return self._averager.average(tensors, round_key=self._round_key, weight=weight)
+
+    def cancel(self) -> None:
+        pass
+
+
+def begin_round(averager: TensorAverager, round_key: str) -> PendingRound:
+    """Start forming round ``round_key``'s group without waiting for it.
+
+    The caller keeps working (training) and asks :meth:`PendingRound.ready` between steps; once
+    the group has formed, :meth:`PendingRound.average` exchanges the tensors then, so the caller
+    waits only for the exchange, not for the slowest peer to arrive. An averager without a
+    ``begin`` method forms its group inside ``average``: its rounds are ready at once.
+    """
+    begin = getattr(averager, "begin", None)
+    if begin is None:
+        return _FormsOnAverage(averager, round_key)
+    return cast("_FormsWhileWaiting", averager).begin(round_key)
+
+
 class InProcessGroup:
     """Peers that are threads of one process meet here to average; a fixed-size group.
 
@@ -119,6 +172,13 @@ class InProcessGroup:
         """An averager for one peer of this group."""
         return InProcessAverager(self)
 
+    def _arrive(self, round_key: str) -> _Round:
+        """Count a peer as arrived at ``round_key`` (it will contribute)."""
+        with self._lock:
+            state = self._rounds.setdefault(round_key, _Round())
+            state.arrived += 1
+            return state
+
     def _contribute(
         self, round_key: str, tensors: list[torch.Tensor], weight: float
     ) -> list[torch.Tensor]:
@@ -127,8 +187,10 @@ class InProcessGroup:
             state.contributions.append(([t.detach().clone() for t in tensors], weight))
             if len(state.contributions) == self.num_peers:
                 total = sum(w for _, w in state.contributions)
-                weights = torch.tensor(
-                    [w / total for _, w in state.contributions], dtype=torch.float64
+                n = len(state.contributions)
+                weights = torch.tensor(  # no weight anywhere: every contribution counts alike
+                    [w / total if total > 0 else 1 / n for _, w in state.contributions],
+                    dtype=torch.float64,
                 )
                 state.result = [
                     torch.tensordot(
@@ -155,6 +217,8 @@ class _Round:
     contributions: list[tuple[list[torch.Tensor], float]] = field(default_factory=list)
     result: list[torch.Tensor] | None = None
     collected: int = 0
+    arrived: int = 0
+    """Peers that began the round (:meth:`InProcessAverager.begin`)."""
 
 
 class InProcessAverager:
@@ -174,6 +238,10 @@ class InProcessAverager:
             payload, decoded = self.feedback.encode(choice, key, values.shape[0], 0, values)
         restored = torch.from_numpy(decoded.copy()).reshape(tensor.shape).to(tensor.dtype)
         return restored, len(payload)
+
+    def begin(self, round_key: str) -> PendingRound:
+        """Arrive at ``round_key``; it is ready once every peer of the group has arrived."""
+        return _InProcessPending(self, round_key, self.group._arrive(round_key))
 
     def average(
         self, tensors: list[torch.Tensor], *, round_key: str, weight: float
@@ -196,3 +264,19 @@ class InProcessAverager:
             bytes_received=wire,
             wait_seconds=wait_s,
         )
+
+
+class _InProcessPending:
+    def __init__(self, averager: InProcessAverager, round_key: str, state: _Round) -> None:
+        self._averager = averager
+        self._round_key = round_key
+        self._state = state
+
+    def ready(self) -> bool:
+        return self._state.arrived >= self._averager.group.num_peers
+
+    def average(self, tensors: list[torch.Tensor], *, weight: float) -> AverageOutcome:
+        return self._averager.average(tensors, round_key=self._round_key, weight=weight)
+
+    def cancel(self) -> None:
+        pass

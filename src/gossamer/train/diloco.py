@@ -27,6 +27,23 @@ schedule did worse (small GPT, 1.807). Set it with ``swarm.outer_lr``.
 Communication is once every H steps instead of every step: H = 500 sends about 500 times fewer
 bytes than synchronous data parallel for the same model.
 
+With ``train_while_forming`` (the swarm's default), a peer that reaches the H-th step does not
+stop there: it begins the round (announces itself to the round's group) and keeps taking inner
+steps until the group has formed, that is until the slowest awaited peer has reached its own
+H-th step; then it averages the pseudo-gradient of every step it took, weighted by their number
+(a peer that took more steps moved further and counts for more), and restarts from the new
+global weights. A round not formed by the next boundary is waited for there, so a fast peer is
+never more than H steps ahead. The steps taken while waiting are taken from the next round's H:
+every peer still runs the same number of steps in all, and the run ends when the step budget
+does. Instead of idling until the slowest peer arrives (on the thin-link benchmark, 4 peer
+processes sharing 2 cores, up to a fifth of the wall time), the faster peers train; only the
+all-reduce itself is waited for. This is how a swarm of unequal machines keeps all of them busy
+(the idea behind the hivemind library's optimizer, whose peers accumulate gradients until the
+swarm together reaches a target batch size: Diskin et al. 2021, Distributed Deep Learning in
+Open Collaborations, arXiv:2106.10207).
+The pseudo-gradients are weighted averages of progress over unequal numbers of steps; the outer
+optimizer is unchanged.
+
 With ``overlap``, a round's averaging runs in the background while the next H inner steps
 compute (the idea of overlapping DiLoCo's outer step with the next inner steps: Douillard et al.
 2025, Streaming DiLoCo, arXiv:2501.18512; Kale et al. 2025, eager updates, arXiv:2502.12996). At
@@ -63,7 +80,7 @@ from torch import nn
 
 from gossamer.core.hashing import sha256_state
 from gossamer.obs.trace import nested_span
-from gossamer.train.averaging import AverageOutcome, TensorAverager
+from gossamer.train.averaging import AverageOutcome, PendingRound, TensorAverager, begin_round
 
 __all__ = ["DiLoCoConfig", "DiLoCoStrategy"]
 
@@ -87,6 +104,9 @@ class DiLoCoConfig:
     outer_momentum_warmup: bool = True
     """Ramp the outer momentum up along Nesterov's sequence t / (t + 3) (capped at
     ``outer_momentum``) instead of using it from the first outer step."""
+    train_while_forming: bool = False
+    """Keep taking inner steps while a round's group forms; average once it has formed, each
+    peer's pseudo-gradient weighted by the inner steps behind it."""
 
     def __post_init__(self) -> None:
         if self.inner_steps < 1:
@@ -95,6 +115,11 @@ class DiLoCoConfig:
             raise ValueError(f"diloco.outer_lr must be positive, got {self.outer_lr}")
         if not 0.0 <= self.outer_momentum < 1.0:
             raise ValueError(f"diloco.outer_momentum must be in [0, 1), got {self.outer_momentum}")
+        if self.overlap and self.train_while_forming:
+            raise ValueError(
+                "diloco.overlap and diloco.train_while_forming exclude each other: an "
+                "overlapped round never waits for its group; choose one"
+            )
 
 
 class DiLoCoStrategy:
@@ -139,6 +164,12 @@ class DiLoCoStrategy:
         self._rounds: ThreadPoolExecutor | None = None
         self._steps_since_round = 0
         """Inner steps since the last round was launched (or the state was taken from others)."""
+        self._forming: PendingRound | None = None
+        """(train while forming) The round whose group is forming while training goes on."""
+        self._local_steps = 0
+        """Inner steps since the local model last restarted from the global weights."""
+        self.round_began_at = -1
+        """(train while forming) The step at whose end the last round began (-1: none yet)."""
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
         del optimizer
@@ -167,6 +198,9 @@ class DiLoCoStrategy:
     def on_step_end(self, model: nn.Module, step: int) -> int | None:
         del model
         self._steps_since_round += 1
+        self._local_steps += 1
+        if self.config.train_while_forming:
+            return self._step_end_while_forming(step)
         if (step + 1) % self.config.inner_steps != 0:
             if self._inflight is not None and self._inflight.done():
                 self._land()
@@ -176,11 +210,64 @@ class DiLoCoStrategy:
         if self.config.overlap:
             self._overlapped_boundary()
             return None
+        return self._round(step, None)
+
+    def _step_end_while_forming(self, step: int) -> int | None:
+        """(train while forming) Average a formed round; at a boundary, begin the next one.
+
+        A round's group forms while the inner steps go on; the round is averaged at the first
+        step end after it has formed, or at the next boundary at the latest (waiting for it
+        there), so at most one round is ever forming.
+        """
+        boundary = (step + 1) % self.config.inner_steps == 0
+        continue_from = None
+        if self._forming is not None and (boundary or self._forming.ready()):
+            forming, self._forming = self._forming, None
+            continue_from = self._round(step, forming)
+        if boundary:
+            self._steps_since_round = 0
+            resynced_to = self._catch_up_before_round()
+            continue_from = resynced_to if resynced_to is not None else continue_from
+            # State taken from others is that of the step after the boundary where they began
+            # the round that made it: a peer not past that step begins its next round at their
+            # next boundary, not at this one (else it would be a boundary ahead of them).
+            if continue_from is None or continue_from <= step:
+                self._forming = begin_round(self.averager, self._round_key())
+                self.round_began_at = step
+        return continue_from
+
+    def _catch_up_before_round(self) -> int | None:
+        """(train while forming) Before a round begins: a peer behind the others takes their
+        state here. An in-process swarm never leaves a peer behind; the swarm strategy
+        overrides this.
+
+        Returns:
+            The step to continue from if the peer took the others' state, else None.
+        """
+        return None
+
+    def _round(self, step: int, forming: PendingRound | None) -> int | None:
+        """Average the pseudo-gradient (global minus local weights), apply the outer step and
+        restart the local model from the new global weights.
+
+        Args:
+            step: the inner step just taken.
+            forming: the round, if its group formed while training went on; else the round is
+                formed and averaged now.
+
+        Returns:
+            The step to continue from if the swarm's state replaced this peer's, else None.
+        """
+        del step
         with torch.no_grad():
             pseudo = [
                 g.detach() - p.detach() for g, p in zip(self._global, self._params, strict=True)
             ]
-        self._apply_outcome(self._average(pseudo), waited_s=None)
+        if forming is None:
+            outcome = self._average(pseudo)
+        else:  # peers took different numbers of steps while the group formed: weigh by them
+            outcome = forming.average(pseudo, weight=self.weight * self._local_steps)
+        self._apply_outcome(outcome, waited_s=None)
         if not self.last_round_excluded:
             self._restart_local_from_global()
         return None
@@ -199,10 +286,12 @@ class DiLoCoStrategy:
     def _round_key(self) -> str:
         return f"{self.config.run_id}/outer/{self.outer_step}"
 
-    def _average(self, pseudo: list[torch.Tensor]) -> AverageOutcome:
-        return self.averager.average(pseudo, round_key=self._round_key(), weight=self.weight)
+    def _average(self, pseudo: list[torch.Tensor], weight: float | None = None) -> AverageOutcome:
+        weight = self.weight if weight is None else weight
+        return self.averager.average(pseudo, round_key=self._round_key(), weight=weight)
 
     def _restart_local_from_global(self) -> None:
+        self._local_steps = 0
         with torch.no_grad():
             for param, start, tensor in zip(self._params, self._start, self._global, strict=True):
                 param.copy_(tensor)
@@ -311,17 +400,26 @@ class DiLoCoStrategy:
         Returns:
             Whether the model's weights changed.
         """
-        del model, step
+        del model
         if self._outer is None:
             return False
-        replaced = self._inflight is not None or self._steps_since_round > 0
+        replaced = (
+            self._inflight is not None or self._forming is not None or self._steps_since_round > 0
+        )
         version = self.outer_step
+        if self._forming is not None:
+            forming, self._forming = self._forming, None
+            self._round(step, forming)
         self._collect()
         self._catch_up()
         replaced = replaced or self.outer_step != version
         if self._steps_since_round > 0:
             self._steps_since_round = 0
-            self._apply_outcome(self._average(self._progress()), waited_s=None)
+            # While forming, peers ended the last round at different steps: weigh by them.
+            weight = self.weight
+            if self.config.train_while_forming:
+                weight *= self._local_steps
+            self._apply_outcome(self._average(self._progress(), weight), waited_s=None)
             if self.last_round_excluded:
                 self._catch_up()
         self._restart_local_from_global()
@@ -398,5 +496,8 @@ class DiLoCoStrategy:
         self.bytes_received = int(meta.get("bytes_received", 0))
 
     def close(self) -> None:
+        if self._forming is not None:
+            self._forming.cancel()
+            self._forming = None
         if self._rounds is not None:
             self._rounds.shutdown(wait=True)

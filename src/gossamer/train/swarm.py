@@ -40,7 +40,7 @@ from gossamer.net.node import Node
 from gossamer.obs.goodput import GoodputTracker
 from gossamer.obs.metrics import PeerMetrics, SwarmMetrics
 from gossamer.obs.trace import SpanRecorder, nested_span
-from gossamer.train.averaging import AverageOutcome
+from gossamer.train.averaging import AverageOutcome, PendingRound
 from gossamer.train.diloco import DiLoCoConfig, DiLoCoStrategy
 from gossamer.train.loop import ModelFactory, ProgressEvent, Trainer, TrainingListener, TrainResult
 from gossamer.train.state_sync import StateSnapshot
@@ -105,6 +105,15 @@ class ObservedAverager:
         self, tensors: list[torch.Tensor], *, round_key: str, weight: float
     ) -> AverageOutcome:
         outcome = self.averager.average(tensors, round_key=round_key, weight=weight)
+        self.record(outcome, tensors)
+        return outcome
+
+    def begin(self, round_key: str) -> PendingRound:
+        """Start forming ``round_key``'s group (see :meth:`SwarmAverager.begin`)."""
+        return _ObservedPendingRound(self, self.averager.begin(round_key))
+
+    def record(self, outcome: AverageOutcome, tensors: Sequence[torch.Tensor]) -> None:
+        """Count a round of ``tensors`` in the metrics."""
         if outcome.excluded:
             kind = "excluded"
         elif outcome.group_size < 2:
@@ -124,7 +133,25 @@ class ObservedAverager:
             num_missing=len(outcome.missing_peers),
             backend=outcome.backend,
         )
+
+
+class _ObservedPendingRound:
+    """A pending round whose outcome an :class:`ObservedAverager` counts."""
+
+    def __init__(self, observer: ObservedAverager, pending: PendingRound) -> None:
+        self._observer = observer
+        self._pending = pending
+
+    def ready(self) -> bool:
+        return self._pending.ready()
+
+    def average(self, tensors: list[torch.Tensor], *, weight: float) -> AverageOutcome:
+        outcome = self._pending.average(tensors, weight=weight)
+        self._observer.record(outcome, tensors)
         return outcome
+
+    def cancel(self) -> None:
+        self._pending.cancel()
 
 
 class SwarmDiLoCoStrategy(DiLoCoStrategy):
@@ -351,8 +378,8 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             self.metrics.goodput.discard(self.config.inner_steps * self.tokens_per_step)
 
     def on_step_end(self, model: nn.Module, step: int) -> int | None:
-        if (step + 1) % self.config.inner_steps != 0:
-            return super().on_step_end(model, step)
+        if self.config.train_while_forming or (step + 1) % self.config.inner_steps != 0:
+            return super().on_step_end(model, step)  # its rounds call the hooks below
         if self.config.overlap:
             return self._overlapped_step_end(model, step)
         weight = self.weight
@@ -379,6 +406,51 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             super().on_step_end(model, step)
         finally:
             self.weight = weight
+        return self._after_round(step, continue_from, work_lost=work_lost)
+
+    def _catch_up_before_round(self) -> int | None:
+        """(train while forming) Take the swarm's newer state first if this peer is behind (it
+        restarted from an older checkpoint, say), so it forms the round the others form."""
+        continue_from: int | None = None
+        if self._newest_version() > self.outer_step:
+            snapshot = self._download(version=None)
+            if snapshot is not None and snapshot.version > self.outer_step:
+                self._apply_snapshot(snapshot)
+                self._resynced()
+                self._discard_round()
+                continue_from = int(snapshot.meta["step"])
+                logger.warning(
+                    "peer %s was behind the swarm; took its state at outer step %d",
+                    self._short(),
+                    self.outer_step,
+                )
+        return continue_from
+
+    def _round(self, step: int, forming: PendingRound | None) -> int | None:
+        continue_from = super()._round(step, forming)
+        if forming is None:  # a blocking boundary: on_step_end does the rest
+            return continue_from
+        return self._after_round(self.round_began_at, continue_from, work_lost=False)
+
+    def _after_round(
+        self, boundary: int, continue_from: int | None, *, work_lost: bool
+    ) -> int | None:
+        """After a round: take the swarm's state if this peer missed it, publish this outer
+        step's state and hash, and resync if the last outer step's hash was not the majority's.
+
+        Args:
+            boundary: the step at whose end the round began. The state is published as that
+                of the step after it, whenever the round ended (while forming, some steps
+                later), so a peer that takes it begins its next round at the same boundary as
+                the others, not one boundary late.
+            continue_from: the step to continue from, if the caller already took the swarm's
+                state.
+            work_lost: whether this peer's progress went into no average.
+
+        Returns:
+            The step to continue from if the swarm's state replaced this peer's, else
+            ``continue_from``.
+        """
         if self.last_round_excluded:
             work_lost = True
             snapshot = self._wait_for_newer_state()
@@ -395,7 +467,7 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             self._discard_round()
         if self.swarm_metrics is not None:
             self.swarm_metrics.outer_step.set(self.outer_step)
-        self._publish_outer_step(step=continue_from if continue_from is not None else step + 1)
+        self._publish_outer_step(step=continue_from if continue_from is not None else boundary + 1)
         majority_holders = self._out_of_agreement(self.outer_step - 1)
         if majority_holders:
             snapshot = self._download(version=None, donors=majority_holders)
@@ -848,6 +920,8 @@ def _train_on_node(
                 outer_momentum_warmup=swarm.outer_momentum_warmup,
                 run_id=config.name,
                 overlap=swarm.overlap,
+                # An overlapped round never waits for its group: nothing to train through.
+                train_while_forming=swarm.train_while_forming and not swarm.overlap,
             ),
             averager,
             node_thread,

@@ -63,7 +63,13 @@ from gossamer.net.node import Node
 from gossamer.proto import net_pb2
 from gossamer.train.averaging import AverageOutcome, record_round_phases
 
-__all__ = ["SwarmAverager", "SwarmAveragerConfig", "read_json_records", "round_settled"]
+__all__ = [
+    "SwarmAverager",
+    "SwarmAveragerConfig",
+    "SwarmPendingRound",
+    "read_json_records",
+    "round_settled",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -340,11 +346,39 @@ class SwarmAverager:
         apart, returned in the outcome and recorded as "waiting" and "communication" spans
         nested in the caller's open span, if any.
         """
+        return self._average(tensors, f"{self.config.run_id}/{round_key}", weight, None)
+
+    def begin(self, round_key: str) -> SwarmPendingRound:
+        """Start forming ``round_key``'s group on the node's loop and return at once.
+
+        The group forms while the caller trains; :meth:`SwarmPendingRound.average` then runs
+        the all-reduce, waiting only for what is left of the formation.
+        """
+        key = f"{self.config.run_id}/{round_key}"
+
+        async def start(node: Node) -> asyncio.Task[_Formed]:
+            task = asyncio.get_running_loop().create_task(self._form_group(node, key))
+            task.add_done_callback(lambda _: formed_at.append(time.monotonic()))
+            return task
+
+        formed_at: list[float] = []
+        task = self.node_thread.run(start, timeout_s=10)
+        return SwarmPendingRound(self, key, task, formed_at)
+
+    def _average(
+        self,
+        tensors: list[torch.Tensor],
+        key: str,
+        weight: float,
+        forming: SwarmPendingRound | None,
+    ) -> AverageOutcome:
+        """The round ``key``: its group formation (already under way with ``forming``), then
+        the all-reduce. With ``forming``, the time waited is what the caller waited for the
+        group from this call on, not the formation's whole time (it trained meanwhile)."""
         started = time.monotonic()
         wall_offset_s = time.time() - started
         marks: dict[str, float] = {}
         """Monotonic times the work reached on the node's loop: began, formed (the group)."""
-        key = f"{self.config.run_id}/{round_key}"
         deadline_s = (
             self.config.join_window_s * 2
             + self.config.propagation_grace_s
@@ -355,7 +389,10 @@ class SwarmAverager:
 
         async def work(node: Node) -> AverageOutcome:
             marks["began"] = time.monotonic()
-            round_ = await self._form_group(node, key)
+            if forming is None:
+                round_ = await self._form_group(node, key)
+            else:
+                round_ = await forming.task
             members, missing = round_.members, round_.missing
             marks["formed"] = formed = time.monotonic()
             if len(members) < 2:
@@ -801,3 +838,37 @@ class SwarmAverager:
     def _alive(node: Node, peer_id: str) -> bool:
         liveness = node.detector.liveness(peer_id)
         return liveness is None or liveness.alive
+
+
+class SwarmPendingRound:
+    """A round of a :class:`SwarmAverager` whose group is forming on the node's loop.
+
+    Made by :meth:`SwarmAverager.begin`.
+    """
+
+    def __init__(
+        self,
+        averager: SwarmAverager,
+        key: str,
+        task: asyncio.Task[_Formed],
+        formed_at: list[float],
+    ) -> None:
+        self.averager = averager
+        self.key = key
+        self.task = task
+        """The formation, on the node's loop (await it only there)."""
+        self._formed_at = formed_at
+        """Filled (on the loop) with the monotonic time the formation ended."""
+
+    def ready(self) -> bool:
+        """Whether the formation has ended (formed, failed or cancelled)."""
+        return bool(self._formed_at)
+
+    def average(self, tensors: list[torch.Tensor], *, weight: float) -> AverageOutcome:
+        """The all-reduce of ``tensors`` with the formed group (waiting for it if still forming)."""
+        return self.averager._average(tensors, self.key, weight, self)
+
+    def cancel(self) -> None:
+        """Stop the formation if it is still running (the peer is closing)."""
+        if not self.ready():
+            self.averager.node_thread.call_soon(self.task.cancel)
