@@ -4,8 +4,10 @@ N peers, each a real process in its own lab namespace behind a link capped at ``
 on both ends, see docs/lab.md), train the same model from the same initial weights on the same
 data, with the same optimizer, learning-rate schedule and step budget, once per method:
 
-- ``diloco``: ``gossamer train --swarm.strategy diloco`` (H inner AdamW steps, then the
-  pseudo-gradients averaged over TLS gRPC and an outer Nesterov step);
+- ``diloco``: ``gossamer train --swarm.strategy diloco`` (H inner AdamW steps, training on
+  while the round's group forms, then the pseudo-gradients averaged over TLS gRPC and an outer
+  Nesterov step); ``--swarm.train-while-forming false`` makes each peer stop at its H-th step
+  until the round is done;
 - ``diloco_overlap``: the same with ``--swarm.overlap`` (each round averages in the background
   during the next H inner steps and is applied a round late);
 - ``sync``: Gossamer's synchronous data parallel (gradients averaged over the swarm averager
