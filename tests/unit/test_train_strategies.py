@@ -165,12 +165,20 @@ def test_first_outer_steps_do_not_replay_the_first_pseudo_gradient_at_full_momen
 
 
 class _LinearPeer:
-    """A one-weight model (all 1.0) under overlapped DiLoCo with lr 1 and no momentum, so the
-    global weights move by exactly the average progress."""
+    """A one-weight model (all 1.0) under DiLoCo with lr 1 and no momentum, so the global
+    weights move by exactly the (weighted) average progress. Overlapped unless told otherwise."""
 
-    def __init__(self, group: InProcessGroup) -> None:
+    def __init__(
+        self, group: InProcessGroup, *, inner_steps: int = 2, train_while_forming: bool = False
+    ) -> None:
         self.strategy = DiLoCoStrategy(
-            DiLoCoConfig(inner_steps=2, outer_lr=1.0, outer_momentum=0.0, overlap=True),
+            DiLoCoConfig(
+                inner_steps=inner_steps,
+                outer_lr=1.0,
+                outer_momentum=0.0,
+                overlap=not train_while_forming,
+                train_while_forming=train_while_forming,
+            ),
             group.averager(),
         )
         self.model = torch.nn.Linear(2, 1, bias=False)
@@ -183,13 +191,28 @@ class _LinearPeer:
             self.model.weight.sub_(delta)
         self.strategy.on_step_end(self.model, step)
 
+    def steps(self, delta: float, steps: range) -> None:
+        for step in steps:
+            self.step(delta, step)
+
     def wait_for_round(self) -> None:
         inflight = self.strategy._inflight
         assert inflight is not None
         concurrent.futures.wait([inflight], timeout=10)
 
+    def wait_until_formed(self) -> None:
+        forming = self.strategy._forming
+        assert forming is not None
+        deadline = time.monotonic() + 10
+        while not forming.ready():
+            assert time.monotonic() < deadline, "the round never formed"
+            time.sleep(0.01)
+
     def weight(self) -> float:
         return float(self.model.weight.detach()[0, 0])
+
+    def global_weight(self) -> float:
+        return float(self.strategy._global[0].detach()[0, 0])
 
 
 def _finish_together(peers: list[_LinearPeer], step: int) -> None:
@@ -255,44 +278,14 @@ def test_overlapped_round_not_done_waits_for_the_boundary() -> None:
     assert a.strategy.global_weights_hash() == b.strategy.global_weights_hash()
 
 
-class _FormingPeer:
-    """A one-weight model (all 1.0) under DiLoCo that trains while a round's group forms, with
-    lr 1 and no momentum, so the global weights move by exactly the weighted average progress."""
-
-    def __init__(self, group: InProcessGroup) -> None:
-        self.strategy = DiLoCoStrategy(
-            DiLoCoConfig(inner_steps=4, outer_lr=1.0, outer_momentum=0.0, train_while_forming=True),
-            group.averager(),
-        )
-        self.model = torch.nn.Linear(2, 1, bias=False)
-        with torch.no_grad():
-            self.model.weight.fill_(1.0)
-        self.strategy.setup(self.model, torch.optim.SGD(self.model.parameters(), lr=0.1))
-
-    def steps(self, delta: float, steps: range) -> None:
-        for step in steps:
-            with torch.no_grad():
-                self.model.weight.sub_(delta)
-            self.strategy.on_step_end(self.model, step)
-
-    def weight(self) -> float:
-        return float(self.model.weight.detach()[0, 0])
-
-    def global_weight(self) -> float:
-        return float(self.strategy._global[0].detach()[0, 0])
-
-    def wait_until_formed(self) -> None:
-        forming = self.strategy._forming
-        assert forming is not None
-        deadline = time.monotonic() + 10
-        while not forming.ready():
-            assert time.monotonic() < deadline, "the round never formed"
-            time.sleep(0.01)
+def _forming_peer(group: InProcessGroup) -> _LinearPeer:
+    """A linear peer that trains while a round's group forms, H = 4."""
+    return _LinearPeer(group, inner_steps=4, train_while_forming=True)
 
 
 def test_a_peer_trains_while_the_group_forms_and_counts_by_the_steps_behind_it() -> None:
     group = InProcessGroup(2)
-    a, b = _FormingPeer(group), _FormingPeer(group)
+    a, b = _forming_peer(group), _forming_peer(group)
     a.steps(0.1, range(4))  # the boundary at step 3 begins round 0; b is not there
     a.steps(0.1, range(4, 6))  # a trains on meanwhile
     assert a.strategy.outer_step == 0
@@ -320,7 +313,7 @@ def test_a_peer_trains_while_the_group_forms_and_counts_by_the_steps_behind_it()
 
 def test_a_round_not_formed_by_the_next_boundary_is_waited_for_there() -> None:
     group = InProcessGroup(2)
-    a, b = _FormingPeer(group), _FormingPeer(group)
+    a, b = _forming_peer(group), _forming_peer(group)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         a_done = pool.submit(a.steps, 0.1, range(8))  # waits at step 7 for b's round 0
         time.sleep(0.2)
@@ -337,6 +330,35 @@ def test_a_round_not_formed_by_the_next_boundary_is_waited_for_there() -> None:
     for peer in (a, b):
         assert peer.strategy.outer_step == 2
         assert peer.weight() == pytest.approx(first - 0.6)
+
+
+class _ResyncingStrategy(DiLoCoStrategy):
+    """Takes "the swarm's state" before every round, as of the step ``resync_to`` says."""
+
+    resync_to: int | None = None
+
+    def _catch_up_before_round(self) -> int | None:
+        return self.resync_to
+
+
+@pytest.mark.parametrize(("resync_to", "begins"), [(None, True), (3, True), (4, False), (6, False)])
+def test_a_peer_that_took_state_of_a_later_step_begins_its_round_at_the_next_boundary(
+    resync_to: int | None, begins: bool
+) -> None:
+    """State taken from others is that of the step after the boundary where they began the
+    round that made it; a peer not past that step must begin its next round at their next
+    boundary, or it would be one boundary ahead of them for the rest of the run."""
+    strategy = _ResyncingStrategy(
+        DiLoCoConfig(inner_steps=4, train_while_forming=True), InProcessGroup(2).averager()
+    )
+    model = torch.nn.Linear(2, 1, bias=False)
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    strategy.resync_to = resync_to
+    for step in range(4):  # the boundary is step 3
+        continue_from = strategy.on_step_end(model, step)
+    assert continue_from == resync_to
+    assert (strategy._forming is not None) == begins
+    assert strategy.round_began_at == (3 if begins else -1)
 
 
 def test_sync_peers_stay_identical(tmp_path: Path) -> None:
@@ -368,33 +390,30 @@ def test_in_process_round_times_out_when_peers_are_missing() -> None:
         group.averager().average([torch.ones(3)], round_key="r", weight=1.0)
 
 
-def test_weighted_average() -> None:
+def _average_of_two(weights: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two in-process peers average zeros and fours with these weights: both results."""
     group = InProcessGroup(2)
     out: list[torch.Tensor] = []
 
     def second() -> None:
-        out.extend(
-            group.averager().average([torch.full((2,), 4.0)], round_key="r", weight=3.0).tensors
+        outcome = group.averager().average(
+            [torch.full((2,), 4.0)], round_key="r", weight=weights[1]
         )
+        out.extend(outcome.tensors)
 
     thread = threading.Thread(target=second)
     thread.start()
-    mine = group.averager().average([torch.zeros(2)], round_key="r", weight=1.0)
+    mine = group.averager().average([torch.zeros(2)], round_key="r", weight=weights[0])
     thread.join(timeout=10)
-    assert torch.equal(mine.tensors[0], torch.full((2,), 3.0))
-    assert torch.equal(out[0], mine.tensors[0])
-    out.clear()
+    return mine.tensors[0], out[0]
 
-    def second_without_weight() -> None:
-        out.extend(
-            group.averager().average([torch.full((2,), 4.0)], round_key="z", weight=0.0).tensors
-        )
 
-    thread = threading.Thread(target=second_without_weight)
-    thread.start()
-    mine = group.averager().average([torch.zeros(2)], round_key="z", weight=0.0)
-    thread.join(timeout=10)
-    assert torch.equal(mine.tensors[0], torch.full((2,), 2.0))  # no weight anywhere: alike
+def test_weighted_average() -> None:
+    mine, theirs = _average_of_two((1.0, 3.0))
+    assert torch.equal(mine, torch.full((2,), 3.0))
+    assert torch.equal(theirs, mine)
+    mine, _ = _average_of_two((0.0, 0.0))  # no weight anywhere: every contribution alike
+    assert torch.equal(mine, torch.full((2,), 2.0))
 
 
 def test_diloco_config_is_checked() -> None:
