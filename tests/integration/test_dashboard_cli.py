@@ -50,7 +50,10 @@ def test_dashboard_command_serves_the_scraped_peer() -> None:
         assert peers[0]["loss"] == 2.25
         proc.send_signal(signal.SIGINT)
         # uvicorn shuts down cleanly, then re-raises the signal: 130 is Ctrl-C's usual status.
-        assert proc.wait(timeout=15) == 130
+        # Re-raised while asyncio.run's own SIGINT handler is back in place, the signal can land
+        # after the main task has finished; the process then exits 0 (seen once in 660 tests
+        # under full load). Either way it stopped at once, cleanly.
+        assert proc.wait(timeout=15) in (0, 130)
         assert proc.stderr is not None
         assert "Traceback" not in proc.stderr.read()
     finally:
