@@ -25,14 +25,14 @@ CONFIG = AllReduceConfig(
     max_in_flight_per_peer=2,
     codec=CodecPolicy(codec="none", block_size=64, min_compressed_numel=0),
 )
-SCHEDULES = {"steps": 0.0, "all_at_once": float("inf")}
-"""``min_step_s`` for each way a round may send (see comm.steps); every test runs with both."""
-_schedule = {"min_step_s": 0.0}
+SCHEDULES = ("steps", "ordered", "open")
+"""Each way a round may send (see comm.steps); every test runs with each."""
+_schedule = {"order": "steps"}
 
 
-@pytest.fixture(autouse=True, params=sorted(SCHEDULES))
+@pytest.fixture(autouse=True, params=SCHEDULES)
 def schedule(request: pytest.FixtureRequest) -> str:
-    _schedule["min_step_s"] = SCHEDULES[request.param]
+    _schedule["order"] = str(request.param)
     return str(request.param)
 
 
@@ -61,7 +61,7 @@ def _run(
 ) -> tuple[dict[int, AllReduceResult], IdleJumpClock]:
     clock = IdleJumpClock()
     scripts = scripts or {}
-    config = dataclasses.replace(config or CONFIG, min_step_s=_schedule["min_step_s"])
+    config = dataclasses.replace(config or CONFIG, order=_schedule["order"])
     members = [f"peer-{i}" for i in range(len(inputs))]
 
     async def main() -> dict[int, AllReduceResult]:

@@ -127,6 +127,26 @@ def test_a_cancelled_send_keeps_its_time_but_adds_no_bytes() -> None:
     assert tally.rates(config) == pytest.approx({"slow": 1e5})
 
 
+def test_small_rounds_measure_a_floor_of_the_send_rate() -> None:
+    # Three 20 kB messages at once (each at 1 MB/s: the fake's links are not shared), then one
+    # after a gap: far below what the figure counts (the default config), but the floor sees
+    # 80 kB over 0.04 s busy, the gap not counted.
+    sends = [(0.0, "a", 20_000), (0.0, "b", 20_000), (0.0, "c", 20_000), (1.0, "a", 20_000)]
+    tally = _run_tally(sends)
+    assert tally.busy_throughput_bytes_per_s() == pytest.approx(2e6)
+    meter = BandwidthMeter(BandwidthMeterConfig(smoothing=0.5))
+    assert meter.floor_bytes_per_s == DEFAULT_BYTES_PER_S  # nothing measured yet
+    assert meter.update(tally) is None  # the published figure does not move
+    assert meter.estimate_bytes_per_s == DEFAULT_BYTES_PER_S
+    assert meter.floor_bytes_per_s == pytest.approx(2e6)
+    # A round that counts: the figure 1 MB/s, the floor's average 1.5 MB/s; the lower wins.
+    assert meter.update(_run_tally([(0.0, "a", 300_000)])) == pytest.approx(1e6)
+    assert meter.floor_bytes_per_s == pytest.approx(1e6)
+    meter.observe(4e6)  # the figure moves to 2.5 MB/s: the floor's average is lower now
+    assert meter.floor_bytes_per_s == pytest.approx(1.5e6)
+    assert _run_tally([]).busy_throughput_bytes_per_s() is None
+
+
 def test_meter_starts_at_the_default_then_follows_a_moving_average() -> None:
     meter = BandwidthMeter(BandwidthMeterConfig(smoothing=0.5))
     assert meter.estimate_bytes_per_s == DEFAULT_BYTES_PER_S

@@ -9,9 +9,10 @@ import pytest
 import torch
 from comm_fakes import IdleJumpClock, inline_offload
 
-from gossamer.comm.allreduce import AllReduceConfig, all_reduce
+from gossamer.comm.allreduce import AllReduceConfig, _send_order, all_reduce
 from gossamer.comm.codecs import CodecPolicy
 from gossamer.comm.fake_transport import FakeNetwork, FakeTransport
+from gossamer.comm.plan import PartPlan
 from gossamer.comm.steps import PairwiseSteps
 from gossamer.comm.transport import (
     FRAME_NBYTES,
@@ -103,6 +104,17 @@ def test_patience_and_failures_open_steps_without_the_receivers_answer() -> None
     assert failed.opened[1].is_set()
 
 
+def test_without_words_a_step_opens_as_soon_as_the_one_before_is_sent() -> None:
+    steps = _steps(4, me=0, chunks=2)
+    steps.without_words()
+    assert not steps.asks
+    steps.sent(0)
+    assert not steps.opened[1].is_set()  # one message of step 0 still going
+    steps.sent(0)
+    assert steps.opened[1].is_set()  # no receiver answered: none is asked
+    assert not steps.opened[2].is_set()  # one destination at a time all the same
+
+
 def test_all_at_once_nobody_waits_for_a_downlink() -> None:
     steps = _steps(4, me=0, chunks=2)
     steps.open_all()
@@ -146,11 +158,12 @@ _Log = list[tuple[float, float, str]]
 
 
 def _recorded_round(
-    send_s: list[float], *, in_steps: bool = True, kinds: dict[str, list[int]] | None = None
+    send_s: list[float], *, order: str = "steps", kinds: dict[str, list[int]] | None = None
 ) -> dict[str, _Log]:
-    """Four members average (in steps, or all at once on uplinks that carry one message at a
-    time); member i's data messages take ``send_s[i]`` each. ``kinds`` receives each member's
-    frame kinds in its log's order."""
+    """Four members average (in steps with or without the receivers' word, or all at once on
+    uplinks that carry one message at a time); member i's data messages take ``send_s[i]``
+    each. ``kinds`` receives each member's frame kinds in its log's order."""
+    in_steps = order != "open"
     clock = IdleJumpClock()
     members = [f"peer-{i}" for i in range(4)]
     logs: dict[str, _Log] = {m: [] for m in members}
@@ -159,7 +172,7 @@ def _recorded_round(
     config = AllReduceConfig(
         timeout_s=600.0,
         chunk_elements=500 if in_steps else 100,
-        min_step_s=0.0 if in_steps else 1e9,
+        order=order,
         codec=CodecPolicy(codec="none", block_size=50, min_compressed_numel=0),
     )
 
@@ -197,8 +210,9 @@ def _recorded_round(
     return logs
 
 
-def test_a_member_sends_to_one_destination_at_a_time_in_step_order() -> None:
-    logs = _recorded_round([1.0] * 4)
+@pytest.mark.parametrize("order", ["steps", "ordered"])
+def test_a_member_sends_to_one_destination_at_a_time_in_step_order(order: str) -> None:
+    logs = _recorded_round([1.0] * 4, order=order)
     members = list(logs)
     for me, member in enumerate(members):
         log = sorted(logs[member])
@@ -230,10 +244,32 @@ def test_all_at_once_a_member_sends_its_averages_only_after_its_contributions() 
     """Sharing the uplink, early averages slowed the contributions the other owners' averages
     wait on (8-bit codec, 100 Mbit/s lab links: uplinks busy 77-78%)."""
     kinds: dict[str, list[int]] = {}
-    logs = _recorded_round([1.0] * 4, in_steps=False, kinds=kinds)
+    logs = _recorded_round([1.0] * 4, order="open", kinds=kinds)
     for member, log in logs.items():
         contributions = [e for (_, e, _), k in zip(log, kinds[member], strict=True) if k == 1]
         averages = [s for (s, _, _), k in zip(log, kinds[member], strict=True) if k == 2]
         assert contributions
         assert averages
         assert min(averages) >= max(contributions)
+
+
+@pytest.mark.parametrize(
+    ("part_elements", "order"),
+    [
+        (20_000, "open"),  # 80 KB parts: all three at once fit 50 ms of 100 Mbit/s
+        (100_000, "ordered"),  # 400 KB parts: one fits, three do not
+        (200_000, "open"),  # 800 KB parts: not even one fits; ordering them measured slower
+        (500_000, "steps"),  # 2 MB parts: 0.16 s steps, worth the receivers' word
+    ],
+)
+def test_the_send_order_follows_the_queue_the_burst_would_meet(
+    part_elements: int, order: str
+) -> None:
+    config = AllReduceConfig(codec=CodecPolicy(codec="none"), chunk_elements=1 << 20)
+    plan = PartPlan.create(
+        [f"peer-{i}" for i in range(4)],
+        4 * part_elements,
+        chunk_elements=config.chunk_elements,
+        align=config.codec.block_size,
+    )
+    assert _send_order(plan, config, None) == order  # a peer that measured nothing: 100 Mbit/s

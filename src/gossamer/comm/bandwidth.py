@@ -98,11 +98,14 @@ class SendTally:
         self._busy: set[str] = set()
         """Destinations with a message in flight now."""
         self._shared_until = 0.0
+        self._uplink_busy_s = 0.0
+        """Time with any message in flight."""
 
     def _share_out(self) -> None:
         """Give the destinations in flight their shares of the time since the last change."""
         now = self._clock.monotonic()
         if self._busy:
+            self._uplink_busy_s += now - self._shared_until
             share = (now - self._shared_until) / len(self._busy)
             for peer_id in self._busy:
                 self._destinations[peer_id].share_s += share
@@ -166,6 +169,15 @@ class SendTally:
             p: d.bytes_sent / d.share_s for p, d in self._counted(config).items() if d.share_s > 0
         }
 
+    def busy_throughput_bytes_per_s(self) -> float | None:
+        """Every byte delivered over the time anything was in flight (None when nothing was):
+        below the uplink's rate, since small messages' latency counts as busy time, but
+        measured by every round, however small."""
+        if self._busy or self._uplink_busy_s <= 0:
+            return None
+        delivered = sum(d.bytes_sent for d in self._destinations.values() if not d.failed)
+        return delivered / self._uplink_busy_s if delivered else None
+
     def throughput_bytes_per_s(self, config: BandwidthMeterConfig) -> float | None:
         """The round's figure; None when nothing counts.
 
@@ -197,6 +209,20 @@ class BandwidthMeter:
         """Rounds whose traffic updated the estimate."""
         self.last_sample_bytes_per_s: float | None = None
         """The newest round's own figure (None before the first)."""
+        self._busy_estimate: float | None = None
+
+    @property
+    def floor_bytes_per_s(self) -> float:
+        """A figure the send rate is at least (about): the lower of :attr:`estimate_bytes_per_s`
+        and the moving average of every round's bytes over its busy time, which small rounds
+        measure too. Small rounds' messages are latency more than bandwidth, so it errs low;
+        for deciding whether a burst of them would overflow the path's queue, erring low errs
+        on the safe side. The default until a round was measured either way."""
+        if self._busy_estimate is None:
+            return self._estimate
+        if self.num_measurements == 0:
+            return self._busy_estimate
+        return min(self._estimate, self._busy_estimate)
 
     @property
     def estimate_bytes_per_s(self) -> float:
@@ -212,6 +238,13 @@ class BandwidthMeter:
         sample = tally.throughput_bytes_per_s(self.config)
         if sample is not None:
             self.observe(sample)
+        busy = tally.busy_throughput_bytes_per_s()
+        if busy is not None:
+            alpha = self.config.smoothing
+            previous = self._busy_estimate
+            self._busy_estimate = (
+                busy if previous is None else alpha * busy + (1 - alpha) * previous
+            )
         return sample
 
     def observe(self, sample_bytes_per_s: float) -> None:

@@ -63,6 +63,7 @@ class RoundState:
         send_timeout_s: float,
         max_in_flight_per_peer: int,
         in_steps: bool = True,
+        words: bool = True,
         untimed_transport: CommTransport | None = None,
     ) -> None:
         self.round_id = round_id
@@ -95,6 +96,8 @@ class RoundState:
         self.steps = PairwiseSteps(n, me, [len(c) for c in self.chunks])
         if not in_steps:
             self.steps.open_all()
+        elif not words:
+            self.steps.without_words()
         self._step_began: list[float | None] = [None] * self.steps.num_steps
         self._sends_done_at: list[float | None] = [None] * self.steps.num_steps
         self.done = asyncio.Event()
@@ -141,7 +144,7 @@ class RoundState:
             self._contributions_finished()
         if self.result_deadline_s:
             self.spawn(self._watch_results())
-        if self.steps.in_steps:
+        if self.steps.in_steps and self.steps.asks:
             self.spawn(self._ask_ahead())
         self._check_done()
 
