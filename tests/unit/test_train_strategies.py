@@ -332,6 +332,32 @@ def test_a_round_not_formed_by_the_next_boundary_is_waited_for_there() -> None:
         assert peer.weight() == pytest.approx(first - 0.6)
 
 
+def test_a_last_round_with_nothing_in_it_leaves_the_weights_where_they_are() -> None:
+    """Forming, the round of the last boundary can take in every step (it formed after the
+    last one); the round after the last step then carries nothing, and must not move the
+    weights by the outer momentum alone."""
+    config = DiLoCoConfig(
+        inner_steps=4,
+        outer_lr=1.0,
+        outer_momentum=0.9,
+        outer_momentum_warmup=False,
+        train_while_forming=True,
+    )
+    strategy = DiLoCoStrategy(config, InProcessGroup(1).averager())  # alone: formed at once
+    model = torch.nn.Linear(2, 1, bias=False)
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    for step in range(9):  # boundaries at 3 and 7; each round averaged a step later
+        with torch.no_grad():
+            model.weight.sub_(0.1)
+        strategy.on_step_end(model, step)
+    assert strategy.outer_step == 2
+    before = strategy._global[0].detach().clone()
+    assert strategy.finish(model, 9)  # 9 steps: not a multiple of H, so one more round
+    assert strategy.outer_step == 3
+    assert torch.equal(strategy._global[0].detach(), before)
+    assert torch.equal(model.weight.detach(), before)
+
+
 class _ResyncingStrategy(DiLoCoStrategy):
     """Takes "the swarm's state" before every round, as of the step ``resync_to`` says."""
 

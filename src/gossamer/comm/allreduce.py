@@ -134,8 +134,9 @@ def _send_order(plan: PartPlan, config: AllReduceConfig, meter: BandwidthMeter |
     if step_s >= config.min_step_s:
         return "steps"
     # Small rounds do not measure the send rate (latency sets their messages' time); the floor
-    # that they do measure errs low, towards sending in order, which costs a few ms where it
-    # was not needed (loopback, fast links) and saves a retransmission timeout where it was.
+    # that they do measure errs low. Too low, a burst that fits the queue is taken for one that
+    # does not (in order: a few ms where it was not needed, loopback and fast links), or a part
+    # that fits for one that does not (all at once, as before this rule).
     floor = meter.floor_bytes_per_s if meter is not None else DEFAULT_BYTES_PER_S
     step_s = step_bytes / floor
     if step_s <= config.queue_s < (plan.num_parts - 1) * step_s:

@@ -175,6 +175,8 @@ class SendTally:
         measured by every round, however small."""
         if self._busy or self._uplink_busy_s <= 0:
             return None
+        if any(d.failed for d in self._destinations.values()):
+            return None  # time spent on a peer that was not answering says nothing of the link
         delivered = sum(d.bytes_sent for d in self._destinations.values() if not d.failed)
         return delivered / self._uplink_busy_s if delivered else None
 

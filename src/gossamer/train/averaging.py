@@ -97,7 +97,8 @@ class PendingRound(Protocol):
     """A round whose group is forming while the caller goes on (see :func:`begin_round`)."""
 
     def ready(self) -> bool:
-        """Whether the group has formed: :meth:`average` starts exchanging at once."""
+        """Whether the formation has ended (formed, or failed: :meth:`average` then reports
+        the round as missed): :meth:`average` does not wait for it."""
         ...
 
     def average(self, tensors: list[torch.Tensor], *, weight: float) -> AverageOutcome:

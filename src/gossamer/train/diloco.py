@@ -403,9 +403,12 @@ class DiLoCoStrategy:
         del model
         if self._outer is None:
             return False
-        replaced = (
-            self._inflight is not None or self._forming is not None or self._steps_since_round > 0
-        )
+        forming_mode = self.config.train_while_forming
+        # While forming, a peer may have jumped over a boundary (it took the swarm's state of a
+        # later step), so the step grid, the same for every peer, says whether a last round
+        # is due; else the steps counted since the last boundary do.
+        tail = step % self.config.inner_steps != 0 if forming_mode else self._steps_since_round > 0
+        replaced = self._inflight is not None or self._forming is not None or tail
         version = self.outer_step
         if self._forming is not None:
             forming, self._forming = self._forming, None
@@ -413,23 +416,31 @@ class DiLoCoStrategy:
         self._collect()
         self._catch_up()
         replaced = replaced or self.outer_step != version
-        if self._steps_since_round > 0:
+        if tail:
             self._steps_since_round = 0
-            # While forming, peers ended the last round at different steps: weigh by them.
             weight = self.weight
-            if self.config.train_while_forming:
+            if forming_mode:  # peers ended the last round at different steps: weigh by them
                 weight *= self._local_steps
-            self._apply_outcome(self._average(self._progress(), weight), waited_s=None)
+            # While forming, the last round may have taken in every step already (it formed
+            # after the last one), so this one may carry nothing: it is applied without the
+            # outer momentum, which would otherwise move the weights with no data behind it.
+            self._apply_outcome(
+                self._average(self._progress(), weight), waited_s=None, plain=forming_mode
+            )
             if self.last_round_excluded:
                 self._catch_up()
         self._restart_local_from_global()
         return replaced
 
-    def _apply_outcome(self, outcome: AverageOutcome, *, waited_s: float | None) -> None:
+    def _apply_outcome(
+        self, outcome: AverageOutcome, *, waited_s: float | None, plain: bool = False
+    ) -> None:
         """Record a round and apply its averaged pseudo-gradient to the global weights.
 
         Args:
             outcome: the round's result.
+            plain: apply it with the outer learning rate alone, no momentum (the buffer is
+                left as it was).
             waited_s: how long training waited for it (None: it ran in the foreground).
         """
         assert self._outer is not None
@@ -448,7 +459,7 @@ class DiLoCoStrategy:
         self.round_seconds.append(outcome.seconds)
         for tensor, averaged in zip(self._global, outcome.tensors, strict=True):
             tensor.grad = averaged.to(tensor.dtype)
-        momentum = self.outer_momentum_at(self.outer_step)
+        momentum = 0.0 if plain else self.outer_momentum_at(self.outer_step)
         for group in self._outer.param_groups:
             group["momentum"] = momentum
             group["nesterov"] = momentum > 0  # with none, torch keeps no buffer: a plain step
@@ -472,6 +483,7 @@ class DiLoCoStrategy:
             "outer_step": self.outer_step,
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
+            "local_steps": self._local_steps,  # the local model's progress is saved with it
         }
         return tensors, meta
 
@@ -494,6 +506,7 @@ class DiLoCoStrategy:
         self.outer_step = int(meta.get("outer_step", 0))
         self.bytes_sent = int(meta.get("bytes_sent", 0))
         self.bytes_received = int(meta.get("bytes_received", 0))
+        self._local_steps = int(meta.get("local_steps", self._local_steps))
 
     def close(self) -> None:
         if self._forming is not None:

@@ -456,6 +456,7 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             snapshot = self._wait_for_newer_state()
             if snapshot is not None:
                 self._apply_snapshot(snapshot)
+                self.last_round_excluded = False  # caught up: nothing more to wait for
                 self._resynced()
                 continue_from = int(snapshot.meta["step"])
                 logger.warning(

@@ -56,7 +56,12 @@ from gossamer.comm.torch_backend import (
 )
 from gossamer.comm.transport import CommMailbox
 from gossamer.core.clock import SystemClock
-from gossamer.core.errors import DeadlineExceededError, GossamerError, PeerLostError
+from gossamer.core.errors import (
+    DeadlineExceededError,
+    GossamerError,
+    PeerLostError,
+    PeerUnavailableError,
+)
 from gossamer.net.bridge import NodeThread
 from gossamer.net.identity import peer_id_of_public_key
 from gossamer.net.node import Node
@@ -362,7 +367,11 @@ class SwarmAverager:
             return task
 
         formed_at: list[float] = []
-        task = self.node_thread.run(start, timeout_s=10)
+        try:
+            task: asyncio.Task[_Formed] | None = self.node_thread.run(start, timeout_s=10)
+        except GossamerError as exc:  # the round is missed, as when its formation fails
+            logger.warning("round %s could not begin on this peer (%s)", key, exc)
+            task, formed_at = None, [time.monotonic()]
         return SwarmPendingRound(self, key, task, formed_at)
 
     def _average(
@@ -391,6 +400,8 @@ class SwarmAverager:
             marks["began"] = time.monotonic()
             if forming is None:
                 round_ = await self._form_group(node, key)
+            elif forming.task is None:
+                raise PeerUnavailableError(f"round {key} never began on this peer")
             else:
                 round_ = await forming.task
             members, missing = round_.members, round_.missing
@@ -850,13 +861,13 @@ class SwarmPendingRound:
         self,
         averager: SwarmAverager,
         key: str,
-        task: asyncio.Task[_Formed],
+        task: asyncio.Task[_Formed] | None,
         formed_at: list[float],
     ) -> None:
         self.averager = averager
         self.key = key
         self.task = task
-        """The formation, on the node's loop (await it only there)."""
+        """The formation, on the node's loop (await it only there); None if it never began."""
         self._formed_at = formed_at
         """Filled (on the loop) with the monotonic time the formation ended."""
 
@@ -870,5 +881,6 @@ class SwarmPendingRound:
 
     def cancel(self) -> None:
         """Stop the formation if it is still running (the peer is closing)."""
-        if not self.ready():
-            self.averager.node_thread.call_soon(self.task.cancel)
+        task = self.task
+        if task is not None and not self.ready():
+            self.averager.node_thread.call_soon(task.cancel)
