@@ -22,7 +22,7 @@ from gossamer.core.config import (
 from gossamer.core.errors import DeadlineExceededError
 from gossamer.core.hashing import sha256_state
 from gossamer.train import Trainer, TrainResult
-from gossamer.train.averaging import InProcessGroup
+from gossamer.train.averaging import InProcessGroup, PendingRound
 from gossamer.train.diloco import DiLoCoConfig, DiLoCoStrategy
 from gossamer.train.strategy import TrainingStrategy
 from gossamer.train.sync import SyncStrategy
@@ -359,32 +359,66 @@ def test_a_last_round_with_nothing_in_it_leaves_the_weights_where_they_are() -> 
 
 
 class _ResyncingStrategy(DiLoCoStrategy):
-    """Takes "the swarm's state" before every round, as of the step ``resync_to`` says."""
+    """Takes "the swarm's state" as of the step ``resync_to`` says: before every round
+    (``at_boundary``), or when a round ends (as after a missed round)."""
 
     resync_to: int | None = None
+    at_boundary = True
 
     def _catch_up_before_round(self) -> int | None:
-        return self.resync_to
+        return self.resync_to if self.at_boundary else None
+
+    def _round(self, step: int, forming: PendingRound | None) -> int | None:
+        super()._round(step, forming)
+        return None if self.at_boundary else self.resync_to
 
 
-@pytest.mark.parametrize(("resync_to", "begins"), [(None, True), (3, True), (4, False), (6, False)])
-def test_a_peer_that_took_state_of_a_later_step_begins_its_round_at_the_next_boundary(
-    resync_to: int | None, begins: bool
-) -> None:
-    """State taken from others is that of the step after the boundary where they began the
-    round that made it; a peer not past that step must begin its next round at their next
-    boundary, or it would be one boundary ahead of them for the rest of the run."""
+def _resyncing(
+    resync_to: int | None, *, at_boundary: bool
+) -> tuple[_ResyncingStrategy, torch.nn.Module]:
     strategy = _ResyncingStrategy(
-        DiLoCoConfig(inner_steps=4, train_while_forming=True), InProcessGroup(2).averager()
+        DiLoCoConfig(inner_steps=4, train_while_forming=True), InProcessGroup(1).averager()
     )
     model = torch.nn.Linear(2, 1, bias=False)
     strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
     strategy.resync_to = resync_to
+    strategy.at_boundary = at_boundary
+    return strategy, model
+
+
+@pytest.mark.parametrize(("resync_to", "begins"), [(None, True), (0, True), (4, False), (6, False)])
+def test_a_peer_that_took_state_of_a_later_step_begins_its_round_at_the_next_boundary(
+    resync_to: int | None, begins: bool
+) -> None:
+    """State taken from others is that of the step after the boundary where they began the
+    round that made it; a peer must begin its next round where they begin theirs, H steps
+    later, or it would be a boundary ahead of them for the rest of the run."""
+    strategy, model = _resyncing(resync_to, at_boundary=True)
     for step in range(4):  # the boundary is step 3
         continue_from = strategy.on_step_end(model, step)
     assert continue_from == resync_to
     assert (strategy._forming is not None) == begins
     assert strategy.round_began_at == (3 if begins else -1)
+
+
+@pytest.mark.parametrize(("state_step", "begins"), [(4, True), (8, False)])
+def test_a_peer_that_took_state_after_a_missed_round_begins_where_the_others_began(
+    state_step: int, begins: bool
+) -> None:
+    """This peer's round of the boundary at step 7 was missed; the state it takes comes from
+    the others' round of the boundary at step 3 (state of step 4: they were late), so they
+    began the next round at step 7, which this peer has passed: it begins it at once, as of
+    step 7. State of step 8 (their round of step 7): the next round is at step 11."""
+    strategy, model = _resyncing(None, at_boundary=False)
+    for step in range(8):  # rounds begin at steps 3 and 7 (alone: each formed a step later)
+        strategy.on_step_end(model, step)
+    assert strategy._forming is not None
+    assert strategy.round_began_at == 7
+    strategy.resync_to = state_step
+    assert strategy.on_step_end(model, 8) == state_step  # the round ends: state taken
+    assert (strategy._forming is not None) == begins
+    if begins:
+        assert strategy.round_began_at == 7
 
 
 def test_sync_peers_stay_identical(tmp_path: Path) -> None:

@@ -219,7 +219,8 @@ class DiLoCoStrategy:
         step end after it has formed, or at the next boundary at the latest (waiting for it
         there), so at most one round is ever forming.
         """
-        boundary = (step + 1) % self.config.inner_steps == 0
+        h = self.config.inner_steps
+        boundary = (step + 1) % h == 0
         continue_from = None
         if self._forming is not None and (boundary or self._forming.ready()):
             forming, self._forming = self._forming, None
@@ -228,12 +229,21 @@ class DiLoCoStrategy:
             self._steps_since_round = 0
             resynced_to = self._catch_up_before_round()
             continue_from = resynced_to if resynced_to is not None else continue_from
+        if self._forming is not None:
+            return continue_from
+        if continue_from is None:
+            due_at = step if boundary else None
+        else:
             # State taken from others is that of the step after the boundary where they began
-            # the round that made it: a peer not past that step begins its next round at their
-            # next boundary, not at this one (else it would be a boundary ahead of them).
-            if continue_from is None or continue_from <= step:
-                self._forming = begin_round(self.averager, self._round_key())
-                self.round_began_at = step
+            # the round that made it; they begin the next round H steps later. A peer not there
+            # yet begins it at that boundary (not at this one: it would be a boundary ahead of
+            # them); a peer already past it (it waited for the state) begins it now, late.
+            due_at = continue_from - 1 + h
+            if step < due_at:
+                due_at = None
+        if due_at is not None:
+            self._forming = begin_round(self.averager, self._round_key())
+            self.round_began_at = due_at
         return continue_from
 
     def _catch_up_before_round(self) -> int | None:
