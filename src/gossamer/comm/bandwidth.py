@@ -177,7 +177,7 @@ class SendTally:
             return None
         if any(d.failed for d in self._destinations.values()):
             return None  # time spent on a peer that was not answering says nothing of the link
-        delivered = sum(d.bytes_sent for d in self._destinations.values() if not d.failed)
+        delivered = sum(d.bytes_sent for d in self._destinations.values())
         return delivered / self._uplink_busy_s if delivered else None
 
     def throughput_bytes_per_s(self, config: BandwidthMeterConfig) -> float | None:

@@ -267,17 +267,13 @@ class InProcessAverager:
         )
 
 
-class _InProcessPending:
+class _InProcessPending(_FormsOnAverage):
+    """Ready once every peer of the in-process group has arrived at the round."""
+
     def __init__(self, averager: InProcessAverager, round_key: str, state: _Round) -> None:
-        self._averager = averager
-        self._round_key = round_key
+        super().__init__(averager, round_key)
+        self._num_peers = averager.group.num_peers
         self._state = state
 
     def ready(self) -> bool:
-        return self._state.arrived >= self._averager.group.num_peers
-
-    def average(self, tensors: list[torch.Tensor], *, weight: float) -> AverageOutcome:
-        return self._averager.average(tensors, round_key=self._round_key, weight=weight)
-
-    def cancel(self) -> None:
-        pass
+        return self._state.arrived >= self._num_peers

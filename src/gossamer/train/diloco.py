@@ -226,7 +226,6 @@ class DiLoCoStrategy:
             forming, self._forming = self._forming, None
             continue_from = self._round(step, forming)
         if boundary:
-            self._steps_since_round = 0
             resynced_to = self._catch_up_before_round()
             continue_from = resynced_to if resynced_to is not None else continue_from
         if self._forming is not None:

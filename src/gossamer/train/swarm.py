@@ -385,23 +385,15 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         weight = self.weight
         continue_from: int | None = None
         work_lost = False
-        if self._newest_version() > self.outer_step:
-            # Behind the swarm (restarted from an older checkpoint, say): take its state and
-            # join this round with a zero pseudo-gradient and no weight, so the round's result
-            # is the others' and everyone applies the same outer step.
-            snapshot = self._download(version=None)
-            if snapshot is not None and snapshot.version > self.outer_step:
-                self._apply_snapshot(snapshot)
-                self._resynced()
-                self.weight = 0.0
-                work_lost = True
-                # After this round the others stand at the step after it: so will this peer.
-                continue_from = int(snapshot.meta["step"]) + self.config.inner_steps
-                logger.warning(
-                    "peer %s was behind the swarm; took its state at outer step %d",
-                    self._short(),
-                    self.outer_step,
-                )
+        # Behind the swarm (restarted from an older checkpoint, say): take its state and join
+        # this round with a zero pseudo-gradient and no weight, so the round's result is the
+        # others' and everyone applies the same outer step.
+        snapshot = self._take_newer_state()
+        if snapshot is not None:
+            self.weight = 0.0
+            work_lost = True
+            # After this round the others stand at the step after it: so will this peer.
+            continue_from = int(snapshot.meta["step"]) + self.config.inner_steps
         try:
             super().on_step_end(model, step)
         finally:
@@ -411,20 +403,31 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
     def _catch_up_before_round(self) -> int | None:
         """(train while forming) Take the swarm's newer state first if this peer is behind (it
         restarted from an older checkpoint, say), so it forms the round the others form."""
-        continue_from: int | None = None
-        if self._newest_version() > self.outer_step:
-            snapshot = self._download(version=None)
-            if snapshot is not None and snapshot.version > self.outer_step:
-                self._apply_snapshot(snapshot)
-                self._resynced()
-                self._discard_round()
-                continue_from = int(snapshot.meta["step"])
-                logger.warning(
-                    "peer %s was behind the swarm; took its state at outer step %d",
-                    self._short(),
-                    self.outer_step,
-                )
-        return continue_from
+        snapshot = self._take_newer_state()
+        if snapshot is None:
+            return None
+        self._discard_round()
+        return int(snapshot.meta["step"])
+
+    def _take_newer_state(self) -> StateSnapshot | None:
+        """If the others publish a newer version than this peer's, take their state.
+
+        Returns:
+            The state taken, or None when this peer is not behind or no donor served it.
+        """
+        if self._newest_version() <= self.outer_step:
+            return None
+        snapshot = self._download(version=None)
+        if snapshot is None or snapshot.version <= self.outer_step:
+            return None
+        self._apply_snapshot(snapshot)
+        self._resynced()
+        logger.warning(
+            "peer %s was behind the swarm; took its state at outer step %d",
+            self._short(),
+            self.outer_step,
+        )
+        return snapshot
 
     def _round(self, step: int, forming: PendingRound | None) -> int | None:
         continue_from = super()._round(step, forming)

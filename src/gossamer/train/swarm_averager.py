@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import secrets
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -361,18 +362,20 @@ class SwarmAverager:
         """
         key = f"{self.config.run_id}/{round_key}"
 
+        ended = threading.Event()
+
         async def start(node: Node) -> asyncio.Task[_Formed]:
             task = asyncio.get_running_loop().create_task(self._form_group(node, key))
-            task.add_done_callback(lambda _: formed_at.append(time.monotonic()))
+            task.add_done_callback(lambda _: ended.set())
             return task
 
-        formed_at: list[float] = []
         try:
             task: asyncio.Task[_Formed] | None = self.node_thread.run(start, timeout_s=10)
         except GossamerError as exc:  # the round is missed, as when its formation fails
             logger.warning("round %s could not begin on this peer (%s)", key, exc)
-            task, formed_at = None, [time.monotonic()]
-        return SwarmPendingRound(self, key, task, formed_at)
+            task = None
+            ended.set()
+        return SwarmPendingRound(self, key, task, ended)
 
     def _average(
         self,
@@ -862,18 +865,18 @@ class SwarmPendingRound:
         averager: SwarmAverager,
         key: str,
         task: asyncio.Task[_Formed] | None,
-        formed_at: list[float],
+        ended: threading.Event,
     ) -> None:
         self.averager = averager
         self.key = key
         self.task = task
         """The formation, on the node's loop (await it only there); None if it never began."""
-        self._formed_at = formed_at
-        """Filled (on the loop) with the monotonic time the formation ended."""
+        self._ended = ended
+        """Set (on the loop) once the formation ended."""
 
     def ready(self) -> bool:
         """Whether the formation has ended (formed, failed or cancelled)."""
-        return bool(self._formed_at)
+        return self._ended.is_set()
 
     def average(self, tensors: list[torch.Tensor], *, weight: float) -> AverageOutcome:
         """The all-reduce of ``tensors`` with the formed group (waiting for it if still forming)."""
