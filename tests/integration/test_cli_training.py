@@ -162,6 +162,8 @@ def test_demo_at_reduced_budget(workdir: Path) -> None:
     summary = json.loads((workdir / "demo.json").read_text())
     for key in ("val_loss_before", "val_loss_after", "tokens_trained", "tokens_per_s", "seconds"):
         assert key in summary
+    assert 0.0 < summary["longest_pause_s"] < summary["seconds"]
+    assert "longest pause of a survivor" in result.stdout
     assert summary["val_loss_after"] < summary["val_loss_before"] - 0.5
     assert Path(workdir / summary["checkpoint_path"]).is_dir()
     assert summary["tokens_trained"] > 0

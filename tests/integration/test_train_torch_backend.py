@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -20,7 +21,8 @@ RUN = "torch-backend"
 
 @contextlib.contextmanager
 def averagers(count: int, **settings: object) -> Iterator[list[SwarmAverager]]:
-    config = SwarmAveragerConfig(run_id=RUN, round_timeout_s=8.0, **settings)  # type: ignore[arg-type]
+    settings = {"round_timeout_s": 8.0, **settings}
+    config = SwarmAveragerConfig(run_id=RUN, **settings)  # type: ignore[arg-type]
     with contextlib.ExitStack() as stack:
         made = []
         for node_thread in start_node_threads(stack, count):
@@ -166,3 +168,51 @@ def test_torch_backend_with_a_codec_is_refused() -> None:
         SwarmAveragerConfig(run_id=RUN, backend="torch", codec="int8")
     with pytest.raises(ValueError, match="backend"):
         SwarmAveragerConfig(run_id=RUN, backend="mpi")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("freezes_in", ["rendezvous", "collective"])
+def test_a_member_frozen_in_the_torch_round_is_given_up_once_reported_gone(
+    freezes_in: str,
+) -> None:
+    # Member 2 formed the group, then froze inside gloo (its machine stopped: no connection is
+    # closed, gloo would wait for it to its timeout, 20 s here). Its node stops answering, so
+    # the others' failure detectors report it gone within 2.5 s; they give the torch round up
+    # and run it over p2p without it, well before gloo's timeout.
+    release = threading.Event()
+    with averagers(3, round_timeout_s=40.0) as made:
+        frozen = made[2]
+        assert frozen._torch is not None
+
+        def freeze(*args: object, **kwargs: object) -> AllReduceResult:
+            frozen.node_thread.run(lambda node: node.stop(), timeout_s=10)
+            release.wait(60)
+            raise PeerLostError("frozen")
+
+        setattr(frozen._torch, "ensure_group" if freezes_in == "rendezvous" else "average", freeze)
+        outcomes: dict[int, AverageOutcome] = {}
+        took: dict[int, float] = {}
+
+        def peer(index: int) -> None:
+            started = time.monotonic()
+            outcomes[index] = made[index].average(
+                tensors_of(index), round_key="outer/0", weight=1.0
+            )
+            took[index] = time.monotonic() - started
+
+        threads = [threading.Thread(target=peer, args=(i,), daemon=True) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads[:2]:
+                thread.join(timeout=60)
+            assert set(outcomes) == {0, 1}, "the survivors did not finish their round"
+            for index in (0, 1):
+                assert took[index] < 12.0, took  # gloo alone would have held them 20 s
+                outcome = outcomes[index]
+                assert outcome.backend == "p2p"
+                assert outcome.failed_peers == [frozen.peer_id]
+                assert made[index].torch_failures == 1
+            assert_weighted_mean(list(outcomes.values()), [0, 1], [1.0, 1.0], atol=1e-5)
+        finally:
+            release.set()

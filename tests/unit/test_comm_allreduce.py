@@ -13,9 +13,15 @@ from comm_fakes import IdleJumpClock, inline_offload
 
 from gossamer.comm.allreduce import AllReduceConfig, all_reduce
 from gossamer.comm.codecs import CodecPolicy
-from gossamer.comm.fake_transport import FakeNetwork, FaultScript
+from gossamer.comm.fake_transport import FakeNetwork, FakeTransport, FaultScript
 from gossamer.comm.report import AllReduceResult, PartOutcome
-from gossamer.comm.transport import CommMailbox
+from gossamer.comm.transport import (
+    CommMailbox,
+    FrameKind,
+    Message,
+    message_bytes,
+    unpack_frame,
+)
 
 TIMEOUT_S = 30.0
 CONFIG = AllReduceConfig(
@@ -58,6 +64,8 @@ def _run(
     config: AllReduceConfig | None = None,
     weights: Sequence[float] | None = None,
     bandwidths: Sequence[float] | None = None,
+    gone_at: dict[str, float] | None = None,
+    finished_at: dict[int, float] | None = None,
 ) -> tuple[dict[int, AllReduceResult], IdleJumpClock]:
     clock = IdleJumpClock()
     scripts = scripts or {}
@@ -73,7 +81,7 @@ def _run(
         }
 
         async def one(i: int) -> AllReduceResult:
-            return await all_reduce(
+            result = await all_reduce(
                 inputs[i],
                 mailbox=mailboxes[i],
                 members=members,
@@ -83,7 +91,13 @@ def _run(
                 bandwidth_weights=bandwidths,
                 clock=clock,
                 offload=inline_offload,
+                alive=None
+                if gone_at is None
+                else lambda peer: clock.monotonic() < gone_at.get(peer, float("inf")),
             )
+            if finished_at is not None:
+                finished_at[i] = clock.monotonic()
+            return result
 
         async with asyncio.TaskGroup() as group:
             tasks = {i: group.create_task(one(i)) for i in range(len(inputs)) if i not in absent}
@@ -267,6 +281,25 @@ def test_paused_member_never_holds_the_round_past_its_deadline() -> None:
         _assert_close(results[i].tensors, _mean(inputs, [0, 1, 2]), atol=1e-6)
 
 
+def test_a_member_the_failure_detector_reports_gone_is_not_waited_for() -> None:
+    # Peer 3 hangs (accepts messages, never answers: a frozen machine keeps its connections).
+    # Without a detector the others wait for it until a send misses its deadline (5 s); told
+    # it is gone at 1.5 s, they drop it then (whoever polls first tells the others) and finish
+    # with the mean of the other three.
+    inputs = _inputs(4)
+    hung = {3: FaultScript(hung=True)}
+    waited: dict[int, float] = {}
+    _run(inputs, scripts=hung, finished_at=waited)
+    assert min(waited[i] for i in (0, 1, 2)) >= CONFIG.send_timeout_s
+    finished: dict[int, float] = {}
+    results, _ = _run(inputs, scripts=hung, gone_at={"peer-3": 1.5}, finished_at=finished)
+    assert all(1.5 <= finished[i] < 2.0 for i in (0, 1, 2)), finished
+    for i in (0, 1, 2):
+        assert list(results[i].report.failed) == ["peer-3"]
+        _assert_close(results[i].tensors, _mean(inputs, [0, 1, 2]), atol=1e-6)
+    _assert_agree({i: results[i] for i in (0, 1, 2)})
+
+
 def test_a_member_wrongly_declared_failed_is_told_and_keeps_no_disputed_average() -> None:
     # Peer 0 cannot reach peer 2, which is alive: 0 declares it failed, the others follow and
     # take a backup's average of peer 2's part. Peer 2 is told, stops at once (not at its
@@ -357,3 +390,88 @@ def test_real_threads_and_real_clock_without_faults() -> None:
     results = asyncio.run(main())
     for result in results:
         _assert_close(result.tensors, _mean(inputs, range(3)), atol=1e-6)
+
+
+class _DiesBeforeItsAveragesReach(FakeTransport):
+    """An owner whose averages reach every member but ``victim``: the first one for ``victim``
+    waits until ``dies`` is set, then the peer goes dark (killed while sending them)."""
+
+    def __init__(self, network: FakeNetwork, peer_id: str, victim: str) -> None:
+        super().__init__(network, peer_id)
+        self.victim = victim
+        self.dies = asyncio.Event()
+        self.dead = False
+
+    def is_down(self) -> bool:
+        return self.dead
+
+    async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
+        frame, _ = unpack_frame(memoryview(message_bytes(message)))
+        if peer_id == self.victim and frame.kind is FrameKind.RESULT:
+            await self.dies.wait()
+            self.dead = True
+        await super().send(peer_id, message, timeout_s=timeout_s)
+
+
+def test_a_member_that_lost_an_average_others_finished_with_leaves_the_round_at_once() -> None:
+    # Peer 2 sends its part's averages to peer 0, then dies before those for peer 1 go out
+    # (in pairwise steps peer 0's come first). Peer 0 finishes with everyone's mean. Peer 1
+    # hears that peer 2 is gone and reassigns part 2, but the only member left to average it
+    # with, peer 0, has finished and closed the round: it says so, and peer 1 leaves the round
+    # as dropped (its caller takes the others' state) instead of waiting to the reduce
+    # deadline for a contribution that never comes and ending with a part 2 nobody else holds.
+    inputs = _inputs(3)
+    clock = IdleJumpClock()
+    config = dataclasses.replace(CONFIG, order=_schedule["order"])
+    members = ["peer-0", "peer-1", "peer-2"]
+    finished_at: dict[int, float] = {}
+
+    async def main() -> dict[int, AllReduceResult]:
+        network = FakeNetwork(clock)
+        dying = _DiesBeforeItsAveragesReach(network, "peer-2", victim="peer-1")
+        network.transports["peer-2"] = dying
+        transports = [network.transport("peer-0"), network.transport("peer-1"), dying]
+        mailboxes = [CommMailbox(t, clock) for t in transports]
+
+        async def one(i: int) -> AllReduceResult:
+            result = await all_reduce(
+                inputs[i],
+                mailbox=mailboxes[i],
+                members=members,
+                round_key="run/8",
+                config=config,
+                clock=clock,
+                offload=inline_offload,
+                alive=lambda peer: not (peer == "peer-2" and dying.dead),
+            )
+            finished_at[i] = clock.monotonic()
+            if i == 0:
+                dying.dies.set()
+            return result
+
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(i)) for i in range(3)]
+        return {i: t.result() for i, t in enumerate(tasks)}
+
+    results = asyncio.run(clock.run(main()))
+    first = results[0].report
+    assert first.failed == {}
+    assert first.excluded is None
+    _assert_close(results[0].tensors, _mean(inputs, range(3)), atol=1e-6)
+    dropped = results[1].report
+    assert dropped.excluded is not None
+    assert "had finished the round" in dropped.excluded
+    assert finished_at[1] < 1.0, finished_at  # not the reduce deadline (21 s)
+    # It keeps what it got from another reducer (part 0, what peer 0 holds) and its own
+    # values elsewhere (a dropped member's own averages may not be what the others hold).
+    assert [p.outcome for p in dropped.parts] == [
+        PartOutcome.AVERAGED,
+        PartOutcome.KEPT_LOCAL,
+        PartOutcome.KEPT_LOCAL,
+    ]
+    kept = torch.cat([t.reshape(-1) for t in results[1].tensors])
+    held = torch.cat([t.reshape(-1) for t in results[0].tensors])
+    own = torch.cat([t.reshape(-1) for t in inputs[1]])
+    split = dropped.parts[0].num_elements
+    assert torch.equal(kept[:split], held[:split])
+    assert torch.equal(kept[split:], own[split:])

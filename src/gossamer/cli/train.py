@@ -262,6 +262,7 @@ def demo(
             f"{float(peer['tokens_per_s']):,.0f} tokens/s, {100 * float(peer['ratio']):.0f}%",
         )
     table.add_row("seconds lost to failures", f"{summary.seconds_lost_to_failures:.1f}")
+    table.add_row("longest pause of a survivor", f"{summary.longest_pause_s:.1f} s")
     ttp = summary.time_to_productive_s
     table.add_row("newcomer productive after", "-" if ttp is None else f"{ttp:.1f} s")
     table.add_row("seconds", f"{summary.seconds:.1f}")

@@ -87,6 +87,8 @@ class AllReduceConfig:
     0.426 s against 0.515 s; but 0.75 MB fp32 (187 KB parts, more than the queue) 0.948 s
     against 0.645 s. At 50 Mbit/s 0.75 MB in 8 bits fits the queue all at once: 0.078 s
     against 0.079 s."""
+    liveness_poll_s: float = 0.1
+    """How often the round asks the caller's failure detector (``alive``) about the members."""
     codec: CodecPolicy = field(default_factory=CodecPolicy)
     """Codec of each tensor."""
     limits: WireLimits = field(default_factory=WireLimits)
@@ -101,6 +103,8 @@ class AllReduceConfig:
             raise ValueError(f"send_timeout_s must be positive, got {self.send_timeout_s}")
         if not self.min_step_s >= 0:
             raise ValueError(f"min_step_s must be >= 0, got {self.min_step_s}")
+        if not self.liveness_poll_s > 0:
+            raise ValueError(f"liveness_poll_s must be positive, got {self.liveness_poll_s}")
         if not self.queue_s >= 0:
             raise ValueError(f"queue_s must be >= 0, got {self.queue_s}")
         if self.order not in ("auto", "steps", "ordered", "open"):
@@ -191,6 +195,7 @@ async def all_reduce(
     clock: Clock | None = None,
     offload: Offload | None = None,
     out: Sequence[torch.Tensor] | None = None,
+    alive: Callable[[str], bool] | None = None,
 ) -> AllReduceResult:
     """Average ``tensors`` across ``members`` (this peer among them) within the deadline.
 
@@ -213,6 +218,9 @@ async def all_reduce(
         out: tensors to write the averages into (shapes of ``tensors``; they may be
             ``tensors`` themselves); re-using them across rounds spares an allocation per
             round. The result's tensors are then ``out``.
+        alive: whether a member is alive, by the caller's failure detector; a member it reports
+            gone is treated as failed at once (asked every ``config.liveness_poll_s``) instead
+            of when a send to it misses its deadline.
 
     Returns:
         The averages and the round's report. Never raises for a failed peer: failures are in
@@ -264,6 +272,9 @@ async def all_reduce(
         max_in_flight_per_peer=config.max_in_flight_per_peer,
         in_steps=in_steps,
         words=order == "steps",
+        alive=alive,
+        liveness_poll_s=config.liveness_poll_s,
+        answer_closed=mailbox.answer_closed,
     )
     report = AllReduceReport(
         round_id=round_id.hex(),
@@ -282,6 +293,7 @@ async def all_reduce(
     state.result_deadline_s = start + config.timeout_s * (share + (1 - share) / 3)
     state.deadline_s = deadline
     mailbox.open_round(round_id, state)
+    finished = False
     try:
         async with asyncio.TaskGroup() as group:
             state.group = group
@@ -290,7 +302,7 @@ async def all_reduce(
             report.deadline_hit = not finished
             state.cancel_all()
     finally:
-        mailbox.close_round(round_id)
+        mailbox.close_round(round_id, finished=finished and state.excluded is None)
     state.fill_report(report, started_wall)
     if meter is not None:
         report.send_bytes_per_s = meter.update(tally)

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from gossamer.comm.codecs import ErrorFeedback, FloatArray
@@ -31,6 +31,7 @@ from gossamer.comm.transport import (
     Frame,
     FrameKind,
     Message,
+    asks_for_more,
     message_nbytes,
     pack_frame,
     wait_for_event,
@@ -65,6 +66,9 @@ class RoundState:
         in_steps: bool = True,
         words: bool = True,
         untimed_transport: CommTransport | None = None,
+        alive: Callable[[str], bool] | None = None,
+        liveness_poll_s: float = 0.1,
+        answer_closed: Callable[[str, Frame], None] | None = None,
     ) -> None:
         self.round_id = round_id
         self.plan = plan
@@ -81,6 +85,11 @@ class RoundState:
         self.offload = offload
         self.feedback = feedback
         self.send_timeout_s = send_timeout_s
+        self.alive = alive
+        """Whether a member is alive by the caller's failure detector (None: no detector)."""
+        self.liveness_poll_s = liveness_poll_s
+        self.answer_closed = answer_closed
+        """Tells a member that this round finished here (the mailbox's, after it closed)."""
         n = plan.num_parts
         self.index = {peer: i for i, peer in enumerate(plan.members)}
         self.failed: dict[int, str] = {}
@@ -93,6 +102,8 @@ class RoundState:
         self.has_output: list[list[bool]] = [[False] * len(c) for c in self.chunks]
         self.result_contributors: list[list[list[int]]] = [[[] for _ in c] for c in self.chunks]
         self.slots = [asyncio.Semaphore(max_in_flight_per_peer) for _ in range(n)]
+        self._sends_to: list[set[asyncio.Future[bool]]] = [set() for _ in range(n)]
+        """Sends under way to each member (cancelled when it is declared failed)."""
         self.steps = PairwiseSteps(n, me, [len(c) for c in self.chunks])
         if not in_steps:
             self.steps.open_all()
@@ -146,6 +157,8 @@ class RoundState:
             self.spawn(self._watch_results())
         if self.steps.in_steps and self.steps.asks:
             self.spawn(self._ask_ahead())
+        if self.alive is not None:
+            self.spawn(self._watch_liveness(self.alive))
         self._check_done()
 
     def _contributions_finished(self) -> None:
@@ -193,6 +206,19 @@ class RoundState:
             self.peer_failed(
                 part, "sent no average of its part by the result deadline", notify=True
             )
+
+    async def _watch_liveness(self, alive: Callable[[str], bool]) -> None:
+        """Declare failed, at once, a member the failure detector reports gone.
+
+        Without it a member that died without closing its connections (a frozen or powered-off
+        machine) is noticed only when a send to it misses its deadline or at the reduce deadline,
+        and the round waits that long; the detector reports it within its timeout.
+        """
+        while not self.done.is_set():
+            for member, peer in enumerate(self.plan.members):
+                if member != self.me and member not in self.failed and not alive(peer):
+                    self.peer_failed(member, "reported gone by the failure detector", notify=True)
+            await self.clock.sleep_async(self.liveness_poll_s)
 
     # ---- reducing ------------------------------------------------------------------------------
 
@@ -356,14 +382,28 @@ class RoundState:
         return True
 
     async def _transmit(self, dest: int, message: Message) -> bool:
+        """Send ``message`` to ``dest``; False if it did not go (``dest`` failed, no time left).
+
+        A send still waiting when ``dest`` is declared failed is cancelled (see
+        :meth:`peer_failed`): a member that hangs holds nothing up past that.
+        """
         if dest in self.failed:
             return False
+        send = asyncio.ensure_future(self._send(dest, message))
+        self._sends_to[dest].add(send)
         try:
-            if not await self._send(dest, message):
+            if not await send:
                 return False
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if dest in self.failed and not (current is not None and current.cancelling()):
+                return False  # cut short by peer_failed, not by the round's end
+            raise
         except GossamerError as exc:
             self.peer_failed(dest, f"{type(exc).__name__}: {exc}", notify=True)
             return False
+        finally:
+            self._sends_to[dest].discard(send)
         self.bytes_sent += message_nbytes(message)
         return True
 
@@ -420,6 +460,8 @@ class RoundState:
             return
         self.failed[member] = reason
         self.steps.member_failed(member)
+        for send in list(self._sends_to[member]):
+            send.cancel()
         _log.info(
             "peer %s: member %s failed in round %s: %s",
             self.plan.members[self.me][:12],
@@ -506,12 +548,40 @@ class RoundState:
                 return
             self.peer_failed(frame.peer_index, f"reported by {sender[:12]}", notify=False)
             return
+        if frame.kind is FrameKind.ROUND_CLOSED:
+            self._on_finished_elsewhere(member)
+            return
+        if self.done.is_set() and self.excluded is None and asks_for_more(frame):
+            if self.answer_closed is not None:  # finished, not yet closed: the same answer
+                self.answer_closed(sender, frame)
+            return
         if frame.part >= n or frame.chunk >= len(self.chunks[frame.part]):
             raise ProtocolError(f"chunk {frame.chunk} of part {frame.part} is not in the plan")
         if frame.kind is FrameKind.CONTRIBUTION:
             await self._on_contribution(member, frame, body)
         else:
             await self._on_result(member, frame, body)
+
+    def _on_finished_elsewhere(self, member: int) -> None:
+        """``member`` had finished the round, with every part's average, when this member
+        reported a failure to it or asked it to take a part over.
+
+        Its averages of the failed owner's part came from that owner, before the owner failed
+        here; nobody will send them to this member now, and what a backup would average
+        instead differs from what ``member`` holds. So, once a part was reassigned here, this
+        member leaves the round as if the others had dropped it: the caller takes their state
+        (a swarm peer does, as after a missed round) instead of waiting for the deadline.
+        """
+        if self.done.is_set() or member in self.failed:
+            return
+        reassigned = [
+            p for p in range(self.plan.num_parts) if self.chunks[p] and self.reducer_of[p] != p
+        ]
+        if reassigned:
+            self._on_excluded(
+                f"{self.plan.members[member][:12]} had finished the round before part "
+                f"{reassigned[0]} was reassigned"
+            )
 
     async def _on_contribution(self, member: int, frame: Frame, body: Any) -> None:
         part, chunk = frame.part, frame.chunk

@@ -30,7 +30,7 @@ from typing import Protocol
 
 from gossamer.comm.memory import keep_freed_memory
 from gossamer.core.clock import Clock
-from gossamer.core.errors import ProtocolError
+from gossamer.core.errors import GossamerError, ProtocolError
 
 __all__ = [
     "CommMailbox",
@@ -40,6 +40,7 @@ __all__ = [
     "Message",
     "MessageReceiver",
     "RoundHandler",
+    "asks_for_more",
     "message_bytes",
     "message_nbytes",
     "pack_frame",
@@ -48,6 +49,8 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+_ANSWER_TIMEOUT_S = 5.0
+"""Deadline of a ROUND_CLOSED answer (best effort: without it the asker waits to its deadline)."""
 _MAGIC = b"GCM1"
 _FRAME = struct.Struct("<4sBBH16sIIId")
 FRAME_NBYTES = _FRAME.size
@@ -108,6 +111,10 @@ class FrameKind(enum.IntEnum):
     """The sender of step ``chunk`` to the receiver asks whether it may start; the receiver
     handles it once it received everything of the steps before (see :mod:`gossamer.comm.steps`);
     no payload."""
+    ROUND_CLOSED = 5
+    """The sender had already finished the round, with every part's average, when the
+    receiver's failure report or reassigned contribution arrived: it will send nothing more
+    in this round; no payload."""
 
 
 FLAG_REASSIGNED = 1
@@ -164,6 +171,14 @@ def unpack_frame(message: memoryview) -> tuple[Frame, memoryview]:
     return frame, message[_FRAME.size :]
 
 
+def asks_for_more(frame: Frame) -> bool:
+    """Whether ``frame`` shows that its sender is still in the round with a failure on its
+    hands: a failure report, or a contribution to a part reassigned to the receiver."""
+    if frame.kind is FrameKind.PEER_FAILED:
+        return True
+    return frame.kind is FrameKind.CONTRIBUTION and bool(frame.flags & FLAG_REASSIGNED)
+
+
 class RoundHandler(Protocol):
     """What a mailbox hands a round's messages to."""
 
@@ -215,7 +230,11 @@ class CommMailbox:
         self._max_waiting_rounds = max_waiting_rounds
         self._rounds: dict[bytes, RoundHandler] = {}
         self._opened: dict[bytes, asyncio.Event] = {}
-        self._closed: OrderedDict[bytes, None] = OrderedDict()
+        self._closed: OrderedDict[bytes, bool] = OrderedDict()
+        """Rounds that ended here, and whether each finished with every part's average."""
+        self._answered: OrderedDict[tuple[bytes, str], None] = OrderedDict()
+        """(round, peer) pairs told that the round had closed here (each is told once)."""
+        self._answers: set[asyncio.Task[None]] = set()
         transport.set_receiver(self.deliver)
         keep_freed_memory()  # rounds reuse the pages of their message buffers
 
@@ -234,10 +253,16 @@ class CommMailbox:
         if event is not None:
             event.set()
 
-    def close_round(self, round_id: bytes) -> None:
-        """Stop routing ``round_id``; later messages of it are dropped."""
+    def close_round(self, round_id: bytes, *, finished: bool = False) -> None:
+        """Stop routing ``round_id``; later messages of it are dropped.
+
+        Args:
+            finished: the round ended with every part's average here (not at its deadline,
+                not dropped by the others): a member still in it that reports a failure or
+                sends a reassigned contribution is told so (see :meth:`answer_closed`).
+        """
         self._rounds.pop(round_id, None)
-        self._closed[round_id] = None
+        self._closed[round_id] = finished
         while len(self._closed) > 1024:
             self._closed.popitem(last=False)
 
@@ -247,11 +272,36 @@ class CommMailbox:
         handler = self._rounds.get(frame.round_id)
         if handler is None:
             if frame.round_id in self._closed:
-                return  # a straggler of a round that already ended
+                # A straggler of a round that already ended. One that shows the sender still
+                # waits for something of this peer's: say that it never comes.
+                if self._closed[frame.round_id] and asks_for_more(frame):
+                    self.answer_closed(sender, frame)
+                return
             handler = await self._wait_open(frame.round_id)
             if handler is None:
                 return
         await handler.handle(sender, frame, body)
+
+    def answer_closed(self, sender: str, frame: Frame) -> None:
+        """Tell ``sender`` (in the background, once per round) that the round ``frame`` belongs
+        to had finished here with every average, so it stops waiting for this peer."""
+        key = (frame.round_id, sender)
+        if key in self._answered:
+            return
+        self._answered[key] = None
+        while len(self._answered) > 1024:
+            self._answered.popitem(last=False)
+        answer = Frame(FrameKind.ROUND_CLOSED, frame.round_id, frame.part, 0, 0, 0.0)
+
+        async def send() -> None:
+            try:
+                await self.transport.send(sender, pack_frame(answer), timeout_s=_ANSWER_TIMEOUT_S)
+            except GossamerError as exc:  # it stops at its own deadline instead
+                _log.debug("telling %s that round %s closed failed: %s", sender[:12], key, exc)
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._answers.add(task)
+        task.add_done_callback(self._answers.discard)
 
     async def _wait_open(self, round_id: bytes) -> RoundHandler | None:
         event = self._opened.get(round_id)

@@ -117,6 +117,8 @@ class SwarmDemoSummary:
     bytes_on_wire: int
     bytes_per_token: float
     seconds_lost_to_failures: float
+    longest_pause_s: float
+    """The longest time a survivor went without finishing a training step (after its first)."""
     time_to_productive_s: float | None
     final_weights_agree: bool
     goodput: dict[str, Any] = field(default_factory=dict)
@@ -434,6 +436,9 @@ def _summarize(
         bytes_per_token=bytes_on_wire / max(1, tokens),
         seconds_lost_to_failures=max(
             float(s.get("stall_s", 0.0) or 0.0) for s in statuses.values()
+        ),
+        longest_pause_s=max(
+            float(statuses[n].get("longest_pause_s", 0.0) or 0.0) for n in survivors
         ),
         time_to_productive_s=statuses[newcomer].get("time_to_productive_s"),
         final_weights_agree=len(final_losses) == 1,

@@ -698,7 +698,14 @@ class StatusFileListener(TrainingListener):
         self.goodput = goodput
         self.min_interval_s = min_interval_s
         self._last_write = 0.0
-        self.status: dict[str, Any] = {"peer_id": peer_id, "state": "starting", "pid": os.getpid()}
+        self._last_step_at: float | None = None
+        self.status: dict[str, Any] = {
+            "peer_id": peer_id,
+            "state": "starting",
+            "pid": os.getpid(),
+            "longest_pause_s": 0.0,
+            "longest_pause_step": None,
+        }
         self._write()
 
     def _write(self) -> None:
@@ -741,6 +748,16 @@ class StatusFileListener(TrainingListener):
         self._write()
 
     def on_step(self, event: ProgressEvent) -> None:
+        # The longest wall time between two step ends: what a failure (or anything else) cost
+        # training at worst, rounds and state downloads included, start-up not.
+        now = time.monotonic()
+        if (
+            self._last_step_at is not None
+            and now - self._last_step_at > self.status["longest_pause_s"]
+        ):
+            self.status["longest_pause_s"] = now - self._last_step_at
+            self.status["longest_pause_step"] = event.step
+        self._last_step_at = now
         self.status.update(
             step=event.step,
             max_steps=event.max_steps,

@@ -13,16 +13,16 @@ announced itself or published its close tells the run's other active peers direc
 message naming the round), and a waiting peer reads again at once instead of at its next poll,
 so a round starts as soon as its last member comes, not up to a poll interval later. Nudges only
 hasten reads; the DHT records alone decide the members.
-Members then run comm's all-reduce; a member that dies mid-round is dropped at its deadline and the
-others finish with what arrived.
+Members then run comm's all-reduce; a member that dies mid-round is dropped as soon as the failure
+detector reports it gone (or a send to it fails) and the others finish with what arrived.
 
 Where every member is on one site, a torch.distributed group does the all-reduce instead
 (``backend``: ``auto`` or ``torch``): each peer keeps a ``TCPStore`` and publishes its address
 with its round entry, the group's first member is the rendezvous, and the group is re-used for as
 long as the same members come (each member publishes which group it holds, so all decide alike
-from the same entries). A member lost during the collective makes it fail on the others; they
-close the group and run the round again over the peer-to-peer path, which drops the lost one at
-its deadline.
+from the same entries). A member lost during the collective makes it fail on the others (its
+connections closed) or is reported gone by the failure detector (it hung); they give the group up
+and run the round again over the peer-to-peer path, which drops the lost one at once.
 """
 
 from __future__ import annotations
@@ -420,11 +420,14 @@ class SwarmAverager:
                     excluded=not members,
                     wait_seconds=formed - marks["began"],
                 )
+            for peer in members:  # so that one dying from here on is noticed within seconds
+                if peer != node.peer_id:
+                    node.detector.watch(peer)
             result = None
             backend = "torch"
             plan = self._torch_plan(node, key, round_)
             if plan is not None:
-                result = await asyncio.to_thread(self._torch_average, plan, tensors, weight)
+                result = await self._torch_round(node, plan, tensors, weight)
             if result is None:
                 assert self._mailbox is not None
                 result = await all_reduce(
@@ -437,6 +440,7 @@ class SwarmAverager:
                     bandwidth_weights=round_.part_weights,
                     meter=self.meter,
                     feedback=self.feedback,
+                    alive=lambda peer: self._alive(node, peer),
                 )
                 backend = "p2p"
             self.rounds_by_backend[backend] += 1
@@ -525,25 +529,81 @@ class SwarmAverager:
         name = f"{key}@{entries[0].get('at')!r}"
         return _TorchPlan(name, members, members.index(node.peer_id), addresses[0])
 
-    def _torch_average(
-        self, plan: _TorchPlan, tensors: list[torch.Tensor], weight: float
+    async def _torch_round(
+        self, node: Node, plan: _TorchPlan, tensors: list[torch.Tensor], weight: float
     ) -> AllReduceResult | None:
-        """The round over the torch.distributed group (in a worker thread); None if it failed.
+        """The round over the torch.distributed group; None if it failed or a member went.
 
-        A failed rendezvous or collective closes the group (the others' collectives fail too,
+        The rendezvous and the collective run in a thread of their own, since gloo's cannot be
+        interrupted: a member that dies without closing its connections (or the rendezvous'
+        leader, dead before it opened the group) would hold them to their timeout, half the
+        round's. Instead, once the failure detector reports a member gone the thread is left
+        to end on its own (it closes its group) and a fresh averager takes its place; the
+        caller runs the round again over p2p, which drops the gone member at once. A failed
+        rendezvous or collective closes the group too (the others' collectives fail as well,
         their connections to this peer closed) and the caller runs the round over p2p.
         """
         averager = self._torch
         assert averager is not None
+        loop = asyncio.get_running_loop()
+        finished: asyncio.Future[AllReduceResult | None] = loop.create_future()
+        abandoned = threading.Event()
+
+        def settle(result: AllReduceResult | None, error: BaseException | None) -> None:
+            if finished.done():
+                return
+            if error is not None:
+                finished.set_exception(error)
+            else:
+                finished.set_result(result)
+
+        def attempt() -> None:
+            result: AllReduceResult | None = None
+            error: BaseException | None = None
+            try:
+                if plan.name != averager.group_hash:
+                    leader = self._store if plan.rank == 0 else None
+                    store = leader or self._leader_store(plan.leader_address)
+                    averager.ensure_group(
+                        plan.name, plan.members, plan.rank, store, self._torch_host
+                    )
+                result = averager.average(tensors, weight)
+            except (PeerLostError, DeadlineExceededError) as exc:
+                averager.close()
+                error = exc
+            except BaseException as exc:  # anything else is a bug: raised in the round
+                error = exc
+            if abandoned.is_set():
+                averager.close()  # ended after the round gave up on it
+                return
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+                loop.call_soon_threadsafe(settle, result, error)
+
+        threading.Thread(target=attempt, name="gossamer-torch-round", daemon=True).start()
+        others = [p for p in plan.members if p != node.peer_id]
+        gone: list[str] = []
+        while not finished.done():
+            gone = [p for p in others if not self._alive(node, p)]
+            if gone:
+                break
+            await asyncio.wait([finished], timeout=self._allreduce_config.liveness_poll_s)
+        if gone:
+            abandoned.set()
+            self._torch = TorchGroupAverager(timeout_s=self._torch_timeout_s)
+            self._leader_stores.pop(plan.leader_address, None)
+            self.torch_failures += 1
+            logger.warning(
+                "peer %s: torch.distributed round %s given up: %s reported gone; running it "
+                "over p2p",
+                self.peer_id[:8],
+                plan.name,
+                ", ".join(p[:8] for p in gone),
+            )
+            return None
         try:
-            if plan.name != averager.group_hash:
-                store = self._store if plan.rank == 0 else self._leader_store(plan.leader_address)
-                assert store is not None
-                averager.ensure_group(plan.name, plan.members, plan.rank, store, self._torch_host)
-            result = averager.average(tensors, weight)
+            result = finished.result()
         except (PeerLostError, DeadlineExceededError) as exc:
             self._leader_stores.pop(plan.leader_address, None)
-            averager.close()
             self.torch_failures += 1
             self._torch_failures_in_a_row += 1
             self._torch_rounds_to_skip = min(
