@@ -813,7 +813,8 @@ class SwarmAverager:
             entry |= {"tcp": self._store_address, "pg": held or ""}
         await node.dht.put(entry_key, json.dumps(entry).encode(), _ENTRY_TTL_S)
         seen: dict[str, dict[str, Any]] = {}
-        memberships, (entries,) = await self._read_round(node, [(entry_key, "at")], seen)
+        both = [(entry_key, "at"), (close_key, "close_at")]
+        memberships, (entries, closes) = await self._read_round(node, both, seen)
         expected = _active(memberships, node.peer_id)
         self._nudge(node, expected, key)
         for peer in expected:
@@ -825,6 +826,13 @@ class SwarmAverager:
             entries[node.peer_id] = stamp
             opens_at = min(entries.values())
             awaited = {p for p in expected if self._alive(node, p)}
+            closed_before = [at for at in closes.values() if at < stamp]
+            if closed_before:
+                # Someone closed the round before this peer came (it is behind: the others
+                # moved on, and those it awaits may never come to this round): the earliest
+                # close decides, so this peer is out of it; no need to wait for the window.
+                close_at = min(closed_before)
+                break
             if awaited <= set(entries):
                 close_at = max(entries[p] for p in awaited | {node.peer_id})
                 everyone_came = expected <= set(entries)
@@ -833,7 +841,7 @@ class SwarmAverager:
                 close_at = opens_at + self.config.join_window_s
                 break
             await self._until_nudged(nudged, poll_s)
-            _, (entries,) = await self._read_round(node, [(entry_key, "at")], seen)
+            _, (entries, closes) = await self._read_round(node, both, seen)
         await node.dht.put(
             close_key,
             json.dumps({"close_at": close_at, "inc": self.incarnation}).encode(),
