@@ -110,6 +110,7 @@ def test_killed_peer_survivors_agree_and_newcomer_joins(swarm: Swarm) -> None:
     victim = chance.choice(names)  # the bootstrap peer, or the torch group's leader, too
     swarm.kill(victim)
     killed_at = time.monotonic()
+    killed_unix_s = time.time()
     survivors = [n for n in names if n != victim]
     swarm.start("d", swarm.address(survivors[0]))
     swarm.wait_done([*survivors, "d"], timeout_s=180)
@@ -120,10 +121,12 @@ def test_killed_peer_survivors_agree_and_newcomer_joins(swarm: Swarm) -> None:
         status = swarm.status(name)
         assert status["state"] == "done"
         assert status["stall_s"] <= 5.0, f"{name} lost {status['stall_s']} s to failures"
-        # No survivor stops training for more than 5 s: the dead peer is reported gone by the
-        # failure detector within 2.5 s, and no round waits for it past that.
-        pause = status["longest_pause_s"]
-        assert pause <= 5.0, f"{name} stalled {pause:.1f} s at step {status['longest_pause_step']}"
+        # No survivor stops training for more than 5 s after the kill: the dead peer is
+        # reported gone by the failure detector within 2.5 s, and no round waits for it past
+        # that (nor for the newcomer). Pauses over 1 s are listed with the time they ended.
+        for ended_unix_s, pause, step in status["pauses"]:
+            if ended_unix_s > killed_unix_s:
+                assert pause <= 5.0, f"{name} stalled {pause:.1f} s at step {step}"
     survivors.append("d")
     assert_rounds_went_over(swarm, survivors)
     newcomer = swarm.status("d")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gossamer.comm.report import AllReduceResult
-from gossamer.core.errors import PeerLostError
+from gossamer.core.errors import GossamerError, PeerLostError
 from gossamer.train.averaging import AverageOutcome
 from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig
 from loopback_nodes import start_node_threads
@@ -195,9 +195,12 @@ def test_a_member_frozen_in_the_torch_round_is_given_up_once_reported_gone(
 
         def peer(index: int) -> None:
             started = time.monotonic()
-            outcomes[index] = made[index].average(
-                tensors_of(index), round_key="outer/0", weight=1.0
-            )
+            try:
+                outcomes[index] = made[index].average(
+                    tensors_of(index), round_key="outer/0", weight=1.0
+                )
+            except GossamerError:
+                assert index == 2  # the frozen one, whose node stopped under it
             took[index] = time.monotonic() - started
 
         threads = [threading.Thread(target=peer, args=(i,), daemon=True) for i in range(3)]
@@ -214,5 +217,38 @@ def test_a_member_frozen_in_the_torch_round_is_given_up_once_reported_gone(
                 assert outcome.failed_peers == [frozen.peer_id]
                 assert made[index].torch_failures == 1
             assert_weighted_mean(list(outcomes.values()), [0, 1], [1.0, 1.0], atol=1e-5)
+            # The next round is not held either: the thread given up on may still hold the
+            # leader's store (its rendezvous waits for the frozen member), so it goes over p2p.
+            started = time.monotonic()
+            again = one_round(made[:2], "outer/1", [1.0, 3.0])
+            assert time.monotonic() - started < 8.0
+            assert_weighted_mean(again, [0, 1], [1.0, 3.0], atol=1e-5)
         finally:
-            release.set()
+            release.set()  # the frozen one's round ends by itself (a daemon thread)
+
+
+@pytest.mark.timeout(120)
+def test_a_member_whose_collective_failed_alone_leaves_the_p2p_rerun_at_once() -> None:
+    # Member 2's collective fails after the others' succeeded (the last message lost): it runs
+    # the round again over p2p, which the others never join. They answer its first message
+    # there with ROUND_CLOSED (they averaged it by other means), so it leaves as dropped at
+    # once (its caller takes their state) instead of waiting for them to a send's deadline
+    # (20 s here).
+    with averagers(3, round_timeout_s=40.0) as made:
+        unlucky = made[2]
+        assert unlucky._torch is not None
+        real_average = unlucky._torch.average
+
+        def lose_the_last_message(
+            tensors: Sequence[torch.Tensor], weight: float = 1.0
+        ) -> AllReduceResult:
+            real_average(tensors, weight)
+            raise PeerLostError("the collective's last message was lost")
+
+        unlucky._torch.average = lose_the_last_message  # type: ignore[method-assign]
+        started = time.monotonic()
+        outcomes = one_round(made, "outer/0", [1.0, 1.0, 1.0])
+        assert time.monotonic() - started < 10.0
+        assert_weighted_mean(outcomes[:2], [0, 1, 2], [1.0] * 3, atol=1e-5)
+        assert [o.backend for o in outcomes[:2]] == ["torch", "torch"]
+        assert outcomes[2].excluded

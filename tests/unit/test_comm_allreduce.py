@@ -16,7 +16,10 @@ from gossamer.comm.codecs import CodecPolicy
 from gossamer.comm.fake_transport import FakeNetwork, FakeTransport, FaultScript
 from gossamer.comm.report import AllReduceResult, PartOutcome
 from gossamer.comm.transport import (
+    FLAG_REASSIGNED,
     CommMailbox,
+    FinishedRound,
+    Frame,
     FrameKind,
     Message,
     message_bytes,
@@ -475,3 +478,22 @@ def test_a_member_that_lost_an_average_others_finished_with_leaves_the_round_at_
     split = dropped.parts[0].num_elements
     assert torch.equal(kept[:split], held[:split])
     assert torch.equal(kept[split:], own[split:])
+
+
+def test_a_finished_round_answers_only_for_averages_it_took_from_the_owner() -> None:
+    # Part 2's averages came from a backup here, parts 0, 1 and 3 from their owners.
+    finished = FinishedRound(frozenset({"p0", "p1", "p2", "p3"}), frozenset({0, 1, 3}))
+    round_id = bytes(16)
+
+    def frame(kind: FrameKind, *, part: int = 0, index: int = 0, flags: int = 0) -> Frame:
+        return Frame(kind, round_id, part, 0, index, 1.0, flags)
+
+    # A report that owner 3 failed: this member holds owner 3's averages, the sender will not.
+    assert finished.answers("p1", frame(FrameKind.PEER_FAILED, index=3))
+    # Owner 2 failed here too: the backup's averages, which this member holds, reach the sender.
+    assert not finished.answers("p1", frame(FrameKind.PEER_FAILED, index=2))
+    reassigned = frame(FrameKind.CONTRIBUTION, part=1, flags=FLAG_REASSIGNED)
+    assert finished.answers("p3", reassigned)
+    assert not finished.answers("p3", frame(FrameKind.CONTRIBUTION, part=1))  # just late
+    assert not finished.answers("stranger", reassigned)  # not a member of the round
+    assert not finished.answers("p1", frame(FrameKind.RESULT, part=3, flags=FLAG_REASSIGNED))

@@ -38,11 +38,11 @@ from gossamer.comm.plan import FlatLayout, PartPlan, round_id_of
 from gossamer.comm.reduction import ChunkCodec
 from gossamer.comm.report import AllReduceReport, AllReduceResult
 from gossamer.comm.round_state import RoundState
-from gossamer.comm.transport import CommMailbox, wait_for_event
+from gossamer.comm.transport import CommMailbox, FinishedRound, wait_for_event
 from gossamer.comm.wire import WireLimits
 from gossamer.core.clock import Clock, SystemClock
 
-__all__ = ["AllReduceConfig", "Offload", "all_reduce"]
+__all__ = ["AllReduceConfig", "Offload", "all_reduce", "decline_round"]
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -180,6 +180,34 @@ def _unflatten(flat: FloatArray, layout: FlatLayout, fresh: bool) -> list[torch.
     return out
 
 
+def decline_round(
+    tensors: Sequence[torch.Tensor],
+    *,
+    mailbox: CommMailbox,
+    members: Sequence[str],
+    round_key: str,
+    config: AllReduceConfig | None = None,
+    bandwidth_weights: Sequence[float] | None = None,
+    names: Sequence[str] | None = None,
+) -> None:
+    """Say, to any member that runs round ``round_key`` (the same arguments as its
+    :func:`all_reduce`), that this peer averaged those tensors by other means and never joins
+    it: such a member leaves the round as dropped at its first message here, instead of
+    waiting to its deadline for this peer (a torch.distributed collective that succeeded here
+    and failed on it, say, the last message lost with a killed member)."""
+    config = config or AllReduceConfig()
+    layout = FlatLayout(tensors, config.codec, names)
+    plan = PartPlan.create(
+        members,
+        layout.total,
+        bandwidth_weights=bandwidth_weights,
+        chunk_elements=config.chunk_elements,
+        align=config.codec.block_size,
+    )
+    finished = FinishedRound(frozenset(plan.members), frozenset(), elsewhere=True)
+    mailbox.close_round(round_id_of(round_key, plan, layout), finished=finished)
+
+
 async def all_reduce(
     tensors: Sequence[torch.Tensor],
     *,
@@ -196,6 +224,7 @@ async def all_reduce(
     offload: Offload | None = None,
     out: Sequence[torch.Tensor] | None = None,
     alive: Callable[[str], bool] | None = None,
+    announce: bool = False,
 ) -> AllReduceResult:
     """Average ``tensors`` across ``members`` (this peer among them) within the deadline.
 
@@ -221,6 +250,9 @@ async def all_reduce(
         alive: whether a member is alive, by the caller's failure detector; a member it reports
             gone is treated as failed at once (asked every ``config.liveness_poll_s``) instead
             of when a send to it misses its deadline.
+        announce: tell every member at the start that this one is in the round, so one that
+            averaged these tensors by other means (see :func:`decline_round`) says so at once,
+            even to a member that would send it nothing before the reduce deadline.
 
     Returns:
         The averages and the round's report. Never raises for a failed peer: failures are in
@@ -275,6 +307,7 @@ async def all_reduce(
         alive=alive,
         liveness_poll_s=config.liveness_poll_s,
         answer_closed=mailbox.answer_closed,
+        announce=announce,
     )
     report = AllReduceReport(
         round_id=round_id.hex(),
@@ -302,7 +335,7 @@ async def all_reduce(
             report.deadline_hit = not finished
             state.cancel_all()
     finally:
-        mailbox.close_round(round_id, finished=finished and state.excluded is None)
+        mailbox.close_round(round_id, finished=state.finished() if finished else None)
     state.fill_report(report, started_wall)
     if meter is not None:
         report.send_bytes_per_s = meter.update(tally)

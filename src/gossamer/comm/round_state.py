@@ -25,13 +25,14 @@ from gossamer.comm.reduction import (
 from gossamer.comm.report import AllReduceReport, PartOutcome, PartReport
 from gossamer.comm.steps import PairwiseSteps
 from gossamer.comm.transport import (
+    FLAG_ELSEWHERE,
     FLAG_REASSIGNED,
     FRAME_NBYTES,
     CommTransport,
+    FinishedRound,
     Frame,
     FrameKind,
     Message,
-    asks_for_more,
     message_nbytes,
     pack_frame,
     wait_for_event,
@@ -69,6 +70,7 @@ class RoundState:
         alive: Callable[[str], bool] | None = None,
         liveness_poll_s: float = 0.1,
         answer_closed: Callable[[str, Frame], None] | None = None,
+        announce: bool = False,
     ) -> None:
         self.round_id = round_id
         self.plan = plan
@@ -89,6 +91,8 @@ class RoundState:
         """Whether a member is alive by the caller's failure detector (None: no detector)."""
         self.liveness_poll_s = liveness_poll_s
         self.answer_closed = answer_closed
+        self.announce = announce
+        """Tell every member at the start that this one is in the round (a PRESENT frame)."""
         """Tells a member that this round finished here (the mailbox's, after it closed)."""
         n = plan.num_parts
         self.index = {peer: i for i, peer in enumerate(plan.members)}
@@ -119,6 +123,7 @@ class RoundState:
         :meth:`_watch_results`)."""
         self.deadline_s = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._cancelled = False
         self._num_pending_result_sends = 0
         self._num_contribution_senders = 0
         self._started = time.perf_counter()
@@ -134,7 +139,11 @@ class RoundState:
     # ---- lifecycle ---------------------------------------------------------------------------
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run ``coro`` in the round's task group (cancelled when the round ends)."""
+        """Run ``coro`` in the round's task group (cancelled when the round ends; after that,
+        not run at all)."""
+        if self._cancelled:
+            coro.close()
+            return
         assert self.group is not None
         task = self.group.create_task(coro)
         self._tasks.add(task)
@@ -159,6 +168,11 @@ class RoundState:
             self.spawn(self._ask_ahead())
         if self.alive is not None:
             self.spawn(self._watch_liveness(self.alive))
+        if self.announce:
+            present = pack_frame(Frame(FrameKind.PRESENT, self.round_id, 0, 0, self.me, 0.0))
+            for dest in range(n):
+                if dest != self.me:
+                    self.spawn(self._notify(dest, present))
         self._check_done()
 
     def _contributions_finished(self) -> None:
@@ -167,6 +181,7 @@ class RoundState:
 
     def cancel_all(self) -> None:
         """Cancel every task of the round (the task group then awaits them)."""
+        self._cancelled = True
         self.steps.release()
         for task in list(self._tasks):
             task.cancel()
@@ -546,14 +561,24 @@ class RoundState:
             if frame.peer_index == self.me:
                 self._on_excluded(f"declared failed by {sender[:12]}")
                 return
-            self.peer_failed(frame.peer_index, f"reported by {sender[:12]}", notify=False)
-            return
+        if frame.kind is FrameKind.PRESENT:
+            return  # only a member that is not in the round answers it
         if frame.kind is FrameKind.ROUND_CLOSED:
+            if frame.flags & FLAG_ELSEWHERE:  # it averaged the round another way: no part here
+                if not self.done.is_set():
+                    self._on_excluded(f"{sender[:12]} averaged this round by other means")
+                return
             self._on_finished_elsewhere(member)
             return
-        if self.done.is_set() and self.excluded is None and asks_for_more(frame):
-            if self.answer_closed is not None:  # finished, not yet closed: the same answer
-                self.answer_closed(sender, frame)
+        if self.done.is_set():  # finished, not yet closed: what the mailbox answers then
+            finished = self.finished()
+            answer = self.answer_closed
+            if finished is not None and answer is not None and finished.answers(sender, frame):
+                answer(sender, frame)
+            if frame.kind is FrameKind.PEER_FAILED or frame.flags & FLAG_REASSIGNED:
+                return  # nothing to start in a round that is over
+        if frame.kind is FrameKind.PEER_FAILED:
+            self.peer_failed(frame.peer_index, f"reported by {sender[:12]}", notify=False)
             return
         if frame.part >= n or frame.chunk >= len(self.chunks[frame.part]):
             raise ProtocolError(f"chunk {frame.chunk} of part {frame.part} is not in the plan")
@@ -561,6 +586,13 @@ class RoundState:
             await self._on_contribution(member, frame, body)
         else:
             await self._on_result(member, frame, body)
+
+    def finished(self) -> FinishedRound | None:
+        """What to keep of this round once over, if it ended with every part's average here."""
+        if not self.done.is_set() or self.excluded is not None:
+            return None
+        owned = frozenset(p for p in range(self.plan.num_parts) if self.reducer_of[p] == p)
+        return FinishedRound(frozenset(self.plan.members), owned)
 
     def _on_finished_elsewhere(self, member: int) -> None:
         """``member`` had finished the round, with every part's average, when this member

@@ -33,14 +33,16 @@ from gossamer.core.clock import Clock
 from gossamer.core.errors import GossamerError, ProtocolError
 
 __all__ = [
+    "FLAG_ELSEWHERE",
+    "FLAG_REASSIGNED",
     "CommMailbox",
     "CommTransport",
+    "FinishedRound",
     "Frame",
     "FrameKind",
     "Message",
     "MessageReceiver",
     "RoundHandler",
-    "asks_for_more",
     "message_bytes",
     "message_nbytes",
     "pack_frame",
@@ -49,6 +51,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+_MAX_ANSWERS_IN_FLIGHT = 64
 _ANSWER_TIMEOUT_S = 5.0
 """Deadline of a ROUND_CLOSED answer (best effort: without it the asker waits to its deadline)."""
 _MAGIC = b"GCM1"
@@ -113,12 +116,18 @@ class FrameKind(enum.IntEnum):
     no payload."""
     ROUND_CLOSED = 5
     """The sender had already finished the round, with every part's average, when the
-    receiver's failure report or reassigned contribution arrived: it will send nothing more
-    in this round; no payload."""
+    receiver's failure report or reassigned contribution arrived, or (with
+    :data:`FLAG_ELSEWHERE`) averaged the round's tensors by other means and never joins it: it
+    will send nothing more in this round; no payload."""
+    PRESENT = 6
+    """The sender is in the round (sent at its start when the caller asks, in a round that
+    may run without some members: see ``all_reduce``'s ``announce``); no payload."""
 
 
 FLAG_REASSIGNED = 1
 """The frame concerns a part whose owner failed and that a backup reduces instead."""
+FLAG_ELSEWHERE = 2
+"""(ROUND_CLOSED) The sender averaged the round by other means and never took part."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,12 +180,33 @@ def unpack_frame(message: memoryview) -> tuple[Frame, memoryview]:
     return frame, message[_FRAME.size :]
 
 
-def asks_for_more(frame: Frame) -> bool:
-    """Whether ``frame`` shows that its sender is still in the round with a failure on its
-    hands: a failure report, or a contribution to a part reassigned to the receiver."""
-    if frame.kind is FrameKind.PEER_FAILED:
-        return True
-    return frame.kind is FrameKind.CONTRIBUTION and bool(frame.flags & FLAG_REASSIGNED)
+@dataclass(frozen=True, slots=True)
+class FinishedRound:
+    """What a member keeps of a round it finished with every part's average, to answer the
+    members still in it (see :data:`FrameKind.ROUND_CLOSED`)."""
+
+    members: frozenset[str]
+    from_owner: frozenset[int]
+    """The parts whose averages it took from their own owner (not from a backup)."""
+    elsewhere: bool = False
+    """It never took part: it averaged this round's tensors by other means (a
+    torch.distributed collective that succeeded here and failed on others, which then run
+    the round over p2p). Any message of a member is answered."""
+
+    def answers(self, sender: str, frame: Frame) -> bool:
+        """Whether ``frame`` from ``sender`` shows a member still in the round that waits for
+        an average this one holds from an owner the sender gave up on: a report that the owner
+        failed, or a contribution to the owner's part reassigned to this member. Where this one
+        took that part from a backup too, the backup's averages are on their way to the sender,
+        and nothing is said."""
+        if sender not in self.members or frame.kind is FrameKind.ROUND_CLOSED:
+            return False
+        if self.elsewhere:
+            return True
+        if frame.kind is FrameKind.PEER_FAILED:
+            return frame.peer_index in self.from_owner
+        reassigned = frame.kind is FrameKind.CONTRIBUTION and frame.flags & FLAG_REASSIGNED
+        return bool(reassigned) and frame.part in self.from_owner
 
 
 class RoundHandler(Protocol):
@@ -230,8 +260,9 @@ class CommMailbox:
         self._max_waiting_rounds = max_waiting_rounds
         self._rounds: dict[bytes, RoundHandler] = {}
         self._opened: dict[bytes, asyncio.Event] = {}
-        self._closed: OrderedDict[bytes, bool] = OrderedDict()
-        """Rounds that ended here, and whether each finished with every part's average."""
+        self._closed: OrderedDict[bytes, FinishedRound | None] = OrderedDict()
+        """Rounds that ended here, with what is kept of those that finished with every
+        part's average."""
         self._answered: OrderedDict[tuple[bytes, str], None] = OrderedDict()
         """(round, peer) pairs told that the round had closed here (each is told once)."""
         self._answers: set[asyncio.Task[None]] = set()
@@ -253,16 +284,19 @@ class CommMailbox:
         if event is not None:
             event.set()
 
-    def close_round(self, round_id: bytes, *, finished: bool = False) -> None:
+    def close_round(self, round_id: bytes, *, finished: FinishedRound | None = None) -> None:
         """Stop routing ``round_id``; later messages of it are dropped.
 
         Args:
-            finished: the round ended with every part's average here (not at its deadline,
-                not dropped by the others): a member still in it that reports a failure or
-                sends a reassigned contribution is told so (see :meth:`answer_closed`).
+            finished: given when the round ended with every part's average here (not at its
+                deadline, not dropped by the others): a member still in it that shows it waits
+                for one of them is told that nothing more comes (see :meth:`answer_closed`).
         """
         self._rounds.pop(round_id, None)
         self._closed[round_id] = finished
+        event = self._opened.pop(round_id, None)
+        if event is not None:  # messages waiting for it to open: it never will
+            event.set()
         while len(self._closed) > 1024:
             self._closed.popitem(last=False)
 
@@ -271,14 +305,14 @@ class CommMailbox:
         frame, body = unpack_frame(message)
         handler = self._rounds.get(frame.round_id)
         if handler is None:
-            if frame.round_id in self._closed:
+            if frame.round_id not in self._closed:
+                handler = await self._wait_open(frame.round_id)
+            if handler is None:
                 # A straggler of a round that already ended. One that shows the sender still
                 # waits for something of this peer's: say that it never comes.
-                if self._closed[frame.round_id] and asks_for_more(frame):
+                finished = self._closed.get(frame.round_id)
+                if finished is not None and finished.answers(sender, frame):
                     self.answer_closed(sender, frame)
-                return
-            handler = await self._wait_open(frame.round_id)
-            if handler is None:
                 return
         await handler.handle(sender, frame, body)
 
@@ -286,12 +320,14 @@ class CommMailbox:
         """Tell ``sender`` (in the background, once per round) that the round ``frame`` belongs
         to had finished here with every average, so it stops waiting for this peer."""
         key = (frame.round_id, sender)
-        if key in self._answered:
-            return
+        if key in self._answered or len(self._answers) >= _MAX_ANSWERS_IN_FLIGHT:
+            return  # (too many at once: the rest stop at their deadlines, as without answers)
         self._answered[key] = None
         while len(self._answered) > 1024:
             self._answered.popitem(last=False)
-        answer = Frame(FrameKind.ROUND_CLOSED, frame.round_id, frame.part, 0, 0, 0.0)
+        finished = self._closed.get(frame.round_id)
+        flags = FLAG_ELSEWHERE if finished is not None and finished.elsewhere else 0
+        answer = Frame(FrameKind.ROUND_CLOSED, frame.round_id, frame.part, 0, 0, 0.0, flags)
 
         async def send() -> None:
             try:

@@ -230,7 +230,11 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
                     self.time_to_productive_s,
                 )
         self._publish(step=start_step if start_step is not None else 0)
-        self.swarm_averager.join_run(self.outer_step)  # the others' rounds wait for this peer
+        if not self._joined_mid_round:
+            self.swarm_averager.join_run(self.outer_step)  # the others' rounds wait for this peer
+        # Otherwise the round in flight is not this peer's: were it active, the others would
+        # wait for it there to the join window, while it waits for what that round produces.
+        # It becomes active when it publishes that state, at its first boundary.
         return start_step
 
     def close(self) -> None:
@@ -672,6 +676,12 @@ def _majority_holders(mine: str, others: dict[str, str]) -> list[str]:
     return sorted(p for p, h in others.items() if h == majority)
 
 
+_NOTED_PAUSE_S = 1.0
+"""Pauses between steps at least this long are listed in the status file (``pauses``)."""
+_NOTED_PAUSES = 32
+"""How many of the latest such pauses the status file lists."""
+
+
 class StatusFileListener(TrainingListener):
     """Keeps a small JSON status of this peer in a file (written atomically), for live tables.
 
@@ -705,6 +715,7 @@ class StatusFileListener(TrainingListener):
             "pid": os.getpid(),
             "longest_pause_s": 0.0,
             "longest_pause_step": None,
+            "pauses": [],
         }
         self._write()
 
@@ -751,12 +762,15 @@ class StatusFileListener(TrainingListener):
         # The longest wall time between two step ends: what a failure (or anything else) cost
         # training at worst, rounds and state downloads included, start-up not.
         now = time.monotonic()
-        if (
-            self._last_step_at is not None
-            and now - self._last_step_at > self.status["longest_pause_s"]
-        ):
-            self.status["longest_pause_s"] = now - self._last_step_at
-            self.status["longest_pause_step"] = event.step
+        if self._last_step_at is not None:
+            pause = now - self._last_step_at
+            if pause > self.status["longest_pause_s"]:
+                self.status["longest_pause_s"] = pause
+                self.status["longest_pause_step"] = event.step
+            if pause >= _NOTED_PAUSE_S:  # when, how long, at which step (the last few)
+                pauses = self.status["pauses"]
+                pauses.append([time.time(), round(pause, 3), event.step])
+                del pauses[:-_NOTED_PAUSES]
         self._last_step_at = now
         self.status.update(
             step=event.step,

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch._C._distributed_c10d import Store
 
-from gossamer.comm.allreduce import AllReduceConfig, all_reduce
+from gossamer.comm.allreduce import AllReduceConfig, all_reduce, decline_round
 from gossamer.comm.bandwidth import BandwidthMeter, plan_weights
 from gossamer.comm.codecs import CodecPolicy, ErrorFeedback
 from gossamer.comm.groups import split_into_groups
@@ -293,6 +293,8 @@ class SwarmAverager:
         :data:`_MAX_TORCH_SKIP_ROUNDS`), so a torch path that keeps failing (gloo's ports
         blocked, say) costs a timeout now and then, not every round."""
         self._torch: TorchGroupAverager | None = None
+        self._abandoned_torch: list[threading.Thread] = []
+        """Threads of torch rounds given up on that have not ended yet (see _torch_round)."""
         self._store: Store | None = None
         self._store_address = ""
         """HOST:PORT of this peer's rendezvous store, published with its entries ('' without)."""
@@ -426,10 +428,19 @@ class SwarmAverager:
             result = None
             backend = "torch"
             plan = self._torch_plan(node, key, round_)
+            assert self._mailbox is not None
             if plan is not None:
                 result = await self._torch_round(node, plan, tensors, weight)
+                if result is not None:  # a member whose collective failed runs it over p2p
+                    decline_round(
+                        tensors,
+                        mailbox=self._mailbox,
+                        members=members,
+                        round_key=f"{key}/p2p",
+                        config=self._allreduce_config,
+                        bandwidth_weights=round_.part_weights,
+                    )
             if result is None:
-                assert self._mailbox is not None
                 result = await all_reduce(
                     tensors,
                     mailbox=self._mailbox,
@@ -441,6 +452,7 @@ class SwarmAverager:
                     meter=self.meter,
                     feedback=self.feedback,
                     alive=lambda peer: self._alive(node, peer),
+                    announce=plan is not None,  # the others' collective may have succeeded
                 )
                 backend = "p2p"
             self.rounds_by_backend[backend] += 1
@@ -557,13 +569,20 @@ class SwarmAverager:
             else:
                 finished.set_result(result)
 
+        handover = threading.Lock()
+        """Held while the thread hands its outcome over or the loop abandons it: one or the
+        other, never both (a result handed over is used, one not handed over is dropped)."""
+        handed = False
+
         def attempt() -> None:
+            nonlocal handed
             result: AllReduceResult | None = None
             error: BaseException | None = None
             try:
                 if plan.name != averager.group_hash:
-                    leader = self._store if plan.rank == 0 else None
-                    store = leader or self._leader_store(plan.leader_address)
+                    store = self._store if plan.rank == 0 else None
+                    if store is None:
+                        store = self._leader_store(plan.leader_address, abandoned)
                     averager.ensure_group(
                         plan.name, plan.members, plan.rank, store, self._torch_host
                     )
@@ -573,22 +592,32 @@ class SwarmAverager:
                 error = exc
             except BaseException as exc:  # anything else is a bug: raised in the round
                 error = exc
-            if abandoned.is_set():
-                averager.close()  # ended after the round gave up on it
-                return
+            with handover:
+                if abandoned.is_set():
+                    averager.close()  # ended after the round gave up on it
+                    return
+                handed = True
             with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
                 loop.call_soon_threadsafe(settle, result, error)
 
-        threading.Thread(target=attempt, name="gossamer-torch-round", daemon=True).start()
+        thread = threading.Thread(target=attempt, name="gossamer-torch-round", daemon=True)
+        thread.start()
         others = [p for p in plan.members if p != node.peer_id]
         gone: list[str] = []
         while not finished.done():
             gone = [p for p in others if not self._alive(node, p)]
             if gone:
-                break
+                with handover:
+                    if not handed:
+                        abandoned.set()
+                if abandoned.is_set():
+                    break
+                gone = []  # the outcome is on its way: take it
             await asyncio.wait([finished], timeout=self._allreduce_config.liveness_poll_s)
         if gone:
-            abandoned.set()
+            # Until the thread ends it may hold this peer's store (a rendezvous waiting on the
+            # gone member keeps the store's lock): rounds go over p2p meanwhile.
+            self._abandoned_torch.append(thread)
             self._torch = TorchGroupAverager(timeout_s=self._torch_timeout_s)
             self._leader_stores.pop(plan.leader_address, None)
             self.torch_failures += 1
@@ -619,13 +648,15 @@ class SwarmAverager:
         self._torch_failures_in_a_row = 0
         return result
 
-    def _leader_store(self, address: str) -> Store:
-        """A connection to the store at ``address``, kept for later groups it leads."""
+    def _leader_store(self, address: str, abandoned: threading.Event) -> Store:
+        """A connection to the store at ``address``, kept for later groups it leads (not if the
+        round that opened it was ``abandoned`` meanwhile: it may be to a dead leader)."""
         store = self._leader_stores.get(address)
         if store is None:
             host, _, port = address.rpartition(":")
             store = open_member_store(host.strip("[]"), int(port), 1, self._torch_timeout_s)
-            self._leader_stores[address] = store
+            if not abandoned.is_set():
+                self._leader_stores[address] = store
         return store
 
     def join_run(self, version: int) -> None:
@@ -806,8 +837,11 @@ class SwarmAverager:
         stamp = self._clock.wall()
         figure = self.meter.estimate_bytes_per_s
         entry: dict[str, Any] = {"at": stamp, "bw": figure, "inc": self.incarnation}
+        self._abandoned_torch = [t for t in self._abandoned_torch if t.is_alive()]
         if self._torch_rounds_to_skip > 0:  # after failures: this round over p2p
             self._torch_rounds_to_skip -= 1
+        elif self._abandoned_torch:
+            pass  # a torch round given up on may still hold the store: this one over p2p
         elif self._store_address and node.reachability != net_pb2.REACHABILITY_RELAYED:
             held = self._torch.group_hash if self._torch is not None else None
             entry |= {"tcp": self._store_address, "pg": held or ""}
