@@ -53,12 +53,20 @@ def _run_peers(
     return swarm.trainers, swarm.results
 
 
-@pytest.mark.parametrize("train_while_forming", [False, True])
+@pytest.mark.parametrize(
+    ("train_while_forming", "train_while_averaging"),
+    [(False, False), (True, False), (True, True)],
+    ids=["blocking", "forming", "forming-and-averaging"],
+)
 def test_diloco_peers_agree_on_global_weights_and_learn(
-    tmp_path: Path, train_while_forming: bool
+    tmp_path: Path, train_while_forming: bool, train_while_averaging: bool
 ) -> None:
     group = InProcessGroup(NUM_PEERS)
-    config = DiLoCoConfig(inner_steps=5, train_while_forming=train_while_forming)
+    config = DiLoCoConfig(
+        inner_steps=5,
+        train_while_forming=train_while_forming,
+        train_while_averaging=train_while_averaging,
+    )
     strategies = [DiLoCoStrategy(config, group.averager()) for _ in range(NUM_PEERS)]
     trainers, results = _run_peers(tmp_path, list(strategies), max_steps=20)
     assert {s.outer_step for s in strategies} == {4}
@@ -169,7 +177,12 @@ class _LinearPeer:
     weights move by exactly the (weighted) average progress. Overlapped unless told otherwise."""
 
     def __init__(
-        self, group: InProcessGroup, *, inner_steps: int = 2, train_while_forming: bool = False
+        self,
+        group: InProcessGroup,
+        *,
+        inner_steps: int = 2,
+        train_while_forming: bool = False,
+        train_while_averaging: bool = False,
     ) -> None:
         self.strategy = DiLoCoStrategy(
             DiLoCoConfig(
@@ -178,6 +191,7 @@ class _LinearPeer:
                 outer_momentum=0.0,
                 overlap=not train_while_forming,
                 train_while_forming=train_while_forming,
+                train_while_averaging=train_while_averaging,
             ),
             group.averager(),
         )
@@ -199,6 +213,11 @@ class _LinearPeer:
         inflight = self.strategy._inflight
         assert inflight is not None
         concurrent.futures.wait([inflight], timeout=10)
+
+    def wait_until_averaged(self) -> None:
+        averaging = self.strategy._averaging
+        assert averaging is not None
+        concurrent.futures.wait([averaging], timeout=10)
 
     def wait_until_formed(self) -> None:
         forming = self.strategy._forming
@@ -358,6 +377,65 @@ def test_a_last_round_with_nothing_in_it_leaves_the_weights_where_they_are() -> 
     assert torch.equal(model.weight.detach(), before)
 
 
+def _averaging_peer(group: InProcessGroup) -> _LinearPeer:
+    """A linear peer that trains while a round's group forms and while it averages, H = 4."""
+    return _LinearPeer(group, inner_steps=4, train_while_forming=True, train_while_averaging=True)
+
+
+def test_a_peer_trains_while_the_round_averages_and_keeps_those_steps() -> None:
+    group = InProcessGroup(2)
+    a, b = _averaging_peer(group), _averaging_peer(group)
+    a.steps(0.1, range(4))  # both begin round 0 at the boundary of step 3
+    b.steps(0.2, range(4))
+    a.step(0.1, 4)  # formed: a hands its pseudo-gradient (0.5, 5 steps) over and trains on
+    assert a.strategy._averaging is not None
+    a.step(0.1, 5)  # b has not contributed: the average is not there, a goes on
+    assert a.strategy.outer_step == 0
+    assert a.weight() == pytest.approx(0.4, abs=1e-6)
+    b.step(0.2, 4)  # b's pseudo-gradient: 1.0, 5 steps; the average is 0.75
+    a.wait_until_averaged()
+    b.wait_until_averaged()
+    a.step(0.1, 6)  # lands: the new global weights plus a's two steps since it handed over
+    b.step(0.2, 5)  # lands: plus b's one step
+    for peer in (a, b):
+        assert peer.strategy.outer_step == 1
+        assert peer.strategy._averaging is None
+        assert peer.global_weight() == pytest.approx(0.25, abs=1e-6)
+    assert a.weight() == pytest.approx(0.25 - 0.2, abs=1e-6)
+    assert b.weight() == pytest.approx(0.25 - 0.2, abs=1e-6)
+    a.step(0.1, 7)  # boundary: round 1 begins
+    b.steps(0.2, range(6, 8))
+    _finish_together([a, b], 8)
+    # Round 1 holds what each did since handing round 0 over: a 0.3 and b 0.6, 3 steps each.
+    for peer in (a, b):
+        assert peer.strategy.outer_step == 2
+        assert peer.weight() == pytest.approx(0.25 - 0.45, abs=1e-6)
+        assert peer.global_weight() == pytest.approx(0.25 - 0.45, abs=1e-6)
+
+
+def test_a_boundary_waits_for_a_round_still_averaging() -> None:
+    group = InProcessGroup(2)
+    a, b = _averaging_peer(group), _averaging_peer(group)
+    a.steps(0.1, range(4))
+    b.steps(0.2, range(4))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        a_done = pool.submit(a.steps, 0.1, range(4, 8))  # hands round 0 over at step 4
+        time.sleep(0.3)
+        assert not a_done.done()  # held at the boundary of step 7: b has not contributed
+        assert a.strategy.outer_step == 0
+        assert a.strategy._forming is None  # round 1 does not begin while round 0 averages
+        b.step(0.2, 4)
+        a_done.result(timeout=10)
+    assert a.strategy.outer_step == 1
+    assert a.strategy.round_began_at == 7
+    assert a.weight() == pytest.approx(0.25 - 0.3, abs=1e-6)  # its steps 5 to 7 kept
+    b.wait_until_averaged()
+    b.steps(0.2, range(5, 8))
+    _finish_together([a, b], 8)
+    assert a.strategy.global_weights_hash() == b.strategy.global_weights_hash()
+    assert a.weight() == b.weight() == pytest.approx(0.25 - 0.45, abs=1e-6)
+
+
 class _ResyncingStrategy(DiLoCoStrategy):
     """Takes "the swarm's state" as of the step ``resync_to`` says: before every round
     (``at_boundary``), or when a round ends (as after a missed round)."""
@@ -483,6 +561,8 @@ def test_diloco_config_is_checked() -> None:
         DiLoCoConfig(outer_momentum=1.0)
     with pytest.raises(ValueError, match="exclude each other"):
         DiLoCoConfig(overlap=True, train_while_forming=True)
+    with pytest.raises(ValueError, match="needs diloco"):
+        DiLoCoConfig(train_while_averaging=True)
 
 
 def test_lossy_codec_is_applied_and_counted() -> None:

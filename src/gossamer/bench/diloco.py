@@ -123,6 +123,8 @@ def bench_diloco_config(config: RunConfig, inner_steps: int) -> DiLoCoConfig:
         outer_momentum=config.swarm.outer_momentum,
         outer_momentum_warmup=config.swarm.outer_momentum_warmup,
         train_while_forming=config.swarm.train_while_forming,
+        train_while_averaging=config.swarm.train_while_averaging
+        and config.swarm.train_while_forming,
     )
 
 
@@ -176,7 +178,12 @@ def run_diloco_bench(
             "diloco_overlap",
             base,
             lambda g: DiLoCoStrategy(
-                dataclasses.replace(diloco_config, overlap=True, train_while_forming=False),
+                dataclasses.replace(
+                    diloco_config,
+                    overlap=True,
+                    train_while_forming=False,
+                    train_while_averaging=False,
+                ),
                 g.averager(),
             ),
             InProcessGroup(peers),

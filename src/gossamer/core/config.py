@@ -256,6 +256,10 @@ class SwarmConfig:
     """DiLoCo: keep taking inner steps while a round's group forms (waiting for slower peers)
     and average once it has formed, each peer's pseudo-gradient weighted by the inner steps
     behind it; false: stop at every H-th step until the round is done. Moot with ``overlap``."""
+    train_while_averaging: bool = True
+    """DiLoCo, with ``train_while_forming``: keep taking inner steps while the formed round's
+    all-reduce runs too; the steps taken meanwhile are kept and go into the next round (false:
+    stop while the round averages). A boundary still waits for a round not yet averaged."""
     codec: CodecName = "none"
     """Codec of averaged tensors: none (fp32), fp16, bf16 or int8 (blockwise, error feedback)."""
     backend: BackendName = "auto"

@@ -44,6 +44,16 @@ Open Collaborations, arXiv:2106.10207).
 The pseudo-gradients are weighted averages of progress over unequal numbers of steps; the outer
 optimizer is unchanged.
 
+With ``train_while_averaging`` as well (the swarm's default), the formed round's all-reduce runs
+in the background too: the peer takes its pseudo-gradient where the group formed, hands it to a
+round thread and keeps taking inner steps. When the average lands (at the first step end after
+it is done) the outer step is applied and the local model moves by the new global weights minus
+the weights its pseudo-gradient was taken at, so the few steps taken meanwhile are kept and go
+into the next round (like the overlapped mode below, but they are the steps of one all-reduce,
+not of a whole round, and no estimate stands in for the average). A boundary waits for a round
+still averaging, so rounds never overlap: training waits for the network only when one
+all-reduce takes longer than the rest of the round's H steps.
+
 With ``overlap``, a round's averaging runs in the background while the next H inner steps
 compute (the idea of overlapping DiLoCo's outer step with the next inner steps: Douillard et al.
 2025, Streaming DiLoCo, arXiv:2501.18512; Kale et al. 2025, eager updates, arXiv:2502.12996). At
@@ -107,6 +117,9 @@ class DiLoCoConfig:
     train_while_forming: bool = False
     """Keep taking inner steps while a round's group forms; average once it has formed, each
     peer's pseudo-gradient weighted by the inner steps behind it."""
+    train_while_averaging: bool = False
+    """(with ``train_while_forming``) Keep taking inner steps while the formed round averages
+    too; the steps taken meanwhile are kept and go into the next round."""
 
     def __post_init__(self) -> None:
         if self.inner_steps < 1:
@@ -119,6 +132,11 @@ class DiLoCoConfig:
             raise ValueError(
                 "diloco.overlap and diloco.train_while_forming exclude each other: an "
                 "overlapped round never waits for its group; choose one"
+            )
+        if self.train_while_averaging and not self.train_while_forming:
+            raise ValueError(
+                "diloco.train_while_averaging needs diloco.train_while_forming: the round "
+                "averages in the background only once its group has formed in the background"
             )
 
 
@@ -170,6 +188,10 @@ class DiLoCoStrategy:
         """Inner steps since the local model last restarted from the global weights."""
         self.round_began_at = -1
         """(train while forming) The step at whose end the last round began (-1: none yet)."""
+        self._averaging: Future[AverageOutcome] | None = None
+        """(train while averaging) The formed round, averaging in the background."""
+        self._averaging_steps = 0
+        """(train while averaging) The inner steps behind that round's pseudo-gradient."""
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
         del optimizer
@@ -222,9 +244,14 @@ class DiLoCoStrategy:
         h = self.config.inner_steps
         boundary = (step + 1) % h == 0
         continue_from = None
+        if self._averaging is not None and (boundary or self._averaging.done()):
+            continue_from = self._land_averaging()
         if self._forming is not None and (boundary or self._forming.ready()):
             forming, self._forming = self._forming, None
-            continue_from = self._round(step, forming)
+            if self.config.train_while_averaging and not boundary:
+                self._launch_formed(forming)
+            else:
+                continue_from = self._round(step, forming)
         if boundary:
             resynced_to = self._catch_up_before_round()
             continue_from = resynced_to if resynced_to is not None else continue_from
@@ -279,6 +306,61 @@ class DiLoCoStrategy:
         self._apply_outcome(outcome, waited_s=None)
         if not self.last_round_excluded:
             self._restart_local_from_global()
+        return None
+
+    def _launch_formed(self, forming: PendingRound) -> None:
+        """(train while averaging) Average the formed round in the background.
+
+        The pseudo-gradient is taken now, and where it was taken is kept in ``_start``: when
+        the average lands, the local model moves by the new global weights minus that.
+        """
+        with torch.no_grad():
+            pseudo = [
+                g.detach() - p.detach() for g, p in zip(self._global, self._params, strict=True)
+            ]
+            for start, param in zip(self._start, self._params, strict=True):
+                start.copy_(param)
+        self._averaging_steps, self._local_steps = self._local_steps, 0
+        if self._rounds is None:
+            self._rounds = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gossamer-round")
+        weight = self.weight * self._averaging_steps
+        self._averaging = self._rounds.submit(forming.average, pseudo, weight=weight)
+
+    def _land_averaging(self) -> int | None:
+        """(train while averaging) Apply the round averaging in the background (waiting for
+        it if it is not done) and move the local model by the new global weights minus the
+        weights its pseudo-gradient was taken at, keeping the steps taken since.
+
+        Returns:
+            The step to continue from if the swarm's state replaced this peer's, else None.
+        """
+        averaging, self._averaging = self._averaging, None
+        assert averaging is not None
+        started = time.monotonic()
+        with nested_span("waiting", what="round_in_flight"):
+            outcome = averaging.result()
+        version = self.outer_step
+        self._apply_outcome(outcome, waited_s=time.monotonic() - started)
+        with torch.no_grad():
+            if self.outer_step != version:
+                for param, start, tensor in zip(
+                    self._params, self._start, self._global, strict=True
+                ):
+                    param.add_(tensor - start)
+                    start.copy_(tensor)
+            else:  # excluded: nothing averaged; the progress stays this peer's, from the global
+                for start, tensor in zip(self._start, self._global, strict=True):
+                    start.copy_(tensor)
+                self._local_steps += self._averaging_steps
+        return self._after_averaging()
+
+    def _after_averaging(self) -> int | None:
+        """(train while averaging) After a round landed; the swarm strategy publishes its state
+        and checks agreement here.
+
+        Returns:
+            The step to continue from if the swarm's state replaced this peer's, else None.
+        """
         return None
 
     def outer_momentum_at(self, outer_step: int) -> float:
@@ -417,8 +499,15 @@ class DiLoCoStrategy:
         # later step), so the step grid, the same for every peer, says whether a last round
         # is due; else the steps counted since the last boundary do.
         tail = step % self.config.inner_steps != 0 if forming_mode else self._steps_since_round > 0
-        replaced = self._inflight is not None or self._forming is not None or tail
+        replaced = (
+            self._inflight is not None
+            or self._forming is not None
+            or self._averaging is not None
+            or tail
+        )
         version = self.outer_step
+        if self._averaging is not None:
+            self._land_averaging()
         if self._forming is not None:
             forming, self._forming = self._forming, None
             self._round(step, forming)

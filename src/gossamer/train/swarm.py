@@ -439,6 +439,9 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             return continue_from
         return self._after_round(self.round_began_at, continue_from, work_lost=False)
 
+    def _after_averaging(self) -> int | None:
+        return self._after_round(self.round_began_at, None, work_lost=False)
+
     def _after_round(
         self, boundary: int, continue_from: int | None, *, work_lost: bool
     ) -> int | None:
@@ -957,6 +960,9 @@ def _train_on_node(
                 overlap=swarm.overlap,
                 # An overlapped round never waits for its group: nothing to train through.
                 train_while_forming=swarm.train_while_forming and not swarm.overlap,
+                train_while_averaging=swarm.train_while_averaging
+                and swarm.train_while_forming
+                and not swarm.overlap,
             ),
             averager,
             node_thread,
