@@ -183,11 +183,12 @@ class _LinearPeer:
         inner_steps: int = 2,
         train_while_forming: bool = False,
         train_while_averaging: bool = False,
+        outer_lr: float = 1.0,
     ) -> None:
         self.strategy = DiLoCoStrategy(
             DiLoCoConfig(
                 inner_steps=inner_steps,
-                outer_lr=1.0,
+                outer_lr=outer_lr,
                 outer_momentum=0.0,
                 overlap=not train_while_forming,
                 train_while_forming=train_while_forming,
@@ -377,9 +378,34 @@ def test_a_last_round_with_nothing_in_it_leaves_the_weights_where_they_are() -> 
     assert torch.equal(model.weight.detach(), before)
 
 
-def _averaging_peer(group: InProcessGroup) -> _LinearPeer:
+def _averaging_peer(group: InProcessGroup, outer_lr: float = 1.0) -> _LinearPeer:
     """A linear peer that trains while a round's group forms and while it averages, H = 4."""
-    return _LinearPeer(group, inner_steps=4, train_while_forming=True, train_while_averaging=True)
+    return _LinearPeer(
+        group,
+        inner_steps=4,
+        train_while_forming=True,
+        train_while_averaging=True,
+        outer_lr=outer_lr,
+    )
+
+
+def test_the_steps_taken_while_averaging_start_from_an_eager_estimate() -> None:
+    group = InProcessGroup(2)
+    a, b = _averaging_peer(group, outer_lr=0.5), _averaging_peer(group, outer_lr=0.5)
+    a.steps(0.1, range(4))
+    b.steps(0.2, range(4))
+    a.step(0.1, 4)  # hands 0.5 over; restarts from 1 - 0.5 * 0.5, its own outer step
+    assert a.weight() == pytest.approx(0.75, abs=1e-6)
+    b.step(0.2, 4)  # hands 1.0 over; restarts from 1 - 0.5 * 1.0
+    assert b.weight() == pytest.approx(0.5, abs=1e-6)
+    a.wait_until_averaged()
+    b.wait_until_averaged()
+    a.step(0.1, 5)  # lands: the average is 0.75, the global weights 1 - 0.5 * 0.75
+    b.step(0.2, 5)
+    for peer, own in ((a, 0.1), (b, 0.2)):
+        assert peer.global_weight() == pytest.approx(0.625, abs=1e-6)
+        assert peer.weight() == pytest.approx(0.625 - own, abs=1e-6)  # the step since is kept
+    _finish_together([a, b], 6)
 
 
 def test_a_peer_trains_while_the_round_averages_and_keeps_those_steps() -> None:

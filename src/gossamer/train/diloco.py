@@ -46,13 +46,14 @@ optimizer is unchanged.
 
 With ``train_while_averaging`` as well (the swarm's default), the formed round's all-reduce runs
 in the background too: the peer takes its pseudo-gradient where the group formed, hands it to a
-round thread and keeps taking inner steps. When the average lands (at the first step end after
-it is done) the outer step is applied and the local model moves by the new global weights minus
-the weights its pseudo-gradient was taken at, so the few steps taken meanwhile are kept and go
-into the next round (like the overlapped mode below, but they are the steps of one all-reduce,
-not of a whole round, and no estimate stands in for the average). A boundary waits for a round
-still averaging, so rounds never overlap: training waits for the network only when one
-all-reduce takes longer than the rest of the round's H steps.
+round thread, restarts from an eager estimate of the next global weights (the outer step taken
+with its own pseudo-gradient standing in for the average, as in the overlapped mode below) and
+keeps taking inner steps. When the average lands (at the first step end after it is done) the
+outer step is applied and the local model moves by the estimate's error, so the few steps taken
+meanwhile are kept and go into the next round: like the overlapped mode, but only the steps of
+one all-reduce run from the estimate, not a whole round's. A boundary waits for a round still
+averaging, so rounds never overlap: training waits for the network only when one all-reduce
+takes longer than the rest of the round's H steps.
 
 With ``overlap``, a round's averaging runs in the background while the next H inner steps
 compute (the idea of overlapping DiLoCo's outer step with the next inner steps: Douillard et al.
@@ -190,8 +191,6 @@ class DiLoCoStrategy:
         """(train while forming) The step at whose end the last round began (-1: none yet)."""
         self._averaging: Future[AverageOutcome] | None = None
         """(train while averaging) The formed round, averaging in the background."""
-        self._averaging_steps = 0
-        """(train while averaging) The inner steps behind that round's pseudo-gradient."""
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
         del optimizer
@@ -311,19 +310,19 @@ class DiLoCoStrategy:
     def _launch_formed(self, forming: PendingRound) -> None:
         """(train while averaging) Average the formed round in the background.
 
-        The pseudo-gradient is taken now, and where it was taken is kept in ``_start``: when
-        the average lands, the local model moves by the new global weights minus that.
+        The pseudo-gradient is taken now and the local model restarts from an eager estimate of
+        the next global weights (this peer's pseudo-gradient standing in for the average, as
+        with ``overlap``), so the steps taken while the round averages start near where the
+        average will put the model; when it lands, the model moves by the estimate's error.
         """
         with torch.no_grad():
             pseudo = [
                 g.detach() - p.detach() for g, p in zip(self._global, self._params, strict=True)
             ]
-            for start, param in zip(self._start, self._params, strict=True):
-                start.copy_(param)
-        self._averaging_steps, self._local_steps = self._local_steps, 0
+        self._restart_with_progress(pseudo)
+        weight, self._local_steps = self.weight * self._local_steps, 0
         if self._rounds is None:
             self._rounds = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gossamer-round")
-        weight = self.weight * self._averaging_steps
         self._averaging = self._rounds.submit(forming.average, pseudo, weight=weight)
 
     def _land_averaging(self) -> int | None:
@@ -339,19 +338,14 @@ class DiLoCoStrategy:
         started = time.monotonic()
         with nested_span("waiting", what="round_in_flight"):
             outcome = averaging.result()
-        version = self.outer_step
         self._apply_outcome(outcome, waited_s=time.monotonic() - started)
+        # Excluded, the global weights did not move and the progress handed over went into no
+        # average (the swarm strategy takes the others' state next): the steps since are kept
+        # on the global weights alike.
         with torch.no_grad():
-            if self.outer_step != version:
-                for param, start, tensor in zip(
-                    self._params, self._start, self._global, strict=True
-                ):
-                    param.add_(tensor - start)
-                    start.copy_(tensor)
-            else:  # excluded: nothing averaged; the progress stays this peer's, from the global
-                for start, tensor in zip(self._start, self._global, strict=True):
-                    start.copy_(tensor)
-                self._local_steps += self._averaging_steps
+            for param, start, tensor in zip(self._params, self._start, self._global, strict=True):
+                param.add_(tensor - start)
+                start.copy_(tensor)
         return self._after_averaging()
 
     def _after_averaging(self) -> int | None:
