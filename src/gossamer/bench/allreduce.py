@@ -54,6 +54,7 @@ from gossamer.comm.codecs import CodecPolicy
 from gossamer.comm.net_transport import NetCommTransport
 from gossamer.comm.torch_backend import TorchGroupAverager, choose_backend
 from gossamer.comm.transport import CommMailbox
+from gossamer.core.runtime import freeze_startup_heap
 from gossamer.net.config import LimitsConfig, NodeConfig
 from gossamer.net.node import Node
 
@@ -224,6 +225,7 @@ class _ExtraMemory:
 
 
 def _worker_main(spec: dict[str, Any]) -> None:
+    freeze_startup_heap()  # as a peer process does (`gossamer train`, `gossamer peer start`)
     if spec.get("ifname"):
         os.environ["GLOO_SOCKET_IFNAME"] = spec["ifname"]
     rank, world = spec["rank"], spec["world"]

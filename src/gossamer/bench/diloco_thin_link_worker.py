@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gossamer.core.config import RunConfig
 from gossamer.core.config_loader import load_run_config
+from gossamer.core.runtime import freeze_startup_heap
 from gossamer.data import TokenStream, load_corpus, validation_batches
 from gossamer.models import GPT
 from gossamer.net.bridge import NodeThread
@@ -320,6 +321,7 @@ def _ddp_loop(spec: dict[str, Any], config: RunConfig, rank: int, world: int) ->
 
 def _main() -> None:
     spec = json.loads(sys.argv[1])
+    freeze_startup_heap()  # as a `gossamer train` peer does, for every method alike
     try:
         config = load_run_config(None, [tuple(pair) for pair in spec["overrides"]])
         runners = {

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from gossamer.core.errors import ConfigError, GossamerError
+from gossamer.core.runtime import freeze_startup_heap
 from gossamer.net.bridge import NodeThread
 from gossamer.net.config import DhtConfig, HeartbeatConfig, NodeConfig, RelayConfig
 from gossamer.net.identity import load_or_create_identity
@@ -196,6 +197,7 @@ def peer_start(
             relay_enabled=relay_enabled,
             relay_bytes_per_s=relay_bytes_per_s,
         )
+        freeze_startup_heap()  # a long-lived process: start-up's objects out of every collection
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())

@@ -25,6 +25,7 @@ from gossamer.core.config_loader import (
     parse_flag_overrides,
 )
 from gossamer.core.errors import GossamerError
+from gossamer.core.runtime import freeze_startup_heap
 from gossamer.data import load_corpus, validation_batches
 from gossamer.obs.metrics import PeerMetrics, serve_metrics
 from gossamer.obs.trace import SpanRecorder
@@ -107,6 +108,7 @@ def train(
         spans = SpanRecorder(peer=run_config.name, path=trace)
         stack.callback(spans.close)
         listener = stack.enter_context(RichProgressListener())
+        freeze_startup_heap()  # a long-running peer: start-up's objects out of every collection
         if run_config.swarm.strategy == "local":
             trainer = stack.enter_context(
                 Trainer(run_config, listener=listener, spans=spans, metrics=metrics)
