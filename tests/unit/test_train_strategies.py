@@ -462,6 +462,28 @@ def test_a_boundary_waits_for_a_round_still_averaging() -> None:
     assert a.weight() == b.weight() == pytest.approx(0.25 - 0.45, abs=1e-6)
 
 
+def test_a_checkpoint_taken_while_a_round_averages_restores_onto_the_global_weights() -> None:
+    group = InProcessGroup(2, timeout_s=1.0)
+    a = _averaging_peer(group, outer_lr=0.5)
+    a.steps(0.1, range(4))
+    group.averager().begin("gossamer/outer/0")  # a second peer arrives and never contributes
+    a.step(0.1, 4)  # hands 0.5 over, restarts from its estimate 0.75
+    a.step(0.1, 5)
+    assert a.strategy._averaging is not None
+    tensors, meta = a.strategy.state_for_checkpoint()
+    model_state = {k: v.clone() for k, v in a.model.state_dict().items()}
+    restored = _averaging_peer(InProcessGroup(1), outer_lr=0.5)
+    restored.model.load_state_dict(model_state)
+    restored.strategy.load_checkpoint_state(tensors, meta)
+    # Back on the global weights (1.0, the round never landed) with the step taken since.
+    assert restored.weight() == pytest.approx(1.0 - 0.1, abs=1e-6)
+    assert restored.global_weight() == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(DeadlineExceededError):
+        a.strategy.finish(a.model, 6)
+    a.strategy.close()
+    restored.strategy.close()
+
+
 class _ResyncingStrategy(DiLoCoStrategy):
     """Takes "the swarm's state" as of the step ``resync_to`` says: before every round
     (``at_boundary``), or when a round ends (as after a missed round)."""

@@ -571,6 +571,12 @@ class DiLoCoStrategy:
                 buffer = self._outer.state.get(tensor, {}).get("momentum_buffer")
                 if buffer is not None:
                     tensors[f"momentum.{i}"] = buffer.detach().clone()
+        if self._averaging is not None:
+            # The local model restarted from an estimate of a round still averaging, which a
+            # peer restored from here never sees land: it comes back onto the global weights,
+            # as from an excluded round (that round's progress lost, the steps since kept).
+            for i, start in enumerate(self._start):
+                tensors[f"estimate.{i}"] = start.detach().clone()
         meta = {
             "outer_step": self.outer_step,
             "bytes_sent": self.bytes_sent,
@@ -595,6 +601,9 @@ class DiLoCoStrategy:
                 momentum = tensors.get(f"momentum.{i}")
                 if momentum is not None:
                     self._outer.state[tensor]["momentum_buffer"] = momentum.clone()
+                estimate = tensors.get(f"estimate.{i}")
+                if estimate is not None and i < len(self._params):
+                    self._params[i].add_(tensor - estimate)
         self.outer_step = int(meta.get("outer_step", 0))
         self.bytes_sent = int(meta.get("bytes_sent", 0))
         self.bytes_received = int(meta.get("bytes_received", 0))
