@@ -328,7 +328,7 @@ class DiLoCoStrategy:
     def _land_averaging(self) -> int | None:
         """(train while averaging) Apply the round averaging in the background (waiting for
         it if it is not done) and move the local model by the new global weights minus the
-        weights its pseudo-gradient was taken at, keeping the steps taken since.
+        estimate it restarted from, keeping the steps taken since.
 
         Returns:
             The step to continue from if the swarm's state replaced this peer's, else None.
