@@ -78,11 +78,17 @@ def assert_rounds_went_over(swarm: Swarm, names: list[str]) -> None:
         assert rounds[backend] > 0, f"{name} averaged over {rounds}, not {backend}"
 
 
-# Rounds that train while their group forms (the default) and rounds that stop at the boundary
-# take the default backend (torch on loopback), overlapped ones the p2p path: all see the kills.
+# Rounds that train while their group forms and averages (the default) run on the default
+# backend (torch on loopback) and on the p2p path (what peers far apart use); rounds that stop
+# at the boundary on torch, overlapped ones on p2p: all see the kills.
 @pytest.fixture(
-    params=[(False, True, "auto"), (False, False, "auto"), (True, False, "p2p")],
-    ids=["forming-torch", "blocking-torch", "overlap-p2p"],
+    params=[
+        (False, True, "auto"),
+        (False, True, "p2p"),
+        (False, False, "auto"),
+        (True, False, "p2p"),
+    ],
+    ids=["forming-torch", "forming-p2p", "blocking-torch", "overlap-p2p"],
 )
 def swarm(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Swarm]:
     overlap, train_while_forming, backend = request.param
