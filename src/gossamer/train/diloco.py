@@ -294,10 +294,7 @@ class DiLoCoStrategy:
             The step to continue from if the swarm's state replaced this peer's, else None.
         """
         del step
-        with torch.no_grad():
-            pseudo = [
-                g.detach() - p.detach() for g, p in zip(self._global, self._params, strict=True)
-            ]
+        pseudo = self._pseudo_gradient()
         if forming is None:
             outcome = self._average(pseudo)
         else:  # peers took different numbers of steps while the group formed: weigh by them
@@ -315,15 +312,10 @@ class DiLoCoStrategy:
         with ``overlap``), so the steps taken while the round averages start near where the
         average will put the model; when it lands, the model moves by the estimate's error.
         """
-        with torch.no_grad():
-            pseudo = [
-                g.detach() - p.detach() for g, p in zip(self._global, self._params, strict=True)
-            ]
+        pseudo = self._pseudo_gradient()
         self._restart_with_progress(pseudo)
         weight, self._local_steps = self.weight * self._local_steps, 0
-        if self._rounds is None:
-            self._rounds = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gossamer-round")
-        self._averaging = self._rounds.submit(forming.average, pseudo, weight=weight)
+        self._averaging = self._round_thread().submit(forming.average, pseudo, weight=weight)
 
     def _land_averaging(self) -> int | None:
         """(train while averaging) Apply the round averaging in the background (waiting for
@@ -342,10 +334,7 @@ class DiLoCoStrategy:
         # Excluded, the global weights did not move and the progress handed over went into no
         # average (the swarm strategy takes the others' state next): the steps since are kept
         # on the global weights alike.
-        with torch.no_grad():
-            for param, start, tensor in zip(self._params, self._start, self._global, strict=True):
-                param.add_(tensor - start)
-                start.copy_(tensor)
+        self._move_by_start_error()
         return self._after_averaging()
 
     def _after_averaging(self) -> int | None:
@@ -381,6 +370,13 @@ class DiLoCoStrategy:
             for param, start, tensor in zip(self._params, self._start, self._global, strict=True):
                 param.copy_(tensor)
                 start.copy_(tensor)
+
+    def _pseudo_gradient(self) -> list[torch.Tensor]:
+        """The global weights minus the local model's."""
+        with torch.no_grad():
+            return [
+                g.detach() - p.detach() for g, p in zip(self._global, self._params, strict=True)
+            ]
 
     def _progress(self) -> list[torch.Tensor]:
         """This round's local progress: where its inner steps started minus where they are."""
@@ -421,8 +417,13 @@ class DiLoCoStrategy:
         assert inflight is not None
         version = self.outer_step
         self._apply_outcome(inflight.result(), waited_s=0.0)
-        if self.outer_step == version:
-            return
+        if self.outer_step != version:
+            self._move_by_start_error()
+
+    def _move_by_start_error(self) -> None:
+        """Move the local model, and the start its progress is measured from, by the global
+        weights minus that start (the error of the estimate it restarted from), keeping the
+        steps taken since."""
         with torch.no_grad():
             for param, start, tensor in zip(self._params, self._start, self._global, strict=True):
                 param.add_(tensor - start)
@@ -461,11 +462,15 @@ class DiLoCoStrategy:
                 param.copy_(tensor - lr * step)
                 start.copy_(param)
 
-    def _launch(self, progress: list[torch.Tensor], weight: float) -> None:
+    def _round_thread(self) -> ThreadPoolExecutor:
+        """The thread background rounds run on (made at the first)."""
         if self._rounds is None:
             self._rounds = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gossamer-round")
+        return self._rounds
+
+    def _launch(self, progress: list[torch.Tensor], weight: float) -> None:
         key = self._round_key()
-        self._inflight = self._rounds.submit(
+        self._inflight = self._round_thread().submit(
             self.averager.average, progress, round_key=key, weight=weight
         )
 
@@ -602,7 +607,7 @@ class DiLoCoStrategy:
                 if momentum is not None:
                     self._outer.state[tensor]["momentum_buffer"] = momentum.clone()
                 estimate = tensors.get(f"estimate.{i}")
-                if estimate is not None and i < len(self._params):
+                if estimate is not None:
                     self._params[i].add_(tensor - estimate)
         self.outer_step = int(meta.get("outer_step", 0))
         self.bytes_sent = int(meta.get("bytes_sent", 0))
