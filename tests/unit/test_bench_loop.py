@@ -78,3 +78,7 @@ def test_diloco_bench_takes_the_outer_optimizer_from_the_run_config() -> None:
     chosen = bench_diloco_config(plain, inner_steps=20)
     assert (chosen.inner_steps, chosen.outer_lr, chosen.outer_momentum) == (20, 1.0, 0.0)
     assert not chosen.outer_momentum_warmup
+    # The bench's `diloco` method is the blocking one even where the run config overlaps.
+    overlapped = bench_diloco_config(RunConfig(swarm=SwarmConfig(overlap=True)), inner_steps=50)
+    assert not overlapped.overlap
+    assert overlapped.train_while_forming

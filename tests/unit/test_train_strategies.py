@@ -613,6 +613,33 @@ def test_diloco_config_is_checked() -> None:
         DiLoCoConfig(train_while_averaging=True)
 
 
+def test_diloco_config_from_a_swarm_section_keeps_only_what_applies() -> None:
+    from gossamer.core.config import SwarmConfig
+
+    default = DiLoCoConfig.from_swarm(SwarmConfig(), run_id="r")
+    assert (default.inner_steps, default.outer_lr, default.outer_momentum) == (50, 0.7, 0.9)
+    assert default.train_while_forming
+    assert default.train_while_averaging
+    assert default.outer_momentum_warmup
+    assert not default.overlap
+    assert default.run_id == "r"
+    # Overlapped rounds never wait for their group: nothing trains through forming or averaging.
+    overlapped = DiLoCoConfig.from_swarm(SwarmConfig(overlap=True), run_id="r")
+    assert overlapped.overlap
+    assert not overlapped.train_while_forming
+    assert not overlapped.train_while_averaging
+    # Averaging in the background needs the group formed in the background.
+    blocking = DiLoCoConfig.from_swarm(SwarmConfig(train_while_forming=False), run_id="r")
+    assert not blocking.train_while_forming
+    assert not blocking.train_while_averaging
+    chosen = DiLoCoConfig.from_swarm(
+        SwarmConfig(outer_lr=1.0, train_while_averaging=False), run_id="r", inner_steps=20
+    )
+    assert (chosen.inner_steps, chosen.outer_lr) == (20, 1.0)
+    assert chosen.train_while_forming
+    assert not chosen.train_while_averaging
+
+
 def test_lossy_codec_is_applied_and_counted() -> None:
     from gossamer.comm.codecs import CodecPolicy
 

@@ -112,19 +112,12 @@ def _run_method(
 
 
 def bench_diloco_config(config: RunConfig, inner_steps: int) -> DiLoCoConfig:
-    """The DiLoCo settings every DiLoCo method of the bench uses: H, and the outer optimizer
-    from the run config (``swarm.outer_lr``, ``swarm.outer_momentum``; the paper's 0.7 and 0.9
-    unless a flag says otherwise; ``swarm.outer_momentum_warmup``, on unless
-    ``--swarm.outer-momentum-warmup false``)."""
-    return DiLoCoConfig(
-        inner_steps=inner_steps,
-        run_id="bench",
-        outer_lr=config.swarm.outer_lr,
-        outer_momentum=config.swarm.outer_momentum,
-        outer_momentum_warmup=config.swarm.outer_momentum_warmup,
-        train_while_forming=config.swarm.train_while_forming,
-        train_while_averaging=config.swarm.train_while_averaging
-        and config.swarm.train_while_forming,
+    """The DiLoCo settings every DiLoCo method of the bench uses: H, and the rest from the run
+    config's ``[swarm]`` (the paper's outer lr 0.7 and momentum 0.9 unless a flag says
+    otherwise; the outer-momentum warm-up and training while rounds form and average on unless
+    turned off). The ``diloco`` method is never overlapped: ``diloco_overlap`` is that."""
+    return DiLoCoConfig.from_swarm(
+        dataclasses.replace(config.swarm, overlap=False), run_id="bench", inner_steps=inner_steps
     )
 
 

@@ -89,6 +89,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gossamer.core.config import SwarmConfig
 from gossamer.core.hashing import sha256_state
 from gossamer.obs.trace import nested_span
 from gossamer.train.averaging import AverageOutcome, PendingRound, TensorAverager, begin_round
@@ -139,6 +140,34 @@ class DiLoCoConfig:
                 "diloco.train_while_averaging needs diloco.train_while_forming: the round "
                 "averages in the background only once its group has formed in the background"
             )
+
+    @classmethod
+    def from_swarm(
+        cls, swarm: SwarmConfig, *, run_id: str, inner_steps: int | None = None
+    ) -> DiLoCoConfig:
+        """The DiLoCo settings a run's ``[swarm]`` section asks for.
+
+        Training while the group forms and while it averages are each effective only where
+        their prerequisites hold (an overlapped round never waits for its group; averaging in
+        the background needs the group formed in the background), so a config that turns one
+        of them off never makes the other invalid.
+
+        Args:
+            swarm: the run's swarm settings.
+            run_id: names the rounds.
+            inner_steps: H, when it differs from ``swarm.inner_steps`` (the bench's flag).
+        """
+        forming = swarm.train_while_forming and not swarm.overlap
+        return cls(
+            inner_steps=swarm.inner_steps if inner_steps is None else inner_steps,
+            outer_lr=swarm.outer_lr,
+            outer_momentum=swarm.outer_momentum,
+            outer_momentum_warmup=swarm.outer_momentum_warmup,
+            run_id=run_id,
+            overlap=swarm.overlap,
+            train_while_forming=forming,
+            train_while_averaging=swarm.train_while_averaging and forming,
+        )
 
 
 class DiLoCoStrategy:

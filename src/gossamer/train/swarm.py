@@ -951,19 +951,7 @@ def _train_on_node(
     strategy: TrainingStrategy
     if swarm.strategy == "diloco":
         strategy = SwarmDiLoCoStrategy(
-            DiLoCoConfig(
-                inner_steps=swarm.inner_steps,
-                outer_lr=swarm.outer_lr,
-                outer_momentum=swarm.outer_momentum,
-                outer_momentum_warmup=swarm.outer_momentum_warmup,
-                run_id=config.name,
-                overlap=swarm.overlap,
-                # An overlapped round never waits for its group: nothing to train through.
-                train_while_forming=swarm.train_while_forming and not swarm.overlap,
-                train_while_averaging=swarm.train_while_averaging
-                and swarm.train_while_forming
-                and not swarm.overlap,
-            ),
+            DiLoCoConfig.from_swarm(swarm, run_id=config.name),
             averager,
             node_thread,
             donor,
