@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gossamer.bench import SMALL_GPT
 from gossamer.comm.codecs import CodecPolicy
 from gossamer.core.config import CheckpointConfig, RunConfig
 from gossamer.data import load_corpus
@@ -26,7 +27,18 @@ from gossamer.train.strategy import TrainingStrategy
 from gossamer.train.sync import SyncStrategy
 from gossamer.train.thread_swarm import run_thread_swarm
 
-__all__ = ["DiLoCoBenchResult", "MethodResult", "bench_diloco_config", "run_diloco_bench"]
+__all__ = [
+    "QUALITY_DEFAULTS",
+    "DiLoCoBenchResult",
+    "MethodResult",
+    "bench_diloco_config",
+    "run_diloco_bench",
+]
+
+QUALITY_DEFAULTS: tuple[tuple[str, str], ...] = (*SMALL_GPT, ("train.eval_batches", "32"))
+"""What `gossamer bench diloco` compares the methods on unless config flags say otherwise: the
+small GPT, its final validation loss taken over 32 batches (16k tokens) so that two methods'
+losses differ by more than the sample's noise."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)

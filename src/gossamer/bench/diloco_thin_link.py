@@ -44,6 +44,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from gossamer.bench import SMALL_GPT
+
 __all__ = [
     "THIN_LINK_DEFAULTS",
     "ThinLinkMethodResult",
@@ -52,19 +54,15 @@ __all__ = [
 ]
 
 THIN_LINK_DEFAULTS: tuple[tuple[str, str], ...] = (
-    ("model.num_layers", "2"),
-    ("model.num_heads", "2"),
-    ("model.width", "64"),
-    ("model.context", "64"),
-    ("train.batch_size", "8"),
+    *SMALL_GPT,
     ("train.eval_batches", "4"),
-    ("train.num_threads", "1"),
     ("train.log_every", "50"),
     ("swarm.codec", "int8"),
 )
-"""A small GPT (121k parameters) that trains in minutes on 2 shared cores, and the swarm's rounds
-(DiLoCo's and sync's) in 8 bits, as on any thin link; DDP is plain fp32 gloo. Config flags win
-(``--swarm.codec none`` for fp32 rounds, which ``auto`` then runs over torch.distributed)."""
+"""The small GPT (:data:`~gossamer.bench.SMALL_GPT`), evaluated on 4 batches (each peer checks the
+target every few steps), and the swarm's rounds (DiLoCo's and sync's) in 8 bits, as on any thin
+link; DDP is plain fp32 gloo. Config flags win (``--swarm.codec none`` for fp32 rounds, which
+``auto`` then runs over torch.distributed)."""
 
 _METHODS = ("diloco", "diloco_overlap", "sync", "ddp")
 _READY_TIMEOUT_S = 120.0

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gossamer.bench.diloco import run_diloco_bench
+from gossamer.bench.diloco import QUALITY_DEFAULTS, run_diloco_bench
 from gossamer.bench.diloco_thin_link import ThinLinkResult, run_thin_link_bench
 from gossamer.bench.loop import run_loop_bench
 from gossamer.bench.obs_overhead import run_obs_overhead_bench
@@ -122,7 +122,10 @@ def diloco(
     ctx: typer.Context,
     peers: Annotated[int, typer.Option(help="Peers training together.")] = 4,
     inner_steps: Annotated[int, typer.Option(help="DiLoCo's H: inner steps per outer step.")] = 50,
-    steps: Annotated[int, typer.Option(help="Inner steps per peer, for every method.")] = 400,
+    steps: Annotated[
+        int,
+        typer.Option(help="Inner steps per peer, for every method (5000: 100 outer steps)."),
+    ] = 5000,
     int8: Annotated[bool, typer.Option(help="Also run DiLoCo with the 8-bit codec.")] = True,
     overlap: Annotated[
         bool, typer.Option(help="Also run overlapped DiLoCo (swarm.overlap).")
@@ -147,13 +150,15 @@ def diloco(
     Peers are threads of this process averaging through the same codecs as on the wire. With
     --rate, the peers then also run as processes in lab namespaces behind links of that rate, and
     DiLoCo, sync and plain PyTorch DDP (gloo) are each timed to --target-loss, with the same
-    --steps budget and H. The thin link's model is a small GPT (see `settings` in the JSON);
-    config flags (--model.width 128, ...) change it and the quality part alike, and
-    --swarm.outer-lr / --swarm.outer-momentum set DiLoCo's outer optimizer (0.7 and 0.9).
+    --steps budget and H. Both parts train a small GPT (2 layers, width 64, context 64, batch 8;
+    see `settings` in the JSON); config flags (--model.width 128, ...) change it for both, and
+    --swarm.outer-lr / --swarm.outer-momentum set DiLoCo's outer optimizer (0.7 and 0.9). The
+    default budget, 5000 steps, is 100 outer steps: DiLoCo's gap to sync narrows as outer steps
+    accumulate (README, Benchmarks).
     """
     with exit_on_gossamer_errors():
         overrides = parse_flag_overrides(ctx.args)
-        config = load_run_config(None, overrides)
+        config = load_run_config(None, [*QUALITY_DEFAULTS, *overrides])
         rate_bits = parse_rate(rate) if rate else None
         result = run_diloco_bench(
             config=config,

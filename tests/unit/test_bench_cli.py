@@ -1,0 +1,54 @@
+"""`gossamer bench diloco`'s defaults: what the quality comparison trains unless flags say so."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from gossamer.bench.diloco import DiLoCoBenchResult, MethodResult, bench_diloco_config
+from gossamer.cli import bench
+from gossamer.core.config import RunConfig
+
+
+def _capture(seen: dict[str, Any]) -> Any:
+    def fake_bench(*, config: RunConfig, peers: int, inner_steps: int, steps: int, **_: Any) -> Any:
+        seen.update(config=config, peers=peers, inner_steps=inner_steps, steps=steps)
+        method = MethodResult(name="m", val_loss=2.0, bytes_per_peer=1, seconds=1.0)
+        return DiLoCoBenchResult(
+            peers=peers,
+            inner_steps=inner_steps,
+            steps=steps,
+            tokens_per_peer=1,
+            methods={"sync": method, "diloco": method},
+            outer=bench_diloco_config(config, inner_steps),
+        )
+
+    return fake_bench
+
+
+def test_the_quality_comparison_takes_the_small_gpt_for_100_outer_steps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(bench, "run_diloco_bench", _capture(seen))
+    result = CliRunner().invoke(bench.app, ["diloco", "--json"])
+    assert result.exit_code == 0, result.output
+    config: RunConfig = seen["config"]
+    assert (seen["peers"], seen["inner_steps"], seen["steps"]) == (4, 50, 5000)
+    model = config.model
+    assert (model.num_layers, model.num_heads, model.width, model.context) == (2, 2, 64, 64)
+    assert config.train.batch_size == 8
+    assert config.train.eval_batches == 32
+
+
+def test_config_flags_win_over_the_quality_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(bench, "run_diloco_bench", _capture(seen))
+    argv = ["diloco", "--steps", "400", "--json", "--model.width", "128", "--model.num-layers", "4"]
+    result = CliRunner().invoke(bench.app, argv)
+    assert result.exit_code == 0, result.output
+    config: RunConfig = seen["config"]
+    assert seen["steps"] == 400
+    assert (config.model.num_layers, config.model.width, config.model.context) == (4, 128, 64)
