@@ -497,3 +497,22 @@ def test_a_finished_round_answers_only_for_averages_it_took_from_the_owner() -> 
     assert not finished.answers("p3", frame(FrameKind.CONTRIBUTION, part=1))  # just late
     assert not finished.answers("stranger", reassigned)  # not a member of the round
     assert not finished.answers("p1", frame(FrameKind.RESULT, part=3, flags=FLAG_REASSIGNED))
+
+
+def test_message_size_grows_with_the_round_within_bounds() -> None:
+    from gossamer.comm.plan import MAX_CHUNK_ELEMENTS, MIN_CHUNK_ELEMENTS, chunk_elements_for
+
+    # Up to 32 MiB of float32: 2 MiB messages, as before; from 64 MiB: 4 MiB, one bulk chunk.
+    assert chunk_elements_for(1000, 4096) == MIN_CHUNK_ELEMENTS == 1 << 19
+    assert chunk_elements_for(8 << 20, 4096) == MIN_CHUNK_ELEMENTS
+    assert chunk_elements_for(25_000_000, 4096) == MAX_CHUNK_ELEMENTS == 1 << 20
+    # Between: a sixteenth of the tensor, on a block boundary (a 40 MB round: 2.4 MB messages).
+    between = chunk_elements_for(10_000_000, 4096)
+    assert between % 4096 == 0
+    assert 10_000_000 // 16 - 4096 < between <= 10_000_000 // 16
+    assert chunk_elements_for(10_000_000, 1) == 625_000
+    with pytest.raises(ValueError, match="positive"):
+        chunk_elements_for(0, 4096)
+    assert AllReduceConfig().chunk_elements is None
+    with pytest.raises(ValueError, match="chunk_elements"):
+        AllReduceConfig(chunk_elements=0)

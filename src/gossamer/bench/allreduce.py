@@ -66,7 +66,6 @@ __all__ = [
 ]
 
 _TIMEOUT_S = 600.0
-_DEFAULT_CHUNK_ELEMENTS = AllReduceConfig().chunk_elements
 _TCP_FRAMING = 1514 / 1448
 """Ethernet + IP + TCP (with timestamps) bytes per payload byte of a full segment."""
 
@@ -452,7 +451,7 @@ def run_allreduce_sweep(
     backend: str = "auto",
     rate_bits_per_s: float | None = None,
     peer_rates_bps: Sequence[int] | None = None,
-    chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
     bulk_chunk_bytes: int = LimitsConfig().bulk_chunk_bytes,
     repeats: int = 3,
 ) -> list[AllReduceBenchResult]:
@@ -564,7 +563,7 @@ def run_allreduce_bench(
     codec: str = "none",
     backend: str = "auto",
     rate_bits_per_s: float | None = None,
-    chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
     repeats: int = 1,
 ) -> AllReduceBenchResult:
     """Run the benchmark for one codec and return its figures (see :func:`run_allreduce_sweep`)."""

@@ -34,7 +34,7 @@ from gossamer.comm.bandwidth import (
     SendTally,
 )
 from gossamer.comm.codecs import CodecPolicy, ErrorFeedback, FloatArray, codec_by_name
-from gossamer.comm.plan import FlatLayout, PartPlan, round_id_of
+from gossamer.comm.plan import FlatLayout, PartPlan, chunk_elements_for, round_id_of
 from gossamer.comm.reduction import ChunkCodec
 from gossamer.comm.report import AllReduceReport, AllReduceResult
 from gossamer.comm.round_state import RoundState
@@ -61,10 +61,11 @@ class AllReduceConfig:
     """Share of the deadline after which owners average whatever contributions arrived."""
     send_timeout_s: float = 30.0
     """Deadline of one chunk message; a peer that misses it is treated as failed."""
-    chunk_elements: int = 1 << 19
-    """Values per chunk message (2 MiB of float32, within one bulk chunk at net's default size:
-    one unary call). 4 MiB messages were 10-15% faster on loopback but added 3.1x a 40 MB
-    tensor to a peer's peak memory (the target is 3x)."""
+    chunk_elements: int | None = None
+    """Values per chunk message; None: by the round's size
+    (:func:`~gossamer.comm.plan.chunk_elements_for`: 2 MiB of float32 up to a 32 MiB round,
+    4 MiB from 64 MiB, each one bulk chunk, one unary call). Every member of a round must use
+    the same (the round's id covers it)."""
     max_in_flight_per_peer: int = 3
     """Chunk messages in flight to one peer at once."""
     min_step_s: float = 0.15
@@ -109,7 +110,9 @@ class AllReduceConfig:
             raise ValueError(f"queue_s must be >= 0, got {self.queue_s}")
         if self.order not in ("auto", "steps", "ordered", "open"):
             raise ValueError(f"order must be auto, steps, ordered or open, got {self.order!r}")
-        if self.chunk_elements < 1 or self.max_in_flight_per_peer < 1:
+        if (
+            self.chunk_elements is not None and self.chunk_elements < 1
+        ) or self.max_in_flight_per_peer < 1:
             raise ValueError("chunk_elements and max_in_flight_per_peer must be at least 1")
 
 
@@ -201,7 +204,8 @@ def decline_round(
         members,
         layout.total,
         bandwidth_weights=bandwidth_weights,
-        chunk_elements=config.chunk_elements,
+        chunk_elements=config.chunk_elements
+        or chunk_elements_for(layout.total, config.codec.block_size),
         align=config.codec.block_size,
     )
     finished = FinishedRound(frozenset(plan.members), frozenset(), elsewhere=True)
@@ -270,7 +274,8 @@ async def all_reduce(
         members,
         layout.total,
         bandwidth_weights=bandwidth_weights,
-        chunk_elements=config.chunk_elements,
+        chunk_elements=config.chunk_elements
+        or chunk_elements_for(layout.total, config.codec.block_size),
         align=config.codec.block_size,
     )
     round_id = round_id_of(round_key, plan, layout)
