@@ -52,3 +52,29 @@ def test_config_flags_win_over_the_quality_defaults(monkeypatch: pytest.MonkeyPa
     config: RunConfig = seen["config"]
     assert seen["steps"] == 400
     assert (config.model.num_layers, config.model.width, config.model.context) == (4, 128, 64)
+
+
+class _Captured(Exception):
+    """Stops the command once the thin-link part's arguments are seen."""
+
+
+def test_the_thin_link_keeps_its_own_step_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+    thin: dict[str, Any] = {}
+
+    def fake_thin_link(**kwargs: Any) -> Any:
+        thin.update(kwargs)
+        raise _Captured
+
+    monkeypatch.setattr(bench, "run_diloco_bench", _capture(seen))
+    monkeypatch.setattr(bench, "run_thin_link_bench", fake_thin_link)
+    result = CliRunner().invoke(bench.app, ["diloco", "--rate", "20mbit", "--json"])
+    assert isinstance(result.exception, _Captured)
+    # The time-to-target race keeps the learning-rate schedule it was measured with (400
+    # steps) while the quality part trains 5000.
+    assert (seen["steps"], thin["max_steps"]) == (5000, 400)
+    result = CliRunner().invoke(
+        bench.app, ["diloco", "--rate", "20mbit", "--thin-link-steps", "600"]
+    )
+    assert isinstance(result.exception, _Captured)
+    assert thin["max_steps"] == 600

@@ -139,6 +139,12 @@ def diloco(
     target_loss: Annotated[
         float, typer.Option(help="Thin link: the validation loss every method trains to.")
     ] = 2.5,
+    thin_link_steps: Annotated[
+        int,
+        typer.Option(
+            help="Thin link: each method's step budget (its learning-rate schedule's length)."
+        ),
+    ] = 400,
     time_cap_s: Annotated[
         float, typer.Option(help="Thin link: longest one method runs before it is stopped.")
     ] = 180.0,
@@ -150,11 +156,11 @@ def diloco(
     Peers are threads of this process averaging through the same codecs as on the wire. With
     --rate, the peers then also run as processes in lab namespaces behind links of that rate, and
     DiLoCo, sync and plain PyTorch DDP (gloo) are each timed to --target-loss, with the same
-    --steps budget and H. Both parts train a small GPT (2 layers, width 64, context 64, batch 8;
-    see `settings` in the JSON); config flags (--model.width 128, ...) change it for both, and
-    --swarm.outer-lr / --swarm.outer-momentum set DiLoCo's outer optimizer (0.7 and 0.9). The
-    default budget, 5000 steps, is 100 outer steps: DiLoCo's gap to sync narrows as outer steps
-    accumulate (README, Benchmarks).
+    H and the same --thin-link-steps budget. Both parts train a small GPT (2 layers, width 64,
+    context 64, batch 8; see `settings` in the JSON); config flags (--model.width 128, ...)
+    change it for both, and --swarm.outer-lr / --swarm.outer-momentum set DiLoCo's outer
+    optimizer (0.7 and 0.9). The quality part's default budget, 5000 steps, is 100 outer steps:
+    DiLoCo's gap to sync narrows as outer steps accumulate (README, Benchmarks).
     """
     with exit_on_gossamer_errors():
         overrides = parse_flag_overrides(ctx.args)
@@ -175,7 +181,7 @@ def diloco(
                 peers=peers,
                 target_loss=target_loss,
                 inner_steps=inner_steps,
-                max_steps=steps,
+                max_steps=thin_link_steps,
                 cap_s=time_cap_s,
                 overrides=overrides,
             )
