@@ -78,3 +78,19 @@ def test_the_thin_link_keeps_its_own_step_budget(monkeypatch: pytest.MonkeyPatch
     )
     assert isinstance(result.exception, _Captured)
     assert thin["max_steps"] == 600
+
+
+def test_a_missing_lab_tool_is_one_line_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gossamer.cli import bench_allreduce
+    from gossamer.core.errors import MissingDependencyError
+
+    def missing(**_: Any) -> Any:
+        raise MissingDependencyError(
+            "the lab needs iptables; install with `apt-get install iptables` (as root)"
+        )
+
+    monkeypatch.setattr(bench_allreduce, "run_allreduce_sweep", missing)
+    result = CliRunner().invoke(bench.app, ["allreduce", "--rate", "100mbit"])
+    assert result.exit_code == 1
+    assert "apt-get install iptables" in result.output
+    assert "Traceback" not in result.output

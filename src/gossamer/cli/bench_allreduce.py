@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from gossamer.bench.allreduce import run_allreduce_sweep, write_throughput_plot
+from gossamer.cli.errors import exit_on_gossamer_errors
 from gossamer.lab import parse_rate
 
 __all__ = ["register"]
@@ -76,18 +77,19 @@ def register(app: typer.Typer) -> None:
                 f"--peers: a number or a list like 2,4; got {peers!r}"
             ) from None
         try:
-            results = [
-                result
-                for count in counts
-                for result in run_allreduce_sweep(
-                    peers=count,
-                    size_bytes=_parse_size(size),
-                    codecs=codecs,
-                    backend=backend,
-                    rate_bits_per_s=rate_bits,
-                    repeats=repeats,
-                )
-            ]
+            with exit_on_gossamer_errors():  # a missing lab tool, a worker that failed: one line
+                results = [
+                    result
+                    for count in counts
+                    for result in run_allreduce_sweep(
+                        peers=count,
+                        size_bytes=_parse_size(size),
+                        codecs=codecs,
+                        backend=backend,
+                        rate_bits_per_s=rate_bits,
+                        repeats=repeats,
+                    )
+                ]
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from exc
         if as_json:
