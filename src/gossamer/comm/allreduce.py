@@ -183,6 +183,24 @@ def _unflatten(flat: FloatArray, layout: FlatLayout, fresh: bool) -> list[torch.
     return out
 
 
+def _part_plan(
+    members: Sequence[str],
+    layout: FlatLayout,
+    config: AllReduceConfig,
+    bandwidth_weights: Sequence[float] | None,
+) -> PartPlan:
+    """The round's parts and chunks: what every member computes alike, so that a declined
+    round names the same round id as the members who run it."""
+    block_size = config.codec.block_size
+    return PartPlan.create(
+        members,
+        layout.total,
+        bandwidth_weights=bandwidth_weights,
+        chunk_elements=config.chunk_elements or chunk_elements_for(layout.total, block_size),
+        align=block_size,
+    )
+
+
 def decline_round(
     tensors: Sequence[torch.Tensor],
     *,
@@ -200,14 +218,7 @@ def decline_round(
     and failed on it, say, the last message lost with a killed member)."""
     config = config or AllReduceConfig()
     layout = FlatLayout(tensors, config.codec, names)
-    plan = PartPlan.create(
-        members,
-        layout.total,
-        bandwidth_weights=bandwidth_weights,
-        chunk_elements=config.chunk_elements
-        or chunk_elements_for(layout.total, config.codec.block_size),
-        align=config.codec.block_size,
-    )
+    plan = _part_plan(members, layout, config, bandwidth_weights)
     finished = FinishedRound(frozenset(plan.members), frozenset(), elsewhere=True)
     mailbox.close_round(round_id_of(round_key, plan, layout), finished=finished)
 
@@ -270,14 +281,7 @@ async def all_reduce(
     if not np.isfinite(weight) or weight < 0:
         raise ValueError(f"weight must be finite and >= 0, got {weight}")
     layout = FlatLayout(tensors, config.codec, names)
-    plan = PartPlan.create(
-        members,
-        layout.total,
-        bandwidth_weights=bandwidth_weights,
-        chunk_elements=config.chunk_elements
-        or chunk_elements_for(layout.total, config.codec.block_size),
-        align=config.codec.block_size,
-    )
+    plan = _part_plan(members, layout, config, bandwidth_weights)
     round_id = round_id_of(round_key, plan, layout)
     order = _send_order(plan, config, meter)
     in_steps = order != "open"

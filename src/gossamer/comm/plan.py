@@ -107,12 +107,12 @@ def chunk_elements_for(total: int, align: int = 1) -> int:
     :data:`MIN_CHUNK_ELEMENTS` and at most :data:`MAX_CHUNK_ELEMENTS`, a multiple of ``align``.
 
     A message costs per-call CPU whatever its size, so fewer, larger messages are faster where
-    the CPU is the limit (loopback, 100 MB, 4 peers: 4 MiB messages took 1.01-1.09 s a round
-    against 1.21-1.33 s in 2 MiB ones, alternating in one session; on 100 Mbit/s links the two
-    did not differ). But the messages in flight (a few per peer, on both ends, about 26 in all
-    for 4 members) add to a peer's peak memory whatever the tensor's size: 4 MiB messages
-    added 3.12x a 40 MB tensor (the target is 3x), 2 MiB ones about 1.9x. A sixteenth keeps
-    what they add to about 1.6x the tensor.
+    the CPU is the limit (loopback, 100 MB, 4 peers, alternating in one session: 0.67-0.74 s a
+    round in 4 MiB messages against 0.83-0.95 s in 2 MiB ones, 2026-12-04; on 100 Mbit/s links
+    the two did not differ beyond the runs' spread). But the messages in flight (a few per peer,
+    on both ends) add to a peer's peak memory whatever the tensor's size: fixed 4 MiB messages
+    added 3.12x a 40 MB tensor (the target is 3x). Sized by the tensor, a 40 MB round adds
+    1.96x (4 peers) and 2.03-2.05x (2 peers), a 100 MB one 1.48-1.67x (docs/comm.md).
     """
     if total < 1 or align < 1:
         raise ValueError(f"total and align must be positive, got {total} and {align}")
