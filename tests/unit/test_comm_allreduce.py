@@ -417,21 +417,23 @@ class _DiesBeforeItsAveragesReach(FakeTransport):
 
 
 def test_a_member_that_lost_an_average_others_finished_with_leaves_the_round_at_once() -> None:
-    # Peer 2 sends its part's averages to peer 0, then dies before those for peer 1 go out
-    # (in pairwise steps peer 0's come first). Peer 0 finishes with everyone's mean. Peer 1
-    # hears that peer 2 is gone and reassigns part 2, but the only member left to average it
-    # with, peer 0, has finished and closed the round: it says so, and peer 1 leaves the round
-    # as dropped (its caller takes the others' state) instead of waiting to the reduce
-    # deadline for a contribution that never comes and ending with a part 2 nobody else holds.
+    # Peer 2 sends its part's averages to peer 1, then dies before those for peer 0 go out
+    # (in pairwise steps the all-gather goes to the member behind first). Peer 1 finishes with
+    # everyone's mean. Peer 0 hears that peer 2 is gone and reassigns part 2, but the only
+    # member left to average it with, peer 1, has finished and closed the round: it says so,
+    # and peer 0 leaves the round as dropped (its caller takes the others' state) instead of
+    # waiting to the reduce deadline for a contribution that never comes and ending with a
+    # part 2 nobody else holds.
     inputs = _inputs(3)
     clock = IdleJumpClock()
     config = dataclasses.replace(CONFIG, order=_schedule["order"])
     members = ["peer-0", "peer-1", "peer-2"]
+    finisher, victim = 1, 0
     finished_at: dict[int, float] = {}
 
     async def main() -> dict[int, AllReduceResult]:
         network = FakeNetwork(clock)
-        dying = _DiesBeforeItsAveragesReach(network, "peer-2", victim="peer-1")
+        dying = _DiesBeforeItsAveragesReach(network, "peer-2", victim=members[victim])
         network.transports["peer-2"] = dying
         transports = [network.transport("peer-0"), network.transport("peer-1"), dying]
         mailboxes = [CommMailbox(t, clock) for t in transports]
@@ -448,7 +450,7 @@ def test_a_member_that_lost_an_average_others_finished_with_leaves_the_round_at_
                 alive=lambda peer: not (peer == "peer-2" and dying.dead),
             )
             finished_at[i] = clock.monotonic()
-            if i == 0:
+            if i == finisher:
                 dying.dies.set()
             return result
 
@@ -457,27 +459,29 @@ def test_a_member_that_lost_an_average_others_finished_with_leaves_the_round_at_
         return {i: t.result() for i, t in enumerate(tasks)}
 
     results = asyncio.run(clock.run(main()))
-    first = results[0].report
+    first = results[finisher].report
     assert first.failed == {}
     assert first.excluded is None
-    _assert_close(results[0].tensors, _mean(inputs, range(3)), atol=1e-6)
-    dropped = results[1].report
+    _assert_close(results[finisher].tensors, _mean(inputs, range(3)), atol=1e-6)
+    dropped = results[victim].report
     assert dropped.excluded is not None
     assert "had finished the round" in dropped.excluded
-    assert finished_at[1] < 1.0, finished_at  # not the reduce deadline (21 s)
-    # It keeps what it got from another reducer (part 0, what peer 0 holds) and its own
+    assert finished_at[victim] < 1.0, finished_at  # not the reduce deadline (21 s)
+    # It keeps what it got from another reducer (part 1, what peer 1 holds) and its own
     # values elsewhere (a dropped member's own averages may not be what the others hold).
     assert [p.outcome for p in dropped.parts] == [
+        PartOutcome.KEPT_LOCAL,
         PartOutcome.AVERAGED,
         PartOutcome.KEPT_LOCAL,
-        PartOutcome.KEPT_LOCAL,
     ]
-    kept = torch.cat([t.reshape(-1) for t in results[1].tensors])
-    held = torch.cat([t.reshape(-1) for t in results[0].tensors])
-    own = torch.cat([t.reshape(-1) for t in inputs[1]])
-    split = dropped.parts[0].num_elements
-    assert torch.equal(kept[:split], held[:split])
-    assert torch.equal(kept[split:], own[split:])
+    kept = torch.cat([t.reshape(-1) for t in results[victim].tensors])
+    held = torch.cat([t.reshape(-1) for t in results[finisher].tensors])
+    own = torch.cat([t.reshape(-1) for t in inputs[victim]])
+    a = dropped.parts[0].num_elements
+    b = a + dropped.parts[1].num_elements
+    assert torch.equal(kept[a:b], held[a:b])
+    assert torch.equal(kept[:a], own[:a])
+    assert torch.equal(kept[b:], own[b:])
 
 
 def test_a_finished_round_answers_only_for_averages_it_took_from_the_owner() -> None:

@@ -40,10 +40,32 @@ def test_every_step_is_a_perfect_matching(n: int) -> None:
         assert all(r != me for me, r in enumerate(receivers))
         for me, member in enumerate(members):  # and the receiver expects exactly that sender
             assert members[member.sends_to[step]].receives_from[step] == me
-    # reduce-scatter first (values to the part's owner), then all-gather (averages out)
+    # reduce-scatter first (values to the part's owner), then all-gather (averages out),
+    # backwards: its first step goes to the member the last reduce-scatter step went to
     first = members[0]
     assert [first.contribution_step(p) for p in (1, 2)][: n - 1] == list(range(min(2, n - 1)))
-    assert first.result_step(1) == n - 1
+    assert first.result_step(n - 1) == n - 1
+    assert first.result_step(1) == 2 * n - 3
+    assert first.sends_to[n - 2] == first.sends_to[n - 1] == n - 1
+    for me, member in enumerate(members):  # results arrive in the step their owner sends them
+        for step in range(n - 1, 2 * (n - 1)):
+            owner = member.receives_from[step]
+            assert members[owner].result_step(me) == step
+
+
+def test_the_first_all_gather_step_opens_with_the_last_reduce_scatter_step() -> None:
+    """Both go to the same member: one flow, nothing to wait for between them."""
+    steps = _steps(4, me=0, chunks=2)
+    steps.receiver_ready(1, 2)
+    steps.sent(0)
+    steps.sent(0)
+    steps.receiver_ready(2, 3)
+    steps.sent(1)
+    assert not steps.opened[2].is_set()
+    steps.sent(1)
+    assert steps.opened[2].is_set()  # the last reduce-scatter step, to member 3
+    assert steps.opened[3].is_set()  # and the first all-gather step, to member 3 as well
+    assert not steps.opened[4].is_set()  # to member 2: its answer and step 3's sends first
 
 
 def test_a_step_opens_once_the_one_before_is_sent_and_its_receiver_answered() -> None:
@@ -92,10 +114,12 @@ def test_patience_and_failures_open_steps_without_the_receivers_answer() -> None
     assert not steps.opened[1].is_set()
     steps.stop_waiting(1)  # waited long enough for member 2's answer
     assert steps.opened[1].is_set()
+    assert steps.opened[2].is_set()  # the first all-gather step goes to member 2 as well
     steps.sent(1)
-    assert not steps.opened[2].is_set()
-    steps.member_failed(1)  # step 2 sends to member 1: nobody to wait for
-    assert steps.opened[2].is_set()
+    steps.sent(2)
+    assert not steps.opened[3].is_set()
+    steps.member_failed(1)  # step 3 sends to member 1: nobody to wait for
+    assert steps.opened[3].is_set()
     failed = _steps(3, me=0, chunks=1)
     failed.member_failed(1)  # step 0 sends to member 1: nothing to send
     assert failed.sends_done[0].is_set()
@@ -218,8 +242,9 @@ def test_a_member_sends_to_one_destination_at_a_time_in_step_order(order: str) -
         log = sorted(logs[member])
         dests = [members.index(d) for _, _, d in log]
         shifts = [(d - me) % 4 for d in dests]
-        # reduce-scatter to shifts 1, 2, 3, then all-gather to shifts 1, 2, 3
-        assert shifts == sorted(shifts[: len(shifts) // 2]) + sorted(shifts[len(shifts) // 2 :])
+        # reduce-scatter to shifts 1, 2, 3, then all-gather to shifts 3, 2, 1
+        half = len(shifts) // 2
+        assert shifts == sorted(shifts[:half]) + sorted(shifts[half:], reverse=True)
         for (start, _, dest), (_, end, other) in zip(log[1:], log, strict=False):
             if dest != other:
                 assert start >= end  # a new destination only once the last step was sent

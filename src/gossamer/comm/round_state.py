@@ -320,8 +320,8 @@ class RoundState:
         """Wait until ``step`` may start: see :mod:`gossamer.comm.steps`.
 
         Never past the reduce deadline; and once this member sent the previous step, at most
-        ``patience`` (a quarter of that step's length, at least 50 ms) for the word of the
-        step's receiver.
+        ``patience`` (a quarter of the time it sent to that step's receiver, at least 50 ms)
+        for the word of the step's receiver.
         """
         opened = self.steps.opened[step]
         if step > 0 and not opened.is_set():
@@ -334,7 +334,7 @@ class RoundState:
                 done_at = self._sends_done_at[before]
                 if done_at is None:
                     done_at = self.clock.monotonic()
-                began = self._step_began[before]
+                began = self._step_began[self.steps.flow_start(before)]
                 if began is None:  # (a fake clock starts at 0.0: no ``or`` here)
                     began = done_at
                 patience_s = max(0.05, 0.25 * (done_at - began))
