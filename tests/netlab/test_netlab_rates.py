@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -37,3 +38,14 @@ def test_a_cap_holds_downstream_and_behind_nat(make_lab: MakeLab) -> None:
     assert natted.bottleneck_bps == 50 * MBIT
     for result in (download, natted):
         assert 0.85 <= result.share_of_bottleneck <= 1.0, result
+
+
+def test_a_lab_sets_the_congestion_control_its_peers_use(make_lab: MakeLab) -> None:
+    with make_lab(num_peers=2, num_nat=1, tcp_congestion_control="reno") as lab:
+        for peer in lab.topology.peers:
+            used = subprocess.run(
+                ["ip", "netns", "exec", peer.namespace, "sysctl", "-n",
+                 "net.ipv4.tcp_congestion_control"],
+                capture_output=True, text=True, check=True, timeout=10,
+            ).stdout.strip()  # fmt: skip
+            assert used == "reno", peer.name

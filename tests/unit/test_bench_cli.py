@@ -94,3 +94,9 @@ def test_a_missing_lab_tool_is_one_line_with_the_fix(monkeypatch: pytest.MonkeyP
     assert result.exit_code == 1
     assert "apt-get install iptables" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_congestion_control_without_a_lab_is_refused_with_the_reason() -> None:
+    result = CliRunner().invoke(bench.app, ["allreduce", "--tcp-congestion", "cubic"])
+    assert result.exit_code == 2
+    assert "give --rate too" in result.output

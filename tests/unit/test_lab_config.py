@@ -88,3 +88,10 @@ def test_lab_config_per_peer_rates_and_nat_placement() -> None:
 def test_lab_config_rejects_bad_values(kwargs: dict[str, object], fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         LabConfig(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["Cubic", "bbr; reboot", "x" * 17, "tcp-bbr"])
+def test_a_congestion_control_must_be_a_plain_name(name: str) -> None:
+    with pytest.raises(ConfigError, match="tcp_congestion_control"):
+        LabConfig(num_peers=2, tcp_congestion_control=name)
+    assert LabConfig(num_peers=2, tcp_congestion_control="bbr").tcp_congestion_control == "bbr"

@@ -99,3 +99,19 @@ def test_nat_router_masquerades_and_drops_unsolicited_inbound() -> None:
     forward = [r for r in rules if r[:2] == ["-A", "FORWARD"]]
     assert forward[-1][-1] == "DROP"
     assert "ESTABLISHED,RELATED" in forward[-2]
+
+
+def test_a_congestion_control_is_set_in_every_peer_namespace_before_any_link() -> None:
+    config = LabConfig(num_peers=3, num_nat=1, name="t1", tcp_congestion_control="cubic")
+    topology = plan_topology(config)
+    commands = build_commands(topology)
+    sysctls = [argv for argv in commands if "net.ipv4.tcp_congestion_control=cubic" in argv]
+    assert [argv[3] for argv in sysctls] == [p.namespace for p in topology.peers]
+    first_link = min(i for i, argv in enumerate(commands) if "veth" in argv)
+    assert all(commands.index(argv) < first_link for argv in sysctls)
+    assert Topology.from_json(topology.to_json()) == topology
+    plain = plan_topology(_config())  # empty: each namespace keeps what the host gives it
+    assert not [argv for argv in build_commands(plain) if "sysctl" in argv and "tcp" in str(argv)]
+    old_record = plain.to_json()
+    del old_record["tcp_congestion_control"]  # a state file written before the field existed
+    assert Topology.from_json(old_record).tcp_congestion_control == ""

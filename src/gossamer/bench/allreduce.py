@@ -103,6 +103,9 @@ class AllReduceBenchResult:
     tensor's bytes: the largest over workers and repeats; None where it can't be read."""
     gloo_peak_extra_memory_ratio: float | None = None
     """The same for gloo's in-place all-reduce."""
+    tcp_congestion_control: str = ""
+    """The TCP congestion control the workers' sockets used (their namespace's), for gloo and
+    Gossamer alike; it moves the figures on shaped links (see :class:`LabConfig`)."""
 
     def to_json(self) -> str:
         """The result as one JSON object."""
@@ -147,6 +150,7 @@ class AllReduceBenchResult:
                 f"({self.header_overhead:+.2%} vs the ring bound's bytes, comm/codec headers; "
                 f"TCP/IP framing adds >= {_TCP_FRAMING - 1:.1%} on top)",
                 f"  max |error|   {self.max_abs_error_vs_gloo:.2e} vs gloo's mean",
+                f"  TCP           {self.tcp_congestion_control or 'n/a'} congestion control",
                 *([busy] if busy else []),
                 *([memory] if memory else []),
             ]
@@ -186,6 +190,14 @@ def _link_tx_bytes(ifname: str) -> int:
         if name.strip() == ifname:
             return int(counters.split()[8])
     raise RuntimeError(f"interface {ifname!r} is not in /proc/net/dev")
+
+
+def _congestion_control() -> str:
+    """The TCP congestion control new sockets get in this process's network namespace."""
+    try:
+        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _status_bytes(field: str) -> int:
@@ -246,6 +258,7 @@ def _worker_main(spec: dict[str, Any]) -> None:
         rows = _torch_rounds(averager, tensor, spec)
     else:
         rows = asyncio.run(_p2p_rounds(store, tensor, spec))
+    rows["tcp_congestion_control"] = _congestion_control()
     out = Path(spec["folder"]) / f"result-{rank}.json"
     out.write_text(json.dumps(rows))
     dist.barrier()
@@ -386,7 +399,10 @@ class _Placement:
 
 @contextlib.contextmanager
 def _placement(
-    peers: int, rate_bits_per_s: float | None, peer_rates: Sequence[int] | None
+    peers: int,
+    rate_bits_per_s: float | None,
+    peer_rates: Sequence[int] | None,
+    tcp_congestion_control: str = "",
 ) -> Iterator[_Placement]:
     if rate_bits_per_s is None and not peer_rates:
         yield _Placement(["127.0.0.1"] * peers, [""] * peers, [[] for _ in range(peers)])
@@ -398,6 +414,7 @@ def _placement(
         rate_bps=int(rate_bits_per_s or max(peer_rates or [1])),
         peer_rates_bps=tuple(peer_rates or ()),
         name=f"ar{secrets.token_hex(3)}",
+        tcp_congestion_control=tcp_congestion_control,
     )
     with open_lab(config) as lab:
         nodes = lab.topology.peers
@@ -454,12 +471,19 @@ def run_allreduce_sweep(
     chunk_elements: int | None = None,
     bulk_chunk_bytes: int = LimitsConfig().bulk_chunk_bytes,
     repeats: int = 3,
+    tcp_congestion_control: str = "",
 ) -> list[AllReduceBenchResult]:
     """Run the benchmark once for several codecs (same processes, same links, same run).
 
     With ``rate_bits_per_s`` (or per-peer rates) the peers run in a lab (root); else on
-    loopback. The torch backend has no codecs: it runs ``none`` only.
+    loopback. The torch backend has no codecs: it runs ``none`` only. ``tcp_congestion_control``
+    sets the lab namespaces' (empty: the host's default; loopback always has the host's).
     """
+    if tcp_congestion_control and rate_bits_per_s is None and not peer_rates_bps:
+        raise ValueError(
+            "--tcp-congestion applies to lab links only: give --rate too (loopback uses the "
+            "host's net.ipv4.tcp_congestion_control)"
+        )
     if peers < 2:
         raise ValueError("--peers must be at least 2")
     if repeats < 1:
@@ -477,7 +501,7 @@ def run_allreduce_sweep(
         "bulk_chunk_bytes": bulk_chunk_bytes,
         "repeats": repeats,
     }
-    with _placement(peers, rate_bits_per_s, peer_rates_bps) as placement:
+    with _placement(peers, rate_bits_per_s, peer_rates_bps, tcp_congestion_control) as placement:
         rows = _run_workers(placement, options)
     real_size = 4 * num_elements
     ring_bytes = 2 * (peers - 1) * real_size / peers
@@ -522,6 +546,9 @@ def run_allreduce_sweep(
                 ),
                 gloo_peak_extra_memory_ratio=_memory_ratio(
                     [r["gloo_memory"] for r in rows], real_size
+                ),
+                tcp_congestion_control=",".join(
+                    sorted({str(r.get("tcp_congestion_control", "")) for r in rows})
                 ),
             )
         )

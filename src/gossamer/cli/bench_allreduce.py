@@ -61,6 +61,14 @@ def register(app: typer.Typer) -> None:
         repeats: Annotated[
             int, typer.Option("--repeats", help="Timed repeats; figures are medians.")
         ] = 3,
+        tcp_congestion: Annotated[
+            str,
+            typer.Option(
+                "--tcp-congestion",
+                help="TCP congestion control in the lab's namespaces (cubic, bbr, ...); "
+                "default: the host's. Needs --rate.",
+            ),
+        ] = "",
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON, not a table.")] = False,
         plot: Annotated[
             Path | None,
@@ -88,6 +96,7 @@ def register(app: typer.Typer) -> None:
                         backend=backend,
                         rate_bits_per_s=rate_bits,
                         repeats=repeats,
+                        tcp_congestion_control=tcp_congestion,
                     )
                 ]
         except ValueError as exc:

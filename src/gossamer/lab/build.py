@@ -124,6 +124,11 @@ def build_commands(topology: Topology) -> list[Argv]:
     ]  # fmt: skip
     for peer in topology.peers:
         commands += _namespace_commands(peer.namespace)
+        if topology.tcp_congestion_control:  # per namespace: set before any socket opens
+            commands.append(
+                ["ip", "netns", "exec", peer.namespace, "sysctl", "-q", "-w",
+                 f"net.ipv4.tcp_congestion_control={topology.tcp_congestion_control}"]
+            )  # fmt: skip
     for peer in topology.peers:
         commands += _peer_commands(topology, peer)
     return commands

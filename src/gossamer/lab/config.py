@@ -35,6 +35,7 @@ MAX_RATE_BPS = 10_000_000_000
 _RATE_UNITS = {"bit": 1, "kbit": 1_000, "mbit": 1_000_000, "gbit": 1_000_000_000}
 _RATE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$")
 _NAME_PATTERN = re.compile(r"^[a-z0-9]{1,8}$")
+_CONGESTION_PATTERN = re.compile(r"^[a-z0-9_]{1,16}$")
 
 # Token bucket sizing, measured on veth pairs (see docs/lab.md): a bucket of 5 ms of traffic lets
 # TSO-sized bursts through without starving the link, and a queue of 50 ms absorbs TCP's
@@ -115,6 +116,12 @@ class LabConfig:
     """How many peers sit behind a NAT router (the last ``num_nat`` peers)."""
     name: str = "lab"
     """This lab's name (1 to 8 of a-z, 0-9); its namespaces are called ``gsl-<name>-...``."""
+    tcp_congestion_control: str = ""
+    """TCP congestion control in every peer's namespace (``cubic``, ``bbr``, ...: one the kernel
+    has, see ``/proc/sys/net/ipv4/tcp_available_congestion_control``); empty keeps what a new
+    namespace gets from the host. It moves results: over 100 Mbit/s lab links a 100 MB all-reduce
+    of 4 peers took 12.95 s with cubic and 13.20 s with bbr (gloo 12.81 s and 12.95 s), bbr's
+    periodic probes (ProbeRTT) stalling single flows for 200 ms."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_peers <= MAX_PEERS:
@@ -139,6 +146,13 @@ class LabConfig:
             raise ConfigError(
                 f"lab.num_nat: must be between 0 and num_peers ({self.num_peers}), "
                 f"got {self.num_nat}"
+            )
+        if self.tcp_congestion_control and not _CONGESTION_PATTERN.match(
+            self.tcp_congestion_control
+        ):
+            raise ConfigError(
+                f"lab.tcp_congestion_control: {self.tcp_congestion_control!r} is not a congestion "
+                "control's name (a-z, 0-9, _; e.g. cubic or bbr); leave it empty for the host's"
             )
         if not _NAME_PATTERN.match(self.name):
             raise ConfigError(

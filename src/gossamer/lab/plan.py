@@ -94,6 +94,8 @@ class Topology:
     """The namespace holding the bridge."""
     peers: tuple[PeerNode, ...]
     """The peers, in order."""
+    tcp_congestion_control: str = ""
+    """TCP congestion control set in every peer's namespace; empty: the host's default."""
 
     @property
     def namespace_prefix(self) -> str:
@@ -127,6 +129,7 @@ class Topology:
             "name": self.name,
             "switch_namespace": self.switch_namespace,
             "peers": [peer.to_json() for peer in self.peers],
+            "tcp_congestion_control": self.tcp_congestion_control,
         }
 
     @classmethod
@@ -136,6 +139,7 @@ class Topology:
             name=record["name"],
             switch_namespace=record["switch_namespace"],
             peers=tuple(PeerNode.from_json(peer) for peer in record["peers"]),
+            tcp_congestion_control=record.get("tcp_congestion_control", ""),
         )
 
 
@@ -176,4 +180,9 @@ def plan_topology(config: LabConfig) -> Topology:
                 shaped_ends=ends,
             )
         )
-    return Topology(name=config.name, switch_namespace=switch, peers=tuple(peers))
+    return Topology(
+        name=config.name,
+        switch_namespace=switch,
+        peers=tuple(peers),
+        tcp_congestion_control=config.tcp_congestion_control,
+    )
