@@ -17,9 +17,11 @@ from gossamer.comm.steps import PairwiseSteps
 from gossamer.comm.transport import (
     FRAME_NBYTES,
     CommMailbox,
+    FrameKind,
     Message,
     message_bytes,
     message_nbytes,
+    unpack_frame,
 )
 from gossamer.core.errors import ProtocolError
 
@@ -162,12 +164,17 @@ class _Recording(FakeTransport):
     ):
         super().__init__(network, peer_id)
         self.log = log
+        self.asks: list[tuple[float, int]] = []
+        """(time, step) of each step's question this peer sent."""
         self.kinds: list[int] = []
         self.send_s = send_s
         self.uplink = asyncio.Lock() if one_at_a_time else contextlib.nullcontext()
 
     async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
         if message_nbytes(message) <= FRAME_NBYTES:
+            frame, _ = unpack_frame(memoryview(message_bytes(message)))
+            if frame.kind is FrameKind.STEP_ASK:
+                self.asks.append((self.network.clock.monotonic(), frame.chunk))
             await super().send(peer_id, message, timeout_s=timeout_s)
             return
         async with self.uplink:  # one message on the wire at a time: the uplink is shared
@@ -182,11 +189,16 @@ _Log = list[tuple[float, float, str]]
 
 
 def _recorded_round(
-    send_s: list[float], *, order: str = "steps", kinds: dict[str, list[int]] | None = None
+    send_s: list[float],
+    *,
+    order: str = "steps",
+    kinds: dict[str, list[int]] | None = None,
+    asks: dict[str, list[tuple[float, int]]] | None = None,
 ) -> dict[str, _Log]:
     """Four members average (in steps with or without the receivers' word, or all at once on
     uplinks that carry one message at a time); member i's data messages take ``send_s[i]``
-    each. ``kinds`` receives each member's frame kinds in its log's order."""
+    each. ``kinds`` receives each member's frame kinds in its log's order, ``asks`` the
+    (time, step) of each question it sent."""
     in_steps = order != "open"
     clock = IdleJumpClock()
     members = [f"peer-{i}" for i in range(4)]
@@ -209,6 +221,8 @@ def _recorded_round(
             boxes.append(CommMailbox(transport, clock))
             if kinds is not None:
                 kinds[m] = transport.kinds
+            if asks is not None:
+                asks[m] = transport.asks
         results = await asyncio.gather(
             *(
                 all_reduce(
@@ -248,6 +262,21 @@ def test_a_member_sends_to_one_destination_at_a_time_in_step_order(order: str) -
         for (start, _, dest), (_, end, other) in zip(log[1:], log, strict=False):
             if dest != other:
                 assert start >= end  # a new destination only once the last step was sent
+
+
+def test_the_question_after_a_continued_flow_waits_for_its_earlier_step() -> None:
+    """The first all-gather step opens with the last reduce-scatter step; the question for the
+    step after them goes once that reduce-scatter step is sent, not when it opens (the
+    receiver would wait two steps' time for its answer, past its limit on slow links)."""
+    asks: dict[str, list[tuple[float, int]]] = {}
+    logs = _recorded_round([1.0] * 4, asks=asks)
+    for me, member in enumerate(logs):
+        ahead = (me + 3) % 4  # where reduce-scatter step 2 and all-gather step 3 go
+        ends = sorted(end for _, end, dest in logs[member] if dest == f"peer-{ahead}")
+        asked = {step: at for at, step in asks[member]}
+        assert sorted(asked) == [1, 2, 4, 5]  # step 3 continues step 2: nobody to ask
+        assert asked[4] >= ends[1], (member, asked, ends)  # after step 2's two messages
+        assert asked[4] < ends[-1]  # while step 3's still go
 
 
 def test_a_late_member_never_has_two_senders_feeding_its_downlink() -> None:

@@ -350,11 +350,20 @@ class RoundState:
             self._sends_done_at[step] = self.clock.monotonic()
 
     async def _ask_ahead(self) -> None:
-        """Once a step opens, ask the next step's receiver to answer when its downlink is free."""
-        for step in range(1, self.steps.num_steps):
-            opened = self.steps.opened[step - 1]
-            if not await wait_for_event(opened, self.reduce_deadline_s, self.clock):
-                return
+        """Once a step opens, ask the next step's receiver to answer when its downlink is free.
+
+        A step that continues the flow of the one before (see :meth:`PairwiseSteps.flow_start`)
+        opens with it; the question for the step after it waits until the earlier steps of that
+        flow are sent, so the receiver waits about one step for its answer, as for the others.
+        """
+        steps = self.steps
+        for step in range(1, steps.num_steps):
+            before = step - 1
+            waits = [steps.opened[before]]
+            waits += [steps.sends_done[b] for b in range(steps.flow_start(before), before)]
+            for event in waits:
+                if not await wait_for_event(event, self.reduce_deadline_s, self.clock):
+                    return
             self.spawn(self._ask_ready(step))
 
     async def _ask_ready(self, step: int) -> None:
