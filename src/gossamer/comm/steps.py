@@ -232,10 +232,12 @@ class PairwiseSteps:
     def _may_follow(self, step: int) -> bool:
         """Whether the step after ``step`` may start (``step`` itself has started).
 
-        This member sent every message of ``step`` (starting the next step with the last one
-        still going measured slower: the two flows compete), and the next step's receiver said
-        its downlink is free (or there is nothing to send it, or it failed, or this member
-        waited long enough for its word).
+        At once where the next step goes to the same member (the first all-gather step after
+        the last reduce-scatter step: one flow, nothing competes). Otherwise once this member
+        sent every message of ``step`` (starting the next step with the last one still going
+        measured slower: the two flows compete) and the next step's receiver said its downlink
+        is free (or there is nothing to send it, or it failed, or this member waited long
+        enough for its word).
         """
         after = step + 1
         if self.sends_to[after] == self.sends_to[step]:
