@@ -47,13 +47,18 @@ def tbf_command(end: LinkEnd, rate_bps: int) -> Argv:
     ]  # fmt: skip
 
 
+def _sysctl(namespace: str, *settings: str) -> Argv:
+    """Set kernel parameters (``key=value``) inside ``namespace``."""
+    return ["ip", "netns", "exec", namespace, "sysctl", "-q", "-w", *settings]
+
+
 def _namespace_commands(namespace: str) -> list[Argv]:
     return [
         ["ip", "netns", "add", namespace],
         ["ip", "-n", namespace, "link", "set", "lo", "up"],
         # No IPv6: its link-local chatter would share the capped links and blur measurements.
-        ["ip", "netns", "exec", namespace, "sysctl", "-q", "-w",
-         "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"],
+        _sysctl(namespace, "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1"),
     ]  # fmt: skip
 
 
@@ -71,7 +76,7 @@ def _nat_router_commands(router: str, lan_prefix: str) -> list[Argv]:
     ipt = ["ip", "netns", "exec", router, "iptables", "-w"]
     wan, lan = ROUTER_WAN_DEVICE, ROUTER_LAN_DEVICE
     return [
-        ["ip", "netns", "exec", router, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"],
+        _sysctl(router, "net.ipv4.ip_forward=1"),
         [*ipt, "-t", "nat", "-A", "POSTROUTING", "-s", lan_prefix, "-o", wan, "-j", "MASQUERADE"],
         [*ipt, "-A", "FORWARD", "-i", lan, "-o", wan, "-j", "ACCEPT"],
         [*ipt, "-A", "FORWARD", "-i", wan, "-m", "conntrack",
@@ -125,10 +130,8 @@ def build_commands(topology: Topology) -> list[Argv]:
     for peer in topology.peers:
         commands += _namespace_commands(peer.namespace)
         if topology.tcp_congestion_control:  # per namespace: set before any socket opens
-            commands.append(
-                ["ip", "netns", "exec", peer.namespace, "sysctl", "-q", "-w",
-                 f"net.ipv4.tcp_congestion_control={topology.tcp_congestion_control}"]
-            )  # fmt: skip
+            setting = f"net.ipv4.tcp_congestion_control={topology.tcp_congestion_control}"
+            commands.append(_sysctl(peer.namespace, setting))
     for peer in topology.peers:
         commands += _peer_commands(topology, peer)
     return commands
