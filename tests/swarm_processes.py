@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -85,6 +86,23 @@ class SwarmProcesses:
             n: (self.root / f"{n}.log").read_text(errors="replace")[-2000:] for n in self.processes
         }
         raise AssertionError(f"{what} within {timeout_s} s; logs: {logs}")
+
+    def log_excerpt(self, name: str, *, last: int = 40) -> str:
+        """The peer's last ``last`` log lines about failures: warnings, failed members and
+        rounds that took over a second (for failure messages)."""
+        try:
+            lines = (self.root / f"{name}.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        slow_round = re.compile(r" round \S+: \d+ peers, .* (\d+\.\d+) s$")
+
+        def about_failures(line: str) -> bool:
+            if " WARNING " in line or " failed" in line:
+                return True
+            match = slow_round.search(line)
+            return match is not None and float(match.group(1)) > 1.0
+
+        return "\n".join([line for line in lines if about_failures(line)][-last:])
 
     def address(self, name: str) -> str:
         """The peer's PEER_ID@HOST:PORT once it listens."""
