@@ -78,6 +78,29 @@ def test_put_then_get_from_another_node_and_expiry() -> None:
     asyncio.run(scenario())
 
 
+def test_a_record_only_its_publisher_holds_counts_for_replicated_reads_once_copied() -> None:
+    # A put stores the record on its publisher first, on the nearest peers after. A publisher
+    # killed in between leaves a record that only readers asking it saw: replicated reads
+    # leave such a record out, so every reader counts the same records.
+    async def scenario() -> None:
+        clock = FakeClock()
+        network = await _swarm(6, clock)
+        publisher, reader, replica = list(network.nodes.values())[:3]
+        key = hashlib.sha256(b"round entry").digest()
+        record = sign_record(publisher.identity, key, b"here", now_s=clock.wall(), ttl_s=30)
+        publisher.handle_store(record)  # the put's first act, and the publisher stops there
+        assert [r.value for r in await reader.get(key)] == [b"here"]
+        assert await reader.get(key, replicated_only=True) == []
+        assert [r.value for r in await publisher.get(key, replicated_only=True)] == [b"here"]
+        replica.handle_store(record)  # the put reached one other peer
+        assert [r.value for r in await reader.get(key, replicated_only=True)] == [b"here"]
+        assert [r.value for r in await replica.get(key, replicated_only=True)] == [b"here"]
+        network.dead.add(publisher.identity.peer_id)  # the copy outlives its publisher
+        assert [r.value for r in await reader.get(key, replicated_only=True)] == [b"here"]
+
+    asyncio.run(scenario())
+
+
 def test_forged_and_expired_records_are_refused_and_never_returned() -> None:
     async def scenario() -> None:
         clock = FakeClock()

@@ -29,7 +29,7 @@ class FakeDht:
         self.puts.append((key, value))
         return 1
 
-    async def get(self, key: bytes) -> list[Any]:
+    async def get(self, key: bytes, *, replicated_only: bool = False) -> list[Any]:
         return []
 
 

@@ -103,7 +103,8 @@ class DhtRendezvousBoard:
     """A board on net's DHT: signed records, one per publisher, under a hash of the key.
 
     Args:
-        dht: a started node's ``Dht`` (anything with ``put(key, value, ttl_s)`` and ``get(key)``).
+        dht: a started node's ``Dht`` (anything with ``put(key, value, ttl_s)`` and
+            ``get(key, replicated_only=...)``).
     """
 
     def __init__(self, dht: object) -> None:
@@ -118,7 +119,9 @@ class DhtRendezvousBoard:
 
     async def entries(self, key: str) -> list[JoinEntry]:
         found: list[JoinEntry] = []
-        for record in await self._dht.get(self._key(key)):  # type: ignore[attr-defined]
+        # Only copies on replicas, so a publisher killed during its put is counted by none.
+        records = await self._dht.get(self._key(key), replicated_only=True)  # type: ignore[attr-defined]
+        for record in records:
             publisher = peer_id_of_public_key(bytes(record.publisher_public_key))
             try:
                 found.append(JoinEntry.decode(bytes(record.value), publisher))

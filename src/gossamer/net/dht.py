@@ -220,12 +220,27 @@ class Dht:
         closest, _ = await self._iterate(target, want_value=False)
         return closest
 
-    async def get(self, key: bytes) -> list[net_pb2.SignedRecord]:
-        """Every valid record under ``key`` found on the nearest peers (one per publisher)."""
-        _, records = await self._iterate(key, want_value=True)
+    async def get(self, key: bytes, *, replicated_only: bool = False) -> list[net_pb2.SignedRecord]:
+        """Every valid record under ``key`` found on the nearest peers (one per publisher).
+
+        Args:
+            key: the record key.
+            replicated_only: leave out what a publisher answered about its own records; count
+                only copies held by this node or by other peers. A put stores the record on
+                its publisher first and on the others after: until then, or for good if the
+                publisher dies in between, only readers that asked the publisher itself see
+                it. Readers that must all count the same records (the members of a round)
+                ask for this, so a publisher killed during its put is left out by all.
+        """
+        _, found = await self._iterate(key, want_value=True)
         best: dict[bytes, net_pb2.SignedRecord] = {}
-        for record in [*self.local_records(key), *records]:
+        me = self.identity.peer_id
+        held = [(me, r) for r in self.local_records(key)]
+        for source, record in [*held, *found]:
             publisher = bytes(record.publisher_public_key)
+            # (records are checked when found or stored: the publisher's key is well formed)
+            if replicated_only and source != me and source == peer_id_of_public_key(publisher):
+                continue
             if publisher not in best or best[publisher].published_at_s < record.published_at_s:
                 best[publisher] = record
         return list(best.values())
@@ -271,13 +286,14 @@ class Dht:
 
     async def _iterate(
         self, target: bytes, *, want_value: bool
-    ) -> tuple[list[str], list[net_pb2.SignedRecord]]:
+    ) -> tuple[list[str], list[tuple[str, net_pb2.SignedRecord]]]:
+        """The k nearest peers that answered, and each record found with the peer it came from."""
         k, alpha = self.config.bucket_size, self.config.parallelism
         target_int = int.from_bytes(target, "big")
         candidates = set(self.routing.closest(target, k))
         queried: set[str] = set()
         answered: set[str] = set()
-        records: list[net_pb2.SignedRecord] = []
+        records: list[tuple[str, net_pb2.SignedRecord]] = []
         known_filter = b"" if want_value else self._known_filter()
         max_rounds = 64  # bounded even if the network keeps offering new peers
 
@@ -299,7 +315,7 @@ class Dht:
                     candidates.discard(peer_id)
                     continue
                 answered.add(peer_id)
-                records.extend(found_records)
+                records.extend((peer_id, record) for record in found_records)
                 for signed in found_peers:
                     self.learn(signed)
                     peer = self.directory.get(_peer_id_of(signed))

@@ -82,10 +82,15 @@ logger = logging.getLogger(__name__)
 _ENTRY_TTL_S = 300.0
 
 
-async def read_json_records(node: Node, key: bytes) -> list[tuple[str, dict[str, Any]]]:
-    """(publisher, JSON object) of every record under ``key``; malformed ones are skipped."""
+async def read_json_records(
+    node: Node, key: bytes, *, replicated_only: bool = False
+) -> list[tuple[str, dict[str, Any]]]:
+    """(publisher, JSON object) of every record under ``key``; malformed ones are skipped.
+
+    ``replicated_only``: see :meth:`~gossamer.net.dht.Dht.get`.
+    """
     found = []
-    for record in await node.dht.get(key):
+    for record in await node.dht.get(key, replicated_only=replicated_only):
         try:
             value = json.loads(bytes(record.value))
             publisher = peer_id_of_public_key(bytes(record.publisher_public_key))
@@ -749,7 +754,9 @@ class SwarmAverager:
         counts a member knows the same figures.
         """
         found: dict[str, tuple[float, str]] = {}
-        for publisher, value in await read_json_records(node, key):
+        # Only records on replicas: one that only its publisher holds (killed during its put)
+        # would be counted by the members that asked it and not by the others.
+        for publisher, value in await read_json_records(node, key, replicated_only=True):
             try:
                 number, inc = float(value[field]), str(value["inc"])
             except (KeyError, TypeError, ValueError):
