@@ -74,6 +74,7 @@ __all__ = [
     "SwarmAveragerConfig",
     "SwarmPendingRound",
     "read_json_records",
+    "round_entry_key",
     "round_settled",
 ]
 
@@ -101,7 +102,8 @@ async def read_json_records(
     return found
 
 
-def _round_key(round_key: str) -> bytes:
+def round_entry_key(round_key: str) -> bytes:
+    """The DHT key of round ``round_key``'s entries (``RUN_ID/ROUND``, as rounds name them)."""
     return hashlib.sha256(f"gossamer.train.round/{round_key}".encode()).digest()
 
 
@@ -839,7 +841,7 @@ class SwarmAverager:
         """:meth:`_form_group`, waking between reads when ``nudged`` is set."""
         grace = self.config.propagation_grace_s
         poll_s = self.config.poll_interval_s
-        entry_key = _round_key(key)
+        entry_key = round_entry_key(key)
         close_key = _close_key(key)
         stamp = self._clock.wall()
         figure = self.meter.estimate_bytes_per_s
