@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gossamer.comm.report import AllReduceResult
-from gossamer.core.errors import GossamerError, PeerLostError
+from gossamer.core.errors import DeadlineExceededError, GossamerError, PeerLostError
 from gossamer.train.averaging import AverageOutcome
 from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig
 from loopback_nodes import start_node_threads
@@ -252,3 +252,24 @@ def test_a_member_whose_collective_failed_alone_leaves_the_p2p_rerun_at_once() -
         assert_weighted_mean(outcomes[:2], [0, 1, 2], [1.0] * 3, atol=1e-5)
         assert [o.backend for o in outcomes[:2]] == ["torch", "torch"]
         assert outcomes[2].excluded
+
+
+@pytest.mark.timeout(120)
+def test_a_rendezvous_is_given_up_once_a_member_runs_the_round_over_p2p() -> None:
+    # Member 1's rendezvous fails at once (its store unreachable, say): it runs the round over
+    # p2p. Member 0 waits in the rendezvous for it, which never comes; the first message of
+    # member 1's p2p round tells it so, and it runs the round over p2p too instead of waiting
+    # for the rendezvous' deadline (10 s here, half the round's).
+    with averagers(2, round_timeout_s=20.0) as made:
+        lonely = made[1]
+        assert lonely._torch is not None
+
+        def no_rendezvous(*args: object, **kwargs: object) -> None:
+            raise DeadlineExceededError("torch.distributed rendezvous failed")
+
+        lonely._torch.ensure_group = no_rendezvous  # type: ignore[method-assign]
+        started = time.monotonic()
+        outcomes = one_round(made, "outer/0", [1.0, 3.0])
+        assert time.monotonic() - started < 5.0
+        assert_weighted_mean(outcomes, [0, 1], [1.0, 3.0], atol=1e-5)
+        assert [o.backend for o in outcomes] == ["p2p", "p2p"]

@@ -284,6 +284,48 @@ def test_paused_member_never_holds_the_round_past_its_deadline() -> None:
         _assert_close(results[i].tensors, _mean(inputs, [0, 1, 2]), atol=1e-6)
 
 
+def test_members_that_formed_different_groups_refuse_each_other_at_once() -> None:
+    # peer-0 counted peer-1 (then killed) in the group, peer-2 did not: the same round key,
+    # two member lists, two round ids. Each refuses the other's messages at once instead of
+    # holding them until the round opens (it never does): both finish well before the send
+    # timeout, each with its own values, the other reported failed.
+    inputs = _inputs(3)
+    clock = IdleJumpClock()
+    config = dataclasses.replace(CONFIG, order=_schedule["order"])
+    groups = {0: ["peer-0", "peer-1", "peer-2"], 2: ["peer-0", "peer-2"]}
+    finished: dict[int, float] = {}
+
+    async def main() -> dict[int, AllReduceResult]:
+        network = FakeNetwork(clock)
+        mailboxes = {i: CommMailbox(network.transport(f"peer-{i}"), clock) for i in groups}
+
+        async def one(i: int, delay_s: float) -> AllReduceResult:
+            await clock.sleep_async(delay_s)  # the other's messages come before this round opens
+            result = await all_reduce(
+                inputs[i],
+                mailbox=mailboxes[i],
+                members=groups[i],
+                round_key="run/7",
+                config=config,
+                clock=clock,
+                offload=inline_offload,
+            )
+            finished[i] = clock.monotonic()
+            return result
+
+        async with asyncio.TaskGroup() as group:
+            tasks = {i: group.create_task(one(i, 0.5 * (i == 2))) for i in groups}
+        return {i: t.result() for i, t in tasks.items()}
+
+    results = asyncio.run(clock.run(main()))
+    assert max(finished.values()) < CONFIG.send_timeout_s / 2, finished
+    assert "peer-2" in results[0].report.failed
+    assert "peer-1" in results[0].report.failed
+    assert list(results[2].report.failed) == ["peer-0"]
+    for i in groups:
+        _assert_close(results[i].tensors, _mean(inputs, [i]), atol=0)
+
+
 def test_a_member_the_failure_detector_reports_gone_is_not_waited_for() -> None:
     # Peer 3 hangs (accepts messages, never answers: a frozen machine keeps its connections).
     # Without a detector the others wait for it until a send misses its deadline (5 s); told

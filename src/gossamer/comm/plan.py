@@ -20,11 +20,13 @@ from gossamer.comm.codecs import CodecChoice, CodecPolicy
 __all__ = [
     "MAX_CHUNK_ELEMENTS",
     "MIN_CHUNK_ELEMENTS",
+    "ROUND_KEY_TAG_NBYTES",
     "FlatLayout",
     "PartPlan",
     "Segment",
     "chunk_elements_for",
     "round_id_of",
+    "round_key_tag",
 ]
 
 
@@ -190,11 +192,31 @@ class PartPlan:
         return None
 
 
+ROUND_KEY_TAG_NBYTES = 4
+"""Leading bytes of a round id that depend on the round key alone (see :func:`round_id_of`)."""
+
+
+def round_key_tag(round_key: str) -> bytes:
+    """The leading bytes of the ids of every round under ``round_key`` (see :func:`round_id_of`)."""
+    return hashlib.sha256(b"gossamer.comm.round-key/" + round_key.encode()).digest()[
+        :ROUND_KEY_TAG_NBYTES
+    ]
+
+
 def round_id_of(round_key: str, plan: PartPlan, layout: FlatLayout) -> bytes:
-    """16 bytes naming one round of one group over one tensor layout."""
+    """16 bytes naming one round of one group over one tensor layout.
+
+    The first :data:`ROUND_KEY_TAG_NBYTES` hash the round key alone, the rest the key, the
+    members, the parts and the layout. Members that agree on the group compute the same id; a
+    peer that gets a message whose id shares the key's bytes with a round of its own but not
+    the rest knows that the sender formed another group under that key (see
+    :class:`~gossamer.comm.transport.CommMailbox`).
+    """
+    key = round_key.encode()
+    tag = round_key_tag(round_key)
     digest = hashlib.sha256()
-    for item in (round_key.encode(), *(m.encode() for m in plan.members)):
+    for item in (key, *(m.encode() for m in plan.members)):
         digest.update(len(item).to_bytes(8, "little") + item)
     digest.update(repr((plan.bounds, plan.chunk_elements)).encode())
     digest.update(layout.signature())
-    return digest.digest()[:16]
+    return tag + digest.digest()[: 16 - ROUND_KEY_TAG_NBYTES]

@@ -5,7 +5,9 @@ A :class:`CommTransport` sends one message to one peer and returns once the peer
 to one receiver, a :class:`CommMailbox`, which reads the small frame header and hands the
 message to the round it belongs to. A message for a round that has not opened yet (a fast peer
 started first) waits a bounded time for the round to open; one for a round that already ended is
-dropped.
+dropped. One for a round this peer is not in, while it is in another round of the same key (its
+id starts with the key's bytes, see :func:`~gossamer.comm.plan.round_id_of`), is refused at once:
+the sender formed another group under that key.
 
 Frame header (little-endian)::
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import itertools
 import logging
 import math
 import struct
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gossamer.comm.memory import keep_freed_memory
+from gossamer.comm.plan import ROUND_KEY_TAG_NBYTES
 from gossamer.core.clock import Clock
 from gossamer.core.errors import GossamerError, ProtocolError
 
@@ -280,9 +284,10 @@ class CommMailbox:
             raise ValueError(f"round {round_id.hex()} is already open on this peer")
         self._rounds[round_id] = handler
         self._closed.pop(round_id, None)
-        event = self._opened.pop(round_id, None)
-        if event is not None:
-            event.set()
+        tag = round_id[:ROUND_KEY_TAG_NBYTES]
+        for waiting in [w for w in self._opened if w[:ROUND_KEY_TAG_NBYTES] == tag]:
+            # The round itself, or another group's under the same key: those are refused now.
+            self._opened.pop(waiting).set()
 
     def close_round(self, round_id: bytes, *, finished: FinishedRound | None = None) -> None:
         """Stop routing ``round_id``; later messages of it are dropped.
@@ -306,7 +311,9 @@ class CommMailbox:
         handler = self._rounds.get(frame.round_id)
         if handler is None:
             if frame.round_id not in self._closed:
+                self._refuse_other_group(frame.round_id)
                 handler = await self._wait_open(frame.round_id)
+                self._refuse_other_group(frame.round_id)
             if handler is None:
                 # A straggler of a round that already ended. One that shows the sender still
                 # waits for something of this peer's: say that it never comes.
@@ -338,6 +345,30 @@ class CommMailbox:
         task = asyncio.get_running_loop().create_task(send())
         self._answers.add(task)
         task.add_done_callback(self._answers.discard)
+
+    def awaits_round_of_key(self, tag: bytes) -> bool:
+        """Whether messages wait for a round of the key whose ids start with ``tag`` (see
+        :func:`~gossamer.comm.plan.round_key_tag`): some member already runs such a round."""
+        return any(w[:ROUND_KEY_TAG_NBYTES] == tag for w in self._opened)
+
+    def _refuse_other_group(self, round_id: bytes) -> None:
+        """Refuse a message of a round this peer is not in while it is (or was) in another
+        round of the same key: the sender formed another group under that key (the members
+        disagree), and waiting for the round to open would hold the sender to its deadline.
+
+        Raises:
+            ProtocolError: so it is.
+        """
+        if round_id in self._rounds or round_id in self._closed:
+            return
+        tag = round_id[:ROUND_KEY_TAG_NBYTES]
+        for other in itertools.chain(self._rounds, reversed(self._closed)):
+            if other[:ROUND_KEY_TAG_NBYTES] == tag:
+                raise ProtocolError(
+                    f"round {round_id.hex()[:12]} is not this peer's: under the same key it is "
+                    f"in round {other.hex()[:12]}, of other members or parts (the members "
+                    "disagree on the group)"
+                )
 
     async def _wait_open(self, round_id: bytes) -> RoundHandler | None:
         event = self._opened.get(round_id)

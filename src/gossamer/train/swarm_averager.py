@@ -48,6 +48,7 @@ from gossamer.comm.bandwidth import BandwidthMeter, plan_weights
 from gossamer.comm.codecs import CodecPolicy, ErrorFeedback
 from gossamer.comm.groups import split_into_groups
 from gossamer.comm.net_transport import NetCommTransport
+from gossamer.comm.plan import round_key_tag
 from gossamer.comm.report import AllReduceResult
 from gossamer.comm.torch_backend import (
     TorchGroupAverager,
@@ -437,7 +438,7 @@ class SwarmAverager:
             plan = self._torch_plan(node, key, round_)
             assert self._mailbox is not None
             if plan is not None:
-                result = await self._torch_round(node, plan, tensors, weight)
+                result = await self._torch_round(node, plan, tensors, weight, f"{key}/p2p")
                 if result is not None:  # a member whose collective failed runs it over p2p
                     decline_round(
                         tensors,
@@ -549,7 +550,12 @@ class SwarmAverager:
         return _TorchPlan(name, members, members.index(node.peer_id), addresses[0])
 
     async def _torch_round(
-        self, node: Node, plan: _TorchPlan, tensors: list[torch.Tensor], weight: float
+        self,
+        node: Node,
+        plan: _TorchPlan,
+        tensors: list[torch.Tensor],
+        weight: float,
+        p2p_key: str,
     ) -> AllReduceResult | None:
         """The round over the torch.distributed group; None if it failed or a member went.
 
@@ -558,15 +564,20 @@ class SwarmAverager:
         leader, dead before it opened the group) would hold them to their timeout, half the
         round's. Instead, once the failure detector reports a member gone the thread is left
         to end on its own (it closes its group) and a fresh averager takes its place; the
-        caller runs the round again over p2p, which drops the gone member at once. A failed
-        rendezvous or collective closes the group too (the others' collectives fail as well,
-        their connections to this peer closed) and the caller runs the round over p2p.
+        caller runs the round again over p2p (``p2p_key``), which drops the gone member at
+        once. So too when a message of that p2p round arrives during the rendezvous: its sender
+        runs the round over p2p already (its rendezvous failed, or it formed another group) and
+        never comes (in the collective, a member that left fails the others' at once). A
+        failed rendezvous or collective closes the group too (the others' collectives fail as
+        well, their connections to this peer closed) and the caller runs the round over p2p.
         """
         averager = self._torch
         assert averager is not None
         loop = asyncio.get_running_loop()
         finished: asyncio.Future[AllReduceResult | None] = loop.create_future()
         abandoned = threading.Event()
+        meeting = threading.Event()
+        """Set while the thread waits in the rendezvous for the others."""
 
         def settle(result: AllReduceResult | None, error: BaseException | None) -> None:
             if finished.done():
@@ -587,12 +598,14 @@ class SwarmAverager:
             error: BaseException | None = None
             try:
                 if plan.name != averager.group_hash:
+                    meeting.set()
                     store = self._store if plan.rank == 0 else None
                     if store is None:
                         store = self._leader_store(plan.leader_address, abandoned)
                     averager.ensure_group(
                         plan.name, plan.members, plan.rank, store, self._torch_host
                     )
+                    meeting.clear()
                 result = averager.average(tensors, weight)
             except (PeerLostError, DeadlineExceededError) as exc:
                 averager.close()
@@ -611,17 +624,25 @@ class SwarmAverager:
         thread.start()
         others = [p for p in plan.members if p != node.peer_id]
         gone: list[str] = []
+        mailbox = self._mailbox
+        assert mailbox is not None
+        p2p_tag = round_key_tag(p2p_key)
+        why = ""
         while not finished.done():
             gone = [p for p in others if not self._alive(node, p)]
             if gone:
+                why = f"{', '.join(p[:8] for p in gone)} reported gone"
+            elif meeting.is_set() and mailbox.awaits_round_of_key(p2p_tag):
+                why = "a member runs it over p2p and never comes to the rendezvous"
+            if why:
                 with handover:
                     if not handed:
                         abandoned.set()
                 if abandoned.is_set():
                     break
-                gone = []  # the outcome is on its way: take it
+                why = ""  # the outcome is on its way: take it
             await asyncio.wait([finished], timeout=self._allreduce_config.liveness_poll_s)
-        if gone:
+        if why:
             # Until the thread ends it may hold this peer's store (a rendezvous waiting on the
             # gone member keeps the store's lock): rounds go over p2p meanwhile.
             self._abandoned_torch.append(thread)
@@ -629,11 +650,10 @@ class SwarmAverager:
             self._leader_stores.pop(plan.leader_address, None)
             self.torch_failures += 1
             logger.warning(
-                "peer %s: torch.distributed round %s given up: %s reported gone; running it "
-                "over p2p",
+                "peer %s: torch.distributed round %s given up: %s; running it over p2p",
                 self.peer_id[:8],
                 plan.name,
-                ", ".join(p[:8] for p in gone),
+                why,
             )
             return None
         try:
