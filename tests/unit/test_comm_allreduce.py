@@ -314,7 +314,7 @@ def test_members_that_formed_different_groups_refuse_each_other_at_once() -> Non
             return result
 
         async with asyncio.TaskGroup() as group:
-            tasks = {i: group.create_task(one(i, 0.5 * (i == 2))) for i in groups}
+            tasks = {i: group.create_task(one(i, 0.5 if i == 2 else 0.0)) for i in groups}
         return {i: t.result() for i, t in tasks.items()}
 
     results = asyncio.run(clock.run(main()))
