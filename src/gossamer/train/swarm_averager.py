@@ -437,14 +437,15 @@ class SwarmAverager:
             backend = "torch"
             plan = self._torch_plan(node, key, round_)
             assert self._mailbox is not None
+            p2p_key = f"{key}/p2p"  # the key of the p2p re-run after a torch attempt
             if plan is not None:
-                result = await self._torch_round(node, plan, tensors, weight, f"{key}/p2p")
+                result = await self._torch_round(node, plan, tensors, weight, p2p_key)
                 if result is not None:  # a member whose collective failed runs it over p2p
                     decline_round(
                         tensors,
                         mailbox=self._mailbox,
                         members=members,
-                        round_key=f"{key}/p2p",
+                        round_key=p2p_key,
                         config=self._allreduce_config,
                         bandwidth_weights=round_.part_weights,
                     )
@@ -453,7 +454,7 @@ class SwarmAverager:
                     tensors,
                     mailbox=self._mailbox,
                     members=members,
-                    round_key=key if plan is None else f"{key}/p2p",
+                    round_key=key if plan is None else p2p_key,
                     config=self._allreduce_config,
                     weight=weight,
                     bandwidth_weights=round_.part_weights,
