@@ -1,10 +1,16 @@
 """One all-reduce peer process for the comm fault tests (run by tests/fault/test_comm_*.py).
 
-Usage: ``python tests/comm_fault_peer.py FOLDER RANK WORLD``. It starts a node (TLS gRPC on
-127.0.0.1, port 0), writes ``FOLDER/addr-RANK``, waits (bounded) for every other address, joins
-them, writes ``FOLDER/ready-RANK`` and waits for ``FOLDER/go``, then averages one tensor. After its
-first chunk message was delivered it writes ``FOLDER/sent-RANK`` (so a test can kill it
-mid-round); at the end it writes ``FOLDER/result-RANK.json``: timings, report and a result hash.
+Usage: ``python tests/comm_fault_peer.py FOLDER RANK WORLD [ORDER]``. It starts a node (TLS gRPC
+on 127.0.0.1, port 0), writes ``FOLDER/addr-RANK``, waits (bounded) for every other address,
+joins them, writes ``FOLDER/ready-RANK`` and waits for ``FOLDER/go``, then averages one tensor
+(sending in ``ORDER``, ``auto`` by default: see ``AllReduceConfig.order``). After its first chunk
+message was delivered it writes ``FOLDER/sent-RANK`` (so a test can kill it mid-round); at the
+end it writes ``FOLDER/result-RANK.json``: timings, report and a result hash.
+
+A peer finds ``FOLDER/hang-RANK`` at the start: it marks ``sent-RANK`` as its round starts and
+then sends nothing. ``FOLDER/hang-at-pass-RANK``: it runs the round until it is to pass on an
+owner's average round the ring (see ``gossamer.comm.steps``), marks ``sent-RANK`` then and sends
+nothing more.
 """
 
 from __future__ import annotations
@@ -20,7 +26,14 @@ import torch
 
 from gossamer.comm.allreduce import AllReduceConfig, all_reduce
 from gossamer.comm.net_transport import NetCommTransport
-from gossamer.comm.transport import CommMailbox
+from gossamer.comm.transport import (
+    FLAG_RING,
+    CommMailbox,
+    FrameKind,
+    Message,
+    message_bytes,
+    unpack_frame,
+)
 from gossamer.net.config import NodeConfig
 from gossamer.net.node import Node
 
@@ -40,16 +53,25 @@ class _MarkingTransport(NetCommTransport):
     """Marks the first message this peer sends; a peer told to hang sends nothing at all.
 
     The hanging peer marks the moment its round starts and then never sends, so the test's kill
-    always lands mid-round and no result of this peer's reaches only some of the others.
+    always lands mid-round and no result of this peer's reaches only some of the others. One
+    told to hang at its first pass does so as it is to pass on an average round the ring.
     """
 
-    def __init__(self, node: Node, marker: Path, *, hang: bool) -> None:
+    def __init__(self, node: Node, marker: Path, *, hang: bool, rank: int, at_pass: bool) -> None:
         super().__init__(node)
         self.marker = marker
-        self.marked = False
+        self.marked = at_pass  # (marked only once it is to pass an average on)
         self.hang = hang
+        self.rank = rank
+        self.at_pass = at_pass
 
-    async def send(self, peer_id: str, message: bytes | bytearray, *, timeout_s: float) -> None:
+    async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
+        if self.at_pass and not self.hang:
+            frame, _ = unpack_frame(memoryview(message_bytes(message)))
+            passing = frame.kind is FrameKind.RESULT and frame.flags & FLAG_RING
+            if passing and frame.part != self.rank:
+                self.hang = True
+                self.marked = False
         if self.hang:
             if not self.marked:
                 self.marked = True
@@ -61,7 +83,7 @@ class _MarkingTransport(NetCommTransport):
             await asyncio.to_thread(self.marker.write_text, "sent")
 
 
-async def main(folder: Path, rank: int, world: int) -> None:
+async def main(folder: Path, rank: int, world: int, order: str) -> None:
     async with Node(NodeConfig(listen_address="127.0.0.1:0")) as node:
         staged = folder / f"addr-{rank}.tmp"
         staged.write_text(f"{node.peer_id}@127.0.0.1:{node.port}")
@@ -75,7 +97,9 @@ async def main(folder: Path, rank: int, world: int) -> None:
         (folder / f"ready-{rank}").write_text("ready")
         await _wait_for(folder / "go", 60)
         hang = (folder / f"hang-{rank}").exists()
-        transport = _MarkingTransport(node, folder / f"sent-{rank}", hang=hang)
+        at_pass = (folder / f"hang-at-pass-{rank}").exists()
+        marker = folder / f"sent-{rank}"
+        transport = _MarkingTransport(node, marker, hang=hang, rank=rank, at_pass=at_pass)
         mailbox = CommMailbox(transport, node.clock)
         tensor = torch.full((NUM_ELEMENTS,), float(rank))
         config = AllReduceConfig(
@@ -83,6 +107,7 @@ async def main(folder: Path, rank: int, world: int) -> None:
             send_timeout_s=4.0,
             chunk_elements=100_000,
             max_in_flight_per_peer=1,
+            order=order,
         )
         started = time.perf_counter()
         result = await all_reduce(
@@ -110,4 +135,5 @@ async def main(folder: Path, rank: int, world: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))
+    order = sys.argv[4] if len(sys.argv) > 4 else "auto"
+    asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), order))

@@ -43,12 +43,22 @@ def _wait_for(predicate: object, timeout_s: float, what: str) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_survivors_of_a_killed_peer_finish_in_time_and_agree(tmp_path: Path) -> None:
-    (tmp_path / f"hang-{VICTIM}").write_text("start the round, then send nothing")
+@pytest.mark.parametrize(
+    ("hang", "order"),
+    [
+        ("hang", "auto"),  # killed as its round starts
+        # in steps, the all-gather round the ring: killed as it is to pass an average on
+        ("hang-at-pass", "steps"),
+    ],
+)
+def test_survivors_of_a_killed_peer_finish_in_time_and_agree(
+    tmp_path: Path, hang: str, order: str
+) -> None:
+    (tmp_path / f"{hang}-{VICTIM}").write_text("send nothing from then on")
     logs = [(tmp_path / f"log-{rank}").open("wb") for rank in range(WORLD)]
     procs = [
         subprocess.Popen(
-            [sys.executable, str(PEER_SCRIPT), str(tmp_path), str(rank), str(WORLD)],
+            [sys.executable, str(PEER_SCRIPT), str(tmp_path), str(rank), str(WORLD), order],
             stdout=subprocess.DEVNULL,
             stderr=logs[rank],
         )

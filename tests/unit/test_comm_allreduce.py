@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
@@ -17,6 +17,7 @@ from gossamer.comm.fake_transport import FakeNetwork, FakeTransport, FaultScript
 from gossamer.comm.report import AllReduceResult, PartOutcome
 from gossamer.comm.transport import (
     FLAG_REASSIGNED,
+    FLAG_RING,
     CommMailbox,
     FinishedRound,
     Frame,
@@ -34,15 +35,23 @@ CONFIG = AllReduceConfig(
     max_in_flight_per_peer=2,
     codec=CodecPolicy(codec="none", block_size=64, min_compressed_numel=0),
 )
-SCHEDULES = ("steps", "ordered", "open")
-"""Each way a round may send (see comm.steps); every test runs with each."""
-_schedule = {"order": "steps"}
+SCHEDULES = ("ring", "steps", "ordered", "open")
+"""Each way a round may send (see comm.steps; ``ring``: in steps, the all-gather round the
+ring); every test runs with each."""
+_schedule = {"name": "ring"}
 
 
 @pytest.fixture(autouse=True, params=SCHEDULES)
 def schedule(request: pytest.FixtureRequest) -> str:
-    _schedule["order"] = str(request.param)
+    _schedule["name"] = str(request.param)
     return str(request.param)
+
+
+def _scheduled(config: AllReduceConfig) -> AllReduceConfig:
+    """``config`` sending the way of the test's schedule."""
+    name = _schedule["name"]
+    order = "steps" if name == "ring" else name
+    return dataclasses.replace(config, order=order, ring_all_gather=name == "ring")
 
 
 SHAPES = [(40, 50), (7,), (3, 300), (1,)]
@@ -69,17 +78,27 @@ def _run(
     bandwidths: Sequence[float] | None = None,
     gone_at: dict[str, float] | None = None,
     finished_at: dict[int, float] | None = None,
+    made: dict[int, Callable[[FakeNetwork, str], FakeTransport]] | None = None,
 ) -> tuple[dict[int, AllReduceResult], IdleJumpClock]:
+    """Run one round of ``len(inputs)`` members on a fake network; member i's transport
+    follows ``scripts[i]``, or is ``made[i](network, peer_id)``."""
     clock = IdleJumpClock()
     scripts = scripts or {}
-    config = dataclasses.replace(config or CONFIG, order=_schedule["order"])
+    made = made or {}
+    config = _scheduled(config or CONFIG)
     members = [f"peer-{i}" for i in range(len(inputs))]
+
+    def transport(network: FakeNetwork, i: int) -> FakeTransport:
+        if i not in made:
+            return network.transport(members[i], scripts.get(i))
+        network.transports[members[i]] = made[i](network, members[i])
+        return network.transports[members[i]]
 
     async def main() -> dict[int, AllReduceResult]:
         network = FakeNetwork(clock)
         mailboxes = {
-            i: CommMailbox(network.transport(m, scripts.get(i)), clock)
-            for i, m in enumerate(members)
+            i: CommMailbox(transport(network, i), clock)
+            for i in range(len(members))
             if i not in absent  # an absent peer refuses connections
         }
 
@@ -237,9 +256,9 @@ def test_slow_owner_is_dropped_and_its_part_averaged_by_a_backup() -> None:
     slow = FaultScript(send_delay_s=TIMEOUT_S * 10)
     results, clock = _run(inputs, scripts={2: slow})
     # Peer 2 is alive but none of its sends arrive in time: the others average parts 0 and 1
-    # without it at the reduce deadline; at the result deadline it has sent no average of its
-    # part, so peer 0 declares it failed and, as the backup, averages part 2 again from what
-    # the two resend. The round completes before its deadline.
+    # without it at the reduce deadline; halfway from the result deadline to the round's (27 s)
+    # it has sent no average of its part, so peer 0 declares it failed and, as the backup,
+    # averages part 2 again from what the two resend. The round completes before its deadline.
     assert clock.monotonic() < TIMEOUT_S
     want = torch.cat([t.reshape(-1) for t in _mean(inputs, [0, 1])])
     for i in (0, 1):
@@ -275,6 +294,140 @@ def test_a_member_on_a_slow_downlink_does_not_declare_the_owners_failed() -> Non
     assert results[0].report.deadline_hit
 
 
+class _PassesOn(FakeTransport):
+    """A member that, round the ring, passes averages on ``delay_s`` late (its uplink crawls
+    for them; its own messages go at once), or dies as it starts to pass the first one on."""
+
+    def __init__(self, network: FakeNetwork, peer_id: str, *, delay_s: float = 0.0) -> None:
+        super().__init__(network, peer_id)
+        self.delay_s = delay_s
+        self.dead = False
+
+    def is_down(self) -> bool:
+        return self.dead
+
+    async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
+        frame, _ = unpack_frame(memoryview(message_bytes(message)))
+        me = int(self.peer_id.removeprefix("peer-"))
+        if frame.kind is FrameKind.RESULT and frame.flags & FLAG_RING and frame.part != me:
+            if not self.delay_s:
+                self.dead = True
+            await self.network.clock.sleep_async(self.delay_s)
+        await super().send(peer_id, message, timeout_s=timeout_s)
+
+
+def _skip_unless_ring() -> None:
+    if _schedule["name"] != "ring":
+        pytest.skip("only round the ring do members pass averages on")
+
+
+def test_a_member_slow_to_pass_averages_on_holds_no_one_up_past_the_result_deadline() -> None:
+    # Round the ring peer 1 passes the averages of parts 2 and 3 on to peer 0, and its uplink
+    # takes longer than the round for them. Their owners are still in the round (nobody told
+    # them peers 0 and 3 hold them): at the result deadline (24 s) they send them directly,
+    # and everyone but peer 1 ends then, with everyone's mean and nobody declared failed.
+    _skip_unless_ring()
+    inputs = _inputs(4)
+    config = dataclasses.replace(CONFIG, send_timeout_s=60.0)
+    finished: dict[int, float] = {}
+    results, _ = _run(
+        inputs,
+        config=config,
+        made={1: lambda network, peer: _PassesOn(network, peer, delay_s=100.0)},
+        finished_at=finished,
+    )
+    result_deadline_s = 24.0
+    for i, result in results.items():
+        assert result.report.failed == {}, (i, result.report.failed)
+        assert all(p.outcome is PartOutcome.AVERAGED for p in result.report.parts)
+        _assert_close(result.tensors, _mean(inputs, [0, 1, 2, 3]), atol=1e-6)
+    assert all(abs(finished[i] - result_deadline_s) < 0.5 for i in (0, 2, 3)), finished
+    assert results[1].report.deadline_hit  # its sends to peer 0 never ended
+
+
+def test_a_member_that_dies_before_passing_averages_on_is_not_waited_for() -> None:
+    # Round the ring peer 1 dies as it starts to pass part 2's averages on to peer 0. Once the
+    # others hear it is gone (the failure detector, 0.1 s), every owner sends the averages not
+    # yet known held directly, and the survivors end at once: part 1 (its owner dead)
+    # averaged again among them, the rest everyone's mean (peer 1 contributed before dying).
+    _skip_unless_ring()
+    inputs = _inputs(4)
+    dying: list[_PassesOn] = []
+
+    def make(network: FakeNetwork, peer: str) -> FakeTransport:
+        dying.append(_PassesOn(network, peer))
+        return dying[0]
+
+    finished: dict[int, float] = {}
+    results, _ = _run(
+        inputs,
+        made={1: make},
+        gone_at={},
+        finished_at=finished,
+    )
+    del results[1]
+    assert dying[0].dead
+    assert all(finished[i] < 1.0 for i in results), finished
+    _assert_agree(results)
+    got = torch.cat([t.double().reshape(-1) for t in results[0].tensors])
+    everyone = torch.cat([t.reshape(-1) for t in _mean(inputs, [0, 1, 2, 3])])
+    survivors = torch.cat([t.reshape(-1) for t in _mean(inputs, [0, 2, 3])])
+    parts = results[0].report.parts
+    a = parts[0].num_elements
+    b = a + parts[1].num_elements
+    for result in results.values():
+        assert list(result.report.failed) == ["peer-1"]
+        assert [p.outcome for p in result.report.parts] == [
+            PartOutcome.AVERAGED,
+            PartOutcome.REASSIGNED,
+            PartOutcome.AVERAGED,
+            PartOutcome.AVERAGED,
+        ]
+    torch.testing.assert_close(got[:a], everyone[:a], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[a:b], survivors[a:b], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[b:], everyone[b:], atol=1e-6, rtol=0)
+
+
+def test_members_that_do_not_send_round_the_ring_still_pass_on_what_comes_round_it() -> None:
+    # Each member picks its order from its own measure of its link, so some may send round
+    # the ring while others do not (all at once, or in steps with the all-gather direct).
+    # Averages that come round the ring are passed on whatever the receiver's own order: the
+    # round ends at once for everyone, not at the result deadline (24 s), when owners would
+    # send what is held up directly.
+    _skip_unless_ring()
+    inputs = _inputs(4)
+    clock = IdleJumpClock()
+    orders = [("steps", True), ("steps", True), ("open", True), ("steps", False)]
+    members = [f"peer-{i}" for i in range(4)]
+    finished: dict[int, float] = {}
+
+    async def main() -> list[AllReduceResult]:
+        network = FakeNetwork(clock)
+        mailboxes = [CommMailbox(network.transport(m), clock) for m in members]
+
+        async def one(i: int) -> AllReduceResult:
+            order, ring = orders[i]
+            result = await all_reduce(
+                inputs[i],
+                mailbox=mailboxes[i],
+                members=members,
+                round_key="run/9",
+                config=dataclasses.replace(CONFIG, order=order, ring_all_gather=ring),
+                clock=clock,
+                offload=inline_offload,
+            )
+            finished[i] = clock.monotonic()
+            return result
+
+        return list(await asyncio.gather(*(one(i) for i in range(4))))
+
+    results = asyncio.run(clock.run(main()))
+    assert all(t < 1.0 for t in finished.values()), finished
+    for result in results:
+        assert result.report.failed == {}
+        _assert_close(result.tensors, _mean(inputs, [0, 1, 2, 3]), atol=1e-6)
+
+
 def test_paused_member_never_holds_the_round_past_its_deadline() -> None:
     inputs = _inputs(4)
     results, clock = _run(inputs, scripts={3: FaultScript(hung=True)})
@@ -291,7 +444,7 @@ def test_members_that_formed_different_groups_refuse_each_other_at_once() -> Non
     # timeout, each with its own values, the other reported failed.
     inputs = _inputs(3)
     clock = IdleJumpClock()
-    config = dataclasses.replace(CONFIG, order=_schedule["order"])
+    config = _scheduled(CONFIG)
     groups = {0: ["peer-0", "peer-1", "peer-2"], 2: ["peer-0", "peer-2"]}
     finished: dict[int, float] = {}
 
@@ -465,10 +618,13 @@ def test_a_member_that_lost_an_average_others_finished_with_leaves_the_round_at_
     # member left to average it with, peer 1, has finished and closed the round: it says so,
     # and peer 0 leaves the round as dropped (its caller takes the others' state) instead of
     # waiting to the reduce deadline for a contribution that never comes and ending with a
-    # part 2 nobody else holds.
+    # part 2 nobody else holds. (Round the ring peer 2 sends its averages to peer 1 only, and
+    # peer 1 finishes only once peer 0 got them from it: this cannot happen.)
+    if _schedule["name"] == "ring":
+        pytest.skip("round the ring no member finishes with an average another lacks")
     inputs = _inputs(3)
     clock = IdleJumpClock()
-    config = dataclasses.replace(CONFIG, order=_schedule["order"])
+    config = _scheduled(CONFIG)
     members = ["peer-0", "peer-1", "peer-2"]
     finisher, victim = 1, 0
     finished_at: dict[int, float] = {}

@@ -55,6 +55,43 @@ def test_every_step_is_a_perfect_matching(n: int) -> None:
             assert members[owner].result_step(me) == step
 
 
+@pytest.mark.parametrize("n", [3, 4, 7])
+def test_round_the_ring_every_all_gather_step_goes_to_the_member_behind(n: int) -> None:
+    """Step t of the all-gather passes on the part t - 1 places ahead (t = 1: this member's
+    own), which arrived from the member ahead in step t - 1; the steps count its chunks."""
+
+    async def make(me: int) -> PairwiseSteps:
+        return PairwiseSteps(n, me, [p + 1 for p in range(n)], ring=True)
+
+    members = [asyncio.run(make(me)) for me in range(n)]
+    for me, member in enumerate(members):
+        assert member.ring
+        for t in range(1, n):
+            step = n - 2 + t
+            assert member.sends_to[step] == member.behind == (me - 1) % n
+            assert member.receives_from[step] == member.ahead == (me + 1) % n
+            assert member.forward_step((me + t - 1) % n) == step
+            assert member._to_send[step] == (me + t - 1) % n + 1  # that part's chunks
+            assert member._to_receive[step] == (me + t) % n + 1
+        assert member.result_step(member.behind) == n - 1  # its own averages: step 1
+        assert member.result_step(member.ahead) is None  # nobody else gets them from it
+        # the all-gather continues the last reduce-scatter step's flow: one destination
+        assert member.flow_start(2 * n - 3) == n - 2
+    # a member receives in all-gather step t what the member ahead passes on in it
+    for me, member in enumerate(members):
+        for t in range(1, n):
+            passed = (member.ahead + t - 1) % n
+            assert members[member.ahead].forward_step(passed) == n - 2 + t
+            assert passed == (me + t) % n
+
+
+def test_two_members_have_no_ring_to_go_round() -> None:
+    async def make() -> PairwiseSteps:
+        return PairwiseSteps(2, 0, [1, 1], ring=True)
+
+    assert not asyncio.run(make()).ring
+
+
 def test_the_first_all_gather_step_opens_with_the_last_reduce_scatter_step() -> None:
     """Both go to the same member: one flow, nothing to wait for between them."""
     steps = _steps(4, me=0, chunks=2)
@@ -192,11 +229,13 @@ def _recorded_round(
     send_s: list[float],
     *,
     order: str = "steps",
+    ring: bool = False,
     kinds: dict[str, list[int]] | None = None,
     asks: dict[str, list[tuple[float, int]]] | None = None,
 ) -> dict[str, _Log]:
-    """Four members average (in steps with or without the receivers' word, or all at once on
-    uplinks that carry one message at a time); member i's data messages take ``send_s[i]``
+    """Four members average (in steps with or without the receivers' word, the all-gather
+    round the ring or not, or all at once on uplinks that carry one message at a time); member
+    i's data messages take ``send_s[i]``
     each. ``kinds`` receives each member's frame kinds in its log's order, ``asks`` the
     (time, step) of each question it sent."""
     in_steps = order != "open"
@@ -209,6 +248,7 @@ def _recorded_round(
         timeout_s=600.0,
         chunk_elements=500 if in_steps else 100,
         order=order,
+        ring_all_gather=ring,
         codec=CodecPolicy(codec="none", block_size=50, min_compressed_numel=0),
     )
 
@@ -248,17 +288,20 @@ def _recorded_round(
     return logs
 
 
-@pytest.mark.parametrize("order", ["steps", "ordered"])
-def test_a_member_sends_to_one_destination_at_a_time_in_step_order(order: str) -> None:
-    logs = _recorded_round([1.0] * 4, order=order)
+@pytest.mark.parametrize(("order", "ring"), [("steps", False), ("ordered", False), ("steps", True)])
+def test_a_member_sends_to_one_destination_at_a_time_in_step_order(order: str, ring: bool) -> None:
+    logs = _recorded_round([1.0] * 4, order=order, ring=ring)
     members = list(logs)
     for me, member in enumerate(members):
         log = sorted(logs[member])
         dests = [members.index(d) for _, _, d in log]
         shifts = [(d - me) % 4 for d in dests]
-        # reduce-scatter to shifts 1, 2, 3, then all-gather to shifts 3, 2, 1
+        # reduce-scatter to shifts 1, 2, 3, then all-gather to shifts 3, 2, 1 (round the ring
+        # every all-gather message to shift 3, the member just behind: its own part's averages
+        # and the two parts it passes on, one destination for the rest of the round)
         half = len(shifts) // 2
-        assert shifts == sorted(shifts[:half]) + sorted(shifts[half:], reverse=True)
+        gather = [3] * half if ring else sorted(shifts[half:], reverse=True)
+        assert shifts == sorted(shifts[:half]) + gather
         for (start, _, dest), (_, end, other) in zip(log[1:], log, strict=False):
             if dest != other:
                 assert start >= end  # a new destination only once the last step was sent
@@ -279,10 +322,11 @@ def test_the_question_after_a_continued_flow_waits_for_its_earlier_step() -> Non
         assert asked[4] < ends[-1]  # while step 3's still go
 
 
-def test_a_late_member_never_has_two_senders_feeding_its_downlink() -> None:
+@pytest.mark.parametrize("ring", [False, True])
+def test_a_late_member_never_has_two_senders_feeding_its_downlink(ring: bool) -> None:
     """Member 3 sends a little slower: the others wait for their receivers' answers instead of
     starting a step into a downlink that still drains member 3's (the old rule did not)."""
-    logs = _recorded_round([1.0, 1.0, 1.0, 1.1])
+    logs = _recorded_round([1.0, 1.0, 1.0, 1.1], ring=ring)
     into: dict[str, list[tuple[float, float, str]]] = {m: [] for m in logs}
     for sender, log in logs.items():
         for start, end, dest in log:

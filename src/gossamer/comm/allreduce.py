@@ -76,6 +76,11 @@ class AllReduceConfig:
     """How a member orders its sends: ``auto`` (by ``min_step_s`` and ``queue_s``), or always
     ``steps`` (pairwise, each waiting for its receiver's word), ``ordered`` (pairwise, no word)
     or ``open`` (all at once); see :mod:`gossamer.comm.steps`."""
+    ring_all_gather: bool = True
+    """In steps with the receiver's word (``steps``), send the averages round the ring (each
+    owner to the member just behind, each member passing on what it gets from the member just
+    ahead; see :mod:`gossamer.comm.steps`): after the reduce-scatter no member changes
+    destination again. False: each owner sends its averages to every member itself."""
     queue_s: float = 0.05
     """How much of a member's send rate the path is taken to queue (lab links: 50 ms, a common
     buffer size). A round of short steps whose messages all at once would be more than that,
@@ -313,6 +318,7 @@ async def all_reduce(
         max_in_flight_per_peer=config.max_in_flight_per_peer,
         in_steps=in_steps,
         words=order == "steps",
+        ring=config.ring_all_gather and order == "steps",
         alive=alive,
         liveness_poll_s=config.liveness_poll_s,
         answer_closed=mailbox.answer_closed,

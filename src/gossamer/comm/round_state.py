@@ -27,6 +27,7 @@ from gossamer.comm.steps import PairwiseSteps
 from gossamer.comm.transport import (
     FLAG_ELSEWHERE,
     FLAG_REASSIGNED,
+    FLAG_RING,
     FRAME_NBYTES,
     CommTransport,
     FinishedRound,
@@ -46,7 +47,17 @@ _log = logging.getLogger(__name__)
 
 
 class RoundState:
-    """Everything one member tracks during a round (see the module docstring of allreduce)."""
+    """Everything one member tracks during a round (see the module docstring of allreduce).
+
+    Round the ring (``ring``, in steps: see :mod:`gossamer.comm.steps`) an owner sends its
+    averages only to the member just behind it, and each member passes on what it gets from the
+    member just ahead, up to the member just ahead of the owner; each member that got an
+    average passed on tells its owner (a ``RESULT_HELD`` frame). An owner keeps its averages
+    and does not end the round before every live member is known to hold them: it sends them
+    directly to every member not known to hold them once a member fails (which may have taken
+    what it was to pass on along) and at its result deadline (a member that is slow to pass
+    them on, or a word lost), and from then on sends what it averages directly to everyone.
+    """
 
     def __init__(
         self,
@@ -66,6 +77,7 @@ class RoundState:
         max_in_flight_per_peer: int,
         in_steps: bool = True,
         words: bool = True,
+        ring: bool = False,
         untimed_transport: CommTransport | None = None,
         alive: Callable[[str], bool] | None = None,
         liveness_poll_s: float = 0.1,
@@ -108,7 +120,17 @@ class RoundState:
         self.slots = [asyncio.Semaphore(max_in_flight_per_peer) for _ in range(n)]
         self._sends_to: list[set[asyncio.Future[bool]]] = [set() for _ in range(n)]
         """Sends under way to each member (cancelled when it is declared failed)."""
-        self.steps = PairwiseSteps(n, me, [len(c) for c in self.chunks])
+        self.steps = PairwiseSteps(n, me, [len(c) for c in self.chunks], ring=in_steps and ring)
+        self._ring_given_up = False
+        """Set at the result deadline: from then on this member's averages go directly."""
+        self._ring_results: dict[int, tuple[Message, int]] = {}
+        """This member's averages sent round the ring, by chunk (message, fp32 bytes), kept
+        until every live member is known to hold them: what a failure or the result deadline
+        sends directly."""
+        self._unconfirmed: dict[int, set[int]] = {}
+        """For each chunk in ``_ring_results``, the live members not yet known to hold it."""
+        self._sent_directly: set[tuple[int, int]] = set()
+        """(chunk, member) of the ring's averages sent to a member directly."""
         if not in_steps:
             self.steps.open_all()
         elif not words:
@@ -119,7 +141,8 @@ class RoundState:
         self.group: asyncio.TaskGroup | None = None
         self.reduce_deadline_s = 0.0
         self.result_deadline_s = 0.0
-        """When an owner that sent no average of its part yet counts as failed (see
+        """When this member's averages held up round the ring go directly, and from which an
+        owner that sends no average of its part soon counts as failed (see
         :meth:`_watch_results`)."""
         self.deadline_s = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -191,7 +214,7 @@ class RoundState:
             return
         if self._own_part_done_at is None:
             self._own_part_done_at = time.perf_counter()
-        if self._num_pending_result_sends:
+        if self._num_pending_result_sends or any(self._unconfirmed.values()):
             return
         for part, sources in enumerate(self.result_from):
             if any(source != self.reducer_of[part] for source in sources):
@@ -199,7 +222,9 @@ class RoundState:
         self.done.set()
 
     async def _watch_results(self) -> None:
-        """Declare failed an owner that is alive but sent no average by the result deadline.
+        """At the result deadline send this member's averages held up round the ring directly;
+        halfway from there to the deadline declare failed an owner that is alive but sent no
+        average.
 
         Its part then goes to a backup like a dead owner's (the others follow the report, the
         owner is told), instead of being kept local everywhere. Only when at least half the other
@@ -207,6 +232,14 @@ class RoundState:
         and declaring everyone failed would wreck the round for all.
         """
         await self.clock.sleep_async(max(0.0, self.result_deadline_s - self.clock.monotonic()))
+        if self.done.is_set() or self.excluded is not None:
+            return
+        # Averages held up round the ring (by a member slow to pass them on) come directly
+        # now; an owner is silent only if none came by half the time left.
+        self._ring_given_up = True
+        self._send_unconfirmed()
+        until = self.result_deadline_s + 0.5 * (self.deadline_s - self.result_deadline_s)
+        await self.clock.sleep_async(max(0.0, until - self.clock.monotonic()))
         if self.done.is_set() or self.excluded is not None:
             return
         owners = [
@@ -264,7 +297,10 @@ class RoundState:
     async def _finalize(self, reducer: PartReducer, chunk: int) -> None:
         a, b = reducer.chunks[chunk]
         part = reducer.part
-        flags = FLAG_REASSIGNED if part != self.me else 0
+        own = part == self.me
+        flags = 0 if own else FLAG_REASSIGNED
+        if own and self._ring_intact():
+            flags = FLAG_RING
         frame = Frame(FrameKind.RESULT, self.round_id, part, chunk, self.me, 0.0, flags)
 
         def work() -> tuple[Message, list[int]] | None:
@@ -287,15 +323,56 @@ class RoundState:
         if self.reducer_of[part] == self.me:
             self.result_from[part][chunk] = self.me
             self.result_contributors[part][chunk] = contributors
-        for dest in range(self.plan.num_parts):
-            if dest != self.me and dest not in self.failed:
-                self._num_pending_result_sends += 1
-                self.spawn(self._send_result(dest, message, 4 * (b - a), own=part == self.me))
+        fp32_nbytes = 4 * (b - a)
+        if flags & FLAG_RING and self._ring_intact():
+            behind = self.steps.behind
+            self._ring_results[chunk] = (message, fp32_nbytes)
+            self._unconfirmed[chunk] = {
+                m for m in range(self.plan.num_parts) if m != self.me and m not in self.failed
+            }
+            self._num_pending_result_sends += 1
+            self.spawn(self._send_result(behind, message, fp32_nbytes, own=True, chunk=chunk))
+        else:  # (a member that failed while this was encoded leaves the ring's flag on it:
+            # nobody passes it on, see _on_result)
+            for dest in range(self.plan.num_parts):
+                if dest != self.me and dest not in self.failed:
+                    self._num_pending_result_sends += 1
+                    self.spawn(self._send_result(dest, message, fp32_nbytes, own=own))
         self._check_done()
 
+    def _ring_intact(self) -> bool:
+        """Whether this member's averages go round the ring: it sends in steps round the ring,
+        no member failed (it would take what it was to pass on along), and the result deadline
+        has not passed."""
+        return self.steps.ring and not self.failed and not self._ring_given_up
+
+    def _send_unconfirmed(self) -> None:
+        """Send this member's averages that went round the ring directly to every live member
+        not known to hold them (but the member just behind: the ring's own send to it either
+        arrives or fails it)."""
+        for chunk, waiting in self._unconfirmed.items():
+            message, fp32_nbytes = self._ring_results[chunk]
+            for dest in sorted(waiting - {self.steps.behind}):
+                if (chunk, dest) not in self._sent_directly and dest not in self.failed:
+                    self._sent_directly.add((chunk, dest))
+                    self._num_pending_result_sends += 1
+                    self.spawn(self._send_result(dest, message, fp32_nbytes, own=True, chunk=chunk))
+
+    def _held_by(self, chunk: int, member: int) -> None:
+        """``member`` holds this member's average of ``chunk`` (sent round the ring); once
+        every live member does, the average need not be kept."""
+        waiting = self._unconfirmed.get(chunk)
+        if waiting is not None and member in waiting:
+            waiting.discard(member)
+            if not waiting:
+                del self._unconfirmed[chunk], self._ring_results[chunk]
+            self._check_done()
+
     async def _send_result(
-        self, dest: int, message: Message, fp32_nbytes: int, *, own: bool
+        self, dest: int, message: Message, fp32_nbytes: int, *, own: bool, chunk: int = -1
     ) -> None:
+        """Send an average to ``dest`` (``own``: of this member's part; ``chunk``: one that went
+        round the ring, of which ``dest`` then counts as holder)."""
         step = self.steps.result_step(dest) if own else None  # a backup's sends are unscheduled
         try:
             if step is not None:
@@ -308,6 +385,7 @@ class RoundState:
             async with self.slots[dest]:
                 if await self._transmit(dest, message):
                     self.fp32_bytes_sent += fp32_nbytes
+                    self._held_by(chunk, dest)
         finally:
             if step is not None:
                 self._step_sent(step)
@@ -359,6 +437,8 @@ class RoundState:
         steps = self.steps
         for step in range(1, steps.num_steps):
             before = step - 1
+            if steps.sends_to[step] == steps.sends_to[before]:
+                continue  # the same flow goes on (round the ring, all of the all-gather)
             waits = [steps.opened[before]]
             waits += [steps.sends_done[b] for b in range(steps.flow_start(before), before)]
             for event in waits:
@@ -482,8 +562,15 @@ class RoundState:
         """
         if member == self.me or member in self.failed:
             return
+        ring = self._ring_intact()
         self.failed[member] = reason
         self.steps.member_failed(member)
+        for chunk, waiting in list(self._unconfirmed.items()):
+            waiting.discard(member)
+            if not waiting:
+                del self._unconfirmed[chunk], self._ring_results[chunk]
+        if ring:
+            self._send_unconfirmed()
         for send in list(self._sends_to[member]):
             send.cancel()
         _log.info(
@@ -572,6 +659,14 @@ class RoundState:
                 return
         if frame.kind is FrameKind.PRESENT:
             return  # only a member that is not in the round answers it
+        if frame.kind is FrameKind.RESULT_HELD:
+            if frame.part != self.me or frame.chunk >= len(self.chunks[self.me]):
+                raise ProtocolError(
+                    f"member {member} holds chunk {frame.chunk} of part {frame.part}, which is "
+                    "not this member's to know"
+                )
+            self._held_by(frame.chunk, member)
+            return
         if frame.kind is FrameKind.ROUND_CLOSED:
             if frame.flags & FLAG_ELSEWHERE:  # it averaged the round another way: no part here
                 if not self.done.is_set():
@@ -646,6 +741,14 @@ class RoundState:
 
     async def _on_result(self, member: int, frame: Frame, body: Any) -> None:
         part, chunk = frame.part, frame.chunk
+        passed_on = bool(frame.flags & FLAG_RING) and member != part
+        if passed_on:  # the owner's average, round the ring: only from the member just ahead
+            if member != self.steps.ahead or part == self.me:
+                raise ProtocolError(
+                    f"member {member} passed on an average of part {part} out of the ring's order"
+                )
+            await self._take_result(part, part, chunk, body, via=member)
+            return
         if member != self.reducer_of[part] and frame.flags & FLAG_REASSIGNED:
             if self.reducer_of[part] == part:  # we had not heard that the owner failed
                 self.peer_failed(
@@ -653,9 +756,17 @@ class RoundState:
                 )
             if part == self.me:  # others think this member failed: take the backup's average
                 self.reducer_of[part] = member
-        if member == part:
+        await self._take_result(member, part, chunk, body, via=member, ring=frame.flags & FLAG_RING)
+
+    async def _take_result(
+        self, source: int, part: int, chunk: int, body: Any, *, via: int, ring: int = FLAG_RING
+    ) -> None:
+        """Land the average of ``chunk`` of ``part`` that ``source`` reduced, sent here by
+        ``via`` (``source`` itself, or round the ring the member just ahead), unless it is not
+        the one to take."""
+        if source == part:
             self.steps.received_result(part, chunk)
-        if member != self.reducer_of[part] or self.result_from[part][chunk] == member:
+        if source != self.reducer_of[part] or self.result_from[part][chunk] == source:
             return
         contributors, rest = unpack_contributors(body, self.plan.num_parts)
         a, b = self.chunks[part][chunk]
@@ -667,9 +778,64 @@ class RoundState:
         started = time.perf_counter()
         await self.offload(work)
         self.decode_s += time.perf_counter() - started
-        self.result_from[part][chunk] = member
+        if self.result_from[part][chunk] == source:
+            return  # the same average came twice at once (round the ring and directly)
+        self.result_from[part][chunk] = source
         self.result_contributors[part][chunk] = contributors
+        if ring and via == self.steps.ahead:
+            self._pass_on(part, chunk, body, told=via == part)
         self._check_done()
+
+    def _pass_on(self, part: int, chunk: int, body: Any, *, told: bool) -> None:
+        """Round the ring: pass the owner's average on to the member just behind (unless that
+        is the owner: everyone holds it then), and tell the owner this member holds it (unless
+        it is ``told``: the owner sent it here itself, and knows once its send returns).
+
+        Nothing is passed on once this member knows a member failed or its result deadline
+        passed: the owner then sends its averages directly to every member not known to hold
+        them. A member that does not send round the ring itself (its own measure of its link
+        put it out of steps) still passes on what comes round it, unscheduled.
+        """
+        behind = self.steps.behind
+        if behind != part and not self.failed and not self._ring_given_up:
+            passed = Frame(FrameKind.RESULT, self.round_id, part, chunk, self.me, 0.0, FLAG_RING)
+            a, b = self.chunks[part][chunk]
+            self._num_pending_result_sends += 1
+            self.spawn(self._pass(behind, (pack_frame(passed), body), 4 * (b - a), part))
+        if not told:
+            held = Frame(FrameKind.RESULT_HELD, self.round_id, part, chunk, self.me, 0.0, 0)
+            self._num_pending_result_sends += 1
+            self.spawn(self._tell_held(part, pack_frame(held)))
+
+    async def _pass(self, dest: int, message: Message, fp32_nbytes: int, part: int) -> None:
+        step = self.steps.forward_step(part) if self.steps.ring else None
+        try:
+            if step is not None:
+                await self._step_turn(step)
+            async with self.slots[dest]:
+                if await self._transmit(dest, message):
+                    self.fp32_bytes_sent += fp32_nbytes
+        finally:
+            if step is not None:
+                self._step_sent(step)
+            self._num_pending_result_sends -= 1
+            self._check_done()
+
+    async def _tell_held(self, owner: int, message: bytes) -> None:
+        """Tell ``owner`` this member holds an average of its (around the send tally: no data;
+        if it fails, the owner sends the average directly at its result deadline)."""
+        try:
+            remaining = self.deadline_s - self.clock.monotonic()
+            if owner not in self.failed and remaining > 0:
+                with contextlib.suppress(GossamerError):
+                    await self.untimed_transport.send(
+                        self.plan.members[owner],
+                        message,
+                        timeout_s=min(self.send_timeout_s, remaining),
+                    )
+        finally:
+            self._num_pending_result_sends -= 1
+            self._check_done()
 
     def fill_missing(self) -> None:
         """Give every chunk that got no average this member's own values (in a thread).

@@ -39,6 +39,7 @@ from gossamer.core.errors import GossamerError, ProtocolError
 __all__ = [
     "FLAG_ELSEWHERE",
     "FLAG_REASSIGNED",
+    "FLAG_RING",
     "CommMailbox",
     "CommTransport",
     "FinishedRound",
@@ -126,12 +127,22 @@ class FrameKind(enum.IntEnum):
     PRESENT = 6
     """The sender is in the round (sent at its start when the caller asks, in a round that
     may run without some members: see ``all_reduce``'s ``announce``); no payload."""
+    RESULT_HELD = 7
+    """(Round the ring) The sender holds the average of chunk ``chunk`` of the receiver's part,
+    passed on to it round the ring; no payload."""
+    RESULT_ASK = 8
+    """(Round the ring) The sender lacks the average of chunk ``chunk`` of the receiver's part
+    at its result deadline: the receiver, its owner, is to send it directly; no payload."""
 
 
 FLAG_REASSIGNED = 1
 """The frame concerns a part whose owner failed and that a backup reduces instead."""
 FLAG_ELSEWHERE = 2
 """(ROUND_CLOSED) The sender averaged the round by other means and never took part."""
+FLAG_RING = 4
+"""(RESULT) The owner's average travels round the ring: the owner sends it to the member just
+behind it, and each member that gets it from the member just ahead passes it on to the one
+just behind, up to the member just ahead of the owner (see :mod:`gossamer.comm.steps`)."""
 
 
 @dataclass(frozen=True, slots=True)
