@@ -118,7 +118,7 @@ class RoundState:
         self.has_output: list[list[bool]] = [[False] * len(c) for c in self.chunks]
         self.result_contributors: list[list[list[int]]] = [[[] for _ in c] for c in self.chunks]
         self.slots = [asyncio.Semaphore(max_in_flight_per_peer) for _ in range(n)]
-        self._sends_to: list[set[asyncio.Future[bool]]] = [set() for _ in range(n)]
+        self._sends_to: list[set[asyncio.Future[Any]]] = [set() for _ in range(n)]
         """Sends under way to each member (cancelled when it is declared failed)."""
         self.steps = PairwiseSteps(n, me, [len(c) for c in self.chunks], ring=in_steps and ring)
         self._ring_given_up = False
@@ -131,6 +131,8 @@ class RoundState:
         """For each chunk in ``_ring_results``, the live members not yet known to hold it."""
         self._sent_directly: set[tuple[int, int]] = set()
         """(chunk, member) of the ring's averages sent to a member directly."""
+        self._landing: dict[tuple[int, int], asyncio.Lock] = {}
+        """(part, chunk) -> held while an average of it is decoded into the output."""
         if not in_steps:
             self.steps.open_all()
         elif not words:
@@ -222,9 +224,9 @@ class RoundState:
         self.done.set()
 
     async def _watch_results(self) -> None:
-        """At the result deadline send this member's averages held up round the ring directly;
-        halfway from there to the deadline declare failed an owner that is alive but sent no
-        average.
+        """At the result deadline send this member's averages held up round the ring directly,
+        and declare failed an owner that is alive but sent no average (round the ring, only
+        halfway from there to the deadline: its averages may have been held up on the way).
 
         Its part then goes to a backup like a dead owner's (the others follow the report, the
         owner is told), instead of being kept local everywhere. Only when at least half the other
@@ -235,13 +237,14 @@ class RoundState:
         if self.done.is_set() or self.excluded is not None:
             return
         # Averages held up round the ring (by a member slow to pass them on) come directly
-        # now; an owner is silent only if none came by half the time left.
+        # now; round the ring, an owner is silent only if none came by half the time left.
         self._ring_given_up = True
         self._send_unconfirmed()
-        until = self.result_deadline_s + 0.5 * (self.deadline_s - self.result_deadline_s)
-        await self.clock.sleep_async(max(0.0, until - self.clock.monotonic()))
-        if self.done.is_set() or self.excluded is not None:
-            return
+        if self.steps.ring:
+            until = self.result_deadline_s + 0.5 * (self.deadline_s - self.result_deadline_s)
+            await self.clock.sleep_async(max(0.0, until - self.clock.monotonic()))
+            if self.done.is_set() or self.excluded is not None:
+                return
         owners = [
             p
             for p in range(self.plan.num_parts)
@@ -332,8 +335,8 @@ class RoundState:
             }
             self._num_pending_result_sends += 1
             self.spawn(self._send_result(behind, message, fp32_nbytes, own=True, chunk=chunk))
-        else:  # (a member that failed while this was encoded leaves the ring's flag on it:
-            # nobody passes it on, see _on_result)
+        else:  # (a member that failed while this was encoded leaves the ring's flag on it: the
+            # member behind may pass it on before it hears of the failure; repeats are dropped)
             for dest in range(self.plan.num_parts):
                 if dest != self.me and dest not in self.failed:
                     self._num_pending_result_sends += 1
@@ -647,6 +650,10 @@ class RoundState:
         n = self.plan.num_parts
         if frame.kind is FrameKind.STEP_ASK:
             # The sender of a step asks to start it: answer once everything before arrived.
+            if self.steps.ring and n - 1 <= frame.chunk < self.steps.num_steps:
+                # It sends its averages directly (its config has no ring), this member takes
+                # them as they come: nothing to wait for.
+                return
             self.steps.check_asker(frame.chunk, member)
             until = min(self.reduce_deadline_s, self.clock.monotonic() + 0.5 * self.send_timeout_s)
             await wait_for_event(self.steps.downlink_free[frame.chunk], until, self.clock)
@@ -756,6 +763,8 @@ class RoundState:
                 )
             if part == self.me:  # others think this member failed: take the backup's average
                 self.reducer_of[part] = member
+                self._unconfirmed.clear()  # nobody waits for this member's own averages
+                self._ring_results.clear()
         await self._take_result(member, part, chunk, body, via=member, ring=frame.flags & FLAG_RING)
 
     async def _take_result(
@@ -768,18 +777,30 @@ class RoundState:
             self.steps.received_result(part, chunk)
         if source != self.reducer_of[part] or self.result_from[part][chunk] == source:
             return
+        # One average of a chunk lands at a time: two decodes into the same output would mix,
+        # and one of an owner declared failed meanwhile must not end over its backup's.
+        landing = self._landing.setdefault((part, chunk), asyncio.Lock())
+        async with landing:
+            await self._land(source, part, chunk, body, via=via, ring=ring)
+
+    async def _land(
+        self, source: int, part: int, chunk: int, body: Any, *, via: int, ring: int
+    ) -> None:
+        if source != self.reducer_of[part] or self.result_from[part][chunk] == source:
+            return  # the same average came twice at once (round the ring and directly)
         contributors, rest = unpack_contributors(body, self.plan.num_parts)
         a, b = self.chunks[part][chunk]
 
         def work() -> None:
             self.output[a:b] = self.codec.decode(rest, a, b)
-            self.has_output[part][chunk] = True
 
         started = time.perf_counter()
         await self.offload(work)
         self.decode_s += time.perf_counter() - started
-        if self.result_from[part][chunk] == source:
-            return  # the same average came twice at once (round the ring and directly)
+        if source != self.reducer_of[part]:
+            self.has_output[part][chunk] = False  # its owner failed meanwhile: not the average
+            return
+        self.has_output[part][chunk] = True
         self.result_from[part][chunk] = source
         self.result_contributors[part][chunk] = contributors
         if ring and via == self.steps.ahead:
@@ -808,10 +829,14 @@ class RoundState:
             self.spawn(self._tell_held(part, pack_frame(held)))
 
     async def _pass(self, dest: int, message: Message, fp32_nbytes: int, part: int) -> None:
+        """Pass an average on to ``dest``, the member just behind. Round the ring that waits
+        only for the all-gather to open here (with the last reduce-scatter step, to the same
+        member: one flow), not for the step before to be all sent: a chunk that is not passed
+        on (it came directly, or after a failure) would never let that happen."""
         step = self.steps.forward_step(part) if self.steps.ring else None
         try:
             if step is not None:
-                await self._step_turn(step)
+                await wait_for_event(self.steps.opened[step], self.reduce_deadline_s, self.clock)
             async with self.slots[dest]:
                 if await self._transmit(dest, message):
                     self.fp32_bytes_sent += fp32_nbytes
@@ -823,16 +848,28 @@ class RoundState:
 
     async def _tell_held(self, owner: int, message: bytes) -> None:
         """Tell ``owner`` this member holds an average of its (around the send tally: no data;
-        if it fails, the owner sends the average directly at its result deadline)."""
+        if it fails, the owner sends the average directly at its result deadline). Cancelled
+        once ``owner`` is declared failed, like a data send to it."""
         try:
             remaining = self.deadline_s - self.clock.monotonic()
-            if owner not in self.failed and remaining > 0:
-                with contextlib.suppress(GossamerError):
-                    await self.untimed_transport.send(
-                        self.plan.members[owner],
-                        message,
-                        timeout_s=min(self.send_timeout_s, remaining),
-                    )
+            if owner in self.failed or remaining <= 0:
+                return
+            send = asyncio.ensure_future(
+                self.untimed_transport.send(
+                    self.plan.members[owner], message, timeout_s=min(self.send_timeout_s, remaining)
+                )
+            )
+            self._sends_to[owner].add(send)
+            try:
+                await send
+            except GossamerError:
+                pass  # the owner sends the average directly at its result deadline
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if owner not in self.failed or (current is not None and current.cancelling()):
+                    raise  # the round's end, not peer_failed
+            finally:
+                self._sends_to[owner].discard(send)
         finally:
             self._num_pending_result_sends -= 1
             self._check_done()

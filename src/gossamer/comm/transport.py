@@ -130,9 +130,6 @@ class FrameKind(enum.IntEnum):
     RESULT_HELD = 7
     """(Round the ring) The sender holds the average of chunk ``chunk`` of the receiver's part,
     passed on to it round the ring; no payload."""
-    RESULT_ASK = 8
-    """(Round the ring) The sender lacks the average of chunk ``chunk`` of the receiver's part
-    at its result deadline: the receiver, its owner, is to send it directly; no payload."""
 
 
 FLAG_REASSIGNED = 1
