@@ -452,13 +452,70 @@ def test_members_that_do_not_send_round_the_ring_still_pass_on_what_comes_round_
     # deadline (21 s) or the result deadline (24 s). Nobody waits for a word either.
     _skip_unless_ring()
     inputs = _inputs(4)
+    results, finished = _run_orders(inputs, orders)
+    assert all(t < 0.01 for t in finished.values()), finished
+    for result in results:
+        assert result.report.failed == {}
+        _assert_close(result.tensors, _mean(inputs, [0, 1, 2, 3]), atol=1e-6)
+
+
+class _SlowContributionsTo(FakeTransport):
+    """A member whose contributions to ``slow_to`` take ``delay_s`` each (the rest go at once)."""
+
+    def __init__(self, network: FakeNetwork, peer_id: str, slow_to: str, delay_s: float) -> None:
+        super().__init__(network, peer_id)
+        self.slow_to = slow_to
+        self.delay_s = delay_s
+
+    async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
+        frame, _ = unpack_frame(memoryview(message_bytes(message)))
+        if peer_id == self.slow_to and frame.kind is FrameKind.CONTRIBUTION:
+            await self.network.clock.sleep_async(self.delay_s)
+        await super().send(peer_id, message, timeout_s=timeout_s)
+
+
+def test_an_average_passed_on_before_the_all_gather_opens_goes_once_it_opens() -> None:
+    # Peer 2 sends all at once (part 2 never comes round the ring, so peer 1's step that
+    # would pass it on never completes) and its contributions to peer 0 crawl, so peer 0 is
+    # late to tell peer 1 it may start its last reduce-scatter step. Part 3's averages come
+    # round the ring (3 -> 2 -> 1) before that step, and with it the all-gather, opens at
+    # peer 1: they go on to peer 0 once it opens (at its patience), not at the reduce
+    # deadline (21 s) as when a pass waited for the step before to be all passed on.
+    _skip_unless_ring()
+    inputs = _inputs(4)
+    orders = [("steps", True), ("steps", True), ("open", True), ("steps", True)]
+
+    def slow(network: FakeNetwork, peer: str) -> FakeTransport:
+        return _SlowContributionsTo(network, peer, slow_to="peer-0", delay_s=5.0)
+
+    results, finished = _run_orders(inputs, orders, made={2: slow})
+    assert all(t < 6.0 for t in finished.values()), finished
+    for result in results:
+        assert result.report.failed == {}
+        _assert_close(result.tensors, _mean(inputs, [0, 1, 2, 3]), atol=1e-6)
+
+
+def _run_orders(
+    inputs: list[list[torch.Tensor]],
+    orders: list[tuple[str, bool]],
+    made: dict[int, Callable[[FakeNetwork, str], FakeTransport]] | None = None,
+) -> tuple[list[AllReduceResult], dict[int, float]]:
+    """One round where member i sends in order ``orders[i]`` = (order, round the ring); its
+    transport is ``made[i](network, peer_id)`` if given. Returns the results and when each
+    member finished."""
     clock = IdleJumpClock()
-    members = [f"peer-{i}" for i in range(4)]
+    members = [f"peer-{i}" for i in range(len(inputs))]
+    made = made or {}
     finished: dict[int, float] = {}
 
     async def main() -> list[AllReduceResult]:
         network = FakeNetwork(clock)
-        mailboxes = [CommMailbox(network.transport(m), clock) for m in members]
+        transports = []
+        for i, m in enumerate(members):
+            if i in made:
+                network.transports[m] = made[i](network, m)
+            transports.append(network.transports[m] if i in made else network.transport(m))
+        mailboxes = [CommMailbox(t, clock) for t in transports]
 
         async def one(i: int) -> AllReduceResult:
             order, ring = orders[i]
@@ -474,13 +531,9 @@ def test_members_that_do_not_send_round_the_ring_still_pass_on_what_comes_round_
             finished[i] = clock.monotonic()
             return result
 
-        return list(await asyncio.gather(*(one(i) for i in range(4))))
+        return list(await asyncio.gather(*(one(i) for i in range(len(members)))))
 
-    results = asyncio.run(clock.run(main()))
-    assert all(t < 0.01 for t in finished.values()), finished
-    for result in results:
-        assert result.report.failed == {}
-        _assert_close(result.tensors, _mean(inputs, [0, 1, 2, 3]), atol=1e-6)
+    return asyncio.run(clock.run(main())), finished
 
 
 def test_paused_member_never_holds_the_round_past_its_deadline() -> None:
