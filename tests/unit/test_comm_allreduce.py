@@ -317,17 +317,16 @@ class _PassesOn(FakeTransport):
         await super().send(peer_id, message, timeout_s=timeout_s)
 
 
-def _skip_unless_ring() -> None:
-    if _schedule["name"] != "ring":
-        pytest.skip("only round the ring do members pass averages on")
+only_round_the_ring = pytest.mark.parametrize("schedule", ["ring"], indirect=True)
+"""Run a test in the ``ring`` schedule only (the others pass no averages on)."""
 
 
+@only_round_the_ring
 def test_a_member_slow_to_pass_averages_on_holds_no_one_up_past_the_result_deadline() -> None:
     # Round the ring peer 1 passes the averages of parts 2 and 3 on to peer 0, and its uplink
     # takes longer than the round for them. Their owners are still in the round (nobody told
     # them peers 0 and 3 hold them): at the result deadline (24 s) they send them directly,
     # and everyone but peer 1 ends then, with everyone's mean and nobody declared failed.
-    _skip_unless_ring()
     inputs = _inputs(4)
     config = dataclasses.replace(CONFIG, send_timeout_s=60.0)
     finished: dict[int, float] = {}
@@ -346,12 +345,12 @@ def test_a_member_slow_to_pass_averages_on_holds_no_one_up_past_the_result_deadl
     assert results[1].report.deadline_hit  # its sends to peer 0 never ended
 
 
+@only_round_the_ring
 def test_a_member_that_dies_before_passing_averages_on_is_not_waited_for() -> None:
     # Round the ring peer 1 dies as it starts to pass part 2's averages on to peer 0. Once the
     # others hear it is gone (the failure detector, 0.1 s), every owner sends the averages not
     # yet known held directly, and the survivors end at once: part 1 (its owner dead)
     # averaged again among them, the rest everyone's mean (peer 1 contributed before dying).
-    _skip_unless_ring()
     inputs = _inputs(4)
     dying: list[_PassesOn] = []
 
@@ -409,13 +408,13 @@ class _FreezesOnceItsAveragesLeft(FakeTransport):
             self.frozen = True
 
 
+@only_round_the_ring
 def test_members_that_told_a_frozen_owner_they_hold_its_average_do_not_wait_for_it() -> None:
     # Round the ring peer 3's first average goes 3 -> 2 -> 1 -> 0, and peers 1 and 0 tell
     # peer 3 they hold it; peer 3 froze meanwhile, so those words hang. Once the failure
     # detector reports it gone (1.5 s) they are cancelled with every other send to it, and the
     # survivors end then (part 3 averaged again by its backup), not when the words time out
     # (the send timeout, 5 s).
-    _skip_unless_ring()
     inputs = _inputs(4)
     finished: dict[int, float] = {}
     results, _ = _run(
@@ -442,6 +441,7 @@ def test_members_that_told_a_frozen_owner_they_hold_its_average_do_not_wait_for_
         [("steps", True), ("steps", True), ("open", True), ("steps", True)],
     ],
 )
+@only_round_the_ring
 def test_members_that_do_not_send_round_the_ring_still_pass_on_what_comes_round_it(
     orders: list[tuple[str, bool]],
 ) -> None:
@@ -450,7 +450,6 @@ def test_members_that_do_not_send_round_the_ring_still_pass_on_what_comes_round_
     # Averages that come round the ring are passed on whatever the receiver's own order, as
     # soon as its all-gather opened: the round ends at once for everyone, not at the reduce
     # deadline (21 s) or the result deadline (24 s). Nobody waits for a word either.
-    _skip_unless_ring()
     inputs = _inputs(4)
     results, finished = _run_orders(inputs, orders)
     assert all(t < 0.01 for t in finished.values()), finished
@@ -474,6 +473,7 @@ class _SlowContributionsTo(FakeTransport):
         await super().send(peer_id, message, timeout_s=timeout_s)
 
 
+@only_round_the_ring
 def test_an_average_passed_on_before_the_all_gather_opens_goes_once_it_opens() -> None:
     # Peer 2 sends all at once (part 2 never comes round the ring, so peer 1's step that
     # would pass it on never completes) and its contributions to peer 0 crawl, so peer 0 is
@@ -481,7 +481,6 @@ def test_an_average_passed_on_before_the_all_gather_opens_goes_once_it_opens() -
     # round the ring (3 -> 2 -> 1) before that step, and with it the all-gather, opens at
     # peer 1: they go on to peer 0 once it opens (at its patience), not at the reduce
     # deadline (21 s) as when a pass waited for the step before to be all passed on.
-    _skip_unless_ring()
     inputs = _inputs(4)
     orders = [("steps", True), ("steps", True), ("open", True), ("steps", True)]
 
@@ -719,6 +718,7 @@ class _DiesBeforeItsAveragesReach(FakeTransport):
         await super().send(peer_id, message, timeout_s=timeout_s)
 
 
+@pytest.mark.parametrize("schedule", [s for s in SCHEDULES if s != "ring"], indirect=True)
 def test_a_member_that_lost_an_average_others_finished_with_leaves_the_round_at_once() -> None:
     # Peer 2 sends its part's averages to peer 1, then dies before those for peer 0 go out
     # (in pairwise steps the all-gather goes to the member behind first). Peer 1 finishes with
@@ -728,8 +728,6 @@ def test_a_member_that_lost_an_average_others_finished_with_leaves_the_round_at_
     # waiting to the reduce deadline for a contribution that never comes and ending with a
     # part 2 nobody else holds. (Round the ring peer 2 sends its averages to peer 1 only, and
     # peer 1 finishes only once peer 0 got them from it: this cannot happen.)
-    if _schedule["name"] == "ring":
-        pytest.skip("round the ring no member finishes with an average another lacks")
     inputs = _inputs(3)
     clock = IdleJumpClock()
     config = _scheduled(CONFIG)
