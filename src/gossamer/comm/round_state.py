@@ -361,18 +361,30 @@ class RoundState:
                     self._num_pending_result_sends += 1
                     self.spawn(self._send_result(dest, message, fp32_nbytes, own=True, chunk=chunk))
 
-    def _held_by(self, chunk: int, member: int) -> None:
-        """``member`` holds this member's average of ``chunk`` (sent round the ring); once
-        every live member does, the average need not be kept."""
-        waiting = self._unconfirmed.get(chunk)
-        if waiting is not None and member in waiting:
-            waiting.discard(member)
-            if not waiting:
-                del self._unconfirmed[chunk], self._ring_results[chunk]
+    def _held_by(self, chunk: int | None, member: int) -> None:
+        """``member`` holds this member's average of ``chunk`` (sent round the ring)."""
+        if chunk is not None and self._waits_no_more(chunk, member):
             self._check_done()
 
+    def _waits_no_more(self, chunk: int, member: int) -> bool:
+        """Stop waiting for ``member`` to hold this member's average of ``chunk``; once no live
+        member is waited for, the average need not be kept. True if it was waited for."""
+        waiting = self._unconfirmed.get(chunk)
+        if waiting is None or member not in waiting:
+            return False
+        waiting.discard(member)
+        if not waiting:
+            del self._unconfirmed[chunk], self._ring_results[chunk]
+        return True
+
     async def _send_result(
-        self, dest: int, message: Message, fp32_nbytes: int, *, own: bool, chunk: int = -1
+        self,
+        dest: int,
+        message: Message,
+        fp32_nbytes: int,
+        *,
+        own: bool,
+        chunk: int | None = None,
     ) -> None:
         """Send an average to ``dest`` (``own``: of this member's part; ``chunk``: one that went
         round the ring, of which ``dest`` then counts as holder)."""
@@ -474,8 +486,9 @@ class RoundState:
 
     # ---- sending -------------------------------------------------------------------------------
 
-    async def _send(self, dest: int, message: Message) -> bool:
-        """Send within the round's deadline; False if none of it is left.
+    async def _send(self, dest: int, message: Message, *, word: bool = False) -> bool:
+        """Send within the round's deadline; False if none of it is left. A ``word`` (no data)
+        goes around the send tally.
 
         Raises:
             GossamerError: the send failed.
@@ -483,20 +496,23 @@ class RoundState:
         remaining = self.deadline_s - self.clock.monotonic()
         if remaining <= 0:
             return False
-        await self.transport.send(
+        transport = self.untimed_transport if word else self.transport
+        await transport.send(
             self.plan.members[dest], message, timeout_s=min(self.send_timeout_s, remaining)
         )
         return True
 
-    async def _transmit(self, dest: int, message: Message) -> bool:
+    async def _transmit(self, dest: int, message: Message, *, word: bool = False) -> bool:
         """Send ``message`` to ``dest``; False if it did not go (``dest`` failed, no time left).
 
         A send still waiting when ``dest`` is declared failed is cancelled (see
-        :meth:`peer_failed`): a member that hangs holds nothing up past that.
+        :meth:`peer_failed`): a member that hangs holds nothing up past that. A failed send
+        declares ``dest`` failed, unless it is a ``word`` (no data, not counted in the bytes
+        sent), whose loss costs only what the word would have saved.
         """
         if dest in self.failed:
             return False
-        send = asyncio.ensure_future(self._send(dest, message))
+        send = asyncio.ensure_future(self._send(dest, message, word=word))
         self._sends_to[dest].add(send)
         try:
             if not await send:
@@ -507,11 +523,13 @@ class RoundState:
                 return False  # cut short by peer_failed, not by the round's end
             raise
         except GossamerError as exc:
-            self.peer_failed(dest, f"{type(exc).__name__}: {exc}", notify=True)
+            if not word:
+                self.peer_failed(dest, f"{type(exc).__name__}: {exc}", notify=True)
             return False
         finally:
             self._sends_to[dest].discard(send)
-        self.bytes_sent += message_nbytes(message)
+        if not word:
+            self.bytes_sent += message_nbytes(message)
         return True
 
     async def _send_part(self, part: int, dest: int, *, flags: int, counted: bool) -> None:
@@ -568,10 +586,8 @@ class RoundState:
         ring = self._ring_intact()
         self.failed[member] = reason
         self.steps.member_failed(member)
-        for chunk, waiting in list(self._unconfirmed.items()):
-            waiting.discard(member)
-            if not waiting:
-                del self._unconfirmed[chunk], self._ring_results[chunk]
+        for chunk in list(self._unconfirmed):
+            self._waits_no_more(chunk, member)
         if ring:
             self._send_unconfirmed()
         for send in list(self._sends_to[member]):
@@ -754,7 +770,7 @@ class RoundState:
                 raise ProtocolError(
                     f"member {member} passed on an average of part {part} out of the ring's order"
                 )
-            await self._take_result(part, part, chunk, body, via=member)
+            await self._take_result(part, part, chunk, body, via=member, ring=True)
             return
         if member != self.reducer_of[part] and frame.flags & FLAG_REASSIGNED:
             if self.reducer_of[part] == part:  # we had not heard that the owner failed
@@ -765,29 +781,27 @@ class RoundState:
                 self.reducer_of[part] = member
                 self._unconfirmed.clear()  # nobody waits for this member's own averages
                 self._ring_results.clear()
-        await self._take_result(member, part, chunk, body, via=member, ring=frame.flags & FLAG_RING)
+        ring = bool(frame.flags & FLAG_RING)
+        await self._take_result(member, part, chunk, body, via=member, ring=ring)
 
     async def _take_result(
-        self, source: int, part: int, chunk: int, body: Any, *, via: int, ring: int = FLAG_RING
+        self, source: int, part: int, chunk: int, body: Any, *, via: int, ring: bool
     ) -> None:
         """Land the average of ``chunk`` of ``part`` that ``source`` reduced, sent here by
-        ``via`` (``source`` itself, or round the ring the member just ahead), unless it is not
-        the one to take."""
+        ``via`` (``source`` itself, or round the ring the member just ahead; ``ring``: it goes
+        round the ring), unless it is not the one to take."""
         if source == part:
             self.steps.received_result(part, chunk)
-        if source != self.reducer_of[part] or self.result_from[part][chunk] == source:
-            return
         # One average of a chunk lands at a time: two decodes into the same output would mix,
         # and one of an owner declared failed meanwhile must not end over its backup's.
-        landing = self._landing.setdefault((part, chunk), asyncio.Lock())
-        async with landing:
+        async with self._landing.setdefault((part, chunk), asyncio.Lock()):
             await self._land(source, part, chunk, body, via=via, ring=ring)
 
     async def _land(
-        self, source: int, part: int, chunk: int, body: Any, *, via: int, ring: int
+        self, source: int, part: int, chunk: int, body: Any, *, via: int, ring: bool
     ) -> None:
         if source != self.reducer_of[part] or self.result_from[part][chunk] == source:
-            return  # the same average came twice at once (round the ring and directly)
+            return  # not the reducer's, or it came already (round the ring and directly)
         contributors, rest = unpack_contributors(body, self.plan.num_parts)
         a, b = self.chunks[part][chunk]
 
@@ -847,29 +861,11 @@ class RoundState:
             self._check_done()
 
     async def _tell_held(self, owner: int, message: bytes) -> None:
-        """Tell ``owner`` this member holds an average of its (around the send tally: no data;
-        if it fails, the owner sends the average directly at its result deadline). Cancelled
-        once ``owner`` is declared failed, like a data send to it."""
+        """Tell ``owner`` this member holds an average of its (a word: if it is lost, the owner
+        sends the average directly at its result deadline). Cancelled once ``owner`` is
+        declared failed, like a data send to it."""
         try:
-            remaining = self.deadline_s - self.clock.monotonic()
-            if owner in self.failed or remaining <= 0:
-                return
-            send = asyncio.ensure_future(
-                self.untimed_transport.send(
-                    self.plan.members[owner], message, timeout_s=min(self.send_timeout_s, remaining)
-                )
-            )
-            self._sends_to[owner].add(send)
-            try:
-                await send
-            except GossamerError:
-                pass  # the owner sends the average directly at its result deadline
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if owner not in self.failed or (current is not None and current.cancelling()):
-                    raise  # the round's end, not peer_failed
-            finally:
-                self._sends_to[owner].discard(send)
+            await self._transmit(owner, message, word=True)
         finally:
             self._num_pending_result_sends -= 1
             self._check_done()

@@ -122,11 +122,10 @@ class PairwiseSteps:
             outgoing.append(chunk_counts[(me + shift) % n])
             incoming.append(chunk_counts[me])
         for t, shift in enumerate(range(n - 1, 0, -1), start=1):  # all-gather: averages out
-            if (
-                self.ring
-            ):  # step t: the averages of the part t - 1 places ahead to the member behind
-                self.sends_to.append((me - 1) % n)
-                self.receives_from.append((me + 1) % n)
+            if self.ring:
+                # step t: the averages of the part t - 1 places ahead to the member behind
+                self.sends_to.append(self.behind)
+                self.receives_from.append(self.ahead)
                 outgoing.append(chunk_counts[(me + t - 1) % n])
                 incoming.append(chunk_counts[(me + t) % n])
             else:  # step t: this member's averages to the member t places behind
@@ -169,7 +168,7 @@ class PairwiseSteps:
         the ring only the member behind gets them from this one)."""
         n = self.num_members
         if self.ring:
-            return n - 1 if dest == (self.me - 1) % n else None
+            return n - 1 if dest == self.behind else None
         return 2 * n - 2 - (dest - self.me) % n
 
     def forward_step(self, part: int) -> int:
