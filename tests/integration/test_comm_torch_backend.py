@@ -25,6 +25,8 @@ def test_processes_average_like_gloo(backend: str, codec: str, atol: float) -> N
     assert result.max_abs_error_vs_gloo < atol
     assert result.seconds > 0
     assert result.gloo_seconds > 0
+    assert (result.cpu_seconds_per_peer or 0.0) > 0
+    assert (result.gloo_cpu_seconds_per_peer or 0.0) > 0
 
 
 def test_a_round_adds_at_most_three_times_the_tensor_to_a_peers_memory() -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from gossamer.bench.allreduce import (
     AllReduceBenchResult,
+    _cpu_per_peer,
     _ExtraMemory,
     _link_tx_bytes,
     _memory_ratio,
@@ -51,6 +52,13 @@ def test_memory_ratio_is_the_largest_worker_over_the_tensor_and_unknown_if_any_i
     assert _memory_ratio([], 100) is None
 
 
+def test_cpu_per_peer_is_the_median_over_repeats_of_the_workers_mean() -> None:
+    # cpu[worker][repeat]: repeat means 0.2, 0.4, 1.0 -> median 0.4
+    assert _cpu_per_peer([[0.1, 0.3, 0.9], [0.3, 0.5, 1.1]]) == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="shorter"):
+        _cpu_per_peer([[0.1, 0.2], [0.3]])  # a worker short of a repeat is a bug, not a figure
+
+
 def _result(**changes: object) -> AllReduceBenchResult:
     result = AllReduceBenchResult(
         peers=4, size_bytes=100, codec="none", backend="p2p", rate_bits_per_s=None,
@@ -67,6 +75,13 @@ def test_the_table_shows_the_memory_figure_next_to_gloos() -> None:
     result = _result()
     assert "peak memory   +1.31x the tensor per peer (gloo 0.02x)" in result.table()
     assert '"peak_extra_memory_ratio": 1.31' in result.to_json()
+
+
+def test_the_table_shows_cpu_per_peer_next_to_gloos_and_leaves_it_out_when_unknown() -> None:
+    result = _result(cpu_seconds_per_peer=0.314, gloo_cpu_seconds_per_peer=0.059)
+    assert "CPU           0.314 s per peer per round, all threads (gloo 0.059 s)" in result.table()
+    assert '"cpu_seconds_per_peer": 0.314' in result.to_json()
+    assert "CPU " not in _result().table()
 
 
 def test_the_plot_is_a_png_of_every_codec_and_gloo_against_peers(tmp_path: Path) -> None:

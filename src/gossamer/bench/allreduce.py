@@ -106,6 +106,12 @@ class AllReduceBenchResult:
     tcp_congestion_control: str = ""
     """The TCP congestion control the workers' sockets used (their namespace's), for gloo and
     Gossamer alike; it moves the figures on shaped links (see :class:`LabConfig`)."""
+    cpu_seconds_per_peer: float | None = None
+    """CPU time a worker process spent in a round (all its threads, user and system): the mean
+    over workers, median over repeats. Where the peers share fewer cores than they are, as on
+    loopback, this is what sets the round's time."""
+    gloo_cpu_seconds_per_peer: float | None = None
+    """The same for gloo's rounds."""
 
     def to_json(self) -> str:
         """The result as one JSON object."""
@@ -137,6 +143,12 @@ class AllReduceBenchResult:
                 f"  peak memory   +{self.peak_extra_memory_ratio:.2f}x the tensor per peer"
                 f"{gloo_memory}"
             )
+        cpu = ""
+        if self.cpu_seconds_per_peer is not None and self.gloo_cpu_seconds_per_peer is not None:
+            cpu = (
+                f"  CPU           {self.cpu_seconds_per_peer:.3f} s per peer per round, all "
+                f"threads (gloo {self.gloo_cpu_seconds_per_peer:.3f} s)"
+            )
         return "\n".join(
             [
                 f"all-reduce of {self.size_bytes / 1e6:.1f} MB over {self.peers} peers "
@@ -153,6 +165,7 @@ class AllReduceBenchResult:
                 f"  TCP           {self.tcp_congestion_control or 'n/a'} congestion control",
                 *([busy] if busy else []),
                 *([memory] if memory else []),
+                *([cpu] if cpu else []),
             ]
         )
 
@@ -266,52 +279,78 @@ def _worker_main(spec: dict[str, Any]) -> None:
     dist.destroy_process_group()
 
 
-def _gloo_round(tensor: torch.Tensor, ifname: str) -> tuple[float, int, int, torch.Tensor]:
-    """Seconds, uplink bytes and extra memory of gloo's all-reduce of ``tensor``, and its mean."""
+@dataclass(slots=True)
+class _GlooRound:
+    seconds: float
+    cpu_s: float
+    sent: int
+    extra_memory: int
+    mean: torch.Tensor
+
+
+def _gloo_round(tensor: torch.Tensor, ifname: str) -> _GlooRound:
+    """Time, CPU time, uplink bytes and extra memory of gloo's all-reduce of ``tensor``, and
+    its mean."""
     reference = tensor.clone()
     dist.barrier()
     with _ExtraMemory() as memory:  # the reset and reads stay outside the timing
         sent = _link_tx_bytes(ifname)
+        cpu = time.process_time()
         started = time.perf_counter()
         dist.all_reduce(reference)
         seconds = time.perf_counter() - started
+        cpu = time.process_time() - cpu
     sent = _link_tx_bytes(ifname) - sent
     reference /= dist.get_world_size()
-    return seconds, sent, memory.extra_bytes, reference
+    return _GlooRound(seconds, cpu, sent, memory.extra_bytes, reference)
 
 
 def _torch_rounds(
     averager: TorchGroupAverager, tensor: torch.Tensor, spec: dict[str, Any]
 ) -> dict[str, Any]:
     gloo: list[float] = []
+    gloo_cpu: list[float] = []
     gloo_link: list[int] = []
     gloo_memory = 0
     timed: list[float] = []
+    cpu: list[float] = []
     link: list[int] = []
     memory = 0
     error = 0.0
     wire = 0
     ifname = spec["ifname"]
     for _ in range(spec["repeats"]):
-        gloo_s, gloo_sent, gloo_extra, reference = _gloo_round(tensor, ifname)
-        gloo.append(gloo_s)
-        gloo_link.append(gloo_sent)
-        gloo_memory = max(gloo_memory, gloo_extra)
+        gloo_round = _gloo_round(tensor, ifname)
+        reference = gloo_round.mean
+        gloo.append(gloo_round.seconds)
+        gloo_cpu.append(gloo_round.cpu_s)
+        gloo_link.append(gloo_round.sent)
+        gloo_memory = max(gloo_memory, gloo_round.extra_memory)
         work = tensor.clone()  # like gloo's reference: allocated before the clock starts
         dist.barrier()
         with _ExtraMemory() as extra:
             sent = _link_tx_bytes(ifname)
+            cpu_start = time.process_time()
             started = time.perf_counter()
             report = averager.average_([work])
             timed.append(time.perf_counter() - started)
+            cpu.append(time.process_time() - cpu_start)
         memory = max(memory, extra.extra_bytes)
         link.append(_link_tx_bytes(ifname) - sent)
         wire = report.bytes_sent
         dist.barrier()  # every worker stopped its clock before the check takes CPU
         error = max(error, float((work - reference).abs().max()))
-    row = {"seconds": timed, "wire": wire, "error": error, "link": link, "memory": memory}
+    row = {
+        "seconds": timed,
+        "cpu": cpu,
+        "wire": wire,
+        "error": error,
+        "link": link,
+        "memory": memory,
+    }
     return {
         "gloo": gloo,
+        "gloo_cpu": gloo_cpu,
         "gloo_link": gloo_link,
         "gloo_memory": gloo_memory,
         "codecs": {"none": row},
@@ -332,22 +371,23 @@ async def _p2p_rounds(
         members = [e.partition("@")[0] for e in entries]
         mailbox = CommMailbox(NetCommTransport(node), node.clock)
         gloo: list[float] = []
+        gloo_cpu: list[float] = []
         gloo_link: list[int] = []
         gloo_memory = 0
         codecs: dict[str, dict[str, Any]] = {
-            c: {"seconds": [], "wire": 0, "error": 0.0, "link": [], "memory": 0}
+            c: {"seconds": [], "cpu": [], "wire": 0, "error": 0.0, "link": [], "memory": 0}
             for c in spec["codecs"]
         }
         landing = tensor.clone()  # where averages land, allocated once like gloo's buffer
         meter = BandwidthMeter()  # like a swarm peer's: its rounds measure its send rate
         ifname = spec["ifname"]
         for repeat in range(spec["repeats"]):
-            gloo_s, gloo_sent, gloo_extra, reference = await asyncio.to_thread(
-                _gloo_round, tensor, ifname
-            )
-            gloo.append(gloo_s)
-            gloo_link.append(gloo_sent)
-            gloo_memory = max(gloo_memory, gloo_extra)
+            gloo_round = await asyncio.to_thread(_gloo_round, tensor, ifname)
+            reference = gloo_round.mean
+            gloo.append(gloo_round.seconds)
+            gloo_cpu.append(gloo_round.cpu_s)
+            gloo_link.append(gloo_round.sent)
+            gloo_memory = max(gloo_memory, gloo_round.extra_memory)
             for codec in spec["codecs"]:
                 config = AllReduceConfig(
                     timeout_s=_TIMEOUT_S,
@@ -357,6 +397,7 @@ async def _p2p_rounds(
                 await asyncio.to_thread(dist.barrier)
                 with _ExtraMemory() as extra:
                     sent = _link_tx_bytes(ifname)
+                    cpu_start = time.process_time()
                     started = time.perf_counter()
                     result = await all_reduce(
                         [tensor],
@@ -368,12 +409,14 @@ async def _p2p_rounds(
                         meter=meter,
                     )
                     elapsed = time.perf_counter() - started
+                    cpu_s = time.process_time() - cpu_start
                 # The check below allocates and scans the whole tensor: only once every worker
                 # has stopped its clock, so it never takes CPU from a round still running.
                 await asyncio.to_thread(dist.barrier)
                 row = codecs[codec]
                 row["memory"] = max(row["memory"], extra.extra_bytes)
                 row["seconds"].append(elapsed)
+                row["cpu"].append(cpu_s)
                 row["link"].append(_link_tx_bytes(ifname) - sent)
                 row["wire"] = result.report.bytes_sent
                 error = float((result.tensors[0] - reference).abs().max())
@@ -381,6 +424,7 @@ async def _p2p_rounds(
         await asyncio.to_thread(dist.barrier)  # nobody stops its node while others still send
         return {
             "gloo": gloo,
+            "gloo_cpu": gloo_cpu,
             "gloo_link": gloo_link,
             "gloo_memory": gloo_memory,
             "codecs": codecs,
@@ -550,9 +594,16 @@ def run_allreduce_sweep(
                 tcp_congestion_control=",".join(
                     sorted({str(r.get("tcp_congestion_control", "")) for r in rows})
                 ),
+                cpu_seconds_per_peer=_cpu_per_peer([r["codecs"][codec]["cpu"] for r in rows]),
+                gloo_cpu_seconds_per_peer=_cpu_per_peer([r["gloo_cpu"] for r in rows]),
             )
         )
     return results
+
+
+def _cpu_per_peer(cpu: list[list[float]]) -> float:
+    """Median over repeats of the workers' mean CPU time in a round (``cpu[worker][repeat]``)."""
+    return statistics.median(statistics.fmean(each) for each in zip(*cpu, strict=True))
 
 
 def _memory_ratio(extra_bytes: list[int], size_bytes: int) -> float | None:

@@ -235,5 +235,9 @@ class PartReducer:
             if total is None or weight <= 0:
                 average = fallback.copy()
             else:
-                average = total / np.float32(weight) if weight != 1.0 else total
+                # in place: the sum is this chunk's alone, and a fresh array would cost the
+                # kernel a zero-filled page for every 4 KiB of it
+                average = (
+                    np.divide(total, np.float32(weight), out=total) if weight != 1.0 else total
+                )
             return average, sorted(self.contributors[chunk])

@@ -241,9 +241,13 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
             # A transfer that is all in its first chunk is copied once, with no zeroing pass, or
             # not at all for a handler that only reads it.
             whole = first.num_streams == 1 and first.offset == 0 and len(data) == total
-            buffer: bytearray | memoryview = bytearray(total)
-            if whole:
-                buffer = data if first.topic in self._read_only else bytearray(data)
+            buffer: bytearray | memoryview
+            if not whole:
+                buffer = bytearray(total)
+            elif first.topic in self._read_only:
+                buffer = data
+            else:
+                buffer = bytearray(data)
             transfer = _Transfer(first.topic, buffer, first.num_streams, self._clock.monotonic())
             self._transfers[key] = transfer
             self._inflight_bytes += total
