@@ -322,13 +322,18 @@ only_round_the_ring = pytest.mark.parametrize("schedule", ["ring"], indirect=Tru
 
 
 @only_round_the_ring
-def test_a_member_slow_to_pass_averages_on_holds_no_one_up_past_the_result_deadline() -> None:
+@pytest.mark.parametrize(("stall_s", "ends_at_s"), [(1.0, 1.0), (100.0, 24.0)])
+def test_a_member_slow_to_pass_averages_on_holds_the_others_up_for_the_stall_allowance(
+    stall_s: float, ends_at_s: float
+) -> None:
     # Round the ring peer 1 passes the averages of parts 2 and 3 on to peer 0, and its uplink
-    # takes longer than the round for them. Their owners are still in the round (nobody told
-    # them peers 0 and 3 hold them): at the result deadline (24 s) they send them directly,
-    # and everyone but peer 1 ends then, with everyone's mean and nobody declared failed.
+    # takes longer than the round for them. Their owners hear of no new holder for the stall
+    # allowance (ring_stall_s: the reduce-scatter took no time on the fake), send them
+    # directly and tell everyone so (RING_OFF), and peer 1 drops the passes it has not made;
+    # with an allowance longer than the result deadline (24 s) that happens there. Everyone
+    # ends then, with everyone's mean and nobody declared failed.
     inputs = _inputs(4)
-    config = dataclasses.replace(CONFIG, send_timeout_s=60.0)
+    config = dataclasses.replace(CONFIG, send_timeout_s=60.0, ring_stall_s=stall_s)
     finished: dict[int, float] = {}
     results, _ = _run(
         inputs,
@@ -336,13 +341,54 @@ def test_a_member_slow_to_pass_averages_on_holds_no_one_up_past_the_result_deadl
         made={1: lambda network, peer: _PassesOn(network, peer, delay_s=100.0)},
         finished_at=finished,
     )
-    result_deadline_s = 24.0
     for i, result in results.items():
         assert result.report.failed == {}, (i, result.report.failed)
         assert all(p.outcome is PartOutcome.AVERAGED for p in result.report.parts)
         _assert_close(result.tensors, _mean(inputs, [0, 1, 2, 3]), atol=1e-6)
-    assert all(abs(finished[i] - result_deadline_s) < 0.5 for i in (0, 2, 3)), finished
-    assert results[1].report.deadline_hit  # its sends to peer 0 never ended
+    assert all(abs(at - ends_at_s) < 0.5 for at in finished.values()), finished
+    assert not any(result.report.deadline_hit for result in results.values())
+
+
+class _ReceivesSlowly(FakeTransport):
+    """A member whose downlink crawls once the all-gather goes round the ring: every average
+    passed on to it, or sent to it round the ring, takes ``delay_s`` to arrive."""
+
+    def __init__(self, network: FakeNetwork, peer_id: str, *, delay_s: float) -> None:
+        super().__init__(network, peer_id)
+        self.delay_s = delay_s
+
+    async def accept(self, sender: str, message: Message) -> None:
+        frame, _ = unpack_frame(memoryview(message_bytes(message)))
+        if frame.kind is FrameKind.RESULT and frame.flags & FLAG_RING:
+            await self.network.clock.sleep_async(self.delay_s)
+        await super().accept(sender, message)
+
+
+@only_round_the_ring
+def test_a_member_slow_to_receive_holds_the_members_behind_it_up_for_the_stall_allowance() -> None:
+    # Averages round the ring take 20 s to reach peer 2, and every member behind it waits for
+    # peer 2 to pass them on. The owners hear of no new holder for the stall allowance (1 s),
+    # send what is not known held directly (to peer 2 too: 20 s more) and tell everyone so,
+    # and peer 3 drops the passes to peer 2 it has not made: everyone ends by 21 s. Without
+    # the allowance the owners would wait for the result deadline (24 s) and everyone would
+    # run to the round's deadline (30 s); without the word peer 3 would, its passes queued
+    # behind one another on peer 2's downlink.
+    inputs = _inputs(4)
+    config = dataclasses.replace(CONFIG, send_timeout_s=25.0)
+    finished: dict[int, float] = {}
+    results, _ = _run(
+        inputs,
+        config=config,
+        made={2: lambda network, peer: _ReceivesSlowly(network, peer, delay_s=20.0)},
+        finished_at=finished,
+    )
+    for i, result in results.items():
+        assert result.report.failed == {}, (i, result.report.failed)
+        assert all(p.outcome is PartOutcome.AVERAGED for p in result.report.parts)
+        _assert_close(result.tensors, _mean(inputs, [0, 1, 2, 3]), atol=1e-6)
+    _assert_agree(results)
+    assert not any(result.report.deadline_hit for result in results.values())
+    assert max(finished.values()) <= 21.5, finished
 
 
 @only_round_the_ring

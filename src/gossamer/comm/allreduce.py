@@ -81,6 +81,13 @@ class AllReduceConfig:
     owner to the member just behind, each member passing on what it gets from the member just
     ahead; see :mod:`gossamer.comm.steps`): after the reduce-scatter no member changes
     destination again. False: each owner sends its averages to every member itself."""
+    ring_stall_s: float = 1.0
+    """Round the ring, an owner whose average gained no holder for this long, or for as long
+    as this member's reduce-scatter took if that is longer, sends its averages not yet known
+    held directly to every member, and from then on sends what it averages directly: a member
+    slow to receive or to pass on then holds the members behind it up for about that long,
+    not until the result deadline. A healthy ring carries an average one hop a step, well
+    within the reduce-scatter's time."""
     queue_s: float = 0.05
     """How much of a member's send rate the path is taken to queue (lab links: 50 ms, a common
     buffer size). A round of short steps whose messages all at once would be more than that,
@@ -109,6 +116,8 @@ class AllReduceConfig:
             raise ValueError(f"send_timeout_s must be positive, got {self.send_timeout_s}")
         if not self.min_step_s >= 0:
             raise ValueError(f"min_step_s must be >= 0, got {self.min_step_s}")
+        if not self.ring_stall_s > 0:
+            raise ValueError(f"ring_stall_s must be positive, got {self.ring_stall_s}")
         if not self.liveness_poll_s > 0:
             raise ValueError(f"liveness_poll_s must be positive, got {self.liveness_poll_s}")
         if not self.queue_s >= 0:
@@ -319,6 +328,7 @@ async def all_reduce(
         in_steps=in_steps,
         words=order == "steps",
         ring=config.ring_all_gather and order == "steps",
+        ring_stall_s=config.ring_stall_s,
         alive=alive,
         liveness_poll_s=config.liveness_poll_s,
         answer_closed=mailbox.answer_closed,

@@ -55,8 +55,9 @@ class RoundState:
     average passed on tells its owner (a ``RESULT_HELD`` frame). An owner keeps its averages
     and does not end the round before every live member is known to hold them: it sends them
     directly to every member not known to hold them once a member fails (which may have taken
-    what it was to pass on along) and at its result deadline (a member that is slow to pass
-    them on, or a word lost), and from then on sends what it averages directly to everyone.
+    what it was to pass on along), once one of them gained no holder for a while (a member
+    slow to receive or to pass on: see ``ring_stall_s``) and at its result deadline (a word
+    lost), and from then on sends what it averages directly to everyone.
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class RoundState:
         in_steps: bool = True,
         words: bool = True,
         ring: bool = False,
+        ring_stall_s: float = 1.0,
         untimed_transport: CommTransport | None = None,
         alive: Callable[[str], bool] | None = None,
         liveness_poll_s: float = 0.1,
@@ -122,7 +124,19 @@ class RoundState:
         """Sends under way to each member (cancelled when it is declared failed)."""
         self.steps = PairwiseSteps(n, me, [len(c) for c in self.chunks], ring=in_steps and ring)
         self._ring_given_up = False
-        """Set at the result deadline: from then on this member's averages go directly."""
+        """Set at the result deadline: from then on this member's averages go directly, and it
+        passes on no other owner's."""
+        self.ring_stall_s = ring_stall_s
+        self._ring_stalled = False
+        """Set once one of this member's averages gained no holder round the ring for the stall
+        allowance (:meth:`_ring_allowance`): from then on its averages go directly."""
+        self._ring_progress: dict[int, float] = {}
+        """For each chunk in ``_unconfirmed`` whose send round the ring began, when it last
+        gained a holder (or began)."""
+        self._ring_off: set[int] = set()
+        """Parts whose owners said they send their averages directly now (``RING_OFF``)."""
+        self._passes: dict[int, set[asyncio.Future[Any]]] = {}
+        """Passes on under way, by part (dropped when its owner says ``RING_OFF``)."""
         self._ring_results: dict[int, tuple[Message, int]] = {}
         """This member's averages sent round the ring, by chunk (message, fp32 bytes), kept
         until every live member is known to hold them: what a failure or the result deadline
@@ -152,7 +166,11 @@ class RoundState:
         self._num_pending_result_sends = 0
         self._num_contribution_senders = 0
         self._started = time.perf_counter()
+        self._begun_at = 0.0
+        """When the round began, on the round's clock."""
         self._contributions_done_at: float | None = None
+        self._contributions_sent_at: float | None = None
+        """When this member's contributions were all sent, on the round's clock."""
         self._contributions_sent = asyncio.Event()
         self._own_part_done_at: float | None = None
         self.bytes_sent = 0
@@ -177,6 +195,7 @@ class RoundState:
     def begin(self) -> None:
         """Start reducing this member's part and sending its values for every other part."""
         self._started = time.perf_counter()
+        self._begun_at = self.clock.monotonic()
         if self.chunks[self.me]:
             self._start_reducer(self.me, set(range(self.plan.num_parts)), self.reduce_deadline_s)
         n = self.plan.num_parts
@@ -189,6 +208,8 @@ class RoundState:
             self._contributions_finished()
         if self.result_deadline_s:
             self.spawn(self._watch_results())
+        if self.steps.ring:
+            self.spawn(self._watch_ring())
         if self.steps.in_steps and self.steps.asks:
             self.spawn(self._ask_ahead())
         if self.alive is not None:
@@ -202,6 +223,7 @@ class RoundState:
 
     def _contributions_finished(self) -> None:
         self._contributions_done_at = time.perf_counter()
+        self._contributions_sent_at = self.clock.monotonic()
         self._contributions_sent.set()
 
     def cancel_all(self) -> None:
@@ -238,8 +260,7 @@ class RoundState:
             return
         # Averages held up round the ring (by a member slow to pass them on) come directly
         # now; round the ring, an owner is silent only if none came by half the time left.
-        self._ring_given_up = True
-        self._send_unconfirmed()
+        self._go_direct(given_up=True)
         if self.steps.ring:
             until = self.result_deadline_s + 0.5 * (self.deadline_s - self.result_deadline_s)
             await self.clock.sleep_async(max(0.0, until - self.clock.monotonic()))
@@ -257,6 +278,35 @@ class RoundState:
             self.peer_failed(
                 part, "sent no average of its part by the result deadline", notify=True
             )
+
+    def _ring_allowance(self, now: float) -> float:
+        """How long an average may gain no holder round the ring: ``ring_stall_s``, or as long
+        as this member's reduce-scatter took (so far) if that is longer. The all-gather moves as
+        many bytes as the reduce-scatter, and round the ring an average moves one hop a step."""
+        sent_at = self._contributions_sent_at
+        return max(self.ring_stall_s, (now if sent_at is None else sent_at) - self._begun_at)
+
+    async def _watch_ring(self) -> None:
+        """Round the ring: once one of this member's averages gained no holder for the stall
+        allowance, send those not known held directly (a member slow to receive or to pass
+        them on would hold up every member behind it until the result deadline)."""
+        while not self.done.is_set() and self._ring_intact():
+            now = self.clock.monotonic()
+            allowance = self._ring_allowance(now)
+            since = [at for c, at in self._ring_progress.items() if c in self._unconfirmed]
+            if since and now - min(since) >= allowance:
+                _log.info(
+                    "peer %s: an average made no progress round the ring for %.1f s in round "
+                    "%s; sending the %d not known held directly",
+                    self.plan.members[self.me][:12],
+                    now - min(since),
+                    self.round_id.hex()[:12],
+                    len(self._unconfirmed),
+                )
+                self._go_direct(given_up=False)
+                return
+            wait = allowance if not since else min(since) + allowance - now
+            await self.clock.sleep_async(max(0.01, min(wait, allowance / 4)))
 
     async def _watch_liveness(self, alive: Callable[[str], bool]) -> None:
         """Declare failed, at once, a member the failure detector reports gone.
@@ -347,7 +397,31 @@ class RoundState:
         """Whether this member's averages go round the ring: it sends in steps round the ring,
         no member failed (it would take what it was to pass on along), and the result deadline
         has not passed."""
-        return self.steps.ring and not self.failed and not self._ring_given_up
+        return (
+            self.steps.ring
+            and not self.failed
+            and not self._ring_given_up
+            and not self._ring_stalled
+        )
+
+    def _go_direct(self, *, given_up: bool) -> None:
+        """From now on send this member's averages directly: those round the ring and not
+        known held go to every member not known to hold them, and every member is told to pass
+        none of them on any more (``given_up``: the result deadline passed, and this member
+        passes on no other owner's either)."""
+        ring = self._ring_intact()
+        if given_up:
+            self._ring_given_up = True
+        else:
+            self._ring_stalled = True
+        self._send_unconfirmed()
+        if not ring:
+            return  # never sent round the ring, or said so already
+        off = pack_frame(Frame(FrameKind.RING_OFF, self.round_id, self.me, 0, self.me, 0.0))
+        for dest in range(self.plan.num_parts):
+            if dest != self.me and dest not in self.failed:
+                self._num_pending_result_sends += 1
+                self.spawn(self._say(dest, off))
 
     def _send_unconfirmed(self) -> None:
         """Send this member's averages that went round the ring directly to every live member
@@ -375,6 +449,9 @@ class RoundState:
         waiting.discard(member)
         if not waiting:
             del self._unconfirmed[chunk], self._ring_results[chunk]
+            self._ring_progress.pop(chunk, None)
+        elif chunk in self._ring_progress:
+            self._ring_progress[chunk] = self.clock.monotonic()
         return True
 
     async def _send_result(
@@ -398,6 +475,8 @@ class RoundState:
                 # averages wait on (see steps.py).
                 await wait_for_event(self._contributions_sent, self.reduce_deadline_s, self.clock)
             async with self.slots[dest]:
+                if chunk is not None and chunk in self._unconfirmed:
+                    self._ring_progress.setdefault(chunk, self.clock.monotonic())
                 if await self._transmit(dest, message):
                     self.fp32_bytes_sent += fp32_nbytes
                     self._held_by(chunk, dest)
@@ -690,6 +769,15 @@ class RoundState:
                 )
             self._held_by(frame.chunk, member)
             return
+        if frame.kind is FrameKind.RING_OFF:
+            if frame.part != member:
+                raise ProtocolError(
+                    f"member {member} took part {frame.part} off the ring, which is not its own"
+                )
+            self._ring_off.add(member)
+            for send in list(self._passes.get(member, ())):
+                send.cancel()
+            return
         if frame.kind is FrameKind.ROUND_CLOSED:
             if frame.flags & FLAG_ELSEWHERE:  # it averaged the round another way: no part here
                 if not self.done.is_set():
@@ -832,7 +920,8 @@ class RoundState:
         put it out of steps) still passes on what comes round it, unscheduled.
         """
         behind = self.steps.behind
-        if behind != part and not self.failed and not self._ring_given_up:
+        off = self.failed or self._ring_given_up or part in self._ring_off
+        if behind != part and not off:
             passed = Frame(FrameKind.RESULT, self.round_id, part, chunk, self.me, 0.0, FLAG_RING)
             a, b = self.chunks[part][chunk]
             self._num_pending_result_sends += 1
@@ -848,6 +937,10 @@ class RoundState:
         member: one flow), not for the step before to be all sent: a chunk that is not passed
         on (it came directly, or after a failure) would never let that happen."""
         step = self.steps.forward_step(part) if self.steps.ring else None
+        task = asyncio.current_task()
+        passes = self._passes.setdefault(part, set())
+        if task is not None:
+            passes.add(task)  # cancelled if the owner says it sends directly (RING_OFF)
         try:
             if step is not None:
                 await wait_for_event(self.steps.opened[step], self.reduce_deadline_s, self.clock)
@@ -855,8 +948,18 @@ class RoundState:
                 if await self._transmit(dest, message):
                     self.fp32_bytes_sent += fp32_nbytes
         finally:
+            passes.discard(task)
             if step is not None:
                 self._step_sent(step)
+            self._num_pending_result_sends -= 1
+            self._check_done()
+
+    async def _say(self, dest: int, message: bytes) -> None:
+        """Send a word (no data) that the round waits for: if it is lost, what it would have
+        saved is lost, nothing else."""
+        try:
+            await self._transmit(dest, message, word=True)
+        finally:
             self._num_pending_result_sends -= 1
             self._check_done()
 

@@ -32,8 +32,9 @@ used, and the two changes of destination it had (four members) and their waits a
 Passing on costs each average a hop per member, so a member slow to receive or to pass on
 delays every part behind it; the owner therefore keeps its averages until every live member
 is known to hold them (each member that got them passed on says so, a header-only frame) and
-sends them directly to every member not known to hold them once a member fails or at its
-result deadline (see :class:`gossamer.comm.round_state.RoundState`). Measured 2026-12-04, 100
+sends them directly to every member not known to hold them once a member fails, once one of
+them gained no holder for a while (``AllReduceConfig.ring_stall_s``) or at its result deadline
+(see :class:`gossamer.comm.round_state.RoundState`). Measured 2026-12-04, 100
 MB, 4 peers, 100 Mbit/s lab links with cubic, alternating with the direct all-gather, medians
 of 3 rounds: 12.88 / 12.91 s (93.2% / 93.0% of the ring bound) against 12.98 / 12.95 s (gloo
 12.82 s). Where gloo runs, a link's payload can hardly go faster: the uplink also carries the

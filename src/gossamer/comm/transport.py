@@ -130,6 +130,10 @@ class FrameKind(enum.IntEnum):
     RESULT_HELD = 7
     """(Round the ring) The sender holds the average of chunk ``chunk`` of the receiver's part,
     passed on to it round the ring; no payload."""
+    RING_OFF = 8
+    """(Round the ring) The sender, owner of part ``part``, sends its averages directly from now
+    on (they made no progress round the ring, or its result deadline passed): the receiver
+    passes none of them on any more and drops those it has not passed on yet; no payload."""
 
 
 FLAG_REASSIGNED = 1
