@@ -10,7 +10,9 @@ end it writes ``FOLDER/result-RANK.json``: timings, report and a result hash.
 A peer finds ``FOLDER/hang-RANK`` at the start: it marks ``sent-RANK`` as its round starts and
 then sends nothing. ``FOLDER/hang-at-pass-RANK``: it runs the round until it is to pass on an
 owner's average round the ring (see ``gossamer.comm.steps``), marks ``sent-RANK`` then and sends
-nothing more.
+nothing more. ``FOLDER/stall-passes-RANK``: it passes no average on round the ring (each pass
+waits an hour, unless the round drops it), marks ``sent-RANK`` at the first, and sends everything
+else as usual.
 """
 
 from __future__ import annotations
@@ -57,19 +59,26 @@ class _MarkingTransport(NetCommTransport):
     told to hang at its first pass does so as it is to pass on an average round the ring.
     """
 
-    def __init__(self, node: Node, marker: Path, *, hang: bool, rank: int, at_pass: bool) -> None:
+    def __init__(
+        self, node: Node, marker: Path, *, hang: bool, rank: int, at_pass: bool, stall: bool
+    ) -> None:
         super().__init__(node)
         self.marker = marker
-        self.marked = at_pass  # (marked only once it is to pass an average on)
+        self.marked = at_pass or stall  # (marked only once it is to pass an average on)
         self.hang = hang
         self.rank = rank
         self.at_pass = at_pass
+        self.stall = stall
 
     async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
-        if self.at_pass and not self.hang:
+        if (self.at_pass or self.stall) and not self.hang:
             frame, _ = unpack_frame(memoryview(message_bytes(message)))
             passing = frame.kind is FrameKind.RESULT and frame.flags & FLAG_RING
-            if passing and frame.part != self.rank:
+            if passing and frame.part != self.rank and self.stall:
+                if not self.marker.exists():
+                    await asyncio.to_thread(self.marker.write_text, "passing")
+                await asyncio.sleep(3600)  # cancelled if the round drops the pass
+            if passing and frame.part != self.rank and self.at_pass:
                 self.hang = True
                 self.marked = False
         if self.hang:
@@ -98,8 +107,11 @@ async def main(folder: Path, rank: int, world: int, order: str) -> None:
         await _wait_for(folder / "go", 60)
         hang = (folder / f"hang-{rank}").exists()
         at_pass = (folder / f"hang-at-pass-{rank}").exists()
+        stall = (folder / f"stall-passes-{rank}").exists()
         marker = folder / f"sent-{rank}"
-        transport = _MarkingTransport(node, marker, hang=hang, rank=rank, at_pass=at_pass)
+        transport = _MarkingTransport(
+            node, marker, hang=hang, rank=rank, at_pass=at_pass, stall=stall
+        )
         mailbox = CommMailbox(transport, node.clock)
         tensor = torch.full((NUM_ELEMENTS,), float(rank))
         config = AllReduceConfig(

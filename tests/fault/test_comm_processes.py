@@ -1,8 +1,9 @@
 """All-reduce between real peer processes over TLS gRPC with one of them SIGKILLed mid-round.
 
 The survivors must finish within the round's deadline plus one part's transfer time, agree
-bit for bit, and name the killed peer in their reports. A cancelled round must leave no bulk
-stream open on either side.
+bit for bit, and name the killed peer in their reports. A peer that stops passing averages on
+round the ring holds nobody up for long. A cancelled round must leave no bulk stream open on
+either side.
 """
 
 from __future__ import annotations
@@ -95,6 +96,53 @@ def test_survivors_of_a_killed_peer_finish_in_time_and_agree(
     # Every value is a mean of ranks 0..3 over some subset that holds every survivor.
     assert all(0.0 <= r["min"] <= r["max"] <= 3.0 for r in records)
     assert wall_s < 60
+
+
+RESULT_DEADLINE_S = ROUND_TIMEOUT_S * (0.7 + 0.3 / 3)  # the peer script's config: 6.4 s
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_that_stops_passing_averages_on_holds_the_others_up_about_a_second(
+    tmp_path: Path,
+) -> None:
+    # Round the ring peer 2 sends its values and its own averages but never passes an average
+    # on. The owners whose averages it holds up see them gain no holder for a second
+    # (AllReduceConfig.ring_stall_s), send them directly and say so; peer 2 drops its passes.
+    # Everyone ends well before the result deadline (6.4 s), where they would have waited
+    # before, with everyone's mean and nobody failed.
+    (tmp_path / f"stall-passes-{VICTIM}").write_text("pass nothing on")
+    logs = [(tmp_path / f"log-{rank}").open("wb") for rank in range(WORLD)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(PEER_SCRIPT), str(tmp_path), str(rank), str(WORLD), "steps"],
+            stdout=subprocess.DEVNULL,
+            stderr=logs[rank],
+        )
+        for rank in range(WORLD)
+    ]
+    try:
+        ready = [tmp_path / f"ready-{r}" for r in range(WORLD)]
+        _wait_for(lambda: all(p.exists() for p in ready), 90, "all peers ready")
+        (tmp_path / "go").write_text("go")
+        for proc in procs:
+            proc.wait(timeout=ROUND_TIMEOUT_S + 30)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+        for log in logs:
+            log.close()
+    tails = {r: (tmp_path / f"log-{r}").read_text(errors="replace")[-2000:] for r in range(WORLD)}
+    assert all(proc.returncode == 0 for proc in procs), tails
+    assert (tmp_path / f"sent-{VICTIM}").exists()  # it did hold a pass back
+    records = [json.loads((tmp_path / f"result-{r}.json").read_text()) for r in range(WORLD)]
+    for record in records:
+        assert record["failed"] == {}, record
+        assert not record["deadline_hit"], record
+        assert record["seconds"] < RESULT_DEADLINE_S - 1.0, record
+        assert record["min"] == record["max"] == 1.5, record  # the mean of ranks 0..3
+    assert len({r["hash"] for r in records}) == 1, records
 
 
 @pytest.mark.timeout(60)
