@@ -24,8 +24,10 @@ from gossamer.comm.transport import (
     FrameKind,
     Message,
     message_bytes,
+    pack_frame,
     unpack_frame,
 )
+from gossamer.core.errors import ProtocolError
 
 TIMEOUT_S = 30.0
 CONFIG = AllReduceConfig(
@@ -389,6 +391,71 @@ def test_a_member_slow_to_receive_holds_the_members_behind_it_up_for_the_stall_a
     _assert_agree(results)
     assert not any(result.report.deadline_hit for result in results.values())
     assert max(finished.values()) <= 21.5, finished
+
+
+class _SaysRingOff(FakeTransport):
+    """A member that, right before its first message of the round, tells ``dest`` that the
+    owner of ``part`` sends its averages directly (a RING_OFF frame; ``part`` need not be its
+    own), and keeps what came of it."""
+
+    def __init__(self, network: FakeNetwork, peer_id: str, *, part: int, dest: int) -> None:
+        super().__init__(network, peer_id)
+        self.part = part
+        self.dest = f"peer-{dest}"
+        self.answer: BaseException | None = None
+        self.said = False
+
+    async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
+        if not self.said:
+            self.said = True
+            frame, _ = unpack_frame(memoryview(message_bytes(message)))
+            me = int(self.peer_id.removeprefix("peer-"))
+            off = Frame(FrameKind.RING_OFF, frame.round_id, self.part, 0, me, 0.0)
+            try:
+                await super().send(self.dest, pack_frame(off), timeout_s=timeout_s)
+            except Exception as exc:  # what the receiver made of it
+                self.answer = exc
+        await super().send(peer_id, message, timeout_s=timeout_s)
+
+
+@only_round_the_ring
+def test_a_ring_off_for_a_part_not_the_senders_is_refused_and_changes_nothing() -> None:
+    inputs = _inputs(4)
+    saying: list[_SaysRingOff] = []
+
+    def make(network: FakeNetwork, peer: str) -> FakeTransport:
+        saying.append(_SaysRingOff(network, peer, part=0, dest=1))
+        return saying[0]
+
+    finished: dict[int, float] = {}
+    results, _ = _run(inputs, made={3: make}, finished_at=finished)
+    assert isinstance(saying[0].answer, ProtocolError)
+    assert "not its own" in str(saying[0].answer)
+    for result in results.values():
+        assert result.report.failed == {}
+        _assert_close(result.tensors, _mean(inputs, [0, 1, 2, 3]), atol=1e-6)
+    assert max(finished.values()) == 0.0  # the ring ran as ever: no stall, no deadline
+
+
+@only_round_the_ring
+def test_a_member_told_ring_off_passes_none_of_that_owners_averages_on() -> None:
+    # Peer 3 tells peer 2, the member just behind it, before anything of the round moved, that
+    # it sends its averages directly. Peer 2 then passes none of part 3's on (they would reach
+    # peers 1 and 0 at once); peer 3's averages gain no holder past peer 2 for the stall
+    # allowance (1 s), and it sends them directly then: peers 0, 1 and 3 end at 1 s, with the
+    # mean (peer 2 has everything at once).
+    inputs = _inputs(4)
+    finished: dict[int, float] = {}
+    results, _ = _run(
+        inputs,
+        made={3: lambda network, peer: _SaysRingOff(network, peer, part=3, dest=2)},
+        finished_at=finished,
+    )
+    for result in results.values():
+        assert result.report.failed == {}
+        _assert_close(result.tensors, _mean(inputs, [0, 1, 2, 3]), atol=1e-6)
+    _assert_agree(results)
+    assert all(abs(finished[i] - 1.0) < 0.3 for i in (0, 1, 3)), finished
 
 
 @only_round_the_ring

@@ -22,7 +22,9 @@ from gossamer.comm.transport import (
     message_bytes,
     message_nbytes,
     unpack_frame,
+    wait_for_event,
 )
+from gossamer.core.clock import SystemClock
 from gossamer.core.errors import ProtocolError
 
 
@@ -371,3 +373,34 @@ def test_the_send_order_follows_the_queue_the_burst_would_meet(
         align=config.codec.block_size,
     )
     assert _send_order(plan, config, None) == order  # a peer that measured nothing: 100 Mbit/s
+
+
+def test_a_cancel_that_comes_as_the_wait_for_a_step_ends_reaches_the_waiter() -> None:
+    # The step opens, and the waiter is cancelled (a pass the owner no longer wants) while the
+    # wait cleans up after itself: the waiter must see the cancel, not go on to send.
+    async def scenario() -> list[str]:
+        clock = SystemClock()
+        opened = asyncio.Event()
+        log: list[str] = []
+
+        async def waiter() -> None:
+            try:
+                await wait_for_event(opened, clock.monotonic() + 10.0, clock)
+                await asyncio.sleep(0.05)
+                log.append("went on")
+            except asyncio.CancelledError:
+                log.append("cancelled")
+                raise
+
+        task = asyncio.create_task(waiter())
+        await asyncio.sleep(0.01)
+        opened.set()
+        for _ in range(3):  # into the wait's clean-up of its helper tasks
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert task.cancelled()
+        return log
+
+    assert asyncio.run(scenario()) == ["cancelled"]

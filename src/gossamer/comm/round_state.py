@@ -131,12 +131,16 @@ class RoundState:
         """Set once one of this member's averages gained no holder round the ring for the stall
         allowance (:meth:`_ring_allowance`): from then on its averages go directly."""
         self._ring_progress: dict[int, float] = {}
-        """For each chunk in ``_unconfirmed`` whose send round the ring began, when it last
-        gained a holder (or began)."""
+        """For each chunk in ``_unconfirmed``, when it last gained a holder (or was averaged)."""
+        self._first_ring_at: float | None = None
+        """When this member's first average went to be sent round the ring (round's clock)."""
         self._ring_off: set[int] = set()
         """Parts whose owners said they send their averages directly now (``RING_OFF``)."""
         self._passes: dict[int, set[asyncio.Future[Any]]] = {}
-        """Passes on under way, by part (dropped when its owner says ``RING_OFF``)."""
+        """Passes on under way, by part: dropped, on the wire or not, when the part's owner
+        says ``RING_OFF`` (a pass to a member slow to receive would hold this one to the end
+        of the round for nothing; the send tally keeps the dropped send's time, as for one the
+        deadline cut, and takes the round's figure from the fastest destination anyway)."""
         self._ring_results: dict[int, tuple[Message, int]] = {}
         """This member's averages sent round the ring, by chunk (message, fp32 bytes), kept
         until every live member is known to hold them: what a failure or the result deadline
@@ -279,12 +283,15 @@ class RoundState:
                 part, "sent no average of its part by the result deadline", notify=True
             )
 
-    def _ring_allowance(self, now: float) -> float:
+    def _ring_allowance(self) -> float:
         """How long an average may gain no holder round the ring: ``ring_stall_s``, or as long
-        as this member's reduce-scatter took (so far) if that is longer. The all-gather moves as
-        many bytes as the reduce-scatter, and round the ring an average moves one hop a step."""
-        sent_at = self._contributions_sent_at
-        return max(self.ring_stall_s, (now if sent_at is None else sent_at) - self._begun_at)
+        as this member's reduce-scatter took if that is longer (until its last contribution is
+        sent: until its first average went round the ring). The all-gather moves as many bytes
+        as the reduce-scatter, and round the ring an average moves one hop a step."""
+        end = self._contributions_sent_at
+        if end is None:
+            end = self._first_ring_at if self._first_ring_at is not None else self._begun_at
+        return max(self.ring_stall_s, end - self._begun_at)
 
     async def _watch_ring(self) -> None:
         """Round the ring: once one of this member's averages gained no holder for the stall
@@ -292,7 +299,7 @@ class RoundState:
         them on would hold up every member behind it until the result deadline)."""
         while not self.done.is_set() and self._ring_intact():
             now = self.clock.monotonic()
-            allowance = self._ring_allowance(now)
+            allowance = self._ring_allowance()
             since = [at for c, at in self._ring_progress.items() if c in self._unconfirmed]
             if since and now - min(since) >= allowance:
                 _log.info(
@@ -383,6 +390,10 @@ class RoundState:
             self._unconfirmed[chunk] = {
                 m for m in range(self.plan.num_parts) if m != self.me and m not in self.failed
             }
+            now = self.clock.monotonic()
+            self._ring_progress[chunk] = now  # (also while it waits for a slot to ``behind``)
+            if self._first_ring_at is None:
+                self._first_ring_at = now
             self._num_pending_result_sends += 1
             self.spawn(self._send_result(behind, message, fp32_nbytes, own=True, chunk=chunk))
         else:  # (a member that failed while this was encoded leaves the ring's flag on it: the
@@ -415,13 +426,14 @@ class RoundState:
         else:
             self._ring_stalled = True
         self._send_unconfirmed()
-        if not ring:
-            return  # never sent round the ring, or said so already
+        if not ring or not self._unconfirmed:
+            return  # nothing of this member's is (or will be) passed on round the ring
+        # A word, not waited for: once every member holds the averages the round may end
+        # without it (members then pass on what they still have, to no harm).
         off = pack_frame(Frame(FrameKind.RING_OFF, self.round_id, self.me, 0, self.me, 0.0))
         for dest in range(self.plan.num_parts):
             if dest != self.me and dest not in self.failed:
-                self._num_pending_result_sends += 1
-                self.spawn(self._say(dest, off))
+                self.spawn(self._word(dest, off))
 
     def _send_unconfirmed(self) -> None:
         """Send this member's averages that went round the ring directly to every live member
@@ -475,8 +487,6 @@ class RoundState:
                 # averages wait on (see steps.py).
                 await wait_for_event(self._contributions_sent, self.reduce_deadline_s, self.clock)
             async with self.slots[dest]:
-                if chunk is not None and chunk in self._unconfirmed:
-                    self._ring_progress.setdefault(chunk, self.clock.monotonic())
                 if await self._transmit(dest, message):
                     self.fp32_bytes_sent += fp32_nbytes
                     self._held_by(chunk, dest)
@@ -897,7 +907,17 @@ class RoundState:
             self.output[a:b] = self.codec.decode(rest, a, b)
 
         started = time.perf_counter()
-        await self.offload(work)
+        decode = asyncio.ensure_future(self.offload(work))
+        try:
+            await asyncio.shield(decode)
+        except asyncio.CancelledError:
+            # (the sender dropped the message, or the round ended): the thread writes on, and
+            # the landing lock is held until it is done, so no other average of the chunk lands
+            # into the same values meanwhile
+            await asyncio.wait({decode})
+            if not decode.cancelled():
+                decode.exception()  # (retrieved: the round goes on without this message)
+            raise
         self.decode_s += time.perf_counter() - started
         if source != self.reducer_of[part]:
             self.has_output[part][chunk] = False  # its owner failed meanwhile: not the average
@@ -920,8 +940,7 @@ class RoundState:
         put it out of steps) still passes on what comes round it, unscheduled.
         """
         behind = self.steps.behind
-        off = self.failed or self._ring_given_up or part in self._ring_off
-        if behind != part and not off:
+        if behind != part and self._passes_on(part):
             passed = Frame(FrameKind.RESULT, self.round_id, part, chunk, self.me, 0.0, FLAG_RING)
             a, b = self.chunks[part][chunk]
             self._num_pending_result_sends += 1
@@ -931,6 +950,11 @@ class RoundState:
             self._num_pending_result_sends += 1
             self.spawn(self._tell_held(part, pack_frame(held)))
 
+    def _passes_on(self, part: int) -> bool:
+        """Whether this member still passes ``part``'s averages on round the ring: not once a
+        member failed, its result deadline passed, or the owner said it sends them directly."""
+        return not self.failed and not self._ring_given_up and part not in self._ring_off
+
     async def _pass(self, dest: int, message: Message, fp32_nbytes: int, part: int) -> None:
         """Pass an average on to ``dest``, the member just behind. Round the ring that waits
         only for the all-gather to open here (with the last reduce-scatter step, to the same
@@ -938,30 +962,27 @@ class RoundState:
         on (it came directly, or after a failure) would never let that happen."""
         step = self.steps.forward_step(part) if self.steps.ring else None
         task = asyncio.current_task()
-        passes = self._passes.setdefault(part, set())
+        under_way = self._passes.setdefault(part, set())
         if task is not None:
-            passes.add(task)  # cancelled if the owner says it sends directly (RING_OFF)
+            under_way.add(task)  # cancelled if the owner says it sends directly (RING_OFF)
         try:
             if step is not None:
                 await wait_for_event(self.steps.opened[step], self.reduce_deadline_s, self.clock)
             async with self.slots[dest]:
+                if not self._passes_on(part):  # RING_OFF came as this was spawned
+                    return
                 if await self._transmit(dest, message):
                     self.fp32_bytes_sent += fp32_nbytes
         finally:
-            passes.discard(task)
+            under_way.discard(task)
             if step is not None:
                 self._step_sent(step)
             self._num_pending_result_sends -= 1
             self._check_done()
 
-    async def _say(self, dest: int, message: bytes) -> None:
-        """Send a word (no data) that the round waits for: if it is lost, what it would have
-        saved is lost, nothing else."""
-        try:
-            await self._transmit(dest, message, word=True)
-        finally:
-            self._num_pending_result_sends -= 1
-            self._check_done()
+    async def _word(self, dest: int, message: bytes) -> None:
+        """Send a word (no data) nothing waits for: lost, it costs only what it would save."""
+        await self._transmit(dest, message, word=True)
 
     async def _tell_held(self, owner: int, message: bytes) -> None:
         """Tell ``owner`` this member holds an average of its (a word: if it is lost, the owner

@@ -20,7 +20,6 @@ followed by tensor pieces (see :mod:`gossamer.comm.wire`) for contributions and 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import itertools
 import logging
@@ -247,8 +246,9 @@ async def wait_for_event(event: asyncio.Event, deadline_s: float, clock: Clock) 
     finally:
         for task in (waiter, sleeper):
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # (asyncio.wait: a cancel of the caller that comes meanwhile still reaches the caller;
+        # awaiting the tasks themselves under suppress(CancelledError) would swallow it)
+        await asyncio.wait({waiter, sleeper})
     return event.is_set()
 
 
