@@ -138,6 +138,7 @@ async def main(folder: Path, rank: int, world: int, order: str) -> None:
             "hash": hashlib.sha256(values.tobytes()).hexdigest(),
             "failed": report.failed,
             "deadline_hit": report.deadline_hit,
+            "ring_left": report.ring_left,
             "outcomes": [str(p.outcome) for p in report.parts],
             "contributors": [p.contributors for p in report.parts],
             "min": float(values.min()),

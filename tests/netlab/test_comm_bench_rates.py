@@ -30,6 +30,10 @@ def test_p2p_matches_gloo_share_of_bound_and_int8_beats_gloo() -> None:
     assert plain.share_of_bound >= 0.8 * plain.gloo_share_of_bound, plain.table()
     assert plain.share_of_bound >= 0.65, plain.table()
     assert plain.max_abs_error_vs_gloo < 1e-5
+    # on healthy links no owner's averages leave the ring (none gains no holder for the stall
+    # allowance, AllReduceConfig.ring_stall_s), and nothing is sent twice
+    assert plain.ring_left == {}, plain.table()
+    assert plain.header_overhead < 0.005, plain.table()
     # the links' own counters: a counter on the wrong interface reads about nothing, and no
     # tbf passes more than its cap
     gloo_busy, busy = plain.gloo_uplink_utilization, plain.uplink_utilization

@@ -84,6 +84,13 @@ def test_the_table_shows_cpu_per_peer_next_to_gloos_and_leaves_it_out_when_unkno
     assert "CPU " not in _result().table()
 
 
+def test_the_table_names_rounds_whose_averages_left_the_ring_and_only_those() -> None:
+    result = _result(ring_left={"stalled": 2, "result deadline": 1})
+    assert "ring left     by a worker's averages in 1 result deadline, 2 stalled" in result.table()
+    assert '"stalled": 2' in result.to_json()
+    assert "ring left" not in _result().table()
+
+
 def test_the_plot_is_a_png_of_every_codec_and_gloo_against_peers(tmp_path: Path) -> None:
     results = [
         _result(peers=peers, codec=codec, algorithm_bandwidth_bytes_per_s=rate)

@@ -157,6 +157,8 @@ def test_exact_mean_without_faults() -> None:
         assert report.bytes_sent > 0
         assert report.bytes_received > 0
         assert 0.9 < report.compression_ratio < 1.0  # headers cost a little
+        assert report.round_the_ring == (_schedule["name"] == "ring")
+        assert report.ring_left is None
     _assert_agree(results)
     assert clock.monotonic() == 0.0  # no deadline was needed
 
@@ -349,6 +351,10 @@ def test_a_member_slow_to_pass_averages_on_holds_the_others_up_for_the_stall_all
         _assert_close(result.tensors, _mean(inputs, [0, 1, 2, 3]), atol=1e-6)
     assert all(abs(at - ends_at_s) < 0.5 for at in finished.values()), finished
     assert not any(result.report.deadline_hit for result in results.values())
+    # the owners of parts 2 and 3 (peer 1 passes those on) left the ring; 0 and 1 did not
+    why = "stalled" if stall_s < 24.0 else "result deadline"
+    left = {i: result.report.ring_left for i, result in results.items()}
+    assert left == {0: None, 1: None, 2: why, 3: why}, left
 
 
 class _ReceivesSlowly(FakeTransport):

@@ -28,6 +28,7 @@ port; results come back as JSON files.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime
 import json
@@ -40,7 +41,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,9 @@ class AllReduceBenchResult:
     loopback, this is what sets the round's time."""
     gloo_cpu_seconds_per_peer: float | None = None
     """The same for gloo's rounds."""
+    ring_left: dict[str, int] = field(default_factory=dict)
+    """Rounds of a worker whose averages left the ring and went directly, by why (the reports'
+    ``ring_left``), summed over workers and repeats: empty on healthy links."""
 
     def to_json(self) -> str:
         """The result as one JSON object."""
@@ -143,6 +147,10 @@ class AllReduceBenchResult:
                 f"  peak memory   +{self.peak_extra_memory_ratio:.2f}x the tensor per peer"
                 f"{gloo_memory}"
             )
+        left = ""
+        if self.ring_left:
+            why = ", ".join(f"{n} {reason}" for reason, n in sorted(self.ring_left.items()))
+            left = f"  ring left     by a worker's averages in {why} (of its rounds)"
         cpu = ""
         if self.cpu_seconds_per_peer is not None and self.gloo_cpu_seconds_per_peer is not None:
             cpu = (
@@ -166,6 +174,7 @@ class AllReduceBenchResult:
                 *([busy] if busy else []),
                 *([memory] if memory else []),
                 *([cpu] if cpu else []),
+                *([left] if left else []),
             ]
         )
 
@@ -375,7 +384,15 @@ async def _p2p_rounds(
         gloo_link: list[int] = []
         gloo_memory = 0
         codecs: dict[str, dict[str, Any]] = {
-            c: {"seconds": [], "cpu": [], "wire": 0, "error": 0.0, "link": [], "memory": 0}
+            c: {
+                "seconds": [],
+                "cpu": [],
+                "wire": 0,
+                "error": 0.0,
+                "link": [],
+                "memory": 0,
+                "ring_left": [],
+            }
             for c in spec["codecs"]
         }
         landing = tensor.clone()  # where averages land, allocated once like gloo's buffer
@@ -417,6 +434,8 @@ async def _p2p_rounds(
                 row["memory"] = max(row["memory"], extra.extra_bytes)
                 row["seconds"].append(elapsed)
                 row["cpu"].append(cpu_s)
+                if result.report.ring_left is not None:
+                    row["ring_left"].append(result.report.ring_left)
                 row["link"].append(_link_tx_bytes(ifname) - sent)
                 row["wire"] = result.report.bytes_sent
                 error = float((result.tensors[0] - reference).abs().max())
@@ -596,6 +615,11 @@ def run_allreduce_sweep(
                 ),
                 cpu_seconds_per_peer=_cpu_per_peer([r["codecs"][codec]["cpu"] for r in rows]),
                 gloo_cpu_seconds_per_peer=_cpu_per_peer([r["gloo_cpu"] for r in rows]),
+                ring_left=dict(
+                    collections.Counter(
+                        why for r in rows for why in r["codecs"][codec].get("ring_left", [])
+                    )
+                ),
             )
         )
     return results

@@ -57,6 +57,12 @@ class AllReduceReport:
     """The codec of large tensors."""
     in_steps: bool = False
     """Whether this member sent in pairwise steps (else to everyone at once)."""
+    round_the_ring: bool = False
+    """Whether its averages were to go round the ring (see :mod:`gossamer.comm.steps`)."""
+    ring_left: str | None = None
+    """Why its averages stopped going round the ring and went directly: ``stalled`` (one
+    gained no holder for ``AllReduceConfig.ring_stall_s``), ``result deadline`` or ``member
+    failed``; None while they went round it (or were never to)."""
     parts: list[PartReport] = field(default_factory=list)
     """One entry per part."""
     failed: dict[str, str] = field(default_factory=dict)

@@ -132,6 +132,8 @@ class RoundState:
         allowance (:meth:`_ring_allowance`): from then on its averages go directly."""
         self._ring_progress: dict[int, float] = {}
         """For each chunk in ``_unconfirmed``, when it last gained a holder (or was averaged)."""
+        self._ring_left: str | None = None
+        """Why this member's averages left the ring (the report's ``ring_left``)."""
         self._first_ring_at: float | None = None
         """When this member's first average went to be sent round the ring (round's clock)."""
         self._ring_off: set[int] = set()
@@ -425,6 +427,9 @@ class RoundState:
             self._ring_given_up = True
         else:
             self._ring_stalled = True
+        own = self.reducers.get(self.me)
+        if ring and (self._unconfirmed or (own is not None and own.pending_chunks())):
+            self._ring_left = "result deadline" if given_up else "stalled"
         self._send_unconfirmed()
         if not ring or not self._unconfirmed:
             return  # nothing of this member's is (or will be) passed on round the ring
@@ -673,6 +678,8 @@ class RoundState:
         if member == self.me or member in self.failed:
             return
         ring = self._ring_intact()
+        if ring:
+            self._ring_left = "member failed"
         self.failed[member] = reason
         self.steps.member_failed(member)
         for chunk in list(self._unconfirmed):
@@ -1012,6 +1019,8 @@ class RoundState:
         ended = time.perf_counter()
         report.failed = {members[i]: why for i, why in sorted(self.failed.items())}
         report.excluded = self.excluded
+        report.round_the_ring = self.steps.ring
+        report.ring_left = self._ring_left
         report.bytes_sent = self.bytes_sent
         report.bytes_received = self.bytes_received
         report.fp32_bytes_sent = self.fp32_bytes_sent
