@@ -144,8 +144,12 @@ def test_a_peer_that_stops_passing_averages_on_holds_the_others_up_about_a_secon
         assert record["min"] == record["max"] == 1.5, record  # the mean of ranks 0..3
     assert len({r["hash"] for r in records}) == 1, records
     # peer 2 passes on the averages of parts 3 and 0 (the ring runs 3, 2, 1, 0): their owners
-    # left the ring; peer 1's reach peer 2 last, and peer 2's own went as usual
-    assert [r["ring_left"] for r in records] == ["stalled", None, None, "stalled"], records
+    # left the ring; peer 1's reach peer 2 last. Peer 2's own may have left it too: one message
+    # in flight per peer here, and they can queue behind its own held-back passes.
+    left = [r["ring_left"] for r in records]
+    assert left[0] == left[3] == "stalled", records
+    assert left[1] is None, records
+    assert left[2] in (None, "stalled"), records
 
 
 @pytest.mark.timeout(60)
