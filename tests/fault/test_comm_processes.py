@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,33 @@ WORLD = 4
 VICTIM = 2
 ROUND_TIMEOUT_S = 8.0  # the peer script's AllReduceConfig.timeout_s
 PART_TRANSFER_S = 3.0  # a generous ceiling for one part (3 M values / 4) on 2 busy cores
+
+
+@contextlib.contextmanager
+def _peers(folder: Path, order: str) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Run WORLD peer processes in ``folder`` (sending in ``order``) and let them go once all
+    are ready; any still running on the way out is killed."""
+    logs = [(folder / f"log-{rank}").open("wb") for rank in range(WORLD)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(PEER_SCRIPT), str(folder), str(rank), str(WORLD), order],
+            stdout=subprocess.DEVNULL,
+            stderr=logs[rank],
+        )
+        for rank in range(WORLD)
+    ]
+    try:
+        ready = [folder / f"ready-{r}" for r in range(WORLD)]
+        _wait_for(lambda: all(p.exists() for p in ready), 90, "all peers ready")
+        (folder / "go").write_text("go")
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+        for log in logs:
+            log.close()
 
 
 def _wait_for(predicate: object, timeout_s: float, what: str) -> None:
@@ -56,33 +84,14 @@ def test_survivors_of_a_killed_peer_finish_in_time_and_agree(
     tmp_path: Path, hang: str, order: str
 ) -> None:
     (tmp_path / f"{hang}-{VICTIM}").write_text("send nothing from then on")
-    logs = [(tmp_path / f"log-{rank}").open("wb") for rank in range(WORLD)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(PEER_SCRIPT), str(tmp_path), str(rank), str(WORLD), order],
-            stdout=subprocess.DEVNULL,
-            stderr=logs[rank],
-        )
-        for rank in range(WORLD)
-    ]
-    try:
-        ready = [tmp_path / f"ready-{r}" for r in range(WORLD)]
-        _wait_for(lambda: all(p.exists() for p in ready), 90, "all peers ready")
-        (tmp_path / "go").write_text("go")
+    survivors = [r for r in range(WORLD) if r != VICTIM]
+    with _peers(tmp_path, order) as procs:
         started = time.monotonic()
         _wait_for(lambda: (tmp_path / f"sent-{VICTIM}").exists(), 30, "the victim's first send")
         os.kill(procs[VICTIM].pid, signal.SIGKILL)
-        survivors = [r for r in range(WORLD) if r != VICTIM]
         for rank in survivors:
             procs[rank].wait(timeout=ROUND_TIMEOUT_S + PART_TRANSFER_S + 30)
         wall_s = time.monotonic() - started
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
-        for log in logs:
-            log.close()
     tails = {r: (tmp_path / f"log-{r}").read_text(errors="replace")[-2000:] for r in survivors}
     assert all(procs[r].returncode == 0 for r in survivors), tails
     assert procs[VICTIM].returncode == -signal.SIGKILL
@@ -111,28 +120,9 @@ def test_a_peer_that_stops_passing_averages_on_holds_the_others_up_about_a_secon
     # Everyone ends well before the result deadline (6.4 s), where they would have waited
     # before, with everyone's mean and nobody failed.
     (tmp_path / f"stall-passes-{VICTIM}").write_text("pass nothing on")
-    logs = [(tmp_path / f"log-{rank}").open("wb") for rank in range(WORLD)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(PEER_SCRIPT), str(tmp_path), str(rank), str(WORLD), "steps"],
-            stdout=subprocess.DEVNULL,
-            stderr=logs[rank],
-        )
-        for rank in range(WORLD)
-    ]
-    try:
-        ready = [tmp_path / f"ready-{r}" for r in range(WORLD)]
-        _wait_for(lambda: all(p.exists() for p in ready), 90, "all peers ready")
-        (tmp_path / "go").write_text("go")
+    with _peers(tmp_path, "steps") as procs:
         for proc in procs:
             proc.wait(timeout=ROUND_TIMEOUT_S + 30)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
-        for log in logs:
-            log.close()
     tails = {r: (tmp_path / f"log-{r}").read_text(errors="replace")[-2000:] for r in range(WORLD)}
     assert all(proc.returncode == 0 for proc in procs), tails
     assert (tmp_path / f"sent-{VICTIM}").exists()  # it did hold a pass back

@@ -136,6 +136,16 @@ def _assert_close(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], ato
         torch.testing.assert_close(g.double(), w, atol=atol, rtol=0)
 
 
+def _assert_everyones_mean(
+    results: dict[int, AllReduceResult], inputs: list[list[torch.Tensor]]
+) -> None:
+    """Every member has every member's mean, every part averaged by its owner, nobody failed."""
+    for i, result in results.items():
+        assert result.report.failed == {}, (i, result.report.failed)
+        assert all(p.outcome is PartOutcome.AVERAGED for p in result.report.parts), i
+        _assert_close(result.tensors, _mean(inputs, range(len(inputs))), atol=1e-6)
+
+
 def _assert_agree(results: dict[int, AllReduceResult]) -> None:
     first = next(iter(results.values())).tensors
     for result in results.values():
@@ -345,10 +355,7 @@ def test_a_member_slow_to_pass_averages_on_holds_the_others_up_for_the_stall_all
         made={1: lambda network, peer: _PassesOn(network, peer, delay_s=100.0)},
         finished_at=finished,
     )
-    for i, result in results.items():
-        assert result.report.failed == {}, (i, result.report.failed)
-        assert all(p.outcome is PartOutcome.AVERAGED for p in result.report.parts)
-        _assert_close(result.tensors, _mean(inputs, [0, 1, 2, 3]), atol=1e-6)
+    _assert_everyones_mean(results, inputs)
     assert all(abs(at - ends_at_s) < 0.5 for at in finished.values()), finished
     assert not any(result.report.deadline_hit for result in results.values())
     # the owners of parts 2 and 3 (peer 1 passes those on) left the ring; 0 and 1 did not
@@ -390,10 +397,7 @@ def test_a_member_slow_to_receive_holds_the_members_behind_it_up_for_the_stall_a
         made={2: lambda network, peer: _ReceivesSlowly(network, peer, delay_s=20.0)},
         finished_at=finished,
     )
-    for i, result in results.items():
-        assert result.report.failed == {}, (i, result.report.failed)
-        assert all(p.outcome is PartOutcome.AVERAGED for p in result.report.parts)
-        _assert_close(result.tensors, _mean(inputs, [0, 1, 2, 3]), atol=1e-6)
+    _assert_everyones_mean(results, inputs)
     _assert_agree(results)
     assert not any(result.report.deadline_hit for result in results.values())
     assert max(finished.values()) <= 21.5, finished

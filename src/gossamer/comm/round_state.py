@@ -408,14 +408,20 @@ class RoundState:
 
     def _ring_intact(self) -> bool:
         """Whether this member's averages go round the ring: it sends in steps round the ring,
-        no member failed (it would take what it was to pass on along), and the result deadline
-        has not passed."""
+        no member failed (it would take what it was to pass on along), none of its averages
+        stalled on the way, and the result deadline has not passed."""
         return (
             self.steps.ring
             and not self.failed
             and not self._ring_given_up
             and not self._ring_stalled
         )
+
+    def _owes_ring(self) -> bool:
+        """Whether some of this member's averages have yet to reach someone: not known held
+        yet, or not averaged yet."""
+        own = self.reducers.get(self.me)
+        return bool(self._unconfirmed) or (own is not None and bool(own.pending_chunks()))
 
     def _go_direct(self, *, given_up: bool) -> None:
         """From now on send this member's averages directly: those round the ring and not
@@ -427,8 +433,7 @@ class RoundState:
             self._ring_given_up = True
         else:
             self._ring_stalled = True
-        own = self.reducers.get(self.me)
-        if ring and (self._unconfirmed or (own is not None and own.pending_chunks())):
+        if ring and self._owes_ring():
             self._ring_left = "result deadline" if given_up else "stalled"
         self._send_unconfirmed()
         if not ring or not self._unconfirmed:
@@ -678,7 +683,7 @@ class RoundState:
         if member == self.me or member in self.failed:
             return
         ring = self._ring_intact()
-        if ring:
+        if ring and self._owes_ring():
             self._ring_left = "member failed"
         self.failed[member] = reason
         self.steps.member_failed(member)
