@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
 import torch
-from comm_fakes import IdleJumpClock, inline_offload
+from comm_fakes import IdleJumpClock, RateLimitedTransport, inline_offload
 
 from gossamer.comm.allreduce import AllReduceConfig, all_reduce
 from gossamer.comm.codecs import CodecPolicy
@@ -27,6 +28,7 @@ from gossamer.comm.transport import (
     pack_frame,
     unpack_frame,
 )
+from gossamer.core.clock import SystemClock
 from gossamer.core.errors import ProtocolError
 
 TIMEOUT_S = 30.0
@@ -403,6 +405,29 @@ def test_a_member_slow_to_receive_holds_the_members_behind_it_up_for_the_stall_a
     assert max(finished.values()) <= 21.5, finished
 
 
+@only_round_the_ring
+@pytest.mark.parametrize("slower", [1.0, 4.0])
+def test_a_ring_on_rate_limited_uplinks_keeps_a_slow_members_own_averages_on_it(
+    slower: float,
+) -> None:
+    # Every uplink moves 10 KB/s (peer 0's ``slower`` times less). On equal links no average
+    # leaves the ring. With peer 0 four times slower its own averages wait for its own
+    # reduce-scatter to be sent: that is no stall of the ring's, and they go round it; the
+    # owners whose averages peer 0 passes on may leave it.
+    inputs = _inputs(4)
+
+    def uplink(rate: float) -> Callable[[FakeNetwork, str], FakeTransport]:
+        return lambda network, peer: RateLimitedTransport(network, peer, rate)
+
+    made = {i: uplink(10_000.0 / (slower if i == 0 else 1.0)) for i in range(4)}
+    results, _ = _run(inputs, made=made)
+    _assert_everyones_mean(results, inputs)
+    left = {i: result.report.ring_left for i, result in results.items()}
+    assert left[0] is None, left
+    if slower == 1.0:
+        assert set(left.values()) == {None}, left
+
+
 class _SaysRingOff(FakeTransport):
     """A member that, right before its first message of the round, tells ``dest`` that the
     owner of ``part`` sends its averages directly (a RING_OFF frame; ``part`` need not be its
@@ -509,6 +534,8 @@ def test_a_member_that_dies_before_passing_averages_on_is_not_waited_for() -> No
     torch.testing.assert_close(got[:a], everyone[:a], atol=1e-6, rtol=0)
     torch.testing.assert_close(got[a:b], survivors[a:b], atol=1e-6, rtol=0)
     torch.testing.assert_close(got[b:], everyone[b:], atol=1e-6, rtol=0)
+    # peer 1 was to pass on the averages of parts 2 and 3: their owners sent them directly
+    assert results[2].report.ring_left == results[3].report.ring_left == "member failed"
 
 
 class _FreezesOnceItsAveragesLeft(FakeTransport):
@@ -947,3 +974,62 @@ def test_message_size_grows_with_the_round_within_bounds() -> None:
     assert AllReduceConfig().chunk_elements is None
     with pytest.raises(ValueError, match="chunk_elements"):
         AllReduceConfig(chunk_elements=0)
+
+
+class _Posts(FakeTransport):
+    """Hands a message over and returns at once, without waiting for the receiver to handle
+    it (so a receiver's slow handler holds no sender's round up)."""
+
+    def __init__(self, network: FakeNetwork, peer_id: str) -> None:
+        super().__init__(network, peer_id)
+        self.handling: set[asyncio.Task[None]] = set()
+
+    async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
+        handled = asyncio.ensure_future(
+            self.network.transports[peer_id].accept(self.peer_id, message)
+        )
+        self.handling.add(handled)
+        handled.add_done_callback(self.handling.discard)
+
+
+@pytest.mark.parametrize("schedule", ["open"], indirect=True)
+def test_nothing_writes_into_the_output_after_the_round_returns() -> None:
+    # Decoding an average takes 1.5 s in its thread, the round's deadline is 1 s: the round
+    # ends while the decodes run. It waits for them before it hands its output over, so the
+    # caller's tensor does not change after all_reduce returned.
+    async def slow_decodes(fn: Callable[[], object]) -> object:
+        def run() -> object:
+            if "_land" in getattr(fn, "__qualname__", ""):
+                time.sleep(1.5)
+            return fn()
+
+        return await asyncio.to_thread(run)
+
+    async def main() -> list[torch.Tensor]:
+        clock = SystemClock()
+        network = FakeNetwork(clock)
+        members = ["peer-0", "peer-1"]
+        for peer in members:
+            network.transports[peer] = _Posts(network, peer)
+        config = dataclasses.replace(CONFIG, timeout_s=1.0, order="open")
+        outs = [torch.zeros(4000) for _ in members]
+
+        async def one(i: int) -> torch.Tensor:
+            await all_reduce(
+                [torch.full((4000,), float(i))],
+                mailbox=CommMailbox(network.transports[members[i]], clock),
+                members=members,
+                round_key="settle/1",
+                config=config,
+                clock=clock,
+                offload=slow_decodes,  # type: ignore[arg-type]
+                out=[outs[i]],
+            )
+            return outs[i].clone()  # what the caller has as the round returns
+
+        returned = await asyncio.gather(one(0), one(1))
+        await asyncio.sleep(2.0)  # any decode still running would have written by now
+        return [now - then for now, then in zip(outs, returned, strict=True)]
+
+    changes = asyncio.run(main())
+    assert all(bool((change == 0).all()) for change in changes)

@@ -361,6 +361,7 @@ async def all_reduce(
             state.cancel_all()
     finally:
         mailbox.close_round(round_id, finished=state.finished() if finished else None)
+        await state.settle()  # a decode cut short by the deadline writes on in its thread
     state.fill_report(report, started_wall)
     if meter is not None:
         report.send_bytes_per_s = meter.update(tally)

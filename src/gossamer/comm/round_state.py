@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from gossamer.comm.codecs import ErrorFeedback, FloatArray
 from gossamer.comm.plan import PartPlan
@@ -44,6 +44,7 @@ from gossamer.core.errors import GossamerError, ProtocolError
 __all__ = ["RoundState"]
 
 _log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 class RoundState:
@@ -131,9 +132,14 @@ class RoundState:
         """Set once one of this member's averages gained no holder round the ring for the stall
         allowance (:meth:`_ring_allowance`): from then on its averages go directly."""
         self._ring_progress: dict[int, float] = {}
-        """For each chunk in ``_unconfirmed``, when it last gained a holder (or was averaged)."""
+        """For each chunk in ``_unconfirmed`` whose step began, when it last gained a holder
+        (or its step began: it may still wait for a slot to the member just behind)."""
+        self._ring_broken_by: str | None = None
+        """What ended this member's averages going round the ring (``stalled``, ``result
+        deadline``, ``member failed``), once something did."""
         self._ring_left: str | None = None
-        """Why this member's averages left the ring (the report's ``ring_left``)."""
+        """``_ring_broken_by`` once one of this member's averages went directly because of it
+        (the report's ``ring_left``)."""
         self._first_ring_at: float | None = None
         """When this member's first average went to be sent round the ring (round's clock)."""
         self._ring_off: set[int] = set()
@@ -151,6 +157,10 @@ class RoundState:
         """For each chunk in ``_ring_results``, the live members not yet known to hold it."""
         self._sent_directly: set[tuple[int, int]] = set()
         """(chunk, member) of the ring's averages sent to a member directly."""
+        self._writers: set[asyncio.Future[Any]] = set()
+        """Work under way in threads that writes into ``output`` (see :meth:`settle`)."""
+        self._settled = False
+        """Set by :meth:`settle`: no more averages land."""
         self._landing: dict[tuple[int, int], asyncio.Lock] = {}
         """(part, chunk) -> held while an average of it is decoded into the output."""
         if not in_steps:
@@ -377,7 +387,7 @@ class RoundState:
             return message, contributors
 
         started = time.perf_counter()
-        finished = await self.offload(work)
+        finished = await self._writing(work)
         self.encode_s += time.perf_counter() - started
         if finished is None:
             return
@@ -392,14 +402,12 @@ class RoundState:
             self._unconfirmed[chunk] = {
                 m for m in range(self.plan.num_parts) if m != self.me and m not in self.failed
             }
-            now = self.clock.monotonic()
-            self._ring_progress[chunk] = now  # (also while it waits for a slot to ``behind``)
-            if self._first_ring_at is None:
-                self._first_ring_at = now
             self._num_pending_result_sends += 1
             self.spawn(self._send_result(behind, message, fp32_nbytes, own=True, chunk=chunk))
         else:  # (a member that failed while this was encoded leaves the ring's flag on it: the
             # member behind may pass it on before it hears of the failure; repeats are dropped)
+            if own and self.steps.ring:
+                self._ring_left = self._ring_left or self._ring_broken_by
             for dest in range(self.plan.num_parts):
                 if dest != self.me and dest not in self.failed:
                     self._num_pending_result_sends += 1
@@ -417,12 +425,6 @@ class RoundState:
             and not self._ring_stalled
         )
 
-    def _owes_ring(self) -> bool:
-        """Whether some of this member's averages have yet to reach someone: not known held
-        yet, or not averaged yet."""
-        own = self.reducers.get(self.me)
-        return bool(self._unconfirmed) or (own is not None and bool(own.pending_chunks()))
-
     def _go_direct(self, *, given_up: bool) -> None:
         """From now on send this member's averages directly: those round the ring and not
         known held go to every member not known to hold them, and every member is told to pass
@@ -433,8 +435,8 @@ class RoundState:
             self._ring_given_up = True
         else:
             self._ring_stalled = True
-        if ring and self._owes_ring():
-            self._ring_left = "result deadline" if given_up else "stalled"
+        if ring:
+            self._ring_broken_by = "result deadline" if given_up else "stalled"
         self._send_unconfirmed()
         if not ring or not self._unconfirmed:
             return  # nothing of this member's is (or will be) passed on round the ring
@@ -453,6 +455,7 @@ class RoundState:
             message, fp32_nbytes = self._ring_results[chunk]
             for dest in sorted(waiting - {self.steps.behind}):
                 if (chunk, dest) not in self._sent_directly and dest not in self.failed:
+                    self._ring_left = self._ring_left or self._ring_broken_by
                     self._sent_directly.add((chunk, dest))
                     self._num_pending_result_sends += 1
                     self.spawn(self._send_result(dest, message, fp32_nbytes, own=True, chunk=chunk))
@@ -491,6 +494,13 @@ class RoundState:
         try:
             if step is not None:
                 await self._step_turn(step)
+            if chunk is not None and chunk in self._unconfirmed:
+                # Round the ring its clock starts now: until its step began it waited for this
+                # member's own sends (a slow uplink is no stall of the ring's)
+                now = self.clock.monotonic()
+                self._ring_progress.setdefault(chunk, now)
+                if self._first_ring_at is None:
+                    self._first_ring_at = now
             if own and not self.steps.in_steps:
                 # All at once, this member's averages wait for its contributions to be sent:
                 # sharing the uplink they would slow the contributions the other owners'
@@ -683,8 +693,8 @@ class RoundState:
         if member == self.me or member in self.failed:
             return
         ring = self._ring_intact()
-        if ring and self._owes_ring():
-            self._ring_left = "member failed"
+        if ring:
+            self._ring_broken_by = "member failed"
         self.failed[member] = reason
         self.steps.member_failed(member)
         for chunk in list(self._unconfirmed):
@@ -918,18 +928,10 @@ class RoundState:
         def work() -> None:
             self.output[a:b] = self.codec.decode(rest, a, b)
 
+        if self._settled:
+            return  # the round is over: its output is the caller's now
         started = time.perf_counter()
-        decode = asyncio.ensure_future(self.offload(work))
-        try:
-            await asyncio.shield(decode)
-        except asyncio.CancelledError:
-            # (the sender dropped the message, or the round ended): the thread writes on, and
-            # the landing lock is held until it is done, so no other average of the chunk lands
-            # into the same values meanwhile
-            await asyncio.wait({decode})
-            if not decode.cancelled():
-                decode.exception()  # (retrieved: the round goes on without this message)
-            raise
+        await self._writing(work)
         self.decode_s += time.perf_counter() - started
         if source != self.reducer_of[part]:
             self.has_output[part][chunk] = False  # its owner failed meanwhile: not the average
@@ -961,6 +963,30 @@ class RoundState:
             held = Frame(FrameKind.RESULT_HELD, self.round_id, part, chunk, self.me, 0.0, 0)
             self._num_pending_result_sends += 1
             self.spawn(self._tell_held(part, pack_frame(held)))
+
+    async def _writing(self, work: Callable[[], _T]) -> _T:
+        """Run ``work``, which writes into ``output``, in a thread (``offload``). If the caller
+        is cancelled (a dropped message, the round's end) the thread writes on: the caller
+        still waits for it, however often it is cancelled (an average's landing lock is held
+        until it is done, so no other average of the chunk lands into the same values
+        meanwhile), and :meth:`settle` waits for it too."""
+        job: asyncio.Future[_T] = asyncio.ensure_future(self.offload(work))
+        self._writers.add(job)
+        job.add_done_callback(self._writers.discard)
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            while not job.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({job})
+            raise
+
+    async def settle(self) -> None:
+        """Let no more averages land, and wait for the writes into ``output`` under way: once
+        this returns the output is the caller's (called when the round is over)."""
+        self._settled = True
+        while self._writers:
+            await asyncio.wait(set(self._writers))
 
     def _passes_on(self, part: int) -> bool:
         """Whether this member still passes ``part``'s averages on round the ring: not once a
