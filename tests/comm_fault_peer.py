@@ -2,7 +2,8 @@
 
 Usage: ``python tests/comm_fault_peer.py FOLDER RANK WORLD [ORDER]``. It starts a node (TLS gRPC
 on 127.0.0.1, port 0), writes ``FOLDER/addr-RANK``, waits (bounded) for every other address,
-joins them, writes ``FOLDER/ready-RANK`` and waits for ``FOLDER/go``, then averages one tensor
+joins them, starts receiving comm messages, writes ``FOLDER/ready-RANK`` and waits for
+``FOLDER/go``, then averages one tensor
 (sending in ``ORDER``, ``auto`` by default: see ``AllReduceConfig.order``). After its first chunk
 message was delivered it writes ``FOLDER/sent-RANK`` (so a test can kill it mid-round); at the
 end it writes ``FOLDER/result-RANK.json``: timings, report and a result hash.
@@ -103,8 +104,6 @@ async def main(folder: Path, rank: int, world: int, order: str) -> None:
             entries.append((folder / f"addr-{other}").read_text())
         others = [e for r, e in enumerate(entries) if r != rank]
         await asyncio.wait_for(node.bootstrap(others), 30)
-        (folder / f"ready-{rank}").write_text("ready")
-        await _wait_for(folder / "go", 60)
         hang = (folder / f"hang-{rank}").exists()
         at_pass = (folder / f"hang-at-pass-{rank}").exists()
         stall = (folder / f"stall-passes-{rank}").exists()
@@ -112,7 +111,11 @@ async def main(folder: Path, rank: int, world: int, order: str) -> None:
         transport = _MarkingTransport(
             node, marker, hang=hang, rank=rank, at_pass=at_pass, stall=stall
         )
+        # Receiving comm messages before saying ready: a peer that sees "go" first may send to
+        # this one at once, and a node with no comm handler yet refuses the message.
         mailbox = CommMailbox(transport, node.clock)
+        (folder / f"ready-{rank}").write_text("ready")
+        await _wait_for(folder / "go", 60)
         tensor = torch.full((NUM_ELEMENTS,), float(rank))
         config = AllReduceConfig(
             timeout_s=TIMEOUT_S,
