@@ -128,15 +128,14 @@ class RoundState:
         """Set at the result deadline: from then on this member's averages go directly, and it
         passes on no other owner's."""
         self.ring_stall_s = ring_stall_s
-        self._ring_stalled = False
-        """Set once one of this member's averages gained no holder round the ring for the stall
-        allowance (:meth:`_ring_allowance`): from then on its averages go directly."""
         self._ring_progress: dict[int, float] = {}
         """For each chunk in ``_unconfirmed`` whose step began, when it last gained a holder
         (or its step began: it may still wait for a slot to the member just behind)."""
         self._ring_broken_by: str | None = None
-        """What ended this member's averages going round the ring (``stalled``, ``result
-        deadline``, ``member failed``), once something did."""
+        """What ended this member's averages going round the ring, once something did: a
+        member failed (``member failed``), its result deadline passed (``result deadline``), or
+        one of its averages gained no holder for the stall allowance (``stalled``,
+        :meth:`_ring_allowance`)."""
         self._ring_left: str | None = None
         """``_ring_broken_by`` once one of this member's averages went directly because of it
         (the report's ``ring_left``)."""
@@ -418,12 +417,7 @@ class RoundState:
         """Whether this member's averages go round the ring: it sends in steps round the ring,
         no member failed (it would take what it was to pass on along), none of its averages
         stalled on the way, and the result deadline has not passed."""
-        return (
-            self.steps.ring
-            and not self.failed
-            and not self._ring_given_up
-            and not self._ring_stalled
-        )
+        return self.steps.ring and self._ring_broken_by is None
 
     def _go_direct(self, *, given_up: bool) -> None:
         """From now on send this member's averages directly: those round the ring and not
@@ -433,8 +427,6 @@ class RoundState:
         ring = self._ring_intact()
         if given_up:
             self._ring_given_up = True
-        else:
-            self._ring_stalled = True
         if ring:
             self._ring_broken_by = "result deadline" if given_up else "stalled"
         self._send_unconfirmed()
@@ -445,7 +437,7 @@ class RoundState:
         off = pack_frame(Frame(FrameKind.RING_OFF, self.round_id, self.me, 0, self.me, 0.0))
         for dest in range(self.plan.num_parts):
             if dest != self.me and dest not in self.failed:
-                self.spawn(self._word(dest, off))
+                self.spawn(self._notify(dest, off, word=True))
 
     def _send_unconfirmed(self) -> None:
         """Send this member's averages that went round the ring directly to every live member
@@ -725,8 +717,10 @@ class RoundState:
         self.spawn(self._tell_excluded(member, message))
         self._check_done()
 
-    async def _notify(self, dest: int, message: bytes) -> None:
-        await self._transmit(dest, message)
+    async def _notify(self, dest: int, message: bytes, *, word: bool = False) -> None:
+        """Send a notice nothing waits for (``word``: no data, and a failed send declares
+        nobody failed; lost, it costs only what it would save)."""
+        await self._transmit(dest, message, word=word)
 
     async def _tell_excluded(self, member: int, message: bytes) -> None:
         # Best effort: the member is probably gone, and the round never waits for this send.
@@ -1017,10 +1011,6 @@ class RoundState:
                 self._step_sent(step)
             self._num_pending_result_sends -= 1
             self._check_done()
-
-    async def _word(self, dest: int, message: bytes) -> None:
-        """Send a word (no data) nothing waits for: lost, it costs only what it would save."""
-        await self._transmit(dest, message, word=True)
 
     async def _tell_held(self, owner: int, message: bytes) -> None:
         """Tell ``owner`` this member holds an average of its (a word: if it is lost, the owner
