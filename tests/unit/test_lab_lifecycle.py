@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 from pathlib import Path
 
@@ -49,6 +50,41 @@ def test_a_failed_build_removes_what_it_built_and_its_record(tmp_path: Path) -> 
         lab_up(_config(), runner=runner, state_dir=tmp_path)
     assert runner.namespaces == set()
     assert load_state("t1", tmp_path) is None
+
+
+def _congestion_runner(available: str, allowed: str) -> FakeCommandRunner:
+    runner = FakeCommandRunner()
+    runner.answer(["sysctl", "-n", "net.ipv4.tcp_available_congestion_control"], available)
+    runner.answer(["sysctl", "-n", "net.ipv4.tcp_allowed_congestion_control"], allowed)
+    return runner
+
+
+def test_up_refuses_a_congestion_control_namespaces_may_not_pick_and_says_how_to_allow_it(
+    tmp_path: Path,
+) -> None:
+    config = LabConfig(num_peers=2, name="t1", tcp_congestion_control="cubic")
+    runner = _congestion_runner("reno bbr cubic\n", "reno bbr\n")
+    allow = 'sysctl -w net.ipv4.tcp_allowed_congestion_control="reno bbr cubic"'
+    with pytest.raises(ConfigError, match=re.escape(allow)):
+        lab_up(config, runner=runner, state_dir=tmp_path)
+    with pytest.raises(ConfigError, match=re.escape("modprobe tcp_cubic")):
+        lab_up(config, runner=_congestion_runner("reno bbr\n", "reno bbr\n"), state_dir=tmp_path)
+    assert runner.namespaces == set()  # refused before anything was built
+    assert load_state("t1", tmp_path) is None
+
+
+def test_up_sets_an_allowed_congestion_control_and_checks_nothing_it_cannot_read(
+    tmp_path: Path,
+) -> None:
+    config = LabConfig(num_peers=2, name="t1", tcp_congestion_control="cubic")
+    runner = _congestion_runner("reno bbr cubic", "reno bbr cubic")
+    lab_up(config, runner=runner, state_dir=tmp_path)
+    assert runner.ran("net.ipv4.tcp_congestion_control=cubic")
+    unreadable = FakeCommandRunner()
+    unreadable.answer(["sysctl"], returncode=1)
+    lab_up(LabConfig(num_peers=2, name="t2", tcp_congestion_control="cubic"),
+           runner=unreadable, state_dir=tmp_path)  # fmt: skip
+    assert unreadable.ran("net.ipv4.tcp_congestion_control=cubic")
 
 
 def test_down_kills_processes_then_removes_recorded_and_stray_namespaces_only(

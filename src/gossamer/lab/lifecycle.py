@@ -25,6 +25,7 @@ __all__ = [
     "LATENCY_NOTICE",
     "LabStatus",
     "attach_lab",
+    "check_congestion_control",
     "lab_down",
     "lab_status",
     "lab_up",
@@ -50,11 +51,14 @@ def lab_up(
 
     Raises:
         MissingDependencyError: not root, or ``ip``/``tc``/``iptables`` missing.
-        ConfigError: a lab of that name already exists.
+        ConfigError: a lab of that name already exists, or its congestion control cannot be
+            set in a namespace on this host.
         CommandFailedError: building failed (whatever was built has been removed).
     """
     runner = runner or SubprocessRunner()
     require_tools(runner)
+    if config.tcp_congestion_control:
+        check_congestion_control(runner, config.tcp_congestion_control)
     existing = list_namespaces(runner, config.namespace_prefix)
     if existing:
         raise ConfigError(
@@ -72,6 +76,41 @@ def lab_up(
     save_state(state, state_dir)
     logger.info("lab %s is up; %s", config.name, LATENCY_NOTICE)
     return LabControl(state, runner, state_dir=state_dir)
+
+
+def check_congestion_control(runner: CommandRunner, name: str) -> None:
+    """Check that a namespace may use the TCP congestion control ``name`` on this host.
+
+    The kernel must have it, and a namespace other than the host's may only pick one the host
+    lists in ``net.ipv4.tcp_allowed_congestion_control``; otherwise its sysctl fails with a bare
+    "Operation not permitted" halfway through building the lab. Where the host's lists cannot
+    be read, nothing is checked.
+
+    Raises:
+        ConfigError: the kernel lacks it, or namespaces may not pick it (the message says how
+            to allow it).
+    """
+
+    def host_list(key: str) -> list[str]:
+        result = runner.run(["sysctl", "-n", key], check=False)
+        return result.stdout.split() if result.ok else []
+
+    available = host_list("net.ipv4.tcp_available_congestion_control")
+    if available and name not in available:
+        raise ConfigError(
+            f"TCP congestion control {name!r} is not loaded in this kernel (it has "
+            f"{' '.join(available)}): load it with `modprobe tcp_{name}` (as root), or pick one "
+            "of those"
+        )
+    allowed = host_list("net.ipv4.tcp_allowed_congestion_control")
+    if allowed and name not in allowed:
+        wanted = " ".join([*allowed, name])
+        raise ConfigError(
+            f"TCP congestion control {name!r} is loaded, but this host lets network namespaces "
+            f"pick only {' '.join(allowed)} (net.ipv4.tcp_allowed_congestion_control): allow it "
+            f'with `sysctl -w net.ipv4.tcp_allowed_congestion_control="{wanted}"` (as root), '
+            "or leave the congestion control unset to use the host's"
+        )
 
 
 def lab_down(
