@@ -151,6 +151,37 @@ def test_a_failed_collective_runs_the_round_again_over_p2p_then_sits_one_out() -
 
 
 @pytest.mark.timeout(120)
+def test_a_member_held_in_its_collective_past_the_send_deadline_still_joins_the_p2p_rerun() -> None:
+    # Member 2's collective fails at once and it runs the round again over p2p; member 0 sits
+    # in its collective for longer than a message's usual deadline (gloo's timeout counts per
+    # receive, so a collective can outlast the torch timeout) before it fails too. Member 2's
+    # messages wait in member 0's mailbox meanwhile; it used to count member 0 failed at the
+    # send deadline, just as member 0 came, and the rerun ended with 2 of the 3.
+    with averagers(3, round_timeout_s=10.0) as made:
+        held, broken = made[0], made[2]
+        assert held._torch is not None
+        assert broken._torch is not None
+        send_deadline_s = held._allreduce_config.send_timeout_s
+
+        def fail_at_once(tensors: Sequence[torch.Tensor], weight: float = 1.0) -> AllReduceResult:
+            raise PeerLostError("this member's collective failed")
+
+        def fail_late(tensors: Sequence[torch.Tensor], weight: float = 1.0) -> AllReduceResult:
+            time.sleep(send_deadline_s + 0.5)
+            raise PeerLostError("timed out waiting for a receive")
+
+        broken._torch.average = fail_at_once  # type: ignore[method-assign]
+        held._torch.average = fail_late  # type: ignore[method-assign]
+        weights = [1.0, 2.0, 5.0]
+        outcomes = one_round(made, "outer/0", weights)
+        for averager, outcome in zip(made, outcomes, strict=True):
+            assert averager.torch_failures == 1
+            assert outcome.backend == "p2p"
+            assert averager.last_failed == []
+        assert_weighted_mean(outcomes, [0, 1, 2], weights, atol=1e-5)
+
+
+@pytest.mark.timeout(120)
 def test_p2p_backend_and_compressed_codecs_never_open_a_store() -> None:
     with averagers(2, backend="p2p") as made:
         assert_weighted_mean(one_round(made, "outer/0", [1.0, 1.0]), [0, 1], [1.0, 1.0])

@@ -37,7 +37,7 @@ import secrets
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -339,6 +339,21 @@ class SwarmAverager:
         self._torch = TorchGroupAverager(timeout_s=timeout_s)
 
     @property
+    def _rerun_config(self) -> AllReduceConfig:
+        """The round's config when it runs again over p2p after a torch.distributed attempt.
+
+        The members leave the attempt at different times: one whose collective failed at once
+        starts the p2p round while another still waits in gloo's collective, which cannot be
+        interrupted and does not always fail when a member's failed (its timeout counts per
+        receive, so it may outlast the torch timeout). Messages to a member that has not opened
+        the round yet wait in its mailbox; with the usual send deadline (as long as the torch
+        timeout) the sender counted it failed just as it came. Here a message may wait until
+        the round's deadline: a member that is gone is still dropped at once (the failure
+        detector), and no round waits past its deadline.
+        """
+        return replace(self._allreduce_config, send_timeout_s=self._allreduce_config.timeout_s)
+
+    @property
     def _torch_timeout_s(self) -> float:
         """Deadline of a torch.distributed rendezvous and collective: half the round's, so the
         round can still run again over p2p when the group fails."""
@@ -455,7 +470,7 @@ class SwarmAverager:
                     mailbox=self._mailbox,
                     members=members,
                     round_key=key if plan is None else p2p_key,
-                    config=self._allreduce_config,
+                    config=self._allreduce_config if plan is None else self._rerun_config,
                     weight=weight,
                     bandwidth_weights=round_.part_weights,
                     meter=self.meter,
@@ -568,9 +583,10 @@ class SwarmAverager:
         caller runs the round again over p2p (``p2p_key``), which drops the gone member at
         once. So too when a message of that p2p round arrives during the rendezvous: its sender
         runs the round over p2p already (its rendezvous failed, or it formed another group) and
-        never comes (in the collective, a member that left fails the others' at once). A
-        failed rendezvous or collective closes the group too (the others' collectives fail as
-        well, their connections to this peer closed) and the caller runs the round over p2p.
+        never comes. A failed rendezvous or collective closes the group too (the others'
+        collectives fail as well, at once where their connections to this peer close, else at
+        gloo's timeout) and the caller runs the round over p2p, where messages wait for the
+        members still in their collective (see :attr:`_rerun_config`).
         """
         averager = self._torch
         assert averager is not None
