@@ -40,6 +40,9 @@ __all__ = [
 ]
 
 DEMO_PROMPT = "def "
+_MIN_STEPS = 60
+"""The fewest inner steps a demo runs: enough for the kill, the newcomer and a clear drop in
+validation loss, however short the budget."""
 StatusView = Callable[[dict[str, dict[str, Any]], str], None]
 """Shows the peers' statuses (by name) and a line about what the demo is doing."""
 
@@ -60,6 +63,9 @@ class SwarmDemoPlan:
     """Peer 0's step at which peer 1 is killed."""
     join_at_step: int
     """Peer 0's step at which the newcomer starts."""
+    expected_s: float = 0.0
+    """How long the run is expected to take here, start-up and rounds included (longer than
+    the budget where the budget is too short for the fewest steps the demo runs)."""
 
 
 def plan_swarm_demo(*, budget_s: float, num_peers: int = 3, batch_size: int = 8) -> SwarmDemoPlan:
@@ -84,7 +90,7 @@ def plan_swarm_demo(*, budget_s: float, num_peers: int = 3, batch_size: int = 8)
         optimizer.zero_grad()
         timings.append(time.perf_counter() - started)
     step_s = sorted(timings)[len(timings) // 2] * num_peers
-    max_steps = max(60, int(budget_s * 0.75 / step_s))
+    max_steps = max(_MIN_STEPS, int(budget_s * 0.75 / step_s))
     inner_steps = max(10, max_steps // 12)
     max_steps -= max_steps % inner_steps
     return SwarmDemoPlan(
@@ -96,6 +102,7 @@ def plan_swarm_demo(*, budget_s: float, num_peers: int = 3, batch_size: int = 8)
         # on a busy machine) overlaps the survivors' steps, and most of the run is left to join.
         kill_at_step=max_steps // 5,
         join_at_step=max_steps // 5,
+        expected_s=max_steps * step_s / 0.75,
     )
 
 
@@ -314,7 +321,8 @@ def run_swarm_demo(
         on_dashboard: called with the dashboard's URL as soon as it serves.
 
     Raises:
-        RuntimeError: a peer failed, or the swarm did not finish in twice the budget.
+        RuntimeError: a peer failed, or the swarm did not finish in twice the budget (or
+            twice the time the plan expects, where that is longer).
     """
     started = time.monotonic()
     plan = plan or plan_swarm_demo(budget_s=budget_s)
@@ -365,7 +373,9 @@ def _run(
         for index in range(1, plan.num_peers):
             swarm.start(f"peer{index}", address)
         events.append(f"{plan.num_peers} peers training with DiLoCo (H = {plan.inner_steps})")
-        limit_s = budget_s * 2
+        # A budget too short for the fewest steps the demo runs (a slow machine) gets a plan
+        # that takes longer: it is given twice that.
+        limit_s = 2 * max(budget_s, plan.expected_s)
         swarm.wait_for(lambda: step_of("peer0") >= plan.kill_at_step, limit_s, refresh)
         swarm.kill("peer1")
         events.append(f"peer1 killed with SIGKILL at step {step_of('peer0')}")
