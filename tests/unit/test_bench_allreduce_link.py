@@ -16,6 +16,7 @@ from gossamer.bench.allreduce import (
     _link_tx_bytes,
     _memory_ratio,
     _utilization,
+    aes_gcm_bytes_per_s,
     write_throughput_plot,
 )
 
@@ -82,6 +83,30 @@ def test_the_table_shows_cpu_per_peer_next_to_gloos_and_leaves_it_out_when_unkno
     assert "CPU           0.314 s per peer per round, all threads (gloo 0.059 s)" in result.table()
     assert '"cpu_seconds_per_peer": 0.314' in result.to_json()
     assert "CPU " not in _result().table()
+
+
+def test_the_table_shows_the_tls_floor_under_the_cpu_figure_and_only_with_it() -> None:
+    result = _result(
+        cpu_seconds_per_peer=0.705,
+        gloo_cpu_seconds_per_peer=0.099,
+        aes_gcm_bytes_per_s=2.6e9,
+        tls_floor_cpu_seconds_per_peer=0.115,
+    )
+    lines = result.table().splitlines()
+    cpu = next(i for i, line in enumerate(lines) if line.startswith("  CPU "))
+    assert lines[cpu + 1] == (
+        "  TLS floor     0.115 s of that: its bytes sent and received through AES-128-GCM at "
+        "2.60 GB/s (measured here)"
+    )
+    assert '"tls_floor_cpu_seconds_per_peer": 0.115' in result.to_json()
+    no_cpu = _result(aes_gcm_bytes_per_s=2.6e9, tls_floor_cpu_seconds_per_peer=0.115)
+    assert "TLS floor" not in no_cpu.table()
+    assert "" not in no_cpu.table().splitlines()
+
+
+def test_aes_gcm_is_measured_as_bytes_through_the_cipher_per_second() -> None:
+    rate = aes_gcm_bytes_per_s(total_bytes=1 << 20)
+    assert 1e7 < rate < 1e12  # some MB/s to a TB/s: a figure, not a unit slip
 
 
 def test_the_table_names_rounds_whose_averages_left_the_ring_and_only_those() -> None:

@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from torch._C._distributed_c10d import PrefixStore, TCPStore
 
 from gossamer.comm.allreduce import AllReduceConfig, all_reduce
@@ -61,6 +62,7 @@ from gossamer.net.node import Node
 
 __all__ = [
     "AllReduceBenchResult",
+    "aes_gcm_bytes_per_s",
     "run_allreduce_bench",
     "run_allreduce_sweep",
     "write_throughput_plot",
@@ -116,6 +118,14 @@ class AllReduceBenchResult:
     ring_left: dict[str, int] = field(default_factory=dict)
     """Rounds of a worker whose averages left the ring and went directly, by why (the reports'
     ``ring_left``), summed over workers and repeats: empty on healthy links."""
+    aes_gcm_bytes_per_s: float | None = None
+    """AES-128-GCM's speed on this machine (bytes encrypted and decrypted per second of one
+    core, in 16 KiB records like TLS's), measured in the same run; None for the torch backend,
+    whose links carry no TLS."""
+    tls_floor_cpu_seconds_per_peer: float | None = None
+    """The CPU a peer's TLS needs at that speed to encrypt what it sends and decrypt what it
+    receives in a round: a floor under ``cpu_seconds_per_peer`` that gloo's plain TCP does
+    not pay."""
 
     def to_json(self) -> str:
         """The result as one JSON object."""
@@ -156,6 +166,12 @@ class AllReduceBenchResult:
             cpu = (
                 f"  CPU           {self.cpu_seconds_per_peer:.3f} s per peer per round, all "
                 f"threads (gloo {self.gloo_cpu_seconds_per_peer:.3f} s)"
+            )
+        if cpu and self.tls_floor_cpu_seconds_per_peer is not None and self.aes_gcm_bytes_per_s:
+            cpu += (
+                f"\n  TLS floor     {self.tls_floor_cpu_seconds_per_peer:.3f} s of that: its bytes "
+                f"sent and received through AES-128-GCM at {self.aes_gcm_bytes_per_s / 1e9:.2f} "
+                "GB/s (measured here)"
             )
         return "\n".join(
             [
@@ -566,6 +582,7 @@ def run_allreduce_sweep(
     }
     with _placement(peers, rate_bits_per_s, peer_rates_bps, tcp_congestion_control) as placement:
         rows = _run_workers(placement, options)
+    aes_rate = None if resolved == "torch" else aes_gcm_bytes_per_s()
     real_size = 4 * num_elements
     ring_bytes = 2 * (peers - 1) * real_size / peers
     rate = rate_bits_per_s or (min(peer_rates_bps) if peer_rates_bps else None)
@@ -613,6 +630,10 @@ def run_allreduce_sweep(
                 tcp_congestion_control=",".join(
                     sorted({str(r.get("tcp_congestion_control", "")) for r in rows})
                 ),
+                aes_gcm_bytes_per_s=aes_rate,
+                tls_floor_cpu_seconds_per_peer=(
+                    2 * wire / aes_rate if aes_rate is not None else None
+                ),
                 cpu_seconds_per_peer=_cpu_per_peer([r["codecs"][codec]["cpu"] for r in rows]),
                 gloo_cpu_seconds_per_peer=_cpu_per_peer([r["gloo_cpu"] for r in rows]),
                 ring_left=dict(
@@ -623,6 +644,19 @@ def run_allreduce_sweep(
             )
         )
     return results
+
+
+def aes_gcm_bytes_per_s(total_bytes: int = 64 << 20, record_bytes: int = 16 << 10) -> float:
+    """AES-128-GCM's speed on this machine: bytes encrypted and then decrypted per second, in
+    records of ``record_bytes`` (TLS's largest is 16 KiB), on one core."""
+    cipher = AESGCM(AESGCM.generate_key(bit_length=128))
+    record = os.urandom(record_bytes)
+    count = max(1, total_bytes // record_bytes)
+    started = time.perf_counter()
+    for i in range(count):
+        nonce = i.to_bytes(12, "little")
+        cipher.decrypt(nonce, cipher.encrypt(nonce, record, None), None)
+    return 2 * count * record_bytes / (time.perf_counter() - started)
 
 
 def _cpu_per_peer(cpu: list[list[float]]) -> float:
