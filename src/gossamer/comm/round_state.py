@@ -973,6 +973,8 @@ class RoundState:
             while not job.done():
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait({job})
+            if not job.cancelled():
+                job.exception()  # (retrieved: the round goes on without this work)
             raise
 
     async def settle(self) -> None:
