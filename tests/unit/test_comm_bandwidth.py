@@ -376,3 +376,63 @@ def test_json_round_trip_keeps_figures_exact() -> None:
     # The plan depends on the figures bit for bit; JSON floats must survive the board unchanged.
     for figure in (1.1e6 / 3, 12_500_000.000000002, 5e-324, 1.7976931348623157e308):
         assert json.loads(json.dumps(figure)) == figure
+
+
+def test_a_hung_peer_given_up_on_leaves_no_figure_and_the_next_round_runs() -> None:
+    """Sends to a member that froze are cancelled when the failure detector reports it gone:
+    their time says nothing of this peer's link. Counted, they made a figure of 0 B/s, the
+    meter's estimate became 0 and the next round divided by it."""
+    clock = IdleJumpClock()
+    members = ["peer-0", "peer-1"]
+    meter = BandwidthMeter()
+    config = AllReduceConfig(timeout_s=30.0, send_timeout_s=10.0)
+
+    def alive(peer_id: str) -> bool:
+        return peer_id != "peer-1" or clock.monotonic() < 2.5  # reported gone at 2.5 s
+
+    async def main() -> list[AllReduceResult]:
+        network = FakeNetwork(clock)
+        mailbox = CommMailbox(network.transport("peer-0"), clock)
+        CommMailbox(network.transport("peer-1", FaultScript(hung=True)), clock)
+        results = []
+        for key in ("run/1", "run/2"):
+            results.append(
+                await all_reduce(
+                    [torch.ones(1 << 20)],
+                    mailbox=mailbox,
+                    members=members,
+                    round_key=key,
+                    config=config,
+                    clock=clock,
+                    offload=inline_offload,
+                    meter=meter,
+                    alive=alive,
+                )
+            )
+        return results
+
+    first, second = asyncio.run(clock.run(main()))
+    assert "peer-1" in first.report.failed
+    assert first.report.send_bytes_per_s is None
+    assert meter.num_measurements == 0
+    assert meter.estimate_bytes_per_s == BandwidthMeterConfig().default_bytes_per_s
+    assert "peer-1" in second.report.failed
+    torch.testing.assert_close(second.tensors[0], torch.ones(1 << 20))
+
+
+def test_a_destination_that_got_nothing_tells_no_rate() -> None:
+    clock = IdleJumpClock()
+    tally = SendTally(_TimedTransport(clock, 1e-6), clock)
+    config = BandwidthMeterConfig(min_bytes_per_peer=1000, min_busy_s=0.5)
+
+    async def main() -> None:
+        async with asyncio.TaskGroup() as group:
+            cut = group.create_task(tally.send("slow", bytes(10_000_000), timeout_s=10.0))
+            await clock.sleep_async(1.0)
+            cut.cancel()
+
+    asyncio.run(clock.run(main()))
+    assert tally.rates(config) == {}
+    assert tally.throughput_bytes_per_s(config) is None
+    with pytest.raises(ValueError, match="> 0"):
+        BandwidthMeter().observe(0.0)

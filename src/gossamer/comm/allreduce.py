@@ -363,6 +363,8 @@ async def all_reduce(
         mailbox.close_round(round_id, finished=state.finished() if finished else None)
         await state.settle()  # a decode cut short by the deadline writes on in its thread
     state.fill_report(report, started_wall)
+    for member in report.failed:
+        tally.peer_failed(member)
     if meter is not None:
         report.send_bytes_per_s = meter.update(tally)
     else:

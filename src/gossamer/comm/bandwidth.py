@@ -126,7 +126,7 @@ class SendTally:
         A send that fails marks its destination as failed: the time went to a peer that was not
         answering, which says nothing about this peer's link. A send cancelled (the round's
         deadline) keeps its time but adds no bytes, so a link too slow to finish a round still
-        yields a (low) figure.
+        yields a (low) figure, where anything got through.
         """
         destination = self._destinations.setdefault(peer_id, _Destination())
         if destination.num_in_flight == 0:
@@ -148,11 +148,17 @@ class SendTally:
                 self._share_out()
                 self._busy.discard(peer_id)
 
+    def peer_failed(self, peer_id: str) -> None:
+        """Leave ``peer_id`` out of the round's figure: the round declared it failed, and sends
+        to it that were cancelled then (not failed) spent their time on a peer that was not
+        answering, which says nothing about this peer's link."""
+        self._destinations.setdefault(peer_id, _Destination()).failed = True
+
     def _counted(self, config: BandwidthMeterConfig) -> dict[str, _Destination]:
         found = {}
         for peer_id, d in self._destinations.items():
-            if d.failed or d.num_in_flight or d.busy_s <= 0:
-                continue
+            if d.failed or d.num_in_flight or d.busy_s <= 0 or d.bytes_sent == 0:
+                continue  # nothing delivered: no rate to tell, however long it was busy
             if d.bytes_sent >= config.min_bytes_per_peer or d.busy_s >= config.min_busy_s:
                 found[peer_id] = d
         return found
@@ -251,8 +257,8 @@ class BandwidthMeter:
 
     def observe(self, sample_bytes_per_s: float) -> None:
         """Fold one measured figure into the estimate (the first replaces the default)."""
-        if not (math.isfinite(sample_bytes_per_s) and sample_bytes_per_s >= 0):
-            raise ValueError(f"a bandwidth sample must be finite and >= 0: {sample_bytes_per_s}")
+        if not (math.isfinite(sample_bytes_per_s) and sample_bytes_per_s > 0):
+            raise ValueError(f"a bandwidth sample must be finite and > 0: {sample_bytes_per_s}")
         if self.num_measurements == 0:
             self._estimate = sample_bytes_per_s
         else:
