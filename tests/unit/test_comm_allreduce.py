@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import time
 from collections.abc import Callable, Sequence
 
@@ -1029,3 +1030,56 @@ def test_nothing_writes_into_the_output_after_the_round_returns() -> None:
 
     changes = asyncio.run(main())
     assert all(bool((change == 0).all()) for change in changes)
+
+
+@pytest.mark.parametrize("schedule", ["open"], indirect=True)
+def test_a_backup_average_is_not_overwritten_by_its_failed_owners_landing_late() -> None:
+    # peer-1 owns part 1. Its average reaches peer-0 and peer-2, whose decodes of it take
+    # 0.5-1 s in their threads; as they start, the failure detector reports peer-1 gone, and
+    # peer-2 (part 1's backup) averages it over peer-0 and itself meanwhile. The backup's
+    # average must be what both survivors end with: before, peer-2's landing of the dead
+    # owner's average (5.0, with peer-1's values) ended over the backup average it had just
+    # written and sent to everyone (2.5).
+    members = ["peer-0", "peer-1", "peer-2"]
+    size = 3 * 64
+    gone: set[str] = set()
+
+    def slow_landing(me: str) -> Callable[[Callable[[], object]], object]:
+        async def offload(fn: Callable[[], object]) -> object:
+            def run() -> object:
+                landing = getattr(fn, "__qualname__", "").endswith("_land.<locals>.work")
+                if landing and inspect.getclosurevars(fn).nonlocals["a"] == 64:  # part 1
+                    gone.add("peer-1")
+                    time.sleep(0.5 if me == "peer-2" else 1.0)
+                return fn()
+
+            return await asyncio.to_thread(run)
+
+        return offload
+
+    async def main() -> list[AllReduceResult]:
+        clock = SystemClock()
+        network = FakeNetwork(clock)
+        mailboxes = [CommMailbox(network.transport(m), clock) for m in members]
+        config = dataclasses.replace(CONFIG, timeout_s=10.0, order="open", liveness_poll_s=0.01)
+
+        async def one(i: int, value: float) -> AllReduceResult:
+            return await all_reduce(
+                [torch.full((size,), value)],
+                mailbox=mailboxes[i],
+                members=members,
+                round_key="late/1",
+                config=config,
+                clock=clock,
+                offload=slow_landing(members[i]),  # type: ignore[arg-type]
+                alive=None if i == 1 else (lambda peer: peer not in gone),
+            )
+
+        return list(await asyncio.gather(one(0, 1.0), one(1, 10.0), one(2, 4.0)))
+
+    results = asyncio.run(main())
+    for i in (0, 2):
+        report = results[i].report
+        assert report.parts[1].outcome == PartOutcome.REASSIGNED
+        assert report.parts[1].contributors == ["peer-0", "peer-2"]
+        assert sorted(set(results[i].tensors[0][64:128].tolist())) == [2.5], members[i]

@@ -374,19 +374,26 @@ class RoundState:
             flags = FLAG_RING
         frame = Frame(FrameKind.RESULT, self.round_id, part, chunk, self.me, 0.0, flags)
 
-        def work() -> tuple[Message, list[int]] | None:
+        def work(land: bool) -> tuple[Message, list[int]] | None:
             got = reducer.finalize(chunk, self.local[a:b])
             if got is None:
                 return None
             average, contributors = got
             prefix = pack_frame(frame) + pack_contributors(contributors)
             message, decoded = self.codec.encode(average, a, b, None, base=a, prefix=prefix)
-            self.output[a:b] = decoded  # what every receiver decodes, so all members agree
-            self.has_output[part][chunk] = True
+            if land:
+                self.output[a:b] = decoded  # what every receiver decodes, so all members agree
+                self.has_output[part][chunk] = True
             return message, contributors
 
         started = time.perf_counter()
-        finished = await self._writing(work)
+        # One write into a chunk's output at a time, as for the averages that come in
+        # (:meth:`_take_result`): an owner's average still landing when the owner was declared
+        # failed ends (and is dropped) before its backup's own lands, and this member's own
+        # average does not land over a backup's once the others took its part from one.
+        async with self._landing.setdefault((part, chunk), asyncio.Lock()):
+            land = self.reducer_of[part] == self.me
+            finished = await self._writing(lambda: work(land))
         self.encode_s += time.perf_counter() - started
         if finished is None:
             return
