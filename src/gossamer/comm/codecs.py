@@ -309,7 +309,11 @@ class ErrorFeedback:
         corrected = values + residual
         payload = codec.encode(corrected, choice.block_size)
         decoded = codec.decode(memoryview(payload), values.shape[0], choice.block_size)
-        residual[:] = corrected - decoded
+        np.subtract(corrected, decoded, out=residual)
+        if not np.isfinite(residual.sum()):  # one reduction: the check costs little
+            # A value that was not finite (an inf, a NaN) leaves no residual: kept, it would
+            # make every later encoding of its block NaN, long after the values recovered.
+            residual[~np.isfinite(residual)] = 0.0
         return payload, decoded
 
     def residual_norm(self, key: str) -> float:
