@@ -14,7 +14,7 @@ import torch
 from comm_fakes import IdleJumpClock, RateLimitedTransport, inline_offload
 
 from gossamer.comm.allreduce import AllReduceConfig, all_reduce
-from gossamer.comm.codecs import CodecPolicy
+from gossamer.comm.codecs import CodecPolicy, ErrorFeedback
 from gossamer.comm.fake_transport import FakeNetwork, FakeTransport, FaultScript
 from gossamer.comm.report import AllReduceResult, PartOutcome
 from gossamer.comm.transport import (
@@ -1083,3 +1083,138 @@ def test_a_backup_average_is_not_overwritten_by_its_failed_owners_landing_late()
         assert report.parts[1].outcome == PartOutcome.REASSIGNED
         assert report.parts[1].contributors == ["peer-0", "peer-2"]
         assert sorted(set(results[i].tensors[0][64:128].tolist())) == [2.5], members[i]
+
+
+@pytest.mark.parametrize("schedule", ["open"], indirect=True)
+def test_the_residual_spent_on_a_contribution_reaches_the_backup_of_its_dead_owner() -> None:
+    # peer-0 carries +0.3 on every value from earlier rounds (its error feedback). peer-1 dies
+    # as the round starts, so part 1 goes to its backup; peer-0's contribution to it must carry
+    # the residual it spent on the one sent to the dead owner: the backup averages 0.3 and 1
+    # (0.65), not 0 and 1 (the residual lost for good).
+    members = ["peer-0", "peer-1", "peer-2"]
+    block = 64
+    feedback = ErrorFeedback()
+    feedback._residual("0", 3 * block)[:] = 0.3  # as earlier rounds would have left it
+    config = dataclasses.replace(
+        CONFIG,
+        order="open",
+        codec=CodecPolicy(codec="int8", block_size=block, min_compressed_numel=0),
+    )
+
+    clock = IdleJumpClock()
+
+    async def main() -> list[AllReduceResult]:
+        network = FakeNetwork(clock)
+        scripts = {"peer-1": FaultScript(crash_after_sends=0)}
+        mailboxes = [CommMailbox(network.transport(m, scripts.get(m)), clock) for m in members]
+        values = [0.0, 5.0, 1.0]
+
+        async def one(i: int) -> AllReduceResult:
+            return await all_reduce(
+                [torch.full((3 * block,), values[i])],
+                mailbox=mailboxes[i],
+                members=members,
+                round_key="feedback/1",
+                config=config,
+                clock=clock,
+                offload=inline_offload,
+                feedback=feedback if i == 0 else None,
+            )
+
+        return list(await asyncio.gather(one(0), one(1), one(2)))
+
+    results = asyncio.run(clock.run(main()))
+    report = results[0].report
+    assert report.parts[1].outcome == PartOutcome.REASSIGNED
+    part1 = results[0].tensors[0][block : 2 * block]
+    torch.testing.assert_close(part1, torch.full((block,), 0.65), atol=0.01, rtol=0)
+
+
+@pytest.mark.parametrize("schedule", ["open"], indirect=True)
+def test_the_error_feedback_does_not_change_after_the_round_returns() -> None:
+    # Encoding a contribution with feedback takes 1 s in its thread; the round's deadline is
+    # 0.3 s (the other member never comes). The round waits for the encoding before it
+    # returns, so the caller's residuals do not change under it afterwards.
+    block = 64
+    feedback = ErrorFeedback()
+    config = dataclasses.replace(
+        CONFIG,
+        timeout_s=0.3,
+        order="open",
+        codec=CodecPolicy(codec="int8", block_size=block, min_compressed_numel=0),
+    )
+
+    async def slow_encodes(fn: Callable[[], object]) -> object:
+        def run() -> object:
+            if "encode_message" in fn.__code__.co_names:  # a contribution's encoding
+                time.sleep(1.0)
+            return fn()
+
+        return await asyncio.to_thread(run)
+
+    async def main() -> float:
+        clock = SystemClock()
+        network = FakeNetwork(clock)
+        mailbox = CommMailbox(network.transport("peer-0"), clock)
+        CommMailbox(network.transport("peer-1"), clock)  # never opens the round
+        await all_reduce(
+            [torch.randn(2 * block)],
+            mailbox=mailbox,
+            members=["peer-0", "peer-1"],
+            round_key="feedback/2",
+            config=config,
+            clock=clock,
+            offload=slow_encodes,  # type: ignore[arg-type]
+            feedback=feedback,
+        )
+        at_return = feedback.residual_norm("0")
+        await asyncio.sleep(1.5)  # an encoding still running would have written by now
+        return feedback.residual_norm("0") - at_return
+
+    assert asyncio.run(main()) == 0.0
+
+
+@pytest.mark.parametrize("schedule", ["open"], indirect=True)
+def test_a_member_whose_caller_cancels_the_round_leaves_the_others_a_plain_failure() -> None:
+    # peer-0's caller cancels its round while peer-0 still adds peer-1's contribution (0.3 s in
+    # its thread). What peer-0 handles after that starts nothing; before, it started work in
+    # its closing task group, whose RuntimeError went back into peer-1's send and out of
+    # peer-1's all_reduce.
+    members = ["peer-0", "peer-1"]
+
+    async def slow_adds(fn: Callable[[], object]) -> object:
+        def run() -> object:
+            if "_on_contribution" in getattr(fn, "__qualname__", ""):
+                time.sleep(0.3)
+            return fn()
+
+        return await asyncio.to_thread(run)
+
+    async def main() -> AllReduceResult:
+        clock = SystemClock()
+        network = FakeNetwork(clock)
+        mailboxes = [CommMailbox(network.transport(m), clock) for m in members]
+        config = dataclasses.replace(CONFIG, timeout_s=1.0, order="open")
+
+        def one(i: int) -> asyncio.Task[AllReduceResult]:
+            return asyncio.create_task(
+                all_reduce(
+                    [torch.ones(128)],
+                    mailbox=mailboxes[i],
+                    members=members,
+                    round_key="cancel/1",
+                    config=config,
+                    clock=clock,
+                    offload=slow_adds,  # type: ignore[arg-type]
+                )
+            )
+
+        cancelled, other = one(0), one(1)
+        await asyncio.sleep(0.1)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        return await other
+
+    result = asyncio.run(main())
+    torch.testing.assert_close(result.tensors[0], torch.ones(128))

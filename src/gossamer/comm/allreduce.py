@@ -355,10 +355,12 @@ async def all_reduce(
     try:
         async with asyncio.TaskGroup() as group:
             state.group = group
-            state.begin()
-            finished = await wait_for_event(state.done, deadline, clock)
-            report.deadline_hit = not finished
-            state.cancel_all()
+            try:
+                state.begin()
+                finished = await wait_for_event(state.done, deadline, clock)
+                report.deadline_hit = not finished
+            finally:  # the round's end, or its caller cancelled: a message still being
+                state.cancel_all()  # handled then starts nothing in the closing task group
     finally:
         mailbox.close_round(round_id, finished=state.finished() if finished else None)
         await state.settle()  # a decode cut short by the deadline writes on in its thread

@@ -47,6 +47,14 @@ _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
+def _with_frame(message: Message, prefix: bytes) -> Message:
+    """``message`` behind another frame: ``prefix`` in place of its first ``len(prefix)`` bytes."""
+    if isinstance(message, tuple):
+        first, *rest = message
+        return (prefix + bytes(first[len(prefix) :]), *rest)
+    return prefix + bytes(message[len(prefix) :])
+
+
 class RoundState:
     """Everything one member tracks during a round (see the module docstring of allreduce).
 
@@ -157,7 +165,11 @@ class RoundState:
         self._sent_directly: set[tuple[int, int]] = set()
         """(chunk, member) of the ring's averages sent to a member directly."""
         self._writers: set[asyncio.Future[Any]] = set()
-        """Work under way in threads that writes into ``output`` (see :meth:`settle`)."""
+        """Work under way in threads that writes into ``output`` or the error feedback (see
+        :meth:`settle`)."""
+        self._fed: dict[tuple[int, int], asyncio.Future[Message]] = {}
+        """This member's contributions encoded with error feedback, by (part, chunk): what a
+        resend to the part's backup sends again (:meth:`_contribution`)."""
         self._settled = False
         """Set by :meth:`settle`: no more averages land."""
         self._landing: dict[tuple[int, int], asyncio.Lock] = {}
@@ -641,8 +653,6 @@ class RoundState:
         return True
 
     async def _send_part(self, part: int, dest: int, *, flags: int, counted: bool) -> None:
-        feedback = self.feedback if flags == 0 else None  # a resend must not reapply feedback
-
         step = self.steps.contribution_step(part) if flags == 0 else None
 
         async def one(chunk: int, a: int, b: int) -> None:
@@ -663,9 +673,7 @@ class RoundState:
                     FrameKind.CONTRIBUTION, self.round_id, part, chunk, self.me, self.weight, flags
                 )
                 prefix = pack_frame(frame)
-                message = await self.offload(
-                    lambda: self.codec.encode_message(self.local, a, b, feedback, prefix=prefix)
-                )
+                message = await self._contribution(part, chunk, a, b, prefix, resend=flags != 0)
                 self.encode_s += time.perf_counter() - started
                 if await self._transmit(dest, message):
                     self.fp32_bytes_sent += 4 * (b - a)
@@ -679,6 +687,39 @@ class RoundState:
                 self._num_contribution_senders -= 1
                 if self._num_contribution_senders == 0:
                     self._contributions_finished()
+
+    async def _contribution(
+        self, part: int, chunk: int, a: int, b: int, prefix: bytes, *, resend: bool
+    ) -> Message:
+        """The message of this member's values ``a..b`` (``chunk`` of ``part``) behind ``prefix``.
+
+        With error feedback, the first encoding adds the residual kept from earlier rounds and
+        keeps the new one: the feedback is spent on it. A resend (to the part's backup, its
+        owner having failed) sends the same values again, under its own frame; encoded afresh
+        without the residual, what the residual carried would reach nobody. Where the first
+        encoding never ran (the owner failed before it), the resend spends nothing and the
+        residual waits for the next round. Encodings with feedback change the caller's
+        :class:`ErrorFeedback`, so the round's end waits for them (:meth:`settle`).
+        """
+        if self.feedback is None or (resend and (part, chunk) not in self._fed):
+            fresh: Message = await self.offload(
+                lambda: self.codec.encode_message(self.local, a, b, None, prefix=prefix)
+            )
+            return fresh
+        if not resend:
+            feedback = self.feedback
+            first = asyncio.ensure_future(
+                self._writing(
+                    lambda: self.codec.encode_message(self.local, a, b, feedback, prefix=prefix)
+                )
+            )
+            self._fed[(part, chunk)] = first
+            return await asyncio.shield(first)  # a resend may wait for it too
+        spent = self._fed[(part, chunk)]
+        await asyncio.wait({spent})
+        if spent.cancelled() or spent.exception() is not None:
+            return await self._contribution(part, chunk, a, b, prefix, resend=False)
+        return _with_frame(spent.result(), prefix)
 
     # ---- failures ------------------------------------------------------------------------------
 
@@ -985,8 +1026,9 @@ class RoundState:
             raise
 
     async def settle(self) -> None:
-        """Let no more averages land, and wait for the writes into ``output`` under way: once
-        this returns the output is the caller's (called when the round is over)."""
+        """Let no more averages land, and wait for the writes into ``output`` and the error
+        feedback under way: once this returns both are the caller's (called when the round is
+        over)."""
         self._settled = True
         while self._writers:
             await asyncio.wait(set(self._writers))
