@@ -304,3 +304,16 @@ def test_a_rendezvous_is_given_up_once_a_member_runs_the_round_over_p2p() -> Non
         assert time.monotonic() - started < 5.0
         assert_weighted_mean(outcomes, [0, 1], [1.0, 3.0], atol=1e-5)
         assert [o.backend for o in outcomes] == ["p2p", "p2p"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("address", ["127.0.0.1:notaport", "127.0.0.1:70000", "localhost:1234"])
+def test_a_store_address_that_is_not_one_sends_the_round_over_p2p(address: str) -> None:
+    # What a buggy or hostile peer publishes as its store address: the others must neither
+    # crash (a ValueError, a TypeError out of average) nor dial it; the round goes over p2p.
+    with averagers(2) as made:
+        for averager in made:
+            averager._store_address = address
+        outcomes = one_round(made, "outer/0", [1.0, 1.0])
+        assert_weighted_mean(outcomes, [0, 1], [1.0, 1.0])
+        assert all(a.rounds_by_backend == {"p2p": 1, "torch": 0} for a in made)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gossamer.train.swarm_averager import round_settled
+from gossamer.train.swarm_averager import _store_address, round_settled
 
 WINDOW_S = 30.0
 
@@ -71,3 +71,22 @@ def test_a_peer_that_left_the_run_is_not_waited_for() -> None:
 
 def test_a_peer_alone_keeps_the_grace() -> None:
     assert not _settled(active=set(), entries={}, closes={"a": 10.0}, close_at=10.0)
+
+
+def test_store_addresses_from_round_entries_are_literal_ips_and_ports() -> None:
+    assert _store_address({"tcp": "10.0.0.7:29500"}) == ("10.0.0.7", 29500)
+    assert _store_address({"tcp": "[fd00::1]:29500"}) == ("fd00::1", 29500)
+    for bad in (
+        "",
+        "10.0.0.7",
+        "10.0.0.7:",
+        "10.0.0.7:0",
+        "10.0.0.7:65536",
+        "10.0.0.7:+80",
+        "host.example:80",
+        "10.0.0.7:eighty",
+        29500,
+        None,
+    ):
+        assert _store_address({"tcp": bad}) is None, bad
+    assert _store_address({}) is None

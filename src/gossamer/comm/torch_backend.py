@@ -81,7 +81,7 @@ def open_member_store(host: str, port: int, world_size: int, timeout_s: float) -
         return TCPStore(
             host, port, world_size, is_master=False, timeout=datetime.timedelta(seconds=timeout_s)
         )
-    except (RuntimeError, dist.DistStoreError) as exc:
+    except (RuntimeError, ValueError, OSError, dist.DistStoreError) as exc:
         raise PeerLostError(f"cannot reach the group leader's store at {host}:{port}") from exc
 
 

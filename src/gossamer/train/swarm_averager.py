@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import json
 import logging
 import math
@@ -242,8 +243,29 @@ class _TorchPlan:
     """The group's name: the held one when every member holds it, else a new one."""
     members: tuple[str, ...]
     rank: int
-    leader_address: str
-    """HOST:PORT of the rendezvous store (the first member's)."""
+    leader_address: tuple[str, int]
+    """(host, port) of the rendezvous store (the first member's)."""
+
+
+def _store_address(entry: dict[str, Any]) -> tuple[str, int] | None:
+    """The (host, port) of a round entry's store address, or None where it is not one.
+
+    Entries come from other peers: only a literal IP address and a port in 1..65535 count (a
+    name would be resolved differently by different members, and a malformed one must not
+    crash the members that read it)."""
+    address = entry.get("tcp", "")
+    if not isinstance(address, str):
+        return None
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        return None
+    if not port.isdigit() or not 0 < number < 65536:
+        return None
+    return host, number
 
 
 def _figure(entry: dict[str, Any]) -> float:
@@ -306,7 +328,7 @@ class SwarmAverager:
         self._store: Store | None = None
         self._store_address = ""
         """HOST:PORT of this peer's rendezvous store, published with its entries ('' without)."""
-        self._leader_stores: dict[str, Store] = {}
+        self._leader_stores: dict[tuple[str, int], Store] = {}
         """Connections to other leaders' stores, by address."""
         self._torch_host = ""
         self._open_torch_store()
@@ -544,10 +566,14 @@ class SwarmAverager:
         if self._torch is None:
             return None
         entries = [round_.entries.get(p, {}) for p in round_.members]
-        addresses = [str(e.get("tcp", "")) for e in entries]
-        hosts = [a.rpartition(":")[0].strip("[]") for a in addresses]
-        if not all(addresses) or (
-            self.config.backend == "auto" and not all(site_local(h) for h in hosts)
+        parsed = [_store_address(e) for e in entries]
+        stores = [a for a in parsed if a is not None]
+        hosts = [host for host, _ in stores]
+        loopback = [ipaddress.ip_address(h).is_loopback for h in hosts]
+        if (
+            len(stores) < len(entries)
+            or (self.config.backend == "auto" and not all(site_local(h) for h in hosts))
+            or (any(loopback) and not all(loopback))  # not one machine: they cannot all meet
         ):
             if self.config.backend == "torch":
                 logger.warning(
@@ -560,10 +586,10 @@ class SwarmAverager:
         if held == {current} and set(self._torch.members) == set(round_.members):
             assert current is not None  # an empty name is never held
             members = self._torch.members
-            return _TorchPlan(current, members, self._torch.rank, addresses[0])
+            return _TorchPlan(current, members, self._torch.rank, stores[0])
         members = tuple(round_.members)
         name = f"{key}@{entries[0].get('at')!r}"
-        return _TorchPlan(name, members, members.index(node.peer_id), addresses[0])
+        return _TorchPlan(name, members, members.index(node.peer_id), stores[0])
 
     async def _torch_round(
         self,
@@ -692,13 +718,13 @@ class SwarmAverager:
         self._torch_failures_in_a_row = 0
         return result
 
-    def _leader_store(self, address: str, abandoned: threading.Event) -> Store:
+    def _leader_store(self, address: tuple[str, int], abandoned: threading.Event) -> Store:
         """A connection to the store at ``address``, kept for later groups it leads (not if the
         round that opened it was ``abandoned`` meanwhile: it may be to a dead leader)."""
         store = self._leader_stores.get(address)
         if store is None:
-            host, _, port = address.rpartition(":")
-            store = open_member_store(host.strip("[]"), int(port), 1, self._torch_timeout_s)
+            host, port = address
+            store = open_member_store(host, port, 1, self._torch_timeout_s)
             if not abandoned.is_set():
                 self._leader_stores[address] = store
         return store
