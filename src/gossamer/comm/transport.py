@@ -276,6 +276,9 @@ class CommMailbox:
         self._max_waiting_rounds = max_waiting_rounds
         self._rounds: dict[bytes, RoundHandler] = {}
         self._opened: dict[bytes, asyncio.Event] = {}
+        """Rounds that messages wait for (to open here), with the event that wakes them."""
+        self._num_waiting: dict[bytes, int] = {}
+        """Messages waiting for each round of ``_opened``: the last to stop takes the entry."""
         self._closed: OrderedDict[bytes, FinishedRound | None] = OrderedDict()
         """Rounds that ended here, with what is kept of those that finished with every
         part's average."""
@@ -388,9 +391,24 @@ class CommMailbox:
             if len(self._opened) >= self._max_waiting_rounds:
                 raise ProtocolError("too many messages for rounds this peer has not opened")
             event = self._opened[round_id] = asyncio.Event()
-        deadline = self._clock.monotonic() + self._early_timeout_s
-        opened = await wait_for_event(event, deadline, self._clock)
-        if not opened:
-            self._opened.pop(round_id, None)
+        self._num_waiting[round_id] = self._num_waiting.get(round_id, 0) + 1
+        try:
+            deadline = self._clock.monotonic() + self._early_timeout_s
+            opened = await wait_for_event(event, deadline, self._clock)
+        finally:  # woken, timed out, or its sender gave up (the call cancelled)
+            self._stop_waiting(round_id, event)
+        handler = self._rounds.get(round_id)
+        if handler is None and not opened:
             raise ProtocolError(f"round {round_id.hex()[:12]} did not open on this peer in time")
-        return self._rounds.get(round_id)
+        return handler
+
+    def _stop_waiting(self, round_id: bytes, event: asyncio.Event) -> None:
+        """One message stopped waiting for ``round_id``. The last one takes the round's entry
+        with it: one that timed out while others still wait would leave them unwoken when the
+        round opens, and entries left by messages whose senders gave up would fill the table
+        until every early message is refused."""
+        left = self._num_waiting.pop(round_id) - 1
+        if left > 0:
+            self._num_waiting[round_id] = left
+        elif self._opened.get(round_id) is event:
+            del self._opened[round_id]

@@ -1,0 +1,101 @@
+"""The comm mailbox's early arrivals: messages of a round that has not opened here yet."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from comm_fakes import IdleJumpClock
+
+from gossamer.comm.transport import CommMailbox, Frame, FrameKind, Message, pack_frame
+from gossamer.core.errors import ProtocolError
+
+ROUND = b"\x01" * 16
+
+
+class _Silent:
+    """A transport that sends nothing (the mailbox only receives here)."""
+
+    peer_id = "me"
+
+    def set_receiver(self, receiver: object) -> None:
+        self.receiver = receiver
+
+    async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
+        return None
+
+
+class _Round:
+    def __init__(self) -> None:
+        self.chunks: list[int] = []
+
+    async def handle(self, sender: str, frame: Frame, body: object) -> None:
+        self.chunks.append(frame.chunk)
+
+
+def _message(round_id: bytes, chunk: int = 0) -> memoryview:
+    return memoryview(pack_frame(Frame(FrameKind.CONTRIBUTION, round_id, 0, chunk, 0, 1.0)))
+
+
+def test_an_early_message_is_handled_once_its_round_opens_or_refused_at_the_timeout() -> None:
+    clock = IdleJumpClock()
+
+    async def main() -> None:
+        mailbox = CommMailbox(_Silent(), clock, early_arrival_timeout_s=5.0)
+        waiting = asyncio.create_task(mailbox.deliver("peer", _message(ROUND, 1)))
+        await clock.sleep_async(1.0)
+        handler = _Round()
+        mailbox.open_round(ROUND, handler)  # type: ignore[arg-type]
+        await waiting
+        assert handler.chunks == [1]
+        with pytest.raises(ProtocolError, match="did not open"):
+            await mailbox.deliver("peer", _message(b"\x02" * 16))
+        assert not mailbox.awaits_round_of_key(b"\x02" * 4)
+
+    asyncio.run(clock.run(main()))
+
+
+def test_messages_whose_senders_gave_up_leave_nothing_waiting() -> None:
+    # A sender whose deadline passes cancels its call while its message waits here. Before,
+    # each left its round's entry behind for good: 4 of them (the table's size here) and
+    # every early message was refused.
+    clock = IdleJumpClock()
+
+    async def main() -> None:
+        mailbox = CommMailbox(_Silent(), clock, early_arrival_timeout_s=30.0, max_waiting_rounds=4)
+        for i in range(4):
+            call = asyncio.create_task(mailbox.deliver("peer", _message(bytes([i + 2]) * 16)))
+            await clock.sleep_async(0.1)
+            call.cancel()
+            await asyncio.gather(call, return_exceptions=True)
+        assert not mailbox.awaits_round_of_key(bytes([2]) * 4)
+        waiting = asyncio.create_task(mailbox.deliver("peer", _message(ROUND, 3)))
+        await clock.sleep_async(0.1)
+        handler = _Round()
+        mailbox.open_round(ROUND, handler)  # type: ignore[arg-type]
+        await waiting
+        assert handler.chunks == [3]
+
+    asyncio.run(clock.run(main()))
+
+
+def test_a_message_that_timed_out_leaves_a_later_one_of_its_round_waiting() -> None:
+    # Two messages of one round wait; the first times out, the round opens before the
+    # second's own timeout. Before, the first took the round's entry with it, so the second
+    # was never woken and was refused although its round had opened.
+    clock = IdleJumpClock()
+
+    async def main() -> None:
+        mailbox = CommMailbox(_Silent(), clock, early_arrival_timeout_s=1.0)
+        first = asyncio.create_task(mailbox.deliver("peer", _message(ROUND, 1)))
+        await clock.sleep_async(0.6)
+        second = asyncio.create_task(mailbox.deliver("peer", _message(ROUND, 2)))
+        await clock.sleep_async(0.6)
+        with pytest.raises(ProtocolError, match="did not open"):
+            await first
+        handler = _Round()
+        mailbox.open_round(ROUND, handler)  # type: ignore[arg-type]
+        await second
+        assert handler.chunks == [2]
+
+    asyncio.run(clock.run(main()))
