@@ -78,7 +78,7 @@ def test_a_chunk_past_a_whole_first_chunk_is_refused() -> None:
         net_pb2.BulkChunk(**head, offset=0, data=b"ab"),
         net_pb2.BulkChunk(offset=2, data=b"c"),
     ]
-    with pytest.raises(ProtocolError, match="past the announced size"):
+    with pytest.raises(ProtocolError, match="past its stream"):
         asyncio.run(_push(receiver, chunks))
     assert receiver.num_incomplete == 0
 

@@ -1,11 +1,15 @@
-"""Half-started multi-stream bulk transfers are dropped after an idle timeout (fake clock)."""
+"""Incoming bulk transfers: streams that never start or go silent are dropped, and the streams
+must cover the payload exactly once."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 
+import pytest
+
 from gossamer.core.clock import FakeClock
+from gossamer.core.errors import ProtocolError
 from gossamer.net.bulk import BulkReceiver, ReceivedChunk, decode_chunk
 from gossamer.net.config import LimitsConfig
 from gossamer.net.counters import NetCounters
@@ -64,3 +68,61 @@ def test_a_completed_transfer_is_not_counted_as_expired() -> None:
     assert receiver.expire_idle() == 0
     assert got == [b"abcd"]
     assert counters.bulk_transfers_expired == 0
+
+
+def test_streams_cover_the_payload_exactly_once() -> None:
+    # Stream i of n carries bytes total*i//n up to total*(i+1)//n. Two streams both starting
+    # at 0 were delivered as complete with zeros where nothing came; a stream that stops short
+    # of its share left a gap the same way.
+    got: list[bytes] = []
+
+    async def handler(sender: str, topic: str, payload: bytearray) -> None:
+        got.append(bytes(payload))
+
+    def receiver() -> BulkReceiver:
+        made = BulkReceiver(LimitsConfig(), NetCounters(), FakeClock())
+        made.register("t", handler)
+        return made
+
+    head = {"transfer_id": "z", "topic": "t", "total_bytes": 10, "num_streams": 2}
+    twice = receiver()
+    asyncio.run(_push(twice, [net_pb2.BulkChunk(**head, offset=0, data=b"abcde")]))
+    with pytest.raises(ProtocolError, match="not one of the transfer's 2 streams"):
+        asyncio.run(_push(twice, [net_pb2.BulkChunk(**head, offset=0, data=b"fghij")]))
+    with pytest.raises(ProtocolError, match="not one of"):
+        asyncio.run(_push(receiver(), [net_pb2.BulkChunk(**head, offset=3, data=b"defgh")]))
+    with pytest.raises(ProtocolError, match="past its stream's share"):
+        asyncio.run(_push(receiver(), [net_pb2.BulkChunk(**head, offset=0, data=b"abcdef")]))
+    with pytest.raises(ProtocolError, match="ended short"):
+        asyncio.run(_push(receiver(), [net_pb2.BulkChunk(**head, offset=5, data=b"fg")]))
+    with pytest.raises(ProtocolError, match="none of them empty"):
+        asyncio.run(_push(receiver(), [net_pb2.BulkChunk(**head | {"num_streams": 11}, data=b"")]))
+    whole = receiver()
+    asyncio.run(_push(whole, [net_pb2.BulkChunk(**head, offset=5, data=b"fghij")]))
+    asyncio.run(_push(whole, [net_pb2.BulkChunk(**head, offset=0, data=b"abcde")]))
+    assert got == [b"abcdefghij"]
+
+
+def test_a_stream_that_sends_nothing_is_dropped_after_the_idle_timeout() -> None:
+    # A stream left open without chunks held its transfer, and its share of the in-flight
+    # budget, for as long as its sender liked: idle expiry skips transfers with a stream open.
+    receiver = BulkReceiver(LimitsConfig(bulk_idle_timeout_s=0.2), NetCounters(), FakeClock())
+
+    async def handler(sender: str, topic: str, payload: bytearray) -> None:
+        raise AssertionError("an incomplete transfer must never be delivered")
+
+    receiver.register("t", handler)
+    head = {"transfer_id": "s", "topic": "t", "total_bytes": 10, "num_streams": 1}
+
+    async def silent() -> AsyncIterator[ReceivedChunk]:
+        yield decode_chunk(net_pb2.BulkChunk(**head, offset=0, data=b"abc").SerializeToString())
+        await asyncio.sleep(60)  # the sender keeps the stream open and sends nothing more
+
+    async def main() -> None:
+        _session_var.set(Session("sender", b"k" * 32, 0.0, None))
+        await receiver.Push(silent(), None)  # type: ignore[arg-type]
+
+    with pytest.raises(ProtocolError, match="sent nothing for"):
+        asyncio.run(asyncio.wait_for(main(), 10))
+    assert receiver.num_incomplete == 0
+    assert receiver._inflight_bytes == 0

@@ -15,7 +15,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
 import grpc
@@ -164,6 +164,26 @@ class _Transfer:
     num_finished_streams: int = 0
     num_active_streams: int = 0
     delivered: bool = False
+    started: set[int] = field(default_factory=set)
+    """Start offsets of the streams that came so far."""
+
+    def claim_stream(self, offset: int) -> int:
+        """Where the stream that starts at ``offset`` must end: stream i of n carries bytes
+        ``total * i // n`` up to ``total * (i + 1) // n``, as :func:`send_bulk` cuts them, so
+        the streams cover the payload exactly once (no gap left as zeros, no overlap).
+
+        Raises:
+            ProtocolError: ``offset`` is no stream's start, or that stream came already.
+        """
+        total, n = len(self.buffer), self.num_streams
+        starts = [total * i // n for i in range(n)]  # n <= _MAX_STREAMS
+        if offset not in starts or offset in self.started:
+            raise ProtocolError(
+                f"a bulk stream starting at byte {offset} of {total} is not one of the "
+                f"transfer's {n} streams, or came twice"
+            )
+        self.started.add(offset)
+        return total * (starts.index(offset) + 1) // n
 
 
 class BulkReceiver(net_pb2_grpc.BulkServicer):
@@ -236,8 +256,12 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
         if transfer is None:
             if self._inflight_bytes + total > self._limits.max_bulk_inflight_bytes:
                 raise ProtocolError("too many bulk bytes in flight; try again later")
-            if not 1 <= first.num_streams <= _MAX_STREAMS:
-                raise ProtocolError(f"a transfer runs over 1..{_MAX_STREAMS} streams")
+            if not 1 <= first.num_streams <= _MAX_STREAMS or (
+                first.num_streams > 1 and first.num_streams > total
+            ):
+                raise ProtocolError(
+                    f"a transfer runs over 1..{_MAX_STREAMS} streams, none of them empty"
+                )
             # A transfer that is all in its first chunk is copied once, with no zeroing pass, or
             # not at all for a handler that only reads it.
             whole = first.num_streams == 1 and first.offset == 0 and len(data) == total
@@ -269,20 +293,35 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
         key: tuple[str, str] | None = None
         transfer: _Transfer | None = None
         received = 0
-        next_offset = 0
+        next_offset = stop = 0
+        chunks = aiter(request_iterator)
         try:
-            async for chunk in request_iterator:
+            while True:
+                try:
+                    # A stream that stays open and sends nothing would hold its transfer (and
+                    # its share of the in-flight budget) for good: idle expiry skips transfers
+                    # with a stream open.
+                    async with asyncio.timeout(self._limits.bulk_idle_timeout_s):
+                        chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise ProtocolError(
+                        f"bulk stream sent nothing for {self._limits.bulk_idle_timeout_s:g} s "
+                        "(limits.bulk_idle_timeout_s)"
+                    ) from None
                 data = chunk.data
                 filled = False
                 if transfer is None:
                     key, transfer, filled = self._open(sender, chunk.fields, data)
                     transfer.num_active_streams += 1
                     next_offset = chunk.fields.offset
+                    stop = transfer.claim_stream(next_offset)
                 if chunk.fields.offset != next_offset:
                     raise ProtocolError("bulk chunks of one stream must be contiguous")
                 end = next_offset + len(data)
-                if end > len(transfer.buffer):
-                    raise ProtocolError("bulk chunk runs past the announced size")
+                if end > stop:
+                    raise ProtocolError("bulk chunk runs past its stream's share of the payload")
                 if not filled:
                     transfer.buffer[next_offset:end] = data
                 next_offset = end
@@ -291,6 +330,8 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
             self._counters.received(sender, received)
             if transfer is None or key is None:
                 return net_pb2.BulkAck(received_bytes=0, transfer_complete=False)
+            if next_offset != stop:
+                raise ProtocolError("bulk stream ended short of its share of the payload")
             transfer.num_finished_streams += 1
             if transfer.received < len(transfer.buffer):
                 if transfer.num_finished_streams >= transfer.num_streams:
@@ -456,7 +497,11 @@ async def send_bulk(
     # operations, where a stream takes a round of the event loop for each.
     one_chunk = num_streams == 1 and total <= chunk_bytes + _TAIL_SLACK_BYTES
     method = PUSH_ONE_METHOD if one_chunk else PUSH_METHOD
+    deadline = time.monotonic() + timeout_s  # of the whole transfer, dialling included
     connection = await pool.connection(peer_id, timeout_s=timeout_s)
+
+    def time_left() -> float:
+        return max(0.001, deadline - time.monotonic())
 
     def header(start: int) -> net_pb2.BulkChunk:
         """The fields the first chunk of each stream carries."""
@@ -491,12 +536,12 @@ async def send_bulk(
                     method, request_serializer=_pre_serialized, response_deserializer=ack
                 )
                 request = _encode_chunk(header(start), pieces.cut(start, stop))
-                await push_one(request, timeout=timeout_s, metadata=connection.metadata)
+                await push_one(request, timeout=time_left(), metadata=connection.metadata)
             else:
                 push = channel.stream_unary(
                     method, request_serializer=_pre_serialized, response_deserializer=ack
                 )
-                await push(chunks(start, stop), timeout=timeout_s, metadata=connection.metadata)
+                await push(chunks(start, stop), timeout=time_left(), metadata=connection.metadata)
         except grpc.aio.AioRpcError as exc:
             raise await pool.failed(connection, exc, method) from exc
         except asyncio.CancelledError:
