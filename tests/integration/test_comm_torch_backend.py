@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import pytest
+import torch
+from torch._C._distributed_c10d import HashStore
 
 from gossamer.bench.allreduce import run_allreduce_bench
-from gossamer.comm.torch_backend import choose_backend
+from gossamer.comm.torch_backend import TorchGroupAverager, choose_backend
 
 
 def test_auto_picks_torch_only_when_everyone_is_reachable() -> None:
@@ -35,3 +40,44 @@ def test_a_round_adds_at_most_three_times_the_tensor_to_a_peers_memory() -> None
     assert result.peak_extra_memory_ratio is not None
     assert result.gloo_peak_extra_memory_ratio is not None
     assert result.peak_extra_memory_ratio <= 3.0
+
+
+def _two_members(work: Callable[[TorchGroupAverager, int], object], name: str) -> list[object]:
+    """``work(averager, rank)`` on two members of one gloo group on 127.0.0.1, in threads."""
+    store = HashStore()
+    averagers = [TorchGroupAverager(timeout_s=10.0) for _ in range(2)]
+    out: list[object] = [None, None]
+
+    def member(rank: int) -> None:
+        try:
+            averagers[rank].ensure_group(name, ["a", "b"], rank, store, "127.0.0.1")
+            out[rank] = work(averagers[rank], rank)
+        except BaseException as exc:
+            out[rank] = exc
+
+    threads = [threading.Thread(target=member, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    for averager in averagers:
+        averager.close()
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_with_no_weight_anywhere_each_member_keeps_its_values_in_place_too() -> None:
+    # As average() and the p2p path do; average_ averaged uniformly instead.
+    def in_place(averager: TorchGroupAverager, rank: int) -> list[float]:
+        values = torch.tensor([1.0, 2.0]) * (rank + 1)
+        averager.average_([values], weight=0.0)
+        return values.tolist()
+
+    def copied(averager: TorchGroupAverager, rank: int) -> list[float]:
+        values = torch.tensor([1.0, 2.0]) * (rank + 1)
+        return averager.average([values], weight=0.0).tensors[0].tolist()
+
+    assert _two_members(in_place, "zero/in-place") == [[1.0, 2.0], [2.0, 4.0]]
+    assert _two_members(copied, "zero/copied") == [[1.0, 2.0], [2.0, 4.0]]
+    weighted = _two_members(lambda a, r: a.average([torch.tensor([float(r)])], 1.0), "w")
+    assert all(result.tensors[0].tolist() == [0.5] for result in weighted)  # type: ignore[attr-defined]

@@ -158,7 +158,9 @@ class TorchGroupAverager:
         try:
             if torch.cuda.is_available():
                 nccl = dist.ProcessGroupNCCL
-                self._pg = nccl(prefixed, rank, len(members), nccl.Options())
+                options = nccl.Options()
+                options._timeout = timeout  # as init_process_group sets it (else NCCL's 10 min)
+                self._pg = nccl(prefixed, rank, len(members), options)
             else:
                 self._pg = _gloo_group(prefixed, rank, len(members), timeout, host)
         except (RuntimeError, dist.DistError) as exc:
@@ -241,8 +243,14 @@ class TorchGroupAverager:
         """
         device = self._check_round(tensors, weight)
         started = time.perf_counter()
-        total_weight = self._total_weight(weight)
-        scale = weight / total_weight if total_weight > 0 else 1.0 / len(self.members)
+        total_weight = self._total_weight(weight)  # the same on every member
+        if not total_weight > 0:
+            # No weight anywhere: nothing is averaged, each member keeps its own values, as in
+            # :meth:`average` and the p2p path (every member skips the collective alike).
+            report = self._report(sum(t.numel() for t in tensors))
+            report.total_s = report.reduce_scatter_s = time.perf_counter() - started
+            return report
+        scale = weight / total_weight
         only = tensors[0]
         direct = (
             len(tensors) == 1
@@ -291,7 +299,11 @@ class TorchGroupAverager:
         offset = 0
         with torch.no_grad():
             for t in tensors:
-                torch.mul(t.detach().reshape(-1), weight, out=flat[offset : offset + t.numel()])
+                values, into = t.detach().reshape(-1), flat[offset : offset + t.numel()]
+                if values.device == into.device:
+                    torch.mul(values, weight, out=into)
+                else:  # a CPU tensor on a GPU host: staged onto the group's device first
+                    into.copy_(values).mul_(weight)
                 offset += t.numel()
             flat[numel] = weight
             self._all_reduce(flat)
