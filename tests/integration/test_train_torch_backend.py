@@ -317,3 +317,31 @@ def test_a_store_address_that_is_not_one_sends_the_round_over_p2p(address: str) 
         outcomes = one_round(made, "outer/0", [1.0, 1.0])
         assert_weighted_mean(outcomes, [0, 1], [1.0, 1.0])
         assert all(a.rounds_by_backend == {"p2p": 1, "torch": 0} for a in made)
+
+
+@pytest.mark.timeout(120)
+def test_a_collective_that_stalls_with_every_member_alive_is_given_up_at_both_timeouts() -> None:
+    # gloo's timeout counts per receive, so a collective can stall past the round while every
+    # member answers its heartbeats. Before, the round waited out the whole call's deadline and
+    # kept the stalled thread's averager, which later rounds then shared.
+    stall_s = 4.0  # past the rendezvous' and the collective's timeouts (1 s each here)
+    with averagers(2, round_timeout_s=2.0, join_window_s=1.0) as made:
+        stalled = made[1]._torch
+        assert stalled is not None
+        plain = type(stalled).average
+
+        def stalls_once(tensors: list[torch.Tensor], weight: float) -> AllReduceResult:
+            if stalled.groups_made == 1 and not made[1]._abandoned_torch:
+                time.sleep(stall_s)
+                stalled.close()
+                raise PeerLostError("gloo gave up after the stall")
+            return plain(stalled, tensors, weight)
+
+        stalled.average = stalls_once  # type: ignore[method-assign]
+        started = time.monotonic()
+        outcomes = one_round(made, "outer/0", [1.0, 1.0])
+        assert time.monotonic() - started < stall_s
+        assert_weighted_mean(outcomes, [0, 1], [1.0, 1.0])
+        assert made[1]._torch is not stalled  # a fresh averager for the rounds after
+        assert len(made[1]._abandoned_torch) == 1
+        assert all(a.rounds_by_backend["p2p"] == 1 for a in made)

@@ -671,27 +671,36 @@ class SwarmAverager:
         assert mailbox is not None
         p2p_tag = round_key_tag(p2p_key)
         why = ""
-        while not finished.done():
-            gone = [p for p in others if not self._alive(node, p)]
-            if gone:
-                why = f"{', '.join(p[:8] for p in gone)} reported gone"
-            elif meeting.is_set() and mailbox.awaits_round_of_key(p2p_tag):
-                why = "a member runs it over p2p and never comes to the rendezvous"
-            if why:
-                with handover:
-                    if not handed:
-                        abandoned.set()
-                if abandoned.is_set():
-                    break
-                why = ""  # the outcome is on its way: take it
-            await asyncio.wait([finished], timeout=self._allreduce_config.liveness_poll_s)
+        # The rendezvous and the collective each end by the torch timeout where gloo's timeout
+        # fires; its timeout counts per receive, though, so a collective that stalls with
+        # every member alive could run on past the round: it is given up at both timeouts.
+        give_up_at = time.monotonic() + 2 * self._torch_timeout_s
+        try:
+            while not finished.done():
+                gone = [p for p in others if not self._alive(node, p)]
+                if gone:
+                    why = f"{', '.join(p[:8] for p in gone)} reported gone"
+                elif meeting.is_set() and mailbox.awaits_round_of_key(p2p_tag):
+                    why = "a member runs it over p2p and never comes to the rendezvous"
+                elif time.monotonic() >= give_up_at:
+                    why = f"no outcome in {2 * self._torch_timeout_s:g} s"
+                if why:
+                    with handover:
+                        if not handed:
+                            abandoned.set()
+                    if abandoned.is_set():
+                        break
+                    why = ""  # the outcome is on its way: take it
+                await asyncio.wait([finished], timeout=self._allreduce_config.liveness_poll_s)
+        except asyncio.CancelledError:  # the round's own deadline: leave the thread behind too
+            with handover:
+                if not handed:
+                    abandoned.set()
+            if abandoned.is_set():
+                self._abandon_torch(thread, plan)
+            raise
         if why:
-            # Until the thread ends it may hold this peer's store (a rendezvous waiting on the
-            # gone member keeps the store's lock): rounds go over p2p meanwhile.
-            self._abandoned_torch.append(thread)
-            self._torch = TorchGroupAverager(timeout_s=self._torch_timeout_s)
-            self._leader_stores.pop(plan.leader_address, None)
-            self.torch_failures += 1
+            self._abandon_torch(thread, plan)
             logger.warning(
                 "peer %s: torch.distributed round %s given up: %s; running it over p2p",
                 self.peer_id[:8],
@@ -717,6 +726,16 @@ class SwarmAverager:
             return None
         self._torch_failures_in_a_row = 0
         return result
+
+    def _abandon_torch(self, thread: threading.Thread, plan: _TorchPlan) -> None:
+        """Leave a torch round's thread to end on its own (it closes its group when it does)
+        and take a fresh averager, so no later round shares its group or staging buffer.
+        Until the thread ends it may hold this peer's store (a rendezvous waiting on a gone
+        member keeps the store's lock): rounds go over p2p meanwhile."""
+        self._abandoned_torch.append(thread)
+        self._torch = TorchGroupAverager(timeout_s=self._torch_timeout_s)
+        self._leader_stores.pop(plan.leader_address, None)
+        self.torch_failures += 1
 
     def _leader_store(self, address: tuple[str, int], abandoned: threading.Event) -> Store:
         """A connection to the store at ``address``, kept for later groups it leads (not if the
