@@ -126,3 +126,28 @@ def test_a_stream_that_sends_nothing_is_dropped_after_the_idle_timeout() -> None
         asyncio.run(asyncio.wait_for(main(), 10))
     assert receiver.num_incomplete == 0
     assert receiver._inflight_bytes == 0
+
+
+def test_a_peer_may_leave_only_so_many_transfers_unfinished() -> None:
+    # Bytes are bounded by the in-flight budget, but half-started transfers of a byte each
+    # grew the table without bound (and each new one scanned it all).
+    receiver = BulkReceiver(LimitsConfig(), NetCounters(), FakeClock())
+
+    async def handler(sender: str, topic: str, payload: bytearray) -> None:
+        return None
+
+    receiver.register("t", handler)
+
+    def half(transfer_id: str) -> list[net_pb2.BulkChunk]:
+        head = {"transfer_id": transfer_id, "topic": "t", "total_bytes": 2, "num_streams": 2}
+        return [net_pb2.BulkChunk(**head, offset=0, data=b"a")]
+
+    for i in range(256):
+        asyncio.run(_push(receiver, half(f"h{i}")))
+    with pytest.raises(ProtocolError, match="unfinished"):
+        asyncio.run(_push(receiver, half("one-more")))
+    assert receiver.num_incomplete == 256
+    head = {"transfer_id": "h0", "topic": "t", "total_bytes": 2, "num_streams": 2}
+    asyncio.run(_push(receiver, [net_pb2.BulkChunk(**head, offset=1, data=b"b")]))  # one ends
+    asyncio.run(_push(receiver, half("one-more")))
+    assert receiver.num_incomplete == 256

@@ -14,6 +14,7 @@ import bisect
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
@@ -48,6 +49,9 @@ PUSH_ONE_METHOD = "/gossamer.net.v1.Bulk/PushOne"
 _MAX_TOPIC_CHARS = 256
 _MAX_TRANSFER_ID_CHARS = 64
 _MAX_STREAMS = 64
+_MAX_UNFINISHED_PER_SENDER = 256
+"""Transfers one peer may have under way here at once: its bytes are bounded by the in-flight
+budget, but a flood of tiny half-started transfers would grow the table without bound."""
 _DATA_TAG = bytes([5 << 3 | 2])
 """``BulkChunk.data``: field 5, length-delimited."""
 _TAIL_SLACK_BYTES = 1024
@@ -205,6 +209,8 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
         self._read_only: set[str] = set()
         self._transfers: dict[tuple[str, str], _Transfer] = {}
         self._inflight_bytes = 0
+        self._num_unfinished: Counter[str] = Counter()
+        """Transfers under way, by sender (each counted from its first chunk to its end)."""
 
     @overload
     def register(self, topic: str, handler: BulkHandler) -> None: ...
@@ -251,11 +257,17 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
                 f"({self._limits.max_bulk_transfer_bytes})"
             )
         key = (sender, first.transfer_id)
-        self.expire_idle()
         transfer = self._transfers.get(key)
         if transfer is None:
             if self._inflight_bytes + total > self._limits.max_bulk_inflight_bytes:
+                self.expire_idle()  # (a scan of every transfer: only when the budget is short)
+            if self._inflight_bytes + total > self._limits.max_bulk_inflight_bytes:
                 raise ProtocolError("too many bulk bytes in flight; try again later")
+            if self._num_unfinished[sender] >= _MAX_UNFINISHED_PER_SENDER:
+                raise ProtocolError(
+                    f"{_MAX_UNFINISHED_PER_SENDER} bulk transfers from this peer are unfinished; "
+                    "finish some first"
+                )
             if not 1 <= first.num_streams <= _MAX_STREAMS or (
                 first.num_streams > 1 and first.num_streams > total
             ):
@@ -275,6 +287,7 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
             transfer = _Transfer(first.topic, buffer, first.num_streams, self._clock.monotonic())
             self._transfers[key] = transfer
             self._inflight_bytes += total
+            self._num_unfinished[sender] += 1
             return key, transfer, whole
         elif (len(transfer.buffer), transfer.topic, transfer.num_streams) != (
             total,
@@ -398,6 +411,9 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
     def _close(self, key: tuple[str, str], transfer: _Transfer) -> None:
         if self._transfers.pop(key, None) is not None:
             self._inflight_bytes -= len(transfer.buffer)
+            self._num_unfinished[key[0]] -= 1
+            if not self._num_unfinished[key[0]]:
+                del self._num_unfinished[key[0]]
 
 
 def _pre_serialized(message: bytes) -> bytes:
