@@ -99,3 +99,25 @@ def test_a_message_that_timed_out_leaves_a_later_one_of_its_round_waiting() -> N
         assert handler.chunks == [2]
 
     asyncio.run(clock.run(main()))
+
+
+def test_only_so_many_messages_wait_for_unopened_rounds() -> None:
+    # Each waiting message holds its payload: the rounds they wait for were bounded, the
+    # messages of one round were not.
+    clock = IdleJumpClock()
+
+    async def main() -> None:
+        mailbox = CommMailbox(_Silent(), clock, early_arrival_timeout_s=5.0, max_waiting_messages=3)
+        waiting = [
+            asyncio.create_task(mailbox.deliver("peer", _message(ROUND, chunk)))
+            for chunk in range(3)
+        ]
+        await asyncio.sleep(0)
+        with pytest.raises(ProtocolError, match="too many messages wait"):
+            await mailbox.deliver("peer", _message(ROUND, 3))
+        handler = _Round()
+        mailbox.open_round(ROUND, handler)  # type: ignore[arg-type]
+        await asyncio.gather(*waiting)
+        assert sorted(handler.chunks) == [0, 1, 2]
+
+    asyncio.run(clock.run(main()))

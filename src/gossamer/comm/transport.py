@@ -260,6 +260,9 @@ class CommMailbox:
         clock: time source for the early-arrival wait.
         early_arrival_timeout_s: how long a message for a not-yet-open round waits for it.
         max_waiting_rounds: distinct unopened rounds messages may wait for at once.
+        max_waiting_messages: messages that may wait for unopened rounds at once (each holds
+            its payload while it waits: a member's early messages of one round are a few per
+            sender, as many as it keeps in flight).
     """
 
     def __init__(
@@ -269,11 +272,13 @@ class CommMailbox:
         *,
         early_arrival_timeout_s: float = 30.0,
         max_waiting_rounds: int = 64,
+        max_waiting_messages: int = 1024,
     ) -> None:
         self.transport = transport
         self._clock = clock
         self._early_timeout_s = early_arrival_timeout_s
         self._max_waiting_rounds = max_waiting_rounds
+        self._max_waiting_messages = max_waiting_messages
         self._rounds: dict[bytes, RoundHandler] = {}
         self._opened: dict[bytes, asyncio.Event] = {}
         """Rounds that messages wait for (to open here), with the event that wakes them."""
@@ -386,6 +391,8 @@ class CommMailbox:
                 )
 
     async def _wait_open(self, round_id: bytes) -> RoundHandler | None:
+        if sum(self._num_waiting.values()) >= self._max_waiting_messages:
+            raise ProtocolError("too many messages wait for rounds this peer has not opened")
         event = self._opened.get(round_id)
         if event is None:
             if len(self._opened) >= self._max_waiting_rounds:
