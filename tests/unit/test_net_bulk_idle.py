@@ -4,6 +4,7 @@ must cover the payload exactly once."""
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 from collections.abc import AsyncIterator
 
 import pytest
@@ -151,3 +152,37 @@ def test_a_peer_may_leave_only_so_many_transfers_unfinished() -> None:
     asyncio.run(_push(receiver, [net_pb2.BulkChunk(**head, offset=1, data=b"b")]))  # one ends
     asyncio.run(_push(receiver, half("one-more")))
     assert receiver.num_incomplete == 256
+
+
+def test_memory_follows_the_bytes_that_came_not_the_size_announced() -> None:
+    # A 1-byte first chunk announcing a 256 MiB transfer took (and zeroed) the whole 256 MiB.
+    receiver = BulkReceiver(LimitsConfig(), NetCounters(), FakeClock())
+
+    async def handler(sender: str, topic: str, payload: bytearray) -> None:
+        raise AssertionError("an incomplete transfer must never be delivered")
+
+    receiver.register("t", handler)
+    head = {"transfer_id": "big", "topic": "t", "total_bytes": 256 << 20, "num_streams": 2}
+    more = asyncio.Event()
+
+    async def stream() -> AsyncIterator[ReceivedChunk]:
+        yield decode_chunk(net_pb2.BulkChunk(**head, offset=0, data=b"x").SerializeToString())
+        await more.wait()  # the stream stays open, the rest never comes
+
+    async def main() -> int:
+        _session_var.set(Session("sender", b"k" * 32, 0.0, None))
+        push = asyncio.create_task(receiver.Push(stream(), None))  # type: ignore[arg-type]
+        await asyncio.sleep(0.1)
+        assert receiver.num_incomplete == 1
+        _, peak = tracemalloc.get_traced_memory()
+        more.set()
+        with pytest.raises(ProtocolError, match="ended short"):
+            await push
+        return peak
+
+    tracemalloc.start()
+    try:
+        peak = asyncio.run(main())
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20

@@ -2,9 +2,9 @@
 
 This is what ``comm/`` moves tensors with. A sender splits a payload into ``num_streams``
 contiguous ranges and streams each in chunks; the receiver checks the announced size against its
-limits before allocating one buffer for the whole payload, fills it as chunks arrive, and hands the
-complete payload to the handler registered for the transfer's topic. The call returns to the
-sender once the handler has run, so "sent" means "received and handled".
+limits, keeps each stream's bytes as they arrive (memory follows what came, not what was
+announced), and hands the complete payload to the handler registered for the transfer's topic.
+The call returns to the sender once the handler has run, so "sent" means "received and handled".
 """
 
 from __future__ import annotations
@@ -161,33 +161,43 @@ def add_bulk_receiver_to_server(receiver: BulkReceiver, server: Any) -> None:
 @dataclass(slots=True)
 class _Transfer:
     topic: str
-    buffer: bytearray | memoryview
+    total: int
+    """The announced size (counted against the in-flight budget)."""
     num_streams: int
     last_activity_s: float
     received: int = 0
     num_finished_streams: int = 0
     num_active_streams: int = 0
     delivered: bool = False
-    started: set[int] = field(default_factory=set)
-    """Start offsets of the streams that came so far."""
+    segments: dict[int, bytearray | memoryview] = field(default_factory=dict)
+    """What each stream brought so far, by its start offset. A stream's bytes are kept as they
+    arrive, not in a buffer of the announced size made at the first chunk: that took (and
+    zeroed) memory for bytes a sender announced and never sent."""
 
-    def claim_stream(self, offset: int) -> int:
-        """Where the stream that starts at ``offset`` must end: stream i of n carries bytes
+    def payload(self) -> bytearray | memoryview:
+        """The whole payload, once every stream brought its share."""
+        if len(self.segments) == 1:
+            return next(iter(self.segments.values()))
+        return bytearray().join(self.segments[start] for start in sorted(self.segments))
+
+    def claim_stream(self, offset: int) -> tuple[int, bytearray]:
+        """Where the stream that starts at ``offset`` must end, and where its bytes go (empty,
+        growing as they arrive): stream i of n carries bytes
         ``total * i // n`` up to ``total * (i + 1) // n``, as :func:`send_bulk` cuts them, so
         the streams cover the payload exactly once (no gap left as zeros, no overlap).
 
         Raises:
             ProtocolError: ``offset`` is no stream's start, or that stream came already.
         """
-        total, n = len(self.buffer), self.num_streams
+        total, n = self.total, self.num_streams
         starts = [total * i // n for i in range(n)]  # n <= _MAX_STREAMS
-        if offset not in starts or offset in self.started:
+        if offset not in starts or offset in self.segments:
             raise ProtocolError(
                 f"a bulk stream starting at byte {offset} of {total} is not one of the "
                 f"transfer's {n} streams, or came twice"
             )
-        self.started.add(offset)
-        return total * (starts.index(offset) + 1) // n
+        segment = self.segments[offset] = bytearray()
+        return total * (starts.index(offset) + 1) // n, segment
 
 
 class BulkReceiver(net_pb2_grpc.BulkServicer):
@@ -245,7 +255,8 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
     def _open(
         self, sender: str, first: net_pb2.BulkChunk, data: memoryview
     ) -> tuple[tuple[str, str], _Transfer, bool]:
-        """The transfer ``first`` opens or joins, and whether ``data`` is already in its buffer."""
+        """The transfer ``first`` opens or joins, and whether ``data`` is already in it (a
+        transfer in one chunk, taken whole)."""
         if not 0 < len(first.transfer_id) <= _MAX_TRANSFER_ID_CHARS:
             raise ProtocolError("bulk stream without a valid transfer id")
         if first.topic not in self._handlers:
@@ -277,19 +288,14 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
             # A transfer that is all in its first chunk is copied once, with no zeroing pass, or
             # not at all for a handler that only reads it.
             whole = first.num_streams == 1 and first.offset == 0 and len(data) == total
-            buffer: bytearray | memoryview
-            if not whole:
-                buffer = bytearray(total)
-            elif first.topic in self._read_only:
-                buffer = data
-            else:
-                buffer = bytearray(data)
-            transfer = _Transfer(first.topic, buffer, first.num_streams, self._clock.monotonic())
+            transfer = _Transfer(first.topic, total, first.num_streams, self._clock.monotonic())
+            if whole:
+                transfer.segments[0] = data if first.topic in self._read_only else bytearray(data)
             self._transfers[key] = transfer
             self._inflight_bytes += total
             self._num_unfinished[sender] += 1
             return key, transfer, whole
-        elif (len(transfer.buffer), transfer.topic, transfer.num_streams) != (
+        elif (transfer.total, transfer.topic, transfer.num_streams) != (
             total,
             first.topic,
             first.num_streams,
@@ -307,6 +313,7 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
         transfer: _Transfer | None = None
         received = 0
         next_offset = stop = 0
+        segment = bytearray()
         chunks = aiter(request_iterator)
         try:
             while True:
@@ -329,14 +336,17 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
                     key, transfer, filled = self._open(sender, chunk.fields, data)
                     transfer.num_active_streams += 1
                     next_offset = chunk.fields.offset
-                    stop = transfer.claim_stream(next_offset)
+                    if filled:
+                        stop = len(data)
+                    else:
+                        stop, segment = transfer.claim_stream(next_offset)
                 if chunk.fields.offset != next_offset:
                     raise ProtocolError("bulk chunks of one stream must be contiguous")
                 end = next_offset + len(data)
                 if end > stop:
                     raise ProtocolError("bulk chunk runs past its stream's share of the payload")
                 if not filled:
-                    transfer.buffer[next_offset:end] = data
+                    segment += data
                 next_offset = end
                 transfer.received += len(data)
                 received += len(data)
@@ -346,7 +356,7 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
             if next_offset != stop:
                 raise ProtocolError("bulk stream ended short of its share of the payload")
             transfer.num_finished_streams += 1
-            if transfer.received < len(transfer.buffer):
+            if transfer.received < transfer.total:
                 if transfer.num_finished_streams >= transfer.num_streams:
                     self._close(key, transfer)  # every stream ended and bytes are missing
                     raise ProtocolError("bulk transfer ended short of its announced size")
@@ -356,7 +366,7 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
                 transfer.delivered = True
                 handler = self._handlers[transfer.topic]
                 # a view only reaches handlers registered read-only, which take one
-                await handler(sender, transfer.topic, transfer.buffer)  # type: ignore[arg-type]
+                await handler(sender, transfer.topic, transfer.payload())  # type: ignore[arg-type]
             return net_pb2.BulkAck(received_bytes=received, transfer_complete=True)
         except BaseException:
             if transfer is not None and key is not None and key in self._transfers:
@@ -410,7 +420,7 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
 
     def _close(self, key: tuple[str, str], transfer: _Transfer) -> None:
         if self._transfers.pop(key, None) is not None:
-            self._inflight_bytes -= len(transfer.buffer)
+            self._inflight_bytes -= transfer.total
             self._num_unfinished[key[0]] -= 1
             if not self._num_unfinished[key[0]]:
                 del self._num_unfinished[key[0]]
