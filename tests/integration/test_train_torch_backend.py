@@ -345,3 +345,18 @@ def test_a_collective_that_stalls_with_every_member_alive_is_given_up_at_both_ti
         assert made[1]._torch is not stalled  # a fresh averager for the rounds after
         assert len(made[1]._abandoned_torch) == 1
         assert all(a.rounds_by_backend["p2p"] == 1 for a in made)
+
+
+@pytest.mark.timeout(120)
+def test_a_member_keeps_a_connection_only_to_the_newest_leaders_store() -> None:
+    # Connections to the stores of earlier groups' leaders (some gone) piled up as leaders
+    # changed.
+    with averagers(3) as made:
+        one_round(made, "outer/0", [1.0] * 3)
+        (leader,) = [a for a in made if not a._leader_stores]  # it uses its own store
+        leader.leave_run()
+        leader.close()
+        left = [a for a in made if a is not leader]
+        outcomes = one_round(left, "outer/1", [1.0, 1.0])
+        assert all(o.backend == "torch" for o in outcomes)
+        assert all(len(a._leader_stores) <= 1 for a in left)

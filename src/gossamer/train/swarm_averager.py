@@ -739,12 +739,15 @@ class SwarmAverager:
 
     def _leader_store(self, address: tuple[str, int], abandoned: threading.Event) -> Store:
         """A connection to the store at ``address``, kept for later groups it leads (not if the
-        round that opened it was ``abandoned`` meanwhile: it may be to a dead leader)."""
+        round that opened it was ``abandoned`` meanwhile: it may be to a dead leader). Only the
+        newest leader's is kept: connections to leaders of earlier groups (some long gone)
+        would pile up as leaders change; a group still held keeps its own store alive."""
         store = self._leader_stores.get(address)
         if store is None:
             host, port = address
             store = open_member_store(host, port, 1, self._torch_timeout_s)
             if not abandoned.is_set():
+                self._leader_stores.clear()
                 self._leader_stores[address] = store
         return store
 
