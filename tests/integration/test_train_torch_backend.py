@@ -12,6 +12,7 @@ import torch
 
 from gossamer.comm.report import AllReduceResult
 from gossamer.core.errors import DeadlineExceededError, GossamerError, PeerLostError
+from gossamer.train import swarm_averager
 from gossamer.train.averaging import AverageOutcome
 from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig
 from loopback_nodes import start_node_threads
@@ -360,3 +361,20 @@ def test_a_member_keeps_a_connection_only_to_the_newest_leaders_store() -> None:
         outcomes = one_round(left, "outer/1", [1.0, 1.0])
         assert all(o.backend == "torch" for o in outcomes)
         assert all(len(a._leader_stores) <= 1 for a in left)
+
+
+@pytest.mark.timeout(120)
+def test_members_that_would_make_different_kinds_of_group_average_over_p2p(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One peer with a GPU makes NCCL groups, one without makes gloo ones: they would wait in
+    # one rendezvous for each other until the torch timeout. Each publishes its kind; a round
+    # whose members differ goes over p2p at once.
+    kinds = iter(["nccl", "gloo"])
+    monkeypatch.setattr(swarm_averager, "_torch_kind", lambda: next(kinds))
+    with averagers(2) as made:
+        started = time.monotonic()
+        outcomes = one_round(made, "outer/0", [1.0, 1.0])
+        assert time.monotonic() - started < 4.0  # the torch timeout is 4 s here
+        assert_weighted_mean(outcomes, [0, 1], [1.0, 1.0])
+        assert all(a.rounds_by_backend == {"p2p": 1, "torch": 0} for a in made)

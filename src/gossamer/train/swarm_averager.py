@@ -268,6 +268,11 @@ def _store_address(entry: dict[str, Any]) -> tuple[str, int] | None:
     return host, number
 
 
+def _torch_kind() -> str:
+    """The kind of group this peer's torch backend makes (see :class:`TorchGroupAverager`)."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
 def _figure(entry: dict[str, Any]) -> float:
     """The bandwidth figure of a round entry (0, the median in ``plan_weights``, if unreadable)."""
     try:
@@ -559,9 +564,11 @@ class SwarmAverager:
         """The torch.distributed group of this round, or None where p2p does it.
 
         Decided from the members' round entries alone, so every member decides alike: torch
-        when every member published a store address (site-local ones, under ``auto``); the
-        group held now is re-used when every member says it holds it and it has exactly these
-        members, otherwise a new one is made, named by the round and its first member's stamp.
+        when every member published a store address (site-local ones, under ``auto``; loopback
+        ones only where all are) and every member makes the same kind of group (NCCL where it
+        has a GPU, gloo where not: the two never meet in a rendezvous); the group held now is
+        re-used when every member says it holds it and it has exactly these members, otherwise
+        a new one is made, named by the round and its first member's stamp.
         """
         if self._torch is None:
             return None
@@ -574,6 +581,7 @@ class SwarmAverager:
             len(stores) < len(entries)
             or (self.config.backend == "auto" and not all(site_local(h) for h in hosts))
             or (any(loopback) and not all(loopback))  # not one machine: they cannot all meet
+            or len({str(e.get("dev", "")) for e in entries}) > 1  # NCCL beside gloo never meet
         ):
             if self.config.backend == "torch":
                 logger.warning(
@@ -938,7 +946,7 @@ class SwarmAverager:
             pass  # a torch round given up on may still hold the store: this one over p2p
         elif self._store_address and node.reachability != net_pb2.REACHABILITY_RELAYED:
             held = self._torch.group_hash if self._torch is not None else None
-            entry |= {"tcp": self._store_address, "pg": held or ""}
+            entry |= {"tcp": self._store_address, "pg": held or "", "dev": _torch_kind()}
         await node.dht.put(entry_key, json.dumps(entry).encode(), _ENTRY_TTL_S)
         seen: dict[str, dict[str, Any]] = {}
         both = [(entry_key, "at"), (close_key, "close_at")]
