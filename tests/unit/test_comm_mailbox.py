@@ -121,3 +121,25 @@ def test_only_so_many_messages_wait_for_unopened_rounds() -> None:
         assert sorted(handler.chunks) == [0, 1, 2]
 
     asyncio.run(clock.run(main()))
+
+
+def test_only_so_many_bytes_wait_for_unopened_rounds() -> None:
+    clock = IdleJumpClock()
+    frame_nbytes = len(_message(ROUND))
+
+    async def main() -> None:
+        mailbox = CommMailbox(_Silent(), clock, max_waiting_bytes=2 * frame_nbytes)
+        waiting = [
+            asyncio.create_task(mailbox.deliver("peer", _message(ROUND, chunk)))
+            for chunk in range(2)
+        ]
+        await asyncio.sleep(0)
+        with pytest.raises(ProtocolError, match="too many bytes wait"):
+            await mailbox.deliver("peer", _message(ROUND, 2))
+        handler = _Round()
+        mailbox.open_round(ROUND, handler)  # type: ignore[arg-type]
+        await asyncio.gather(*waiting)
+        await mailbox.deliver("peer", _message(ROUND, 3))  # the bytes were given back
+        assert sorted(handler.chunks) == [0, 1, 3]
+
+    asyncio.run(clock.run(main()))

@@ -263,6 +263,8 @@ class CommMailbox:
         max_waiting_messages: messages that may wait for unopened rounds at once (each holds
             its payload while it waits: a member's early messages of one round are a few per
             sender, as many as it keeps in flight).
+        max_waiting_bytes: bytes those messages may hold at once (a round's messages are at
+            most 4 MiB of values each).
     """
 
     def __init__(
@@ -273,12 +275,16 @@ class CommMailbox:
         early_arrival_timeout_s: float = 30.0,
         max_waiting_rounds: int = 64,
         max_waiting_messages: int = 1024,
+        max_waiting_bytes: int = 1 << 30,
     ) -> None:
         self.transport = transport
         self._clock = clock
         self._early_timeout_s = early_arrival_timeout_s
         self._max_waiting_rounds = max_waiting_rounds
         self._max_waiting_messages = max_waiting_messages
+        self._max_waiting_bytes = max_waiting_bytes
+        self._waiting_bytes = 0
+        """Bytes of the messages waiting for unopened rounds."""
         self._rounds: dict[bytes, RoundHandler] = {}
         self._opened: dict[bytes, asyncio.Event] = {}
         """Rounds that messages wait for (to open here), with the event that wakes them."""
@@ -332,7 +338,7 @@ class CommMailbox:
         if handler is None:
             if frame.round_id not in self._closed:
                 self._refuse_other_group(frame.round_id)
-                handler = await self._wait_open(frame.round_id)
+                handler = await self._wait_open(frame.round_id, len(message))
                 self._refuse_other_group(frame.round_id)
             if handler is None:
                 # A straggler of a round that already ended. One that shows the sender still
@@ -390,19 +396,23 @@ class CommMailbox:
                     "disagree on the group)"
                 )
 
-    async def _wait_open(self, round_id: bytes) -> RoundHandler | None:
+    async def _wait_open(self, round_id: bytes, nbytes: int) -> RoundHandler | None:
         if sum(self._num_waiting.values()) >= self._max_waiting_messages:
             raise ProtocolError("too many messages wait for rounds this peer has not opened")
+        if self._waiting_bytes + nbytes > self._max_waiting_bytes:
+            raise ProtocolError("too many bytes wait for rounds this peer has not opened")
         event = self._opened.get(round_id)
         if event is None:
             if len(self._opened) >= self._max_waiting_rounds:
                 raise ProtocolError("too many messages for rounds this peer has not opened")
             event = self._opened[round_id] = asyncio.Event()
         self._num_waiting[round_id] = self._num_waiting.get(round_id, 0) + 1
+        self._waiting_bytes += nbytes
         try:
             deadline = self._clock.monotonic() + self._early_timeout_s
             opened = await wait_for_event(event, deadline, self._clock)
         finally:  # woken, timed out, or its sender gave up (the call cancelled)
+            self._waiting_bytes -= nbytes
             self._stop_waiting(round_id, event)
         handler = self._rounds.get(round_id)
         if handler is None and not opened:
