@@ -13,6 +13,7 @@ from comm_fakes import IdleJumpClock, RateLimitedTransport, inline_offload
 from gossamer.comm.allreduce import AllReduceConfig, all_reduce
 from gossamer.comm.bandwidth import (
     DEFAULT_BYTES_PER_S,
+    MAX_FIGURE_BYTES_PER_S,
     BandwidthMeter,
     BandwidthMeterConfig,
     SendTally,
@@ -436,3 +437,19 @@ def test_a_destination_that_got_nothing_tells_no_rate() -> None:
     assert tally.throughput_bytes_per_s(config) is None
     with pytest.raises(ValueError, match="> 0"):
         BandwidthMeter().observe(0.0)
+
+
+@pytest.mark.parametrize(
+    "figures", [[1e7, 1.7e308], [1e308, 1e308, 1e308], [1e7, float(10**300), 5e6]]
+)
+def test_figures_near_the_float_limit_still_make_a_plan(figures: list[float]) -> None:
+    # Finite but huge figures from other peers summed (or averaged) to inf, and every member
+    # failed the round in PartPlan.create (OverflowError, or NaN bounds).
+    weights = plan_weights(figures)
+    assert all(0 < w <= MAX_FIGURE_BYTES_PER_S for w in weights)
+    plan = PartPlan.create(
+        [f"p{i}" for i in range(len(figures))], 10_000_000, bandwidth_weights=weights
+    )
+    assert plan.bounds[0] == 0
+    assert plan.bounds[-1] == 10_000_000
+    assert list(plan.bounds) == sorted(plan.bounds)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 
 import pytest
@@ -84,3 +85,26 @@ def test_join_entries_are_checked() -> None:
         JoinEntry.decode(b"[1, 2]", "peer-a")
     with pytest.raises(ProtocolError, match="limit"):
         JoinEntry.decode(b" " * 5000, "peer-a")
+
+
+def test_a_join_entry_with_a_number_too_large_for_a_float_is_refused() -> None:
+    data = json.dumps(["p", 1.0, 10**400, ""]).encode()  # int -> float overflows
+    with pytest.raises(ProtocolError, match="malformed"):
+        JoinEntry.decode(data, "p")
+
+
+def test_a_peer_whose_own_entry_the_others_would_refuse_does_not_join() -> None:
+    # Its own entry was counted without the check the others make, so it computed a member
+    # list (and group hash) of its own.
+    clock = IdleJumpClock()
+    board = InMemoryRendezvousBoard()
+
+    async def main() -> None:
+        me = JoinEntry("peer-nan", 0.0, float("nan"))
+        with pytest.raises(ProtocolError, match="bandwidth"):
+            await form_group(
+                board, "run/1", me, opens_at_s=clock.wall(), config=CONFIG, clock=clock
+            )
+        assert await board.entries("run/1") == []  # nothing announced
+
+    asyncio.run(clock.run(main()))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+from types import SimpleNamespace
 from typing import Any
 
-from gossamer.train.swarm_averager import _store_address, round_settled
+from gossamer.train.swarm_averager import SwarmAverager, _figure, _store_address, round_settled
 
 WINDOW_S = 30.0
 
@@ -90,3 +93,28 @@ def test_store_addresses_from_round_entries_are_literal_ips_and_ports() -> None:
     ):
         assert _store_address({"tcp": bad}) is None, bad
     assert _store_address({}) is None
+
+
+class _Records:
+    """A node whose DHT holds ``values`` (raw record bytes), all published by one key."""
+
+    def __init__(self, values: list[bytes]) -> None:
+        records = [SimpleNamespace(value=v, publisher_public_key=b"k" * 32) for v in values]
+
+        async def get(key: bytes, replicated_only: bool = False) -> list[SimpleNamespace]:
+            return records
+
+        self.dht = SimpleNamespace(get=get)
+        self.peer_id = "me"
+
+
+def test_numbers_too_large_for_a_float_in_other_peers_records_are_skipped() -> None:
+    # int 10**400 as a stamp, 1e999 (JSON's inf) as a version, 10**400 as a bandwidth figure:
+    # each raised OverflowError out of the round's formation on every peer that read it.
+    huge_stamp = _Records([json.dumps({"at": 10**400, "inc": "x"}).encode()])
+    found = asyncio.run(SwarmAverager._records_by_publisher(huge_stamp, b"k", "at"))  # type: ignore[arg-type]
+    assert found == {}
+    inf_version = _Records([b'{"state": "active", "version": 1e999, "inc": "x"}'])
+    averager = SimpleNamespace(config=SimpleNamespace(run_id="r"))
+    assert asyncio.run(SwarmAverager._memberships(averager, inf_version)) == {}  # type: ignore[arg-type]
+    assert _figure({"bw": 10**400}) == 0.0

@@ -268,14 +268,20 @@ class BandwidthMeter:
         self.last_sample_bytes_per_s = sample_bytes_per_s
 
 
+MAX_FIGURE_BYTES_PER_S = 1e13
+"""The largest bandwidth figure taken from a peer (80 Tbit/s): larger ones count as this, so
+figures near the float limit cannot sum (or average) to infinity."""
+
+
 def plan_weights(bandwidths: Sequence[float], *, max_ratio: float = 100.0) -> list[float]:
     """Part weights for members that published ``bandwidths`` (bytes/s, in member order).
 
     A pure function of the agreed figures, so every member computes the same weights and so the
     same :class:`~gossamer.comm.plan.PartPlan`. Figures come from other peers and are not
     trusted: each is clamped to ``max_ratio`` times the median figure either way, so one peer
-    can neither take the whole buffer nor be left with nothing. A figure that is missing (0),
-    negative or not finite counts as the median. No positive figure at all: equal weights.
+    can neither take the whole buffer nor be left with nothing, and to
+    :data:`MAX_FIGURE_BYTES_PER_S`. A figure that is missing (0), negative or not finite counts
+    as the median. No positive figure at all: equal weights.
 
     Raises:
         ValueError: no members, or ``max_ratio`` below 1.
@@ -284,6 +290,7 @@ def plan_weights(bandwidths: Sequence[float], *, max_ratio: float = 100.0) -> li
         raise ValueError("no bandwidth figures: the group is empty")
     if not max_ratio >= 1:
         raise ValueError(f"max_ratio must be at least 1, got {max_ratio}")
+    bandwidths = [min(b, MAX_FIGURE_BYTES_PER_S) for b in bandwidths]  # (inf stays unreadable)
     known = sorted(b for b in bandwidths if math.isfinite(b) and b > 0)
     if not known:
         return [1.0] * len(bandwidths)

@@ -65,7 +65,7 @@ class JoinEntry:
         try:
             peer_id, at, bandwidth, address = json.loads(data)
             entry = cls(str(peer_id), float(at), float(bandwidth), str(address))
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             raise ProtocolError(f"malformed join entry: {exc}") from exc
         if entry.peer_id != publisher:
             raise ProtocolError("a join entry names a peer other than its publisher")
@@ -219,12 +219,18 @@ async def form_group(
     Raises:
         DeadlineExceededError: this peer came after the cutoff (it should join the next round),
             or fewer than ``min_group_size`` peers joined.
+        ProtocolError: this peer's own entry is one the others would refuse (a bandwidth that
+            is not finite or negative, an address too long).
     """
     cutoff_s = opens_at_s + config.join_window_s
     now = clock.wall()
     if now > cutoff_s:
         raise DeadlineExceededError(f"joined round {key!r} after its cutoff; join the next one")
-    entry = JoinEntry(me.peer_id, now, me.bandwidth_bytes_per_s, me.address)
+    # Checked as the others will check it: one they drop but this peer counts would give it a
+    # member list (and group hash) of its own.
+    entry = JoinEntry.decode(
+        JoinEntry(me.peer_id, now, me.bandwidth_bytes_per_s, me.address).encode(), me.peer_id
+    )
     ttl_s = config.join_window_s + config.propagation_grace_s + 60.0
     await board.announce(key, entry, ttl_s)
     await clock.sleep_async(max(0.0, cutoff_s + config.propagation_grace_s - clock.wall()))

@@ -156,6 +156,8 @@ class PartPlan:
             raise ValueError(f"bandwidth weights must be finite, >= 0, not all 0: {weights}")
         if chunk_elements < 1 or align < 1:
             raise ValueError("chunk_elements and align must be positive")
+        top = max(weights)  # scaled to at most 1: figures near the float limit would sum to inf
+        weights = [w / top for w in weights]
         total_weight = sum(weights)
         bounds = [0]
         cumulative = 0.0

@@ -277,7 +277,7 @@ def _figure(entry: dict[str, Any]) -> float:
     """The bandwidth figure of a round entry (0, the median in ``plan_weights``, if unreadable)."""
     try:
         return float(entry.get("bw", 0.0))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return 0.0
 
 
@@ -826,7 +826,7 @@ class SwarmAverager:
         for publisher, value in await read_json_records(node, _members_key(self.config.run_id)):
             try:
                 found[publisher] = (str(value["state"]), int(value["version"]), str(value["inc"]))
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, OverflowError):  # (int of an inf)
                 continue
         return found
 
@@ -854,7 +854,7 @@ class SwarmAverager:
         for publisher, value in await read_json_records(node, key, replicated_only=True):
             try:
                 number, inc = float(value[field]), str(value["inc"])
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, OverflowError):  # (float of 10**400)
                 continue
             if math.isfinite(number):
                 found[publisher] = (number, inc)
