@@ -101,45 +101,29 @@ def test_a_message_that_timed_out_leaves_a_later_one_of_its_round_waiting() -> N
     asyncio.run(clock.run(main()))
 
 
-def test_only_so_many_messages_wait_for_unopened_rounds() -> None:
+@pytest.mark.parametrize("limit", ["messages", "bytes"])
+def test_only_so_many_messages_and_bytes_wait_for_unopened_rounds(limit: str) -> None:
     # Each waiting message holds its payload: the rounds they wait for were bounded, the
-    # messages of one round were not.
+    # messages of one round (and the bytes they hold) were not.
     clock = IdleJumpClock()
+    caps = {
+        "messages": {"max_waiting_messages": 2},
+        "bytes": {"max_waiting_bytes": 2 * len(_message(ROUND))},
+    }
 
     async def main() -> None:
-        mailbox = CommMailbox(_Silent(), clock, early_arrival_timeout_s=5.0, max_waiting_messages=3)
-        waiting = [
-            asyncio.create_task(mailbox.deliver("peer", _message(ROUND, chunk)))
-            for chunk in range(3)
-        ]
-        await asyncio.sleep(0)
-        with pytest.raises(ProtocolError, match="too many messages wait"):
-            await mailbox.deliver("peer", _message(ROUND, 3))
-        handler = _Round()
-        mailbox.open_round(ROUND, handler)  # type: ignore[arg-type]
-        await asyncio.gather(*waiting)
-        assert sorted(handler.chunks) == [0, 1, 2]
-
-    asyncio.run(clock.run(main()))
-
-
-def test_only_so_many_bytes_wait_for_unopened_rounds() -> None:
-    clock = IdleJumpClock()
-    frame_nbytes = len(_message(ROUND))
-
-    async def main() -> None:
-        mailbox = CommMailbox(_Silent(), clock, max_waiting_bytes=2 * frame_nbytes)
+        mailbox = CommMailbox(_Silent(), clock, **caps[limit])  # type: ignore[arg-type]
         waiting = [
             asyncio.create_task(mailbox.deliver("peer", _message(ROUND, chunk)))
             for chunk in range(2)
         ]
         await asyncio.sleep(0)
-        with pytest.raises(ProtocolError, match="too many bytes wait"):
+        with pytest.raises(ProtocolError, match=f"too many {limit} wait"):
             await mailbox.deliver("peer", _message(ROUND, 2))
         handler = _Round()
         mailbox.open_round(ROUND, handler)  # type: ignore[arg-type]
         await asyncio.gather(*waiting)
-        await mailbox.deliver("peer", _message(ROUND, 3))  # the bytes were given back
+        await mailbox.deliver("peer", _message(ROUND, 3))  # the room was given back
         assert sorted(handler.chunks) == [0, 1, 3]
 
     asyncio.run(clock.run(main()))
