@@ -683,6 +683,14 @@ class SwarmAverager:
         # fires; its timeout counts per receive, though, so a collective that stalls with
         # every member alive could run on past the round: it is given up at both timeouts.
         give_up_at = time.monotonic() + 2 * self._torch_timeout_s
+
+        def give_up() -> bool:
+            """Leave the thread to end on its own, unless it handed its outcome over already."""
+            with handover:
+                if not handed:
+                    abandoned.set()
+            return abandoned.is_set()
+
         try:
             while not finished.done():
                 gone = [p for p in others if not self._alive(node, p)]
@@ -693,18 +701,12 @@ class SwarmAverager:
                 elif time.monotonic() >= give_up_at:
                     why = f"no outcome in {2 * self._torch_timeout_s:g} s"
                 if why:
-                    with handover:
-                        if not handed:
-                            abandoned.set()
-                    if abandoned.is_set():
+                    if give_up():
                         break
                     why = ""  # the outcome is on its way: take it
                 await asyncio.wait([finished], timeout=self._allreduce_config.liveness_poll_s)
         except asyncio.CancelledError:  # the round's own deadline: leave the thread behind too
-            with handover:
-                if not handed:
-                    abandoned.set()
-            if abandoned.is_set():
+            if give_up():
                 self._abandon_torch(thread, plan)
             raise
         if why:
