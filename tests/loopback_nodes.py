@@ -5,30 +5,38 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
+from gossamer.core.clock import Clock, SystemClock
 from gossamer.net.bridge import NodeThread
 from gossamer.net.config import HeartbeatConfig, NodeConfig
+from gossamer.net.node import Node
 from gossamer.train.averaging import AverageOutcome
 from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig
 
 __all__ = ["average_one_late", "start_node_threads"]
 
 
-def start_node_threads(stack: contextlib.ExitStack, count: int) -> list[NodeThread]:
+def start_node_threads(
+    stack: contextlib.ExitStack, count: int, clocks: Sequence[Clock] | None = None
+) -> list[NodeThread]:
     """Start ``count`` node threads (stopped when ``stack`` closes), all bootstrapped from the
-    first, with the heartbeats swarm peers use (0.5 s, gone after 2.5 s)."""
+    first, with the heartbeats swarm peers use (0.5 s, gone after 2.5 s); node ``i`` runs on
+    ``clocks[i]`` if given (the system clock otherwise)."""
     threads: list[NodeThread] = []
     bootstrap: tuple[str, ...] = ()
-    for _ in range(count):
+    for index in range(count):
         config = NodeConfig(
             listen_address="127.0.0.1:0",
             bootstrap=bootstrap,
             heartbeat=HeartbeatConfig(interval_s=0.5, timeout_s=2.5),
         )
-        node_thread = stack.enter_context(NodeThread(config))
+        clock = clocks[index] if clocks is not None else SystemClock()
+        node_thread = stack.enter_context(
+            NodeThread(config, node_factory=lambda c, i, clock=clock: Node(c, i, clock=clock))
+        )
         if not bootstrap:
             node = node_thread.node
             bootstrap = (f"{node.peer_id}@{node.addresses[0]}",)

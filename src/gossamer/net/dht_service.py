@@ -41,7 +41,9 @@ class DhtServicer(net_pb2_grpc.DhtServicer):
     ) -> net_pb2.PingResponse:
         has_sender = request.HasField("sender")
         self._learn_sender(request.sender, has_sender)
-        response = net_pb2.PingResponse(sequence=request.sequence)
+        response = net_pb2.PingResponse(
+            sequence=request.sequence, wall_time_s=self._dht.clock.wall()
+        )
         own = self._responder()
         if has_sender and own is not None:  # heartbeats stay small; a real ping trades records
             response.responder.CopyFrom(own)
@@ -106,8 +108,12 @@ class GrpcDhtTransport:
         if present and self.dht is not None:
             self.dht.learn(responder, contacted=True)
 
-    async def ping(self, peer_id: str, *, with_record: bool, timeout_s: float) -> None:
-        """One ping; with_record trades peer records, without it is a small heartbeat."""
+    async def ping(self, peer_id: str, *, with_record: bool, timeout_s: float) -> float:
+        """One ping; with_record trades peer records, without it is a small heartbeat.
+
+        Returns:
+            The peer's wall clock as it answered (0 from a peer that sends none).
+        """
         request = net_pb2.PingRequest()
         sender = self._sender()
         if with_record and sender is not None:
@@ -121,6 +127,7 @@ class GrpcDhtTransport:
             retry=False,
         )
         self._learn(response.responder, response.HasField("responder"))
+        return response.wall_time_s
 
     async def find_node(
         self, peer_id: str, target: bytes, known_filter: bytes = b""

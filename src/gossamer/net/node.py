@@ -37,6 +37,7 @@ from gossamer.net.directory import PeerDirectory
 from gossamer.net.failure_detector import FailureDetector
 from gossamer.net.handshake import Session
 from gossamer.net.identity import Identity, digest_of_peer_id, short_peer_id
+from gossamer.net.peer_clocks import PeerClocks
 from gossamer.net.reachability import DIAL_BACK_METHOD, ReachabilityServicer
 from gossamer.net.records import PeerRecord, sign_peer_record
 from gossamer.net.relay import RelayServicer
@@ -102,6 +103,8 @@ class Node:
         self.identity = identity or Identity.generate()
         self.clock = clock or SystemClock()
         self.counters = NetCounters()
+        self.peer_clocks = PeerClocks()
+        """Other peers' wall clocks against this one's, sampled by every ping and heartbeat."""
         self.capabilities = capabilities or local_capabilities()
         self.tls = TlsCertificate.generate()
         self.server = NetServer(
@@ -311,7 +314,7 @@ class Node:
                     DialTarget(address), expected_peer_id=expected or None
                 )
                 self._bootstrap_ids[connection.peer_id] = address
-                await self._transport.ping(
+                await self._timed_ping(
                     connection.peer_id, with_record=True, timeout_s=self.config.rpc_timeout_s
                 )
                 # A FindNode always returns the responder's record (a Ping answers with one only
@@ -484,13 +487,25 @@ class Node:
         )
 
     async def ping(self, peer_id: str, timeout_s: float | None = None) -> None:
-        """A ping that trades peer records."""
-        await self._transport.ping(
+        """A ping that trades peer records (and samples the peer's clock)."""
+        await self._timed_ping(
             peer_id, with_record=True, timeout_s=timeout_s or self.config.rpc_timeout_s
         )
 
     async def _heartbeat(self, peer_id: str, timeout_s: float) -> None:
-        await self._transport.ping(peer_id, with_record=False, timeout_s=timeout_s)
+        await self._timed_ping(peer_id, with_record=False, timeout_s=timeout_s)
+
+    async def _timed_ping(self, peer_id: str, *, with_record: bool, timeout_s: float) -> None:
+        sent_wall_s, sent_s = self.clock.wall(), self.clock.monotonic()
+        remote_wall_s = await self._transport.ping(
+            peer_id, with_record=with_record, timeout_s=timeout_s
+        )
+        self.peer_clocks.note(
+            peer_id,
+            sent_wall_s=sent_wall_s,
+            round_trip_s=self.clock.monotonic() - sent_s,
+            remote_wall_s=remote_wall_s,
+        )
 
     def on_bulk(self, topic: str, handler: BulkHandler) -> None:
         """Receive bulk transfers on ``topic`` with ``handler``."""

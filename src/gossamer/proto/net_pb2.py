@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gossamer/proto/net.proto\x12\x0fgossamer.net.v1\"l\n\x0cHelloRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x19\n\x11\x63lient_public_key\x18\x02 \x01(\x0c\x12\x14\n\x0c\x63lient_nonce\x18\x03 \x01(\x0c\x12\x1a\n\x12server_cert_sha256\x18\x04 \x01(\x0c\"\x87\x01\n\rHelloResponse\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x19\n\x11server_public_key\x18\x02 \x01(\x0c\x12\x14\n\x0cserver_nonce\x18\x03 \x01(\x0c\x12\x18\n\x10server_signature\x18\x04 \x01(\x0c\x12\x1a\n\x12server_swarm_proof\x18\x05 \x01(\x0c\"\x94\x01\n\x0cProveRequest\x12\x14\n\x0cserver_nonce\x18\x01 \x01(\x0c\x12\x18\n\x10\x63lient_signature\x18\x02 \x01(\x0c\x12\x1a\n\x12\x63lient_swarm_proof\x18\x03 \x01(\x0c\x12\x38\n\rclient_record\x18\x04 \x01(\x0b\x32!.gossamer.net.v1.SignedPeerRecord\"=\n\rProveResponse\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12\x15\n\rsession_ttl_s\x18\x02 \x01(\x01\"\x89\x01\n\x0cSignedRecord\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x1c\n\x14publisher_public_key\x18\x03 \x01(\x0c\x12\x16\n\x0epublished_at_s\x18\x04 \x01(\x01\x12\x14\n\x0c\x65xpires_at_s\x18\x05 \x01(\x01\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"\x83\x01\n\x0c\x43\x61pabilities\x12\x10\n\x08num_cpus\x18\x01 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x10\n\x08num_gpus\x18\x03 \x01(\r\x12\x11\n\tgpu_names\x18\x04 \x03(\t\x12&\n\x1emeasured_bandwidth_bytes_per_s\x18\x05 \x01(\x01\"\xea\x01\n\x0fPeerRecordValue\x12\x11\n\taddresses\x18\x01 \x03(\t\x12\x37\n\x0creachability\x18\x02 \x01(\x0e\x32!.gossamer.net.v1.ReachabilityKind\x12)\n\x06relays\x18\x03 \x03(\x0b\x32\x19.gossamer.net.v1.RelayHop\x12\x33\n\x0c\x63\x61pabilities\x18\x04 \x01(\x0b\x32\x1d.gossamer.net.v1.Capabilities\x12\x14\n\x0ctls_cert_der\x18\x05 \x01(\x0c\x12\x15\n\rrelay_service\x18\x06 \x01(\x08\"8\n\x08RelayHop\x12\x15\n\rrelay_peer_id\x18\x01 \x01(\t\x12\x15\n\rrelay_address\x18\x02 \x01(\t\"A\n\x10SignedPeerRecord\x12-\n\x06record\x18\x01 \x01(\x0b\x32\x1d.gossamer.net.v1.SignedRecord\"R\n\x0bPingRequest\x12\x31\n\x06sender\x18\x01 \x01(\x0b\x32!.gossamer.net.v1.SignedPeerRecord\x12\x10\n\x08sequence\x18\x02 \x01(\x04\"V\n\x0cPingResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x34\n\tresponder\x18\x02 \x01(\x0b\x32!.gossamer.net.v1.SignedPeerRecord\"j\n\x0f\x46indNodeRequest\x12\x31\n\x06sender\x18\x01 \x01(\x0b\x32!.gossamer.net.v1.SignedPeerRecord\x12\x0e\n\x06target\x18\x02 \x01(\x0c\x12\x14\n\x0cknown_filter\x18\x03 \x01(\x0c\"\xaf\x01\n\x10\x46indNodeResponse\x12\x32\n\x07\x63losest\x18\x01 \x03(\x0b\x32!.gossamer.net.v1.SignedPeerRecord\x12\x34\n\tresponder\x18\x02 \x01(\x0b\x32!.gossamer.net.v1.SignedPeerRecord\x12\x31\n\x06gossip\x18\x03 \x03(\x0b\x32!.gossamer.net.v1.SignedPeerRecord\"R\n\x10\x46indValueRequest\x12\x31\n\x06sender\x18\x01 \x01(\x0b\x32!.gossamer.net.v1.SignedPeerRecord\x12\x0b\n\x03key\x18\x02 \x01(\x0c\"\xad\x01\n\x11\x46indValueResponse\x12.\n\x07records\x18\x01 \x03(\x0b\x32\x1d.gossamer.net.v1.SignedRecord\x12\x32\n\x07\x63losest\x18\x02 \x03(\x0b\x32!.gossamer.net.v1.SignedPeerRecord\x12\x34\n\tresponder\x18\x03 \x01(\x0b\x32!.gossamer.net.v1.SignedPeerRecord\"p\n\x0cStoreRequest\x12\x31\n\x06sender\x18\x01 \x01(\x0b\x32!.gossamer.net.v1.SignedPeerRecord\x12-\n\x06record\x18\x02 \x01(\x0b\x32\x1d.gossamer.net.v1.SignedRecord\"/\n\rStoreResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"w\n\tBulkChunk\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x13\n\x0bnum_streams\x18\x06 \x01(\r\"<\n\x07\x42ulkAck\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x04\x12\x19\n\x11transfer_complete\x18\x02 \x01(\x08\"$\n\x0f\x44ialBackRequest\x12\x11\n\taddresses\x18\x01 \x03(\t\"Y\n\x10\x44ialBackResponse\x12\x18\n\x10observed_address\x18\x01 \x01(\t\x12\x1b\n\x13reachable_addresses\x18\x02 \x03(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\" \n\x0eReserveRequest\x12\x0e\n\x06\x64irect\x18\x01 \x01(\x08\"I\n\nRelayEvent\x12\x11\n\ttunnel_id\x18\x01 \x01(\t\x12\x16\n\x0e\x64ialer_peer_id\x18\x02 \x01(\t\x12\x10\n\x08reserved\x18\x03 \x01(\x08\"U\n\x0bTunnelFrame\x12\x16\n\x0etarget_peer_id\x18\x01 \x01(\t\x12\x11\n\ttunnel_id\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63lose\x18\x04 \x01(\x08*_\n\x10ReachabilityKind\x12\x18\n\x14REACHABILITY_UNKNOWN\x10\x00\x12\x17\n\x13REACHABILITY_DIRECT\x10\x01\x12\x18\n\x14REACHABILITY_RELAYED\x10\x02\x32\x9b\x01\n\tHandshake\x12\x46\n\x05Hello\x12\x1d.gossamer.net.v1.HelloRequest\x1a\x1e.gossamer.net.v1.HelloResponse\x12\x46\n\x05Prove\x12\x1d.gossamer.net.v1.ProveRequest\x1a\x1e.gossamer.net.v1.ProveResponse2\xb7\x02\n\x03\x44ht\x12\x43\n\x04Ping\x12\x1c.gossamer.net.v1.PingRequest\x1a\x1d.gossamer.net.v1.PingResponse\x12O\n\x08\x46indNode\x12 .gossamer.net.v1.FindNodeRequest\x1a!.gossamer.net.v1.FindNodeResponse\x12R\n\tFindValue\x12!.gossamer.net.v1.FindValueRequest\x1a\".gossamer.net.v1.FindValueResponse\x12\x46\n\x05Store\x12\x1d.gossamer.net.v1.StoreRequest\x1a\x1e.gossamer.net.v1.StoreResponse2\x87\x01\n\x04\x42ulk\x12>\n\x04Push\x12\x1a.gossamer.net.v1.BulkChunk\x1a\x18.gossamer.net.v1.BulkAck(\x01\x12?\n\x07PushOne\x12\x1a.gossamer.net.v1.BulkChunk\x1a\x18.gossamer.net.v1.BulkAck2_\n\x0cReachability\x12O\n\x08\x44ialBack\x12 .gossamer.net.v1.DialBackRequest\x1a!.gossamer.net.v1.DialBackResponse2\xe7\x01\n\x05Relay\x12I\n\x07Reserve\x12\x1f.gossamer.net.v1.ReserveRequest\x1a\x1b.gossamer.net.v1.RelayEvent0\x01\x12I\n\x07\x43onnect\x12\x1c.gossamer.net.v1.TunnelFrame\x1a\x1c.gossamer.net.v1.TunnelFrame(\x01\x30\x01\x12H\n\x06\x41\x63\x63\x65pt\x12\x1c.gossamer.net.v1.TunnelFrame\x1a\x1c.gossamer.net.v1.TunnelFrame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gossamer/proto/net.proto\x12\x0fgossamer.net.v1\"l\n\x0cHelloRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x19\n\x11\x63lient_public_key\x18\x02 \x01(\x0c\x12\x14\n\x0c\x63lient_nonce\x18\x03 \x01(\x0c\x12\x1a\n\x12server_cert_sha256\x18\x04 \x01(\x0c\"\x87\x01\n\rHelloResponse\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x19\n\x11server_public_key\x18\x02 \x01(\x0c\x12\x14\n\x0cserver_nonce\x18\x03 \x01(\x0c\x12\x18\n\x10server_signature\x18\x04 \x01(\x0c\x12\x1a\n\x12server_swarm_proof\x18\x05 \x01(\x0c\"\x94\x01\n\x0cProveRequest\x12\x14\n\x0cserver_nonce\x18\x01 \x01(\x0c\x12\x18\n\x10\x63lient_signature\x18\x02 \x01(\x0c\x12\x1a\n\x12\x63lient_swarm_proof\x18\x03 \x01(\x0c\x12\x38\n\rclient_record\x18\x04 \x01(\x0b\x32!.gossamer.net.v1.SignedPeerRecord\"=\n\rProveResponse\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12\x15\n\rsession_ttl_s\x18\x02 \x01(\x01\"\x89\x01\n\x0cSignedRecord\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x1c\n\x14publisher_public_key\x18\x03 \x01(\x0c\x12\x16\n\x0epublished_at_s\x18\x04 \x01(\x01\x12\x14\n\x0c\x65xpires_at_s\x18\x05 \x01(\x01\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"\x83\x01\n\x0c\x43\x61pabilities\x12\x10\n\x08num_cpus\x18\x01 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x10\n\x08num_gpus\x18\x03 \x01(\r\x12\x11\n\tgpu_names\x18\x04 \x03(\t\x12&\n\x1emeasured_bandwidth_bytes_per_s\x18\x05 \x01(\x01\"\xea\x01\n\x0fPeerRecordValue\x12\x11\n\taddresses\x18\x01 \x03(\t\x12\x37\n\x0creachability\x18\x02 \x01(\x0e\x32!.gossamer.net.v1.ReachabilityKind\x12)\n\x06relays\x18\x03 \x03(\x0b\x32\x19.gossamer.net.v1.RelayHop\x12\x33\n\x0c\x63\x61pabilities\x18\x04 \x01(\x0b\x32\x1d.gossamer.net.v1.Capabilities\x12\x14\n\x0ctls_cert_der\x18\x05 \x01(\x0c\x12\x15\n\rrelay_service\x18\x06 \x01(\x08\"8\n\x08RelayHop\x12\x15\n\rrelay_peer_id\x18\x01 \x01(\t\x12\x15\n\rrelay_address\x18\x02 \x01(\t\"A\n\x10SignedPeerRecord\x12-\n\x06record\x18\x01 \x01(\x0b\x32\x1d.gossamer.net.v1.SignedRecord\"R\n\x0bPingRequest\x12\x31\n\x06sender\x18\x01 \x01(\x0b\x32!.gossamer.net.v1.SignedPeerRecord\x12\x10\n\x08sequence\x18\x02 \x01(\x04\"k\n\x0cPingResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x34\n\tresponder\x18\x02 \x01(\x0b\x32!.gossamer.net.v1.SignedPeerRecord\x12\x13\n\x0bwall_time_s\x18\x03 \x01(\x01\"j\n\x0f\x46indNodeRequest\x12\x31\n\x06sender\x18\x01 \x01(\x0b\x32!.gossamer.net.v1.SignedPeerRecord\x12\x0e\n\x06target\x18\x02 \x01(\x0c\x12\x14\n\x0cknown_filter\x18\x03 \x01(\x0c\"\xaf\x01\n\x10\x46indNodeResponse\x12\x32\n\x07\x63losest\x18\x01 \x03(\x0b\x32!.gossamer.net.v1.SignedPeerRecord\x12\x34\n\tresponder\x18\x02 \x01(\x0b\x32!.gossamer.net.v1.SignedPeerRecord\x12\x31\n\x06gossip\x18\x03 \x03(\x0b\x32!.gossamer.net.v1.SignedPeerRecord\"R\n\x10\x46indValueRequest\x12\x31\n\x06sender\x18\x01 \x01(\x0b\x32!.gossamer.net.v1.SignedPeerRecord\x12\x0b\n\x03key\x18\x02 \x01(\x0c\"\xad\x01\n\x11\x46indValueResponse\x12.\n\x07records\x18\x01 \x03(\x0b\x32\x1d.gossamer.net.v1.SignedRecord\x12\x32\n\x07\x63losest\x18\x02 \x03(\x0b\x32!.gossamer.net.v1.SignedPeerRecord\x12\x34\n\tresponder\x18\x03 \x01(\x0b\x32!.gossamer.net.v1.SignedPeerRecord\"p\n\x0cStoreRequest\x12\x31\n\x06sender\x18\x01 \x01(\x0b\x32!.gossamer.net.v1.SignedPeerRecord\x12-\n\x06record\x18\x02 \x01(\x0b\x32\x1d.gossamer.net.v1.SignedRecord\"/\n\rStoreResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"w\n\tBulkChunk\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x13\n\x0bnum_streams\x18\x06 \x01(\r\"<\n\x07\x42ulkAck\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x04\x12\x19\n\x11transfer_complete\x18\x02 \x01(\x08\"$\n\x0f\x44ialBackRequest\x12\x11\n\taddresses\x18\x01 \x03(\t\"Y\n\x10\x44ialBackResponse\x12\x18\n\x10observed_address\x18\x01 \x01(\t\x12\x1b\n\x13reachable_addresses\x18\x02 \x03(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\" \n\x0eReserveRequest\x12\x0e\n\x06\x64irect\x18\x01 \x01(\x08\"I\n\nRelayEvent\x12\x11\n\ttunnel_id\x18\x01 \x01(\t\x12\x16\n\x0e\x64ialer_peer_id\x18\x02 \x01(\t\x12\x10\n\x08reserved\x18\x03 \x01(\x08\"U\n\x0bTunnelFrame\x12\x16\n\x0etarget_peer_id\x18\x01 \x01(\t\x12\x11\n\ttunnel_id\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63lose\x18\x04 \x01(\x08*_\n\x10ReachabilityKind\x12\x18\n\x14REACHABILITY_UNKNOWN\x10\x00\x12\x17\n\x13REACHABILITY_DIRECT\x10\x01\x12\x18\n\x14REACHABILITY_RELAYED\x10\x02\x32\x9b\x01\n\tHandshake\x12\x46\n\x05Hello\x12\x1d.gossamer.net.v1.HelloRequest\x1a\x1e.gossamer.net.v1.HelloResponse\x12\x46\n\x05Prove\x12\x1d.gossamer.net.v1.ProveRequest\x1a\x1e.gossamer.net.v1.ProveResponse2\xb7\x02\n\x03\x44ht\x12\x43\n\x04Ping\x12\x1c.gossamer.net.v1.PingRequest\x1a\x1d.gossamer.net.v1.PingResponse\x12O\n\x08\x46indNode\x12 .gossamer.net.v1.FindNodeRequest\x1a!.gossamer.net.v1.FindNodeResponse\x12R\n\tFindValue\x12!.gossamer.net.v1.FindValueRequest\x1a\".gossamer.net.v1.FindValueResponse\x12\x46\n\x05Store\x12\x1d.gossamer.net.v1.StoreRequest\x1a\x1e.gossamer.net.v1.StoreResponse2\x87\x01\n\x04\x42ulk\x12>\n\x04Push\x12\x1a.gossamer.net.v1.BulkChunk\x1a\x18.gossamer.net.v1.BulkAck(\x01\x12?\n\x07PushOne\x12\x1a.gossamer.net.v1.BulkChunk\x1a\x18.gossamer.net.v1.BulkAck2_\n\x0cReachability\x12O\n\x08\x44ialBack\x12 .gossamer.net.v1.DialBackRequest\x1a!.gossamer.net.v1.DialBackResponse2\xe7\x01\n\x05Relay\x12I\n\x07Reserve\x12\x1f.gossamer.net.v1.ReserveRequest\x1a\x1b.gossamer.net.v1.RelayEvent0\x01\x12I\n\x07\x43onnect\x12\x1c.gossamer.net.v1.TunnelFrame\x1a\x1c.gossamer.net.v1.TunnelFrame(\x01\x30\x01\x12H\n\x06\x41\x63\x63\x65pt\x12\x1c.gossamer.net.v1.TunnelFrame\x1a\x1c.gossamer.net.v1.TunnelFrame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gossamer.proto.net_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REACHABILITYKIND']._serialized_start=2532
-  _globals['_REACHABILITYKIND']._serialized_end=2627
+  _globals['_REACHABILITYKIND']._serialized_start=2553
+  _globals['_REACHABILITYKIND']._serialized_end=2648
   _globals['_HELLOREQUEST']._serialized_start=45
   _globals['_HELLOREQUEST']._serialized_end=153
   _globals['_HELLORESPONSE']._serialized_start=156
@@ -54,41 +54,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PINGREQUEST']._serialized_start=1143
   _globals['_PINGREQUEST']._serialized_end=1225
   _globals['_PINGRESPONSE']._serialized_start=1227
-  _globals['_PINGRESPONSE']._serialized_end=1313
-  _globals['_FINDNODEREQUEST']._serialized_start=1315
-  _globals['_FINDNODEREQUEST']._serialized_end=1421
-  _globals['_FINDNODERESPONSE']._serialized_start=1424
-  _globals['_FINDNODERESPONSE']._serialized_end=1599
-  _globals['_FINDVALUEREQUEST']._serialized_start=1601
-  _globals['_FINDVALUEREQUEST']._serialized_end=1683
-  _globals['_FINDVALUERESPONSE']._serialized_start=1686
-  _globals['_FINDVALUERESPONSE']._serialized_end=1859
-  _globals['_STOREREQUEST']._serialized_start=1861
-  _globals['_STOREREQUEST']._serialized_end=1973
-  _globals['_STORERESPONSE']._serialized_start=1975
-  _globals['_STORERESPONSE']._serialized_end=2022
-  _globals['_BULKCHUNK']._serialized_start=2024
-  _globals['_BULKCHUNK']._serialized_end=2143
-  _globals['_BULKACK']._serialized_start=2145
-  _globals['_BULKACK']._serialized_end=2205
-  _globals['_DIALBACKREQUEST']._serialized_start=2207
-  _globals['_DIALBACKREQUEST']._serialized_end=2243
-  _globals['_DIALBACKRESPONSE']._serialized_start=2245
-  _globals['_DIALBACKRESPONSE']._serialized_end=2334
-  _globals['_RESERVEREQUEST']._serialized_start=2336
-  _globals['_RESERVEREQUEST']._serialized_end=2368
-  _globals['_RELAYEVENT']._serialized_start=2370
-  _globals['_RELAYEVENT']._serialized_end=2443
-  _globals['_TUNNELFRAME']._serialized_start=2445
-  _globals['_TUNNELFRAME']._serialized_end=2530
-  _globals['_HANDSHAKE']._serialized_start=2630
-  _globals['_HANDSHAKE']._serialized_end=2785
-  _globals['_DHT']._serialized_start=2788
-  _globals['_DHT']._serialized_end=3099
-  _globals['_BULK']._serialized_start=3102
-  _globals['_BULK']._serialized_end=3237
-  _globals['_REACHABILITY']._serialized_start=3239
-  _globals['_REACHABILITY']._serialized_end=3334
-  _globals['_RELAY']._serialized_start=3337
-  _globals['_RELAY']._serialized_end=3568
+  _globals['_PINGRESPONSE']._serialized_end=1334
+  _globals['_FINDNODEREQUEST']._serialized_start=1336
+  _globals['_FINDNODEREQUEST']._serialized_end=1442
+  _globals['_FINDNODERESPONSE']._serialized_start=1445
+  _globals['_FINDNODERESPONSE']._serialized_end=1620
+  _globals['_FINDVALUEREQUEST']._serialized_start=1622
+  _globals['_FINDVALUEREQUEST']._serialized_end=1704
+  _globals['_FINDVALUERESPONSE']._serialized_start=1707
+  _globals['_FINDVALUERESPONSE']._serialized_end=1880
+  _globals['_STOREREQUEST']._serialized_start=1882
+  _globals['_STOREREQUEST']._serialized_end=1994
+  _globals['_STORERESPONSE']._serialized_start=1996
+  _globals['_STORERESPONSE']._serialized_end=2043
+  _globals['_BULKCHUNK']._serialized_start=2045
+  _globals['_BULKCHUNK']._serialized_end=2164
+  _globals['_BULKACK']._serialized_start=2166
+  _globals['_BULKACK']._serialized_end=2226
+  _globals['_DIALBACKREQUEST']._serialized_start=2228
+  _globals['_DIALBACKREQUEST']._serialized_end=2264
+  _globals['_DIALBACKRESPONSE']._serialized_start=2266
+  _globals['_DIALBACKRESPONSE']._serialized_end=2355
+  _globals['_RESERVEREQUEST']._serialized_start=2357
+  _globals['_RESERVEREQUEST']._serialized_end=2389
+  _globals['_RELAYEVENT']._serialized_start=2391
+  _globals['_RELAYEVENT']._serialized_end=2464
+  _globals['_TUNNELFRAME']._serialized_start=2466
+  _globals['_TUNNELFRAME']._serialized_end=2551
+  _globals['_HANDSHAKE']._serialized_start=2651
+  _globals['_HANDSHAKE']._serialized_end=2806
+  _globals['_DHT']._serialized_start=2809
+  _globals['_DHT']._serialized_end=3120
+  _globals['_BULK']._serialized_start=3123
+  _globals['_BULK']._serialized_end=3258
+  _globals['_REACHABILITY']._serialized_start=3260
+  _globals['_REACHABILITY']._serialized_end=3355
+  _globals['_RELAY']._serialized_start=3358
+  _globals['_RELAY']._serialized_end=3589
 # @@protoc_insertion_point(module_scope)

@@ -131,12 +131,14 @@ class PingRequest(_message.Message):
     def __init__(self, sender: _Optional[_Union[SignedPeerRecord, _Mapping]] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class PingResponse(_message.Message):
-    __slots__ = ("sequence", "responder")
+    __slots__ = ("sequence", "responder", "wall_time_s")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     RESPONDER_FIELD_NUMBER: _ClassVar[int]
+    WALL_TIME_S_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     responder: SignedPeerRecord
-    def __init__(self, sequence: _Optional[int] = ..., responder: _Optional[_Union[SignedPeerRecord, _Mapping]] = ...) -> None: ...
+    wall_time_s: float
+    def __init__(self, sequence: _Optional[int] = ..., responder: _Optional[_Union[SignedPeerRecord, _Mapping]] = ..., wall_time_s: _Optional[float] = ...) -> None: ...
 
 class FindNodeRequest(_message.Message):
     __slots__ = ("sender", "target", "known_filter")

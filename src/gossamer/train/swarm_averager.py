@@ -58,7 +58,7 @@ from gossamer.comm.torch_backend import (
     site_local,
 )
 from gossamer.comm.transport import CommMailbox
-from gossamer.core.clock import SystemClock
+from gossamer.core.clock import Clock
 from gossamer.core.errors import (
     DeadlineExceededError,
     GossamerError,
@@ -124,6 +124,7 @@ NUDGE_TOPIC = "gossamer.train.round_nudge.v1"
 """The bulk topic of round nudges: the payload is the round key, UTF-8."""
 _MAX_NUDGE_BYTES = 1024
 _NUDGE_TIMEOUT_S = 5.0
+_CLOCK_SAMPLE_TIMEOUT_S = 1.0
 
 
 def _active(memberships: dict[str, tuple[str, int, str]], me: str) -> set[str]:
@@ -203,6 +204,9 @@ class SwarmAveragerConfig:
     poll_interval_s: float = 0.1
     """How often a peer waiting for a round's members reads the DHT again when no nudge came
     (half of it while it waits for the others' closes)."""
+    clock_tolerance_s: float = 1.0
+    """A round entry stamped further ahead of the swarm's time than this is not believed: its
+    writer is neither waited for nor counted (it would come after any close)."""
     backend: str = "auto"
     """``p2p`` (comm's all-reduce over the peers' authenticated links), ``torch`` (a
     torch.distributed gloo or NCCL group of the agreed members, fp32) or ``auto``: torch where
@@ -212,6 +216,8 @@ class SwarmAveragerConfig:
     def __post_init__(self) -> None:
         if not self.poll_interval_s > 0:
             raise ValueError(f"poll_interval_s must be positive, got {self.poll_interval_s}")
+        if not self.clock_tolerance_s > 0:
+            raise ValueError(f"clock_tolerance_s must be positive, got {self.clock_tolerance_s}")
         if self.backend not in ("auto", "p2p", "torch"):
             raise ValueError(f"backend must be auto, p2p or torch, got {self.backend!r}")
         if self.backend == "torch" and self.codec != "none":
@@ -296,7 +302,6 @@ class SwarmAverager:
         self.meter = BandwidthMeter()
         """This peer's send throughput, measured by every round, published with its entry; parts
         of the all-reduce are sized by the members' figures."""
-        self._clock = SystemClock()
         self._allreduce_config = AllReduceConfig(
             timeout_s=config.round_timeout_s,
             send_timeout_s=min(30.0, config.round_timeout_s / 2),
@@ -313,6 +318,9 @@ class SwarmAverager:
         self.joining: dict[str, int] = {}
         """Peers joining the run and the step each joins at, as the last round's formation read
         them (see :meth:`announce_joining`)."""
+        self._run_peers: set[str] | None = None
+        """The run's other active peers as the last round's formation read them (None before
+        the first): whose clocks the next round's time base is the median of."""
 
         self._nudged: dict[str, asyncio.Event] = {}
         """Rounds this peer is forming, set when a peer nudges (used on the node's loop only)."""
@@ -338,11 +346,12 @@ class SwarmAverager:
         self._torch_host = ""
         self._open_torch_store()
 
-        async def make_mailbox(node: Node) -> CommMailbox:
+        async def make_mailbox(node: Node) -> tuple[Clock, CommMailbox]:
             node.on_bulk(NUDGE_TOPIC, self._on_nudge)
-            return CommMailbox(NetCommTransport(node), self._clock)
+            return node.clock, CommMailbox(NetCommTransport(node), node.clock)
 
-        self._mailbox = node_thread.run(make_mailbox, timeout_s=10)
+        # The node's clock: round formation's stamps and the node's heartbeats share it.
+        self._clock, self._mailbox = node_thread.run(make_mailbox, timeout_s=10)
 
     @property
     def peer_id(self) -> str:
@@ -938,7 +947,12 @@ class SwarmAverager:
         poll_s = self.config.poll_interval_s
         entry_key = round_entry_key(key)
         close_key = _close_key(key)
-        stamp = self._clock.wall()
+        offset_s = await self._swarm_offset_s(node)
+
+        def now() -> float:
+            return self._clock.wall() + offset_s
+
+        stamp = now()
         figure = self.meter.estimate_bytes_per_s
         entry: dict[str, Any] = {"at": stamp, "bw": figure, "inc": self.incarnation}
         self._abandoned_torch = [t for t in self._abandoned_torch if t.is_alive()]
@@ -954,6 +968,7 @@ class SwarmAverager:
         both = [(entry_key, "at"), (close_key, "close_at")]
         memberships, (entries, closes) = await self._read_round(node, both, seen)
         expected = _active(memberships, node.peer_id)
+        self._run_peers = expected
         self._nudge(node, expected, key)
         for peer in expected:
             node.detector.watch(peer)
@@ -962,8 +977,16 @@ class SwarmAverager:
         everyone_came = False
         while True:
             entries[node.peer_id] = stamp
+            ahead = {p for p, at in entries.items() if at > now() + self.config.clock_tolerance_s}
+            if ahead:  # after any close this peer could make: neither a member nor awaited
+                logger.warning(
+                    "round %s: entries of %s are stamped ahead of the swarm's time",
+                    key,
+                    ", ".join(sorted(p[:8] for p in ahead)),
+                )
+                entries = {p: at for p, at in entries.items() if p not in ahead}
             opens_at = min(entries.values())
-            awaited = {p for p in expected if self._alive(node, p)}
+            awaited = {p for p in expected if self._alive(node, p)} - ahead
             closed_before = [at for at in closes.values() if at < stamp]
             if closed_before:
                 # Someone closed the round before this peer came (it is behind: the others
@@ -975,7 +998,7 @@ class SwarmAverager:
                 close_at = max(entries[p] for p in awaited | {node.peer_id})
                 everyone_came = expected <= set(entries)
                 break
-            if self._clock.wall() >= opens_at + self.config.join_window_s:
+            if now() >= opens_at + self.config.join_window_s:
                 close_at = opens_at + self.config.join_window_s
                 break
             await self._until_nudged(nudged, poll_s)
@@ -988,7 +1011,7 @@ class SwarmAverager:
         self._nudge(node, expected, key)
         read_after = close_at + grace
         while True:
-            read_at = self._clock.wall()
+            read_at = now()
             memberships, (latest, closes) = await self._read_round(
                 node, [(entry_key, "at"), (close_key, "close_at")], seen
             )
@@ -1004,9 +1027,7 @@ class SwarmAverager:
                 join_window_s=self.config.join_window_s,
             ):
                 break
-            await self._until_nudged(
-                nudged, min(poll_s / 2, max(0.0, read_after - self._clock.wall()))
-            )
+            await self._until_nudged(nudged, min(poll_s / 2, max(0.0, read_after - now())))
         close_at = min([close_at, *closes.values()])
         entries.update(latest)
         if stamp > close_at:
@@ -1021,6 +1042,30 @@ class SwarmAverager:
         return _Formed(
             group, missing, plan_weights([_figure(r) for r in records.values()]), records
         )
+
+    async def _swarm_offset_s(self, node: Node) -> float:
+        """What to add to this peer's wall clock for the run's time base: the median clock of
+        the run's active peers and this one (see :class:`~gossamer.net.peer_clocks.PeerClocks`).
+
+        Round formation compares stamps made on different machines; on each peer's own clock a
+        peer whose clock is behind would find every round closed before it came, and one ahead
+        would hold the others past their windows. Peers whose clocks were never sampled (the
+        first round, a newcomer) are pinged first, for at most :data:`_CLOCK_SAMPLE_TIMEOUT_S`.
+        """
+        peers = self._run_peers
+        if peers is None:
+            peers = _active(await self._memberships(node), node.peer_id)
+        peers = peers | set(self.joining)
+        unsampled = [p for p in peers if node.peer_clocks.best(p) is None and self._alive(node, p)]
+
+        async def sample(peer: str) -> None:
+            try:
+                await node.ping(peer, timeout_s=_CLOCK_SAMPLE_TIMEOUT_S)
+            except GossamerError as exc:  # it counts once its heartbeats answer
+                logger.debug("clock of %s not sampled: %s", peer[:8], exc)
+
+        await asyncio.gather(*(sample(p) for p in unsampled))
+        return node.peer_clocks.swarm_offset_s(peers)
 
     async def _on_nudge(self, sender: str, topic: str, payload: bytearray) -> None:
         """A peer announced itself or closed a round: read that round's records again now."""

@@ -1,0 +1,125 @@
+"""Round formation holds when the peers' wall clocks disagree.
+
+Three real nodes on 127.0.0.1 average through :class:`SwarmAverager`; one node runs on a clock
+set apart from the others'. Round entries are stamped and closes computed on a time base the
+peers agree on (the median of their clocks, sampled by heartbeats), so a clock 5 s behind does
+not leave the others finding every round closed before they came, and one 4 s ahead does not
+hold them past their windows. An entry stamped far in the future (a clock set wrong by hours,
+or a peer that lies) is neither waited for nor counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+
+import pytest
+import torch
+
+from gossamer.core.clock import SystemClock
+from gossamer.net.node import Node
+from gossamer.train.averaging import AverageOutcome
+from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig, round_entry_key
+from loopback_nodes import start_node_threads
+
+JOIN_WINDOW_S = 3.0
+
+
+class SkewedClock(SystemClock):
+    """The system clock with its wall time set ``skew_s`` apart."""
+
+    def __init__(self, skew_s: float) -> None:
+        self.skew_s = skew_s
+
+    def wall(self) -> float:
+        return super().wall() + self.skew_s
+
+
+def average_all(
+    averagers: list[SwarmAverager], round_key: str
+) -> tuple[dict[int, AverageOutcome], dict[int, float]]:
+    """Every averager averages ``[full(100, index)]`` in ``round_key`` at once; the outcomes
+    and how long each call took, by index."""
+    outcomes: dict[int, AverageOutcome] = {}
+    took_s: dict[int, float] = {}
+    errors: list[BaseException] = []
+
+    def peer(index: int) -> None:
+        try:
+            started = time.monotonic()
+            outcomes[index] = averagers[index].average(
+                [torch.full((100,), float(index))], round_key=round_key, weight=1.0
+            )
+            took_s[index] = time.monotonic() - started
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=peer, args=(i,)) for i in range(len(averagers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    return outcomes, took_s
+
+
+@pytest.mark.parametrize("skew_s", [-5.0, 4.0], ids=["behind", "ahead"])
+def test_a_peer_whose_clock_is_off_by_more_than_the_window_averages_with_the_others(
+    skew_s: float,
+) -> None:
+    config = SwarmAveragerConfig(
+        run_id="skew", join_window_s=JOIN_WINDOW_S, round_timeout_s=10.0, backend="p2p"
+    )
+    clocks = [SystemClock(), SystemClock(), SkewedClock(skew_s)]
+    with contextlib.ExitStack() as stack:
+        averagers = []
+        for node_thread in start_node_threads(stack, 3, clocks):
+            averager = SwarmAverager(node_thread, config)
+            stack.callback(averager.close)
+            averager.join_run(0)
+            averagers.append(averager)
+        for round_ in range(2):  # the first samples the clocks itself, the next has heartbeats
+            outcomes, took_s = average_all(averagers, f"outer/{round_}")
+            for index, outcome in outcomes.items():
+                assert outcome.group_size == 3, (round_, index, outcome)
+                assert not outcome.excluded, (round_, index, outcome)
+                torch.testing.assert_close(outcome.tensors[0], torch.full((100,), 1.0))
+                # Nobody waits out a window: everyone came, the round closes at the last stamp.
+                assert took_s[index] < JOIN_WINDOW_S, (round_, index, took_s)
+
+        async def offset_of_skewed(node: Node) -> float | None:
+            return node.peer_clocks.offset_s(averagers[2].peer_id)
+
+        # The heartbeats' answers carry the responder's clock: the skew was measured as it is.
+        measured = averagers[0].node_thread.run(offset_of_skewed, timeout_s=10)
+        assert measured == pytest.approx(skew_s, abs=0.1)
+
+
+def test_an_entry_stamped_hours_ahead_is_neither_awaited_nor_counted() -> None:
+    config = SwarmAveragerConfig(
+        run_id="forged", join_window_s=JOIN_WINDOW_S, round_timeout_s=10.0, backend="p2p"
+    )
+    with contextlib.ExitStack() as stack:
+        averagers = []
+        for node_thread in start_node_threads(stack, 3):
+            averager = SwarmAverager(node_thread, config)
+            stack.callback(averager.close)
+            averager.join_run(0)
+            averagers.append(averager)
+        liar = averagers[2]
+        entry = {"at": time.time() + 3 * 3600, "bw": 1e7, "inc": liar.incarnation}
+        key = round_entry_key(f"{config.run_id}/outer/0")
+
+        async def put(node: Node) -> None:
+            await node.dht.put(key, json.dumps(entry).encode(), 60.0)
+
+        liar.node_thread.run(put, timeout_s=10)
+        outcomes, took_s = average_all(averagers[:2], "outer/0")
+        for index, outcome in outcomes.items():
+            assert outcome.group_size == 2, outcome
+            assert outcome.missing_peers == [liar.peer_id], outcome
+            torch.testing.assert_close(outcome.tensors[0], torch.full((100,), 0.5))
+            # Before, the close was the liar's stamp: the round waited out its whole deadline.
+            assert took_s[index] < JOIN_WINDOW_S, took_s
