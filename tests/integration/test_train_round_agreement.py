@@ -10,6 +10,7 @@ leave ``c`` out, form the same group of two and say that ``c`` did not come.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import threading
@@ -17,6 +18,7 @@ import time
 
 import torch
 
+from gossamer.net.node import Node
 from gossamer.net.records import sign_record
 from gossamer.train.averaging import AverageOutcome
 from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig, round_entry_key
@@ -67,3 +69,66 @@ def test_an_entry_only_its_publisher_holds_is_counted_by_no_member() -> None:
             assert outcome.failed_peers == [], outcome  # c was no member anywhere
             assert outcome.missing_peers == [c.peer_id], outcome
             torch.testing.assert_close(outcome.tensors[0], torch.full((100,), 0.5))
+
+
+def test_a_peer_whose_lookup_is_slower_than_the_window_does_not_split_the_round() -> None:
+    """``slow``'s lookup of the round's replicas takes 1.5 s, three times the join window.
+
+    Its entry used to be stamped before the lookup: ``fast`` closed the round at its window's
+    end, after that stamp, and read the members for the last time before the entry landed, so
+    it averaged alone while ``slow`` counted both and waited for ``fast`` until the round's
+    deadline. Stamped after the lookup, the entry lands a store's round trip after its stamp:
+    ``slow`` comes after the close and both agree that it missed the round.
+    """
+    config = SwarmAveragerConfig(
+        run_id="slowput",
+        join_window_s=0.5,
+        propagation_grace_s=0.5,
+        round_timeout_s=10.0,
+        backend="p2p",
+    )
+    outcomes: dict[int, AverageOutcome] = {}
+    took_s: dict[int, float] = {}
+    errors: list[BaseException] = []
+    with contextlib.ExitStack() as stack:
+        averagers = []
+        for node_thread in start_node_threads(stack, 2):
+            averager = SwarmAverager(node_thread, config)
+            stack.callback(averager.close)
+            averager.join_run(0)
+            averagers.append(averager)
+        slow = averagers[1]
+        key = round_entry_key(f"{config.run_id}/outer/0")
+
+        async def slow_lookups(node: Node) -> None:
+            lookup = node.dht.lookup
+
+            async def slowly(target: bytes) -> list[str]:
+                if target == key:
+                    await asyncio.sleep(1.5)
+                return await lookup(target)
+
+            node.dht.lookup = slowly  # type: ignore[method-assign]
+
+        slow.node_thread.run(slow_lookups, timeout_s=10)
+
+        def peer(index: int) -> None:
+            try:
+                started = time.monotonic()
+                outcomes[index] = averagers[index].average(
+                    [torch.full((100,), float(index))], round_key="outer/0", weight=1.0
+                )
+                took_s[index] = time.monotonic() - started
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=peer, args=(i,)) for i in (0, 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not errors, errors
+        assert outcomes[0].group_size == 1, outcomes[0]  # fast: the window ended before slow came
+        assert outcomes[1].excluded, outcomes[1]  # slow: it came after the close, as fast saw
+        torch.testing.assert_close(outcomes[0].tensors[0], torch.zeros(100))
+        assert max(took_s.values()) < 5.0, took_s  # nobody waited for a member that never came

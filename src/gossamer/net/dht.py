@@ -245,12 +245,24 @@ class Dht:
                 best[publisher] = record
         return list(best.values())
 
-    async def put(self, key: bytes, value: bytes, ttl_s: float | None = None) -> int:
-        """Sign a record and store it on the peers nearest ``key``; returns how many took it."""
+    async def put(
+        self,
+        key: bytes,
+        value: bytes,
+        ttl_s: float | None = None,
+        *,
+        closest: list[str] | None = None,
+    ) -> int:
+        """Sign a record and store it on the peers nearest ``key``; returns how many took it.
+
+        ``closest``: the nearest peers from a :meth:`lookup` just made (a value that carries the
+        time it was written is then stored one round trip after it was made, not a lookup and a
+        round trip); looked up here otherwise.
+        """
         ttl_s = ttl_s or self.config.record_ttl_s
         record = sign_record(self.identity, key, value, now_s=self.clock.wall(), ttl_s=ttl_s)
         self._published[bytes(key)] = value
-        return await self.store_on_closest(record)
+        return await self.store_on_closest(record, closest)
 
     async def store_on_closest(
         self, record: net_pb2.SignedRecord, closest: list[str] | None = None

@@ -948,6 +948,9 @@ class SwarmAverager:
         entry_key = round_entry_key(key)
         close_key = _close_key(key)
         offset_s = await self._swarm_offset_s(node)
+        # Stamped after the lookup, so it is on the replicas one store's round trip after its
+        # stamp: a peer that closes the round after that stamp reads it by its grace's end.
+        replicas = await node.dht.lookup(entry_key)
 
         def now() -> float:
             return self._clock.wall() + offset_s
@@ -963,7 +966,7 @@ class SwarmAverager:
         elif self._store_address and node.reachability != net_pb2.REACHABILITY_RELAYED:
             held = self._torch.group_hash if self._torch is not None else None
             entry |= {"tcp": self._store_address, "pg": held or "", "dev": _torch_kind()}
-        await node.dht.put(entry_key, json.dumps(entry).encode(), _ENTRY_TTL_S)
+        await node.dht.put(entry_key, json.dumps(entry).encode(), _ENTRY_TTL_S, closest=replicas)
         seen: dict[str, dict[str, Any]] = {}
         both = [(entry_key, "at"), (close_key, "close_at")]
         memberships, (entries, closes) = await self._read_round(node, both, seen)
