@@ -16,6 +16,7 @@ from gossamer.net.identity import Identity
 from gossamer.net.peer_filter import MAX_FILTER_BYTES, PeerFilter
 from gossamer.net.records import sign_record
 from gossamer.net.routing import xor_distance
+from gossamer.proto import net_pb2
 from net_fakes import FakeDhtNetwork
 
 CONFIG = DhtConfig(bucket_size=8, parallelism=3, record_ttl_s=30.0, republish_interval_s=10.0)
@@ -74,6 +75,42 @@ def test_put_then_get_from_another_node_and_expiry() -> None:
         for node in nodes:
             network.renew(node)
         assert await nodes[-1].get(key) == []
+
+    asyncio.run(scenario())
+
+
+def test_republish_renews_lasting_records_and_leaves_records_of_a_moment_to_expire() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        network = await _swarm(12, clock)
+        nodes = list(network.nodes.values())
+        lasting = hashlib.sha256(b"member of run").digest()
+        moments = [hashlib.sha256(f"round {i}".encode()).digest() for i in range(50)]
+        await nodes[0].put(lasting, b"active")
+        for key in moments:
+            await nodes[0].put(key, b"came", 5.0, renew=False)
+        stores: list[bytes] = []
+        store = nodes[0].transport.store
+
+        async def counting(peer_id: str, record: net_pb2.SignedRecord) -> bool:
+            stores.append(record.key)
+            return await store(peer_id, record)
+
+        nodes[0].transport.store = counting  # type: ignore[method-assign]
+        for _ in range(3):  # republishes: each renews the one lasting record, nothing else
+            clock.advance(CONFIG.republish_interval_s)
+            await nodes[0].republish()
+        assert stores, "nothing was republished"
+        assert set(stores) == {lasting}
+        for node in nodes:
+            network.renew(node)
+        assert [r.value for r in await nodes[-1].get(lasting)] == [b"active"]
+        assert await nodes[-1].get(moments[0]) == []  # expired after its 5 s
+        # A key put for a moment after it was put to last is no longer renewed either.
+        await nodes[0].put(lasting, b"left", 5.0, renew=False)
+        stores.clear()
+        await nodes[0].republish()
+        assert stores == []
 
     asyncio.run(scenario())
 

@@ -25,7 +25,9 @@ class FakeDht:
     def __init__(self) -> None:
         self.puts: list[tuple[bytes, bytes]] = []
 
-    async def put(self, key: bytes, value: bytes, ttl_s: float | None = None) -> int:
+    async def put(
+        self, key: bytes, value: bytes, ttl_s: float | None = None, *, renew: bool = True
+    ) -> int:
         self.puts.append((key, value))
         return 1
 

@@ -103,7 +103,7 @@ class DhtRendezvousBoard:
     """A board on net's DHT: signed records, one per publisher, under a hash of the key.
 
     Args:
-        dht: a started node's ``Dht`` (anything with ``put(key, value, ttl_s)`` and
+        dht: a started node's ``Dht`` (anything with ``put(key, value, ttl_s, renew=False)`` and
             ``get(key, replicated_only=...)``).
     """
 
@@ -115,7 +115,9 @@ class DhtRendezvousBoard:
         return hashlib.sha256(b"gossamer.comm.group/" + key.encode()).digest()
 
     async def announce(self, key: str, entry: JoinEntry, ttl_s: float) -> None:
-        await self._dht.put(self._key(key), entry.encode(), ttl_s)  # type: ignore[attr-defined]
+        await self._dht.put(  # type: ignore[attr-defined]
+            self._key(key), entry.encode(), ttl_s, renew=False
+        )
 
     async def entries(self, key: str) -> list[JoinEntry]:
         found: list[JoinEntry] = []

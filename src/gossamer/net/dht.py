@@ -252,16 +252,28 @@ class Dht:
         ttl_s: float | None = None,
         *,
         closest: list[str] | None = None,
+        renew: bool = True,
     ) -> int:
         """Sign a record and store it on the peers nearest ``key``; returns how many took it.
 
-        ``closest``: the nearest peers from a :meth:`lookup` just made (a value that carries the
-        time it was written is then stored one round trip after it was made, not a lookup and a
-        round trip); looked up here otherwise.
+        Args:
+            key: where the record lies.
+            value: what it says.
+            ttl_s: how long the stored copies live (``record_ttl_s`` without).
+            closest: the nearest peers from a :meth:`lookup` just made (a value that carries
+                the time it was written is then stored one round trip after it was made, not a
+                lookup and a round trip); looked up here otherwise.
+            renew: re-sign and store it again at every :meth:`republish` while this node runs
+                (what says something about the node now: its membership of a run). False for
+                a record of one moment (a round's entry): stored once, gone after ``ttl_s``;
+                renewed, such records would pile up, one more at every republish per round.
         """
         ttl_s = ttl_s or self.config.record_ttl_s
         record = sign_record(self.identity, key, value, now_s=self.clock.wall(), ttl_s=ttl_s)
-        self._published[bytes(key)] = value
+        if renew:
+            self._published[bytes(key)] = value
+        else:
+            self._published.pop(bytes(key), None)
         return await self.store_on_closest(record, closest)
 
     async def store_on_closest(

@@ -571,7 +571,7 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         value = json.dumps({"hash": digest}).encode()
 
         async def put(node: Node) -> None:
-            await node.dht.put(key, value, _HASH_TTL_S)
+            await node.dht.put(key, value, _HASH_TTL_S, renew=False)
 
         try:
             self.node_thread.run(put, timeout_s=10)

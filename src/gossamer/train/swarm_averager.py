@@ -966,7 +966,9 @@ class SwarmAverager:
         elif self._store_address and node.reachability != net_pb2.REACHABILITY_RELAYED:
             held = self._torch.group_hash if self._torch is not None else None
             entry |= {"tcp": self._store_address, "pg": held or "", "dev": _torch_kind()}
-        await node.dht.put(entry_key, json.dumps(entry).encode(), _ENTRY_TTL_S, closest=replicas)
+        await node.dht.put(
+            entry_key, json.dumps(entry).encode(), _ENTRY_TTL_S, closest=replicas, renew=False
+        )
         seen: dict[str, dict[str, Any]] = {}
         both = [(entry_key, "at"), (close_key, "close_at")]
         memberships, (entries, closes) = await self._read_round(node, both, seen)
@@ -1010,6 +1012,7 @@ class SwarmAverager:
             close_key,
             json.dumps({"close_at": close_at, "inc": self.incarnation}).encode(),
             _ENTRY_TTL_S,
+            renew=False,
         )
         self._nudge(node, expected, key)
         read_after = close_at + grace
