@@ -26,6 +26,7 @@ from gossamer.train.state_sync_wire import (
     ReplyHeader,
     ReplyStatus,
     RequestKind,
+    decode_reply,
     encode_manifest,
     encode_reply,
 )
@@ -395,3 +396,42 @@ def test_hung_donor_is_hedged_without_waiting_for_its_timeout() -> None:
     assert_bit_exact(got, want)
     assert report.refetched_chunks >= 1
     assert sum(report.bytes_per_donor.values()) == report.total_bytes
+
+
+class BothCopiesAtOnceNode(FakeBulkNode):
+    """Holds its reply with chunk ``gated`` until a second donor's reply with it is held too,
+    then lets both go: the original and its hedged copy finish in the same wake-up."""
+
+    gate: asyncio.Event
+    num_held = 0
+    gated = 0
+
+    async def send_bulk(self, peer_id: str, topic: str, payload: Any, **kwargs: Any) -> None:
+        if topic == REPLY_TOPIC:
+            header, _ = decode_reply(bytearray(payload))
+            if header.kind is RequestKind.CHUNK and header.index == self.gated:
+                cls = BothCopiesAtOnceNode
+                cls.num_held += 1
+                if cls.num_held == 2:
+                    cls.gate.set()
+                await cls.gate.wait()
+        await super().send_bulk(peer_id, topic, payload, **kwargs)
+
+
+def test_a_chunk_and_its_hedged_copy_arriving_together_do_not_break_the_download() -> None:
+    """Taking the first copy forgot the second; the loop then looked the second up (KeyError)."""
+    want = snapshot()
+    for _ in range(5):  # the copies' checks race in threads: a few downloads, each exact
+
+        async def main() -> tuple[StateSnapshot, DownloadReport]:
+            BothCopiesAtOnceNode.gate = asyncio.Event()
+            BothCopiesAtOnceNode.num_held = 0
+            _, newcomer, nodes = swarm(2, BothCopiesAtOnceNode)
+            donate(nodes, want)
+            return await download_state(
+                newcomer, ["donor0", "donor1"], timeout_s=20, request_timeout_s=10
+            )
+
+        got, report = run(main())
+        assert_bit_exact(got, want)
+        assert report.refetched_chunks >= 1  # chunk 0 was hedged

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 
 import pytest
+import safetensors.torch
 import torch
 
-from gossamer.core.errors import ProtocolError
+from gossamer.core.errors import CorruptedDataError, ProtocolError
 from gossamer.train.state_sync_wire import (
     MAX_REQUEST_BYTES,
     REPLY_HEADER_BYTES,
@@ -20,6 +23,7 @@ from gossamer.train.state_sync_wire import (
     decode_manifest,
     decode_reply,
     decode_request,
+    deserialize_snapshot,
     encode_manifest,
     encode_reply,
     encode_request,
@@ -116,3 +120,32 @@ def test_tied_weights_are_serialized() -> None:
 def test_limits_must_be_positive(field: str) -> None:
     with pytest.raises(ValueError, match=field):
         StateSyncLimits(**{field: 0})  # type: ignore[arg-type]
+
+
+def test_a_manifest_whose_meta_nests_too_deep_is_refused() -> None:
+    """json raises RecursionError (not ValueError) for it: that escaped as no Gossamer error."""
+    meta_bytes = b"[" * 200_000 + b"]" * 200_000
+    manifest = encode_manifest(
+        version=1, total_bytes=10, chunk_bytes=10, meta={}, digests=[b"\0" * 32]
+    )
+    header_bytes = 48  # ends with the meta's length (8 bytes); the meta and digests follow
+    data = bytearray(manifest[:header_bytes]) + meta_bytes + manifest[-32:]
+    struct.pack_into("<Q", data, header_bytes - 8, len(meta_bytes))
+    with pytest.raises(ProtocolError, match="nested too deep"):
+        decode_manifest(bytes(data), StateSyncLimits())
+
+
+def test_valid_safetensors_that_hold_no_snapshot_are_refused_as_corrupted() -> None:
+    blob = safetensors.torch.save({"": torch.zeros(4)})  # a tensor name a snapshot refuses
+    manifest = decode_manifest(
+        encode_manifest(
+            version=3,
+            total_bytes=len(blob),
+            chunk_bytes=len(blob),
+            meta={},
+            digests=[hashlib.sha256(blob).digest()],
+        ),
+        StateSyncLimits(),
+    )
+    with pytest.raises(CorruptedDataError, match="bad tensor name"):
+        deserialize_snapshot(manifest, bytearray(blob))

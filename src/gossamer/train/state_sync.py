@@ -379,6 +379,8 @@ async def _fetch_chunks(
                         wake_s = min(wake_s, started + hedge_after_s - now)
             await asyncio.wait(tasks, timeout=max(0.0, wake_s), return_when="FIRST_COMPLETED")
             for task in [t for t in tasks if t.done()]:
+                if task not in tasks:  # a copy of a chunk an earlier task of this batch won
+                    continue
                 donor = tasks[task][1]
                 index = forget(task, cancel=False)
                 exc = task.exception()

@@ -332,8 +332,8 @@ def decode_manifest(data: bytes | memoryview, limits: StateSyncLimits) -> Manife
         raise ProtocolError(f"state manifest of {size} bytes does not match its header")
     try:
         meta = json.loads(bytes(data[meta_start:digests_start]))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError("state manifest meta is not JSON") from exc
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # (nested too deep)
+        raise ProtocolError("state manifest meta is not JSON (or nested too deep)") from exc
     if not isinstance(meta, dict):
         raise ProtocolError("state manifest meta is not a JSON object")
     digests = tuple(
@@ -415,7 +415,7 @@ def deserialize_snapshot(manifest: Manifest, blob: bytearray) -> StateSnapshot:
     """Tensors from verified safetensors bytes (blocking; consumes ``blob``).
 
     Raises:
-        CorruptedDataError: the bytes do not parse as safetensors.
+        CorruptedDataError: the bytes do not parse as safetensors, or hold no snapshot.
     """
     data = bytes(blob)
     del blob[:]  # keep the peak at two copies: the bytes and the tensors
@@ -425,4 +425,7 @@ def deserialize_snapshot(manifest: Manifest, blob: bytearray) -> StateSnapshot:
         raise CorruptedDataError(
             f"state version {manifest.version}: not safetensors ({exc})"
         ) from exc
-    return StateSnapshot(version=manifest.version, tensors=tensors, meta=manifest.meta)
+    try:
+        return StateSnapshot(version=manifest.version, tensors=tensors, meta=manifest.meta)
+    except ValueError as exc:  # valid safetensors, not a snapshot (a tensor named '')
+        raise CorruptedDataError(f"state version {manifest.version}: {exc}") from exc
