@@ -25,10 +25,12 @@ from gossamer.train.state_sync_wire import (
     REQUEST_TOPIC,
     ReplyHeader,
     ReplyStatus,
+    Request,
     RequestKind,
     decode_reply,
     encode_manifest,
     encode_reply,
+    encode_request,
 )
 
 T = TypeVar("T")
@@ -435,3 +437,47 @@ def test_a_chunk_and_its_hedged_copy_arriving_together_do_not_break_the_download
         got, report = run(main())
         assert_bit_exact(got, want)
         assert report.refetched_chunks >= 1  # chunk 0 was hedged
+
+
+def test_one_peer_cannot_hold_a_donor_s_replies_beyond_its_caps() -> None:
+    """A peer that never handles replies, asking an hour per request: at most
+    ``max_requests_per_peer`` of its requests are served at once, each for at most
+    ``max_reply_timeout_s``, and other newcomers download meanwhile."""
+    network, newcomer, nodes = swarm(1)
+    want = snapshot()
+    (donor,) = donate(nodes, want, max_requests_per_peer=8, max_reply_timeout_s=0.5)
+    hog = network.add("hog")
+
+    async def never_handled(sender: str, topic: str, payload: bytearray) -> None:
+        await asyncio.Event().wait()
+
+    hog.on_bulk(REPLY_TOPIC, never_handled)
+
+    async def main() -> list[BaseException | None]:
+        async def ask(index: int) -> None:
+            request = Request(
+                kind=RequestKind.CHUNK,
+                request_id=index.to_bytes(16, "big"),
+                version=want.version,
+                index=index,
+                timeout_ms=3_600_000,
+            )
+            await hog.send_bulk("donor0", REQUEST_TOPIC, encode_request(request), timeout_s=3600)
+
+        started = time.monotonic()
+        asks = [asyncio.create_task(ask(i)) for i in range(10)]
+        await asyncio.sleep(0.05)
+        # Served meanwhile (8 chunks in flight, the default: the cap is per peer).
+        got, _ = await download_state(newcomer, ["donor0"], timeout_s=10)
+        assert_bit_exact(got, want)
+        results = await asyncio.gather(*asks, return_exceptions=True)
+        assert time.monotonic() - started < 5.0
+        return [r if isinstance(r, BaseException) else None for r in results]
+
+    results = run(main())
+    refused = [r for r in results if isinstance(r, PeerUnavailableError)]
+    timed_out = [r for r in results if isinstance(r, DeadlineExceededError)]
+    assert len(refused) == 2, results
+    assert "at most 8" in str(refused[0])
+    assert len(timed_out) == 8, results  # the donor gave up on its replies after 0.5 s
+    assert donor.num_requests_refused == 2

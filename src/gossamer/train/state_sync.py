@@ -197,7 +197,8 @@ async def download_state(
         donors: peer ids to download from.
         timeout_s: deadline of the whole download.
         version: the version to fetch; the one most donors hold (newest on a tie) when None.
-        max_chunks_in_flight: chunk requests outstanding at once, over all donors.
+        max_chunks_in_flight: chunk requests outstanding at once, over all donors (at most the
+            donors' ``max_requests_per_peer``, 16 by default: they refuse more from one peer).
         request_timeout_s: a donor taking longer for one request is struck off.
         limits: sizes and counts accepted from donors.
 

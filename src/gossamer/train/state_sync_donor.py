@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gossamer.core.clock import Clock, SystemClock
+from gossamer.core.errors import PeerUnavailableError
 from gossamer.train.state_sync_wire import (
     MAX_ERROR_BYTES,
     REPLY_TOPIC,
@@ -76,6 +77,11 @@ class StateDonor:
             only combine donors whose manifests are identical.
         grace_s: how long a replaced snapshot stays available to downloads in progress.
         clock: time source for the grace period.
+        max_requests_per_peer: requests of one peer served at once; more are refused (a
+            newcomer asks at most ``max_chunks_in_flight`` at once, 8 by default). Each holds a
+            copy of its chunk until the reply is handled, so one peer holds at most this many.
+        max_reply_timeout_s: longest a reply may take to be handled, whatever the request asks
+            (its ``timeout_ms`` may say an hour; the reply's chunk copy is held that long).
     """
 
     def __init__(
@@ -85,11 +91,22 @@ class StateDonor:
         chunk_bytes: int = 1 << 20,
         grace_s: float = 30.0,
         clock: Clock | None = None,
+        max_requests_per_peer: int = 16,
+        max_reply_timeout_s: float = 120.0,
     ) -> None:
         if type(chunk_bytes) is not int or chunk_bytes < _MIN_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be an int >= {_MIN_CHUNK_BYTES}, got {chunk_bytes}")
         if grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {grace_s}")
+        if max_requests_per_peer < 1 or not max_reply_timeout_s > 0:
+            raise ValueError(
+                "max_requests_per_peer and max_reply_timeout_s must be positive, got "
+                f"{max_requests_per_peer} and {max_reply_timeout_s}"
+            )
+        self._max_requests_per_peer = max_requests_per_peer
+        self._max_reply_timeout_s = max_reply_timeout_s
+        self._num_serving: dict[str, int] = {}
+        """Requests being served, by the peer that sent them."""
         self._node = node
         self._chunk_bytes = chunk_bytes
         self._grace_s = grace_s
@@ -170,10 +187,28 @@ class StateDonor:
             with self._lock:
                 self.num_requests_refused += 1
             raise  # net refuses the transfer; the sender sees a ProtocolError
-        if request.kind is RequestKind.MANIFEST:
-            await self._serve_manifest(sender, request)
-        else:
-            await self._serve_chunk(sender, request)
+        with self._lock:
+            num_serving = self._num_serving.get(sender, 0)
+            if num_serving >= self._max_requests_per_peer:
+                self.num_requests_refused += 1
+                raise PeerUnavailableError(
+                    f"{num_serving} requests of this peer are being served already (at most "
+                    f"{self._max_requests_per_peer}): ask again once some are answered"
+                )
+            self._num_serving[sender] = num_serving + 1
+        try:
+            if request.kind is RequestKind.MANIFEST:
+                await self._serve_manifest(sender, request)
+            else:
+                await self._serve_chunk(sender, request)
+        finally:
+            with self._lock:
+                self._num_serving[sender] -= 1
+                if not self._num_serving[sender]:
+                    del self._num_serving[sender]
+
+    def _reply_timeout_s(self, request: Request) -> float:
+        return min(request.timeout_ms / 1000, self._max_reply_timeout_s)
 
     async def _serve_manifest(self, sender: str, request: Request) -> None:
         with self._lock:
@@ -222,7 +257,10 @@ class StateDonor:
             body_bytes=len(body),
         )
         await self._node.send_bulk(
-            sender, REPLY_TOPIC, encode_reply(header, body), timeout_s=request.timeout_ms / 1000
+            sender,
+            REPLY_TOPIC,
+            encode_reply(header, body),
+            timeout_s=self._reply_timeout_s(request),
         )
 
     async def _refuse(
@@ -240,5 +278,8 @@ class StateDonor:
             body_bytes=len(body),
         )
         await self._node.send_bulk(
-            sender, REPLY_TOPIC, encode_reply(header, body), timeout_s=request.timeout_ms / 1000
+            sender,
+            REPLY_TOPIC,
+            encode_reply(header, body),
+            timeout_s=self._reply_timeout_s(request),
         )
