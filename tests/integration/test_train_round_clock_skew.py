@@ -1,11 +1,13 @@
 """Round formation holds when the peers' wall clocks disagree.
 
-Three real nodes on 127.0.0.1 average through :class:`SwarmAverager`; one node runs on a clock
-set apart from the others'. Round entries are stamped and closes computed on a time base the
-peers agree on (the median of their clocks, sampled by heartbeats), so a clock 5 s behind does
+Real nodes on 127.0.0.1 average through :class:`SwarmAverager`; some run on clocks set apart
+from the others'. Every ping and heartbeat answer carries the responder's clock; a peer whose
+clock is off the one most of the run's peers share stamps on theirs, so a clock 5 s behind does
 not leave the others finding every round closed before they came, and one 4 s ahead does not
-hold them past their windows. An entry stamped far in the future (a clock set wrong by hours,
-or a peer that lies) is neither waited for nor counted.
+hold them past their windows. Peers on the majority's clock never change theirs, and while no
+majority can tell (two peers), each stays on its own: members never disagree. An entry stamped
+far in the future (a clock set wrong by hours, or a peer that lies) is neither waited for nor
+counted.
 """
 
 from __future__ import annotations
@@ -38,16 +40,17 @@ class SkewedClock(SystemClock):
 
 
 def average_all(
-    averagers: list[SwarmAverager], round_key: str
+    averagers: list[SwarmAverager], round_key: str, delays_s: dict[int, float] | None = None
 ) -> tuple[dict[int, AverageOutcome], dict[int, float]]:
-    """Every averager averages ``[full(100, index)]`` in ``round_key`` at once; the outcomes
-    and how long each call took, by index."""
+    """Every averager averages ``[full(100, index)]`` in ``round_key`` at once (``delays_s``
+    later for those it names); the outcomes and how long each call took, by index."""
     outcomes: dict[int, AverageOutcome] = {}
     took_s: dict[int, float] = {}
     errors: list[BaseException] = []
 
     def peer(index: int) -> None:
         try:
+            time.sleep((delays_s or {}).get(index, 0.0))
             started = time.monotonic()
             outcomes[index] = averagers[index].average(
                 [torch.full((100,), float(index))], round_key=round_key, weight=1.0
@@ -90,11 +93,44 @@ def test_a_peer_whose_clock_is_off_by_more_than_the_window_averages_with_the_oth
                 assert took_s[index] < JOIN_WINDOW_S, (round_, index, took_s)
 
         async def offset_of_skewed(node: Node) -> float | None:
-            return node.peer_clocks.offset_s(averagers[2].peer_id)
+            return node.peer_clocks.offset_s(averagers[2].peer_id, now_s=node.clock.monotonic())
 
         # The heartbeats' answers carry the responder's clock: the skew was measured as it is.
         measured = averagers[0].node_thread.run(offset_of_skewed, timeout_s=10)
         assert measured == pytest.approx(skew_s, abs=0.1)
+
+
+def test_members_agree_while_a_newcomer_arrives_among_clocks_that_disagree() -> None:
+    """A (on time) and B (3 s ahead) average: with two peers nobody can tell whose clock is
+    right. C (on time) joins 4 s late to the next round, more than the window: whoever counts
+    whom, no member waits for one that does not count it (no failed peers, no deadline). From
+    then on B is the odd one out and stamps on A's and C's clock: all three average at once."""
+    config = SwarmAveragerConfig(
+        run_id="newcomer", join_window_s=JOIN_WINDOW_S, round_timeout_s=10.0, backend="p2p"
+    )
+    clocks = [SystemClock(), SkewedClock(3.0), SystemClock()]
+    with contextlib.ExitStack() as stack:
+        averagers = []
+        for node_thread in start_node_threads(stack, 3, clocks):
+            averager = SwarmAverager(node_thread, config)
+            stack.callback(averager.close)
+            averagers.append(averager)
+        a, b, c = averagers
+        a.join_run(0)
+        b.join_run(0)
+        outcomes, _ = average_all([a, b], "outer/0")
+        assert [o.group_size for o in outcomes.values()] == [2, 2], outcomes
+        c.join_run(0)
+        outcomes, took_s = average_all(averagers, "outer/1", delays_s={2: 4.0})
+        for index, outcome in outcomes.items():
+            assert outcome.failed_peers == [], (index, outcome)
+            assert took_s[index] < JOIN_WINDOW_S + 2.0, (index, took_s)
+        for round_ in (2, 3):
+            outcomes, took_s = average_all(averagers, f"outer/{round_}")
+            for index, outcome in outcomes.items():
+                assert outcome.group_size == 3, (round_, index, outcome)
+                torch.testing.assert_close(outcome.tensors[0], torch.full((100,), 1.0))
+                assert took_s[index] < JOIN_WINDOW_S, (round_, index, took_s)
 
 
 def test_an_entry_stamped_hours_ahead_is_neither_awaited_nor_counted() -> None:

@@ -500,11 +500,13 @@ class Node:
         remote_wall_s = await self._transport.ping(
             peer_id, with_record=with_record, timeout_s=timeout_s
         )
+        now_s = self.clock.monotonic()
         self.peer_clocks.note(
             peer_id,
             sent_wall_s=sent_wall_s,
-            round_trip_s=self.clock.monotonic() - sent_s,
+            round_trip_s=now_s - sent_s,
             remote_wall_s=remote_wall_s,
+            now_s=now_s,
         )
 
     def on_bulk(self, topic: str, handler: BulkHandler) -> None:

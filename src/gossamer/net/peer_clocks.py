@@ -1,17 +1,19 @@
-"""How far other peers' wall clocks are from this one's, and a time base peers agree on.
+"""How far other peers' wall clocks are from this one's, and whether this one is the odd one out.
 
-Every heartbeat answer carries the responder's wall clock. With the round trip measured on this
-peer's monotonic clock, the responder's offset is ``remote - (sent + rtt / 2)``, wrong by at most
-half the round trip (the answer was stamped somewhere inside it). Of a peer's latest samples the
-one with the shortest round trip counts: queueing delays only ever lengthen a round trip, so the
-shortest one bounds the error best (NTP's clock filter does the same).
+Every ping and heartbeat answer carries the responder's wall clock. With the round trip measured
+on this peer's monotonic clock, the responder's offset is ``remote - (sent + rtt / 2)``, wrong by
+at most half the round trip (the answer was stamped somewhere inside it). Of a peer's recent
+samples the one with the shortest round trip counts: queueing only ever lengthens a round trip,
+so the shortest bounds the error best (NTP's clock filter does the same).
 
 Coordination that compares wall times stamped on different machines (round formation's join
-windows and closes) uses :meth:`PeerClocks.swarm_offset_s`: the median of the offsets of a set
-of peers, this one's own (0) included. When every peer takes the median over the same set, they
-arrive at the same time base, the median of their clocks: with clocks ``c_j``, peer ``i`` measures
-``c_j - c_i`` and ends at ``c_i + median_j(c_j - c_i) = median_j(c_j)``. One clock far off (or a
-peer that lies about its own) moves that median by at most one rank.
+windows and closes) needs clocks that agree to within its grace. :meth:`PeerClocks.correction_s`
+moves this peer onto the clock a strict majority of a set of peers (itself counted) share, when
+it is not on it itself: a peer whose clock is seconds off then stamps as the others do. A peer on
+the majority's clock never moves, so swarms whose clocks agree behave as if nothing were
+measured, and two peers can never move onto different clocks (two strict majorities of one set
+share a member). Without a strict majority (two peers that disagree, a swarm split in halves)
+nobody moves: there is no telling which clock is right.
 """
 
 from __future__ import annotations
@@ -30,62 +32,87 @@ _MAX_SANE_WALL_S = 1e11
 
 @dataclass(frozen=True, slots=True)
 class ClockSample:
-    """One heartbeat's measure of a peer's clock."""
+    """One answer's measure of a peer's clock."""
 
     offset_s: float
     """The peer's wall clock minus this peer's, at the moment of the answer."""
     round_trip_s: float
-    """The heartbeat's round trip; the offset is wrong by at most half of it."""
+    """The round trip; the offset is wrong by at most half of it."""
+    taken_at_s: float
+    """This peer's monotonic clock when the answer came."""
 
 
 class PeerClocks:
-    """The offsets of other peers' wall clocks, from heartbeat round trips.
+    """The offsets of other peers' wall clocks, from ping and heartbeat round trips.
 
     Args:
-        num_samples: samples kept per peer; the one with the shortest round trip counts.
+        num_samples: samples kept per peer; of those fresh enough, the one with the shortest
+            round trip counts.
+        max_age_s: samples older than this do not count (a peer that stopped answering, or
+            whose clock was stepped, is not judged on what it said long ago).
     """
 
-    def __init__(self, num_samples: int = 8) -> None:
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    def __init__(self, num_samples: int = 8, max_age_s: float = 10.0) -> None:
+        if num_samples < 1 or not max_age_s > 0:
+            raise ValueError(
+                f"num_samples and max_age_s must be positive, got {num_samples} and {max_age_s}"
+            )
         self._num_samples = num_samples
+        self._max_age_s = max_age_s
         self._samples: dict[str, deque[ClockSample]] = {}
 
     def note(
-        self, peer_id: str, *, sent_wall_s: float, round_trip_s: float, remote_wall_s: float
+        self,
+        peer_id: str,
+        *,
+        sent_wall_s: float,
+        round_trip_s: float,
+        remote_wall_s: float,
+        now_s: float,
     ) -> None:
-        """Record a heartbeat to ``peer_id`` sent at ``sent_wall_s`` (this peer's clock) whose
-        answer, stamped ``remote_wall_s`` by the peer, came ``round_trip_s`` later.
+        """Record an answer of ``peer_id``, stamped ``remote_wall_s`` by it, to a request sent
+        at ``sent_wall_s`` (this peer's wall clock) that came ``round_trip_s`` later, at
+        ``now_s`` (this peer's monotonic clock).
 
-        Answers without a usable stamp (0 from a peer that does not send one, not finite, out of
-        any clock's range) are ignored.
+        Answers without a usable stamp (0 from a peer that sends none, not finite, out of any
+        clock's range) are ignored.
         """
         if not (0.0 < remote_wall_s < _MAX_SANE_WALL_S and math.isfinite(sent_wall_s)):
             return
         if not (math.isfinite(round_trip_s) and round_trip_s >= 0.0):
             return
-        sample = ClockSample(remote_wall_s - (sent_wall_s + round_trip_s / 2), round_trip_s)
+        sample = ClockSample(remote_wall_s - (sent_wall_s + round_trip_s / 2), round_trip_s, now_s)
         self._samples.setdefault(peer_id, deque(maxlen=self._num_samples)).append(sample)
 
-    def best(self, peer_id: str) -> ClockSample | None:
-        """The sample of ``peer_id`` with the shortest round trip, or None without one."""
-        samples = self._samples.get(peer_id)
-        return min(samples, key=lambda s: s.round_trip_s) if samples else None
+    def best(self, peer_id: str, *, now_s: float) -> ClockSample | None:
+        """The fresh sample of ``peer_id`` with the shortest round trip, or None."""
+        fresh = [
+            s for s in self._samples.get(peer_id, ()) if now_s - s.taken_at_s <= self._max_age_s
+        ]
+        return min(fresh, key=lambda s: s.round_trip_s) if fresh else None
 
-    def offset_s(self, peer_id: str) -> float | None:
-        """``peer_id``'s wall clock minus this peer's, or None before any sample."""
-        best = self.best(peer_id)
+    def offset_s(self, peer_id: str, *, now_s: float) -> float | None:
+        """``peer_id``'s wall clock minus this peer's, or None without a fresh sample."""
+        best = self.best(peer_id, now_s=now_s)
         return best.offset_s if best is not None else None
 
-    def swarm_offset_s(self, peers: Iterable[str]) -> float:
-        """What to add to this peer's wall clock for the median clock of ``peers`` and itself.
+    def correction_s(self, peers: Iterable[str], *, now_s: float, agree_s: float) -> float:
+        """What to add to this peer's wall clock to be on the clock most of ``peers`` share.
 
-        Peers without a sample yet are left out. See the module docstring for why every peer
-        taking the median over the same set arrives at the same time.
+        Clocks within ``agree_s`` of each other count as one. The answer is 0 unless a strict
+        majority of ``peers`` with a fresh sample and this peer together lie within ``agree_s``
+        of their median and this peer is not among them; then it is that median. See the module
+        docstring for why peers that move never disagree.
         """
-        offsets = [0.0]
-        for peer in peers:
-            offset = self.offset_s(peer)
-            if offset is not None:
-                offsets.append(offset)
-        return statistics.median(offsets)
+        offsets = sorted(
+            offset
+            for offset in (self.offset_s(p, now_s=now_s) for p in set(peers))
+            if offset is not None
+        )
+        if len(offsets) < 2:  # with one other, no majority excludes this peer
+            return 0.0
+        middle = statistics.median(offsets)
+        if abs(middle) <= agree_s:
+            return 0.0  # on the clock the others share (or they share none without this one)
+        near = sum(1 for offset in offsets if abs(offset - middle) <= agree_s)
+        return middle if near > (len(offsets) + 1) / 2 else 0.0

@@ -204,9 +204,10 @@ class SwarmAveragerConfig:
     poll_interval_s: float = 0.1
     """How often a peer waiting for a round's members reads the DHT again when no nudge came
     (half of it while it waits for the others' closes)."""
-    clock_tolerance_s: float = 1.0
-    """A round entry stamped further ahead of the swarm's time than this is not believed: its
-    writer is neither waited for nor counted (it would come after any close)."""
+    clock_tolerance_s: float = 5.0
+    """A round entry stamped further ahead of this peer's time than this is not believed: its
+    writer is neither waited for nor counted (it would come after any close). Bounds how long a
+    clock set wrong (or a peer that lies) holds the others."""
     backend: str = "auto"
     """``p2p`` (comm's all-reduce over the peers' authenticated links), ``torch`` (a
     torch.distributed gloo or NCCL group of the agreed members, fp32) or ``auto``: torch where
@@ -320,7 +321,10 @@ class SwarmAverager:
         them (see :meth:`announce_joining`)."""
         self._run_peers: set[str] | None = None
         """The run's other active peers as the last round's formation read them (None before
-        the first): whose clocks the next round's time base is the median of."""
+        the first): whose clocks the next round's stamps agree with."""
+        self._clock_correction_warned_s = 0.0
+        self._clock_warned: set[str] = set()
+        """Peers whose clocks were reported off (again once they agree and go off anew)."""
 
         self._nudged: dict[str, asyncio.Event] = {}
         """Rounds this peer is forming, set when a peer nudges (used on the node's loop only)."""
@@ -947,13 +951,13 @@ class SwarmAverager:
         poll_s = self.config.poll_interval_s
         entry_key = round_entry_key(key)
         close_key = _close_key(key)
-        offset_s = await self._swarm_offset_s(node)
+        correction_s = await self._clock_correction_s(node)
         # Stamped after the lookup, so it is on the replicas one store's round trip after its
         # stamp: a peer that closes the round after that stamp reads it by its grace's end.
         replicas = await node.dht.lookup(entry_key)
 
         def now() -> float:
-            return self._clock.wall() + offset_s
+            return self._clock.wall() + correction_s
 
         stamp = now()
         figure = self.meter.estimate_bytes_per_s
@@ -980,15 +984,20 @@ class SwarmAverager:
         alive_at_start = {p for p in expected if self._alive(node, p)}
         close_at: float | None = None
         everyone_came = False
+        reported_ahead: set[str] = set()
         while True:
             entries[node.peer_id] = stamp
             ahead = {p for p, at in entries.items() if at > now() + self.config.clock_tolerance_s}
             if ahead:  # after any close this peer could make: neither a member nor awaited
-                logger.warning(
-                    "round %s: entries of %s are stamped ahead of the swarm's time",
-                    key,
-                    ", ".join(sorted(p[:8] for p in ahead)),
-                )
+                if ahead - reported_ahead:
+                    logger.warning(
+                        "round %s: the entries of %s are stamped over %.1f s ahead of this "
+                        "peer's time; they are left out of the round",
+                        key,
+                        ", ".join(sorted(p[:8] for p in ahead - reported_ahead)),
+                        self.config.clock_tolerance_s,
+                    )
+                    reported_ahead |= ahead
                 entries = {p: at for p, at in entries.items() if p not in ahead}
             opens_at = min(entries.values())
             awaited = {p for p in expected if self._alive(node, p)} - ahead
@@ -1049,20 +1058,26 @@ class SwarmAverager:
             group, missing, plan_weights([_figure(r) for r in records.values()]), records
         )
 
-    async def _swarm_offset_s(self, node: Node) -> float:
-        """What to add to this peer's wall clock for the run's time base: the median clock of
-        the run's active peers and this one (see :class:`~gossamer.net.peer_clocks.PeerClocks`).
+    async def _clock_correction_s(self, node: Node) -> float:
+        """What to add to this peer's wall clock for round formation: nothing while it agrees
+        with most of the run's peers, the majority's offset when it alone is off (see
+        :meth:`~gossamer.net.peer_clocks.PeerClocks.correction_s`).
 
-        Round formation compares stamps made on different machines; on each peer's own clock a
-        peer whose clock is behind would find every round closed before it came, and one ahead
-        would hold the others past their windows. Peers whose clocks were never sampled (the
-        first round, a newcomer) are pinged first, for at most :data:`_CLOCK_SAMPLE_TIMEOUT_S`.
+        Round formation compares stamps made on different machines: a peer whose clock is
+        behind would find every round closed before it came, one ahead would hold the others
+        past their windows. Peers whose clocks were never sampled (the first round, a newcomer)
+        are pinged first, for at most :data:`_CLOCK_SAMPLE_TIMEOUT_S`.
         """
         peers = self._run_peers
         if peers is None:
             peers = _active(await self._memberships(node), node.peer_id)
         peers = peers | set(self.joining)
-        unsampled = [p for p in peers if node.peer_clocks.best(p) is None and self._alive(node, p)]
+        now_s = self._clock.monotonic()
+        unsampled = [
+            p
+            for p in peers
+            if node.peer_clocks.best(p, now_s=now_s) is None and self._alive(node, p)
+        ]
 
         async def sample(peer: str) -> None:
             try:
@@ -1071,7 +1086,36 @@ class SwarmAverager:
                 logger.debug("clock of %s not sampled: %s", peer[:8], exc)
 
         await asyncio.gather(*(sample(p) for p in unsampled))
-        return node.peer_clocks.swarm_offset_s(peers)
+        now_s = self._clock.monotonic()
+        agree_s = self.config.propagation_grace_s / 2
+        correction_s = node.peer_clocks.correction_s(peers, now_s=now_s, agree_s=agree_s)
+        if abs(correction_s - self._clock_correction_warned_s) > agree_s:
+            self._clock_correction_warned_s = correction_s
+            if correction_s:
+                logger.warning(
+                    "peer %s: this machine's clock is %+.2f s from the one most of run %s's "
+                    "peers share; rounds use theirs. Synchronise the clock (NTP).",
+                    node.peer_id[:8],
+                    -correction_s,
+                    self.config.run_id,
+                )
+        for peer in sorted(peers):
+            offset_s = node.peer_clocks.offset_s(peer, now_s=now_s)
+            off = offset_s is not None and abs(offset_s - correction_s) > agree_s
+            if off and peer not in self._clock_warned:
+                self._clock_warned.add(peer)
+                logger.warning(
+                    "peer %s: peer %s's clock is %+.2f s from this one's: rounds need clocks "
+                    "within %.2f s of each other (a peer behind comes after rounds close, one "
+                    "ahead holds the others). Synchronise the clocks (NTP).",
+                    node.peer_id[:8],
+                    peer[:8],
+                    offset_s - correction_s if offset_s is not None else 0.0,
+                    agree_s,
+                )
+            elif not off:
+                self._clock_warned.discard(peer)
+        return correction_s
 
     async def _on_nudge(self, sender: str, topic: str, payload: bytearray) -> None:
         """A peer announced itself or closed a round: read that round's records again now."""
