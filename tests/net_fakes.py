@@ -45,7 +45,7 @@ class FakeDhtNetwork:
         )
         record = sign_peer_record(
             identity,
-            net_pb2.PeerRecordValue(addresses=[f"mem:{identity.peer_id[:8]}"]),
+            net_pb2.PeerRecordValue(addresses=[f"{identity.peer_id[:8]}.mem:1"]),
             now_s=self.clock.wall(),
             ttl_s=self.config.record_ttl_s,
         )
@@ -56,7 +56,7 @@ class FakeDhtNetwork:
     def renew(self, dht: Dht) -> None:
         record = sign_peer_record(
             dht.identity,
-            net_pb2.PeerRecordValue(addresses=["mem:x"]),
+            net_pb2.PeerRecordValue(addresses=["x.mem:1"]),
             now_s=self.clock.wall(),
             ttl_s=self.config.record_ttl_s,
         )

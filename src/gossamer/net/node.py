@@ -369,6 +369,10 @@ class Node:
                     await self.dht.refresh()
             except GossamerError as exc:
                 _log.warning("peer %s: maintenance step failed: %s", self.short_id, exc)
+            except AssertionError:
+                raise
+            except Exception:  # a bug, not the network: logged whole; records still renewed
+                _log.exception("peer %s: maintenance step failed unexpectedly", self.short_id)
 
     # ---- reachability and relays -----------------------------------------------------------
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 
 from gossamer.core.errors import AuthenticationError, ProtocolError
+from gossamer.net.addresses import split_host_port
 from gossamer.net.identity import (
     PUBLIC_KEY_BYTES,
     Identity,
@@ -169,6 +170,8 @@ def parse_peer_record(
         raise ProtocolError("peer record lists too many addresses or relays")
     if any(len(a) > _MAX_ADDRESS_CHARS for a in value.addresses):
         raise ProtocolError("peer record address too long")
+    for address in [*value.addresses, *(r.relay_address for r in value.relays)]:
+        split_host_port(address)  # one a dial would choke on makes the whole record unusable
     if len(value.capabilities.gpu_names) > _MAX_GPU_NAMES:
         raise ProtocolError("peer record lists too many GPUs")
     return PeerRecord(

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gossamer.core.errors import DeadlineExceededError, PeerUnavailableError, ProtocolError
+from gossamer.net.addresses import split_host_port
 
 __all__ = ["TLS_SERVER_NAME", "TlsCertificate", "cert_pem_of_der", "probe_server_certificate"]
 
@@ -91,10 +92,10 @@ def cert_pem_of_der(cert_der: bytes) -> bytes:
 
 
 def _split_host_port(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise PeerUnavailableError(f"not a host:port address: {address!r}")
-    return host.strip("[]"), int(port)
+    try:
+        return split_host_port(address)
+    except ProtocolError as exc:
+        raise PeerUnavailableError(f"cannot dial {address!r}: {exc}") from exc
 
 
 async def probe_server_certificate(address: str, timeout_s: float) -> bytes:
@@ -121,7 +122,7 @@ async def probe_server_certificate(address: str, timeout_s: float) -> bytes:
             der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
     except TimeoutError as exc:
         raise DeadlineExceededError(f"TLS probe of {address} took over {timeout_s} s") from exc
-    except (OSError, ssl.SSLError) as exc:
+    except (OSError, ssl.SSLError, ValueError, UnicodeError, OverflowError) as exc:
         raise PeerUnavailableError(f"cannot reach {address}: {exc}") from exc
     finally:
         if writer is not None:

@@ -1,0 +1,43 @@
+"""The one form of address peers may name to each other: HOST:PORT, checked before any dial.
+
+Addresses come in other peers' signed records; signed only says who wrote them, not that they
+make sense. A port past 65535, a Unicode digit, a NUL or an over-long hostname label made the
+socket layer raise errors that are not Gossamer's (OverflowError, ValueError, UnicodeError) deep
+inside a lookup. Every such address is refused where it enters: when its record is parsed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from gossamer.core.errors import ProtocolError
+
+__all__ = ["split_host_port"]
+
+_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+_MAX_HOSTNAME_CHARS = 253
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """``(host, port)`` of ``HOST:PORT``: an IPv4 literal, a bracketed IPv6 literal or a DNS
+    hostname (ASCII labels of 1..63 letters, digits, underscores and inner hyphens), and a port
+    in 1..65535.
+
+    Raises:
+        ProtocolError: anything else, saying what is wrong.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise ProtocolError(f"not HOST:PORT with a port in 1..65535: {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError as exc:
+            raise ProtocolError(f"not an IPv6 literal: {host!r}") from exc
+        return host[1:-1], int(port)
+    if len(host) > _MAX_HOSTNAME_CHARS or not all(
+        _LABEL.fullmatch(label) for label in host.split(".")
+    ):
+        raise ProtocolError(f"not an IPv4 literal or DNS hostname: {host!r}")
+    return host, int(port)
