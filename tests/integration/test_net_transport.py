@@ -25,6 +25,7 @@ from gossamer.net.connections import DialTarget
 from gossamer.net.dht_service import DHT_METHODS
 from gossamer.net.identity import Identity
 from gossamer.net.node import Node
+from gossamer.net.records import sign_peer_record
 from gossamer.net.server import current_session
 from gossamer.net.tls import TLS_SERVER_NAME, cert_pem_of_der
 from gossamer.proto import net_pb2, net_pb2_grpc
@@ -149,6 +150,38 @@ def test_unreachable_peer_and_deadlines_map_to_retryable_errors() -> None:
                         retry=False,
                     )
                 assert time.monotonic() - started < 2
+
+    _run(scenario)
+
+
+def test_a_record_listing_many_silent_addresses_costs_one_dial_deadline() -> None:
+    """Four listeners that accept TCP and never speak, each listed four times: a connection
+    gave every address the whole deadline in turn (16 deadlines)."""
+
+    async def scenario() -> None:
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read()  # until the dialler gives up and closes
+            writer.close()
+
+        listeners = [await asyncio.start_server(silent, "127.0.0.1", 0) for _ in range(4)]
+        try:
+            ports = [listener.sockets[0].getsockname()[1] for listener in listeners]
+            async with Node(_config()) as a:
+                other = Identity.generate()
+                record = sign_peer_record(
+                    other,
+                    net_pb2.PeerRecordValue(addresses=[f"127.0.0.1:{p}" for p in ports] * 4),
+                    now_s=time.time(),
+                    ttl_s=60,
+                )
+                a.dht.learn(record)
+                started = time.monotonic()
+                with pytest.raises(DeadlineExceededError):
+                    await a.pool.connection(other.peer_id, timeout_s=0.5)
+                assert time.monotonic() - started < 1.5
+        finally:
+            for listener in listeners:
+                listener.close()
 
     _run(scenario)
 

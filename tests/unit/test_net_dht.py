@@ -11,10 +11,13 @@ from hypothesis import strategies as st
 
 from gossamer.core.clock import FakeClock
 from gossamer.core.errors import AuthenticationError, ProtocolError
-from gossamer.net.config import DhtConfig
+from gossamer.net.config import DhtConfig, LimitsConfig
+from gossamer.net.counters import NetCounters
+from gossamer.net.dht import Dht
+from gossamer.net.directory import PeerDirectory
 from gossamer.net.identity import Identity
 from gossamer.net.peer_filter import MAX_FILTER_BYTES, PeerFilter
-from gossamer.net.records import sign_record
+from gossamer.net.records import sign_peer_record, sign_record
 from gossamer.net.routing import xor_distance
 from gossamer.proto import net_pb2
 from net_fakes import FakeDhtNetwork
@@ -260,3 +263,60 @@ def test_the_peer_filter_false_positive_rate_is_about_one_percent() -> None:
     with pytest.raises(ProtocolError, match="no bits"):
         PeerFilter.parse(bytes(8))
     assert len(PeerFilter.build(others).to_bytes()) == MAX_FILTER_BYTES
+
+
+class EndlessSybilsTransport:
+    """Every answer takes a second and names eight peers never seen before."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.num_requests = 0
+
+    async def find_node(
+        self, peer_id: str, target: bytes, known_filter: bytes = b""
+    ) -> list[net_pb2.SignedPeerRecord]:
+        self.num_requests += 1
+        self.clock.advance(1.0)
+        return [
+            sign_peer_record(
+                Identity.generate(),
+                net_pb2.PeerRecordValue(addresses=["10.0.0.1:1"]),
+                now_s=self.clock.wall(),
+                ttl_s=60,
+            )
+            for _ in range(8)
+        ]
+
+    async def find_value(
+        self, peer_id: str, key: bytes
+    ) -> tuple[list[net_pb2.SignedRecord], list[net_pb2.SignedPeerRecord]]:
+        return [], await self.find_node(peer_id, key)
+
+    async def store(self, peer_id: str, record: net_pb2.SignedRecord) -> bool:
+        return True
+
+
+def test_a_lookup_ends_at_its_deadline_however_many_new_peers_answers_name() -> None:
+    """Before the deadline, such a lookup ran its 64 steps: 3 requests of a second each."""
+    clock = FakeClock()
+    config = DhtConfig(bucket_size=8, parallelism=3, lookup_timeout_s=10.0)
+    limits = LimitsConfig()
+    identity = Identity.generate()
+    counters = NetCounters()
+    directory = PeerDirectory(
+        identity.peer_id,
+        clock,
+        counters,
+        max_value_bytes=limits.max_record_value_bytes,
+        max_peers=10_000,
+    )
+    transport = EndlessSybilsTransport(clock)
+    dht = Dht(identity, config, limits, clock, counters, directory, transport)
+    for record in asyncio.run(transport.find_node("", b"")):
+        dht.learn(record)
+    started = clock.monotonic()
+    found = asyncio.run(dht.lookup(hashlib.sha256(b"anything").digest()))
+    assert len(found) == config.bucket_size
+    # Every step's requests ran "at once" here, each advancing the clock a second.
+    assert clock.monotonic() - started <= config.lookup_timeout_s + config.parallelism
+    assert transport.num_requests <= config.lookup_timeout_s + config.parallelism

@@ -135,6 +135,10 @@ class DhtConfig:
     """How often a random lookup refreshes the routing table and the peer directory."""
     rpc_timeout_s: float = 2.0
     """Deadline of one DHT request."""
+    lookup_timeout_s: float = 10.0
+    """Deadline of one lookup (all its steps): past it, the nearest peers that answered so far
+    are its result. Peers that keep naming new far-off peers, or answer slowly, cannot hold a
+    lookup (and the node's maintenance, which runs them) longer."""
     max_peer_directory: int = 10_000
     """Peer records kept in the directory of known peers."""
 
@@ -150,6 +154,11 @@ class DhtConfig:
         )
         _require(self.refresh_interval_s > 0, "dht.refresh_interval_s", "must be positive")
         _require(self.rpc_timeout_s > 0, "dht.rpc_timeout_s", "must be positive")
+        _require(
+            self.lookup_timeout_s >= self.rpc_timeout_s,
+            "dht.lookup_timeout_s",
+            f"must be at least dht.rpc_timeout_s ({self.rpc_timeout_s})",
+        )
         _require(self.max_peer_directory >= 1, "dht.max_peer_directory", ">= 1")
 
 

@@ -47,6 +47,9 @@ _log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Message)
 _HELLO = "/gossamer.net.v1.Handshake/Hello"
 _PROVE = "/gossamer.net.v1.Handshake/Prove"
+_MIN_DIAL_SHARE_S = 2.0
+"""Least time a dial gets while the deadline allows (TLS and the handshake take a few round
+trips): a peer listing many addresses has the first ones tried properly, not all hurried."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,16 +312,27 @@ class ConnectionPool:
             existing = self._connections.get(peer_id)
             if existing is not None:
                 return existing
-            targets = self._resolve(peer_id)
+            targets = list({(t.address, t.kind): t for t in self._resolve(peer_id)}.values())
             if not targets:
                 raise PeerUnavailableError(f"no known address for peer {short_peer_id(peer_id)}")
+            # One deadline for all the ways in: a record listing many addresses that never
+            # answer must not make one call take a dial timeout per address.
+            deadline = self._clock.monotonic() + (timeout_s or self._config.connect_timeout_s)
             last: GossamerError | None = None
-            for target in targets:
+            for num_left in range(len(targets), 0, -1):
+                target = targets[-num_left]
+                remaining_s = deadline - self._clock.monotonic()
+                if remaining_s <= 0:
+                    break
+                share_s = max(remaining_s / num_left, min(remaining_s, _MIN_DIAL_SHARE_S))
                 try:
-                    return await self.dial(target, expected_peer_id=peer_id, timeout_s=timeout_s)
+                    return await self.dial(target, expected_peer_id=peer_id, timeout_s=share_s)
                 except (RetryableError, ProtocolError) as exc:
                     last = exc
-            assert last is not None
+            if last is None:
+                raise DeadlineExceededError(
+                    f"connecting to {short_peer_id(peer_id)} ran past its deadline"
+                )
             raise last
 
     async def call(

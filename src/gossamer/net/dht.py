@@ -324,16 +324,22 @@ class Dht:
         def distance(peer_id: str) -> int:
             return int.from_bytes(digest_of_peer_id(peer_id), "big") ^ target_int
 
+        deadline = self.clock.monotonic() + self.config.lookup_timeout_s
         for _ in range(max_rounds):
+            remaining_s = deadline - self.clock.monotonic()
             nearest = sorted(candidates - {self.identity.peer_id}, key=distance)[:k]
             batch = [p for p in nearest if p not in queried][:alpha]
-            if not batch:
+            if not batch or remaining_s <= 0:
                 break
             queried.update(batch)
-            results = await asyncio.gather(
-                *(self._ask(p, target, want_value, known_filter) for p in batch),
-                return_exceptions=False,
-            )
+            asks = [
+                asyncio.ensure_future(self._ask(p, target, want_value, known_filter)) for p in batch
+            ]
+            _, late = await asyncio.wait(asks, timeout=remaining_s)
+            for ask in late:  # the lookup's deadline passed: they count as no answer
+                ask.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+            results = [(False, [], []) if ask in late else ask.result() for ask in asks]
             for peer_id, (ok, found_records, found_peers) in zip(batch, results, strict=True):
                 if not ok:
                     candidates.discard(peer_id)
