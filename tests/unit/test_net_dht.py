@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -17,7 +18,7 @@ from gossamer.net.dht import Dht
 from gossamer.net.directory import PeerDirectory
 from gossamer.net.identity import Identity
 from gossamer.net.peer_filter import MAX_FILTER_BYTES, PeerFilter
-from gossamer.net.records import sign_peer_record, sign_record
+from gossamer.net.records import MAX_RECORD_TTL_S, sign_peer_record, sign_record
 from gossamer.net.routing import xor_distance
 from gossamer.proto import net_pb2
 from net_fakes import FakeDhtNetwork
@@ -265,6 +266,27 @@ def test_the_peer_filter_false_positive_rate_is_about_one_percent() -> None:
     assert len(PeerFilter.build(others).to_bytes()) == MAX_FILTER_BYTES
 
 
+def lone_dht(
+    clock: FakeClock,
+    transport: Any,
+    *,
+    config: DhtConfig = CONFIG,
+    limits: LimitsConfig | None = None,
+) -> Dht:
+    """A DHT node of its own over ``transport``."""
+    limits = limits or LimitsConfig()
+    identity = Identity.generate()
+    counters = NetCounters()
+    directory = PeerDirectory(
+        identity.peer_id,
+        clock,
+        counters,
+        max_value_bytes=limits.max_record_value_bytes,
+        max_peers=10_000,
+    )
+    return Dht(identity, config, limits, clock, counters, directory, transport)
+
+
 class EndlessSybilsTransport:
     """Every answer takes a second and names eight peers never seen before."""
 
@@ -300,18 +322,8 @@ def test_a_lookup_ends_at_its_deadline_however_many_new_peers_answers_name() -> 
     """Before the deadline, such a lookup ran its 64 steps: 3 requests of a second each."""
     clock = FakeClock()
     config = DhtConfig(bucket_size=8, parallelism=3, lookup_timeout_s=10.0)
-    limits = LimitsConfig()
-    identity = Identity.generate()
-    counters = NetCounters()
-    directory = PeerDirectory(
-        identity.peer_id,
-        clock,
-        counters,
-        max_value_bytes=limits.max_record_value_bytes,
-        max_peers=10_000,
-    )
     transport = EndlessSybilsTransport(clock)
-    dht = Dht(identity, config, limits, clock, counters, directory, transport)
+    dht = lone_dht(clock, transport, config=config)
     for record in asyncio.run(transport.find_node("", b"")):
         dht.learn(record)
     started = clock.monotonic()
@@ -320,3 +332,55 @@ def test_a_lookup_ends_at_its_deadline_however_many_new_peers_answers_name() -> 
     # Every step's requests ran "at once" here, each advancing the clock a second.
     assert clock.monotonic() - started <= config.lookup_timeout_s + config.parallelism
     assert transport.num_requests <= config.lookup_timeout_s + config.parallelism
+
+
+def test_one_publisher_fills_at_most_its_share_of_the_store() -> None:
+    clock = FakeClock()
+    limits = LimitsConfig(max_stored_records=10, max_records_per_publisher=4)
+    dht = lone_dht(clock, EndlessSybilsTransport(clock), limits=limits)
+    hog, other = Identity.generate(), Identity.generate()
+
+    def record(identity: Identity, i: int) -> net_pb2.SignedRecord:
+        key = hashlib.sha256(f"k{i}".encode()).digest()
+        return sign_record(identity, key, b"v", now_s=clock.wall(), ttl_s=MAX_RECORD_TTL_S)
+
+    for i in range(4):
+        dht.handle_store(record(hog, i))
+    for i in range(4, 50):  # refused: and nothing is left behind for them (no empty keys)
+        with pytest.raises(ProtocolError, match="of this publisher"):
+            dht.handle_store(record(hog, i))
+    assert len(dht._store) == 4
+    for i in range(6):  # others still find room, up to the store's total
+        dht.handle_store(record(other if i < 4 else Identity.generate(), 100 + i))
+    with pytest.raises(ProtocolError, match="no more records$"):
+        dht.handle_store(record(Identity.generate(), 200))
+    assert len(dht._store) == 10
+    # This node's own records always fit: it stores them before they go out.
+    own = sign_record(dht.identity, b"\1" * 32, b"mine", now_s=clock.wall(), ttl_s=60)
+    assert asyncio.run(dht.store_on_closest(own, closest=[])) == 0
+    assert [r.value for r in dht.local_records(b"\1" * 32)] == [b"mine"]
+
+
+def test_a_peer_s_record_under_its_own_id_fits_when_others_filled_the_key() -> None:
+    clock = FakeClock()
+    limits = LimitsConfig(max_records_per_key=4)
+    dht = lone_dht(clock, EndlessSybilsTransport(clock), limits=limits)
+    owner = Identity.generate()
+    for ttl_s in (100.0, 50.0, 300.0, 200.0):  # others fill the key under owner's id
+        dht.handle_store(
+            sign_record(Identity.generate(), owner.digest, b"x", now_s=clock.wall(), ttl_s=ttl_s)
+        )
+    with pytest.raises(ProtocolError, match="too many publishers"):
+        dht.handle_store(
+            sign_record(Identity.generate(), owner.digest, b"x", now_s=clock.wall(), ttl_s=60)
+        )
+    mine = sign_record(owner, owner.digest, b"me", now_s=clock.wall(), ttl_s=60)
+    dht.handle_store(mine)
+    kept = dht.local_records(owner.digest)
+    assert len(kept) == 4
+    assert mine in kept
+    assert sorted(r.expires_at_s - r.published_at_s for r in kept if r != mine) == [
+        100.0,
+        200.0,
+        300.0,
+    ]  # the one nearest expiry made room

@@ -89,6 +89,8 @@ class LimitsConfig:
     """Records (one per publisher) kept under one DHT key."""
     max_stored_records: int = 100_000
     """Records a node stores for others in all."""
+    max_records_per_publisher: int = 10_000
+    """Records of one publisher a node stores for it (a tenth of the store by default)."""
     max_sessions: int = 10_000
     """Authenticated sessions a server keeps; the oldest is dropped past this."""
     bulk_idle_timeout_s: float = 30.0
@@ -115,6 +117,7 @@ class LimitsConfig:
         _require(self.max_record_value_bytes > 0, "limits.max_record_value_bytes", "> 0")
         _require(self.max_records_per_key >= 1, "limits.max_records_per_key", ">= 1")
         _require(self.max_stored_records >= 1, "limits.max_stored_records", ">= 1")
+        _require(self.max_records_per_publisher >= 1, "limits.max_records_per_publisher", ">= 1")
         _require(self.max_sessions >= 1, "limits.max_sessions", ">= 1")
         _require(self.bulk_idle_timeout_s > 0, "limits.bulk_idle_timeout_s", "must be positive")
 

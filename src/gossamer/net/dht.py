@@ -12,6 +12,7 @@ import asyncio
 import logging
 import random
 import secrets
+from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
 
@@ -93,6 +94,7 @@ class Dht:
         self.routing = RoutingTable(identity.digest, config.bucket_size)
         self._store: dict[bytes, dict[str, net_pb2.SignedRecord]] = {}
         self._num_stored = 0
+        self._num_by_publisher: Counter[str] = Counter()
         self._published: dict[bytes, bytes] = {}
         self._rng = random.Random()
         self.own_record: Callable[[], net_pb2.SignedPeerRecord | None] = lambda: None
@@ -167,8 +169,15 @@ class Dht:
             raise ProtocolError(f"FindValue key has {len(key)} bytes, not 32")
         return self.local_records(key), self._closest_records(key, exclude=sender)
 
-    def handle_store(self, record: net_pb2.SignedRecord) -> None:
+    def handle_store(self, record: net_pb2.SignedRecord, *, own: bool = False) -> None:
         """Keep a record for others, after checking it.
+
+        Room is bounded three ways: records in all (``max_stored_records``), per publisher
+        (``max_records_per_publisher``: one peer cannot fill the store and refuse everyone
+        else's for as long as its records claim to live), per key (``max_records_per_key``;
+        a peer's record under its own id always fits, in place of the one nearest expiry).
+        ``own``: this node's own record, stored before it goes out; bounded by what this node
+        publishes, it is never refused for want of room.
 
         Raises:
             ProtocolError: malformed, oversized, expired, or no room.
@@ -177,19 +186,41 @@ class Dht:
         publisher = check_record(
             record, now_s=self.clock.wall(), max_value_bytes=self.limits.max_record_value_bytes
         )
-        under_key = self._store.setdefault(bytes(record.key), {})
+        key = bytes(record.key)
+        under_key = self._store.get(key, {})
         current = under_key.get(publisher)
         if current is not None and current.published_at_s >= record.published_at_s:
             return
-        if current is None:
+        if current is None and not own:
             if len(under_key) >= self.limits.max_records_per_key:
-                self._drop_expired(record.key)
-                if len(under_key) >= self.limits.max_records_per_key:
+                self._drop_expired(key)
+                under_key = self._store.get(key, {})
+            if len(under_key) >= self.limits.max_records_per_key:
+                if key != digest_of_peer_id(publisher):
                     raise ProtocolError("too many publishers under this key")
+                soonest = min(under_key, key=lambda p: under_key[p].expires_at_s)
+                self._forget(key, soonest)  # the key's own peer comes first under it
             if self._num_stored >= self.limits.max_stored_records:
                 raise ProtocolError("this node stores no more records")
+            if self._num_by_publisher[publisher] >= self.limits.max_records_per_publisher:
+                raise ProtocolError(
+                    f"this node stores no more records of this publisher "
+                    f"({self.limits.max_records_per_publisher})"
+                )
+        if current is None:
             self._num_stored += 1
-        under_key[publisher] = record
+            self._num_by_publisher[publisher] += 1
+        self._store.setdefault(key, {})[publisher] = record
+
+    def _forget(self, key: bytes, publisher: str) -> None:
+        under_key = self._store[key]
+        del under_key[publisher]
+        self._num_stored -= 1
+        self._num_by_publisher[publisher] -= 1
+        if not self._num_by_publisher[publisher]:
+            del self._num_by_publisher[publisher]
+        if not under_key:
+            del self._store[key]
 
     def local_records(self, key: bytes) -> list[net_pb2.SignedRecord]:
         """Valid records this node holds under ``key``."""
@@ -202,10 +233,7 @@ class Dht:
             return
         now = self.clock.wall()
         for publisher in [p for p, r in under_key.items() if r.expires_at_s <= now]:
-            del under_key[publisher]
-            self._num_stored -= 1
-        if not under_key:
-            del self._store[bytes(key)]
+            self._forget(bytes(key), publisher)
 
     def expire(self) -> None:
         """Drop expired stored records and expired peers."""
@@ -285,7 +313,7 @@ class Dht:
             record: the signed record.
             closest: the nearest peers if a lookup just found them; looked up otherwise.
         """
-        self.handle_store(record)
+        self.handle_store(record, own=True)
         if closest is None:
             closest = await self.lookup(record.key)
 
