@@ -186,6 +186,25 @@ def test_a_record_listing_many_silent_addresses_costs_one_dial_deadline() -> Non
     _run(scenario)
 
 
+def test_what_the_pool_keeps_about_a_peer_goes_when_its_record_expires() -> None:
+    async def scenario() -> None:
+        async with Node(_config()) as a:
+            gone = Identity.generate()
+            value = net_pb2.PeerRecordValue(addresses=["127.0.0.1:1"])
+            a.dht.learn(sign_peer_record(gone, value, now_s=time.time(), ttl_s=0.5))
+            with pytest.raises(PeerUnavailableError):
+                await a.pool.connection(gone.peer_id, timeout_s=0.3)
+            a.pool.breakers[gone.peer_id].failed()
+            assert gone.peer_id in a.pool.breakers
+            await asyncio.sleep(0.6)
+            a.directory.expire()
+            assert gone.peer_id not in a.directory
+            assert gone.peer_id not in a.pool.breakers
+            assert gone.peer_id not in a.pool._dial_locks
+
+    _run(scenario)
+
+
 def test_services_of_other_layers_register_after_start_and_see_the_caller() -> None:
     async def scenario() -> None:
         async with Node(_config()) as a, Node(_config()) as b:

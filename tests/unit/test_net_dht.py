@@ -352,7 +352,7 @@ def test_one_publisher_fills_at_most_its_share_of_the_store() -> None:
     assert len(dht._store) == 4
     for i in range(6):  # others still find room, up to the store's total
         dht.handle_store(record(other if i < 4 else Identity.generate(), 100 + i))
-    with pytest.raises(ProtocolError, match="no more records$"):
+    with pytest.raises(ProtocolError, match=r"no more records$"):
         dht.handle_store(record(Identity.generate(), 200))
     assert len(dht._store) == 10
     # This node's own records always fit: it stores them before they go out.
@@ -384,3 +384,47 @@ def test_a_peer_s_record_under_its_own_id_fits_when_others_filled_the_key() -> N
         200.0,
         300.0,
     ]  # the one nearest expiry made room
+
+
+def test_records_claiming_a_week_of_life_do_not_push_live_peers_out_of_a_full_directory() -> None:
+    """The directory evicted the record expiring soonest: 200 records minted to last a week
+    emptied it of the peers that renew theirs every minute (and their routing entries)."""
+    clock = FakeClock()
+    dht = lone_dht(clock, EndlessSybilsTransport(clock))
+    dht.directory = PeerDirectory(
+        dht.identity.peer_id, clock, NetCounters(), max_value_bytes=16384, max_peers=20
+    )
+    dht.directory.on_removed = dht.routing.remove
+    honest = [Identity.generate() for _ in range(10)]
+
+    def record(identity: Identity, ttl_s: float) -> net_pb2.SignedPeerRecord:
+        value = net_pb2.PeerRecordValue(addresses=["10.0.0.1:1"])
+        return sign_peer_record(identity, value, now_s=clock.wall(), ttl_s=ttl_s)
+
+    for identity in honest[:5]:
+        dht.learn(record(identity, 60.0), contacted=True)
+    for identity in honest[5:]:
+        dht.learn(record(identity, 60.0))  # gossiped, never spoken to
+    for _ in range(200):
+        clock.advance(0.01)
+        dht.learn(record(Identity.generate(), MAX_RECORD_TTL_S))
+    for identity in honest[:5]:  # the peers this node spoke to stay
+        assert identity.peer_id in dht.directory
+    clock.advance(10.0)
+    for identity in honest[5:]:  # renewed records are newer than the minted ones: back in
+        dht.learn(record(identity, 60.0))
+    for identity in honest:
+        assert identity.peer_id in dht.directory
+    assert len(dht.directory) == 20
+    # Every peer in routing has a record (one evicted on arrival is routed nowhere).
+    for peer_id in dht.routing.closest(b"\0" * 32, 64):
+        assert peer_id in dht.directory
+
+
+def test_contact_times_of_peers_without_records_do_not_pile_up() -> None:
+    clock = FakeClock()
+    directory = PeerDirectory("me", clock, NetCounters(), max_value_bytes=16384, max_peers=10)
+    for i in range(1000):  # sessions of peers whose records never came
+        directory.contacted(f"peer{i}")
+    directory.expire()
+    assert directory.last_contact_wall_s == {}

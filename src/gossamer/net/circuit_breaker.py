@@ -96,6 +96,9 @@ class CircuitBreakers:
             breaker = self._breakers[peer] = CircuitBreaker(peer, self._config, self._clock)
         return breaker
 
+    def __contains__(self, peer: object) -> bool:
+        return peer in self._breakers
+
     def forget(self, peer: str) -> None:
         """Drop a peer's breaker (the peer is gone for good)."""
         self._breakers.pop(peer, None)

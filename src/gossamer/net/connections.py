@@ -295,6 +295,14 @@ class ConnectionPool:
             raise DeadlineExceededError(f"connecting to {where} ran past its deadline")
         return remaining
 
+    def forget(self, peer_id: str) -> None:
+        """Drop what is kept about a peer that left the directory (its breaker, its dial lock
+        unless a dial holds it): peers come and go, these must not pile up."""
+        self.breakers.forget(peer_id)
+        lock = self._dial_locks.get(peer_id)
+        if lock is not None and not lock.locked():
+            del self._dial_locks[peer_id]
+
     def dial_lock(self, peer_id: str) -> asyncio.Lock:
         """The lock :meth:`connection` holds while it dials ``peer_id``."""
         return self._dial_locks.setdefault(peer_id, asyncio.Lock())

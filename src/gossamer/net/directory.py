@@ -31,7 +31,10 @@ class PeerDirectory:
         clock: wall time for expiry.
         counters: rejected records are counted here.
         max_value_bytes: largest record value accepted.
-        max_peers: entries kept; the one expiring soonest goes first.
+        max_peers: entries kept. Past it, peers this node never had an authenticated exchange
+            with go first, the one whose record was signed longest ago first: a record's
+            claimed lifetime (up to a week) does not keep it, so records minted to last cannot
+            push out live peers that renew theirs.
     """
 
     def __init__(
@@ -83,7 +86,9 @@ class PeerDirectory:
         self._records[record.peer_id] = record
         if current is None:
             self._evict_if_full()
-            if self.on_added is not None and record.peer_id in self._records:
+            if record.peer_id not in self._records:
+                return None  # no room for it: nothing else may hold it (routing, say)
+            if self.on_added is not None:
                 self.on_added(record)
         return record
 
@@ -105,6 +110,8 @@ class PeerDirectory:
         gone = [peer for peer, record in self._records.items() if record.expires_at_s <= now]
         for peer_id in gone:
             self._remove(peer_id)
+        for peer_id in [p for p in self.last_contact_wall_s if p not in self._records]:
+            del self.last_contact_wall_s[peer_id]  # sessions of peers whose records never came
         return gone
 
     def records(self) -> list[PeerRecord]:
@@ -127,5 +134,8 @@ class PeerDirectory:
 
     def _evict_if_full(self) -> None:
         while len(self._records) > self._max_peers:
-            soonest = min(self._records.values(), key=lambda r: r.expires_at_s)
-            self._remove(soonest.peer_id)
+            first = min(
+                self._records.values(),
+                key=lambda r: (r.peer_id in self.last_contact_wall_s, r.published_at_s),
+            )
+            self._remove(first.peer_id)

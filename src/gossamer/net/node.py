@@ -132,6 +132,12 @@ class Node:
         )
         self._transport.dht = self.dht
         self.dht.own_record = self.own_record
+
+        def removed(peer_id: str) -> None:  # (the DHT's own hook, and the pool's)
+            self.dht.routing.remove(peer_id)
+            self.pool.forget(peer_id)
+
+        self.directory.on_removed = removed
         self.bulk = BulkReceiver(config.limits, self.counters, self.clock)
         self.detector = FailureDetector(
             self._heartbeat, config.heartbeat, self.clock, own_peer_id=self.identity.peer_id
