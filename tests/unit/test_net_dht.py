@@ -428,3 +428,28 @@ def test_contact_times_of_peers_without_records_do_not_pile_up() -> None:
         directory.contacted(f"peer{i}")
     directory.expire()
     assert directory.last_contact_wall_s == {}
+
+
+def test_a_find_node_tests_a_bounded_number_of_records_against_the_requester_s_filter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A filter that claims every record (the worst case) made a FindNode test the whole
+    directory: 130 ms each at 10,000 peers, and any peer may send them."""
+    clock = FakeClock()
+    dht = lone_dht(clock, EndlessSybilsTransport(clock))
+    for _ in range(3000):
+        value = net_pb2.PeerRecordValue(addresses=["10.0.0.1:1"])
+        dht.learn(sign_peer_record(Identity.generate(), value, now_s=clock.wall(), ttl_s=60))
+    everything = PeerFilter.build(r.signed.record.key for r in dht.directory.records())
+    num_tests = 0
+    might_hold = PeerFilter.might_hold
+
+    def counted(self: PeerFilter, digest: bytes) -> bool:
+        nonlocal num_tests
+        num_tests += 1
+        return might_hold(self, digest)
+
+    monkeypatch.setattr(PeerFilter, "might_hold", counted)
+    gossip = dht.gossip_records(known_filter=everything.to_bytes())
+    assert len(gossip) == CONFIG.bucket_size
+    assert num_tests <= 1024

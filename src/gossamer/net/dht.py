@@ -9,6 +9,7 @@ records spread as the DHT is used, and a record that is no longer renewed expire
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import random
 import secrets
@@ -28,13 +29,15 @@ from gossamer.net.identity import (
     short_peer_id,
 )
 from gossamer.net.peer_filter import PeerFilter
-from gossamer.net.records import check_record, sign_record
+from gossamer.net.records import PeerRecord, check_record, sign_record
 from gossamer.net.routing import RoutingTable
 from gossamer.proto import net_pb2
 
 __all__ = ["Dht", "DhtTransport"]
 
 _log = logging.getLogger(__name__)
+_MAX_GOSSIP_SCAN = 1024
+"""Records of the directory a FindNode's gossip tests against the requester's filter, at most."""
 
 
 class DhtTransport(Protocol):
@@ -95,6 +98,8 @@ class Dht:
         self._store: dict[bytes, dict[str, net_pb2.SignedRecord]] = {}
         self._num_stored = 0
         self._num_by_publisher: Counter[str] = Counter()
+        self._filter: tuple[float, int, bytes] | None = None
+        """The last known-peer filter made: when, at which directory change, its bytes."""
         self._published: dict[bytes, bytes] = {}
         self._rng = random.Random()
         self.own_record: Callable[[], net_pb2.SignedPeerRecord | None] = lambda: None
@@ -144,7 +149,9 @@ class Dht:
         """Up to k records to spread: the most recently renewed half, and a random half.
 
         The random half is drawn first from the records the requester's ``known_filter`` (a
-        :class:`PeerFilter`; empty for none) says it lacks.
+        :class:`PeerFilter`; empty for none) says it lacks, looking at no more than
+        :data:`_MAX_GOSSIP_SCAN` records a request (in a random order): testing every record of a
+        full directory against the filter took 130 ms per FindNode, and any peer may send them.
 
         Raises:
             ProtocolError: the filter is larger than the protocol allows.
@@ -154,12 +161,20 @@ class Dht:
         half = self.config.bucket_size // 2 or 1
         if len(records) <= self.config.bucket_size:
             return [r.signed for r in records]
-        records.sort(key=lambda r: r.published_at_s, reverse=True)
-        rest = records[half:]
-        self._rng.shuffle(rest)
-        if known is not None:  # a stable sort: the lacking first, each side still shuffled
-            rest.sort(key=lambda r: known.might_hold(r.signed.record.key))
-        return [r.signed for r in records[:half] + rest[: self.config.bucket_size - half]]
+        newest = heapq.nlargest(half, records, key=lambda r: r.published_at_s)
+        chosen = {r.peer_id for r in newest}
+        others = [r for r in records if r.peer_id not in chosen]
+        rest = self._rng.sample(others, min(len(others), _MAX_GOSSIP_SCAN))
+        num_wanted = self.config.bucket_size - half
+        if known is not None:  # the lacking first, each side still in random order
+            lacking: list[PeerRecord] = []
+            held: list[PeerRecord] = []
+            for record in rest:
+                (held if known.might_hold(record.signed.record.key) else lacking).append(record)
+                if len(lacking) == num_wanted:
+                    break
+            rest = lacking + held
+        return [r.signed for r in newest + rest[:num_wanted]]
 
     def handle_find_value(
         self, sender: str, key: bytes
@@ -383,7 +398,19 @@ class Dht:
         return closest, records
 
     def _known_filter(self) -> bytes:
-        return PeerFilter.build(r.signed.record.key for r in self.directory.records()).to_bytes()
+        """The filter of this node's records sent with its lookups, with a fresh salt each time
+        (a false positive then never hides the same record twice), except in a directory of over
+        :data:`_MAX_GOSSIP_SCAN` peers (a full one's filter takes 100 ms to make): there it is
+        made again when a peer came or left, or after ``refresh_interval_s``."""
+        now_s = self.clock.monotonic()
+        made_of = self.directory.num_changes
+        if self._filter is not None and len(self.directory) > _MAX_GOSSIP_SCAN:
+            made_at_s, changes, data = self._filter
+            if changes == made_of and now_s - made_at_s < self.config.refresh_interval_s:
+                return data
+        data = PeerFilter.build(r.signed.record.key for r in self.directory.records()).to_bytes()
+        self._filter = (now_s, made_of, data)
+        return data
 
     async def _ask(
         self, peer_id: str, target: bytes, want_value: bool, known_filter: bytes = b""

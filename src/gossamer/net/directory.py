@@ -52,6 +52,8 @@ class PeerDirectory:
         self._max_value_bytes = max_value_bytes
         self._max_peers = max_peers
         self._records: dict[str, PeerRecord] = {}
+        self.num_changes = 0
+        """Peers that came or left so far (a record renewed is no change)."""
         self.last_contact_wall_s: dict[str, float] = {}
         """Wall time of the last authenticated exchange with each peer."""
         self.on_added: Callable[[PeerRecord], None] | None = None
@@ -85,6 +87,7 @@ class PeerDirectory:
             return current
         self._records[record.peer_id] = record
         if current is None:
+            self.num_changes += 1
             self._evict_if_full()
             if record.peer_id not in self._records:
                 return None  # no room for it: nothing else may hold it (routing, say)
@@ -127,6 +130,7 @@ class PeerDirectory:
 
     def _remove(self, peer_id: str) -> None:
         del self._records[peer_id]
+        self.num_changes += 1
         self.last_contact_wall_s.pop(peer_id, None)
         _log.info("peer %s: peer %s left the directory", short_peer_id(self._own), peer_id)
         if self.on_removed is not None:
