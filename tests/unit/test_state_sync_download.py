@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tracemalloc
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -28,6 +29,7 @@ from gossamer.train.state_sync_wire import (
     Request,
     RequestKind,
     decode_reply,
+    decode_request,
     encode_manifest,
     encode_reply,
     encode_request,
@@ -481,3 +483,38 @@ def test_one_peer_cannot_hold_a_donor_s_replies_beyond_its_caps() -> None:
     assert "at most 8" in str(refused[0])
     assert len(timed_out) == 8, results  # the donor gave up on its replies after 0.5 s
     assert donor.num_requests_refused == 2
+
+
+def test_a_manifest_announcing_a_huge_state_takes_no_memory_before_its_chunks_come() -> None:
+    """A 32 KiB manifest claiming 1 GiB, and no chunk ever: the newcomer allocated and zeroed
+    the whole 1 GiB on its event loop at once (4.4 s for 4 GiB)."""
+    network, newcomer, _ = swarm(0)
+    liar = network.add("liar")
+    total, chunk = 1 << 30, 1 << 20
+    manifest = encode_manifest(
+        version=1, total_bytes=total, chunk_bytes=chunk, meta={}, digests=[bytes(32)] * 1024
+    )
+
+    async def on_request(sender: str, topic: str, payload: bytearray) -> None:
+        request = decode_request(payload)
+        if request.kind is RequestKind.CHUNK:
+            await asyncio.Event().wait()  # chunks never come
+        header = ReplyHeader(
+            kind=request.kind,
+            status=ReplyStatus.OK,
+            request_id=request.request_id,
+            version=1,
+            index=0,
+            body_bytes=len(manifest),
+        )
+        await liar.send_bulk(sender, REPLY_TOPIC, encode_reply(header, manifest))
+
+    liar.on_bulk(REQUEST_TOPIC, on_request)
+    tracemalloc.start()
+    try:
+        with pytest.raises(PeerUnavailableError):
+            run(download_state(newcomer, ["liar"], timeout_s=3, request_timeout_s=1))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20, f"peak {peak >> 20} MiB"

@@ -148,4 +148,4 @@ def test_valid_safetensors_that_hold_no_snapshot_are_refused_as_corrupted() -> N
         StateSyncLimits(),
     )
     with pytest.raises(CorruptedDataError, match="bad tensor name"):
-        deserialize_snapshot(manifest, bytearray(blob))
+        deserialize_snapshot(manifest, [blob])

@@ -411,14 +411,16 @@ def serialize_snapshot(snapshot: StateSnapshot, *, chunk_bytes: int) -> Serializ
     return SerializedSnapshot(manifest=manifest, manifest_bytes=manifest_bytes, blob=blob)
 
 
-def deserialize_snapshot(manifest: Manifest, blob: bytearray) -> StateSnapshot:
-    """Tensors from verified safetensors bytes (blocking; consumes ``blob``).
+def deserialize_snapshot(
+    manifest: Manifest, chunks: list[bytes | bytearray | memoryview]
+) -> StateSnapshot:
+    """Tensors from verified safetensors bytes, in chunks (blocking; consumes ``chunks``).
 
     Raises:
         CorruptedDataError: the bytes do not parse as safetensors, or hold no snapshot.
     """
-    data = bytes(blob)
-    del blob[:]  # keep the peak at two copies: the bytes and the tensors
+    data = b"".join(chunks)
+    chunks.clear()  # keep the peak at two copies: the bytes and the tensors
     try:
         tensors = safetensors.torch.load(data)
     except Exception as exc:  # safetensors raises its own error type from Rust

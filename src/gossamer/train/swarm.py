@@ -47,7 +47,11 @@ from gossamer.train.state_sync import StateSnapshot
 from gossamer.train.state_sync_donor import StateDonor
 from gossamer.train.strategy import TrainingStrategy
 from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig, read_json_records
-from gossamer.train.swarm_sync import SwarmSyncStrategy, download_from_donors
+from gossamer.train.swarm_sync import (
+    SwarmSyncStrategy,
+    download_from_donors,
+    state_bytes_bound,
+)
 
 __all__ = [
     "ListenerGroup",
@@ -269,7 +273,11 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         try:
             with nested_span("sync", what="state_download"):
                 snapshot, num_bytes = download_from_donors(
-                    self.node_thread, donors, version=version, metrics=self.swarm_metrics
+                    self.node_thread,
+                    donors,
+                    version=version,
+                    max_state_bytes=state_bytes_bound(self._params),
+                    metrics=self.swarm_metrics,
                 )
         except GossamerError as exc:
             logger.warning("peer %s: no state from donors (%s)", self._short(), exc)

@@ -33,12 +33,12 @@ from gossamer.obs.metrics import SwarmMetrics
 from gossamer.obs.trace import nested_span
 from gossamer.store import flatten_optimizer_state, unflatten_optimizer_state
 from gossamer.train.averaging import TensorAverager
-from gossamer.train.state_sync import StateSnapshot, download_state
+from gossamer.train.state_sync import StateSnapshot, StateSyncLimits, download_state
 from gossamer.train.state_sync_donor import StateDonor
 from gossamer.train.swarm_averager import SwarmAverager
 from gossamer.train.sync import SyncStrategy
 
-__all__ = ["SwarmSyncStrategy", "download_from_donors"]
+__all__ = ["SwarmSyncStrategy", "download_from_donors", "state_bytes_bound"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +51,25 @@ _POLL_S = 0.1
 _DOWNLOAD_TIMEOUT_S = 120.0
 
 
+def state_bytes_bound(params: Sequence[torch.Tensor]) -> int:
+    """The most a donor's state may take for a peer training ``params``: donors run the same
+    model, so their state is its weights and what their optimizers keep per weight (Adam's two
+    moments, DiLoCo's global copy and momentum): 8 times the weights leaves room to spare, and
+    a donor that announces more is refused before a byte of it is kept."""
+    return 8 * sum(p.numel() * p.element_size() for p in params) + (64 << 20)
+
+
 def download_from_donors(
     node_thread: NodeThread,
     donors: Sequence[str],
     *,
     version: int | None,
+    max_state_bytes: int,
     metrics: SwarmMetrics | None = None,
 ) -> tuple[StateSnapshot, int]:
     """(Training thread.) Download the state from ``donors`` at once; record it in ``metrics``.
 
-    Shared by both swarm strategies.
+    Shared by both swarm strategies. ``max_state_bytes``: see :func:`state_bytes_bound`.
 
     Returns:
         The snapshot and the bytes downloaded.
@@ -72,7 +81,11 @@ def download_from_donors(
 
     async def fetch(node: Node) -> tuple[StateSnapshot, Any]:
         return await download_state(
-            node, donor_list, timeout_s=_DOWNLOAD_TIMEOUT_S, version=version
+            node,
+            donor_list,
+            timeout_s=_DOWNLOAD_TIMEOUT_S,
+            version=version,
+            limits=StateSyncLimits(max_state_bytes=max_state_bytes),
         )
 
     started = time.monotonic()
@@ -269,8 +282,13 @@ class SwarmSyncStrategy(SyncStrategy):
 
     def _download(self, donors: list[str], step: int) -> StateSnapshot | None:
         try:
+            assert self._model is not None
             snapshot, num_bytes = download_from_donors(
-                self.node_thread, donors, version=step, metrics=self.metrics
+                self.node_thread,
+                donors,
+                version=step,
+                max_state_bytes=state_bytes_bound(list(self._model.parameters())),
+                metrics=self.metrics,
             )
         except GossamerError as exc:
             logger.info("peer %s: state of step %d not there yet (%s)", self._short(), step, exc)
