@@ -186,6 +186,34 @@ def test_a_record_listing_many_silent_addresses_costs_one_dial_deadline() -> Non
     _run(scenario)
 
 
+def test_a_peer_whose_first_address_is_silent_is_reached_at_its_second() -> None:
+    async def scenario() -> None:
+        accepted: list[asyncio.StreamWriter] = []
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.append(writer)
+
+        listener = await asyncio.start_server(silent, "127.0.0.1", 0)
+        try:
+            port = listener.sockets[0].getsockname()[1]
+            async with Node(_config()) as a, Node(_config()) as b:
+                value = net_pb2.PeerRecordValue(
+                    addresses=[f"127.0.0.1:{port}", b.addresses[0]],
+                    tls_cert_der=b.tls.cert_der,
+                )
+                a.dht.learn(sign_peer_record(b.identity, value, now_s=time.time(), ttl_s=60))
+                connection = await a.pool.connection(b.peer_id, timeout_s=2.0)
+                assert connection.peer_id == b.peer_id
+                assert accepted, "the silent address was not tried first"
+        finally:
+            for writer in accepted:
+                writer.close()
+            listener.close()
+            await listener.wait_closed()
+
+    _run(scenario)
+
+
 def test_what_the_pool_keeps_about_a_peer_goes_when_its_record_expires() -> None:
     async def scenario() -> None:
         async with Node(_config()) as a:
@@ -200,7 +228,6 @@ def test_what_the_pool_keeps_about_a_peer_goes_when_its_record_expires() -> None
             a.directory.expire()
             assert gone.peer_id not in a.directory
             assert gone.peer_id not in a.pool.breakers
-            assert gone.peer_id not in a.pool._dial_locks
 
     _run(scenario)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gossamer.core.errors import ProtocolError
+from gossamer.core.errors import ConfigError, ProtocolError
 from gossamer.net.addresses import split_host_port
+from gossamer.net.config import NodeConfig
 from gossamer.net.identity import Identity
 from gossamer.net.records import parse_peer_record, sign_peer_record
 from gossamer.proto import net_pb2
@@ -67,3 +68,10 @@ def test_a_peer_record_naming_an_address_no_dial_takes_is_refused(where: str) ->
     assert parse_peer_record(good, now_s=NOW, max_value_bytes=16384).addresses == (
         "127.0.0.1:7000",
     )
+
+
+@pytest.mark.parametrize("address", ["peer.example.com.:7000", "::1:7000", "caf\u00e9.example:1"])
+def test_an_advertised_address_others_would_refuse_is_a_config_error(address: str) -> None:
+    """The node started, and its record was refused by everyone: invisible, and never told."""
+    with pytest.raises(ConfigError, match=r"net\.advertise_addresses"):
+        NodeConfig(listen_address="127.0.0.1:0", advertise_addresses=(address,))

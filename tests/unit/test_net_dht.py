@@ -453,3 +453,70 @@ def test_a_find_node_tests_a_bounded_number_of_records_against_the_requester_s_f
     gossip = dht.gossip_records(known_filter=everything.to_bytes())
     assert len(gossip) == CONFIG.bucket_size
     assert num_tests <= 1024
+
+
+def test_this_node_s_own_record_under_a_full_key_keeps_the_key_within_its_limit() -> None:
+    """Readers throw away a whole answer with more records than the limit: own records went
+    past it, and the key was unreadable from this node."""
+    clock = FakeClock()
+    dht = lone_dht(clock, EndlessSybilsTransport(clock), limits=LimitsConfig(max_records_per_key=4))
+    key = hashlib.sha256(b"round").digest()
+    for ttl_s in (100.0, 50.0, 300.0, 200.0):
+        dht.handle_store(
+            sign_record(Identity.generate(), key, b"x", now_s=clock.wall(), ttl_s=ttl_s)
+        )
+    mine = sign_record(dht.identity, key, b"mine", now_s=clock.wall(), ttl_s=60)
+    asyncio.run(dht.store_on_closest(mine, closest=[]))
+    kept = dht.local_records(key)
+    assert len(kept) == 4
+    assert mine in kept
+    assert min(r.expires_at_s - r.published_at_s for r in kept if r != mine) == 100.0
+
+
+def test_a_store_refused_for_want_of_room_evicts_nothing() -> None:
+    clock = FakeClock()
+    limits = LimitsConfig(max_records_per_key=2, max_records_per_publisher=1)
+    dht = lone_dht(clock, EndlessSybilsTransport(clock), limits=limits)
+    owner = Identity.generate()
+    dht.handle_store(sign_record(owner, b"\2" * 32, b"elsewhere", now_s=clock.wall(), ttl_s=60))
+    for _ in range(2):
+        dht.handle_store(
+            sign_record(Identity.generate(), owner.digest, b"x", now_s=clock.wall(), ttl_s=60)
+        )
+    with pytest.raises(ProtocolError, match="of this publisher"):
+        dht.handle_store(sign_record(owner, owner.digest, b"me", now_s=clock.wall(), ttl_s=60))
+    assert len(dht.local_records(owner.digest)) == 2
+
+
+class HangingTransport(EndlessSybilsTransport):
+    """Requests that never answer; counts those running."""
+
+    num_running = 0
+
+    async def find_node(
+        self, peer_id: str, target: bytes, known_filter: bytes = b""
+    ) -> list[net_pb2.SignedPeerRecord]:
+        self.num_running += 1
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.num_running -= 1
+        return []
+
+
+def test_a_cancelled_lookup_leaves_no_request_running() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        transport = HangingTransport(clock)
+        dht = lone_dht(clock, transport)
+        for record in await EndlessSybilsTransport(clock).find_node("", b""):
+            dht.learn(record)
+        lookup = asyncio.ensure_future(dht.lookup(b"\3" * 32))
+        await asyncio.sleep(0.05)
+        assert transport.num_running == CONFIG.parallelism
+        lookup.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await lookup
+        assert transport.num_running == 0
+
+    asyncio.run(scenario())

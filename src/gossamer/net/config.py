@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gossamer.core.errors import ConfigError
+from gossamer.core.errors import ConfigError, ProtocolError
+from gossamer.net.addresses import split_host_port
 
 __all__ = [
     "BreakerConfig",
@@ -246,6 +247,10 @@ class NodeConfig:
                 "net.advertise_addresses",
                 f"{address!r} has port 0; advertise the port others should dial",
             )
+            try:
+                split_host_port(address)
+            except ProtocolError as exc:  # others would refuse the record that names it
+                raise ConfigError(f"net.advertise_addresses: {exc}") from exc
         for entry in self.bootstrap:
             _check_address("net.bootstrap", entry.rpartition("@")[2])
         _require(

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import random
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -47,9 +48,6 @@ _log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Message)
 _HELLO = "/gossamer.net.v1.Handshake/Hello"
 _PROVE = "/gossamer.net.v1.Handshake/Prove"
-_MIN_DIAL_SHARE_S = 2.0
-"""Least time a dial gets while the deadline allows (TLS and the handshake take a few round
-trips): a peer listing many addresses has the first ones tried properly, not all hurried."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +174,10 @@ class ConnectionPool:
         self._resolve = resolve
         self._own_record = own_record
         self._connections: dict[str, PeerConnection] = {}
-        self._dial_locks: dict[str, asyncio.Lock] = {}
+        self._dial_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+        """Held by dials (and their waiters) only: a lock no one uses goes by itself."""
         self._retired: list[PeerConnection] = []
         self.breakers = CircuitBreakers(config.breaker, clock)
         """One circuit breaker per remote peer."""
@@ -296,16 +297,16 @@ class ConnectionPool:
         return remaining
 
     def forget(self, peer_id: str) -> None:
-        """Drop what is kept about a peer that left the directory (its breaker, its dial lock
-        unless a dial holds it): peers come and go, these must not pile up."""
+        """Drop the breaker of a peer that left the directory: peers come and go, breakers
+        must not pile up (dial locks go by themselves once no dial holds them)."""
         self.breakers.forget(peer_id)
-        lock = self._dial_locks.get(peer_id)
-        if lock is not None and not lock.locked():
-            del self._dial_locks[peer_id]
 
     def dial_lock(self, peer_id: str) -> asyncio.Lock:
         """The lock :meth:`connection` holds while it dials ``peer_id``."""
-        return self._dial_locks.setdefault(peer_id, asyncio.Lock())
+        lock = self._dial_locks.get(peer_id)
+        if lock is None:
+            lock = self._dial_locks[peer_id] = asyncio.Lock()
+        return lock
 
     async def connection(self, peer_id: str, timeout_s: float | None = None) -> PeerConnection:
         """The connection to ``peer_id``, dialing it (each known way in turn) if needed.
@@ -323,8 +324,10 @@ class ConnectionPool:
             targets = list({(t.address, t.kind): t for t in self._resolve(peer_id)}.values())
             if not targets:
                 raise PeerUnavailableError(f"no known address for peer {short_peer_id(peer_id)}")
-            # One deadline for all the ways in: a record listing many addresses that never
-            # answer must not make one call take a dial timeout per address.
+            # One deadline for all the ways in, shared by those not tried yet (one that fails
+            # at once leaves its share to the rest): a record listing many addresses that never
+            # answer must not make one call take a dial timeout per address, and a first one
+            # that hangs must not leave the next none.
             deadline = self._clock.monotonic() + (timeout_s or self._config.connect_timeout_s)
             last: GossamerError | None = None
             for num_left in range(len(targets), 0, -1):
@@ -332,7 +335,7 @@ class ConnectionPool:
                 remaining_s = deadline - self._clock.monotonic()
                 if remaining_s <= 0:
                     break
-                share_s = max(remaining_s / num_left, min(remaining_s, _MIN_DIAL_SHARE_S))
+                share_s = remaining_s / num_left
                 try:
                     return await self.dial(target, expected_peer_id=peer_id, timeout_s=share_s)
                 except (RetryableError, ProtocolError) as exc:

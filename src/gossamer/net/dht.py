@@ -189,10 +189,11 @@ class Dht:
 
         Room is bounded three ways: records in all (``max_stored_records``), per publisher
         (``max_records_per_publisher``: one peer cannot fill the store and refuse everyone
-        else's for as long as its records claim to live), per key (``max_records_per_key``;
-        a peer's record under its own id always fits, in place of the one nearest expiry).
-        ``own``: this node's own record, stored before it goes out; bounded by what this node
-        publishes, it is never refused for want of room.
+        else's for as long as its records claim to live), per key (``max_records_per_key``,
+        the most readers take in one answer: a peer's record under its own id always fits, in
+        place of the one nearest expiry). ``own``: this node's own record, stored before it goes
+        out; bounded by what this node publishes, it is never refused for want of room (under a
+        full key it too takes the place of the one nearest expiry).
 
         Raises:
             ProtocolError: malformed, oversized, expired, or no room.
@@ -206,15 +207,14 @@ class Dht:
         current = under_key.get(publisher)
         if current is not None and current.published_at_s >= record.published_at_s:
             return
+        make_room = False
+        if current is None and len(under_key) >= self.limits.max_records_per_key:
+            self._drop_expired(key)
+            under_key = self._store.get(key, {})
+            make_room = len(under_key) >= self.limits.max_records_per_key
+            if make_room and not own and key != digest_of_peer_id(publisher):
+                raise ProtocolError("too many publishers under this key")
         if current is None and not own:
-            if len(under_key) >= self.limits.max_records_per_key:
-                self._drop_expired(key)
-                under_key = self._store.get(key, {})
-            if len(under_key) >= self.limits.max_records_per_key:
-                if key != digest_of_peer_id(publisher):
-                    raise ProtocolError("too many publishers under this key")
-                soonest = min(under_key, key=lambda p: under_key[p].expires_at_s)
-                self._forget(key, soonest)  # the key's own peer comes first under it
             if self._num_stored >= self.limits.max_stored_records:
                 raise ProtocolError("this node stores no more records")
             if self._num_by_publisher[publisher] >= self.limits.max_records_per_publisher:
@@ -222,6 +222,8 @@ class Dht:
                     f"this node stores no more records of this publisher "
                     f"({self.limits.max_records_per_publisher})"
                 )
+        if make_room:  # this node's own record, or a peer's under its own id: it comes first
+            self._forget(key, min(under_key, key=lambda p: under_key[p].expires_at_s))
         if current is None:
             self._num_stored += 1
             self._num_by_publisher[publisher] += 1
@@ -375,14 +377,7 @@ class Dht:
             if not batch or remaining_s <= 0:
                 break
             queried.update(batch)
-            asks = [
-                asyncio.ensure_future(self._ask(p, target, want_value, known_filter)) for p in batch
-            ]
-            _, late = await asyncio.wait(asks, timeout=remaining_s)
-            for ask in late:  # the lookup's deadline passed: they count as no answer
-                ask.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
-            results = [(False, [], []) if ask in late else ask.result() for ask in asks]
+            results = await self._ask_all(batch, target, want_value, known_filter, remaining_s)
             for peer_id, (ok, found_records, found_peers) in zip(batch, results, strict=True):
                 if not ok:
                     candidates.discard(peer_id)
@@ -396,6 +391,33 @@ class Dht:
                         candidates.add(peer.peer_id)
         closest = sorted(answered, key=distance)[:k]
         return closest, records
+
+    async def _ask_all(
+        self,
+        batch: list[str],
+        target: bytes,
+        want_value: bool,
+        known_filter: bytes,
+        timeout_s: float,
+    ) -> list[tuple[bool, list[net_pb2.SignedRecord], list[net_pb2.SignedPeerRecord]]]:
+        """One lookup step: ask ``batch`` at once; those that have not answered within
+        ``timeout_s`` (the lookup's deadline) count as no answer. Every request has ended when
+        this returns, cancelled with it if it is."""
+        asks = [
+            asyncio.ensure_future(self._ask(p, target, want_value, known_filter)) for p in batch
+        ]
+        try:
+            _, late = await asyncio.wait(asks, timeout=timeout_s)
+        finally:
+            for ask in asks:
+                ask.cancel()  # (no effect on those done)
+            outcomes = await asyncio.gather(*asks, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(
+                outcome, asyncio.CancelledError
+            ):
+                raise outcome  # a bug (_ask maps the network's errors), after all were collected
+        return [(False, [], []) if ask in late else ask.result() for ask in asks]
 
     def _known_filter(self) -> bytes:
         """The filter of this node's records sent with its lookups, with a fresh salt each time

@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 from google.protobuf.message import Message
 
 from gossamer.core.clock import Clock, SystemClock
-from gossamer.core.errors import GossamerError, PeerUnavailableError
+from gossamer.core.errors import GossamerError, PeerUnavailableError, ProtocolError
+from gossamer.net.addresses import split_host_port
 from gossamer.net.bulk import (
     BulkHandler,
     BulkPayload,
@@ -458,7 +459,14 @@ class Node:
             if response is None:
                 continue
             answered += 1
-            reachable += [a for a in response.reachable_addresses if a not in reachable]
+            for address in response.reachable_addresses:
+                try:
+                    split_host_port(address)  # one others refuse would hide this node's record
+                except ProtocolError:
+                    _log.info("peer %s: dial-back named no address: %r", self.short_id, address)
+                    continue
+                if address not in reachable:
+                    reachable.append(address)
         if answered:
             self.reachability = (
                 net_pb2.REACHABILITY_DIRECT if reachable else net_pb2.REACHABILITY_RELAYED
