@@ -5,9 +5,8 @@ from the others'. Every ping and heartbeat answer carries the responder's clock;
 clock is off the one most of the run's peers share stamps on theirs, so a clock 5 s behind does
 not leave the others finding every round closed before they came, and one 4 s ahead does not
 hold them past their windows. Peers on the majority's clock never change theirs, and while no
-majority can tell (two peers), each stays on its own: members never disagree. An entry stamped
-far in the future (a clock set wrong by hours, or a peer that lies) is neither waited for nor
-counted.
+majority can tell (two peers), each stays on its own. An entry stamped far in the future (a
+clock set wrong by hours, or a peer that lies) is neither waited for nor counted.
 """
 
 from __future__ import annotations

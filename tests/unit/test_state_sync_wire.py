@@ -149,3 +149,20 @@ def test_valid_safetensors_that_hold_no_snapshot_are_refused_as_corrupted() -> N
     )
     with pytest.raises(CorruptedDataError, match="bad tensor name"):
         deserialize_snapshot(manifest, [blob])
+
+
+def test_a_manifest_whose_meta_nests_deeper_than_readers_recurse_is_refused() -> None:
+    """600 levels pass json, then the optimizer state's reader recursed past Python's limit."""
+    meta: dict[str, object] = {"optimizer": {}}
+    inner = meta["optimizer"]
+    for _ in range(40):
+        assert isinstance(inner, dict)
+        inner["x"] = {}
+        inner = inner["x"]
+    with pytest.raises(ProtocolError, match="deeper than 32"):
+        decode_manifest(
+            encode_manifest(
+                version=1, total_bytes=10, chunk_bytes=10, meta=meta, digests=[b"\0" * 32]
+            ),
+            StateSyncLimits(),
+        )

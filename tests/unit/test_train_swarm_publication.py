@@ -119,3 +119,42 @@ def test_outer_steps_are_published_in_order_and_drained_on_close() -> None:
     published = [json.loads(value)["hash"] for _, value in node_thread.node.dht.puts]
     assert published == hashes  # each step's hash is that of its global weights
     assert not any(t.name.startswith("gossamer-publish") for t in threading.enumerate())
+
+
+def test_a_state_that_is_not_this_run_s_is_refused_before_it_is_applied() -> None:
+    """Verified bytes from donors, yet a meta without a step, or tensors of other shapes: each
+    raised out of the strategy (KeyError, ValueError, RuntimeError in copy_) and ended training."""
+    model = nn.Linear(4, 4)
+    strategy = SwarmDiLoCoStrategy(
+        DiLoCoConfig(inner_steps=INNER_STEPS, run_id="r"),
+        cast(Any, FakeAverager()),
+        cast(Any, FakeNodeThread()),
+        cast(Any, FakeDonor()),
+        join_existing=False,
+    )
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    good = strategy._snapshot(step=0)
+    assert strategy._unusable(good) == ""
+    bad_metas: list[dict[str, Any]] = [
+        {"outer_step": 0},
+        {"outer_step": 0, "step": "12"},
+        {"outer_step": -1, "step": 0},
+        {"outer_step": 0, "step": True},
+        {"outer_step": 0, "step": 0, "round_in_flight": "yes"},
+    ]
+    for meta in bad_metas:
+        snapshot = StateSnapshot(version=1, tensors=good.tensors, meta=meta)
+        assert strategy._unusable(snapshot), meta
+    wrong_shape = good.tensors | {"global.0": torch.zeros(3, 4)}
+    assert "shape" in strategy._unusable(
+        StateSnapshot(version=1, tensors=wrong_shape, meta=good.meta)
+    )
+    missing = {k: v for k, v in good.tensors.items() if k != "global.1"}
+    assert "no tensor" in strategy._unusable(
+        StateSnapshot(version=1, tensors=missing, meta=good.meta)
+    )
+    integers = good.tensors | {"momentum.0": torch.zeros(4, 4, dtype=torch.int64)}
+    assert "floating" in strategy._unusable(
+        StateSnapshot(version=1, tensors=integers, meta=good.meta)
+    )
+    strategy.close()

@@ -336,6 +336,8 @@ def decode_manifest(data: bytes | memoryview, limits: StateSyncLimits) -> Manife
         raise ProtocolError("state manifest meta is not JSON (or nested too deep)") from exc
     if not isinstance(meta, dict):
         raise ProtocolError("state manifest meta is not a JSON object")
+    if _depth(meta) > _MAX_META_DEPTH:  # what reads it recurses too (optimizer state)
+        raise ProtocolError(f"state manifest meta nests deeper than {_MAX_META_DEPTH} levels")
     digests = tuple(
         bytes(data[digests_start + i * _DIGEST_BYTES : digests_start + (i + 1) * _DIGEST_BYTES])
         for i in range(num_chunks)
@@ -348,6 +350,23 @@ def decode_manifest(data: bytes | memoryview, limits: StateSyncLimits) -> Manife
         chunk_digests=digests,
         sha256=hashlib.sha256(data).hexdigest(),
     )
+
+
+_MAX_META_DEPTH = 32
+
+
+def _depth(value: Any) -> int:
+    """How deep JSON ``value`` nests (a scalar is 0), without recursion."""
+    deepest = 0
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
 
 
 def _check_limit(what: str, value: int, limit: int, *, low: int) -> None:

@@ -283,7 +283,30 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             logger.warning("peer %s: no state from donors (%s)", self._short(), exc)
             return None
         self.state_download_bytes += num_bytes
+        unusable = self._unusable(snapshot)
+        if unusable:  # verified bytes, yet not this run's state: a donor's bug, or a liar's
+            logger.warning("peer %s: the donors' state is unusable: %s", self._short(), unusable)
+            return None
         return snapshot
+
+    def _unusable(self, snapshot: StateSnapshot) -> str:
+        """Why ``snapshot`` cannot be taken as this run's state ('' if it can)."""
+        for key in ("step", "outer_step"):
+            value = snapshot.meta.get(key)
+            if type(value) is not int or value < 0:
+                return f"meta {key!r} is {value!r}, not a step"
+        if not isinstance(snapshot.meta.get("round_in_flight", False), bool):
+            return "meta 'round_in_flight' is not a boolean"
+        for i, own in enumerate(self._global):
+            for name in (f"global.{i}", f"momentum.{i}", f"estimate.{i}"):
+                tensor = snapshot.tensors.get(name)
+                if tensor is None and name == f"global.{i}":
+                    return f"no tensor {name!r}"
+                if tensor is not None and tensor.shape != own.shape:
+                    return f"{name!r} has shape {tuple(tensor.shape)}, not {tuple(own.shape)}"
+                if tensor is not None and not tensor.is_floating_point():
+                    return f"{name!r} is {tensor.dtype}, not floating point"
+        return ""
 
     def _wait_for_newer_state(self) -> StateSnapshot | None:
         """After a missed round: the state the others publish once it is done.

@@ -125,6 +125,7 @@ NUDGE_TOPIC = "gossamer.train.round_nudge.v1"
 _MAX_NUDGE_BYTES = 1024
 _NUDGE_TIMEOUT_S = 5.0
 _CLOCK_SAMPLE_TIMEOUT_S = 1.0
+_CLOCK_WARNING_EVERY_S = 600.0
 
 
 def _active(memberships: dict[str, tuple[str, int, str]], me: str) -> set[str]:
@@ -204,10 +205,11 @@ class SwarmAveragerConfig:
     poll_interval_s: float = 0.1
     """How often a peer waiting for a round's members reads the DHT again when no nudge came
     (half of it while it waits for the others' closes)."""
-    clock_tolerance_s: float = 5.0
+    clock_tolerance_s: float | None = None
     """A round entry stamped further ahead of this peer's time than this is not believed: its
     writer is neither waited for nor counted (it would come after any close). Bounds how long a
-    clock set wrong (or a peer that lies) holds the others."""
+    clock set wrong (or a peer that lies) holds the others; ``join_window_s`` if None (a peer
+    ahead by less holds the others as long as a join window would, and still averages)."""
     backend: str = "auto"
     """``p2p`` (comm's all-reduce over the peers' authenticated links), ``torch`` (a
     torch.distributed gloo or NCCL group of the agreed members, fp32) or ``auto``: torch where
@@ -217,7 +219,7 @@ class SwarmAveragerConfig:
     def __post_init__(self) -> None:
         if not self.poll_interval_s > 0:
             raise ValueError(f"poll_interval_s must be positive, got {self.poll_interval_s}")
-        if not self.clock_tolerance_s > 0:
+        if self.clock_tolerance_s is not None and not self.clock_tolerance_s > 0:
             raise ValueError(f"clock_tolerance_s must be positive, got {self.clock_tolerance_s}")
         if self.backend not in ("auto", "p2p", "torch"):
             raise ValueError(f"backend must be auto, p2p or torch, got {self.backend!r}")
@@ -323,8 +325,8 @@ class SwarmAverager:
         """The run's other active peers as the last round's formation read them (None before
         the first): whose clocks the next round's stamps agree with."""
         self._clock_correction_warned_s = 0.0
-        self._clock_warned: set[str] = set()
-        """Peers whose clocks were reported off (again once they agree and go off anew)."""
+        self._clock_warned_at_s: dict[str, float] = {}
+        """When a clock was last reported off, by peer ('' for this peer's own)."""
 
         self._nudged: dict[str, asyncio.Event] = {}
         """Rounds this peer is forming, set when a peer nudges (used on the node's loop only)."""
@@ -985,9 +987,10 @@ class SwarmAverager:
         close_at: float | None = None
         everyone_came = False
         reported_ahead: set[str] = set()
+        tolerance_s = self.config.clock_tolerance_s or self.config.join_window_s
         while True:
             entries[node.peer_id] = stamp
-            ahead = {p for p, at in entries.items() if at > now() + self.config.clock_tolerance_s}
+            ahead = {p for p, at in entries.items() if at > now() + tolerance_s}
             if ahead:  # after any close this peer could make: neither a member nor awaited
                 if ahead - reported_ahead:
                     logger.warning(
@@ -995,7 +998,7 @@ class SwarmAverager:
                         "peer's time; they are left out of the round",
                         key,
                         ", ".join(sorted(p[:8] for p in ahead - reported_ahead)),
-                        self.config.clock_tolerance_s,
+                        tolerance_s,
                     )
                     reported_ahead |= ahead
                 entries = {p: at for p, at in entries.items() if p not in ahead}
@@ -1089,9 +1092,14 @@ class SwarmAverager:
         now_s = self._clock.monotonic()
         agree_s = self.config.propagation_grace_s / 2
         correction_s = node.peer_clocks.correction_s(peers, now_s=now_s, agree_s=agree_s)
-        if abs(correction_s - self._clock_correction_warned_s) > agree_s:
+        # Warnings at most once per _CLOCK_WARNING_EVERY_S each: a clock near the edge of the
+        # tolerance flips in and out of it from one round to the next.
+        now_s = self._clock.monotonic()
+        due = now_s - self._clock_warned_at_s.get("", -math.inf) >= _CLOCK_WARNING_EVERY_S
+        if abs(correction_s - self._clock_correction_warned_s) > agree_s and due:
             self._clock_correction_warned_s = correction_s
             if correction_s:
+                self._clock_warned_at_s[""] = now_s
                 logger.warning(
                     "peer %s: this machine's clock is %+.2f s from the one most of run %s's "
                     "peers share; rounds use theirs. Synchronise the clock (NTP).",
@@ -1102,8 +1110,9 @@ class SwarmAverager:
         for peer in sorted(peers):
             offset_s = node.peer_clocks.offset_s(peer, now_s=now_s)
             off = offset_s is not None and abs(offset_s - correction_s) > agree_s
-            if off and peer not in self._clock_warned:
-                self._clock_warned.add(peer)
+            due = now_s - self._clock_warned_at_s.get(peer, -math.inf) >= _CLOCK_WARNING_EVERY_S
+            if off and due:
+                self._clock_warned_at_s[peer] = now_s
                 logger.warning(
                     "peer %s: peer %s's clock is %+.2f s from this one's: rounds need clocks "
                     "within %.2f s of each other (a peer behind comes after rounds close, one "
@@ -1113,8 +1122,6 @@ class SwarmAverager:
                     offset_s - correction_s if offset_s is not None else 0.0,
                     agree_s,
                 )
-            elif not off:
-                self._clock_warned.discard(peer)
         return correction_s
 
     async def _on_nudge(self, sender: str, topic: str, payload: bytearray) -> None:
