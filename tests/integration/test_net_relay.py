@@ -5,14 +5,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import grpc
 import pytest
 
 from gossamer.core.errors import PeerUnavailableError
 from gossamer.net.config import NodeConfig, RelayConfig
+from gossamer.net.identity import Identity
 from gossamer.net.node import Node
+from gossamer.net.records import sign_peer_record
+from gossamer.net.relay import CONNECT_METHOD
+from gossamer.net.tls import TlsCertificate
 from gossamer.proto import net_pb2
 
 SECRET = b"relay-test-secret-0123456789"
@@ -217,5 +223,89 @@ def test_reachable_dialer_upgrades_to_direct_and_falls_back_to_the_relay() -> No
             assert connection is not None
             assert connection.target.kind == "relayed"
             assert relay.counters.relayed_bytes[hidden.peer_id] > relayed_before
+
+    _run(scenario)
+
+
+def test_one_dialer_cannot_open_more_than_its_share_of_a_relay_s_tunnels() -> None:
+    """Tunnels that send nothing after their first frame used to be carried without limit (181
+    of 200 from one peer in the review, two pipes of up to 128 MiB each): at most 16 per dialer
+    now, and frames over 256 KiB are refused."""
+
+    async def scenario() -> None:
+        async with (
+            Node(_config()) as relay,
+            Node(_config(advertise_addresses=("127.0.0.1:9",))) as hidden,
+            Node(_config()) as attacker,
+        ):
+            await _make_unreachable(hidden, relay)
+            await attacker.bootstrap([f"{relay.peer_id}@{relay.addresses[0]}"])
+            connection = await attacker.pool.connection(relay.peer_id)
+            connect = connection.stream_stream(CONNECT_METHOD, net_pb2.TunnelFrame)
+            forever = asyncio.Event()
+
+            async def idle() -> Any:
+                yield net_pb2.TunnelFrame(target_peer_id=hidden.peer_id)
+                await forever.wait()
+
+            opened_before = relay.counters.relay_tunnels_opened
+            calls = [connect(idle(), metadata=connection.metadata) for _ in range(24)]
+            try:
+                for _ in range(100):  # bounded: until the relay refused what it will
+                    await asyncio.sleep(0.1)
+                    if sum(c.done() for c in calls) >= len(calls) - 16:
+                        break
+                await asyncio.sleep(0.5)
+                refused = [c for c in calls if c.done()]
+                # (the attacker's own lookups may hold a tunnel to hidden already)
+                assert len(calls) - 16 <= len(refused) <= len(calls) - 15
+                for call in refused:
+                    assert await call.code() == grpc.StatusCode.UNAVAILABLE
+                    assert "16 tunnels open here already" in str(call)
+                assert relay.counters.relay_tunnels_opened - opened_before <= 16
+            finally:
+                for call in calls:
+                    call.cancel()
+
+            async def big() -> Any:
+                yield net_pb2.TunnelFrame(target_peer_id=hidden.peer_id)
+                yield net_pb2.TunnelFrame(data=b"\0" * (1 << 20))
+                await forever.wait()
+
+            await asyncio.sleep(0.5)  # the cancelled tunnels give their places back
+            call = connect(big(), metadata=connection.metadata)
+            async with asyncio.timeout(10):  # the relay ends the tunnel at the big frame
+                frames = [frame async for frame in call]
+            assert not any(frame.data for frame in frames)
+
+    _run(scenario)
+
+
+def test_two_records_naming_each_other_as_relays_cost_one_failed_dial() -> None:
+    """A relay was reached through its own relays: with T relayed by R and R by T, one failed
+    dial of T kept the node dialling between them for good (4-5 relayed dials every 10 s)."""
+
+    async def scenario() -> None:
+        async with Node(_config()) as victim:
+            cert = TlsCertificate.generate().cert_der
+            t, r = Identity.generate(), Identity.generate()
+            for me, other in ((t, r), (r, t)):
+                value = net_pb2.PeerRecordValue(
+                    addresses=["127.0.0.1:9"],
+                    reachability=net_pb2.REACHABILITY_RELAYED,
+                    relays=[
+                        net_pb2.RelayHop(relay_peer_id=other.peer_id, relay_address="127.0.0.1:9")
+                    ],
+                    tls_cert_der=cert,
+                    relay_service=True,
+                )
+                victim.dht.learn(sign_peer_record(me, value, now_s=time.time(), ttl_s=600))
+            with pytest.raises(PeerUnavailableError):
+                await victim.pool.connection(t.peer_id, timeout_s=2.0)
+            await asyncio.sleep(0.5)
+            dials = victim.counters.num_relayed_dials
+            await asyncio.sleep(3.0)
+            assert victim.counters.num_relayed_dials == dials
+            assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("tunnel-")]
 
     _run(scenario)

@@ -25,6 +25,7 @@ from gossamer.net.connections import DialTarget
 from gossamer.net.dht_service import DHT_METHODS
 from gossamer.net.identity import Identity
 from gossamer.net.node import Node
+from gossamer.net.reachability import DIAL_BACK_METHOD
 from gossamer.net.records import sign_peer_record
 from gossamer.net.server import current_session
 from gossamer.net.tls import TLS_SERVER_NAME, cert_pem_of_der
@@ -205,6 +206,44 @@ def test_a_peer_whose_first_address_is_silent_is_reached_at_its_second() -> None
                 connection = await a.pool.connection(b.peer_id, timeout_s=2.0)
                 assert connection.peer_id == b.peer_id
                 assert accepted, "the silent address was not tried first"
+        finally:
+            for writer in accepted:
+                writer.close()
+            listener.close()
+            await listener.wait_closed()
+
+    _run(scenario)
+
+
+def test_a_dial_back_dials_only_the_caller_and_leaves_the_open_connection_alone() -> None:
+    """A helper dialled every HOST:PORT a caller named (any third party, a port-scan oracle),
+    and a dial that worked replaced its open connection to the caller, cutting its calls."""
+
+    async def scenario() -> None:
+        accepted: list[asyncio.StreamWriter] = []
+
+        async def third_party(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.append(writer)
+
+        listener = await asyncio.start_server(third_party, "127.0.0.2", 0)
+        try:
+            port = listener.sockets[0].getsockname()[1]
+            async with Node(_config()) as helper, Node(_config()) as caller:
+                await caller.bootstrap([f"{helper.peer_id}@{helper.addresses[0]}"])
+                await helper.ping(caller.peer_id)
+                before = helper.pool.get(caller.peer_id)
+                assert before is not None
+                response = await caller.call(
+                    helper.peer_id,
+                    DIAL_BACK_METHOD,
+                    net_pb2.DialBackRequest(addresses=[caller.addresses[0], f"127.0.0.2:{port}"]),
+                    net_pb2.DialBackResponse,
+                    timeout_s=10,
+                    retry=False,
+                )
+                assert list(response.reachable_addresses) == [caller.addresses[0]]
+                assert accepted == []  # the third party heard nothing
+                assert helper.pool.get(caller.peer_id) is before
         finally:
             for writer in accepted:
                 writer.close()

@@ -200,6 +200,7 @@ class ConnectionPool:
         expected_peer_id: str | None,
         timeout_s: float | None = None,
         retire_previous: bool = False,
+        keep: bool = True,
     ) -> PeerConnection:
         """Open and authenticate a connection.
 
@@ -209,6 +210,9 @@ class ConnectionPool:
             timeout_s: deadline of the whole dial (probe, TLS, handshake).
             retire_previous: keep a replaced connection open for the calls running on it, until
                 :meth:`close_retired` (an upgrade); otherwise it is closed at once.
+            keep: False to only prove the peer can be reached there (a dial back): the new
+                connection is closed at once and the pool's connection to the peer, if any, is
+                left as it is.
 
         Raises:
             PeerUnavailableError: nothing answers at the address.
@@ -266,6 +270,8 @@ class ConnectionPool:
             if isinstance(exc, GossamerError):
                 self._counters.error(exc)
             raise
+        if not keep:
+            await channel.close(None)
         connection = PeerConnection(
             peer_id=peer_id,
             target=target,
@@ -273,6 +279,8 @@ class ConnectionPool:
             metadata=((SESSION_METADATA_KEY, granted.session_token),),
             opened_at_s=self._clock.monotonic(),
         )
+        if not keep:
+            return connection
         previous = self._connections.get(peer_id)
         self._connections[peer_id] = connection
         self._counters.connections[target.kind] += 1

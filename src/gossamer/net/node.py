@@ -146,7 +146,8 @@ class Node:
         self.server.add_servicer(net_pb2_grpc.add_DhtServicer_to_server, DhtServicer(self.dht))
         self.server.add_servicer(add_bulk_receiver_to_server, self.bulk)
         self.server.add_servicer(
-            net_pb2_grpc.add_ReachabilityServicer_to_server, ReachabilityServicer(self.pool)
+            net_pb2_grpc.add_ReachabilityServicer_to_server,
+            ReachabilityServicer(self.pool, loopback_ok=self._reached_on_loopback),
         )
         self.relay_service = RelayServicer(
             config.relay,
@@ -382,6 +383,11 @@ class Node:
                 _log.exception("peer %s: maintenance step failed unexpectedly", self.short_id)
 
     # ---- reachability and relays -----------------------------------------------------------
+
+    def _reached_on_loopback(self) -> bool:
+        """Whether this node's own addresses are loopback ones (a swarm on one machine)."""
+        hosts = [a.rpartition(":")[0].strip("[]") for a in self.addresses]
+        return any(h in ("localhost", "127.0.0.1", "::1") or h.startswith("127.") for h in hosts)
 
     def _local_address(self) -> str:
         host = self.config.listen_address.rpartition(":")[0].strip("[]")

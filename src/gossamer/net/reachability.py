@@ -9,11 +9,13 @@ could dial is behind NAT or a firewall and needs a relay.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+from collections.abc import Callable
 
 import grpc
 
-from gossamer.core.errors import GossamerError, ProtocolError
+from gossamer.core.errors import GossamerError, PeerUnavailableError, ProtocolError
 from gossamer.net.connections import ConnectionPool, DialTarget
 from gossamer.net.identity import short_peer_id
 from gossamer.net.server import current_session
@@ -27,6 +29,10 @@ _MAX_ADDRESSES = 4
 _DIAL_BACK_TIMEOUT_S = 2.0
 
 
+def _is_port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and 1 <= int(text) <= 65535
+
+
 def observed_host(grpc_peer: str) -> str:
     """The host in gRPC's ``context.peer()`` form (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``)."""
     _, _, rest = grpc_peer.partition(":")
@@ -35,10 +41,26 @@ def observed_host(grpc_peer: str) -> str:
 
 
 class ReachabilityServicer(net_pb2_grpc.ReachabilityServicer):
-    """Dials callers back on the addresses they name (a few, with a short deadline)."""
+    """Dials callers back at the address their call came from, on the ports they name (a few,
+    with a short deadline, one request of a caller at a time).
 
-    def __init__(self, pool: ConnectionPool) -> None:
+    Only the caller's own address is dialled: dialling the hosts a caller names would let any
+    peer make this one connect to third parties (or probe which of their ports are open). A
+    call that came from loopback is dialled back only where this node itself is reached on
+    loopback (a single-machine swarm): a relayed call arrives from the local tunnel's end, and
+    its loopback ports are this machine's, not the caller's. The dial back only proves the
+    caller can be reached: the connection is closed, and one already open to the caller stays.
+
+    Args:
+        pool: dials.
+        loopback_ok: whether this node is reached on loopback now (then callers from loopback
+            are on this machine too).
+    """
+
+    def __init__(self, pool: ConnectionPool, *, loopback_ok: Callable[[], bool]) -> None:
         self._pool = pool
+        self._loopback_ok = loopback_ok
+        self._busy: set[str] = set()
 
     async def DialBack(
         self, request: net_pb2.DialBackRequest, context: grpc.aio.ServicerContext
@@ -46,25 +68,38 @@ class ReachabilityServicer(net_pb2_grpc.ReachabilityServicer):
         if len(request.addresses) > _MAX_ADDRESSES:
             raise ProtocolError(f"DialBack names over {_MAX_ADDRESSES} addresses")
         caller = current_session().peer_id
+        if caller in self._busy:
+            raise PeerUnavailableError("a dial back for this peer is under way already")
         seen = observed_host(context.peer())
-        candidates = list(dict.fromkeys(request.addresses))
-        # The caller may not know its public address (NAT): also try the one we saw.
-        for address in list(candidates):
-            port = address.rpartition(":")[2]
-            if seen and f"{seen}:{port}" not in candidates and len(candidates) < _MAX_ADDRESSES:
-                candidates.append(f"{seen}:{port}")
+        try:
+            loopback = ipaddress.ip_address(seen).is_loopback
+        except ValueError:
+            loopback = False  # not an IP literal (a unix socket, say): nothing to dial
+            seen = ""
+        if loopback and not self._loopback_ok():
+            seen = ""
+        host = f"[{seen}]" if ":" in seen else seen
+        ports = [a.rpartition(":")[2] for a in request.addresses]
+        candidates = [f"{host}:{p}" for p in dict.fromkeys(ports) if seen and _is_port(p)]
 
         async def try_one(address: str) -> bool:
             try:
                 await self._pool.dial(
-                    DialTarget(address), expected_peer_id=caller, timeout_s=_DIAL_BACK_TIMEOUT_S
+                    DialTarget(address),
+                    expected_peer_id=caller,
+                    timeout_s=_DIAL_BACK_TIMEOUT_S,
+                    keep=False,
                 )
             except GossamerError as exc:
                 _log.debug("dial back to %s at %s failed: %s", short_peer_id(caller), address, exc)
                 return False
             return True
 
-        results = await asyncio.gather(*(try_one(a) for a in candidates))
+        self._busy.add(caller)
+        try:
+            results = await asyncio.gather(*(try_one(a) for a in candidates))
+        finally:
+            self._busy.discard(caller)
         reachable = [a for a, ok in zip(candidates, results, strict=True) if ok]
         return net_pb2.DialBackResponse(
             observed_address=seen,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -50,6 +50,13 @@ ACCEPT_METHOD = "/gossamer.net.v1.Relay/Accept"
 _PIPE_FRAMES = 16
 _MAX_EVENTS = 64
 _MAX_PENDING_PER_PEER = 32
+_MAX_TUNNELS_PER_TARGET = 64
+_MAX_TUNNELS_PER_DIALER = 16
+_MAX_TUNNELS = 1024
+"""Open tunnels a relay carries: to one target, from one dialer, in all. Each holds two pipes of
+up to _PIPE_FRAMES frames of at most _MAX_FRAME_BYTES, so these bound the relay's memory."""
+_MAX_FRAME_BYTES = 256 * 1024
+"""Largest tunnel frame accepted (a tunnel's sender reads its socket in frames this big)."""
 _MAX_DIRECT_RESERVATIONS = 256
 
 
@@ -146,10 +153,15 @@ class _Tunnel:
     to_target: BytePipe = field(default_factory=BytePipe)
     to_dialer: BytePipe = field(default_factory=BytePipe)
     accepted: asyncio.Event = field(default_factory=asyncio.Event)
+    on_close: Callable[[], None] | None = None
+    """Gives back the tunnel's place among the open ones (once)."""
 
     def close(self) -> None:
         self.to_target.close()
         self.to_dialer.close()
+        if self.on_close is not None:
+            on_close, self.on_close = self.on_close, None
+            on_close()
 
 
 async def _first_frame(
@@ -193,6 +205,8 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
         self._pending: dict[str, _Tunnel] = {}
         self._buckets: dict[str, TokenBucket] = {}
         self._direct: dict[str, _Reservation] = {}
+        self._num_open_to: Counter[str] = Counter()
+        self._num_open_from: Counter[str] = Counter()
         self.on_direct_reservation: Callable[[str], None] | None = None
         """Called with the peer id when a peer takes a direct reservation here."""
         self.on_direct_reservation_ended: Callable[[str], None] | None = None
@@ -283,33 +297,63 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
         finally:
             tunnel.close()
 
-    async def _open_tunnel(self, dialer: str, target: str, *, direct: bool = False) -> _Tunnel:
-        """Announce a tunnel to ``target`` and wait until it accepts."""
+    async def _open_tunnel(
+        self, dialer: str, target: str, *, direct: bool = False, local: bool = False
+    ) -> _Tunnel:
+        """Announce a tunnel to ``target`` and wait until it accepts (``local``: this relay's
+        own node dials, which no per-dialer cap limits)."""
         reservation = (self._direct if direct else self._reservations).get(target)
         if reservation is None or reservation.ended.is_set():
             raise PeerUnavailableError(f"peer {short_peer_id(target)} holds no reservation here")
         if reservation.num_pending >= _MAX_PENDING_PER_PEER:
             raise PeerUnavailableError(f"too many tunnels waiting for {short_peer_id(target)}")
+        if self._num_open_to[target] >= _MAX_TUNNELS_PER_TARGET:
+            raise PeerUnavailableError(f"too many tunnels open to {short_peer_id(target)}")
+        if not local and self._num_open_from[dialer] >= _MAX_TUNNELS_PER_DIALER:
+            raise PeerUnavailableError(
+                f"this peer has {_MAX_TUNNELS_PER_DIALER} tunnels open here already"
+            )
+        if self._num_open_from.total() >= _MAX_TUNNELS:
+            raise PeerUnavailableError(f"this relay carries {_MAX_TUNNELS} tunnels already")
         tunnel = _Tunnel(secrets.token_hex(12), dialer, target, reservation)
+        # Counted from now on, waiting or open (many announced at once must not all pass the
+        # caps before the first is accepted); closing the tunnel gives its place back.
+        self._num_open_to[target] += 1
+        self._num_open_from[dialer] += 1
+        tunnel.on_close = lambda: self._closed(tunnel)
         self._pending[tunnel.tunnel_id] = tunnel
         reservation.num_pending += 1
         try:
-            reservation.events.put_nowait(
-                net_pb2.RelayEvent(tunnel_id=tunnel.tunnel_id, dialer_peer_id=dialer)
-            )
-            async with asyncio.timeout(self._accept_timeout_s):
-                await tunnel.accepted.wait()
-        except asyncio.QueueFull as exc:
-            raise PeerUnavailableError(f"{short_peer_id(target)} is not keeping up") from exc
-        except TimeoutError as exc:
-            raise PeerUnavailableError(
-                f"{short_peer_id(target)} did not accept the tunnel within "
-                f"{self._accept_timeout_s} s"
-            ) from exc
-        finally:
-            reservation.num_pending -= 1
-            self._pending.pop(tunnel.tunnel_id, None)
+            try:
+                reservation.events.put_nowait(
+                    net_pb2.RelayEvent(tunnel_id=tunnel.tunnel_id, dialer_peer_id=dialer)
+                )
+                async with asyncio.timeout(self._accept_timeout_s):
+                    await tunnel.accepted.wait()
+            except asyncio.QueueFull as exc:
+                raise PeerUnavailableError(f"{short_peer_id(target)} is not keeping up") from exc
+            except TimeoutError as exc:
+                raise PeerUnavailableError(
+                    f"{short_peer_id(target)} did not accept the tunnel within "
+                    f"{self._accept_timeout_s} s"
+                ) from exc
+            finally:
+                reservation.num_pending -= 1
+                self._pending.pop(tunnel.tunnel_id, None)
+        except BaseException:
+            # Possibly accepted in the very turn the dialer gave up: its other end must end too.
+            tunnel.close()
+            raise
         return tunnel
+
+    def _closed(self, tunnel: _Tunnel) -> None:
+        for counts, peer in (
+            (self._num_open_to, tunnel.target),
+            (self._num_open_from, tunnel.dialer),
+        ):
+            counts[peer] -= 1
+            if counts[peer] <= 0:
+                del counts[peer]
 
     async def carry_local(
         self,
@@ -329,7 +373,7 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
         Raises:
             PeerUnavailableError: the target holds no such reservation here or does not accept.
         """
-        tunnel = await self._open_tunnel(dialer, target, direct=direct)
+        tunnel = await self._open_tunnel(dialer, target, direct=direct, local=True)
         if not direct:
             self._counters.relay_tunnels_opened += 1
 
@@ -378,6 +422,10 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
             tunnel.close()
 
     async def _forward(self, tunnel: _Tunnel, pipe: BytePipe, data: bytes) -> bool:
+        if len(data) > _MAX_FRAME_BYTES:
+            raise ProtocolError(
+                f"tunnel frame of {len(data)} bytes (at most {_MAX_FRAME_BYTES} accepted)"
+            )
         if not tunnel.reservation.direct:  # a reversed connection is not relaying
             await tunnel.reservation.bucket.take(len(data))
             self._counters.relayed_bytes[tunnel.target] += len(data)

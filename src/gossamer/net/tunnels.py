@@ -203,9 +203,14 @@ class RelayDialer:
         return f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
     async def _relay_connection(self, relay_id: str, relay_address: str) -> PeerConnection:
-        if self._pool.get(relay_id) is None and self._directory.get(relay_id) is None:
+        """The connection to a relay: the one open, or a dial of the address the target's
+        record names for it. Never resolved through relays: two records naming each other as
+        relays made every dial go round between them, for good."""
+        async with self._pool.dial_lock(relay_id):
+            existing = self._pool.get(relay_id)
+            if existing is not None:
+                return existing
             return await self._pool.dial(DialTarget(relay_address), expected_peer_id=relay_id)
-        return await self._pool.connection(relay_id)
 
     def _serve(
         self,
