@@ -16,7 +16,7 @@ from gossamer.net.node import Node
 from gossamer.train.averaging import AverageOutcome
 from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig
 
-__all__ = ["average_one_late", "start_node_threads"]
+__all__ = ["average_one_late", "start_averagers", "start_node_threads"]
 
 
 def start_node_threads(
@@ -42,6 +42,26 @@ def start_node_threads(
             bootstrap = (f"{node.peer_id}@{node.addresses[0]}",)
         threads.append(node_thread)
     return threads
+
+
+def start_averagers(
+    stack: contextlib.ExitStack,
+    count: int,
+    config: SwarmAveragerConfig,
+    *,
+    clocks: Sequence[Clock] | None = None,
+    join_version: int | None = 0,
+) -> list[SwarmAverager]:
+    """``count`` swarm averagers on fresh loopback nodes (see :func:`start_node_threads`),
+    closed when ``stack`` closes, each joined to the run at ``join_version`` (None: not yet)."""
+    made = []
+    for node_thread in start_node_threads(stack, count, clocks):
+        averager = SwarmAverager(node_thread, config)
+        stack.callback(averager.close)
+        if join_version is not None:
+            averager.join_run(join_version)
+        made.append(averager)
+    return made
 
 
 def average_one_late(

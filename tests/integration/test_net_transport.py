@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -155,62 +157,62 @@ def test_unreachable_peer_and_deadlines_map_to_retryable_errors() -> None:
     _run(scenario)
 
 
+@dataclass
+class SilentListener:
+    """Accepts TCP connections on ``host`` and never says a word."""
+
+    port: int
+    accepted: list[asyncio.StreamWriter]
+
+
+@contextlib.asynccontextmanager
+async def silent_listener(host: str = "127.0.0.1") -> AsyncIterator[SilentListener]:
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(hold, host, 0)
+    try:
+        yield SilentListener(server.sockets[0].getsockname()[1], accepted)
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
 def test_a_record_listing_many_silent_addresses_costs_one_dial_deadline() -> None:
     """Four listeners that accept TCP and never speak, each listed four times: a connection
     gave every address the whole deadline in turn (16 deadlines)."""
 
     async def scenario() -> None:
-        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.read()  # until the dialler gives up and closes
-            writer.close()
-
-        listeners = [await asyncio.start_server(silent, "127.0.0.1", 0) for _ in range(4)]
-        try:
-            ports = [listener.sockets[0].getsockname()[1] for listener in listeners]
-            async with Node(_config()) as a:
-                other = Identity.generate()
-                record = sign_peer_record(
-                    other,
-                    net_pb2.PeerRecordValue(addresses=[f"127.0.0.1:{p}" for p in ports] * 4),
-                    now_s=time.time(),
-                    ttl_s=60,
-                )
-                a.dht.learn(record)
-                started = time.monotonic()
-                with pytest.raises(DeadlineExceededError):
-                    await a.pool.connection(other.peer_id, timeout_s=0.5)
-                assert time.monotonic() - started < 1.5
-        finally:
-            for listener in listeners:
-                listener.close()
+        async with contextlib.AsyncExitStack() as stack:
+            listeners = [await stack.enter_async_context(silent_listener()) for _ in range(4)]
+            a = await stack.enter_async_context(Node(_config()))
+            other = Identity.generate()
+            addresses = [f"127.0.0.1:{listener.port}" for listener in listeners] * 4
+            value = net_pb2.PeerRecordValue(addresses=addresses)
+            a.dht.learn(sign_peer_record(other, value, now_s=time.time(), ttl_s=60))
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceededError):
+                await a.pool.connection(other.peer_id, timeout_s=0.5)
+            assert time.monotonic() - started < 1.5
 
     _run(scenario)
 
 
 def test_a_peer_whose_first_address_is_silent_is_reached_at_its_second() -> None:
     async def scenario() -> None:
-        accepted: list[asyncio.StreamWriter] = []
-
-        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            accepted.append(writer)
-
-        listener = await asyncio.start_server(silent, "127.0.0.1", 0)
-        try:
-            port = listener.sockets[0].getsockname()[1]
-            async with Node(_config()) as a, Node(_config()) as b:
-                value = net_pb2.PeerRecordValue(
-                    addresses=[f"127.0.0.1:{port}", b.addresses[0]],
-                    tls_cert_der=b.tls.cert_der,
-                )
-                a.dht.learn(sign_peer_record(b.identity, value, now_s=time.time(), ttl_s=60))
-                connection = await a.pool.connection(b.peer_id, timeout_s=2.0)
-                assert connection.peer_id == b.peer_id
-                assert accepted, "the silent address was not tried first"
-        finally:
-            for writer in accepted:
-                writer.close()
-            listener.close()
-            await listener.wait_closed()
+        async with silent_listener() as silent, Node(_config()) as a, Node(_config()) as b:
+            value = net_pb2.PeerRecordValue(
+                addresses=[f"127.0.0.1:{silent.port}", b.addresses[0]],
+                tls_cert_der=b.tls.cert_der,
+            )
+            a.dht.learn(sign_peer_record(b.identity, value, now_s=time.time(), ttl_s=60))
+            connection = await a.pool.connection(b.peer_id, timeout_s=2.0)
+            assert connection.peer_id == b.peer_id
+            assert silent.accepted, "the silent address was not tried first"
 
     _run(scenario)
 
@@ -220,35 +222,27 @@ def test_a_dial_back_dials_only_the_caller_and_leaves_the_open_connection_alone(
     and a dial that worked replaced its open connection to the caller, cutting its calls."""
 
     async def scenario() -> None:
-        accepted: list[asyncio.StreamWriter] = []
-
-        async def third_party(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            accepted.append(writer)
-
-        listener = await asyncio.start_server(third_party, "127.0.0.2", 0)
-        try:
-            port = listener.sockets[0].getsockname()[1]
-            async with Node(_config()) as helper, Node(_config()) as caller:
-                await caller.bootstrap([f"{helper.peer_id}@{helper.addresses[0]}"])
-                await helper.ping(caller.peer_id)
-                before = helper.pool.get(caller.peer_id)
-                assert before is not None
-                response = await caller.call(
-                    helper.peer_id,
-                    DIAL_BACK_METHOD,
-                    net_pb2.DialBackRequest(addresses=[caller.addresses[0], f"127.0.0.2:{port}"]),
-                    net_pb2.DialBackResponse,
-                    timeout_s=10,
-                    retry=False,
-                )
-                assert list(response.reachable_addresses) == [caller.addresses[0]]
-                assert accepted == []  # the third party heard nothing
-                assert helper.pool.get(caller.peer_id) is before
-        finally:
-            for writer in accepted:
-                writer.close()
-            listener.close()
-            await listener.wait_closed()
+        async with (
+            silent_listener("127.0.0.2") as third_party,
+            Node(_config()) as helper,
+            Node(_config()) as caller,
+        ):
+            await caller.bootstrap([f"{helper.peer_id}@{helper.addresses[0]}"])
+            await helper.ping(caller.peer_id)
+            before = helper.pool.get(caller.peer_id)
+            assert before is not None
+            named = [caller.addresses[0], f"127.0.0.2:{third_party.port}"]
+            response = await caller.call(
+                helper.peer_id,
+                DIAL_BACK_METHOD,
+                net_pb2.DialBackRequest(addresses=named),
+                net_pb2.DialBackResponse,
+                timeout_s=10,
+                retry=False,
+            )
+            assert list(response.reachable_addresses) == [caller.addresses[0]]
+            assert third_party.accepted == []  # it heard nothing
+            assert helper.pool.get(caller.peer_id) is before
 
     _run(scenario)
 

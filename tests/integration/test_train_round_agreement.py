@@ -21,8 +21,8 @@ import torch
 from gossamer.net.node import Node
 from gossamer.net.records import sign_record
 from gossamer.train.averaging import AverageOutcome
-from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig, round_entry_key
-from loopback_nodes import start_node_threads
+from gossamer.train.swarm_averager import SwarmAveragerConfig, round_entry_key
+from loopback_nodes import start_averagers
 
 JOIN_WINDOW_S = 3.0
 
@@ -34,12 +34,7 @@ def test_an_entry_only_its_publisher_holds_is_counted_by_no_member() -> None:
     outcomes: dict[int, AverageOutcome] = {}
     errors: list[BaseException] = []
     with contextlib.ExitStack() as stack:
-        averagers = []
-        for node_thread in start_node_threads(stack, 3):
-            averager = SwarmAverager(node_thread, config)
-            stack.callback(averager.close)
-            averager.join_run(3)
-            averagers.append(averager)
+        averagers = start_averagers(stack, 3, config, join_version=3)
         c = averagers[2]
         node = c.node_thread.node
         entry = {"at": time.time(), "bw": 1e7, "inc": c.incarnation}
@@ -91,12 +86,7 @@ def test_a_peer_whose_lookup_is_slower_than_the_window_does_not_split_the_round(
     took_s: dict[int, float] = {}
     errors: list[BaseException] = []
     with contextlib.ExitStack() as stack:
-        averagers = []
-        for node_thread in start_node_threads(stack, 2):
-            averager = SwarmAverager(node_thread, config)
-            stack.callback(averager.close)
-            averager.join_run(0)
-            averagers.append(averager)
+        averagers = start_averagers(stack, 2, config)
         slow = averagers[1]
         key = round_entry_key(f"{config.run_id}/outer/0")
 

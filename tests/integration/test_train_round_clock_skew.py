@@ -23,7 +23,7 @@ from gossamer.core.clock import SystemClock
 from gossamer.net.node import Node
 from gossamer.train.averaging import AverageOutcome
 from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig, round_entry_key
-from loopback_nodes import start_node_threads
+from loopback_nodes import start_averagers
 
 JOIN_WINDOW_S = 3.0
 
@@ -76,12 +76,7 @@ def test_a_peer_whose_clock_is_off_by_more_than_the_window_averages_with_the_oth
     )
     clocks = [SystemClock(), SystemClock(), SkewedClock(skew_s)]
     with contextlib.ExitStack() as stack:
-        averagers = []
-        for node_thread in start_node_threads(stack, 3, clocks):
-            averager = SwarmAverager(node_thread, config)
-            stack.callback(averager.close)
-            averager.join_run(0)
-            averagers.append(averager)
+        averagers = start_averagers(stack, 3, config, clocks=clocks)
         for round_ in range(2):  # the first samples the clocks itself, the next has heartbeats
             outcomes, took_s = average_all(averagers, f"outer/{round_}")
             for index, outcome in outcomes.items():
@@ -109,11 +104,7 @@ def test_members_agree_while_a_newcomer_arrives_among_clocks_that_disagree() -> 
     )
     clocks = [SystemClock(), SkewedClock(3.0), SystemClock()]
     with contextlib.ExitStack() as stack:
-        averagers = []
-        for node_thread in start_node_threads(stack, 3, clocks):
-            averager = SwarmAverager(node_thread, config)
-            stack.callback(averager.close)
-            averagers.append(averager)
+        averagers = start_averagers(stack, 3, config, clocks=clocks, join_version=None)
         a, b, c = averagers
         a.join_run(0)
         b.join_run(0)
@@ -137,12 +128,7 @@ def test_an_entry_stamped_hours_ahead_is_neither_awaited_nor_counted() -> None:
         run_id="forged", join_window_s=JOIN_WINDOW_S, round_timeout_s=10.0, backend="p2p"
     )
     with contextlib.ExitStack() as stack:
-        averagers = []
-        for node_thread in start_node_threads(stack, 3):
-            averager = SwarmAverager(node_thread, config)
-            stack.callback(averager.close)
-            averager.join_run(0)
-            averagers.append(averager)
+        averagers = start_averagers(stack, 3, config)
         liar = averagers[2]
         entry = {"at": time.time() + 3 * 3600, "bw": 1e7, "inc": liar.incarnation}
         key = round_entry_key(f"{config.run_id}/outer/0")
