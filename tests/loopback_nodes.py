@@ -16,7 +16,7 @@ from gossamer.net.node import Node
 from gossamer.train.averaging import AverageOutcome
 from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig
 
-__all__ = ["average_one_late", "start_averagers", "start_node_threads"]
+__all__ = ["average_all", "average_one_late", "start_averagers", "start_node_threads"]
 
 
 def start_node_threads(
@@ -62,6 +62,35 @@ def start_averagers(
             averager.join_run(join_version)
         made.append(averager)
     return made
+
+
+def average_all(
+    averagers: list[SwarmAverager], round_key: str, delays_s: dict[int, float] | None = None
+) -> tuple[dict[int, AverageOutcome], dict[int, float]]:
+    """Every averager averages ``[full(100, index)]`` in ``round_key`` at once (``delays_s``
+    later for those it names); the outcomes and how long each call took, by index."""
+    outcomes: dict[int, AverageOutcome] = {}
+    took_s: dict[int, float] = {}
+    errors: list[BaseException] = []
+
+    def peer(index: int) -> None:
+        try:
+            time.sleep((delays_s or {}).get(index, 0.0))
+            started = time.monotonic()
+            outcomes[index] = averagers[index].average(
+                [torch.full((100,), float(index))], round_key=round_key, weight=1.0
+            )
+            took_s[index] = time.monotonic() - started
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=peer, args=(i,)) for i in range(len(averagers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    return outcomes, took_s
 
 
 def average_one_late(

@@ -13,16 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
 import time
 
 import torch
 
 from gossamer.net.node import Node
 from gossamer.net.records import sign_record
-from gossamer.train.averaging import AverageOutcome
 from gossamer.train.swarm_averager import SwarmAveragerConfig, round_entry_key
-from loopback_nodes import start_averagers
+from loopback_nodes import average_all, start_averagers
 
 JOIN_WINDOW_S = 3.0
 
@@ -31,8 +29,6 @@ def test_an_entry_only_its_publisher_holds_is_counted_by_no_member() -> None:
     config = SwarmAveragerConfig(
         run_id="agree", join_window_s=JOIN_WINDOW_S, round_timeout_s=10.0, backend="p2p"
     )
-    outcomes: dict[int, AverageOutcome] = {}
-    errors: list[BaseException] = []
     with contextlib.ExitStack() as stack:
         averagers = start_averagers(stack, 3, config, join_version=3)
         c = averagers[2]
@@ -44,20 +40,7 @@ def test_an_entry_only_its_publisher_holds_is_counted_by_no_member() -> None:
         )
         node.dht.handle_store(record)  # on c alone: its put stopped there
 
-        def peer(index: int) -> None:
-            try:
-                outcomes[index] = averagers[index].average(
-                    [torch.full((100,), float(index))], round_key="outer/3", weight=1.0
-                )
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=peer, args=(i,)) for i in (0, 1)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
-        assert not errors, errors
+        outcomes, _ = average_all(averagers[:2], "outer/3")
         for index in (0, 1):
             outcome = outcomes[index]
             assert outcome.group_size == 2, outcome
@@ -82,9 +65,6 @@ def test_a_peer_whose_lookup_is_slower_than_the_window_does_not_split_the_round(
         round_timeout_s=10.0,
         backend="p2p",
     )
-    outcomes: dict[int, AverageOutcome] = {}
-    took_s: dict[int, float] = {}
-    errors: list[BaseException] = []
     with contextlib.ExitStack() as stack:
         averagers = start_averagers(stack, 2, config)
         slow = averagers[1]
@@ -102,22 +82,7 @@ def test_a_peer_whose_lookup_is_slower_than_the_window_does_not_split_the_round(
 
         slow.node_thread.run(slow_lookups, timeout_s=10)
 
-        def peer(index: int) -> None:
-            try:
-                started = time.monotonic()
-                outcomes[index] = averagers[index].average(
-                    [torch.full((100,), float(index))], round_key="outer/0", weight=1.0
-                )
-                took_s[index] = time.monotonic() - started
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=peer, args=(i,)) for i in (0, 1)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
-        assert not errors, errors
+        outcomes, took_s = average_all(averagers, "outer/0")
         assert outcomes[0].group_size == 1, outcomes[0]  # fast: the window ended before slow came
         assert outcomes[1].excluded, outcomes[1]  # slow: it came after the close, as fast saw
         torch.testing.assert_close(outcomes[0].tensors[0], torch.zeros(100))

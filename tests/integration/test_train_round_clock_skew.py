@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 import time
 
 import pytest
@@ -21,9 +20,8 @@ import torch
 
 from gossamer.core.clock import SystemClock
 from gossamer.net.node import Node
-from gossamer.train.averaging import AverageOutcome
-from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig, round_entry_key
-from loopback_nodes import start_averagers
+from gossamer.train.swarm_averager import SwarmAveragerConfig, round_entry_key
+from loopback_nodes import average_all, start_averagers
 
 JOIN_WINDOW_S = 3.0
 
@@ -36,35 +34,6 @@ class SkewedClock(SystemClock):
 
     def wall(self) -> float:
         return super().wall() + self.skew_s
-
-
-def average_all(
-    averagers: list[SwarmAverager], round_key: str, delays_s: dict[int, float] | None = None
-) -> tuple[dict[int, AverageOutcome], dict[int, float]]:
-    """Every averager averages ``[full(100, index)]`` in ``round_key`` at once (``delays_s``
-    later for those it names); the outcomes and how long each call took, by index."""
-    outcomes: dict[int, AverageOutcome] = {}
-    took_s: dict[int, float] = {}
-    errors: list[BaseException] = []
-
-    def peer(index: int) -> None:
-        try:
-            time.sleep((delays_s or {}).get(index, 0.0))
-            started = time.monotonic()
-            outcomes[index] = averagers[index].average(
-                [torch.full((100,), float(index))], round_key=round_key, weight=1.0
-            )
-            took_s[index] = time.monotonic() - started
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=peer, args=(i,)) for i in range(len(averagers))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not errors, errors
-    return outcomes, took_s
 
 
 @pytest.mark.parametrize("skew_s", [-5.0, 4.0], ids=["behind", "ahead"])

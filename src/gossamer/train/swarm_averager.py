@@ -1094,7 +1094,6 @@ class SwarmAverager:
         correction_s = node.peer_clocks.correction_s(peers, now_s=now_s, agree_s=agree_s)
         # Warnings at most once per _CLOCK_WARNING_EVERY_S each: a clock near the edge of the
         # tolerance flips in and out of it from one round to the next.
-        now_s = self._clock.monotonic()
         due = now_s - self._clock_warned_at_s.get("", -math.inf) >= _CLOCK_WARNING_EVERY_S
         if abs(correction_s - self._clock_correction_warned_s) > agree_s and due:
             self._clock_correction_warned_s = correction_s
