@@ -113,3 +113,25 @@ def test_an_entry_stamped_hours_ahead_is_neither_awaited_nor_counted() -> None:
             torch.testing.assert_close(outcome.tensors[0], torch.full((100,), 0.5))
             # Before, the close was the liar's stamp: the round waited out its whole deadline.
             assert took_s[index] < JOIN_WINDOW_S, took_s
+
+
+def test_a_peer_behind_that_counts_one_that_did_not_count_it_stops_at_once() -> None:
+    """Two peers, B 3 s behind A: no majority can tell whose clock is right. B comes 5 s after
+    A, after A's window and grace: A averaged alone. B's stamp is before A's close, so B counts
+    A. A refuses B's round at B's first message (B announces itself to every member), and B
+    ends the round at once with A failed, instead of waiting for A to its reduce deadline."""
+    config = SwarmAveragerConfig(
+        run_id="behind", join_window_s=JOIN_WINDOW_S, round_timeout_s=10.0, backend="p2p"
+    )
+    clocks = [SystemClock(), SkewedClock(-3.0)]
+    with contextlib.ExitStack() as stack:
+        a, b = start_averagers(stack, 2, config, clocks=clocks)
+        outcomes, took_s = average_all([a, b], "outer/0", delays_s={1: 5.0})
+        assert outcomes[0].group_size == 1, outcomes
+        assert outcomes[0].missing_peers == [b.peer_id], outcomes
+        assert outcomes[1].failed_peers == [a.peer_id], outcomes
+        torch.testing.assert_close(outcomes[1].tensors[0], torch.full((100,), 1.0))
+        # Before: 5-7 s of waiting for A's part (the early-arrival timeout on A, or B's
+        # reduce deadline where B had nothing to send A first).
+        assert outcomes[1].communication_seconds < 2.0, outcomes
+        assert took_s[1] < 3.0, took_s

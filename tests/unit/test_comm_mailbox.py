@@ -127,3 +127,31 @@ def test_only_so_many_messages_and_bytes_wait_for_unopened_rounds(limit: str) ->
         assert sorted(handler.chunks) == [0, 1, 3]
 
     asyncio.run(clock.run(main()))
+
+
+def test_a_key_settled_without_a_round_refuses_its_rounds_waiting_and_new() -> None:
+    # The tag is the round id's first 4 bytes (the round key's hash): a peer that averaged
+    # alone refuses the round of a peer that counted it, at once and for a waiting message too.
+    clock = IdleJumpClock()
+    other_key = b"\x07" * 16
+
+    async def main() -> None:
+        mailbox = CommMailbox(_Silent(), clock, early_arrival_timeout_s=30.0)
+        waiting = asyncio.create_task(mailbox.deliver("peer", _message(ROUND, 1)))
+        await clock.sleep_async(0.1)
+        started = clock.monotonic()
+        mailbox.settle_key(ROUND[:4])
+        with pytest.raises(ProtocolError, match="runs no round of that key"):
+            await waiting
+        assert clock.monotonic() - started < 1.0  # not at the early-arrival timeout
+        with pytest.raises(ProtocolError, match="runs no round of that key"):
+            await mailbox.deliver("peer", _message(b"\x01" * 4 + b"\x09" * 12))
+        # Another key's early message still waits for its round.
+        later = asyncio.create_task(mailbox.deliver("peer", _message(other_key, 2)))
+        await clock.sleep_async(0.1)
+        handler = _Round()
+        mailbox.open_round(other_key, handler)  # type: ignore[arg-type]
+        await later
+        assert handler.chunks == [2]
+
+    asyncio.run(clock.run(main()))

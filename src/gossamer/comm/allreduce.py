@@ -280,8 +280,9 @@ async def all_reduce(
             gone is treated as failed at once (asked every ``config.liveness_poll_s``) instead
             of when a send to it misses its deadline.
         announce: tell every member at the start that this one is in the round, so one that
-            averaged these tensors by other means (see :func:`decline_round`) says so at once,
-            even to a member that would send it nothing before the reduce deadline.
+            averaged these tensors by other means (see :func:`decline_round`), or runs no
+            round of this key or another group's (see :meth:`CommMailbox.settle_key`), says so
+            at once, even to a member that would send it nothing before the reduce deadline.
 
     Returns:
         The averages and the round's report. Never raises for a failed peer: failures are in

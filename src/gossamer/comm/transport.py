@@ -6,8 +6,9 @@ to one receiver, a :class:`CommMailbox`, which reads the small frame header and 
 message to the round it belongs to. A message for a round that has not opened yet (a fast peer
 started first) waits a bounded time for the round to open; one for a round that already ended is
 dropped. One for a round this peer is not in, while it is in another round of the same key (its
-id starts with the key's bytes, see :func:`~gossamer.comm.plan.round_id_of`), is refused at once:
-the sender formed another group under that key.
+id starts with the key's bytes, see :func:`~gossamer.comm.plan.round_id_of`), or after it settled
+the key without a round (it averaged alone), is refused at once: the sender formed another group
+under that key.
 
 Frame header (little-endian)::
 
@@ -295,6 +296,8 @@ class CommMailbox:
         part's average."""
         self._answered: OrderedDict[tuple[bytes, str], None] = OrderedDict()
         """(round, peer) pairs told that the round had closed here (each is told once)."""
+        self._settled_keys: OrderedDict[bytes, None] = OrderedDict()
+        """Tags of round keys this peer runs no round of (see :meth:`settle_key`)."""
         self._answers: set[asyncio.Task[None]] = set()
         transport.set_receiver(self.deliver)
         keep_freed_memory()  # rounds reuse the pages of their message buffers
@@ -311,6 +314,7 @@ class CommMailbox:
         self._rounds[round_id] = handler
         self._closed.pop(round_id, None)
         tag = round_id[:ROUND_KEY_TAG_NBYTES]
+        self._settled_keys.pop(tag, None)
         for waiting in [w for w in self._opened if w[:ROUND_KEY_TAG_NBYTES] == tag]:
             # The round itself, or another group's under the same key: those are refused now.
             self._opened.pop(waiting).set()
@@ -330,6 +334,18 @@ class CommMailbox:
             event.set()
         while len(self._closed) > 1024:
             self._closed.popitem(last=False)
+
+    def settle_key(self, tag: bytes) -> None:
+        """This peer runs no round of the key whose ids start with ``tag`` (see
+        :func:`~gossamer.comm.plan.round_key_tag`): it averaged alone or by other means. A
+        message of a round of that key is refused at once, as one of another group is where
+        this peer runs a round of its own: a peer that counted it among its members stops
+        waiting for it, instead of holding its messages here to the early-arrival timeout."""
+        self._settled_keys[tag] = None
+        while len(self._settled_keys) > 1024:
+            self._settled_keys.popitem(last=False)
+        for waiting in [w for w in self._opened if w[:ROUND_KEY_TAG_NBYTES] == tag]:
+            self._opened.pop(waiting).set()
 
     async def deliver(self, sender: str, message: memoryview) -> None:
         """The transport's receiver: route one message to its round."""
@@ -388,6 +404,11 @@ class CommMailbox:
         if round_id in self._rounds or round_id in self._closed:
             return
         tag = round_id[:ROUND_KEY_TAG_NBYTES]
+        if tag in self._settled_keys:
+            raise ProtocolError(
+                f"round {round_id.hex()[:12]} is not this peer's: it runs no round of that key "
+                "(it averaged alone or by other means; the members disagree on the group)"
+            )
         for other in itertools.chain(self._rounds, reversed(self._closed)):
             if other[:ROUND_KEY_TAG_NBYTES] == tag:
                 raise ProtocolError(

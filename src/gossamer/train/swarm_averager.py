@@ -476,7 +476,11 @@ class SwarmAverager:
                 round_ = await forming.task
             members, missing = round_.members, round_.missing
             marks["formed"] = formed = time.monotonic()
+            assert self._mailbox is not None
             if len(members) < 2:
+                # A peer that counted this one (clocks apart, no majority to correct them) is
+                # refused at its first message instead of waiting for one that never comes.
+                self._mailbox.settle_key(round_key_tag(key))
                 return AverageOutcome(
                     tensors=[t.clone() for t in tensors],
                     group_size=len(members),
@@ -493,9 +497,9 @@ class SwarmAverager:
             result = None
             backend = "torch"
             plan = self._torch_plan(node, key, round_)
-            assert self._mailbox is not None
             p2p_key = f"{key}/p2p"  # the key of the p2p re-run after a torch attempt
             if plan is not None:
+                self._mailbox.settle_key(round_key_tag(key))  # (its p2p re-run has its own key)
                 result = await self._torch_round(node, plan, tensors, weight, p2p_key)
                 if result is not None:  # a member whose collective failed runs it over p2p
                     decline_round(
@@ -518,7 +522,9 @@ class SwarmAverager:
                     meter=self.meter,
                     feedback=self.feedback,
                     alive=lambda peer: self._alive(node, peer),
-                    announce=plan is not None,  # the others' collective may have succeeded
+                    # A member whose collective succeeded (after a torch attempt), or one that
+                    # counted other members (clocks apart), says so at once.
+                    announce=True,
                 )
                 backend = "p2p"
             self.rounds_by_backend[backend] += 1
