@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,13 +13,17 @@ from typing import Any
 import grpc
 import pytest
 
+from gossamer.core.clock import SystemClock
 from gossamer.core.errors import PeerUnavailableError
 from gossamer.net.config import NodeConfig, RelayConfig
+from gossamer.net.counters import NetCounters
+from gossamer.net.directory import PeerDirectory
 from gossamer.net.identity import Identity
 from gossamer.net.node import Node
 from gossamer.net.records import sign_peer_record
 from gossamer.net.relay import CONNECT_METHOD
 from gossamer.net.tls import TlsCertificate
+from gossamer.net.tunnels import MAX_IDLE_ENTRANCES, RelayDialer, carry_socket_over_call
 from gossamer.proto import net_pb2
 
 SECRET = b"relay-test-secret-0123456789"
@@ -307,5 +312,69 @@ def test_two_records_naming_each_other_as_relays_cost_one_failed_dial() -> None:
             await asyncio.sleep(3.0)
             assert victim.counters.num_relayed_dials == dials
             assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("tunnel-")]
+
+    _run(scenario)
+
+
+class _HangingPool:
+    """A pool whose dials never end: a tunnel through an entrance stays open until closed."""
+
+    def dial_lock(self, peer_id: str) -> asyncio.Lock:
+        return asyncio.Lock()
+
+    def get(self, peer_id: str) -> None:
+        return None
+
+    async def dial(self, *args: object, **kwargs: object) -> None:
+        await asyncio.Event().wait()
+
+
+def test_idle_entrances_beyond_the_most_recent_are_closed_and_open_tunnels_kept() -> None:
+    # One listening socket per relayed peer ever dialled, for the node's life: a long run that
+    # met a thousand relayed peers held a thousand of them (a process's usual limit of files).
+    async def scenario() -> None:
+        counters = NetCounters()
+        directory = PeerDirectory("me", SystemClock(), counters, max_value_bytes=1024, max_peers=16)
+        dialer = RelayDialer(_HangingPool(), directory, "me", counters)  # type: ignore[arg-type]
+        try:
+            busy = await dialer._entrance("busy", "relay", "127.0.0.1:1")
+            host, _, port = busy.rpartition(":")
+            _, writer = await asyncio.open_connection(host, int(port))  # a tunnel, left open
+            await asyncio.sleep(0.1)
+            first_idle = await dialer._entrance("idle-0", "relay", "127.0.0.1:1")
+            for index in range(1, MAX_IDLE_ENTRANCES + 20):
+                await dialer._entrance(f"idle-{index}", "relay", "127.0.0.1:1")
+            assert dialer.num_entrances == MAX_IDLE_ENTRANCES + 1
+            # The busy entrance still accepts; the least recently dialled idle one is closed.
+            assert await dialer._entrance("busy", "relay", "127.0.0.1:1") == busy
+            _, second = await asyncio.open_connection(host, int(port))
+            second.close()
+            idle_host, _, idle_port = first_idle.rpartition(":")
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection(idle_host, int(idle_port))
+            writer.close()
+        finally:
+            await dialer.close()
+
+    _run(scenario)
+
+
+def test_a_tunnel_whose_connection_closed_under_it_ends_as_unavailable() -> None:
+    # gRPC raises UsageError for a call on a closed channel; it escaped the tunnel task
+    # (unlogged) and left the local socket open.
+    async def scenario() -> None:
+        def open_call(frames: object) -> object:
+            raise grpc.aio.UsageError("Channel is closed.")
+
+        left, right = socket.socketpair()
+        reader, writer = await asyncio.open_connection(sock=left)
+        try:
+            with pytest.raises(PeerUnavailableError, match="connection is closed"):
+                await carry_socket_over_call(
+                    reader, writer, open_call, net_pb2.TunnelFrame(tunnel_id="t")
+                )
+            assert writer.is_closing()
+        finally:
+            right.close()
 
     _run(scenario)

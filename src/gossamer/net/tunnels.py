@@ -19,7 +19,9 @@ import contextlib
 import functools
 import logging
 import random
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -37,6 +39,7 @@ from gossamer.proto import net_pb2
 
 __all__ = [
     "FRAME_BYTES",
+    "MAX_IDLE_ENTRANCES",
     "REVERSED_ADDRESS",
     "OwnedTasks",
     "RelayDialer",
@@ -51,6 +54,9 @@ REVERSED_ADDRESS = "reversed over its own connection"
 FRAME_BYTES = 256 * 1024
 """Largest tunnel frame: one read from the local socket."""
 _LOCAL_CONNECT_TIMEOUT_S = 5.0
+MAX_IDLE_ENTRANCES = 64
+"""Entrances with no tunnel open kept listening (the most recently dialled): one per relayed
+peer ever dialled would hold a listening socket each for the node's life."""
 _RETRY_RELAY_AFTER_S = 10.0
 
 OpenCall = Callable[[AsyncIterator[net_pb2.TunnelFrame]], Any]
@@ -81,8 +87,12 @@ async def carry_socket_over_call(
             yield net_pb2.TunnelFrame(data=data)
         yield net_pb2.TunnelFrame(close=True)
 
-    call = open_call(frames())
+    call: Any = None
     try:
+        try:
+            call = open_call(frames())
+        except grpc.aio.UsageError as exc:  # the connection closed since it was looked up
+            raise PeerUnavailableError(f"the tunnel's connection is closed ({exc})") from exc
         async for frame in call:
             if frame.data:
                 writer.write(frame.data)
@@ -92,7 +102,8 @@ async def carry_socket_over_call(
     except grpc.aio.AioRpcError as exc:
         raise error_of_rpc_error(exc, "relay", "tunnel") from exc
     finally:
-        call.cancel()
+        if call is not None:
+            call.cancel()
         writer.close()
         with contextlib.suppress(OSError, TimeoutError):
             async with asyncio.timeout(1.0):
@@ -121,8 +132,20 @@ class OwnedTasks:
         self._tasks.clear()
 
 
+@dataclass(slots=True)
+class _Entrance:
+    """A local listening socket whose connections are tunnelled to one target."""
+
+    server: asyncio.Server
+    tunnels: int = 0
+    """Connections accepted here whose tunnel is still open."""
+
+
 class RelayDialer:
     """Dial targets through relays: a local entrance per (target, relay) pair.
+
+    Entrances with no tunnel open are closed beyond the :data:`MAX_IDLE_ENTRANCES` used last
+    (a later dial opens a new one).
 
     Args:
         pool: the node's connections (the relay is dialed through it).
@@ -145,7 +168,8 @@ class RelayDialer:
         self._directory = directory
         self._own_peer_id = own_peer_id
         self._counters = counters
-        self._entrances: dict[tuple[str, str], asyncio.Server] = {}
+        self._entrances: OrderedDict[tuple[str, str], _Entrance] = OrderedDict()
+        """Open entrances, the least recently dialled first."""
         self._tasks = OwnedTasks()
         self._closed = False
 
@@ -190,17 +214,32 @@ class RelayDialer:
         if self._closed:
             raise PeerUnavailableError("the node is stopping")
         key = (target, "direct" if direct else relay_id)
-        server = self._entrances.get(key)
-        if server is None:
+        entrance = self._entrances.get(key)
+        if entrance is None:
             server = await asyncio.start_server(
-                functools.partial(self._serve, target, relay_id, relay_address, direct),
-                "127.0.0.1",
-                0,
+                functools.partial(self._serve, key, relay_address, direct), "127.0.0.1", 0
             )
-            self._entrances[key] = server
+            if self._closed:  # (stopped while it started)
+                server.close()
+                raise PeerUnavailableError("the node is stopping")
+            entrance = self._entrances[key] = _Entrance(server)
+            self._close_idle_entrances()
+        self._entrances.move_to_end(key)
         if not direct:
             self._counters.num_relayed_dials += 1
-        return f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        return f"127.0.0.1:{entrance.server.sockets[0].getsockname()[1]}"
+
+    def _close_idle_entrances(self) -> None:
+        """Close the least recently dialled entrances with no tunnel open, beyond
+        :data:`MAX_IDLE_ENTRANCES` of them."""
+        idle = [key for key, entrance in self._entrances.items() if entrance.tunnels == 0]
+        for key in idle[: max(0, len(idle) - MAX_IDLE_ENTRANCES)]:
+            self._entrances.pop(key).server.close()
+
+    @property
+    def num_entrances(self) -> int:
+        """Entrances listening now."""
+        return len(self._entrances)
 
     async def _relay_connection(self, relay_id: str, relay_address: str) -> PeerConnection:
         """The connection to a relay: the one open, or a dial of the address the target's
@@ -214,18 +253,27 @@ class RelayDialer:
 
     def _serve(
         self,
-        target: str,
-        relay_id: str,
+        key: tuple[str, str],
         relay_address: str,
         direct: bool,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
         # A plain callback: the tunnel runs in a task this object owns (cancelled on close).
-        self._tasks.spawn(
-            self._tunnel(target, relay_id, relay_address, reader, writer, direct=direct),
-            f"tunnel-{target[:8]}",
-        )
+        target, relay_id = key[0], self._own_peer_id if direct else key[1]
+        entrance = self._entrances.get(key)
+        if entrance is None:  # closed after it accepted this connection
+            writer.close()
+            return
+        entrance.tunnels += 1
+
+        async def tunnel() -> None:
+            try:
+                await self._tunnel(target, relay_id, relay_address, reader, writer, direct=direct)
+            finally:
+                entrance.tunnels -= 1
+
+        self._tasks.spawn(tunnel(), f"tunnel-{target[:8]}")
 
     async def _tunnel(
         self,
@@ -258,15 +306,15 @@ class RelayDialer:
             _log.info(
                 "tunnel to %s via %s ended: %s", short_peer_id(target), short_peer_id(relay_id), exc
             )
-            writer.close()
         except Exception:
             _log.exception("tunnel to %s failed", short_peer_id(target))
+        finally:  # (cancelled too, while it dialled the relay)
             writer.close()
 
     async def close(self) -> None:
         """Close every entrance and the tunnels through them."""
         self._closed = True
-        servers = list(self._entrances.values())
+        servers = [entrance.server for entrance in self._entrances.values()]
         self._entrances.clear()
         for server in servers:
             server.close()
