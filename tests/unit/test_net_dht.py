@@ -15,7 +15,7 @@ from gossamer.core.errors import AuthenticationError, ProtocolError
 from gossamer.net.config import DhtConfig, LimitsConfig
 from gossamer.net.counters import NetCounters
 from gossamer.net.dht import Dht
-from gossamer.net.directory import PeerDirectory
+from gossamer.net.directory import RECENT_CONTACT_S, PeerDirectory
 from gossamer.net.identity import Identity
 from gossamer.net.peer_filter import MAX_FILTER_BYTES, PeerFilter
 from gossamer.net.records import MAX_RECORD_TTL_S, sign_peer_record, sign_record
@@ -419,6 +419,29 @@ def test_records_claiming_a_week_of_life_do_not_push_live_peers_out_of_a_full_di
     # Every peer in routing has a record (one evicted on arrival is routed nowhere).
     for peer_id in dht.routing.closest(b"\0" * 32, 64):
         assert peer_id in dht.directory
+
+
+def test_one_handshake_long_ago_does_not_keep_a_record_in_a_full_directory() -> None:
+    """Throwaway identities that each made one handshake ranked above every peer never spoken
+    to, for as long as their records lasted (a week)."""
+    clock = FakeClock()
+    directory = PeerDirectory("me", clock, NetCounters(), max_value_bytes=16384, max_peers=10)
+
+    def record(identity: Identity, ttl_s: float) -> net_pb2.SignedPeerRecord:
+        value = net_pb2.PeerRecordValue(addresses=["10.0.0.1:1"])
+        return sign_peer_record(identity, value, now_s=clock.wall(), ttl_s=ttl_s)
+
+    spoken_to = [Identity.generate() for _ in range(5)]
+    for identity in spoken_to:
+        directory.learn(record(identity, MAX_RECORD_TTL_S))
+        directory.contacted(identity.peer_id)
+    clock.advance(RECENT_CONTACT_S + 1.0)
+    directory.contacted(spoken_to[0].peer_id)  # this one is still spoken to
+    gossiped = [Identity.generate() for _ in range(10)]
+    for identity in gossiped:
+        directory.learn(record(identity, 60.0))
+    kept = [i for i in spoken_to + gossiped if i.peer_id in directory]
+    assert kept == [spoken_to[0], *gossiped[1:]]
 
 
 def test_contact_times_of_peers_without_records_do_not_pile_up() -> None:

@@ -9,6 +9,7 @@ the lifetime of its last record.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 from gossamer.core.clock import Clock
@@ -18,9 +19,11 @@ from gossamer.net.identity import peer_id_of_public_key, short_peer_id
 from gossamer.net.records import PeerRecord, parse_peer_record
 from gossamer.proto import net_pb2
 
-__all__ = ["PeerDirectory"]
+__all__ = ["RECENT_CONTACT_S", "PeerDirectory"]
 
 _log = logging.getLogger(__name__)
+RECENT_CONTACT_S = 600.0
+"""A peer spoken to within this long ranks above those a full directory evicts first."""
 
 
 class PeerDirectory:
@@ -137,9 +140,16 @@ class PeerDirectory:
             self.on_removed(peer_id)
 
     def _evict_if_full(self) -> None:
+        """Evict, while the directory is full, peers not spoken to lately (one handshake long
+        ago, as a throwaway identity makes, does not keep a record forever), the oldest
+        published first."""
+        recent_after = self._clock.wall() - RECENT_CONTACT_S
         while len(self._records) > self._max_peers:
             first = min(
                 self._records.values(),
-                key=lambda r: (r.peer_id in self.last_contact_wall_s, r.published_at_s),
+                key=lambda r: (
+                    self.last_contact_wall_s.get(r.peer_id, -math.inf) >= recent_after,
+                    r.published_at_s,
+                ),
             )
             self._remove(first.peer_id)
