@@ -118,6 +118,37 @@ def test_grpc_errors_map_into_the_error_tree(code: grpc.StatusCode, kind: type) 
     assert "/x/Y to peer failed" in str(error)
 
 
+def test_a_peer_gone_for_the_forget_time_is_no_longer_watched() -> None:
+    # Every peer a long run ever averaged with kept a heartbeat loop (and a peer_up series).
+    async def scenario() -> None:
+        clock = FakeClock()
+        config = HeartbeatConfig(interval_s=0.5, timeout_s=2.5, forget_after_s=60.0)
+        calls: list[float] = []
+
+        async def heartbeat(peer_id: str, timeout_s: float) -> None:
+            calls.append(clock.monotonic())
+            raise PeerUnavailableError("refused")  # killed: calls fail at once
+
+        async with FailureDetector(heartbeat, config, clock) as detector:
+            detector.watch("dead")
+            gone_at = await detector.wait_for("dead", alive=False, timeout_s=5)
+            for _ in range(10_000):  # fake time: bounded, each pass half a second
+                if "dead" not in detector.watched:
+                    break
+                await asyncio.sleep(0)
+            assert detector.watched == []
+            assert detector.liveness("dead") is None
+            assert calls[-1] - gone_at == pytest.approx(60.0, abs=0.6)
+            made = len(calls)
+            for _ in range(100):
+                await asyncio.sleep(0)
+            assert len(calls) == made  # no more heartbeats
+            detector.watch("dead")  # watching again starts afresh
+            assert detector.watched == ["dead"]
+
+    asyncio.run(scenario())
+
+
 def test_our_errors_map_to_statuses() -> None:
     assert status_of_error(AuthenticationError("a"))[0] == grpc.StatusCode.UNAUTHENTICATED
     assert status_of_error(ProtocolError("p"))[0] == grpc.StatusCode.INVALID_ARGUMENT

@@ -174,6 +174,10 @@ class HeartbeatConfig:
     """Time between heartbeats to one peer."""
     timeout_s: float = 2.5
     """A peer with no answered heartbeat for this long is reported gone."""
+    forget_after_s: float = 600.0
+    """A peer gone this long is no longer watched (no more heartbeats to it, no liveness):
+    without it every peer a long run ever worked with kept a heartbeat loop. Longer than a
+    run membership lasts unrenewed (300 s), so a dead peer is not expected back in rounds."""
 
     def __post_init__(self) -> None:
         _require(self.interval_s > 0, "heartbeat.interval_s", "must be positive")
@@ -181,6 +185,11 @@ class HeartbeatConfig:
             self.timeout_s > self.interval_s,
             "heartbeat.timeout_s",
             f"must exceed heartbeat.interval_s ({self.interval_s}) or every peer looks gone",
+        )
+        _require(
+            self.forget_after_s > 0,
+            "heartbeat.forget_after_s",
+            "must be positive (seconds a gone peer is still watched for its return)",
         )
 
 

@@ -4,7 +4,7 @@ Each watched peer gets its own heartbeat loop. A heartbeat waits at most until t
 deadline (``timeout_s`` after its last answered heartbeat), so a peer that was killed (calls fail
 at once) or paused (calls hang) is reported gone ``timeout_s`` after it last answered, not later.
 A gone peer keeps being probed; when it answers again (for instance restarted with the same key,
-so the same peer id) it is reported back.
+so the same peer id) it is reported back. One gone for ``forget_after_s`` is no longer watched.
 """
 
 from __future__ import annotations
@@ -149,6 +149,15 @@ class FailureDetector:
                     await self._set(state, True, now)
             elif state.alive and now - state.last_answer_s >= timeout_s - 1e-3:
                 await self._set(state, False, now)
+            elif not state.alive and now - state.changed_at_s >= self._config.forget_after_s:
+                _log.info(
+                    "peer %s: no longer watching %s (gone for %.0f s)",
+                    self._own,
+                    peer_id[:12],
+                    now - state.changed_at_s,
+                )
+                del self._tasks[peer_id], self._liveness[peer_id]
+                return
             await self._clock.sleep_async(max(0.0, interval_s - (now - started)))
 
     async def _set(self, state: PeerLiveness, alive: bool, now: float) -> None:
