@@ -72,3 +72,15 @@ def test_dashboard_command_without_a_swarm_says_what_to_pass() -> None:
     )
     assert done.returncode == 1
     assert "--bootstrap HOST:PORT or --scrape URL" in done.stderr
+
+
+def test_dashboard_command_refuses_a_port_that_is_not_one() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", CLI, "dashboard", "--scrape", "127.0.0.1:9", "--port", "99999"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "port 99999 is not a TCP port" in done.stderr
+    assert "Traceback" not in done.stderr

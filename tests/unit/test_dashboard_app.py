@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 from importlib.resources import files
 from typing import Any
@@ -92,6 +93,21 @@ def test_a_failing_source_shows_as_an_error_and_recovers() -> None:
     assert service.state()["error"] is None
 
 
+def test_a_snapshot_that_fails_to_record_shows_as_an_error_and_polling_goes_on() -> None:
+    _, service = _service()
+
+    def broken(snapshot: SwarmSnapshot) -> None:
+        raise OverflowError("cannot convert float infinity to integer")
+
+    recorded = service.history.record
+    service.history.record = broken  # type: ignore[method-assign]
+    asyncio.run(service.poll_once())  # before, this raised and ended the polling task
+    assert "OverflowError" in (service.state()["error"] or "")
+    service.history.record = recorded  # type: ignore[method-assign]
+    asyncio.run(service.poll_once())
+    assert service.state()["error"] is None
+
+
 def test_a_source_past_its_deadline_shows_as_an_error() -> None:
     class SlowSource:
         async def snapshot(self) -> SwarmSnapshot:
@@ -167,3 +183,5 @@ def test_the_page_loads_nothing_from_elsewhere_and_inserts_data_as_text() -> Non
 def test_dashboard_config_is_checked() -> None:
     with pytest.raises(ValueError, match="poll_interval_s"):
         DashboardConfig(poll_interval_s=0)
+    with pytest.raises(ValueError, match="poll_interval_s"):
+        DashboardConfig(poll_interval_s=math.nan)  # (it made the polling loop spin a core)

@@ -94,6 +94,26 @@ def test_resync_counter_increases_become_events() -> None:
     assert history.events[-1].detail == "2x"
 
 
+def test_a_resync_count_that_overflows_is_an_event_not_a_crash() -> None:
+    # Two finite figures whose difference is infinite: int() raised OverflowError, and the
+    # dashboard's polling task died with the page frozen on its last state.
+    history = SwarmHistory()
+    history.record(_snap(0.0, _view("a"), a=PeerSample(num_resyncs=-1.7e308)))
+    history.record(_snap(1.0, _view("a"), a=PeerSample(num_resyncs=1.7e308)))
+    assert (history.events[-1].kind, history.events[-1].detail) == ("resynced", "many times")
+
+
+def test_a_link_no_longer_reported_shows_no_rate() -> None:
+    # It kept its last rate on the page for as long as either peer was listed.
+    history = SwarmHistory()
+    history.record(_snap(0.0, _view("a"), _view("b"), a=PeerSample(bytes_sent={"b": 0.0})))
+    history.record(_snap(1.0, _view("a"), _view("b"), a=PeerSample(bytes_sent={"b": 5e7})))
+    history.record(_snap(2.0, _view("a"), _view("b"), a=PeerSample(bytes_sent={"other": 1.0})))
+    links = {(link["source"], link["target"]): link for link in history.state()["links"]}
+    assert links[("a", "b")]["bytes_per_s"] is None
+    assert links[("a", "b")]["bytes_total"] == 5e7
+
+
 def test_state_is_strict_json_even_with_nan_values() -> None:
     history = SwarmHistory()
     history.record(
@@ -118,7 +138,10 @@ def test_gone_peers_add_no_throughput_and_events_are_bounded() -> None:
     assert {p["peer_id"]: p["tokens_per_second"] for p in state["peers"]} == {"a": 0.0, "b": 50.0}
 
 
-@pytest.mark.parametrize("kwargs", [{"num_points": 1}, {"num_events": 0}, {"forget_after_s": 0.0}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"num_points": 1}, {"num_events": 0}, {"forget_after_s": 0.0}, {"forget_after_s": math.nan}],
+)
 def test_config_rejects_useless_values(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="HistoryConfig"):
         HistoryConfig(**kwargs)  # type: ignore[arg-type]

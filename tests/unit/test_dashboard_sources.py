@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -158,6 +160,50 @@ def test_scrape_config_is_checked() -> None:
         ScrapeConfig(urls=("http://a:1/metrics", "http://a:1/metrics"))
     with pytest.raises(ValueError, match="gone_after_s"):
         ScrapeConfig(urls=("http://a:1/metrics",), gone_after_s=0)
+    with pytest.raises(ValueError, match="gone_after_s"):
+        ScrapeConfig(urls=("http://a:1/metrics",), gone_after_s=math.nan)
+
+
+def test_an_endpoint_that_fails_oddly_leaves_the_others_shown() -> None:
+    # An error other than OSError from one endpoint (http.client's BadStatusLine from a gRPC
+    # port) failed the whole snapshot: no peer was shown.
+    def fetch(url: str, timeout_s: float) -> str:
+        if "10.0.0.2" in url:
+            raise RuntimeError("something no fetch should raise")
+        return _peer_metrics_text("a")
+
+    config = ScrapeConfig(urls=("http://10.0.0.1:9/metrics", "http://10.0.0.2:9/metrics"))
+    source = ScrapeSwarmSource(config, fetch=fetch, clock=FakeClock())
+    snapshot = asyncio.run(source.snapshot())
+    assert {p.peer_id: p.status for p in snapshot.peers} == {"a": "alive", "10.0.0.2:9": "gone"}
+
+
+def test_a_slow_endpoint_holds_one_fetch_at_a_time() -> None:
+    # Each snapshot gave a stuck endpoint another thread; once the pool was full every scrape
+    # timed out and healthy peers showed as gone.
+    release = threading.Event()
+    started: list[str] = []
+
+    def fetch(url: str, timeout_s: float) -> str:
+        started.append(url)
+        if "10.0.0.2" in url:
+            release.wait(30)
+            raise OSError("given up")
+        return _peer_metrics_text("a")
+
+    urls = ("http://10.0.0.1:9/metrics", "http://10.0.0.2:9/metrics")
+    source = ScrapeSwarmSource(ScrapeConfig(urls=urls, timeout_s=0.05), fetch=fetch)
+
+    async def polls() -> list[SwarmSnapshot]:
+        return [await source.snapshot() for _ in range(5)]
+
+    try:
+        snapshots = asyncio.run(polls())
+    finally:
+        release.set()
+    assert started.count(urls[1]) == 1
+    assert started.count(urls[0]) == 5
+    assert {p.peer_id: p.status for p in snapshots[-1].peers}["a"] == "alive"
 
 
 def test_snapshot_rejects_inconsistent_peers() -> None:

@@ -150,7 +150,7 @@ def test_peer_info_and_swarm_metrics_appear_only_when_enabled() -> None:
     names = {name for name, _ in _samples(metrics.registry)}
     assert "gossamer_peer_info" not in names
     assert "gossamer_resyncs_total" not in names
-    assert "gossamer_goodput_kept_tokens_total" in names
+    assert "gossamer_goodput_kept_tokens" in names
     metrics.set_peer_id("abc")
     metrics.set_peer_id("abd")  # renamed: one series
     swarm = metrics.enable_swarm()
@@ -210,6 +210,23 @@ def test_observed_averager_counts_rounds_by_outcome() -> None:
     assert s[("gossamer_group_size", ())] == 0
     # 8-bit blockwise on the large tensor, the small one uncompressed: close to 4x, under it.
     assert 3.5 < s[("gossamer_allreduce_compression_ratio", ())] < 4.0
+
+
+def test_goodput_exports_no_counter_that_goes_down() -> None:
+    # Kept tokens are taken back when a round is discarded: exported as a counter, Prometheus
+    # read each drop as a reset and rate() spiked by the whole total.
+    metrics = PeerMetrics()
+    for _ in range(10):
+        metrics.goodput.add_step(1000)
+    metrics.goodput.discard(4000)
+    text = generate_latest(metrics.registry).decode()
+    types = {f.name: f.type for f in text_string_to_metric_families(text)}
+    assert types["gossamer_goodput_kept_tokens"] == "gauge"
+    assert types["gossamer_goodput_processed_tokens"] == "counter"
+    s = _samples(metrics.registry)
+    assert s[("gossamer_goodput_kept_tokens", ())] == 6000
+    assert s[("gossamer_goodput_processed_tokens_total", ())] == 10000
+    assert s[("gossamer_goodput_discarded_tokens_total", ())] == 4000
 
 
 def test_goodput_counts_discarded_tokens() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 from dataclasses import dataclass
 from types import TracebackType
@@ -58,8 +59,11 @@ class NetSwarmViewConfig:
         if not self.bootstrap:
             raise ValueError("NetSwarmViewConfig.bootstrap: name at least one peer of the swarm")
         for name in ("gone_after_s", "refresh_interval_s", "look_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"NetSwarmViewConfig.{name}: must be positive")
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"NetSwarmViewConfig.{name}: must be a positive number, not {value}"
+                )
         if self.max_watched_peers < 1:
             raise ValueError("NetSwarmViewConfig.max_watched_peers: must be at least 1")
 

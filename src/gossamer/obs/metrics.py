@@ -269,9 +269,16 @@ class _GoodputCollector(Collector):
 
     @staticmethod
     def _families(snap: GoodputSnapshot | None) -> list[Metric]:
-        kept = CounterMetricFamily(
+        # A gauge: a step counted as kept is taken back when a later failure rolls it back,
+        # and a counter that goes down reads as a reset to Prometheus (rate() would spike).
+        kept = GaugeMetricFamily(
             "gossamer_goodput_kept_tokens",
-            "Tokens of steps whose result was kept (the numerator of goodput).",
+            "Tokens of steps whose result was kept (the numerator of goodput); goes down when "
+            "a later failure rolls steps back.",
+        )
+        processed = CounterMetricFamily(
+            "gossamer_goodput_processed_tokens",
+            "Every token pushed through the model (kept + discarded).",
         )
         discarded = CounterMetricFamily(
             "gossamer_goodput_discarded_tokens",
@@ -286,10 +293,11 @@ class _GoodputCollector(Collector):
         )
         if snap is not None:
             kept.add_metric([], snap.tokens_kept)
+            processed.add_metric([], snap.tokens_processed)
             discarded.add_metric([], snap.tokens_discarded)
             compute.add_metric([], snap.compute_tokens_per_s)
             wall.add_metric([], snap.wall_s)
-        return [kept, discarded, compute, wall]
+        return [kept, processed, discarded, compute, wall]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import importlib.resources
 import logging
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,8 +54,8 @@ class DashboardConfig:
     def __post_init__(self) -> None:
         for name in ("poll_interval_s", "snapshot_timeout_s", "page_refresh_s"):
             value = getattr(self, name)
-            if value <= 0:
-                raise ValueError(f"DashboardConfig.{name}: must be positive, not {value}")
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"DashboardConfig.{name}: must be a positive number, not {value}")
 
 
 class DashboardService:
@@ -96,7 +97,13 @@ class DashboardService:
             self.last_error = f"internal error in the swarm source: {exc!r}"
             _log.exception("dashboard: snapshot failed")
             return
-        self.history.record(snapshot)
+        try:
+            self.history.record(snapshot)
+        except Exception as exc:
+            # Likewise a bug in recording: polling goes on, and the page says what broke.
+            self.last_error = f"internal error recording the swarm's state: {exc!r}"
+            _log.exception("dashboard: recording a snapshot failed")
+            return
         self.last_error = None
 
     async def run(self) -> None:

@@ -35,7 +35,7 @@ class HistoryConfig:
             raise ValueError(f"HistoryConfig.num_points: need at least 2, not {self.num_points}")
         if self.num_events < 1:
             raise ValueError(f"HistoryConfig.num_events: need at least 1, not {self.num_events}")
-        if self.forget_after_s <= 0:
+        if not (math.isfinite(self.forget_after_s) and self.forget_after_s > 0):
             raise ValueError(
                 f"HistoryConfig.forget_after_s: must be positive, not {self.forget_after_s}"
             )
@@ -148,8 +148,11 @@ class SwarmHistory:
             and previous_resyncs is not None
             and sample.num_resyncs > previous_resyncs
         ):
-            count = int(sample.num_resyncs - previous_resyncs)
-            self._event(now, "resynced", view.peer_id, f"{count}x" if count > 1 else "")
+            # (figures from a peer's endpoint: any float, so the difference may be infinite)
+            delta = sample.num_resyncs - previous_resyncs
+            count = int(delta) if delta < 1e6 else None
+            detail = "many times" if count is None else (f"{count}x" if count > 1 else "")
+            self._event(now, "resynced", view.peer_id, detail)
         changed = sample != peer.sample or not peer.times
         peer.sample = sample
         if view.status == "alive" and changed:
@@ -199,9 +202,11 @@ class SwarmHistory:
                 link.bytes_per_s = delta / elapsed if delta >= 0 else None
             link.bytes_total = total
             link.updated_wall_s = now
-        for key in list(self._links):
+        for key, link in list(self._links.items()):
             if key[0] not in self._peers and key[1] not in self._peers:
                 del self._links[key]
+            elif key not in totals:
+                link.bytes_per_s = None  # no longer reported: its last rate is not the rate now
 
     def state(self) -> dict[str, Any]:
         """The JSON-ready view the page draws (peers, links, curves, swarm totals, events)."""

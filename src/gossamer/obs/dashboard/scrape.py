@@ -9,7 +9,12 @@ back when it answers again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.client
 import logging
+import math
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -53,17 +58,30 @@ def normalize_metrics_url(target: str) -> str:
 def fetch_url(url: str, timeout_s: float) -> str:
     """Fetch a metrics page over HTTP (blocking; run it in a thread).
 
+    ``timeout_s`` bounds each wait for the peer and the whole body: an endpoint that sends a
+    byte now and then is given up at the deadline (urllib's timeout alone counts per read).
+
     Raises:
-        OSError: the peer did not answer, answered with an error, or answered too much.
+        OSError: the peer did not answer, answered with an error, too slowly, too much, or
+            not in HTTP (a gRPC port named by mistake, say).
     """
+    deadline = time.monotonic() + timeout_s
+    chunks: list[bytes] = []
+    num_bytes = 0
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            body: bytes = response.read(MAX_METRICS_BYTES + 1)
+            while chunk := response.read1(64 * 1024):  # (read() waits for all 64 KiB)
+                chunks.append(chunk)
+                num_bytes += len(chunk)
+                if num_bytes > MAX_METRICS_BYTES:
+                    raise OSError(f"{url}: answer larger than {MAX_METRICS_BYTES} bytes")
+                if time.monotonic() > deadline:
+                    raise OSError(f"{url}: the answer took longer than {timeout_s} s")
     except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
         raise OSError(f"{url}: {exc}") from exc
-    if len(body) > MAX_METRICS_BYTES:
-        raise OSError(f"{url}: answer larger than {MAX_METRICS_BYTES} bytes")
-    return body.decode("utf-8", errors="replace")
+    except http.client.HTTPException as exc:
+        raise OSError(f"{url}: not an HTTP answer ({exc!r}); is it the metrics port?") from exc
+    return b"".join(chunks).decode("utf-8", errors="replace")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -82,12 +100,10 @@ class ScrapeConfig:
             raise ValueError("ScrapeConfig.urls: name at least one metrics endpoint")
         if len(set(self.urls)) != len(self.urls):
             raise ValueError("ScrapeConfig.urls: an endpoint is listed twice")
-        if self.timeout_s <= 0:
-            raise ValueError(f"ScrapeConfig.timeout_s: must be positive, not {self.timeout_s}")
-        if self.gone_after_s <= 0:
-            raise ValueError(
-                f"ScrapeConfig.gone_after_s: must be positive, not {self.gone_after_s}"
-            )
+        for name in ("timeout_s", "gone_after_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"ScrapeConfig.{name}: must be a positive number, not {value}")
 
 
 @dataclass(slots=True)
@@ -98,6 +114,9 @@ class _Target:
     last_answer_s: float | None = None
     last_answer_wall_s: float | None = None
     sample: PeerSample | None = None
+    fetching: asyncio.Future[str] | None = None
+    """The fetch under way (in its own thread): one at a time per endpoint, so a peer that
+    answers slower than its deadline holds one thread, not one more at every snapshot."""
 
 
 class ScrapeSwarmSource:
@@ -129,13 +148,48 @@ class ScrapeSwarmSource:
         # Replaced, not appended to, so a snapshot iterating the old list is undisturbed.
         self._targets = [*self._targets, _Target(url=url, address=address, peer_id=address)]
 
+    def _start_fetch(self, target: _Target) -> asyncio.Future[str]:
+        """Fetch ``target`` in a daemon thread of its own (a thread stuck on a peer never
+        holds up other work, nor the process's exit)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[str] = loop.create_future()
+
+        def deliver(result: str | None, error: BaseException | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result or "")
+
+        def work() -> None:
+            try:
+                text = self._fetch(target.url, self.config.timeout_s)
+            except BaseException as exc:  # handed to the loop, which decides
+                outcome: tuple[str | None, BaseException | None] = (None, exc)
+            else:
+                outcome = (text, None)
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(deliver, *outcome)
+
+        # Retrieved here too: a fetch whose snapshot gave up on it ends with nobody awaiting.
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
+        threading.Thread(target=work, name=f"scrape {target.address}", daemon=True).start()
+        return future
+
     async def _scrape(self, target: _Target) -> None:
+        if target.fetching is not None and not target.fetching.done():
+            return  # the last fetch is still under way: no answer this time
+        target.fetching = self._start_fetch(target)
         try:
             async with asyncio.timeout(self.config.timeout_s + 0.5):
-                text = await asyncio.to_thread(self._fetch, target.url, self.config.timeout_s)
+                text = await asyncio.shield(target.fetching)
             parsed = parse_metrics(text)
         except (OSError, TimeoutError, ValueError) as exc:
             _log.debug("scrape of %s failed: %s", target.url, exc)
+            return
+        except Exception:  # one endpoint never fails the others' snapshot
+            _log.exception("scrape of %s failed", target.url)
             return
         target.last_answer_s = self._clock.monotonic()
         target.last_answer_wall_s = self._clock.wall()

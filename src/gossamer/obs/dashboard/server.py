@@ -20,8 +20,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port`` (0 picks a free port).
 
     Raises:
+        ValueError: the port is not one (0..65535).
         OSError: the address cannot be bound (in use, not local).
     """
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is not a TCP port (0..65535; 0 picks a free one)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
