@@ -7,11 +7,18 @@ threads. Recording a count never blocks.
 from __future__ import annotations
 
 import bisect
+import heapq
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["LATENCY_BUCKETS_S", "LatencyHistogram", "NetCounters", "PeerTraffic"]
+__all__ = [
+    "LATENCY_BUCKETS_S",
+    "MAX_PEERS_COUNTED",
+    "LatencyHistogram",
+    "NetCounters",
+    "PeerTraffic",
+]
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -50,12 +57,47 @@ class LatencyHistogram:
         self.num_calls += 1
 
 
+MAX_PEERS_COUNTED = 4096
+"""Remote peers counted one by one; beyond it the least busy quarter is folded into one total
+(peer ids cost nothing to make: a churning swarm or a peer cycling identities grew the table,
+and every scrape sorted it, without bound)."""
+
+
+class _PeerTable(dict[str, PeerTraffic]):
+    """Traffic by remote peer id, a new id counted from zero, at most ``limit`` ids kept."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.folded = PeerTraffic()
+        """What the peers folded out of the table exchanged (never shrinks)."""
+        self.num_folded = 0
+        """Peers folded so far."""
+
+    def __missing__(self, peer_id: str) -> PeerTraffic:
+        if len(self) >= self.limit:
+            self._fold(max(1, self.limit // 4))
+        traffic = self[peer_id] = PeerTraffic()
+        return traffic
+
+    def _fold(self, count: int) -> None:
+        quietest = heapq.nsmallest(
+            count, self.items(), key=lambda item: item[1].bytes_sent + item[1].bytes_received
+        )
+        for peer_id, traffic in quietest:
+            del self[peer_id]
+            for name in PeerTraffic.__slots__:
+                setattr(self.folded, name, getattr(self.folded, name) + getattr(traffic, name))
+        self.num_folded += len(quietest)
+
+
 class NetCounters:
     """All counters of one node."""
 
-    def __init__(self) -> None:
-        self.peers: defaultdict[str, PeerTraffic] = defaultdict(PeerTraffic)
-        """Traffic by remote peer id."""
+    def __init__(self, *, max_peers_counted: int = MAX_PEERS_COUNTED) -> None:
+        self.peers = _PeerTable(max_peers_counted)
+        """Traffic by remote peer id (the least busy folded into ``peers.folded`` beyond
+        :data:`MAX_PEERS_COUNTED`)."""
         self.rpc_latency: defaultdict[str, LatencyHistogram] = defaultdict(LatencyHistogram)
         """Client-side latency by method."""
         self.rpc_calls: defaultdict[str, int] = defaultdict(int)
@@ -126,6 +168,14 @@ class NetCounters:
                     "num_errors": t.num_errors,
                 }
                 for peer, t in list(self.peers.items())
+            },
+            "folded_peers": {
+                "bytes_sent": self.peers.folded.bytes_sent,
+                "bytes_received": self.peers.folded.bytes_received,
+                "num_rpcs_sent": self.peers.folded.num_rpcs_sent,
+                "num_rpcs_received": self.peers.folded.num_rpcs_received,
+                "num_errors": self.peers.folded.num_errors,
+                "num_peers": self.peers.num_folded,
             },
             "rpc_calls": dict(self.rpc_calls),
             "rpc_latency": {

@@ -196,13 +196,17 @@ class NetMetricsCollector(Collector):
 
     def _families(self, counters: Mapping[str, Any], live: LiveView, failures: int) -> list[Metric]:
         families: list[Metric] = []
-        families += self._traffic(counters.get("peers", {}))
+        families += self._traffic(counters.get("peers", {}), counters.get("folded_peers", {}))
         families += self._rpcs(counters)
         families += self._peers(live, failures)
         families += self._connections_and_relays(counters, live)
         return families
 
-    def _traffic(self, peers: Mapping[str, Mapping[str, int]]) -> list[Metric]:
+    def _traffic(
+        self, peers: Mapping[str, Mapping[str, int]], folded: Mapping[str, int]
+    ) -> list[Metric]:
+        """Per-peer traffic: the busiest ``max_peer_labels`` peers by id, the rest (and the
+        peers the counters folded away) as one ``other`` series."""
         fields = {
             "bytes_sent": CounterMetricFamily(
                 "gossamer_net_sent_bytes",
@@ -234,14 +238,14 @@ class NetMetricsCollector(Collector):
             reverse=True,
         )
         limit = self.config.max_peer_labels
-        other = dict.fromkeys(fields, 0)
+        other = {name: folded.get(name, 0) for name in fields}
         for index, (peer_id, traffic) in enumerate(busiest):
             for name, family in fields.items():
                 if index < limit:
                     family.add_metric([peer_id], traffic.get(name, 0))
                 else:
                     other[name] += traffic.get(name, 0)
-        if len(busiest) > limit:
+        if len(busiest) > limit or folded.get("num_peers", 0):
             for name, family in fields.items():
                 family.add_metric([OTHER_PEERS], other[name])
         return list(fields.values())
