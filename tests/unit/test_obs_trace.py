@@ -7,7 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from gossamer.cli import trace as trace_cli
 from gossamer.core.clock import FakeClock
 from gossamer.obs.goodput import GoodputTracker
 from gossamer.obs.metrics import PeerMetrics
@@ -51,6 +53,27 @@ def test_torn_last_line_is_skipped_but_garbage_elsewhere_is_an_error(tmp_path: P
     assert len(read_spans(path)) == 1
     path.write_text("garbage\n" + good + "\n")
     with pytest.raises(ValueError, match=r"spans\.jsonl:1"):
+        read_spans(path)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"name": "compute", "start_unix_s": "1.0", "duration_s": 0.5},
+        {"name": "compute", "start_unix_s": 1.0, "duration_s": 0.5, "attrs": [1]},
+        {"name": "compute", "start_unix_s": 1.0, "duration_s": 0.5, "step": True},
+        ["compute", 1.0, 0.5],
+    ],
+    ids=["start-a-string", "attrs-a-list", "step-a-bool", "not-an-object"],
+)
+def test_a_span_with_fields_of_the_wrong_type_is_an_error_naming_its_line(
+    tmp_path: Path, fields: object
+) -> None:
+    # They passed the constructor and ended `gossamer trace export` in a TypeError traceback.
+    good = json.dumps({"name": "compute", "start_unix_s": 1.0, "duration_s": 0.5})
+    path = tmp_path / "spans.jsonl"
+    path.write_text(json.dumps(fields) + "\n" + good + "\n")
+    with pytest.raises(ValueError, match=r"spans\.jsonl:1 is not a span"):
         read_spans(path)
 
 
@@ -151,3 +174,13 @@ def test_chrome_trace_draws_nested_spans_under_the_outermost() -> None:
     complete = [e for e in export_chrome_trace(spans)["traceEvents"] if e["ph"] == "X"]
     assert complete[0]["tid"] == complete[1]["tid"]  # the nested waiting is under its hook
     assert complete[2]["tid"] != complete[1]["tid"]  # a waiting of its own has its own row
+
+
+def test_trace_export_to_a_folder_that_is_not_there_is_a_clear_error(tmp_path: Path) -> None:
+    spans = tmp_path / "spans.jsonl"
+    spans.write_text(json.dumps({"name": "compute", "start_unix_s": 1.0, "duration_s": 0.5}))
+    output = tmp_path / "missing" / "trace.json"
+    result = CliRunner().invoke(trace_cli.app, [str(spans), "--output", str(output)])
+    assert result.exit_code == 2, result.output
+    assert f"cannot write {output}" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)

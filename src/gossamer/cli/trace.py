@@ -31,5 +31,9 @@ def export(
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    output.write_text(json.dumps(export_chrome_trace(recorded)))
+    try:
+        output.write_text(json.dumps(export_chrome_trace(recorded)))
+    except OSError as exc:
+        typer.echo(f"error: cannot write {output}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from exc
     typer.echo(f"{len(recorded)} spans written to {output}")

@@ -252,12 +252,37 @@ def read_spans(path: Path) -> list[Span]:
         if not line.strip():
             continue
         try:
-            spans.append(Span(**json.loads(line)))
-        except (json.JSONDecodeError, TypeError) as exc:
+            spans.append(_span_of(json.loads(line)))
+        except (json.JSONDecodeError, TypeError, ValueError) as exc:
             if number == len(lines):
                 break  # the writer was killed mid-line
             raise ValueError(f"{path}:{number} is not a span: {exc}") from exc
     return spans
+
+
+_SPAN_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "start_unix_s": (int, float),
+    "duration_s": (int, float),
+    "peer": (str,),
+    "step": (int,),
+    "attrs": (dict,),
+    "exclusive_s": (int, float, type(None)),
+    "within": (str,),
+}
+
+
+def _span_of(fields: Any) -> Span:
+    """A span from one parsed line, its fields' types checked (the file may be anyone's)."""
+    if not isinstance(fields, dict):
+        raise TypeError(f"a span is a JSON object, not {type(fields).__name__}")
+    for key, value in fields.items():
+        kinds = _SPAN_FIELD_TYPES.get(key)
+        if kinds is None:
+            raise TypeError(f"unknown field {key!r}")
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise TypeError(f"{key!r} is a {type(value).__name__}")
+    return Span(**fields)
 
 
 def export_chrome_trace(spans: Iterable[Span]) -> dict[str, Any]:
