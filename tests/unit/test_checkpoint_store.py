@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import shutil
 import threading
+import tracemalloc
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,8 +18,16 @@ import torch
 
 from gossamer.core.clock import FakeClock
 from gossamer.core.errors import CheckpointCorruptedError, IncompatibleCheckpointError
-from gossamer.store import CheckpointState, CheckpointStore, durable_files
-from gossamer.store.checkpoint_manifest import MANIFEST_NAME
+from gossamer.core.hashing import sha256_bytes
+from gossamer.store import (
+    CheckpointState,
+    CheckpointStore,
+    checkpoint,
+    checkpoint_reader,
+    durable_files,
+)
+from gossamer.store import checkpoint_manifest as manifest_module
+from gossamer.store.checkpoint_manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
 
 
 def _state(step: int, *, fill: float | None = None) -> CheckpointState:
@@ -183,14 +196,10 @@ def _delete_manifest(path: Path) -> None:
 
 def _future_version(path: Path) -> None:
     # A well-formed manifest of a newer format: self-hash recomputed, so it is intact.
-    from gossamer.store import checkpoint_manifest
-
     manifest = json.loads((path / MANIFEST_NAME).read_text())
     manifest.pop("manifest_sha256")
     manifest["format_version"] = 99
-    manifest["manifest_sha256"] = checkpoint_manifest.sha256_bytes(
-        checkpoint_manifest._canonical(manifest).encode()
-    )
+    manifest["manifest_sha256"] = sha256_bytes(manifest_module._canonical(manifest).encode())
     (path / MANIFEST_NAME).write_text(json.dumps(manifest))
 
 
@@ -203,7 +212,6 @@ def _future_version(path: Path) -> None:
         (_delete_file, CheckpointCorruptedError, r"optimizer\.safetensors: missing"),
         (_garbage_manifest, CheckpointCorruptedError, r"manifest\.json: not valid JSON"),
         (_delete_manifest, CheckpointCorruptedError, r"manifest\.json: missing"),
-        (_future_version, IncompatibleCheckpointError, r"unknown format version 99"),
     ],
 )
 def test_damage_is_named_and_load_latest_falls_back(
@@ -418,9 +426,16 @@ def test_a_writer_that_died_between_the_fallback_renames_is_undone(tmp_path: Pat
     newer = CheckpointStore(tmp_path / "elsewhere").save(_state(2, fill=7))
     # What the fallback leaves if killed between its two renames: the old one hidden, the new
     # one complete but still temporary.
-    path.rename(store.directory / ".old-step-000000002-deadbeef")
+    hidden = store.directory / ".old-step-000000002-deadbeef"
+    path.rename(hidden)
     newer.rename(store.directory / ".tmp-step-000000002-cafef00d")
-    assert store.load_latest() is None  # a reader sees neither half
+    # Until the next save, readers take the hidden old one for step 2 (never the temporary one):
+    # finding nothing, a run would start over and later prune or overwrite it.
+    latest = store.load_latest()
+    assert latest is not None
+    _assert_same(latest, _state(2))
+    assert [(info.step, info.path, info.valid) for info in store.list()] == [(2, hidden, True)]
+    assert store.steps() == [2]
     store.save(_state(1))  # the next save puts the old one back and removes the new one
     assert _steps(store.directory) == [1, 2]
     _assert_same(store.load(store.path_for(2)), _state(2))
@@ -504,3 +519,334 @@ def test_a_save_waits_for_another_writer_holding_the_directory_lock(tmp_path: Pa
     writer.join(timeout=30)
     assert not writer.is_alive()
     assert _steps(tmp_path) == [1, 2]
+
+
+def test_a_hidden_folder_is_a_checkpoint_only_by_its_exact_name_and_while_its_step_is_absent(
+    tmp_path: Path,
+) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(_state(2))
+    elsewhere = CheckpointStore(tmp_path / "elsewhere")
+    # A leftover beside its step (its removal failed): the step's own folder is the checkpoint.
+    elsewhere.save(_state(2, fill=7)).rename(tmp_path / ".old-step-000000002-0123abcd")
+    # Not names the fallback writes: never taken for a checkpoint.
+    for name in (".old-step-000000003-DEADBEEF", ".old-step-000000004-cafe", ".old-step-5-x"):
+        step = int(name.split("-")[2])
+        elsewhere.save(_state(step)).rename(tmp_path / name)
+    latest = store.load_latest()
+    assert latest is not None
+    _assert_same(latest, _state(2))
+    assert [(info.step, info.path.name) for info in store.list()] == [(2, "step-000000002")]
+
+
+# ---- malformed and oversized manifests ----------------------------------------------------------
+
+
+def _deeply_nested_manifest(path: Path) -> None:
+    (path / MANIFEST_NAME).write_bytes(b"[" * 200_000)
+
+
+def _huge_creation_time(path: Path) -> None:
+    # Intact (self-hash recomputed), but no float holds the number.
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    manifest.pop("manifest_sha256")
+    manifest["created_unix_s"] = 10**400
+    manifest["manifest_sha256"] = sha256_bytes(manifest_module._canonical(manifest).encode())
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("damage", "names"),
+    [
+        (_deeply_nested_manifest, "nested too deeply"),
+        (_huge_creation_time, "too large"),
+    ],
+)
+def test_a_manifest_that_breaks_the_parser_is_damage_like_any_other(
+    tmp_path: Path, damage: Callable[[Path], None], names: str
+) -> None:
+    store = CheckpointStore(tmp_path, keep_last=2)
+    store.save(_state(1))
+    damaged = store.save(_state(2))
+    damage(damaged)
+    with pytest.raises(CheckpointCorruptedError, match=f"malformed manifest: .*{names}"):
+        store.load(damaged)
+    latest = store.load_latest()
+    assert latest is not None
+    _assert_same(latest, _state(1))
+    assert [(info.step, info.valid) for info in store.list()] == [(1, True), (2, False)]
+    store.save(_state(3))  # pruning reads it too, and must go on
+    store.save(_state(4))
+    assert _steps(tmp_path) == [3, 4]
+
+
+def test_an_oversized_manifest_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    path = store.save(_state(1))
+    with (path / MANIFEST_NAME).open("r+b") as f:
+        f.truncate(MAX_MANIFEST_BYTES + 1)  # sparse: costs no disk
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointCorruptedError, match=r"manifest\.json: .*64 MiB"):
+            store.load(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20
+
+
+def test_a_manifest_too_big_for_readers_is_never_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(manifest_module, "MAX_MANIFEST_BYTES", 4096)
+    store = CheckpointStore(tmp_path)
+    with pytest.raises(ValueError, match="a reader accepts"):
+        store.save(CheckpointState(step=1, tensors={}, meta={"notes": "x" * 5000}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+
+
+# ---- unknown format versions --------------------------------------------------------------------
+
+
+def test_a_checkpoint_of_unknown_format_is_refused_by_load_and_listed_invalid(
+    tmp_path: Path,
+) -> None:
+    store = CheckpointStore(tmp_path)
+    path = store.save(_state(1))
+    _future_version(path)
+    with pytest.raises(IncompatibleCheckpointError, match="unknown format version 99"):
+        store.load(path)
+    [info] = store.list()
+    assert not info.valid
+    assert info.reason is not None
+    assert "unknown format version 99" in info.reason
+    with pytest.raises(IncompatibleCheckpointError, match="no valid checkpoint"):
+        store.load_latest()
+
+
+def test_load_latest_will_not_resume_past_a_newer_checkpoint_of_unknown_format(
+    tmp_path: Path,
+) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(_state(1))
+    newer = store.save(_state(2))
+    _future_version(newer)
+    # Resuming from step 1 would lose step 2's progress, then overwrite it at step 2.
+    with pytest.raises(IncompatibleCheckpointError) as excinfo:
+        store.load_latest()
+    message = str(excinfo.value)
+    assert str(newer) in message
+    assert "newer Gossamer" in message
+    assert "Upgrade Gossamer" in message
+    assert "move it out of" in message
+    assert "step-000000001" in message
+    newer.rename(tmp_path.parent / f"{tmp_path.name}-moved-away")
+    latest = store.load_latest()
+    assert latest is not None
+    _assert_same(latest, _state(1))
+
+
+def test_an_older_checkpoint_of_unknown_format_does_not_stop_a_resume(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    _future_version(store.save(_state(1)))
+    store.save(_state(2))
+    latest = store.load_latest()
+    assert latest is not None
+    _assert_same(latest, _state(2))
+
+
+def test_saving_over_a_checkpoint_of_unknown_format_is_refused_and_leaves_it(
+    tmp_path: Path,
+) -> None:
+    store = CheckpointStore(tmp_path)
+    path = store.save(_state(3))
+    _future_version(path)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    with pytest.raises(IncompatibleCheckpointError) as excinfo:
+        store.save(_state(3, fill=0))
+    message = str(excinfo.value)
+    assert str(path) in message
+    assert "newer Gossamer" in message
+    assert "Upgrade Gossamer" in message
+    assert "move that folder out of" in message
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "step-000000003"]
+
+
+# ---- readers racing the writer ------------------------------------------------------------------
+
+
+def test_a_checkpoint_pruned_after_the_reader_listed_it_is_found_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = CheckpointStore(tmp_path, keep_last=1)
+    writer.save(_state(1))
+    reader = CheckpointStore(tmp_path)
+    real_scan = reader._scan
+    num_scans = 0
+
+    def scan_then_writer_saves() -> list[checkpoint._FoundFolder]:
+        nonlocal num_scans
+        found = real_scan()
+        num_scans += 1
+        if num_scans == 1:  # the writer saves step 2 and prunes step 1 right after the listing
+            writer.save(_state(2))
+        return found
+
+    monkeypatch.setattr(reader, "_scan", scan_then_writer_saves)
+    latest = reader.load_latest()  # not None: that would start the run over
+    assert latest is not None
+    _assert_same(latest, _state(2))
+    assert reader.skipped == []
+
+
+@pytest.mark.parametrize("same_step", [False, True], ids=["pruned", "replaced"])
+def test_a_checkpoint_changed_by_the_writer_while_read_is_read_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, same_step: bool
+) -> None:
+    writer = CheckpointStore(tmp_path, keep_last=1)
+    writer.save(_state(1))
+    expected = _state(1, fill=9) if same_step else _state(2)
+    reader = CheckpointStore(tmp_path)
+    real_decode = manifest_module.decode_manifest
+    num_decoded = 0
+
+    def decode_then_writer_saves(data: bytes, where: Path) -> manifest_module.Manifest:
+        nonlocal num_decoded
+        num_decoded += 1
+        if num_decoded == 1:  # between the reader's manifest and its tensor files
+            writer.save(expected)
+        return real_decode(data, where)
+
+    monkeypatch.setattr(checkpoint_reader, "decode_manifest", decode_then_writer_saves)
+    latest = reader.load_latest()
+    assert latest is not None
+    _assert_same(latest, expected)
+    assert reader.skipped == []
+
+    num_decoded = 0
+    listing = reader.list()
+    assert [(info.step, info.valid) for info in listing] == [(expected.step, True)]
+
+
+def test_a_checkpoint_that_keeps_changing_is_read_a_bounded_number_of_times(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = CheckpointStore(tmp_path, keep_last=1)
+    writer.save(_state(1))
+    reader = CheckpointStore(tmp_path)
+    real_decode = manifest_module.decode_manifest
+    num_decoded = 0
+    saving = False
+
+    def decode_then_writer_saves(data: bytes, where: Path) -> manifest_module.Manifest:
+        nonlocal num_decoded, saving
+        if not saving:  # the writer's own reads (pruning) do not save again
+            num_decoded += 1
+            saving = True
+            try:
+                writer.save(_state(1, fill=num_decoded))
+            finally:
+                saving = False
+        return real_decode(data, where)
+
+    monkeypatch.setattr(checkpoint_reader, "decode_manifest", decode_then_writer_saves)
+    with pytest.raises(CheckpointCorruptedError, match="changed while it was read"):
+        reader.load_latest()
+    assert num_decoded == checkpoint._NUM_READ_PASSES
+
+
+def test_a_listing_that_raced_a_rename_is_taken_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = CheckpointStore(tmp_path, keep_last=1)
+    writer.save(_state(1))
+    reader = CheckpointStore(tmp_path)
+    real_entries = reader._entries
+    num_listings = 0
+
+    def entries_missing_both_names() -> list[os.DirEntry[str]]:
+        nonlocal num_listings
+        num_listings += 1
+        if num_listings == 1:
+            # readdir during the writer's renames may return neither step-1 nor step-2.
+            writer.save(_state(2))
+            return []
+        return list(real_entries())
+
+    os.utime(tmp_path, ns=(0, 0))  # so the writer's change shows in the directory's times
+    monkeypatch.setattr(reader, "_entries", entries_missing_both_names)
+    latest = reader.load_latest()
+    assert latest is not None
+    _assert_same(latest, _state(2))
+
+
+# ---- what a reader opens ------------------------------------------------------------------------
+
+
+def test_an_oversized_tensor_file_is_refused_without_reading_it(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    path = store.save(_state(1))
+    with (path / "model.safetensors").open("r+b") as f:
+        f.truncate(256 * 2**20)  # sparse: costs no disk
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointCorruptedError, match=r"model\.safetensors: size mismatch"):
+            store.load(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20
+
+
+def _link_to_a_copy(target: Path) -> None:
+    copy = target.parent.parent / f"copy-of-{target.name}"
+    shutil.copyfile(target, copy)
+    target.unlink()
+    target.symlink_to(copy)
+
+
+def _fifo(target: Path) -> None:
+    target.unlink()
+    os.mkfifo(target)  # reading it would block forever
+
+
+def _folder(target: Path) -> None:
+    target.unlink()
+    target.mkdir()
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", MANIFEST_NAME])
+@pytest.mark.parametrize(
+    ("replace", "reason"),
+    [
+        (_link_to_a_copy, "a symbolic link"),
+        (_fifo, "not a regular file"),
+        (_folder, "not a regular file"),
+    ],
+)
+def test_only_regular_files_are_read(
+    tmp_path: Path, name: str, replace: Callable[[Path], None], reason: str
+) -> None:
+    store = CheckpointStore(tmp_path / "run")
+    path = store.save(_state(1))
+    replace(path / name)
+    with pytest.raises(CheckpointCorruptedError, match=f"{name}: {reason}"):
+        store.load(path)
+    [info] = store.list()
+    assert not info.valid
+    assert info.reason is not None
+    assert reason in info.reason
+
+
+# ---- what cannot be saved -----------------------------------------------------------------------
+
+
+def test_a_quantized_tensor_is_refused_with_a_value_error(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates creating quantized tensors
+        quantized = torch.quantize_per_tensor(torch.zeros(2), 0.1, 0, torch.quint8)
+    state = CheckpointState(step=1, tensors={"model": {"w": quantized}}, meta={})
+    with pytest.raises(ValueError, match=r"'w' is quantized \(torch\.quint8\)"):
+        CheckpointStore(tmp_path).save(state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]

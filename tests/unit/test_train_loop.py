@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -20,8 +21,9 @@ from gossamer.core.config import (
     RunConfig,
     TrainConfig,
 )
-from gossamer.core.errors import DataError, IncompatibleCheckpointError
+from gossamer.core.errors import ConfigError, DataError, IncompatibleCheckpointError
 from gossamer.core.hashing import sha256_file, sha256_state
+from gossamer.store import CheckpointState, CheckpointStore
 from gossamer.train import Trainer, train
 from gossamer.train.optim import learning_rate_at
 
@@ -204,3 +206,24 @@ def test_schedule_is_fitted_to_the_time_budget(corpus_file: Path, tmp_path: Path
     assert final_lr < config.optim.lr * 0.2
     with Trainer(config) as resumed:  # the fitted length travels in the checkpoint
         assert resumed.schedule_steps == fitted
+
+
+def test_a_fresh_run_refuses_a_directory_that_holds_checkpoints(
+    corpus_file: Path, tmp_path: Path
+) -> None:
+    ckpt_dir = tmp_path / "ckpt"
+    CheckpointStore(ckpt_dir).save(CheckpointState(step=500, tensors={}, meta={"run": "old"}))
+    config = tiny_config(corpus_file, ckpt_dir)
+    fresh = dataclasses.replace(
+        config, checkpoint=dataclasses.replace(config.checkpoint, resume=False)
+    )
+    # Mixed in, the old run's step 500 would outrank this run's checkpoints when pruning and
+    # be what a later resume of this run loads.
+    with pytest.raises(ConfigError) as excinfo:
+        Trainer(fresh)
+    message = str(excinfo.value)
+    assert str(ckpt_dir) in message
+    assert "steps 500 to 500" in message
+    assert "checkpoint.resume = true" in message
+    assert "another checkpoint.directory" in message
+    assert CheckpointStore(ckpt_dir).steps() == [500]

@@ -12,20 +12,30 @@ Writing is atomic: everything goes into a hidden sibling folder (``.tmp-step-000
 each file is fsynced, the manifest last, then the folder; one rename makes it visible and the
 parent directory is fsynced. So a reader sees a checkpoint whole or not at all, and a writer killed
 at any moment leaves at worst a hidden temporary folder, which loading ignores and the next save
-removes. Loading trusts nothing: every file's size and sha256 are checked against the manifest,
-whose own contents are checked against its self-hash, and nothing is ever unpickled.
+removes. Re-saving a step where the file system cannot exchange two folders atomically sets the old
+folder aside as ``.old-step-000000123-<random>`` for a moment; a writer killed then leaves it, and
+readers take it for step 123's checkpoint until the next save puts it back.
+
+Loading trusts nothing: every file's size and sha256 are checked against the manifest, whose own
+contents are checked against its self-hash, and nothing is ever unpickled. Only regular files are
+read (a symlink, FIFO or device is refused), and a file's size is checked before it is read, so a
+damaged or foreign folder costs no more memory than the checkpoint it claims to be.
+
+A reader may race the one writer: the folder it is reading may be pruned, or replaced by a new save
+of the same step. Each file is opened through a handle on the folder, right after the manifest, so
+the reader gets the files of that manifest; if one is gone all the same, and the folder is no longer
+the one the reader listed, the reader lists the directory again rather than report damage.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
-import json
 import logging
 import os
 import re
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +46,7 @@ import torch
 from gossamer._version import __version__
 from gossamer.core.clock import Clock, SystemClock
 from gossamer.core.errors import CheckpointCorruptedError, IncompatibleCheckpointError
-from gossamer.core.hashing import sha256_bytes, sha256_file
+from gossamer.core.hashing import sha256_bytes
 from gossamer.store import durable_files
 from gossamer.store.checkpoint_manifest import (
     FORMAT_VERSION,
@@ -44,10 +54,10 @@ from gossamer.store.checkpoint_manifest import (
     FileEntry,
     Manifest,
     check_group_name,
-    decode_manifest,
     encode_manifest,
     encode_meta,
 )
+from gossamer.store.checkpoint_reader import CheckpointReader, check_hash, check_size
 from gossamer.store.optimizer_state import flatten_optimizer_state, unflatten_optimizer_state
 from gossamer.store.rng_state import rng_state_capture, rng_state_restore
 
@@ -64,8 +74,14 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _STEP_DIR_RE = re.compile(r"^step-(\d+)$")
+# A checkpoint folder the fallback of CheckpointStore._install set aside, as it names it.
+_OLD_DIR_RE = re.compile(r"^\.old-step-(\d+)-[0-9a-f]{8}$")
 _TMP_PREFIX = ".tmp-step-"
 _OLD_PREFIX = ".old-step-"
+_NUM_READ_PASSES = 5
+"""How many times a reader lists the directory again after a writer changed a folder it read."""
+_NUM_LISTING_TRIES = 3
+"""How many times a listing is retried while the directory changes during it."""
 _LOCK_NAME = ".lock"
 _RESERVED_TENSOR_NAME = "__metadata__"  # safetensors keeps its own header metadata under it
 
@@ -179,16 +195,21 @@ class CheckpointStore:
           one is written beside it in full and then swapped in by one atomic exchange
           (``renameat2(RENAME_EXCHANGE)``); where the file system cannot exchange, the old folder
           is first renamed to a hidden ``.old-step-*`` name, and if the writer dies before the
-          new one takes its place, the next save renames the old one back;
-        - pruning runs only after the new checkpoint is in place, never deletes it, and never
-          deletes a checkpoint of an unknown format version.
+          new one takes its place, readers take the hidden one for that step's checkpoint and
+          the next save renames it back;
+        - a checkpoint of an unknown format version (written by a newer Gossamer) is never
+          deleted: a save of its step is refused, and pruning passes over it;
+        - pruning runs only after the new checkpoint is in place and never deletes it.
 
         Returns:
             The checkpoint's folder.
 
         Raises:
-            ValueError: a tensor cannot be serialized or ``meta`` is not JSON (nothing is left
-                behind and no existing checkpoint is touched).
+            ValueError: a tensor cannot be serialized, ``meta`` is not JSON, or the manifest would
+                be larger than a reader accepts (nothing is left behind and no existing checkpoint
+                is touched).
+            IncompatibleCheckpointError: the folder of this step holds a checkpoint of an unknown
+                format version (likewise).
             OSError: the disk failed (likewise).
         """
         encode_meta(state.meta)  # fail on bad meta before writing any tensor
@@ -198,6 +219,7 @@ class CheckpointStore:
         final = self.path_for(state.step)
         with durable_files.locked(self._directory / _LOCK_NAME):
             self._clean_after_crashed_writers()
+            self._refuse_to_replace_unknown_format(final, state.step)
             tmp = self._directory / f"{_TMP_PREFIX}{state.step:09d}-{secrets.token_hex(4)}"
             tmp.mkdir()
             try:
@@ -227,130 +249,217 @@ class CheckpointStore:
     def load(self, path: Path | str) -> CheckpointState:
         """Load the checkpoint in folder ``path`` (or its ``manifest.json``), checking everything.
 
-        Each file is read once; its size and sha256 are checked on the bytes read, and the tensors
-        are parsed from those same bytes.
+        Every file must be a regular file (not a symlink, FIFO or device) of the size the manifest
+        says before it is read; it is then read once, its sha256 checked on the bytes read, and
+        the tensors parsed from those same bytes.
 
         Raises:
             FileNotFoundError: there is no folder at ``path``.
-            CheckpointCorruptedError: a file is missing, truncated, fails its hash or does not
-                parse; the message names the file and what is wrong.
+            CheckpointCorruptedError: a file is missing, not a regular file, of the wrong size,
+                fails its hash or does not parse; the message names the file and what is wrong.
             IncompatibleCheckpointError: the manifest is of an unknown format version.
         """
-        folder, manifest = self._read_manifest(Path(path))
         groups: dict[str, dict[str, torch.Tensor]] = {}
-        for entry in manifest.files:
-            file_path = folder / entry.name
-            try:
-                data = file_path.read_bytes()
-            except FileNotFoundError:
-                raise _missing(file_path, entry) from None
-            _check_size(file_path, len(data), entry)
-            _check_hash(file_path, sha256_bytes(data), entry)
-            try:
-                loaded = safetensors.torch.load(data)
-            except Exception as exc:  # safetensors raises its own error type from Rust
-                raise CheckpointCorruptedError(
-                    f"{file_path}: not a readable safetensors file ({exc})"
-                ) from exc
-            del data
-            if loaded.keys() != set(entry.tensor_names):
-                raise CheckpointCorruptedError(
-                    f"{file_path}: holds tensors {sorted(loaded)[:5]}..., the manifest lists "
-                    f"{sorted(entry.tensor_names)[:5]}..."
-                )
-            groups[entry.group] = {name: loaded[name] for name in entry.tensor_names}
+        folder = _folder_of(Path(path))
+        with CheckpointReader(folder, step=_step_in_name(folder.name)) as reader:
+            for entry, file_path, file in reader.open_files():
+                data = file.read(entry.num_bytes)
+                check_size(file_path, len(data), entry)  # shorter if it shrank once opened
+                check_hash(file_path, sha256_bytes(data), entry)
+                try:
+                    loaded = safetensors.torch.load(data)
+                except Exception as exc:  # safetensors raises its own error type from Rust
+                    raise CheckpointCorruptedError(
+                        f"{file_path}: not a readable safetensors file ({exc})"
+                    ) from exc
+                del data
+                if loaded.keys() != set(entry.tensor_names):
+                    raise CheckpointCorruptedError(
+                        f"{file_path}: holds tensors {sorted(loaded)[:5]}..., the manifest lists "
+                        f"{sorted(entry.tensor_names)[:5]}..."
+                    )
+                groups[entry.group] = {name: loaded[name] for name in entry.tensor_names}
+            manifest = reader.manifest
         return CheckpointState(step=manifest.step, tensors=groups, meta=manifest.meta)
 
     def load_latest(self) -> CheckpointState | None:
         """Load the newest valid checkpoint, passing over damaged ones.
 
         Each checkpoint passed over is logged with ``logging.warning`` and listed in
-        :attr:`skipped`, with the reason.
+        :attr:`skipped`, with the reason. A checkpoint that a concurrent writer prunes or replaces
+        while it is read is not damaged: the directory is listed again and read anew (a few
+        times at most; then it is passed over like a damaged one).
 
         Returns:
             The newest valid checkpoint, or None if the directory holds no checkpoint at all.
 
         Raises:
+            IncompatibleCheckpointError: a checkpoint newer than the newest valid one is of an
+                unknown format version (a newer Gossamer wrote it): resuming from the older one
+                would silently lose its progress. Also when every checkpoint is of an unknown
+                format version.
             CheckpointCorruptedError: checkpoints exist but none is valid (starting over silently
                 would throw the run away; the message lists each one and what is wrong).
-            IncompatibleCheckpointError: likewise, and every one is of an unknown format version.
         """
-        self._skipped = []
-        incompatible = 0
-        for _, folder in self._scan():
-            try:
-                state = self.load(folder)
-            except FileNotFoundError:
-                continue  # pruned by a concurrent writer since the scan
-            except (CheckpointCorruptedError, IncompatibleCheckpointError) as exc:
-                incompatible += isinstance(exc, IncompatibleCheckpointError)
-                logger.warning("skipping checkpoint %s: %s", folder.name, exc)
-                self._skipped.append((folder, str(exc)))
-                continue
-            if self._skipped:
-                logger.warning(
-                    "resuming from checkpoint %s (step %d), the newest valid one; skipped %d",
-                    folder.name,
-                    state.step,
-                    len(self._skipped),
-                )
-            return state
+        for pass_number in range(1, _NUM_READ_PASSES + 1):
+            self._skipped = []
+            newer_unknown: builtins.list[Path] = []
+            changed = False
+            for found in self._scan():
+                try:
+                    state = self.load(found.path)
+                except IncompatibleCheckpointError as exc:
+                    newer_unknown.append(found.path)
+                    self._skip(found.path, str(exc))
+                    continue
+                except (CheckpointCorruptedError, FileNotFoundError) as exc:
+                    if _changed_since_scan(found):
+                        if pass_number < _NUM_READ_PASSES:
+                            changed = True
+                            break
+                        self._skip(found.path, f"{exc} (it changed while it was read)")
+                        continue
+                    self._skip(found.path, str(exc))
+                    continue
+                if newer_unknown:
+                    raise _newer_unknown_format_error(newer_unknown, resumable=found.path)
+                if self._skipped:
+                    logger.warning(
+                        "resuming from checkpoint %s (step %d), the newest valid one; skipped %d",
+                        found.path.name,
+                        state.step,
+                        len(self._skipped),
+                    )
+                return state
+            if not changed:
+                break
+            logger.info(
+                "a checkpoint in %s changed while it was read (a writer saved or pruned); "
+                "reading the directory again",
+                self._directory,
+            )
         if not self._skipped:
             return None
         listing = "\n".join(f"  {path.name}: {reason}" for path, reason in self._skipped)
         error = (
             IncompatibleCheckpointError
-            if incompatible == len(self._skipped)
+            if len(newer_unknown) == len(self._skipped)
             else CheckpointCorruptedError
         )
         raise error(f"no valid checkpoint in {self._directory}:\n{listing}")
 
-    def list(self) -> list[CheckpointInfo]:
-        """Every checkpoint folder, oldest first, each fully verified (reads every file)."""
-        infos = []
-        for step, folder in reversed(self._scan()):
-            created: float | None = None
-            num_bytes: int | None = None
-            try:
-                _, manifest = self._read_manifest(folder)
-                created = manifest.created_unix_s
-                num_bytes = sum(entry.num_bytes for entry in manifest.files)
-                _verify_files(folder, manifest)
-            except (CheckpointCorruptedError, IncompatibleCheckpointError) as exc:
-                infos.append(
-                    CheckpointInfo(
-                        step=step,
-                        path=folder,
-                        valid=False,
-                        reason=str(exc),
-                        created_unix_s=created,
-                        num_bytes=num_bytes,
-                    )
-                )
-                continue
-            except FileNotFoundError:
-                continue
-            infos.append(
-                CheckpointInfo(
-                    step=step,
-                    path=folder,
-                    valid=True,
-                    reason=None,
-                    created_unix_s=created,
-                    num_bytes=num_bytes,
-                )
-            )
+    def list(self) -> builtins.list[CheckpointInfo]:
+        """Every checkpoint folder, oldest first, each fully verified (reads every file).
+
+        A folder a concurrent writer prunes or replaces while it is verified is not reported as
+        damaged: the directory is listed again (a few times at most) and the listing is of what
+        is there then.
+        """
+        verified: dict[tuple[Path, int], CheckpointInfo] = {}
+        infos: builtins.list[CheckpointInfo] = []
+        for pass_number in range(1, _NUM_READ_PASSES + 1):
+            infos = []
+            changed = False
+            for found in reversed(self._scan()):
+                info = verified.get((found.path, found.inode))
+                if info is None:
+                    info = self._inspect(found)
+                if info is None:  # pruned or replaced by a writer while it was read
+                    changed = True
+                    if pass_number < _NUM_READ_PASSES:
+                        break
+                    continue
+                verified[(found.path, found.inode)] = info
+                infos.append(info)
+            if not changed:
+                break
         return infos
 
-    def _scan(self) -> builtins.list[tuple[int, Path]]:
-        """The ``step-*`` folders, newest step first."""
+    def steps(self) -> builtins.list[int]:
+        """The steps of the checkpoint folders in the directory, oldest first.
+
+        From the folders' names alone: nothing is read or verified, so a damaged checkpoint
+        counts too.
+        """
+        return sorted({found.step for found in self._scan()})
+
+    def _skip(self, folder: Path, reason: str) -> None:
+        logger.warning("skipping checkpoint %s: %s", folder.name, reason)
+        self._skipped.append((folder, reason))
+
+    def _inspect(self, found: _FoundFolder) -> CheckpointInfo | None:
+        """Verify one folder for :meth:`list`; None if it changed since the scan that found it."""
+        created: float | None = None
+        num_bytes: int | None = None
+        try:
+            with CheckpointReader(found.path, step=found.step) as reader:
+                created = reader.manifest.created_unix_s
+                num_bytes = sum(entry.num_bytes for entry in reader.manifest.files)
+                reader.verify_files()
+        except (CheckpointCorruptedError, IncompatibleCheckpointError, FileNotFoundError) as exc:
+            if not isinstance(exc, IncompatibleCheckpointError) and _changed_since_scan(found):
+                return None
+            return CheckpointInfo(
+                step=found.step,
+                path=found.path,
+                valid=False,
+                reason=str(exc),
+                created_unix_s=created,
+                num_bytes=num_bytes,
+            )
+        return CheckpointInfo(
+            step=found.step,
+            path=found.path,
+            valid=True,
+            reason=None,
+            created_unix_s=created,
+            num_bytes=num_bytes,
+        )
+
+    def _scan(self) -> builtins.list[_FoundFolder]:
+        """The checkpoint folders, newest step first, each with its inode as listed.
+
+        A folder ``.old-step-N-<8 hex>`` that the fallback of :meth:`_install` set aside is step
+        N's checkpoint while ``step-N`` is absent: its writer died before the new folder took its
+        place (the next save renames it back). Without it, a reader would find no checkpoint of
+        that step and a run would start over.
+        """
+        entries = self._listing()
+        names = {entry.name for entry in entries}
         found = []
-        for entry in self._entries():
+        for entry in entries:
             match = _STEP_DIR_RE.match(entry.name)
-            if match and entry.is_dir():
-                found.append((int(match.group(1)), Path(entry.path)))
-        found.sort(key=lambda item: (item[0], item[1].name), reverse=True)
+            if match is None:
+                match = _OLD_DIR_RE.match(entry.name)
+                if match is None or f"step-{match.group(1)}" in names:
+                    continue
+            if entry.is_dir():
+                found.append(_FoundFolder(int(match.group(1)), Path(entry.path), entry.inode()))
+        found.sort(key=lambda item: (item.step, item.path.name), reverse=True)
         return found
+
+    def _listing(self) -> builtins.list[os.DirEntry[str]]:
+        """The directory's entries, listed again while it changes during the listing.
+
+        A listing that races a rename may miss both the new name and the old one (``readdir``
+        promises nothing for entries renamed during it), so a reader could find no checkpoint
+        while one was being replaced by a newer one. The directory's times tell whether an
+        entry changed; they tick coarsely, so this narrows the race rather than closing it.
+        """
+        entries: builtins.list[os.DirEntry[str]] = []
+        for _ in range(_NUM_LISTING_TRIES):
+            before = self._directory_stamp()
+            entries = list(self._entries())
+            if self._directory_stamp() == before:
+                break
+        return entries
+
+    def _directory_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self._directory)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_ctime_ns
 
     def _entries(self) -> Iterator[os.DirEntry[str]]:
         try:
@@ -359,24 +468,26 @@ class CheckpointStore:
         except FileNotFoundError:
             return
 
-    def _read_manifest(self, path: Path) -> tuple[Path, Manifest]:
-        folder = path.parent if path.name == MANIFEST_NAME and path.is_file() else path
-        manifest_path = folder / MANIFEST_NAME
+    def _read_manifest(self, folder: Path) -> Manifest:
+        with CheckpointReader(folder, step=_step_in_name(folder.name)) as reader:
+            return reader.manifest
+
+    def _refuse_to_replace_unknown_format(self, final: Path, step: int) -> None:
+        """Raise if ``final`` holds a checkpoint of an unknown format, which a save would delete."""
+        if not os.path.lexists(final):
+            return
         try:
-            raw = manifest_path.read_bytes()
-        except FileNotFoundError:
-            if not folder.is_dir():
-                raise FileNotFoundError(f"no checkpoint folder at {folder}") from None
-            raise CheckpointCorruptedError(
-                f"{manifest_path}: missing (a checkpoint folder without a manifest is incomplete)"
-            ) from None
-        manifest = decode_manifest(raw, manifest_path)
-        match = _STEP_DIR_RE.match(folder.name)
-        if match and int(match.group(1)) != manifest.step:
-            raise CheckpointCorruptedError(
-                f"{manifest_path}: says step {manifest.step}, but the folder is {folder.name}"
-            )
-        return folder, manifest
+            self._read_manifest(final)
+        except IncompatibleCheckpointError as exc:
+            raise IncompatibleCheckpointError(
+                f"will not save step {step}: "
+                f"{final} holds a checkpoint of a format this Gossamer cannot read, most likely "
+                f"written by a newer Gossamer, and saving would replace it ({exc}). Upgrade "
+                f"Gossamer to go on from it, or move that folder out of {self._directory} to "
+                "save this step here"
+            ) from exc
+        except (CheckpointCorruptedError, FileNotFoundError):
+            return  # damaged or gone: the new checkpoint may take its place
 
     def _install(self, tmp: Path, final: Path) -> None:
         """Put the complete folder ``tmp`` at ``final``, replacing what is there atomically."""
@@ -403,8 +514,9 @@ class CheckpointStore:
         changed = False
         for entry in self._entries():
             path = Path(entry.path)
-            if entry.name.startswith(_OLD_PREFIX):
-                final = self._directory / f"step-{entry.name.removeprefix(_OLD_PREFIX)[:-9]}"
+            old = _OLD_DIR_RE.match(entry.name)
+            if old:
+                final = self._directory / f"step-{old.group(1)}"
                 if not os.path.lexists(final):
                     logger.warning("restoring %s, hidden by a writer that died", final.name)
                     durable_files.rename(path, final)
@@ -425,7 +537,8 @@ class CheckpointStore:
         those of an unknown format version are never deleted.
         """
         num_kept = 1  # just_saved
-        for step, folder in self._scan():
+        for found in self._scan():
+            step, folder = found.step, found.path
             if folder == just_saved:
                 continue
             valid, incompatible = self._is_valid(folder)
@@ -450,8 +563,8 @@ class CheckpointStore:
         if self._verified.get(folder) == signature:
             return True, False
         try:
-            _, manifest = self._read_manifest(folder)
-            _verify_files(folder, manifest)
+            with CheckpointReader(folder, step=_step_in_name(folder.name)) as reader:
+                reader.verify_files()
         except IncompatibleCheckpointError:
             return False, True
         except (CheckpointCorruptedError, FileNotFoundError):
@@ -464,7 +577,7 @@ def _write_group(folder: Path, group: str, tensors: Mapping[str, torch.Tensor]) 
     prepared = _prepare_tensors(group, tensors)
     try:
         data = safetensors.torch.save(prepared)
-    except (ValueError, RuntimeError, TypeError) as exc:
+    except (ValueError, RuntimeError, TypeError, KeyError) as exc:  # KeyError: unknown dtype
         raise ValueError(f"tensor group {group!r} cannot be saved: {exc}") from exc
     entry = FileEntry(
         group=group,
@@ -481,6 +594,12 @@ def _prepare_tensors(group: str, tensors: Mapping[str, torch.Tensor]) -> dict[st
     prepared: dict[str, torch.Tensor] = {}
     seen_storages: set[int] = set()
     for name, tensor in tensors.items():
+        if tensor.is_quantized:
+            raise ValueError(
+                f"tensor group {group!r}: {name!r} is quantized ({tensor.dtype}), which "
+                "safetensors cannot hold; save its .int_repr() and put the scale and zero point "
+                "in meta, or save .dequantize()"
+            )
         if tensor.layout != torch.strided:
             raise ValueError(
                 f"tensor group {group!r}: {name!r} has layout {tensor.layout}; "
@@ -499,53 +618,43 @@ def _prepare_tensors(group: str, tensors: Mapping[str, torch.Tensor]) -> dict[st
     return prepared
 
 
-def _verify_files(folder: Path, manifest: Manifest) -> None:
-    """Check every file's size, hash and safetensors header, streaming (for listing, pruning)."""
-    for entry in manifest.files:
-        file_path = folder / entry.name
-        try:
-            size = file_path.stat().st_size
-        except FileNotFoundError:
-            raise _missing(file_path, entry) from None
-        _check_size(file_path, size, entry)
-        _check_hash(file_path, sha256_file(file_path), entry)
-        _check_safetensors_header(file_path, entry)
+@dataclass(frozen=True, slots=True)
+class _FoundFolder:
+    """A checkpoint folder as a listing of the directory found it."""
+
+    step: int
+    path: Path
+    inode: int
+    """Its inode then: a writer that prunes or replaces the folder changes what is at ``path``."""
 
 
-def _check_size(file_path: Path, size: int, entry: FileEntry) -> None:
-    if size < entry.num_bytes:
-        raise CheckpointCorruptedError(
-            f"{file_path}: truncated: {size} bytes, the manifest says {entry.num_bytes}"
-        )
-    if size > entry.num_bytes:
-        raise CheckpointCorruptedError(
-            f"{file_path}: size mismatch: {size} bytes, longer than the {entry.num_bytes} "
-            "the manifest says"
-        )
-
-
-def _check_hash(file_path: Path, actual: str, entry: FileEntry) -> None:
-    if actual != entry.sha256:
-        raise CheckpointCorruptedError(
-            f"{file_path}: hash mismatch: sha256 {actual[:16]}..., "
-            f"the manifest says {entry.sha256[:16]}..."
-        )
-
-
-def _check_safetensors_header(file_path: Path, entry: FileEntry) -> None:
-    with file_path.open("rb") as f:
-        prefix = f.read(8)
-        header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        header_ok = 0 <= header_len <= entry.num_bytes - 8
-        header = f.read(header_len) if header_ok else b""
+def _changed_since_scan(found: _FoundFolder) -> bool:
+    """Whether the folder at ``found.path`` is gone or is another folder than the listing saw."""
     try:
-        names = set(json.loads(header)) - {_RESERVED_TENSOR_NAME} if header_ok else None
-    except (TypeError, ValueError):
-        names = None
-    if names != set(entry.tensor_names):
-        raise CheckpointCorruptedError(
-            f"{file_path}: not a readable safetensors file, or not the tensors the manifest lists"
-        )
+        return os.lstat(found.path).st_ino != found.inode
+    except FileNotFoundError:
+        return True
+
+
+def _folder_of(path: Path) -> Path:
+    return path.parent if path.name == MANIFEST_NAME and path.is_file() else path
+
+
+def _step_in_name(name: str) -> int | None:
+    match = _STEP_DIR_RE.match(name) or _OLD_DIR_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def _newer_unknown_format_error(
+    folders: Sequence[Path], *, resumable: Path
+) -> IncompatibleCheckpointError:
+    names = " and ".join(str(folder) for folder in folders)
+    return IncompatibleCheckpointError(
+        f"{names}: of an unknown format version (a newer Gossamer wrote it) and newer than "
+        f"{resumable.name}, the newest checkpoint this Gossamer can read; resuming from "
+        f"{resumable.name} would lose its progress. Upgrade Gossamer to resume from it, or move "
+        f"it out of {resumable.parent} to resume from {resumable.name}"
+    )
 
 
 def _remove_leftover(path: Path) -> None:
@@ -554,12 +663,6 @@ def _remove_leftover(path: Path) -> None:
         durable_files.remove_tree(path)
     except OSError as exc:
         logger.warning("could not remove %s (the next save retries): %s", path, exc)
-
-
-def _missing(file_path: Path, entry: FileEntry) -> CheckpointCorruptedError:
-    return CheckpointCorruptedError(
-        f"{file_path}: missing (the manifest lists it, {entry.num_bytes} bytes)"
-    )
 
 
 def _signature(folder: Path) -> tuple[tuple[str, int, int, int], ...]:

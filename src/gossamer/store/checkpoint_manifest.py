@@ -6,6 +6,9 @@ and the caller's JSON ``meta``. It ends with ``manifest_sha256``: the sha256 of 
 (sorted keys, no spaces, ASCII) of every other field, so that any change to what the manifest says
 is detected, wherever in the file it lands. Future format versions keep this self-hash scheme, so an
 intact manifest of a newer version is told apart from a damaged one.
+
+A manifest is at most :data:`MAX_MANIFEST_BYTES`: a reader refuses a bigger one before reading it,
+and a writer refuses to write one (large state belongs in tensors, not in ``meta``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "MAX_MANIFEST_BYTES",
     "SUPPORTED_FORMAT_VERSIONS",
     "FileEntry",
     "Manifest",
@@ -37,6 +41,9 @@ FORMAT_NAME = "gossamer-checkpoint"
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = frozenset({1})
 MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 64 * 2**20
+"""The largest manifest a reader accepts: a damaged or foreign file is refused before it is read
+whole; a real manifest (file sizes, hashes, tensor names, meta) is far smaller."""
 _SELF_HASH_KEY = "manifest_sha256"
 _GROUP_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -121,16 +128,34 @@ def encode_manifest(manifest: Manifest) -> bytes:
         "meta": manifest.meta,
     }
     body[_SELF_HASH_KEY] = sha256_bytes(_canonical(body).encode("ascii"))
-    return (json.dumps(body, indent=1, ensure_ascii=True) + "\n").encode("ascii")
+    data = (json.dumps(body, indent=1, ensure_ascii=True) + "\n").encode("ascii")
+    if len(data) > MAX_MANIFEST_BYTES:
+        # Written anyway, it would be a checkpoint that no reader accepts.
+        raise ValueError(
+            f"the checkpoint manifest would be {len(data)} bytes, more than the "
+            f"{MAX_MANIFEST_BYTES} a reader accepts: put large state in tensors, not in meta"
+        )
+    return data
 
 
 def decode_manifest(data: bytes, where: Path) -> Manifest:
     """Parse and check the bytes of a manifest read from ``where``.
 
     Raises:
-        CheckpointCorruptedError: the bytes are not JSON, fail the self-hash, or lack a field.
+        CheckpointCorruptedError: the bytes are not JSON, fail the self-hash, lack a field or hold
+            a value out of range (nested too deeply to parse, a number too big for a float).
         IncompatibleCheckpointError: the manifest is of another format or an unknown version.
     """
+    try:
+        return _decode(data, where)
+    except RecursionError as exc:
+        # Python's JSON parser and encoder recurse once per nesting level.
+        raise CheckpointCorruptedError(
+            f"{where}: malformed manifest: JSON nested too deeply to parse"
+        ) from exc
+
+
+def _decode(data: bytes, where: Path) -> Manifest:
     try:
         body = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -161,7 +186,7 @@ def decode_manifest(data: bytes, where: Path) -> Manifest:
         )
     try:
         return _parse_body(body)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise CheckpointCorruptedError(f"{where}: malformed manifest: {exc}") from exc
 
 

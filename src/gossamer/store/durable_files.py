@@ -1,9 +1,11 @@
-"""The file-system seam of the store: durable writes, directory fsyncs and atomic renames.
+"""The file-system seam of the store: durable writes, directory fsyncs, atomic renames, safe reads.
 
 Everything the checkpoint store does to the disk goes through these few functions, so tests can
 swap one of them for a faulty version and so the durability rules live in one place: a file's bytes
 are fsynced before it is renamed into place, and a directory is fsynced after an entry in it is
-created, renamed or removed.
+created, renamed or removed. Reads open a file through a handle on its folder, never through a
+symlink and never blocking on a FIFO or device, so that a folder from elsewhere cannot make a reader
+follow a link out of it or hang.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ __all__ = [
     "exchange_dirs",
     "fsync_dir",
     "locked",
+    "open_folder",
+    "open_for_reading",
     "remove_tree",
     "rename",
     "write_file_durably",
@@ -94,6 +98,31 @@ def exchange_dirs(first: Path, second: Path) -> bool:
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
         return False
     raise OSError(err, os.strerror(err), str(first), None, str(second))
+
+
+def open_folder(path: Path) -> int:
+    """Open directory ``path`` (following a symlink to it) as a handle to open its files through.
+
+    Files opened through the handle come from that one folder even if it is renamed, replaced or
+    removed meanwhile. The caller closes it with ``os.close``.
+    """
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def open_for_reading(name: str, *, folder_fd: int) -> int:
+    """Open the entry ``name`` of the folder ``folder_fd`` for reading, never following a symlink.
+
+    It is opened non-blocking, so a FIFO or device put in a file's place cannot hang the caller;
+    the caller checks with ``os.fstat`` that it is a regular file before reading it, and closes
+    the returned descriptor.
+
+    Raises:
+        FileNotFoundError: there is no entry ``name``.
+        OSError: with ``errno.ELOOP`` if ``name`` is a symlink; any other failure to open it.
+    """
+    return os.open(
+        name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder_fd
+    )
 
 
 def remove_tree(path: Path) -> None:

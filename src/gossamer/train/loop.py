@@ -24,7 +24,7 @@ from torch import nn
 
 from gossamer.core.clock import Clock, SystemClock
 from gossamer.core.config import RunConfig
-from gossamer.core.errors import DataError
+from gossamer.core.errors import ConfigError, DataError
 from gossamer.data import Corpus, TokenStream, load_corpus, validation_batches
 from gossamer.models import GPT
 from gossamer.obs.metrics import PeerMetrics
@@ -145,7 +145,10 @@ class Trainer:
 
     Raises:
         DataError: the data is missing, empty or shorter than one sequence.
-        IncompatibleCheckpointError: the checkpoint to resume from was made for another model.
+        IncompatibleCheckpointError: the checkpoint to resume from was made for another model,
+            or a newer one is of a format this Gossamer cannot read.
+        ConfigError: ``checkpoint.resume`` is false but ``checkpoint.directory`` holds
+            checkpoints already (this run's would be mixed with them).
     """
 
     def __init__(
@@ -164,6 +167,11 @@ class Trainer:
         stream_seed: int | None = None,
     ) -> None:
         self.config = config
+        self.store = CheckpointStore(
+            config.checkpoint.directory, keep_last=config.checkpoint.keep_last
+        )
+        if not config.checkpoint.resume:
+            self._refuse_another_runs_checkpoints()  # before the slow set-up below
         self.listener = listener or TrainingListener()
         self.clock = clock or SystemClock()
         self.spans = spans or SpanRecorder()
@@ -199,9 +207,6 @@ class Trainer:
         )
         for inputs, targets in self.val_batches:
             self._check_vocabulary(inputs, targets)
-        self.store = CheckpointStore(
-            config.checkpoint.directory, keep_last=config.checkpoint.keep_last
-        )
         self.resumed_from: Path | None = None
         if config.checkpoint.resume:
             self._resume()
@@ -258,6 +263,21 @@ class Trainer:
     def close(self) -> None:
         """Release the strategy's resources."""
         self.run_state.strategy.close()
+
+    def _refuse_another_runs_checkpoints(self) -> None:
+        """Refuse to start a fresh run in a directory that holds checkpoints already.
+
+        Mixed with them, this run's checkpoints would be pruned as the older ones (theirs may have
+        higher steps), and a later resume would load their state instead of this run's.
+        """
+        steps = self.store.steps()
+        if steps:
+            raise ConfigError(
+                f"checkpoint.directory {self.store.directory} already holds checkpoints (steps "
+                f"{steps[0]} to {steps[-1]}) and checkpoint.resume is false, so this run would "
+                "mix its checkpoints with them. Resume from them with checkpoint.resume = true, "
+                "give this run another checkpoint.directory, or remove them"
+            )
 
     def _resume(self) -> None:
         state = self.store.load_latest()  # logs every corrupted checkpoint it skips
