@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gossamer.core.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from gossamer.core.config import (
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    SwarmConfig,
+    TrainConfig,
+)
 from gossamer.core.config_loader import (
     config_from_dict,
     config_to_dict,
@@ -18,6 +26,7 @@ from gossamer.core.config_loader import (
     parse_flag_overrides,
 )
 from gossamer.core.errors import ConfigError, FatalError
+from gossamer.net.config import NodeConfig
 
 
 def _toml(tmp_path: Path, text: str) -> Path:
@@ -51,6 +60,16 @@ def test_heads_must_divide_width_and_message_says_how_to_fix() -> None:
         (lambda: DataConfig(source="text"), "data.path"),
         (lambda: DataConfig(validation_fraction=1.0), "data.validation_fraction"),
         (lambda: ModelConfig(dropout=1.5), "model.dropout"),
+        # inf passed the sign checks: NaN losses at exit 0, or an OverflowError in a timer.
+        (lambda: OptimConfig(lr=math.inf), "optim.lr"),
+        (lambda: TrainConfig(max_seconds=math.inf), "train.max_seconds"),
+        (lambda: SwarmConfig(strategy="diloco", round_timeout_s=1e308), "swarm.round_timeout_s"),
+        (lambda: SwarmConfig(strategy="diloco", join_window_s=math.inf), "swarm.join_window_s"),
+        (lambda: TrainConfig(seed=99999999999999999999), "train.seed"),
+        (lambda: TrainConfig(num_threads=2**31), "train.num_threads"),
+        # Read by nothing: the run trained on the embedded corpus, or alone, without a word.
+        (lambda: DataConfig(path="corpus/"), "data.path"),
+        (lambda: SwarmConfig(bootstrap="127.0.0.1:4000"), "swarm.bootstrap"),
     ],
 )
 def test_impossible_values_name_their_key(factory: object, key: str) -> None:
@@ -157,6 +176,21 @@ def test_flag_parsing_forms() -> None:
 def test_bad_flags_are_named(args: list[str], pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):
         load_run_config(None, parse_flag_overrides(args), environ={})
+
+
+@pytest.mark.parametrize(
+    ("entry", "pattern"),
+    [
+        ("host name:5", "not an IPv4 literal or DNS hostname"),
+        ("zzz@127.0.0.1:4000", "a peer id has 52 characters"),
+        ("127.0.0.1:0", "port in 1..65535"),
+    ],
+)
+def test_a_bootstrap_entry_others_would_refuse_is_a_config_error(entry: str, pattern: str) -> None:
+    # It was tried, failed with a warning, and the peer started a swarm of its own (exit 0).
+    with pytest.raises(ConfigError, match=rf"net\.bootstrap.*{pattern}"):
+        NodeConfig(bootstrap=(entry,))
+    NodeConfig(bootstrap=("a" * 52 + "@127.0.0.1:4000", "localhost:4000"))
 
 
 def test_bad_value_from_flag_names_key() -> None:

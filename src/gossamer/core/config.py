@@ -7,6 +7,7 @@ builds one from a TOML file, environment variables and flags.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,9 +27,41 @@ DataSource = Literal["stdlib", "text", "tokens"]
 TokenDtype = Literal["uint16", "uint32"]
 
 
+_MAX_INT = 2**62
+"""No count, step or size in a run comes near it; a value past it overflows torch or a timer."""
+_MAX_SECONDS = 10 * 365 * 86400.0
+"""Ten years: the longest duration a config may name (``inf`` or 1e308 overflowed timers)."""
+
+
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {message}")
+
+
+def _check_numbers(section: str, config: object) -> None:
+    """Every number of a config section finite and within bounds: a float ``inf`` passed the
+    sign checks and ended a run in NaN losses or an OverflowError deep in a timer, and an
+    integer past 2**63 overflowed torch."""
+    for name in config.__dataclass_fields__:  # type: ignore[attr-defined]
+        value = getattr(config, name)
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, float):
+            _require(
+                math.isfinite(value), f"{section}.{name}", f"must be a finite number, got {value}"
+            )
+            if name.endswith("_s"):
+                _require(
+                    value <= _MAX_SECONDS,
+                    f"{section}.{name}",
+                    f"must be at most {_MAX_SECONDS:.0f} s (ten years), got {value}",
+                )
+        elif isinstance(value, int):
+            _require(
+                abs(value) <= _MAX_INT,
+                f"{section}.{name}",
+                f"must be at most 2**62, got {value}",
+            )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -51,6 +84,7 @@ class ModelConfig:
     """Share the token embedding with the output projection."""
 
     def __post_init__(self) -> None:
+        _check_numbers("model", self)
         _require(
             self.num_layers >= 1, "model.num_layers", f"must be at least 1, got {self.num_layers}"
         )
@@ -89,6 +123,7 @@ class DataConfig:
     """Cap on the training corpus size in bytes; 0 means no cap."""
 
     def __post_init__(self) -> None:
+        _check_numbers("data", self)
         _require(
             self.source in ("stdlib", "text", "tokens"),
             "data.source",
@@ -98,6 +133,12 @@ class DataConfig:
             self.source == "stdlib" or bool(self.path),
             "data.path",
             f"data.source = {self.source!r} needs data.path (a file or folder to read)",
+        )
+        _require(
+            self.source != "stdlib" or not self.path,
+            "data.path",
+            f"{self.path!r} is set but data.source is 'stdlib' (the embedded corpus, which "
+            "reads no path): set data.source to 'text' or 'tokens' to train on it",
         )
         _require(
             self.token_dtype in ("uint16", "uint32"),
@@ -136,6 +177,7 @@ class OptimConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
 
     def __post_init__(self) -> None:
+        _check_numbers("optim", self)
         _require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
         _require(
             0.0 <= self.min_lr_ratio <= 1.0,
@@ -177,6 +219,7 @@ class TrainConfig:
     """Log a progress line every this many steps."""
 
     def __post_init__(self) -> None:
+        _check_numbers("train", self)
         _require(
             self.max_steps >= 1, "train.max_steps", f"must be at least 1, got {self.max_steps}"
         )
@@ -199,7 +242,9 @@ class TrainConfig:
         )
         _require(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
         _require(
-            self.num_threads >= 0, "train.num_threads", f"must be >= 0, got {self.num_threads}"
+            0 <= self.num_threads <= 4096,
+            "train.num_threads",
+            f"must be in 0..4096 (0: torch's default), got {self.num_threads}",
         )
         _require(
             self.log_every >= 1, "train.log_every", f"must be at least 1, got {self.log_every}"
@@ -220,6 +265,7 @@ class CheckpointConfig:
     """Resume from the newest valid checkpoint in ``directory`` if there is one."""
 
     def __post_init__(self) -> None:
+        _check_numbers("checkpoint", self)
         _require(bool(self.directory), "checkpoint.directory", "must not be empty")
         _require(
             self.every_steps >= 0, "checkpoint.every_steps", f"must be >= 0, got {self.every_steps}"
@@ -284,6 +330,7 @@ class SwarmConfig:
     """If set, this peer keeps a JSON status (step, loss, throughput, bytes) in this file."""
 
     def __post_init__(self) -> None:
+        _check_numbers("swarm", self)
         _require(
             self.strategy in ("local", "sync", "diloco"),
             "swarm.strategy",
@@ -322,6 +369,12 @@ class SwarmConfig:
         )
         _require(self.join_window_s > 0, "swarm.join_window_s", "must be positive")
         _require(self.round_timeout_s > 0, "swarm.round_timeout_s", "must be positive")
+        _require(
+            self.strategy != "local" or not self.bootstrap_addresses,
+            "swarm.bootstrap",
+            "is set but swarm.strategy is 'local' (training alone): choose 'sync' or 'diloco' "
+            "to train with the swarm, or leave out --bootstrap",
+        )
 
     @property
     def bootstrap_addresses(self) -> tuple[str, ...]:

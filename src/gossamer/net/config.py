@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from gossamer.core.errors import ConfigError, ProtocolError
 from gossamer.net.addresses import split_host_port
+from gossamer.net.identity import digest_of_peer_id
 
 __all__ = [
     "BreakerConfig",
@@ -261,7 +262,17 @@ class NodeConfig:
             except ProtocolError as exc:  # others would refuse the record that names it
                 raise ConfigError(f"net.advertise_addresses: {exc}") from exc
         for entry in self.bootstrap:
-            _check_address("net.bootstrap", entry.rpartition("@")[2])
+            expected, at, address = entry.rpartition("@")
+            _check_address("net.bootstrap", address)
+            try:  # the others' rules: a typo here made the peer start a swarm of its own
+                split_host_port(address)
+                if at:
+                    digest_of_peer_id(expected)
+            except ProtocolError as exc:
+                raise ConfigError(
+                    f"net.bootstrap: {entry!r}: {exc} (expected [PEER_ID@]HOST:PORT; "
+                    "`gossamer peer id` prints a peer's id)"
+                ) from exc
         _require(
             self.swarm_secret is None or len(self.swarm_secret) >= 16,
             "net.swarm_secret",
