@@ -19,7 +19,7 @@ from gossamer.core.config import (
     RunConfig,
     TrainConfig,
 )
-from gossamer.core.errors import DeadlineExceededError
+from gossamer.core.errors import DeadlineExceededError, TrainingDivergedError
 from gossamer.core.hashing import sha256_state
 from gossamer.train import Trainer, TrainResult
 from gossamer.train.averaging import InProcessGroup, PendingRound
@@ -554,6 +554,67 @@ def test_sync_peers_stay_identical(tmp_path: Path) -> None:
     assert len({sha256_state(t.model.state_dict()) for t in trainers}) == 1
     assert all(r.steps_done == 6 for r in results)
     assert all(s.last_group_size == NUM_PEERS for s in strategies)
+
+
+class _InfiniteGradientOnce(SyncStrategy):
+    """A sync peer whose gradient holds an inf at step 3 (an overflow on this peer only)."""
+
+    def on_gradients(self, model: torch.nn.Module, step: int) -> None:
+        if step == 3:
+            grad = next(model.parameters()).grad
+            assert grad is not None
+            grad.view(-1)[0] = float("inf")
+        super().on_gradients(model, step)
+
+
+def test_one_peer_s_infinite_gradient_is_withheld_and_every_peer_stays_finite(
+    tmp_path: Path,
+) -> None:
+    # Before, it went into the average: every peer trained on NaN weights to the end, silently.
+    group = InProcessGroup(NUM_PEERS)
+    strategies: list[TrainingStrategy] = [_InfiniteGradientOnce(group.averager())]
+    strategies += [SyncStrategy(group.averager()) for _ in range(NUM_PEERS - 1)]
+    trainers, results = _run_peers(tmp_path, strategies, max_steps=6)
+    for trainer in trainers:
+        assert all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
+    assert len({sha256_state(t.model.state_dict()) for t in trainers}) == 1
+    assert all(r.steps_done == 6 for r in results)
+
+
+class _WeightsTurnNaN(SyncStrategy):
+    """A lone peer whose weights turn NaN after step 2 (diverged)."""
+
+    def on_step_end(self, model: torch.nn.Module, step: int) -> int | None:
+        if step == 2:
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] = float("nan")
+        return super().on_step_end(model, step)
+
+
+def test_weights_that_turn_nan_are_never_checkpointed(tmp_path: Path) -> None:
+    config = dataclasses.replace(
+        _config(tmp_path, 0, max_steps=8),
+        checkpoint=CheckpointConfig(directory=str(tmp_path / "peer0"), every_steps=1),
+    )
+    with (
+        Trainer(config, strategy=_WeightsTurnNaN(InProcessGroup(1).averager())) as trainer,
+        pytest.raises(TrainingDivergedError, match=r"by step 3: weight .* holds NaN"),
+    ):
+        trainer.run()
+    # The checkpoints are of finite weights only (the last one before the weights turned).
+    assert trainer.store.steps()[-1] == 2
+    state = trainer.store.load_latest()
+    assert state is not None
+    assert all(bool(torch.isfinite(t).all()) for t in state.tensors["model"].values())
+
+
+def test_a_loss_that_turns_nan_stops_the_peer_before_it_steps(tmp_path: Path) -> None:
+    config = _config(tmp_path, 0, max_steps=8)
+    with (
+        Trainer(config, strategy=_WeightsTurnNaN(InProcessGroup(1).averager())) as trainer,
+        pytest.raises(TrainingDivergedError, match="diverged at step 3: the loss is nan"),
+    ):
+        trainer.run()
 
 
 def test_diloco_state_survives_a_checkpoint(tmp_path: Path) -> None:

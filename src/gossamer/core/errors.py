@@ -16,6 +16,7 @@ with ``raise ... from exc`` so the original stays visible.
     └── FatalError                     retrying will not help; fix the cause
         ├── ConfigError                a config key, type or value is wrong (also a ValueError)
         ├── DataError                  a data path is missing, empty or unreadable
+        ├── TrainingDivergedError      the loss or the gradients became NaN or infinite
         ├── CorruptedDataError         bytes failed a hash or size check
         │   └── CheckpointCorruptedError   a checkpoint file is torn, truncated or altered
         ├── IncompatibleCheckpointError    a checkpoint was made for another model or format
@@ -41,6 +42,7 @@ __all__ = [
     "PeerUnavailableError",
     "ProtocolError",
     "RetryableError",
+    "TrainingDivergedError",
     "is_retryable",
 ]
 
@@ -75,6 +77,10 @@ class ConfigError(FatalError, ValueError):
 
 class DataError(FatalError):
     """A dataset path is missing, empty or unreadable."""
+
+
+class TrainingDivergedError(FatalError):
+    """The loss or the gradients became NaN or infinite: stepping on would spread them."""
 
 
 class CorruptedDataError(FatalError):

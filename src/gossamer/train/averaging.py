@@ -9,6 +9,7 @@ measured and the network is not.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,10 @@ __all__ = [
     "TensorAverager",
     "begin_round",
     "record_round_phases",
+    "withhold_if_not_finite",
 ]
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -59,6 +63,23 @@ class AverageOutcome:
     backend: str = ""
     """What averaged the round with the others: ``p2p`` or ``torch`` (torch.distributed); ''
     where nobody else was averaged with, or in process."""
+
+
+def withhold_if_not_finite(
+    tensors: list[torch.Tensor], weight: float, round_key: str
+) -> tuple[list[torch.Tensor], float]:
+    """``tensors`` and ``weight`` as they go into a round, unless a value is NaN or infinite:
+    then zeros of weight 0, so the others' average stays finite (one peer's inf gradient or NaN
+    weights turned every peer's model to NaN, and nothing said so). The peer's own values then
+    come back as the others' average, or stay zeros where nobody else contributed."""
+    if all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
+        return tensors, weight
+    _log.warning(
+        "round %s: this peer's values hold NaN or infinite numbers; they are withheld from the "
+        "average (weight 0) so that the other peers' stay finite",
+        round_key,
+    )
+    return [torch.zeros_like(t) for t in tensors], 0.0
 
 
 def record_round_phases(
@@ -247,6 +268,7 @@ class InProcessAverager:
     def average(
         self, tensors: list[torch.Tensor], *, round_key: str, weight: float
     ) -> AverageOutcome:
+        tensors, weight = withhold_if_not_finite(tensors, weight, round_key)
         encoded = [self._encode(t, key=str(i)) for i, t in enumerate(tensors)]
         began_unix_s, began = time.time(), time.perf_counter()
         averaged = self.group._contribute(round_key, [t for t, _ in encoded], weight)

@@ -24,7 +24,7 @@ from torch import nn
 
 from gossamer.core.clock import Clock, SystemClock
 from gossamer.core.config import RunConfig
-from gossamer.core.errors import ConfigError, DataError
+from gossamer.core.errors import ConfigError, DataError, TrainingDivergedError
 from gossamer.data import Corpus, TokenStream, load_corpus, validation_batches
 from gossamer.models import GPT
 from gossamer.obs.metrics import PeerMetrics
@@ -322,13 +322,31 @@ class Trainer:
                 self._check_vocabulary(inputs, targets)
                 logits = run.model(inputs)
                 loss = self._loss(logits, targets)
+                value = loss.item()
+                if not math.isfinite(value):
+                    # Before any of it is averaged or stepped on: the peer stops, the swarm's
+                    # rounds drop it, and its last checkpoint holds finite weights.
+                    raise TrainingDivergedError(
+                        f"training diverged at step {step}: the loss is {value}; resume from "
+                        "the last checkpoint with a lower optim.lr or a longer "
+                        "optim.warmup_steps"
+                    )
                 (loss / accum).backward()  # type: ignore[no-untyped-call]
-                loss_total += loss.item()
+                loss_total += value
         with spans.span("communication", step=step, hook="on_gradients"):
             run.strategy.on_gradients(run.model, step)
         with spans.span("compute", step=step, part="optimizer"):
             if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
+            else:
+                grads = [p.grad for p in run.model.parameters() if p.grad is not None]
+                norm = torch.nn.utils.get_total_norm(grads)
+            if not torch.isfinite(norm):
+                raise TrainingDivergedError(
+                    f"training diverged at step {step}: the gradient's norm is {float(norm)}; "
+                    "resume from the last checkpoint with a lower optim.lr or a longer "
+                    "optim.warmup_steps"
+                )
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
         with spans.span("communication", step=step, hook="on_step_end"):
@@ -345,7 +363,19 @@ class Trainer:
         return loss_mean
 
     def save_checkpoint(self) -> Path:
-        """Write a checkpoint of the current state and return its folder."""
+        """Write a checkpoint of the current state and return its folder.
+
+        Raises:
+            TrainingDivergedError: a weight is NaN or infinite (such a checkpoint would take the
+                place of the good ones kept, and a resume would restore the divergence).
+        """
+        for name, param in self.run_state.model.named_parameters():
+            if not bool(torch.isfinite(param).all()):
+                raise TrainingDivergedError(
+                    f"training diverged by step {self.run_state.step}: weight {name} holds NaN "
+                    "or infinite values, so no checkpoint is written; resume from the last one "
+                    "with a lower optim.lr or a longer optim.warmup_steps"
+                )
         with self.spans.span("checkpoint", step=self.run_state.step):
             path = self.store.save(capture_run_state(self.run_state))
         self.listener.on_checkpoint(step=self.run_state.step, path=path)

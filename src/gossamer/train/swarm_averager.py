@@ -69,7 +69,7 @@ from gossamer.net.bridge import NodeThread
 from gossamer.net.identity import peer_id_of_public_key
 from gossamer.net.node import Node
 from gossamer.proto import net_pb2
-from gossamer.train.averaging import AverageOutcome, record_round_phases
+from gossamer.train.averaging import AverageOutcome, record_round_phases, withhold_if_not_finite
 
 __all__ = [
     "SwarmAverager",
@@ -454,6 +454,7 @@ class SwarmAverager:
         """The round ``key``: its group formation (already under way with ``forming``), then
         the all-reduce. With ``forming``, the time waited is what the caller waited for the
         group from this call on, not the formation's whole time (it trained meanwhile)."""
+        tensors, weight = withhold_if_not_finite(tensors, weight, key)
         started = time.monotonic()
         wall_offset_s = time.time() - started
         marks: dict[str, float] = {}
