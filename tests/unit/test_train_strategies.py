@@ -24,6 +24,7 @@ from gossamer.core.hashing import sha256_state
 from gossamer.train import Trainer, TrainResult
 from gossamer.train.averaging import InProcessGroup, PendingRound
 from gossamer.train.diloco import DiLoCoConfig, DiLoCoStrategy
+from gossamer.train.loop import TrainingListener
 from gossamer.train.strategy import TrainingStrategy
 from gossamer.train.sync import SyncStrategy
 from gossamer.train.thread_swarm import run_thread_swarm
@@ -725,3 +726,63 @@ def test_lossy_codec_is_applied_and_counted() -> None:
     thread.join(timeout=10)
     fp32_ring_bytes = 2 * (1 / 2) * tensor.numel() * 4
     assert mine.bytes_sent < fp32_ring_bytes / 3.5
+
+
+class _CrashAfterCheckpoint(TrainingListener):
+    """Raises right after the checkpoint of ``step`` is written, as a kill would land there."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_checkpoint(self, *, step: int, path: Path) -> None:
+        if step == self.step:
+            raise KeyboardInterrupt(f"killed after the checkpoint of step {step}")
+
+
+def _diloco(**options: bool) -> DiLoCoStrategy:
+    return DiLoCoStrategy(DiLoCoConfig(inner_steps=4, **options), InProcessGroup(1).averager())
+
+
+@pytest.mark.parametrize("options", [{}, {"overlap": True}], ids=["blocking", "overlap"])
+def test_a_diloco_run_stopped_mid_round_and_resumed_ends_as_one_that_was_not(
+    tmp_path: Path, options: dict[str, bool]
+) -> None:
+    # run(stop_at_step=6) finished the strategy: a last round of steps 4-5 the uninterrupted
+    # run never takes. With overlap, the resumed peer measured its progress from its local
+    # weights although the last round had landed: steps 4-5 left out of the next round.
+    straight = _config(tmp_path, 0, max_steps=12)
+    with Trainer(straight, strategy=_diloco(**options)) as trainer:
+        trainer.run()
+        expected = sha256_state(trainer.model.state_dict())
+    paused = _config(tmp_path, 1, max_steps=12)
+    with Trainer(paused, strategy=_diloco(**options)) as trainer:
+        trainer.run(stop_at_step=6)
+    with Trainer(paused, strategy=_diloco(**options)) as trainer:
+        trainer.run()
+        assert sha256_state(trainer.model.state_dict()) == expected
+
+
+def test_a_diloco_peer_killed_before_its_last_round_runs_it_when_restarted(tmp_path: Path) -> None:
+    # 10 steps, H = 4: steps 8-9 go through a last round in finish(). Killed after the
+    # checkpoint of step 10, the restarted peer skipped that round (the count of steps since
+    # the last round was not saved) and threw steps 8-9 away.
+    def config(peer: int) -> RunConfig:
+        base = _config(tmp_path, peer, max_steps=10)
+        directory = str(tmp_path / f"peer{peer}")
+        return dataclasses.replace(
+            base, checkpoint=CheckpointConfig(directory=directory, every_steps=2)
+        )
+
+    with Trainer(config(0), strategy=_diloco()) as trainer:
+        trainer.run()
+        expected = sha256_state(trainer.model.state_dict())
+    with (
+        Trainer(config(1), strategy=_diloco(), listener=_CrashAfterCheckpoint(10)) as trainer,
+        pytest.raises(KeyboardInterrupt),
+    ):
+        trainer.run()
+    restarted = _diloco()
+    with Trainer(config(1), strategy=restarted) as trainer:
+        trainer.run()
+        assert restarted.outer_step == 3
+        assert sha256_state(trainer.model.state_dict()) == expected

@@ -212,6 +212,8 @@ class DiLoCoStrategy:
         self._rounds: ThreadPoolExecutor | None = None
         self._steps_since_round = 0
         """Inner steps since the last round was launched (or the state was taken from others)."""
+        self._restored_in_flight = False
+        """(overlap) The checkpoint this peer was restored from had a round in flight."""
         self._forming: PendingRound | None = None
         """(train while forming) The round whose group is forming while training goes on."""
         self._local_steps = 0
@@ -237,8 +239,11 @@ class DiLoCoStrategy:
             self._apply_state(*self._pending_state)
             self._pending_state = None
         # Progress is measured from the global weights; with overlap, from where the local model
-        # stands (a resumed peer's round in flight was lost with its process).
-        origin = self._params if self.config.overlap else self._global
+        # stands if the peer was restored with a round in flight (lost with its process). With
+        # none in flight the last round had landed and its steps since count from the global
+        # weights (before, they were left out of the next round and erased from the model).
+        in_flight = self._restored_in_flight
+        origin = self._params if self.config.overlap and in_flight else self._global
         self._start = [t.detach().clone() for t in origin]
         return None
 
@@ -616,6 +621,10 @@ class DiLoCoStrategy:
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
             "local_steps": self._local_steps,  # the local model's progress is saved with it
+            # A peer killed after the last step but before finish() needs both to run the
+            # tail round its steps since the last one are owed (they were dropped).
+            "steps_since_round": self._steps_since_round,
+            "round_in_flight": self._inflight is not None,
         }
         return tensors, meta
 
@@ -642,6 +651,8 @@ class DiLoCoStrategy:
         self.bytes_sent = int(meta.get("bytes_sent", 0))
         self.bytes_received = int(meta.get("bytes_received", 0))
         self._local_steps = int(meta.get("local_steps", self._local_steps))
+        self._steps_since_round = int(meta.get("steps_since_round", self._steps_since_round))
+        self._restored_in_flight = bool(meta.get("round_in_flight", True))
 
     def close(self) -> None:
         if self._forming is not None:

@@ -386,7 +386,11 @@ class Trainer:
 
         Args:
             stop_at_step: stop after this step even if the schedule runs longer (the learning
-                rate schedule still spans ``train.max_steps``), e.g. to resume later.
+                rate schedule still spans ``train.max_steps``), e.g. to resume later: the
+                strategy is not finished then (no last DiLoCo round), so a run stopped and
+                resumed takes the same steps as one that was not (where no round is in flight
+                at the stop: one in flight is lost with the process, as at a crash, and a swarm
+                peer takes the others' state after it).
 
         Returns:
             What the run did; a checkpoint of the final state has been written.
@@ -450,10 +454,12 @@ class Trainer:
             if cfg.train.max_seconds and elapsed + per_step > cfg.train.max_seconds:
                 stopped_by_time = step < stop
                 break
-        with self.spans.span("sync", step=step, hook="finish"):
-            # Also when no step was left to take: a peer that joined at the very end still
-            # ends on the swarm's weights.
-            replaced = run.strategy.finish(run.model, step)
+        replaced = False
+        if step >= self.schedule_steps or stopped_by_time:  # the run ends here, not a pause
+            with self.spans.span("sync", step=step, hook="finish"):
+                # Also when no step was left to take: a peer that joined at the very end still
+                # ends on the swarm's weights.
+                replaced = run.strategy.finish(run.model, step)
         if step > start_step or replaced:
             val_latest = self.evaluate()
             self.listener.on_eval(step=step, val_loss=val_latest)
