@@ -101,6 +101,29 @@ def test_relay_that_opted_out_refuses_and_the_dial_fails_cleanly() -> None:
     _run(scenario)
 
 
+def test_a_relay_takes_only_so_many_reservations_from_one_address() -> None:
+    # Peer ids cost nothing to make: one machine's throwaway ids filled every reservation.
+    async def scenario() -> None:
+        relay_config = RelayConfig(max_reservations_per_host=2)
+        async with (
+            Node(_config(relay=relay_config)) as relay,
+            Node(_config()) as first,
+            Node(_config()) as second,
+            Node(_config()) as third,
+        ):
+            await _make_unreachable(first, relay)
+            await _make_unreachable(second, relay)
+            await third.bootstrap([f"{relay.peer_id}@{relay.addresses[0]}"])
+            third.reachability = net_pb2.REACHABILITY_RELAYED
+            third.reservations.wake()
+            assert not await third.wait_for_relay(1.5)
+            assert sorted(relay.relay_service.reserved_peers) == sorted(
+                [first.peer_id, second.peer_id]
+            )
+
+    _run(scenario)
+
+
 def test_relay_caps_bandwidth_per_relayed_peer() -> None:
     payload = os.urandom(6 << 20)
     rate = 4e6

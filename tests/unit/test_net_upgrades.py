@@ -270,6 +270,13 @@ def _relay(counters: NetCounters, *, serve: bool) -> RelayServicer:
     )
 
 
+class _Context:
+    """What a reservation asks of gRPC's servicer context: the caller's address."""
+
+    def peer(self) -> str:
+        return "ipv4:10.0.0.7:5000"
+
+
 def test_direct_reservation_is_kept_apart_from_relaying() -> None:
     async def scenario() -> None:
         counters = NetCounters()
@@ -279,7 +286,7 @@ def test_direct_reservation_is_kept_apart_from_relaying() -> None:
         relay.on_direct_reservation = started.append
         relay.on_direct_reservation_ended = ended.append
         _session_var.set(Session("nated", b"k" * 32, 0.0, None))
-        events: Any = relay.Reserve(net_pb2.ReserveRequest(direct=True), None)  # type: ignore[arg-type]
+        events: Any = relay.Reserve(net_pb2.ReserveRequest(direct=True), _Context())  # type: ignore[arg-type]
         first = await anext(events)
         assert first.reserved
         pending = asyncio.ensure_future(anext(events))
@@ -305,7 +312,7 @@ def test_relay_reservation_still_refused_when_not_serving() -> None:
     async def scenario() -> None:
         relay = _relay(NetCounters(), serve=False)
         _session_var.set(Session("nated", b"k" * 32, 0.0, None))
-        events: Any = relay.Reserve(net_pb2.ReserveRequest(), None)  # type: ignore[arg-type]
+        events: Any = relay.Reserve(net_pb2.ReserveRequest(), _Context())  # type: ignore[arg-type]
         with pytest.raises(PeerUnavailableError):
             await anext(events)
 

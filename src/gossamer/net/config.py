@@ -202,6 +202,9 @@ class RelayConfig:
     """Relay for others when this peer is reachable (opt out with False)."""
     max_reservations: int = 64
     """Relayed peers served at once."""
+    max_reservations_per_host: int = 8
+    """Of those, how many may come from one address (peer ids cost nothing to make: one
+    machine's throwaway ids filled every reservation, and the direct-reservation table alike)."""
     bytes_per_s_per_peer: float = 12.5e6
     """Cap on relayed bandwidth per relayed peer (both directions together)."""
     num_relays: int = 2
@@ -209,6 +212,11 @@ class RelayConfig:
 
     def __post_init__(self) -> None:
         _require(self.max_reservations >= 0, "relay.max_reservations", "must be >= 0")
+        _require(
+            self.max_reservations_per_host >= 1,
+            "relay.max_reservations_per_host",
+            "must be at least 1",
+        )
         _require(self.bytes_per_s_per_peer > 0, "relay.bytes_per_s_per_peer", "must be positive")
         _require(self.num_relays >= 1, "relay.num_relays", "must be at least 1")
 

@@ -31,6 +31,7 @@ from gossamer.core.errors import DeadlineExceededError, PeerUnavailableError, Pr
 from gossamer.net.config import RelayConfig
 from gossamer.net.counters import NetCounters
 from gossamer.net.identity import short_peer_id
+from gossamer.net.reachability import observed_host
 from gossamer.net.server import current_session
 from gossamer.proto import net_pb2, net_pb2_grpc
 
@@ -142,6 +143,8 @@ class _Reservation:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     num_pending: int = 0
     direct: bool = False
+    host: str = ""
+    """The address the reservation came from."""
 
 
 @dataclass(slots=True)
@@ -246,11 +249,18 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
         else:
             limit = self._config.max_reservations
         previous = table.get(peer)
+        host = observed_host(context.peer())
         if previous is None and len(table) >= limit:
             raise PeerUnavailableError(f"this peer is full ({limit} reservations)")
+        per_host = self._config.max_reservations_per_host
+        if previous is None and sum(r.host == host for r in table.values()) >= per_host:
+            raise PeerUnavailableError(
+                f"this peer holds {per_host} reservations from {host} already (the most from "
+                "one address); try another relay"
+            )
         if previous is not None:
             previous.ended.set()  # the peer reconnected: the newer stream wins
-        reservation = _Reservation(peer, self._bucket(peer), direct=request.direct)
+        reservation = _Reservation(peer, self._bucket(peer), direct=request.direct, host=host)
         table[peer] = reservation
         self._counters.relay_reservations = len(self._reservations)
         kind = "direct reservation" if request.direct else "reservation"
