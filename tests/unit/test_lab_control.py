@@ -104,6 +104,27 @@ def test_partition_moves_one_side_to_a_second_bridge_and_heal_moves_it_back(
     assert lab.state.partition_side == []
 
 
+def test_a_partition_recorded_by_another_command_is_kept_and_healed(
+    lab: LabControl, runner: FakeCommandRunner, tmp_path: Path
+) -> None:
+    # Two commands on one lab (a long fault schedule, and a partition from another shell): each
+    # saved its own copy of the record over the file, so the partition was lost, and a heal
+    # then left the partitioned peer on no bridge, cut off for good.
+    other = LabControl(lab.state, runner, state_dir=tmp_path)
+    stale = LabControl(load_state("t1", tmp_path), runner, state_dir=tmp_path)  # type: ignore[arg-type]
+    stale.cut("p2")
+    other.partition(["p0"])
+    stale.restore("p2")  # saved from a copy that knew of no partition
+    recorded = load_state("t1", tmp_path)
+    assert recorded is not None
+    assert recorded.partition_side == ["p0"]
+    assert recorded.cut_peers == []
+    runner.commands.clear()
+    stale.heal()
+    for port in ("gsl-p0", "gsl-p1", "gsl-p2"):  # every port, whatever the record says
+        assert runner.ran("link", "set", port, "master", "gsl-br0")
+
+
 @pytest.mark.parametrize("side", [[], ["p0", "p1", "p2"], ["p9"]])
 def test_partition_needs_some_but_not_all_known_peers(lab: LabControl, side: list[str]) -> None:
     with pytest.raises(ConfigError):

@@ -103,6 +103,26 @@ def test_down_kills_processes_then_removes_recorded_and_stray_namespaces_only(
     assert load_state("t1", tmp_path) is None
 
 
+def test_an_unreadable_record_neither_blocks_status_and_down_nor_widens_them(
+    tmp_path: Path,
+) -> None:
+    # A torn record made `status` and `down` fail with advice to run `down`; and `down` removed
+    # every namespace a record named, with the lab's prefix or not.
+    runner = FakeCommandRunner()
+    lab_up(_config(), runner=runner, state_dir=tmp_path)
+    (tmp_path / "t1.json").write_text('{"format_version": 1, "topo')
+    assert [item.name for item in lab_status(runner=runner, state_dir=tmp_path)] == ["t1"]
+    assert len(lab_down("t1", runner=runner, state_dir=tmp_path)) == 5
+    assert runner.namespaces == set()
+    assert not (tmp_path / "t1.json").exists()
+    lab_up(_config(), runner=runner, state_dir=tmp_path)
+    record = (tmp_path / "t1.json").read_text().replace('"gsl-t1-p2"', '"someone-elses"')
+    (tmp_path / "t1.json").write_text(record)
+    runner.namespaces.add("someone-elses")
+    lab_down("t1", runner=runner, state_dir=tmp_path)
+    assert runner.namespaces == {"someone-elses"}
+
+
 def test_down_without_a_name_removes_every_lab_and_nothing_else(tmp_path: Path) -> None:
     runner = FakeCommandRunner(namespaces={"gsl-old-p0", "unrelated"})
     lab_up(_config(), runner=runner, state_dir=tmp_path)

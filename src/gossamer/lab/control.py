@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gossamer.core.errors import ConfigError
@@ -20,7 +20,7 @@ from gossamer.lab.build import namespace_pids, tbf_command
 from gossamer.lab.config import format_rate
 from gossamer.lab.plan import PARTITION_BRIDGE, SWITCH_BRIDGE, PeerNode, Topology
 from gossamer.lab.runner import CommandResult, CommandRunner, RunningProcess
-from gossamer.lab.state import LabState, save_state
+from gossamer.lab.state import LabState, update_state
 
 __all__ = ["LabControl"]
 
@@ -112,18 +112,24 @@ class LabControl:
         """Cut peer ``name``'s access link: its switch port goes down, nothing passes."""
         peer = self.peer(name)
         self._set_port(peer, "down")
-        if name not in self.state.cut_peers:
-            self.state.cut_peers.append(name)
-        self._save()
+
+        def record(state: LabState) -> None:
+            if name not in state.cut_peers:
+                state.cut_peers.append(name)
+
+        self._update(record)
         logger.info("peer %s: link cut", name)
 
     def restore(self, name: str) -> None:
         """Restore peer ``name``'s access link after :meth:`cut`."""
         peer = self.peer(name)
         self._set_port(peer, "up")
-        if name in self.state.cut_peers:
-            self.state.cut_peers.remove(name)
-        self._save()
+
+        def record(state: LabState) -> None:
+            if name in state.cut_peers:
+                state.cut_peers.remove(name)
+
+        self._update(record)
         logger.info("peer %s: link restored", name)
 
     def set_rate(self, name: str, rate_bps: int) -> None:
@@ -140,8 +146,7 @@ class LabControl:
             for queue_length in (_KICK_TXQUEUELEN, _DEFAULT_TXQUEUELEN):
                 self.runner.run(["ip", "-n", end.namespace, "link", "set", end.device,
                                  "txqueuelen", str(queue_length)])  # fmt: skip
-        self.state.rates_bps[name] = rate_bps
-        self._save()
+        self._update(lambda state: state.rates_bps.__setitem__(name, rate_bps))
         logger.info("peer %s: link rate set to %s", name, format_rate(rate_bps))
 
     def partition(self, side: Sequence[str]) -> None:
@@ -155,30 +160,34 @@ class LabControl:
             raise ConfigError(
                 "a partition needs one side with some but not all peers, e.g. side = ['p0']"
             )
-        if self.state.partition_side:
-            self.heal()
+        self.heal()  # (a partition left by another command or a killed one included)
         switch = self.topology.switch_namespace
         self.runner.run(["ip", "-n", switch, "link", "add", PARTITION_BRIDGE, "type", "bridge",
                          "forward_delay", "0", "stp_state", "0"])  # fmt: skip
         self.runner.run(["ip", "-n", switch, "link", "set", PARTITION_BRIDGE, "up"])
         for peer in chosen:
             self._set_port(peer, "master", PARTITION_BRIDGE)
-        self.state.partition_side = [peer.name for peer in chosen]
-        self._save()
-        logger.info("partition: %s | the rest", ", ".join(self.state.partition_side))
+        side = [peer.name for peer in chosen]
+        self._update(lambda state: setattr(state, "partition_side", side))
+        logger.info("partition: %s | the rest", ", ".join(side))
 
     def heal(self) -> None:
-        """Undo :meth:`partition`: every port back on the one switch bridge."""
-        for name in self.state.partition_side:
-            self._set_port(self.peer(name), "master", SWITCH_BRIDGE)
+        """Undo :meth:`partition`: every peer's port back on the one switch bridge.
+
+        Every port, not only those the record names: a record that lost a partition (written
+        over by another command, or a command killed mid-partition) left a healed peer on no
+        bridge at all, cut off for good while `lab status` showed it up.
+        """
+        for peer in self.topology.peers:
+            self._set_port(peer, "master", SWITCH_BRIDGE)
         self.runner.run(
             ["ip", "-n", self.topology.switch_namespace, "link", "del", PARTITION_BRIDGE],
             check=False,
         )
-        self.state.partition_side = []
-        self._save()
+        self._update(lambda state: setattr(state, "partition_side", []))
         logger.info("partition healed")
 
-    def _save(self) -> None:
-        if self._state_dir is not None:
-            save_state(self.state, self._state_dir)
+    def _update(self, change: Callable[[LabState], None]) -> None:
+        """Record a change of the links in the lab's state, on top of what other commands
+        recorded meanwhile."""
+        self.state = update_state(self.state, change, self._state_dir)

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from gossamer.core.errors import ConfigError
+from gossamer.core.errors import ConfigError, CorruptedDataError
 from gossamer.lab.build import build_topology, list_namespaces, remove_namespaces
 from gossamer.lab.config import LAB_PREFIX, LabConfig
 from gossamer.lab.control import LabControl
@@ -129,15 +129,26 @@ def lab_down(
     names = [name] if name is not None else _recorded_lab_names(state_dir)
     namespaces: list[str] = []
     for lab_name in names:
-        state = load_state(lab_name, state_dir)
-        if state is not None:
-            namespaces += state.topology.namespaces()
+        state = _readable_state(lab_name, state_dir)
+        if state is not None:  # only its own: a stale or edited record names any namespace
+            own = f"{LAB_PREFIX}{lab_name}-"
+            namespaces += [ns for ns in state.topology.namespaces() if ns.startswith(own)]
     prefix = LabConfig(num_peers=1, name=name).namespace_prefix if name else LAB_PREFIX
     namespaces += [ns for ns in list_namespaces(runner, prefix) if ns not in namespaces]
     removed = remove_namespaces(runner, namespaces)
     for lab_name in names:
         delete_state(lab_name, state_dir)
     return removed
+
+
+def _readable_state(name: str, state_dir: Path) -> LabState | None:
+    """Lab ``name``'s record; None when there is none or it cannot be read (logged): `down`
+    and `status` then go by the namespaces' prefix, as the unreadable record's error says."""
+    try:
+        return load_state(name, state_dir)
+    except CorruptedDataError as exc:
+        logger.warning("%s", exc)
+        return None
 
 
 def _recorded_lab_names(state_dir: Path) -> list[str]:
@@ -185,7 +196,7 @@ def lab_status(
         report.append(
             LabStatus(
                 name=lab_name,
-                state=load_state(lab_name, state_dir),
+                state=_readable_state(lab_name, state_dir),
                 existing_namespaces=tuple(ns for ns in existing if ns.startswith(prefix)),
             )
         )

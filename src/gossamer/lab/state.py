@@ -8,10 +8,13 @@ lost or stale file never leaves anything behind.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,15 @@ from typing import Any
 from gossamer.core.errors import CorruptedDataError
 from gossamer.lab.plan import Topology
 
-__all__ = ["DEFAULT_STATE_DIR", "LabState", "delete_state", "load_state", "save_state"]
+__all__ = [
+    "DEFAULT_STATE_DIR",
+    "LabState",
+    "delete_state",
+    "load_state",
+    "save_state",
+    "state_lock",
+    "update_state",
+]
 
 DEFAULT_STATE_DIR = Path("/run/gossamer-lab")
 """Where labs are recorded; /run is cleared at boot, as are the namespaces themselves."""
@@ -134,6 +145,39 @@ def load_state(name: str, state_dir: Path = DEFAULT_STATE_DIR) -> LabState | Non
             f"lab state file {path} is unreadable ({exc}); `gossamer lab down --name {name}` "
             "removes the lab by its namespace prefix and deletes the file"
         ) from exc
+
+
+@contextlib.contextmanager
+def state_lock(name: str, state_dir: Path = DEFAULT_STATE_DIR) -> Iterator[None]:
+    """Hold the lock of lab ``name``'s record: commands that change it one after another read
+    what the others wrote (each saved its own copy over the whole file: a second shell's
+    partition was lost, and a heal then stranded the partitioned peer on no bridge)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / f".{name}.lock", "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def update_state(
+    state: LabState, change: Callable[[LabState], None], state_dir: Path | None
+) -> LabState:
+    """Apply ``change`` to the recorded state of ``state``'s lab as it is on disk now (to
+    ``state`` itself where there is no record or no ``state_dir``), save it, and return it."""
+    if state_dir is None:
+        change(state)
+        return state
+    name = state.topology.name
+    with state_lock(name, state_dir):
+        try:
+            current = load_state(name, state_dir) or state
+        except CorruptedDataError:
+            current = state  # rewritten whole from what this command knows
+        change(current)
+        save_state(current, state_dir)
+    return current
 
 
 def delete_state(name: str, state_dir: Path = DEFAULT_STATE_DIR) -> None:
