@@ -81,6 +81,8 @@ def test_bad_arguments_and_a_missing_iperf3_are_reported(lab: LabControl) -> Non
         measure_tcp_throughput(lab, "p0", "p0")
     with pytest.raises(ConfigError, match="duration_s"):
         measure_tcp_throughput(lab, "p0", "p1", duration_s=0)
+    with pytest.raises(ConfigError, match="whole number"):  # iperf3 ran -t 0: until killed
+        measure_tcp_throughput(lab, "p0", "p1", duration_s=0.5)
     lab.runner.installed.discard("iperf3")  # type: ignore[attr-defined]
     with pytest.raises(MissingDependencyError, match="apt-get install iperf3"):
         measure_tcp_throughput(lab, "p0", "p1")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -121,6 +123,43 @@ def test_an_unreadable_record_neither_blocks_status_and_down_nor_widens_them(
     runner.namespaces.add("someone-elses")
     lab_down("t1", runner=runner, state_dir=tmp_path)
     assert runner.namespaces == {"someone-elses"}
+
+
+def test_a_second_up_of_one_name_waits_for_the_first_and_leaves_its_lab_alone(
+    tmp_path: Path,
+) -> None:
+    # The second passed the "already exists" check while the first built, failed on an
+    # existing namespace, and its clean-up removed the first's lab.
+    runner = FakeCommandRunner()
+    second: list[BaseException] = []
+    started = threading.Event()
+
+    def second_up() -> None:
+        started.set()
+        try:
+            lab_up(_config(), runner=runner, state_dir=tmp_path)
+        except BaseException as exc:
+            second.append(exc)
+
+    other = threading.Thread(target=second_up)
+
+    def while_building(argv: tuple[str, ...]) -> CommandResult | None:
+        if argv[:3] == ("ip", "netns", "add") and not other.is_alive() and not started.is_set():
+            other.start()
+            started.wait(5)
+            time.sleep(0.2)  # the second would pass its check now, were it not for the lock
+        return None
+
+    runner.responders.append(while_building)
+    lab_up(_config(), runner=runner, state_dir=tmp_path)
+    other.join(timeout=10)
+    assert len(second) == 1, second
+    assert isinstance(second[0], ConfigError)
+    assert "already exists" in str(second[0])
+    assert len([ns for ns in runner.namespaces if ns.startswith("gsl-t1-")]) == 5
+    state = load_state("t1", tmp_path)
+    assert state is not None
+    assert state.built
 
 
 def test_down_without_a_name_removes_every_lab_and_nothing_else(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from gossamer.core.errors import (
     PeerUnavailableError,
     ProtocolError,
 )
+from gossamer.lab.config import tbf_limit_bytes
 from gossamer.lab.control import LabControl
 
 __all__ = ["IPERF_PORT", "ThroughputResult", "measure_tcp_throughput"]
@@ -106,6 +107,13 @@ def _receiver_intervals(report: dict[str, Any]) -> tuple[float, ...]:
     return tuple(float(item["sum"]["bits_per_second"]) for item in server.get("intervals", []))
 
 
+def _drain_s(control: LabControl, sender: str, receiver: str) -> float:
+    """How long a full queue of the path's slowest link takes to drain: at the lowest rates the
+    lab allows (100 kbit/s: 10 s for its 128 KiB queue) the transfer ends that much later."""
+    bottleneck = min(control.state.rate_bps(sender), control.state.rate_bps(receiver))
+    return tbf_limit_bytes(bottleneck) * 8 / bottleneck
+
+
 def measure_tcp_throughput(
     control: LabControl,
     sender: str,
@@ -127,8 +135,11 @@ def measure_tcp_throughput(
     clock = clock or SystemClock()
     if sender == receiver:
         raise ConfigError(f"iperf needs two different peers, got {sender} twice")
-    if duration_s <= 0 or omit_s < 0:
-        raise ConfigError(f"duration_s must be > 0 and omit_s >= 0, got {duration_s}, {omit_s}")
+    # iperf3 counts whole seconds: -t 0.5 became -t 0, which runs until killed.
+    if not (duration_s >= 1 and float(duration_s).is_integer()):
+        raise ConfigError(f"duration_s must be a whole number of seconds >= 1, got {duration_s}")
+    if not (omit_s >= 0 and float(omit_s).is_integer()):
+        raise ConfigError(f"omit_s must be a whole number of seconds >= 0, got {omit_s}")
     if not control.runner.which("iperf3"):
         raise MissingDependencyError("iperf3 is not installed; `apt-get install iperf3` (as root)")
     target = control.address_of(receiver)
@@ -143,7 +154,8 @@ def measure_tcp_throughput(
             ["iperf3", "-c", target, "-p", str(port), "-t", f"{duration_s:g}", "-O", f"{omit_s:g}",
              "-J", "--get-server-output", "--connect-timeout", str(_CONNECT_TIMEOUT_MS)],
             check=False,
-            timeout_s=duration_s + omit_s + _CONNECT_TIMEOUT_MS / 1000 + 10.0,
+            timeout_s=duration_s + omit_s + _CONNECT_TIMEOUT_MS / 1000 + 10.0
+            + 4 * _drain_s(control, sender, receiver),
         )  # fmt: skip
         report = _parse_report(client.stdout, sender, receiver)
     finally:

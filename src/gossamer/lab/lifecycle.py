@@ -19,7 +19,14 @@ from gossamer.lab.config import LAB_PREFIX, LabConfig
 from gossamer.lab.control import LabControl
 from gossamer.lab.plan import plan_topology
 from gossamer.lab.runner import CommandRunner, SubprocessRunner, require_tools
-from gossamer.lab.state import DEFAULT_STATE_DIR, LabState, delete_state, load_state, save_state
+from gossamer.lab.state import (
+    DEFAULT_STATE_DIR,
+    LabState,
+    delete_state,
+    load_state,
+    save_state,
+    state_lock,
+)
 
 __all__ = [
     "LATENCY_NOTICE",
@@ -59,21 +66,25 @@ def lab_up(
     require_tools(runner)
     if config.tcp_congestion_control:
         check_congestion_control(runner, config.tcp_congestion_control)
-    existing = list_namespaces(runner, config.namespace_prefix)
-    if existing:
-        raise ConfigError(
-            f"lab {config.name!r} already exists ({', '.join(existing)}); "
-            f"run `gossamer lab down --name {config.name}` first, or pick another --name"
-        )
-    state = LabState(topology=plan_topology(config))
-    save_state(state, state_dir)  # before building, so a crash leaves a record for `down`
-    try:
-        build_topology(state.topology, runner)
-    except BaseException:
-        delete_state(config.name, state_dir)
-        raise
-    state.built = True
-    save_state(state, state_dir)
+    # Held from the check to the end of the build: a second `up` of the same name that passed
+    # the check while this one built failed on an existing namespace, and its clean-up then
+    # removed this lab.
+    with state_lock(config.name, state_dir):
+        existing = list_namespaces(runner, config.namespace_prefix)
+        if existing:
+            raise ConfigError(
+                f"lab {config.name!r} already exists ({', '.join(existing)}); "
+                f"run `gossamer lab down --name {config.name}` first, or pick another --name"
+            )
+        state = LabState(topology=plan_topology(config))
+        save_state(state, state_dir)  # before building, so a crash leaves a record for `down`
+        try:
+            build_topology(state.topology, runner)
+        except BaseException:
+            delete_state(config.name, state_dir)
+            raise
+        state.built = True
+        save_state(state, state_dir)
     logger.info("lab %s is up; %s", config.name, LATENCY_NOTICE)
     return LabControl(state, runner, state_dir=state_dir)
 
