@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -225,9 +226,33 @@ def test_an_unreadable_file_is_a_data_error(
 ) -> None:
     _write_folder(tmp_path, 3)
 
-    def refuse(self: Path) -> bytes:
+    def refuse(self: Path, *args: object, **kwargs: object) -> bytes:
         raise PermissionError(13, "Permission denied", str(self))
 
-    monkeypatch.setattr(Path, "read_bytes", refuse)
+    monkeypatch.setattr(Path, "open", refuse)
     with pytest.raises(DataError, match=r"Permission denied.*readable"):
         load_corpus(DataConfig(source="text", path=str(tmp_path)))
+
+
+def test_a_single_binary_file_as_text_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"text at first" + b"\0\1\2" * 1000)
+    with pytest.raises(DataError, match=r"looks binary.*data.source = 'tokens'"):
+        load_corpus(DataConfig(source="text", path=str(path)))
+
+
+def test_a_folder_is_held_in_memory_once(tmp_path: Path) -> None:
+    num_files, file_bytes = 8, 1 << 20
+    for index in range(num_files):
+        (tmp_path / f"f{index}.txt").write_bytes(bytes([97 + index]) * file_bytes)
+    tracemalloc.start()
+    try:
+        corpus = load_corpus(DataConfig(source="text", path=str(tmp_path)))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    data_bytes = num_files * file_bytes
+    assert len(corpus.train) + len(corpus.validation) == data_bytes
+    assert peak < 1.3 * data_bytes, f"peak {peak / data_bytes:.2f}x the data"
+    assert not corpus.train.tokens.flags.writeable
+    assert not corpus.validation.tokens.flags.writeable

@@ -125,6 +125,12 @@ def _load_corpus(config: DataConfig) -> Corpus:
             )
         return _load_single_file(path, config, _TOKEN_DTYPES[config.token_dtype])
     if path.is_file():
+        if _looks_binary(path):
+            raise DataError(
+                f"data.path {str(path)!r} looks binary (it has NUL bytes), and data.source = "
+                "'text' reads text; for a file of token ids use data.source = 'tokens', "
+                "otherwise point data.path at a text file"
+            )
         return _load_single_file(path, config, np.dtype(np.uint8))
     files = _text_files(path)
     if not files:
@@ -204,11 +210,16 @@ def _text_files(folder: Path) -> list[str]:
             full = Path(current) / name
             if name.startswith(".") or not full.is_file() or full.stat().st_size == 0:
                 continue
-            with full.open("rb") as f:
-                if b"\0" in f.read(_SNIFF_BYTES):  # binary, as git and grep decide it
-                    continue
+            if _looks_binary(full):
+                continue
             found.append(full.relative_to(folder).as_posix())
     return sorted(found)
+
+
+def _looks_binary(path: Path) -> bool:
+    """Whether ``path`` starts with a NUL byte in its first 8 KiB: binary, as git and grep say."""
+    with path.open("rb") as f:
+        return b"\0" in f.read(_SNIFF_BYTES)
 
 
 def _path_fraction(relative_path: str) -> float:
@@ -238,21 +249,42 @@ def _caps(config: DataConfig) -> tuple[int | None, int | None]:
     return config.max_corpus_bytes, max(1, math.ceil(config.max_corpus_bytes * ratio))
 
 
-def _read_prefix(root: Path, files: list[str], cap: int | None) -> tuple[bytes, list[str]]:
-    """The files' bytes concatenated in order, stopping at ``cap`` bytes; the files used."""
-    chunks: list[bytes] = []
+def _read_prefix(
+    root: Path, files: list[str], cap: int | None
+) -> tuple[npt.NDArray[np.uint8], list[str]]:
+    """The files' bytes concatenated in order, stopping at ``cap`` bytes; the files used.
+
+    The files are read straight into one buffer sized from their lengths, so a folder costs its
+    size in memory once (not once per file and again for the joined copy). The buffer is returned
+    read-only.
+    """
     used: list[str] = []
-    num_bytes = 0
+    sizes: list[int] = []
+    total = 0
     for name in files:
-        if cap is not None and num_bytes >= cap:
+        if cap is not None and total >= cap:
             break
-        data = (root / name).read_bytes()
+        size = (root / name).stat().st_size
         if cap is not None:
-            data = data[: cap - num_bytes]
-        chunks.append(data)
+            size = min(size, cap - total)
         used.append(name)
-        num_bytes += len(data)
-    return b"".join(chunks), used
+        sizes.append(size)
+        total += size
+    buffer = np.empty(total, dtype=np.uint8)
+    view = buffer.data
+    offset = 0
+    for name, size in zip(used, sizes, strict=True):
+        end = offset + size
+        with (root / name).open("rb") as f:
+            while offset < end:  # a file that shrank since stat() ends early; the rest is cut
+                num_read = f.readinto(view[offset:end])
+                if not num_read:
+                    break
+                offset += num_read
+    view.release()
+    tokens = buffer[:offset]
+    tokens.flags.writeable = False
+    return tokens, used
 
 
 def _load_files(
@@ -260,15 +292,13 @@ def _load_files(
 ) -> Corpus:
     train_files, validation_files = _split_files(files, config.validation_fraction)
     train_cap, validation_cap = _caps(config)
-    train_bytes, train_used = _read_prefix(root, train_files, train_cap)
-    validation_bytes, validation_used = _read_prefix(root, validation_files, validation_cap)
-    if not train_bytes or not validation_bytes:
+    train, train_used = _read_prefix(root, train_files, train_cap)
+    validation, validation_used = _read_prefix(root, validation_files, validation_cap)
+    if not len(train) or not len(validation):
         raise DataError(
             f"{label} at {str(root)!r} has too little data to split ({len(files)} file(s), "
-            f"{len(train_bytes) + len(validation_bytes)} bytes); add files to it"
+            f"{len(train) + len(validation)} bytes); add files to it"
         )
-    train = np.frombuffer(train_bytes, dtype=np.uint8)  # read-only: backed by immutable bytes
-    validation = np.frombuffer(validation_bytes, dtype=np.uint8)
     manifest.update(
         _common_manifest(config, train, validation, "uint8"),
         train_files=train_used,
