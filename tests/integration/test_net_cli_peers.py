@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -14,8 +15,9 @@ import pytest
 GOSSAMER = [sys.executable, "-m", "gossamer.cli"]
 
 
-@pytest.fixture
-def two_peers(tmp_path: Path) -> Iterator[list[dict[str, object]]]:
+@pytest.fixture(scope="module")
+def two_peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[dict[str, object]]]:
+    tmp_path = tmp_path_factory.mktemp("peers")
     processes: list[subprocess.Popen[bytes]] = []
     statuses: list[dict[str, object]] = []
     try:
@@ -69,3 +71,69 @@ def test_peers_lists_the_swarm(two_peers: list[dict[str, object]]) -> None:
         )
         found = {str(peer["peer_id"]) for peer in json.loads(result.stdout)}
     assert wanted <= found
+
+
+def _free_port_holder() -> socket.socket:
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    return holder
+
+
+@pytest.mark.parametrize("command", ["peers", "doctor"])
+def test_no_bootstrap_peer_answering_is_an_error_not_an_empty_list(command: str) -> None:
+    with _free_port_holder() as holder:
+        port = holder.getsockname()[1]
+    result = subprocess.run(
+        [*GOSSAMER, command, "--bootstrap", f"127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout
+    assert "no bootstrap peer answered" in result.stderr
+    assert f"127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_live_peer_that_is_not_the_pinned_one_is_an_error(
+    two_peers: list[dict[str, object]],
+) -> None:
+    address = str(two_peers[0]["addresses"][0])  # type: ignore[index]
+    pinned = str(two_peers[1]["peer_id"])  # a real peer id, but not the one at that address
+    result = subprocess.run(
+        [*GOSSAMER, "peers", "--bootstrap", f"{pinned}@{address}", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout
+    assert "no bootstrap peer answered" in result.stderr
+    assert result.stdout.strip() == ""
+
+
+def test_peer_start_says_when_its_metrics_port_is_taken(tmp_path: Path) -> None:
+    with _free_port_holder() as holder:
+        port = holder.getsockname()[1]
+        result = subprocess.run(
+            [
+                *GOSSAMER,
+                "peer",
+                "start",
+                "--listen",
+                "127.0.0.1:0",
+                "--key-file",
+                str(tmp_path / "k"),
+                "--metrics-port",
+                str(port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr

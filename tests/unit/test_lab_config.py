@@ -83,6 +83,8 @@ def test_lab_config_per_peer_rates_and_nat_placement() -> None:
         ({"num_peers": 2, "rate_bps": 5}, "rate_bps"),
         ({"num_peers": 2, "name": "Has-Dash"}, "lab.name"),
         ({"num_peers": 2, "name": "waytoolongname"}, "lab.name"),
+        ({"num_peers": 2, "name": "ab\n"}, "lab.name"),
+        ({"num_peers": 2, "tcp_congestion_control": "bbr\n"}, "tcp_congestion_control"),
     ],
 )
 def test_lab_config_rejects_bad_values(kwargs: dict[str, object], fragment: str) -> None:

@@ -90,6 +90,12 @@ def test_parse_schedule_orders_faults_by_time() -> None:
         ('[[fault]]\nat_s = 1\naction = "heal"\nwhen = 3', "unknown keys"),
         ("[faults]\nx = 1", "top-level"),
         ("not toml = = =", "not valid TOML"),
+        ("fault = [1, 2]", "a fault is a"),
+        ('[[fault]]\nat_s = inf\naction = "heal"', "finite"),
+        ('[[fault]]\nat_s = nan\naction = "heal"', "finite"),
+        ("[[fault]]\nat_s = 1\naction = 5", "action must be a string"),
+        ('[[fault]]\nat_s = 1\naction = "kill"\npeer = 3', "peer must be"),
+        ('[[fault]]\nat_s = 1\naction = "set_rate"\npeer = "p0"\nrate = [1]', "rate must be"),
     ],
 )
 def test_bad_schedules_are_refused_with_the_reason(text: str, fragment: str) -> None:
@@ -163,3 +169,10 @@ def test_player_runs_in_the_background_and_can_be_stopped(lab: LabControl) -> No
     with FaultPlayer(lab, parse_schedule(SCHEDULE), clock=FakeClock()) as player:
         applied = player.wait(timeout_s=10.0)
     assert len(applied) == 6
+
+
+def test_a_binary_schedule_file_is_refused_with_the_reason(tmp_path: Path) -> None:
+    path = tmp_path / "faults.toml"
+    path.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_schedule(path)

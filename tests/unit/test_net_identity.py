@@ -61,3 +61,20 @@ def test_key_file_that_is_not_a_key_is_a_config_error(tmp_path: Path) -> None:
     os.chmod(path, 0o600)
     with pytest.raises(ConfigError, match="not a PEM private key"):
         load_or_create_identity(path)
+
+
+@pytest.mark.parametrize("where", ["folder", "device"])
+def test_a_key_path_that_is_not_a_regular_file_is_not_told_to_chmod(
+    tmp_path: Path, where: str
+) -> None:
+    path = tmp_path if where == "folder" else Path(os.devnull)
+    with pytest.raises(ConfigError, match="must be a regular file") as caught:
+        load_or_create_identity(path)
+    assert "chmod" not in str(caught.value)
+
+
+def test_a_key_path_under_a_file_is_a_config_error_naming_the_file(tmp_path: Path) -> None:
+    in_the_way = tmp_path / "small.txt"
+    in_the_way.write_text("text")
+    with pytest.raises(ConfigError, match=f"{in_the_way} is a file, not a folder"):
+        load_or_create_identity(in_the_way / "k.pem")

@@ -57,6 +57,17 @@ def test_torn_last_line_is_skipped_but_garbage_elsewhere_is_an_error(tmp_path: P
 
 
 @pytest.mark.parametrize(
+    "text", ["", "\n", "junk\n", "junk"], ids=["empty", "blank", "junk", "torn"]
+)
+def test_a_file_without_any_span_is_an_error(tmp_path: Path, text: str) -> None:
+    # One junk line was read as a torn last line: "0 spans written" and exit 0.
+    path = tmp_path / "spans.jsonl"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="holds no span"):
+        read_spans(path)
+
+
+@pytest.mark.parametrize(
     "fields",
     [
         {"name": "compute", "start_unix_s": "1.0", "duration_s": 0.5},

@@ -18,6 +18,7 @@ from gossamer.bench.obs_overhead import run_obs_overhead_bench
 from gossamer.cli.bench_allreduce import register as register_allreduce
 from gossamer.cli.bench_transport import register as register_transport
 from gossamer.cli.errors import exit_on_gossamer_errors
+from gossamer.cli.preflight import positive_finite_float
 from gossamer.core.config_loader import load_run_config, parse_flag_overrides
 from gossamer.lab import parse_rate
 
@@ -47,9 +48,9 @@ def _runs_table(title: str, rows: list[tuple[str, list[float]]]) -> Table:
 @app.command(context_settings=_OVERRIDES)
 def loop(
     ctx: typer.Context,
-    steps: Annotated[int, typer.Option(help="Measured steps per repeat.")] = 60,
-    warmup_steps: Annotated[int, typer.Option(help="Unmeasured steps first.")] = 5,
-    repeats: Annotated[int, typer.Option(help="Measurements per side (alternating).")] = 3,
+    steps: Annotated[int, typer.Option(help="Measured steps per repeat.", min=1)] = 60,
+    warmup_steps: Annotated[int, typer.Option(help="Unmeasured steps first.", min=0)] = 5,
+    repeats: Annotated[int, typer.Option(help="Measurements per side (alternating).", min=1)] = 3,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
     out: Annotated[Path | None, typer.Option(help="Also write the JSON result here.")] = None,
 ) -> None:
@@ -87,9 +88,9 @@ def loop(
 @app.command(context_settings=_OVERRIDES)
 def obs(
     ctx: typer.Context,
-    steps: Annotated[int, typer.Option(help="Measured steps per repeat.")] = 60,
-    warmup_steps: Annotated[int, typer.Option(help="Unmeasured steps first.")] = 5,
-    repeats: Annotated[int, typer.Option(help="Measurements per side (alternating).")] = 3,
+    steps: Annotated[int, typer.Option(help="Measured steps per repeat.", min=1)] = 60,
+    warmup_steps: Annotated[int, typer.Option(help="Unmeasured steps first.", min=0)] = 5,
+    repeats: Annotated[int, typer.Option(help="Measurements per side (alternating).", min=1)] = 3,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
     out: Annotated[Path | None, typer.Option(help="Also write the JSON result here.")] = None,
 ) -> None:
@@ -120,11 +121,13 @@ def obs(
 @app.command(context_settings=_OVERRIDES)
 def diloco(
     ctx: typer.Context,
-    peers: Annotated[int, typer.Option(help="Peers training together.")] = 4,
-    inner_steps: Annotated[int, typer.Option(help="DiLoCo's H: inner steps per outer step.")] = 50,
+    peers: Annotated[int, typer.Option(help="Peers training together.", min=1)] = 4,
+    inner_steps: Annotated[
+        int, typer.Option(help="DiLoCo's H: inner steps per outer step.", min=1)
+    ] = 50,
     steps: Annotated[
         int,
-        typer.Option(help="Inner steps per peer, for every method (5000: 100 outer steps)."),
+        typer.Option(help="Inner steps per peer, for every method (5000: 100 outer steps).", min=1),
     ] = 5000,
     int8: Annotated[bool, typer.Option(help="Also run DiLoCo with the 8-bit codec.")] = True,
     overlap: Annotated[
@@ -137,16 +140,25 @@ def diloco(
         ),
     ] = None,
     target_loss: Annotated[
-        float, typer.Option(help="Thin link: the validation loss every method trains to.")
+        float,
+        typer.Option(
+            help="Thin link: the validation loss every method trains to.",
+            callback=positive_finite_float,
+        ),
     ] = 2.5,
     thin_link_steps: Annotated[
         int,
         typer.Option(
-            help="Thin link: each method's step budget (its learning-rate schedule's length)."
+            help="Thin link: each method's step budget (its learning-rate schedule's length).",
+            min=1,
         ),
     ] = 400,
     time_cap_s: Annotated[
-        float, typer.Option(help="Thin link: longest one method runs before it is stopped.")
+        float,
+        typer.Option(
+            help="Thin link: longest one method runs before it is stopped.",
+            callback=positive_finite_float,
+        ),
     ] = 180.0,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
     out: Annotated[Path | None, typer.Option(help="Also write the JSON result here.")] = None,
@@ -163,9 +175,9 @@ def diloco(
     DiLoCo's gap to sync narrows as outer steps accumulate (README, Benchmarks).
     """
     with exit_on_gossamer_errors():
+        rate_bits = parse_rate(rate, key="--rate") if rate else None
         overrides = parse_flag_overrides(ctx.args)
         config = load_run_config(None, [*QUALITY_DEFAULTS, *overrides])
-        rate_bits = parse_rate(rate) if rate else None
         result = run_diloco_bench(
             config=config,
             peers=peers,

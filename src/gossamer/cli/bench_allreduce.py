@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +11,7 @@ import typer
 
 from gossamer.bench.allreduce import run_allreduce_sweep, write_throughput_plot
 from gossamer.cli.errors import exit_on_gossamer_errors
+from gossamer.comm.codecs import codec_by_name
 from gossamer.lab import parse_rate
 
 __all__ = ["register"]
@@ -26,18 +28,35 @@ _UNITS = {
 
 
 def _parse_size(text: str) -> int:
+    """Bytes in ``text`` (``100MB``, ``64MiB``, ``4096``): at least one float32, finite."""
     lowered = text.strip().lower()
+    number, scale = lowered, 1.0
     for unit in sorted(_UNITS, key=len, reverse=True):
         if lowered.endswith(unit):
-            number = lowered[: -len(unit)].strip()
-            try:
-                return int(float(number) * _UNITS[unit])
-            except ValueError:
-                break
+            number, scale = lowered[: -len(unit)].strip(), _UNITS[unit]
+            break
     try:
-        return int(lowered)
+        size = float(number) * scale
     except ValueError:
-        raise typer.BadParameter(f"size like 100MB, 64MiB or 4096, got {text!r}") from None
+        raise typer.BadParameter(
+            f"size like 100MB, 64MiB or 4096, got {text!r}", param_hint="--size"
+        ) from None
+    if not math.isfinite(size) or size < 4:
+        raise typer.BadParameter(
+            f"{text!r} is not a size of at least 4 bytes (one float32); write e.g. 100MB",
+            param_hint="--size",
+        )
+    return int(size)
+
+
+def _check_codecs(codecs: list[str]) -> None:
+    if not codecs:
+        raise typer.BadParameter("name at least one codec, e.g. none", param_hint="--codec")
+    for name in codecs:
+        try:
+            codec_by_name(name)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--codec") from None
 
 
 def register(app: typer.Typer) -> None:
@@ -59,7 +78,7 @@ def register(app: typer.Typer) -> None:
         ] = "none",
         backend: Annotated[str, typer.Option("--backend", help="auto, p2p or torch.")] = "auto",
         repeats: Annotated[
-            int, typer.Option("--repeats", help="Timed repeats; figures are medians.")
+            int, typer.Option("--repeats", help="Timed repeats; figures are medians.", min=1)
         ] = 3,
         tcp_congestion: Annotated[
             str,
@@ -76,14 +95,20 @@ def register(app: typer.Typer) -> None:
         ] = None,
     ) -> None:
         """Time Gossamer's all-reduce against plain gloo on the same links, in one run."""
-        rate_bits = float(parse_rate(rate)) if rate else None
+        # Every input is checked here, before any worker process is spawned.
+        with exit_on_gossamer_errors():
+            rate_bits = float(parse_rate(rate, key="--rate")) if rate else None
         codecs = [c.strip() for c in codec.split(",") if c.strip()]
+        _check_codecs(codecs)
+        size_bytes = _parse_size(size)
         try:
             counts = [int(p) for p in peers.split(",") if p.strip()]
         except ValueError:
+            counts = []
+        if not counts or min(counts) < 2:
             raise typer.BadParameter(
-                f"--peers: a number or a list like 2,4; got {peers!r}"
-            ) from None
+                f"a number of at least 2 or a list like 2,4; got {peers!r}", param_hint="--peers"
+            )
         try:
             with exit_on_gossamer_errors():  # a missing lab tool, a worker that failed: one line
                 results = [
@@ -91,7 +116,7 @@ def register(app: typer.Typer) -> None:
                     for count in counts
                     for result in run_allreduce_sweep(
                         peers=count,
-                        size_bytes=_parse_size(size),
+                        size_bytes=size_bytes,
                         codecs=codecs,
                         backend=backend,
                         rate_bits_per_s=rate_bits,

@@ -16,12 +16,14 @@ _MiB = 1 << 20
 
 
 def transport(
-    payload_mib: Annotated[int, typer.Option(help="MiB per transfer.")] = 64,
+    payload_mib: Annotated[int, typer.Option(help="MiB per transfer.", min=1)] = 64,
     streams: Annotated[
-        list[int] | None, typer.Option(help="Parallel streams (repeatable).")
+        list[int] | None, typer.Option(help="Parallel streams (repeatable).", min=1)
     ] = None,
-    repeats: Annotated[int, typer.Option(help="Transfers per setting; the best counts.")] = 3,
-    pings: Annotated[int, typer.Option(help="RPC round trips measured.")] = 300,
+    repeats: Annotated[
+        int, typer.Option(help="Transfers per setting; the best counts.", min=1)
+    ] = 3,
+    pings: Annotated[int, typer.Option(help="RPC round trips measured.", min=1)] = 300,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
     out: Annotated[Path | None, typer.Option(help="Also write the JSON result here.")] = None,
 ) -> None:

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from gossamer.cli.preflight import positive_finite_float
 from gossamer.core.errors import GossamerError
 from gossamer.lab import (
     LATENCY_NOTICE,
@@ -166,7 +167,10 @@ def exec_in_peer(
 def iperf(
     sender: Annotated[str, typer.Argument(help="The sending peer.")],
     receiver: Annotated[str, typer.Argument(help="The receiving peer.")],
-    duration_s: Annotated[float, typer.Option("--duration-s", help="Seconds measured.")] = 5.0,
+    duration_s: Annotated[
+        float,
+        typer.Option("--duration-s", help="Seconds measured.", callback=positive_finite_float),
+    ] = 5.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     name: NameOption = "lab",
     state_dir: StateDirOption = DEFAULT_STATE_DIR,

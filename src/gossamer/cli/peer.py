@@ -16,15 +16,22 @@ from typing import Annotated, Any
 
 import typer
 
-from gossamer.core.errors import ConfigError, GossamerError
+from gossamer.cli.preflight import (
+    MAX_PORT,
+    check_output_file,
+    positive_finite_float,
+    serve_metrics_or_explain,
+)
+from gossamer.core.errors import ConfigError, GossamerError, PeerUnavailableError
 from gossamer.core.runtime import freeze_startup_heap
 from gossamer.net.bridge import NodeThread
 from gossamer.net.config import DhtConfig, HeartbeatConfig, NodeConfig, RelayConfig
+from gossamer.net.connections import DialTarget
 from gossamer.net.identity import load_or_create_identity
 from gossamer.net.metrics import register_net_metrics
 from gossamer.net.node import Node
 from gossamer.net.status import node_status, write_status_file
-from gossamer.obs.metrics import PeerMetrics, serve_metrics
+from gossamer.obs.metrics import PeerMetrics
 from gossamer.proto import net_pb2
 
 DEFAULT_KEY_FILE = Path("~/.gossamer/key.pem")
@@ -152,10 +159,20 @@ def peer_start(
         Path | None, typer.Option("--status-file", help="Write this peer's view here as JSON.")
     ] = None,
     record_ttl_s: Annotated[
-        float, typer.Option("--record-ttl-s", help="Lifetime of this peer's signed records.")
+        float,
+        typer.Option(
+            "--record-ttl-s",
+            help="Lifetime of this peer's signed records.",
+            callback=positive_finite_float,
+        ),
     ] = 60.0,
     refresh_interval_s: Annotated[
-        float, typer.Option("--refresh-interval-s", help="Seconds between DHT refreshes.")
+        float,
+        typer.Option(
+            "--refresh-interval-s",
+            help="Seconds between DHT refreshes.",
+            callback=positive_finite_float,
+        ),
     ] = 5.0,
     check_reachability: Annotated[
         bool, typer.Option(help="Ask peers to dial back at start.")
@@ -174,7 +191,10 @@ def peer_start(
     metrics_port: Annotated[
         int | None,
         typer.Option(
-            "--metrics-port", help="Serve Prometheus /metrics on this port (0: any free one)."
+            "--metrics-port",
+            help="Serve Prometheus /metrics on this port (0: any free one).",
+            min=0,
+            max=MAX_PORT,
         ),
     ] = None,
     metrics_host: Annotated[
@@ -186,6 +206,8 @@ def peer_start(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     with _user_errors():
+        if status_file is not None:
+            check_output_file(status_file, "--status-file")  # before the peer is up, not after
         identity = load_or_create_identity(key_file.expanduser())
         config = _config(
             listen,
@@ -229,7 +251,7 @@ def _serve_peer_metrics(
     metrics.set_peer_id(thread.node.peer_id)
     collector = register_net_metrics(metrics.registry, thread)
     stack.callback(collector.close)
-    server = serve_metrics(metrics.registry, host=host, port=port)
+    server = serve_metrics_or_explain(metrics.registry, host=host, port=port)
     stack.callback(server.close)
     typer.echo(f"metrics at {server.url}")
 
@@ -261,6 +283,8 @@ def _transient_view(config: NodeConfig, wait_s: float, reachability: bool) -> di
     config = dataclasses.replace(config, announce=False)
 
     async def look(node: Node) -> dict[str, Any]:
+        if not node.peers():
+            await _check_bootstrap_answers(node, config.bootstrap)
         if reachability:
             # Helpers wait 2 s on a dial back that NAT drops; asking them takes up to ~4 s.
             reachable = await node.check_reachability(timeout_s=4.0)
@@ -275,11 +299,37 @@ def _transient_view(config: NodeConfig, wait_s: float, reachability: bool) -> di
         return thread.run(look, timeout_s=wait_s + 15.0)
 
 
+async def _check_bootstrap_answers(node: Node, entries: tuple[str, ...]) -> None:
+    """Raise, saying why, when none of the bootstrap peers answers (or is the pinned peer).
+
+    Raises:
+        PeerUnavailableError: no bootstrap peer could be dialed and authenticated.
+    """
+    reasons: list[str] = []
+    for entry in entries:
+        expected, _, address = entry.rpartition("@")
+        try:
+            await node.pool.dial(
+                DialTarget(address), expected_peer_id=expected or None, timeout_s=5.0, keep=False
+            )
+        except GossamerError as exc:
+            reasons.append(f"{entry}: {exc}")
+        else:
+            return
+    raise PeerUnavailableError(
+        "no bootstrap peer answered (" + "; ".join(reasons) + "); check --bootstrap: the "
+        "address, that a peer runs there, and the peer id before @ if you pinned one"
+    )
+
+
 def peers(
     bootstrap: BootstrapOption = None,
     swarm_secret_file: SecretOption = None,
     as_json: JsonOption = False,
-    wait_s: Annotated[float, typer.Option("--wait-s", help="Seconds to look around.")] = 2.0,
+    wait_s: Annotated[
+        float,
+        typer.Option("--wait-s", help="Seconds to look around.", callback=positive_finite_float),
+    ] = 2.0,
 ) -> None:
     """List the swarm's peers: id, address, reachability, capabilities, last seen."""
     logging.basicConfig(level=logging.ERROR)
@@ -305,7 +355,7 @@ def doctor(
     logging.basicConfig(level=logging.ERROR)
     with _user_errors():
         if status_file is not None:
-            status = json.loads(status_file.read_text())
+            status = _read_status_file(status_file)
         elif bootstrap:
             config = _config(listen, bootstrap, swarm_secret_file)
             status = _transient_view(config, 1.0, reachability=True)
@@ -320,6 +370,56 @@ def doctor(
             typer.echo(f"relayed: {verdict['relayed']}")
             typer.echo(f"known peers: {len(status['peers'])}")
             typer.echo(verdict["advice"])
+
+
+_STATUS_FIELDS: dict[str, type] = {
+    "peer_id": str,
+    "reachability": str,
+    "addresses": list,
+    "relays": list,
+    "peers": list,
+}
+
+
+def _read_status_file(path: Path) -> dict[str, Any]:
+    """A peer's status file (``peer start --status-file``), its fields checked.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, not JSON, or not a peer's status.
+    """
+    option = f"--status-file {path}"
+    try:
+        text = path.expanduser().read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"{option}: no such file; give the file a running `gossamer peer start "
+            "--status-file` writes"
+        ) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{option}: cannot read it: {reason or exc}") from exc
+    try:
+        status = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{option}: not JSON ({exc}); give the file `gossamer peer start --status-file` writes"
+        ) from exc
+    if not isinstance(status, dict):
+        raise ConfigError(f"{option}: not a peer's status (a JSON object is expected)")
+    for key, kind in _STATUS_FIELDS.items():
+        if not isinstance(status.get(key), kind):
+            raise ConfigError(
+                f"{option}: not a peer's status: {key!r} is missing or not a {kind.__name__}; "
+                "give the file `gossamer peer start --status-file` writes"
+            )
+    for relay in status["relays"]:
+        if not (
+            isinstance(relay, dict)
+            and isinstance(relay.get("peer_id"), str)
+            and isinstance(relay.get("address"), str)
+        ):
+            raise ConfigError(f"{option}: not a peer's status: a relay is not {{peer_id, address}}")
+    return status
 
 
 def _verdict(status: dict[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,12 @@ def export(
         raise typer.Exit(2)
     try:
         recorded = read_spans(spans)
+    except UnicodeDecodeError as exc:
+        typer.echo(f"error: {spans} is not a spans file (it is not UTF-8 text)", err=True)
+        raise typer.Exit(2) from exc
+    except OSError as exc:
+        typer.echo(f"error: cannot read {spans}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from exc
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

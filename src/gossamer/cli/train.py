@@ -16,6 +16,13 @@ from rich.live import Live
 from rich.table import Table
 
 from gossamer.cli.errors import exit_on_gossamer_errors
+from gossamer.cli.preflight import (
+    MAX_PORT,
+    check_output_file,
+    check_output_folder,
+    positive_finite_float,
+    serve_metrics_or_explain,
+)
 from gossamer.cli.progress import RichProgressListener
 from gossamer.core.config import RunConfig
 from gossamer.core.config_loader import (
@@ -24,15 +31,15 @@ from gossamer.core.config_loader import (
     load_run_config,
     parse_flag_overrides,
 )
-from gossamer.core.errors import GossamerError
+from gossamer.core.errors import ConfigError, GossamerError
 from gossamer.core.runtime import freeze_startup_heap
 from gossamer.data import load_corpus, validation_batches
-from gossamer.obs.metrics import PeerMetrics, serve_metrics
+from gossamer.obs.metrics import PeerMetrics
 from gossamer.obs.trace import SpanRecorder
 from gossamer.train import Trainer, TrainResult
 from gossamer.train.demo import run_demo
 from gossamer.train.demo_swarm import run_swarm_demo
-from gossamer.train.inference import load_model, mean_validation_loss, sample_text
+from gossamer.train.inference import LoadedModel, load_model, mean_validation_loss, sample_text
 from gossamer.train.swarm import run_swarm_peer
 
 _OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -76,7 +83,10 @@ def train(
         Path | None, typer.Option(help="Also write the run's summary as JSON here.")
     ] = None,
     metrics_port: Annotated[
-        int | None, typer.Option(help="Serve Prometheus /metrics on this port (0: any free one).")
+        int | None,
+        typer.Option(
+            help="Serve Prometheus /metrics on this port (0: any free one).", min=0, max=MAX_PORT
+        ),
     ] = None,
     metrics_host: Annotated[str, typer.Option(help="Address for /metrics.")] = "127.0.0.1",
     trace: Annotated[
@@ -98,10 +108,13 @@ def train(
         if bootstrap:
             overrides.append(("swarm.bootstrap", ",".join(bootstrap)))
         run_config = load_run_config(config, overrides)
+        _check_train_paths(run_config, summary_json, trace)
         metrics = PeerMetrics() if metrics_port is not None else None
         metrics_url: str | None = None
         if metrics is not None and metrics_port is not None:
-            server = serve_metrics(metrics.registry, host=metrics_host, port=metrics_port)
+            server = serve_metrics_or_explain(
+                metrics.registry, host=metrics_host, port=metrics_port
+            )
             stack.callback(server.close)
             metrics_url = server.url
             _console.print(f"metrics at {metrics_url}")
@@ -124,6 +137,28 @@ def train(
                 on_address=lambda address: _console.print(f"peer address: {address}"),
             ).result
     _print_summary(result, summary_json)
+
+
+def _check_train_paths(
+    run_config: RunConfig, summary_json: Path | None, trace: Path | None
+) -> None:
+    """Refuse paths the run could not write before it trains, not after."""
+    if summary_json is not None:
+        check_output_file(summary_json, "--summary-json")
+    if trace is not None:
+        check_output_file(trace, "--trace")
+    check_output_folder(Path(run_config.checkpoint.directory), "checkpoint.directory")
+    if run_config.swarm.status_file:
+        check_output_file(Path(run_config.swarm.status_file), "swarm.status_file")
+
+
+def _load_checkpoint(checkpoint: Path) -> LoadedModel:
+    if checkpoint.exists() and not checkpoint.is_dir():
+        raise ConfigError(
+            f"--checkpoint: {checkpoint} is a file; pass a checkpoint folder (step-NNNNNNNNN) "
+            "or the run's checkpoint.directory"
+        )
+    return load_model(checkpoint)
 
 
 def _print_summary(result: TrainResult, summary_json: Path | None) -> None:
@@ -150,15 +185,20 @@ def _print_summary(result: TrainResult, summary_json: Path | None) -> None:
 def evaluate(
     ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Option(help="A checkpoint folder, or a run's directory.")],
-    batches: Annotated[int, typer.Option(help="Validation batches to average over.")] = 16,
+    batches: Annotated[int, typer.Option(help="Validation batches to average over.", min=1)] = 16,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Validation loss of a checkpoint, on the data it was trained on (or --data.* flags)."""
     with exit_on_gossamer_errors():
-        loaded = load_model(checkpoint)
-        run_config = load_run_config(
-            None, parse_flag_overrides(ctx.args), base=config_to_dict(loaded.config)
-        )
+        overrides = parse_flag_overrides(ctx.args)
+        for key, _ in overrides:
+            if key.startswith("model."):
+                raise ConfigError(
+                    f"eval: --{key} cannot be changed: the model's shape is the checkpoint's; "
+                    "drop the flag (--data.* and --train.batch_size may be changed)"
+                )
+        loaded = _load_checkpoint(checkpoint)
+        run_config = load_run_config(None, overrides, base=config_to_dict(loaded.config))
         corpus = load_corpus(run_config.data)
         loss = mean_validation_loss(
             loaded.model,
@@ -167,6 +207,7 @@ def evaluate(
                 seq_len=run_config.model.context,
                 batch_size=run_config.train.batch_size,
                 num_batches=batches,
+                vocab_size=run_config.model.vocab_size,
             ),
         )
     bits = loss / math.log(2)
@@ -182,14 +223,18 @@ def evaluate(
 def sample(
     checkpoint: Annotated[Path, typer.Option(help="A checkpoint folder, or a run's directory.")],
     prompt: Annotated[str, typer.Option(help="Text to continue.")] = "def ",
-    tokens: Annotated[int, typer.Option(help="Bytes to generate.")] = 300,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (> 0).")] = 0.8,
-    top_k: Annotated[int, typer.Option(help="Sample among the k likeliest; 0 for all.")] = 40,
-    seed: Annotated[int, typer.Option(help="Seed of the sampler.")] = 0,
+    tokens: Annotated[int, typer.Option(help="Bytes to generate.", min=0)] = 300,
+    temperature: Annotated[
+        float, typer.Option(help="Sampling temperature (> 0).", callback=positive_finite_float)
+    ] = 0.8,
+    top_k: Annotated[
+        int, typer.Option(help="Sample among the k likeliest; 0 for all.", min=0)
+    ] = 40,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler.", min=0, max=2**63 - 1)] = 0,
 ) -> None:
     """Generate text from a checkpoint of the built-in model."""
     with exit_on_gossamer_errors():
-        loaded = load_model(checkpoint)
+        loaded = _load_checkpoint(checkpoint)
         text = sample_text(
             loaded.model,
             prompt,
@@ -206,13 +251,16 @@ def demo(
         Path | None, typer.Option(help="Also write the summary as JSON here.")
     ] = None,
     budget_s: Annotated[
-        float, typer.Option("--seconds", help="Training time budget in seconds.")
+        float,
+        typer.Option(
+            "--seconds", help="Training time budget in seconds.", callback=positive_finite_float
+        ),
     ] = 150.0,
     single: Annotated[
         bool, typer.Option("--single", help="One peer alone instead of a swarm.")
     ] = False,
     max_steps: Annotated[
-        int, typer.Option(help="With --single: length of the learning-rate schedule.")
+        int, typer.Option(help="With --single: length of the learning-rate schedule.", min=1)
     ] = 1200,
     runs_dir: Annotated[Path, typer.Option(help="Where demo runs are kept.")] = Path("runs"),
 ) -> None:
@@ -222,6 +270,9 @@ def demo(
     killed with SIGKILL and a new one downloads the state from the donors. With --single, one
     peer trains alone.
     """
+    if summary_json is not None:
+        with exit_on_gossamer_errors():
+            check_output_file(summary_json, "--summary-json")
     if single:
         _demo_single(summary_json, budget_s, max_steps, runs_dir)
         return

@@ -104,6 +104,19 @@ def load_run_config(
             raise ConfigError(f"config file {path} does not exist; check the path") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"config file {path} is not UTF-8 text (is it a binary file?); use a TOML file"
+            ) from exc
+        except IsADirectoryError as exc:
+            raise ConfigError(
+                f"config file {path} is a folder, not a TOML file; check the path"
+            ) from exc
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read config file {path}: {exc.strerror or exc}; check the path and "
+                "its permissions"
+            ) from exc
     env = os.environ if environ is None else environ
     for name, text in sorted(env.items()):
         if name.startswith(ENV_PREFIX) and "__" in name[len(ENV_PREFIX) :]:

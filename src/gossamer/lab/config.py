@@ -34,8 +34,9 @@ MAX_RATE_BPS = 10_000_000_000
 
 _RATE_UNITS = {"bit": 1, "kbit": 1_000, "mbit": 1_000_000, "gbit": 1_000_000_000}
 _RATE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$")
-_NAME_PATTERN = re.compile(r"^[a-z0-9]{1,8}$")
-_CONGESTION_PATTERN = re.compile(r"^[a-z0-9_]{1,16}$")
+# Used with fullmatch: "$" also matches before a trailing newline, which would let "ab\n" in.
+_NAME_PATTERN = re.compile(r"[a-z0-9]{1,8}")
+_CONGESTION_PATTERN = re.compile(r"[a-z0-9_]{1,16}")
 
 # Token bucket sizing, measured on veth pairs (see docs/lab.md): a bucket of 5 ms of traffic lets
 # TSO-sized bursts through without starving the link, and a queue of 50 ms absorbs TCP's
@@ -147,14 +148,14 @@ class LabConfig:
                 f"lab.num_nat: must be between 0 and num_peers ({self.num_peers}), "
                 f"got {self.num_nat}"
             )
-        if self.tcp_congestion_control and not _CONGESTION_PATTERN.match(
+        if self.tcp_congestion_control and not _CONGESTION_PATTERN.fullmatch(
             self.tcp_congestion_control
         ):
             raise ConfigError(
                 f"lab.tcp_congestion_control: {self.tcp_congestion_control!r} is not a congestion "
                 "control's name (a-z, 0-9, _; e.g. cubic or bbr); leave it empty for the host's"
             )
-        if not _NAME_PATTERN.match(self.name):
+        if not _NAME_PATTERN.fullmatch(self.name):
             raise ConfigError(
                 f"lab.name: {self.name!r} must be 1 to 8 characters of a-z and 0-9 "
                 "(it becomes part of every namespace name)"

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 from gossamer.core.clock import Clock, SystemClock
 from gossamer.core.errors import ConfigError, DeadlineExceededError, GossamerError
@@ -81,8 +82,8 @@ class Fault:
             raise ConfigError(
                 f"{where}: unknown action {self.action!r}; use one of {', '.join(_ACTIONS)}"
             )
-        if not self.at_s >= 0:
-            raise ConfigError(f"{where}: at_s must be 0 or more seconds from the start")
+        if not 0 <= self.at_s < math.inf:
+            raise ConfigError(f"{where}: at_s must be a finite number of seconds, 0 or more")
         if (self.action in _PEER_ACTIONS) != (self.peer is not None):
             needs = "needs" if self.action in _PEER_ACTIONS else "takes no"
             raise ConfigError(f'{where}: action {self.action!r} {needs} a peer (peer = "p0")')
@@ -141,7 +142,12 @@ class AppliedFault:
         }
 
 
-def _fault_from_table(index: int, table: dict[str, Any]) -> Fault:
+def _fault_from_table(index: int, table: Any) -> Fault:
+    if not isinstance(table, dict):
+        raise ConfigError(
+            f"fault #{index + 1}: a fault is a [[fault]] table (at_s = 1.0, action = ...), "
+            f"not {table!r}"
+        )
     unknown = set(table) - _KEYS
     if unknown:
         raise ConfigError(
@@ -152,13 +158,19 @@ def _fault_from_table(index: int, table: dict[str, Any]) -> Fault:
     at_s = table["at_s"]
     if isinstance(at_s, bool) or not isinstance(at_s, int | float):
         raise ConfigError(f"fault #{index + 1}: at_s must be a number of seconds, got {at_s!r}")
+    if not isinstance(table["action"], str):
+        raise ConfigError(f'fault #{index + 1}: action must be a string, e.g. "kill"')
+    if not isinstance(table.get("peer", ""), str):
+        raise ConfigError(f'fault #{index + 1}: peer must be a peer\'s name, e.g. "p0"')
     side = table.get("side", [])
     if not isinstance(side, list) or not all(isinstance(p, str) for p in side):
         raise ConfigError(f"fault #{index + 1}: side must be a list of peer names")
     rate = table.get("rate")
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, str | int | float)):
+        raise ConfigError(f'fault #{index + 1}: rate must be a rate like "10mbit"')
     return Fault(
         at_s=float(at_s),
-        action=table["action"],
+        action=cast(FaultAction, table["action"]),
         peer=table.get("peer"),
         rate_bps=None if rate is None else parse_rate(str(rate), key=f"fault #{index + 1} rate"),
         side=tuple(side),
@@ -188,9 +200,14 @@ def parse_schedule(text: str) -> tuple[Fault, ...]:
 def load_schedule(path: Path) -> tuple[Fault, ...]:
     """Read and parse the schedule file at ``path`` (see :func:`parse_schedule`)."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read fault schedule {path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"fault schedule {path} is not UTF-8 text (a binary file?); give a TOML file "
+            "of [[fault]] tables"
+        ) from exc
     return parse_schedule(text)
 
 

@@ -141,10 +141,16 @@ def load_or_create_identity(path: Path) -> Identity:
         The identity; the same peer id every time the same file is used.
 
     Raises:
-        ConfigError: the file exists but is not an Ed25519 private key, or is readable by others.
+        ConfigError: the file exists but is not a regular file, not an Ed25519 private key, or
+            is readable by others; or it cannot be read or created.
     """
     path = Path(path).expanduser()
     if path.exists():
+        if not path.is_file():
+            raise ConfigError(
+                f"key file {path} is not a regular file (a folder or a device?); the key file "
+                "must be a regular file: give a path to a PEM file, or a new path to create one"
+            )
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:
             raise ConfigError(
@@ -153,20 +159,29 @@ def load_or_create_identity(path: Path) -> Identity:
             )
         try:
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except OSError as exc:
+            raise ConfigError(f"cannot read key file {path}: {exc.strerror or exc}") from exc
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"key file {path} is not a PEM private key: {exc}") from exc
         if not isinstance(key, Ed25519PrivateKey):
             raise ConfigError(f"key file {path} holds a {type(key).__name__}, not an Ed25519 key")
         return Identity(key)
     identity = Identity.generate()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, identity.private_pem())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, identity.private_pem())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:  # a file where a folder should be, no permission, a full disk
+        in_the_way = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        reason = f"{in_the_way} is a file, not a folder" if in_the_way else exc.strerror or exc
+        raise ConfigError(
+            f"cannot create key file {path}: {reason}; give a path in a writable folder"
+        ) from exc
     _log.info("created identity key %s for peer %s", path, identity.peer_id)
     return identity

@@ -244,7 +244,7 @@ def read_spans(path: Path) -> list[Span]:
     """Spans from a JSON-lines file written by :class:`SpanRecorder`; a torn last line is skipped.
 
     Raises:
-        ValueError: a line other than the last is not a span.
+        ValueError: a line other than the last is not a span, or the file holds no span.
     """
     lines = path.read_text(encoding="utf-8").splitlines()
     spans: list[Span] = []
@@ -257,6 +257,11 @@ def read_spans(path: Path) -> list[Span]:
             if number == len(lines):
                 break  # the writer was killed mid-line
             raise ValueError(f"{path}:{number} is not a span: {exc}") from exc
+    if not spans:
+        raise ValueError(
+            f"{path} holds no span; record spans with `gossamer train --trace FILE` and export "
+            "that file"
+        )
     return spans
 
 

@@ -1,0 +1,122 @@
+"""`gossamer peer`, `peers`, `doctor`: bad paths and options are one clear line, checked first."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from gossamer.cli.main import app
+
+
+def _invoke(args: list[str]) -> tuple[int, str]:
+    result = CliRunner().invoke(app, args)
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, " ".join(result.output.replace("│", " ").split())
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    return tmp_path / "key.pem"
+
+
+def test_a_missing_status_folder_is_refused_before_the_peer_starts(
+    tmp_path: Path, key_file: Path
+) -> None:
+    status = tmp_path / "missing" / "s.json"
+    code, output = _invoke(
+        ["peer", "start", "--key-file", str(key_file), "--status-file", str(status)]
+    )
+    assert code == 1
+    assert "--status-file" in output
+    assert "does not exist" in output
+    assert not key_file.exists()  # refused before anything was done
+
+
+def test_a_folder_as_status_file_is_refused_and_nothing_is_written_beside_it(
+    tmp_path: Path, key_file: Path
+) -> None:
+    folder = tmp_path / "status"
+    folder.mkdir()
+    code, output = _invoke(
+        ["peer", "start", "--key-file", str(key_file), "--status-file", str(folder)]
+    )
+    assert code == 1
+    assert "is a folder" in output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["status"]  # no status.tmp
+
+
+@pytest.mark.parametrize(("port", "fragment"), [("99999", "65535"), ("-5", "greater than or")])
+def test_peer_start_refuses_a_metrics_port_outside_0_to_65535(
+    key_file: Path, port: str, fragment: str
+) -> None:
+    code, output = _invoke(["peer", "start", "--key-file", str(key_file), "--metrics-port", port])
+    assert code == 2
+    assert "--metrics-port" in output
+    assert fragment in output
+
+
+def test_a_folder_as_key_file_is_not_told_to_chmod(tmp_path: Path) -> None:
+    code, output = _invoke(["peer", "id", "--key-file", str(tmp_path)])
+    assert code == 1
+    assert "must be a regular file" in output
+    assert "chmod" not in output
+
+
+def test_a_key_file_under_a_file_says_what_is_in_the_way(tmp_path: Path) -> None:
+    a_file = tmp_path / "small.txt"
+    a_file.write_text("text")
+    code, output = _invoke(["peer", "id", "--key-file", str(a_file / "k.pem")])
+    assert code == 1
+    assert f"{a_file} is a file, not a folder" in output
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        (None, "no such file"),
+        ("{", "not JSON"),
+        ("{}", "'peer_id' is missing"),
+        ("[]", "a JSON object is expected"),
+        (
+            '{"peer_id": "p", "reachability": "relayed", "addresses": [], "peers": [], '
+            '"relays": [1]}',
+            "a relay is not",
+        ),
+    ],
+    ids=["missing", "torn", "empty-object", "a-list", "bad-relay"],
+)
+def test_doctor_explains_a_bad_status_file(tmp_path: Path, text: str | None, fragment: str) -> None:
+    path = tmp_path / "status.json"
+    if text is not None:
+        path.write_text(text)
+    code, output = _invoke(["doctor", "--status-file", str(path)])
+    assert code == 1
+    assert f"--status-file {path}" in output
+    assert fragment in output
+
+
+def test_doctor_reads_a_good_status_file(tmp_path: Path) -> None:
+    path = tmp_path / "status.json"
+    status = {
+        "peer_id": "abc",
+        "reachability": "direct",
+        "addresses": ["10.0.0.1:4000"],
+        "relays": [],
+        "peers": [],
+        "port": 4000,
+    }
+    path.write_text(json.dumps(status))
+    code, output = _invoke(["doctor", "--status-file", str(path)])
+    assert code == 0, output
+    assert "reachable directly: True" in output
+
+
+@pytest.mark.parametrize("wait_s", ["inf", "nan", "0", "-1"])
+def test_peers_refuses_a_wait_that_is_not_a_positive_number(wait_s: str) -> None:
+    code, output = _invoke(["peers", "--bootstrap", "127.0.0.1:1", "--wait-s", wait_s])
+    assert code == 2
+    assert "--wait-s" in output

@@ -1,0 +1,197 @@
+"""`gossamer train`, `eval`, `sample`, `demo`: bad input is one clear line before any work."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from gossamer.cli import preflight
+from gossamer.cli.main import app
+
+TINY = [
+    "--model.num-layers",
+    "1",
+    "--model.num-heads",
+    "2",
+    "--model.width",
+    "16",
+    "--model.context",
+    "16",
+    "--data.source",
+    "text",
+    "--train.max-steps",
+    "2",
+    "--train.batch-size",
+    "2",
+    "--train.eval-batches",
+    "1",
+    "--checkpoint.resume",
+    "false",
+]
+
+
+def _invoke(args: list[str]) -> tuple[int, str]:
+    result = CliRunner().invoke(app, args)
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, result.output
+
+
+@pytest.fixture
+def tiny_train(tmp_path: Path) -> list[str]:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def square(x):\n    return x * x\n\n" * 200)
+    return [
+        "train",
+        *TINY,
+        "--data.path",
+        str(corpus),
+        "--checkpoint.directory",
+        str(tmp_path / "ck"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("trained")
+    corpus = root / "corpus.txt"
+    corpus.write_text("def square(x):\n    return x * x\n\n" * 200)
+    args = ["train", *TINY, "--data.path", str(corpus), "--checkpoint.directory", str(root / "ck")]
+    code, output = _invoke(args)
+    assert code == 0, output
+    return root / "ck"
+
+
+@pytest.mark.parametrize(
+    ("port", "fragment"), [("99999", "less than or equal to 65535"), ("-5", "greater than or")]
+)
+def test_train_refuses_a_metrics_port_outside_0_to_65535(
+    tiny_train: list[str], port: str, fragment: str
+) -> None:
+    code, output = _invoke([*tiny_train, "--metrics-port", port])
+    assert code == 2
+    assert "--metrics-port" in output
+    assert fragment in " ".join(output.replace("│", " ").split())
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(98, "Address already in use"),
+        socket.gaierror(-2, "Name or service not known"),
+        OverflowError("bind(): port must be 0-65535."),
+    ],
+    ids=["in-use", "bad-host", "overflow"],
+)
+def test_train_says_which_metrics_address_cannot_be_served(
+    tiny_train: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    def refuse(*_: object, **__: object) -> None:
+        raise error
+
+    monkeypatch.setattr(preflight, "serve_metrics", refuse)
+    code, output = _invoke([*tiny_train, "--metrics-port", "9100", "--metrics-host", "bad host"])
+    assert code == 2
+    assert "cannot serve metrics on bad host:9100" in output
+    assert not (tmp_path / "ck").exists()  # nothing trained
+
+
+def test_train_checks_the_summary_path_before_training(
+    tiny_train: list[str], tmp_path: Path
+) -> None:
+    code, output = _invoke([*tiny_train, "--summary-json", str(tmp_path / "missing" / "s.json")])
+    assert code == 2
+    assert "--summary-json" in output
+    assert "does not exist" in output
+    assert not (tmp_path / "ck").exists()  # it failed before training, not after
+
+
+def test_train_refuses_a_file_as_checkpoint_directory(
+    tiny_train: list[str], tmp_path: Path
+) -> None:
+    a_file = tmp_path / "corpus.txt"
+    code, output = _invoke([*tiny_train, "--checkpoint.directory", str(a_file)])
+    assert code == 2
+    assert "checkpoint.directory" in output
+    assert "is a file" in output
+
+
+def test_a_missing_swarm_status_folder_names_the_option(
+    tiny_train: list[str], tmp_path: Path
+) -> None:
+    code, output = _invoke([*tiny_train, "--swarm.status-file", str(tmp_path / "no" / "x.json")])
+    assert code == 2
+    assert "swarm.status_file" in output
+
+
+def test_eval_refuses_zero_batches(checkpoint: Path) -> None:
+    code, output = _invoke(["eval", "--checkpoint", str(checkpoint), "--batches", "0"])
+    assert code == 2
+    assert "--batches" in output
+
+
+def test_eval_refuses_to_change_the_checkpoint_model(checkpoint: Path) -> None:
+    code, output = _invoke(["eval", "--checkpoint", str(checkpoint), "--model.context", "64"])
+    assert code == 2
+    assert "--model.context cannot be changed" in output
+
+
+def test_eval_checks_token_ids_against_the_vocabulary(checkpoint: Path, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens.bin"
+    np.arange(1000, 3000, dtype="<u2").tofile(tokens)
+    args = ["eval", "--checkpoint", str(checkpoint), "--data.source", "tokens"]
+    code, output = _invoke([*args, "--data.path", str(tokens)])
+    assert code == 1
+    assert "outside the model's vocabulary of 256" in output
+
+
+def test_eval_and_sample_refuse_a_file_as_checkpoint(tmp_path: Path) -> None:
+    a_file = tmp_path / "model.pt"
+    a_file.write_bytes(b"x")
+    for command in ("eval", "sample"):
+        code, output = _invoke([command, "--checkpoint", str(a_file)])
+        assert code == 2
+        assert "is a file" in output
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--temperature", "0"],
+        ["--temperature", "-1"],
+        ["--temperature", "nan"],
+        ["--temperature", "inf"],
+        ["--tokens", "-5"],
+        ["--top-k", "-3"],
+        ["--seed", "99999999999999999999"],
+    ],
+)
+def test_sample_refuses_impossible_settings(checkpoint: Path, flags: list[str]) -> None:
+    code, output = _invoke(["sample", "--checkpoint", str(checkpoint), *flags])
+    assert code == 2
+    assert flags[0] in output
+
+
+@pytest.mark.parametrize("seconds", ["nan", "inf", "0", "-3"])
+def test_demo_refuses_a_budget_that_is_not_a_positive_number(tmp_path: Path, seconds: str) -> None:
+    code, output = _invoke(["demo", "--seconds", seconds, "--runs-dir", str(tmp_path / "runs")])
+    assert code == 2
+    assert "--seconds" in output
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("name", ["binary", "folder"])
+def test_a_config_file_that_is_binary_or_a_folder_is_one_line(tmp_path: Path, name: str) -> None:
+    path = tmp_path / "config.toml"
+    if name == "binary":
+        path.write_bytes(b"\xff\xfe\x00\x81binary")
+    else:
+        path.mkdir()
+    code, output = _invoke(["config", "show", "--config", str(path)])
+    assert code == 2
+    assert f"config file {path}" in output
+    assert ("not UTF-8" if name == "binary" else "is a folder") in output
