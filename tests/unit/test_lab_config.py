@@ -52,6 +52,8 @@ def test_parse_rates_splits_on_commas() -> None:
     assert parse_rates("10mbit,100mbit") == (10_000_000, 100_000_000)
     with pytest.raises(ConfigError, match="at least one rate"):
         parse_rates(" , ")
+    with pytest.raises(ConfigError, match="empty rate"):  # it was two peers' rates, not three
+        parse_rates("1mbit,,2mbit")
 
 
 @given(st.integers(min_value=100_000, max_value=10_000_000_000))

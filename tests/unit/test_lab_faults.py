@@ -165,6 +165,13 @@ def test_fault_log_is_one_json_line_per_applied_fault(lab: LabControl, tmp_path:
     assert all(abs(r["late_s"]) < 1e-9 for r in records)
 
 
+def test_a_fault_log_that_cannot_be_written_is_refused_before_any_fault(tmp_path: Path) -> None:
+    # The first record's write raised after its fault was applied: a cut stayed in force, its
+    # restore never played.
+    with pytest.raises(ConfigError, match="cannot write the fault log"):
+        fault_log_writer(tmp_path / "missing" / "faults.jsonl")
+
+
 def test_player_runs_in_the_background_and_can_be_stopped(lab: LabControl) -> None:
     with FaultPlayer(lab, parse_schedule(SCHEDULE), clock=FakeClock()) as player:
         applied = player.wait(timeout_s=10.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -122,7 +123,11 @@ def status(
     if not report:
         typer.echo("no lab is up")
     for item in report:
-        health = "up" if item.healthy else "BROKEN: run `gossamer lab down` to clean up"
+        health = (
+            "up"
+            if item.healthy
+            else f"BROKEN: run `gossamer lab down --name {item.name}` to clean up"
+        )
         typer.echo(f"lab {item.name}: {health}")
         if item.state is not None:
             _print_peers(item.state)
@@ -159,7 +164,11 @@ def exec_in_peer(
         code = process.wait()
     except KeyboardInterrupt:
         process.terminate()
-        code = process.wait(timeout=10.0)
+        try:
+            code = process.wait(timeout=10.0)
+        except subprocess.TimeoutExpired:  # it ignores SIGTERM
+            process.kill()
+            code = process.wait(timeout=10.0)
     raise typer.Exit(code)
 
 

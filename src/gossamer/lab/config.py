@@ -79,9 +79,11 @@ def parse_rate(text: str, *, key: str = "rate") -> int:
 
 def parse_rates(text: str, *, key: str = "rates") -> tuple[int, ...]:
     """Parse a comma-separated list of rates (``10mbit,100mbit``) into bits per second."""
-    parts = [part for part in text.split(",") if part.strip()]
-    if not parts:
+    parts = text.split(",")
+    if not any(part.strip() for part in parts):
         raise ConfigError(f"{key}: give at least one rate, e.g. 10mbit,100mbit")
+    if any(not part.strip() for part in parts):  # '1mbit,,2mbit' meant three peers' rates
+        raise ConfigError(f"{key}: {text!r} has an empty rate between commas; e.g. 10mbit,100mbit")
     return tuple(parse_rate(part, key=key) for part in parts)
 
 

@@ -300,11 +300,26 @@ def play_schedule(
 
 
 def fault_log_writer(path: Path) -> Callable[[AppliedFault], None]:
-    """An ``on_applied`` callback that appends each record to ``path`` as a JSON line."""
+    """An ``on_applied`` callback that appends each record to ``path`` as a JSON line.
+
+    The file is opened here first: one that cannot be written is refused before any fault is
+    played (before, the first record's write ended the schedule with that fault in force, its
+    restore never played). A write that fails later is logged; the schedule goes on.
+
+    Raises:
+        ConfigError: ``path`` cannot be opened for appending.
+    """
+    try:
+        path.open("a").close()
+    except OSError as exc:
+        raise ConfigError(f"cannot write the fault log {path}: {exc.strerror or exc}") from exc
 
     def write(record: AppliedFault) -> None:
-        with path.open("a") as handle:
-            handle.write(json.dumps(record.to_json()) + "\n")
+        try:
+            with path.open("a") as handle:
+                handle.write(json.dumps(record.to_json()) + "\n")
+        except OSError as exc:
+            logger.error("fault log %s: %s (the schedule goes on)", path, exc)
 
     return write
 
