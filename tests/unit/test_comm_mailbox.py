@@ -153,5 +153,14 @@ def test_a_key_settled_without_a_round_refuses_its_rounds_waiting_and_new() -> N
         mailbox.open_round(other_key, handler)  # type: ignore[arg-type]
         await later
         assert handler.chunks == [2]
+        # Forming a round of the key again (a peer that went on alone came back to it):
+        # its messages wait for the round as any early message does.
+        mailbox.unsettle_key(ROUND[:4])
+        again = asyncio.create_task(mailbox.deliver("peer", _message(ROUND, 3)))
+        await clock.sleep_async(0.1)
+        mine = _Round()
+        mailbox.open_round(ROUND, mine)  # type: ignore[arg-type]
+        await again
+        assert mine.chunks == [3]
 
     asyncio.run(clock.run(main()))

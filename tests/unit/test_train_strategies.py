@@ -609,6 +609,27 @@ def test_weights_that_turn_nan_are_never_checkpointed(tmp_path: Path) -> None:
     assert all(bool(torch.isfinite(t).all()) for t in state.tensors["model"].values())
 
 
+class _MaskedBigram(torch.nn.Module):
+    """A model with a frozen -inf parameter: an additive mask (token 0 is never predicted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = torch.nn.Embedding(256, 256)
+        mask = torch.zeros(256)
+        mask[0] = float("-inf")
+        self.mask = torch.nn.Parameter(mask, requires_grad=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.table(tokens) + self.mask
+
+
+def test_a_frozen_parameter_that_is_not_finite_is_the_model_s_own(tmp_path: Path) -> None:
+    config = _config(tmp_path, 0, max_steps=3)
+    with Trainer(config, model_factory=_MaskedBigram) as trainer:
+        result = trainer.run()
+    assert result.checkpoint_path is not None
+
+
 def test_a_loss_that_turns_nan_stops_the_peer_before_it_steps(tmp_path: Path) -> None:
     config = _config(tmp_path, 0, max_steps=8)
     with (

@@ -245,7 +245,7 @@ class RoundState:
             present = pack_frame(Frame(FrameKind.PRESENT, self.round_id, 0, 0, self.me, 0.0))
             for dest in range(n):
                 if dest != self.me:
-                    self.spawn(self._notify(dest, present))
+                    self.spawn(self._present(dest, present))
         self._check_done()
 
     def _contributions_finished(self) -> None:
@@ -764,6 +764,31 @@ class RoundState:
                     self.spawn(self._notify(dest, message))
         self.spawn(self._tell_excluded(member, message))
         self._check_done()
+
+    async def _present(self, dest: int, message: bytes) -> None:
+        """Tell ``dest`` that this member is in the round (see ``announce``).
+
+        A refusal (it runs no round of this key, or another group's) drops it at once; any
+        other failure is left to the data sends and their deadlines: a member still forming
+        holds the message until its round opens, and a late answer is no fault of its own.
+        """
+        if dest in self.failed:
+            return
+        send = asyncio.ensure_future(self._send(dest, message, word=True))
+        self._sends_to[dest].add(send)
+        try:
+            await send
+        except ProtocolError as exc:
+            self.peer_failed(dest, f"{type(exc).__name__}: {exc}", notify=True)
+        except GossamerError:
+            pass
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if dest in self.failed and not (current is not None and current.cancelling()):
+                return  # cut short by peer_failed, not by the round's end
+            raise
+        finally:
+            self._sends_to[dest].discard(send)
 
     async def _notify(self, dest: int, message: bytes, *, word: bool = False) -> None:
         """Send a notice nothing waits for (``word``: no data, and a failed send declares

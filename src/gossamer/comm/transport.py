@@ -347,6 +347,11 @@ class CommMailbox:
         for waiting in [w for w in self._opened if w[:ROUND_KEY_TAG_NBYTES] == tag]:
             self._opened.pop(waiting).set()
 
+    def unsettle_key(self, tag: bytes) -> None:
+        """Undo :meth:`settle_key`: this peer forms a round of that key again (a peer that
+        went on alone may come back to the same key)."""
+        self._settled_keys.pop(tag, None)
+
     async def deliver(self, sender: str, message: memoryview) -> None:
         """The transport's receiver: route one message to its round."""
         frame, body = unpack_frame(message)

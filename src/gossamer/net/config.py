@@ -202,9 +202,11 @@ class RelayConfig:
     """Relay for others when this peer is reachable (opt out with False)."""
     max_reservations: int = 64
     """Relayed peers served at once."""
-    max_reservations_per_host: int = 8
-    """Of those, how many may come from one address (peer ids cost nothing to make: one
-    machine's throwaway ids filled every reservation, and the direct-reservation table alike)."""
+    max_reservations_per_host: int = 32
+    """Of those, how many may come from one address: peer ids cost nothing to make, and one
+    machine's throwaway ids filled every reservation (and the direct-reservation table alike).
+    Half of them by default, so one address cannot take them all while a site of many peers
+    behind one NAT still finds room."""
     bytes_per_s_per_peer: float = 12.5e6
     """Cap on relayed bandwidth per relayed peer (both directions together)."""
     num_relays: int = 2

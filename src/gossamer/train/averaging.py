@@ -72,7 +72,8 @@ def withhold_if_not_finite(
     then zeros of weight 0, so the others' average stays finite (one peer's inf gradient or NaN
     weights turned every peer's model to NaN, and nothing said so). The peer's own values then
     come back as the others' average, or stay zeros where nobody else contributed."""
-    if all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
+    checks = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    if not checks or bool(torch.stack(checks).all()):  # one sync, not one per tensor
         return tensors, weight
     _log.warning(
         "round %s: this peer's values hold NaN or infinite numbers; they are withheld from the "

@@ -370,7 +370,8 @@ class Trainer:
                 place of the good ones kept, and a resume would restore the divergence).
         """
         for name, param in self.run_state.model.named_parameters():
-            if not bool(torch.isfinite(param).all()):
+            # Trained ones only: a frozen -inf mask is the model's own, not a divergence.
+            if param.requires_grad and not bool(torch.isfinite(param).all()):
                 raise TrainingDivergedError(
                     f"training diverged by step {self.run_state.step}: weight {name} holds NaN "
                     "or infinite values, so no checkpoint is written; resume from the last one "

@@ -949,6 +949,8 @@ class SwarmAverager:
         then nothing still on its way could change the members.
         """
         nudged = self._nudged[key] = asyncio.Event()
+        if self._mailbox is not None:  # settled when this peer last went on alone in this key
+            self._mailbox.unsettle_key(round_key_tag(key))
         try:
             return await self._form_group_nudged(node, key, nudged)
         finally:
