@@ -80,17 +80,18 @@ def _free_port_holder() -> socket.socket:
     return holder
 
 
+def _gossamer(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the CLI to completion (a minute at most), its output captured."""
+    return subprocess.run(
+        [*GOSSAMER, *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
 @pytest.mark.parametrize("command", ["peers", "doctor"])
 def test_no_bootstrap_peer_answering_is_an_error_not_an_empty_list(command: str) -> None:
     with _free_port_holder() as holder:
         port = holder.getsockname()[1]
-    result = subprocess.run(
-        [*GOSSAMER, command, "--bootstrap", f"127.0.0.1:{port}"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = _gossamer(command, "--bootstrap", f"127.0.0.1:{port}")
     assert result.returncode == 1, result.stdout
     assert "no bootstrap peer answered" in result.stderr
     assert f"127.0.0.1:{port}" in result.stderr
@@ -102,13 +103,7 @@ def test_a_live_peer_that_is_not_the_pinned_one_is_an_error(
 ) -> None:
     address = str(two_peers[0]["addresses"][0])  # type: ignore[index]
     pinned = str(two_peers[1]["peer_id"])  # a real peer id, but not the one at that address
-    result = subprocess.run(
-        [*GOSSAMER, "peers", "--bootstrap", f"{pinned}@{address}", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = _gossamer("peers", "--bootstrap", f"{pinned}@{address}", "--json")
     assert result.returncode == 1, result.stdout
     assert "no bootstrap peer answered" in result.stderr
     assert result.stdout.strip() == ""
@@ -117,23 +112,10 @@ def test_a_live_peer_that_is_not_the_pinned_one_is_an_error(
 def test_peer_start_says_when_its_metrics_port_is_taken(tmp_path: Path) -> None:
     with _free_port_holder() as holder:
         port = holder.getsockname()[1]
-        result = subprocess.run(
-            [
-                *GOSSAMER,
-                "peer",
-                "start",
-                "--listen",
-                "127.0.0.1:0",
-                "--key-file",
-                str(tmp_path / "k"),
-                "--metrics-port",
-                str(port),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = _gossamer(
+            "peer", "start", "--listen", "127.0.0.1:0", "--key-file", str(tmp_path / "k"),
+            "--metrics-port", str(port),
+        )  # fmt: skip
     assert result.returncode == 1
     assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr

@@ -580,19 +580,24 @@ def test_a_manifest_that_breaks_the_parser_is_damage_like_any_other(
     assert _steps(tmp_path) == [3, 4]
 
 
+def _in_under_8_mib(call: Callable[[], object]) -> None:
+    """Run ``call`` (which must raise); the memory it allocated on the way stays under 8 MiB."""
+    tracemalloc.start()
+    try:
+        call()
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert peak < 8 * 2**20
+
+
 def test_an_oversized_manifest_is_refused_before_it_is_read(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path)
     path = store.save(_state(1))
     with (path / MANIFEST_NAME).open("r+b") as f:
         f.truncate(MAX_MANIFEST_BYTES + 1)  # sparse: costs no disk
-    tracemalloc.start()
-    try:
-        with pytest.raises(CheckpointCorruptedError, match=r"manifest\.json: .*64 MiB"):
-            store.load(path)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 8 * 2**20
+    with pytest.raises(CheckpointCorruptedError, match=r"manifest\.json: .*64 MiB"):
+        _in_under_8_mib(lambda: store.load(path))
 
 
 def test_a_manifest_too_big_for_readers_is_never_written(
@@ -789,14 +794,8 @@ def test_an_oversized_tensor_file_is_refused_without_reading_it(tmp_path: Path) 
     path = store.save(_state(1))
     with (path / "model.safetensors").open("r+b") as f:
         f.truncate(256 * 2**20)  # sparse: costs no disk
-    tracemalloc.start()
-    try:
-        with pytest.raises(CheckpointCorruptedError, match=r"model\.safetensors: size mismatch"):
-            store.load(path)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 8 * 2**20
+    with pytest.raises(CheckpointCorruptedError, match=r"model\.safetensors: size mismatch"):
+        _in_under_8_mib(lambda: store.load(path))
 
 
 def _link_to_a_copy(target: Path) -> None:
