@@ -19,6 +19,8 @@ from typing import Any
 
 __all__ = ["SwarmProcesses"]
 
+_LAUNCHER = Path(__file__).with_name("swarm_peer_launcher.py")
+
 
 class SwarmProcesses:
     """Peer processes of one run, their status files and logs.
@@ -34,14 +36,37 @@ class SwarmProcesses:
         self.run_name = run_name
         self.extra_args = list(extra_args)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._prepared: dict[str, Path] = {}
+        """Peers whose processes wait for their go file (see :meth:`prepare`)."""
         self._logs: list[Any] = []
         corpus = root / "corpus.txt"
         corpus.write_text("def area(r):\n    return 3.14 * r * r\n" * 400 + "import math\n" * 300)
 
+    def prepare(self, name: str) -> None:
+        """Start peer ``name``'s process now, its imports under way, to train once
+        :meth:`start` names it: a process started only then may take tens of seconds to import
+        torch (a cold file cache), and a run can end meanwhile."""
+        go = self.root / f"{name}.go"
+        self._open(name, [sys.executable, str(_LAUNCHER), str(go), *self._arguments(name)])
+        self._prepared[name] = go
+
     def start(self, name: str, bootstrap: str | None = None) -> None:
-        """Start peer ``name``, joining through ``bootstrap`` if given."""
-        command = [
-            sys.executable, "-m", "gossamer.cli", "--verbose", "train",
+        """Start peer ``name``, joining through ``bootstrap`` if given (at once where it was
+        prepared)."""
+        go = self._prepared.pop(name, None)
+        if go is not None:
+            written = go.with_suffix(".go.tmp")
+            written.write_text(bootstrap or "")
+            written.replace(go)  # whole, never half-written
+            return
+        command = [sys.executable, "-m", "gossamer.cli", *self._arguments(name)]
+        if bootstrap:
+            command += ["--bootstrap", bootstrap]
+        self._open(name, command)
+
+    def _arguments(self, name: str) -> list[str]:
+        return [
+            "--verbose", "train",
             "--name", self.run_name,
             "--model.num-layers", "1", "--model.num-heads", "2",
             "--model.width", "32", "--model.context", "32",
@@ -54,8 +79,8 @@ class SwarmProcesses:
             "--summary-json", str(self.root / f"{name}.summary.json"),
             *self.extra_args,
         ]  # fmt: skip
-        if bootstrap:
-            command += ["--bootstrap", bootstrap]
+
+    def _open(self, name: str, command: list[str]) -> None:
         log = (self.root / f"{name}.log").open("ab")
         self._logs.append(log)
         self.processes[name] = subprocess.Popen(

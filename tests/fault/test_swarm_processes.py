@@ -104,6 +104,11 @@ def swarm(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Swarm]:
 
 
 def test_killed_peer_survivors_agree_and_newcomer_joins(swarm: Swarm) -> None:
+    # Every process imports while the first starts: one started only when needed took 20 s to
+    # import torch on a host with a cold file cache; the first had run most of the run alone
+    # by then, and the newcomer came after the survivors had finished.
+    for name in ("b", "c", "d"):
+        swarm.prepare(name)
     swarm.start("a")
     address = swarm.address("a")
     swarm.start("b", address)

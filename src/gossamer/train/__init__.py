@@ -1,14 +1,24 @@
-"""Training: the loop, strategies, and state sync for newcomers."""
+"""Training: the loop, strategies, and state sync for newcomers.
 
-from gossamer.train.loop import (
-    ModelFactory,
-    ProgressEvent,
-    Trainer,
-    TrainingListener,
-    TrainResult,
-    train,
-)
-from gossamer.train.strategy import LocalStrategy, TrainingStrategy
+The names below load on first use (they import torch), so that importing a module of this
+package that needs none, or the ``gossamer`` package itself, costs nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gossamer.train.loop import (
+        ModelFactory,
+        ProgressEvent,
+        Trainer,
+        TrainingListener,
+        TrainResult,
+        train,
+    )
+    from gossamer.train.strategy import LocalStrategy, TrainingStrategy
 
 __all__ = [
     "LocalStrategy",
@@ -20,3 +30,23 @@ __all__ = [
     "TrainingStrategy",
     "train",
 ]
+
+_HOMES = {
+    "LocalStrategy": "gossamer.train.strategy",
+    "TrainingStrategy": "gossamer.train.strategy",
+    "ModelFactory": "gossamer.train.loop",
+    "ProgressEvent": "gossamer.train.loop",
+    "TrainResult": "gossamer.train.loop",
+    "Trainer": "gossamer.train.loop",
+    "TrainingListener": "gossamer.train.loop",
+    "train": "gossamer.train.loop",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
