@@ -108,6 +108,10 @@ class NodeThread:
                 self._submit(self._node.stop(), timeout_s)
             except DeadlineExceededError:
                 _log.warning("the node did not stop within %.1f s", timeout_s)
+        try:
+            self._submit(_cancel_remaining_tasks(timeout_s), timeout_s + 1.0)
+        except DeadlineExceededError:
+            _log.warning("work on the node's loop did not end within %.1f s", timeout_s)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout_s)
         if not self._thread.is_alive():
@@ -119,3 +123,15 @@ class NodeThread:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+async def _cancel_remaining_tasks(timeout_s: float) -> None:
+    """Cancel and await the work still on the loop once the node stopped (a round a caller
+    gave up on, say), as ``asyncio.run`` does: a loop closed under it left tasks destroyed while
+    pending, and their coroutines failed later, in whatever ran when they were collected."""
+    current = asyncio.current_task()
+    remaining = [task for task in asyncio.all_tasks() if task is not current]
+    for task in remaining:
+        task.cancel()
+    if remaining:
+        await asyncio.wait(remaining, timeout=timeout_s)
