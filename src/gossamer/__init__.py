@@ -5,8 +5,7 @@ The public API is the short list in ``__all__``; everything else is reached thro
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import gossamer.train as _training
 from gossamer._version import __version__
@@ -20,6 +19,7 @@ from gossamer.core.config import (
 )
 from gossamer.core.config_loader import load_run_config
 from gossamer.core.errors import FatalError, GossamerError, RetryableError
+from gossamer.core.runtime import lazy_attributes
 
 if TYPE_CHECKING:
     from gossamer.models import GPT
@@ -53,13 +53,7 @@ def train(
     )
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gossamer' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(globals(), _LAZY)
 
 
 __all__ = [

@@ -15,8 +15,11 @@ whole process.
 from __future__ import annotations
 
 import gc
+import importlib
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["freeze_startup_heap"]
+__all__ = ["freeze_startup_heap", "lazy_attributes"]
 
 
 def freeze_startup_heap() -> int:
@@ -28,3 +31,20 @@ def freeze_startup_heap() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+def lazy_attributes(namespace: dict[str, Any], homes: dict[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that imports each name of ``homes`` (name -> module) on first
+    use and keeps it in ``namespace`` (the module's ``globals()``), for names whose modules
+    are slow to import (torch)."""
+    where = namespace["__name__"]
+
+    def get(name: str) -> Any:
+        home = homes.get(name)
+        if home is None:
+            raise AttributeError(f"module {where!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(home), name)
+        namespace[name] = value
+        return value
+
+    return get
