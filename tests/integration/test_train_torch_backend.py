@@ -144,11 +144,14 @@ def test_a_failed_collective_runs_the_round_again_over_p2p_then_sits_one_out() -
         # After a failure every member sits one round out of torch, then makes a new group.
         assert_weighted_mean(one_round(made, "outer/1", weights), [0, 1, 2], weights, atol=1e-5)
         assert all(a.rounds_by_backend == {"p2p": 2, "torch": 0} for a in made)
+        # Round 0's group may or may not have been made on a member (its rendezvous can fail
+        # under load before the collective does): what counts is that round 2 makes a new one.
+        before = [a._torch.groups_made if a._torch is not None else 0 for a in made]
         assert_weighted_mean(one_round(made, "outer/2", weights), [0, 1, 2], weights)
-        for averager in made:
+        for averager, made_before in zip(made, before, strict=True):
             assert averager.rounds_by_backend == {"p2p": 2, "torch": 1}
             assert averager._torch is not None
-            assert averager._torch.groups_made == 2
+            assert averager._torch.groups_made == made_before + 1
 
 
 @pytest.mark.timeout(120)
