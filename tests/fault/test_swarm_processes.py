@@ -18,6 +18,7 @@ MAX_STEPS = 200  # long enough that the newcomer finds the swarm still running
 SYNC_MAX_STEPS = 140  # a sync step averages every step: 90 steps after the kill take ~40 s
 OVERLAP_MAX_STEPS = 600  # overlapped rounds never block: the same run takes a third of the time
 INNER_STEPS = 5
+KILL_INNER_STEPS = 10  # the kill test's rounds: more of its run trains, kills land in any phase
 
 
 class Swarm(SwarmProcesses):
@@ -32,8 +33,10 @@ class Swarm(SwarmProcesses):
         strategy: str = "diloco",
         backend: str = "auto",
         max_steps: int | None = None,
+        inner_steps: int = INNER_STEPS,
     ) -> None:
         self.backend = backend
+        self.inner_steps = inner_steps
         self.max_steps = max_steps or (OVERLAP_MAX_STEPS if overlap else MAX_STEPS)
         super().__init__(
             root,
@@ -52,6 +55,8 @@ class Swarm(SwarmProcesses):
                 str(train_while_forming).lower(),
                 "--swarm.strategy",
                 strategy,
+                "--swarm.inner-steps",
+                str(inner_steps),
                 "--swarm.backend",
                 backend,
             ],
@@ -83,24 +88,33 @@ def assert_rounds_went_over(swarm: Swarm, names: list[str]) -> None:
 # Rounds that train while their group forms and averages (the default) run on the default
 # backend (torch on loopback) and on the p2p path (what peers far apart use); rounds that stop
 # at the boundary on torch, overlapped ones on p2p: all see the kills.
-@pytest.fixture(
-    params=[
-        (False, True, "auto"),
-        (False, True, "p2p"),
-        (False, False, "auto"),
-        (True, False, "p2p"),
-    ],
-    ids=["forming-torch", "forming-p2p", "blocking-torch", "overlap-p2p"],
-)
-def swarm(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Swarm]:
-    overlap, train_while_forming, backend = request.param
+MODES = [(False, True, "auto"), (False, True, "p2p"), (False, False, "auto"), (True, False, "p2p")]
+MODE_IDS = ["forming-torch", "forming-p2p", "blocking-torch", "overlap-p2p"]
+
+
+def _running(root: Path, mode: tuple[bool, bool, str], inner_steps: int) -> Iterator[Swarm]:
+    overlap, train_while_forming, backend = mode
     running = Swarm(
-        tmp_path, overlap=overlap, train_while_forming=train_while_forming, backend=backend
+        root,
+        overlap=overlap,
+        train_while_forming=train_while_forming,
+        backend=backend,
+        inner_steps=inner_steps,
     )
     try:
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture(params=MODES, ids=MODE_IDS)
+def swarm(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Swarm]:
+    yield from _running(tmp_path, request.param, KILL_INNER_STEPS)
+
+
+@pytest.fixture(params=MODES, ids=MODE_IDS)
+def restarting_swarm(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Swarm]:
+    yield from _running(tmp_path, request.param, INNER_STEPS)
 
 
 def test_killed_peer_survivors_agree_and_newcomer_joins(swarm: Swarm) -> None:
@@ -118,7 +132,7 @@ def test_killed_peer_survivors_agree_and_newcomer_joins(swarm: Swarm) -> None:
         lambda: all(swarm.status(n).get("group_size") == 3 for n in names), 120, "a group of 3"
     )
     chance = random.Random()
-    kill_at = swarm.status("a")["step"] + chance.randint(0, 2 * INNER_STEPS)  # any phase
+    kill_at = swarm.status("a")["step"] + chance.randint(0, 2 * swarm.inner_steps)  # any phase
     swarm.wait_for(lambda: swarm.status("a").get("step", 0) >= kill_at, 120, "step reached")
     victim = chance.choice(names)  # the bootstrap peer, or the torch group's leader, too
     swarm.kill(victim)
@@ -152,10 +166,11 @@ def test_killed_peer_survivors_agree_and_newcomer_joins(swarm: Swarm) -> None:
     assert newcomer["time_to_productive_s"] is not None
     # 22 KB of state over loopback: the bound is the 10 s of the issue plus the transfer time.
     assert newcomer["time_to_productive_s"] < 10.0 + 1.0
-    assert newcomer["outer_step"] == swarm.max_steps // INNER_STEPS
+    assert newcomer["outer_step"] == swarm.max_steps // swarm.inner_steps
 
 
-def test_everyone_killed_then_restarted_resumes_from_checkpoints(swarm: Swarm) -> None:
+def test_everyone_killed_then_restarted_resumes_from_checkpoints(restarting_swarm: Swarm) -> None:
+    swarm = restarting_swarm
     swarm.start("a")
     address = swarm.address("a")
     swarm.start("b", address)
@@ -165,6 +180,7 @@ def test_everyone_killed_then_restarted_resumes_from_checkpoints(swarm: Swarm) -
     swarm.kill("b")
     for name in ("a", "b"):
         (swarm.root / f"{name}.json").unlink()  # the new processes write their own
+        swarm.prepare(name)  # both import at once: one far behind would find the run over
     swarm.start("a")
     swarm.start("b", swarm.address("a"))
     swarm.wait_done(["a", "b"], timeout_s=180)
