@@ -163,6 +163,7 @@ def test_demo_at_reduced_budget(workdir: Path) -> None:
     for key in ("val_loss_before", "val_loss_after", "tokens_trained", "tokens_per_s", "seconds"):
         assert key in summary
     assert 0.0 < summary["longest_pause_s"] < summary["seconds"]
+    assert summary["killed_peer_rounds"] > 0  # the peer killed was averaging with the others
     assert "longest pause of a survivor" in result.stdout
     assert summary["val_loss_after"] < summary["val_loss_before"] - 0.5
     assert Path(workdir / summary["checkpoint_path"]).is_dir()

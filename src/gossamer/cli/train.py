@@ -295,7 +295,9 @@ def demo(
         "validation loss", f"{summary.val_loss_before:.4f} -> {summary.val_loss_after:.4f}"
     )
     table.add_row(
-        "peers", f"{summary.peers} ({summary.peers_killed} killed, {summary.peers_joined} joined)"
+        "peers",
+        f"{summary.peers} ({summary.peers_killed} killed after {summary.killed_peer_rounds} "
+        f"rounds with the others, {summary.peers_joined} joined)",
     )
     table.add_row("survivors' weights agree", "yes" if summary.final_weights_agree else "NO")
     table.add_row("tokens trained", f"{summary.tokens_trained:,}")
