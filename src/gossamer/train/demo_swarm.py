@@ -385,12 +385,19 @@ def _run(
         # The peer killed must be one the others average with: on a machine whose file cache
         # is cold its imports can outlast the first peer's steps to the kill, and killing it
         # then showed nothing.
-        if not swarm.wait_for(
-            lambda: step_of("peer0") >= plan.kill_at_step and rounds_of("peer1") > 0,
-            limit_s,
-            refresh,
+        peer1 = swarm.processes["peer1"]
+        if (
+            not swarm.wait_for(
+                lambda: (
+                    peer1.poll() is not None
+                    or (step_of("peer0") >= plan.kill_at_step and rounds_of("peer1") > 0)
+                ),
+                limit_s,
+                refresh,
+            )
+            or peer1.poll() is not None
         ):
-            raise RuntimeError(f"peer1 never averaged with the others; see {run_dir}")
+            raise RuntimeError(f"peer1 never averaged with the others; see {run_dir / 'peer1.log'}")
         swarm.kill("peer1")
         events.append(
             f"peer1 killed with SIGKILL at step {step_of('peer0')}, "

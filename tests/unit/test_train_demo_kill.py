@@ -1,0 +1,99 @@
+"""The swarm demo kills a peer that averages with the others, and says so when none does."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gossamer.train import demo_swarm
+from gossamer.train.demo_swarm import SwarmDemoPlan
+
+PLAN = SwarmDemoPlan(
+    num_peers=3, max_steps=60, inner_steps=10, batch_size=8, kill_at_step=12, join_at_step=12
+)
+
+
+class _Process:
+    def __init__(self, returncode: int | None) -> None:
+        self.returncode = returncode
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+
+class _Swarm:
+    """Peer 0 steps once per poll; peer 1 averages its first round at poll ``peer1_round_at``
+    or exits at once; nothing ever finishes (the demo then stops at its time limit)."""
+
+    def __init__(self, *, peer1_round_at: int | None) -> None:
+        self.processes: dict[str, Any] = {}
+        self.killed: dict[str, float] = {}
+        self.polls = 0
+        self.peer1_round_at = peer1_round_at
+        self.rounds_when_killed: int | None = None
+
+    def start(self, name: str, bootstrap: str | None) -> None:
+        exits = name == "peer1" and self.peer1_round_at is None
+        self.processes[name] = _Process(1 if exits else None)
+
+    def _peer1_rounds(self) -> int:
+        at = self.peer1_round_at
+        return int(at is not None and self.polls >= at)
+
+    def statuses(self) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {"peer0": {"address": "a@127.0.0.1:1"}}
+        found["peer0"]["step"] = self.polls
+        found["peer1"] = {"step": 0, "rounds_by_backend": {"p2p": self._peer1_rounds()}}
+        return found
+
+    def wait_for(
+        self, condition: Callable[[], bool], timeout_s: float, view: Callable[[], None]
+    ) -> bool:
+        for _ in range(200):
+            if condition():
+                return True
+            self.polls += 1
+        return False
+
+    def kill(self, name: str) -> None:
+        self.rounds_when_killed = self._peer1_rounds()
+        self.killed[name] = 0.0
+
+    def stop_all(self) -> None:
+        pass
+
+
+def _run(swarm: _Swarm, tmp_path: Path) -> list[str]:
+    events: list[str] = []
+    demo_swarm._run(
+        tmp_path,
+        PLAN,
+        swarm,  # type: ignore[arg-type]
+        events,
+        lambda line="": None,
+        0.0,
+        1.0,
+        10,
+        None,  # type: ignore[arg-type]
+    )
+    return events
+
+
+def test_the_peer_killed_has_averaged_with_the_others_though_it_came_late(tmp_path: Path) -> None:
+    # Peer 0 passes the kill step at poll 12; peer 1 is still importing until poll 40.
+    swarm = _Swarm(peer1_round_at=40)
+    with pytest.raises(RuntimeError, match="did not finish"):
+        _run(swarm, tmp_path)
+    assert swarm.rounds_when_killed == 1
+    assert swarm.statuses()["peer0"]["step"] >= 40
+
+
+def test_a_peer_that_exits_before_it_averages_fails_the_demo_at_once(tmp_path: Path) -> None:
+    swarm = _Swarm(peer1_round_at=None)
+    with pytest.raises(RuntimeError, match=r"peer1 never averaged.*peer1\.log"):
+        _run(swarm, tmp_path)
+    assert swarm.killed == {}
+    assert swarm.polls == 0  # not the whole time limit
