@@ -140,6 +140,14 @@ def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
     assert config.train.eval_every == TrainConfig().eval_every
 
 
+def test_the_run_name_comes_from_the_environment_and_other_variables_are_left_alone() -> None:
+    # GOSSAMER_NAME was ignored: only variables naming a section key (with "__") were read.
+    environ = {"GOSSAMER_NAME": "nightly", "GOSSAMER_HOME": "/elsewhere", "GOSSAMER_TRAIN": "x"}
+    config = load_run_config(None, environ=environ)
+    assert config.name == "nightly"
+    assert load_run_config(None, [("name", "flagged")], environ=environ).name == "flagged"
+
+
 def test_unknown_environment_key_is_an_error() -> None:
     with pytest.raises(ConfigError, match="GOSSAMER_TRAIN__MAX_STPES"):
         load_run_config(None, environ={"GOSSAMER_TRAIN__MAX_STPES": "3"})

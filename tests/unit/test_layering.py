@@ -1,4 +1,4 @@
-"""The layers of DESIGN.md import only the layers above them."""
+"""Each layer imports only the layers below it in the README's architecture picture."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import gossamer
 
 SRC = Path(gossamer.__file__).parent
 
-# Rank of each layer, top of DESIGN.md's table first. Equal ranks may not import each other either,
-# except within the same layer.
+# Rank of each layer, core (the bottom of the README's picture) first. Equal ranks may not
+# import each other either, except within the same layer.
 LAYER_RANK = {
     "core": 0,
     "proto": 1,

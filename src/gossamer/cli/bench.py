@@ -169,10 +169,11 @@ def diloco(
     --rate, the peers then also run as processes in lab namespaces behind links of that rate, and
     DiLoCo, sync and plain PyTorch DDP (gloo) are each timed to --target-loss, with the same
     H and the same --thin-link-steps budget. Both parts train a small GPT (2 layers, width 64,
-    context 64, batch 8; see `settings` in the JSON); config flags (--model.width 128, ...)
-    change it for both, and --swarm.outer-lr / --swarm.outer-momentum set DiLoCo's outer
-    optimizer (0.7 and 0.9). The quality part's default budget, 5000 steps, is 100 outer steps:
-    DiLoCo's gap to sync narrows as outer steps accumulate (README, Benchmarks).
+    context 64, batch 8; with --rate see `thin_link.settings` in the JSON); config flags
+    (--model.width 128, ...) change it for both, and --swarm.outer-lr /
+    --swarm.outer-momentum set DiLoCo's outer optimizer (0.7 and 0.9). The quality part's
+    default budget, 5000 steps, is 100 outer steps: DiLoCo's gap to sync narrows as outer steps
+    accumulate (README, Benchmarks).
     """
     with exit_on_gossamer_errors():
         rate_bits = parse_rate(rate, key="--rate") if rate else None

@@ -215,7 +215,7 @@ def _echo_applied(log_path: Path | None) -> Callable[[AppliedFault], None]:
 
 @app.command()
 def faults(
-    schedule: Annotated[Path, typer.Argument(help="A TOML file of [[fault]] tables.")],
+    schedule: Annotated[Path, typer.Argument(help=r"A TOML file of \[\[fault]] tables.")],
     log: Annotated[
         Path | None, typer.Option("--log", help="Append each applied fault here as JSON lines.")
     ] = None,

@@ -57,6 +57,13 @@ class FieldInfo:
     """The field's one-line docstring."""
 
 
+def _is_section(field: dataclasses.Field[Any]) -> bool:
+    """Whether a field of a config holds a config of its own (a ``[section]``)."""
+    return field.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(
+        field.default_factory
+    )
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A config dataclass as nested plain dicts (TOML- and JSON-friendly)."""
     result: dict[str, Any] = dataclasses.asdict(config)
@@ -118,9 +125,12 @@ def load_run_config(
                 "its permissions"
             ) from exc
     env = os.environ if environ is None else environ
+    root_keys = {f.name for f in dataclasses.fields(RunConfig) if not _is_section(f)}
     for name, text in sorted(env.items()):
-        if name.startswith(ENV_PREFIX) and "__" in name[len(ENV_PREFIX) :]:
-            key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+        if "." in key or key in root_keys:  # GOSSAMER_NAME, GOSSAMER_TRAIN__MAX_STEPS
             _set_text(data, RunConfig, key, text, origin=f"environment variable {name}")
     for key, text in overrides:
         _set_text(data, RunConfig, key, text, origin=f"flag --{key}")

@@ -105,7 +105,7 @@ class NetCounters:
         self.errors: defaultdict[str, int] = defaultdict(int)
         """Errors by kind (the Gossamer error class name)."""
         self.connections: defaultdict[str, int] = defaultdict(int)
-        """Open connections by kind: ``direct``, ``relayed``, ``inbound``."""
+        """Open outgoing connections by kind: ``direct``, ``relayed``."""
         self.num_handshakes_refused = 0
         """Handshakes this node refused."""
         self.num_protocol_errors = 0
