@@ -297,7 +297,8 @@ def demo(
     table.add_row(
         "peers",
         f"{summary.peers} ({summary.peers_killed} killed after {summary.killed_peer_rounds} "
-        f"rounds with the others, {summary.peers_joined} joined)",
+        f"round{'' if summary.killed_peer_rounds == 1 else 's'} with the others, "
+        f"{summary.peers_joined} joined)",
     )
     table.add_row("survivors' weights agree", "yes" if summary.final_weights_agree else "NO")
     table.add_row("tokens trained", f"{summary.tokens_trained:,}")

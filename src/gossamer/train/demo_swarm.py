@@ -401,7 +401,7 @@ def _run(
         swarm.kill("peer1")
         events.append(
             f"peer1 killed with SIGKILL at step {step_of('peer0')}, "
-            f"after {rounds_of('peer1')} rounds with the others"
+            f"after {rounds_of('peer1')} round(s) with the others"
         )
         swarm.wait_for(lambda: step_of("peer0") >= plan.join_at_step, limit_s, refresh)
         newcomer = f"peer{plan.num_peers}"
