@@ -199,13 +199,91 @@ def test_schedule_is_fitted_to_the_time_budget(corpus_file: Path, tmp_path: Path
         final_lr = trainer.run_state.optimizer.param_groups[0]["lr"]
     assert 20 < fitted < 1000
     assert result.steps_done == fitted
-    assert not result.stopped_by_time_budget
+    assert result.stopped_by_time_budget  # the budget ended it (through the fit) before 1000
     assert final_lr == pytest.approx(
         learning_rate_at(fitted - 1, config=config.optim, max_steps=fitted)
     )
     assert final_lr < config.optim.lr * 0.2
     with Trainer(config) as resumed:  # the fitted length travels in the checkpoint
         assert resumed.schedule_steps == fitted
+
+
+class _SlowClock(FakeClock):
+    """Every reading is 50 ms after the one before: a step rate the budget fit can measure."""
+
+    def monotonic(self) -> float:
+        self.advance(0.05)
+        return super().monotonic()
+
+
+def test_a_schedule_fitted_to_a_budget_gives_way_to_new_limits_on_resume(
+    corpus_file: Path, tmp_path: Path
+) -> None:
+    budgeted = tiny_config(corpus_file, tmp_path / "ckpt", max_steps=1000, max_seconds=10.0)
+    with Trainer(budgeted, clock=_SlowClock()) as trainer:
+        fitted = trainer.run().steps_done
+    with Trainer(budgeted) as same:  # the same limits: the run is over
+        assert same.run().steps_done == fitted
+    # It trained nothing and kept the fit: a resume asking for more steps got none.
+    longer = tiny_config(corpus_file, tmp_path / "ckpt", max_steps=fitted + 8)
+    with Trainer(longer) as resumed:
+        assert resumed.schedule_steps == fitted + 8
+        result = resumed.run()
+    assert (result.start_step, result.steps_done) == (fitted, fitted + 8)
+    assert not result.stopped_by_time_budget
+
+
+def test_a_fit_on_the_last_step_does_not_add_a_step(corpus_file: Path, tmp_path: Path) -> None:
+    # The fit comes after 20 steps of a session; here that is the run's last step, and it set
+    # the schedule to 21 steps: the same command run again trained a 21st.
+    config = tiny_config(corpus_file, tmp_path / "ckpt", max_steps=20, max_seconds=1000.0)
+    with Trainer(config, clock=_SlowClock()) as trainer:
+        assert trainer.run().steps_done == 20
+        assert trainer.schedule_steps == 20
+    with Trainer(config, clock=_SlowClock()) as again:
+        assert again.run().steps_done == 20
+    assert max(CheckpointStore(tmp_path / "ckpt").steps()) == 20
+
+
+def test_optimizer_settings_changed_on_resume_take_effect(
+    corpus_file: Path, tmp_path: Path
+) -> None:
+    config = tiny_config(corpus_file, tmp_path / "ckpt")
+    with Trainer(config) as first:
+        first.run(stop_at_step=6)
+    changed = dataclasses.replace(
+        config, optim=dataclasses.replace(config.optim, weight_decay=0.5, beta1=0.5, beta2=0.99)
+    )
+    with Trainer(changed) as resumed:  # the checkpoint's optimizer state held 0.1 and (0.9, 0.95)
+        assert resumed.step == 6
+        matrices, others = resumed.run_state.optimizer.param_groups
+    assert (matrices["weight_decay"], matrices["betas"]) == (0.5, (0.5, 0.99))
+    assert (others["weight_decay"], others["betas"]) == (0.0, (0.5, 0.99))
+
+
+def test_resuming_with_another_seed_is_an_incompatible_checkpoint(
+    corpus_file: Path, tmp_path: Path
+) -> None:
+    config = tiny_config(corpus_file, tmp_path / "ckpt")
+    with Trainer(config) as first:
+        first.run(stop_at_step=4)
+    reseeded = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=4))
+    with pytest.raises(IncompatibleCheckpointError, match=r"other training data.*seed"):
+        Trainer(reseeded)
+
+
+def test_resuming_on_other_data_of_the_same_size_says_so(
+    corpus_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tiny_config(corpus_file, tmp_path / "ckpt")
+    with Trainer(config) as first:
+        first.run(stop_at_step=4)
+    other = tmp_path / "other.txt"
+    other.write_text(TEXT.swapcase())  # as many tokens, other ones
+    moved = dataclasses.replace(config, data=dataclasses.replace(config.data, path=str(other)))
+    with caplog.at_level(logging.WARNING), Trainer(moved) as resumed:
+        assert resumed.step == 4
+    assert "written while training on other data" in caplog.text
 
 
 def test_a_fresh_run_refuses_a_directory_that_holds_checkpoints(

@@ -185,7 +185,14 @@ def _print_summary(result: TrainResult, summary_json: Path | None) -> None:
 def evaluate(
     ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Option(help="A checkpoint folder, or a run's directory.")],
-    batches: Annotated[int, typer.Option(help="Validation batches to average over.", min=1)] = 16,
+    batches: Annotated[
+        int | None,
+        typer.Option(
+            help="Validation batches to average over (default: the checkpoint's "
+            "train.eval_batches, as training measured it).",
+            min=1,
+        ),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Validation loss of a checkpoint, on the data it was trained on (or --data.* flags)."""
@@ -206,7 +213,7 @@ def evaluate(
                 corpus.validation,
                 seq_len=run_config.model.context,
                 batch_size=run_config.train.batch_size,
-                num_batches=batches,
+                num_batches=batches or run_config.train.eval_batches,
                 vocab_size=run_config.model.vocab_size,
             ),
         )

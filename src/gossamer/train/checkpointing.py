@@ -7,6 +7,7 @@ then N more steps give bit-identical weights to 2N steps in one go (on CPU).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +25,12 @@ from gossamer.store import (
     rng_state_restore,
     unflatten_optimizer_state,
 )
+from gossamer.train.optim import apply_optim_config
 from gossamer.train.strategy import TrainingStrategy
 
 __all__ = ["RunState", "capture_run_state", "restore_run_state"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -42,6 +46,9 @@ class RunState:
     step: int = 0
     tokens_trained: int = 0
     schedule_steps: int | None = None
+    """The learning-rate schedule's length where a time budget fitted it (None: max_steps)."""
+    data_sha256: str | None = None
+    """The sha256 of the training tokens (the corpus manifest's), where known."""
 
 
 def _model_signature(model: nn.Module) -> dict[str, list[int]]:
@@ -72,6 +79,16 @@ def capture_run_state(run: RunState) -> CheckpointState:
             "strategy": {"name": run.strategy.name, "state": strategy_meta},
             "tokens_trained": run.tokens_trained,
             "schedule_steps": run.schedule_steps,
+            # What the schedule was fitted under: a resume with other limits fits it anew.
+            "schedule_fit": (
+                {
+                    "max_steps": run.config.train.max_steps,
+                    "max_seconds": run.config.train.max_seconds,
+                }
+                if run.schedule_steps is not None
+                else None
+            ),
+            "data_sha256": run.data_sha256,
         },
     )
 
@@ -116,7 +133,26 @@ def restore_run_state(state: CheckpointState, run: RunState, *, where: str) -> N
     run.optimizer.load_state_dict(
         unflatten_optimizer_state(state.tensors.get("optimizer", {}), meta["optimizer"])
     )
-    run.stream.load_state_dict(meta["data_position"])
+    changed = apply_optim_config(run.optimizer, run.config.optim)
+    if changed:
+        logger.info("resumed with other optimizer settings: %s", ", ".join(changed))
+    try:
+        run.stream.load_state_dict(meta["data_position"])
+    except ValueError as exc:
+        raise IncompatibleCheckpointError(
+            f"checkpoint {where} was written for other training data or settings ({exc}); "
+            "train with the data, seed and peer layout it was written with, or point "
+            "checkpoint.directory at a fresh folder"
+        ) from exc
+    saved_data = meta.get("data_sha256")
+    if saved_data and run.data_sha256 and saved_data != run.data_sha256:
+        logger.warning(
+            "checkpoint %s was written while training on other data (tokens' sha256 %s..., "
+            "now %s...); going on from its position in this data",
+            where,
+            str(saved_data)[:12],
+            run.data_sha256[:12],
+        )
     rng_state_restore(state.tensors.get("rng", {}), meta["rng"])
     strategy_meta: dict[str, Any] = meta.get("strategy", {})
     run.strategy.load_checkpoint_state(
@@ -126,3 +162,15 @@ def restore_run_state(state: CheckpointState, run: RunState, *, where: str) -> N
     run.tokens_trained = int(meta.get("tokens_trained", 0))
     schedule_steps = meta.get("schedule_steps")
     run.schedule_steps = int(schedule_steps) if schedule_steps is not None else None
+    fit = meta.get("schedule_fit")
+    limits = {"max_steps": run.config.train.max_steps, "max_seconds": run.config.train.max_seconds}
+    if run.schedule_steps is not None and isinstance(fit, dict) and fit != limits:
+        logger.info(
+            "the learning-rate schedule fitted to the last session's time budget (%d steps, "
+            "under %s) does not hold with %s: %s",
+            run.schedule_steps,
+            fit,
+            limits,
+            "fitted again to this budget" if limits["max_seconds"] else "max_steps it is",
+        )
+        run.schedule_steps = None

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,12 @@ _SCHEDULE_CALIBRATION_STEPS = 20
 """Steps measured before a time budget fixes the schedule's length."""
 _SCHEDULE_BUDGET_SHARE = 0.93
 """Share of the remaining budget planned for steps; evaluation and checkpoints take the rest."""
+
+
+def _data_sha256(manifest: dict[str, Any]) -> str | None:
+    """The training tokens' sha256 from a corpus manifest, if it has one."""
+    digest = manifest.get("train_sha256")
+    return digest if isinstance(digest, str) else None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -198,6 +204,7 @@ class Trainer:
             ),
             strategy=strategy or LocalStrategy(),
             custom_model=model_factory is not None,
+            data_sha256=_data_sha256(self.corpus.manifest),
         )
         self.val_batches: list[Batch] = validation_batches(
             self.corpus.validation,
@@ -224,7 +231,9 @@ class Trainer:
     @property
     def schedule_steps(self) -> int:
         """Length of the learning-rate schedule: ``train.max_steps``, or fitted to the budget."""
-        return self.run_state.schedule_steps or self.config.train.max_steps
+        fitted = self.run_state.schedule_steps
+        max_steps = self.config.train.max_steps
+        return max_steps if fitted is None else min(fitted, max_steps)
 
     def _fit_schedule_to_budget(self, step: int, start_step: int, elapsed_s: float) -> None:
         """With a time budget, fix the schedule's length once from the measured step rate.
@@ -239,7 +248,9 @@ class Trainer:
             return
         steps_per_s = (step - start_step) / elapsed_s
         reachable = step + int(steps_per_s * (budget_s - elapsed_s) * _SCHEDULE_BUDGET_SHARE)
-        self.run_state.schedule_steps = max(step + 1, min(self.config.train.max_steps, reachable))
+        # At least one step more than taken, never more than max_steps (a fit on the last step
+        # must not make the run one step longer).
+        self.run_state.schedule_steps = min(self.config.train.max_steps, max(step + 1, reachable))
         logger.info(
             "learning-rate schedule fitted to the time budget: %d steps", self.schedule_steps
         )
@@ -455,6 +466,9 @@ class Trainer:
             if cfg.train.max_seconds and elapsed + per_step > cfg.train.max_seconds:
                 stopped_by_time = step < stop
                 break
+        fitted = run.schedule_steps
+        if fitted is not None and fitted < cfg.train.max_steps and step >= self.schedule_steps:
+            stopped_by_time = True  # the schedule fitted to the budget ended it before max_steps
         replaced = False
         if step >= self.schedule_steps or stopped_by_time:  # the run ends here, not a pause
             with self.spans.span("sync", step=step, hook="finish"):

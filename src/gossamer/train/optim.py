@@ -9,7 +9,7 @@ from torch import nn
 
 from gossamer.core.config import OptimConfig
 
-__all__ = ["build_optimizer", "learning_rate_at"]
+__all__ = ["apply_optim_config", "build_optimizer", "learning_rate_at"]
 
 
 def learning_rate_at(step: int, *, config: OptimConfig, max_steps: int) -> float:
@@ -44,3 +44,27 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+
+
+def apply_optim_config(optimizer: torch.optim.Optimizer, config: OptimConfig) -> list[str]:
+    """Set ``config``'s betas and weight decay on an optimizer made by :func:`build_optimizer`
+    (whose state, loaded from a checkpoint, carries the values it was saved with).
+
+    A resumed run then follows its config now, as it does for the learning rate (set every
+    step). Returns what changed, e.g. ``["optim.weight_decay 0.1 -> 0.5"]``.
+    """
+    changed = []
+    betas = (config.beta1, config.beta2)
+    for index, group in enumerate(optimizer.param_groups):
+        decay = config.weight_decay if index == 0 else 0.0  # matrices first, then the rest
+        old_betas = tuple(group.get("betas", betas))
+        if index == 0 and old_betas != betas:
+            changed += [
+                f"optim.beta{i + 1} {old} -> {new}"
+                for i, (old, new) in enumerate(zip(old_betas, betas, strict=True))
+                if old != new
+            ]
+        if index == 0 and group.get("weight_decay") != decay:
+            changed.append(f"optim.weight_decay {group.get('weight_decay')} -> {decay}")
+        group["betas"], group["weight_decay"] = betas, decay
+    return changed
