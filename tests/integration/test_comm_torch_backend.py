@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 from torch._C._distributed_c10d import HashStore
 
 from gossamer.bench.allreduce import run_allreduce_bench
-from gossamer.comm.torch_backend import TorchGroupAverager, choose_backend
+from gossamer.comm.torch_backend import (
+    TorchGroupAverager,
+    choose_backend,
+    open_leader_store,
+    open_member_store,
+)
 
 
 def test_auto_picks_torch_only_when_everyone_is_reachable() -> None:
@@ -81,3 +89,40 @@ def test_with_no_weight_anywhere_each_member_keeps_its_values_in_place_too() -> 
     assert _two_members(copied, "zero/copied") == [[1.0, 2.0], [2.0, 4.0]]
     weighted = _two_members(lambda a, r: a.average([torch.tensor([float(r)])], 1.0), "w")
     assert all(result.tensors[0].tolist() == [0.5] for result in weighted)  # type: ignore[attr-defined]
+
+
+def _listening_hosts(port: int) -> set[str]:
+    """The local addresses (hex, as the kernel lists them) listening on TCP ``port``."""
+    hosts = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            host, _, hex_port = local.rpartition(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                hosts.add(host)
+    return hosts
+
+
+def test_the_rendezvous_store_listens_on_its_address_only() -> None:
+    # Left to itself a TCPStore listened on every interface: anyone reaching any address of
+    # the leader's machine could write the rendezvous keys.
+    store = open_leader_store("127.0.0.1", 2, timeout_s=5.0)
+    assert _listening_hosts(store.port) == {"0100007F"}  # 127.0.0.1, nothing else
+    member = open_member_store("127.0.0.1", store.port, 2, timeout_s=5.0)
+    member.set("k", b"v")
+    assert store.get("k") == b"v"
+
+
+def test_a_rendezvous_address_not_on_this_machine_fails_at_once() -> None:
+    host = "203.0.113.77"  # TEST-NET-3: no machine's own address, unless this one's is
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, 0))
+        except OSError:
+            pass
+        else:
+            pytest.skip(f"{host} is an address of this machine")
+    started = time.monotonic()
+    with pytest.raises(OSError, match="assign"):  # EADDRNOTAVAIL: cannot assign address
+        open_leader_store(host, 2, timeout_s=5.0)
+    assert time.monotonic() - started < 1.0  # it waited two torch timeouts, then crashed

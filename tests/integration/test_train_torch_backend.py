@@ -12,6 +12,9 @@ import torch
 
 from gossamer.comm.report import AllReduceResult
 from gossamer.core.errors import DeadlineExceededError, GossamerError, PeerLostError
+from gossamer.net.bridge import NodeThread
+from gossamer.net.config import NodeConfig
+from gossamer.net.node import Node
 from gossamer.train import swarm_averager
 from gossamer.train.averaging import AverageOutcome
 from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig
@@ -381,3 +384,20 @@ def test_members_that_would_make_different_kinds_of_group_average_over_p2p(
         assert time.monotonic() - started < 4.0  # the torch timeout is 4 s here
         assert_weighted_mean(outcomes, [0, 1], [1.0, 1.0])
         assert all(a.rounds_by_backend == {"p2p": 1, "torch": 0} for a in made)
+
+
+def test_a_peer_advertising_an_address_it_cannot_listen_on_averages_over_p2p(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A container's or a port mapping's advertised address is private but not this machine's:
+    # opening the rendezvous store there took two torch timeouts, then killed the peer.
+    config = NodeConfig(listen_address="127.0.0.1:0", advertise_addresses=("203.0.113.77:7000",))
+    with NodeThread(config, node_factory=lambda c, i: Node(c, i)) as node_thread:
+        started = time.monotonic()
+        averager = SwarmAverager(node_thread, SwarmAveragerConfig(run_id=RUN, backend="torch"))
+        try:
+            assert time.monotonic() - started < 5.0
+            assert averager._torch is None
+        finally:
+            averager.close()
+    assert "cannot listen for torch.distributed rendezvous at 203.0.113.77" in caplog.text

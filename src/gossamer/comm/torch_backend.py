@@ -9,7 +9,8 @@ group beside). Its calls block: run them in a thread, never on the event loop.
 
 torch.distributed's store and gloo's connections are plain TCP without authentication, as in
 any torch.distributed job: ``auto`` picks this backend only where every member's address is on
-a loopback or private network (:func:`site_local`).
+a loopback or private network (:func:`site_local`), and the leader's store listens on its
+advertised address only.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import datetime
 import ipaddress
 import logging
 import math
+import socket
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -64,14 +66,30 @@ def site_local(host: str) -> bool:
 
 
 def open_leader_store(host: str, world_size: int, timeout_s: float) -> TCPStore:
-    """The leader's store on a free port (read it back from ``.port`` and tell the members)."""
+    """The leader's store on a free port of ``host`` (read it back from ``.port`` and tell the
+    members).
+
+    It listens on ``host`` only: left to itself a ``TCPStore`` listens on every interface of the
+    machine, so anyone reaching any of them could write the rendezvous keys.
+
+    Raises:
+        OSError: ``host`` is not an address of this machine (a container's or a port mapping's
+            advertised address): no store could be reached there anyway.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as listener:
+        listener.bind((host, 0))
+        listener.listen(socket.SOMAXCONN)
+        port = listener.getsockname()[1]
+        fd = listener.detach()  # the store's from here on (it closes it)
     return TCPStore(
         host,
-        0,
+        port,
         world_size,
         is_master=True,
         timeout=datetime.timedelta(seconds=timeout_s),
         wait_for_workers=False,
+        master_listen_fd=fd,
     )
 
 
@@ -240,6 +258,9 @@ class TorchGroupAverager:
 
         Raises:
             PeerLostError: a member failed during the collective (the group must be re-made).
+                ``tensors`` then hold partial results (scaled, perhaps partly reduced): a
+                caller that must run the round again on its own values keeps a copy, or calls
+                :meth:`average`, which leaves its inputs alone.
         """
         device = self._check_round(tensors, weight)
         started = time.perf_counter()

@@ -373,7 +373,18 @@ class SwarmAverager:
             logger.info("peer %s: %s is not site-local: rounds go over p2p", self.peer_id[:8], host)
             return
         timeout_s = self._torch_timeout_s
-        self._store = open_leader_store(host, 1, timeout_s)
+        try:
+            self._store = open_leader_store(host, 1, timeout_s)
+        except (OSError, RuntimeError) as exc:  # DistError is a RuntimeError
+            logger.warning(
+                "peer %s: cannot listen for torch.distributed rendezvous at %s (%s), the first "
+                "address this peer advertises: rounds go over p2p (advertise an address of "
+                "this machine first to use the torch backend)",
+                self.peer_id[:8],
+                host,
+                exc,
+            )
+            return
         self._store_address = (
             f"[{host}]:{self._store.port}" if ":" in host else (f"{host}:{self._store.port}")
         )
