@@ -19,6 +19,7 @@ from gossamer.comm.torch_backend import (
     open_leader_store,
     open_member_store,
 )
+from gossamer.core.errors import DeadlineExceededError
 
 
 def test_auto_picks_torch_only_when_everyone_is_reachable() -> None:
@@ -126,3 +127,36 @@ def test_a_rendezvous_address_not_on_this_machine_fails_at_once() -> None:
     with pytest.raises(OSError, match="assign"):  # EADDRNOTAVAIL: cannot assign address
         open_leader_store(host, 2, timeout_s=5.0)
     assert time.monotonic() - started < 1.0  # it waited two torch timeouts, then crashed
+
+
+def test_the_leader_store_keeps_no_keys_of_groups_made_or_tried() -> None:
+    # Each group (and each failed rendezvous) left its members' addresses in the leader's store,
+    # which lives as long as the peer: a swarm with churn grew it without end.
+    leader = open_leader_store("127.0.0.1", 1, timeout_s=10.0)
+    stores = [leader] + [open_member_store("127.0.0.1", leader.port, 1, 10.0) for _ in range(2)]
+    averagers = [TorchGroupAverager(timeout_s=10.0) for _ in range(3)]
+    counts = []
+    try:
+        for index in range(8):
+            size = 2 + index % 2  # the membership changes every round: a new group each time
+            names = ["a", "b", "c"][:size]
+
+            def member(rank: int, index: int = index, names: list[str] = names) -> None:
+                averager = averagers[rank]
+                averager.ensure_group(f"r/{index}", names, rank, stores[rank], "127.0.0.1")
+                averager.average([torch.full((100,), float(rank))], 1.0)
+
+            threads = [threading.Thread(target=member, args=(r,)) for r in range(size)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=60)
+            counts.append(leader.num_keys())
+        lonely = TorchGroupAverager(timeout_s=1.0)  # its partner never comes
+        with pytest.raises(DeadlineExceededError):
+            lonely.ensure_group("r/alone", ["a", "b"], 0, leader, "127.0.0.1")
+        counts.append(leader.num_keys())
+    finally:
+        for averager in averagers:
+            averager.close()
+    assert max(counts) == counts[0], counts

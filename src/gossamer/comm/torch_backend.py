@@ -151,6 +151,9 @@ class TorchGroupAverager:
         """Process groups made so far (one per membership)."""
         self._pg: Any = None
         """The group's gloo or NCCL backend (torch's stubs give Backend no collectives)."""
+        self._rendezvous: tuple[Store, int] | None = None
+        """On the leader (rank 0) of a gloo group: the group's keys in its store, and the
+        group's size, until they are deleted (see :meth:`_forget_rendezvous`)."""
 
     def ensure_group(
         self, group_hash: str, members: Sequence[str], rank: int, store: Store, host: str = ""
@@ -180,8 +183,11 @@ class TorchGroupAverager:
                 options._timeout = timeout  # as init_process_group sets it (else NCCL's 10 min)
                 self._pg = nccl(prefixed, rank, len(members), options)
             else:
+                if rank == 0:
+                    self._rendezvous = (prefixed, len(members))
                 self._pg = _gloo_group(prefixed, rank, len(members), timeout, host)
         except (RuntimeError, dist.DistError) as exc:
+            self._forget_rendezvous()  # the group will not be: its keys serve no one
             raise DeadlineExceededError(f"torch.distributed rendezvous failed: {exc}") from exc
         self._group_hash, self.members, self.rank = group_hash, tuple(members), rank
         self.groups_made += 1
@@ -199,6 +205,7 @@ class TorchGroupAverager:
 
     def close(self) -> None:
         """Tear the group down (idempotent)."""
+        self._forget_rendezvous()
         pg, self._pg = self._pg, None
         if pg is not None:
             try:
@@ -207,6 +214,20 @@ class TorchGroupAverager:
                 _log.debug("closing the torch.distributed group: %s", exc)
         self._buffer = None
         self._group_hash, self.members, self.rank = None, (), -1
+
+    def _forget_rendezvous(self) -> None:
+        """On the leader: delete the group's rendezvous keys (each member's address, about
+        200 bytes) from its store, which lives as long as the peer: else a swarm whose members
+        come and go left a set in it for every group ever made or tried."""
+        rendezvous, self._rendezvous = self._rendezvous, None
+        if rendezvous is None:
+            return
+        store, size = rendezvous
+        try:
+            for rank in range(size):
+                store.delete_key(f"0/{rank}")  # gloo's key for rank's address on device 0
+        except (RuntimeError, dist.DistError) as exc:  # the store's own failure: nothing to do
+            _log.debug("deleting a rendezvous' keys: %s", exc)
 
     def _total_weight(self, weight: float) -> float:
         """Sum of every member's weight (a one-value all-reduce; also a liveness check)."""
@@ -222,6 +243,7 @@ class TorchGroupAverager:
             raise ValueError("no group: call ensure_group first")
         try:
             pg.allreduce([tensor]).wait()
+            self._forget_rendezvous()  # every member has joined: the keys are not read again
         except (RuntimeError, dist.DistError) as exc:
             self.close()
             raise PeerLostError(f"torch.distributed all_reduce failed: {exc}") from exc
