@@ -491,8 +491,10 @@ class SwarmAverager:
             assert self._mailbox is not None
             if len(members) < 2:
                 # A peer that counted this one (clocks apart, no majority to correct them) is
-                # refused at its first message instead of waiting for one that never comes.
+                # refused at its first message instead of waiting for one that never comes:
+                # in the round, and in its p2p re-run where that peer tried torch first.
                 self._mailbox.settle_key(round_key_tag(key))
+                self._mailbox.settle_key(round_key_tag(f"{key}/p2p"))
                 return AverageOutcome(
                     tensors=[t.clone() for t in tensors],
                     group_size=len(members),
