@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from gossamer.bench.allreduce import _memory_ratio, _most_memory
 from gossamer.bench.loop import run_loop_bench
-from gossamer.core.config import DataConfig, ModelConfig, RunConfig
+from gossamer.bench.obs_overhead import run_obs_overhead_bench
+from gossamer.core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from gossamer.core.errors import ConfigError
 
 
 def test_loop_bench_measures_both_sides(tmp_path: Path) -> None:
@@ -82,3 +87,23 @@ def test_diloco_bench_takes_the_outer_optimizer_from_the_run_config() -> None:
     overlapped = bench_diloco_config(RunConfig(swarm=SwarmConfig(overlap=True)), inner_steps=50)
     assert not overlapped.overlap
     assert overlapped.train_while_forming
+
+
+def test_settings_the_loop_measurement_cannot_honour_are_refused() -> None:
+    # With accumulation the plain loop still took one micro-batch a step: Gossamer read 4x
+    # slower than it was. Without a warm-up step the first mark was missing (KeyError).
+    accumulating = RunConfig(train=TrainConfig(grad_accum_steps=4))
+    with pytest.raises(ConfigError, match="grad-accum-steps"):
+        run_loop_bench(config=accumulating, steps=2, warmup_steps=1, repeats=1)
+    with pytest.raises(ConfigError, match="warmup-steps"):
+        run_loop_bench(steps=2, warmup_steps=0, repeats=1)
+    with pytest.raises(ConfigError, match="warmup-steps"):
+        run_obs_overhead_bench(steps=2, warmup_steps=0, repeats=1)
+
+
+def test_a_round_that_could_not_read_its_memory_never_reads_as_none_added() -> None:
+    assert _most_memory(0, 5) == 5
+    assert _most_memory(7, 5) == 7
+    assert _most_memory(0, -1) == -1  # it read 0.00x before: "no extra memory at all"
+    assert _most_memory(-1, 9) == -1
+    assert _memory_ratio([_most_memory(0, -1), 100], 100) is None

@@ -32,6 +32,7 @@ import collections
 import contextlib
 import datetime
 import json
+import math
 import os
 import secrets
 import statistics
@@ -131,6 +132,19 @@ class AllReduceBenchResult:
         """The result as one JSON object."""
         return json.dumps(asdict(self), indent=2)
 
+    def _wire_note(self) -> str:
+        """What ``header_overhead`` measures here, which depends on the backend and codec."""
+        framing = f"TCP/IP framing adds >= {_TCP_FRAMING - 1:.1%} on top"
+        if self.backend == "torch":
+            return (
+                f"(the ring's bytes, counted not measured: gloo's own framing unknown; {framing})"
+            )
+        what = "compression and comm's frames" if self.codec != "none" else "comm's frames"
+        return (
+            f"({self.header_overhead:+.2%} vs the ring bound's fp32 bytes: {what}; TLS, HTTP/2 "
+            f"and gRPC framing (about 0.2%) and control words not counted; {framing})"
+        )
+
     def table(self) -> str:
         """A human-readable summary."""
         if self.share_of_bound is None or self.gloo_share_of_bound is None:
@@ -182,9 +196,7 @@ class AllReduceBenchResult:
                 f"  gloo          {self.gloo_seconds:8.3f} s",
                 f"  speedup       {self.speedup_vs_gloo:8.2f}x vs gloo",
                 f"  ring bound    {bound}",
-                f"  wire bytes    {self.wire_bytes_per_peer} per peer "
-                f"({self.header_overhead:+.2%} vs the ring bound's bytes, comm/codec headers; "
-                f"TCP/IP framing adds >= {_TCP_FRAMING - 1:.1%} on top)",
+                f"  wire bytes    {self.wire_bytes_per_peer} per peer {self._wire_note()}",
                 f"  max |error|   {self.max_abs_error_vs_gloo:.2e} vs gloo's mean",
                 f"  TCP           {self.tcp_congestion_control or 'n/a'} congestion control",
                 *([busy] if busy else []),
@@ -323,10 +335,10 @@ def _gloo_round(tensor: torch.Tensor, ifname: str) -> _GlooRound:
         cpu = time.process_time()
         started = time.perf_counter()
         dist.all_reduce(reference)
+        reference /= dist.get_world_size()  # a mean, as Gossamer's rounds give: timed alike
         seconds = time.perf_counter() - started
         cpu = time.process_time() - cpu
     sent = _link_tx_bytes(ifname) - sent
-    reference /= dist.get_world_size()
     return _GlooRound(seconds, cpu, sent, memory.extra_bytes, reference)
 
 
@@ -350,7 +362,7 @@ def _torch_rounds(
         gloo.append(gloo_round.seconds)
         gloo_cpu.append(gloo_round.cpu_s)
         gloo_link.append(gloo_round.sent)
-        gloo_memory = max(gloo_memory, gloo_round.extra_memory)
+        gloo_memory = _most_memory(gloo_memory, gloo_round.extra_memory)
         work = tensor.clone()  # like gloo's reference: allocated before the clock starts
         dist.barrier()
         with _ExtraMemory() as extra:
@@ -360,7 +372,7 @@ def _torch_rounds(
             report = averager.average_([work])
             timed.append(time.perf_counter() - started)
             cpu.append(time.process_time() - cpu_start)
-        memory = max(memory, extra.extra_bytes)
+        memory = _most_memory(memory, extra.extra_bytes)
         link.append(_link_tx_bytes(ifname) - sent)
         wire = report.bytes_sent
         dist.barrier()  # every worker stopped its clock before the check takes CPU
@@ -420,13 +432,16 @@ async def _p2p_rounds(
             gloo.append(gloo_round.seconds)
             gloo_cpu.append(gloo_round.cpu_s)
             gloo_link.append(gloo_round.sent)
-            gloo_memory = max(gloo_memory, gloo_round.extra_memory)
+            gloo_memory = _most_memory(gloo_memory, gloo_round.extra_memory)
             for codec in spec["codecs"]:
                 config = AllReduceConfig(
                     timeout_s=_TIMEOUT_S,
                     codec=CodecPolicy(codec=codec),
                     chunk_elements=spec["chunk_elements"],
                 )
+                # Outside the clock: a round that leaves any value unwritten shows as NaN below,
+                # not as the previous round's (right) average.
+                landing.fill_(math.nan)
                 await asyncio.to_thread(dist.barrier)
                 with _ExtraMemory() as extra:
                     sent = _link_tx_bytes(ifname)
@@ -447,7 +462,7 @@ async def _p2p_rounds(
                 # has stopped its clock, so it never takes CPU from a round still running.
                 await asyncio.to_thread(dist.barrier)
                 row = codecs[codec]
-                row["memory"] = max(row["memory"], extra.extra_bytes)
+                row["memory"] = _most_memory(row["memory"], extra.extra_bytes)
                 row["seconds"].append(elapsed)
                 row["cpu"].append(cpu_s)
                 if result.report.ring_left is not None:
@@ -455,7 +470,7 @@ async def _p2p_rounds(
                 row["link"].append(_link_tx_bytes(ifname) - sent)
                 row["wire"] = result.report.bytes_sent
                 error = float((result.tensors[0] - reference).abs().max())
-                row["error"] = max(row["error"], error)
+                row["error"] = max(row["error"], error if math.isfinite(error) else math.inf)
         await asyncio.to_thread(dist.barrier)  # nobody stops its node while others still send
         return {
             "gloo": gloo,
@@ -662,6 +677,12 @@ def aes_gcm_bytes_per_s(total_bytes: int = 64 << 20, record_bytes: int = 16 << 1
 def _cpu_per_peer(cpu: list[list[float]]) -> float:
     """Median over repeats of the workers' mean CPU time in a round (``cpu[worker][repeat]``)."""
     return statistics.median(statistics.fmean(each) for each in zip(*cpu, strict=True))
+
+
+def _most_memory(so_far: int, extra_bytes: int) -> int:
+    """The larger of two extra-memory readings, or -1 once either could not be read (a round
+    that could not measure must not read as one that added nothing)."""
+    return -1 if min(so_far, extra_bytes) < 0 else max(so_far, extra_bytes)
 
 
 def _memory_ratio(extra_bytes: list[int], size_bytes: int) -> float | None:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from gossamer.core.config import CheckpointConfig, RunConfig, TrainConfig
+from gossamer.core.errors import ConfigError
 from gossamer.data import Corpus, load_corpus
 from gossamer.models import GPT
 from gossamer.obs.metrics import PeerMetrics
@@ -106,7 +107,10 @@ def gossamer_tokens_per_s(
     with tempfile.TemporaryDirectory(prefix="gossamer-bench-") as tmp:
         run_config = replace(
             config,
-            checkpoint=CheckpointConfig(directory=str(Path(tmp) / "ckpt"), resume=False),
+            # No checkpoint inside the measured steps: the plain loop writes none.
+            checkpoint=CheckpointConfig(
+                directory=str(Path(tmp) / "ckpt"), resume=False, every_steps=0
+            ),
         )
         timer = _StepTimer(warmup)
         metrics = PeerMetrics() if observability == "full" else None
@@ -163,6 +167,22 @@ def _plain_tokens_per_s(config: RunConfig, corpus: Corpus, warmup: int, steps: i
     return steps * batch_size * seq_len / (time.perf_counter() - started)
 
 
+def _check_measurable(config: RunConfig, warmup_steps: int) -> None:
+    """Refuse settings the measurement cannot honour.
+
+    Raises:
+        ConfigError: no warm-up step (the first measured step needs a start mark), or gradient
+            accumulation (the plain loop takes one micro-batch per step).
+    """
+    if warmup_steps < 1:
+        raise ConfigError(f"--warmup-steps must be at least 1, got {warmup_steps}")
+    if config.train.grad_accum_steps != 1:
+        raise ConfigError(
+            "the loop benchmarks take one micro-batch per step on both sides: drop "
+            f"--train.grad-accum-steps (got {config.train.grad_accum_steps})"
+        )
+
+
 def run_loop_bench(
     *, config: RunConfig | None = None, steps: int = 60, warmup_steps: int = 5, repeats: int = 3
 ) -> LoopBenchResult:
@@ -175,6 +195,7 @@ def run_loop_bench(
         repeats: measurements per side.
     """
     base = config or RunConfig()
+    _check_measurable(base, warmup_steps)
     total = warmup_steps + steps
     base = replace(
         base,

@@ -15,6 +15,7 @@ import torch
 
 from gossamer.bench.loop import gossamer_tokens_per_s
 from gossamer.core.config import RunConfig
+from gossamer.core.errors import ConfigError
 from gossamer.data import load_corpus
 
 __all__ = ["ObsOverheadResult", "run_obs_overhead_bench"]
@@ -60,7 +61,13 @@ class ObsOverheadResult:
 def run_obs_overhead_bench(
     *, config: RunConfig | None = None, steps: int = 60, warmup_steps: int = 5, repeats: int = 3
 ) -> ObsOverheadResult:
-    """Measure both settings ``repeats`` times each, alternating which goes first."""
+    """Measure both settings ``repeats`` times each, alternating which goes first.
+
+    Raises:
+        ConfigError: no warm-up step (the first measured step needs a start mark).
+    """
+    if warmup_steps < 1:
+        raise ConfigError(f"--warmup-steps must be at least 1, got {warmup_steps}")
     base = config or RunConfig()
     base = replace(
         base,

@@ -49,7 +49,7 @@ def _runs_table(title: str, rows: list[tuple[str, list[float]]]) -> Table:
 def loop(
     ctx: typer.Context,
     steps: Annotated[int, typer.Option(help="Measured steps per repeat.", min=1)] = 60,
-    warmup_steps: Annotated[int, typer.Option(help="Unmeasured steps first.", min=0)] = 5,
+    warmup_steps: Annotated[int, typer.Option(help="Unmeasured steps first.", min=1)] = 5,
     repeats: Annotated[int, typer.Option(help="Measurements per side (alternating).", min=1)] = 3,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
     out: Annotated[Path | None, typer.Option(help="Also write the JSON result here.")] = None,
@@ -89,7 +89,7 @@ def loop(
 def obs(
     ctx: typer.Context,
     steps: Annotated[int, typer.Option(help="Measured steps per repeat.", min=1)] = 60,
-    warmup_steps: Annotated[int, typer.Option(help="Unmeasured steps first.", min=0)] = 5,
+    warmup_steps: Annotated[int, typer.Option(help="Unmeasured steps first.", min=1)] = 5,
     repeats: Annotated[int, typer.Option(help="Measurements per side (alternating).", min=1)] = 3,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
     out: Annotated[Path | None, typer.Option(help="Also write the JSON result here.")] = None,
