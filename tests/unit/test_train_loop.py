@@ -245,12 +245,18 @@ def test_a_fit_on_the_last_step_does_not_add_a_step(corpus_file: Path, tmp_path:
     assert max(CheckpointStore(tmp_path / "ckpt").steps()) == 20
 
 
+def _paused_at(step: int, corpus_file: Path, tmp_path: Path) -> RunConfig:
+    """A run's config, its checkpoints written up to ``step`` (the run paused there)."""
+    config = tiny_config(corpus_file, tmp_path / "ckpt")
+    with Trainer(config) as first:
+        first.run(stop_at_step=step)
+    return config
+
+
 def test_optimizer_settings_changed_on_resume_take_effect(
     corpus_file: Path, tmp_path: Path
 ) -> None:
-    config = tiny_config(corpus_file, tmp_path / "ckpt")
-    with Trainer(config) as first:
-        first.run(stop_at_step=6)
+    config = _paused_at(6, corpus_file, tmp_path)
     changed = dataclasses.replace(
         config, optim=dataclasses.replace(config.optim, weight_decay=0.5, beta1=0.5, beta2=0.99)
     )
@@ -264,9 +270,7 @@ def test_optimizer_settings_changed_on_resume_take_effect(
 def test_resuming_with_another_seed_is_an_incompatible_checkpoint(
     corpus_file: Path, tmp_path: Path
 ) -> None:
-    config = tiny_config(corpus_file, tmp_path / "ckpt")
-    with Trainer(config) as first:
-        first.run(stop_at_step=4)
+    config = _paused_at(4, corpus_file, tmp_path)
     reseeded = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=4))
     with pytest.raises(IncompatibleCheckpointError, match=r"other training data.*seed"):
         Trainer(reseeded)
@@ -275,9 +279,7 @@ def test_resuming_with_another_seed_is_an_incompatible_checkpoint(
 def test_resuming_on_other_data_of_the_same_size_says_so(
     corpus_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = tiny_config(corpus_file, tmp_path / "ckpt")
-    with Trainer(config) as first:
-        first.run(stop_at_step=4)
+    config = _paused_at(4, corpus_file, tmp_path)
     other = tmp_path / "other.txt"
     other.write_text(TEXT.swapcase())  # as many tokens, other ones
     moved = dataclasses.replace(config, data=dataclasses.replace(config.data, path=str(other)))
