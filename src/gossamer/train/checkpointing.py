@@ -51,6 +51,11 @@ class RunState:
     """The sha256 of the training tokens (the corpus manifest's), where known."""
 
 
+def _schedule_limits(config: RunConfig) -> dict[str, float]:
+    """The limits a schedule fitted to a time budget holds under."""
+    return {"max_steps": config.train.max_steps, "max_seconds": config.train.max_seconds}
+
+
 def _model_signature(model: nn.Module) -> dict[str, list[int]]:
     return {name: list(t.shape) for name, t in model.state_dict().items()}
 
@@ -80,14 +85,9 @@ def capture_run_state(run: RunState) -> CheckpointState:
             "tokens_trained": run.tokens_trained,
             "schedule_steps": run.schedule_steps,
             # What the schedule was fitted under: a resume with other limits fits it anew.
-            "schedule_fit": (
-                {
-                    "max_steps": run.config.train.max_steps,
-                    "max_seconds": run.config.train.max_seconds,
-                }
-                if run.schedule_steps is not None
-                else None
-            ),
+            "schedule_fit": _schedule_limits(run.config)
+            if run.schedule_steps is not None
+            else None,
             "data_sha256": run.data_sha256,
         },
     )
@@ -163,7 +163,7 @@ def restore_run_state(state: CheckpointState, run: RunState, *, where: str) -> N
     schedule_steps = meta.get("schedule_steps")
     run.schedule_steps = int(schedule_steps) if schedule_steps is not None else None
     fit = meta.get("schedule_fit")
-    limits = {"max_steps": run.config.train.max_steps, "max_seconds": run.config.train.max_seconds}
+    limits = _schedule_limits(run.config)
     if run.schedule_steps is not None and isinstance(fit, dict) and fit != limits:
         logger.info(
             "the learning-rate schedule fitted to the last session's time budget (%d steps, "

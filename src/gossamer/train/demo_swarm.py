@@ -365,8 +365,7 @@ def _run(
         return int(swarm.statuses().get(name, {}).get("step", 0) or 0)
 
     def rounds_of(name: str) -> int:
-        rounds = swarm.statuses().get(name, {}).get("rounds_by_backend") or {}
-        return sum(int(n or 0) for n in rounds.values())
+        return _rounds_averaged(swarm.statuses().get(name, {}))
 
     try:
         swarm.start("peer0", None)
@@ -426,6 +425,11 @@ def _run(
     return replace(summary, dashboard_url=board.url)
 
 
+def _rounds_averaged(status: dict[str, Any]) -> int:
+    """Rounds a peer's status says it averaged with others, over every backend."""
+    return sum(int(n or 0) for n in (status.get("rounds_by_backend") or {}).values())
+
+
 def _summarize(
     run_dir: Path,
     plan: SwarmDemoPlan,
@@ -466,10 +470,9 @@ def _summarize(
         peers=plan.num_peers + 1,
         peers_killed=1,
         killed_peer_rounds=sum(
-            int(n or 0)
+            _rounds_averaged(s)
             for name, s in statuses.items()
             if name not in survivors and name != newcomer
-            for n in (s.get("rounds_by_backend") or {}).values()
         ),
         peers_joined=1,
         bytes_on_wire=bytes_on_wire,

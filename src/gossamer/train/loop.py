@@ -466,8 +466,7 @@ class Trainer:
             if cfg.train.max_seconds and elapsed + per_step > cfg.train.max_seconds:
                 stopped_by_time = step < stop
                 break
-        fitted = run.schedule_steps
-        if fitted is not None and fitted < cfg.train.max_steps and step >= self.schedule_steps:
+        if step >= self.schedule_steps < cfg.train.max_steps:
             stopped_by_time = True  # the schedule fitted to the budget ended it before max_steps
         replaced = False
         if step >= self.schedule_steps or stopped_by_time:  # the run ends here, not a pause

@@ -53,18 +53,12 @@ def apply_optim_config(optimizer: torch.optim.Optimizer, config: OptimConfig) ->
     A resumed run then follows its config now, as it does for the learning rate (set every
     step). Returns what changed, e.g. ``["optim.weight_decay 0.1 -> 0.5"]``.
     """
-    changed = []
     betas = (config.beta1, config.beta2)
+    matrices = optimizer.param_groups[0]  # then the rest, which never decays
+    was = {"beta1": matrices["betas"][0], "beta2": matrices["betas"][1]}
+    was["weight_decay"] = matrices["weight_decay"]
+    now = {"beta1": config.beta1, "beta2": config.beta2, "weight_decay": config.weight_decay}
     for index, group in enumerate(optimizer.param_groups):
-        decay = config.weight_decay if index == 0 else 0.0  # matrices first, then the rest
-        old_betas = tuple(group.get("betas", betas))
-        if index == 0 and old_betas != betas:
-            changed += [
-                f"optim.beta{i + 1} {old} -> {new}"
-                for i, (old, new) in enumerate(zip(old_betas, betas, strict=True))
-                if old != new
-            ]
-        if index == 0 and group.get("weight_decay") != decay:
-            changed.append(f"optim.weight_decay {group.get('weight_decay')} -> {decay}")
-        group["betas"], group["weight_decay"] = betas, decay
-    return changed
+        group["betas"] = betas
+        group["weight_decay"] = config.weight_decay if index == 0 else 0.0
+    return [f"optim.{key} {was[key]} -> {now[key]}" for key in now if was[key] != now[key]]

@@ -489,12 +489,13 @@ class SwarmAverager:
             members, missing = round_.members, round_.missing
             marks["formed"] = formed = time.monotonic()
             assert self._mailbox is not None
+            p2p_key = f"{key}/p2p"  # the key of the p2p re-run after a torch attempt
             if len(members) < 2:
                 # A peer that counted this one (clocks apart, no majority to correct them) is
                 # refused at its first message instead of waiting for one that never comes:
                 # in the round, and in its p2p re-run where that peer tried torch first.
                 self._mailbox.settle_key(round_key_tag(key))
-                self._mailbox.settle_key(round_key_tag(f"{key}/p2p"))
+                self._mailbox.settle_key(round_key_tag(p2p_key))
                 return AverageOutcome(
                     tensors=[t.clone() for t in tensors],
                     group_size=len(members),
@@ -511,7 +512,6 @@ class SwarmAverager:
             result = None
             backend = "torch"
             plan = self._torch_plan(node, key, round_)
-            p2p_key = f"{key}/p2p"  # the key of the p2p re-run after a torch attempt
             if plan is not None:
                 self._mailbox.settle_key(round_key_tag(key))  # (its p2p re-run has its own key)
                 result = await self._torch_round(node, plan, tensors, weight, p2p_key)
