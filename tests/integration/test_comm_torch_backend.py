@@ -19,7 +19,6 @@ from gossamer.comm.torch_backend import (
     open_leader_store,
     open_member_store,
 )
-from gossamer.core.errors import DeadlineExceededError
 
 
 def test_auto_picks_torch_only_when_everyone_is_reachable() -> None:
@@ -129,9 +128,10 @@ def test_a_rendezvous_address_not_on_this_machine_fails_at_once() -> None:
     assert time.monotonic() - started < 1.0  # it waited two torch timeouts, then crashed
 
 
-def test_the_leader_store_keeps_no_keys_of_groups_made_or_tried() -> None:
-    # Each group (and each failed rendezvous) left its members' addresses in the leader's store,
-    # which lives as long as the peer: a swarm with churn grew it without end.
+def test_the_leader_store_keeps_no_keys_of_groups_made() -> None:
+    # Each group left its members' addresses in the leader's store, which lives as long as the
+    # peer: a swarm with churn grew it without end. (A failed rendezvous keeps its keys: a
+    # straggler still reading them fails at once against the closed group instead of waiting.)
     leader = open_leader_store("127.0.0.1", 1, timeout_s=10.0)
     stores = [leader] + [open_member_store("127.0.0.1", leader.port, 1, 10.0) for _ in range(2)]
     averagers = [TorchGroupAverager(timeout_s=10.0) for _ in range(3)]
@@ -152,10 +152,6 @@ def test_the_leader_store_keeps_no_keys_of_groups_made_or_tried() -> None:
             for thread in threads:
                 thread.join(timeout=60)
             counts.append(leader.num_keys())
-        lonely = TorchGroupAverager(timeout_s=1.0)  # its partner never comes
-        with pytest.raises(DeadlineExceededError):
-            lonely.ensure_group("r/alone", ["a", "b"], 0, leader, "127.0.0.1")
-        counts.append(leader.num_keys())
     finally:
         for averager in averagers:
             averager.close()

@@ -187,7 +187,7 @@ class TorchGroupAverager:
                     self._rendezvous = (prefixed, len(members))
                 self._pg = _gloo_group(prefixed, rank, len(members), timeout, host)
         except (RuntimeError, dist.DistError) as exc:
-            self._forget_rendezvous()  # the group will not be: its keys serve no one
+            self._rendezvous = None  # a straggler may still read them: left (see below)
             raise DeadlineExceededError(f"torch.distributed rendezvous failed: {exc}") from exc
         self._group_hash, self.members, self.rank = group_hash, tuple(members), rank
         self.groups_made += 1
@@ -205,7 +205,7 @@ class TorchGroupAverager:
 
     def close(self) -> None:
         """Tear the group down (idempotent)."""
-        self._forget_rendezvous()
+        self._rendezvous = None  # never completed: a straggler may still read them
         pg, self._pg = self._pg, None
         if pg is not None:
             try:
@@ -216,9 +216,12 @@ class TorchGroupAverager:
         self._group_hash, self.members, self.rank = None, (), -1
 
     def _forget_rendezvous(self) -> None:
-        """On the leader: delete the group's rendezvous keys (each member's address, about
-        200 bytes) from its store, which lives as long as the peer: else a swarm whose members
-        come and go left a set in it for every group ever made or tried."""
+        """On the leader, once a collective went through (every member joined): delete the
+        group's rendezvous keys (each member's address, about 200 bytes) from its store, which
+        lives as long as the peer: else a swarm whose members come and go left a set in it for
+        every group ever made. The keys of a group that never completed a collective stay: a
+        member still in that rendezvous would wait for them to its timeout instead of failing
+        at once against the closed group (and keep its next rounds off torch meanwhile)."""
         rendezvous, self._rendezvous = self._rendezvous, None
         if rendezvous is None:
             return
