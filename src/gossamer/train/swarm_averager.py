@@ -49,7 +49,7 @@ from gossamer.comm.bandwidth import BandwidthMeter, plan_weights
 from gossamer.comm.codecs import CodecPolicy, ErrorFeedback
 from gossamer.comm.groups import split_into_groups
 from gossamer.comm.net_transport import NetCommTransport
-from gossamer.comm.plan import round_key_tag
+from gossamer.comm.plan import ROUND_KEY_TAG_NBYTES, round_key_tag
 from gossamer.comm.report import AllReduceResult
 from gossamer.comm.torch_backend import (
     TorchGroupAverager,
@@ -57,13 +57,14 @@ from gossamer.comm.torch_backend import (
     open_member_store,
     site_local,
 )
-from gossamer.comm.transport import CommMailbox
+from gossamer.comm.transport import CommMailbox, Frame, FrameKind, pack_frame
 from gossamer.core.clock import Clock
 from gossamer.core.errors import (
     DeadlineExceededError,
     GossamerError,
     PeerLostError,
     PeerUnavailableError,
+    ProtocolError,
 )
 from gossamer.net.bridge import NodeThread
 from gossamer.net.identity import peer_id_of_public_key
@@ -254,6 +255,62 @@ class _TorchPlan:
     rank: int
     leader_address: tuple[str, int]
     """(host, port) of the rendezvous store (the first member's)."""
+
+
+def _torch_round_id(key: str, plan: _TorchPlan) -> bytes:
+    """The mailbox's id of a torch.distributed round: the key's tag (see
+    :func:`~gossamer.comm.plan.round_key_tag`), then a hash of the group's name and members,
+    which every member of the plan computes alike."""
+    digest = hashlib.sha256(b"gossamer.swarm.torch-round/")
+    for item in (plan.name, *plan.members):
+        digest.update(len(item).to_bytes(8, "little") + item.encode())
+    return round_key_tag(key) + digest.digest()[: 16 - ROUND_KEY_TAG_NBYTES]
+
+
+class _TorchPresence:
+    """A torch.distributed round's place in the mailbox, under the round's key.
+
+    Each member tells the others that it is in the round (a PRESENT frame under
+    :func:`_torch_round_id`). A member that runs no round of the key (it averaged alone, its
+    clock apart) or is in another group's refuses it at once, so this one stops waiting for
+    it instead of waiting the torch timeout at the rendezvous or in the collective. While
+    open, the round refuses other groups' p2p rounds of the key, as a settled key does.
+    """
+
+    def __init__(self, mailbox: CommMailbox, round_id: bytes) -> None:
+        self.mailbox = mailbox
+        self.round_id = round_id
+        self.refused: dict[str, str] = {}
+        """Members that refused this one's word, with their reason."""
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def handle(self, sender: str, frame: Frame, body: memoryview) -> None:
+        """Take another member's word; a torch round has no other message."""
+        if frame.kind is not FrameKind.PRESENT:
+            raise ProtocolError(f"a torch.distributed round takes no {frame.kind.name} message")
+
+    def open(self, members: Sequence[str], me: str, timeout_s: float) -> None:
+        """Open the round in the mailbox and tell every other member (in the background)."""
+        self.mailbox.open_round(self.round_id, self)
+        word = pack_frame(Frame(FrameKind.PRESENT, self.round_id, 0, 0, members.index(me), 0.0))
+        loop = asyncio.get_running_loop()
+        for peer in members:
+            if peer != me:
+                self._tasks.append(loop.create_task(self._tell(peer, word, timeout_s)))
+
+    async def _tell(self, peer: str, word: bytes, timeout_s: float) -> None:
+        try:
+            await self.mailbox.transport.send(peer, word, timeout_s=timeout_s)
+        except ProtocolError as exc:
+            self.refused[peer] = str(exc)
+        except GossamerError as exc:  # gone or late: the failure detector and timeouts decide
+            logger.debug("telling %s of torch round %s failed: %s", peer[:8], self.round_id, exc)
+
+    def close(self) -> None:
+        """Stop telling and close the round (later words of it are dropped)."""
+        for task in self._tasks:
+            task.cancel()
+        self.mailbox.close_round(self.round_id)
 
 
 def _store_address(entry: dict[str, Any]) -> tuple[str, int] | None:
@@ -512,9 +569,13 @@ class SwarmAverager:
             result = None
             backend = "torch"
             plan = self._torch_plan(node, key, round_)
-            if plan is not None:
-                self._mailbox.settle_key(round_key_tag(key))  # (its p2p re-run has its own key)
-                result = await self._torch_round(node, plan, tensors, weight, p2p_key)
+            if plan is not None:  # (its p2p re-run has a key of its own)
+                presence = _TorchPresence(self._mailbox, _torch_round_id(key, plan))
+                presence.open(plan.members, node.peer_id, self._torch_timeout_s)
+                try:
+                    result = await self._torch_round(node, plan, tensors, weight, p2p_key, presence)
+                finally:
+                    presence.close()
                 if result is not None:  # a member whose collective failed runs it over p2p
                     decline_round(
                         tensors,
@@ -641,6 +702,7 @@ class SwarmAverager:
         tensors: list[torch.Tensor],
         weight: float,
         p2p_key: str,
+        presence: _TorchPresence,
     ) -> AllReduceResult | None:
         """The round over the torch.distributed group; None if it failed or a member went.
 
@@ -652,10 +714,12 @@ class SwarmAverager:
         caller runs the round again over p2p (``p2p_key``), which drops the gone member at
         once. So too when a message of that p2p round arrives during the rendezvous: its sender
         runs the round over p2p already (its rendezvous failed, or it formed another group) and
-        never comes. A failed rendezvous or collective closes the group too (the others'
-        collectives fail as well, at once where their connections to this peer close, else at
-        gloo's timeout) and the caller runs the round over p2p, where messages wait for the
-        members still in their collective (see :attr:`_rerun_config`).
+        never comes; and when a member refuses this one's word (``presence``: it runs no round
+        of the key, having averaged alone, or another group's). A failed rendezvous or
+        collective closes the group too (the others' collectives fail as well, at once where
+        their connections to this peer close, else at gloo's timeout) and the caller runs the
+        round over p2p, where messages wait for the members still in their collective (see
+        :attr:`_rerun_config`).
         """
         averager = self._torch
         assert averager is not None
@@ -731,6 +795,9 @@ class SwarmAverager:
                 gone = [p for p in others if not self._alive(node, p)]
                 if gone:
                     why = f"{', '.join(p[:8] for p in gone)} reported gone"
+                elif presence.refused:
+                    peer, reason = next(iter(presence.refused.items()))
+                    why = f"{peer[:8]} is not in this round ({reason})"
                 elif meeting.is_set() and mailbox.awaits_round_of_key(p2p_tag):
                     why = "a member runs it over p2p and never comes to the rendezvous"
                 elif time.monotonic() >= give_up_at:
