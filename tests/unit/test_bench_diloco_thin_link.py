@@ -76,10 +76,22 @@ def test_speedup_and_json_fields() -> None:
     assert fields["utilization"] == {"p0": pytest.approx(1.0)}
     assert fields["thin_link"]["target_loss"] == 2.5
     assert fields["thin_link"]["settings"] == {"model.width": "64"}
+    assert fields["thin_link"]["speedup_is_lower_bound"] == {
+        "diloco_over_ddp": False,
+        "diloco_over_sync": False,
+        "diloco_overlap_over_ddp": False,
+    }
 
 
 def test_speedup_over_a_reference_that_ran_out_of_time_is_a_lower_bound() -> None:
     assert _result(diloco=4.0, ddp=None).speedup_over("ddp") == pytest.approx(60.0 / 4.0)
+    assert _result(diloco=4.0, ddp=None).speedup_is_lower_bound("ddp")
+    fields = _result(diloco=4.0, ddp=None).to_json()["thin_link"]
+    assert fields["speedup_is_lower_bound"]["diloco_over_ddp"] is True
+    assert not _result(diloco=4.0, ddp=20.0).speedup_is_lower_bound("ddp")
+    assert not _result(diloco=4.0, ddp=None, ddp_error="peer 1 exited").speedup_is_lower_bound(
+        "ddp"
+    )
     assert _result(diloco=4.0, ddp=None, ddp_error="peer 1 exited").speedup_over("ddp") is None
     assert _result(diloco=None, ddp=20.0).speedup_over("ddp") is None
 

@@ -120,6 +120,13 @@ class ThinLinkResult:
         theirs = other.seconds_to_target
         return (theirs if theirs is not None else self.cap_s) / mine
 
+    def speedup_is_lower_bound(self, reference: str, method: str = "diloco") -> bool:
+        """Whether :meth:`speedup_over` is a lower bound: ``reference`` ran out of time (its
+        figure is the cap's) while ``method`` reached the target."""
+        if self.speedup_over(reference, method) is None:
+            return False
+        return self.methods[reference].seconds_to_target is None
+
     def to_json(self) -> dict[str, Any]:
         """The thin-link fields of ``--json``."""
         diloco = self.methods.get("diloco")
@@ -140,6 +147,14 @@ class ThinLinkResult:
                 "speedup_diloco_over_ddp": self.speedup_over("ddp"),
                 "speedup_diloco_over_sync": self.speedup_over("sync"),
                 "speedup_diloco_overlap_over_ddp": self.speedup_over("ddp", "diloco_overlap"),
+                "speedup_is_lower_bound": {
+                    f"{method}_over_{reference}": self.speedup_is_lower_bound(reference, method)
+                    for method, reference in (
+                        ("diloco", "ddp"),
+                        ("diloco", "sync"),
+                        ("diloco_overlap", "ddp"),
+                    )
+                },
                 "methods": {n: dataclasses.asdict(m) for n, m in self.methods.items()},
             },
         }

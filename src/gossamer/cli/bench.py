@@ -265,8 +265,7 @@ def _print_thin_link(thin: ThinLinkResult, rate: str) -> None:
         for reference in ("ddp", "sync"):
             speedup = thin.speedup_over(reference, name)
             if speedup is not None:
-                reached = thin.methods[reference].seconds_to_target is not None
-                bound = "" if reached else " at least"
+                bound = " at least" if thin.speedup_is_lower_bound(reference, name) else ""
                 _console.print(
                     f"{label} reaches the target{bound} {speedup:.1f}x faster than {reference}"
                 )
