@@ -845,12 +845,12 @@ def test_real_threads_and_real_clock_without_faults() -> None:
 
 
 class _DiesBeforeItsAveragesReach(FakeTransport):
-    """An owner whose averages reach every member but ``victim``: the first one for ``victim``
+    """An owner whose averages reach every member but ``victims``: the first one for a victim
     waits until ``dies`` is set, then the peer goes dark (killed while sending them)."""
 
-    def __init__(self, network: FakeNetwork, peer_id: str, victim: str) -> None:
+    def __init__(self, network: FakeNetwork, peer_id: str, *victims: str) -> None:
         super().__init__(network, peer_id)
-        self.victim = victim
+        self.victims = set(victims)
         self.dies = asyncio.Event()
         self.dead = False
 
@@ -859,7 +859,7 @@ class _DiesBeforeItsAveragesReach(FakeTransport):
 
     async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
         frame, _ = unpack_frame(memoryview(message_bytes(message)))
-        if peer_id == self.victim and frame.kind is FrameKind.RESULT:
+        if peer_id in self.victims and frame.kind is FrameKind.RESULT:
             await self.dies.wait()
             self.dead = True
         await super().send(peer_id, message, timeout_s=timeout_s)
@@ -884,7 +884,7 @@ def test_a_member_that_lost_an_average_others_finished_with_leaves_the_round_at_
 
     async def main() -> dict[int, AllReduceResult]:
         network = FakeNetwork(clock)
-        dying = _DiesBeforeItsAveragesReach(network, "peer-2", victim=members[victim])
+        dying = _DiesBeforeItsAveragesReach(network, "peer-2", members[victim])
         network.transports["peer-2"] = dying
         transports = [network.transport("peer-0"), network.transport("peer-1"), dying]
         mailboxes = [CommMailbox(t, clock) for t in transports]
@@ -933,6 +933,65 @@ def test_a_member_that_lost_an_average_others_finished_with_leaves_the_round_at_
     assert torch.equal(kept[a:b], held[a:b])
     assert torch.equal(kept[:a], own[:a])
     assert torch.equal(kept[b:], own[b:])
+
+
+@pytest.mark.parametrize("schedule", [s for s in SCHEDULES if s != "ring"], indirect=True)
+def test_a_backup_that_heard_of_the_owner_second_hand_does_not_average_its_part_again() -> None:
+    # Peer 3 sends its part's averages to peer 2, then dies before those for peers 0 and 1 go
+    # out. Peer 2 finishes with everyone's mean. Only peer 1 sees peer 3 go (peer 0 has no
+    # failure detector here); it reports it to the others, and peer 2 answers that it had
+    # finished. Peer 0, part 3's backup, heard of the failure from peer 1 only: before, it
+    # averaged part 3 again without peers 2 and 3 (waiting to the reduce deadline, 21 s, for
+    # peer 2's contribution) and ended the round, not dropped, with a part 3 peer 2 does not
+    # hold. It passes the report on, hears peer 2's answer, and leaves the round at once.
+    inputs = _inputs(4)
+    clock = IdleJumpClock()
+    config = _scheduled(CONFIG)
+    members = [f"peer-{i}" for i in range(4)]
+    finisher = 2
+    finished_at: dict[int, float] = {}
+
+    async def main() -> dict[int, AllReduceResult]:
+        network = FakeNetwork(clock)
+        dying = _DiesBeforeItsAveragesReach(network, "peer-3", "peer-0", "peer-1")
+        network.transports["peer-3"] = dying
+        transports = [network.transport(f"peer-{i}") for i in range(3)] + [dying]
+        mailboxes = [CommMailbox(t, clock) for t in transports]
+
+        async def one(i: int) -> AllReduceResult:
+            result = await all_reduce(
+                inputs[i],
+                mailbox=mailboxes[i],
+                members=members,
+                round_key="run/9",
+                config=config,
+                clock=clock,
+                offload=inline_offload,
+                alive=(lambda peer: not (peer == "peer-3" and dying.dead)) if i == 1 else None,
+            )
+            finished_at[i] = clock.monotonic()
+            if i == finisher:
+                dying.dies.set()
+            return result
+
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(i)) for i in range(4)]
+        return {i: t.result() for i, t in enumerate(tasks)}
+
+    results = asyncio.run(clock.run(main()))
+    held = torch.cat([t.reshape(-1) for t in results[finisher].tensors])
+    _assert_close(results[finisher].tensors, _mean(inputs, range(4)), atol=1e-6)
+    parts = results[finisher].report.parts
+    start = sum(p.num_elements for p in parts[:3])
+    for i in (0, 1):
+        report = results[i].report
+        assert finished_at[i] < 1.0, finished_at  # not the reduce deadline (21 s)
+        values = torch.cat([t.reshape(-1) for t in results[i].tensors])
+        if report.excluded is None:  # a member that ends in the round holds what peer 2 holds
+            assert torch.equal(values[start:], held[start:]), i
+        else:
+            assert "had finished the round" in report.excluded
+            assert report.parts[3].outcome is PartOutcome.KEPT_LOCAL
 
 
 def test_a_finished_round_answers_only_for_averages_it_took_from_the_owner() -> None:

@@ -723,8 +723,11 @@ class RoundState:
 
     # ---- failures ------------------------------------------------------------------------------
 
-    def peer_failed(self, member: int, reason: str, *, notify: bool) -> None:
-        """Stop waiting for ``member``, reassign what it reduced, and (optionally) tell the rest.
+    def peer_failed(
+        self, member: int, reason: str, *, notify: bool, told_by: int | None = None
+    ) -> None:
+        """Stop waiting for ``member``, reassign what it reduced, and (optionally) tell the rest
+        (but ``told_by``, the member that reported it here).
 
         ``member`` itself is told too: if it is alive (wrongly declared failed, or cut off from
         one member only) it stops at once instead of at its deadline, and does not take its own
@@ -760,7 +763,7 @@ class RoundState:
         message = pack_frame(Frame(FrameKind.PEER_FAILED, self.round_id, 0, 0, member, 0.0, 0))
         if notify:
             for dest in range(self.plan.num_parts):
-                if dest != self.me and dest not in self.failed:
+                if dest not in (self.me, told_by) and dest not in self.failed:
                     self.spawn(self._notify(dest, message))
         self.spawn(self._tell_excluded(member, message))
         self._check_done()
@@ -892,7 +895,13 @@ class RoundState:
             if frame.kind is FrameKind.PEER_FAILED or frame.flags & FLAG_REASSIGNED:
                 return  # nothing to start in a round that is over
         if frame.kind is FrameKind.PEER_FAILED:
-            self.peer_failed(frame.peer_index, f"reported by {sender[:12]}", notify=False)
+            # Passed on once (this member knows of it from now on): a member that finished with
+            # the failed owner's averages before the reporter could tell it answers that it had
+            # (ROUND_CLOSED), so this one, maybe the part's backup, does not average it again
+            # without it and end the round with a part the finished member does not hold.
+            self.peer_failed(
+                frame.peer_index, f"reported by {sender[:12]}", notify=True, told_by=member
+            )
             return
         if frame.part >= n or frame.chunk >= len(self.chunks[frame.part]):
             raise ProtocolError(f"chunk {frame.chunk} of part {frame.part} is not in the plan")
