@@ -18,6 +18,7 @@ from gossamer.comm.codecs import CodecPolicy, ErrorFeedback
 from gossamer.comm.fake_transport import FakeNetwork, FakeTransport, FaultScript
 from gossamer.comm.report import AllReduceResult, PartOutcome
 from gossamer.comm.transport import (
+    CHUNK_ELEMENTS_LIMIT,
     FLAG_REASSIGNED,
     FLAG_RING,
     CommMailbox,
@@ -1030,6 +1031,9 @@ def test_message_size_grows_with_the_round_within_bounds() -> None:
     assert AllReduceConfig().chunk_elements is None
     with pytest.raises(ValueError, match="chunk_elements"):
         AllReduceConfig(chunk_elements=0)
+    AllReduceConfig(chunk_elements=CHUNK_ELEMENTS_LIMIT)
+    with pytest.raises(ValueError, match="chunk_elements is at most"):  # peers refuse them
+        AllReduceConfig(chunk_elements=CHUNK_ELEMENTS_LIMIT + 1)
 
 
 class _Posts(FakeTransport):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -21,7 +22,14 @@ from gossamer.comm.codecs import (
 from gossamer.comm.plan import FlatLayout
 from gossamer.comm.reduction import ChunkCodec
 from gossamer.comm.transport import message_bytes
-from gossamer.comm.wire import WireLimits, decode_piece, decode_tensor, encode_piece, encode_tensor
+from gossamer.comm.wire import (
+    WireLimits,
+    decode_piece,
+    decode_tensor,
+    encode_piece,
+    encode_tensor,
+    pack_piece_header,
+)
 from gossamer.core.config_loader import load_run_config
 from gossamer.core.errors import ProtocolError
 from gossamer.models import GPT
@@ -205,6 +213,28 @@ def test_uncompressed_values_are_read_where_they_lie_and_tensors_are_copied() ->
     tensor = decode_tensor(message, LIMITS)
     message[-4:] = struct.pack("<f", -1.0)
     assert tensor[-1].item() == 9.0  # a decoded tensor owns its memory
+
+
+@pytest.mark.parametrize(("name", "block_size"), [("int8", 1 << 20), ("fp16", 1)])
+def test_a_chunk_piece_of_other_size_or_codec_is_refused_before_it_is_decoded(
+    name: str, block_size: int
+) -> None:
+    # The layout says the chunk holds 1,000 int8 values; the piece announces 5M values (its
+    # payload present): decoding them first would allocate 20 MB of float32 from a 5-10 MB body.
+    layout = FlatLayout([torch.zeros(1000)], CodecPolicy(codec="int8", min_compressed_numel=0))
+    codec = codec_by_name(name)
+    num = 5_000_000
+    nbytes = codec.encoded_nbytes(num, block_size)
+    header = pack_piece_header(CodecChoice(codec, block_size), (num,), num, nbytes)
+    body = memoryview(bytes(header) + bytes(nbytes))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError, match="1000 int8 values"):
+            ChunkCodec(layout, LIMITS).decode(body, 0, 1000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, peak
 
 
 @pytest.mark.parametrize("codec", ["none", "int8"])

@@ -7,7 +7,17 @@ import asyncio
 import pytest
 from comm_fakes import IdleJumpClock
 
-from gossamer.comm.transport import CommMailbox, Frame, FrameKind, Message, pack_frame
+from gossamer.comm.net_transport import COMM_TOPIC, NetCommTransport
+from gossamer.comm.transport import (
+    CHUNK_ELEMENTS_LIMIT,
+    MAX_MESSAGE_BYTES,
+    CommMailbox,
+    Frame,
+    FrameKind,
+    Message,
+    pack_frame,
+    unpack_frame,
+)
 from gossamer.core.errors import ProtocolError
 
 ROUND = b"\x01" * 16
@@ -164,3 +174,29 @@ def test_a_key_settled_without_a_round_refuses_its_rounds_waiting_and_new() -> N
         assert mine.chunks == [3]
 
     asyncio.run(clock.run(main()))
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [k for k in FrameKind if k not in (FrameKind.CONTRIBUTION, FrameKind.RESULT)],
+)
+def test_a_frame_of_a_kind_without_payload_that_carries_one_is_refused(kind: FrameKind) -> None:
+    # (a step's question waits up to half a send timeout for its answer: with a payload it held
+    # that payload all the while, counted nowhere)
+    header = pack_frame(Frame(kind, ROUND, 0, 0, 0, 0.0))
+    frame, body = unpack_frame(memoryview(header))
+    assert frame.kind is kind
+    assert len(body) == 0
+    with pytest.raises(ProtocolError, match="has none"):
+        unpack_frame(memoryview(header + b"\0" * 4096))
+
+
+def test_comm_takes_messages_no_larger_than_a_chunk_can_be() -> None:
+    class _Node:
+        def on_bulk_read_only(self, topic: str, handler: object, *, max_bytes: int) -> None:
+            self.registered = (topic, max_bytes)
+
+    node = _Node()
+    NetCommTransport(node)  # type: ignore[arg-type]
+    assert node.registered == (COMM_TOPIC, MAX_MESSAGE_BYTES)
+    assert CHUNK_ELEMENTS_LIMIT * 4 < MAX_MESSAGE_BYTES < 1 << 30

@@ -201,6 +201,35 @@ def test_bulk_receiver_assembles_parallel_streams_and_refuses_oversize() -> None
     assert got == [b"0123456789"]
 
 
+def test_a_topic_registered_with_a_largest_transfer_refuses_a_larger_one_at_once() -> None:
+    receiver = BulkReceiver(LimitsConfig(max_bulk_transfer_bytes=1000), NetCounters())
+    got: list[bytes] = []
+
+    async def handler(sender: str, topic: str, payload: bytearray) -> None:
+        got.append(bytes(payload))
+
+    receiver.register("small", handler, max_bytes=10)
+    receiver.register("big", handler)
+
+    async def scenario() -> None:
+        head = {"transfer_id": "a", "num_streams": 1, "offset": 0}
+        with pytest.raises(ProtocolError, match="at most 10 bytes"):
+            await _push(
+                receiver, [net_pb2.BulkChunk(**head, topic="small", total_bytes=11, data=b"x")]
+            )
+        assert receiver._inflight_bytes == 0
+        await _push(
+            receiver, [net_pb2.BulkChunk(**head, topic="big", total_bytes=11, data=b"x" * 11)]
+        )
+        head["transfer_id"] = "b"
+        await _push(
+            receiver, [net_pb2.BulkChunk(**head, topic="small", total_bytes=10, data=b"y" * 10)]
+        )
+
+    asyncio.run(scenario())
+    assert got == [b"x" * 11, b"y" * 10]
+
+
 @FUZZ
 @given(
     st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=60, unique=True),

@@ -38,7 +38,12 @@ from gossamer.comm.plan import FlatLayout, PartPlan, chunk_elements_for, round_i
 from gossamer.comm.reduction import ChunkCodec
 from gossamer.comm.report import AllReduceReport, AllReduceResult
 from gossamer.comm.round_state import RoundState
-from gossamer.comm.transport import CommMailbox, FinishedRound, wait_for_event
+from gossamer.comm.transport import (
+    CHUNK_ELEMENTS_LIMIT,
+    CommMailbox,
+    FinishedRound,
+    wait_for_event,
+)
 from gossamer.comm.wire import WireLimits
 from gossamer.core.clock import Clock, SystemClock
 
@@ -128,6 +133,11 @@ class AllReduceConfig:
             self.chunk_elements is not None and self.chunk_elements < 1
         ) or self.max_in_flight_per_peer < 1:
             raise ValueError("chunk_elements and max_in_flight_per_peer must be at least 1")
+        if self.chunk_elements is not None and self.chunk_elements > CHUNK_ELEMENTS_LIMIT:
+            raise ValueError(
+                f"chunk_elements is at most {CHUNK_ELEMENTS_LIMIT} (a peer refuses larger "
+                f"messages), got {self.chunk_elements}"
+            )
 
 
 def _send_order(plan: PartPlan, config: AllReduceConfig, meter: BandwidthMeter | None) -> str:

@@ -8,7 +8,7 @@ adds no service of its own. gRPC errors arrive here already mapped to Gossamer's
 
 from __future__ import annotations
 
-from gossamer.comm.transport import Message, MessageReceiver
+from gossamer.comm.transport import MAX_MESSAGE_BYTES, Message, MessageReceiver
 from gossamer.core.errors import PeerUnavailableError
 from gossamer.net.node import Node
 
@@ -30,7 +30,7 @@ class NetCommTransport:
         self.node = node
         self.num_streams = num_streams
         self._receiver: MessageReceiver | None = None
-        node.on_bulk_read_only(COMM_TOPIC, self._on_bulk)
+        node.on_bulk_read_only(COMM_TOPIC, self._on_bulk, max_bytes=MAX_MESSAGE_BYTES)
 
     @property
     def peer_id(self) -> str:

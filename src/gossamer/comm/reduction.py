@@ -139,14 +139,9 @@ class ChunkCodec:
         values = np.empty(0 if single else end - start, dtype=np.float32)
         position = 0
         for seg in segments:
-            piece, position = decode_piece(body, position, self.limits)
-            expected = self.layout.choices[seg.tensor_index].codec.name
-            length = seg.flat_end - seg.flat_start
-            if piece.values.shape[0] != length or piece.codec_name != expected:
-                raise ProtocolError(
-                    f"chunk piece of {piece.values.shape[0]} {piece.codec_name} values where the "
-                    f"layout has {length} {expected} values"
-                )
+            codec = self.layout.choices[seg.tensor_index].codec.name
+            expect = (seg.flat_end - seg.flat_start, codec)
+            piece, position = decode_piece(body, position, self.limits, expect=expect)
             if single:
                 values = piece.values
             else:

@@ -37,9 +37,11 @@ from gossamer.core.clock import Clock
 from gossamer.core.errors import GossamerError, ProtocolError
 
 __all__ = [
+    "CHUNK_ELEMENTS_LIMIT",
     "FLAG_ELSEWHERE",
     "FLAG_REASSIGNED",
     "FLAG_RING",
+    "MAX_MESSAGE_BYTES",
     "CommMailbox",
     "CommTransport",
     "FinishedRound",
@@ -63,6 +65,11 @@ _MAGIC = b"GCM1"
 _FRAME = struct.Struct("<4sBBH16sIIId")
 FRAME_NBYTES = _FRAME.size
 ROUND_ID_NBYTES = 16
+CHUNK_ELEMENTS_LIMIT = 1 << 24
+"""Most values in one chunk message (64 MiB of float32; rounds use 2^19-2^20)."""
+MAX_MESSAGE_BYTES = 2 * CHUNK_ELEMENTS_LIMIT * 4
+"""Largest comm message a peer takes: a chunk of the most values, uncompressed, with room
+for the headers of the tensor pieces it spans (a larger one is refused at its first bytes)."""
 
 MessageReceiver = Callable[[str, memoryview], Awaitable[None]]
 """Called with (sender peer id, message) for every message a transport receives."""
@@ -136,6 +143,18 @@ class FrameKind(enum.IntEnum):
     passes none of them on any more and drops those it has not passed on yet; no payload."""
 
 
+_HEADER_ONLY = frozenset(
+    {
+        FrameKind.PEER_FAILED,
+        FrameKind.STEP_ASK,
+        FrameKind.ROUND_CLOSED,
+        FrameKind.PRESENT,
+        FrameKind.RESULT_HELD,
+        FrameKind.RING_OFF,
+    }
+)
+"""The kinds of frame that carry no payload."""
+
 FLAG_REASSIGNED = 1
 """The frame concerns a part whose owner failed and that a backup reduces instead."""
 FLAG_ELSEWHERE = 2
@@ -193,6 +212,8 @@ def unpack_frame(message: memoryview) -> tuple[Frame, memoryview]:
     if not math.isfinite(weight) or weight < 0:
         raise ProtocolError(f"comm message with weight {weight}; weights are finite and >= 0")
     frame = Frame(frame_kind, bytes(round_id), part, chunk, index, weight, flags)
+    if frame_kind in _HEADER_ONLY and len(message) > _FRAME.size:
+        raise ProtocolError(f"comm {frame_kind.name} message with a payload; it has none")
     return frame, message[_FRAME.size :]
 
 

@@ -145,8 +145,14 @@ def encode_piece(
     return pack_piece_header(choice, shape, values.shape[0], len(payload), dtype) + payload, decoded
 
 
-def decode_piece(data: memoryview, offset: int, limits: WireLimits) -> tuple[DecodedPiece, int]:
+def decode_piece(
+    data: memoryview, offset: int, limits: WireLimits, *, expect: tuple[int, str] | None = None
+) -> tuple[DecodedPiece, int]:
     """Decode the piece starting at ``offset`` of ``data``.
+
+    Args:
+        expect: the number of values and the codec's name the piece must have (checked
+            before anything is decoded: a codec's values take up to 4x their bytes).
 
     Returns:
         The piece and the offset just past it.
@@ -168,6 +174,11 @@ def decode_piece(data: memoryview, offset: int, limits: WireLimits) -> tuple[Dec
         raise ProtocolError(f"tensor piece with {ndim} dims (limit {limits.max_ndim})")
     if num > limits.max_elements:
         raise ProtocolError(f"tensor piece of {num} values (limit {limits.max_elements})")
+    if expect is not None and (num, codec.name) != expect:
+        raise ProtocolError(
+            f"tensor piece of {num} {codec.name} values where {expect[0]} {expect[1]} values "
+            "were expected"
+        )
     codec.check_block_size(block_size)
     if block_size == 0:
         raise ProtocolError("tensor piece with block size 0")

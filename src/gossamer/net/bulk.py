@@ -217,40 +217,63 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
         self._counters = counters
         self._handlers: dict[str, BulkHandler | ReadOnlyBulkHandler] = {}
         self._read_only: set[str] = set()
+        self._max_bytes: dict[str, int] = {}
+        """Topics registered with a largest transfer of their own."""
         self._transfers: dict[tuple[str, str], _Transfer] = {}
         self._inflight_bytes = 0
         self._num_unfinished: Counter[str] = Counter()
         """Transfers under way, by sender (each counted from its first chunk to its end)."""
 
     @overload
-    def register(self, topic: str, handler: BulkHandler) -> None: ...
+    def register(
+        self, topic: str, handler: BulkHandler, *, max_bytes: int | None = None
+    ) -> None: ...
 
     @overload
     def register(
-        self, topic: str, handler: ReadOnlyBulkHandler, *, read_only: Literal[True]
+        self,
+        topic: str,
+        handler: ReadOnlyBulkHandler,
+        *,
+        read_only: Literal[True],
+        max_bytes: int | None = None,
     ) -> None: ...
 
     def register(
-        self, topic: str, handler: BulkHandler | ReadOnlyBulkHandler, *, read_only: bool = False
+        self,
+        topic: str,
+        handler: BulkHandler | ReadOnlyBulkHandler,
+        *,
+        read_only: bool = False,
+        max_bytes: int | None = None,
     ) -> None:
         """Deliver transfers on ``topic`` to ``handler`` (replacing any earlier one).
 
         A handler gets a payload of its own to change, unless it is registered ``read_only``:
         then a transfer that came in one chunk is handed over as a read-only view of the
-        received message (one copy fewer).
+        received message (one copy fewer). ``max_bytes``: the topic's largest transfer, where
+        it is smaller than ``limits.max_bulk_transfer_bytes`` (a larger one is refused at its
+        first chunk, before anything is kept).
         """
         if not 0 < len(topic) <= _MAX_TOPIC_CHARS:
             raise ValueError(f"a topic has 1..{_MAX_TOPIC_CHARS} characters, got {len(topic)}")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"a topic's largest transfer is at least 1 byte, got {max_bytes}")
         self._handlers[topic] = handler
         if read_only:
             self._read_only.add(topic)
         else:
             self._read_only.discard(topic)
+        if max_bytes is None:
+            self._max_bytes.pop(topic, None)
+        else:
+            self._max_bytes[topic] = max_bytes
 
     def unregister(self, topic: str) -> None:
         """Stop accepting transfers on ``topic``."""
         self._handlers.pop(topic, None)
         self._read_only.discard(topic)
+        self._max_bytes.pop(topic, None)
 
     def _open(
         self, sender: str, first: net_pb2.BulkChunk, data: memoryview
@@ -266,6 +289,12 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
             raise ProtocolError(
                 f"bulk transfer of {total} bytes exceeds limits.max_bulk_transfer_bytes "
                 f"({self._limits.max_bulk_transfer_bytes})"
+            )
+        topic_max = self._max_bytes.get(first.topic)
+        if topic_max is not None and total > topic_max:
+            raise ProtocolError(
+                f"bulk transfer of {total} bytes on topic {first.topic!r}, whose transfers are "
+                f"at most {topic_max} bytes"
             )
         key = (sender, first.transfer_id)
         transfer = self._transfers.get(key)

@@ -533,14 +533,16 @@ class Node:
             now_s=now_s,
         )
 
-    def on_bulk(self, topic: str, handler: BulkHandler) -> None:
-        """Receive bulk transfers on ``topic`` with ``handler``."""
-        self.bulk.register(topic, handler)
+    def on_bulk(self, topic: str, handler: BulkHandler, *, max_bytes: int | None = None) -> None:
+        """Receive bulk transfers on ``topic`` (at most ``max_bytes`` each) with ``handler``."""
+        self.bulk.register(topic, handler, max_bytes=max_bytes)
 
-    def on_bulk_read_only(self, topic: str, handler: ReadOnlyBulkHandler) -> None:
+    def on_bulk_read_only(
+        self, topic: str, handler: ReadOnlyBulkHandler, *, max_bytes: int | None = None
+    ) -> None:
         """Receive bulk transfers on ``topic`` with a ``handler`` that only reads them (see
         :meth:`BulkReceiver.register`)."""
-        self.bulk.register(topic, handler, read_only=True)
+        self.bulk.register(topic, handler, read_only=True, max_bytes=max_bytes)
 
     async def send_bulk(
         self,
