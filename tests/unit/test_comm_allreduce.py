@@ -196,6 +196,39 @@ def test_weights_make_a_weighted_mean() -> None:
         _assert_close(result.tensors, want, atol=1e-6)
 
 
+def test_where_only_weight_0_values_reached_a_reducer_every_member_keeps_its_own() -> None:
+    # Peer 1 (weight 0: it withheld its values, zeros) reduces part 1; peer 0's values for it
+    # arrive only after the reduce deadline (a slow uplink). Before, peer 1 sent its own
+    # values as part 1's average and peer 0, the only member with weight, took the zeros.
+
+    class _SlowContributions(FakeTransport):
+        async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
+            frame, _ = unpack_frame(memoryview(message_bytes(message)))
+            if frame.kind is FrameKind.CONTRIBUTION:
+                await self.network.clock.sleep_async(TIMEOUT_S * 0.75)
+            await super().send(peer_id, message, timeout_s=timeout_s)
+
+    inputs = [_inputs(1)[0], [torch.zeros(shape) for shape in SHAPES]]
+    config = dataclasses.replace(CONFIG, send_timeout_s=TIMEOUT_S)
+    results, _ = _run(inputs, config=config, weights=[1.0, 0.0], made={0: _SlowContributions})
+    for i, result in results.items():
+        assert result.report.parts[1].outcome is PartOutcome.KEPT_LOCAL, i
+        assert result.report.parts[1].contributors == []
+    start = results[0].report.parts[0].num_elements
+    for i in (0, 1):
+        kept = torch.cat([t.reshape(-1) for t in results[i].tensors])[start:]
+        own = torch.cat([t.reshape(-1) for t in inputs[i]])[start:]
+        assert torch.equal(kept, own), i
+
+
+def test_members_whose_weights_are_all_0_keep_their_own_values() -> None:
+    inputs = _inputs(3)
+    results, _ = _run(inputs, weights=[0.0, 0.0, 0.0])
+    for i, result in results.items():
+        _assert_close(result.tensors, [t.double() for t in inputs[i]], atol=0.0)
+        assert all(p.outcome is PartOutcome.KEPT_LOCAL for p in result.report.parts)
+
+
 def test_parts_follow_bandwidth() -> None:
     inputs = _inputs(3)
     results, _ = _run(inputs, bandwidths=[1.0, 4.0, 5.0])

@@ -216,10 +216,12 @@ class PartReducer:
         """Chunks not finalised yet."""
         return [c for c, done in enumerate(self.finalized) if not done]
 
-    def finalize(self, chunk: int, fallback: FloatArray) -> tuple[FloatArray, list[int]] | None:
+    def finalize(self, chunk: int) -> tuple[FloatArray | None, list[int]] | None:
         """The chunk's average and its contributors (in a thread); None if already finalised.
 
-        ``fallback`` is used when the weights that arrived sum to zero.
+        Where the weights that arrived sum to zero there is no average: (None, []), and every
+        member keeps its own values for the chunk (a member whose weighted values did not
+        arrive in time must not take a weight-0 member's, zeros where that one withheld them).
         """
         with self._locks[chunk]:
             if self.finalized[chunk]:
@@ -228,7 +230,7 @@ class PartReducer:
             total, weight = self._sums[chunk], self._weights[chunk]
             self._sums[chunk] = None
             if total is None or weight <= 0:
-                average = fallback.copy()
+                return None, []
             else:
                 # in place: the sum is this chunk's alone, and a fresh array would cost the
                 # kernel a zero-filled page for every 4 KiB of it

@@ -387,12 +387,16 @@ class RoundState:
         frame = Frame(FrameKind.RESULT, self.round_id, part, chunk, self.me, 0.0, flags)
 
         def work(land: bool) -> tuple[Message, list[int]] | None:
-            got = reducer.finalize(chunk, self.local[a:b])
+            got = reducer.finalize(chunk)
             if got is None:
                 return None
             average, contributors = got
             prefix = pack_frame(frame) + pack_contributors(contributors)
-            message, decoded = self.codec.encode(average, a, b, None, base=a, prefix=prefix)
+            if average is None:  # no weighted contribution: no values, each keeps its own
+                message: Message = prefix
+                decoded = self.local[a:b]
+            else:
+                message, decoded = self.codec.encode(average, a, b, None, base=a, prefix=prefix)
             if land:
                 self.output[a:b] = decoded  # what every receiver decodes, so all members agree
                 self.has_output[part][chunk] = True
@@ -413,7 +417,7 @@ class RoundState:
         if self.reducer_of[part] == self.me:
             self.result_from[part][chunk] = self.me
             self.result_contributors[part][chunk] = contributors
-        fp32_nbytes = 4 * (b - a)
+        fp32_nbytes = 4 * (b - a) if contributors else 0
         if flags & FLAG_RING and self._ring_intact():
             behind = self.steps.behind
             self._ring_results[chunk] = (message, fp32_nbytes)
@@ -1000,9 +1004,14 @@ class RoundState:
             return  # not the reducer's, or it came already (round the ring and directly)
         contributors, rest = unpack_contributors(body, self.plan.num_parts)
         a, b = self.chunks[part][chunk]
+        if not contributors and len(rest):
+            raise ProtocolError("an average without contributors carries values")
 
         def work() -> None:
-            self.output[a:b] = self.codec.decode(rest, a, b)
+            if contributors:
+                self.output[a:b] = self.codec.decode(rest, a, b)
+            else:  # no weighted contribution reached the reducer: this member keeps its own
+                self.output[a:b] = self.local[a:b]
 
         if self._settled:
             return  # the round is over: its output is the caller's now
@@ -1136,8 +1145,8 @@ class RoundState:
         report.all_gather_s = max(0.0, ended - reduced)
         report.encode_s, report.decode_s = self.encode_s, self.decode_s
         for part in range(self.plan.num_parts):
-            sources = [
-                s if self._authoritative(part, c) else None
+            sources = [  # (a chunk without contributors had no average: its own values)
+                s if self._authoritative(part, c) and self.result_contributors[part][c] else None
                 for c, s in enumerate(self.result_from[part])
             ]
             reducer = self.reducer_of[part]
