@@ -221,6 +221,50 @@ def test_where_only_weight_0_values_reached_a_reducer_every_member_keeps_its_own
         assert torch.equal(kept, own), i
 
 
+def _start_alone(
+    tensors: list[torch.Tensor], *, weight: float = 1.0, config: AllReduceConfig = CONFIG
+) -> None:
+    """Start a round of two members as the first (raises what the call refuses up front)."""
+    clock = IdleJumpClock()
+
+    async def main() -> None:
+        mailbox = CommMailbox(FakeNetwork(clock).transport("peer-0"), clock)
+        await all_reduce(
+            tensors,
+            mailbox=mailbox,
+            members=["peer-0", "peer-1"],
+            round_key="run/alone",
+            config=dataclasses.replace(config, timeout_s=1.0),
+            weight=weight,
+            clock=clock,
+            offload=inline_offload,
+        )
+
+    asyncio.run(clock.run(main()))
+
+
+@pytest.mark.parametrize("weight", [1e39, 1e13, 1e-46, -1.0, float("nan"), float("inf")])
+def test_a_weight_the_float32_sums_cannot_hold_is_refused(weight: float) -> None:
+    # (1e39 is infinite in float32 and turned every average to NaN; 1e-46 is 0 there, and
+    # members whose weights were all that small divided 0 by 0)
+    with pytest.raises(ValueError, match="weight must be 0 or within"):
+        _start_alone(_inputs(1)[0], weight=weight)
+    header = pack_frame(Frame(FrameKind.CONTRIBUTION, bytes(16), 0, 0, 0, weight))
+    with pytest.raises(ProtocolError, match="weights are 0 or within"):
+        unpack_frame(memoryview(header))
+
+
+def test_nan_values_are_refused_before_the_8_bit_codec_spoils_their_block() -> None:
+    inputs = _inputs(2)
+    inputs[0][0].view(-1)[3] = float("nan")
+    config = dataclasses.replace(
+        CONFIG, codec=CodecPolicy(codec="int8", block_size=64, min_compressed_numel=1)
+    )
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        _start_alone(inputs[0], config=config)
+    _start_alone(inputs[1], config=config)  # (finite: starts, and ends alone at its deadline)
+
+
 def test_members_whose_weights_are_all_0_keep_their_own_values() -> None:
     inputs = _inputs(3)
     results, _ = _run(inputs, weights=[0.0, 0.0, 0.0])

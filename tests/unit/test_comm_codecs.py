@@ -73,6 +73,25 @@ def test_int8_error_is_at_most_half_a_step_per_block(values: np.ndarray, block: 
         assert float(error.max()) <= step / 2 * 1.0001 + 1e-12
 
 
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -1.0, 1e37])
+def test_an_int8_piece_with_a_scale_no_encoder_makes_is_refused(scale: float) -> None:
+    # (a NaN, infinite or huge scale turned a whole block of the average to NaN for everyone)
+    values = np.ones(128, dtype=np.float32)
+    encoded = bytearray(encode_piece(values, CodecChoice(codec_by_name("int8"), 64))[0])
+    payload_at = len(encoded) - (2 * 4 + 128)
+    struct.pack_into("<f", encoded, payload_at, scale)
+    with pytest.raises(ProtocolError, match="scale"):
+        decode_piece(memoryview(encoded), 0, LIMITS)
+
+
+def test_int8_keeps_the_largest_floats_finite() -> None:
+    top = float(np.finfo(np.float32).max)
+    values = np.array([top, -top, 1.0, 0.0], dtype=np.float32)
+    decoded = _round_trip(values, "int8", 4)
+    assert np.isfinite(decoded).all()
+    assert abs(decoded[0] - top) <= top / 254 * 1.0001
+
+
 def test_int8_is_about_four_times_smaller() -> None:
     values = np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32)
     encoded, _ = encode_piece(values, CodecChoice(codec_by_name("int8"), 4096))

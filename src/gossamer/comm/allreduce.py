@@ -40,6 +40,7 @@ from gossamer.comm.report import AllReduceReport, AllReduceResult
 from gossamer.comm.round_state import RoundState
 from gossamer.comm.transport import (
     CHUNK_ELEMENTS_LIMIT,
+    WEIGHT_RANGE,
     CommMailbox,
     FinishedRound,
     wait_for_event,
@@ -225,6 +226,23 @@ def _part_plan(
     )
 
 
+def _check_8_bit_values_finite(tensors: Sequence[torch.Tensor], layout: FlatLayout) -> None:
+    """Refuse NaN or infinite values where the 8-bit codec would send them: a block's scale
+    would be NaN or infinite, every value of the block lost for every member.
+
+    Raises:
+        ValueError: so it is.
+    """
+    lossy = [t for t, c in zip(tensors, layout.choices, strict=True) if c.codec.name == "int8"]
+    checks = [torch.isfinite(t).all() for t in lossy]
+    if checks and not bool(torch.stack(checks).all()):  # one sync, not one per tensor
+        raise ValueError(
+            "a tensor sent with the 8-bit codec holds NaN or infinite values, which would spoil "
+            "its whole block for every member: withhold such values (weight 0, as the swarm "
+            "does) or send them uncompressed"
+        )
+
+
 def decline_round(
     tensors: Sequence[torch.Tensor],
     *,
@@ -303,9 +321,13 @@ async def all_reduce(
     offload = offload or asyncio.to_thread
     if mailbox.peer_id not in members:
         raise ValueError("this peer is not in the member list")
-    if not np.isfinite(weight) or weight < 0:
-        raise ValueError(f"weight must be finite and >= 0, got {weight}")
+    if not (weight == 0 or WEIGHT_RANGE[0] <= weight <= WEIGHT_RANGE[1]):
+        raise ValueError(
+            f"weight must be 0 or within {WEIGHT_RANGE} (the average is summed in float32), "
+            f"got {weight}: scale the members' weights alike"
+        )
     layout = FlatLayout(tensors, config.codec, names)
+    _check_8_bit_values_finite(tensors, layout)
     plan = _part_plan(members, layout, config, bandwidth_weights)
     round_id = round_id_of(round_key, plan, layout)
     order = _send_order(plan, config, meter)

@@ -71,6 +71,11 @@ class Codec(ABC):
         if block_size <= 0:
             raise ProtocolError(f"{self.name}: block size must be positive, got {block_size}")
 
+    def check_payload(self, payload: memoryview, num_elements: int, block_size: int) -> None:
+        """Raise ProtocolError if a received payload (of the right size) holds what no
+        encoder of this codec makes from finite values."""
+        del payload, num_elements, block_size  # any bytes are some values
+
 
 class NoCompressionCodec(Codec):
     """Raw little-endian float32."""
@@ -124,6 +129,18 @@ class BFloat16Codec(Codec):
         return np.asarray(decoded.numpy(), dtype=np.float32)
 
 
+def _largest_scale() -> np.float32:
+    """The largest float32 scale whose 127 steps stay finite (FLT_MAX / 127 rounds up)."""
+    scale = np.float32(np.finfo(np.float32).max) / np.float32(127.0)
+    with np.errstate(over="ignore"):
+        while not np.isfinite(scale * np.float32(127.0)):
+            scale = np.nextafter(scale, np.float32(0.0))
+    return np.float32(scale)
+
+
+_MAX_SCALE = _largest_scale()
+
+
 class Blockwise8BitCodec(Codec):
     """8 bits per value plus one float32 scale (absmax / 127) per block of ``block_size`` values.
 
@@ -140,6 +157,15 @@ class Blockwise8BitCodec(Codec):
 
     def encoded_nbytes(self, num_elements: int, block_size: int) -> int:
         return 4 * (-(-num_elements // block_size)) + num_elements
+
+    def check_payload(self, payload: memoryview, num_elements: int, block_size: int) -> None:
+        num_blocks = -(-num_elements // block_size)
+        scales = np.frombuffer(payload, dtype="<f4", count=num_blocks)
+        if not ((scales >= 0) & (scales <= _MAX_SCALE)).all():  # (NaN fails both)
+            raise ProtocolError(
+                f"8-bit codec piece with a scale that is negative, not finite or over "
+                f"{_MAX_SCALE:.4g}: its block would be NaN or infinite for every member"
+            )
 
     def encode(self, values: FloatArray, block_size: int) -> bytes:
         self.check_block_size(block_size)
@@ -164,6 +190,12 @@ class Blockwise8BitCodec(Codec):
             absmax = np.maximum(blocks.max(axis=1), -blocks.min(axis=1))
             block_scales = scales[first_block : first_block + count]
             np.divide(absmax, np.float32(127.0), out=block_scales)
+            # 127 steps of a finite block stay finite (a block with inf keeps its inf scale)
+            np.copyto(
+                block_scales,
+                _MAX_SCALE,
+                where=(block_scales > _MAX_SCALE) & (block_scales != np.inf),
+            )
             safe = np.where(block_scales > 0, block_scales, np.float32(1.0))
             scaled = blocks / safe[:, None]
             np.rint(scaled, out=scaled)

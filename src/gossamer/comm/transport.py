@@ -24,7 +24,6 @@ import asyncio
 import enum
 import itertools
 import logging
-import math
 import struct
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -42,6 +41,7 @@ __all__ = [
     "FLAG_REASSIGNED",
     "FLAG_RING",
     "MAX_MESSAGE_BYTES",
+    "WEIGHT_RANGE",
     "CommMailbox",
     "CommTransport",
     "FinishedRound",
@@ -67,6 +67,9 @@ FRAME_NBYTES = _FRAME.size
 ROUND_ID_NBYTES = 16
 CHUNK_ELEMENTS_LIMIT = 1 << 24
 """Most values in one chunk message (64 MiB of float32; rounds use 2^19-2^20)."""
+WEIGHT_RANGE = (1e-12, 1e12)
+"""Where a member's weight in an average lies, unless it is 0: the owners sum values times
+weights in float32, where a weight of 1e39 is infinite and one of 1e-46 is 0."""
 MAX_MESSAGE_BYTES = 2 * CHUNK_ELEMENTS_LIMIT * 4
 """Largest comm message a peer takes: a chunk of the most values, uncompressed, with room
 for the headers of the tensor pieces it spans (a larger one is refused at its first bytes)."""
@@ -209,8 +212,10 @@ def unpack_frame(message: memoryview) -> tuple[Frame, memoryview]:
         frame_kind = FrameKind(kind)
     except ValueError:
         raise ProtocolError(f"comm message of unknown kind {kind}") from None
-    if not math.isfinite(weight) or weight < 0:
-        raise ProtocolError(f"comm message with weight {weight}; weights are finite and >= 0")
+    if not (weight == 0 or WEIGHT_RANGE[0] <= weight <= WEIGHT_RANGE[1]):
+        raise ProtocolError(
+            f"comm message with weight {weight}; weights are 0 or within {WEIGHT_RANGE}"
+        )
     frame = Frame(frame_kind, bytes(round_id), part, chunk, index, weight, flags)
     if frame_kind in _HEADER_ONLY and len(message) > _FRAME.size:
         raise ProtocolError(f"comm {frame_kind.name} message with a payload; it has none")

@@ -200,7 +200,9 @@ def decode_piece(
         # array shares the message's memory, read-only if the message is).
         values: FloatArray = np.frombuffer(data, dtype="<f4", count=num, offset=position)
     else:
-        values = codec.decode(data[position : position + expected], num, block_size)
+        payload = data[position : position + expected]
+        codec.check_payload(payload, num, block_size)
+        values = codec.decode(payload, num, block_size)
     end = position + expected
     piece = DecodedPiece(values, shape, _DTYPES[dtype_code], codec.name, end - offset)
     return piece, end
