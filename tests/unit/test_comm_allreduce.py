@@ -15,8 +15,11 @@ from comm_fakes import IdleJumpClock, RateLimitedTransport, inline_offload
 
 from gossamer.comm.allreduce import AllReduceConfig, all_reduce
 from gossamer.comm.codecs import CodecPolicy, ErrorFeedback
-from gossamer.comm.fake_transport import FakeNetwork, FakeTransport, FaultScript
+from gossamer.comm.fake_transport import FakeNetwork, FakeTransport, FaultScript, FaultyTransport
+from gossamer.comm.plan import FlatLayout, PartPlan
+from gossamer.comm.reduction import ChunkCodec
 from gossamer.comm.report import AllReduceResult, PartOutcome
+from gossamer.comm.round_state import RoundState
 from gossamer.comm.transport import (
     CHUNK_ELEMENTS_LIMIT,
     FLAG_REASSIGNED,
@@ -30,6 +33,7 @@ from gossamer.comm.transport import (
     pack_frame,
     unpack_frame,
 )
+from gossamer.comm.wire import WireLimits
 from gossamer.core.clock import SystemClock
 from gossamer.core.errors import ProtocolError
 
@@ -1070,6 +1074,76 @@ def test_a_backup_that_heard_of_the_owner_second_hand_does_not_average_its_part_
         else:
             assert "had finished the round" in report.excluded
             assert report.parts[3].outcome is PartOutcome.KEPT_LOCAL
+
+
+def test_a_reassigned_contribution_ahead_of_the_failure_reports_is_taken() -> None:
+    # Peer 1 is dead; peer 0 cannot reach peer 2, declares it failed too, and sends its values
+    # of parts 1 and 2 to their backup, peer 3. Its failure reports reach peer 3 just after
+    # the data (separate calls). Before, peer 3, not yet knowing of peer 2, took peer 2 for
+    # part 1's backup and dropped peer 0's values: it waited for them to its reduce deadline
+    # (21 s) and averaged part 1 as its own values alone.
+
+    class _ReportsLate(FaultyTransport):
+        async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
+            frame, _ = unpack_frame(memoryview(message_bytes(message)))
+            if frame.kind is FrameKind.PEER_FAILED and peer_id == "peer-3":
+                await self.network.clock.sleep_async(0.01)
+            await super().send(peer_id, message, timeout_s=timeout_s)
+
+    inputs = _inputs(4)
+    cut = FaultScript(refuse_sends_to=frozenset({"peer-2"}))
+    finished_at: dict[int, float] = {}
+    results, _ = _run(
+        inputs,
+        absent=[1],
+        made={0: lambda network, peer: _ReportsLate(network, peer, cut)},
+        finished_at=finished_at,
+    )
+    want = torch.cat([t.reshape(-1) for t in _mean(inputs, [0, 3])])
+    for i in (0, 3):
+        assert finished_at[i] < 1.0, finished_at
+        report = results[i].report
+        assert report.excluded is None
+        got = torch.cat([t.reshape(-1) for t in results[i].tensors]).double()
+        start = report.parts[0].num_elements
+        for part in report.parts[1:3]:
+            assert part.contributors == ["peer-0", "peer-3"]
+            end = start + part.num_elements
+            torch.testing.assert_close(got[start:end], want[start:end], atol=1e-6, rtol=0)
+            start = end
+
+
+def test_a_report_naming_a_member_that_finished_is_answered_not_taken() -> None:
+    # Between the end of its round and the mailbox's closing it (its tasks winding down), a
+    # member that finished with every average got a report naming it failed: it reported the
+    # round as excluded, its own part kept local, and answered nothing. Closed a moment later
+    # it would have answered that it had finished: it does so now either way.
+    layout = FlatLayout([torch.zeros(64)], CodecPolicy())
+    plan = PartPlan.create(["peer-0", "peer-1"], layout.total)
+    clock = IdleJumpClock()
+    answered: list[tuple[str, Frame]] = []
+    state = RoundState(
+        round_id=bytes(16),
+        plan=plan,
+        me=0,
+        local=np.zeros(64, dtype=np.float32),
+        output=np.zeros(64, dtype=np.float32),
+        weight=1.0,
+        chunk_codec=ChunkCodec(layout, WireLimits()),
+        transport=FakeNetwork(clock).transport("peer-0"),
+        clock=clock,
+        offload=inline_offload,
+        feedback=None,
+        send_timeout_s=5.0,
+        max_in_flight_per_peer=3,
+        answer_closed=lambda sender, frame: answered.append((sender, frame)),
+    )
+    state.done.set()  # every average in hand
+    report = Frame(FrameKind.PEER_FAILED, bytes(16), 0, 0, 0, 0.0)
+    asyncio.run(state.handle("peer-1", report, memoryview(b"")))
+    assert state.excluded is None
+    assert state.finished() is not None
+    assert answered == [("peer-1", report)]
 
 
 def test_a_finished_round_answers_only_for_averages_it_took_from_the_owner() -> None:

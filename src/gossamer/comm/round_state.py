@@ -862,9 +862,9 @@ class RoundState:
         if frame.kind is FrameKind.PEER_FAILED:
             if frame.peer_index >= n:
                 raise ProtocolError(f"failure report for member {frame.peer_index} of {n}")
-            if frame.peer_index == self.me:
+            if frame.peer_index == self.me and not self.done.is_set():
                 self._on_excluded(f"declared failed by {sender[:12]}")
-                return
+                return  # (finished: answered below, as the mailbox would once it is closed)
         if frame.kind is FrameKind.PRESENT:
             return  # only a member that is not in the round answers it
         if frame.kind is FrameKind.RESULT_HELD:
@@ -945,8 +945,20 @@ class RoundState:
     async def _on_contribution(self, member: int, frame: Frame, body: Any) -> None:
         part, chunk = frame.part, frame.chunk
         reducer = self.reducers.get(part)
-        if reducer is None and frame.flags & FLAG_REASSIGNED and part not in self.failed:
-            self.peer_failed(part, f"reported by {self.plan.members[member][:12]}", notify=False)
+        if reducer is None and frame.flags & FLAG_REASSIGNED and part != self.me:
+            # The sender takes this member for the part's backup: every member before it in
+            # the part's backup order (the owner first) failed in the sender's view. Its reports
+            # of them may still be on their way (other calls): taken now, not dropped, this
+            # contribution is averaged instead of waited for to the reduce deadline.
+            n = self.plan.num_parts
+            chain = [(part + step) % n for step in range((self.me - part) % n)]
+            if member in chain:
+                raise ProtocolError(
+                    f"member {member} sent part {part} to its backup {self.me} past itself"
+                )
+            sender = self.plan.members[member][:12]
+            for gone in chain:
+                self.peer_failed(gone, f"reported by {sender}", notify=True, told_by=member)
             reducer = self.reducers.get(part)
         if part == self.me and not frame.flags & FLAG_REASSIGNED:
             self.steps.received_contribution(member, chunk)
