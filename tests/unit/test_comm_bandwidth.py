@@ -188,8 +188,9 @@ def test_meter_config_rejects_bad_values(field: str, value: float) -> None:
 
 def test_plan_weights_bound_untrusted_figures_and_fill_missing_ones() -> None:
     assert plan_weights([1e6, 1e7]) == [1e6, 1e7]
-    # 0, negative and non-finite count as the median of the known figures
-    assert plan_weights([2e6, 0.0, 4e6, float("nan")]) == [2e6, 3e6, 4e6, 3e6]
+    # 0, negative and non-finite count as the median of the known figures (the lower middle
+    # one of an even count)
+    assert plan_weights([2e6, 0.0, 4e6, float("nan")]) == [2e6, 2e6, 4e6, 2e6]
     # one peer claiming far more (or less) than the others is held to max_ratio of the median
     assert plan_weights([1e6, 1e6, 1e12, 1.0], max_ratio=10.0) == [1e6, 1e6, 1e7, 1e5]
     assert plan_weights([0.0, 0.0]) == [1.0, 1.0]
@@ -197,6 +198,27 @@ def test_plan_weights_bound_untrusted_figures_and_fill_missing_ones() -> None:
         plan_weights([])
     with pytest.raises(ValueError, match="max_ratio"):
         plan_weights([1.0], max_ratio=0.5)
+
+
+def test_one_of_two_members_cannot_raise_the_median_to_take_every_part() -> None:
+    # The mean of two figures was their median: a peer claiming 1e13 B/s beside an honest
+    # 12.5e6 held itself to 100x that mean, a 200:1 share, and the honest member's part of a
+    # 500,000-value round rounded down to no block at all.
+    weights = plan_weights([12.5e6, 1e13])
+    assert weights == [12.5e6, 12.5e8]
+    plan = PartPlan.create(["honest", "liar"], 500_000, bandwidth_weights=weights)
+    honest = plan.bounds[1] - plan.bounds[0]
+    assert honest >= 4096
+
+
+def test_every_member_with_weight_owns_a_block_where_there_are_enough() -> None:
+    plan = PartPlan.create(["a", "b", "c", "d"], 3 * 4096 + 5, bandwidth_weights=[1, 100, 0, 100])
+    sizes = [b - a for a, b in zip(plan.bounds, plan.bounds[1:], strict=False)]
+    assert sizes == [4096, 4096, 0, 4096 + 5]
+    few = PartPlan.create(["a", "b", "c"], 2 * 4096, bandwidth_weights=[1, 1, 1])
+    assert sum(b - a for a, b in zip(few.bounds, few.bounds[1:], strict=False)) == 2 * 4096
+    big = PartPlan.create(["a", "b"], 100 * 4096, bandwidth_weights=[1, 3])
+    assert big.bounds == (0, 25 * 4096, 100 * 4096)
 
 
 def test_every_member_builds_the_same_plan_from_the_agreed_figures() -> None:

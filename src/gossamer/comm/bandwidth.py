@@ -278,8 +278,10 @@ def plan_weights(bandwidths: Sequence[float], *, max_ratio: float = 100.0) -> li
 
     A pure function of the agreed figures, so every member computes the same weights and so the
     same :class:`~gossamer.comm.plan.PartPlan`. Figures come from other peers and are not
-    trusted: each is clamped to ``max_ratio`` times the median figure either way, so one peer
-    can neither take the whole buffer nor be left with nothing, and to
+    trusted: each is clamped to ``max_ratio`` times the median figure either way (the lower
+    middle one of an even count, so in a group of two one peer cannot raise the median itself
+    to take the whole buffer), so one peer can neither take the whole buffer nor be left with
+    nothing, and to
     :data:`MAX_FIGURE_BYTES_PER_S`. A figure that is missing (0), negative or not finite counts
     as the median. No positive figure at all: equal weights.
 
@@ -294,6 +296,6 @@ def plan_weights(bandwidths: Sequence[float], *, max_ratio: float = 100.0) -> li
     known = sorted(b for b in bandwidths if math.isfinite(b) and b > 0)
     if not known:
         return [1.0] * len(bandwidths)
-    median = statistics.median(known)
+    median = statistics.median_low(known)  # a member's own figure: two members' mean is not
     low, high = median / max_ratio, median * max_ratio
     return [min(max(b, low), high) if math.isfinite(b) and b > 0 else median for b in bandwidths]

@@ -145,7 +145,9 @@ class PartPlan:
     ) -> PartPlan:
         """Parts sized in proportion to ``bandwidth_weights`` (equal when omitted).
 
-        Boundaries fall on multiples of ``align`` elements; a member with weight 0 owns nothing.
+        Boundaries fall on multiples of ``align`` elements; a member with weight 0 owns nothing,
+        and every other one at least one block of ``align`` where there are enough of them (so
+        rounding leaves no member with a small weight out of a small tensor).
         """
         if not members or len(set(members)) != len(members):
             raise ValueError("members must be a non-empty list of distinct peer ids")
@@ -159,11 +161,17 @@ class PartPlan:
         top = max(weights)  # scaled to at most 1: figures near the float limit would sum to inf
         weights = [w / top for w in weights]
         total_weight = sum(weights)
+        blocks = total // align  # (the last part takes what is left over them too)
+        owners = sum(1 for w in weights if w > 0)
+        floor = 1 if blocks >= owners else 0
+        spare = blocks - floor * owners  # shared in proportion to the weights
         bounds = [0]
         cumulative = 0.0
+        floors = 0
         for w in weights[:-1]:
             cumulative += w
-            cut = int(total * cumulative / total_weight) // align * align
+            floors += floor if w > 0 else 0
+            cut = (int(spare * cumulative / total_weight) + floors) * align
             bounds.append(min(max(cut, bounds[-1]), total))
         bounds.append(total)
         return cls(tuple(members), tuple(bounds), chunk_elements)
