@@ -108,3 +108,63 @@ def test_a_peer_whose_own_entry_the_others_would_refuse_does_not_join() -> None:
         assert await board.entries("run/1") == []  # nothing announced
 
     asyncio.run(clock.run(main()))
+
+
+class _SlowAnnounce(InMemoryRendezvousBoard):
+    """A board whose announcement of one peer takes ``delay_s`` (slow replicas, a retry)."""
+
+    def __init__(self, clock: IdleJumpClock, slow: str, delay_s: float) -> None:
+        super().__init__()
+        self.clock, self.slow, self.delay_s = clock, slow, delay_s
+
+    async def announce(self, key: str, entry: JoinEntry, ttl_s: float) -> None:
+        if entry.peer_id == self.slow:
+            await self.clock.sleep_async(self.delay_s)
+        await super().announce(key, entry, ttl_s)
+
+
+def test_a_peer_whose_announcement_lands_after_the_others_read_joins_the_next_round() -> None:
+    # It joins 0.1 s before the cutoff (5 s) and its announcement takes 2 s; the others read
+    # the members at 6 s without it. Before, it counted itself anyway: two member lists, two
+    # group hashes (and with a 30 s announcement it returned at 35 s, past any deadline).
+    clock = IdleJumpClock()
+    board = _SlowAnnounce(clock, "peer-slow", 2.0)
+    config = GroupConfig(min_group_size=2, max_group_size=8, join_window_s=5.0)
+    opens_at = clock.wall()
+
+    async def one(peer: str, at: float) -> AgreedGroup | Exception:
+        await clock.sleep_async(at)
+        try:
+            me = JoinEntry(peer, 0.0, 1e7)
+            return await form_group(
+                board, "run/1", me, opens_at_s=opens_at, config=config, clock=clock
+            )
+        except DeadlineExceededError as exc:
+            return exc
+
+    async def main() -> list[AgreedGroup | Exception]:
+        return await asyncio.gather(one("peer-a", 1.0), one("peer-b", 2.0), one("peer-slow", 4.9))
+
+    a, b, slow = asyncio.run(clock.run(main()))
+    assert isinstance(a, AgreedGroup)
+    assert isinstance(b, AgreedGroup)
+    assert a.group_hash == b.group_hash
+    assert set(a.members) == {"peer-a", "peer-b"}
+    assert isinstance(slow, DeadlineExceededError)
+    assert "next one" in str(slow)
+
+
+@pytest.mark.parametrize(
+    ("num_peers", "smallest", "largest", "sizes"),
+    [(5, 4, 4, [4]), (9, 5, 8, [8]), (17, 9, 16, [16]), (30, 2, 8, [7, 7, 8, 8]), (3, 2, 2, [2])],
+)
+def test_groups_are_never_made_too_small_where_a_valid_one_fits(
+    num_peers: int, smallest: int, largest: int, sizes: list[int]
+) -> None:
+    # Before, five peers with groups of exactly four split into groups of three and two, and
+    # every one of them sat the round out.
+    peers = [f"p{i}" for i in range(num_peers)]
+    groups = split_into_groups("run/3", peers, largest, smallest)
+    assert sorted(len(g) for g in groups) == sizes
+    placed = [p for g in groups for p in g]
+    assert len(placed) == len(set(placed))

@@ -185,11 +185,22 @@ def _order_key(round_key: str, peer_id: str) -> bytes:
     return hashlib.sha256(f"{round_key}|{peer_id}".encode()).digest()
 
 
-def split_into_groups(round_key: str, peers: Sequence[str], max_group_size: int) -> list[list[str]]:
-    """Near-equal groups of at most ``max_group_size``, reshuffled by ``round_key``."""
+def split_into_groups(
+    round_key: str, peers: Sequence[str], max_group_size: int, min_group_size: int = 1
+) -> list[list[str]]:
+    """Near-equal groups of at most ``max_group_size``, reshuffled by ``round_key``.
+
+    Where that many groups would be smaller than ``min_group_size``, fewer are made (at most
+    ``max_group_size`` each) and the peers left over, last in the round's order, are in none:
+    five peers with groups of four at least and at most make one group of four, not two groups
+    too small to average.
+    """
     ordered = sorted(set(peers), key=lambda p: _order_key(round_key, p))
     num_groups = max(1, math.ceil(len(ordered) / max_group_size))
-    return [ordered[i::num_groups] for i in range(num_groups)]
+    if len(ordered) // num_groups < min_group_size:
+        num_groups = max(1, len(ordered) // min_group_size)
+    seats = num_groups * max_group_size
+    return [ordered[:seats][i::num_groups] for i in range(num_groups)]
 
 
 def _group_hash(key: str, entries: Sequence[JoinEntry]) -> str:
@@ -234,12 +245,25 @@ async def form_group(
         JoinEntry(me.peer_id, now, me.bandwidth_bytes_per_s, me.address).encode(), me.peer_id
     )
     ttl_s = config.join_window_s + config.propagation_grace_s + 60.0
+    read_at_s = cutoff_s + config.propagation_grace_s
     await board.announce(key, entry, ttl_s)
-    await clock.sleep_async(max(0.0, cutoff_s + config.propagation_grace_s - clock.wall()))
+    if clock.wall() > read_at_s:
+        # The others read the members at read_at_s: they may not have seen this entry, and
+        # counting itself this peer would have a member list (and group hash) of its own.
+        raise DeadlineExceededError(
+            f"announcing this peer in round {key!r} took past the others' reading of its "
+            "members; join the next one"
+        )
+    await clock.sleep_async(max(0.0, read_at_s - clock.wall()))
     joined = {e.peer_id: e for e in await board.entries(key) if e.announced_at_s <= cutoff_s}
     joined[entry.peer_id] = entry
-    groups = split_into_groups(key, list(joined), config.max_group_size)
-    mine = next(g for g in groups if entry.peer_id in g)
+    groups = split_into_groups(key, list(joined), config.max_group_size, config.min_group_size)
+    mine = next((g for g in groups if entry.peer_id in g), None)
+    if mine is None:
+        raise DeadlineExceededError(
+            f"round {key!r}: {len(joined)} peers joined, and groups of "
+            f"{config.min_group_size}-{config.max_group_size} left this one out; join the next one"
+        )
     if len(mine) < config.min_group_size:
         raise DeadlineExceededError(
             f"round {key!r}: {len(mine)} peers joined, fewer than min_group_size "
