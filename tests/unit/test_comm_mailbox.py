@@ -200,3 +200,32 @@ def test_comm_takes_messages_no_larger_than_a_chunk_can_be() -> None:
     NetCommTransport(node)  # type: ignore[arg-type]
     assert node.registered == (COMM_TOPIC, MAX_MESSAGE_BYTES)
     assert CHUNK_ELEMENTS_LIMIT * 4 < MAX_MESSAGE_BYTES < 1 << 30
+
+
+def test_one_sender_cannot_fill_the_table_of_rounds_messages_wait_for() -> None:
+    # A peer in none of this one's groups sent a header-only message for each of 64 made-up
+    # rounds: each waited for its round to open, the table filled, and a member's early
+    # message of the real round was refused, so the member took this peer for failed.
+    clock = IdleJumpClock()
+
+    async def main() -> None:
+        mailbox = CommMailbox(_Silent(), clock, early_arrival_timeout_s=30.0)
+        flood = [
+            asyncio.create_task(mailbox.deliver("stranger", _message(bytes([i]) + b"\xee" * 15)))
+            for i in range(64)
+        ]
+        await asyncio.sleep(0)
+        refused = [t for t in flood if t.done() and isinstance(t.exception(), ProtocolError)]
+        assert len(refused) == 64 - 8  # a sender's share: an eighth of the table
+        assert "its share" in str(refused[0].exception())
+        member = asyncio.create_task(mailbox.deliver("member", _message(ROUND, 1)))
+        await clock.sleep_async(1.0)
+        handler = _Round()
+        mailbox.open_round(ROUND, handler)  # type: ignore[arg-type]
+        await member
+        assert handler.chunks == [1]
+        for task in flood:
+            task.cancel()
+        await asyncio.gather(*flood, return_exceptions=True)
+
+    asyncio.run(clock.run(main()))

@@ -25,7 +25,7 @@ import enum
 import itertools
 import logging
 import struct
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -316,6 +316,9 @@ class CommMailbox:
         self._opened: dict[bytes, asyncio.Event] = {}
         """Rounds that messages wait for (to open here), with the event that wakes them."""
         self._num_waiting: dict[bytes, int] = {}
+        self._waiting_from: dict[str, Counter[bytes]] = {}
+        """Messages waiting for unopened rounds, by sender and round: one sender (a peer in
+        no group of this one's, say) may hold only a share of the table, not all of it."""
         """Messages waiting for each round of ``_opened``: the last to stop takes the entry."""
         self._closed: OrderedDict[bytes, FinishedRound | None] = OrderedDict()
         """Rounds that ended here, with what is kept of those that finished with every
@@ -385,7 +388,7 @@ class CommMailbox:
         if handler is None:
             if frame.round_id not in self._closed:
                 self._refuse_other_group(frame.round_id)
-                handler = await self._wait_open(frame.round_id, len(message))
+                handler = await self._wait_open(frame.round_id, len(message), sender)
                 self._refuse_other_group(frame.round_id)
             if handler is None:
                 # A straggler of a round that already ended. One that shows the sender still
@@ -448,7 +451,13 @@ class CommMailbox:
                     "disagree on the group)"
                 )
 
-    async def _wait_open(self, round_id: bytes, nbytes: int) -> RoundHandler | None:
+    async def _wait_open(self, round_id: bytes, nbytes: int, sender: str) -> RoundHandler | None:
+        mine = self._waiting_from.get(sender, Counter())
+        if round_id not in mine and len(mine) >= max(1, self._max_waiting_rounds // 8):
+            raise ProtocolError(
+                f"messages from this peer wait for {len(mine)} rounds this peer has not opened, "
+                "its share of them"
+            )
         if sum(self._num_waiting.values()) >= self._max_waiting_messages:
             raise ProtocolError("too many messages wait for rounds this peer has not opened")
         if self._waiting_bytes + nbytes > self._max_waiting_bytes:
@@ -459,6 +468,8 @@ class CommMailbox:
                 raise ProtocolError("too many messages for rounds this peer has not opened")
             event = self._opened[round_id] = asyncio.Event()
         self._num_waiting[round_id] = self._num_waiting.get(round_id, 0) + 1
+        mine[round_id] += 1
+        self._waiting_from[sender] = mine
         self._waiting_bytes += nbytes
         try:
             deadline = self._clock.monotonic() + self._early_timeout_s
@@ -466,6 +477,11 @@ class CommMailbox:
         finally:  # woken, timed out, or its sender gave up (the call cancelled)
             self._waiting_bytes -= nbytes
             self._stop_waiting(round_id, event)
+            mine[round_id] -= 1
+            if mine[round_id] <= 0:
+                del mine[round_id]
+            if not mine:
+                self._waiting_from.pop(sender, None)
         handler = self._rounds.get(round_id)
         if handler is None and not opened:
             raise ProtocolError(f"round {round_id.hex()[:12]} did not open on this peer in time")
