@@ -18,7 +18,7 @@ from gossamer.comm.transport import (
     pack_frame,
     unpack_frame,
 )
-from gossamer.core.errors import ProtocolError
+from gossamer.core.errors import NotInRoundError, ProtocolError
 
 ROUND = b"\x01" * 16
 
@@ -151,10 +151,10 @@ def test_a_key_settled_without_a_round_refuses_its_rounds_waiting_and_new() -> N
         await clock.sleep_async(0.1)
         started = clock.monotonic()
         mailbox.settle_key(ROUND[:4])
-        with pytest.raises(ProtocolError, match="runs no round of that key"):
+        with pytest.raises(NotInRoundError, match="runs no round of that key"):
             await waiting
         assert clock.monotonic() - started < 1.0  # not at the early-arrival timeout
-        with pytest.raises(ProtocolError, match="runs no round of that key"):
+        with pytest.raises(NotInRoundError, match="runs no round of that key"):
             await mailbox.deliver("peer", _message(b"\x01" * 4 + b"\x09" * 12))
         # Another key's early message still waits for its round.
         later = asyncio.create_task(mailbox.deliver("peer", _message(other_key, 2)))
@@ -227,5 +227,30 @@ def test_one_sender_cannot_fill_the_table_of_rounds_messages_wait_for() -> None:
         for task in flood:
             task.cancel()
         await asyncio.gather(*flood, return_exceptions=True)
+
+    asyncio.run(clock.run(main()))
+
+
+def test_forming_a_key_again_forgets_the_rounds_of_it_that_ended() -> None:
+    # A peer whose round of a key ended (a torch round's presence, or a p2p round it was
+    # dropped from) forms the key again, in another group: the others' messages of the new
+    # round were refused at once (the closed round still named the key), and they took this
+    # peer for failed.
+    clock = IdleJumpClock()
+    again = b"\x01" * 4 + b"\x05" * 12  # the same key's tag, another round
+
+    async def main() -> None:
+        mailbox = CommMailbox(_Silent(), clock, early_arrival_timeout_s=30.0)
+        mailbox.open_round(ROUND, _Round())  # type: ignore[arg-type]
+        mailbox.close_round(ROUND)
+        with pytest.raises(NotInRoundError, match="under the same key"):
+            await mailbox.deliver("peer", _message(again, 1))
+        mailbox.unsettle_key(ROUND[:4])
+        waiting = asyncio.create_task(mailbox.deliver("peer", _message(again, 2)))
+        await clock.sleep_async(0.1)
+        handler = _Round()
+        mailbox.open_round(again, handler)  # type: ignore[arg-type]
+        await waiting
+        assert handler.chunks == [2]
 
     asyncio.run(clock.run(main()))

@@ -12,6 +12,7 @@ from gossamer.core.clock import FakeClock
 from gossamer.core.errors import (
     AuthenticationError,
     DeadlineExceededError,
+    NotInRoundError,
     PeerLostError,
     PeerUnavailableError,
     ProtocolError,
@@ -152,6 +153,10 @@ def test_a_peer_gone_for_the_forget_time_is_no_longer_watched() -> None:
 def test_our_errors_map_to_statuses() -> None:
     assert status_of_error(AuthenticationError("a"))[0] == grpc.StatusCode.UNAUTHENTICATED
     assert status_of_error(ProtocolError("p"))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    # (a peer in no such round says so apart from a malformed message, and it arrives so)
+    assert status_of_error(NotInRoundError("n"))[0] == grpc.StatusCode.FAILED_PRECONDITION
+    refused = error_of_rpc_error(_rpc_error(grpc.StatusCode.FAILED_PRECONDITION), "p", "/x/Y")
+    assert type(refused) is NotInRoundError
     assert status_of_error(PeerUnavailableError("u"))[0] == grpc.StatusCode.UNAVAILABLE
     assert status_of_error(RuntimeError("r"))[0] == grpc.StatusCode.INTERNAL
 

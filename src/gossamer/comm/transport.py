@@ -33,7 +33,7 @@ from typing import Protocol
 from gossamer.comm.memory import keep_freed_memory
 from gossamer.comm.plan import ROUND_KEY_TAG_NBYTES
 from gossamer.core.clock import Clock
-from gossamer.core.errors import GossamerError, ProtocolError
+from gossamer.core.errors import GossamerError, NotInRoundError, ProtocolError
 
 __all__ = [
     "CHUNK_ELEMENTS_LIMIT",
@@ -378,8 +378,13 @@ class CommMailbox:
 
     def unsettle_key(self, tag: bytes) -> None:
         """Undo :meth:`settle_key`: this peer forms a round of that key again (a peer that
-        went on alone may come back to the same key)."""
+        went on alone, or whose round of it ended, may come back to the same key). Rounds of
+        the key that ended here are forgotten too: another group's round of it would be
+        refused while one is remembered, and a late message of theirs now waits (to the
+        early-arrival timeout) instead of being dropped."""
         self._settled_keys.pop(tag, None)
+        for ended in [r for r in self._closed if r[:ROUND_KEY_TAG_NBYTES] == tag]:
+            del self._closed[ended]
 
     async def deliver(self, sender: str, message: memoryview) -> None:
         """The transport's receiver: route one message to its round."""
@@ -433,19 +438,19 @@ class CommMailbox:
         disagree), and waiting for the round to open would hold the sender to its deadline.
 
         Raises:
-            ProtocolError: so it is.
+            NotInRoundError: so it is.
         """
         if round_id in self._rounds or round_id in self._closed:
             return
         tag = round_id[:ROUND_KEY_TAG_NBYTES]
         if tag in self._settled_keys:
-            raise ProtocolError(
+            raise NotInRoundError(
                 f"round {round_id.hex()[:12]} is not this peer's: it runs no round of that key "
                 "(it averaged alone or by other means; the members disagree on the group)"
             )
         for other in itertools.chain(self._rounds, reversed(self._closed)):
             if other[:ROUND_KEY_TAG_NBYTES] == tag:
-                raise ProtocolError(
+                raise NotInRoundError(
                     f"round {round_id.hex()[:12]} is not this peer's: under the same key it is "
                     f"in round {other.hex()[:12]}, of other members or parts (the members "
                     "disagree on the group)"

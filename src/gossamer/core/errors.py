@@ -22,6 +22,7 @@ with ``raise ... from exc`` so the original stays visible.
         ├── IncompatibleCheckpointError    a checkpoint was made for another model or format
         ├── AuthenticationError        a peer could not prove its identity or the swarm secret
         ├── ProtocolError              a peer sent a malformed or oversized message
+        │   └── NotInRoundError        the peer runs no such averaging round (alone, other group)
         └── MissingDependencyError     a system tool or package the feature needs is absent
 """
 
@@ -38,6 +39,7 @@ __all__ = [
     "GossamerError",
     "IncompatibleCheckpointError",
     "MissingDependencyError",
+    "NotInRoundError",
     "PeerLostError",
     "PeerUnavailableError",
     "ProtocolError",
@@ -101,6 +103,11 @@ class AuthenticationError(FatalError):
 
 class ProtocolError(FatalError):
     """A peer sent a message that is malformed, oversized or out of order."""
+
+
+class NotInRoundError(ProtocolError):
+    """A message of an averaging round reached a peer that runs no such round: it averaged
+    alone or by other means, or it is in another group's round of the same key."""
 
 
 class MissingDependencyError(FatalError):

@@ -9,6 +9,7 @@ from gossamer.core.errors import (
     ConfigError,
     DeadlineExceededError,
     GossamerError,
+    NotInRoundError,
     PeerLostError,
     PeerUnavailableError,
     ProtocolError,
@@ -26,7 +27,7 @@ _ERROR_OF_CODE: dict[grpc.StatusCode, type[GossamerError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ProtocolError,
     grpc.StatusCode.OUT_OF_RANGE: ProtocolError,
     grpc.StatusCode.UNIMPLEMENTED: ProtocolError,
-    grpc.StatusCode.FAILED_PRECONDITION: ProtocolError,
+    grpc.StatusCode.FAILED_PRECONDITION: NotInRoundError,  # (only ours say it)
     grpc.StatusCode.NOT_FOUND: ProtocolError,
     grpc.StatusCode.ALREADY_EXISTS: ProtocolError,
     # The connection broke mid-call, or the peer's handler died: the peer may come back.
@@ -57,6 +58,8 @@ def status_of_error(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status a handler aborts with for one of our errors (or an unexpected one)."""
     if isinstance(exc, AuthenticationError):
         return grpc.StatusCode.UNAUTHENTICATED, str(exc)
+    if isinstance(exc, NotInRoundError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, ProtocolError | ConfigError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, DeadlineExceededError):

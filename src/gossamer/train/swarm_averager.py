@@ -62,6 +62,7 @@ from gossamer.core.clock import Clock
 from gossamer.core.errors import (
     DeadlineExceededError,
     GossamerError,
+    NotInRoundError,
     PeerLostError,
     PeerUnavailableError,
     ProtocolError,
@@ -301,9 +302,9 @@ class _TorchPresence:
     async def _tell(self, peer: str, word: bytes, timeout_s: float) -> None:
         try:
             await self.mailbox.transport.send(peer, word, timeout_s=timeout_s)
-        except ProtocolError as exc:
+        except NotInRoundError as exc:
             self.refused[peer] = str(exc)
-        except GossamerError as exc:  # gone or late: the failure detector and timeouts decide
+        except GossamerError as exc:  # gone, late or busy: the detector and timeouts decide
             logger.debug("telling %s of torch round %s failed: %s", peer[:8], self.round_id, exc)
 
     def close(self) -> None:
