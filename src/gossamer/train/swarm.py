@@ -753,6 +753,12 @@ class StatusFileListener(TrainingListener):
         }
         self._write()
 
+    def publish(self, **fields: Any) -> None:
+        """Add ``fields`` (the peer's address, say) and write them at once: others may wait
+        for them before training starts here."""
+        self.status.update(fields)
+        self._write()
+
     def _write(self) -> None:
         self.status["updated_unix_s"] = time.time()
         self.status["bytes_sent"] = int(getattr(self.strategy, "bytes_sent", 0))
@@ -1013,9 +1019,10 @@ def _train_on_node(
             strategy=strategy,
             goodput=metrics.goodput,
         )
-        status.status["address"] = address
+        published: dict[str, Any] = {"address": address}
         if metrics_url is not None:
-            status.status["metrics_url"] = metrics_url
+            published["metrics_url"] = metrics_url
+        status.publish(**published)  # at once: peers joining through this one wait for it
         listeners.append(status)
     stream_seed = stream_seed_of(node.peer_id)
     try:
