@@ -258,6 +258,22 @@ def test_a_weight_the_float32_sums_cannot_hold_is_refused(weight: float) -> None
         unpack_frame(memoryview(header))
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on the overflow itself
+def test_an_average_that_overflows_in_8_bits_is_sent_at_the_largest_scale() -> None:
+    # Finite values and weights whose float32 sum overflows: the owner's average is inf, its
+    # 8-bit scale was inf, every receiver refused it as no encoder's and the owner declared
+    # them all failed. The average goes at the largest scale a receiver takes, as FLT_MAX.
+    inputs = [[torch.full(shape, 1e27) for shape in SHAPES] for _ in range(3)]
+    config = dataclasses.replace(
+        CONFIG, codec=CodecPolicy(codec="int8", block_size=64, min_compressed_numel=1)
+    )
+    results, _ = _run(inputs, config=config, weights=[1e12, 1e12, 1e12])
+    for result in results.values():
+        assert result.report.failed == {}
+        assert all(p.outcome is PartOutcome.AVERAGED for p in result.report.parts)
+        assert all(bool(torch.isfinite(t).all()) for t in result.tensors)
+
+
 def test_nan_values_are_refused_before_the_8_bit_codec_spoils_their_block() -> None:
     inputs = _inputs(2)
     inputs[0][0].view(-1)[3] = float("nan")

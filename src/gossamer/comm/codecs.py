@@ -190,12 +190,9 @@ class Blockwise8BitCodec(Codec):
             absmax = np.maximum(blocks.max(axis=1), -blocks.min(axis=1))
             block_scales = scales[first_block : first_block + count]
             np.divide(absmax, np.float32(127.0), out=block_scales)
-            # 127 steps of a finite block stay finite (a block with inf keeps its inf scale)
-            np.copyto(
-                block_scales,
-                _MAX_SCALE,
-                where=(block_scales > _MAX_SCALE) & (block_scales != np.inf),
-            )
+            # 127 steps stay finite: a block holding FLT_MAX (or an inf, from a sum that
+            # overflowed) is sent at the largest scale a receiver takes (NaN stays NaN)
+            np.minimum(block_scales, _MAX_SCALE, out=block_scales)
             safe = np.where(block_scales > 0, block_scales, np.float32(1.0))
             scaled = blocks / safe[:, None]
             np.rint(scaled, out=scaled)
