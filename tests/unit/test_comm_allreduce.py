@@ -963,6 +963,56 @@ class _DiesBeforeItsAveragesReach(FakeTransport):
         await super().send(peer_id, message, timeout_s=timeout_s)
 
 
+def _owner_dies_after_one_finished(
+    inputs: list[list[torch.Tensor]],
+    *,
+    finisher: int,
+    victims: Sequence[int],
+    watchers: Sequence[int],
+    round_key: str,
+) -> tuple[dict[int, AllReduceResult], dict[int, float]]:
+    """A round where the last member, the dying owner, sends its averages to every member but
+    ``victims``, and dies once ``finisher`` ended its round; only ``watchers`` have a failure
+    detector. Returns the results and when each member ended."""
+    clock = IdleJumpClock()
+    config = _scheduled(CONFIG)
+    n = len(inputs)
+    members = [f"peer-{i}" for i in range(n)]
+    finished_at: dict[int, float] = {}
+
+    async def main() -> dict[int, AllReduceResult]:
+        network = FakeNetwork(clock)
+        dying = _DiesBeforeItsAveragesReach(network, members[-1], *(members[v] for v in victims))
+        network.transports[members[-1]] = dying
+        transports = [network.transport(m) for m in members[:-1]] + [dying]
+        mailboxes = [CommMailbox(t, clock) for t in transports]
+
+        def alive(peer: str) -> bool:
+            return not (peer == members[-1] and dying.dead)
+
+        async def one(i: int) -> AllReduceResult:
+            result = await all_reduce(
+                inputs[i],
+                mailbox=mailboxes[i],
+                members=members,
+                round_key=round_key,
+                config=config,
+                clock=clock,
+                offload=inline_offload,
+                alive=alive if i in watchers else None,
+            )
+            finished_at[i] = clock.monotonic()
+            if i == finisher:
+                dying.dies.set()
+            return result
+
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(i)) for i in range(n)]
+        return {i: t.result() for i, t in enumerate(tasks)}
+
+    return asyncio.run(clock.run(main())), finished_at
+
+
 @pytest.mark.parametrize("schedule", [s for s in SCHEDULES if s != "ring"], indirect=True)
 def test_a_member_that_lost_an_average_others_finished_with_leaves_the_round_at_once() -> None:
     # Peer 2 sends its part's averages to peer 1, then dies before those for peer 0 go out
@@ -974,40 +1024,10 @@ def test_a_member_that_lost_an_average_others_finished_with_leaves_the_round_at_
     # part 2 nobody else holds. (Round the ring peer 2 sends its averages to peer 1 only, and
     # peer 1 finishes only once peer 0 got them from it: this cannot happen.)
     inputs = _inputs(3)
-    clock = IdleJumpClock()
-    config = _scheduled(CONFIG)
-    members = ["peer-0", "peer-1", "peer-2"]
     finisher, victim = 1, 0
-    finished_at: dict[int, float] = {}
-
-    async def main() -> dict[int, AllReduceResult]:
-        network = FakeNetwork(clock)
-        dying = _DiesBeforeItsAveragesReach(network, "peer-2", members[victim])
-        network.transports["peer-2"] = dying
-        transports = [network.transport("peer-0"), network.transport("peer-1"), dying]
-        mailboxes = [CommMailbox(t, clock) for t in transports]
-
-        async def one(i: int) -> AllReduceResult:
-            result = await all_reduce(
-                inputs[i],
-                mailbox=mailboxes[i],
-                members=members,
-                round_key="run/8",
-                config=config,
-                clock=clock,
-                offload=inline_offload,
-                alive=lambda peer: not (peer == "peer-2" and dying.dead),
-            )
-            finished_at[i] = clock.monotonic()
-            if i == finisher:
-                dying.dies.set()
-            return result
-
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(one(i)) for i in range(3)]
-        return {i: t.result() for i, t in enumerate(tasks)}
-
-    results = asyncio.run(clock.run(main()))
+    results, finished_at = _owner_dies_after_one_finished(
+        inputs, finisher=finisher, victims=[victim], watchers=range(3), round_key="run/8"
+    )
     first = results[finisher].report
     assert first.failed == {}
     assert first.excluded is None
@@ -1043,40 +1063,10 @@ def test_a_backup_that_heard_of_the_owner_second_hand_does_not_average_its_part_
     # peer 2's contribution) and ended the round, not dropped, with a part 3 peer 2 does not
     # hold. It passes the report on, hears peer 2's answer, and leaves the round at once.
     inputs = _inputs(4)
-    clock = IdleJumpClock()
-    config = _scheduled(CONFIG)
-    members = [f"peer-{i}" for i in range(4)]
     finisher = 2
-    finished_at: dict[int, float] = {}
-
-    async def main() -> dict[int, AllReduceResult]:
-        network = FakeNetwork(clock)
-        dying = _DiesBeforeItsAveragesReach(network, "peer-3", "peer-0", "peer-1")
-        network.transports["peer-3"] = dying
-        transports = [network.transport(f"peer-{i}") for i in range(3)] + [dying]
-        mailboxes = [CommMailbox(t, clock) for t in transports]
-
-        async def one(i: int) -> AllReduceResult:
-            result = await all_reduce(
-                inputs[i],
-                mailbox=mailboxes[i],
-                members=members,
-                round_key="run/9",
-                config=config,
-                clock=clock,
-                offload=inline_offload,
-                alive=(lambda peer: not (peer == "peer-3" and dying.dead)) if i == 1 else None,
-            )
-            finished_at[i] = clock.monotonic()
-            if i == finisher:
-                dying.dies.set()
-            return result
-
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(one(i)) for i in range(4)]
-        return {i: t.result() for i, t in enumerate(tasks)}
-
-    results = asyncio.run(clock.run(main()))
+    results, finished_at = _owner_dies_after_one_finished(
+        inputs, finisher=finisher, victims=[0, 1], watchers=[1], round_key="run/9"
+    )
     held = torch.cat([t.reshape(-1) for t in results[finisher].tensors])
     _assert_close(results[finisher].tensors, _mean(inputs, range(4)), atol=1e-6)
     parts = results[finisher].report.parts

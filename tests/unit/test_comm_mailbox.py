@@ -47,6 +47,19 @@ def _message(round_id: bytes, chunk: int = 0) -> memoryview:
     return memoryview(pack_frame(Frame(FrameKind.CONTRIBUTION, round_id, 0, chunk, 0, 1.0)))
 
 
+async def _waits_then_is_handled(
+    mailbox: CommMailbox, clock: IdleJumpClock, round_id: bytes, chunk: int, sender: str = "peer"
+) -> None:
+    """A message of ``round_id`` comes before its round opens here; it is handled once the
+    round opens."""
+    waiting = asyncio.create_task(mailbox.deliver(sender, _message(round_id, chunk)))
+    await clock.sleep_async(0.1)
+    handler = _Round()
+    mailbox.open_round(round_id, handler)  # type: ignore[arg-type]
+    await waiting
+    assert handler.chunks == [chunk]
+
+
 def test_an_early_message_is_handled_once_its_round_opens_or_refused_at_the_timeout() -> None:
     clock = IdleJumpClock()
 
@@ -79,12 +92,7 @@ def test_messages_whose_senders_gave_up_leave_nothing_waiting() -> None:
             call.cancel()
             await asyncio.gather(call, return_exceptions=True)
         assert not mailbox.awaits_round_of_key(bytes([2]) * 4)
-        waiting = asyncio.create_task(mailbox.deliver("peer", _message(ROUND, 3)))
-        await clock.sleep_async(0.1)
-        handler = _Round()
-        mailbox.open_round(ROUND, handler)  # type: ignore[arg-type]
-        await waiting
-        assert handler.chunks == [3]
+        await _waits_then_is_handled(mailbox, clock, ROUND, 3)
 
     asyncio.run(clock.run(main()))
 
@@ -157,21 +165,11 @@ def test_a_key_settled_without_a_round_refuses_its_rounds_waiting_and_new() -> N
         with pytest.raises(NotInRoundError, match="runs no round of that key"):
             await mailbox.deliver("peer", _message(b"\x01" * 4 + b"\x09" * 12))
         # Another key's early message still waits for its round.
-        later = asyncio.create_task(mailbox.deliver("peer", _message(other_key, 2)))
-        await clock.sleep_async(0.1)
-        handler = _Round()
-        mailbox.open_round(other_key, handler)  # type: ignore[arg-type]
-        await later
-        assert handler.chunks == [2]
+        await _waits_then_is_handled(mailbox, clock, other_key, 2)
         # Forming a round of the key again (a peer that went on alone came back to it):
         # its messages wait for the round as any early message does.
         mailbox.unsettle_key(ROUND[:4])
-        again = asyncio.create_task(mailbox.deliver("peer", _message(ROUND, 3)))
-        await clock.sleep_async(0.1)
-        mine = _Round()
-        mailbox.open_round(ROUND, mine)  # type: ignore[arg-type]
-        await again
-        assert mine.chunks == [3]
+        await _waits_then_is_handled(mailbox, clock, ROUND, 3)
 
     asyncio.run(clock.run(main()))
 
@@ -218,12 +216,7 @@ def test_one_sender_cannot_fill_the_table_of_rounds_messages_wait_for() -> None:
         refused = [t for t in flood if t.done() and isinstance(t.exception(), ProtocolError)]
         assert len(refused) == 64 - 8  # a sender's share: an eighth of the table
         assert "its share" in str(refused[0].exception())
-        member = asyncio.create_task(mailbox.deliver("member", _message(ROUND, 1)))
-        await clock.sleep_async(1.0)
-        handler = _Round()
-        mailbox.open_round(ROUND, handler)  # type: ignore[arg-type]
-        await member
-        assert handler.chunks == [1]
+        await _waits_then_is_handled(mailbox, clock, ROUND, 1, sender="member")
         for task in flood:
             task.cancel()
         await asyncio.gather(*flood, return_exceptions=True)
@@ -246,11 +239,6 @@ def test_forming_a_key_again_forgets_the_rounds_of_it_that_ended() -> None:
         with pytest.raises(NotInRoundError, match="under the same key"):
             await mailbox.deliver("peer", _message(again, 1))
         mailbox.unsettle_key(ROUND[:4])
-        waiting = asyncio.create_task(mailbox.deliver("peer", _message(again, 2)))
-        await clock.sleep_async(0.1)
-        handler = _Round()
-        mailbox.open_round(again, handler)  # type: ignore[arg-type]
-        await waiting
-        assert handler.chunks == [2]
+        await _waits_then_is_handled(mailbox, clock, again, 2)
 
     asyncio.run(clock.run(main()))
