@@ -283,6 +283,7 @@ def test_nan_values_are_refused_before_the_8_bit_codec_spoils_their_block() -> N
     with pytest.raises(ValueError, match="NaN or infinite"):
         _start_alone(inputs[0], config=config)
     _start_alone(inputs[1], config=config)  # (finite: starts, and ends alone at its deadline)
+    _start_alone([torch.full((1000,), 3e38)], config=config)  # finite values whose sum is inf
 
 
 def test_members_whose_weights_are_all_0_keep_their_own_values() -> None:
