@@ -926,13 +926,22 @@ class SwarmAverager:
             )
 
     async def _memberships(self, node: Node) -> dict[str, tuple[str, int, str]]:
-        """Every peer's latest membership record: (state, version, incarnation)."""
+        """Every peer's latest membership record: (state, version, incarnation).
+
+        The active ones are watched from here on: a peer that reads the run (a newcomer
+        catching up, say) knows which of them are gone by its first round, instead of waiting
+        for each there until the failure detector's timeout (a SIGKILLed peer's record says
+        active for minutes).
+        """
         found: dict[str, tuple[str, int, str]] = {}
         for publisher, value in await read_json_records(node, _members_key(self.config.run_id)):
             try:
                 found[publisher] = (str(value["state"]), int(value["version"]), str(value["inc"]))
             except (KeyError, TypeError, ValueError, OverflowError):  # (int of an inf)
                 continue
+        for peer, (state, _, _) in found.items():
+            if state == "active" and peer != node.peer_id:
+                node.detector.watch(peer)
         return found
 
     async def _active_members(self, node: Node) -> dict[str, int]:
