@@ -44,6 +44,7 @@ from gossamer.comm.transport import (
     CommMailbox,
     FinishedRound,
     wait_for_event,
+    weight_in_range,
 )
 from gossamer.comm.wire import WireLimits
 from gossamer.core.clock import Clock, SystemClock
@@ -325,7 +326,7 @@ async def all_reduce(
     offload = offload or asyncio.to_thread
     if mailbox.peer_id not in members:
         raise ValueError("this peer is not in the member list")
-    if not (weight == 0 or WEIGHT_RANGE[0] <= weight <= WEIGHT_RANGE[1]):
+    if not weight_in_range(weight):
         raise ValueError(
             f"weight must be 0 or within {WEIGHT_RANGE} (the average is summed in float32), "
             f"got {weight}: scale the members' weights alike"

@@ -199,8 +199,8 @@ def split_into_groups(
     num_groups = max(1, math.ceil(len(ordered) / max_group_size))
     if len(ordered) // num_groups < min_group_size:
         num_groups = max(1, len(ordered) // min_group_size)
-    seats = num_groups * max_group_size
-    return [ordered[:seats][i::num_groups] for i in range(num_groups)]
+    seated = ordered[: num_groups * max_group_size]
+    return [seated[i::num_groups] for i in range(num_groups)]
 
 
 def _group_hash(key: str, entries: Sequence[JoinEntry]) -> str:

@@ -55,6 +55,7 @@ __all__ = [
     "pack_frame",
     "unpack_frame",
     "wait_for_event",
+    "weight_in_range",
 ]
 
 _log = logging.getLogger(__name__)
@@ -70,6 +71,13 @@ CHUNK_ELEMENTS_LIMIT = 1 << 24
 WEIGHT_RANGE = (1e-12, 1e12)
 """Where a member's weight in an average lies, unless it is 0: the owners sum values times
 weights in float32, where a weight of 1e39 is infinite and one of 1e-46 is 0."""
+
+
+def weight_in_range(weight: float) -> bool:
+    """Whether ``weight`` is 0 or within :data:`WEIGHT_RANGE` (False for NaN)."""
+    return weight == 0 or WEIGHT_RANGE[0] <= weight <= WEIGHT_RANGE[1]
+
+
 MAX_MESSAGE_BYTES = 2 * CHUNK_ELEMENTS_LIMIT * 4
 """Largest comm message a peer takes: a chunk of the most values, uncompressed, with room
 for the headers of the tensor pieces it spans (a larger one is refused at its first bytes)."""
@@ -212,7 +220,7 @@ def unpack_frame(message: memoryview) -> tuple[Frame, memoryview]:
         frame_kind = FrameKind(kind)
     except ValueError:
         raise ProtocolError(f"comm message of unknown kind {kind}") from None
-    if not (weight == 0 or WEIGHT_RANGE[0] <= weight <= WEIGHT_RANGE[1]):
+    if not weight_in_range(weight):
         raise ProtocolError(
             f"comm message with weight {weight}; weights are 0 or within {WEIGHT_RANGE}"
         )
@@ -316,10 +324,10 @@ class CommMailbox:
         self._opened: dict[bytes, asyncio.Event] = {}
         """Rounds that messages wait for (to open here), with the event that wakes them."""
         self._num_waiting: dict[bytes, int] = {}
+        """Messages waiting for each round of ``_opened``: the last to stop takes the entry."""
         self._waiting_from: dict[str, Counter[bytes]] = {}
         """Messages waiting for unopened rounds, by sender and round: one sender (a peer in
         no group of this one's, say) may hold only a share of the table, not all of it."""
-        """Messages waiting for each round of ``_opened``: the last to stop takes the entry."""
         self._closed: OrderedDict[bytes, FinishedRound | None] = OrderedDict()
         """Rounds that ended here, with what is kept of those that finished with every
         part's average."""

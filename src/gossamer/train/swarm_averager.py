@@ -1079,9 +1079,7 @@ class SwarmAverager:
         memberships, (entries, closes) = await self._read_round(node, both, seen)
         expected = _active(memberships, node.peer_id)
         self._run_peers = expected
-        self._nudge(node, expected, key)
-        for peer in expected:
-            node.detector.watch(peer)
+        self._nudge(node, expected, key)  # (_memberships watches them)
         alive_at_start = {p for p in expected if self._alive(node, p)}
         close_at: float | None = None
         everyone_came = False
