@@ -221,6 +221,14 @@ def test_every_member_with_weight_owns_a_block_where_there_are_enough() -> None:
     assert big.bounds == (0, 25 * 4096, 100 * 4096)
 
 
+def test_parts_do_not_depend_on_how_the_python_version_sums_floats() -> None:
+    # The weights sum to 1.2000000000000002 added in turn (Python 3.11's sum) and to 1.2
+    # correctly rounded (3.12's sum compensates): 3.11 cut [249, 274] blocks past the floors.
+    weights = [0.01, 0.001, 0.001]
+    plan = PartPlan.create(["a", "b", "c"], 303 * 4096, bandwidth_weights=weights)
+    assert plan.bounds == (0, (250 + 1) * 4096, (275 + 2) * 4096, 303 * 4096)
+
+
 def test_every_member_builds_the_same_plan_from_the_agreed_figures() -> None:
     # Figures as measured (awkward floats), through the join entries' JSON as members read them.
     figures = [1.2345678901234e6, 1.1e6 / 3, 1.23e7, 9.87654321e6]

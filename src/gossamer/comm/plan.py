@@ -160,7 +160,9 @@ class PartPlan:
             raise ValueError("chunk_elements and align must be positive")
         top = max(weights)  # scaled to at most 1: figures near the float limit would sum to inf
         weights = [w / top for w in weights]
-        total_weight = sum(weights)
+        # Correctly rounded: Python 3.12's sum() compensates its rounding and 3.11's does not,
+        # and members on either must cut the same bounds.
+        total_weight = math.fsum(weights)
         blocks = total // align  # (the last part takes what is left over them too)
         owners = sum(1 for w in weights if w > 0)
         floor = 1 if blocks >= owners else 0
