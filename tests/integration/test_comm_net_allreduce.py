@@ -11,22 +11,46 @@ from gossamer.comm.allreduce import AllReduceConfig, all_reduce
 from gossamer.comm.codecs import CodecPolicy
 from gossamer.comm.net_transport import NetCommTransport
 from gossamer.comm.report import AllReduceResult, PartOutcome
-from gossamer.comm.transport import CommMailbox
+from gossamer.comm.transport import CommMailbox, FrameKind, Message, message_bytes, unpack_frame
 from gossamer.core.clock import SystemClock
 from gossamer.net.config import NodeConfig
 from gossamer.net.node import Node
 
 
+class _CallerCancelsMidway(NetCommTransport):
+    """An owner whose caller cancels its round once its first average went out."""
+
+    task: asyncio.Task[AllReduceResult] | None = None
+    sent_one = False
+
+    async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
+        frame, _ = unpack_frame(memoryview(message_bytes(message)))
+        if frame.kind is not FrameKind.RESULT:
+            await super().send(peer_id, message, timeout_s=timeout_s)
+            return
+        if self.sent_one:  # the rest wait for the cancel
+            await asyncio.Event().wait()
+        self.sent_one = True
+        await super().send(peer_id, message, timeout_s=timeout_s)
+        assert self.task is not None
+        self.task.cancel()
+
+
+async def _nodes(stack: contextlib.AsyncExitStack, num: int, clock: SystemClock) -> list[Node]:
+    nodes = []
+    for _ in range(num):
+        node = Node(NodeConfig(listen_address="127.0.0.1:0"), clock=clock)
+        nodes.append(await stack.enter_async_context(node))
+    for node in nodes:  # everyone knows everyone's address
+        others = [f"{o.peer_id}@127.0.0.1:{o.port}" for o in nodes if o is not node]
+        assert await asyncio.wait_for(node.bootstrap(others), 30) == num - 1
+    return nodes
+
+
 async def _with_nodes(num: int, codec: str, drop: int | None = None) -> list[AllReduceResult]:
     clock = SystemClock()
     async with contextlib.AsyncExitStack() as stack:
-        nodes = []
-        for _ in range(num):
-            node = Node(NodeConfig(listen_address="127.0.0.1:0"), clock=clock)
-            nodes.append(await stack.enter_async_context(node))
-        for node in nodes:  # everyone knows everyone's address
-            others = [f"{o.peer_id}@127.0.0.1:{o.port}" for o in nodes if o is not node]
-            assert await asyncio.wait_for(node.bootstrap(others), 30) == num - 1
+        nodes = await _nodes(stack, num, clock)
         members = [n.peer_id for n in nodes]
         gen = torch.Generator().manual_seed(0)
         inputs = [
@@ -72,3 +96,44 @@ def test_int8_over_grpc_and_a_dead_peer_is_reassigned() -> None:
         assert result.report.compression_ratio > 3.0
         assert result.report.parts[1].outcome is PartOutcome.REASSIGNED
         assert not result.report.deadline_hit
+
+
+def test_an_owner_cancelled_by_its_caller_midway_is_dropped_at_once_and_the_others_agree() -> None:
+    # Its caller cancels its round after its first average went out: it tells the others it
+    # left and refuses their later messages, so they reassign its part at once. Before, they
+    # waited to the deadline and each kept its own values for the rest of that part.
+    async def main() -> tuple[list[AllReduceResult], float]:
+        clock = SystemClock()
+        async with contextlib.AsyncExitStack() as stack:
+            nodes = await _nodes(stack, 3, clock)
+            members = [n.peer_id for n in nodes]
+            gen = torch.Generator().manual_seed(1)
+            inputs = [[torch.randn(60_000, generator=gen)] for _ in nodes]
+            config = AllReduceConfig(timeout_s=20.0, send_timeout_s=5.0, chunk_elements=5_000)
+            leaving = _CallerCancelsMidway(nodes[2])
+            transports = [NetCommTransport(nodes[0]), NetCommTransport(nodes[1]), leaving]
+            boxes = [CommMailbox(t, clock) for t in transports]
+
+            def one(i: int) -> asyncio.Task[AllReduceResult]:
+                return asyncio.ensure_future(
+                    all_reduce(
+                        inputs[i], mailbox=boxes[i], members=members, round_key="c/1", config=config
+                    )
+                )
+
+            started = clock.monotonic()
+            leaving.task = one(2)
+            others = [one(0), one(1)]
+            with contextlib.suppress(asyncio.CancelledError):
+                await leaving.task
+            results = list(await asyncio.gather(*others))
+            took = clock.monotonic() - started
+            await boxes[2].aclose()
+            return results, took
+
+    (first, second), took = asyncio.run(main())
+    assert took < 5.0, took  # not the 20 s deadline
+    for result in (first, second):
+        assert list(result.report.failed) == [result.report.members[2]]
+        assert result.report.parts[2].outcome is PartOutcome.REASSIGNED
+    assert torch.equal(first.tensors[0], second.tensors[0])

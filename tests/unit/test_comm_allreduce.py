@@ -910,10 +910,152 @@ def test_cancelling_a_round_leaves_no_task_behind() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert asyncio.all_tasks() == {asyncio.current_task()}
         assert not mailbox._rounds
+        # What is left is the mailbox's notice to b that a left (b hangs), until it closes.
+        await mailbox.aclose()
+        assert asyncio.all_tasks() == {asyncio.current_task()}
 
     asyncio.run(main())
+
+
+class _CallerCancelsMidway(FakeTransport):
+    """An owner whose caller cancels its round once its first average went out: it sent some
+    of its averages, not all, and it is alive (its messages of the round are refused, not
+    lost)."""
+
+    def __init__(self, network: FakeNetwork, peer_id: str) -> None:
+        super().__init__(network, peer_id)
+        self.task: asyncio.Task[AllReduceResult] | None = None
+        self.sent_one = False
+
+    async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
+        frame, _ = unpack_frame(memoryview(message_bytes(message)))
+        if frame.kind is not FrameKind.RESULT:
+            await super().send(peer_id, message, timeout_s=timeout_s)
+            return
+        if self.sent_one:  # the rest wait for the cancel
+            await asyncio.Event().wait()
+        self.sent_one = True
+        await super().send(peer_id, message, timeout_s=timeout_s)
+        assert self.task is not None
+        self.task.cancel()
+
+
+def test_an_owner_whose_caller_cancels_it_midway_is_dropped_and_the_others_agree() -> None:
+    # Before, its mailbox dropped the others' later messages of the round without a word and
+    # nobody declared it failed (it had sent some averages): each of the others waited to its
+    # deadline and kept its own values for the rest of the part, so they ended apart.
+    inputs = _inputs(3)
+    members = ["peer-0", "peer-1", "peer-2"]
+    clock = IdleJumpClock()
+    config = _scheduled(CONFIG)
+
+    async def main() -> tuple[list[AllReduceResult], float]:
+        network = FakeNetwork(clock)
+        leaving = _CallerCancelsMidway(network, members[2])
+        network.transports[members[2]] = leaving
+        mailboxes = [CommMailbox(network.transport(m), clock) for m in members[:2]]
+        mailboxes.append(CommMailbox(leaving, clock))
+
+        def one(i: int) -> asyncio.Task[AllReduceResult]:
+            return asyncio.ensure_future(
+                all_reduce(
+                    inputs[i],
+                    mailbox=mailboxes[i],
+                    members=members,
+                    round_key="leave/1",
+                    config=config,
+                    clock=clock,
+                    offload=inline_offload,
+                )
+            )
+
+        leaving.task = one(2)
+        others = [one(0), one(1)]
+        with pytest.raises(asyncio.CancelledError):
+            await leaving.task
+        results = list(await asyncio.gather(*others))
+        ended = clock.monotonic()
+        await mailboxes[2].aclose()
+        return results, ended
+
+    (first, second), ended = asyncio.run(clock.run(main()))
+    for result in (first, second):
+        assert set(result.report.failed) == {"peer-2"}, result.report.failed
+        assert not result.report.deadline_hit
+    assert ended < TIMEOUT_S / 10, ended
+    for got, other in zip(first.tensors, second.tensors, strict=True):
+        assert torch.equal(got, other)
+    # Every value is the mean of peer-0's and peer-1's, or of all three where a part's
+    # average was made before peer-2 left.
+    both = _mean(inputs, [0, 1])
+    all_three = _mean(inputs, [0, 1, 2])
+    for got, two, three in zip(first.tensors, both, all_three, strict=True):
+        got = got.double()
+        near = torch.isclose(got, two, atol=1e-6) | torch.isclose(got, three, atol=1e-6)
+        assert bool(near.all())
+
+
+@pytest.mark.parametrize("schedule", ["open"], indirect=True)
+@pytest.mark.parametrize("slow", ["_land", "fill_missing"])
+def test_nothing_writes_into_the_output_after_a_cancelled_round_raised(slow: str) -> None:
+    # Landing an average (the round's deadline cuts it short) or filling in the parts that
+    # never came (after the deadline) takes 0.8 s in its thread, and the caller cancels the
+    # round meanwhile. Before, the cancel came back at once and the thread wrote on into the
+    # caller's tensor after it.
+    async def slow_work(fn: Callable[[], object]) -> object:
+        def run() -> object:
+            if slow in getattr(fn, "__qualname__", ""):
+                time.sleep(0.8)
+            return fn()
+
+        return await asyncio.to_thread(run)
+
+    async def main() -> torch.Tensor:
+        clock = SystemClock()
+        network = FakeNetwork(clock)
+        members = ["peer-0", "peer-1"]
+        for peer in members:
+            network.transports[peer] = _Posts(network, peer)
+        config = dataclasses.replace(CONFIG, timeout_s=0.5, order="open")
+        out = torch.full((4000,), float("nan"))
+        # peer-1's side of the round, so peer-0 has an average to land (case "_land"); with
+        # "fill_missing" peer-1 never comes and peer-0 fills its own values in at the end.
+        if slow == "_land":
+            peer_1 = asyncio.ensure_future(
+                all_reduce(
+                    [torch.full((4000,), 1.0)],
+                    mailbox=CommMailbox(network.transports[members[1]], clock),
+                    members=members,
+                    round_key="cancel/1",
+                    config=config,
+                    clock=clock,
+                )
+            )
+        task = asyncio.ensure_future(
+            all_reduce(
+                [torch.full((4000,), 7.0)],
+                mailbox=CommMailbox(network.transports[members[0]], clock),
+                members=members,
+                round_key="cancel/1",
+                config=config,
+                clock=clock,
+                offload=slow_work,  # type: ignore[arg-type]
+                out=[out],
+            )
+        )
+        await asyncio.sleep(0.6 if slow == "_land" else 0.7)  # the slow work is running
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        returned = out.clone()
+        await asyncio.sleep(1.0)  # any write still running would have landed by now
+        if slow == "_land":
+            await peer_1
+        return torch.nan_to_num(out, nan=-1.0) - torch.nan_to_num(returned, nan=-1.0)
+
+    change = asyncio.run(main())
+    assert bool((change == 0).all())
 
 
 def test_real_threads_and_real_clock_without_faults() -> None:

@@ -242,3 +242,42 @@ def test_forming_a_key_again_forgets_the_rounds_of_it_that_ended() -> None:
         await _waits_then_is_handled(mailbox, clock, again, 2)
 
     asyncio.run(clock.run(main()))
+
+
+class _Records(_Silent):
+    """A transport that records what it sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+
+    async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
+        assert isinstance(message, bytes)
+        self.sent.append((peer_id, message))
+
+
+def test_a_round_left_before_its_end_tells_the_others_and_refuses_its_messages() -> None:
+    # A round whose caller cancelled it: the members still in it are told, and a later
+    # message of it is refused (its sender stops waiting for this peer), where a round that
+    # ended drops its stragglers without a word. Opening the round again takes them again.
+    clock = IdleJumpClock()
+
+    async def main() -> None:
+        transport = _Records()
+        mailbox = CommMailbox(transport, clock)
+        mailbox.open_round(ROUND, _Round())  # type: ignore[arg-type]
+        mailbox.leave_round(ROUND, b"notice", ["peer-a", "peer-b"])
+        await clock.sleep_async(0.1)
+        assert sorted(transport.sent) == [("peer-a", b"notice"), ("peer-b", b"notice")]
+        with pytest.raises(NotInRoundError, match="left round"):
+            await mailbox.deliver("peer-a", _message(ROUND))
+        ended = b"\x05" * 16
+        mailbox.open_round(ended, _Round())  # type: ignore[arg-type]
+        mailbox.close_round(ended)
+        await mailbox.deliver("peer-a", _message(ended))  # dropped
+        handler = _Round()
+        mailbox.open_round(ROUND, handler)  # type: ignore[arg-type]
+        await mailbox.deliver("peer-a", _message(ROUND, 4))
+        assert handler.chunks == [4]
+        await mailbox.aclose()
+
+    asyncio.run(clock.run(main()))

@@ -227,6 +227,26 @@ def _part_plan(
     )
 
 
+async def _to_its_end(work: Awaitable[T]) -> T:
+    """Await ``work`` to its end even when the caller is cancelled meanwhile (the cancel is
+    raised after it): its threads write into the caller's tensors, and no cancel stops a
+    thread, so returning early would let them write on after the caller has its tensors back.
+    """
+    future = asyncio.ensure_future(work)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if future.done():
+                raise  # the work itself was cancelled
+            cancelled = True
+            continue
+        if cancelled:
+            raise asyncio.CancelledError
+        return result
+
+
 def _check_8_bit_values_finite(tensors: Sequence[torch.Tensor], layout: FlatLayout) -> None:
     """Refuse NaN or infinite values where the 8-bit codec would send them: a block's scale
     would be NaN or infinite, every value of the block lost for every member.
@@ -390,18 +410,25 @@ async def all_reduce(
     state.deadline_s = deadline
     mailbox.open_round(round_id, state)
     finished = False
+    ended = False  # (not ended: its caller cancelled it)
     try:
         async with asyncio.TaskGroup() as group:
             state.group = group
             try:
                 state.begin()
                 finished = await wait_for_event(state.done, deadline, clock)
+                ended = True
                 report.deadline_hit = not finished
             finally:  # the round's end, or its caller cancelled: a message still being
                 state.cancel_all()  # handled then starts nothing in the closing task group
     finally:
-        mailbox.close_round(round_id, finished=state.finished() if finished else None)
-        await state.settle()  # a decode cut short by the deadline writes on in its thread
+        if ended:
+            mailbox.close_round(round_id, finished=state.finished() if finished else None)
+        else:  # the others stop waiting for this member's averages now, not at their deadlines
+            mailbox.leave_round(round_id, *state.leaving())
+        # A decode cut short by the deadline or a cancel writes on in its thread: the caller
+        # gets its tensors back only once it ended.
+        await _to_its_end(state.settle())
     state.fill_report(report, started_wall)
     for member in report.failed:
         tally.peer_failed(member)
@@ -416,7 +443,7 @@ async def all_reduce(
             round_key,
             report.outcome_counts(),
         )
-    await offload(state.fill_missing)
+    await _to_its_end(offload(state.fill_missing))
     if out is None:
         result = await offload(lambda: _unflatten(output, layout, fresh=True))
         return AllReduceResult(result, report)

@@ -772,6 +772,17 @@ class RoundState:
         self.spawn(self._tell_excluded(member, message))
         self._check_done()
 
+    def leaving(self) -> tuple[bytes, list[str]]:
+        """What this member tells the others when it leaves the round before its end (its
+        caller cancelled it): a failure report naming itself, and the members to tell."""
+        notice = pack_frame(Frame(FrameKind.PEER_FAILED, self.round_id, 0, 0, self.me, 0.0, 0))
+        others = [
+            peer
+            for index, peer in enumerate(self.plan.members)
+            if index != self.me and index not in self.failed
+        ]
+        return notice, others
+
     async def _present(self, dest: int, message: bytes) -> None:
         """Tell ``dest`` that this member is in the round (see ``announce``).
 
@@ -903,9 +914,9 @@ class RoundState:
             # the failed owner's averages before the reporter could tell it answers that it had
             # (ROUND_CLOSED), so this one, maybe the part's backup, does not average it again
             # without it and end the round with a part the finished member does not hold.
-            self.peer_failed(
-                frame.peer_index, f"reported by {sender[:12]}", notify=True, told_by=member
-            )
+            itself = frame.peer_index == member
+            reason = "left the round" if itself else f"reported by {sender[:12]}"
+            self.peer_failed(frame.peer_index, reason, notify=True, told_by=member)
             return
         if frame.part >= n or frame.chunk >= len(self.chunks[frame.part]):
             raise ProtocolError(f"chunk {frame.chunk} of part {frame.part} is not in the plan")

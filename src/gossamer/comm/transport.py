@@ -26,7 +26,7 @@ import itertools
 import logging
 import struct
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -331,6 +331,9 @@ class CommMailbox:
         self._closed: OrderedDict[bytes, FinishedRound | None] = OrderedDict()
         """Rounds that ended here, with what is kept of those that finished with every
         part's average."""
+        self._left: OrderedDict[bytes, None] = OrderedDict()
+        """Rounds this peer left before they ended (their callers cancelled them): a later
+        message of one is refused, so its sender stops waiting for this peer."""
         self._answered: OrderedDict[tuple[bytes, str], None] = OrderedDict()
         """(round, peer) pairs told that the round had closed here (each is told once)."""
         self._settled_keys: OrderedDict[bytes, None] = OrderedDict()
@@ -350,6 +353,7 @@ class CommMailbox:
             raise ValueError(f"round {round_id.hex()} is already open on this peer")
         self._rounds[round_id] = handler
         self._closed.pop(round_id, None)
+        self._left.pop(round_id, None)
         tag = round_id[:ROUND_KEY_TAG_NBYTES]
         self._settled_keys.pop(tag, None)
         for waiting in [w for w in self._opened if w[:ROUND_KEY_TAG_NBYTES] == tag]:
@@ -371,6 +375,19 @@ class CommMailbox:
             event.set()
         while len(self._closed) > 1024:
             self._closed.popitem(last=False)
+
+    def leave_round(self, round_id: bytes, notice: bytes, members: Sequence[str]) -> None:
+        """Stop routing ``round_id`` before it ended (its caller cancelled it) and send
+        ``notice`` (in the background) to ``members``, the ones still in it, so they stop
+        waiting for this peer now instead of at their deadlines: an owner that left with only
+        some of its averages sent would otherwise leave each of them with its own values for
+        the rest. Later messages of the round are refused (:class:`NotInRoundError`)."""
+        self.close_round(round_id)
+        self._left[round_id] = None
+        while len(self._left) > 1024:
+            self._left.popitem(last=False)
+        for member in members:
+            self._send_in_background(member, notice, f"leaving round {round_id.hex()[:12]}")
 
     def settle_key(self, tag: bytes) -> None:
         """This peer runs no round of the key whose ids start with ``tag`` (see
@@ -399,6 +416,11 @@ class CommMailbox:
         frame, body = unpack_frame(message)
         handler = self._rounds.get(frame.round_id)
         if handler is None:
+            if frame.round_id in self._left:
+                raise NotInRoundError(
+                    f"this peer left round {frame.round_id.hex()[:12]} before it ended "
+                    "(its caller cancelled it)"
+                )
             if frame.round_id not in self._closed:
                 self._refuse_other_group(frame.round_id)
                 handler = await self._wait_open(frame.round_id, len(message), sender)
@@ -424,12 +446,27 @@ class CommMailbox:
         finished = self._closed.get(frame.round_id)
         flags = FLAG_ELSEWHERE if finished is not None and finished.elsewhere else 0
         answer = Frame(FrameKind.ROUND_CLOSED, frame.round_id, frame.part, 0, 0, 0.0, flags)
+        what = f"telling it that round {frame.round_id.hex()[:12]} closed"
+        self._send_in_background(sender, pack_frame(answer), what)
+
+    async def aclose(self) -> None:
+        """Cancel the notices still being sent (each ends by itself within
+        :data:`_ANSWER_TIMEOUT_S` otherwise) and wait for them."""
+        tasks = list(self._answers)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _send_in_background(self, peer: str, message: bytes, what: str) -> None:
+        """Send a notice nothing waits for; lost, its receiver stops at its own deadline."""
+        if len(self._answers) >= _MAX_ANSWERS_IN_FLIGHT:
+            return  # (too many at once: the rest stop at their deadlines, as without notices)
 
         async def send() -> None:
             try:
-                await self.transport.send(sender, pack_frame(answer), timeout_s=_ANSWER_TIMEOUT_S)
-            except GossamerError as exc:  # it stops at its own deadline instead
-                _log.debug("telling %s that round %s closed failed: %s", sender[:12], key, exc)
+                await self.transport.send(peer, message, timeout_s=_ANSWER_TIMEOUT_S)
+            except GossamerError as exc:
+                _log.debug("%s to %s failed: %s", what, peer[:12], exc)
 
         task = asyncio.get_running_loop().create_task(send())
         self._answers.add(task)
