@@ -9,8 +9,15 @@ for the early one's close until its own next poll (2 s).
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
+
+import torch
+
+from gossamer.train.averaging import AverageOutcome
 from gossamer.train.swarm_averager import SwarmAveragerConfig
-from loopback_nodes import average_one_late
+from loopback_nodes import average_one_late, start_averagers
 
 LATE_S = 1.0
 POLL_S = 4.0
@@ -23,3 +30,25 @@ def test_the_last_peer_to_come_wakes_the_waiting_one() -> None:
     assert LATE_S * 0.7 <= early.wait_seconds < POLL_S - 1.0, early
     # the late peer saw the early one's close without waiting for a poll either
     assert late.wait_seconds < POLL_S / 2 - 0.5, late
+
+
+def test_a_peer_not_forming_a_round_learns_that_it_waits_for_it() -> None:
+    # The DiLoCo swarm strategy takes the others' newer state between boundaries from this
+    # (a newcomer that synced one version short learns that they wait for it).
+    config = SwarmAveragerConfig(run_id="awaited", join_window_s=3.0)
+    with contextlib.ExitStack() as stack:
+        forming, idle = start_averagers(stack, 2, config)
+        result: list[AverageOutcome] = []
+        thread = threading.Thread(
+            target=lambda: result.append(
+                forming.average([torch.ones(10)], round_key="awaited/outer/1", weight=1.0)
+            )
+        )
+        thread.start()
+        deadline = time.monotonic() + 2.5
+        while "awaited/outer/1" not in idle.rounds_awaiting() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert idle.rounds_awaiting() == ["awaited/outer/1"]
+        thread.join(timeout=30)
+        assert len(result) == 1
+        assert result[0].group_size == 1  # the idle peer never came: alone at the window

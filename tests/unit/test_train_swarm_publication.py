@@ -158,3 +158,73 @@ def test_a_state_that_is_not_this_run_s_is_refused_before_it_is_applied() -> Non
         StateSnapshot(version=1, tensors=integers, meta=good.meta)
     )
     strategy.close()
+
+
+class BehindAverager(FakeAverager):
+    """The others wait for this peer at round ``r/outer/5`` (their nudge said so) and publish
+    version ``published``."""
+
+    def __init__(self, published: int, nudged: list[str]) -> None:
+        super().__init__()
+        self.published = published
+        self.nudged = nudged
+        self.reads = 0
+
+    def rounds_awaiting(self) -> list[str]:
+        return list(self.nudged)
+
+    def newest_version(self) -> int:
+        self.reads += 1
+        return self.published
+
+
+def _behind_peer(averager: FakeAverager) -> tuple[SwarmDiLoCoStrategy, nn.Module, StateSnapshot]:
+    """A peer at outer step 4 and the swarm's state at outer step 5 (step 5 * INNER_STEPS)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4)
+    strategy = SwarmDiLoCoStrategy(
+        DiLoCoConfig(inner_steps=INNER_STEPS * 4, run_id="r", train_while_forming=True),
+        cast(Any, averager),
+        cast(Any, FakeNodeThread()),
+        cast(Any, FakeDonor()),
+        join_existing=False,
+    )
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    strategy.outer_step = 5
+    newer = strategy._snapshot(step=5 * INNER_STEPS * 4)
+    strategy.outer_step = 4
+    downloads: list[int | None] = []
+
+    def download(version: int | None, donors: object = None) -> StateSnapshot:
+        downloads.append(version)
+        return newer
+
+    strategy._download = download  # type: ignore[method-assign]
+    return strategy, model, newer
+
+
+def test_a_peer_the_others_wait_for_at_a_newer_round_takes_their_state_between_boundaries() -> None:
+    # A newcomer that synced to outer step 4 just before the others made 5: they wait for it
+    # at round outer/5. Before, it trained to its boundary from state 4 (a whole round) before
+    # it learned it was behind, and they waited that long for it.
+    averager = BehindAverager(published=5, nudged=["r/outer/3", "other/outer/9", "r/outer/5"])
+    strategy, model, newer = _behind_peer(averager)
+    continue_from = strategy.on_step_end(model, 4 * INNER_STEPS * 4)  # not a boundary
+    assert continue_from == newer.meta["step"]
+    assert strategy.outer_step == 5
+    assert strategy.resyncs == 1
+    strategy.close()
+
+
+def test_a_nudge_alone_does_not_move_a_peer_and_its_checks_are_spaced() -> None:
+    # Nudges come from any peer: without the run's versions agreeing nothing is downloaded,
+    # and the versions are read at most every half second while such a nudge stands.
+    for nudged, published in ((["r/outer/5"], 4), (["r/outer/4", "r/outer/x5", "r/outer/²"], 5)):
+        averager = BehindAverager(published=published, nudged=nudged)
+        strategy, model, _ = _behind_peer(averager)
+        first = 4 * INNER_STEPS * 4
+        for step in range(first, first + 3):
+            assert strategy.on_step_end(model, step) is None
+        assert strategy.outer_step == 4
+        assert averager.reads == (1 if published == 4 else 0)
+        strategy.close()

@@ -288,6 +288,8 @@ class DiLoCoStrategy:
         if boundary:
             resynced_to = self._catch_up_before_round()
             continue_from = resynced_to if resynced_to is not None else continue_from
+        elif self._forming is None and self._averaging is None and continue_from is None:
+            continue_from = self._catch_up_between_boundaries(step)
         if self._forming is not None:
             return continue_from
         if continue_from is None:
@@ -304,6 +306,19 @@ class DiLoCoStrategy:
             self._forming = begin_round(self.averager, self._round_key())
             self.round_began_at = due_at
         return continue_from
+
+    def _catch_up_between_boundaries(self, step: int) -> int | None:
+        """(train while forming) Between boundaries, in no round: a peer that learns it is
+        behind (the others wait for it at a round of a newer state than its own) takes their
+        state now instead of at its boundary, so it trains no more steps from a state they
+        left and comes to their round sooner. An in-process swarm never leaves a peer behind;
+        the swarm strategy overrides this.
+
+        Returns:
+            The step to continue from if the peer took the others' state, else None.
+        """
+        del step
+        return None
 
     def _catch_up_before_round(self) -> int | None:
         """(train while forming) Before a round begins: a peer behind the others takes their

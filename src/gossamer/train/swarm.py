@@ -72,6 +72,9 @@ _NEWER_STATE_WAIT_S = 30.0
 _FINAL_AGREEMENT_S = 20.0
 """How long a peer that finished waits for the others' hashes of the final outer step."""
 _FINAL_POLL_S = 0.2
+_AHEAD_CHECK_EVERY_S = 0.5
+"""How often a peer between boundaries that the others wait for at a round of a newer
+state reads the run's versions to confirm it (see ``_catch_up_between_boundaries``)."""
 
 
 def _hash_key(run_id: str, outer_step: int) -> bytes:
@@ -210,6 +213,8 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         """Publishes each outer step's state off the training thread, one at a time."""
         self._publishing: Future[None] | None = None
         """The last publication handed to the publisher (at most one is ever outstanding)."""
+        self._next_ahead_check_s = 0.0
+        """Monotonic time before which ``_awaited_ahead`` does not read the run again."""
         self._joined_mid_round = False
         """(overlap) The state taken from donors has a round in flight that this peer is not in:
         before its first round it must take the state that round produces."""
@@ -407,10 +412,12 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         if self.swarm_metrics is not None:
             self.swarm_metrics.resyncs.inc()
 
-    def _discard_round(self) -> None:
-        """This peer's inner steps since the last round went into no average: not goodput."""
+    def _discard_round(self, steps: int | None = None) -> None:
+        """This peer's inner steps since the last round (``steps``, a round's by default)
+        went into no average: not goodput."""
         if self.metrics is not None:
-            self.metrics.goodput.discard(self.config.inner_steps * self.tokens_per_step)
+            steps = self.config.inner_steps if steps is None else steps
+            self.metrics.goodput.discard(steps * self.tokens_per_step)
 
     def on_step_end(self, model: nn.Module, step: int) -> int | None:
         if self.config.train_while_forming or (step + 1) % self.config.inner_steps != 0:
@@ -444,13 +451,46 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         self._discard_round()
         return int(snapshot.meta["step"])
 
-    def _take_newer_state(self) -> StateSnapshot | None:
+    def _catch_up_between_boundaries(self, step: int) -> int | None:
+        """(train while forming) Take the swarm's newer state now if the others wait for this
+        peer at a round of a newer state (their nudges say so, and their published versions
+        agree): a newcomer that synced to the state one version before the others made the
+        next one would otherwise train a whole round from the old state before it learned,
+        at its boundary, while they waited for it at theirs."""
+        if not self._awaited_ahead():
+            return None
+        snapshot = self._take_newer_state(fresh=True)
+        if snapshot is None:
+            return None
+        self._discard_round(steps=(step + 1) % self.config.inner_steps)
+        return int(snapshot.meta["step"])
+
+    def _awaited_ahead(self) -> bool:
+        """Whether a round of a later outer step than this peer's waits for it (at most once
+        every :data:`_AHEAD_CHECK_EVERY_S`: each check that says so costs a DHT read)."""
+        prefix = f"{self.config.run_id}/outer/"
+        ahead = False
+        for key in self.swarm_averager.rounds_awaiting():
+            number = key[len(prefix) :] if key.startswith(prefix) else ""
+            if number.isascii() and number.isdigit() and int(number) > self.outer_step:
+                ahead = True
+        now = time.monotonic()
+        if not ahead or now < self._next_ahead_check_s:
+            return False
+        self._next_ahead_check_s = now + _AHEAD_CHECK_EVERY_S
+        return True
+
+    def _take_newer_state(self, *, fresh: bool = False) -> StateSnapshot | None:
         """If the others publish a newer version than this peer's, take their state.
+
+        Args:
+            fresh: read the run's versions now, not as the last round's formation read them.
 
         Returns:
             The state taken, or None when this peer is not behind or no donor served it.
         """
-        if self._newest_version() <= self.outer_step:
+        newest = self.swarm_averager.newest_version() if fresh else self._newest_version()
+        if newest <= self.outer_step:
             return None
         snapshot = self._download(version=None)
         if snapshot is None or snapshot.version <= self.outer_step:

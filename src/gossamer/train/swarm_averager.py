@@ -125,6 +125,7 @@ _MAX_TORCH_SKIP_ROUNDS = 64
 NUDGE_TOPIC = "gossamer.train.round_nudge.v1"
 """The bulk topic of round nudges: the payload is the round key, UTF-8."""
 _MAX_NUDGE_BYTES = 1024
+_MAX_AWAITED_ROUNDS = 16
 _NUDGE_TIMEOUT_S = 5.0
 _CLOCK_SAMPLE_TIMEOUT_S = 1.0
 _CLOCK_WARNING_EVERY_S = 600.0
@@ -389,6 +390,11 @@ class SwarmAverager:
         self._nudged: dict[str, asyncio.Event] = {}
         """Rounds this peer is forming, set when a peer nudges (used on the node's loop only)."""
         self._nudges_in_flight: set[asyncio.Task[None]] = set()
+        self._awaited_in: dict[str, None] = {}
+        """Rounds other peers nudged this one for while it was not forming them, oldest first
+        (at most :data:`_MAX_AWAITED_ROUNDS`): rounds that wait for it (see
+        :meth:`rounds_awaiting`). Written on the node's loop, read on the caller's thread."""
+        self._awaited_lock = threading.Lock()
         self.rounds_by_backend: dict[str, int] = {"p2p": 0, "torch": 0}
         """Rounds with others this peer averaged, by the backend that did it."""
         self.torch_failures = 0
@@ -1225,9 +1231,30 @@ class SwarmAverager:
         del sender, topic
         if len(payload) > _MAX_NUDGE_BYTES:
             return  # not a round key; nudges only hasten reads, so ignoring one is safe
-        event = self._nudged.get(bytes(payload).decode("utf-8", errors="replace"))
+        key = bytes(payload).decode("utf-8", errors="replace")
+        event = self._nudged.get(key)
         if event is not None:
             event.set()
+            return
+        prefix = f"{self.config.run_id}/"
+        if not key.startswith(prefix):
+            return  # not this run's
+        key = key[len(prefix) :]  # as the caller names its rounds
+        with self._awaited_lock:  # a round forming elsewhere that waits for this peer
+            self._awaited_in.pop(key, None)
+            self._awaited_in[key] = None
+            while len(self._awaited_in) > _MAX_AWAITED_ROUNDS:
+                del self._awaited_in[next(iter(self._awaited_in))]
+
+    def rounds_awaiting(self) -> list[str]:
+        """Keys (as callers name them) of rounds that other peers of the run are forming and
+        wait for this peer in, as their nudges told it while it formed none of them (the latest
+        last, at most
+        :data:`_MAX_AWAITED_ROUNDS`). A peer that finds one ahead of its own state is behind:
+        the others wait for it at that round (see the DiLoCo swarm strategy). Any peer can
+        send a nudge: a caller checks the run's state versions before acting on one."""
+        with self._awaited_lock:
+            return list(self._awaited_in)
 
     def _nudge(self, node: Node, peers: set[str], key: str) -> None:
         """Tell ``peers`` (in the background) to read round ``key``'s records again."""
