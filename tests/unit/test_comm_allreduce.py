@@ -284,6 +284,11 @@ def test_nan_values_are_refused_before_the_8_bit_codec_spoils_their_block() -> N
         _start_alone(inputs[0], config=config)
     _start_alone(inputs[1], config=config)  # (finite: starts, and ends alone at its deadline)
     _start_alone([torch.full((1000,), 3e38)], config=config)  # finite values whose sum is inf
+    # Finite in float64, inf in the float32 it is sent in: its block came out as zeros.
+    beyond = torch.zeros(1000, dtype=torch.float64)
+    beyond[5] = 1e39
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        _start_alone([beyond], config=config)
 
 
 def test_members_whose_weights_are_all_0_keep_their_own_values() -> None:

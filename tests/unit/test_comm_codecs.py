@@ -103,6 +103,13 @@ def test_fp16_clips_instead_of_overflowing() -> None:
     assert np.all(np.isfinite(decoded))
 
 
+def test_bf16_clips_instead_of_overflowing() -> None:
+    # 3.4e38 is finite in float32 and past bfloat16's largest value: it was rounded to inf.
+    decoded = _round_trip(np.array([3.4e38, -3.4e38, 1.0], dtype=np.float32), "bf16")
+    assert np.all(np.isfinite(decoded))
+    assert decoded[0] == float(torch.finfo(torch.bfloat16).max)
+
+
 @pytest.mark.parametrize("name", ["none", "fp16", "bf16", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_tensor_round_trip_keeps_shape_and_dtype(name: str, dtype: torch.dtype) -> None:

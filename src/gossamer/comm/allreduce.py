@@ -254,10 +254,15 @@ def _check_8_bit_values_finite(tensors: Sequence[torch.Tensor], layout: FlatLayo
     Raises:
         ValueError: so it is.
     """
-    lossy = [t for t, c in zip(tensors, layout.choices, strict=True) if c.codec.name == "int8"]
+    lossy = [
+        # as sent, in float32: a float64 value beyond its range is inf there
+        t.detach().to(torch.float32) if t.dtype == torch.float64 else t.detach()
+        for t, c in zip(tensors, layout.choices, strict=True)
+        if c.codec.name == "int8"
+    ]
     # A sum is finite where every value is (and a tenth of the time of isfinite on 100 MB):
     # only a sum that overflowed from finite values needs the value by value check.
-    sums = [t.detach().sum() for t in lossy]
+    sums = [t.sum() for t in lossy]
     if not sums or bool(torch.isfinite(torch.stack(sums)).all()):  # one sync, not one per tensor
         return
     if not all(bool(torch.isfinite(t).all()) for t in lossy):

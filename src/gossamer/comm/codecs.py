@@ -40,6 +40,7 @@ __all__ = [
 
 FloatArray = npt.NDArray[np.float32]
 _FP16_MAX = float(np.finfo(np.float16).max)
+_BF16_MAX = float(torch.finfo(torch.bfloat16).max)
 MAX_BLOCK_SIZE = 1 << 24
 """Largest block size a decoder accepts."""
 
@@ -111,7 +112,9 @@ class Float16Codec(Codec):
 
 
 class BFloat16Codec(Codec):
-    """bfloat16 (float32's range, 8 bits of mantissa), rounded to nearest even by torch."""
+    """bfloat16 (float32's range, 8 bits of mantissa), rounded to nearest even by torch;
+    values beyond its largest (3.39e38, a hair under float32's) are clipped to it rather than
+    rounded to inf."""
 
     codec_id = 2
     name = "bf16"
@@ -120,7 +123,8 @@ class BFloat16Codec(Codec):
         return 2 * num_elements
 
     def encode(self, values: FloatArray, block_size: int) -> bytes:
-        halves = torch.from_numpy(np.ascontiguousarray(values)).to(torch.bfloat16)
+        clipped = torch.from_numpy(np.ascontiguousarray(values)).clamp(-_BF16_MAX, _BF16_MAX)
+        halves = clipped.to(torch.bfloat16)
         return bytes(halves.view(torch.int16).numpy().astype("<i2").tobytes())
 
     def decode(self, payload: memoryview, num_elements: int, block_size: int) -> FloatArray:
