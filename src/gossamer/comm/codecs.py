@@ -318,6 +318,24 @@ class ErrorFeedback:
     def __init__(self) -> None:
         self._residuals: dict[str, FloatArray] = {}
         self._lock = threading.Lock()
+        self._averages: ErrorFeedback | None = None
+        self._owned: object = None
+
+    def of_averages(self, owned: object) -> ErrorFeedback:
+        """The residuals of the averages this peer encodes as the owner of a part.
+
+        The senders' feedback pays back the rounding of their contributions; the owner's
+        average is rounded again on its way to every member, and without feedback of its own
+        that rounding is new error in every round, which the runs' averages add up (error
+        compensation on both sides, as in DoubleSqueeze: Tang et al. 2019, arXiv:1905.05957).
+        ``owned`` names the part (the layout and the range this peer owns): when it changes the
+        residuals kept for the old one are dropped, being of values this peer no longer sends.
+        """
+        with self._lock:
+            if self._averages is None or self._owned != owned:
+                self._averages = ErrorFeedback()
+                self._owned = owned
+            return self._averages
 
     def _residual(self, key: str, numel: int) -> FloatArray:
         with self._lock:
@@ -359,3 +377,4 @@ class ErrorFeedback:
         """Forget every residual (e.g. when the model is reset)."""
         with self._lock:
             self._residuals.clear()
+            self._averages = None

@@ -109,6 +109,9 @@ class RoundState:
         self.clock = clock
         self.offload = offload
         self.feedback = feedback
+        owned = (chunk_codec.layout.signature(), plan.part_range(me))
+        self._average_feedback = feedback.of_averages(owned) if feedback is not None else None
+        """Feedback for the averages of this member's own part (a backup's go without)."""
         self.send_timeout_s = send_timeout_s
         self.alive = alive
         """Whether a member is alive by the caller's failure detector (None: no detector)."""
@@ -396,7 +399,8 @@ class RoundState:
                 message: Message = prefix
                 decoded = self.local[a:b]
             else:
-                message, decoded = self.codec.encode(average, a, b, None, base=a, prefix=prefix)
+                feedback = self._average_feedback if own else None
+                message, decoded = self.codec.encode(average, a, b, feedback, base=a, prefix=prefix)
             if land:
                 self.output[a:b] = decoded  # what every receiver decodes, so all members agree
                 self.has_output[part][chunk] = True
