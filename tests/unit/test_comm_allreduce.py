@@ -1454,11 +1454,16 @@ def test_a_backup_average_is_not_overwritten_by_its_failed_owners_landing_late()
 
 
 @pytest.mark.parametrize("schedule", ["open"], indirect=True)
-def test_the_residual_spent_on_a_contribution_reaches_the_backup_of_its_dead_owner() -> None:
-    # peer-0 carries +0.3 on every value from earlier rounds (its error feedback). peer-1 dies
-    # as the round starts, so part 1 goes to its backup; peer-0's contribution to it must carry
-    # the residual it spent on the one sent to the dead owner: the backup averages 0.3 and 1
-    # (0.65), not 0 and 1 (the residual lost for good).
+@pytest.mark.parametrize("holder", [0, 2])
+def test_the_residual_spent_on_a_contribution_reaches_the_backup_of_its_dead_owner(
+    holder: int,
+) -> None:
+    # The holder carries +0.3 on every value from earlier rounds (its error feedback). peer-1
+    # dies as the round starts, so part 1 goes to its backup, peer-2; the holder's contribution
+    # to it must carry the residual it spent on the one sent to the dead owner: the backup
+    # averages 0.3 and 1 (peer-0 holds it) or 0 and 1.3 (peer-2, the backup itself, holds it),
+    # 0.65 either way, not 0 and 1 (the residual lost for good). The backup itself added its
+    # raw values before.
     members = ["peer-0", "peer-1", "peer-2"]
     block = 64
     feedback = ErrorFeedback()
@@ -1486,7 +1491,7 @@ def test_the_residual_spent_on_a_contribution_reaches_the_backup_of_its_dead_own
                 config=config,
                 clock=clock,
                 offload=inline_offload,
-                feedback=feedback if i == 0 else None,
+                feedback=feedback if i == holder else None,
             )
 
         return list(await asyncio.gather(one(0), one(1), one(2)))

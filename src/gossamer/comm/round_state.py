@@ -34,6 +34,7 @@ from gossamer.comm.transport import (
     Frame,
     FrameKind,
     Message,
+    message_bytes,
     message_nbytes,
     pack_frame,
     wait_for_event,
@@ -363,9 +364,26 @@ class RoundState:
         self.spawn(self._reduce_deadline(reducer, deadline_s))
 
     async def _add_own(self, reducer: PartReducer) -> None:
+        # A contribution already encoded with error feedback for the part's failed owner spent
+        # the residual: its decoded values are what this member adds as the part's backup, as
+        # any other member's resend is, or what the residual carried would reach nobody.
+        fed = {
+            chunk: self._fed[(reducer.part, chunk)]
+            for chunk in range(len(reducer.chunks))
+            if (reducer.part, chunk) in self._fed
+        }
+        if fed:
+            await asyncio.wait(fed.values())
+
         def add() -> None:
             for chunk, (a, b) in enumerate(reducer.chunks):
-                reducer.add(chunk, self.me, self.weight, self.local[a:b])
+                spent = fed.get(chunk)
+                if spent is None or spent.cancelled() or spent.exception() is not None:
+                    values = self.local[a:b]
+                else:
+                    body = memoryview(message_bytes(spent.result()))[FRAME_NBYTES:]
+                    values = self.codec.decode(body, a, b)
+                reducer.add(chunk, self.me, self.weight, values)
 
         await self.offload(add)
         for chunk in range(len(reducer.chunks)):
