@@ -202,6 +202,22 @@ def test_error_feedback_makes_the_cumulative_error_vanish(name: str) -> None:
     assert float(np.abs(plain_sum - sent_sum).max()) > 5 * errors[-1]
 
 
+def test_error_feedback_keeps_no_clipped_excess() -> None:
+    # Five rounds of values past fp16's range, then zeros: the sender sends zeros at once.
+    # Before, the residual kept what clipping cut off (172,480 per value after five rounds) and
+    # the zeros went out as 65504, 65504, 41472 before they reached 0.
+    feedback = ErrorFeedback()
+    choice = CodecChoice(codec_by_name("fp16"), 64)
+    for _ in range(5):
+        encode_piece(
+            np.full(64, 1e5, dtype=np.float32), choice, feedback=feedback, feedback_key="w"
+        )
+    encoded, _ = encode_piece(np.zeros(64, np.float32), choice, feedback=feedback, feedback_key="w")
+    decoded = decode_piece(memoryview(encoded), 0, LIMITS)[0].values
+    assert float(np.abs(decoded).max()) == 0.0
+    assert feedback.residual_norm("w") == 0.0
+
+
 def test_error_feedback_on_slices_matches_the_whole() -> None:
     values = np.random.default_rng(2).standard_normal(1000).astype(np.float32)
     choice = CodecChoice(codec_by_name("int8"), 100)

@@ -54,6 +54,9 @@ class Codec(ABC):
     """The name users pick it by."""
     lossy: bool = True
     """Whether decoding may differ from the input (error feedback applies only to lossy codecs)."""
+    largest: float | None = None
+    """The largest magnitude it sends (values beyond are clipped), if under float32's: error
+    feedback keeps the rounding of a value, not what was clipped off it."""
 
     @abstractmethod
     def encoded_nbytes(self, num_elements: int, block_size: int) -> int:
@@ -100,6 +103,7 @@ class Float16Codec(Codec):
 
     codec_id = 1
     name = "fp16"
+    largest = _FP16_MAX
 
     def encoded_nbytes(self, num_elements: int, block_size: int) -> int:
         return 2 * num_elements
@@ -118,6 +122,7 @@ class BFloat16Codec(Codec):
 
     codec_id = 2
     name = "bf16"
+    largest = _BF16_MAX
 
     def encoded_nbytes(self, num_elements: int, block_size: int) -> int:
         return 2 * num_elements
@@ -358,6 +363,11 @@ class ErrorFeedback:
             return codec.encode(values, choice.block_size), values
         residual = self._residual(key, numel)[offset : offset + values.shape[0]]
         corrected = values + residual
+        if codec.largest is not None:
+            # What a clipping codec cuts off is not kept: fed back, a value held past its range
+            # would pile up there, and the sender would send the largest value for rounds
+            # after its values came back within range.
+            np.clip(corrected, -codec.largest, codec.largest, out=corrected)
         payload = codec.encode(corrected, choice.block_size)
         decoded = codec.decode(memoryview(payload), values.shape[0], choice.block_size)
         np.subtract(corrected, decoded, out=residual)
