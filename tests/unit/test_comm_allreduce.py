@@ -1001,6 +1001,69 @@ def test_an_owner_whose_caller_cancels_it_midway_is_dropped_and_the_others_agree
         assert bool(near.all())
 
 
+class _HoldsResultsTo(FakeTransport):
+    """Holds its averages for ``held`` until ``release`` is set."""
+
+    def __init__(self, network: FakeNetwork, peer_id: str, held: str) -> None:
+        super().__init__(network, peer_id)
+        self.held = held
+        self.release = asyncio.Event()
+
+    async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
+        frame, _ = unpack_frame(memoryview(message_bytes(message)))
+        if frame.kind is FrameKind.RESULT and peer_id == self.held:
+            await self.release.wait()
+        await super().send(peer_id, message, timeout_s=timeout_s)
+
+
+@pytest.mark.parametrize("schedule", ["open"], indirect=True)
+def test_a_member_cancelled_owing_nothing_leaves_the_round_to_the_others() -> None:
+    # peer-2 delivered its contributions and its averages, and waits for peer-0's (held back);
+    # its caller cancels it then. The others hold everything of its: they finish with every
+    # part averaged and nobody failed, instead of averaging its part again.
+    inputs = _inputs(3)
+    members = ["peer-0", "peer-1", "peer-2"]
+    clock = IdleJumpClock()
+    config = _scheduled(CONFIG)
+
+    async def main() -> list[AllReduceResult]:
+        network = FakeNetwork(clock)
+        holding = _HoldsResultsTo(network, members[0], held=members[2])
+        network.transports[members[0]] = holding
+        mailboxes = [CommMailbox(holding, clock)]
+        mailboxes += [CommMailbox(network.transport(m), clock) for m in members[1:]]
+        tasks = [
+            asyncio.ensure_future(
+                all_reduce(
+                    inputs[i],
+                    mailbox=mailboxes[i],
+                    members=members,
+                    round_key="leave/2",
+                    config=config,
+                    clock=clock,
+                    offload=inline_offload,
+                )
+            )
+            for i in range(3)
+        ]
+        while not mailboxes[2]._rounds:
+            await clock.sleep_async(0.001)
+        (state,) = mailboxes[2]._rounds.values()
+        assert isinstance(state, RoundState)
+        while state.owes_others() or not tasks[1].done():
+            await clock.sleep_async(0.01)
+        tasks[2].cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await tasks[2]
+        holding.release.set()
+        return list(await asyncio.gather(tasks[0], tasks[1]))
+
+    for result in asyncio.run(clock.run(main())):
+        assert result.report.failed == {}
+        assert all(p.outcome is PartOutcome.AVERAGED for p in result.report.parts)
+        _assert_close(result.tensors, _mean(inputs, range(3)), atol=1e-6)
+
+
 @pytest.mark.parametrize("schedule", ["open"], indirect=True)
 @pytest.mark.parametrize("slow", ["_land", "fill_missing"])
 def test_nothing_writes_into_the_output_after_a_cancelled_round_raised(slow: str) -> None:

@@ -416,6 +416,7 @@ async def all_reduce(
     mailbox.open_round(round_id, state)
     finished = False
     ended = False  # (not ended: its caller cancelled it)
+    owed = False  # (cancelled while the others still waited for something of this member's)
     try:
         async with asyncio.TaskGroup() as group:
             state.group = group
@@ -425,12 +426,13 @@ async def all_reduce(
                 ended = True
                 report.deadline_hit = not finished
             finally:  # the round's end, or its caller cancelled: a message still being
+                owed = not ended and state.owes_others()  # (before its sends are cancelled)
                 state.cancel_all()  # handled then starts nothing in the closing task group
     finally:
-        if ended:
-            mailbox.close_round(round_id, finished=state.finished() if finished else None)
-        else:  # the others stop waiting for this member's averages now, not at their deadlines
+        if owed:  # they stop waiting for it now, not at their deadlines
             mailbox.leave_round(round_id, *state.leaving())
+        else:  # (cancelled owing nothing: the round goes on without it, as if it had ended)
+            mailbox.close_round(round_id, finished=state.finished() if finished else None)
         # A decode cut short by the deadline or a cancel writes on in its thread: the caller
         # gets its tensors back only once it ended.
         await _to_its_end(state.settle())

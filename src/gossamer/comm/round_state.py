@@ -196,6 +196,8 @@ class RoundState:
         self._cancelled = False
         self._num_pending_result_sends = 0
         self._num_contribution_senders = 0
+        self._num_part_senders = 0
+        """Contributions being sent, to owners and to backups (see :meth:`owes_others`)."""
         self._started = time.perf_counter()
         self._begun_at = 0.0
         """When the round began, on the round's clock."""
@@ -704,11 +706,13 @@ class RoundState:
                 if await self._transmit(dest, message):
                     self.fp32_bytes_sent += 4 * (b - a)
 
+        self._num_part_senders += 1
         try:
             async with asyncio.TaskGroup() as group:
                 for chunk, (a, b) in enumerate(self.chunks[part]):
                     group.create_task(one(chunk, a, b))
         finally:
+            self._num_part_senders -= 1
             if counted:
                 self._num_contribution_senders -= 1
                 if self._num_contribution_senders == 0:
@@ -793,6 +797,18 @@ class RoundState:
                     self.spawn(self._notify(dest, message))
         self.spawn(self._tell_excluded(member, message))
         self._check_done()
+
+    def owes_others(self) -> bool:
+        """Whether another member still waits for something of this one's: a contribution not
+        yet delivered, or an average it reduces not yet sent (or, round the ring, not yet known
+        to be held by every live member), or one it passes on. One that owes nothing can leave
+        without a word: told, the others would take it for failed and average its part again,
+        though each of them holds that part's averages."""
+        if not self._contributions_sent.is_set() or self._num_part_senders:
+            return True
+        if any(reducer.pending_chunks() for reducer in self.reducers.values()):
+            return True
+        return bool(self._num_pending_result_sends or any(self._unconfirmed.values()))
 
     def leaving(self) -> tuple[bytes, list[str]]:
         """What this member tells the others when it leaves the round before its end (its
