@@ -1566,15 +1566,18 @@ def test_the_residual_spent_on_a_contribution_reaches_the_backup_of_its_dead_own
     torch.testing.assert_close(part1, torch.full((block,), 0.65), atol=0.01, rtol=0)
 
 
+@pytest.mark.parametrize("moving", [False, True])
 @pytest.mark.parametrize("codec", ["int8", "bf16"])
 def test_with_error_feedback_the_averages_do_not_drift_from_the_mean_over_rounds(
-    codec: str,
+    codec: str, moving: bool
 ) -> None:
     # Members send the same values every round (a steady pseudo-gradient). The owners' averages
     # are rounded again on their way to every member; before they had feedback of their own,
     # that rounding came back the same in every round, and the error of the average summed
     # over the rounds grew with them (0.011 after one int8 round, 0.061 after 10, 0.167
-    # after 30). Now it stays within about a round's.
+    # after 30). Now it stays within about a round's, also where the parts move from round to
+    # round with the members' bandwidth figures (``moving``: an owner keeps the residuals of
+    # what it still owns).
     n, numel, rounds = 3, 3 * 1024, 12
     gen = torch.Generator().manual_seed(1)
     values = [torch.randn(numel, generator=gen) for _ in range(n)]
@@ -1603,6 +1606,9 @@ def test_with_error_feedback_the_averages_do_not_drift_from_the_mean_over_rounds
                         clock=clock,
                         offload=inline_offload,
                         feedback=feedbacks[i],
+                        bandwidth_weights=[1.0, 1.0 + 0.2 * (len(key) % 2), 1.0]
+                        if moving
+                        else None,
                     )
                     for i in range(n)
                 )
@@ -1612,7 +1618,7 @@ def test_with_error_feedback_the_averages_do_not_drift_from_the_mean_over_rounds
     cumulative = torch.zeros(numel, dtype=torch.float64)
     errors = []
     for k in range(rounds):
-        results = asyncio.run(clock.run(one_round(f"drift/{k}")))
+        results = asyncio.run(clock.run(one_round("drift/" + "x" * k)))  # (key length: parts)
         _assert_agree(dict(enumerate(results)))
         cumulative += results[0].tensors[0].double() - exact
         errors.append(float(cumulative.abs().max()))

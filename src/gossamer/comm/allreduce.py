@@ -18,6 +18,7 @@ that never came back keep this member's own values. Numeric work runs in threads
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -234,17 +235,15 @@ async def _to_its_end(work: Awaitable[T]) -> T:
     """
     future = asyncio.ensure_future(work)
     cancelled = False
-    while True:
+    while not future.done():
         try:
-            result = await asyncio.shield(future)
+            with contextlib.suppress(Exception):  # the work's own error: raised below
+                await asyncio.shield(future)
         except asyncio.CancelledError:
-            if future.done():
-                raise  # the work itself was cancelled
-            cancelled = True
-            continue
-        if cancelled:
-            raise asyncio.CancelledError
-        return result
+            cancelled = cancelled or not future.done()
+    if cancelled:
+        raise asyncio.CancelledError
+    return future.result()
 
 
 def _check_8_bit_values_finite(tensors: Sequence[torch.Tensor], layout: FlatLayout) -> None:

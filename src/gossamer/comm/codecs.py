@@ -324,22 +324,20 @@ class ErrorFeedback:
         self._residuals: dict[str, FloatArray] = {}
         self._lock = threading.Lock()
         self._averages: ErrorFeedback | None = None
-        self._owned: object = None
+        self.layout: bytes | None = None
+        """(of the averages' store) The signature of the layout its residuals are of."""
 
-    def of_averages(self, owned: object) -> ErrorFeedback:
+    def of_averages(self) -> ErrorFeedback:
         """The residuals of the averages this peer encodes as the owner of a part.
 
         The senders' feedback pays back the rounding of their contributions; the owner's
         average is rounded again on its way to every member, and without feedback of its own
         that rounding is new error in every round, which the runs' averages add up (error
         compensation on both sides, as in DoubleSqueeze: Tang et al. 2019, arXiv:1905.05957).
-        ``owned`` names the part (the layout and the range this peer owns): when it changes the
-        residuals kept for the old one are dropped, being of values this peer no longer sends.
         """
         with self._lock:
-            if self._averages is None or self._owned != owned:
+            if self._averages is None:
                 self._averages = ErrorFeedback()
-                self._owned = owned
             return self._averages
 
     def _residual(self, key: str, numel: int) -> FloatArray:

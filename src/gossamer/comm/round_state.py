@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from gossamer.comm.codecs import ErrorFeedback, FloatArray
-from gossamer.comm.plan import PartPlan
+from gossamer.comm.plan import FlatLayout, PartPlan
 from gossamer.comm.reduction import (
     ChunkCodec,
     PartReducer,
@@ -46,6 +46,20 @@ __all__ = ["RoundState"]
 
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+
+
+def _owner_feedback(feedback: ErrorFeedback, layout: FlatLayout) -> ErrorFeedback:
+    """The residuals of the averages this member sends as an owner, dropped where the layout
+    changed. Not where the part it owns moved (parts follow the members' bandwidth figures,
+    which move from round to round): a residual of values another member sends now is paid
+    back once this member owns them again, and the error of the run's averages summed over
+    the rounds stays within about a round's all the same."""
+    averages = feedback.of_averages()
+    signature = layout.signature()
+    if averages.layout != signature:
+        averages.clear()
+        averages.layout = signature
+    return averages
 
 
 def _with_frame(message: Message, prefix: bytes) -> Message:
@@ -110,8 +124,9 @@ class RoundState:
         self.clock = clock
         self.offload = offload
         self.feedback = feedback
-        owned = (chunk_codec.layout.signature(), plan.part_range(me))
-        self._average_feedback = feedback.of_averages(owned) if feedback is not None else None
+        self._average_feedback = (
+            _owner_feedback(feedback, chunk_codec.layout) if feedback is not None else None
+        )
         """Feedback for the averages of this member's own part (a backup's go without)."""
         self.send_timeout_s = send_timeout_s
         self.alive = alive
@@ -419,7 +434,8 @@ class RoundState:
                 message: Message = prefix
                 decoded = self.local[a:b]
             else:
-                feedback = self._average_feedback if own else None
+                # (feedback only for an average the others take: a failed owner's is not)
+                feedback = self._average_feedback if land and own else None
                 message, decoded = self.codec.encode(average, a, b, feedback, base=a, prefix=prefix)
             if land:
                 self.output[a:b] = decoded  # what every receiver decodes, so all members agree
