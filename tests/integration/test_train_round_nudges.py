@@ -33,7 +33,7 @@ def test_the_last_peer_to_come_wakes_the_waiting_one() -> None:
 
 
 def test_a_peer_not_forming_a_round_learns_that_it_waits_for_it() -> None:
-    # The DiLoCo swarm strategy takes the others' newer state between boundaries from this
+    # The DiLoCo swarm strategy takes the others' newer state between boundaries from these
     # (a newcomer that synced one version short learns that they wait for it).
     config = SwarmAveragerConfig(run_id="awaited", join_window_s=3.0)
     with contextlib.ExitStack() as stack:
@@ -49,6 +49,10 @@ def test_a_peer_not_forming_a_round_learns_that_it_waits_for_it() -> None:
         while "awaited/outer/1" not in idle.rounds_awaiting() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert idle.rounds_awaiting() == ["awaited/outer/1"]
+        # ... and reads the run's versions on its node's loop (the forming peer's is 0)
+        while idle.newest_seen_version is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert idle.newest_seen_version == 0
         thread.join(timeout=30)
         assert len(result) == 1
         assert result[0].group_size == 1  # the idle peer never came: alone at the window

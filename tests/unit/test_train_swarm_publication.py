@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
+import pytest
 import torch
 from torch import nn
 
@@ -161,25 +162,26 @@ def test_a_state_that_is_not_this_run_s_is_refused_before_it_is_applied() -> Non
 
 
 class BehindAverager(FakeAverager):
-    """The others wait for this peer at round ``r/outer/5`` (their nudge said so) and publish
-    version ``published``."""
+    """Other peers nudged this one for the rounds ``nudged``; the run's versions read after
+    them put the newest at ``published``."""
 
     def __init__(self, published: int, nudged: list[str]) -> None:
         super().__init__()
-        self.published = published
+        self.newest_seen_version = published
         self.nudged = nudged
-        self.reads = 0
 
     def rounds_awaiting(self) -> list[str]:
         return list(self.nudged)
 
     def newest_version(self) -> int:
-        self.reads += 1
-        return self.published
+        raise AssertionError("the training thread reads no version between boundaries")
 
 
-def _behind_peer(averager: FakeAverager) -> tuple[SwarmDiLoCoStrategy, nn.Module, StateSnapshot]:
-    """A peer at outer step 4 and the swarm's state at outer step 5 (step 5 * INNER_STEPS)."""
+def _behind_peer(
+    averager: FakeAverager, served: bool = True
+) -> tuple[SwarmDiLoCoStrategy, nn.Module, StateSnapshot, list[int | None]]:
+    """A peer at outer step 4, the swarm's state at outer step 5 (step 5 * H), and the
+    versions it asked donors for (they serve it if ``served``)."""
     torch.manual_seed(0)
     model = nn.Linear(4, 4)
     strategy = SwarmDiLoCoStrategy(
@@ -195,12 +197,12 @@ def _behind_peer(averager: FakeAverager) -> tuple[SwarmDiLoCoStrategy, nn.Module
     strategy.outer_step = 4
     downloads: list[int | None] = []
 
-    def download(version: int | None, donors: object = None) -> StateSnapshot:
+    def download(version: int | None, donors: object = None) -> StateSnapshot | None:
         downloads.append(version)
-        return newer
+        return newer if served else None
 
     strategy._download = download  # type: ignore[method-assign]
-    return strategy, model, newer
+    return strategy, model, newer, downloads
 
 
 def test_a_peer_the_others_wait_for_at_a_newer_round_takes_their_state_between_boundaries() -> None:
@@ -208,23 +210,31 @@ def test_a_peer_the_others_wait_for_at_a_newer_round_takes_their_state_between_b
     # at round outer/5. Before, it trained to its boundary from state 4 (a whole round) before
     # it learned it was behind, and they waited that long for it.
     averager = BehindAverager(published=5, nudged=["r/outer/3", "other/outer/9", "r/outer/5"])
-    strategy, model, newer = _behind_peer(averager)
+    strategy, model, newer, downloads = _behind_peer(averager)
     continue_from = strategy.on_step_end(model, 4 * INNER_STEPS * 4)  # not a boundary
     assert continue_from == newer.meta["step"]
     assert strategy.outer_step == 5
     assert strategy.resyncs == 1
+    assert downloads == [5]  # the version the run's peers published, not the most held
     strategy.close()
 
 
-def test_a_nudge_alone_does_not_move_a_peer_and_its_checks_are_spaced() -> None:
-    # Nudges come from any peer: without the run's versions agreeing nothing is downloaded,
-    # and the versions are read at most every half second while such a nudge stands.
-    for nudged, published in ((["r/outer/5"], 4), (["r/outer/4", "r/outer/x5", "r/outer/²"], 5)):
-        averager = BehindAverager(published=published, nudged=nudged)
-        strategy, model, _ = _behind_peer(averager)
-        first = 4 * INNER_STEPS * 4
-        for step in range(first, first + 3):
-            assert strategy.on_step_end(model, step) is None
-        assert strategy.outer_step == 4
-        assert averager.reads == (1 if published == 4 else 0)
-        strategy.close()
+@pytest.mark.parametrize(
+    ("nudged", "published", "served"),
+    [
+        (["r/outer/5"], 4, True),  # the versions do not say it is behind: a stale nudge
+        (["r/outer/4", "r/outer/x5", "r/outer/²"], 5, True),  # no round ahead of it
+        (["r/outer/5"], 5, False),  # no donor serves it yet: tried once, not every step
+    ],
+)
+def test_a_nudge_alone_does_not_move_a_peer_nor_download_at_every_step(
+    nudged: list[str], published: int, served: bool
+) -> None:
+    averager = BehindAverager(published=published, nudged=nudged)
+    strategy, model, _, downloads = _behind_peer(averager, served=served)
+    first = 4 * INNER_STEPS * 4
+    for step in range(first, first + 3):
+        assert strategy.on_step_end(model, step) is None
+    assert strategy.outer_step == 4
+    assert downloads == ([] if served else [5])
+    strategy.close()

@@ -72,9 +72,6 @@ _NEWER_STATE_WAIT_S = 30.0
 _FINAL_AGREEMENT_S = 20.0
 """How long a peer that finished waits for the others' hashes of the final outer step."""
 _FINAL_POLL_S = 0.2
-_AHEAD_CHECK_EVERY_S = 0.5
-"""How often a peer between boundaries that the others wait for at a round of a newer
-state reads the run's versions to confirm it (see ``_catch_up_between_boundaries``)."""
 
 
 def _hash_key(run_id: str, outer_step: int) -> bytes:
@@ -213,8 +210,8 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         """Publishes each outer step's state off the training thread, one at a time."""
         self._publishing: Future[None] | None = None
         """The last publication handed to the publisher (at most one is ever outstanding)."""
-        self._next_ahead_check_s = 0.0
-        """Monotonic time before which ``_awaited_ahead`` does not read the run again."""
+        self._tried_ahead: set[str] = set()
+        """Round keys nudged ahead of this peer that it tried to catch up for (once each)."""
         self._joined_mid_round = False
         """(overlap) The state taken from donors has a round in flight that this peer is not in:
         before its first round it must take the state that round produces."""
@@ -453,46 +450,49 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
 
     def _catch_up_between_boundaries(self, step: int) -> int | None:
         """(train while forming) Take the swarm's newer state now if the others wait for this
-        peer at a round of a newer state (their nudges say so, and their published versions
-        agree): a newcomer that synced to the state one version before the others made the
-        next one would otherwise train a whole round from the old state before it learned,
-        at its boundary, while they waited for it at theirs."""
-        if not self._awaited_ahead():
+        peer at a round of a newer state (their nudges say so, and their published versions,
+        read on the node's loop after each such nudge, agree): a newcomer that synced to the
+        state one version before the others made the next would otherwise train a whole round
+        from the old state before it learned, at its boundary, while they waited for it at
+        theirs. One download per round key at most; nothing here reads the DHT."""
+        newest = self.swarm_averager.newest_seen_version
+        if newest is None or newest <= self.outer_step:
             return None
-        snapshot = self._take_newer_state(fresh=True)
+        key = self._awaited_ahead()
+        if key is None:
+            return None
+        self._tried_ahead.add(key)
+        snapshot = self._take_newer_state(version=newest)
         if snapshot is None:
             return None
         self._discard_round(steps=(step + 1) % self.config.inner_steps)
         return int(snapshot.meta["step"])
 
-    def _awaited_ahead(self) -> bool:
-        """Whether a round of a later outer step than this peer's waits for it (at most once
-        every :data:`_AHEAD_CHECK_EVERY_S`: each check that says so costs a DHT read)."""
+    def _awaited_ahead(self) -> str | None:
+        """A round key of a later outer step than this peer's that the others' nudges say
+        waits for it, and that no download was tried for yet."""
         prefix = f"{self.config.run_id}/outer/"
-        ahead = False
         for key in self.swarm_averager.rounds_awaiting():
             number = key[len(prefix) :] if key.startswith(prefix) else ""
-            if number.isascii() and number.isdigit() and int(number) > self.outer_step:
-                ahead = True
-        now = time.monotonic()
-        if not ahead or now < self._next_ahead_check_s:
-            return False
-        self._next_ahead_check_s = now + _AHEAD_CHECK_EVERY_S
-        return True
+            if not (number.isascii() and number.isdigit()) or key in self._tried_ahead:
+                continue
+            if int(number) > self.outer_step:
+                return key
+        return None
 
-    def _take_newer_state(self, *, fresh: bool = False) -> StateSnapshot | None:
+    def _take_newer_state(self, *, version: int | None = None) -> StateSnapshot | None:
         """If the others publish a newer version than this peer's, take their state.
 
         Args:
-            fresh: read the run's versions now, not as the last round's formation read them.
+            version: the version to take (read by the caller), instead of the newest most
+                donors hold where the last round's formation read a newer one than this peer's.
 
         Returns:
             The state taken, or None when this peer is not behind or no donor served it.
         """
-        newest = self.swarm_averager.newest_version() if fresh else self._newest_version()
-        if newest <= self.outer_step:
+        if version is None and self._newest_version() <= self.outer_step:
             return None
-        snapshot = self._download(version=None)
+        snapshot = self._download(version=version)
         if snapshot is None or snapshot.version <= self.outer_step:
             return None
         self._apply_snapshot(snapshot)

@@ -126,6 +126,9 @@ NUDGE_TOPIC = "gossamer.train.round_nudge.v1"
 """The bulk topic of round nudges: the payload is the round key, UTF-8."""
 _MAX_NUDGE_BYTES = 1024
 _MAX_AWAITED_ROUNDS = 16
+_VERSION_READS_AFTER_S = (0.0, 1.0, 2.0)
+"""Delays between the reads of the run's versions a nudge for a round this peer is not forming
+starts (one series at a time: a burst of nudges, forged ones included, costs three reads)."""
 _NUDGE_TIMEOUT_S = 5.0
 _CLOCK_SAMPLE_TIMEOUT_S = 1.0
 _CLOCK_WARNING_EVERY_S = 600.0
@@ -376,7 +379,8 @@ class SwarmAverager:
         """Peers dropped from the last round."""
         self.newest_seen_version: int | None = None
         """The newest state version among the run's other active peers, as the last round's
-        formation read it (None before the first round)."""
+        formation, or the last read after a nudge for a round this peer is not forming, read it
+        (None before either)."""
         self.joining: dict[str, int] = {}
         """Peers joining the run and the step each joins at, as the last round's formation read
         them (see :meth:`announce_joining`)."""
@@ -395,6 +399,8 @@ class SwarmAverager:
         (at most :data:`_MAX_AWAITED_ROUNDS`): rounds that wait for it (see
         :meth:`rounds_awaiting`). Written on the node's loop, read on the caller's thread."""
         self._awaited_lock = threading.Lock()
+        self._reading_versions: asyncio.Task[None] | None = None
+        """Reads of the run's versions after a nudge (see :meth:`_read_versions`)."""
         self.rounds_by_backend: dict[str, int] = {"p2p": 0, "torch": 0}
         """Rounds with others this peer averaged, by the backend that did it."""
         self.torch_failures = 0
@@ -1245,6 +1251,23 @@ class SwarmAverager:
             self._awaited_in[key] = None
             while len(self._awaited_in) > _MAX_AWAITED_ROUNDS:
                 del self._awaited_in[next(iter(self._awaited_in))]
+        if self._reading_versions is None or self._reading_versions.done():
+            node = self.node_thread.node
+            self._reading_versions = asyncio.get_running_loop().create_task(
+                self._read_versions(node)
+            )
+
+    async def _read_versions(self, node: Node) -> None:
+        """(after a nudge for a round this peer is not forming) Read the run's memberships now
+        and again :data:`_VERSION_READS_AFTER_S` later, so ``newest_seen_version`` says whether
+        the others' state is newer than this peer's without its caller reading the DHT: a
+        peer nudged as it begins a round may publish its new version a moment later."""
+        for delay_s in _VERSION_READS_AFTER_S:
+            await asyncio.sleep(delay_s)
+            try:
+                self._note_versions(node, await self._memberships(node))
+            except GossamerError as exc:
+                logger.debug("reading the run's versions after a nudge failed: %s", exc)
 
     def rounds_awaiting(self) -> list[str]:
         """Keys (as callers name them) of rounds that other peers of the run are forming and
@@ -1252,7 +1275,8 @@ class SwarmAverager:
         last, at most
         :data:`_MAX_AWAITED_ROUNDS`). A peer that finds one ahead of its own state is behind:
         the others wait for it at that round (see the DiLoCo swarm strategy). Any peer can
-        send a nudge: a caller checks the run's state versions before acting on one."""
+        send a nudge: a caller checks the run's state versions (``newest_seen_version``, read
+        after each such nudge) before acting on one."""
         with self._awaited_lock:
             return list(self._awaited_in)
 
