@@ -7,11 +7,12 @@ import contextlib
 
 import torch
 
+from comm_leaving import CancelsAfterItsFirstAverage
 from gossamer.comm.allreduce import AllReduceConfig, all_reduce
 from gossamer.comm.codecs import CodecPolicy
 from gossamer.comm.net_transport import NetCommTransport
 from gossamer.comm.report import AllReduceResult, PartOutcome
-from gossamer.comm.transport import CommMailbox, FrameKind, Message, message_bytes, unpack_frame
+from gossamer.comm.transport import CommMailbox, Message
 from gossamer.core.clock import SystemClock
 from gossamer.net.config import NodeConfig
 from gossamer.net.node import Node
@@ -20,20 +21,13 @@ from gossamer.net.node import Node
 class _CallerCancelsMidway(NetCommTransport):
     """An owner whose caller cancels its round once its first average went out."""
 
-    task: asyncio.Task[AllReduceResult] | None = None
-    sent_one = False
+    def __init__(self, node: Node) -> None:
+        super().__init__(node)
+        self.leaving = CancelsAfterItsFirstAverage()
 
     async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
-        frame, _ = unpack_frame(memoryview(message_bytes(message)))
-        if frame.kind is not FrameKind.RESULT:
-            await super().send(peer_id, message, timeout_s=timeout_s)
-            return
-        if self.sent_one:  # the rest wait for the cancel
-            await asyncio.Event().wait()
-        self.sent_one = True
-        await super().send(peer_id, message, timeout_s=timeout_s)
-        assert self.task is not None
-        self.task.cancel()
+        send = super().send
+        await self.leaving.send(message, lambda: send(peer_id, message, timeout_s=timeout_s))
 
 
 async def _nodes(stack: contextlib.AsyncExitStack, num: int, clock: SystemClock) -> list[Node]:
@@ -122,10 +116,10 @@ def test_an_owner_cancelled_by_its_caller_midway_is_dropped_at_once_and_the_othe
                 )
 
             started = clock.monotonic()
-            leaving.task = one(2)
+            leaving.leaving.task = one(2)
             others = [one(0), one(1)]
             with contextlib.suppress(asyncio.CancelledError):
-                await leaving.task
+                await leaving.leaving.task
             results = list(await asyncio.gather(*others))
             took = clock.monotonic() - started
             await boxes[2].aclose()

@@ -13,6 +13,7 @@ import pytest
 import torch
 from comm_fakes import IdleJumpClock, RateLimitedTransport, inline_offload
 
+from comm_leaving import CancelsAfterItsFirstAverage
 from gossamer.comm.allreduce import AllReduceConfig, all_reduce
 from gossamer.comm.codecs import CodecPolicy, ErrorFeedback
 from gossamer.comm.fake_transport import FakeNetwork, FakeTransport, FaultScript, FaultyTransport
@@ -924,26 +925,15 @@ def test_cancelling_a_round_leaves_no_task_behind() -> None:
 
 
 class _CallerCancelsMidway(FakeTransport):
-    """An owner whose caller cancels its round once its first average went out: it sent some
-    of its averages, not all, and it is alive (its messages of the round are refused, not
-    lost)."""
+    """An owner whose caller cancels its round once its first average went out."""
 
     def __init__(self, network: FakeNetwork, peer_id: str) -> None:
         super().__init__(network, peer_id)
-        self.task: asyncio.Task[AllReduceResult] | None = None
-        self.sent_one = False
+        self.leaving = CancelsAfterItsFirstAverage()
 
     async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
-        frame, _ = unpack_frame(memoryview(message_bytes(message)))
-        if frame.kind is not FrameKind.RESULT:
-            await super().send(peer_id, message, timeout_s=timeout_s)
-            return
-        if self.sent_one:  # the rest wait for the cancel
-            await asyncio.Event().wait()
-        self.sent_one = True
-        await super().send(peer_id, message, timeout_s=timeout_s)
-        assert self.task is not None
-        self.task.cancel()
+        send = super().send
+        await self.leaving.send(message, lambda: send(peer_id, message, timeout_s=timeout_s))
 
 
 def test_an_owner_whose_caller_cancels_it_midway_is_dropped_and_the_others_agree() -> None:
@@ -975,10 +965,10 @@ def test_an_owner_whose_caller_cancels_it_midway_is_dropped_and_the_others_agree
                 )
             )
 
-        leaving.task = one(2)
+        leaving.leaving.task = task = one(2)
         others = [one(0), one(1)]
         with pytest.raises(asyncio.CancelledError):
-            await leaving.task
+            await task
         results = list(await asyncio.gather(*others))
         ended = clock.monotonic()
         await mailboxes[2].aclose()
