@@ -14,6 +14,7 @@ import torch
 from comm_fakes import IdleJumpClock, RateLimitedTransport, inline_offload
 
 from comm_leaving import CancelsAfterItsFirstAverage
+from gossamer.comm import allreduce as allreduce_module
 from gossamer.comm.allreduce import AllReduceConfig, all_reduce
 from gossamer.comm.codecs import CodecPolicy, ErrorFeedback
 from gossamer.comm.fake_transport import FakeNetwork, FakeTransport, FaultScript, FaultyTransport
@@ -1007,10 +1008,11 @@ class _HoldsResultsTo(FakeTransport):
 
 
 @pytest.mark.parametrize("schedule", ["open"], indirect=True)
-def test_a_member_cancelled_owing_nothing_leaves_the_round_to_the_others() -> None:
-    # peer-2 delivered its contributions and its averages, and waits for peer-0's (held back);
-    # its caller cancels it then. The others hold everything of its: they finish with every
-    # part averaged and nobody failed, instead of averaging its part again.
+def test_a_member_that_left_after_its_averages_reached_everyone_is_not_averaged_again() -> None:
+    # peer-2's averages reached everyone, and it waits for peer-0's (held back); its caller
+    # cancels it then, and it says so. peer-1 had finished. Before, peer-0 took peer-2's part
+    # over as its backup, found peer-1 (whose contribution it needed) closed, and left the
+    # round as dropped; now it keeps peer-2's averages and ends with everyone's mean.
     inputs = _inputs(3)
     members = ["peer-0", "peer-1", "peer-2"]
     clock = IdleJumpClock()
@@ -1040,7 +1042,7 @@ def test_a_member_cancelled_owing_nothing_leaves_the_round_to_the_others() -> No
             await clock.sleep_async(0.001)
         (state,) = mailboxes[2]._rounds.values()
         assert isinstance(state, RoundState)
-        while state.owes_others() or not tasks[1].done():
+        while not state.leaving()[2] or not tasks[1].done():
             await clock.sleep_async(0.01)
         tasks[2].cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -1049,7 +1051,9 @@ def test_a_member_cancelled_owing_nothing_leaves_the_round_to_the_others() -> No
         return list(await asyncio.gather(tasks[0], tasks[1]))
 
     for result in asyncio.run(clock.run(main())):
-        assert result.report.failed == {}
+        assert result.report.excluded is None
+        assert set(result.report.failed) <= {"peer-2"}
+        assert not result.report.deadline_hit
         assert all(p.outcome is PartOutcome.AVERAGED for p in result.report.parts)
         _assert_close(result.tensors, _mean(inputs, range(3)), atol=1e-6)
 
@@ -1703,3 +1707,23 @@ def test_a_member_whose_caller_cancels_the_round_leaves_the_others_a_plain_failu
 
     result = asyncio.run(main())
     torch.testing.assert_close(result.tensors[0], torch.ones(128))
+
+
+@pytest.mark.parametrize("schedule", ["open"], indirect=True)
+@pytest.mark.parametrize("ends", ["returns", "raises"])
+def test_a_cancel_during_the_rounds_last_writes_is_raised_once_they_end(ends: str) -> None:
+    # The writes end, or fail, in the loop iteration the caller is cancelled in: the cancel
+    # still reaches the caller (it had been swallowed when the work had just ended).
+    async def main() -> None:
+        work: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        waiting = asyncio.ensure_future(allreduce_module._to_its_end(work))
+        await asyncio.sleep(0)
+        if ends == "returns":
+            work.set_result("done")
+        else:
+            work.set_exception(RuntimeError("the work failed"))
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    asyncio.run(main())

@@ -225,6 +225,7 @@ def test_a_peer_the_others_wait_for_at_a_newer_round_takes_their_state_between_b
         (["r/outer/5"], 4, True),  # the versions do not say it is behind: a stale nudge
         (["r/outer/4", "r/outer/x5", "r/outer/²"], 5, True),  # no round ahead of it
         (["r/outer/5"], 5, False),  # no donor serves it yet: tried once, not every step
+        (["r/outer/6", "r/outer/7", "r/outer/8"], 9, False),  # forged: one try per 2 s
     ],
 )
 def test_a_nudge_alone_does_not_move_a_peer_nor_download_at_every_step(
@@ -236,5 +237,5 @@ def test_a_nudge_alone_does_not_move_a_peer_nor_download_at_every_step(
     for step in range(first, first + 3):
         assert strategy.on_step_end(model, step) is None
     assert strategy.outer_step == 4
-    assert downloads == ([] if served else [5])
+    assert downloads == ([] if served else [published])
     strategy.close()

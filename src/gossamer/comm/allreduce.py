@@ -239,8 +239,8 @@ async def _to_its_end(work: Awaitable[T]) -> T:
         try:
             with contextlib.suppress(Exception):  # the work's own error: raised below
                 await asyncio.shield(future)
-        except asyncio.CancelledError:
-            cancelled = cancelled or not future.done()
+        except asyncio.CancelledError:  # (the work's own cancel is raised by result() below)
+            cancelled = True
     if cancelled:
         raise asyncio.CancelledError
     return future.result()
@@ -414,24 +414,25 @@ async def all_reduce(
     state.deadline_s = deadline
     mailbox.open_round(round_id, state)
     finished = False
-    ended = False  # (not ended: its caller cancelled it)
-    owed = False  # (cancelled while the others still waited for something of this member's)
+    leaving: tuple[bytes, list[str], bool] | None = None  # (its caller cancelled it)
     try:
         async with asyncio.TaskGroup() as group:
             state.group = group
             try:
                 state.begin()
                 finished = await wait_for_event(state.done, deadline, clock)
-                ended = True
                 report.deadline_hit = not finished
+            except BaseException:
+                leaving = state.leaving()  # (before its sends are cancelled)
+                raise
             finally:  # the round's end, or its caller cancelled: a message still being
-                owed = not ended and state.owes_others()  # (before its sends are cancelled)
                 state.cancel_all()  # handled then starts nothing in the closing task group
     finally:
-        if owed:  # they stop waiting for it now, not at their deadlines
-            mailbox.leave_round(round_id, *state.leaving())
-        else:  # (cancelled owing nothing: the round goes on without it, as if it had ended)
+        if leaving is None:
             mailbox.close_round(round_id, finished=state.finished() if finished else None)
+        else:  # the others stop waiting for it now, not at their deadlines
+            notice, members_left, delivered = leaving
+            mailbox.leave_round(round_id, notice, members_left, refuse=not delivered)
         # A decode cut short by the deadline or a cancel writes on in its thread: the caller
         # gets its tensors back only once it ended.
         await _to_its_end(state.settle())

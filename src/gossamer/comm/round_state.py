@@ -25,6 +25,7 @@ from gossamer.comm.reduction import (
 from gossamer.comm.report import AllReduceReport, PartOutcome, PartReport
 from gossamer.comm.steps import PairwiseSteps
 from gossamer.comm.transport import (
+    FLAG_DELIVERED,
     FLAG_ELSEWHERE,
     FLAG_REASSIGNED,
     FLAG_RING,
@@ -211,8 +212,8 @@ class RoundState:
         self._cancelled = False
         self._num_pending_result_sends = 0
         self._num_contribution_senders = 0
-        self._num_part_senders = 0
-        """Contributions being sent, to owners and to backups (see :meth:`owes_others`)."""
+        self._own_held: list[set[int]] = [set() for _ in self.chunks[me]]
+        """For each chunk of this member's part, the members known to hold its average."""
         self._started = time.perf_counter()
         self._begun_at = 0.0
         """When the round began, on the round's clock."""
@@ -473,7 +474,8 @@ class RoundState:
             for dest in range(self.plan.num_parts):
                 if dest != self.me and dest not in self.failed:
                     self._num_pending_result_sends += 1
-                    self.spawn(self._send_result(dest, message, fp32_nbytes, own=own))
+                    held = chunk if own else None
+                    self.spawn(self._send_result(dest, message, fp32_nbytes, own=own, held=held))
         self._check_done()
 
     def _ring_intact(self) -> bool:
@@ -516,8 +518,12 @@ class RoundState:
                     self.spawn(self._send_result(dest, message, fp32_nbytes, own=True, chunk=chunk))
 
     def _held_by(self, chunk: int | None, member: int) -> None:
-        """``member`` holds this member's average of ``chunk`` (sent round the ring)."""
-        if chunk is not None and self._waits_no_more(chunk, member):
+        """``member`` holds this member's average of ``chunk``."""
+        if chunk is None:
+            return
+        if self.reducer_of[self.me] == self.me:
+            self._own_held[chunk].add(member)
+        if self._waits_no_more(chunk, member):
             self._check_done()
 
     def _waits_no_more(self, chunk: int, member: int) -> bool:
@@ -542,9 +548,11 @@ class RoundState:
         *,
         own: bool,
         chunk: int | None = None,
+        held: int | None = None,
     ) -> None:
         """Send an average to ``dest`` (``own``: of this member's part; ``chunk``: one that went
-        round the ring, of which ``dest`` then counts as holder)."""
+        round the ring, of which ``dest`` then counts as holder; ``held``: a chunk of this
+        member's part sent directly, of which ``dest`` then counts as holder too)."""
         step = self.steps.result_step(dest) if own else None  # a backup's sends are unscheduled
         try:
             if step is not None:
@@ -564,7 +572,7 @@ class RoundState:
             async with self.slots[dest]:
                 if await self._transmit(dest, message):
                     self.fp32_bytes_sent += fp32_nbytes
-                    self._held_by(chunk, dest)
+                    self._held_by(chunk if held is None else held, dest)
         finally:
             if step is not None:
                 self._step_sent(step)
@@ -722,13 +730,11 @@ class RoundState:
                 if await self._transmit(dest, message):
                     self.fp32_bytes_sent += 4 * (b - a)
 
-        self._num_part_senders += 1
         try:
             async with asyncio.TaskGroup() as group:
                 for chunk, (a, b) in enumerate(self.chunks[part]):
                     group.create_task(one(chunk, a, b))
         finally:
-            self._num_part_senders -= 1
             if counted:
                 self._num_contribution_senders -= 1
                 if self._num_contribution_senders == 0:
@@ -770,10 +776,17 @@ class RoundState:
     # ---- failures ------------------------------------------------------------------------------
 
     def peer_failed(
-        self, member: int, reason: str, *, notify: bool, told_by: int | None = None
+        self,
+        member: int,
+        reason: str,
+        *,
+        notify: bool,
+        told_by: int | None = None,
+        delivered: bool = False,
     ) -> None:
         """Stop waiting for ``member``, reassign what it reduced, and (optionally) tell the rest
-        (but ``told_by``, the member that reported it here).
+        (but ``told_by``, the member that reported it here). With ``delivered`` (it left the
+        round saying every member holds its averages) its own part is not reassigned.
 
         ``member`` itself is told too: if it is alive (wrongly declared failed, or cut off from
         one member only) it stops at once instead of at its deadline, and does not take its own
@@ -804,9 +817,11 @@ class RoundState:
             for chunk in reducer.pending_chunks():
                 self._check_chunk(reducer, chunk)
         for part in range(self.plan.num_parts):
-            if self.reducer_of[part] == member and self.chunks[part]:
+            held = delivered and part == member  # (every member holds its averages)
+            if self.reducer_of[part] == member and self.chunks[part] and not held:
                 self._reassign(part)
-        message = pack_frame(Frame(FrameKind.PEER_FAILED, self.round_id, 0, 0, member, 0.0, 0))
+        flags = FLAG_DELIVERED if delivered else 0
+        message = pack_frame(Frame(FrameKind.PEER_FAILED, self.round_id, 0, 0, member, 0.0, flags))
         if notify:
             for dest in range(self.plan.num_parts):
                 if dest not in (self.me, told_by) and dest not in self.failed:
@@ -814,28 +829,20 @@ class RoundState:
         self.spawn(self._tell_excluded(member, message))
         self._check_done()
 
-    def owes_others(self) -> bool:
-        """Whether another member still waits for something of this one's: a contribution not
-        yet delivered, or an average it reduces not yet sent (or, round the ring, not yet known
-        to be held by every live member), or one it passes on. One that owes nothing can leave
-        without a word: told, the others would take it for failed and average its part again,
-        though each of them holds that part's averages."""
-        if not self._contributions_sent.is_set() or self._num_part_senders:
-            return True
-        if any(reducer.pending_chunks() for reducer in self.reducers.values()):
-            return True
-        return bool(self._num_pending_result_sends or any(self._unconfirmed.values()))
-
-    def leaving(self) -> tuple[bytes, list[str]]:
+    def leaving(self) -> tuple[bytes, list[str], bool]:
         """What this member tells the others when it leaves the round before its end (its
-        caller cancelled it): a failure report naming itself, and the members to tell."""
-        notice = pack_frame(Frame(FrameKind.PEER_FAILED, self.round_id, 0, 0, self.me, 0.0, 0))
-        others = [
-            peer
-            for index, peer in enumerate(self.plan.members)
-            if index != self.me and index not in self.failed
-        ]
-        return notice, others
+        caller cancelled it): a failure report naming itself, the members to tell, and whether
+        every one of them holds its averages already (the report says so: they do not average
+        its part again, which a member whose part's backup had finished would leave the round
+        over).
+        """
+        live = {m for m in range(self.plan.num_parts) if m != self.me and m not in self.failed}
+        delivered = self.reducer_of[self.me] == self.me and all(
+            live <= held for held in self._own_held
+        )
+        flags = FLAG_DELIVERED if delivered else 0
+        notice = pack_frame(Frame(FrameKind.PEER_FAILED, self.round_id, 0, 0, self.me, 0.0, flags))
+        return notice, [self.plan.members[m] for m in sorted(live)], delivered
 
     async def _present(self, dest: int, message: bytes) -> None:
         """Tell ``dest`` that this member is in the round (see ``announce``).
@@ -970,7 +977,11 @@ class RoundState:
             # without it and end the round with a part the finished member does not hold.
             itself = frame.peer_index == member
             reason = "left the round" if itself else f"reported by {sender[:12]}"
-            self.peer_failed(frame.peer_index, reason, notify=True, told_by=member)
+            # (it says whether every member holds its averages; passed on, so does the report)
+            delivered = bool(frame.flags & FLAG_DELIVERED)
+            self.peer_failed(
+                frame.peer_index, reason, notify=True, told_by=member, delivered=delivered
+            )
             return
         if frame.part >= n or frame.chunk >= len(self.chunks[frame.part]):
             raise ProtocolError(f"chunk {frame.chunk} of part {frame.part} is not in the plan")

@@ -170,6 +170,9 @@ FLAG_REASSIGNED = 1
 """The frame concerns a part whose owner failed and that a backup reduces instead."""
 FLAG_ELSEWHERE = 2
 """(ROUND_CLOSED) The sender averaged the round by other means and never took part."""
+FLAG_DELIVERED = 8
+"""(PEER_FAILED naming its sender: it left the round) Every live member holds the sender's
+averages of its part (its sends of them returned): its part is not averaged again."""
 FLAG_RING = 4
 """(RESULT) The owner's average travels round the ring: the owner sends it to the member just
 behind it, and each member that gets it from the member just ahead passes it on to the one
@@ -376,16 +379,21 @@ class CommMailbox:
         while len(self._closed) > 1024:
             self._closed.popitem(last=False)
 
-    def leave_round(self, round_id: bytes, notice: bytes, members: Sequence[str]) -> None:
+    def leave_round(
+        self, round_id: bytes, notice: bytes, members: Sequence[str], *, refuse: bool
+    ) -> None:
         """Stop routing ``round_id`` before it ended (its caller cancelled it) and send
         ``notice`` (in the background) to ``members``, the ones still in it, so they stop
         waiting for this peer now instead of at their deadlines: an owner that left with only
         some of its averages sent would otherwise leave each of them with its own values for
-        the rest. Later messages of the round are refused (:class:`NotInRoundError`)."""
+        the rest. With ``refuse`` later messages of the round are refused
+        (:class:`NotInRoundError`: their senders take this peer for failed, as the notice
+        says), without it dropped."""
         self.close_round(round_id)
-        self._left[round_id] = None
-        while len(self._left) > 1024:
-            self._left.popitem(last=False)
+        if refuse:
+            self._left[round_id] = None
+            while len(self._left) > 1024:
+                self._left.popitem(last=False)
         for member in members:
             self._send_in_background(member, notice, f"leaving round {round_id.hex()[:12]}")
 

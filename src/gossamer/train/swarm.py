@@ -72,6 +72,9 @@ _NEWER_STATE_WAIT_S = 30.0
 _FINAL_AGREEMENT_S = 20.0
 """How long a peer that finished waits for the others' hashes of the final outer step."""
 _FINAL_POLL_S = 0.2
+_EARLY_CATCH_UP_EVERY_S = 2.0
+"""Least time between two downloads tried between boundaries (see
+``_catch_up_between_boundaries``): nudges come from any peer."""
 
 
 def _hash_key(run_id: str, outer_step: int) -> bytes:
@@ -212,6 +215,8 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         """The last publication handed to the publisher (at most one is ever outstanding)."""
         self._tried_ahead: set[str] = set()
         """Round keys nudged ahead of this peer that it tried to catch up for (once each)."""
+        self._next_early_catch_up_s = 0.0
+        """Monotonic time before which no download is tried between boundaries."""
         self._joined_mid_round = False
         """(overlap) The state taken from donors has a round in flight that this peer is not in:
         before its first round it must take the state that round produces."""
@@ -458,10 +463,13 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         newest = self.swarm_averager.newest_seen_version
         if newest is None or newest <= self.outer_step:
             return None
+        if time.monotonic() < self._next_early_catch_up_s:
+            return None
         key = self._awaited_ahead()
         if key is None:
             return None
         self._tried_ahead.add(key)
+        self._next_early_catch_up_s = time.monotonic() + _EARLY_CATCH_UP_EVERY_S
         snapshot = self._take_newer_state(version=newest)
         if snapshot is None:
             return None
@@ -472,7 +480,9 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         """A round key of a later outer step than this peer's that the others' nudges say
         waits for it, and that no download was tried for yet."""
         prefix = f"{self.config.run_id}/outer/"
-        for key in self.swarm_averager.rounds_awaiting():
+        awaiting = self.swarm_averager.rounds_awaiting()
+        self._tried_ahead &= set(awaiting)  # (the averager keeps the latest few)
+        for key in awaiting:
             number = key[len(prefix) :] if key.startswith(prefix) else ""
             if not (number.isascii() and number.isdigit()) or key in self._tried_ahead:
                 continue
