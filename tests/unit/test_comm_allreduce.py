@@ -24,6 +24,7 @@ from gossamer.comm.report import AllReduceResult, PartOutcome
 from gossamer.comm.round_state import RoundState
 from gossamer.comm.transport import (
     CHUNK_ELEMENTS_LIMIT,
+    FLAG_DELIVERED,
     FLAG_REASSIGNED,
     FLAG_RING,
     CommMailbox,
@@ -1059,6 +1060,57 @@ def test_a_member_that_left_after_its_averages_reached_everyone_is_not_averaged_
 
 
 @pytest.mark.parametrize("schedule", ["open"], indirect=True)
+def test_a_leaver_that_reduces_a_failed_owners_part_does_not_say_its_averages_are_held() -> None:
+    # peer-1 is dead from the start; peer-2 is its part's backup and has sent everything of
+    # its own. Said held, the others would keep its own part and average peer-1's again, which
+    # a member that had finished could not join (it left the others dropped); not said, both of
+    # its parts go to their next backups, as after any backup's failure.
+    inputs = _inputs(3)
+    members = ["peer-0", "peer-1", "peer-2"]
+    clock = IdleJumpClock()
+    config = _scheduled(CONFIG)
+
+    async def main() -> tuple[bool, bool]:
+        network = FakeNetwork(clock)
+        holding = _HoldsResultsTo(network, members[0], held=members[2])
+        network.transports[members[0]] = holding
+        dead = network.transport(members[1], FaultScript(crash_after_sends=0))
+        mailboxes = [CommMailbox(holding, clock), CommMailbox(dead, clock)]
+        mailboxes.append(CommMailbox(network.transport(members[2]), clock))
+        tasks = [
+            asyncio.ensure_future(
+                all_reduce(
+                    inputs[i],
+                    mailbox=mailboxes[i],
+                    members=members,
+                    round_key="leave/3",
+                    config=config,
+                    clock=clock,
+                    offload=inline_offload,
+                )
+            )
+            for i in (0, 2)
+        ]
+        while not mailboxes[2]._rounds:
+            await clock.sleep_async(0.001)
+        (state,) = mailboxes[2]._rounds.values()
+        assert isinstance(state, RoundState)
+        for _ in range(10_000):
+            own_sent = all({0} <= held for held in state._own_held)
+            if own_sent and state.reducer_of[1] == 2 and not state.reducers[1].pending_chunks():
+                break
+            await clock.sleep_async(0.01)
+        said_held = state.leaving()[2]
+        holding.release.set()
+        await asyncio.gather(*tasks)
+        return own_sent, said_held
+
+    own_sent, said_held = asyncio.run(clock.run(main()))
+    assert own_sent
+    assert not said_held
+
+
+@pytest.mark.parametrize("schedule", ["open"], indirect=True)
 @pytest.mark.parametrize("slow", ["_land", "fill_missing"])
 def test_nothing_writes_into_the_output_after_a_cancelled_round_raised(slow: str) -> None:
     # Landing an average (the round's deadline cuts it short) or filling in the parts that
@@ -1374,6 +1426,9 @@ def test_a_finished_round_answers_only_for_averages_it_took_from_the_owner() -> 
     assert not finished.answers("p3", frame(FrameKind.CONTRIBUTION, part=1))  # just late
     assert not finished.answers("stranger", reassigned)  # not a member of the round
     assert not finished.answers("p1", frame(FrameKind.RESULT, part=3, flags=FLAG_REASSIGNED))
+    # Owner 3 left saying every member holds its averages: nothing of its is reassigned, and
+    # an answer would drop the sender from the round for nothing.
+    assert not finished.answers("p1", frame(FrameKind.PEER_FAILED, index=3, flags=FLAG_DELIVERED))
 
 
 def test_message_size_grows_with_the_round_within_bounds() -> None:

@@ -423,7 +423,10 @@ async def all_reduce(
                 finished = await wait_for_event(state.done, deadline, clock)
                 report.deadline_hit = not finished
             except BaseException:
-                leaving = state.leaving()  # (before its sends are cancelled)
+                if state.done.is_set():  # it ended; the cancel came before this task resumed
+                    finished = True
+                else:
+                    leaving = state.leaving()  # (before its sends are cancelled)
                 raise
             finally:  # the round's end, or its caller cancelled: a message still being
                 state.cancel_all()  # handled then starts nothing in the closing task group

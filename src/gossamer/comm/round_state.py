@@ -836,9 +836,15 @@ class RoundState:
         its part again, which a member whose part's backup had finished would leave the round
         over).
         """
-        live = {m for m in range(self.plan.num_parts) if m != self.me and m not in self.failed}
-        delivered = self.reducer_of[self.me] == self.me and all(
-            live <= held for held in self._own_held
+        n = self.plan.num_parts
+        live = {m for m in range(n) if m != self.me and m not in self.failed}
+        # (a member that reduces a failed owner's part too says nothing of its own: both are
+        # reassigned, as after any failure of a backup)
+        backup = any(self.reducer_of[p] == self.me for p in range(n) if p != self.me)
+        delivered = (
+            not backup
+            and self.reducer_of[self.me] == self.me
+            and all(live <= held for held in self._own_held)
         )
         flags = FLAG_DELIVERED if delivered else 0
         notice = pack_frame(Frame(FrameKind.PEER_FAILED, self.round_id, 0, 0, self.me, 0.0, flags))

@@ -256,8 +256,10 @@ class FinishedRound:
             return False
         if self.elsewhere:
             return True
-        if frame.kind is FrameKind.PEER_FAILED:
-            return frame.peer_index in self.from_owner
+        if frame.kind is FrameKind.PEER_FAILED:  # (one that left with its averages delivered:
+            # nothing of its part is reassigned, so the sender waits for nothing of this one's)
+            delivered = frame.flags & FLAG_DELIVERED
+            return not delivered and frame.peer_index in self.from_owner
         reassigned = frame.kind is FrameKind.CONTRIBUTION and frame.flags & FLAG_REASSIGNED
         return bool(reassigned) and frame.part in self.from_owner
 
