@@ -1008,6 +1008,44 @@ class _HoldsResultsTo(FakeTransport):
         await super().send(peer_id, message, timeout_s=timeout_s)
 
 
+async def _peer_0_holds_its_averages_to_peer_2(
+    clock: IdleJumpClock,
+    inputs: list[list[torch.Tensor]],
+    round_key: str,
+    scripts: dict[int, FaultScript],
+) -> tuple[_HoldsResultsTo, dict[int, asyncio.Future[AllReduceResult]], RoundState]:
+    """A round of peer-0..2 on a fake network in which peer-0 holds its averages for peer-2
+    until ``release``; peer ``i`` follows ``scripts[i]`` (one crashed from the start runs no
+    round). Returns peer-0's transport, the members' rounds and peer-2's state once open."""
+    members = ["peer-0", "peer-1", "peer-2"]
+    network = FakeNetwork(clock)
+    holding = _HoldsResultsTo(network, members[0], held=members[2])
+    network.transports[members[0]] = holding
+    others = [network.transport(m, scripts.get(i)) for i, m in enumerate(members) if i]
+    transports = [holding, *others]
+    mailboxes = [CommMailbox(t, clock) for t in transports]
+    running = [i for i in range(3) if i not in scripts]
+    tasks = {
+        i: asyncio.ensure_future(
+            all_reduce(
+                inputs[i],
+                mailbox=mailboxes[i],
+                members=members,
+                round_key=round_key,
+                config=_scheduled(CONFIG),
+                clock=clock,
+                offload=inline_offload,
+            )
+        )
+        for i in running
+    }
+    while not mailboxes[2]._rounds:
+        await clock.sleep_async(0.001)
+    (state,) = mailboxes[2]._rounds.values()
+    assert isinstance(state, RoundState)
+    return holding, tasks, state
+
+
 @pytest.mark.parametrize("schedule", ["open"], indirect=True)
 def test_a_member_that_left_after_its_averages_reached_everyone_is_not_averaged_again() -> None:
     # peer-2's averages reached everyone, and it waits for peer-0's (held back); its caller
@@ -1015,34 +1053,12 @@ def test_a_member_that_left_after_its_averages_reached_everyone_is_not_averaged_
     # over as its backup, found peer-1 (whose contribution it needed) closed, and left the
     # round as dropped; now it keeps peer-2's averages and ends with everyone's mean.
     inputs = _inputs(3)
-    members = ["peer-0", "peer-1", "peer-2"]
     clock = IdleJumpClock()
-    config = _scheduled(CONFIG)
 
     async def main() -> list[AllReduceResult]:
-        network = FakeNetwork(clock)
-        holding = _HoldsResultsTo(network, members[0], held=members[2])
-        network.transports[members[0]] = holding
-        mailboxes = [CommMailbox(holding, clock)]
-        mailboxes += [CommMailbox(network.transport(m), clock) for m in members[1:]]
-        tasks = [
-            asyncio.ensure_future(
-                all_reduce(
-                    inputs[i],
-                    mailbox=mailboxes[i],
-                    members=members,
-                    round_key="leave/2",
-                    config=config,
-                    clock=clock,
-                    offload=inline_offload,
-                )
-            )
-            for i in range(3)
-        ]
-        while not mailboxes[2]._rounds:
-            await clock.sleep_async(0.001)
-        (state,) = mailboxes[2]._rounds.values()
-        assert isinstance(state, RoundState)
+        holding, tasks, state = await _peer_0_holds_its_averages_to_peer_2(
+            clock, inputs, "leave/2", {}
+        )
         while not state.leaving()[2] or not tasks[1].done():
             await clock.sleep_async(0.01)
         tasks[2].cancel()
@@ -1066,35 +1082,12 @@ def test_a_leaver_that_reduces_a_failed_owners_part_does_not_say_its_averages_ar
     # a member that had finished could not join (it left the others dropped); not said, both of
     # its parts go to their next backups, as after any backup's failure.
     inputs = _inputs(3)
-    members = ["peer-0", "peer-1", "peer-2"]
     clock = IdleJumpClock()
-    config = _scheduled(CONFIG)
 
     async def main() -> tuple[bool, bool]:
-        network = FakeNetwork(clock)
-        holding = _HoldsResultsTo(network, members[0], held=members[2])
-        network.transports[members[0]] = holding
-        dead = network.transport(members[1], FaultScript(crash_after_sends=0))
-        mailboxes = [CommMailbox(holding, clock), CommMailbox(dead, clock)]
-        mailboxes.append(CommMailbox(network.transport(members[2]), clock))
-        tasks = [
-            asyncio.ensure_future(
-                all_reduce(
-                    inputs[i],
-                    mailbox=mailboxes[i],
-                    members=members,
-                    round_key="leave/3",
-                    config=config,
-                    clock=clock,
-                    offload=inline_offload,
-                )
-            )
-            for i in (0, 2)
-        ]
-        while not mailboxes[2]._rounds:
-            await clock.sleep_async(0.001)
-        (state,) = mailboxes[2]._rounds.values()
-        assert isinstance(state, RoundState)
+        holding, tasks, state = await _peer_0_holds_its_averages_to_peer_2(
+            clock, inputs, "leave/3", {1: FaultScript(crash_after_sends=0)}
+        )
         for _ in range(10_000):
             own_sent = all({0} <= held for held in state._own_held)
             if own_sent and state.reducer_of[1] == 2 and not state.reducers[1].pending_chunks():
@@ -1102,7 +1095,7 @@ def test_a_leaver_that_reduces_a_failed_owners_part_does_not_say_its_averages_ar
             await clock.sleep_async(0.01)
         said_held = state.leaving()[2]
         holding.release.set()
-        await asyncio.gather(*tasks)
+        await asyncio.gather(*tasks.values())
         return own_sent, said_held
 
     own_sent, said_held = asyncio.run(clock.run(main()))

@@ -474,8 +474,8 @@ class RoundState:
             for dest in range(self.plan.num_parts):
                 if dest != self.me and dest not in self.failed:
                     self._num_pending_result_sends += 1
-                    held = chunk if own else None
-                    self.spawn(self._send_result(dest, message, fp32_nbytes, own=own, held=held))
+                    held = chunk if own else None  # (counts dest as holder, see _own_held)
+                    self.spawn(self._send_result(dest, message, fp32_nbytes, own=own, chunk=held))
         self._check_done()
 
     def _ring_intact(self) -> bool:
@@ -548,11 +548,10 @@ class RoundState:
         *,
         own: bool,
         chunk: int | None = None,
-        held: int | None = None,
     ) -> None:
-        """Send an average to ``dest`` (``own``: of this member's part; ``chunk``: one that went
-        round the ring, of which ``dest`` then counts as holder; ``held``: a chunk of this
-        member's part sent directly, of which ``dest`` then counts as holder too)."""
+        """Send an average to ``dest`` (``own``: of this member's part; ``chunk``: the chunk of
+        this member's part it is, of which ``dest`` then counts as holder, and whose time round
+        the ring starts now if it goes round the ring)."""
         step = self.steps.result_step(dest) if own else None  # a backup's sends are unscheduled
         try:
             if step is not None:
@@ -572,7 +571,7 @@ class RoundState:
             async with self.slots[dest]:
                 if await self._transmit(dest, message):
                     self.fp32_bytes_sent += fp32_nbytes
-                    self._held_by(chunk if held is None else held, dest)
+                    self._held_by(chunk, dest)
         finally:
             if step is not None:
                 self._step_sent(step)
@@ -820,8 +819,7 @@ class RoundState:
             held = delivered and part == member  # (every member holds its averages)
             if self.reducer_of[part] == member and self.chunks[part] and not held:
                 self._reassign(part)
-        flags = FLAG_DELIVERED if delivered else 0
-        message = pack_frame(Frame(FrameKind.PEER_FAILED, self.round_id, 0, 0, member, 0.0, flags))
+        message = self._failure_report(member, delivered=delivered)
         if notify:
             for dest in range(self.plan.num_parts):
                 if dest not in (self.me, told_by) and dest not in self.failed:
@@ -846,9 +844,14 @@ class RoundState:
             and self.reducer_of[self.me] == self.me
             and all(live <= held for held in self._own_held)
         )
-        flags = FLAG_DELIVERED if delivered else 0
-        notice = pack_frame(Frame(FrameKind.PEER_FAILED, self.round_id, 0, 0, self.me, 0.0, flags))
+        notice = self._failure_report(self.me, delivered=delivered)
         return notice, [self.plan.members[m] for m in sorted(live)], delivered
+
+    def _failure_report(self, member: int, *, delivered: bool) -> bytes:
+        """A PEER_FAILED frame naming ``member`` (``delivered``: every member holds its
+        averages, see ``FLAG_DELIVERED``)."""
+        flags = FLAG_DELIVERED if delivered else 0
+        return pack_frame(Frame(FrameKind.PEER_FAILED, self.round_id, 0, 0, member, 0.0, flags))
 
     async def _present(self, dest: int, message: bytes) -> None:
         """Tell ``dest`` that this member is in the round (see ``announce``).

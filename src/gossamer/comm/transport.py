@@ -170,13 +170,13 @@ FLAG_REASSIGNED = 1
 """The frame concerns a part whose owner failed and that a backup reduces instead."""
 FLAG_ELSEWHERE = 2
 """(ROUND_CLOSED) The sender averaged the round by other means and never took part."""
-FLAG_DELIVERED = 8
-"""(PEER_FAILED naming its sender: it left the round) Every live member holds the sender's
-averages of its part (its sends of them returned): its part is not averaged again."""
 FLAG_RING = 4
 """(RESULT) The owner's average travels round the ring: the owner sends it to the member just
 behind it, and each member that gets it from the member just ahead passes it on to the one
 just behind, up to the member just ahead of the owner (see :mod:`gossamer.comm.steps`)."""
+FLAG_DELIVERED = 8
+"""(PEER_FAILED naming its sender: it left the round) Every live member holds the sender's
+averages of its part (its sends of them returned): its part is not averaged again."""
 
 
 @dataclass(frozen=True, slots=True)
