@@ -85,6 +85,8 @@ def test_join_entries_are_checked() -> None:
         JoinEntry.decode(b"[1, 2]", "peer-a")
     with pytest.raises(ProtocolError, match="limit"):
         JoinEntry.decode(b" " * 5000, "peer-a")
+    with pytest.raises(ProtocolError, match="malformed"):  # (RecursionError in the parser)
+        JoinEntry.decode(b"[" * 1000, "peer-a")
 
 
 def test_a_join_entry_with_a_number_too_large_for_a_float_is_refused() -> None:

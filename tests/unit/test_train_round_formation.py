@@ -105,6 +105,7 @@ class _Records:
             return records
 
         self.dht = SimpleNamespace(get=get)
+        self.detector = SimpleNamespace(watch=lambda peer_id: None)
         self.peer_id = "me"
 
 
@@ -118,3 +119,13 @@ def test_numbers_too_large_for_a_float_in_other_peers_records_are_skipped() -> N
     averager = SimpleNamespace(config=SimpleNamespace(run_id="r"))
     assert asyncio.run(SwarmAverager._memberships(averager, inf_version)) == {}  # type: ignore[arg-type]
     assert _figure({"bw": 10**400}) == 0.0
+
+
+def test_records_nested_past_the_parsers_depth_are_skipped() -> None:
+    # 5,000 brackets fit a DHT value (16 KiB) and raised RecursionError out of every peer's
+    # read of the run's members, a record anyone in the DHT may publish under that key.
+    nested = b"[" * 5000
+    active = json.dumps({"state": "active", "version": 1, "inc": "x"}).encode()
+    averager = SimpleNamespace(config=SimpleNamespace(run_id="r"))
+    found = asyncio.run(SwarmAverager._memberships(averager, _Records([nested, active])))  # type: ignore[arg-type]
+    assert len(found) == 1

@@ -65,7 +65,8 @@ class JoinEntry:
         try:
             peer_id, at, bandwidth, address = json.loads(data)
             entry = cls(str(peer_id), float(at), float(bandwidth), str(address))
-        except (ValueError, TypeError, OverflowError) as exc:
+        except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+            # (RecursionError: brackets nested past the parser's depth, well within the size)
             raise ProtocolError(f"malformed join entry: {exc}") from exc
         if entry.peer_id != publisher:
             raise ProtocolError("a join entry names a peer other than its publisher")

@@ -99,7 +99,7 @@ async def read_json_records(
         try:
             value = json.loads(bytes(record.value))
             publisher = peer_id_of_public_key(bytes(record.publisher_public_key))
-        except (ValueError, GossamerError):
+        except (ValueError, RecursionError, GossamerError):  # (Recursion: nested too deep)
             continue
         if isinstance(value, dict):
             found.append((publisher, value))
