@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch._C._distributed_c10d import HashStore
+from torch._C._distributed_c10d import HashStore, PrefixStore
 
 from gossamer.bench.allreduce import run_allreduce_bench
 from gossamer.comm.torch_backend import (
@@ -19,6 +19,7 @@ from gossamer.comm.torch_backend import (
     open_leader_store,
     open_member_store,
 )
+from gossamer.core.errors import DeadlineExceededError
 
 
 def test_auto_picks_torch_only_when_everyone_is_reachable() -> None:
@@ -156,3 +157,30 @@ def test_the_leader_store_keeps_no_keys_of_groups_made() -> None:
         for averager in averagers:
             averager.close()
     assert max(counts) == counts[0], counts
+
+
+def test_the_keys_of_a_failed_rendezvous_go_once_its_members_timed_out() -> None:
+    # They stayed for as long as the peer ran: a swarm whose rounds kept failing left a set
+    # for every group tried.
+    now = [0.0]
+    leader = open_leader_store("127.0.0.1", 1, timeout_s=10.0)
+    averager = TorchGroupAverager(timeout_s=0.5, clock=lambda: now[0])
+    before = leader.num_keys()
+    for index in range(3):  # nobody else comes: each rendezvous fails at its timeout
+        with pytest.raises(DeadlineExceededError):
+            averager.ensure_group(f"r/{index}", ["a", "b"], 0, leader, "127.0.0.1")
+    assert leader.num_keys() == before + 3  # kept while a member may still be in them
+    now[0] = 10.0
+    averager.close()
+    assert leader.num_keys() == before
+
+
+def test_a_member_address_gloo_cannot_read_fails_the_rendezvous_not_the_leader() -> None:
+    # The store is plain TCP; 16 bytes of garbage as a member's address made gloo raise
+    # std::bad_alloc (MemoryError) out of the round and the peer's training.
+    leader = open_leader_store("127.0.0.1", 1, timeout_s=5.0)
+    member = open_member_store("127.0.0.1", leader.port, 1, 5.0)
+    PrefixStore("gossamer/g", member).set("0/1", b"\x01" * 16)
+    averager = TorchGroupAverager(timeout_s=3.0)
+    with pytest.raises(DeadlineExceededError, match="rendezvous failed"):
+        averager.ensure_group("g", ["a", "b"], 0, leader, "127.0.0.1")

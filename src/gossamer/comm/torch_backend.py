@@ -21,7 +21,8 @@ import logging
 import math
 import socket
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,8 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+_MAX_RETIRED = 64
+"""Failed rendezvous whose keys wait for their members' timeout before they are deleted."""
 
 
 def choose_backend(requested: str, addresses: Sequence[str]) -> str:
@@ -118,6 +121,15 @@ def _gloo_group(
     return gloo(store, rank, size, options)
 
 
+def _delete_keys(store: Store, size: int) -> None:
+    """Delete a gloo group's rendezvous keys (each rank's address on device 0) from ``store``."""
+    try:
+        for rank in range(size):
+            store.delete_key(f"0/{rank}")
+    except (RuntimeError, dist.DistError) as exc:  # the store's own failure: nothing to do
+        _log.debug("deleting a rendezvous' keys: %s", exc)
+
+
 def _scale_(tensor: torch.Tensor, scale: float) -> None:
     """``tensor *= scale`` in place; on CPU in one thread, as numpy does.
 
@@ -139,10 +151,14 @@ class TorchGroupAverager:
 
     Args:
         timeout_s: deadline of the rendezvous and of each collective.
+        clock: monotonic seconds (when the keys of a failed rendezvous may go).
     """
 
-    def __init__(self, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, timeout_s: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.timeout_s = timeout_s
+        self.clock = clock
         self._group_hash: str | None = None
         self.members: tuple[str, ...] = ()
         self.rank = -1
@@ -154,6 +170,8 @@ class TorchGroupAverager:
         self._rendezvous: tuple[Store, int] | None = None
         """On the leader (rank 0) of a gloo group: the group's keys in its store, and the
         group's size, until they are deleted (see :meth:`_forget_rendezvous`)."""
+        self._retired: deque[tuple[float, Store, int]] = deque()
+        """Keys of the leader's rendezvous that failed, with when they may be deleted."""
 
     def ensure_group(
         self, group_hash: str, members: Sequence[str], rank: int, store: Store, host: str = ""
@@ -186,8 +204,10 @@ class TorchGroupAverager:
                 if rank == 0:
                     self._rendezvous = (prefixed, len(members))
                 self._pg = _gloo_group(prefixed, rank, len(members), timeout, host)
-        except (RuntimeError, dist.DistError) as exc:
-            self._rendezvous = None  # a straggler may still read them: left (see below)
+        except Exception as exc:
+            # (not only torch's errors: the members' addresses in the store come unchecked
+            # over plain TCP, and gloo makes std::bad_alloc, a MemoryError, of one it misreads)
+            self._retire_rendezvous()
             raise DeadlineExceededError(f"torch.distributed rendezvous failed: {exc}") from exc
         self._group_hash, self.members, self.rank = group_hash, tuple(members), rank
         self.groups_made += 1
@@ -205,7 +225,7 @@ class TorchGroupAverager:
 
     def close(self) -> None:
         """Tear the group down (idempotent)."""
-        self._rendezvous = None  # never completed: a straggler may still read them
+        self._retire_rendezvous()  # (a group whose first collective never went through)
         pg, self._pg = self._pg, None
         if pg is not None:
             try:
@@ -219,18 +239,31 @@ class TorchGroupAverager:
         """On the leader, once a collective went through (every member joined): delete the
         group's rendezvous keys (each member's address, about 200 bytes) from its store, which
         lives as long as the peer: else a swarm whose members come and go left a set in it for
-        every group ever made. The keys of a group that never completed a collective stay: a
-        member still in that rendezvous would wait for them to its timeout instead of failing
-        at once against the closed group (and keep its next rounds off torch meanwhile)."""
+        every group ever made. The keys of a group that never completed a collective stay
+        until its members' timeout (:meth:`_retire_rendezvous`): a member still in that
+        rendezvous would wait for them to its timeout instead of failing at once against the
+        closed group (and keep its next rounds off torch meanwhile)."""
         rendezvous, self._rendezvous = self._rendezvous, None
-        if rendezvous is None:
-            return
-        store, size = rendezvous
-        try:
-            for rank in range(size):
-                store.delete_key(f"0/{rank}")  # gloo's key for rank's address on device 0
-        except (RuntimeError, dist.DistError) as exc:  # the store's own failure: nothing to do
-            _log.debug("deleting a rendezvous' keys: %s", exc)
+        if rendezvous is not None:
+            _delete_keys(*rendezvous)
+        self._delete_retired(self.clock())
+
+    def _retire_rendezvous(self) -> None:
+        """The leader's group never completed a collective: its keys are deleted once no
+        member can still be in its rendezvous (``timeout_s`` from now), at this averager's
+        next group or collective. Kept for ever, a swarm whose rounds kept failing (a member
+        killed mid-round each time) left a set for every group tried."""
+        rendezvous, self._rendezvous = self._rendezvous, None
+        now = self.clock()
+        if rendezvous is not None:
+            self._retired.append((now + self.timeout_s, *rendezvous))
+            while len(self._retired) > _MAX_RETIRED:  # (past that, deleted without the wait)
+                _delete_keys(*self._retired.popleft()[1:])
+        self._delete_retired(now)
+
+    def _delete_retired(self, now: float) -> None:
+        while self._retired and self._retired[0][0] <= now:
+            _delete_keys(*self._retired.popleft()[1:])
 
     def _total_weight(self, weight: float) -> float:
         """Sum of every member's weight (a one-value all-reduce; also a liveness check)."""
