@@ -24,12 +24,16 @@ RUN = "torch-backend"
 
 
 @contextlib.contextmanager
-def averagers(count: int, **settings: object) -> Iterator[list[SwarmAverager]]:
+def averagers(
+    count: int, backends: Sequence[str] = (), **settings: object
+) -> Iterator[list[SwarmAverager]]:
+    """``count`` averagers on nodes of their own (``backends``: each one's, where given)."""
     settings = {"round_timeout_s": 8.0, **settings}
-    config = SwarmAveragerConfig(run_id=RUN, **settings)  # type: ignore[arg-type]
     with contextlib.ExitStack() as stack:
         made = []
-        for node_thread in start_node_threads(stack, count):
+        for index, node_thread in enumerate(start_node_threads(stack, count)):
+            own = {"backend": backends[index]} if index < len(backends) else {}
+            config = SwarmAveragerConfig(run_id=RUN, **(settings | own))  # type: ignore[arg-type]
             averager = SwarmAverager(node_thread, config)
             stack.callback(averager.close)
             averager.join_run(0)
@@ -199,6 +203,27 @@ def test_p2p_backend_and_compressed_codecs_never_open_a_store() -> None:
         outcomes = one_round(made, "outer/0", [1.0, 1.0])
         assert all(a.rounds_by_backend["p2p"] == 1 and a._torch is None for a in made)
         assert all(o.group_size == 2 for o in outcomes)
+
+
+@pytest.mark.timeout(120)
+def test_peers_set_to_torch_and_to_auto_decide_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A peer set to torch took the others' public addresses (here: any address, as if none
+    # were private) for torch while a peer on auto took them for p2p: the first ran alone
+    # under another key to the round's deadline, every round, and kept its own values.
+    weights = [1.0, 3.0]
+    with averagers(2, backends=["torch", "auto"]) as made:
+        # (once both opened their stores: the auto peer has a private address, the torch
+        # peer's round entries look public)
+        monkeypatch.setattr(swarm_averager, "site_local", lambda host: False)
+        started = time.monotonic()
+        outcomes = one_round(made, "outer/0", weights)
+        assert time.monotonic() - started < 6.0  # (the round's deadline: 8 s)
+        assert [o.backend for o in outcomes] == ["p2p", "p2p"]
+        assert_weighted_mean(outcomes, [0, 1], weights, atol=1e-5)
+    with averagers(2, backends=["torch", "torch"]) as made:
+        outcomes = one_round(made, "outer/0", weights)
+        assert [o.backend for o in outcomes] == ["torch", "torch"]
+        assert_weighted_mean(outcomes, [0, 1], weights, atol=1e-5)
 
 
 def test_torch_backend_with_a_codec_is_refused() -> None:

@@ -318,6 +318,12 @@ class _TorchPresence:
         self.mailbox.close_round(self.round_id)
 
 
+def _forces_torch(entry: dict[str, Any]) -> bool:
+    """Whether the entry's peer takes the torch backend on any address (``backend = "torch"``),
+    not only on private ones (``auto``, and what an entry that does not say means)."""
+    return entry.get("bk") == "torch"
+
+
 def _store_address(entry: dict[str, Any]) -> tuple[str, int] | None:
     """The (host, port) of a round entry's store address, or None where it is not one.
 
@@ -673,7 +679,8 @@ class SwarmAverager:
         """The torch.distributed group of this round, or None where p2p does it.
 
         Decided from the members' round entries alone, so every member decides alike: torch
-        when every member published a store address (site-local ones, under ``auto``; loopback
+        when every member published a store address (site-local ones, unless every member's
+        entry says ``torch``: one peer's own setting decided it for that peer alone; loopback
         ones only where all are) and every member makes the same kind of group (NCCL where it
         has a GPU, gloo where not: the two never meet in a rendezvous); the group held now is
         re-used when every member says it holds it and it has exactly these members, otherwise
@@ -688,7 +695,7 @@ class SwarmAverager:
         loopback = [ipaddress.ip_address(h).is_loopback for h in hosts]
         if (
             len(stores) < len(entries)
-            or (self.config.backend == "auto" and not all(site_local(h) for h in hosts))
+            or (not all(_forces_torch(e) for e in entries) and not all(map(site_local, hosts)))
             or (any(loopback) and not all(loopback))  # not one machine: they cannot all meet
             or len({str(e.get("dev", "")) for e in entries}) > 1  # NCCL beside gloo never meet
         ):
@@ -1082,7 +1089,12 @@ class SwarmAverager:
             pass  # a torch round given up on may still hold the store: this one over p2p
         elif self._store_address and node.reachability != net_pb2.REACHABILITY_RELAYED:
             held = self._torch.group_hash if self._torch is not None else None
-            entry |= {"tcp": self._store_address, "pg": held or "", "dev": _torch_kind()}
+            entry |= {
+                "tcp": self._store_address,
+                "pg": held or "",
+                "dev": _torch_kind(),
+                "bk": self.config.backend,  # (torch: any address; auto: private ones only)
+            }
         await node.dht.put(
             entry_key, json.dumps(entry).encode(), _ENTRY_TTL_S, closest=replicas, renew=False
         )
