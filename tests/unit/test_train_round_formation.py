@@ -7,7 +7,15 @@ import json
 from types import SimpleNamespace
 from typing import Any
 
-from gossamer.train.swarm_averager import SwarmAverager, _figure, _store_address, round_settled
+import pytest
+
+from gossamer.train.swarm_averager import (
+    SwarmAverager,
+    SwarmAveragerConfig,
+    _figure,
+    _store_address,
+    round_settled,
+)
 
 WINDOW_S = 30.0
 
@@ -129,3 +137,17 @@ def test_records_nested_past_the_parsers_depth_are_skipped() -> None:
     averager = SimpleNamespace(config=SimpleNamespace(run_id="r"))
     found = asyncio.run(SwarmAverager._memberships(averager, _Records([nested, active])))  # type: ignore[arg-type]
     assert len(found) == 1
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"max_group_size": 0},  # divided by zero at the first round
+        {"join_window_s": -1.0},
+        {"round_timeout_s": 0.0},
+        {"propagation_grace_s": -0.5},
+    ],
+)
+def test_a_swarm_averager_config_that_cannot_form_a_round_is_refused(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        SwarmAveragerConfig(run_id="r", **bad)

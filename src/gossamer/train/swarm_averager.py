@@ -225,6 +225,13 @@ class SwarmAveragerConfig:
     def __post_init__(self) -> None:
         if not self.poll_interval_s > 0:
             raise ValueError(f"poll_interval_s must be positive, got {self.poll_interval_s}")
+        if self.max_group_size < 1:  # (0 divided by zero at the first round)
+            raise ValueError(f"max_group_size must be at least 1, got {self.max_group_size}")
+        for name in ("join_window_s", "round_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.propagation_grace_s >= 0:
+            raise ValueError(f"propagation_grace_s must be >= 0, got {self.propagation_grace_s}")
         if self.clock_tolerance_s is not None and not self.clock_tolerance_s > 0:
             raise ValueError(f"clock_tolerance_s must be positive, got {self.clock_tolerance_s}")
         if self.backend not in ("auto", "p2p", "torch"):
