@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from gossamer.bench import allreduce as allreduce_bench
 from gossamer.cli import bench, bench_allreduce, bench_transport
 
 
@@ -41,6 +42,10 @@ def _no_benchmark_runs(monkeypatch: pytest.MonkeyPatch) -> None:
         (["allreduce", "--codec", "xyz"], "unknown codec 'xyz'"),
         (["allreduce", "--codec", "none,xyz"], "unknown codec 'xyz'"),
         (["allreduce", "--peers", "1"], "--peers"),
+        (["allreduce", "--peers", "65"], "from 2 to 64"),  # (workers on this machine)
+        (["allreduce", "--peers", "2,100", "--rate", "100mbit"], "from 2 to 64"),  # before 2 runs
+        (["allreduce", "--plot", "out.txt"], "ending in .png"),
+        (["allreduce", "--plot", "/nonexistent/folder/out.png"], "is not a folder"),
         (["allreduce", "--repeats", "0"], "--repeats"),
         (["diloco", "--peers", "0"], "--peers"),
         (["diloco", "--inner-steps", "0"], "--inner-steps"),
@@ -54,3 +59,27 @@ def test_bad_bench_settings_are_refused_before_running(args: list[str], fragment
     assert result.exit_code == 2, output
     assert fragment in output
     assert "Traceback" not in output
+
+
+def test_a_run_that_would_not_fit_in_memory_is_refused_before_any_worker_starts() -> None:
+    # 1000 GB: worker 0 died allocating it and worker 1 waited for it in the store for 600 s.
+    with pytest.raises(ValueError, match="GB available"):
+        allreduce_bench.run_allreduce_sweep(peers=2, size_bytes=10**12)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_auto_averages_over_p2p_when_a_codec_is_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    # (the issue's own `--codec int8` with the default backend was refused: auto meant torch)
+    seen: list[dict[str, Any]] = []
+
+    def run_workers(placement: Any, options: dict[str, Any]) -> Any:
+        seen.append(options)
+        raise _Stop
+
+    monkeypatch.setattr(allreduce_bench, "_run_workers", run_workers)
+    with pytest.raises(_Stop):
+        allreduce_bench.run_allreduce_sweep(peers=2, size_bytes=4096, codecs=["none", "int8"])
+    assert seen[0]["backend"] == "p2p"

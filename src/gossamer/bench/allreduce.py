@@ -30,11 +30,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
+import ctypes.util
 import datetime
 import json
 import math
 import os
 import secrets
+import signal
 import statistics
 import subprocess
 import sys
@@ -57,19 +60,35 @@ from gossamer.comm.codecs import CodecPolicy
 from gossamer.comm.net_transport import NetCommTransport
 from gossamer.comm.torch_backend import TorchGroupAverager, choose_backend
 from gossamer.comm.transport import CommMailbox
+from gossamer.core.errors import FatalError
 from gossamer.core.runtime import freeze_startup_heap
+from gossamer.lab.config import MAX_PEERS
 from gossamer.net.config import LimitsConfig, NodeConfig
 from gossamer.net.node import Node
 
 __all__ = [
     "AllReduceBenchResult",
+    "BenchWorkerError",
     "aes_gcm_bytes_per_s",
     "run_allreduce_bench",
     "run_allreduce_sweep",
     "write_throughput_plot",
 ]
 
-_TIMEOUT_S = 600.0
+_MIN_TIMEOUT_S = 120.0
+"""The least of the workers' own timeouts (the store, gloo, a round)."""
+_STARTUP_S = 120.0
+"""What the workers may take to start (import torch, meet in the store, connect)."""
+_SLOWEST_LOOPBACK_BYTES_PER_S = 50e6
+"""A loopback round's bytes per second on a slow, loaded 2-core host (for the time allowed)."""
+_GRACE_S = 5.0
+"""How long the other workers may take to end once one failed, before they are stopped."""
+_LOG_TAIL_LINES = 15
+_PR_SET_PDEATHSIG = 1
+_TENSORS_PER_WORKER = 5
+"""The tensor, gloo's copy, the buffer averages land in, and what a round adds (up to 1.6x)."""
+_WORKER_BASE_BYTES = 400_000_000
+"""A worker's memory before its tensors (Python, torch, gRPC)."""
 _TCP_FRAMING = 1514 / 1448
 """Ethernet + IP + TCP (with timestamps) bytes per payload byte of a full segment."""
 
@@ -141,7 +160,7 @@ class AllReduceBenchResult:
             )
         what = "compression and comm's frames" if self.codec != "none" else "comm's frames"
         return (
-            f"({self.header_overhead:+.2%} vs the ring bound's fp32 bytes: {what}; TLS, HTTP/2 "
+            f"({self.header_overhead:+.3%} vs the ring bound's fp32 bytes: {what}; TLS, HTTP/2 "
             f"and gRPC framing (about 0.2%) and control words not counted; {framing})"
         )
 
@@ -212,7 +231,7 @@ class AllReduceBenchResult:
 
 def _open_store(spec: dict[str, Any]) -> TCPStore:
     folder = Path(spec["folder"])
-    timeout = datetime.timedelta(seconds=_TIMEOUT_S)
+    timeout = datetime.timedelta(seconds=spec["timeout_s"])
     world = spec["world"]
     if spec["rank"] == 0:
         store = TCPStore(spec["host"], 0, world, is_master=True, timeout=timeout,
@@ -299,9 +318,9 @@ def _worker_main(spec: dict[str, Any]) -> None:
         store=PrefixStore("reference", store),
         rank=rank,
         world_size=world,
-        timeout=datetime.timedelta(seconds=_TIMEOUT_S),
+        timeout=datetime.timedelta(seconds=spec["timeout_s"]),
     )
-    averager = TorchGroupAverager(timeout_s=_TIMEOUT_S)
+    averager = TorchGroupAverager(timeout_s=spec["timeout_s"])
     averager.ensure_group("bench", [str(r) for r in range(world)], rank, store, spec["host"])
     backend = choose_backend(spec["backend"], [spec["host"]] * world)
     if backend == "torch":
@@ -435,7 +454,7 @@ async def _p2p_rounds(
             gloo_memory = _most_memory(gloo_memory, gloo_round.extra_memory)
             for codec in spec["codecs"]:
                 config = AllReduceConfig(
-                    timeout_s=_TIMEOUT_S,
+                    timeout_s=spec["timeout_s"],
                     codec=CodecPolicy(codec=codec),
                     chunk_elements=spec["chunk_elements"],
                 )
@@ -519,39 +538,109 @@ def _placement(
         )
 
 
+class BenchWorkerError(FatalError):
+    """A benchmark worker process failed, was killed, or the run ran past its time."""
+
+
 def _run_workers(placement: _Placement, options: dict[str, Any]) -> list[dict[str, Any]]:
     peers = len(placement.hosts)
     with tempfile.TemporaryDirectory(prefix="gossamer-bench-") as folder:
         processes = []
-        for rank in range(peers):
-            spec = dict(options, rank=rank, world=peers, folder=folder,
-                        host=placement.hosts[rank], ifname=placement.ifnames[rank])  # fmt: skip
-            argv = [*placement.wrap[rank], sys.executable, "-m", "gossamer.bench.allreduce",
-                    json.dumps(spec)]  # fmt: skip
-            log = Path(folder) / f"worker-{rank}.log"
-            with log.open("wb") as sink:
-                processes.append(subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT))
         try:
-            deadline = time.monotonic() + _TIMEOUT_S
-            for process in processes:
-                process.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
+            for rank in range(peers):
+                spec = dict(options, rank=rank, world=peers, folder=folder, driver_pid=os.getpid(),
+                            host=placement.hosts[rank], ifname=placement.ifnames[rank])  # fmt: skip
+                argv = [*placement.wrap[rank], sys.executable, "-m", "gossamer.bench.allreduce",
+                        json.dumps(spec)]  # fmt: skip
+                log = Path(folder) / f"worker-{rank}.log"
+                with log.open("wb") as sink:
+                    processes.append(subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT))
+            ended = _wait_for_workers(processes, options["budget_s"])
         finally:
             for process in processes:
                 if process.poll() is None:
                     process.kill()
                     process.wait(timeout=10)
-        rows = []
+        results = [Path(folder) / f"result-{rank}.json" for rank in range(peers)]
+        failed = [
+            r for r in range(peers) if processes[r].returncode != 0 or not results[r].exists()
+        ]
+        if failed:
+            raise _worker_failure(processes, ended, failed, Path(folder), options["budget_s"])
+        return [json.loads(result.read_text()) for result in results]
+
+
+def _wait_for_workers(processes: Sequence[subprocess.Popen[bytes]], budget_s: float) -> list[float]:
+    """Wait for every worker, at most ``budget_s``; once one fails, the others only a moment
+    (they fail at their next message to it, or wait in the store or gloo for their timeout).
+
+    Returns:
+        When each worker ended (monotonic; inf for one still running, stopped by the caller).
+    """
+    deadline = time.monotonic() + budget_s
+    ended = [math.inf] * len(processes)
+    first_failure = math.inf
+    while True:
+        now = time.monotonic()
         for rank, process in enumerate(processes):
-            result = Path(folder) / f"result-{rank}.json"
-            if process.returncode != 0 or not result.exists():
-                text = (Path(folder) / f"worker-{rank}.log").read_text(errors="replace")
-                raise RuntimeError(
-                    f"bench worker {rank} failed (exit {process.returncode}):\n{text[-3000:]}"
-                )
-            rows.append(json.loads(result.read_text()))
-        return rows
+            if ended[rank] == math.inf and process.poll() is not None:
+                ended[rank] = now
+                if process.returncode != 0:
+                    first_failure = min(first_failure, now)
+        if all(t < math.inf for t in ended) or now > min(deadline, first_failure + _GRACE_S):
+            return ended
+        time.sleep(0.1)
+
+
+def _worker_failure(
+    processes: Sequence[subprocess.Popen[bytes]],
+    ended: Sequence[float],
+    failed: Sequence[int],
+    folder: Path,
+    budget_s: float,
+) -> BenchWorkerError:
+    """The error that names the worker that failed first (the others failed for want of it),
+    with the end of its log."""
+    if all(ended[r] == math.inf for r in failed):
+        return BenchWorkerError(
+            f"the benchmark ran past its {budget_s:.0f} s and was stopped (workers "
+            f"{', '.join(map(str, failed))} still running); give fewer --repeats or a smaller "
+            "--size, or check that nothing else holds this machine's CPUs"
+        )
+    rank = min(failed, key=lambda r: ended[r])
+    code = processes[rank].returncode
+    how = (
+        f"was killed by {signal.Signals(-code).name}"
+        if code is not None and code < 0 and -code in signal.valid_signals()
+        else f"exited with {code}"
+    )
+    log = (folder / f"worker-{rank}.log").read_text(errors="replace").strip().splitlines()
+    tail = "\n".join(f"  | {line}" for line in log[-_LOG_TAIL_LINES:]) or "  | (no output)"
+    return BenchWorkerError(f"benchmark worker {rank} {how}; the end of its output:\n{tail}")
+
+
+def _check_memory(peers: int, size_bytes: int) -> None:
+    """Refuse a run whose workers would not fit in this machine's available memory."""
+    need = peers * (_TENSORS_PER_WORKER * size_bytes + _WORKER_BASE_BYTES)
+    available = _available_memory_bytes()
+    if available is not None and need > available:
+        raise ValueError(
+            f"{peers} workers of {size_bytes / 1e9:.2f} GB would need about {need / 1e9:.1f} GB "
+            f"of memory ({_TENSORS_PER_WORKER} copies of the tensor and "
+            f"{_WORKER_BASE_BYTES / 1e9:.1f} GB of Python and torch each), and this machine has "
+            f"{available / 1e9:.1f} GB available: give a smaller --size or fewer --peers"
+        )
+
+
+def _available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def run_allreduce_sweep(
@@ -582,12 +671,24 @@ def run_allreduce_sweep(
         raise ValueError("--peers must be at least 2")
     if repeats < 1:
         raise ValueError("--repeats must be at least 1")
-    resolved = choose_backend(backend, ["direct"] * peers)
+    if peers > MAX_PEERS:
+        raise ValueError(f"--peers is at most {MAX_PEERS} (worker processes on this machine)")
     codecs = list(codecs)
+    if backend == "auto" and codecs != ["none"]:
+        backend = "p2p"  # (as a swarm round decides: torch.distributed cannot compress)
+    resolved = choose_backend(backend, ["direct"] * peers)
     if resolved == "torch" and codecs != ["none"]:
         raise ValueError("the torch backend averages fp32 only; use --backend p2p for codecs")
     num_elements = max(1, size_bytes // 4)
+    _check_memory(peers, 4 * num_elements)
+    ring_bytes = 2 * (peers - 1) * 4 * num_elements / peers
+    slowest = min(peer_rates_bps) if peer_rates_bps else rate_bits_per_s
+    round_s = ring_bytes * 8 / slowest if slowest else ring_bytes / _SLOWEST_LOOPBACK_BYTES_PER_S
+    timeout_s = max(_MIN_TIMEOUT_S, 4 * round_s)
     options = {
+        "timeout_s": timeout_s,
+        # (a gloo round and one per codec in each repeat, each allowed twice the bound's time)
+        "budget_s": _STARTUP_S + repeats * (1 + len(codecs)) * 2 * round_s + timeout_s,
         "num_elements": num_elements,
         "codecs": codecs,
         "backend": backend,
@@ -599,7 +700,6 @@ def run_allreduce_sweep(
         rows = _run_workers(placement, options)
     aes_rate = None if resolved == "torch" else aes_gcm_bytes_per_s()
     real_size = 4 * num_elements
-    ring_bytes = 2 * (peers - 1) * real_size / peers
     rate = rate_bits_per_s or (min(peer_rates_bps) if peer_rates_bps else None)
     bound = ring_bytes * 8 / rate if rate else None
     gloo_each = [max(r["gloo"][i] for r in rows) for i in range(repeats)]
@@ -772,8 +872,19 @@ def write_throughput_plot(results: Sequence[AllReduceBenchResult], path: Path) -
     return f"plot written to {path}"
 
 
+def _end_with_the_driver(driver_pid: int) -> None:
+    """Have the kernel kill this worker when the driver that started it ends (Linux): a driver
+    killed outright (SIGKILL) cannot stop its workers itself."""
+    name = ctypes.util.find_library("c")
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(name, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != driver_pid:  # it ended before the request took hold
+        os._exit(1)
+
+
 def _main() -> None:
     spec = json.loads(sys.argv[1])
+    _end_with_the_driver(spec["driver_pid"])
     try:
         _worker_main(spec)
     except BaseException:

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import math
+import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from gossamer.bench.allreduce import run_allreduce_sweep, write_throughput_plot
-from gossamer.cli.errors import exit_on_gossamer_errors
+from gossamer.cli.errors import EXIT_FAILED, exit_on_gossamer_errors
 from gossamer.comm.codecs import codec_by_name
 from gossamer.lab import parse_rate
+from gossamer.lab.config import MAX_PEERS
 
 __all__ = ["register"]
 
@@ -57,6 +63,41 @@ def _check_codecs(codecs: list[str]) -> None:
             codec_by_name(name)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--codec") from None
+
+
+def _check_plot_path(path: Path) -> None:
+    """Refuse, before the run, a plot that could not be written after it."""
+    if path.suffix.lower() != ".png":
+        raise typer.BadParameter(
+            f"a PNG file name ending in .png, got {str(path)!r}", param_hint="--plot"
+        )
+    folder = path.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise typer.BadParameter(
+            f"{str(folder)!r} is not a folder this user can write", param_hint="--plot"
+        )
+    if importlib.util.find_spec("matplotlib") is None:
+        raise typer.BadParameter(
+            "needs matplotlib: pip install 'gossamer[plot]' (make test installs it)",
+            param_hint="--plot",
+        )
+
+
+@contextlib.contextmanager
+def _stopped_cleanly() -> Iterator[None]:
+    """Stop on SIGTERM or SIGHUP (kill, timeout, a closed terminal, a cancelled CI job) as on
+    Ctrl-C: the workers are stopped and the lab and the run's folder are removed on the way
+    out, instead of being left behind."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def register(app: typer.Typer) -> None:
@@ -105,12 +146,15 @@ def register(app: typer.Typer) -> None:
             counts = [int(p) for p in peers.split(",") if p.strip()]
         except ValueError:
             counts = []
-        if not counts or min(counts) < 2:
+        if not counts or min(counts) < 2 or max(counts) > MAX_PEERS:
             raise typer.BadParameter(
-                f"a number of at least 2 or a list like 2,4; got {peers!r}", param_hint="--peers"
+                f"a number from 2 to {MAX_PEERS} or a list like 2,4; got {peers!r}",
+                param_hint="--peers",
             )
+        if plot is not None:
+            _check_plot_path(plot)
         try:
-            with exit_on_gossamer_errors():  # a missing lab tool, a worker that failed: one line
+            with _stopped_cleanly(), exit_on_gossamer_errors():  # a worker that failed: one line
                 results = [
                     result
                     for count in counts
@@ -132,5 +176,9 @@ def register(app: typer.Typer) -> None:
         else:
             typer.echo("\n\n".join(r.table() for r in results))
         if plot is not None:
-            message = write_throughput_plot(results, plot)
+            try:
+                message = write_throughput_plot(results, plot)
+            except OSError as exc:
+                typer.echo(f"error: the plot could not be written: {exc}", err=True)
+                raise typer.Exit(EXIT_FAILED) from exc
             typer.echo(message, err=True)
