@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import time
+from typing import Any
 
 import torch
 
@@ -87,3 +88,34 @@ def test_a_peer_whose_lookup_is_slower_than_the_window_does_not_split_the_round(
         assert outcomes[1].excluded, outcomes[1]  # slow: it came after the close, as fast saw
         torch.testing.assert_close(outcomes[0].tensors[0], torch.zeros(100))
         assert max(took_s.values()) < 5.0, took_s  # nobody waited for a member that never came
+
+
+def test_a_peer_whose_entry_every_replica_refused_sits_the_round_out_at_once() -> None:
+    # Past a key's limit (a run of more peers than it holds) every replica refuses a late
+    # peer's entry. Counting itself anyway, it formed a round nobody else had and waited in
+    # it to the deadline.
+    config = SwarmAveragerConfig(
+        run_id="refused", join_window_s=JOIN_WINDOW_S, round_timeout_s=10.0, backend="p2p"
+    )
+    with contextlib.ExitStack() as stack:
+        averagers = start_averagers(stack, 3, config, join_version=3)
+        c = averagers[2]
+        dht = c.node_thread.node.dht
+        refused = round_entry_key(f"{config.run_id}/outer/3")
+        put = dht.put
+
+        async def refusing_put(key: bytes, value: bytes, *args: Any, **kwargs: Any) -> int:
+            if key == refused:  # stored on c itself (as every put is), refused everywhere else
+                dht.handle_store(
+                    sign_record(dht.identity, key, value, now_s=time.time(), ttl_s=60), own=True
+                )
+                return 0
+            return await put(key, value, *args, **kwargs)
+
+        dht.put = refusing_put  # type: ignore[method-assign]
+        outcomes, took_s = average_all(averagers, "outer/3")
+        assert outcomes[2].group_size == 0  # missed the round: it takes the swarm's state
+        assert took_s[2] < 5.0  # (not the round's 10 s deadline)
+        for index in (0, 1):
+            assert outcomes[index].group_size == 2, outcomes[index]
+            torch.testing.assert_close(outcomes[index].tensors[0], torch.full((100,), 0.5))

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from collections import Counter
 
 import pytest
 from comm_fakes import IdleJumpClock
 
 from gossamer.comm.groups import (
     AgreedGroup,
+    DhtRendezvousBoard,
     GroupConfig,
     InMemoryRendezvousBoard,
     JoinEntry,
@@ -18,6 +20,9 @@ from gossamer.comm.groups import (
     split_into_groups,
 )
 from gossamer.core.errors import DeadlineExceededError, ProtocolError
+from gossamer.net.config import DhtConfig
+from gossamer.net.dht import Dht
+from net_fakes import FakeDhtNetwork
 
 CONFIG = GroupConfig(min_group_size=2, max_group_size=8, join_window_s=5.0)
 
@@ -170,3 +175,72 @@ def test_groups_are_never_made_too_small_where_a_valid_one_fits(
     assert sorted(len(g) for g in groups) == sizes
     placed = [p for g in groups for p in g]
     assert len(placed) == len(set(placed))
+
+
+def test_seventy_peers_forming_on_the_dht_agree_on_their_groups() -> None:
+    # A DHT key kept 64 records: from the 65th peer on every replica refused the announcement,
+    # the refused peer counted itself anyway, and 6 of 70 formed groups nobody else had.
+    async def main(clock: IdleJumpClock) -> list[AgreedGroup | Exception]:
+        network = FakeDhtNetwork(clock, DhtConfig(bucket_size=8, record_ttl_s=300.0))
+        first = network.add_node()
+        for _ in range(69):
+            node = network.add_node()
+            node.learn(first.own_record())
+            await node.lookup(node.identity.digest)
+        for _ in range(3):
+            for node in network.nodes.values():
+                await node.refresh()
+        opens_at = clock.wall()
+        config = GroupConfig(min_group_size=2, max_group_size=16, join_window_s=5.0)
+
+        async def one(dht: Dht) -> AgreedGroup | Exception:
+            me = JoinEntry(dht.identity.peer_id, 0.0, 1e6)
+            board = DhtRendezvousBoard(dht)
+            try:
+                return await form_group(
+                    board, "run/1", me, opens_at_s=opens_at, config=config, clock=clock
+                )
+            except DeadlineExceededError as exc:
+                return exc
+
+        return list(await asyncio.gather(*(one(d) for d in network.nodes.values())))
+
+    clock = IdleJumpClock()
+    results = asyncio.run(clock.run(main(clock)))
+    groups = [r for r in results if isinstance(r, AgreedGroup)]
+    assert len(groups) == 70
+    by_members = Counter(g.members for g in groups)
+    assert all(by_members[g.members] == len(g.members) for g in groups)  # each member has it
+    assert len({g.group_hash for g in groups}) == groups[0].num_groups == 5
+
+
+class _FullKeyDht:
+    """A DHT whose replicas refuse every record (the key is full)."""
+
+    async def lookup(self, key: bytes) -> list[str]:
+        return ["replica"]
+
+    async def put(self, key: bytes, value: bytes, ttl_s: float, **_: object) -> int:
+        return 0
+
+    async def get(self, key: bytes, replicated_only: bool = False) -> list[object]:
+        return []
+
+
+def test_a_peer_whose_entry_every_replica_refused_does_not_count_itself_in() -> None:
+    clock = IdleJumpClock()
+    config = GroupConfig(min_group_size=1, max_group_size=8, join_window_s=5.0)
+
+    async def main() -> None:
+        me = JoinEntry("peer-a", 0.0, 1.0)
+        with pytest.raises(DeadlineExceededError, match="every replica refused"):
+            await form_group(
+                DhtRendezvousBoard(_FullKeyDht()),
+                "run/1",
+                me,
+                opens_at_s=clock.wall(),
+                config=config,
+                clock=clock,
+            )
+
+    asyncio.run(clock.run(main()))

@@ -496,6 +496,36 @@ def test_this_node_s_own_record_under_a_full_key_keeps_the_key_within_its_limit(
     assert min(r.expires_at_s - r.published_at_s for r in kept if r != mine) == 100.0
 
 
+def test_a_key_holds_at_most_its_bytes_and_its_own_publisher_still_fits() -> None:
+    # A lookup's answer carries every record of a key: with 1,024 publishers a key of 16 KiB
+    # values would not fit a message, so a key holds max_key_bytes of values.
+    clock = FakeClock()
+    limits = LimitsConfig(max_record_value_bytes=1024, max_key_bytes=4096)
+    dht = lone_dht(clock, EndlessSybilsTransport(clock), limits=limits)
+    owner = Identity.generate()
+    for ttl_s in (100.0, 50.0, 300.0, 200.0):
+        dht.handle_store(
+            sign_record(
+                Identity.generate(), owner.digest, b"x" * 1000, now_s=clock.wall(), ttl_s=ttl_s
+            )
+        )
+    with pytest.raises(ProtocolError, match="fill its 4096 bytes"):
+        dht.handle_store(
+            sign_record(Identity.generate(), owner.digest, b"y" * 100, now_s=clock.wall(), ttl_s=60)
+        )
+    mine = sign_record(owner, owner.digest, b"m" * 1024, now_s=clock.wall(), ttl_s=60)
+    dht.handle_store(mine)  # (under its own id: in place of those nearest expiry)
+    kept = dht.local_records(owner.digest)
+    assert mine in kept
+    assert sum(len(r.value) for r in kept) <= 4096
+    assert sorted(r.expires_at_s - r.published_at_s for r in kept if r != mine) == [
+        100.0,
+        200.0,
+        300.0,
+    ]  # (the one nearest expiry made room)
+    assert dht._key_bytes[owner.digest] == 4024
+
+
 def test_a_store_refused_for_want_of_room_evicts_nothing() -> None:
     clock = FakeClock()
     limits = LimitsConfig(max_records_per_key=2, max_records_per_publisher=1)

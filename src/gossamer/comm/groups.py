@@ -104,7 +104,8 @@ class DhtRendezvousBoard:
     """A board on net's DHT: signed records, one per publisher, under a hash of the key.
 
     Args:
-        dht: a started node's ``Dht`` (anything with ``put(key, value, ttl_s, renew=False)`` and
+        dht: a started node's ``Dht`` (anything with ``lookup(key)``, ``put(key, value, ttl_s,
+            closest=..., renew=False)`` returning how many replicas took it, and
             ``get(key, replicated_only=...)``).
     """
 
@@ -116,9 +117,22 @@ class DhtRendezvousBoard:
         return hashlib.sha256(b"gossamer.comm.group/" + key.encode()).digest()
 
     async def announce(self, key: str, entry: JoinEntry, ttl_s: float) -> None:
-        await self._dht.put(  # type: ignore[attr-defined]
-            self._key(key), entry.encode(), ttl_s, renew=False
+        """Publish ``entry`` on the replicas of ``key``.
+
+        Raises:
+            DeadlineExceededError: every replica refused the entry (the key is full): nobody
+                reads it, and counting itself this peer would form a group of its own.
+        """
+        digest = self._key(key)
+        replicas = await self._dht.lookup(digest)  # type: ignore[attr-defined]
+        stored = await self._dht.put(  # type: ignore[attr-defined]
+            digest, entry.encode(), ttl_s, closest=replicas, renew=False
         )
+        if replicas and not stored:
+            raise DeadlineExceededError(
+                f"round {key!r}: every replica refused this peer's entry (the key holds as "
+                "many as it can); join the next round"
+            )
 
     async def entries(self, key: str) -> list[JoinEntry]:
         found: list[JoinEntry] = []

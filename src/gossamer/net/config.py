@@ -87,8 +87,11 @@ class LimitsConfig:
     """Bytes of all incomplete incoming bulk transfers together."""
     max_record_value_bytes: int = 16 * 1024
     """Largest DHT record value."""
-    max_records_per_key: int = 64
-    """Records (one per publisher) kept under one DHT key."""
+    max_records_per_key: int = 1024
+    """Records (one per publisher) kept under one DHT key: every peer of a swarm run puts one
+    under each of its round's keys, so this bounds a run's size (64 until 2026-12-05)."""
+    max_key_bytes: int = 1 << 20
+    """Value bytes of the records kept under one DHT key (a lookup's answer carries them)."""
     max_stored_records: int = 100_000
     """Records a node stores for others in all."""
     max_records_per_publisher: int = 10_000
@@ -118,6 +121,13 @@ class LimitsConfig:
         )
         _require(self.max_record_value_bytes > 0, "limits.max_record_value_bytes", "> 0")
         _require(self.max_records_per_key >= 1, "limits.max_records_per_key", ">= 1")
+        _require(
+            self.max_record_value_bytes <= self.max_key_bytes <= self.max_message_bytes // 2,
+            "limits.max_key_bytes",
+            f"must be at least limits.max_record_value_bytes ({self.max_record_value_bytes}) "
+            f"and at most half of limits.max_message_bytes ({self.max_message_bytes}): a "
+            f"lookup's answer carries a key's records, got {self.max_key_bytes}",
+        )
         _require(self.max_stored_records >= 1, "limits.max_stored_records", ">= 1")
         _require(self.max_records_per_publisher >= 1, "limits.max_records_per_publisher", ">= 1")
         _require(self.max_sessions >= 1, "limits.max_sessions", ">= 1")

@@ -97,6 +97,8 @@ class Dht:
         self.routing = RoutingTable(identity.digest, config.bucket_size)
         self._store: dict[bytes, dict[str, net_pb2.SignedRecord]] = {}
         self._num_stored = 0
+        self._key_bytes: Counter[bytes] = Counter()
+        """Value bytes stored under each key."""
         self._num_by_publisher: Counter[str] = Counter()
         self._filter: tuple[float, int, bytes] | None = None
         """The last known-peer filter made: when, at which directory change, its bytes."""
@@ -189,11 +191,12 @@ class Dht:
 
         Room is bounded three ways: records in all (``max_stored_records``), per publisher
         (``max_records_per_publisher``: one peer cannot fill the store and refuse everyone
-        else's for as long as its records claim to live), per key (``max_records_per_key``,
-        the most readers take in one answer: a peer's record under its own id always fits, in
-        place of the one nearest expiry). ``own``: this node's own record, stored before it goes
-        out; bounded by what this node publishes, it is never refused for want of room (under a
-        full key it too takes the place of the one nearest expiry).
+        else's for as long as its records claim to live), per key (``max_records_per_key``
+        publishers and ``max_key_bytes`` of values: what one answer to a lookup carries; a
+        peer's record under its own id always fits, in place of those nearest expiry).
+        ``own``: this node's own record, stored before it goes out; bounded by what this node
+        publishes, it is never refused for want of room (under a full key it too takes the
+        place of those nearest expiry).
 
         Raises:
             ProtocolError: malformed, oversized, expired, or no room.
@@ -207,13 +210,16 @@ class Dht:
         current = under_key.get(publisher)
         if current is not None and current.published_at_s >= record.published_at_s:
             return
-        make_room = False
-        if current is None and len(under_key) >= self.limits.max_records_per_key:
+        if not self._fits(key, publisher, record):
             self._drop_expired(key)
             under_key = self._store.get(key, {})
-            make_room = len(under_key) >= self.limits.max_records_per_key
-            if make_room and not own and key != digest_of_peer_id(publisher):
-                raise ProtocolError("too many publishers under this key")
+        make_room = not self._fits(key, publisher, record)
+        if make_room and not own and key != digest_of_peer_id(publisher):
+            raise ProtocolError(
+                "too many publishers under this key"
+                if current is None and len(under_key) >= self.limits.max_records_per_key
+                else f"the records under this key fill its {self.limits.max_key_bytes} bytes"
+            )
         if current is None and not own:
             if self._num_stored >= self.limits.max_stored_records:
                 raise ProtocolError("this node stores no more records")
@@ -222,22 +228,43 @@ class Dht:
                     f"this node stores no more records of this publisher "
                     f"({self.limits.max_records_per_publisher})"
                 )
-        if make_room:  # this node's own record, or a peer's under its own id: it comes first
-            self._forget(key, min(under_key, key=lambda p: under_key[p].expires_at_s))
+        while make_room and self._store.get(key):
+            # This node's own record, or a peer's under its own id: it comes first, in place of
+            # those nearest expiry (never in place of the one it replaces).
+            others = {p: r for p, r in self._store[key].items() if p != publisher}
+            if not others:
+                break
+            self._forget(key, min(others, key=lambda p: others[p].expires_at_s))
+            make_room = not self._fits(key, publisher, record)
+        current = self._store.get(key, {}).get(publisher)
         if current is None:
             self._num_stored += 1
             self._num_by_publisher[publisher] += 1
+        else:
+            self._key_bytes[key] -= len(current.value)
         self._store.setdefault(key, {})[publisher] = record
+        self._key_bytes[key] += len(record.value)
+
+    def _fits(self, key: bytes, publisher: str, record: net_pb2.SignedRecord) -> bool:
+        """Whether ``record`` fits under ``key`` in place of what ``publisher`` has there: one
+        more publisher within ``max_records_per_key``, its bytes within ``max_key_bytes`` (an
+        answer to a lookup carries them all)."""
+        under_key = self._store.get(key, {})
+        current = under_key.get(publisher)
+        if current is None and len(under_key) >= self.limits.max_records_per_key:
+            return False
+        replaced = len(current.value) if current is not None else 0
+        return self._key_bytes[key] - replaced + len(record.value) <= self.limits.max_key_bytes
 
     def _forget(self, key: bytes, publisher: str) -> None:
         under_key = self._store[key]
-        del under_key[publisher]
+        self._key_bytes[key] -= len(under_key.pop(publisher).value)
         self._num_stored -= 1
         self._num_by_publisher[publisher] -= 1
         if not self._num_by_publisher[publisher]:
             del self._num_by_publisher[publisher]
         if not under_key:
-            del self._store[key]
+            del self._store[key], self._key_bytes[key]
 
     def local_records(self, key: bytes) -> list[net_pb2.SignedRecord]:
         """Valid records this node holds under ``key``."""

@@ -1102,9 +1102,15 @@ class SwarmAverager:
                 "dev": _torch_kind(),
                 "bk": self.config.backend,  # (torch: any address; auto: private ones only)
             }
-        await node.dht.put(
+        stored = await node.dht.put(
             entry_key, json.dumps(entry).encode(), _ENTRY_TTL_S, closest=replicas, renew=False
         )
+        if replicas and not stored:  # (nobody reads it: counting itself it would be alone)
+            raise DeadlineExceededError(
+                f"round {key}: every replica refused this peer's entry (the key holds "
+                f"{node.config.limits.max_records_per_key} peers' entries at most); this peer "
+                "sits the round out"
+            )
         seen: dict[str, dict[str, Any]] = {}
         both = [(entry_key, "at"), (close_key, "close_at")]
         memberships, (entries, closes) = await self._read_round(node, both, seen)
