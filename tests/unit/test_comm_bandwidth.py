@@ -219,6 +219,9 @@ def test_every_member_with_weight_owns_a_block_where_there_are_enough() -> None:
     assert sum(b - a for a, b in zip(few.bounds, few.bounds[1:], strict=False)) == 2 * 4096
     big = PartPlan.create(["a", "b"], 100 * 4096, bandwidth_weights=[1, 3])
     assert big.bounds == (0, 25 * 4096, 100 * 4096)
+    # (a weight that scales to 0 next to a huge one still has a weight: b owned nothing)
+    far = PartPlan.create(["a", "b", "c"], 3 * 4096, bandwidth_weights=[1e300, 5e-324, 1.0])
+    assert far.bounds == (0, 4096, 8192, 3 * 4096)
 
 
 def test_parts_do_not_depend_on_how_the_python_version_sums_floats() -> None:

@@ -158,21 +158,22 @@ class PartPlan:
             raise ValueError(f"bandwidth weights must be finite, >= 0, not all 0: {weights}")
         if chunk_elements < 1 or align < 1:
             raise ValueError("chunk_elements and align must be positive")
+        positive = [w > 0 for w in weights]  # (before scaling: 5e-324 / 1e300 is 0)
         top = max(weights)  # scaled to at most 1: figures near the float limit would sum to inf
         weights = [w / top for w in weights]
         # Correctly rounded: Python 3.12's sum() compensates its rounding and 3.11's does not,
         # and members on either must cut the same bounds.
         total_weight = math.fsum(weights)
         blocks = total // align  # (the last part takes what is left over them too)
-        owners = sum(1 for w in weights if w > 0)
+        owners = sum(positive)
         floor = 1 if blocks >= owners else 0
         spare = blocks - floor * owners  # shared in proportion to the weights
         bounds = [0]
         cumulative = 0.0
         floors = 0
-        for w in weights[:-1]:
+        for w, owns in zip(weights[:-1], positive, strict=False):
             cumulative += w
-            floors += floor if w > 0 else 0
+            floors += floor if owns else 0
             cut = (int(spare * cumulative / total_weight) + floors) * align
             bounds.append(min(max(cut, bounds[-1]), total))
         bounds.append(total)
