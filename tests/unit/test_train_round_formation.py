@@ -9,10 +9,12 @@ from typing import Any
 
 import pytest
 
+from gossamer.comm.report import AllReduceReport, PartOutcome, PartReport
 from gossamer.train.swarm_averager import (
     SwarmAverager,
     SwarmAveragerConfig,
     _figure,
+    _group_size,
     _store_address,
     round_settled,
 )
@@ -151,3 +153,20 @@ def test_records_nested_past_the_parsers_depth_are_skipped() -> None:
 def test_a_swarm_averager_config_that_cannot_form_a_round_is_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         SwarmAveragerConfig(run_id="r", **bad)
+
+
+def _report(contributors: list[list[str]], failed: dict[str, str] | None = None) -> AllReduceReport:
+    report = AllReduceReport(round_id="00", peer_id="a", members=["a", "b", "c"], codec="none")
+    report.failed = failed or {}
+    for index, who in enumerate(contributors):
+        outcome = PartOutcome.AVERAGED if who else PartOutcome.KEPT_LOCAL
+        report.parts.append(PartReport(index, "abc"[index], "abc"[index], 10, outcome, who))
+    return report
+
+
+def test_a_round_without_anyone_elses_values_counts_this_peer_alone() -> None:
+    # A round that ran to its deadline while the others never came said group_size 3 (as
+    # complete, in the metrics) with nothing averaged.
+    assert _group_size(3, _report([["a"], [], []]), "a") == 1
+    assert _group_size(3, _report([["a", "b", "c"]] * 3), "a") == 3
+    assert _group_size(3, _report([["a", "b"]] * 3, failed={"c": "gone"}), "a") == 2

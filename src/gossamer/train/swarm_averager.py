@@ -50,7 +50,7 @@ from gossamer.comm.codecs import CodecPolicy, ErrorFeedback
 from gossamer.comm.groups import split_into_groups
 from gossamer.comm.net_transport import NetCommTransport
 from gossamer.comm.plan import ROUND_KEY_TAG_NBYTES, round_key_tag
-from gossamer.comm.report import AllReduceResult
+from gossamer.comm.report import AllReduceReport, AllReduceResult
 from gossamer.comm.torch_backend import (
     TorchGroupAverager,
     open_leader_store,
@@ -323,6 +323,16 @@ class _TorchPresence:
         for task in self._tasks:
             task.cancel()
         self.mailbox.close_round(self.round_id)
+
+
+def _group_size(num_members: int, report: AllReduceReport, me: str) -> int:
+    """The members a round averaged over: those not declared failed, or this peer alone where
+    no other member's values reached any of its averages (a round that ran to its deadline
+    without the others, who never came, counted as one of the whole group)."""
+    others = {p for part in report.parts for p in part.contributors + part.partial_contributors}
+    if report.parts and not others - {me}:
+        return 1
+    return num_members - len(report.failed)
 
 
 def _forces_torch(entry: dict[str, Any]) -> bool:
@@ -633,7 +643,7 @@ class SwarmAverager:
             done = time.monotonic()
             return AverageOutcome(
                 tensors=result.tensors,
-                group_size=len(members) - len(report.failed),
+                group_size=_group_size(len(members), report, node.peer_id),
                 bytes_sent=report.bytes_sent,
                 bytes_received=report.bytes_received,
                 seconds=done - started,
