@@ -83,8 +83,7 @@ def test_a_stopped_run_leaves_no_worker_behind(stop: signal.Signals, tmp_path: P
             time.sleep(0.2)
             workers = _children(driver.pid)
         assert len(workers) == 2, "the workers did not start"
-        time.sleep(3.0)  # (into their rounds)
-        driver.send_signal(stop)
+        driver.send_signal(stop)  # (as they start: any later moment is cleaned up alike)
         driver.wait(timeout=30)
         deadline = time.monotonic() + 15
         while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
@@ -97,3 +96,19 @@ def test_a_stopped_run_leaves_no_worker_behind(stop: signal.Signals, tmp_path: P
         if driver.poll() is None:
             driver.kill()
             driver.wait()
+
+
+class _Ended:
+    def __init__(self, returncode: int) -> None:
+        self.returncode = returncode
+
+
+def test_of_workers_seen_ending_together_the_one_killed_is_named(tmp_path: Path) -> None:
+    # Worker 1 killed and worker 0 failing on the connection it reset, seen in the same poll:
+    # the lower rank was named.
+    for rank in range(3):
+        (tmp_path / f"worker-{rank}.log").write_text(f"output of {rank}\n")
+    processes: Any = [_Ended(1), _Ended(-9), _Ended(0)]
+    error = allreduce_bench._worker_failure(processes, [5.0, 5.0, 6.0], [0, 1], tmp_path, 60.0)
+    assert str(error).startswith("benchmark worker 1 was killed by SIGKILL (and worker 0 with it)")
+    assert "output of 1" in str(error)

@@ -14,6 +14,7 @@ from torch._C._distributed_c10d import HashStore, PrefixStore
 
 from gossamer.bench.allreduce import run_allreduce_bench
 from gossamer.comm.torch_backend import (
+    RetiredRendezvous,
     TorchGroupAverager,
     choose_backend,
     open_leader_store,
@@ -163,16 +164,19 @@ def test_the_keys_of_a_failed_rendezvous_go_once_its_members_timed_out() -> None
     # They stayed for as long as the peer ran: a swarm whose rounds kept failing left a set
     # for every group tried.
     now = [0.0]
+    retired = RetiredRendezvous(clock=lambda: now[0])
     leader = open_leader_store("127.0.0.1", 1, timeout_s=10.0)
-    averager = TorchGroupAverager(timeout_s=0.5, clock=lambda: now[0])
+    given_up = TorchGroupAverager(timeout_s=0.5, retired=retired)
     before = leader.num_keys()
     for index in range(3):  # nobody else comes: each rendezvous fails at its timeout
         with pytest.raises(DeadlineExceededError):
-            averager.ensure_group(f"r/{index}", ["a", "b"], 0, leader, "127.0.0.1")
+            given_up.ensure_group(f"r/{index}", ["a", "b"], 0, leader, "127.0.0.1")
     assert leader.num_keys() == before + 3  # kept while a member may still be in them
     now[0] = 10.0
-    averager.close()
+    # The swarm gives a round up by taking a fresh averager: it deletes them.
+    TorchGroupAverager(timeout_s=0.5, retired=retired).close()
     assert leader.num_keys() == before
+    assert len(retired) == 0
 
 
 def test_a_member_address_gloo_cannot_read_fails_the_rendezvous_not_the_leader() -> None:

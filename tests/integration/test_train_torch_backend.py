@@ -279,6 +279,10 @@ def test_a_member_frozen_in_the_torch_round_is_given_up_once_reported_gone(
                 assert outcome.backend == "p2p"
                 assert outcome.failed_peers == [frozen.peer_id]
                 assert made[index].torch_failures == 1
+                # (the fresh averager deletes what the one given up on leaves in the store)
+                torch_averager = made[index]._torch
+                assert torch_averager is not None
+                assert torch_averager.retired is made[index]._retired_rendezvous
             assert_weighted_mean(list(outcomes.values()), [0, 1], [1.0, 1.0], atol=1e-5)
             # The next round is not held either: the thread given up on may still hold the
             # leader's store (its rendezvous waits for the frozen member), so it goes over p2p.

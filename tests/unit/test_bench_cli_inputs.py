@@ -44,6 +44,7 @@ def _no_benchmark_runs(monkeypatch: pytest.MonkeyPatch) -> None:
         (["allreduce", "--peers", "1"], "--peers"),
         (["allreduce", "--peers", "65"], "from 2 to 64"),  # (workers on this machine)
         (["allreduce", "--peers", "2,100", "--rate", "100mbit"], "from 2 to 64"),  # before 2 runs
+        (["allreduce", "--peers", "2,64", "--size", "1GB"], "GB available"),  # before 2 runs
         (["allreduce", "--plot", "out.txt"], "ending in .png"),
         (["allreduce", "--plot", "/nonexistent/folder/out.png"], "is not a folder"),
         (["allreduce", "--repeats", "0"], "--repeats"),

@@ -14,6 +14,7 @@ from gossamer.train.swarm_averager import (
     SwarmAverager,
     SwarmAveragerConfig,
     _figure,
+    _forces_torch,
     _group_size,
     _store_address,
     round_settled,
@@ -132,9 +133,9 @@ def test_numbers_too_large_for_a_float_in_other_peers_records_are_skipped() -> N
 
 
 def test_records_nested_past_the_parsers_depth_are_skipped() -> None:
-    # 5,000 brackets fit a DHT value (16 KiB) and raised RecursionError out of every peer's
+    # 16,000 brackets fit a DHT value (16 KiB) and raised RecursionError out of every peer's
     # read of the run's members, a record anyone in the DHT may publish under that key.
-    nested = b"[" * 5000
+    nested = b"[" * 16000
     active = json.dumps({"state": "active", "version": 1, "inc": "x"}).encode()
     averager = SimpleNamespace(config=SimpleNamespace(run_id="r"))
     found = asyncio.run(SwarmAverager._memberships(averager, _Records([nested, active])))  # type: ignore[arg-type]
@@ -170,3 +171,12 @@ def test_a_round_without_anyone_elses_values_counts_this_peer_alone() -> None:
     assert _group_size(3, _report([["a"], [], []]), "a") == 1
     assert _group_size(3, _report([["a", "b", "c"]] * 3), "a") == 3
     assert _group_size(3, _report([["a", "b"]] * 3, failed={"c": "gone"}), "a") == 2
+
+
+def test_an_entry_says_its_peer_takes_torch_on_public_addresses_or_shows_it() -> None:
+    assert _forces_torch({"bk": "torch"}, "10.0.0.1")
+    assert not _forces_torch({"bk": "auto"}, "10.0.0.1")
+    # A peer of a version before "bk": only one set to torch publishes a public store address.
+    assert _forces_torch({}, "8.8.8.8")
+    assert not _forces_torch({}, "10.0.0.1")
+    assert not _forces_torch({"bk": "auto"}, "8.8.8.8")  # (not what auto publishes)

@@ -31,7 +31,6 @@ import asyncio
 import collections
 import contextlib
 import ctypes
-import ctypes.util
 import datetime
 import json
 import math
@@ -70,6 +69,7 @@ __all__ = [
     "AllReduceBenchResult",
     "BenchWorkerError",
     "aes_gcm_bytes_per_s",
+    "check_fits_in_memory",
     "run_allreduce_bench",
     "run_allreduce_sweep",
     "write_throughput_plot",
@@ -77,6 +77,8 @@ __all__ = [
 
 _MIN_TIMEOUT_S = 120.0
 """The least of the workers' own timeouts (the store, gloo, a round)."""
+_START_S_PER_WORKER = 3.0
+"""What each more worker adds to the start of all of them (importing torch on 2 cores)."""
 _STARTUP_S = 120.0
 """What the workers may take to start (import torch, meet in the store, connect)."""
 _SLOWEST_LOOPBACK_BYTES_PER_S = 50e6
@@ -589,7 +591,7 @@ def _wait_for_workers(processes: Sequence[subprocess.Popen[bytes]], budget_s: fl
                     first_failure = min(first_failure, now)
         if all(t < math.inf for t in ended) or now > min(deadline, first_failure + _GRACE_S):
             return ended
-        time.sleep(0.1)
+        time.sleep(0.02)  # (workers seen ending in the same poll count as together)
 
 
 def _worker_failure(
@@ -607,19 +609,30 @@ def _worker_failure(
             f"{', '.join(map(str, failed))} still running); give fewer --repeats or a smaller "
             "--size, or check that nothing else holds this machine's CPUs"
         )
-    rank = min(failed, key=lambda r: ended[r])
-    code = processes[rank].returncode
+    first = min(ended[r] for r in failed)
+    together = [r for r in failed if ended[r] == first]  # (seen ending in the same poll)
+    # Of those, one killed by a signal is the cause: the others failed for want of it.
+    rank = min(together, key=lambda r: (_exit_code(processes[r]) >= 0, r))
+    code = _exit_code(processes[rank])
     how = (
         f"was killed by {signal.Signals(-code).name}"
-        if code is not None and code < 0 and -code in signal.valid_signals()
+        if code < 0 and -code in signal.valid_signals()
         else f"exited with {code}"
     )
+    also = [r for r in together if r != rank]
+    if also:
+        how += f" (and worker{'s' * (len(also) > 1)} {', '.join(map(str, also))} with it)"
     log = (folder / f"worker-{rank}.log").read_text(errors="replace").strip().splitlines()
     tail = "\n".join(f"  | {line}" for line in log[-_LOG_TAIL_LINES:]) or "  | (no output)"
     return BenchWorkerError(f"benchmark worker {rank} {how}; the end of its output:\n{tail}")
 
 
-def _check_memory(peers: int, size_bytes: int) -> None:
+def _exit_code(process: subprocess.Popen[bytes]) -> int:
+    code = process.returncode
+    return 0 if code is None else code
+
+
+def check_fits_in_memory(peers: int, size_bytes: int) -> None:
     """Refuse a run whose workers would not fit in this machine's available memory."""
     need = peers * (_TENSORS_PER_WORKER * size_bytes + _WORKER_BASE_BYTES)
     available = _available_memory_bytes()
@@ -680,11 +693,12 @@ def run_allreduce_sweep(
     if resolved == "torch" and codecs != ["none"]:
         raise ValueError("the torch backend averages fp32 only; use --backend p2p for codecs")
     num_elements = max(1, size_bytes // 4)
-    _check_memory(peers, 4 * num_elements)
+    check_fits_in_memory(peers, 4 * num_elements)
     ring_bytes = 2 * (peers - 1) * 4 * num_elements / peers
     slowest = min(peer_rates_bps) if peer_rates_bps else rate_bits_per_s
     round_s = ring_bytes * 8 / slowest if slowest else ring_bytes / _SLOWEST_LOOPBACK_BYTES_PER_S
-    timeout_s = max(_MIN_TIMEOUT_S, 4 * round_s)
+    # (all workers import torch and meet at once: on 2 cores that takes longer with more)
+    timeout_s = max(_MIN_TIMEOUT_S + _START_S_PER_WORKER * peers, 4 * round_s)
     options = {
         "timeout_s": timeout_s,
         # (a gloo round and one per codec in each repeat, each allowed twice the bound's time)
@@ -875,9 +889,8 @@ def write_throughput_plot(results: Sequence[AllReduceBenchResult], path: Path) -
 def _end_with_the_driver(driver_pid: int) -> None:
     """Have the kernel kill this worker when the driver that started it ends (Linux): a driver
     killed outright (SIGKILL) cannot stop its workers itself."""
-    name = ctypes.util.find_library("c")
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(name, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    with contextlib.suppress(OSError, AttributeError):  # (the C library's symbols, as loaded)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != driver_pid:  # it ended before the request took hold
         os._exit(1)
 

@@ -14,7 +14,11 @@ from typing import Annotated
 
 import typer
 
-from gossamer.bench.allreduce import run_allreduce_sweep, write_throughput_plot
+from gossamer.bench.allreduce import (
+    check_fits_in_memory,
+    run_allreduce_sweep,
+    write_throughput_plot,
+)
 from gossamer.cli.errors import EXIT_FAILED, exit_on_gossamer_errors
 from gossamer.comm.codecs import codec_by_name
 from gossamer.lab import parse_rate
@@ -90,6 +94,8 @@ def _stopped_cleanly() -> Iterator[None]:
     out, instead of being left behind."""
 
     def interrupt(signum: int, frame: object) -> None:
+        for sig in previous:  # a second one would cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
@@ -151,6 +157,10 @@ def register(app: typer.Typer) -> None:
                 f"a number from 2 to {MAX_PEERS} or a list like 2,4; got {peers!r}",
                 param_hint="--peers",
             )
+        try:  # (the largest count of a sweep, before its first runs)
+            check_fits_in_memory(max(counts), size_bytes)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--size") from None
         if plot is not None:
             _check_plot_path(plot)
         try:

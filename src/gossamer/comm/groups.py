@@ -120,8 +120,9 @@ class DhtRendezvousBoard:
         """Publish ``entry`` on the replicas of ``key``.
 
         Raises:
-            DeadlineExceededError: every replica refused the entry (the key is full): nobody
-                reads it, and counting itself this peer would form a group of its own.
+            DeadlineExceededError: no replica took the entry (the key is full, or none
+                answered): nobody reads it, and counting itself this peer would form a group
+                of its own.
         """
         digest = self._key(key)
         replicas = await self._dht.lookup(digest)  # type: ignore[attr-defined]
@@ -130,8 +131,8 @@ class DhtRendezvousBoard:
         )
         if replicas and not stored:
             raise DeadlineExceededError(
-                f"round {key!r}: every replica refused this peer's entry (the key holds as "
-                "many as it can); join the next round"
+                f"round {key!r}: no replica took this peer's entry (the key is full, or none "
+                "answered); join the next round"
             )
 
     async def entries(self, key: str) -> list[JoinEntry]:

@@ -171,7 +171,7 @@ class PartPlan:
         bounds = [0]
         cumulative = 0.0
         floors = 0
-        for w, owns in zip(weights[:-1], positive, strict=False):
+        for w, owns in zip(weights[:-1], positive[:-1], strict=True):
             cumulative += w
             floors += floor if owns else 0
             cut = (int(spare * cumulative / total_weight) + floors) * align

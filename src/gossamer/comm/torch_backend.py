@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import math
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -34,6 +35,7 @@ from gossamer.comm.report import AllReduceReport, AllReduceResult, PartOutcome, 
 from gossamer.core.errors import DeadlineExceededError, PeerLostError
 
 __all__ = [
+    "RetiredRendezvous",
     "TorchGroupAverager",
     "choose_backend",
     "open_leader_store",
@@ -43,7 +45,7 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 _MAX_RETIRED = 64
-"""Failed rendezvous whose keys wait for their members' timeout before they are deleted."""
+"""At most this many failed rendezvous' keys wait for their members' timeout to be deleted."""
 
 
 def choose_backend(requested: str, addresses: Sequence[str]) -> str:
@@ -146,19 +148,56 @@ def _scale_(tensor: torch.Tensor, scale: float) -> None:
         tensor.mul_(scale)
 
 
+class RetiredRendezvous:
+    """Rendezvous keys of a leader's failed groups, each deleted once its members' timeout
+    passed (thread-safe: an averager given up on may still add to it from its thread).
+
+    Args:
+        clock: monotonic seconds.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._due: deque[tuple[float, Store, int]] = deque()
+        self._lock = threading.Lock()
+
+    def add(self, store: Store, size: int, timeout_s: float) -> None:
+        """Delete the keys of a group of ``size`` in ``store`` once ``timeout_s`` passed (at
+        once, past the most kept)."""
+        with self._lock:
+            self._due.append((self.clock() + timeout_s, store, size))
+            overflow = [self._due.popleft() for _ in range(len(self._due) - _MAX_RETIRED)]
+        for _, old_store, old_size in overflow:
+            _delete_keys(old_store, old_size)
+
+    def delete_due(self) -> None:
+        """Delete the keys whose time came."""
+        now = self.clock()
+        with self._lock:
+            due = []
+            while self._due and self._due[0][0] <= now:
+                due.append(self._due.popleft())
+        for _, store, size in due:
+            _delete_keys(store, size)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._due)
+
+
 class TorchGroupAverager:
     """Averages tensors over a torch.distributed group re-made for each membership.
 
     Args:
         timeout_s: deadline of the rendezvous and of each collective.
-        clock: monotonic seconds (when the keys of a failed rendezvous may go).
+        retired: where the keys of this averager's failed rendezvous wait to be deleted; share
+            one among the averagers that take each other's place on one store (a round given
+            up on ends in an averager nobody uses again).
     """
 
-    def __init__(
-        self, timeout_s: float = 60.0, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, timeout_s: float = 60.0, retired: RetiredRendezvous | None = None) -> None:
         self.timeout_s = timeout_s
-        self.clock = clock
+        self.retired = retired if retired is not None else RetiredRendezvous()
         self._group_hash: str | None = None
         self.members: tuple[str, ...] = ()
         self.rank = -1
@@ -170,8 +209,6 @@ class TorchGroupAverager:
         self._rendezvous: tuple[Store, int] | None = None
         """On the leader (rank 0) of a gloo group: the group's keys in its store, and the
         group's size, until they are deleted (see :meth:`_forget_rendezvous`)."""
-        self._retired: deque[tuple[float, Store, int]] = deque()
-        """Keys of the leader's rendezvous that failed, with when they may be deleted."""
 
     def ensure_group(
         self, group_hash: str, members: Sequence[str], rank: int, store: Store, host: str = ""
@@ -204,9 +241,9 @@ class TorchGroupAverager:
                 if rank == 0:
                     self._rendezvous = (prefixed, len(members))
                 self._pg = _gloo_group(prefixed, rank, len(members), timeout, host)
-        except Exception as exc:
-            # (not only torch's errors: the members' addresses in the store come unchecked
-            # over plain TCP, and gloo makes std::bad_alloc, a MemoryError, of one it misreads)
+        except (RuntimeError, dist.DistError, MemoryError) as exc:
+            # (MemoryError too: the members' addresses in the store come unchecked over plain
+            # TCP, and gloo makes std::bad_alloc of one it misreads)
             self._retire_rendezvous()
             raise DeadlineExceededError(f"torch.distributed rendezvous failed: {exc}") from exc
         self._group_hash, self.members, self.rank = group_hash, tuple(members), rank
@@ -246,24 +283,17 @@ class TorchGroupAverager:
         rendezvous, self._rendezvous = self._rendezvous, None
         if rendezvous is not None:
             _delete_keys(*rendezvous)
-        self._delete_retired(self.clock())
+        self.retired.delete_due()
 
     def _retire_rendezvous(self) -> None:
         """The leader's group never completed a collective: its keys are deleted once no
-        member can still be in its rendezvous (``timeout_s`` from now), at this averager's
-        next group or collective. Kept for ever, a swarm whose rounds kept failing (a member
-        killed mid-round each time) left a set for every group tried."""
+        member can still be in its rendezvous (``timeout_s`` from now), at the next group or
+        collective of an averager sharing ``retired``. Kept for ever, a swarm whose rounds
+        kept failing (a member killed mid-round each time) left a set for every group tried."""
         rendezvous, self._rendezvous = self._rendezvous, None
-        now = self.clock()
         if rendezvous is not None:
-            self._retired.append((now + self.timeout_s, *rendezvous))
-            while len(self._retired) > _MAX_RETIRED:  # (past that, deleted without the wait)
-                _delete_keys(*self._retired.popleft()[1:])
-        self._delete_retired(now)
-
-    def _delete_retired(self, now: float) -> None:
-        while self._retired and self._retired[0][0] <= now:
-            _delete_keys(*self._retired.popleft()[1:])
+            self.retired.add(*rendezvous, self.timeout_s)
+        self.retired.delete_due()
 
     def _total_weight(self, weight: float) -> float:
         """Sum of every member's weight (a one-value all-reduce; also a liveness check)."""

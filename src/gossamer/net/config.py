@@ -19,6 +19,8 @@ __all__ = [
 ]
 
 _MiB = 1 << 20
+_RECORD_OVERHEAD_BYTES = 256
+"""A signed DHT record's bytes besides its value (key, public key, signature, times), at most."""
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -121,12 +123,16 @@ class LimitsConfig:
         )
         _require(self.max_record_value_bytes > 0, "limits.max_record_value_bytes", "> 0")
         _require(self.max_records_per_key >= 1, "limits.max_records_per_key", ">= 1")
+        answer = self.max_key_bytes + self.max_records_per_key * _RECORD_OVERHEAD_BYTES
         _require(
-            self.max_record_value_bytes <= self.max_key_bytes <= self.max_message_bytes // 2,
+            self.max_record_value_bytes <= self.max_key_bytes
+            and answer <= self.max_message_bytes // 2,
             "limits.max_key_bytes",
-            f"must be at least limits.max_record_value_bytes ({self.max_record_value_bytes}) "
-            f"and at most half of limits.max_message_bytes ({self.max_message_bytes}): a "
-            f"lookup's answer carries a key's records, got {self.max_key_bytes}",
+            f"must be at least limits.max_record_value_bytes ({self.max_record_value_bytes}), "
+            f"and with {_RECORD_OVERHEAD_BYTES} bytes for each of limits.max_records_per_key "
+            f"({self.max_records_per_key}) at most half of limits.max_message_bytes "
+            f"({self.max_message_bytes}): a lookup's answer carries a key's records; got "
+            f"{self.max_key_bytes}",
         )
         _require(self.max_stored_records >= 1, "limits.max_stored_records", ">= 1")
         _require(self.max_records_per_publisher >= 1, "limits.max_records_per_publisher", ">= 1")

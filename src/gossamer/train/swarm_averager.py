@@ -52,6 +52,7 @@ from gossamer.comm.net_transport import NetCommTransport
 from gossamer.comm.plan import ROUND_KEY_TAG_NBYTES, round_key_tag
 from gossamer.comm.report import AllReduceReport, AllReduceResult
 from gossamer.comm.torch_backend import (
+    RetiredRendezvous,
     TorchGroupAverager,
     open_leader_store,
     open_member_store,
@@ -335,10 +336,12 @@ def _group_size(num_members: int, report: AllReduceReport, me: str) -> int:
     return num_members - len(report.failed)
 
 
-def _forces_torch(entry: dict[str, Any]) -> bool:
+def _forces_torch(entry: dict[str, Any], host: str) -> bool:
     """Whether the entry's peer takes the torch backend on any address (``backend = "torch"``),
-    not only on private ones (``auto``, and what an entry that does not say means)."""
-    return entry.get("bk") == "torch"
+    not only on private ones (``auto``). Its entry says so (``bk``); one of a version before
+    that says it only by a store address that is not site-local, which no peer on ``auto``
+    publishes."""
+    return entry.get("bk") == "torch" or ("bk" not in entry and not site_local(host))
 
 
 def _store_address(entry: dict[str, Any]) -> tuple[str, int] | None:
@@ -435,6 +438,9 @@ class SwarmAverager:
         :data:`_MAX_TORCH_SKIP_ROUNDS`), so a torch path that keeps failing (gloo's ports
         blocked, say) costs a timeout now and then, not every round."""
         self._torch: TorchGroupAverager | None = None
+        self._retired_rendezvous = RetiredRendezvous()
+        """Keys of this peer's failed rendezvous, shared by the averagers that take each
+        other's place (one given up on may still add to it)."""
         self._abandoned_torch: list[threading.Thread] = []
         """Threads of torch rounds given up on that have not ended yet (see _torch_round)."""
         self._store: Store | None = None
@@ -482,7 +488,7 @@ class SwarmAverager:
             f"[{host}]:{self._store.port}" if ":" in host else (f"{host}:{self._store.port}")
         )
         self._torch_host = host
-        self._torch = TorchGroupAverager(timeout_s=timeout_s)
+        self._torch = TorchGroupAverager(timeout_s=timeout_s, retired=self._retired_rendezvous)
 
     @property
     def _rerun_config(self) -> AllReduceConfig:
@@ -712,13 +718,18 @@ class SwarmAverager:
         loopback = [ipaddress.ip_address(h).is_loopback for h in hosts]
         if (
             len(stores) < len(entries)
-            or (not all(_forces_torch(e) for e in entries) and not all(map(site_local, hosts)))
+            or (
+                not all(_forces_torch(e, h) for e, h in zip(entries, hosts, strict=True))
+                and not all(map(site_local, hosts))
+            )
             or (any(loopback) and not all(loopback))  # not one machine: they cannot all meet
             or len({str(e.get("dev", "")) for e in entries}) > 1  # NCCL beside gloo never meet
         ):
             if self.config.backend == "torch":
                 logger.warning(
-                    "round %s: a member has no direct store address; the round goes over p2p",
+                    "round %s: the members' entries do not all allow a torch.distributed group "
+                    "(each needs a store address and the same device kind, and public addresses "
+                    "need every member set to torch); the round goes over p2p",
                     key,
                 )
             return None
@@ -882,7 +893,9 @@ class SwarmAverager:
         Until the thread ends it may hold this peer's store (a rendezvous waiting on a gone
         member keeps the store's lock): rounds go over p2p meanwhile."""
         self._abandoned_torch.append(thread)
-        self._torch = TorchGroupAverager(timeout_s=self._torch_timeout_s)
+        self._torch = TorchGroupAverager(
+            timeout_s=self._torch_timeout_s, retired=self._retired_rendezvous
+        )
         self._leader_stores.pop(plan.leader_address, None)
         self.torch_failures += 1
 
@@ -1117,9 +1130,8 @@ class SwarmAverager:
         )
         if replicas and not stored:  # (nobody reads it: counting itself it would be alone)
             raise DeadlineExceededError(
-                f"round {key}: every replica refused this peer's entry (the key holds "
-                f"{node.config.limits.max_records_per_key} peers' entries at most); this peer "
-                "sits the round out"
+                f"round {key}: no replica took this peer's entry (the key is full, or none "
+                "answered); this peer sits the round out"
             )
         seen: dict[str, dict[str, Any]] = {}
         both = [(entry_key, "at"), (close_key, "close_at")]
