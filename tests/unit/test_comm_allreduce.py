@@ -19,7 +19,7 @@ from gossamer.comm.allreduce import AllReduceConfig, all_reduce
 from gossamer.comm.codecs import CodecPolicy, ErrorFeedback
 from gossamer.comm.fake_transport import FakeNetwork, FakeTransport, FaultScript, FaultyTransport
 from gossamer.comm.plan import FlatLayout, PartPlan
-from gossamer.comm.reduction import ChunkCodec
+from gossamer.comm.reduction import ChunkCodec, pack_contributors
 from gossamer.comm.report import AllReduceResult, PartOutcome
 from gossamer.comm.round_state import RoundState
 from gossamer.comm.transport import (
@@ -1775,3 +1775,33 @@ def test_a_cancel_during_the_rounds_last_writes_is_raised_once_they_end(ends: st
             await waiting
 
     asyncio.run(main())
+
+
+class _ClaimsToBeTheBackup(FakeTransport):
+    """Sends its contributions to member 0 again as averages of part 0 reassigned to it, as
+    if it were part 0's backup (member 1 is)."""
+
+    async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
+        await super().send(peer_id, message, timeout_s=timeout_s)
+        data = bytearray(message_bytes(message))
+        frame, body = unpack_frame(memoryview(data))
+        if peer_id == "peer-0" and frame.kind is FrameKind.CONTRIBUTION and frame.part == 0:
+            forged = Frame(
+                FrameKind.RESULT, frame.round_id, 0, frame.chunk, frame.peer_index, 0.0,
+                FLAG_REASSIGNED,
+            )  # fmt: skip
+            claim = pack_frame(forged) + pack_contributors([2]) + bytes(body)
+            await super().send(peer_id, claim, timeout_s=timeout_s)
+
+
+def test_a_member_claiming_to_be_the_backup_of_a_live_owner_is_trusted_no_more_than_a_report() -> (
+    None
+):
+    # Member 2 claimed part 0 as its backup: owner 0 took its values for its own part's
+    # average, told nobody, and the others held the real one. The claim now says what a
+    # failure report says (member 1, before it in part 0's backup order, failed), and the
+    # others hear it as one.
+    inputs = [[torch.full((3000,), float(i))] for i in range(3)]
+    results, _ = _run(inputs, made={2: _ClaimsToBeTheBackup})
+    assert "peer-1" in results[0].report.failed
+    assert results[1].report.excluded is not None  # (told it was reported failed)

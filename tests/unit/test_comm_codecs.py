@@ -172,6 +172,14 @@ def test_malformed_pieces_are_refused_before_allocating(mutate: object, message:
         decode_tensor(mutate(_valid_piece()), WireLimits(max_elements=1 << 20))
 
 
+def test_an_empty_piece_with_a_dim_past_the_limit_is_refused() -> None:
+    # Shape (0, 2**63) holds 0 values, as its count says: reshape then raised TypeError.
+    data = bytearray(encode_tensor(torch.empty(0, 1), CodecChoice(codec_by_name("none"), 64)))
+    struct.pack_into("<Q", data, 28 + 8, 2**63)  # (the second dim, after the 28-byte header)
+    with pytest.raises(ProtocolError, match="does not hold"):
+        decode_tensor(bytes(data), LIMITS)
+
+
 def test_trailing_bytes_are_refused() -> None:
     with pytest.raises(ProtocolError, match="after the tensor"):
         decode_tensor(_valid_piece() + b"\0", LIMITS)

@@ -124,25 +124,25 @@ def test_only_so_many_messages_and_bytes_wait_for_unopened_rounds(limit: str) ->
     # Each waiting message holds its payload: the rounds they wait for were bounded, the
     # messages of one round (and the bytes they hold) were not.
     clock = IdleJumpClock()
-    caps = {
-        "messages": {"max_waiting_messages": 2},
-        "bytes": {"max_waiting_bytes": 2 * len(_message(ROUND))},
+    caps = {  # (two messages for each of 8 senders: a sender's share is an eighth)
+        "messages": {"max_waiting_messages": 16},
+        "bytes": {"max_waiting_bytes": 16 * len(_message(ROUND))},
     }
 
     async def main() -> None:
         mailbox = CommMailbox(_Silent(), clock, **caps[limit])  # type: ignore[arg-type]
         waiting = [
-            asyncio.create_task(mailbox.deliver("peer", _message(ROUND, chunk)))
-            for chunk in range(2)
+            asyncio.create_task(mailbox.deliver(f"peer{chunk % 8}", _message(ROUND, chunk)))
+            for chunk in range(16)
         ]
         await asyncio.sleep(0)
         with pytest.raises(ProtocolError, match=f"too many {limit} wait"):
-            await mailbox.deliver("peer", _message(ROUND, 2))
+            await mailbox.deliver("peer8", _message(ROUND, 16))
         handler = _Round()
         mailbox.open_round(ROUND, handler)  # type: ignore[arg-type]
         await asyncio.gather(*waiting)
-        await mailbox.deliver("peer", _message(ROUND, 3))  # the room was given back
-        assert sorted(handler.chunks) == [0, 1, 3]
+        await mailbox.deliver("peer8", _message(ROUND, 17))  # the room was given back
+        assert sorted(handler.chunks) == [*range(16), 17]
 
     asyncio.run(clock.run(main()))
 
@@ -215,6 +215,34 @@ def test_one_sender_cannot_fill_the_table_of_rounds_messages_wait_for() -> None:
         await asyncio.sleep(0)
         refused = [t for t in flood if t.done() and isinstance(t.exception(), ProtocolError)]
         assert len(refused) == 64 - 8  # a sender's share: an eighth of the table
+        assert "its share" in str(refused[0].exception())
+        await _waits_then_is_handled(mailbox, clock, ROUND, 1, sender="member")
+        for task in flood:
+            task.cancel()
+        await asyncio.gather(*flood, return_exceptions=True)
+
+    asyncio.run(clock.run(main()))
+
+
+@pytest.mark.parametrize("flood_of", ["messages", "bytes"])
+def test_one_sender_cannot_fill_the_messages_or_bytes_waiting_for_rounds(flood_of: str) -> None:
+    # One sender's 1,024 words for one made-up round (or a few of the largest messages) held
+    # every place a message may wait in: every member's early message was refused for 30 s,
+    # and its sender took this peer for failed.
+    clock = IdleJumpClock()
+
+    async def main() -> None:
+        mailbox = CommMailbox(
+            _Silent(), clock, early_arrival_timeout_s=30.0, max_waiting_bytes=64 << 10
+        )
+        if flood_of == "messages":
+            sent = [_message(b"\xee" * 16, chunk) for chunk in range(1024)]
+        else:  # (4 KiB each: the share of 64 KiB is one message)
+            sent = [memoryview(bytes(_message(b"\xee" * 16, i)) + b"\0" * 4096) for i in range(8)]
+        flood = [asyncio.create_task(mailbox.deliver("stranger", m)) for m in sent]
+        await asyncio.sleep(0)
+        refused = [t for t in flood if t.done() and isinstance(t.exception(), ProtocolError)]
+        assert len(refused) == len(sent) - (128 if flood_of == "messages" else 1)
         assert "its share" in str(refused[0].exception())
         await _waits_then_is_handled(mailbox, clock, ROUND, 1, sender="member")
         for task in flood:

@@ -1072,6 +1072,17 @@ class RoundState:
                     part, f"reassigned by {self.plan.members[member][:12]}", notify=False
                 )
             if part == self.me:  # others think this member failed: take the backup's average
+                # The sender takes itself for this part's backup: every member between this
+                # one and it failed in its view. So they do here too, and the others are told,
+                # as for a reassigned contribution: without it any member could put its values
+                # in place of this part's average here alone, and hold this member to its
+                # deadline waiting for the rest.
+                n = self.plan.num_parts
+                sender = self.plan.members[member][:12]
+                for gone in [(part + step) % n for step in range(1, (member - part) % n)]:
+                    self.peer_failed(gone, f"reported by {sender}", notify=True, told_by=member)
+                if self.plan.backup_of(part, set(self.failed) | {part}) != member:
+                    return  # (the sender failed here)
                 self.reducer_of[part] = member
                 self._unconfirmed.clear()  # nobody waits for this member's own averages
                 self._ring_results.clear()

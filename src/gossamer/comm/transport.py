@@ -60,6 +60,9 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 _MAX_ANSWERS_IN_FLIGHT = 64
+_SHARES = 8
+"""One sender may hold at most this fraction of the messages, bytes and rounds waiting for
+unopened rounds."""
 _ANSWER_TIMEOUT_S = 5.0
 """Deadline of a ROUND_CLOSED answer (best effort: without it the asker waits to its deadline)."""
 _MAGIC = b"GCM1"
@@ -304,7 +307,7 @@ class CommMailbox:
             its payload while it waits: a member's early messages of one round are a few per
             sender, as many as it keeps in flight).
         max_waiting_bytes: bytes those messages may hold at once (a round's messages are at
-            most 4 MiB of values each).
+            most 4 MiB of values each). One sender may hold an eighth of each of the three.
     """
 
     def __init__(
@@ -333,6 +336,8 @@ class CommMailbox:
         self._waiting_from: dict[str, Counter[bytes]] = {}
         """Messages waiting for unopened rounds, by sender and round: one sender (a peer in
         no group of this one's, say) may hold only a share of the table, not all of it."""
+        self._waiting_bytes_from: Counter[str] = Counter()
+        """Bytes of those messages, by sender (its share of the bytes, likewise)."""
         self._closed: OrderedDict[bytes, FinishedRound | None] = OrderedDict()
         """Rounds that ended here, with what is kept of those that finished with every
         part's average."""
@@ -513,10 +518,22 @@ class CommMailbox:
 
     async def _wait_open(self, round_id: bytes, nbytes: int, sender: str) -> RoundHandler | None:
         mine = self._waiting_from.get(sender, Counter())
-        if round_id not in mine and len(mine) >= max(1, self._max_waiting_rounds // 8):
+        # One sender may hold a share of each table, not all of it: else its messages alone
+        # (1,024 words for one round id, or 8 of the largest) refused everyone else's.
+        if round_id not in mine and len(mine) >= max(1, self._max_waiting_rounds // _SHARES):
             raise ProtocolError(
                 f"messages from this peer wait for {len(mine)} rounds this peer has not opened, "
                 "its share of them"
+            )
+        if sum(mine.values()) >= max(1, self._max_waiting_messages // _SHARES):
+            raise ProtocolError(
+                f"{sum(mine.values())} messages from this peer wait for rounds this peer has "
+                "not opened, its share of them"
+            )
+        if self._waiting_bytes_from[sender] + nbytes > self._max_waiting_bytes // _SHARES:
+            raise ProtocolError(
+                "this peer's messages waiting for rounds this peer has not opened would pass "
+                f"its share of their bytes ({self._max_waiting_bytes // _SHARES})"
             )
         if sum(self._num_waiting.values()) >= self._max_waiting_messages:
             raise ProtocolError("too many messages wait for rounds this peer has not opened")
@@ -531,11 +548,15 @@ class CommMailbox:
         mine[round_id] += 1
         self._waiting_from[sender] = mine
         self._waiting_bytes += nbytes
+        self._waiting_bytes_from[sender] += nbytes
         try:
             deadline = self._clock.monotonic() + self._early_timeout_s
             opened = await wait_for_event(event, deadline, self._clock)
         finally:  # woken, timed out, or its sender gave up (the call cancelled)
             self._waiting_bytes -= nbytes
+            self._waiting_bytes_from[sender] -= nbytes
+            if self._waiting_bytes_from[sender] <= 0:
+                del self._waiting_bytes_from[sender]
             self._stop_waiting(round_id, event)
             mine[round_id] -= 1
             if mine[round_id] <= 0:

@@ -187,7 +187,8 @@ def decode_piece(
         raise ProtocolError("tensor piece cut inside its shape")
     shape = tuple(_DIM.unpack_from(data, position + _DIM.size * i)[0] for i in range(ndim))
     position += _DIM.size * ndim
-    if math.prod(shape) != num:
+    if math.prod(shape) != num or any(d > limits.max_elements for d in shape):
+        # (a dim past the limit with another of 0 holds no values, but no tensor takes it)
         raise ProtocolError(f"tensor piece shape {shape} does not hold {num} values")
     expected = codec.encoded_nbytes(num, block_size)
     if payload_nbytes != expected or len(data) - position < expected:
