@@ -272,7 +272,9 @@ def test_a_member_frozen_in_the_torch_round_is_given_up_once_reported_gone(
         try:
             for thread in threads[:2]:
                 thread.join(timeout=60)
-            assert set(outcomes) == {0, 1}, "the survivors did not finish their round"
+            # (the frozen one may have given the others up and averaged alone meanwhile: its
+            # node stopped, its detector reports them gone too)
+            assert {0, 1} <= set(outcomes), "the survivors did not finish their round"
             for index in (0, 1):
                 assert took[index] < 12.0, took  # gloo alone would have held them 20 s
                 outcome = outcomes[index]
@@ -283,7 +285,7 @@ def test_a_member_frozen_in_the_torch_round_is_given_up_once_reported_gone(
                 torch_averager = made[index]._torch
                 assert torch_averager is not None
                 assert torch_averager.retired is made[index]._retired_rendezvous
-            assert_weighted_mean(list(outcomes.values()), [0, 1], [1.0, 1.0], atol=1e-5)
+            assert_weighted_mean([outcomes[0], outcomes[1]], [0, 1], [1.0, 1.0], atol=1e-5)
             # The next round is not held either: the thread given up on may still hold the
             # leader's store (its rendezvous waits for the frozen member), so it goes over p2p.
             started = time.monotonic()
