@@ -237,8 +237,8 @@ def test_one_sender_cannot_fill_the_messages_or_bytes_waiting_for_rounds(flood_o
         )
         if flood_of == "messages":
             sent = [_message(b"\xee" * 16, chunk) for chunk in range(1024)]
-        else:  # (4 KiB each: the share of 64 KiB is one message)
-            sent = [memoryview(bytes(_message(b"\xee" * 16, i)) + b"\0" * 4096) for i in range(8)]
+        else:  # (8 KiB each: a sender's share of 64 KiB, a quarter, is one message)
+            sent = [memoryview(bytes(_message(b"\xee" * 16, i)) + b"\0" * 8192) for i in range(8)]
         flood = [asyncio.create_task(mailbox.deliver("stranger", m)) for m in sent]
         await asyncio.sleep(0)
         refused = [t for t in flood if t.done() and isinstance(t.exception(), ProtocolError)]

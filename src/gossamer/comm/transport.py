@@ -61,8 +61,11 @@ __all__ = [
 _log = logging.getLogger(__name__)
 _MAX_ANSWERS_IN_FLIGHT = 64
 _SHARES = 8
-"""One sender may hold at most this fraction of the messages, bytes and rounds waiting for
-unopened rounds."""
+"""One sender may hold at most this fraction of the rounds and messages waiting for unopened
+rounds."""
+_BYTE_SHARES = 4
+"""... and this fraction of their bytes (a quarter of 1 GiB: three messages of the largest
+chunk, as many as a member keeps in flight to one peer)."""
 _ANSWER_TIMEOUT_S = 5.0
 """Deadline of a ROUND_CLOSED answer (best effort: without it the asker waits to its deadline)."""
 _MAGIC = b"GCM1"
@@ -307,7 +310,8 @@ class CommMailbox:
             its payload while it waits: a member's early messages of one round are a few per
             sender, as many as it keeps in flight).
         max_waiting_bytes: bytes those messages may hold at once (a round's messages are at
-            most 4 MiB of values each). One sender may hold an eighth of each of the three.
+            most 4 MiB of values each). One sender may hold an eighth of the rounds and
+            messages and a quarter of the bytes.
     """
 
     def __init__(
@@ -530,10 +534,10 @@ class CommMailbox:
                 f"{sum(mine.values())} messages from this peer wait for rounds this peer has "
                 "not opened, its share of them"
             )
-        if self._waiting_bytes_from[sender] + nbytes > self._max_waiting_bytes // _SHARES:
+        if self._waiting_bytes_from[sender] + nbytes > self._max_waiting_bytes // _BYTE_SHARES:
             raise ProtocolError(
                 "this peer's messages waiting for rounds this peer has not opened would pass "
-                f"its share of their bytes ({self._max_waiting_bytes // _SHARES})"
+                f"its share of their bytes ({self._max_waiting_bytes // _BYTE_SHARES})"
             )
         if sum(self._num_waiting.values()) >= self._max_waiting_messages:
             raise ProtocolError("too many messages wait for rounds this peer has not opened")
