@@ -186,3 +186,40 @@ def test_memory_follows_the_bytes_that_came_not_the_size_announced() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20
+
+
+def test_a_transfer_stays_counted_in_flight_while_its_handler_holds_it() -> None:
+    # Released before the handler ran, a sender could have any number of complete transfers
+    # held by handlers at once (comm's waiting for a decode thread), counted nowhere.
+    clock = FakeClock()
+    limits = LimitsConfig(max_bulk_transfer_bytes=600 << 10, max_bulk_inflight_bytes=1 << 20)
+    receiver = BulkReceiver(limits, NetCounters(), clock)
+
+    async def main() -> None:
+        release = asyncio.Event()
+
+        async def handler(sender: str, topic: str, payload: bytearray) -> None:
+            await release.wait()
+
+        receiver.register("t", handler)
+
+        def whole(transfer_id: str) -> list[net_pb2.BulkChunk]:
+            data = b"x" * (600 << 10)
+            return [
+                net_pb2.BulkChunk(
+                    transfer_id=transfer_id, topic="t", total_bytes=len(data), num_streams=1,
+                    offset=0, data=data,
+                )
+            ]  # fmt: skip
+
+        held = asyncio.create_task(_push(receiver, whole("a")))
+        await asyncio.sleep(0)
+        assert receiver.num_incomplete == 0  # complete: only its handler holds it
+        with pytest.raises(ProtocolError, match="in flight"):
+            await _push(receiver, whole("b"))
+        release.set()
+        assert (await held).transfer_complete
+        assert receiver._inflight_bytes == 0
+        assert (await _push(receiver, whole("c"))).transfer_complete
+
+    asyncio.run(main())

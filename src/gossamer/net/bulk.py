@@ -390,12 +390,19 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
                     self._close(key, transfer)  # every stream ended and bytes are missing
                     raise ProtocolError("bulk transfer ended short of its announced size")
                 return net_pb2.BulkAck(received_bytes=received, transfer_complete=False)
-            self._close(key, transfer)
-            if not transfer.delivered:  # the first stream to see it complete delivers it
-                transfer.delivered = True
-                handler = self._handlers[transfer.topic]
-                # a view only reaches handlers registered read-only, which take one
-                await handler(sender, transfer.topic, transfer.payload())  # type: ignore[arg-type]
+            # Its bytes stay counted in flight while its handler holds them (a message waiting
+            # in comm for a decode thread, say): released before, a sender could have any
+            # number of them held at once, counted nowhere.
+            held = self._close(key, transfer, release=False)
+            try:
+                if not transfer.delivered:  # the first stream to see it complete delivers it
+                    transfer.delivered = True
+                    handler = self._handlers[transfer.topic]
+                    # a view only reaches handlers registered read-only, which take one
+                    await handler(sender, transfer.topic, transfer.payload())  # type: ignore[arg-type]
+            finally:
+                if held:
+                    self._inflight_bytes -= transfer.total
             return net_pb2.BulkAck(received_bytes=received, transfer_complete=True)
         except BaseException:
             if transfer is not None and key is not None and key in self._transfers:
@@ -447,12 +454,17 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
         """Incoming transfers waiting for more streams."""
         return len(self._transfers)
 
-    def _close(self, key: tuple[str, str], transfer: _Transfer) -> None:
-        if self._transfers.pop(key, None) is not None:
+    def _close(self, key: tuple[str, str], transfer: _Transfer, *, release: bool = True) -> bool:
+        """Forget an open transfer (and, with ``release``, its bytes in flight); whether it
+        was open."""
+        if self._transfers.pop(key, None) is None:
+            return False
+        if release:
             self._inflight_bytes -= transfer.total
-            self._num_unfinished[key[0]] -= 1
-            if not self._num_unfinished[key[0]]:
-                del self._num_unfinished[key[0]]
+        self._num_unfinished[key[0]] -= 1
+        if not self._num_unfinished[key[0]]:
+            del self._num_unfinished[key[0]]
+        return True
 
 
 def _pre_serialized(message: bytes) -> bytes:
