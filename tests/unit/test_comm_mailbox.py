@@ -200,6 +200,22 @@ def test_comm_takes_messages_no_larger_than_a_chunk_can_be() -> None:
     assert CHUNK_ELEMENTS_LIMIT * 4 < MAX_MESSAGE_BYTES < 1 << 30
 
 
+async def _flood_leaves_room(
+    mailbox: CommMailbox, clock: IdleJumpClock, sent: list[memoryview], *, kept: int
+) -> None:
+    """One sender sends ``sent`` for unopened rounds: all but ``kept`` are refused as past its
+    share, and a member's early message still waits for its round and is handled."""
+    flood = [asyncio.create_task(mailbox.deliver("stranger", m)) for m in sent]
+    await asyncio.sleep(0)
+    refused = [t for t in flood if t.done() and isinstance(t.exception(), ProtocolError)]
+    assert len(refused) == len(sent) - kept
+    assert "its share" in str(refused[0].exception())
+    await _waits_then_is_handled(mailbox, clock, ROUND, 1, sender="member")
+    for task in flood:
+        task.cancel()
+    await asyncio.gather(*flood, return_exceptions=True)
+
+
 def test_one_sender_cannot_fill_the_table_of_rounds_messages_wait_for() -> None:
     # A peer in none of this one's groups sent a header-only message for each of 64 made-up
     # rounds: each waited for its round to open, the table filled, and a member's early
@@ -208,18 +224,8 @@ def test_one_sender_cannot_fill_the_table_of_rounds_messages_wait_for() -> None:
 
     async def main() -> None:
         mailbox = CommMailbox(_Silent(), clock, early_arrival_timeout_s=30.0)
-        flood = [
-            asyncio.create_task(mailbox.deliver("stranger", _message(bytes([i]) + b"\xee" * 15)))
-            for i in range(64)
-        ]
-        await asyncio.sleep(0)
-        refused = [t for t in flood if t.done() and isinstance(t.exception(), ProtocolError)]
-        assert len(refused) == 64 - 8  # a sender's share: an eighth of the table
-        assert "its share" in str(refused[0].exception())
-        await _waits_then_is_handled(mailbox, clock, ROUND, 1, sender="member")
-        for task in flood:
-            task.cancel()
-        await asyncio.gather(*flood, return_exceptions=True)
+        sent = [_message(bytes([i]) + b"\xee" * 15) for i in range(64)]
+        await _flood_leaves_room(mailbox, clock, sent, kept=8)  # an eighth of the table
 
     asyncio.run(clock.run(main()))
 
@@ -239,15 +245,7 @@ def test_one_sender_cannot_fill_the_messages_or_bytes_waiting_for_rounds(flood_o
             sent = [_message(b"\xee" * 16, chunk) for chunk in range(1024)]
         else:  # (8 KiB each: a sender's share of 64 KiB, a quarter, is one message)
             sent = [memoryview(bytes(_message(b"\xee" * 16, i)) + b"\0" * 8192) for i in range(8)]
-        flood = [asyncio.create_task(mailbox.deliver("stranger", m)) for m in sent]
-        await asyncio.sleep(0)
-        refused = [t for t in flood if t.done() and isinstance(t.exception(), ProtocolError)]
-        assert len(refused) == len(sent) - (128 if flood_of == "messages" else 1)
-        assert "its share" in str(refused[0].exception())
-        await _waits_then_is_handled(mailbox, clock, ROUND, 1, sender="member")
-        for task in flood:
-            task.cancel()
-        await asyncio.gather(*flood, return_exceptions=True)
+        await _flood_leaves_room(mailbox, clock, sent, kept=128 if flood_of == "messages" else 1)
 
     asyncio.run(clock.run(main()))
 
