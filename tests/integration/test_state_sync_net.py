@@ -7,13 +7,15 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+import pytest
 import torch
 
 from gossamer.core.clock import SystemClock
+from gossamer.core.errors import ProtocolError
 from gossamer.net.config import NodeConfig
 from gossamer.net.node import Node
-from gossamer.train.state_sync import StateDonor, StateSnapshot, download_state
-from gossamer.train.state_sync_wire import REPLY_TOPIC
+from gossamer.train.state_sync import StateDonor, StateSnapshot, StateSyncLimits, download_state
+from gossamer.train.state_sync_wire import MAX_REQUEST_BYTES, REPLY_TOPIC, REQUEST_TOPIC
 
 _log = logging.getLogger(__name__)
 _MiB = 1 << 20
@@ -48,9 +50,13 @@ class _StoppingEndpoint:
         return self.node.peer_id
 
     def on_bulk(
-        self, topic: str, handler: Callable[[str, str, bytearray], Awaitable[None]]
+        self,
+        topic: str,
+        handler: Callable[[str, str, bytearray], Awaitable[None]],
+        *,
+        max_bytes: int | None = None,
     ) -> None:
-        self.node.on_bulk(topic, handler)
+        self.node.on_bulk(topic, handler, max_bytes=max_bytes)
 
     async def send_bulk(
         self,
@@ -126,3 +132,30 @@ def test_a_donor_stopped_mid_download_is_replaced_by_the_others() -> None:
     assert donors[0] in report.failed_donors  # type: ignore[attr-defined]
     assert set(report.bytes_per_donor) >= set(donors[1:])  # type: ignore[attr-defined]
     assert sum(report.bytes_per_donor.values()) == report.total_bytes  # type: ignore[attr-defined]
+
+
+def test_state_sync_topics_refuse_oversized_transfers_at_their_first_chunk() -> None:
+    """A donor's request topic and a newcomer's reply topic took transfers of up to 8 GiB each
+    (16 GiB in all), every byte held before the 512-byte check of a request."""
+
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            a, b = [
+                await stack.enter_async_context(Node(NodeConfig(listen_address="127.0.0.1:0")))
+                for _ in range(2)
+            ]
+            await asyncio.wait_for(b.bootstrap([f"{a.peer_id}@127.0.0.1:{a.port}"]), 30)
+            await asyncio.wait_for(a.bootstrap([f"{b.peer_id}@127.0.0.1:{b.port}"]), 30)
+            donor = StateDonor(a)
+            await asyncio.to_thread(donor.publish, _snapshot(64 * 1024))
+            limits = StateSyncLimits(max_chunk_bytes=_MiB, max_num_chunks=16, max_meta_bytes=1024)
+            await download_state(b, [a.peer_id], timeout_s=30, limits=limits)
+            for sender, receiver, topic, size in [
+                (b, a, REQUEST_TOPIC, MAX_REQUEST_BYTES + 1),
+                (a, b, REPLY_TOPIC, limits.max_reply_bytes + 1),
+            ]:
+                with pytest.raises(ProtocolError, match="whose transfers are at most"):
+                    await sender.send_bulk(receiver.peer_id, topic, bytes(size), timeout_s=30)
+            assert donor.num_requests_refused == 0  # refused by net, before the donor
+
+    asyncio.run(main())

@@ -41,13 +41,18 @@ class FakeBulkNode:
         self.network = network
         self._peer_id = peer_id
         self.handlers: dict[str, BulkHandler] = {}
+        self.max_bytes: dict[str, int] = {}
 
     @property
     def peer_id(self) -> str:
         return self._peer_id
 
-    def on_bulk(self, topic: str, handler: BulkHandler) -> None:
+    def on_bulk(self, topic: str, handler: BulkHandler, *, max_bytes: int | None = None) -> None:
         self.handlers[topic] = handler
+        if max_bytes is None:
+            self.max_bytes.pop(topic, None)
+        else:
+            self.max_bytes[topic] = max_bytes
 
     def outgoing(self, peer_id: str, topic: str, payload: bytearray) -> bytearray:
         """Hook for faulty nodes: change or refuse what this node sends."""
@@ -72,6 +77,8 @@ class FakeBulkNode:
         handler = target.handlers.get(topic)
         if handler is None:
             raise ProtocolError(f"no handler for {topic}")
+        if len(data) > target.max_bytes.get(topic, len(data)):
+            raise ProtocolError(f"{len(data)} bytes on {topic}: more than its handler takes")
         self.network.bytes_sent[(self.peer_id, peer_id)] += len(data)
         try:
             async with asyncio.timeout(timeout_s):

@@ -6,12 +6,14 @@ import asyncio
 import json
 import threading
 from collections.abc import Callable, Coroutine
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 import torch
 from torch import nn
 
+from gossamer.train import swarm as swarm_module
 from gossamer.train.averaging import AverageOutcome
 from gossamer.train.diloco import DiLoCoConfig
 from gossamer.train.state_sync import StateSnapshot
@@ -238,4 +240,44 @@ def test_a_nudge_alone_does_not_move_a_peer_nor_download_at_every_step(
         assert strategy.on_step_end(model, step) is None
     assert strategy.outer_step == 4
     assert downloads == ([] if served else [published])
+    strategy.close()
+
+
+class RunAverager(FakeAverager):
+    """A run of three other peers, one active; the node knows peers of other runs too."""
+
+    def run_states(self) -> dict[str, tuple[str, int]]:
+        return {"b" * 64: ("active", 3), "c" * 64: ("joining", 5), "d" * 64: ("left", -1)}
+
+
+class CrowdedNode(FakeNode):
+    def peers(self) -> list[Any]:
+        return [SimpleNamespace(peer_id=p * 64) for p in "bcde"]
+
+
+def test_a_peer_takes_state_only_from_its_own_run_s_active_peers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Donors were every peer the node knew: peers of another run in the same swarm (every
+    peer serves its state) outvoted this run's, and a newcomer took their weights."""
+    node_thread = FakeNodeThread()
+    node_thread.node = CrowdedNode()
+    strategy = SwarmDiLoCoStrategy(
+        DiLoCoConfig(inner_steps=INNER_STEPS, run_id="r"),
+        cast(Any, RunAverager()),
+        cast(Any, node_thread),
+        cast(Any, FakeDonor()),
+        join_existing=False,
+    )
+    model = nn.Linear(4, 4)
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    asked: list[list[str]] = []
+
+    def download(node_thread: object, donors: list[str], **kwargs: Any) -> Any:
+        asked.append(list(donors))
+        return strategy._snapshot(step=0), 0
+
+    monkeypatch.setattr(swarm_module, "download_from_donors", download)
+    assert strategy._download(version=None) is not None
+    assert asked == [["b" * 64]]
     strategy.close()

@@ -1,12 +1,16 @@
 """State sync for newcomers: download the global state from several donors at once.
 
 A newcomer asks every donor for its manifest, picks the version most donors agree on (newest on
-a tie), and spreads chunk requests over the donors that hold exactly that manifest, sending each
+a tie; two manifests of one version held by as many donors each are a tie settled at random), and
+spreads chunk requests over the donors that hold exactly that manifest, sending each
 next chunk to the donor expected to deliver it soonest (its requests in flight times its observed
 latency). Every chunk is checked against the manifest's sha256 before it is kept; a donor that
 sends a bad chunk, refuses, times out or drops is struck off and its chunks are fetched again from
-the others. Nothing received is unpickled, and every size and count is checked against
-:class:`StateSyncLimits` before memory is allocated for it.
+the others. Once one usable manifest is in, the others get a grace period (``_MANIFEST_GRACE_S``,
+or four times the first one's time if longer), not the request timeout: one hung donor does not
+hold every download up. Nothing received is unpickled, and every size and count is checked
+against :class:`StateSyncLimits` before memory is allocated for it (a reply larger than the limits
+allow is refused by net at its first chunk).
 
 Donors live in :mod:`gossamer.train.state_sync_donor`, the message format in
 :mod:`gossamer.train.state_sync_wire`.
@@ -61,6 +65,10 @@ _log = logging.getLogger(__name__)
 _EWMA_WEIGHT = 0.3
 _HEDGE_FACTOR = 4.0
 _MIN_HEDGE_S = 0.05
+_MANIFEST_GRACE_S = 2.0
+"""How long the other donors' manifests are waited for once one usable manifest arrived (at
+least; four times the time that first one took, if longer)."""
+_MANIFEST_GRACE_FACTOR = 4.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -90,8 +98,15 @@ class _ReplyRouter:
     """Hands replies on a node's reply topic to the request that waits for them."""
 
     def __init__(self, node: BulkEndpoint) -> None:
+        self._node = node
         self._waiting: dict[bytes, tuple[str, asyncio.Future[tuple[ReplyHeader, memoryview]]]] = {}
-        node.on_bulk(REPLY_TOPIC, self._on_reply)
+        self._max_bytes = 0
+
+    def allow(self, limits: StateSyncLimits) -> None:
+        """Accept replies as large as ``limits`` allow (and as earlier downloads' limits did)."""
+        if limits.max_reply_bytes > self._max_bytes:
+            self._max_bytes = limits.max_reply_bytes
+            self._node.on_bulk(REPLY_TOPIC, self._on_reply, max_bytes=self._max_bytes)
 
     def expect(self, donor: str) -> tuple[bytes, asyncio.Future[tuple[ReplyHeader, memoryview]]]:
         request_id = secrets.token_bytes(16)
@@ -132,6 +147,8 @@ class _Download:
     deadline: float
     request_timeout_s: float
     failed: dict[str, str] = field(default_factory=dict)
+    manifest_s: float = 0.0
+    """How long the manifests took."""
 
     def remaining_s(self) -> float:
         return self.deadline - self.loop.time()
@@ -220,9 +237,11 @@ async def download_state(
     router = _routers.get(node)
     if router is None:
         router = _routers[node] = _ReplyRouter(node)
+    router.allow(limits)
     started = loop.time()
     job = _Download(node, router, loop, started + timeout_s, request_timeout_s)
     manifest, holders = await _choose_manifest(job, unique_donors, version, limits)
+    job.manifest_s = loop.time() - started
     chunks, stats, num_refetched = await _fetch_chunks(job, manifest, holders, max_chunks_in_flight)
     snapshot = await asyncio.to_thread(deserialize_snapshot, manifest, chunks)
     report = DownloadReport(
@@ -251,39 +270,73 @@ async def download_state(
 async def _choose_manifest(
     job: _Download, donors: list[str], version: int | None, limits: StateSyncLimits
 ) -> tuple[Manifest, list[str]]:
-    """Ask every donor for its manifest; pick the one most donors agree on (newest on a tie)."""
+    """Ask every donor for its manifest; pick the one most donors agree on (newest on a tie).
 
-    async def one(donor: str) -> Manifest | None:
+    Once a usable manifest (of ``version``, or any) is in, the other donors get the grace period
+    to answer; those still silent then are left out of this download (not struck off).
+    """
+    manifests: dict[str, Manifest] = {}
+    started = job.loop.time()
+
+    async def one(donor: str) -> None:
         try:
             _, body = await job.ask(donor, Request(kind=RequestKind.MANIFEST, request_id=b""))
-            return decode_manifest(body, limits)
+            # (up to 33 MB and a million digests with the default limits: off the event loop)
+            manifests[donor] = await asyncio.to_thread(decode_manifest, body, limits)
         except GossamerError as exc:
             if not (isinstance(exc, DeadlineExceededError) and job.remaining_s() <= 0):
                 job.strike(donor, exc)
-            return None
 
-    manifests = await asyncio.gather(*(one(d) for d in donors))
+    def usable(manifest: Manifest) -> bool:
+        return version is None or manifest.version == version
+
+    pending = {job.loop.create_task(one(d), name=f"state-manifest-{d[:8]}") for d in donors}
+    grace_ends: float | None = None
+    try:
+        while pending:
+            wait_s = None if grace_ends is None else max(0.0, grace_ends - job.loop.time())
+            _, pending = await asyncio.wait(pending, timeout=wait_s, return_when="FIRST_COMPLETED")
+            now = job.loop.time()
+            if grace_ends is None and any(usable(m) for m in manifests.values()):
+                grace_ends = now + max(_MANIFEST_GRACE_S, _MANIFEST_GRACE_FACTOR * (now - started))
+            if grace_ends is not None and now >= grace_ends:
+                break
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
     groups: dict[str, list[str]] = {}
     by_hash: dict[str, Manifest] = {}
-    for donor, manifest in zip(donors, manifests, strict=True):
-        if manifest is not None and (version is None or manifest.version == version):
+    for donor in donors:  # in the caller's order
+        manifest = manifests.get(donor)
+        if manifest is not None and usable(manifest):
             groups.setdefault(manifest.sha256, []).append(donor)
             by_hash[manifest.sha256] = manifest
-    if not groups and job.remaining_s() <= 0:
-        raise DeadlineExceededError(
-            f"no state manifest arrived before the deadline: {_reasons(job.failed, donors)}"
-        )
     if not groups:
         wanted = "any version" if version is None else f"version {version}"
-        raise PeerUnavailableError(
-            f"no donor offers {wanted} of the state: {_reasons(job.failed, donors)}"
-        )
-    best = max(groups, key=lambda h: (len(groups[h]), by_hash[h].version))
+        answers = _answers(job.failed, manifests, donors)
+        if job.remaining_s() <= 0:
+            raise DeadlineExceededError(
+                f"no state manifest of {wanted} arrived before the deadline: {answers}"
+            )
+        raise PeerUnavailableError(f"no donor offers {wanted} of the state: {answers}")
+    rank = max((len(holders), by_hash[h].version) for h, holders in groups.items())
+    tied = [h for h, holders in groups.items() if (len(holders), by_hash[h].version) == rank]
+    # Two manifests of one version, as many donors each: nothing tells the honest one, and a
+    # donor's place in the list is no evidence (the caller's hash checks catch the loser later).
+    best = tied[0] if len(tied) == 1 else secrets.choice(tied)
     chosen = by_hash[best]
+    why = "the majority's" if len(tied) == 1 else "the one chosen at random of a tie"
     for digest, members in groups.items():
         if digest != best and by_hash[digest].version == chosen.version:
             for donor in members:  # same version, other bytes: a liar or a diverged peer
-                job.strike(donor, CorruptedDataError("its manifest disagrees with the majority"))
+                job.strike(
+                    donor,
+                    CorruptedDataError(
+                        f"its manifest of version {chosen.version} differs from {why} "
+                        f"({len(groups[best])} donor(s) hold that one)"
+                    ),
+                )
     return chosen, groups[best]
 
 
@@ -354,8 +407,8 @@ async def _fetch_chunks(
             if job.remaining_s() <= 0:
                 raise DeadlineExceededError(
                     f"state version {manifest.version}: {num_done}/{manifest.num_chunks} chunks "
-                    f"fetched when the deadline passed; failed donors: "
-                    f"{_reasons(job.failed, holders)}"
+                    f"fetched when the deadline passed (the manifests took {job.manifest_s:.1f} "
+                    f"s of it); failed donors: {_reasons(job.failed, holders)}"
                 )
             for task, (_, donor, _) in list(tasks.items()):
                 if donor.peer_id in job.failed:  # struck off: stop waiting for it
@@ -437,3 +490,16 @@ def _check_and_place(
 def _reasons(failed: dict[str, str], donors: Sequence[str]) -> str:
     parts = [f"{d[:8]}: {failed[d]}" for d in donors if d in failed]
     return "; ".join(parts) if parts else "none answered"
+
+
+def _answers(failed: dict[str, str], manifests: dict[str, Manifest], donors: Sequence[str]) -> str:
+    """What each donor answered to the manifest request."""
+    parts = []
+    for donor in donors:
+        if donor in manifests:
+            parts.append(f"{donor[:8]}: has version {manifests[donor].version}")
+        elif donor in failed:
+            parts.append(f"{donor[:8]}: {failed[donor]}")
+        else:
+            parts.append(f"{donor[:8]}: no answer in time")
+    return "; ".join(parts)

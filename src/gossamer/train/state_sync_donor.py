@@ -2,14 +2,17 @@
 
 A donor serializes each published snapshot once and answers requests on net's bulk topics: a
 manifest request gets the newest manifest, a chunk request gets one chunk of the version it names.
-The snapshot it replaces stays available for ``grace_s`` (and while requests for it are in flight),
-so a newcomer halfway through a download is not cut off by the next outer step; at most two
-snapshots are ever held.
+The snapshot it replaces stays available while downloads use it (a request for it within the
+last ``grace_s``), so a newcomer halfway through a download is not cut off by the next outer step,
+however often the donor publishes: of the replaced snapshots, the one a download uses is kept
+(the newer of them when both are, or neither). At most two snapshots are held, and a reply holds
+a copy of its chunk only, not the snapshot it came from.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,6 +22,9 @@ from gossamer.core.clock import Clock, SystemClock
 from gossamer.core.errors import PeerUnavailableError
 from gossamer.train.state_sync_wire import (
     MAX_ERROR_BYTES,
+    MAX_REQUEST_BYTES,
+    MIN_CHUNK_BYTES,
+    REPLY_HEADER_BYTES,
     REPLY_TOPIC,
     REQUEST_TOPIC,
     ReplyHeader,
@@ -35,7 +41,6 @@ from gossamer.train.state_sync_wire import (
 __all__ = ["BulkEndpoint", "StateDonor"]
 
 _log = logging.getLogger(__name__)
-_MIN_CHUNK_BYTES = 4096
 
 
 class BulkEndpoint(Protocol):
@@ -45,9 +50,14 @@ class BulkEndpoint(Protocol):
     def peer_id(self) -> str: ...
 
     def on_bulk(
-        self, topic: str, handler: Callable[[str, str, bytearray], Awaitable[None]]
+        self,
+        topic: str,
+        handler: Callable[[str, str, bytearray], Awaitable[None]],
+        *,
+        max_bytes: int | None = None,
     ) -> None:
-        """Deliver complete transfers on ``topic`` to ``handler``."""
+        """Deliver complete transfers on ``topic`` to ``handler``; refuse larger ones than
+        ``max_bytes`` at their first chunk."""
 
     async def send_bulk(
         self,
@@ -65,7 +75,10 @@ class BulkEndpoint(Protocol):
 class _Served:
     snapshot: SerializedSnapshot
     superseded_at_s: float | None = None
+    last_request_s: float = -math.inf
+    """When a newcomer last asked for this snapshot's manifest or one of its chunks."""
     num_in_flight: int = 0
+    """Requests copying a chunk out of it right now."""
 
 
 class StateDonor:
@@ -75,11 +88,14 @@ class StateDonor:
         node: the peer's node (registers its request handler there).
         chunk_bytes: bytes per chunk; donors of one swarm should agree on it, since newcomers
             only combine donors whose manifests are identical.
-        grace_s: how long a replaced snapshot stays available to downloads in progress.
+        grace_s: how long a replaced snapshot stays available after a download last asked for
+            it.
         clock: time source for the grace period.
         max_requests_per_peer: requests of one peer served at once; more are refused (a
             newcomer asks at most ``max_chunks_in_flight`` at once, 8 by default). Each holds a
             copy of its chunk until the reply is handled, so one peer holds at most this many.
+        max_requests: requests served at once, of all peers together; more are refused (the
+            copies they hold are at most this many chunks).
         max_reply_timeout_s: longest a reply may take to be handled, whatever the request asks
             (its ``timeout_ms`` may say an hour; the reply's chunk copy is held that long).
     """
@@ -92,21 +108,24 @@ class StateDonor:
         grace_s: float = 30.0,
         clock: Clock | None = None,
         max_requests_per_peer: int = 16,
+        max_requests: int = 256,
         max_reply_timeout_s: float = 120.0,
     ) -> None:
-        if type(chunk_bytes) is not int or chunk_bytes < _MIN_CHUNK_BYTES:
-            raise ValueError(f"chunk_bytes must be an int >= {_MIN_CHUNK_BYTES}, got {chunk_bytes}")
+        if type(chunk_bytes) is not int or chunk_bytes < MIN_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be an int >= {MIN_CHUNK_BYTES}, got {chunk_bytes}")
         if grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {grace_s}")
-        if max_requests_per_peer < 1 or not max_reply_timeout_s > 0:
+        if max_requests_per_peer < 1 or max_requests < 1 or not max_reply_timeout_s > 0:
             raise ValueError(
-                "max_requests_per_peer and max_reply_timeout_s must be positive, got "
-                f"{max_requests_per_peer} and {max_reply_timeout_s}"
+                "max_requests_per_peer, max_requests and max_reply_timeout_s must be positive, "
+                f"got {max_requests_per_peer}, {max_requests} and {max_reply_timeout_s}"
             )
         self._max_requests_per_peer = max_requests_per_peer
+        self._max_requests = max_requests
         self._max_reply_timeout_s = max_reply_timeout_s
         self._num_serving: dict[str, int] = {}
         """Requests being served, by the peer that sent them."""
+        self._num_serving_all = 0
         self._node = node
         self._chunk_bytes = chunk_bytes
         self._grace_s = grace_s
@@ -119,7 +138,7 @@ class StateDonor:
         """Chunk bytes sent to newcomers so far."""
         self.num_requests_refused = 0
         """Requests answered with an error status or refused as malformed."""
-        node.on_bulk(REQUEST_TOPIC, self._on_request)
+        node.on_bulk(REQUEST_TOPIC, self._on_request, max_bytes=MAX_REQUEST_BYTES)
 
     @property
     def version(self) -> int | None:
@@ -143,8 +162,13 @@ class StateDonor:
                 raise RuntimeError("publish on a closed StateDonor")
             old = self._current
             if old is not None and old.snapshot.manifest.version != snapshot.version:
-                old.superseded_at_s = self._clock.monotonic()
-                self._previous = old  # the one before it is dropped: at most two are held
+                now = self._clock.monotonic()
+                old.superseded_at_s = now
+                previous = self._previous
+                # At most two are held: the older of the replaced ones stays only while a
+                # download uses it and none uses the newer one.
+                if previous is None or self._in_use(old, now) or not self._in_use(previous, now):
+                    self._previous = old
             self._current = _Served(snapshot=serialized)
         _log.info(
             "peer %s: serving state version %d (%d bytes, %d chunks)",
@@ -160,19 +184,25 @@ class StateDonor:
             self._closed = True
             self._current = self._previous = None
 
+    def _in_use(self, served: _Served, now: float) -> bool:
+        """Whether a download uses ``served``: a request for it is being served, or came within
+        the grace period (or it was replaced within the grace period)."""
+        return (
+            served.num_in_flight > 0
+            or now - max(served.last_request_s, served.superseded_at_s or -math.inf)
+            <= self._grace_s
+        )
+
     def _find(self, version: int) -> _Served | None:
         with self._lock:
+            now = self._clock.monotonic()
             previous = self._previous
-            if (
-                previous is not None
-                and previous.num_in_flight == 0
-                and previous.superseded_at_s is not None
-                and self._clock.monotonic() - previous.superseded_at_s > self._grace_s
-            ):
+            if previous is not None and not self._in_use(previous, now):
                 self._previous = previous = None
             for served in (self._current, previous):
                 if served is not None and served.snapshot.manifest.version == version:
                     served.num_in_flight += 1
+                    served.last_request_s = now
                     return served
             return None
 
@@ -195,7 +225,14 @@ class StateDonor:
                     f"{num_serving} requests of this peer are being served already (at most "
                     f"{self._max_requests_per_peer}): ask again once some are answered"
                 )
+            if self._num_serving_all >= self._max_requests:
+                self.num_requests_refused += 1
+                raise PeerUnavailableError(
+                    f"{self._num_serving_all} requests are being served already (at most "
+                    f"{self._max_requests}): ask again later, or ask another donor"
+                )
             self._num_serving[sender] = num_serving + 1
+            self._num_serving_all += 1
         try:
             if request.kind is RequestKind.MANIFEST:
                 await self._serve_manifest(sender, request)
@@ -203,6 +240,7 @@ class StateDonor:
                 await self._serve_chunk(sender, request)
         finally:
             with self._lock:
+                self._num_serving_all -= 1
                 self._num_serving[sender] -= 1
                 if not self._num_serving[sender]:
                     del self._num_serving[sender]
@@ -213,11 +251,15 @@ class StateDonor:
     async def _serve_manifest(self, sender: str, request: Request) -> None:
         with self._lock:
             closed, current = self._closed, self._current
+            if current is not None:
+                current.last_request_s = self._clock.monotonic()  # a download starts on it
         if current is None:
             status = ReplyStatus.CLOSED if closed else ReplyStatus.NOTHING_PUBLISHED
             await self._refuse(sender, request, status, "no snapshot published")
             return
-        await self._reply(sender, request, current.snapshot.manifest_bytes, current)
+        reply = self._ok_reply(request, current, current.snapshot.manifest_bytes)
+        del current  # the reply holds a copy: the snapshot may go while it is sent
+        await self._send(sender, request, reply)
 
     async def _serve_chunk(self, sender: str, request: Request) -> None:
         served = self._find(request.version)
@@ -228,26 +270,28 @@ class StateDonor:
             await self._refuse(sender, request, status, f"version {request.version} not held")
             return
         try:
-            manifest = served.snapshot.manifest
-            if request.index >= manifest.num_chunks:
-                await self._refuse(
-                    sender,
-                    request,
-                    ReplyStatus.BAD_REQUEST,
-                    f"chunk {request.index} of {manifest.num_chunks}",
-                )
-                return
-            start, stop = manifest.chunk_range(request.index)
-            body = memoryview(served.snapshot.blob)[start:stop]
-            await self._reply(sender, request, body, served)
-            with self._lock:
-                self.num_bytes_served += stop - start
+            num_chunks = served.snapshot.manifest.num_chunks
+            reply = self._chunk_reply(request, served) if request.index < num_chunks else None
         finally:
             self._done(served)
+        # Nothing of the snapshot is referenced past here: a reply that takes long to be
+        # handled holds its own chunk, never the whole snapshot (one of each published
+        # version used to stay alive while a slow requester's replies were on their way).
+        del served
+        if reply is None:
+            await self._refuse(
+                sender, request, ReplyStatus.BAD_REQUEST, f"chunk {request.index} of {num_chunks}"
+            )
+            return
+        await self._send(sender, request, reply)
+        with self._lock:
+            self.num_bytes_served += len(reply) - REPLY_HEADER_BYTES
 
-    async def _reply(
-        self, sender: str, request: Request, body: bytes | memoryview, served: _Served
-    ) -> None:
+    def _chunk_reply(self, request: Request, served: _Served) -> bytes:
+        start, stop = served.snapshot.manifest.chunk_range(request.index)
+        return self._ok_reply(request, served, memoryview(served.snapshot.blob)[start:stop])
+
+    def _ok_reply(self, request: Request, served: _Served, body: bytes | memoryview) -> bytes:
         header = ReplyHeader(
             kind=request.kind,
             status=ReplyStatus.OK,
@@ -256,11 +300,11 @@ class StateDonor:
             index=request.index,
             body_bytes=len(body),
         )
+        return encode_reply(header, body)
+
+    async def _send(self, sender: str, request: Request, reply: bytes) -> None:
         await self._node.send_bulk(
-            sender,
-            REPLY_TOPIC,
-            encode_reply(header, body),
-            timeout_s=self._reply_timeout_s(request),
+            sender, REPLY_TOPIC, reply, timeout_s=self._reply_timeout_s(request)
         )
 
     async def _refuse(

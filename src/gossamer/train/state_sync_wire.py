@@ -25,6 +25,7 @@ from gossamer.core.errors import CorruptedDataError, ProtocolError
 
 __all__ = [
     "MAX_REQUEST_BYTES",
+    "MIN_CHUNK_BYTES",
     "REPLY_HEADER_BYTES",
     "REPLY_TOPIC",
     "REQUEST_TOPIC",
@@ -54,6 +55,8 @@ MAX_REQUEST_BYTES = 512
 """Largest request accepted; requests are short JSON objects."""
 MAX_ERROR_BYTES = 1024
 """Longest error text in a reply."""
+MIN_CHUNK_BYTES = 4096
+"""Smallest chunk a donor cuts a state into (a state of one chunk may be smaller)."""
 MAX_TIMEOUT_MS = 3_600_000
 """Longest reply deadline a request may ask for."""
 
@@ -116,6 +119,12 @@ class StateSyncLimits:
     def max_manifest_bytes(self) -> int:
         """Largest manifest these limits allow."""
         return _MANIFEST_HEADER.size + self.max_meta_bytes + _DIGEST_BYTES * self.max_num_chunks
+
+    @property
+    def max_reply_bytes(self) -> int:
+        """Largest reply these limits allow (a larger one is refused before it is received)."""
+        body = max(self.max_chunk_bytes, self.max_manifest_bytes, MAX_ERROR_BYTES)
+        return _REPLY_HEADER.size + body
 
 
 class RequestKind(enum.IntEnum):
@@ -322,6 +331,11 @@ def decode_manifest(data: bytes | memoryview, limits: StateSyncLimits) -> Manife
     _check_limit("chunk bytes", chunk_bytes, limits.max_chunk_bytes, low=1)
     _check_limit("chunk count", num_chunks, limits.max_num_chunks, low=1)
     _check_limit("meta bytes", meta_len, limits.max_meta_bytes, low=0)
+    if num_chunks > 1 and chunk_bytes < MIN_CHUNK_BYTES:
+        raise ProtocolError(
+            f"state manifest cuts {total} bytes into chunks of {chunk_bytes} (donors cut chunks "
+            f"of at least {MIN_CHUNK_BYTES})"
+        )
     if num_chunks != -(-total // chunk_bytes):
         raise ProtocolError(
             f"state manifest lists {num_chunks} chunks for {total} bytes in chunks of {chunk_bytes}"

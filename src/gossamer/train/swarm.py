@@ -262,17 +262,22 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         return self.node_thread.node.peer_id[:8]
 
     def _others(self) -> list[str]:
-        me = self.node_thread.node.peer_id
-
-        async def known(node: Node) -> list[str]:
-            return [r.peer_id for r in node.peers() if r.peer_id != me]
-
-        return self.node_thread.run(known, timeout_s=10)
+        """The run's other active peers: the donors of its state (empty when the DHT cannot
+        be read). Every peer a node knows also serves state, of its own run: peers of other
+        runs in the same swarm would outvote this run's (a newcomer took another run's
+        weights of the same shapes)."""
+        try:
+            states = self.swarm_averager.run_states()
+        except GossamerError as exc:
+            logger.warning("peer %s: cannot read the run's members: %s", self._short(), exc)
+            return []
+        return [peer for peer, (state, _) in states.items() if state == "active"]
 
     def _download(
         self, version: int | None, donors: Sequence[str] | None = None
     ) -> StateSnapshot | None:
-        """The state most ``donors`` (every known peer if None) hold, or None if none serves it."""
+        """The state most ``donors`` (the run's active peers if None) hold, or None if none
+        serves it."""
         donors = self._others() if donors is None else list(donors)
         if not donors:
             return None

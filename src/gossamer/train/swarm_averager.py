@@ -452,7 +452,7 @@ class SwarmAverager:
         self._open_torch_store()
 
         async def make_mailbox(node: Node) -> tuple[Clock, CommMailbox]:
-            node.on_bulk(NUDGE_TOPIC, self._on_nudge)
+            node.on_bulk(NUDGE_TOPIC, self._on_nudge, max_bytes=_MAX_NUDGE_BYTES)
             return node.clock, CommMailbox(NetCommTransport(node), node.clock)
 
         # The node's clock: round formation's stamps and the node's heartbeats share it.
