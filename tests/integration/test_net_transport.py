@@ -101,6 +101,66 @@ def test_call_without_a_session_is_refused_before_decoding() -> None:
     _run(scenario)
 
 
+def test_a_call_without_a_session_is_refused_before_its_message_arrives() -> None:
+    """gRPC read a unary call's whole message before the refusal ran: a caller with no session
+    that sent all but the last byte of 8 MiB messages on many streams had the server hold 8 MiB
+    each (4 GiB for 512 streams on 4 connections). Here the caller sends nothing at all."""
+
+    async def scenario() -> None:
+        async with (
+            Node(_config()) as a,
+            grpc.aio.secure_channel(
+                a.addresses[0],
+                grpc.ssl_channel_credentials(root_certificates=cert_pem_of_der(a.tls.cert_der)),
+                options=[("grpc.ssl_target_name_override", TLS_SERVER_NAME)],
+            ) as channel,
+        ):
+            for method in (DHT_METHODS["Ping"], PUSH_ONE_METHOD, PUSH_METHOD):
+                call = channel.stream_unary(method)(timeout=10)  # no message, never closed
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call
+                assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, method
+
+    _run(scenario)
+
+
+def test_one_connection_carries_at_most_its_limit_of_calls_at_once() -> None:
+    """No limit was set: one connection could open any number of calls, each holding up to a
+    whole message in gRPC. Calls past the limit wait on the caller's side."""
+
+    async def scenario() -> None:
+        limits = LimitsConfig(max_concurrent_streams=16)
+        async with Node(_config(limits=limits)) as a, Node(_config()) as b:
+            await b.pool.dial(DialTarget(a.addresses[0]), expected_peer_id=a.peer_id)
+            await b.ping(a.peer_id)
+            await asyncio.sleep(0.5)  # the server's settings reached the caller (calls
+            # opened before they do, on a new connection, past the limit are refused)
+            running, peak, release, full = 0, 0, asyncio.Event(), asyncio.Event()
+
+            async def held(sender: str, topic: str, payload: bytearray) -> None:
+                nonlocal running, peak
+                running += 1
+                peak = max(peak, running)
+                if peak >= 16:
+                    full.set()
+                await release.wait()
+                running -= 1
+
+            a.on_bulk("held", held)
+            sends = [
+                asyncio.create_task(b.send_bulk(a.peer_id, "held", b"x", timeout_s=30))
+                for _ in range(24)
+            ]
+            await asyncio.wait_for(full.wait(), 10)
+            await asyncio.sleep(0.5)  # room for more, had the limit not held them
+            assert peak == 16
+            release.set()
+            await asyncio.gather(*sends)  # the rest went through once calls ended
+            assert peak == 16
+
+    _run(scenario)
+
+
 def test_random_bytes_to_every_method_get_clean_errors_and_the_node_survives() -> None:
     async def scenario() -> None:
         async with Node(_config()) as a, Node(_config()) as b:

@@ -102,6 +102,10 @@ class LimitsConfig:
     """Authenticated sessions a server keeps; the oldest is dropped past this."""
     bulk_idle_timeout_s: float = 30.0
     """An incomplete bulk transfer with no stream moving for this long is dropped."""
+    max_concurrent_streams: int = 256
+    """Calls one connection carries at once (more wait on the caller's side). A peer needs
+    about 64 relay tunnels, 16 comm messages, 8 state chunks and a few DHT calls and heartbeats
+    on one connection; each call may hold a message of up to ``max_message_bytes``."""
 
     def __post_init__(self) -> None:
         _require(
@@ -138,6 +142,11 @@ class LimitsConfig:
         _require(self.max_records_per_publisher >= 1, "limits.max_records_per_publisher", ">= 1")
         _require(self.max_sessions >= 1, "limits.max_sessions", ">= 1")
         _require(self.bulk_idle_timeout_s > 0, "limits.bulk_idle_timeout_s", "must be positive")
+        _require(
+            16 <= self.max_concurrent_streams <= 65536,
+            "limits.max_concurrent_streams",
+            f"must be between 16 and 65536, got {self.max_concurrent_streams}",
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -51,6 +51,10 @@ def grpc_options(config: NodeConfig) -> list[tuple[str, Any]]:
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_ping_interval_without_data_ms", int(config.keepalive_interval_s * 500)),
         ("grpc.http2.max_ping_strikes", 0),
+        # Calls one connection carries at once (HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS; a
+        # client queues the rest): each unary call may hold a whole message in gRPC before a
+        # handler sees it, so this bounds what one connection can make a server hold.
+        ("grpc.max_concurrent_streams", config.limits.max_concurrent_streams),
     ]
 
 
@@ -139,14 +143,13 @@ def _refusing_handler(
         await refuse(request, context)
         yield  # pragma: no cover
 
-    # Raw bytes in, nothing decoded: an unauthenticated request is never parsed.
+    # A streaming request whatever the method's kind: gRPC reads no message before the handler
+    # runs, and the refusal resets the stream. For a unary one it read the whole message first
+    # (up to limits.max_message_bytes): a caller with no session held 8 MiB a stalled stream,
+    # 4 GiB with 512 of them. Raw bytes, nothing decoded either way.
     if handler.response_streaming:
-        if handler.request_streaming:
-            return grpc.stream_stream_rpc_method_handler(refuse_streaming)
-        return grpc.unary_stream_rpc_method_handler(refuse_streaming)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse)
-    return grpc.unary_unary_rpc_method_handler(refuse)
+        return grpc.stream_stream_rpc_method_handler(refuse_streaming)
+    return grpc.stream_unary_rpc_method_handler(refuse)
 
 
 class _Malformed:
