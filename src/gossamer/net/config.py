@@ -103,7 +103,9 @@ class LimitsConfig:
     bulk_idle_timeout_s: float = 30.0
     """An incomplete bulk transfer with no stream moving for this long is dropped."""
     max_concurrent_streams: int = 256
-    """Calls one connection carries at once (more wait on the caller's side). A peer needs
+    """Calls one connection carries at once (more wait on the caller's side; at the limit
+    gRPC may refuse one, as ``PeerUnavailableError``, where the caller saw a slot free before
+    the server did). A peer needs
     about 64 relay tunnels, 16 comm messages, 8 state chunks and a few DHT calls and heartbeats
     on one connection; each call may hold a message of up to ``max_message_bytes``."""
 
