@@ -19,12 +19,14 @@ from gossamer.net.server import _session_var
 from gossamer.proto import net_pb2
 
 
-async def _push(receiver: BulkReceiver, chunks: list[net_pb2.BulkChunk]) -> net_pb2.BulkAck:
+async def _push(
+    receiver: BulkReceiver, chunks: list[net_pb2.BulkChunk], sender: str = "sender"
+) -> net_pb2.BulkAck:
     async def stream() -> AsyncIterator[ReceivedChunk]:
         for chunk in chunks:
             yield decode_chunk(chunk.SerializeToString())
 
-    _session_var.set(Session("sender", b"k" * 32, 0.0, None))
+    _session_var.set(Session(sender, b"k" * 32, 0.0, None))
     return await receiver.Push(stream(), None)  # type: ignore[arg-type]
 
 
@@ -192,7 +194,11 @@ def test_a_transfer_stays_counted_in_flight_while_its_handler_holds_it() -> None
     # Released before the handler ran, a sender could have any number of complete transfers
     # held by handlers at once (comm's waiting for a decode thread), counted nowhere.
     clock = FakeClock()
-    limits = LimitsConfig(max_bulk_transfer_bytes=600 << 10, max_bulk_inflight_bytes=1 << 20)
+    limits = LimitsConfig(
+        max_bulk_transfer_bytes=600 << 10,
+        max_bulk_sender_bytes=1 << 20,
+        max_bulk_inflight_bytes=1 << 20,
+    )
     receiver = BulkReceiver(limits, NetCounters(), clock)
 
     async def main() -> None:
@@ -221,5 +227,56 @@ def test_a_transfer_stays_counted_in_flight_while_its_handler_holds_it() -> None
         assert (await held).transfer_complete
         assert receiver._inflight_bytes == 0
         assert (await _push(receiver, whole("c"))).transfer_complete
+
+    asyncio.run(main())
+
+
+def test_one_sender_cannot_hold_the_budget_with_transfers_it_only_announced() -> None:
+    # A transfer counts at its announced size from its first byte: 128 streams announcing 128
+    # MiB each, a byte every 20 s, held the whole 16 GiB budget on 3 MiB of memory, and every
+    # other peer's message was refused "too many bulk bytes in flight".
+    limits = LimitsConfig(
+        max_bulk_transfer_bytes=1 << 20,
+        max_bulk_sender_bytes=2 << 20,
+        max_bulk_inflight_bytes=8 << 20,
+    )
+    receiver = BulkReceiver(limits, NetCounters(), FakeClock())
+    got: list[str] = []
+
+    async def handler(sender: str, topic: str, payload: bytearray) -> None:
+        got.append(sender)
+
+    receiver.register("t", handler)
+
+    async def trickle(transfer_id: str, stop: asyncio.Event) -> None:
+        """The first byte of a 1 MiB transfer's first stream, then nothing, the stream open."""
+
+        async def stream() -> AsyncIterator[ReceivedChunk]:
+            yield decode_chunk(
+                net_pb2.BulkChunk(
+                    transfer_id=transfer_id, topic="t", total_bytes=1 << 20, num_streams=2,
+                    offset=0, data=b"x",
+                ).SerializeToString()
+            )  # fmt: skip
+            await stop.wait()
+
+        _session_var.set(Session("hog", b"k" * 32, 0.0, None))
+        await receiver.Push(stream(), None)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        hogs = [asyncio.create_task(trickle(f"hog{i}", stop)) for i in range(8)]
+        await asyncio.sleep(0.01)
+        refused = [t for t in hogs if t.done() and isinstance(t.exception(), ProtocolError)]
+        assert len(refused) == 6  # two of its transfers fill its share
+        assert "limits.max_bulk_sender_bytes" in str(refused[0].exception())
+        data = b"y" * (1 << 20)
+        whole = net_pb2.BulkChunk(
+            transfer_id="m", topic="t", total_bytes=len(data), num_streams=1, offset=0, data=data
+        )
+        assert (await _push(receiver, [whole], sender="other")).transfer_complete
+        assert got == ["other"]
+        stop.set()
+        await asyncio.gather(*hogs, return_exceptions=True)
 
     asyncio.run(main())

@@ -156,7 +156,11 @@ async def _push(receiver: BulkReceiver, chunks: list[net_pb2.BulkChunk]) -> Any:
 def test_bulk_receiver_given_random_chunks_never_allocates_unbounded(
     raw: list[bytes], total: int
 ) -> None:
-    limits = LimitsConfig(max_bulk_transfer_bytes=1 << 20, max_bulk_inflight_bytes=1 << 20)
+    limits = LimitsConfig(
+        max_bulk_transfer_bytes=1 << 20,
+        max_bulk_sender_bytes=1 << 20,
+        max_bulk_inflight_bytes=1 << 20,
+    )
     receiver = BulkReceiver(limits, NetCounters())
     delivered: list[bytes] = []
 

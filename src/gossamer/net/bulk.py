@@ -222,7 +222,10 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
         self._transfers: dict[tuple[str, str], _Transfer] = {}
         self._inflight_bytes = 0
         self._num_unfinished: Counter[str] = Counter()
-        """Transfers under way, by sender (each counted from its first chunk to its end)."""
+        """Transfers under way, by sender (each counted from its first chunk until it failed
+        or its handler returned)."""
+        self._sender_bytes: Counter[str] = Counter()
+        """Bytes of those transfers, by sender: its share of the in-flight budget."""
 
     @overload
     def register(
@@ -299,8 +302,15 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
         key = (sender, first.transfer_id)
         transfer = self._transfers.get(key)
         if transfer is None:
-            if self._inflight_bytes + total > self._limits.max_bulk_inflight_bytes:
+            if not self._fits(sender, total):
                 self.expire_idle()  # (a scan of every transfer: only when the budget is short)
+            if self._sender_bytes[sender] + total > self._limits.max_bulk_sender_bytes:
+                raise ProtocolError(
+                    f"this peer's bulk transfers in flight here hold {self._sender_bytes[sender]} "
+                    f"bytes; with {total} more they pass its share "
+                    f"(limits.max_bulk_sender_bytes, {self._limits.max_bulk_sender_bytes}): "
+                    "finish some first"
+                )
             if self._inflight_bytes + total > self._limits.max_bulk_inflight_bytes:
                 raise ProtocolError("too many bulk bytes in flight; try again later")
             if self._num_unfinished[sender] >= _MAX_UNFINISHED_PER_SENDER:
@@ -322,6 +332,7 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
                 transfer.segments[0] = data if first.topic in self._read_only else bytearray(data)
             self._transfers[key] = transfer
             self._inflight_bytes += total
+            self._sender_bytes[sender] += total
             self._num_unfinished[sender] += 1
             return key, transfer, whole
         elif (transfer.total, transfer.topic, transfer.num_streams) != (
@@ -402,7 +413,7 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
                     await handler(sender, transfer.topic, transfer.payload())  # type: ignore[arg-type]
             finally:
                 if held:
-                    self._inflight_bytes -= transfer.total
+                    self._release(sender, transfer.total)
             return net_pb2.BulkAck(received_bytes=received, transfer_complete=True)
         except BaseException:
             if transfer is not None and key is not None and key in self._transfers:
@@ -454,17 +465,32 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
         """Incoming transfers waiting for more streams."""
         return len(self._transfers)
 
+    def _fits(self, sender: str, total: int) -> bool:
+        """Whether a new transfer of ``total`` bytes from ``sender`` fits its share and the
+        budget."""
+        return (
+            self._sender_bytes[sender] + total <= self._limits.max_bulk_sender_bytes
+            and self._inflight_bytes + total <= self._limits.max_bulk_inflight_bytes
+        )
+
     def _close(self, key: tuple[str, str], transfer: _Transfer, *, release: bool = True) -> bool:
-        """Forget an open transfer (and, with ``release``, its bytes in flight); whether it
-        was open."""
+        """Forget an open transfer and, with ``release``, what it counts in flight (else the
+        caller releases it later); whether it was open."""
         if self._transfers.pop(key, None) is None:
             return False
         if release:
-            self._inflight_bytes -= transfer.total
-        self._num_unfinished[key[0]] -= 1
-        if not self._num_unfinished[key[0]]:
-            del self._num_unfinished[key[0]]
+            self._release(key[0], transfer.total)
         return True
+
+    def _release(self, sender: str, total: int) -> None:
+        """A transfer of ``sender``'s ended: its bytes and its place leave the counts."""
+        self._inflight_bytes -= total
+        self._sender_bytes[sender] -= total
+        if not self._sender_bytes[sender]:
+            del self._sender_bytes[sender]
+        self._num_unfinished[sender] -= 1
+        if not self._num_unfinished[sender]:
+            del self._num_unfinished[sender]
 
 
 def _pre_serialized(message: bytes) -> bytes:

@@ -83,10 +83,17 @@ class LimitsConfig:
     """Largest single gRPC message sent or received."""
     bulk_chunk_bytes: int = 4 * _MiB
     """Payload bytes per bulk-stream chunk (a transfer of up to one chunk is one unary call)."""
-    max_bulk_transfer_bytes: int = 8 << 30
-    """Largest bulk transfer accepted."""
-    max_bulk_inflight_bytes: int = 16 << 30
-    """Bytes of all incomplete incoming bulk transfers together."""
+    max_bulk_transfer_bytes: int = 1 << 30
+    """Largest bulk transfer accepted (8 GiB until 2026-12-06; comm's messages are at most
+    128 MiB, state sync's replies 64 MiB)."""
+    max_bulk_inflight_bytes: int = 4 << 30
+    """Bytes of all incoming bulk transfers together, counted at the size each announces from
+    its first chunk until it failed or its handler returned (16 GiB, more than many machines'
+    memory, until 2026-12-06)."""
+    max_bulk_sender_bytes: int = 1 << 30
+    """One sender's share of ``max_bulk_inflight_bytes``: without it one peer announcing large
+    transfers and trickling their bytes held the whole budget, and every other peer's message
+    was refused. A peer's comm round needs about 16 messages of up to 8 MiB."""
     max_record_value_bytes: int = 16 * 1024
     """Largest DHT record value."""
     max_records_per_key: int = 1024
@@ -123,9 +130,13 @@ class LimitsConfig:
         )
         _require(self.max_bulk_transfer_bytes > 0, "limits.max_bulk_transfer_bytes", "> 0")
         _require(
-            self.max_bulk_inflight_bytes >= self.max_bulk_transfer_bytes,
-            "limits.max_bulk_inflight_bytes",
-            "must be at least limits.max_bulk_transfer_bytes",
+            self.max_bulk_transfer_bytes
+            <= self.max_bulk_sender_bytes
+            <= self.max_bulk_inflight_bytes,
+            "limits.max_bulk_sender_bytes",
+            f"must be at least limits.max_bulk_transfer_bytes ({self.max_bulk_transfer_bytes}) "
+            f"and at most limits.max_bulk_inflight_bytes ({self.max_bulk_inflight_bytes}), got "
+            f"{self.max_bulk_sender_bytes}",
         )
         _require(self.max_record_value_bytes > 0, "limits.max_record_value_bytes", "> 0")
         _require(self.max_records_per_key >= 1, "limits.max_records_per_key", ">= 1")
