@@ -44,7 +44,7 @@ async def _push(receiver: BulkReceiver, chunks: list[net_pb2.BulkChunk]) -> net_
         for chunk in chunks:
             yield decode_chunk(chunk.SerializeToString())
 
-    _session_var.set(Session("sender", b"k" * 32, 0.0, None))
+    _session_var.set(Session("sender", b"k" * 32, 0.0))
     return await receiver.Push(stream(), None)  # type: ignore[arg-type]
 
 
@@ -177,7 +177,7 @@ def test_a_read_only_handler_gets_a_one_chunk_transfer_as_a_view_of_the_message(
     async def stream() -> AsyncIterator[ReceivedChunk]:
         yield decode_chunk(wire)
 
-    _session_var.set(Session("sender", b"k" * 32, 0.0, None))
+    _session_var.set(Session("sender", b"k" * 32, 0.0))
     ack = asyncio.run(receiver.Push(stream(), None))  # type: ignore[arg-type]
     assert ack.transfer_complete
     assert isinstance(got[0], memoryview)

@@ -26,7 +26,7 @@ async def _push(
         for chunk in chunks:
             yield decode_chunk(chunk.SerializeToString())
 
-    _session_var.set(Session(sender, b"k" * 32, 0.0, None))
+    _session_var.set(Session(sender, b"k" * 32, 0.0))
     return await receiver.Push(stream(), None)  # type: ignore[arg-type]
 
 
@@ -122,7 +122,7 @@ def test_a_stream_that_sends_nothing_is_dropped_after_the_idle_timeout() -> None
         await asyncio.sleep(60)  # the sender keeps the stream open and sends nothing more
 
     async def main() -> None:
-        _session_var.set(Session("sender", b"k" * 32, 0.0, None))
+        _session_var.set(Session("sender", b"k" * 32, 0.0))
         await receiver.Push(silent(), None)  # type: ignore[arg-type]
 
     with pytest.raises(ProtocolError, match="sent nothing for"):
@@ -172,7 +172,7 @@ def test_memory_follows_the_bytes_that_came_not_the_size_announced() -> None:
         await more.wait()  # the stream stays open, the rest never comes
 
     async def main() -> int:
-        _session_var.set(Session("sender", b"k" * 32, 0.0, None))
+        _session_var.set(Session("sender", b"k" * 32, 0.0))
         push = asyncio.create_task(receiver.Push(stream(), None))  # type: ignore[arg-type]
         await asyncio.sleep(0.1)
         assert receiver.num_incomplete == 1
@@ -260,7 +260,7 @@ def test_one_sender_cannot_hold_the_budget_with_transfers_it_only_announced() ->
             )  # fmt: skip
             await stop.wait()
 
-        _session_var.set(Session("hog", b"k" * 32, 0.0, None))
+        _session_var.set(Session("hog", b"k" * 32, 0.0))
         await receiver.Push(stream(), None)  # type: ignore[arg-type]
 
     async def main() -> None:

@@ -84,6 +84,49 @@ def test_oversized_record_value_is_refused_before_verifying() -> None:
         check_record(record, now_s=CLOCK.wall(), max_value_bytes=4096)
 
 
+def _unknown_field(num_bytes: int) -> bytes:
+    """Field 99, length-delimited: no record type has it."""
+    size, length = num_bytes, bytearray()
+    while size > 0x7F:
+        length.append(0x80 | (size & 0x7F))
+        size >>= 7
+    length.append(size)
+    return b"\x9a\x06" + bytes(length) + b"u" * num_bytes
+
+
+def test_records_carrying_fields_nobody_signed_are_refused() -> None:
+    """Protobuf keeps fields it does not know and passes them on: a 1-byte value with a 7 MiB
+    unknown field passed the signature and the value limit, was stored for its 7 days, and two
+    of them under a key made every lookup answer larger than a message may be."""
+    record = sign_record(_IDENTITY, b"k" * 32, b"v", now_s=CLOCK.wall(), ttl_s=10)
+    assert check_record(record, now_s=CLOCK.wall(), max_value_bytes=1024)  # intact: fine
+    bloated = net_pb2.SignedRecord.FromString(record.SerializeToString() + _unknown_field(1 << 20))
+    with pytest.raises(ProtocolError, match="does not know"):
+        check_record(bloated, now_s=CLOCK.wall(), max_value_bytes=1024)
+    long_signature = net_pb2.SignedRecord()
+    long_signature.CopyFrom(record)
+    long_signature.signature += b"s" * 1000
+    with pytest.raises(ProtocolError, match="signature"):
+        check_record(long_signature, now_s=CLOCK.wall(), max_value_bytes=1024)
+
+    peer = net_pb2.SignedPeerRecord.FromString(_VALID_RECORD)
+    assert parse_peer_record(peer, now_s=CLOCK.wall(), max_value_bytes=1024)
+    for wrapped in (
+        _VALID_RECORD + _unknown_field(1 << 20),  # beside the record
+        net_pb2.SignedPeerRecord(
+            record=net_pb2.SignedRecord.FromString(
+                peer.record.SerializeToString() + _unknown_field(1 << 20)
+            )
+        ).SerializeToString(),  # inside it
+    ):
+        with pytest.raises(ProtocolError, match="does not know"):
+            parse_peer_record(
+                net_pb2.SignedPeerRecord.FromString(wrapped),
+                now_s=CLOCK.wall(),
+                max_value_bytes=1024,
+            )
+
+
 @FUZZ
 @given(st.binary(max_size=512), st.binary(max_size=512))
 def test_handshake_messages_from_random_bytes_fail_cleanly(hello: bytes, prove: bytes) -> None:
@@ -139,7 +182,7 @@ def test_dht_handlers_given_random_requests_fail_cleanly(
 
 
 def _session() -> Session:
-    return Session("s" * 52, b"p" * 32, 0.0, None)
+    return Session("s" * 52, b"p" * 32, 0.0)
 
 
 async def _push(receiver: BulkReceiver, chunks: list[net_pb2.BulkChunk]) -> Any:

@@ -28,7 +28,7 @@ def test_both_sides_prove_their_ids_and_the_client_gets_a_session() -> None:
     client = Identity.generate()
     handshake = ClientHandshake(client, CERT, SECRET, expected_peer_id=server.peer_id)
     server_id, proof = handshake.prove(authority.hello(handshake.hello()), None)
-    token, session = authority.prove(proof, "ipv4:127.0.0.1:1")
+    token, session, _ = authority.prove(proof, "ipv4:127.0.0.1:1")
     assert server_id == server.peer_id
     assert session.peer_id == client.peer_id
     assert authority.session(token) == session
@@ -116,16 +116,36 @@ def test_malformed_hello_is_a_protocol_error() -> None:
         authority.hello(net_pb2.HelloRequest(version=7))
 
 
-def test_sessions_are_bounded_oldest_first() -> None:
+def _session_of(authority: HandshakeAuthority, client: Identity | None = None) -> str:
+    handshake = ClientHandshake(client or Identity.generate(), CERT, SECRET, expected_peer_id=None)
+    _, proof = handshake.prove(authority.hello(handshake.hello()), None)
+    return authority.prove(proof, "a")[0]
+
+
+def test_sessions_are_bounded_the_one_unused_longest_first() -> None:
     _, authority, _ = _authority()
-    tokens = []
-    for _ in range(5):
-        handshake = ClientHandshake(Identity.generate(), CERT, SECRET, expected_peer_id=None)
-        _, proof = handshake.prove(authority.hello(handshake.hello()), None)
-        tokens.append(authority.prove(proof, "a")[0])
+    tokens = [_session_of(authority) for _ in range(3)]
+    assert authority.session(tokens[0]) is not None  # a call on it: it was used last
+    tokens += [_session_of(authority) for _ in range(2)]
     assert authority.num_sessions == 3
-    assert authority.session(tokens[0]) is None
+    assert authority.session(tokens[1]) is None
+    assert authority.session(tokens[2]) is None
+    assert authority.session(tokens[0]) is not None  # the oldest, but in use
     assert authority.session(tokens[-1]) is not None
+
+
+def test_one_identity_repeating_the_handshake_pushes_out_only_its_own_sessions() -> None:
+    """One identity made 1,140 handshakes a second: the oldest sessions went first, everyone
+    else's within seconds, and their calls failed (each session also kept the 7 MiB record its
+    Prove carried)."""
+    server = Identity.generate()
+    authority = HandshakeAuthority(server, CERT, SECRET, FakeClock(), max_sessions=100)
+    others = [_session_of(authority) for _ in range(10)]
+    churner = Identity.generate()
+    churned = [_session_of(authority, churner) for _ in range(200)]
+    assert all(authority.session(token) is not None for token in others)
+    assert sum(authority.session(token) is not None for token in churned) == 8
+    assert authority.session(churned[-1]) is not None
 
 
 def test_open_swarm_needs_no_secret() -> None:

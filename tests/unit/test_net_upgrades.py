@@ -285,7 +285,7 @@ def test_direct_reservation_is_kept_apart_from_relaying() -> None:
         ended: list[str] = []
         relay.on_direct_reservation = started.append
         relay.on_direct_reservation_ended = ended.append
-        _session_var.set(Session("nated", b"k" * 32, 0.0, None))
+        _session_var.set(Session("nated", b"k" * 32, 0.0))
         events: Any = relay.Reserve(net_pb2.ReserveRequest(direct=True), _Context())  # type: ignore[arg-type]
         first = await anext(events)
         assert first.reserved
@@ -311,7 +311,7 @@ def test_direct_reservation_is_kept_apart_from_relaying() -> None:
 def test_relay_reservation_still_refused_when_not_serving() -> None:
     async def scenario() -> None:
         relay = _relay(NetCounters(), serve=False)
-        _session_var.set(Session("nated", b"k" * 32, 0.0, None))
+        _session_var.set(Session("nated", b"k" * 32, 0.0))
         events: Any = relay.Reserve(net_pb2.ReserveRequest(), _Context())  # type: ignore[arg-type]
         with pytest.raises(PeerUnavailableError):
             await anext(events)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from gossamer.core.errors import ConfigError, ProtocolError
 from gossamer.net.addresses import split_host_port
 from gossamer.net.identity import digest_of_peer_id
+from gossamer.net.records import RECORD_OVERHEAD_BYTES
 
 __all__ = [
     "BreakerConfig",
@@ -19,8 +20,6 @@ __all__ = [
 ]
 
 _MiB = 1 << 20
-_RECORD_OVERHEAD_BYTES = 256
-"""A signed DHT record's bytes besides its value (key, public key, signature, times), at most."""
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -140,13 +139,13 @@ class LimitsConfig:
         )
         _require(self.max_record_value_bytes > 0, "limits.max_record_value_bytes", "> 0")
         _require(self.max_records_per_key >= 1, "limits.max_records_per_key", ">= 1")
-        answer = self.max_key_bytes + self.max_records_per_key * _RECORD_OVERHEAD_BYTES
+        answer = self.max_key_bytes + self.max_records_per_key * RECORD_OVERHEAD_BYTES
         _require(
             self.max_record_value_bytes <= self.max_key_bytes
             and answer <= self.max_message_bytes // 2,
             "limits.max_key_bytes",
             f"must be at least limits.max_record_value_bytes ({self.max_record_value_bytes}), "
-            f"and with {_RECORD_OVERHEAD_BYTES} bytes for each of limits.max_records_per_key "
+            f"and with {RECORD_OVERHEAD_BYTES} bytes for each of limits.max_records_per_key "
             f"({self.max_records_per_key}) at most half of limits.max_message_bytes "
             f"({self.max_message_bytes}): a lookup's answer carries a key's records; got "
             f"{self.max_key_bytes}",

@@ -17,7 +17,7 @@ import hashlib
 import hmac
 import logging
 import secrets
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from gossamer.core.clock import Clock
@@ -47,6 +47,9 @@ HANDSHAKE_VERSION = 1
 SESSION_METADATA_KEY = "gossamer-session"
 NONCE_BYTES = 32
 _MAX_PENDING = 4096
+_MAX_SESSIONS_PER_PEER = 8
+"""Sessions one peer id keeps (a peer reconnecting makes a new one; its calls on the old
+connection may still be in flight)."""
 
 
 def transcript(
@@ -98,8 +101,6 @@ class Session:
     """The caller's public key."""
     created_at_s: float
     """Monotonic time of the handshake."""
-    record: net_pb2.SignedPeerRecord | None
-    """The caller's peer record, if it sent one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +118,9 @@ class HandshakeAuthority:
         cert_sha256: fingerprint of this node's TLS certificate.
         swarm_secret: the swarm secret, or None for an open swarm.
         clock: time source for expiring challenges.
-        max_sessions: sessions kept; the oldest goes first.
+        max_sessions: sessions kept; the one unused longest goes first. A peer keeps at most
+            ``_MAX_SESSIONS_PER_PEER`` (its oldest goes first), so one identity repeating the
+            handshake cannot push the others' out.
         challenge_ttl_s: how long a Hello's challenge stays valid.
     """
 
@@ -139,6 +142,9 @@ class HandshakeAuthority:
         self._challenge_ttl_s = challenge_ttl_s
         self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
         self._sessions: OrderedDict[str, Session] = OrderedDict()
+        """By token, the one used least recently first."""
+        self._tokens_of: dict[str, deque[str]] = {}
+        """Each peer's tokens, oldest first."""
         self.num_refused = 0
         """Handshakes refused (bad signature, wrong secret, malformed)."""
 
@@ -180,7 +186,9 @@ class HandshakeAuthority:
             server_swarm_proof=swarm_proof(self._secret, message),
         )
 
-    def prove(self, request: net_pb2.ProveRequest, remote: str) -> tuple[str, Session]:
+    def prove(
+        self, request: net_pb2.ProveRequest, remote: str
+    ) -> tuple[str, Session, net_pb2.SignedPeerRecord | None]:
         """Check a client's proof and grant it a session.
 
         Args:
@@ -188,7 +196,8 @@ class HandshakeAuthority:
             remote: the caller's transport address, for the log line.
 
         Returns:
-            The session token and the session.
+            The session token, the session, and the peer record the client sent, if any (for
+            the caller to check and learn; the session does not keep it).
 
         Raises:
             AuthenticationError: the signature or the swarm proof is wrong, or the challenge is
@@ -216,16 +225,30 @@ class HandshakeAuthority:
             self._refuse(remote, claimed, "its signature does not match the key of its peer id")
         token = secrets.token_hex(32)
         record = request.client_record if request.HasField("client_record") else None
-        session = Session(claimed, pending.client_public_key, self._clock.monotonic(), record)
+        session = Session(claimed, pending.client_public_key, self._clock.monotonic())
         self._sessions[token] = session
+        tokens = self._tokens_of.setdefault(claimed, deque())
+        tokens.append(token)
+        if len(tokens) > _MAX_SESSIONS_PER_PEER:
+            self._forget(tokens[0])
         while len(self._sessions) > self._max_sessions:
-            self._sessions.popitem(last=False)
+            self._forget(next(iter(self._sessions)))
         _log.debug("peer %s: authenticated %s from %s", self._short, short_peer_id(claimed), remote)
-        return token, session
+        return token, session, record
 
     def session(self, token: str) -> Session | None:
-        """The session behind a token, or None."""
-        return self._sessions.get(token)
+        """The session behind a token, or None (a session found counts as used now)."""
+        session = self._sessions.get(token)
+        if session is not None:
+            self._sessions.move_to_end(token)
+        return session
+
+    def _forget(self, token: str) -> None:
+        session = self._sessions.pop(token)
+        tokens = self._tokens_of[session.peer_id]
+        tokens.remove(token)  # (at most _MAX_SESSIONS_PER_PEER long)
+        if not tokens:
+            del self._tokens_of[session.peer_id]
 
     @property
     def num_sessions(self) -> int:

@@ -289,10 +289,10 @@ class Node:
         """Every peer this node knows a valid record of."""
         return self.directory.records()
 
-    def _on_session(self, session: Session) -> None:
+    def _on_session(self, session: Session, record: net_pb2.SignedPeerRecord | None) -> None:
         self.directory.contacted(session.peer_id)
-        if session.record is not None:
-            self.dht.learn(session.record)
+        if record is not None:
+            self.dht.learn(record)
         self.upgrades.session_opened(session.peer_id)
 
     def _resolve(self, peer_id: str) -> list[DialTarget]:

@@ -28,6 +28,7 @@ from gossamer.proto import net_pb2
 __all__ = [
     "MAX_CLOCK_SKEW_S",
     "MAX_RECORD_TTL_S",
+    "RECORD_OVERHEAD_BYTES",
     "PeerRecord",
     "check_record",
     "parse_peer_record",
@@ -39,6 +40,15 @@ MAX_CLOCK_SKEW_S = 120.0
 """Records published further in the future than this are refused."""
 MAX_RECORD_TTL_S = 7 * 24 * 3600.0
 """Longest lifetime a record may claim."""
+RECORD_OVERHEAD_BYTES = 256
+"""A signed record's bytes besides its value, at most: key, publisher key, times, signature and
+their tags take 158. A record carrying more (fields this version does not know, which protobuf
+keeps and passes on) is refused: they are outside the signature and the size limits, and one
+peer's records of a few MiB each held the memory of every node storing them and made every
+lookup answer larger than a message may be."""
+_SIGNATURE_BYTES = 64
+_PEER_RECORD_WRAPPER_BYTES = 6
+"""``SignedPeerRecord``'s bytes besides its one record: a tag and a length."""
 _MAX_ADDRESSES = 16
 _MAX_ADDRESS_CHARS = 256
 _MAX_RELAYS = 8
@@ -96,6 +106,13 @@ def check_record(record: net_pb2.SignedRecord, *, now_s: float, max_value_bytes:
         raise ProtocolError(f"record value of {len(record.value)} bytes > {max_value_bytes}")
     if len(record.publisher_public_key) != PUBLIC_KEY_BYTES:
         raise ProtocolError("record publisher key is not 32 bytes")
+    if len(record.signature) != _SIGNATURE_BYTES:
+        raise ProtocolError(f"record signature has {len(record.signature)} bytes, not 64")
+    if record.ByteSize() > len(record.value) + RECORD_OVERHEAD_BYTES:
+        raise ProtocolError(
+            f"record of {record.ByteSize()} bytes for a value of {len(record.value)}: it carries "
+            "fields this version does not know"
+        )
     published, expires = record.published_at_s, record.expires_at_s
     if not (published == published and expires == expires):  # NaN
         raise ProtocolError("record times are not numbers")
@@ -160,6 +177,8 @@ def parse_peer_record(
     """
     record = signed.record
     peer_id = check_record(record, now_s=now_s, max_value_bytes=max_value_bytes)
+    if signed.ByteSize() > record.ByteSize() + _PEER_RECORD_WRAPPER_BYTES:
+        raise ProtocolError("peer record carries fields this version does not know")
     if record.key != digest_of_peer_id(peer_id):
         raise ProtocolError("a peer record must be filed under its publisher's own id")
     try:

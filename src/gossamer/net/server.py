@@ -91,13 +91,13 @@ class _HandshakeServicer(net_pb2_grpc.HandshakeServicer):
         self, request: net_pb2.ProveRequest, context: grpc.aio.ServicerContext
     ) -> net_pb2.ProveResponse:
         try:
-            token, session = self._server.authority.prove(request, context.peer())
+            token, session, record = self._server.authority.prove(request, context.peer())
         except GossamerError as exc:
             self._server.counters.num_handshakes_refused += 1
             self._server.counters.error(exc)
             await context.abort(*status_of_error(exc))
             raise AssertionError("unreachable") from exc
-        self._server.on_session(session)
+        self._server.on_session(session, record)
         return net_pb2.ProveResponse(session_token=token, session_ttl_s=0.0)
 
 
@@ -253,7 +253,8 @@ class NetServer:
         config: the node config (listen address, limits, keepalive, swarm secret).
         clock: time source.
         counters: where calls and errors are counted.
-        on_session: called with each newly authenticated session (e.g. to learn its record).
+        on_session: called with each newly authenticated session and the peer record its
+            caller sent, if any (to check and learn).
     """
 
     def __init__(
@@ -263,7 +264,7 @@ class NetServer:
         config: NodeConfig,
         clock: Clock,
         counters: NetCounters,
-        on_session: Callable[[Session], None] | None = None,
+        on_session: Callable[[Session, net_pb2.SignedPeerRecord | None], None] | None = None,
     ) -> None:
         self.identity = identity
         self.tls = tls
@@ -311,10 +312,10 @@ class NetServer:
                     return handler
         return None
 
-    def on_session(self, session: Session) -> None:
+    def on_session(self, session: Session, record: net_pb2.SignedPeerRecord | None) -> None:
         """Called by the handshake servicer for each new session."""
         if self._on_session is not None:
-            self._on_session(session)
+            self._on_session(session, record)
 
     async def start(self) -> None:
         """Bind and start serving.
