@@ -280,3 +280,33 @@ def test_one_sender_cannot_hold_the_budget_with_transfers_it_only_announced() ->
         await asyncio.gather(*hogs, return_exceptions=True)
 
     asyncio.run(main())
+
+
+def test_a_broken_transfer_lets_its_bytes_go_while_its_exception_lives() -> None:
+    # The exception of a broken stream holds the frame that held the stream's bytes, and what
+    # aborts the call holds the exception: the bytes stayed until the cyclic collector ran
+    # (repeated 64 MiB transfers ended short grew a peer to 781 MiB with none counted).
+    receiver = BulkReceiver(LimitsConfig(), NetCounters(), FakeClock())
+
+    async def handler(sender: str, topic: str, payload: bytearray) -> None:
+        raise AssertionError("a broken transfer is never delivered")
+
+    receiver.register("t", handler)
+    piece = b"x" * (1 << 20)
+    short = [  # 8 MiB of stream 0's 16, then it ends
+        net_pb2.BulkChunk(
+            transfer_id="s", topic="t", total_bytes=32 << 20, num_streams=2, offset=i << 20,
+            data=piece,
+        )
+        for i in range(8)
+    ]  # fmt: skip
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError, match="ended short") as caught:
+            asyncio.run(_push(receiver, short))
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert caught.value.__traceback__ is not None  # the exception and its frames live on
+    assert held < 2 << 20, f"{held >> 20} MiB still held"  # (the last chunk, as received)
+    assert receiver.num_incomplete == 0

@@ -169,6 +169,8 @@ class _Transfer:
     num_finished_streams: int = 0
     num_active_streams: int = 0
     delivered: bool = False
+    failed: bool = False
+    """A stream of it broke: it is never delivered, and its bytes are let go at once."""
     segments: dict[int, bytearray | memoryview] = field(default_factory=dict)
     """What each stream brought so far, by its start offset. A stream's bytes are kept as they
     arrive, not in a buffer of the announced size made at the first chunk: that took (and
@@ -393,6 +395,8 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
             self._counters.received(sender, received)
             if transfer is None or key is None:
                 return net_pb2.BulkAck(received_bytes=0, transfer_complete=False)
+            if transfer.failed:
+                raise ProtocolError("another stream of this bulk transfer broke")
             if next_offset != stop:
                 raise ProtocolError("bulk stream ended short of its share of the payload")
             transfer.num_finished_streams += 1
@@ -416,8 +420,17 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
                     self._release(sender, transfer.total)
             return net_pb2.BulkAck(received_bytes=received, transfer_complete=True)
         except BaseException:
-            if transfer is not None and key is not None and key in self._transfers:
-                self._close(key, transfer)  # a broken stream dooms the transfer
+            if transfer is not None and key is not None:
+                if key in self._transfers:
+                    self._close(key, transfer)  # a broken stream dooms the transfer
+                if not transfer.delivered:
+                    # Its bytes go now, not when the cyclic collector gets to this frame: the
+                    # exception holds it, and what aborts the call holds the exception
+                    # (repeated 64 MiB transfers ended short grew a peer by 500 MiB).
+                    transfer.failed = True
+                    for kept in transfer.segments.values():
+                        if isinstance(kept, bytearray):
+                            kept.clear()
             raise
         finally:
             if transfer is not None:

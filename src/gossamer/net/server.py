@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
+import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -199,6 +200,10 @@ def _guarded_handler(
             server.counters.num_protocol_errors += 1
         if not isinstance(exc, GossamerError):
             _log.exception("peer %s: %s from %s failed", server.short_id, method, session.peer_id)
+        # The abort below keeps ``exc`` (as its context) as long as gRPC keeps the call, and
+        # ``exc`` keeps the handler's finished frames: let their locals go now (a bulk stream's
+        # received chunk, say), not when the cyclic collector gets to them.
+        traceback.clear_frames(exc.__traceback__)
         await context.abort(*status_of_error(exc))
 
     def unary_response(behavior: Callable[..., Any]) -> Callable[..., Any]:
