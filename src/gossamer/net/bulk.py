@@ -177,10 +177,20 @@ class _Transfer:
     zeroed) memory for bytes a sender announced and never sent."""
 
     def payload(self) -> bytearray | memoryview:
-        """The whole payload, once every stream brought its share."""
+        """The whole payload, once every stream brought its share (taken: called once).
+
+        The first stream's bytes grow into the whole, each other stream's let go once
+        appended: the peak is the payload and one stream's share, where a join into a new
+        buffer held the payload twice."""
         if len(self.segments) == 1:
             return next(iter(self.segments.values()))
-        return bytearray().join(self.segments[start] for start in sorted(self.segments))
+        starts = sorted(self.segments)
+        whole = self.segments.pop(starts[0])
+        assert isinstance(whole, bytearray), "only one-chunk transfers are kept as views"
+        for start in starts[1:]:
+            whole += self.segments.pop(start)
+        self.segments[starts[0]] = whole
+        return whole
 
     def claim_stream(self, offset: int) -> tuple[int, bytearray]:
         """Where the stream that starts at ``offset`` must end, and where its bytes go (empty,
