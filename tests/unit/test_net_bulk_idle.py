@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import tracemalloc
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 from gossamer.core.clock import FakeClock
-from gossamer.core.errors import ProtocolError
+from gossamer.core.errors import ConfigError, ProtocolError
 from gossamer.net.bulk import BulkReceiver, ReceivedChunk, _Transfer, decode_chunk
 from gossamer.net.config import LimitsConfig
 from gossamer.net.counters import NetCounters
@@ -266,7 +267,9 @@ def test_one_sender_cannot_hold_the_budget_with_transfers_it_only_announced() ->
     async def main() -> None:
         stop = asyncio.Event()
         hogs = [asyncio.create_task(trickle(f"hog{i}", stop)) for i in range(8)]
-        await asyncio.sleep(0.01)
+        async with asyncio.timeout(5):
+            while sum(t.done() for t in hogs) < 6:  # the refused ones end, the others wait
+                await asyncio.wait([t for t in hogs if not t.done()], return_when="FIRST_COMPLETED")
         refused = [t for t in hogs if t.done() and isinstance(t.exception(), ProtocolError)]
         assert len(refused) == 6  # two of its transfers fill its share
         assert "limits.max_bulk_sender_bytes" in str(refused[0].exception())
@@ -329,3 +332,81 @@ def test_a_multi_stream_payload_is_put_together_with_one_stream_s_share_to_spare
     assert bytes(payload[:: 8 << 20]) == bytes([0, 1, 2, 3])
     assert len(payload) == 32 << 20
     assert peak - before <= 9 << 20  # one stream's share (and change), not the whole again
+
+
+def test_a_broken_transfer_s_sibling_neither_keeps_bytes_nor_closes_a_new_transfer_of_its_id() -> (
+    None
+):
+    # When one stream of a transfer broke, a sibling stream went on keeping its bytes (counted
+    # nowhere), and at its end closed whatever transfer the sender had opened under the same
+    # id since, releasing the broken one's size again: the sender's counts went below zero,
+    # and it could hold several times its share.
+    limits = LimitsConfig(
+        max_bulk_transfer_bytes=64 << 20,
+        max_bulk_sender_bytes=64 << 20,
+        max_bulk_inflight_bytes=128 << 20,
+    )
+    receiver = BulkReceiver(limits, NetCounters(), FakeClock())
+    got: list[int] = []
+
+    async def handler(sender: str, topic: str, payload: bytearray) -> None:
+        got.append(len(payload))
+
+    receiver.register("t", handler)
+
+    def chunk(**fields: Any) -> ReceivedChunk:
+        return decode_chunk(net_pb2.BulkChunk(**fields).SerializeToString())
+
+    def push(chunks: list[ReceivedChunk]) -> tuple[asyncio.Task[Any], asyncio.Event, asyncio.Event]:
+        """A stream that sends its first chunk, then the rest once let go."""
+        taken, go = asyncio.Event(), asyncio.Event()
+
+        async def stream() -> AsyncIterator[ReceivedChunk]:
+            yield chunks[0]
+            taken.set()  # (asked for the next one: the first is in)
+            await go.wait()
+            for rest in chunks[1:]:
+                yield rest
+
+        async def call() -> Any:
+            _session_var.set(Session("sender", b"k" * 32, 0.0))
+            return await receiver.Push(stream(), None)  # type: ignore[arg-type]
+
+        return asyncio.create_task(call()), taken, go
+
+    async def main() -> None:
+        big = {"transfer_id": "x", "topic": "t", "total_bytes": 64 << 20, "num_streams": 2}
+        b, b_in, go_b = push(
+            [chunk(**big, offset=32 << 20, data=b"x"), chunk(offset=(32 << 20) + 1, data=b"y")]
+        )
+        a, a_in, go_a = push([chunk(**big, offset=0, data=b"x"), chunk(offset=5, data=b"x")])
+        await asyncio.wait_for(asyncio.gather(a_in.wait(), b_in.wait()), 5)
+        go_a.set()  # stream A breaks (a gap): the transfer is released
+        with pytest.raises(ProtocolError, match="contiguous"):
+            await a
+        tiny = {"transfer_id": "x", "topic": "t", "total_bytes": 2, "num_streams": 1}
+        c, c_in, go_c = push([chunk(**tiny, offset=0, data=b"a"), chunk(offset=1, data=b"b")])
+        await asyncio.wait_for(c_in.wait(), 5)
+        go_b.set()  # B's next chunk: refused, nothing more kept, C's transfer left alone
+        with pytest.raises(ProtocolError, match="another stream"):
+            await b
+        assert receiver._sender_bytes == {"sender": 2}
+        go_c.set()
+        assert (await c).transfer_complete
+        assert got == [2]
+        assert receiver._inflight_bytes == 0
+        assert receiver._sender_bytes == {}
+
+    asyncio.run(main())
+
+
+def test_limits_set_before_the_sender_share_still_load() -> None:
+    # The share came with a fixed default of 1 GiB, and limits that loaded before were refused
+    # over a key their users never set.
+    small = LimitsConfig(max_bulk_transfer_bytes=256 << 20, max_bulk_inflight_bytes=512 << 20)
+    assert small.bulk_sender_bytes == 512 << 20
+    large = LimitsConfig(max_bulk_transfer_bytes=2 << 30)
+    assert large.bulk_sender_bytes == 2 << 30  # one transfer of the largest always fits
+    assert LimitsConfig().bulk_sender_bytes == 1 << 30
+    with pytest.raises(ConfigError, match=r"limits\.max_bulk_sender_bytes"):
+        LimitsConfig(max_bulk_sender_bytes=1 << 20)  # below the largest transfer

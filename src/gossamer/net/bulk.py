@@ -316,11 +316,11 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
         if transfer is None:
             if not self._fits(sender, total):
                 self.expire_idle()  # (a scan of every transfer: only when the budget is short)
-            if self._sender_bytes[sender] + total > self._limits.max_bulk_sender_bytes:
+            if self._sender_bytes[sender] + total > self._limits.bulk_sender_bytes:
                 raise ProtocolError(
                     f"this peer's bulk transfers in flight here hold {self._sender_bytes[sender]} "
                     f"bytes; with {total} more they pass its share "
-                    f"(limits.max_bulk_sender_bytes, {self._limits.max_bulk_sender_bytes}): "
+                    f"(limits.max_bulk_sender_bytes, {self._limits.bulk_sender_bytes}): "
                     "finish some first"
                 )
             if self._inflight_bytes + total > self._limits.max_bulk_inflight_bytes:
@@ -392,6 +392,8 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
                         stop = len(data)
                     else:
                         stop, segment = transfer.claim_stream(next_offset)
+                if transfer.failed:  # its bytes are counted nowhere now: keep none of them
+                    raise ProtocolError("another stream of this bulk transfer broke")
                 if chunk.fields.offset != next_offset:
                     raise ProtocolError("bulk chunks of one stream must be contiguous")
                 end = next_offset + len(data)
@@ -431,8 +433,7 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
             return net_pb2.BulkAck(received_bytes=received, transfer_complete=True)
         except BaseException:
             if transfer is not None and key is not None:
-                if key in self._transfers:
-                    self._close(key, transfer)  # a broken stream dooms the transfer
+                self._close(key, transfer)  # a broken stream dooms the transfer
                 if not transfer.delivered:
                     # Its bytes go now, not when the cyclic collector gets to this frame: the
                     # exception holds it, and what aborts the call holds the exception
@@ -492,21 +493,26 @@ class BulkReceiver(net_pb2_grpc.BulkServicer):
         """Whether a new transfer of ``total`` bytes from ``sender`` fits its share and the
         budget."""
         return (
-            self._sender_bytes[sender] + total <= self._limits.max_bulk_sender_bytes
+            self._sender_bytes[sender] + total <= self._limits.bulk_sender_bytes
             and self._inflight_bytes + total <= self._limits.max_bulk_inflight_bytes
         )
 
     def _close(self, key: tuple[str, str], transfer: _Transfer, *, release: bool = True) -> bool:
         """Forget an open transfer and, with ``release``, what it counts in flight (else the
         caller releases it later); whether it was open."""
-        if self._transfers.pop(key, None) is None:
+        if self._transfers.get(key) is not transfer:
+            # Closed already, and its id perhaps taken by a new transfer of the sender's: that
+            # one is not this one's to close (it released the failed one's bytes twice, and
+            # the sender's counts went below zero, past its share).
             return False
+        del self._transfers[key]
         if release:
             self._release(key[0], transfer.total)
         return True
 
     def _release(self, sender: str, total: int) -> None:
         """A transfer of ``sender``'s ended: its bytes and its place leave the counts."""
+        assert self._sender_bytes[sender] >= total, "a transfer released twice"
         self._inflight_bytes -= total
         self._sender_bytes[sender] -= total
         if not self._sender_bytes[sender]:

@@ -20,6 +20,7 @@ __all__ = [
 ]
 
 _MiB = 1 << 20
+_DEFAULT_SENDER_SHARE_BYTES = 1 << 30
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -89,10 +90,12 @@ class LimitsConfig:
     """Bytes of all incoming bulk transfers together, counted at the size each announces from
     its first chunk until it failed or its handler returned (16 GiB, more than many machines'
     memory, until 2026-12-06)."""
-    max_bulk_sender_bytes: int = 1 << 30
-    """One sender's share of ``max_bulk_inflight_bytes``: without it one peer announcing large
-    transfers and trickling their bytes held the whole budget, and every other peer's message
-    was refused. A peer's comm round needs about 16 messages of up to 8 MiB."""
+    max_bulk_sender_bytes: int | None = None
+    """One sender's share of ``max_bulk_inflight_bytes`` (None: 1 GiB, within the in-flight
+    budget and at least ``max_bulk_transfer_bytes``; see :attr:`bulk_sender_bytes`): without
+    it one peer announcing large transfers and trickling their bytes held the whole budget,
+    and every other peer's message was refused. A peer's comm round needs about 16 messages
+    of up to 8 MiB."""
     max_record_value_bytes: int = 16 * 1024
     """Largest DHT record value."""
     max_records_per_key: int = 1024
@@ -105,15 +108,15 @@ class LimitsConfig:
     max_records_per_publisher: int = 10_000
     """Records of one publisher a node stores for it (a tenth of the store by default)."""
     max_sessions: int = 10_000
-    """Authenticated sessions a server keeps; the oldest is dropped past this."""
+    """Authenticated sessions a server keeps; the one unused longest is dropped past this."""
     bulk_idle_timeout_s: float = 30.0
     """An incomplete bulk transfer with no stream moving for this long is dropped."""
     max_concurrent_streams: int = 256
     """Calls one connection carries at once (more wait on the caller's side; at the limit
     gRPC may refuse one, as ``PeerUnavailableError``, where the caller saw a slot free before
-    the server did). A peer needs
-    about 64 relay tunnels, 16 comm messages, 8 state chunks and a few DHT calls and heartbeats
-    on one connection; each call may hold a message of up to ``max_message_bytes``."""
+    the server did). A peer needs about 64 relay tunnels, 16 comm messages, 8 state chunks
+    and a few DHT calls and heartbeats on one connection; each call may hold a message of up
+    to ``max_message_bytes``."""
 
     def __post_init__(self) -> None:
         _require(
@@ -129,14 +132,20 @@ class LimitsConfig:
         )
         _require(self.max_bulk_transfer_bytes > 0, "limits.max_bulk_transfer_bytes", "> 0")
         _require(
-            self.max_bulk_transfer_bytes
-            <= self.max_bulk_sender_bytes
-            <= self.max_bulk_inflight_bytes,
-            "limits.max_bulk_sender_bytes",
-            f"must be at least limits.max_bulk_transfer_bytes ({self.max_bulk_transfer_bytes}) "
-            f"and at most limits.max_bulk_inflight_bytes ({self.max_bulk_inflight_bytes}), got "
-            f"{self.max_bulk_sender_bytes}",
+            self.max_bulk_inflight_bytes >= self.max_bulk_transfer_bytes,
+            "limits.max_bulk_inflight_bytes",
+            "must be at least limits.max_bulk_transfer_bytes",
         )
+        if self.max_bulk_sender_bytes is not None:
+            _require(
+                self.max_bulk_transfer_bytes
+                <= self.max_bulk_sender_bytes
+                <= self.max_bulk_inflight_bytes,
+                "limits.max_bulk_sender_bytes",
+                f"must be at least limits.max_bulk_transfer_bytes "
+                f"({self.max_bulk_transfer_bytes}) and at most limits.max_bulk_inflight_bytes "
+                f"({self.max_bulk_inflight_bytes}), got {self.max_bulk_sender_bytes}",
+            )
         _require(self.max_record_value_bytes > 0, "limits.max_record_value_bytes", "> 0")
         _require(self.max_records_per_key >= 1, "limits.max_records_per_key", ">= 1")
         answer = self.max_key_bytes + self.max_records_per_key * RECORD_OVERHEAD_BYTES
@@ -159,6 +168,14 @@ class LimitsConfig:
             "limits.max_concurrent_streams",
             f"must be between 16 and 65536, got {self.max_concurrent_streams}",
         )
+
+    @property
+    def bulk_sender_bytes(self) -> int:
+        """One sender's share of the bulk in-flight budget, as set or by default."""
+        if self.max_bulk_sender_bytes is not None:
+            return self.max_bulk_sender_bytes
+        share = min(_DEFAULT_SENDER_SHARE_BYTES, self.max_bulk_inflight_bytes)
+        return max(share, self.max_bulk_transfer_bytes)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -119,8 +119,8 @@ class HandshakeAuthority:
         swarm_secret: the swarm secret, or None for an open swarm.
         clock: time source for expiring challenges.
         max_sessions: sessions kept; the one unused longest goes first. A peer keeps at most
-            ``_MAX_SESSIONS_PER_PEER`` (its oldest goes first), so one identity repeating the
-            handshake cannot push the others' out.
+            ``_MAX_SESSIONS_PER_PEER`` (the one it used least recently goes first), so one
+            identity repeating the handshake cannot push the others' out.
         challenge_ttl_s: how long a Hello's challenge stays valid.
     """
 
@@ -144,7 +144,7 @@ class HandshakeAuthority:
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         """By token, the one used least recently first."""
         self._tokens_of: dict[str, deque[str]] = {}
-        """Each peer's tokens, oldest first."""
+        """Each peer's tokens, the one used least recently first."""
         self.num_refused = 0
         """Handshakes refused (bad signature, wrong secret, malformed)."""
 
@@ -241,6 +241,10 @@ class HandshakeAuthority:
         session = self._sessions.get(token)
         if session is not None:
             self._sessions.move_to_end(token)
+            tokens = self._tokens_of[session.peer_id]
+            if tokens[-1] != token:  # (at most _MAX_SESSIONS_PER_PEER long)
+                tokens.remove(token)
+                tokens.append(token)
         return session
 
     def _forget(self, token: str) -> None:

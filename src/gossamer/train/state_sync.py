@@ -6,9 +6,9 @@ spreads chunk requests over the donors that hold exactly that manifest, sending 
 next chunk to the donor expected to deliver it soonest (its requests in flight times its observed
 latency). Every chunk is checked against the manifest's sha256 before it is kept; a donor that
 sends a bad chunk, refuses, times out or drops is struck off and its chunks are fetched again from
-the others. Once one usable manifest is in, the others get a grace period (``_MANIFEST_GRACE_S``,
-or four times the first one's time if longer), not the request timeout: one hung donor does not
-hold every download up. Nothing received is unpickled, and every size and count is checked
+the others. Once one manifest is held by more than half of the donors, the others' answers are
+not waited for: one hung donor among agreeing ones does not hold every download up for its
+request timeout. Nothing received is unpickled, and every size and count is checked
 against :class:`StateSyncLimits` before memory is allocated for it (a reply larger than the limits
 allow is refused by net at its first chunk).
 
@@ -24,9 +24,10 @@ import logging
 import secrets
 import statistics
 import weakref
-from collections import deque
-from collections.abc import Sequence
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from gossamer.core.errors import (
     CorruptedDataError,
@@ -65,10 +66,6 @@ _log = logging.getLogger(__name__)
 _EWMA_WEIGHT = 0.3
 _HEDGE_FACTOR = 4.0
 _MIN_HEDGE_S = 0.05
-_MANIFEST_GRACE_S = 2.0
-"""How long the other donors' manifests are waited for once one usable manifest arrived (at
-least; four times the time that first one took, if longer)."""
-_MANIFEST_GRACE_FACTOR = 4.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -149,6 +146,11 @@ class _Download:
     failed: dict[str, str] = field(default_factory=dict)
     manifest_s: float = 0.0
     """How long the manifests took."""
+    manifests: dict[str, Manifest] = field(default_factory=dict)
+    """Each donor's manifest, as it came."""
+    late: dict[asyncio.Task[None], str] = field(default_factory=dict)
+    """Manifest requests still under way when the choice was made, and their donors: one
+    that brings the chosen manifest joins the chunk phase."""
 
     def remaining_s(self) -> float:
         return self.deadline - self.loop.time()
@@ -240,9 +242,14 @@ async def download_state(
     router.allow(limits)
     started = loop.time()
     job = _Download(node, router, loop, started + timeout_s, request_timeout_s)
-    manifest, holders = await _choose_manifest(job, unique_donors, version, limits)
-    job.manifest_s = loop.time() - started
-    chunks, stats, num_refetched = await _fetch_chunks(job, manifest, holders, max_chunks_in_flight)
+    try:
+        manifest, holders = await _choose_manifest(job, unique_donors, version, limits)
+        job.manifest_s = loop.time() - started
+        chunks, stats, num_refetched = await _fetch_chunks(
+            job, manifest, holders, max_chunks_in_flight
+        )
+    finally:
+        await _cancel(job.late)
     snapshot = await asyncio.to_thread(deserialize_snapshot, manifest, chunks)
     report = DownloadReport(
         version=manifest.version,
@@ -272,11 +279,12 @@ async def _choose_manifest(
 ) -> tuple[Manifest, list[str]]:
     """Ask every donor for its manifest; pick the one most donors agree on (newest on a tie).
 
-    Once a usable manifest (of ``version``, or any) is in, the other donors get the grace period
-    to answer; those still silent then are left out of this download (not struck off).
+    Once one usable manifest (of ``version``, or any) is held by more than half of the donors,
+    no answer still to come can change the choice: the others are not waited for (one silent
+    donor cost every download its request timeout). Otherwise every answer is waited for:
+    cutting the wait short on time alone would let one fast donor outvote a slower majority.
     """
-    manifests: dict[str, Manifest] = {}
-    started = job.loop.time()
+    manifests = job.manifests
 
     async def one(donor: str) -> None:
         try:
@@ -290,21 +298,20 @@ async def _choose_manifest(
     def usable(manifest: Manifest) -> bool:
         return version is None or manifest.version == version
 
-    pending = {job.loop.create_task(one(d), name=f"state-manifest-{d[:8]}") for d in donors}
-    grace_ends: float | None = None
+    def decided() -> bool:
+        held = Counter(m.sha256 for m in manifests.values() if usable(m))
+        return bool(held) and 2 * max(held.values()) > len(donors)
+
+    tasks = {job.loop.create_task(one(d), name=f"state-manifest-{d[:8]}"): d for d in donors}
+    pending = set(tasks)
     try:
-        while pending:
-            wait_s = None if grace_ends is None else max(0.0, grace_ends - job.loop.time())
-            _, pending = await asyncio.wait(pending, timeout=wait_s, return_when="FIRST_COMPLETED")
-            now = job.loop.time()
-            if grace_ends is None and any(usable(m) for m in manifests.values()):
-                grace_ends = now + max(_MANIFEST_GRACE_S, _MANIFEST_GRACE_FACTOR * (now - started))
-            if grace_ends is not None and now >= grace_ends:
-                break
-    finally:
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        while pending and not decided():
+            _, pending = await asyncio.wait(pending, return_when="FIRST_COMPLETED")
+        _raise_bug(t for t in tasks if t not in pending)
+    except BaseException:
+        await _cancel(pending)
+        raise
+    job.late = {task: tasks[task] for task in pending}
     groups: dict[str, list[str]] = {}
     by_hash: dict[str, Manifest] = {}
     for donor in donors:  # in the caller's order
@@ -410,16 +417,18 @@ async def _fetch_chunks(
                     f"fetched when the deadline passed (the manifests took {job.manifest_s:.1f} "
                     f"s of it); failed donors: {_reasons(job.failed, holders)}"
                 )
+            _admit_late(job, manifest, donors)
             for task, (_, donor, _) in list(tasks.items()):
                 if donor.peer_id in job.failed:  # struck off: stop waiting for it
                     num_refetched += requeue_if_orphaned(forget(task, cancel=True))
             live = [d for d in donors if d.peer_id not in job.failed]
-            if not live:
+            if not live and not job.late:
                 raise PeerUnavailableError(
                     f"state version {manifest.version}: {num_done}/{manifest.num_chunks} chunks "
-                    f"fetched and every donor failed: {_reasons(job.failed, holders)}"
+                    f"fetched and every donor failed: "
+                    f"{_reasons(job.failed, [d.peer_id for d in donors])}"
                 )
-            while pending and len(tasks) < max_in_flight:
+            while live and pending and len(tasks) < max_in_flight:
                 index = pending.popleft()
                 if not is_done[index]:
                     launch(index, _pick(live))
@@ -435,7 +444,9 @@ async def _fetch_chunks(
                         num_refetched += 1
                     else:
                         wake_s = min(wake_s, started + hedge_after_s - now)
-            await asyncio.wait(tasks, timeout=max(0.0, wake_s), return_when="FIRST_COMPLETED")
+            await asyncio.wait(
+                {*tasks, *job.late}, timeout=max(0.0, wake_s), return_when="FIRST_COMPLETED"
+            )
             for task in [t for t in tasks if t.done()]:
                 if task not in tasks:  # a copy of a chunk an earlier task of this batch won
                     continue
@@ -463,6 +474,36 @@ async def _fetch_chunks(
             task.cancel()
         await asyncio.gather(*tasks, *orphans, return_exceptions=True)
     return chunks, donors, num_refetched
+
+
+def _admit_late(job: _Download, manifest: Manifest, donors: list[_Donor]) -> None:
+    """Donors whose manifest came after the choice: those that hold the chosen one join."""
+    done = [task for task in job.late if task.done()]
+    _raise_bug(done)
+    for task in done:
+        donor = job.late.pop(task)
+        late = job.manifests.get(donor)
+        if late is None or late.version != manifest.version:
+            continue
+        if late.sha256 == manifest.sha256:
+            donors.append(_Donor(donor))
+        else:
+            job.strike(donor, CorruptedDataError("its manifest differs from the majority's"))
+
+
+def _raise_bug(tasks: Iterable[asyncio.Task[None]]) -> None:
+    """Raise what a finished manifest request raised: a bug, since each keeps only a donor's
+    failures (as strikes)."""
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            raise cast(BaseException, task.exception())
+
+
+async def _cancel(tasks: Iterable[asyncio.Task[None]]) -> None:
+    waiting = list(tasks)
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
 
 
 def _pick(live: list[_Donor]) -> _Donor:

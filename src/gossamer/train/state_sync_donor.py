@@ -163,12 +163,16 @@ class StateDonor:
             old = self._current
             if old is not None and old.snapshot.manifest.version != snapshot.version:
                 now = self._clock.monotonic()
-                old.superseded_at_s = now
                 previous = self._previous
                 # At most two are held: the older of the replaced ones stays only while a
                 # download uses it and none uses the newer one.
-                if previous is None or self._in_use(old, now) or not self._in_use(previous, now):
+                if (
+                    previous is None
+                    or self._requested_lately(old, now)
+                    or not self._requested_lately(previous, now)
+                ):
                     self._previous = old
+                old.superseded_at_s = now
             self._current = _Served(snapshot=serialized)
         _log.info(
             "peer %s: serving state version %d (%d bytes, %d chunks)",
@@ -184,20 +188,21 @@ class StateDonor:
             self._closed = True
             self._current = self._previous = None
 
-    def _in_use(self, served: _Served, now: float) -> bool:
+    def _requested_lately(self, served: _Served, now: float) -> bool:
         """Whether a download uses ``served``: a request for it is being served, or came within
-        the grace period (or it was replaced within the grace period)."""
-        return (
-            served.num_in_flight > 0
-            or now - max(served.last_request_s, served.superseded_at_s or -math.inf)
-            <= self._grace_s
-        )
+        the grace period."""
+        return served.num_in_flight > 0 or now - served.last_request_s <= self._grace_s
 
     def _find(self, version: int) -> _Served | None:
         with self._lock:
             now = self._clock.monotonic()
             previous = self._previous
-            if previous is not None and not self._in_use(previous, now):
+            if (
+                previous is not None
+                and not self._requested_lately(previous, now)
+                and previous.superseded_at_s is not None
+                and now - previous.superseded_at_s > self._grace_s
+            ):
                 self._previous = previous = None
             for served in (self._current, previous):
                 if served is not None and served.snapshot.manifest.version == version:
