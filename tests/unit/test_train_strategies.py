@@ -781,6 +781,16 @@ def test_a_diloco_run_stopped_mid_round_and_resumed_ends_as_one_that_was_not(
         assert sha256_state(trainer.model.state_dict()) == expected
 
 
+class _LandsAtStep4(DiLoCoStrategy):
+    """Overlapped DiLoCo whose round of steps 0-3 has finished when step 4 ends, however late
+    the machine's load runs its thread (it landed at step 4 or 5, or under load later)."""
+
+    def on_step_end(self, model: torch.nn.Module, step: int) -> int | None:
+        if step == 4 and self._inflight is not None:
+            concurrent.futures.wait([self._inflight], timeout=60)
+        return super().on_step_end(model, step)
+
+
 def test_an_overlapped_peer_restored_after_its_round_landed_counts_its_steps_since(
     tmp_path: Path,
 ) -> None:
@@ -789,8 +799,9 @@ def test_an_overlapped_peer_restored_after_its_round_landed_counts_its_steps_sin
     # round and erased from the model. (Where a round lands depends on a thread's timing, so
     # whole runs are not compared here: where progress is measured from is.)
     paused = _config(tmp_path, 0, max_steps=12)
-    with Trainer(paused, strategy=_diloco(overlap=True)) as trainer:
-        trainer.run(stop_at_step=6)  # the round of steps 0-3 lands at step 4 or 5
+    landing = _LandsAtStep4(DiLoCoConfig(inner_steps=4, overlap=True), InProcessGroup(1).averager())
+    with Trainer(paused, strategy=landing) as trainer:
+        trainer.run(stop_at_step=6)  # the round of steps 0-3 lands at step 4
     state = trainer.store.load_latest()
     assert state is not None
     assert state.meta["strategy"]["state"]["round_in_flight"] is False
