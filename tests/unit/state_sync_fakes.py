@@ -94,12 +94,14 @@ class FaultyBulkNode(FakeBulkNode):
         corrupt_chunks: flip a byte in every chunk reply's body.
         die_after_chunks: die (as if killed) when about to send this many-plus-one chunk reply.
         stall: never deliver replies (waits forever, until the sender's deadline).
+        reply_delay_s: every reply leaves this long after it was asked for.
         after_chunk: called after each chunk reply leaves.
     """
 
     corrupt_chunks = False
     die_after_chunks: int | None = None
     stall = False
+    reply_delay_s = 0.0
     after_chunk: Callable[[int], None] | None = None
 
     def __init__(self, network: FakeBulkNetwork, peer_id: str) -> None:
@@ -133,6 +135,8 @@ class FaultyBulkNode(FakeBulkNode):
     ) -> None:
         if self.stall and topic == REPLY_TOPIC:
             await asyncio.Event().wait()  # a donor that hangs; the requester's deadline ends it
+        if self.reply_delay_s and topic == REPLY_TOPIC:
+            await asyncio.sleep(self.reply_delay_s)  # a slow donor
         await super().send_bulk(
             peer_id, topic, payload, num_streams=num_streams, timeout_s=timeout_s
         )

@@ -603,28 +603,11 @@ def test_one_hung_donor_holds_the_manifests_up_for_the_grace_only() -> None:
     assert "hung" not in report.failed_donors  # slow is not struck off: it was not heard
 
 
-class SlowNode(FakeBulkNode):
-    """Its replies leave after a while."""
-
-    async def send_bulk(
-        self,
-        peer_id: str,
-        topic: str,
-        payload: bytes | bytearray | memoryview,
-        *,
-        num_streams: int = 1,
-        timeout_s: float = 60.0,
-    ) -> None:
-        if topic == REPLY_TOPIC:
-            await asyncio.sleep(0.3)
-        await super().send_bulk(
-            peer_id, topic, payload, num_streams=num_streams, timeout_s=timeout_s
-        )
-
-
 def test_a_fast_donor_does_not_outvote_a_slower_majority() -> None:
     network, newcomer, _ = swarm(0)
-    honest = [network.add(f"honest{i}", SlowNode) for i in range(2)]
+    honest = [network.add(f"honest{i}", FaultyBulkNode) for i in range(2)]
+    for node in honest:
+        node.reply_delay_s = 0.3  # type: ignore[attr-defined]
     liar = network.add("liar")
     want = snapshot(version=5, seed=1)
     donate(honest, want)
