@@ -56,6 +56,10 @@ _MAX_TUNNELS_PER_DIALER = 16
 _MAX_TUNNELS = 1024
 """Open tunnels a relay carries: to one target, from one dialer, in all. Each holds two pipes of
 up to _PIPE_FRAMES frames of at most _MAX_FRAME_BYTES, so these bound the relay's memory."""
+_MAX_TUNNELS_PER_HOST = _MAX_TUNNELS // 4
+"""Open tunnels whose dialers call from one host: identities cost nothing, and 64 of them on
+one TLS connection took all 1,024 places, every other peer's tunnel refused (peers behind one
+NAT share a host, hence a quarter of the relay, not a few)."""
 _MAX_FRAME_BYTES = 256 * 1024
 """Largest tunnel frame accepted (a tunnel's sender reads its socket in frames this big)."""
 _MAX_DIRECT_RESERVATIONS = 256
@@ -153,6 +157,8 @@ class _Tunnel:
     dialer: str
     target: str
     reservation: _Reservation
+    dialer_host: str = ""
+    """Where the dialer called from ('' for this relay's own node)."""
     to_target: BytePipe = field(default_factory=BytePipe)
     to_dialer: BytePipe = field(default_factory=BytePipe)
     accepted: asyncio.Event = field(default_factory=asyncio.Event)
@@ -210,6 +216,7 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
         self._direct: dict[str, _Reservation] = {}
         self._num_open_to: Counter[str] = Counter()
         self._num_open_from: Counter[str] = Counter()
+        self._num_open_from_host: Counter[str] = Counter()
         self.on_direct_reservation: Callable[[str], None] | None = None
         """Called with the peer id when a peer takes a direct reservation here."""
         self.on_direct_reservation_ended: Callable[[str], None] | None = None
@@ -295,7 +302,8 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
     ) -> AsyncIterator[net_pb2.TunnelFrame]:
         dialer = current_session().peer_id
         first = await _first_frame(request_iterator, self._accept_timeout_s, "relay connect")
-        tunnel = await self._open_tunnel(dialer, first.target_peer_id)
+        host = observed_host(context.peer()) or context.peer()
+        tunnel = await self._open_tunnel(dialer, first.target_peer_id, host=host)
         try:
             self._counters.relay_tunnels_opened += 1
             if first.data and not await self._forward(tunnel, tunnel.to_target, first.data):
@@ -308,10 +316,10 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
             tunnel.close()
 
     async def _open_tunnel(
-        self, dialer: str, target: str, *, direct: bool = False, local: bool = False
+        self, dialer: str, target: str, *, host: str = "", direct: bool = False, local: bool = False
     ) -> _Tunnel:
-        """Announce a tunnel to ``target`` and wait until it accepts (``local``: this relay's
-        own node dials, which no per-dialer cap limits)."""
+        """Announce a tunnel to ``target`` and wait until it accepts (``host``: where the dialer
+        calls from; ``local``: this relay's own node dials, which no per-dialer cap limits)."""
         reservation = (self._direct if direct else self._reservations).get(target)
         if reservation is None or reservation.ended.is_set():
             raise PeerUnavailableError(f"peer {short_peer_id(target)} holds no reservation here")
@@ -323,13 +331,19 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
             raise PeerUnavailableError(
                 f"this peer has {_MAX_TUNNELS_PER_DIALER} tunnels open here already"
             )
+        if not local and self._num_open_from_host[host] >= _MAX_TUNNELS_PER_HOST:
+            raise PeerUnavailableError(
+                f"peers at this host have {_MAX_TUNNELS_PER_HOST} tunnels open here already"
+            )
         if self._num_open_from.total() >= _MAX_TUNNELS:
             raise PeerUnavailableError(f"this relay carries {_MAX_TUNNELS} tunnels already")
-        tunnel = _Tunnel(secrets.token_hex(12), dialer, target, reservation)
+        tunnel = _Tunnel(secrets.token_hex(12), dialer, target, reservation, "" if local else host)
         # Counted from now on, waiting or open (many announced at once must not all pass the
         # caps before the first is accepted); closing the tunnel gives its place back.
         self._num_open_to[target] += 1
         self._num_open_from[dialer] += 1
+        if tunnel.dialer_host:
+            self._num_open_from_host[tunnel.dialer_host] += 1
         tunnel.on_close = lambda: self._closed(tunnel)
         self._pending[tunnel.tunnel_id] = tunnel
         reservation.num_pending += 1
@@ -357,13 +371,13 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
         return tunnel
 
     def _closed(self, tunnel: _Tunnel) -> None:
-        for counts, peer in (
-            (self._num_open_to, tunnel.target),
-            (self._num_open_from, tunnel.dialer),
-        ):
-            counts[peer] -= 1
-            if counts[peer] <= 0:
-                del counts[peer]
+        counted = [(self._num_open_to, tunnel.target), (self._num_open_from, tunnel.dialer)]
+        if tunnel.dialer_host:  # (this relay's own node's tunnels count under no host)
+            counted.append((self._num_open_from_host, tunnel.dialer_host))
+        for counts, key in counted:
+            counts[key] -= 1
+            if counts[key] <= 0:
+                del counts[key]
 
     async def carry_local(
         self,
