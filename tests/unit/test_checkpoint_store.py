@@ -341,6 +341,91 @@ def test_pruning_leaves_checkpoints_of_unknown_format_alone(tmp_path: Path) -> N
     assert _steps(tmp_path) == [1, 3]
 
 
+def test_meta_with_keys_that_are_not_strings_saves_a_checkpoint_that_loads(tmp_path: Path) -> None:
+    """The self-hash was of the meta as given: int keys sort as numbers there (2 before 10) and
+    as strings once read back ("10" before "2"), so the checkpoint was refused as damaged, and
+    pruning had deleted the good ones before it."""
+    store = CheckpointStore(tmp_path, keep_last=1)
+    store.save(_state(1))
+    state = _state(2)
+    store.save(
+        CheckpointState(step=2, tensors=state.tensors, meta={"per_peer": {i: i for i in range(11)}})
+    )
+    latest = store.load_latest()
+    assert latest is not None
+    assert latest.step == 2
+    assert latest.meta == {"per_peer": {str(i): i for i in range(11)}}
+
+
+def test_pruning_leaves_folders_that_are_not_checkpoints_alone(tmp_path: Path) -> None:
+    """A folder named like a step but holding no manifest was deleted as damaged: it is no
+    torn checkpoint either (a checkpoint's folder takes its name once whole)."""
+    store = CheckpointStore(tmp_path, keep_last=1)
+    store.save(_state(1))
+    mine = tmp_path / "step-000000002"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    store.save(_state(3))
+    store.save(_state(4))
+    assert (mine / "notes.txt").read_text() == "the user's"
+
+
+def test_a_checkpoint_that_cannot_be_deleted_fails_no_save(tmp_path: Path) -> None:
+    """A symlinked checkpoint (rmtree refuses links), or a file that cannot be unlinked, failed
+    the save that had just succeeded, and every later one before it wrote anything."""
+    archive = tmp_path / "archive"
+    CheckpointStore(archive, keep_last=1).save(_state(1))
+    runs = tmp_path / "run"
+    runs.mkdir()
+    (runs / "step-000000001").symlink_to(archive / "step-000000001")
+    store = CheckpointStore(runs, keep_last=1)
+    store.save(_state(2))
+    assert _steps(runs) == [2]
+    assert (archive / "step-000000001" / MANIFEST_NAME).exists()  # the link went, not its files
+    stuck = runs / "step-000000003"
+    store.save(_state(3))
+    original = shutil.rmtree
+
+    def refuse(path: object, *args: object, **kwargs: object) -> None:
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    shutil.rmtree = refuse  # type: ignore[assignment]
+    try:
+        store.save(_state(4))  # pruning 3 fails: 4 is saved all the same
+        store.save(_state(5))  # and so is the next
+    finally:
+        shutil.rmtree = original
+    assert not stuck.exists()  # renamed out of the way before its files went
+    latest = store.load_latest()
+    assert latest is not None
+    assert latest.step == 5
+
+
+def test_a_checkpoint_that_cannot_be_read_is_passed_over_and_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error (EIO, ESTALE) reading the newest checkpoint ended load_latest and the next
+    save's pruning instead of passing it over."""
+    store = CheckpointStore(tmp_path, keep_last=2)
+    store.save(_state(1))
+    store.save(_state(2))
+    broken = tmp_path / "step-000000002"
+    real_open = durable_files.open_for_reading
+
+    def failing_open(name: str, *, folder_fd: int) -> object:
+        if broken.exists() and os.path.samestat(os.fstat(folder_fd), os.stat(broken)):
+            raise OSError(5, "Input/output error", name)
+        return real_open(name, folder_fd=folder_fd)
+
+    monkeypatch.setattr(durable_files, "open_for_reading", failing_open)
+    latest = CheckpointStore(tmp_path, keep_last=1).load_latest()
+    assert latest is not None
+    assert latest.step == 1
+    store = CheckpointStore(tmp_path, keep_last=1)
+    store.save(_state(3))
+    assert _steps(tmp_path) == [2, 3]  # kept: unreadable is no proof of damage
+
+
 # ---- atomicity ----------------------------------------------------------------------------------
 
 

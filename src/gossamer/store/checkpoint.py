@@ -321,6 +321,9 @@ class CheckpointStore:
                         continue
                     self._skip(found.path, str(exc))
                     continue
+                except OSError as exc:  # (EIO, ESTALE: passed over like a damaged one)
+                    self._skip(found.path, f"could not be read: {exc}")
+                    continue
                 if newer_unknown:
                     raise _newer_unknown_format_error(newer_unknown, resumable=found.path)
                 if self._skipped:
@@ -521,11 +524,11 @@ class CheckpointStore:
                     logger.warning("restoring %s, hidden by a writer that died", final.name)
                     durable_files.rename(path, final)
                 else:
-                    durable_files.remove_tree(path)
+                    _remove_leftover(path)
                 changed = True
             elif entry.name.startswith(_TMP_PREFIX):
                 logger.info("removing %s, left by a writer that died", entry.name)
-                durable_files.remove_tree(path)
+                _remove_leftover(path)
                 changed = True
         if changed:
             durable_files.fsync_dir(self._directory)
@@ -541,6 +544,10 @@ class CheckpointStore:
             step, folder = found.step, found.path
             if folder == just_saved:
                 continue
+            if not (folder / MANIFEST_NAME).exists():
+                # Not a checkpoint, nor a torn one (a checkpoint's folder takes its name once
+                # whole): something of the user's, never deleted.
+                continue
             valid, incompatible = self._is_valid(folder)
             if incompatible:
                 continue
@@ -553,8 +560,12 @@ class CheckpointStore:
             # Rename first (atomic), then delete: a writer killed while deleting leaves a
             # temporary folder the next save cleans up, never a half-deleted checkpoint.
             doomed = self._directory / f"{_TMP_PREFIX}{step:09d}-{secrets.token_hex(4)}"
-            durable_files.rename(folder, doomed)
-            durable_files.remove_tree(doomed)
+            try:
+                durable_files.rename(folder, doomed)
+            except OSError as exc:
+                logger.warning("could not prune checkpoint %s (%s); kept", folder.name, exc)
+                continue
+            _remove_leftover(doomed)
             self._verified.pop(folder, None)
 
     def _is_valid(self, folder: Path) -> tuple[bool, bool]:
@@ -569,6 +580,9 @@ class CheckpointStore:
             return False, True
         except (CheckpointCorruptedError, FileNotFoundError):
             return False, False
+        except OSError as exc:  # (an I/O error is no proof of damage: kept, like the unknown)
+            logger.warning("could not read checkpoint %s to prune it (%s); kept", folder, exc)
+            return False, True
         self._verified[folder] = signature
         return True, False
 
@@ -658,7 +672,9 @@ def _newer_unknown_format_error(
 
 
 def _remove_leftover(path: Path) -> None:
-    """Remove a folder the new checkpoint replaced; if that fails, the next save retries."""
+    """Remove a folder no longer needed (replaced, pruned, a dead writer's); if that fails (a
+    file made immutable, a busy file on NFS), warn: the next save retries, and the checkpoint
+    just saved stays saved (such an error failed every save from then on)."""
     try:
         durable_files.remove_tree(path)
     except OSError as exc:

@@ -125,7 +125,10 @@ def encode_manifest(manifest: Manifest) -> bytes:
             }
             for entry in manifest.files
         ],
-        "meta": manifest.meta,
+        # As a reader will see it: keys that are not strings (2, 10) come back as strings
+        # ("10", "2"), which sort otherwise, and a self-hash of the meta as given never
+        # matched what was read back (every such checkpoint refused as damaged).
+        "meta": json.loads(encode_meta(manifest.meta)),
     }
     body[_SELF_HASH_KEY] = sha256_bytes(_canonical(body).encode("ascii"))
     data = (json.dumps(body, indent=1, ensure_ascii=True) + "\n").encode("ascii")

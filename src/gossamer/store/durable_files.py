@@ -126,9 +126,13 @@ def open_for_reading(name: str, *, folder_fd: int) -> int:
 
 
 def remove_tree(path: Path) -> None:
-    """Remove a directory and everything in it; a path that is already gone is fine."""
+    """Remove a directory and everything in it (a link to one: the link only); a path that is
+    already gone is fine."""
     with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(path)
+        if path.is_symlink():
+            path.unlink()
+        else:
+            shutil.rmtree(path)
 
 
 @contextlib.contextmanager
