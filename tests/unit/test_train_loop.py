@@ -25,6 +25,8 @@ from gossamer.core.errors import ConfigError, DataError, IncompatibleCheckpointE
 from gossamer.core.hashing import sha256_file, sha256_state
 from gossamer.store import CheckpointState, CheckpointStore
 from gossamer.train import Trainer, train
+from gossamer.train.averaging import InProcessGroup
+from gossamer.train.diloco import DiLoCoConfig, DiLoCoStrategy
 from gossamer.train.optim import learning_rate_at
 
 TEXT = "def add(a, b):\n    return a + b\n\n" * 200 + "class Point:\n    x: int\n    y: int\n" * 100
@@ -286,6 +288,21 @@ def test_resuming_on_other_data_of_the_same_size_says_so(
     with caplog.at_level(logging.WARNING), Trainer(moved) as resumed:
         assert resumed.step == 4
     assert "written while training on other data" in caplog.text
+
+
+def test_resuming_with_another_strategy_says_so(
+    corpus_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A DiLoCo checkpoint resumed by a local run dropped the global weights and the outer
+    # momentum without a word.
+    config = _paused_at(4, corpus_file, tmp_path)
+    averager = InProcessGroup(1).averager()
+    with (
+        caplog.at_level(logging.WARNING),
+        Trainer(config, strategy=DiLoCoStrategy(DiLoCoConfig(inner_steps=2), averager)) as resumed,
+    ):
+        assert resumed.step == 4
+    assert "written by the 'local' strategy, and this run uses 'diloco'" in caplog.text
 
 
 def test_a_fresh_run_refuses_a_directory_that_holds_checkpoints(

@@ -61,7 +61,8 @@ def _model_signature(model: nn.Module) -> dict[str, list[int]]:
 
 
 def capture_run_state(run: RunState) -> CheckpointState:
-    """Snapshot ``run`` (tensors are cloned, so training may go on while it is written)."""
+    """Snapshot ``run``: the model's tensors are cloned, the optimizer's and the strategy's are
+    the live ones (write it before the next step changes them)."""
     optimizer_tensors, optimizer_meta = flatten_optimizer_state(run.optimizer.state_dict())
     rng_tensors, rng_meta = rng_state_capture()
     strategy_tensors, strategy_meta = run.strategy.state_for_checkpoint()
@@ -155,6 +156,16 @@ def restore_run_state(state: CheckpointState, run: RunState, *, where: str) -> N
         )
     rng_state_restore(state.tensors.get("rng", {}), meta["rng"])
     strategy_meta: dict[str, Any] = meta.get("strategy", {})
+    saved_strategy = strategy_meta.get("name")
+    if saved_strategy is not None and saved_strategy != run.strategy.name:
+        logger.warning(
+            "checkpoint %s was written by the %r strategy, and this run uses %r: %s state "
+            "(global weights, outer momentum, rounds) starts afresh",
+            where,
+            saved_strategy,
+            run.strategy.name,
+            run.strategy.name,
+        )
     run.strategy.load_checkpoint_state(
         state.tensors.get("strategy", {}), strategy_meta.get("state", {})
     )
