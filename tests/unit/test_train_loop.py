@@ -324,3 +324,15 @@ def test_a_fresh_run_refuses_a_directory_that_holds_checkpoints(
     assert "checkpoint.resume = true" in message
     assert "another checkpoint.directory" in message
     assert CheckpointStore(ckpt_dir).steps() == [500]
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_is_refused_before_training(
+    corpus_file: Path, tmp_path: Path
+) -> None:
+    # Found at the first save (step 100 by default), it cost every step before it, with a
+    # PermissionError's traceback.
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the folder's parent should be")
+    config = tiny_config(corpus_file, blocked / "ckpt")
+    with pytest.raises(ConfigError, match=r"checkpoint\.directory: .* cannot be written"):
+        Trainer(config)

@@ -512,6 +512,18 @@ class CheckpointStore:
         durable_files.fsync_dir(self._directory)
         _remove_leftover(old)
 
+    def check_writable(self) -> None:
+        """Make the directory if needed and check that checkpoints can be written there (a file
+        made and removed), so a run finds out before it trains, not at its first save.
+
+        Raises:
+            OSError: the directory cannot be made or written.
+        """
+        self._directory.mkdir(parents=True, exist_ok=True)
+        probe = self._directory / f".write-probe-{secrets.token_hex(4)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+
     def _clean_after_crashed_writers(self) -> None:
         """Remove temporary folders of dead writers; put back a replaced folder left hidden."""
         changed = False

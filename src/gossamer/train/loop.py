@@ -176,6 +176,13 @@ class Trainer:
         self.store = CheckpointStore(
             config.checkpoint.directory, keep_last=config.checkpoint.keep_last
         )
+        try:
+            self.store.check_writable()
+        except OSError as exc:  # found at the first save, it cost every step before it
+            raise ConfigError(
+                f"checkpoint.directory: {config.checkpoint.directory} cannot be written "
+                f"({exc.strerror or exc}); give a folder this user can write"
+            ) from exc
         if not config.checkpoint.resume:
             self._refuse_another_runs_checkpoints()  # before the slow set-up below
         self.listener = listener or TrainingListener()
