@@ -300,6 +300,10 @@ class Trainer:
     def _resume(self) -> None:
         state = self.store.load_latest()  # logs every corrupted checkpoint it skips
         if state is None:
+            logger.info(
+                "no checkpoint in %s to resume from: starting at step 0",
+                self.store.directory.resolve(),
+            )
             return
         self.resumed_from = self.store.path_for(state.step)
         restore_run_state(state, self.run_state, where=str(self.resumed_from))
