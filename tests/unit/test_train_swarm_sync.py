@@ -7,6 +7,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from gossamer.obs.metrics import PeerMetrics
 from gossamer.train.averaging import AverageOutcome
 from gossamer.train.state_sync import StateSnapshot
 from gossamer.train.swarm_sync import SwarmSyncStrategy
@@ -62,7 +63,11 @@ class FakeNodeThread:
 
 
 def make(
-    averager: FakeAverager, donor: FakeDonor, *, join_existing: bool = False
+    averager: FakeAverager,
+    donor: FakeDonor,
+    *,
+    join_existing: bool = False,
+    metrics: PeerMetrics | None = None,
 ) -> SwarmSyncStrategy:
     return SwarmSyncStrategy(
         cast(Any, averager),
@@ -72,6 +77,9 @@ def make(
         join_existing=join_existing,
         run_id="r",
         announce_every=10,
+        metrics=None if metrics is None else metrics.enable_swarm(),
+        goodput=None if metrics is None else metrics.goodput,
+        tokens_per_step=1000,
     )
 
 
@@ -120,8 +128,8 @@ def test_serves_a_newcomer_the_exact_state_at_its_step() -> None:
 def test_a_peer_that_missed_a_round_joins_again_at_the_step_it_gets() -> None:
     model = nn.Linear(4, 3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    averager, donor = FakeAverager(), FakeDonor()
-    strategy = make(averager, donor)
+    averager, donor, metrics = FakeAverager(), FakeDonor(), PeerMetrics()
+    strategy = make(averager, donor, metrics=metrics)
     strategy.setup(model, optimizer)
     taken: list[int] = []
 
@@ -130,6 +138,7 @@ def test_a_peer_that_missed_a_round_joins_again_at_the_step_it_gets() -> None:
         return 42
 
     strategy._join = join  # type: ignore[method-assign]
+    metrics.goodput.add_step(7000)  # the steps before
     averager.excluded = True
     strategy.on_gradients(model, 7)
     assert strategy.last_round_excluded
@@ -137,6 +146,11 @@ def test_a_peer_that_missed_a_round_joins_again_at_the_step_it_gets() -> None:
     assert taken == [1]
     assert strategy.resyncs == 1
     assert averager.events[-1] == ("join", 42)
+    # In the metrics too (gossamer_resyncs_total stayed 0), and its step is not goodput.
+    swarm_metrics = metrics.swarm
+    assert swarm_metrics is not None
+    assert swarm_metrics.resyncs._value.get() == 1
+    assert metrics.goodput.snapshot().tokens_discarded == 1000
 
     averager.excluded = False
     strategy.on_gradients(model, 42)

@@ -1062,6 +1062,8 @@ def _train_on_node(
             run_id=config.name,
             weight=float(tokens_per_step),  # gradients count by the tokens behind them
             metrics=swarm_metrics,
+            goodput=metrics.goodput,
+            tokens_per_step=tokens_per_step,
         )
     else:
         raise ValueError("run_swarm_peer needs swarm.strategy 'sync' or 'diloco'")

@@ -29,6 +29,7 @@ from torch import nn
 from gossamer.core.errors import GossamerError
 from gossamer.net.bridge import NodeThread
 from gossamer.net.node import Node
+from gossamer.obs.goodput import GoodputTracker
 from gossamer.obs.metrics import SwarmMetrics
 from gossamer.obs.trace import nested_span
 from gossamer.store import flatten_optimizer_state, unflatten_optimizer_state
@@ -106,8 +107,10 @@ class SwarmSyncStrategy(SyncStrategy):
         join_existing: take the swarm's state before the first step (a bootstrap was given).
         run_id: names the rounds.
         weight: this peer's weight in the average (its tokens per step).
-        metrics: records state downloads.
+        metrics: records resyncs and state downloads.
         announce_every: steps between announcements of this peer's step.
+        goodput: where a step whose gradient went into no average is counted as discarded.
+        tokens_per_step: training tokens of one step (what such a step discards).
     """
 
     def __init__(
@@ -122,6 +125,8 @@ class SwarmSyncStrategy(SyncStrategy):
         weight: float = 1.0,
         metrics: SwarmMetrics | None = None,
         announce_every: int = 20,
+        goodput: GoodputTracker | None = None,
+        tokens_per_step: int = 0,
     ) -> None:
         if announce_every < 1:
             raise ValueError(f"announce_every must be at least 1, got {announce_every}")
@@ -131,6 +136,8 @@ class SwarmSyncStrategy(SyncStrategy):
         self.donor = donor
         self.join_existing = join_existing
         self.metrics = metrics
+        self.goodput = goodput
+        self.tokens_per_step = tokens_per_step
         self.announce_every = announce_every
         self.time_to_productive_s: float | None = None
         """Seconds from start to the newcomer's state being in place (None: not a newcomer)."""
@@ -168,6 +175,10 @@ class SwarmSyncStrategy(SyncStrategy):
                 step,
             )
             self.resyncs += 1
+            if self.metrics is not None:  # (they went uncounted: 0 on the dashboard)
+                self.metrics.resyncs.inc()
+            if self.goodput is not None:  # its own gradient's step: in no average
+                self.goodput.discard(self.tokens_per_step)
             rejoined = self._join()
             self.swarm_averager.join_run(rejoined if rejoined is not None else step + 1)
             return rejoined
