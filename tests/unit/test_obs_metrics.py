@@ -125,6 +125,33 @@ def test_remote_peer_labels_are_bounded_and_the_rest_summed() -> None:
     assert sent[OTHER_PEERS] == sum(100 * (i + 1) for i in range(7))
 
 
+def test_no_per_peer_series_goes_down_when_peers_change_places() -> None:
+    # Labels followed the ranking at every scrape: a peer that overtook a named one took its
+    # bytes out of "other", which went down (5 to 0 in the review), and a rate summed over
+    # peers came out 50 times too high.
+    counters = NetCounters()
+    for i in range(3):
+        counters.sent(f"peer-{i}", 10 * (i + 1))
+    _, registry = _collector(counters, _Live(), max_peer_labels=2)
+
+    def sent() -> dict[str, float]:
+        return {
+            labels[0][1]: value
+            for (name, labels), value in _samples(registry).items()
+            if name == "gossamer_net_sent_bytes_total"
+        }
+
+    first = sent()
+    assert set(first) == {"peer-2", "peer-1", OTHER_PEERS}
+    counters.sent("peer-0", 1000)  # now the busiest by far
+    counters.sent("peer-3", 5)  # and a newcomer
+    second = sent()
+    assert set(second) == set(first)
+    for label, value in first.items():
+        assert second[label] >= value, label
+    assert second[OTHER_PEERS] == 10 + 1000 + 5
+
+
 def test_failures_are_counted_when_the_detector_reports_them() -> None:
     live = _Live()
     collector, registry = _collector(NetCounters(), live)

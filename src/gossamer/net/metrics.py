@@ -11,8 +11,9 @@ it happens is a failure: the collector observes the failure detector
 (:meth:`NetMetricsCollector.count_liveness_change`), so a peer that went and came back between two
 scrapes is still counted.
 
-Labels are bounded: remote peers by :attr:`NetMetricsConfig.max_peer_labels` (the busiest peers by
-bytes; the rest are summed under ``peer="other"``), methods and error kinds by the code's fixed
+Labels are bounded: remote peers by :attr:`NetMetricsConfig.max_peer_labels` (the first peers
+seen, each for as long as the counters keep it; the rest are summed under ``peer="other"``, so
+that no series goes down when peers change places), methods and error kinds by the code's fixed
 sets, connection kinds and reachability by their enums.
 """
 
@@ -161,6 +162,11 @@ class NetMetricsCollector(Collector):
         self._failures_lock = threading.Lock()  # not _lock: a scrape holds that while it
         # waits for the node's loop, and the loop calls count_liveness_change
         self._failures = 0
+        self._labels_lock = threading.Lock()
+        self._named: list[str] = []
+        """Peers with a ``peer`` label of their own, for as long as the counters keep them."""
+        self._unnamed: set[str] = set()
+        """Peers counted under ``other``, for as long as the counters keep them."""
 
     def count_liveness_change(self, peer_id: str, alive: bool) -> None:
         """A failure detector observer: count every watched peer reported gone, when it is.
@@ -179,7 +185,7 @@ class NetMetricsCollector(Collector):
             self._closed = True
 
     def describe(self) -> Iterable[Metric]:
-        return self._families({}, LiveView(), 0)
+        return self._families({}, LiveView(), 0, set())
 
     def collect(self) -> Iterable[Metric]:
         counters = self._read_counters()
@@ -192,21 +198,49 @@ class NetMetricsCollector(Collector):
             live = self._live
         with self._failures_lock:
             failures = self._failures
-        return self._families(counters, live, failures)
+        named = self._label_peers(counters.get("peers", {}))
+        return self._families(counters, live, failures, named)
 
-    def _families(self, counters: Mapping[str, Any], live: LiveView, failures: int) -> list[Metric]:
+    def _label_peers(self, peers: Mapping[str, Mapping[str, int]]) -> set[str]:
+        """The peers that have a label of their own: the first ``max_peer_labels`` peers seen
+        (the busiest first among those seen at once), each for as long as the counters keep
+        it. Labels that followed a ranking on every scrape made counters go down: a peer
+        leaving ``other`` for a label of its own took its bytes out of ``other``."""
+        with self._labels_lock:
+            self._named = [peer for peer in self._named if peer in peers]
+            self._unnamed &= peers.keys()
+            known = {*self._named, *self._unnamed}
+            new = sorted(
+                (peer for peer in peers if peer not in known),
+                key=lambda peer: (
+                    peers[peer].get("bytes_sent", 0) + peers[peer].get("bytes_received", 0)
+                ),
+                reverse=True,
+            )
+            for peer in new:
+                if len(self._named) < self.config.max_peer_labels:
+                    self._named.append(peer)
+                else:
+                    self._unnamed.add(peer)
+            return set(self._named)
+
+    def _families(
+        self, counters: Mapping[str, Any], live: LiveView, failures: int, named: set[str]
+    ) -> list[Metric]:
         families: list[Metric] = []
-        families += self._traffic(counters.get("peers", {}), counters.get("folded_peers", {}))
+        families += self._traffic(
+            counters.get("peers", {}), counters.get("folded_peers", {}), named
+        )
         families += self._rpcs(counters)
         families += self._peers(live, failures)
         families += self._connections_and_relays(counters, live)
         return families
 
     def _traffic(
-        self, peers: Mapping[str, Mapping[str, int]], folded: Mapping[str, int]
+        self, peers: Mapping[str, Mapping[str, int]], folded: Mapping[str, int], named: set[str]
     ) -> list[Metric]:
-        """Per-peer traffic: the busiest ``max_peer_labels`` peers by id, the rest (and the
-        peers the counters folded away) as one ``other`` series."""
+        """Per-peer traffic: the ``named`` peers by id (see :meth:`_label_peers`), the rest (and
+        the peers the counters folded away) as one ``other`` series."""
         fields = {
             "bytes_sent": CounterMetricFamily(
                 "gossamer_net_sent_bytes",
@@ -232,20 +266,14 @@ class NetMetricsCollector(Collector):
                 labels=["peer"],
             ),
         }
-        busiest = sorted(
-            peers.items(),
-            key=lambda item: item[1].get("bytes_sent", 0) + item[1].get("bytes_received", 0),
-            reverse=True,
-        )
-        limit = self.config.max_peer_labels
         other = {name: folded.get(name, 0) for name in fields}
-        for index, (peer_id, traffic) in enumerate(busiest):
+        for peer_id, traffic in sorted(peers.items()):
             for name, family in fields.items():
-                if index < limit:
+                if peer_id in named:
                     family.add_metric([peer_id], traffic.get(name, 0))
                 else:
                     other[name] += traffic.get(name, 0)
-        if len(busiest) > limit or folded.get("num_peers", 0):
+        if len(peers) > len(named) or folded.get("num_peers", 0):
             for name, family in fields.items():
                 family.add_metric([OTHER_PEERS], other[name])
         return list(fields.values())
