@@ -88,9 +88,11 @@ class FakeAverager:
 class FakeDonor:
     def __init__(self) -> None:
         self.versions: list[int] = []
+        self.steps: list[int] = []
 
     def publish(self, snapshot: StateSnapshot) -> None:
         self.versions.append(snapshot.version)
+        self.steps.append(snapshot.meta["step"])
 
 
 def test_outer_steps_are_published_in_order_and_drained_on_close() -> None:
@@ -280,4 +282,24 @@ def test_a_peer_takes_state_only_from_its_own_run_s_active_peers(
     monkeypatch.setattr(swarm_module, "download_from_donors", download)
     assert strategy._download(version=None) is not None
     assert asked == [["b" * 64]]
+    strategy.close()
+
+
+def test_a_peer_resumed_from_its_checkpoint_serves_its_state_at_its_version_s_step() -> None:
+    """It served its resumed state as that of step 0: a newcomer taking it started the run
+    over (a restart test's peer went from step 0 while the other resumed at 30)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4)
+    donor = FakeDonor()
+    strategy = SwarmDiLoCoStrategy(
+        DiLoCoConfig(inner_steps=INNER_STEPS, run_id="r"),
+        cast(Any, FakeAverager()),
+        cast(Any, FakeNodeThread()),
+        cast(Any, donor),
+        join_existing=False,
+    )
+    strategy.outer_step = 5  # as a checkpoint of outer step 5 restores it
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert donor.versions[0] == 5
+    assert donor.steps[0] == 5 * INNER_STEPS
     strategy.close()

@@ -240,7 +240,13 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
                     self.outer_step,
                     self.time_to_productive_s,
                 )
-        self._publish(step=start_step if start_step is not None else 0)
+        # A peer that resumed from its own checkpoint serves that state as of the step its
+        # version begins at (as every published version is: the step after the boundary where
+        # its round began); it said step 0, and a newcomer that took it from there started the
+        # run over.
+        self._publish(
+            step=start_step if start_step is not None else self.outer_step * self.config.inner_steps
+        )
         if not self._joined_mid_round:
             self.swarm_averager.join_run(self.outer_step)  # the others' rounds wait for this peer
         # Otherwise the round in flight is not this peer's: were it active, the others would
