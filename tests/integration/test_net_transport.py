@@ -17,6 +17,7 @@ import pytest
 
 from gossamer.core.errors import (
     AuthenticationError,
+    ConfigError,
     DeadlineExceededError,
     PeerUnavailableError,
     ProtocolError,
@@ -393,5 +394,19 @@ def test_a_one_chunk_transfer_goes_as_one_unary_call_and_a_larger_one_as_a_strea
             await a.send_bulk(b.peer_id, "t", large)
             assert b.counters.rpc_calls[PUSH_METHOD] == 1
             assert received == [small, large]
+
+    _run(scenario)
+
+
+def test_a_second_peer_on_a_port_in_use_is_refused() -> None:
+    """gRPC sets SO_REUSEPORT: the second peer listened beside the first, and callers reached
+    one or the other at random (a swarm split between them)."""
+
+    async def scenario() -> None:
+        async with Node(_config()) as first:
+            taken = f"127.0.0.1:{first.port}"
+            with pytest.raises(ConfigError, match=r"net\.listen_address: cannot listen"):
+                async with Node(NodeConfig(listen_address=taken, swarm_secret=SECRET)):
+                    pass
 
     _run(scenario)

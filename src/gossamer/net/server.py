@@ -328,7 +328,10 @@ class NetServer:
         Raises:
             ConfigError: the listen address cannot be bound.
         """
-        server = grpc.aio.server(options=grpc_options(self.config))
+        # gRPC sets SO_REUSEPORT by default: a second peer on a port in use listened beside
+        # the first, and callers reached one or the other at random.
+        options = [*grpc_options(self.config), ("grpc.so_reuseport", 0)]
+        server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers((_Dispatcher(self),))
         credentials = grpc.ssl_server_credentials([(self.tls.key_pem, self.tls.cert_pem)])
         try:
