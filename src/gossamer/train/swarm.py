@@ -30,7 +30,7 @@ from torch import nn
 
 from gossamer.comm.codecs import CodecPolicy
 from gossamer.core.config import RunConfig
-from gossamer.core.errors import GossamerError
+from gossamer.core.errors import GossamerError, PeerUnavailableError
 from gossamer.core.hashing import sha256_state
 from gossamer.net.bridge import NodeThread
 from gossamer.net.config import DhtConfig, HeartbeatConfig, NodeConfig
@@ -66,6 +66,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+_BOOTSTRAP_WAIT_S = 30.0
+"""How long a swarm peer given bootstrap peers tries them before it gives up (and trains
+nothing)."""
 
 _HASH_TTL_S = 600.0
 _NEWER_STATE_WAIT_S = 30.0
@@ -1022,6 +1025,30 @@ def run_swarm_peer(
             net_metrics.close()  # before the node stops: later scrapes serve the last view
 
 
+def _wait_for_a_bootstrap_peer(node_thread: NodeThread, addresses: Sequence[str]) -> None:
+    """Return once some peer is known through the bootstrap peers, trying them again for up
+    to ``_BOOTSTRAP_WAIT_S`` (a peer started just before this one may not listen yet).
+
+    Raises:
+        PeerUnavailableError: none answered: a run asked to join a swarm trained alone and
+            ended as a success.
+    """
+
+    async def reached(node: Node) -> int:
+        return len(node.peers()) or await node.bootstrap(list(addresses))
+
+    deadline = time.monotonic() + _BOOTSTRAP_WAIT_S
+    while not node_thread.run(reached, timeout_s=_BOOTSTRAP_WAIT_S + 30):
+        if time.monotonic() >= deadline:
+            raise PeerUnavailableError(
+                f"no bootstrap peer answered within {_BOOTSTRAP_WAIT_S:.0f} s ("
+                + ", ".join(addresses)
+                + "); check --bootstrap: the address a running peer printed, reachable from "
+                "here; leave it out to start a new swarm"
+            )
+        time.sleep(1.0)
+
+
 def _train_on_node(
     config: RunConfig,
     node_thread: NodeThread,
@@ -1039,6 +1066,8 @@ def _train_on_node(
     logger.info("peer %s listening at %s", node.peer_id[:8], address)
     if on_address is not None:
         on_address(address)
+    if swarm.bootstrap_addresses:
+        _wait_for_a_bootstrap_peer(node_thread, swarm.bootstrap_addresses)
     averager = SwarmAverager(node_thread, swarm_averager_config(config))
 
     async def make_donor(n: Node) -> StateDonor:

@@ -1,0 +1,35 @@
+"""`gossamer train` as a swarm peer, in process, given inputs that must stop it before it trains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from gossamer.cli.main import app
+from gossamer.train import swarm as swarm_module
+
+
+def test_a_swarm_peer_whose_bootstrap_peers_never_answer_trains_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It logged a warning, trained alone from step 0 and exited 0: a run asked to join a
+    # swarm ended as a success without one.
+    monkeypatch.setattr(swarm_module, "_BOOTSTRAP_WAIT_S", 1.0)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def square(x):\n    return x * x\n\n" * 200)
+    args = [
+        "train",
+        "--model.num-layers", "1", "--model.num-heads", "2", "--model.width", "16",
+        "--model.context", "16", "--data.source", "text", "--data.path", str(corpus),
+        "--train.max-steps", "2", "--train.batch-size", "2", "--train.eval-batches", "1",
+        "--checkpoint.directory", str(tmp_path / "ck"),
+        "--swarm.strategy", "diloco", "--swarm.listen", "127.0.0.1:0",
+        "--bootstrap", "127.0.0.1:1",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert "Traceback" not in result.output
+    assert result.exit_code != 0
+    assert "no bootstrap peer answered" in result.output
+    assert not list((tmp_path / "ck").glob("step-*"))  # nothing trained, nothing saved
