@@ -195,3 +195,16 @@ def test_a_config_file_that_is_binary_or_a_folder_is_one_line(tmp_path: Path, na
     assert code == 2
     assert f"config file {path}" in output
     assert ("not UTF-8" if name == "binary" else "is a folder") in output
+
+
+@pytest.mark.parametrize("what", ["folder", "missing"])
+def test_a_swarm_secret_file_that_cannot_be_read_names_the_key(
+    tiny_train: list[str], tmp_path: Path, what: str
+) -> None:
+    # A folder ended in IsADirectoryError's traceback, a missing file in a bare errno line.
+    path = tmp_path if what == "folder" else tmp_path / "no-such-secret"
+    code, output = _invoke(
+        [*tiny_train, "--swarm.strategy", "diloco", "--swarm.swarm-secret-file", str(path)]
+    )
+    assert code == 2
+    assert "swarm.swarm_secret_file: cannot read" in output

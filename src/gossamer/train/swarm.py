@@ -30,7 +30,7 @@ from torch import nn
 
 from gossamer.comm.codecs import CodecPolicy
 from gossamer.core.config import RunConfig
-from gossamer.core.errors import GossamerError, PeerUnavailableError
+from gossamer.core.errors import ConfigError, GossamerError, PeerUnavailableError
 from gossamer.core.hashing import sha256_state
 from gossamer.net.bridge import NodeThread
 from gossamer.net.config import DhtConfig, HeartbeatConfig, NodeConfig
@@ -948,7 +948,13 @@ def swarm_node_config(config: RunConfig) -> NodeConfig:
     swarm = config.swarm
     secret = None
     if swarm.swarm_secret_file:
-        secret = Path(swarm.swarm_secret_file).expanduser().read_bytes().strip()
+        try:
+            secret = Path(swarm.swarm_secret_file).expanduser().read_bytes().strip()
+        except OSError as exc:  # (a traceback, or a bare errno line, before)
+            raise ConfigError(
+                f"swarm.swarm_secret_file: cannot read {swarm.swarm_secret_file} "
+                f"({exc.strerror or exc}); give the file that holds the swarm's secret"
+            ) from exc
     return NodeConfig(
         listen_address=swarm.listen,
         bootstrap=swarm.bootstrap_addresses,
