@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
 from gossamer.bench.diloco import DiLoCoBenchResult, MethodResult, bench_diloco_config
-from gossamer.cli import bench
+from gossamer.cli import bench, bench_transport
 from gossamer.core.config import RunConfig
 
 
@@ -100,3 +101,23 @@ def test_a_congestion_control_without_a_lab_is_refused_with_the_reason() -> None
     result = CliRunner().invoke(bench.app, ["allreduce", "--tcp-congestion", "cubic"])
     assert result.exit_code == 2
     assert "give --rate too" in result.output
+
+
+@pytest.mark.parametrize("command", ["loop", "obs", "diloco", "transport"])
+def test_an_out_path_that_cannot_be_written_is_refused_before_the_run(
+    command: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The result went with a traceback after the whole run (5,000 steps for diloco).
+    def never(**_: Any) -> Any:
+        raise AssertionError("the benchmark ran")
+
+    for runner in ("run_loop_bench", "run_obs_overhead_bench", "run_diloco_bench"):
+        monkeypatch.setattr(bench, runner, never)
+    monkeypatch.setattr(bench_transport, "run_transport_bench", never)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for out, fragment in ((tmp_path, "is a folder"), (a_file / "r.json", "is a file")):
+        result = CliRunner().invoke(bench.app, [command, "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        assert f"--out: {out if fragment == 'is a folder' else a_file}" in result.output
+        assert fragment in result.output

@@ -18,7 +18,7 @@ from gossamer.bench.obs_overhead import run_obs_overhead_bench
 from gossamer.cli.bench_allreduce import register as register_allreduce
 from gossamer.cli.bench_transport import register as register_transport
 from gossamer.cli.errors import exit_on_gossamer_errors
-from gossamer.cli.preflight import positive_finite_float
+from gossamer.cli.preflight import check_result_file, positive_finite_float
 from gossamer.core.config_loader import load_run_config, parse_flag_overrides
 from gossamer.lab import parse_rate
 
@@ -59,6 +59,7 @@ def loop(
     Config flags (--model.width 256, ...) change both sides alike.
     """
     with exit_on_gossamer_errors():
+        check_result_file(out, "--out")
         config = load_run_config(None, parse_flag_overrides(ctx.args))
         result = run_loop_bench(
             config=config, steps=steps, warmup_steps=warmup_steps, repeats=repeats
@@ -96,6 +97,7 @@ def obs(
 ) -> None:
     """What metrics and tracing cost training: the same run with both off and with both on."""
     with exit_on_gossamer_errors():
+        check_result_file(out, "--out")
         config = load_run_config(None, parse_flag_overrides(ctx.args))
         result = run_obs_overhead_bench(
             config=config, steps=steps, warmup_steps=warmup_steps, repeats=repeats
@@ -176,6 +178,7 @@ def diloco(
     accumulate (README, Benchmarks).
     """
     with exit_on_gossamer_errors():
+        check_result_file(out, "--out")
         rate_bits = parse_rate(rate, key="--rate") if rate else None
         overrides = parse_flag_overrides(ctx.args)
         config = load_run_config(None, [*QUALITY_DEFAULTS, *overrides])

@@ -9,6 +9,8 @@ from typing import Annotated
 import typer
 
 from gossamer.bench.transport import run_transport_bench
+from gossamer.cli.errors import exit_on_gossamer_errors
+from gossamer.cli.preflight import check_result_file
 
 __all__ = ["register"]
 
@@ -28,6 +30,8 @@ def transport(
     out: Annotated[Path | None, typer.Option(help="Also write the JSON result here.")] = None,
 ) -> None:
     """Bulk stream throughput vs plain TCP on loopback (same bytes, same run), RPC p50/p99."""
+    with exit_on_gossamer_errors():
+        check_result_file(out, "--out")
     result = run_transport_bench(
         payload_bytes=payload_mib * _MiB,
         streams=tuple(streams or (1, 4)),

@@ -67,6 +67,21 @@ def check_output_file(path: Path, option: str) -> None:
         raise ConfigError(f"{option}: {path} is not writable by this user; choose another path")
 
 
+def check_result_file(path: Path | None, option: str) -> None:
+    """Check, before a long run, that its result can be written to ``path`` (its folder is made
+    if missing): a benchmark's result went with a traceback after the run.
+
+    Raises:
+        ConfigError: ``path`` is a folder, or a file stands where its folder would be.
+    """
+    if path is None:
+        return
+    path = path.expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{option}: {path} is a folder; give the path of a file to write")
+    check_output_folder(path.parent, option)
+
+
 def check_output_folder(path: Path, option: str) -> None:
     """Check that ``path`` is a folder or can be made one: no file in the way.
 
