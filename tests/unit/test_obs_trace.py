@@ -195,3 +195,14 @@ def test_trace_export_to_a_folder_that_is_not_there_is_a_clear_error(tmp_path: P
     assert result.exit_code == 2, result.output
     assert f"cannot write {output}" in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_trace_export_refuses_to_write_over_its_own_spans_file(tmp_path: Path) -> None:
+    # It wrote the trace over the spans and said so: the spans were gone.
+    spans = tmp_path / "spans.jsonl"
+    recorded = json.dumps({"name": "compute", "start_unix_s": 1.0, "duration_s": 0.5})
+    spans.write_text(recorded)
+    result = CliRunner().invoke(trace_cli.app, [str(spans), "--output", str(spans)])
+    assert result.exit_code == 2, result.output
+    assert "is the spans file itself" in result.output
+    assert spans.read_text() == recorded

@@ -26,6 +26,13 @@ def export(
             f"error: no spans file at {spans}; record one with `gossamer train --trace`", err=True
         )
         raise typer.Exit(2)
+    if output.exists() and output.resolve() == spans.resolve():
+        typer.echo(
+            f"error: -o {output} is the spans file itself, which the trace would replace; "
+            "write the trace to another file",
+            err=True,
+        )
+        raise typer.Exit(2)
     try:
         recorded = read_spans(spans)
     except UnicodeDecodeError as exc:
