@@ -132,6 +132,16 @@ def test_top_k_one_matches_greedy() -> None:
     assert torch.equal(sampled, model.generate(prompt, 8, temperature=0.0))
 
 
+def test_a_tiny_temperature_samples_as_greedy_picking_does() -> None:
+    # Divided by 1e-39 the logits overflowed and the softmax gave NaN: a RuntimeError.
+    model = _model()
+    prompt = _tokens(2, 4)
+    sampled = model.generate(
+        prompt, 8, temperature=1e-39, generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(sampled, model.generate(prompt, 8, temperature=0.0))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

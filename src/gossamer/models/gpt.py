@@ -226,7 +226,10 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         if temperature == 0:
             return logits.argmax(dim=-1, keepdim=True)
-        logits = logits / temperature
+        # The largest logit first taken out: divided by a tiny temperature (1e-39), the logits
+        # overflowed to inf and the softmax gave NaN; now the others go to -inf, the largest
+        # stays 0, as greedy picking would.
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
         if top_k is not None and top_k < logits.shape[-1]:
             kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth_largest, float("-inf"))
