@@ -65,6 +65,15 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(1) from exc
 
 
+def _quiet_unless_verbose() -> None:
+    """Log errors only (a one-shot command's answer is its output), unless --verbose asked for
+    progress lines. (``basicConfig`` here did nothing: the root command configured logging
+    first, and a bootstrap peer's warning came before the command's one-line error.)"""
+    root = logging.getLogger()
+    if root.level > logging.INFO:
+        root.setLevel(logging.ERROR)
+
+
 def _read_secret(path: Path | None) -> bytes | None:
     if path is None:
         return None
@@ -202,9 +211,7 @@ def peer_start(
     ] = "127.0.0.1",
 ) -> None:
     """Run a long-lived peer until interrupted (Ctrl-C or SIGTERM)."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.getLogger().setLevel(logging.INFO)  # a long-lived peer logs its progress
     with _user_errors():
         if status_file is not None:
             check_output_file(status_file, "--status-file")  # before the peer is up, not after
@@ -332,7 +339,7 @@ def peers(
     ] = 2.0,
 ) -> None:
     """List the swarm's peers: id, address, reachability, capabilities, last seen."""
-    logging.basicConfig(level=logging.ERROR)
+    _quiet_unless_verbose()
     with _user_errors():
         if not bootstrap:
             raise ConfigError("--bootstrap: name at least one peer of the swarm")
@@ -352,7 +359,7 @@ def doctor(
     as_json: JsonOption = False,
 ) -> None:
     """Say whether this peer can be reached by others, whether it uses a relay, what to change."""
-    logging.basicConfig(level=logging.ERROR)
+    _quiet_unless_verbose()
     with _user_errors():
         if status_file is not None:
             status = _read_status_file(status_file)
