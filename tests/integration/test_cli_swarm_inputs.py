@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,18 @@ def test_a_swarm_peer_whose_bootstrap_peers_never_answer_trains_nothing(
     assert result.exit_code != 0
     assert "no bootstrap peer answered" in result.output
     assert not list((tmp_path / "ck").glob("step-*"))  # nothing trained, nothing saved
+
+
+def test_a_dashboard_port_in_use_is_one_line_naming_the_option() -> None:
+    # It said "error: [Errno 98] Address already in use", naming neither the port nor the fix.
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = CliRunner().invoke(
+            app,
+            ["dashboard", "--scrape", "127.0.0.1:9", "--host", "127.0.0.1", "--port", str(port)],
+        )
+    assert result.exit_code == 1, result.output
+    assert f"cannot serve the dashboard on 127.0.0.1:{port}" in result.output
+    assert "--port" in result.output

@@ -67,7 +67,14 @@ def dashboard(
                 source = ScrapeSwarmSource(ScrapeConfig(urls=urls, gone_after_s=gone_after_s))
             else:
                 raise ValueError("name the swarm: --bootstrap HOST:PORT or --scrape URL")
-            sock = bind_socket(host, port)
+            try:
+                sock = bind_socket(host, port)
+            except (OSError, OverflowError) as exc:  # gaierror is an OSError
+                reason = getattr(exc, "strerror", None) or str(exc)
+                raise ValueError(
+                    f"cannot serve the dashboard on {host}:{port}: {reason}; pick another "
+                    "--port (0: any free one) or --host"
+                ) from exc
             shown_host = f"[{host}]" if ":" in host else host
             typer.echo(f"dashboard at http://{shown_host}:{sock.getsockname()[1]}/", err=False)
             serve_forever(create_app(DashboardService(source, config)), sock)
