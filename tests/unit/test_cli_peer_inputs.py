@@ -86,8 +86,13 @@ def test_a_key_file_under_a_file_says_what_is_in_the_way(tmp_path: Path) -> None
             '"relays": [1]}',
             "a relay is not",
         ),
+        (
+            '{"peer_id": "p", "reachability": "direct", "addresses": [1], "peers": [], '
+            '"relays": []}',
+            "an address is not a string",
+        ),
     ],
-    ids=["missing", "torn", "empty-object", "a-list", "bad-relay"],
+    ids=["missing", "torn", "empty-object", "a-list", "bad-relay", "bad-address"],
 )
 def test_doctor_explains_a_bad_status_file(tmp_path: Path, text: str | None, fragment: str) -> None:
     path = tmp_path / "status.json"

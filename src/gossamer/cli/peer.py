@@ -419,6 +419,8 @@ def _read_status_file(path: Path) -> dict[str, Any]:
                 f"{option}: not a peer's status: {key!r} is missing or not a {kind.__name__}; "
                 "give the file `gossamer peer start --status-file` writes"
             )
+    if not all(isinstance(address, str) for address in status["addresses"]):
+        raise ConfigError(f"{option}: not a peer's status: an address is not a string")
     for relay in status["relays"]:
         if not (
             isinstance(relay, dict)
