@@ -138,6 +138,26 @@ def test_gone_peers_add_no_throughput_and_events_are_bounded() -> None:
     assert {p["peer_id"]: p["tokens_per_second"] for p in state["peers"]} == {"a": 0.0, "b": 50.0}
 
 
+def test_links_no_longer_reported_are_forgotten() -> None:
+    # A long-lived peer whose remotes came and went (throwaway identities, short-lived peers)
+    # grew the table and the page by a link a second: 10,126 links and 2.1 MB after 5,000 s.
+    history = SwarmHistory(HistoryConfig(forget_after_s=60.0))
+    for t in range(1000):
+        sample = PeerSample(bytes_sent={f"remote{t}": 1.0})
+        history.record(_snap(float(t), _view("a"), a=sample))
+    assert len(history.state()["links"]) <= 61
+
+
+def test_peers_that_do_not_train_leave_the_swarm_s_goodput_alone() -> None:
+    # A bootstrap or relay peer exports a goodput of 0: one perfect trainer and two such
+    # peers showed 0.333.
+    history = SwarmHistory()
+    trainer = PeerSample(goodput_ratio=1.0, tokens_total=1e6)
+    bare = PeerSample(goodput_ratio=0.0, tokens_total=0.0)
+    history.record(_snap(1.0, _view("a"), _view("b"), _view("c"), a=trainer, b=bare, c=bare))
+    assert history.state()["swarm"]["goodput_ratio"] == 1.0
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"num_points": 1}, {"num_events": 0}, {"forget_after_s": 0.0}, {"forget_after_s": math.nan}],

@@ -207,6 +207,10 @@ class SwarmHistory:
                 del self._links[key]
             elif key not in totals:
                 link.bytes_per_s = None  # no longer reported: its last rate is not the rate now
+                if now - link.updated_wall_s >= self.config.forget_after_s:
+                    # (a peer's remotes come and go: kept, they grew the table and the page
+                    # by a link a second for as long as the dashboard ran)
+                    del self._links[key]
 
     def state(self) -> dict[str, Any]:
         """The JSON-ready view the page draws (peers, links, curves, swarm totals, events)."""
@@ -221,7 +225,13 @@ class SwarmHistory:
             seen = view.last_seen_wall_s
             if alive:
                 total_tokens_per_s += sample.tokens_per_second or 0.0
-                if sample.goodput_ratio is not None and math.isfinite(sample.goodput_ratio):
+                # Only peers that train: a bootstrap or relay peer (or a trainer before its
+                # first step) exports a goodput of 0, and pulled the swarm's figure down.
+                if (
+                    sample.goodput_ratio is not None
+                    and math.isfinite(sample.goodput_ratio)
+                    and (sample.tokens_total or 0) > 0
+                ):
                     ratios.append(sample.goodput_ratio)
             peers.append(
                 {
