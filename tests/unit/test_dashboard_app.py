@@ -168,6 +168,14 @@ def test_page_script_and_style_are_served() -> None:
     assert missing[0] == 404
 
 
+def test_no_api_schema_is_served() -> None:
+    # /docs was off, but /openapi.json still described the API.
+    _, service = _service()
+    app = create_app(service, poll=False)
+    status, _, _ = asyncio.run(_get(app, "/openapi.json"))
+    assert status == 404
+
+
 def test_the_page_loads_nothing_from_elsewhere_and_inserts_data_as_text() -> None:
     static = files("gossamer.obs.dashboard") / "static"
     for name in ("index.html", "dashboard.js", "dashboard.css"):

@@ -134,7 +134,9 @@ def train(
                 spans=spans,
                 metrics=metrics,
                 metrics_url=metrics_url,
-                on_address=lambda address: _console.print(f"peer address: {address}"),
+                # (plain: rich wrapped the line where stdout is no terminal, and scripts
+                # looking for it found half an address)
+                on_address=lambda address: typer.echo(f"peer address: {address}"),
             ).result
     _print_summary(result, summary_json)
 

@@ -313,8 +313,9 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
-        """Where to scrape."""
-        return f"http://{self.host}:{self.port}/metrics"
+        """Where to scrape (an IPv6 host in brackets, as a URL needs it)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
 
     def close(self) -> None:
         """Stop serving and wait for the server thread."""

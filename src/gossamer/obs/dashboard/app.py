@@ -149,7 +149,13 @@ def create_app(service: DashboardService, *, poll: bool = True) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    app = FastAPI(title="Gossamer dashboard", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="Gossamer dashboard",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,  # (the schema was served though the docs pages were not)
+    )
     no_store = {"Cache-Control": "no-store"}
 
     @app.get("/", response_class=HTMLResponse)
