@@ -74,7 +74,8 @@ class PeerMetrics:
         )
         self.tokens_per_second = Gauge(
             "gossamer_train_tokens_per_second",
-            "Training tokens per second of training time (recent).",
+            "Training tokens per second of training time since this run started (set at each "
+            "step's end: a peer held up in a round keeps its last figure).",
             registry=r,
         )
         self.phase_seconds = Counter(
@@ -161,7 +162,8 @@ class SwarmMetrics:
         )
         self.allreduce_seconds = Histogram(
             "gossamer_allreduce_duration_seconds",
-            "Wall time of one averaging round, group formation included.",
+            "Wall time of one averaging round from when the peer waits for it (formation the "
+            "peer waits for included; formed while it trains, as by default, not).",
             buckets=_SECONDS_BUCKETS,
             registry=r,
         )

@@ -69,7 +69,8 @@ class PeerSample:
     tokens_total: float | None = None
     """Training tokens processed (``gossamer_train_tokens_total``)."""
     tokens_per_second: float | None = None
-    """Recent training throughput (``gossamer_train_tokens_per_second``)."""
+    """Training throughput since the peer's run started, over its training time
+    (``gossamer_train_tokens_per_second``)."""
     goodput_ratio: float | None = None
     """Kept tokens per wall second over the compute-only rate (``gossamer_goodput_ratio``)."""
     num_resyncs: float | None = None
