@@ -153,6 +153,12 @@ def test_unknown_environment_key_is_an_error() -> None:
         load_run_config(None, environ={"GOSSAMER_TRAIN__MAX_STPES": "3"})
 
 
+def test_an_environment_key_joined_by_one_underscore_is_an_error_naming_the_right_one() -> None:
+    # GOSSAMER_TRAIN_MAX_STEPS=7 was ignored: the run took 200 steps, and nothing said why.
+    with pytest.raises(ConfigError, match="write GOSSAMER_TRAIN__MAX_STEPS"):
+        load_run_config(None, environ={"GOSSAMER_TRAIN_MAX_STEPS": "7"})
+
+
 def test_unrelated_environment_variables_are_ignored() -> None:
     assert load_run_config(None, environ={"GOSSAMER_HOME": "/x", "PATH": "/bin"}) == RunConfig()
 

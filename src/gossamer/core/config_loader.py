@@ -126,12 +126,23 @@ def load_run_config(
             ) from exc
     env = os.environ if environ is None else environ
     root_keys = {f.name for f in dataclasses.fields(RunConfig) if not _is_section(f)}
+    single_underscored = {
+        info.key.replace(".", "_"): info.key
+        for info in describe_fields(RunConfig)
+        if "." in info.key
+    }
     for name, text in sorted(env.items()):
         if not name.startswith(ENV_PREFIX):
             continue
         key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
         if "." in key or key in root_keys:  # GOSSAMER_NAME, GOSSAMER_TRAIN__MAX_STEPS
             _set_text(data, RunConfig, key, text, origin=f"environment variable {name}")
+        elif key in single_underscored:  # GOSSAMER_TRAIN_MAX_STEPS: silently ignored before
+            meant = single_underscored[key]
+            raise ConfigError(
+                f"environment variable {name}: a section and its key are joined by two "
+                f"underscores; for {meant} write {ENV_PREFIX}{meant.upper().replace('.', '__')}"
+            )
     for key, text in overrides:
         _set_text(data, RunConfig, key, text, origin=f"flag --{key}")
     return config_from_dict(RunConfig, data, origin=str(path) if path else "config")
