@@ -244,12 +244,15 @@ class NetMetricsCollector(Collector):
         fields = {
             "bytes_sent": CounterMetricFamily(
                 "gossamer_net_sent_bytes",
-                "Payload bytes sent to a remote peer (before gRPC framing and TLS).",
+                "Payload bytes sent to a remote peer (before gRPC framing and TLS): requests of "
+                "the calls this node made and bulk transfers; answers to calls it served are "
+                "not counted.",
                 labels=["peer"],
             ),
             "bytes_received": CounterMetricFamily(
                 "gossamer_net_received_bytes",
-                "Payload bytes received from a remote peer.",
+                "Payload bytes received from a remote peer: answers to the calls this node "
+                "made and bulk transfers; requests of calls it served are not counted.",
                 labels=["peer"],
             ),
             "num_rpcs_sent": CounterMetricFamily(
