@@ -337,7 +337,7 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
             )
         if self._num_open_from.total() >= _MAX_TUNNELS:
             raise PeerUnavailableError(f"this relay carries {_MAX_TUNNELS} tunnels already")
-        tunnel = _Tunnel(secrets.token_hex(12), dialer, target, reservation, "" if local else host)
+        tunnel = _Tunnel(secrets.token_hex(12), dialer, target, reservation, host)
         # Counted from now on, waiting or open (many announced at once must not all pass the
         # caps before the first is accepted); closing the tunnel gives its place back.
         self._num_open_to[target] += 1

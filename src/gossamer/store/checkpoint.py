@@ -560,8 +560,8 @@ class CheckpointStore:
                 # Not a checkpoint, nor a torn one (a checkpoint's folder takes its name once
                 # whole): something of the user's, never deleted.
                 continue
-            valid, incompatible = self._is_valid(folder)
-            if incompatible:
+            valid, keep = self._is_valid(folder)
+            if keep:
                 continue
             if valid and num_kept < self._keep_last:
                 num_kept += 1
@@ -581,7 +581,8 @@ class CheckpointStore:
             self._verified.pop(folder, None)
 
     def _is_valid(self, folder: Path) -> tuple[bool, bool]:
-        """(valid, of an unknown format version), trusting an earlier check of unchanged files."""
+        """(valid, kept whatever ``keep_last`` says: of an unknown format version, or unreadable
+        now), trusting an earlier check of unchanged files."""
         signature = _signature(folder)
         if self._verified.get(folder) == signature:
             return True, False

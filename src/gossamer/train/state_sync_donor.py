@@ -326,9 +326,4 @@ class StateDonor:
             index=request.index,
             body_bytes=len(body),
         )
-        await self._node.send_bulk(
-            sender,
-            REPLY_TOPIC,
-            encode_reply(header, body),
-            timeout_s=self._reply_timeout_s(request),
-        )
+        await self._send(sender, request, encode_reply(header, body))

@@ -1281,9 +1281,7 @@ class SwarmAverager:
 
     async def _on_nudge(self, sender: str, topic: str, payload: bytearray) -> None:
         """A peer announced itself or closed a round: read that round's records again now."""
-        del sender, topic
-        if len(payload) > _MAX_NUDGE_BYTES:
-            return  # not a round key; nudges only hasten reads, so ignoring one is safe
+        del sender, topic  # (a longer payload than a round key is refused by net: max_bytes)
         key = bytes(payload).decode("utf-8", errors="replace")
         event = self._nudged.get(key)
         if event is not None:
