@@ -8,8 +8,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
+from gossamer.net.bridge import NodeThread
+from gossamer.net.config import NodeConfig
 from gossamer.obs.metrics import PeerMetrics, serve_metrics
 
 # cli/main.py wires the command in; this runs it on a root command of its own so the test does
@@ -70,7 +73,7 @@ def test_dashboard_command_without_a_swarm_says_what_to_pass() -> None:
     done = subprocess.run(
         [sys.executable, "-c", CLI, "dashboard"], capture_output=True, text=True, timeout=60
     )
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "--bootstrap HOST:PORT or --scrape URL" in done.stderr
 
 
@@ -81,6 +84,46 @@ def test_dashboard_command_refuses_a_port_that_is_not_one() -> None:
         text=True,
         timeout=60,
     )
-    assert done.returncode == 1
-    assert "port 99999 is not a TCP port" in done.stderr
+    assert done.returncode == 2
+    assert "--port" in done.stderr and "65535" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_dashboard_command_watches_a_private_swarm_with_its_secret(tmp_path: Path) -> None:
+    secret = b"a private swarm's secret, 16+ bytes"
+    (tmp_path / "secret").write_bytes(secret + b"\n")
+    with NodeThread(NodeConfig(listen_address="127.0.0.1:0", swarm_secret=secret)) as peer:
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-c", CLI, "dashboard",
+                "--bootstrap", peer.node.addresses[0],
+                "--swarm-secret-file", str(tmp_path / "secret"),
+                "--listen", "127.0.0.1:0",
+                "--port", "0",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            url = proc.stdout.readline().strip().removeprefix("dashboard at ")
+            assert url.startswith("http://127.0.0.1:"), url
+            deadline = time.monotonic() + 20
+            while True:
+                statuses = {p["peer_id"]: p["status"] for p in _state(url)["peers"]}
+                if statuses.get(peer.node.peer_id) == "alive":
+                    break
+                assert time.monotonic() < deadline, f"private peer not alive: {statuses}"
+                time.sleep(0.1)  # pacing between requests; the loop ends on the condition or deadline
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=15)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=10)
+                for stream in (proc.stdout, proc.stderr):
+                    if stream is not None:
+                        stream.close()

@@ -119,6 +119,17 @@ def test_peer_start_says_when_its_metrics_port_is_taken(tmp_path: Path) -> None:
             "peer", "start", "--listen", "127.0.0.1:0", "--key-file", str(tmp_path / "k"),
             "--metrics-port", str(port),
         )  # fmt: skip
-    assert result.returncode == 1
+    assert result.returncode == 2  # as `gossamer train` with a port taken: pick another
     assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_peer_start_names_the_flag_of_a_bad_address_and_makes_no_key(tmp_path: Path) -> None:
+    key = tmp_path / "key.pem"
+    result = _gossamer("peer", "start", "--listen", "nonsense", "--key-file", str(key))
+    assert result.returncode == 2
+    assert "error: --listen: expected HOST:PORT" in result.stderr, result.stderr
+    assert not key.exists()  # the input was wrong: nothing was made
+    result = _gossamer("peers", "--bootstrap", "1.2.3.4:99999")
+    assert result.returncode == 2
+    assert "error: --bootstrap:" in result.stderr, result.stderr

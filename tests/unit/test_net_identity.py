@@ -59,7 +59,9 @@ def test_key_file_that_is_not_a_key_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "key.pem"
     path.write_bytes(b"not a key")
     os.chmod(path, 0o600)
-    with pytest.raises(ConfigError, match="not a PEM private key"):
+    with pytest.raises(
+        ConfigError, match=r"not an unencrypted PEM private key.*a path that does not exist yet"
+    ):
         load_or_create_identity(path)
 
 

@@ -8,7 +8,10 @@ from typing import Annotated
 
 import typer
 
-from gossamer.core.errors import GossamerError
+from gossamer.cli.errors import NODE_FLAGS, keys_named_by_flags, one_red_line
+from gossamer.cli.peer import BootstrapOption, SecretOption
+from gossamer.cli.preflight import MAX_PORT, positive_finite_float, read_swarm_secret
+from gossamer.core.errors import ConfigError, GossamerError
 from gossamer.obs.dashboard.app import DashboardConfig, DashboardService, create_app
 from gossamer.obs.dashboard.scrape import ScrapeConfig, ScrapeSwarmSource, normalize_metrics_url
 from gossamer.obs.dashboard.server import bind_socket, serve_forever
@@ -18,12 +21,7 @@ _log = logging.getLogger(__name__)
 
 
 def dashboard(
-    bootstrap: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--bootstrap", help="A peer of the swarm, HOST:PORT or PEER_ID@HOST:PORT (repeatable)."
-        ),
-    ] = None,
+    bootstrap: BootstrapOption = None,
     scrape: Annotated[
         list[str] | None,
         typer.Option(
@@ -34,53 +32,73 @@ def dashboard(
     host: Annotated[
         str, typer.Option("--host", help="Address to serve the page on (0.0.0.0: everyone).")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="Port of the page (0 picks a free one).")] = (
-        8080
-    ),
+    port: Annotated[
+        int,
+        typer.Option("--port", help="Port of the page (0 picks a free one).", min=0, max=MAX_PORT),
+    ] = 8080,
     gone_after_s: Annotated[
         float,
-        typer.Option("--gone-after-s", help="A peer silent this long is shown as gone."),
+        typer.Option(
+            "--gone-after-s",
+            help="A peer silent this long is shown as gone.",
+            callback=positive_finite_float,
+        ),
     ] = 2.5,
     poll_interval_s: Annotated[
-        float, typer.Option("--poll-interval-s", help="Seconds between looks at the swarm.")
+        float,
+        typer.Option(
+            "--poll-interval-s",
+            help="Seconds between looks at the swarm.",
+            callback=positive_finite_float,
+        ),
     ] = 0.5,
+    swarm_secret_file: SecretOption = None,
+    listen: Annotated[
+        str,
+        typer.Option(
+            "--listen",
+            help="HOST:PORT of the node that watches the swarm with --bootstrap (port 0: any "
+            "free one); the swarm's peers must be able to reach it.",
+        ),
+    ] = "0.0.0.0:0",
 ) -> None:
     """Serve a live web page of the swarm: peers, links, loss and throughput curves, events."""
-    try:
+    with one_red_line():
         config = DashboardConfig(poll_interval_s=poll_interval_s)
-        urls = tuple(normalize_metrics_url(target) for target in scrape or ())
+        try:
+            urls = tuple(normalize_metrics_url(target) for target in scrape or ())
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         with contextlib.ExitStack() as stack:
             source: SwarmSource
             if bootstrap:
                 from gossamer.net.swarm_view import NetSwarmSource, NetSwarmViewConfig
 
-                source = stack.enter_context(
-                    NetSwarmSource(
-                        NetSwarmViewConfig(
-                            bootstrap=tuple(bootstrap),
-                            metrics_urls=urls,
-                            gone_after_s=gone_after_s,
-                        )
-                    )
+                view = NetSwarmViewConfig(
+                    bootstrap=tuple(bootstrap),
+                    swarm_secret=read_swarm_secret(swarm_secret_file),
+                    listen_address=listen,
+                    metrics_urls=urls,
+                    gone_after_s=gone_after_s,
                 )
+                with keys_named_by_flags(NODE_FLAGS):
+                    view.node_config()  # checked here, where the flags are known
+                source = stack.enter_context(NetSwarmSource(view))
             elif urls:
                 source = ScrapeSwarmSource(ScrapeConfig(urls=urls, gone_after_s=gone_after_s))
             else:
-                raise ValueError("name the swarm: --bootstrap HOST:PORT or --scrape URL")
+                raise ConfigError("name the swarm: --bootstrap HOST:PORT or --scrape URL")
             try:
                 sock = bind_socket(host, port)
             except (OSError, OverflowError) as exc:  # gaierror is an OSError
                 reason = getattr(exc, "strerror", None) or str(exc)
-                raise ValueError(
+                raise GossamerError(
                     f"cannot serve the dashboard on {host}:{port}: {reason}; pick another "
                     "--port (0: any free one) or --host"
                 ) from exc
             shown_host = f"[{host}]" if ":" in host else host
             typer.echo(f"dashboard at http://{shown_host}:{sock.getsockname()[1]}/", err=False)
             serve_forever(create_app(DashboardService(source, config)), sock)
-    except (ValueError, OSError, GossamerError) as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from exc
 
 
 def register(app: typer.Typer) -> None:

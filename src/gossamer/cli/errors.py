@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import typer
 
 from gossamer.core.errors import ConfigError, GossamerError
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "exit_on_gossamer_errors"]
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_FAILED",
+    "NODE_FLAGS",
+    "exit_on_gossamer_errors",
+    "keys_named_by_flags",
+    "one_red_line",
+]
 
 EXIT_FAILED = 1
 """The command ran and failed (corrupted data, a peer refused, ...)."""
@@ -32,3 +39,38 @@ def exit_on_gossamer_errors() -> Iterator[None]:
     except GossamerError as exc:
         sys.stderr.write(f"error: {type(exc).__name__}: {exc}\n")
         raise typer.Exit(EXIT_FAILED) from exc
+
+
+@contextmanager
+def one_red_line() -> Iterator[None]:
+    """Like :func:`exit_on_gossamer_errors` for the interactive commands (peers, labs, the
+    dashboard): the message alone, in red, with the same exit codes (2 for wrong input, 1 for a
+    failure)."""
+    try:
+        yield
+    except GossamerError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(EXIT_BAD_INPUT if isinstance(exc, ConfigError) else EXIT_FAILED) from exc
+
+
+NODE_FLAGS = {
+    "net.listen_address": "--listen",
+    "net.advertise_addresses": "--advertise",
+    "net.bootstrap": "--bootstrap",
+    "net.swarm_secret": "--swarm-secret-file",
+    "relay.bytes_per_s_per_peer": "--relay-bytes-per-s",
+}
+"""The node config's keys that the peer commands' flags set."""
+
+
+@contextmanager
+def keys_named_by_flags(flags: Mapping[str, str]) -> Iterator[None]:
+    """A :class:`ConfigError` about one of ``flags``' config keys, raised again naming the flag
+    the user gave instead."""
+    try:
+        yield
+    except ConfigError as exc:
+        key, _, reason = str(exc).partition(": ")
+        if key not in flags:
+            raise
+        raise ConfigError(f"{flags[key]}: {reason}") from exc

@@ -9,17 +9,17 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from gossamer.cli.errors import NODE_FLAGS, keys_named_by_flags, one_red_line
 from gossamer.cli.preflight import (
     MAX_PORT,
     check_output_file,
     positive_finite_float,
+    read_swarm_secret,
     serve_metrics_or_explain,
 )
 from gossamer.core.errors import ConfigError, GossamerError, PeerUnavailableError
@@ -55,16 +55,6 @@ KeyOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """Turn Gossamer's errors into one line on stderr and exit status 1, not a traceback."""
-    try:
-        yield
-    except GossamerError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from exc
-
-
 def _quiet_unless_verbose() -> None:
     """Log errors only (a one-shot command's answer is its output), unless --verbose asked for
     progress lines. (``basicConfig`` here did nothing: the root command configured logging
@@ -72,16 +62,6 @@ def _quiet_unless_verbose() -> None:
     root = logging.getLogger()
     if root.level > logging.INFO:
         root.setLevel(logging.ERROR)
-
-
-def _read_secret(path: Path | None) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        secret = path.expanduser().read_bytes().strip()
-    except OSError as exc:
-        raise ConfigError(f"--swarm-secret-file: cannot read {path}: {exc}") from exc
-    return secret
 
 
 def _config(
@@ -96,21 +76,22 @@ def _config(
     relay_enabled: bool = True,
     relay_bytes_per_s: float = RelayConfig().bytes_per_s_per_peer,
 ) -> NodeConfig:
-    return NodeConfig(
-        listen_address=listen,
-        advertise_addresses=tuple(advertise or ()),
-        bootstrap=tuple(bootstrap or ()),
-        swarm_secret=_read_secret(secret_file),
-        dht=DhtConfig(
-            record_ttl_s=record_ttl_s,
-            republish_interval_s=record_ttl_s / 3,
-            refresh_interval_s=refresh_interval_s,
-        ),
-        heartbeat=HeartbeatConfig(
-            interval_s=min(0.5, heartbeat_timeout_s / 3), timeout_s=heartbeat_timeout_s
-        ),
-        relay=RelayConfig(serve=relay_enabled, bytes_per_s_per_peer=relay_bytes_per_s),
-    )
+    with keys_named_by_flags(NODE_FLAGS):
+        return NodeConfig(
+            listen_address=listen,
+            advertise_addresses=tuple(advertise or ()),
+            bootstrap=tuple(bootstrap or ()),
+            swarm_secret=read_swarm_secret(secret_file),
+            dht=DhtConfig(
+                record_ttl_s=record_ttl_s,
+                republish_interval_s=record_ttl_s / 3,
+                refresh_interval_s=refresh_interval_s,
+            ),
+            heartbeat=HeartbeatConfig(
+                interval_s=min(0.5, heartbeat_timeout_s / 3), timeout_s=heartbeat_timeout_s
+            ),
+            relay=RelayConfig(serve=relay_enabled, bytes_per_s_per_peer=relay_bytes_per_s),
+        )
 
 
 def _human_bytes(num: float) -> str:
@@ -212,11 +193,10 @@ def peer_start(
 ) -> None:
     """Run a long-lived peer until interrupted (Ctrl-C or SIGTERM)."""
     logging.getLogger().setLevel(logging.INFO)  # a long-lived peer logs its progress
-    with _user_errors():
+    with one_red_line():
         if status_file is not None:
             check_output_file(status_file, "--status-file")  # before the peer is up, not after
-        identity = load_or_create_identity(key_file.expanduser())
-        config = _config(
+        config = _config(  # before the identity: wrong input leaves no key file behind
             listen,
             bootstrap,
             swarm_secret_file,
@@ -226,6 +206,7 @@ def peer_start(
             relay_enabled=relay_enabled,
             relay_bytes_per_s=relay_bytes_per_s,
         )
+        identity = load_or_create_identity(key_file.expanduser())
         freeze_startup_heap()  # a long-lived process: start-up's objects out of every collection
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -281,7 +262,7 @@ async def _recheck_unknown(node: Node) -> None:
 @peer_app.command("id")
 def peer_id(key_file: KeyOption = DEFAULT_KEY_FILE) -> None:
     """Print this peer's id (creating its key on first use)."""
-    with _user_errors():
+    with one_red_line():
         typer.echo(load_or_create_identity(key_file.expanduser()).peer_id)
 
 
@@ -340,7 +321,7 @@ def peers(
 ) -> None:
     """List the swarm's peers: id, address, reachability, capabilities, last seen."""
     _quiet_unless_verbose()
-    with _user_errors():
+    with one_red_line():
         if not bootstrap:
             raise ConfigError("--bootstrap: name at least one peer of the swarm")
         config = _config("0.0.0.0:0", bootstrap, swarm_secret_file)
@@ -360,7 +341,7 @@ def doctor(
 ) -> None:
     """Say whether this peer can be reached by others, whether it uses a relay, what to change."""
     _quiet_unless_verbose()
-    with _user_errors():
+    with one_red_line():
         if status_file is not None:
             status = _read_status_file(status_file)
         elif bootstrap:

@@ -23,6 +23,7 @@ __all__ = [
     "check_output_folder",
     "finite_float",
     "positive_finite_float",
+    "read_swarm_secret",
     "serve_metrics_or_explain",
 ]
 
@@ -109,3 +110,13 @@ def positive_finite_float(value: float) -> float:
     if not math.isfinite(value) or value <= 0:
         raise typer.BadParameter(f"must be a finite number > 0, got {value}")
     return value
+
+
+def read_swarm_secret(path: Path | None) -> bytes | None:
+    """The secret in ``--swarm-secret-file`` (None without one), surrounding whitespace left out."""
+    if path is None:
+        return None
+    try:
+        return path.expanduser().read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"--swarm-secret-file: cannot read {path}: {exc}") from exc

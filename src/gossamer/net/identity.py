@@ -161,10 +161,19 @@ def load_or_create_identity(path: Path) -> Identity:
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         except OSError as exc:
             raise ConfigError(f"cannot read key file {path}: {exc.strerror or exc}") from exc
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"key file {path} is not a PEM private key: {exc}") from exc
+        except (ValueError, TypeError) as exc:  # (cryptography's reason, less its FAQ link)
+            why = str(exc).split(" See https://")[0] or type(exc).__name__
+            raise ConfigError(
+                f"key file {path} is not an unencrypted PEM private key ({why}): pass the "
+                f"file `gossamer peer id` created, or a path that does not exist yet for a new "
+                f"identity"
+            ) from exc
         if not isinstance(key, Ed25519PrivateKey):
-            raise ConfigError(f"key file {path} holds a {type(key).__name__}, not an Ed25519 key")
+            raise ConfigError(
+                f"key file {path} holds a {type(key).__name__}, not an Ed25519 key: pass the "
+                f"file `gossamer peer id` created, or a path that does not exist yet for a new "
+                f"identity"
+            )
         return Identity(key)
     identity = Identity.generate()
     try:
