@@ -116,6 +116,23 @@ def peers() -> Iterator[list[tuple[str, subprocess.Popen[str]]]]:
 
 
 @pytest.mark.slow
+def _assert_the_page_keeps_its_content_policy(browser: Any, url: str) -> None:
+    """The page, its policy enforced, draws what it draws with nothing refused."""
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on(
+        "console", lambda message: errors.append(message.text) if message.type == "error" else None
+    )
+    page.goto(url)
+    swatch = page.locator('tr[data-peer-id="peer-a"] .swatch')
+    swatch.wait_for(timeout=15_000)
+    page.locator("#loss-chart path.series").first.wait_for(timeout=15_000)
+    color = swatch.evaluate("s => getComputedStyle(s).backgroundColor")
+    assert color not in ("", "rgba(0, 0, 0, 0)"), color  # (set as an attribute it was refused)
+    assert not errors, errors
+    page.close()
+
+
 def test_dashboard_shows_peers_curves_and_a_killed_peer(
     peers: list[tuple[str, subprocess.Popen[str]]],
 ) -> None:
@@ -130,7 +147,9 @@ def test_dashboard_shows_peers_curves_and_a_killed_peer(
     with DashboardServer(create_app(service)) as server, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            # Under its content policy the page refuses the test's own string predicates
+            # (playwright evaluates them): checked on a page of its own below.
+            page = browser.new_page(viewport={"width": 1280, "height": 1000}, bypass_csp=True)
             page.goto(server.url)
             rows = 'tr[data-peer-id][data-status="alive"]'
             page.wait_for_function(
@@ -157,6 +176,7 @@ def test_dashboard_shows_peers_curves_and_a_killed_peer(
                 "the step column to change",
             )
             assert page.locator("#throughput-chart path.series").count() == 2
+            _assert_the_page_keeps_its_content_policy(browser, server.url)
             assert page.locator("#links-body tr").count() == 2
             page.wait_for_function(
                 "document.querySelectorAll('#events li[data-kind=\"joined\"]').length === 2",

@@ -85,7 +85,8 @@ def test_dashboard_command_refuses_a_port_that_is_not_one() -> None:
         timeout=60,
     )
     assert done.returncode == 2
-    assert "--port" in done.stderr and "65535" in done.stderr
+    assert "--port" in done.stderr
+    assert "65535" in done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -115,7 +116,9 @@ def test_dashboard_command_watches_a_private_swarm_with_its_secret(tmp_path: Pat
                 if statuses.get(peer.node.peer_id) == "alive":
                     break
                 assert time.monotonic() < deadline, f"private peer not alive: {statuses}"
-                time.sleep(0.1)  # pacing between requests; the loop ends on the condition or deadline
+                time.sleep(
+                    0.1
+                )  # pacing between requests; the loop ends on the condition or deadline
         finally:
             proc.send_signal(signal.SIGINT)
             try:

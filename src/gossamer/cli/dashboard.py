@@ -98,7 +98,7 @@ def dashboard(
                 ) from exc
             shown_host = f"[{host}]" if ":" in host else host
             typer.echo(f"dashboard at http://{shown_host}:{sock.getsockname()[1]}/", err=False)
-            serve_forever(create_app(DashboardService(source, config)), sock)
+            serve_forever(create_app(DashboardService(source, config)), sock, host)
 
 
 def register(app: typer.Typer) -> None:

@@ -35,6 +35,15 @@ _STATIC_TYPES = {
     "dashboard.css": "text/css; charset=utf-8",
 }
 
+_PAGE_POLICY = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+}
+"""The page runs its own script and style only, fetches from its own origin only, and is framed
+by nobody: peer names and addresses shown on it are text, never markup."""
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DashboardConfig:
@@ -156,11 +165,11 @@ def create_app(service: DashboardService, *, poll: bool = True) -> FastAPI:
         redoc_url=None,
         openapi_url=None,  # (the schema was served though the docs pages were not)
     )
-    no_store = {"Cache-Control": "no-store"}
+    no_store = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
-        return HTMLResponse(_static_text("index.html"), headers=no_store)
+        return HTMLResponse(_static_text("index.html"), headers=no_store | _PAGE_POLICY)
 
     @app.get("/static/{name}")
     async def static(name: str) -> Response:

@@ -1,7 +1,14 @@
-"""Serving the dashboard with uvicorn on a socket bound up front (so port 0 can be read back)."""
+"""Serving the dashboard with uvicorn on a socket bound up front (so port 0 can be read back).
+
+A dashboard bound to a loopback address answers only requests that name a loopback host: a web
+page elsewhere cannot point a name of its own at 127.0.0.1 (DNS rebinding) and read the swarm's
+peer addresses through the user's browser. Bound to any other address, the page was meant for
+others, under whatever name they reach it by.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import threading
@@ -10,8 +17,10 @@ from types import TracebackType
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import ASGIApp
 
-__all__ = ["DashboardServer", "bind_socket", "serve_forever"]
+__all__ = ["LOOPBACK_HOST_NAMES", "DashboardServer", "bind_socket", "serve_forever"]
 
 _log = logging.getLogger(__name__)
 
@@ -38,9 +47,25 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn_server(app: FastAPI) -> uvicorn.Server:
+LOOPBACK_HOST_NAMES = ("127.0.0.1", "localhost", "[::1]")
+"""The ``Host`` names a dashboard bound to loopback answers (the port aside)."""
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: whoever serves under it means others to use it
+        return False
+
+
+def _uvicorn_server(app: FastAPI, host: str) -> uvicorn.Server:
+    served: ASGIApp = app
+    if _is_loopback(host):
+        served = TrustedHostMiddleware(app, allowed_hosts=[*LOOPBACK_HOST_NAMES, host])
     config = uvicorn.Config(
-        app,
+        served,
         http="h11",
         ws="none",
         lifespan="on",
@@ -65,7 +90,7 @@ class DashboardServer:
         self.host = host
         self.port: int = self._socket.getsockname()[1]
         """The port it listens on."""
-        self._server = _uvicorn_server(app)
+        self._server = _uvicorn_server(app, host)
         self._thread = threading.Thread(target=self._serve, name="gossamer-dashboard", daemon=True)
         self._error: BaseException | None = None
 
@@ -117,9 +142,10 @@ class DashboardServer:
         self.close()
 
 
-def serve_forever(app: FastAPI, sock: socket.socket) -> None:
-    """Serve in the calling thread until interrupted (Ctrl-C or SIGTERM); for the CLI."""
+def serve_forever(app: FastAPI, sock: socket.socket, host: str) -> None:
+    """Serve in the calling thread until interrupted (Ctrl-C or SIGTERM); for the CLI.
+    ``host``: the address ``sock`` was bound to."""
     try:
-        _uvicorn_server(app).run(sockets=[sock])
+        _uvicorn_server(app, host).run(sockets=[sock])
     finally:
         sock.close()

@@ -85,7 +85,9 @@ function renderPeers(peers) {
     const status = el("span", { class: "status " + p.status });
     status.append(el("span", { class: "dot" }), document.createTextNode(p.status));
     const name = el("td", { class: "mono", title: p.peer_id });
-    name.append(el("span", { class: "swatch", style: "background:" + colorOf(p.peer_id) }));
+    const swatch = el("span", { class: "swatch" });
+    swatch.style.background = colorOf(p.peer_id); // (a style attribute: refused by the page's policy)
+    name.append(swatch);
     name.append(document.createTextNode(shortId(p.peer_id)));
     const cells = [
       el("td"),
