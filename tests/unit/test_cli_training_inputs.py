@@ -140,6 +140,41 @@ def test_eval_refuses_to_change_the_checkpoint_model(checkpoint: Path) -> None:
     assert "--model.context cannot be changed" in output
 
 
+def test_eval_refuses_a_model_changed_through_the_environment(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (a longer context crashed in the model; a shorter one measured another loss silently)
+    for context in ("256", "8"):
+        monkeypatch.setenv("GOSSAMER_MODEL__CONTEXT", context)
+        code, output = _invoke(["eval", "--checkpoint", str(checkpoint)])
+        assert code == 2
+        assert "GOSSAMER_MODEL__CONTEXT" in output
+        assert "checkpoint's" in output
+
+
+def test_sample_refuses_a_model_trained_on_token_ids(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens.bin"
+    np.random.default_rng(0).integers(0, 1000, 20_000).astype("<u2").tofile(tokens)
+    args = ["train", *TINY, "--data.source", "tokens", "--data.path", str(tokens)]
+    args += ["--model.vocab-size", "1000", "--checkpoint.directory", str(tmp_path / "ck")]
+    code, output = _invoke(args)
+    assert code == 0, output
+    code, output = _invoke(["sample", "--checkpoint", str(tmp_path / "ck"), "--tokens", "5"])
+    assert code == 2  # (a ValueError traceback from the byte decoder)
+    assert "trained on token ids" in output
+
+
+def test_train_refuses_an_id_past_the_vocabulary_before_its_first_step(tmp_path: Path) -> None:
+    ids = np.arange(50_000, dtype="<u2") % 200
+    ids[33_333] = 999  # no batch of the first steps touches it
+    ids.tofile(tmp_path / "t.bin")
+    args = ["train", *TINY, "--data.source", "tokens", "--data.path", str(tmp_path / "t.bin")]
+    code, output = _invoke([*args, "--checkpoint.directory", str(tmp_path / "ck")])
+    assert code == 1
+    assert "token id 999 in training split" in output
+    assert not (tmp_path / "ck").exists() or not any((tmp_path / "ck").iterdir())
+
+
 def test_eval_checks_token_ids_against_the_vocabulary(checkpoint: Path, tmp_path: Path) -> None:
     tokens = tmp_path / "tokens.bin"
     np.arange(1000, 3000, dtype="<u2").tofile(tokens)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tracemalloc
 from pathlib import Path
 
@@ -135,11 +136,54 @@ def test_text_folder_is_read_recursively_in_order_and_split_by_file(tmp_path: Pa
     assert load_corpus(config).manifest == corpus.manifest
 
 
-def test_a_folder_of_two_files_still_gets_both_splits(tmp_path: Path) -> None:
-    _write_folder(tmp_path, 2)
+def test_a_folder_of_two_files_is_split_by_its_tail(tmp_path: Path) -> None:
+    # One file each way would hold out half the bytes for 1% asked.
+    contents = _write_folder(tmp_path, 2)
     corpus = load_corpus(DataConfig(source="text", path=str(tmp_path), validation_fraction=0.01))
-    assert len(corpus.manifest["train_files"]) == 1
-    assert len(corpus.manifest["validation_files"]) == 1
+    assert corpus.manifest["split"] == "tail"
+    total = sum(len(data) for data in contents.values())
+    assert len(corpus.validation) == max(1, round(total * 0.01))
+    joined = b"".join(contents[name] for name in sorted(contents))
+    assert corpus.train.tokens.tobytes() + corpus.validation.tokens.tobytes() == joined
+
+
+def test_a_large_file_is_not_held_out_whole(tmp_path: Path) -> None:
+    # A book and a README: the book's path fell in validation, and training ran on the README.
+    (tmp_path / "book.txt").write_bytes(b"It was a dark and stormy night. " * 30_000)
+    (tmp_path / "README.md").write_bytes(b"# notes\n" * 30)
+    corpus = load_corpus(DataConfig(source="text", path=str(tmp_path), validation_fraction=0.05))
+    share = len(corpus.validation) / (len(corpus.train) + len(corpus.validation))
+    assert share == pytest.approx(0.05, abs=0.001)
+
+
+def test_a_file_name_that_is_not_utf8_is_read(tmp_path: Path) -> None:
+    for index in range(3):
+        (tmp_path / f"f{index}.txt").write_bytes(b"plain text here\n" * 200)
+    (tmp_path / os.fsdecode(b"caf\xe9.txt")).write_bytes(b"latin-1 named file\n" * 200)
+    corpus = load_corpus(DataConfig(source="text", path=str(tmp_path), validation_fraction=0.3))
+    assert len(corpus.train) + len(corpus.validation) == 3 * 16 * 200 + 19 * 200
+    json.dumps(corpus.manifest)  # the manifest goes into checkpoints as JSON
+
+
+def test_ids_past_the_vocabulary_anywhere_in_a_token_file_are_found_at_load(
+    tmp_path: Path,
+) -> None:
+    ids = np.arange(100_000, dtype="<u2") % 200
+    ids[77_777] = 999  # deep in training data, far from any first batch
+    ids.tofile(tmp_path / "t.bin")
+    corpus = load_corpus(DataConfig(source="tokens", path=str(tmp_path / "t.bin")))
+    assert corpus.manifest["max_train_token_id"] == 999
+    assert corpus.manifest["max_validation_token_id"] == 199
+
+
+def test_uint32_ids_read_as_uint16_are_refused(tmp_path: Path) -> None:
+    np.random.default_rng(0).integers(1, 50_000, 10_000).astype("<u4").tofile(tmp_path / "t.bin")
+    with pytest.raises(DataError, match="token_dtype = 'uint32'"):
+        load_corpus(DataConfig(source="tokens", path=str(tmp_path / "t.bin")))
+    corpus = load_corpus(
+        DataConfig(source="tokens", path=str(tmp_path / "t.bin"), token_dtype="uint32")
+    )
+    assert len(corpus.train) + len(corpus.validation) == 10_000
 
 
 # --- token files -----------------------------------------------------------------------------

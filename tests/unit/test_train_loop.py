@@ -188,6 +188,16 @@ def test_learning_rate_schedule() -> None:
     assert not any(math.isnan(r) for r in rates)
 
 
+def test_a_run_shorter_than_its_warm_up_still_reaches_its_peak_and_decays() -> None:
+    # (10 steps with the default 20 of warm-up climbed to half the peak and never decayed)
+    optim = OptimConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=20)
+    rates = [learning_rate_at(s, config=optim, max_steps=10) for s in range(10)]
+    assert max(rates) == pytest.approx(1.0)
+    assert rates.index(max(rates)) == 4  # warm-up over half the run
+    assert rates[-1] < 0.2
+    assert learning_rate_at(10, config=optim, max_steps=10) == pytest.approx(0.1)
+
+
 def test_schedule_is_fitted_to_the_time_budget(corpus_file: Path, tmp_path: Path) -> None:
     class TickingClock(FakeClock):
         def monotonic(self) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -208,6 +209,17 @@ def evaluate(
                 )
         loaded = _load_checkpoint(checkpoint)
         run_config = load_run_config(None, overrides, base=config_to_dict(loaded.config))
+        changed = [
+            f.name
+            for f in dataclasses.fields(run_config.model)
+            if getattr(run_config.model, f.name) != getattr(loaded.config.model, f.name)
+        ]
+        if changed:  # (flags are refused above; the environment is read in the loader)
+            names = ", ".join(f"GOSSAMER_MODEL__{name.upper()}" for name in changed)
+            raise ConfigError(
+                f"eval: the environment changes the model ({names}) but the model's shape is "
+                "the checkpoint's; unset it"
+            )
         corpus = load_corpus(run_config.data)
         loss = mean_validation_loss(
             loaded.model,
@@ -244,6 +256,13 @@ def sample(
     """Generate text from a checkpoint of the built-in model."""
     with exit_on_gossamer_errors():
         loaded = _load_checkpoint(checkpoint)
+        if loaded.config.data.source == "tokens" or loaded.config.model.vocab_size != 256:
+            raise ConfigError(
+                f"sample: {loaded.path} was trained on token ids (data.source = "
+                f"{loaded.config.data.source!r}, model.vocab_size = "
+                f"{loaded.config.model.vocab_size}); `gossamer sample` reads and writes text, with "
+                "the byte-level models trained on data.source 'stdlib' or 'text'"
+            )
         text = sample_text(
             loaded.model,
             prompt,

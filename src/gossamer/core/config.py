@@ -166,7 +166,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     """Learning rate at the end of the cosine, as a fraction of ``lr``."""
     warmup_steps: int = 20
-    """Steps of linear warm-up from 0 to ``lr``."""
+    """Steps of linear warm-up from 0 to ``lr`` (at most half of the run's schedule)."""
     weight_decay: float = 0.1
     """AdamW weight decay (applied to matrices only, not to biases and norms)."""
     beta1: float = 0.9

@@ -47,6 +47,11 @@ MANIFEST_VERSION = 1
 _TOKEN_DTYPES: dict[str, np.dtype[Any]] = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 _SNIFF_BYTES = 8192
 _HASH_CHUNK_TOKENS = 1 << 20
+_SNIFF_TOKENS = 64
+"""A uint16 token file this long or longer is checked for uint32 ids read in halves."""
+_SHARE_SLACK = 3.0
+"""A folder's split by file may hold out from a third to 3x the validation fraction of its bytes
+(the standard library's sources: 10% for 5%)."""
 # Test suites are left out of the embedded corpus (see stdlib_source_files); build-configuration
 # folders (config-3.11-x86_64-linux-gnu) hold platform-specific files.
 _STDLIB_SKIPPED_FOLDERS = frozenset(
@@ -223,13 +228,15 @@ def _looks_binary(path: Path) -> bool:
 
 
 def _path_fraction(relative_path: str) -> float:
-    """The sha256 of a relative path read as a number in [0, 1): where the file falls."""
-    digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
+    """The sha256 of a relative path read as a number in [0, 1): where the file falls. A name
+    that is not UTF-8 counts by its bytes as the file system holds them."""
+    digest = hashlib.sha256(relative_path.encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def _split_files(files: list[str], validation_fraction: float) -> tuple[list[str], list[str]]:
-    """Split by path hash; with few files, move the nearest file across so neither side is empty."""
+    """Split by path hash; with few files, move the nearest file across so neither side is empty
+    (a split whose bytes are far off the fraction is made by the tail instead: ``_load_files``)."""
     train = [name for name in files if _path_fraction(name) >= validation_fraction]
     validation = [name for name in files if _path_fraction(name) < validation_fraction]
     if len(files) >= 2 and not validation:
@@ -287,23 +294,38 @@ def _read_prefix(
     return tokens, used
 
 
+def _share_far_off(
+    root: Path, validation_files: list[str], files: list[str], wanted: float
+) -> bool:
+    """Whether the validation files hold a share of the bytes more than 3x off ``wanted`` (a
+    few files of different sizes: one large file in validation took all of a user's data)."""
+    total = sum((root / name).stat().st_size for name in files)
+    held = sum((root / name).stat().st_size for name in validation_files)
+    return not wanted / _SHARE_SLACK <= held / max(1, total) <= wanted * _SHARE_SLACK
+
+
 def _load_files(
     root: Path, files: list[str], config: DataConfig, manifest: dict[str, Any], label: str
 ) -> Corpus:
     train_files, validation_files = _split_files(files, config.validation_fraction)
     train_cap, validation_cap = _caps(config)
-    train, train_used = _read_prefix(root, train_files, train_cap)
-    validation, validation_used = _read_prefix(root, validation_files, validation_cap)
+    if _share_far_off(root, validation_files, files, config.validation_fraction):
+        # Split as one file: every file in path order, the last share of the bytes held out.
+        cap = None if train_cap is None or validation_cap is None else train_cap + validation_cap
+        tokens, used = _read_prefix(root, files, cap)
+        split_index = len(tokens) - max(1, round(len(tokens) * config.validation_fraction))
+        train, validation = tokens[: max(0, split_index)], tokens[max(0, split_index) :]
+        split: dict[str, Any] = {"split": "tail", "files": used, "split_index": split_index}
+    else:
+        train, train_used = _read_prefix(root, train_files, train_cap)
+        validation, validation_used = _read_prefix(root, validation_files, validation_cap)
+        split = {"train_files": train_used, "validation_files": validation_used}
     if not len(train) or not len(validation):
         raise DataError(
             f"{label} at {str(root)!r} has too little data to split ({len(files)} file(s), "
             f"{len(train) + len(validation)} bytes); add files to it"
         )
-    manifest.update(
-        _common_manifest(config, train, validation, "uint8"),
-        train_files=train_used,
-        validation_files=validation_used,
-    )
+    manifest.update(_common_manifest(config, train, validation, "uint8"), **split)
     return Corpus(
         TokenSource(train, f"training split of {label}"),
         TokenSource(validation, f"validation split of {label}"),
@@ -323,6 +345,14 @@ def _load_single_file(path: Path, config: DataConfig, dtype: np.dtype[Any]) -> C
         )
     tokens: npt.NDArray[np.unsignedinteger[Any]] = np.memmap(path, dtype=dtype, mode="r")
     num_tokens = len(tokens)
+    if dtype.itemsize == 2 and num_tokens >= _SNIFF_TOKENS and num_tokens % 2 == 0:
+        head = np.asarray(tokens[: min(num_tokens, 1 << 16)])
+        if head[0::2].any() and not head[1::2].any():  # the high halves of uint32 ids
+            raise DataError(
+                f"token file {str(path)!r}, read as uint16, has id 0 at every other place of "
+                f"its first {len(head)} ids: it looks like uint32 ids; set data.token_dtype = "
+                "'uint32'"
+            )
     num_validation = max(1, round(num_tokens * config.validation_fraction))
     split_index = num_tokens - num_validation
     if split_index < 1:
@@ -356,6 +386,8 @@ def _common_manifest(
     validation: npt.NDArray[np.unsignedinteger[Any]],
     token_dtype: str,
 ) -> dict[str, Any]:
+    train_sha256, max_train = _digest_tokens(train)
+    validation_sha256, max_validation = _digest_tokens(validation)
     return {
         "manifest_version": MANIFEST_VERSION,
         "python_version": platform.python_version(),
@@ -366,14 +398,21 @@ def _common_manifest(
         "num_validation_tokens": len(validation),
         "train_bytes": int(train.nbytes),
         "validation_bytes": int(validation.nbytes),
-        "train_sha256": _sha256_tokens(train),
-        "validation_sha256": _sha256_tokens(validation),
+        "train_sha256": train_sha256,
+        "validation_sha256": validation_sha256,
+        "max_train_token_id": max_train,
+        "max_validation_token_id": max_validation,
     }
 
 
-def _sha256_tokens(tokens: npt.NDArray[np.unsignedinteger[Any]]) -> str:
-    """Hex sha256 of the tokens' little-endian bytes, a chunk at a time (memory maps stay cold)."""
+def _digest_tokens(tokens: npt.NDArray[np.unsignedinteger[Any]]) -> tuple[str, int]:
+    """Hex sha256 of the tokens' little-endian bytes and their largest id, a chunk at a time
+    (memory maps stay cold): one pass finds an id past the vocabulary before training, not when
+    a batch first touches it hours in."""
     digest = hashlib.sha256()
+    largest = 0
     for start in range(0, len(tokens), _HASH_CHUNK_TOKENS):
-        digest.update(np.ascontiguousarray(tokens[start : start + _HASH_CHUNK_TOKENS]).data)
-    return digest.hexdigest()
+        chunk = np.ascontiguousarray(tokens[start : start + _HASH_CHUNK_TOKENS])
+        digest.update(chunk.data)
+        largest = max(largest, int(chunk.max()))
+    return digest.hexdigest(), largest

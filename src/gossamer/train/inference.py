@@ -81,8 +81,14 @@ def sample_text(
     """Continue ``prompt`` with ``num_tokens`` byte tokens and return the continuation only.
 
     Raises:
-        ValueError: ``num_tokens`` is negative or ``temperature`` is not positive.
+        ValueError: ``num_tokens`` is negative, ``temperature`` is not positive, or the model's
+            tokens are not bytes (its vocabulary is not 256).
     """
+    if model.config.vocab_size != 256:
+        raise ValueError(
+            f"sample_text needs a byte-level model (vocab_size 256), this one has "
+            f"{model.config.vocab_size}: it was trained on token ids"
+        )
     if num_tokens < 0:
         raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
     if temperature <= 0:

@@ -219,8 +219,9 @@ class Trainer:
             batch_size=config.train.batch_size,
             num_batches=config.train.eval_batches,
         )
+        self._check_corpus_vocabulary()
         for inputs, targets in self.val_batches:
-            self._check_vocabulary(inputs, targets)
+            self._check_vocabulary(inputs, targets, self.corpus.validation.description)
         self.resumed_from: Path | None = None
         if config.checkpoint.resume:
             self._resume()
@@ -317,13 +318,26 @@ class Trainer:
             self.metrics.validation_loss.set(loss)
         return loss
 
-    def _check_vocabulary(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    def _check_corpus_vocabulary(self) -> None:
+        """Every id of the corpus fits the model, by the largest ids its manifest records (a
+        corpus made elsewhere may not record them: its batches are checked as they come)."""
+        for key, source in (
+            ("max_train_token_id", self.corpus.train),
+            ("max_validation_token_id", self.corpus.validation),
+        ):
+            largest = self.corpus.manifest.get(key)
+            if isinstance(largest, int):
+                self._check_largest_id(largest, source.description)
+
+    def _check_vocabulary(self, inputs: torch.Tensor, targets: torch.Tensor, where: str) -> None:
+        self._check_largest_id(max(int(inputs.max()), int(targets.max())), where)
+
+    def _check_largest_id(self, largest: int, where: str) -> None:
         vocab_size = self.config.model.vocab_size
-        largest = max(int(inputs.max()), int(targets.max()))
         if largest >= vocab_size:
             raise DataError(
-                f"token id {largest} in {self.corpus.train.description} does not fit "
-                f"model.vocab_size = {vocab_size}; raise model.vocab_size or check data.token_dtype"
+                f"token id {largest} in {where} does not fit model.vocab_size = {vocab_size}; "
+                "raise model.vocab_size or check data.token_dtype"
             )
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -341,7 +355,7 @@ class Trainer:
         with spans.span("compute", step=step):
             for _ in range(accum):
                 inputs, targets = run.stream.next_batch()
-                self._check_vocabulary(inputs, targets)
+                self._check_vocabulary(inputs, targets, self.corpus.train.description)
                 logits = run.model(inputs)
                 loss = self._loss(logits, targets)
                 value = loss.item()

@@ -9,23 +9,31 @@ from torch import nn
 
 from gossamer.core.config import OptimConfig
 
-__all__ = ["apply_optim_config", "build_optimizer", "learning_rate_at"]
+__all__ = ["apply_optim_config", "build_optimizer", "learning_rate_at", "warmup_steps"]
 
 
 def learning_rate_at(step: int, *, config: OptimConfig, max_steps: int) -> float:
     """The learning rate for optimizer step ``step`` (0-based) of a run of ``max_steps``.
 
-    Linear warm-up from 0 to ``config.lr`` over ``warmup_steps``, then cosine decay to
-    ``config.lr * config.min_lr_ratio`` at ``max_steps``. A pure function of the step, so a resumed
-    run follows exactly the same schedule.
+    Linear warm-up from 0 to ``config.lr`` over ``warmup_steps`` (at most half the run: a
+    10-step run with the default 20 warm-up steps would never reach its peak nor decay), then
+    cosine decay to ``config.lr * config.min_lr_ratio`` at ``max_steps``. A pure function of the
+    step, so a resumed run follows exactly the same schedule.
     """
     peak = config.lr
     floor = peak * config.min_lr_ratio
-    if config.warmup_steps and step < config.warmup_steps:
-        return peak * (step + 1) / config.warmup_steps
-    span = max(1, max_steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
+    warmup = warmup_steps(config, max_steps)
+    if warmup and step < warmup:
+        return peak * (step + 1) / warmup
+    span = max(1, max_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
     return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_steps(config: OptimConfig, max_steps: int) -> int:
+    """The warm-up steps of a ``max_steps``-step schedule: ``config.warmup_steps``, at most half
+    of the run."""
+    return min(config.warmup_steps, max(0, max_steps) // 2)
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
