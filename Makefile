@@ -25,7 +25,7 @@ dev: $(VENV)/.dev-installed
 demo: install
 	$(BIN)/gossamer demo --summary-json demo-summary.json
 
-# System tools for the lab and the netlab tests (ip, tc, iptables, iperf3). Installed only when
+# System tools for the lab and the netlab tests (ip, tc, iptables, sysctl, iperf3). Installed only when
 # running as root with apt-get available; otherwise the netlab tests skip and say what is missing.
 system-deps:
 	@bash scripts/system-deps.sh

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the lab and the observability tests need (iproute2, iptables, iperf3,
+# Installs the Debian packages the lab and the observability tests need (iproute2, iptables, procps, iperf3,
 # prometheus, chromium) where we are root and apt-get exists. Never fails the build: without them the tests
 # that need them skip with the reason.
 set -u
@@ -7,6 +7,7 @@ missing=()
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v tc >/dev/null 2>&1 || missing+=(iproute2)
 command -v iptables >/dev/null 2>&1 || missing+=(iptables)
+command -v sysctl >/dev/null 2>&1 || missing+=(procps)
 command -v iperf3 >/dev/null 2>&1 || missing+=(iperf3)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)

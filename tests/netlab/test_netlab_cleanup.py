@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from typer.testing import CliRunner
 
 from gossamer.cli.lab import app
 from gossamer.lab import lab_down
+from gossamer.lab.state import LabState, load_state
 
 
 def test_open_lab_removes_everything_when_the_body_raises(make_lab: MakeLab, lab_name: str) -> None:
@@ -94,3 +97,62 @@ def test_cli_up_status_exec_faults_down(lab_name: str, state_dir: Path, tmp_path
         removed = cli.invoke(app, ["down", *common])
     assert removed.exit_code == 0, removed.output
     assert "removed 5 namespaces" in removed.output
+
+
+def _cli(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "gossamer.cli", "lab", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_sigterm_stops_exec_s_command_and_says_what_faults_it_left(
+    make_lab: MakeLab, lab_name: str, state_dir: Path, tmp_path: Path
+) -> None:
+    common = ["--name", lab_name, "--state-dir", str(state_dir)]
+    with make_lab(num_peers=2) as lab:
+        # `lab exec` stopped by SIGTERM (a timeout, a supervisor) left its command running.
+        execed = _cli("exec", "p0", *common, "--", "sleep", "60")
+        deadline = time.monotonic() + 30
+        while not lab.pids_in("p0"):
+            assert time.monotonic() < deadline, "the command never started in p0"
+            time.sleep(0.05)  # polling a condition with a deadline
+        execed.send_signal(signal.SIGTERM)
+        execed.communicate(timeout=30)
+        deadline = time.monotonic() + 10
+        while lab.pids_in("p0"):
+            assert time.monotonic() < deadline, "exec's command outlived it"
+            time.sleep(0.05)  # polling a condition with a deadline
+
+        # `lab faults` stopped before its undo half: it says what is in force and how to undo.
+        schedule = tmp_path / "faults.toml"
+        schedule.write_text(
+            '[[fault]]\nat_s = 0\naction = "cut"\npeer = "p1"\n'
+            '[[fault]]\nat_s = 0\naction = "set_rate"\npeer = "p0"\nrate = "10mbit"\n'
+            '[[fault]]\nat_s = 60\naction = "restore"\npeer = "p1"\n'
+        )
+        played = _cli("faults", str(schedule), *common)
+        assert played.stdout is not None
+        seen = [played.stdout.readline(), played.stdout.readline()]
+        assert "cut p1" in seen[0]
+        assert "set_rate p0" in seen[1]
+        played.send_signal(signal.SIGTERM)
+        _, err = played.communicate(timeout=30)
+        assert played.returncode == 130, err
+        assert "faults in force" in err
+        undo = tmp_path / "undo.toml"
+        undo.write_text(err[err.index("[[fault]]") :])
+        replayed = CliRunner().invoke(app, ["faults", str(undo), *common])
+        assert replayed.exit_code == 0, replayed.output
+        peers = {p.name: p for p in lab.topology.peers}
+        state = lab_state(lab_name, state_dir)
+        assert state.cut_peers == []
+        assert state.rates_bps.get("p0", peers["p0"].rate_bps) == peers["p0"].rate_bps
+
+
+def lab_state(name: str, state_dir: Path) -> LabState:
+    state = load_state(name, state_dir)
+    assert state is not None
+    return state

@@ -11,15 +11,18 @@ import pytest
 
 from gossamer.core.clock import FakeClock
 from gossamer.core.errors import ConfigError
-from gossamer.lab.config import LabConfig
+from gossamer.lab.config import LabConfig, format_rate
 from gossamer.lab.control import LabControl
 from gossamer.lab.faults import (
+    AppliedFault,
     Fault,
     FaultPlayer,
     fault_log_writer,
+    faults_in_force,
     load_schedule,
     parse_schedule,
     play_schedule,
+    schedule_text,
 )
 from gossamer.lab.lifecycle import lab_up
 from gossamer.lab.runner import FakeCommandRunner
@@ -183,3 +186,58 @@ def test_a_binary_schedule_file_is_refused_with_the_reason(tmp_path: Path) -> No
     path.write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(ConfigError, match="not UTF-8 text"):
         load_schedule(path)
+
+
+def test_a_partition_of_every_peer_is_refused_before_anything_is_played(
+    lab: LabControl, runner: FakeCommandRunner
+) -> None:
+    faults = (
+        Fault(at_s=0, action="kill", peer="p0"),
+        Fault(at_s=1, action="partition", side=("p0", "p1", "p2")),
+    )
+    with pytest.raises(ConfigError, match="every peer on one side"):
+        play_schedule(lab, faults, clock=FakeClock())
+    assert runner.signals == []  # (the kill had been played before the partition failed)
+
+
+def _played(*faults: Fault, failed: tuple[int, ...] = ()) -> list[AppliedFault]:
+    return [
+        AppliedFault(fault, fault.at_s, fault.at_s, index not in failed, "")
+        for index, fault in enumerate(faults)
+    ]
+
+
+def test_what_a_schedule_stopped_part_way_left_in_force_is_undone_by_its_undo(
+    lab: LabControl,
+) -> None:
+    applied = _played(
+        Fault(at_s=0.1, action="pause", peer="p0"),
+        Fault(at_s=0.2, action="pause", peer="p1"),
+        Fault(at_s=0.3, action="kill", peer="p1"),  # a killed peer has nothing to resume
+        Fault(at_s=0.4, action="cut", peer="p2"),
+        Fault(at_s=0.5, action="cut", peer="p1"),
+        Fault(at_s=0.6, action="restore", peer="p1"),
+        Fault(at_s=0.7, action="partition", side=("p0",)),
+        Fault(at_s=0.8, action="set_rate", peer="p1", rate_bps=10_000_000),
+        Fault(at_s=0.9, action="set_rate", peer="p2", rate_bps=5_000_000),
+        Fault(at_s=1.0, action="set_rate", peer="p2", rate_bps=lab.peer("p2").rate_bps),
+        Fault(at_s=1.1, action="cut", peer="p0"),  # failed: nothing to undo
+        failed=(10,),
+    )
+    undo = faults_in_force(lab, applied)
+    assert [fault.describe() for fault in undo] == [
+        "resume p0",
+        "restore p2",
+        "heal",
+        f"set_rate p1 {format_rate(lab.peer('p1').rate_bps)}",
+    ]
+    assert parse_schedule(schedule_text(undo)) == undo  # printed for the user to play
+    assert faults_in_force(lab, [*applied, *_played(*undo)]) == ()
+
+
+def test_a_healed_partition_and_a_killed_pause_are_not_in_force(lab: LabControl) -> None:
+    applied = _played(*parse_schedule(SCHEDULE))
+    assert faults_in_force(lab, applied) == (
+        Fault(at_s=0.0, action="restore", peer="p1"),
+        Fault(at_s=0.0, action="set_rate", peer="p1", rate_bps=lab.peer("p1").rate_bps),
+    )

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from gossamer.core.errors import ConfigError, MissingDependencyError
+from gossamer.lab.build import build_topology
 from gossamer.lab.config import LabConfig
 from gossamer.lab.lifecycle import attach_lab, lab_down, lab_status, lab_up, open_lab
+from gossamer.lab.plan import plan_topology
 from gossamer.lab.runner import CommandFailedError, CommandResult, FakeCommandRunner, require_tools
-from gossamer.lab.state import load_state
+from gossamer.lab.state import LabState, load_state, save_state, state_lock
 
 
 def _config(name: str = "t1") -> LabConfig:
@@ -222,3 +224,34 @@ def test_fake_runner_answers_take_precedence() -> None:
     runner = FakeCommandRunner()
     runner.answer(["ip", "netns", "list"], stdout="x\n")
     assert runner.run(["ip", "netns", "list"]) == CommandResult(("ip", "netns", "list"), 0, "x\n")
+
+
+def test_a_failed_build_leaves_a_namespace_it_did_not_make_alone(tmp_path: Path) -> None:
+    # Another process built p1 of the same name meanwhile: this build fails at its `add` and
+    # removed every namespace of the plan, the other's included.
+    topology = plan_topology(_config())
+    runner = FakeCommandRunner(namespaces={"gsl-t1-p1"})
+    with pytest.raises(CommandFailedError, match="gsl-t1-p1"):
+        build_topology(topology, runner)
+    assert runner.namespaces == {"gsl-t1-p1"}
+
+
+def test_attach_says_when_a_lab_is_half_built(tmp_path: Path) -> None:
+    runner = FakeCommandRunner()
+    save_state(LabState(topology=plan_topology(_config())), tmp_path)  # built = False
+    with pytest.raises(ConfigError, match=r"half-built.*lab down --name t1"):
+        attach_lab("t1", runner=runner, state_dir=tmp_path)
+
+
+def test_attach_checks_for_root_and_tools() -> None:
+    with pytest.raises(MissingDependencyError, match="root"):
+        attach_lab("t1", runner=FakeCommandRunner(root=False), state_dir=Path("/nonexistent"))
+
+
+def test_a_lab_held_too_long_by_another_command_is_said_to_be_busy(tmp_path: Path) -> None:
+    with (
+        state_lock("t1", tmp_path),
+        pytest.raises(ConfigError, match="lab 't1' is busy"),
+        state_lock("t1", tmp_path, timeout_s=0.2),
+    ):
+        pass

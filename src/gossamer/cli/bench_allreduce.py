@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import math
 import os
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -19,7 +16,7 @@ from gossamer.bench.allreduce import (
     run_allreduce_sweep,
     write_throughput_plot,
 )
-from gossamer.cli.errors import EXIT_FAILED, exit_on_gossamer_errors
+from gossamer.cli.errors import EXIT_FAILED, exit_on_gossamer_errors, stop_signals_as_ctrl_c
 from gossamer.comm.codecs import codec_by_name
 from gossamer.lab import parse_rate
 from gossamer.lab.config import MAX_PEERS
@@ -87,25 +84,6 @@ def _check_plot_path(path: Path) -> None:
         )
 
 
-@contextlib.contextmanager
-def _stopped_cleanly() -> Iterator[None]:
-    """Stop on SIGTERM or SIGHUP (kill, timeout, a closed terminal, a cancelled CI job) as on
-    Ctrl-C: the workers are stopped and the lab and the run's folder are removed on the way
-    out, instead of being left behind."""
-
-    def interrupt(signum: int, frame: object) -> None:
-        for sig in previous:  # a second one would cut the clean-up short
-            signal.signal(sig, signal.SIG_IGN)
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def register(app: typer.Typer) -> None:
     """Add the ``allreduce`` command to the bench Typer app."""
 
@@ -164,7 +142,10 @@ def register(app: typer.Typer) -> None:
         if plot is not None:
             _check_plot_path(plot)
         try:
-            with _stopped_cleanly(), exit_on_gossamer_errors():  # a worker that failed: one line
+            with (
+                stop_signals_as_ctrl_c(),
+                exit_on_gossamer_errors(),
+            ):  # a worker that failed: one line
                 results = [
                     result
                     for count in counts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ __all__ = [
     "exit_on_gossamer_errors",
     "keys_named_by_flags",
     "one_red_line",
+    "stop_signals_as_ctrl_c",
 ]
 
 EXIT_FAILED = 1
@@ -74,3 +76,22 @@ def keys_named_by_flags(flags: Mapping[str, str]) -> Iterator[None]:
         if key not in flags:
             raise
         raise ConfigError(f"{flags[key]}: {reason}") from exc
+
+
+@contextmanager
+def stop_signals_as_ctrl_c() -> Iterator[None]:
+    """Stop on SIGTERM or SIGHUP (kill, timeout, a closed terminal, a cancelled CI job) as on
+    Ctrl-C: what the command cleans up on a KeyboardInterrupt (workers, a lab, a child
+    process) is cleaned up instead of left behind."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        for sig in previous:  # a second one would cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from gossamer.cli.errors import one_red_line, stop_signals_as_ctrl_c
 from gossamer.cli.preflight import positive_finite_float
-from gossamer.core.errors import GossamerError
 from gossamer.lab import (
     LATENCY_NOTICE,
     LabConfig,
@@ -28,7 +27,14 @@ from gossamer.lab import (
     parse_rates,
     play_schedule,
 )
-from gossamer.lab.faults import AppliedFault, fault_log_writer
+from gossamer.lab.control import LabControl
+from gossamer.lab.faults import (
+    AppliedFault,
+    check_schedule,
+    fault_log_writer,
+    faults_in_force,
+    schedule_text,
+)
 from gossamer.lab.state import DEFAULT_STATE_DIR, LabState
 
 app = typer.Typer(
@@ -42,16 +48,6 @@ NameOption = Annotated[
 StateDirOption = Annotated[
     Path, typer.Option("--state-dir", help="Where labs are recorded.", hidden=True)
 ]
-
-
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """Turn Gossamer's errors into one red line and exit status 1, not a traceback."""
-    try:
-        yield
-    except GossamerError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from exc
 
 
 @app.callback()
@@ -84,7 +80,7 @@ def up(
     state_dir: StateDirOption = DEFAULT_STATE_DIR,
 ) -> None:
     """Build a lab: a namespace per peer, a bridge, tbf-capped links, NAT for the last K peers."""
-    with _user_errors():
+    with one_red_line(), stop_signals_as_ctrl_c():  # (SIGTERM left a half-built lab)
         config = LabConfig(
             num_peers=peers,
             rate_bps=parse_rate(rate, key="--rate"),
@@ -95,7 +91,11 @@ def up(
         control = lab_up(config, state_dir=state_dir)
         _print_peers(control.state)
         typer.secho(f"note: {LATENCY_NOTICE}", fg=typer.colors.YELLOW)
-        typer.echo("run `gossamer lab exec p0 -- CMD` to use it; `gossamer lab down` to remove it")
+        named = "" if name == "lab" else f" --name {name}"
+        typer.echo(
+            f"run `gossamer lab exec{named} p0 -- CMD` to use it; "
+            f"`gossamer lab down{named}` to remove it"
+        )
 
 
 @app.command()
@@ -104,7 +104,7 @@ def status(
     state_dir: StateDirOption = DEFAULT_STATE_DIR,
 ) -> None:
     """Show every lab on this machine: its peers, addresses, rates, NAT and link state."""
-    with _user_errors():
+    with one_red_line():
         report = lab_status(state_dir=state_dir)
     if as_json:
         labs = [
@@ -137,14 +137,18 @@ def status(
 
 @app.command()
 def down(
-    name: Annotated[
-        str | None, typer.Option("--name", help="Only this lab (default: every lab).")
-    ] = None,
+    name: NameOption = "lab",
+    every_lab: Annotated[
+        bool,
+        typer.Option(
+            "--all", help="Every lab on this machine (benchmarks' and other users' included)."
+        ),
+    ] = False,
     state_dir: StateDirOption = DEFAULT_STATE_DIR,
 ) -> None:
-    """Remove labs: their processes, namespaces, links, qdiscs and rules; nothing else."""
-    with _user_errors():
-        removed = lab_down(name, state_dir=state_dir)
+    """Remove a lab: its processes, namespaces, links, qdiscs and rules; nothing else."""
+    with one_red_line():
+        removed = lab_down(None if every_lab else name, state_dir=state_dir)
     typer.echo(
         f"removed {len(removed)} namespaces" + (f": {', '.join(removed)}" if removed else "")
     )
@@ -158,10 +162,11 @@ def exec_in_peer(
     state_dir: StateDirOption = DEFAULT_STATE_DIR,
 ) -> None:
     """Run a command inside a peer's namespace: `gossamer lab exec p0 -- ip addr`."""
-    with _user_errors():
+    with one_red_line():
         process = attach_lab(name, state_dir=state_dir).spawn_in(peer, command)
     try:
-        code = process.wait()
+        with stop_signals_as_ctrl_c():  # (SIGTERM or SIGHUP left the command running)
+            code = process.wait()
     except KeyboardInterrupt:
         process.terminate()
         try:
@@ -185,7 +190,7 @@ def iperf(
     state_dir: StateDirOption = DEFAULT_STATE_DIR,
 ) -> None:
     """Measure TCP throughput from one peer to another with iperf3."""
-    with _user_errors():
+    with one_red_line():
         control = attach_lab(name, state_dir=state_dir)
         result = measure_tcp_throughput(control, sender, receiver, duration_s=duration_s)
     if as_json:
@@ -213,6 +218,22 @@ def _echo_applied(log_path: Path | None) -> Callable[[AppliedFault], None]:
     return echo
 
 
+def _say_what_is_in_force(control: LabControl, applied: list[AppliedFault], name: str) -> None:
+    """After a schedule stopped part way: what it left in force, and the schedule that undoes it."""
+    undo = faults_in_force(control, applied)
+    if not undo:
+        typer.echo("stopped; nothing the schedule did is left in force", err=True)
+        return
+    named = "" if name == "lab" else f" --name {name}"
+    typer.secho(
+        "stopped with faults in force; to undo them, save this as undo.toml and run "
+        f"`gossamer lab faults{named} undo.toml`:",
+        fg=typer.colors.YELLOW,
+        err=True,
+    )
+    typer.echo(schedule_text(undo), err=True, nl=False)
+
+
 @app.command()
 def faults(
     schedule: Annotated[Path, typer.Argument(help=r"A TOML file of \[\[fault]] tables.")],
@@ -223,10 +244,23 @@ def faults(
     state_dir: StateDirOption = DEFAULT_STATE_DIR,
 ) -> None:
     """Play a fault schedule against a running lab, printing each action with its time."""
-    with _user_errors():
+    with one_red_line():
         faults_to_play = load_schedule(schedule)  # a bad file is refused before the lab is needed
         control = attach_lab(name, state_dir=state_dir)
-        applied = play_schedule(control, faults_to_play, on_applied=_echo_applied(log))
+        check_schedule(control, faults_to_play)
+        echo = _echo_applied(log)
+        applied: list[AppliedFault] = []
+
+        def record(fault: AppliedFault) -> None:
+            applied.append(fault)
+            echo(fault)
+
+        try:
+            with stop_signals_as_ctrl_c():
+                play_schedule(control, faults_to_play, on_applied=record)
+        except KeyboardInterrupt:
+            _say_what_is_in_force(control, applied, name)
+            raise typer.Exit(130) from None
     failed = [record for record in applied if not record.ok]
     if failed:
         raise typer.Exit(1)

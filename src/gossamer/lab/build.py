@@ -140,17 +140,22 @@ def build_commands(topology: Topology) -> list[Argv]:
 def build_topology(topology: Topology, runner: CommandRunner) -> None:
     """Create every namespace, link, qdisc and rule of ``topology``.
 
-    On failure whatever was built is removed before the error propagates.
+    On failure whatever this build made is removed before the error propagates: the namespaces
+    its own ``ip netns add`` created, never one of the same name that was there first (another
+    lab's, built at the same time by another process).
 
     Raises:
         CommandFailedError: a command failed (the message has its stderr).
     """
     logger.info("building lab %s with %d peers", topology.name, len(topology.peers))
+    created: list[str] = []
     try:
         for argv in build_commands(topology):
             runner.run(argv)
+            if argv[:3] == ["ip", "netns", "add"]:
+                created.append(argv[3])
     except BaseException:
-        remove_namespaces(runner, topology.namespaces())
+        remove_namespaces(runner, created)
         raise
 
 
@@ -187,8 +192,10 @@ def remove_namespaces(runner: CommandRunner, namespaces: Iterable[str]) -> list[
         for pid in namespace_pids(runner, namespace):
             runner.send_signal(pid, signal.SIGKILL)
         result = runner.run(["ip", "netns", "del", namespace], check=False)
-        if result.ok:
-            removed.append(namespace)
+        if result.ok or namespace not in list_namespaces(runner, namespace):
+            removed.append(
+                namespace
+            )  # (or removed meanwhile by another command: gone all the same)
         else:
             logger.error("could not delete namespace %s: %s", namespace, result.stderr.strip())
             failed.append(namespace)

@@ -68,13 +68,13 @@ def parse_rate(text: str, *, key: str = "rate") -> int:
         )
     if unit not in _RATE_UNITS:
         raise ConfigError(f"{key}: unknown unit {unit!r} in {text!r}; use bit, kbit, mbit or gbit")
-    bps = round(float(number) * _RATE_UNITS[unit])
-    if not MIN_RATE_BPS <= bps <= MAX_RATE_BPS:
+    value = float(number) * _RATE_UNITS[unit]
+    if not MIN_RATE_BPS <= value <= MAX_RATE_BPS:  # (before rounding: 1e400 is inf)
         raise ConfigError(
             f"{key}: {text!r} is outside what the lab shapes reliably "
             f"({format_rate(MIN_RATE_BPS)} to {format_rate(MAX_RATE_BPS)})"
         )
-    return bps
+    return round(value)
 
 
 def parse_rates(text: str, *, key: str = "rates") -> tuple[int, ...]:

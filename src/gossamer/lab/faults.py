@@ -30,7 +30,7 @@ import logging
 import math
 import threading
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
@@ -47,9 +47,11 @@ __all__ = [
     "FaultPlayer",
     "check_schedule",
     "fault_log_writer",
+    "faults_in_force",
     "load_schedule",
     "parse_schedule",
     "play_schedule",
+    "schedule_text",
 ]
 
 logger = logging.getLogger(__name__)
@@ -212,15 +214,70 @@ def load_schedule(path: Path) -> tuple[Fault, ...]:
 
 
 def check_schedule(control: LabControl, faults: tuple[Fault, ...]) -> None:
-    """Check every peer a schedule names exists in the lab, before anything is played.
+    """Check every peer a schedule names exists in the lab, and every partition leaves peers on
+    both sides, before anything is played.
 
     Raises:
-        ConfigError: a fault names a peer the lab does not have.
+        ConfigError: a fault names a peer the lab does not have, or a partition every peer.
     """
     for fault in faults:
         for name in (fault.peer, *fault.side):
             if name is not None:
                 control.peer(name)
+        if fault.side and len(set(fault.side)) == len(control.topology.peers):
+            raise ConfigError(
+                f"fault at {fault.at_s} s: partition {list(fault.side)} puts every peer on one "
+                "side; leave at least one on the other"
+            )
+
+
+def faults_in_force(control: LabControl, applied: Sequence[AppliedFault]) -> tuple[Fault, ...]:
+    """The faults that undo what ``applied`` left in force (at 0 s, in the order to play them):
+    peers paused and not resumed or killed, links cut and not restored, a partition not healed,
+    rates set away from the peers' built rates. What a schedule stopped part way must undo."""
+    paused: dict[str, None] = {}
+    cut: dict[str, None] = {}
+    rates: dict[str, int] = {}
+    partitioned = False
+    for record in applied:
+        fault, peer = record.fault, record.fault.peer
+        if not record.ok:
+            continue
+        if fault.action == "pause" and peer is not None:
+            paused[peer] = None
+        elif fault.action in ("resume", "kill") and peer is not None:
+            paused.pop(peer, None)
+        elif fault.action == "cut" and peer is not None:
+            cut[peer] = None
+        elif fault.action == "restore" and peer is not None:
+            cut.pop(peer, None)
+        elif fault.action == "set_rate" and peer is not None and fault.rate_bps is not None:
+            rates[peer] = fault.rate_bps
+        elif fault.action in ("partition", "heal"):
+            partitioned = fault.action == "partition"
+    undo = [Fault(at_s=0.0, action="resume", peer=p) for p in paused]
+    undo += [Fault(at_s=0.0, action="restore", peer=p) for p in cut]
+    undo += [Fault(at_s=0.0, action="heal")] if partitioned else []
+    for peer, rate in rates.items():
+        built = control.peer(peer).rate_bps
+        if rate != built:
+            undo.append(Fault(at_s=0.0, action="set_rate", peer=peer, rate_bps=built))
+    return tuple(undo)
+
+
+def schedule_text(faults: Sequence[Fault]) -> str:
+    """``faults`` as a schedule file's TOML (what :func:`parse_schedule` reads back)."""
+    tables = []
+    for fault in faults:
+        lines = ["[[fault]]", f"at_s = {fault.at_s}", f'action = "{fault.action}"']
+        if fault.peer is not None:
+            lines.append(f'peer = "{fault.peer}"')
+        if fault.rate_bps is not None:
+            lines.append(f'rate = "{fault.rate_bps}bit"')
+        if fault.side:
+            lines.append("side = [" + ", ".join(f'"{name}"' for name in fault.side) + "]")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables) + "\n"
 
 
 def _apply(control: LabControl, fault: Fault) -> str:

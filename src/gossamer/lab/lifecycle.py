@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -138,6 +139,15 @@ def lab_down(
     runner = runner or SubprocessRunner()
     require_tools(runner)
     names = [name] if name is not None else _recorded_lab_names(state_dir)
+    with contextlib.ExitStack() as locks:  # a build or a fault of these labs finishes first
+        for lab_name in names:
+            locks.enter_context(state_lock(lab_name, state_dir))
+        return _remove_labs(runner, name, names, state_dir)
+
+
+def _remove_labs(
+    runner: CommandRunner, name: str | None, names: list[str], state_dir: Path
+) -> list[str]:
     namespaces: list[str] = []
     for lab_name in names:
         state = _readable_state(lab_name, state_dir)
@@ -220,14 +230,22 @@ def attach_lab(
     """The control of lab ``name`` built earlier, maybe by another process.
 
     Raises:
+        MissingDependencyError: not root, or a tool the lab needs is missing.
         ConfigError: no such lab is recorded, or it is not fully built.
     """
+    runner = runner or SubprocessRunner()
+    require_tools(runner)  # (as another user: a traceback, or a kill that found no process)
     state = load_state(name, state_dir)
-    if state is None or not state.built:
+    if state is None:
         raise ConfigError(
             f"no lab {name!r} is up; start one with `gossamer lab up --name {name} --peers N`"
         )
-    return LabControl(state, runner or SubprocessRunner(), state_dir=state_dir)
+    if not state.built:
+        raise ConfigError(
+            f"lab {name!r} is half-built (its build was stopped or failed part way); run "
+            f"`gossamer lab down --name {name}`, then `gossamer lab up` again"
+        )
+    return LabControl(state, runner, state_dir=state_dir)
 
 
 @contextmanager

@@ -33,7 +33,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-REQUIRED_TOOLS: Mapping[str, str] = {"ip": "iproute2", "tc": "iproute2", "iptables": "iptables"}
+REQUIRED_TOOLS: Mapping[str, str] = {
+    "ip": "iproute2",
+    "tc": "iproute2",
+    "iptables": "iptables",
+    "sysctl": "procps",
+}
 """Tools the lab cannot work without, and the Debian package that provides each."""
 
 
@@ -195,7 +200,7 @@ class FakeCommandRunner:
 
     responders: list[Responder] = field(default_factory=list)
     """Consulted in order for every ``run``."""
-    installed: set[str] = field(default_factory=lambda: {"ip", "tc", "iptables", "iperf3"})
+    installed: set[str] = field(default_factory=lambda: {*REQUIRED_TOOLS, "iperf3"})
     """Tools ``which`` reports as present."""
     root: bool = True
     """What ``is_root`` reports."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gossamer.core.errors import CorruptedDataError
+from gossamer.core.errors import ConfigError, CorruptedDataError
 from gossamer.lab.plan import Topology
 
 __all__ = [
@@ -36,6 +36,7 @@ DEFAULT_STATE_DIR = Path("/run/gossamer-lab")
 """Where labs are recorded; /run is cleared at boot, as are the namespaces themselves."""
 
 _FORMAT_VERSION = 1
+_LOCK_POLL_S = 0.05
 
 
 @dataclass(slots=True)
@@ -148,13 +149,31 @@ def load_state(name: str, state_dir: Path = DEFAULT_STATE_DIR) -> LabState | Non
 
 
 @contextlib.contextmanager
-def state_lock(name: str, state_dir: Path = DEFAULT_STATE_DIR) -> Iterator[None]:
+def state_lock(
+    name: str, state_dir: Path = DEFAULT_STATE_DIR, *, timeout_s: float = 120.0
+) -> Iterator[None]:
     """Hold the lock of lab ``name``'s record: commands that change it one after another read
     what the others wrote (each saved its own copy over the whole file: a second shell's
-    partition was lost, and a heal then stranded the partitioned peer on no bridge)."""
+    partition was lost, and a heal then stranded the partitioned peer on no bridge).
+
+    Raises:
+        ConfigError: another process held it for ``timeout_s`` (a build takes seconds).
+    """
     state_dir.mkdir(parents=True, exist_ok=True)
     with open(state_dir / f".{name}.lock", "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ConfigError(
+                        f"lab {name!r} is busy: another `gossamer lab` command has held it for "
+                        f"{timeout_s:.0f} s (stopped with Ctrl-Z? see `jobs`); let it finish, "
+                        "or stop it and run the command again"
+                    ) from None
+                time.sleep(_LOCK_POLL_S)  # (flock has no timeout of its own)
         try:
             yield
         finally:
