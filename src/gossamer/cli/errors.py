@@ -41,6 +41,22 @@ def exit_on_gossamer_errors() -> Iterator[None]:
     except GossamerError as exc:
         sys.stderr.write(f"error: {type(exc).__name__}: {exc}\n")
         raise typer.Exit(EXIT_FAILED) from exc
+    except MemoryError as exc:  # numpy's too
+        sys.stderr.write(f"error: {_OUT_OF_MEMORY} ({exc})\n")
+        raise typer.Exit(EXIT_FAILED) from exc
+    except RuntimeError as exc:
+        if "can't allocate memory" not in str(exc):  # torch's allocator says so in a RuntimeError
+            raise
+        reason = str(exc).split("DefaultCPUAllocator: ")[-1]
+        sys.stderr.write(f"error: {_OUT_OF_MEMORY} ({reason})\n")
+        raise typer.Exit(EXIT_FAILED) from exc
+
+
+_OUT_OF_MEMORY = (
+    "out of memory: the model (model.width, model.num_layers, model.vocab_size, model.context) "
+    "or the batches (train.batch_size, train.eval_batches) are too large for this machine; make "
+    "them smaller"
+)
 
 
 @contextmanager

@@ -1,0 +1,67 @@
+"""How the command line turns errors into one line and an exit code."""
+
+from __future__ import annotations
+
+import pytest
+import typer
+
+from gossamer.cli.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    exit_on_gossamer_errors,
+    keys_named_by_flags,
+    one_red_line,
+)
+from gossamer.core.errors import ConfigError, PeerUnavailableError
+
+
+def _exit_code(error: BaseException, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    with pytest.raises(typer.Exit) as exited, exit_on_gossamer_errors():
+        raise error
+    return exited.value.exit_code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError("Unable to allocate 59.6 GiB for an array"),  # numpy's, a MemoryError
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 1099511627776 bytes."
+        ),  # torch's
+    ],
+)
+def test_running_out_of_memory_is_one_line_naming_the_sizes(
+    error: BaseException, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = _exit_code(error, capsys)
+    assert code == EXIT_FAILED
+    assert err.startswith("error: out of memory: the model (model.width")
+    assert err.count("\n") == 1
+
+
+def test_other_runtime_errors_are_not_taken_for_memory(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(RuntimeError, match="a bug"), exit_on_gossamer_errors():
+        raise RuntimeError("a bug")
+
+
+def test_wrong_input_exits_2_and_a_failure_1(capsys: pytest.CaptureFixture[str]) -> None:
+    for context in (exit_on_gossamer_errors, one_red_line):
+        for error, code in ((ConfigError("bad"), EXIT_BAD_INPUT), (PeerUnavailableError("x"), 1)):
+            with pytest.raises(typer.Exit) as exited, context():
+                raise error
+            assert exited.value.exit_code == code
+
+
+def test_a_config_key_is_named_by_the_flag_that_set_it() -> None:
+    flags = {"net.listen_address": "--listen"}
+    with (
+        pytest.raises(ConfigError, match=r"^--listen: expected HOST:PORT$"),
+        keys_named_by_flags(flags),
+    ):
+        raise ConfigError("net.listen_address: expected HOST:PORT")
+    with (
+        pytest.raises(ConfigError, match=r"^dht\.bucket_size: too big$"),
+        keys_named_by_flags(flags),
+    ):
+        raise ConfigError("dht.bucket_size: too big")
