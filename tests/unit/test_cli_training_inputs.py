@@ -243,3 +243,11 @@ def test_a_swarm_secret_file_that_cannot_be_read_names_the_key(
     )
     assert code == 2
     assert "swarm.swarm_secret_file: cannot read" in output
+
+
+def test_bootstrap_peers_of_both_flags_are_all_kept(tiny_train: list[str]) -> None:
+    # --bootstrap replaced --swarm.bootstrap's list: its malformed entry went unseen.
+    args = [*tiny_train, "--swarm.strategy", "diloco", "--swarm.bootstrap", "nope"]
+    code, output = _invoke([*args, "--bootstrap", "127.0.0.1:1"])
+    assert code == 2
+    assert "'nope' is not one" in output

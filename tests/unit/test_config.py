@@ -70,6 +70,11 @@ def test_heads_must_divide_width_and_message_says_how_to_fix() -> None:
         # Read by nothing: the run trained on the embedded corpus, or alone, without a word.
         (lambda: DataConfig(path="corpus/"), "data.path"),
         (lambda: SwarmConfig(bootstrap="127.0.0.1:4000"), "swarm.bootstrap"),
+        # Refused by net only once the peer started (named by net's key, not this one).
+        (lambda: SwarmConfig(strategy="diloco", bootstrap="10.0.0.1:7000,nope"), "swarm.bootstrap"),
+        (lambda: SwarmConfig(strategy="diloco", bootstrap="10.0.0.1:0"), "swarm.bootstrap"),
+        (lambda: SwarmConfig(listen="1.2.3.4:99999"), "swarm.listen"),
+        (lambda: SwarmConfig(listen=":7000"), "swarm.listen"),
     ],
 )
 def test_impossible_values_name_their_key(factory: object, key: str) -> None:

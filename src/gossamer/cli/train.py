@@ -106,8 +106,10 @@ def train(
     """
     with exit_on_gossamer_errors(), contextlib.ExitStack() as stack:
         overrides = parse_flag_overrides(ctx.args)
-        if bootstrap:
-            overrides.append(("swarm.bootstrap", ",".join(bootstrap)))
+        if bootstrap:  # with --swarm.bootstrap too: every peer named by either (one was lost)
+            given = [value for key, value in overrides if key == "swarm.bootstrap"]
+            overrides = [(key, value) for key, value in overrides if key != "swarm.bootstrap"]
+            overrides.append(("swarm.bootstrap", ",".join([*given, *bootstrap])))
         run_config = load_run_config(config, overrides)
         _check_train_paths(run_config, summary_json, trace)
         metrics = PeerMetrics() if metrics_port is not None else None

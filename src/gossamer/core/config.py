@@ -280,6 +280,12 @@ CodecName = Literal["none", "fp16", "bf16", "int8"]
 BackendName = Literal["auto", "p2p", "torch"]
 
 
+def _is_host_port(address: str, *, lowest_port: int) -> bool:
+    """Whether ``address`` is HOST:PORT with a port from ``lowest_port`` to 65535."""
+    host, sep, port = address.rpartition(":")
+    return bool(sep and host) and port.isdigit() and lowest_port <= int(port) <= 65535
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SwarmConfig:
     """How this peer trains with others: the strategy, the network, the rounds."""
@@ -361,7 +367,17 @@ class SwarmConfig:
             f"backend 'torch' averages in fp32 and cannot use codec {self.codec!r}; "
             "set swarm.codec to 'none' or swarm.backend to 'p2p' or 'auto'",
         )
-        _require(":" in self.listen, "swarm.listen", f"expected HOST:PORT, got {self.listen!r}")
+        _require(
+            _is_host_port(self.listen, lowest_port=0),
+            "swarm.listen",
+            f"expected HOST:PORT (port 0 picks a free one), got {self.listen!r}",
+        )
+        for entry in self.bootstrap_addresses:
+            _require(
+                _is_host_port(entry.rpartition("@")[2], lowest_port=1),
+                "swarm.bootstrap",
+                f"expected [PEER_ID@]HOST:PORT entries, comma-separated; {entry!r} is not one",
+            )
         _require(
             self.max_group_size >= 1,
             "swarm.max_group_size",
