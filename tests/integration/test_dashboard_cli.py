@@ -130,3 +130,16 @@ def test_dashboard_command_watches_a_private_swarm_with_its_secret(tmp_path: Pat
                 for stream in (proc.stdout, proc.stderr):
                     if stream is not None:
                         stream.close()
+
+
+def test_dashboard_command_refuses_an_endpoint_given_twice_in_one_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", CLI, "dashboard", "--scrape", "127.0.0.1:9", "--scrape",
+         "http://127.0.0.1:9/metrics", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "listed twice" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -62,3 +62,11 @@ def test_the_page_allows_its_own_script_style_and_origin_only(port: int) -> None
     assert "unsafe-inline" not in policy
     assert "frame-ancestors 'none'" in policy
     assert headers["x-content-type-options"] == "nosniff"
+
+
+def test_a_loopback_dashboard_answers_the_names_it_is_told_to(port: int) -> None:
+    source = FakeSwarmSource(SystemClock())
+    app = create_app(DashboardService(source, DashboardConfig()), poll=False)
+    with DashboardServer(app, allowed_hosts=("dash.example",)) as server:
+        assert _get(server.port, "/healthz", f"dash.example:{server.port}")[0] == 200
+        assert _get(server.port, "/healthz", f"other.example:{server.port}")[0] == 400

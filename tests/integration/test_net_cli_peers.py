@@ -133,3 +133,13 @@ def test_peer_start_names_the_flag_of_a_bad_address_and_makes_no_key(tmp_path: P
     result = _gossamer("peers", "--bootstrap", "1.2.3.4:99999")
     assert result.returncode == 2
     assert "error: --bootstrap:" in result.stderr, result.stderr
+
+
+def test_peer_start_names_its_listen_flag_when_the_port_is_taken(tmp_path: Path) -> None:
+    with _free_port_holder() as holder:
+        port = holder.getsockname()[1]
+        result = _gossamer(
+            "peer", "start", "--listen", f"127.0.0.1:{port}", "--key-file", str(tmp_path / "k")
+        )
+    assert result.returncode == 2
+    assert f"error: --listen: cannot listen on 127.0.0.1:{port}" in result.stderr, result.stderr

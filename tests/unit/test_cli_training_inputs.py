@@ -150,6 +150,10 @@ def test_eval_refuses_a_model_changed_through_the_environment(
         assert code == 2
         assert "GOSSAMER_MODEL__CONTEXT" in output
         assert "checkpoint's" in output
+    monkeypatch.delenv("GOSSAMER_MODEL__CONTEXT")
+    monkeypatch.setenv("GOSSAMER_MODEL__DROPOUT", "0.1")  # not the model's shape: fine
+    code, output = _invoke(["eval", "--checkpoint", str(checkpoint)])
+    assert code == 0, output
 
 
 def test_sample_refuses_a_model_trained_on_token_ids(tmp_path: Path) -> None:

@@ -6,11 +6,13 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from gossamer.core.errors import ConfigError, MissingDependencyError
+from gossamer.core.errors import ConfigError, DeadlineExceededError, MissingDependencyError
 from gossamer.lab.build import build_topology
 from gossamer.lab.config import LabConfig
 from gossamer.lab.lifecycle import attach_lab, lab_down, lab_status, lab_up, open_lab
@@ -251,7 +253,39 @@ def test_attach_checks_for_root_and_tools() -> None:
 def test_a_lab_held_too_long_by_another_command_is_said_to_be_busy(tmp_path: Path) -> None:
     with (
         state_lock("t1", tmp_path),
-        pytest.raises(ConfigError, match="lab 't1' is busy"),
+        pytest.raises(DeadlineExceededError, match="lab 't1' is busy"),
         state_lock("t1", tmp_path, timeout_s=0.2),
     ):
         pass
+
+
+def test_down_all_removes_every_lab_but_a_busy_one_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Taking every lock first, one busy lab kept every other one up.
+    monkeypatch.setattr("gossamer.lab.state.LOCK_TIMEOUT_S", 0.2)
+    runner = FakeCommandRunner()
+    for name in ("a", "b", "c"):
+        lab_up(_config(name), runner=runner, state_dir=tmp_path)
+    runner.namespaces.add("gsl-zz-p0")  # a crashed lab's, with no record
+    with state_lock("b", tmp_path), pytest.raises(DeadlineExceededError, match="not those of b"):
+        lab_down(None, runner=runner, state_dir=tmp_path)
+    assert runner.namespaces == set(plan_topology(_config("b")).namespaces())
+
+
+class _InterruptedAfterAdding(FakeCommandRunner):
+    """Ctrl-C lands while `ip netns add NAME` runs: the namespace is made, the call raises."""
+
+    def run(self, argv: Sequence[str], *, check: bool = True, timeout_s: float = 30.0) -> Any:
+        result = super().run(argv, check=check, timeout_s=timeout_s)
+        if list(argv) == ["ip", "netns", "add", "gsl-t1-p1"]:
+            raise KeyboardInterrupt
+        return result
+
+
+def test_a_build_interrupted_during_an_add_removes_what_the_add_made(tmp_path: Path) -> None:
+    runner = _InterruptedAfterAdding()
+    with pytest.raises(KeyboardInterrupt):
+        lab_up(_config(), runner=runner, state_dir=tmp_path)
+    assert runner.namespaces == set()
+    assert load_state("t1", tmp_path) is None

@@ -198,6 +198,17 @@ def test_a_run_shorter_than_its_warm_up_still_reaches_its_peak_and_decays() -> N
     assert learning_rate_at(10, config=optim, max_steps=10) == pytest.approx(0.1)
 
 
+def test_a_schedule_fitted_part_way_keeps_its_warm_up() -> None:
+    # Fitted to a time budget at step 20, a 1000-step schedule became 41 steps long: capped by
+    # the new length, the warm-up ended at once and the rate jumped 5x in one step.
+    optim = OptimConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=100)
+    rates = [
+        learning_rate_at(s, config=optim, max_steps=1000 if s < 20 else 41, planned_steps=1000)
+        for s in range(18, 23)
+    ]
+    assert all(b - a == pytest.approx(0.01) for a, b in itertools.pairwise(rates))
+
+
 def test_schedule_is_fitted_to_the_time_budget(corpus_file: Path, tmp_path: Path) -> None:
     class TickingClock(FakeClock):
         def monotonic(self) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Annotated
 
 import typer
@@ -61,6 +62,14 @@ def dashboard(
             "free one); the swarm's peers must be able to reach it.",
         ),
     ] = "0.0.0.0:0",
+    allowed_hosts: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            help="A name the page may be asked for besides loopback ones, e.g. the name a "
+            "reverse proxy on this machine passes on (repeatable; --host loopback only).",
+        ),
+    ] = None,
 ) -> None:
     """Serve a live web page of the swarm: peers, links, loss and throughput curves, events."""
     with one_red_line():
@@ -74,18 +83,21 @@ def dashboard(
             if bootstrap:
                 from gossamer.net.swarm_view import NetSwarmSource, NetSwarmViewConfig
 
-                view = NetSwarmViewConfig(
-                    bootstrap=tuple(bootstrap),
-                    swarm_secret=read_swarm_secret(swarm_secret_file),
-                    listen_address=listen,
-                    metrics_urls=urls,
-                    gone_after_s=gone_after_s,
-                )
-                with keys_named_by_flags(NODE_FLAGS):
-                    view.node_config()  # checked here, where the flags are known
-                source = stack.enter_context(NetSwarmSource(view))
+                with _values_as_config_errors():
+                    view = NetSwarmViewConfig(
+                        bootstrap=tuple(bootstrap),
+                        swarm_secret=read_swarm_secret(swarm_secret_file),
+                        listen_address=listen,
+                        metrics_urls=urls,
+                        gone_after_s=gone_after_s,
+                    )
+                with keys_named_by_flags(NODE_FLAGS):  # (a --listen port in use, too)
+                    view.node_config()
+                    source = stack.enter_context(NetSwarmSource(view))
             elif urls:
-                source = ScrapeSwarmSource(ScrapeConfig(urls=urls, gone_after_s=gone_after_s))
+                with _values_as_config_errors():  # (an endpoint given twice)
+                    scrape_config = ScrapeConfig(urls=urls, gone_after_s=gone_after_s)
+                source = ScrapeSwarmSource(scrape_config)
             else:
                 raise ConfigError("name the swarm: --bootstrap HOST:PORT or --scrape URL")
             try:
@@ -98,7 +110,17 @@ def dashboard(
                 ) from exc
             shown_host = f"[{host}]" if ":" in host else host
             typer.echo(f"dashboard at http://{shown_host}:{sock.getsockname()[1]}/", err=False)
-            serve_forever(create_app(DashboardService(source, config)), sock, host)
+            app = create_app(DashboardService(source, config))
+            serve_forever(app, sock, host, allowed_hosts=tuple(allowed_hosts or ()))
+
+
+@contextlib.contextmanager
+def _values_as_config_errors() -> Iterator[None]:
+    """A source config's ValueError (the flags' values) as the one-line wrong-input error."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def register(app: typer.Typer) -> None:

@@ -164,17 +164,17 @@ def exec_in_peer(
     """Run a command inside a peer's namespace: `gossamer lab exec p0 -- ip addr`."""
     with one_red_line():
         process = attach_lab(name, state_dir=state_dir).spawn_in(peer, command)
-    try:
-        with stop_signals_as_ctrl_c():  # (SIGTERM or SIGHUP left the command running)
-            code = process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
+    with stop_signals_as_ctrl_c():  # (SIGTERM or SIGHUP left the command running)
         try:
-            code = process.wait(timeout=10.0)
-        except subprocess.TimeoutExpired:  # it ignores SIGTERM
-            process.kill()
-            code = process.wait(timeout=10.0)
-    raise typer.Exit(code)
+            code = process.wait()
+        except KeyboardInterrupt:  # (a second signal is ignored while the command stops)
+            process.terminate()
+            try:
+                code = process.wait(timeout=10.0)
+            except subprocess.TimeoutExpired:  # it ignores SIGTERM
+                process.kill()
+                code = process.wait(timeout=10.0)
+    raise typer.Exit(code if code >= 0 else 128 - code)  # (killed by signal N: 128 + N)
 
 
 @app.command()
@@ -255,12 +255,12 @@ def faults(
             applied.append(fault)
             echo(fault)
 
-        try:
-            with stop_signals_as_ctrl_c():
+        with stop_signals_as_ctrl_c():
+            try:
                 play_schedule(control, faults_to_play, on_applied=record)
-        except KeyboardInterrupt:
-            _say_what_is_in_force(control, applied, name)
-            raise typer.Exit(130) from None
+            except KeyboardInterrupt:  # (a second signal is ignored while this is said)
+                _say_what_is_in_force(control, applied, name)
+                raise typer.Exit(130) from None
     failed = [record for record in applied if not record.ok]
     if failed:
         raise typer.Exit(1)

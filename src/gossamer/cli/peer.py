@@ -211,7 +211,11 @@ def peer_start(
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
-        with NodeThread(config, identity) as thread, contextlib.ExitStack() as metrics_stack:
+        with contextlib.ExitStack() as stack:
+            thread = NodeThread(config, identity)
+            with keys_named_by_flags(NODE_FLAGS):  # (a --listen port in use)
+                stack.enter_context(thread)
+            metrics_stack = stack
             node = thread.node
             if metrics_port is not None:
                 _serve_peer_metrics(metrics_stack, thread, metrics_host, metrics_port)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import sys
@@ -211,10 +210,10 @@ def evaluate(
                 )
         loaded = _load_checkpoint(checkpoint)
         run_config = load_run_config(None, overrides, base=config_to_dict(loaded.config))
-        changed = [
-            f.name
-            for f in dataclasses.fields(run_config.model)
-            if getattr(run_config.model, f.name) != getattr(loaded.config.model, f.name)
+        changed = [  # (dropout is not the shape, and eval uses none)
+            name
+            for name in ("num_layers", "num_heads", "width", "context", "vocab_size", "tie_weights")
+            if getattr(run_config.model, name) != getattr(loaded.config.model, name)
         ]
         if changed:  # (flags are refused above; the environment is read in the loader)
             names = ", ".join(f"GOSSAMER_MODEL__{name.upper()}" for name in changed)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import logging
 import math
 import os
 import platform
@@ -46,6 +47,7 @@ __all__ = ["Corpus", "TokenSource", "load_corpus", "stdlib_source_files"]
 MANIFEST_VERSION = 1
 _TOKEN_DTYPES: dict[str, np.dtype[Any]] = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 _SNIFF_BYTES = 8192
+logger = logging.getLogger(__name__)
 _HASH_CHUNK_TOKENS = 1 << 20
 _SNIFF_TOKENS = 64
 """A uint16 token file this long or longer is checked for uint32 ids read in halves."""
@@ -311,6 +313,12 @@ def _load_files(
     train_cap, validation_cap = _caps(config)
     if _share_far_off(root, validation_files, files, config.validation_fraction):
         # Split as one file: every file in path order, the last share of the bytes held out.
+        logger.info(
+            "%s: a split by file would hold out %d of %d files, far from %.1f%% of the bytes; "
+            "split as one file instead, the last %.1f%% of its bytes held out",
+            label, len(validation_files), len(files), 100 * config.validation_fraction,
+            100 * config.validation_fraction,
+        )  # fmt: skip
         cap = None if train_cap is None or validation_cap is None else train_cap + validation_cap
         tokens, used = _read_prefix(root, files, cap)
         split_index = len(tokens) - max(1, round(len(tokens) * config.validation_fraction))

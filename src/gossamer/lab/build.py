@@ -22,7 +22,7 @@ from gossamer.lab.plan import (
     PeerNode,
     Topology,
 )
-from gossamer.lab.runner import CommandRunner
+from gossamer.lab.runner import CommandFailedError, CommandRunner
 
 __all__ = [
     "build_topology",
@@ -151,9 +151,17 @@ def build_topology(topology: Topology, runner: CommandRunner) -> None:
     created: list[str] = []
     try:
         for argv in build_commands(topology):
-            runner.run(argv)
-            if argv[:3] == ["ip", "netns", "add"]:
-                created.append(argv[3])
+            adding = argv[3] if argv[:3] == ["ip", "netns", "add"] else None
+            try:
+                runner.run(argv)
+            except CommandFailedError:
+                raise  # (an `add` that failed made nothing)
+            except BaseException:
+                if adding is not None:  # interrupted: the command may have made it all the same
+                    created.append(adding)
+                raise
+            if adding is not None:
+                created.append(adding)
     except BaseException:
         remove_namespaces(runner, created)
         raise

@@ -7,14 +7,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from gossamer.core.errors import ConfigError, CorruptedDataError
+from gossamer.core.errors import ConfigError, CorruptedDataError, DeadlineExceededError
 from gossamer.lab.build import build_topology, list_namespaces, remove_namespaces
 from gossamer.lab.config import LAB_PREFIX, LabConfig
 from gossamer.lab.control import LabControl
@@ -135,30 +134,46 @@ def lab_down(
 
     Everything is found by prefix as well as from the state file, so the leftovers of a crashed
     process are removed too, and nothing without the prefix is ever touched.
+
+    Raises:
+        DeadlineExceededError: another command held a lab's lock for minutes (every other lab
+            was removed all the same).
     """
     runner = runner or SubprocessRunner()
     require_tools(runner)
-    names = [name] if name is not None else _recorded_lab_names(state_dir)
-    with contextlib.ExitStack() as locks:  # a build or a fault of these labs finishes first
-        for lab_name in names:
-            locks.enter_context(state_lock(lab_name, state_dir))
-        return _remove_labs(runner, name, names, state_dir)
+    if name is not None:
+        with state_lock(name, state_dir):  # a build or a fault of it finishes first
+            return _remove_lab(runner, name, state_dir)
+    removed: list[str] = []
+    busy: list[str] = []
+    for lab_name in _recorded_lab_names(state_dir):  # one at a time: a busy one holds no other
+        try:
+            with state_lock(lab_name, state_dir):
+                removed += _remove_lab(runner, lab_name, state_dir)
+        except DeadlineExceededError:
+            busy.append(lab_name)
+    # Leftovers of labs without a record (a crash, a reboot's lost /run), the busy ones' aside.
+    spared = tuple(f"{LAB_PREFIX}{lab_name}-" for lab_name in busy)
+    strays = [ns for ns in list_namespaces(runner, LAB_PREFIX) if not ns.startswith(spared)]
+    removed += remove_namespaces(runner, strays)
+    if busy:
+        raise DeadlineExceededError(
+            f"removed {len(removed)} namespaces, but not those of {', '.join(busy)}: another "
+            "`gossamer lab` command holds them (stopped with Ctrl-Z? see `jobs`); let it finish, "
+            "then run `gossamer lab down --all` again"
+        )
+    return removed
 
 
-def _remove_labs(
-    runner: CommandRunner, name: str | None, names: list[str], state_dir: Path
-) -> list[str]:
+def _remove_lab(runner: CommandRunner, name: str, state_dir: Path) -> list[str]:
     namespaces: list[str] = []
-    for lab_name in names:
-        state = _readable_state(lab_name, state_dir)
-        if state is not None:  # only its own: a stale or edited record names any namespace
-            own = f"{LAB_PREFIX}{lab_name}-"
-            namespaces += [ns for ns in state.topology.namespaces() if ns.startswith(own)]
-    prefix = LabConfig(num_peers=1, name=name).namespace_prefix if name else LAB_PREFIX
-    namespaces += [ns for ns in list_namespaces(runner, prefix) if ns not in namespaces]
+    state = _readable_state(name, state_dir)
+    own = LabConfig(num_peers=1, name=name).namespace_prefix
+    if state is not None:  # only its own: a stale or edited record names any namespace
+        namespaces += [ns for ns in state.topology.namespaces() if ns.startswith(own)]
+    namespaces += [ns for ns in list_namespaces(runner, own) if ns not in namespaces]
     removed = remove_namespaces(runner, namespaces)
-    for lab_name in names:
-        delete_state(lab_name, state_dir)
+    delete_state(name, state_dir)
     return removed
 
 

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gossamer.core.errors import ConfigError, CorruptedDataError
+from gossamer.core.errors import CorruptedDataError, DeadlineExceededError
 from gossamer.lab.plan import Topology
 
 __all__ = [
     "DEFAULT_STATE_DIR",
+    "LOCK_TIMEOUT_S",
     "LabState",
     "delete_state",
     "load_state",
@@ -37,6 +38,8 @@ DEFAULT_STATE_DIR = Path("/run/gossamer-lab")
 
 _FORMAT_VERSION = 1
 _LOCK_POLL_S = 0.05
+LOCK_TIMEOUT_S = 120.0
+"""How long a command waits for a lab another command holds (a build takes seconds)."""
 
 
 @dataclass(slots=True)
@@ -150,15 +153,17 @@ def load_state(name: str, state_dir: Path = DEFAULT_STATE_DIR) -> LabState | Non
 
 @contextlib.contextmanager
 def state_lock(
-    name: str, state_dir: Path = DEFAULT_STATE_DIR, *, timeout_s: float = 120.0
+    name: str, state_dir: Path = DEFAULT_STATE_DIR, *, timeout_s: float | None = None
 ) -> Iterator[None]:
     """Hold the lock of lab ``name``'s record: commands that change it one after another read
     what the others wrote (each saved its own copy over the whole file: a second shell's
     partition was lost, and a heal then stranded the partitioned peer on no bridge).
 
     Raises:
-        ConfigError: another process held it for ``timeout_s`` (a build takes seconds).
+        DeadlineExceededError: another process held it for ``timeout_s`` (a build takes
+            seconds).
     """
+    timeout_s = LOCK_TIMEOUT_S if timeout_s is None else timeout_s
     state_dir.mkdir(parents=True, exist_ok=True)
     with open(state_dir / f".{name}.lock", "a") as handle:
         deadline = time.monotonic() + timeout_s
@@ -168,7 +173,7 @@ def state_lock(
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise ConfigError(
+                    raise DeadlineExceededError(
                         f"lab {name!r} is busy: another `gossamer lab` command has held it for "
                         f"{timeout_s:.0f} s (stopped with Ctrl-Z? see `jobs`); let it finish, "
                         "or stop it and run the command again"

@@ -346,7 +346,12 @@ class Trainer:
     def _train_step(self, step: int) -> float:
         run = self.run_state
         cfg = self.config
-        lr = learning_rate_at(step, config=cfg.optim, max_steps=self.schedule_steps)
+        lr = learning_rate_at(
+            step,
+            config=cfg.optim,
+            max_steps=self.schedule_steps,
+            planned_steps=cfg.train.max_steps,  # (the fitted length comes part way)
+        )
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         accum = cfg.train.grad_accum_steps

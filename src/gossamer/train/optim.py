@@ -12,17 +12,22 @@ from gossamer.core.config import OptimConfig
 __all__ = ["apply_optim_config", "build_optimizer", "learning_rate_at", "warmup_steps"]
 
 
-def learning_rate_at(step: int, *, config: OptimConfig, max_steps: int) -> float:
+def learning_rate_at(
+    step: int, *, config: OptimConfig, max_steps: int, planned_steps: int | None = None
+) -> float:
     """The learning rate for optimizer step ``step`` (0-based) of a run of ``max_steps``.
 
-    Linear warm-up from 0 to ``config.lr`` over ``warmup_steps`` (at most half the run: a
-    10-step run with the default 20 warm-up steps would never reach its peak nor decay), then
-    cosine decay to ``config.lr * config.min_lr_ratio`` at ``max_steps``. A pure function of the
-    step, so a resumed run follows exactly the same schedule.
+    Linear warm-up from 0 to ``config.lr`` over ``warmup_steps`` (at most half of
+    ``planned_steps``, ``max_steps`` if None: a 10-step run with the default 20 warm-up steps
+    would never reach its peak nor decay), then cosine decay to ``config.lr *
+    config.min_lr_ratio`` at ``max_steps``. A pure function of the step, so a resumed run
+    follows exactly the same schedule. A schedule whose length changes as it runs (fitted to a
+    time budget) passes the length it had from the start as ``planned_steps``, so that its
+    warm-up does not change part way.
     """
     peak = config.lr
     floor = peak * config.min_lr_ratio
-    warmup = warmup_steps(config, max_steps)
+    warmup = warmup_steps(config, max_steps if planned_steps is None else planned_steps)
     if warmup and step < warmup:
         return peak * (step + 1) / warmup
     span = max(1, max_steps - warmup)

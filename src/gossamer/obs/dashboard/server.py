@@ -13,6 +13,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from types import TracebackType
 
 import uvicorn
@@ -60,10 +61,11 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _uvicorn_server(app: FastAPI, host: str) -> uvicorn.Server:
+def _uvicorn_server(app: FastAPI, host: str, allowed_hosts: Sequence[str]) -> uvicorn.Server:
     served: ASGIApp = app
     if _is_loopback(host):
-        served = TrustedHostMiddleware(app, allowed_hosts=[*LOOPBACK_HOST_NAMES, host])
+        names = [*LOOPBACK_HOST_NAMES, host, *allowed_hosts]
+        served = TrustedHostMiddleware(app, allowed_hosts=names)
     config = uvicorn.Config(
         served,
         http="h11",
@@ -83,14 +85,23 @@ class DashboardServer:
         app: the app from :func:`~gossamer.obs.dashboard.app.create_app`.
         host: the address to bind; loopback unless others should see the page.
         port: the port; 0 picks a free one (read :attr:`port` back).
+        allowed_hosts: ``Host`` names answered besides the loopback ones, where ``host`` is
+            loopback (a reverse proxy's); elsewhere every name is.
     """
 
-    def __init__(self, app: FastAPI, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        app: FastAPI,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        allowed_hosts: Sequence[str] = (),
+    ) -> None:
         self._socket = bind_socket(host, port)
         self.host = host
         self.port: int = self._socket.getsockname()[1]
         """The port it listens on."""
-        self._server = _uvicorn_server(app, host)
+        self._server = _uvicorn_server(app, host, allowed_hosts)
         self._thread = threading.Thread(target=self._serve, name="gossamer-dashboard", daemon=True)
         self._error: BaseException | None = None
 
@@ -142,10 +153,13 @@ class DashboardServer:
         self.close()
 
 
-def serve_forever(app: FastAPI, sock: socket.socket, host: str) -> None:
+def serve_forever(
+    app: FastAPI, sock: socket.socket, host: str, *, allowed_hosts: Sequence[str] = ()
+) -> None:
     """Serve in the calling thread until interrupted (Ctrl-C or SIGTERM); for the CLI.
-    ``host``: the address ``sock`` was bound to."""
+    ``host``: the address ``sock`` was bound to; ``allowed_hosts``: ``Host`` names answered
+    besides the loopback ones where it is loopback (a reverse proxy's)."""
     try:
-        _uvicorn_server(app, host).run(sockets=[sock])
+        _uvicorn_server(app, host, allowed_hosts).run(sockets=[sock])
     finally:
         sock.close()
