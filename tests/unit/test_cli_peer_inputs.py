@@ -30,7 +30,7 @@ def test_a_missing_status_folder_is_refused_before_the_peer_starts(
     code, output = _invoke(
         ["peer", "start", "--key-file", str(key_file), "--status-file", str(status)]
     )
-    assert code == 1
+    assert code == 2  # wrong input
     assert "--status-file" in output
     assert "does not exist" in output
     assert not key_file.exists()  # refused before anything was done
@@ -44,7 +44,7 @@ def test_a_folder_as_status_file_is_refused_and_nothing_is_written_beside_it(
     code, output = _invoke(
         ["peer", "start", "--key-file", str(key_file), "--status-file", str(folder)]
     )
-    assert code == 1
+    assert code == 2  # wrong input
     assert "is a folder" in output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["status"]  # no status.tmp
 
@@ -61,7 +61,7 @@ def test_peer_start_refuses_a_metrics_port_outside_0_to_65535(
 
 def test_a_folder_as_key_file_is_not_told_to_chmod(tmp_path: Path) -> None:
     code, output = _invoke(["peer", "id", "--key-file", str(tmp_path)])
-    assert code == 1
+    assert code == 2  # wrong input
     assert "must be a regular file" in output
     assert "chmod" not in output
 
@@ -70,7 +70,7 @@ def test_a_key_file_under_a_file_says_what_is_in_the_way(tmp_path: Path) -> None
     a_file = tmp_path / "small.txt"
     a_file.write_text("text")
     code, output = _invoke(["peer", "id", "--key-file", str(a_file / "k.pem")])
-    assert code == 1
+    assert code == 2  # wrong input
     assert f"{a_file} is a file, not a folder" in output
 
 
@@ -99,7 +99,7 @@ def test_doctor_explains_a_bad_status_file(tmp_path: Path, text: str | None, fra
     if text is not None:
         path.write_text(text)
     code, output = _invoke(["doctor", "--status-file", str(path)])
-    assert code == 1
+    assert code == 2  # wrong input
     assert f"--status-file {path}" in output
     assert fragment in output
 
