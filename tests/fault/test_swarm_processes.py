@@ -71,6 +71,16 @@ class Swarm(SwarmProcesses):
         for name in names:
             assert self.processes[name].returncode == 0, (self.root / f"{name}.log").read_text()
 
+    def log_tails(self, names: list[str], *, last: int = 60) -> str:
+        """The last ``last`` lines of each peer's log (for failure messages)."""
+        return "\n".join(
+            f"--- {name}:\n"
+            + "\n".join(
+                (self.root / f"{name}.log").read_text(errors="replace").splitlines()[-last:]
+            )
+            for name in names
+        )
+
     def final_weights(self, name: str) -> str:
         state = CheckpointStore(self.root / name).load_latest()
         assert state is not None
@@ -143,7 +153,9 @@ def test_killed_peer_survivors_agree_and_newcomer_joins(swarm: Swarm) -> None:
     swarm.wait_done([*survivors, "d"], timeout_s=180)
     assert time.monotonic() - killed_at < 180
     hashes = {swarm.final_weights(n) for n in [*survivors, "d"]}
-    assert len(hashes) == 1, "survivors' final weights differ"
+    assert len(hashes) == 1, (
+        f"survivors' final weights differ (victim {victim}):\n" + swarm.log_tails([*survivors, "d"])
+    )
     for name in survivors:
         status = swarm.status(name)
         assert status["state"] == "done"
@@ -190,7 +202,9 @@ def test_everyone_killed_then_restarted_resumes_from_checkpoints(restarting_swar
     for summary in summaries:
         assert summary["start_step"] >= reached - 10  # lost at most the checkpoint interval
         assert summary["steps"] == swarm.max_steps
-    assert swarm.final_weights("a") == swarm.final_weights("b")
+    assert swarm.final_weights("a") == swarm.final_weights("b"), (
+        f"final weights differ; summaries {summaries}:\n" + swarm.log_tails(["a", "b"])
+    )
 
 
 def test_sync_peers_stay_identical_through_a_kill_and_a_newcomer(tmp_path: Path) -> None:
