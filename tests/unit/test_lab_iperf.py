@@ -31,7 +31,7 @@ REPORT = {
 
 @pytest.fixture
 def runner() -> FakeCommandRunner:
-    fake = FakeCommandRunner()
+    fake = FakeCommandRunner(spawn_running=True)  # (the iperf3 server runs until stopped)
     fake.answer(["ip", "netns", "exec", "gsl-t1-p1", "ss"], stdout="LISTEN 0 5 *:5201 *:*\n")
     return fake
 
@@ -86,3 +86,13 @@ def test_bad_arguments_and_a_missing_iperf3_are_reported(lab: LabControl) -> Non
     lab.runner.installed.discard("iperf3")  # type: ignore[attr-defined]
     with pytest.raises(MissingDependencyError, match="apt-get install iperf3"):
         measure_tcp_throughput(lab, "p0", "p1")
+
+
+def test_a_server_that_cannot_listen_is_not_mistaken_for_one_left_listening(
+    lab: LabControl, runner: FakeCommandRunner
+) -> None:
+    # A server left by a killed run holds the port: the new one exits at once, and the old one
+    # was measured instead.
+    runner.spawn_running = False
+    with pytest.raises(PeerUnavailableError, match="exited at once"):
+        measure_tcp_throughput(lab, "p0", "p1", duration_s=2, clock=FakeClock())

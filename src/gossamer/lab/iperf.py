@@ -24,6 +24,7 @@ from gossamer.core.errors import (
 )
 from gossamer.lab.config import tbf_limit_bytes
 from gossamer.lab.control import LabControl
+from gossamer.lab.runner import RunningProcess
 
 __all__ = ["IPERF_PORT", "ThroughputResult", "measure_tcp_throughput"]
 
@@ -78,10 +79,19 @@ class ThroughputResult:
         }
 
 
-def _wait_for_listener(control: LabControl, peer: str, port: int, clock: Clock) -> None:
+def _wait_for_listener(
+    control: LabControl, peer: str, port: int, clock: Clock, server: RunningProcess
+) -> None:
+    """Wait until ``server`` listens on ``port`` in ``peer``; a listener that is not ``server``
+    (a server left by a killed run) would be measured instead, so ``server`` must still run."""
     deadline = clock.monotonic() + _SERVER_READY_TIMEOUT_S
     while clock.monotonic() < deadline:
         listing = control.run_in(peer, ["ss", "-Hltn", f"sport = :{port}"], check=False)
+        if server.poll() is not None:
+            raise PeerUnavailableError(
+                f"the iperf3 server in peer {peer} exited at once: is port {port} held by "
+                "another process there (an iperf3 server left by a killed run)?"
+            )
         if listing.stdout.strip():
             return
         clock.sleep(_POLL_INTERVAL_S)
@@ -148,7 +158,7 @@ def measure_tcp_throughput(
         quiet=True,
     )  # fmt: skip
     try:
-        _wait_for_listener(control, receiver, port, clock)
+        _wait_for_listener(control, receiver, port, clock, server)
         client = control.run_in(
             sender,
             ["iperf3", "-c", target, "-p", str(port), "-t", f"{duration_s:g}", "-O", f"{omit_s:g}",

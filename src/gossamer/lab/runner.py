@@ -163,14 +163,18 @@ class SubprocessRunner:
 
 @dataclass
 class FakeProcess:
-    """A process that was never started: it has already exited with ``exit_code``."""
+    """A process that was never started: it has already exited with ``exit_code``, or, made
+    ``running``, runs until it is terminated or killed."""
 
     pid: int
     exit_code: int = 0
     returncode: int | None = None
     terminated: bool = False
+    running: bool = False
 
     def poll(self) -> int | None:
+        if self.running and not self.terminated:
+            return None
         self.returncode = self.exit_code
         return self.returncode
 
@@ -212,6 +216,8 @@ class FakeCommandRunner:
     """Every process ``spawn`` pretended to start."""
     spawn_exit_code: int = 0
     """What every spawned fake process exits with."""
+    spawn_running: bool = False
+    """Whether spawned fake processes run until terminated (else they have already exited)."""
     namespaces: set[str] = field(default_factory=set)
     """The network namespaces that exist, as ``ip netns`` commands left them."""
     pids_by_namespace: dict[str, list[int]] = field(default_factory=dict)
@@ -265,7 +271,11 @@ class FakeCommandRunner:
 
     def spawn(self, argv: Sequence[str], *, quiet: bool = False) -> RunningProcess:
         self.commands.append(tuple(argv))
-        process = FakeProcess(pid=10_000 + len(self.spawned), exit_code=self.spawn_exit_code)
+        process = FakeProcess(
+            pid=10_000 + len(self.spawned),
+            exit_code=self.spawn_exit_code,
+            running=self.spawn_running,
+        )
         self.spawned.append(process)
         return process
 
