@@ -52,6 +52,13 @@ def _no_benchmark_runs(monkeypatch: pytest.MonkeyPatch) -> None:
         (["diloco", "--inner-steps", "0"], "--inner-steps"),
         (["diloco", "--steps", "0"], "--steps"),
         (["diloco", "--rate", "abc"], "'abc' is not a rate"),
+        # The rows were labelled 4 streams and ran over 1; 65 streams was a traceback.
+        (["transport", "--payload-mib", "8", "--streams", "4"], "at most 2 stream(s)"),
+        (["transport", "--payload-mib", "300", "--streams", "65"], "at most 64 stream(s)"),
+        (["transport", "--payload-mib", "2000"], "at most 1024 MiB"),
+        # Refused only after the quality part, an hour or more, with a traceback.
+        (["diloco", "--rate", "20mbit", "--peers", "1"], "--peers must be at least 2"),
+        (["diloco", "--rate", "20mbit", "--thin-link-steps", "10"], "--thin-link-steps 10"),
     ],
 )
 def test_bad_bench_settings_are_refused_before_running(args: list[str], fragment: str) -> None:
@@ -84,3 +91,16 @@ def test_auto_averages_over_p2p_when_a_codec_is_asked_for(monkeypatch: pytest.Mo
     with pytest.raises(_Stop):
         allreduce_bench.run_allreduce_sweep(peers=2, size_bytes=4096, codecs=["none", "int8"])
     assert seen[0]["backend"] == "p2p"
+
+
+def test_transport_s_default_streams_fit_a_small_payload(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[int, ...]] = []
+
+    def run(**options: Any) -> Any:
+        seen.append(options["streams"])
+        raise _Stop
+
+    monkeypatch.setattr(bench_transport, "run_transport_bench", run)
+    CliRunner().invoke(bench.app, ["transport", "--payload-mib", "2"])
+    CliRunner().invoke(bench.app, ["transport", "--payload-mib", "64"])
+    assert seen == [(1,), (1, 4)]

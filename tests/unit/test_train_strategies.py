@@ -835,3 +835,16 @@ def test_a_diloco_peer_killed_before_its_last_round_runs_it_when_restarted(tmp_p
         trainer.run()
         assert restarted.outer_step == 3
         assert sha256_state(trainer.model.state_dict()) == expected
+
+
+class _Diverging(SyncStrategy):
+    def on_gradients(self, model: torch.nn.Module, step: int) -> None:
+        raise TrainingDivergedError(f"loss is nan at step {step}")
+
+
+def test_a_peer_s_own_error_reaches_the_caller_as_it_is(tmp_path: Path) -> None:
+    # (wrapped in a RuntimeError, `gossamer bench diloco` printed a 60-line traceback for it)
+    group = InProcessGroup(2)
+    strategies: list[TrainingStrategy] = [_Diverging(group.averager()) for _ in range(2)]
+    with pytest.raises(TrainingDivergedError, match="loss is nan"):
+        _run_peers(tmp_path, strategies, max_steps=4)

@@ -111,7 +111,9 @@ def _run_method(
     strategies = [make_strategy(group) for _ in range(peers)]
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"gossamer-bench-{name}-") as tmp:
-        swarm = run_thread_swarm(config, strategies, checkpoint_root=Path(tmp), corpus=corpus)
+        swarm = run_thread_swarm(  # (no deadline: the step budget bounds the run)
+            config, strategies, checkpoint_root=Path(tmp), corpus=corpus, timeout_s=None
+        )
     seconds = time.monotonic() - started
     losses = [r.val_loss_after for r in swarm.results]
     sent = [int(getattr(s, "bytes_sent", 0)) for s in strategies]

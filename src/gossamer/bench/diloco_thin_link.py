@@ -45,11 +45,13 @@ from pathlib import Path
 from typing import Any
 
 from gossamer.bench import SMALL_GPT
+from gossamer.core.errors import ConfigError
 
 __all__ = [
     "THIN_LINK_DEFAULTS",
     "ThinLinkMethodResult",
     "ThinLinkResult",
+    "check_thin_link_inputs",
     "run_thin_link_bench",
 ]
 
@@ -322,6 +324,40 @@ def _summarize(
     )
 
 
+def check_thin_link_inputs(
+    *,
+    peers: int,
+    target_loss: float,
+    inner_steps: int,
+    max_steps: int,
+    cap_s: float,
+    methods: Sequence[str] = _METHODS,
+) -> None:
+    """Refuse what the thin-link part cannot run, and check this machine can make its lab:
+    `gossamer bench diloco` calls it before its quality part (an hour or more) runs, so a wrong
+    flag costs nothing.
+
+    Raises:
+        ConfigError: an input it cannot run with (the message names the flag).
+        MissingDependencyError: not root, or a tool the lab needs is missing.
+    """
+    if peers < 2:
+        raise ConfigError("--peers must be at least 2 for the thin-link comparison (--rate)")
+    unknown = set(methods) - set(_METHODS)
+    if unknown:
+        raise ConfigError(f"unknown methods {sorted(unknown)}; use {', '.join(_METHODS)}")
+    if not (target_loss > 0 and cap_s > 0):
+        raise ConfigError("--target-loss and --time-cap-s must be positive")
+    if max_steps < inner_steps:
+        raise ConfigError(
+            f"--thin-link-steps {max_steps} is shorter than one outer step (--inner-steps "
+            f"{inner_steps}); give at least {inner_steps}"
+        )
+    from gossamer.lab.runner import SubprocessRunner, require_tools
+
+    require_tools(SubprocessRunner())
+
+
 def run_thin_link_bench(
     *,
     rate_bits_per_s: int,
@@ -349,13 +385,10 @@ def run_thin_link_bench(
             for every method alike.
         methods: which of ``diloco``, ``diloco_overlap``, ``sync``, ``ddp`` to run, in this order.
     """
-    if peers < 2:
-        raise ValueError("--peers must be at least 2 for the thin-link comparison")
-    unknown = set(methods) - set(_METHODS)
-    if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; use {', '.join(_METHODS)}")
-    if target_loss <= 0 or cap_s <= 0 or max_steps < inner_steps:
-        raise ValueError("need target_loss > 0, cap_s > 0 and max_steps >= inner_steps")
+    check_thin_link_inputs(
+        peers=peers, target_loss=target_loss, inner_steps=inner_steps, max_steps=max_steps,
+        cap_s=cap_s, methods=methods,
+    )  # fmt: skip
     shared = [
         *THIN_LINK_DEFAULTS,
         *overrides,

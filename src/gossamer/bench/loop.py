@@ -125,7 +125,8 @@ def gossamer_tokens_per_s(
             trainer.run()
         spans.close()
     elapsed = timer.marks[warmup + steps] - timer.marks[warmup]
-    return steps * config.train.batch_size * config.model.context / elapsed
+    micro_batches = steps * config.train.grad_accum_steps
+    return micro_batches * config.train.batch_size * config.model.context / elapsed
 
 
 def _plain_tokens_per_s(config: RunConfig, corpus: Corpus, warmup: int, steps: int) -> float:

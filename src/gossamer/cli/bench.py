@@ -12,12 +12,16 @@ from rich.console import Console
 from rich.table import Table
 
 from gossamer.bench.diloco import QUALITY_DEFAULTS, run_diloco_bench
-from gossamer.bench.diloco_thin_link import ThinLinkResult, run_thin_link_bench
+from gossamer.bench.diloco_thin_link import (
+    ThinLinkResult,
+    check_thin_link_inputs,
+    run_thin_link_bench,
+)
 from gossamer.bench.loop import run_loop_bench
 from gossamer.bench.obs_overhead import run_obs_overhead_bench
 from gossamer.cli.bench_allreduce import register as register_allreduce
 from gossamer.cli.bench_transport import register as register_transport
-from gossamer.cli.errors import exit_on_gossamer_errors
+from gossamer.cli.errors import exit_on_gossamer_errors, stop_signals_as_ctrl_c
 from gossamer.cli.preflight import check_result_file, positive_finite_float
 from gossamer.core.config_loader import load_run_config, parse_flag_overrides
 from gossamer.lab import parse_rate
@@ -58,7 +62,7 @@ def loop(
 
     Config flags (--model.width 256, ...) change both sides alike.
     """
-    with exit_on_gossamer_errors():
+    with exit_on_gossamer_errors(), stop_signals_as_ctrl_c():
         check_result_file(out, "--out")
         config = load_run_config(None, parse_flag_overrides(ctx.args))
         result = run_loop_bench(
@@ -96,7 +100,7 @@ def obs(
     out: Annotated[Path | None, typer.Option(help="Also write the JSON result here.")] = None,
 ) -> None:
     """What metrics and tracing cost training: the same run with both off and with both on."""
-    with exit_on_gossamer_errors():
+    with exit_on_gossamer_errors(), stop_signals_as_ctrl_c():
         check_result_file(out, "--out")
         config = load_run_config(None, parse_flag_overrides(ctx.args))
         result = run_obs_overhead_bench(
@@ -177,11 +181,19 @@ def diloco(
     default budget, 5000 steps, is 100 outer steps: DiLoCo's gap to sync narrows as outer steps
     accumulate (README, Benchmarks).
     """
-    with exit_on_gossamer_errors():
+    with exit_on_gossamer_errors(), stop_signals_as_ctrl_c():
         check_result_file(out, "--out")
         rate_bits = parse_rate(rate, key="--rate") if rate else None
         overrides = parse_flag_overrides(ctx.args)
         config = load_run_config(None, [*QUALITY_DEFAULTS, *overrides])
+        if rate_bits is not None:  # before the quality part: it runs for an hour or more
+            check_thin_link_inputs(
+                peers=peers,
+                target_loss=target_loss,
+                inner_steps=inner_steps,
+                max_steps=thin_link_steps,
+                cap_s=time_cap_s,
+            )
         result = run_diloco_bench(
             config=config,
             peers=peers,

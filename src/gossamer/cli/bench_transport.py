@@ -9,12 +9,32 @@ from typing import Annotated
 import typer
 
 from gossamer.bench.transport import run_transport_bench
-from gossamer.cli.errors import exit_on_gossamer_errors
+from gossamer.cli.errors import exit_on_gossamer_errors, stop_signals_as_ctrl_c
 from gossamer.cli.preflight import check_result_file
+from gossamer.core.errors import ConfigError
+from gossamer.net.config import LimitsConfig
 
 __all__ = ["register"]
 
 _MiB = 1 << 20
+_MAX_STREAMS = 64
+"""Streams of one transfer at most (net's bulk receiver refuses more)."""
+
+
+def _most_streams(payload_mib: int) -> int:
+    """The streams a transfer of ``payload_mib`` runs over at most: one per chunk, 64 in all
+    (a row labelled with more was run over fewer).
+
+    Raises:
+        ConfigError: more than net's largest transfer, which every peer refuses.
+    """
+    limits = LimitsConfig()
+    if payload_mib * _MiB > limits.max_bulk_transfer_bytes:
+        raise ConfigError(
+            f"--payload-mib {payload_mib}: a transfer holds at most "
+            f"{limits.max_bulk_transfer_bytes // _MiB} MiB"
+        )
+    return max(1, min(_MAX_STREAMS, payload_mib * _MiB // limits.bulk_chunk_bytes))
 
 
 def transport(
@@ -30,14 +50,20 @@ def transport(
     out: Annotated[Path | None, typer.Option(help="Also write the JSON result here.")] = None,
 ) -> None:
     """Bulk stream throughput vs plain TCP on loopback (same bytes, same run), RPC p50/p99."""
-    with exit_on_gossamer_errors():
+    with exit_on_gossamer_errors(), stop_signals_as_ctrl_c():
         check_result_file(out, "--out")
-    result = run_transport_bench(
-        payload_bytes=payload_mib * _MiB,
-        streams=tuple(streams or (1, 4)),
-        repeats=repeats,
-        num_pings=pings,
-    )
+        most = _most_streams(payload_mib)
+        counts = tuple(streams or sorted({1, min(4, most)}))  # (the default fits any payload)
+        for count in counts:
+            if count > most:
+                raise ConfigError(
+                    f"--streams {count}: a {payload_mib} MiB transfer runs over at most {most} "
+                    f"stream(s) (one per {LimitsConfig().bulk_chunk_bytes // _MiB} MiB chunk, "
+                    f"{_MAX_STREAMS} in all); give fewer streams or a larger --payload-mib"
+                )
+        result = run_transport_bench(
+            payload_bytes=payload_mib * _MiB, streams=counts, repeats=repeats, num_pings=pings
+        )
     fields = result.to_json()
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

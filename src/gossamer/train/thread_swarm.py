@@ -8,16 +8,22 @@ network.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from gossamer.core.config import CheckpointConfig, RunConfig
+from gossamer.core.errors import GossamerError
 from gossamer.data import Corpus, load_corpus
 from gossamer.train.loop import Trainer, TrainResult
 from gossamer.train.strategy import TrainingStrategy
 
 __all__ = ["ThreadSwarmResult", "run_thread_swarm"]
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -34,7 +40,7 @@ def run_thread_swarm(
     *,
     checkpoint_root: Path,
     corpus: Corpus | None = None,
-    timeout_s: float = 3600.0,
+    timeout_s: float | None = 3600.0,
 ) -> ThreadSwarmResult:
     """Train one peer per strategy, each in its own thread, until all finish.
 
@@ -44,10 +50,12 @@ def run_thread_swarm(
         strategies: one per peer, usually sharing an in-process averaging group.
         checkpoint_root: parent of the peers' checkpoint folders.
         corpus: the data, loaded from ``config.data`` if None.
-        timeout_s: how long to wait for the peers.
+        timeout_s: how long to wait for all the peers (None: until they finish).
 
     Raises:
-        RuntimeError: a peer failed (the first error is chained) or did not finish in time.
+        GossamerError: a peer failed with it (the first to fail; the others' are logged).
+        RuntimeError: a peer failed otherwise (the first error is chained) or did not finish
+            in time.
     """
     corpus = corpus if corpus is not None else load_corpus(config.data)
     num_peers = len(strategies)
@@ -84,11 +92,16 @@ def run_thread_swarm(
     ]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join(timeout=timeout_s)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    for thread in threads:  # (one deadline for all: joined one by one, each had timeout_s)
+        thread.join(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
     for trainer in trainers:
         trainer.close()
     if errors:
+        for error in errors[1:]:
+            logger.error("another peer failed too: %s: %s", type(error).__name__, error)
+        if isinstance(errors[0], GossamerError):  # (one line at the command line)
+            raise errors[0]
         raise RuntimeError(f"{len(errors)} of {num_peers} peers failed") from errors[0]
     finished = [r for r in results if r is not None]
     if len(finished) != num_peers:
