@@ -80,7 +80,9 @@ def test_speedup_and_json_fields() -> None:
         "diloco_over_ddp": False,
         "diloco_over_sync": False,
         "diloco_overlap_over_ddp": False,
+        "diloco_over_ddp_fp16": False,
     }
+    assert fields["thin_link"]["speedup_diloco_over_ddp_fp16"] is None  # not run
 
 
 def test_speedup_over_a_reference_that_ran_out_of_time_is_a_lower_bound() -> None:
@@ -101,7 +103,7 @@ def test_speedup_over_a_reference_that_ran_out_of_time_is_a_lower_bound() -> Non
     [
         ({"peers": 1}, "at least 2"),
         ({"methods": ["diloco", "fsdp"]}, "unknown methods"),
-        ({"max_steps": 10, "inner_steps": 50}, "max_steps >= inner_steps"),
+        ({"max_steps": 10, "inner_steps": 50}, "shorter than one outer step"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_lab_is_built(

@@ -13,7 +13,9 @@ data, with the same optimizer, learning-rate schedule and step budget, once per 
 - ``sync``: Gossamer's synchronous data parallel (gradients averaged over the swarm averager
   every step);
 - ``ddp``: the reference, plain PyTorch ``DistributedDataParallel`` on gloo (gradients
-  all-reduced every step).
+  all-reduced every step, in fp32);
+- ``ddp_fp16``: the same with PyTorch's own ``fp16_compress_hook`` (gradients sent in 16 bits),
+  what a PyTorch user would turn on over a thin link (the swarm's rounds go in 8 bits).
 
 Every method's clock starts when all its peers are set up and joined (a go signal); it stops for
 a method when every peer has measured a validation loss at or below the target, and the peers are
@@ -66,7 +68,7 @@ target every few steps), and the swarm's rounds (DiLoCo's and sync's) in 8 bits,
 link; DDP is plain fp32 gloo. Config flags win (``--swarm.codec none`` for fp32 rounds, which
 ``auto`` then runs over torch.distributed)."""
 
-_METHODS = ("diloco", "diloco_overlap", "sync", "ddp")
+_METHODS = ("diloco", "diloco_overlap", "sync", "ddp", "ddp_fp16")
 _READY_TIMEOUT_S = 120.0
 _POLL_S = 0.2
 
@@ -76,7 +78,7 @@ class ThinLinkMethodResult:
     """One method's run over the capped links."""
 
     name: str
-    """``diloco``, ``diloco_overlap``, ``sync`` or ``ddp``."""
+    """``diloco``, ``diloco_overlap``, ``sync``, ``ddp`` or ``ddp_fp16``."""
     seconds_to_target: float | None
     """Seconds from go until every peer measured the target loss (None: not within the cap)."""
     steps_to_target: int | None
@@ -149,12 +151,14 @@ class ThinLinkResult:
                 "speedup_diloco_over_ddp": self.speedup_over("ddp"),
                 "speedup_diloco_over_sync": self.speedup_over("sync"),
                 "speedup_diloco_overlap_over_ddp": self.speedup_over("ddp", "diloco_overlap"),
+                "speedup_diloco_over_ddp_fp16": self.speedup_over("ddp_fp16"),
                 "speedup_is_lower_bound": {
                     f"{method}_over_{reference}": self.speedup_is_lower_bound(reference, method)
                     for method, reference in (
                         ("diloco", "ddp"),
                         ("diloco", "sync"),
                         ("diloco_overlap", "ddp"),
+                        ("diloco", "ddp_fp16"),
                     )
                 },
                 "methods": {n: dataclasses.asdict(m) for n, m in self.methods.items()},
@@ -283,7 +287,7 @@ def _failed(method: str, error: str) -> ThinLinkMethodResult:
 
 
 def _utilization(method: str, row: dict[str, Any] | None, go: float) -> float | None:
-    if row is None or method == "ddp":
+    if row is None or method.startswith("ddp"):
         return None
     phases = row["phases_s"]
     wall = row["unix_s"] - go - phases.get("evaluation", 0.0)
@@ -383,7 +387,8 @@ def run_thin_link_bench(
         eval_every: evaluation interval of every method, in steps.
         overrides: config flags (``("model.width", "64")``) on top of :data:`THIN_LINK_DEFAULTS`,
             for every method alike.
-        methods: which of ``diloco``, ``diloco_overlap``, ``sync``, ``ddp`` to run, in this order.
+        methods: which of ``diloco``, ``diloco_overlap``, ``sync``, ``ddp``, ``ddp_fp16`` to
+            run, in this order.
     """
     check_thin_link_inputs(
         peers=peers, target_loss=target_loss, inner_steps=inner_steps, max_steps=max_steps,

@@ -8,7 +8,8 @@ peer's lab namespace, with a JSON spec as the only argument. The peer trains wit
 - ``sync``: Gossamer's :class:`~gossamer.train.sync.SyncStrategy` over the
   :class:`~gossamer.train.swarm_averager.SwarmAverager`, in the same :class:`Trainer`;
 - ``ddp``: the reference, a plain PyTorch loop around ``DistributedDataParallel`` on gloo, with
-  the same model, initial weights, optimizer, learning-rate schedule and validation batches.
+  the same model, initial weights, optimizer, learning-rate schedule and validation batches;
+  ``ddp_fp16`` the same with PyTorch's ``fp16_compress_hook``.
 
 Peers meet through files in a shared folder (namespaces share the file system, not the network):
 peer 0 writes its address; every peer writes ``ready`` once it is set up and waits for the
@@ -35,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch._C._distributed_c10d import TCPStore
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
 from torch.nn.parallel import DistributedDataParallel
 
 from gossamer.core.config import RunConfig
@@ -241,9 +243,10 @@ def _open_store(spec: dict[str, Any]) -> TCPStore:
     if spec["rank"] == 0:
         store = TCPStore(spec["host"], 0, spec["world"], is_master=True, timeout=timeout,
                          wait_for_workers=False)  # fmt: skip
-        _write_atomically(folder / "address-ddp", f"{spec['host']}:{store.port}")
+        _write_atomically(folder / f"address-{spec['method']}", f"{spec['host']}:{store.port}")
         return store
-    host, _, port = _wait_for_file(folder / "address-ddp", "rank 0's store").rpartition(":")
+    address = _wait_for_file(folder / f"address-{spec['method']}", "rank 0's store")
+    host, _, port = address.rpartition(":")
     return TCPStore(host, int(port), spec["world"], is_master=False, timeout=timeout)
 
 
@@ -274,6 +277,8 @@ def _ddp_loop(spec: dict[str, Any], config: RunConfig, rank: int, world: int) ->
     torch.manual_seed(train.seed)  # the same initial weights as the swarm peers
     model = GPT(model_config)
     ddp = DistributedDataParallel(model)
+    if spec["method"] == "ddp_fp16":  # PyTorch's own gradient compression for thin links
+        ddp.register_comm_hook(state=None, hook=fp16_compress_hook)
     optimizer = build_optimizer(model, config.optim)
     stream = TokenStream(  # the stream the swarm peers of this rank read
         corpus.train,
@@ -329,6 +334,7 @@ def _main() -> None:
             "diloco_overlap": _run_diloco,
             "sync": _run_sync,
             "ddp": _run_ddp,
+            "ddp_fp16": _run_ddp,
         }
         runners[spec["method"]](spec, config)
     except BaseException:

@@ -173,7 +173,8 @@ def diloco(
 
     Peers are threads of this process averaging through the same codecs as on the wire. With
     --rate, the peers then also run as processes in lab namespaces behind links of that rate, and
-    DiLoCo, sync and plain PyTorch DDP (gloo) are each timed to --target-loss, with the same
+    DiLoCo, sync and plain PyTorch DDP (gloo, fp32 and with PyTorch's fp16 compression hook)
+    are each timed to --target-loss, with the same
     H and the same --thin-link-steps budget. Both parts train a small GPT (2 layers, width 64,
     context 64, batch 8; with --rate see `thin_link.settings` in the JSON); config flags
     (--model.width 128, ...) change it for both, and --swarm.outer-lr /
@@ -277,7 +278,7 @@ def _print_thin_link(thin: ThinLinkResult, rate: str) -> None:
         if method.error:
             _console.print(f"{method.name} failed: {method.error}", markup=False)
     for name, label in (("diloco", "DiLoCo"), ("diloco_overlap", "Overlapped DiLoCo")):
-        for reference in ("ddp", "sync"):
+        for reference in ("ddp", "ddp_fp16", "sync"):
             speedup = thin.speedup_over(reference, name)
             if speedup is not None:
                 bound = " at least" if thin.speedup_is_lower_bound(reference, name) else ""
