@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -21,6 +22,16 @@ CLI = (
     "import typer; from gossamer.cli.dashboard import register; "
     "app = typer.Typer(); register(app); app.command('noop')(lambda: None); app()"
 )
+
+
+def _reap(proc: subprocess.Popen[str]) -> None:
+    """Kill the dashboard if it still runs, and close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=10)
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
 
 
 def _state(url: str) -> dict[str, Any]:
@@ -60,12 +71,7 @@ def test_dashboard_command_serves_the_scraped_peer() -> None:
         assert proc.stderr is not None
         assert "Traceback" not in proc.stderr.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        _reap(proc)
         server.close()
 
 
@@ -116,20 +122,12 @@ def test_dashboard_command_watches_a_private_swarm_with_its_secret(tmp_path: Pat
                 if statuses.get(peer.node.peer_id) == "alive":
                     break
                 assert time.monotonic() < deadline, f"private peer not alive: {statuses}"
-                time.sleep(
-                    0.1
-                )  # pacing between requests; the loop ends on the condition or deadline
+                time.sleep(0.1)  # pacing between requests; ends on the condition or deadline
         finally:
             proc.send_signal(signal.SIGINT)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=15)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(timeout=10)
-                for stream in (proc.stdout, proc.stderr):
-                    if stream is not None:
-                        stream.close()
+            _reap(proc)
 
 
 def test_dashboard_command_refuses_an_endpoint_given_twice_in_one_line() -> None:
