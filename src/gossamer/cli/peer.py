@@ -215,10 +215,9 @@ def peer_start(
             thread = NodeThread(config, identity)
             with keys_named_by_flags(NODE_FLAGS):  # (a --listen port in use)
                 stack.enter_context(thread)
-            metrics_stack = stack
             node = thread.node
             if metrics_port is not None:
-                _serve_peer_metrics(metrics_stack, thread, metrics_host, metrics_port)
+                _serve_peer_metrics(stack, thread, metrics_host, metrics_port)
             if check_reachability and config.bootstrap:
                 thread.run(_reach, timeout_s=20.0)
             typer.echo(f"peer {node.peer_id} listening on {', '.join(node.addresses)}", err=False)

@@ -296,14 +296,10 @@ def _read_prefix(
     return tokens, used
 
 
-def _share_far_off(
-    root: Path, validation_files: list[str], files: list[str], wanted: float
-) -> bool:
-    """Whether the validation files hold a share of the bytes more than 3x off ``wanted`` (a
-    few files of different sizes: one large file in validation took all of a user's data)."""
+def _byte_share(root: Path, some: list[str], files: list[str]) -> float:
+    """The share of ``files``' bytes that ``some`` of them hold."""
     total = sum((root / name).stat().st_size for name in files)
-    held = sum((root / name).stat().st_size for name in validation_files)
-    return not wanted / _SHARE_SLACK <= held / max(1, total) <= wanted * _SHARE_SLACK
+    return sum((root / name).stat().st_size for name in some) / max(1, total)
 
 
 def _load_files(
@@ -311,13 +307,15 @@ def _load_files(
 ) -> Corpus:
     train_files, validation_files = _split_files(files, config.validation_fraction)
     train_cap, validation_cap = _caps(config)
-    if _share_far_off(root, validation_files, files, config.validation_fraction):
-        # Split as one file: every file in path order, the last share of the bytes held out.
+    wanted = config.validation_fraction
+    share = _byte_share(root, validation_files, files)
+    if not wanted / _SHARE_SLACK <= share <= wanted * _SHARE_SLACK:
+        # A few files of different sizes (one large file in validation took all of a user's
+        # data): split as one file, every file in path order, the last share of the bytes out.
         logger.info(
-            "%s: a split by file would hold out %d of %d files, far from %.1f%% of the bytes; "
-            "split as one file instead, the last %.1f%% of its bytes held out",
-            label, len(validation_files), len(files), 100 * config.validation_fraction,
-            100 * config.validation_fraction,
+            "%s: a split by file would hold out %.1f%% of the bytes (%d of %d files) for %.1f%% "
+            "asked; split as one file instead, its last %.1f%% held out",
+            label, 100 * share, len(validation_files), len(files), 100 * wanted, 100 * wanted,
         )  # fmt: skip
         cap = None if train_cap is None or validation_cap is None else train_cap + validation_cap
         tokens, used = _read_prefix(root, files, cap)
