@@ -69,6 +69,7 @@ def test_the_thin_link_keeps_its_own_step_budget(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(bench, "run_diloco_bench", _capture(seen))
     monkeypatch.setattr(bench, "run_thin_link_bench", fake_thin_link)
+    monkeypatch.setattr(bench, "check_thin_link_inputs", lambda **_: None)  # (root and tools)
     result = CliRunner().invoke(bench.app, ["diloco", "--rate", "20mbit", "--json"])
     assert isinstance(result.exception, _Captured)
     # The time-to-target race keeps the learning-rate schedule it was measured with (400

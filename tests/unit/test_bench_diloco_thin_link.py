@@ -81,6 +81,7 @@ def test_speedup_and_json_fields() -> None:
         "diloco_over_sync": False,
         "diloco_overlap_over_ddp": False,
         "diloco_over_ddp_fp16": False,
+        "diloco_overlap_over_ddp_fp16": False,
     }
     assert fields["thin_link"]["speedup_diloco_over_ddp_fp16"] is None  # not run
 

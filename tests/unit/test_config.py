@@ -75,6 +75,7 @@ def test_heads_must_divide_width_and_message_says_how_to_fix() -> None:
         (lambda: SwarmConfig(strategy="diloco", bootstrap="10.0.0.1:0"), "swarm.bootstrap"),
         (lambda: SwarmConfig(listen="1.2.3.4:99999"), "swarm.listen"),
         (lambda: SwarmConfig(listen=":7000"), "swarm.listen"),
+        (lambda: SwarmConfig(listen="127.0.0.1:\u00b2"), "swarm.listen"),  # ('²': a ValueError)
     ],
 )
 def test_impossible_values_name_their_key(factory: object, key: str) -> None:

@@ -245,9 +245,13 @@ def test_attach_says_when_a_lab_is_half_built(tmp_path: Path) -> None:
         attach_lab("t1", runner=runner, state_dir=tmp_path)
 
 
-def test_attach_checks_for_root_and_tools() -> None:
+def test_attach_checks_for_root_and_tools(tmp_path: Path) -> None:
+    lab_up(_config(), runner=FakeCommandRunner(), state_dir=tmp_path)
     with pytest.raises(MissingDependencyError, match="root"):
-        attach_lab("t1", runner=FakeCommandRunner(root=False), state_dir=Path("/nonexistent"))
+        attach_lab("t1", runner=FakeCommandRunner(root=False), state_dir=tmp_path)
+    # A lab that is not up says so, root or not.
+    with pytest.raises(ConfigError, match="no lab 'absent' is up"):
+        attach_lab("absent", runner=FakeCommandRunner(root=False), state_dir=tmp_path)
 
 
 def test_a_lab_held_too_long_by_another_command_is_said_to_be_busy(tmp_path: Path) -> None:
@@ -289,3 +293,13 @@ def test_a_build_interrupted_during_an_add_removes_what_the_add_made(tmp_path: P
         lab_up(_config(), runner=runner, state_dir=tmp_path)
     assert runner.namespaces == set()
     assert load_state("t1", tmp_path) is None
+
+
+def test_down_all_removes_labs_beside_a_record_no_lab_can_be_named(tmp_path: Path) -> None:
+    # (a record "Old-Lab.json" stopped the sweep: nothing was removed)
+    runner = FakeCommandRunner()
+    lab_up(_config("zz"), runner=runner, state_dir=tmp_path)
+    (tmp_path / "Old-Lab.json").write_text("{}")
+    lab_down(None, runner=runner, state_dir=tmp_path)
+    assert runner.namespaces == set()
+    assert sorted(path.name for path in tmp_path.glob("*.json")) == []

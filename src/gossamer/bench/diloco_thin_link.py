@@ -152,6 +152,9 @@ class ThinLinkResult:
                 "speedup_diloco_over_sync": self.speedup_over("sync"),
                 "speedup_diloco_overlap_over_ddp": self.speedup_over("ddp", "diloco_overlap"),
                 "speedup_diloco_over_ddp_fp16": self.speedup_over("ddp_fp16"),
+                "speedup_diloco_overlap_over_ddp_fp16": self.speedup_over(
+                    "ddp_fp16", "diloco_overlap"
+                ),
                 "speedup_is_lower_bound": {
                     f"{method}_over_{reference}": self.speedup_is_lower_bound(reference, method)
                     for method, reference in (
@@ -159,6 +162,7 @@ class ThinLinkResult:
                         ("diloco", "sync"),
                         ("diloco_overlap", "ddp"),
                         ("diloco", "ddp_fp16"),
+                        ("diloco_overlap", "ddp_fp16"),
                     )
                 },
                 "methods": {n: dataclasses.asdict(m) for n, m in self.methods.items()},

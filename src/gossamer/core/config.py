@@ -283,7 +283,8 @@ BackendName = Literal["auto", "p2p", "torch"]
 def _is_host_port(address: str, *, lowest_port: int) -> bool:
     """Whether ``address`` is HOST:PORT with a port from ``lowest_port`` to 65535."""
     host, sep, port = address.rpartition(":")
-    return bool(sep and host) and port.isdigit() and lowest_port <= int(port) <= 65535
+    digits = port.isascii() and port.isdigit()  # ('²' is a digit to isdigit, not to int)
+    return bool(sep and host) and digits and lowest_port <= int(port) <= 65535
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

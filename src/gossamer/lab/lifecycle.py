@@ -142,6 +142,7 @@ def lab_down(
     runner = runner or SubprocessRunner()
     require_tools(runner)
     if name is not None:
+        LabConfig(num_peers=1, name=name)  # a name a lab can have, or a one-line error
         with state_lock(name, state_dir):  # a build or a fault of it finishes first
             return _remove_lab(runner, name, state_dir)
     removed: list[str] = []
@@ -168,7 +169,7 @@ def lab_down(
 def _remove_lab(runner: CommandRunner, name: str, state_dir: Path) -> list[str]:
     namespaces: list[str] = []
     state = _readable_state(name, state_dir)
-    own = LabConfig(num_peers=1, name=name).namespace_prefix
+    own = f"{LAB_PREFIX}{name}-"  # (a record's name, even one no lab can have now)
     if state is not None:  # only its own: a stale or edited record names any namespace
         namespaces += [ns for ns in state.topology.namespaces() if ns.startswith(own)]
     namespaces += [ns for ns in list_namespaces(runner, own) if ns not in namespaces]
@@ -249,8 +250,11 @@ def attach_lab(
         ConfigError: no such lab is recorded, or it is not fully built.
     """
     runner = runner or SubprocessRunner()
-    require_tools(runner)  # (as another user: a traceback, or a kill that found no process)
-    state = load_state(name, state_dir)
+    try:
+        state = load_state(name, state_dir)
+    except PermissionError:
+        require_tools(runner)  # not root: says so (it was a traceback)
+        raise
     if state is None:
         raise ConfigError(
             f"no lab {name!r} is up; start one with `gossamer lab up --name {name} --peers N`"
@@ -260,6 +264,7 @@ def attach_lab(
             f"lab {name!r} is half-built (its build was stopped or failed part way); run "
             f"`gossamer lab down --name {name}`, then `gossamer lab up` again"
         )
+    require_tools(runner)  # (as another user, a kill found no process and said ok)
     return LabControl(state, runner, state_dir=state_dir)
 
 

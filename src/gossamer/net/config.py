@@ -31,7 +31,7 @@ def _require(condition: bool, key: str, message: str) -> None:
 def _check_address(key: str, address: str) -> None:
     host, sep, port = address.rpartition(":")
     _require(
-        bool(sep) and bool(host) and port.isdigit() and 0 <= int(port) <= 65535,
+        bool(sep) and bool(host) and port.isascii() and port.isdigit() and int(port) <= 65535,
         key,
         f"expected HOST:PORT (port 0 picks a free one), got {address!r}",
     )
