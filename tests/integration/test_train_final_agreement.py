@@ -119,3 +119,38 @@ def test_peers_that_agree_finish_without_resyncing() -> None:
             end_run_with(peer, 1.5)
         assert finish_all(made) == [False, False, False]
         assert all(p.strategy.resyncs == 0 for p in made)
+
+
+@pytest.mark.timeout(120)
+def test_the_majority_stays_until_a_peer_its_detector_lost_has_taken_its_state() -> None:
+    # Under load a peer's heartbeats came late: the majority's holder counted it gone, saw
+    # agreement among the rest and left; the other then had no donor and ended with its own.
+    with peers(2) as made:
+        end_run_with(made[0], 1.0)
+        end_run_with(made[1], 2.0)
+        hashes = [p.strategy.global_weights_hash() for p in made]
+        holder = max(range(2), key=lambda i: hashes[i])  # a 1-1 tie goes to the larger hash
+        averager = made[holder].strategy.swarm_averager
+        real_states = averager.run_states
+        looks = [0]
+
+        def late_heartbeats() -> dict[str, tuple[str, int]]:
+            looks[0] += 1
+            return {} if looks[0] <= 3 else real_states()
+
+        averager.run_states = late_heartbeats  # type: ignore[method-assign]
+        replaced: list[bool | None] = [None, None]
+
+        def finish(index: int) -> None:
+            peer = made[index]
+            replaced[index] = peer.strategy.finish(peer.model, FINAL_STEP)
+            peer.strategy.donor.close()  # its process exits: it serves its state no more
+
+        threads = [threading.Thread(target=finish, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert replaced[holder] is False
+        assert replaced[1 - holder] is True
+        assert made[0].strategy.global_weights_hash() == made[1].strategy.global_weights_hash()

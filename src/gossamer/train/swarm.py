@@ -9,7 +9,8 @@ trains with the configured strategy. With DiLoCo the peer also
   round's hashes with the other peers': a peer that differs from the majority resyncs from the
   peers that hold the majority's state;
 - after its last step waits until every live peer of the run has published its hash of the final
-  outer step, and resyncs if it differs, so the peers end with the same weights.
+  outer step and every published hash agrees, and resyncs if its own differs, so the peers end
+  with the same weights.
 """
 
 from __future__ import annotations
@@ -712,9 +713,10 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
 
         Mid-run, a divergence found after one outer step is repaired after the next; after the
         last there is no next. So each peer waits, up to ``_FINAL_AGREEMENT_S``, until every live
-        peer of the run has published its hash of this final outer step and all agree. A peer
-        whose hash is not the majority's downloads that state from the peers holding it and
-        publishes again; the others keep serving until they see it agree. A peer that missed the
+        peer of the run has published its hash of this final outer step and every hash published
+        for it agrees (a peer the failure detector lost for a moment included). A peer whose
+        hash is not the majority's downloads that state from the peers holding it and publishes
+        again; the others keep serving until they see it agree. A peer that missed the
         last round is waited for too: it is fetching the others' state meanwhile.
         """
         replaced = super().finish(model, step)
@@ -735,7 +737,10 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             # Decide only once every live peer has spoken: a partial count can tie the wrong way.
             if live is not None and live <= set(others) and mine is not None:
                 holders = _majority_holders(mine, others)
-                if not holders and all(others[p] == mine for p in live):
+                # Done when every hash published agrees, not only those of the peers the failure
+                # detector calls alive now: a peer whose heartbeats were late under load is
+                # still to take this state, and a peer that leaves first leaves it no donor.
+                if not holders and all(theirs == mine for theirs in others.values()):
                     return replaced
                 snapshot = self._download(version=final, donors=holders) if holders else None
                 if snapshot is not None:
