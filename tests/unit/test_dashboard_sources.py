@@ -130,6 +130,20 @@ def test_parse_metrics_reads_the_peer_metrics_names() -> None:
     assert sample.num_resyncs is None  # not exported by this peer
 
 
+def test_parse_metrics_leaves_out_negative_counts() -> None:
+    # (a peer that misreports showed -5 bytes on a link and a negative step)
+    text = (
+        "# TYPE gossamer_train_step gauge\ngossamer_train_step -3\n"
+        "# TYPE gossamer_train_loss gauge\ngossamer_train_loss -0.5\n"
+        "# TYPE gossamer_net_sent_bytes counter\n"
+        'gossamer_net_sent_bytes_total{peer="a"} -5\ngossamer_net_sent_bytes_total{peer="b"} 7\n'
+    )
+    sample = parse_metrics(text).sample
+    assert sample.step is None
+    assert sample.loss == -0.5  # a loss may be anything a model reports; shown as it is
+    assert sample.bytes_sent == {"b": 7.0}
+
+
 def test_parse_metrics_rejects_what_is_not_the_exposition_format() -> None:
     with pytest.raises(ValueError, match="not Prometheus text format"):
         parse_metrics("loss is low")

@@ -60,6 +60,7 @@ def test_net_counters_are_exported_with_prometheus_names() -> None:
     counters.received("peer-a", 250)
     counters.call_made("peer-a", "/gossamer.Dht/FindNode", 0.003, ok=True)
     counters.call_made("peer-a", "/gossamer.Dht/FindNode", 0.2, ok=False)
+    counters.call_made("peer-a", "/gossamer.Bulk/Push", 42.0, ok=True)  # a long transfer
     counters.call_served("peer-b", "/gossamer.Dht/Ping")
     counters.error(DeadlineExceededError("late"))
     counters.num_retries = 3
@@ -77,6 +78,9 @@ def test_net_counters_are_exported_with_prometheus_names() -> None:
     assert s[("gossamer_net_rpc_duration_seconds_sum", method)] == pytest.approx(0.203)
     assert s[("gossamer_net_rpc_duration_seconds_bucket", (("le", "0.005"), *method))] == 1
     assert s[("gossamer_net_rpc_duration_seconds_bucket", (("le", "+Inf"), *method))] == 2
+    push = (("method", "/gossamer.Bulk/Push"),)  # (buckets ended at 5 s: all of it was +Inf)
+    assert s[("gossamer_net_rpc_duration_seconds_bucket", (("le", "30.0"), *push))] == 0
+    assert s[("gossamer_net_rpc_duration_seconds_bucket", (("le", "60.0"), *push))] == 1
     assert s[("gossamer_net_errors_total", (("kind", "DeadlineExceededError"),))] == 1
     assert s[("gossamer_net_retries_total", ())] == 3
     assert s[("gossamer_net_connections", (("kind", "direct"),))] == 2

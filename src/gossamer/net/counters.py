@@ -20,7 +20,12 @@ __all__ = [
     "PeerTraffic",
 ]
 
-LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+LATENCY_BUCKETS_S = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0, 30.0, 60.0, 300.0,
+)  # fmt: skip
+"""Upper bounds of the call-latency buckets: a DHT call takes milliseconds, a whole bulk
+transfer (a 100 MB round's part at 100 Mbit/s, a state download) seconds to minutes."""
 
 
 @dataclass(slots=True)

@@ -53,8 +53,22 @@ class ParsedMetrics:
     """The values the dashboard uses."""
 
 
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
+_NEVER_NEGATIVE = {
+    "step",
+    "tokens_total",
+    "tokens_per_second",
+    "num_resyncs",
+    "phase_seconds",
+    "bytes_sent",
+    "bytes_received",
+}
+"""Counters and counts: a negative value (a peer that misreports) is left out, not shown."""
+
+
+def _value(field: str, value: float) -> float | None:
+    if not math.isfinite(value) or (field in _NEVER_NEGATIVE and value < 0):
+        return None
+    return value
 
 
 def parse_metrics(text: str) -> ParsedMetrics:
@@ -80,11 +94,11 @@ def parse_metrics(text: str) -> ParsedMetrics:
                 peer_id = sample.labels["peer_id"]
         elif field in _BY_LABEL:
             key = sample.labels.get(_BY_LABEL[field])
-            value = _finite(sample.value)
+            value = _value(field, sample.value)
             if key is not None and value is not None:
                 labelled[field][key] = labelled[field].get(key, 0.0) + value
         elif not sample.labels:
-            scalars[field] = _finite(sample.value)
+            scalars[field] = _value(field, sample.value)
     peer_sample = PeerSample(
         step=scalars.get("step"),
         loss=scalars.get("loss"),
