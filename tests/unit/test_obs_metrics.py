@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gossamer.core.clock import FakeClock
 from gossamer.core.errors import DeadlineExceededError
-from gossamer.net.counters import NetCounters
+from gossamer.net.counters import RELAYED_OTHERS, NetCounters
 from gossamer.net.metrics import OTHER_PEERS, LiveView, NetMetricsCollector, NetMetricsConfig
 from gossamer.obs.goodput import GoodputTracker
 from gossamer.obs.metrics import PeerMetrics
@@ -113,6 +113,19 @@ def test_the_per_peer_table_is_bounded_and_folded_traffic_still_counted() -> Non
         value for (name, _), value in s.items() if name == "gossamer_net_peer_rpcs_received_total"
     )
     assert served == 1000
+
+
+def test_bytes_relayed_keep_a_bounded_table_and_their_total() -> None:
+    # A relay kept a key for every peer it ever served.
+    counters = NetCounters(max_peers_counted=100)
+    for i in range(1000):
+        counters.relayed(f"peer-{i}", i)
+    counters.relayed("peer-5", 1)  # one counted one by one goes on being counted so
+    assert len(counters.relayed_bytes) == 101
+    assert counters.relayed_bytes["peer-5"] == 6
+    assert counters.relayed_bytes[RELAYED_OTHERS] == sum(range(100, 1000))
+    _, registry = _collector(counters, _Live())
+    assert _samples(registry)[("gossamer_net_relayed_bytes_total", ())] == sum(range(1000)) + 1
 
 
 def test_remote_peer_labels_are_bounded_and_the_rest_summed() -> None:

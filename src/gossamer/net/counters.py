@@ -15,6 +15,7 @@ from typing import Any
 __all__ = [
     "LATENCY_BUCKETS_S",
     "MAX_PEERS_COUNTED",
+    "RELAYED_OTHERS",
     "LatencyHistogram",
     "NetCounters",
     "PeerTraffic",
@@ -62,6 +63,8 @@ class LatencyHistogram:
         self.num_calls += 1
 
 
+RELAYED_OTHERS = "(others)"
+"""The key of :attr:`NetCounters.relayed_bytes` that counts the peers past its limit."""
 MAX_PEERS_COUNTED = 4096
 """Remote peers counted one by one; beyond it the least busy quarter is folded into one total
 (peer ids cost nothing to make: a churning swarm or a peer cycling identities grew the table,
@@ -118,7 +121,10 @@ class NetCounters:
         self.num_retries = 0
         """Retried attempts."""
         self.relayed_bytes: defaultdict[str, int] = defaultdict(int)
-        """Bytes this node relayed, by relayed peer id (both directions; capped per peer)."""
+        """Bytes this node relayed, by relayed peer id (both directions), at most
+        ``max_peers_counted`` ids: the bytes of peers past them count under
+        :data:`RELAYED_OTHERS` (a relay kept a key for every peer it ever served)."""
+        self._max_relayed_keys = max_peers_counted
         self.relay_reservations = 0
         """Peers holding a relay reservation on this node now."""
         self.relay_tunnels_opened = 0
@@ -133,6 +139,12 @@ class NetCounters:
     def sent(self, peer_id: str, num_bytes: int) -> None:
         """Count bytes sent to a peer."""
         self.peers[peer_id].bytes_sent += num_bytes
+
+    def relayed(self, peer_id: str, num_bytes: int) -> None:
+        """Count bytes relayed for a peer (see :attr:`relayed_bytes`)."""
+        if peer_id not in self.relayed_bytes and len(self.relayed_bytes) >= self._max_relayed_keys:
+            peer_id = RELAYED_OTHERS
+        self.relayed_bytes[peer_id] += num_bytes
 
     def received(self, peer_id: str, num_bytes: int) -> None:
         """Count bytes received from a peer."""

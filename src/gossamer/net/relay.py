@@ -452,7 +452,7 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
             )
         if not tunnel.reservation.direct:  # a reversed connection is not relaying
             await tunnel.reservation.bucket.take(len(data))
-            self._counters.relayed_bytes[tunnel.target] += len(data)
+            self._counters.relayed(tunnel.target, len(data))
         return await pipe.put(data)
 
     async def _splice(
