@@ -21,12 +21,14 @@ _MAX_STREAMS = 64
 """Streams of one transfer at most (net's bulk receiver refuses more)."""
 
 
-def _most_streams(payload_mib: int) -> int:
-    """The streams a transfer of ``payload_mib`` runs over at most: one per chunk, 64 in all
-    (a row labelled with more was run over fewer).
+def _stream_counts(payload_mib: int, streams: list[int] | None) -> tuple[int, ...]:
+    """The stream counts to measure (1 and 4 by default, fewer where the payload has fewer
+    chunks): a transfer runs over at most one stream per chunk and 64 in all, so a row
+    labelled with more was run over fewer.
 
     Raises:
-        ConfigError: more than net's largest transfer, which every peer refuses.
+        ConfigError: a count over that, or a payload over net's largest transfer (which every
+            peer refuses).
     """
     limits = LimitsConfig()
     if payload_mib * _MiB > limits.max_bulk_transfer_bytes:
@@ -34,7 +36,16 @@ def _most_streams(payload_mib: int) -> int:
             f"--payload-mib {payload_mib}: a transfer holds at most "
             f"{limits.max_bulk_transfer_bytes // _MiB} MiB"
         )
-    return max(1, min(_MAX_STREAMS, payload_mib * _MiB // limits.bulk_chunk_bytes))
+    most = max(1, min(_MAX_STREAMS, payload_mib * _MiB // limits.bulk_chunk_bytes))
+    counts = tuple(streams or sorted({1, min(4, most)}))
+    for count in counts:
+        if count > most:
+            raise ConfigError(
+                f"--streams {count}: a {payload_mib} MiB transfer runs over at most {most} "
+                f"stream(s) (one per {limits.bulk_chunk_bytes // _MiB} MiB chunk, "
+                f"{_MAX_STREAMS} in all); give fewer streams or a larger --payload-mib"
+            )
+    return counts
 
 
 def transport(
@@ -52,17 +63,11 @@ def transport(
     """Bulk stream throughput vs plain TCP on loopback (same bytes, same run), RPC p50/p99."""
     with exit_on_gossamer_errors(), stop_signals_as_ctrl_c():
         check_result_file(out, "--out")
-        most = _most_streams(payload_mib)
-        counts = tuple(streams or sorted({1, min(4, most)}))  # (the default fits any payload)
-        for count in counts:
-            if count > most:
-                raise ConfigError(
-                    f"--streams {count}: a {payload_mib} MiB transfer runs over at most {most} "
-                    f"stream(s) (one per {LimitsConfig().bulk_chunk_bytes // _MiB} MiB chunk, "
-                    f"{_MAX_STREAMS} in all); give fewer streams or a larger --payload-mib"
-                )
         result = run_transport_bench(
-            payload_bytes=payload_mib * _MiB, streams=counts, repeats=repeats, num_pings=pings
+            payload_bytes=payload_mib * _MiB,
+            streams=_stream_counts(payload_mib, streams),
+            repeats=repeats,
+            num_pings=pings,
         )
     fields = result.to_json()
     if out is not None:

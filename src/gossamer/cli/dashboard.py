@@ -74,10 +74,8 @@ def dashboard(
     """Serve a live web page of the swarm: peers, links, loss and throughput curves, events."""
     with one_red_line():
         config = DashboardConfig(poll_interval_s=poll_interval_s)
-        try:
+        with _values_as_config_errors():
             urls = tuple(normalize_metrics_url(target) for target in scrape or ())
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
         with contextlib.ExitStack() as stack:
             source: SwarmSource
             if bootstrap:

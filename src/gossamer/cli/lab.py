@@ -50,6 +50,11 @@ StateDirOption = Annotated[
 ]
 
 
+def _name_flag(name: str) -> str:
+    """`` --name NAME`` for the commands a message suggests, empty for the default lab."""
+    return "" if name == "lab" else f" --name {name}"
+
+
 @app.callback()
 def _configure_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -91,7 +96,7 @@ def up(
         control = lab_up(config, state_dir=state_dir)
         _print_peers(control.state)
         typer.secho(f"note: {LATENCY_NOTICE}", fg=typer.colors.YELLOW)
-        named = "" if name == "lab" else f" --name {name}"
+        named = _name_flag(name)
         typer.echo(
             f"run `gossamer lab exec{named} p0 -- CMD` to use it; "
             f"`gossamer lab down{named}` to remove it"
@@ -224,10 +229,9 @@ def _say_what_is_in_force(control: LabControl, applied: list[AppliedFault], name
     if not undo:
         typer.echo("stopped; nothing the schedule did is left in force", err=True)
         return
-    named = "" if name == "lab" else f" --name {name}"
     typer.secho(
         "stopped with faults in force; to undo them, save this as undo.toml and run "
-        f"`gossamer lab faults{named} undo.toml`:",
+        f"`gossamer lab faults{_name_flag(name)} undo.toml`:",
         fg=typer.colors.YELLOW,
         err=True,
     )

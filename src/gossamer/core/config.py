@@ -21,6 +21,7 @@ __all__ = [
     "RunConfig",
     "SwarmConfig",
     "TrainConfig",
+    "is_host_port",
 ]
 
 DataSource = Literal["stdlib", "text", "tokens"]
@@ -280,7 +281,7 @@ CodecName = Literal["none", "fp16", "bf16", "int8"]
 BackendName = Literal["auto", "p2p", "torch"]
 
 
-def _is_host_port(address: str, *, lowest_port: int) -> bool:
+def is_host_port(address: str, *, lowest_port: int) -> bool:
     """Whether ``address`` is HOST:PORT with a port from ``lowest_port`` to 65535."""
     host, sep, port = address.rpartition(":")
     digits = port.isascii() and port.isdigit()  # ('²' is a digit to isdigit, not to int)
@@ -369,13 +370,13 @@ class SwarmConfig:
             "set swarm.codec to 'none' or swarm.backend to 'p2p' or 'auto'",
         )
         _require(
-            _is_host_port(self.listen, lowest_port=0),
+            is_host_port(self.listen, lowest_port=0),
             "swarm.listen",
             f"expected HOST:PORT (port 0 picks a free one), got {self.listen!r}",
         )
         for entry in self.bootstrap_addresses:
             _require(
-                _is_host_port(entry.rpartition("@")[2], lowest_port=1),
+                is_host_port(entry.rpartition("@")[2], lowest_port=1),
                 "swarm.bootstrap",
                 f"expected [PEER_ID@]HOST:PORT entries, comma-separated; {entry!r} is not one",
             )

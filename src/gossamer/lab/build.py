@@ -151,17 +151,15 @@ def build_topology(topology: Topology, runner: CommandRunner) -> None:
     created: list[str] = []
     try:
         for argv in build_commands(topology):
-            adding = argv[3] if argv[:3] == ["ip", "netns", "add"] else None
+            adding = argv[:3] == ["ip", "netns", "add"]
+            if adding:  # before it runs: interrupted, it may have made the namespace all the same
+                created.append(argv[3])
             try:
                 runner.run(argv)
             except CommandFailedError:
-                raise  # (an `add` that failed made nothing)
-            except BaseException:
-                if adding is not None:  # interrupted: the command may have made it all the same
-                    created.append(adding)
+                if adding:  # it failed: it made nothing (the name may be another lab's)
+                    created.pop()
                 raise
-            if adding is not None:
-                created.append(adding)
     except BaseException:
         remove_namespaces(runner, created)
         raise
@@ -200,10 +198,9 @@ def remove_namespaces(runner: CommandRunner, namespaces: Iterable[str]) -> list[
         for pid in namespace_pids(runner, namespace):
             runner.send_signal(pid, signal.SIGKILL)
         result = runner.run(["ip", "netns", "del", namespace], check=False)
+        # (or removed meanwhile by another command: gone all the same)
         if result.ok or namespace not in list_namespaces(runner, namespace):
-            removed.append(
-                namespace
-            )  # (or removed meanwhile by another command: gone all the same)
+            removed.append(namespace)
         else:
             logger.error("could not delete namespace %s: %s", namespace, result.stderr.strip())
             failed.append(namespace)

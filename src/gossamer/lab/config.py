@@ -17,6 +17,7 @@ __all__ = [
     "MAX_PEERS",
     "LabConfig",
     "format_rate",
+    "namespace_prefix",
     "parse_rate",
     "parse_rates",
     "tbf_burst_bytes",
@@ -25,6 +26,12 @@ __all__ = [
 
 LAB_PREFIX = "gsl-"
 """Every namespace the lab creates starts with this, so `lab down` finds exactly its own."""
+
+
+def namespace_prefix(name: str) -> str:
+    """The prefix of every namespace lab ``name`` creates, e.g. ``gsl-lab-``."""
+    return f"{LAB_PREFIX}{name}-"
+
 
 MAX_PEERS = 64
 """Most peers one lab holds (addresses are drawn from one /24 per role)."""
@@ -166,7 +173,7 @@ class LabConfig:
     @property
     def namespace_prefix(self) -> str:
         """The prefix of every namespace this lab creates, e.g. ``gsl-lab-``."""
-        return f"{LAB_PREFIX}{self.name}-"
+        return namespace_prefix(self.name)
 
     def peer_rate_bps(self, index: int) -> int:
         """The link rate of peer ``index`` in bits per second."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from gossamer.core.errors import ConfigError, CorruptedDataError, DeadlineExceededError
 from gossamer.lab.build import build_topology, list_namespaces, remove_namespaces
-from gossamer.lab.config import LAB_PREFIX, LabConfig
+from gossamer.lab.config import LAB_PREFIX, LabConfig, namespace_prefix
 from gossamer.lab.control import LabControl
 from gossamer.lab.plan import plan_topology
 from gossamer.lab.runner import CommandRunner, SubprocessRunner, require_tools
@@ -154,7 +154,7 @@ def lab_down(
         except DeadlineExceededError:
             busy.append(lab_name)
     # Leftovers of labs without a record (a crash, a reboot's lost /run), the busy ones' aside.
-    spared = tuple(f"{LAB_PREFIX}{lab_name}-" for lab_name in busy)
+    spared = tuple(namespace_prefix(lab_name) for lab_name in busy)
     strays = [ns for ns in list_namespaces(runner, LAB_PREFIX) if not ns.startswith(spared)]
     removed += remove_namespaces(runner, strays)
     if busy:
@@ -169,7 +169,7 @@ def lab_down(
 def _remove_lab(runner: CommandRunner, name: str, state_dir: Path) -> list[str]:
     namespaces: list[str] = []
     state = _readable_state(name, state_dir)
-    own = f"{LAB_PREFIX}{name}-"  # (a record's name, even one no lab can have now)
+    own = namespace_prefix(name)  # (a record's name, even one no lab can have now)
     if state is not None:  # only its own: a stale or edited record names any namespace
         namespaces += [ns for ns in state.topology.namespaces() if ns.startswith(own)]
     namespaces += [ns for ns in list_namespaces(runner, own) if ns not in namespaces]
@@ -229,7 +229,7 @@ def lab_status(
     names |= {ns.removeprefix(LAB_PREFIX).split("-", 1)[0] for ns in existing}
     report = []
     for lab_name in sorted(names):
-        prefix = f"{LAB_PREFIX}{lab_name}-"
+        prefix = namespace_prefix(lab_name)
         report.append(
             LabStatus(
                 name=lab_name,

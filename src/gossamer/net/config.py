@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gossamer.core.config import is_host_port
 from gossamer.core.errors import ConfigError, ProtocolError
 from gossamer.net.addresses import split_host_port
 from gossamer.net.identity import digest_of_peer_id
@@ -29,9 +30,8 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 
 def _check_address(key: str, address: str) -> None:
-    host, sep, port = address.rpartition(":")
     _require(
-        bool(sep) and bool(host) and port.isascii() and port.isdigit() and int(port) <= 65535,
+        is_host_port(address, lowest_port=0),
         key,
         f"expected HOST:PORT (port 0 picks a free one), got {address!r}",
     )
