@@ -167,6 +167,23 @@ def test_tokens_outside_the_vocabulary_are_a_data_error(tmp_path: Path) -> None:
         train(config)
 
 
+def test_a_corpus_that_records_no_largest_ids_has_its_batches_checked(tmp_path: Path) -> None:
+    # (a corpus made by hand: its manifest cannot vouch for its ids)
+    import numpy as np
+
+    from gossamer.data import Corpus, TokenSource
+
+    tokens = np.full(4000, 999, dtype=np.uint16)
+    corpus = Corpus(TokenSource(tokens, "hand-made tokens"), TokenSource(tokens, "held out"), {})
+    config = RunConfig(
+        model=ModelConfig(num_layers=1, num_heads=2, width=32, context=32, vocab_size=256),
+        train=TrainConfig(max_steps=2, batch_size=2, eval_batches=1),
+        checkpoint=CheckpointConfig(directory=str(tmp_path / "ckpt")),
+    )
+    with pytest.raises(DataError, match=r"token id 999 in held out"):
+        Trainer(config, corpus=corpus)
+
+
 def test_missing_data_path_is_a_data_error(tmp_path: Path) -> None:
     config = RunConfig(
         data=DataConfig(source="text", path=str(tmp_path / "missing.txt")),

@@ -219,8 +219,8 @@ class Trainer:
             batch_size=config.train.batch_size,
             num_batches=config.train.eval_batches,
         )
-        self._check_corpus_vocabulary()
-        for inputs, targets in self.val_batches:
+        self._check_batches = not self._check_corpus_vocabulary()
+        for inputs, targets in self.val_batches if self._check_batches else ():
             self._check_vocabulary(inputs, targets, self.corpus.validation.description)
         self.resumed_from: Path | None = None
         if config.checkpoint.resume:
@@ -318,9 +318,11 @@ class Trainer:
             self.metrics.validation_loss.set(loss)
         return loss
 
-    def _check_corpus_vocabulary(self) -> None:
-        """Every id of the corpus fits the model, by the largest ids its manifest records (a
-        corpus made elsewhere may not record them: its batches are checked as they come)."""
+    def _check_corpus_vocabulary(self) -> bool:
+        """Check every id of the corpus fits the model, by the largest ids its manifest records;
+        whether it could (a corpus made elsewhere may not record them: its batches are then
+        checked as they come)."""
+        checked = 0
         for key, source in (
             ("max_train_token_id", self.corpus.train),
             ("max_validation_token_id", self.corpus.validation),
@@ -328,6 +330,8 @@ class Trainer:
             largest = self.corpus.manifest.get(key)
             if isinstance(largest, int):
                 self._check_largest_id(largest, source.description)
+                checked += 1
+        return checked == 2
 
     def _check_vocabulary(self, inputs: torch.Tensor, targets: torch.Tensor, where: str) -> None:
         self._check_largest_id(max(int(inputs.max()), int(targets.max())), where)
@@ -360,7 +364,8 @@ class Trainer:
         with spans.span("compute", step=step):
             for _ in range(accum):
                 inputs, targets = run.stream.next_batch()
-                self._check_vocabulary(inputs, targets, self.corpus.train.description)
+                if self._check_batches:
+                    self._check_vocabulary(inputs, targets, self.corpus.train.description)
                 logits = run.model(inputs)
                 loss = self._loss(logits, targets)
                 value = loss.item()
