@@ -194,6 +194,20 @@ def _delete_manifest(path: Path) -> None:
     (path / MANIFEST_NAME).unlink()
 
 
+def _damage_version(path: Path) -> None:
+    # One digit of the format version changed: it names a version this Gossamer does not know,
+    # but the self-hash says the manifest is damaged, not newer.
+    raw = (path / MANIFEST_NAME).read_bytes()
+    damaged = raw.replace(b'"format_version": 1', b'"format_version": 3', 1)
+    assert damaged != raw
+    (path / MANIFEST_NAME).write_bytes(damaged)
+
+
+def _damage_version_key(path: Path) -> None:
+    raw = (path / MANIFEST_NAME).read_bytes()
+    (path / MANIFEST_NAME).write_bytes(raw.replace(b'"format_version"', b'"format_versiom"', 1))
+
+
 def _future_version(path: Path) -> None:
     # A well-formed manifest of a newer format: self-hash recomputed, so it is intact.
     manifest = json.loads((path / MANIFEST_NAME).read_text())
@@ -209,6 +223,8 @@ def _future_version(path: Path) -> None:
         (_truncate, CheckpointCorruptedError, r"model\.safetensors: truncated"),
         (_flip_tensor_bit, CheckpointCorruptedError, r"model\.safetensors: hash mismatch"),
         (_flip_manifest_bit, CheckpointCorruptedError, r"manifest\.json: hash mismatch"),
+        (_damage_version, CheckpointCorruptedError, r"hash mismatch.*format version 3"),
+        (_damage_version_key, CheckpointCorruptedError, r"hash mismatch.*format version None"),
         (_delete_file, CheckpointCorruptedError, r"optimizer\.safetensors: missing"),
         (_garbage_manifest, CheckpointCorruptedError, r"manifest\.json: not valid JSON"),
         (_delete_manifest, CheckpointCorruptedError, r"manifest\.json: missing"),

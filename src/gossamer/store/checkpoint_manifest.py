@@ -171,17 +171,20 @@ def _decode(data: bytes, where: Path) -> Manifest:
     )
     version = body.get("format_version")
     known = type(version) is int and version in SUPPORTED_FORMAT_VERSIONS
-    supported = ", ".join(str(v) for v in sorted(SUPPORTED_FORMAT_VERSIONS))
-    if not known:
-        damaged = "" if intact else "; its checksum does not match either, so it may be damaged"
-        raise IncompatibleCheckpointError(
-            f"{where}: unknown format version {version!r} (this Gossamer reads version "
-            f"{supported}; a newer Gossamer may read it){damaged}"
-        )
+    # The hash comes first: every format version keeps it, so only an intact manifest can say
+    # it is of a newer version. A damaged one that seems to (a flipped digit, a damaged key)
+    # is damaged: read as newer it would stop a resume from the good checkpoint before it.
     if not intact:
+        unknown = "" if known else f" (it names format version {version!r}, itself damaged)"
         raise CheckpointCorruptedError(
             f"{where}: hash mismatch: the manifest's contents do not match its "
-            f"{_SELF_HASH_KEY} (the file was altered or damaged)"
+            f"{_SELF_HASH_KEY} (the file was altered or damaged){unknown}"
+        )
+    if not known:
+        supported = ", ".join(str(v) for v in sorted(SUPPORTED_FORMAT_VERSIONS))
+        raise IncompatibleCheckpointError(
+            f"{where}: unknown format version {version!r} (this Gossamer reads version "
+            f"{supported}; a newer Gossamer may read it)"
         )
     if body.get("format") != FORMAT_NAME:
         raise IncompatibleCheckpointError(
