@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import Any, cast
 
+import pytest
 import torch
 from torch import nn
 
+from gossamer.core.errors import GossamerError
 from gossamer.obs.metrics import PeerMetrics
 from gossamer.train.averaging import AverageOutcome
 from gossamer.train.state_sync import StateSnapshot
@@ -155,3 +159,66 @@ def test_a_peer_that_missed_a_round_joins_again_at_the_step_it_gets() -> None:
     averager.excluded = False
     strategy.on_gradients(model, 42)
     assert strategy.on_step_end(model, 42) is None
+
+
+def _published_state() -> StateSnapshot:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    averager, donor = FakeAverager(), FakeDonor()
+    strategy = make(averager, donor)
+    strategy.setup(model, optimizer)
+    averager.joining = {"newcomer": 10}
+    averager.states = {"newcomer": ("active", 10)}
+    for step in range(10):
+        train_one_step(model, optimizer)
+        strategy.on_step_end(model, step)
+    (snapshot,) = donor.snapshots
+    return snapshot
+
+
+def _wrong_shaped_moment(snapshot: StateSnapshot) -> None:
+    name = next(n for n, t in snapshot.tensors.items() if n.startswith("optim.") and t.dim())
+    snapshot.tensors[name] = torch.zeros(7)
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (lambda s: s.meta.__setitem__("optimizer", [1, 2]), "optimizer meta is a list"),
+        (lambda s: s.meta.__setitem__("optimizer", None), "optimizer meta is a NoneType"),
+        (lambda s: s.meta.pop("optimizer"), "optimizer meta is a NoneType"),
+        (lambda s: s.meta["optimizer"]["tree"].__setitem__("state", 5), "optimizer state"),
+        (lambda s: s.meta["optimizer"]["tree"].__setitem__("param_groups", 5), "optimizer"),
+        (_wrong_shaped_moment, "has shape \\(7,\\), not"),
+        (lambda s: s.tensors.__setitem__("param.1", torch.zeros(2)), "parameter 1 is"),
+        (lambda s: s.tensors.__setitem__("param.1", torch.zeros(3, dtype=torch.int64)), "int64"),
+        (lambda s: s.tensors.pop("param.1"), "different parameters"),
+    ],
+)
+def test_a_state_that_does_not_fit_is_refused_and_nothing_of_it_is_taken(
+    damage: Callable[[StateSnapshot], object], says: str
+) -> None:
+    # A donor's state reaches a newcomer, or a peer joining again after a missed round, over
+    # the network: whatever is wrong with it, the peer says what and keeps its own state whole
+    # (it crashed on a malformed optimizer tree, and copied weights before checking them all).
+    snapshot = _published_state()
+    damage(snapshot)
+    torch.manual_seed(1)
+    other = nn.Linear(4, 3)
+    other_optimizer = torch.optim.AdamW(other.parameters(), lr=0.1)
+    train_one_step(other, other_optimizer)
+    weights = [p.detach().clone() for p in other.parameters()]
+    moments = copy.deepcopy(other_optimizer.state_dict())
+    newcomer = make(FakeAverager(), FakeDonor(), join_existing=True)
+    newcomer._model, newcomer._optimizer = other, other_optimizer
+    with pytest.raises(GossamerError, match=says):
+        newcomer._apply(snapshot)
+    for param, before in zip(other.parameters(), weights, strict=True):
+        assert torch.equal(param, before)
+    after = other_optimizer.state_dict()
+    assert after["param_groups"] == moments["param_groups"]
+    for index, state in moments["state"].items():
+        for name, value in state.items():
+            assert torch.equal(after["state"][index][name], value)
+    train_one_step(other, other_optimizer)  # and it trains on

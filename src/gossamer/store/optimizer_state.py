@@ -58,6 +58,8 @@ def unflatten_optimizer_state(
     Raises:
         ValueError: ``meta`` is not such a tree, or it and ``tensors`` do not belong together.
     """
+    if not isinstance(meta, dict):  # (it may come from the network)
+        raise ValueError(f"optimizer meta is a {type(meta).__name__}, not a JSON object")
     if meta.get(_ENCODING_KEY) != _ENCODING or "tree" not in meta:
         raise ValueError(
             f"optimizer meta is not of encoding {_ENCODING!r} "

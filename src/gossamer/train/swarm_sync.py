@@ -308,35 +308,67 @@ class SwarmSyncStrategy(SyncStrategy):
         return snapshot
 
     def _apply(self, snapshot: StateSnapshot) -> None:
+        """Take ``snapshot`` as this peer's model and optimizer state, all or nothing: every
+        tensor and the optimizer's state are checked before anything is written.
+
+        Raises:
+            GossamerError: the state does not fit this peer's model or optimizer.
+        """
         assert self._model is not None
         assert self._optimizer is not None
         params = [p for p in self._model.parameters() if p.requires_grad]
-        expected = {f"param.{i}" for i in range(len(params))}
-        if not expected <= set(snapshot.tensors):
-            raise GossamerError(
-                "the swarm's state does not fit this model (different parameters): check that "
-                "every peer runs the same model config"
-            )
-        with torch.no_grad():
-            for i, param in enumerate(params):
-                source = snapshot.tensors[f"param.{i}"]
-                if source.shape != param.shape:
-                    raise GossamerError(
-                        f"the swarm's parameter {i} has shape {tuple(source.shape)}, this peer's "
-                        f"{tuple(param.shape)}: check that every peer runs the same model config"
-                    )
-                param.copy_(source)
+        sources = []
+        for i, param in enumerate(params):
+            source = snapshot.tensors.get(f"param.{i}")
+            if source is None:
+                raise GossamerError(
+                    "the swarm's state does not fit this model (different parameters): check "
+                    "that every peer runs the same model config"
+                )
+            if source.shape != param.shape or not source.is_floating_point():
+                raise GossamerError(
+                    f"the swarm's parameter {i} is {source.dtype} of shape "
+                    f"{tuple(source.shape)}, this peer's {param.dtype} of {tuple(param.shape)}: "
+                    "check that every peer runs the same model config"
+                )
+            sources.append(source)
         prefix = "optim."
         optimizer_tensors = {
             name[len(prefix) :]: tensor
             for name, tensor in snapshot.tensors.items()
             if name.startswith(prefix)
         }
+        # The optimizer first: torch checks its groups before it changes anything, and the
+        # weights are copied only once it took the state.
         try:
-            state = unflatten_optimizer_state(optimizer_tensors, snapshot.meta["optimizer"])
+            state = unflatten_optimizer_state(optimizer_tensors, snapshot.meta.get("optimizer"))
+            _check_moments(self._optimizer, state)
             self._optimizer.load_state_dict(state)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise GossamerError(
                 f"the swarm's optimizer state does not fit this peer's ({exc}): check that every "
                 "peer runs the same model and optimizer config"
             ) from exc
+        with torch.no_grad():
+            for param, source in zip(params, sources, strict=True):
+                param.copy_(source)
+
+
+def _check_moments(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Refuse an optimizer ``state`` (a ``state_dict``) whose per-parameter tensors are not of
+    their parameter's shape: torch takes them, and the next step fails. Every tensor but a
+    scalar (AdamW's step) is elementwise in the optimizers Gossamer builds.
+
+    Raises:
+        ValueError: a tensor of another shape. (Malformed trees raise what indexing them does;
+            torch's ``load_state_dict`` checks the groups' lengths.)
+    """
+    saved_state = state["state"]
+    for saved, group in zip(state["param_groups"], optimizer.param_groups, strict=False):
+        for index, param in zip(saved["params"], group["params"], strict=False):
+            for name, value in saved_state.get(index, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                    raise ValueError(
+                        f"its {name!r} of parameter {index} has shape {tuple(value.shape)}, "
+                        f"not {tuple(param.shape)}"
+                    )
