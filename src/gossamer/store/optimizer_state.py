@@ -50,9 +50,7 @@ def flatten_optimizer_state(
     return tensors, {_ENCODING_KEY: _ENCODING, "tree": tree}
 
 
-def unflatten_optimizer_state(
-    tensors: dict[str, torch.Tensor], meta: dict[str, Any]
-) -> dict[str, Any]:
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: object) -> dict[str, Any]:
     """Rebuild the ``state_dict`` that :func:`flatten_optimizer_state` split; the exact inverse.
 
     Raises:
