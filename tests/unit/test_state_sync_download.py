@@ -188,6 +188,30 @@ def test_majority_version_is_chosen_newest_on_a_tie() -> None:
         run(download_state(newcomer, ids, timeout_s=10, version=9))
 
 
+def test_when_every_holder_of_the_chosen_version_fails_another_version_is_fetched() -> None:
+    # One donor has just published its next version: 1 and 1, the newest is chosen, and its
+    # donor dies two chunks in. The other still serves a whole state: any version will do.
+    network, newcomer, (steady,) = swarm(1)
+    dying = network.add("dying", FaultyBulkNode)
+    dying.die_after_chunks = 2  # type: ignore[attr-defined]
+    old = snapshot(version=5, seed=1)
+    donate([steady], old)
+    donate([dying], snapshot(version=6, seed=2))
+    got, report = run(download_state(newcomer, ["donor0", "dying"], timeout_s=10))
+    assert_bit_exact(got, old)
+    assert "dying" in report.failed_donors
+    assert set(report.bytes_per_donor) == {"donor0"}
+
+    # Asked for a version, it is that version or nothing.
+    network, newcomer, (steady,) = swarm(1)
+    dying = network.add("dying", FaultyBulkNode)
+    dying.die_after_chunks = 2  # type: ignore[attr-defined]
+    donate([steady], old)
+    donate([dying], snapshot(version=6, seed=2))
+    with pytest.raises(PeerUnavailableError, match="every donor failed"):
+        run(download_state(newcomer, ["donor0", "dying"], timeout_s=10, version=6))
+
+
 def test_donor_with_other_bytes_at_the_same_version_is_struck_off() -> None:
     _, newcomer, nodes = swarm(3)
     want = snapshot(version=5, seed=1)

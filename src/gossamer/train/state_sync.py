@@ -215,7 +215,8 @@ async def download_state(
         node: this peer's node (on whose event loop this runs).
         donors: peer ids to download from.
         timeout_s: deadline of the whole download.
-        version: the version to fetch; the one most donors hold (newest on a tie) when None.
+        version: the version to fetch; when None, the one most donors hold (newest on a
+            tie), or where every holder of that one fails, the next one so ranked.
         max_chunks_in_flight: chunk requests outstanding at once, over all donors (at most the
             donors' ``max_requests_per_peer``, 16 by default: they refuse more from one peer).
         request_timeout_s: a donor taking longer for one request is struck off.
@@ -243,11 +244,26 @@ async def download_state(
     started = loop.time()
     job = _Download(node, router, loop, started + timeout_s, request_timeout_s)
     try:
-        manifest, holders = await _choose_manifest(job, unique_donors, version, limits)
+        ranked = await _choose_manifest(job, unique_donors, version, limits)
         job.manifest_s = loop.time() - started
-        chunks, stats, num_refetched = await _fetch_chunks(
-            job, manifest, holders, max_chunks_in_flight
-        )
+        for place, (manifest, holders) in enumerate(ranked):
+            # Any version will do: where every holder of the first choice fails (often one
+            # donor that had just published a newer version), the next one is fetched.
+            try:
+                chunks, stats, num_refetched = await _fetch_chunks(
+                    job, manifest, holders, max_chunks_in_flight
+                )
+                break
+            except PeerUnavailableError as exc:
+                rest = [(m, h) for m, h in ranked[place + 1 :] if set(h) - set(job.failed)]
+                if version is not None or not rest:
+                    raise
+                _log.info(
+                    "peer %s: %s; taking version %d instead",
+                    node.peer_id[:8],
+                    exc,
+                    rest[0][0].version,
+                )
     finally:
         await _cancel(job.late)
     snapshot = await asyncio.to_thread(deserialize_snapshot, manifest, chunks)
@@ -276,8 +292,10 @@ async def download_state(
 
 async def _choose_manifest(
     job: _Download, donors: list[str], version: int | None, limits: StateSyncLimits
-) -> tuple[Manifest, list[str]]:
+) -> list[tuple[Manifest, list[str]]]:
     """Ask every donor for its manifest; pick the one most donors agree on (newest on a tie).
+    Returns it and its holders first, then the other usable manifests of other versions, most
+    held first (newest on a tie).
 
     Once one usable manifest (of ``version``, or any) is held by more than half of the donors,
     no answer still to come can change the choice: the others are not waited for (one silent
@@ -344,7 +362,12 @@ async def _choose_manifest(
                         f"({len(groups[best])} donor(s) hold that one)"
                     ),
                 )
-    return chosen, groups[best]
+    others = sorted(
+        (h for h in groups if by_hash[h].version != chosen.version),
+        key=lambda h: (len(groups[h]), by_hash[h].version),
+        reverse=True,
+    )
+    return [(chosen, groups[best])] + [(by_hash[h], groups[h]) for h in others]
 
 
 async def _fetch_chunks(
