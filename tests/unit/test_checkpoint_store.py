@@ -950,3 +950,23 @@ def test_a_quantized_tensor_is_refused_with_a_value_error(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match=r"'w' is quantized \(torch\.quint8\)"):
         CheckpointStore(tmp_path).save(state)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+
+
+def test_a_folder_that_cannot_be_read_is_listed_with_why_and_the_rest_listed_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(_state(1))
+    unreadable = store.save(_state(2))
+    verify = checkpoint_reader.CheckpointReader.verify_files
+
+    def verify_files(self: checkpoint_reader.CheckpointReader) -> None:
+        if self.folder == unreadable:  # (root reads any file: the error is made here)
+            raise PermissionError(13, "Permission denied", str(unreadable / "model.safetensors"))
+        verify(self)
+
+    monkeypatch.setattr(checkpoint_reader.CheckpointReader, "verify_files", verify_files)
+    listing = store.list()
+    assert [(info.step, info.valid) for info in listing] == [(1, True), (2, False)]
+    assert listing[1].reason is not None
+    assert "Permission denied" in listing[1].reason

@@ -399,7 +399,8 @@ class CheckpointStore:
                 created = reader.manifest.created_unix_s
                 num_bytes = sum(entry.num_bytes for entry in reader.manifest.files)
                 reader.verify_files()
-        except (CheckpointCorruptedError, IncompatibleCheckpointError, FileNotFoundError) as exc:
+        except (CheckpointCorruptedError, IncompatibleCheckpointError, OSError) as exc:
+            # (a folder it cannot read, EACCES or EIO, is listed as such, not the end of listing)
             if not isinstance(exc, IncompatibleCheckpointError) and _changed_since_scan(found):
                 return None
             return CheckpointInfo(
