@@ -7,7 +7,7 @@ import hashlib
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -21,10 +21,15 @@ from gossamer.net.directory import PeerDirectory
 from gossamer.net.identity import Identity
 from gossamer.net.node import Node
 from gossamer.net.records import sign_peer_record
-from gossamer.net.relay import CONNECT_METHOD
+from gossamer.net.relay import CONNECT_METHOD, RelayServicer
 from gossamer.net.tls import TlsCertificate
-from gossamer.net.tunnels import MAX_IDLE_ENTRANCES, RelayDialer, carry_socket_over_call
-from gossamer.proto import net_pb2
+from gossamer.net.tunnels import (
+    MAX_ACCEPTED_TUNNELS_PER_RESERVATION,
+    MAX_IDLE_ENTRANCES,
+    RelayDialer,
+    carry_socket_over_call,
+)
+from gossamer.proto import net_pb2, net_pb2_grpc
 
 SECRET = b"relay-test-secret-0123456789"
 
@@ -399,5 +404,72 @@ def test_a_tunnel_whose_connection_closed_under_it_ends_as_unavailable() -> None
             assert writer.is_closing()
         finally:
             right.close()
+
+    _run(scenario)
+
+
+class _FloodingRelay(RelayServicer):
+    """A relay that announces tunnels without end and holds every one it is accepted on."""
+
+    def __init__(self, node: Node, num_announced: int) -> None:
+        super().__init__(node.config.relay, node.counters, node.clock, may_relay=lambda: True)
+        self.num_announced = num_announced
+        self.num_accepted = 0
+
+    async def Reserve(
+        self, request: net_pb2.ReserveRequest, context: Any
+    ) -> AsyncIterator[net_pb2.RelayEvent]:
+        yield net_pb2.RelayEvent(reserved=True)
+        for i in range(self.num_announced):
+            yield net_pb2.RelayEvent(tunnel_id=f"{i:024x}", dialer_peer_id="x" * 52)
+        await asyncio.Event().wait()
+
+    async def Accept(
+        self, request_iterator: AsyncIterator[net_pb2.TunnelFrame], context: Any
+    ) -> AsyncIterator[net_pb2.TunnelFrame]:
+        await anext(request_iterator)
+        self.num_accepted += 1
+        await asyncio.Event().wait()  # holds the tunnel, sends nothing
+        yield net_pb2.TunnelFrame()
+
+
+def test_a_relay_announcing_tunnels_without_end_gets_no_more_than_an_honest_one_could() -> None:
+    # Each tunnel a relayed peer accepts takes two of its sockets: 1,500 announcements took
+    # 3,000 file descriptors, past the usual limit of 1,024.
+    num_announced = 3 * MAX_ACCEPTED_TUNNELS_PER_RESERVATION
+
+    async def scenario() -> None:
+        async with (
+            Node(_config()) as relay,
+            Node(_config(advertise_addresses=("127.0.0.1:9",))) as hidden,
+        ):
+            flooding = _FloodingRelay(relay, num_announced)
+            relay.add_servicer(net_pb2_grpc.add_RelayServicer_to_server, flooding)
+            num_fds = len(os.listdir("/proc/self/fd"))
+            num_offered = 0
+            accept = hidden.accepted_tunnels.accept
+
+            def counted(*args: Any) -> bool:
+                nonlocal num_offered
+                num_offered += 1
+                return accept(*args)
+
+            hidden.accepted_tunnels.accept = counted  # type: ignore[method-assign]
+            await _make_unreachable(hidden, relay)
+            deadline = time.monotonic() + 30
+            while num_offered < num_announced or (
+                flooding.num_accepted < MAX_ACCEPTED_TUNNELS_PER_RESERVATION
+            ):
+                assert time.monotonic() < deadline, (num_offered, flooding.num_accepted)
+                await asyncio.sleep(0.05)
+            assert hidden.accepted_tunnels.open_from(relay.peer_id) == (
+                MAX_ACCEPTED_TUNNELS_PER_RESERVATION
+            )
+            assert flooding.num_accepted == MAX_ACCEPTED_TUNNELS_PER_RESERVATION
+            # two sockets a tunnel (the local one's ends), and a few of the node's own
+            assert len(os.listdir("/proc/self/fd")) - num_fds < (
+                2 * MAX_ACCEPTED_TUNNELS_PER_RESERVATION + 32
+            )
+            await hidden.ping(relay.peer_id)  # and the node still works
 
     _run(scenario)

@@ -44,7 +44,7 @@ from gossamer.net.records import PeerRecord, sign_peer_record
 from gossamer.net.relay import RelayServicer
 from gossamer.net.server import NetServer
 from gossamer.net.tls import TlsCertificate
-from gossamer.net.tunnels import RelayDialer, RelayReservations
+from gossamer.net.tunnels import AcceptedTunnels, RelayDialer, RelayReservations
 from gossamer.net.upgrades import DirectUpgrades
 from gossamer.proto import net_pb2, net_pb2_grpc
 
@@ -159,6 +159,8 @@ class Node:
         self.relay_dialer = RelayDialer(
             self.pool, self.directory, self.peer_id, self.counters, self.relay_service
         )
+        self.accepted_tunnels = AcceptedTunnels()
+        """Tunnels this node carries into its own server, from relays and direct reservations."""
         self.reservations = RelayReservations(
             self.pool,
             self.directory,
@@ -169,6 +171,7 @@ class Node:
             needs_relay=lambda: self.reachability == net_pb2.REACHABILITY_RELAYED,
             on_change=self._relays_changed,
             bootstrap_peers=lambda: list(self._bootstrap_ids),
+            accepted=self.accepted_tunnels,
         )
         self.upgrades = DirectUpgrades(
             self.pool,
@@ -179,6 +182,7 @@ class Node:
             self.counters,
             local_address=self._local_address,
             is_relayed=lambda: self.reachability == net_pb2.REACHABILITY_RELAYED,
+            accepted=self.accepted_tunnels,
         )
         self.reservations.on_tunnel = self.upgrades.offer
         self.relay_service.on_direct_reservation = self.upgrades.reversed_to

@@ -50,8 +50,8 @@ CONNECT_METHOD = "/gossamer.net.v1.Relay/Connect"
 ACCEPT_METHOD = "/gossamer.net.v1.Relay/Accept"
 _PIPE_FRAMES = 16
 _MAX_EVENTS = 64
-_MAX_PENDING_PER_PEER = 32
-_MAX_TUNNELS_PER_TARGET = 64
+MAX_PENDING_PER_PEER = 32
+MAX_TUNNELS_PER_TARGET = 64
 _MAX_TUNNELS_PER_DIALER = 16
 _MAX_TUNNELS = 1024
 """Open tunnels a relay carries: to one target, from one dialer, in all. Each holds two pipes of
@@ -323,9 +323,9 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
         reservation = (self._direct if direct else self._reservations).get(target)
         if reservation is None or reservation.ended.is_set():
             raise PeerUnavailableError(f"peer {short_peer_id(target)} holds no reservation here")
-        if reservation.num_pending >= _MAX_PENDING_PER_PEER:
+        if reservation.num_pending >= MAX_PENDING_PER_PEER:
             raise PeerUnavailableError(f"too many tunnels waiting for {short_peer_id(target)}")
-        if self._num_open_to[target] >= _MAX_TUNNELS_PER_TARGET:
+        if self._num_open_to[target] >= MAX_TUNNELS_PER_TARGET:
             raise PeerUnavailableError(f"too many tunnels open to {short_peer_id(target)}")
         if not local and self._num_open_from[dialer] >= _MAX_TUNNELS_PER_DIALER:
             raise PeerUnavailableError(

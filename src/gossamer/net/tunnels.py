@@ -19,7 +19,7 @@ import contextlib
 import functools
 import logging
 import random
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,13 +34,23 @@ from gossamer.net.counters import NetCounters
 from gossamer.net.directory import PeerDirectory
 from gossamer.net.grpc_errors import error_of_rpc_error
 from gossamer.net.identity import short_peer_id
-from gossamer.net.relay import ACCEPT_METHOD, CONNECT_METHOD, RESERVE_METHOD, RelayServicer
+from gossamer.net.relay import (
+    ACCEPT_METHOD,
+    CONNECT_METHOD,
+    MAX_PENDING_PER_PEER,
+    MAX_TUNNELS_PER_TARGET,
+    RESERVE_METHOD,
+    RelayServicer,
+)
 from gossamer.proto import net_pb2
 
 __all__ = [
     "FRAME_BYTES",
+    "MAX_ACCEPTED_TUNNELS",
+    "MAX_ACCEPTED_TUNNELS_PER_RESERVATION",
     "MAX_IDLE_ENTRANCES",
     "REVERSED_ADDRESS",
+    "AcceptedTunnels",
     "OwnedTasks",
     "RelayDialer",
     "RelayReservations",
@@ -58,6 +68,12 @@ MAX_IDLE_ENTRANCES = 64
 """Entrances with no tunnel open kept listening (the most recently dialled): one per relayed
 peer ever dialled would hold a listening socket each for the node's life."""
 _RETRY_RELAY_AFTER_S = 10.0
+MAX_ACCEPTED_TUNNELS_PER_RESERVATION = MAX_TUNNELS_PER_TARGET + MAX_PENDING_PER_PEER
+"""Tunnels a node carries at once from one reservation: an honest relay announces no more (its
+own caps). Each takes two sockets, so a relay that announced tunnels without end took all of
+the node's file descriptors."""
+MAX_ACCEPTED_TUNNELS = 256
+"""Tunnels a node carries at once over all its reservations (a relay's, and every direct one)."""
 
 OpenCall = Callable[[AsyncIterator[net_pb2.TunnelFrame]], Any]
 """Starts a bidirectional tunnel call with the given request frames; returns the call."""
@@ -116,11 +132,12 @@ class OwnedTasks:
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    def spawn(self, coroutine: Awaitable[Any], name: str) -> None:
+    def spawn(self, coroutine: Awaitable[Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coroutine)
         task.set_name(name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def cancel_all(self) -> None:
         tasks = [t for t in self._tasks if t is not asyncio.current_task()]
@@ -339,6 +356,7 @@ class RelayReservations:
         on_change: called after the set of active relays changed (re-sign and publish).
         bootstrap_peers: peers dialed at start; tried too when their record is unknown (an
             observer that announces nothing gets no records back from a lone bootstrap peer).
+        accepted: the node's count of tunnels it carries (shared with its direct reservations).
     """
 
     def __init__(
@@ -352,8 +370,10 @@ class RelayReservations:
         needs_relay: Callable[[], bool],
         on_change: Callable[[], Awaitable[None]],
         bootstrap_peers: Callable[[], list[str]] = list,
+        accepted: AcceptedTunnels | None = None,
     ) -> None:
         self._bootstrap_peers = bootstrap_peers
+        self._accepted = accepted or AcceptedTunnels()
         self._pool = pool
         self._directory = directory
         self._config = config
@@ -436,11 +456,10 @@ class RelayReservations:
             # A reservation lives as long as the relay keeps it; keepalive notices a dead relay.
             while (event := await call.read()) is not grpc.aio.EOF:
                 if event.tunnel_id:
-                    self._tasks.spawn(
-                        accept_tunnel(connection, event, self._local_address()),
-                        f"relay-accept-{event.tunnel_id[:8]}",
+                    accepted = self._accepted.accept(
+                        self._tasks, connection, event, self._local_address()
                     )
-                    if self.on_tunnel is not None:
+                    if accepted and self.on_tunnel is not None:
                         self.on_tunnel(event.dialer_peer_id)
         except grpc.aio.AioRpcError as exc:
             _log.info("reservation with %s ended: %s", short_peer_id(relay_id), exc.details())
@@ -459,6 +478,57 @@ class RelayReservations:
     async def close(self) -> None:
         """End every reservation and tunnel."""
         await self._tasks.cancel_all()
+
+
+class AcceptedTunnels:
+    """The tunnels a node carries into its own server, counted by the peer holding the
+    reservation they were announced on: at most :data:`MAX_ACCEPTED_TUNNELS_PER_RESERVATION`
+    from one and :data:`MAX_ACCEPTED_TUNNELS` in all. A tunnel past them is not accepted (its
+    dialer's relay gives up on it), and the first one past them is logged."""
+
+    def __init__(self) -> None:
+        self._open: Counter[str] = Counter()
+        self._refusing: set[str] = set()
+
+    def open_from(self, holder: str) -> int:
+        """Tunnels open now that were announced by ``holder``."""
+        return self._open[holder]
+
+    def accept(
+        self,
+        tasks: OwnedTasks,
+        connection: PeerConnection,
+        event: net_pb2.RelayEvent,
+        local_address: str,
+    ) -> bool:
+        """Carry the announced tunnel (a task of ``tasks``) if the caps allow; whether it does."""
+        holder = connection.peer_id
+        full = self._open[holder] >= MAX_ACCEPTED_TUNNELS_PER_RESERVATION
+        if full or self._open.total() >= MAX_ACCEPTED_TUNNELS:
+            if holder not in self._refusing:
+                self._refusing.add(holder)
+                _log.warning(
+                    "not accepting tunnels announced by %s: %d of its are open, %d in all (an "
+                    "honest relay announces at most %d at once)",
+                    short_peer_id(holder),
+                    self._open[holder],
+                    self._open.total(),
+                    MAX_ACCEPTED_TUNNELS_PER_RESERVATION,
+                )
+            return False
+        self._open[holder] += 1
+        task = tasks.spawn(
+            accept_tunnel(connection, event, local_address), f"accept-{event.tunnel_id[:8]}"
+        )
+        # (a done callback runs even for a task cancelled before it started)
+        task.add_done_callback(lambda _: self._closed(holder))
+        return True
+
+    def _closed(self, holder: str) -> None:
+        self._open[holder] -= 1
+        if self._open[holder] <= 0:
+            del self._open[holder]
+            self._refusing.discard(holder)
 
 
 async def accept_tunnel(

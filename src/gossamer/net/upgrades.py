@@ -32,7 +32,7 @@ from gossamer.net.counters import NetCounters
 from gossamer.net.directory import PeerDirectory
 from gossamer.net.identity import short_peer_id
 from gossamer.net.relay import RESERVE_METHOD
-from gossamer.net.tunnels import REVERSED_ADDRESS, OwnedTasks, RelayDialer, accept_tunnel
+from gossamer.net.tunnels import REVERSED_ADDRESS, AcceptedTunnels, OwnedTasks, RelayDialer
 from gossamer.proto import net_pb2
 
 __all__ = ["RETIRE_GRACE_S", "DirectUpgrades"]
@@ -57,6 +57,7 @@ class DirectUpgrades:
         counters: ``num_direct_upgrades`` is counted here.
         local_address: HOST:PORT of this node's own server, where reversed tunnels are delivered.
         is_relayed: whether this node is behind NAT (only then does it offer reversals).
+        accepted: the node's count of tunnels it carries (shared with its relay reservations).
     """
 
     def __init__(
@@ -70,7 +71,9 @@ class DirectUpgrades:
         *,
         local_address: Callable[[], str],
         is_relayed: Callable[[], bool],
+        accepted: AcceptedTunnels | None = None,
     ) -> None:
+        self._accepted = accepted or AcceptedTunnels()
         self._pool = pool
         self._directory = directory
         self._dialer = dialer
@@ -139,10 +142,7 @@ class DirectUpgrades:
             self.active.add(peer_id)
             while (event := await call.read()) is not grpc.aio.EOF:
                 if event.tunnel_id:
-                    self._tasks.spawn(
-                        accept_tunnel(connection, event, self._local_address()),
-                        f"direct-accept-{event.tunnel_id[:8]}",
-                    )
+                    self._accepted.accept(self._tasks, connection, event, self._local_address())
         except grpc.aio.AioRpcError as exc:
             _log.info("direct reservation with %s ended: %s", short_peer_id(peer_id), exc.details())
             self._failed_at[peer_id] = self._clock.monotonic()
