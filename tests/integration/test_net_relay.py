@@ -15,6 +15,7 @@ import pytest
 
 from gossamer.core.clock import SystemClock
 from gossamer.core.errors import PeerUnavailableError
+from gossamer.net import tunnels
 from gossamer.net.config import NodeConfig, RelayConfig
 from gossamer.net.counters import NetCounters
 from gossamer.net.directory import PeerDirectory
@@ -471,5 +472,67 @@ def test_a_relay_announcing_tunnels_without_end_gets_no_more_than_an_honest_one_
                 2 * MAX_ACCEPTED_TUNNELS_PER_RESERVATION + 32
             )
             await hidden.ping(relay.peer_id)  # and the node still works
+
+    _run(scenario)
+
+
+def test_a_dialer_follows_a_relay_that_restarted_at_another_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The dialer's entrance for (target, relay) kept the relay address of its first dial: once
+    # the relay came back on another port and the target's record said so, this dialer went on
+    # dialling the old one, while any other peer got through.
+    monkeypatch.setattr(tunnels, "_RETRY_RELAY_AFTER_S", 0.5)  # (a failed relay's, 10 s)
+    identity = Identity.generate()
+    no_relay = {"relay": RelayConfig(serve=False)}
+
+    async def ping(dialer: Node, target: Node) -> None:
+        await dialer.call(
+            target.peer_id,
+            "/gossamer.net.v1.Dht/Ping",
+            net_pb2.PingRequest(),
+            net_pb2.PingResponse,
+            timeout_s=3.0,
+            retry=False,
+        )
+
+    async def scenario() -> None:
+        relay = Node(_config(), identity)
+        await relay.start()
+        try:
+            async with (
+                Node(_config(advertise_addresses=("127.0.0.1:9",), **no_relay)) as hidden,
+                Node(_config(**no_relay)) as dialer,
+            ):
+                await _make_unreachable(hidden, relay)
+                record = hidden.own_record()
+                assert record is not None
+                dialer.dht.learn(record)
+                await ping(dialer, hidden)
+                old_address = relay.addresses[0]
+
+                await relay.stop()
+                relay = Node(_config(), identity)  # the same key, another port
+                await relay.start()
+                await hidden.bootstrap([f"{relay.peer_id}@{relay.addresses[0]}"])
+                hidden.reservations.wake()
+                await _until(
+                    lambda: [a for _, a in hidden.relays] == [relay.addresses[0]],
+                    20,
+                    "the hidden peer reserved the relay at its new address",
+                )
+                assert relay.addresses[0] != old_address
+                record = hidden.own_record()
+                assert record is not None
+                dialer.dht.learn(record)
+                await dialer.pool.drop(relay.peer_id)  # (the DHT's refresh would, in a while)
+                await dialer.pool.drop(hidden.peer_id)
+                dialer.pool.breakers.forget(hidden.peer_id)
+                await ping(dialer, hidden)
+                connection = dialer.pool.get(relay.peer_id)
+                assert connection is not None
+                assert connection.target.address == relay.addresses[0]
+        finally:
+            await relay.stop()
 
     _run(scenario)

@@ -154,6 +154,9 @@ class _Entrance:
     """A local listening socket whose connections are tunnelled to one target."""
 
     server: asyncio.Server
+    relay_address: str
+    """Where the relay is dialled when no connection to it is open: the address the target's
+    record named for it at the latest dial (a relay restarted elsewhere is followed there)."""
     tunnels: int = 0
     """Connections accepted here whose tunnel is still open."""
 
@@ -234,13 +237,14 @@ class RelayDialer:
         entrance = self._entrances.get(key)
         if entrance is None:
             server = await asyncio.start_server(
-                functools.partial(self._serve, key, relay_address, direct), "127.0.0.1", 0
+                functools.partial(self._serve, key, direct), "127.0.0.1", 0
             )
             if self._closed:  # (stopped while it started)
                 server.close()
                 raise PeerUnavailableError("the node is stopping")
-            entrance = self._entrances[key] = _Entrance(server)
+            entrance = self._entrances[key] = _Entrance(server, relay_address)
             self._close_idle_entrances()
+        entrance.relay_address = relay_address
         self._entrances.move_to_end(key)
         if not direct:
             self._counters.num_relayed_dials += 1
@@ -271,7 +275,6 @@ class RelayDialer:
     def _serve(
         self,
         key: tuple[str, str],
-        relay_address: str,
         direct: bool,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
@@ -283,6 +286,7 @@ class RelayDialer:
             writer.close()
             return
         entrance.tunnels += 1
+        relay_address = entrance.relay_address
 
         async def tunnel() -> None:
             try:
