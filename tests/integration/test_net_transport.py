@@ -296,7 +296,8 @@ def test_a_dial_back_dials_only_the_caller_and_leaves_the_open_connection_alone(
             await helper.ping(caller.peer_id)
             before = helper.pool.get(caller.peer_id)
             assert before is not None
-            named = [caller.addresses[0], f"127.0.0.2:{third_party.port}"]
+            # (a port of 5,000 digits: int() raises on it, and the helper answered INTERNAL)
+            named = [caller.addresses[0], f"127.0.0.2:{third_party.port}", f"h:{'1' * 5000}"]
             response = await caller.call(
                 helper.peer_id,
                 DIAL_BACK_METHOD,

@@ -32,6 +32,7 @@ def test_addresses_a_dial_can_take(address: str, expected: tuple[str, int]) -> N
     [
         "127.0.0.1:99999",  # socket.connect raised OverflowError
         "127.0.0.1:0",
+        f"127.0.0.1:{'1' * 5000}",  # int() raised ValueError past 4,300 digits
         "127.0.0.1:\u00b2",  # a Unicode digit: isdigit() says yes, int() says no
         "127.0.0.1",
         ":7000",

@@ -281,11 +281,23 @@ CodecName = Literal["none", "fp16", "bf16", "int8"]
 BackendName = Literal["auto", "p2p", "torch"]
 
 
+def port_number(text: str) -> int | None:
+    """The port ``text`` names (ASCII digits, 0..65535), or None.
+
+    ('²' is a digit to ``isdigit``, not to ``int``; and ``int`` raises on a string of more than
+    4,300 digits, which a peer can send.)
+    """
+    if not (0 < len(text) <= 5 and text.isascii() and text.isdigit()):
+        return None
+    number = int(text)
+    return number if number <= 65535 else None
+
+
 def is_host_port(address: str, *, lowest_port: int) -> bool:
     """Whether ``address`` is HOST:PORT with a port from ``lowest_port`` to 65535."""
     host, sep, port = address.rpartition(":")
-    digits = port.isascii() and port.isdigit()  # ('²' is a digit to isdigit, not to int)
-    return bool(sep and host) and digits and lowest_port <= int(port) <= 65535
+    number = port_number(port)
+    return bool(sep and host) and number is not None and number >= lowest_port
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
+from gossamer.core.config import port_number
 from gossamer.core.errors import ProtocolError
 
 __all__ = ["split_host_port"]
@@ -28,16 +29,17 @@ def split_host_port(address: str) -> tuple[str, int]:
         ProtocolError: anything else, saying what is wrong.
     """
     host, sep, port = address.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
-        raise ProtocolError(f"not HOST:PORT with a port in 1..65535: {address!r}")
+    number = port_number(port)
+    if not sep or not number:
+        raise ProtocolError(f"not HOST:PORT with a port in 1..65535: {address[:300]!r}")
     if host.startswith("[") and host.endswith("]"):
         try:
             ipaddress.IPv6Address(host[1:-1])
         except ValueError as exc:
-            raise ProtocolError(f"not an IPv6 literal: {host!r}") from exc
-        return host[1:-1], int(port)
+            raise ProtocolError(f"not an IPv6 literal: {host[:300]!r}") from exc
+        return host[1:-1], number
     if len(host) > _MAX_HOSTNAME_CHARS or not all(
         _LABEL.fullmatch(label) for label in host.split(".")
     ):
-        raise ProtocolError(f"not an IPv4 literal or DNS hostname: {host!r}")
-    return host, int(port)
+        raise ProtocolError(f"not an IPv4 literal or DNS hostname: {host[:300]!r}")
+    return host, number

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import grpc
 
+from gossamer.core.config import port_number
 from gossamer.core.errors import GossamerError, PeerUnavailableError, ProtocolError
 from gossamer.net.connections import ConnectionPool, DialTarget
 from gossamer.net.identity import short_peer_id
@@ -30,7 +31,7 @@ _DIAL_BACK_TIMEOUT_S = 2.0
 
 
 def _is_port(text: str) -> bool:
-    return text.isascii() and text.isdigit() and 1 <= int(text) <= 65535
+    return bool(port_number(text))
 
 
 def observed_host(grpc_peer: str) -> str:
