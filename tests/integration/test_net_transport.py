@@ -412,3 +412,60 @@ def test_a_second_peer_on_a_port_in_use_is_refused() -> None:
                     pass
 
     _run(scenario)
+
+
+class _LyingHelper(net_pb2_grpc.ReachabilityServicer):
+    """A dial-back helper that says it reached the caller, at an address it names itself."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+
+    async def DialBack(self, request: Any, context: Any) -> Any:
+        port = request.addresses[0].rpartition(":")[2]
+        reached = [f"{self.host}:{port}", "203.0.113.9:4242"]  # (4242: a port never asked of)
+        return net_pb2.DialBackResponse(observed_address=self.host, reachable_addresses=reached)
+
+
+def test_one_helper_alone_does_not_make_a_node_direct_nor_name_its_addresses() -> None:
+    # One helper's word made a node behind NAT direct (a liar's, or one on its LAN that reached
+    # a private address): it published an address nobody else could dial and took no relay.
+    async def scenario() -> None:
+        async with (
+            Node(_config()) as honest1,
+            Node(_config()) as honest2,
+            Node(_config()) as liar,
+            Node(_config(advertise_addresses=("127.0.0.1:9",))) as nated,  # (dials there fail)
+        ):
+            liar.add_servicer(
+                net_pb2_grpc.add_ReachabilityServicer_to_server, _LyingHelper("203.0.113.7")
+            )
+            for helper in (honest1, honest2, liar):
+                await nated.bootstrap([f"{helper.peer_id}@{helper.addresses[0]}"])
+            assert not await nated.check_reachability(num_helpers=3, timeout_s=4.0)
+            assert nated.reachability == net_pb2.REACHABILITY_RELAYED
+            assert nated.addresses == ("127.0.0.1:9",)
+
+    _run(scenario)
+
+
+def test_a_node_most_helpers_reach_is_direct_at_the_addresses_most_reached_first() -> None:
+    async def scenario() -> None:
+        async with (
+            Node(_config()) as honest1,
+            Node(_config()) as honest2,
+            Node(_config()) as liar,
+            Node(_config()) as node,
+        ):
+            liar.add_servicer(
+                net_pb2_grpc.add_ReachabilityServicer_to_server, _LyingHelper("203.0.113.7")
+            )
+            own = node.addresses[0]
+            for helper in (liar, honest1, honest2):
+                await node.bootstrap([f"{helper.peer_id}@{helper.addresses[0]}"])
+            assert await node.check_reachability(num_helpers=3, timeout_s=4.0)
+            assert node.reachability == net_pb2.REACHABILITY_DIRECT
+            port = own.rpartition(":")[2]
+            # what two helpers reached first; the liar's own port is not this node's
+            assert node.addresses == (own, f"203.0.113.7:{port}")
+
+    _run(scenario)

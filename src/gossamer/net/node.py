@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -433,8 +434,9 @@ class Node:
         """Ask up to ``num_helpers`` known peers to dial back; updates the peer record.
 
         Returns:
-            Whether any helper reached this node directly. With no helper answering, the
-            reachability stays unknown and False is returned.
+            Whether most helpers that answered reached this node directly (then its addresses
+            are those they reached it at). With no helper answering, the reachability stays
+            unknown and False is returned.
         """
         helpers = list(self._bootstrap_ids) + [
             r.peer_id for r in self.peers() if r.reachability != net_pb2.REACHABILITY_RELAYED
@@ -463,35 +465,43 @@ class Node:
 
         # In parallel: a helper's dial back to a NATed address waits out its connect deadline.
         responses = await asyncio.gather(*(ask(helper) for helper in helpers))
-        reachable: list[str] = []
-        answered = 0
+        asked_ports = {a.rpartition(":")[2] for a in request.addresses}
+        reported: Counter[str] = Counter()  # address -> helpers that reached this node there
+        answered = reached = 0
         for response in responses:
             if response is None:
                 continue
             answered += 1
+            found: dict[str, None] = {}  # (in the helper's order)
             for address in response.reachable_addresses:
                 try:
                     split_host_port(address)  # one others refuse would hide this node's record
                 except ProtocolError:
                     _log.info("peer %s: dial-back named no address: %r", self.short_id, address)
                     continue
-                if address not in reachable:
-                    reachable.append(address)
+                if address.rpartition(":")[2] in asked_ports:  # (else not this node's)
+                    found[address] = None
+            reported.update(found.keys())
+            reached += bool(found)
+        # Direct only where most helpers that answered reached it: one on this node's LAN (at
+        # a private address nobody else can dial) or one that lies does not decide alone.
+        direct = 2 * reached > answered
         if answered:
             self.reachability = (
-                net_pb2.REACHABILITY_DIRECT if reachable else net_pb2.REACHABILITY_RELAYED
+                net_pb2.REACHABILITY_DIRECT if direct else net_pb2.REACHABILITY_RELAYED
             )
-            if reachable:
-                self.addresses = tuple(reachable[:4])
+            if direct:  # the addresses most helpers reached it at first
+                self.addresses = tuple(a for a, _ in reported.most_common(4))
             self.sign_own_record()
             self.reservations.wake()
         _log.info(
-            "peer %s: reachability %s (%d helpers answered)",
+            "peer %s: reachability %s (%d helpers answered, %d reached it)",
             self.short_id,
-            "direct" if reachable else "none",
+            "direct" if direct else "none",
             answered,
+            reached,
         )
-        return bool(reachable)
+        return direct
 
     # ---- calls -----------------------------------------------------------------------------
 
