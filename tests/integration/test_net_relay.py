@@ -536,3 +536,43 @@ def test_a_dialer_follows_a_relay_that_restarted_at_another_address(
             await relay.stop()
 
     _run(scenario)
+
+
+def test_a_tunnel_whose_target_leaves_the_relay_before_accepting_fails_at_once() -> None:
+    # The relay waited out its 5 s accept timeout for a target whose reservation had ended,
+    # and the dialer's connect deadline (as long) ran out first: a slow failure, misnamed.
+    async def scenario() -> None:
+        async with Node(_config()) as relay, Node(_config()) as dialer:
+            hidden = Node(_config(advertise_addresses=("127.0.0.1:9",)))
+            await hidden.start()
+            try:
+                await _make_unreachable(hidden, relay)
+                record = hidden.own_record()
+                assert record is not None
+                dialer.dht.learn(record)
+                announced = asyncio.Event()
+
+                def accept_none(*args: Any) -> bool:
+                    announced.set()
+                    return False
+
+                hidden.accepted_tunnels.accept = accept_none  # type: ignore[method-assign]
+                ping = asyncio.ensure_future(
+                    dialer.call(
+                        hidden.peer_id,
+                        "/gossamer.net.v1.Dht/Ping",
+                        net_pb2.PingRequest(),
+                        net_pb2.PingResponse,
+                        timeout_s=20.0,
+                        retry=False,
+                    )
+                )
+                await asyncio.wait_for(announced.wait(), 10)
+            finally:
+                await hidden.stop()
+            left = time.monotonic()
+            with pytest.raises(PeerUnavailableError):
+                await ping
+            assert time.monotonic() - left < 3.0
+
+    _run(scenario)

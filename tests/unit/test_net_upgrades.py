@@ -23,7 +23,7 @@ from gossamer.net.counters import NetCounters
 from gossamer.net.handshake import Session
 from gossamer.net.relay import RelayServicer
 from gossamer.net.server import _session_var
-from gossamer.net.tunnels import REVERSED_ADDRESS
+from gossamer.net.tunnels import REVERSED_ADDRESS, note_failure
 from gossamer.net.upgrades import DirectUpgrades
 from gossamer.proto import net_pb2
 
@@ -317,3 +317,14 @@ def test_relay_reservation_still_refused_when_not_serving() -> None:
             await anext(events)
 
     asyncio.run(scenario())
+
+
+def test_failures_past_their_retry_wait_are_forgotten() -> None:
+    # One entry per peer whose reservation ever failed was kept for the node's life.
+    failed_at: dict[str, float] = {}
+    for i in range(1000):
+        note_failure(failed_at, f"peer{i}", now=float(i), keep_s=30.0)
+    assert sorted(failed_at.values()) == [float(i) for i in range(970, 1000)]
+    note_failure(failed_at, "peer999", now=1000.0, keep_s=30.0)
+    assert failed_at["peer999"] == 1000.0
+    assert len(failed_at) == 30

@@ -352,18 +352,32 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
                 reservation.events.put_nowait(
                     net_pb2.RelayEvent(tunnel_id=tunnel.tunnel_id, dialer_peer_id=dialer)
                 )
-                async with asyncio.timeout(self._accept_timeout_s):
-                    await tunnel.accepted.wait()
+                # (a reservation that ends meanwhile ends the wait: the target is gone from here)
+                waits = [
+                    asyncio.ensure_future(e.wait()) for e in (tunnel.accepted, reservation.ended)
+                ]
+                try:
+                    await asyncio.wait(
+                        waits, timeout=self._accept_timeout_s, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    for wait in waits:
+                        wait.cancel()
             except asyncio.QueueFull as exc:
                 raise PeerUnavailableError(f"{short_peer_id(target)} is not keeping up") from exc
-            except TimeoutError as exc:
-                raise PeerUnavailableError(
-                    f"{short_peer_id(target)} did not accept the tunnel within "
-                    f"{self._accept_timeout_s} s"
-                ) from exc
             finally:
                 reservation.num_pending -= 1
                 self._pending.pop(tunnel.tunnel_id, None)
+            if not tunnel.accepted.is_set():
+                if reservation.ended.is_set():
+                    raise PeerUnavailableError(
+                        f"{short_peer_id(target)}'s reservation here ended before it accepted "
+                        "the tunnel"
+                    )
+                raise PeerUnavailableError(
+                    f"{short_peer_id(target)} did not accept the tunnel within "
+                    f"{self._accept_timeout_s} s"
+                )
         except BaseException:
             # Possibly accepted in the very turn the dialer gave up: its other end must end too.
             tunnel.close()

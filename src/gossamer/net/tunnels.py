@@ -56,6 +56,7 @@ __all__ = [
     "RelayReservations",
     "accept_tunnel",
     "carry_socket_over_call",
+    "note_failure",
 ]
 
 _log = logging.getLogger(__name__)
@@ -147,6 +148,14 @@ class OwnedTasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+
+
+def note_failure(failed_at: dict[str, float], peer_id: str, now: float, keep_s: float) -> None:
+    """Record that ``peer_id`` failed at ``now`` in ``failed_at``, forgetting failures older
+    than ``keep_s`` (past their retry wait: kept, one per peer that ever failed piled up)."""
+    for old in [p for p, at in failed_at.items() if now - at >= keep_s]:
+        del failed_at[old]
+    failed_at[peer_id] = now
 
 
 @dataclass(slots=True)
@@ -467,10 +476,10 @@ class RelayReservations:
                         self.on_tunnel(event.dialer_peer_id)
         except grpc.aio.AioRpcError as exc:
             _log.info("reservation with %s ended: %s", short_peer_id(relay_id), exc.details())
-            self._failed_at[relay_id] = self._clock.monotonic()
+            note_failure(self._failed_at, relay_id, self._clock.monotonic(), _RETRY_RELAY_AFTER_S)
         except (GossamerError, TimeoutError) as exc:
             _log.info("reservation with %s failed: %s", short_peer_id(relay_id), exc)
-            self._failed_at[relay_id] = self._clock.monotonic()
+            note_failure(self._failed_at, relay_id, self._clock.monotonic(), _RETRY_RELAY_AFTER_S)
         finally:
             if call is not None:
                 call.cancel()

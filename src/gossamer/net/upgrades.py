@@ -32,7 +32,13 @@ from gossamer.net.counters import NetCounters
 from gossamer.net.directory import PeerDirectory
 from gossamer.net.identity import short_peer_id
 from gossamer.net.relay import RESERVE_METHOD
-from gossamer.net.tunnels import REVERSED_ADDRESS, AcceptedTunnels, OwnedTasks, RelayDialer
+from gossamer.net.tunnels import (
+    REVERSED_ADDRESS,
+    AcceptedTunnels,
+    OwnedTasks,
+    RelayDialer,
+    note_failure,
+)
 from gossamer.proto import net_pb2
 
 __all__ = ["RETIRE_GRACE_S", "DirectUpgrades"]
@@ -145,10 +151,10 @@ class DirectUpgrades:
                     self._accepted.accept(self._tasks, connection, event, self._local_address())
         except grpc.aio.AioRpcError as exc:
             _log.info("direct reservation with %s ended: %s", short_peer_id(peer_id), exc.details())
-            self._failed_at[peer_id] = self._clock.monotonic()
+            note_failure(self._failed_at, peer_id, self._clock.monotonic(), _RETRY_AFTER_S)
         except (GossamerError, TimeoutError) as exc:
             _log.info("direct reservation with %s failed: %s", short_peer_id(peer_id), exc)
-            self._failed_at[peer_id] = self._clock.monotonic()
+            note_failure(self._failed_at, peer_id, self._clock.monotonic(), _RETRY_AFTER_S)
         finally:
             if call is not None:
                 call.cancel()
