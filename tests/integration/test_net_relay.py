@@ -51,6 +51,18 @@ async def _make_unreachable(node: Node, relay: Node) -> None:
     assert await node.wait_for_relay(10.0), "no relay reservation within 10 s"
 
 
+async def _ping(dialer: Node, peer_id: str, timeout_s: float) -> None:
+    """One ping from ``dialer`` to ``peer_id``, no retries."""
+    await dialer.call(
+        peer_id,
+        "/gossamer.net.v1.Dht/Ping",
+        net_pb2.PingRequest(),
+        net_pb2.PingResponse,
+        timeout_s=timeout_s,
+        retry=False,
+    )
+
+
 def test_unreachable_peer_is_reached_through_a_relay_with_the_same_api() -> None:
     payload = os.urandom(8 << 20)
 
@@ -176,14 +188,7 @@ def test_dialing_a_relayed_peer_whose_relay_is_gone_fails_with_unavailable() -> 
             finally:
                 await relay.stop()
             with pytest.raises(PeerUnavailableError):
-                await dialer.call(
-                    hidden.peer_id,
-                    "/gossamer.net.v1.Dht/Ping",
-                    net_pb2.PingRequest(),
-                    net_pb2.PingResponse,
-                    timeout_s=2.0,
-                    retry=False,
-                )
+                await _ping(dialer, hidden.peer_id, timeout_s=2.0)
 
     _run(scenario)
 
@@ -486,16 +491,6 @@ def test_a_dialer_follows_a_relay_that_restarted_at_another_address(
     identity = Identity.generate()
     no_relay = {"relay": RelayConfig(serve=False)}
 
-    async def ping(dialer: Node, target: Node) -> None:
-        await dialer.call(
-            target.peer_id,
-            "/gossamer.net.v1.Dht/Ping",
-            net_pb2.PingRequest(),
-            net_pb2.PingResponse,
-            timeout_s=3.0,
-            retry=False,
-        )
-
     async def scenario() -> None:
         relay = Node(_config(), identity)
         await relay.start()
@@ -508,7 +503,7 @@ def test_a_dialer_follows_a_relay_that_restarted_at_another_address(
                 record = hidden.own_record()
                 assert record is not None
                 dialer.dht.learn(record)
-                await ping(dialer, hidden)
+                await _ping(dialer, hidden.peer_id, timeout_s=3.0)
                 old_address = relay.addresses[0]
 
                 await relay.stop()
@@ -528,7 +523,7 @@ def test_a_dialer_follows_a_relay_that_restarted_at_another_address(
                 await dialer.pool.drop(relay.peer_id)  # (the DHT's refresh would, in a while)
                 await dialer.pool.drop(hidden.peer_id)
                 dialer.pool.breakers.forget(hidden.peer_id)
-                await ping(dialer, hidden)
+                await _ping(dialer, hidden.peer_id, timeout_s=3.0)
                 connection = dialer.pool.get(relay.peer_id)
                 assert connection is not None
                 assert connection.target.address == relay.addresses[0]
@@ -557,16 +552,7 @@ def test_a_tunnel_whose_target_leaves_the_relay_before_accepting_fails_at_once()
                     return False
 
                 hidden.accepted_tunnels.accept = accept_none  # type: ignore[method-assign]
-                ping = asyncio.ensure_future(
-                    dialer.call(
-                        hidden.peer_id,
-                        "/gossamer.net.v1.Dht/Ping",
-                        net_pb2.PingRequest(),
-                        net_pb2.PingResponse,
-                        timeout_s=20.0,
-                        retry=False,
-                    )
-                )
+                ping = asyncio.ensure_future(_ping(dialer, hidden.peer_id, timeout_s=20.0))
                 await asyncio.wait_for(announced.wait(), 10)
             finally:
                 await hidden.stop()

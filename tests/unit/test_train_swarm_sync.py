@@ -93,18 +93,26 @@ def train_one_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad()
 
 
-def test_serves_a_newcomer_the_exact_state_at_its_step() -> None:
+def _serving(
+    steps: int,
+) -> tuple[nn.Module, torch.optim.Optimizer, FakeAverager, FakeDonor, SwarmSyncStrategy]:
+    """A peer that trained ``steps`` steps, a newcomer having asked for the state at the last."""
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     averager, donor = FakeAverager(), FakeDonor()
     strategy = make(averager, donor)
     strategy.setup(model, optimizer)
-    averager.joining = {"newcomer": 20}
-    averager.states = {"newcomer": ("active", 20)}  # it takes the state at once
-    for step in range(20):
+    averager.joining = {"newcomer": steps}
+    averager.states = {"newcomer": ("active", steps)}  # it takes the state at once
+    for step in range(steps):
         train_one_step(model, optimizer)
         strategy.on_step_end(model, step)
+    return model, optimizer, averager, donor, strategy
+
+
+def test_serves_a_newcomer_the_exact_state_at_its_step() -> None:
+    model, optimizer, averager, donor, strategy = _serving(20)
     assert averager.events == [("join", 0), ("join", 10), ("join", 20)]
     (snapshot,) = donor.snapshots  # published once, at the end of step 19, as version 20
     assert snapshot.version == 20
@@ -162,18 +170,7 @@ def test_a_peer_that_missed_a_round_joins_again_at_the_step_it_gets() -> None:
 
 
 def _published_state() -> StateSnapshot:
-    torch.manual_seed(0)
-    model = nn.Linear(4, 3)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    averager, donor = FakeAverager(), FakeDonor()
-    strategy = make(averager, donor)
-    strategy.setup(model, optimizer)
-    averager.joining = {"newcomer": 10}
-    averager.states = {"newcomer": ("active", 10)}
-    for step in range(10):
-        train_one_step(model, optimizer)
-        strategy.on_step_end(model, step)
-    (snapshot,) = donor.snapshots
+    (snapshot,) = _serving(10)[3].snapshots
     return snapshot
 
 
