@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
@@ -16,7 +17,24 @@ from gossamer.net.node import Node
 from gossamer.train.averaging import AverageOutcome
 from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig
 
-__all__ = ["average_all", "average_one_late", "start_averagers", "start_node_threads"]
+__all__ = [
+    "average_all",
+    "average_one_late",
+    "start_averagers",
+    "start_node_threads",
+    "until",
+]
+
+
+async def until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Wait for ``condition`` (state of nodes running on this event loop) under a deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        if condition():
+            return
+        await asyncio.sleep(0.02)  # polling in-process state under a deadline
+    raise AssertionError(f"{what} within {timeout_s} s")
 
 
 def start_node_threads(

@@ -31,6 +31,7 @@ from gossamer.net.tunnels import (
     carry_socket_over_call,
 )
 from gossamer.proto import net_pb2, net_pb2_grpc
+from loopback_nodes import until
 
 SECRET = b"relay-test-secret-0123456789"
 
@@ -193,17 +194,6 @@ def test_dialing_a_relayed_peer_whose_relay_is_gone_fails_with_unavailable() -> 
     _run(scenario)
 
 
-async def _until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Wait for ``condition`` under a deadline (the upgrade runs in the nodes' own tasks)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while loop.time() < deadline:
-        if condition():
-            return
-        await asyncio.sleep(0.02)  # polling in-process state under a deadline
-    raise AssertionError(f"{what} within {timeout_s} s")
-
-
 def test_reachable_dialer_upgrades_to_direct_and_falls_back_to_the_relay() -> None:
     payload = os.urandom(4 << 20)
 
@@ -230,7 +220,7 @@ def test_reachable_dialer_upgrades_to_direct_and_falls_back_to_the_relay() -> No
             hidden.on_bulk("t", handler)
             # the first contact goes through the relay; the hidden peer then offers a way back
             await dialer.send_bulk(hidden.peer_id, "t", payload)
-            await _until(lambda: dialer.counters.num_direct_upgrades == 1, 10, "no upgrade")
+            await until(lambda: dialer.counters.num_direct_upgrades == 1, 10, "no upgrade")
             connection = dialer.pool.get(hidden.peer_id)
             assert connection is not None
             assert connection.target.kind == "direct"
@@ -254,7 +244,7 @@ def test_reachable_dialer_upgrades_to_direct_and_falls_back_to_the_relay() -> No
 
             # the way back goes away: the next call falls back to the relay
             await hidden.upgrades.close()
-            await _until(
+            await until(
                 lambda: not dialer.relay_service.has_direct(hidden.peer_id), 5, "still reserved"
             )
             await dialer.send_bulk(hidden.peer_id, "t", payload[: 1 << 20], timeout_s=20)
@@ -511,7 +501,7 @@ def test_a_dialer_follows_a_relay_that_restarted_at_another_address(
                 await relay.start()
                 await hidden.bootstrap([f"{relay.peer_id}@{relay.addresses[0]}"])
                 hidden.reservations.wake()
-                await _until(
+                await until(
                     lambda: [a for _, a in hidden.relays] == [relay.addresses[0]],
                     20,
                     "the hidden peer reserved the relay at its new address",

@@ -23,7 +23,7 @@ from gossamer.core.errors import (
     ProtocolError,
 )
 from gossamer.net.bulk import PUSH_METHOD, PUSH_ONE_METHOD
-from gossamer.net.config import LimitsConfig, NodeConfig, RetryConfig
+from gossamer.net.config import BreakerConfig, LimitsConfig, NodeConfig, RetryConfig
 from gossamer.net.connections import DialTarget
 from gossamer.net.dht_service import DHT_METHODS
 from gossamer.net.identity import Identity
@@ -31,8 +31,9 @@ from gossamer.net.node import Node
 from gossamer.net.reachability import DIAL_BACK_METHOD
 from gossamer.net.records import sign_peer_record
 from gossamer.net.server import current_session
-from gossamer.net.tls import TLS_SERVER_NAME, cert_pem_of_der
+from gossamer.net.tls import TLS_SERVER_NAME, cert_pem_of_der, probe_server_certificate
 from gossamer.proto import net_pb2, net_pb2_grpc
+from loopback_nodes import until
 
 SECRET = b"integration-secret-0123456789"
 
@@ -456,5 +457,97 @@ def test_a_node_is_direct_where_most_helpers_reach_it_and_at_the_addresses_most_
             port = own.rpartition(":")[2]
             # what two helpers reached first; the liar's own port is not this node's
             assert node.addresses == (own, f"203.0.113.7:{port}")
+
+    _run(scenario)
+
+
+def test_a_call_waits_for_another_call_s_dial_of_the_peer_within_its_own_deadline() -> None:
+    # A heartbeat (2.5 s) waited on the dial lock for a bulk transfer's dial (60 s) of the same
+    # frozen peer: the peer was declared gone that late.
+    async def scenario() -> None:
+        async with silent_listener() as silent, Node(_config()) as a:
+            other = Identity.generate()
+            value = net_pb2.PeerRecordValue(addresses=[f"127.0.0.1:{silent.port}"])
+            a.dht.learn(sign_peer_record(other, value, now_s=time.time(), ttl_s=60))
+            long_dial = asyncio.ensure_future(a.pool.connection(other.peer_id, timeout_s=20.0))
+            await until(lambda: bool(silent.accepted), 5.0, "the long dial reached the peer")
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceededError, match="another dial of it"):
+                await a.ping(other.peer_id, timeout_s=0.5)
+            assert time.monotonic() - started < 1.5
+            long_dial.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await long_dial
+
+    _run(scenario)
+
+
+def test_a_half_open_breaker_s_trial_cancelled_by_its_caller_lets_the_next_call_through() -> None:
+    # The breaker kept the cancelled trial "in flight" and refused every later call: a live
+    # peer was unreachable, and reported gone, for good.
+    async def slow(request: Any, context: Any) -> Any:
+        await asyncio.sleep(1.0)
+        return net_pb2.PingResponse()
+
+    def add_slow(servicer: object, server: Any) -> None:
+        handler = grpc.unary_unary_rpc_method_handler(
+            slow,
+            request_deserializer=net_pb2.PingRequest.FromString,
+            response_serializer=net_pb2.PingResponse.SerializeToString,
+        )
+        server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler("test.Slow", {"Sleep": handler})]
+        )
+
+    async def scenario() -> None:
+        breaker_config = BreakerConfig(failure_threshold=1, open_s=0.2)
+        async with Node(_config(breaker=breaker_config)) as a, Node(_config()) as b:
+            b.add_servicer(add_slow, object())
+            await a.pool.dial(DialTarget(b.addresses[0]), expected_peer_id=b.peer_id)
+            with pytest.raises(DeadlineExceededError):
+                await a.call(
+                    b.peer_id,
+                    "/test.Slow/Sleep",
+                    net_pb2.PingRequest(),
+                    net_pb2.PingResponse,
+                    timeout_s=0.05,
+                    retry=False,
+                )
+            breaker = a.pool.breakers[b.peer_id]
+            await until(lambda: breaker.state == "half-open", 5.0, "the breaker half-opened")
+            trial = asyncio.ensure_future(
+                a.call(
+                    b.peer_id,
+                    "/test.Slow/Sleep",
+                    net_pb2.PingRequest(),
+                    net_pb2.PingResponse,
+                    timeout_s=5.0,
+                    retry=False,
+                )
+            )
+            await asyncio.sleep(0.1)  # (under way: its call waits on the slow handler)
+            trial.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await trial
+            await a.ping(b.peer_id)
+            assert breaker.state == "closed"
+
+    _run(scenario)
+
+
+def test_a_handshake_request_that_does_not_decode_is_refused_as_malformed_and_counted() -> None:
+    async def scenario() -> None:
+        async with Node(_config()) as a:
+            der = await probe_server_certificate(a.addresses[0], 5.0)
+            credentials = grpc.ssl_channel_credentials(cert_pem_of_der(der))
+            override = [("grpc.ssl_target_name_override", TLS_SERVER_NAME)]
+            async with grpc.aio.secure_channel(a.addresses[0], credentials, override) as channel:
+                for method in ("Hello", "Prove"):
+                    call = channel.unary_unary(f"/gossamer.net.v1.Handshake/{method}")
+                    with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+                        await call(b"\xff\xff\xff", timeout=5.0)
+                    assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    assert "does not decode" in (excinfo.value.details() or "")
+            assert a.counters.num_protocol_errors == 2
 
     _run(scenario)

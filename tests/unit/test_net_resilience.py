@@ -97,6 +97,26 @@ def test_breaker_opens_after_threshold_half_opens_and_closes() -> None:
     assert breaker.state == "closed"
 
 
+def test_a_half_open_trial_that_ends_with_no_verdict_lets_the_next_call_try() -> None:
+    # Its caller cancelled, or an error that says nothing of the peer: the trial stayed "in
+    # flight" and the breaker refused every call after it, for good.
+    clock = FakeClock()
+    breaker = CircuitBreaker("p" * 52, BreakerConfig(failure_threshold=1, open_s=5), clock)
+    breaker.before_call()
+    breaker.failed()
+    breaker.settled()
+    clock.advance(5)
+    breaker.before_call()  # the trial, cancelled
+    breaker.settled()
+    assert breaker.state == "half-open"
+    breaker.before_call()  # the next one tries
+    with pytest.raises(PeerUnavailableError):
+        breaker.before_call()
+    breaker.failed()
+    breaker.settled()
+    assert breaker.state == "open"
+
+
 def _rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="d")
 

@@ -68,6 +68,13 @@ class CircuitBreaker:
         self.opened_at_s = None
         self._trial_in_flight = False
 
+    def settled(self) -> None:
+        """A call let through ended (called whatever its outcome, after :meth:`succeeded` or
+        :meth:`failed` where it had one): a half-open trial that ended with no verdict, its
+        caller cancelled or an error that says nothing of the peer's health, lets the next call
+        try. Without this the breaker refused every call for good."""
+        self._trial_in_flight = False
+
     def failed(self) -> None:
         """Record a failed call: past the threshold (or a failed trial) the breaker opens."""
         self.num_consecutive_failures += 1

@@ -31,7 +31,7 @@ from gossamer.core.errors import (
     ProtocolError,
     RetryableError,
 )
-from gossamer.net.circuit_breaker import CircuitBreakers
+from gossamer.net.circuit_breaker import CircuitBreaker, CircuitBreakers
 from gossamer.net.config import NodeConfig
 from gossamer.net.counters import NetCounters
 from gossamer.net.grpc_errors import error_of_rpc_error
@@ -325,7 +325,21 @@ class ConnectionPool:
         existing = self._connections.get(peer_id)
         if existing is not None:
             return existing
-        async with self.dial_lock(peer_id):
+        budget_s = timeout_s or self._config.connect_timeout_s
+        deadline = self._clock.monotonic() + budget_s
+        lock = self.dial_lock(peer_id)
+        try:
+            # Another call's dial of the peer is waited for within this call's own deadline (a
+            # heartbeat of 2.5 s waited out a bulk transfer's dial of 60 s: a frozen peer was
+            # declared gone that late).
+            async with asyncio.timeout(budget_s):
+                await lock.acquire()
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"connecting to {short_peer_id(peer_id)}: another dial of it took the whole "
+                f"{budget_s:.1f} s"
+            ) from None
+        try:
             existing = self._connections.get(peer_id)
             if existing is not None:
                 return existing
@@ -336,7 +350,6 @@ class ConnectionPool:
             # at once leaves its share to the rest): a record listing many addresses that never
             # answer must not make one call take a dial timeout per address, and a first one
             # that hangs must not leave the next none.
-            deadline = self._clock.monotonic() + (timeout_s or self._config.connect_timeout_s)
             last: GossamerError | None = None
             for num_left in range(len(targets), 0, -1):
                 target = targets[-num_left]
@@ -353,6 +366,8 @@ class ConnectionPool:
                     f"connecting to {short_peer_id(peer_id)} ran past its deadline"
                 )
             raise last
+        finally:
+            lock.release()
 
     async def call(
         self,
@@ -403,6 +418,24 @@ class ConnectionPool:
         breaker = self.breakers[peer_id]
         breaker.before_call()
         try:
+            return await self._call_through(
+                breaker, peer_id, method, request, response_type, timeout_s
+            )
+        finally:
+            breaker.settled()
+
+    async def _call_through(
+        self,
+        breaker: CircuitBreaker,
+        peer_id: str,
+        method: str,
+        request: Message,
+        response_type: type[R],
+        timeout_s: float,
+    ) -> R:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s  # (one for the dial and the call)
+        try:
             connection = await self.connection(peer_id, timeout_s=timeout_s)
         except RetryableError:
             breaker.failed()
@@ -410,7 +443,7 @@ class ConnectionPool:
         started = time.perf_counter()
         try:
             response: R = await connection.unary_unary(method, response_type)(
-                request, timeout=timeout_s, metadata=connection.metadata
+                request, timeout=max(0.001, deadline - loop.time()), metadata=connection.metadata
             )
         except grpc.aio.AioRpcError as exc:
             self._counters.call_made(peer_id, method, time.perf_counter() - started, ok=False)

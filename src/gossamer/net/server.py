@@ -116,7 +116,7 @@ class _Dispatcher(grpc.GenericRpcHandler):  # type: ignore[misc]
         if handler is None:
             return None
         if method.startswith(_HANDSHAKE_PREFIX):
-            return handler
+            return _handshake_handler(handler, self._server)
         token = ""
         for key, value in handler_call_details.invocation_metadata or ():
             if key == SESSION_METADATA_KEY:
@@ -182,6 +182,27 @@ def _checked(request: Any) -> Any:
 async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
     async for request in requests:
         yield _checked(request)
+
+
+def _handshake_handler(handler: grpc.RpcMethodHandler, server: NetServer) -> grpc.RpcMethodHandler:
+    """A handshake method (unary, no session yet) whose request that does not decode is refused
+    as malformed and counted: before, gRPC logged a traceback at ERROR for each, and any
+    caller, with no session or secret, could send them."""
+    behavior = handler.unary_unary
+
+    async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Malformed):
+            server.counters.protocol_error()
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"request does not decode: {request.error}"
+            )
+        return await behavior(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(
+        run,
+        request_deserializer=_tolerant(handler.request_deserializer),
+        response_serializer=handler.response_serializer,
+    )
 
 
 def _guarded_handler(
