@@ -68,8 +68,8 @@ class FakeDhtNetwork:
             raise PeerUnavailableError(f"{peer_id[:8]} is down")
         target = self.nodes[peer_id]
         caller_dht = self.nodes[caller]
-        target.learn(caller_dht.own_record(), contacted=True)
-        caller_dht.learn(target.own_record(), contacted=True)
+        target.learn(caller_dht.own_record(), contacted=caller)
+        caller_dht.learn(target.own_record(), contacted=peer_id)
         return target
 
 

@@ -402,7 +402,7 @@ def test_records_claiming_a_week_of_life_do_not_push_live_peers_out_of_a_full_di
         return sign_peer_record(identity, value, now_s=clock.wall(), ttl_s=ttl_s)
 
     for identity in honest[:5]:
-        dht.learn(record(identity, 60.0), contacted=True)
+        dht.learn(record(identity, 60.0), contacted=identity.peer_id)
     for identity in honest[5:]:
         dht.learn(record(identity, 60.0))  # gossiped, never spoken to
     for _ in range(200):
@@ -595,3 +595,23 @@ def test_a_cancelled_lookup_leaves_no_request_running() -> None:
         assert transport.num_running == 0
 
     asyncio.run(scenario())
+
+
+def test_a_record_sent_as_its_own_by_another_peer_is_not_taken_as_contact_with_that_peer() -> None:
+    # A peer answered with a sybil's record as its "responder": this node took the sybil for
+    # a peer it had spoken to (the "last seen" shown, and the rank a full directory keeps).
+    clock = FakeClock()
+    dht = lone_dht(clock, EndlessSybilsTransport(clock))
+    spoken_to, sybil = Identity.generate(), Identity.generate()
+    value = net_pb2.PeerRecordValue(addresses=["10.0.0.1:1"])
+    dht.learn(
+        sign_peer_record(sybil, value, now_s=clock.wall(), ttl_s=60.0),
+        contacted=spoken_to.peer_id,
+    )
+    assert sybil.peer_id in dht.directory
+    assert sybil.peer_id not in dht.directory.last_contact_wall_s
+    dht.learn(
+        sign_peer_record(spoken_to, value, now_s=clock.wall(), ttl_s=60.0),
+        contacted=spoken_to.peer_id,
+    )
+    assert spoken_to.peer_id in dht.directory.last_contact_wall_s

@@ -114,15 +114,24 @@ class Dht:
 
     # ---- learning about peers --------------------------------------------------------------
 
-    def learn(self, signed: net_pb2.SignedPeerRecord | None, *, contacted: bool = False) -> None:
-        """Take in a peer record from the network (checked; bad ones are counted and dropped)."""
+    def learn(
+        self, signed: net_pb2.SignedPeerRecord | None, *, contacted: str | None = None
+    ) -> None:
+        """Take in a peer record from the network (checked; bad ones are counted and dropped).
+
+        Args:
+            signed: the record.
+            contacted: the peer this node just spoke to, that sent it as its own: marked
+                contacted if the record is that peer's (one that names another peer, sent as
+                its own, made this node take that one for a peer it had spoken to).
+        """
         if signed is None or not signed.HasField("record"):
             return
         record = self.directory.learn(signed)
         if record is None:
             return
         self.routing.add(record.peer_id, record.signed.record.key)
-        if contacted:
+        if contacted is not None and contacted == record.peer_id:
             self.directory.contacted(record.peer_id)
 
     def peer_failed(self, peer_id: str) -> None:

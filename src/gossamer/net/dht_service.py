@@ -26,9 +26,7 @@ class DhtServicer(net_pb2_grpc.DhtServicer):
     def _learn_sender(self, sender: net_pb2.SignedPeerRecord, has_sender: bool) -> str:
         session = current_session()
         if has_sender:
-            self._dht.learn(
-                sender, contacted=sender.record.publisher_public_key == session.public_key
-            )
+            self._dht.learn(sender, contacted=session.peer_id)
         else:
             self._dht.directory.contacted(session.peer_id)
         return session.peer_id
@@ -104,9 +102,9 @@ class GrpcDhtTransport:
     def _sender(self) -> net_pb2.SignedPeerRecord | None:
         return self.dht.own_record() if self.dht is not None else None
 
-    def _learn(self, responder: net_pb2.SignedPeerRecord, present: bool) -> None:
+    def _learn(self, peer_id: str, responder: net_pb2.SignedPeerRecord, present: bool) -> None:
         if present and self.dht is not None:
-            self.dht.learn(responder, contacted=True)
+            self.dht.learn(responder, contacted=peer_id)
 
     async def ping(self, peer_id: str, *, with_record: bool, timeout_s: float) -> float:
         """One ping; with_record trades peer records, without it is a small heartbeat.
@@ -126,7 +124,7 @@ class GrpcDhtTransport:
             timeout_s=timeout_s,
             retry=False,
         )
-        self._learn(response.responder, response.HasField("responder"))
+        self._learn(peer_id, response.responder, response.HasField("responder"))
         return response.wall_time_s
 
     async def find_node(
@@ -144,7 +142,7 @@ class GrpcDhtTransport:
             timeout_s=self._config.rpc_timeout_s,
             retry=False,
         )
-        self._learn(response.responder, response.HasField("responder"))
+        self._learn(peer_id, response.responder, response.HasField("responder"))
         if self.dht is not None and len(response.gossip) <= self._config.bucket_size:
             for record in response.gossip:
                 self.dht.learn(record)
@@ -165,7 +163,7 @@ class GrpcDhtTransport:
             timeout_s=self._config.rpc_timeout_s,
             retry=False,
         )
-        self._learn(response.responder, response.HasField("responder"))
+        self._learn(peer_id, response.responder, response.HasField("responder"))
         return list(response.records), list(response.closest)
 
     async def store(self, peer_id: str, record: net_pb2.SignedRecord) -> bool:

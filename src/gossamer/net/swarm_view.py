@@ -148,7 +148,7 @@ class NetSwarmSource:
                 _log.warning("dashboard: bootstrap peer %s did not answer: %s", entry, exc)
                 continue
             if response.HasField("responder"):
-                node.dht.learn(response.responder, contacted=True)
+                node.dht.learn(response.responder, contacted=connection.peer_id)
             for record in (*response.closest, *response.gossip):
                 node.dht.learn(record)
 
