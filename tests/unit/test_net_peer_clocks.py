@@ -123,3 +123,19 @@ def test_peers_that_move_land_on_the_honest_majority_and_honest_peers_never_move
             assert correction == 0.0, peer
         else:
             assert abs(own + correction - NOW) <= 0.1 + 1e-6, peer
+
+
+def test_peers_whose_samples_all_went_stale_are_forgotten() -> None:
+    # One deque per peer ever pinged was kept for the node's life.
+    clocks = PeerClocks(max_age_s=10.0)
+    for i in range(1000):
+        now_s = float(i)
+        clocks.note(
+            f"peer{i}", sent_wall_s=1e9 + now_s, round_trip_s=0.01, remote_wall_s=1e9, now_s=now_s
+        )
+        clocks.note(
+            "steady", sent_wall_s=1e9 + now_s, round_trip_s=0.01, remote_wall_s=1e9, now_s=now_s
+        )
+    assert clocks.num_peers < 150  # the fresh ones, and stale ones until the next doubling
+    assert clocks.best("steady", now_s=999.0) is not None
+    assert clocks.best("peer995", now_s=999.0) is not None

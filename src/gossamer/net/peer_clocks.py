@@ -42,6 +42,10 @@ class ClockSample:
     """This peer's monotonic clock when the answer came."""
 
 
+_MIN_PRUNE_AT = 64
+"""Peers sampled before stale ones are first looked for."""
+
+
 class PeerClocks:
     """The offsets of other peers' wall clocks, from ping and heartbeat round trips.
 
@@ -60,6 +64,7 @@ class PeerClocks:
         self._num_samples = num_samples
         self._max_age_s = max_age_s
         self._samples: dict[str, deque[ClockSample]] = {}
+        self._prune_at = _MIN_PRUNE_AT
 
     def note(
         self,
@@ -83,6 +88,21 @@ class PeerClocks:
             return
         sample = ClockSample(remote_wall_s - (sent_wall_s + round_trip_s / 2), round_trip_s, now_s)
         self._samples.setdefault(peer_id, deque(maxlen=self._num_samples)).append(sample)
+        if len(self._samples) >= self._prune_at:
+            # Peers whose every sample is stale count no more: forgotten (kept, one deque per
+            # peer ever pinged piled up over a run with churn). Amortized: at each doubling.
+            for stale in [
+                p
+                for p, kept in self._samples.items()
+                if now_s - kept[-1].taken_at_s > self._max_age_s
+            ]:
+                del self._samples[stale]
+            self._prune_at = max(_MIN_PRUNE_AT, 2 * len(self._samples))
+
+    @property
+    def num_peers(self) -> int:
+        """Peers with samples kept."""
+        return len(self._samples)
 
     def best(self, peer_id: str, *, now_s: float) -> ClockSample | None:
         """The fresh sample of ``peer_id`` with the shortest round trip, or None."""
