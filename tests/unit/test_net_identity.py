@@ -80,3 +80,15 @@ def test_a_key_path_under_a_file_is_a_config_error_naming_the_file(tmp_path: Pat
     in_the_way.write_text("text")
     with pytest.raises(ConfigError, match=f"{in_the_way} is a file, not a folder"):
         load_or_create_identity(in_the_way / "k.pem")
+
+
+def test_a_peer_id_spelled_otherwise_than_peers_print_it_is_refused() -> None:
+    # Upper case, or a last character that differs in its unused bits, decodes to the same
+    # digest: accepted as a bootstrap id, it never matched the id the peer proved.
+    peer_id = Identity.generate().peer_id
+    alphabet = "abcdefghijklmnopqrstuvwxyz234567"
+    unused_bits_set = peer_id[:-1] + alphabet[alphabet.index(peer_id[-1]) ^ 1]
+    for other in (peer_id.upper(), unused_bits_set):
+        with pytest.raises(ProtocolError, match="lower case, as peers print them"):
+            digest_of_peer_id(other)
+    digest_of_peer_id(peer_id)

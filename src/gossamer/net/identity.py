@@ -64,8 +64,13 @@ def digest_of_peer_id(peer_id: str) -> bytes:
         digest = base64.b32decode(peer_id.upper() + "====", casefold=False)
     except (ValueError, TypeError) as exc:
         raise ProtocolError(f"not a peer id: {peer_id[:60]!r}") from exc
-    if len(digest) != 32:
-        raise ProtocolError(f"not a peer id: {peer_id[:60]!r}")
+    # The one spelling peer_id_of_public_key gives (lower case, the last character's unused
+    # bits zero): another, which decodes to the same digest, passed every check and then never
+    # matched the id a peer proved ("expected peer X but the server is X").
+    if len(digest) != 32 or base64.b32encode(digest).decode("ascii").rstrip("=").lower() != peer_id:
+        raise ProtocolError(
+            f"not a peer id: {peer_id[:60]!r} (peer ids are lower case, as peers print them)"
+        )
     return digest
 
 
