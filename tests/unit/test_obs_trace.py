@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from gossamer.cli import trace as trace_cli
 from gossamer.core.clock import FakeClock
+from gossamer.obs import trace as trace_module
 from gossamer.obs.goodput import GoodputTracker
 from gossamer.obs.metrics import PeerMetrics
 from gossamer.obs.trace import (
@@ -206,3 +207,52 @@ def test_trace_export_refuses_to_write_over_its_own_spans_file(tmp_path: Path) -
     assert result.exit_code == 2, result.output
     assert "is the spans file itself" in result.output
     assert spans.read_text() == recorded
+
+
+def test_a_trace_file_that_cannot_be_written_is_given_up_and_training_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A full disk: the OSError ended the run (and replaced the error already on its way out
+    # of a span), and close() raised again at shutdown.
+    recorder = SpanRecorder(peer="p1", path=Path("/dev/full"))
+
+    def run() -> None:
+        with recorder.span("compute"):
+            for step in range(2000):  # past the file's buffer
+                with recorder.span("compute", step=step):
+                    pass
+            raise RuntimeError("the run's own error")
+
+    with pytest.raises(RuntimeError, match="the run's own error"):
+        run()
+    recorder.close()
+    assert "cannot be written" in caplog.text
+    assert caplog.text.count("cannot be written") == 1
+    assert len(recorder.spans()) > 2000  # memory and sinks still get every span
+
+
+def test_a_trace_file_past_its_size_is_moved_aside_and_a_new_one_begun(tmp_path: Path) -> None:
+    path = tmp_path / "spans.jsonl"
+    recorder = SpanRecorder(peer="p1", path=path, max_file_bytes=4096)
+    for step in range(100):
+        with recorder.span("compute", step=step):
+            pass
+    recorder.close()
+    older, newer = read_spans(tmp_path / "spans.jsonl.1"), read_spans(path)
+    assert path.stat().st_size <= 4096
+    assert (tmp_path / "spans.jsonl.1").stat().st_size <= 4096
+    assert older[-1].step + 1 == newer[0].step  # (files before those are gone)
+    assert newer[-1].step == 99
+
+
+def test_spans_reach_the_file_within_a_second_without_a_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A killed peer lost its last spans (those nearest the end), held in the file's buffer.
+    monkeypatch.setattr(trace_module, "_FLUSH_EVERY_S", 0.0)
+    path = tmp_path / "spans.jsonl"
+    recorder = SpanRecorder(peer="p1", path=path)
+    with recorder.span("compute", step=7):
+        pass
+    assert [s.step for s in read_spans(path)] == [7]
+    recorder.close()

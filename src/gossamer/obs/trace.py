@@ -14,7 +14,9 @@ a thread once, and the phases add up to at most the wall time.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import threading
 import time
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 __all__ = [
+    "MAX_TRACE_FILE_BYTES",
     "PHASES",
     "Span",
     "SpanRecorder",
@@ -38,6 +41,13 @@ __all__ = [
 ]
 
 PHASES = ("compute", "communication", "waiting", "checkpoint", "evaluation", "sync")
+MAX_TRACE_FILE_BYTES = 64 << 20
+"""A trace file this big is moved to ``NAME.1`` (replacing the one there) and a new one begun:
+about 75,000 training steps each, two files at most on disk, and one exported in well under a
+gigabyte of memory."""
+_FLUSH_EVERY_S = 1.0
+"""Spans reach the file at most this late (a killed peer loses those nearest its end)."""
+_log = logging.getLogger(__name__)
 """The phases a peer's time is split into."""
 
 
@@ -149,9 +159,12 @@ class SpanRecorder:
     Args:
         peer: the peer id written into every span.
         max_spans: how many recent spans to keep in memory.
-        path: append spans to this JSON-lines file if given.
+        path: append spans to this JSON-lines file if given. A file that cannot be written
+            (a full disk) is given up, with one warning: tracing never ends a run.
         sinks: called with each finished span.
         enabled: if False, ``span`` records nothing (the baseline of the overhead benchmark).
+        max_file_bytes: the file's size past which it is moved aside (see
+            :data:`MAX_TRACE_FILE_BYTES`).
     """
 
     def __init__(
@@ -162,16 +175,22 @@ class SpanRecorder:
         path: Path | None = None,
         sinks: Iterable[SpanSink] = (),
         enabled: bool = True,
+        max_file_bytes: int = MAX_TRACE_FILE_BYTES,
     ) -> None:
         self.peer = peer
         self.enabled = enabled
         self._spans: deque[Span] = deque(maxlen=max_spans)
         self._sinks = list(sinks)
         self._lock = threading.Lock()
+        self._path = path
+        self._max_file_bytes = max_file_bytes
         self._file: TextIO | None = None
+        self._file_bytes = 0
+        self._flushed_at = time.monotonic()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = path.open("a", encoding="utf-8")
+            self._file_bytes = self._file.tell()
 
     def add_sink(self, sink: SpanSink) -> None:
         """Send every later span to ``sink`` too."""
@@ -221,9 +240,34 @@ class SpanRecorder:
         with self._lock:
             self._spans.append(span)
             if self._file is not None:
-                self._file.write(json.dumps(asdict(span)) + "\n")
+                self._write(json.dumps(asdict(span)) + "\n")
         for sink in self._sinks:
             sink(span)
+
+    def _write(self, line: str) -> None:
+        assert self._file is not None
+        assert self._path is not None
+        try:
+            if self._file_bytes + len(line) > self._max_file_bytes and self._file_bytes:
+                self._file.close()
+                self._path.replace(self._path.with_name(self._path.name + ".1"))
+                self._file = self._path.open("a", encoding="utf-8")
+                self._file_bytes = 0
+            self._file.write(line)
+            self._file_bytes += len(line)  # (ASCII: json.dumps escapes the rest)
+            now = time.monotonic()
+            if now - self._flushed_at >= _FLUSH_EVERY_S:
+                self._file.flush()
+                self._flushed_at = now
+        except OSError as exc:
+            _log.warning(
+                "trace file %s cannot be written (%s): no more spans go to it; training goes on",
+                self._path,
+                exc,
+            )
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
 
     def spans(self) -> list[Span]:
         """The spans still in memory, oldest first."""
@@ -231,12 +275,18 @@ class SpanRecorder:
             return list(self._spans)
 
     def close(self) -> None:
-        """Flush and close the file, if any."""
+        """Flush and close the file, if any (best effort: a failure is logged, not raised)."""
         with self._lock:
-            if self._file is not None:
+            if self._file is None:
+                return
+            try:
                 self._file.flush()
                 os.fsync(self._file.fileno())
-                self._file.close()
+            except OSError as exc:
+                _log.warning("trace file %s: its last spans may be lost (%s)", self._path, exc)
+            finally:
+                with contextlib.suppress(OSError):
+                    self._file.close()
                 self._file = None
 
 
