@@ -27,6 +27,7 @@ from gossamer.obs.metrics import PeerMetrics
 from gossamer.obs.trace import PHASES, SpanRecorder
 from gossamer.train import Trainer
 from gossamer.train.averaging import AverageOutcome, InProcessAverager, InProcessGroup
+from gossamer.train.strategy import LocalStrategy
 from gossamer.train.sync import SyncStrategy
 
 STEPS = 8
@@ -116,3 +117,36 @@ def test_phases_split_waiting_from_communication_and_add_up_to_wall_time(
     assert {s.within for s in waits} == {"communication"}
     assert {s.step for s in waits} == set(range(STEPS))
     assert sum(s.duration_s for s in waits) == pytest.approx(seconds(0, "waiting"))
+
+
+class _LosesItsFirstRound(LocalStrategy):
+    """A peer whose first round went on without it: the round's steps are thrown away, and
+    the strategy takes them back from goodput in its hook, as the swarm strategies do."""
+
+    def __init__(self, metrics: PeerMetrics, steps_per_round: int, tokens_per_step: int) -> None:
+        self.metrics = metrics
+        self.steps_per_round = steps_per_round
+        self.tokens_per_step = tokens_per_step
+
+    def on_step_end(self, model: torch.nn.Module, step: int) -> int | None:
+        if step + 1 == self.steps_per_round:
+            self.metrics.goodput.discard(self.steps_per_round * self.tokens_per_step)
+        return None
+
+
+@pytest.mark.parametrize("steps_per_round", [1, 3])
+def test_a_step_thrown_away_in_its_own_hook_is_not_counted_as_kept(
+    tmp_path: Path, steps_per_round: int
+) -> None:
+    # The loop counted a step after its hook: a take-back of the step in flight found nothing
+    # of it to take, and a peer's lost first round (a newcomer's, a restarted one's) stayed kept.
+    config = _config(tmp_path, 0)
+    metrics = PeerMetrics()
+    tokens_per_step = config.train.batch_size * config.model.context
+    strategy = _LosesItsFirstRound(metrics, steps_per_round, tokens_per_step)
+    with Trainer(config, strategy=strategy, metrics=metrics) as trainer:
+        trainer.run(stop_at_step=steps_per_round)
+    figures = metrics.goodput.snapshot()
+    assert figures.tokens_processed == steps_per_round * tokens_per_step
+    assert figures.tokens_kept == 0
+    assert figures.tokens_discarded == figures.tokens_processed

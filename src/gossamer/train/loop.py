@@ -395,9 +395,14 @@ class Trainer:
                 )
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
+        tokens = accum * cfg.train.batch_size * cfg.model.context
+        if self.metrics is not None:
+            # Counted before the hook: a strategy that throws this step's work away there (a
+            # round it missed) takes it back from what is kept; counted after, the take-back
+            # found nothing of it to take, and a lost first step stayed kept.
+            self.metrics.goodput.add_step(tokens)
         with spans.span("communication", step=step, hook="on_step_end"):
             continue_from = run.strategy.on_step_end(run.model, step)
-        tokens = accum * cfg.train.batch_size * cfg.model.context
         run.step = step + 1 if continue_from is None else max(step + 1, continue_from)
         run.tokens_trained += tokens
         loss_mean = loss_total / accum
@@ -405,7 +410,6 @@ class Trainer:
             self.metrics.step.set(run.step)
             self.metrics.loss.set(loss_mean)
             self.metrics.tokens.inc(tokens)
-            self.metrics.goodput.add_step(tokens)
         return loss_mean
 
     def save_checkpoint(self) -> Path:
