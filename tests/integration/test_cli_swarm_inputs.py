@@ -9,6 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from gossamer.cli.main import app
+from gossamer.net.identity import load_or_create_identity, short_peer_id
+from gossamer.obs.trace import read_spans
 from gossamer.train import swarm as swarm_module
 
 
@@ -49,3 +51,25 @@ def test_a_dashboard_port_in_use_is_one_line_naming_the_option() -> None:
     assert result.exit_code == 1, result.output
     assert f"cannot serve the dashboard on 127.0.0.1:{port}" in result.output
     assert "--port" in result.output
+
+
+def test_a_swarm_peer_s_spans_name_the_peer_not_the_run(tmp_path: Path) -> None:
+    # Every peer of a run shares its name: their traces, exported together, fell on one
+    # process's rows, overlapping.
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def square(x):\n    return x * x\n\n" * 200)
+    trace = tmp_path / "spans.jsonl"
+    args = [
+        "train",
+        "--model.num-layers", "1", "--model.num-heads", "2", "--model.width", "16",
+        "--model.context", "16", "--data.source", "text", "--data.path", str(corpus),
+        "--train.max-steps", "2", "--train.batch-size", "2", "--train.eval-batches", "1",
+        "--checkpoint.directory", str(tmp_path / "ck"),
+        "--swarm.strategy", "diloco", "--swarm.listen", "127.0.0.1:0", "--trace", str(trace),
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    peer_id = load_or_create_identity(tmp_path / "ck" / "peer.key").peer_id
+    spans = read_spans(trace)
+    assert spans
+    assert {span.peer for span in spans} == {short_peer_id(peer_id)}

@@ -35,7 +35,7 @@ from gossamer.core.errors import ConfigError, GossamerError, PeerUnavailableErro
 from gossamer.core.hashing import sha256_state
 from gossamer.net.bridge import NodeThread
 from gossamer.net.config import DhtConfig, HeartbeatConfig, NodeConfig
-from gossamer.net.identity import load_or_create_identity
+from gossamer.net.identity import load_or_create_identity, short_peer_id
 from gossamer.net.metrics import register_net_metrics
 from gossamer.net.node import Node
 from gossamer.obs.goodput import GoodputTracker
@@ -1029,6 +1029,10 @@ def run_swarm_peer(
     identity = load_or_create_identity(key_file)
     metrics = metrics or PeerMetrics()
     metrics.set_peer_id(identity.peer_id)
+    # Its spans and log lines name this peer: the run's name, which every peer of the run
+    # shares, put a swarm's traces, exported together, on one process's rows.
+    spans = spans or SpanRecorder()
+    spans.peer = short_peer_id(identity.peer_id)
     with NodeThread(swarm_node_config(config), identity) as node_thread:
         net_metrics = register_net_metrics(metrics.registry, node_thread)
         try:
