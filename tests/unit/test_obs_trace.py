@@ -256,3 +256,20 @@ def test_spans_reach_the_file_within_a_second_without_a_close(
         pass
     assert [s.step for s in read_spans(path)] == [7]
     recorder.close()
+
+
+def test_trace_export_draws_several_peers_files_on_one_timeline(tmp_path: Path) -> None:
+    files = []
+    for peer in ("aaaa", "bbbb"):
+        recorder = SpanRecorder(peer=peer, path=tmp_path / f"{peer}.jsonl")
+        with recorder.span("compute", step=0):
+            pass
+        recorder.close()
+        files.append(str(tmp_path / f"{peer}.jsonl"))
+    output = tmp_path / "trace.json"
+    result = CliRunner().invoke(trace_cli.app, [*files, "--output", str(output)])
+    assert result.exit_code == 0, result.output
+    assert "2 spans written" in result.output
+    events = json.loads(output.read_text())["traceEvents"]
+    names = {e["args"]["name"] for e in events if e.get("name") == "process_name"}
+    assert names == {"aaaa", "bbbb"}

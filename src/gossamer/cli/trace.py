@@ -15,35 +15,44 @@ app = typer.Typer(help="Timelines of where a peer's time went.")
 
 @app.command()
 def export(
-    spans: Annotated[Path, typer.Argument(help="JSON-lines spans (from `train --trace FILE`).")],
+    spans: Annotated[
+        list[Path],
+        typer.Argument(
+            help="JSON-lines spans (from `train --trace FILE`): one file, or several (a "
+            "swarm's peers, or FILE.1 and FILE of one peer) drawn on one timeline."
+        ),
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Chrome trace JSON to write.")] = (
         Path("trace.json")
     ),
 ) -> None:
     """Convert spans to Chrome trace JSON; open it in Perfetto or chrome://tracing."""
-    if not spans.is_file():
-        typer.echo(
-            f"error: no spans file at {spans}; record one with `gossamer train --trace`", err=True
-        )
-        raise typer.Exit(2)
-    if output.exists() and output.resolve() == spans.resolve():
-        typer.echo(
-            f"error: -o {output} is the spans file itself, which the trace would replace; "
-            "write the trace to another file",
-            err=True,
-        )
-        raise typer.Exit(2)
-    try:
-        recorded = read_spans(spans)
-    except UnicodeDecodeError as exc:
-        typer.echo(f"error: {spans} is not a spans file (it is not UTF-8 text)", err=True)
-        raise typer.Exit(2) from exc
-    except OSError as exc:
-        typer.echo(f"error: cannot read {spans}: {exc.strerror or exc}", err=True)
-        raise typer.Exit(2) from exc
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+    recorded = []
+    for path in spans:
+        if not path.is_file():
+            typer.echo(
+                f"error: no spans file at {path}; record one with `gossamer train --trace`",
+                err=True,
+            )
+            raise typer.Exit(2)
+        if output.exists() and output.resolve() == path.resolve():
+            typer.echo(
+                f"error: -o {output} is the spans file itself, which the trace would replace; "
+                "write the trace to another file",
+                err=True,
+            )
+            raise typer.Exit(2)
+        try:
+            recorded += read_spans(path)
+        except UnicodeDecodeError as exc:
+            typer.echo(f"error: {path} is not a spans file (it is not UTF-8 text)", err=True)
+            raise typer.Exit(2) from exc
+        except OSError as exc:
+            typer.echo(f"error: cannot read {path}: {exc.strerror or exc}", err=True)
+            raise typer.Exit(2) from exc
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
     try:
         output.write_text(json.dumps(export_chrome_trace(recorded)))
     except OSError as exc:
