@@ -23,6 +23,7 @@ from gossamer.core.config import (
 )
 from gossamer.core.errors import ConfigError, DataError, IncompatibleCheckpointError
 from gossamer.core.hashing import sha256_file, sha256_state
+from gossamer.obs.metrics import PeerMetrics
 from gossamer.store import CheckpointState, CheckpointStore
 from gossamer.train import Trainer, train
 from gossamer.train.averaging import InProcessGroup
@@ -374,3 +375,16 @@ def test_a_checkpoint_folder_that_cannot_be_written_is_refused_before_training(
     config = tiny_config(corpus_file, blocked / "ckpt")
     with pytest.raises(ConfigError, match=r"checkpoint\.directory: .* cannot be written"):
         Trainer(config)
+
+
+def test_a_resumed_run_shows_its_step_before_its_first_step_ends(
+    corpus_file: Path, tmp_path: Path
+) -> None:
+    # gossamer_train_step read 0 after a resume (on the dashboard too) until a step ended.
+    config = tiny_config(corpus_file, tmp_path / "ckpt")
+    with Trainer(config) as first:
+        first.run(stop_at_step=8)
+    metrics = PeerMetrics()
+    with Trainer(config, metrics=metrics) as second:
+        assert second.step == 8
+        assert metrics.registry.get_sample_value("gossamer_train_step") == 8

@@ -230,6 +230,8 @@ class Trainer:
             synced_step = self.run_state.strategy.setup(model, self.run_state.optimizer)
         if synced_step is not None and synced_step > self.run_state.step:
             self.run_state.step = synced_step  # state came from other peers: continue from there
+        if self.metrics is not None:  # (a resumed peer read step 0 until its first step ended)
+            self.metrics.step.set(self.run_state.step)
 
     @property
     def model(self) -> nn.Module:

@@ -251,6 +251,8 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         self._publish(
             step=start_step if start_step is not None else self.outer_step * self.config.inner_steps
         )
+        if self.swarm_metrics is not None:  # (resumed or synced: not 0 until its first round)
+            self.swarm_metrics.outer_step.set(self.outer_step)
         if not self._joined_mid_round:
             self.swarm_averager.join_run(self.outer_step)  # the others' rounds wait for this peer
         # Otherwise the round in flight is not this peer's: were it active, the others would
