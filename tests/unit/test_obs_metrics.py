@@ -169,6 +169,22 @@ def test_no_per_peer_series_goes_down_when_peers_change_places() -> None:
     assert second[OTHER_PEERS] == 10 + 1000 + 5
 
 
+def test_peer_up_has_as_many_series_as_peer_labels_at_most() -> None:
+    # One series for every peer watched in the last 10 minutes, past the 64 labels the docs
+    # promise; the peers with traffic labels keep theirs.
+    counters = NetCounters()
+    counters.sent("busy", 10)
+    live = _Live()
+    _, registry = _collector(counters, live, max_peer_labels=3)
+    live.view = LiveView(liveness=tuple((f"w{i:02d}", i % 2 == 0, 1.0) for i in range(20)))
+    live.view = LiveView(liveness=(*live.view.liveness, ("busy", True, 1.0)))
+    s = _samples(registry)
+    up = {labels[0][1] for (name, labels) in s if name == "gossamer_net_peer_up"}
+    assert up == {"busy", "w00", "w01"}
+    assert s[("gossamer_net_peers_alive", ())] == 11
+    assert s[("gossamer_net_peers_gone", ())] == 10
+
+
 def test_failures_are_counted_when_the_detector_reports_them() -> None:
     live = _Live()
     collector, registry = _collector(NetCounters(), live)

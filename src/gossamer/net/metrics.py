@@ -232,7 +232,7 @@ class NetMetricsCollector(Collector):
             counters.get("peers", {}), counters.get("folded_peers", {}), named
         )
         families += self._rpcs(counters)
-        families += self._peers(live, failures)
+        families += self._peers(live, failures, named, self.config.max_peer_labels)
         families += self._connections_and_relays(counters, live)
         return families
 
@@ -321,7 +321,7 @@ class NetMetricsCollector(Collector):
         return families
 
     @staticmethod
-    def _peers(live: LiveView, failures: int) -> list[Metric]:
+    def _peers(live: LiveView, failures: int, named: set[str], limit: int) -> list[Metric]:
         families: list[Metric] = []
         for name, help_text, value in (
             ("gossamer_net_peers_known", "Peers with a valid record.", live.peers_known),
@@ -354,7 +354,11 @@ class NetMetricsCollector(Collector):
             "1 while a watched peer answers heartbeats, 0 once it is reported gone.",
             labels=["peer"],
         )
-        for peer_id, alive, _ in sorted(live.liveness):
+        # At most ``limit`` series (the peers with traffic labels first): a peer that watched
+        # rotating groups had one for every peer it watched in the last 10 minutes. The rest
+        # are in the alive and gone counts above.
+        watched = sorted(live.liveness, key=lambda entry: (entry[0] not in named, entry[0]))
+        for peer_id, alive, _ in watched[:limit]:
             up.add_metric([peer_id], 1.0 if alive else 0.0)
         detected = CounterMetricFamily(
             "gossamer_net_failures_detected",
