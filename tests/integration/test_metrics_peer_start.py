@@ -108,6 +108,8 @@ def test_peer_start_serves_network_metrics(
         time.sleep(0.2)  # polling a condition with a deadline
         samples = scrape(second_url)
     assert samples[("gossamer_peer_info", (("peer_id", second_id),))] == 1
+    # It trains nothing: no training series (they said step 0 and loss NaN).
+    assert not [name for name, _ in samples if name.startswith(("gossamer_train", "gossamer_good"))]
     assert samples[("gossamer_net_peers_known", ())] >= 1
     assert samples[("gossamer_net_sent_bytes_total", (("peer", first_id),))] > 0
     assert samples[("gossamer_net_received_bytes_total", (("peer", first_id),))] > 0

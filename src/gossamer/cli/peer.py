@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from prometheus_client import CollectorRegistry
 
 from gossamer.cli.errors import NODE_FLAGS, keys_named_by_flags, one_red_line
 from gossamer.cli.preflight import (
@@ -31,7 +32,7 @@ from gossamer.net.identity import load_or_create_identity
 from gossamer.net.metrics import register_net_metrics
 from gossamer.net.node import Node
 from gossamer.net.status import node_status, write_status_file
-from gossamer.obs.metrics import PeerMetrics
+from gossamer.obs.metrics import register_peer_info
 from gossamer.proto import net_pb2
 
 DEFAULT_KEY_FILE = Path("~/.gossamer/key.pem")
@@ -238,11 +239,11 @@ def _serve_peer_metrics(
     stack: contextlib.ExitStack, thread: NodeThread, host: str, port: int
 ) -> None:
     """Serve the node's metrics until ``stack`` closes (before the node stops)."""
-    metrics = PeerMetrics()
-    metrics.set_peer_id(thread.node.peer_id)
-    collector = register_net_metrics(metrics.registry, thread)
+    registry = CollectorRegistry(auto_describe=True)  # (no training series: it trains nothing)
+    register_peer_info(registry, thread.node.peer_id)
+    collector = register_net_metrics(registry, thread)
     stack.callback(collector.close)
-    server = serve_metrics_or_explain(metrics.registry, host=host, port=port)
+    server = serve_metrics_or_explain(registry, host=host, port=port)
     stack.callback(server.close)
     typer.echo(f"metrics at {server.url}")
 

@@ -33,6 +33,7 @@ __all__ = [
     "MetricsServer",
     "PeerMetrics",
     "SwarmMetrics",
+    "register_peer_info",
     "serve_metrics",
 ]
 
@@ -43,6 +44,22 @@ BACKENDS = ("p2p", "torch")
 ROUND_OUTCOMES = ("complete", "shrunk", "alone", "excluded")
 """How an averaging round ended for this peer: every expected peer contributed; some were
 dropped or did not come; nobody else came; or the round closed before this peer arrived."""
+
+
+def register_peer_info(registry: CollectorRegistry, peer_id: str) -> Gauge:
+    """Register ``gossamer_peer_info{peer_id}`` (always 1) on ``registry``: what names a peer.
+
+    A node that does not train (``gossamer peer start``) registers this and the network's
+    metrics only; :class:`PeerMetrics` would add training series that say step 0 and loss NaN.
+    """
+    gauge = Gauge(
+        "gossamer_peer_info",
+        "Always 1; names this peer (its peer id), to match other peers' peer labels.",
+        ["peer_id"],
+        registry=registry,
+    )
+    gauge.labels(peer_id=peer_id).set(1)
+    return gauge
 
 
 class PeerMetrics:
@@ -122,12 +139,8 @@ class PeerMetrics:
         and is shown by its metrics address.
         """
         if self.peer_info is None:
-            self.peer_info = Gauge(
-                "gossamer_peer_info",
-                "Always 1; names this peer (its peer id), to match other peers' peer labels.",
-                ["peer_id"],
-                registry=self.registry,
-            )
+            self.peer_info = register_peer_info(self.registry, peer_id)
+            return
         self.peer_info.clear()
         self.peer_info.labels(peer_id=peer_id).set(1)
 
