@@ -142,6 +142,30 @@ def test_remote_peer_labels_are_bounded_and_the_rest_summed() -> None:
     assert sent[OTHER_PEERS] == sum(100 * (i + 1) for i in range(7))
 
 
+def test_a_fold_while_a_scrape_copies_the_table_counts_every_byte_once() -> None:
+    # The scrape copied the table, then read the folded total: a fold on the node's loop in
+    # between counted the folded peers twice (the next scrape, once: a counter that went down).
+    counters = NetCounters(max_peers_counted=8)
+    for i in range(8):
+        counters.sent(f"peer-{i}", 10)
+    table = counters.peers
+    items = table.items
+    folds = []
+
+    def items_then_a_fold() -> Any:
+        copied = list(items())
+        if not folds:
+            folds.append(1)
+            counters.sent("newcomer", 10)  # a ninth peer: the quietest quarter is folded
+        return copied
+
+    table.items = items_then_a_fold  # type: ignore[method-assign]
+    snapshot = counters.snapshot()
+    sent = sum(t["bytes_sent"] for t in snapshot["peers"].values())
+    assert folds
+    assert sent + snapshot["folded_peers"]["bytes_sent"] == 90
+
+
 def test_no_per_peer_series_goes_down_when_peers_change_places() -> None:
     # Labels followed the ranking at every scrape: a peer that overtook a named one took its
     # bytes out of "other", which went down (5 to 0 in the review), and a rate summed over

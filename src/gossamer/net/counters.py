@@ -81,6 +81,9 @@ class _PeerTable(dict[str, PeerTraffic]):
         """What the peers folded out of the table exchanged (never shrinks)."""
         self.num_folded = 0
         """Peers folded so far."""
+        self.folds_begun = 0
+        self.folds_done = 0
+        """(folds run on the event loop; a reader on another thread compares the two)"""
 
     def __missing__(self, peer_id: str) -> PeerTraffic:
         if len(self) >= self.limit:
@@ -89,6 +92,7 @@ class _PeerTable(dict[str, PeerTraffic]):
         return traffic
 
     def _fold(self, count: int) -> None:
+        self.folds_begun += 1
         quietest = heapq.nsmallest(
             count, self.items(), key=lambda item: item[1].bytes_sent + item[1].bytes_received
         )
@@ -97,6 +101,7 @@ class _PeerTable(dict[str, PeerTraffic]):
             for name in PeerTraffic.__slots__:
                 setattr(self.folded, name, getattr(self.folded, name) + getattr(traffic, name))
         self.num_folded += len(quietest)
+        self.folds_done += 1
 
 
 class NetCounters:
@@ -173,10 +178,14 @@ class NetCounters:
         self.num_protocol_errors += 1
         self.errors["ProtocolError"] += 1
 
-    def snapshot(self) -> dict[str, Any]:
-        """A plain, JSON-ready copy of every counter."""
-        return {
-            "peers": {
+    def _peers_snapshot(self) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+        """The peers' traffic and the folded peers', both from between two folds: a fold
+        between reading one and the other counted a peer in both, or in neither (a counter
+        that went down on the next scrape)."""
+        table = self.peers
+        for _ in range(8):  # (folds are rare: one per thousand new peers at most)
+            done = table.folds_done
+            peers = {
                 peer: {
                     "bytes_sent": t.bytes_sent,
                     "bytes_received": t.bytes_received,
@@ -184,16 +193,26 @@ class NetCounters:
                     "num_rpcs_received": t.num_rpcs_received,
                     "num_errors": t.num_errors,
                 }
-                for peer, t in list(self.peers.items())
-            },
-            "folded_peers": {
-                "bytes_sent": self.peers.folded.bytes_sent,
-                "bytes_received": self.peers.folded.bytes_received,
-                "num_rpcs_sent": self.peers.folded.num_rpcs_sent,
-                "num_rpcs_received": self.peers.folded.num_rpcs_received,
-                "num_errors": self.peers.folded.num_errors,
-                "num_peers": self.peers.num_folded,
-            },
+                for peer, t in list(table.items())
+            }
+            folded = {
+                "bytes_sent": table.folded.bytes_sent,
+                "bytes_received": table.folded.bytes_received,
+                "num_rpcs_sent": table.folded.num_rpcs_sent,
+                "num_rpcs_received": table.folded.num_rpcs_received,
+                "num_errors": table.folded.num_errors,
+                "num_peers": table.num_folded,
+            }
+            if table.folds_begun == done:
+                break
+        return peers, folded
+
+    def snapshot(self) -> dict[str, Any]:
+        """A plain, JSON-ready copy of every counter."""
+        peers, folded = self._peers_snapshot()
+        return {
+            "peers": peers,
+            "folded_peers": folded,
             "rpc_calls": dict(self.rpc_calls),
             "rpc_latency": {
                 method: {"num_calls": h.num_calls, "total_s": h.total_s, "buckets": list(h.counts)}
