@@ -227,6 +227,46 @@ def test_a_schedule_fitted_part_way_keeps_its_warm_up() -> None:
     assert all(b - a == pytest.approx(0.01) for a, b in itertools.pairwise(rates))
 
 
+def test_a_schedule_fitted_shorter_than_its_warm_up_still_peaks_and_decays() -> None:
+    # Fitted at step 20 to 41 steps with 100 of warm-up, the rate climbed to 0.41 of its peak
+    # and the run ended there: it never decayed, and never peaked.
+    optim = OptimConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=100)
+
+    def rate(step: int) -> float:
+        fitted = step >= 20
+        return learning_rate_at(
+            step,
+            config=optim,
+            max_steps=41 if fitted else 1000,
+            planned_steps=1000,
+            fitted_at=20 if fitted else None,
+        )
+
+    rates = [rate(s) for s in range(41)]
+    top = rates.index(max(rates))
+    assert max(rates) == pytest.approx(1.0)
+    assert 20 < top <= 31  # the rest of the warm-up takes half the steps left at most
+    assert all(a < b for a, b in itertools.pairwise(rates[: top + 1]))
+    assert all(a >= b for a, b in itertools.pairwise(rates[top:]))
+    assert all(b / a < 1.5 for a, b in itertools.pairwise(rates[10:]))  # (no jump)
+    assert rates[-1] < 0.15
+
+
+def test_a_run_whose_budget_ends_inside_its_warm_up_decays_by_its_end(
+    corpus_file: Path, tmp_path: Path
+) -> None:
+    config = tiny_config(corpus_file, tmp_path / "ckpt", max_steps=1000, max_seconds=3.0)
+    config = dataclasses.replace(config, optim=dataclasses.replace(config.optim, warmup_steps=200))
+    with Trainer(config, clock=_SlowClock()) as trainer:
+        trainer.run()
+        fitted = trainer.schedule_steps
+        final_lr = trainer.run_state.optimizer.param_groups[0]["lr"]
+    assert 20 < fitted < 200
+    assert final_lr < config.optim.lr * 0.2
+    with Trainer(config) as resumed:  # the step it was fitted at travels in the checkpoint
+        assert resumed.run_state.schedule_fitted_at == 20
+
+
 def test_schedule_is_fitted_to_the_time_budget(corpus_file: Path, tmp_path: Path) -> None:
     class TickingClock(FakeClock):
         def monotonic(self) -> float:

@@ -47,6 +47,8 @@ class RunState:
     tokens_trained: int = 0
     schedule_steps: int | None = None
     """The learning-rate schedule's length where a time budget fitted it (None: max_steps)."""
+    schedule_fitted_at: int | None = None
+    """The first step that followed the fitted length (where ``schedule_steps`` is set)."""
     data_sha256: str | None = None
     """The sha256 of the training tokens (the corpus manifest's), where known."""
 
@@ -85,6 +87,7 @@ def capture_run_state(run: RunState) -> CheckpointState:
             "strategy": {"name": run.strategy.name, "state": strategy_meta},
             "tokens_trained": run.tokens_trained,
             "schedule_steps": run.schedule_steps,
+            "schedule_fitted_at": run.schedule_fitted_at,
             # What the schedule was fitted under: a resume with other limits fits it anew.
             "schedule_fit": _schedule_limits(run.config)
             if run.schedule_steps is not None
@@ -173,6 +176,10 @@ def restore_run_state(state: CheckpointState, run: RunState, *, where: str) -> N
     run.tokens_trained = int(meta.get("tokens_trained", 0))
     schedule_steps = meta.get("schedule_steps")
     run.schedule_steps = int(schedule_steps) if schedule_steps is not None else None
+    fitted_at = meta.get("schedule_fitted_at")  # (None in checkpoints from before it was kept)
+    run.schedule_fitted_at = (
+        int(fitted_at) if run.schedule_steps is not None and fitted_at is not None else None
+    )
     fit = meta.get("schedule_fit")
     limits = _schedule_limits(run.config)
     if run.schedule_steps is not None and isinstance(fit, dict) and fit != limits:
@@ -185,3 +192,4 @@ def restore_run_state(state: CheckpointState, run: RunState, *, where: str) -> N
             "fitted again to this budget" if limits["max_seconds"] else "max_steps it is",
         )
         run.schedule_steps = None
+        run.schedule_fitted_at = None

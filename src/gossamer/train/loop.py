@@ -261,6 +261,7 @@ class Trainer:
         # At least one step more than taken, never more than max_steps (a fit on the last step
         # must not make the run one step longer).
         self.run_state.schedule_steps = min(self.config.train.max_steps, max(step + 1, reachable))
+        self.run_state.schedule_fitted_at = step
         logger.info(
             "learning-rate schedule fitted to the time budget: %d steps", self.schedule_steps
         )
@@ -357,6 +358,7 @@ class Trainer:
             config=cfg.optim,
             max_steps=self.schedule_steps,
             planned_steps=cfg.train.max_steps,  # (the fitted length comes part way)
+            fitted_at=self.run_state.schedule_fitted_at,
         )
         for group in run.optimizer.param_groups:
             group["lr"] = lr

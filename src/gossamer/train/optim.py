@@ -13,7 +13,12 @@ __all__ = ["apply_optim_config", "build_optimizer", "learning_rate_at", "warmup_
 
 
 def learning_rate_at(
-    step: int, *, config: OptimConfig, max_steps: int, planned_steps: int | None = None
+    step: int,
+    *,
+    config: OptimConfig,
+    max_steps: int,
+    planned_steps: int | None = None,
+    fitted_at: int | None = None,
 ) -> float:
     """The learning rate for optimizer step ``step`` (0-based) of a run of ``max_steps``.
 
@@ -23,16 +28,28 @@ def learning_rate_at(
     config.min_lr_ratio`` at ``max_steps``. A pure function of the step, so a resumed run
     follows exactly the same schedule. A schedule whose length changes as it runs (fitted to a
     time budget) passes the length it had from the start as ``planned_steps``, so that its
-    warm-up does not change part way.
+    warm-up does not change part way, and the step from which the new length holds as
+    ``fitted_at``: fitted while still warming up, the rest of the warm-up takes at most half of
+    the steps left, from the rate reached then (a warm-up longer than the fitted run never
+    decayed, and never reached its peak).
     """
     peak = config.lr
     floor = peak * config.min_lr_ratio
     warmup = warmup_steps(config, max_steps if planned_steps is None else planned_steps)
-    if warmup and step < warmup:
+    top, decay_from = peak, warmup
+    if fitted_at is not None and fitted_at < warmup:
+        if step < fitted_at:
+            return peak * (step + 1) / warmup
+        reached = peak * fitted_at / warmup  # (the rate of the step before)
+        decay_from = min(warmup, fitted_at + max(0, max_steps - fitted_at) // 2)
+        if step < decay_from:
+            return reached + (peak - reached) * (step + 1 - fitted_at) / (decay_from - fitted_at)
+        top = peak if decay_from > fitted_at else reached
+    elif warmup and step < warmup:
         return peak * (step + 1) / warmup
-    span = max(1, max_steps - warmup)
-    progress = min(1.0, (step - warmup) / span)
-    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
+    span = max(1, max_steps - decay_from)
+    progress = min(1.0, (step - decay_from) / span)
+    return floor + 0.5 * (top - floor) * (1.0 + math.cos(math.pi * progress))
 
 
 def warmup_steps(config: OptimConfig, max_steps: int) -> int:
