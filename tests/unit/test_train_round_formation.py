@@ -180,3 +180,17 @@ def test_an_entry_says_its_peer_takes_torch_on_public_addresses_or_shows_it() ->
     assert _forces_torch({}, "8.8.8.8")
     assert not _forces_torch({}, "10.0.0.1")
     assert not _forces_torch({"bk": "auto"}, "8.8.8.8")  # (not what auto publishes)
+
+
+def test_round_entries_outlive_any_formation_and_the_round_s_deadline_covers_it() -> None:
+    # Entries lived a fixed 300 s: with a 600 s join window the first peers' entries were gone
+    # while late peers still formed the round (and agreed on other member lists). The whole
+    # round's deadline allowed two join windows, where a peer stamped a clock tolerance ahead
+    # is waited for as long as that tolerance: every member missed the round.
+    default = SwarmAveragerConfig(run_id="r")
+    assert default.formation_bound_s == 2 * 30.0 + 0.5
+    assert default.entry_ttl_s == 300.0
+    long_window = SwarmAveragerConfig(run_id="r", join_window_s=600.0)
+    assert long_window.entry_ttl_s >= 2 * 600.0 + 0.5
+    tolerant = SwarmAveragerConfig(run_id="r", join_window_s=10.0, clock_tolerance_s=120.0)
+    assert tolerant.formation_bound_s == 10.0 + 120.0 + 0.5

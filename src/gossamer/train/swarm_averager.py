@@ -243,6 +243,20 @@ class SwarmAveragerConfig:
                 "set the codec to none, or the backend to p2p or auto"
             )
 
+    @property
+    def formation_bound_s(self) -> float:
+        """The longest a round's formation can take: its join window from the first entry,
+        an entry stamped up to the clock tolerance ahead that is waited for, and the grace."""
+        tolerance_s = self.clock_tolerance_s or self.join_window_s
+        return self.join_window_s + max(self.join_window_s, tolerance_s) + self.propagation_grace_s
+
+    @property
+    def entry_ttl_s(self) -> float:
+        """How long a round's entries and closes live: past any formation of the round (with
+        the fixed 300 s before, a join window over about 300 s let the first entries expire
+        while late peers still read them, and members agreed on different lists)."""
+        return max(_ENTRY_TTL_S, self.formation_bound_s + 60.0)
+
 
 @dataclass(frozen=True, slots=True)
 class _Formed:
@@ -570,8 +584,7 @@ class SwarmAverager:
         marks: dict[str, float] = {}
         """Monotonic times the work reached on the node's loop: began, formed (the group)."""
         deadline_s = (
-            self.config.join_window_s * 2
-            + self.config.propagation_grace_s
+            self.config.formation_bound_s  # (a clock tolerance over the join window included)
             + self.config.round_timeout_s
             + (self._torch_timeout_s * 2 if self._torch is not None else 0.0)
             + 10.0
@@ -1126,7 +1139,11 @@ class SwarmAverager:
                 "bk": self.config.backend,  # (torch: any address; auto: private ones only)
             }
         stored = await node.dht.put(
-            entry_key, json.dumps(entry).encode(), _ENTRY_TTL_S, closest=replicas, renew=False
+            entry_key,
+            json.dumps(entry).encode(),
+            self.config.entry_ttl_s,
+            closest=replicas,
+            renew=False,
         )
         if replicas and not stored:  # (nobody reads it: counting itself it would be alone)
             raise DeadlineExceededError(
@@ -1179,7 +1196,7 @@ class SwarmAverager:
         await node.dht.put(
             close_key,
             json.dumps({"close_at": close_at, "inc": self.incarnation}).encode(),
-            _ENTRY_TTL_S,
+            self.config.entry_ttl_s,
             renew=False,
         )
         self._nudge(node, expected, key)
