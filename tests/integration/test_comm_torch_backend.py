@@ -25,7 +25,13 @@ from gossamer.core.errors import DeadlineExceededError
 
 def test_auto_picks_torch_only_when_everyone_is_reachable() -> None:
     assert choose_backend("auto", ["10.0.0.1", "10.0.0.2"]) == "torch"
+    assert choose_backend("auto", ["127.0.0.1", "127.0.0.1"]) == "torch"
     assert choose_backend("auto", ["10.0.0.1", ""]) == "p2p"
+    # Public addresses: gloo's plain TCP across the internet (it picked torch for them).
+    assert choose_backend("auto", ["8.8.8.8", "1.1.1.1"]) == "p2p"
+    assert choose_backend("auto", ["10.0.0.1", "host.example"]) == "p2p"  # (names: not read)
+    assert choose_backend("auto", ["127.0.0.1", "10.0.0.2"]) == "p2p"  # (not one machine)
+    assert choose_backend("torch", ["8.8.8.8"]) == "torch"  # (asked for: as asked)
     assert choose_backend("p2p", ["10.0.0.1"]) == "p2p"
     with pytest.raises(ValueError, match="backend"):
         choose_backend("mpi", [])
@@ -91,6 +97,20 @@ def test_with_no_weight_anywhere_each_member_keeps_its_values_in_place_too() -> 
     assert _two_members(copied, "zero/copied") == [[1.0, 2.0], [2.0, 4.0]]
     weighted = _two_members(lambda a, r: a.average([torch.tensor([float(r)])], 1.0), "w")
     assert all(result.tensors[0].tolist() == [0.5] for result in weighted)  # type: ignore[attr-defined]
+
+
+def test_a_weight_out_of_range_is_refused_before_the_collective_on_the_torch_path_too() -> None:
+    # 1e39 rode in float32: a RuntimeError on that member alone, while the others waited in
+    # the collective to its timeout. The p2p path refuses it before anything moves.
+    averager = TorchGroupAverager(timeout_s=10.0)
+    try:
+        averager.ensure_group("out-of-range", ["a"], 0, HashStore(), "127.0.0.1")
+        for weight in (1e39, 1e13, -1.0, float("nan")):
+            with pytest.raises(ValueError, match="weight must be 0 or within"):
+                averager.average([torch.tensor([1.0])], weight=weight)
+        assert averager.average([torch.tensor([1.0])], weight=1e12).tensors[0].tolist() == [1.0]
+    finally:
+        averager.close()
 
 
 def _listening_hosts(port: int) -> set[str]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
-import math
 import socket
 import threading
 import time
@@ -32,6 +31,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import Backend, PrefixStore, Store, TCPStore
 
 from gossamer.comm.report import AllReduceReport, AllReduceResult, PartOutcome, PartReport
+from gossamer.comm.transport import WEIGHT_RANGE, weight_in_range
 from gossamer.core.errors import DeadlineExceededError, PeerLostError
 
 __all__ = [
@@ -49,12 +49,19 @@ _MAX_RETIRED = 64
 
 
 def choose_backend(requested: str, addresses: Sequence[str]) -> str:
-    """``torch`` or ``p2p``: ``auto`` picks torch when every member has a direct address."""
+    """``torch`` or ``p2p``: ``auto`` picks torch when every member's address (a literal host)
+    is on a loopback or private network (:func:`site_local`), all on loopback or none (the
+    members of a group with some on loopback are not on one machine, and cannot all meet).
+    It picked torch for any addresses, public ones included: gloo's unauthenticated TCP
+    between hosts on the internet."""
     if requested not in ("auto", "p2p", "torch"):
         raise ValueError(f"backend must be auto, p2p or torch, got {requested!r}")
     if requested != "auto":
         return requested
-    return "torch" if addresses and all(addresses) else "p2p"
+    if not addresses or not all(map(site_local, addresses)):
+        return "p2p"
+    loopback = [ipaddress.ip_address(a.strip("[]")).is_loopback for a in addresses]
+    return "torch" if all(loopback) or not any(loopback) else "p2p"
 
 
 def site_local(host: str) -> bool:
@@ -325,14 +332,18 @@ class TorchGroupAverager:
         """The group's device, once the arguments of a round are checked.
 
         Raises:
-            ValueError: no group, no tensors, or a weight that is negative or not finite.
+            ValueError: no group, no tensors, or a weight neither 0 nor within
+                ``WEIGHT_RANGE`` (as the p2p backend: it rides in float32, where 1e39 raised
+                on this member alone and left the others waiting in the collective).
         """
         if self._group_hash is None:
             raise ValueError("no group: call ensure_group first")
         if not tensors:
             raise ValueError("nothing to average: the tensor list is empty")
-        if not (math.isfinite(weight) and weight >= 0):
-            raise ValueError(f"weight must be finite and >= 0, got {weight}")
+        if not weight_in_range(weight):
+            raise ValueError(
+                f"weight must be 0 or within {WEIGHT_RANGE[0]:g}..{WEIGHT_RANGE[1]:g}, got {weight}"
+            )
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
     def average_(self, tensors: Sequence[torch.Tensor], weight: float = 1.0) -> AllReduceReport:
