@@ -254,8 +254,7 @@ async def _status(node: Node) -> dict[str, Any]:
 
 async def _reach(node: Node) -> None:
     """Find out whether others can dial this peer; if not, wait a little for a relay."""
-    if not await node.check_reachability(timeout_s=4.0) and node.relays == []:
-        await node.wait_for_relay(timeout_s=8.0)
+    await node.settle_reachability()
 
 
 async def _recheck_unknown(node: Node) -> None:

@@ -503,6 +503,15 @@ class Node:
         )
         return direct
 
+    async def settle_reachability(
+        self, *, check_timeout_s: float = 4.0, relay_wait_s: float = 8.0
+    ) -> None:
+        """Find out whether others can dial this node (:meth:`check_reachability`); if they
+        cannot, wait up to ``relay_wait_s`` for a relay reservation (taken in the background),
+        so that the record others read names a way in."""
+        if not await self.check_reachability(timeout_s=check_timeout_s) and not self.relays:
+            await self.wait_for_relay(timeout_s=relay_wait_s)
+
     # ---- calls -----------------------------------------------------------------------------
 
     def add_servicer(self, add_to_server: Callable[[Any, Any], None], servicer: Any) -> None:

@@ -16,6 +16,7 @@ trains with the configured strategy. With DiLoCo the peer also
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -1052,6 +1053,16 @@ def run_swarm_peer(
             net_metrics.close()  # before the node stops: later scrapes serve the last view
 
 
+def _on_loopback_only(node: Node) -> bool:
+    """Whether every address ``node`` has is a loopback one: the peers that can reach it are on
+    its machine, and dial it there (nothing to ask)."""
+    hosts = [address.rpartition(":")[0].strip("[]") for address in node.addresses]
+    try:
+        return bool(hosts) and all(ipaddress.ip_address(h).is_loopback for h in hosts)
+    except ValueError:  # (a name)
+        return hosts == ["localhost"] * len(hosts)
+
+
 def _wait_for_a_bootstrap_peer(node_thread: NodeThread, addresses: Sequence[str]) -> None:
     """Return once some peer is known through the bootstrap peers, trying them again for up
     to ``_BOOTSTRAP_WAIT_S`` (a peer started just before this one may not listen yet).
@@ -1095,6 +1106,11 @@ def _train_on_node(
         on_address(address)
     if swarm.bootstrap_addresses:
         _wait_for_a_bootstrap_peer(node_thread, swarm.bootstrap_addresses)
+        if not _on_loopback_only(node):
+            # Behind NAT nobody can dial the address it listens on: it takes a relay, and its
+            # record says so (it never asked, and every round a peer formed with it failed on
+            # the sends to it).
+            node_thread.run(lambda n: n.settle_reachability(), timeout_s=20.0)
     averager = SwarmAverager(node_thread, swarm_averager_config(config))
 
     async def make_donor(n: Node) -> StateDonor:
