@@ -73,3 +73,29 @@ def test_a_swarm_peer_s_spans_name_the_peer_not_the_run(tmp_path: Path) -> None:
     spans = read_spans(trace)
     assert spans
     assert {span.peer for span in spans} == {short_peer_id(peer_id)}
+
+
+def test_a_swarm_peer_s_node_errors_name_the_run_config_s_keys(tmp_path: Path) -> None:
+    # They named net's keys ("net.bootstrap", "net.listen_address"), which no config has.
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def square(x):\n    return x * x\n\n" * 200)
+    common = [
+        "train", "--model.num-layers", "1", "--model.num-heads", "2", "--model.width", "16",
+        "--model.context", "16", "--data.source", "text", "--data.path", str(corpus),
+        "--train.max-steps", "2", "--checkpoint.directory", str(tmp_path / "ck"),
+        "--swarm.strategy", "diloco",
+    ]  # fmt: skip
+    result = CliRunner().invoke(
+        app, [*common, "--swarm.listen", "127.0.0.1:0", "--bootstrap", "PEER_ID@127.0.0.1:7000"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "swarm.bootstrap: " in result.output
+    assert "net." not in result.output
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = CliRunner().invoke(app, [*common, "--swarm.listen", f"127.0.0.1:{port}"])
+    assert result.exit_code == 2, result.output
+    assert "swarm.listen: " in result.output
+    assert "net." not in result.output

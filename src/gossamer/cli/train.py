@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from gossamer.cli.errors import exit_on_gossamer_errors
+from gossamer.cli.errors import exit_on_gossamer_errors, keys_named_by_flags
 from gossamer.cli.preflight import (
     MAX_PORT,
     check_output_file,
@@ -44,6 +44,8 @@ from gossamer.train.swarm import run_swarm_peer
 
 _OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
 _console = Console()
+_SWARM_NODE_KEYS = {"net.listen_address": "swarm.listen", "net.bootstrap": "swarm.bootstrap"}
+"""The run config's keys for the node settings a swarm peer's errors name."""
 
 config_app = typer.Typer(help="Inspect configs: every key, and the resolved config of a run.")
 
@@ -130,16 +132,19 @@ def train(
             )
             result = trainer.run()
         else:
-            result = run_swarm_peer(
-                run_config,
-                listener=listener,
-                spans=spans,
-                metrics=metrics,
-                metrics_url=metrics_url,
-                # (plain: rich wrapped the line where stdout is no terminal, and scripts
-                # looking for it found half an address)
-                on_address=lambda address: typer.echo(f"peer address: {address}"),
-            ).result
+            # (net's keys named: "net.listen_address" for a port in use, "net.bootstrap" for a
+            # malformed peer id, which are not keys of this command's config)
+            with keys_named_by_flags(_SWARM_NODE_KEYS):
+                result = run_swarm_peer(
+                    run_config,
+                    listener=listener,
+                    spans=spans,
+                    metrics=metrics,
+                    metrics_url=metrics_url,
+                    # (plain: rich wrapped the line where stdout is no terminal, and scripts
+                    # looking for it found half an address)
+                    on_address=lambda address: typer.echo(f"peer address: {address}"),
+                ).result
     _print_summary(result, summary_json)
 
 
