@@ -143,3 +143,34 @@ def test_peer_start_names_its_listen_flag_when_the_port_is_taken(tmp_path: Path)
         )
     assert result.returncode == 2
     assert f"error: --listen: cannot listen on 127.0.0.1:{port}" in result.stderr, result.stderr
+
+
+def test_a_private_swarm_asked_without_its_secret_says_to_pass_the_secret(
+    tmp_path: Path,
+) -> None:
+    # The hint said to check the address and the peer id, both right: the secret was missing.
+    secret = tmp_path / "secret"
+    secret.write_text("a private swarm's secret, long enough")
+    status_file = tmp_path / "status.json"
+    peer = subprocess.Popen(
+        [
+            *GOSSAMER, "peer", "start", "--listen", "127.0.0.1:0",
+            "--key-file", str(tmp_path / "key"), "--status-file", str(status_file),
+            "--swarm-secret-file", str(secret),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not status_file.exists():
+            assert time.monotonic() < deadline, "peer did not write its status"
+            time.sleep(0.1)  # polling the file it writes, under a deadline
+        address = str(json.loads(status_file.read_text())["addresses"][0])
+        result = _gossamer("peers", "--bootstrap", address)
+    finally:
+        peer.kill()
+        peer.wait(timeout=10)
+    assert result.returncode == 1, result.stdout
+    assert "--swarm-secret-file" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

@@ -307,10 +307,17 @@ async def _check_bootstrap_answers(node: Node, entries: tuple[str, ...]) -> None
             reasons.append(f"{entry}: {exc}")
         else:
             return
-    raise PeerUnavailableError(
-        "no bootstrap peer answered (" + "; ".join(reasons) + "); check --bootstrap: the "
-        "address, that a peer runs there, and the peer id before @ if you pinned one"
-    )
+    if any("swarm secret" in reason for reason in reasons):
+        hint = (
+            "the swarm there is private: pass its secret with --swarm-secret-file (the file its "
+            "peers were started with)"
+        )
+    else:
+        hint = (
+            "check --bootstrap: the address, that a peer runs there, and the peer id before @ "
+            "if you pinned one"
+        )
+    raise PeerUnavailableError("no bootstrap peer answered (" + "; ".join(reasons) + "); " + hint)
 
 
 def peers(
