@@ -255,3 +255,12 @@ def test_bootstrap_peers_of_both_flags_are_all_kept(tiny_train: list[str]) -> No
     code, output = _invoke([*args, "--bootstrap", "127.0.0.1:1"])
     assert code == 2
     assert "'nope' is not one" in output
+
+
+def test_a_table_printed_to_a_pipe_keeps_its_keys_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Off a terminal rich drew 80 columns: "data.validation_f…", "swarm.train_while…".
+    monkeypatch.delenv("COLUMNS", raising=False)
+    result = CliRunner().invoke(app, ["config", "keys"])
+    assert result.exit_code == 0, result.output
+    for key in ("data.validation_fraction", "swarm.train_while_averaging", "checkpoint.directory"):
+        assert key in result.output

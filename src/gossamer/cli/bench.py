@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from gossamer.bench.diloco import QUALITY_DEFAULTS, run_diloco_bench
@@ -22,6 +21,7 @@ from gossamer.bench.obs_overhead import run_obs_overhead_bench
 from gossamer.cli.bench_allreduce import register as register_allreduce
 from gossamer.cli.bench_transport import register as register_transport
 from gossamer.cli.errors import exit_on_gossamer_errors, stop_signals_as_ctrl_c
+from gossamer.cli.output import stdout_console
 from gossamer.cli.preflight import check_result_file, positive_finite_float
 from gossamer.core.config_loader import load_run_config, parse_flag_overrides
 from gossamer.lab import parse_rate
@@ -29,7 +29,7 @@ from gossamer.lab import parse_rate
 app = typer.Typer(help="Benchmarks: Gossamer against its reference, measured in the same run.")
 register_allreduce(app)
 register_transport(app)
-_console = Console()
+_console = stdout_console()
 _OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 

@@ -10,6 +10,7 @@ import typer
 
 from gossamer.bench.transport import run_transport_bench
 from gossamer.cli.errors import exit_on_gossamer_errors, stop_signals_as_ctrl_c
+from gossamer.cli.output import stdout_console
 from gossamer.cli.preflight import check_result_file
 from gossamer.core.errors import ConfigError
 from gossamer.net.config import LimitsConfig
@@ -76,7 +77,6 @@ def transport(
     if json_output:
         typer.echo(json.dumps(fields))
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"transport on loopback, {payload_mib} MiB per transfer")
@@ -86,7 +86,7 @@ def transport(
         ratio = rate / result.tcp_bytes_per_s
         table.add_row(f"gossamer, {num_streams} streams", f"{rate / _MiB:,.0f}", f"{ratio:.3f}")
     table.add_row("plain TCP", f"{result.tcp_bytes_per_s / _MiB:,.0f}", "1.000")
-    Console().print(table)
+    stdout_console().print(table)
     typer.echo(
         f"RPC round trip: p50 {result.rpc_p50_s * 1e3:.2f} ms, p99 {result.rpc_p99_s * 1e3:.2f} ms"
     )

@@ -16,6 +16,7 @@ import typer
 from prometheus_client import CollectorRegistry
 
 from gossamer.cli.errors import NODE_FLAGS, keys_named_by_flags, one_red_line
+from gossamer.cli.output import stdout_console
 from gossamer.cli.preflight import (
     MAX_PORT,
     check_output_file,
@@ -107,7 +108,6 @@ def _print_peers(rows: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{len(rows)} peers")
@@ -134,7 +134,7 @@ def _print_peers(rows: list[dict[str, Any]], as_json: bool) -> None:
             f"{_human_bytes(bandwidth)}/s" if bandwidth else "-",
             f"{row['last_seen_s_ago']:.0f} s ago",
         )
-    Console().print(table)
+    stdout_console().print(table)
 
 
 @peer_app.command("start")

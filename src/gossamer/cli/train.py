@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from gossamer.cli.errors import exit_on_gossamer_errors, keys_named_by_flags
+from gossamer.cli.output import stdout_console
 from gossamer.cli.preflight import (
     MAX_PORT,
     check_output_file,
@@ -43,7 +43,7 @@ from gossamer.train.inference import LoadedModel, load_model, mean_validation_lo
 from gossamer.train.swarm import run_swarm_peer
 
 _OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
-_console = Console()
+_console = stdout_console()
 _SWARM_NODE_KEYS = {"net.listen_address": "swarm.listen", "net.bootstrap": "swarm.bootstrap"}
 """The run config's keys for the node settings a swarm peer's errors name."""
 
