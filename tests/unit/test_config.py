@@ -169,6 +169,12 @@ def test_unrelated_environment_variables_are_ignored() -> None:
     assert load_run_config(None, environ={"GOSSAMER_HOME": "/x", "PATH": "/bin"}) == RunConfig()
 
 
+def test_an_environment_variable_a_letter_off_a_root_key_is_an_error_naming_it() -> None:
+    # GOSSAMER_NAMEE=nightly was ignored: the run went on under its default name.
+    with pytest.raises(ConfigError, match="did you mean GOSSAMER_NAME"):
+        load_run_config(None, environ={"GOSSAMER_NAMEE": "nightly"})
+
+
 def test_flag_parsing_forms() -> None:
     pairs = parse_flag_overrides(
         ["--train.max-steps", "5", "--model.width=64", "--checkpoint.resume", "--optim.lr", "1e-3"]

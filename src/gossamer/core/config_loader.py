@@ -143,6 +143,12 @@ def load_run_config(
                 f"environment variable {name}: a section and its key are joined by two "
                 f"underscores; for {meant} write {ENV_PREFIX}{meant.upper().replace('.', '__')}"
             )
+        elif close := difflib.get_close_matches(key, root_keys, n=1, cutoff=0.8):
+            # (a variable of another tool, GOSSAMER_HOME, is left alone; GOSSAMER_NAMEE was too)
+            raise ConfigError(
+                f"environment variable {name}: no such key; did you mean "
+                f"{ENV_PREFIX}{close[0].upper()}?"
+            )
     for key, text in overrides:
         _set_text(data, RunConfig, key, text, origin=f"flag --{key}")
     return config_from_dict(RunConfig, data, origin=str(path) if path else "config")
