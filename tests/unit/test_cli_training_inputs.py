@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -126,6 +127,15 @@ def test_a_missing_swarm_status_folder_names_the_option(
     code, output = _invoke([*tiny_train, "--swarm.status-file", str(tmp_path / "no" / "x.json")])
     assert code == 2
     assert "swarm.status_file" in output
+
+
+def test_eval_of_a_run_s_directory_names_the_checkpoint_it_measured(checkpoint: Path) -> None:
+    # --json said "checkpoint": the directory given, not which of its checkpoints it loaded.
+    code, output = _invoke(["eval", "--checkpoint", str(checkpoint), "--json"])
+    assert code == 0, output
+    result = json.loads(output.strip().splitlines()[-1])
+    assert Path(result["checkpoint"]).parent == checkpoint
+    assert Path(result["checkpoint"]).name == f"step-{result['step']:09d}"
 
 
 def test_eval_refuses_zero_batches(checkpoint: Path) -> None:

@@ -161,6 +161,8 @@ class CheckpointStore:
         self._keep_last = keep_last
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._skipped: list[tuple[Path, str]] = []
+        self.loaded_from: Path | None = None
+        """The folder the last :meth:`load_latest` loaded (None before, or if it found none)."""
         # Folders this store has verified, with the (name, size, mtime, inode) of their files
         # then; pruning trusts a verification while those are unchanged.
         self._verified: dict[Path, tuple[tuple[str, int, int, int], ...]] = {}
@@ -303,6 +305,7 @@ class CheckpointStore:
         """
         for pass_number in range(1, _NUM_READ_PASSES + 1):
             self._skipped = []
+            self.loaded_from = None
             newer_unknown: builtins.list[Path] = []
             changed = False
             for found in self._scan():
@@ -328,11 +331,12 @@ class CheckpointStore:
                     raise _newer_unknown_format_error(newer_unknown, resumable=found.path)
                 if self._skipped:
                     logger.warning(
-                        "resuming from checkpoint %s (step %d), the newest valid one; skipped %d",
+                        "using checkpoint %s (step %d), the newest valid one; skipped %d",
                         found.path.name,
                         state.step,
                         len(self._skipped),
                     )
+                self.loaded_from = found.path
                 return state
             if not changed:
                 break

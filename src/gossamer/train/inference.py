@@ -52,12 +52,13 @@ def load_model(path: Path | str) -> LoadedModel:
     if (path / _MANIFEST).is_file():
         state = CheckpointStore(path.parent).load(path)
     else:
-        latest = CheckpointStore(path).load_latest()
-        if latest is None:
+        store = CheckpointStore(path)
+        latest = store.load_latest()
+        if latest is None or store.loaded_from is None:
             raise FileNotFoundError(
                 f"{path} holds no valid checkpoint; train first, or pass another folder"
             )
-        state = latest
+        state, path = latest, store.loaded_from  # (the folder it is: a run's directory holds many)
     if state.meta.get("custom_model", False):
         raise IncompatibleCheckpointError(
             f"the checkpoint at {path} holds a custom model; load it with your own model class"
