@@ -6,6 +6,7 @@ import http.client
 from collections.abc import Iterator
 
 import pytest
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from gossamer.core.clock import SystemClock
 from gossamer.obs.dashboard import (
@@ -15,6 +16,7 @@ from gossamer.obs.dashboard import (
     FakeSwarmSource,
     create_app,
 )
+from gossamer.obs.dashboard import server as server_module
 
 
 def _get(port: int, path: str, host_header: str) -> tuple[int, dict[str, str], bytes]:
@@ -70,3 +72,15 @@ def test_a_loopback_dashboard_answers_the_names_it_is_told_to(port: int) -> None
     with DashboardServer(app, allowed_hosts=("dash.example",)) as server:
         assert _get(server.port, "/healthz", f"dash.example:{server.port}")[0] == 200
         assert _get(server.port, "/healthz", f"other.example:{server.port}")[0] == 400
+
+
+def test_a_dashboard_bound_elsewhere_answers_only_the_names_it_is_told_to() -> None:
+    # Bound to other than loopback, --allowed-host was accepted and ignored: every name answered.
+    # (What it would serve is read, not bound: a test listens on loopback only.)
+    app = create_app(DashboardService(FakeSwarmSource(SystemClock()), DashboardConfig()))
+    told = server_module._uvicorn_server(app, "0.0.0.0", ("dash.example",)).config.app
+    assert isinstance(told, TrustedHostMiddleware)
+    assert {"dash.example", "127.0.0.1", "localhost"} <= set(told.allowed_hosts)
+    assert "*" not in told.allowed_hosts
+    untold = server_module._uvicorn_server(app, "0.0.0.0", ()).config.app
+    assert untold is app  # none given: any name

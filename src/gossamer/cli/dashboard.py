@@ -67,7 +67,9 @@ def dashboard(
         typer.Option(
             "--allowed-host",
             help="A name the page may be asked for besides loopback ones, e.g. the name a "
-            "reverse proxy on this machine passes on (repeatable; --host loopback only).",
+            "reverse proxy on this machine passes on, or this machine's name on its network "
+            "(repeatable). Given, the page answers those names only, whatever --host; without "
+            "it a --host other than loopback answers any name.",
         ),
     ] = None,
 ) -> None:

@@ -63,7 +63,9 @@ def _is_loopback(host: str) -> bool:
 
 def _uvicorn_server(app: FastAPI, host: str, allowed_hosts: Sequence[str]) -> uvicorn.Server:
     served: ASGIApp = app
-    if _is_loopback(host):
+    if _is_loopback(host) or allowed_hosts:
+        # (bound elsewhere, the names given are all it answers: they were accepted and then
+        # ignored, every name answered)
         names = [*LOOPBACK_HOST_NAMES, host, *allowed_hosts]
         served = TrustedHostMiddleware(app, allowed_hosts=names)
     config = uvicorn.Config(
@@ -85,8 +87,9 @@ class DashboardServer:
         app: the app from :func:`~gossamer.obs.dashboard.app.create_app`.
         host: the address to bind; loopback unless others should see the page.
         port: the port; 0 picks a free one (read :attr:`port` back).
-        allowed_hosts: ``Host`` names answered besides the loopback ones, where ``host`` is
-            loopback (a reverse proxy's); elsewhere every name is.
+        allowed_hosts: ``Host`` names answered besides the loopback ones (a reverse proxy's,
+            the machine's names on its network); none: where ``host`` is not loopback, every
+            name is.
     """
 
     def __init__(
@@ -158,7 +161,7 @@ def serve_forever(
 ) -> None:
     """Serve in the calling thread until interrupted (Ctrl-C or SIGTERM); for the CLI.
     ``host``: the address ``sock`` was bound to; ``allowed_hosts``: ``Host`` names answered
-    besides the loopback ones where it is loopback (a reverse proxy's)."""
+    besides the loopback ones (every name where there are none and ``host`` is not loopback)."""
     try:
         _uvicorn_server(app, host, allowed_hosts).run(sockets=[sock])
     finally:
