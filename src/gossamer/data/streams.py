@@ -137,9 +137,8 @@ class TokenStream:
         for key in ("seed", "peer_index", "num_peers", "seq_len", "num_tokens"):
             if int(state[key]) != expected[key]:
                 raise ValueError(
-                    f"stream state was saved with {key}={state[key]}, but this stream has "
-                    f"{key}={expected[key]}; resume with the same data and settings, or start "
-                    "a fresh stream"
+                    f"the data position was saved with {key}={state[key]}, and this run has "
+                    f"{key}={expected[key]}"
                 )
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or position < 0:
