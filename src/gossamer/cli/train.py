@@ -100,7 +100,7 @@ def train(
         typer.Option(help="A peer of the swarm to join, [PEER_ID@]HOST:PORT (repeatable)."),
     ] = None,
 ) -> None:
-    """Train on this peer. Any config key is a flag: --train.max_steps 100 --model.width 256.
+    """Train on this peer. Any config key is a flag: --train.max-steps 100 --model.width 256.
 
     Resumes from the newest valid checkpoint in checkpoint.directory unless
     --checkpoint.resume false. `gossamer config keys` lists every key.
