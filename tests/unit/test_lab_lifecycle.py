@@ -277,6 +277,20 @@ def test_down_all_removes_every_lab_but_a_busy_one_and_says_so(
     assert runner.namespaces == set(plan_topology(_config("b")).namespaces())
 
 
+def test_a_removed_lab_leaves_no_lock_file_and_down_all_sweeps_old_ones(tmp_path: Path) -> None:
+    # One ".NAME.lock" per lab ever made stayed in /run/gossamer-lab (85 on a host that ran
+    # benchmarks), and no command removed them.
+    runner = FakeCommandRunner()
+    lab_up(_config("a"), runner=runner, state_dir=tmp_path)
+    lab_down("a", runner=runner, state_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    (tmp_path / ".old.lock").touch()  # left by an earlier version
+    lab_up(_config("b"), runner=runner, state_dir=tmp_path)
+    with state_lock("held", tmp_path):  # another command's, under way: left alone
+        lab_down(None, runner=runner, state_dir=tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".held.lock"]
+
+
 class _InterruptedAfterAdding(FakeCommandRunner):
     """Ctrl-C lands while `ip netns add NAME` runs: the namespace is made, the call raises."""
 

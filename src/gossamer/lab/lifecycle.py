@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -157,6 +158,7 @@ def lab_down(
     spared = tuple(namespace_prefix(lab_name) for lab_name in busy)
     strays = [ns for ns in list_namespaces(runner, LAB_PREFIX) if not ns.startswith(spared)]
     removed += remove_namespaces(runner, strays)
+    _forget_unrecorded_locks(state_dir)
     if busy:
         raise DeadlineExceededError(
             f"removed {len(removed)} namespaces, but not those of {', '.join(busy)}: another "
@@ -186,6 +188,20 @@ def _readable_state(name: str, state_dir: Path) -> LabState | None:
     except CorruptedDataError as exc:
         logger.warning("%s", exc)
         return None
+
+
+def _forget_unrecorded_locks(state_dir: Path) -> None:
+    """Delete the lock files of labs that have no record (left by a removal before it deleted
+    them too, one per lab ever made), but one another command holds."""
+    if not state_dir.is_dir():
+        return
+    recorded = set(_recorded_lab_names(state_dir))
+    for path in state_dir.glob(".*.lock"):
+        name = path.name[1 : -len(".lock")]
+        if name in recorded:
+            continue
+        with contextlib.suppress(DeadlineExceededError), state_lock(name, state_dir, timeout_s=0):
+            delete_state(name, state_dir)
 
 
 def _recorded_lab_names(state_dir: Path) -> list[str]:

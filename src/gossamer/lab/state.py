@@ -165,12 +165,12 @@ def state_lock(
     """
     timeout_s = LOCK_TIMEOUT_S if timeout_s is None else timeout_s
     state_dir.mkdir(parents=True, exist_ok=True)
-    with open(state_dir / f".{name}.lock", "a") as handle:
-        deadline = time.monotonic() + timeout_s
-        while True:
+    path = _lock_path(state_dir, name)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with open(path, "a") as handle:
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     raise DeadlineExceededError(
@@ -179,10 +179,29 @@ def state_lock(
                         "or stop it and run the command again"
                     ) from None
                 time.sleep(_LOCK_POLL_S)  # (flock has no timeout of its own)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+                continue
+            try:
+                # The lab's removal deletes its lock file while holding it (they piled up, one
+                # per lab ever made): a lock taken on the file it deleted is no lock; again.
+                if not _same_file(handle.fileno(), path):
+                    continue
+                yield
+                return
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _lock_path(state_dir: Path, name: str) -> Path:
+    return state_dir / f".{name}.lock"
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        on_disk = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
 
 
 def update_state(
@@ -205,5 +224,7 @@ def update_state(
 
 
 def delete_state(name: str, state_dir: Path = DEFAULT_STATE_DIR) -> None:
-    """Forget lab ``name`` (no error when it was never recorded)."""
+    """Forget lab ``name`` (no error when it was never recorded), its lock file too: call it
+    holding :func:`state_lock` of ``name``."""
     _state_path(state_dir, name).unlink(missing_ok=True)
+    _lock_path(state_dir, name).unlink(missing_ok=True)
