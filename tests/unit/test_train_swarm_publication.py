@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-from gossamer.obs.metrics import PeerMetrics
 from gossamer.train import swarm as swarm_module
 from gossamer.train.averaging import AverageOutcome
 from gossamer.train.diloco import DiLoCoConfig
@@ -303,41 +302,4 @@ def test_a_peer_resumed_from_its_checkpoint_serves_its_state_at_its_version_s_st
     strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
     assert donor.versions[0] == 5
     assert donor.steps[0] == 5 * INNER_STEPS
-    strategy.close()
-
-
-@pytest.mark.parametrize(("overlap", "thrown_away"), [(False, 2 + 3), (True, 2)])
-def test_a_missed_round_discards_the_steps_trained_while_it_formed_too(
-    monkeypatch: pytest.MonkeyPatch, overlap: bool, thrown_away: int
-) -> None:
-    # Training while the round formed, the peer learned it was left out 3 steps past the
-    # boundary: taking the swarm's state threw those away with the round's 2, and goodput
-    # counted only the 2 as lost (with overlap the local model keeps its 3).
-    torch.manual_seed(0)
-    model = nn.Linear(4, 4)
-    metrics = PeerMetrics()
-    averager: Any = FakeAverager()
-    averager.config = SimpleNamespace(codec="none")  # (what the round counters read)
-    strategy = SwarmDiLoCoStrategy(
-        DiLoCoConfig(inner_steps=INNER_STEPS, run_id="r", overlap=overlap),
-        averager,
-        cast(Any, FakeNodeThread()),
-        cast(Any, FakeDonor()),
-        join_existing=False,
-        metrics=metrics,
-        tokens_per_step=10,
-    )
-    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    metrics.goodput.add_step(100 * 10)
-    snapshot = strategy._snapshot(step=0)
-    snapshot = StateSnapshot(
-        version=snapshot.version + 1,
-        tensors=snapshot.tensors,
-        meta=snapshot.meta | {"outer_step": snapshot.version + 1},
-    )
-    monkeypatch.setattr(strategy, "_wait_for_newer_state", lambda: snapshot)
-    strategy.last_round_excluded = True
-    strategy._local_steps = 3  # trained since the boundary, while the round formed
-    strategy._after_round(INNER_STEPS - 1, None, work_lost=False)
-    assert metrics.goodput.snapshot().tokens_discarded == thrown_away * 10
     strategy.close()

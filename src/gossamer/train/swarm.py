@@ -439,11 +439,6 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             steps = self.config.inner_steps if steps is None else steps
             self.metrics.goodput.discard(steps * self.tokens_per_step)
 
-    def _steps_a_snapshot_throws_away(self) -> int:
-        """The local steps taking the swarm's state now throws away (those since this peer's
-        last round began; with overlap the local model keeps its progress)."""
-        return 0 if self.config.overlap else self._local_steps
-
     def on_step_end(self, model: nn.Module, step: int) -> int | None:
         if self.config.train_while_forming or (step + 1) % self.config.inner_steps != 0:
             return super().on_step_end(model, step)  # its rounds call the hooks below
@@ -470,11 +465,10 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
     def _catch_up_before_round(self) -> int | None:
         """(train while forming) Take the swarm's newer state first if this peer is behind (it
         restarted from an older checkpoint, say), so it forms the round the others form."""
-        lost = self._steps_a_snapshot_throws_away()
         snapshot = self._take_newer_state()
         if snapshot is None:
             return None
-        self._discard_round(steps=lost)
+        self._discard_round()
         return int(snapshot.meta["step"])
 
     def _catch_up_between_boundaries(self, step: int) -> int | None:
@@ -484,7 +478,6 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         state one version before the others made the next would otherwise train a whole round
         from the old state before it learned, at its boundary, while they waited for it at
         theirs. One download per round key at most; nothing here reads the DHT."""
-        del step  # (the steps thrown away are counted as they were trained)
         newest = self.swarm_averager.newest_seen_version
         if newest is None or newest <= self.outer_step:
             return None
@@ -495,11 +488,10 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             return None
         self._tried_ahead.add(key)
         self._next_early_catch_up_s = time.monotonic() + _EARLY_CATCH_UP_EVERY_S
-        lost = self._steps_a_snapshot_throws_away()
         snapshot = self._take_newer_state(version=newest)
         if snapshot is None:
             return None
-        self._discard_round(steps=lost)
+        self._discard_round(steps=(step + 1) % self.config.inner_steps)
         return int(snapshot.meta["step"])
 
     def _awaited_ahead(self) -> str | None:
@@ -568,12 +560,10 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             The step to continue from if the swarm's state replaced this peer's, else
             ``continue_from``.
         """
-        since_round = 0  # (steps trained while the round formed, thrown away with it)
         if self.last_round_excluded:
             work_lost = True
             snapshot = self._wait_for_newer_state()
             if snapshot is not None:
-                since_round = self._steps_a_snapshot_throws_away()
                 self._apply_snapshot(snapshot)
                 self.last_round_excluded = False  # caught up: nothing more to wait for
                 self._resynced()
@@ -584,7 +574,7 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
                     self.outer_step,
                 )
         if work_lost:
-            self._discard_round(steps=self.config.inner_steps + since_round)
+            self._discard_round()
         if self.swarm_metrics is not None:
             self.swarm_metrics.outer_step.set(self.outer_step)
         self._publish_outer_step(step=continue_from if continue_from is not None else boundary + 1)
