@@ -248,14 +248,21 @@ def test_a_trace_file_past_its_size_is_moved_aside_and_a_new_one_begun(tmp_path:
 def test_spans_reach_the_file_within_a_second_without_a_close(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A killed peer lost its last spans (those nearest the end), held in the file's buffer.
-    monkeypatch.setattr(trace_module, "_FLUSH_EVERY_S", 0.0)
+    # A killed peer lost its last spans, held in the file's buffer: flushed only when another
+    # span came a second after the last flush, they stayed there through a long wait.
+    monkeypatch.setattr(trace_module, "_FLUSH_EVERY_S", 0.05)
     path = tmp_path / "spans.jsonl"
     recorder = SpanRecorder(peer="p1", path=path)
-    with recorder.span("compute", step=7):
-        pass
-    assert [s.step for s in read_spans(path)] == [7]
-    recorder.close()
+    try:
+        with recorder.span("compute", step=7):
+            pass
+        deadline = time.monotonic() + 10
+        while path.stat().st_size == 0:  # no other span comes, no close
+            assert time.monotonic() < deadline, "the span never reached the file"
+            time.sleep(0.01)  # polling the file under a deadline
+        assert [s.step for s in read_spans(path)] == [7]
+    finally:
+        recorder.close()
 
 
 def test_trace_export_draws_several_peers_files_on_one_timeline(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 PHASES = ("compute", "communication", "waiting", "checkpoint", "evaluation", "sync")
+"""The phases a peer's time is split into."""
 MAX_TRACE_FILE_BYTES = 64 << 20
 """A trace file this big is moved to ``NAME.1`` (replacing the one there) and a new one begun:
 about 75,000 training steps each, two files at most on disk, and one exported in well under a
@@ -48,7 +49,6 @@ gigabyte of memory."""
 _FLUSH_EVERY_S = 1.0
 """Spans reach the file at most this late (a killed peer loses those nearest its end)."""
 _log = logging.getLogger(__name__)
-"""The phases a peer's time is split into."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -186,11 +186,27 @@ class SpanRecorder:
         self._max_file_bytes = max_file_bytes
         self._file: TextIO | None = None
         self._file_bytes = 0
-        self._flushed_at = time.monotonic()
+        self._unflushed = False
+        self._closed = threading.Event()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = path.open("a", encoding="utf-8")
             self._file_bytes = self._file.tell()
+            # Flushed a second after a span is written at the latest, whether or not another
+            # comes: a peer waiting long (a round forming) and then killed kept its last spans
+            # in the buffer.
+            threading.Thread(
+                target=self._flush_every_second, name="trace-flush", daemon=True
+            ).start()
+
+    def _flush_every_second(self) -> None:
+        while not self._closed.wait(_FLUSH_EVERY_S):
+            with self._lock:
+                if self._file is None:
+                    return
+                if self._unflushed:
+                    self._unflushed = False
+                    self._flush_or_give_up()
 
     def add_sink(self, sink: SpanSink) -> None:
         """Send every later span to ``sink`` too."""
@@ -255,19 +271,27 @@ class SpanRecorder:
                 self._file_bytes = 0
             self._file.write(line)
             self._file_bytes += len(line)  # (ASCII: json.dumps escapes the rest)
-            now = time.monotonic()
-            if now - self._flushed_at >= _FLUSH_EVERY_S:
-                self._file.flush()
-                self._flushed_at = now
+            self._unflushed = True
         except OSError as exc:
-            _log.warning(
-                "trace file %s cannot be written (%s): no more spans go to it; training goes on",
-                self._path,
-                exc,
-            )
+            self._give_up(exc)
+
+    def _flush_or_give_up(self) -> None:
+        assert self._file is not None
+        try:
+            self._file.flush()
+        except OSError as exc:
+            self._give_up(exc)
+
+    def _give_up(self, exc: OSError) -> None:
+        _log.warning(
+            "trace file %s cannot be written (%s): no more spans go to it; training goes on",
+            self._path,
+            exc,
+        )
+        if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()
-            self._file = None
+        self._file = None
 
     def spans(self) -> list[Span]:
         """The spans still in memory, oldest first."""
@@ -276,6 +300,7 @@ class SpanRecorder:
 
     def close(self) -> None:
         """Flush and close the file, if any (best effort: a failure is logged, not raised)."""
+        self._closed.set()
         with self._lock:
             if self._file is None:
                 return
