@@ -490,8 +490,13 @@ class Node:
             self.reachability = (
                 net_pb2.REACHABILITY_DIRECT if direct else net_pb2.REACHABILITY_RELAYED
             )
-            if direct:  # the addresses most helpers reached it at first
-                self.addresses = tuple(a for a, _ in reported.most_common(4))
+            if direct:
+                # Where two or more helpers reached it, the addresses two of them name (one
+                # helper, a liar or one on its LAN, adds none); if none is named twice, what
+                # they named, the most named first.
+                ranked = reported.most_common()
+                confirmed = [a for a, count in ranked if count >= min(2, reached)]
+                self.addresses = tuple((confirmed or [a for a, _ in ranked])[:4])
             self.sign_own_record()
             self.reservations.wake()
         _log.info(
@@ -509,7 +514,9 @@ class Node:
         """Find out whether others can dial this node (:meth:`check_reachability`); if they
         cannot, wait up to ``relay_wait_s`` for a relay reservation (taken in the background),
         so that the record others read names a way in."""
-        if not await self.check_reachability(timeout_s=check_timeout_s) and not self.relays:
+        await self.check_reachability(timeout_s=check_timeout_s)
+        # (no helper answered: unknown, and no relay is taken to wait for)
+        if self.reachability == net_pb2.REACHABILITY_RELAYED and not self.relays:
             await self.wait_for_relay(timeout_s=relay_wait_s)
 
     # ---- calls -----------------------------------------------------------------------------
