@@ -201,7 +201,8 @@ def _forget_unrecorded_locks(state_dir: Path) -> None:
         if name in recorded:
             continue
         with contextlib.suppress(DeadlineExceededError), state_lock(name, state_dir, timeout_s=0):
-            delete_state(name, state_dir)
+            if name not in _recorded_lab_names(state_dir):  # (an `up` may have ended since)
+                delete_state(name, state_dir)
 
 
 def _recorded_lab_names(state_dir: Path) -> list[str]:
