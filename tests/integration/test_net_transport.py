@@ -484,8 +484,11 @@ def test_a_call_waits_for_another_call_s_dial_of_the_peer_within_its_own_deadlin
 def test_a_half_open_breaker_s_trial_cancelled_by_its_caller_lets_the_next_call_through() -> None:
     # The breaker kept the cancelled trial "in flight" and refused every later call: a live
     # peer was unreachable, and reported gone, for good.
+    entered: list[int] = []
+
     async def slow(request: Any, context: Any) -> Any:
-        await asyncio.sleep(1.0)
+        entered.append(1)
+        await asyncio.sleep(1.0)  # (a slow handler: what the calls wait on)
         return net_pb2.PingResponse()
 
     def add_slow(servicer: object, server: Any) -> None:
@@ -524,7 +527,7 @@ def test_a_half_open_breaker_s_trial_cancelled_by_its_caller_lets_the_next_call_
                     retry=False,
                 )
             )
-            await asyncio.sleep(0.1)  # (under way: its call waits on the slow handler)
+            await until(lambda: len(entered) == 2, 5.0, "the trial reached the slow handler")
             trial.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await trial

@@ -102,14 +102,13 @@ def test_a_half_open_trial_that_ends_with_no_verdict_lets_the_next_call_try() ->
     # flight" and the breaker refused every call after it, for good.
     clock = FakeClock()
     breaker = CircuitBreaker("p" * 52, BreakerConfig(failure_threshold=1, open_s=5), clock)
-    breaker.before_call()
+    assert not breaker.before_call()  # (closed: no trial)
     breaker.failed()
-    breaker.settled()
     clock.advance(5)
-    breaker.before_call()  # the trial, cancelled
+    assert breaker.before_call()  # the trial, cancelled
     breaker.settled()
     assert breaker.state == "half-open"
-    breaker.before_call()  # the next one tries
+    assert breaker.before_call()  # the next one tries
     with pytest.raises(PeerUnavailableError):
         breaker.before_call()
     breaker.failed()

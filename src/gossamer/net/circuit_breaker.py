@@ -41,18 +41,22 @@ class CircuitBreaker:
             return "half-open"
         return "open"
 
-    def before_call(self) -> None:
+    def before_call(self) -> bool:
         """Let a call through, or refuse it.
+
+        Returns:
+            Whether the call is the half-open trial (its caller calls :meth:`settled` when it
+            ends).
 
         Raises:
             PeerUnavailableError: the breaker is open (or a half-open trial is already running).
         """
         state = self.state
         if state == "closed":
-            return
+            return False
         if state == "half-open" and not self._trial_in_flight:
             self._trial_in_flight = True
-            return
+            return True
         assert self.opened_at_s is not None
         remaining_s = self.config.open_s - (self.clock.monotonic() - self.opened_at_s)
         raise PeerUnavailableError(
@@ -69,10 +73,11 @@ class CircuitBreaker:
         self._trial_in_flight = False
 
     def settled(self) -> None:
-        """A call let through ended (called whatever its outcome, after :meth:`succeeded` or
-        :meth:`failed` where it had one): a half-open trial that ended with no verdict, its
-        caller cancelled or an error that says nothing of the peer's health, lets the next call
-        try. Without this the breaker refused every call for good."""
+        """The half-open trial ended (called whatever its outcome, after :meth:`succeeded` or
+        :meth:`failed` where it had one; by the trial's caller only: another call's end must
+        not let a second trial through). A trial that ended with no verdict, its caller
+        cancelled or an error that says nothing of the peer's health, lets the next call try.
+        Without this the breaker refused every call for good."""
         self._trial_in_flight = False
 
     def failed(self) -> None:

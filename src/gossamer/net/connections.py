@@ -416,13 +416,14 @@ class ConnectionPool:
         self, peer_id: str, method: str, request: Message, response_type: type[R], timeout_s: float
     ) -> R:
         breaker = self.breakers[peer_id]
-        breaker.before_call()
+        trial = breaker.before_call()
         try:
             return await self._call_through(
                 breaker, peer_id, method, request, response_type, timeout_s
             )
         finally:
-            breaker.settled()
+            if trial:
+                breaker.settled()
 
     async def _call_through(
         self,
