@@ -541,7 +541,14 @@ class AcceptedTunnels:
         self._open[holder] -= 1
         if self._open[holder] <= 0:
             del self._open[holder]
-            self._refusing.discard(holder)
+        # (refused for the total, a holder with none open here was never cleared)
+        total = self._open.total()
+        self._refusing = {
+            h
+            for h in self._refusing
+            if self._open[h] >= MAX_ACCEPTED_TUNNELS_PER_RESERVATION
+            or total >= MAX_ACCEPTED_TUNNELS
+        }
 
 
 async def accept_tunnel(

@@ -249,6 +249,8 @@ async def download_state(
         for place, (manifest, holders) in enumerate(ranked):
             # Any version will do: where every holder of the first choice fails (often one
             # donor that had just published a newer version), the next one is fetched.
+            if place and not set(holders) - set(job.failed):
+                continue  # (its holders failed meanwhile)
             try:
                 chunks, stats, num_refetched = await _fetch_chunks(
                     job, manifest, holders, max_chunks_in_flight

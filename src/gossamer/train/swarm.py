@@ -1025,7 +1025,8 @@ def run_swarm_peer(
     # Its spans and log lines name this peer: the run's name, which every peer of the run
     # shares, put a swarm's traces, exported together, on one process's rows.
     spans = spans or SpanRecorder()
-    spans.peer = short_peer_id(identity.peer_id)
+    if spans.peer in ("", config.name):  # (a name the caller chose is kept: a bench's tag)
+        spans.peer = short_peer_id(identity.peer_id)
     with NodeThread(swarm_node_config(config), identity) as node_thread:
         net_metrics = register_net_metrics(metrics.registry, node_thread)
         try:
