@@ -303,3 +303,68 @@ def test_a_peer_resumed_from_its_checkpoint_serves_its_state_at_its_version_s_st
     assert donor.versions[0] == 5
     assert donor.steps[0] == 5 * INNER_STEPS
     strategy.close()
+
+
+class _RoundLog(FakeAverager):
+    """A swarm of one that logs the (step, round key) of every average."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[tuple[int, str]] = []
+        self.step = -1
+
+    def average(
+        self, tensors: list[torch.Tensor], *, round_key: str, weight: float
+    ) -> AverageOutcome:
+        self.log.append((self.step, round_key))
+        return super().average(tensors, round_key=round_key, weight=weight)
+
+    def run_states(self) -> dict[str, tuple[str, int]]:
+        return {}
+
+    def rounds_awaiting(self) -> list[str]:
+        return []
+
+
+def _forming_peer() -> tuple[SwarmDiLoCoStrategy, _RoundLog]:
+    averager = _RoundLog()
+    strategy = SwarmDiLoCoStrategy(
+        DiLoCoConfig(inner_steps=5, run_id="r", train_while_forming=True),
+        cast(Any, averager),
+        cast(Any, FakeNodeThread()),
+        cast(Any, FakeDonor()),
+        join_existing=False,
+    )
+    return strategy, averager
+
+
+def _train(strategy: SwarmDiLoCoStrategy, log: _RoundLog, model: nn.Module, steps: range) -> None:
+    for step in steps:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.01)
+        log.step = step
+        assert strategy.on_step_end(model, step) is None
+
+
+def test_a_peer_resumed_while_its_round_formed_forms_that_round_as_the_others_do() -> None:
+    # The round forming when the checkpoint was taken was lost with the process, and the
+    # resumed peer began it again at the next boundary: a round behind the others (and any
+    # peer that took its state) to the end of the run, which it ended on other weights.
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4)
+    live, live_log = _forming_peer()
+    live.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    _train(live, live_log, model, range(30))
+    tensors, meta = live.state_for_checkpoint()  # the process is killed here
+    _train(live, live_log, model, range(30, 50))
+    live.close()
+
+    resumed, resumed_log = _forming_peer()
+    resumed.load_checkpoint_state(tensors, meta)
+    restored = nn.Linear(4, 4)
+    resumed.setup(restored, torch.optim.SGD(restored.parameters(), lr=0.1))
+    _train(resumed, resumed_log, restored, range(30, 50))
+    resumed.close()
+    assert resumed_log.log == [entry for entry in live_log.log if entry[0] >= 30]
+    assert resumed_log.log[0] == (30, "r/outer/5")

@@ -220,6 +220,9 @@ class DiLoCoStrategy:
         """Inner steps since the local model last restarted from the global weights."""
         self.round_began_at = -1
         """(train while forming) The step at whose end the last round began (-1: none yet)."""
+        self._resume_forming_at: int | None = None
+        """(train while forming) Restored from a checkpoint taken while a round formed: the
+        step at whose end it began, begun again at the first step end."""
         self._averaging: Future[AverageOutcome] | None = None
         """(train while averaging) The formed round, averaging in the background."""
 
@@ -277,6 +280,14 @@ class DiLoCoStrategy:
         h = self.config.inner_steps
         boundary = (step + 1) % h == 0
         continue_from = None
+        if self._resume_forming_at is not None and self._forming is None:
+            # The round that formed when the checkpoint was taken, lost with the process: the
+            # others (and any peer that took this peer's state, published as of that round's
+            # boundary) form it now; begun at the next boundary instead, this peer stayed a
+            # round behind them to the end of the run.
+            self._forming = begin_round(self.averager, self._round_key())
+            self.round_began_at = self._resume_forming_at
+            self._resume_forming_at = None
         if self._averaging is not None and (boundary or self._averaging.done()):
             continue_from = self._land_averaging()
         if self._forming is not None and (boundary or self._forming.ready()):
@@ -640,6 +651,7 @@ class DiLoCoStrategy:
             # tail round its steps since the last one are owed (they were dropped).
             "steps_since_round": self._steps_since_round,
             "round_in_flight": self._inflight is not None,
+            "round_forming_began_at": self.round_began_at if self._forming is not None else None,
         }
         return tensors, meta
 
@@ -668,6 +680,10 @@ class DiLoCoStrategy:
         self._local_steps = int(meta.get("local_steps", self._local_steps))
         self._steps_since_round = int(meta.get("steps_since_round", self._steps_since_round))
         self._restored_in_flight = bool(meta.get("round_in_flight", True))
+        forming_at = meta.get("round_forming_began_at")
+        self._resume_forming_at = (
+            forming_at if type(forming_at) is int and self.config.train_while_forming else None
+        )
 
     def close(self) -> None:
         if self._forming is not None:
