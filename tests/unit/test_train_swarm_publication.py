@@ -368,3 +368,51 @@ def test_a_peer_resumed_while_its_round_formed_forms_that_round_as_the_others_do
     resumed.close()
     assert resumed_log.log == [entry for entry in live_log.log if entry[0] >= 30]
     assert resumed_log.log[0] == (30, "r/outer/5")
+
+
+class _WeightLog(_RoundLog):
+    """Logs the weight of every average too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights: list[float] = []
+
+    def average(
+        self, tensors: list[torch.Tensor], *, round_key: str, weight: float
+    ) -> AverageOutcome:
+        self.weights.append(weight)
+        return super().average(tensors, round_key=round_key, weight=weight)
+
+
+def test_a_peer_behind_at_finish_adds_nothing_to_the_tail_round(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # It took the others' newer state (its local model restarted from it) and still joined the
+    # tail round at full weight with a zero pseudo-gradient: with two peers, half the others'
+    # last outer step.
+    monkeypatch.setattr(swarm_module, "_FINAL_AGREEMENT_S", 0.0)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4)
+    averager = _WeightLog()
+    strategy = SwarmDiLoCoStrategy(
+        DiLoCoConfig(inner_steps=5, run_id="r"),  # blocking rounds
+        cast(Any, averager),
+        cast(Any, FakeNodeThread()),
+        cast(Any, FakeDonor()),
+        join_existing=False,
+    )
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    _train(strategy, averager, model, range(12))
+    version = strategy.outer_step
+    newer = StateSnapshot(
+        version=version + 1,
+        tensors=strategy.state_for_checkpoint()[0],
+        meta={"outer_step": version + 1, "step": 10, "round_in_flight": False},
+    )
+    averager.newest_seen_version = version + 1
+    monkeypatch.setattr(strategy, "_download", lambda version=None, donors=None: newer)
+    monkeypatch.setattr(strategy, "_out_of_agreement", lambda outer_step: [])
+    before = len(averager.weights)
+    strategy.finish(model, 12)
+    strategy.close()
+    assert averager.weights[before:] == [0.0]

@@ -571,13 +571,21 @@ class DiLoCoStrategy:
             forming, self._forming = self._forming, None
             self._round(step, forming)
         self._collect()
-        self._catch_up()
+        caught_up_from = self.outer_step
+        stale = self._catch_up()
+        took_state = self.outer_step != caught_up_from
         replaced = replaced or self.outer_step != version
         if tail:
             self._steps_since_round = 0
             weight = self.weight
             if forming_mode:  # peers ended the last round at different steps: weigh by them
                 weight *= self._local_steps
+            elif took_state and (stale or not self.config.overlap):
+                # Its progress went with the state it took (blocking: the local model restarted
+                # from it), or was made from a state too old to count: it joins the round with
+                # nothing to add (a zero pseudo-gradient at full weight halved the others' last
+                # outer step with two peers).
+                weight = 0.0
             # While forming, the last round may have taken in every step already (it formed
             # after the last one), so this one may carry nothing: it is applied without the
             # outer momentum, which would otherwise move the weights with no data behind it.
