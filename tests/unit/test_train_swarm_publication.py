@@ -416,3 +416,68 @@ def test_a_peer_behind_at_finish_adds_nothing_to_the_tail_round(
     strategy.finish(model, 12)
     strategy.close()
     assert averager.weights[before:] == [0.0]
+
+
+class _Excluding(_RoundLog):
+    """Leaves this peer out of one round; records what each round was sent."""
+
+    def __init__(self, excluded_key: str) -> None:
+        super().__init__()
+        self.excluded_key = excluded_key
+        self.sent: dict[str, list[torch.Tensor]] = {}
+
+    def average(
+        self, tensors: list[torch.Tensor], *, round_key: str, weight: float
+    ) -> AverageOutcome:
+        self.sent[round_key] = [t.clone() for t in tensors]
+        if round_key == self.excluded_key:
+            return AverageOutcome(
+                tensors=[t.clone() for t in tensors],
+                group_size=1,
+                bytes_sent=0,
+                bytes_received=0,
+                excluded=True,
+            )
+        return super().average(tensors, round_key=round_key, weight=weight)
+
+
+def test_an_overlap_peer_resumed_after_a_round_left_it_out_does_not_send_that_round_again() -> None:
+    # The local model stood on the estimate it restarted from, the checkpoint said no round was
+    # in flight, and the resumed peer measured its next contribution from the global weights:
+    # the excluded round's progress went out again.
+    config = DiLoCoConfig(inner_steps=5, run_id="r", overlap=True)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4)
+    averager = _Excluding("r/outer/2")
+    strategy = SwarmDiLoCoStrategy(
+        config,
+        cast(Any, averager),
+        cast(Any, FakeNodeThread()),
+        cast(Any, FakeDonor()),
+        join_existing=False,
+    )
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    for step in range(17):  # the round launched at step 14 leaves it out
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.01 * torch.randn_like(param))
+        averager.step = step
+        if strategy._inflight is not None:
+            strategy._inflight.result()  # (done: it lands at this step's end)
+        strategy.on_step_end(model, step)
+    tensors, meta = strategy.state_for_checkpoint()
+    strategy.close()
+    assert "r/outer/2" in averager.sent
+    resumed = SwarmDiLoCoStrategy(
+        config,
+        cast(Any, _Excluding("none")),
+        cast(Any, FakeNodeThread()),
+        cast(Any, FakeDonor()),
+        join_existing=False,
+    )
+    resumed.load_checkpoint_state(tensors, meta)
+    resumed.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    # Its progress counts from where its model stands, not from the global weights under it.
+    progress = resumed._progress()
+    resumed.close()
+    assert all(float(p.abs().max()) == 0.0 for p in progress)

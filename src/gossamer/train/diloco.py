@@ -658,7 +658,16 @@ class DiLoCoStrategy:
             # A peer killed after the last step but before finish() needs both to run the
             # tail round its steps since the last one are owed (they were dropped).
             "steps_since_round": self._steps_since_round,
-            "round_in_flight": self._inflight is not None,
+            # (overlap) Also after a round that left this peer out landed: the local model still
+            # stands on the estimate it restarted from, and measured from the global weights on
+            # resume its next contribution sent that round's progress again.
+            "round_in_flight": self._inflight is not None
+            or (
+                self.config.overlap
+                and any(
+                    not torch.equal(s, g) for s, g in zip(self._start, self._global, strict=True)
+                )
+            ),
             "round_forming_began_at": self.round_began_at if self._forming is not None else None,
         }
         return tensors, meta
