@@ -481,3 +481,37 @@ def test_an_overlap_peer_resumed_after_a_round_left_it_out_does_not_send_that_ro
     progress = resumed._progress()
     resumed.close()
     assert all(float(p.abs().max()) == 0.0 for p in progress)
+
+
+def test_a_resumed_overlap_peer_publishes_its_version_at_the_step_training_does() -> None:
+    # Training publishes version v as of step (v + 1) H with overlap; resumed, it said v H, and
+    # a peer that took the state began its rounds a boundary off the others.
+    config = DiLoCoConfig(inner_steps=5, run_id="r", overlap=True)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4)
+    log, donor = _RoundLog(), FakeDonor()
+    live = SwarmDiLoCoStrategy(
+        config, cast(Any, log), cast(Any, FakeNodeThread()), cast(Any, donor), join_existing=False
+    )
+    live.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    for step in range(30):
+        log.step = step
+        if live._inflight is not None:
+            live._inflight.result()
+        live.on_step_end(model, step)
+    tensors, meta = live.state_for_checkpoint()
+    live.close()
+    published = dict(zip(donor.versions, donor.steps, strict=True))
+    resumed_donor = FakeDonor()
+    resumed = SwarmDiLoCoStrategy(
+        config,
+        cast(Any, _RoundLog()),
+        cast(Any, FakeNodeThread()),
+        cast(Any, resumed_donor),
+        join_existing=False,
+    )
+    resumed.load_checkpoint_state(tensors, meta)
+    resumed.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    resumed.close()
+    (version,) = resumed_donor.versions
+    assert published[version] == resumed_donor.steps[0] == (version + 1) * 5

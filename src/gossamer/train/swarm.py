@@ -249,8 +249,12 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         # version begins at (as every published version is: the step after the boundary where
         # its round began); it said step 0, and a newcomer that took it from there started the
         # run over.
+        # (with overlap a version is the state at the boundary after the one its round was
+        # launched at: v as of step (v + 1) H, as published while training; v H put a peer that
+        # took it a boundary off the others)
+        boundaries = self.outer_step + (1 if self.config.overlap and self.outer_step > 0 else 0)
         self._publish(
-            step=start_step if start_step is not None else self.outer_step * self.config.inner_steps
+            step=start_step if start_step is not None else boundaries * self.config.inner_steps
         )
         if self.swarm_metrics is not None:  # (resumed or synced: not 0 until its first round)
             self.swarm_metrics.outer_step.set(self.outer_step)
