@@ -14,23 +14,32 @@ from gossamer.obs.trace import read_spans
 from gossamer.train import swarm as swarm_module
 
 
+def _swarm_peer_args(tmp_path: Path) -> list[str]:
+    """`gossamer train` as a tiny DiLoCo swarm peer on a corpus written under ``tmp_path``."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def square(x):\n    return x * x\n\n" * 200)
+    return [
+        "train",
+        "--model.num-layers", "1", "--model.num-heads", "2", "--model.width", "16",
+        "--model.context", "16", "--data.source", "text", "--data.path", str(corpus),
+        "--train.max-steps", "2", "--train.batch-size", "2", "--train.eval-batches", "1",
+        "--checkpoint.directory", str(tmp_path / "ck"), "--swarm.strategy", "diloco",
+    ]  # fmt: skip
+
+
 def test_a_swarm_peer_whose_bootstrap_peers_never_answer_trains_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # It logged a warning, trained alone from step 0 and exited 0: a run asked to join a
     # swarm ended as a success without one.
     monkeypatch.setattr(swarm_module, "_BOOTSTRAP_WAIT_S", 1.0)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("def square(x):\n    return x * x\n\n" * 200)
     args = [
-        "train",
-        "--model.num-layers", "1", "--model.num-heads", "2", "--model.width", "16",
-        "--model.context", "16", "--data.source", "text", "--data.path", str(corpus),
-        "--train.max-steps", "2", "--train.batch-size", "2", "--train.eval-batches", "1",
-        "--checkpoint.directory", str(tmp_path / "ck"),
-        "--swarm.strategy", "diloco", "--swarm.listen", "127.0.0.1:0",
-        "--bootstrap", "127.0.0.1:1",
-    ]  # fmt: skip
+        *_swarm_peer_args(tmp_path),
+        "--swarm.listen",
+        "127.0.0.1:0",
+        "--bootstrap",
+        "127.0.0.1:1",
+    ]
     result = CliRunner().invoke(app, args)
     assert "Traceback" not in result.output
     assert result.exit_code != 0
@@ -56,17 +65,8 @@ def test_a_dashboard_port_in_use_is_one_line_naming_the_option() -> None:
 def test_a_swarm_peer_s_spans_name_the_peer_not_the_run(tmp_path: Path) -> None:
     # Every peer of a run shares its name: their traces, exported together, fell on one
     # process's rows, overlapping.
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("def square(x):\n    return x * x\n\n" * 200)
     trace = tmp_path / "spans.jsonl"
-    args = [
-        "train",
-        "--model.num-layers", "1", "--model.num-heads", "2", "--model.width", "16",
-        "--model.context", "16", "--data.source", "text", "--data.path", str(corpus),
-        "--train.max-steps", "2", "--train.batch-size", "2", "--train.eval-batches", "1",
-        "--checkpoint.directory", str(tmp_path / "ck"),
-        "--swarm.strategy", "diloco", "--swarm.listen", "127.0.0.1:0", "--trace", str(trace),
-    ]  # fmt: skip
+    args = [*_swarm_peer_args(tmp_path), "--swarm.listen", "127.0.0.1:0", "--trace", str(trace)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     peer_id = load_or_create_identity(tmp_path / "ck" / "peer.key").peer_id
@@ -77,14 +77,7 @@ def test_a_swarm_peer_s_spans_name_the_peer_not_the_run(tmp_path: Path) -> None:
 
 def test_a_swarm_peer_s_node_errors_name_the_run_config_s_keys(tmp_path: Path) -> None:
     # They named net's keys ("net.bootstrap", "net.listen_address"), which no config has.
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("def square(x):\n    return x * x\n\n" * 200)
-    common = [
-        "train", "--model.num-layers", "1", "--model.num-heads", "2", "--model.width", "16",
-        "--model.context", "16", "--data.source", "text", "--data.path", str(corpus),
-        "--train.max-steps", "2", "--checkpoint.directory", str(tmp_path / "ck"),
-        "--swarm.strategy", "diloco",
-    ]  # fmt: skip
+    common = _swarm_peer_args(tmp_path)
     result = CliRunner().invoke(
         app, [*common, "--swarm.listen", "127.0.0.1:0", "--bootstrap", "PEER_ID@127.0.0.1:7000"]
     )

@@ -506,27 +506,22 @@ def test_a_half_open_breaker_s_trial_cancelled_by_its_caller_lets_the_next_call_
         async with Node(_config(breaker=breaker_config)) as a, Node(_config()) as b:
             b.add_servicer(add_slow, object())
             await a.pool.dial(DialTarget(b.addresses[0]), expected_peer_id=b.peer_id)
-            with pytest.raises(DeadlineExceededError):
+
+            async def slow_call(timeout_s: float) -> None:
                 await a.call(
                     b.peer_id,
                     "/test.Slow/Sleep",
                     net_pb2.PingRequest(),
                     net_pb2.PingResponse,
-                    timeout_s=0.05,
+                    timeout_s=timeout_s,
                     retry=False,
                 )
+
+            with pytest.raises(DeadlineExceededError):
+                await slow_call(0.05)
             breaker = a.pool.breakers[b.peer_id]
             await until(lambda: breaker.state == "half-open", 5.0, "the breaker half-opened")
-            trial = asyncio.ensure_future(
-                a.call(
-                    b.peer_id,
-                    "/test.Slow/Sleep",
-                    net_pb2.PingRequest(),
-                    net_pb2.PingResponse,
-                    timeout_s=5.0,
-                    retry=False,
-                )
-            )
+            trial = asyncio.ensure_future(slow_call(5.0))
             await until(lambda: len(entered) == 2, 5.0, "the trial reached the slow handler")
             trial.cancel()
             with contextlib.suppress(asyncio.CancelledError):
