@@ -52,6 +52,13 @@ async def _make_unreachable(node: Node, relay: Node) -> None:
     assert await node.wait_for_relay(10.0), "no relay reservation within 10 s"
 
 
+def _learn_record_of(node: Node, peer: Node) -> None:
+    """``node`` learns ``peer``'s record as it stands (its relays included)."""
+    record = peer.own_record()
+    assert record is not None
+    node.dht.learn(record)
+
+
 async def _ping(dialer: Node, peer_id: str, timeout_s: float) -> None:
     """One ping from ``dialer`` to ``peer_id``, no retries."""
     await dialer.call(
@@ -154,9 +161,7 @@ def test_relay_caps_bandwidth_per_relayed_peer() -> None:
             Node(_config()) as dialer,
         ):
             await _make_unreachable(hidden, relay)
-            record = hidden.own_record()
-            assert record is not None
-            dialer.dht.learn(record)
+            _learn_record_of(dialer, hidden)
             done = asyncio.Event()
 
             async def handler(sender: str, topic: str, data: bytearray) -> None:
@@ -183,9 +188,7 @@ def test_dialing_a_relayed_peer_whose_relay_is_gone_fails_with_unavailable() -> 
             await relay.start()
             try:
                 await _make_unreachable(hidden, relay)
-                record = hidden.own_record()
-                assert record is not None
-                dialer.dht.learn(record)
+                _learn_record_of(dialer, hidden)
             finally:
                 await relay.stop()
             with pytest.raises(PeerUnavailableError):
@@ -209,9 +212,7 @@ def test_reachable_dialer_upgrades_to_direct_and_falls_back_to_the_relay() -> No
             await _make_unreachable(hidden, relay)
             await _make_unreachable(other_hidden, relay)
             for node in (dialer, other_hidden):
-                record = hidden.own_record()
-                assert record is not None
-                node.dht.learn(record)
+                _learn_record_of(node, hidden)
             received: list[bytes] = []
 
             async def handler(sender: str, topic: str, data: bytearray) -> None:
@@ -490,9 +491,7 @@ def test_a_dialer_follows_a_relay_that_restarted_at_another_address(
                 Node(_config(**no_relay)) as dialer,
             ):
                 await _make_unreachable(hidden, relay)
-                record = hidden.own_record()
-                assert record is not None
-                dialer.dht.learn(record)
+                _learn_record_of(dialer, hidden)
                 await _ping(dialer, hidden.peer_id, timeout_s=3.0)
                 old_address = relay.addresses[0]
 
@@ -507,9 +506,7 @@ def test_a_dialer_follows_a_relay_that_restarted_at_another_address(
                     "the hidden peer reserved the relay at its new address",
                 )
                 assert relay.addresses[0] != old_address
-                record = hidden.own_record()
-                assert record is not None
-                dialer.dht.learn(record)
+                _learn_record_of(dialer, hidden)
                 await dialer.pool.drop(relay.peer_id)  # (the DHT's refresh would, in a while)
                 await dialer.pool.drop(hidden.peer_id)
                 dialer.pool.breakers.forget(hidden.peer_id)
@@ -532,9 +529,7 @@ def test_a_tunnel_whose_target_leaves_the_relay_before_accepting_fails_at_once()
             await hidden.start()
             try:
                 await _make_unreachable(hidden, relay)
-                record = hidden.own_record()
-                assert record is not None
-                dialer.dht.learn(record)
+                _learn_record_of(dialer, hidden)
                 announced = asyncio.Event()
 
                 def accept_none(*args: Any) -> bool:

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from google.protobuf.message import Message
 
 from gossamer.core.clock import Clock, SystemClock
+from gossamer.core.config import port_number
 from gossamer.core.errors import GossamerError, PeerUnavailableError, ProtocolError
 from gossamer.net.addresses import split_host_port
 from gossamer.net.bulk import (
@@ -465,7 +466,7 @@ class Node:
 
         # In parallel: a helper's dial back to a NATed address waits out its connect deadline.
         responses = await asyncio.gather(*(ask(helper) for helper in helpers))
-        asked_ports = {a.rpartition(":")[2] for a in request.addresses}
+        asked_ports = {port_number(a.rpartition(":")[2]) for a in request.addresses}
         reported: Counter[str] = Counter()  # address -> helpers that reached this node there
         answered = reached = 0
         for response in responses:
@@ -475,11 +476,12 @@ class Node:
             found: dict[str, None] = {}  # (in the helper's order)
             for address in response.reachable_addresses:
                 try:
-                    split_host_port(address)  # one others refuse would hide this node's record
+                    # (one others refuse would hide this node's record)
+                    _, port = split_host_port(address)
                 except ProtocolError:
                     _log.info("peer %s: dial-back named no address: %r", self.short_id, address)
                     continue
-                if address.rpartition(":")[2] in asked_ports:  # (else not this node's)
+                if port in asked_ports:  # (else not this node's)
                     found[address] = None
             reported.update(found.keys())
             reached += bool(found)

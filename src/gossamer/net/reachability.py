@@ -30,10 +30,6 @@ _MAX_ADDRESSES = 4
 _DIAL_BACK_TIMEOUT_S = 2.0
 
 
-def _is_port(text: str) -> bool:
-    return bool(port_number(text))
-
-
 def observed_host(grpc_peer: str) -> str:
     """The host in gRPC's ``context.peer()`` form (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``)."""
     _, _, rest = grpc_peer.partition(":")
@@ -81,7 +77,7 @@ class ReachabilityServicer(net_pb2_grpc.ReachabilityServicer):
             seen = ""
         host = f"[{seen}]" if ":" in seen else seen
         ports = [a.rpartition(":")[2] for a in request.addresses]
-        candidates = [f"{host}:{p}" for p in dict.fromkeys(ports) if seen and _is_port(p)]
+        candidates = [f"{host}:{p}" for p in dict.fromkeys(ports) if seen and port_number(p)]
 
         async def try_one(address: str) -> bool:
             try:
