@@ -28,7 +28,8 @@ from gossamer.store import CheckpointState, CheckpointStore
 from gossamer.train import Trainer, train
 from gossamer.train.averaging import InProcessGroup
 from gossamer.train.diloco import DiLoCoConfig, DiLoCoStrategy
-from gossamer.train.optim import learning_rate_at
+from gossamer.train.loop import ProgressEvent, TrainingListener
+from gossamer.train.optim import ScheduleRefit, learning_rate_at
 
 TEXT = "def add(a, b):\n    return a + b\n\n" * 200 + "class Point:\n    x: int\n    y: int\n" * 100
 
@@ -295,6 +296,90 @@ class _SlowClock(FakeClock):
     def monotonic(self) -> float:
         self.advance(0.05)
         return super().monotonic()
+
+
+class _SlowingClock(FakeClock):
+    """Readings 10 ms apart, 100 ms apart once ``tick`` is raised."""
+
+    tick = 0.01
+
+    def monotonic(self) -> float:
+        self.advance(self.tick)
+        return super().monotonic()
+
+
+class _SlowsDown(TrainingListener):
+    """Slows the clock down from ``step`` on (a swarm peer's first steps ran alone, then its
+    rounds with others began) and records every step's learning rate."""
+
+    def __init__(self, clock: _SlowingClock, step: int) -> None:
+        self.clock, self.step = clock, step
+        self.rates: list[float] = []
+
+    def on_step(self, event: ProgressEvent) -> None:
+        self.rates.append(event.lr)
+        if event.step >= self.step:
+            self.clock.tick = 0.1
+
+
+def test_a_schedule_fitted_to_fast_first_steps_is_fitted_again_when_steps_slow(
+    corpus_file: Path, tmp_path: Path
+) -> None:
+    # Fitted once, after the first 20 steps (here 10x faster than the rest), the schedule
+    # planned ~900 steps; the budget ended the run after ~100, the rate still near its peak.
+    config = tiny_config(corpus_file, tmp_path / "ckpt", max_steps=5000, max_seconds=30.0)
+    clock = _SlowingClock()
+    listener = _SlowsDown(clock, step=20)
+    with Trainer(config, clock=clock, listener=listener) as trainer:
+        result = trainer.run()
+        refit = trainer.run_state.schedule_refit
+        end = trainer.schedule_steps
+    assert refit is not None
+    assert result.steps_done == end < 200
+    peak, rates = config.optim.lr, listener.rates
+    assert max(rates) == pytest.approx(peak)
+    assert rates[-1] < 0.15 * peak  # decayed by the budget's end
+    top = rates.index(max(rates))
+    assert all(b <= a * (1 + 1e-9) for a, b in itertools.pairwise(rates[top:]))
+    assert all(a - b < 0.05 * peak for a, b in itertools.pairwise(rates))  # (no jump)
+    with Trainer(config) as resumed:  # the refit travels in the checkpoint
+        assert resumed.run_state.schedule_refit == refit
+        assert resumed.schedule_steps == end
+
+
+def test_a_refit_schedule_goes_on_from_where_it_stood() -> None:
+    optim = OptimConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10)
+    refit = ScheduleRefit(at_step=100, position=100.0, first_steps=1000)
+    before = learning_rate_at(100, config=optim, max_steps=1000)
+    assert learning_rate_at(100, config=optim, max_steps=200, refit=refit) == before
+    assert learning_rate_at(99, config=optim, max_steps=200, refit=refit) == (
+        learning_rate_at(99, config=optim, max_steps=1000)
+    )
+    assert learning_rate_at(200, config=optim, max_steps=200, refit=refit) == pytest.approx(0.1)
+    # Halfway through the steps left, the rate is where the first fit's was halfway through its.
+    assert learning_rate_at(150, config=optim, max_steps=200, refit=refit) == pytest.approx(
+        learning_rate_at(550, config=optim, max_steps=1000)
+    )
+    # Fitted again the other way (a longer end): still no jump, still the floor at the end.
+    longer = ScheduleRefit(at_step=100, position=100.0, first_steps=1000)
+    assert learning_rate_at(100, config=optim, max_steps=3000, refit=longer) == before
+    assert learning_rate_at(3000, config=optim, max_steps=3000, refit=longer) == pytest.approx(0.1)
+
+
+def test_a_malformed_schedule_refit_in_a_checkpoint_is_refused(
+    corpus_file: Path, tmp_path: Path
+) -> None:
+    config = tiny_config(corpus_file, tmp_path / "ckpt", max_steps=4)
+    with Trainer(config) as trainer:
+        trainer.run()
+    store = CheckpointStore(tmp_path / "ckpt")
+    state = store.load_latest()
+    assert state is not None
+    state.meta["schedule_steps"] = 40
+    state.meta["schedule_refit"] = {"at_step": "soon"}
+    store.save(state)  # (a checkpoint that is whole, and wrong)
+    with pytest.raises(IncompatibleCheckpointError, match="schedule_refit"):
+        Trainer(config)
 
 
 def test_a_schedule_fitted_to_a_budget_gives_way_to_new_limits_on_resume(

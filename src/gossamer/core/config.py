@@ -203,7 +203,8 @@ class TrainConfig:
     max_steps: int = 200
     """Optimizer steps to run (the learning-rate schedule spans this many)."""
     max_seconds: float = 0.0
-    """Wall-time budget; 0: none. With one, the LR schedule is fitted to it after 20 steps."""
+    """Wall-time budget; 0: none. With one, the LR schedule is fitted to it after 20 steps, and
+    fitted again as the step rate changes (a swarm's rounds slow a peer's steps)."""
     batch_size: int = 16
     """Sequences per micro-batch."""
     grad_accum_steps: int = 1

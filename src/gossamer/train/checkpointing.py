@@ -25,7 +25,7 @@ from gossamer.store import (
     rng_state_restore,
     unflatten_optimizer_state,
 )
-from gossamer.train.optim import apply_optim_config
+from gossamer.train.optim import ScheduleRefit, apply_optim_config
 from gossamer.train.strategy import TrainingStrategy
 
 __all__ = ["RunState", "capture_run_state", "restore_run_state"]
@@ -49,6 +49,9 @@ class RunState:
     """The learning-rate schedule's length where a time budget fitted it (None: max_steps)."""
     schedule_fitted_at: int | None = None
     """The first step that followed the fitted length (where ``schedule_steps`` is set)."""
+    schedule_refit: ScheduleRefit | None = None
+    """Where the budget's schedule was fitted again, to the step rate measured since (None: it
+    was not)."""
     data_sha256: str | None = None
     """The sha256 of the training tokens (the corpus manifest's), where known."""
 
@@ -56,6 +59,36 @@ class RunState:
 def _schedule_limits(config: RunConfig) -> dict[str, float]:
     """The limits a schedule fitted to a time budget holds under."""
     return {"max_steps": config.train.max_steps, "max_seconds": config.train.max_seconds}
+
+
+def _refit_to_meta(refit: ScheduleRefit | None) -> dict[str, float] | None:
+    if refit is None:
+        return None
+    return {
+        "at_step": refit.at_step,
+        "position": refit.position,
+        "first_steps": refit.first_steps,
+    }
+
+
+def _refit_from_meta(value: object, *, where: str) -> ScheduleRefit | None:
+    """The refit a checkpoint records (None in checkpoints from before refits were kept)."""
+    if value is None:
+        return None
+    malformed = IncompatibleCheckpointError(
+        f"{where}: its learning-rate schedule (schedule_refit = {value!r}) is malformed; "
+        "resume from another checkpoint"
+    )
+    if not isinstance(value, dict):
+        raise malformed
+    try:
+        return ScheduleRefit(
+            at_step=int(value["at_step"]),
+            position=float(value["position"]),
+            first_steps=int(value["first_steps"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise malformed from None
 
 
 def _model_signature(model: nn.Module) -> dict[str, list[int]]:
@@ -88,6 +121,7 @@ def capture_run_state(run: RunState) -> CheckpointState:
             "tokens_trained": run.tokens_trained,
             "schedule_steps": run.schedule_steps,
             "schedule_fitted_at": run.schedule_fitted_at,
+            "schedule_refit": _refit_to_meta(run.schedule_refit),
             # What the schedule was fitted under: a resume with other limits fits it anew.
             "schedule_fit": _schedule_limits(run.config)
             if run.schedule_steps is not None
@@ -180,6 +214,11 @@ def restore_run_state(state: CheckpointState, run: RunState, *, where: str) -> N
     run.schedule_fitted_at = (
         int(fitted_at) if run.schedule_steps is not None and fitted_at is not None else None
     )
+    run.schedule_refit = (
+        _refit_from_meta(meta.get("schedule_refit"), where=where)
+        if run.schedule_steps is not None
+        else None
+    )
     fit = meta.get("schedule_fit")
     limits = _schedule_limits(run.config)
     if run.schedule_steps is not None and isinstance(fit, dict) and fit != limits:
@@ -193,3 +232,4 @@ def restore_run_state(state: CheckpointState, run: RunState, *, where: str) -> N
         )
         run.schedule_steps = None
         run.schedule_fitted_at = None
+        run.schedule_refit = None

@@ -32,7 +32,7 @@ from gossamer.obs.trace import SpanRecorder
 from gossamer.store import CheckpointStore
 from gossamer.train.checkpointing import RunState, capture_run_state, restore_run_state
 from gossamer.train.inference import mean_validation_loss
-from gossamer.train.optim import build_optimizer, learning_rate_at
+from gossamer.train.optim import ScheduleRefit, build_optimizer, learning_rate_at, warmup_steps
 from gossamer.train.strategy import LocalStrategy, TrainingStrategy
 
 __all__ = ["ModelFactory", "ProgressEvent", "TrainResult", "Trainer", "TrainingListener", "train"]
@@ -47,7 +47,11 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 _SCHEDULE_CALIBRATION_STEPS = 20
 """Steps measured before a time budget fixes the schedule's length."""
 _SCHEDULE_BUDGET_SHARE = 0.93
-"""Share of the remaining budget planned for steps; evaluation and checkpoints take the rest."""
+"""Share of the budget planned for steps; evaluation and checkpoints take the rest."""
+_SCHEDULE_REFIT_WINDOW_SHARE = 0.1
+"""Share of the budget the step rate is measured over before the schedule may be fitted again."""
+_SCHEDULE_REFIT_TOLERANCE = 0.1
+"""How far (a share of the steps left) the reachable end may move before the schedule follows."""
 
 
 def _data_sha256(manifest: dict[str, Any]) -> str | None:
@@ -220,6 +224,8 @@ class Trainer:
             num_batches=config.train.eval_batches,
         )
         self._check_batches = not self._check_corpus_vocabulary()
+        self._rate_since: tuple[int, float] | None = None
+        """(step, seconds into the session) the step rate for a schedule refit is measured from."""
         for inputs, targets in self.val_batches if self._check_batches else ():
             self._check_vocabulary(inputs, targets, self.corpus.validation.description)
         self.resumed_from: Path | None = None
@@ -246,24 +252,74 @@ class Trainer:
         return max_steps if fitted is None else min(fitted, max_steps)
 
     def _fit_schedule_to_budget(self, step: int, start_step: int, elapsed_s: float) -> None:
-        """With a time budget, fix the schedule's length once from the measured step rate.
+        """With a time budget, fit the schedule's length to the measured step rate.
 
         The learning rate then decays fully by the end of the budget instead of being cut off
-        mid-schedule. The length is saved in checkpoints, so a resumed run follows it exactly.
+        mid-schedule. The length is first fixed after a few steps, then fitted again whenever
+        the rate over the last tenth of the budget or more puts the reachable end more than a
+        tenth of the steps left away (a swarm peer's first steps may run alone and fast, its
+        rounds with others slow it later). The fits are saved in checkpoints, so a resumed run
+        follows them exactly.
         """
         budget_s = self.config.train.max_seconds
-        if not budget_s or self.run_state.schedule_steps is not None:
+        if not budget_s:
+            return
+        run = self.run_state
+        if run.schedule_steps is not None:
+            self._refit_schedule(step, elapsed_s, budget_s)
             return
         if step - start_step < _SCHEDULE_CALIBRATION_STEPS:
             return
         steps_per_s = (step - start_step) / elapsed_s
-        reachable = step + int(steps_per_s * (budget_s - elapsed_s) * _SCHEDULE_BUDGET_SHARE)
-        # At least one step more than taken, never more than max_steps (a fit on the last step
-        # must not make the run one step longer).
-        self.run_state.schedule_steps = min(self.config.train.max_steps, max(step + 1, reachable))
-        self.run_state.schedule_fitted_at = step
+        run.schedule_steps = self._reachable_steps(step, steps_per_s, elapsed_s, budget_s)
+        run.schedule_fitted_at = step
+        self._rate_since = (step, elapsed_s)
         logger.info(
             "learning-rate schedule fitted to the time budget: %d steps", self.schedule_steps
+        )
+
+    def _reachable_steps(
+        self, step: int, steps_per_s: float, elapsed_s: float, budget_s: float
+    ) -> int:
+        # The share is of the whole budget, so that fits at a steady rate agree.
+        left_s = budget_s * _SCHEDULE_BUDGET_SHARE - elapsed_s
+        reachable = step + int(steps_per_s * max(0.0, left_s))
+        # At least one step more than taken, never more than max_steps (a fit on the last step
+        # must not make the run one step longer).
+        return min(self.config.train.max_steps, max(step + 1, reachable))
+
+    def _refit_schedule(self, step: int, elapsed_s: float, budget_s: float) -> None:
+        run = self.run_state
+        if self._rate_since is None:  # (a resumed session measures from its start)
+            self._rate_since = (step, elapsed_s)
+            return
+        since_step, since_s = self._rate_since
+        window_s = elapsed_s - since_s
+        if (
+            step - since_step < _SCHEDULE_CALIBRATION_STEPS
+            or window_s < budget_s * _SCHEDULE_REFIT_WINDOW_SHARE
+        ):
+            return
+        self._rate_since = (step, elapsed_s)
+        end = self.schedule_steps
+        if step >= end or step < warmup_steps(self.config.optim, self.config.train.max_steps):
+            return  # (the warm-up keeps its length)
+        reachable = self._reachable_steps(step, (step - since_step) / window_s, elapsed_s, budget_s)
+        if abs(reachable - end) <= _SCHEDULE_REFIT_TOLERANCE * (end - step):
+            return
+        last = run.schedule_refit
+        run.schedule_refit = ScheduleRefit(
+            at_step=step,
+            position=last.position_at(step, end) if last is not None else float(step),
+            first_steps=last.first_steps if last is not None else end,
+        )
+        run.schedule_steps = reachable
+        logger.info(
+            "learning-rate schedule fitted again to the step rate of the last %.0f s: %d steps "
+            "(was %d)",
+            window_s,
+            reachable,
+            end,
         )
 
     @property
@@ -359,6 +415,7 @@ class Trainer:
             max_steps=self.schedule_steps,
             planned_steps=cfg.train.max_steps,  # (the fitted length comes part way)
             fitted_at=self.run_state.schedule_fitted_at,
+            refit=self.run_state.schedule_refit,
         )
         for group in run.optimizer.param_groups:
             group["lr"] = lr
@@ -453,7 +510,9 @@ class Trainer:
         cfg = self.config
         run = self.run_state
         start_step = run.step
-        stop = min(self.schedule_steps, stop_at_step if stop_at_step is not None else math.inf)
+        limit = stop_at_step if stop_at_step is not None else math.inf
+        stop = min(self.schedule_steps, limit)
+        self._rate_since = None
         num_parameters = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
         self.listener.on_start(
             start_step=start_step, max_steps=cfg.train.max_steps, num_parameters=num_parameters
@@ -477,7 +536,7 @@ class Trainer:
             train_seconds += self.clock.monotonic() - step_started
             elapsed = self.clock.monotonic() - started
             self._fit_schedule_to_budget(step, start_step, elapsed)
-            stop = min(stop, self.schedule_steps)
+            stop = min(limit, self.schedule_steps)  # (a refit may lengthen the schedule)
             tokens = run.tokens_trained - tokens_start
             per_step = elapsed / (step - start_step)
             eta = per_step * (stop - step)

@@ -3,13 +3,43 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from gossamer.core.config import OptimConfig
 
-__all__ = ["apply_optim_config", "build_optimizer", "learning_rate_at", "warmup_steps"]
+__all__ = [
+    "ScheduleRefit",
+    "apply_optim_config",
+    "build_optimizer",
+    "learning_rate_at",
+    "warmup_steps",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleRefit:
+    """A schedule fitted to a time budget, fitted again part way to a new length.
+
+    From ``at_step`` on, the steps left are mapped linearly onto what was left of the first
+    fit's curve (``first_steps`` long, standing at ``position`` at ``at_step``): the rate goes
+    on from where it was, with no jump, and reaches its floor at the new end.
+    """
+
+    at_step: int
+    position: float
+    first_steps: int
+
+    def position_at(self, step: int, end: int) -> float:
+        """Where step ``step`` of a schedule now ``end`` steps long stands on the first fit's
+        curve (``step`` itself before ``at_step``)."""
+        if step < self.at_step:
+            return float(step)
+        span = max(1, end - self.at_step)
+        done = min(1.0, (step - self.at_step) / span)
+        return self.position + (self.first_steps - self.position) * done
 
 
 def learning_rate_at(
@@ -19,6 +49,7 @@ def learning_rate_at(
     max_steps: int,
     planned_steps: int | None = None,
     fitted_at: int | None = None,
+    refit: ScheduleRefit | None = None,
 ) -> float:
     """The learning rate for optimizer step ``step`` (0-based) of a run of ``max_steps``.
 
@@ -31,8 +62,22 @@ def learning_rate_at(
     warm-up does not change part way, and the step from which the new length holds as
     ``fitted_at``: fitted while still warming up, the rest of the warm-up takes at most half of
     the steps left, from the rate reached then (a warm-up longer than the fitted run never
-    decayed, and never reached its peak).
+    decayed, and never reached its peak). Fitted again part way (``refit``), ``max_steps`` is
+    the newest length, and the steps from the refit follow the rest of the first fit's curve.
     """
+    if refit is not None:
+        position = refit.position_at(step, max_steps)
+        return _rate_on_curve(position, config, refit.first_steps, planned_steps, fitted_at)
+    return _rate_on_curve(step, config, max_steps, planned_steps, fitted_at)
+
+
+def _rate_on_curve(
+    step: float,
+    config: OptimConfig,
+    max_steps: int,
+    planned_steps: int | None,
+    fitted_at: int | None,
+) -> float:
     peak = config.lr
     floor = peak * config.min_lr_ratio
     warmup = warmup_steps(config, max_steps if planned_steps is None else planned_steps)
