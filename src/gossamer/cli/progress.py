@@ -43,6 +43,7 @@ class RichProgressListener(TrainingListener):
             transient=False,
         )
         self._task: TaskID | None = None
+        self._checkpointed_step: int | None = None
 
     def __enter__(self) -> Self:
         self._progress.start()
@@ -85,4 +86,10 @@ class RichProgressListener(TrainingListener):
         )
 
     def on_checkpoint(self, *, step: int, path: Path) -> None:
-        self.console.print(f"step {step}: checkpoint {path}")
+        # A step's checkpoint written again in one session: the run's last round (a swarm
+        # peer's) replaced the weights after it.
+        again = " (written again: the last round replaced the weights)"
+        self.console.print(
+            f"step {step}: checkpoint {path}{again if step == self._checkpointed_step else ''}"
+        )
+        self._checkpointed_step = step
