@@ -73,6 +73,12 @@ def test_heads_must_divide_width_and_message_says_how_to_fix() -> None:
         # Refused by net only once the peer started (named by net's key, not this one).
         (lambda: SwarmConfig(strategy="diloco", bootstrap="10.0.0.1:7000,nope"), "swarm.bootstrap"),
         (lambda: SwarmConfig(strategy="diloco", bootstrap="10.0.0.1:0"), "swarm.bootstrap"),
+        # `gossamer config show` printed it as fine; only the run refused it.
+        (lambda: SwarmConfig(strategy="diloco", bootstrap="nope@10.0.0.1:7000"), "swarm.bootstrap"),
+        (
+            lambda: SwarmConfig(strategy="diloco", bootstrap="A" * 52 + "@10.0.0.1:7000"),
+            "swarm.bootstrap",
+        ),
         (lambda: SwarmConfig(listen="1.2.3.4:99999"), "swarm.listen"),
         (lambda: SwarmConfig(listen=":7000"), "swarm.listen"),
         (lambda: SwarmConfig(listen="127.0.0.1:\u00b2"), "swarm.listen"),  # ('²': a ValueError)

@@ -8,6 +8,7 @@ builds one from a TOML file, environment variables and flags.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -23,6 +24,9 @@ __all__ = [
     "TrainConfig",
     "is_host_port",
 ]
+
+_PEER_ID_SPELLING = re.compile(r"[a-z2-7]{52}")
+"""A peer id as peers print it: 52 characters of lower-case base32 (net checks the rest)."""
 
 DataSource = Literal["stdlib", "text", "tokens"]
 TokenDtype = Literal["uint16", "uint32"]
@@ -388,10 +392,13 @@ class SwarmConfig:
             f"expected HOST:PORT (port 0 picks a free one), got {self.listen!r}",
         )
         for entry in self.bootstrap_addresses:
+            peer_id, at, address = entry.rpartition("@")
             _require(
-                is_host_port(entry.rpartition("@")[2], lowest_port=1),
+                is_host_port(address, lowest_port=1)
+                and (not at or _PEER_ID_SPELLING.fullmatch(peer_id) is not None),
                 "swarm.bootstrap",
-                f"expected [PEER_ID@]HOST:PORT entries, comma-separated; {entry!r} is not one",
+                f"expected [PEER_ID@]HOST:PORT entries, comma-separated; {entry!r} is not one "
+                "(`gossamer peer id` prints a peer's id)",
             )
         _require(
             self.max_group_size >= 1,
