@@ -150,6 +150,33 @@ def test_a_relay_takes_only_so_many_reservations_from_one_address() -> None:
     _run(scenario)
 
 
+def test_a_reservation_refused_keeps_the_connection_and_a_broken_one_drops_it() -> None:
+    # A reservation that failed on a broken connection left it in the pool: the next try (and
+    # every call to the relay) used it again until the DHT's refresh dropped it, 15 s later.
+    async def scenario() -> None:
+        relay_config = RelayConfig(max_reservations_per_host=1)
+        async with Node(_config()) as held, Node(_config()) as refused:
+            relay = Node(_config(relay=relay_config))
+            async with relay:
+                await _make_unreachable(held, relay)
+                await refused.bootstrap([f"{relay.peer_id}@{relay.addresses[0]}"])
+                connection = refused.pool.get(relay.peer_id)
+                refused.reachability = net_pb2.REACHABILITY_RELAYED
+                refused.reservations.wake()
+                assert not await refused.wait_for_relay(1.5)  # (the relay answered: no)
+                assert refused.pool.get(relay.peer_id) is connection
+                assert held.pool.get(relay.peer_id) is not None
+            # The relay is gone (its process died, say): its connection goes with the failed
+            # reservation (at once here; 3 s later, by other calls failing, before).
+            await until(
+                lambda: held.pool.get(relay.peer_id) is None,
+                1.5,
+                "the broken connection to the relay dropped",
+            )
+
+    _run(scenario)
+
+
 def test_relay_caps_bandwidth_per_relayed_peer() -> None:
     payload = os.urandom(6 << 20)
     rate = 4e6

@@ -19,6 +19,7 @@ from gossamer.core.errors import (
     AuthenticationError,
     ConfigError,
     DeadlineExceededError,
+    PeerLostError,
     PeerUnavailableError,
     ProtocolError,
 )
@@ -163,6 +164,46 @@ def test_one_connection_carries_at_most_its_limit_of_calls_at_once() -> None:
             failed = [r for r in results if isinstance(r, BaseException)]
             assert all(isinstance(r, PeerUnavailableError) for r in failed), failed
             assert len(failed) <= len(sends) - 16, failed
+
+    _run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("refusal", "seen"),
+    [
+        (PeerUnavailableError("not receiving yet"), PeerUnavailableError),
+        (RuntimeError("its handler failed"), PeerLostError),
+    ],
+)
+def test_a_peer_that_answers_a_call_with_a_refusal_keeps_the_connection(
+    refusal: Exception, seen: type[Exception]
+) -> None:
+    """A handler's own refusal (UNAVAILABLE, as a relay that is full or comm not receiving yet
+    says it) read as a broken connection: the caller dropped it, and every other call on it
+    failed with it."""
+
+    async def scenario() -> None:
+        async with Node(_config()) as a, Node(_config()) as b:
+            await b.pool.dial(DialTarget(a.addresses[0]), expected_peer_id=a.peer_id)
+            release, started = asyncio.Event(), asyncio.Event()
+
+            async def held(sender: str, topic: str, payload: bytearray) -> None:
+                started.set()
+                await release.wait()
+
+            async def refusing(sender: str, topic: str, payload: bytearray) -> None:
+                raise refusal
+
+            a.on_bulk("held", held)
+            a.on_bulk("refusing", refusing)
+            other = asyncio.create_task(b.send_bulk(a.peer_id, "held", b"x", timeout_s=30))
+            await asyncio.wait_for(started.wait(), 10)
+            connection = b.pool.get(a.peer_id)
+            with pytest.raises(seen):
+                await b.send_bulk(a.peer_id, "refusing", b"x", timeout_s=30)
+            release.set()
+            await asyncio.wait_for(other, 10)  # (it failed with the connection)
+            assert b.pool.get(a.peer_id) is connection
 
     _run(scenario)
 

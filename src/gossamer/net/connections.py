@@ -34,7 +34,7 @@ from gossamer.core.errors import (
 from gossamer.net.circuit_breaker import CircuitBreaker, CircuitBreakers
 from gossamer.net.config import NodeConfig
 from gossamer.net.counters import NetCounters
-from gossamer.net.grpc_errors import error_of_rpc_error
+from gossamer.net.grpc_errors import answered_by_handler, error_of_rpc_error
 from gossamer.net.handshake import SESSION_METADATA_KEY, ClientHandshake
 from gossamer.net.identity import Identity, short_peer_id
 from gossamer.net.retry import retry_async
@@ -472,7 +472,14 @@ class ConnectionPool:
         if isinstance(error, AuthenticationError):
             # The remote forgot our session (it restarted or evicted it): redial and retry.
             error = PeerLostError(f"session with {short_peer_id(connection.peer_id)} ended")
-        if isinstance(error, PeerUnavailableError | PeerLostError) and not _refused_stream(exc):
+            await self.drop(connection.peer_id, connection)
+        elif (
+            isinstance(error, PeerUnavailableError | PeerLostError)
+            and not _refused_stream(exc)
+            # The peer's handler refused the call (a relay that is full, say): the connection
+            # works, and dropping it failed every other call on it.
+            and not answered_by_handler(exc)
+        ):
             await self.drop(connection.peer_id, connection)
         return error
 

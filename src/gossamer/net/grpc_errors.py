@@ -16,7 +16,11 @@ from gossamer.core.errors import (
     RetryableError,
 )
 
-__all__ = ["error_of_rpc_error", "status_of_error"]
+__all__ = ["HANDLER_ANSWERED", "answered_by_handler", "error_of_rpc_error", "status_of_error"]
+
+HANDLER_ANSWERED = (("gossamer-answered", "1"),)
+"""Trailing metadata a handler's own refusal carries: the peer answered, its connection works
+(an UNAVAILABLE from gRPC itself means the connection broke)."""
 
 _ERROR_OF_CODE: dict[grpc.StatusCode, type[GossamerError]] = {
     grpc.StatusCode.UNAVAILABLE: PeerUnavailableError,
@@ -52,6 +56,12 @@ def error_of_rpc_error(exc: grpc.RpcError, peer: str, method: str) -> GossamerEr
     kind = _ERROR_OF_CODE.get(code, PeerLostError) if code is not None else PeerLostError
     name = code.name if code is not None else "error"
     return kind(f"{method} to {peer} failed: {name}: {details}")
+
+
+def answered_by_handler(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether the peer's handler itself ended the call with this error (see
+    :data:`HANDLER_ANSWERED`)."""
+    return any((key, value) == HANDLER_ANSWERED[0] for key, value in exc.trailing_metadata() or ())
 
 
 def status_of_error(exc: BaseException) -> tuple[grpc.StatusCode, str]:

@@ -23,7 +23,7 @@ from gossamer.core.clock import Clock
 from gossamer.core.errors import ConfigError, GossamerError, ProtocolError
 from gossamer.net.config import NodeConfig
 from gossamer.net.counters import NetCounters
-from gossamer.net.grpc_errors import status_of_error
+from gossamer.net.grpc_errors import HANDLER_ANSWERED, status_of_error
 from gossamer.net.handshake import SESSION_METADATA_KEY, HandshakeAuthority, Session
 from gossamer.net.identity import Identity, short_peer_id
 from gossamer.net.tls import TlsCertificate
@@ -225,7 +225,7 @@ def _guarded_handler(
         # ``exc`` keeps the handler's finished frames: let their locals go now (a bulk stream's
         # received chunk, say), not when the cyclic collector gets to them.
         traceback.clear_frames(exc.__traceback__)
-        await context.abort(*status_of_error(exc))
+        await context.abort(*status_of_error(exc), trailing_metadata=HANDLER_ANSWERED)
 
     def unary_response(behavior: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(behavior)

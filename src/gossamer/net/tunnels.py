@@ -85,6 +85,7 @@ async def carry_socket_over_call(
     writer: asyncio.StreamWriter,
     open_call: OpenCall,
     first: net_pb2.TunnelFrame,
+    failed: Callable[[grpc.aio.AioRpcError], Awaitable[GossamerError]] | None = None,
 ) -> None:
     """Carry a local TCP connection's bytes over a tunnel call until either side ends.
 
@@ -93,6 +94,7 @@ async def carry_socket_over_call(
         writer: the local connection's write side (closed on return).
         open_call: starts the tunnel call with an iterator of outgoing frames.
         first: the frame that names the tunnel (target peer or tunnel id).
+        failed: maps the call's error (the pool's, which drops a broken connection).
 
     Raises:
         GossamerError: the tunnel call failed (mapped from gRPC's error).
@@ -117,7 +119,9 @@ async def carry_socket_over_call(
             if frame.close:
                 break
     except grpc.aio.AioRpcError as exc:
-        raise error_of_rpc_error(exc, "relay", "tunnel") from exc
+        raise (
+            await failed(exc) if failed is not None else error_of_rpc_error(exc, "relay", "tunnel")
+        ) from exc
     finally:
         if call is not None:
             call.cancel()
@@ -330,7 +334,11 @@ class RelayDialer:
                 return tunnel(frames, metadata=connection.metadata)
 
             await carry_socket_over_call(
-                reader, writer, open_call, net_pb2.TunnelFrame(target_peer_id=target)
+                reader,
+                writer,
+                open_call,
+                net_pb2.TunnelFrame(target_peer_id=target),
+                failed=lambda exc: self._pool.failed(connection, exc, CONNECT_METHOD),
             )
         except GossamerError as exc:
             _log.info(
@@ -450,6 +458,7 @@ class RelayReservations:
 
     async def _hold(self, relay_id: str) -> None:
         call: Any = None
+        connection: PeerConnection | None = None
         try:
             connection = await self._pool.connection(relay_id)
             reserve = connection.unary_stream(RESERVE_METHOD, net_pb2.RelayEvent)
@@ -476,6 +485,8 @@ class RelayReservations:
                         self.on_tunnel(event.dialer_peer_id)
         except grpc.aio.AioRpcError as exc:
             _log.info("reservation with %s ended: %s", short_peer_id(relay_id), exc.details())
+            if connection is not None:  # (a broken one is dropped, not kept for the next try)
+                await self._pool.failed(connection, exc, RESERVE_METHOD)
             note_failure(self._failed_at, relay_id, self._clock.monotonic(), _RETRY_RELAY_AFTER_S)
         except (GossamerError, TimeoutError) as exc:
             _log.info("reservation with %s failed: %s", short_peer_id(relay_id), exc)
