@@ -38,7 +38,7 @@ from gossamer.comm.codecs import CodecPolicy, ErrorFeedback, FloatArray, codec_b
 from gossamer.comm.plan import FlatLayout, PartPlan, chunk_elements_for, round_id_of
 from gossamer.comm.reduction import ChunkCodec
 from gossamer.comm.report import AllReduceReport, AllReduceResult
-from gossamer.comm.round_state import RoundState
+from gossamer.comm.round_state import RoundState, failure_report
 from gossamer.comm.transport import (
     CHUNK_ELEMENTS_LIMIT,
     WEIGHT_RANGE,
@@ -272,6 +272,13 @@ def _check_8_bit_values_finite(tensors: Sequence[torch.Tensor], layout: FlatLayo
         )
 
 
+def _leave_unopened_round(mailbox: CommMailbox, plan: PartPlan, round_id: bytes) -> None:
+    """Tell the others that this member, which never opened round ``round_id``, is not in it."""
+    me = plan.members.index(mailbox.peer_id)
+    others = [m for i, m in enumerate(plan.members) if i != me]
+    mailbox.leave_round(round_id, failure_report(round_id, me), others, refuse=True)
+
+
 def decline_round(
     tensors: Sequence[torch.Tensor],
     *,
@@ -315,7 +322,9 @@ async def all_reduce(
     """Average ``tensors`` across ``members`` (this peer among them) within the deadline.
 
     Args:
-        tensors: this member's float tensors (CPU); the same shapes on every member.
+        tensors: this member's float tensors (CPU); the same shapes on every member. They are
+            averaged in float32: a float64 tensor comes back with float32's precision, and a
+            value beyond float32's range as infinite.
         mailbox: this peer's comm mailbox (over its transport).
         members: the agreed member list, in the agreed order.
         round_key: names the round (e.g. run id and step); the same on every member.
@@ -332,7 +341,9 @@ async def all_reduce(
         offload: runs numeric work off the event loop.
         out: tensors to write the averages into (shapes of ``tensors``; they may be
             ``tensors`` themselves); re-using them across rounds spares an allocation per
-            round. The result's tensors are then ``out``.
+            round. The result's tensors are then ``out``. A round cancelled or failed part
+            way may have written some averages into ``out`` already (where ``out`` is
+            ``tensors``, the rest keeps this member's own values).
         alive: whether a member is alive, by the caller's failure detector; a member it reports
             gone is treated as failed at once (asked every ``config.liveness_poll_s``) instead
             of when a send to it misses its deadline.
@@ -350,26 +361,29 @@ async def all_reduce(
     offload = offload or asyncio.to_thread
     if mailbox.peer_id not in members:
         raise ValueError("this peer is not in the member list")
-    if not weight_in_range(weight):
-        raise ValueError(
-            f"weight must be 0 or within {WEIGHT_RANGE} (the average is summed in float32), "
-            f"got {weight}: scale the members' weights alike"
-        )
     layout = FlatLayout(tensors, config.codec, names)
-    _check_8_bit_values_finite(tensors, layout)
     plan = _part_plan(members, layout, config, bandwidth_weights)
     round_id = round_id_of(round_key, plan, layout)
-    order = _send_order(plan, config, meter)
-    in_steps = order != "open"
-    flat = await offload(lambda: _flatten(tensors, layout))
-    if out is not None:
-        if [tuple(t.shape) for t in out] != layout.shapes:
+    try:  # (until the round opens, an error or a cancel here is told to the others below)
+        if not weight_in_range(weight):
+            raise ValueError(
+                f"weight must be 0 or within {WEIGHT_RANGE} (the average is summed in "
+                f"float32), got {weight}: scale the members' weights alike"
+            )
+        if out is not None and [tuple(t.shape) for t in out] != layout.shapes:
             raise ValueError("out must hold tensors of the same shapes as tensors")
-        target = _flat_view(out)
+        if weight != 0.0:  # (a weight-0 member's values are in no average)
+            _check_8_bit_values_finite(tensors, layout)
+        order = _send_order(plan, config, meter)
+        in_steps = order != "open"
+        flat = await offload(lambda: _flatten(tensors, layout))
+        target = _flat_view(out) if out is not None else None
         if target is not None and np.shares_memory(target, flat):
             flat = flat.copy()  # averaging in place: keep our own values while results land
-    else:
-        target = None
+    except BaseException:
+        # The others would wait for this member's messages to their send timeouts.
+        _leave_unopened_round(mailbox, plan, round_id)
+        raise
     output = target if target is not None else np.empty(layout.total, dtype=np.float32)
     tally = SendTally(mailbox.transport, clock)
     state = RoundState(

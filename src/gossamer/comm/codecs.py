@@ -175,6 +175,11 @@ class Blockwise8BitCodec(Codec):
                 f"8-bit codec piece with a scale that is negative, not finite or over "
                 f"{_MAX_SCALE:.4g}: its block would be NaN or infinite for every member"
             )
+        quantized = np.frombuffer(payload, dtype=np.int8, count=num_elements, offset=4 * num_blocks)
+        if num_elements and int(quantized.min()) < -127:
+            # No encoder makes -128: at the largest scale it decodes to -inf, and an owner's
+            # sum then NaN (inf - inf), which its receivers refuse in turn.
+            raise ProtocolError("8-bit codec piece with the value -128 (values are -127..127)")
 
     def encode(self, values: FloatArray, block_size: int) -> bytes:
         self.check_block_size(block_size)
@@ -200,10 +205,20 @@ class Blockwise8BitCodec(Codec):
             block_scales = scales[first_block : first_block + count]
             np.divide(absmax, np.float32(127.0), out=block_scales)
             # 127 steps stay finite: a block holding FLT_MAX (or an inf, from a sum that
-            # overflowed) is sent at the largest scale a receiver takes (NaN stays NaN)
+            # overflowed) is sent at the largest scale a receiver takes
             np.minimum(block_scales, _MAX_SCALE, out=block_scales)
+            nan_blocks = np.isnan(block_scales)
+            if nan_blocks.any():
+                # (a sum of +inf and -inf: the scale of its finite values, the NaN sent as 0.
+                # A NaN scale made every receiver refuse the message and blame its sender)
+                finite = np.where(np.isnan(blocks[nan_blocks]), np.float32(0.0), blocks[nan_blocks])
+                block_scales[nan_blocks] = np.minimum(
+                    np.abs(finite).max(axis=1) / np.float32(127.0), _MAX_SCALE
+                )
             safe = np.where(block_scales > 0, block_scales, np.float32(1.0))
             scaled = blocks / safe[:, None]
+            if nan_blocks.any():
+                np.nan_to_num(scaled, copy=False, nan=0.0)
             np.rint(scaled, out=scaled)
             np.clip(scaled, -127, 127, out=scaled)
             start = first_block * block_size

@@ -116,8 +116,8 @@ def chunk_elements_for(total: int, align: int = 1) -> int:
     added 3.12x a 40 MB tensor (the target is 3x). Sized by the tensor, a 40 MB round adds
     1.96x (4 peers) and 2.03-2.05x (2 peers), a 100 MB one 1.48-1.67x (docs/comm.md).
     """
-    if total < 1 or align < 1:
-        raise ValueError(f"total and align must be positive, got {total} and {align}")
+    if total < 0 or align < 1:
+        raise ValueError(f"total must be >= 0 and align positive, got {total} and {align}")
     wanted = min(MAX_CHUNK_ELEMENTS, max(MIN_CHUNK_ELEMENTS, total // 16))
     return max(align, wanted // align * align)
 
@@ -177,6 +177,12 @@ class PartPlan:
             cut = (int(spare * cumulative / total_weight) + floors) * align
             bounds.append(min(max(cut, bounds[-1]), total))
         bounds.append(total)
+        # What is left over the blocks goes to the last member that owns anything: the last
+        # member took it whatever its weight (a weight-0 one all of a tensor under one block).
+        last = len(weights) - 1
+        while not positive[last]:
+            bounds[last] = total
+            last -= 1
         return cls(tuple(members), tuple(bounds), chunk_elements)
 
     @property

@@ -184,6 +184,8 @@ class PartReducer:
         self.chunks = chunks
         self.expected = set(expected)
         self.contributors: list[set[int]] = [set() for _ in chunks]
+        """Members whose contribution arrived, per chunk (weight 0 included)."""
+        self._weighted: list[set[int]] = [set() for _ in chunks]
         self.finalized = [False] * len(chunks)
         self._sums: list[FloatArray | None] = [None] * len(chunks)
         self._weights = [0.0] * len(chunks)
@@ -194,18 +196,27 @@ class PartReducer:
         with self._locks[chunk]:
             if self.finalized[chunk] or member in self.contributors[chunk]:
                 return False
+            if weight == 0.0:
+                # Counted as arrived, left out of the sum: 0 x NaN (values a member withheld,
+                # or an 8-bit block that decodes to inf) made the whole chunk NaN.
+                self.contributors[chunk].add(member)
+                return True
             total = self._sums[chunk]
-            if total is None:  # the first contribution starts the sum (one pass, no zeros)
-                if weight != 1.0:
-                    self._sums[chunk] = np.float32(weight) * values
+            # (a sum may overflow to inf, or NaN: every member then gets the same; not a
+            # warning per chunk)
+            with np.errstate(over="ignore", invalid="ignore"):
+                if total is None:  # the first contribution starts the sum (one pass, no zeros)
+                    if weight != 1.0:
+                        self._sums[chunk] = np.float32(weight) * values
+                    else:
+                        self._sums[chunk] = np.array(values, dtype=np.float32, copy=True)
+                elif weight != 1.0:
+                    total += np.float32(weight) * values
                 else:
-                    self._sums[chunk] = np.array(values, dtype=np.float32, copy=True)
-            elif weight != 1.0:
-                total += np.float32(weight) * values
-            else:
-                total += values
+                    total += values
             self._weights[chunk] += weight
             self.contributors[chunk].add(member)
+            self._weighted[chunk].add(member)
             return True
 
     def is_complete(self, chunk: int) -> bool:
@@ -217,7 +228,7 @@ class PartReducer:
         return [c for c, done in enumerate(self.finalized) if not done]
 
     def finalize(self, chunk: int) -> tuple[FloatArray | None, list[int]] | None:
-        """The chunk's average and its contributors (in a thread); None if already finalised.
+        """The chunk's average and the members in it (in a thread); None if already finalised.
 
         Where the weights that arrived sum to zero there is no average: (None, []), and every
         member keeps its own values for the chunk (a member whose weighted values did not
@@ -237,4 +248,4 @@ class PartReducer:
                 average = (
                     np.divide(total, np.float32(weight), out=total) if weight != 1.0 else total
                 )
-            return average, sorted(self.contributors[chunk])
+            return average, sorted(self._weighted[chunk])

@@ -68,9 +68,10 @@ class AllReduceReport:
     failed: dict[str, str] = field(default_factory=dict)
     """Members seen failing, with why."""
     bytes_sent: int = 0
-    """Message bytes this member sent (frame headers and piece headers included)."""
+    """Message bytes this member sent (frame headers and piece headers included; the
+    header-only words that steer a round are not)."""
     bytes_received: int = 0
-    """Message bytes this member received."""
+    """Message bytes this member received (counted as :attr:`bytes_sent` is)."""
     fp32_bytes_sent: int = 0
     """What the values sent would have taken as plain float32."""
     reduce_scatter_s: float = 0.0
