@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,6 +101,48 @@ def test_train_eval_sample_and_resume(workdir: Path) -> None:
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout.startswith("def ")
     assert len(sample.stdout) > 10
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_checkpoints_the_step_reached_and_the_run_resumes(
+    workdir: Path, sig: signal.Signals
+) -> None:
+    # A spot instance's notice (SIGTERM) or Ctrl-C killed the run: every step since the last
+    # checkpoint (up to a whole run with checkpoint.every_steps 0) was lost, without a word.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GOSSAMER_")}
+    args = ["train", "--config", "tiny.toml", "--train.max-steps", "100000"]
+    args += ["--checkpoint.every-steps", "0", "--trace", "spans.jsonl", "--summary-json", "s.json"]
+    process = subprocess.Popen(
+        [*GOSSAMER, *args], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while _steps_traced(workdir / "spans.jsonl") < 5:  # (spans reach the file within 1 s)
+            assert process.poll() is None, "the run ended before it was stopped"
+            assert time.monotonic() < deadline, "no steps traced in 120 s"
+            time.sleep(0.1)  # polling another process's file under a deadline
+        process.send_signal(sig)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr.decode()
+    summary = json.loads((workdir / "s.json").read_text())
+    assert summary["interrupted"] is True
+    reached = summary["steps"]
+    assert reached >= 5
+    assert f"interrupted at step {reached}" in stderr.decode()
+    assert (workdir / "ckpt" / f"step-{reached:09d}").is_dir()
+    resumed = run(
+        ["train", "--config", "tiny.toml", "--train.max-steps", str(reached + 2)], workdir
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"steps {reached} -> {reached + 2}" in resumed.stdout + resumed.stderr
+
+
+def _steps_traced(path: Path) -> int:
+    if not path.exists():
+        return 0
+    return sum('"compute"' in line for line in path.read_text().splitlines())
 
 
 def test_bad_config_fails_before_training(workdir: Path) -> None:

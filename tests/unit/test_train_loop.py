@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import threading
 from pathlib import Path
 
 import pytest
@@ -345,6 +346,33 @@ def test_a_schedule_fitted_to_fast_first_steps_is_fitted_again_when_steps_slow(
     with Trainer(config) as resumed:  # the refit travels in the checkpoint
         assert resumed.run_state.schedule_refit == refit
         assert resumed.schedule_steps == end
+
+
+def test_a_stop_asked_for_pauses_the_run_with_a_checkpoint_of_the_step_reached(
+    corpus_file: Path, tmp_path: Path
+) -> None:
+    config = tiny_config(corpus_file, tmp_path / "ckpt", max_steps=40)
+    config = dataclasses.replace(
+        config, checkpoint=dataclasses.replace(config.checkpoint, every_steps=0)
+    )
+
+    class StopAt7(TrainingListener):
+        def __init__(self) -> None:
+            self.stop = threading.Event()
+
+        def on_step(self, event: ProgressEvent) -> None:
+            if event.step == 7:
+                self.stop.set()  # (as the signal handler does)
+
+    listener = StopAt7()
+    with Trainer(config, listener=listener, stop=listener.stop) as trainer:
+        result = trainer.run()
+    assert result.interrupted
+    assert result.steps_done == 7
+    assert CheckpointStore(tmp_path / "ckpt").steps() == [7]
+    with Trainer(config) as resumed:  # the same command goes on from there to the end
+        again = resumed.run()
+    assert (again.start_step, again.steps_done, again.interrupted) == (7, 40, False)
 
 
 def test_a_refit_schedule_goes_on_from_where_it_stood() -> None:

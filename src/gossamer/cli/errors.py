@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import typer
@@ -14,10 +15,12 @@ from gossamer.core.errors import ConfigError, GossamerError
 __all__ = [
     "EXIT_BAD_INPUT",
     "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
     "NODE_FLAGS",
     "exit_on_gossamer_errors",
     "keys_named_by_flags",
     "one_red_line",
+    "pause_on_stop_signals",
     "stop_signals_as_ctrl_c",
 ]
 
@@ -25,6 +28,8 @@ EXIT_FAILED = 1
 """The command ran and failed (corrupted data, a peer refused, ...)."""
 EXIT_BAD_INPUT = 2
 """The command was given a wrong config, flag or path; nothing was done."""
+EXIT_INTERRUPTED = 130
+"""Stopped by Ctrl-C or a signal (128 + SIGINT, as shells report it)."""
 
 
 @contextmanager
@@ -106,6 +111,35 @@ def stop_signals_as_ctrl_c() -> Iterator[None]:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def pause_on_stop_signals(
+    stop: threading.Event, on_first: Callable[[str], None] | None = None
+) -> Iterator[None]:
+    """Ctrl-C, SIGTERM or SIGHUP set ``stop`` (the run checkpoints and pauses after the step
+    under way: a spot instance's notice, a scheduler's stop); a second one stops at once, as
+    Ctrl-C does (KeyboardInterrupt). ``on_first`` is told the first signal's name."""
+
+    def at_once(signum: int, frame: object) -> None:
+        for sig in previous:  # a third would cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def pause(signum: int, frame: object) -> None:
+        for sig in previous:
+            signal.signal(sig, at_once)
+        stop.set()
+        if on_first is not None:
+            on_first(signal.Signals(signum).name)
+
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, pause) for sig in signals}
     try:
         yield
     finally:

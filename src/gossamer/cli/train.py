@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import sys
+import threading
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,7 +15,12 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from gossamer.cli.errors import exit_on_gossamer_errors, keys_named_by_flags
+from gossamer.cli.errors import (
+    EXIT_INTERRUPTED,
+    exit_on_gossamer_errors,
+    keys_named_by_flags,
+    pause_on_stop_signals,
+)
 from gossamer.cli.output import stdout_console
 from gossamer.cli.preflight import (
     MAX_PORT,
@@ -125,10 +131,19 @@ def train(
         spans = SpanRecorder(peer=run_config.name, path=trace)
         stack.callback(spans.close)
         listener = stack.enter_context(RichProgressListener())
+        stop = threading.Event()
+        stack.enter_context(
+            pause_on_stop_signals(
+                stop,
+                lambda name: listener.console.print(
+                    f"{name}: stopping after this step, with a checkpoint (again to stop at once)"
+                ),
+            )
+        )
         freeze_startup_heap()  # a long-running peer: start-up's objects out of every collection
         if run_config.swarm.strategy == "local":
             trainer = stack.enter_context(
-                Trainer(run_config, listener=listener, spans=spans, metrics=metrics)
+                Trainer(run_config, listener=listener, spans=spans, metrics=metrics, stop=stop)
             )
             result = trainer.run()
         else:
@@ -144,8 +159,15 @@ def train(
                     # (plain: rich wrapped the line where stdout is no terminal, and scripts
                     # looking for it found half an address)
                     on_address=lambda address: typer.echo(f"peer address: {address}"),
+                    stop=stop,
                 ).result
     _print_summary(result, summary_json)
+    if result.interrupted:
+        sys.stderr.write(
+            f"interrupted at step {result.steps_done}; checkpoint {result.checkpoint_path}; "
+            "run the same command to resume\n"
+        )
+        raise typer.Exit(EXIT_INTERRUPTED)
 
 
 def _check_train_paths(
@@ -182,6 +204,7 @@ def _print_summary(result: TrainResult, summary_json: Path | None) -> None:
         "checkpoint_path": str(result.checkpoint_path),
         "resumed_from": str(result.resumed_from) if result.resumed_from else None,
         "stopped_by_time_budget": result.stopped_by_time_budget,
+        "interrupted": result.interrupted,
     }
     _console.print(
         f"validation loss {result.val_loss_before:.4f} -> {result.val_loss_after:.4f}; "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,9 @@ class TrainResult:
     """True if ``train.max_seconds`` ended the run before ``train.max_steps``."""
     num_parameters: int
     """Distinct trainable parameters of the model."""
+    interrupted: bool = False
+    """True if a stop was asked for (Ctrl-C, SIGTERM) and the run paused before its end: its
+    checkpoint is of the step reached, and the same command resumes it."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -175,8 +179,12 @@ class Trainer:
         spans: SpanRecorder | None = None,
         metrics: PeerMetrics | None = None,
         stream_seed: int | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.config = config
+        self.stop = stop or threading.Event()
+        """Set (from a signal handler, another thread) to pause the run after the step under
+        way: it checkpoints the step reached and returns (see :attr:`TrainResult.interrupted`)."""
         self.store = CheckpointStore(
             config.checkpoint.directory, keep_last=config.checkpoint.keep_last
         )
@@ -527,6 +535,7 @@ class Trainer:
         stopped_by_time = False
         last_checkpoint: Path | None = None
         last_checkpoint_step = start_step
+        interrupted = False
         run.model.train()
         step = start_step
         while step < stop:
@@ -568,6 +577,9 @@ class Trainer:
             if cfg.train.max_seconds and elapsed + per_step > cfg.train.max_seconds:
                 stopped_by_time = step < stop
                 break
+            if self.stop.is_set() and step < stop:
+                interrupted = True  # a pause: the strategy is not finished, no last evaluation
+                break
         if step >= self.schedule_steps < cfg.train.max_steps:
             stopped_by_time = True  # the schedule fitted to the budget ended it before max_steps
         replaced = False
@@ -576,7 +588,7 @@ class Trainer:
                 # Also when no step was left to take: a peer that joined at the very end still
                 # ends on the swarm's weights.
                 replaced = run.strategy.finish(run.model, step)
-        if step > start_step or replaced:
+        if (step > start_step or replaced) and not interrupted:
             val_latest = self.evaluate()
             self.listener.on_eval(step=step, val_loss=val_latest)
         if replaced or last_checkpoint is None or last_checkpoint_step != run.step:
@@ -595,6 +607,7 @@ class Trainer:
             resumed_from=self.resumed_from,
             stopped_by_time_budget=stopped_by_time,
             num_parameters=num_parameters,
+            interrupted=interrupted,
         )
 
 

@@ -20,6 +20,7 @@ import ipaddress
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -1003,6 +1004,7 @@ def run_swarm_peer(
     metrics: PeerMetrics | None = None,
     metrics_url: str | None = None,
     on_address: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> SwarmPeerResult:
     """Train as one peer of a swarm, with ``config.swarm``'s strategy.
 
@@ -1015,6 +1017,7 @@ def run_swarm_peer(
             its registry while the node runs); goodput is tracked in a private one if None.
         metrics_url: where ``metrics`` are served, written into the status file for scrapers.
         on_address: called with this peer's ``PEER_ID@HOST:PORT`` once it listens.
+        stop: set to pause the run after the step under way (see :attr:`Trainer.stop`).
 
     Returns:
         The training result and the swarm figures (bytes on the wire, resyncs, time to productive).
@@ -1043,6 +1046,7 @@ def run_swarm_peer(
                 metrics=metrics,
                 metrics_url=metrics_url,
                 on_address=on_address,
+                stop=stop,
             )
         finally:
             net_metrics.close()  # before the node stops: later scrapes serve the last view
@@ -1092,6 +1096,7 @@ def _train_on_node(
     metrics: PeerMetrics,
     metrics_url: str | None,
     on_address: Callable[[str], None] | None,
+    stop: threading.Event | None,
 ) -> SwarmPeerResult:
     swarm = config.swarm
     node = node_thread.node
@@ -1164,6 +1169,7 @@ def _train_on_node(
             stream_seed=stream_seed,
             spans=spans,
             metrics=metrics,
+            stop=stop,
         ) as trainer:
             result = trainer.run()
     except BaseException as exc:
