@@ -10,6 +10,7 @@ point; the model may be any ``nn.Module`` factory whose forward maps tokens ``[B
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -31,6 +32,7 @@ from gossamer.models import GPT
 from gossamer.obs.metrics import PeerMetrics
 from gossamer.obs.trace import SpanRecorder
 from gossamer.store import CheckpointStore
+from gossamer.store.lease import directory_lease
 from gossamer.train.checkpointing import RunState, capture_run_state, restore_run_state
 from gossamer.train.inference import mean_validation_loss
 from gossamer.train.optim import ScheduleRefit, build_optimizer, learning_rate_at, warmup_steps
@@ -195,57 +197,67 @@ class Trainer:
                 f"checkpoint.directory: {config.checkpoint.directory} cannot be written "
                 f"({exc.strerror or exc}); give a folder this user can write"
             ) from exc
-        if not config.checkpoint.resume:
-            self._refuse_another_runs_checkpoints()  # before the slow set-up below
-        self.listener = listener or TrainingListener()
-        self.clock = clock or SystemClock()
-        self.spans = spans or SpanRecorder()
-        self.metrics = metrics
-        if metrics is not None:
-            self.spans.add_sink(metrics.record_span)
-        if config.train.num_threads:
-            torch.set_num_threads(config.train.num_threads)
-        self.corpus = corpus if corpus is not None else load_corpus(config.data)
-        seq_len = config.model.context
-        torch.manual_seed(config.train.seed)
-        model = model_factory() if model_factory is not None else GPT(config.model)
-        self.run_state = RunState(
-            config=config,
-            model=model,
-            optimizer=build_optimizer(model, config.optim),
-            stream=TokenStream(
-                self.corpus.train,
+        # One process at a time in the directory (two peers given one shared its checkpoints
+        # and its peer key): held until close().
+        self._lease = contextlib.ExitStack()
+        self._lease.enter_context(directory_lease(Path(config.checkpoint.directory)))
+        try:
+            if not config.checkpoint.resume:
+                self._refuse_another_runs_checkpoints()  # before the slow set-up below
+            self.listener = listener or TrainingListener()
+            self.clock = clock or SystemClock()
+            self.spans = spans or SpanRecorder()
+            self.metrics = metrics
+            if metrics is not None:
+                self.spans.add_sink(metrics.record_span)
+            if config.train.num_threads:
+                torch.set_num_threads(config.train.num_threads)
+            self.corpus = corpus if corpus is not None else load_corpus(config.data)
+            seq_len = config.model.context
+            torch.manual_seed(config.train.seed)
+            model = model_factory() if model_factory is not None else GPT(config.model)
+            self.run_state = RunState(
+                config=config,
+                model=model,
+                optimizer=build_optimizer(model, config.optim),
+                stream=TokenStream(
+                    self.corpus.train,
+                    seq_len=seq_len,
+                    batch_size=config.train.batch_size,
+                    seed=config.train.seed if stream_seed is None else stream_seed,
+                    peer_index=peer_index,
+                    num_peers=num_peers,
+                ),
+                strategy=strategy or LocalStrategy(),
+                custom_model=model_factory is not None,
+                data_sha256=_data_sha256(self.corpus.manifest),
+            )
+            self.val_batches: list[Batch] = validation_batches(
+                self.corpus.validation,
                 seq_len=seq_len,
                 batch_size=config.train.batch_size,
-                seed=config.train.seed if stream_seed is None else stream_seed,
-                peer_index=peer_index,
-                num_peers=num_peers,
-            ),
-            strategy=strategy or LocalStrategy(),
-            custom_model=model_factory is not None,
-            data_sha256=_data_sha256(self.corpus.manifest),
-        )
-        self.val_batches: list[Batch] = validation_batches(
-            self.corpus.validation,
-            seq_len=seq_len,
-            batch_size=config.train.batch_size,
-            num_batches=config.train.eval_batches,
-        )
-        self._check_batches = not self._check_corpus_vocabulary()
-        self._rate_since: tuple[int, float] | None = None
-        """(step, seconds into the session) the step rate for a schedule refit is measured from."""
-        for inputs, targets in self.val_batches if self._check_batches else ():
-            self._check_vocabulary(inputs, targets, self.corpus.validation.description)
-        self.resumed_from: Path | None = None
-        if config.checkpoint.resume:
-            self._resume()
-        # A swarm strategy's setup downloads the swarm's state as a newcomer: time to sync.
-        with self.spans.span("sync", step=self.run_state.step, hook="setup"):
-            synced_step = self.run_state.strategy.setup(model, self.run_state.optimizer)
-        if synced_step is not None and synced_step > self.run_state.step:
-            self.run_state.step = synced_step  # state came from other peers: continue from there
-        if self.metrics is not None:  # (a resumed peer read step 0 until its first step ended)
-            self.metrics.step.set(self.run_state.step)
+                num_batches=config.train.eval_batches,
+            )
+            self._check_batches = not self._check_corpus_vocabulary()
+            # (step, seconds into the session) a schedule refit's step rate is measured from
+            self._rate_since: tuple[int, float] | None = None
+            for inputs, targets in self.val_batches if self._check_batches else ():
+                self._check_vocabulary(inputs, targets, self.corpus.validation.description)
+            self.resumed_from: Path | None = None
+            if config.checkpoint.resume:
+                self._resume()
+            # A swarm strategy's setup downloads the swarm's state as a newcomer: time to sync.
+            with self.spans.span("sync", step=self.run_state.step, hook="setup"):
+                synced_step = self.run_state.strategy.setup(model, self.run_state.optimizer)
+            if synced_step is not None and synced_step > self.run_state.step:
+                self.run_state.step = (
+                    synced_step  # state came from other peers: continue from there
+                )
+            if self.metrics is not None:  # (a resumed peer read step 0 until its first step ended)
+                self.metrics.step.set(self.run_state.step)
+        except BaseException:
+            self._lease.close()
+            raise
 
     @property
     def model(self) -> nn.Module:
@@ -347,8 +359,11 @@ class Trainer:
         self.close()
 
     def close(self) -> None:
-        """Release the strategy's resources."""
-        self.run_state.strategy.close()
+        """Release the strategy's resources and the checkpoint directory."""
+        try:
+            self.run_state.strategy.close()
+        finally:
+            self._lease.close()
 
     def _refuse_another_runs_checkpoints(self) -> None:
         """Refuse to start a fresh run in a directory that holds checkpoints already.

@@ -43,6 +43,7 @@ from gossamer.net.node import Node
 from gossamer.obs.goodput import GoodputTracker
 from gossamer.obs.metrics import PeerMetrics, SwarmMetrics
 from gossamer.obs.trace import SpanRecorder, nested_span
+from gossamer.store.lease import directory_lease
 from gossamer.train.averaging import AverageOutcome, PendingRound
 from gossamer.train.diloco import DiLoCoConfig, DiLoCoStrategy
 from gossamer.train.loop import ModelFactory, ProgressEvent, Trainer, TrainingListener, TrainResult
@@ -1022,9 +1023,36 @@ def run_swarm_peer(
     Returns:
         The training result and the swarm figures (bytes on the wire, resyncs, time to productive).
     """
-    swarm = config.swarm
     checkpoint_dir = Path(config.checkpoint.directory)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    # (before its peer key is read there: a second peer given the same directory took the
+    # first's identity, and so its data stream)
+    with directory_lease(checkpoint_dir):
+        return _run_swarm_peer(
+            config,
+            checkpoint_dir,
+            model_factory=model_factory,
+            listener=listener,
+            spans=spans,
+            metrics=metrics,
+            metrics_url=metrics_url,
+            on_address=on_address,
+            stop=stop,
+        )
+
+
+def _run_swarm_peer(
+    config: RunConfig,
+    checkpoint_dir: Path,
+    *,
+    model_factory: ModelFactory | None,
+    listener: TrainingListener | None,
+    spans: SpanRecorder | None,
+    metrics: PeerMetrics | None,
+    metrics_url: str | None,
+    on_address: Callable[[str], None] | None,
+    stop: threading.Event | None,
+) -> SwarmPeerResult:
+    swarm = config.swarm
     key_file = Path(swarm.key_file) if swarm.key_file else checkpoint_dir / "peer.key"
     identity = load_or_create_identity(key_file)
     metrics = metrics or PeerMetrics()

@@ -1,0 +1,88 @@
+"""One process at a time in a run's checkpoint directory.
+
+Two ``gossamer train`` processes given the same directory (two peers started from the same
+config on one machine, say) shared its checkpoints, each saving its steps over the other's,
+and a swarm peer's identity (its key file lives there by default), so both peers had one peer
+id and one data stream. The first process to use the directory holds it until it exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from gossamer.core.errors import ConfigError
+
+__all__ = ["IN_USE_NAME", "directory_lease"]
+
+IN_USE_NAME = ".in-use"
+"""The file a process holds a lock on while it uses the directory (its pid written in it)."""
+
+_held: dict[Path, tuple[int, int]] = {}
+"""Directories this process holds: resolved path -> (descriptor, holders in this process)."""
+_held_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def directory_lease(directory: Path, key: str = "checkpoint.directory") -> Iterator[None]:
+    """Hold ``directory`` for this process for the block (made if needed); holders within one
+    process share it.
+
+    Raises:
+        ConfigError: another process holds it (named by ``key``, with that process's pid).
+    """
+    path = _acquire(directory, key)
+    try:
+        yield
+    finally:
+        _release(path)
+
+
+def _acquire(directory: Path, key: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory.resolve()
+    with _held_lock:
+        if path in _held:
+            fd, holders = _held[path]
+            _held[path] = (fd, holders + 1)
+            return path
+        fd = os.open(path / IN_USE_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _pid_in(fd)
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            raise ConfigError(
+                f"{key}: {directory} is in use by another Gossamer process"
+                f"{f' (pid {holder})' if holder else ''}; give each run, and each peer on this "
+                "machine, its own directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _held[path] = (fd, 1)
+        return path
+
+
+def _release(path: Path) -> None:
+    with _held_lock:
+        fd, holders = _held[path]
+        if holders > 1:
+            _held[path] = (fd, holders - 1)
+            return
+        del _held[path]
+        os.close(fd)  # (the lock goes with it; the file stays, empty of meaning)
+
+
+def _pid_in(fd: int) -> str:
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        text = os.pread(fd, 32, 0).decode().strip()
+        if text.isdigit():
+            return text
+    return ""

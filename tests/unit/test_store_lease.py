@@ -1,0 +1,91 @@
+"""One process at a time in a checkpoint directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from gossamer.core.errors import ConfigError
+from gossamer.store.lease import directory_lease
+
+_HOLD = """
+import sys
+from pathlib import Path
+from gossamer.store.lease import directory_lease
+with directory_lease(Path(sys.argv[1])):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextmanager
+def _held_by_another_process(directory: Path) -> Iterator[int]:
+    with subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(directory)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as child:
+        assert child.stdout is not None
+        assert child.stdin is not None
+        try:
+            assert child.stdout.readline() == "held\n"
+            yield child.pid
+        finally:
+            child.stdin.close()
+            child.wait(timeout=30)
+
+
+def test_a_directory_another_process_holds_is_refused_naming_it(tmp_path: Path) -> None:
+    with (
+        _held_by_another_process(tmp_path / "ckpt") as pid,
+        pytest.raises(
+            ConfigError, match=rf"checkpoint.directory: .* in use by another .*pid {pid}"
+        ),
+        directory_lease(tmp_path / "ckpt"),
+    ):
+        pass
+    with directory_lease(tmp_path / "ckpt"):  # its holder gone, free again
+        pass
+
+
+def test_holders_in_one_process_share_a_directory(tmp_path: Path) -> None:
+    with directory_lease(tmp_path), directory_lease(tmp_path):
+        pass
+    with directory_lease(tmp_path), _held_by_another_process(tmp_path / "other"):
+        pass
+
+
+def test_a_trainer_refuses_a_directory_another_run_uses(tmp_path: Path) -> None:
+    # Two peers started with the same config on one machine shared one checkpoint folder: each
+    # saved its steps over the other's, and (a swarm's peer key lives there) one identity.
+    from gossamer.core.config import (
+        CheckpointConfig,
+        DataConfig,
+        ModelConfig,
+        RunConfig,
+        TrainConfig,
+    )
+    from gossamer.train import Trainer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x):\n    return x\n" * 400)
+    config = RunConfig(
+        model=ModelConfig(num_layers=1, num_heads=2, width=16, context=16),
+        data=DataConfig(source="text", path=str(corpus)),
+        train=TrainConfig(max_steps=2, batch_size=2, eval_batches=1),
+        checkpoint=CheckpointConfig(directory=str(tmp_path / "ckpt")),
+    )
+    with (
+        _held_by_another_process(tmp_path / "ckpt"),
+        pytest.raises(ConfigError, match="in use by another Gossamer process"),
+    ):
+        Trainer(config)
+    with Trainer(dataclasses.replace(config)) as trainer:
+        trainer.run()
