@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gossamer.core.config import (
+    CheckpointConfig,
     DataConfig,
     ModelConfig,
     OptimConfig,
@@ -262,3 +263,12 @@ def test_round_trip_through_dict(max_steps: int, lr: float, width_heads: tuple[i
         train=TrainConfig(max_steps=max_steps),
     )
     assert config_from_dict(RunConfig, config_to_dict(config)) == config
+
+
+def test_a_home_folder_in_a_path_from_a_file_is_expanded() -> None:
+    # "~/runs" from a TOML file (no shell to expand it) made a folder named "~" in the current
+    # one (and the preflight checks looked at the home folder's).
+    home = str(Path.home())
+    assert CheckpointConfig(directory="~/runs").directory == f"{home}/runs"
+    assert SwarmConfig(status_file="~/me.json").status_file == f"{home}/me.json"
+    assert SwarmConfig().status_file == ""

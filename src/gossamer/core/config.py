@@ -8,6 +8,7 @@ builds one from a TOML file, environment variables and flags.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -41,6 +42,11 @@ _MAX_SECONDS = 10 * 365 * 86400.0
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {message}")
+
+
+def _set(config: object, name: str, value: object) -> None:
+    """Set a field of a frozen config while it is made (a value normalised)."""
+    object.__setattr__(config, name, value)
 
 
 def _check_numbers(section: str, config: object) -> None:
@@ -273,6 +279,8 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         _check_numbers("checkpoint", self)
         _require(bool(self.directory), "checkpoint.directory", "must not be empty")
+        # "~/runs" from a TOML file (no shell to expand it) made a folder named "~" here
+        _set(self, "directory", os.path.expanduser(self.directory))
         _require(
             self.every_steps >= 0, "checkpoint.every_steps", f"must be >= 0, got {self.every_steps}"
         )
@@ -356,6 +364,7 @@ class SwarmConfig:
 
     def __post_init__(self) -> None:
         _check_numbers("swarm", self)
+        _set(self, "status_file", os.path.expanduser(self.status_file))
         _require(
             self.strategy in ("local", "sync", "diloco"),
             "swarm.strategy",
