@@ -225,6 +225,15 @@ def test_sample_refuses_impossible_settings(checkpoint: Path, flags: list[str]) 
     assert flags[0] in output
 
 
+def test_sample_takes_a_prompt_that_is_not_utf_8_as_its_bytes(checkpoint: Path) -> None:
+    # (as Python hands over an argument holding byte 0xe9: a UnicodeEncodeError traceback)
+    result = CliRunner().invoke(
+        app, ["sample", "--checkpoint", str(checkpoint), "--prompt", "caf\udce9 ", "--tokens", "4"]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout_bytes.startswith(b"caf\xe9 ")
+
+
 @pytest.mark.parametrize("seconds", ["nan", "inf", "0", "-3"])
 def test_demo_refuses_a_budget_that_is_not_a_positive_number(tmp_path: Path, seconds: str) -> None:
     code, output = _invoke(["demo", "--seconds", seconds, "--runs-dir", str(tmp_path / "runs")])

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gossamer.core.config import DataConfig
-from gossamer.core.errors import DataError
+from gossamer.core.config import DataConfig, ModelConfig, RunConfig
+from gossamer.core.errors import ConfigError, DataError
 from gossamer.data import load_corpus, stdlib_source_files
 
 
@@ -184,6 +184,32 @@ def test_uint32_ids_read_as_uint16_are_refused(tmp_path: Path) -> None:
         DataConfig(source="tokens", path=str(tmp_path / "t.bin"), token_dtype="uint32")
     )
     assert len(corpus.train) + len(corpus.validation) == 10_000
+
+
+def test_a_text_file_given_as_token_ids_is_refused(tmp_path: Path) -> None:
+    # It trained, at exit 0, on ids made of two characters each.
+    (tmp_path / "train.txt").write_text("def f(x):\n    return x  # caf\u00e9\n" * 400)
+    with pytest.raises(DataError, match=r"looks like text.*data\.source = 'text'"):
+        load_corpus(DataConfig(source="tokens", path=str(tmp_path / "train.txt")))
+    # Token ids whose bytes are all printable for a while are not text all the way.
+    ids = np.full(10_000, 0x4142, dtype="<u2")
+    ids[3_000] = 7
+    ids.tofile(tmp_path / "t.bin")
+    load_corpus(DataConfig(source="tokens", path=str(tmp_path / "t.bin")))
+
+
+def test_ids_of_a_vocabulary_past_uint16_are_not_read_as_uint16() -> None:
+    # cl100k-style ids saved as uint32, read as the default uint16 with model.vocab_size
+    # 100352: every id cut in two, and a run at exit 0.
+    with pytest.raises(ConfigError, match=r"data\.token_dtype.*'uint32'"):
+        RunConfig(
+            data=DataConfig(source="tokens", path="t.bin"), model=ModelConfig(vocab_size=100_352)
+        )
+    RunConfig(
+        data=DataConfig(source="tokens", path="t.bin", token_dtype="uint32"),
+        model=ModelConfig(vocab_size=100_352),
+    )
+    RunConfig(data=DataConfig(source="tokens", path="t.bin"), model=ModelConfig(vocab_size=50_304))
 
 
 # --- token files -----------------------------------------------------------------------------

@@ -147,6 +147,13 @@ def test_a_source_shorter_than_one_sequence_is_a_clear_error() -> None:
     with pytest.raises(DataError, match=r"tiny\.txt"):
         validation_batches(short, seq_len=16, batch_size=1, num_batches=1)
     TokenStream(TokenSource(np.zeros(17, dtype=np.uint8), "x"), seq_len=16, batch_size=3, seed=0)
+    # The advice for each split (a training split too short was told to raise the validation
+    # fraction, which shortens it further).
+    with pytest.raises(DataError, match="raise data.validation_fraction"):
+        TokenStream(short, seq_len=16, batch_size=1, seed=0)
+    train = TokenSource(np.zeros(16, dtype=np.uint8), "training split of tiny.txt")
+    with pytest.raises(DataError, match="lower data.validation_fraction"):
+        TokenStream(train, seq_len=16, batch_size=1, seed=0)
 
 
 def test_a_source_with_fewer_sequences_than_peers_is_a_clear_error() -> None:

@@ -300,7 +300,9 @@ def sample(
             top_k=top_k or None,
             seed=seed,
         )
-    sys.stdout.write(prompt + text + "\n")
+    # (bytes of the prompt that are not UTF-8 go out as they came in)
+    sys.stdout.buffer.write((prompt + text + "\n").encode("utf-8", "surrogateescape"))
+    sys.stdout.buffer.flush()
 
 
 def demo(

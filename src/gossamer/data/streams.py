@@ -192,10 +192,14 @@ def validation_batches(
 
 def _check_long_enough(source: TokenSource, seq_len: int) -> None:
     if len(source) < seq_len + 1:
+        # (the training split grows as the validation split shrinks: raising the fraction for
+        # a training split too short made it shorter still)
+        fraction = "raise" if source.description.startswith("validation") else "lower"
         raise DataError(
             f"{source.description} holds {len(source)} tokens, fewer than one sequence needs "
-            f"({seq_len} + 1 for the shifted target); add data, raise "
-            "data.validation_fraction or max_corpus_bytes, or use a shorter model.context"
+            f"({seq_len} + 1 for the shifted target); add data, {fraction} "
+            "data.validation_fraction, use a shorter model.context, or raise "
+            "data.max_corpus_bytes if it is set"
         )
 
 

@@ -20,8 +20,9 @@ def encode_bytes(data: bytes | bytearray | memoryview) -> list[int]:
 
 
 def encode(text: str) -> list[int]:
-    """Token ids of ``text``'s UTF-8 encoding."""
-    return list(text.encode("utf-8"))
+    """Token ids of ``text``'s UTF-8 encoding; bytes that are not UTF-8, in a string Python
+    decoded with ``surrogateescape`` (command-line arguments, file names), are those bytes."""
+    return list(text.encode("utf-8", "surrogateescape"))
 
 
 def decode(tokens: Sequence[int]) -> str:
