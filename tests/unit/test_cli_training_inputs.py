@@ -225,6 +225,34 @@ def test_sample_refuses_impossible_settings(checkpoint: Path, flags: list[str]) 
     assert flags[0] in output
 
 
+def test_eval_says_when_the_data_is_not_what_the_checkpoint_trained_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A corpus cut in half after training put text the model trained on in its validation
+    # split: a loss of 0.59 where training measured 6.35, without a word.
+    monkeypatch.chdir(tmp_path)
+    Path("corpus.txt").write_text("def square(x):\n    return x * x\n\n" * 200)
+    args = ["train", *TINY, "--data.path", "corpus.txt", "--checkpoint.directory", "ck"]
+    assert _invoke(args)[0] == 0
+    code, output = _invoke(["eval", "--checkpoint", "ck"])
+    assert code == 0, output
+    assert "warning" not in output
+    Path("corpus.txt").write_text("def square(x):\n    return x * x\n\n" * 100)
+    code, output = _invoke(["eval", "--checkpoint", "ck"])
+    assert code == 0, output
+    assert "is not what" in output
+    assert "trained on" in output
+    # From another folder the checkpoint's relative data.path is not found: said so, and
+    # another source may be given without its path (it was refused as set for 'stdlib').
+    monkeypatch.chdir(tmp_path / "ck")
+    code, output = _invoke(["eval", "--checkpoint", "."])
+    assert code == 1
+    assert "from the checkpoint's config" in output
+    assert "--data.path" in output
+    code, output = _invoke(["eval", "--checkpoint", ".", "--data.source", "stdlib"])
+    assert code == 0, output
+
+
 def test_sample_takes_a_prompt_that_is_not_utf_8_as_its_bytes(checkpoint: Path) -> None:
     # (as Python hands over an argument holding byte 0xe9: a UnicodeEncodeError traceback)
     result = CliRunner().invoke(

@@ -37,7 +37,7 @@ from gossamer.core.config_loader import (
     load_run_config,
     parse_flag_overrides,
 )
-from gossamer.core.errors import ConfigError, GossamerError
+from gossamer.core.errors import ConfigError, DataError, GossamerError
 from gossamer.core.runtime import freeze_startup_heap
 from gossamer.data import load_corpus, validation_batches
 from gossamer.obs.metrics import PeerMetrics
@@ -237,7 +237,11 @@ def evaluate(
                     "drop the flag (--data.* and --train.batch_size may be changed)"
                 )
         loaded = _load_checkpoint(checkpoint)
-        run_config = load_run_config(None, overrides, base=config_to_dict(loaded.config))
+        base = config_to_dict(loaded.config)
+        data_keys = {key for key, _ in overrides if key.startswith("data.")}
+        if "data.source" in data_keys and "data.path" not in data_keys:
+            base["data"].pop("path", None)  # (another source: the checkpoint's path is not its)
+        run_config = load_run_config(None, overrides, base=base)
         changed = [  # (dropout is not the shape, and eval uses none)
             name
             for name in ("num_layers", "num_heads", "width", "context", "vocab_size", "tie_weights")
@@ -249,7 +253,21 @@ def evaluate(
                 f"eval: the environment changes the model ({names}) but the model's shape is "
                 "the checkpoint's; unset it"
             )
-        corpus = load_corpus(run_config.data)
+        try:
+            corpus = load_corpus(run_config.data)
+        except DataError as exc:
+            if data_keys or not run_config.data.path or Path(run_config.data.path).exists():
+                raise
+            raise DataError(
+                f"data.path {run_config.data.path!r}, from the checkpoint's config (a path "
+                "relative to where it trained), is not found from here; pass --data.path"
+            ) from exc
+        if not data_keys and loaded.data_sha256 not in (None, corpus.manifest.get("train_sha256")):
+            sys.stderr.write(
+                f"warning: the data at data.path {run_config.data.path!r} is not what "
+                f"{loaded.path} trained on (its tokens' sha256 differs): its validation split may "
+                "hold text the model trained on, and the loss not compare with training's\n"
+            )
         loss = mean_validation_loss(
             loaded.model,
             validation_batches(

@@ -33,6 +33,8 @@ class LoadedModel:
     """The step at which the checkpoint was written."""
     path: Path
     """The checkpoint folder (or checkpoint directory) it came from."""
+    data_sha256: str | None = None
+    """The sha256 of the tokens it trained on, where the checkpoint records it."""
 
 
 def load_model(path: Path | str) -> LoadedModel:
@@ -67,7 +69,14 @@ def load_model(path: Path | str) -> LoadedModel:
     model = GPT(config.model)
     model.load_state_dict(state.tensors["model"])
     model.eval()
-    return LoadedModel(model=model, config=config, step=state.step, path=path)
+    digest = state.meta.get("data_sha256")
+    return LoadedModel(
+        model=model,
+        config=config,
+        step=state.step,
+        path=path,
+        data_sha256=digest if isinstance(digest, str) else None,
+    )
 
 
 def sample_text(
