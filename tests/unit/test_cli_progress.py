@@ -24,3 +24,11 @@ def test_a_checkpoint_written_again_at_its_step_says_why() -> None:
     ]
     assert lines[2].startswith("step 8: checkpoint ckpt/step-000000008 (written again:")
     assert "replaced the weights" in lines[2]
+
+
+def test_a_run_with_nothing_left_to_train_says_so() -> None:
+    out = io.StringIO()
+    listener = RichProgressListener(Console(file=out, width=200))
+    listener.on_start(start_step=10, max_steps=4, num_parameters=20_000)
+    assert "already at step 10 of train.max_steps 4: nothing to train" in out.getvalue()
+    assert "10 -> 4" not in out.getvalue()

@@ -375,6 +375,22 @@ def test_a_stop_asked_for_pauses_the_run_with_a_checkpoint_of_the_step_reached(
     assert (again.start_step, again.steps_done, again.interrupted) == (7, 40, False)
 
 
+def test_a_resume_with_nothing_left_to_train_leaves_the_checkpoint_as_it_is(
+    corpus_file: Path, tmp_path: Path
+) -> None:
+    # Resumed at step 12 with max_steps 4, the run printed "steps 12 -> 4" and wrote the step
+    # again, its config now saying max_steps 4.
+    with Trainer(tiny_config(corpus_file, tmp_path / "ckpt")) as trainer:
+        trainer.run()
+    store = CheckpointStore(tmp_path / "ckpt")
+    manifest = (store.path_for(12) / "manifest.json").read_bytes()
+    with Trainer(tiny_config(corpus_file, tmp_path / "ckpt", max_steps=4)) as resumed:
+        result = resumed.run()
+    assert (result.start_step, result.steps_done) == (12, 12)
+    assert result.checkpoint_path == store.path_for(12)
+    assert (store.path_for(12) / "manifest.json").read_bytes() == manifest
+
+
 def test_a_refit_schedule_goes_on_from_where_it_stood() -> None:
     optim = OptimConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10)
     refit = ScheduleRefit(at_step=100, position=100.0, first_steps=1000)

@@ -58,6 +58,13 @@ class RichProgressListener(TrainingListener):
         self._progress.stop()
 
     def on_start(self, *, start_step: int, max_steps: int, num_parameters: int) -> None:
+        if start_step >= max_steps:  # ("steps 10 -> 4", and a bar at 10/4)
+            self.console.print(
+                f"model: {num_parameters / 1e6:.2f}M parameters; already at step {start_step} "
+                f"of train.max_steps {max_steps}: nothing to train (raise train.max_steps to "
+                "go on)"
+            )
+            return
         self.console.print(
             f"model: {num_parameters / 1e6:.2f}M parameters; steps {start_step} -> {max_steps}"
         )

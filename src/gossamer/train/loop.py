@@ -606,7 +606,11 @@ class Trainer:
         if (step > start_step or replaced) and not interrupted:
             val_latest = self.evaluate()
             self.listener.on_eval(step=step, val_loss=val_latest)
-        if replaced or last_checkpoint is None or last_checkpoint_step != run.step:
+        if step == start_step and not replaced and self.resumed_from == self.store.path_for(step):
+            # Nothing trained (resumed at or past the schedule's end): the checkpoint stays as
+            # it is, not written again under this session's config.
+            last_checkpoint = self.resumed_from
+        elif replaced or last_checkpoint is None or last_checkpoint_step != run.step:
             last_checkpoint = self.save_checkpoint()
         return TrainResult(
             start_step=start_step,
