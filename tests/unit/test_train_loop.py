@@ -486,6 +486,19 @@ def test_resuming_with_another_seed_is_an_incompatible_checkpoint(
         Trainer(reseeded)
 
 
+def test_a_local_run_goes_on_as_a_swarm_peer_with_a_new_data_order(
+    corpus_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A swarm peer's stream is seeded by its peer id: a local run's checkpoint was refused
+    # ("saved with seed=3, and this run has seed=190259298", a seed the user never set).
+    config = _paused_at(4, corpus_file, tmp_path)
+    with caplog.at_level(logging.WARNING), Trainer(config, stream_seed=190_259_298) as peer:
+        assert peer.step == 4
+        assert peer.run().steps_done == config.train.max_steps
+    assert "seeded 3, and this run's is seeded 190259298" in caplog.text
+    assert "starts afresh" in caplog.text
+
+
 def test_resuming_on_other_data_of_the_same_size_says_so(
     corpus_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -61,6 +61,23 @@ def _schedule_limits(config: RunConfig) -> dict[str, float]:
     return {"max_steps": config.train.max_steps, "max_seconds": config.train.max_seconds}
 
 
+def _only_a_peer_seed_differs(meta: dict[str, Any], run: RunState) -> bool:
+    """Whether the saved data position is of a stream like this run's but for its seed, where
+    either seed is a swarm peer's (from its peer id, not ``train.seed``): another
+    ``train.seed`` is still refused."""
+    saved, current = meta.get("data_position"), run.stream.state_dict()
+    if not isinstance(saved, dict):
+        return False
+    try:
+        saved_train_seed = int(meta["config"]["train"]["seed"])
+        keys = ("peer_index", "num_peers", "seq_len", "num_tokens")
+        if any(int(saved[k]) != current[k] for k in keys) or int(saved["seed"]) == current["seed"]:
+            return False
+        return int(saved["seed"]) != saved_train_seed or current["seed"] != run.config.train.seed
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
 def _refit_to_meta(refit: ScheduleRefit | None) -> dict[str, float] | None:
     if refit is None:
         return None
@@ -175,7 +192,19 @@ def restore_run_state(state: CheckpointState, run: RunState, *, where: str) -> N
     if changed:
         logger.info("resumed with other optimizer settings: %s", ", ".join(changed))
     try:
-        run.stream.load_state_dict(meta["data_position"])
+        if _only_a_peer_seed_differs(meta, run):
+            # A local run going on as a swarm peer (or back, or a peer with a new key): a
+            # peer's stream is seeded by its peer id. The data is the same; its order is new.
+            logger.warning(
+                "checkpoint %s: its data position is of a stream seeded %s, and this run's is "
+                "seeded %s (a swarm peer's seed comes from its peer id, a local run's is "
+                "train.seed): the data stream starts afresh, in a new order",
+                where,
+                meta["data_position"].get("seed"),
+                run.stream.state_dict()["seed"],
+            )
+        else:
+            run.stream.load_state_dict(meta["data_position"])
     except ValueError as exc:
         raise IncompatibleCheckpointError(
             f"checkpoint {where} was written for other training data or settings ({exc}); "
