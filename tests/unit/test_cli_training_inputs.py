@@ -253,6 +253,18 @@ def test_eval_says_when_the_data_is_not_what_the_checkpoint_trained_on(
     assert code == 0, output
 
 
+def test_sample_refuses_a_text_model_of_another_vocabulary_saying_why(tmp_path: Path) -> None:
+    # (it said the model "was trained on token ids ... data.source = 'text'")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def square(x):\n    return x * x\n\n" * 200)
+    args = ["train", *TINY, "--data.path", str(corpus), "--model.vocab-size", "300"]
+    assert _invoke([*args, "--checkpoint.directory", str(tmp_path / "ck")])[0] == 0
+    code, output = _invoke(["sample", "--checkpoint", str(tmp_path / "ck"), "--tokens", "5"])
+    assert code == 2
+    assert "model.vocab_size = 300" in output
+    assert "token ids" not in output
+
+
 def test_sample_takes_a_prompt_that_is_not_utf_8_as_its_bytes(checkpoint: Path) -> None:
     # (as Python hands over an argument holding byte 0xe9: a UnicodeEncodeError traceback)
     result = CliRunner().invoke(

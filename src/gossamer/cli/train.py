@@ -303,12 +303,17 @@ def sample(
     """Generate text from a checkpoint of the built-in model."""
     with exit_on_gossamer_errors():
         loaded = _load_checkpoint(checkpoint)
-        if loaded.config.data.source == "tokens" or loaded.config.model.vocab_size != 256:
+        if loaded.config.data.source == "tokens":
             raise ConfigError(
-                f"sample: {loaded.path} was trained on token ids (data.source = "
-                f"{loaded.config.data.source!r}, model.vocab_size = "
-                f"{loaded.config.model.vocab_size}); `gossamer sample` reads and writes text, with "
-                "the byte-level models trained on data.source 'stdlib' or 'text'"
+                f"sample: {loaded.path} was trained on token ids (data.source = 'tokens'); "
+                "`gossamer sample` reads and writes text, with the byte-level models trained on "
+                "data.source 'stdlib' or 'text'"
+            )
+        if loaded.config.model.vocab_size != 256:  # (text, with another model.vocab_size)
+            raise ConfigError(
+                f"sample: {loaded.path} has model.vocab_size = {loaded.config.model.vocab_size}; "
+                "`gossamer sample` writes bytes, the 256 ids of a byte-level model (train one "
+                "on text with model.vocab_size = 256)"
             )
         text = sample_text(
             loaded.model,
