@@ -323,3 +323,11 @@ def test_a_table_printed_to_a_pipe_keeps_its_keys_whole(monkeypatch: pytest.Monk
     assert result.exit_code == 0, result.output
     for key in ("data.validation_fraction", "swarm.train_while_averaging", "checkpoint.directory"):
         assert key in result.output
+
+
+def test_config_show_refuses_a_path_that_is_not_utf_8_naming_it() -> None:
+    # (a TOMLDecodeError traceback)
+    code, output = _invoke(["config", "show", "--data.source", "text", "--data.path", "caf\udce9"])
+    assert code == 2
+    assert "data.path" in output
+    assert "not UTF-8" in output

@@ -68,11 +68,26 @@ def _to_toml(data: dict[str, Any], prefix: str = "") -> str:
     scalars = [(k, v) for k, v in data.items() if not isinstance(v, dict)]
     tables = [(k, v) for k, v in data.items() if isinstance(v, dict)]
     lines = [f"[{prefix}]"] if prefix and scalars else []
+    for key, value in scalars:
+        if isinstance(value, str) and not value.isascii() and _not_utf_8(value):
+            raise ConfigError(
+                f"{prefix + '.' if prefix else ''}{key}: {value!r} holds bytes that are not UTF-8, "
+                "which TOML cannot hold: `config show` cannot print it (a run takes it)"
+            )
     lines += [f"{k} = {json.dumps(v)}" for k, v in scalars if v is not None]
     out = "\n".join(lines)
     for key, value in tables:
         out += ("\n\n" if out else "") + _to_toml(value, f"{prefix}.{key}" if prefix else key)
     return out
+
+
+def _not_utf_8(text: str) -> bool:
+    """Whether ``text`` holds bytes Python decoded with ``surrogateescape`` (a file name)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def register(app: typer.Typer) -> None:
@@ -470,6 +485,6 @@ def config_show(ctx: typer.Context, config: ConfigFile = None) -> None:
     """Print the resolved config (file, environment and flags applied) as TOML."""
     with exit_on_gossamer_errors():
         resolved = _load(ctx, config)
-    text = _to_toml(config_to_dict(resolved))
+        text = _to_toml(config_to_dict(resolved))
     tomllib.loads(text)  # what we print must load back
     typer.echo(text)
