@@ -210,7 +210,6 @@ def test_eval_and_sample_refuse_a_file_as_checkpoint(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "flags",
     [
-        ["--temperature", "0"],
         ["--temperature", "-1"],
         ["--temperature", "nan"],
         ["--temperature", "inf"],
@@ -331,3 +330,16 @@ def test_config_show_refuses_a_path_that_is_not_utf_8_naming_it() -> None:
     assert code == 2
     assert "data.path" in output
     assert "not UTF-8" in output
+
+
+def test_sample_at_temperature_0_takes_the_likeliest_byte_whatever_the_seed(
+    checkpoint: Path,
+) -> None:
+    # (refused as "must be > 0", though the model's generate takes 0 as greedy)
+    outputs = []
+    for seed in ("1", "2"):
+        args = ["sample", "--checkpoint", str(checkpoint), "--temperature", "0", "--seed", seed]
+        code, output = _invoke([*args, "--tokens", "20"])
+        assert code == 0, output
+        outputs.append(output)
+    assert outputs[0] == outputs[1]

@@ -105,6 +105,13 @@ def finite_float(value: float) -> float:
     return value
 
 
+def non_negative_finite_float(value: float) -> float:
+    """A typer callback accepting only finite numbers >= 0."""
+    if not math.isfinite(value) or value < 0:
+        raise typer.BadParameter(f"must be a finite number >= 0, got {value}")
+    return value
+
+
 def positive_finite_float(value: float) -> float:
     """A typer callback accepting only finite numbers > 0."""
     if not math.isfinite(value) or value <= 0:

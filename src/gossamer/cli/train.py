@@ -26,6 +26,7 @@ from gossamer.cli.preflight import (
     MAX_PORT,
     check_output_file,
     check_output_folder,
+    non_negative_finite_float,
     positive_finite_float,
     serve_metrics_or_explain,
 )
@@ -308,7 +309,11 @@ def sample(
     prompt: Annotated[str, typer.Option(help="Text to continue.")] = "def ",
     tokens: Annotated[int, typer.Option(help="Bytes to generate.", min=0)] = 300,
     temperature: Annotated[
-        float, typer.Option(help="Sampling temperature (> 0).", callback=positive_finite_float)
+        float,
+        typer.Option(
+            help="Sampling temperature; 0 takes the likeliest byte every time.",
+            callback=non_negative_finite_float,
+        ),
     ] = 0.8,
     top_k: Annotated[
         int, typer.Option(help="Sample among the k likeliest; 0 for all.", min=0)

@@ -91,7 +91,7 @@ def sample_text(
     """Continue ``prompt`` with ``num_tokens`` byte tokens and return the continuation only.
 
     Raises:
-        ValueError: ``num_tokens`` is negative, ``temperature`` is not positive, or the model's
+        ValueError: ``num_tokens`` is negative, ``temperature`` is negative, or the model's
             tokens are not bytes (its vocabulary is not 256).
     """
     if model.config.vocab_size != 256:
@@ -101,8 +101,8 @@ def sample_text(
         )
     if num_tokens < 0:
         raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    if not temperature >= 0:  # (0: greedy, the likeliest token every time)
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
     tokens = encode(prompt) or [ord("\n")]
     prompt_tensor = torch.tensor([tokens], dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
