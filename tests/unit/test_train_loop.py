@@ -486,6 +486,17 @@ def test_resuming_with_another_seed_is_an_incompatible_checkpoint(
         Trainer(reseeded)
 
 
+def test_a_resume_may_change_the_dropout(corpus_file: Path, tmp_path: Path) -> None:
+    # (refused as "written for another model"; eval takes any dropout)
+    config = _paused_at(4, corpus_file, tmp_path)
+    model = dataclasses.replace(config.model, dropout=0.0)
+    with Trainer(dataclasses.replace(config, model=model)) as resumed:
+        assert resumed.step == 4
+    wider = dataclasses.replace(config.model, width=64)
+    with pytest.raises(IncompatibleCheckpointError, match="another model"):
+        Trainer(dataclasses.replace(config, model=wider))
+
+
 def test_a_local_run_goes_on_as_a_swarm_peer_with_a_new_data_order(
     corpus_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

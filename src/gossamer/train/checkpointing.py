@@ -158,8 +158,9 @@ def check_compatible(state: CheckpointState, run: RunState, *, where: str) -> No
     """
     meta = state.meta
     if not run.custom_model and not meta.get("custom_model", False):
-        saved = meta.get("config", {}).get("model", {})
-        current = config_to_dict(run.config.model)
+        # (dropout is no part of the model's shape: a resume may change it, as eval does)
+        saved = {k: v for k, v in meta.get("config", {}).get("model", {}).items() if k != "dropout"}
+        current = {k: v for k, v in config_to_dict(run.config.model).items() if k != "dropout"}
         if saved != current:
             diffs = ", ".join(
                 f"model.{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}"
