@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch import nn
 
+from gossamer.obs.metrics import PeerMetrics
 from gossamer.train import swarm as swarm_module
-from gossamer.train.averaging import AverageOutcome
+from gossamer.train.averaging import AverageOutcome, begin_round
 from gossamer.train.diloco import DiLoCoConfig
 from gossamer.train.state_sync import StateSnapshot
 from gossamer.train.swarm import SwarmDiLoCoStrategy
@@ -515,3 +516,95 @@ def test_a_resumed_overlap_peer_publishes_its_version_at_the_step_training_does(
     resumed.close()
     (version,) = resumed_donor.versions
     assert published[version] == resumed_donor.steps[0] == (version + 1) * 5
+
+
+class MeteredAverager(FakeAverager):
+    """What a peer with metrics observes: a config, and rounds formed on averaging."""
+
+    config = SimpleNamespace(codec="none")
+
+    def begin(self, round_key: str) -> Any:
+        return begin_round(cast(Any, SimpleNamespace(average=self.average)), round_key)
+
+
+class ExcludingAverager(MeteredAverager):
+    """Every round goes on without this peer (it came after the round closed)."""
+
+    def average(
+        self, tensors: list[torch.Tensor], *, round_key: str, weight: float
+    ) -> AverageOutcome:
+        return AverageOutcome(
+            tensors=[t.clone() for t in tensors],
+            group_size=1,
+            bytes_sent=0,
+            bytes_received=0,
+            excluded=True,
+        )
+
+
+def _goodput_peer(
+    averager: FakeAverager, **config: Any
+) -> tuple[SwarmDiLoCoStrategy, nn.Module, PeerMetrics]:
+    """A peer at outer step 0 whose downloads serve the swarm's state at outer step 1."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4)
+    metrics = PeerMetrics()
+    strategy = SwarmDiLoCoStrategy(
+        DiLoCoConfig(inner_steps=4, run_id="r", **config),
+        cast(Any, averager),
+        cast(Any, FakeNodeThread()),
+        cast(Any, FakeDonor()),
+        join_existing=False,
+        metrics=metrics,
+        tokens_per_step=10,
+    )
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    strategy.outer_step = 1
+    newer = strategy._snapshot(step=8)
+    strategy.outer_step = 0
+
+    def download(version: int | None, donors: object = None) -> StateSnapshot | None:
+        return newer
+
+    strategy._download = download  # type: ignore[method-assign]
+    return strategy, model, metrics
+
+
+def _train_until_replaced(
+    strategy: SwarmDiLoCoStrategy, model: nn.Module, metrics: PeerMetrics, first: int
+) -> int:
+    """Steps from ``first`` (each counted as the loop counts it) until the swarm's state
+    replaces this peer's; returns the steps trained until then."""
+    for step in range(first, first + 40):
+        metrics.goodput.add_step(10)
+        if strategy.on_step_end(model, step) is not None:
+            return step + 1 - first
+    raise AssertionError("the peer's state was never replaced")
+
+
+def test_a_missed_background_round_discards_every_step_it_lost() -> None:
+    # Training while the round averaged, the peer handed its progress to a round that went on
+    # without it, trained on, then took the swarm's state: every step it trained was lost, and
+    # a round's worth (4) was counted.
+    strategy, model, metrics = _goodput_peer(
+        ExcludingAverager(), train_while_forming=True, train_while_averaging=True
+    )
+    trained = _train_until_replaced(strategy, model, metrics, first=0)
+    assert trained > 4
+    figures = metrics.goodput.snapshot()
+    assert (figures.tokens_discarded, figures.tokens_kept) == (trained * 10, 0)
+    strategy.close()
+
+
+def test_a_peer_behind_at_a_boundary_discards_the_steps_it_took_since_it_resumed() -> None:
+    # Resumed at step 6 from an older checkpoint, it learned at the boundary after step 7 that
+    # the swarm was ahead: 2 steps lost, and a round's worth (4) was counted.
+    averager = MeteredAverager()
+    strategy, model, metrics = _goodput_peer(averager, train_while_forming=False)
+    strategy._newest_version = lambda: 1  # type: ignore[method-assign]
+    metrics.goodput.add_step(1000)  # (earlier work of this process, kept)
+    trained = _train_until_replaced(strategy, model, metrics, first=6)
+    assert trained == 2
+    figures = metrics.goodput.snapshot()
+    assert (figures.tokens_discarded, figures.tokens_kept) == (20, 1000)
+    strategy.close()

@@ -229,6 +229,19 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         before its first round it must take the state that round produces."""
         self._continue_from: int | None = None
         self._work_lost = False
+        # Goodput without overlap: the steps a replaced state throws away are those since the
+        # last round that took this peer's progress (counted, they did not match: 10 for the
+        # 17 lost after a missed background round, 10 for 7 when behind at a boundary).
+        self._steps_done = 0
+        """Inner steps done by the end of the step the hooks run after."""
+        self._committed: int | None = None
+        """Steps done up to which this peer's progress is in the swarm's state (None: set at the
+        first step, after any resume or sync)."""
+        self._launched_at = 0
+        """Steps done when the pseudo-gradient of the last round was taken."""
+        self._handed_over = False
+        """The last round's progress was handed to it in the background (the local model moved
+        on from an estimate): excluded, that progress is gone even with no state taken."""
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
         super().setup(model, optimizer)
@@ -374,6 +387,8 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         With overlap the local model moves by as much as the global weights did, so the progress
         it holds that is not averaged yet is kept.
         """
+        if not self.config.overlap:  # (the local progress not in the swarm's state is gone)
+            self._discard_uncommitted(self._steps_done)
         before = [t.clone() for t in self._global] if self.config.overlap else []
         self._apply_state(
             snapshot.tensors,
@@ -439,13 +454,31 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             self.swarm_metrics.resyncs.inc()
 
     def _discard_round(self, steps: int | None = None) -> None:
-        """This peer's inner steps since the last round (``steps``, a round's by default)
-        went into no average: not goodput."""
+        """(overlap) This peer's inner steps since the last round (``steps``, a round's by
+        default) went into no average: not goodput."""
         if self.metrics is not None:
             steps = self.config.inner_steps if steps is None else steps
             self.metrics.goodput.discard(steps * self.tokens_per_step)
 
+    def _discard_uncommitted(self, until: int) -> None:
+        """(no overlap) The steps done since the last round that took this peer's progress, up
+        to ``until``, went into no average: not goodput."""
+        if self._committed is None or until <= self._committed:
+            return
+        if self.metrics is not None:
+            self.metrics.goodput.discard((until - self._committed) * self.tokens_per_step)
+        self._committed = until
+
     def on_step_end(self, model: nn.Module, step: int) -> int | None:
+        self._steps_done = step + 1
+        if self._committed is None:
+            self._committed = step
+        continue_from = self._step_end(model, step)
+        if continue_from is not None:
+            self._committed = continue_from  # (the state it goes on from is the swarm's)
+        return continue_from
+
+    def _step_end(self, model: nn.Module, step: int) -> int | None:
         if self.config.train_while_forming or (step + 1) % self.config.inner_steps != 0:
             return super().on_step_end(model, step)  # its rounds call the hooks below
         if self.config.overlap:
@@ -474,7 +507,6 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         snapshot = self._take_newer_state()
         if snapshot is None:
             return None
-        self._discard_round()
         return int(snapshot.meta["step"])
 
     def _catch_up_between_boundaries(self, step: int) -> int | None:
@@ -497,7 +529,6 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         snapshot = self._take_newer_state(version=newest)
         if snapshot is None:
             return None
-        self._discard_round(steps=(step + 1) % self.config.inner_steps)
         return int(snapshot.meta["step"])
 
     def _awaited_ahead(self) -> str | None:
@@ -538,7 +569,12 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         )
         return snapshot
 
+    def _launch_formed(self, forming: PendingRound) -> None:
+        self._launched_at, self._handed_over = self._steps_done, True
+        super()._launch_formed(forming)
+
     def _round(self, step: int, forming: PendingRound | None) -> int | None:
+        self._launched_at, self._handed_over = step + 1, False
         continue_from = super()._round(step, forming)
         if forming is None:  # a blocking boundary: on_step_end does the rest
             return continue_from
@@ -566,8 +602,12 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             The step to continue from if the swarm's state replaced this peer's, else
             ``continue_from``.
         """
+        if self.last_round_excluded and self._handed_over:
+            # (its progress went to the round alone, and the round went on without it)
+            self._discard_uncommitted(self._launched_at)
+        if not self.last_round_excluded and not work_lost and self.weight > 0:
+            self._committed = max(self._committed or 0, self._launched_at)
         if self.last_round_excluded:
-            work_lost = True
             snapshot = self._wait_for_newer_state()
             if snapshot is not None:
                 self._apply_snapshot(snapshot)
@@ -579,8 +619,6 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
                     self._short(),
                     self.outer_step,
                 )
-        if work_lost:
-            self._discard_round()
         if self.swarm_metrics is not None:
             self.swarm_metrics.outer_step.set(self.outer_step)
         self._publish_outer_step(step=continue_from if continue_from is not None else boundary + 1)
