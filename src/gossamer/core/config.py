@@ -450,3 +450,12 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "name", "must not be empty")
+        _require(
+            self.data.source != "tokens"
+            or self.data.token_dtype != "uint16"
+            or self.model.vocab_size <= 1 << 16,
+            "data.token_dtype",
+            f"'uint16' holds ids up to 65535, and model.vocab_size is {self.model.vocab_size}: a "
+            "tokenizer with that many ids writes them as uint32 (read as uint16, every id was "
+            "cut in two); set data.token_dtype = 'uint32'",
+        )

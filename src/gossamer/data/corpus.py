@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 _HASH_CHUNK_TOKENS = 1 << 20
 _SNIFF_TOKENS = 64
 """A uint16 token file this long or longer is checked for uint32 ids read in halves."""
+_TEXT_SNIFF_BYTES = 8192
+"""A token file's first bytes read to tell it from a text file."""
 _SHARE_SLACK = 3.0
 """A folder's split by file may hold out from a third to 3x the validation fraction of its bytes
 (the standard library's sources: 10% for 5%)."""
@@ -349,6 +351,8 @@ def _load_single_file(path: Path, config: DataConfig, dtype: np.dtype[Any]) -> C
             f"{dtype.itemsize} ({config.token_dtype}); the file is truncated or "
             "data.token_dtype is wrong"
         )
+    if config.source == "tokens":
+        _refuse_text_as_tokens(path)
     tokens: npt.NDArray[np.unsignedinteger[Any]] = np.memmap(path, dtype=dtype, mode="r")
     num_tokens = len(tokens)
     if dtype.itemsize == 2 and num_tokens >= _SNIFF_TOKENS and num_tokens % 2 == 0:
@@ -384,6 +388,27 @@ def _load_single_file(path: Path, config: DataConfig, dtype: np.dtype[Any]) -> C
         TokenSource(validation, f"validation split of {str(path)!r}"),
         manifest,
     )
+
+
+def _refuse_text_as_tokens(path: Path) -> None:
+    """A text file given as token ids trained on garbage (two characters an id) at exit 0.
+
+    Token ids make no run of printable UTF-8: a uint16 id has both bytes printable about one
+    time in seven, so 4,096 of them in a row never do.
+    """
+    with path.open("rb") as file:
+        head = file.read(_TEXT_SNIFF_BYTES)
+    for cut in range(4):  # (a character cut at the end of the head)
+        try:
+            text = head[: len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if text and all(c.isprintable() or c in "\t\n\r\f\v" for c in text):
+            raise DataError(
+                f"data.path {str(path)!r} looks like text, not token ids (its first "
+                f"{len(head)} bytes are printable UTF-8); train on it with data.source = 'text'"
+            )
+        return
 
 
 def _common_manifest(
