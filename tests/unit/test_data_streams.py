@@ -149,10 +149,10 @@ def test_a_source_shorter_than_one_sequence_is_a_clear_error() -> None:
     TokenStream(TokenSource(np.zeros(17, dtype=np.uint8), "x"), seq_len=16, batch_size=3, seed=0)
     # The advice for each split (a training split too short was told to raise the validation
     # fraction, which shortens it further).
-    with pytest.raises(DataError, match="raise data.validation_fraction"):
+    with pytest.raises(DataError, match=r"raise data\.validation_fraction"):
         TokenStream(short, seq_len=16, batch_size=1, seed=0)
     train = TokenSource(np.zeros(16, dtype=np.uint8), "training split of tiny.txt")
-    with pytest.raises(DataError, match="lower data.validation_fraction"):
+    with pytest.raises(DataError, match=r"lower data\.validation_fraction"):
         TokenStream(train, seq_len=16, batch_size=1, seed=0)
 
 
