@@ -1,11 +1,15 @@
 """The dashboard in headless Chromium, fed by real peers' /metrics endpoints (real processes).
 
 Checks that the peers and a curve appear and update, keeps screenshots under ``test-artifacts/``,
-and that a SIGKILLed peer shows as gone within the failure-detection time.
+and that a SIGKILLed peer shows as gone within the failure-detection time. The page's script is
+also given states made by the test: values and sizes a swarm reaches only in hours or at
+hundreds of peers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import signal
 import subprocess
@@ -17,14 +21,17 @@ from typing import Any
 
 import pytest
 
+from gossamer.core.clock import SystemClock
 from gossamer.obs.dashboard import (
     DashboardConfig,
     DashboardServer,
     DashboardService,
+    FakeSwarmSource,
     ScrapeConfig,
     ScrapeSwarmSource,
     create_app,
 )
+from gossamer.obs.dashboard.source import PeerSample, PeerView, SwarmSnapshot
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -206,3 +213,115 @@ def test_dashboard_shows_peers_curves_and_a_killed_peer(
             )
         finally:
             browser.close()
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    sync_playwright = _playwright()
+    with sync_playwright() as pw:
+        launched = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+class _GivenStateService(DashboardService):
+    """Serves the state a test gives it as ``/api/state``, as it is."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        super().__init__(
+            FakeSwarmSource(SystemClock()), DashboardConfig(page_refresh_s=PAGE_REFRESH_S)
+        )
+        self.given_state = state
+
+    def state(self) -> dict[str, Any]:
+        return self.given_state
+
+
+def _state_of(*samples: PeerSample) -> dict[str, Any]:
+    """What /api/state says of peer-a after it reported ``samples``, one a second until now."""
+    service = DashboardService(FakeSwarmSource(SystemClock()), DashboardConfig())
+    view = PeerView(peer_id="peer-a", address="10.0.0.1:7000", status="alive")
+    now = time.time()
+    for i, sample in enumerate(samples):
+        wall_s = now - len(samples) + 1 + i
+        service.history.record(
+            SwarmSnapshot(taken_at_wall_s=wall_s, peers=(view,), samples={"peer-a": sample})
+        )
+    return service.state()
+
+
+@contextlib.contextmanager
+def _first_drawing(browser: Any, state: dict[str, Any]) -> Iterator[Any]:
+    """A page over a dashboard serving ``state``, once it has drawn it or shown an error."""
+    with DashboardServer(create_app(_GivenStateService(state), poll=False)) as server:
+        # (the test's string predicates run in the page: its content policy would refuse them)
+        page = browser.new_page(bypass_csp=True)
+        try:
+            page.goto(server.url)
+            page.wait_for_function(
+                "Number(document.body.dataset.updates) >= 1"
+                " || !document.getElementById('error').hidden",
+                timeout=15_000,
+            )
+            yield page
+        finally:
+            page.close()
+
+
+def test_the_page_draws_values_closer_together_than_doubles_can_step(browser: Any) -> None:
+    # Two throughput figures one double apart at 1e11: the axis's ticks were added up by a step
+    # below half that spacing, `v += step` never moved, and the tab hung filling an array.
+    rates = (1e11, 1e11 + math.ulp(1e11))
+    state = _state_of(*(PeerSample(loss=2.0, tokens_per_second=rate) for rate in rates))
+    with _first_drawing(browser, state) as page:
+        assert page.is_hidden("#error"), page.text_content("#error")
+        curve = '#throughput-chart path.series[data-peer-id="peer-a"]'
+        assert page.get_attribute(curve, "data-points") == "2"
+        assert page.locator("#throughput-chart .axis text").count() >= 2  # ticks were drawn
+        # The ticks themselves: a few round values, each once, however narrow or wide the range.
+        ranges = [
+            (1e11 - 1.2e-6, 1e11 + 1.65e-5),
+            (-1e15 - 0.125, -1e15),
+            (5e-324, 1e-323),
+            (-1.7e308, 1.7e308),
+            (0.0, 30.0),
+        ]
+        ticks = page.evaluate("ranges => ranges.map(([lo, hi]) => niceTicks(lo, hi, 4))", ranges)
+        for (lo, hi), got in zip(ranges, ticks, strict=True):
+            assert len(got) <= 6, (lo, hi, got)
+            assert got == sorted(set(got)), (lo, hi, got)
+        assert ticks[-1] == [0, 10, 20, 30]
+
+
+def test_the_page_draws_a_curve_of_more_points_than_a_call_takes_arguments(
+    browser: Any,
+) -> None:
+    # Ten minutes of 350 peers: the points were spread into Math.min(...points), past some
+    # 125,000 V8 threw a RangeError, and the page said the server did not answer.
+    num_points = 210_000
+    state = _state_of(PeerSample(loss=2.0, tokens_per_second=1000.0))
+    now = state["now_wall_s"]
+    state["curves"]["peer-a"] = {
+        "t": [now - 600 + 600 * i / num_points for i in range(num_points)],
+        "loss": [4.0 - i / num_points for i in range(num_points)],
+        "tokens_per_second": [1000.0 + i % 100 for i in range(num_points)],
+    }
+    with _first_drawing(browser, state) as page:
+        assert page.is_hidden("#error"), page.text_content("#error")
+        for chart in ("#loss-chart", "#throughput-chart"):
+            curve = f'{chart} path.series[data-peer-id="peer-a"]'
+            assert page.get_attribute(curve, "data-points") == str(num_points)
+
+
+def test_a_state_the_page_fails_to_draw_is_not_blamed_on_the_server(browser: Any) -> None:
+    # Any error while drawing read "The dashboard server does not answer": whoever looked went
+    # after a server that had answered.
+    state = _state_of(PeerSample(loss=2.0))
+    state["curves"]["peer-a"]["loss"] = None  # (no server sends this: a page that cannot draw)
+    with _first_drawing(browser, state) as page:
+        message = page.text_content("#error") or ""
+        assert "could not draw the swarm's state" in message, message
+        assert "does not answer" not in message
+        assert page.locator('tr[data-peer-id="peer-a"]').count() == 1  # drawn before it failed

@@ -12,6 +12,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gossamer.net.bridge import NodeThread
 from gossamer.net.config import NodeConfig
 from gossamer.obs.metrics import PeerMetrics, serve_metrics
@@ -141,3 +143,25 @@ def test_dashboard_command_refuses_an_endpoint_given_twice_in_one_line() -> None
     assert done.returncode == 2
     assert "listed twice" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--allowed-host", "my*host"], "as in '*.example.com'"),  # (an AssertionError traceback)
+        (["--allowed-host", "myhost:8080"], "without its port"),  # (served, never matched)
+        (["--allowed-host", "*"], "would answer every name"),  # (served, no Host check)
+        (["--host", ""], "--host is empty"),  # (served on every interface, no Host check)
+    ],
+)
+def test_dashboard_command_refuses_a_host_it_cannot_check(flags: list[str], said: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", CLI, "dashboard", "--scrape", "127.0.0.1:9", "--port", "0", *flags],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2, done.stderr
+    assert said in done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stdout == ""  # nothing served

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import time
+
+import pytest
 
 from gossamer.net.bridge import NodeThread
 from gossamer.net.config import NodeConfig
 from gossamer.net.swarm_view import NetSwarmSource, NetSwarmViewConfig
+from gossamer.obs.dashboard import DashboardService
 from gossamer.obs.dashboard.source import SwarmSnapshot
 
 GONE_AFTER_S = 1.5
@@ -54,3 +59,28 @@ def test_net_view_finds_peers_and_reports_a_stopped_one_gone() -> None:
                 assert _statuses(asyncio.run(source.snapshot()))[first.node.peer_id] == "alive"
         finally:
             second.stop()
+
+
+def test_a_bootstrap_peer_that_does_not_answer_shows_on_the_page_and_in_the_log_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The page said "No peers yet" and no error, while the log had a warning at every poll.
+    with socket.socket() as refusing:
+        refusing.bind(("127.0.0.1", 0))  # bound, not listening: a connection is refused
+        address = f"127.0.0.1:{refusing.getsockname()[1]}"
+        config = NetSwarmViewConfig(
+            bootstrap=(address,), listen_address="127.0.0.1:0", look_timeout_s=2.0
+        )
+        with NetSwarmSource(config) as source:
+            service = DashboardService(source)
+            with caplog.at_level(logging.DEBUG, logger="gossamer.net.swarm_view"):
+                for _ in range(3):
+                    asyncio.run(service.poll_once())
+            error = service.state()["error"] or ""
+    assert error.startswith("no bootstrap peer answered: " + address), error
+    warnings = [
+        r
+        for r in caplog.records
+        if r.name == "gossamer.net.swarm_view" and r.levelno >= logging.WARNING
+    ]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]

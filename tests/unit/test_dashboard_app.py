@@ -13,8 +13,15 @@ import pytest
 
 from gossamer.core.clock import FakeClock
 from gossamer.core.errors import PeerUnavailableError
-from gossamer.obs.dashboard import DashboardConfig, DashboardService, FakeSwarmSource, create_app
-from gossamer.obs.dashboard.source import PeerSample, SwarmSnapshot
+from gossamer.obs.dashboard import (
+    DashboardConfig,
+    DashboardService,
+    FakeSwarmSource,
+    ScrapeConfig,
+    ScrapeSwarmSource,
+    create_app,
+)
+from gossamer.obs.dashboard.source import PeerSample, PeerView, SwarmSnapshot
 
 
 async def _get(app: Any, path: str) -> tuple[int, dict[str, str], bytes]:
@@ -91,6 +98,48 @@ def test_a_failing_source_shows_as_an_error_and_recovers() -> None:
     source.fail_with = None
     asyncio.run(service.poll_once())
     assert service.state()["error"] is None
+
+
+def test_a_peer_naming_new_remotes_at_every_scrape_grows_nothing_without_bound() -> None:
+    # 5,000 new `peer` labels at each scrape: /api/state reached 48 MB within a minute and the
+    # dashboard's memory grew as long as it ran.
+    num_scrapes = 0
+
+    def fetch(url: str, timeout_s: float) -> str:
+        nonlocal num_scrapes
+        num_scrapes += 1
+        remotes = (f"r{num_scrapes}.{i}" for i in range(5000))
+        sent = "".join(f'gossamer_net_sent_bytes_total{{peer="{r}"}} 1\n' for r in remotes)
+        return 'gossamer_peer_info{peer_id="A"} 1\n' + sent
+
+    source = ScrapeSwarmSource(ScrapeConfig(urls=("http://10.0.0.1:9/metrics",)), fetch=fetch)
+    service = DashboardService(source, clock=FakeClock())
+
+    async def polls(num_polls: int) -> dict[str, Any]:
+        for _ in range(num_polls):
+            await service.poll_once()
+        return service.state()
+
+    num_links = len(asyncio.run(polls(8))["links"])
+    state = asyncio.run(polls(8))
+    assert num_scrapes == 16
+    assert state["error"] is None
+    assert len(state["links"]) == num_links  # as many as 8 scrapes before: no more
+    assert len(json.dumps(state)) < 1_000_000
+
+
+def test_what_a_snapshot_could_not_see_shows_as_the_error() -> None:
+    class HalfBlindSource:
+        async def snapshot(self) -> SwarmSnapshot:
+            peer = PeerView(peer_id="a", address="10.0.0.1:1", status="alive")
+            return SwarmSnapshot(
+                taken_at_wall_s=1.0, peers=(peer,), problem="no bootstrap peer answered"
+            )
+
+    service = DashboardService(HalfBlindSource())
+    asyncio.run(service.poll_once())
+    assert service.state()["error"] == "no bootstrap peer answered"
+    assert [p["peer_id"] for p in service.state()["peers"]] == ["a"]  # what it saw is shown
 
 
 def test_a_snapshot_that_fails_to_record_shows_as_an_error_and_polling_goes_on() -> None:

@@ -148,6 +148,22 @@ def test_links_no_longer_reported_are_forgotten() -> None:
     assert len(history.state()["links"]) <= 61
 
 
+def test_links_past_the_cap_go_those_with_an_end_not_listed_first() -> None:
+    # Links to remotes a peer names were kept for ten minutes each, however many: a peer that
+    # named 5,000 new ones at each scrape grew the table and /api/state without end.
+    history = SwarmHistory(HistoryConfig(num_links=4))
+    b = PeerSample(bytes_sent={"a": 5.0})
+    for t in range(50):
+        a = PeerSample(bytes_sent={"b": 10.0 + t, **{f"remote{t}.{i}": 1.0 for i in range(3)}})
+        history.record(_snap(float(t), _view("a"), _view("b"), a=a, b=b))
+    links = {(link["source"], link["target"]): link for link in history.state()["links"]}
+    assert len(links) == 4
+    # Both ways between the listed peers stay, the rate kept; of the rest, ones reported now.
+    assert links[("a", "b")]["bytes_per_s"] == 1.0
+    assert ("b", "a") in links
+    assert set(links) - {("a", "b"), ("b", "a")} < {("a", f"remote49.{i}") for i in range(3)}
+
+
 def test_peers_that_do_not_train_leave_the_swarm_s_goodput_alone() -> None:
     # A bootstrap or relay peer exports a goodput of 0: one perfect trainer and two such
     # peers showed 0.333.
@@ -160,7 +176,13 @@ def test_peers_that_do_not_train_leave_the_swarm_s_goodput_alone() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"num_points": 1}, {"num_events": 0}, {"forget_after_s": 0.0}, {"forget_after_s": math.nan}],
+    [
+        {"num_points": 1},
+        {"num_events": 0},
+        {"num_links": 0},
+        {"forget_after_s": 0.0},
+        {"forget_after_s": math.nan},
+    ],
 )
 def test_config_rejects_useless_values(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="HistoryConfig"):

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import Counter, Info, generate_latest
 
 from gossamer.core.clock import FakeClock
-from gossamer.obs.dashboard.exposition import parse_metrics
+from gossamer.obs.dashboard.exposition import MAX_ID_CHARS, MAX_LABELS_PER_METRIC, parse_metrics
 from gossamer.obs.dashboard.fake import FakeSwarmSource
 from gossamer.obs.dashboard.scrape import ScrapeConfig, ScrapeSwarmSource, normalize_metrics_url
 from gossamer.obs.dashboard.source import PeerSample, PeerView, SwarmSnapshot, SwarmSource
@@ -108,6 +108,23 @@ def test_scrape_names_peers_by_address_without_peer_info_and_separates_duplicate
     assert ids == ["10.0.0.1:9", "same", "same@10.0.0.3:9"]
 
 
+def test_scrape_renames_a_duplicate_until_no_other_peer_has_the_name() -> None:
+    # A peer exporting the id 'A@<another endpoint's address>' while two endpoints claim A: the
+    # second A was renamed onto it, every snapshot was refused as holding one id twice, and the
+    # page showed an internal error and no peer at all.
+    endpoints = _FakeEndpoints()
+    urls = ("http://10.0.0.1:9/metrics", "http://10.0.0.3:9/metrics", "http://10.0.0.2:9/metrics")
+    endpoints.pages[urls[0]] = _peer_metrics_text("A")
+    endpoints.pages[urls[1]] = _peer_metrics_text("A@10.0.0.2:9")
+    endpoints.pages[urls[2]] = _peer_metrics_text("A")
+    source = ScrapeSwarmSource(ScrapeConfig(urls=urls), fetch=endpoints, clock=FakeClock())
+    first = asyncio.run(source.snapshot())
+    ids = [p.peer_id for p in first.peers]
+    assert ids == ["A", "A@10.0.0.2:9", "A@10.0.0.2:9#2"]
+    assert [p.address for p in first.peers] == ["10.0.0.1:9", "10.0.0.3:9", "10.0.0.2:9"]
+    assert [p.peer_id for p in asyncio.run(source.snapshot()).peers] == ids  # stable
+
+
 def test_scrape_treats_garbage_as_no_answer() -> None:
     endpoints = _FakeEndpoints()
     endpoints.pages["http://h:1/metrics"] = "<html>not metrics</html>"
@@ -142,6 +159,28 @@ def test_parse_metrics_leaves_out_negative_counts() -> None:
     assert sample.step is None
     assert sample.loss == -0.5  # a loss may be anything a model reports; shown as it is
     assert sample.bytes_sent == {"b": 7.0}
+
+
+def test_parse_metrics_bounds_what_a_peer_names() -> None:
+    # A peer's endpoint names anything: a 2 MB peer id was taken, and 5,000 new remote peers at
+    # each scrape became 5,000 more links each time (48 MB of /api/state within a minute).
+    long_id = "x" * (MAX_ID_CHARS + 1)
+    num_remotes = MAX_LABELS_PER_METRIC + 100
+    lines = [
+        f'gossamer_peer_info{{peer_id="{long_id}"}} 1',
+        f'gossamer_net_sent_bytes_total{{peer="{long_id}"}} 1e12',
+        *(f'gossamer_net_sent_bytes_total{{peer="r{i}"}} {i}' for i in range(num_remotes)),
+        *(f'gossamer_net_received_bytes_total{{peer="r{i}"}} 1' for i in range(num_remotes)),
+    ]
+    parsed = parse_metrics("\n".join(lines) + "\n")
+    assert parsed.peer_id is None  # named by its address instead
+    sent = parsed.sample.bytes_sent
+    assert len(sent) == MAX_LABELS_PER_METRIC
+    assert long_id not in sent
+    assert min(sent.values()) == num_remotes - MAX_LABELS_PER_METRIC  # the busiest kept
+    received = parsed.sample.bytes_received
+    assert sorted(received) == sorted(f"r{i}" for i in range(num_remotes))[:MAX_LABELS_PER_METRIC]
+    assert parse_metrics('gossamer_peer_info{peer_id="p"} 1\n').peer_id == "p"
 
 
 def test_parse_metrics_rejects_what_is_not_the_exposition_format() -> None:

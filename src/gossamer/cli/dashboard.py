@@ -15,7 +15,12 @@ from gossamer.cli.preflight import MAX_PORT, positive_finite_float, read_swarm_s
 from gossamer.core.errors import ConfigError, GossamerError
 from gossamer.obs.dashboard.app import DashboardConfig, DashboardService, create_app
 from gossamer.obs.dashboard.scrape import ScrapeConfig, ScrapeSwarmSource, normalize_metrics_url
-from gossamer.obs.dashboard.server import bind_socket, serve_forever
+from gossamer.obs.dashboard.server import (
+    bind_socket,
+    check_allowed_host,
+    check_host,
+    serve_forever,
+)
 from gossamer.obs.dashboard.source import SwarmSource
 
 _log = logging.getLogger(__name__)
@@ -68,8 +73,9 @@ def dashboard(
             "--allowed-host",
             help="A name the page may be asked for besides loopback ones, e.g. the name a "
             "reverse proxy on this machine passes on, or this machine's name on its network "
-            "(repeatable). Given, the page answers those names only, whatever --host; without "
-            "it a --host other than loopback answers any name.",
+            "(repeatable; no port; '*.example.com' for a domain's names). Given, the page "
+            "answers those names only, whatever --host; without it a --host other than "
+            "loopback answers any name.",
         ),
     ] = None,
 ) -> None:
@@ -78,6 +84,10 @@ def dashboard(
         config = DashboardConfig(poll_interval_s=poll_interval_s)
         with _values_as_config_errors():
             urls = tuple(normalize_metrics_url(target) for target in scrape or ())
+            # Checked before anything starts (a wrong one failed as the page was about to be
+            # served, with an AssertionError, or was taken and never matched).
+            names = tuple(check_allowed_host(name) for name in allowed_hosts or ())
+            check_host(host)
         with contextlib.ExitStack() as stack:
             source: SwarmSource
             if bootstrap:
@@ -111,7 +121,7 @@ def dashboard(
             shown_host = f"[{host}]" if ":" in host else host
             typer.echo(f"dashboard at http://{shown_host}:{sock.getsockname()[1]}/", err=False)
             app = create_app(DashboardService(source, config))
-            serve_forever(app, sock, host, allowed_hosts=tuple(allowed_hosts or ()))
+            serve_forever(app, sock, host, allowed_hosts=names)
 
 
 @contextlib.contextmanager

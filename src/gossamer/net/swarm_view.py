@@ -33,6 +33,10 @@ __all__ = ["NetSwarmSource", "NetSwarmViewConfig"]
 
 _log = logging.getLogger(__name__)
 
+BOOTSTRAP_WARNING_INTERVAL_S = 60.0
+"""A bootstrap peer that keeps not answering is logged as a warning this often at most (it was
+every poll, twice a second); the page says so at every poll."""
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class NetSwarmViewConfig:
@@ -94,6 +98,8 @@ class NetSwarmSource:
         self._clock = clock or SystemClock()
         self._thread: NodeThread | None = None
         self._last_refresh_s: float | None = None
+        self._warned_s: dict[str, float] = {}
+        """When each bootstrap entry's failure was last logged as a warning."""
         self._scrape = (
             ScrapeSwarmSource(
                 ScrapeConfig(urls=config.metrics_urls, gone_after_s=config.gone_after_s)
@@ -122,13 +128,17 @@ class NetSwarmSource:
             self._thread.stop()
             self._thread = None
 
-    async def _seed(self, node: Node, timeout_s: float) -> None:
+    async def _seed(self, node: Node, timeout_s: float) -> str | None:
         """Learn the bootstrap peers' records with one FindNode each.
 
         A node that does not announce sends no record with its bootstrap Ping, so the answer
         carries none either and its routing table stays empty; FindNode always returns the
         responder's record. (Reported to net: remove once bootstrap handles observers.)
+
+        Returns:
+            Why the swarm cannot be seen where no bootstrap peer answered; else None.
         """
+        failures: list[str] = []
         for entry in self.config.bootstrap:
             expected, _, address = entry.rpartition("@")
             try:
@@ -145,17 +155,38 @@ class NetSwarmSource:
                         retry=False,
                     )
             except (GossamerError, TimeoutError) as exc:
-                _log.warning("dashboard: bootstrap peer %s did not answer: %s", entry, exc)
+                reason = str(exc) or f"no answer within {timeout_s:g} s"
+                failures.append(f"{entry} ({reason})")
+                self._log_failure(entry, reason)
                 continue
+            self._warned_s.pop(entry, None)
             if response.HasField("responder"):
                 node.dht.learn(response.responder, contacted=connection.peer_id)
             for record in (*response.closest, *response.gossip):
                 node.dht.learn(record)
+        if len(failures) < len(self.config.bootstrap):
+            return None
+        return "no bootstrap peer answered: " + "; ".join(failures)
 
-    async def _look(self, node: Node) -> tuple[float, list[PeerView]]:
+    def _log_failure(self, entry: str, reason: str) -> None:
         now_s = self._clock.monotonic()
+        warned_s = self._warned_s.get(entry)
+        if warned_s is None or now_s - warned_s >= BOOTSTRAP_WARNING_INTERVAL_S:
+            self._warned_s[entry] = now_s
+            _log.warning(
+                "dashboard: bootstrap peer %s did not answer: %s (said again at most every %g s)",
+                entry,
+                reason,
+                BOOTSTRAP_WARNING_INTERVAL_S,
+            )
+        else:
+            _log.debug("dashboard: bootstrap peer %s did not answer: %s", entry, reason)
+
+    async def _look(self, node: Node) -> tuple[float, list[PeerView], str | None]:
+        now_s = self._clock.monotonic()
+        problem = None
         if not node.peers():
-            await self._seed(node, self.config.look_timeout_s / 4)
+            problem = await self._seed(node, self.config.look_timeout_s / 4)
         if self._last_refresh_s is None or now_s - self._last_refresh_s >= (
             self.config.refresh_interval_s
         ):
@@ -195,13 +226,13 @@ class NetSwarmSource:
                     last_seen_wall_s=last_seen,
                 )
             )
-        return wall_s, views
+        return wall_s, views, problem
 
     async def snapshot(self) -> SwarmSnapshot:
         thread = self._thread
         if thread is None:
             raise RuntimeError("NetSwarmSource: use it as a context manager (not started)")
-        wall_s, views = await asyncio.to_thread(
+        wall_s, views, problem = await asyncio.to_thread(
             thread.run, self._look, timeout_s=self.config.look_timeout_s
         )
         samples: dict[str, PeerSample] = {}
@@ -224,4 +255,6 @@ class NetSwarmSource:
                     )
                 if sample is not None:
                     samples[view.peer_id] = sample
-        return SwarmSnapshot(taken_at_wall_s=wall_s, peers=tuple(views), samples=samples)
+        return SwarmSnapshot(
+            taken_at_wall_s=wall_s, peers=tuple(views), samples=samples, problem=problem
+        )

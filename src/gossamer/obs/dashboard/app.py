@@ -84,7 +84,7 @@ class DashboardService:
         self.history = SwarmHistory(self.config.history)
         self._clock = clock or SystemClock()
         self.last_error: str | None = None
-        """Why the last snapshot failed; None after a good one."""
+        """Why the last snapshot failed, or what it could not see; None after a good one."""
 
     async def poll_once(self) -> None:
         """Take one snapshot into the history; a failure is remembered and logged, not raised."""
@@ -113,7 +113,7 @@ class DashboardService:
             self.last_error = f"internal error recording the swarm's state: {exc!r}"
             _log.exception("dashboard: recording a snapshot failed")
             return
-        self.last_error = None
+        self.last_error = snapshot.problem
 
     async def run(self) -> None:
         """Poll until cancelled."""

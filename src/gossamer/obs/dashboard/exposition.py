@@ -3,6 +3,11 @@
 The names read here are the contract between the metrics a peer exports and the dashboard; a
 metric a peer does not export is simply absent from its sample. ``gossamer_peer_info{peer_id}``
 (value 1) names the peer, so its traffic can be matched with other peers' ``peer`` labels.
+
+What a peer says is bounded here, where it enters: an id or label longer than
+:data:`MAX_ID_CHARS` is left out, and a labelled metric keeps its :data:`MAX_LABELS_PER_METRIC`
+largest values. (A 2 MB peer id was taken as it was, and a peer naming 5,000 remotes at a scrape
+gave the dashboard 5,000 links.)
 """
 
 from __future__ import annotations
@@ -14,7 +19,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gossamer.obs.dashboard.source import PeerSample
 
-__all__ = ["METRIC_NAMES", "ParsedMetrics", "parse_metrics"]
+__all__ = [
+    "MAX_ID_CHARS",
+    "MAX_LABELS_PER_METRIC",
+    "METRIC_NAMES",
+    "ParsedMetrics",
+    "parse_metrics",
+]
+
+MAX_ID_CHARS = 256
+"""A longer peer id or label value is left out (a peer id has 52 characters, a host name at
+most 253); a peer whose own id is left out is named by its metrics address."""
+MAX_LABELS_PER_METRIC = 512
+"""Values kept per labelled metric of one peer (remote peers, phases): the largest."""
 
 METRIC_NAMES = {
     "peer_info": "gossamer_peer_info",
@@ -90,15 +107,21 @@ def parse_metrics(text: str) -> ParsedMetrics:
         if field is None:
             continue
         if field == "peer_info":
-            if sample.value == 1 and sample.labels.get("peer_id"):
-                peer_id = sample.labels["peer_id"]
+            named = sample.labels.get("peer_id")
+            if sample.value == 1 and named and len(named) <= MAX_ID_CHARS:
+                peer_id = named
         elif field in _BY_LABEL:
             key = sample.labels.get(_BY_LABEL[field])
             value = _value(field, sample.value)
-            if key is not None and value is not None:
+            if key is not None and len(key) <= MAX_ID_CHARS and value is not None:
                 labelled[field][key] = labelled[field].get(key, 0.0) + value
         elif not sample.labels:
             scalars[field] = _value(field, sample.value)
+    for field, values in labelled.items():
+        if len(values) > MAX_LABELS_PER_METRIC:
+            # The busiest remotes, the same ones at each scrape (ties by name).
+            kept = sorted(values.items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_LABELS_PER_METRIC]
+            labelled[field] = dict(kept)
     peer_sample = PeerSample(
         step=scalars.get("step"),
         loss=scalars.get("loss"),

@@ -3,8 +3,10 @@
 :class:`SwarmHistory` is fed one :class:`~gossamer.obs.dashboard.source.SwarmSnapshot` at a
 time and derives what a single snapshot cannot say: curves over time, bytes per second between
 peers (from counter differences), and events (a peer joined, went, came back, resynced). All of
-it is bounded: each curve is a ring, the event list is a ring, and peers gone for long are
-forgotten. :meth:`SwarmHistory.state` is what ``/api/state`` serves.
+it is bounded: each curve is a ring, the event list is a ring, peers gone for long are forgotten
+and so are links no longer reported, and there are at most ``num_links`` links (a peer that named
+5,000 new remotes at each scrape grew them, the memory and ``/api/state`` without end: 48 MB
+within a minute). :meth:`SwarmHistory.state` is what ``/api/state`` serves.
 """
 
 from __future__ import annotations
@@ -29,12 +31,17 @@ class HistoryConfig:
     """Events kept."""
     forget_after_s: float = 600.0
     """A peer gone for this long is dropped from the view."""
+    num_links: int = 2048
+    """Links kept (each way between two peers is one): past it, links with an end that is not a
+    listed peer go first, then the ones not reported now, the oldest, the smallest."""
 
     def __post_init__(self) -> None:
         if self.num_points < 2:
             raise ValueError(f"HistoryConfig.num_points: need at least 2, not {self.num_points}")
         if self.num_events < 1:
             raise ValueError(f"HistoryConfig.num_events: need at least 1, not {self.num_events}")
+        if self.num_links < 1:
+            raise ValueError(f"HistoryConfig.num_links: need at least 1, not {self.num_links}")
         if not (math.isfinite(self.forget_after_s) and self.forget_after_s > 0):
             raise ValueError(
                 f"HistoryConfig.forget_after_s: must be positive, not {self.forget_after_s}"
@@ -211,6 +218,17 @@ class SwarmHistory:
                     # (a peer's remotes come and go: kept, they grew the table and the page
                     # by a link a second for as long as the dashboard ran)
                     del self._links[key]
+        if len(self._links) > self.config.num_links:
+            self._drop_links_past_the_cap(totals)
+
+    def _drop_links_past_the_cap(self, reported: dict[tuple[str, str], float]) -> None:
+        def worth(item: tuple[tuple[str, str], _Link]) -> tuple[int, bool, float, float]:
+            (source, target), link = item
+            num_known_ends = (source in self._peers) + (target in self._peers)
+            return (num_known_ends, item[0] in reported, link.updated_wall_s, link.bytes_total)
+
+        kept = sorted(self._links.items(), key=worth, reverse=True)[: self.config.num_links]
+        self._links = dict(kept)
 
     def state(self) -> dict[str, Any]:
         """The JSON-ready view the page draws (peers, links, curves, swarm totals, events)."""

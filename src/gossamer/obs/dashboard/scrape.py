@@ -119,6 +119,20 @@ class _Target:
     answers slower than its deadline holds one thread, not one more at every snapshot."""
 
 
+def _unique_id(target: _Target, taken: set[str]) -> str:
+    """``target``'s peer id, or where another endpoint claims it, ``id@address`` (then a count):
+    the renamed id is checked too, since an endpoint may export such a name itself (a snapshot
+    with one id twice is refused, and the page showed no peer at all)."""
+    if target.peer_id not in taken:
+        return target.peer_id
+    renamed = f"{target.peer_id}@{target.address}"
+    count = 2
+    while renamed in taken:
+        renamed = f"{target.peer_id}@{target.address}#{count}"
+        count += 1
+    return renamed
+
+
 class ScrapeSwarmSource:
     """Scrape every URL concurrently at each snapshot.
 
@@ -205,11 +219,10 @@ class ScrapeSwarmSource:
         now = self._clock.monotonic()
         peers: list[PeerView] = []
         samples: dict[str, PeerSample] = {}
+        taken: set[str] = set()
         for target in targets:
-            # Two endpoints claiming one peer id: keep them apart by address.
-            peer_id = target.peer_id
-            if any(p.peer_id == peer_id for p in peers):
-                peer_id = f"{peer_id}@{target.address}"
+            peer_id = _unique_id(target, taken)
+            taken.add(peer_id)
             alive = (
                 target.last_answer_s is not None
                 and now - target.last_answer_s < self.config.gone_after_s

@@ -93,6 +93,9 @@ class SwarmSnapshot:
     """Every peer the source knows, alive or gone."""
     samples: Mapping[str, PeerSample] = field(default_factory=dict)
     """Latest metric values by peer id (only peers that have metrics)."""
+    problem: str | None = None
+    """Why part of the swarm could not be seen this time (no bootstrap peer answered, say):
+    shown on the page as a failed snapshot is; None when nothing was in the way."""
 
     def __post_init__(self) -> None:
         ids = [p.peer_id for p in self.peers]

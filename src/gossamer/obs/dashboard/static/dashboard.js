@@ -8,6 +8,10 @@ const PALETTE = [
   "#0891b2", "#65a30d", "#dc2626", "#4b5563", "#ca8a04",
 ];
 const CHART = { width: 560, height: 240, left: 56, right: 14, top: 12, bottom: 28 };
+const MAX_TICKS = 20;
+// A value range narrower than this share of its values is widened: ticks closer together than
+// that are not told apart by their labels, nor by doubles at 1e11 and a spread of 1e-5.
+const MIN_RELATIVE_SPAN = 1e-9;
 let refreshMs = 1000;
 let numUpdates = 0;
 
@@ -74,7 +78,14 @@ function fmtClock(wallS) {
 }
 
 function replaceChildren(parent, children) {
-  parent.replaceChildren(...children);
+  // Through a fragment, not spread into one call: past some 125,000 arguments V8 throws.
+  const fragment = document.createDocumentFragment();
+  for (const child of children) fragment.append(child);
+  parent.replaceChildren(fragment);
+}
+
+function magnitudeOf(lo, hi) {
+  return Math.max(Math.abs(lo), Math.abs(hi));
 }
 
 // ---- peers ---------------------------------------------------------------------------------
@@ -111,14 +122,23 @@ function renderPeers(peers) {
 
 // ---- curves --------------------------------------------------------------------------------
 
+// About `count` round values from lo to hi, at most MAX_TICKS. Each tick is counted from the
+// first (first + i steps), not added up: a step below half the spacing of doubles at the values
+// (1e-6 at 1e11) left `v += step` where it was, and the tab hung filling an array.
 function niceTicks(lo, hi, count) {
-  const span = hi - lo || Math.abs(hi) || 1;
+  if (!Number.isFinite(lo) || !Number.isFinite(hi) || hi < lo) return [];
+  const span = Math.max(hi - lo, magnitudeOf(lo, hi) * MIN_RELATIVE_SPAN) || 1;
   const raw = span / count;
   const step = Math.pow(10, Math.floor(Math.log10(raw)));
   const factor = [1, 2, 5, 10].find((f) => f * step >= raw) * step;
+  if (!Number.isFinite(factor) || factor <= 0) return []; // (a span past the largest double)
+  const first = Math.ceil(lo / factor);
   const ticks = [];
-  for (let v = Math.ceil(lo / factor) * factor; v <= hi + factor * 1e-9; v += factor) {
-    ticks.push(Number(v.toPrecision(12)));
+  for (let i = 0; i < MAX_TICKS; i++) {
+    const v = (first + i) * factor;
+    if (v > hi + factor * 1e-9) break;
+    const tick = Number(v.toPrecision(12));
+    if (ticks.length === 0 || tick !== ticks[ticks.length - 1]) ticks.push(tick);
   }
   return ticks;
 }
@@ -135,12 +155,21 @@ function drawChart(svg, series, nowS, emptyText) {
     replaceChildren(svg, children);
     return;
   }
-  // The right edge is now; the window shows at least the last 30 s.
-  const t1 = Math.max(nowS, ...points.map((p) => p.t));
-  const t0 = Math.min(t1 - 30, ...points.map((p) => p.t));
-  let vLo = Math.min(...points.map((p) => p.v));
-  let vHi = Math.max(...points.map((p) => p.v));
-  if (vHi - vLo < 1e-9) {
+  // The right edge is now; the window shows at least the last 30 s. (A loop, not
+  // Math.min(...points): spread into one call, some 125,000 points threw a RangeError.)
+  let tLo = Infinity;
+  let tHi = nowS;
+  let vLo = Infinity;
+  let vHi = -Infinity;
+  for (const p of points) {
+    if (p.t < tLo) tLo = p.t;
+    if (p.t > tHi) tHi = p.t;
+    if (p.v < vLo) vLo = p.v;
+    if (p.v > vHi) vHi = p.v;
+  }
+  const t1 = tHi;
+  const t0 = Math.min(t1 - 30, tLo);
+  if (vHi - vLo <= magnitudeOf(vLo, vHi) * MIN_RELATIVE_SPAN) {
     vLo -= Math.abs(vLo) * 0.1 || 1;
     vHi += Math.abs(vHi) * 0.1 || 1;
   }
@@ -228,7 +257,8 @@ function renderLinks(state) {
     entry.total += link.bytes_total || 0;
     pairs.set(key, entry);
   }
-  const maxRate = Math.max(1, ...[...pairs.values()].map((e) => e.rate));
+  let maxRate = 1;
+  for (const e of pairs.values()) maxRate = Math.max(maxRate, e.rate);
   const children = [];
   for (const e of pairs.values()) {
     const widthPx = e.rate > 0 ? 1.5 + 8 * Math.sqrt(e.rate / maxRate) : 1.5;
@@ -311,16 +341,27 @@ function showError(message) {
 }
 
 async function refresh() {
+  let state;
   try {
     const response = await fetch("/api/state", { cache: "no-store" });
     if (!response.ok) throw new Error("HTTP " + response.status);
-    const state = await response.json();
+    state = await response.json();
     refreshMs = Math.max(200, 1000 * (state.page_refresh_s || 1));
+  } catch (err) {
+    showError("The dashboard server does not answer (" + err.message + "); retrying.");
+    setTimeout(refresh, refreshMs);
+    return;
+  }
+  // Drawing fails apart from fetching: the server answered, and saying it did not sent
+  // whoever read the page looking at the wrong thing.
+  try {
     render(state);
     numUpdates += 1;
     document.body.dataset.updates = String(numUpdates);
   } catch (err) {
-    showError("The dashboard server does not answer (" + err.message + "); retrying.");
+    console.error(err);
+    showError("The page could not draw the swarm's state (" + err + "); a bug in the " +
+      "dashboard's page. Retrying.");
   } finally {
     setTimeout(refresh, refreshMs);
   }
