@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -587,5 +588,24 @@ def test_a_handshake_request_that_does_not_decode_is_refused_as_malformed_and_co
                     assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                     assert "does not decode" in (excinfo.value.details() or "")
             assert a.counters.num_protocol_errors == 2
+
+    _run(scenario)
+
+
+def test_a_bootstrap_peer_that_keeps_silent_is_warned_about_once_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The node tries its bootstrap peers again every few seconds while it knows nobody: a
+    # warning each time (a dashboard's terminal: one every 5 s).
+    async def scenario() -> None:
+        with socket.socket() as closed:  # a port nobody listens on
+            closed.bind(("127.0.0.1", 0))
+            entry = f"127.0.0.1:{closed.getsockname()[1]}"
+            async with Node(_config(connect_timeout_s=1.0)) as node:
+                with caplog.at_level(logging.DEBUG, logger="gossamer.net.node"):
+                    for _ in range(3):
+                        assert await node.bootstrap([entry]) == 0
+        said = [r for r in caplog.records if "did not answer" in r.getMessage()]
+        assert [r.levelno for r in said] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
 
     _run(scenario)

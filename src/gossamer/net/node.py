@@ -53,6 +53,8 @@ from gossamer.proto import net_pb2, net_pb2_grpc
 __all__ = ["Node", "local_capabilities"]
 
 _log = logging.getLogger(__name__)
+_BOOTSTRAP_WARNING_EVERY_S = 60.0
+"""A bootstrap peer that keeps not answering is logged as a warning this often at most."""
 R = TypeVar("R", bound=Message)
 
 
@@ -200,6 +202,8 @@ class Node:
         self._own_record: net_pb2.SignedPeerRecord | None = None
         self._record_signed_at_s = 0.0
         self._bootstrap_ids: dict[str, str] = {}
+        self._bootstrap_warned_s: dict[str, float] = {}
+        """When each bootstrap entry's silence was last logged as a warning."""
         self._maintenance: asyncio.Task[None] | None = None
         self.extra_dial_targets: Callable[[str], list[DialTarget]] | None = (
             self.relay_dialer.targets
@@ -339,9 +343,21 @@ class Node:
                 ):
                     self.dht.learn(record)
                 reached += 1
+                self._bootstrap_warned_s.pop(entry, None)
             except GossamerError as exc:
-                _log.warning(
-                    "peer %s: bootstrap peer %s did not answer: %s", self.short_id, entry, exc
+                # (tried again every few seconds while the node knows nobody: a warning a
+                # minute at most, not one per try)
+                now_s = self.clock.monotonic()
+                warned_s = self._bootstrap_warned_s.get(entry)
+                quiet = warned_s is not None and now_s - warned_s < _BOOTSTRAP_WARNING_EVERY_S
+                if not quiet:
+                    self._bootstrap_warned_s[entry] = now_s
+                _log.log(
+                    logging.DEBUG if quiet else logging.WARNING,
+                    "peer %s: bootstrap peer %s did not answer: %s",
+                    self.short_id,
+                    entry,
+                    exc,
                 )
         if reached:
             # Joining is a lookup of our own id: it fills our buckets and puts our record (sent
