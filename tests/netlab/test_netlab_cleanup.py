@@ -156,3 +156,18 @@ def lab_state(name: str, state_dir: Path) -> LabState:
     state = load_state(name, state_dir)
     assert state is not None
     return state
+
+
+def test_exec_in_a_lab_whose_namespaces_are_gone_says_what_to_do(
+    make_lab: MakeLab, lab_name: str, state_dir: Path
+) -> None:
+    # It said a bare "Cannot open network namespace" (the namespaces deleted by hand, or by a
+    # `down --all` that raced the lab's `up`).
+    with make_lab(num_peers=2) as lab:
+        subprocess.run(["ip", "netns", "del", lab.peer("p0").namespace], check=True, timeout=10)
+        ran = CliRunner().invoke(
+            app, ["exec", "p0", "--name", lab_name, "--state-dir", str(state_dir), "--", "true"]
+        )
+    assert ran.exit_code == 2, ran.output
+    assert f"namespaces gsl-{lab_name}-p0 are gone" in ran.output
+    assert f"gossamer lab down --name {lab_name}" in ran.output

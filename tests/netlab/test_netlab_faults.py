@@ -174,11 +174,16 @@ def test_a_rate_change_applies_to_a_running_transfer(make_lab: MakeLab) -> None:
     with make_lab(num_peers=2, rate_bps=50_000_000) as lab, FaultPlayer(lab, schedule) as player:
         result = measure_tcp_throughput(lab, "p0", "p1", duration_s=5, omit_s=0)
         player.wait(timeout_s=5.0)
-    # One-second samples jitter as packets straddle their edges (the first second also takes
-    # the token bucket's burst, the next one less: 56.8 and 40.7 Mbit/s seen under load), and TCP
-    # takes a moment to recover the packets the change dropped: judge the two seconds before
-    # the change together, and the last two together.
+    # The figures are the receiver's: no second gets more than the link carries, give or take
+    # a read late across a second's edge (the sender's own, which they were, ran ahead by what
+    # its socket and the queue took in: 53.9-56.8 Mbit/s in the first second of a 50 Mbit/s
+    # link, the receiver's 48.0). (A sixth, a sliver at the end, may follow the five.)
+    assert len(result.interval_bps) >= 5, result.interval_bps
+    assert max(result.interval_bps[:5]) <= 1.03 * 50e6, result.interval_bps
+    # One-second samples jitter as packets straddle their edges, and TCP takes a moment to
+    # recover the packets the change dropped: judge the two seconds before the change
+    # together, and the last two together.
     before = sum(result.interval_bps[0:2]) / 2
     after = sum(result.interval_bps[3:5]) / 2
-    assert 0.85 * 50e6 <= before <= 1.05 * 50e6, result.interval_bps
+    assert 0.85 * 50e6 <= before <= 1.02 * 50e6, result.interval_bps
     assert 0.85 * 20e6 <= after <= 1.02 * 20e6, result.interval_bps

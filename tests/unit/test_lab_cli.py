@@ -53,3 +53,13 @@ def test_a_rate_too_large_to_hold_is_refused_in_one_line() -> None:
     result = CliRunner().invoke(app, ["up", "--peers", "2", "--rate", "9" * 400 + "mbit"])
     assert result.exit_code == 2
     assert "outside what the lab shapes" in result.output
+
+
+def test_a_schedule_with_a_huge_time_is_one_line_naming_the_key(tmp_path: Path) -> None:
+    # (a 400-digit at_s was an OverflowError traceback)
+    schedule = tmp_path / "faults.toml"
+    schedule.write_text(f'[[fault]]\nat_s = {"9" * 400}\naction = "heal"\n')
+    result = CliRunner().invoke(app, ["faults", str(schedule), "--state-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "at_s = 999999999999... (400 digits) is out of range" in result.output
+    assert "Traceback" not in result.output

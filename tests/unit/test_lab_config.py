@@ -68,6 +68,23 @@ def test_token_bucket_holds_at_least_a_tso_burst_and_scales_with_rate() -> None:
     assert tbf_limit_bytes(100_000_000) == 625_000  # 50 ms at 100 Mbit/s
 
 
+def test_a_queue_holds_at_most_200_ms_of_traffic_but_a_few_frames_at_least() -> None:
+    # 128 KiB at any rate was 1.05 s of queueing at 1 Mbit/s (10.5 s at 100 kbit/s): a round
+    # trip of ~1 s from a peer while it uploaded, and TCP at 71-83% of the cap.
+    assert tbf_limit_bytes(1_000_000) == 25_000  # 200 ms
+    assert tbf_limit_bytes(5_000_000) == 125_000  # 200 ms
+    assert tbf_limit_bytes(100_000) == 4 * 1514  # 484 ms, but room for 4 full frames
+
+
+@given(st.integers(min_value=100_000, max_value=10_000_000_000))
+def test_a_queue_is_short_in_time_and_as_before_where_it_was_short(rate_bps: int) -> None:
+    limit = tbf_limit_bytes(rate_bps)
+    assert limit <= rate_bps / 8 * 0.2 + 1 or limit == 4 * 1514  # (+1: rounding)
+    before = max(128 * 1024, round(rate_bps / 8 * 0.050))  # (the 100 Mbit/s benchmarks' links)
+    if before * 8 / rate_bps <= 0.2:
+        assert limit == before
+
+
 def test_lab_config_per_peer_rates_and_nat_placement() -> None:
     config = LabConfig(num_peers=3, peer_rates_bps=(1_000_000, 2_000_000, 3_000_000), num_nat=1)
     assert [config.peer_rate_bps(i) for i in range(3)] == [1_000_000, 2_000_000, 3_000_000]

@@ -96,6 +96,13 @@ def test_parse_schedule_orders_faults_by_time() -> None:
         ("fault = [1, 2]", "a fault is a"),
         ('[[fault]]\nat_s = inf\naction = "heal"', "finite"),
         ('[[fault]]\nat_s = nan\naction = "heal"', "finite"),
+        # (a 400-digit integer was an OverflowError traceback)
+        (
+            f'[[fault]]\nat_s = {"9" * 400}\naction = "heal"',
+            r"at_s = 999999999999\.\.\. \(400 digits\)",
+        ),
+        ('[[fault]]\nat_s = 86401\naction = "heal"', r"from 0 to 86400 \(a day\)"),
+        ('[[fault]]\nat_s = 1e300\naction = "heal"', "at_s = 1e.300 is out of range"),
         ("[[fault]]\nat_s = 1\naction = 5", "action must be a string"),
         ('[[fault]]\nat_s = 1\naction = "kill"\npeer = 3', "peer must be"),
         ('[[fault]]\nat_s = 1\naction = "set_rate"\npeer = "p0"\nrate = [1]', "rate must be"),

@@ -18,7 +18,7 @@ from gossamer.lab.config import LabConfig
 from gossamer.lab.control import LabControl
 from gossamer.lab.iperf import measure_tcp_throughput
 from gossamer.lab.lifecycle import lab_up
-from gossamer.lab.runner import FakeCommandRunner
+from gossamer.lab.runner import CommandResult, FakeCommandRunner
 
 REPORT = {
     "intervals": [{"sum": {"bits_per_second": 2.0e7}}, {"sum": {"bits_per_second": 1.9e7}}],
@@ -51,7 +51,6 @@ def test_measure_reads_the_receivers_figure_against_the_bottleneck(
     assert result.bottleneck_bps == 20_000_000
     assert result.share_of_bottleneck == pytest.approx(0.95)
     assert result.retransmits == 3
-    assert result.interval_bps == (2.0e7, 1.9e7)
     server = next(c for c in runner.commands if c[3:6] == ("gsl-t1-p1", "iperf3", "-s"))
     assert server[server.index("-B") + 1] == "10.213.0.11"
     assert runner.spawned[0].returncode == 0  # the server was waited for
@@ -96,3 +95,26 @@ def test_a_server_that_cannot_listen_is_not_mistaken_for_one_left_listening(
     runner.spawn_running = False
     with pytest.raises(PeerUnavailableError, match="exited at once"):
         measure_tcp_throughput(lab, "p0", "p1", duration_s=2, clock=FakeClock())
+
+
+def test_the_per_second_figures_are_the_receivers(
+    lab: LabControl, runner: FakeCommandRunner
+) -> None:
+    # The server ran without -J, so iperf3 handed its report over as text only, and the
+    # figures were silently the sender's (ahead of the receiver by what its buffers held).
+    def client(argv: tuple[str, ...]) -> CommandResult | None:
+        if argv[3:5] != ("gsl-t1-p0", "iperf3"):
+            return None
+        server = next(c for c in runner.commands if c[3:6] == ("gsl-t1-p1", "iperf3", "-s"))
+        report: dict[str, object] = dict(REPORT)  # as iperf3 3.12 answers --get-server-output
+        if "-J" in server:
+            receiver = {"intervals": [{"sum": {"bits_per_second": 1.8e7}},
+                                      {"sum": {"bits_per_second": 1.85e7}}]}  # fmt: skip
+            report["server_output_json"] = receiver
+        else:
+            report["server_output_text"] = "[  5]   0.00-1.00   sec  2.15 MBytes  18.0 Mbits/sec"
+        return CommandResult(argv, 0, json.dumps(report))
+
+    runner.responders.insert(0, client)
+    result = measure_tcp_throughput(lab, "p0", "p1", duration_s=2, clock=FakeClock())
+    assert result.interval_bps == (1.8e7, 1.85e7)

@@ -15,6 +15,7 @@ import pytest
 from gossamer.core.errors import ConfigError, DeadlineExceededError, MissingDependencyError
 from gossamer.lab.build import build_topology
 from gossamer.lab.config import LabConfig
+from gossamer.lab.control import LabControl
 from gossamer.lab.lifecycle import attach_lab, lab_down, lab_status, lab_up, open_lab
 from gossamer.lab.plan import plan_topology
 from gossamer.lab.runner import CommandFailedError, CommandResult, FakeCommandRunner, require_tools
@@ -317,3 +318,37 @@ def test_down_all_removes_labs_beside_a_record_no_lab_can_be_named(tmp_path: Pat
     lab_down(None, runner=runner, state_dir=tmp_path)
     assert runner.namespaces == set()
     assert sorted(path.name for path in tmp_path.glob("*.json")) == []
+
+
+def test_down_all_leaves_alone_a_lab_made_after_it_began(tmp_path: Path) -> None:
+    # `down --all` read the records once, then deleted every gsl-* namespace without taking a
+    # lock: a `lab up --name cc` that ran meanwhile said ok, and its lab was gone.
+    runner = FakeCommandRunner(namespaces={"gsl-zz-p0"})  # a crashed lab's, with no record
+    lab_up(_config("a"), runner=runner, state_dir=tmp_path)
+    made: list[LabControl] = []
+    started = threading.Event()
+
+    def up_meanwhile(argv: tuple[str, ...]) -> CommandResult | None:
+        if argv[:3] == ("ip", "netns", "del") and not started.is_set():  # as `a` is removed
+            started.set()
+            made.append(lab_up(_config("cc"), runner=runner, state_dir=tmp_path))
+        return None
+
+    runner.responders.append(up_meanwhile)
+    removed = lab_down(None, runner=runner, state_dir=tmp_path)
+    assert made
+    assert sorted(removed) == sorted([*plan_topology(_config("a")).namespaces(), "gsl-zz-p0"])
+    assert runner.namespaces == set(made[0].topology.namespaces())
+    state = load_state("cc", tmp_path)
+    assert state is not None
+    assert state.built
+    assert attach_lab("cc", runner=runner, state_dir=tmp_path).topology == made[0].topology
+
+
+def test_attach_to_a_lab_whose_namespaces_are_gone_says_so(tmp_path: Path) -> None:
+    # `lab exec` on it said a bare "Cannot open network namespace".
+    runner = FakeCommandRunner()
+    lab_up(_config(), runner=runner, state_dir=tmp_path)
+    runner.namespaces.discard("gsl-t1-p1")
+    with pytest.raises(ConfigError, match=r"namespaces gsl-t1-p1 are gone.*lab down --name t1"):
+        attach_lab("t1", runner=runner, state_dir=tmp_path)

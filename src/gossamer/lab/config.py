@@ -47,11 +47,17 @@ _CONGESTION_PATTERN = re.compile(r"[a-z0-9_]{1,16}")
 
 # Token bucket sizing, measured on veth pairs (see docs/lab.md): a bucket of 5 ms of traffic lets
 # TSO-sized bursts through without starving the link, and a queue of 50 ms absorbs TCP's
-# window growth without drops that would keep it below the cap.
+# window growth without drops that would keep it below the cap. Below ~21 Mbit/s the queue
+# holds 128 KiB, but never more than 200 ms of traffic: 128 KiB alone was 1.05 s of queueing
+# at 1 Mbit/s (a peer's connect behind its own upload took 1.04 s, and iperf got 83-85% of
+# the cap); 100 ms there kept TCP at 78-83%, 200 ms at 96-100%. At the lowest rates it still
+# holds 4 full frames (484 ms at 100 kbit/s, where 200 ms is less than 2).
 _BURST_S = 0.005
 _MIN_BURST_BYTES = 16 * 1024
 _QUEUE_S = 0.050
-_MIN_LIMIT_BYTES = 128 * 1024
+_QUEUE_BYTES = 128 * 1024
+_MAX_QUEUE_S = 0.200
+_MIN_QUEUE_BYTES = 4 * 1514
 
 
 def parse_rate(text: str, *, key: str = "rate") -> int:
@@ -108,8 +114,16 @@ def tbf_burst_bytes(rate_bps: int) -> int:
 
 
 def tbf_limit_bytes(rate_bps: int) -> int:
-    """Queue length for a tbf at ``rate_bps``: 50 ms of traffic, at least 128 KiB."""
-    return max(_MIN_LIMIT_BYTES, round(rate_bps / 8 * _QUEUE_S))
+    """Queue length for a tbf at ``rate_bps``: 50 ms of traffic, at least 128 KiB but at most
+    200 ms of traffic, and at least 4 full frames.
+
+    Full, it delays everything behind it by its length over the rate: 50 ms from 21 Mbit/s
+    up, 50-100 ms from 10.5 Mbit/s, 100-200 ms from 5.2 Mbit/s, 200 ms down to 242 kbit/s,
+    then up to 484 ms at 100 kbit/s.
+    """
+    bytes_per_s = rate_bps / 8
+    bounded = min(_QUEUE_BYTES, round(bytes_per_s * _MAX_QUEUE_S))
+    return max(round(bytes_per_s * _QUEUE_S), bounded, _MIN_QUEUE_BYTES)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 import tomllib
 from collections.abc import Callable, Sequence
@@ -41,6 +40,7 @@ from gossamer.lab.config import format_rate, parse_rate
 from gossamer.lab.control import LabControl
 
 __all__ = [
+    "MAX_AT_S",
     "AppliedFault",
     "Fault",
     "FaultAction",
@@ -61,6 +61,10 @@ _ACTIONS: tuple[str, ...] = get_args(FaultAction)
 _PEER_ACTIONS = {"kill", "pause", "resume", "cut", "restore", "set_rate"}
 _KEYS = {"at_s", "action", "peer", "rate", "side"}
 _MAX_SLEEP_SLICE_S = 0.05
+
+MAX_AT_S = 86_400.0
+"""The latest time a fault may be scheduled for: a day after the start of play."""
+_AT_S_RANGE = f"a finite number of seconds from 0 to {MAX_AT_S:.0f} (a day)"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -84,8 +88,8 @@ class Fault:
             raise ConfigError(
                 f"{where}: unknown action {self.action!r}; use one of {', '.join(_ACTIONS)}"
             )
-        if not 0 <= self.at_s < math.inf:
-            raise ConfigError(f"{where}: at_s must be a finite number of seconds, 0 or more")
+        if not 0 <= self.at_s <= MAX_AT_S:
+            raise ConfigError(f"{where}: at_s must be {_AT_S_RANGE}")
         if (self.action in _PEER_ACTIONS) != (self.peer is not None):
             needs = "needs" if self.action in _PEER_ACTIONS else "takes no"
             raise ConfigError(f'{where}: action {self.action!r} {needs} a peer (peer = "p0")')
@@ -160,6 +164,12 @@ def _fault_from_table(index: int, table: Any) -> Fault:
     at_s = table["at_s"]
     if isinstance(at_s, bool) or not isinstance(at_s, int | float):
         raise ConfigError(f"fault #{index + 1}: at_s must be a number of seconds, got {at_s!r}")
+    if not 0 <= at_s <= MAX_AT_S:  # (before float(): a 400-digit integer overflows it)
+        text = repr(at_s)
+        shown = text if len(text) <= 24 else f"{text[:12]}... ({len(text)} digits)"
+        raise ConfigError(
+            f"fault #{index + 1}: at_s = {shown} is out of range; at_s must be {_AT_S_RANGE}"
+        )
     if not isinstance(table["action"], str):
         raise ConfigError(f'fault #{index + 1}: action must be a string, e.g. "kill"')
     if not isinstance(table.get("peer", ""), str):

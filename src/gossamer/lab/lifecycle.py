@@ -44,7 +44,8 @@ logger = logging.getLogger(__name__)
 
 LATENCY_NOTICE = (
     "latency and packet loss are NOT emulated (this kernel has no netem): links are capped in "
-    "rate only, and a round trip inside the lab takes well under a millisecond"
+    "rate only; a round trip takes well under a millisecond, plus up to 200 ms in the queue of "
+    "a full link (50 ms from 21mbit up, 0.5 s at 100kbit)"
 )
 """Said by `lab up` and the docs, so nobody mistakes the lab for a long-haul network."""
 
@@ -134,7 +135,9 @@ def lab_down(
     """Remove lab ``name`` (every lab, when None); returns the namespaces removed.
 
     Everything is found by prefix as well as from the state file, so the leftovers of a crashed
-    process are removed too, and nothing without the prefix is ever touched.
+    process are removed too, and nothing without the prefix is ever touched. Every lab is removed
+    under its lock; with ``name`` None, a lab recorded after the removal began (an `up` in
+    another shell) is left alone.
 
     Raises:
         DeadlineExceededError: another command held a lab's lock for minutes (every other lab
@@ -146,18 +149,20 @@ def lab_down(
         LabConfig(num_peers=1, name=name)  # a name a lab can have, or a one-line error
         with state_lock(name, state_dir):  # a build or a fault of it finishes first
             return _remove_lab(runner, name, state_dir)
+    # What is here now: records, then namespaces (an `up` records its lab before it builds).
+    # Read once; each lab is then judged again under its lock, as it is by then.
+    recorded = {
+        lab_name: _created_at(lab_name, state_dir) for lab_name in _recorded_lab_names(state_dir)
+    }
+    names = set(recorded) | {_lab_name_of(ns) for ns in list_namespaces(runner, LAB_PREFIX)}
     removed: list[str] = []
     busy: list[str] = []
-    for lab_name in _recorded_lab_names(state_dir):  # one at a time: a busy one holds no other
+    for lab_name in sorted(names):  # one at a time: a busy one holds no other
         try:
             with state_lock(lab_name, state_dir):
-                removed += _remove_lab(runner, lab_name, state_dir)
+                removed += _remove_unless_made_since(runner, lab_name, recorded, state_dir)
         except DeadlineExceededError:
             busy.append(lab_name)
-    # Leftovers of labs without a record (a crash, a reboot's lost /run), the busy ones' aside.
-    spared = tuple(namespace_prefix(lab_name) for lab_name in busy)
-    strays = [ns for ns in list_namespaces(runner, LAB_PREFIX) if not ns.startswith(spared)]
-    removed += remove_namespaces(runner, strays)
     _forget_unrecorded_locks(state_dir)
     if busy:
         raise DeadlineExceededError(
@@ -166,6 +171,42 @@ def lab_down(
             "then run `gossamer lab down --all` again"
         )
     return removed
+
+
+_UNREADABLE = -1.0
+"""What :func:`_created_at` says of a record that cannot be read."""
+
+
+def _created_at(name: str, state_dir: Path) -> float | None:
+    """When lab ``name``'s record was made (it stays through faults' updates); None without a
+    record, ``_UNREADABLE`` for one that cannot be read."""
+    try:
+        state = load_state(name, state_dir)
+    except CorruptedDataError:
+        return _UNREADABLE
+    return None if state is None else state.created_at
+
+
+def _remove_unless_made_since(
+    runner: CommandRunner, name: str, recorded: dict[str, float | None], state_dir: Path
+) -> list[str]:
+    """Remove lab ``name`` for `down --all`, holding its lock, unless it was recorded since
+    ``recorded`` was read: an `up` that began after `down --all` made it. (Its namespaces were
+    deleted under it: its `up` said ok and the lab was gone, or its build failed with
+    'Invalid "netns" value'.)"""
+    now, then = _created_at(name, state_dir), recorded.get(name)
+    if now not in (None, _UNREADABLE) and then != _UNREADABLE and now != then:
+        logger.info("lab %s was made after `down --all` began; left alone", name)
+        return []
+    removed = _remove_lab(runner, name, state_dir)
+    # (a stray namespace of this name that `down --name` leaves: `gsl-NAME`, without the dash)
+    strays = [ns for ns in list_namespaces(runner, LAB_PREFIX) if _lab_name_of(ns) == name]
+    return removed + remove_namespaces(runner, strays)
+
+
+def _lab_name_of(namespace: str) -> str:
+    """The name of the lab a namespace with the lab prefix belongs to (``gsl-NAME-p0``)."""
+    return namespace.removeprefix(LAB_PREFIX).split("-", 1)[0]
 
 
 def _remove_lab(runner: CommandRunner, name: str, state_dir: Path) -> list[str]:
@@ -243,7 +284,7 @@ def lab_status(
     require_tools(runner)
     existing = list_namespaces(runner, LAB_PREFIX)
     names = set(_recorded_lab_names(state_dir))
-    names |= {ns.removeprefix(LAB_PREFIX).split("-", 1)[0] for ns in existing}
+    names |= {_lab_name_of(ns) for ns in existing}
     report = []
     for lab_name in sorted(names):
         prefix = namespace_prefix(lab_name)
@@ -264,7 +305,8 @@ def attach_lab(
 
     Raises:
         MissingDependencyError: not root, or a tool the lab needs is missing.
-        ConfigError: no such lab is recorded, or it is not fully built.
+        ConfigError: no such lab is recorded, it is not fully built, or some of its namespaces
+            are gone.
     """
     runner = runner or SubprocessRunner()
     try:
@@ -282,6 +324,15 @@ def attach_lab(
             f"`gossamer lab down --name {name}`, then `gossamer lab up` again"
         )
     require_tools(runner)  # (as another user, a kill found no process and said ok)
+    existing = set(list_namespaces(runner, namespace_prefix(name)))
+    missing = [ns for ns in state.topology.namespaces() if ns not in existing]
+    if missing:  # (`exec` said a bare "Cannot open network namespace")
+        named = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if missing[3:] else "")
+        raise ConfigError(
+            f"lab {name!r} is recorded but its namespaces {named} are gone "
+            "(removed by hand or by another `gossamer lab down`, or lost at a reboot); run "
+            f"`gossamer lab down --name {name}`, then `gossamer lab up` again"
+        )
     return LabControl(state, runner, state_dir=state_dir)
 
 

@@ -96,9 +96,15 @@ class CommandRunner(Protocol):
     """Runs commands and signals processes on behalf of the lab."""
 
     def run(
-        self, argv: Sequence[str], *, check: bool = True, timeout_s: float = 30.0
+        self,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        timeout_s: float = 30.0,
+        input_text: str | None = None,
     ) -> CommandResult:
-        """Run ``argv`` to completion and capture its output.
+        """Run ``argv`` to completion and capture its output; ``input_text`` is its stdin (an
+        ``ip -batch -`` script), none when None.
 
         Raises:
             CommandFailedError: ``check`` is set and the command exited non-zero.
@@ -126,12 +132,24 @@ class SubprocessRunner:
     """The real runner: ``subprocess`` and ``os.kill``."""
 
     def run(
-        self, argv: Sequence[str], *, check: bool = True, timeout_s: float = 30.0
+        self,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        timeout_s: float = 30.0,
+        input_text: str | None = None,
     ) -> CommandResult:
-        logger.debug("run: %s", " ".join(argv))
+        logger.debug(
+            "run: %s%s", " ".join(argv), "" if input_text is None else f" <<{input_text!r}"
+        )
         try:
             done = subprocess.run(
-                list(argv), capture_output=True, text=True, timeout=timeout_s, check=False
+                list(argv),
+                input=input_text,
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                check=False,
             )
         except FileNotFoundError as exc:
             raise MissingDependencyError(f"`{argv[0]}` is not installed: {exc}") from exc
@@ -210,6 +228,8 @@ class FakeCommandRunner:
     """What ``is_root`` reports."""
     commands: list[tuple[str, ...]] = field(default_factory=list)
     """Every argv passed to ``run`` or ``spawn``, in order."""
+    batched: list[tuple[str, ...]] = field(default_factory=list)
+    """Every command of every ``ip -batch -`` script run, as the argv it stands for."""
     signals: list[tuple[int, int]] = field(default_factory=list)
     """Every ``(pid, signum)`` sent."""
     spawned: list[FakeProcess] = field(default_factory=list)
@@ -235,10 +255,17 @@ class FakeCommandRunner:
         self.responders.insert(0, responder)
 
     def run(
-        self, argv: Sequence[str], *, check: bool = True, timeout_s: float = 30.0
+        self,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        timeout_s: float = 30.0,
+        input_text: str | None = None,
     ) -> CommandResult:
         key = tuple(argv)
         self.commands.append(key)
+        if key[:1] == ("ip",) and key[-2:] == ("-batch", "-") and input_text is not None:
+            self.batched += [(*key[:-2], *line.split()) for line in input_text.splitlines()]
         result = None
         for responder in self.responders:
             result = responder(key)
@@ -290,11 +317,12 @@ class FakeCommandRunner:
         return self.root
 
     def ran(self, *fragment: str) -> bool:
-        """Whether some recorded command contains ``fragment`` as a contiguous run of arguments."""
+        """Whether some recorded command, or command of a batch, contains ``fragment`` as a
+        contiguous run of arguments."""
         size = len(fragment)
         return any(
             cmd[i : i + size] == fragment
-            for cmd in self.commands
+            for cmd in (*self.commands, *self.batched)
             for i in range(len(cmd) - size + 1)
         )
 
