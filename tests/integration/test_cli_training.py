@@ -128,6 +128,7 @@ def test_a_stop_signal_checkpoints_the_step_reached_and_the_run_resumes(
     assert process.returncode == 130, stderr.decode()
     summary = json.loads((workdir / "s.json").read_text())
     assert summary["interrupted"] is True
+    assert summary["val_loss_after"] is None  # (none measured at the stop: not the first one)
     reached = summary["steps"]
     assert reached >= 5
     assert f"interrupted at step {reached}" in stderr.decode()
@@ -137,6 +138,36 @@ def test_a_stop_signal_checkpoints_the_step_reached_and_the_run_resumes(
     )
     assert resumed.returncode == 0, resumed.stderr
     assert f"steps {reached} -> {reached + 2}" in resumed.stdout + resumed.stderr
+
+
+def test_a_stop_signal_the_run_was_started_ignoring_stays_ignored(workdir: Path) -> None:
+    # `nohup gossamer train &` stopped when its terminal closed: the SIGHUP its shell had it
+    # ignore was taken as a stop.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GOSSAMER_")}
+    args = ["train", "--config", "tiny.toml", "--train.max-steps", "100000"]
+    args += ["--checkpoint.every-steps", "0", "--trace", "spans.jsonl"]
+    process = subprocess.Popen(
+        [*GOSSAMER, *args],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # (as nohup does)
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while _steps_traced(workdir / "spans.jsonl") < 5:
+            assert process.poll() is None, "the run ended before it was stopped"
+            assert time.monotonic() < deadline, "no steps traced in 120 s"
+            time.sleep(0.1)  # polling another process's file under a deadline
+        process.send_signal(signal.SIGHUP)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert "SIGTERM: stopping" in stderr.decode()
+    assert "SIGHUP" not in stderr.decode()
 
 
 def _steps_traced(path: Path) -> int:

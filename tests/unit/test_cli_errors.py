@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import typer
 
@@ -11,8 +14,10 @@ from gossamer.cli.errors import (
     exit_on_gossamer_errors,
     keys_named_by_flags,
     one_red_line,
+    pause_on_stop_signals,
 )
 from gossamer.core.errors import ConfigError, PeerUnavailableError
+from gossamer.core.stop import StopRequest
 
 
 def _exit_code(error: BaseException, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -65,3 +70,20 @@ def test_a_config_key_is_named_by_the_flag_that_set_it() -> None:
         keys_named_by_flags(flags),
     ):
         raise ConfigError("dht.bucket_size: too big")
+
+
+def test_a_stop_signal_pauses_a_run_that_takes_stops_and_stops_one_setting_up() -> None:
+    stop = StopRequest()
+    heard: list[str] = []
+    # Setting up (a swarm to join, a download): nothing to checkpoint, so it stops at once.
+    # (Ctrl-C waited for the first step, minutes away where the bootstrap peer is slow.)
+    with pause_on_stop_signals(stop, heard.append), pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert not stop.is_set()
+    stop.accepted = True  # (as Trainer.run does at its first step)
+    with pause_on_stop_signals(stop, heard.append):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.is_set()
+        assert heard == ["SIGTERM"]
+        with pytest.raises(KeyboardInterrupt):  # a second: at once
+            os.kill(os.getpid(), signal.SIGINT)

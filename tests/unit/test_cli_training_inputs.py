@@ -252,6 +252,21 @@ def test_eval_says_when_the_data_is_not_what_the_checkpoint_trained_on(
     assert code == 0, output
 
 
+def test_eval_gives_the_data_s_own_error_for_a_home_folder_path_that_is_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (an emptied "~/c.txt" was said "not found from here")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "c.txt").write_text("def square(x):\n    return x * x\n\n" * 200)
+    ck = str(tmp_path / "ck")
+    assert _invoke(["train", *TINY, "--data.path", "~/c.txt", "--checkpoint.directory", ck])[0] == 0
+    (tmp_path / "c.txt").write_text("")
+    code, output = _invoke(["eval", "--checkpoint", ck])
+    assert code == 1
+    assert "is empty" in output
+    assert "not found" not in output
+
+
 def test_sample_refuses_a_text_model_of_another_vocabulary_saying_why(tmp_path: Path) -> None:
     # (it said the model "was trained on token ids ... data.source = 'text'")
     corpus = tmp_path / "corpus.txt"

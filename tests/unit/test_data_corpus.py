@@ -191,6 +191,9 @@ def test_a_text_file_given_as_token_ids_is_refused(tmp_path: Path) -> None:
     (tmp_path / "train.txt").write_text("def f(x):\n    return x  # caf\u00e9\n" * 400)
     with pytest.raises(DataError, match=r"looks like text.*data\.source = 'text'"):
         load_corpus(DataConfig(source="tokens", path=str(tmp_path / "train.txt")))
+    (tmp_path / "odd.txt").write_text("def f(x):\n    return x\n" * 400 + "!")  # (odd size)
+    with pytest.raises(DataError, match="looks like text"):
+        load_corpus(DataConfig(source="tokens", path=str(tmp_path / "odd.txt")))
     # Token ids whose bytes are all printable for a while are not text all the way.
     ids = np.full(10_000, 0x4142, dtype="<u2")
     ids[3_000] = 7

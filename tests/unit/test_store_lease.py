@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import logging
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gossamer.core.errors import ConfigError
-from gossamer.store.lease import directory_lease
+from gossamer.store import lease as lease_module
+from gossamer.store.lease import IN_USE_NAME, directory_lease
 
 _HOLD = """
 import sys
 from pathlib import Path
-from gossamer.store.lease import directory_lease
+from gossamer.store import lease as lease_module
+from gossamer.store.lease import IN_USE_NAME, directory_lease
 with directory_lease(Path(sys.argv[1])):
     print("held", flush=True)
     sys.stdin.read()
@@ -89,3 +95,34 @@ def test_a_trainer_refuses_a_directory_another_run_uses(tmp_path: Path) -> None:
         Trainer(config)
     with Trainer(dataclasses.replace(config)) as trainer:
         trainer.run()
+
+
+def test_a_lock_file_another_user_made_is_locked_read_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In a shared folder another user's .in-use (0644) cannot be opened for writing: the
+    # PermissionError came out of the run as a traceback.
+    (tmp_path / IN_USE_NAME).write_text("")
+    real_open = os.open
+
+    def open_as_another_user(path: Any, flags: int, *args: Any) -> int:
+        if flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(lease_module.os, "open", open_as_another_user)
+    with directory_lease(tmp_path):
+        pass
+
+
+def test_a_file_system_without_locks_is_used_unguarded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # (some NFS and FUSE mounts: ENOLCK came out as a traceback where runs trained before)
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lease_module.fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING), directory_lease(tmp_path), directory_lease(tmp_path):
+        pass
+    assert "cannot be locked" in caplog.text

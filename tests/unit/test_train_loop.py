@@ -391,6 +391,25 @@ def test_a_resume_with_nothing_left_to_train_leaves_the_checkpoint_as_it_is(
     assert (store.path_for(12) / "manifest.json").read_bytes() == manifest
 
 
+def test_a_budgeted_run_paused_and_resumed_keeps_the_schedule_it_was_fitted(
+    corpus_file: Path, tmp_path: Path
+) -> None:
+    # At a steady rate, a resumed session (with a budget of its own) was fitted again to it:
+    # paused at step 60 of 125, it went on to 183, its schedule stretched by half.
+    def budgeted(folder: str) -> RunConfig:
+        return tiny_config(corpus_file, tmp_path / folder, max_steps=5000, max_seconds=20.0)
+
+    with Trainer(budgeted("alone"), clock=_SlowClock()) as alone:
+        whole = alone.run()
+    with Trainer(budgeted("paused"), clock=_SlowClock()) as first:
+        first.run(stop_at_step=60)
+    with Trainer(budgeted("paused"), clock=_SlowClock()) as resumed:
+        result = resumed.run()
+        assert resumed.run_state.schedule_refit is None
+    assert result.start_step == 60
+    assert result.steps_done == whole.steps_done
+
+
 def test_a_refit_schedule_goes_on_from_where_it_stood() -> None:
     optim = OptimConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10)
     refit = ScheduleRefit(at_step=100, position=100.0, first_steps=1000)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import signal
 import sys
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import typer
 
 from gossamer.core.errors import ConfigError, GossamerError
+from gossamer.core.stop import StopRequest
 
 __all__ = [
     "EXIT_BAD_INPUT",
@@ -120,11 +120,12 @@ def stop_signals_as_ctrl_c() -> Iterator[None]:
 
 @contextmanager
 def pause_on_stop_signals(
-    stop: threading.Event, on_first: Callable[[str], None] | None = None
+    stop: StopRequest, on_first: Callable[[str], None] | None = None
 ) -> Iterator[None]:
     """Ctrl-C, SIGTERM or SIGHUP set ``stop`` (the run checkpoints and pauses after the step
-    under way: a spot instance's notice, a scheduler's stop); a second one stops at once, as
-    Ctrl-C does (KeyboardInterrupt). ``on_first`` is told the first signal's name."""
+    under way: a spot instance's notice, a scheduler's stop); a second one, or one before the
+    run takes stops (setting up: nothing to checkpoint yet), stops at once, as Ctrl-C does
+    (KeyboardInterrupt). ``on_first`` is told the first signal's name."""
 
     def at_once(signum: int, frame: object) -> None:
         for sig in previous:  # a third would cut the clean-up short
@@ -132,13 +133,20 @@ def pause_on_stop_signals(
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     def pause(signum: int, frame: object) -> None:
+        if not stop.accepted:
+            at_once(signum, frame)
         for sig in previous:
             signal.signal(sig, at_once)
         stop.set()
         if on_first is not None:
             on_first(signal.Signals(signum).name)
 
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    # (one ignored stays ignored: `nohup gossamer train &` must outlive its terminal)
+    signals = [
+        sig
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        if signal.getsignal(sig) is not signal.SIG_IGN
+    ]
     previous = {sig: signal.signal(sig, pause) for sig in signals}
     try:
         yield

@@ -6,7 +6,6 @@ import contextlib
 import json
 import math
 import sys
-import threading
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
@@ -40,6 +39,7 @@ from gossamer.core.config_loader import (
 )
 from gossamer.core.errors import ConfigError, DataError, GossamerError
 from gossamer.core.runtime import freeze_startup_heap
+from gossamer.core.stop import StopRequest
 from gossamer.data import load_corpus, validation_batches
 from gossamer.obs.metrics import PeerMetrics
 from gossamer.obs.trace import SpanRecorder
@@ -147,7 +147,7 @@ def train(
         spans = SpanRecorder(peer=run_config.name, path=trace)
         stack.callback(spans.close)
         listener = stack.enter_context(RichProgressListener())
-        stop = threading.Event()
+        stop = StopRequest()
         stack.enter_context(
             pause_on_stop_signals(
                 stop,
@@ -179,10 +179,11 @@ def train(
                 ).result
     _print_summary(result, summary_json)
     if result.interrupted:
-        sys.stderr.write(
-            f"interrupted at step {result.steps_done}; checkpoint {result.checkpoint_path}; "
-            "run the same command to resume\n"
-        )
+        with contextlib.suppress(OSError):
+            sys.stderr.write(
+                f"interrupted at step {result.steps_done}; checkpoint "
+                f"{result.checkpoint_path}; run the same command to resume\n"
+            )
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
@@ -209,6 +210,7 @@ def _load_checkpoint(checkpoint: Path) -> LoadedModel:
 
 
 def _print_summary(result: TrainResult, summary_json: Path | None) -> None:
+    measured = math.isfinite(result.val_loss_after)  # (an interrupted run measures none)
     summary = {
         "steps": result.steps_done,
         "start_step": result.start_step,
@@ -216,18 +218,20 @@ def _print_summary(result: TrainResult, summary_json: Path | None) -> None:
         "tokens_per_s": round(result.tokens_per_s, 1),
         "seconds": round(result.wall_seconds, 2),
         "val_loss_before": result.val_loss_before,
-        "val_loss_after": result.val_loss_after,
+        "val_loss_after": result.val_loss_after if measured else None,
         "checkpoint_path": str(result.checkpoint_path),
         "resumed_from": str(result.resumed_from) if result.resumed_from else None,
         "stopped_by_time_budget": result.stopped_by_time_budget,
         "interrupted": result.interrupted,
     }
-    _console.print(
-        f"validation loss {result.val_loss_before:.4f} -> {result.val_loss_after:.4f}; "
-        f"{result.tokens_per_s:,.0f} tokens/s; checkpoint {result.checkpoint_path}"
-    )
-    if summary_json is not None:
+    if summary_json is not None:  # (first: the terminal may be gone, a SIGHUP's cause)
         summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    after = f"{result.val_loss_after:.4f}" if measured else "(not measured at the stop)"
+    with contextlib.suppress(OSError):
+        _console.print(
+            f"validation loss {result.val_loss_before:.4f} -> {after}; "
+            f"{result.tokens_per_s:,.0f} tokens/s; checkpoint {result.checkpoint_path}"
+        )
 
 
 def evaluate(
@@ -272,7 +276,13 @@ def evaluate(
         try:
             corpus = load_corpus(run_config.data)
         except DataError as exc:
-            if data_keys or not run_config.data.path or Path(run_config.data.path).exists():
+            path = run_config.data.path
+            if (
+                data_keys
+                or not path
+                or path != loaded.config.data.path  # (set in the environment)
+                or Path(path).expanduser().exists()  # (there, and wrong otherwise)
+            ):
                 raise
             raise DataError(
                 f"data.path {run_config.data.path!r}, from the checkpoint's config (a path "

@@ -684,13 +684,16 @@ class RoundState:
         )
         return True
 
-    async def _transmit(self, dest: int, message: Message, *, word: bool = False) -> bool:
+    async def _transmit(
+        self, dest: int, message: Message, *, word: bool = False, counted: bool = True
+    ) -> bool:
         """Send ``message`` to ``dest``; False if it did not go (``dest`` failed, no time left).
 
         A send still waiting when ``dest`` is declared failed is cancelled (see
         :meth:`peer_failed`): a member that hangs holds nothing up past that. A failed send
         declares ``dest`` failed, unless it is a ``word`` (no data, not counted in the bytes
-        sent), whose loss costs only what the word would have saved.
+        sent), whose loss costs only what the word would have saved. Only data is counted in
+        the bytes sent (``counted``: a notice is not), as only data is in the bytes received.
         """
         if dest in self.failed:
             return False
@@ -710,7 +713,7 @@ class RoundState:
             return False
         finally:
             self._sends_to[dest].discard(send)
-        if not word:
+        if counted and not word:
             self.bytes_sent += message_nbytes(message)
         return True
 
@@ -889,7 +892,7 @@ class RoundState:
     async def _notify(self, dest: int, message: bytes, *, word: bool = False) -> None:
         """Send a notice nothing waits for (``word``: no data, and a failed send declares
         nobody failed; lost, it costs only what it would save)."""
-        await self._transmit(dest, message, word=word)
+        await self._transmit(dest, message, word=word, counted=False)
 
     async def _tell_excluded(self, member: int, message: bytes) -> None:
         # Best effort: the member is probably gone, and the round never waits for this send.

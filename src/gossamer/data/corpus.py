@@ -345,14 +345,14 @@ def _load_single_file(path: Path, config: DataConfig, dtype: np.dtype[Any]) -> C
     num_bytes = path.stat().st_size
     if num_bytes == 0:
         raise DataError(f"data.path {str(path)!r} is empty; point data.path at a file with data")
+    if config.source == "tokens":  # (before the size check: half of all text files fail it)
+        _refuse_text_as_tokens(path)
     if num_bytes % dtype.itemsize:
         raise DataError(
             f"token file {str(path)!r} is {num_bytes} bytes, not a multiple of "
             f"{dtype.itemsize} ({config.token_dtype}); the file is truncated or "
             "data.token_dtype is wrong"
         )
-    if config.source == "tokens":
-        _refuse_text_as_tokens(path)
     tokens: npt.NDArray[np.unsignedinteger[Any]] = np.memmap(path, dtype=dtype, mode="r")
     num_tokens = len(tokens)
     if dtype.itemsize == 2 and num_tokens >= _SNIFF_TOKENS and num_tokens % 2 == 0:

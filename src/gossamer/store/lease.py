@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ __all__ = ["IN_USE_NAME", "directory_lease"]
 
 IN_USE_NAME = ".in-use"
 """The file a process holds a lock on while it uses the directory (its pid written in it)."""
+
+_log = logging.getLogger(__name__)
 
 _held: dict[Path, tuple[int, int]] = {}
 """Directories this process holds: resolved path -> (descriptor, holders in this process)."""
@@ -44,30 +47,52 @@ def directory_lease(directory: Path, key: str = "checkpoint.directory") -> Itera
 
 
 def _acquire(directory: Path, key: str) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"{key}: {directory} cannot be made ({exc.strerror or exc}); give a folder this "
+            "user can write"
+        ) from exc
     path = directory.resolve()
     with _held_lock:
         if path in _held:
             fd, holders = _held[path]
             _held[path] = (fd, holders + 1)
             return path
-        fd = os.open(path / IN_USE_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_in_use_file(path / IN_USE_NAME)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             holder = _pid_in(fd)
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
+                # A file system without locks (some NFS and FUSE mounts): trained there before.
+                _log.warning("%s: %s cannot be locked (%s); not guarded", key, path, exc)
+                return _hold_nothing(path)
             raise ConfigError(
                 f"{key}: {directory} is in use by another Gossamer process"
                 f"{f' (pid {holder})' if holder else ''}; give each run, and each peer on this "
                 "machine, its own directory"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with contextlib.suppress(OSError):  # (opened read-only: another user made the file)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         _held[path] = (fd, 1)
         return path
+
+
+def _open_in_use_file(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError:  # another user's, in a shared folder: a lock needs no write
+        return os.open(path, os.O_RDONLY)
+
+
+def _hold_nothing(path: Path) -> Path:
+    """Count a holder of ``path`` with no lock behind it (a file system without locks)."""
+    _held[path] = (-1, 1)
+    return path
 
 
 def _release(path: Path) -> None:
@@ -77,7 +102,8 @@ def _release(path: Path) -> None:
             _held[path] = (fd, holders - 1)
             return
         del _held[path]
-        os.close(fd)  # (the lock goes with it; the file stays, empty of meaning)
+        if fd >= 0:
+            os.close(fd)  # (the lock goes with it; the file stays, empty of meaning)
 
 
 def _pid_in(fd: int) -> str:

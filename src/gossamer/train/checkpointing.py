@@ -8,6 +8,7 @@ then N more steps give bit-identical weights to 2N steps in one go (on CPU).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,9 @@ class RunState:
     """The learning-rate schedule's length where a time budget fitted it (None: max_steps)."""
     schedule_fitted_at: int | None = None
     """The first step that followed the fitted length (where ``schedule_steps`` is set)."""
+    schedule_rate: float | None = None
+    """The steps per second the schedule's fitted length assumes (None: not fitted, or a
+    checkpoint from before it was kept)."""
     schedule_refit: ScheduleRefit | None = None
     """Where the budget's schedule was fitted again, to the step rate measured since (None: it
     was not)."""
@@ -139,6 +143,7 @@ def capture_run_state(run: RunState) -> CheckpointState:
             "schedule_steps": run.schedule_steps,
             "schedule_fitted_at": run.schedule_fitted_at,
             "schedule_refit": _refit_to_meta(run.schedule_refit),
+            "schedule_rate": run.schedule_rate,
             # What the schedule was fitted under: a resume with other limits fits it anew.
             "schedule_fit": _schedule_limits(run.config)
             if run.schedule_steps is not None
@@ -249,6 +254,15 @@ def restore_run_state(state: CheckpointState, run: RunState, *, where: str) -> N
         if run.schedule_steps is not None
         else None
     )
+    rate = meta.get("schedule_rate")
+    run.schedule_rate = (
+        float(rate)
+        if run.schedule_steps is not None
+        and isinstance(rate, int | float)
+        and math.isfinite(rate)
+        and rate > 0
+        else None
+    )
     fit = meta.get("schedule_fit")
     limits = _schedule_limits(run.config)
     if run.schedule_steps is not None and isinstance(fit, dict) and fit != limits:
@@ -263,3 +277,4 @@ def restore_run_state(state: CheckpointState, run: RunState, *, where: str) -> N
         run.schedule_steps = None
         run.schedule_fitted_at = None
         run.schedule_refit = None
+        run.schedule_rate = None

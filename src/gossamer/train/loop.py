@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch import nn
 from gossamer.core.clock import Clock, SystemClock
 from gossamer.core.config import RunConfig
 from gossamer.core.errors import ConfigError, DataError, TrainingDivergedError
+from gossamer.core.stop import StopRequest
 from gossamer.data import Corpus, TokenStream, load_corpus, validation_batches
 from gossamer.models import GPT
 from gossamer.obs.metrics import PeerMetrics
@@ -38,7 +38,14 @@ from gossamer.train.inference import mean_validation_loss
 from gossamer.train.optim import ScheduleRefit, build_optimizer, learning_rate_at, warmup_steps
 from gossamer.train.strategy import LocalStrategy, TrainingStrategy
 
-__all__ = ["ModelFactory", "ProgressEvent", "TrainResult", "Trainer", "TrainingListener", "train"]
+__all__ = [
+    "ModelFactory",
+    "ProgressEvent",
+    "TrainResult",
+    "Trainer",
+    "TrainingListener",
+    "train",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +61,8 @@ _SCHEDULE_BUDGET_SHARE = 0.93
 _SCHEDULE_REFIT_WINDOW_SHARE = 0.1
 """Share of the budget the step rate is measured over before the schedule may be fitted again."""
 _SCHEDULE_REFIT_TOLERANCE = 0.1
-"""How far (a share of the steps left) the reachable end may move before the schedule follows."""
+"""How far (a share) the step rate may move from the one the schedule's end assumes before the
+end follows it."""
 
 
 def _data_sha256(manifest: dict[str, Any]) -> str | None:
@@ -102,7 +110,7 @@ class TrainResult:
     val_loss_before: float
     """Validation loss when this process started (after any resume)."""
     val_loss_after: float
-    """Validation loss at the end."""
+    """Validation loss at the end (NaN where the run was interrupted: none is measured then)."""
     final_train_loss: float
     """Training loss of the last step (NaN if no step ran)."""
     checkpoint_path: Path | None
@@ -181,10 +189,10 @@ class Trainer:
         spans: SpanRecorder | None = None,
         metrics: PeerMetrics | None = None,
         stream_seed: int | None = None,
-        stop: threading.Event | None = None,
+        stop: StopRequest | None = None,
     ) -> None:
         self.config = config
-        self.stop = stop or threading.Event()
+        self.stop = stop or StopRequest()
         """Set (from a signal handler, another thread) to pause the run after the step under
         way: it checkpoints the step reached and returns (see :attr:`TrainResult.interrupted`)."""
         self.store = CheckpointStore(
@@ -293,6 +301,7 @@ class Trainer:
         steps_per_s = (step - start_step) / elapsed_s
         run.schedule_steps = self._reachable_steps(step, steps_per_s, elapsed_s, budget_s)
         run.schedule_fitted_at = step
+        run.schedule_rate = steps_per_s
         self._rate_since = (step, elapsed_s)
         logger.info(
             "learning-rate schedule fitted to the time budget: %d steps", self.schedule_steps
@@ -324,8 +333,18 @@ class Trainer:
         end = self.schedule_steps
         if step >= end or step < warmup_steps(self.config.optim, self.config.train.max_steps):
             return  # (the warm-up keeps its length)
-        reachable = self._reachable_steps(step, (step - since_step) / window_s, elapsed_s, budget_s)
-        if abs(reachable - end) <= _SCHEDULE_REFIT_TOLERANCE * (end - step):
+        rate = (step - since_step) / window_s
+        assumed = run.schedule_rate
+        if assumed is None:  # (a checkpoint from before the rate was kept: from here on)
+            run.schedule_rate = rate
+            return
+        if abs(rate / assumed - 1.0) <= _SCHEDULE_REFIT_TOLERANCE:
+            # (the rate the end assumes: no refit. Fitted again regardless, a resumed session,
+            # with a budget of its own, stretched the schedule its checkpoint holds by half)
+            return
+        run.schedule_rate = rate
+        reachable = self._reachable_steps(step, rate, elapsed_s, budget_s)
+        if abs(reachable - end) < 2:
             return
         last = run.schedule_refit
         run.schedule_refit = ScheduleRefit(
@@ -553,6 +572,7 @@ class Trainer:
         interrupted = False
         run.model.train()
         step = start_step
+        self.stop.accepted = True  # (from here a stop pauses; before, it stops at once)
         while step < stop:
             step_started = self.clock.monotonic()
             last_loss = self._train_step(step)
@@ -612,6 +632,7 @@ class Trainer:
             last_checkpoint = self.resumed_from
         elif replaced or last_checkpoint is None or last_checkpoint_step != run.step:
             last_checkpoint = self.save_checkpoint()
+        self.stop.accepted = False
         return TrainResult(
             start_step=start_step,
             steps_done=run.step,
@@ -620,7 +641,7 @@ class Trainer:
             train_seconds=train_seconds,
             wall_seconds=self.clock.monotonic() - started,
             val_loss_before=val_before,
-            val_loss_after=val_latest,
+            val_loss_after=math.nan if interrupted else val_latest,
             final_train_loss=last_loss,
             checkpoint_path=last_checkpoint,
             resumed_from=self.resumed_from,

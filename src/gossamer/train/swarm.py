@@ -19,8 +19,8 @@ import hashlib
 import ipaddress
 import json
 import logging
+import math
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,6 +35,7 @@ from gossamer.comm.codecs import CodecPolicy
 from gossamer.core.config import RunConfig
 from gossamer.core.errors import ConfigError, GossamerError, PeerUnavailableError
 from gossamer.core.hashing import sha256_state
+from gossamer.core.stop import StopRequest
 from gossamer.net.bridge import NodeThread
 from gossamer.net.config import DhtConfig, HeartbeatConfig, NodeConfig
 from gossamer.net.identity import load_or_create_identity, short_peer_id
@@ -46,7 +47,13 @@ from gossamer.obs.trace import SpanRecorder, nested_span
 from gossamer.store.lease import directory_lease
 from gossamer.train.averaging import AverageOutcome, PendingRound
 from gossamer.train.diloco import DiLoCoConfig, DiLoCoStrategy
-from gossamer.train.loop import ModelFactory, ProgressEvent, Trainer, TrainingListener, TrainResult
+from gossamer.train.loop import (
+    ModelFactory,
+    ProgressEvent,
+    Trainer,
+    TrainingListener,
+    TrainResult,
+)
 from gossamer.train.state_sync import StateSnapshot
 from gossamer.train.state_sync_donor import StateDonor
 from gossamer.train.strategy import TrainingStrategy
@@ -942,15 +949,17 @@ class StatusFileListener(TrainingListener):
         self._write()
 
     def finish(self, result: TrainResult | None, error: str | None = None) -> None:
-        """Record the end of the run."""
-        self.status["state"] = "failed" if error else "done"
+        """Record the end of the run (or its pause: Ctrl-C, SIGTERM)."""
+        interrupted = result is not None and result.interrupted
+        self.status["state"] = "failed" if error else "interrupted" if interrupted else "done"
         if error:
             self.status["error"] = error
         if result is not None:
+            after = result.val_loss_after
             self.status.update(
                 step=result.steps_done,
                 tokens_trained=result.tokens_trained,
-                val_loss=result.val_loss_after,
+                val_loss=after if math.isfinite(after) else None,  # (not measured at a pause)
                 val_loss_first=result.val_loss_before,
                 checkpoint=str(result.checkpoint_path),
             )
@@ -1043,7 +1052,7 @@ def run_swarm_peer(
     metrics: PeerMetrics | None = None,
     metrics_url: str | None = None,
     on_address: Callable[[str], None] | None = None,
-    stop: threading.Event | None = None,
+    stop: StopRequest | None = None,
 ) -> SwarmPeerResult:
     """Train as one peer of a swarm, with ``config.swarm``'s strategy.
 
@@ -1088,7 +1097,7 @@ def _run_swarm_peer(
     metrics: PeerMetrics | None,
     metrics_url: str | None,
     on_address: Callable[[str], None] | None,
-    stop: threading.Event | None,
+    stop: StopRequest | None,
 ) -> SwarmPeerResult:
     swarm = config.swarm
     key_file = Path(swarm.key_file) if swarm.key_file else checkpoint_dir / "peer.key"
@@ -1162,7 +1171,7 @@ def _train_on_node(
     metrics: PeerMetrics,
     metrics_url: str | None,
     on_address: Callable[[str], None] | None,
-    stop: threading.Event | None,
+    stop: StopRequest | None,
 ) -> SwarmPeerResult:
     swarm = config.swarm
     node = node_thread.node
