@@ -304,7 +304,10 @@ class Trainer:
         run.schedule_rate = steps_per_s
         self._rate_since = (step, elapsed_s)
         logger.info(
-            "learning-rate schedule fitted to the time budget: %d steps", self.schedule_steps
+            "peer %s step %d: learning-rate schedule fitted to the time budget: %d steps",
+            self.spans.peer,
+            step,
+            self.schedule_steps,
         )
 
     def _reachable_steps(
@@ -354,8 +357,10 @@ class Trainer:
         )
         run.schedule_steps = reachable
         logger.info(
-            "learning-rate schedule fitted again to the step rate of the last %.0f s: %d steps "
-            "(was %d)",
+            "peer %s step %d: learning-rate schedule fitted again to the step rate of the last "
+            "%.0f s: %d steps (was %d)",
+            self.spans.peer,
+            step,
             window_s,
             reachable,
             end,
