@@ -241,6 +241,9 @@ def test_demo_at_reduced_budget(workdir: Path) -> None:
     assert 0.0 < summary["longest_pause_s"] < summary["seconds"]
     assert summary["killed_peer_rounds"] > 0  # the peer killed was averaging with the others
     assert "longest pause of a survivor" in result.stdout
+    # (off a terminal the summary's title went on the live table's last line)
+    title = "Gossamer demo: a swarm of peers on this machine"
+    assert any(line.strip() == title for line in result.stdout.splitlines())
     assert summary["val_loss_after"] < summary["val_loss_before"] - 0.5
     assert Path(workdir / summary["checkpoint_path"]).is_dir()
     assert summary["tokens_trained"] > 0

@@ -402,6 +402,8 @@ def demo(
             )
         except RuntimeError as exc:
             raise GossamerError(str(exc)) from exc
+    if not _console.is_terminal:  # (off a terminal the live table's last line has no end)
+        _console.line()
     table = Table(title="Gossamer demo: a swarm of peers on this machine", show_header=False)
     table.add_row(
         "validation loss", f"{summary.val_loss_before:.4f} -> {summary.val_loss_after:.4f}"
