@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -168,6 +171,44 @@ def test_a_stop_signal_the_run_was_started_ignoring_stays_ignored(workdir: Path)
     assert process.returncode == 130
     assert "SIGTERM: stopping" in stderr.decode()
     assert "SIGHUP" not in stderr.decode()
+
+
+def test_a_run_whose_terminal_closes_checkpoints_the_step_reached(workdir: Path) -> None:
+    # The terminal's hangup (SIGHUP) made every write to it fail: the run died of its next
+    # progress line, exit 1, with no checkpoint and no summary.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GOSSAMER_")}
+    args = ["train", "--config", "tiny.toml", "--train.max-steps", "100000"]
+    args += ["--checkpoint.every-steps", "0", "--trace", "spans.jsonl", "--summary-json", "s.json"]
+    master, terminal = os.openpty()
+
+    def on_the_terminal() -> None:  # (its controlling terminal, as a shell's job has)
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    process = subprocess.Popen(
+        [*GOSSAMER, *args],
+        cwd=workdir,
+        env=env,
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        preexec_fn=on_the_terminal,
+    )
+    os.close(terminal)
+    try:
+        deadline = time.monotonic() + 120
+        while _steps_traced(workdir / "spans.jsonl") < 5:
+            assert process.poll() is None, "the run ended before its terminal closed"
+            assert time.monotonic() < deadline, "no steps traced in 120 s"
+            if select.select([master], [], [], 0.1)[0]:  # (what it writes, read: not blocked)
+                os.read(master, 1 << 16)
+        os.close(master)  # the terminal closes: the kernel sends SIGHUP
+        assert process.wait(timeout=120) == 130
+    finally:
+        process.kill()
+    summary = json.loads((workdir / "s.json").read_text())
+    assert summary["interrupted"] is True
+    assert (workdir / "ckpt" / f"step-{summary['steps']:09d}").is_dir()
 
 
 def _steps_traced(path: Path) -> int:

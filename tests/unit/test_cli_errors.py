@@ -15,6 +15,7 @@ from gossamer.cli.errors import (
     keys_named_by_flags,
     one_red_line,
     pause_on_stop_signals,
+    stop_signals_as_ctrl_c,
 )
 from gossamer.core.errors import ConfigError, PeerUnavailableError
 from gossamer.core.stop import StopRequest
@@ -87,3 +88,16 @@ def test_a_stop_signal_pauses_a_run_that_takes_stops_and_stops_one_setting_up() 
         assert heard == ["SIGTERM"]
         with pytest.raises(KeyboardInterrupt):  # a second: at once
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_signal_the_process_was_started_ignoring_stays_ignored() -> None:
+    # (`nohup gossamer lab up ... &` went down with its terminal)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with stop_signals_as_ctrl_c():
+            os.kill(os.getpid(), signal.SIGHUP)  # ignored: nothing raised
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        with pause_on_stop_signals(StopRequest()):
+            os.kill(os.getpid(), signal.SIGHUP)
+    finally:
+        signal.signal(signal.SIGHUP, previous)

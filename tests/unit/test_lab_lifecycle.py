@@ -320,6 +320,32 @@ def test_down_all_removes_labs_beside_a_record_no_lab_can_be_named(tmp_path: Pat
     assert sorted(path.name for path in tmp_path.glob("*.json")) == []
 
 
+def test_down_all_leaves_alone_a_lab_another_shell_made_again_meanwhile(tmp_path: Path) -> None:
+    # Lab b, listed when down --all began, is taken down and made again by another shell
+    # while down --all removes lab a: the new b is not down --all's to remove.
+    runner = FakeCommandRunner()
+    lab_up(_config("a"), runner=runner, state_dir=tmp_path)
+    lab_up(_config("b"), runner=runner, state_dir=tmp_path)
+    remade: list[bool] = []
+
+    def remake_b(argv: Sequence[str]) -> None:
+        if (
+            tuple(argv[:3]) == ("ip", "netns", "del")
+            and argv[3].startswith("gsl-a-")
+            and not remade
+        ):
+            remade.append(True)
+            lab_down("b", runner=runner, state_dir=tmp_path)
+            lab_up(_config("b"), runner=runner, state_dir=tmp_path)
+
+    runner.responders.append(remake_b)
+    lab_down(None, runner=runner, state_dir=tmp_path)
+    assert remade
+    assert load_state("b", tmp_path) is not None
+    assert any(ns.startswith("gsl-b-") for ns in runner.namespaces)
+    assert not any(ns.startswith("gsl-a-") for ns in runner.namespaces)
+
+
 def test_down_all_leaves_alone_a_lab_made_after_it_began(tmp_path: Path) -> None:
     # `down --all` read the records once, then deleted every gsl-* namespace without taking a
     # lock: a `lab up --name cc` that ran meanwhile said ok, and its lab was gone.

@@ -113,6 +113,10 @@ def test_a_lock_file_another_user_made_is_locked_read_only(
     monkeypatch.setattr(lease_module.os, "open", open_as_another_user)
     with directory_lease(tmp_path):
         pass
+    # A folder this user cannot write at all: said so (a FileNotFoundError of the read-only
+    # open came out of a swarm peer before).
+    with pytest.raises(ConfigError, match="cannot be written"), directory_lease(tmp_path / "x"):
+        pass
 
 
 def test_a_file_system_without_locks_is_used_unguarded(

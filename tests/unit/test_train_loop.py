@@ -408,6 +408,18 @@ def test_a_budgeted_run_paused_and_resumed_keeps_the_schedule_it_was_fitted(
         assert resumed.run_state.schedule_refit is None
     assert result.start_step == 60
     assert result.steps_done == whole.steps_done
+    # Resumed at a slower rate, the schedule is fitted again to what is left of the run's
+    # budget, not to the session's own: it ends sooner (it ended later, 159 for 124).
+    with Trainer(budgeted("slower"), clock=_SlowClock()) as first:
+        first.run(stop_at_step=60)
+    slower = _SlowingClock()
+    slower.tick = 0.0625
+    with Trainer(budgeted("slower"), clock=slower) as resumed:
+        result = resumed.run()
+        assert resumed.run_state.schedule_refit is not None
+        final_lr = resumed.run_state.optimizer.param_groups[0]["lr"]
+    assert 60 < result.steps_done < whole.steps_done
+    assert final_lr < 0.2 * resumed.config.optim.lr
 
 
 def test_a_refit_schedule_goes_on_from_where_it_stood() -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import stat
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -110,7 +113,11 @@ def stop_signals_as_ctrl_c() -> Iterator[None]:
             signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {
+        sig: signal.signal(sig, interrupt)
+        for sig in (signal.SIGTERM, signal.SIGHUP)
+        if signal.getsignal(sig) is not signal.SIG_IGN  # (nohup's stays ignored)
+    }
     try:
         yield
     finally:
@@ -133,13 +140,16 @@ def pause_on_stop_signals(
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     def pause(signum: int, frame: object) -> None:
+        if signum == signal.SIGHUP:
+            _leave_a_closed_terminal()
         if not stop.accepted:
             at_once(signum, frame)
         for sig in previous:
             signal.signal(sig, at_once)
         stop.set()
         if on_first is not None:
-            on_first(signal.Signals(signum).name)
+            with contextlib.suppress(OSError):  # (the terminal may be gone)
+                on_first(signal.Signals(signum).name)
 
     # (one ignored stays ignored: `nohup gossamer train &` must outlive its terminal)
     signals = [
@@ -153,3 +163,18 @@ def pause_on_stop_signals(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _leave_a_closed_terminal() -> None:
+    """Point stdout and stderr at /dev/null where they are a terminal (one that closed sends
+    SIGHUP): every write to it fails, and the run died of the first (a progress line) before
+    it wrote its checkpoint. A terminal that did not close is left too: the signal says stop."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            with contextlib.suppress(OSError):
+                # (isatty() says no once the terminal hung up: a character device it is)
+                if stat.S_ISCHR(os.fstat(fd).st_mode):
+                    os.dup2(null, fd)
+    finally:
+        os.close(null)

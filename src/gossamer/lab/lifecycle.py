@@ -44,8 +44,8 @@ logger = logging.getLogger(__name__)
 
 LATENCY_NOTICE = (
     "latency and packet loss are NOT emulated (this kernel has no netem): links are capped in "
-    "rate only; a round trip takes well under a millisecond, plus up to 200 ms in the queue of "
-    "a full link (50 ms from 21mbit up, 0.5 s at 100kbit)"
+    "rate only; a round trip takes well under a millisecond, plus what waits in the queue of a "
+    "full link (50 ms from 21mbit up, at most 200 ms down to 242kbit, 0.5 s at 100kbit)"
 )
 """Said by `lab up` and the docs, so nobody mistakes the lab for a long-haul network."""
 

@@ -60,7 +60,7 @@ def _acquire(directory: Path, key: str) -> Path:
             fd, holders = _held[path]
             _held[path] = (fd, holders + 1)
             return path
-        fd = _open_in_use_file(path / IN_USE_NAME)
+        fd = _open_in_use_file(path / IN_USE_NAME, key)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -82,11 +82,16 @@ def _acquire(directory: Path, key: str) -> Path:
         return path
 
 
-def _open_in_use_file(path: Path) -> int:
+def _open_in_use_file(path: Path, key: str) -> int:
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except PermissionError:  # another user's, in a shared folder: a lock needs no write
-        return os.open(path, os.O_RDONLY)
+    except PermissionError as exc:
+        if path.exists():  # another user's, in a shared folder: a lock needs no write
+            return os.open(path, os.O_RDONLY)
+        raise ConfigError(
+            f"{key}: {path.parent} cannot be written ({exc.strerror}); give a folder this "
+            "user can write"
+        ) from exc
 
 
 def _hold_nothing(path: Path) -> Path:
@@ -107,8 +112,11 @@ def _release(path: Path) -> None:
 
 
 def _pid_in(fd: int) -> str:
-    with contextlib.suppress(OSError, UnicodeDecodeError):
+    """The holder's pid as the file says it, where that process lives (a holder that opened
+    the file read-only could not write its own: the pid there may be an earlier holder's)."""
+    with contextlib.suppress(OSError, UnicodeDecodeError, ValueError):
         text = os.pread(fd, 32, 0).decode().strip()
         if text.isdigit():
+            os.kill(int(text), 0)  # (ProcessLookupError where it is gone)
             return text
     return ""

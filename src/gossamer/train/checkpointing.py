@@ -53,6 +53,9 @@ class RunState:
     schedule_rate: float | None = None
     """The steps per second the schedule's fitted length assumes (None: not fitted, or a
     checkpoint from before it was kept)."""
+    schedule_spent_s: float = 0.0
+    """Seconds of the time budget the run had spent when it was checkpointed (its sessions
+    together), where a budget fitted the schedule."""
     schedule_refit: ScheduleRefit | None = None
     """Where the budget's schedule was fitted again, to the step rate measured since (None: it
     was not)."""
@@ -144,6 +147,7 @@ def capture_run_state(run: RunState) -> CheckpointState:
             "schedule_fitted_at": run.schedule_fitted_at,
             "schedule_refit": _refit_to_meta(run.schedule_refit),
             "schedule_rate": run.schedule_rate,
+            "schedule_spent_s": run.schedule_spent_s if run.schedule_steps is not None else 0.0,
             # What the schedule was fitted under: a resume with other limits fits it anew.
             "schedule_fit": _schedule_limits(run.config)
             if run.schedule_steps is not None
@@ -263,6 +267,15 @@ def restore_run_state(state: CheckpointState, run: RunState, *, where: str) -> N
         and rate > 0
         else None
     )
+    spent = meta.get("schedule_spent_s")
+    run.schedule_spent_s = (
+        float(spent)
+        if run.schedule_steps is not None
+        and isinstance(spent, int | float)
+        and math.isfinite(spent)
+        and spent >= 0
+        else 0.0
+    )
     fit = meta.get("schedule_fit")
     limits = _schedule_limits(run.config)
     if run.schedule_steps is not None and isinstance(fit, dict) and fit != limits:
@@ -278,3 +291,4 @@ def restore_run_state(state: CheckpointState, run: RunState, *, where: str) -> N
         run.schedule_fitted_at = None
         run.schedule_refit = None
         run.schedule_rate = None
+        run.schedule_spent_s = 0.0

@@ -249,6 +249,11 @@ class Trainer:
             self._check_batches = not self._check_corpus_vocabulary()
             # (step, seconds into the session) a schedule refit's step rate is measured from
             self._rate_since: tuple[int, float] | None = None
+            # When this session's run began, and the budget earlier sessions spent (a refit
+            # fits the time left of the whole run's budget: a resumed session, fitted to a
+            # budget of its own, stretched the schedule its checkpoint holds)
+            self._session_started: float | None = None
+            self._spent_before = 0.0
             for inputs, targets in self.val_batches if self._check_batches else ():
                 self._check_vocabulary(inputs, targets, self.corpus.validation.description)
             self.resumed_from: Path | None = None
@@ -346,7 +351,7 @@ class Trainer:
             # with a budget of its own, stretched the schedule its checkpoint holds by half)
             return
         run.schedule_rate = rate
-        reachable = self._reachable_steps(step, rate, elapsed_s, budget_s)
+        reachable = self._reachable_steps(step, rate, self._spent_before + elapsed_s, budget_s)
         if abs(reachable - end) < 2:
             return
         last = run.schedule_refit
@@ -535,6 +540,11 @@ class Trainer:
                     "or infinite values, so no checkpoint is written; resume from the last one "
                     "with a lower optim.lr or a longer optim.warmup_steps"
                 )
+        if self._session_started is not None and self.run_state.schedule_steps is not None:
+            # (the budget this run has spent, its resumed sessions too)
+            self.run_state.schedule_spent_s = self._spent_before + (
+                self.clock.monotonic() - self._session_started
+            )
         with self.spans.span("checkpoint", step=self.run_state.step):
             path = self.store.save(capture_run_state(self.run_state))
         self.listener.on_checkpoint(step=self.run_state.step, path=path)
@@ -565,6 +575,7 @@ class Trainer:
             start_step=start_step, max_steps=cfg.train.max_steps, num_parameters=num_parameters
         )
         started = self.clock.monotonic()
+        self._session_started, self._spent_before = started, run.schedule_spent_s
         val_before = self.evaluate()
         self.listener.on_eval(step=start_step, val_loss=val_before)
         val_latest = val_before
@@ -637,7 +648,8 @@ class Trainer:
             last_checkpoint = self.resumed_from
         elif replaced or last_checkpoint is None or last_checkpoint_step != run.step:
             last_checkpoint = self.save_checkpoint()
-        self.stop.accepted = False
+        # (still accepted: a stop asked for in the teardown after, a swarm peer's node going
+        # down, is nothing to act on, and its run's summary is still written)
         return TrainResult(
             start_step=start_step,
             steps_done=run.step,
