@@ -85,6 +85,13 @@ def _only_a_peer_seed_differs(meta: dict[str, Any], run: RunState) -> bool:
         return False
 
 
+def _non_negative(value: object) -> float | None:
+    """``value`` where it is a finite number >= 0 (a checkpoint's meta), else None."""
+    if isinstance(value, int | float) and math.isfinite(value) and value >= 0:
+        return float(value)
+    return None
+
+
 def _refit_to_meta(refit: ScheduleRefit | None) -> dict[str, float] | None:
     if refit is None:
         return None
@@ -258,24 +265,10 @@ def restore_run_state(state: CheckpointState, run: RunState, *, where: str) -> N
         if run.schedule_steps is not None
         else None
     )
-    rate = meta.get("schedule_rate")
-    run.schedule_rate = (
-        float(rate)
-        if run.schedule_steps is not None
-        and isinstance(rate, int | float)
-        and math.isfinite(rate)
-        and rate > 0
-        else None
-    )
-    spent = meta.get("schedule_spent_s")
-    run.schedule_spent_s = (
-        float(spent)
-        if run.schedule_steps is not None
-        and isinstance(spent, int | float)
-        and math.isfinite(spent)
-        and spent >= 0
-        else 0.0
-    )
+    fitted = run.schedule_steps is not None
+    rate = _non_negative(meta.get("schedule_rate")) if fitted else None
+    run.schedule_rate = rate if rate else None  # (None in checkpoints from before it was kept)
+    run.schedule_spent_s = (_non_negative(meta.get("schedule_spent_s")) if fitted else None) or 0.0
     fit = meta.get("schedule_fit")
     limits = _schedule_limits(run.config)
     if run.schedule_steps is not None and isinstance(fit, dict) and fit != limits:

@@ -15,6 +15,7 @@ trains with the configured strategy. With DiLoCo the peer also
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -1071,45 +1072,21 @@ def run_swarm_peer(
         The training result and the swarm figures (bytes on the wire, resyncs, time to productive).
     """
     checkpoint_dir = Path(config.checkpoint.directory)
-    # (before its peer key is read there: a second peer given the same directory took the
-    # first's identity, and so its data stream)
-    with directory_lease(checkpoint_dir):
-        return _run_swarm_peer(
-            config,
-            checkpoint_dir,
-            model_factory=model_factory,
-            listener=listener,
-            spans=spans,
-            metrics=metrics,
-            metrics_url=metrics_url,
-            on_address=on_address,
-            stop=stop,
-        )
-
-
-def _run_swarm_peer(
-    config: RunConfig,
-    checkpoint_dir: Path,
-    *,
-    model_factory: ModelFactory | None,
-    listener: TrainingListener | None,
-    spans: SpanRecorder | None,
-    metrics: PeerMetrics | None,
-    metrics_url: str | None,
-    on_address: Callable[[str], None] | None,
-    stop: StopRequest | None,
-) -> SwarmPeerResult:
     swarm = config.swarm
-    key_file = Path(swarm.key_file) if swarm.key_file else checkpoint_dir / "peer.key"
-    identity = load_or_create_identity(key_file)
-    metrics = metrics or PeerMetrics()
-    metrics.set_peer_id(identity.peer_id)
-    # Its spans and log lines name this peer: the run's name, which every peer of the run
-    # shares, put a swarm's traces, exported together, on one process's rows.
-    spans = spans or SpanRecorder()
-    if spans.peer in ("", config.name):  # (a name the caller chose is kept: a bench's tag)
-        spans.peer = short_peer_id(identity.peer_id)
-    with NodeThread(swarm_node_config(config), identity) as node_thread:
+    # The directory is held before its peer key is read there: a second peer given the same
+    # directory took the first's identity, and so its data stream.
+    with contextlib.ExitStack() as held:
+        held.enter_context(directory_lease(checkpoint_dir))
+        key_file = Path(swarm.key_file) if swarm.key_file else checkpoint_dir / "peer.key"
+        identity = load_or_create_identity(key_file)
+        metrics = metrics or PeerMetrics()
+        metrics.set_peer_id(identity.peer_id)
+        # Its spans and log lines name this peer: the run's name, which every peer of the run
+        # shares, put a swarm's traces, exported together, on one process's rows.
+        spans = spans or SpanRecorder()
+        if spans.peer in ("", config.name):  # (a name the caller chose is kept: a bench's tag)
+            spans.peer = short_peer_id(identity.peer_id)
+        node_thread = held.enter_context(NodeThread(swarm_node_config(config), identity))
         net_metrics = register_net_metrics(metrics.registry, node_thread)
         try:
             return _train_on_node(
