@@ -38,14 +38,7 @@ from gossamer.train.inference import mean_validation_loss
 from gossamer.train.optim import ScheduleRefit, build_optimizer, learning_rate_at, warmup_steps
 from gossamer.train.strategy import LocalStrategy, TrainingStrategy
 
-__all__ = [
-    "ModelFactory",
-    "ProgressEvent",
-    "TrainResult",
-    "Trainer",
-    "TrainingListener",
-    "train",
-]
+__all__ = ["ModelFactory", "ProgressEvent", "TrainResult", "Trainer", "TrainingListener", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -263,9 +256,8 @@ class Trainer:
             with self.spans.span("sync", step=self.run_state.step, hook="setup"):
                 synced_step = self.run_state.strategy.setup(model, self.run_state.optimizer)
             if synced_step is not None and synced_step > self.run_state.step:
-                self.run_state.step = (
-                    synced_step  # state came from other peers: continue from there
-                )
+                # state came from other peers: continue from there
+                self.run_state.step = synced_step
             if self.metrics is not None:  # (a resumed peer read step 0 until its first step ended)
                 self.metrics.step.set(self.run_state.step)
         except BaseException:
@@ -288,11 +280,12 @@ class Trainer:
         """With a time budget, fit the schedule's length to the measured step rate.
 
         The learning rate then decays fully by the end of the budget instead of being cut off
-        mid-schedule. The length is first fixed after a few steps, then fitted again whenever
-        the rate over the last tenth of the budget or more puts the reachable end more than a
-        tenth of the steps left away (a swarm peer's first steps may run alone and fast, its
-        rounds with others slow it later). The fits are saved in checkpoints, so a resumed run
-        follows them exactly.
+        mid-schedule. The length is first fixed after a few steps, then fitted again to what is
+        left of the budget wherever the step rate over the last tenth of it or more moves more
+        than a tenth from the rate the length assumes (a swarm peer's first steps may run alone
+        and fast, its rounds with others slow it later). The fits, their rate and the budget
+        spent are saved in checkpoints, so a resumed run follows them, and fits again to the
+        run's budget, not to a session's own.
         """
         budget_s = self.config.train.max_seconds
         if not budget_s:
