@@ -8,6 +8,7 @@ import signal
 import pytest
 import typer
 
+from gossamer.cli import errors as errors_module
 from gossamer.cli.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -73,7 +74,11 @@ def test_a_config_key_is_named_by_the_flag_that_set_it() -> None:
         raise ConfigError("dht.bucket_size: too big")
 
 
-def test_a_stop_signal_pauses_a_run_that_takes_stops_and_stops_one_setting_up() -> None:
+def test_a_stop_signal_pauses_a_run_that_takes_stops_and_stops_one_setting_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hung_up: list[bool] = []  # (the test's own terminal left alone)
+    monkeypatch.setattr(errors_module, "_leave_a_closed_terminal", lambda: hung_up.append(True))
     stop = StopRequest()
     heard: list[str] = []
     # Setting up (a swarm to join, a download): nothing to checkpoint, so it stops at once.
@@ -86,11 +91,17 @@ def test_a_stop_signal_pauses_a_run_that_takes_stops_and_stops_one_setting_up() 
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.is_set()
         assert heard == ["SIGTERM"]
-        with pytest.raises(KeyboardInterrupt):  # a second: at once
+        os.kill(os.getpid(), signal.SIGHUP)  # (a closing terminal's second: nothing more)
+        assert heard == ["SIGTERM"]
+        assert hung_up == [True]
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C: at once
             os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_a_signal_the_process_was_started_ignoring_stays_ignored() -> None:
+def test_a_signal_the_process_was_started_ignoring_stays_ignored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(errors_module, "_leave_a_closed_terminal", lambda: None)
     # (`nohup gossamer lab up ... &` went down with its terminal)
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:

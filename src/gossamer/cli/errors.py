@@ -130,14 +130,20 @@ def pause_on_stop_signals(
     stop: StopRequest, on_first: Callable[[str], None] | None = None
 ) -> Iterator[None]:
     """Ctrl-C, SIGTERM or SIGHUP set ``stop`` (the run checkpoints and pauses after the step
-    under way: a spot instance's notice, a scheduler's stop); a second one, or one before the
-    run takes stops (setting up: nothing to checkpoint yet), stops at once, as Ctrl-C does
-    (KeyboardInterrupt). ``on_first`` is told the first signal's name."""
+    under way: a spot instance's notice, a scheduler's stop); a second Ctrl-C or SIGTERM, or a
+    signal before the run takes stops (setting up: nothing to checkpoint yet), stops at once,
+    as Ctrl-C does (KeyboardInterrupt). A later SIGHUP stops nothing: a closing terminal may
+    send more than one (its session's leader and its foreground group are told apart), and the
+    second ended a paused run before its checkpoint. ``on_first`` is told the first signal's
+    name."""
 
     def at_once(signum: int, frame: object) -> None:
         for sig in previous:  # a third would cut the clean-up short
-            signal.signal(sig, signal.SIG_IGN)
+            signal.signal(sig, hung_up if sig == signal.SIGHUP else signal.SIG_IGN)
         raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def hung_up(signum: int, frame: object) -> None:
+        _leave_a_closed_terminal()
 
     def pause(signum: int, frame: object) -> None:
         if signum == signal.SIGHUP:
@@ -145,7 +151,7 @@ def pause_on_stop_signals(
         if not stop.accepted:
             at_once(signum, frame)
         for sig in previous:
-            signal.signal(sig, at_once)
+            signal.signal(sig, hung_up if sig == signal.SIGHUP else at_once)
         stop.set()
         if on_first is not None:
             with contextlib.suppress(OSError):  # (the terminal may be gone)
