@@ -116,7 +116,12 @@ def test_a_stop_signal_checkpoints_the_step_reached_and_the_run_resumes(
     args = ["train", "--config", "tiny.toml", "--train.max-steps", "100000"]
     args += ["--checkpoint.every-steps", "0", "--trace", "spans.jsonl", "--summary-json", "s.json"]
     process = subprocess.Popen(
-        [*GOSSAMER, *args], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [*GOSSAMER, *args],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=_stop_signals_as_a_terminal_gives_them,
     )
     try:
         deadline = time.monotonic() + 120
@@ -128,6 +133,7 @@ def test_a_stop_signal_checkpoints_the_step_reached_and_the_run_resumes(
         _, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
+        process.wait(timeout=30)  # (reaped: a process left to the collector warns later)
     assert process.returncode == 130, stderr.decode()
     summary = json.loads((workdir / "s.json").read_text())
     assert summary["interrupted"] is True
@@ -168,6 +174,7 @@ def test_a_stop_signal_the_run_was_started_ignoring_stays_ignored(workdir: Path)
         _, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
+        process.wait(timeout=30)  # (reaped: a process left to the collector warns later)
     assert process.returncode == 130
     assert "SIGTERM: stopping" in stderr.decode()
     assert "SIGHUP" not in stderr.decode()
@@ -184,6 +191,7 @@ def test_a_run_whose_terminal_closes_checkpoints_the_step_reached(workdir: Path)
     def on_the_terminal() -> None:  # (its controlling terminal, as a shell's job has)
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        _stop_signals_as_a_terminal_gives_them()
 
     process = subprocess.Popen(
         [*GOSSAMER, *args],
@@ -206,9 +214,17 @@ def test_a_run_whose_terminal_closes_checkpoints_the_step_reached(workdir: Path)
         assert process.wait(timeout=120) == 130
     finally:
         process.kill()
+        process.wait(timeout=30)  # (reaped: a process left to the collector warns later)
     summary = json.loads((workdir / "s.json").read_text())
     assert summary["interrupted"] is True
     assert (workdir / "ckpt" / f"step-{summary['steps']:09d}").is_dir()
+
+
+def _stop_signals_as_a_terminal_gives_them() -> None:
+    """(In the child) Ctrl-C, SIGTERM and SIGHUP as a terminal's job has them: a suite run in
+    the background of a script (SIGINT ignored) or under nohup passes its SIG_IGN on."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _steps_traced(path: Path) -> int:

@@ -79,6 +79,15 @@ def test_a_stop_signal_pauses_a_run_that_takes_stops_and_stops_one_setting_up(
 ) -> None:
     hung_up: list[bool] = []  # (the test's own terminal left alone)
     monkeypatch.setattr(errors_module, "_leave_a_closed_terminal", lambda: hung_up.append(True))
+    # (as a terminal's job has it: a suite run under nohup ignores SIGHUP, and so kept it)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        _pause_and_stop(hung_up)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def _pause_and_stop(hung_up: list[bool]) -> None:
     stop = StopRequest()
     heard: list[str] = []
     # Setting up (a swarm to join, a download): nothing to checkpoint, so it stops at once.
