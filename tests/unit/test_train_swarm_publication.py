@@ -166,6 +166,17 @@ def test_a_state_that_is_not_this_run_s_is_refused_before_it_is_applied() -> Non
     strategy.close()
 
 
+def _excluded(tensors: list[torch.Tensor]) -> AverageOutcome:
+    """A round that went on without this peer: its own tensors back."""
+    return AverageOutcome(
+        tensors=[t.clone() for t in tensors],
+        group_size=1,
+        bytes_sent=0,
+        bytes_received=0,
+        excluded=True,
+    )
+
+
 class BehindAverager(FakeAverager):
     """Other peers nudged this one for the rounds ``nudged``; the run's versions read after
     them put the newest at ``published``."""
@@ -432,13 +443,7 @@ class _Excluding(_RoundLog):
     ) -> AverageOutcome:
         self.sent[round_key] = [t.clone() for t in tensors]
         if round_key == self.excluded_key:
-            return AverageOutcome(
-                tensors=[t.clone() for t in tensors],
-                group_size=1,
-                bytes_sent=0,
-                bytes_received=0,
-                excluded=True,
-            )
+            return _excluded(tensors)
         return super().average(tensors, round_key=round_key, weight=weight)
 
 
@@ -533,13 +538,7 @@ class ExcludingAverager(MeteredAverager):
     def average(
         self, tensors: list[torch.Tensor], *, round_key: str, weight: float
     ) -> AverageOutcome:
-        return AverageOutcome(
-            tensors=[t.clone() for t in tensors],
-            group_size=1,
-            bytes_sent=0,
-            bytes_received=0,
-            excluded=True,
-        )
+        return _excluded(tensors)
 
 
 def _goodput_peer(

@@ -461,12 +461,11 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         if self.swarm_metrics is not None:
             self.swarm_metrics.resyncs.inc()
 
-    def _discard_round(self, steps: int | None = None) -> None:
-        """(overlap) This peer's inner steps since the last round (``steps``, a round's by
-        default) went into no average: not goodput."""
+    def _discard_round(self) -> None:
+        """(overlap) This peer's inner steps of the last round went into no average: not
+        goodput."""
         if self.metrics is not None:
-            steps = self.config.inner_steps if steps is None else steps
-            self.metrics.goodput.discard(steps * self.tokens_per_step)
+            self.metrics.goodput.discard(self.config.inner_steps * self.tokens_per_step)
 
     def _discard_uncommitted(self, until: int) -> None:
         """(no overlap) The steps done since the last round that took this peer's progress, up
