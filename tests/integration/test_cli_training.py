@@ -13,6 +13,7 @@ import sys
 import termios
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -112,23 +113,14 @@ def test_a_stop_signal_checkpoints_the_step_reached_and_the_run_resumes(
 ) -> None:
     # A spot instance's notice (SIGTERM) or Ctrl-C killed the run: every step since the last
     # checkpoint (up to a whole run with checkpoint.every_steps 0) was lost, without a word.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GOSSAMER_")}
-    args = ["train", "--config", "tiny.toml", "--train.max-steps", "100000"]
-    args += ["--checkpoint.every-steps", "0", "--trace", "spans.jsonl", "--summary-json", "s.json"]
-    process = subprocess.Popen(
-        [*GOSSAMER, *args],
-        cwd=workdir,
-        env=env,
+    process = _start_endless_run(
+        workdir,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         preexec_fn=_stop_signals_as_a_terminal_gives_them,
     )
     try:
-        deadline = time.monotonic() + 120
-        while _steps_traced(workdir / "spans.jsonl") < 5:  # (spans reach the file within 1 s)
-            assert process.poll() is None, "the run ended before it was stopped"
-            assert time.monotonic() < deadline, "no steps traced in 120 s"
-            time.sleep(0.1)  # polling another process's file under a deadline
+        _wait_for_steps(process, workdir)
         process.send_signal(sig)
         _, stderr = process.communicate(timeout=120)
     finally:
@@ -152,23 +144,14 @@ def test_a_stop_signal_checkpoints_the_step_reached_and_the_run_resumes(
 def test_a_stop_signal_the_run_was_started_ignoring_stays_ignored(workdir: Path) -> None:
     # `nohup gossamer train &` stopped when its terminal closed: the SIGHUP its shell had it
     # ignore was taken as a stop.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GOSSAMER_")}
-    args = ["train", "--config", "tiny.toml", "--train.max-steps", "100000"]
-    args += ["--checkpoint.every-steps", "0", "--trace", "spans.jsonl"]
-    process = subprocess.Popen(
-        [*GOSSAMER, *args],
-        cwd=workdir,
-        env=env,
+    process = _start_endless_run(
+        workdir,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # (as nohup does)
     )
     try:
-        deadline = time.monotonic() + 120
-        while _steps_traced(workdir / "spans.jsonl") < 5:
-            assert process.poll() is None, "the run ended before it was stopped"
-            assert time.monotonic() < deadline, "no steps traced in 120 s"
-            time.sleep(0.1)  # polling another process's file under a deadline
+        _wait_for_steps(process, workdir)
         process.send_signal(signal.SIGHUP)
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=120)
@@ -183,9 +166,6 @@ def test_a_stop_signal_the_run_was_started_ignoring_stays_ignored(workdir: Path)
 def test_a_run_whose_terminal_closes_checkpoints_the_step_reached(workdir: Path) -> None:
     # The terminal's hangup (SIGHUP) made every write to it fail: the run died of its next
     # progress line, exit 1, with no checkpoint and no summary.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GOSSAMER_")}
-    args = ["train", "--config", "tiny.toml", "--train.max-steps", "100000"]
-    args += ["--checkpoint.every-steps", "0", "--trace", "spans.jsonl", "--summary-json", "s.json"]
     master, terminal = os.openpty()
 
     def on_the_terminal() -> None:  # (its controlling terminal, as a shell's job has)
@@ -193,23 +173,12 @@ def test_a_run_whose_terminal_closes_checkpoints_the_step_reached(workdir: Path)
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         _stop_signals_as_a_terminal_gives_them()
 
-    process = subprocess.Popen(
-        [*GOSSAMER, *args],
-        cwd=workdir,
-        env=env,
-        stdin=terminal,
-        stdout=terminal,
-        stderr=terminal,
-        preexec_fn=on_the_terminal,
+    process = _start_endless_run(
+        workdir, stdin=terminal, stdout=terminal, stderr=terminal, preexec_fn=on_the_terminal
     )
     os.close(terminal)
     try:
-        deadline = time.monotonic() + 120
-        while _steps_traced(workdir / "spans.jsonl") < 5:
-            assert process.poll() is None, "the run ended before its terminal closed"
-            assert time.monotonic() < deadline, "no steps traced in 120 s"
-            if select.select([master], [], [], 0.1)[0]:  # (what it writes, read: not blocked)
-                os.read(master, 1 << 16)
+        _wait_for_steps(process, workdir, drain=master)
         os.close(master)  # the terminal closes: the kernel sends SIGHUP
         assert process.wait(timeout=120) == 130
     finally:
@@ -218,6 +187,30 @@ def test_a_run_whose_terminal_closes_checkpoints_the_step_reached(workdir: Path)
     summary = json.loads((workdir / "s.json").read_text())
     assert summary["interrupted"] is True
     assert (workdir / "ckpt" / f"step-{summary['steps']:09d}").is_dir()
+
+
+def _start_endless_run(workdir: Path, **popen: Any) -> subprocess.Popen[bytes]:
+    """`gossamer train` on the tiny config until it is stopped, its steps traced to
+    spans.jsonl, its summary in s.json, no checkpoint before its end."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GOSSAMER_")}
+    args = ["train", "--config", "tiny.toml", "--train.max-steps", "100000"]
+    args += ["--checkpoint.every-steps", "0", "--trace", "spans.jsonl", "--summary-json", "s.json"]
+    return subprocess.Popen([*GOSSAMER, *args], cwd=workdir, env=env, **popen)
+
+
+def _wait_for_steps(
+    process: subprocess.Popen[bytes], workdir: Path, *, drain: int | None = None
+) -> None:
+    """Wait (120 s at most) for 5 steps in its trace (spans reach the file within 1 s),
+    reading what it writes to ``drain`` meanwhile, so that it is never blocked on it."""
+    deadline = time.monotonic() + 120
+    while _steps_traced(workdir / "spans.jsonl") < 5:
+        assert process.poll() is None, "the run ended before it was stopped"
+        assert time.monotonic() < deadline, "no steps traced in 120 s"
+        if drain is None:
+            time.sleep(0.1)  # polling another process's file under a deadline
+        elif select.select([drain], [], [], 0.1)[0]:
+            os.read(drain, 1 << 16)
 
 
 def _stop_signals_as_a_terminal_gives_them() -> None:
