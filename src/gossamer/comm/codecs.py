@@ -208,7 +208,8 @@ class Blockwise8BitCodec(Codec):
             # overflowed) is sent at the largest scale a receiver takes
             np.minimum(block_scales, _MAX_SCALE, out=block_scales)
             nan_blocks = np.isnan(block_scales)
-            if nan_blocks.any():
+            has_nan = bool(nan_blocks.any())
+            if has_nan:
                 # (a sum of +inf and -inf: the scale of its finite values, the NaN sent as 0.
                 # A NaN scale made every receiver refuse the message and blame its sender)
                 finite = np.where(np.isnan(blocks[nan_blocks]), np.float32(0.0), blocks[nan_blocks])
@@ -217,7 +218,7 @@ class Blockwise8BitCodec(Codec):
                 )
             safe = np.where(block_scales > 0, block_scales, np.float32(1.0))
             scaled = blocks / safe[:, None]
-            if nan_blocks.any():
+            if has_nan:
                 np.nan_to_num(scaled, copy=False, nan=0.0)
             np.rint(scaled, out=scaled)
             np.clip(scaled, -127, 127, out=scaled)

@@ -6,7 +6,7 @@ import asyncio
 import time
 from typing import Protocol
 
-__all__ = ["Clock", "FakeClock", "SystemClock"]
+__all__ = ["Clock", "FakeClock", "Pacer", "SystemClock"]
 
 
 class Clock(Protocol):
@@ -75,3 +75,26 @@ class FakeClock:
     async def sleep_async(self, seconds: float) -> None:
         self.advance(max(0.0, seconds))
         await asyncio.sleep(0)
+
+
+class Pacer:
+    """Says, for each key, whether an event repeated without end (a warning about the same
+    silent peer) is due again: at most once every ``interval_s``."""
+
+    def __init__(self, interval_s: float, clock: Clock) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._last: dict[str, float] = {}
+
+    def due(self, key: str) -> bool:
+        """True the first time, then once ``interval_s`` has passed since the last True."""
+        now = self._clock.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval_s:
+            return False
+        self._last[key] = now
+        return True
+
+    def forget(self, key: str) -> None:
+        """The next event of ``key`` is due at once (the trouble it was about ended)."""
+        self._last.pop(key, None)

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
-from gossamer.core.clock import Clock, SystemClock
+from gossamer.core.clock import Clock, Pacer, SystemClock
 from gossamer.core.config import port_number
 from gossamer.core.errors import GossamerError, PeerUnavailableError, ProtocolError
 from gossamer.net.addresses import split_host_port
@@ -202,8 +202,8 @@ class Node:
         self._own_record: net_pb2.SignedPeerRecord | None = None
         self._record_signed_at_s = 0.0
         self._bootstrap_ids: dict[str, str] = {}
-        self._bootstrap_warned_s: dict[str, float] = {}
-        """When each bootstrap entry's silence was last logged as a warning."""
+        self._bootstrap_warnings = Pacer(_BOOTSTRAP_WARNING_EVERY_S, self.clock)
+        """When a bootstrap entry's silence is logged as a warning again."""
         self._maintenance: asyncio.Task[None] | None = None
         self.extra_dial_targets: Callable[[str], list[DialTarget]] | None = (
             self.relay_dialer.targets
@@ -343,17 +343,12 @@ class Node:
                 ):
                     self.dht.learn(record)
                 reached += 1
-                self._bootstrap_warned_s.pop(entry, None)
+                self._bootstrap_warnings.forget(entry)
             except GossamerError as exc:
                 # (tried again every few seconds while the node knows nobody: a warning a
                 # minute at most, not one per try)
-                now_s = self.clock.monotonic()
-                warned_s = self._bootstrap_warned_s.get(entry)
-                quiet = warned_s is not None and now_s - warned_s < _BOOTSTRAP_WARNING_EVERY_S
-                if not quiet:
-                    self._bootstrap_warned_s[entry] = now_s
                 _log.log(
-                    logging.DEBUG if quiet else logging.WARNING,
+                    logging.WARNING if self._bootstrap_warnings.due(entry) else logging.DEBUG,
                     "peer %s: bootstrap peer %s did not answer: %s",
                     self.short_id,
                     entry,

@@ -17,7 +17,7 @@ import secrets
 from dataclasses import dataclass
 from types import TracebackType
 
-from gossamer.core.clock import Clock, SystemClock
+from gossamer.core.clock import Clock, Pacer, SystemClock
 from gossamer.core.errors import GossamerError
 from gossamer.net.bridge import NodeThread
 from gossamer.net.config import DhtConfig, HeartbeatConfig, NodeConfig
@@ -98,8 +98,8 @@ class NetSwarmSource:
         self._clock = clock or SystemClock()
         self._thread: NodeThread | None = None
         self._last_refresh_s: float | None = None
-        self._warned_s: dict[str, float] = {}
-        """When each bootstrap entry's failure was last logged as a warning."""
+        self._warnings = Pacer(BOOTSTRAP_WARNING_INTERVAL_S, self._clock)
+        """When a bootstrap entry's failure is logged as a warning again."""
         self._scrape = (
             ScrapeSwarmSource(
                 ScrapeConfig(urls=config.metrics_urls, gone_after_s=config.gone_after_s)
@@ -159,7 +159,7 @@ class NetSwarmSource:
                 failures.append(f"{entry} ({reason})")
                 self._log_failure(entry, reason)
                 continue
-            self._warned_s.pop(entry, None)
+            self._warnings.forget(entry)
             if response.HasField("responder"):
                 node.dht.learn(response.responder, contacted=connection.peer_id)
             for record in (*response.closest, *response.gossip):
@@ -169,10 +169,7 @@ class NetSwarmSource:
         return "no bootstrap peer answered: " + "; ".join(failures)
 
     def _log_failure(self, entry: str, reason: str) -> None:
-        now_s = self._clock.monotonic()
-        warned_s = self._warned_s.get(entry)
-        if warned_s is None or now_s - warned_s >= BOOTSTRAP_WARNING_INTERVAL_S:
-            self._warned_s[entry] = now_s
+        if self._warnings.due(entry):
             _log.warning(
                 "dashboard: bootstrap peer %s did not answer: %s (said again at most every %g s)",
                 entry,
