@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -13,6 +16,7 @@ import torch
 from torch._C._distributed_c10d import HashStore, PrefixStore
 
 from gossamer.bench.allreduce import run_allreduce_bench
+from gossamer.comm.report import AllReduceReport, PartOutcome
 from gossamer.comm.torch_backend import (
     RetiredRendezvous,
     TorchGroupAverager,
@@ -20,7 +24,7 @@ from gossamer.comm.torch_backend import (
     open_leader_store,
     open_member_store,
 )
-from gossamer.core.errors import DeadlineExceededError
+from gossamer.core.errors import DeadlineExceededError, PeerLostError
 
 
 def test_auto_picks_torch_only_when_everyone_is_reachable() -> None:
@@ -97,6 +101,86 @@ def test_with_no_weight_anywhere_each_member_keeps_its_values_in_place_too() -> 
     assert _two_members(copied, "zero/copied") == [[1.0, 2.0], [2.0, 4.0]]
     weighted = _two_members(lambda a, r: a.average([torch.tensor([float(r)])], 1.0), "w")
     assert all(result.tensors[0].tolist() == [0.5] for result in weighted)  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(120)
+def test_members_holding_tensors_of_other_shapes_are_refused_before_anything_is_averaged() -> None:
+    # Two models with as many values in other shapes: gloo averaged unrelated values without a
+    # word. Each member refuses, naming what differs; its inputs are left as they were.
+    def refused(averager: TorchGroupAverager, rank: int) -> object:
+        values = torch.arange(6.0).reshape((2, 3) if rank == 0 else (3, 2))
+        try:
+            averager.average([values], 1.0)
+        except PeerLostError as exc:
+            return str(exc), values.flatten().tolist(), averager.group_hash
+        return "averaged"
+
+    for message, values, held in _two_members(refused, "other-shapes"):  # type: ignore[misc]
+        assert "do not average the same tensors" in message
+        assert "the same shapes and dtypes in the same order" in message
+        assert values == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+        assert held is None  # closed: the caller makes another group (or goes over p2p)
+
+
+@pytest.mark.timeout(120)
+def test_members_holding_different_numbers_of_values_end_no_process() -> None:
+    # gloo's size check threw a C++ exception on its own thread: SIGABRT, both processes gone
+    # with no checkpoint. In a child process, so that the old failure could not end this one.
+    script = textwrap.dedent(
+        """
+        import threading, torch
+        from torch._C._distributed_c10d import HashStore
+        from gossamer.comm.torch_backend import TorchGroupAverager
+        store, out = HashStore(), {}
+        def member(rank):
+            averager = TorchGroupAverager(timeout_s=10.0)
+            try:
+                averager.ensure_group("sizes", ["a", "b"], rank, store, "127.0.0.1")
+                averager.average_([torch.ones(4 * (rank + 1))])
+                out[rank] = "averaged"
+            except Exception as exc:
+                out[rank] = type(exc).__name__ + ": " + str(exc)
+            finally:
+                averager.close()
+        threads = [threading.Thread(target=member, args=(r,)) for r in range(2)]
+        [t.start() for t in threads]
+        [t.join(60) for t in threads]
+        print(out[0]); print(out[1])
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=100, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2
+    assert all(line.startswith("PeerLostError: the members do not average") for line in lines)
+    assert "holds 8 values" in lines[0]
+    assert "holds 4 values" in lines[1]
+
+
+@pytest.mark.timeout(120)
+def test_the_contributors_are_the_members_with_a_weight_as_on_the_p2p_path() -> None:
+    # Every member was named a contributor, and a round with no weight anywhere said averaged
+    # with bytes sent, where nothing was averaged and nothing sent.
+    def reports(weights: tuple[float, float], in_place: bool = False) -> list[AllReduceReport]:
+        def work(averager: TorchGroupAverager, rank: int) -> AllReduceReport:
+            if in_place:
+                return averager.average_([torch.ones(3)], weights[rank])
+            return averager.average([torch.ones(3)], weights[rank]).report
+
+        made = _two_members(work, f"weights/{weights}/{in_place}")
+        assert all(isinstance(r, AllReduceReport) for r in made), made
+        return made  # type: ignore[return-value]
+
+    for in_place in (False, True):
+        for report in reports((1.0, 0.0), in_place):
+            assert report.parts[0].contributors == ["a"]
+            assert report.parts[0].outcome is PartOutcome.AVERAGED
+        for report in reports((0.0, 0.0), in_place):
+            assert report.parts[0].contributors == []
+            assert report.parts[0].outcome is PartOutcome.KEPT_LOCAL
+            assert report.bytes_sent == report.bytes_received == 0
 
 
 def test_a_weight_out_of_range_is_refused_before_the_collective_on_the_torch_path_too() -> None:

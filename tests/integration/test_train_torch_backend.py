@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 import torch
@@ -59,7 +59,10 @@ def weighted_mean(indices: Sequence[int], weights: Sequence[float]) -> list[torc
 
 
 def one_round(
-    made: Sequence[SwarmAverager], round_key: str, weights: Sequence[float]
+    made: Sequence[SwarmAverager],
+    round_key: str,
+    weights: Sequence[float],
+    tensors: Callable[[int], list[torch.Tensor]] = tensors_of,
 ) -> list[AverageOutcome]:
     outcomes: list[AverageOutcome | None] = [None] * len(made)
     errors: list[BaseException] = []
@@ -67,7 +70,7 @@ def one_round(
     def peer(index: int) -> None:
         try:
             outcomes[index] = made[index].average(
-                tensors_of(index), round_key=round_key, weight=weights[index]
+                tensors(index), round_key=round_key, weight=weights[index]
             )
         except BaseException as exc:
             errors.append(exc)
@@ -415,6 +418,27 @@ def test_members_that_would_make_different_kinds_of_group_average_over_p2p(
         assert time.monotonic() - started < 4.0  # the torch timeout is 4 s here
         assert_weighted_mean(outcomes, [0, 1], [1.0, 1.0])
         assert all(a.rounds_by_backend == {"p2p": 1, "torch": 0} for a in made)
+
+
+@pytest.mark.timeout(120)
+def test_members_holding_other_tensors_never_make_a_torch_group() -> None:
+    # Two peers under one run name with other models (a config edited on one): gloo averaged
+    # their unrelated values where the counts matched (and ended both processes where they
+    # did not). Each publishes its tensors' layout; such a round goes over p2p, whose round id
+    # tells them apart, and each keeps its own values.
+    def tensors(index: int) -> list[torch.Tensor]:
+        ours = tensors_of(index)
+        return ours if index == 0 else ours[::-1]  # 1,015 values either way
+
+    with averagers(2) as made:
+        for round_key in ("outer/0", "outer/1"):
+            outcomes = one_round(made, round_key, [1.0, 1.0], tensors)
+            for index, outcome in enumerate(outcomes):
+                assert outcome.group_size == 1
+                for got, want in zip(outcome.tensors, tensors(index), strict=True):
+                    torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert all(a.rounds_by_backend["torch"] == 0 for a in made)
+        assert all(a.torch_failures == 0 for a in made)  # (never even tried)
 
 
 def test_a_peer_advertising_an_address_it_cannot_listen_on_averages_over_p2p(

@@ -168,9 +168,20 @@ def _report(contributors: list[list[str]], failed: dict[str, str] | None = None)
 def test_a_round_without_anyone_elses_values_counts_this_peer_alone() -> None:
     # A round that ran to its deadline while the others never came said group_size 3 (as
     # complete, in the metrics) with nothing averaged.
-    assert _group_size(3, _report([["a"], [], []]), "a") == 1
-    assert _group_size(3, _report([["a", "b", "c"]] * 3), "a") == 3
-    assert _group_size(3, _report([["a", "b"]] * 3, failed={"c": "gone"}), "a") == 2
+    assert _group_size(3, _report([["a"], [], []])) == 1
+    assert _group_size(3, _report([["a", "b", "c"]] * 3)) == 3
+    assert _group_size(3, _report([["a", "b"]] * 3, failed={"c": "gone"})) == 2
+
+
+def test_members_that_withheld_their_values_count_alike_on_every_member() -> None:
+    # Weights (1, 0, 0): only a's values are in anyone's averages. a counted itself alone and
+    # b and c counted 3 (every member not declared failed), so one round read as two kinds.
+    only_a = _report([["a"]] * 3)
+    for me in "abc":
+        only_a.peer_id = me
+        assert _group_size(3, only_a) == 1
+    assert _group_size(3, _report([["a", "b"]] * 3)) == 2  # c withheld, b and a did not
+    assert _group_size(3, _report([[], [], []])) == 1  # no weight anywhere: its own values
 
 
 def test_an_entry_says_its_peer_takes_torch_on_public_addresses_or_shows_it() -> None:

@@ -16,6 +16,7 @@ advertised address only.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import logging
 import socket
@@ -38,6 +39,7 @@ __all__ = [
     "RetiredRendezvous",
     "TorchGroupAverager",
     "choose_backend",
+    "layout_signature",
     "open_leader_store",
     "open_member_store",
     "site_local",
@@ -62,6 +64,13 @@ def choose_backend(requested: str, addresses: Sequence[str]) -> str:
         return "p2p"
     loopback = [ipaddress.ip_address(a.strip("[]")).is_loopback for a in addresses]
     return "torch" if all(loopback) or not any(loopback) else "p2p"
+
+
+def layout_signature(tensors: Sequence[torch.Tensor]) -> str:
+    """A short hex digest of the tensors' shapes and dtypes, in order: members whose digests
+    differ hold other tensors (another model), and averaging them would mix unrelated values."""
+    text = "/".join(f"{tuple(t.shape)}:{t.dtype}" for t in tensors)
+    return hashlib.blake2b(text.encode(), digest_size=7).hexdigest()  # (an int64 holds 7 bytes)
 
 
 def site_local(host: str) -> bool:
@@ -302,24 +311,56 @@ class TorchGroupAverager:
             self.retired.add(*rendezvous, self.timeout_s)
         self.retired.delete_due()
 
-    def _total_weight(self, weight: float) -> float:
-        """Sum of every member's weight (a one-value all-reduce; also a liveness check)."""
-        box = torch.tensor([weight], dtype=torch.float64)
+    def _agree(self, tensors: Sequence[torch.Tensor], weight: float, numel: int) -> list[float]:
+        """Every member's weight, in rank order, once every member is found to hold tensors of
+        the same layout (one small all-gather before the data moves; also a liveness check).
+
+        Raises:
+            PeerLostError: a member failed, or holds other tensors. gloo checks nothing of the
+                kind: a member with more values than another ended both processes (a C++
+                exception on gloo's thread, no Python handler ran), one with the same number
+                in another order averaged unrelated values without a word. The group is
+                closed either way; the swarm runs such a round over p2p, whose round id hashes
+                the layout, so the members holding other tensors drop each other.
+        """
+        layout = layout_signature(tensors)
+        weight_bits = torch.tensor([weight], dtype=torch.float64).view(torch.int64)
+        mine = torch.cat([torch.tensor([numel, int(layout, 16)], dtype=torch.int64), weight_bits])
         if torch.cuda.is_available():
-            box = box.cuda()
-        self._all_reduce(box)
-        return float(box.cpu()[0])
+            mine = mine.cuda()
+        rows = [torch.empty_like(mine) for _ in self.members]
+        self._collective(lambda pg: pg.allgather([rows], [mine]))
+        table = torch.stack(rows).cpu()
+        for rank, (their_numel, their_layout) in enumerate(table[:, :2].tolist()):
+            if (their_numel, their_layout) != (numel, int(layout, 16)):
+                member = self.members[rank]
+                self.close()
+                raise PeerLostError(
+                    f"the members do not average the same tensors: {member[:8]} "
+                    f"holds {their_numel} values (layout {their_layout:x}), this member "
+                    f"{numel} (layout {layout}); every member must average the same shapes "
+                    "and dtypes in the same order (the same model)"
+                )
+        return [float(w) for w in table[:, 2].contiguous().view(torch.float64).tolist()]
 
     def _all_reduce(self, tensor: torch.Tensor) -> None:
+        self._collective(lambda pg: pg.allreduce([tensor]))
+
+    def _collective(self, start: Callable[[Any], Any]) -> None:
+        """Run the collective ``start(pg)`` begins and wait for it.
+
+        Raises:
+            PeerLostError: it failed (a member gone); the group is closed.
+        """
         pg = self._pg
         if pg is None:
             raise ValueError("no group: call ensure_group first")
         try:
-            pg.allreduce([tensor]).wait()
+            start(pg).wait()
             self._forget_rendezvous()  # every member has joined: the keys are not read again
         except (RuntimeError, dist.DistError) as exc:
             self.close()
-            raise PeerLostError(f"torch.distributed all_reduce failed: {exc}") from exc
+            raise PeerLostError(f"torch.distributed collective failed: {exc}") from exc
 
     def _staging(self, numel: int, device: torch.device) -> torch.Tensor:
         """A flat float32 buffer re-used across rounds (fresh pages cost more than the copy)."""
@@ -350,105 +391,110 @@ class TorchGroupAverager:
         """Replace ``tensors`` by their weighted average across the group, in place.
 
         This is the same work as ``dist.all_reduce`` on the tensors plus the scaling: the
-        weights are summed first (one tiny all-reduce), each member scales its values by
-        ``weight / total`` and the sum of the scaled values is the average. One float32
-        contiguous tensor on the group's device is reduced where it lies; anything else goes
-        through a staging buffer re-used across rounds.
+        members first gather each other's weights and check that they hold the same tensors
+        (one tiny all-gather), each member scales its values by ``weight / total`` and the sum
+        of the scaled values is the average. One float32 contiguous tensor on the group's
+        device is reduced where it lies; anything else goes through a staging buffer re-used
+        across rounds.
 
         Raises:
-            PeerLostError: a member failed during the collective (the group must be re-made).
-                ``tensors`` then hold partial results (scaled, perhaps partly reduced): a
-                caller that must run the round again on its own values keeps a copy, or calls
-                :meth:`average`, which leaves its inputs alone.
+            PeerLostError: a member failed during the collective, or holds other tensors (the
+                group must be re-made). After a failure in the data's collective ``tensors``
+                hold partial results (scaled, perhaps partly reduced): a caller that must run
+                the round again on its own values keeps a copy, or calls :meth:`average`,
+                which leaves its inputs alone.
         """
         device = self._check_round(tensors, weight)
         started = time.perf_counter()
-        total_weight = self._total_weight(weight)  # the same on every member
-        if not total_weight > 0:
-            # No weight anywhere: nothing is averaged, each member keeps its own values, as in
-            # :meth:`average` and the p2p path (every member skips the collective alike).
-            report = self._report(sum(t.numel() for t in tensors))
-            report.total_s = report.reduce_scatter_s = time.perf_counter() - started
-            return report
-        scale = weight / total_weight
-        only = tensors[0]
-        direct = (
-            len(tensors) == 1
-            and only.dtype == torch.float32
-            and only.is_contiguous()
-            and only.device == device
-        )
-        if direct:
-            with torch.no_grad():
-                _scale_(only, scale)
-                self._all_reduce(only)
-            numel = only.numel()
-        else:
-            numel = sum(t.numel() for t in tensors)
-            flat = self._staging(numel, device)
-            offset = 0
-            for t in tensors:
-                flat[offset : offset + t.numel()].copy_(t.detach().reshape(-1))
-                offset += t.numel()
-            _scale_(flat, scale)
-            self._all_reduce(flat)
-            offset = 0
-            with torch.no_grad():
+        numel = sum(t.numel() for t in tensors)
+        weights = self._agree(tensors, weight, numel)
+        total_weight = sum(weights)  # the same on every member (the same list, the same order)
+        if total_weight > 0:
+            scale = weight / total_weight
+            only = tensors[0]
+            direct = (
+                len(tensors) == 1
+                and only.dtype == torch.float32
+                and only.is_contiguous()
+                and only.device == device
+            )
+            if direct:
+                with torch.no_grad():
+                    _scale_(only, scale)
+                    self._all_reduce(only)
+            else:
+                flat = self._staging(numel, device)
+                offset = 0
                 for t in tensors:
-                    t.copy_(flat[offset : offset + t.numel()].reshape(t.shape))
+                    flat[offset : offset + t.numel()].copy_(t.detach().reshape(-1))
                     offset += t.numel()
-        report = self._report(numel)
+                _scale_(flat, scale)
+                self._all_reduce(flat)
+                offset = 0
+                with torch.no_grad():
+                    for t in tensors:
+                        t.copy_(flat[offset : offset + t.numel()].reshape(t.shape))
+                        offset += t.numel()
+        # else no weight anywhere: nothing is averaged, each member keeps its own values, as in
+        # :meth:`average` and the p2p path (every member skips the collective alike)
+        report = self._report(numel, weights)
         report.total_s = report.reduce_scatter_s = time.perf_counter() - started
         return report
 
     def average(self, tensors: Sequence[torch.Tensor], weight: float = 1.0) -> AllReduceResult:
         """Weighted average of ``tensors`` across the group as new tensors (blocks; thread it).
 
-        One all-reduce does it: the values scaled by ``weight`` travel with the weight itself in
-        one more element, so the sum of the weights comes with the sum of the scaled values and
-        no member needs to know the others' weights beforehand. Leaves ``tensors`` untouched.
-        Where the weights sum to zero each member keeps its own values, as in the p2p path.
+        The members gather each other's weights and check that they hold the same tensors (one
+        tiny all-gather); one all-reduce of the values scaled by ``weight`` then makes the
+        weighted sum. Leaves ``tensors`` untouched. Where the weights sum to zero each member
+        keeps its own values, as in the p2p path.
 
         Raises:
-            PeerLostError: a member failed during the collective (the group must be re-made).
+            PeerLostError: a member failed during the collective, or holds other tensors (the
+                group must be re-made).
         """
         device = self._check_round(tensors, weight)
         started = time.perf_counter()
         numel = sum(t.numel() for t in tensors)
-        flat = self._staging(numel + 1, device)
-        offset = 0
+        weights = self._agree(tensors, weight, numel)
+        total = sum(weights)
         with torch.no_grad():
-            for t in tensors:
-                values, into = t.detach().reshape(-1), flat[offset : offset + t.numel()]
-                if values.device == into.device:
-                    torch.mul(values, weight, out=into)
-                else:  # a CPU tensor on a GPU host: staged onto the group's device first
-                    into.copy_(values).mul_(weight)
-                offset += t.numel()
-            flat[numel] = weight
-            self._all_reduce(flat)
-            total = float(flat[numel])
-            out = []
-            offset = 0
-            for t in tensors:
-                part = flat[offset : offset + t.numel()].reshape(t.shape)
-                # no weight anywhere: nothing was averaged, each member keeps its own values
-                mean = part / total if total > 0 else t.detach().clone()
-                out.append(mean.to(device=t.device, dtype=t.dtype))
-                offset += t.numel()
-        report = self._report(numel)
+            if total > 0:
+                flat = self._staging(numel, device)
+                offset = 0
+                for t in tensors:
+                    values, into = t.detach().reshape(-1), flat[offset : offset + t.numel()]
+                    if values.device == into.device:
+                        torch.mul(values, weight, out=into)
+                    else:  # a CPU tensor on a GPU host: staged onto the group's device first
+                        into.copy_(values).mul_(weight)
+                    offset += t.numel()
+                self._all_reduce(flat)
+                out = []
+                offset = 0
+                for t in tensors:
+                    mean = flat[offset : offset + t.numel()].reshape(t.shape) / total
+                    out.append(mean.to(device=t.device, dtype=t.dtype))
+                    offset += t.numel()
+            else:  # no weight anywhere: nothing was averaged, each member keeps its own values
+                out = [t.detach().clone() for t in tensors]
+        report = self._report(numel, weights)
         report.total_s = report.reduce_scatter_s = time.perf_counter() - started
         return AllReduceResult(out, report)
 
-    def _report(self, numel: int) -> AllReduceReport:
-        """The report of one all-reduce of ``numel`` float32 values over the whole group.
+    def _report(self, numel: int, weights: Sequence[float]) -> AllReduceReport:
+        """The report of one all-reduce of ``numel`` float32 values over the whole group, whose
+        members' weights were ``weights`` (rank order).
 
-        Bytes are the ring algorithm's share per member, 2(N-1)/N of the tensor each way (gloo
-        reports none of its own).
+        The contributors are the members with a weight, as on the p2p path; with none the
+        values stayed where they were (``kept_local``) and nothing was sent. Bytes are the
+        ring algorithm's share per member, 2(N-1)/N of the tensor each way (gloo reports none
+        of its own).
         """
         assert self._group_hash is not None
         n = len(self.members)
-        wire = 2 * (n - 1) * numel * 4 // max(n, 1)
+        contributors = [m for m, w in zip(self.members, weights, strict=True) if w > 0]
+        wire = 2 * (n - 1) * numel * 4 // max(n, 1) if contributors else 0
         report = AllReduceReport(
             round_id=self._group_hash,
             peer_id=self.members[self.rank],
@@ -464,8 +510,8 @@ class TorchGroupAverager:
                 owner="torch.distributed",
                 reducer="torch.distributed",
                 num_elements=numel,
-                outcome=PartOutcome.AVERAGED,
-                contributors=list(self.members),
+                outcome=PartOutcome.AVERAGED if contributors else PartOutcome.KEPT_LOCAL,
+                contributors=contributors,
             )
         ]
         return report

@@ -54,6 +54,7 @@ from gossamer.comm.report import AllReduceReport, AllReduceResult
 from gossamer.comm.torch_backend import (
     RetiredRendezvous,
     TorchGroupAverager,
+    layout_signature,
     open_leader_store,
     open_member_store,
     site_local,
@@ -340,14 +341,19 @@ class _TorchPresence:
         self.mailbox.close_round(self.round_id)
 
 
-def _group_size(num_members: int, report: AllReduceReport, me: str) -> int:
-    """The members a round averaged over: those not declared failed, or this peer alone where
-    no other member's values reached any of its averages (a round that ran to its deadline
-    without the others, who never came, counted as one of the whole group)."""
-    others = {p for part in report.parts for p in part.contributors + part.partial_contributors}
-    if report.parts and not others - {me}:
-        return 1
-    return num_members - len(report.failed)
+def _group_size(num_members: int, report: AllReduceReport) -> int:
+    """The members whose values are in this peer's averages (in some parts at least), at least
+    1 (this peer's own values stand where nobody's are): the same count on every member of a
+    round. Counted as the members not declared failed, a round that ran to its deadline
+    without the others, who never came, counted as the whole group, and where the others
+    withheld their values (weight 0) the one member with a weight counted itself alone while
+    they counted the whole group."""
+    if not report.parts:  # (nothing to average)
+        return num_members - len(report.failed)
+    contributors = {
+        p for part in report.parts for p in part.contributors + part.partial_contributors
+    }
+    return max(1, len(contributors))
 
 
 def _forces_torch(entry: dict[str, Any], host: str) -> bool:
@@ -463,6 +469,10 @@ class SwarmAverager:
         self._leader_stores: dict[tuple[str, int], Store] = {}
         """Connections to other leaders' stores, by address."""
         self._torch_host = ""
+        self._layout = ""
+        """:func:`layout_signature` of the tensors this peer last averaged, published with its
+        entries: a torch.distributed group is made only of members holding the same tensors
+        ('' before the first round: the collective's own check stands behind it)."""
         self._open_torch_store()
 
         async def make_mailbox(node: Node) -> tuple[Clock, CommMailbox]:
@@ -579,6 +589,7 @@ class SwarmAverager:
         the all-reduce. With ``forming``, the time waited is what the caller waited for the
         group from this call on, not the formation's whole time (it trained meanwhile)."""
         tensors, weight = withhold_if_not_finite(tensors, weight, key)
+        self._layout = layout_signature(tensors)
         started = time.monotonic()
         wall_offset_s = time.time() - started
         marks: dict[str, float] = {}
@@ -662,7 +673,7 @@ class SwarmAverager:
             done = time.monotonic()
             return AverageOutcome(
                 tensors=result.tensors,
-                group_size=_group_size(len(members), report, node.peer_id),
+                group_size=_group_size(len(members), report),
                 bytes_sent=report.bytes_sent,
                 bytes_received=report.bytes_received,
                 seconds=done - started,
@@ -737,12 +748,16 @@ class SwarmAverager:
             )
             or (any(loopback) and not all(loopback))  # not one machine: they cannot all meet
             or len({str(e.get("dev", "")) for e in entries}) > 1  # NCCL beside gloo never meet
+            # Other tensors (another model under the same run name): gloo would mix unrelated
+            # values or end both processes; over p2p the round id tells them apart.
+            or len({str(e.get("lay", "")) for e in entries} - {""}) > 1
         ):
             if self.config.backend == "torch":
                 logger.warning(
                     "round %s: the members' entries do not all allow a torch.distributed group "
-                    "(each needs a store address and the same device kind, and public addresses "
-                    "need every member set to torch); the round goes over p2p",
+                    "(each needs a store address, the same device kind and the same tensors, "
+                    "and public addresses need every member set to torch); the round goes over "
+                    "p2p",
                     key,
                 )
             return None
@@ -1137,6 +1152,7 @@ class SwarmAverager:
                 "pg": held or "",
                 "dev": _torch_kind(),
                 "bk": self.config.backend,  # (torch: any address; auto: private ones only)
+                "lay": self._layout,
             }
         stored = await node.dht.put(
             entry_key,
