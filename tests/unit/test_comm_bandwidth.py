@@ -191,6 +191,8 @@ def test_plan_weights_bound_untrusted_figures_and_fill_missing_ones() -> None:
     # 0, negative and non-finite count as the median of the known figures (the lower middle
     # one of an even count)
     assert plan_weights([2e6, 0.0, 4e6, float("nan")]) == [2e6, 2e6, 4e6, 2e6]
+    # an infinite one too (it was taken as the cap, 100x the median: the largest share)
+    assert plan_weights([2e6, 2e6, float("inf"), -float("inf")]) == [2e6] * 4
     # one peer claiming far more (or less) than the others is held to max_ratio of the median
     assert plan_weights([1e6, 1e6, 1e12, 1.0], max_ratio=10.0) == [1e6, 1e6, 1e7, 1e5]
     assert plan_weights([0.0, 0.0]) == [1.0, 1.0]

@@ -76,6 +76,15 @@ def test_a_large_swarm_splits_into_bounded_groups_that_change_each_round() -> No
     assert {frozenset(g) for g in first} != {frozenset(g) for g in second}
 
 
+@pytest.mark.parametrize(("largest", "smallest"), [(0, 1), (2, 5), (4, 0)])
+def test_group_sizes_that_cannot_be_met_are_refused_by_the_split_too(
+    largest: int, smallest: int
+) -> None:
+    # As GroupConfig refuses them: max 0 divided by zero, min over max made groups all under min.
+    with pytest.raises(ValueError, match="need 1 <= min_group_size <= max_group_size, got"):
+        split_into_groups("run/1", [f"p{i}" for i in range(4)], largest, smallest)
+
+
 def test_too_few_peers_means_no_round() -> None:
     results = _join_all(1, seed=0)
     assert isinstance(results[0], DeadlineExceededError)

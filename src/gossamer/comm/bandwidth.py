@@ -292,7 +292,8 @@ def plan_weights(bandwidths: Sequence[float], *, max_ratio: float = 100.0) -> li
         raise ValueError("no bandwidth figures: the group is empty")
     if not max_ratio >= 1:
         raise ValueError(f"max_ratio must be at least 1, got {max_ratio}")
-    bandwidths = [min(b, MAX_FIGURE_BYTES_PER_S) for b in bandwidths]  # (inf stays unreadable)
+    # (an infinite figure is unreadable, not the largest: min() made it the cap, 100x the median)
+    bandwidths = [min(b, MAX_FIGURE_BYTES_PER_S) if math.isfinite(b) else 0.0 for b in bandwidths]
     known = sorted(b for b in bandwidths if math.isfinite(b) and b > 0)
     if not known:
         return [1.0] * len(bandwidths)

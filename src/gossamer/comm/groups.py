@@ -148,6 +148,13 @@ class DhtRendezvousBoard:
         return found
 
 
+def _check_group_sizes(min_group_size: int, max_group_size: int) -> None:
+    if not 1 <= min_group_size <= max_group_size:
+        raise ValueError(
+            f"need 1 <= min_group_size <= max_group_size, got {min_group_size} and {max_group_size}"
+        )
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GroupConfig:
     """Group formation."""
@@ -162,8 +169,7 @@ class GroupConfig:
     """Wait after the cutoff before reading, so late-arriving announcements are seen."""
 
     def __post_init__(self) -> None:
-        if not 1 <= self.min_group_size <= self.max_group_size:
-            raise ValueError("need 1 <= min_group_size <= max_group_size")
+        _check_group_sizes(self.min_group_size, self.max_group_size)
         if self.join_window_s <= 0 or self.propagation_grace_s < 0:
             raise ValueError("join_window_s must be positive and propagation_grace_s >= 0")
 
@@ -210,7 +216,12 @@ def split_into_groups(
     ``max_group_size`` each) and the peers left over, last in the round's order, are in none:
     five peers with groups of four at least and at most make one group of four, not two groups
     too small to average.
+
+    Raises:
+        ValueError: not ``1 <= min_group_size <= max_group_size`` (max 0 divided by zero; min
+            over max made groups all under min).
     """
+    _check_group_sizes(min_group_size, max_group_size)
     ordered = sorted(set(peers), key=lambda p: _order_key(round_key, p))
     num_groups = max(1, math.ceil(len(ordered) / max_group_size))
     if len(ordered) // num_groups < min_group_size:
