@@ -41,6 +41,8 @@ def _no_benchmark_runs(monkeypatch: pytest.MonkeyPatch) -> None:
         (["allreduce", "--size", "much"], "size like 100MB"),
         (["allreduce", "--codec", "xyz"], "unknown codec 'xyz'"),
         (["allreduce", "--codec", "none,xyz"], "unknown codec 'xyz'"),
+        # Two rounds a repeat under one round key, and repeat 0's two read as repeats 0 and 1.
+        (["allreduce", "--codec", "none,int8,none"], "none named more than once"),
         (["allreduce", "--peers", "1"], "--peers"),
         (["allreduce", "--peers", "65"], "from 2 to 64"),  # (workers on this machine)
         (["allreduce", "--peers", "2,100", "--rate", "100mbit"], "from 2 to 64"),  # before 2 runs
@@ -49,6 +51,8 @@ def _no_benchmark_runs(monkeypatch: pytest.MonkeyPatch) -> None:
         (["allreduce", "--plot", "/nonexistent/folder/out.png"], "is not a folder"),
         (["allreduce", "--repeats", "0"], "--repeats"),
         (["diloco", "--peers", "0"], "--peers"),
+        # One peer averages nothing: "DiLoCo sends 0x fewer bytes than sync".
+        (["diloco", "--peers", "1"], "--peers"),
         (["diloco", "--inner-steps", "0"], "--inner-steps"),
         (["diloco", "--steps", "0"], "--steps"),
         (["diloco", "--rate", "abc"], "'abc' is not a rate"),
@@ -57,7 +61,7 @@ def _no_benchmark_runs(monkeypatch: pytest.MonkeyPatch) -> None:
         (["transport", "--payload-mib", "300", "--streams", "65"], "at most 64 stream(s)"),
         (["transport", "--payload-mib", "2000"], "at most 1024 MiB"),
         # Refused only after the quality part, an hour or more, with a traceback.
-        (["diloco", "--rate", "20mbit", "--peers", "1"], "--peers must be at least 2"),
+        (["diloco", "--rate", "20mbit", "--peers", "1"], "--peers"),
         (["diloco", "--rate", "20mbit", "--thin-link-steps", "10"], "--thin-link-steps 10"),
     ],
 )

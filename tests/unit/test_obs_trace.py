@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -75,8 +76,24 @@ def test_a_file_without_any_span_is_an_error(tmp_path: Path, text: str) -> None:
         {"name": "compute", "start_unix_s": 1.0, "duration_s": 0.5, "attrs": [1]},
         {"name": "compute", "start_unix_s": 1.0, "duration_s": 0.5, "step": True},
         ["compute", 1.0, 0.5],
+        # No trace viewer's JSON parser reads NaN or Infinity: the export wrote them on (rc 0).
+        {"name": "compute", "start_unix_s": float("nan"), "duration_s": 0.5},
+        {"name": "compute", "start_unix_s": 1.0, "duration_s": float("inf")},
+        {"name": "compute", "start_unix_s": 1.0, "duration_s": 0.5, "attrs": {"x": -math.inf}},
+        {"name": "compute", "start_unix_s": 1.0, "duration_s": -0.5},
+        {"name": "compute", "start_unix_s": 1.0, "duration_s": 0.5, "exclusive_s": -1.0},
     ],
-    ids=["start-a-string", "attrs-a-list", "step-a-bool", "not-an-object"],
+    ids=[
+        "start-a-string",
+        "attrs-a-list",
+        "step-a-bool",
+        "not-an-object",
+        "start-nan",
+        "duration-infinite",
+        "attr-infinite",
+        "duration-negative",
+        "exclusive-negative",
+    ],
 )
 def test_a_span_with_fields_of_the_wrong_type_is_an_error_naming_its_line(
     tmp_path: Path, fields: object

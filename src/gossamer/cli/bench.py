@@ -127,7 +127,9 @@ def obs(
 @app.command(context_settings=_OVERRIDES)
 def diloco(
     ctx: typer.Context,
-    peers: Annotated[int, typer.Option(help="Peers training together.", min=1)] = 4,
+    peers: Annotated[
+        int, typer.Option(help="Peers training together (2 at least: one averages nothing).", min=2)
+    ] = 4,
     inner_steps: Annotated[
         int, typer.Option(help="DiLoCo's H: inner steps per outer step.", min=1)
     ] = 50,

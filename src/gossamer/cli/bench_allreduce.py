@@ -59,6 +59,12 @@ def _parse_size(text: str) -> int:
 def _check_codecs(codecs: list[str]) -> None:
     if not codecs:
         raise typer.BadParameter("name at least one codec, e.g. none", param_hint="--codec")
+    repeated = sorted({name for name in codecs if codecs.count(name) > 1})
+    if repeated:  # (its rounds would share round keys and its results run together)
+        raise typer.BadParameter(
+            f"{', '.join(repeated)} named more than once; name each codec once",
+            param_hint="--codec",
+        )
     for name in codecs:
         try:
             codec_by_name(name)

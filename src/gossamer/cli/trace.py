@@ -54,7 +54,7 @@ def export(
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc
     try:
-        output.write_text(json.dumps(export_chrome_trace(recorded)))
+        output.write_text(json.dumps(export_chrome_trace(recorded), allow_nan=False))
     except OSError as exc:
         typer.echo(f"error: cannot write {output}: {exc.strerror or exc}", err=True)
         raise typer.Exit(2) from exc

@@ -327,7 +327,7 @@ def read_spans(path: Path) -> list[Span]:
         if not line.strip():
             continue
         try:
-            spans.append(_span_of(json.loads(line)))
+            spans.append(_span_of(json.loads(line, parse_constant=_not_a_number)))
         except (json.JSONDecodeError, TypeError, ValueError) as exc:
             if number == len(lines):
                 break  # the writer was killed mid-line
@@ -352,6 +352,12 @@ _SPAN_FIELD_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+def _not_a_number(constant: str) -> Any:
+    """(``json.loads``' ``parse_constant``) Python's json reads ``NaN`` and ``Infinity``, which
+    no JSON parser of a trace viewer does: the export wrote them on and said it succeeded."""
+    raise ValueError(f"{constant} is not a number JSON has (a span's times and attrs are finite)")
+
+
 def _span_of(fields: Any) -> Span:
     """A span from one parsed line, its fields' types checked (the file may be anyone's)."""
     if not isinstance(fields, dict):
@@ -362,6 +368,9 @@ def _span_of(fields: Any) -> Span:
             raise TypeError(f"unknown field {key!r}")
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             raise TypeError(f"{key!r} is a {type(value).__name__}")
+    for key in ("duration_s", "exclusive_s"):
+        if (fields.get(key) or 0) < 0:
+            raise ValueError(f"{key!r} is negative ({fields[key]})")
     return Span(**fields)
 
 
