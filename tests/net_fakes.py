@@ -95,5 +95,4 @@ class FakeDhtTransport:
         return self.network.reach(self.own, peer_id).handle_find_value(self.own, key)
 
     async def store(self, peer_id: str, record: net_pb2.SignedRecord) -> bool:
-        self.network.reach(self.own, peer_id).handle_store(record)
-        return True
+        return self.network.reach(self.own, peer_id).handle_store(record, sender=self.own)

@@ -106,7 +106,18 @@ class LimitsConfig:
     max_stored_records: int = 100_000
     """Records a node stores for others in all."""
     max_records_per_publisher: int = 10_000
-    """Records of one publisher a node stores for it (a tenth of the store by default)."""
+    """Records a node stores of one publisher, and records it stores that one peer sent (a
+    tenth of the store by default): publisher keys cost nothing, the sending session is
+    authenticated."""
+    max_stored_bytes: int = 256 * _MiB
+    """Bytes (values plus ``RECORD_OVERHEAD_BYTES`` each) of the records a node stores for
+    others: 100,000 records of 16 KiB were 1.7 GB. When full, the peer whose stored records
+    take the most gives way (a new record of its own is refused, another's takes the place of
+    one of its), so an honest peer with a few records still finds room."""
+    max_stored_ttl_s: float = 3600.0
+    """How long a node keeps a record it stores for others, whatever lifetime the record
+    claims (up to a week): records meant to live are republished every
+    ``dht.republish_interval_s`` (20 s), and records of a moment live 300-600 s."""
     max_sessions: int = 10_000
     """Authenticated sessions a server keeps; the one unused longest is dropped past this."""
     bulk_idle_timeout_s: float = 30.0
@@ -161,6 +172,18 @@ class LimitsConfig:
         )
         _require(self.max_stored_records >= 1, "limits.max_stored_records", ">= 1")
         _require(self.max_records_per_publisher >= 1, "limits.max_records_per_publisher", ">= 1")
+        _require(
+            self.max_stored_bytes >= self.max_key_bytes,
+            "limits.max_stored_bytes",
+            f"must be at least limits.max_key_bytes ({self.max_key_bytes}), got "
+            f"{self.max_stored_bytes}",
+        )
+        _require(
+            self.max_stored_ttl_s >= 60.0,
+            "limits.max_stored_ttl_s",
+            f"must be at least 60 s (records are renewed every dht.republish_interval_s), got "
+            f"{self.max_stored_ttl_s}",
+        )
         _require(self.max_sessions >= 1, "limits.max_sessions", ">= 1")
         _require(self.bulk_idle_timeout_s > 0, "limits.bulk_idle_timeout_s", "must be positive")
         _require(
@@ -200,6 +223,21 @@ class DhtConfig:
     lookup (and the node's maintenance, which runs them) longer."""
     max_peer_directory: int = 10_000
     """Peer records kept in the directory of known peers."""
+    max_new_peers_per_source: int = 1024
+    """Peers one source (a peer that answered a lookup, or sent a request) may add to the
+    directory per ``new_peers_interval_s``; more are ignored until the interval passes. A
+    newcomer to a run of 1,024 peers learns them from many sources, a few dozen per answer;
+    one peer minting records could otherwise refill a full directory as fast as it sends."""
+    new_peers_interval_s: float = 60.0
+    """The interval ``max_new_peers_per_source`` counts over."""
+    requests_per_s_per_peer: float = 200.0
+    """DHT requests (FindNode, FindValue, Store, a Ping carrying a record) one peer may make
+    per second on average; past it (and the burst) they are refused with RESOURCE_EXHAUSTED,
+    the connection kept. Heartbeats (Pings without a record) are never refused. A FindNode
+    flood kept a node so busy that its heartbeats went unanswered and others took it for
+    dead; an honest peer asks one peer a few times per lookup, a few lookups per round."""
+    request_burst_per_peer: int = 400
+    """Requests a peer may make at once above ``requests_per_s_per_peer``."""
 
     def __post_init__(self) -> None:
         _require(1 <= self.bucket_size <= 64, "dht.bucket_size", "must be in 1..64")
@@ -219,6 +257,12 @@ class DhtConfig:
             f"must be at least dht.rpc_timeout_s ({self.rpc_timeout_s})",
         )
         _require(self.max_peer_directory >= 1, "dht.max_peer_directory", ">= 1")
+        _require(self.max_new_peers_per_source >= 1, "dht.max_new_peers_per_source", ">= 1")
+        _require(self.new_peers_interval_s > 0, "dht.new_peers_interval_s", "must be positive")
+        _require(
+            self.requests_per_s_per_peer > 0, "dht.requests_per_s_per_peer", "must be positive"
+        )
+        _require(self.request_burst_per_peer >= 1, "dht.request_burst_per_peer", ">= 1")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

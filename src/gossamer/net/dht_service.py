@@ -2,31 +2,112 @@
 
 from __future__ import annotations
 
+import logging
+from collections import OrderedDict
+
 import grpc
 
+from gossamer.core.clock import Clock
 from gossamer.core.errors import AuthenticationError, ProtocolError
 from gossamer.net.config import DhtConfig
 from gossamer.net.connections import ConnectionPool
 from gossamer.net.dht import Dht
+from gossamer.net.grpc_errors import HANDLER_ANSWERED
+from gossamer.net.identity import peer_id_of_public_key, short_peer_id
 from gossamer.net.server import current_session
 from gossamer.proto import net_pb2, net_pb2_grpc
 
-__all__ = ["DHT_METHODS", "DhtServicer", "GrpcDhtTransport"]
+__all__ = ["DHT_METHODS", "DhtServicer", "GrpcDhtTransport", "RequestBudget"]
 
 _SERVICE = "/gossamer.net.v1.Dht/"
 DHT_METHODS = {name: _SERVICE + name for name in ("Ping", "FindNode", "FindValue", "Store")}
+_log = logging.getLogger(__name__)
+
+
+class RequestBudget:
+    """A token bucket per peer: ``rate_per_s`` requests a second on average, ``burst`` at once.
+
+    Args:
+        rate_per_s: tokens added per second.
+        burst: tokens a bucket holds at most (a new peer starts full).
+        clock: monotonic time.
+        max_peers: buckets kept; the one used longest ago goes first past it (it comes back
+            full: no worse than a new identity, which costs nothing).
+    """
+
+    def __init__(self, rate_per_s: float, burst: int, clock: Clock, max_peers: int) -> None:
+        self._rate_per_s = rate_per_s
+        self._burst = float(burst)
+        self._clock = clock
+        self._max_peers = max_peers
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        """Per peer: tokens, and when they were counted."""
+
+    def take(self, peer_id: str) -> bool:
+        """Take one token of ``peer_id``'s bucket; False if it has none."""
+        now_s = self._clock.monotonic()
+        tokens, at_s = self._buckets.pop(peer_id, (self._burst, now_s))
+        tokens = min(self._burst, tokens + (now_s - at_s) * self._rate_per_s)
+        allowed = tokens >= 1.0
+        self._buckets[peer_id] = (tokens - 1.0 if allowed else tokens, now_s)
+        while len(self._buckets) > self._max_peers:
+            self._buckets.popitem(last=False)
+        return allowed
 
 
 class DhtServicer(net_pb2_grpc.DhtServicer):
-    """Answers DHT requests from authenticated peers."""
+    """Answers DHT requests from authenticated peers.
+
+    A peer's requests (FindNode, FindValue, Store, and Pings that trade records) are bounded
+    by ``dht.requests_per_s_per_peer``; past it they are refused with RESOURCE_EXHAUSTED,
+    marked as the handler's own answer so the caller keeps its connection. Heartbeats (Pings
+    without a record) are always answered: they are how others tell this node is alive.
+    """
 
     def __init__(self, dht: Dht) -> None:
         self._dht = dht
+        self._budget = RequestBudget(
+            dht.config.requests_per_s_per_peer,
+            dht.config.request_burst_per_peer,
+            dht.clock,
+            dht.limits.max_sessions,
+        )
+        self.num_refused = 0
+        """Requests refused for going over a peer's rate."""
+
+    async def _admit(self, context: grpc.aio.ServicerContext) -> None:
+        """Refuse the call (RESOURCE_EXHAUSTED) if its peer has used up its request budget."""
+        peer_id = current_session().peer_id
+        if self._budget.take(peer_id):
+            return
+        self.num_refused += 1
+        _log.debug(
+            "peer %s: refused a DHT request of %s: over its rate",
+            short_peer_id(self._dht.identity.peer_id),
+            short_peer_id(peer_id),
+        )
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"over {self._dht.config.requests_per_s_per_peer:g} DHT requests a second from one "
+            "peer; slow down",
+            trailing_metadata=HANDLER_ANSWERED,
+        )
 
     def _learn_sender(self, sender: net_pb2.SignedPeerRecord, has_sender: bool) -> str:
+        """Note the caller, and learn its record; a record of another peer in ``sender`` is
+        ignored (throwaway records sent there pushed gossip-learned peers out of a full
+        directory: the field is for the caller's own)."""
         session = current_session()
         if has_sender:
-            self._dht.learn(sender, contacted=session.peer_id)
+            try:
+                claimed = peer_id_of_public_key(sender.record.publisher_public_key)
+            except ProtocolError:
+                claimed = ""
+            if claimed == session.peer_id:
+                self._dht.learn(sender, contacted=session.peer_id)
+            else:
+                self._dht.counters.protocol_error()
+                self._dht.directory.contacted(session.peer_id)
         else:
             self._dht.directory.contacted(session.peer_id)
         return session.peer_id
@@ -38,6 +119,8 @@ class DhtServicer(net_pb2_grpc.DhtServicer):
         self, request: net_pb2.PingRequest, context: grpc.aio.ServicerContext
     ) -> net_pb2.PingResponse:
         has_sender = request.HasField("sender")
+        if has_sender:
+            await self._admit(context)
         self._learn_sender(request.sender, has_sender)
         response = net_pb2.PingResponse(
             sequence=request.sequence, wall_time_s=self._dht.clock.wall()
@@ -50,6 +133,7 @@ class DhtServicer(net_pb2_grpc.DhtServicer):
     async def FindNode(
         self, request: net_pb2.FindNodeRequest, context: grpc.aio.ServicerContext
     ) -> net_pb2.FindNodeResponse:
+        await self._admit(context)
         sender = self._learn_sender(request.sender, request.HasField("sender"))
         closest = self._dht.handle_find_node(sender, request.target)
         response = net_pb2.FindNodeResponse(
@@ -64,6 +148,7 @@ class DhtServicer(net_pb2_grpc.DhtServicer):
     async def FindValue(
         self, request: net_pb2.FindValueRequest, context: grpc.aio.ServicerContext
     ) -> net_pb2.FindValueResponse:
+        await self._admit(context)
         sender = self._learn_sender(request.sender, request.HasField("sender"))
         records, closest = self._dht.handle_find_value(sender, request.key)
         response = net_pb2.FindValueResponse(records=records, closest=closest)
@@ -75,13 +160,20 @@ class DhtServicer(net_pb2_grpc.DhtServicer):
     async def Store(
         self, request: net_pb2.StoreRequest, context: grpc.aio.ServicerContext
     ) -> net_pb2.StoreResponse:
-        self._learn_sender(request.sender, request.HasField("sender"))
+        await self._admit(context)
+        sender = self._learn_sender(request.sender, request.HasField("sender"))
         try:
-            self._dht.handle_store(request.record)
+            kept = self._dht.handle_store(request.record, sender=sender)
         except (ProtocolError, AuthenticationError) as exc:
             self._dht.counters.error(exc)
             self._dht.counters.num_protocol_errors += 1
             return net_pb2.StoreResponse(stored=False, reason=str(exc))
+        if not kept:
+            return net_pb2.StoreResponse(
+                stored=False,
+                reason="this node holds a record of this publisher under this key signed at "
+                "the same time or later; it keeps that one",
+            )
         return net_pb2.StoreResponse(stored=True)
 
 
@@ -145,7 +237,7 @@ class GrpcDhtTransport:
         self._learn(peer_id, response.responder, response.HasField("responder"))
         if self.dht is not None and len(response.gossip) <= self._config.bucket_size:
             for record in response.gossip:
-                self.dht.learn(record)
+                self.dht.learn(record, source=peer_id)
         return list(response.closest)
 
     async def find_value(

@@ -27,7 +27,9 @@ from gossamer.proto import net_pb2
 
 __all__ = [
     "MAX_CLOCK_SKEW_S",
+    "MAX_PEER_RECORD_VALUE_BYTES",
     "MAX_RECORD_TTL_S",
+    "MAX_TLS_CERT_BYTES",
     "RECORD_OVERHEAD_BYTES",
     "PeerRecord",
     "check_record",
@@ -53,6 +55,13 @@ _MAX_ADDRESSES = 16
 _MAX_ADDRESS_CHARS = 256
 _MAX_RELAYS = 8
 _MAX_GPU_NAMES = 16
+_MAX_GPU_NAME_CHARS = 256
+MAX_PEER_RECORD_VALUE_BYTES = 8192
+"""Largest peer record value: a real one holds a 354-byte certificate, a few addresses and
+capabilities (under 1 KiB); at the 16 KiB any record may have, a directory of 10,000
+throwaway records held 465 MiB."""
+MAX_TLS_CERT_BYTES = 2048
+"""Largest certificate in a peer record (ours are 354 bytes: ECDSA P-256, self-signed)."""
 
 
 def _signed_bytes(
@@ -181,6 +190,10 @@ def parse_peer_record(
         raise ProtocolError("peer record carries fields this version does not know")
     if record.key != digest_of_peer_id(peer_id):
         raise ProtocolError("a peer record must be filed under its publisher's own id")
+    if len(record.value) > MAX_PEER_RECORD_VALUE_BYTES:
+        raise ProtocolError(
+            f"peer record value of {len(record.value)} bytes > {MAX_PEER_RECORD_VALUE_BYTES}"
+        )
     try:
         value = net_pb2.PeerRecordValue.FromString(record.value)
     except DecodeError as exc:
@@ -193,6 +206,12 @@ def parse_peer_record(
         split_host_port(address)  # one a dial would choke on makes the whole record unusable
     if len(value.capabilities.gpu_names) > _MAX_GPU_NAMES:
         raise ProtocolError("peer record lists too many GPUs")
+    if any(len(name) > _MAX_GPU_NAME_CHARS for name in value.capabilities.gpu_names):
+        raise ProtocolError("peer record GPU name too long")
+    if len(value.tls_cert_der) > MAX_TLS_CERT_BYTES:
+        raise ProtocolError(
+            f"peer record certificate of {len(value.tls_cert_der)} bytes > {MAX_TLS_CERT_BYTES}"
+        )
     return PeerRecord(
         peer_id=peer_id,
         addresses=tuple(value.addresses),

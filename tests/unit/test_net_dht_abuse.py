@@ -1,0 +1,346 @@
+"""What one peer can make a DHT node hold or do: the store's totals and shares, the lifetime of
+stored records, the directory's budget per source and its eviction order, the cost of serving a
+FindNode and of checking a get's records, and a re-published record after the clock stepped back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import pytest
+
+from gossamer.core.clock import FakeClock
+from gossamer.core.errors import PeerUnavailableError, ProtocolError
+from gossamer.net import dht as dht_module
+from gossamer.net.config import DhtConfig, LimitsConfig
+from gossamer.net.counters import NetCounters
+from gossamer.net.dht import Dht
+from gossamer.net.dht_service import RequestBudget
+from gossamer.net.directory import PeerDirectory
+from gossamer.net.identity import Identity
+from gossamer.net.records import (
+    MAX_RECORD_TTL_S,
+    MAX_TLS_CERT_BYTES,
+    parse_peer_record,
+    sign_peer_record,
+    sign_record,
+)
+from gossamer.proto import net_pb2
+from net_fakes import FakeDhtNetwork
+
+CONFIG = DhtConfig(bucket_size=8, parallelism=3, record_ttl_s=30.0, republish_interval_s=10.0)
+
+
+def _lone_dht(clock: FakeClock, limits: LimitsConfig | None = None) -> Dht:
+    limits = limits or LimitsConfig()
+    identity = Identity.generate()
+    directory = PeerDirectory(
+        identity.peer_id, clock, NetCounters(), max_value_bytes=16384, max_peers=10_000
+    )
+    return Dht(identity, CONFIG, limits, clock, NetCounters(), directory, _NoTransport())
+
+
+class _NoTransport:
+    """A node alone: every request fails."""
+
+    async def find_node(
+        self, peer_id: str, target: bytes, known_filter: bytes = b""
+    ) -> list[net_pb2.SignedPeerRecord]:
+        raise PeerUnavailableError("alone")
+
+    async def find_value(
+        self, peer_id: str, key: bytes
+    ) -> tuple[list[net_pb2.SignedRecord], list[net_pb2.SignedPeerRecord]]:
+        raise PeerUnavailableError("alone")
+
+    async def store(self, peer_id: str, record: net_pb2.SignedRecord) -> bool:
+        raise PeerUnavailableError("alone")
+
+
+def _record(
+    clock: FakeClock, identity: Identity, name: str, value: bytes = b"v", ttl_s: float = 60.0
+) -> net_pb2.SignedRecord:
+    key = hashlib.sha256(name.encode()).digest()
+    return sign_record(identity, key, value, now_s=clock.wall(), ttl_s=ttl_s)
+
+
+def _peer_record(identity: Identity, now_s: float, ttl_s: float = 60.0) -> net_pb2.SignedPeerRecord:
+    value = net_pb2.PeerRecordValue(addresses=["10.0.0.1:1"])
+    return sign_peer_record(identity, value, now_s=now_s, ttl_s=ttl_s)
+
+
+# ---- the store ----------------------------------------------------------------------------
+
+
+def test_one_sender_cannot_fill_the_store_with_throwaway_publishers() -> None:
+    """The per-publisher share counted publisher keys, which cost nothing: one authenticated
+    peer stored 100,000 records of as many keys (1.7 GB) and every other record was refused."""
+    clock = FakeClock()
+    dht = _lone_dht(clock, LimitsConfig(max_stored_records=100, max_records_per_publisher=4))
+    for i in range(4):
+        dht.handle_store(_record(clock, Identity.generate(), f"k{i}"), sender="mallory")
+    with pytest.raises(ProtocolError, match="sent by this peer"):
+        dht.handle_store(_record(clock, Identity.generate(), "k9"), sender="mallory")
+    honest = Identity.generate()
+    assert dht.handle_store(_record(clock, honest, "mine"), sender=honest.peer_id)
+
+
+def test_a_full_store_refuses_the_peer_holding_most_and_keeps_room_for_others() -> None:
+    clock = FakeClock()
+    limits = LimitsConfig(max_record_value_bytes=1000, max_key_bytes=4096, max_stored_bytes=8192)
+    dht = _lone_dht(clock, limits)
+    big = b"x" * 1000  # 1,256 bytes counted each: six fit in 8 KiB
+    for i in range(6):
+        dht.handle_store(_record(clock, Identity.generate(), f"m{i}", big), sender="mallory")
+    with pytest.raises(ProtocolError, match="take the most"):
+        dht.handle_store(_record(clock, Identity.generate(), "m6", big), sender="mallory")
+    honest = Identity.generate()
+    entry = _record(clock, honest, "round 7", big)
+    assert dht.handle_store(entry, sender=honest.peer_id)  # in place of mallory's oldest
+    assert dht.local_records(entry.key) == [entry]
+    assert dht.local_records(hashlib.sha256(b"m0").digest()) == []
+    assert dht._stored_bytes <= 8192
+    assert dht._num_stored == 6
+    # This node's own records are never refused for want of room.
+    mine = _record(clock, dht.identity, "mine", big)
+    assert asyncio.run(dht.store_on_closest(mine, closest=[])) == 0
+    assert dht.local_records(mine.key) == [mine]
+
+
+def test_records_stored_for_others_live_at_most_max_stored_ttl_s() -> None:
+    clock = FakeClock()
+    dht = _lone_dht(clock, LimitsConfig(max_stored_ttl_s=3600.0))
+    theirs = _record(clock, Identity.generate(), "theirs", ttl_s=MAX_RECORD_TTL_S)
+    dht.handle_store(theirs)
+    mine = _record(clock, dht.identity, "mine", ttl_s=7200.0)
+    asyncio.run(dht.store_on_closest(mine, closest=[]))
+    clock.advance(3599.0)
+    assert dht.local_records(theirs.key) == [theirs]
+    clock.advance(2.0)
+    assert dht.local_records(theirs.key) == []
+    assert dht.local_records(mine.key) == [mine]
+    dht.expire()
+    assert dht._num_stored == 1
+
+
+def test_store_limits_are_checked_when_the_config_is_made() -> None:
+    with pytest.raises(ValueError, match="max_stored_bytes"):
+        LimitsConfig(max_stored_bytes=1000)
+    with pytest.raises(ValueError, match="max_stored_ttl_s"):
+        LimitsConfig(max_stored_ttl_s=1.0)
+    with pytest.raises(ValueError, match="requests_per_s_per_peer"):
+        DhtConfig(requests_per_s_per_peer=0.0)
+
+
+# ---- a clock that steps back ----------------------------------------------------------------
+
+
+class SteppedClock(FakeClock):
+    """A fake clock whose wall time can be set back (an NTP correction)."""
+
+    step_s = 0.0
+
+    def wall(self) -> float:
+        return super().wall() + self.step_s
+
+
+def test_a_value_put_after_the_clock_stepped_back_replaces_the_older_one_everywhere() -> None:
+    """The new record, signed at the earlier time, was dropped by every store, the publisher's
+    own included, and the put still counted them as having taken it."""
+
+    async def scenario() -> None:
+        clock = SteppedClock()
+        network = FakeDhtNetwork(clock, CONFIG)
+        nodes = [network.add_node() for _ in range(6)]
+        for node in nodes[1:]:
+            node.learn(nodes[0].own_record())
+            await node.lookup(node.identity.digest)
+        publisher, reader = nodes[1], nodes[-1]
+        key = hashlib.sha256(b"membership").digest()
+        assert await publisher.put(key, b"active") >= 1
+        clock.step_s = -30.0
+        assert await publisher.put(key, b"left") >= 1
+        assert [r.value for r in await reader.get(key)] == [b"left"]
+        assert [r.value for r in publisher.local_records(key)] == [b"left"]
+
+    asyncio.run(scenario())
+
+
+def test_a_store_keeping_a_newer_record_says_it_did_not_store_the_older_one() -> None:
+    clock = FakeClock()
+    dht = _lone_dht(clock)
+    publisher = Identity.generate()
+    older = _record(clock, publisher, "k", b"old")
+    clock.advance(1.0)
+    newer = _record(clock, publisher, "k", b"new")
+    assert dht.handle_store(newer) is True
+    assert dht.handle_store(newer) is True  # (the same record again: held)
+    assert dht.handle_store(older) is False
+    assert dht.local_records(newer.key) == [newer]
+
+
+# ---- the directory ---------------------------------------------------------------------------
+
+
+def test_one_source_adds_a_bounded_number_of_new_peers_per_interval() -> None:
+    clock = FakeClock()
+    directory = PeerDirectory(
+        "me",
+        clock,
+        NetCounters(),
+        max_value_bytes=16384,
+        max_peers=1000,
+        max_new_peers_per_source=5,
+        new_peers_interval_s=60.0,
+    )
+    first = [Identity.generate() for _ in range(10)]
+    for identity in first:
+        directory.learn(_peer_record(identity, clock.wall()), source="gossiper")
+    assert sum(i.peer_id in directory for i in first) == 5
+    assert directory.num_refused_new == 5
+    # Its own record, renewals of known peers and other sources are not held back.
+    gossiper = Identity.generate()
+    assert directory.learn(_peer_record(gossiper, clock.wall()), source=gossiper.peer_id)
+    clock.advance(1.0)
+    known = [i for i in first if i.peer_id in directory]
+    for identity in known:
+        assert directory.learn(_peer_record(identity, clock.wall()), source="gossiper")
+    assert directory.learn(_peer_record(first[-1], clock.wall()), source="another")
+    clock.advance(60.0)
+    directory.learn(_peer_record(first[-2], clock.wall()), source="gossiper")
+    assert first[-2].peer_id in directory
+
+
+def test_a_record_claiming_a_later_signing_time_does_not_outrank_a_later_renewal() -> None:
+    """A full directory evicted the record signed longest ago by the time it claims: records
+    minted "now" (or up to two minutes ahead) pushed out every live peer learned through
+    gossip, whose renewals were signed seconds before they arrived."""
+    clock = FakeClock()
+    directory = PeerDirectory("me", clock, NetCounters(), max_value_bytes=16384, max_peers=10)
+    minted = [Identity.generate() for _ in range(5)]
+    honest = [Identity.generate() for _ in range(5)]
+    for identity in minted:
+        directory.learn(_peer_record(identity, clock.wall() + 100.0))
+    for identity in honest:
+        directory.learn(_peer_record(identity, clock.wall() - 20.0))
+    clock.advance(10.0)
+    for identity in honest:  # renewals, signed a few seconds before they came
+        directory.learn(_peer_record(identity, clock.wall() - 5.0))
+    for _ in range(5):
+        directory.learn(_peer_record(Identity.generate(), clock.wall()))
+    assert all(i.peer_id in directory for i in honest)
+    assert not any(i.peer_id in directory for i in minted)
+
+
+def test_serving_a_find_node_does_not_walk_the_directory() -> None:
+    """A FindNode listed, expired and sorted the whole directory (2.3 ms at 10,000 peers): a
+    flood of them kept the node from answering heartbeats."""
+    clock = FakeClock()
+    dht = _lone_dht(clock)
+    identities = [Identity.generate() for _ in range(300)]
+    for identity in identities:
+        dht.learn(_peer_record(identity, clock.wall()))
+
+    def walked() -> None:
+        raise AssertionError("the whole directory was walked")
+
+    dht.directory.records = walked  # type: ignore[assignment,method-assign]
+    dht.directory.expire = walked  # type: ignore[assignment,method-assign]
+    closest = dht.handle_find_node("someone", b"\7" * 32)
+    gossip = dht.gossip_records(exclude=identities[-1].peer_id)
+    assert len(closest) == CONFIG.bucket_size
+    assert len(gossip) == CONFIG.bucket_size
+    ids = [dht_module._peer_id_of(r) for r in gossip]
+    assert len(set(ids)) == len(ids)
+    assert identities[-1].peer_id not in ids
+    # The newest half: the records that reached this node last.
+    assert set(ids[: CONFIG.bucket_size // 2]) == {i.peer_id for i in identities[-5:-1]}
+
+
+def test_a_peer_record_with_an_oversized_certificate_is_refused() -> None:
+    identity = Identity.generate()
+    normal = net_pb2.PeerRecordValue(addresses=["10.0.0.1:1"], tls_cert_der=b"c" * 354)
+    signed = sign_peer_record(identity, normal, now_s=1e9, ttl_s=60)
+    assert parse_peer_record(signed, now_s=1e9, max_value_bytes=16384).peer_id
+    big = net_pb2.PeerRecordValue(tls_cert_der=b"c" * (MAX_TLS_CERT_BYTES + 1))
+    signed = sign_peer_record(identity, big, now_s=1e9, ttl_s=60)
+    with pytest.raises(ProtocolError, match="certificate"):
+        parse_peer_record(signed, now_s=1e9, max_value_bytes=16384)
+    long_address = ".".join(["a" * 60] * 3) + ":1"  # (185 characters: each part allowed)
+    huge = net_pb2.PeerRecordValue(addresses=[long_address] * 16, tls_cert_der=b"c" * 2000)
+    huge.capabilities.gpu_names.extend(["g" * 250] * 16)
+    signed = sign_peer_record(identity, huge, now_s=1e9, ttl_s=60)
+    with pytest.raises(ProtocolError, match="value of"):
+        parse_peer_record(signed, now_s=1e9, max_value_bytes=16384)
+
+
+# ---- requests per peer -------------------------------------------------------------------------
+
+
+def test_the_request_budget_allows_a_burst_then_the_rate() -> None:
+    clock = FakeClock()
+    budget = RequestBudget(rate_per_s=10.0, burst=5, clock=clock, max_peers=2)
+    assert [budget.take("a") for _ in range(6)] == [True] * 5 + [False]
+    assert budget.take("b")  # another peer has its own
+    clock.advance(0.1)
+    assert budget.take("a")
+    assert not budget.take("a")
+    clock.advance(100.0)
+    assert sum(budget.take("a") for _ in range(10)) == 5  # (no more than the burst saved up)
+    budget.take("c")
+    assert len(budget._buckets) == 2
+
+
+# ---- a get's checks ---------------------------------------------------------------------------
+
+
+def test_a_get_checks_each_record_once_and_lets_the_loop_run_while_checking(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every replica's answer was checked whole, a signature per record: 1,024 records from 6
+    replicas held the event loop 228 ms."""
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        network = FakeDhtNetwork(clock, CONFIG)
+        nodes = [network.add_node() for _ in range(6)]
+        for node in nodes[1:]:
+            node.learn(nodes[0].own_record())
+            await node.lookup(node.identity.digest)
+        key = hashlib.sha256(b"round").digest()
+        records = [
+            sign_record(Identity.generate(), key, b"e", now_s=clock.wall(), ttl_s=60)
+            for _ in range(200)
+        ]
+        reader = nodes[-1]
+        for node in nodes[:-1]:
+            for record in records:
+                node.handle_store(record)
+        num_checks = 0
+        check_record = dht_module.check_record
+
+        def counted(record: net_pb2.SignedRecord, **kwargs: float) -> str:
+            nonlocal num_checks
+            num_checks += 1
+            return check_record(record, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(dht_module, "check_record", counted)
+        seen_between: list[int] = []
+        done = False
+
+        async def watch() -> None:
+            while not done:
+                if num_checks % len(records) > 0:
+                    seen_between.append(num_checks)
+                await asyncio.sleep(0)
+
+        watcher = asyncio.ensure_future(watch())
+        found = await reader.get(key)
+        done = True
+        await watcher
+        assert len(found) == len(records)
+        assert num_checks == len(records)
+        assert seen_between, "the loop never ran while a replica's answer was checked"
+
+    asyncio.run(scenario())
