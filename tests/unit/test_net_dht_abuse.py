@@ -13,12 +13,13 @@ import pytest
 from gossamer.core.clock import FakeClock
 from gossamer.core.errors import PeerUnavailableError, ProtocolError
 from gossamer.net import dht as dht_module
-from gossamer.net.config import DhtConfig, LimitsConfig
+from gossamer.net.config import DhtConfig, LimitsConfig, NodeConfig
 from gossamer.net.counters import NetCounters
 from gossamer.net.dht import Dht
 from gossamer.net.dht_service import RequestBudget
 from gossamer.net.directory import PeerDirectory
 from gossamer.net.identity import Identity
+from gossamer.net.node import Node
 from gossamer.net.records import (
     MAX_RECORD_TTL_S,
     MAX_TLS_CERT_BYTES,
@@ -165,6 +166,24 @@ def test_a_value_put_after_the_clock_stepped_back_replaces_the_older_one_everywh
         assert [r.value for r in publisher.local_records(key)] == [b"left"]
 
     asyncio.run(scenario())
+
+
+def test_a_nodes_own_record_signed_after_the_clock_stepped_back_is_still_the_newer() -> None:
+    # A record with new addresses (or a renewal) signed at the earlier time was dropped by
+    # every directory holding the one before, until the clock caught up.
+    clock = SteppedClock()
+    node = Node(NodeConfig(), clock=clock)
+    first = node.sign_own_record()
+    clock.step_s = -30.0
+    second = node.sign_own_record()
+    assert second.record.published_at_s > first.record.published_at_s
+    directory = PeerDirectory(
+        "observer", clock, NetCounters(), max_value_bytes=16384, max_peers=100
+    )
+    directory.learn(first)
+    learned = directory.learn(second)
+    assert learned is not None
+    assert learned.published_at_s == second.record.published_at_s
 
 
 def test_a_store_keeping_a_newer_record_says_it_did_not_store_the_older_one() -> None:

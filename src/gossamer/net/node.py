@@ -285,8 +285,14 @@ class Node:
             tls_cert_der=self.tls.cert_der,
             relay_service=self.config.relay.serve,
         )
+        now_s = self.clock.wall()
+        if self._own_record is not None:
+            # Later than the record it replaces, even after the wall clock stepped back: every
+            # directory keeps the newer of a peer's records, so a record with new addresses
+            # (or a renewal) would be dropped everywhere until the clock caught up.
+            now_s = max(now_s, self._own_record.record.published_at_s + 1e-3)
         self._own_record = sign_peer_record(
-            self.identity, value, now_s=self.clock.wall(), ttl_s=self.config.dht.record_ttl_s
+            self.identity, value, now_s=now_s, ttl_s=self.config.dht.record_ttl_s
         )
         self._record_signed_at_s = self.clock.monotonic()
         return self._own_record
