@@ -6,6 +6,7 @@ import asyncio
 import gc
 import time
 import tracemalloc
+import weakref
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -231,6 +232,22 @@ def test_previous_snapshot_is_served_to_a_download_in_progress() -> None:
     got, _report = run(download_state(newcomer, ["donor"], timeout_s=10))
     assert_bit_exact(got, old)
     assert donor.version == 2
+
+
+def test_a_download_goes_on_when_its_version_is_republished_with_other_bytes() -> None:
+    # Chunk requests named the version only: a donor that published other bytes under the same
+    # version (after a missed round) answered with chunks of those, and the honest donor was
+    # struck off as corrupted and the download failed.
+    network, newcomer, _ = swarm(0)
+    node = network.add("donor", FaultyBulkNode)
+    old, new = snapshot(version=5, seed=1), snapshot(version=5, seed=2)
+    (donor,) = donate([node], old)
+    node.after_chunk = lambda n: donor.publish(new) if n == 1 else None  # type: ignore[attr-defined]
+    got, report = run(download_state(newcomer, ["donor"], timeout_s=10, max_chunks_in_flight=1))
+    assert_bit_exact(got, old)
+    assert report.failed_donors == {}
+    got, _ = run(download_state(newcomer, ["donor"], timeout_s=10))  # a new one takes the new
+    assert_bit_exact(got, new)
 
 
 def test_previous_snapshot_is_dropped_after_its_grace() -> None:
@@ -707,3 +724,40 @@ def test_a_bug_while_reading_a_manifest_reaches_the_caller(monkeypatch: pytest.M
     monkeypatch.setattr(state_sync, "decode_manifest", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         run(download_state(newcomer, ["donor0"], timeout_s=10))
+
+
+def test_a_node_that_downloaded_state_is_not_kept_alive_by_it() -> None:
+    # The reply router, kept per node in a WeakKeyDictionary, held its node: every node that
+    # ever downloaded state stayed alive for the life of the process, its donors' snapshots too.
+    def download_once() -> weakref.ref[FakeBulkNode]:
+        network, newcomer, _ = swarm(0)
+        donate([network.add("donor")], snapshot())
+        run(download_state(newcomer, ["donor"], timeout_s=10))
+        return weakref.ref(newcomer)
+
+    gone = download_once()
+    gc.collect()
+    assert gone() is None
+
+
+def test_a_state_too_large_for_the_deadline_downloads_while_its_chunks_keep_coming() -> None:
+    # A fixed deadline made a state of more than its transfer time impossible to download (each
+    # try started over); the chunks' time now follows the state's size at a floor rate.
+    _network, newcomer, nodes = swarm(1, FaultyBulkNode)
+    want = snapshot()
+    donate(nodes, want)
+    nodes[0].reply_delay_s = 0.05  # type: ignore[attr-defined]  # 42 chunks: 2 s, one at a time
+    got, report = run(
+        download_state(
+            newcomer, ["donor0"], timeout_s=0.5, max_chunks_in_flight=1, min_bytes_per_s=1024
+        )
+    )
+    assert_bit_exact(got, want)
+    assert report.seconds > 0.5
+    # Slower than the floor: the error says the download was too slow, and how fast it went.
+    with pytest.raises(DeadlineExceededError, match=r"fetched at [0-9.]+ MiB/s .* too slow"):
+        run(
+            download_state(
+                newcomer, ["donor0"], timeout_s=0.5, max_chunks_in_flight=1, min_bytes_per_s=1e12
+            )
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import struct
@@ -39,6 +40,14 @@ def test_request_round_trip() -> None:
     manifest = Request(kind=RequestKind.MANIFEST, request_id=b"\x01" * 16)
     assert decode_request(encode_request(manifest)) == manifest
     assert len(encode_request(request)) < MAX_REQUEST_BYTES
+    # Chunk requests name the manifest they began on; requests without it still decode.
+    named = dataclasses.replace(request, version=2**62, index=2**62, manifest_sha256="ab" * 32)
+    assert decode_request(encode_request(named)) == named
+    assert len(encode_request(named)) < MAX_REQUEST_BYTES
+    assert "manifest" not in json.loads(encode_request(request))
+
+
+_CHUNK = {"kind": "chunk", "request_id": "0" * 32, "timeout_ms": 10, "version": 1, "index": 2}
 
 
 @pytest.mark.parametrize(
@@ -52,6 +61,9 @@ def test_request_round_trip() -> None:
         {"kind": "chunk", "request_id": "0" * 32, "timeout_ms": 10, "version": 1},
         {"kind": "chunk", "request_id": "0" * 32, "timeout_ms": 10, "version": 1, "index": 2**70},
         {"kind": ["chunk"], "request_id": "0" * 32, "timeout_ms": 10},
+        {**_CHUNK, "manifest": "AB" * 32},
+        {**_CHUNK, "manifest": "ab" * 31},
+        {**_CHUNK, "manifest": 5},
     ],
 )
 def test_malformed_requests_are_refused(fields: dict[str, object]) -> None:

@@ -31,6 +31,7 @@ from gossamer.train.averaging import InProcessGroup
 from gossamer.train.diloco import DiLoCoConfig, DiLoCoStrategy
 from gossamer.train.loop import ProgressEvent, TrainingListener
 from gossamer.train.optim import ScheduleRefit, learning_rate_at
+from gossamer.train.strategy import LocalStrategy
 
 TEXT = "def add(a, b):\n    return a + b\n\n" * 200 + "class Point:\n    x: int\n    y: int\n" * 100
 
@@ -389,6 +390,55 @@ def test_a_resume_with_nothing_left_to_train_leaves_the_checkpoint_as_it_is(
     assert (result.start_step, result.steps_done) == (12, 12)
     assert result.checkpoint_path == store.path_for(12)
     assert (store.path_for(12) / "manifest.json").read_bytes() == manifest
+
+
+def test_a_resume_from_a_checkpoint_a_dead_writer_set_aside_names_the_folder_it_read(
+    corpus_file: Path, tmp_path: Path
+) -> None:
+    # A writer killed between the fallback's two renames leaves step 12 as .old-step-...: the
+    # resume read it, yet resumed_from and the result's checkpoint named step-000000012, which
+    # did not exist.
+    with Trainer(tiny_config(corpus_file, tmp_path / "ckpt")) as trainer:
+        trainer.run()
+    store = CheckpointStore(tmp_path / "ckpt")
+    set_aside = store.directory / ".old-step-000000012-0123abcd"
+    store.path_for(12).rename(set_aside)
+    with Trainer(tiny_config(corpus_file, tmp_path / "ckpt")) as resumed:
+        assert resumed.resumed_from == set_aside
+        result = resumed.run()
+    assert result.resumed_from == set_aside
+    assert result.checkpoint_path is not None
+    assert result.checkpoint_path.is_dir()
+
+
+class _SyncingStrategy(LocalStrategy):
+    """Took the state of ``synced_step`` from other peers in setup; records what it was told."""
+
+    def __init__(self, synced_step: int) -> None:
+        self.synced_step = synced_step
+        self.told: list[int] = []
+
+    def resume_at(self, step: int) -> None:
+        self.told.append(step)
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
+        return self.synced_step
+
+
+def test_a_state_taken_from_the_swarm_is_trained_as_of_its_own_step(
+    corpus_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Resumed at step 8, the peer took the swarm's state of step 5 and trained it as step 8
+    # (the loop took only a higher step): another schedule and data position than its weights.
+    config = _paused_at(8, corpus_file, tmp_path)
+    older = _SyncingStrategy(5)
+    with caplog.at_level(logging.WARNING), Trainer(config, strategy=older) as trainer:
+        assert older.told == [8]  # before setup: it can keep its own newer state instead
+        assert trainer.step == 5
+    assert "took the swarm's state of step 5, older than this peer's own" in caplog.text
+    newer = _SyncingStrategy(20)
+    with Trainer(config, strategy=newer) as trainer:
+        assert trainer.step == 20
 
 
 def test_a_budgeted_run_paused_and_resumed_keeps_the_schedule_it_was_fitted(

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from gossamer.core.errors import ConfigError
 from gossamer.obs.metrics import PeerMetrics
 from gossamer.train import swarm as swarm_module
 from gossamer.train.averaging import AverageOutcome, begin_round
@@ -607,3 +608,81 @@ def test_a_peer_behind_at_a_boundary_discards_the_steps_it_took_since_it_resumed
     figures = metrics.goodput.snapshot()
     assert (figures.tokens_discarded, figures.tokens_kept) == (20, 1000)
     strategy.close()
+
+
+def _strategy_on(model: nn.Module) -> SwarmDiLoCoStrategy:
+    strategy = SwarmDiLoCoStrategy(
+        DiLoCoConfig(inner_steps=INNER_STEPS, run_id="r"),
+        cast(Any, FakeAverager()),
+        cast(Any, FakeNodeThread()),
+        cast(Any, FakeDonor()),
+        join_existing=False,
+    )
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    return strategy
+
+
+class _Named(nn.Module):
+    """Two layers whose parameters line up in shape with ``nn.Sequential``'s, not in name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.second = nn.Linear(4, 4)
+
+
+def test_a_state_of_another_model_whose_shapes_line_up_is_refused_saying_what_differs() -> None:
+    # A 2-layer newcomer took a 3-layer run's state: only global.0..3 were checked, their shapes
+    # matched, and the extra tensors were ignored (a GPT's final_norm took the weights of
+    # blocks.2.attention_norm, of the same shape).
+    deeper = _strategy_on(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)))
+    newcomer = _strategy_on(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))
+    state = deeper._snapshot(step=0)
+    why = newcomer._unusable(state)
+    assert "the donors train another model" in why
+    assert "6 parameter tensors there, 4 here; the first of there only is 2.weight" in why
+    assert "set this peer's model config" in why  # what to do
+    # From a donor that publishes no signature: the tensors it has no place for say it.
+    unsigned = StateSnapshot(
+        version=0,
+        tensors=state.tensors,
+        meta={k: v for k, v in state.meta.items() if k != "model_signature"},
+    )
+    why = newcomer._unusable(unsigned)
+    assert "has no place for ('global.4', 'global.5')" in why
+    # Same count and shapes, other parameters.
+    named = _strategy_on(_Named())
+    why = named._unusable(newcomer._snapshot(step=0))
+    assert "parameter 0 is 0.weight of shape (4, 4) there, first.weight of shape (4, 4)" in why
+    for malformed in ([["x"]], "abc", [[1, [4]]]):
+        signed = StateSnapshot(
+            version=0, tensors=state.tensors, meta=state.meta | {"model_signature": malformed}
+        )
+        assert "malformed" in newcomer._unusable(signed)
+    # Its own model's state is still taken.
+    assert newcomer._unusable(newcomer._snapshot(step=0)) == ""
+    for strategy in (deeper, newcomer, named):
+        strategy.close()
+
+
+def test_a_newcomer_whose_model_is_not_the_runs_stops_with_what_to_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Refused with a warning only, it trained alone: its rounds never met the others'.
+    deeper = _strategy_on(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)))
+    state = deeper._snapshot(step=0)
+    monkeypatch.setattr(swarm_module, "download_from_donors", lambda *a, **k: (state, 1))
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    newcomer = SwarmDiLoCoStrategy(
+        DiLoCoConfig(inner_steps=INNER_STEPS, run_id="r"),
+        cast(Any, FakeAverager()),
+        cast(Any, FakeNodeThread()),
+        cast(Any, FakeDonor()),
+        join_existing=True,
+    )
+    monkeypatch.setattr(newcomer, "_others", lambda: ["donor"])
+    with pytest.raises(ConfigError, match=r"the donors train another model.*set this peer's"):
+        newcomer.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    # Mid-run (a donor's bug, or a liar's) it is a refused download, as before.
+    assert newcomer._download(version=None) is None
+    deeper.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import importlib
+import logging
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from gossamer.core.errors import GossamerError
+from gossamer.core.errors import DeadlineExceededError, GossamerError
 from gossamer.obs.metrics import PeerMetrics
 from gossamer.train.averaging import AverageOutcome
 from gossamer.train.state_sync import StateSnapshot
@@ -25,6 +27,7 @@ class FakeAverager:
         self.states: dict[str, tuple[str, int]] = {}
         self.events: list[tuple[str, int]] = []
         self.excluded = False
+        self.newest_seen_version: int | None = None
 
     def average(
         self, tensors: list[torch.Tensor], *, round_key: str, weight: float
@@ -219,3 +222,105 @@ def test_a_state_that_does_not_fit_is_refused_and_nothing_of_it_is_taken(
         for name, value in state.items():
             assert torch.equal(after["state"][index][name], value)
     train_one_step(other, other_optimizer)  # and it trains on
+
+
+def _no_download(*args: object, **kwargs: object) -> None:
+    raise AssertionError("no state is downloaded")
+
+
+def test_a_peer_resumed_ahead_of_the_run_keeps_its_own_state_and_step(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Resumed at step 40 while the run's other peer announced step 2, it took that peer's state
+    # of step 22 and told the run it joined at 22, while the loop went on at step 40: the run's
+    # progress rolled back, and the peer's weights and step disagreeing.
+    module = importlib.import_module("gossamer.train.swarm_sync")  # (a function shadows it)
+    monkeypatch.setattr(module, "download_from_donors", _no_download)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    weights = [p.detach().clone() for p in model.parameters()]
+    averager = FakeAverager()
+    averager.states = {"other": ("active", 2)}
+    strategy = make(averager, FakeDonor(), join_existing=True)
+    strategy.resume_at(40)
+    with caplog.at_level(logging.WARNING):
+        assert strategy.setup(model, optimizer) is None  # the loop goes on at its own step
+    assert averager.events == [("join", 40)]  # a member at its own step, nothing announced
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    assert "ahead of the run's other peers (the newest announced step 2)" in caplog.text
+
+
+def test_a_peer_resumed_behind_the_run_takes_its_state_and_step() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    averager = FakeAverager()
+    averager.states = {"other": ("active", 2)}
+    strategy = make(averager, FakeDonor(), join_existing=True)
+    strategy.resume_at(21)  # the run is somewhere in [2, 12): its state at 22 is newer
+    donor_peer = _serving(1)[4]
+    strategy._wait_for_state = lambda donors, step: donor_peer._snapshot(step)  # type: ignore[method-assign]
+    assert strategy.setup(model, optimizer) == 22
+    assert averager.events == [("joining", 22), ("join", 22)]
+
+
+def test_a_peer_that_finds_another_far_ahead_joins_again_at_a_step_past_it() -> None:
+    # The peer that resumed ahead keeps its state: the peers behind it take it once they see
+    # it at a round, or both trained on, each alone, each waiting for the other at its rounds.
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    averager, donor = FakeAverager(), FakeDonor()
+    strategy = make(averager, donor)
+    strategy.setup(model, optimizer)
+    donor_peer = _serving(1)[4]
+    asked: list[int] = []
+
+    def wait_for_state(donors: list[str], step: int) -> StateSnapshot:
+        asked.append(step)
+        return donor_peer._snapshot(step)
+
+    strategy._wait_for_state = wait_for_state  # type: ignore[method-assign]
+    train_one_step(model, optimizer)
+    averager.newest_seen_version = 40  # as a round's formation read it
+    averager.states = {"ahead": ("active", 40)}
+    assert strategy.on_step_end(model, 4) == 60  # 40 + two announcement periods
+    assert asked == [60]
+    assert averager.events[-2:] == [("joining", 60), ("join", 60)]
+    assert strategy.resyncs == 1
+    for mine, theirs in zip(model.parameters(), donor_peer._model.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+
+    # A peer a round saw ahead that is gone since (not among the run's live peers) moves nobody.
+    averager.newest_seen_version = 90
+    averager.states = {"ahead": ("active", 60)}
+    assert strategy.on_step_end(model, 60) is None
+    assert asked == [60]
+
+
+def test_a_join_whose_downloads_fail_says_so_rather_than_blame_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The state was published each time, its download too slow: the error said no peer had
+    # published it, and to check that the others train.
+    module = importlib.import_module("gossamer.train.swarm_sync")
+
+    def too_slow(*args: object, **kwargs: object) -> None:
+        raise DeadlineExceededError("fetched at 0.01 MiB/s when the deadline passed, too slow")
+
+    monkeypatch.setattr(module, "download_from_donors", too_slow)
+    monkeypatch.setattr(module, "_STATE_WAIT_S", 0.3)
+    averager = FakeAverager()
+    averager.states = {"other": ("active", 2)}
+    announce = averager.announce_joining
+
+    def published(step: int) -> None:  # the other peer reaches the step and publishes it
+        announce(step)
+        averager.states["other"] = ("active", step)
+
+    averager.announce_joining = published  # type: ignore[method-assign]
+    model = nn.Linear(4, 3)
+    strategy = make(averager, FakeDonor(), join_existing=True)
+    with pytest.raises(GossamerError, match=r"was not downloaded in 3 attempts.*too slow"):
+        strategy.setup(model, torch.optim.AdamW(model.parameters(), lr=0.1))

@@ -250,19 +250,49 @@ class Trainer:
             for inputs, targets in self.val_batches if self._check_batches else ():
                 self._check_vocabulary(inputs, targets, self.corpus.validation.description)
             self.resumed_from: Path | None = None
+            self._resumed_step: int | None = None
             if config.checkpoint.resume:
                 self._resume()
-            # A swarm strategy's setup downloads the swarm's state as a newcomer: time to sync.
-            with self.spans.span("sync", step=self.run_state.step, hook="setup"):
-                synced_step = self.run_state.strategy.setup(model, self.run_state.optimizer)
-            if synced_step is not None and synced_step > self.run_state.step:
-                # state came from other peers: continue from there
-                self.run_state.step = synced_step
+            self._setup_strategy(model)
             if self.metrics is not None:  # (a resumed peer read step 0 until its first step ended)
                 self.metrics.step.set(self.run_state.step)
         except BaseException:
             self._lease.close()
             raise
+
+    def _setup_strategy(self, model: nn.Module) -> None:
+        """Run the strategy's setup; where it brought the state from other peers, continue from
+        the step that state is of, so state and step agree.
+
+        A swarm strategy's setup downloads the swarm's state as a newcomer. One that can tell a
+        state older than its own (``resume_at``) is told the step resumed at first, and keeps
+        its own where the swarm's is older; a strategy that took an older state all the same
+        has its step taken with it (trained under the newer step, it went on with another
+        schedule and data position than its weights were trained to, in rounds it was not in).
+        """
+        run = self.run_state
+        resume_at = getattr(run.strategy, "resume_at", None)
+        if callable(resume_at):
+            resume_at(run.step)
+        # A swarm strategy's setup downloads the swarm's state as a newcomer: time to sync.
+        with self.spans.span("sync", step=run.step, hook="setup"):
+            synced_step = run.strategy.setup(model, run.optimizer)
+        if synced_step is None or synced_step == run.step:
+            return
+        if synced_step < run.step:
+            logger.warning(
+                "peer %s step %d: took the swarm's state of step %d, older than this peer's "
+                "own: continuing from step %d (the %d steps of its own since are dropped; its "
+                "checkpoints of later steps stay in %s and a resume prefers them: remove them "
+                "to resume from the swarm's)",
+                self.spans.peer,
+                run.step,
+                synced_step,
+                synced_step,
+                run.step - synced_step,
+                self.store.directory,
+            )
+        run.step = synced_step  # state came from other peers: continue from there
 
     @property
     def model(self) -> nn.Module:
@@ -410,7 +440,9 @@ class Trainer:
                 self.store.directory.resolve(),
             )
             return
-        self.resumed_from = self.store.path_for(state.step)
+        # (where it was read: a checkpoint a dead writer left set aside is not at path_for)
+        self.resumed_from = self.store.loaded_from or self.store.path_for(state.step)
+        self._resumed_step = state.step
         restore_run_state(state, self.run_state, where=str(self.resumed_from))
         logger.info("resumed from %s at step %d", self.resumed_from, state.step)
 
@@ -635,7 +667,7 @@ class Trainer:
         if (step > start_step or replaced) and not interrupted:
             val_latest = self.evaluate()
             self.listener.on_eval(step=step, val_loss=val_latest)
-        if step == start_step and not replaced and self.resumed_from == self.store.path_for(step):
+        if step == start_step and not replaced and self._resumed_step == step:
             # Nothing trained (resumed at or past the schedule's end): the checkpoint stays as
             # it is, not written again under this session's config.
             last_checkpoint = self.resumed_from

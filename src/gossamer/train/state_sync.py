@@ -92,18 +92,23 @@ class DownloadReport:
 
 
 class _ReplyRouter:
-    """Hands replies on a node's reply topic to the request that waits for them."""
+    """Hands replies on a node's reply topic to the request that waits for them.
 
-    def __init__(self, node: BulkEndpoint) -> None:
-        self._node = node
+    Holds no reference to its node: :data:`_routers` keeps it as long as the node lives, and
+    one holding the node kept every node that ever downloaded state alive (with its donor's
+    snapshots) for the life of the process.
+    """
+
+    def __init__(self) -> None:
         self._waiting: dict[bytes, tuple[str, asyncio.Future[tuple[ReplyHeader, memoryview]]]] = {}
         self._max_bytes = 0
 
-    def allow(self, limits: StateSyncLimits) -> None:
-        """Accept replies as large as ``limits`` allow (and as earlier downloads' limits did)."""
+    def allow(self, node: BulkEndpoint, limits: StateSyncLimits) -> None:
+        """Accept replies on ``node`` (this router's) as large as ``limits`` allow (and as
+        earlier downloads' limits did)."""
         if limits.max_reply_bytes > self._max_bytes:
             self._max_bytes = limits.max_reply_bytes
-            self._node.on_bulk(REPLY_TOPIC, self._on_reply, max_bytes=self._max_bytes)
+            node.on_bulk(REPLY_TOPIC, self._on_reply, max_bytes=self._max_bytes)
 
     def expect(self, donor: str) -> tuple[bytes, asyncio.Future[tuple[ReplyHeader, memoryview]]]:
         request_id = secrets.token_bytes(16)
@@ -167,6 +172,7 @@ class _Download:
             version=request.version,
             index=request.index,
             timeout_ms=max(1, int(timeout_s * 1000)),
+            manifest_sha256=request.manifest_sha256,
         )
         try:
             async with asyncio.timeout(timeout_s):
@@ -208,6 +214,7 @@ async def download_state(
     max_chunks_in_flight: int = 8,
     request_timeout_s: float = 30.0,
     limits: StateSyncLimits | None = None,
+    min_bytes_per_s: float = 0.0,
 ) -> tuple[StateSnapshot, DownloadReport]:
     """Download the global state from ``donors`` at once, every chunk checked by hash.
 
@@ -221,6 +228,10 @@ async def download_state(
             donors' ``max_requests_per_peer``, 16 by default: they refuse more from one peer).
         request_timeout_s: a donor taking longer for one request is struck off.
         limits: sizes and counts accepted from donors.
+        min_bytes_per_s: where positive, once a manifest is chosen the deadline moves out to
+            leave its chunks ``total_bytes / min_bytes_per_s`` seconds at least: a state too
+            large for ``timeout_s`` still downloads while its chunks come at that rate or faster
+            (a donor that stalls is struck off after ``request_timeout_s`` all the same).
 
     Returns:
         The snapshot and a report of who served what.
@@ -232,6 +243,8 @@ async def download_state(
     """
     if timeout_s <= 0 or max_chunks_in_flight < 1 or request_timeout_s <= 0:
         raise ValueError("timeout_s, request_timeout_s and max_chunks_in_flight must be positive")
+    if not min_bytes_per_s >= 0:
+        raise ValueError(f"min_bytes_per_s must be >= 0, got {min_bytes_per_s}")
     unique_donors = list(dict.fromkeys(d for d in donors if d != node.peer_id))
     if not unique_donors:
         raise ValueError("download_state needs at least one donor other than this peer")
@@ -239,8 +252,8 @@ async def download_state(
     loop = asyncio.get_running_loop()
     router = _routers.get(node)
     if router is None:
-        router = _routers[node] = _ReplyRouter(node)
-    router.allow(limits)
+        router = _routers[node] = _ReplyRouter()
+    router.allow(node, limits)
     started = loop.time()
     job = _Download(node, router, loop, started + timeout_s, request_timeout_s)
     try:
@@ -251,6 +264,10 @@ async def download_state(
             # donor that had just published a newer version), the next one is fetched.
             if place and not set(holders) - set(job.failed):
                 continue  # (its holders failed meanwhile)
+            if min_bytes_per_s > 0:  # the chunks' time follows the state's size
+                job.deadline = max(
+                    job.deadline, loop.time() + manifest.total_bytes / min_bytes_per_s
+                )
             try:
                 chunks, stats, num_refetched = await _fetch_chunks(
                     job, manifest, holders, max_chunks_in_flight
@@ -393,13 +410,20 @@ async def _fetch_chunks(
     tasks: dict[asyncio.Task[float], tuple[int, _Donor, float]] = {}
     orphans: list[asyncio.Task[float]] = []
     latencies: list[float] = []
-    num_done = num_refetched = 0
+    num_done = num_refetched = num_bytes_done = 0
+    chunks_began = job.loop.time()
 
     async def fetch(index: int, donor: _Donor) -> float:
         started = job.loop.time()
         _, body = await job.ask(
             donor.peer_id,
-            Request(kind=RequestKind.CHUNK, request_id=b"", version=manifest.version, index=index),
+            Request(
+                kind=RequestKind.CHUNK,
+                request_id=b"",
+                version=manifest.version,
+                index=index,
+                manifest_sha256=manifest.sha256,
+            ),
         )
         start, stop = manifest.chunk_range(index)
         if len(body) != stop - start:
@@ -437,10 +461,15 @@ async def _fetch_chunks(
     try:
         while num_done < manifest.num_chunks:
             if job.remaining_s() <= 0:
+                elapsed_s = job.loop.time() - chunks_began
+                rate = num_bytes_done / elapsed_s if elapsed_s > 0 else 0.0
                 raise DeadlineExceededError(
                     f"state version {manifest.version}: {num_done}/{manifest.num_chunks} chunks "
-                    f"fetched when the deadline passed (the manifests took {job.manifest_s:.1f} "
-                    f"s of it); failed donors: {_reasons(job.failed, holders)}"
+                    f"({num_bytes_done / (1 << 20):.1f} of "
+                    f"{manifest.total_bytes / (1 << 20):.1f} MiB) fetched at "
+                    f"{rate / (1 << 20):.2f} MiB/s when the deadline passed, too slow for it "
+                    f"(the manifests took {job.manifest_s:.1f} s of it); failed donors: "
+                    f"{_reasons(job.failed, holders)}"
                 )
             _admit_late(job, manifest, donors)
             for task, (_, donor, _) in list(tasks.items()):
@@ -485,6 +514,7 @@ async def _fetch_chunks(
                         num_done += 1
                         start, stop = manifest.chunk_range(index)
                         donor.num_bytes += stop - start
+                        num_bytes_done += stop - start
                     for sibling in list(copies[index]):
                         forget(sibling, cancel=True)
                 elif isinstance(exc, DeadlineExceededError) and job.remaining_s() <= 0:

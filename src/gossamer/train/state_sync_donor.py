@@ -4,9 +4,10 @@ A donor serializes each published snapshot once and answers requests on net's bu
 manifest request gets the newest manifest, a chunk request gets one chunk of the version it names.
 The snapshot it replaces stays available while downloads use it (a request for it within the
 last ``grace_s``), so a newcomer halfway through a download is not cut off by the next outer step,
-however often the donor publishes: of the replaced snapshots, the one a download uses is kept
-(the newer of them when both are, or neither). At most two snapshots are held, and a reply holds
-a copy of its chunk only, not the snapshot it came from.
+however often the donor publishes, nor by other bytes republished under the same version (chunk
+requests name the manifest they began on by its hash): of the replaced snapshots, the one a
+download uses is kept (the newer of them when both are, or neither). At most two snapshots are
+held, and a reply holds a copy of its chunk only, not the snapshot it came from.
 """
 
 from __future__ import annotations
@@ -161,7 +162,11 @@ class StateDonor:
             if self._closed:
                 raise RuntimeError("publish on a closed StateDonor")
             old = self._current
-            if old is not None and old.snapshot.manifest.version != snapshot.version:
+            if old is not None and old.snapshot.manifest.sha256 == serialized.manifest.sha256:
+                return  # the same state again: downloads on it go on as they were
+            if old is not None:
+                # (also of the same version with other bytes, republished: a download that
+                # began on the old bytes asks for them by their manifest's hash)
                 now = self._clock.monotonic()
                 previous = self._previous
                 # At most two are held: the older of the replaced ones stays only while a
@@ -193,7 +198,9 @@ class StateDonor:
         the grace period."""
         return served.num_in_flight > 0 or now - served.last_request_s <= self._grace_s
 
-    def _find(self, version: int) -> _Served | None:
+    def _find(self, version: int, manifest_sha256: str = "") -> _Served | None:
+        """The snapshot a chunk request names: by its manifest's hash where it gives one, else
+        by version (the newest of it)."""
         with self._lock:
             now = self._clock.monotonic()
             previous = self._previous
@@ -205,7 +212,10 @@ class StateDonor:
             ):
                 self._previous = previous = None
             for served in (self._current, previous):
-                if served is not None and served.snapshot.manifest.version == version:
+                if served is None:
+                    continue
+                manifest = served.snapshot.manifest
+                if manifest.version == version and manifest_sha256 in ("", manifest.sha256):
                     served.num_in_flight += 1
                     served.last_request_s = now
                     return served
@@ -267,12 +277,15 @@ class StateDonor:
         await self._send(sender, request, reply)
 
     async def _serve_chunk(self, sender: str, request: Request) -> None:
-        served = self._find(request.version)
+        served = self._find(request.version, request.manifest_sha256)
         if served is None:
             with self._lock:
                 closed = self._closed
             status = ReplyStatus.CLOSED if closed else ReplyStatus.VERSION_GONE
-            await self._refuse(sender, request, status, f"version {request.version} not held")
+            held = f"version {request.version}" + (
+                f" of manifest {request.manifest_sha256[:12]}" if request.manifest_sha256 else ""
+            )
+            await self._refuse(sender, request, status, f"{held} not held")
             return
         try:
             num_chunks = served.snapshot.manifest.num_chunks

@@ -70,6 +70,7 @@ _MANIFEST_FORMAT = 1
 _MANIFEST_HEADER = struct.Struct("<4sH2xqQQQQ")  # magic, format, version, total, chunk, count, meta
 _DIGEST_BYTES = 32
 _REQUEST_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _MAX_INT = 1 << 62
 
 
@@ -159,6 +160,10 @@ class Request:
     index: int = 0
     timeout_ms: int = 60_000
     """How long the donor may take to deliver the reply."""
+    manifest_sha256: str = ""
+    """(Chunk requests) the hex sha256 of the manifest the download began on: a donor that
+    published other bytes under the same version since serves the chunks of that one. Empty
+    from newcomers of before it (and donors of before it ignore it): the version decides."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -204,6 +209,8 @@ def encode_request(request: Request) -> bytes:
     }
     if request.kind is RequestKind.CHUNK:
         fields |= {"version": request.version, "index": request.index}
+        if request.manifest_sha256:
+            fields["manifest"] = request.manifest_sha256
     return json.dumps(fields, separators=(",", ":")).encode()
 
 
@@ -229,15 +236,22 @@ def decode_request(payload: bytes | bytearray | memoryview) -> Request:
         raise ProtocolError("state request without a valid kind and request_id")
     timeout_ms = _bounded_int(fields, "timeout_ms", 1, MAX_TIMEOUT_MS)
     version = index = 0
+    manifest_sha256 = ""
     if kind is RequestKind.CHUNK:
         version = _bounded_int(fields, "version", 0, _MAX_INT)
         index = _bounded_int(fields, "index", 0, _MAX_INT)
+        manifest_sha256 = fields.get("manifest", "")
+        if not isinstance(manifest_sha256, str) or not (
+            manifest_sha256 == "" or _SHA256_RE.match(manifest_sha256)
+        ):
+            raise ProtocolError("state request field 'manifest' must be a hex sha256")
     return Request(
         kind=kind,
         request_id=bytes.fromhex(request_id),
         version=version,
         index=index,
         timeout_ms=timeout_ms,
+        manifest_sha256=manifest_sha256,
     )
 
 

@@ -256,7 +256,7 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         self._model = model
         start_step: int | None = None
         if self.join_existing:
-            snapshot = self._download(version=None)
+            snapshot = self._download(version=None, joining=True)
             if snapshot is not None and snapshot.version > self.outer_step:
                 self._apply_snapshot(snapshot)
                 self._joined_mid_round = bool(snapshot.meta.get("round_in_flight", False))
@@ -314,10 +314,16 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         return [peer for peer, (state, _) in states.items() if state == "active"]
 
     def _download(
-        self, version: int | None, donors: Sequence[str] | None = None
+        self, version: int | None, donors: Sequence[str] | None = None, *, joining: bool = False
     ) -> StateSnapshot | None:
         """The state most ``donors`` (the run's active peers if None) hold, or None if none
-        serves it."""
+        serves it.
+
+        Raises:
+            ConfigError: ``joining`` (a newcomer's first download) and the donors train another
+                model: this peer can never be of the run (it trained alone, saying so once in
+                a warning, and its rounds never met the others').
+        """
         donors = self._others() if donors is None else list(donors)
         if not donors:
             return None
@@ -335,7 +341,10 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             logger.warning("peer %s: no state from donors (%s)", self._short(), exc)
             return None
         self.state_download_bytes += num_bytes
-        unusable = self._unusable(snapshot)
+        other_model = self._other_model(snapshot)
+        if other_model and joining:
+            raise ConfigError(f"swarm: {other_model}")
+        unusable = other_model or self._unusable(snapshot)
         if unusable:  # verified bytes, yet not this run's state: a donor's bug, or a liar's
             logger.warning("peer %s: the donors' state is unusable: %s", self._short(), unusable)
             return None
@@ -349,6 +358,23 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
                 return f"meta {key!r} is {value!r}, not a step"
         if not isinstance(snapshot.meta.get("round_in_flight", False), bool):
             return "meta 'round_in_flight' is not a boolean"
+        other_model = self._other_model(snapshot)
+        if other_model:
+            return other_model
+        expected = {
+            f"{kind}.{i}"
+            for i in range(len(self._global))
+            for kind in ("global", "momentum", "estimate")
+        }
+        unexpected = sorted(set(snapshot.tensors) - expected)
+        if unexpected:
+            shown = ", ".join(repr(n) for n in unexpected[:3])
+            more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
+            return (
+                f"the donors' state holds tensors this peer's model of {len(self._global)} "
+                f"parameter tensors has no place for ({shown}{more}): the donors train another "
+                f"model; {_SAME_MODEL}"
+            )
         for i, own in enumerate(self._global):
             for name in (f"global.{i}", f"momentum.{i}", f"estimate.{i}"):
                 tensor = snapshot.tensors.get(name)
@@ -359,6 +385,17 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
                 if tensor is not None and not tensor.is_floating_point():
                     return f"{name!r} is {tensor.dtype}, not floating point"
         return ""
+
+    def _other_model(self, snapshot: StateSnapshot) -> str:
+        """How the model the donors of ``snapshot`` train differs from this peer's ('' where
+        it does not, or where they did not say: donors of before the signature send none)."""
+        theirs = snapshot.meta.get("model_signature")
+        if theirs is None:
+            return ""
+        differs = _signature_difference(theirs, self._model_signature())
+        if not differs:
+            return ""
+        return f"the donors train another model than this peer ({differs}); {_SAME_MODEL}"
 
     def _wait_for_newer_state(self) -> StateSnapshot | None:
         """After a missed round: the state the others publish once it is done.
@@ -422,8 +459,20 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
                 "outer_step": self.outer_step,
                 "step": step,
                 "round_in_flight": self.round_in_flight,
+                "model_signature": self._model_signature(),
             },
         )
+
+    def _model_signature(self) -> list[list[Any]]:
+        """The trained parameters' names and shapes, in the order of the ``global.{i}`` tensors:
+        a newcomer compares them with its own model's before it takes a state (shapes alone
+        let a shallower model take a deeper one's weights, where its last ones lined up)."""
+        assert self._model is not None
+        return [
+            [name, list(param.shape)]
+            for name, param in self._model.named_parameters()
+            if param.requires_grad
+        ]
 
     def _publish(self, step: int) -> None:
         self.donor.publish(self._snapshot(step))
@@ -818,6 +867,39 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
                 )
                 return replaced
             time.sleep(_FINAL_POLL_S)
+
+
+_SAME_MODEL = (
+    "every peer of a run must train the same model: set this peer's model config (or model "
+    "factory) to the run's, or give it another run name"
+)
+
+
+def _signature_difference(theirs: object, mine: list[list[Any]]) -> str:
+    """How the model signature ``theirs`` (from a snapshot's meta) differs from ``mine`` ('' if
+    it does not): the first parameter that differs, and the counts."""
+    if not isinstance(theirs, list) or not all(
+        isinstance(entry, list)
+        and len(entry) == 2
+        and isinstance(entry[0], str)
+        and isinstance(entry[1], list)
+        for entry in theirs
+    ):
+        return "their model signature is malformed"
+    for index, (their, own) in enumerate(zip(theirs, mine, strict=False)):
+        if their != own:
+            return (
+                f"parameter {index} is {their[0][:80]} of shape {tuple(their[1][:8])} there, "
+                f"{own[0]} of shape {tuple(own[1])} here"
+            )
+    if len(theirs) != len(mine):
+        extra = theirs[len(mine)] if len(theirs) > len(mine) else mine[len(theirs)]
+        where = "there only" if len(theirs) > len(mine) else "here only"
+        return (
+            f"{len(theirs)} parameter tensors there, {len(mine)} here; the first of "
+            f"{where} is {extra[0][:80]}"
+        )
+    return ""
 
 
 def _majority_holders(mine: str, others: dict[str, str]) -> list[str]:

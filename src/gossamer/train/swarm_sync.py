@@ -14,6 +14,13 @@ step. The join goes:
 
 If the others passed ``S`` before they saw the announcement, the newcomer picks a new step and
 tries again.
+
+A peer's state and its step always go together, and the swarm keeps the newest of them: a peer
+that resumed from a checkpoint ahead of every step the run's peers announce (after a swarm-wide
+crash, peers come back from checkpoints of different steps) keeps its own state and becomes a
+member at its own step, instead of taking an older state under its newer step; a peer that
+finds an active peer a whole announcement period or more ahead of it (it reads their steps at
+every round) is behind, and joins again at a step past that one, taking that state.
 """
 
 from __future__ import annotations
@@ -50,6 +57,11 @@ _MEMBER_WAIT_S = 60.0
 """How long the peers wait, after publishing, for a newcomer to become a member."""
 _POLL_S = 0.1
 _DOWNLOAD_TIMEOUT_S = 120.0
+"""How long a download may take at least; a large state gets longer (see below)."""
+_MIN_DOWNLOAD_BYTES_PER_S = float(1 << 20)
+"""A download goes on past ``_DOWNLOAD_TIMEOUT_S`` while its chunks come this fast: the state's
+size decides how long it may take (a fixed deadline made a state of more than that deadline's
+transfer impossible to download, each try starting over)."""
 
 
 def state_bytes_bound(params: Sequence[torch.Tensor]) -> int:
@@ -87,10 +99,13 @@ def download_from_donors(
             timeout_s=_DOWNLOAD_TIMEOUT_S,
             version=version,
             limits=StateSyncLimits(max_state_bytes=max_state_bytes),
+            min_bytes_per_s=_MIN_DOWNLOAD_BYTES_PER_S,
         )
 
     started = time.monotonic()
-    snapshot, report = node_thread.run(fetch, timeout_s=_DOWNLOAD_TIMEOUT_S + 10)
+    # (the download's own deadline decides; this one only bounds the largest state allowed)
+    longest_s = 2 * _DOWNLOAD_TIMEOUT_S + max_state_bytes / _MIN_DOWNLOAD_BYTES_PER_S + 10
+    snapshot, report = node_thread.run(fetch, timeout_s=longest_s)
     if metrics is not None:
         metrics.record_state_download(time.monotonic() - started, report.total_bytes)
     return snapshot, report.total_bytes
@@ -150,6 +165,15 @@ class SwarmSyncStrategy(SyncStrategy):
         self._model: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._started = time.monotonic()
+        self._last_download_error = ""
+        """Why the last download of a join failed ('' if none did)."""
+        self._step = 0
+        """The step the state in place is of (the Trainer tells it the step it resumed at)."""
+
+    def resume_at(self, step: int) -> None:
+        """(Called by the Trainer before :meth:`setup`.) The state in place, resumed from a
+        checkpoint, is of ``step``: the swarm's state is taken only where it is newer."""
+        self._step = step
 
     def _short(self) -> str:
         return self.node_thread.node.peer_id[:8]
@@ -158,7 +182,9 @@ class SwarmSyncStrategy(SyncStrategy):
         self._model = model
         self._optimizer = optimizer
         start_step = self._join() if self.join_existing else None
-        self.swarm_averager.join_run(start_step or 0)  # rounds wait for this peer from now on
+        if start_step is not None:
+            self._step = start_step
+        self.swarm_averager.join_run(self._step)  # rounds wait for this peer from now on
         return start_step
 
     def close(self) -> None:
@@ -166,29 +192,54 @@ class SwarmSyncStrategy(SyncStrategy):
 
     def on_step_end(self, model: nn.Module, step: int) -> int | None:
         del model
-        if self.last_round_excluded:
-            # The round went on without this peer, which applied its own gradient: its state is
-            # no longer the swarm's. It joins again, at a step the others have not reached.
+        following = step + 1
+        self._step = following
+        why = self._out_of_step(following)
+        if why:
+            # Its state is no longer the swarm's: it joins again, at a step the others have not
+            # reached, and continues from the state and step it takes.
             logger.warning(
-                "peer %s missed the round of step %d; joining the run again",
-                self._short(),
-                step,
+                "peer %s step %d: %s; joining the run again", self._short(), following, why
             )
             self.resyncs += 1
             if self.metrics is not None:  # (they went uncounted: 0 on the dashboard)
                 self.metrics.resyncs.inc()
-            if self.goodput is not None:  # its own gradient's step: in no average
-                self.goodput.discard(self.tokens_per_step)
+            if self.last_round_excluded and self.goodput is not None:
+                self.goodput.discard(self.tokens_per_step)  # its own gradient's step: in no average
             rejoined = self._join()
-            self.swarm_averager.join_run(rejoined if rejoined is not None else step + 1)
+            if rejoined is not None:
+                self._step = rejoined
+            self.swarm_averager.join_run(self._step)
             return rejoined
-        following = step + 1
         if following % self.announce_every == 0:
             self.swarm_averager.join_run(following)  # newcomers pick their step from these
         newcomers = [p for p, at in self.swarm_averager.joining.items() if at == following]
         if newcomers:
             self._serve(newcomers, following)
         return None
+
+    def _out_of_step(self, following: int) -> str:
+        """Why this peer's state, about to train step ``following``, is not the swarm's ('' if
+        it is)."""
+        if self.last_round_excluded:
+            # The round went on without this peer, which applied its own gradient.
+            return f"missed the round of step {following - 1}"
+        # Peers in step announce the same steps; one a whole period ahead trains another state
+        # (this peer resumed from an older checkpoint than it, say). Read at every round.
+        seen = self.swarm_averager.newest_seen_version
+        if seen is None or seen < following + self.announce_every:
+            return ""
+        try:  # (what a round read may be of a peer gone since: those alive decide)
+            states = self.swarm_averager.run_states()
+        except GossamerError:
+            return ""
+        newest = max((v for state, v in states.values() if state == "active"), default=-1)
+        if newest < following + self.announce_every:
+            return ""
+        return (
+            f"behind the run (an active peer announced step {newest}, {newest - following} "
+            "steps ahead of this peer)"
+        )
 
     # -- donating --------------------------------------------------------------------------
 
@@ -237,7 +288,9 @@ class SwarmSyncStrategy(SyncStrategy):
     # -- joining ---------------------------------------------------------------------------
 
     def _join(self) -> int | None:
-        """Take the swarm's state at a step it has not reached yet; None when alone."""
+        """Take the swarm's state at a step it has not reached yet; None when alone, or when this
+        peer's own state is of that step or newer (it keeps its own then)."""
+        self._last_download_error = ""
         for attempt in range(1, _JOIN_ATTEMPTS + 1):
             try:
                 states = self.swarm_averager.run_states()
@@ -248,6 +301,18 @@ class SwarmSyncStrategy(SyncStrategy):
             if not steps:
                 return None  # the first peer of the run
             step = max(steps.values()) + 2 * self.announce_every
+            if step <= self._step:
+                # Taking that state would put this peer's own newer one, and the steps it
+                # trained, back to it: the run's peers are behind and take this one instead.
+                logger.warning(
+                    "peer %s step %d: ahead of the run's other peers (the newest announced step "
+                    "%d); keeping its own state and step, the peers behind take them once they "
+                    "see it",
+                    self._short(),
+                    self._step,
+                    max(steps.values()),
+                )
+                return None
             self.swarm_averager.announce_joining(step)
             logger.info(
                 "peer %s joins the run at step %d (attempt %d)", self._short(), step, attempt
@@ -263,6 +328,12 @@ class SwarmSyncStrategy(SyncStrategy):
                     self.time_to_productive_s,
                 )
                 return step
+        if self._last_download_error:  # the state was there: its download failed
+            raise GossamerError(
+                f"could not join the run: the state of the step this peer asked for was not "
+                f"downloaded in {_JOIN_ATTEMPTS} attempts; the last one: "
+                f"{self._last_download_error}"
+            )
         raise GossamerError(
             f"could not join the run: no peer published the state of the step this peer asked "
             f"for in {_JOIN_ATTEMPTS} attempts; check that the others are training"
@@ -303,6 +374,7 @@ class SwarmSyncStrategy(SyncStrategy):
             )
         except GossamerError as exc:
             logger.info("peer %s: state of step %d not there yet (%s)", self._short(), step, exc)
+            self._last_download_error = f"{type(exc).__name__}: {exc}"
             return None
         self.state_download_bytes += num_bytes
         return snapshot
