@@ -117,9 +117,24 @@ def test_members_holding_tensors_of_other_shapes_are_refused_before_anything_is_
 
     for message, values, held in _two_members(refused, "other-shapes"):  # type: ignore[misc]
         assert "do not average the same tensors" in message
-        assert "the same shapes and dtypes in the same order" in message
+        assert "tensors of the same shapes in the same order" in message
         assert values == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
         assert held is None  # closed: the caller makes another group (or goes over p2p)
+
+
+@pytest.mark.timeout(120)
+def test_members_holding_one_model_in_other_dtypes_still_average() -> None:
+    # Every value is averaged in float32 (as on the p2p path, whose round id leaves dtypes
+    # out): a member in bfloat16 beside one in float32 averages the same model.
+    def mean(averager: TorchGroupAverager, rank: int) -> object:
+        dtype = (torch.float32, torch.bfloat16)[rank]
+        result = averager.average([torch.full((2, 2), float(rank + 1), dtype=dtype)], 1.0)
+        return result.tensors[0].dtype, result.tensors[0].float().flatten().tolist()
+
+    assert _two_members(mean, "dtypes") == [
+        (torch.float32, [1.5] * 4),
+        (torch.bfloat16, [1.5] * 4),
+    ]
 
 
 @pytest.mark.timeout(120)

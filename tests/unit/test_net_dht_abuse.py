@@ -17,7 +17,7 @@ from gossamer.net.config import DhtConfig, LimitsConfig, NodeConfig
 from gossamer.net.counters import NetCounters
 from gossamer.net.dht import Dht
 from gossamer.net.dht_service import RequestBudget
-from gossamer.net.directory import PeerDirectory
+from gossamer.net.directory import RECENT_CONTACT_S, PeerDirectory
 from gossamer.net.identity import Identity
 from gossamer.net.node import Node
 from gossamer.net.records import (
@@ -94,19 +94,39 @@ def test_a_full_store_refuses_the_peer_holding_most_and_keeps_room_for_others() 
     big = b"x" * 1000  # 1,256 bytes counted each: six fit in 8 KiB
     for i in range(6):
         dht.handle_store(_record(clock, Identity.generate(), f"m{i}", big), sender="mallory")
-    with pytest.raises(ProtocolError, match="take the most"):
-        dht.handle_store(_record(clock, Identity.generate(), "m6", big), sender="mallory")
+    # Mallory's seventh takes the place of its first: it cannot grow past the others.
+    assert dht.handle_store(_record(clock, Identity.generate(), "m6", big), sender="mallory")
+    assert dht.local_records(hashlib.sha256(b"m0").digest()) == []
     honest = Identity.generate()
     entry = _record(clock, honest, "round 7", big)
     assert dht.handle_store(entry, sender=honest.peer_id)  # in place of mallory's oldest
     assert dht.local_records(entry.key) == [entry]
-    assert dht.local_records(hashlib.sha256(b"m0").digest()) == []
+    assert dht.local_records(hashlib.sha256(b"m1").digest()) == []
     assert dht._stored_bytes <= 8192
     assert dht._num_stored == 6
     # This node's own records are never refused for want of room.
     mine = _record(clock, dht.identity, "mine", big)
     assert asyncio.run(dht.store_on_closest(mine, closest=[])) == 0
     assert dht.local_records(mine.key) == [mine]
+
+
+def test_a_busy_peer_among_many_holding_a_little_less_is_never_refused() -> None:
+    # Refused while it held the most: identities that cost nothing, each holding a little
+    # less than an honest peer, had every new round entry of it refused (and peers holding
+    # equal shares were all refused).
+    clock = FakeClock()
+    dht = _lone_dht(clock, LimitsConfig(max_stored_records=200, max_records_per_publisher=50))
+    honest = Identity.generate()
+    for r in range(40):
+        dht.handle_store(_record(clock, honest, f"round {r}"), sender=honest.peer_id)
+    for n in range(8):
+        others = Identity.generate()
+        for j in range(20):
+            dht.handle_store(_record(clock, others, f"{n}/{j}"), sender=others.peer_id)
+    newest = _record(clock, honest, "round 40")
+    assert dht.handle_store(newest, sender=honest.peer_id)
+    assert dht.local_records(newest.key) == [newest]
+    assert dht._num_stored <= 200
 
 
 def test_records_stored_for_others_live_at_most_max_stored_ttl_s() -> None:
@@ -186,6 +206,36 @@ def test_a_nodes_own_record_signed_after_the_clock_stepped_back_is_still_the_new
     assert learned.published_at_s == second.record.published_at_s
 
 
+def test_after_a_fast_clock_is_set_back_records_are_signed_at_the_true_time() -> None:
+    # A clock an hour fast (a VM resumed, a wrong RTC at boot) corrected by NTP: signed after
+    # the records of the fast hour, every new record was an hour ahead too, refused by every
+    # peer (and a put raised on this node's own store) for as long as the clock had been off.
+    async def scenario() -> None:
+        clock = SteppedClock()
+        network = FakeDhtNetwork(clock, CONFIG)
+        nodes = [network.add_node() for _ in range(6)]
+        for node in nodes[1:]:
+            node.learn(nodes[0].own_record())
+            await node.lookup(node.identity.digest)
+        publisher, reader = nodes[1], nodes[-1]
+        publisher.clock = own_clock = SteppedClock()  # (the others' clocks are right)
+        key = hashlib.sha256(b"membership").digest()
+        own_clock.step_s = 3600.0
+        assert await publisher.put(key, b"fast") == 0  # refused: an hour ahead of the others
+        own_clock.step_s = 0.0
+        assert await publisher.put(key, b"true") >= 1
+        assert [r.value for r in await reader.get(key)] == [b"true"]
+        assert [r.value for r in publisher.local_records(key)] == [b"true"]
+
+    asyncio.run(scenario())
+    clock = SteppedClock()
+    node = Node(NodeConfig(), clock=clock)
+    clock.step_s = 3600.0
+    node.sign_own_record()
+    clock.step_s = 0.0
+    assert node.sign_own_record().record.published_at_s == clock.wall()
+
+
 def test_a_store_keeping_a_newer_record_says_it_did_not_store_the_older_one() -> None:
     clock = FakeClock()
     dht = _lone_dht(clock)
@@ -200,6 +250,28 @@ def test_a_store_keeping_a_newer_record_says_it_did_not_store_the_older_one() ->
 
 
 # ---- the directory ---------------------------------------------------------------------------
+
+
+def test_a_full_directory_keeps_the_peers_it_speaks_to_over_records_learned_after() -> None:
+    # Records learned after this node last spoke to its live peers sat behind them in the
+    # eviction order, and a full directory evicted the live peers for them (63 of 100 kept).
+    clock = FakeClock()
+    directory = PeerDirectory("me", clock, NetCounters(), max_value_bytes=16384, max_peers=300)
+    live = [Identity.generate() for _ in range(100)]
+    for identity in live:
+        directory.learn(_peer_record(identity, clock.wall(), ttl_s=3600.0))
+        directory.contacted(identity.peer_id)
+    clock.advance(1.0)
+    learned = [Identity.generate() for _ in range(400)]
+    for n, identity in enumerate(learned):
+        directory.learn(_peer_record(identity, clock.wall(), ttl_s=3600.0), source=f"s{n % 4}")
+    assert all(identity.peer_id in directory for identity in live)
+    assert len(directory) == 300
+    # One exchange long ago keeps no record for ever (a throwaway identity's handshake).
+    clock.advance(RECENT_CONTACT_S + 1.0)
+    for n, identity in enumerate(Identity.generate() for _ in range(100)):
+        directory.learn(_peer_record(identity, clock.wall(), ttl_s=3600.0), source=f"t{n % 4}")
+    assert not any(identity.peer_id in directory for identity in live)
 
 
 def test_one_source_adds_a_bounded_number_of_new_peers_per_interval() -> None:

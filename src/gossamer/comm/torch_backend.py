@@ -67,9 +67,11 @@ def choose_backend(requested: str, addresses: Sequence[str]) -> str:
 
 
 def layout_signature(tensors: Sequence[torch.Tensor]) -> str:
-    """A short hex digest of the tensors' shapes and dtypes, in order: members whose digests
-    differ hold other tensors (another model), and averaging them would mix unrelated values."""
-    text = "/".join(f"{tuple(t.shape)}:{t.dtype}" for t in tensors)
+    """A short hex digest of the tensors' shapes, in order: members whose digests differ hold
+    other tensors (another model), and averaging them would mix unrelated values. Dtypes are
+    left out, as the p2p path's round id leaves them out: every value is averaged in float32,
+    so a member in bfloat16 beside one in float32 averages the same model."""
+    text = "/".join(str(tuple(t.shape)) for t in tensors)
     return hashlib.blake2b(text.encode(), digest_size=7).hexdigest()  # (an int64 holds 7 bytes)
 
 
@@ -338,8 +340,8 @@ class TorchGroupAverager:
                 raise PeerLostError(
                     f"the members do not average the same tensors: {member[:8]} "
                     f"holds {their_numel} values (layout {their_layout:x}), this member "
-                    f"{numel} (layout {layout}); every member must average the same shapes "
-                    "and dtypes in the same order (the same model)"
+                    f"{numel} (layout {layout}); every member must average tensors of the same "
+                    "shapes in the same order (the same model)"
                 )
         return [float(w) for w in table[:, 2].contiguous().view(torch.float64).tolist()]
 

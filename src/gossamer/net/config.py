@@ -112,8 +112,8 @@ class LimitsConfig:
     max_stored_bytes: int = 256 * _MiB
     """Bytes (values plus ``RECORD_OVERHEAD_BYTES`` each) of the records a node stores for
     others: 100,000 records of 16 KiB were 1.7 GB. When full, the peer whose stored records
-    take the most gives way (a new record of its own is refused, another's takes the place of
-    one of its), so an honest peer with a few records still finds room."""
+    take the most gives way (its oldest go first, for a new record of its own or anyone
+    else's), so no peer grows past the others and an honest peer always finds room."""
     max_stored_ttl_s: float = 3600.0
     """How long a node keeps a record it stores for others, whatever lifetime the record
     claims (up to a week): records meant to live are republished every

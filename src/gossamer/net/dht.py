@@ -34,6 +34,7 @@ from gossamer.net.records import (
     PeerRecord,
     check_record,
     sign_record,
+    signing_time_after,
 )
 from gossamer.net.routing import RoutingTable
 from gossamer.proto import net_pb2
@@ -45,9 +46,6 @@ _MAX_GOSSIP_SCAN = 1024
 """Records of the directory a FindNode's gossip tests against the requester's filter, at most."""
 _CHECKS_PER_YIELD = 32
 """Records a lookup checks (a signature each, ~150 us) before it lets the event loop run."""
-_REPUBLISH_STEP_S = 1e-3
-"""How much later than its previous record under a key a re-published record is signed, at
-least (see :meth:`Dht.put`)."""
 
 
 @dataclass(slots=True)
@@ -246,8 +244,8 @@ class Dht:
         with throwaway ones); per key (``max_records_per_key`` publishers and
         ``max_key_bytes`` of values: what one answer to a lookup carries; a peer's record
         under its own id always fits, in place of those nearest expiry). When the store is
-        full, the peer whose records take the most of it gives way: a new record of that
-        peer's is refused, anyone else's takes the place of that peer's oldest. A record is
+        full, the peer whose records take the most of it gives way: its oldest go, for a new
+        record of its own or anyone else's (see :meth:`_room_for`). A record is
         kept at most ``max_stored_ttl_s``, whatever lifetime it claims.
         ``own``: this node's own record, stored before it goes out; bounded by what this node
         publishes, it is never refused for want of room (under a full key it too takes the
@@ -330,11 +328,16 @@ class Dht:
         self, sender: str, replacing: tuple[bytes, str], adds_one: bool, extra_bytes: int
     ) -> list[tuple[bytes, str]]:
         """The records to drop so that ``sender``'s record fits the store's totals: the oldest
-        of the peer holding the most (by bytes, or by records when only their number is
-        full), never this node's own.
+        of the peer holding the most (by bytes, or by records when only their number is full),
+        ``sender``'s own where it holds as much as any (never this node's own records). A peer
+        cannot grow past the others that way, and is never refused: its newest records take
+        the place of its oldest (refused while it held the most, an honest peer whose
+        identities-for-free neighbours each held a little less lost every new round entry;
+        several holding equal shares were all refused).
 
         Raises:
-            ProtocolError: the store is full and ``sender`` holds the most of it.
+            ProtocolError: the store is full of this node's own records, or of records larger
+                than all the giving peer holds.
         """
         num_over = self._num_stored + adds_one - self.limits.max_stored_records
         bytes_over = self._stored_bytes + extra_bytes - self.limits.max_stored_bytes
@@ -346,15 +349,14 @@ class Dht:
         def held(peer: str) -> int:
             return self._sender_bytes[peer] if by_bytes else len(self._by_sender.get(peer, ()))
 
-        holders = [p for p in self._by_sender if p != me]
-        top = max(holders, key=held, default=None)
-        if top is None or top == sender or held(sender) >= held(top):
-            raise ProtocolError(
-                "this node stores no more records: its store is full, and this peer's records "
-                "take the most of it"
-            )
+        top = max((p for p in self._by_sender if p != me), key=held, default=None)
+        giver = (
+            sender
+            if sender in self._by_sender and (top is None or held(sender) >= held(top))
+            else top
+        )
         victims: list[tuple[bytes, str]] = []
-        for key, publisher in self._by_sender[top]:
+        for key, publisher in self._by_sender.get(giver or "", {}):
             if num_over <= 0 and bytes_over <= 0:
                 break
             if (key, publisher) == replacing:  # (already counted as replaced)
@@ -362,7 +364,7 @@ class Dht:
             victims.append((key, publisher))
             num_over -= 1
             bytes_over -= self._store[key][publisher].num_bytes
-        if num_over > 0 or bytes_over > 0:  # (the largest record outweighs a holder's all)
+        if num_over > 0 or bytes_over > 0:
             raise ProtocolError("this node stores no more records: its store is full")
         return victims
 
@@ -475,11 +477,12 @@ class Dht:
         ttl_s = ttl_s or self.config.record_ttl_s
         now_s = self.clock.wall()
         previous = self._store.get(bytes(key), {}).get(self.identity.peer_id)
-        if previous is not None:
-            # Signed later than the record it replaces, even after the wall clock stepped
-            # back: every store keeps the newer of a publisher's records, and dropped this one.
-            now_s = max(now_s, previous.record.published_at_s + _REPUBLISH_STEP_S)
-        record = sign_record(self.identity, key, value, now_s=now_s, ttl_s=ttl_s)
+        signed_at_s = signing_time_after(
+            previous.record.published_at_s if previous is not None else None, now_s
+        )
+        if previous is not None and signed_at_s <= previous.record.published_at_s:
+            self._forget(bytes(key), self.identity.peer_id)  # (signed by a clock since set back)
+        record = sign_record(self.identity, key, value, now_s=signed_at_s, ttl_s=ttl_s)
         if renew:
             self._published[bytes(key)] = value
         else:

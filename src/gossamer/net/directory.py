@@ -25,10 +25,9 @@ __all__ = ["RECENT_CONTACT_S", "PeerDirectory"]
 _log = logging.getLogger(__name__)
 RECENT_CONTACT_S = 600.0
 """A peer spoken to within this long ranks above those a full directory evicts first."""
-_EVICTION_SCAN = 64
-"""Records a full directory looks at, least recently renewed first, for one not spoken to
-lately (all of them took 1.4 ms of the event loop per new record at 10,000: a peer sending
-throwaway records could keep the loop busy)."""
+_SCAN_SLACK = 64
+"""Records :meth:`PeerDirectory.recently_renewed` looks at past twice what it is asked for
+(expired ones it skips)."""
 
 
 class PeerDirectory:
@@ -73,7 +72,9 @@ class PeerDirectory:
         self._max_new_per_source = max_new_peers_per_source
         self._new_peers_interval_s = new_peers_interval_s
         self._records: dict[str, PeerRecord] = {}
-        """Least recently renewed first (a renewal moves a record to the end)."""
+        """Least recently renewed or spoken to first (either moves a record to the end)."""
+        self._never_contacted: dict[str, None] = {}
+        """The peers of ``_records`` this node never spoke to, least recently renewed first."""
         self._ids: list[str] = []
         self._slot: dict[str, int] = {}
         """Where each peer id is in ``_ids`` (for drawing records at random in O(1))."""
@@ -130,6 +131,11 @@ class PeerDirectory:
         if current is not None:
             del self._records[record.peer_id]  # (re-inserted last: the most recently renewed)
         self._records[record.peer_id] = record
+        if record.peer_id in self._never_contacted or (
+            current is None and record.peer_id not in self.last_contact_wall_s
+        ):
+            self._never_contacted.pop(record.peer_id, None)  # (re-inserted last, as above)
+            self._never_contacted[record.peer_id] = None
         if current is None:
             if charged:
                 self._charge(source or "")
@@ -161,8 +167,14 @@ class PeerDirectory:
         self._new_from[source] = (started_s, count + 1)
 
     def contacted(self, peer_id: str) -> None:
-        """Note an authenticated exchange with a peer."""
+        """Note an authenticated exchange with a peer; its record moves to the end of the
+        eviction order, as a renewal does (else live peers drifted to its front while records
+        learned later piled up behind them, and a full directory evicted them)."""
         self.last_contact_wall_s[peer_id] = self._clock.wall()
+        self._never_contacted.pop(peer_id, None)
+        record = self._records.pop(peer_id, None)
+        if record is not None:
+            self._records[peer_id] = record
 
     def get(self, peer_id: str) -> PeerRecord | None:
         """The peer's record if it is still valid."""
@@ -200,7 +212,7 @@ class PeerDirectory:
         now = self._clock.wall()
         found: list[PeerRecord] = []
         for looked, peer_id in enumerate(reversed(self._records)):
-            if len(found) == count or looked >= 2 * count + _EVICTION_SCAN:
+            if len(found) == count or looked >= 2 * count + _SCAN_SLACK:
                 break
             record = self._records[peer_id]
             if peer_id != exclude and record.expires_at_s > now:
@@ -230,22 +242,22 @@ class PeerDirectory:
             self._slot[last] = slot
         self.num_changes += 1
         self.last_contact_wall_s.pop(peer_id, None)
+        self._never_contacted.pop(peer_id, None)
         _log.info("peer %s: peer %s left the directory", short_peer_id(self._own), peer_id)
         if self.on_removed is not None:
             self.on_removed(peer_id)
 
     def _evict_if_full(self) -> None:
-        """Evict, while the directory is full, the least recently renewed record of a peer
-        not spoken to lately (one handshake long ago, as a throwaway identity makes, does not
-        keep a record forever) among the ``_EVICTION_SCAN`` least recently renewed; the least
-        recently renewed of all if each of those was spoken to lately."""
+        """Evict, while the directory is full: the record of least recent activity (renewal
+        or exchange) if this node has not spoken to its peer lately (one handshake long ago,
+        as a throwaway identity makes, does not keep a record forever); else the least
+        recently renewed of the peers this node never spoke to (records learned after the
+        last exchange with a live peer sit behind it in the first order, and it was evicted
+        for them); else the record of least recent activity. Each choice is O(1)."""
         recent_after = self._clock.wall() - RECENT_CONTACT_S
         while len(self._records) > self._max_peers:
-            first = next(iter(self._records))
-            for looked, peer_id in enumerate(self._records):
-                if looked >= _EVICTION_SCAN:
-                    break
-                if self.last_contact_wall_s.get(peer_id, -math.inf) < recent_after:
-                    first = peer_id
-                    break
-            self._remove(first)
+            victim = next(iter(self._records))
+            spoken_to_lately = self.last_contact_wall_s.get(victim, -math.inf) >= recent_after
+            if spoken_to_lately and self._never_contacted:
+                victim = next(iter(self._never_contacted))
+            self._remove(victim)

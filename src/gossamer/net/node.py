@@ -42,7 +42,7 @@ from gossamer.net.handshake import Session
 from gossamer.net.identity import Identity, digest_of_peer_id, short_peer_id
 from gossamer.net.peer_clocks import PeerClocks
 from gossamer.net.reachability import DIAL_BACK_METHOD, ReachabilityServicer
-from gossamer.net.records import PeerRecord, sign_peer_record
+from gossamer.net.records import PeerRecord, sign_peer_record, signing_time_after
 from gossamer.net.relay import RelayServicer
 from gossamer.net.server import NetServer
 from gossamer.net.tls import TlsCertificate
@@ -285,14 +285,12 @@ class Node:
             tls_cert_der=self.tls.cert_der,
             relay_service=self.config.relay.serve,
         )
-        now_s = self.clock.wall()
-        if self._own_record is not None:
-            # Later than the record it replaces, even after the wall clock stepped back: every
-            # directory keeps the newer of a peer's records, so a record with new addresses
-            # (or a renewal) would be dropped everywhere until the clock caught up.
-            now_s = max(now_s, self._own_record.record.published_at_s + 1e-3)
+        previous = self._own_record
+        signed_at_s = signing_time_after(
+            previous.record.published_at_s if previous is not None else None, self.clock.wall()
+        )
         self._own_record = sign_peer_record(
-            self.identity, value, now_s=now_s, ttl_s=self.config.dht.record_ttl_s
+            self.identity, value, now_s=signed_at_s, ttl_s=self.config.dht.record_ttl_s
         )
         self._record_signed_at_s = self.clock.monotonic()
         return self._own_record

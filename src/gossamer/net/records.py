@@ -36,12 +36,32 @@ __all__ = [
     "parse_peer_record",
     "sign_peer_record",
     "sign_record",
+    "signing_time_after",
 ]
 
 MAX_CLOCK_SKEW_S = 120.0
 """Records published further in the future than this are refused."""
 MAX_RECORD_TTL_S = 7 * 24 * 3600.0
 """Longest lifetime a record may claim."""
+
+
+def signing_time_after(previous_s: float | None, now_s: float) -> float:
+    """When to sign a record that replaces one signed at ``previous_s`` (None: none), the wall
+    clock reading ``now_s``.
+
+    Later than the one it replaces, by a millisecond at least, since every store and directory
+    keeps the newer of a publisher's records: after the wall clock stepped back, a record
+    signed at the earlier time was dropped everywhere. Unless that would put it more than half
+    ``MAX_CLOCK_SKEW_S`` ahead of the clock: the one it replaces was signed by a clock running
+    fast since corrected (peers refused it anyway past the skew), and one signed after it would
+    be refused by every peer for as long as the clock had been off.
+    """
+    if previous_s is None:
+        return now_s
+    later_s = previous_s + 1e-3
+    return max(now_s, later_s) if later_s - now_s <= MAX_CLOCK_SKEW_S / 2 else now_s
+
+
 RECORD_OVERHEAD_BYTES = 256
 """A signed record's bytes besides its value, at most: key, publisher key, times, signature and
 their tags take 158. A record carrying more (fields this version does not know, which protobuf
