@@ -18,6 +18,7 @@ from gossamer.net.counters import NetCounters
 from gossamer.net.dht import Dht
 from gossamer.net.dht_service import RequestBudget
 from gossamer.net.directory import RECENT_CONTACT_S, PeerDirectory
+from gossamer.net.handshake import Session
 from gossamer.net.identity import Identity
 from gossamer.net.node import Node
 from gossamer.net.records import (
@@ -272,6 +273,21 @@ def test_a_full_directory_keeps_the_peers_it_speaks_to_over_records_learned_afte
     for n, identity in enumerate(Identity.generate() for _ in range(100)):
         directory.learn(_peer_record(identity, clock.wall(), ttl_s=3600.0), source=f"t{n % 4}")
     assert not any(identity.peer_id in directory for identity in live)
+
+
+def test_records_a_handshake_carries_of_other_peers_count_against_its_budget() -> None:
+    # Learned with no source, a handshake could bring any number of throwaway identities'
+    # records into the directory past the per-source budget.
+    node = Node(NodeConfig(dht=DhtConfig(max_new_peers_per_source=2)))
+    caller = Identity.generate()
+    session = Session(caller.peer_id, caller.public_key, 0.0)
+    own = _peer_record(caller, node.clock.wall())
+    node._on_session(session, own)
+    assert caller.peer_id in node.directory
+    others = [Identity.generate() for _ in range(5)]
+    for identity in others:
+        node._on_session(session, _peer_record(identity, node.clock.wall()))
+    assert sum(identity.peer_id in node.directory for identity in others) == 2
 
 
 def test_one_source_adds_a_bounded_number_of_new_peers_per_interval() -> None:

@@ -305,8 +305,8 @@ class Node:
 
     def _on_session(self, session: Session, record: net_pb2.SignedPeerRecord | None) -> None:
         self.directory.contacted(session.peer_id)
-        if record is not None:
-            self.dht.learn(record)
+        if record is not None:  # (the caller's own; another peer's counts against its budget)
+            self.dht.learn(record, contacted=session.peer_id)
         self.upgrades.session_opened(session.peer_id)
 
     def _resolve(self, peer_id: str) -> list[DialTarget]:
