@@ -11,7 +11,7 @@ import hashlib
 import pytest
 
 from gossamer.core.clock import FakeClock
-from gossamer.core.errors import PeerUnavailableError, ProtocolError
+from gossamer.core.errors import ConfigError, PeerUnavailableError, ProtocolError
 from gossamer.net import dht as dht_module
 from gossamer.net.config import DhtConfig, LimitsConfig, NodeConfig
 from gossamer.net.counters import NetCounters
@@ -144,6 +144,13 @@ def test_records_stored_for_others_live_at_most_max_stored_ttl_s() -> None:
     assert dht.local_records(mine.key) == [mine]
     dht.expire()
     assert dht._num_stored == 1
+
+
+def test_a_republish_slower_than_others_keep_records_is_refused() -> None:
+    # Records renewed every 2 h were dropped by every other node after 1 h.
+    with pytest.raises(ConfigError, match=r"dht.republish_interval_s: must be below limits"):
+        NodeConfig(dht=DhtConfig(record_ttl_s=9000.0, republish_interval_s=7200.0))
+    NodeConfig(dht=DhtConfig(record_ttl_s=9000.0, republish_interval_s=3000.0))
 
 
 def test_store_limits_are_checked_when_the_config_is_made() -> None:

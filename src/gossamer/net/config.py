@@ -390,3 +390,9 @@ class NodeConfig:
         _require(self.rpc_timeout_s > 0, "net.rpc_timeout_s", "must be positive")
         _require(self.keepalive_interval_s > 0, "net.keepalive_interval_s", "must be positive")
         _require(self.keepalive_timeout_s > 0, "net.keepalive_timeout_s", "must be positive")
+        _require(  # (else every record this node renews vanished from the others meanwhile)
+            self.dht.republish_interval_s < self.limits.max_stored_ttl_s,
+            "dht.republish_interval_s",
+            f"must be below limits.max_stored_ttl_s ({self.limits.max_stored_ttl_s:g} s), how "
+            "long other nodes keep a record",
+        )
