@@ -14,6 +14,7 @@ from torch import nn
 
 from gossamer.core.errors import DeadlineExceededError, GossamerError
 from gossamer.obs.metrics import PeerMetrics
+from gossamer.train import swarm_sync
 from gossamer.train.averaging import AverageOutcome
 from gossamer.train.state_sync import StateSnapshot
 from gossamer.train.swarm_sync import SwarmSyncStrategy
@@ -138,6 +139,51 @@ def test_serves_a_newcomer_the_exact_state_at_its_step() -> None:
     train_one_step(other, other_optimizer)
     for mine, theirs in zip(model.parameters(), other.parameters(), strict=True):
         assert torch.equal(mine, theirs)  # and stays there, step after step
+
+
+def test_a_peer_serving_a_step_off_the_period_says_it_is_there() -> None:
+    # Resumed at step 37 it announced 37; a newcomer asked for 57, which it never announced,
+    # so the newcomer waited for it to say so to its timeout while it sat in _serve.
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    averager, donor = FakeAverager(), FakeDonor()
+    strategy = make(averager, donor)
+    strategy.resume_at(37)
+    strategy.setup(model, optimizer)
+    averager.joining = {"newcomer": 57}
+    averager.states = {"newcomer": ("active", 57)}
+    for step in range(37, 57):
+        strategy.on_step_end(model, step)
+    assert averager.events == [("join", 37), ("join", 40), ("join", 50), ("join", 57)]
+    assert [s.version for s in donor.snapshots] == [57]
+
+
+def test_a_donor_waits_for_a_newcomer_as_long_as_its_download_may_take(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A fixed 60 s: a state whose download took longer came after the others trained on, its
+    # first round was closed, and it joined again, and again, downloading it each time.
+    monkeypatch.setattr(swarm_sync, "_MEMBER_WAIT_S", 0.0)
+    monkeypatch.setattr(swarm_sync, "_DOWNLOAD_TIMEOUT_S", 0.0)
+    monkeypatch.setattr(swarm_sync, "_MIN_DOWNLOAD_BYTES_PER_S", 1.0)  # (seconds per byte)
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    averager, donor = FakeAverager(), FakeDonor()
+    strategy = make(averager, donor)
+    strategy.setup(model, optimizer)
+    reads = 0
+
+    def run_states() -> dict[str, tuple[str, int]]:
+        nonlocal reads
+        reads += 1  # joining for two reads (its download), a member from the third
+        return {"newcomer": ("joining", 10) if reads < 3 else ("active", 10)}
+
+    monkeypatch.setattr(averager, "run_states", run_states)
+    averager.joining = {"newcomer": 10}
+    for step in range(10):
+        strategy.on_step_end(model, step)
+    assert reads == 3
+    assert "did not join" not in caplog.text
 
 
 def test_a_peer_that_missed_a_round_joins_again_at_the_step_it_gets() -> None:

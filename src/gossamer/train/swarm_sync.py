@@ -64,6 +64,16 @@ size decides how long it may take (a fixed deadline made a state of more than th
 transfer impossible to download, each try starting over)."""
 
 
+def _download_time_bound_s(total_bytes: int) -> float:
+    """The longest a download of ``total_bytes`` may take (see :func:`download_from_donors`)."""
+    return _DOWNLOAD_TIMEOUT_S + total_bytes / _MIN_DOWNLOAD_BYTES_PER_S
+
+
+def _snapshot_bytes(snapshot: StateSnapshot) -> int:
+    """Bytes of a snapshot's tensors."""
+    return sum(t.numel() * t.element_size() for t in snapshot.tensors.values())
+
+
 def state_bytes_bound(params: Sequence[torch.Tensor]) -> int:
     """The most a donor's state may take for a peer training ``params``: donors run the same
     model, so their state is its weights and what their optimizers keep per weight (Adam's two
@@ -104,7 +114,7 @@ def download_from_donors(
 
     started = time.monotonic()
     # (the download's own deadline decides; this one only bounds the largest state allowed)
-    longest_s = 2 * _DOWNLOAD_TIMEOUT_S + max_state_bytes / _MIN_DOWNLOAD_BYTES_PER_S + 10
+    longest_s = _DOWNLOAD_TIMEOUT_S + _download_time_bound_s(max_state_bytes) + 10
     snapshot, report = node_thread.run(fetch, timeout_s=longest_s)
     if metrics is not None:
         metrics.record_state_download(time.monotonic() - started, report.total_bytes)
@@ -211,9 +221,12 @@ class SwarmSyncStrategy(SyncStrategy):
                 self._step = rejoined
             self.swarm_averager.join_run(self._step)
             return rejoined
-        if following % self.announce_every == 0:
-            self.swarm_averager.join_run(following)  # newcomers pick their step from these
         newcomers = [p for p, at in self.swarm_averager.joining.items() if at == following]
+        if following % self.announce_every == 0 or newcomers:
+            # Newcomers pick their step from these, and take the state once a donor says it is
+            # at their step: one resumed at a step off the period served a step it never
+            # announced, and sat in _serve while the newcomer's attempt ran out.
+            self.swarm_averager.join_run(following)
         if newcomers:
             self._serve(newcomers, following)
         return None
@@ -257,7 +270,8 @@ class SwarmSyncStrategy(SyncStrategy):
 
     def _serve(self, newcomers: list[str], step: int) -> None:
         """Publish the state at ``step`` and wait until ``newcomers`` are members (or gone)."""
-        self.donor.publish(self._snapshot(step))
+        snapshot = self._snapshot(step)
+        self.donor.publish(snapshot)
         self.newcomers_served += len(newcomers)
         logger.info(
             "peer %s: state of step %d published for %d newcomer(s)",
@@ -265,7 +279,11 @@ class SwarmSyncStrategy(SyncStrategy):
             step,
             len(newcomers),
         )
-        deadline = time.monotonic() + _MEMBER_WAIT_S
+        # As long as a newcomer's download may take, and then the wait: a state larger than
+        # the wait alone allowed came after the others had trained on, its first round was
+        # closed, and it joined again, and again, each time downloading the whole state.
+        wait_s = _MEMBER_WAIT_S + _download_time_bound_s(_snapshot_bytes(snapshot))
+        deadline = time.monotonic() + wait_s
         with nested_span("waiting", what="newcomer"):
             while time.monotonic() < deadline:
                 try:
@@ -282,7 +300,7 @@ class SwarmSyncStrategy(SyncStrategy):
             self._short(),
             [p[:8] for p in newcomers],
             step,
-            _MEMBER_WAIT_S,
+            wait_s,
         )
 
     # -- joining ---------------------------------------------------------------------------
