@@ -240,8 +240,8 @@ def evaluate(
     batches: Annotated[
         int | None,
         typer.Option(
-            help="Validation batches to average over (default: the checkpoint's "
-            "train.eval_batches, as training measured it).",
+            help="Validation batches of 16 sequences to average over (default: the "
+            "checkpoint's train.eval_batches, as training measured it).",
             min=1,
         ),
     ] = None,

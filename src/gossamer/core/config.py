@@ -222,7 +222,9 @@ class TrainConfig:
     eval_every: int = 50
     """Evaluate on the validation split every this many steps; 0 disables periodic evaluation."""
     eval_batches: int = 8
-    """Validation micro-batches per evaluation."""
+    """Validation batches per evaluation, of 16 sequences each whatever ``batch_size`` is (so
+    validation losses compare across batch sizes; evaluated ``batch_size`` sequences at a time
+    at most)."""
     seed: int = 0
     """Seeds the model initialisation, the data streams and dropout."""
     num_threads: int = 0

@@ -21,9 +21,13 @@ import torch
 from gossamer.core.errors import DataError
 from gossamer.data.corpus import TokenSource
 
-__all__ = ["TokenStream", "validation_batches"]
+__all__ = ["VALIDATION_SEQUENCES_PER_BATCH", "TokenStream", "validation_batches"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+VALIDATION_SEQUENCES_PER_BATCH = 16
+"""Sequences per validation batch of ``train.eval_batches``, whatever ``train.batch_size`` is
+(16, its default: runs at the default batch size evaluate on the sequences they always did)."""
 
 
 class TokenStream:
@@ -166,9 +170,23 @@ def validation_batches(
 ) -> list[Batch]:
     """Fixed evaluation batches whose sequences start at evenly spaced points of ``source``.
 
-    The same arguments give the same batches on every call and every machine, so validation
-    losses are comparable across steps, runs and peers. Sequences overlap when the source holds
-    fewer than ``batch_size * num_batches`` of them.
+    ``num_batches`` batches' worth of :data:`VALIDATION_SEQUENCES_PER_BATCH` sequences each are
+    taken, whatever the training batch size: cut by it (until 2026-12-06), the validation set,
+    and so the loss, changed with ``train.batch_size``, and runs with other batch sizes could
+    not be compared. They are cut into batches of ``batch_size`` sequences at most (a divisor
+    of :data:`VALIDATION_SEQUENCES_PER_BATCH`, so all batches are of one size and the mean of
+    their losses is the mean over every sequence), so evaluation needs no more memory than a
+    training step. The same arguments give the same batches on every call and every machine,
+    so validation losses are comparable across steps, runs, peers and batch sizes. Sequences
+    overlap when the source holds fewer than the sequences taken.
+
+    Args:
+        source: the validation tokens.
+        seq_len: tokens per sequence.
+        batch_size: the most sequences a batch may hold (the training batch size).
+        num_batches: how many batches of :data:`VALIDATION_SEQUENCES_PER_BATCH` sequences
+            (``train.eval_batches``).
+        vocab_size: checks every id fits the vocabulary, where given.
 
     Raises:
         ValueError: An argument is out of range.
@@ -182,11 +200,17 @@ def validation_batches(
         )
     _check_long_enough(source, seq_len)
     last_start = len(source) - seq_len - 1
-    starts = np.linspace(0, last_start, batch_size * num_batches).round().astype(np.int64)
+    total = VALIDATION_SEQUENCES_PER_BATCH * num_batches
+    starts = np.linspace(0, last_start, total).round().astype(np.int64)
+    per_batch = max(
+        d
+        for d in range(1, VALIDATION_SEQUENCES_PER_BATCH + 1)
+        if VALIDATION_SEQUENCES_PER_BATCH % d == 0 and d <= batch_size
+    )
     window_offsets = np.arange(seq_len + 1, dtype=np.int64)
     return [
         _gather(source, batch_starts, window_offsets, vocab_size)
-        for batch_starts in starts.reshape(num_batches, batch_size)
+        for batch_starts in starts.reshape(total // per_batch, per_batch)
     ]
 
 

@@ -55,7 +55,7 @@ class RunState:
     checkpoint from before it was kept)."""
     schedule_spent_s: float = 0.0
     """Seconds of the time budget the run had spent when it was checkpointed (its sessions
-    together), where a budget fitted the schedule."""
+    together; also before the budget fitted the schedule)."""
     schedule_refit: ScheduleRefit | None = None
     """Where the budget's schedule was fitted again, to the step rate measured since (None: it
     was not)."""
@@ -154,11 +154,10 @@ def capture_run_state(run: RunState) -> CheckpointState:
             "schedule_fitted_at": run.schedule_fitted_at,
             "schedule_refit": _refit_to_meta(run.schedule_refit),
             "schedule_rate": run.schedule_rate,
-            "schedule_spent_s": run.schedule_spent_s if run.schedule_steps is not None else 0.0,
-            # What the schedule was fitted under: a resume with other limits fits it anew.
-            "schedule_fit": _schedule_limits(run.config)
-            if run.schedule_steps is not None
-            else None,
+            "schedule_spent_s": run.schedule_spent_s,
+            # What the schedule was fitted (or the budget spent) under: a resume with other
+            # limits fits it anew, with the budget given now.
+            "schedule_fit": _schedule_limits(run.config),
             "data_sha256": run.data_sha256,
         },
     )
@@ -268,9 +267,13 @@ def restore_run_state(state: CheckpointState, run: RunState, *, where: str) -> N
     fitted = run.schedule_steps is not None
     rate = _non_negative(meta.get("schedule_rate")) if fitted else None
     run.schedule_rate = rate if rate else None  # (None in checkpoints from before it was kept)
-    run.schedule_spent_s = (_non_negative(meta.get("schedule_spent_s")) if fitted else None) or 0.0
+    # (spent before the schedule was fitted too: a run paused in its first steps got a whole
+    # new budget on resume)
+    run.schedule_spent_s = _non_negative(meta.get("schedule_spent_s")) or 0.0
     fit = meta.get("schedule_fit")
     limits = _schedule_limits(run.config)
+    if isinstance(fit, dict) and fit != limits:
+        run.schedule_spent_s = 0.0  # (another budget: this one starts now)
     if run.schedule_steps is not None and isinstance(fit, dict) and fit != limits:
         logger.info(
             "the learning-rate schedule fitted to the last session's time budget (%d steps, "

@@ -79,9 +79,11 @@ since the last boundary is averaged in one more round, so every peer ends on the
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -225,6 +227,9 @@ class DiLoCoStrategy:
         step at whose end it began, begun again at the first step end."""
         self._averaging: Future[AverageOutcome] | None = None
         """(train while averaging) The formed round, averaging in the background."""
+        self._finished_at: int | None = None
+        """The step :meth:`finish` last ended the run at (saved, so that a finished run run
+        again finds nothing left to average there)."""
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
         del optimizer
@@ -257,6 +262,7 @@ class DiLoCoStrategy:
         del model
         self._steps_since_round += 1
         self._local_steps += 1
+        self._finished_at = None  # (the run went on past where it finished)
         if self.config.train_while_forming:
             return self._step_end_while_forming(step)
         if (step + 1) % self.config.inner_steps != 0:
@@ -464,7 +470,7 @@ class DiLoCoStrategy:
             outcome = inflight.result()
         self._apply_outcome(outcome, waited_s=time.monotonic() - started)
 
-    def _land(self) -> None:
+    def _land(self, waited_s: float = 0.0) -> None:
         """(overlap) Apply the round in flight as soon as it is done, before the next boundary.
 
         The local model restarted from an eager estimate of these global weights; it is moved by
@@ -476,7 +482,7 @@ class DiLoCoStrategy:
         inflight, self._inflight = self._inflight, None
         assert inflight is not None
         version = self.outer_step
-        self._apply_outcome(inflight.result(), waited_s=0.0)
+        self._apply_outcome(inflight.result(), waited_s=waited_s)
         if self.outer_step != version:
             self._move_by_start_error()
 
@@ -554,10 +560,21 @@ class DiLoCoStrategy:
         if self._outer is None:
             return False
         forming_mode = self.config.train_while_forming
+        if self._resume_forming_at is not None and self._forming is None:
+            # Restored from a checkpoint taken while a round formed, at the end (no step end
+            # left to begin it again): it is the last round, the one the others run in their
+            # finish(). Skipped, this peer's last steps were dropped and it ended a round behind.
+            self._forming = begin_round(self.averager, self._round_key())
+            self.round_began_at = self._resume_forming_at
+            self._resume_forming_at = None
         # While forming, a peer may have jumped over a boundary (it took the swarm's state of a
         # later step), so the step grid, the same for every peer, says whether a last round
-        # is due; else the steps counted since the last boundary do.
-        tail = step % self.config.inner_steps != 0 if forming_mode else self._steps_since_round > 0
+        # is due (unless this step's finish() ran already: a finished run run again); else the
+        # steps counted since the last boundary do.
+        if forming_mode:
+            tail = step % self.config.inner_steps != 0 and self._finished_at != step
+        else:
+            tail = self._steps_since_round > 0
         replaced = (
             self._inflight is not None
             or self._forming is not None
@@ -595,7 +612,44 @@ class DiLoCoStrategy:
             if self.last_round_excluded:
                 self._catch_up()
         self._restart_local_from_global()
+        self._finished_at = step
         return replaced
+
+    def land_before_pause(
+        self, model: nn.Module, step: int, announce: Callable[[str], None]
+    ) -> int | None:
+        """A stop pauses the run: land the round averaging in the background first, so the
+        checkpoint written next holds it.
+
+        Checkpointed in flight, the round was lost: the resumed peer came back onto the old
+        global weights (its H steps gone) although it was paused, not killed. The wait is the
+        one a boundary makes, bounded by the averager's round timeout; a round that left this
+        peer out lands as one that did at a step end. A round still forming is not waited
+        for (that waits on the slowest peer's steps): the checkpoint records it, and the
+        resumed peer begins it again.
+
+        Args:
+            model: the model being trained.
+            step: the step the run pauses at.
+            announce: told what is waited for, before the wait.
+
+        Returns:
+            None where no round was in flight; else the step the run stands at after it
+            landed (a later one where the peer took the swarm's state).
+        """
+        del model
+        if self._averaging is None and self._inflight is None:
+            return None
+        announce(f"the DiLoCo round of outer step {self.outer_step + 1}, averaging")
+        continue_from: int | None = None
+        if self._averaging is not None:
+            continue_from = self._land_averaging()
+        if self._inflight is not None:
+            started = time.monotonic()
+            with nested_span("waiting", what="round_in_flight"):
+                concurrent.futures.wait([self._inflight])
+            self._land(waited_s=time.monotonic() - started)
+        return step if continue_from is None else max(step, continue_from)
 
     def _apply_outcome(
         self, outcome: AverageOutcome, *, waited_s: float | None, plain: bool = False
@@ -648,6 +702,7 @@ class DiLoCoStrategy:
             # The local model restarted from an estimate of a round still averaging, which a
             # peer restored from here never sees land: it comes back onto the global weights,
             # as from an excluded round (that round's progress lost, the steps since kept).
+            # Only where it was killed: a pause lands the round first (land_before_pause).
             for i, start in enumerate(self._start):
                 tensors[f"estimate.{i}"] = start.detach().clone()
         meta = {
@@ -668,7 +723,10 @@ class DiLoCoStrategy:
                     not torch.equal(s, g) for s, g in zip(self._start, self._global, strict=True)
                 )
             ),
-            "round_forming_began_at": self.round_began_at if self._forming is not None else None,
+            "round_forming_began_at": self.round_began_at
+            if self._forming is not None
+            else self._resume_forming_at,
+            "finished_at_step": self._finished_at,
         }
         return tensors, meta
 
@@ -701,6 +759,8 @@ class DiLoCoStrategy:
         self._resume_forming_at = (
             forming_at if type(forming_at) is int and self.config.train_while_forming else None
         )
+        finished_at = meta.get("finished_at_step", self._finished_at)
+        self._finished_at = finished_at if type(finished_at) is int else None
 
     def close(self) -> None:
         if self._forming is not None:

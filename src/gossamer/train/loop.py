@@ -25,6 +25,7 @@ from torch import nn
 
 from gossamer.core.clock import Clock, SystemClock
 from gossamer.core.config import RunConfig
+from gossamer.core.config_loader import config_to_dict
 from gossamer.core.errors import ConfigError, DataError, TrainingDivergedError
 from gossamer.core.stop import StopRequest
 from gossamer.data import Corpus, TokenStream, load_corpus, validation_batches
@@ -46,6 +47,13 @@ ModelFactory = Callable[[], nn.Module]
 """Builds a fresh model; called once, after the run's seed is set."""
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+_RESUME_WATCHED_KEYS: dict[str, tuple[str, ...]] = {
+    "train": ("max_steps", "max_seconds", "batch_size", "grad_accum_steps"),
+    "optim": (),  # (every key)
+}
+"""Settings a resume warns of when they differ from the checkpoint's config: they change the
+learning rate's schedule or what one step trains on."""
 
 _SCHEDULE_CALIBRATION_STEPS = 20
 """Steps measured before a time budget fixes the schedule's length."""
@@ -187,7 +195,9 @@ class Trainer:
         self.config = config
         self.stop = stop or StopRequest()
         """Set (from a signal handler, another thread) to pause the run after the step under
-        way: it checkpoints the step reached and returns (see :attr:`TrainResult.interrupted`)."""
+        way: it checkpoints the step reached and returns (see :attr:`TrainResult.interrupted`).
+        A round the strategy averages in the background lands first (see
+        :meth:`_land_before_pause`)."""
         self.store = CheckpointStore(
             config.checkpoint.directory, keep_last=config.checkpoint.keep_last
         )
@@ -327,7 +337,9 @@ class Trainer:
         if step - start_step < _SCHEDULE_CALIBRATION_STEPS:
             return
         steps_per_s = (step - start_step) / elapsed_s
-        run.schedule_steps = self._reachable_steps(step, steps_per_s, elapsed_s, budget_s)
+        run.schedule_steps = self._reachable_steps(
+            step, steps_per_s, self._spent_before + elapsed_s, budget_s
+        )
         run.schedule_fitted_at = step
         run.schedule_rate = steps_per_s
         self._rate_since = (step, elapsed_s)
@@ -445,6 +457,40 @@ class Trainer:
         self._resumed_step = state.step
         restore_run_state(state, self.run_state, where=str(self.resumed_from))
         logger.info("resumed from %s at step %d", self.resumed_from, state.step)
+        saved_config = state.meta.get("config")
+        if isinstance(saved_config, dict):
+            self._warn_of_config_changes(saved_config, state.step)
+
+    def _warn_of_config_changes(self, saved: dict[str, Any], step: int) -> None:
+        """Say, in one warning, which settings of the schedule and the batch this resume
+        changes from the checkpoint's config, and how the learning rate moves with them.
+
+        They are applied (a resume follows the config it is given), but before this they were
+        applied silently: a finished 12-step run extended to 24 steps went from a learning rate
+        of 0.0012 at its last step back up to 0.0061, with nothing said.
+        """
+        now = config_to_dict(self.config)
+        changed = []
+        for section, keys in _RESUME_WATCHED_KEYS.items():
+            then_section = saved.get(section)
+            if not isinstance(then_section, dict):
+                continue
+            for key in keys or now[section]:
+                then, current = then_section.get(key), now[section].get(key)
+                if then is not None and then != current:
+                    changed.append(f"{section}.{key} {then} -> {current}")
+        if not changed:
+            return
+        last = self.run_state.optimizer.param_groups[0]["lr"]
+        logger.warning(
+            "peer %s step %d: resumed with settings other than the checkpoint's: %s; the "
+            "learning rate goes from %.3g (its last step) to %.3g (the next step)",
+            self.spans.peer,
+            step,
+            ", ".join(changed),
+            float(last),
+            self._learning_rate_at(step),
+        )
 
     def evaluate(self) -> float:
         """Mean loss over the fixed validation batches."""
@@ -483,17 +529,21 @@ class Trainer:
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
-    def _train_step(self, step: int) -> float:
-        run = self.run_state
-        cfg = self.config
-        lr = learning_rate_at(
+    def _learning_rate_at(self, step: int) -> float:
+        """The learning rate of step ``step`` under this session's config and schedule."""
+        return learning_rate_at(
             step,
-            config=cfg.optim,
+            config=self.config.optim,
             max_steps=self.schedule_steps,
-            planned_steps=cfg.train.max_steps,  # (the fitted length comes part way)
+            planned_steps=self.config.train.max_steps,  # (the fitted length comes part way)
             fitted_at=self.run_state.schedule_fitted_at,
             refit=self.run_state.schedule_refit,
         )
+
+    def _train_step(self, step: int) -> float:
+        run = self.run_state
+        cfg = self.config
+        lr = self._learning_rate_at(step)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         accum = cfg.train.grad_accum_steps
@@ -550,6 +600,32 @@ class Trainer:
             self.metrics.tokens.inc(tokens)
         return loss_mean
 
+    def _land_before_pause(self, step: int) -> int | None:
+        """Before a pause's checkpoint, let the strategy land what it has under way (a DiLoCo
+        round averaging in the background), so the checkpoint holds it: written without it, a
+        paused run resumed without that round's steps, as a killed one does. The strategy's hook
+        (``land_before_pause``) is optional; a strategy without one has nothing under way.
+
+        Returns:
+            None where nothing was under way; else the step the run stands at after it.
+        """
+        land = getattr(self.run_state.strategy, "land_before_pause", None)
+        if not callable(land):
+            return None
+
+        def announce(what: str) -> None:
+            logger.warning(
+                "peer %s step %d: stop asked for: waiting for %s (at most its round timeout) "
+                "so that the checkpoint keeps it; stop again to stop at once without it",
+                self.spans.peer,
+                step,
+                what,
+            )
+
+        with self.spans.span("communication", step=step, hook="land_before_pause"):
+            landed_at: int | None = land(self.run_state.model, step, announce)
+        return landed_at
+
     def save_checkpoint(self) -> Path:
         """Write a checkpoint of the current state and return its folder.
 
@@ -565,8 +641,9 @@ class Trainer:
                     "or infinite values, so no checkpoint is written; resume from the last one "
                     "with a lower optim.lr or a longer optim.warmup_steps"
                 )
-        if self._session_started is not None and self.run_state.schedule_steps is not None:
-            # (the budget this run has spent, its resumed sessions too)
+        if self._session_started is not None and self.config.train.max_seconds:
+            # (the budget this run has spent, its resumed sessions too; also before the schedule
+            # is fitted: a run paused in its first steps got a whole new budget on resume)
             self.run_state.schedule_spent_s = self._spent_before + (
                 self.clock.monotonic() - self._session_started
             )
@@ -625,8 +702,9 @@ class Trainer:
             tokens = run.tokens_trained - tokens_start
             per_step = elapsed / (step - start_step)
             eta = per_step * (stop - step)
+            spent = self._spent_before + elapsed  # (of the time budget, earlier sessions too)
             if cfg.train.max_seconds:
-                eta = min(eta, max(0.0, cfg.train.max_seconds - elapsed))
+                eta = min(eta, max(0.0, cfg.train.max_seconds - spent))
             if self.metrics is not None and train_seconds:
                 self.metrics.tokens_per_second.set(tokens / train_seconds)
             self.listener.on_step(
@@ -650,16 +728,22 @@ class Trainer:
             every = cfg.checkpoint.every_steps
             if every and step // every > last_checkpoint_step // every:  # steps may jump (sync)
                 last_checkpoint, last_checkpoint_step = self.save_checkpoint(), step
-            if cfg.train.max_seconds and elapsed + per_step > cfg.train.max_seconds:
+            if cfg.train.max_seconds and spent + per_step > cfg.train.max_seconds:
                 stopped_by_time = step < stop
                 break
             if self.stop.is_set() and step < stop:
                 interrupted = True  # a pause: the strategy is not finished, no last evaluation
                 break
-        if step >= self.schedule_steps < cfg.train.max_steps:
+        landed = False
+        if interrupted:
+            landed_at = self._land_before_pause(step)
+            if landed_at is not None:
+                landed = True
+                step = run.step = max(run.step, landed_at)
+        if step >= self.schedule_steps < cfg.train.max_steps and not interrupted:
             stopped_by_time = True  # the schedule fitted to the budget ended it before max_steps
         replaced = False
-        if step >= self.schedule_steps or stopped_by_time:  # the run ends here, not a pause
+        if not interrupted and (step >= self.schedule_steps or stopped_by_time):  # not a pause
             with self.spans.span("sync", step=step, hook="finish"):
                 # Also when no step was left to take: a peer that joined at the very end still
                 # ends on the swarm's weights.
@@ -671,7 +755,7 @@ class Trainer:
             # Nothing trained (resumed at or past the schedule's end): the checkpoint stays as
             # it is, not written again under this session's config.
             last_checkpoint = self.resumed_from
-        elif replaced or last_checkpoint is None or last_checkpoint_step != run.step:
+        elif replaced or landed or last_checkpoint is None or last_checkpoint_step != run.step:
             last_checkpoint = self.save_checkpoint()
         # (still accepted: a stop asked for in the teardown after, a swarm peer's node going
         # down, is nothing to act on, and its run's summary is still written)

@@ -6,10 +6,17 @@ The loop (:mod:`gossamer.train.loop`) does forward, backward and the inner optim
 :meth:`~TrainingStrategy.on_gradients`; DiLoCo averages pseudo-gradients every H steps in
 :meth:`~TrainingStrategy.on_step_end`. A strategy's own state (DiLoCo's global weights and outer
 optimizer, say) goes into the checkpoint through :meth:`~TrainingStrategy.state_for_checkpoint`.
+
+Optional hooks, looked up by name (a strategy without one has nothing to do there):
+``resume_at(step)``, told the step a resume restored before :meth:`~TrainingStrategy.setup`, and
+``land_before_pause(model, step, announce)``, called when a stop pauses the run, before its
+checkpoint, to land work under way (a round averaging in the background) so the checkpoint holds
+it (see :meth:`LocalStrategy.land_before_pause`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -86,6 +93,23 @@ class LocalStrategy:
     def finish(self, model: nn.Module, step: int) -> bool:
         del model, step
         return False
+
+    def land_before_pause(
+        self, model: nn.Module, step: int, announce: Callable[[str], None]
+    ) -> int | None:
+        """(optional hook) A stop pauses the run: land what is under way before the checkpoint.
+
+        Args:
+            model: the model being trained.
+            step: the step the run pauses at.
+            announce: to be told, before any wait, what is waited for (it is logged).
+
+        Returns:
+            None where nothing was under way (alone, never); else the step the run stands at
+            after it landed.
+        """
+        del model, step, announce
+        return None
 
     def state_for_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return {}, {}
