@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import logging
 import os
 import socket
@@ -58,6 +59,25 @@ def test_two_peers_authenticate_and_call_each_other() -> None:
             assert a.counters.peers[b.peer_id].num_rpcs_received >= 1
             assert b.counters.peers[a.peer_id].bytes_sent > 0
             assert b.counters.connections["direct"] == 1
+
+    _run(scenario)
+
+
+def _has_default_route() -> bool:
+    with open("/proc/net/route") as routes:
+        return any(line.split()[1] == "00000000" for line in list(routes)[1:] if line.strip())
+
+
+@pytest.mark.skipif(not _has_default_route(), reason="this machine has no default route")
+def test_a_first_peer_on_every_interface_advertises_an_address_other_machines_can_dial() -> None:
+    # With no bootstrap peer to find its way out by, it advertised 127.0.0.1: a second machine
+    # given its printed address dialled itself.
+    async def scenario() -> None:
+        async with Node(NodeConfig(listen_address="0.0.0.0:0", swarm_secret=SECRET)) as first:
+            host = first.addresses[0].rpartition(":")[0]
+            assert not ipaddress.ip_address(host).is_loopback, first.addresses
+            async with Node(_config(bootstrap=(f"{first.peer_id}@{first.addresses[0]}",))) as b:
+                await b.ping(first.peer_id)
 
     _run(scenario)
 

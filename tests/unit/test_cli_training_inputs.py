@@ -358,3 +358,27 @@ def test_sample_at_temperature_0_takes_the_likeliest_byte_whatever_the_seed(
         assert code == 0, output
         outputs.append(output)
     assert outputs[0] == outputs[1]
+
+
+def test_a_swarm_peer_with_no_data_at_its_path_is_refused_before_its_node_starts(
+    tmp_path: Path,
+) -> None:
+    # Found only once the peer's node had started and written its key (exit 1, a peer address
+    # printed for a peer that was about to fail).
+    folder = tmp_path / "ck"
+    code, output = _invoke(
+        [
+            "train",
+            *TINY,
+            "--data.path",
+            str(tmp_path / "corpus"),
+            "--checkpoint.directory",
+            str(folder),
+            "--swarm.strategy",
+            "diloco",
+        ]
+    )
+    assert code == 2
+    assert "corpus' does not exist; point data.path at a text file or folder" in output
+    assert "peer address" not in output
+    assert not (folder / "peer.key").exists()

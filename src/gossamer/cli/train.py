@@ -41,6 +41,7 @@ from gossamer.core.errors import ConfigError, DataError, GossamerError
 from gossamer.core.runtime import freeze_startup_heap
 from gossamer.core.stop import StopRequest
 from gossamer.data import load_corpus, validation_batches
+from gossamer.data.corpus import check_data_path
 from gossamer.obs.metrics import PeerMetrics
 from gossamer.obs.trace import SpanRecorder
 from gossamer.train import Trainer, TrainResult
@@ -198,6 +199,10 @@ def _check_train_paths(
     check_output_folder(Path(run_config.checkpoint.directory), "checkpoint.directory")
     if run_config.swarm.status_file:
         check_output_file(Path(run_config.swarm.status_file), "swarm.status_file")
+    try:  # (a swarm peer found it missing only after its node had started and written its key)
+        check_data_path(run_config.data)
+    except DataError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _load_checkpoint(checkpoint: Path) -> LoadedModel:

@@ -42,7 +42,7 @@ import numpy.typing as npt
 from gossamer.core.config import DataConfig
 from gossamer.core.errors import DataError
 
-__all__ = ["Corpus", "TokenSource", "load_corpus", "stdlib_source_files"]
+__all__ = ["Corpus", "TokenSource", "check_data_path", "load_corpus", "stdlib_source_files"]
 
 MANIFEST_VERSION = 1
 _TOKEN_DTYPES: dict[str, np.dtype[Any]] = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
@@ -114,18 +114,31 @@ def load_corpus(config: DataConfig) -> Corpus:
         ) from exc
 
 
-def _load_corpus(config: DataConfig) -> Corpus:
-    if config.source == "stdlib":
-        corpus = _load_stdlib_cached(config.validation_fraction, config.max_corpus_bytes)
-        return Corpus(corpus.train, corpus.validation, copy.deepcopy(corpus.manifest))
-    assert config.path is not None, "DataConfig checks that text and tokens sources have a path"
+def check_data_path(config: DataConfig) -> Path | None:
+    """The path the corpus is read from (None for the stdlib source), once it is found there.
+
+    Raises:
+        DataError: it does not exist.
+    """
+    if config.source == "stdlib" or config.path is None:
+        return None
     path = Path(config.path).expanduser()
     if not path.exists():
         what = "text file or folder" if config.source == "text" else "token file"
         raise DataError(
-            f"data.path {str(path)!r} does not exist; point data.path at a {what}, "
-            "or use data.source = 'stdlib' for the embedded corpus"
+            f"data.path {str(path)!r} does not exist; point data.path at a {what}, or use "
+            "data.source = 'stdlib' for the Python standard library's sources found on this "
+            "machine"
         )
+    return path
+
+
+def _load_corpus(config: DataConfig) -> Corpus:
+    if config.source == "stdlib":
+        corpus = _load_stdlib_cached(config.validation_fraction, config.max_corpus_bytes)
+        return Corpus(corpus.train, corpus.validation, copy.deepcopy(corpus.manifest))
+    path = check_data_path(config)
+    assert path is not None, "DataConfig checks that text and tokens sources have a path"
     if config.source == "tokens":
         if not path.is_file():
             raise DataError(

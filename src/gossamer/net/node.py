@@ -71,18 +71,28 @@ def _cancelling() -> bool:
     return task is not None and task.cancelling() > 0
 
 
+_DEFAULT_ROUTE_PROBE = ("192.0.2.1", 9)
+"""An address of no machine (RFC 5737's TEST-NET-1): the kernel's route to it is the default
+route, whose source address is this machine's address on its main interface."""
+
+
 def _routable_host(listen_host: str, towards: tuple[str, ...]) -> str:
-    """The address others should dial when listening on a wildcard host."""
+    """The address others should dial when listening on a wildcard host: the one this machine
+    reaches its bootstrap peers from, or without any, its address on the default route (a
+    first peer advertised 127.0.0.1, which no other machine could dial); 127.0.0.1 where it
+    has no route at all."""
     if listen_host not in ("0.0.0.0", "::", ""):
         return listen_host
-    for entry in towards:
-        host, _, port = entry.rpartition("@")[2].rpartition(":")
+    targets = [entry.rpartition("@")[2].rpartition(":") for entry in towards]
+    for host, _, port in [*targets, (_DEFAULT_ROUTE_PROBE[0], "", str(_DEFAULT_ROUTE_PROBE[1]))]:
         with (
             contextlib.suppress(OSError, ValueError),
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe,
         ):
             probe.connect((host.strip("[]"), int(port)))  # no packet is sent
-            return str(probe.getsockname()[0])
+            found = str(probe.getsockname()[0])
+            if found != "0.0.0.0":
+                return found
     return "127.0.0.1"
 
 
