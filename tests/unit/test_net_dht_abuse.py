@@ -174,18 +174,23 @@ class SteppedClock(FakeClock):
         return super().wall() + self.step_s
 
 
+async def _publisher_and_reader(clock: FakeClock) -> tuple[Dht, Dht]:
+    """Two of six DHT nodes that know each other, on ``clock``."""
+    network = FakeDhtNetwork(clock, CONFIG)
+    nodes = [network.add_node() for _ in range(6)]
+    for node in nodes[1:]:
+        node.learn(nodes[0].own_record())
+        await node.lookup(node.identity.digest)
+    return nodes[1], nodes[-1]
+
+
 def test_a_value_put_after_the_clock_stepped_back_replaces_the_older_one_everywhere() -> None:
     """The new record, signed at the earlier time, was dropped by every store, the publisher's
     own included, and the put still counted them as having taken it."""
 
     async def scenario() -> None:
         clock = SteppedClock()
-        network = FakeDhtNetwork(clock, CONFIG)
-        nodes = [network.add_node() for _ in range(6)]
-        for node in nodes[1:]:
-            node.learn(nodes[0].own_record())
-            await node.lookup(node.identity.digest)
-        publisher, reader = nodes[1], nodes[-1]
+        publisher, reader = await _publisher_and_reader(clock)
         key = hashlib.sha256(b"membership").digest()
         assert await publisher.put(key, b"active") >= 1
         clock.step_s = -30.0
@@ -220,12 +225,7 @@ def test_after_a_fast_clock_is_set_back_records_are_signed_at_the_true_time() ->
     # peer (and a put raised on this node's own store) for as long as the clock had been off.
     async def scenario() -> None:
         clock = SteppedClock()
-        network = FakeDhtNetwork(clock, CONFIG)
-        nodes = [network.add_node() for _ in range(6)]
-        for node in nodes[1:]:
-            node.learn(nodes[0].own_record())
-            await node.lookup(node.identity.digest)
-        publisher, reader = nodes[1], nodes[-1]
+        publisher, reader = await _publisher_and_reader(clock)
         publisher.clock = own_clock = SteppedClock()  # (the others' clocks are right)
         key = hashlib.sha256(b"membership").digest()
         own_clock.step_s = 3600.0

@@ -131,15 +131,7 @@ def test_outer_steps_are_published_in_order_and_drained_on_close() -> None:
 def test_a_state_that_is_not_this_run_s_is_refused_before_it_is_applied() -> None:
     """Verified bytes from donors, yet a meta without a step, or tensors of other shapes: each
     raised out of the strategy (KeyError, ValueError, RuntimeError in copy_) and ended training."""
-    model = nn.Linear(4, 4)
-    strategy = SwarmDiLoCoStrategy(
-        DiLoCoConfig(inner_steps=INNER_STEPS, run_id="r"),
-        cast(Any, FakeAverager()),
-        cast(Any, FakeNodeThread()),
-        cast(Any, FakeDonor()),
-        join_existing=False,
-    )
-    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    strategy = _strategy_on(nn.Linear(4, 4))
     good = strategy._snapshot(step=0)
     assert strategy._unusable(good) == ""
     bad_metas: list[dict[str, Any]] = [
