@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_listeners import CrashAfterCheckpoint
 
 from gossamer.core.config import (
     CheckpointConfig,
@@ -45,17 +46,6 @@ def _diloco(**options: bool) -> DiLoCoStrategy:
     return DiLoCoStrategy(DiLoCoConfig(inner_steps=H, **options), InProcessGroup(1).averager())
 
 
-class _CrashAfterCheckpoint(TrainingListener):
-    """Raises right after the checkpoint of ``step`` is written, as a kill would land there."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_checkpoint(self, *, step: int, path: Path) -> None:
-        if step == self.step:
-            raise KeyboardInterrupt(f"killed after the checkpoint of step {step}")
-
-
 def _hash(trainer: Trainer) -> str:
     return sha256_state(trainer.model.state_dict())
 
@@ -77,7 +67,7 @@ def test_a_forming_peer_killed_after_its_last_boundary_runs_the_round_begun_ther
         Trainer(
             killed,
             strategy=_diloco(train_while_forming=True),
-            listener=_CrashAfterCheckpoint(12),
+            listener=CrashAfterCheckpoint(12),
         ) as trainer,
         pytest.raises(KeyboardInterrupt),
     ):
@@ -97,7 +87,7 @@ def test_a_forming_and_averaging_peer_killed_after_its_last_boundary_runs_that_r
     options = {"train_while_forming": True, "train_while_averaging": True}
     killed = _config(tmp_path, "killed", max_steps=12, every_steps=4)
     with (
-        Trainer(killed, strategy=_diloco(**options), listener=_CrashAfterCheckpoint(12)) as t,
+        Trainer(killed, strategy=_diloco(**options), listener=CrashAfterCheckpoint(12)) as t,
         pytest.raises(KeyboardInterrupt),
     ):
         t.run()

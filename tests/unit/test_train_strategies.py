@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_listeners import CrashAfterCheckpoint
 
 from gossamer.core.config import (
     CheckpointConfig,
@@ -24,7 +25,6 @@ from gossamer.core.hashing import sha256_state
 from gossamer.train import Trainer, TrainResult
 from gossamer.train.averaging import InProcessGroup, PendingRound
 from gossamer.train.diloco import DiLoCoConfig, DiLoCoStrategy
-from gossamer.train.loop import TrainingListener
 from gossamer.train.strategy import TrainingStrategy
 from gossamer.train.sync import SyncStrategy
 from gossamer.train.thread_swarm import run_thread_swarm
@@ -749,17 +749,6 @@ def test_lossy_codec_is_applied_and_counted() -> None:
     assert mine.bytes_sent < fp32_ring_bytes / 3.5
 
 
-class _CrashAfterCheckpoint(TrainingListener):
-    """Raises right after the checkpoint of ``step`` is written, as a kill would land there."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_checkpoint(self, *, step: int, path: Path) -> None:
-        if step == self.step:
-            raise KeyboardInterrupt(f"killed after the checkpoint of step {step}")
-
-
 def _diloco(**options: bool) -> DiLoCoStrategy:
     return DiLoCoStrategy(DiLoCoConfig(inner_steps=4, **options), InProcessGroup(1).averager())
 
@@ -826,7 +815,7 @@ def test_a_diloco_peer_killed_before_its_last_round_runs_it_when_restarted(tmp_p
         trainer.run()
         expected = sha256_state(trainer.model.state_dict())
     with (
-        Trainer(config(1), strategy=_diloco(), listener=_CrashAfterCheckpoint(10)) as trainer,
+        Trainer(config(1), strategy=_diloco(), listener=CrashAfterCheckpoint(10)) as trainer,
         pytest.raises(KeyboardInterrupt),
     ):
         trainer.run()
