@@ -96,7 +96,7 @@ def _result(**changes: object) -> AllReduceBenchResult:
 
 def test_the_table_shows_the_memory_figure_next_to_gloos() -> None:
     result = _result()
-    assert "peak memory   +1.31x the tensor per peer (gloo 0.02x)" in result.table()
+    assert "peak memory   +1.31x the tensor per peer (gloo +0.02x)" in result.table()
     assert '"peak_extra_memory_ratio": 1.31' in result.to_json()
 
 

@@ -1,7 +1,8 @@
-"""`gossamer bench diloco`'s defaults: what the quality comparison trains unless flags say so."""
+"""`gossamer bench`: diloco's defaults, what loop and obs print beside their headline, inputs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from gossamer.bench.diloco import DiLoCoBenchResult, MethodResult, bench_diloco_config
+from gossamer.bench.loop import LoopBenchResult
+from gossamer.bench.obs_overhead import ObsOverheadResult
 from gossamer.cli import bench, bench_transport
 from gossamer.core.config import RunConfig
 
@@ -122,3 +125,78 @@ def test_an_out_path_that_cannot_be_written_is_refused_before_the_run(
         assert result.exit_code == 2, result.output
         assert f"--out: {out if fragment == 'is a folder' else a_file}" in result.output
         assert fragment in result.output
+
+
+def _fake_loop_and_obs(monkeypatch: pytest.MonkeyPatch, off: list[float], on: list[float]) -> None:
+    """Both benches answer with these timings instead of training (the loop: plain = off)."""
+
+    def fake_loop(**_: Any) -> LoopBenchResult:
+        return LoopBenchResult(
+            gossamer_tokens_per_s=on, plain_tokens_per_s=off, steps=60, tokens_per_step=2048,
+            threads=2,
+        )  # fmt: skip
+
+    def fake_obs(**_: Any) -> ObsOverheadResult:
+        return ObsOverheadResult(off_tokens_per_s=off, full_tokens_per_s=on, steps=60, threads=2)
+
+    monkeypatch.setattr(bench, "run_loop_bench", fake_loop)
+    monkeypatch.setattr(bench, "run_obs_overhead_bench", fake_obs)
+
+
+@pytest.mark.parametrize("command", ["loop", "obs"])
+def test_a_headline_from_pairs_that_disagree_comes_with_their_spread_and_a_warning(
+    command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Seen under shared load: pairs at 0.109..20.6 gave "173% faster" and nothing else.
+    _fake_loop_and_obs(
+        monkeypatch,
+        off=[28003.0, 4428.0, 1282.0, 27371.0, 10043.0],
+        on=[3041.0, 26312.0, 26351.0, 26604.0, 27454.0],
+    )
+    result = CliRunner().invoke(bench.app, [command])
+    assert result.exit_code == 0, result.output
+    assert "pair ratios 0.109..20.555 over 5 pairs" in result.output
+    assert "warning: the pairs' ratios differ by more than 2x (0.109..20.555)" in result.output
+    assert "not to be trusted" in result.output
+
+    result = CliRunner().invoke(bench.app, [command, "--json"])
+    assert result.exit_code == 0, result.output
+    fields = json.loads(result.stdout)
+    assert fields["noisy"] is True
+    assert fields["pair_ratio_min"] == pytest.approx(0.1086, abs=1e-4)
+    assert fields["pair_ratio_max"] == pytest.approx(20.555, abs=1e-3)
+    assert "not to be trusted" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["loop", "obs"])
+def test_pairs_that_agree_show_their_spread_without_a_warning(
+    command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_loop_and_obs(monkeypatch, off=[27000.0, 26800.0], on=[26000.0, 26500.0])
+    result = CliRunner().invoke(bench.app, [command])
+    assert result.exit_code == 0, result.output
+    assert "pair ratios 0.963..0.989 over 2 pairs" in result.output
+    assert "warning" not in result.output
+    result = CliRunner().invoke(bench.app, [command, "--json"])
+    assert json.loads(result.stdout)["noisy"] is False
+    assert result.stderr == ""
+
+
+def test_the_diloco_table_shows_tenths_of_a_second_on_short_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A 2.6 s method and a 3.4 s one both read "3" before.
+    def fake_bench(*, config: RunConfig, peers: int, inner_steps: int, **_: Any) -> Any:
+        short = MethodResult(name="sync", val_loss=2.0, bytes_per_peer=1, seconds=2.6)
+        long = MethodResult(name="diloco", val_loss=2.0, bytes_per_peer=1, seconds=1234.4)
+        return DiLoCoBenchResult(
+            peers=peers, inner_steps=inner_steps, steps=8, tokens_per_peer=1,
+            methods={"sync": short, "diloco": long}, outer=bench_diloco_config(config, inner_steps),
+        )  # fmt: skip
+
+    monkeypatch.setattr(bench, "run_diloco_bench", fake_bench)
+    result = CliRunner().invoke(bench.app, ["diloco"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if "│" in line}
+    assert rows["sync"].rstrip(" │").endswith("2.6")
+    assert rows["diloco"].rstrip(" │").endswith("1234")

@@ -1,4 +1,4 @@
-"""The loop benchmark runs both sides on the same model and data and reports a ratio."""
+"""The loop benchmarks run both sides on the same model and data; a ratio and its spread."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from gossamer.bench.allreduce import _memory_ratio, _most_memory
-from gossamer.bench.loop import run_loop_bench
-from gossamer.bench.obs_overhead import run_obs_overhead_bench
+from gossamer.bench.loop import LoopBenchResult, pair_spread, run_loop_bench
+from gossamer.bench.obs_overhead import ObsOverheadResult, run_obs_overhead_bench
 from gossamer.core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from gossamer.core.errors import ConfigError
 
@@ -107,3 +107,55 @@ def test_a_round_that_could_not_read_its_memory_never_reads_as_none_added() -> N
     assert _most_memory(0, -1) == -1  # it read 0.00x before: "no extra memory at all"
     assert _most_memory(-1, 9) == -1
     assert _memory_ratio([_most_memory(0, -1), 100], 100) is None
+
+
+# Per-repeat figures seen under shared load (`gossamer bench loop --steps 60 --repeats 5`): the
+# pairs' ratios ran 0.109..20.6 and the bench said "173% faster" with no word on the spread.
+_BUSY_GOSSAMER = [3041.0, 26312.0, 26351.0, 26604.0, 27454.0]
+_BUSY_PLAIN = [28003.0, 4428.0, 1282.0, 27371.0, 10043.0]
+
+
+def _loop_result(gossamer: list[float], plain: list[float]) -> LoopBenchResult:
+    return LoopBenchResult(
+        gossamer_tokens_per_s=gossamer,
+        plain_tokens_per_s=plain,
+        steps=60,
+        tokens_per_step=2048,
+        threads=2,
+    )
+
+
+def test_the_loop_result_carries_the_pairs_spread_and_flags_a_busy_machine() -> None:
+    fields = _loop_result(_BUSY_GOSSAMER, _BUSY_PLAIN).to_json()
+    assert fields["pair_ratio_min"] == pytest.approx(3041 / 28003)
+    assert fields["pair_ratio_max"] == pytest.approx(26351 / 1282)
+    assert len(fields["pair_ratios"]) == 5
+    assert fields["noisy"] is True
+    quiet = _loop_result([26000.0, 26500.0, 25900.0], [27000.0, 26800.0, 26100.0]).to_json()
+    assert 0.96 < quiet["pair_ratio_min"] <= quiet["ratio"] <= quiet["pair_ratio_max"] < 1.0
+    assert quiet["noisy"] is False
+
+
+def test_the_obs_result_carries_the_pairs_spread_and_flags_a_busy_machine() -> None:
+    busy = ObsOverheadResult(
+        off_tokens_per_s=[27000.0, 5000.0, 26000.0],
+        full_tokens_per_s=[26500.0, 26000.0, 26100.0],
+        steps=60,
+        threads=2,
+    )
+    fields = busy.to_json()
+    assert (fields["pair_ratio_min"], fields["pair_ratio_max"]) == pytest.approx(
+        (26500 / 27000, 5.2)
+    )
+    assert fields["noisy"] is True
+    one_pair = ObsOverheadResult(
+        off_tokens_per_s=[27000.0], full_tokens_per_s=[26500.0], steps=60, threads=2
+    )
+    assert one_pair.to_json()["noisy"] is False  # a single pair has no spread to speak of
+
+
+def test_a_spread_of_exactly_twice_is_not_flagged_and_above_it_is() -> None:
+    assert not pair_spread([0.5, 1.0]).noisy
+    assert pair_spread([0.5, 1.0001]).noisy
+    with pytest.raises(ValueError, match="positive"):
+        pair_spread([])

@@ -243,6 +243,14 @@ def test_every_field_is_documented() -> None:
     assert not undocumented
 
 
+def test_the_stdlib_source_is_described_as_read_from_this_machine() -> None:
+    # `gossamer config keys` said "the Python standard library's sources, embedded", while the
+    # corpus reads the installed standard library's files (README, data/corpus.py).
+    doc = next(i.doc for i in describe_fields(RunConfig) if i.key == "data.source")
+    assert "embedded" not in doc
+    assert "this machine's Python standard library" in doc
+
+
 def test_base_values_are_overridden_by_flags() -> None:
     base = config_to_dict(RunConfig(train=TrainConfig(batch_size=3)))
     config = load_run_config(None, [("train.seed", "9")], environ={}, base=base)

@@ -184,7 +184,7 @@ class AllReduceBenchResult:
         memory = ""
         if self.peak_extra_memory_ratio is not None:
             gloo_memory = (
-                f" (gloo {self.gloo_peak_extra_memory_ratio:.2f}x)"
+                f" (gloo +{self.gloo_peak_extra_memory_ratio:.2f}x)"
                 if self.gloo_peak_extra_memory_ratio is not None
                 else ""
             )

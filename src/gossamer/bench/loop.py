@@ -5,7 +5,8 @@ with the same optimizer settings, batch shape and gradient clipping, in one proc
 so that drift in the machine's speed hits both alike. Each side's throughput is measured over the
 steps after its warm-up, between the end of one step and the end of another, so evaluation,
 checkpoints and start-up are outside both measurements. The result is the ratio of Gossamer's
-tokens per second to the plain loop's.
+tokens per second to the plain loop's, with the spread of the pairs' ratios beside it: on a busy
+machine the pairs disagree, and one median then hides that the figure means little.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +32,57 @@ from gossamer.obs.trace import SpanRecorder
 from gossamer.train import ProgressEvent, Trainer, TrainingListener
 from gossamer.train.optim import learning_rate_at
 
-__all__ = ["LoopBenchResult", "gossamer_tokens_per_s", "run_loop_bench"]
+__all__ = [
+    "NOISY_SPREAD",
+    "LoopBenchResult",
+    "PairSpread",
+    "gossamer_tokens_per_s",
+    "pair_spread",
+    "run_loop_bench",
+]
+
+NOISY_SPREAD = 2.0
+"""Largest over smallest pair ratio above which a result is flagged as noisy. Both sides of a pair
+run the same work back to back, so on a quiet machine their ratios agree within a few percent; a
+factor of 2 between pairs means the load changed under the measurement (0.109 to 20.6 was seen
+on a shared machine), and their median is then no figure to quote."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PairSpread:
+    """How far apart the back-to-back pairs' ratios are."""
+
+    ratios: list[float]
+    """Each pair's ratio, in the order measured."""
+    smallest: float
+    """The smallest pair ratio."""
+    largest: float
+    """The largest pair ratio."""
+
+    @property
+    def noisy(self) -> bool:
+        """True when the largest ratio is more than :data:`NOISY_SPREAD` times the smallest."""
+        return self.largest > NOISY_SPREAD * self.smallest
+
+    def to_json(self) -> dict[str, Any]:
+        """Fields for ``--json``: the ratios, their range, and whether the range flags noise."""
+        return {
+            "pair_ratios": self.ratios,
+            "pair_ratio_min": self.smallest,
+            "pair_ratio_max": self.largest,
+            "noisy": self.noisy,
+        }
+
+
+def pair_spread(ratios: Sequence[float]) -> PairSpread:
+    """The spread of back-to-back pairs' ratios (at least one).
+
+    Raises:
+        ValueError: no ratio, or one that is not positive (a throughput is never zero).
+    """
+    if not ratios or min(ratios) <= 0:
+        raise ValueError(f"pair ratios must be positive and at least one, got {list(ratios)}")
+    return PairSpread(ratios=list(ratios), smallest=min(ratios), largest=max(ratios))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -49,15 +101,24 @@ class LoopBenchResult:
     """Torch intra-op threads."""
 
     @property
+    def spread(self) -> PairSpread:
+        """Each repeat's ratio of Gossamer's throughput over the plain loop's, and their range."""
+        return pair_spread(
+            [
+                g / p
+                for g, p in zip(self.gossamer_tokens_per_s, self.plain_tokens_per_s, strict=True)
+            ]
+        )
+
+    @property
     def ratio(self) -> float:
         """Median over repeats of Gossamer's throughput over the plain loop's (1.0 = equal).
 
         Each repeat measures both loops back to back, so the ratio of a pair sees the same load
-        on the machine; the median of those ratios resists load that comes and goes.
+        on the machine; the median of those ratios resists load that comes and goes, as long as
+        it comes and goes slowly (:attr:`spread` says when it did not).
         """
-        return statistics.median(
-            g / p for g, p in zip(self.gossamer_tokens_per_s, self.plain_tokens_per_s, strict=True)
-        )
+        return statistics.median(self.spread.ratios)
 
     def to_json(self) -> dict[str, Any]:
         """Fields for ``--json``."""
@@ -71,6 +132,7 @@ class LoopBenchResult:
             "steps": self.steps,
             "tokens_per_step": self.tokens_per_step,
             "threads": self.threads,
+            **self.spread.to_json(),
         }
 
 

@@ -2,7 +2,8 @@
 
 The same run is measured with observability off (no metrics, spans disabled) and full (Prometheus
 metrics updated every step, spans recorded and appended to a file), taking turns in one process so
-that drift in the machine's speed hits both alike. The figure is the ratio of their throughputs.
+that drift in the machine's speed hits both alike. The figure is the ratio of their throughputs,
+with the spread of the pairs' ratios beside it (a busy machine shows as pairs that disagree).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-from gossamer.bench.loop import gossamer_tokens_per_s
+from gossamer.bench.loop import PairSpread, gossamer_tokens_per_s, pair_spread
 from gossamer.core.config import RunConfig
 from gossamer.core.errors import ConfigError
 from gossamer.data import load_corpus
@@ -37,13 +38,20 @@ class ObsOverheadResult:
     """Torch intra-op threads."""
 
     @property
+    def spread(self) -> PairSpread:
+        """Each repeat's ratio of the 'full' throughput over the 'off' one, and their range."""
+        return pair_spread(
+            [f / o for f, o in zip(self.full_tokens_per_s, self.off_tokens_per_s, strict=True)]
+        )
+
+    @property
     def overhead_percent(self) -> float:
         """How much slower full observability is, in percent of the 'off' throughput.
 
-        The median over repeats of each back-to-back pair's ratio, which resists changing load.
+        The median over repeats of each back-to-back pair's ratio, which resists changing load
+        as long as it changes slowly (:attr:`spread` says when it did not).
         """
-        ratios = [f / o for f, o in zip(self.full_tokens_per_s, self.off_tokens_per_s, strict=True)]
-        return (1.0 - statistics.median(ratios)) * 100.0
+        return (1.0 - statistics.median(self.spread.ratios)) * 100.0
 
     def to_json(self) -> dict[str, Any]:
         """Fields for ``--json``."""
@@ -55,6 +63,7 @@ class ObsOverheadResult:
             "full_runs": self.full_tokens_per_s,
             "steps": self.steps,
             "threads": self.threads,
+            **self.spread.to_json(),
         }
 
 

@@ -16,7 +16,7 @@ from gossamer.bench.diloco_thin_link import (
     check_thin_link_inputs,
     run_thin_link_bench,
 )
-from gossamer.bench.loop import run_loop_bench
+from gossamer.bench.loop import NOISY_SPREAD, PairSpread, run_loop_bench
 from gossamer.bench.obs_overhead import run_obs_overhead_bench
 from gossamer.cli.bench_allreduce import register as register_allreduce
 from gossamer.cli.bench_transport import register as register_transport
@@ -49,6 +49,31 @@ def _runs_table(title: str, rows: list[tuple[str, list[float]]]) -> Table:
     return table
 
 
+def _spread_lines(spread: PairSpread) -> list[str]:
+    """The pairs' ratios beside a headline figure, and a warning when they disagree.
+
+    The headline is one median; without the spread a user had no way to see that the pairs
+    behind it ran 0.109 to 20.6 (a busy machine) and read "173% faster" as a measurement.
+    """
+    lines = [
+        f"pair ratios {spread.smallest:.3f}..{spread.largest:.3f} over {len(spread.ratios)} "
+        "pairs (each side measured back to back)"
+    ]
+    if spread.noisy:
+        lines.append(
+            f"warning: the pairs' ratios differ by more than {NOISY_SPREAD:g}x "
+            f"({spread.smallest:.3f}..{spread.largest:.3f}): the machine was busy, so the "
+            "median is not to be trusted; run again on a quiet machine"
+        )
+    return lines
+
+
+def _warn_if_noisy(spread: PairSpread) -> None:
+    """With --json (stdout holds JSON only), the warning goes to stderr."""
+    if spread.noisy:
+        typer.echo(_spread_lines(spread)[-1], err=True)
+
+
 @app.command(context_settings=_OVERRIDES)
 def loop(
     ctx: typer.Context,
@@ -72,6 +97,7 @@ def loop(
     _write_json(fields, out)
     if json_output:
         typer.echo(json.dumps(fields))
+        _warn_if_noisy(result.spread)
         return
     title = f"one-peer loop, {steps} steps x {repeats} repeats, {result.threads} threads"
     _console.print(
@@ -88,6 +114,8 @@ def loop(
         f"ratio gossamer / plain = {result.ratio:.3f}: Gossamer's loop is "
         f"{abs(fields['slowdown_percent']):.1f}% {change} (target: at most 5% slower)"
     )
+    for line in _spread_lines(result.spread):
+        _console.print(line, markup=False)
 
 
 @app.command(context_settings=_OVERRIDES)
@@ -110,6 +138,7 @@ def obs(
     _write_json(fields, out)
     if json_output:
         typer.echo(json.dumps(fields))
+        _warn_if_noisy(result.spread)
         return
     title = f"observability overhead, {steps} steps x {repeats} repeats, {result.threads} threads"
     _console.print(
@@ -122,6 +151,8 @@ def obs(
         )
     )
     _console.print(f"overhead = {result.overhead_percent:+.2f}% of throughput (target: at most 2%)")
+    for line in _spread_lines(result.spread):
+        _console.print(line, markup=False)
 
 
 @app.command(context_settings=_OVERRIDES)
@@ -236,7 +267,7 @@ def diloco(
             method.name,
             f"{method.val_loss:.4f}",
             f"{method.bytes_per_peer:,}",
-            f"{method.seconds:.0f}",
+            _seconds(method.seconds),
         )
     _console.print(table)
     _console.print(
@@ -255,6 +286,11 @@ def diloco(
         )
     if thin is not None:
         _print_thin_link(thin, rate or "")
+
+
+def _seconds(seconds: float) -> str:
+    """Whole seconds for long runs; one decimal under 10 s, where "3" hid 2.6 against 3.4."""
+    return f"{seconds:.1f}" if seconds < 10 else f"{seconds:.0f}"
 
 
 def _print_thin_link(thin: ThinLinkResult, rate: str) -> None:

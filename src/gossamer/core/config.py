@@ -123,7 +123,7 @@ class DataConfig:
     """Where training tokens come from and how they are split."""
 
     source: DataSource = "stdlib"
-    """``stdlib`` (the Python standard library's sources, embedded), ``text`` or ``tokens``."""
+    """``stdlib`` (this machine's Python standard library's .py files), ``text`` or ``tokens``."""
     path: str | None = None
     """A text file or folder (``text``) or a token file (``tokens``); unused for ``stdlib``."""
     token_dtype: TokenDtype = "uint16"
