@@ -255,7 +255,7 @@ def test_corrupted_checkpoint_is_reported_and_previous_used(workdir: Path) -> No
 def test_missing_data_is_a_clear_error(workdir: Path) -> None:
     shutil.move(workdir / "corpus.txt", workdir / "elsewhere.txt")
     result = run(["train", "--config", "tiny.toml"], workdir)
-    assert result.returncode == 1
+    assert result.returncode == 2  # a wrong path, found before anything ran (as for a flag)
     assert "corpus.txt" in result.stderr
     assert "Traceback" not in result.stderr
 

@@ -30,7 +30,7 @@ from gossamer.net.config import BreakerConfig, LimitsConfig, NodeConfig, RetryCo
 from gossamer.net.connections import DialTarget
 from gossamer.net.dht_service import DHT_METHODS
 from gossamer.net.identity import Identity
-from gossamer.net.node import Node
+from gossamer.net.node import Node, _routable_host
 from gossamer.net.reachability import DIAL_BACK_METHOD
 from gossamer.net.records import sign_peer_record
 from gossamer.net.server import current_session
@@ -80,6 +80,15 @@ def test_a_first_peer_on_every_interface_advertises_an_address_other_machines_ca
                 await b.ping(first.peer_id)
 
     _run(scenario)
+
+
+@pytest.mark.skipif(not _has_default_route(), reason="this machine has no default route")
+def test_the_ipv6_wildcard_written_bracketed_is_a_wildcard_too() -> None:
+    # "[::]:7000" advertised "[::]:7000", an address nobody can dial.
+    for wildcard in ("[::]", "::", "0.0.0.0"):
+        host = _routable_host(wildcard, ())
+        assert not ipaddress.ip_address(host.strip("[]")).is_unspecified, wildcard
+    assert _routable_host("[fd00::2]", ()) == "[fd00::2]"  # not a wildcard: as given
 
 
 def test_peer_without_the_swarm_secret_is_refused_with_a_log_line(

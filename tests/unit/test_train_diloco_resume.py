@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import signal
+import threading
+import time
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import torch
@@ -229,3 +233,48 @@ def test_a_pause_with_no_round_in_flight_waits_for_nothing(
         stopper.trainer = trainer
         assert trainer.run().interrupted
     assert "waiting for" not in caplog.text
+
+
+class _HeldAverager:
+    """An averager whose rounds wait until released (a round held up by a slow peer)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self._inner = InProcessGroup(1).averager()
+
+    def average(self, tensors: list[torch.Tensor], *, round_key: str, weight: float) -> Any:
+        self.entered.set()
+        self.release.wait(timeout=60)
+        return self._inner.average(tensors, round_key=round_key, weight=weight)
+
+
+def test_a_second_stop_while_the_pause_waits_for_a_round_leaves_at_once(tmp_path: Path) -> None:
+    # The KeyboardInterrupt of the second stop left the pause's wait, then the strategy's
+    # close joined the round's thread and waited the round out all the same (minutes in a swarm).
+    averager = _HeldAverager()
+    strategy = DiLoCoStrategy(DiLoCoConfig(inner_steps=H, overlap=True), cast(Any, averager))
+    stopper = _StopAfter(H + 1)  # the round launched at the boundary is in flight
+    config = _config(tmp_path, "held", max_steps=40)
+
+    def second_stop() -> None:
+        if averager.entered.wait(timeout=60):
+            time.sleep(0.5)  # (the pause's wait under way; the test's pace, not a sync point)
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    helper = threading.Thread(target=second_stop, daemon=True)
+    helper.start()
+    started = time.monotonic()
+    interrupted = False
+    try:
+        with Trainer(config, strategy=strategy, listener=stopper) as trainer:
+            stopper.trainer = trainer
+            trainer.run()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        took = time.monotonic() - started
+        averager.release.set()
+        helper.join(timeout=60)
+    assert interrupted
+    assert took < 30.0  # the round is held for 60 s

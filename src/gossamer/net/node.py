@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
@@ -71,28 +72,31 @@ def _cancelling() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-_DEFAULT_ROUTE_PROBE = ("192.0.2.1", 9)
-"""An address of no machine (RFC 5737's TEST-NET-1): the kernel's route to it is the default
-route, whose source address is this machine's address on its main interface."""
+_DEFAULT_ROUTE_PROBES = (("192.0.2.1", 9), ("2001:db8::1", 9))
+"""Addresses of no machine (RFC 5737's TEST-NET-1, RFC 3849's documentation prefix): the
+kernel's route to one is the default route, whose source address is this machine's address on
+its main interface."""
 
 
 def _routable_host(listen_host: str, towards: tuple[str, ...]) -> str:
     """The address others should dial when listening on a wildcard host: the one this machine
-    reaches its bootstrap peers from, or without any, its address on the default route (a
-    first peer advertised 127.0.0.1, which no other machine could dial); 127.0.0.1 where it
-    has no route at all."""
-    if listen_host not in ("0.0.0.0", "::", ""):
+    reaches its bootstrap peers from, or without any, its address on the default route (IPv4
+    first; a first peer advertised 127.0.0.1, which no other machine could dial); 127.0.0.1
+    where it has no route at all. IPv6 addresses come bracketed, as HOST:PORT wants them."""
+    if listen_host.strip("[]") not in ("0.0.0.0", "::", ""):
         return listen_host
     targets = [entry.rpartition("@")[2].rpartition(":") for entry in towards]
-    for host, _, port in [*targets, (_DEFAULT_ROUTE_PROBE[0], "", str(_DEFAULT_ROUTE_PROBE[1]))]:
+    probes = [(host.strip("[]"), port) for host, _, port in targets]
+    for host, port in [*probes, *((h, str(p)) for h, p in _DEFAULT_ROUTE_PROBES)]:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with (
             contextlib.suppress(OSError, ValueError),
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe,
+            socket.socket(family, socket.SOCK_DGRAM) as probe,
         ):
-            probe.connect((host.strip("[]"), int(port)))  # no packet is sent
-            found = str(probe.getsockname()[0])
-            if found != "0.0.0.0":
-                return found
+            probe.connect((host, int(port)))  # no packet is sent
+            found = ipaddress.ip_address(str(probe.getsockname()[0]).partition("%")[0])
+            if not found.is_unspecified:
+                return f"[{found}]" if found.version == 6 else str(found)
     return "127.0.0.1"
 
 

@@ -230,6 +230,8 @@ class DiLoCoStrategy:
         self._finished_at: int | None = None
         """The step :meth:`finish` last ended the run at (saved, so that a finished run run
         again finds nothing left to average there)."""
+        self._abandoned = False
+        """A second stop came: closing leaves the round under way (see :meth:`abandon`)."""
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
         del optimizer
@@ -762,9 +764,15 @@ class DiLoCoStrategy:
         finished_at = meta.get("finished_at_step", self._finished_at)
         self._finished_at = finished_at if type(finished_at) is int else None
 
+    def abandon(self) -> None:
+        """(optional hook) A second stop: :meth:`close` leaves the round under way instead of
+        waiting for it (it waited out the round, up to minutes, after the user asked to stop
+        at once; the node's closing, next, ends the round's work)."""
+        self._abandoned = True
+
     def close(self) -> None:
         if self._forming is not None:
             self._forming.cancel()
             self._forming = None
         if self._rounds is not None:
-            self._rounds.shutdown(wait=True)
+            self._rounds.shutdown(wait=not self._abandoned, cancel_futures=self._abandoned)

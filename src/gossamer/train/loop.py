@@ -420,6 +420,9 @@ class Trainer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        abandon = getattr(self.run_state.strategy, "abandon", None)
+        if exc_type is KeyboardInterrupt and callable(abandon):
+            abandon()  # a second stop (or Ctrl-C outside a pause): close waits for nothing
         self.close()
 
     def close(self) -> None:
@@ -615,7 +618,7 @@ class Trainer:
 
         def announce(what: str) -> None:
             logger.warning(
-                "peer %s step %d: stop asked for: waiting for %s (at most its round timeout) "
+                "peer %s step %d: stop asked for: waiting for %s (up to the round's deadline) "
                 "so that the checkpoint keeps it; stop again to stop at once without it",
                 self.spans.peer,
                 step,

@@ -11,7 +11,9 @@ Optional hooks, looked up by name (a strategy without one has nothing to do ther
 ``resume_at(step)``, told the step a resume restored before :meth:`~TrainingStrategy.setup`, and
 ``land_before_pause(model, step, announce)``, called when a stop pauses the run, before its
 checkpoint, to land work under way (a round averaging in the background) so the checkpoint holds
-it (see :meth:`LocalStrategy.land_before_pause`).
+it (see :meth:`LocalStrategy.land_before_pause`), and ``abandon()``, called when the run ends on a
+KeyboardInterrupt (a second stop), before :meth:`~TrainingStrategy.close`, which then waits for
+nothing under way.
 """
 
 from __future__ import annotations

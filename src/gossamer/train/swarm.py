@@ -290,11 +290,12 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
 
     def close(self) -> None:
         try:
-            self._wait_for_publication()
+            if not self._abandoned:  # (a second stop: nothing more is waited for)
+                self._wait_for_publication()
         except Exception:  # closing on the way out of an error: that one is what counts
             logger.exception("peer %s: the last state publication failed", self._short())
         finally:
-            self._publisher.shutdown(wait=True)
+            self._publisher.shutdown(wait=not self._abandoned, cancel_futures=self._abandoned)
             super().close()  # a round still in flight ends before the run is left
             self.swarm_averager.leave_run()
 
