@@ -3,10 +3,16 @@
 `gossamer bench diloco` compares the methods at full size (README, Benchmarks). Here 4 peers
 (threads averaging through comm's codecs) train a 1-layer, 32-wide GPT for 500 inner steps each
 with every method, from the same weights on the same data. DiLoCo keeps its defaults (H = 50,
-outer Nesterov SGD at 0.7 and 0.9, momentum warmed up), so it takes 10 outer steps.
+outer Nesterov SGD at 0.7 and 0.9, momentum warmed up), so it takes 10 outer steps, except that
+it stops at each boundary (``swarm.train_while_forming`` false): trained while its group forms,
+a peer's steps depend on the threads' timing, and DiLoCo's loss moved from run to run by more
+than the 8-bit codec's effect (the int8 gap read -0.42..+0.50% in four runs, 1.38% once under a
+busy suite); stopping, every run ends on the same weights.
 
-Measured (2026-12-03, 2 cores): sync 2.170, DiLoCo 2.243 (+3.4%), DiLoCo with the 8-bit codec
-+0.01% vs DiLoCo; 50x fewer bytes. The bounds leave room for averages rounded in a different
+Measured (2026-12-06, 2 cores, validation batches of 16 sequences): sync 2.151, DiLoCo 2.233
+(+3.8%), DiLoCo with the 8-bit codec +0.0015% vs DiLoCo; 50x fewer bytes (2026-12-03, trained
+while forming, 64 validation sequences: sync 2.170, DiLoCo 2.243, int8 +0.01%). The bounds leave
+room for averages rounded in a different
 order; a DiLoCo that replays its first pseudo-gradients at full momentum (+12.6% here) or whose
 outer step goes the wrong way fails them. That the peers really average is not something the loss
 shows at this size (peers that skip the average and apply their own pseudo-gradients end 1.5%
@@ -28,6 +34,7 @@ _TINY_GPT = [
     ("model.context", "32"),
     ("train.batch_size", "8"),
     ("train.num_threads", "1"),
+    ("swarm.train_while_forming", "false"),
 ]
 
 
