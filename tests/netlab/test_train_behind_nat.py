@@ -6,6 +6,10 @@ dial-back that it cannot be reached, reserve a relay (p0, whose relay service is
 and publish it, so that p0's sends of the rounds reach it. Before, training peers never asked:
 p1 published its private address as reachable, and every round p0 formed with it failed on p0's
 sends to it.
+
+The peers train until both have averaged with each other, then are stopped (SIGTERM): a fixed
+time budget ended them before two rounds on a busy machine (p1 spent most of 25 s starting and
+taking the swarm's state while p0 trained at a seventh of its quiet speed).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ _GOSSAMER = Path(sys.executable).parent / "gossamer"
 _TINY = [
     "--model.num-layers", "1", "--model.num-heads", "2", "--model.width", "32",
     "--model.context", "32", "--train.batch-size", "2", "--train.eval-batches", "1",
-    "--train.num-threads", "1", "--train.max-steps", "100000", "--train.max-seconds", "25",
+    "--train.num-threads", "1", "--train.max-steps", "100000", "--train.max-seconds", "150",
     "--swarm.strategy", "diloco", "--swarm.inner-steps", "20",
 ]  # fmt: skip
 
@@ -50,6 +54,10 @@ def _status(path: Path) -> dict[str, Any]:
         return dict(json.loads(path.read_text()))
     except (OSError, ValueError):  # (not written yet, or being replaced)
         return {}
+
+
+def _logs(tmp_path: Path) -> dict[str, str]:
+    return {n: (tmp_path / f"{n}.log").read_text()[-4000:] for n in ("p0", "p1")}
 
 
 @pytest.mark.slow
@@ -85,8 +93,29 @@ def test_a_training_peer_behind_nat_averages_through_a_relay(
                 processes,
             ).group(1)
             spawn("p1", "--bootstrap", address)
+            statuses_path = {n: tmp_path / f"{n}.status.json" for n in ("p0", "p1")}
+
+            def averaged_together() -> bool:
+                # p1 averaged with p0: rounds with another member (a round alone counts under
+                # no backend), and bytes both ways. (Before: none, and p1 waited out join
+                # windows for 60 steps.)
+                for path in statuses_path.values():
+                    status = _status(path)
+                    if (status.get("rounds_by_backend") or {}).get("p2p", 0) < 2:
+                        return False
+                    if not status.get("bytes_received"):
+                        return False
+                return True
+
+            try:
+                _wait_for("two rounds of p0 and p1 together", averaged_together, 120, processes)
+            except AssertionError as exc:
+                statuses = {n: _status(path) for n, path in statuses_path.items()}
+                raise AssertionError(f"{exc}: {statuses}, {_logs(tmp_path)}") from None
             for process in processes:
-                process.wait(timeout=120)
+                process.send_signal(signal.SIGTERM)
+            for process in processes:
+                process.wait(timeout=60)
         finally:
             for process in processes:
                 if process.poll() is None:
@@ -96,13 +125,7 @@ def test_a_training_peer_behind_nat_averages_through_a_relay(
                     except subprocess.TimeoutExpired:
                         process.kill()
                         process.wait(timeout=10)
-    logs = {n: (tmp_path / f"{n}.log").read_text()[-4000:] for n in ("p0", "p1")}
-    statuses = {n: _status(tmp_path / f"{n}.status.json") for n in ("p0", "p1")}
-    for name in ("p0", "p1"):
-        assert processes[("p0", "p1").index(name)].returncode == 0, logs[name]
-        assert statuses[name].get("state") == "done", (statuses[name], logs[name])
-    # p1 averaged with p0: rounds with another member (a round alone counts under no backend),
-    # and bytes both ways. (Before: none, and p1 waited out join windows for 60 steps.)
-    for name in ("p0", "p1"):
-        assert statuses[name]["rounds_by_backend"]["p2p"] >= 2, (statuses, logs[name])
-        assert statuses[name]["bytes_received"] > 0, (statuses, logs[name])
+    logs = _logs(tmp_path)
+    for name in ("p0", "p1"):  # (stopped by SIGTERM: each checkpoints where it is and says so)
+        assert processes[("p0", "p1").index(name)].returncode == 130, logs[name]
+        assert _status(tmp_path / f"{name}.status.json").get("state") == "interrupted", logs[name]
