@@ -37,7 +37,7 @@ from gossamer.store.lease import directory_lease
 from gossamer.train.checkpointing import RunState, capture_run_state, restore_run_state
 from gossamer.train.inference import mean_validation_loss
 from gossamer.train.optim import ScheduleRefit, build_optimizer, learning_rate_at, warmup_steps
-from gossamer.train.strategy import LocalStrategy, TrainingStrategy
+from gossamer.train.strategy import LocalStrategy, TrainingStrategy, optional_hook
 
 __all__ = ["ModelFactory", "ProgressEvent", "TrainResult", "Trainer", "TrainingListener", "train"]
 
@@ -281,8 +281,7 @@ class Trainer:
         schedule and data position than its weights were trained to, in rounds it was not in).
         """
         run = self.run_state
-        resume_at = getattr(run.strategy, "resume_at", None)
-        if callable(resume_at):
+        if (resume_at := optional_hook(run.strategy, "resume_at")) is not None:
             resume_at(run.step)
         # A swarm strategy's setup downloads the swarm's state as a newcomer: time to sync.
         with self.spans.span("sync", step=run.step, hook="setup"):
@@ -420,8 +419,8 @@ class Trainer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        abandon = getattr(self.run_state.strategy, "abandon", None)
-        if exc_type is KeyboardInterrupt and callable(abandon):
+        abandon = optional_hook(self.run_state.strategy, "abandon")
+        if exc_type is KeyboardInterrupt and abandon is not None:
             abandon()  # a second stop (or Ctrl-C outside a pause): close waits for nothing
         self.close()
 
@@ -612,8 +611,8 @@ class Trainer:
         Returns:
             None where nothing was under way; else the step the run stands at after it.
         """
-        land = getattr(self.run_state.strategy, "land_before_pause", None)
-        if not callable(land):
+        land = optional_hook(self.run_state.strategy, "land_before_pause")
+        if land is None:
             return None
 
         def announce(what: str) -> None:

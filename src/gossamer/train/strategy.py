@@ -19,12 +19,21 @@ nothing under way.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
 
-__all__ = ["LocalStrategy", "TrainingStrategy"]
+__all__ = ["LocalStrategy", "TrainingStrategy", "optional_hook"]
+
+OptionalHook = Literal["resume_at", "land_before_pause", "abandon"]
+"""The hooks a strategy may leave out (see the module's docstring)."""
+
+
+def optional_hook(strategy: TrainingStrategy, name: OptionalHook) -> Callable[..., Any] | None:
+    """The strategy's optional hook ``name``, or None where it has none (nothing to do there)."""
+    hook = getattr(strategy, name, None)
+    return hook if callable(hook) else None
 
 
 class TrainingStrategy(Protocol):
