@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gossamer.bench import allreduce as allreduce_bench
 from gossamer.bench.allreduce import (
     AllReduceBenchResult,
     _cpu_per_peer,
@@ -20,6 +21,7 @@ from gossamer.bench.allreduce import (
     _memory_ratio,
     _utilization,
     aes_gcm_bytes_per_s,
+    run_allreduce_sweep,
     write_throughput_plot,
 )
 
@@ -162,3 +164,47 @@ def test_the_plot_is_a_png_of_every_codec_and_gloo_against_peers(tmp_path: Path)
     data = path.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
     assert len(data) > 10_000
+
+
+def _worker_row(wire: list[int]) -> dict[str, object]:
+    """A worker's result file (see ``_p2p_rounds``) for rounds in which it sent ``wire``."""
+    repeats = len(wire)
+    each = {"seconds": [1.0] * repeats, "cpu": [0.5] * repeats, "link": [0] * repeats}
+    round_row = {**each, "wire": wire, "error": 0.0, "memory": 0, "ring_left": []}
+    gloo = {"gloo": [0.2] * repeats, "gloo_cpu": [0.1] * repeats, "gloo_link": [0] * repeats}
+    return {**gloo, "gloo_memory": 0, "codecs": {"none": round_row}, "tcp_congestion_control": ""}
+
+
+def test_wire_bytes_per_peer_is_the_peers_mean_and_the_busiest_peer_is_stated_apart(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As measured on loopback (4 peers, 100 MB, here scaled to 4 MB): the members' own send
+    # rates straddle the rule for pairwise steps, so some send round the ring and some directly,
+    # and one sending directly passes on what comes round the ring too. Every member still
+    # receives the ring's bytes, and the round's bytes are the ring's. The bench read the
+    # busiest worker's last round as the bytes per peer: 8 MB where the ring's are 6 MB,
+    # "+33% comm's frames" for a round that sent nothing twice.
+    headers = 600
+    sent = [  # [worker][repeat]: all in steps, then two rounds of mixed orders
+        [6_000_000, 7_000_000, 5_000_000],
+        [6_000_000, 6_000_000, 6_000_000],
+        [6_000_000, 4_000_000, 8_000_000],
+        [6_000_000, 7_000_000, 5_000_000],
+    ]
+    rows = [_worker_row([b + headers for b in worker]) for worker in sent]
+    monkeypatch.setattr(allreduce_bench, "_run_workers", lambda placement, options: rows)
+    monkeypatch.setattr(allreduce_bench, "aes_gcm_bytes_per_s", lambda: 1e10)
+    (result,) = run_allreduce_sweep(
+        peers=4, size_bytes=4_000_000, codecs=["none"], backend="p2p", repeats=3
+    )
+    assert result.wire_bytes_per_peer == 6_000_000 + headers
+    assert result.header_overhead == pytest.approx(headers / 6_000_000)
+    assert result.busiest_peer_wire_bytes == 7_000_000 + headers  # median of 6, 7 and 8 MB
+    assert "busiest peer  7000600 in a round (+16.7%: the members shared" in result.table()
+    assert '"busiest_peer_wire_bytes": 7000600' in result.to_json()
+
+
+def test_the_table_leaves_the_busiest_peer_out_where_the_peers_sent_alike() -> None:
+    assert "busiest peer" not in _result(busiest_peer_wire_bytes=151).table()  # (within 1%)
+    assert "busiest peer" not in _result().table()
+    assert "busiest peer  200 in a round (+33.3%" in _result(busiest_peer_wire_bytes=200).table()

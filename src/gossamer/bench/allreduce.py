@@ -18,7 +18,11 @@ the peers; a tbf passes at most the cap, so 1.0 is a link never idle. It tells a
 The ring bound is ``2(N-1)/N * size * 8 / rate`` with ``size`` the tensor's bytes: everything
 else on the wire (TCP/IP and Ethernet framing, TLS, gRPC, comm's own headers) counts against
 Gossamer (and against gloo). ``header_overhead`` states Gossamer's application bytes over the
-ring's bytes; the framing below it is at least 1514/1448 (+4.6%) for full TCP segments.
+ring's bytes; the framing below it is at least 1514/1448 (+4.6%) for full TCP segments. Both are
+the peers' mean, as the ring's figure is: members that pick different send orders (each by its
+own measured send rate, see :mod:`gossamer.comm.steps`) share a round's bytes unevenly, the ones
+sending directly passing on the averages that come round the ring too, and the busiest peer's
+figure is stated apart (``busiest_peer_wire_bytes``).
 
 Workers meet through files in a temporary folder (namespaces share the file system, not the
 network): worker 0 opens the ``TCPStore`` on a free port of its own address and writes the
@@ -93,6 +97,9 @@ _WORKER_BASE_BYTES = 400_000_000
 """A worker's memory before its tensors (Python, torch, gRPC)."""
 _TCP_FRAMING = 1514 / 1448
 """Ethernet + IP + TCP (with timestamps) bytes per payload byte of a full segment."""
+_UNEVEN_WIRE = 1.01
+"""How much more than the peers' mean the busiest peer sends before the table says so (parts
+of a round differ by a few alignment blocks)."""
 
 
 @dataclass(slots=True)
@@ -112,7 +119,11 @@ class AllReduceBenchResult:
     gloo_share_of_bound: float | None
     ring_bound_seconds: float | None
     wire_bytes_per_peer: int
+    """Message bytes a peer sent in a round (comm's frames included; TLS, HTTP/2 and gRPC
+    framing not): the mean over peers, the median over repeats. A round's bytes over its peers,
+    comparable to the ring's 2(N-1)/N of the tensor's bytes."""
     header_overhead: float
+    """``wire_bytes_per_peer`` over the ring's bytes, less 1."""
     max_abs_error_vs_gloo: float
     repeats: int
     all_seconds: list[float]
@@ -148,6 +159,13 @@ class AllReduceBenchResult:
     """The CPU a peer's TLS needs at that speed to encrypt what it sends and decrypt what it
     receives in a round: a floor under ``cpu_seconds_per_peer`` that gloo's plain TCP does
     not pay."""
+    busiest_peer_wire_bytes: int | None = None
+    """Message bytes the peer that sent the most sent in a round (the largest over peers, the
+    median over repeats), counted as ``wire_bytes_per_peer`` is. Above that mean where the
+    members picked different send orders: one sending directly (all at once) also passes on
+    the averages that come to it round the ring, so it sends more and the ring's members less,
+    with the round's bytes unchanged (4 peers, 100 MB on loopback: 200 MB against 100-150 MB,
+    where the members' measured send rates straddle ``AllReduceConfig.min_step_s``'s rule)."""
 
     def to_json(self) -> str:
         """The result as one JSON object."""
@@ -192,6 +210,17 @@ class AllReduceBenchResult:
                 f"  peak memory   +{self.peak_extra_memory_ratio:.2f}x the tensor per peer"
                 f"{gloo_memory}"
             )
+        busiest = ""
+        if (
+            self.busiest_peer_wire_bytes is not None
+            and self.busiest_peer_wire_bytes > _UNEVEN_WIRE * self.wire_bytes_per_peer
+        ):
+            busiest = (
+                f"  busiest peer  {self.busiest_peer_wire_bytes} in a round "
+                f"({self.busiest_peer_wire_bytes / self.wire_bytes_per_peer - 1:+.1%}: the "
+                "members shared the round's bytes unevenly, some sending directly, some round "
+                "the ring)"
+            )
         left = ""
         if self.ring_left:
             why = ", ".join(f"{n} {reason}" for reason, n in sorted(self.ring_left.items()))
@@ -218,6 +247,7 @@ class AllReduceBenchResult:
                 f"  speedup       {self.speedup_vs_gloo:8.2f}x vs gloo",
                 f"  ring bound    {bound}",
                 f"  wire bytes    {self.wire_bytes_per_peer} per peer {self._wire_note()}",
+                *([busiest] if busiest else []),
                 f"  max |error|   {self.max_abs_error_vs_gloo:.2e} vs gloo's mean",
                 f"  TCP           {self.tcp_congestion_control or 'n/a'} congestion control",
                 *([busy] if busy else []),
@@ -387,7 +417,7 @@ def _torch_rounds(
     link: list[int] = []
     memory = 0
     error = 0.0
-    wire = 0
+    wire: list[int] = []
     ifname = spec["ifname"]
     for _ in range(spec["repeats"]):
         gloo_round = _gloo_round(tensor, ifname)
@@ -407,7 +437,7 @@ def _torch_rounds(
             cpu.append(time.process_time() - cpu_start)
         memory = _most_memory(memory, extra.extra_bytes)
         link.append(_link_tx_bytes(ifname) - sent)
-        wire = report.bytes_sent
+        wire.append(report.bytes_sent)
         dist.barrier()  # every worker stopped its clock before the check takes CPU
         error = max(error, float((work - reference).abs().max()))
     row = {
@@ -448,7 +478,7 @@ async def _p2p_rounds(
             c: {
                 "seconds": [],
                 "cpu": [],
-                "wire": 0,
+                "wire": [],
                 "error": 0.0,
                 "link": [],
                 "memory": 0,
@@ -501,7 +531,7 @@ async def _p2p_rounds(
                 if result.report.ring_left is not None:
                     row["ring_left"].append(result.report.ring_left)
                 row["link"].append(_link_tx_bytes(ifname) - sent)
-                row["wire"] = result.report.bytes_sent
+                row["wire"].append(result.report.bytes_sent)
                 error = float((result.tensors[0] - reference).abs().max())
                 row["error"] = max(row["error"], error if math.isfinite(error) else math.inf)
         await asyncio.to_thread(dist.barrier)  # nobody stops its node while others still send
@@ -736,7 +766,8 @@ def run_allreduce_sweep(
     for codec in codecs:
         each = [max(r["codecs"][codec]["seconds"][i] for r in rows) for i in range(repeats)]
         seconds = statistics.median(each)
-        wire = max(int(r["codecs"][codec]["wire"]) for r in rows)
+        # (the peers' mean: members that picked different send orders share the bytes unevenly)
+        wire, busiest = _wire_per_peer([r["codecs"][codec]["wire"] for r in rows])
         results.append(
             AllReduceBenchResult(
                 peers=peers,
@@ -783,6 +814,7 @@ def run_allreduce_sweep(
                         why for r in rows for why in r["codecs"][codec].get("ring_left", [])
                     )
                 ),
+                busiest_peer_wire_bytes=busiest,
             )
         )
     return results
@@ -804,6 +836,18 @@ def aes_gcm_bytes_per_s(total_bytes: int = 64 << 20, record_bytes: int = 16 << 1
 def _cpu_per_peer(cpu: list[list[float]]) -> float:
     """Median over repeats of the workers' mean CPU time in a round (``cpu[worker][repeat]``)."""
     return statistics.median(statistics.fmean(each) for each in zip(*cpu, strict=True))
+
+
+def _wire_per_peer(sent: list[list[int]]) -> tuple[int, int]:
+    """The bytes a peer sent in a round, from ``sent[worker][repeat]``.
+
+    Returns:
+        The workers' mean (a round's bytes over its peers, as the ring bound counts them) and
+        the most one worker sent, each the median over repeats.
+    """
+    rounds = list(zip(*sent, strict=True))
+    mean = statistics.median(statistics.fmean(each) for each in rounds)
+    return round(mean), round(statistics.median(max(each) for each in rounds))
 
 
 def _most_memory(so_far: int, extra_bytes: int) -> int:
