@@ -34,8 +34,13 @@ class _Swarm:
         self.polls = 0
         self.peer1_round_at = peer1_round_at
         self.rounds_when_killed: int | None = None
+        self.calls: list[str] = []
+
+    def prepare(self, name: str) -> None:
+        self.calls.append(f"prepare {name}")
 
     def start(self, name: str, bootstrap: str | None) -> None:
+        self.calls.append(f"start {name}")
         exits = name == "peer1" and self.peer1_round_at is None
         self.processes[name] = _Process(1 if exits else None)
 
@@ -97,3 +102,14 @@ def test_a_peer_that_exits_before_it_averages_fails_the_demo_at_once(tmp_path: P
         _run(swarm, tmp_path)
     assert swarm.killed == {}
     assert swarm.polls == 0  # not the whole time limit
+
+
+def test_the_later_peers_import_while_the_first_one_starts(tmp_path: Path) -> None:
+    # A later peer started only at its turn spent seconds importing torch first (6 s on a busy
+    # machine): the first peer trained past the rounds the second was to join, and the newcomer
+    # came after the survivors had finished (the demo failed).
+    swarm = _Swarm(peer1_round_at=0)
+    with pytest.raises(RuntimeError, match="did not finish"):
+        _run(swarm, tmp_path)
+    assert swarm.calls[:4] == ["start peer0", "prepare peer1", "prepare peer2", "prepare peer3"]
+    assert swarm.calls[4:] == ["start peer1", "start peer2", "start peer3"]

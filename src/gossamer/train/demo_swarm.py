@@ -143,13 +143,10 @@ class SwarmDemoSummary:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
 
 
-def _peer_command(
+def _peer_arguments(
     run_dir: Path, name: str, plan: SwarmDemoPlan, bootstrap: str | None
 ) -> list[str]:
     command = [
-        sys.executable,
-        "-m",
-        "gossamer.cli",
         "--verbose",
         "train",
         "--name",
@@ -201,20 +198,37 @@ class _Swarm:
         self.run_dir = run_dir
         self.plan = plan
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.waiting: dict[str, subprocess.Popen[bytes]] = {}
+        """Prepared peers whose turn has not come."""
         self.killed: dict[str, float] = {}
         self.log_files: list[Any] = []
 
-    def start(self, name: str, bootstrap: str | None) -> None:
+    def prepare(self, name: str) -> None:
+        """Start the process of a peer whose turn comes later: it imports what training needs
+        meanwhile and waits for its arguments (see :mod:`gossamer.train.demo_peer`)."""
         log = (self.run_dir / f"{name}.log").open("wb")
         self.log_files.append(log)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.processes[name] = subprocess.Popen(
-            _peer_command(self.run_dir, name, self.plan, bootstrap),
+        self.waiting[name] = subprocess.Popen(
+            [sys.executable, "-m", "gossamer.train.demo_peer"],
             stdout=log,
             stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
+            stdin=subprocess.PIPE,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )
+
+    def start(self, name: str, bootstrap: str | None) -> None:
+        """Start a peer: a prepared one is given its arguments, another is started now."""
+        if name not in self.waiting:
+            self.prepare(name)
+        process = self.waiting.pop(name)
+        assert process.stdin is not None
+        arguments = _peer_arguments(self.run_dir, name, self.plan, bootstrap)
+        try:
+            process.stdin.write(json.dumps(arguments).encode() + b"\n")
+            process.stdin.close()
+        except BrokenPipeError:  # (it died waiting: its log says why; the demo sees it exited)
+            pass
+        self.processes[name] = process
 
     def statuses(self) -> dict[str, dict[str, Any]]:
         found = {}
@@ -244,7 +258,7 @@ class _Swarm:
         self.killed[name] = time.monotonic()
 
     def stop_all(self) -> None:
-        for process in self.processes.values():
+        for process in [*self.processes.values(), *self.waiting.values()]:
             if process.poll() is None:
                 process.kill()
                 process.wait(timeout=10)
@@ -370,6 +384,10 @@ def _run(
     try:
         swarm.start("peer0", None)
         events.append("peer0 started")
+        # The later peers import while peer0 starts: their turns then start them at once.
+        newcomer = f"peer{plan.num_peers}"
+        for name in [*(f"peer{i}" for i in range(1, plan.num_peers)), newcomer]:
+            swarm.prepare(name)
         if not swarm.wait_for(
             lambda: "address" in swarm.statuses()["peer0"], 60, lambda: refresh()
         ):
@@ -403,7 +421,6 @@ def _run(
             f"after {rounds_of('peer1')} round(s) with the others"
         )
         swarm.wait_for(lambda: step_of("peer0") >= plan.join_at_step, limit_s, refresh)
-        newcomer = f"peer{plan.num_peers}"
         swarm.start(newcomer, address)
         events.append(f"{newcomer} joined and syncs from donors")
         survivors = [n for n in swarm.processes if n not in swarm.killed]
