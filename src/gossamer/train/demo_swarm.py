@@ -205,11 +205,11 @@ class _Swarm:
 
     def prepare(self, name: str) -> None:
         """Start the process of a peer whose turn comes later: it imports what training needs
-        meanwhile and waits for its arguments (see :mod:`gossamer.train.demo_peer`)."""
+        meanwhile and waits for its arguments (see :mod:`gossamer.cli.demo_peer`)."""
         log = (self.run_dir / f"{name}.log").open("wb")
         self.log_files.append(log)
         self.waiting[name] = subprocess.Popen(
-            [sys.executable, "-m", "gossamer.train.demo_peer"],
+            [sys.executable, "-m", "gossamer.cli.demo_peer"],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.PIPE,

@@ -7,7 +7,7 @@ way while the first one starts, so a peer's turn does not wait on seconds of imp
 machine those let the first peer train past the rounds the second was to join, and the newcomer
 arrive after the survivors had finished.
 
-Run as ``python -m gossamer.train.demo_peer``.
+Run as ``python -m gossamer.cli.demo_peer``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-_PEER = [sys.executable, "-m", "gossamer.train.demo_peer"]
+_PEER = [sys.executable, "-m", "gossamer.cli.demo_peer"]
 
 
 def _run(given: bytes) -> subprocess.CompletedProcess[bytes]:
