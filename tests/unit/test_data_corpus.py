@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -13,11 +16,18 @@ import pytest
 
 from gossamer.core.config import DataConfig, ModelConfig, RunConfig
 from gossamer.core.errors import ConfigError, DataError
-from gossamer.data import load_corpus, stdlib_source_files
+from gossamer.data import TokenSource, load_corpus, stdlib_source_files
 
 
 def _sha256(tokens: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()
+
+
+def _is_mapped(source: TokenSource) -> bool:
+    """Whether ``source``'s tokens are a view of its file's memory map, not a copy."""
+    return source.mapped is not None and np.shares_memory(
+        source.tokens, np.frombuffer(source.mapped.mapping, dtype=np.uint8)
+    )
 
 
 # --- the embedded corpus ---------------------------------------------------------------------
@@ -102,7 +112,7 @@ def test_single_text_file_is_split_by_its_tail(tmp_path: Path) -> None:
     assert split == len(data) - round(len(data) * 0.1)
     assert corpus.train.tokens.tobytes() == data[:split]
     assert corpus.validation.tokens.tobytes() == data[split:]
-    assert isinstance(corpus.train.tokens, np.memmap)
+    assert _is_mapped(corpus.train)
 
 
 def _write_folder(root: Path, num_files: int) -> dict[str, bytes]:
@@ -227,7 +237,7 @@ def test_token_files_are_memory_mapped_and_split_by_tail(
     values.tofile(path)
     config = DataConfig(source="tokens", path=str(path), token_dtype=token_dtype)  # type: ignore[arg-type]
     corpus = load_corpus(config)
-    assert isinstance(corpus.train.tokens, np.memmap)
+    assert _is_mapped(corpus.train)
     assert corpus.train.tokens.dtype == np.dtype(numpy_dtype)
     assert len(corpus.train) + len(corpus.validation) == 1000
     assert len(corpus.validation) == 50
@@ -329,3 +339,101 @@ def test_a_folder_is_held_in_memory_once(tmp_path: Path) -> None:
     assert peak < 1.3 * data_bytes, f"peak {peak / data_bytes:.2f}x the data"
     assert not corpus.train.tokens.flags.writeable
     assert not corpus.validation.tokens.flags.writeable
+
+
+@pytest.mark.parametrize(("encoding", "name"), [("utf-16", "UTF-16"), ("utf-32", "UTF-32")])
+def test_a_utf16_file_is_named_as_such_with_the_conversion(
+    tmp_path: Path, encoding: str, name: str
+) -> None:
+    # Called binary, it was refused with the advice to read it as token ids.
+    path = tmp_path / "book.txt"
+    path.write_bytes(("hello world " * 300).encode(encoding))
+    with pytest.raises(DataError) as excinfo:
+        load_corpus(DataConfig(source="text", path=str(path)))
+    message = str(excinfo.value)
+    assert f"is {name} text" in message
+    assert f"iconv -f {name} -t UTF-8" in message
+    assert "tokens" not in message
+
+
+def test_a_utf16_file_without_nul_bytes_is_not_read_as_bytes(tmp_path: Path) -> None:
+    # Text outside ASCII has no NUL byte in UTF-16: it was trained on as if it were UTF-8.
+    path = tmp_path / "book.txt"
+    path.write_bytes(b"\xfe\xff" + ("\u4e2d\u6587\u6587\u672c" * 500).encode("utf-16-be"))
+    assert b"\0" not in path.read_bytes()
+    with pytest.raises(DataError, match="is UTF-16 text"):
+        load_corpus(DataConfig(source="text", path=str(path)))
+
+
+def test_a_folder_of_utf16_files_says_they_are_utf16(tmp_path: Path) -> None:
+    # "holds no text files (hidden and binary files are skipped)"
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_bytes(("hello world " * 300).encode("utf-16"))
+    with pytest.raises(DataError) as excinfo:
+        load_corpus(DataConfig(source="text", path=str(tmp_path)))
+    message = str(excinfo.value)
+    assert "2 UTF-16 file(s) (a.txt, b.txt)" in message
+    assert "iconv -f UTF-16 -t UTF-8" in message
+
+
+def test_utf16_files_left_out_of_a_folder_are_named_in_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    contents = _write_folder(tmp_path, 6)
+    (tmp_path / "notes.txt").write_bytes(("hello world " * 300).encode("utf-16"))
+    with caplog.at_level(logging.WARNING, logger="gossamer.data.corpus"):
+        corpus = load_corpus(DataConfig(source="text", path=str(tmp_path)))
+    assert len(corpus.train) + len(corpus.validation) == sum(map(len, contents.values()))
+    assert "1 UTF-16 file(s) left out of the corpus (notes.txt)" in caplog.text
+
+
+_READ_AFTER_TRUNCATION = """
+import os, sys
+import numpy as np
+from gossamer.core.config import DataConfig
+from gossamer.core.errors import DataError
+from gossamer.data import TokenStream, load_corpus
+
+path = sys.argv[1]
+with open(path, "wb") as f:
+    f.write(bytes(range(32, 127)) * 20_000)
+corpus = load_corpus(DataConfig(source="text", path=path))
+stream = TokenStream(corpus.train, seq_len=64, batch_size=8, seed=0)
+stream.next_batch()
+os.truncate(path, 1000)  # (rewritten in place: `cat new > corpus.txt` starts so)
+try:
+    for _ in range(1000):
+        stream.next_batch()
+except DataError as exc:
+    print("DataError:", exc)
+"""
+
+
+def test_a_batch_read_from_a_mapped_file_truncated_since_is_a_data_error(
+    tmp_path: Path,
+) -> None:
+    # The pages the file lost were read: SIGBUS, a bare "Bus error" (exit 135), no checkpoint.
+    # (In a child process: that signal ends the process that reads them.)
+    result = subprocess.run(
+        [sys.executable, "-c", _READ_AFTER_TRUNCATION, str(tmp_path / "corpus.txt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "shrank from 1900000 to 1000 bytes while this run read it" in result.stdout
+    assert "rename it over the old one" in result.stdout
+
+
+def test_a_mapped_file_renamed_over_is_read_as_it_was(tmp_path: Path) -> None:
+    # Replacing a corpus the safe way: the map keeps the old file, and no error is raised.
+    path = tmp_path / "corpus.txt"
+    data = bytes(range(32, 127)) * 100
+    path.write_bytes(data)
+    corpus = load_corpus(DataConfig(source="text", path=str(path)))
+    new = tmp_path / "new.txt"
+    new.write_bytes(b"short")
+    new.replace(path)
+    corpus.train.check_intact()
+    assert corpus.train.tokens.tobytes() == data[: len(corpus.train)]

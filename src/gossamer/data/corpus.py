@@ -8,10 +8,21 @@ Three sources, chosen by ``DataConfig.source``:
 - ``tokens``: a pre-tokenized file of little-endian ``uint16`` or ``uint32`` ids, memory-mapped.
 
 Folders (the standard library included) are split **by file**: a file goes to validation when the
-sha256 of its relative path, read as a fraction in [0, 1), is below ``validation_fraction``. The
-split depends on nothing but the path, so every machine puts a file on the same side, and adding or
-removing a file never moves another one. A single file is split by its tail: the last
-``validation_fraction`` of its tokens are validation.
+sha256 of its relative path, read as a fraction in [0, 1), is below ``validation_fraction``, so
+every machine with the same files puts a file on the same side. Adding or removing a file leaves
+the others where they were, except in two cases where the split depends on the whole set of
+files: with so few files that one side would be empty, the file nearest the line is moved across;
+and where a split by file would hold out less than a third or more than three times
+``validation_fraction`` of the bytes (a few files of different sizes: one large file added, say),
+the folder is split as one file instead, by its tail, and a file held out before may then be
+trained on (and the other way). A single file is split by its tail: the last
+``validation_fraction`` of its tokens are validation. UTF-16 and UTF-32 files (a byte-order mark)
+are refused, or left out of a folder with a warning: the corpus is bytes, read as UTF-8.
+
+A single file (text or tokens) is memory-mapped: it must not be truncated or rewritten in place
+while a run reads it (replace it by writing a new file and renaming it over the old one). A batch
+read from a file that has shrunk since it was mapped raises :class:`DataError` instead of the
+bus error that touching its missing pages gives.
 
 ``max_corpus_bytes`` caps the training split to a prefix (files in sorted order, the last one cut);
 the validation split is capped in proportion, so the train/validation ratio stays
@@ -29,6 +40,7 @@ import functools
 import hashlib
 import logging
 import math
+import mmap
 import os
 import platform
 import sysconfig
@@ -42,7 +54,14 @@ import numpy.typing as npt
 from gossamer.core.config import DataConfig
 from gossamer.core.errors import DataError
 
-__all__ = ["Corpus", "TokenSource", "check_data_path", "load_corpus", "stdlib_source_files"]
+__all__ = [
+    "Corpus",
+    "MappedFile",
+    "TokenSource",
+    "check_data_path",
+    "load_corpus",
+    "stdlib_source_files",
+]
 
 MANIFEST_VERSION = 1
 _TOKEN_DTYPES: dict[str, np.dtype[Any]] = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
@@ -61,24 +80,83 @@ _SHARE_SLACK = 3.0
 _STDLIB_SKIPPED_FOLDERS = frozenset(
     {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 )
+_BYTE_ORDER_MARKS = (
+    (b"\xff\xfe\x00\x00", "UTF-32"),  # (before UTF-16's, which it starts with)
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe", "UTF-16"),
+    (b"\xfe\xff", "UTF-16"),
+)
+"""Byte-order marks of text the corpus, read as bytes (UTF-8), cannot use as it is."""
+_NAMED_FILES = 3
+"""Files named in a message about several (the rest are counted)."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class MappedFile:
+    """A file mapped into memory, and the check that it still holds every mapped byte.
+
+    A mapped page the file no longer holds (truncated, or rewritten in place, after it was
+    mapped) kills the process with SIGBUS when touched: a bare "Bus error", without a
+    checkpoint. Reading batches checks first (one ``fstat`` of the mapped file, which a file
+    renamed over the path leaves alone: the map keeps the old one).
+    """
+
+    path: Path
+    """Where the file was when it was mapped, for messages."""
+    mapping: mmap.mmap
+    """The map (it holds the file open: its size is the mapped file's, whatever the path holds
+    now)."""
+
+    def check_intact(self) -> None:
+        """Raise :class:`DataError` where the file is shorter than its map.
+
+        Raises:
+            DataError: it was truncated or is being rewritten in place.
+        """
+        num_bytes = len(self.mapping)
+        try:
+            now = self.mapping.size()
+        except (OSError, ValueError):  # (no size to tell: reading goes on as it did)
+            return
+        if now < num_bytes:
+            raise DataError(
+                f"{str(self.path)!r} shrank from {num_bytes} to {now} bytes while this run "
+                "read it (truncated, or rewritten in place); the run stops here, its last "
+                "checkpoint kept: put the file back as it was and resume. To change a corpus "
+                "file while a run trains, write the new one beside it and rename it over the "
+                "old one (mv): a running peer goes on reading the old one"
+            )
 
 
 @dataclass(frozen=True, slots=True)
 class TokenSource:
     """A read-only 1-D array of token ids: one split of a corpus.
 
-    ``tokens`` is ``uint8`` for byte corpora and a read-only ``np.memmap`` of ``uint16`` or
-    ``uint32`` for token files (pages are read only when a batch touches them).
+    ``tokens`` is ``uint8`` for byte corpora and ``uint16`` or ``uint32`` for token files; a
+    single file's are a read-only view of its memory map (pages are read only when a batch
+    touches them).
     """
 
     tokens: npt.NDArray[np.unsignedinteger[Any]]
     """The token ids, in corpus order."""
     description: str
     """What this is, for error messages ("validation split of /data/corpus.bin")."""
+    mapped: MappedFile | None = None
+    """The file ``tokens`` are mapped from (None: they are in memory)."""
 
     def __post_init__(self) -> None:
         if self.tokens.ndim != 1:
             raise ValueError(f"{self.description}: tokens must be 1-D, got {self.tokens.shape}")
+
+    def check_intact(self) -> None:
+        """Raise :class:`DataError` where the file the tokens are mapped from has shrunk: call
+        before reading them (a read of a page it lost is a bus error, not an exception).
+
+        Raises:
+            DataError: the mapped file was truncated or is being rewritten in place.
+        """
+        if self.mapped is not None:
+            self.mapped.check_intact()
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -147,14 +225,39 @@ def _load_corpus(config: DataConfig) -> Corpus:
             )
         return _load_single_file(path, config, _TOKEN_DTYPES[config.token_dtype])
     if path.is_file():
-        if _looks_binary(path):
+        kind = _sniff(path)
+        if kind == "binary":
             raise DataError(
                 f"data.path {str(path)!r} looks binary (it has NUL bytes), and data.source = "
                 "'text' reads text; for a file of token ids use data.source = 'tokens', "
                 "otherwise point data.path at a text file"
             )
+        if kind:
+            raise DataError(
+                f"data.path {str(path)!r} is {kind} text (it starts with a {kind} byte-order "
+                f"mark), and data.source = 'text' reads UTF-8; convert it to UTF-8 and point "
+                f"data.path at the result, e.g. iconv -f {kind} -t UTF-8 {str(path)!r} > "
+                "corpus.txt"
+            )
         return _load_single_file(path, config, np.dtype(np.uint8))
-    files = _text_files(path)
+    files, wide = _text_files(path)
+    if wide:
+        kinds = sorted(set(wide.values()))
+        named = ", ".join(sorted(wide)[:_NAMED_FILES])
+        more = f" and {len(wide) - _NAMED_FILES} more" if len(wide) > _NAMED_FILES else ""
+        advice = (
+            f"convert them to UTF-8 (iconv -f {kinds[0]} -t UTF-8 FILE > NEW_FILE; "
+            "the corpus is bytes, read as UTF-8)"
+        )
+        if not files:
+            raise DataError(
+                f"data.path {str(path)!r} holds no UTF-8 text files: its {len(wide)} "
+                f"{' and '.join(kinds)} file(s) ({named}{more}) are not read; {advice}"
+            )
+        logger.warning(
+            "data.path %r: %d %s file(s) left out of the corpus (%s%s); %s",
+            str(path), len(wide), " and ".join(kinds), named, more, advice,
+        )  # fmt: skip
     if not files:
         raise DataError(
             f"data.path {str(path)!r} holds no text files (hidden and binary files are skipped); "
@@ -223,25 +326,38 @@ def _load_stdlib_cached(validation_fraction: float, max_corpus_bytes: int) -> Co
     return _load_files(root, files, config, manifest, "the stdlib corpus")
 
 
-def _text_files(folder: Path) -> list[str]:
-    """Relative POSIX paths of the non-empty, non-hidden, non-binary files under ``folder``."""
+def _text_files(folder: Path) -> tuple[list[str], dict[str, str]]:
+    """Relative POSIX paths of the non-empty, non-hidden, non-binary files under ``folder``,
+    sorted; and those of UTF-16 and UTF-32 files, with their encoding (left out)."""
     found: list[str] = []
+    wide: dict[str, str] = {}
     for current, subfolders, names in os.walk(folder):
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]
         for name in names:
             full = Path(current) / name
             if name.startswith(".") or not full.is_file() or full.stat().st_size == 0:
                 continue
-            if _looks_binary(full):
+            kind = _sniff(full)
+            if kind == "binary":
+                continue
+            if kind:
+                wide[full.relative_to(folder).as_posix()] = kind
                 continue
             found.append(full.relative_to(folder).as_posix())
-    return sorted(found)
+    return sorted(found), wide
 
 
-def _looks_binary(path: Path) -> bool:
-    """Whether ``path`` starts with a NUL byte in its first 8 KiB: binary, as git and grep say."""
+def _sniff(path: Path) -> str:
+    """What keeps ``path`` out of a text corpus: "UTF-16" or "UTF-32" where it starts with that
+    byte-order mark (UTF-16 text of ASCII has a NUL byte every other byte: called binary, it was
+    refused with the advice to read it as token ids); "binary" where its first 8 KiB hold a NUL
+    byte, as git and grep say; "" for text."""
     with path.open("rb") as f:
-        return b"\0" in f.read(_SNIFF_BYTES)
+        head = f.read(_SNIFF_BYTES)
+    for mark, encoding in _BYTE_ORDER_MARKS:
+        if head.startswith(mark):
+            return encoding
+    return "binary" if b"\0" in head else ""
 
 
 def _path_fraction(relative_path: str) -> float:
@@ -366,8 +482,11 @@ def _load_single_file(path: Path, config: DataConfig, dtype: np.dtype[Any]) -> C
             f"{dtype.itemsize} ({config.token_dtype}); the file is truncated or "
             "data.token_dtype is wrong"
         )
-    tokens: npt.NDArray[np.unsignedinteger[Any]] = np.memmap(path, dtype=dtype, mode="r")
-    num_tokens = len(tokens)
+    mapped = _map_file(path)
+    num_tokens = len(mapped.mapping) // dtype.itemsize  # (a file that grew since: its prefix)
+    tokens: npt.NDArray[np.unsignedinteger[Any]] = np.frombuffer(
+        mapped.mapping, dtype=dtype, count=num_tokens
+    )
     if dtype.itemsize == 2 and num_tokens >= _SNIFF_TOKENS and num_tokens % 2 == 0:
         head = np.asarray(tokens[: min(num_tokens, 1 << 16)])
         if head[0::2].any() and not head[1::2].any():  # the high halves of uint32 ids
@@ -397,10 +516,26 @@ def _load_single_file(path: Path, config: DataConfig, dtype: np.dtype[Any]) -> C
         **_common_manifest(config, train, validation, token_dtype),
     }
     return Corpus(
-        TokenSource(train, f"training split of {str(path)!r}"),
-        TokenSource(validation, f"validation split of {str(path)!r}"),
+        TokenSource(train, f"training split of {str(path)!r}", mapped),
+        TokenSource(validation, f"validation split of {str(path)!r}", mapped),
         manifest,
     )
+
+
+def _map_file(path: Path) -> MappedFile:
+    """``path`` mapped read-only, whole.
+
+    Raises:
+        DataError: it is empty now (it was emptied since its size was read).
+    """
+    with path.open("rb") as file:
+        try:
+            mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:  # ("cannot mmap an empty file")
+            raise DataError(
+                f"data.path {str(path)!r} is empty; point data.path at a file with data"
+            ) from None
+    return MappedFile(path, mapping)
 
 
 def _refuse_text_as_tokens(path: Path) -> None:

@@ -3,11 +3,21 @@
 How a :class:`TokenStream` walks its source: the source is cut into non-overlapping windows of
 ``seq_len + 1`` tokens (inputs plus the target shifted by one) that start at ``offset + i *
 seq_len``. Each epoch draws a new ``offset`` in ``[0, seq_len)`` and a new order of the windows
-from a numpy ``Generator`` seeded with ``(seed, epoch)`` only, so every peer computes the same
-order; peer ``p`` of ``N`` then takes windows ``p, p + N, p + 2N, ...`` of it. Within an epoch
-the peers' shards are disjoint and together cover the epoch's windows; across epochs the windows
-shift and reshuffle. A stream depends on nothing but ``(seed, peer_index, num_peers)`` and its
-position, never on global random state, so it can be rebuilt anywhere from :meth:`state_dict`.
+from a numpy ``Generator`` seeded with ``(seed, epoch)`` only; stream ``p`` of ``N`` (its
+``peer_index`` and ``num_peers``) then takes windows ``p, p + N, p + 2N, ...`` of it. Within an
+epoch the ``N`` streams of one seed are disjoint and together cover the epoch's windows; across
+epochs the windows shift and reshuffle. A stream depends on nothing but ``(seed, peer_index,
+num_peers)``, the source's length and its position, never on global random state, so it can be
+rebuilt anywhere from :meth:`state_dict`.
+
+Who shards: only peers that share a seed and know each other's index: the in-process swarm
+(:mod:`gossamer.train.thread_swarm`, which ``gossamer bench diloco`` runs: peer ``p`` of ``N``,
+one seed), or a caller of ``Trainer(peer_index=p, num_peers=N)``. A process swarm
+(``gossamer train`` with ``--swarm.*``, :func:`gossamer.train.swarm.run_swarm_peer`) does not:
+peers come and go, so each peer reads all of its own ``data.path`` as stream 0 of 1, in its own
+order, seeded by its peer id. Its peers' draws are independent (two peers read the same window
+now and then; a corpus is not split among them), and two peers with one key file read the same
+batches (refused: :func:`gossamer.train.swarm.run_swarm_peer` holds the key file).
 """
 
 from __future__ import annotations
@@ -37,9 +47,10 @@ class TokenStream:
         source: The tokens to draw windows from (usually a corpus's training split).
         seq_len: Tokens per sequence (the model's context).
         batch_size: Sequences per batch.
-        seed: Seeds the per-epoch window order; peers training together share it.
-        peer_index: This peer's shard, in ``0..num_peers - 1``.
-        num_peers: How many peers split each epoch between them.
+        seed: Seeds the per-epoch window order; streams that shard one source share it.
+        peer_index: This stream's shard, in ``0..num_peers - 1``.
+        num_peers: How many streams split each epoch between them (1 for a swarm process's
+            peer: it reads the whole source, seeded by its peer id).
         vocab_size: If given, a batch holding a token id ``>= vocab_size`` raises
             :class:`DataError` instead of failing later inside the model's embedding.
 
@@ -243,6 +254,7 @@ def _gather(
     window_offsets: npt.NDArray[np.int64],
     vocab_size: int | None,
 ) -> Batch:
+    source.check_intact()  # (a mapped page its file lost is a bus error when read)
     windows: npt.NDArray[Any] = source.tokens[starts[:, None] + window_offsets]
     if vocab_size is not None and int(windows.max()) >= vocab_size:
         raise DataError(

@@ -68,21 +68,30 @@ def _schedule_limits(config: RunConfig) -> dict[str, float]:
     return {"max_steps": config.train.max_steps, "max_seconds": config.train.max_seconds}
 
 
-def _only_a_peer_seed_differs(meta: dict[str, Any], run: RunState) -> bool:
-    """Whether the saved data position is of a stream like this run's but for its seed, where
-    either seed is a swarm peer's (from its peer id, not ``train.seed``): another
-    ``train.seed`` is still refused."""
+def _data_changes(meta: dict[str, Any], run: RunState) -> frozenset[str]:
+    """What a resume goes on past between the saved data position's stream and this run's:
+    ``"seed"`` where either seed is a swarm peer's (from its peer id, not ``train.seed``), and
+    ``"num_tokens"`` where the training data changed size (a file appended to, the standard
+    library of a patched Python). Empty where the position loads as it is, or where something
+    else differs: another ``train.seed``, sequence length or peer layout is still refused (by
+    :meth:`TokenStream.load_state_dict`, which says why)."""
     saved, current = meta.get("data_position"), run.stream.state_dict()
     if not isinstance(saved, dict):
-        return False
+        return frozenset()
     try:
-        saved_train_seed = int(meta["config"]["train"]["seed"])
-        keys = ("peer_index", "num_peers", "seq_len", "num_tokens")
-        if any(int(saved[k]) != current[k] for k in keys) or int(saved["seed"]) == current["seed"]:
-            return False
-        return int(saved["seed"]) != saved_train_seed or current["seed"] != run.config.train.seed
+        if any(int(saved[k]) != current[k] for k in ("peer_index", "num_peers", "seq_len")):
+            return frozenset()
+        changes = set()
+        if int(saved["seed"]) != current["seed"]:
+            saved_train_seed = int(meta["config"]["train"]["seed"])
+            if int(saved["seed"]) == saved_train_seed and current["seed"] == run.config.train.seed:
+                return frozenset()
+            changes.add("seed")
+        if int(saved["num_tokens"]) != current["num_tokens"] and int(saved["epoch"]) >= 0:
+            changes.add("num_tokens")
+        return frozenset(changes)
     except (KeyError, TypeError, ValueError):
-        return False
+        return frozenset()
 
 
 def _non_negative(value: object) -> float | None:
@@ -196,6 +205,50 @@ def check_compatible(state: CheckpointState, run: RunState, *, where: str) -> No
         )
 
 
+def _restore_data_position(
+    meta: dict[str, Any], run: RunState, changes: frozenset[str], *, where: str
+) -> None:
+    """Put ``run``'s stream where the checkpoint's was, or where it goes on from past
+    ``changes`` (see :func:`_data_changes`).
+
+    Raises:
+        ValueError: the saved position does not fit this run's stream.
+    """
+    saved: dict[str, int] = meta["data_position"]
+    current = run.stream.state_dict()
+    resized = (
+        f"the training data held {saved['num_tokens']} tokens, and holds {current['num_tokens']} "
+        "now (a file changed, or the Python whose standard library is the corpus)"
+    )
+    if "seed" in changes:
+        # A local run going on as a swarm peer (or back, or a peer with a new key): a
+        # peer's stream is seeded by its peer id. The data is the same; its order is new.
+        logger.warning(
+            "checkpoint %s: its data position is of a stream seeded %s, and this run's is "
+            "seeded %s (a swarm peer's seed comes from its peer id, a local run's is "
+            "train.seed)%s: the data stream starts afresh, in a new order",
+            where,
+            saved.get("seed"),
+            current["seed"],
+            f", and {resized}" if "num_tokens" in changes else "",
+        )
+    elif "num_tokens" in changes:
+        # A position in other data means nothing; the weights and the optimizer still do. The
+        # stream goes on at the next epoch of the data as it is now: a new order, and the same
+        # one on every resume from this checkpoint (a later checkpoint resumes exactly).
+        epoch = int(saved["epoch"]) + 1
+        logger.warning(
+            "checkpoint %s: %s; weights and optimizer go on, and the data stream starts a new "
+            "epoch (%d) of this data, in a new order",
+            where,
+            resized,
+            epoch,
+        )
+        run.stream.load_state_dict({**current, "epoch": epoch, "position": 0})
+    else:
+        run.stream.load_state_dict(meta["data_position"])
+
+
 def restore_run_state(state: CheckpointState, run: RunState, *, where: str) -> None:
     """Load ``state`` into ``run`` in place: weights, optimizer, data position, RNGs, strategy."""
     check_compatible(state, run, where=where)
@@ -207,20 +260,9 @@ def restore_run_state(state: CheckpointState, run: RunState, *, where: str) -> N
     changed = apply_optim_config(run.optimizer, run.config.optim)
     if changed:
         logger.info("resumed with other optimizer settings: %s", ", ".join(changed))
+    changes = _data_changes(meta, run)
     try:
-        if _only_a_peer_seed_differs(meta, run):
-            # A local run going on as a swarm peer (or back, or a peer with a new key): a
-            # peer's stream is seeded by its peer id. The data is the same; its order is new.
-            logger.warning(
-                "checkpoint %s: its data position is of a stream seeded %s, and this run's is "
-                "seeded %s (a swarm peer's seed comes from its peer id, a local run's is "
-                "train.seed): the data stream starts afresh, in a new order",
-                where,
-                meta["data_position"].get("seed"),
-                run.stream.state_dict()["seed"],
-            )
-        else:
-            run.stream.load_state_dict(meta["data_position"])
+        _restore_data_position(meta, run, changes, where=where)
     except ValueError as exc:
         raise IncompatibleCheckpointError(
             f"checkpoint {where} was written for other training data or settings ({exc}); "
@@ -228,7 +270,12 @@ def restore_run_state(state: CheckpointState, run: RunState, *, where: str) -> N
             "checkpoint.directory at a fresh folder"
         ) from exc
     saved_data = meta.get("data_sha256")
-    if saved_data and run.data_sha256 and saved_data != run.data_sha256:
+    if (
+        saved_data
+        and run.data_sha256
+        and saved_data != run.data_sha256
+        and "num_tokens" not in changes  # (said already)
+    ):
         logger.warning(
             "checkpoint %s was written while training on other data (tokens' sha256 %s..., "
             "now %s...); going on from its position in this data",
