@@ -174,3 +174,22 @@ def test_a_private_swarm_asked_without_its_secret_says_to_pass_the_secret(
     assert result.returncode == 1, result.stdout
     assert "--swarm-secret-file" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_second_peer_with_a_running_peers_key_file_is_refused(
+    two_peers: list[dict[str, object]], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # Two `peer start` with one --key-file were one peer id publishing records that replaced
+    # each other's, without a word.
+    key_file = tmp_path_factory.getbasetemp() / "peers0" / "k0"  # (the first running peer's)
+    assert key_file.is_file()
+    result = subprocess.run(
+        [*GOSSAMER, "peer", "start", "--listen", "127.0.0.1:0", "--key-file", str(key_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "in use by another running peer" in result.stderr
+    assert "give each peer its own key file" in result.stderr

@@ -29,7 +29,7 @@ from gossamer.core.runtime import freeze_startup_heap
 from gossamer.net.bridge import NodeThread
 from gossamer.net.config import DhtConfig, HeartbeatConfig, NodeConfig, RelayConfig
 from gossamer.net.connections import DialTarget
-from gossamer.net.identity import load_or_create_identity
+from gossamer.net.identity import held_identity, load_or_create_identity
 from gossamer.net.metrics import register_net_metrics
 from gossamer.net.node import Node
 from gossamer.net.status import node_status, write_status_file
@@ -207,12 +207,13 @@ def peer_start(
             relay_enabled=relay_enabled,
             relay_bytes_per_s=relay_bytes_per_s,
         )
-        identity = load_or_create_identity(key_file.expanduser())
         freeze_startup_heap()  # a long-lived process: start-up's objects out of every collection
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
         with contextlib.ExitStack() as stack:
+            # (held while it runs: two peers with one key file are one peer id)
+            identity = stack.enter_context(held_identity(key_file, setting="--key-file"))
             thread = NodeThread(config, identity)
             with keys_named_by_flags(NODE_FLAGS):  # (a --listen port in use)
                 stack.enter_context(thread)

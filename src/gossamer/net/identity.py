@@ -8,10 +8,14 @@ position in the DHT's key space.
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
+import fcntl
 import functools
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -25,6 +29,7 @@ __all__ = [
     "SIGNATURE_BYTES",
     "Identity",
     "digest_of_peer_id",
+    "held_identity",
     "load_or_create_identity",
     "peer_id_of_public_key",
     "short_peer_id",
@@ -134,6 +139,50 @@ class Identity:
 
     def __repr__(self) -> str:
         return f"Identity({short_peer_id(self.peer_id)})"
+
+
+@contextlib.contextmanager
+def held_identity(path: Path, *, setting: str, hint: str = "") -> Iterator[Identity]:
+    """The identity in ``path`` (:func:`load_or_create_identity`), the file locked against every
+    other process for the block (an advisory ``flock``, released when the process exits, a kill
+    included). Two processes given one key file are one peer id: two training peers read the
+    very same batches (a peer's data order is seeded by its id), and two nodes publish records
+    for one id that replace each other's.
+
+    Args:
+        path: the key file.
+        setting: how the user named the file (``swarm.key_file``, ``--key-file``), for messages.
+        hint: what else the user can do, added to the refusal's advice.
+
+    Raises:
+        ConfigError: another process holds the file; or it cannot be read or made.
+    """
+    path = Path(path).expanduser()
+    identity = load_or_create_identity(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise ConfigError(
+            f"{setting}: cannot read {path} ({exc.strerror or exc}); give a key file this user "
+            "can read"
+        ) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            # A file system without locks (some NFS and FUSE mounts): it ran there before.
+            _log.warning("%s: %s cannot be locked (%s); not guarded", setting, path, exc)
+        else:
+            os.close(fd)
+            advice = f"give each peer its own key file{', ' + hint if hint else ''}"
+            raise ConfigError(
+                f"{setting}: {path} is in use by another running peer: two peers with one key "
+                f"file are one peer id; {advice}"
+            ) from None
+    try:
+        yield identity
+    finally:
+        os.close(fd)
 
 
 def load_or_create_identity(path: Path) -> Identity:

@@ -16,8 +16,6 @@ trains with the configured strategy. With DiLoCo the peer also
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import ipaddress
 import json
@@ -25,7 +23,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +39,7 @@ from gossamer.core.hashing import sha256_state
 from gossamer.core.stop import StopRequest
 from gossamer.net.bridge import NodeThread
 from gossamer.net.config import DhtConfig, HeartbeatConfig, NodeConfig
-from gossamer.net.identity import Identity, load_or_create_identity, short_peer_id
+from gossamer.net.identity import held_identity, short_peer_id
 from gossamer.net.metrics import register_net_metrics
 from gossamer.net.node import Node
 from gossamer.obs.goodput import GoodputTracker
@@ -1128,47 +1126,6 @@ def stream_seed_of(peer_id: str) -> int:
     return int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:4], "little")
 
 
-@contextlib.contextmanager
-def _held_peer_key(key_file: Path) -> Iterator[Identity]:
-    """This peer's identity, read from ``key_file`` (made where missing), the file locked
-    against every other process (an advisory ``flock``, released when the peer exits, a kill
-    included) for the block.
-
-    Two peers given one ``swarm.key_file`` were one peer id, so one data stream (a peer's seed
-    is its peer id's): they trained on the very same batches, and both exited 0 without a word.
-
-    Raises:
-        ConfigError: another process holds the file; or it cannot be read or made.
-    """
-    path = key_file.expanduser()
-    identity = load_or_create_identity(path)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise ConfigError(
-            f"swarm.key_file: cannot read {path} ({exc.strerror or exc}); give a key file "
-            "this user can read"
-        ) from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            # A file system without locks (some NFS and FUSE mounts): trained there before.
-            logger.warning("swarm.key_file: %s cannot be locked (%s); not guarded", path, exc)
-        else:
-            os.close(fd)
-            raise ConfigError(
-                f"swarm.key_file: {path} is in use by another running peer: two peers with "
-                "one key file are one peer id, and train on the same batches; give each peer "
-                "its own key file, or leave swarm.key_file unset (each checkpoint.directory "
-                "then holds its own peer.key)"
-            ) from None
-    try:
-        yield identity
-    finally:
-        os.close(fd)
-
-
 def run_swarm_peer(
     config: RunConfig,
     *,
@@ -1204,7 +1161,14 @@ def run_swarm_peer(
         held.enter_context(directory_lease(checkpoint_dir))
         key_file = Path(swarm.key_file) if swarm.key_file else checkpoint_dir / "peer.key"
         # (held too: two peers given one key file are one peer id, and read one data stream)
-        identity = held.enter_context(_held_peer_key(key_file))
+        identity = held.enter_context(
+            held_identity(
+                key_file,
+                setting="swarm.key_file",
+                hint="or leave swarm.key_file unset (each checkpoint.directory then holds its "
+                "own peer.key)",
+            )
+        )
         metrics = metrics or PeerMetrics()
         metrics.set_peer_id(identity.peer_id)
         # Its spans and log lines name this peer: the run's name, which every peer of the run
