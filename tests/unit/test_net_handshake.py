@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 
@@ -9,7 +10,16 @@ import pytest
 
 from gossamer.core.clock import FakeClock
 from gossamer.core.errors import AuthenticationError, ProtocolError
-from gossamer.net.handshake import ClientHandshake, HandshakeAuthority, swarm_proof, transcript
+from gossamer.net.handshake import (
+    REFUSAL_WARNING_INTERVAL_S,
+    ClientHandshake,
+    HandshakeAuthority,
+    RefusalLog,
+    remote_host,
+    swarm_proof,
+    swarm_secret_weakness,
+    transcript,
+)
 from gossamer.net.identity import Identity
 from gossamer.proto import net_pb2
 
@@ -157,3 +167,77 @@ def test_open_swarm_needs_no_secret() -> None:
     handshake = ClientHandshake(Identity.generate(), CERT, None, expected_peer_id=None)
     _, proof = handshake.prove(authority.hello(handshake.hello()), None)
     assert authority.prove(proof, "a")[1].peer_id
+
+
+def test_refused_proves_warn_once_a_minute_per_host_and_are_all_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each refused Prove wrote a WARNING line: a caller with no secret wrote the log as fast as
+    it sent."""
+    _, authority, clock = _authority()
+
+    def refused(remote: str) -> None:
+        handshake = ClientHandshake(Identity.generate(), CERT, None, expected_peer_id=None)
+        _, proof = handshake.prove(authority.hello(handshake.hello()), None)
+        with pytest.raises(AuthenticationError):
+            authority.prove(proof, remote)
+
+    with caplog.at_level(logging.DEBUG, logger="gossamer.net.handshake"):
+        for port in range(5):
+            refused(f"ipv4:10.0.0.9:{port}")
+        refused("ipv6:[fd00::1]:1")
+        clock.advance(REFUSAL_WARNING_INTERVAL_S)
+        refused("ipv4:10.0.0.9:9")
+    levels = [r.levelno for r in caplog.records if "refused" in r.getMessage()]
+    warning, debug = logging.WARNING, logging.DEBUG
+    assert levels == [warning, debug, debug, debug, debug, warning, warning]
+    assert authority.num_refused == 7
+
+
+def test_the_refusal_log_remembers_a_bounded_number_of_hosts() -> None:
+    clock = FakeClock()
+    refusals = RefusalLog(clock)
+    assert refusals.level("10.0.0.1") == logging.WARNING
+    assert refusals.level("10.0.0.1") == logging.DEBUG
+    for index in range(5000):  # hosts cost an attacker little (IPv6)
+        refusals.level(f"fd00::{index:x}")
+    assert len(refusals._hosts) <= 4096
+    assert refusals.level("fd00::1387") == logging.DEBUG  # (seen lately)
+
+
+def test_the_remote_host_is_the_address_without_its_port() -> None:
+    assert remote_host("ipv4:10.1.2.3:4567") == "10.1.2.3"
+    assert remote_host("ipv6:[fd00::1]:4567") == "fd00::1"
+    assert remote_host("unix:/tmp/socket") == "unix:/tmp/socket"
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        b"our-team-swarm-2026",  # recovered offline in 1,144 guesses
+        b"the-swarm-secret-0123456789",
+        b"correct-horse-battery-staple-xyz",
+        b"a" * 64,
+        bytes(32),
+    ],
+)
+def test_a_guessable_swarm_secret_is_called_weak(secret: bytes) -> None:
+    assert swarm_secret_weakness(secret) is not None
+
+
+_RANDOM = hashlib.sha256(b"drawn once").digest()
+"""32 random-looking bytes (fixed: a random draw is called weak once in ~10,000 at 16 bytes of
+hex, where the sample's entropy falls short of what its alphabet allows)."""
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        _RANDOM.hex().encode(),  # openssl rand -hex 32
+        _RANDOM[:16].hex().encode(),
+        base64.b64encode(_RANDOM),  # openssl rand -base64 32
+        _RANDOM,  # head -c 32 /dev/urandom
+    ],
+)
+def test_a_random_swarm_secret_is_not_called_weak(secret: bytes) -> None:
+    assert swarm_secret_weakness(secret) is None

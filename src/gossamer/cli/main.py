@@ -4,11 +4,15 @@ Commands that only speak to the network (``peer``, ``peers``, ``doctor``, ``lab`
 ``dashboard``) load without the training and benchmark commands, which import torch: a peer's
 ``gossamer doctor`` answered after seconds of imports (tens of seconds with a cold file cache)
 before it did anything.
+
+The process is set up here too: gRPC's own logging is kept to errors, and the soft limit on
+open files is raised to the hard one (:func:`main`, :func:`raise_open_file_limit`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Annotated, Any
@@ -17,10 +21,37 @@ import typer
 
 from gossamer._version import __version__
 
-__all__ = ["build_app", "main"]
+__all__ = ["build_app", "main", "raise_open_file_limit"]
+
+_log = logging.getLogger(__name__)
 
 _WITHOUT_TORCH = frozenset({"peer", "peers", "doctor", "lab", "trace", "dashboard", "version"})
 """Commands whose modules import no torch."""
+_MAX_OPEN_FILES = 1 << 20
+"""The soft limit asked for where the hard one is unlimited."""
+
+
+def raise_open_file_limit() -> None:
+    """Raise the soft limit on open files to the hard one, and say so in a debug line.
+
+    A node's connections, tunnels and files each take a descriptor: at the common default of
+    1,024, idle connections from callers with no secret (1,011 of them) took every descriptor
+    of a node and honest dials failed. The hard limit is usually far higher (524,288 under
+    systemd). Nothing happens where there are no such limits (Windows) or raising fails.
+    """
+    try:
+        import resource
+    except ImportError:  # (not on Windows)
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = _MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:  # (macOS caps it below an unlimited hard one)
+            _log.debug("open files: soft limit left at %d (raising it failed: %s)", soft, exc)
+            return
+        _log.debug("open files: soft limit raised from %d to the hard limit, %d", soft, wanted)
 
 
 def build_app(command: str | None = None) -> typer.Typer:
@@ -56,6 +87,7 @@ def build_app(command: str | None = None) -> typer.Typer:
             level=logging.INFO if verbose else logging.WARNING,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
+        raise_open_file_limit()
 
     @app.command()
     def version() -> None:
@@ -77,5 +109,11 @@ def __getattr__(name: str) -> Any:
 
 
 def main() -> None:
-    """Entry point of the `gossamer` console script."""
+    """Entry point of the `gossamer` console script.
+
+    Before any command imports gRPC, its core's logging is set to errors only (unless the user
+    set ``GRPC_VERBOSITY``): it logged at INFO to stderr, a remote peer's GOAWAY debug text
+    included, raw, so any caller could write terminal escape sequences to a peer's console.
+    """
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     build_app(_command_asked(sys.argv[1:]))()

@@ -8,7 +8,7 @@ from gossamer.core.config import is_host_port
 from gossamer.core.errors import ConfigError, ProtocolError
 from gossamer.net.addresses import split_host_port
 from gossamer.net.identity import digest_of_peer_id
-from gossamer.net.records import RECORD_OVERHEAD_BYTES
+from gossamer.net.records import MAX_PEER_RECORD_VALUE_BYTES, RECORD_OVERHEAD_BYTES
 
 __all__ = [
     "BreakerConfig",
@@ -21,6 +21,9 @@ __all__ = [
 ]
 
 _MiB = 1 << 20
+_LARGEST_HONEST_PROVE_BYTES = MAX_PEER_RECORD_VALUE_BYTES + RECORD_OVERHEAD_BYTES + 512
+"""A Prove carrying the largest peer record (its value, the record's fields, the signature,
+the nonce and the proof)."""
 _DEFAULT_SENDER_SHARE_BYTES = 1 << 30
 
 
@@ -128,6 +131,30 @@ class LimitsConfig:
     the server did). A peer needs about 64 relay tunnels, 16 comm messages, 8 state chunks
     and a few DHT calls and heartbeats on one connection; each call may hold a message of up
     to ``max_message_bytes``."""
+    handshake_read_timeout_s: float = 2.0
+    """Deadline for a Hello or Prove request (a few hundred bytes to 9 KiB) to arrive once its
+    call has begun: a caller with no session that stalled one byte short of a message kept it
+    buffered (up to ``max_message_bytes``) for good."""
+    max_handshake_reads: int = 32
+    """Hello and Prove requests being read at once, from anyone; one more is refused at once
+    (RESOURCE_EXHAUSTED). gRPC buffers what a request announces, up to ``max_message_bytes``,
+    while it is read: this bounds what callers with no session can make the server hold to
+    ``max_handshake_reads * max_message_bytes`` (256 MiB), each for at most
+    ``handshake_read_timeout_s``. An honest read takes milliseconds: 50 peers joining through
+    one on loopback had at most 2 at once."""
+    max_handshake_reads_per_host: int = 8
+    """Of those, how many may come from one remote address (64 MiB): one machine cannot take
+    them all."""
+    max_handshake_message_bytes: int = 16 * 1024
+    """Largest Hello or Prove request accepted (a Prove carries the caller's peer record, at
+    most 8 KiB of value): a larger one is refused without being decoded."""
+    idle_connection_timeout_s: float = 300.0
+    """An incoming connection that carries no call for this long is closed (gRPC's
+    ``max_connection_idle_ms``): connections from callers that never authenticate held a file
+    descriptor each for good. A pool's channel to this node reconnects at its next call (its
+    session stays valid), so honest peers only pay a new TLS handshake."""
+    transport_handshake_timeout_s: float = 10.0
+    """Deadline for a new incoming connection's TLS and HTTP/2 set-up (gRPC's default: 120 s)."""
 
     def __post_init__(self) -> None:
         _require(
@@ -190,6 +217,37 @@ class LimitsConfig:
             16 <= self.max_concurrent_streams <= 65536,
             "limits.max_concurrent_streams",
             f"must be between 16 and 65536, got {self.max_concurrent_streams}",
+        )
+        _require(
+            self.handshake_read_timeout_s > 0,
+            "limits.handshake_read_timeout_s",
+            "must be positive",
+        )
+        _require(self.max_handshake_reads >= 1, "limits.max_handshake_reads", ">= 1")
+        _require(
+            1 <= self.max_handshake_reads_per_host <= self.max_handshake_reads,
+            "limits.max_handshake_reads_per_host",
+            f"must be between 1 and limits.max_handshake_reads ({self.max_handshake_reads}), "
+            f"got {self.max_handshake_reads_per_host}",
+        )
+        _require(
+            _LARGEST_HONEST_PROVE_BYTES
+            <= self.max_handshake_message_bytes
+            <= self.max_message_bytes,
+            "limits.max_handshake_message_bytes",
+            f"must be at least {_LARGEST_HONEST_PROVE_BYTES} (a Prove with the largest peer "
+            f"record) and at most limits.max_message_bytes ({self.max_message_bytes}), got "
+            f"{self.max_handshake_message_bytes}",
+        )
+        _require(
+            self.idle_connection_timeout_s >= 1.0,
+            "limits.idle_connection_timeout_s",
+            f"must be at least 1 s, got {self.idle_connection_timeout_s}",
+        )
+        _require(
+            self.transport_handshake_timeout_s > 0,
+            "limits.transport_handshake_timeout_s",
+            "must be positive",
         )
 
     @property

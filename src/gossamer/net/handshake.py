@@ -9,6 +9,10 @@ transcript*. The server answers with a session token the client attaches to ever
 Each transcript binds both keys, both nonces and the certificate fingerprint, so a signature can
 neither be replayed on another connection nor relayed by a man in the middle with its own
 certificate. Without the swarm secret a peer gets no session, and nothing it sends is processed.
+
+The server answers any caller's Hello with an HMAC under the secret over a transcript the caller
+knows whole, so a caller can test guesses of the secret offline as fast as it computes HMACs:
+the secret must be random (:func:`swarm_secret_weakness` says when it looks like it is not).
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import secrets
-from collections import OrderedDict, deque
+import string
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 
-from gossamer.core.clock import Clock
+from gossamer.core.clock import Clock, Pacer
 from gossamer.core.errors import AuthenticationError, ProtocolError
 from gossamer.net.identity import (
     PUBLIC_KEY_BYTES,
@@ -32,12 +38,17 @@ from gossamer.net.identity import (
 from gossamer.proto import net_pb2
 
 __all__ = [
+    "GOOD_SECRET_COMMAND",
     "HANDSHAKE_VERSION",
+    "REFUSAL_WARNING_INTERVAL_S",
     "SESSION_METADATA_KEY",
     "ClientHandshake",
     "HandshakeAuthority",
+    "RefusalLog",
     "Session",
+    "remote_host",
     "swarm_proof",
+    "swarm_secret_weakness",
     "transcript",
 ]
 
@@ -50,6 +61,82 @@ _MAX_PENDING = 4096
 _MAX_SESSIONS_PER_PEER = 8
 """Sessions one peer id keeps (a peer reconnecting makes a new one; its calls on the old
 connection may still be in flight)."""
+REFUSAL_WARNING_INTERVAL_S = 60.0
+"""Refusals of callers with no session are logged at WARNING once per remote host per this
+long, the rest at DEBUG: 3,000 refused calls from one caller wrote 513 KiB of log in 1.8 s."""
+_MAX_HOSTS_PACED = 4096
+_MIN_SECRET_BYTES = 32
+_MIN_SECRET_BITS = 128
+GOOD_SECRET_COMMAND = "openssl rand -hex 32 > swarm.secret"
+"""How to make a swarm secret no one can guess."""
+
+
+def remote_host(grpc_peer: str) -> str:
+    """The host in gRPC's ``context.peer()`` form (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``), or
+    the whole string where it has no such form (``unix:...``)."""
+    kind, _, rest = grpc_peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return grpc_peer
+    return rest.rpartition(":")[0].strip("[]") or grpc_peer
+
+
+class RefusalLog:
+    """Says at which level to log a refusal of a caller with no session: WARNING for the first
+    from a remote host in :data:`REFUSAL_WARNING_INTERVAL_S`, DEBUG for the rest (a caller with
+    no secret can be refused as fast as it sends). At most ``_MAX_HOSTS_PACED`` hosts are
+    remembered: past them the memory starts over (their next refusal is a warning again).
+
+    Args:
+        clock: time source.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._pacer = Pacer(REFUSAL_WARNING_INTERVAL_S, clock)
+        self._hosts: set[str] = set()
+
+    def level(self, host: str) -> int:
+        """The level of this refusal's log line (``logging.WARNING`` or ``logging.DEBUG``)."""
+        if host not in self._hosts and len(self._hosts) >= _MAX_HOSTS_PACED:
+            self._pacer = Pacer(REFUSAL_WARNING_INTERVAL_S, self._clock)
+            self._hosts.clear()
+        self._hosts.add(host)
+        return logging.WARNING if self._pacer.due(host) else logging.DEBUG
+
+
+def swarm_secret_weakness(secret: bytes) -> str | None:
+    """Why ``secret`` looks guessable, or None.
+
+    Anyone who can reach a peer of the swarm gets an HMAC under the secret from one Hello and
+    can test guesses offline (a team passphrase fell in 1,144 guesses). Text (printable ASCII,
+    as people type and ``openssl rand -hex`` writes) is weak under 32 characters, or when its
+    estimate is under 128 bits: its length times the bits per character its character classes
+    allow, or times the Shannon entropy of its characters where that is much lower (words,
+    repeats). A heuristic, meant to catch what people type: a long passphrase may pass it.
+    Other bytes (``head -c 32 /dev/urandom``) are weak only when most of them repeat.
+    """
+    text = secret.decode("ascii", "replace")
+    if not all(char.isascii() and char.isprintable() for char in text):
+        if len(set(secret)) < len(secret) // 2:
+            return f"repeats most of its {len(secret)} bytes"
+        return None
+    if len(secret) < _MIN_SECRET_BYTES:
+        return f"is text of {len(secret)} characters, fewer than {_MIN_SECRET_BYTES}"
+    if all(char in string.hexdigits for char in text):
+        alphabet = 16
+    else:
+        classes = (string.ascii_lowercase, string.ascii_uppercase, string.digits)
+        alphabet = sum(len(c) for c in classes if any(char in c for char in text))
+        alphabet += len(string.punctuation) + 1 if not text.isalnum() else 0
+    counts = Counter(secret).values()
+    shannon = sum(n / len(secret) * math.log2(len(secret) / n) for n in counts)
+    # Text drawn at random from its alphabet shows nearly the alphabet's bits per character
+    # (a short sample a little less: 32 random hex digits show about 3.8 of 4).
+    per_char = math.log2(alphabet) if shannon >= 0.75 * math.log2(alphabet) else shannon
+    bits = len(secret) * per_char
+    if bits < _MIN_SECRET_BITS:
+        return f"is text of about {bits:.0f} bits of entropy, fewer than {_MIN_SECRET_BITS}"
+    return None
 
 
 def transcript(
@@ -147,6 +234,9 @@ class HandshakeAuthority:
         """Each peer's tokens, the one used least recently first."""
         self.num_refused = 0
         """Handshakes refused (bad signature, wrong secret, malformed)."""
+        self.refusal_log = RefusalLog(clock)
+        """The level of each refusal's log line, by remote host (the server's own refusals of
+        callers with no session share it)."""
 
     def hello(self, request: net_pb2.HelloRequest) -> net_pb2.HelloResponse:
         """Answer a client's Hello with this node's proof and a fresh challenge.
@@ -265,7 +355,8 @@ class HandshakeAuthority:
 
     def _refuse(self, remote: str, claimed: str, why: str) -> None:
         self.num_refused += 1
-        _log.warning(
+        _log.log(
+            self.refusal_log.level(remote_host(remote)),
             "peer %s: refused connection from %s claiming peer id %s: %s",
             self._short,
             remote,

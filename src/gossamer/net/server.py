@@ -6,25 +6,38 @@ services here with :meth:`NetServer.add_servicer`, passing the generated
 handshake must carry a session token; without one the call is refused before its request is even
 decoded. Inside a handler, :func:`current_session` names the authenticated caller, and raising a
 Gossamer error aborts the call with the matching status.
+
+What a caller with no session can make the server hold is bounded: its calls are refused before
+their messages are read; the handshake's requests are read under a deadline, a few at a time per
+remote host and in all, and refused past a few KiB; a connection that carries no call for
+``limits.idle_connection_timeout_s`` is closed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import logging
 import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
 from gossamer.core.clock import Clock
-from gossamer.core.errors import ConfigError, GossamerError, ProtocolError
+from gossamer.core.errors import ConfigError, DeadlineExceededError, GossamerError, ProtocolError
 from gossamer.net.config import NodeConfig
 from gossamer.net.counters import NetCounters
 from gossamer.net.grpc_errors import HANDLER_ANSWERED, status_of_error
-from gossamer.net.handshake import SESSION_METADATA_KEY, HandshakeAuthority, Session
+from gossamer.net.handshake import (
+    GOOD_SECRET_COMMAND,
+    SESSION_METADATA_KEY,
+    HandshakeAuthority,
+    Session,
+    remote_host,
+    swarm_secret_weakness,
+)
 from gossamer.net.identity import Identity, short_peer_id
 from gossamer.net.tls import TlsCertificate
 from gossamer.proto import net_pb2, net_pb2_grpc
@@ -56,6 +69,24 @@ def grpc_options(config: NodeConfig) -> list[tuple[str, Any]]:
         # client queues the rest): each unary call may hold a whole message in gRPC before a
         # handler sees it, so this bounds what one connection can make a server hold.
         ("grpc.max_concurrent_streams", config.limits.max_concurrent_streams),
+    ]
+
+
+def _server_only_options(config: NodeConfig) -> list[tuple[str, Any]]:
+    """Options of the server alone: they bound connections that never authenticate."""
+    return [
+        # gRPC sets SO_REUSEPORT by default: a second peer on a port in use listened beside
+        # the first, and callers reached one or the other at random.
+        ("grpc.so_reuseport", 0),
+        # A connection with no call this long gets a GOAWAY (a client's channel reconnects at
+        # its next call): 1,011 idle connections from a caller with no secret took every file
+        # descriptor of a node, for good, and honest dials failed.
+        ("grpc.max_connection_idle_ms", int(config.limits.idle_connection_timeout_s * 1000)),
+        # TLS and HTTP/2 set-up of a new connection (gRPC's default: 120 s).
+        (
+            "grpc.server_handshake_timeout_ms",
+            int(config.limits.transport_handshake_timeout_s * 1000),
+        ),
     ]
 
 
@@ -132,11 +163,13 @@ def _refusing_handler(
 ) -> grpc.RpcMethodHandler:
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
         server.counters.num_handshakes_refused += 1
-        _log.warning(
+        remote = context.peer()
+        _log.log(
+            server.authority.refusal_log.level(remote_host(remote)),
             "peer %s: refused %s from %s: no valid session (handshake missing or expired)",
             server.short_id,
             method,
-            context.peer(),
+            remote,
         )
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no session: handshake first")
 
@@ -184,13 +217,100 @@ async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield _checked(request)
 
 
-def _handshake_handler(handler: grpc.RpcMethodHandler, server: NetServer) -> grpc.RpcMethodHandler:
-    """A handshake method (unary, no session yet) whose request that does not decode is refused
-    as malformed and counted: before, gRPC logged a traceback at ERROR for each, and any
-    caller, with no session or secret, could send them."""
-    behavior = handler.unary_unary
+class _HandshakeReads:
+    """Hello and Prove requests being read now, in all and by remote host, under the limits
+    ``max_handshake_reads`` and ``max_handshake_reads_per_host``."""
 
-    async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def __init__(self, max_reads: int, max_reads_per_host: int) -> None:
+        self._max_reads = max_reads
+        self._max_reads_per_host = max_reads_per_host
+        self.num_reading = 0
+        """Requests being read now."""
+        self._by_host: dict[str, int] = {}
+
+    def begin(self, host: str) -> str | None:
+        """Count one more read from ``host``, or say why not (then it is not counted)."""
+        if self.num_reading >= self._max_reads:
+            return f"{self._max_reads} handshake requests are being read already"
+        if self._by_host.get(host, 0) >= self._max_reads_per_host:
+            return f"{self._max_reads_per_host} handshake requests from {host} are being read"
+        self.num_reading += 1
+        self._by_host[host] = self._by_host.get(host, 0) + 1
+        return None
+
+    def end(self, host: str) -> None:
+        """A read counted by :meth:`begin` ended."""
+        self.num_reading -= 1
+        left = self._by_host[host] - 1
+        if left:
+            self._by_host[host] = left
+        else:
+            del self._by_host[host]
+
+
+def _handshake_handler(handler: grpc.RpcMethodHandler, server: NetServer) -> grpc.RpcMethodHandler:
+    """A handshake method (unary, no session yet), served as a streaming request so that its
+    one message is read here, under bounds: at most ``limits.max_handshake_reads`` at once
+    (``max_handshake_reads_per_host`` from one address), each within
+    ``limits.handshake_read_timeout_s``, and at most ``limits.max_handshake_message_bytes``.
+
+    Served as unary, gRPC read the whole message (up to ``limits.max_message_bytes``) before
+    the handler ran, with no deadline: a caller with no secret announcing 8 MiB Hellos and
+    stalling one byte short held 8 MiB each, for good (1,115 MiB with 128 of them). A request
+    that does not decode is refused as malformed and counted (gRPC logged a traceback at ERROR
+    for each)."""
+    behavior = handler.unary_unary
+    decode = _tolerant(handler.request_deserializer)
+    limits = server.config.limits
+
+    async def refuse(
+        context: grpc.aio.ServicerContext, host: str, code: grpc.StatusCode, why: str
+    ) -> NoReturn:
+        server.counters.num_handshakes_refused += 1
+        _log.log(
+            server.authority.refusal_log.level(host),
+            "peer %s: refused a handshake from %s: %s",
+            server.short_id,
+            context.peer(),
+            why,
+        )
+        await context.abort(code, why)
+        raise AssertionError("unreachable")  # (abort raises)
+
+    async def run(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+        host = remote_host(context.peer())
+        busy = server.handshake_reads.begin(host)
+        if busy is not None:
+            server.counters.error(ProtocolError(busy))
+            await refuse(context, host, grpc.StatusCode.RESOURCE_EXHAUSTED, busy)
+        timeout_s = limits.handshake_read_timeout_s
+        late = False
+        try:
+            async with asyncio.timeout(timeout_s):
+                data = await anext(aiter(requests), None)
+        except TimeoutError:
+            data, late = None, True
+        finally:
+            server.handshake_reads.end(host)
+        if late:
+            why = f"the request did not arrive within {timeout_s:g} s"
+            server.counters.error(DeadlineExceededError(why))
+            await refuse(context, host, grpc.StatusCode.DEADLINE_EXCEEDED, why)
+        if data is None:
+            server.counters.protocol_error()
+            await refuse(
+                context, host, grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request"
+            )
+        if len(data) > limits.max_handshake_message_bytes:
+            server.counters.protocol_error()
+            await refuse(
+                context,
+                host,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"a handshake request of {len(data)} bytes, over the "
+                f"{limits.max_handshake_message_bytes} a handshake takes",
+            )
+        request = decode(data) if decode is not None else data
         if isinstance(request, _Malformed):
             server.counters.protocol_error()
             await context.abort(
@@ -198,10 +318,9 @@ def _handshake_handler(handler: grpc.RpcMethodHandler, server: NetServer) -> grp
             )
         return await behavior(request, context)
 
-    return grpc.unary_unary_rpc_method_handler(
-        run,
-        request_deserializer=_tolerant(handler.request_deserializer),
-        response_serializer=handler.response_serializer,
+    # No deserializer: the raw bytes, measured before they are decoded.
+    return grpc.stream_unary_rpc_method_handler(
+        run, response_serializer=handler.response_serializer
     )
 
 
@@ -303,6 +422,10 @@ class NetServer:
             clock,
             max_sessions=config.limits.max_sessions,
         )
+        self.handshake_reads = _HandshakeReads(
+            config.limits.max_handshake_reads, config.limits.max_handshake_reads_per_host
+        )
+        """Hello and Prove requests being read now."""
         self._on_session = on_session
         self._handlers: dict[str, list[grpc.GenericRpcHandler]] = {}
         self._server: grpc.aio.Server | None = None
@@ -349,9 +472,8 @@ class NetServer:
         Raises:
             ConfigError: the listen address cannot be bound.
         """
-        # gRPC sets SO_REUSEPORT by default: a second peer on a port in use listened beside
-        # the first, and callers reached one or the other at random.
-        options = [*grpc_options(self.config), ("grpc.so_reuseport", 0)]
+        self._warn_of_a_weak_secret()
+        options = [*grpc_options(self.config), *_server_only_options(self.config)]
         server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers((_Dispatcher(self),))
         credentials = grpc.ssl_server_credentials([(self.tls.key_pem, self.tls.cert_pem)])
@@ -371,6 +493,19 @@ class NetServer:
         self._server = server
         self.port = port
         _log.info("peer %s: listening on port %d", self.short_id, port)
+
+    def _warn_of_a_weak_secret(self) -> None:
+        secret = self.config.swarm_secret
+        weakness = swarm_secret_weakness(secret) if secret is not None else None
+        if weakness is not None:
+            _log.warning(
+                "peer %s: the swarm secret (--swarm-secret-file, swarm.swarm_secret_file) %s: "
+                "anyone who can reach a peer of the swarm can test guesses of it offline; make "
+                "a random one with `%s` and give every peer that file",
+                self.short_id,
+                weakness,
+                GOOD_SECRET_COMMAND,
+            )
 
     async def stop(self, grace_s: float = 1.0) -> None:
         """Stop serving; calls in flight get ``grace_s`` to finish."""

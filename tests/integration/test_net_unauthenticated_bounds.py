@@ -1,0 +1,221 @@
+"""What a caller with no swarm secret can make a node hold or write: handshake requests read under
+a deadline and caps, connections closed when idle or never set up, refusals logged once a minute
+per host. Real gRPC on loopback; the misbehaving caller speaks raw HTTP/2 (``raw_http2``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from gossamer.net.config import LimitsConfig, NodeConfig
+from gossamer.net.connections import DialTarget
+from gossamer.net.dht_service import DHT_METHODS
+from gossamer.net.node import Node
+from gossamer.net.tls import TLS_SERVER_NAME, cert_pem_of_der
+from gossamer.proto import net_pb2
+from loopback_nodes import until
+from raw_http2 import RawHttp2Connection
+
+SECRET = os.urandom(32)
+HELLO = "/gossamer.net.v1.Handshake/Hello"
+PROVE = "/gossamer.net.v1.Handshake/Prove"
+
+
+def _config(**limits: Any) -> NodeConfig:
+    return NodeConfig(
+        listen_address="127.0.0.1:0", swarm_secret=SECRET, limits=LimitsConfig(**limits)
+    )
+
+
+def _run(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+
+
+def _host_port(node: Node) -> tuple[str, int]:
+    host, _, port = node.addresses[0].rpartition(":")
+    return host, int(port)
+
+
+def _stalled_message(announced_bytes: int, sent_bytes: int) -> bytes:
+    """The start of a gRPC message that announces ``announced_bytes`` and never ends."""
+    return b"\x00" + announced_bytes.to_bytes(4, "big") + b"\x0a" * (sent_bytes - 5)
+
+
+def test_a_handshake_request_that_stalls_is_cut_off_at_its_deadline() -> None:
+    """Hello and Prove were served as unary calls: gRPC buffered the announced message (up to
+    8 MiB) before the handler ran, with no deadline, so a caller with no secret that stalled
+    one byte short held it for good (128 such streams: 1,115 MiB, nothing reset)."""
+
+    async def scenario() -> None:
+        async with Node(_config(handshake_read_timeout_s=0.5)) as a:
+            host, port = _host_port(a)
+            async with RawHttp2Connection() as raw:
+                await raw.open(host, port)
+                streams = [raw.start_stream(method) for method in (HELLO, PROVE)]
+                for stream in streams:
+                    await raw.send(stream, _stalled_message(8 << 20, 32 * 1024), timeout_s=5)
+                for stream in streams:
+                    assert await raw.wait_until("ended", stream, timeout_s=5), stream
+            assert a.counters.errors["DeadlineExceededError"] == 2
+            assert a.counters.num_handshakes_refused == 2
+            assert a.server.handshake_reads.num_reading == 0
+
+    _run(scenario)
+
+
+def _num_ended(*connections: RawHttp2Connection) -> int:
+    return sum(len(c.ended) for c in connections)
+
+
+def test_handshake_reads_past_the_caps_are_refused_at_once() -> None:
+    """At most ``max_handshake_reads_per_host`` requests from one address are read at once, and
+    ``max_handshake_reads`` in all; one more is refused at once (RESOURCE_EXHAUSTED)."""
+
+    async def scenario() -> None:
+        limits = {"max_handshake_reads": 4, "max_handshake_reads_per_host": 2}
+        async with Node(_config(handshake_read_timeout_s=30.0, **limits)) as a:
+            host, port = _host_port(a)
+            async with (
+                RawHttp2Connection() as first,
+                RawHttp2Connection() as second,
+                RawHttp2Connection() as third,
+            ):
+                await first.open(host, port, local_host="127.0.0.2")
+                await second.open(host, port, local_host="127.0.0.3")
+                await third.open(host, port, local_host="127.0.0.4")
+                for _ in range(3):  # one past the cap of its host
+                    first.start_stream(HELLO)
+                await until(lambda: _num_ended(first) == 1, 5, "one of 3 from a host refused")
+                for _ in range(2):
+                    second.start_stream(PROVE)
+                third.start_stream(HELLO)
+                # 2 + 2 + 1 streams stalled from three hosts, for 4 places in all.
+                await until(lambda: _num_ended(first, second, third) == 2, 5, "one more refused")
+                assert a.counters.num_handshakes_refused == 2
+                assert a.server.handshake_reads.num_reading == 4
+                assert _num_ended(first, second, third) == 2  # the others are still read
+            await until(lambda: a.server.handshake_reads.num_reading == 0, 5, "reads ended")
+
+    _run(scenario)
+
+
+def test_an_honest_peer_connects_while_another_host_stalls_handshakes() -> None:
+    """The review's control: a caller with no secret stalls handshake requests (announcing
+    8 MiB, stopping short) on many streams; an honest peer on another address still connects
+    and pings."""
+
+    async def scenario() -> None:
+        async with Node(_config(handshake_read_timeout_s=30.0)) as a, Node(_config()) as b:
+            host, port = _host_port(a)
+            async with RawHttp2Connection() as raw:
+                await raw.open(host, port, local_host="127.0.0.2")
+                streams = [raw.start_stream(HELLO) for _ in range(32)]
+                await asyncio.gather(
+                    *(raw.send(s, _stalled_message(8 << 20, 16 * 1024), 5) for s in streams)
+                )
+                cap = a.config.limits.max_handshake_reads_per_host
+                await until(lambda: len(raw.ended) == len(streams) - cap, 5, "refused past cap")
+                await b.pool.dial(DialTarget(a.addresses[0]), expected_peer_id=a.peer_id)
+                await b.ping(a.peer_id)
+                assert a.server.handshake_reads.num_reading == cap
+
+    _run(scenario)
+
+
+def test_a_connection_that_never_sets_up_tls_is_closed() -> None:
+    """gRPC's default left a connection that sends nothing open for 120 s."""
+
+    async def scenario() -> None:
+        async with Node(_config(transport_handshake_timeout_s=1.0)) as a:
+            reader, writer = await asyncio.open_connection(*_host_port(a))
+            try:
+                assert await asyncio.wait_for(reader.read(1), 10) == b""
+            finally:
+                writer.close()
+
+    _run(scenario)
+
+
+def test_a_connection_with_no_call_is_closed_when_idle() -> None:
+    """Connections from callers with no session were never closed: 1,011 of them, idle, took
+    every file descriptor of a node and honest pings failed."""
+
+    async def scenario() -> None:
+        async with Node(_config(idle_connection_timeout_s=1.0)) as a, RawHttp2Connection() as raw:
+            await raw.open(*_host_port(a))
+            assert await raw.wait_until("closed", None, timeout_s=10)
+            assert raw.goaway
+
+    _run(scenario)
+
+
+def test_a_pool_connection_closed_when_idle_is_redialled_without_a_failed_call() -> None:
+    async def scenario() -> None:
+        async with Node(_config(idle_connection_timeout_s=1.0)) as a, Node(_config()) as b:
+            connection = await b.pool.dial(DialTarget(a.addresses[0]), expected_peer_id=a.peer_id)
+
+            def closed_by_a() -> bool:
+                return bool(connection.channel.get_state() == grpc.ChannelConnectivity.IDLE)
+
+            for _ in range(2):
+                await b.ping(a.peer_id)
+                await until(closed_by_a, 10, "the idle connection closed by a")
+            await b.ping(a.peer_id)
+            assert b.pool.get(a.peer_id) is connection
+            assert not b.counters.errors
+            assert b.counters.num_retries == 0
+
+    _run(scenario)
+
+
+def test_refusals_of_callers_with_no_session_warn_once_a_minute_per_host(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each refused call and refused Prove wrote a WARNING line: 3,000 from one caller with no
+    secret wrote 513 KiB of log in 1.8 s. All are still counted."""
+
+    async def scenario() -> None:
+        async with Node(_config()) as a:
+            credentials = grpc.ssl_channel_credentials(cert_pem_of_der(a.tls.cert_der))
+            override = [("grpc.ssl_target_name_override", TLS_SERVER_NAME)]
+            async with grpc.aio.secure_channel(a.addresses[0], credentials, override) as channel:
+                ping = channel.unary_unary(DHT_METHODS["Ping"])
+                prove = channel.unary_unary(PROVE)
+                bad_prove = net_pb2.ProveRequest(server_nonce=os.urandom(32)).SerializeToString()
+                for _ in range(20):
+                    for call, request in ((ping, b""), (prove, bad_prove)):
+                        with pytest.raises(grpc.aio.AioRpcError):
+                            await call(request, timeout=5)
+            assert a.counters.num_handshakes_refused == 40
+
+    with caplog.at_level(logging.DEBUG, logger="gossamer.net"):
+        _run(scenario)
+    refusals = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 40
+    assert [r.levelno for r in refusals].count(logging.WARNING) == 1
+    assert refusals[0].levelno == logging.WARNING
+
+
+def test_a_node_with_a_guessable_swarm_secret_warns_once_at_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Any caller's Hello gets an HMAC under the secret over a transcript it knows: a team's
+    passphrase was recovered offline in 1,144 guesses, and nothing said it was weak."""
+
+    async def scenario() -> None:
+        weak = NodeConfig(listen_address="127.0.0.1:0", swarm_secret=b"our-team-swarm-2026")
+        async with Node(weak) as a, Node(weak) as b, Node(_config()):
+            await b.pool.dial(DialTarget(a.addresses[0]), expected_peer_id=a.peer_id)
+
+    with caplog.at_level(logging.WARNING, logger="gossamer.net"):
+        _run(scenario)
+    said = [r.getMessage() for r in caplog.records if "swarm secret" in r.getMessage()]
+    assert len(said) == 2, said  # one for each of the nodes with that secret, at start
+    assert "fewer than 32" in said[0]
+    assert "openssl rand -hex 32 > swarm.secret" in said[0]
