@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 import pytest
 
+from gossamer.net import server as server_module
 from gossamer.net.config import LimitsConfig, NodeConfig
 from gossamer.net.connections import DialTarget
 from gossamer.net.dht_service import DHT_METHODS
@@ -73,9 +75,10 @@ def _num_ended(*connections: RawHttp2Connection) -> int:
     return sum(len(c.ended) for c in connections)
 
 
-def test_handshake_reads_past_the_caps_are_refused_at_once() -> None:
+def test_handshake_reads_past_the_caps_take_the_place_of_the_oldest() -> None:
     """At most ``max_handshake_reads_per_host`` requests from one address are read at once, and
-    ``max_handshake_reads`` in all; one more is refused at once (RESOURCE_EXHAUSTED)."""
+    ``max_handshake_reads`` in all; one more takes the place of the oldest (its host's, else
+    the oldest of all), which is refused (RESOURCE_EXHAUSTED)."""
 
     async def scenario() -> None:
         limits = {"max_handshake_reads": 4, "max_handshake_reads_per_host": 2}
@@ -89,18 +92,57 @@ def test_handshake_reads_past_the_caps_are_refused_at_once() -> None:
                 await first.open(host, port, local_host="127.0.0.2")
                 await second.open(host, port, local_host="127.0.0.3")
                 await third.open(host, port, local_host="127.0.0.4")
-                for _ in range(3):  # one past the cap of its host
+                oldest = first.start_stream(HELLO)
+                await until(lambda: a.server.handshake_reads.num_reading == 1, 5, "first read")
+                for _ in range(2):  # one past the cap of its host: its oldest gives way
                     first.start_stream(HELLO)
-                await until(lambda: _num_ended(first) == 1, 5, "one of 3 from a host refused")
-                for _ in range(2):
-                    second.start_stream(PROVE)
-                third.start_stream(HELLO)
-                # 2 + 2 + 1 streams stalled from three hosts, for 4 places in all.
-                await until(lambda: _num_ended(first, second, third) == 2, 5, "one more refused")
+                await until(lambda: oldest in first.ended, 5, "the host's oldest given way")
+                older = second.start_stream(PROVE)
+                await until(lambda: a.server.handshake_reads.num_reading == 3, 5, "third read")
+                second.start_stream(PROVE)
+                third.start_stream(HELLO)  # 5 streams now for 4 places: the oldest of all goes
+                await until(lambda: _num_ended(first, second, third) == 2, 5, "one more ended")
                 assert a.counters.num_handshakes_refused == 2
+                assert a.server.handshake_reads.num_evicted == 2
                 assert a.server.handshake_reads.num_reading == 4
-                assert _num_ended(first, second, third) == 2  # the others are still read
+                assert older not in second.ended  # (the stalled ones of the first host went)
             await until(lambda: a.server.handshake_reads.num_reading == 0, 5, "reads ended")
+
+    _run(scenario)
+
+
+def test_honest_peers_join_while_four_addresses_keep_every_place_stalled() -> None:
+    """The review's attack on refusing newcomers: four addresses with no secret each keep
+    their host's share of places stalled, each stream renewed as it ends; honest peers still
+    join (before: every honest dial refused, RESOURCE_EXHAUSTED)."""
+
+    async def scenario() -> None:
+        async with Node(_config(handshake_read_timeout_s=30.0)) as a:
+            host, port = _host_port(a)
+            cap = a.config.limits.max_handshake_reads_per_host
+            attackers = [RawHttp2Connection() for _ in range(4)]
+            renewed = [0] * len(attackers)
+            try:
+                for index, raw in enumerate(attackers):
+                    await raw.open(host, port, local_host=f"127.0.0.{index + 2}")
+                    for _ in range(cap):
+                        raw.start_stream(HELLO)
+                await until(
+                    lambda: a.server.handshake_reads.num_reading == 4 * cap, 5, "places taken"
+                )
+                for _ in range(5):
+                    async with Node(_config()) as honest:
+                        await honest.pool.dial(
+                            DialTarget(a.addresses[0]), expected_peer_id=a.peer_id
+                        )
+                        await honest.ping(a.peer_id)
+                    for index, raw in enumerate(attackers):  # renewed: the places stay taken
+                        while renewed[index] < len(raw.ended):
+                            raw.start_stream(HELLO)
+                            renewed[index] += 1
+            finally:
+                for raw in attackers:
+                    await raw.close()
 
     _run(scenario)
 
@@ -219,3 +261,30 @@ def test_a_node_with_a_guessable_swarm_secret_warns_once_at_start(
     assert len(said) == 2, said  # one for each of the nodes with that secret, at start
     assert "fewer than 32" in said[0]
     assert "openssl rand -hex 32 > swarm.secret" in said[0]
+
+
+def test_a_handshake_whose_server_loop_stalls_past_the_deadline_still_succeeds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server's event loop held up past the read's deadline (a collection, a long callback)
+    right as an honest Hello began: the request arrived meanwhile, but the loop's first look
+    after the stall was the deadline's, and the peer was refused ("did not arrive within 2 s").
+    The read gets one more short look."""
+    begin = server_module._HandshakeReads.begin
+    stalls: list[float] = []
+
+    def stalling_begin(self: Any, host: str) -> Any:
+        if not stalls:
+            stalls.append(0.6)
+            asyncio.get_running_loop().call_soon(time.sleep, 0.6)  # (the stall itself)
+        return begin(self, host)
+
+    monkeypatch.setattr(server_module._HandshakeReads, "begin", stalling_begin)
+
+    async def scenario() -> None:
+        async with Node(_config(handshake_read_timeout_s=0.3)) as a, Node(_config()) as b:
+            await b.pool.dial(DialTarget(a.addresses[0]), expected_peer_id=a.peer_id)
+            await b.ping(a.peer_id)
+        assert stalls == [0.6]
+
+    _run(scenario)

@@ -10,18 +10,24 @@ from gossamer.net.config import LimitsConfig
 from gossamer.net.server import _HandshakeReads
 
 
-def test_handshake_reads_are_capped_per_host_and_in_all() -> None:
+def test_a_read_past_a_cap_takes_the_place_of_the_oldest_under_it() -> None:
+    # Refusing the newcomer let a caller with no secret and four addresses keep every place
+    # taken with stalled requests: no honest peer could join.
     reads = _HandshakeReads(max_reads=3, max_reads_per_host=2)
-    assert reads.begin("10.0.0.1") is None
-    assert reads.begin("10.0.0.1") is None
-    assert "10.0.0.1" in (reads.begin("10.0.0.1") or "")  # its host's share is taken
-    assert reads.begin("10.0.0.2") is None
-    assert "3 handshake requests" in (reads.begin("10.0.0.3") or "")  # all are taken
+    first = reads.begin("10.0.0.1")
+    second = reads.begin("10.0.0.1")
+    third = reads.begin("10.0.0.1")  # its host's share is taken: its host's oldest gives way
+    assert first.evicted.is_set()
+    assert not second.evicted.is_set()
+    assert reads.num_reading == 2
+    other = reads.begin("10.0.0.2")
+    honest = reads.begin("10.0.0.3")  # all are taken: the oldest of all gives way
+    assert second.evicted.is_set()
+    assert not any(r.evicted.is_set() for r in (third, other, honest))
     assert reads.num_reading == 3
-    reads.end("10.0.0.1")
-    assert reads.begin("10.0.0.3") is None
-    for host in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
-        reads.end(host)
+    assert reads.num_evicted == 2
+    for read in (first, second, third, other, honest):
+        reads.end(read)  # (ending one that gave way already changes nothing)
     assert reads.num_reading == 0
     assert not reads._by_host  # (hosts no longer reading are not kept)
 

@@ -136,10 +136,11 @@ class LimitsConfig:
     call has begun: a caller with no session that stalled one byte short of a message kept it
     buffered (up to ``max_message_bytes``) for good."""
     max_handshake_reads: int = 32
-    """Hello and Prove requests being read at once, from anyone; one more is refused at once
-    (RESOURCE_EXHAUSTED). gRPC buffers what a request announces, up to ``max_message_bytes``,
-    while it is read: this bounds what callers with no session can make the server hold to
-    ``max_handshake_reads * max_message_bytes`` (256 MiB), each for at most
+    """Hello and Prove requests being read at once, from anyone; one more takes the place of
+    the oldest, which is refused (RESOURCE_EXHAUSTED). gRPC buffers what a request announces,
+    up to ``max_message_bytes``, while it is read: this bounds what callers with no session
+    can make the server hold to ``max_handshake_reads * max_message_bytes`` (256 MiB), each
+    for at most
     ``handshake_read_timeout_s``. An honest read takes milliseconds: 50 peers joining through
     one on loopback had at most 2 at once."""
     max_handshake_reads_per_host: int = 8

@@ -21,6 +21,7 @@ import functools
 import logging
 import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import grpc
@@ -217,35 +218,101 @@ async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield _checked(request)
 
 
+_HANDSHAKE_GRACE_S = 0.25
+"""A handshake read past its deadline gets this long more, once: where the event loop itself
+was held up (a collection, a long callback) the request may have arrived meanwhile, and the
+loop's first look after it was the deadline's (an honest Hello refused after a 2.5 s stall)."""
+
+
+@dataclass(eq=False, slots=True)
+class _HandshakeRead:
+    """A Hello or Prove request being read."""
+
+    host: str
+    """The caller's address."""
+    evicted: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set where a newer read took its place."""
+
+
 class _HandshakeReads:
     """Hello and Prove requests being read now, in all and by remote host, under the limits
-    ``max_handshake_reads`` and ``max_handshake_reads_per_host``."""
+    ``max_handshake_reads`` and ``max_handshake_reads_per_host``.
+
+    Where a limit is reached, the oldest read under it gives way to the new one (its host's
+    oldest where its host's share is taken, else the oldest of all): an honest request takes
+    milliseconds, so the old ones are the stalled ones. Refusing the newcomer instead let a
+    caller with no secret and four addresses keep every place taken with stalled requests,
+    each renewed as it ended, and no peer could join.
+    """
 
     def __init__(self, max_reads: int, max_reads_per_host: int) -> None:
         self._max_reads = max_reads
         self._max_reads_per_host = max_reads_per_host
-        self.num_reading = 0
+        self._reads: dict[_HandshakeRead, None] = {}
+        """Reads in progress, oldest first."""
+        self._by_host: dict[str, dict[_HandshakeRead, None]] = {}
+        self.num_evicted = 0
+        """Reads that gave way to newer ones."""
+
+    @property
+    def num_reading(self) -> int:
         """Requests being read now."""
-        self._by_host: dict[str, int] = {}
+        return len(self._reads)
 
-    def begin(self, host: str) -> str | None:
-        """Count one more read from ``host``, or say why not (then it is not counted)."""
-        if self.num_reading >= self._max_reads:
-            return f"{self._max_reads} handshake requests are being read already"
-        if self._by_host.get(host, 0) >= self._max_reads_per_host:
-            return f"{self._max_reads_per_host} handshake requests from {host} are being read"
-        self.num_reading += 1
-        self._by_host[host] = self._by_host.get(host, 0) + 1
-        return None
+    def begin(self, host: str) -> _HandshakeRead:
+        """Count one more read from ``host``, making room for it where a limit is reached."""
+        mine = self._by_host.get(host, {})
+        victim: _HandshakeRead | None = None
+        if len(mine) >= self._max_reads_per_host:
+            victim = next(iter(mine))
+        elif len(self._reads) >= self._max_reads:
+            victim = next(iter(self._reads))
+        if victim is not None:
+            self.end(victim)
+            victim.evicted.set()
+            self.num_evicted += 1
+        read = _HandshakeRead(host)
+        self._reads[read] = None
+        self._by_host.setdefault(host, {})[read] = None
+        return read
 
-    def end(self, host: str) -> None:
-        """A read counted by :meth:`begin` ended."""
-        self.num_reading -= 1
-        left = self._by_host[host] - 1
-        if left:
-            self._by_host[host] = left
-        else:
-            del self._by_host[host]
+    def end(self, read: _HandshakeRead) -> None:
+        """A read counted by :meth:`begin` ended (or gave way)."""
+        if read in self._reads:
+            del self._reads[read]
+            of_host = self._by_host[read.host]
+            del of_host[read]
+            if not of_host:
+                del self._by_host[read.host]
+
+
+async def _read_one(
+    requests: AsyncIterator[bytes], read: _HandshakeRead, timeout_s: float
+) -> bytes | str | None:
+    """The first request of a handshake call (None: the call carried none), or why it was not
+    read: ``"evicted"`` or ``"late"``."""
+    loop = asyncio.get_running_loop()
+    reading = asyncio.ensure_future(anext(aiter(requests), None))
+    evicted = asyncio.ensure_future(read.evicted.wait())
+    deadline = loop.time() + timeout_s
+    graced = False
+    try:
+        while True:
+            await asyncio.wait(
+                (reading, evicted),
+                timeout=max(0.0, deadline - loop.time()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if reading.done():
+                return reading.result()
+            if evicted.done():
+                return "evicted"
+            if graced:
+                return "late"
+            graced, deadline = True, loop.time() + _HANDSHAKE_GRACE_S
+    finally:
+        for task in (reading, evicted):
+            task.cancel()
 
 
 def _handshake_handler(handler: grpc.RpcMethodHandler, server: NetServer) -> grpc.RpcMethodHandler:
@@ -279,23 +346,21 @@ def _handshake_handler(handler: grpc.RpcMethodHandler, server: NetServer) -> grp
 
     async def run(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
         host = remote_host(context.peer())
-        busy = server.handshake_reads.begin(host)
-        if busy is not None:
-            server.counters.error(ProtocolError(busy))
-            await refuse(context, host, grpc.StatusCode.RESOURCE_EXHAUSTED, busy)
+        read = server.handshake_reads.begin(host)
         timeout_s = limits.handshake_read_timeout_s
-        late = False
         try:
-            async with asyncio.timeout(timeout_s):
-                data = await anext(aiter(requests), None)
-        except TimeoutError:
-            data, late = None, True
+            data = await _read_one(requests, read, timeout_s)
         finally:
-            server.handshake_reads.end(host)
-        if late:
+            server.handshake_reads.end(read)
+        if data == "evicted":
+            why = "newer handshake requests took its place (too many were being read)"
+            server.counters.error(ProtocolError(why))
+            await refuse(context, host, grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+        if data == "late":
             why = f"the request did not arrive within {timeout_s:g} s"
             server.counters.error(DeadlineExceededError(why))
             await refuse(context, host, grpc.StatusCode.DEADLINE_EXCEEDED, why)
+        assert not isinstance(data, str)
         if data is None:
             server.counters.protocol_error()
             await refuse(
