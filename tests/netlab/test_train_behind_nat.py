@@ -32,7 +32,7 @@ _GOSSAMER = Path(sys.executable).parent / "gossamer"
 _TINY = [
     "--model.num-layers", "1", "--model.num-heads", "2", "--model.width", "32",
     "--model.context", "32", "--train.batch-size", "2", "--train.eval-batches", "1",
-    "--train.num-threads", "1", "--train.max-steps", "100000", "--train.max-seconds", "150",
+    "--train.num-threads", "1", "--train.max-steps", "100000", "--train.max-seconds", "300",
     "--swarm.strategy", "diloco", "--swarm.inner-steps", "20",
 ]  # fmt: skip
 
@@ -61,7 +61,7 @@ def _logs(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_a_training_peer_behind_nat_averages_through_a_relay(
     make_lab: MakeLab, tmp_path: Path
 ) -> None:
