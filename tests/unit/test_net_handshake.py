@@ -11,6 +11,7 @@ import pytest
 from gossamer.core.clock import FakeClock
 from gossamer.core.errors import AuthenticationError, ProtocolError
 from gossamer.net.handshake import (
+    MAX_REFUSAL_WARNINGS,
     REFUSAL_WARNING_INTERVAL_S,
     ClientHandshake,
     HandshakeAuthority,
@@ -205,6 +206,22 @@ def test_the_refusal_log_remembers_a_bounded_number_of_hosts() -> None:
     assert refusals.level("fd00::1387") == logging.DEBUG  # (seen lately)
 
 
+def test_refusals_from_ever_new_hosts_warn_a_bounded_number_of_times() -> None:
+    # A caller that takes a new source address for each call is a new host every time: the
+    # per-host pacing alone gave one WARNING line per refusal.
+    clock = FakeClock()
+    refusals = RefusalLog(clock)
+    levels = [refusals.level(f"fd00::{index:x}") for index in range(1000)]
+    assert levels.count(logging.WARNING) == MAX_REFUSAL_WARNINGS <= 10
+    assert levels[:MAX_REFUSAL_WARNINGS] == [logging.WARNING] * MAX_REFUSAL_WARNINGS
+    clock.advance(REFUSAL_WARNING_INTERVAL_S / 2)
+    assert refusals.level("10.0.0.1") == logging.DEBUG  # (the budget is spent)
+    clock.advance(REFUSAL_WARNING_INTERVAL_S / 2)
+    assert refusals.level("10.0.0.1") == logging.WARNING  # (a new minute, a new budget)
+    assert refusals.level("10.0.0.1") == logging.DEBUG  # (and the per-host rule still holds)
+    assert refusals.level("10.0.0.2") == logging.WARNING
+
+
 def test_the_remote_host_is_the_address_without_its_port() -> None:
     assert remote_host("ipv4:10.1.2.3:4567") == "10.1.2.3"
     assert remote_host("ipv6:[fd00::1]:4567") == "fd00::1"
@@ -219,6 +236,8 @@ def test_the_remote_host_is_the_address_without_its_port() -> None:
         b"correct-horse-battery-staple-xyz",
         b"a" * 64,
         bytes(32),
+        b"our team swarm\n2026 secret",  # (whitespace counts as text, not as random bytes)
+        b"a \n" * 32,
     ],
 )
 def test_a_guessable_swarm_secret_is_called_weak(secret: bytes) -> None:
@@ -237,6 +256,13 @@ hex, where the sample's entropy falls short of what its alphabet allows)."""
         _RANDOM[:16].hex().encode(),
         base64.b64encode(_RANDOM),  # openssl rand -base64 32
         _RANDOM,  # head -c 32 /dev/urandom
+        # Random hex in lines, as read from the file (surrounding whitespace stripped): read
+        # as bytes, not text, these were said to repeat most of their bytes.
+        b"%s\n%s" % (_RANDOM[:30].hex().encode(), _RANDOM[30:].hex().encode()),  # xxd -p
+        b"\n ".join(  # od -An -tx1
+            b" ".join(b"%02x" % byte for byte in _RANDOM[row : row + 16]) for row in (0, 16)
+        ),
+        base64.encodebytes(_RANDOM * 2).strip(),  # head -c 64 /dev/urandom | base64
     ],
 )
 def test_a_random_swarm_secret_is_not_called_weak(secret: bytes) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from gossamer.core.errors import ConfigError, ProtocolError
 from gossamer.net.identity import (
     Identity,
     digest_of_peer_id,
+    held_identity,
     load_or_create_identity,
     peer_id_of_public_key,
     verify_signature,
@@ -92,3 +95,81 @@ def test_a_peer_id_spelled_otherwise_than_peers_print_it_is_refused() -> None:
         with pytest.raises(ProtocolError, match="lower case, as peers print them"):
             digest_of_peer_id(other)
     digest_of_peer_id(peer_id)
+
+
+def test_a_new_key_file_made_by_two_peers_at_once_is_held_by_one_with_the_key_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The second peer starts while the first is making the key: it found no file, made its
+    # own, and the first then renamed its key over the file the second had locked (both ran,
+    # two peer ids, one lost), or took the second's fixed-name temporary file ("cannot create
+    # key file ... No such file or directory").
+    path = tmp_path / "new" / "peer.key"
+    generate = Identity.generate
+    second: list[str | BaseException] = []
+    held = contextlib.ExitStack()
+
+    def generate_while_another_starts() -> Identity:
+        if not second:
+            second.append("starting")
+            try:
+                second[0] = held.enter_context(held_identity(path, setting="--key-file")).peer_id
+            except ConfigError as exc:
+                second[0] = exc
+        return generate()
+
+    monkeypatch.setattr(Identity, "generate", generate_while_another_starts)
+    with held, held_identity(path, setting="--key-file") as first:
+        [outcome] = second
+        assert isinstance(outcome, ConfigError), f"both peers hold {path}"
+        assert "is in use by another running peer" in str(outcome)
+        assert load_or_create_identity(path).peer_id == first.peer_id
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def _hold_at_once(path: Path, barrier: threading.Barrier, outcomes: list[str]) -> None:
+    barrier.wait()
+    try:
+        with held_identity(path, setting="--key-file") as identity:
+            outcomes.append(identity.peer_id)
+            barrier.wait()  # (both have tried while this one holds the file)
+    except ConfigError as exc:
+        outcomes.append("refused" if "in use" in str(exc) else f"error: {exc}")
+        barrier.wait()
+
+
+def test_two_peers_started_at_once_on_a_new_key_file_one_runs_one_is_refused(
+    tmp_path: Path,
+) -> None:
+    # (threads, each with its own descriptor: flock is per open file description)
+    for trial in range(30):
+        path = tmp_path / f"trial{trial}" / "peer.key"
+        barrier, outcomes = threading.Barrier(2, timeout=10), list[str]()
+        threads = [
+            threading.Thread(target=_hold_at_once, args=(path, barrier, outcomes)) for _ in range(2)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=20)
+        assert sorted(outcomes) == sorted([load_or_create_identity(path).peer_id, "refused"])
+
+
+def test_two_processes_creating_one_key_file_at_once_agree_on_its_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (each writes a temporary file of its own; the one that comes second keeps the first's key)
+    path = tmp_path / "peer.key"
+    generate = Identity.generate
+    other: list[str] = []
+
+    def generate_while_another_creates() -> Identity:
+        if not other:
+            other.append("creating")
+            other[0] = load_or_create_identity(path).peer_id
+        return generate()
+
+    monkeypatch.setattr(Identity, "generate", generate_while_another_creates)
+    mine = load_or_create_identity(path).peer_id
+    assert mine == other[0] == load_or_create_identity(path).peer_id
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peer.key"]  # (no temporary file left)

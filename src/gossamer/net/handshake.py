@@ -40,6 +40,7 @@ from gossamer.proto import net_pb2
 __all__ = [
     "GOOD_SECRET_COMMAND",
     "HANDSHAKE_VERSION",
+    "MAX_REFUSAL_WARNINGS",
     "REFUSAL_WARNING_INTERVAL_S",
     "SESSION_METADATA_KEY",
     "ClientHandshake",
@@ -64,6 +65,9 @@ connection may still be in flight)."""
 REFUSAL_WARNING_INTERVAL_S = 60.0
 """Refusals of callers with no session are logged at WARNING once per remote host per this
 long, the rest at DEBUG: 3,000 refused calls from one caller wrote 513 KiB of log in 1.8 s."""
+MAX_REFUSAL_WARNINGS = 10
+"""Refusals logged at WARNING per :data:`REFUSAL_WARNING_INTERVAL_S`, all hosts together (the
+rest at DEBUG): 1,000 refused calls from 1,000 source addresses wrote 1,000 WARNING lines."""
 _MAX_HOSTS_PACED = 4096
 _MIN_SECRET_BYTES = 32
 _MIN_SECRET_BITS = 128
@@ -83,8 +87,11 @@ def remote_host(grpc_peer: str) -> str:
 class RefusalLog:
     """Says at which level to log a refusal of a caller with no session: WARNING for the first
     from a remote host in :data:`REFUSAL_WARNING_INTERVAL_S`, DEBUG for the rest (a caller with
-    no secret can be refused as fast as it sends). At most ``_MAX_HOSTS_PACED`` hosts are
-    remembered: past them the memory starts over (their next refusal is a warning again).
+    no secret can be refused as fast as it sends). At most :data:`MAX_REFUSAL_WARNINGS` WARNING
+    lines in all in that time: a caller that takes a new source address for each call (an IPv6
+    host has a /64 to pick from) is never the same host twice, and wrote one WARNING line per
+    refusal. At most ``_MAX_HOSTS_PACED`` hosts are remembered: past them the memory starts
+    over (their next refusal is a warning again, within the overall budget).
 
     Args:
         clock: time source.
@@ -94,6 +101,7 @@ class RefusalLog:
         self._clock = clock
         self._pacer = Pacer(REFUSAL_WARNING_INTERVAL_S, clock)
         self._hosts: set[str] = set()
+        self._warned_at: deque[float] = deque()
 
     def level(self, host: str) -> int:
         """The level of this refusal's log line (``logging.WARNING`` or ``logging.DEBUG``)."""
@@ -101,7 +109,15 @@ class RefusalLog:
             self._pacer = Pacer(REFUSAL_WARNING_INTERVAL_S, self._clock)
             self._hosts.clear()
         self._hosts.add(host)
-        return logging.WARNING if self._pacer.due(host) else logging.DEBUG
+        now = self._clock.monotonic()
+        while self._warned_at and now - self._warned_at[0] >= REFUSAL_WARNING_INTERVAL_S:
+            self._warned_at.popleft()
+        # (over budget the host's pacing is left alone: its next refusal may warn once the
+        # budget has room again)
+        if len(self._warned_at) >= MAX_REFUSAL_WARNINGS or not self._pacer.due(host):
+            return logging.DEBUG
+        self._warned_at.append(now)
+        return logging.WARNING
 
 
 def swarm_secret_weakness(secret: bytes) -> str | None:
@@ -113,27 +129,33 @@ def swarm_secret_weakness(secret: bytes) -> str | None:
     estimate is under 128 bits: its length times the bits per character its character classes
     allow, or times the Shannon entropy of its characters where that is much lower (words,
     repeats). A heuristic, meant to catch what people type: a long passphrase may pass it.
+    ASCII whitespace is text too, and left out of the estimate: random hex broken into lines
+    (``xxd -p``, ``od -An -tx1``) was read as bytes, most of which repeat.
     Other bytes (``head -c 32 /dev/urandom``) are weak only when most of them repeat.
     """
     text = secret.decode("ascii", "replace")
-    if not all(char.isascii() and char.isprintable() for char in text):
+    if not all(
+        char.isascii() and (char.isprintable() or char in string.whitespace) for char in text
+    ):
         if len(set(secret)) < len(secret) // 2:
             return f"repeats most of its {len(secret)} bytes"
         return None
-    if len(secret) < _MIN_SECRET_BYTES:
-        return f"is text of {len(secret)} characters, fewer than {_MIN_SECRET_BYTES}"
+    text = "".join(char for char in text if char not in string.whitespace)
+    besides = " besides whitespace" if len(text) < len(secret) else ""
+    if len(text) < _MIN_SECRET_BYTES:
+        return f"is text of {len(text)} characters{besides}, fewer than {_MIN_SECRET_BYTES}"
     if all(char in string.hexdigits for char in text):
         alphabet = 16
     else:
         classes = (string.ascii_lowercase, string.ascii_uppercase, string.digits)
         alphabet = sum(len(c) for c in classes if any(char in c for char in text))
         alphabet += len(string.punctuation) + 1 if not text.isalnum() else 0
-    counts = Counter(secret).values()
-    shannon = sum(n / len(secret) * math.log2(len(secret) / n) for n in counts)
+    counts = Counter(text).values()
+    shannon = sum(n / len(text) * math.log2(len(text) / n) for n in counts)
     # Text drawn at random from its alphabet shows nearly the alphabet's bits per character
     # (a short sample a little less: 32 random hex digits show about 3.8 of 4).
     per_char = math.log2(alphabet) if shannon >= 0.75 * math.log2(alphabet) else shannon
-    bits = len(secret) * per_char
+    bits = len(text) * per_char
     if bits < _MIN_SECRET_BITS:
         return f"is text of about {bits:.0f} bits of entropy, fewer than {_MIN_SECRET_BITS}"
     return None

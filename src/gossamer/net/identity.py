@@ -15,6 +15,8 @@ import functools
 import hashlib
 import logging
 import os
+import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,11 +145,16 @@ class Identity:
 
 @contextlib.contextmanager
 def held_identity(path: Path, *, setting: str, hint: str = "") -> Iterator[Identity]:
-    """The identity in ``path`` (:func:`load_or_create_identity`), the file locked against every
-    other process for the block (an advisory ``flock``, released when the process exits, a kill
-    included). Two processes given one key file are one peer id: two training peers read the
-    very same batches (a peer's data order is seeded by its id), and two nodes publish records
-    for one id that replace each other's.
+    """The identity in ``path``, created (mode 0600) on first use, the file locked against
+    every other process for the block (an advisory ``flock``, released when the process exits,
+    a kill included). Two processes given one key file are one peer id: two training peers read
+    the very same batches (a peer's data order is seeded by its id), and two nodes publish
+    records for one id that replace each other's.
+
+    The file is opened (made where it is missing) and locked before anything is read or
+    written, and a new key is written into that same locked file: two peers started at once
+    with one new key file got either a bogus "cannot create" error or, where one replaced the
+    file the other had locked, two peer ids both "holding" the file, one of them lost.
 
     Args:
         path: the key file.
@@ -155,38 +162,88 @@ def held_identity(path: Path, *, setting: str, hint: str = "") -> Iterator[Ident
         hint: what else the user can do, added to the refusal's advice.
 
     Raises:
-        ConfigError: another process holds the file; or it cannot be read or made.
+        ConfigError: another process holds the file; or it cannot be read or made, or holds
+            no valid key (see :func:`load_or_create_identity`).
     """
     path = Path(path).expanduser()
-    identity = load_or_create_identity(path)
+    if path.exists() and not path.is_file():
+        raise _not_a_regular_file(path)
+    fd = _open_for_holding(path, setting)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise ConfigError(
-            f"{setting}: cannot read {path} ({exc.strerror or exc}); give a key file this user "
-            "can read"
-        ) from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            # A file system without locks (some NFS and FUSE mounts): it ran there before.
-            _log.warning("%s: %s cannot be locked (%s); not guarded", setting, path, exc)
-        else:
-            os.close(fd)
-            advice = f"give each peer its own key file{', ' + hint if hint else ''}"
-            raise ConfigError(
-                f"{setting}: {path} is in use by another running peer: two peers with one key "
-                f"file are one peer id; {advice}"
-            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                # A file system without locks (some NFS and FUSE mounts): it ran there before.
+                _log.warning("%s: %s cannot be locked (%s); not guarded", setting, path, exc)
+            else:
+                advice = f"give each peer its own key file{', ' + hint if hint else ''}"
+                raise ConfigError(
+                    f"{setting}: {path} is in use by another running peer: two peers with one "
+                    f"key file are one peer id; {advice}"
+                ) from None
+        identity = _identity_of_locked_file(fd, path)
+    except BaseException:
+        os.close(fd)
+        raise
     try:
         yield identity
     finally:
         os.close(fd)
 
 
+def _open_for_holding(path: Path, setting: str) -> int:
+    """A descriptor of ``path``, the file made (empty, mode 0600) where it is missing; read-only
+    where the user may read but not write it (a key file made read-only on purpose)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except PermissionError as exc:
+        if path.exists():
+            try:
+                return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as again:
+                raise ConfigError(
+                    f"{setting}: cannot read {path} ({again.strerror or again}); give a key "
+                    "file this user can read"
+                ) from again
+        raise _cannot_create(path, exc) from exc
+    except OSError as exc:  # a file where a folder should be, a read-only file system
+        raise _cannot_create(path, exc) from exc
+
+
+def _identity_of_locked_file(fd: int, path: Path) -> Identity:
+    """The key in the open (and locked) file ``fd``; an empty file is a new one, given a new
+    key written in place (not renamed over it: that would replace the file the lock is on)."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):  # (replaced by something else since it was checked)
+        raise _not_a_regular_file(path)
+    _check_mode(path, info.st_mode)
+    if info.st_size > 0:
+        try:
+            chunks = []
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+        except OSError as exc:
+            raise ConfigError(f"cannot read key file {path}: {exc.strerror or exc}") from exc
+        return _identity_of_pem(path, b"".join(chunks))
+    identity = Identity.generate()
+    try:
+        data = identity.private_pem()
+        while data:
+            data = data[os.write(fd, data) :]
+        os.fsync(fd)
+    except OSError as exc:  # opened read-only (no write permission), a full disk
+        raise _cannot_create(path, exc) from exc
+    _log.info("created identity key %s for peer %s", path, identity.peer_id)
+    return identity
+
+
 def load_or_create_identity(path: Path) -> Identity:
     """Load the identity key from ``path``, creating it (mode 0600) on first use.
+
+    A new key is written to a temporary file of its own beside ``path`` and then linked into
+    place, so two processes creating one key file at once agree on one key.
 
     Args:
         path: a PEM file holding an Ed25519 private key.
@@ -200,51 +257,83 @@ def load_or_create_identity(path: Path) -> Identity:
     """
     path = Path(path).expanduser()
     if path.exists():
-        if not path.is_file():
-            raise ConfigError(
-                f"key file {path} is not a regular file (a folder or a device?); the key file "
-                "must be a regular file: give a path to a PEM file, or a new path to create one"
-            )
-        mode = path.stat().st_mode & 0o777
-        if mode & 0o077:
-            raise ConfigError(
-                f"key file {path} has mode {mode:o}; others can read it. "
-                f"Run `chmod 600 {path}` (the key is this peer's identity)."
-            )
-        try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        except OSError as exc:
-            raise ConfigError(f"cannot read key file {path}: {exc.strerror or exc}") from exc
-        except (ValueError, TypeError) as exc:  # (cryptography's reason, less its FAQ link)
-            why = str(exc).split(" See https://")[0] or type(exc).__name__
-            raise ConfigError(
-                f"key file {path} is not an unencrypted PEM private key ({why}): pass the "
-                f"file `gossamer peer id` created, or a path that does not exist yet for a new "
-                f"identity"
-            ) from exc
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ConfigError(
-                f"key file {path} holds a {type(key).__name__}, not an Ed25519 key: pass the "
-                f"file `gossamer peer id` created, or a path that does not exist yet for a new "
-                f"identity"
-            )
-        return Identity(key)
+        return _load_identity(path)
     identity = Identity.generate()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # A name of its own (a fixed one was shared by two creators: one renamed the other's
+        # temporary file away before the other could).
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
-            os.write(fd, identity.private_pem())
-            os.fsync(fd)
+            try:
+                data = identity.private_pem()
+                while data:
+                    data = data[os.write(fd, data) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, path)  # (never over a key another creator put there first)
+            except FileExistsError:
+                return _load_identity(path)
+            except OSError:  # a file system without hard links
+                os.replace(tmp, path)
         finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
     except OSError as exc:  # a file where a folder should be, no permission, a full disk
-        in_the_way = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-        reason = f"{in_the_way} is a file, not a folder" if in_the_way else exc.strerror or exc
-        raise ConfigError(
-            f"cannot create key file {path}: {reason}; give a path in a writable folder"
-        ) from exc
+        raise _cannot_create(path, exc) from exc
     _log.info("created identity key %s for peer %s", path, identity.peer_id)
     return identity
+
+
+def _load_identity(path: Path) -> Identity:
+    if not path.is_file():
+        raise _not_a_regular_file(path)
+    _check_mode(path, path.stat().st_mode)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read key file {path}: {exc.strerror or exc}") from exc
+    return _identity_of_pem(path, data)
+
+
+def _not_a_regular_file(path: Path) -> ConfigError:
+    return ConfigError(
+        f"key file {path} is not a regular file (a folder or a device?); the key file "
+        "must be a regular file: give a path to a PEM file, or a new path to create one"
+    )
+
+
+def _check_mode(path: Path, st_mode: int) -> None:
+    mode = st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(
+            f"key file {path} has mode {mode:o}; others can read it. "
+            f"Run `chmod 600 {path}` (the key is this peer's identity)."
+        )
+
+
+def _identity_of_pem(path: Path, data: bytes) -> Identity:
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:  # (cryptography's reason, less its FAQ link)
+        why = str(exc).split(" See https://")[0] or type(exc).__name__
+        raise ConfigError(
+            f"key file {path} is not an unencrypted PEM private key ({why}): pass the "
+            f"file `gossamer peer id` created, or a path that does not exist yet for a new "
+            f"identity"
+        ) from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(
+            f"key file {path} holds a {type(key).__name__}, not an Ed25519 key: pass the "
+            f"file `gossamer peer id` created, or a path that does not exist yet for a new "
+            f"identity"
+        )
+    return Identity(key)
+
+
+def _cannot_create(path: Path, exc: OSError) -> ConfigError:
+    in_the_way = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    reason = f"{in_the_way} is a file, not a folder" if in_the_way else exc.strerror or exc
+    return ConfigError(f"cannot create key file {path}: {reason}; give a path in a writable folder")
