@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
+from gossamer.core.errors import PeerUnavailableError
 from gossamer.net import server as server_module
 from gossamer.net.config import LimitsConfig, NodeConfig
 from gossamer.net.connections import DialTarget
@@ -78,7 +79,7 @@ def _num_ended(*connections: RawHttp2Connection) -> int:
 def test_handshake_reads_past_the_caps_take_the_place_of_the_oldest() -> None:
     """At most ``max_handshake_reads_per_host`` requests from one address are read at once, and
     ``max_handshake_reads`` in all; one more takes the place of the oldest (its host's, else
-    the oldest of all), which is refused (RESOURCE_EXHAUSTED)."""
+    the oldest of all), which is refused (UNAVAILABLE: try again)."""
 
     async def scenario() -> None:
         limits = {"max_handshake_reads": 4, "max_handshake_reads_per_host": 2}
@@ -286,5 +287,33 @@ def test_a_handshake_whose_server_loop_stalls_past_the_deadline_still_succeeds(
             await b.pool.dial(DialTarget(a.addresses[0]), expected_peer_id=a.peer_id)
             await b.ping(a.peer_id)
         assert stalls == [0.6]
+
+    _run(scenario)
+
+
+def test_an_honest_handshake_that_gave_way_is_told_to_try_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A read that gave way to newer ones (a flood) is refused as UNAVAILABLE, which the caller's
+    retries dial again: as RESOURCE_EXHAUSTED it was a ProtocolError, never retried."""
+    begin = server_module._HandshakeReads.begin
+    evicted: list[str] = []
+
+    def evicting_begin(self: Any, host: str) -> Any:
+        read = begin(self, host)
+        if not evicted:  # (the first read gives way at once, as under a flood)
+            evicted.append(host)
+            read.evicted.set()
+        return read
+
+    monkeypatch.setattr(server_module._HandshakeReads, "begin", evicting_begin)
+
+    async def scenario() -> None:
+        async with Node(_config()) as a, Node(_config()) as b:
+            with pytest.raises(PeerUnavailableError, match="try again"):
+                await b.pool.dial(DialTarget(a.addresses[0]), expected_peer_id=a.peer_id)
+            await b.pool.dial(DialTarget(a.addresses[0]), expected_peer_id=a.peer_id)
+            await b.ping(a.peer_id)
+        assert len(evicted) == 1
 
     _run(scenario)

@@ -137,7 +137,7 @@ class LimitsConfig:
     buffered (up to ``max_message_bytes``) for good."""
     max_handshake_reads: int = 32
     """Hello and Prove requests being read at once, from anyone; one more takes the place of
-    the oldest, which is refused (RESOURCE_EXHAUSTED). gRPC buffers what a request announces,
+    the oldest, which is refused (UNAVAILABLE: try again). gRPC buffers what a request announces,
     up to ``max_message_bytes``, while it is read: this bounds what callers with no session
     can make the server hold to ``max_handshake_reads * max_message_bytes`` (256 MiB), each
     for at most

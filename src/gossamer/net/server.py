@@ -27,7 +27,13 @@ from typing import Any, NoReturn
 import grpc
 
 from gossamer.core.clock import Clock
-from gossamer.core.errors import ConfigError, DeadlineExceededError, GossamerError, ProtocolError
+from gossamer.core.errors import (
+    ConfigError,
+    DeadlineExceededError,
+    GossamerError,
+    PeerUnavailableError,
+    ProtocolError,
+)
 from gossamer.net.config import NodeConfig
 from gossamer.net.counters import NetCounters
 from gossamer.net.grpc_errors import HANDLER_ANSWERED, status_of_error
@@ -353,9 +359,11 @@ def _handshake_handler(handler: grpc.RpcMethodHandler, server: NetServer) -> grp
         finally:
             server.handshake_reads.end(read)
         if data == "evicted":
-            why = "newer handshake requests took its place (too many were being read)"
-            server.counters.error(ProtocolError(why))
-            await refuse(context, host, grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+            # UNAVAILABLE: busy, try again (the caller's retries dial again with backoff); an
+            # honest read that gave way to a flood failed for good as a ProtocolError.
+            why = "newer handshake requests took its place (too many were being read); try again"
+            server.counters.error(PeerUnavailableError(why))
+            await refuse(context, host, grpc.StatusCode.UNAVAILABLE, why)
         if data == "late":
             why = f"the request did not arrive within {timeout_s:g} s"
             server.counters.error(DeadlineExceededError(why))
