@@ -10,13 +10,13 @@ import pytest
 
 from gossamer.core.clock import FakeClock
 from gossamer.core.errors import AuthenticationError, ProtocolError
+from gossamer.net.addresses import remote_host
 from gossamer.net.handshake import (
     MAX_REFUSAL_WARNINGS,
     REFUSAL_WARNING_INTERVAL_S,
     ClientHandshake,
     HandshakeAuthority,
     RefusalLog,
-    remote_host,
     swarm_proof,
     swarm_secret_weakness,
     transcript,

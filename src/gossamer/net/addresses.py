@@ -14,7 +14,7 @@ import re
 from gossamer.core.config import port_number
 from gossamer.core.errors import ProtocolError
 
-__all__ = ["split_host_port"]
+__all__ = ["observed_host", "remote_host", "split_host_port"]
 
 _LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _MAX_HOSTNAME_CHARS = 253
@@ -43,3 +43,17 @@ def split_host_port(address: str) -> tuple[str, int]:
     ):
         raise ProtocolError(f"not an IPv4 literal or DNS hostname: {host[:300]!r}")
     return host, number
+
+
+def observed_host(grpc_peer: str) -> str:
+    """The host in gRPC's ``context.peer()`` form (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``); empty
+    for another form (``unix:...``)."""
+    _, _, rest = grpc_peer.partition(":")
+    host = rest.rpartition(":")[0]
+    return host.strip("[]")
+
+
+def remote_host(grpc_peer: str) -> str:
+    """:func:`observed_host`, or the whole string where it has no host (``unix:...``): what
+    a caller is known by when counting or pacing by host."""
+    return observed_host(grpc_peer) or grpc_peer

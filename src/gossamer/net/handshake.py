@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from gossamer.core.clock import Clock, Pacer
 from gossamer.core.errors import AuthenticationError, ProtocolError
+from gossamer.net.addresses import remote_host
 from gossamer.net.identity import (
     PUBLIC_KEY_BYTES,
     Identity,
@@ -47,7 +48,6 @@ __all__ = [
     "HandshakeAuthority",
     "RefusalLog",
     "Session",
-    "remote_host",
     "swarm_proof",
     "swarm_secret_weakness",
     "transcript",
@@ -73,15 +73,6 @@ _MIN_SECRET_BYTES = 32
 _MIN_SECRET_BITS = 128
 GOOD_SECRET_COMMAND = "openssl rand -hex 32 > swarm.secret"
 """How to make a swarm secret no one can guess."""
-
-
-def remote_host(grpc_peer: str) -> str:
-    """The host in gRPC's ``context.peer()`` form (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``), or
-    the whole string where it has no such form (``unix:...``)."""
-    kind, _, rest = grpc_peer.partition(":")
-    if kind not in ("ipv4", "ipv6"):
-        return grpc_peer
-    return rest.rpartition(":")[0].strip("[]") or grpc_peer
 
 
 class RefusalLog:

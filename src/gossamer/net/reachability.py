@@ -17,24 +17,18 @@ import grpc
 
 from gossamer.core.config import port_number
 from gossamer.core.errors import GossamerError, PeerUnavailableError, ProtocolError
+from gossamer.net.addresses import observed_host
 from gossamer.net.connections import ConnectionPool, DialTarget
 from gossamer.net.identity import short_peer_id
 from gossamer.net.server import current_session
 from gossamer.proto import net_pb2, net_pb2_grpc
 
-__all__ = ["DIAL_BACK_METHOD", "ReachabilityServicer", "observed_host"]
+__all__ = ["DIAL_BACK_METHOD", "ReachabilityServicer"]
 
 _log = logging.getLogger(__name__)
 DIAL_BACK_METHOD = "/gossamer.net.v1.Reachability/DialBack"
 _MAX_ADDRESSES = 4
 _DIAL_BACK_TIMEOUT_S = 2.0
-
-
-def observed_host(grpc_peer: str) -> str:
-    """The host in gRPC's ``context.peer()`` form (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``)."""
-    _, _, rest = grpc_peer.partition(":")
-    host = rest.rpartition(":")[0]
-    return host.strip("[]")
 
 
 class ReachabilityServicer(net_pb2_grpc.ReachabilityServicer):

@@ -28,10 +28,10 @@ import grpc
 
 from gossamer.core.clock import Clock
 from gossamer.core.errors import DeadlineExceededError, PeerUnavailableError, ProtocolError
+from gossamer.net.addresses import observed_host, remote_host
 from gossamer.net.config import RelayConfig
 from gossamer.net.counters import NetCounters
 from gossamer.net.identity import short_peer_id
-from gossamer.net.reachability import observed_host
 from gossamer.net.server import current_session
 from gossamer.proto import net_pb2, net_pb2_grpc
 
@@ -302,7 +302,7 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
     ) -> AsyncIterator[net_pb2.TunnelFrame]:
         dialer = current_session().peer_id
         first = await _first_frame(request_iterator, self._accept_timeout_s, "relay connect")
-        host = observed_host(context.peer()) or context.peer()
+        host = remote_host(context.peer())
         tunnel = await self._open_tunnel(dialer, first.target_peer_id, host=host)
         try:
             self._counters.relay_tunnels_opened += 1

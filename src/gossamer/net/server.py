@@ -34,6 +34,7 @@ from gossamer.core.errors import (
     PeerUnavailableError,
     ProtocolError,
 )
+from gossamer.net.addresses import remote_host
 from gossamer.net.config import NodeConfig
 from gossamer.net.counters import NetCounters
 from gossamer.net.grpc_errors import HANDLER_ANSWERED, status_of_error
@@ -42,7 +43,6 @@ from gossamer.net.handshake import (
     SESSION_METADATA_KEY,
     HandshakeAuthority,
     Session,
-    remote_host,
     swarm_secret_weakness,
 )
 from gossamer.net.identity import Identity, short_peer_id
