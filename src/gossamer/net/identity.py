@@ -229,14 +229,19 @@ def _identity_of_locked_file(fd: int, path: Path) -> Identity:
         return _identity_of_pem(path, b"".join(chunks))
     identity = Identity.generate()
     try:
-        data = identity.private_pem()
-        while data:
-            data = data[os.write(fd, data) :]
-        os.fsync(fd)
+        _write_key(fd, identity)
     except OSError as exc:  # opened read-only (no write permission), a full disk
         raise _cannot_create(path, exc) from exc
     _log.info("created identity key %s for peer %s", path, identity.peer_id)
     return identity
+
+
+def _write_key(fd: int, identity: Identity) -> None:
+    """Write ``identity``'s private key (PEM) to the open file ``fd``, whole, and sync it."""
+    data = identity.private_pem()
+    while data:
+        data = data[os.write(fd, data) :]
+    os.fsync(fd)
 
 
 def load_or_create_identity(path: Path) -> Identity:
@@ -266,10 +271,7 @@ def load_or_create_identity(path: Path) -> Identity:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             try:
-                data = identity.private_pem()
-                while data:
-                    data = data[os.write(fd, data) :]
-                os.fsync(fd)
+                _write_key(fd, identity)
             finally:
                 os.close(fd)
             try:
