@@ -337,17 +337,25 @@ def _handshake_handler(handler: grpc.RpcMethodHandler, server: NetServer) -> grp
     limits = server.config.limits
 
     async def refuse(
-        context: grpc.aio.ServicerContext, host: str, code: grpc.StatusCode, why: str
+        context: grpc.aio.ServicerContext,
+        host: str,
+        error: GossamerError,
+        code: grpc.StatusCode | None = None,
     ) -> NoReturn:
+        """Count ``error``, log it (paced by host) and abort with its status (or ``code``)."""
         server.counters.num_handshakes_refused += 1
+        if isinstance(error, ProtocolError):
+            server.counters.protocol_error()
+        else:
+            server.counters.error(error)
         _log.log(
             server.authority.refusal_log.level(host),
             "peer %s: refused a handshake from %s: %s",
             server.short_id,
             context.peer(),
-            why,
+            error,
         )
-        await context.abort(code, why)
+        await context.abort(code or status_of_error(error)[0], str(error))
         raise AssertionError("unreachable")  # (abort raises)
 
     async def run(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
@@ -362,27 +370,19 @@ def _handshake_handler(handler: grpc.RpcMethodHandler, server: NetServer) -> grp
             # UNAVAILABLE: busy, try again (the caller's retries dial again with backoff); an
             # honest read that gave way to a flood failed for good as a ProtocolError.
             why = "newer handshake requests took its place (too many were being read); try again"
-            server.counters.error(PeerUnavailableError(why))
-            await refuse(context, host, grpc.StatusCode.UNAVAILABLE, why)
+            await refuse(context, host, PeerUnavailableError(why))
         if data == "late":
             why = f"the request did not arrive within {timeout_s:g} s"
-            server.counters.error(DeadlineExceededError(why))
-            await refuse(context, host, grpc.StatusCode.DEADLINE_EXCEEDED, why)
+            await refuse(context, host, DeadlineExceededError(why))
         assert not isinstance(data, str)
         if data is None:
-            server.counters.protocol_error()
-            await refuse(
-                context, host, grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request"
-            )
+            await refuse(context, host, ProtocolError("the call carried no request"))
         if len(data) > limits.max_handshake_message_bytes:
-            server.counters.protocol_error()
-            await refuse(
-                context,
-                host,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            why = (
                 f"a handshake request of {len(data)} bytes, over the "
-                f"{limits.max_handshake_message_bytes} a handshake takes",
+                f"{limits.max_handshake_message_bytes} a handshake takes"
             )
+            await refuse(context, host, ProtocolError(why), grpc.StatusCode.RESOURCE_EXHAUSTED)
         request = decode(data) if decode is not None else data
         if isinstance(request, _Malformed):
             server.counters.protocol_error()
