@@ -16,10 +16,13 @@ import json
 import time
 from typing import Any
 
+import pytest
 import torch
 
+from gossamer.comm.bandwidth import SendRates
 from gossamer.net.node import Node
 from gossamer.net.records import sign_record
+from gossamer.train import swarm_averager
 from gossamer.train.swarm_averager import SwarmAveragerConfig, round_entry_key
 from loopback_nodes import average_all, start_averagers
 
@@ -119,3 +122,30 @@ def test_a_peer_whose_entry_every_replica_refused_sits_the_round_out_at_once() -
         for index in (0, 1):
             assert outcomes[index].group_size == 2, outcomes[index]
             torch.testing.assert_close(outcomes[index].tensors[0], torch.full((100,), 0.5))
+
+
+def test_members_whose_meters_differ_pick_their_send_order_by_the_same_rates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each member's own meter picked its send order: where the members' figures straddled the
+    rule, some went in pairwise steps and others sent all at once. Every member must pass the
+    same agreed rates (the slowest member's figures) to its all-reduce."""
+    passed: dict[str, SendRates | None] = {}
+    real_all_reduce = swarm_averager.all_reduce
+
+    async def recording(*args: Any, **kwargs: Any) -> Any:
+        passed[kwargs["mailbox"].peer_id] = kwargs.get("send_rates")
+        return await real_all_reduce(*args, **kwargs)
+
+    monkeypatch.setattr(swarm_averager, "all_reduce", recording)
+    config = SwarmAveragerConfig(
+        run_id="rates", join_window_s=JOIN_WINDOW_S, round_timeout_s=10.0, backend="p2p"
+    )
+    with contextlib.ExitStack() as stack:
+        averagers = start_averagers(stack, 2, config)
+        averagers[0].meter.observe(1e5)  # 0.2 s for a 20 KB part: steps by itself
+        averagers[1].meter.observe(1e9)  # all at once by itself
+        outcomes, _ = average_all(averagers, "outer/0")
+        assert all(o.group_size == 2 for o in outcomes.values()), outcomes
+    assert set(passed) == {a.peer_id for a in averagers}
+    assert passed[averagers[0].peer_id] == passed[averagers[1].peer_id] == SendRates(1e5, 1e5)

@@ -10,6 +10,7 @@ import torch
 from comm_fakes import IdleJumpClock, inline_offload
 
 from gossamer.comm.allreduce import AllReduceConfig, _send_order, all_reduce
+from gossamer.comm.bandwidth import BandwidthMeter, SendRates, agreed_send_rates
 from gossamer.comm.codecs import CodecPolicy
 from gossamer.comm.fake_transport import FakeNetwork, FakeTransport
 from gossamer.comm.plan import PartPlan
@@ -373,6 +374,76 @@ def test_the_send_order_follows_the_queue_the_burst_would_meet(
         align=config.codec.block_size,
     )
     assert _send_order(plan, config, None) == order  # a peer that measured nothing: 100 Mbit/s
+
+
+def _orders_picked(rates_b_per_s: list[float], *, agreed: bool) -> list[bool]:
+    """Whether each of four members went in steps, its meter at ``rates_b_per_s[i]``, picking
+    by the rates the members agreed on or by its own meter."""
+    clock = IdleJumpClock()
+    members = [f"peer-{i}" for i in range(4)]
+    gen = torch.Generator().manual_seed(5)
+    inputs = [torch.randn(20_000, generator=gen) for _ in members]  # 20 KB parts
+    config = AllReduceConfig(timeout_s=600.0, codec=CodecPolicy(codec="none"))
+    meters = []
+    for rate in rates_b_per_s:
+        meters.append(BandwidthMeter())
+        meters[-1].observe(rate)
+    rates = agreed_send_rates(
+        [m.estimate_bytes_per_s for m in meters], [m.floor_bytes_per_s for m in meters]
+    )
+
+    async def main() -> list[bool]:
+        network = FakeNetwork(clock)
+        boxes = []
+        for m in members:
+            network.transports[m] = FakeTransport(network, m)
+            boxes.append(CommMailbox(network.transports[m], clock))
+        results = await asyncio.gather(
+            *(
+                all_reduce(
+                    [inputs[i]],
+                    mailbox=boxes[i],
+                    members=members,
+                    round_key="order",
+                    config=config,
+                    meter=meters[i],
+                    send_rates=rates if agreed else None,
+                    clock=clock,
+                    offload=inline_offload,
+                )
+                for i in range(4)
+            )
+        )
+        want = torch.stack(inputs).double().mean(0)
+        for result in results:
+            torch.testing.assert_close(result.tensors[0].double(), want, atol=1e-6, rtol=0)
+        return [r.report.in_steps for r in results]
+
+    return asyncio.run(clock.run(main()))
+
+
+def test_every_member_picks_the_send_order_the_agreed_rates_give() -> None:
+    # Two members measured 100 KB/s (a 20 KB part: 0.2 s steps), two 1 GB/s (all at once):
+    # each by its own meter, the round mixed members in steps with members sending all at once
+    # (one uplink then carries up to a third more); by the agreed rates, the slowest member's,
+    # every member goes in steps.
+    rates = [1e5, 1e9, 1e5, 1e9]
+    assert _orders_picked(rates, agreed=False) == [True, False, True, False]
+    assert _orders_picked(rates, agreed=True) == [True] * 4
+
+
+def test_the_agreed_send_rates_are_the_slowest_members_clamped() -> None:
+    assert agreed_send_rates([4e6, 1e6, 2e6], [3e6, 5e5, 0.0]) == SendRates(1e6, 5e5)
+    # a floor above its estimate, or none (an older peer's entry): the estimate bounds it
+    assert agreed_send_rates([4e6, 2e6], [9e6, float("nan")]) == SendRates(2e6, 2e6)
+    # one peer claiming next to nothing is taken at a hundredth of the median, no lower
+    assert agreed_send_rates([1e7, 1e7, 1.0], [1e7, 1e7, 1.0]) == SendRates(1e5, 1e5)
+    # nothing readable: the default every peer announces before it measured
+    assert agreed_send_rates([0.0, float("inf")], [0.0, 0.0]) == SendRates(12.5e6, 12.5e6)
+    with pytest.raises(ValueError, match="one per member"):
+        agreed_send_rates([1e6], [])
+    with pytest.raises(ValueError, match="one per member"):
+        agreed_send_rates([], [])
 
 
 def test_a_cancel_that_comes_as_the_wait_for_a_step_ends_reaches_the_waiter() -> None:

@@ -58,7 +58,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from torch._C._distributed_c10d import PrefixStore, TCPStore
 
 from gossamer.comm.allreduce import AllReduceConfig, all_reduce
-from gossamer.comm.bandwidth import BandwidthMeter
+from gossamer.comm.bandwidth import BandwidthMeter, SendRates, agreed_send_rates
 from gossamer.comm.codecs import CodecPolicy
 from gossamer.comm.net_transport import NetCommTransport
 from gossamer.comm.torch_backend import TorchGroupAverager, choose_backend
@@ -487,7 +487,9 @@ async def _p2p_rounds(
             for c in spec["codecs"]
         }
         landing = tensor.clone()  # where averages land, allocated once like gloo's buffer
-        meter = BandwidthMeter()  # like a swarm peer's: its rounds measure its send rate
+        # like a swarm peer's: its rounds measure its send rate, and before each round the
+        # workers agree on the send rates they pick their order by (_agreed_rates)
+        meter = BandwidthMeter()
         ifname = spec["ifname"]
         for repeat in range(spec["repeats"]):
             gloo_round = await asyncio.to_thread(_gloo_round, tensor, ifname)
@@ -505,6 +507,9 @@ async def _p2p_rounds(
                 # Outside the clock: a round that leaves any value unwritten shows as NaN below,
                 # not as the previous round's (right) average.
                 landing.fill_(math.nan)
+                rates = await asyncio.to_thread(
+                    _agreed_rates, store, f"rates/{repeat}/{codec}", rank, world, meter
+                )
                 await asyncio.to_thread(dist.barrier)
                 with _ExtraMemory() as extra:
                     sent = _link_tx_bytes(ifname)
@@ -518,6 +523,7 @@ async def _p2p_rounds(
                         config=config,
                         out=[landing],
                         meter=meter,
+                        send_rates=rates,
                     )
                     elapsed = time.perf_counter() - started
                     cpu_s = time.process_time() - cpu_start
@@ -542,6 +548,16 @@ async def _p2p_rounds(
             "gloo_memory": gloo_memory,
             "codecs": codecs,
         }
+
+
+def _agreed_rates(
+    store: TCPStore, key: str, rank: int, world: int, meter: BandwidthMeter
+) -> SendRates:
+    """The send rates the workers pick their send order by, agreed as a swarm's members agree
+    on them (each publishes its meter's figures; all take :func:`agreed_send_rates` of them)."""
+    store.set(f"{key}/{rank}", json.dumps([meter.estimate_bytes_per_s, meter.floor_bytes_per_s]))
+    figures = [json.loads(store.get(f"{key}/{r}")) for r in range(world)]
+    return agreed_send_rates([f[0] for f in figures], [f[1] for f in figures])
 
 
 # ---- driver side ---------------------------------------------------------------------------

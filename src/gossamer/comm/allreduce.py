@@ -32,6 +32,7 @@ from gossamer.comm.bandwidth import (
     DEFAULT_BYTES_PER_S,
     BandwidthMeter,
     BandwidthMeterConfig,
+    SendRates,
     SendTally,
 )
 from gossamer.comm.codecs import CodecPolicy, ErrorFeedback, FloatArray, codec_by_name
@@ -143,12 +144,15 @@ class AllReduceConfig:
             )
 
 
-def _send_order(plan: PartPlan, config: AllReduceConfig, meter: BandwidthMeter | None) -> str:
-    """How this member orders its sends (see :mod:`gossamer.comm.steps`).
+def _send_order(
+    plan: PartPlan, config: AllReduceConfig, rates: BandwidthMeter | SendRates | None
+) -> str:
+    """How this member orders its sends (see :mod:`gossamer.comm.steps`), by ``rates``: the
+    round's agreed send rates, or this member's meter (None: it measured nothing).
 
     ``steps``: pairwise steps, each waiting for its receiver's word, when a step is expected to
-    take at least ``min_step_s`` (the largest part, encoded, over this member's measured send
-    rate). ``ordered``: pairwise steps without the word, when a step is shorter but all of them
+    take at least ``min_step_s`` (the largest part, encoded, over the send rate). ``ordered``:
+    pairwise steps without the word, when a step is shorter but all of them
     at once would be more than the path queues (``queue_s`` of the send rate) while one fits.
     ``open``: everything at once. Steps only when the parts are of about one size (within 2x:
     steps keep links to one flow when members move alike; with parts sized for links 10x apart
@@ -163,7 +167,7 @@ def _send_order(plan: PartPlan, config: AllReduceConfig, meter: BandwidthMeter |
     step_bytes = codec_by_name(config.codec.codec).encoded_nbytes(
         max(sizes), config.codec.block_size
     )
-    send_rate = meter.estimate_bytes_per_s if meter is not None else DEFAULT_BYTES_PER_S
+    send_rate = rates.estimate_bytes_per_s if rates is not None else DEFAULT_BYTES_PER_S
     step_s = step_bytes / send_rate
     if step_s >= config.min_step_s:
         return "steps"
@@ -171,7 +175,7 @@ def _send_order(plan: PartPlan, config: AllReduceConfig, meter: BandwidthMeter |
     # that they do measure errs low. Too low, a burst that fits the queue is taken for one that
     # does not (in order: a few ms where it was not needed, loopback and fast links), or a part
     # that fits for one that does not (all at once, as before this rule).
-    floor = meter.floor_bytes_per_s if meter is not None else DEFAULT_BYTES_PER_S
+    floor = rates.floor_bytes_per_s if rates is not None else DEFAULT_BYTES_PER_S
     step_s = step_bytes / floor
     if step_s <= config.queue_s < (plan.num_parts - 1) * step_s:
         return "ordered"
@@ -311,6 +315,7 @@ async def all_reduce(
     weight: float = 1.0,
     bandwidth_weights: Sequence[float] | None = None,
     meter: BandwidthMeter | None = None,
+    send_rates: SendRates | None = None,
     feedback: ErrorFeedback | None = None,
     names: Sequence[str] | None = None,
     clock: Clock | None = None,
@@ -335,6 +340,12 @@ async def all_reduce(
             parts are sized by it (equal parts when omitted).
         meter: this peer's bandwidth meter; the round's own traffic updates it (the figure is
             also in the report either way).
+        send_rates: the send rates the members agreed on, the same on every member (e.g.
+            :func:`~gossamer.comm.bandwidth.agreed_send_rates` of the figures they published),
+            so that every member picks the same send order (see ``AllReduceConfig.order``).
+            Omitted, each member picks by its own ``meter``: where the members' figures
+            straddle ``min_step_s``'s rule, some then send in pairwise steps and others all at
+            once, and one uplink can carry up to a third more than the others.
         feedback: error-feedback state kept by the caller across rounds (lossy codecs).
         names: stable tensor names for the error feedback (positions by default).
         clock: time source for deadlines.
@@ -374,7 +385,7 @@ async def all_reduce(
             raise ValueError("out must hold tensors of the same shapes as tensors")
         if weight != 0.0:  # (a weight-0 member's values are in no average)
             _check_8_bit_values_finite(tensors, layout)
-        order = _send_order(plan, config, meter)
+        order = _send_order(plan, config, send_rates if send_rates is not None else meter)
         in_steps = order != "open"
         flat = await offload(lambda: _flatten(tensors, layout))
         target = _flat_view(out) if out is not None else None

@@ -33,7 +33,9 @@ from gossamer.core.errors import GossamerError
 __all__ = [
     "BandwidthMeter",
     "BandwidthMeterConfig",
+    "SendRates",
     "SendTally",
+    "agreed_send_rates",
     "plan_weights",
 ]
 
@@ -300,3 +302,49 @@ def plan_weights(bandwidths: Sequence[float], *, max_ratio: float = 100.0) -> li
     median = statistics.median_low(known)  # a member's own figure: two members' mean is not
     low, high = median / max_ratio, median * max_ratio
     return [min(max(b, low), high) if math.isfinite(b) and b > 0 else median for b in bandwidths]
+
+
+@dataclass(frozen=True, slots=True)
+class SendRates:
+    """The send rates a member picks its send order by (see
+    :func:`~gossamer.comm.allreduce.all_reduce`): a :class:`BandwidthMeter`'s own two figures,
+    or the ones a round's members agreed on (:func:`agreed_send_rates`)."""
+
+    estimate_bytes_per_s: float
+    """The send rate a step's time is expected at."""
+    floor_bytes_per_s: float
+    """A rate the send rate is at least: whether a burst of short steps overflows a queue."""
+
+
+def agreed_send_rates(
+    estimates: Sequence[float], floors: Sequence[float], *, max_ratio: float = 100.0
+) -> SendRates:
+    """The send rates every member of a round picks its send order by: the slowest member's
+    figures, each clamped as :func:`plan_weights` clamps them (an unreadable one counts as the
+    median, none is taken below a ``max_ratio``-th of it), so one peer cannot slow everyone's
+    order to its whim. A pure function of the agreed figures (in member order), so every member
+    gets the same, and the same send order: picked by each member's own meter, a round could mix
+    members in pairwise steps with members sending all at once (its bytes the same, one uplink
+    carrying up to a third more).
+
+    Args:
+        estimates: the members' published send-rate estimates (bytes/s).
+        floors: their published floors; where one is unreadable or missing (0), that member's
+            estimate counts.
+
+    Raises:
+        ValueError: no members, lists of different lengths, or ``max_ratio`` below 1.
+    """
+    if not estimates or len(floors) != len(estimates):
+        raise ValueError(f"{len(estimates)} estimates and {len(floors)} floors: one per member")
+    if not max_ratio >= 1:
+        raise ValueError(f"max_ratio must be at least 1, got {max_ratio}")
+    if not any(math.isfinite(e) and e > 0 for e in estimates):
+        return SendRates(DEFAULT_BYTES_PER_S, DEFAULT_BYTES_PER_S)
+    clamped = plan_weights(estimates, max_ratio=max_ratio)
+    estimate = min(clamped)
+    readable = [
+        f if math.isfinite(f) and f > 0 else e for f, e in zip(floors, clamped, strict=True)
+    ]
+    floor = min(min(plan_weights(readable, max_ratio=max_ratio)), estimate)
+    return SendRates(estimate, floor)

@@ -45,7 +45,7 @@ import torch
 from torch._C._distributed_c10d import Store
 
 from gossamer.comm.allreduce import AllReduceConfig, all_reduce, decline_round
-from gossamer.comm.bandwidth import BandwidthMeter, plan_weights
+from gossamer.comm.bandwidth import BandwidthMeter, SendRates, agreed_send_rates, plan_weights
 from gossamer.comm.codecs import CodecPolicy, ErrorFeedback
 from gossamer.comm.groups import split_into_groups
 from gossamer.comm.net_transport import NetCommTransport
@@ -269,6 +269,8 @@ class _Formed:
     """The run's peers, alive at the start, that did not come."""
     part_weights: list[float]
     """The members' shares of the p2p all-reduce's parts."""
+    send_rates: SendRates | None
+    """The send rates every member picks its p2p send order by (None: no group)."""
     entries: dict[str, dict[str, Any]]
     """Every member's round entry (its stamp, figures, store address, held group)."""
 
@@ -390,10 +392,11 @@ def _torch_kind() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def _figure(entry: dict[str, Any]) -> float:
-    """The bandwidth figure of a round entry (0, the median in ``plan_weights``, if unreadable)."""
+def _figure(entry: dict[str, Any], name: str = "bw") -> float:
+    """A bandwidth figure of a round entry: its send-rate estimate (``bw``) or its floor
+    (``bwf``); 0 (the median in ``plan_weights``, the estimate for a floor) if unreadable."""
     try:
-        return float(entry.get("bw", 0.0))
+        return float(entry.get(name, 0.0))
     except (TypeError, ValueError, OverflowError):
         return 0.0
 
@@ -661,6 +664,7 @@ class SwarmAverager:
                     weight=weight,
                     bandwidth_weights=round_.part_weights,
                     meter=self.meter,
+                    send_rates=round_.send_rates,
                     feedback=self.feedback,
                     alive=lambda peer: self._alive(node, peer),
                     # A member whose collective succeeded (after a torch attempt), or one that
@@ -1139,7 +1143,12 @@ class SwarmAverager:
 
         stamp = now()
         figure = self.meter.estimate_bytes_per_s
-        entry: dict[str, Any] = {"at": stamp, "bw": figure, "inc": self.incarnation}
+        entry: dict[str, Any] = {
+            "at": stamp,
+            "bw": figure,
+            "bwf": self.meter.floor_bytes_per_s,
+            "inc": self.incarnation,
+        }
         self._abandoned_torch = [t for t in self._abandoned_torch if t.is_alive()]
         if self._torch_rounds_to_skip > 0:  # after failures: this round over p2p
             self._torch_rounds_to_skip -= 1
@@ -1239,7 +1248,7 @@ class SwarmAverager:
         entries.update(latest)
         if stamp > close_at:
             logger.warning("peer %s came after round %s closed", node.peer_id[:8], key)
-            return _Formed([], [], [], {})
+            return _Formed([], [], [], None, {})
         members = [p for p, at in entries.items() if at <= close_at]
         missing = sorted(alive_at_start - set(members))  # not those already known gone
         groups = split_into_groups(key, members, self.config.max_group_size)
@@ -1247,7 +1256,14 @@ class SwarmAverager:
         seen[node.peer_id] = entry
         records = {p: seen.get(p, {}) for p in group}
         return _Formed(
-            group, missing, plan_weights([_figure(r) for r in records.values()]), records
+            group,
+            missing,
+            plan_weights([_figure(r) for r in records.values()]),
+            agreed_send_rates(
+                [_figure(r) for r in records.values()],
+                [_figure(r, "bwf") for r in records.values()],
+            ),
+            records,
         )
 
     async def _clock_correction_s(self, node: Node) -> float:
