@@ -83,9 +83,13 @@ def start_averagers(
 
 
 def average_all(
-    averagers: list[SwarmAverager], round_key: str, delays_s: dict[int, float] | None = None
+    averagers: list[SwarmAverager],
+    round_key: str,
+    delays_s: dict[int, float] | None = None,
+    *,
+    numel: int = 100,
 ) -> tuple[dict[int, AverageOutcome], dict[int, float]]:
-    """Every averager averages ``[full(100, index)]`` in ``round_key`` at once (``delays_s``
+    """Every averager averages ``[full(numel, index)]`` in ``round_key`` at once (``delays_s``
     later for those it names); the outcomes and how long each call took, by index."""
     outcomes: dict[int, AverageOutcome] = {}
     took_s: dict[int, float] = {}
@@ -96,7 +100,7 @@ def average_all(
             time.sleep((delays_s or {}).get(index, 0.0))
             started = time.monotonic()
             outcomes[index] = averagers[index].average(
-                [torch.full((100,), float(index))], round_key=round_key, weight=1.0
+                [torch.full((numel,), float(index))], round_key=round_key, weight=1.0
             )
             took_s[index] = time.monotonic() - started
         except BaseException as exc:

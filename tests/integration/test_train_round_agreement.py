@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from gossamer.comm.bandwidth import SendRates
+from gossamer.comm.bandwidth import BandwidthMeter, SendRates
 from gossamer.net.node import Node
 from gossamer.net.records import sign_record
 from gossamer.train import swarm_averager
@@ -128,14 +128,20 @@ def test_members_whose_meters_differ_pick_their_send_order_by_the_same_rates(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Each member's own meter picked its send order: where the members' figures straddled the
-    rule, some went in pairwise steps and others sent all at once. Every member must pass the
-    same agreed rates (the slowest member's figures) to its all-reduce."""
-    passed: dict[str, SendRates | None] = {}
+    rule, one went in pairwise steps and the other sent all at once. Every member must pick by
+    the same agreed rates (the slowest member's estimate) and so the same order."""
+    rates: dict[str, SendRates | None] = {}
+    in_steps: dict[str, bool] = {}
+    own_meters = False
     real_all_reduce = swarm_averager.all_reduce
 
     async def recording(*args: Any, **kwargs: Any) -> Any:
-        passed[kwargs["mailbox"].peer_id] = kwargs.get("send_rates")
-        return await real_all_reduce(*args, **kwargs)
+        if own_meters:  # as before the rates were agreed
+            kwargs["send_rates"] = None
+        result = await real_all_reduce(*args, **kwargs)
+        rates[kwargs["mailbox"].peer_id] = kwargs.get("send_rates")
+        in_steps[kwargs["mailbox"].peer_id] = result.report.in_steps
+        return result
 
     monkeypatch.setattr(swarm_averager, "all_reduce", recording)
     config = SwarmAveragerConfig(
@@ -143,9 +149,21 @@ def test_members_whose_meters_differ_pick_their_send_order_by_the_same_rates(
     )
     with contextlib.ExitStack() as stack:
         averagers = start_averagers(stack, 2, config)
-        averagers[0].meter.observe(1e5)  # 0.2 s for a 20 KB part: steps by itself
-        averagers[1].meter.observe(1e9)  # all at once by itself
-        outcomes, _ = average_all(averagers, "outer/0")
-        assert all(o.group_size == 2 for o in outcomes.values()), outcomes
-    assert set(passed) == {a.peer_id for a in averagers}
-    assert passed[averagers[0].peer_id] == passed[averagers[1].peer_id] == SendRates(1e5, 1e5)
+
+        def average(round_key: str) -> None:
+            # Two parts of 4,096 values (16 KiB): a step takes 0.16 s at 100 KB/s (in steps)
+            # and 0.10 s at 160 KB/s (all at once, under min_step_s).
+            for averager, figure in zip(averagers, (1e5, 1.6e5), strict=True):
+                averager.meter = BandwidthMeter()
+                averager.meter.observe(figure)
+            outcomes, _ = average_all(averagers, round_key, numel=8192)
+            assert all(o.group_size == 2 for o in outcomes.values()), outcomes
+
+        own_meters = True
+        average("outer/0")
+        assert sorted(in_steps.values()) == [False, True], in_steps  # the split it had
+        own_meters = False
+        average("outer/1")
+    assert set(rates) == {a.peer_id for a in averagers}
+    assert list(rates.values()) == [SendRates(1e5, 1e5)] * 2, rates
+    assert list(in_steps.values()) == [True, True], in_steps

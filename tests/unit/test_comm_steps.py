@@ -432,12 +432,17 @@ def test_every_member_picks_the_send_order_the_agreed_rates_give() -> None:
     assert _orders_picked(rates, agreed=True) == [True] * 4
 
 
-def test_the_agreed_send_rates_are_the_slowest_members_clamped() -> None:
-    assert agreed_send_rates([4e6, 1e6, 2e6], [3e6, 5e5, 0.0]) == SendRates(1e6, 5e5)
-    # a floor above its estimate, or none (an older peer's entry): the estimate bounds it
-    assert agreed_send_rates([4e6, 2e6], [9e6, float("nan")]) == SendRates(2e6, 2e6)
+def test_the_agreed_send_rates_are_the_slowest_estimate_and_the_median_floor() -> None:
+    assert agreed_send_rates([4e6, 1e6, 2e6], [3e6, 5e5, 0.0]) == SendRates(1e6, 1e6)
+    assert agreed_send_rates([4e6, 3e6, 2e6], [3e6, 5e5, 1e6]) == SendRates(2e6, 1e6)
+    # the floors above the slowest estimate: that estimate bounds them
+    assert agreed_send_rates([4e6, 2e6], [9e6, 8e6]) == SendRates(2e6, 2e6)
+    # none (an older peer's entry) or unreadable: that member's estimate counts
+    assert agreed_send_rates([4e6, 2e6, 3e6], [float("nan"), 1e6, 0.0]) == SendRates(2e6, 2e6)
     # one peer claiming next to nothing is taken at a hundredth of the median, no lower
-    assert agreed_send_rates([1e7, 1e7, 1.0], [1e7, 1e7, 1.0]) == SendRates(1e5, 1e5)
+    assert agreed_send_rates([1e7, 1e7, 1.0], [1e7, 1e7, 1.0]) == SendRates(1e5, 1e7 / 100)
+    # one low floor (a newcomer's, measured from small rounds, or a lie) moves nobody's order
+    assert agreed_send_rates([1e7] * 4, [1e7, 1e7, 1e7, 1e6]) == SendRates(1e7, 1e7)
     # nothing readable: the default every peer announces before it measured
     assert agreed_send_rates([0.0, float("inf")], [0.0, 0.0]) == SendRates(12.5e6, 12.5e6)
     with pytest.raises(ValueError, match="one per member"):

@@ -320,12 +320,17 @@ def agreed_send_rates(
     estimates: Sequence[float], floors: Sequence[float], *, max_ratio: float = 100.0
 ) -> SendRates:
     """The send rates every member of a round picks its send order by: the slowest member's
-    figures, each clamped as :func:`plan_weights` clamps them (an unreadable one counts as the
-    median, none is taken below a ``max_ratio``-th of it), so one peer cannot slow everyone's
-    order to its whim. A pure function of the agreed figures (in member order), so every member
-    gets the same, and the same send order: picked by each member's own meter, a round could mix
-    members in pairwise steps with members sending all at once (its bytes the same, one uplink
-    carrying up to a third more).
+    estimate, clamped as :func:`plan_weights` clamps it (an unreadable one counts as the
+    median, none is taken below a ``max_ratio``-th of it), and the members' median floor, no
+    higher than that estimate. A pure function of the agreed figures (in member order), so every
+    member gets the same, and so the same send order: picked by each member's own meter, a
+    round could mix members in pairwise steps with members sending all at once (its bytes the
+    same, one uplink carrying up to a third more).
+
+    The floor is the median, not the lowest: a floor measured from small rounds errs low (see
+    :attr:`BandwidthMeter.floor_bytes_per_s`; a peer that averaged three rounds of 100 values
+    published one 44x below its estimate), and the lowest would let one such peer, or one that
+    lies, send every member's short steps all at once where they overflow the path's queue.
 
     Args:
         estimates: the members' published send-rate estimates (bytes/s).
@@ -346,5 +351,5 @@ def agreed_send_rates(
     readable = [
         f if math.isfinite(f) and f > 0 else e for f, e in zip(floors, clamped, strict=True)
     ]
-    floor = min(min(plan_weights(readable, max_ratio=max_ratio)), estimate)
+    floor = min(statistics.median_low(plan_weights(readable, max_ratio=max_ratio)), estimate)
     return SendRates(estimate, floor)
