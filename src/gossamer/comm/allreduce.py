@@ -152,8 +152,8 @@ def _send_order(
 
     ``steps``: pairwise steps, each waiting for its receiver's word, when a step is expected to
     take at least ``min_step_s`` (the largest part, encoded, over the send rate). ``ordered``:
-    pairwise steps without the word, when a step is shorter but all of them
-    at once would be more than the path queues (``queue_s`` of the send rate) while one fits.
+    pairwise steps without the word, when a step is shorter but all of them at once would be
+    more than the path queues (``queue_s`` of the send rate) while one fits.
     ``open``: everything at once. Steps only when the parts are of about one size (within 2x:
     steps keep links to one flow when members move alike; with parts sized for links 10x apart
     the fast members would wait on the slow ones at every step, and sending all at once
