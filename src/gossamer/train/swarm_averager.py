@@ -1255,15 +1255,10 @@ class SwarmAverager:
         group = next(g for g in groups if node.peer_id in g)
         seen[node.peer_id] = entry
         records = {p: seen.get(p, {}) for p in group}
+        estimates = [_figure(r) for r in records.values()]
+        floors = [_figure(r, "bwf") for r in records.values()]
         return _Formed(
-            group,
-            missing,
-            plan_weights([_figure(r) for r in records.values()]),
-            agreed_send_rates(
-                [_figure(r) for r in records.values()],
-                [_figure(r, "bwf") for r in records.values()],
-            ),
-            records,
+            group, missing, plan_weights(estimates), agreed_send_rates(estimates, floors), records
         )
 
     async def _clock_correction_s(self, node: Node) -> float:
