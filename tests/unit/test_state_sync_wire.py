@@ -193,3 +193,12 @@ def test_a_manifest_cut_into_chunks_smaller_than_donors_cut_is_refused() -> None
         version=1, total_bytes=3, chunk_bytes=3, meta={}, digests=[b"\0" * 32]
     )
     assert decode_manifest(one_chunk, limits).num_chunks == 1  # a small state is one chunk
+
+
+def test_a_meta_larger_than_its_receivers_accept_is_refused_when_serializing() -> None:
+    """A donor serialized any meta; every newcomer then refused the manifest."""
+    snap = StateSnapshot(version=1, tensors={"a": torch.zeros(3)}, meta={"tree": "x" * 100})
+    meta_bytes = len(b'{"tree":"' + b"x" * 100 + b'"}')
+    serialize_snapshot(snap, chunk_bytes=4096, max_meta_bytes=meta_bytes)  # at the limit: fine
+    with pytest.raises(ValueError, match=f"meta of {meta_bytes} bytes is larger than its rec"):
+        serialize_snapshot(snap, chunk_bytes=4096, max_meta_bytes=meta_bytes - 1)

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import importlib
+import json
 import logging
 from collections.abc import Callable
 from typing import Any, cast
 
 import pytest
 import torch
+from state_sync_fakes import FakeBulkNetwork, FakeBulkNode
 from torch import nn
 
 from gossamer.core.errors import DeadlineExceededError, GossamerError
 from gossamer.obs.metrics import PeerMetrics
+from gossamer.store import flatten_optimizer_state
 from gossamer.train import swarm_sync
 from gossamer.train.averaging import AverageOutcome
-from gossamer.train.state_sync import StateSnapshot
+from gossamer.train.state_sync import StateDonor, StateSnapshot
 from gossamer.train.swarm_sync import SwarmSyncStrategy
 
 
@@ -58,7 +62,7 @@ class FakeDonor:
     def __init__(self) -> None:
         self.snapshots: list[StateSnapshot] = []
 
-    def publish(self, snapshot: StateSnapshot) -> None:
+    def publish(self, snapshot: StateSnapshot, *, max_meta_bytes: int | None = None) -> None:
         self.snapshots.append(snapshot)
 
 
@@ -236,9 +240,10 @@ def _wrong_shaped_moment(snapshot: StateSnapshot) -> None:
         (lambda s: s.meta.pop("optimizer"), "optimizer meta is a NoneType"),
         (lambda s: s.meta["optimizer"]["tree"].__setitem__("state", 5), "optimizer state"),
         (lambda s: s.meta["optimizer"]["tree"].__setitem__("param_groups", 5), "optimizer"),
-        (_wrong_shaped_moment, "has shape \\(7,\\), not"),
+        (_wrong_shaped_moment, "of shape \\(7,\\), this peer's"),
         (lambda s: s.tensors.__setitem__("param.1", torch.zeros(2)), "parameter 1 is"),
         (lambda s: s.tensors.__setitem__("param.1", torch.zeros(3, dtype=torch.int64)), "int64"),
+        (lambda s: s.tensors.__setitem__("param.0", s.tensors["param.0"].half()), "float16"),
         (lambda s: s.tensors.pop("param.1"), "different parameters"),
     ],
 )
@@ -268,6 +273,126 @@ def test_a_state_that_does_not_fit_is_refused_and_nothing_of_it_is_taken(
         for name, value in state.items():
             assert torch.equal(after["state"][index][name], value)
     train_one_step(other, other_optimizer)  # and it trains on
+
+
+def _set_state(index: int, key: str, value: object) -> Callable[[dict[str, Any]], None]:
+    return lambda sd: sd["state"][index].__setitem__(key, value)
+
+
+def _set_group(key: str, value: object) -> Callable[[dict[str, Any]], None]:
+    return lambda sd: sd["param_groups"][0].__setitem__(key, value)
+
+
+@pytest.mark.parametrize("fresh", [False, True], ids=["trained", "fresh"])
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (_set_state(0, "exp_avg", torch.tensor(0.5)), r"'exp_avg' of parameter 0 is .* shape \(\)"),
+        (_set_state(0, "step", torch.ones(3, 4)), r"'step' of parameter 0 is .* shape \(3, 4\)"),
+        (_set_state(1, "exp_avg_sq", torch.zeros(3).half()), "'exp_avg_sq' of parameter 1 is .*16"),
+        (_set_state(1, "step", torch.tensor(3)), "'step' of parameter 1 is torch.int64"),
+        (_set_state(1, "extra", torch.zeros(3)), r"parameter 1 has keys \['exp_avg', 'exp_avg_s"),
+        (lambda sd: sd["state"][0].pop("exp_avg_sq"), "parameter 0 has keys"),
+        (lambda sd: sd["state"].__setitem__(5, {"step": torch.tensor(1.0)}), "parameter 5"),
+        (_set_group("betas", [0.9]), r"param_groups\[0\]\['betas'\] is a list"),
+        (_set_group("betas", (0.9,)), r"param_groups\[0\]\['betas'\] has 1 items"),
+        (_set_group("betas", (0.9, "0.999")), r"param_groups\[0\]\['betas'\]\[1\] is a str"),
+        (_set_group("lr", "0.1"), r"param_groups\[0\]\['lr'\] is a str"),
+        (_set_group("amsgrad", 1), r"param_groups\[0\]\['amsgrad'\] is a int"),
+        (_set_group("eps", True), r"param_groups\[0\]\['eps'\] is a bool"),
+        (_set_group("schedule", 1), r"param_groups\[0\] has keys"),
+        (lambda sd: sd["param_groups"][0]["params"].pop(), r"param_groups\[0\] holds other"),
+    ],
+)
+def test_optimizer_state_that_would_break_training_is_refused_before_anything_is_taken(
+    damage: Callable[[dict[str, Any]], object], says: str, fresh: bool
+) -> None:
+    # torch's load_state_dict took each of these (casting moments to the weights' dtype), and
+    # the first step failed, or trained on with a hyperparameter of another shape.
+    model, optimizer, *_ = _serving(10)
+    saved = copy.deepcopy(optimizer.state_dict())
+    damage(saved)
+    optimizer_tensors, optimizer_meta = flatten_optimizer_state(saved)
+    snapshot = StateSnapshot(
+        version=10,
+        tensors={f"param.{i}": p.detach() for i, p in enumerate(model.parameters())}
+        | {f"optim.{name}": tensor for name, tensor in optimizer_tensors.items()},
+        meta={"step": 10, "optimizer": optimizer_meta},
+    )
+    torch.manual_seed(1)
+    other = nn.Linear(4, 3)
+    other_optimizer = torch.optim.AdamW(other.parameters(), lr=0.1)
+    if not fresh:  # a peer joining again holds state; a newcomer's optimizer has none yet
+        train_one_step(other, other_optimizer)
+    weights = [p.detach().clone() for p in other.parameters()]
+    moments = copy.deepcopy(other_optimizer.state_dict())
+    newcomer = make(FakeAverager(), FakeDonor(), join_existing=True)
+    newcomer._model, newcomer._optimizer = other, other_optimizer
+    with pytest.raises(GossamerError, match=says):
+        newcomer._apply(snapshot)
+    for param, before in zip(other.parameters(), weights, strict=True):
+        assert torch.equal(param, before)
+    after = other_optimizer.state_dict()
+    assert after["param_groups"] == moments["param_groups"]
+    assert after["state"].keys() == moments["state"].keys()
+    for index, state in moments["state"].items():
+        for name, value in state.items():
+            assert torch.equal(after["state"][index][name], value)
+    train_one_step(other, other_optimizer)  # and it trains on
+
+
+def test_the_undamaged_state_is_taken_by_a_newcomer_whose_optimizer_has_no_state_yet() -> None:
+    model, optimizer, *_ = _serving(10)
+    torch.manual_seed(1)
+    other = nn.Linear(4, 3)
+    other_optimizer = torch.optim.AdamW(other.parameters(), lr=0.1)
+    newcomer = make(FakeAverager(), FakeDonor(), join_existing=True)
+    newcomer._model, newcomer._optimizer = other, other_optimizer
+    newcomer._apply(_published_state())
+    for mine, theirs in zip(model.parameters(), other.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+        for name, value in optimizer.state[mine].items():
+            assert torch.equal(value, other_optimizer.state[theirs][name])
+
+
+class _AdamWOfTwoArguments(torch.optim.AdamW):
+    """An optimizer whose class cannot be built from param groups alone."""
+
+    def __init__(self, params: Any, marker: str) -> None:
+        super().__init__(params, lr=0.1)
+
+
+def test_state_for_an_optimizer_that_cannot_be_built_again_is_checked_as_elementwise() -> None:
+    # Where a fresh optimizer's state cannot be read off a stand-in, every tensor but 'step'
+    # (0-dim) must be of its parameter's shape and dtype; ints and floats are both numbers.
+    model, optimizer, *_ = _serving(10)
+    for damage, says in [
+        (_set_state(0, "exp_avg", torch.tensor(0.5)), r"'exp_avg' of parameter 0 is .* \(\)"),
+        (_set_state(0, "step", torch.ones(3, 4)), r"'step' of parameter 0 is .* \(3, 4\)"),
+        (_set_state(1, "exp_avg", torch.zeros(3).half()), "'exp_avg' of parameter 1 is .*16"),
+        (lambda sd: None, ""),
+    ]:
+        saved = copy.deepcopy(optimizer.state_dict())
+        damage(saved)
+        saved["param_groups"][0]["lr"] = 1  # an int where this peer's is a float: fine
+        optimizer_tensors, optimizer_meta = flatten_optimizer_state(saved)
+        snapshot = StateSnapshot(
+            version=10,
+            tensors={f"param.{i}": p.detach() for i, p in enumerate(model.parameters())}
+            | {f"optim.{name}": tensor for name, tensor in optimizer_tensors.items()},
+            meta={"step": 10, "optimizer": optimizer_meta},
+        )
+        other = nn.Linear(4, 3)
+        newcomer = make(FakeAverager(), FakeDonor(), join_existing=True)
+        newcomer._model = other
+        newcomer._optimizer = _AdamWOfTwoArguments(other.parameters(), "x")
+        if not says:
+            newcomer._apply(snapshot)
+            assert torch.equal(other.weight, model.weight)
+            continue
+        with pytest.raises(GossamerError, match=says):
+            newcomer._apply(snapshot)
+        assert not newcomer._optimizer.state
 
 
 def _no_download(*args: object, **kwargs: object) -> None:
@@ -370,3 +495,81 @@ def test_a_join_whose_downloads_fail_says_so_rather_than_blame_the_others(
     strategy = make(averager, FakeDonor(), join_existing=True)
     with pytest.raises(GossamerError, match=r"was not downloaded in 3 attempts.*too slow"):
         strategy.setup(model, torch.optim.AdamW(model.parameters(), lr=0.1))
+
+
+class _FakeBulkNodeThread:
+    """A node thread whose node is an in-memory one: ``run`` runs on a loop of its own."""
+
+    def __init__(self, node: FakeBulkNode) -> None:
+        self.node = node
+
+    def run(self, fn: Callable[[Any], Any], *, timeout_s: float) -> Any:
+        async def bounded() -> Any:
+            async with asyncio.timeout(timeout_s):
+                return await fn(self.node)
+
+        # (not asyncio.run: its SIGINT handling reprs the main task, result and all: 15 s
+        # for a snapshot of 8,000 tensors)
+        loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(bounded())
+        finally:
+            loop.close()
+
+
+def _many_tensors() -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A model of 8,000 tiny parameter tensors, trained one step."""
+    model = nn.ParameterList([nn.Parameter(torch.randn(2)) for _ in range(8000)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    torch.stack([param.square().sum() for param in model]).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return model, optimizer
+
+
+def test_the_state_of_a_model_of_8000_parameter_tensors_is_transferred() -> None:
+    # Its meta (the optimizer's tree, ~150 bytes per tensor) passed the fixed 1 MiB that
+    # newcomers accepted: no newcomer could take the state of a model of over ~7,000 tensors.
+    torch.manual_seed(0)
+    model, optimizer = _many_tensors()
+    network = FakeBulkNetwork()
+    averager = FakeAverager()
+    averager.states = {"newcomer": ("active", 20)}  # it takes the state at once
+    donor = make(averager, cast(Any, StateDonor(network.add("donor"), chunk_bytes=1 << 16)))
+    donor._model, donor._optimizer = model, optimizer
+    donor._serve(["newcomer"], 20)
+
+    torch.manual_seed(1)
+    other, other_optimizer = _many_tensors()
+    newcomer = SwarmSyncStrategy(
+        cast(Any, FakeAverager()),
+        cast(Any, FakeAverager()),
+        cast(Any, _FakeBulkNodeThread(network.add("newcomer"))),
+        cast(Any, FakeDonor()),
+        join_existing=True,
+        run_id="r",
+    )
+    newcomer._model, newcomer._optimizer = other, other_optimizer
+    snapshot = newcomer._download(["donor"], 20)
+    assert snapshot is not None, newcomer._last_download_error
+    assert len(json.dumps(snapshot.meta)) > 1 << 20
+    newcomer._apply(snapshot)
+    for mine, theirs in zip(model.parameters(), other.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+        for name, value in optimizer.state[mine].items():
+            assert torch.equal(value, other_optimizer.state[theirs][name])
+
+
+def test_a_donor_refuses_to_publish_a_meta_its_newcomers_would_refuse(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(swarm_sync, "_META_BYTES_PER_TENSOR", 0)  # 1 MiB for any model
+    model, optimizer = _many_tensors()
+    averager = FakeAverager()
+    averager.states = {"newcomer": ("active", 20)}
+    state_donor = StateDonor(FakeBulkNetwork().add("donor"))
+    donor = make(averager, cast(Any, state_donor))
+    donor._model, donor._optimizer = model, optimizer
+    with pytest.raises(ValueError, match=r"meta of \d+ bytes is larger than its receivers accept"):
+        donor._serve(["newcomer"], 20)
+    assert state_donor.version is None  # nothing published

@@ -6,6 +6,9 @@ spreads chunk requests over the donors that hold exactly that manifest, sending 
 next chunk to the donor expected to deliver it soonest (its requests in flight times its observed
 latency). Every chunk is checked against the manifest's sha256 before it is kept; a donor that
 sends a bad chunk, refuses, times out or drops is struck off and its chunks are fetched again from
+the others. A donor that is busy (its room for requests taken) is not: it is asked again later,
+after a backoff with jitter, within the download's deadline (for its manifest, within
+``request_timeout_s``, as long as any donor may take to answer), and meanwhile its chunks go to
 the others. Once one manifest is held by more than half of the donors, the others' answers are
 not waited for: one hung donor among agreeing ones does not hold every download up for its
 request timeout. Nothing received is unpickled, and every size and count is checked
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 import secrets
 import statistics
 import weakref
@@ -39,6 +43,7 @@ from gossamer.core.errors import (
 )
 from gossamer.train.state_sync_donor import BulkEndpoint, StateDonor
 from gossamer.train.state_sync_wire import (
+    DONOR_BUSY,
     REPLY_TOPIC,
     REQUEST_TOPIC,
     Manifest,
@@ -66,6 +71,20 @@ _log = logging.getLogger(__name__)
 _EWMA_WEIGHT = 0.3
 _HEDGE_FACTOR = 4.0
 _MIN_HEDGE_S = 0.05
+_BUSY_FIRST_BACKOFF_S = 0.05
+"""Wait before asking a busy donor again, the first time; it doubles each time, up to:"""
+_BUSY_MAX_BACKOFF_S = 2.0
+
+
+class _DonorBusyError(PeerUnavailableError):
+    """A donor refused a request for want of room: it is healthy, ask it again later."""
+
+
+def _busy_backoff_s(num_busy: int) -> float:
+    """How long to wait before asking a donor again that was busy ``num_busy`` times in a row:
+    doubling, bounded, with jitter (newcomers turned away together come back apart)."""
+    backoff_s = min(_BUSY_MAX_BACKOFF_S, _BUSY_FIRST_BACKOFF_S * (1 << min(num_busy - 1, 16)))
+    return backoff_s * random.uniform(0.5, 1.0)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -137,6 +156,22 @@ class _Donor:
     num_in_flight: int = 0
     latency_s: float | None = None
     num_bytes: int = 0
+    num_busy: int = 0
+    """Busy refusals in a row, of requests asked while none of ours was in flight there."""
+    not_before: float = -float("inf")
+    """(Loop time) when it may be asked again, after a busy refusal with none of ours in
+    flight there."""
+    max_in_flight: int | None = None
+    """Our requests it served at once when it refused one more as busy (plus one per chunk it
+    delivered since): more are not asked of it. None: no refusal yet."""
+    busy: str = ""
+    """Its last busy refusal."""
+
+    def askable(self, now: float) -> bool:
+        """Whether one more request may go to it now (it is not known to be busy)."""
+        return self.not_before <= now and (
+            self.max_in_flight is None or self.num_in_flight < self.max_in_flight
+        )
 
 
 @dataclass(slots=True)
@@ -182,6 +217,10 @@ class _Download:
                 header, body = await future  # donors reply before their handler returns
         except TimeoutError:
             raise DeadlineExceededError(f"no reply within {timeout_s:.1f} s") from None
+        except PeerUnavailableError as exc:
+            if DONOR_BUSY in str(exc):  # (net carries the donor's refusal in its text)
+                raise _DonorBusyError(str(exc)) from exc
+            raise
         except (GossamerError, AssertionError):
             raise
         except Exception as exc:
@@ -224,9 +263,12 @@ async def download_state(
         timeout_s: deadline of the whole download.
         version: the version to fetch; when None, the one most donors hold (newest on a
             tie), or where every holder of that one fails, the next one so ranked.
-        max_chunks_in_flight: chunk requests outstanding at once, over all donors (at most the
-            donors' ``max_requests_per_peer``, 16 by default: they refuse more from one peer).
-        request_timeout_s: a donor taking longer for one request is struck off.
+        max_chunks_in_flight: chunk requests outstanding at once, over all donors (a donor
+            refuses more than its ``max_requests_per_peer`` of one peer, 16 by default, as busy:
+            it is then asked no more at once than it was serving).
+        request_timeout_s: a donor taking longer for one request is struck off; so is one busy
+            for longer than this when asked for its manifest (one busy when asked for a chunk
+            is asked again, until the deadline).
         limits: sizes and counts accepted from donors.
         min_bytes_per_s: where positive, once a manifest is chosen the deadline moves out to
             leave its chunks ``total_bytes / min_bytes_per_s`` seconds at least: a state too
@@ -239,7 +281,8 @@ async def download_state(
     Raises:
         DeadlineExceededError: not finished within ``timeout_s``.
         PeerUnavailableError: no donor holds a usable state, or every donor failed.
-        CorruptedDataError: the verified bytes are not a valid snapshot (the donors agree on it).
+        ProtocolError: the verified bytes are not safetensors (the donors agree on them).
+        CorruptedDataError: the verified bytes hold no valid snapshot (a tensor named '').
     """
     if timeout_s <= 0 or max_chunks_in_flight < 1 or request_timeout_s <= 0:
         raise ValueError("timeout_s, request_timeout_s and max_chunks_in_flight must be positive")
@@ -316,6 +359,9 @@ async def _choose_manifest(
     Returns it and its holders first, then the other usable manifests of other versions, most
     held first (newest on a tie).
 
+    A busy donor is asked again, after a backoff, for as long as a donor may take to answer
+    (``request_timeout_s``); one still busy then is struck off like one that did not answer.
+
     Once one usable manifest (of ``version``, or any) is held by more than half of the donors,
     no answer still to come can change the choice: the others are not waited for (one silent
     donor cost every download its request timeout). Otherwise every answer is waited for:
@@ -324,13 +370,26 @@ async def _choose_manifest(
     manifests = job.manifests
 
     async def one(donor: str) -> None:
-        try:
-            _, body = await job.ask(donor, Request(kind=RequestKind.MANIFEST, request_id=b""))
-            # (up to 33 MB and a million digests with the default limits: off the event loop)
-            manifests[donor] = await asyncio.to_thread(decode_manifest, body, limits)
-        except GossamerError as exc:
-            if not (isinstance(exc, DeadlineExceededError) and job.remaining_s() <= 0):
-                job.strike(donor, exc)
+        busy_until = job.loop.time() + job.request_timeout_s
+        num_busy = 0
+        while True:
+            try:
+                _, body = await job.ask(donor, Request(kind=RequestKind.MANIFEST, request_id=b""))
+                # (up to 33 MB and a million digests with the default limits: off the event loop)
+                manifests[donor] = await asyncio.to_thread(decode_manifest, body, limits)
+                return
+            except _DonorBusyError as exc:
+                num_busy += 1
+                wait_s = _busy_backoff_s(num_busy)
+                if job.loop.time() + wait_s < min(busy_until, job.deadline):
+                    await asyncio.sleep(wait_s)  # a backoff before asking again
+                    continue
+                job.strike(donor, _DonorBusyError(f"busy {num_busy} times in a row: {exc}"))
+                return
+            except GossamerError as exc:
+                if not (isinstance(exc, DeadlineExceededError) and job.remaining_s() <= 0):
+                    job.strike(donor, exc)
+                return
 
     def usable(manifest: Manifest) -> bool:
         return version is None or manifest.version == version
@@ -396,7 +455,10 @@ async def _fetch_chunks(
 
     A chunk still in flight long after most chunks took (``_HEDGE_FACTOR`` times the median)
     is also asked of another donor once, and the first verified copy wins: one hung or slow
-    donor then costs the tail of the download a little, not its request timeout.
+    donor then costs the tail of the download a little, not its request timeout. A chunk a
+    donor refuses as busy goes back in the queue; that donor is asked no more at once than it
+    was serving of ours then (one more for each chunk it delivers since), or, where it served
+    none of ours, nothing until a backoff has passed.
     """
     donors = [_Donor(peer_id) for peer_id in holders]
     # Each verified chunk as it came (a view of its reply), joined once all are in: memory
@@ -429,6 +491,9 @@ async def _fetch_chunks(
         if len(body) != stop - start:
             raise ProtocolError(f"chunk {index} has {len(body)} bytes, expected {stop - start}")
         await asyncio.to_thread(_check_and_place, chunks, body, manifest, index)
+        donor.num_busy = 0
+        if donor.max_in_flight is not None:
+            donor.max_in_flight += 1  # (it may have room for more again)
         elapsed = job.loop.time() - started
         donor.latency_s = (
             elapsed
@@ -463,6 +528,11 @@ async def _fetch_chunks(
             if job.remaining_s() <= 0:
                 elapsed_s = job.loop.time() - chunks_began
                 rate = num_bytes_done / elapsed_s if elapsed_s > 0 else 0.0
+                busy = [
+                    f"{d.peer_id[:8]}: {d.busy}"
+                    for d in donors
+                    if d.busy and d.peer_id not in job.failed
+                ]
                 raise DeadlineExceededError(
                     f"state version {manifest.version}: {num_done}/{manifest.num_chunks} chunks "
                     f"({num_bytes_done / (1 << 20):.1f} of "
@@ -470,6 +540,7 @@ async def _fetch_chunks(
                     f"{rate / (1 << 20):.2f} MiB/s when the deadline passed, too slow for it "
                     f"(the manifests took {job.manifest_s:.1f} s of it); failed donors: "
                     f"{_reasons(job.failed, holders)}"
+                    + (f"; busy donors, last said: {'; '.join(busy)}" if busy else "")
                 )
             _admit_late(job, manifest, donors)
             for task, (_, donor, _) in list(tasks.items()):
@@ -482,25 +553,38 @@ async def _fetch_chunks(
                     f"fetched and every donor failed: "
                     f"{_reasons(job.failed, [d.peer_id for d in donors])}"
                 )
-            while live and pending and len(tasks) < max_in_flight:
+            now = job.loop.time()
+            while pending and len(tasks) < max_in_flight:
+                ready = [d for d in live if d.askable(now)]
+                if not ready:
+                    break
                 index = pending.popleft()
                 if not is_done[index]:
-                    launch(index, _pick(live))
+                    launch(index, _pick(ready))
             wake_s = job.remaining_s()
+            # (a busy donor's backoff ends: it may take the chunks left)
+            backoff_ends = min((d.not_before for d in live if d.not_before > now), default=None)
+            if pending and len(tasks) < max_in_flight and backoff_ends is not None:
+                wake_s = min(wake_s, backoff_ends - now)
             if not pending and len(live) > 1 and latencies:
                 hedge_after_s = max(_MIN_HEDGE_S, _HEDGE_FACTOR * statistics.median(latencies))
-                now = job.loop.time()
                 for index, donor, started in sorted(tasks.values(), key=lambda t: t[2]):
                     if len(copies[index]) != 1 or len(tasks) >= max_in_flight:
                         continue
-                    if now - started >= hedge_after_s:
-                        launch(index, _pick([d for d in live if d is not donor]))
-                        num_refetched += 1
-                    else:
+                    others = [d for d in live if d is not donor and d.askable(now)]
+                    if now - started < hedge_after_s:
                         wake_s = min(wake_s, started + hedge_after_s - now)
-            await asyncio.wait(
-                {*tasks, *job.late}, timeout=max(0.0, wake_s), return_when="FIRST_COMPLETED"
-            )
+                    elif others:
+                        launch(index, _pick(others))
+                        num_refetched += 1
+                    elif backoff_ends is not None:  # (the others are busy for now)
+                        wake_s = min(wake_s, backoff_ends - now)
+            if tasks or job.late:
+                await asyncio.wait(
+                    {*tasks, *job.late}, timeout=max(0.0, wake_s), return_when="FIRST_COMPLETED"
+                )
+            else:  # every donor left is busy: wait out the first backoff
+                await asyncio.sleep(max(0.0, wake_s))
             for task in [t for t in tasks if t.done()]:
                 if task not in tasks:  # a copy of a chunk an earlier task of this batch won
                     continue
@@ -519,6 +603,14 @@ async def _fetch_chunks(
                         forget(sibling, cancel=True)
                 elif isinstance(exc, DeadlineExceededError) and job.remaining_s() <= 0:
                     requeue_if_orphaned(index)  # our deadline, not the donor's fault
+                elif isinstance(exc, _DonorBusyError):  # healthy: asked again later
+                    donor.busy = str(exc)
+                    if donor.num_in_flight:  # asked again once one of those is answered
+                        donor.max_in_flight = donor.num_in_flight
+                    elif donor.not_before <= job.loop.time():  # (once for a batch refused)
+                        donor.num_busy += 1
+                        donor.not_before = job.loop.time() + _busy_backoff_s(donor.num_busy)
+                    requeue_if_orphaned(index)
                 elif isinstance(exc, GossamerError):
                     job.strike(donor.peer_id, exc)
                     num_refetched += requeue_if_orphaned(index)

@@ -8,10 +8,17 @@ however often the donor publishes, nor by other bytes republished under the same
 requests name the manifest they began on by its hash): of the replaced snapshots, the one a
 download uses is kept (the newer of them when both are, or neither). At most two snapshots are
 held, and a reply holds a copy of its chunk only, not the snapshot it came from.
+
+Room for requests is shared fairly: a request that finds the donor full is refused as busy
+(:data:`~gossamer.train.state_sync_wire.DONOR_BUSY`: ask again later) unless its peer holds less
+than its share, in which case the oldest reply of the peer holding the most is given up for it. A
+reply waits to be handled for a time that follows its size, so peers that never take their
+replies hold their room for seconds, and a newcomer arriving while they fill it is served.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import threading
@@ -22,6 +29,7 @@ from typing import Protocol
 from gossamer.core.clock import Clock, SystemClock
 from gossamer.core.errors import PeerUnavailableError
 from gossamer.train.state_sync_wire import (
+    DONOR_BUSY,
     MAX_ERROR_BYTES,
     MAX_REQUEST_BYTES,
     MIN_CHUNK_BYTES,
@@ -82,6 +90,15 @@ class _Served:
     """Requests copying a chunk out of it right now."""
 
 
+@dataclass(slots=True, eq=False)
+class _Slot:
+    """One request being served: the room it holds, and the task serving it."""
+
+    task: asyncio.Task[None] | None = None
+    evicted: bool = False
+    """Given up for a peer holding fewer requests."""
+
+
 class StateDonor:
     """Serves this peer's latest snapshot to newcomers, in chunks, over net's bulk topics.
 
@@ -92,13 +109,23 @@ class StateDonor:
         grace_s: how long a replaced snapshot stays available after a download last asked for
             it.
         clock: time source for the grace period.
-        max_requests_per_peer: requests of one peer served at once; more are refused (a
-            newcomer asks at most ``max_chunks_in_flight`` at once, 8 by default). Each holds a
-            copy of its chunk until the reply is handled, so one peer holds at most this many.
-        max_requests: requests served at once, of all peers together; more are refused (the
-            copies they hold are at most this many chunks).
+        max_requests_per_peer: requests of one peer served at once; more are refused as
+            busy (a newcomer asks at most ``max_chunks_in_flight`` at once, 8 by default). Each
+            holds a copy of its chunk until the reply is handled, so one peer holds at most this
+            many.
+        max_requests: requests served at once, of all peers together (the copies they hold are
+            at most this many chunks). Once full, a request is refused as busy, unless its peer
+            holds less than its share (``max_requests`` over the peers holding requests, it
+            included): then the oldest reply of the peer holding the most is given up for it
+            (that peer's request is refused as busy), so peers that fill the donor and never
+            take their replies do not lock newcomers out.
         max_reply_timeout_s: longest a reply may take to be handled, whatever the request asks
             (its ``timeout_ms`` may say an hour; the reply's chunk copy is held that long).
+        reply_base_timeout_s: with ``min_reply_bytes_per_s``, how long a reply may take to be
+            handled by its size: this plus its bytes at that rate, times the replies its peer
+            is being sent at once (they share its link); never longer than
+            ``max_reply_timeout_s`` nor than the request asks.
+        min_reply_bytes_per_s: see ``reply_base_timeout_s``.
     """
 
     def __init__(
@@ -111,6 +138,8 @@ class StateDonor:
         max_requests_per_peer: int = 16,
         max_requests: int = 256,
         max_reply_timeout_s: float = 120.0,
+        reply_base_timeout_s: float = 5.0,
+        min_reply_bytes_per_s: float = float(1 << 20),
     ) -> None:
         if type(chunk_bytes) is not int or chunk_bytes < MIN_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be an int >= {MIN_CHUNK_BYTES}, got {chunk_bytes}")
@@ -121,11 +150,18 @@ class StateDonor:
                 "max_requests_per_peer, max_requests and max_reply_timeout_s must be positive, "
                 f"got {max_requests_per_peer}, {max_requests} and {max_reply_timeout_s}"
             )
+        if not reply_base_timeout_s > 0 or not min_reply_bytes_per_s > 0:
+            raise ValueError(
+                "reply_base_timeout_s and min_reply_bytes_per_s must be positive, got "
+                f"{reply_base_timeout_s} and {min_reply_bytes_per_s}"
+            )
         self._max_requests_per_peer = max_requests_per_peer
         self._max_requests = max_requests
         self._max_reply_timeout_s = max_reply_timeout_s
-        self._num_serving: dict[str, int] = {}
-        """Requests being served, by the peer that sent them."""
+        self._reply_base_timeout_s = reply_base_timeout_s
+        self._min_reply_bytes_per_s = min_reply_bytes_per_s
+        self._serving: dict[str, list[_Slot]] = {}
+        """Requests being served, by the peer that sent them, oldest first."""
         self._num_serving_all = 0
         self._node = node
         self._chunk_bytes = chunk_bytes
@@ -138,7 +174,9 @@ class StateDonor:
         self.num_bytes_served = 0
         """Chunk bytes sent to newcomers so far."""
         self.num_requests_refused = 0
-        """Requests answered with an error status or refused as malformed."""
+        """Requests answered with an error status, refused as malformed or as busy."""
+        self.num_requests_evicted = 0
+        """Requests whose reply was given up for a peer holding fewer requests."""
         node.on_bulk(REQUEST_TOPIC, self._on_request, max_bytes=MAX_REQUEST_BYTES)
 
     @property
@@ -147,17 +185,25 @@ class StateDonor:
         with self._lock:
             return None if self._current is None else self._current.snapshot.manifest.version
 
-    def publish(self, snapshot: StateSnapshot) -> None:
+    def publish(self, snapshot: StateSnapshot, *, max_meta_bytes: int | None = None) -> None:
         """Make ``snapshot`` the one served to newcomers (thread-safe; blocks while serializing).
 
         Serializes and hashes in the calling thread: call it from the training thread, never from
         the node's event loop. The snapshot's tensors may be changed once this returns.
 
+        Args:
+            snapshot: the state to serve.
+            max_meta_bytes: where given, the largest meta newcomers accept (their
+                ``StateSyncLimits.max_meta_bytes``): a snapshot with a larger one is refused.
+
         Raises:
-            ValueError: the snapshot cannot be serialized (meta not JSON, odd tensors).
+            ValueError: the snapshot cannot be serialized (meta not JSON, odd tensors), or its
+                meta is larger than ``max_meta_bytes``.
             RuntimeError: the donor is closed.
         """
-        serialized = serialize_snapshot(snapshot, chunk_bytes=self._chunk_bytes)
+        serialized = serialize_snapshot(
+            snapshot, chunk_bytes=self._chunk_bytes, max_meta_bytes=max_meta_bytes
+        )
         with self._lock:
             if self._closed:
                 raise RuntimeError("publish on a closed StateDonor")
@@ -192,6 +238,12 @@ class StateDonor:
         with self._lock:
             self._closed = True
             self._current = self._previous = None
+
+    @property
+    def _num_serving(self) -> dict[str, int]:
+        """(Diagnostics.) Requests being served, by the peer that sent them."""
+        with self._lock:
+            return {peer: len(slots) for peer, slots in self._serving.items()}
 
     def _requested_lately(self, served: _Served, now: float) -> bool:
         """Whether a download uses ``served``: a request for it is being served, or came within
@@ -232,36 +284,117 @@ class StateDonor:
             with self._lock:
                 self.num_requests_refused += 1
             raise  # net refuses the transfer; the sender sees a ProtocolError
+        slot = self._admit(sender)
+        # Served in a task of its own, so that giving its room to another peer cancels it
+        # alone (not net's handler, which then answers this request as busy).
+        serving = asyncio.get_running_loop().create_task(
+            self._serve(sender, request), name=f"state-reply-{sender[:8]}"
+        )
+        slot.task = serving
+        try:
+            await serving
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if slot.evicted and (task is None or not task.cancelling()):
+                raise PeerUnavailableError(
+                    f"{DONOR_BUSY}: this request's reply was given up for a peer holding fewer "
+                    "requests (this peer held the most): ask again later"
+                ) from None
+            raise
+        finally:
+            self._release(sender, slot)
+
+    async def _serve(self, sender: str, request: Request) -> None:
+        if request.kind is RequestKind.MANIFEST:
+            await self._serve_manifest(sender, request)
+        else:
+            await self._serve_chunk(sender, request)
+
+    def _admit(self, sender: str) -> _Slot:
+        """Room for one more request of ``sender``, given up by the peer holding the most where
+        the donor is full and ``sender`` holds less than its share (event loop only).
+
+        Raises:
+            PeerUnavailableError: busy (:data:`DONOR_BUSY`): ``sender`` holds its most already,
+                or the donor is full and it holds its share.
+        """
         with self._lock:
-            num_serving = self._num_serving.get(sender, 0)
-            if num_serving >= self._max_requests_per_peer:
+            held = self._serving.get(sender, [])
+            if len(held) >= self._max_requests_per_peer:
                 self.num_requests_refused += 1
                 raise PeerUnavailableError(
-                    f"{num_serving} requests of this peer are being served already (at most "
-                    f"{self._max_requests_per_peer}): ask again once some are answered"
+                    f"{DONOR_BUSY}: {len(held)} requests of this peer are being served already "
+                    f"(at most {self._max_requests_per_peer}): ask again once some are answered"
                 )
             if self._num_serving_all >= self._max_requests:
-                self.num_requests_refused += 1
-                raise PeerUnavailableError(
-                    f"{self._num_serving_all} requests are being served already (at most "
-                    f"{self._max_requests}): ask again later, or ask another donor"
+                victim = self._victim_for(sender, len(held))
+                if victim is None:
+                    self.num_requests_refused += 1
+                    raise PeerUnavailableError(
+                        f"{DONOR_BUSY}: {self._num_serving_all} requests are being served "
+                        f"already (at most {self._max_requests}), {len(held)} of this peer, its "
+                        "share or more: ask again later, or ask another donor"
+                    )
+                victim_peer, victim_slot = victim
+                self._forget_slot(victim_peer, victim_slot)
+                victim_slot.evicted = True
+                assert victim_slot.task is not None
+                victim_slot.task.cancel()
+                self.num_requests_evicted += 1
+                _log.info(
+                    "peer %s: gave a request of peer %s up for one of peer %s (%d held, of %d)",
+                    self._node.peer_id[:8],
+                    victim_peer[:8],
+                    sender[:8],
+                    len(held),
+                    self._max_requests,
                 )
-            self._num_serving[sender] = num_serving + 1
+            slot = _Slot()
+            self._serving.setdefault(sender, []).append(slot)
             self._num_serving_all += 1
-        try:
-            if request.kind is RequestKind.MANIFEST:
-                await self._serve_manifest(sender, request)
-            else:
-                await self._serve_chunk(sender, request)
-        finally:
-            with self._lock:
-                self._num_serving_all -= 1
-                self._num_serving[sender] -= 1
-                if not self._num_serving[sender]:
-                    del self._num_serving[sender]
+            return slot
 
-    def _reply_timeout_s(self, request: Request) -> float:
-        return min(request.timeout_ms / 1000, self._max_reply_timeout_s)
+    def _victim_for(self, sender: str, num_held: int) -> tuple[str, _Slot] | None:
+        """(Lock held, donor full.) The oldest request of the peer holding the most, to give up
+        for ``sender``, which holds ``num_held``: where ``sender`` holds less than its share,
+        and the other holds at least two more (so that the move evens them out)."""
+        num_peers = len(self._serving) + (sender not in self._serving)
+        if num_held * num_peers >= self._max_requests:  # its share or more
+            return None
+        candidates = [(len(slots), peer) for peer, slots in self._serving.items() if peer != sender]
+        if not candidates:
+            return None
+        num_most, peer = max(candidates)
+        if num_most < num_held + 2:
+            return None
+        for slot in self._serving[peer]:  # its oldest still waiting
+            if slot.task is not None and not slot.task.done():
+                return peer, slot
+        return None
+
+    def _forget_slot(self, sender: str, slot: _Slot) -> None:
+        """(Lock held.) Give ``slot``'s room back, once."""
+        slots = self._serving.get(sender)
+        if slots is None or slot not in slots:
+            return  # given up for another peer already
+        slots.remove(slot)
+        if not slots:
+            del self._serving[sender]
+        self._num_serving_all -= 1
+
+    def _release(self, sender: str, slot: _Slot) -> None:
+        with self._lock:
+            self._forget_slot(sender, slot)
+
+    def _reply_timeout_s(self, sender: str, request: Request, num_bytes: int) -> float:
+        """How long a reply of ``num_bytes`` to ``sender`` may take to be handled: by its size
+        at the least rate a reply must come at, shared with the peer's other replies."""
+        with self._lock:
+            num_replies = max(1, len(self._serving.get(sender, ())))
+        by_size_s = (
+            self._reply_base_timeout_s + num_replies * num_bytes / self._min_reply_bytes_per_s
+        )
+        return min(request.timeout_ms / 1000, self._max_reply_timeout_s, by_size_s)
 
     async def _serve_manifest(self, sender: str, request: Request) -> None:
         with self._lock:
@@ -322,7 +455,7 @@ class StateDonor:
 
     async def _send(self, sender: str, request: Request, reply: bytes) -> None:
         await self._node.send_bulk(
-            sender, REPLY_TOPIC, reply, timeout_s=self._reply_timeout_s(request)
+            sender, REPLY_TOPIC, reply, timeout_s=self._reply_timeout_s(sender, request, len(reply))
         )
 
     async def _refuse(

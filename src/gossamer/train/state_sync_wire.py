@@ -10,11 +10,14 @@ every size and count against :class:`StateSyncLimits` before trusting it and rai
 
 from __future__ import annotations
 
+import bisect
 import enum
 import hashlib
 import json
+import math
 import re
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +27,7 @@ import torch
 from gossamer.core.errors import CorruptedDataError, ProtocolError
 
 __all__ = [
+    "DONOR_BUSY",
     "MAX_REQUEST_BYTES",
     "MIN_CHUNK_BYTES",
     "REPLY_HEADER_BYTES",
@@ -59,6 +63,9 @@ MIN_CHUNK_BYTES = 4096
 """Smallest chunk a donor cuts a state into (a state of one chunk may be smaller)."""
 MAX_TIMEOUT_MS = 3_600_000
 """Longest reply deadline a request may ask for."""
+DONOR_BUSY = "state donor busy"
+"""What a donor's refusal of a request for want of room starts with (net carries it to the
+requester in the error's text): the request may be asked again later, the donor is healthy."""
 
 _REPLY_MAGIC = b"GSR1"
 _REPLY_HEADER = struct.Struct(
@@ -108,7 +115,8 @@ class StateSyncLimits:
     max_num_chunks: int = 1 << 20
     """Most chunks a manifest may list."""
     max_meta_bytes: int = 1 << 20
-    """Largest JSON meta accepted."""
+    """Largest JSON meta accepted (a state whose meta grows with its model, as an optimizer's
+    tree does, needs a limit sized from the model: see ``swarm_sync.meta_bytes_bound``)."""
 
     def __post_init__(self) -> None:
         for name in ("max_state_bytes", "max_chunk_bytes", "max_num_chunks", "max_meta_bytes"):
@@ -310,7 +318,7 @@ def encode_manifest(
     *, version: int, total_bytes: int, chunk_bytes: int, meta: dict[str, Any], digests: list[bytes]
 ) -> bytes:
     """A manifest's bytes; the same state always encodes to the same bytes."""
-    meta_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    meta_bytes = _encode_meta(meta)
     header = _MANIFEST_HEADER.pack(
         _MANIFEST_MAGIC,
         _MANIFEST_FORMAT,
@@ -321,6 +329,11 @@ def encode_manifest(
         len(meta_bytes),
     )
     return b"".join((header, meta_bytes, *digests))
+
+
+def _encode_meta(meta: dict[str, Any]) -> bytes:
+    """A manifest's meta as it is sent."""
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
 
 
 def decode_manifest(data: bytes | memoryview, limits: StateSyncLimits) -> Manifest:
@@ -411,11 +424,21 @@ class SerializedSnapshot:
     blob: bytes
 
 
-def serialize_snapshot(snapshot: StateSnapshot, *, chunk_bytes: int) -> SerializedSnapshot:
+def serialize_snapshot(
+    snapshot: StateSnapshot, *, chunk_bytes: int, max_meta_bytes: int | None = None
+) -> SerializedSnapshot:
     """Serialize once: safetensors bytes, a sha256 per chunk, the manifest (blocking; CPU-heavy).
 
+    Args:
+        snapshot: what to serialize.
+        chunk_bytes: bytes per chunk.
+        max_meta_bytes: where given, the largest meta the snapshot's receivers accept (their
+            :attr:`StateSyncLimits.max_meta_bytes`): a larger one is refused here, before any
+            tensor is serialized, rather than by every newcomer.
+
     Raises:
-        ValueError: meta is not JSON-serializable, or the tensors cannot be saved.
+        ValueError: meta is not JSON-serializable or larger than ``max_meta_bytes``, or the
+            tensors cannot be saved.
     """
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
@@ -423,6 +446,13 @@ def serialize_snapshot(snapshot: StateSnapshot, *, chunk_bytes: int) -> Serializ
         json.dumps(snapshot.meta, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"snapshot meta must be JSON-serializable (no NaN): {exc}") from exc
+    if max_meta_bytes is not None:
+        meta_bytes = len(_encode_meta(snapshot.meta))
+        if meta_bytes > max_meta_bytes:
+            raise ValueError(
+                f"snapshot meta of {meta_bytes} bytes is larger than its receivers accept "
+                f"({max_meta_bytes} bytes): newcomers would refuse the state"
+            )
     prepared: dict[str, torch.Tensor] = {}
     seen_storages: set[int] = set()
     for name, tensor in snapshot.tensors.items():
@@ -463,18 +493,192 @@ def deserialize_snapshot(
 ) -> StateSnapshot:
     """Tensors from verified safetensors bytes, in chunks (blocking; consumes ``chunks``).
 
+    Each tensor is copied once, straight out of the chunks, and each chunk is let go of as
+    soon as it is copied out: the bytes held at once stay about one copy of the state (plus a
+    chunk), where joining the chunks, then loading the joined bytes, held two. Every offset,
+    dtype and shape of the safetensors header is checked (as safetensors checks them) before a
+    tensor is allocated.
+
     Raises:
-        CorruptedDataError: the bytes do not parse as safetensors, or hold no snapshot.
+        ProtocolError: the bytes are not safetensors (a malformed header, or one that does not
+            fit the bytes).
+        CorruptedDataError: valid safetensors that hold no snapshot (a tensor named '').
     """
-    data = b"".join(chunks)
-    chunks.clear()  # keep the peak at two copies: the bytes and the tensors
-    try:
-        tensors = safetensors.torch.load(data)
-    except Exception as exc:  # safetensors raises its own error type from Rust
-        raise CorruptedDataError(
-            f"state version {manifest.version}: not safetensors ({exc})"
-        ) from exc
+    if sys.byteorder != "little":  # (safetensors is little-endian: let it swap the bytes)
+        tensors = _load_joined(manifest, chunks)
+    else:
+        tensors = _load_chunks(manifest, chunks)
     try:
         return StateSnapshot(version=manifest.version, tensors=tensors, meta=manifest.meta)
     except ValueError as exc:  # valid safetensors, not a snapshot (a tensor named '')
         raise CorruptedDataError(f"state version {manifest.version}: {exc}") from exc
+
+
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    name: dtype
+    for name, dtype in {
+        "F64": getattr(torch, "float64", None),
+        "F32": getattr(torch, "float32", None),
+        "F16": getattr(torch, "float16", None),
+        "BF16": getattr(torch, "bfloat16", None),
+        "I64": getattr(torch, "int64", None),
+        "I32": getattr(torch, "int32", None),
+        "I16": getattr(torch, "int16", None),
+        "I8": getattr(torch, "int8", None),
+        "U64": getattr(torch, "uint64", None),
+        "U32": getattr(torch, "uint32", None),
+        "U16": getattr(torch, "uint16", None),
+        "U8": getattr(torch, "uint8", None),
+        "BOOL": getattr(torch, "bool", None),
+        "C64": getattr(torch, "complex64", None),
+        "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+        "F8_E4M3FNUZ": getattr(torch, "float8_e4m3fnuz", None),
+        "F8_E5M2": getattr(torch, "float8_e5m2", None),
+        "F8_E5M2FNUZ": getattr(torch, "float8_e5m2fnuz", None),
+    }.items()
+    if isinstance(dtype, torch.dtype)
+}
+"""The safetensors dtypes torch holds, by their name in a header."""
+_MAX_SAFETENSORS_HEADER_BYTES = 100_000_000
+"""Largest safetensors header read (safetensors' own limit)."""
+_MAX_DIM = 1 << 62
+
+
+@dataclass(frozen=True, slots=True)
+class _TensorEntry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _load_joined(
+    manifest: Manifest, chunks: list[bytes | bytearray | memoryview]
+) -> dict[str, torch.Tensor]:
+    """The tensors, by safetensors' own loader from the joined chunks (two copies at once)."""
+    data = b"".join(chunks)
+    chunks.clear()
+    try:
+        return safetensors.torch.load(data)
+    except Exception as exc:  # safetensors raises its own error type from Rust
+        raise ProtocolError(f"state version {manifest.version}: not safetensors ({exc})") from exc
+
+
+def _load_chunks(
+    manifest: Manifest, chunks: list[bytes | bytearray | memoryview]
+) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors bytes held in ``chunks``, each copied once out of them."""
+    views = [memoryview(chunk).cast("B") for chunk in chunks]
+    starts = [0]
+    for view in views:
+        starts.append(starts[-1] + len(view))
+    total = starts[-1]
+    what = f"state version {manifest.version}: not safetensors"
+    if total < 8:
+        raise ProtocolError(f"{what}: {total} bytes, fewer than its header's length")
+    (header_bytes,) = struct.unpack("<Q", _read(views, starts, 0, 8))
+    if header_bytes > min(total - 8, _MAX_SAFETENSORS_HEADER_BYTES):
+        raise ProtocolError(f"{what}: a header of {header_bytes} bytes in {total}")
+    data_start = 8 + header_bytes
+    entries = _parse_header(_read(views, starts, 8, data_start), total - data_start, what)
+    tensors: dict[str, torch.Tensor] = {}
+    # In order of their bytes: no later tensor needs a chunk that ends before this one does,
+    # so each chunk is let go of as soon as it is copied out (one tensor may be most of them).
+    for entry in sorted(entries, key=lambda e: (e.begin, e.end)):
+        flat = torch.empty(entry.end - entry.begin, dtype=torch.uint8)
+        if len(flat):
+            target = flat.numpy().data
+            _copy(views, starts, data_start + entry.begin, data_start + entry.end, target, chunks)
+        try:
+            tensors[entry.name] = flat.view(entry.dtype).reshape(entry.shape)
+        except RuntimeError as exc:  # (a shape of no elements, and dims torch cannot hold)
+            raise ProtocolError(f"{what}: tensor {entry.name[:64]!r}: {exc}") from exc
+    chunks.clear()
+    return tensors
+
+
+def _parse_header(header: bytes, data_bytes: int, what: str) -> list[_TensorEntry]:
+    """The tensors a safetensors header lists, each checked, and together checked to fill the
+    ``data_bytes`` after it exactly, each byte once (as safetensors checks them).
+
+    Raises:
+        ProtocolError: malformed, or not fitting the data (the message says how).
+    """
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        fields = dict(pairs)
+        if len(fields) != len(pairs):
+            raise ProtocolError(f"{what}: a header names a tensor twice")
+        return fields
+
+    try:
+        fields = json.loads(header, object_pairs_hook=unique)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"{what}: its header is not JSON") from exc
+    if not isinstance(fields, dict):
+        raise ProtocolError(f"{what}: its header is not a JSON object")
+    metadata = fields.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ProtocolError(f"{what}: its __metadata__ is not an object of strings")
+    entries = []
+    for name, info in fields.items():
+        if not isinstance(info, dict) or info.keys() != {"dtype", "shape", "data_offsets"}:
+            raise ProtocolError(f"{what}: tensor {name[:64]!r} has no dtype, shape and offsets")
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+        shape, offsets = info["shape"], info["data_offsets"]
+        if (
+            dtype is None
+            or not isinstance(shape, list)
+            or not all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_bytes
+        ):
+            raise ProtocolError(f"{what}: tensor {name[:64]!r} has a bad dtype, shape or offsets")
+        num_bytes = math.prod(shape) * dtype.itemsize
+        if offsets[1] - offsets[0] != num_bytes:
+            raise ProtocolError(
+                f"{what}: tensor {name[:64]!r} of {num_bytes} bytes has "
+                f"{offsets[1] - offsets[0]} in the data"
+            )
+        entries.append(_TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1]))
+    covered = 0
+    for entry in sorted(entries, key=lambda e: (e.begin, e.end)):
+        if entry.begin != covered:
+            raise ProtocolError(f"{what}: its tensors' data overlap or leave gaps")
+        covered = entry.end
+    if covered != data_bytes:
+        raise ProtocolError(f"{what}: its tensors take {covered} of the {data_bytes} data bytes")
+    return entries
+
+
+def _read(views: list[memoryview], starts: list[int], start: int, stop: int) -> bytes:
+    """Bytes ``[start, stop)`` of the chunks' concatenation."""
+    out = bytearray(stop - start)
+    _copy(views, starts, start, stop, memoryview(out))
+    return bytes(out)
+
+
+def _copy(
+    views: list[memoryview],
+    starts: list[int],
+    start: int,
+    stop: int,
+    target: memoryview,
+    release_from: list[bytes | bytearray | memoryview] | None = None,
+) -> None:
+    """Copy bytes ``[start, stop)`` of the chunks' concatenation into ``target``; where
+    ``release_from`` (the chunks ``views`` view) is given, let go of each chunk copied to its
+    end."""
+    index = bisect.bisect_right(starts, start) - 1
+    done = 0
+    while start + done < stop:
+        view, offset = views[index], start + done - starts[index]
+        take = min(len(view) - offset, stop - start - done)
+        target[done : done + take] = view[offset : offset + take]
+        done += take
+        if release_from is not None and offset + take == len(view):
+            views[index] = release_from[index] = memoryview(b"")
+        index += 1

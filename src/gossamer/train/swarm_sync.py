@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -46,7 +46,7 @@ from gossamer.train.state_sync_donor import StateDonor
 from gossamer.train.swarm_averager import SwarmAverager
 from gossamer.train.sync import SyncStrategy
 
-__all__ = ["SwarmSyncStrategy", "download_from_donors", "state_bytes_bound"]
+__all__ = ["SwarmSyncStrategy", "download_from_donors", "meta_bytes_bound", "state_bytes_bound"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ _MIN_DOWNLOAD_BYTES_PER_S = float(1 << 20)
 """A download goes on past ``_DOWNLOAD_TIMEOUT_S`` while its chunks come this fast: the state's
 size decides how long it may take (a fixed deadline made a state of more than that deadline's
 transfer impossible to download, each try starting over)."""
+_META_BYTES_PER_TENSOR = 1024
+"""Room in a state's meta per parameter tensor (AdamW's tree takes about 150 bytes of it)."""
 
 
 def _download_time_bound_s(total_bytes: int) -> float:
@@ -82,17 +84,28 @@ def state_bytes_bound(params: Sequence[torch.Tensor]) -> int:
     return 8 * sum(p.numel() * p.element_size() for p in params) + (64 << 20)
 
 
+def meta_bytes_bound(params: Sequence[torch.Tensor]) -> int:
+    """The largest meta a donor's state may carry for a peer training ``params``: the meta holds
+    the optimizer's tree, which grows with the number of parameter tensors (a fixed 1 MiB
+    refused the state of a model of more than about 7,000), so each gets 1 KiB of room on top
+    of the 1 MiB any state may carry. Donors refuse to publish a larger one."""
+    return StateSyncLimits().max_meta_bytes + _META_BYTES_PER_TENSOR * len(params)
+
+
 def download_from_donors(
     node_thread: NodeThread,
     donors: Sequence[str],
     *,
     version: int | None,
     max_state_bytes: int,
+    max_meta_bytes: int | None = None,
     metrics: SwarmMetrics | None = None,
 ) -> tuple[StateSnapshot, int]:
     """(Training thread.) Download the state from ``donors`` at once; record it in ``metrics``.
 
-    Shared by both swarm strategies. ``max_state_bytes``: see :func:`state_bytes_bound`.
+    Shared by both swarm strategies. ``max_state_bytes``: see :func:`state_bytes_bound`;
+    ``max_meta_bytes``: see :func:`meta_bytes_bound` (None: :class:`StateSyncLimits`' default,
+    too small for the optimizer tree of a model of many parameter tensors).
 
     Returns:
         The snapshot and the bytes downloaded.
@@ -108,7 +121,10 @@ def download_from_donors(
             donor_list,
             timeout_s=_DOWNLOAD_TIMEOUT_S,
             version=version,
-            limits=StateSyncLimits(max_state_bytes=max_state_bytes),
+            limits=StateSyncLimits(
+                max_state_bytes=max_state_bytes,
+                max_meta_bytes=max_meta_bytes or StateSyncLimits().max_meta_bytes,
+            ),
             min_bytes_per_s=_MIN_DOWNLOAD_BYTES_PER_S,
         )
 
@@ -269,9 +285,18 @@ class SwarmSyncStrategy(SyncStrategy):
         )
 
     def _serve(self, newcomers: list[str], step: int) -> None:
-        """Publish the state at ``step`` and wait until ``newcomers`` are members (or gone)."""
+        """Publish the state at ``step`` and wait until ``newcomers`` are members (or gone).
+
+        Raises:
+            ValueError: the state's meta is larger than newcomers of this model accept (see
+                :func:`meta_bytes_bound`).
+        """
         snapshot = self._snapshot(step)
-        self.donor.publish(snapshot)
+        assert self._model is not None
+        # Refused here where newcomers, sizing their limit from the same model, would refuse it.
+        self.donor.publish(
+            snapshot, max_meta_bytes=meta_bytes_bound(list(self._model.parameters()))
+        )
         self.newcomers_served += len(newcomers)
         logger.info(
             "peer %s: state of step %d published for %d newcomer(s)",
@@ -383,11 +408,13 @@ class SwarmSyncStrategy(SyncStrategy):
     def _download(self, donors: list[str], step: int) -> StateSnapshot | None:
         try:
             assert self._model is not None
+            params = list(self._model.parameters())
             snapshot, num_bytes = download_from_donors(
                 self.node_thread,
                 donors,
                 version=step,
-                max_state_bytes=state_bytes_bound(list(self._model.parameters())),
+                max_state_bytes=state_bytes_bound(params),
+                max_meta_bytes=meta_bytes_bound(params),
                 metrics=self.metrics,
             )
         except GossamerError as exc:
@@ -399,10 +426,13 @@ class SwarmSyncStrategy(SyncStrategy):
 
     def _apply(self, snapshot: StateSnapshot) -> None:
         """Take ``snapshot`` as this peer's model and optimizer state, all or nothing: every
-        tensor and the optimizer's state are checked before anything is written.
+        tensor and the optimizer's state are checked before anything is written (weights of
+        this peer's shapes and dtypes; the optimizer's hyperparameters and per-parameter state
+        as this peer's optimizer keeps them, see :func:`_check_optimizer_state`).
 
         Raises:
-            GossamerError: the state does not fit this peer's model or optimizer.
+            GossamerError: the state does not fit this peer's model or optimizer (the message
+                names what differs).
         """
         assert self._model is not None
         assert self._optimizer is not None
@@ -415,7 +445,7 @@ class SwarmSyncStrategy(SyncStrategy):
                     "the swarm's state does not fit this model (different parameters): check "
                     "that every peer runs the same model config"
                 )
-            if source.shape != param.shape or not source.is_floating_point():
+            if source.shape != param.shape or source.dtype != param.dtype:
                 raise GossamerError(
                     f"the swarm's parameter {i} is {source.dtype} of shape "
                     f"{tuple(source.shape)}, this peer's {param.dtype} of {tuple(param.shape)}: "
@@ -432,7 +462,7 @@ class SwarmSyncStrategy(SyncStrategy):
         # weights are copied only once it took the state.
         try:
             state = unflatten_optimizer_state(optimizer_tensors, snapshot.meta.get("optimizer"))
-            _check_moments(self._optimizer, state)
+            _check_optimizer_state(self._optimizer, state)
             self._optimizer.load_state_dict(state)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise GossamerError(
@@ -444,21 +474,145 @@ class SwarmSyncStrategy(SyncStrategy):
                 param.copy_(source)
 
 
-def _check_moments(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Refuse an optimizer ``state`` (a ``state_dict``) whose per-parameter tensors are not of
-    their parameter's shape: torch takes them, and the next step fails. Every tensor but a
-    scalar (AdamW's step) is elementwise in the optimizers Gossamer builds.
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Refuse an optimizer ``state`` (a ``state_dict``) that does not fit ``optimizer``: torch's
+    ``load_state_dict`` takes it (casting floating tensors to their parameter's dtype), and the
+    first step fails, or trains on with hyperparameters of another shape.
+
+    Checked: the groups are as many as this optimizer's, each with its keys and as many
+    parameters, and each hyperparameter of the same type as this optimizer's (tuples and
+    lists of the same length, item by item; tensors of the same shape and dtype). Each
+    parameter's state, where it has any, holds the keys this optimizer keeps for it, each
+    tensor of the same shape and dtype: as in this optimizer's own state for the parameter,
+    or, where it has none yet, as it builds it (:func:`_built_state`; ``step`` 0-dim).
 
     Raises:
-        ValueError: a tensor of another shape. (Malformed trees raise what indexing them does;
-            torch's ``load_state_dict`` checks the groups' lengths.)
+        ValueError: what does not fit, named (``param_groups[0]['betas']``, ``'exp_avg' of
+            parameter 3``). (Malformed trees raise what indexing them does.)
     """
-    saved_state = state["state"]
-    for saved, group in zip(state["param_groups"], optimizer.param_groups, strict=False):
-        for index, param in zip(saved["params"], group["params"], strict=False):
-            for name, value in saved_state.get(index, {}).items():
-                if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
-                    raise ValueError(
-                        f"its {name!r} of parameter {index} has shape {tuple(value.shape)}, "
-                        f"not {tuple(param.shape)}"
-                    )
+    saved_groups, saved_state = state["param_groups"], state["state"]
+    if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
+        raise ValueError("its param_groups is not a list, or its state not a dict")
+    groups = optimizer.param_groups
+    if len(saved_groups) != len(groups):
+        raise ValueError(f"it has {len(saved_groups)} param_groups, this peer's {len(groups)}")
+    owners: dict[Any, tuple[int, torch.Tensor]] = {}
+    for number, (saved, group) in enumerate(zip(saved_groups, groups, strict=True)):
+        if not isinstance(saved, dict) or saved.keys() != group.keys():
+            keys = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+            raise ValueError(f"its param_groups[{number}] has keys {keys}, not {sorted(group)}")
+        for key, value in group.items():
+            if key != "params":
+                _check_like(f"param_groups[{number}][{key!r}]", saved[key], value)
+        saved_params = saved["params"]
+        if not isinstance(saved_params, list) or len(saved_params) != len(group["params"]):
+            raise ValueError(
+                f"its param_groups[{number}] holds other parameters than this peer's "
+                f"{len(group['params'])}"
+            )
+        for index, param in zip(saved_params, group["params"], strict=True):
+            owners[index] = (number, param)
+    built: dict[tuple[int, torch.dtype, torch.device], dict[str, Any] | None] = {}
+    for index, entry in saved_state.items():
+        if index not in owners:
+            raise ValueError(f"it keeps state for parameter {index!r}, of none of its groups")
+        if not isinstance(entry, dict):
+            raise ValueError(f"its state of parameter {index!r} is not a dict")
+        if not entry:
+            continue  # (a parameter not trained yet: none on either side)
+        number, param = owners[index]
+        expected = optimizer.state.get(param)
+        if not expected:
+            like = (number, param.dtype, param.device)
+            if like not in built:
+                built[like] = _built_state(optimizer, groups[number], param)
+            expected = _like_param(built[like], param)
+        if expected is None:  # (not known how it builds state: elementwise, step a scalar)
+            for name, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    shape = () if name == "step" else tuple(param.shape)
+                    dtype = value.dtype if name == "step" else param.dtype
+                    own = torch.empty(shape, dtype=dtype, device="meta")
+                    _check_like(f"{name!r} of parameter {index!r}", value, own)
+            continue
+        if entry.keys() != expected.keys():
+            raise ValueError(
+                f"its state of parameter {index!r} has keys {sorted(entry)}, this peer's "
+                f"optimizer keeps {sorted(expected)}"
+            )
+        for name, value in expected.items():
+            _check_like(f"{name!r} of parameter {index!r}", entry[name], value)
+
+
+def _check_like(what: str, theirs: object, ours: object) -> None:
+    """Refuse ``theirs`` where it is not of ``ours``' type (a tensor: shape and dtype; a tuple
+    or list: length, and each item so). An int and a float are both numbers (a schedule writes
+    a float learning rate where the config gave an int); a bool is not one.
+
+    Raises:
+        ValueError: naming ``what`` and how it differs.
+    """
+    if isinstance(ours, torch.Tensor):
+        if not isinstance(theirs, torch.Tensor):
+            raise ValueError(f"its {what} is a {type(theirs).__name__}, not a tensor")
+        if theirs.shape != ours.shape or theirs.dtype != ours.dtype:
+            raise ValueError(
+                f"its {what} is {theirs.dtype} of shape {tuple(theirs.shape)}, this peer's "
+                f"{ours.dtype} of {tuple(ours.shape)}"
+            )
+        return
+    if type(theirs) is not type(ours) and not (_is_number(theirs) and _is_number(ours)):
+        raise ValueError(
+            f"its {what} is a {type(theirs).__name__}, this peer's a {type(ours).__name__}"
+        )
+    if isinstance(ours, tuple | list):
+        assert isinstance(theirs, tuple | list)
+        if len(theirs) != len(ours):
+            raise ValueError(f"its {what} has {len(theirs)} items, this peer's {len(ours)}")
+        for number, (item, own) in enumerate(zip(theirs, ours, strict=True)):
+            _check_like(f"{what}[{number}]", item, own)
+
+
+def _is_number(value: object) -> bool:
+    return type(value) in (int, float)
+
+
+def _built_state(
+    optimizer: torch.optim.Optimizer, group: dict[str, Any], param: torch.Tensor
+) -> dict[str, Any] | None:
+    """The state ``optimizer`` builds for a parameter of ``param``'s dtype and device in
+    ``group``, read off one step of an optimizer of its class and ``group``'s hyperparameters
+    on a stand-in of shape :data:`_STAND_IN_SHAPE` (None where that cannot be made)."""
+    try:
+        stand_in = torch.zeros(
+            _STAND_IN_SHAPE, dtype=param.dtype, device=param.device, requires_grad=True
+        )
+        stand_in.grad = torch.zeros_like(stand_in)
+        hyperparameters = {key: value for key, value in group.items() if key != "params"}
+        optimizer_class: Callable[..., torch.optim.Optimizer] = type(optimizer)
+        probe = optimizer_class([{"params": [stand_in], **hyperparameters}])
+        probe.step()
+        return dict(probe.state[stand_in])
+    except Exception:  # an optimizer class that takes other arguments, say
+        return None
+
+
+_STAND_IN_SHAPE = (2,)
+"""The stand-in parameter's shape in :func:`_built_state`: a state of it is elementwise."""
+
+
+def _like_param(built: dict[str, Any] | None, param: torch.Tensor) -> dict[str, Any] | None:
+    """The state ``built`` by :func:`_built_state` as it is for ``param``: its elementwise
+    tensors of ``param``'s shape (on the meta device: only shapes and dtypes are compared)."""
+    if built is None:
+        return None
+    return {
+        key: torch.empty(
+            param.shape if value.shape == _STAND_IN_SHAPE else value.shape,
+            dtype=value.dtype,
+            device="meta",
+        )
+        if isinstance(value, torch.Tensor)
+        else value
+        for key, value in built.items()
+    }

@@ -1,0 +1,211 @@
+"""A donor's room for requests: shared fairly, held for a time that follows a reply's size, and
+a newcomer that finds a donor busy asks it again later instead of striking it off."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from state_sync_fakes import FakeBulkNetwork, FakeBulkNode
+
+from gossamer.core.errors import PeerUnavailableError
+from gossamer.train.state_sync import StateDonor, StateSnapshot, download_state
+from gossamer.train.state_sync_wire import (
+    DONOR_BUSY,
+    REPLY_HEADER_BYTES,
+    REPLY_TOPIC,
+    REQUEST_TOPIC,
+    Request,
+    RequestKind,
+    encode_request,
+)
+
+CHUNK = 4096
+
+
+def _snapshot(version: int = 7) -> StateSnapshot:
+    gen = torch.Generator().manual_seed(0)
+    return StateSnapshot(
+        version=version,
+        tensors={"w": torch.randn(40_000, generator=gen), "step": torch.tensor(3)},
+        meta={"step": 3},
+    )
+
+
+def _assert_same(got: StateSnapshot, want: StateSnapshot) -> None:
+    assert got.version == want.version
+    assert got.meta == want.meta
+    assert got.tensors.keys() == want.tensors.keys()
+    for name, tensor in want.tensors.items():
+        assert torch.equal(got.tensors[name], tensor), name
+
+
+class _RecordingNode(FakeBulkNode):
+    """Records the deadline of every reply it sends."""
+
+    def __init__(self, network: FakeBulkNetwork, peer_id: str) -> None:
+        super().__init__(network, peer_id)
+        self.reply_timeouts_s: list[float] = []
+
+    async def send_bulk(self, peer_id: str, topic: str, payload: Any, **kwargs: Any) -> None:
+        if topic == REPLY_TOPIC:
+            self.reply_timeouts_s.append(kwargs["timeout_s"])
+        await super().send_bulk(peer_id, topic, payload, **kwargs)
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    """Wait for ``condition`` (of in-memory nodes on this loop) under a deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while loop.time() < deadline:
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{what} within 5 s")
+
+
+def _hold(hog: FakeBulkNode, donor: str, version: int, count: int) -> list[asyncio.Task[None]]:
+    """Send ``count`` chunk requests of ``hog``, which never takes the replies, asking an hour
+    each (the tasks end when the donor gives up on the replies, or refuses)."""
+    released = asyncio.Event()
+
+    async def never_handled(sender: str, topic: str, payload: bytearray) -> None:
+        await released.wait()  # (never set: the donor's deadline or eviction ends the reply)
+
+    hog.on_bulk(REPLY_TOPIC, never_handled)
+
+    async def ask(index: int) -> None:
+        request = Request(
+            kind=RequestKind.CHUNK,
+            request_id=(1000 + index).to_bytes(16, "big"),
+            version=version,
+            index=index % 4,
+            timeout_ms=3_600_000,
+        )
+        await hog.send_bulk(donor, REQUEST_TOPIC, encode_request(request), timeout_s=3600)
+
+    return [asyncio.create_task(ask(i)) for i in range(count)]
+
+
+async def _end(tasks: list[asyncio.Task[None]]) -> list[BaseException | None]:
+    """What each of ``tasks`` ended with; those still waiting are cancelled."""
+    for task in tasks:
+        task.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    return [r if isinstance(r, BaseException) else None for r in results]
+
+
+def test_a_newcomer_gets_room_from_a_peer_that_fills_the_donor() -> None:
+    """A peer that never takes its replies filled every request slot, each held up to 120 s:
+    a newcomer arriving then was refused and struck the donor off at once."""
+    network = FakeBulkNetwork()
+    newcomer, node, hog = network.add("newcomer"), network.add("donor"), network.add("hog")
+    want = _snapshot()
+    donor = StateDonor(node, chunk_bytes=CHUNK, max_requests=4, max_requests_per_peer=4)
+    donor.publish(want)
+
+    async def main() -> list[BaseException | None]:
+        asks = _hold(hog, "donor", want.version, 4)
+        await _until(lambda: donor._num_serving == {"hog": 4}, "the hog fills the donor")
+        async with asyncio.timeout(10):
+            got, report = await download_state(newcomer, ["donor"], timeout_s=10)
+        _assert_same(got, want)
+        assert report.failed_donors == {}
+        return await _end(asks)
+
+    results = asyncio.run(main())
+    assert donor.num_requests_evicted >= 2  # the newcomer's share: half of the room
+    evicted = [r for r in results if isinstance(r, PeerUnavailableError)]
+    assert len(evicted) == donor.num_requests_evicted
+    assert all(DONOR_BUSY in str(r) and "given up" in str(r) for r in evicted)
+
+
+def test_a_peer_holding_its_share_is_refused_as_busy_not_given_room() -> None:
+    network = FakeBulkNetwork()
+    node, hog, other = network.add("donor"), network.add("hog"), network.add("other")
+    want = _snapshot()
+    donor = StateDonor(node, chunk_bytes=CHUNK, max_requests=4, max_requests_per_peer=4)
+    donor.publish(want)
+
+    async def main() -> None:
+        asks = _hold(hog, "donor", want.version, 2) + _hold(other, "donor", want.version, 2)
+        await _until(lambda: donor._num_serving == {"hog": 2, "other": 2}, "the donor is full")
+        (error,) = await asyncio.gather(
+            *_hold(other, "donor", want.version, 1), return_exceptions=True
+        )
+        assert isinstance(error, PeerUnavailableError)
+        assert DONOR_BUSY in str(error)
+        assert "its share or more" in str(error)
+        assert donor.num_requests_evicted == 0
+        await _end(asks)
+
+    asyncio.run(main())
+
+
+def test_a_reply_waits_for_a_time_that_follows_its_size() -> None:
+    """A reply waited for as long as its request asked, up to 120 s, whatever its size: one
+    peer's requests then held their room for two minutes."""
+    network = FakeBulkNetwork()
+    node = network.add("donor", _RecordingNode)
+    hog = network.add("hog")
+    want = _snapshot()
+    donor = StateDonor(node, chunk_bytes=CHUNK)
+    donor.publish(want)
+    assert isinstance(node, _RecordingNode)
+
+    async def main() -> None:
+        asks = _hold(hog, "donor", want.version, 2)
+        await _until(lambda: len(node.reply_timeouts_s) == 2, "both replies leave")
+        await _end(asks)
+
+    asyncio.run(main())
+    # 5 s plus its bytes at 1 MiB/s, times the peer's replies at once (they share its link).
+    reply_bytes = CHUNK + REPLY_HEADER_BYTES
+    assert node.reply_timeouts_s == [pytest.approx(5.0 + 2 * reply_bytes / (1 << 20))] * 2
+
+
+def test_a_busy_donor_is_asked_again_later_not_struck_off() -> None:
+    """A newcomer asking more chunks at once than a donor serves per peer struck it off at its
+    first busy refusal, and with one donor the download failed."""
+    network = FakeBulkNetwork()
+    newcomer, node = network.add("newcomer"), network.add("donor")
+    want = _snapshot()
+    donor = StateDonor(node, chunk_bytes=CHUNK, max_requests_per_peer=2)
+    donor.publish(want)
+    got, report = asyncio.run(
+        download_state(newcomer, ["donor"], timeout_s=20, max_chunks_in_flight=8)
+    )
+    _assert_same(got, want)
+    assert report.failed_donors == {}
+    assert report.bytes_per_donor == {"donor": report.total_bytes}
+    assert donor.num_requests_refused > 0  # it was busy, and asked again
+
+
+def test_a_donor_busy_for_longer_than_a_request_may_take_is_struck_off() -> None:
+    """Asked for its manifest, a donor busy past ``request_timeout_s`` is struck off like one
+    that did not answer; the others serve."""
+    network = FakeBulkNetwork()
+    newcomer, full, free, hog = (network.add(n) for n in ("newcomer", "full", "free", "hog"))
+    want = _snapshot()
+    # Room for one request, the hog's: the newcomer holds no less than its share could give.
+    full_donor = StateDonor(full, chunk_bytes=CHUNK, max_requests=1)
+    full_donor.publish(want)
+    StateDonor(free, chunk_bytes=CHUNK).publish(want)
+
+    async def main() -> None:
+        asks = _hold(hog, "full", want.version, 1)
+        await _until(lambda: full_donor._num_serving == {"hog": 1}, "the hog fills the donor")
+        got, report = await download_state(
+            newcomer, ["full", "free"], timeout_s=20, request_timeout_s=0.5
+        )
+        _assert_same(got, want)
+        assert DONOR_BUSY in report.failed_donors["full"]
+        assert "times in a row" in report.failed_donors["full"]
+        assert report.bytes_per_donor == {"free": report.total_bytes}
+        await _end(asks)
+
+    asyncio.run(main())
+    assert full_donor.num_requests_refused >= 2  # asked again before it was struck off
