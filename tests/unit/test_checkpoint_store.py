@@ -22,6 +22,7 @@ from gossamer.core.hashing import sha256_bytes
 from gossamer.store import (
     CheckpointState,
     CheckpointStore,
+    CheckpointWriteError,
     checkpoint,
     checkpoint_reader,
     durable_files,
@@ -491,8 +492,9 @@ def test_a_failed_save_loses_nothing_and_leaves_nothing(
     store.save(_state(2))
     before = sorted(p.name for p in tmp_path.iterdir())
     monkeypatch.setattr(durable_files, seam, _fail)
-    with pytest.raises(_InjectedFaultError):
+    with pytest.raises(CheckpointWriteError) as excinfo:  # (one of Gossamer's, naming the folder)
         store.save(_state(2 if same_step else 3, fill=99))
+    assert isinstance(excinfo.value.__cause__, _InjectedFaultError)
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     for kept in (1, 2):
@@ -515,8 +517,9 @@ def test_the_fallback_swap_failing_midway_restores_the_old_checkpoint(
         real_rename(source, target)
 
     monkeypatch.setattr(durable_files, "rename", second_rename_fails)
-    with pytest.raises(_InjectedFaultError):
+    with pytest.raises(CheckpointWriteError) as excinfo:
         store.save(_state(2, fill=99))
+    assert isinstance(excinfo.value.__cause__, _InjectedFaultError)
     monkeypatch.undo()
     _assert_same(store.load(store.path_for(2)), _state(2))
 

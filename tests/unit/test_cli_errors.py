@@ -18,7 +18,13 @@ from gossamer.cli.errors import (
     pause_on_stop_signals,
     stop_signals_as_ctrl_c,
 )
-from gossamer.core.errors import ConfigError, PeerUnavailableError
+from gossamer.core.errors import (
+    ConfigError,
+    DataError,
+    IncompatibleCheckpointError,
+    PeerUnavailableError,
+    TrainingDivergedError,
+)
 from gossamer.core.stop import StopRequest
 
 
@@ -58,6 +64,28 @@ def test_wrong_input_exits_2_and_a_failure_1(capsys: pytest.CaptureFixture[str])
             with pytest.raises(typer.Exit) as exited, context():
                 raise error
             assert exited.value.exit_code == code
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        DataError("data.path 'c.txt' is empty"),
+        IncompatibleCheckpointError("checkpoint ck was written for another model"),
+    ],
+)
+def test_wrong_data_or_checkpoint_is_wrong_input_in_every_command(
+    error: Exception, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # exit 1 and "error: DataError: ..." where a missing data.path found before training was
+    # exit 2 and the message alone
+    for context in (exit_on_gossamer_errors, one_red_line):
+        with pytest.raises(typer.Exit) as exited, context():
+            raise error
+        assert exited.value.exit_code == EXIT_BAD_INPUT
+        assert capsys.readouterr().err == f"error: {error}\n"
+    code, err = _exit_code(TrainingDivergedError("the loss is NaN"), capsys)
+    assert code == EXIT_FAILED
+    assert err == "error: TrainingDivergedError: the loss is NaN\n"
 
 
 def test_a_config_key_is_named_by_the_flag_that_set_it() -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from gossamer.cli.main import app
+from gossamer.cli.preflight import read_swarm_secret
 
 
 def _invoke(args: list[str]) -> tuple[int, str]:
@@ -125,3 +127,40 @@ def test_peers_refuses_a_wait_that_is_not_a_positive_number(wait_s: str) -> None
     code, output = _invoke(["peers", "--bootstrap", "127.0.0.1:1", "--wait-s", wait_s])
     assert code == 2
     assert "--wait-s" in output
+
+
+@pytest.mark.parametrize("what", ["fifo", "device", "too-long", "folder"])
+def test_a_swarm_secret_file_that_holds_no_secret_is_refused_without_reading_it_whole(
+    tmp_path: Path, what: str
+) -> None:
+    # It was read whole: /dev/zero ate the machine's memory, a fifo with no writer blocked the
+    # command for ever.
+    path = tmp_path / "secret"
+    if what == "fifo":
+        os.mkfifo(path)
+    elif what == "device":
+        path = Path("/dev/zero")
+    elif what == "too-long":
+        path.write_bytes(b"s" * 5000)
+    else:
+        path.mkdir()
+    args = ["peers", "--bootstrap", "127.0.0.1:1", "--wait-s", "1"]
+    code, output = _invoke([*args, "--swarm-secret-file", str(path)])
+    assert code == 2
+    assert output.startswith("error: --swarm-secret-file: ")
+    assert str(path) in output
+    expected = {
+        "fifo": "is not a regular file",
+        "device": "is not a regular file",
+        "too-long": "is longer than 4096 bytes",
+        "folder": "it is a folder",
+    }[what]
+    assert expected in output
+
+
+def test_a_swarm_secret_file_s_home_folder_and_whitespace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "secret").write_bytes(b"  a private swarm's secret, long enough\n")
+    assert read_swarm_secret(Path("~/secret")) == b"a private swarm's secret, long enough"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -124,9 +125,33 @@ def test_train_refuses_a_file_as_checkpoint_directory(
 def test_a_missing_swarm_status_folder_names_the_option(
     tiny_train: list[str], tmp_path: Path
 ) -> None:
-    code, output = _invoke([*tiny_train, "--swarm.status-file", str(tmp_path / "no" / "x.json")])
+    args = [*tiny_train, "--swarm.strategy", "diloco"]
+    code, output = _invoke([*args, "--swarm.status-file", str(tmp_path / "no" / "x.json")])
     assert code == 2
-    assert "swarm.status_file" in output
+    assert "swarm.status_file: folder" in output
+    assert "does not exist" in output
+
+
+def test_swarm_settings_of_a_run_training_alone_are_refused_naming_them(
+    tiny_train: list[str], tmp_path: Path
+) -> None:
+    # Only swarm.bootstrap was refused: a status file never written, a listen address never
+    # bound, a codec never used, and the run trained alone at exit 0 without a word.
+    args = [*tiny_train, "--swarm.status-file", str(tmp_path / "me.json")]
+    code, output = _invoke([*args, "--swarm.codec", "int8", "--swarm.listen", "0.0.0.0:7000"])
+    assert code == 2
+    assert (
+        "error: swarm.codec, swarm.listen, swarm.status_file are set but swarm.strategy is "
+        "'local' (training alone)"
+    ) in output
+    assert "set swarm.strategy to 'sync' or 'diloco'" in output
+    assert not (tmp_path / "ck").exists()
+    code, output = _invoke([*tiny_train, "--swarm.inner-steps", "7"])
+    assert code == 2
+    assert "swarm.inner_steps is set but" in output
+    assert "leave it out" in output
+    code, output = _invoke([*tiny_train, "--swarm.strategy", "local", "--swarm.codec", "none"])
+    assert code == 0, output  # (a default value named is no setting ignored)
 
 
 def test_eval_of_a_run_s_directory_names_the_checkpoint_it_measured(checkpoint: Path) -> None:
@@ -184,8 +209,9 @@ def test_train_refuses_an_id_past_the_vocabulary_before_its_first_step(tmp_path:
     ids.tofile(tmp_path / "t.bin")
     args = ["train", *TINY, "--data.source", "tokens", "--data.path", str(tmp_path / "t.bin")]
     code, output = _invoke([*args, "--checkpoint.directory", str(tmp_path / "ck")])
-    assert code == 1
+    assert code == 2  # wrong input: the data, as a missing path is
     assert "token id 999 in training split" in output
+    assert "DataError" not in output
     assert not list((tmp_path / "ck").glob("step-*"))  # (no checkpoint written)
 
 
@@ -194,7 +220,7 @@ def test_eval_checks_token_ids_against_the_vocabulary(checkpoint: Path, tmp_path
     np.arange(1000, 3000, dtype="<u2").tofile(tokens)
     args = ["eval", "--checkpoint", str(checkpoint), "--data.source", "tokens"]
     code, output = _invoke([*args, "--data.path", str(tokens)])
-    assert code == 1
+    assert code == 2
     assert "outside the model's vocabulary of 256" in output
 
 
@@ -245,7 +271,7 @@ def test_eval_says_when_the_data_is_not_what_the_checkpoint_trained_on(
     # another source may be given without its path (it was refused as set for 'stdlib').
     monkeypatch.chdir(tmp_path / "ck")
     code, output = _invoke(["eval", "--checkpoint", "."])
-    assert code == 1
+    assert code == 2
     assert "from the checkpoint's config" in output
     assert "--data.path" in output
     code, output = _invoke(["eval", "--checkpoint", ".", "--data.source", "stdlib"])
@@ -262,7 +288,7 @@ def test_eval_gives_the_data_s_own_error_for_a_home_folder_path_that_is_there(
     assert _invoke(["train", *TINY, "--data.path", "~/c.txt", "--checkpoint.directory", ck])[0] == 0
     (tmp_path / "c.txt").write_text("")
     code, output = _invoke(["eval", "--checkpoint", ck])
-    assert code == 1
+    assert code == 2
     assert "is empty" in output
     assert "not found" not in output
 
@@ -320,6 +346,25 @@ def test_a_swarm_secret_file_that_cannot_be_read_names_the_key(
     )
     assert code == 2
     assert "swarm.swarm_secret_file: cannot read" in output
+
+
+@pytest.mark.parametrize("what", ["fifo", "too-long"])
+def test_a_swarm_secret_file_that_holds_no_secret_is_refused_unread(
+    tiny_train: list[str], tmp_path: Path, what: str
+) -> None:
+    # Read whole: a fifo with no writer blocked the peer for ever (/dev/zero ate its memory).
+    path = tmp_path / "secret"
+    if what == "fifo":
+        os.mkfifo(path)
+    else:
+        path.write_bytes(b"s" * 5000)
+    code, output = _invoke(
+        [*tiny_train, "--swarm.strategy", "diloco", "--swarm.swarm-secret-file", str(path)]
+    )
+    assert code == 2
+    assert f"swarm.swarm_secret_file: {path} is " in output
+    assert ("not a regular file" if what == "fifo" else "longer than 4096 bytes") in output
+    assert "peer address" not in output
 
 
 def test_bootstrap_peers_of_both_flags_are_all_kept(tiny_train: list[str]) -> None:
@@ -382,3 +427,103 @@ def test_a_swarm_peer_with_no_data_at_its_path_is_refused_before_its_node_starts
     assert "corpus' does not exist; point data.path at a text file or folder" in output
     assert "peer address" not in output
     assert not (folder / "peer.key").exists()
+
+
+def test_a_summary_path_given_with_a_tilde_is_written_in_the_home_folder(
+    tiny_train: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Checked as $HOME/s.json but written to ./~/s.json: a traceback after the whole run (or a
+    # folder named "~" here, where one happened to exist).
+    home, here = tmp_path / "home", tmp_path / "here"
+    home.mkdir()
+    here.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(here)
+    code, output = _invoke([*tiny_train, "--summary-json=~/s.json"])
+    assert code == 0, output
+    assert json.loads((home / "s.json").read_text())["steps"] == 2
+    assert list(here.iterdir()) == []
+
+
+def test_a_summary_that_cannot_be_written_after_the_run_is_one_line(
+    tiny_train: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (its folder removed while the run trained, say: an OSError traceback after the run)
+    from gossamer.cli import train as train_cli
+
+    monkeypatch.setattr(train_cli, "check_output_file", lambda *_: None)
+    code, output = _invoke([*tiny_train, "--summary-json", str(tmp_path / "gone" / "s.json")])
+    assert code == 1
+    assert "error: --summary-json: cannot write" in output
+    assert "No such file or directory" in output
+    assert list((tmp_path / "ck").glob("step-*"))  # the run's work is kept
+
+
+def test_wrong_data_and_a_checkpoint_of_another_model_exit_2_as_one_line(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    # The same kind of input got exit 2 in one place and 1, with a "DataError:" prefix, in
+    # another: a missing data.path 2 from train, 1 from eval; an empty file 1; another model 1.
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    base = ["train", *TINY, "--checkpoint.directory", str(tmp_path / "ck")]
+    runs = [
+        [*base, "--data.path", str(tmp_path / "missing.txt")],
+        ["eval", "--checkpoint", str(checkpoint), "--data.path", str(tmp_path / "missing.txt")],
+        [*base, "--data.path", str(empty)],
+        ["eval", "--checkpoint", str(checkpoint), "--data.path", str(empty)],
+    ]
+    corpus = checkpoint.parent / "corpus.txt"
+    other_model = ["--model.width", "32", "--checkpoint.resume", "true"]
+    runs.append(["train", *TINY, "--data.path", str(corpus), "--checkpoint.directory",
+                 str(checkpoint), *other_model])  # fmt: skip
+    for args in runs:
+        code, output = _invoke(args)
+        assert code == 2, (args, output)
+        assert output.strip().startswith("error: "), output
+        assert "Error:" not in output, output
+    assert "written for another model" in output
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--model.context", str(2**62)],
+        ["--model.vocab-size", str(2**62)],
+        ["--model.width", str(2**62)],
+        ["--train.batch-size", str(2**62)],
+        ["--train.eval-batches", str(2**62)],
+        ["--model.num-layers", "1000000000"],
+    ],
+    ids=["context", "vocab", "width", "batch", "eval-batches", "layers"],
+)
+def test_a_run_too_large_for_any_memory_is_refused_before_anything_is_built(
+    tiny_train: list[str], tmp_path: Path, flags: list[str]
+) -> None:
+    # Values up to 2**62 pass the config's checks: torch's "Storage size calculation
+    # overflowed", numpy's "array is too big" (after the first evaluation), or a billion layers
+    # allocated for minutes.
+    code, output = _invoke([*tiny_train, *flags])
+    assert code == 2, output
+    assert "error: this run needs at least" in output
+    assert "more than this machine's" in output
+    assert not (tmp_path / "ck").exists()
+
+
+def test_eval_refuses_validation_batches_too_large_for_any_memory(checkpoint: Path) -> None:
+    code, output = _invoke(["eval", "--checkpoint", str(checkpoint), "--batches", str(2**62)])
+    assert code == 2, output
+    assert "validation batches (train.eval_batches)" in output
+
+
+def test_the_memory_estimate_counts_the_built_in_model_s_parameters_exactly() -> None:
+    from gossamer.core.config import ModelConfig
+    from gossamer.models import GPT
+
+    for model in (
+        ModelConfig(),
+        ModelConfig(num_layers=2, width=64, num_heads=4, context=64, vocab_size=300),
+        ModelConfig(num_layers=1, width=16, num_heads=2, context=16, tie_weights=False),
+    ):
+        built = sum(p.numel() for p in GPT(model).parameters())
+        assert preflight.model_parameters(model) == built

@@ -83,11 +83,20 @@ def test_heads_must_divide_width_and_message_says_how_to_fix() -> None:
         (lambda: SwarmConfig(listen="1.2.3.4:99999"), "swarm.listen"),
         (lambda: SwarmConfig(listen=":7000"), "swarm.listen"),
         (lambda: SwarmConfig(listen="127.0.0.1:\u00b2"), "swarm.listen"),  # ('²': a ValueError)
+        # In every round key and record: 20,000 characters broke torch.distributed's rendezvous.
+        (lambda: RunConfig(name="n" * 129), "name: must be at most 128 characters"),
+        (lambda: RunConfig(name="a\x7fb"), "name: must be printable"),
+        (lambda: RunConfig(name="caf\udce9"), "name: must be printable"),  # (not UTF-8 bytes)
     ],
 )
 def test_impossible_values_name_their_key(factory: object, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         factory()  # type: ignore[operator]
+
+
+def test_a_run_name_of_128_printable_characters_is_fine() -> None:
+    assert RunConfig(name="r" * 128).name == "r" * 128
+    assert RunConfig(name="team ä/run 1").name == "team ä/run 1"
 
 
 def test_config_error_is_fatal_and_a_value_error() -> None:

@@ -285,6 +285,68 @@ def test_a_folder_without_text_files_is_a_clear_error(tmp_path: Path) -> None:
         load_corpus(DataConfig(source="text", path=str(tmp_path)))
 
 
+@pytest.mark.parametrize("source", ["text", "tokens"])
+@pytest.mark.parametrize("what", ["fifo", "device"])
+def test_a_fifo_or_a_device_as_data_path_is_neither_a_file_nor_a_folder(
+    tmp_path: Path, source: str, what: str
+) -> None:
+    # A fifo or /dev/zero given as text was "a folder [that] holds no text files".
+    path = tmp_path / "corpus.fifo"
+    if what == "fifo":
+        os.mkfifo(path)
+    else:
+        path = Path("/dev/zero")
+    kind = "a fifo" if what == "fifo" else "a character device"
+    with pytest.raises(DataError, match=f"is neither a regular file nor a folder \\({kind}\\)"):
+        load_corpus(DataConfig(source=source, path=str(path)))  # type: ignore[arg-type]
+
+
+def _text_folder(root: Path, num_files: int, size: int) -> Path:
+    folder = root / "corpus"
+    folder.mkdir()
+    for index in range(num_files):
+        (folder / f"part{index}.txt").write_text("x = 1\n" * (size // 6))
+    return folder
+
+
+def test_a_folder_larger_than_memory_is_refused_naming_its_size_and_the_remedies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It was read into one buffer of its size: a MemoryError, said to be the model's fault (or,
+    # where the system overcommits memory, a process killed once the reads filled it).
+    from gossamer.data import corpus as corpus_module
+
+    folder = _text_folder(tmp_path, 4, 6_000)
+    folder_bytes = sum(p.stat().st_size for p in folder.iterdir())
+    monkeypatch.setattr(corpus_module, "_physical_memory_bytes", lambda: 10_000, raising=False)
+    with pytest.raises(DataError) as refused:
+        load_corpus(DataConfig(source="text", path=str(folder)))
+    message = str(refused.value)
+    assert f"data.path {str(folder)!r} holds {folder_bytes:,} bytes" in message
+    assert "more than fits in memory" in message
+    assert "data.max_corpus_bytes" in message
+    assert "into one file, which is memory-mapped" in message
+    # A cap that fits is fine: only what is read counts.
+    corpus = load_corpus(DataConfig(source="text", path=str(folder), max_corpus_bytes=5_000))
+    assert len(corpus.train) + len(corpus.validation) <= 5_000 + 5_000 // 19 + 1
+
+
+def test_a_folder_whose_buffer_cannot_be_allocated_is_a_data_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _text_folder(tmp_path, 4, 6_000)
+    real_empty = np.empty
+
+    def no_memory(shape: object, *args: object, **kwargs: object) -> object:
+        if kwargs.get("dtype") is np.uint8 and isinstance(shape, int) and shape > 1000:
+            raise MemoryError(f"Unable to allocate {shape} bytes for an array")
+        return real_empty(shape, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(np, "empty", no_memory)
+    with pytest.raises(DataError, match=r"more than fits in memory \(reading it failed: Unable"):
+        load_corpus(DataConfig(source="text", path=str(folder)))
+
+
 def test_a_token_file_of_the_wrong_size_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "tokens.bin"
     path.write_bytes(b"\0" * 7)

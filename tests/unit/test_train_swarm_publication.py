@@ -13,13 +13,15 @@ import pytest
 import torch
 from torch import nn
 
-from gossamer.core.errors import ConfigError
+from gossamer.core.errors import ConfigError, PeerUnavailableError
 from gossamer.obs.metrics import PeerMetrics
 from gossamer.train import swarm as swarm_module
 from gossamer.train.averaging import AverageOutcome, begin_round
 from gossamer.train.diloco import DiLoCoConfig
 from gossamer.train.state_sync import StateSnapshot
+from gossamer.train.state_sync_wire import StateSyncLimits, decode_manifest, serialize_snapshot
 from gossamer.train.swarm import SwarmDiLoCoStrategy
+from gossamer.train.swarm_sync import meta_bytes_bound
 
 INNER_STEPS = 2
 
@@ -91,10 +93,12 @@ class FakeDonor:
     def __init__(self) -> None:
         self.versions: list[int] = []
         self.steps: list[int] = []
+        self.max_meta_bytes: list[int | None] = []
 
-    def publish(self, snapshot: StateSnapshot) -> None:
+    def publish(self, snapshot: StateSnapshot, *, max_meta_bytes: int | None = None) -> None:
         self.versions.append(snapshot.version)
         self.steps.append(snapshot.meta["step"])
+        self.max_meta_bytes.append(max_meta_bytes)
 
 
 def test_outer_steps_are_published_in_order_and_drained_on_close() -> None:
@@ -678,3 +682,41 @@ def test_a_newcomer_whose_model_is_not_the_runs_stops_with_what_to_do(
     # Mid-run (a donor's bug, or a liar's) it is a refused download, as before.
     assert newcomer._download(version=None) is None
     deeper.close()
+
+
+def test_the_state_of_a_model_of_8000_parameter_tensors_passes_the_meta_limits_it_is_sent_under(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The state's meta names every trained parameter and its shape: with a fixed 1 MiB limit a
+    model of many tensors could not be published or downloaded. The DiLoCo path sizes both
+    limits from the model, and its snapshot serializes and decodes under them."""
+    long_name = "decoder_block_" * 10  # (a deep model's names run to a hundred characters)
+    model = nn.ParameterDict({f"{long_name}{i}": nn.Parameter(torch.zeros(1)) for i in range(8000)})
+    donor = FakeDonor()
+    strategy = SwarmDiLoCoStrategy(
+        DiLoCoConfig(inner_steps=INNER_STEPS, run_id="r" * 8),
+        cast(Any, RunAverager()),
+        cast(Any, FakeNodeThread()),
+        cast(Any, donor),
+        join_existing=False,
+    )
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    asked: list[int | None] = []
+
+    def download(node_thread: object, donors: list[str], **kwargs: Any) -> Any:
+        asked.append(kwargs.get("max_meta_bytes"))
+        raise PeerUnavailableError("no donor here")
+
+    monkeypatch.setattr(swarm_module, "download_from_donors", download)
+    assert strategy._download(version=None, donors=["b" * 64]) is None
+    strategy._publish(step=0)
+    bound = meta_bytes_bound(list(model.parameters()))
+    assert asked == [bound]
+    assert donor.max_meta_bytes
+    assert set(donor.max_meta_bytes) == {bound}
+    serialized = serialize_snapshot(
+        strategy._snapshot(step=0), chunk_bytes=1 << 20, max_meta_bytes=bound
+    )
+    manifest = decode_manifest(serialized.manifest_bytes, StateSyncLimits(max_meta_bytes=bound))
+    assert len(json.dumps(manifest.meta)) > StateSyncLimits().max_meta_bytes  # (what 1 MiB refused)
+    strategy.close()

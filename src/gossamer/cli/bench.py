@@ -22,7 +22,12 @@ from gossamer.cli.bench_allreduce import register as register_allreduce
 from gossamer.cli.bench_transport import register as register_transport
 from gossamer.cli.errors import exit_on_gossamer_errors, stop_signals_as_ctrl_c
 from gossamer.cli.output import stdout_console
-from gossamer.cli.preflight import check_result_file, positive_finite_float
+from gossamer.cli.preflight import (
+    check_result_file,
+    expand_home,
+    positive_finite_float,
+    positive_seconds,
+)
 from gossamer.core.config_loader import load_run_config, parse_flag_overrides
 from gossamer.lab import parse_rate
 
@@ -81,7 +86,9 @@ def loop(
     warmup_steps: Annotated[int, typer.Option(help="Unmeasured steps first.", min=1)] = 5,
     repeats: Annotated[int, typer.Option(help="Measurements per side (alternating).", min=1)] = 3,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
-    out: Annotated[Path | None, typer.Option(help="Also write the JSON result here.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Also write the JSON result here.", callback=expand_home)
+    ] = None,
 ) -> None:
     """Gossamer's one-peer loop vs a plain PyTorch loop: same model, data, optimizer, process.
 
@@ -125,7 +132,9 @@ def obs(
     warmup_steps: Annotated[int, typer.Option(help="Unmeasured steps first.", min=1)] = 5,
     repeats: Annotated[int, typer.Option(help="Measurements per side (alternating).", min=1)] = 3,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
-    out: Annotated[Path | None, typer.Option(help="Also write the JSON result here.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Also write the JSON result here.", callback=expand_home)
+    ] = None,
 ) -> None:
     """What metrics and tracing cost training: the same run with both off and with both on."""
     with exit_on_gossamer_errors(), stop_signals_as_ctrl_c():
@@ -196,11 +205,13 @@ def diloco(
         float,
         typer.Option(
             help="Thin link: longest one method runs before it is stopped.",
-            callback=positive_finite_float,
+            callback=positive_seconds,
         ),
     ] = 180.0,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
-    out: Annotated[Path | None, typer.Option(help="Also write the JSON result here.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Also write the JSON result here.", callback=expand_home)
+    ] = None,
 ) -> None:
     """DiLoCo vs synchronous data parallel on the same token budget: loss and bytes sent.
 

@@ -17,6 +17,7 @@ from gossamer.bench.allreduce import (
     write_throughput_plot,
 )
 from gossamer.cli.errors import EXIT_FAILED, exit_on_gossamer_errors, stop_signals_as_ctrl_c
+from gossamer.cli.preflight import expand_home
 from gossamer.comm.codecs import codec_by_name
 from gossamer.lab import parse_rate
 from gossamer.lab.config import MAX_PEERS
@@ -122,7 +123,11 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON, not a table.")] = False,
         plot: Annotated[
             Path | None,
-            typer.Option("--plot", help="Write a PNG of throughput by codec (needs matplotlib)."),
+            typer.Option(
+                "--plot",
+                help="Write a PNG of throughput by codec (needs matplotlib).",
+                callback=expand_home,
+            ),
         ] = None,
     ) -> None:
         """Time Gossamer's all-reduce against plain gloo on the same links, in one run."""

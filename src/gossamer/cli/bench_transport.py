@@ -11,7 +11,7 @@ import typer
 from gossamer.bench.transport import run_transport_bench
 from gossamer.cli.errors import exit_on_gossamer_errors, stop_signals_as_ctrl_c
 from gossamer.cli.output import stdout_console
-from gossamer.cli.preflight import check_result_file
+from gossamer.cli.preflight import check_result_file, expand_home
 from gossamer.core.errors import ConfigError
 from gossamer.net.config import LimitsConfig
 
@@ -59,7 +59,9 @@ def transport(
     ] = 3,
     pings: Annotated[int, typer.Option(help="RPC round trips measured.", min=1)] = 300,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
-    out: Annotated[Path | None, typer.Option(help="Also write the JSON result here.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Also write the JSON result here.", callback=expand_home)
+    ] = None,
 ) -> None:
     """Bulk stream throughput vs plain TCP on loopback (same bytes, same run), RPC p50/p99."""
     with exit_on_gossamer_errors(), stop_signals_as_ctrl_c():

@@ -11,7 +11,7 @@ import typer
 
 from gossamer.cli.errors import NODE_FLAGS, keys_named_by_flags, one_red_line
 from gossamer.cli.peer import BootstrapOption, SecretOption
-from gossamer.cli.preflight import MAX_PORT, positive_finite_float, read_swarm_secret
+from gossamer.cli.preflight import MAX_PORT, positive_seconds, read_swarm_secret
 from gossamer.core.errors import ConfigError, GossamerError
 from gossamer.obs.dashboard.app import DashboardConfig, DashboardService, create_app
 from gossamer.obs.dashboard.scrape import ScrapeConfig, ScrapeSwarmSource, normalize_metrics_url
@@ -47,7 +47,7 @@ def dashboard(
         typer.Option(
             "--gone-after-s",
             help="A peer silent this long is shown as gone.",
-            callback=positive_finite_float,
+            callback=positive_seconds,
         ),
     ] = 2.5,
     poll_interval_s: Annotated[
@@ -55,7 +55,7 @@ def dashboard(
         typer.Option(
             "--poll-interval-s",
             help="Seconds between looks at the swarm.",
-            callback=positive_finite_float,
+            callback=positive_seconds,
         ),
     ] = 0.5,
     swarm_secret_file: SecretOption = None,

@@ -12,14 +12,21 @@ from contextlib import contextmanager
 
 import typer
 
-from gossamer.core.errors import ConfigError, GossamerError
+from gossamer.core.errors import (
+    ConfigError,
+    DataError,
+    GossamerError,
+    IncompatibleCheckpointError,
+)
 from gossamer.core.stop import StopRequest
 
 __all__ = [
+    "BAD_INPUT_ERRORS",
     "EXIT_BAD_INPUT",
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
     "NODE_FLAGS",
+    "exit_code_of",
     "exit_on_gossamer_errors",
     "keys_named_by_flags",
     "one_red_line",
@@ -30,20 +37,36 @@ __all__ = [
 EXIT_FAILED = 1
 """The command ran and failed (corrupted data, a peer refused, ...)."""
 EXIT_BAD_INPUT = 2
-"""The command was given a wrong config, flag or path; nothing was done."""
+"""The command was given a wrong config, flag, path or data (missing, empty, binary, not what
+the model reads), or a checkpoint of another model: fix the input and run it again."""
 EXIT_INTERRUPTED = 130
 """Stopped by Ctrl-C or a signal (128 + SIGINT, as shells report it)."""
 
 
+BAD_INPUT_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    DataError,
+    IncompatibleCheckpointError,
+    FileNotFoundError,
+)
+"""The errors of wrong input, which every command reports as ``error: MESSAGE`` and exit
+:data:`EXIT_BAD_INPUT` (a data path found missing before training was exit 2, the same path
+found missing by `eval`, or an empty file, was ``error: DataError: ...`` and exit 1)."""
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """The exit code of a command that failed with ``exc``: :data:`EXIT_BAD_INPUT` for wrong
+    input (:data:`BAD_INPUT_ERRORS`), :data:`EXIT_FAILED` otherwise."""
+    return EXIT_BAD_INPUT if isinstance(exc, BAD_INPUT_ERRORS) else EXIT_FAILED
+
+
 @contextmanager
 def exit_on_gossamer_errors() -> Iterator[None]:
-    """Turn Gossamer's errors into ``error: ...`` on stderr and an exit code, no traceback."""
+    """Turn Gossamer's errors into ``error: ...`` on stderr and an exit code, no traceback:
+    wrong input as the message alone and exit 2, another failure with its kind and exit 1."""
     try:
         yield
-    except ConfigError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        raise typer.Exit(EXIT_BAD_INPUT) from exc
-    except FileNotFoundError as exc:
+    except BAD_INPUT_ERRORS as exc:
         sys.stderr.write(f"error: {exc}\n")
         raise typer.Exit(EXIT_BAD_INPUT) from exc
     except GossamerError as exc:
@@ -76,7 +99,7 @@ def one_red_line() -> Iterator[None]:
         yield
     except GossamerError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(EXIT_BAD_INPUT if isinstance(exc, ConfigError) else EXIT_FAILED) from exc
+        raise typer.Exit(exit_code_of(exc)) from exc
 
 
 NODE_FLAGS = {

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from gossamer.cli.errors import one_red_line, stop_signals_as_ctrl_c
-from gossamer.cli.preflight import positive_finite_float
+from gossamer.cli.preflight import expand_home, positive_seconds
 from gossamer.lab import (
     LATENCY_NOTICE,
     LabConfig,
@@ -46,7 +46,8 @@ NameOption = Annotated[
     str, typer.Option("--name", help="The lab's name (a-z, 0-9); namespaces are gsl-NAME-*.")
 ]
 StateDirOption = Annotated[
-    Path, typer.Option("--state-dir", help="Where labs are recorded.", hidden=True)
+    Path,
+    typer.Option("--state-dir", help="Where labs are recorded.", hidden=True, callback=expand_home),
 ]
 
 
@@ -188,7 +189,7 @@ def iperf(
     receiver: Annotated[str, typer.Argument(help="The receiving peer.")],
     duration_s: Annotated[
         float,
-        typer.Option("--duration-s", help="Seconds measured.", callback=positive_finite_float),
+        typer.Option("--duration-s", help="Seconds measured.", callback=positive_seconds),
     ] = 5.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     name: NameOption = "lab",
@@ -240,9 +241,16 @@ def _say_what_is_in_force(control: LabControl, applied: list[AppliedFault], name
 
 @app.command()
 def faults(
-    schedule: Annotated[Path, typer.Argument(help=r"A TOML file of \[\[fault]] tables.")],
+    schedule: Annotated[
+        Path, typer.Argument(help=r"A TOML file of \[\[fault]] tables.", callback=expand_home)
+    ],
     log: Annotated[
-        Path | None, typer.Option("--log", help="Append each applied fault here as JSON lines.")
+        Path | None,
+        typer.Option(
+            "--log",
+            help="Append each applied fault here as JSON lines.",
+            callback=expand_home,
+        ),
     ] = None,
     name: NameOption = "lab",
     state_dir: StateDirOption = DEFAULT_STATE_DIR,

@@ -65,6 +65,7 @@ def build_app(command: str | None = None) -> typer.Typer:
         no_args_is_help=True,
         pretty_exceptions_enable=False,
         add_completion=False,
+        context_settings={"help_option_names": ["-h", "--help"]},  # (every command inherits it)
     )
     if command not in _WITHOUT_TORCH:
         from gossamer.cli import bench, train
@@ -81,6 +82,15 @@ def build_app(command: str | None = None) -> typer.Typer:
         verbose: Annotated[
             bool, typer.Option("--verbose", "-v", help="Log progress lines.")
         ] = False,
+        version: Annotated[
+            bool,
+            typer.Option(
+                "--version",
+                help="Print Gossamer's version and exit.",
+                callback=_print_version,
+                is_eager=True,
+            ),
+        ] = False,
     ) -> None:
         """Train PyTorch models on machines that are heterogeneous, unreliable and far apart."""
         logging.basicConfig(
@@ -95,6 +105,13 @@ def build_app(command: str | None = None) -> typer.Typer:
         typer.echo(__version__)
 
     return app
+
+
+def _print_version(asked: bool) -> None:
+    """``--version``: print the version and stop, as the `version` command does."""
+    if asked:
+        typer.echo(__version__)
+        raise typer.Exit()
 
 
 def _command_asked(argv: Sequence[str]) -> str | None:

@@ -20,7 +20,8 @@ from gossamer.cli.output import stdout_console
 from gossamer.cli.preflight import (
     MAX_PORT,
     check_output_file,
-    positive_finite_float,
+    expand_home,
+    positive_seconds,
     read_swarm_secret,
     serve_metrics_or_explain,
 )
@@ -49,10 +50,19 @@ BootstrapOption = Annotated[
 ]
 SecretOption = Annotated[
     Path | None,
-    typer.Option("--swarm-secret-file", help="File with the private swarm's secret (>= 16 bytes)."),
+    typer.Option(
+        "--swarm-secret-file",
+        help="File with the private swarm's secret (>= 16 bytes).",
+        callback=expand_home,
+    ),
 ]
 KeyOption = Annotated[
-    Path, typer.Option("--key-file", help="This peer's identity key (created on first run, 0600).")
+    Path,
+    typer.Option(
+        "--key-file",
+        help="This peer's identity key (created on first run, 0600).",
+        callback=expand_home,
+    ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
@@ -147,14 +157,17 @@ def peer_start(
         list[str] | None, typer.Option("--advertise", help="HOST:PORT others should dial.")
     ] = None,
     status_file: Annotated[
-        Path | None, typer.Option("--status-file", help="Write this peer's view here as JSON.")
+        Path | None,
+        typer.Option(
+            "--status-file", help="Write this peer's view here as JSON.", callback=expand_home
+        ),
     ] = None,
     record_ttl_s: Annotated[
         float,
         typer.Option(
             "--record-ttl-s",
             help="Lifetime of this peer's signed records.",
-            callback=positive_finite_float,
+            callback=positive_seconds,
         ),
     ] = 60.0,
     refresh_interval_s: Annotated[
@@ -162,7 +175,7 @@ def peer_start(
         typer.Option(
             "--refresh-interval-s",
             help="Seconds between DHT refreshes.",
-            callback=positive_finite_float,
+            callback=positive_seconds,
         ),
     ] = 5.0,
     check_reachability: Annotated[
@@ -327,7 +340,7 @@ def peers(
     as_json: JsonOption = False,
     wait_s: Annotated[
         float,
-        typer.Option("--wait-s", help="Seconds to look around.", callback=positive_finite_float),
+        typer.Option("--wait-s", help="Seconds to look around.", callback=positive_seconds),
     ] = 2.0,
 ) -> None:
     """List the swarm's peers: id, address, reachability, capabilities, last seen."""
@@ -346,7 +359,11 @@ def doctor(
     listen: ListenOption = "0.0.0.0:0",
     status_file: Annotated[
         Path | None,
-        typer.Option("--status-file", help="A running peer's status file to diagnose."),
+        typer.Option(
+            "--status-file",
+            help="A running peer's status file to diagnose.",
+            callback=expand_home,
+        ),
     ] = None,
     as_json: JsonOption = False,
 ) -> None:

@@ -14,21 +14,33 @@ from pathlib import Path
 import typer
 from prometheus_client import CollectorRegistry
 
+from gossamer.core.config import ModelConfig, RunConfig
+from gossamer.core.config_loader import read_secret_file
 from gossamer.core.errors import ConfigError
 from gossamer.obs.metrics import MetricsServer, serve_metrics
 
 __all__ = [
+    "MAX_OPTION_S",
     "MAX_PORT",
+    "check_fits_in_memory",
     "check_output_file",
     "check_output_folder",
+    "expand_home",
+    "expand_homes",
     "finite_float",
+    "model_parameters",
+    "physical_memory_bytes",
     "positive_finite_float",
+    "positive_seconds",
     "read_swarm_secret",
     "serve_metrics_or_explain",
 ]
 
 MAX_PORT = 65535
 """The largest TCP port; ports are 0 (any free one) to this."""
+MAX_OPTION_S = 86400.0
+"""The longest wait or interval a flag in seconds may give: a day (1e10 overflowed a thread's
+wait, with a traceback; 1e300 waited for ever)."""
 
 
 def serve_metrics_or_explain(registry: CollectorRegistry, *, host: str, port: int) -> MetricsServer:
@@ -119,11 +131,126 @@ def positive_finite_float(value: float) -> float:
     return value
 
 
+def positive_seconds(value: float) -> float:
+    """A typer callback for a wait or an interval in seconds: > 0 and at most
+    :data:`MAX_OPTION_S` (a day)."""
+    if not math.isfinite(value) or not 0 < value <= MAX_OPTION_S:
+        raise typer.BadParameter(
+            f"must be a number of seconds above 0 and at most {MAX_OPTION_S:.0f} (a day), "
+            f"got {value}"
+        )
+    return value
+
+
+def expand_home(path: Path | None) -> Path | None:
+    """A typer callback for a path option: a leading ``~`` is the user's home folder.
+
+    The shell expands ``--out ~/x`` but not ``--out=~/x`` (nor a quoted ``"~/x"``): checked
+    expanded and written as given, a run trained to its end and then died writing its summary,
+    or wrote it into a folder named ``~`` here. Expanded once, where the flag is read, the
+    path checked is the path written.
+    """
+    return None if path is None else path.expanduser()
+
+
+def expand_homes(paths: list[Path] | None) -> list[Path] | None:
+    """:func:`expand_home` for a repeatable path option or argument."""
+    return None if paths is None else [path.expanduser() for path in paths]
+
+
 def read_swarm_secret(path: Path | None) -> bytes | None:
-    """The secret in ``--swarm-secret-file`` (None without one), surrounding whitespace left out."""
+    """The secret in ``--swarm-secret-file`` (None without one), surrounding whitespace left out.
+
+    Raises:
+        ConfigError: the file cannot be read, is no regular file, or is too long for a secret.
+    """
     if path is None:
         return None
+    return read_secret_file(path, setting="--swarm-secret-file")
+
+
+_BYTES_PER_TRAINED_PARAMETER = 16
+"""fp32 weights, their gradients and AdamW's two moments."""
+_ACTIVATIONS_PER_LAYER = 8
+"""Floats per token and per unit of width that a block keeps for the backward pass, at least
+(its input, attention and MLP outputs; the MLP's hidden layer alone is four)."""
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's memory in bytes (None where the system does not say)."""
     try:
-        return path.expanduser().read_bytes().strip()
-    except OSError as exc:
-        raise ConfigError(f"--swarm-secret-file: cannot read {path}: {exc}") from exc
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # (no sysconf, or no such name: Windows)
+        return None
+
+
+def model_parameters(model: ModelConfig) -> int:
+    """The built-in GPT's parameters for ``model`` (embeddings, blocks, head), by arithmetic."""
+    width, vocab = model.width, model.vocab_size
+    block = 12 * width * width + 13 * width  # qkv, projection, MLP (4x) and two layer norms
+    head = 0 if model.tie_weights else vocab * width
+    return vocab * width + model.context * width + model.num_layers * block + 2 * width + head
+
+
+def check_fits_in_memory(
+    config: RunConfig, *, training: bool = True, eval_batches: int | None = None
+) -> None:
+    """Refuse a run that cannot fit in this machine's memory, from arithmetic on its config,
+    before anything is built: values up to 2**62 pass the config's checks, and a model of
+    2**62 positions ended in torch's "Storage size calculation overflowed" traceback, a batch
+    of 2**62 sequences in numpy's, and a billion layers allocated for minutes before failing.
+
+    What is counted is a lower bound (weights, gradients, AdamW's moments, the activations of
+    a training batch kept for the backward pass, the validation batches), so a run refused
+    here could never have run; one that passes may still run out of memory.
+
+    Args:
+        config: the run.
+        training: count what training needs (else only the validation batches: `eval`).
+        eval_batches: validation batches to make, if not ``config.train.eval_batches``.
+
+    Raises:
+        ConfigError: the run needs more memory than this machine has.
+    """
+    from gossamer.data.streams import VALIDATION_SEQUENCES_PER_BATCH  # (torch: not for peers)
+
+    memory = physical_memory_bytes()
+    if memory is None:
+        return
+    model, train = config.model, config.train
+    num_eval_batches = train.eval_batches if eval_batches is None else eval_batches
+    parts = {
+        # (16 sequences a batch, inputs and targets of context + 1 int64 tokens)
+        "validation batches (train.eval_batches)": (
+            VALIDATION_SEQUENCES_PER_BATCH * num_eval_batches * 2 * 8 * (model.context + 1)
+        ),
+    }
+    if training:
+        parameters = model_parameters(model)
+        per_token = _ACTIVATIONS_PER_LAYER * model.num_layers * model.width + 2 * model.vocab_size
+        parts = {
+            f"the model ({parameters:,} parameters, with gradients and AdamW's moments)": (
+                _BYTES_PER_TRAINED_PARAMETER * parameters
+            ),
+            "a training batch's activations (train.batch_size)": (
+                4 * train.batch_size * model.context * per_token
+            ),
+            **parts,
+        }
+    needed = sum(parts.values())
+    if needed <= memory:
+        return
+    largest = max(parts, key=lambda name: parts[name])
+    raise ConfigError(
+        f"this run needs at least {_size(needed)} of memory, more than this machine's "
+        f"{_size(memory)}: {largest} alone takes {_size(parts[largest])}; make model.width, "
+        "model.num_layers, model.vocab_size or model.context smaller for the model, "
+        "train.batch_size or model.context for a batch, train.eval_batches for validation"
+    )
+
+
+def _size(num_bytes: int) -> str:
+    """A byte count in GiB (or, past a million TiB, as a power of two)."""
+    if num_bytes >= 2**60:
+        return f"about 2**{num_bytes.bit_length() - 1} bytes"
+    return f"{num_bytes / 2**30:,.1f} GiB"

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from gossamer.cli.preflight import expand_home, expand_homes
 from gossamer.obs.trace import export_chrome_trace, read_spans
 
 app = typer.Typer(help="Timelines of where a peer's time went.")
@@ -19,12 +20,14 @@ def export(
         list[Path],
         typer.Argument(
             help="JSON-lines spans (from `train --trace FILE`): one file, or several (a "
-            "swarm's peers, or FILE.1 and FILE of one peer) drawn on one timeline."
+            "swarm's peers, or FILE.1 and FILE of one peer) drawn on one timeline.",
+            callback=expand_homes,
         ),
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Chrome trace JSON to write.")] = (
-        Path("trace.json")
-    ),
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="Chrome trace JSON to write.", callback=expand_home),
+    ] = (Path("trace.json")),
 ) -> None:
     """Convert spans to Chrome trace JSON; open it in Perfetto or chrome://tracing."""
     recorded = []

@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,6 +16,7 @@ from rich.live import Live
 from rich.table import Table
 
 from gossamer.cli.errors import (
+    EXIT_FAILED,
     EXIT_INTERRUPTED,
     exit_on_gossamer_errors,
     keys_named_by_flags,
@@ -23,10 +25,12 @@ from gossamer.cli.errors import (
 from gossamer.cli.output import stdout_console
 from gossamer.cli.preflight import (
     MAX_PORT,
+    check_fits_in_memory,
     check_output_file,
     check_output_folder,
+    expand_home,
     non_negative_finite_float,
-    positive_finite_float,
+    positive_seconds,
     serve_metrics_or_explain,
 )
 from gossamer.cli.progress import RichProgressListener
@@ -58,7 +62,10 @@ _SWARM_NODE_KEYS = {"net.listen_address": "swarm.listen", "net.bootstrap": "swar
 config_app = typer.Typer(help="Inspect configs: every key, and the resolved config of a run.")
 
 ConfigFile = Annotated[
-    Path | None, typer.Option("--config", "-c", help="A TOML config file.", show_default=False)
+    Path | None,
+    typer.Option(
+        "--config", "-c", help="A TOML config file.", show_default=False, callback=expand_home
+    ),
 ]
 
 
@@ -105,7 +112,8 @@ def train(
     ctx: typer.Context,
     config: ConfigFile = None,
     summary_json: Annotated[
-        Path | None, typer.Option(help="Also write the run's summary as JSON here.")
+        Path | None,
+        typer.Option(help="Also write the run's summary as JSON here.", callback=expand_home),
     ] = None,
     metrics_port: Annotated[
         int | None,
@@ -116,7 +124,10 @@ def train(
     metrics_host: Annotated[str, typer.Option(help="Address for /metrics.")] = "127.0.0.1",
     trace: Annotated[
         Path | None,
-        typer.Option(help="Append spans to this JSON-lines file (see `gossamer trace export`)."),
+        typer.Option(
+            help="Append spans to this JSON-lines file (see `gossamer trace export`).",
+            callback=expand_home,
+        ),
     ] = None,
     bootstrap: Annotated[
         list[str] | None,
@@ -135,6 +146,8 @@ def train(
             overrides = [(key, value) for key, value in overrides if key != "swarm.bootstrap"]
             overrides.append(("swarm.bootstrap", ",".join([*given, *bootstrap])))
         run_config = load_run_config(config, overrides)
+        _check_swarm_keys_are_used(run_config)
+        check_fits_in_memory(run_config)
         _check_train_paths(run_config, summary_json, trace)
         metrics = PeerMetrics() if metrics_port is not None else None
         metrics_url: str | None = None
@@ -178,7 +191,7 @@ def train(
                     on_address=lambda address: typer.echo(f"peer address: {address}"),
                     stop=stop,
                 ).result
-    _print_summary(result, summary_json)
+    written = _print_summary(result, summary_json)
     if result.interrupted:
         with contextlib.suppress(OSError):
             sys.stderr.write(
@@ -186,6 +199,29 @@ def train(
                 f"{result.checkpoint_path}; run the same command to resume\n"
             )
         raise typer.Exit(EXIT_INTERRUPTED)
+    if not written:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _check_swarm_keys_are_used(run_config: RunConfig) -> None:
+    """Refuse ``swarm.*`` settings that a run training alone would ignore (a status file never
+    written, a listen address never bound, a codec never used), as ``swarm.bootstrap`` is.
+
+    (Checked here, not in :class:`SwarmConfig`: a benchmark sets DiLoCo's outer optimizer
+    through ``swarm.*`` keys and runs its strategies itself.)
+
+    Raises:
+        ConfigError: the strategy is ``local`` and a ``swarm.*`` key is set.
+    """
+    keys = run_config.swarm.keys_changed()
+    if run_config.swarm.strategy != "local" or not keys:
+        return
+    one = len(keys) == 1
+    raise ConfigError(
+        f"{', '.join(keys)} {'is' if one else 'are'} set but swarm.strategy is 'local' (training "
+        "alone), which uses no swarm.* setting: set swarm.strategy to 'sync' or 'diloco' to "
+        f"train with a swarm, or leave {'it' if one else 'them'} out"
+    )
 
 
 def _check_train_paths(
@@ -199,10 +235,8 @@ def _check_train_paths(
     check_output_folder(Path(run_config.checkpoint.directory), "checkpoint.directory")
     if run_config.swarm.status_file:
         check_output_file(Path(run_config.swarm.status_file), "swarm.status_file")
-    try:  # (a swarm peer found it missing only after its node had started and written its key)
-        check_data_path(run_config.data)
-    except DataError as exc:
-        raise ConfigError(str(exc)) from exc
+    # (a swarm peer found it missing only after its node had started and written its key)
+    check_data_path(run_config.data)
 
 
 def _load_checkpoint(checkpoint: Path) -> LoadedModel:
@@ -214,7 +248,28 @@ def _load_checkpoint(checkpoint: Path) -> LoadedModel:
     return load_model(checkpoint)
 
 
-def _print_summary(result: TrainResult, summary_json: Path | None) -> None:
+def _write_summary(path: Path, write: Callable[[Path], object]) -> bool:
+    """Write a finished run's summary to ``path`` with ``write``; False, said in one line,
+    where it cannot be (the disk filled up, the folder went away while the run trained: the
+    run's work is kept, and a traceback hid it)."""
+    try:
+        write(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            sys.stderr.write(
+                f"error: --summary-json: cannot write {path} ({exc.strerror or exc}); the run "
+                "itself finished, with its checkpoint\n"
+            )
+        return False
+    return True
+
+
+def _print_summary(result: TrainResult, summary_json: Path | None) -> bool:
+    """Print the run's summary line, and write it to ``summary_json`` if given.
+
+    Returns:
+        False where the summary file could not be written (said on stderr).
+    """
     measured = math.isfinite(result.val_loss_after)  # (an interrupted run measures none)
     summary = {
         "steps": result.steps_done,
@@ -229,19 +284,25 @@ def _print_summary(result: TrainResult, summary_json: Path | None) -> None:
         "stopped_by_time_budget": result.stopped_by_time_budget,
         "interrupted": result.interrupted,
     }
+    written = True
     if summary_json is not None:  # (first: the terminal may be gone, a SIGHUP's cause)
-        summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+        text = json.dumps(summary, indent=2) + "\n"
+        written = _write_summary(summary_json, lambda path: path.write_text(text))
     after = f"{result.val_loss_after:.4f}" if measured else "(not measured at the stop)"
     with contextlib.suppress(OSError):
         _console.print(
             f"validation loss {result.val_loss_before:.4f} -> {after}; "
             f"{result.tokens_per_s:,.0f} tokens/s; checkpoint {result.checkpoint_path}"
         )
+    return written
 
 
 def evaluate(
     ctx: typer.Context,
-    checkpoint: Annotated[Path, typer.Option(help="A checkpoint folder, or a run's directory.")],
+    checkpoint: Annotated[
+        Path,
+        typer.Option(help="A checkpoint folder, or a run's directory.", callback=expand_home),
+    ],
     batches: Annotated[
         int | None,
         typer.Option(
@@ -278,6 +339,9 @@ def evaluate(
                 f"eval: the environment changes the model ({names}) but the model's shape is "
                 "the checkpoint's; unset it"
             )
+        check_fits_in_memory(
+            run_config, training=False, eval_batches=batches or run_config.train.eval_batches
+        )
         try:
             corpus = load_corpus(run_config.data)
         except DataError as exc:
@@ -320,7 +384,10 @@ def evaluate(
 
 
 def sample(
-    checkpoint: Annotated[Path, typer.Option(help="A checkpoint folder, or a run's directory.")],
+    checkpoint: Annotated[
+        Path,
+        typer.Option(help="A checkpoint folder, or a run's directory.", callback=expand_home),
+    ],
     prompt: Annotated[str, typer.Option(help="Text to continue.")] = "def ",
     tokens: Annotated[int, typer.Option(help="Bytes to generate.", min=0)] = 300,
     temperature: Annotated[
@@ -365,12 +432,13 @@ def sample(
 
 def demo(
     summary_json: Annotated[
-        Path | None, typer.Option(help="Also write the summary as JSON here.")
+        Path | None,
+        typer.Option(help="Also write the summary as JSON here.", callback=expand_home),
     ] = None,
     budget_s: Annotated[
         float,
         typer.Option(
-            "--seconds", help="Training time budget in seconds.", callback=positive_finite_float
+            "--seconds", help="Training time budget in seconds.", callback=positive_seconds
         ),
     ] = 150.0,
     single: Annotated[
@@ -379,7 +447,9 @@ def demo(
     max_steps: Annotated[
         int, typer.Option(help="With --single: length of the learning-rate schedule.", min=1)
     ] = 1200,
-    runs_dir: Annotated[Path, typer.Option(help="Where demo runs are kept.")] = Path("runs"),
+    runs_dir: Annotated[
+        Path, typer.Option(help="Where demo runs are kept.", callback=expand_home)
+    ] = Path("runs"),
 ) -> None:
     """A local swarm trains the built-in GPT: one peer is killed, a newcomer syncs and joins.
 
@@ -446,7 +516,8 @@ def demo(
     _console.print(f"[bold]sample[/] (prompt {summary.sample_prompt!r}):")
     _console.print(summary.sample_prompt + summary.sample, markup=False, highlight=False)
     if summary_json is not None:
-        summary.write_json(summary_json)
+        if not _write_summary(summary_json, summary.write_json):
+            raise typer.Exit(EXIT_FAILED)
         _console.print(f"summary written to {summary_json}")
 
 
@@ -489,7 +560,8 @@ def _demo_single(
     _console.print(f"[bold]sample[/] (prompt {summary.sample_prompt!r}):")
     _console.print(summary.sample_prompt + summary.sample, markup=False, highlight=False)
     if summary_json is not None:
-        summary.write_json(summary_json)
+        if not _write_summary(summary_json, summary.write_json):
+            raise typer.Exit(EXIT_FAILED)
         _console.print(f"summary written to {summary_json}")
 
 

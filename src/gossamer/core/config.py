@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from gossamer.core.errors import ConfigError
 
 __all__ = [
+    "MAX_NAME_LENGTH",
     "CheckpointConfig",
     "DataConfig",
     "ModelConfig",
@@ -35,6 +36,9 @@ TokenDtype = Literal["uint16", "uint32"]
 
 _MAX_INT = 2**62
 """No count, step or size in a run comes near it; a value past it overflows torch or a timer."""
+MAX_NAME_LENGTH = 128
+"""The longest run name: it is in every round key and DHT record of the swarm (20,000
+characters broke torch.distributed's rendezvous, and each round fell back to p2p)."""
 _MAX_SECONDS = 10 * 365 * 86400.0
 """Ten years: the longest duration a config may name (``inf`` or 1e308 overflowed timers)."""
 
@@ -430,6 +434,15 @@ class SwarmConfig:
         """The bootstrap list, split and stripped."""
         return tuple(a.strip() for a in self.bootstrap.split(",") if a.strip())
 
+    def keys_changed(self) -> tuple[str, ...]:
+        """The ``swarm.*`` keys set away from their defaults, ``swarm.strategy`` left out."""
+        default = SwarmConfig()
+        return tuple(
+            f"swarm.{item.name}"
+            for item in fields(self)
+            if item.name != "strategy" and getattr(self, item.name) != getattr(default, item.name)
+        )
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RunConfig:
@@ -452,6 +465,18 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "name", "must not be empty")
+        _require(
+            len(self.name) <= MAX_NAME_LENGTH,
+            "name",
+            f"must be at most {MAX_NAME_LENGTH} characters (it names the swarm's rounds and "
+            f"records), got {len(self.name)}",
+        )
+        _require(
+            self.name.isprintable(),
+            "name",
+            f"must be printable text (it names the swarm's rounds, records and trace spans), "
+            f"got {self.name!r}",
+        )
         _require(
             self.data.source != "tokens"
             or self.data.token_dtype != "uint16"

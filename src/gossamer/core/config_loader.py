@@ -17,6 +17,7 @@ import functools
 import inspect
 import itertools
 import os
+import stat
 import tomllib
 import types
 import typing
@@ -35,8 +36,11 @@ __all__ = [
     "describe_fields",
     "load_run_config",
     "parse_flag_overrides",
+    "read_secret_file",
 ]
 
+MAX_SECRET_FILE_BYTES = 4096
+"""The longest swarm secret file read: a secret is tens of bytes (``openssl rand -hex 32``)."""
 ENV_PREFIX = "GOSSAMER_"
 """``GOSSAMER_TRAIN__MAX_STEPS=50`` sets ``train.max_steps``: sections and keys joined by ``__``."""
 
@@ -152,6 +156,52 @@ def load_run_config(
     for key, text in overrides:
         _set_text(data, RunConfig, key, text, origin=f"flag --{key}")
     return config_from_dict(RunConfig, data, origin=str(path) if path else "config")
+
+
+def read_secret_file(path: str | os.PathLike[str], *, setting: str) -> bytes:
+    """The secret a swarm secret file holds, surrounding whitespace left out.
+
+    Only a regular file is read, and at most :data:`MAX_SECRET_FILE_BYTES` of it: the file was
+    read whole, so ``/dev/zero`` (or a large file named by mistake) ate the machine's memory and
+    a fifo with no writer blocked the command for ever.
+
+    Args:
+        path: the file (a leading ``~`` is the home folder).
+        setting: the key or flag that named it, for messages.
+
+    Raises:
+        ConfigError: it cannot be read, is not a regular file, or is longer than a secret is.
+    """
+    hint = "give the file that holds the swarm's secret"
+    try:
+        # (non-blocking: opening a fifo to read waits for a writer otherwise)
+        fd = os.open(Path(path).expanduser(), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read {path} ({exc.strerror or exc}); {hint}") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(f"{setting}: cannot read {path} (it is a folder); {hint}")
+        if not stat.S_ISREG(mode):
+            raise ConfigError(
+                f"{setting}: {path} is not a regular file (a fifo, a device or a socket); {hint}"
+            )
+        data = b""
+        while len(data) <= MAX_SECRET_FILE_BYTES:  # (one read may return less: NFS, FUSE)
+            chunk = os.read(fd, MAX_SECRET_FILE_BYTES + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read {path} ({exc.strerror or exc}); {hint}") from exc
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SECRET_FILE_BYTES:
+        raise ConfigError(
+            f"{setting}: {path} is longer than {MAX_SECRET_FILE_BYTES} bytes, far more than a "
+            f"secret (e.g. `openssl rand -hex 32 > swarm.secret`); is it the right file? {hint}"
+        )
+    return data.strip()
 
 
 def parse_flag_overrides(args: Sequence[str]) -> list[tuple[str, str]]:

@@ -43,6 +43,7 @@ import math
 import mmap
 import os
 import platform
+import stat
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,14 +202,33 @@ def check_data_path(config: DataConfig) -> Path | None:
     if config.source == "stdlib" or config.path is None:
         return None
     path = Path(config.path).expanduser()
+    what = "text file or folder" if config.source == "text" else "token file"
     if not path.exists():
-        what = "text file or folder" if config.source == "text" else "token file"
         raise DataError(
             f"data.path {str(path)!r} does not exist; point data.path at a {what}, or use "
             "data.source = 'stdlib' for the Python standard library's sources found on this "
             "machine"
         )
+    if not path.is_file() and not path.is_dir():  # (a fifo was "a folder with no text files")
+        raise DataError(
+            f"data.path {str(path)!r} is neither a regular file nor a folder ({_kind_of(path)}); "
+            f"point data.path at a {what}"
+        )
     return path
+
+
+def _kind_of(path: Path) -> str:
+    """What ``path``, neither a regular file nor a folder, is, in a few words."""
+    mode = path.stat().st_mode
+    for test, kind in (
+        (stat.S_ISFIFO, "a fifo"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "a special file"
 
 
 def _load_corpus(config: DataConfig) -> Corpus:
@@ -389,6 +409,29 @@ def _caps(config: DataConfig) -> tuple[int | None, int | None]:
     return config.max_corpus_bytes, max(1, math.ceil(config.max_corpus_bytes * ratio))
 
 
+def _physical_memory_bytes() -> int | None:
+    """This machine's memory in bytes (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # (no sysconf, or no such name: Windows)
+        return None
+
+
+def _gib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:,.1f} GiB"
+
+
+def _too_large_for_memory(config: DataConfig, label: str, num_bytes: int, why: str) -> DataError:
+    """The error of a folder whose text does not fit in memory (it was blamed on the model)."""
+    what = label if config.source == "stdlib" else f"data.path {label!r}"
+    return DataError(
+        f"{what} holds {num_bytes:,} bytes ({_gib(num_bytes)}) of text files, more than fits "
+        f"in memory ({why}): a folder is read into memory whole; set data.max_corpus_bytes to "
+        "train on a part of it, or concatenate its files into one file, which is memory-mapped "
+        "instead (cat FILES > corpus.txt)"
+    )
+
+
 def _read_prefix(
     root: Path, files: list[str], cap: int | None
 ) -> tuple[npt.NDArray[np.uint8], list[str]]:
@@ -434,6 +477,43 @@ def _byte_share(root: Path, some: list[str], files: list[str]) -> float:
 
 
 def _load_files(
+    root: Path, files: list[str], config: DataConfig, manifest: dict[str, Any], label: str
+) -> Corpus:
+    """A folder's files read into memory and split (see the module's docstring).
+
+    Raises:
+        DataError: the folder holds more than fits in memory, or too little to split.
+    """
+    folder_bytes = _check_fits_in_memory(root, files, config, label)
+    try:
+        return _split_and_read(root, files, config, manifest, label)
+    except MemoryError as exc:  # (numpy's too; it was blamed on the model)
+        raise _too_large_for_memory(
+            config, label, folder_bytes, f"reading it failed: {exc}"
+        ) from exc
+
+
+def _check_fits_in_memory(root: Path, files: list[str], config: DataConfig, label: str) -> int:
+    """The folder's bytes; refused where what would be read of them (with data.max_corpus_bytes)
+    is more than this machine's memory, before any of it is.
+
+    Raises:
+        DataError: it would not fit.
+    """
+    folder_bytes = sum((root / name).stat().st_size for name in files)
+    train_cap, validation_cap = _caps(config)
+    to_read = folder_bytes
+    if train_cap is not None and validation_cap is not None:
+        to_read = min(folder_bytes, train_cap + validation_cap)
+    memory = _physical_memory_bytes()
+    if memory is not None and to_read > memory:
+        raise _too_large_for_memory(
+            config, label, folder_bytes, f"this machine has {_gib(memory)} of memory"
+        )
+    return folder_bytes
+
+
+def _split_and_read(
     root: Path, files: list[str], config: DataConfig, manifest: dict[str, Any], label: str
 ) -> Corpus:
     train_files, validation_files = _split_files(files, config.validation_fraction)

@@ -1,9 +1,12 @@
 """Storage: content-addressed blobs and the verified, atomic checkpoint format."""
 
 from gossamer.store.checkpoint import (
+    CheckpointDiskFullError,
     CheckpointInfo,
+    CheckpointReadError,
     CheckpointState,
     CheckpointStore,
+    CheckpointWriteError,
     flatten_optimizer_state,
     rng_state_capture,
     rng_state_restore,
@@ -11,9 +14,12 @@ from gossamer.store.checkpoint import (
 )
 
 __all__ = [
+    "CheckpointDiskFullError",
     "CheckpointInfo",
+    "CheckpointReadError",
     "CheckpointState",
     "CheckpointStore",
+    "CheckpointWriteError",
     "flatten_optimizer_state",
     "rng_state_capture",
     "rng_state_restore",

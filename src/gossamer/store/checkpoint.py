@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -45,9 +46,18 @@ import torch
 
 from gossamer._version import __version__
 from gossamer.core.clock import Clock, SystemClock
-from gossamer.core.errors import CheckpointCorruptedError, IncompatibleCheckpointError
+from gossamer.core.errors import (
+    CheckpointCorruptedError,
+    GossamerError,
+    IncompatibleCheckpointError,
+)
 from gossamer.core.hashing import sha256_bytes
 from gossamer.store import durable_files
+from gossamer.store.checkpoint_errors import (
+    CheckpointDiskFullError,
+    CheckpointReadError,
+    CheckpointWriteError,
+)
 from gossamer.store.checkpoint_manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -57,15 +67,19 @@ from gossamer.store.checkpoint_manifest import (
     encode_manifest,
     encode_meta,
 )
-from gossamer.store.checkpoint_reader import CheckpointReader, check_hash, check_size
+from gossamer.store.checkpoint_reader import CheckpointReader, check_hash, check_size, unreadable
 from gossamer.store.optimizer_state import flatten_optimizer_state, unflatten_optimizer_state
 from gossamer.store.rng_state import rng_state_capture, rng_state_restore
 
 __all__ = [
+    "CheckpointDiskFullError",
     "CheckpointInfo",
+    "CheckpointReadError",
     "CheckpointState",
     "CheckpointStore",
+    "CheckpointWriteError",
     "flatten_optimizer_state",
+    "format_num_bytes",
     "rng_state_capture",
     "rng_state_restore",
     "unflatten_optimizer_state",
@@ -84,6 +98,8 @@ _NUM_LISTING_TRIES = 3
 """How many times a listing is retried while the directory changes during it."""
 _LOCK_NAME = ".lock"
 _RESERVED_TENSOR_NAME = "__metadata__"  # safetensors keeps its own header metadata under it
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+"""What a write gets on a full disk, or past the user's quota."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -201,7 +217,11 @@ class CheckpointStore:
           the next save renames it back;
         - a checkpoint of an unknown format version (written by a newer Gossamer) is never
           deleted: a save of its step is refused, and pruning passes over it;
-        - pruning runs only after the new checkpoint is in place and never deletes it.
+        - pruning runs only after the new checkpoint is in place and never deletes it;
+        - on a full disk (or past the user's quota) the checkpoints older than the newest valid
+          one are removed, with a warning that says how many, and the save is tried once more:
+          with room for ``keep_last`` checkpoints and not one more, every save failed before.
+          The newest valid checkpoint is never removed for room.
 
         Returns:
             The checkpoint's folder.
@@ -212,9 +232,25 @@ class CheckpointStore:
                 is touched).
             IncompatibleCheckpointError: the folder of this step holds a checkpoint of an unknown
                 format version (likewise).
-            OSError: the disk failed (likewise).
+            CheckpointDiskFullError: no room for the checkpoint even then (likewise); the message
+                names the directory, the bytes needed and the bytes free.
+            CheckpointWriteError: the disk failed otherwise (likewise). Both subclass ``OSError``.
         """
         encode_meta(state.meta)  # fail on bad meta before writing any tensor
+        try:
+            return self._save(state)
+        except GossamerError:
+            raise
+        except OSError as exc:
+            if exc.errno in _DISK_FULL_ERRNOS:
+                raise self._disk_full_error(state, exc, num_removed=0) from exc
+            error = CheckpointWriteError(
+                f"could not write the checkpoint of step {state.step} to {self._directory}: {exc}"
+            )
+            error.errno = exc.errno
+            raise error from exc
+
+    def _save(self, state: CheckpointState) -> Path:
         if not self._directory.is_dir():
             self._directory.mkdir(parents=True, exist_ok=True)
             durable_files.fsync_dir(self._directory.parent)
@@ -222,31 +258,90 @@ class CheckpointStore:
         with durable_files.locked(self._directory / _LOCK_NAME):
             self._clean_after_crashed_writers()
             self._refuse_to_replace_unknown_format(final, state.step)
-            tmp = self._directory / f"{_TMP_PREFIX}{state.step:09d}-{secrets.token_hex(4)}"
-            tmp.mkdir()
             try:
-                entries = [
-                    _write_group(tmp, group, tensors) for group, tensors in state.tensors.items()
-                ]
-                manifest = Manifest(
-                    format_version=FORMAT_VERSION,
-                    step=state.step,
-                    created_unix_s=self._clock.wall(),
-                    gossamer_version=__version__,
-                    files=tuple(entries),
-                    meta=state.meta,
+                self._write(state, final)
+            except OSError as exc:
+                if exc.errno not in _DISK_FULL_ERRNOS:
+                    raise
+                num_removed = self._prune(just_saved=None, keep_last=1)
+                if not num_removed:
+                    raise self._disk_full_error(state, exc, num_removed=0) from exc
+                logger.warning(
+                    "no space left in %s for the checkpoint of step %d: removed its %d oldest "
+                    "checkpoint(s), all but the newest valid one, and trying once more (it needs "
+                    "room for keep_last + 1 = %d checkpoints)",
+                    self._directory,
+                    state.step,
+                    num_removed,
+                    self._keep_last + 1,
                 )
-                durable_files.write_file_durably(tmp / MANIFEST_NAME, encode_manifest(manifest))
-                durable_files.fsync_dir(tmp)
-                self._install(tmp, final)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    durable_files.remove_tree(tmp)
-                raise
+                try:
+                    self._write(state, final)
+                except OSError as again:
+                    if again.errno not in _DISK_FULL_ERRNOS:
+                        raise
+                    raise self._disk_full_error(state, again, num_removed=num_removed) from again
             self._verified[final] = _signature(final)
             logger.info("saved checkpoint %s (step %d)", final, state.step)
             self._prune(just_saved=final)
         return final
+
+    def _write(self, state: CheckpointState, final: Path) -> None:
+        """Write ``state`` into a temporary folder and put it at ``final``; on any failure the
+        temporary folder is removed (a full disk's bytes given back) and what was at ``final``
+        stays."""
+        tmp = self._directory / f"{_TMP_PREFIX}{state.step:09d}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        try:
+            entries = [
+                _write_group(tmp, group, tensors) for group, tensors in state.tensors.items()
+            ]
+            manifest = Manifest(
+                format_version=FORMAT_VERSION,
+                step=state.step,
+                created_unix_s=self._clock.wall(),
+                gossamer_version=__version__,
+                files=tuple(entries),
+                meta=state.meta,
+            )
+            durable_files.write_file_durably(tmp / MANIFEST_NAME, encode_manifest(manifest))
+            durable_files.fsync_dir(tmp)
+            self._install(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                durable_files.remove_tree(tmp)
+            raise
+
+    def _disk_full_error(
+        self, state: CheckpointState, exc: OSError, *, num_removed: int
+    ) -> CheckpointDiskFullError:
+        needed = _num_bytes_of(state)
+        free = self.free_bytes()
+        free_text = (
+            "an unknown amount" if free is None else f"{format_num_bytes(free)} ({free:,} bytes)"
+        )
+        newest_valid: Path | None = None
+        with contextlib.suppress(OSError):  # (the message must not fail in its turn)
+            newest_valid = next(
+                (found.path for found in self._scan() if self._is_valid(found.path)[0]), None
+            )
+        left = (
+            f"the newest valid checkpoint there, {newest_valid.name}, is kept (a resume goes "
+            "on from it)"
+            if newest_valid is not None
+            else "no valid checkpoint is there"
+        )
+        error = CheckpointDiskFullError(
+            f"no space left in {self._directory} for the checkpoint of step {state.step} "
+            f"({exc.strerror or exc}): it needs about {format_num_bytes(needed)} "
+            f"({needed:,} bytes) and {free_text} "
+            f"{'is' if exc.errno == errno.ENOSPC else 'may be'} free"
+            + (f", after {num_removed} older checkpoint(s) were removed" if num_removed else "")
+            + f"; {left}. Free some space, or give a directory on a larger disk (it needs room "
+            f"for keep_last + 1 = {self._keep_last + 1} checkpoints)"
+        )
+        error.errno = exc.errno
+        return error
 
     def load(self, path: Path | str) -> CheckpointState:
         """Load the checkpoint in folder ``path`` (or its ``manifest.json``), checking everything.
@@ -260,12 +355,17 @@ class CheckpointStore:
             CheckpointCorruptedError: a file is missing, not a regular file, of the wrong size,
                 fails its hash or does not parse; the message names the file and what is wrong.
             IncompatibleCheckpointError: the manifest is of an unknown format version.
+            CheckpointReadError: the folder or a file of it cannot be read (no permission, an I/O
+                error); the message names it. (An ``OSError`` too.)
         """
         groups: dict[str, dict[str, torch.Tensor]] = {}
         folder = _folder_of(Path(path))
         with CheckpointReader(folder, step=_step_in_name(folder.name)) as reader:
             for entry, file_path, file in reader.open_files():
-                data = file.read(entry.num_bytes)
+                try:
+                    data = file.read(entry.num_bytes)
+                except OSError as exc:  # (EIO)
+                    raise unreadable(file_path, exc) from exc
                 check_size(file_path, len(data), entry)  # shorter if it shrank once opened
                 check_hash(file_path, sha256_bytes(data), entry)
                 try:
@@ -324,7 +424,10 @@ class CheckpointStore:
                         continue
                     self._skip(found.path, str(exc))
                     continue
-                except OSError as exc:  # (EIO, ESTALE: passed over like a damaged one)
+                except CheckpointReadError as exc:  # (EACCES, EIO: passed over like a damaged one)
+                    self._skip(found.path, str(exc))
+                    continue
+                except OSError as exc:  # (ESTALE, ...: likewise)
                     self._skip(found.path, f"could not be read: {exc}")
                     continue
                 if newer_unknown:
@@ -529,6 +632,53 @@ class CheckpointStore:
         probe.write_bytes(b"")
         probe.unlink()
 
+    def free_bytes(self) -> int | None:
+        """Bytes free to this user on the directory's file system (None if it cannot tell)."""
+        existing = self._directory.absolute()
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent  # (not made yet: the disk it will be made on)
+        try:
+            st = os.statvfs(existing)
+        except OSError:
+            return None
+        return int(st.f_bavail * st.f_frsize)
+
+    def room_for_checkpoints(self, checkpoint_num_bytes: int) -> int | None:
+        """How many checkpoints of ``checkpoint_num_bytes`` the directory's disk holds at once:
+        its free space plus what the checkpoints there take (pruning gives that back). None
+        where the file system does not tell its free space.
+
+        A run needs room for ``keep_last + 1``: it writes the next checkpoint before it prunes.
+        With less, a save on a full disk removes older checkpoints first (see :meth:`save`).
+
+        Raises:
+            CheckpointDiskFullError: not even one checkpoint can be written, with every one there
+                but the newest removed (a save never removes that one for room).
+        """
+        free = self.free_bytes()
+        if free is None:
+            return None
+        usages = [_disk_usage(found.path) for found in self._scan()]
+        held = sum(usages)
+        newest = usages[0] if usages else 0
+        need = max(1, checkpoint_num_bytes)
+        if free + held - newest < need:
+            kept = " beside the newest checkpoint there" if usages else ""
+            error = CheckpointDiskFullError(
+                f"{self._directory} has no room for one checkpoint of about "
+                f"{format_num_bytes(need)}{kept}: {format_num_bytes(free)} is free"
+                + (
+                    f" and its older checkpoints take {format_num_bytes(held - newest)}"
+                    if held - newest
+                    else ""
+                )
+                + "; free some space, or give a directory on a larger disk (it needs room for "
+                f"keep_last + 1 = {self._keep_last + 1} checkpoints)"
+            )
+            error.errno = errno.ENOSPC
+            raise error
+        return (free + held) // need
+
     def _clean_after_crashed_writers(self) -> None:
         """Remove temporary folders of dead writers; put back a replaced folder left hidden."""
         changed = False
@@ -550,13 +700,16 @@ class CheckpointStore:
         if changed:
             durable_files.fsync_dir(self._directory)
 
-    def _prune(self, *, just_saved: Path) -> None:
-        """Keep the newest ``keep_last`` valid checkpoints (always ``just_saved``).
+    def _prune(self, *, just_saved: Path | None, keep_last: int | None = None) -> int:
+        """Keep the newest ``keep_last`` (default: the store's) valid checkpoints, always
+        ``just_saved`` (where None, the newest valid one is kept). Returns how many it removed.
 
         Damaged checkpoints are deleted once ``keep_last`` valid ones are kept above them;
         those of an unknown format version are never deleted.
         """
-        num_kept = 1  # just_saved
+        num_to_keep = self._keep_last if keep_last is None else keep_last
+        num_kept = 0 if just_saved is None else 1
+        num_removed = 0
         for found in self._scan():
             step, folder = found.step, found.path
             if folder == just_saved:
@@ -568,10 +721,10 @@ class CheckpointStore:
             valid, keep = self._is_valid(folder)
             if keep:
                 continue
-            if valid and num_kept < self._keep_last:
+            if valid and num_kept < num_to_keep:
                 num_kept += 1
                 continue
-            if not valid and num_kept < self._keep_last:
+            if not valid and num_kept < num_to_keep:
                 continue
             logger.info("pruning checkpoint %s (step %d, valid=%s)", folder.name, step, valid)
             # Rename first (atomic), then delete: a writer killed while deleting leaves a
@@ -584,6 +737,8 @@ class CheckpointStore:
                 continue
             _remove_leftover(doomed)
             self._verified.pop(folder, None)
+            num_removed += 1
+        return num_removed
 
     def _is_valid(self, folder: Path) -> tuple[bool, bool]:
         """(valid, kept whatever ``keep_last`` says: of an unknown format version, or unreadable
@@ -706,3 +861,33 @@ def _signature(folder: Path) -> tuple[tuple[str, int, int, int], ...]:
     except FileNotFoundError:
         return ()
     return tuple(sorted((name, st.st_size, st.st_mtime_ns, st.st_ino) for name, st in stats))
+
+
+def _num_bytes_of(state: CheckpointState) -> int:
+    """About the bytes a checkpoint of ``state`` takes: its tensors' (the headers add a little)."""
+    return sum(
+        tensor.numel() * tensor.element_size()
+        for tensors in state.tensors.values()
+        for tensor in tensors.values()
+    )
+
+
+def _disk_usage(folder: Path) -> int:
+    """Bytes the files of a checkpoint folder hold (their sizes: the blocks they take on disk
+    are a little more)."""
+    total = 0
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
+def format_num_bytes(num_bytes: int) -> str:
+    """``num_bytes`` in the largest binary unit it makes at least 1 of: ``344.1 KiB``."""
+    value = float(num_bytes)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"

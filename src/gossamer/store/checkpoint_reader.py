@@ -21,6 +21,7 @@ from typing import Self
 
 from gossamer.core.errors import CheckpointCorruptedError
 from gossamer.store import durable_files
+from gossamer.store.checkpoint_errors import CheckpointReadError
 from gossamer.store.checkpoint_manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -29,7 +30,7 @@ from gossamer.store.checkpoint_manifest import (
     decode_manifest,
 )
 
-__all__ = ["CheckpointReader", "check_hash", "check_size", "missing_file"]
+__all__ = ["CheckpointReader", "check_hash", "check_size", "missing_file", "unreadable"]
 
 _RESERVED_TENSOR_NAME = "__metadata__"  # safetensors keeps its own header metadata under it
 
@@ -51,6 +52,8 @@ class CheckpointReader:
         CheckpointCorruptedError: the manifest is missing, not a regular file, too big or
             malformed, or names another step than the folder.
         IncompatibleCheckpointError: the manifest is of an unknown format version.
+        CheckpointReadError: the folder or its manifest cannot be read (no permission, an I/O
+            error); also from :meth:`open_files` for a tensor file.
     """
 
     def __init__(self, folder: Path, *, step: int | None = None) -> None:
@@ -61,6 +64,8 @@ class CheckpointReader:
             self._folder_fd = durable_files.open_folder(folder)
         except (FileNotFoundError, NotADirectoryError):
             raise FileNotFoundError(f"no checkpoint folder at {folder}") from None
+        except OSError as exc:
+            raise unreadable(folder, exc) from exc
         self._files.callback(os.close, self._folder_fd)
         try:
             self.manifest = self._read_manifest()
@@ -84,6 +89,7 @@ class CheckpointReader:
 
         Raises:
             CheckpointCorruptedError: a file is missing, not a regular file or of the wrong size.
+            CheckpointReadError: a file cannot be opened (no permission, an I/O error).
         """
         opened = []
         for entry in self.manifest.files:
@@ -118,7 +124,10 @@ class CheckpointReader:
                     f"{manifest_path}: {size} bytes, more than the {MAX_MANIFEST_BYTES >> 20} MiB "
                     "a manifest may have (not a manifest this Gossamer wrote)"
                 )
-            raw = file.read(size)
+            try:
+                raw = file.read(size)
+            except OSError as exc:  # (EIO)
+                raise unreadable(manifest_path, exc) from exc
         manifest = decode_manifest(raw, manifest_path)
         step = self._step
         if step is not None and step != manifest.step:
@@ -136,7 +145,9 @@ class CheckpointReader:
                 raise CheckpointCorruptedError(
                     f"{file_path}: a symbolic link; a checkpoint holds only regular files"
                 ) from None
-            raise
+            if isinstance(exc, FileNotFoundError):
+                raise
+            raise unreadable(file_path, exc) from exc
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -190,3 +201,11 @@ def missing_file(file_path: Path, entry: FileEntry) -> CheckpointCorruptedError:
     return CheckpointCorruptedError(
         f"{file_path}: missing (the manifest lists it, {entry.num_bytes} bytes)"
     )
+
+
+def unreadable(path: Path, exc: OSError) -> CheckpointReadError:
+    """The error for a checkpoint folder or file that exists but cannot be read."""
+    hint = " (check its owner and permissions)" if isinstance(exc, PermissionError) else ""
+    error = CheckpointReadError(f"{path}: cannot be read: {exc.strerror or exc}{hint}")
+    error.errno = exc.errno
+    return error

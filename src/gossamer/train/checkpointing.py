@@ -29,7 +29,13 @@ from gossamer.store import (
 from gossamer.train.optim import ScheduleRefit, apply_optim_config
 from gossamer.train.strategy import TrainingStrategy
 
-__all__ = ["RunState", "capture_run_state", "restore_run_state"]
+__all__ = [
+    "RunState",
+    "capture_run_state",
+    "check_model_signature",
+    "estimate_checkpoint_num_bytes",
+    "restore_run_state",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +141,62 @@ def _model_signature(model: nn.Module) -> dict[str, list[int]]:
     return {name: list(t.shape) for name, t in model.state_dict().items()}
 
 
+_RESUME_FIX = "use the model it was written with, or point checkpoint.directory at a fresh folder"
+
+
+def check_model_signature(
+    meta: dict[str, Any], model: nn.Module, *, where: str, fix: str = _RESUME_FIX
+) -> None:
+    """Raise :class:`IncompatibleCheckpointError` unless the parameter names and shapes a
+    checkpoint's ``meta`` records (``model_signature``) are ``model``'s.
+
+    Args:
+        meta: the loaded checkpoint's meta.
+        model: the model its weights are about to be loaded into.
+        where: the checkpoint's location, for the message.
+        fix: what the user can do about it, for the message.
+    """
+    saved_signature = meta.get("model_signature")
+    if saved_signature is None:
+        raise IncompatibleCheckpointError(
+            f"checkpoint {where} records no model signature (its parameters' names and "
+            f"shapes): not a checkpoint a Gossamer training run wrote; {fix}"
+        )
+    if saved_signature != _model_signature(model):
+        raise IncompatibleCheckpointError(
+            f"checkpoint {where} holds weights of another shape than this model "
+            f"(parameter names or shapes differ); {fix}"
+        )
+
+
+def _num_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def estimate_checkpoint_num_bytes(run: RunState) -> int:
+    """About the bytes a checkpoint of ``run`` takes on disk: the model's tensors and the
+    optimizer's state, as AdamW keeps it (two moments per trained parameter) where no step has
+    made it yet. A lower bound: the random states, a strategy's state (DiLoCo's global weights
+    and momentum) and the files' headers come on top."""
+    model_bytes = sum(_num_bytes(t) for t in run.model.state_dict().values())
+    state_tensors = [
+        value
+        for param_state in run.optimizer.state.values()
+        for value in param_state.values()
+        if isinstance(value, torch.Tensor)
+    ]
+    if state_tensors:
+        optimizer_bytes = sum(_num_bytes(t) for t in state_tensors)
+    else:
+        optimizer_bytes = 2 * sum(
+            _num_bytes(param)
+            for group in run.optimizer.param_groups
+            for param in group["params"]
+            if param.requires_grad
+        )
+    return model_bytes + optimizer_bytes
+
+
 def capture_run_state(run: RunState) -> CheckpointState:
     """Snapshot ``run``: the model's tensors are cloned, the optimizer's and the strategy's are
     the live ones (write it before the next step changes them)."""
@@ -195,14 +257,7 @@ def check_compatible(state: CheckpointState, run: RunState, *, where: str) -> No
                 f"checkpoint {where} was written for another model ({diffs}); set the model "
                 "config back to match it, or point checkpoint.directory at a fresh folder"
             )
-    saved_signature = meta.get("model_signature")
-    current_signature = _model_signature(run.model)
-    if saved_signature != current_signature:
-        raise IncompatibleCheckpointError(
-            f"checkpoint {where} holds weights of another shape than this model "
-            "(parameter names or shapes differ); use the model it was written with, or point "
-            "checkpoint.directory at a fresh folder"
-        )
+    check_model_signature(meta, run.model, where=where)
 
 
 def _restore_data_position(

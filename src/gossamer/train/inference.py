@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,11 +15,14 @@ from gossamer.core.config_loader import config_from_dict
 from gossamer.core.errors import IncompatibleCheckpointError
 from gossamer.data import decode, encode
 from gossamer.models import GPT
-from gossamer.store import CheckpointStore
+from gossamer.store import CheckpointState, CheckpointStore
+from gossamer.train.checkpointing import check_model_signature
 
 __all__ = ["LoadedModel", "load_model", "mean_validation_loss", "sample_text"]
 
 _MANIFEST = "manifest.json"
+_STEP_FOLDER_RE = re.compile(r"^step-\d+$")
+_FIX = "pass a checkpoint folder a training run wrote, unaltered"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -45,13 +49,16 @@ def load_model(path: Path | str) -> LoadedModel:
 
     Raises:
         FileNotFoundError: nothing is at ``path``, or the directory holds no valid checkpoint.
-        CheckpointCorruptedError: the checkpoint folder fails verification.
-        IncompatibleCheckpointError: the checkpoint holds a custom model, not the built-in GPT.
+        CheckpointCorruptedError: the checkpoint folder fails verification (its manifest missing
+            too: a folder named ``step-N``, or holding ``*.safetensors`` files, is one checkpoint).
+        CheckpointReadError: a file of the checkpoint folder cannot be read.
+        IncompatibleCheckpointError: the checkpoint holds a custom model, not the built-in GPT,
+            or no run config, or weights that do not fit the model its config describes.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}; pass a checkpoint folder or directory")
-    if (path / _MANIFEST).is_file():
+    if _is_checkpoint_folder(path):
         state = CheckpointStore(path.parent).load(path)
     else:
         store = CheckpointStore(path)
@@ -65,9 +72,7 @@ def load_model(path: Path | str) -> LoadedModel:
         raise IncompatibleCheckpointError(
             f"the checkpoint at {path} holds a custom model; load it with your own model class"
         )
-    config = config_from_dict(RunConfig, state.meta["config"], origin=f"checkpoint {path}")
-    model = GPT(config.model)
-    model.load_state_dict(state.tensors["model"])
+    model, config = _built_model(state, path)
     model.eval()
     digest = state.meta.get("data_sha256")
     return LoadedModel(
@@ -77,6 +82,58 @@ def load_model(path: Path | str) -> LoadedModel:
         path=path,
         data_sha256=digest if isinstance(digest, str) else None,
     )
+
+
+def _is_checkpoint_folder(path: Path) -> bool:
+    """Whether ``path`` is one checkpoint's folder rather than a run's directory of them: it
+    holds a manifest, or is named for a step, or holds tensor files. Taken for a directory, one
+    whose manifest is missing was said to hold "no valid checkpoint; train first"."""
+    if (path / _MANIFEST).is_file() or _STEP_FOLDER_RE.match(path.name):
+        return True
+    if not path.is_dir():
+        return False
+    return (path / _MANIFEST).exists() or any(path.glob("*.safetensors"))
+
+
+def _built_model(state: CheckpointState, path: Path) -> tuple[GPT, RunConfig]:
+    """The GPT the checkpoint's run config describes, its weights loaded, after checking the
+    checkpoint holds a run config and weights of that model's names and shapes.
+
+    Raises:
+        IncompatibleCheckpointError: it does not (a checkpoint written through the store's API
+            with other meta, or one whose meta was altered and its hash made anew).
+    """
+    saved_config = state.meta.get("config")
+    weights = state.tensors.get("model")
+    missing = [
+        what
+        for what, absent in (
+            ("no run config (meta 'config')", not isinstance(saved_config, dict)),
+            ("no model weights (a 'model' tensor group)", weights is None),
+        )
+        if absent
+    ]
+    if not isinstance(saved_config, dict) or weights is None:
+        raise IncompatibleCheckpointError(
+            f"the checkpoint at {path} holds {' and '.join(missing)}: not a checkpoint "
+            f"`gossamer train` wrote; {_FIX}"
+        )
+    config = config_from_dict(RunConfig, saved_config, origin=f"checkpoint {path}")
+    model = GPT(config.model)
+    check_model_signature(state.meta, model, where=str(path), fix=_FIX)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    held = {name: tuple(t.shape) for name, t in weights.items()}
+    if held != expected:
+        differ = sorted(
+            name for name in expected.keys() | held.keys() if held.get(name) != expected.get(name)
+        )
+        raise IncompatibleCheckpointError(
+            f"the checkpoint at {path} holds weights that do not fit the model its config "
+            f"describes ({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''} differ): "
+            f"its metadata does not match its tensors; {_FIX}"
+        )
+    model.load_state_dict(weights)
+    return model, config
 
 
 def sample_text(

@@ -32,9 +32,15 @@ from gossamer.data import Corpus, TokenStream, load_corpus, validation_batches
 from gossamer.models import GPT
 from gossamer.obs.metrics import PeerMetrics
 from gossamer.obs.trace import SpanRecorder
-from gossamer.store import CheckpointStore
+from gossamer.store import CheckpointDiskFullError, CheckpointStore
+from gossamer.store.checkpoint import format_num_bytes
 from gossamer.store.lease import directory_lease
-from gossamer.train.checkpointing import RunState, capture_run_state, restore_run_state
+from gossamer.train.checkpointing import (
+    RunState,
+    capture_run_state,
+    estimate_checkpoint_num_bytes,
+    restore_run_state,
+)
 from gossamer.train.inference import mean_validation_loss
 from gossamer.train.optim import ScheduleRefit, build_optimizer, learning_rate_at, warmup_steps
 from gossamer.train.strategy import LocalStrategy, TrainingStrategy, optional_hook
@@ -173,7 +179,8 @@ class Trainer:
         IncompatibleCheckpointError: the checkpoint to resume from was made for another model,
             or a newer one is of a format this Gossamer cannot read.
         ConfigError: ``checkpoint.resume`` is false but ``checkpoint.directory`` holds
-            checkpoints already (this run's would be mixed with them).
+            checkpoints already (this run's would be mixed with them); or it cannot be written,
+            or its disk has no room for one checkpoint.
     """
 
     def __init__(
@@ -263,12 +270,44 @@ class Trainer:
             self._resumed_step: int | None = None
             if config.checkpoint.resume:
                 self._resume()
+            self._check_room_for_checkpoints()  # (resumed: of the optimizer state it holds)
             self._setup_strategy(model)
             if self.metrics is not None:  # (a resumed peer read step 0 until its first step ended)
                 self.metrics.step.set(self.run_state.step)
         except BaseException:
             self._lease.close()
             raise
+
+    def _check_room_for_checkpoints(self) -> None:
+        """Refuse a checkpoint directory whose disk has no room for one checkpoint, and warn
+        where it has room for fewer than ``checkpoint.keep_last + 1``, before the run trains:
+        found at a save, a full disk cost every step since the last checkpoint.
+
+        Raises:
+            ConfigError: not even one checkpoint fits (its size estimated from the model's and
+                the optimizer's tensors).
+        """
+        num_bytes = estimate_checkpoint_num_bytes(self.run_state)
+        try:
+            num_fit = self.store.room_for_checkpoints(num_bytes)
+        except CheckpointDiskFullError as exc:
+            raise ConfigError(f"checkpoint.directory: {exc}") from exc
+        needed = self.config.checkpoint.keep_last + 1
+        if num_fit is not None and num_fit < needed:
+            logger.warning(
+                "peer %s step %d: checkpoint.directory %s has room for %d checkpoint(s) of about "
+                "%s (%s free), and a run needs room for checkpoint.keep_last + 1 = "
+                "%d (it writes the next checkpoint before it removes the oldest). When the disk "
+                "fills, a save removes all checkpoints but the newest to make room; free some "
+                "space, lower checkpoint.keep_last or use a larger disk to keep them",
+                self.spans.peer,
+                self.run_state.step,
+                self.store.directory,
+                num_fit,
+                format_num_bytes(num_bytes),
+                format_num_bytes(self.store.free_bytes() or 0),
+                needed,
+            )
 
     def _setup_strategy(self, model: nn.Module) -> None:
         """Run the strategy's setup; where it brought the state from other peers, continue from

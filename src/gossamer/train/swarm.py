@@ -34,6 +34,7 @@ from torch import nn
 
 from gossamer.comm.codecs import CodecPolicy
 from gossamer.core.config import RunConfig
+from gossamer.core.config_loader import read_secret_file
 from gossamer.core.errors import ConfigError, GossamerError, PeerUnavailableError
 from gossamer.core.hashing import sha256_state
 from gossamer.core.stop import StopRequest
@@ -62,6 +63,7 @@ from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig, re
 from gossamer.train.swarm_sync import (
     SwarmSyncStrategy,
     download_from_donors,
+    meta_bytes_bound,
     state_bytes_bound,
 )
 
@@ -336,6 +338,7 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
                     donors,
                     version=version,
                     max_state_bytes=state_bytes_bound(self._params),
+                    max_meta_bytes=meta_bytes_bound(self._params),
                     metrics=self.swarm_metrics,
                 )
         except GossamerError as exc:
@@ -476,7 +479,7 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         ]
 
     def _publish(self, step: int) -> None:
-        self.donor.publish(self._snapshot(step))
+        self.donor.publish(self._snapshot(step), max_meta_bytes=meta_bytes_bound(self._params))
 
     def _wait_for_publication(self) -> None:
         """Wait for the outstanding publication (its errors, other than the network's, raise)."""
@@ -502,7 +505,8 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             {str(i): snapshot.tensors[f"global.{i}"] for i in range(len(self._global))}
         )
         self._hashes[outer_step] = digest
-        self.donor.publish(snapshot)
+        # (refused here where newcomers, sizing their limit from the same model, would refuse it)
+        self.donor.publish(snapshot, max_meta_bytes=meta_bytes_bound(self._params))
         self.swarm_averager.join_run(outer_step)
         self._put_hash(outer_step, digest)
 
@@ -1091,14 +1095,8 @@ def swarm_node_config(config: RunConfig) -> NodeConfig:
     swarm secret, and the DHT and heartbeat timings training rounds rely on."""
     swarm = config.swarm
     secret = None
-    if swarm.swarm_secret_file:
-        try:
-            secret = Path(swarm.swarm_secret_file).expanduser().read_bytes().strip()
-        except OSError as exc:  # (a traceback, or a bare errno line, before)
-            raise ConfigError(
-                f"swarm.swarm_secret_file: cannot read {swarm.swarm_secret_file} "
-                f"({exc.strerror or exc}); give the file that holds the swarm's secret"
-            ) from exc
+    if swarm.swarm_secret_file:  # (a regular file, a few KiB at most: not /dev/zero, a fifo)
+        secret = read_secret_file(swarm.swarm_secret_file, setting="swarm.swarm_secret_file")
     return NodeConfig(
         listen_address=swarm.listen,
         bootstrap=swarm.bootstrap_addresses,
