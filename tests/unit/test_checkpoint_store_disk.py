@@ -173,6 +173,24 @@ def test_room_for_checkpoints_refuses_a_disk_without_room_for_one(
     assert room >= 1
 
 
+def test_a_directory_without_checkpoints_needs_room_for_two(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With room for one, a new run's first save passed and its second failed: the newest is
+    # never removed for room, so the second needs room beside the first.
+    size = _checkpoint_bytes(tmp_path)
+    directory = tmp_path / "ck"
+    FaultyFullDisk(directory, 2 * size - 1000, monkeypatch)
+    store = CheckpointStore(directory, keep_last=1)
+    with pytest.raises(CheckpointDiskFullError) as excinfo:
+        store.room_for_checkpoints(size)
+    assert "beside its first one" in str(excinfo.value)
+    store.save(_state(1))
+    with pytest.raises(CheckpointDiskFullError):
+        store.save(_state(2))  # (what the check foresaw)
+    assert CheckpointStore(directory, keep_last=1).load_latest() is not None
+
+
 def test_loading_a_file_that_cannot_be_read_is_a_read_error_naming_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

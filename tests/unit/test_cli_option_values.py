@@ -50,6 +50,20 @@ def test_every_path_option_reads_a_leading_tilde_as_the_home_folder(
     assert not unexpanded
 
 
+def test_a_path_starting_with_a_tilde_and_no_such_user_is_taken_as_written() -> None:
+    # pathlib's expanduser raises RuntimeError for "~name" with no user of that name: a file
+    # or run folder named so ("-o ~out.json", "-c ./~run.toml") got a traceback.
+    given = "~no-such-user-here/out.json"
+    failed = []
+    for name, command, param in _path_options():
+        ctx = typer.Context(command)
+        value = param.process_value(ctx, [given] if param.multiple or param.nargs != 1 else given)
+        values = value if isinstance(value, list | tuple) else [value]
+        if values != [Path(given)]:
+            failed.append(f"{name} {param.name}: {values}")
+    assert not failed
+
+
 _SECONDS = [
     ["peers", "--bootstrap", "127.0.0.1:1", "--wait-s"],
     ["peer", "start", "--record-ttl-s"],

@@ -84,7 +84,10 @@ def test_heads_must_divide_width_and_message_says_how_to_fix() -> None:
         (lambda: SwarmConfig(listen=":7000"), "swarm.listen"),
         (lambda: SwarmConfig(listen="127.0.0.1:\u00b2"), "swarm.listen"),  # ('²': a ValueError)
         # In every round key and record: 20,000 characters broke torch.distributed's rendezvous.
-        (lambda: RunConfig(name="n" * 129), "name: must be at most 128 characters"),
+        (
+            lambda: RunConfig(name="n" * 129, swarm=SwarmConfig(strategy="diloco")),
+            "name: must be at most 128 characters in a swarm",
+        ),
         (lambda: RunConfig(name="a\x7fb"), "name: must be printable"),
         (lambda: RunConfig(name="caf\udce9"), "name: must be printable"),  # (not UTF-8 bytes)
     ],
@@ -96,6 +99,11 @@ def test_impossible_values_name_their_key(factory: object, key: str) -> None:
 
 def test_a_run_name_of_128_printable_characters_is_fine() -> None:
     assert RunConfig(name="r" * 128).name == "r" * 128
+
+
+def test_a_run_training_alone_takes_a_longer_name() -> None:
+    # Its checkpoints, written before the limit, are loaded by eval, sample and resume.
+    assert RunConfig(name="r" * 200).name == "r" * 200
     assert RunConfig(name="team ä/run 1").name == "team ä/run 1"
 
 

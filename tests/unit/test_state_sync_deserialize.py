@@ -178,6 +178,12 @@ _F32x2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
             "overlap or leave gaps",
         ),
         (_blob({"a": _F32x2}, bytes(12)), "take 8 of the 12 data bytes"),
+        # safetensors reads UTF-8 only (json.loads would guess UTF-16 from the bytes)
+        (_blob(json.dumps({"a": _F32x2}).encode("utf-16"), bytes(8)), "not JSON"),
+        (
+            _blob({"a": {**_F32x2, "shape": [0, 2**62, 2**62], "data_offsets": [0, 0]}}, b""),
+            "strides past 64 bits",
+        ),
     ],
 )
 def test_a_malformed_safetensors_header_is_a_protocol_error(blob: bytes, says: str) -> None:

@@ -133,6 +133,17 @@ def test_a_disk_without_room_for_one_checkpoint_is_refused_before_training(
         pass
 
 
+def test_a_finished_run_resumed_on_a_full_disk_is_not_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It trains no step and writes no checkpoint: re-running a finished command was refused.
+    with Trainer(_config(tmp_path, "ck", max_steps=2)) as trainer:
+        trainer.run()
+    FaultyFullDisk(tmp_path / "ck", 0, monkeypatch)
+    with Trainer(_config(tmp_path, "ck", max_steps=2)) as trainer:
+        assert trainer.run_state.step == 2
+
+
 def test_the_command_line_reports_a_full_disk_in_one_line_and_exits_1(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

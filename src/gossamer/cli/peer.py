@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -280,7 +281,7 @@ async def _recheck_unknown(node: Node) -> None:
 def peer_id(key_file: KeyOption = DEFAULT_KEY_FILE) -> None:
     """Print this peer's id (creating its key on first use)."""
     with one_red_line():
-        typer.echo(load_or_create_identity(key_file.expanduser()).peer_id)
+        typer.echo(load_or_create_identity(Path(os.path.expanduser(key_file))).peer_id)
 
 
 def _transient_view(config: NodeConfig, wait_s: float, reachability: bool) -> dict[str, Any]:
@@ -405,7 +406,7 @@ def _read_status_file(path: Path) -> dict[str, Any]:
     """
     option = f"--status-file {path}"
     try:
-        text = path.expanduser().read_text(encoding="utf-8")
+        text = Path(os.path.expanduser(path)).read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise ConfigError(
             f"{option}: no such file; give the file a running `gossamer peer start "

@@ -66,7 +66,7 @@ def check_output_file(path: Path, option: str) -> None:
     Raises:
         ConfigError: ``path`` cannot be written; the message names ``option``.
     """
-    path = path.expanduser()
+    path = Path(os.path.expanduser(path))
     if path.is_dir():
         raise ConfigError(f"{option}: {path} is a folder; give the path of a file to write")
     if path.exists() and not path.is_file():
@@ -89,7 +89,7 @@ def check_result_file(path: Path | None, option: str) -> None:
     """
     if path is None:
         return
-    path = path.expanduser()
+    path = Path(os.path.expanduser(path))
     if path.is_dir():
         raise ConfigError(f"{option}: {path} is a folder; give the path of a file to write")
     check_output_folder(path.parent, option)
@@ -101,7 +101,7 @@ def check_output_folder(path: Path, option: str) -> None:
     Raises:
         ConfigError: ``path``, or a folder above it, is a file; the message names ``option``.
     """
-    path = path.expanduser()
+    path = Path(os.path.expanduser(path))
     for current in (path, *path.parents):
         if current.exists():
             if not current.is_dir():
@@ -150,12 +150,12 @@ def expand_home(path: Path | None) -> Path | None:
     or wrote it into a folder named ``~`` here. Expanded once, where the flag is read, the
     path checked is the path written.
     """
-    return None if path is None else path.expanduser()
+    return None if path is None else Path(os.path.expanduser(path))
 
 
 def expand_homes(paths: list[Path] | None) -> list[Path] | None:
     """:func:`expand_home` for a repeatable path option or argument."""
-    return None if paths is None else [path.expanduser() for path in paths]
+    return None if paths is None else [Path(os.path.expanduser(path)) for path in paths]
 
 
 def read_swarm_secret(path: Path | None) -> bytes | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import tomllib
 from collections.abc import Callable
@@ -350,7 +351,7 @@ def evaluate(
                 data_keys
                 or not path
                 or path != loaded.config.data.path  # (set in the environment)
-                or Path(path).expanduser().exists()  # (there, and wrong otherwise)
+                or Path(os.path.expanduser(path)).exists()  # (there, and wrong otherwise)
             ):
                 raise
             raise DataError(

@@ -465,11 +465,11 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "name", "must not be empty")
-        _require(
-            len(self.name) <= MAX_NAME_LENGTH,
+        _require(  # (a run training alone has no rounds: its checkpoints of longer names load)
+            self.swarm.strategy == "local" or len(self.name) <= MAX_NAME_LENGTH,
             "name",
-            f"must be at most {MAX_NAME_LENGTH} characters (it names the swarm's rounds and "
-            f"records), got {len(self.name)}",
+            f"must be at most {MAX_NAME_LENGTH} characters in a swarm (it names the swarm's "
+            f"rounds and records), got {len(self.name)}",
         )
         _require(
             self.name.isprintable(),

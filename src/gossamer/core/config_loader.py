@@ -175,7 +175,7 @@ def read_secret_file(path: str | os.PathLike[str], *, setting: str) -> bytes:
     hint = "give the file that holds the swarm's secret"
     try:
         # (non-blocking: opening a fifo to read waits for a writer otherwise)
-        fd = os.open(Path(path).expanduser(), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        fd = os.open(os.path.expanduser(path), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise ConfigError(f"{setting}: cannot read {path} ({exc.strerror or exc}); {hint}") from exc
     try:

@@ -201,7 +201,7 @@ def check_data_path(config: DataConfig) -> Path | None:
     """
     if config.source == "stdlib" or config.path is None:
         return None
-    path = Path(config.path).expanduser()
+    path = Path(os.path.expanduser(config.path))
     what = "text file or folder" if config.source == "text" else "token file"
     if not path.exists():
         raise DataError(

@@ -165,7 +165,7 @@ def held_identity(path: Path, *, setting: str, hint: str = "") -> Iterator[Ident
         ConfigError: another process holds the file; or it cannot be read or made, or holds
             no valid key (see :func:`load_or_create_identity`).
     """
-    path = Path(path).expanduser()
+    path = Path(os.path.expanduser(path))
     if path.exists() and not path.is_file():
         raise _not_a_regular_file(path)
     fd = _open_for_holding(path, setting)
@@ -260,7 +260,7 @@ def load_or_create_identity(path: Path) -> Identity:
         ConfigError: the file exists but is not a regular file, not an Ed25519 private key, or
             is readable by others; or it cannot be read or created.
     """
-    path = Path(path).expanduser()
+    path = Path(os.path.expanduser(path))
     if path.exists():
         return _load_identity(path)
     identity = Identity.generate()

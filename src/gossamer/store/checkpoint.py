@@ -652,18 +652,22 @@ class CheckpointStore:
         With less, a save on a full disk removes older checkpoints first (see :meth:`save`).
 
         Raises:
-            CheckpointDiskFullError: not even one checkpoint can be written, with every one there
-                but the newest removed (a save never removes that one for room).
+            CheckpointDiskFullError: not even one checkpoint can be written beside the newest,
+                with every other one there removed (a save never removes the newest for room;
+                a directory with none counts the run's first, so it needs room for two).
         """
         free = self.free_bytes()
         if free is None:
             return None
         usages = [_disk_usage(found.path) for found in self._scan()]
         held = sum(usages)
-        newest = usages[0] if usages else 0
         need = max(1, checkpoint_num_bytes)
+        # A save never removes the newest checkpoint for room, so from the second save on
+        # the disk holds it and the one being written: a run with none yet needs room for two
+        # (with room for one, its first save passed and its second failed).
+        newest = usages[0] if usages else need
         if free + held - newest < need:
-            kept = " beside the newest checkpoint there" if usages else ""
+            kept = " beside the newest checkpoint there" if usages else " beside its first one"
             error = CheckpointDiskFullError(
                 f"{self._directory} has no room for one checkpoint of about "
                 f"{format_num_bytes(need)}{kept}: {format_num_bytes(free)} is free"

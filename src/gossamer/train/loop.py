@@ -283,10 +283,14 @@ class Trainer:
         where it has room for fewer than ``checkpoint.keep_last + 1``, before the run trains:
         found at a save, a full disk cost every step since the last checkpoint.
 
+        Not checked for a run resumed at its last step (it writes no checkpoint).
+
         Raises:
-            ConfigError: not even one checkpoint fits (its size estimated from the model's and
-                the optimizer's tensors).
+            ConfigError: not even one checkpoint fits beside the newest (a new run: beside its
+                first), its size estimated from the model's and the optimizer's tensors.
         """
+        if self.run_state.step >= self.config.train.max_steps:
+            return  # (a finished run resumed: it trains no step and writes no checkpoint)
         num_bytes = estimate_checkpoint_num_bytes(self.run_state)
         try:
             num_fit = self.store.room_for_checkpoints(num_bytes)

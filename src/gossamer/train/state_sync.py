@@ -361,6 +361,10 @@ async def _choose_manifest(
 
     A busy donor is asked again, after a backoff, for as long as a donor may take to answer
     (``request_timeout_s``); one still busy then is struck off like one that did not answer.
+    It is not waited for once every donor has answered or been busy: a busy donor answered,
+    and (struck off at once before busy refusals were asked again) one of two donors being
+    busy held the choice up for 30 s. Its manifest, where it comes later, is taken as any
+    late one is.
 
     Once one usable manifest (of ``version``, or any) is held by more than half of the donors,
     no answer still to come can change the choice: the others are not waited for (one silent
@@ -368,6 +372,8 @@ async def _choose_manifest(
     cutting the wait short on time alone would let one fast donor outvote a slower majority.
     """
     manifests = job.manifests
+    busy: set[str] = set()
+    heard = asyncio.Event()  # (a donor was busy: the choice may be made without it)
 
     async def one(donor: str) -> None:
         busy_until = job.loop.time() + job.request_timeout_s
@@ -380,6 +386,9 @@ async def _choose_manifest(
                 return
             except _DonorBusyError as exc:
                 num_busy += 1
+                if donor not in busy:
+                    busy.add(donor)
+                    heard.set()
                 wait_s = _busy_backoff_s(num_busy)
                 if job.loop.time() + wait_s < min(busy_until, job.deadline):
                     await asyncio.sleep(wait_s)  # a backoff before asking again
@@ -396,13 +405,23 @@ async def _choose_manifest(
 
     def decided() -> bool:
         held = Counter(m.sha256 for m in manifests.values() if usable(m))
-        return bool(held) and 2 * max(held.values()) > len(donors)
+        if not held:
+            return False
+        if 2 * max(held.values()) > len(donors):
+            return True
+        return all(d in manifests or d in job.failed or d in busy for d in donors)
 
     tasks = {job.loop.create_task(one(d), name=f"state-manifest-{d[:8]}"): d for d in donors}
     pending = set(tasks)
     try:
         while pending and not decided():
-            _, pending = await asyncio.wait(pending, return_when="FIRST_COMPLETED")
+            heard.clear()
+            hearing = job.loop.create_task(heard.wait())
+            try:
+                await asyncio.wait({*pending, hearing}, return_when="FIRST_COMPLETED")
+            finally:
+                hearing.cancel()
+            pending = {task for task in pending if not task.done()}
         _raise_bug(t for t in tasks if t not in pending)
     except BaseException:
         await _cancel(pending)

@@ -11,9 +11,12 @@ held, and a reply holds a copy of its chunk only, not the snapshot it came from.
 
 Room for requests is shared fairly: a request that finds the donor full is refused as busy
 (:data:`~gossamer.train.state_sync_wire.DONOR_BUSY`: ask again later) unless its peer holds less
-than its share, in which case the oldest reply of the peer holding the most is given up for it. A
-reply waits to be handled for a time that follows its size, so peers that never take their
-replies hold their room for seconds, and a newcomer arriving while they fill it is served.
+than its share, in which case a reply of another peer is given up for it: the oldest of the peer
+holding the most where that evens them out, else the oldest reply that has waited past the time
+its size allows at a low rate (a few seconds for a chunk). Peers that never take their replies
+(made-up ids each holding one included) thus hold their room for seconds, not minutes, while a
+newcomer behind a slow link keeps the whole time its request asks: nobody takes its room unless
+the donor is full and its reply is late.
 """
 
 from __future__ import annotations
@@ -94,6 +97,8 @@ class _Served:
 class _Slot:
     """One request being served: the room it holds, and the task serving it."""
 
+    started_s: float
+    """(The donor's clock) when it was admitted."""
     task: asyncio.Task[None] | None = None
     evicted: bool = False
     """Given up for a peer holding fewer requests."""
@@ -116,15 +121,18 @@ class StateDonor:
         max_requests: requests served at once, of all peers together (the copies they hold are
             at most this many chunks). Once full, a request is refused as busy, unless its peer
             holds less than its share (``max_requests`` over the peers holding requests, it
-            included): then the oldest reply of the peer holding the most is given up for it
-            (that peer's request is refused as busy), so peers that fill the donor and never
-            take their replies do not lock newcomers out.
+            included): then a reply of a peer holding more is given up for it (that request is
+            refused as busy): the oldest of the peer holding the most, where it holds two more,
+            else the oldest that is late (see ``reply_base_timeout_s``). So peers that fill the
+            donor and never take their replies do not lock newcomers out.
         max_reply_timeout_s: longest a reply may take to be handled, whatever the request asks
             (its ``timeout_ms`` may say an hour; the reply's chunk copy is held that long).
-        reply_base_timeout_s: with ``min_reply_bytes_per_s``, how long a reply may take to be
-            handled by its size: this plus its bytes at that rate, times the replies its peer
-            is being sent at once (they share its link); never longer than
-            ``max_reply_timeout_s`` nor than the request asks.
+        reply_base_timeout_s: with ``min_reply_bytes_per_s``, when a reply is late: once it has
+            waited this plus a chunk's bytes at that rate for each reply its peer is being sent
+            (they share its link). A late reply may be given up for a peer holding less, when
+            the donor is full; it is never cut short otherwise (a newcomer behind a 4 Mbit/s
+            link takes 16 s for 8 chunks of 1 MiB; cut at that allowance, it could not
+            download at all).
         min_reply_bytes_per_s: see ``reply_base_timeout_s``.
     """
 
@@ -349,15 +357,17 @@ class StateDonor:
                     len(held),
                     self._max_requests,
                 )
-            slot = _Slot()
+            slot = _Slot(self._clock.monotonic())
             self._serving.setdefault(sender, []).append(slot)
             self._num_serving_all += 1
             return slot
 
     def _victim_for(self, sender: str, num_held: int) -> tuple[str, _Slot] | None:
-        """(Lock held, donor full.) The oldest request of the peer holding the most, to give up
-        for ``sender``, which holds ``num_held``: where ``sender`` holds less than its share,
-        and the other holds at least two more (so that the move evens them out)."""
+        """(Lock held, donor full.) A request to give up for ``sender``, which holds
+        ``num_held``, where that is less than its share: the oldest of the peer holding the
+        most, where it holds at least two more (the move evens them out); else the oldest late
+        one (:meth:`_late_after_s`) of a peer holding more than ``sender`` (many peers holding
+        one each, never taking their replies, left a newcomer holding none no room)."""
         num_peers = len(self._serving) + (sender not in self._serving)
         if num_held * num_peers >= self._max_requests:  # its share or more
             return None
@@ -365,12 +375,33 @@ class StateDonor:
         if not candidates:
             return None
         num_most, peer = max(candidates)
-        if num_most < num_held + 2:
+        if num_most >= num_held + 2:
+            for slot in self._serving[peer]:  # its oldest still waiting
+                if slot.task is not None and not slot.task.done():
+                    return peer, slot
+        now = self._clock.monotonic()
+        late: list[tuple[float, str, _Slot]] = []
+        for other, slots in self._serving.items():
+            if other == sender or len(slots) <= num_held:
+                continue
+            late_after_s = self._late_after_s(len(slots))
+            for slot in slots:  # its oldest still waiting, if late
+                if slot.task is not None and not slot.task.done():
+                    if now - slot.started_s > late_after_s:
+                        late.append((slot.started_s, other, slot))
+                    break
+        if not late:
             return None
-        for slot in self._serving[peer]:  # its oldest still waiting
-            if slot.task is not None and not slot.task.done():
-                return peer, slot
-        return None
+        _, other, slot = min(late, key=lambda found: found[0])
+        return other, slot
+
+    def _late_after_s(self, num_replies: int) -> float:
+        """How long a reply may wait before it counts as late, its peer being sent
+        ``num_replies`` at once: a base, and a chunk's bytes at the least rate for each."""
+        return (
+            self._reply_base_timeout_s
+            + num_replies * self._chunk_bytes / self._min_reply_bytes_per_s
+        )
 
     def _forget_slot(self, sender: str, slot: _Slot) -> None:
         """(Lock held.) Give ``slot``'s room back, once."""
@@ -386,15 +417,10 @@ class StateDonor:
         with self._lock:
             self._forget_slot(sender, slot)
 
-    def _reply_timeout_s(self, sender: str, request: Request, num_bytes: int) -> float:
-        """How long a reply of ``num_bytes`` to ``sender`` may take to be handled: by its size
-        at the least rate a reply must come at, shared with the peer's other replies."""
-        with self._lock:
-            num_replies = max(1, len(self._serving.get(sender, ())))
-        by_size_s = (
-            self._reply_base_timeout_s + num_replies * num_bytes / self._min_reply_bytes_per_s
-        )
-        return min(request.timeout_ms / 1000, self._max_reply_timeout_s, by_size_s)
+    def _reply_timeout_s(self, request: Request) -> float:
+        """How long a reply may take to be handled: what its request asks, at most
+        ``max_reply_timeout_s`` (a late one may be given up sooner for a peer holding less)."""
+        return min(request.timeout_ms / 1000, self._max_reply_timeout_s)
 
     async def _serve_manifest(self, sender: str, request: Request) -> None:
         with self._lock:
@@ -455,7 +481,7 @@ class StateDonor:
 
     async def _send(self, sender: str, request: Request, reply: bytes) -> None:
         await self._node.send_bulk(
-            sender, REPLY_TOPIC, reply, timeout_s=self._reply_timeout_s(sender, request, len(reply))
+            sender, REPLY_TOPIC, reply, timeout_s=self._reply_timeout_s(request)
         )
 
     async def _refuse(

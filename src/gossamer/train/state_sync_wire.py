@@ -612,8 +612,8 @@ def _parse_header(header: bytes, data_bytes: int, what: str) -> list[_TensorEntr
             raise ProtocolError(f"{what}: a header names a tensor twice")
         return fields
 
-    try:
-        fields = json.loads(header, object_pairs_hook=unique)
+    try:  # (UTF-8 as safetensors reads it: json.loads would guess UTF-16 from bytes)
+        fields = json.loads(header.decode("utf-8"), object_pairs_hook=unique)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError(f"{what}: its header is not JSON") from exc
     if not isinstance(fields, dict):
@@ -637,6 +637,9 @@ def _parse_header(header: bytes, data_bytes: int, what: str) -> list[_TensorEntr
             or not 0 <= offsets[0] <= offsets[1] <= data_bytes
         ):
             raise ProtocolError(f"{what}: tensor {name[:64]!r} has a bad dtype, shape or offsets")
+        if any(math.prod(shape[i:]) >= 1 << 63 for i in range(1, len(shape))):
+            # (a stride past int64, as safetensors refuses it: [0, 2**62, 2**62] holds 0 bytes)
+            raise ProtocolError(f"{what}: tensor {name[:64]!r} has strides past 64 bits")
         num_bytes = math.prod(shape) * dtype.itemsize
         if offsets[1] - offsets[0] != num_bytes:
             raise ProtocolError(
