@@ -318,7 +318,7 @@ def test_a_folder_larger_than_memory_is_refused_naming_its_size_and_the_remedies
 
     folder = _text_folder(tmp_path, 4, 6_000)
     folder_bytes = sum(p.stat().st_size for p in folder.iterdir())
-    monkeypatch.setattr(corpus_module, "_physical_memory_bytes", lambda: 10_000, raising=False)
+    monkeypatch.setattr(corpus_module, "physical_memory_bytes", lambda: 10_000)
     with pytest.raises(DataError) as refused:
         load_corpus(DataConfig(source="text", path=str(folder)))
     message = str(refused.value)

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from gossamer.core.config import ModelConfig, RunConfig
 from gossamer.core.config_loader import read_secret_file
 from gossamer.core.errors import ConfigError
+from gossamer.core.machine import physical_memory_bytes
 from gossamer.obs.metrics import MetricsServer, serve_metrics
 
 __all__ = [
@@ -29,7 +30,6 @@ __all__ = [
     "expand_homes",
     "finite_float",
     "model_parameters",
-    "physical_memory_bytes",
     "positive_finite_float",
     "positive_seconds",
     "read_swarm_secret",
@@ -174,14 +174,6 @@ _BYTES_PER_TRAINED_PARAMETER = 16
 _ACTIVATIONS_PER_LAYER = 8
 """Floats per token and per unit of width that a block keeps for the backward pass, at least
 (its input, attention and MLP outputs; the MLP's hidden layer alone is four)."""
-
-
-def physical_memory_bytes() -> int | None:
-    """This machine's memory in bytes (None where the system does not say)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # (no sysconf, or no such name: Windows)
-        return None
 
 
 def model_parameters(model: ModelConfig) -> int:

@@ -54,6 +54,7 @@ import numpy.typing as npt
 
 from gossamer.core.config import DataConfig
 from gossamer.core.errors import DataError
+from gossamer.core.machine import physical_memory_bytes
 
 __all__ = [
     "Corpus",
@@ -409,14 +410,6 @@ def _caps(config: DataConfig) -> tuple[int | None, int | None]:
     return config.max_corpus_bytes, max(1, math.ceil(config.max_corpus_bytes * ratio))
 
 
-def _physical_memory_bytes() -> int | None:
-    """This machine's memory in bytes (None where the system does not say)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # (no sysconf, or no such name: Windows)
-        return None
-
-
 def _gib(num_bytes: int) -> str:
     return f"{num_bytes / 2**30:,.1f} GiB"
 
@@ -505,7 +498,7 @@ def _check_fits_in_memory(root: Path, files: list[str], config: DataConfig, labe
     to_read = folder_bytes
     if train_cap is not None and validation_cap is not None:
         to_read = min(folder_bytes, train_cap + validation_cap)
-    memory = _physical_memory_bytes()
+    memory = physical_memory_bytes()
     if memory is not None and to_read > memory:
         raise _too_large_for_memory(
             config, label, folder_bytes, f"this machine has {_gib(memory)} of memory"

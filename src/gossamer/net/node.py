@@ -23,6 +23,7 @@ from google.protobuf.message import Message
 from gossamer.core.clock import Clock, Pacer, SystemClock
 from gossamer.core.config import port_number
 from gossamer.core.errors import GossamerError, PeerUnavailableError, ProtocolError
+from gossamer.core.machine import physical_memory_bytes
 from gossamer.net.addresses import split_host_port
 from gossamer.net.bulk import (
     BulkHandler,
@@ -61,10 +62,9 @@ R = TypeVar("R", bound=Message)
 
 def local_capabilities() -> net_pb2.Capabilities:
     """What this machine offers: CPUs and memory (GPUs are filled in by layers that use torch)."""
-    memory = 0
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return net_pb2.Capabilities(num_cpus=os.cpu_count() or 1, memory_bytes=memory)
+    return net_pb2.Capabilities(
+        num_cpus=os.cpu_count() or 1, memory_bytes=physical_memory_bytes() or 0
+    )
 
 
 def _cancelling() -> bool:
