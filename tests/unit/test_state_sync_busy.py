@@ -205,9 +205,10 @@ def test_late_replies_of_peers_holding_one_each_are_given_up_for_a_newcomer_hold
     assert all(DONOR_BUSY in str(r) and "given up" in str(r) for r in evicted)
 
 
-def test_a_busy_donor_does_not_hold_up_the_choice_of_the_others_manifest() -> None:
-    """With two donors, one busy, the newcomer waited the busy one's whole request timeout
-    (30 s by default) for a majority before it took the other's manifest."""
+def test_a_donor_full_of_a_late_reply_makes_room_for_a_newcomer_within_seconds() -> None:
+    """With two donors, one full of a reply nobody takes, the newcomer waited the busy one's
+    whole request timeout (30 s by default) for a majority. Its busy answer is no vote (one
+    fast donor would outvote the rest), but the late reply's room goes to the newcomer."""
     network = FakeBulkNetwork()
     newcomer, full, free, hog = (network.add(n) for n in ("newcomer", "full", "free", "hog"))
     want = _snapshot()
@@ -225,7 +226,7 @@ def test_a_busy_donor_does_not_hold_up_the_choice_of_the_others_manifest() -> No
         )
         took = loop.time() - started
         _assert_same(got, want)
-        assert report.bytes_per_donor == {"free": report.total_bytes}
+        assert report.failed_donors == {}
         await _end(asks)
         return took
 
@@ -247,6 +248,39 @@ def test_a_busy_donor_is_asked_again_later_not_struck_off() -> None:
     assert report.failed_donors == {}
     assert report.bytes_per_donor == {"donor": report.total_bytes}
     assert donor.num_requests_refused > 0  # it was busy, and asked again
+
+
+def test_one_fast_donor_does_not_outvote_two_that_were_busy_for_a_moment() -> None:
+    """Counting a busy refusal as an answer, the newcomer chose the one manifest that had
+    arrived: a hostile donor's, over two honest donors that were full for a moment."""
+    network = FakeBulkNetwork()
+    newcomer, hog = network.add("newcomer"), network.add("hog")
+    want = _snapshot()
+    honest = []
+    for name in ("b", "c"):
+        donor = StateDonor(network.add(name), chunk_bytes=CHUNK, max_requests=1)
+        donor.publish(want)
+        honest.append(donor)
+    lie = StateSnapshot(version=want.version, tensors={"w": torch.full((10,), 666.0)}, meta={})
+    StateDonor(network.add("h"), chunk_bytes=CHUNK).publish(lie)
+
+    async def main() -> None:
+        asks = _hold(hog, "b", want.version, 1) + _hold(hog, "c", want.version, 1)
+        await _until(
+            lambda: all(d._num_serving == {"hog": 1} for d in honest), "the hog fills b and c"
+        )
+        download = asyncio.create_task(
+            download_state(newcomer, ["h", "b", "c"], timeout_s=20, request_timeout_s=10)
+        )
+        await _until(
+            lambda: all(d.num_requests_refused >= 1 for d in honest), "b and c refuse as busy"
+        )
+        await _end(asks)  # (their room comes free)
+        got, report = await download
+        _assert_same(got, want)
+        assert "h" in report.failed_donors
+
+    asyncio.run(main())
 
 
 def test_a_donor_busy_for_longer_than_a_request_may_take_is_struck_off() -> None:

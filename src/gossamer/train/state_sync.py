@@ -361,19 +361,16 @@ async def _choose_manifest(
 
     A busy donor is asked again, after a backoff, for as long as a donor may take to answer
     (``request_timeout_s``); one still busy then is struck off like one that did not answer.
-    It is not waited for once every donor has answered or been busy: a busy donor answered,
-    and (struck off at once before busy refusals were asked again) one of two donors being
-    busy held the choice up for 30 s. Its manifest, where it comes later, is taken as any
-    late one is.
+    Its manifest, where it comes after the choice, is taken as any late one is.
 
-    Once one usable manifest (of ``version``, or any) is held by more than half of the donors,
-    no answer still to come can change the choice: the others are not waited for (one silent
-    donor cost every download its request timeout). Otherwise every answer is waited for:
-    cutting the wait short on time alone would let one fast donor outvote a slower majority.
+    Once one usable manifest (of ``version``, or any) is held by more donors than the next one
+    and every donor not heard from yet together, no answer still to come can change the choice:
+    the others are not waited for (one silent donor cost every download its request timeout).
+    Otherwise every answer is waited for, a busy donor's too: cutting the wait short on time
+    alone, or on a busy refusal, would let one fast donor outvote a slower (or busier)
+    majority.
     """
     manifests = job.manifests
-    busy: set[str] = set()
-    heard = asyncio.Event()  # (a donor was busy: the choice may be made without it)
 
     async def one(donor: str) -> None:
         busy_until = job.loop.time() + job.request_timeout_s
@@ -386,9 +383,6 @@ async def _choose_manifest(
                 return
             except _DonorBusyError as exc:
                 num_busy += 1
-                if donor not in busy:
-                    busy.add(donor)
-                    heard.set()
                 wait_s = _busy_backoff_s(num_busy)
                 if job.loop.time() + wait_s < min(busy_until, job.deadline):
                     await asyncio.sleep(wait_s)  # a backoff before asking again
@@ -404,24 +398,20 @@ async def _choose_manifest(
         return version is None or manifest.version == version
 
     def decided() -> bool:
-        held = Counter(m.sha256 for m in manifests.values() if usable(m))
+        held = sorted(Counter(m.sha256 for m in manifests.values() if usable(m)).values())
         if not held:
             return False
-        if 2 * max(held.values()) > len(donors):
-            return True
-        return all(d in manifests or d in job.failed or d in busy for d in donors)
+        runner_up = held[-2] if len(held) > 1 else 0
+        unheard = sum(1 for d in donors if d not in manifests and d not in job.failed)
+        # (a busy donor is unheard: counting its refusal as an answer let one fast hostile
+        # donor's manifest be chosen over two honest ones that were busy for a moment)
+        return held[-1] > runner_up + unheard
 
     tasks = {job.loop.create_task(one(d), name=f"state-manifest-{d[:8]}"): d for d in donors}
     pending = set(tasks)
     try:
         while pending and not decided():
-            heard.clear()
-            hearing = job.loop.create_task(heard.wait())
-            try:
-                await asyncio.wait({*pending, hearing}, return_when="FIRST_COMPLETED")
-            finally:
-                hearing.cancel()
-            pending = {task for task in pending if not task.done()}
+            _, pending = await asyncio.wait(pending, return_when="FIRST_COMPLETED")
         _raise_bug(t for t in tasks if t not in pending)
     except BaseException:
         await _cancel(pending)
