@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from fifo_fakes import fifo_with_a_brief_writer
 from typer.testing import CliRunner
 
 from gossamer.cli.main import app
@@ -104,6 +105,15 @@ def test_doctor_explains_a_bad_status_file(tmp_path: Path, text: str | None, fra
     assert code == 2  # wrong input
     assert f"--status-file {path}" in output
     assert fragment in output
+
+
+def test_doctor_refuses_a_status_file_that_is_a_fifo(tmp_path: Path) -> None:
+    # Read whole, a fifo with no writer blocked the command for ever.
+    path = tmp_path / "status.json"
+    with fifo_with_a_brief_writer(path, b"{}"):
+        code, output = _invoke(["doctor", "--status-file", str(path)])
+    assert code == 2
+    assert f"--status-file {path}: not a regular file" in output
 
 
 def test_doctor_reads_a_good_status_file(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fifo_fakes import fifo_with_a_brief_writer
 from typer.testing import CliRunner
 
 from gossamer.cli import preflight
@@ -333,6 +334,15 @@ def test_a_config_file_that_is_binary_or_a_folder_is_one_line(tmp_path: Path, na
     assert code == 2
     assert f"config file {path}" in output
     assert ("not UTF-8" if name == "binary" else "is a folder") in output
+
+
+def test_a_config_file_that_is_a_fifo_is_one_line(tmp_path: Path) -> None:
+    # Opened to read, a fifo with no writer blocked the command for ever.
+    path = tmp_path / "config.toml"
+    with fifo_with_a_brief_writer(path, b'name = "from-the-fifo"'):
+        code, output = _invoke(["config", "show", "--config", str(path)])
+    assert code == 2
+    assert f"config file {path} is a fifo, not a TOML file" in output
 
 
 @pytest.mark.parametrize("what", ["folder", "missing"])

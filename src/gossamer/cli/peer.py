@@ -405,8 +405,14 @@ def _read_status_file(path: Path) -> dict[str, Any]:
         ConfigError: the file is missing, unreadable, not JSON, or not a peer's status.
     """
     option = f"--status-file {path}"
+    status_path = Path(os.path.expanduser(path))
+    if status_path.exists() and not status_path.is_file():
+        raise ConfigError(  # (a fifo blocked the command for ever)
+            f"{option}: not a regular file; give the file a running `gossamer peer start "
+            "--status-file` writes"
+        )
     try:
-        text = Path(os.path.expanduser(path)).read_text(encoding="utf-8")
+        text = status_path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise ConfigError(
             f"{option}: no such file; give the file a running `gossamer peer start "

@@ -108,6 +108,10 @@ def load_run_config(
     """
     data: dict[str, Any] = copy.deepcopy(dict(base)) if base else {}
     if path is not None:
+        if not_regular := _not_a_regular_file(path):  # (a fifo blocked the command for ever)
+            raise ConfigError(
+                f"config file {path} is {not_regular}, not a TOML file; check the path"
+            )
         try:
             with Path(path).open("rb") as f:
                 _deep_merge(data, tomllib.load(f))
@@ -156,6 +160,18 @@ def load_run_config(
     for key, text in overrides:
         _set_text(data, RunConfig, key, text, origin=f"flag --{key}")
     return config_from_dict(RunConfig, data, origin=str(path) if path else "config")
+
+
+def _not_a_regular_file(path: str | os.PathLike[str]) -> str:
+    """What ``path`` is where it is there and is neither a regular file nor a folder (reading a
+    fifo waits for a writer for ever, a device may never end); "" otherwise."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ""  # (missing or unreadable: the read says which)
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return ""
+    return "a fifo" if stat.S_ISFIFO(mode) else "a device or a socket"
 
 
 def read_secret_file(path: str | os.PathLike[str], *, setting: str) -> bytes:
