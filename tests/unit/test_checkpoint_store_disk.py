@@ -13,13 +13,13 @@ import pytest
 import torch
 from disk_fakes import FaultyFullDisk, folder_bytes
 
-from gossamer.core.errors import GossamerError
-from gossamer.store import CheckpointState, CheckpointStore, durable_files
-from gossamer.store.checkpoint_errors import (
+from gossamer.core.errors import (
     CheckpointDiskFullError,
     CheckpointReadError,
     CheckpointWriteError,
+    GossamerError,
 )
+from gossamer.store import CheckpointState, CheckpointStore, durable_files
 from gossamer.store.checkpoint_manifest import MANIFEST_NAME
 
 _NUM_VALUES = 16_384  # 64 KiB of float32 a checkpoint: the manifest is small beside it

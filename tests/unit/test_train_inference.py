@@ -16,12 +16,12 @@ from gossamer.core.config import ModelConfig, RunConfig
 from gossamer.core.config_loader import config_to_dict
 from gossamer.core.errors import (
     CheckpointCorruptedError,
+    CheckpointReadError,
     GossamerError,
     IncompatibleCheckpointError,
 )
 from gossamer.models import GPT
 from gossamer.store import CheckpointState, CheckpointStore, durable_files
-from gossamer.store.checkpoint_errors import CheckpointReadError
 from gossamer.store.checkpoint_manifest import MANIFEST_NAME
 from gossamer.train.inference import load_model
 

@@ -21,9 +21,8 @@ from gossamer.core.config import (
     RunConfig,
     TrainConfig,
 )
-from gossamer.core.errors import ConfigError
+from gossamer.core.errors import CheckpointDiskFullError, ConfigError
 from gossamer.store import CheckpointStore, durable_files
-from gossamer.store.checkpoint_errors import CheckpointDiskFullError
 from gossamer.train import Trainer
 
 TEXT = "def add(a, b):\n    return a + b\n\n" * 200 + "class Point:\n    x: int\n    y: int\n" * 100

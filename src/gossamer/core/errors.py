@@ -20,6 +20,9 @@ with ``raise ... from exc`` so the original stays visible.
         ├── CorruptedDataError         bytes failed a hash or size check
         │   └── CheckpointCorruptedError   a checkpoint file is torn, truncated or altered
         ├── IncompatibleCheckpointError    a checkpoint was made for another model or format
+        ├── CheckpointReadError        a checkpoint file or folder cannot be read (also an OSError)
+        ├── CheckpointWriteError       a checkpoint could not be written (also an OSError)
+        │   └── CheckpointDiskFullError    no room for it, even after removing older checkpoints
         ├── AuthenticationError        a peer could not prove its identity or the swarm secret
         ├── ProtocolError              a peer sent a malformed or oversized message
         │   └── NotInRoundError        the peer runs no such averaging round (alone, other group)
@@ -31,6 +34,9 @@ from __future__ import annotations
 __all__ = [
     "AuthenticationError",
     "CheckpointCorruptedError",
+    "CheckpointDiskFullError",
+    "CheckpointReadError",
+    "CheckpointWriteError",
     "ConfigError",
     "CorruptedDataError",
     "DataError",
@@ -91,6 +97,22 @@ class CorruptedDataError(FatalError):
 
 class CheckpointCorruptedError(CorruptedDataError):
     """A checkpoint file is torn, truncated or altered."""
+
+
+class CheckpointReadError(FatalError, OSError):
+    """A checkpoint's folder or one of its files cannot be read (no permission, an I/O error):
+    no proof that it is damaged, so it is never deleted for it. Also an ``OSError``: callers
+    that caught what the store let through before still catch it."""
+
+
+class CheckpointWriteError(FatalError, OSError):
+    """A checkpoint could not be written; nothing is left half written, and the checkpoints
+    written before are kept. Also an ``OSError``, as :class:`CheckpointReadError` is."""
+
+
+class CheckpointDiskFullError(CheckpointWriteError):
+    """The disk (or the user's quota) has no room for a checkpoint, even after the older ones
+    were removed. The message names the directory, the bytes needed and the bytes free."""
 
 
 class IncompatibleCheckpointError(FatalError):

@@ -48,16 +48,14 @@ from gossamer._version import __version__
 from gossamer.core.clock import Clock, SystemClock
 from gossamer.core.errors import (
     CheckpointCorruptedError,
+    CheckpointDiskFullError,
+    CheckpointReadError,
+    CheckpointWriteError,
     GossamerError,
     IncompatibleCheckpointError,
 )
 from gossamer.core.hashing import sha256_bytes
 from gossamer.store import durable_files
-from gossamer.store.checkpoint_errors import (
-    CheckpointDiskFullError,
-    CheckpointReadError,
-    CheckpointWriteError,
-)
 from gossamer.store.checkpoint_manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,

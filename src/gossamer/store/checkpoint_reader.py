@@ -19,9 +19,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from gossamer.core.errors import CheckpointCorruptedError
+from gossamer.core.errors import CheckpointCorruptedError, CheckpointReadError
 from gossamer.store import durable_files
-from gossamer.store.checkpoint_errors import CheckpointReadError
 from gossamer.store.checkpoint_manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
