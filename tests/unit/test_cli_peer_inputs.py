@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 
 from gossamer.cli.main import app
 from gossamer.cli.preflight import read_swarm_secret
+from gossamer.core.config_loader import MAX_CONFIG_FILE_BYTES, load_run_config
+from gossamer.core.errors import ConfigError
 
 
 def _invoke(args: list[str]) -> tuple[int, str]:
@@ -114,6 +116,24 @@ def test_doctor_refuses_a_status_file_that_is_a_fifo(tmp_path: Path) -> None:
         code, output = _invoke(["doctor", "--status-file", str(path)])
     assert code == 2
     assert f"--status-file {path}: not a regular file" in output
+
+
+def test_doctor_refuses_a_status_file_longer_than_any_status(tmp_path: Path) -> None:
+    # Read whole, a huge file (or /dev/zero's like) ate the memory before the JSON was parsed.
+    path = tmp_path / "status.json"
+    with path.open("wb") as f:
+        f.truncate(MAX_CONFIG_FILE_BYTES + 1)
+    code, output = _invoke(["doctor", "--status-file", str(path)])
+    assert code == 2
+    assert f"--status-file {path}: longer than {MAX_CONFIG_FILE_BYTES} bytes" in output
+
+
+def test_a_config_file_longer_than_any_config_is_refused_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    with path.open("wb") as f:
+        f.truncate(MAX_CONFIG_FILE_BYTES + 1)
+    with pytest.raises(ConfigError, match=r"longer than .* far more than a config"):
+        load_run_config(path)
 
 
 def test_doctor_reads_a_good_status_file(tmp_path: Path) -> None:

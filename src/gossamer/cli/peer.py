@@ -26,6 +26,12 @@ from gossamer.cli.preflight import (
     read_swarm_secret,
     serve_metrics_or_explain,
 )
+from gossamer.core.config_loader import (
+    MAX_CONFIG_FILE_BYTES,
+    FileTooLargeError,
+    NotARegularFileError,
+    read_regular_file,
+)
 from gossamer.core.errors import ConfigError, GossamerError, PeerUnavailableError
 from gossamer.core.runtime import freeze_startup_heap
 from gossamer.net.bridge import NodeThread
@@ -405,19 +411,17 @@ def _read_status_file(path: Path) -> dict[str, Any]:
         ConfigError: the file is missing, unreadable, not JSON, or not a peer's status.
     """
     option = f"--status-file {path}"
-    status_path = Path(os.path.expanduser(path))
-    if status_path.exists() and not status_path.is_file():
-        raise ConfigError(  # (a fifo blocked the command for ever)
-            f"{option}: not a regular file; give the file a running `gossamer peer start "
-            "--status-file` writes"
-        )
+    hint = "give the file a running `gossamer peer start --status-file` writes"
     try:
-        text = status_path.read_text(encoding="utf-8")
+        text = read_regular_file(path, max_bytes=MAX_CONFIG_FILE_BYTES).decode("utf-8")
+    except NotARegularFileError as exc:  # (a fifo blocked the command for ever)
+        raise ConfigError(f"{option}: not a regular file ({exc}); {hint}") from exc
     except FileNotFoundError as exc:
-        raise ConfigError(
-            f"{option}: no such file; give the file a running `gossamer peer start "
-            "--status-file` writes"
-        ) from exc
+        raise ConfigError(f"{option}: no such file; {hint}") from exc
+    except FileTooLargeError as exc:
+        raise ConfigError(f"{option}: {exc}, far more than a peer's status; {hint}") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"{option}: a folder, not a regular file; {hint}") from exc
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigError(f"{option}: cannot read it: {reason or exc}") from exc

@@ -13,6 +13,7 @@ import ast
 import copy
 import dataclasses
 import difflib
+import errno
 import functools
 import inspect
 import itertools
@@ -36,9 +37,12 @@ __all__ = [
     "describe_fields",
     "load_run_config",
     "parse_flag_overrides",
+    "read_regular_file",
     "read_secret_file",
 ]
 
+MAX_CONFIG_FILE_BYTES = 16 << 20
+"""The longest config or status file read: a config is a few KiB, a status file lists peers."""
 MAX_SECRET_FILE_BYTES = 4096
 """The longest swarm secret file read: a secret is tens of bytes (``openssl rand -hex 32``)."""
 ENV_PREFIX = "GOSSAMER_"
@@ -108,13 +112,13 @@ def load_run_config(
     """
     data: dict[str, Any] = copy.deepcopy(dict(base)) if base else {}
     if path is not None:
-        if not_regular := _not_a_regular_file(path):  # (a fifo blocked the command for ever)
-            raise ConfigError(
-                f"config file {path} is {not_regular}, not a TOML file; check the path"
-            )
         try:
-            with Path(path).open("rb") as f:
-                _deep_merge(data, tomllib.load(f))
+            text = read_regular_file(path, max_bytes=MAX_CONFIG_FILE_BYTES).decode("utf-8")
+            _deep_merge(data, tomllib.loads(text))
+        except NotARegularFileError as exc:
+            raise ConfigError(
+                f"config file {path} is {exc}, not a TOML file; check the path"
+            ) from exc
         except FileNotFoundError as exc:
             raise ConfigError(f"config file {path} does not exist; check the path") from exc
         except tomllib.TOMLDecodeError as exc:
@@ -126,6 +130,10 @@ def load_run_config(
         except IsADirectoryError as exc:
             raise ConfigError(
                 f"config file {path} is a folder, not a TOML file; check the path"
+            ) from exc
+        except FileTooLargeError as exc:
+            raise ConfigError(
+                f"config file {path} is {exc}, far more than a config; is it the right file?"
             ) from exc
         except OSError as exc:
             raise ConfigError(
@@ -162,24 +170,53 @@ def load_run_config(
     return config_from_dict(RunConfig, data, origin=str(path) if path else "config")
 
 
-def _not_a_regular_file(path: str | os.PathLike[str]) -> str:
-    """What ``path`` is where it is there and is neither a regular file nor a folder (reading a
-    fifo waits for a writer for ever, a device may never end); "" otherwise."""
+class NotARegularFileError(OSError):
+    """A path names a fifo, a device or a socket: reading one may block or never end."""
+
+
+class FileTooLargeError(OSError):
+    """A file is longer than the most its reader takes."""
+
+
+def read_regular_file(path: str | os.PathLike[str], *, max_bytes: int) -> bytes:
+    """The bytes of the regular file at ``path`` (a leading ``~`` is the home folder).
+
+    Only a regular file is read, and at most ``max_bytes`` of it: a fifo with no writer blocked
+    a read for ever, and ``/dev/zero`` (or a large file named by mistake) ate the memory.
+
+    Raises:
+        NotARegularFileError: it is a fifo, a device or a socket (``str(exc)`` says which).
+        IsADirectoryError: it is a folder.
+        FileTooLargeError: it is longer than ``max_bytes`` (``str(exc)`` says so).
+        OSError: it cannot be opened or read (``exc.strerror`` says why).
+    """
+    # (non-blocking: opening a fifo to read waits for a writer otherwise)
+    fd = os.open(os.path.expanduser(path), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return ""  # (missing or unreadable: the read says which)
-    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-        return ""
-    return "a fifo" if stat.S_ISFIFO(mode) else "a device or a socket"
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "it is a folder", str(path))
+        if not stat.S_ISREG(mode):
+            raise NotARegularFileError("a fifo" if stat.S_ISFIFO(mode) else "a device or a socket")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= max_bytes:  # (one read may return less: NFS, FUSE)
+            chunk = os.read(fd, min(max_bytes + 1 - size, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > max_bytes:
+        raise FileTooLargeError(f"longer than {max_bytes} bytes")
+    return b"".join(chunks)
 
 
 def read_secret_file(path: str | os.PathLike[str], *, setting: str) -> bytes:
     """The secret a swarm secret file holds, surrounding whitespace left out.
 
-    Only a regular file is read, and at most :data:`MAX_SECRET_FILE_BYTES` of it: the file was
-    read whole, so ``/dev/zero`` (or a large file named by mistake) ate the machine's memory and
-    a fifo with no writer blocked the command for ever.
+    Read by :func:`read_regular_file`, at most :data:`MAX_SECRET_FILE_BYTES`.
 
     Args:
         path: the file (a leading ``~`` is the home folder).
@@ -190,33 +227,18 @@ def read_secret_file(path: str | os.PathLike[str], *, setting: str) -> bytes:
     """
     hint = "give the file that holds the swarm's secret"
     try:
-        # (non-blocking: opening a fifo to read waits for a writer otherwise)
-        fd = os.open(os.path.expanduser(path), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        raise ConfigError(f"{setting}: cannot read {path} ({exc.strerror or exc}); {hint}") from exc
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise ConfigError(f"{setting}: cannot read {path} (it is a folder); {hint}")
-        if not stat.S_ISREG(mode):
-            raise ConfigError(
-                f"{setting}: {path} is not a regular file (a fifo, a device or a socket); {hint}"
-            )
-        data = b""
-        while len(data) <= MAX_SECRET_FILE_BYTES:  # (one read may return less: NFS, FUSE)
-            chunk = os.read(fd, MAX_SECRET_FILE_BYTES + 1 - len(data))
-            if not chunk:
-                break
-            data += chunk
-    except OSError as exc:
-        raise ConfigError(f"{setting}: cannot read {path} ({exc.strerror or exc}); {hint}") from exc
-    finally:
-        os.close(fd)
-    if len(data) > MAX_SECRET_FILE_BYTES:
+        data = read_regular_file(path, max_bytes=MAX_SECRET_FILE_BYTES)
+    except NotARegularFileError as exc:
+        raise ConfigError(f"{setting}: {path} is not a regular file ({exc}); {hint}") from exc
+    except FileTooLargeError as exc:
         raise ConfigError(
             f"{setting}: {path} is longer than {MAX_SECRET_FILE_BYTES} bytes, far more than a "
             f"secret (e.g. `openssl rand -hex 32 > swarm.secret`); is it the right file? {hint}"
-        )
+        ) from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"{setting}: cannot read {path} (it is a folder); {hint}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read {path} ({exc.strerror or exc}); {hint}") from exc
     return data.strip()
 
 
