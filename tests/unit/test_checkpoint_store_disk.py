@@ -66,7 +66,7 @@ def test_a_full_disk_with_room_for_keep_last_checkpoints_makes_room_and_saves(
     assert not _leftovers(directory)
     [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert str(directory) in warning.getMessage()
-    assert "removed its 2 oldest" in warning.getMessage()
+    assert "removed 2 checkpoint(s), all but the newest valid one" in warning.getMessage()
     store.save(_state(5))  # and the next save fits beside it
     assert _steps(directory) == [3, 4, 5]
 
@@ -84,26 +84,47 @@ def test_a_full_disk_never_removes_the_newest_valid_checkpoint_and_says_what_it_
     data = bytearray(damaged.read_bytes())
     data[-1] ^= 1
     damaged.write_bytes(bytes(data))  # step 2 is the newest valid one now
-    big = _state(4, num_values=2 * _NUM_VALUES)  # more than removing step 1 makes room for
+    big = _state(4, num_values=3 * _NUM_VALUES)  # more than removing steps 1 and 3 makes room for
     with pytest.raises(CheckpointDiskFullError) as excinfo:
         store.save(big)
     assert disk.num_refused == 2  # tried once more after making room
-    assert _steps(directory) == [2, 3]  # 1 went; 2 (the newest valid) and 3 (newer) stayed
+    assert _steps(directory) == [2]  # 1 (older) and 3 (damaged) went; 2, the newest valid, stayed
     assert store.load(store.path_for(2)).step == 2
     assert not _leftovers(directory)
     message = str(excinfo.value)
-    needed = 2 * _NUM_VALUES * 4
+    needed = 3 * _NUM_VALUES * 4
     assert str(directory) in message
-    assert f"step 4 (No space left on device): it needs about 128.0 KiB ({needed:,} bytes)" in (
+    assert f"step 4 (No space left on device): it needs about 192.0 KiB ({needed:,} bytes)" in (
         message
     )
     assert f"({disk.free_bytes():,} bytes) is free" in message
-    assert "after 1 older checkpoint(s) were removed" in message
+    assert "after 2 other checkpoint(s) were removed (all but the newest valid one)" in message
     assert "the newest valid checkpoint there, step-000000002, is kept" in message
     # One of Gossamer's errors (the command line prints one line), and still an OSError.
     assert isinstance(excinfo.value, GossamerError)
     assert isinstance(excinfo.value, OSError)
     assert excinfo.value.errno == errno.ENOSPC
+
+
+def test_a_full_disk_removes_a_damaged_checkpoint_newer_than_the_newest_valid_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The damaged newer checkpoint (no resume takes it) was kept while valid older ones went,
+    # and with it holding the room the save failed.
+    size = _checkpoint_bytes(tmp_path)
+    directory = tmp_path / "ck"
+    disk = FaultyFullDisk(directory, 2 * size + size // 2, monkeypatch)
+    store = CheckpointStore(directory, keep_last=2)
+    store.save(_state(1))
+    store.save(_state(2))
+    damaged = store.path_for(2) / "model.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 1
+    damaged.write_bytes(bytes(data))  # step 1 is the newest valid one now
+    store.save(_state(3))
+    assert disk.num_refused == 1
+    assert _steps(directory) == [1, 3]
+    assert store.load(store.path_for(3)).step == 3
 
 
 def test_a_full_disk_with_nothing_to_remove_fails_at_once_keeping_the_checkpoint(
@@ -171,6 +192,23 @@ def test_room_for_checkpoints_refuses_a_disk_without_room_for_one(
     room = store.room_for_checkpoints(size // 2)
     assert room is not None
     assert room >= 1
+
+
+def test_room_for_checkpoints_does_not_count_a_folder_of_the_users_as_freeable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A step-N folder without a manifest is never pruned, so its bytes never come back; they
+    # were counted as room, and the check passed a run whose saves then failed.
+    size = _checkpoint_bytes(tmp_path)
+    directory = tmp_path / "ck"
+    FaultyFullDisk(directory, 3 * size + size // 2, monkeypatch)
+    store = CheckpointStore(directory, keep_last=1)
+    store.save(_state(1))
+    users = directory / "step-000000000"
+    users.mkdir()
+    (users / "notes.bin").write_bytes(b"x" * (2 * size))
+    with pytest.raises(CheckpointDiskFullError, match="no room for one checkpoint"):
+        store.room_for_checkpoints(size)
 
 
 def test_a_directory_without_checkpoints_needs_room_for_two(

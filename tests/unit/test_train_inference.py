@@ -133,6 +133,20 @@ def test_a_folder_of_tensor_files_without_a_manifest_says_so(tmp_path: Path) -> 
         load_model(renamed)
 
 
+def test_a_run_directory_with_a_stray_tensor_file_loads_its_newest_checkpoint(
+    tmp_path: Path,
+) -> None:
+    # An exported weights file beside the step folders made the run's directory pass for one
+    # damaged checkpoint folder ("manifest.json: missing").
+    store = CheckpointStore(tmp_path)
+    store.save(_trained_state(step=2))
+    newest = store.save(_trained_state(step=4))
+    (tmp_path / "exported.safetensors").write_bytes(b"not a checkpoint")
+    loaded = load_model(tmp_path)
+    assert loaded.step == 4
+    assert loaded.path == newest
+
+
 def test_a_run_directory_without_a_valid_checkpoint_is_still_told_to_train_first(
     tmp_path: Path,
 ) -> None:

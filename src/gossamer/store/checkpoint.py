@@ -216,10 +216,12 @@ class CheckpointStore:
         - a checkpoint of an unknown format version (written by a newer Gossamer) is never
           deleted: a save of its step is refused, and pruning passes over it;
         - pruning runs only after the new checkpoint is in place and never deletes it;
-        - on a full disk (or past the user's quota) the checkpoints older than the newest valid
-          one are removed, with a warning that says how many, and the save is tried once more:
-          with room for ``keep_last`` checkpoints and not one more, every save failed before.
-          The newest valid checkpoint is never removed for room.
+        - on a full disk (or past the user's quota) every checkpoint but the newest valid one
+          is removed (damaged ones too, newer or not: no resume takes them, and they held the
+          room while valid older ones went), with a warning that says how many, and the save is
+          tried once more: with room for ``keep_last`` checkpoints and not one more, every save
+          failed before. The newest valid checkpoint is never removed for room, nor one of an
+          unknown format version or one that cannot be read.
 
         Returns:
             The checkpoint's folder.
@@ -261,13 +263,13 @@ class CheckpointStore:
             except OSError as exc:
                 if exc.errno not in _DISK_FULL_ERRNOS:
                     raise
-                num_removed = self._prune(just_saved=None, keep_last=1)
+                num_removed = self._prune(just_saved=None, keep_last=1, damaged_too=True)
                 if not num_removed:
                     raise self._disk_full_error(state, exc, num_removed=0) from exc
                 logger.warning(
-                    "no space left in %s for the checkpoint of step %d: removed its %d oldest "
-                    "checkpoint(s), all but the newest valid one, and trying once more (it needs "
-                    "room for keep_last + 1 = %d checkpoints)",
+                    "no space left in %s for the checkpoint of step %d: removed %d checkpoint(s), "
+                    "all but the newest valid one (damaged ones included), and trying once more "
+                    "(it needs room for keep_last + 1 = %d checkpoints)",
                     self._directory,
                     state.step,
                     num_removed,
@@ -334,7 +336,12 @@ class CheckpointStore:
             f"({exc.strerror or exc}): it needs about {format_num_bytes(needed)} "
             f"({needed:,} bytes) and {free_text} "
             f"{'is' if exc.errno == errno.ENOSPC else 'may be'} free"
-            + (f", after {num_removed} older checkpoint(s) were removed" if num_removed else "")
+            + (
+                f", after {num_removed} other checkpoint(s) were removed (all but the newest "
+                "valid one)"
+                if num_removed
+                else ""
+            )
             + f"; {left}. Free some space, or give a directory on a larger disk (it needs room "
             f"for keep_last + 1 = {self._keep_last + 1} checkpoints)"
         )
@@ -657,7 +664,12 @@ class CheckpointStore:
         free = self.free_bytes()
         if free is None:
             return None
-        usages = [_disk_usage(found.path) for found in self._scan()]
+        # (a folder without a manifest is the user's, never pruned: its bytes are not freeable)
+        usages = [
+            _disk_usage(found.path)
+            for found in self._scan()
+            if (found.path / MANIFEST_NAME).exists()
+        ]
         held = sum(usages)
         need = max(1, checkpoint_num_bytes)
         # A save never removes the newest checkpoint for room, so from the second save on
@@ -702,12 +714,15 @@ class CheckpointStore:
         if changed:
             durable_files.fsync_dir(self._directory)
 
-    def _prune(self, *, just_saved: Path | None, keep_last: int | None = None) -> int:
+    def _prune(
+        self, *, just_saved: Path | None, keep_last: int | None = None, damaged_too: bool = False
+    ) -> int:
         """Keep the newest ``keep_last`` (default: the store's) valid checkpoints, always
         ``just_saved`` (where None, the newest valid one is kept). Returns how many it removed.
 
-        Damaged checkpoints are deleted once ``keep_last`` valid ones are kept above them;
-        those of an unknown format version are never deleted.
+        Damaged checkpoints are deleted once ``keep_last`` valid ones are kept above them, or
+        wherever they are with ``damaged_too`` (a full disk); those of an unknown format version
+        are never deleted.
         """
         num_to_keep = self._keep_last if keep_last is None else keep_last
         num_kept = 0 if just_saved is None else 1
@@ -726,7 +741,7 @@ class CheckpointStore:
             if valid and num_kept < num_to_keep:
                 num_kept += 1
                 continue
-            if not valid and num_kept < num_to_keep:
+            if not valid and num_kept < num_to_keep and not damaged_too:
                 continue
             logger.info("pruning checkpoint %s (step %d, valid=%s)", folder.name, step, valid)
             # Rename first (atomic), then delete: a writer killed while deleting leaves a

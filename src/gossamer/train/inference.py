@@ -50,7 +50,8 @@ def load_model(path: Path | str) -> LoadedModel:
     Raises:
         FileNotFoundError: nothing is at ``path``, or the directory holds no valid checkpoint.
         CheckpointCorruptedError: the checkpoint folder fails verification (its manifest missing
-            too: a folder named ``step-N``, or holding ``*.safetensors`` files, is one checkpoint).
+            too: a folder named ``step-N``, or holding ``*.safetensors`` files and no step
+            folders, is one checkpoint).
         CheckpointReadError: a file of the checkpoint folder cannot be read.
         IncompatibleCheckpointError: the checkpoint holds a custom model, not the built-in GPT,
             or no run config, or weights that do not fit the model its config describes.
@@ -86,13 +87,19 @@ def load_model(path: Path | str) -> LoadedModel:
 
 def _is_checkpoint_folder(path: Path) -> bool:
     """Whether ``path`` is one checkpoint's folder rather than a run's directory of them: it
-    holds a manifest, or is named for a step, or holds tensor files. Taken for a directory, one
-    whose manifest is missing was said to hold "no valid checkpoint; train first"."""
+    holds a manifest, or is named for a step, or holds tensor files and no step folders. Taken
+    for a directory, one whose manifest is missing was said to hold "no valid checkpoint; train
+    first"; taken for a folder, a run's directory with a stray ``.safetensors`` file in it (an
+    export) was said to be a damaged checkpoint."""
     if (path / _MANIFEST).is_file() or _STEP_FOLDER_RE.match(path.name):
         return True
     if not path.is_dir():
         return False
-    return (path / _MANIFEST).exists() or any(path.glob("*.safetensors"))
+    if (path / _MANIFEST).exists():
+        return True
+    if any(_STEP_FOLDER_RE.match(child.name) for child in path.iterdir() if child.is_dir()):
+        return False
+    return any(path.glob("*.safetensors"))
 
 
 def _built_model(state: CheckpointState, path: Path) -> tuple[GPT, RunConfig]:
