@@ -176,6 +176,14 @@ def test_eval_refuses_to_change_the_checkpoint_model(checkpoint: Path) -> None:
     assert "--model.context cannot be changed" in output
 
 
+@pytest.mark.parametrize("flag", ["--train.max_steps", "--optim.lr", "--swarm.inner_steps"])
+def test_eval_refuses_a_flag_that_changes_nothing_it_does(checkpoint: Path, flag: str) -> None:
+    # Taken and ignored before: the command seemed to honour it.
+    code, output = _invoke(["eval", "--checkpoint", str(checkpoint), flag, "5"])
+    assert code == 2
+    assert f"eval: {flag} does not change an evaluation; drop the flag" in output
+
+
 def test_eval_refuses_a_model_changed_through_the_environment(
     checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

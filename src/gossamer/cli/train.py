@@ -298,6 +298,10 @@ def _print_summary(result: TrainResult, summary_json: Path | None) -> bool:
     return written
 
 
+_EVAL_KEYS = frozenset({"train.batch_size", "train.eval_batches"})
+"""The keys other than ``data.*`` an evaluation reads from its flags."""
+
+
 def evaluate(
     ctx: typer.Context,
     checkpoint: Annotated[
@@ -322,6 +326,12 @@ def evaluate(
                 raise ConfigError(
                     f"eval: --{key} cannot be changed: the model's shape is the checkpoint's; "
                     "drop the flag (--data.* and --train.batch_size may be changed)"
+                )
+            if not key.startswith("data.") and key not in _EVAL_KEYS:
+                # (taken and ignored before: `--train.max_steps 5` seemed to do something)
+                raise ConfigError(
+                    f"eval: --{key} does not change an evaluation; drop the flag (--data.*, "
+                    "--train.batch_size and --train.eval_batches may be changed)"
                 )
         loaded = _load_checkpoint(checkpoint)
         base = config_to_dict(loaded.config)
