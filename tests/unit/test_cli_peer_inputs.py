@@ -10,6 +10,7 @@ import pytest
 from fifo_fakes import fifo_with_a_brief_writer
 from typer.testing import CliRunner
 
+from gossamer.cli import peer as peer_cli
 from gossamer.cli.main import app
 from gossamer.cli.preflight import read_swarm_secret
 from gossamer.core.config_loader import MAX_CONFIG_FILE_BYTES, load_run_config
@@ -194,3 +195,13 @@ def test_a_swarm_secret_file_s_home_folder_and_whitespace(
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "secret").write_bytes(b"  a private swarm's secret, long enough\n")
     assert read_swarm_secret(Path("~/secret")) == b"a private swarm's secret, long enough"
+
+
+@pytest.mark.parametrize("ttl_s", [60.0, 20_000.0, 86_400.0])
+def test_a_record_ttl_longer_than_others_keep_records_still_makes_a_config(ttl_s: float) -> None:
+    # Over 3 h, the republish interval (a third of the TTL) passed limits.max_stored_ttl_s and
+    # the peer refused to start, naming dht.republish_interval_s, a key no flag sets.
+    config = peer_cli._config("127.0.0.1:0", None, None, record_ttl_s=ttl_s)
+    assert config.dht.record_ttl_s == ttl_s
+    assert config.dht.republish_interval_s < config.limits.max_stored_ttl_s
+    assert config.dht.republish_interval_s <= ttl_s / 3

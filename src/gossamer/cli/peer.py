@@ -35,7 +35,13 @@ from gossamer.core.config_loader import (
 from gossamer.core.errors import ConfigError, GossamerError, PeerUnavailableError
 from gossamer.core.runtime import freeze_startup_heap
 from gossamer.net.bridge import NodeThread
-from gossamer.net.config import DhtConfig, HeartbeatConfig, NodeConfig, RelayConfig
+from gossamer.net.config import (
+    DhtConfig,
+    HeartbeatConfig,
+    LimitsConfig,
+    NodeConfig,
+    RelayConfig,
+)
 from gossamer.net.connections import DialTarget
 from gossamer.net.identity import held_identity, load_or_create_identity
 from gossamer.net.metrics import register_net_metrics
@@ -103,7 +109,9 @@ def _config(
             swarm_secret=read_swarm_secret(secret_file),
             dht=DhtConfig(
                 record_ttl_s=record_ttl_s,
-                republish_interval_s=record_ttl_s / 3,
+                # (renewed before other nodes drop it too: a TTL over their limit's asked for
+                # an interval past it, refused under a key no flag sets)
+                republish_interval_s=min(record_ttl_s, LimitsConfig().max_stored_ttl_s) / 3,
                 refresh_interval_s=refresh_interval_s,
             ),
             heartbeat=HeartbeatConfig(
