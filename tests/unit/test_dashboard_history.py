@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from gossamer.obs.dashboard.history import HistoryConfig, SwarmHistory
+from gossamer.obs.dashboard.history import HistoryConfig, SwarmHistory, swarm_goodput_ratio
 from gossamer.obs.dashboard.source import PeerSample, PeerView, SwarmSnapshot
 
 
@@ -172,6 +172,41 @@ def test_peers_that_do_not_train_leave_the_swarm_s_goodput_alone() -> None:
     bare = PeerSample(goodput_ratio=0.0, tokens_total=0.0)
     history.record(_snap(1.0, _view("a"), _view("b"), _view("c"), a=trainer, b=bare, c=bare))
     assert history.state()["swarm"]["goodput_ratio"] == 1.0
+
+
+def _trainer(kept: float, wall_s: float, rate: float) -> PeerSample:
+    return PeerSample(
+        tokens_total=wall_s * rate,
+        goodput_ratio=kept / (wall_s * rate),
+        goodput_kept_tokens=kept,
+        goodput_wall_s=wall_s,
+        compute_tokens_per_second=rate,
+    )
+
+
+def test_the_swarm_s_goodput_is_kept_tokens_over_capacity() -> None:
+    # The mean of per-peer ratios, 0.5 here, where docs/observability.md and swarm_goodput
+    # define the swarm's goodput as all kept tokens over all capacity: 910,000 / 1,100,000.
+    fast = _trainer(kept=900_000, wall_s=100.0, rate=10_000.0)  # 0.9 of a big machine
+    slow = _trainer(kept=10_000, wall_s=100.0, rate=1_000.0)  # 0.1 of a small one
+    history = SwarmHistory()
+    history.record(_snap(1.0, _view("a"), _view("b"), a=fast, b=slow))
+    assert history.state()["swarm"]["goodput_ratio"] == pytest.approx(910_000 / 1_100_000)
+
+
+def test_a_peer_with_its_ratio_only_counts_as_one_of_mean_capacity() -> None:
+    fast = _trainer(kept=900_000, wall_s=100.0, rate=10_000.0)
+    slow = _trainer(kept=10_000, wall_s=100.0, rate=1_000.0)
+    ratio_only = PeerSample(goodput_ratio=0.5, tokens_total=1e6)
+    mean_capacity = 550_000.0
+    expected = (910_000 + 0.5 * mean_capacity) / (1_100_000 + mean_capacity)
+    assert swarm_goodput_ratio([fast, slow, ratio_only]) == pytest.approx(expected)
+    # None of them with the figures: their mean, as before.
+    assert swarm_goodput_ratio([ratio_only, PeerSample(goodput_ratio=1.0)]) == 0.75
+    assert swarm_goodput_ratio([PeerSample()]) is None
+    # A peer that has not computed yet (capacity 0) says nothing either way.
+    idle = PeerSample(goodput_kept_tokens=0.0, goodput_wall_s=10.0, compute_tokens_per_second=0.0)
+    assert swarm_goodput_ratio([fast, idle]) == pytest.approx(0.9)
 
 
 @pytest.mark.parametrize(

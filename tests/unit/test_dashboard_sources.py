@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
 from prometheus_client import Counter, Info, generate_latest
 
 from gossamer.core.clock import FakeClock
-from gossamer.obs.dashboard.exposition import MAX_ID_CHARS, MAX_LABELS_PER_METRIC, parse_metrics
+from gossamer.net.metrics import NetMetricsConfig
+from gossamer.obs.dashboard import scrape as scrape_module
+from gossamer.obs.dashboard.exposition import (
+    MAX_ID_CHARS,
+    MAX_LABELS_PER_METRIC,
+    MAX_LINE_CHARS,
+    MAX_LINES,
+    MAX_SAMPLES_READ,
+    ParsedMetrics,
+    parse_metrics,
+)
 from gossamer.obs.dashboard.fake import FakeSwarmSource
 from gossamer.obs.dashboard.scrape import ScrapeConfig, ScrapeSwarmSource, normalize_metrics_url
 from gossamer.obs.dashboard.source import PeerSample, PeerView, SwarmSnapshot, SwarmSource
@@ -145,6 +157,69 @@ def test_parse_metrics_reads_the_peer_metrics_names() -> None:
     assert sample.bytes_sent == {"other": 4096.0}
     assert "compute" in sample.phase_seconds
     assert sample.num_resyncs is None  # not exported by this peer
+    # What the swarm's goodput is made of (kept tokens over wall time times compute rate).
+    assert sample.goodput_kept_tokens == 0.0
+    assert sample.goodput_wall_s is not None
+    assert sample.compute_tokens_per_second == 0.0
+    assert parsed.problem is None
+
+
+def test_parse_metrics_reads_a_page_line_by_line_up_to_its_limits() -> None:
+    # prometheus_client's parser took 24 s over a comment of 1.28 MB of spaces and 17 s and
+    # 370 MiB over 8 MiB of "a 1": it is handed only the lines read here, within bounds.
+    past_the_line_limit = (
+        "gossamer_train_step 1\n" + "a 1\n" * MAX_LINES + "gossamer_train_loss 2\n"
+    )
+    parsed = parse_metrics(past_the_line_limit)
+    assert (parsed.sample.step, parsed.sample.loss) == (1.0, None)
+    assert parsed.problem is not None
+    assert f"over {MAX_LINES:,} lines" in parsed.problem
+
+    overlong = (
+        "# " + " " * (4 * MAX_LINE_CHARS) + "x\n"  # a comment: left out and not said
+        "gossamer_train_loss 0." + "0" * MAX_LINE_CHARS + "1\n"  # a sample: left out and said
+        "gossamer_train_step 3\n"
+    )
+    parsed = parse_metrics(overlong)
+    assert (parsed.sample.step, parsed.sample.loss) == (3.0, None)
+    assert parsed.problem == f"1 line(s) over {MAX_LINE_CHARS:,} characters left out"
+
+    many = "".join(f'gossamer_net_sent_bytes_total{{peer="r{i}"}} 1\n' for i in range(4096))
+    parsed = parse_metrics(many + "gossamer_train_step 4\n")
+    assert parsed.sample.step is None
+    assert parsed.problem is not None
+    assert f"over {MAX_SAMPLES_READ:,} lines" in parsed.problem
+
+
+def test_parse_metrics_parses_only_the_metrics_it_reads() -> None:
+    # Another exporter's line that prometheus_client refuses (a label named twice) is not
+    # parsed, nor are comments other than the TYPE of a metric read.
+    text = (
+        '# HELP other_metric "' + '\\"' * 100 + '"\n'
+        'other_metric{a="b",a="c"} 1\n'
+        "# TYPE gossamer_train_tokens counter\n"
+        "gossamer_train_tokens 7\n"  # (a counter without _total: read as _total, as before)
+    )
+    parsed = parse_metrics(text)
+    assert parsed.sample.tokens_total == 7.0
+    assert parsed.problem is None
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "gossamer_train_tokens_total " + "9" * 400,
+        'gossamer_net_sent_bytes_total{peer="x"} ' + "9" * 400,
+        "gossamer_train_step 1e400",
+    ],
+    ids=["scalar", "labelled", "float"],
+)
+def test_parse_metrics_leaves_out_values_out_of_a_float_s_range(line: str) -> None:
+    # A 400-digit integer raised OverflowError from math.isfinite: the peer showed as gone and
+    # each poll logged an ERROR with a traceback.
+    sample = parse_metrics(f"gossamer_train_loss 2\n{line}\n").sample
+    assert (sample.tokens_total, sample.step, sample.bytes_sent) == (None, None, {})
+    assert sample.loss == 2.0
 
 
 def test_parse_metrics_leaves_out_negative_counts() -> None:
@@ -267,3 +342,94 @@ def test_snapshot_rejects_inconsistent_peers() -> None:
         SwarmSnapshot(taken_at_wall_s=0.0, peers=(view,), samples={"b": PeerSample()})
     with pytest.raises(ValueError, match="status"):
         PeerView(peer_id="a", address="", status="dead")  # type: ignore[arg-type]
+
+
+def test_scrape_parses_pages_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Parsed on the dashboard's loop, one hostile page froze /api/state for everyone.
+    threads: list[threading.Thread] = []
+
+    def parse(text: str) -> ParsedMetrics:
+        threads.append(threading.current_thread())
+        return parse_metrics(text)
+
+    monkeypatch.setattr(scrape_module, "parse_metrics", parse)
+    endpoints = _FakeEndpoints()
+    url = "http://10.0.0.1:9/metrics"
+    endpoints.pages[url] = _peer_metrics_text("a")
+    source = ScrapeSwarmSource(ScrapeConfig(urls=(url,)), fetch=endpoints, clock=FakeClock())
+    snapshot = asyncio.run(source.snapshot())
+    assert snapshot.peers[0].status == "alive"
+    assert threads
+    assert threading.main_thread() not in threads
+
+
+def test_scrape_shows_why_a_page_was_not_read_and_logs_it_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A bad page logged an ERROR with a traceback at every poll, and the page said nothing.
+    endpoints = _FakeEndpoints()
+    urls = ("http://10.0.0.1:9/metrics", "http://10.0.0.2:9/metrics")
+    endpoints.pages[urls[0]] = _peer_metrics_text("a") + "a 1\n" * MAX_LINES
+    endpoints.pages[urls[1]] = "gossamer_train_tokens_total 1\n<html>not metrics</html>\n"
+    source = ScrapeSwarmSource(ScrapeConfig(urls=urls), fetch=endpoints, clock=FakeClock())
+    caplog.set_level(logging.DEBUG, logger="gossamer.obs.dashboard.scrape")
+    for _ in range(3):
+        snapshot = asyncio.run(source.snapshot())
+    read_in_part, unreadable = snapshot.peers
+    assert (read_in_part.peer_id, read_in_part.status) == ("a", "alive")
+    assert read_in_part.problem is not None
+    assert f"over {MAX_LINES:,} lines" in read_in_part.problem
+    assert unreadable.status == "gone"
+    assert unreadable.problem is not None
+    assert unreadable.problem.startswith("page not read: not Prometheus text format: line 2")
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 2  # one per peer, not one per poll
+    assert all(r.exc_info is None for r in warnings)
+    endpoints.pages[urls[1]] = _peer_metrics_text("b")
+    snapshot = asyncio.run(source.snapshot())
+    assert (snapshot.peers[1].peer_id, snapshot.peers[1].status) == ("b", "alive")
+    assert snapshot.peers[1].problem is None
+    assert "read whole again" in caplog.text
+
+
+def test_the_scrape_deadline_outlasts_a_busy_peer_s_wait_for_its_node() -> None:
+    # A busy peer's network metrics wait live_timeout_s for its node's loop, then serve their
+    # last view; at a scrape deadline of as long, a busy but live peer was shown as gone.
+    config = ScrapeConfig(urls=("http://10.0.0.1:9/metrics",))
+    assert config.timeout_s >= 2 * NetMetricsConfig().live_timeout_s
+    assert config.timeout_s <= config.gone_after_s
+
+
+def test_an_answer_after_the_snapshot_stopped_waiting_counts_at_the_next() -> None:
+    # A snapshot waits snapshot_wait_s, not the whole deadline: a peer that does not answer
+    # would hold every snapshot, and every other peer's figures, for it.
+    release = threading.Event()
+    num_fetches = 0
+
+    def fetch(url: str, timeout_s: float) -> str:
+        nonlocal num_fetches
+        num_fetches += 1
+        if num_fetches > 1:
+            raise ConnectionRefusedError("only the first fetch answers")
+        release.wait(30)
+        return _peer_metrics_text("slow")
+
+    url = "http://10.0.0.1:9/metrics"
+    source = ScrapeSwarmSource(
+        ScrapeConfig(urls=(url,), snapshot_wait_s=0.05, timeout_s=30), fetch=fetch
+    )
+
+    async def polls() -> tuple[SwarmSnapshot, SwarmSnapshot]:
+        first = await source.snapshot()  # gives up waiting; the fetch goes on
+        release.set()
+        deadline = time.monotonic() + 10
+        while (later := await source.snapshot()).peers[0].status != "alive":
+            assert time.monotonic() < deadline, "the late answer never counted"
+        return first, later
+
+    try:
+        first, later = asyncio.run(polls())
+    finally:
+        release.set()
+    assert first.peers[0].status == "gone"
+    assert later.peers[0].peer_id == "slow"  # the first fetch's answer: the others fail

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -56,6 +57,75 @@ def test_torn_last_line_is_skipped_but_garbage_elsewhere_is_an_error(tmp_path: P
     path.write_text("garbage\n" + good + "\n")
     with pytest.raises(ValueError, match=r"spans\.jsonl:1"):
         read_spans(path)
+
+
+def _span_line(start_unix_s: float = 1.0) -> str:
+    return json.dumps({"name": "compute", "start_unix_s": start_unix_s, "duration_s": 0.5})
+
+
+def test_a_restarted_recorder_ends_a_torn_last_line_before_its_spans(tmp_path: Path) -> None:
+    # A peer's disk filled up mid-line; restarted with the same --trace file, it appended its
+    # spans onto the torn line, and the export refused the whole file.
+    path = tmp_path / "spans.jsonl"
+    torn = _span_line()[:25]
+    path.write_text(_span_line() + "\n" + torn)
+    recorder = SpanRecorder(peer="p2", path=path)
+    with recorder.span("compute", step=5):
+        pass
+    recorder.close()
+    assert path.read_text().splitlines()[1] == torn  # on a line of its own
+    assert [s.step for s in read_spans(path)] == [-1, 5]
+
+
+def test_lines_that_are_not_spans_amid_spans_are_skipped_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "spans.jsonl"
+    lines = [
+        _span_line(1.0),
+        _span_line()[:25] + _span_line(),  # torn, then a restarted peer's first span
+        '{"name": "compute", "start_unix_s": "late", "duration_s": 0.5}',
+        _span_line(1e305),  # infinite once in microseconds
+        _span_line(2.0),
+        _span_line()[:10],  # torn last line
+    ]
+    path.write_text("\n".join(lines))
+    assert [s.start_unix_s for s in read_spans(path)] == [1.0, 2.0]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "4 line(s) not spans, skipped" in warnings[0].getMessage()
+    assert "line 2" in warnings[0].getMessage()
+
+
+def test_a_torn_last_line_alone_is_skipped_without_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "spans.jsonl"
+    path.write_text(_span_line() + "\n" + _span_line()[:30])
+    assert len(read_spans(path)) == 1
+    assert not caplog.records
+
+
+@pytest.mark.parametrize(
+    "start", ["1e305", "1e400", "9" * 400], ids=["overflows-in-us", "infinite", "huge-integer"]
+)
+def test_trace_export_skips_a_span_whose_times_are_out_of_range(tmp_path: Path, start: str) -> None:
+    # 1e305 s overflowed to infinity in microseconds: json.dumps(allow_nan=False) raised out of
+    # `gossamer trace export` as a traceback.
+    spans = tmp_path / "spans.jsonl"
+    bad = '{"name": "compute", "start_unix_s": ' + start + ', "duration_s": 0.5}'
+    spans.write_text(_span_line(1.0) + "\n" + bad + "\n" + _span_line(2.0) + "\n")
+    output = tmp_path / "trace.json"
+    result = CliRunner().invoke(trace_cli.app, [str(spans), "--output", str(output)])
+    assert result.exit_code == 0, result.output
+    assert result.exception is None
+    assert "2 spans written" in result.output
+    json.loads(output.read_text())
+    spans.write_text(bad + "\n" + _span_line(2.0) + "\n")  # first: the file is no trace
+    result = CliRunner().invoke(trace_cli.app, [str(spans), "--output", str(output)])
+    assert result.exit_code == 2, result.output
+    assert "spans.jsonl:1 is not a span" in result.output
+    assert "out of range" in result.output
 
 
 @pytest.mark.parametrize(

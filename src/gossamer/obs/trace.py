@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -153,6 +154,24 @@ def record_nested(name: str, *, start_unix_s: float, duration_s: float, **attrs:
     )
 
 
+def _open_for_appending(path: Path) -> TextIO:
+    """``path`` opened to append lines to. A file whose last line is torn (the disk filled up,
+    or its writer was killed, mid-line) is first ended with a newline: spans appended by a
+    restarted peer went onto the torn line, and the whole file was refused on export.
+
+    Raises:
+        OSError: the file cannot be opened or written.
+    """
+    with path.open("ab") as raw:
+        if raw.tell() > 0:
+            with path.open("rb") as reader:
+                reader.seek(-1, os.SEEK_END)
+                torn = reader.read(1) != b"\n"
+            if torn:
+                raw.write(b"\n")
+    return path.open("a", encoding="utf-8")
+
+
 class SpanRecorder:
     """Records spans into a bounded ring, to sinks and optionally to a JSON-lines file.
 
@@ -190,7 +209,7 @@ class SpanRecorder:
         self._closed = threading.Event()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = path.open("a", encoding="utf-8")
+            self._file = _open_for_appending(path)
             self._file_bytes = self._file.tell()
             # Flushed a second after a span is written at the latest, whether or not another
             # comes: a peer waiting long (a round forming) and then killed kept its last spans
@@ -267,8 +286,8 @@ class SpanRecorder:
             if self._file_bytes + len(line) > self._max_file_bytes and self._file_bytes:
                 self._file.close()
                 self._path.replace(self._path.with_name(self._path.name + ".1"))
-                self._file = self._path.open("a", encoding="utf-8")
-                self._file_bytes = 0
+                self._file = _open_for_appending(self._path)
+                self._file_bytes = self._file.tell()
             self._file.write(line)
             self._file_bytes += len(line)  # (ASCII: json.dumps escapes the rest)
             self._unflushed = True
@@ -316,30 +335,60 @@ class SpanRecorder:
 
 
 def read_spans(path: Path) -> list[Span]:
-    """Spans from a JSON-lines file written by :class:`SpanRecorder`; a torn last line is skipped.
+    """Spans from a JSON-lines file written by :class:`SpanRecorder`.
+
+    A line that is not a span is skipped: a torn one (a full disk, or a writer killed
+    mid-line), after which a restarted peer appends. Their count and the first of them are
+    logged in one warning (not for a torn last line alone: what a killed peer leaves). A file is
+    refused when it is not a trace at all: it holds no span, or its first line (blank lines
+    aside) is neither a span nor a torn one (the start of a span's JSON, cut off).
 
     Raises:
-        ValueError: a line other than the last is not a span, or the file holds no span.
+        ValueError: the file is not a trace, as above.
     """
     lines = path.read_text(encoding="utf-8").splitlines()
     spans: list[Span] = []
+    num_skipped = 0
+    first_skipped = ""
+    not_a_trace = ""
+    last_is_torn = False
+    first_line = True
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            spans.append(_span_of(json.loads(line, parse_constant=_not_a_number)))
+            fields = json.loads(line, parse_constant=_not_a_number, parse_float=_finite_float)
+            spans.append(_span_of(fields))
+            last_is_torn = False
         except (json.JSONDecodeError, TypeError, ValueError) as exc:
-            if number == len(lines):
-                break  # the writer was killed mid-line
-            raise ValueError(f"{path}:{number} is not a span: {exc}") from exc
+            torn = isinstance(exc, json.JSONDecodeError) and (
+                line.startswith(_SPAN_LINE_START) or _SPAN_LINE_START.startswith(line)
+            )
+            if first_line and not torn:
+                not_a_trace = f"{path}:{number} is not a span: {exc}"
+            num_skipped += 1
+            first_skipped = first_skipped or f"line {number}: {exc}"
+            last_is_torn = torn
+        first_line = False
     if not spans:
         raise ValueError(
             f"{path} holds no span; record spans with `gossamer train --trace FILE` and export "
             "that file"
         )
+    if not_a_trace:
+        raise ValueError(not_a_trace)
+    if num_skipped and not (num_skipped == 1 and last_is_torn):
+        _log.warning(
+            "%s: %d line(s) not spans, skipped (torn by a full disk or a crash?); the first, %s",
+            path,
+            num_skipped,
+            first_skipped,
+        )
     return spans
 
 
+_SPAN_LINE_START = '{"name": '
+"""How every line :class:`SpanRecorder` writes begins (``json.dumps`` of a :class:`Span`)."""
 _SPAN_FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,),
     "start_unix_s": (int, float),
@@ -358,6 +407,15 @@ def _not_a_number(constant: str) -> Any:
     raise ValueError(f"{constant} is not a number JSON has (a span's times and attrs are finite)")
 
 
+def _finite_float(text: str) -> float:
+    """(``json.loads``' ``parse_float``) ``1e400`` is read as infinity, which the export cannot
+    write (JSON has no infinity)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:30]} is out of range of a float")
+    return value
+
+
 def _span_of(fields: Any) -> Span:
     """A span from one parsed line, its fields' types checked (the file may be anyone's)."""
     if not isinstance(fields, dict):
@@ -368,9 +426,20 @@ def _span_of(fields: Any) -> Span:
             raise TypeError(f"unknown field {key!r}")
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             raise TypeError(f"{key!r} is a {type(value).__name__}")
-    for key in ("duration_s", "exclusive_s"):
-        if (fields.get(key) or 0) < 0:
-            raise ValueError(f"{key!r} is negative ({fields[key]})")
+    for key in ("start_unix_s", "duration_s", "exclusive_s"):
+        value = fields.get(key)
+        if value is None:
+            continue
+        # In microseconds, as the export writes them: 1e305 s was read and became infinite
+        # there (a traceback); an integer of 400 digits is no float at all.
+        try:
+            in_range = math.isfinite(float(value) * 1e6)
+        except OverflowError:
+            in_range = False
+        if not in_range:
+            raise ValueError(f"{key!r} is out of range ({str(value)[:30]})")
+        if key != "start_unix_s" and value < 0:
+            raise ValueError(f"{key!r} is negative ({value})")
     return Span(**fields)
 
 

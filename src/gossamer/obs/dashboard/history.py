@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from gossamer.obs.dashboard.source import PeerSample, PeerView, SwarmSnapshot
 
-__all__ = ["HistoryConfig", "SwarmEvent", "SwarmHistory"]
+__all__ = ["HistoryConfig", "SwarmEvent", "SwarmHistory", "swarm_goodput_ratio"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -85,6 +86,41 @@ def _json_number(value: float | None, digits: int = 6) -> float | None:
     if value is None or not math.isfinite(value):
         return None
     return round(value, digits)
+
+
+def swarm_goodput_ratio(samples: Iterable[PeerSample]) -> float | None:
+    """The swarm's goodput ratio from its training peers' samples, as ``swarm_goodput`` defines
+    it (docs/observability.md): their kept tokens over what they could have computed in their
+    wall time (each one's wall seconds times its compute-only rate), so a fast peer counts for
+    more than a slow one. A peer that exports its ratio only (not the three figures it is made
+    of) counts as one of the others' mean capacity, or, where none has them, all are averaged;
+    None when no peer says anything.
+    """
+    kept = capacity = 0.0
+    num_weighed = 0
+    ratios_only: list[float] = []
+    for sample in samples:
+        tokens, wall_s, rate = (
+            sample.goodput_kept_tokens,
+            sample.goodput_wall_s,
+            sample.compute_tokens_per_second,
+        )
+        if tokens is not None and wall_s is not None and rate is not None:
+            peer_capacity = wall_s * rate
+            if math.isfinite(peer_capacity) and peer_capacity > 0 and math.isfinite(tokens):
+                kept += tokens
+                capacity += peer_capacity
+                num_weighed += 1
+            continue  # (one that has not computed yet says nothing)
+        if sample.goodput_ratio is not None and math.isfinite(sample.goodput_ratio):
+            ratios_only.append(sample.goodput_ratio)
+    if not num_weighed:
+        return sum(ratios_only) / len(ratios_only) if ratios_only else None
+    mean_capacity = capacity / num_weighed
+    kept += sum(ratios_only) * mean_capacity
+    capacity += len(ratios_only) * mean_capacity
+    ratio = kept / capacity
+    return ratio if math.isfinite(ratio) else None
 
 
 class SwarmHistory:
@@ -180,6 +216,7 @@ class SwarmHistory:
             reachability=view.reachability,
             last_seen_wall_s=view.last_seen_wall_s,
             metrics_url=view.metrics_url,
+            problem=view.problem,
         )
         peer.gone_since_wall_s = now
         self._event(now, "gone", view.peer_id, detail)
@@ -236,7 +273,7 @@ class SwarmHistory:
         peers: list[dict[str, Any]] = []
         curves = {}
         total_tokens_per_s = 0.0
-        ratios: list[float] = []
+        trainers: list[PeerSample] = []
         for peer_id, peer in sorted(self._peers.items()):
             view, sample = peer.view, peer.sample
             alive = view.status == "alive"
@@ -245,12 +282,8 @@ class SwarmHistory:
                 total_tokens_per_s += sample.tokens_per_second or 0.0
                 # Only peers that train: a bootstrap or relay peer (or a trainer before its
                 # first step) exports a goodput of 0, and pulled the swarm's figure down.
-                if (
-                    sample.goodput_ratio is not None
-                    and math.isfinite(sample.goodput_ratio)
-                    and (sample.tokens_total or 0) > 0
-                ):
-                    ratios.append(sample.goodput_ratio)
+                if (sample.tokens_total or 0) > 0:
+                    trainers.append(sample)
             peers.append(
                 {
                     "peer_id": peer_id,
@@ -267,6 +300,7 @@ class SwarmHistory:
                     "tokens_per_second": _json_number(sample.tokens_per_second if alive else 0.0),
                     "tokens_total": _json_number(sample.tokens_total),
                     "goodput_ratio": _json_number(sample.goodput_ratio),
+                    "problem": view.problem,
                     "phase_seconds": {
                         k: _json_number(v) for k, v in sorted(sample.phase_seconds.items())
                     },
@@ -294,7 +328,7 @@ class SwarmHistory:
                 "num_alive": num_alive,
                 "num_gone": len(peers) - num_alive,
                 "tokens_per_second": _json_number(total_tokens_per_s),
-                "goodput_ratio": _json_number(sum(ratios) / len(ratios)) if ratios else None,
+                "goodput_ratio": _json_number(swarm_goodput_ratio(trainers)),
             },
             "peers": peers,
             "links": links,

@@ -3,7 +3,7 @@
 Useful without any peer-to-peer discovery: point it at the metrics endpoints of some peers
 (``gossamer dashboard --scrape URL ...``). Failure detection works like the network layer's
 heartbeats: a peer whose endpoint has not answered for ``gone_after_s`` is gone, and is reported
-back when it answers again.
+back when it answers again. Why a page was not read, in part or at all, is shown with its peer.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gossamer.core.clock import Clock, SystemClock
-from gossamer.obs.dashboard.exposition import parse_metrics
+from gossamer.obs.dashboard.exposition import ParsedMetrics, parse_metrics
 from gossamer.obs.dashboard.source import PeerSample, PeerView, SwarmSnapshot
 
 __all__ = ["Fetch", "ScrapeConfig", "ScrapeSwarmSource", "fetch_url", "normalize_metrics_url"]
@@ -90,8 +90,14 @@ class ScrapeConfig:
 
     urls: tuple[str, ...]
     """Full metrics URLs (see :func:`normalize_metrics_url`)."""
-    timeout_s: float = 1.0
-    """Deadline of one scrape."""
+    timeout_s: float = 2.5
+    """Deadline of one scrape: above the second a busy peer's network metrics wait for its
+    node's event loop before it serves its last view (``NetMetricsConfig.live_timeout_s``); at
+    that second too, a busy but live peer was shown as gone."""
+    snapshot_wait_s: float = 1.5
+    """How long a snapshot waits for an endpoint's answer; one that comes later, within
+    ``timeout_s``, counts at the next snapshot (a peer that does not answer at all then holds
+    no snapshot, and so no other peer's figures, for the whole deadline)."""
     gone_after_s: float = 2.5
     """A peer whose endpoint has not answered for this long is shown as gone."""
 
@@ -100,10 +106,14 @@ class ScrapeConfig:
             raise ValueError("ScrapeConfig.urls: name at least one metrics endpoint")
         if len(set(self.urls)) != len(self.urls):
             raise ValueError("ScrapeConfig.urls: an endpoint is listed twice")
-        for name in ("timeout_s", "gone_after_s"):
+        for name in ("timeout_s", "snapshot_wait_s", "gone_after_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"ScrapeConfig.{name}: must be a positive number, not {value}")
+
+
+MAX_PROBLEM_CHARS = 200
+"""A reason shown with a peer is cut to this length (an exception's text may quote the page)."""
 
 
 @dataclass(slots=True)
@@ -114,9 +124,15 @@ class _Target:
     last_answer_s: float | None = None
     last_answer_wall_s: float | None = None
     sample: PeerSample | None = None
-    fetching: asyncio.Future[str] | None = None
+    problem: str | None = None
+    """Why the last try did not read the page whole (None: it did)."""
+    logged: str | None = None
+    """The kind of trouble last logged (see :meth:`ScrapeSwarmSource._take`)."""
+    fetching: asyncio.Future[None] | None = None
     """The fetch under way (in its own thread): one at a time per endpoint, so a peer that
     answers slower than its deadline holds one thread, not one more at every snapshot."""
+    fetch_deadline: float = 0.0
+    """Loop time past which the fetch under way is no longer waited for."""
 
 
 def _unique_id(target: _Target, taken: set[str]) -> str:
@@ -133,8 +149,17 @@ def _unique_id(target: _Target, taken: set[str]) -> str:
     return renamed
 
 
+def _short(text: str) -> str:
+    return text if len(text) <= MAX_PROBLEM_CHARS else text[: MAX_PROBLEM_CHARS - 3] + "..."
+
+
 class ScrapeSwarmSource:
     """Scrape every URL concurrently at each snapshot.
+
+    Each endpoint is fetched and its page parsed in a thread of its own, off the event loop
+    (parsing a hostile page takes up to a second or so; on the loop it froze the dashboard). An
+    answer is taken in when it comes, so one that comes after the snapshot stopped waiting counts
+    at the next.
 
     Args:
         config: the endpoints and timings.
@@ -162,54 +187,79 @@ class ScrapeSwarmSource:
         # Replaced, not appended to, so a snapshot iterating the old list is undisturbed.
         self._targets = [*self._targets, _Target(url=url, address=address, peer_id=address)]
 
-    def _start_fetch(self, target: _Target) -> asyncio.Future[str]:
-        """Fetch ``target`` in a daemon thread of its own (a thread stuck on a peer never
-        holds up other work, nor the process's exit)."""
+    def _start_fetch(self, target: _Target) -> asyncio.Future[None]:
+        """Fetch and parse ``target``'s page in a daemon thread of its own (a thread stuck on a
+        peer never holds up other work, nor the process's exit); the outcome is taken in on the
+        loop, and the returned future is done then."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[str] = loop.create_future()
+        future: asyncio.Future[None] = loop.create_future()
 
-        def deliver(result: str | None, error: BaseException | None) -> None:
-            if future.done():
-                return
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result or "")
+        def deliver(parsed: ParsedMetrics | None, error: BaseException | None) -> None:
+            try:
+                self._take(target, parsed, error)
+            finally:
+                if not future.done():
+                    future.set_result(None)
 
         def work() -> None:
+            parsed: ParsedMetrics | None = None
+            error: BaseException | None = None
             try:
-                text = self._fetch(target.url, self.config.timeout_s)
+                parsed = parse_metrics(self._fetch(target.url, self.config.timeout_s))
             except BaseException as exc:  # handed to the loop, which decides
-                outcome: tuple[str | None, BaseException | None] = (None, exc)
-            else:
-                outcome = (text, None)
+                error = exc
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(deliver, *outcome)
+                loop.call_soon_threadsafe(deliver, parsed, error)
 
-        # Retrieved here too: a fetch whose snapshot gave up on it ends with nobody awaiting.
-        future.add_done_callback(lambda done: done.cancelled() or done.exception())
+        target.fetch_deadline = loop.time() + self.config.timeout_s + 0.5
         threading.Thread(target=work, name=f"scrape {target.address}", daemon=True).start()
         return future
 
+    def _take(
+        self, target: _Target, parsed: ParsedMetrics | None, error: BaseException | None
+    ) -> None:
+        """Take in one try's outcome (on the loop). A page that cannot be read is logged once
+        when that starts, not at every poll; an endpoint that does not answer at debug level
+        (the page shows it gone)."""
+        if parsed is not None:
+            target.last_answer_s = self._clock.monotonic()
+            target.last_answer_wall_s = self._clock.wall()
+            target.sample = parsed.sample
+            if parsed.peer_id:
+                target.peer_id = parsed.peer_id
+            kind, problem = ("read in part", parsed.problem) if parsed.problem else (None, None)
+        elif isinstance(error, (OSError, TimeoutError)):
+            kind, problem = "no answer", f"no answer: {error}"
+        elif isinstance(error, ValueError):
+            kind, problem = "unreadable", f"page not read: {error}"
+        else:
+            kind, problem = "failed", f"scrape failed: {error!r}"
+        target.problem = None if problem is None else _short(problem)
+        if kind == target.logged:
+            if kind is not None:
+                _log.debug("scrape of %s: %s", target.url, target.problem)
+            return
+        if kind == "failed":  # a bug of ours: its traceback, once
+            _log.error("scrape of %s failed", target.url, exc_info=error)
+        elif kind in ("read in part", "unreadable"):
+            _log.warning("scrape of %s: %s", target.url, target.problem)
+        elif kind == "no answer":
+            _log.debug("scrape of %s: %s", target.url, target.problem)
+        elif target.logged in ("read in part", "unreadable", "failed"):
+            _log.info("scrape of %s: its page is read whole again", target.url)
+        target.logged = kind
+
     async def _scrape(self, target: _Target) -> None:
-        if target.fetching is not None and not target.fetching.done():
-            return  # the last fetch is still under way: no answer this time
-        target.fetching = self._start_fetch(target)
-        try:
-            async with asyncio.timeout(self.config.timeout_s + 0.5):
-                text = await asyncio.shield(target.fetching)
-            parsed = parse_metrics(text)
-        except (OSError, TimeoutError, ValueError) as exc:
-            _log.debug("scrape of %s failed: %s", target.url, exc)
-            return
-        except Exception:  # one endpoint never fails the others' snapshot
-            _log.exception("scrape of %s failed", target.url)
-            return
-        target.last_answer_s = self._clock.monotonic()
-        target.last_answer_wall_s = self._clock.wall()
-        target.sample = parsed.sample
-        if parsed.peer_id:
-            target.peer_id = parsed.peer_id
+        loop = asyncio.get_running_loop()
+        fetching = target.fetching
+        if fetching is None or fetching.done() or fetching.get_loop() is not loop:
+            fetching = target.fetching = self._start_fetch(target)
+        wait_s = min(self.config.snapshot_wait_s, target.fetch_deadline - loop.time())
+        if wait_s <= 0:
+            return  # still under way past its deadline: no answer this time
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait_s):
+                await asyncio.shield(fetching)
 
     async def snapshot(self) -> SwarmSnapshot:
         targets = self._targets
@@ -234,6 +284,7 @@ class ScrapeSwarmSource:
                     status="alive" if alive else "gone",
                     last_seen_wall_s=target.last_answer_wall_s,
                     metrics_url=target.url,
+                    problem=target.problem,
                 )
             )
             if target.sample is not None:

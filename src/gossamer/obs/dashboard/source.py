@@ -43,6 +43,9 @@ class PeerView:
     """Wall time of its last sign of life; None if it never answered."""
     metrics_url: str | None = None
     """Its Prometheus endpoint, if it has one."""
+    problem: str | None = None
+    """Why its metrics could not be read at the last try, in part or at all (a page cut at
+    its line limit, one not in the exposition format, no answer); None when read whole."""
 
     def __post_init__(self) -> None:
         if not self.peer_id:
@@ -73,6 +76,13 @@ class PeerSample:
     (``gossamer_train_tokens_per_second``)."""
     goodput_ratio: float | None = None
     """Kept tokens per wall second over the compute-only rate (``gossamer_goodput_ratio``)."""
+    goodput_kept_tokens: float | None = None
+    """Tokens of steps whose result was kept (``gossamer_goodput_kept_tokens``)."""
+    goodput_wall_s: float | None = None
+    """Wall seconds goodput is measured over (``gossamer_goodput_wall_seconds``)."""
+    compute_tokens_per_second: float | None = None
+    """The compute-only rate: tokens per second of compute
+    (``gossamer_compute_tokens_per_second``)."""
     num_resyncs: float | None = None
     """Times the peer resynced its state (``gossamer_resyncs_total``)."""
     phase_seconds: Mapping[str, float] = field(default_factory=dict)

@@ -113,6 +113,8 @@ function renderPeers(peers) {
       el("td", { class: "num" }, fmtAgo(p.last_seen_s_ago)),
     ];
     cells[0].append(status);
+    // Why its metrics were not read whole (a page cut at its limits, no answer): text, never markup.
+    if (p.problem) cells[0].append(el("div", { class: "problem", title: p.problem }, p.problem));
     row.append(...cells);
     return row;
   });
