@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gossamer.core.clock import FakeClock
-from gossamer.core.errors import AuthenticationError, ProtocolError
+from gossamer.core.errors import AuthenticationError, PeerUnavailableError, ProtocolError
 from gossamer.net.config import DhtConfig, LimitsConfig
 from gossamer.net.counters import NetCounters
 from gossamer.net.dht import Dht
@@ -616,3 +616,68 @@ def test_a_record_sent_as_its_own_by_another_peer_is_not_taken_as_contact_with_t
         contacted=spoken_to.peer_id,
     )
     assert spoken_to.peer_id in dht.directory.last_contact_wall_s
+
+
+class DeadPeersTransport(EndlessSybilsTransport):
+    """Every request fails: no peer answers."""
+
+    async def find_node(
+        self, peer_id: str, target: bytes, known_filter: bytes = b""
+    ) -> list[net_pb2.SignedPeerRecord]:
+        self.num_requests += 1
+        raise PeerUnavailableError(f"{peer_id[:8]} never answers")
+
+
+def _ghost_record(ghost: Identity, now_s: float, ttl_s: float) -> net_pb2.SignedPeerRecord:
+    value = net_pb2.PeerRecordValue(addresses=["10.255.255.1:9"])
+    return sign_peer_record(ghost, value, now_s=now_s, ttl_s=ttl_s)
+
+
+def test_the_directory_holds_a_record_at_most_max_stored_ttl_s_after_it_was_signed() -> None:
+    """A record claiming a week of life (MAX_RECORD_TTL_S) kept a peer that never answered in
+    every directory, and dialed, for the week; the store keeps records max_stored_ttl_s."""
+    clock = FakeClock()
+    limits = LimitsConfig(max_stored_ttl_s=3600.0)
+    dht = lone_dht(clock, DeadPeersTransport(clock), limits=limits)
+    ghost = Identity.generate()
+    dht.learn(_ghost_record(ghost, clock.wall(), MAX_RECORD_TTL_S))
+    record = dht.directory.get(ghost.peer_id)
+    assert record is not None
+    assert record.expires_at_s == clock.wall() + 3600.0
+    clock.advance(3600.0)
+    dht.expire()
+    assert ghost.peer_id not in dht.directory
+    assert ghost.peer_id not in dht.routing
+    # One signed longer ago than that is not taken in at all, whatever it claims.
+    old = _ghost_record(ghost, clock.wall() - 3601.0, MAX_RECORD_TTL_S)
+    dht.learn(old)
+    assert ghost.peer_id not in dht.directory
+
+
+def test_a_peer_that_failed_is_put_back_in_routing_only_by_news_of_it() -> None:
+    """A lookup's failure took a peer that never answered out of routing, and the next gossip
+    of the same record put it back: it was dialed at every refresh."""
+    clock = FakeClock()
+    transport = DeadPeersTransport(clock)
+    dht = lone_dht(clock, transport)
+    ghost = Identity.generate()
+    record = _ghost_record(ghost, clock.wall(), 60.0)
+    dht.learn(record)
+    assert ghost.peer_id in dht.routing
+    asyncio.run(dht.refresh())
+    assert transport.num_requests == 1
+    assert ghost.peer_id not in dht.routing
+    gossiper = Identity.generate().peer_id
+    dht.learn(record, source=gossiper)  # the same record, gossiped again
+    assert ghost.peer_id not in dht.routing
+    asyncio.run(dht.refresh())
+    assert transport.num_requests == 1  # not dialed again
+    clock.advance(1.0)
+    dht.learn(_ghost_record(ghost, clock.wall(), 60.0), source=gossiper)  # renewed: news
+    assert ghost.peer_id in dht.routing
+    asyncio.run(dht.refresh())
+    assert ghost.peer_id not in dht.routing
+    held = dht.directory.get(ghost.peer_id)
+    assert held is not None
+    dht.learn(held.signed, contacted=ghost.peer_id)  # it spoke to this node
+    assert ghost.peer_id in dht.routing  # back, with the same record

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -207,5 +208,112 @@ def test_detector_reports_a_silent_peer_gone_at_the_timeout_and_back_when_it_ans
             await detector.wait_for("a", alive=True, timeout_s=5)
         assert [(p, a) for p, a, _ in changes] == [("a", False), ("a", True)]
         assert detector.watched == []
+
+    asyncio.run(scenario())
+
+
+class _StallingClock(FakeClock):
+    """A fake clock whose next wait, once armed, overruns by ``stall_s``: the event loop of the
+    node running it stalled (a GC pause, a long synchronous step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stall_s = 0.0
+        self.num_stalls = 0
+
+    async def sleep_async(self, seconds: float) -> None:
+        stall_s, self.stall_s = self.stall_s, 0.0
+        self.num_stalls += stall_s > 0
+        await super().sleep_async(seconds + stall_s)
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    """Let the detector's loop run (fake time) until ``condition``, within a bounded number of
+    passes."""
+    for _ in range(10_000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(what)
+
+
+def test_a_stall_of_the_watcher_s_own_loop_does_not_report_a_live_peer_gone() -> None:
+    # After the watcher's loop stalled past timeout - interval, the next heartbeat got 10 ms:
+    # a peer with a longer round trip was reported gone, though it was never asked meanwhile.
+    async def scenario() -> None:
+        clock = _StallingClock()
+        config = HeartbeatConfig(interval_s=0.5, timeout_s=2.5)
+        round_trip_s = 0.03
+        budgets: list[tuple[float, int]] = []  # (budget, stalls before it)
+        changes: list[bool] = []
+
+        async def heartbeat(peer_id: str, timeout_s: float) -> None:
+            budgets.append((timeout_s, clock.num_stalls))
+            if timeout_s < round_trip_s:
+                clock.advance(timeout_s)
+                raise DeadlineExceededError("no answer within the deadline")
+            clock.advance(round_trip_s)
+
+        async with FailureDetector(
+            heartbeat, config, clock, lambda p, alive: changes.append(alive)
+        ) as detector:
+            detector.watch("far")
+            await _until(lambda: len(budgets) >= 3, "three heartbeats")
+            clock.stall_s = 3.2
+            await _until(lambda: sum(n for _, n in budgets) >= 5, "five heartbeats after it")
+            assert changes == []
+            after_stall = next(budget for budget, n in budgets if n)
+            assert after_stall == pytest.approx(config.timeout_s)  # a full budget
+            assert detector.liveness("far").alive  # type: ignore[union-attr]
+
+    asyncio.run(scenario())
+
+
+def test_a_heartbeat_that_ends_far_past_its_deadline_is_not_a_verdict() -> None:
+    # The watcher's loop stalled while the heartbeat was in flight: its answer came, unseen.
+    async def scenario() -> None:
+        clock = FakeClock()
+        config = HeartbeatConfig(interval_s=0.5, timeout_s=2.5)
+        calls: list[float] = []
+        changes: list[bool] = []
+
+        async def heartbeat(peer_id: str, timeout_s: float) -> None:
+            calls.append(timeout_s)
+            if len(calls) == 3:
+                clock.advance(timeout_s + 3.0)
+                raise DeadlineExceededError("no answer seen")
+
+        async with FailureDetector(
+            heartbeat, config, clock, lambda p, alive: changes.append(alive)
+        ) as detector:
+            detector.watch("p")
+            await _until(lambda: len(calls) >= 6, "six heartbeats")
+            assert changes == []
+            assert calls[3] == pytest.approx(config.timeout_s)
+
+    asyncio.run(scenario())
+
+
+def test_a_peer_paused_during_the_watcher_s_stall_is_reported_gone_after_a_full_heartbeat() -> None:
+    async def scenario() -> None:
+        clock = _StallingClock()
+        config = HeartbeatConfig(interval_s=0.5, timeout_s=2.5)
+        calls: list[tuple[float, float]] = []  # (sent at, budget) after the stall
+
+        async def heartbeat(peer_id: str, timeout_s: float) -> None:
+            if clock.num_stalls:  # paused since: the call runs to its deadline
+                calls.append((clock.monotonic(), timeout_s))
+                clock.advance(timeout_s)
+                raise DeadlineExceededError("no answer")
+
+        async with FailureDetector(heartbeat, config, clock) as detector:
+            detector.watch("p")
+            await detector.wait_for("p", alive=True, timeout_s=5)
+            clock.stall_s = 3.2
+            gone_at = await detector.wait_for("p", alive=False, timeout_s=5)
+            assert len(calls) == 1
+            sent_at_s, budget_s = calls[0]
+            assert budget_s == pytest.approx(config.timeout_s)
+            assert gone_at == pytest.approx(sent_at_s + config.timeout_s)
 
     asyncio.run(scenario())

@@ -378,6 +378,7 @@ class ConnectionPool:
         *,
         timeout_s: float | None = None,
         retry: bool = True,
+        use_breaker: bool = True,
     ) -> R:
         """One unary call to a peer, with breaker, retries and error mapping.
 
@@ -388,6 +389,10 @@ class ConnectionPool:
             response_type: the response message class.
             timeout_s: deadline of each attempt (the node's rpc_timeout_s by default).
             retry: retry retryable errors under the retry config; False for one attempt.
+            use_breaker: go through the peer's circuit breaker (refused at once while it is
+                open) and count the outcome in it. False for heartbeats: they are how a peer's
+                liveness is told, and other calls' failures (a slow handler past the caller's
+                deadline) opened the breaker and made a live peer look gone.
 
         Raises:
             GossamerError: the mapped error of the last attempt.
@@ -395,6 +400,10 @@ class ConnectionPool:
         timeout_s = timeout_s or self._config.rpc_timeout_s
 
         async def attempt() -> R:
+            if not use_breaker:
+                return await self._call_through(
+                    None, peer_id, method, request, response_type, timeout_s
+                )
             return await self._call_once(peer_id, method, request, response_type, timeout_s)
 
         if not retry:
@@ -427,7 +436,7 @@ class ConnectionPool:
 
     async def _call_through(
         self,
-        breaker: CircuitBreaker,
+        breaker: CircuitBreaker | None,
         peer_id: str,
         method: str,
         request: Message,
@@ -439,7 +448,8 @@ class ConnectionPool:
         try:
             connection = await self.connection(peer_id, timeout_s=timeout_s)
         except RetryableError:
-            breaker.failed()
+            if breaker is not None:
+                breaker.failed()
             raise
         started = time.perf_counter()
         try:
@@ -449,15 +459,21 @@ class ConnectionPool:
         except grpc.aio.AioRpcError as exc:
             self._counters.call_made(peer_id, method, time.perf_counter() - started, ok=False)
             error = await self.failed(connection, exc, method)
-            breaker.failed() if isinstance(error, RetryableError) else breaker.succeeded()
+            if breaker is not None:
+                # A refusal the peer's handler answered (busy, over a rate) says the peer is
+                # there: counted as failures, five of them opened the breaker of a live peer.
+                failed = isinstance(error, RetryableError) and not answered_by_handler(exc)
+                breaker.failed() if failed else breaker.succeeded()
             raise error from exc
         except asyncio.CancelledError:
             if (unavailable := ended_under_call(peer_id)) is None:
                 raise
             self._counters.call_made(peer_id, method, time.perf_counter() - started, ok=False)
-            breaker.failed()
+            if breaker is not None:
+                breaker.failed()
             raise unavailable from None
-        breaker.succeeded()
+        if breaker is not None:
+            breaker.succeeded()
         self._counters.call_made(peer_id, method, time.perf_counter() - started, ok=True)
         self._counters.sent(peer_id, request.ByteSize())
         self._counters.received(peer_id, response.ByteSize())

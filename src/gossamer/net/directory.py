@@ -3,11 +3,13 @@
 Records reach the directory from handshakes, from the sender and responder fields of DHT calls
 and from lookup results; each is checked (signature, expiry) before it is kept. An entry leaves
 when its record expires: a peer that stopped republishing (killed, partitioned) drops out within
-the lifetime of its last record.
+the lifetime of its last record, and at most ``max_lifetime_s`` after it was signed, whatever
+lifetime it claims.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -17,7 +19,7 @@ from gossamer.core.clock import Clock
 from gossamer.core.errors import AuthenticationError, ProtocolError
 from gossamer.net.counters import NetCounters
 from gossamer.net.identity import peer_id_of_public_key, short_peer_id
-from gossamer.net.records import PeerRecord, parse_peer_record
+from gossamer.net.records import MAX_RECORD_TTL_S, PeerRecord, parse_peer_record
 from gossamer.proto import net_pb2
 
 __all__ = ["RECENT_CONTACT_S", "PeerDirectory"]
@@ -51,6 +53,9 @@ class PeerDirectory:
             through gossip), and not its claimed lifetime (up to a week).
         max_new_peers_per_source: peers one source may add per ``new_peers_interval_s``.
         new_peers_interval_s: see above.
+        max_lifetime_s: a record is held at most this long after it was signed, whatever
+            lifetime it claims (the DHT sets its ``limits.max_stored_ttl_s``: see
+            :meth:`limit_lifetime`).
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class PeerDirectory:
         max_peers: int,
         max_new_peers_per_source: int = 1024,
         new_peers_interval_s: float = 60.0,
+        max_lifetime_s: float = MAX_RECORD_TTL_S,
     ) -> None:
         self._own = own_peer_id
         self._clock = clock
@@ -71,6 +77,7 @@ class PeerDirectory:
         self._max_peers = max_peers
         self._max_new_per_source = max_new_peers_per_source
         self._new_peers_interval_s = new_peers_interval_s
+        self._max_lifetime_s = max_lifetime_s
         self._records: dict[str, PeerRecord] = {}
         """Least recently renewed or spoken to first (either moves a record to the end)."""
         self._never_contacted: dict[str, None] = {}
@@ -125,6 +132,11 @@ class PeerDirectory:
             return None
         if record.peer_id == self._own:
             return None
+        expires_at_s = min(record.expires_at_s, record.published_at_s + self._max_lifetime_s)
+        if expires_at_s <= self._clock.wall():
+            return None  # (older than any record a live peer keeps renewed)
+        if expires_at_s < record.expires_at_s:
+            record = dataclasses.replace(record, expires_at_s=expires_at_s)
         current = self._records.get(record.peer_id)
         if current is not None and current.published_at_s >= record.published_at_s:
             return current
@@ -153,6 +165,14 @@ class PeerDirectory:
         """Set how many new peers one source may add per ``interval_s`` (the DHT's config)."""
         self._max_new_per_source = count
         self._new_peers_interval_s = interval_s
+
+    def limit_lifetime(self, max_lifetime_s: float) -> None:
+        """Hold a record at most ``max_lifetime_s`` after it was signed (records learned from
+        now on). The DHT sets its ``limits.max_stored_ttl_s``: every node republishes its
+        record faster than that (the config requires it), so a live peer's record is always
+        renewed in time, while a record claiming a week of life for a peer that never answered
+        kept that peer in every directory, and dialed, for the week."""
+        self._max_lifetime_s = max_lifetime_s
 
     def _has_budget(self, source: str) -> bool:
         started_s, count = self._new_from.get(source, (0.0, 0))

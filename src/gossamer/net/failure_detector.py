@@ -5,6 +5,9 @@ deadline (``timeout_s`` after its last answered heartbeat), so a peer that was k
 at once) or paused (calls hang) is reported gone ``timeout_s`` after it last answered, not later.
 A gone peer keeps being probed; when it answers again (for instance restarted with the same key,
 so the same peer id) it is reported back. One gone for ``forget_after_s`` is no longer watched.
+A stall of this node's own event loop is not the peer's silence: the first heartbeat after one
+gets a full ``timeout_s``, and a peer is reported gone only after a heartbeat that had a real
+budget went unanswered.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ __all__ = ["FailureDetector", "PeerLiveness"]
 
 _log = logging.getLogger(__name__)
 Heartbeat = Callable[[str, float], Awaitable[None]]
+_MAX_LAG_OF_INTERVAL = 0.5
+"""A wait or a heartbeat that ends later than planned by over this share of the interval means
+this node's own event loop stalled (the peer's silence in that time is not the peer's)."""
 
 
 @dataclass(slots=True)
@@ -130,11 +136,18 @@ class FailureDetector:
 
     async def _run(self, peer_id: str) -> None:
         interval_s, timeout_s = self._config.interval_s, self._config.timeout_s
+        max_lag_s = interval_s * _MAX_LAG_OF_INTERVAL
+        lagged = False  # this node's own event loop stalled since the last heartbeat that counted
         while True:
             state = self._liveness[peer_id]
             started = self._clock.monotonic()
-            # Never wait past the moment the peer would be declared gone.
+            # Never wait past the moment the peer would be declared gone; but after a stall of
+            # this node's own loop (a GC pause, a long synchronous step) that moment may have
+            # passed while no heartbeat was sent: the next one gets a full budget (it got
+            # 10 ms, and a peer farther than that was declared gone for this node's stall).
             budget_s = state.last_answer_s + timeout_s - started if state.alive else interval_s
+            if lagged and state.alive:
+                budget_s = timeout_s
             budget_s = max(min(budget_s, timeout_s), 0.01)
             try:
                 await self._heartbeat(peer_id, budget_s)
@@ -143,7 +156,18 @@ class FailureDetector:
                 answered = False
                 _log.debug("peer %s: heartbeat to %s failed: %s", self._own, peer_id[:12], exc)
             now = self._clock.monotonic()
-            if answered:
+            # A failed heartbeat that ended well past its deadline: this loop was not running to
+            # see its answer, so it says nothing of the peer.
+            lagged = not answered and now - started - budget_s > max_lag_s
+            if lagged:
+                _log.info(
+                    "peer %s: heartbeat to %s ended %.1f s past its deadline (this node's event "
+                    "loop stalled); not counted",
+                    self._own,
+                    peer_id[:12],
+                    now - started - budget_s,
+                )
+            elif answered:
                 state.last_answer_s = now
                 if not state.alive:
                     await self._set(state, True, now)
@@ -158,7 +182,19 @@ class FailureDetector:
                 )
                 del self._tasks[peer_id], self._liveness[peer_id]
                 return
-            await self._clock.sleep_async(max(0.0, interval_s - (now - started)))
+            wait_s = 0.0 if lagged else max(0.0, interval_s - (now - started))
+            await self._clock.sleep_async(wait_s)
+            overshot_s = self._clock.monotonic() - now - wait_s
+            if overshot_s > max_lag_s:
+                lagged = True
+                _log.info(
+                    "peer %s: event loop stalled %.1f s; the next heartbeat to %s gets a full "
+                    "%.1f s",
+                    self._own,
+                    overshot_s,
+                    peer_id[:12],
+                    timeout_s,
+                )
 
     async def _set(self, state: PeerLiveness, alive: bool, now: float) -> None:
         state.alive = alive

@@ -37,7 +37,7 @@ from gossamer.net.config import NodeConfig
 from gossamer.net.connections import ConnectionPool, DialTarget
 from gossamer.net.counters import NetCounters
 from gossamer.net.dht import Dht
-from gossamer.net.dht_service import DhtServicer, GrpcDhtTransport
+from gossamer.net.dht_service import DHT_METHODS, DhtServicer, GrpcDhtTransport
 from gossamer.net.directory import PeerDirectory
 from gossamer.net.failure_detector import FailureDetector
 from gossamer.net.handshake import Session
@@ -578,13 +578,31 @@ class Node:
         )
 
     async def _heartbeat(self, peer_id: str, timeout_s: float) -> None:
-        await self._timed_ping(peer_id, with_record=False, timeout_s=timeout_s)
+        """One heartbeat: a Ping without records, past the peer's circuit breaker. The breaker
+        counts every other call's failures (a FindValue slower than its deadline, say): five of
+        them opened it, heartbeats then failed at once, and a live peer was reported gone."""
+        sent_wall_s, sent_s = self.clock.wall(), self.clock.monotonic()
+        response = await self.pool.call(
+            peer_id,
+            DHT_METHODS["Ping"],
+            net_pb2.PingRequest(),
+            net_pb2.PingResponse,
+            timeout_s=timeout_s,
+            retry=False,
+            use_breaker=False,
+        )
+        self._note_clock(peer_id, sent_wall_s, sent_s, response.wall_time_s)
 
     async def _timed_ping(self, peer_id: str, *, with_record: bool, timeout_s: float) -> None:
         sent_wall_s, sent_s = self.clock.wall(), self.clock.monotonic()
         remote_wall_s = await self._transport.ping(
             peer_id, with_record=with_record, timeout_s=timeout_s
         )
+        self._note_clock(peer_id, sent_wall_s, sent_s, remote_wall_s)
+
+    def _note_clock(
+        self, peer_id: str, sent_wall_s: float, sent_s: float, remote_wall_s: float
+    ) -> None:
         now_s = self.clock.monotonic()
         self.peer_clocks.note(
             peer_id,
