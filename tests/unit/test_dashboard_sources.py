@@ -109,6 +109,36 @@ def test_scrape_marks_a_silent_peer_gone_after_the_deadline_and_back_when_it_ans
     assert snapshot.samples["peer-1"].loss == 1.5
 
 
+def test_a_live_peer_is_judged_when_it_answered_not_when_the_slowest_endpoint_gave_up() -> None:
+    # A snapshot waits snapshot_wait_s for a silent endpoint; a live peer's answer taken at its
+    # start was judged against gone_after_s at its end: below snapshot_wait_s, live peers
+    # showed as gone at every snapshot.
+    release = threading.Event()
+    honest, silent = "http://10.0.0.1:9/metrics", "http://10.0.0.2:9/metrics"
+
+    def fetch(url: str, timeout_s: float) -> str:
+        if url == silent:
+            release.wait(30)
+            raise OSError("no answer")
+        return _peer_metrics_text("honest")
+
+    config = ScrapeConfig(urls=(honest, silent), snapshot_wait_s=1.0, gone_after_s=0.5)
+    source = ScrapeSwarmSource(config, fetch=fetch)
+
+    async def polls() -> list[SwarmSnapshot]:
+        return [await source.snapshot() for _ in range(2)]
+
+    try:
+        snapshots = asyncio.run(polls())
+    finally:
+        release.set()
+    for snapshot in snapshots:
+        assert {p.peer_id: p.status for p in snapshot.peers} == {
+            "honest": "alive",
+            "10.0.0.2:9": "gone",
+        }
+
+
 def test_scrape_names_peers_by_address_without_peer_info_and_separates_duplicates() -> None:
     endpoints = _FakeEndpoints()
     urls = ("http://10.0.0.1:9/metrics", "http://10.0.0.2:9/metrics", "http://10.0.0.3:9/metrics")
@@ -189,6 +219,18 @@ def test_parse_metrics_reads_a_page_line_by_line_up_to_its_limits() -> None:
     assert parsed.sample.step is None
     assert parsed.problem is not None
     assert f"over {MAX_SAMPLES_READ:,} lines" in parsed.problem
+
+
+def test_an_overlong_line_is_said_only_where_it_is_a_metric_the_dashboard_reads() -> None:
+    # Another exporter's long line was logged as a warning and shown as a problem with the
+    # peer, though nothing the dashboard reads was lost.
+    other = 'other_metric{v="' + "x" * MAX_LINE_CHARS + '"} 1\n'
+    read = 'gossamer_net_sent_bytes_total{peer="' + "x" * MAX_LINE_CHARS + '"} 1\n'
+    parsed = parse_metrics(other + "gossamer_train_step 3\n")
+    assert (parsed.sample.step, parsed.problem) == (3.0, None)
+    parsed = parse_metrics(other + read + "  " + read + "gossamer_train_step 3\n")
+    assert parsed.sample.step == 3.0
+    assert parsed.problem == f"2 line(s) over {MAX_LINE_CHARS:,} characters left out"
 
 
 def test_parse_metrics_parses_only_the_metrics_it_reads() -> None:
@@ -390,6 +432,36 @@ def test_scrape_shows_why_a_page_was_not_read_and_logs_it_once(
     assert (snapshot.peers[1].peer_id, snapshot.peers[1].status) == ("b", "alive")
     assert snapshot.peers[1].problem is None
     assert "read whole again" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        'gossamer_train_step{a="b",\x1b[2J\x1b[31mFAKE: all peers healthy\r} 1\n',
+        OSError("HTTP Error 500: \x1b[2J\x1b[31mFAKE: all peers healthy\r"),
+    ],
+    ids=["page", "no-answer"],
+)
+def test_what_a_page_says_is_logged_and_shown_with_its_control_characters_escaped(
+    caplog: pytest.LogCaptureFixture, answer: str | OSError
+) -> None:
+    # prometheus_client's error quotes the page's line: ANSI escapes and a carriage return went
+    # into a warning as they were (a terminal cleared, a line of the log forged).
+    def fetch(url: str, timeout_s: float) -> str:
+        if isinstance(answer, OSError):
+            raise answer
+        return answer
+
+    url = "http://10.0.0.1:9/metrics"
+    source = ScrapeSwarmSource(ScrapeConfig(urls=(url,)), fetch=fetch, clock=FakeClock())
+    caplog.set_level(logging.DEBUG, logger="gossamer.obs.dashboard.scrape")
+    (peer,) = asyncio.run(source.snapshot()).peers
+    assert peer.problem is not None
+    assert peer.problem.isprintable(), peer.problem
+    assert "\\x1b[2J" in peer.problem
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("FAKE" in message for message in messages)
+    assert all(message.isprintable() for message in messages), messages
 
 
 def test_the_scrape_deadline_outlasts_a_busy_peer_s_wait_for_its_node() -> None:

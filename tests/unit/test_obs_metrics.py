@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 from typing import Any
 
@@ -244,6 +245,44 @@ def test_a_busy_or_stopped_node_serves_the_last_view() -> None:
     calls = live.calls
     assert _samples(registry)[("gossamer_net_peers_known", ())] == 3
     assert live.calls == calls  # never asks a stopped node
+
+
+def test_a_scrape_while_another_waits_on_the_node_serves_the_last_view_at_once() -> None:
+    # Live reads were queued on a lock, each waiting up to live_timeout_s for a busy loop: with
+    # three scrapers the third waited three times as long, and dashboards showed the peer gone.
+    reading = threading.Event()
+    release = threading.Event()
+    num_reads = 0
+
+    def slow_live() -> LiveView:
+        nonlocal num_reads
+        num_reads += 1
+        if num_reads == 2:
+            reading.set()
+            release.wait(30)  # a busy node's loop
+        return LiveView(peers_known=num_reads)
+
+    registry = CollectorRegistry()
+    collector = NetMetricsCollector(NetCounters().snapshot, slow_live)
+    registry.register(collector)
+    assert _samples(registry)[("gossamer_net_peers_known", ())] == 1
+    first: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    second: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    reader = threading.Thread(target=lambda: first.update(_samples(registry)))
+    concurrent = threading.Thread(target=lambda: second.update(_samples(registry)))
+    reader.start()
+    try:
+        assert reading.wait(10)
+        concurrent.start()
+        concurrent.join(5)
+        assert not concurrent.is_alive(), "the scrape queued behind the read under way"
+    finally:
+        release.set()
+        reader.join(10)
+        if concurrent.ident is not None:
+            concurrent.join(10)
+    assert second[("gossamer_net_peers_known", ())] == 1  # the last view, at once
+    assert first[("gossamer_net_peers_known", ())] == 2
 
 
 def test_net_metrics_config_is_checked() -> None:

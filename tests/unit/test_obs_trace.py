@@ -97,6 +97,31 @@ def test_lines_that_are_not_spans_amid_spans_are_skipped_with_one_warning(
     assert "line 2" in warnings[0].getMessage()
 
 
+def test_a_line_nested_too_deep_to_parse_amid_spans_is_skipped(tmp_path: Path) -> None:
+    # json.loads raised RecursionError, not caught: a traceback from `gossamer trace export`.
+    spans = tmp_path / "spans.jsonl"
+    nested = '{"name": ' + "[" * 100_000
+    spans.write_text(f"{_span_line(1.0)}\n{nested}\n{'[' * 100_000}\n{_span_line(2.0)}\n")
+    output = tmp_path / "trace.json"
+    result = CliRunner().invoke(trace_cli.app, [str(spans), "--output", str(output)])
+    assert result.exception is None, result.exception
+    assert result.exit_code == 0, result.output
+    assert "2 spans written" in result.output
+
+
+@pytest.mark.parametrize(
+    "first",
+    ["\x00" * 4096, "\x00 \x00\t", "\x00\x00" + _span_line()[:20]],
+    ids=["nul", "nul-and-spaces", "nul-then-torn-span"],
+)
+def test_a_first_line_of_nul_bytes_a_crash_left_is_torn(tmp_path: Path, first: str) -> None:
+    # The same line amid spans was skipped, but first in the file it was read as the sign of a
+    # file that is no trace, and every span in it was refused.
+    path = tmp_path / "spans.jsonl"
+    path.write_text(first + "\n" + _span_line(1.0) + "\n" + _span_line(2.0) + "\n")
+    assert [s.start_unix_s for s in read_spans(path)] == [1.0, 2.0]
+
+
 def test_a_torn_last_line_alone_is_skipped_without_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -6,10 +6,11 @@ node keeps anyway (:class:`~gossamer.net.counters.NetCounters`) are read when Pr
 Counters are copied from the scraping thread (their snapshot is safe there); what only the node's
 event loop may touch (the directory, the connection pool, the failure detector) is read by a small
 coroutine submitted to the loop with a short deadline, and if the loop does not answer in time the
-last answer is served again, so a busy node never makes a scrape hang. The one thing counted as
-it happens is a failure: the collector observes the failure detector
-(:meth:`NetMetricsCollector.count_liveness_change`), so a peer that went and came back between two
-scrapes is still counted.
+last answer is served again, so a busy node never makes a scrape hang; a scrape that comes while
+another is reading serves the last answer at once, rather than queue behind it. The one thing
+counted as it happens is a failure: the collector observes the failure detector
+(:meth:`NetMetricsCollector.count_liveness_change`), so a peer that went and came back between
+two scrapes is still counted.
 
 Labels are bounded: remote peers by :attr:`NetMetricsConfig.max_peer_labels` (the first peers
 seen, each for as long as the counters keep it; the rest are summed under ``peer="other"``, so
@@ -189,17 +190,33 @@ class NetMetricsCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         counters = self._read_counters()
-        with self._lock:  # one live read at a time, and never after close()
-            if not self._closed:
-                try:
-                    self._live = self._read_live()
-                except (GossamerError, RuntimeError) as exc:
-                    _log.debug("metrics: node state not read (%s); serving the last one", exc)
-            live = self._live
+        live = self._read_live_view()
         with self._failures_lock:
             failures = self._failures
         named = self._label_peers(counters.get("peers", {}))
         return self._families(counters, live, failures, named)
+
+    def _read_live_view(self) -> LiveView:
+        """The node's live state, or the last one read where it cannot be read now: the node
+        was closed, its loop did not answer in time, or another scrape is reading it.
+
+        One live read at a time, and a scrape that finds one under way serves the last view at
+        once rather than wait for the lock: each read may wait ``live_timeout_s`` for a busy
+        loop, so scrapes queued behind one another (two dashboards and Prometheus) and the
+        third waited three times as long, past a dashboard's deadline, which showed the busy
+        but live peer gone.
+        """
+        if not self._lock.acquire(blocking=False):
+            return self._live
+        try:
+            if not self._closed:  # never after close()
+                try:
+                    self._live = self._read_live()
+                except (GossamerError, RuntimeError) as exc:
+                    _log.debug("metrics: node state not read (%s); serving the last one", exc)
+            return self._live
+        finally:
+            self._lock.release()
 
     def _label_peers(self, peers: Mapping[str, Mapping[str, int]]) -> set[str]:
         """The peers that have a label of their own: the first ``max_peer_labels`` peers seen

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 
 from gossamer.core.clock import Clock, Pacer, SystemClock
@@ -242,13 +242,10 @@ class NetSwarmSource:
                 if index is None:  # not found through the DHT: show what its endpoint says
                     views.append(view)
                 else:
-                    views[index] = PeerView(
-                        peer_id=views[index].peer_id,
-                        address=views[index].address,
-                        status=views[index].status,
-                        reachability=views[index].reachability,
-                        last_seen_wall_s=views[index].last_seen_wall_s,
-                        metrics_url=view.metrics_url,
+                    # The DHT's view of the peer, with what its endpoint says of its metrics
+                    # (why its page was not read was left out, and never shown).
+                    views[index] = replace(
+                        views[index], metrics_url=view.metrics_url, problem=view.problem
                     )
                 if sample is not None:
                     samples[view.peer_id] = sample

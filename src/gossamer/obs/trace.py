@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import string
 import threading
 import time
 from collections import deque
@@ -341,7 +342,8 @@ def read_spans(path: Path) -> list[Span]:
     mid-line), after which a restarted peer appends. Their count and the first of them are
     logged in one warning (not for a torn last line alone: what a killed peer leaves). A file is
     refused when it is not a trace at all: it holds no span, or its first line (blank lines
-    aside) is neither a span nor a torn one (the start of a span's JSON, cut off).
+    aside) is neither a span nor a torn one (the start of a span's JSON, cut off, or NUL bytes
+    a crash left).
 
     Raises:
         ValueError: the file is not a trace, as above.
@@ -360,10 +362,10 @@ def read_spans(path: Path) -> list[Span]:
             fields = json.loads(line, parse_constant=_not_a_number, parse_float=_finite_float)
             spans.append(_span_of(fields))
             last_is_torn = False
-        except (json.JSONDecodeError, TypeError, ValueError) as exc:
-            torn = isinstance(exc, json.JSONDecodeError) and (
-                line.startswith(_SPAN_LINE_START) or _SPAN_LINE_START.startswith(line)
-            )
+        except (json.JSONDecodeError, TypeError, ValueError, RecursionError) as exc:
+            # (RecursionError: a line nested deeper than the parser goes, such as ``[`` * 10**5,
+            # stopped the export with a traceback.)
+            torn = isinstance(exc, json.JSONDecodeError) and _is_torn(line)
             if first_line and not torn:
                 not_a_trace = f"{path}:{number} is not a span: {exc}"
             num_skipped += 1
@@ -389,6 +391,17 @@ def read_spans(path: Path) -> list[Span]:
 
 _SPAN_LINE_START = '{"name": '
 """How every line :class:`SpanRecorder` writes begins (``json.dumps`` of a :class:`Span`)."""
+_NUL_OR_SPACE = "\x00" + string.whitespace
+
+
+def _is_torn(line: str) -> bool:
+    """Whether a line that is not JSON is a span's line cut off: the start of one, or NUL bytes
+    (what a crash can leave where the file system had not yet written the data) around one
+    or alone. A file whose first line was NUL bytes was refused whole as not a trace."""
+    rest = line.strip(_NUL_OR_SPACE)
+    return rest.startswith(_SPAN_LINE_START) or _SPAN_LINE_START.startswith(rest)
+
+
 _SPAN_FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,),
     "start_unix_s": (int, float),

@@ -42,6 +42,7 @@ __all__ = [
     "METRIC_NAMES",
     "ParsedMetrics",
     "parse_metrics",
+    "printable",
 ]
 
 MAX_ID_CHARS = 256
@@ -55,7 +56,9 @@ remotes times the network layer's per-peer metrics, and some 200 more)."""
 MAX_LINE_CHARS = 512
 """A longer line is left out unread (a peer's longest, a ``# HELP`` line, has about 200
 characters; a sample the dashboard reads at most some 320, its label value being bounded by
-:data:`MAX_ID_CHARS`). Only one that is not a comment is said to be left out."""
+:data:`MAX_ID_CHARS`). Only a sample of a metric the dashboard reads is said to be left out
+(another is none of its business: such a line was logged as a warning and shown with the peer
+though nothing the dashboard reads was lost)."""
 MAX_SAMPLES_READ = 2048
 """Lines handed to the parser at most: samples of the metrics in :data:`METRIC_NAMES` and their
 ``# TYPE`` lines (a peer exports about 170: its remotes' traffic each way, its phases, a few
@@ -100,7 +103,10 @@ _FAMILIES = frozenset(METRIC_NAMES.values()) | {
 counter ``X`` exported as ``# TYPE X counter`` and ``X 5`` is read by the parser as ``X_total``,
 so those lines are kept too)."""
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
-_COMMENT = re.compile(r"\s*#")
+_READ_SAMPLE_START = re.compile(
+    r"[ \t]*+(?:" + "|".join(re.escape(name) for name in sorted(_FAMILIES)) + r")[{ \t]"
+)
+"""The start of a sample line of a metric in :data:`_FAMILIES` (checked on overlong lines)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -158,6 +164,15 @@ def _is_sample_shaped(line: str) -> bool:
     return bool(fields) and _is_number(fields[0])
 
 
+def printable(text: str) -> str:
+    """``text`` with each character that is not printable (a control character: an ANSI
+    escape, a carriage return, a newline) written as its escape, ``\\x1b``: what a page says
+    goes into log lines and onto the dashboard's page."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -188,7 +203,9 @@ def _lines_to_parse(text: str) -> tuple[list[str], str | None]:
             cut = f"page over {MAX_LINES:,} lines: the rest not read"
             break
         if end - start > MAX_LINE_CHARS:
-            if not _COMMENT.match(text, start, end):  # (a comment is not read anyway)
+            # Said only where it is a sample the dashboard reads: a comment or another metric's
+            # line is not read anyway.
+            if _READ_SAMPLE_START.match(text, start, end):
                 num_long += 1
             start = end + 1
             continue
@@ -235,7 +252,9 @@ def parse_metrics(text: str) -> ParsedMetrics:
             for s in family.samples
         ]
     except (ValueError, ArithmeticError, IndexError, KeyError, TypeError) as exc:
-        raise ValueError(f"not Prometheus text format: {str(exc)[:200]}") from exc
+        # printable(): the parser's error quotes the page's line, control characters and all
+        # (ANSI escapes, a carriage return), and this is logged.
+        raise ValueError(f"not Prometheus text format: {printable(str(exc)[:200])}") from exc
     for sample in samples:
         field = wanted.get(sample.name)
         if field is None:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gossamer.core.clock import Clock, SystemClock
-from gossamer.obs.dashboard.exposition import ParsedMetrics, parse_metrics
+from gossamer.obs.dashboard.exposition import ParsedMetrics, parse_metrics, printable
 from gossamer.obs.dashboard.source import PeerSample, PeerView, SwarmSnapshot
 
 __all__ = ["Fetch", "ScrapeConfig", "ScrapeSwarmSource", "fetch_url", "normalize_metrics_url"]
@@ -99,7 +99,8 @@ class ScrapeConfig:
     ``timeout_s``, counts at the next snapshot (a peer that does not answer at all then holds
     no snapshot, and so no other peer's figures, for the whole deadline)."""
     gone_after_s: float = 2.5
-    """A peer whose endpoint has not answered for this long is shown as gone."""
+    """A peer whose endpoint has not answered for this long is shown as gone (judged when its
+    own try ends, not when the snapshot's slowest one does)."""
 
     def __post_init__(self) -> None:
         if not self.urls:
@@ -150,6 +151,10 @@ def _unique_id(target: _Target, taken: set[str]) -> str:
 
 
 def _short(text: str) -> str:
+    """``text`` as a reason shown and logged: at most :data:`MAX_PROBLEM_CHARS`, control
+    characters escaped (it may quote a page or an HTTP reason line, ANSI escapes and carriage
+    returns included, which went into the log as they were)."""
+    text = printable(text[: MAX_PROBLEM_CHARS + 1])
     return text if len(text) <= MAX_PROBLEM_CHARS else text[: MAX_PROBLEM_CHARS - 3] + "..."
 
 
@@ -249,33 +254,41 @@ class ScrapeSwarmSource:
             _log.info("scrape of %s: its page is read whole again", target.url)
         target.logged = kind
 
-    async def _scrape(self, target: _Target) -> None:
+    async def _scrape(self, target: _Target) -> float:
+        """Try ``target`` once, waiting ``snapshot_wait_s`` at most for its answer.
+
+        Returns:
+            The clock's monotonic time when its try ended (its answer came, or it was given
+            up), at which its liveness is judged.
+        """
         loop = asyncio.get_running_loop()
         fetching = target.fetching
         if fetching is None or fetching.done() or fetching.get_loop() is not loop:
             fetching = target.fetching = self._start_fetch(target)
         wait_s = min(self.config.snapshot_wait_s, target.fetch_deadline - loop.time())
-        if wait_s <= 0:
-            return  # still under way past its deadline: no answer this time
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(wait_s):
-                await asyncio.shield(fetching)
+        if wait_s > 0:  # (else still under way past its deadline: no answer this time)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await asyncio.shield(fetching)
+        return self._clock.monotonic()
 
     async def snapshot(self) -> SwarmSnapshot:
         targets = self._targets
         async with asyncio.TaskGroup() as group:
-            for target in targets:
-                group.create_task(self._scrape(target))
-        now = self._clock.monotonic()
+            tries = [group.create_task(self._scrape(target)) for target in targets]
         peers: list[PeerView] = []
         samples: dict[str, PeerSample] = {}
         taken: set[str] = set()
-        for target in targets:
+        for target, done in zip(targets, tries, strict=True):
             peer_id = _unique_id(target, taken)
             taken.add(peer_id)
+            # Judged when its own try ended, not the snapshot: a snapshot waits up to
+            # snapshot_wait_s for the slowest endpoint, and a live peer's answer taken at its
+            # start was judged that much older at its end (gone, at gone_after_s below it).
+            judged_at_s = done.result()
             alive = (
                 target.last_answer_s is not None
-                and now - target.last_answer_s < self.config.gone_after_s
+                and judged_at_s - target.last_answer_s < self.config.gone_after_s
             )
             peers.append(
                 PeerView(
