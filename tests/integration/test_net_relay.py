@@ -444,8 +444,9 @@ class _FloodingRelay(RelayServicer):
         self, request: net_pb2.ReserveRequest, context: Any
     ) -> AsyncIterator[net_pb2.RelayEvent]:
         yield net_pb2.RelayEvent(reserved=True)
+        dialer = Identity.generate().peer_id
         for i in range(self.num_announced):
-            yield net_pb2.RelayEvent(tunnel_id=f"{i:024x}", dialer_peer_id="x" * 52)
+            yield net_pb2.RelayEvent(tunnel_id=f"{i:024x}", dialer_peer_id=dialer)
         await asyncio.Event().wait()
 
     async def Accept(
@@ -473,10 +474,10 @@ def test_a_relay_announcing_tunnels_without_end_gets_no_more_than_an_honest_one_
             num_offered = 0
             accept = hidden.accepted_tunnels.accept
 
-            def counted(*args: Any) -> bool:
+            def counted(*args: Any, **kwargs: Any) -> bool:
                 nonlocal num_offered
                 num_offered += 1
-                return accept(*args)
+                return accept(*args, **kwargs)
 
             hidden.accepted_tunnels.accept = counted  # type: ignore[method-assign]
             await _make_unreachable(hidden, relay)

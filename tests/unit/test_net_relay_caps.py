@@ -10,7 +10,15 @@ from gossamer.core.clock import FakeClock
 from gossamer.core.errors import PeerUnavailableError
 from gossamer.net.config import RelayConfig
 from gossamer.net.counters import NetCounters
-from gossamer.net.relay import RelayServicer, TokenBucket, _Reservation
+from gossamer.net.relay import (
+    MAX_TUNNELS_PER_HOST_TO_TARGET,
+    MAX_TUNNELS_PER_TARGET,
+    BytePipe,
+    PipeBudget,
+    RelayServicer,
+    TokenBucket,
+    _Reservation,
+)
 
 
 def test_peers_at_one_host_hold_at_most_a_quarter_of_a_relay_s_tunnels() -> None:
@@ -25,7 +33,7 @@ def test_peers_at_one_host_hold_at_most_a_quarter_of_a_relay_s_tunnels() -> None
             relay._pending[event.tunnel_id].accepted.set()
 
     async def main() -> None:
-        targets = [f"target{i}" for i in range(5)]  # 64 tunnels to each at most
+        targets = [f"target{i}" for i in range(20)]  # 16 tunnels from one host to each
         acceptors = []
         for target in targets:
             reservation = _Reservation(target, TokenBucket(1e9, 1e9, clock))
@@ -49,5 +57,85 @@ def test_peers_at_one_host_hold_at_most_a_quarter_of_a_relay_s_tunnels() -> None
             for task in acceptors:
                 task.cancel()
             await asyncio.gather(*acceptors, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+def test_peers_at_one_host_hold_at_most_a_quarter_of_one_target_s_tunnels() -> None:
+    """Four throwaway identities on one host, 16 tunnels each, filled a target's 64 places: no
+    other peer reached it through this relay."""
+    clock = FakeClock()
+    relay = RelayServicer(RelayConfig(), NetCounters(), clock, lambda: True, accept_timeout_s=5)
+
+    async def accept_all(reservation: _Reservation) -> None:
+        while True:
+            event = await reservation.events.get()
+            relay._pending[event.tunnel_id].accepted.set()
+
+    async def main() -> None:
+        reservation = _Reservation("target", TokenBucket(1e9, 1e9, clock))
+        relay._reservations["target"] = reservation
+        acceptor = asyncio.create_task(accept_all(reservation))
+        opened = []
+        try:
+            for i in range(MAX_TUNNELS_PER_HOST_TO_TARGET):  # four identities at one host
+                dialer = f"dialer{i % 4}"
+                opened.append(await relay._open_tunnel(dialer, "target", host="10.0.0.1"))
+            with pytest.raises(PeerUnavailableError, match="open to target here already"):
+                await relay._open_tunnel("dialer9", "target", host="10.0.0.1")
+            # other hosts fill the target's share; the relay's own node is not held to it
+            for i in range(MAX_TUNNELS_PER_TARGET - MAX_TUNNELS_PER_HOST_TO_TARGET - 1):
+                host = f"10.0.1.{i // MAX_TUNNELS_PER_HOST_TO_TARGET}"
+                opened.append(await relay._open_tunnel(f"other{i}", "target", host=host))
+            opened.append(await relay._open_tunnel("me", "target", local=True))
+            opened[0].close()  # a place of the first host comes back
+            opened.append(await relay._open_tunnel("dialer9", "target", host="10.0.0.1"))
+            for tunnel in opened:
+                tunnel.close()
+            assert relay._num_open_from_host_to == {}
+        finally:
+            acceptor.cancel()
+            await asyncio.gather(acceptor, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+async def _turns(count: int = 5) -> None:
+    """Let the other ready tasks run (no time passes)."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+def test_pipes_queue_within_their_size_and_the_relay_s_budget_by_host() -> None:
+    """A relay's pipes held 16 frames each with nothing over them: 64 tunnels whose ends sent
+    and never read held 512 MiB."""
+
+    async def main() -> None:
+        budget = PipeBudget(max_bytes=6, max_bytes_per_host=4)
+        first, second = BytePipe(3, budget, "a"), BytePipe(3, budget, "a")
+        assert await first.put(b"xx")
+        too_big = asyncio.ensure_future(first.put(b"yy"))  # the pipe holds 3 bytes
+        await _turns()
+        assert not too_big.done()
+        assert await second.put(b"zz")  # host a's share (4 bytes) is taken now
+        over_share = asyncio.ensure_future(second.put(b"w"))
+        other_host = BytePipe(3, budget, "b")
+        assert await other_host.put(b"vv")  # another host's tunnels go on
+        over_budget = asyncio.ensure_future(BytePipe(3, budget, "c").put(b"u"))  # 6 in all
+        await _turns()
+        assert not over_share.done()
+        assert not over_budget.done()
+        assert budget.num_bytes == 6
+        assert await first.get() == b"xx"  # room in the pipe, the host's share, the budget
+        assert await too_big
+        await _turns()
+        assert not over_share.done()
+        other_host.discard()  # its reader is gone: its bytes leave the budget
+        assert await over_budget
+        second.close()  # a writer waiting on a closed pipe is let go
+        assert await over_share is False
+        first.discard()
+        second.discard()
+        assert budget.num_bytes == 1  # (the third host's byte, not drained)
 
     asyncio.run(main())

@@ -23,6 +23,7 @@ import secrets
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -38,8 +39,11 @@ from gossamer.proto import net_pb2, net_pb2_grpc
 __all__ = [
     "ACCEPT_METHOD",
     "CONNECT_METHOD",
+    "MAX_TUNNELS_PER_HOST_TO_TARGET",
     "RESERVE_METHOD",
+    "TUNNEL_ID_CHARS",
     "BytePipe",
+    "PipeBudget",
     "RelayServicer",
     "TokenBucket",
 ]
@@ -48,14 +52,30 @@ _log = logging.getLogger(__name__)
 RESERVE_METHOD = "/gossamer.net.v1.Relay/Reserve"
 CONNECT_METHOD = "/gossamer.net.v1.Relay/Connect"
 ACCEPT_METHOD = "/gossamer.net.v1.Relay/Accept"
-_PIPE_FRAMES = 16
+_PIPE_BYTES = 256 * 1024
+"""Bytes one pipe (one direction of a tunnel) queues: one frame of the largest size. It was 16
+frames (4 MiB): 64 tunnels whose two ends both sent and never read held 512 MiB in pipes. One
+frame carries a tunnel as fast (uncapped, on loopback: 232-304 MiB/s, 224-230 before)."""
+_MAX_PIPE_BYTES = 128 << 20
+"""Bytes queued in all of a relay's pipes at once (a quarter of it under one dialer host); past
+it a pipe's writer waits. Without it: 1,024 tunnels x 2 pipes x 256 KiB = 512 MiB."""
 _MAX_EVENTS = 64
 MAX_PENDING_PER_PEER = 32
 MAX_TUNNELS_PER_TARGET = 64
+MAX_TUNNELS_PER_HOST_TO_TARGET = MAX_TUNNELS_PER_TARGET // 4
+"""Open tunnels to one target whose dialers call from one host: four throwaway identities on
+one host, 16 tunnels each, filled a target's 64 and no other peer could reach it through this
+relay (a host's share of one target, like its share of the relay, is a quarter)."""
 _MAX_TUNNELS_PER_DIALER = 16
 _MAX_TUNNELS = 1024
-"""Open tunnels a relay carries: to one target, from one dialer, in all. Each holds two pipes of
-up to _PIPE_FRAMES frames of at most _MAX_FRAME_BYTES, so these bound the relay's memory."""
+"""Open tunnels a relay carries: to one target, from one dialer, in all. The bytes they queue in
+the relay's pipes are bounded by ``_MAX_PIPE_BYTES`` (128 MiB; 32 MiB for a host's tunnels).
+Not bounded here: what gRPC takes in on each tunnel's two calls while their pipes are full. A
+server's receive window per call is what gRPC's BDP probe sizes it (at least 4 MiB; 13 MiB a
+call on loopback, measured), so a host's 256 tunnels whose ends send and never read can make
+the relay hold GiBs (64 such tunnels: +1.7 GiB). Capping the window is a server-wide option
+(``grpc.http2.bdp_probe``, ``lookahead_bytes``), and it cut the node's own bulk transfers
+(1 stream at 50 ms round trip: 117-143 to 17 MiB/s), so it is not set; see docs/net.md."""
 _MAX_TUNNELS_PER_HOST = _MAX_TUNNELS // 4
 """Open tunnels whose dialers call from one host: identities cost nothing, and 64 of them on
 one TLS connection took all 1,024 places, every other peer's tunnel refused (peers behind one
@@ -63,6 +83,9 @@ NAT share a host, hence a quarter of the relay, not a few)."""
 _MAX_FRAME_BYTES = 256 * 1024
 """Largest tunnel frame accepted (a tunnel's sender reads its socket in frames this big)."""
 _MAX_DIRECT_RESERVATIONS = 256
+TUNNEL_ID_CHARS = 24
+"""Characters of the tunnel ids a relay makes (12 random bytes, in hex): a relayed peer refuses
+an announcement with a longer one."""
 
 
 class TokenBucket:
@@ -95,28 +118,97 @@ class TokenBucket:
             await self._clock.sleep_async(wait_s)
 
 
+class PipeBudget:
+    """The bytes queued in all of a relay's pipes, counted by the host each tunnel's dialer
+    calls from: a pipe takes a frame only while the relay's total stays within ``max_bytes``
+    and the host's within ``max_bytes_per_host``, else its writer waits (back-pressure, which
+    reaches the sender through gRPC's flow control)."""
+
+    def __init__(self, max_bytes: int, max_bytes_per_host: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_bytes_per_host = max_bytes_per_host
+        self.num_bytes = 0
+        """Bytes queued in all pipes now."""
+        self._by_host: Counter[str] = Counter()
+        self._waiting: dict[BytePipe, None] = {}
+
+    def fits(self, host: str, num_bytes: int) -> bool:
+        """Whether ``num_bytes`` more from ``host``'s tunnels stay within both caps."""
+        return (
+            self.num_bytes + num_bytes <= self.max_bytes
+            and self._by_host[host] + num_bytes <= self.max_bytes_per_host
+        )
+
+    def take(self, host: str, num_bytes: int) -> None:
+        self.num_bytes += num_bytes
+        self._by_host[host] += num_bytes
+
+    def give_back(self, host: str, num_bytes: int) -> None:
+        if not num_bytes:
+            return
+        self.num_bytes -= num_bytes
+        self._by_host[host] -= num_bytes
+        if self._by_host[host] <= 0:
+            del self._by_host[host]
+        for pipe in list(self._waiting):  # (each checks again whether it fits now)
+            pipe.wake_writer()
+
+    def wait(self, pipe: BytePipe, waiting: bool) -> None:
+        """Count ``pipe`` among the pipes waiting for room (or no longer)."""
+        if waiting:
+            self._waiting[pipe] = None
+        else:
+            self._waiting.pop(pipe, None)
+
+
 class BytePipe:
     """A bounded one-way queue of byte frames between two tasks; closing wakes both ends.
 
+    It holds at most ``max_bytes`` (a frame is always taken into an empty pipe), and within
+    ``budget``, where one is given, under ``host``'s share.
+
     After :meth:`close`, :meth:`get` still hands out what was queued, then returns None, and
-    :meth:`put` returns False.
+    :meth:`put` returns False; :meth:`discard` drops what is queued.
     """
 
-    def __init__(self, max_frames: int = _PIPE_FRAMES) -> None:
+    def __init__(
+        self, max_bytes: int = _PIPE_BYTES, budget: PipeBudget | None = None, host: str = ""
+    ) -> None:
         self._frames: deque[bytes] = deque()
-        self._max = max_frames
+        self._num_bytes = 0
+        self._max_bytes = max_bytes
+        self._budget = budget
+        self._host = host
         self._closed = False
         self._readable = asyncio.Event()
         self._writable = asyncio.Event()
 
+    def _has_room(self, num_bytes: int) -> bool:
+        if self._frames and self._num_bytes + num_bytes > self._max_bytes:
+            return False
+        return self._budget is None or self._budget.fits(self._host, num_bytes)
+
+    def wake_writer(self) -> None:
+        """Let a waiting :meth:`put` look again for room."""
+        self._writable.set()
+
     async def put(self, data: bytes) -> bool:
         """Queue a frame, waiting for room; False once the pipe is closed."""
-        while len(self._frames) >= self._max and not self._closed:
-            self._writable.clear()
-            await self._writable.wait()
+        try:
+            while not self._closed and not self._has_room(len(data)):
+                self._writable.clear()
+                if self._budget is not None:
+                    self._budget.wait(self, True)
+                await self._writable.wait()
+        finally:
+            if self._budget is not None:
+                self._budget.wait(self, False)
         if self._closed:
             return False
         self._frames.append(data)
+        self._num_bytes += len(data)
+        if self._budget is not None:
+            self._budget.take(self._host, len(data))
         self._readable.set()
         return True
 
@@ -126,8 +218,12 @@ class BytePipe:
             self._readable.clear()
             await self._readable.wait()
         if self._frames:
+            data = self._frames.popleft()
+            self._num_bytes -= len(data)
             self._writable.set()
-            return self._frames.popleft()
+            if self._budget is not None:
+                self._budget.give_back(self._host, len(data))
+            return data
         return None
 
     def close(self) -> None:
@@ -135,6 +231,14 @@ class BytePipe:
         self._closed = True
         self._readable.set()
         self._writable.set()
+
+    def discard(self) -> None:
+        """Close, and drop what is queued (its reader is gone): its bytes leave the budget."""
+        self.close()
+        self._frames.clear()
+        num_bytes, self._num_bytes = self._num_bytes, 0
+        if self._budget is not None:
+            self._budget.give_back(self._host, num_bytes)
 
 
 @dataclass(slots=True)
@@ -160,7 +264,9 @@ class _Tunnel:
     dialer_host: str = ""
     """Where the dialer called from ('' for this relay's own node)."""
     to_target: BytePipe = field(default_factory=BytePipe)
+    """Filled by the dialer's side, drained by the target's."""
     to_dialer: BytePipe = field(default_factory=BytePipe)
+    """Filled by the target's side, drained by the dialer's."""
     accepted: asyncio.Event = field(default_factory=asyncio.Event)
     on_close: Callable[[], None] | None = None
     """Gives back the tunnel's place among the open ones (once)."""
@@ -217,6 +323,8 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
         self._num_open_to: Counter[str] = Counter()
         self._num_open_from: Counter[str] = Counter()
         self._num_open_from_host: Counter[str] = Counter()
+        self._num_open_from_host_to: Counter[tuple[str, str]] = Counter()
+        self._pipe_budget = PipeBudget(_MAX_PIPE_BYTES, _MAX_PIPE_BYTES // 4)
         self.on_direct_reservation: Callable[[str], None] | None = None
         """Called with the peer id when a peer takes a direct reservation here."""
         self.on_direct_reservation_ended: Callable[[str], None] | None = None
@@ -314,6 +422,7 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
                 yield frame
         finally:
             tunnel.close()
+            tunnel.to_dialer.discard()  # (nobody drains it now)
 
     async def _open_tunnel(
         self, dialer: str, target: str, *, host: str = "", direct: bool = False, local: bool = False
@@ -331,19 +440,37 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
             raise PeerUnavailableError(
                 f"this peer has {_MAX_TUNNELS_PER_DIALER} tunnels open here already"
             )
+        if not local and self._num_open_from_host_to[host, target] >= (
+            MAX_TUNNELS_PER_HOST_TO_TARGET
+        ):
+            raise PeerUnavailableError(
+                f"peers at this host have {MAX_TUNNELS_PER_HOST_TO_TARGET} tunnels open to "
+                f"{short_peer_id(target)} here already (the most from one address to one peer); "
+                "try another of its relays"
+            )
         if not local and self._num_open_from_host[host] >= _MAX_TUNNELS_PER_HOST:
             raise PeerUnavailableError(
                 f"peers at this host have {_MAX_TUNNELS_PER_HOST} tunnels open here already"
             )
         if self._num_open_from.total() >= _MAX_TUNNELS:
             raise PeerUnavailableError(f"this relay carries {_MAX_TUNNELS} tunnels already")
-        tunnel = _Tunnel(secrets.token_hex(12), dialer, target, reservation, host)
+        # (both pipes count under the dialer's host: its share of the budget, as of tunnels)
+        tunnel = _Tunnel(
+            secrets.token_hex(TUNNEL_ID_CHARS // 2),
+            dialer,
+            target,
+            reservation,
+            host,
+            to_target=BytePipe(_PIPE_BYTES, self._pipe_budget, host),
+            to_dialer=BytePipe(_PIPE_BYTES, self._pipe_budget, host),
+        )
         # Counted from now on, waiting or open (many announced at once must not all pass the
         # caps before the first is accepted); closing the tunnel gives its place back.
         self._num_open_to[target] += 1
         self._num_open_from[dialer] += 1
         if tunnel.dialer_host:
             self._num_open_from_host[tunnel.dialer_host] += 1
+            self._num_open_from_host_to[tunnel.dialer_host, target] += 1
         tunnel.on_close = lambda: self._closed(tunnel)
         self._pending[tunnel.tunnel_id] = tunnel
         reservation.num_pending += 1
@@ -385,9 +512,13 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
         return tunnel
 
     def _closed(self, tunnel: _Tunnel) -> None:
-        counted = [(self._num_open_to, tunnel.target), (self._num_open_from, tunnel.dialer)]
+        counted: list[tuple[Counter[Any], Any]] = [
+            (self._num_open_to, tunnel.target),
+            (self._num_open_from, tunnel.dialer),
+        ]
         if tunnel.dialer_host:  # (this relay's own node's tunnels count under no host)
             counted.append((self._num_open_from_host, tunnel.dialer_host))
+            counted.append((self._num_open_from_host_to, (tunnel.dialer_host, tunnel.target)))
         for counts, key in counted:
             counts[key] -= 1
             if counts[key] <= 0:
@@ -430,6 +561,7 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
                 await writer.drain()
         finally:
             tunnel.close()
+            tunnel.to_dialer.discard()  # (nobody drains it now)
             task.cancel()
             try:
                 await task
@@ -458,6 +590,7 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
                 yield frame
         finally:
             tunnel.close()
+            tunnel.to_target.discard()  # (nobody drains it now)
 
     async def _forward(self, tunnel: _Tunnel, pipe: BytePipe, data: bytes) -> bool:
         if len(data) > _MAX_FRAME_BYTES:

@@ -63,11 +63,16 @@ def current_session() -> Session:
 
 def grpc_options(config: NodeConfig) -> list[tuple[str, Any]]:
     """Channel and server options shared by both ends: message limits and keepalive."""
+    keepalive_timeout_ms = int(config.keepalive_timeout_s * 1000)
     return [
         ("grpc.max_send_message_length", config.limits.max_message_bytes),
         ("grpc.max_receive_message_length", config.limits.max_message_bytes),
         ("grpc.keepalive_time_ms", int(config.keepalive_interval_s * 1000)),
-        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_timeout_ms", keepalive_timeout_ms),
+        # The deadline grpcio (1.85) holds a ping's ack to, keepalive pings included: left at
+        # its 60 s default, keepalive_timeout_ms had no visible effect and a hung (SIGSTOPped)
+        # relay was noticed after 74 s, not keepalive_interval_s + keepalive_timeout_s.
+        ("grpc.http2.ping_timeout_ms", keepalive_timeout_ms),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_ping_interval_without_data_ms", int(config.keepalive_interval_s * 500)),

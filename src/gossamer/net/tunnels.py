@@ -27,26 +27,30 @@ from typing import Any
 import grpc
 
 from gossamer.core.clock import Clock
-from gossamer.core.errors import GossamerError, PeerUnavailableError
+from gossamer.core.errors import GossamerError, PeerUnavailableError, ProtocolError
 from gossamer.net.config import NodeConfig
 from gossamer.net.connections import ConnectionPool, DialTarget, PeerConnection
 from gossamer.net.counters import NetCounters
 from gossamer.net.directory import PeerDirectory
 from gossamer.net.grpc_errors import error_of_rpc_error
-from gossamer.net.identity import short_peer_id
+from gossamer.net.identity import digest_of_peer_id, short_peer_id
 from gossamer.net.relay import (
     ACCEPT_METHOD,
     CONNECT_METHOD,
     MAX_PENDING_PER_PEER,
     MAX_TUNNELS_PER_TARGET,
     RESERVE_METHOD,
+    TUNNEL_ID_CHARS,
     RelayServicer,
 )
 from gossamer.proto import net_pb2
 
 __all__ = [
+    "CLOSED_TUNNEL_GRACE_S",
     "FRAME_BYTES",
+    "MAX_ACCEPTED_DIRECT_TUNNELS",
     "MAX_ACCEPTED_TUNNELS",
+    "MAX_ACCEPTED_TUNNELS_PER_DIRECT_RESERVATION",
     "MAX_ACCEPTED_TUNNELS_PER_RESERVATION",
     "MAX_IDLE_ENTRANCES",
     "REVERSED_ADDRESS",
@@ -55,6 +59,7 @@ __all__ = [
     "RelayDialer",
     "RelayReservations",
     "accept_tunnel",
+    "announcement_fault",
     "carry_socket_over_call",
     "note_failure",
 ]
@@ -74,7 +79,21 @@ MAX_ACCEPTED_TUNNELS_PER_RESERVATION = MAX_TUNNELS_PER_TARGET + MAX_PENDING_PER_
 own caps). Each takes two sockets, so a relay that announced tunnels without end took all of
 the node's file descriptors."""
 MAX_ACCEPTED_TUNNELS = 256
-"""Tunnels a node carries at once over all its reservations (a relay's, and every direct one)."""
+"""Tunnels a node carries at once over all its relay reservations."""
+MAX_ACCEPTED_TUNNELS_PER_DIRECT_RESERVATION = 4
+"""Tunnels a node carries at once from one direct reservation. An honest holder dials back
+through it for one connection: its pool keeps one per peer, and a channel that reconnects (an
+idle connection's GOAWAY, a lost keepalive) or a dial retried opens another while the last
+one's tunnel winds down. It had a relay's 96: three throwaway identities claiming to be
+reachable took all of a node's places, and nobody reached it through its relays."""
+MAX_ACCEPTED_DIRECT_TUNNELS = 64
+"""Tunnels a node carries at once over all its direct reservations, apart from its relay
+reservations' :data:`MAX_ACCEPTED_TUNNELS`: one for each of the (at most) 64 peers it holds one
+with, honestly. Holders that take them all cost the node its direct ways back, not its relays."""
+CLOSED_TUNNEL_GRACE_S = 2.0
+"""How long a tunnel call may go on once the local connection it carries has closed: the far
+side ends it as soon as it has the close (milliseconds); one that never did held the call, and
+its place among the node's tunnels, for good."""
 
 OpenCall = Callable[[AsyncIterator[net_pb2.TunnelFrame]], Any]
 """Starts a bidirectional tunnel call with the given request frames; returns the call."""
@@ -87,7 +106,8 @@ async def carry_socket_over_call(
     first: net_pb2.TunnelFrame,
     failed: Callable[[grpc.aio.AioRpcError], Awaitable[GossamerError]] | None = None,
 ) -> None:
-    """Carry a local TCP connection's bytes over a tunnel call until either side ends.
+    """Carry a local TCP connection's bytes over a tunnel call until either side ends (the
+    far side gets :data:`CLOSED_TUNNEL_GRACE_S` to end the call once the local one closed).
 
     Args:
         reader: the local connection's read side.
@@ -100,24 +120,43 @@ async def carry_socket_over_call(
         GossamerError: the tunnel call failed (mapped from gRPC's error).
     """
 
-    async def frames() -> AsyncIterator[net_pb2.TunnelFrame]:
-        yield first
-        while data := await reader.read(FRAME_BYTES):
-            yield net_pb2.TunnelFrame(data=data)
-        yield net_pb2.TunnelFrame(close=True)
-
     call: Any = None
+    carrying = True
     try:
-        try:
-            call = open_call(frames())
-        except grpc.aio.UsageError as exc:  # the connection closed since it was looked up
-            raise PeerUnavailableError(f"the tunnel's connection is closed ({exc})") from exc
-        async for frame in call:
-            if frame.data:
-                writer.write(frame.data)
-                await writer.drain()
-            if frame.close:
-                break
+        # Ends the call CLOSED_TUNNEL_GRACE_S after the local connection closed (set below).
+        async with asyncio.timeout(None) as after_close:
+
+            async def frames() -> AsyncIterator[net_pb2.TunnelFrame]:
+                yield first
+                while data := await reader.read(FRAME_BYTES):
+                    yield net_pb2.TunnelFrame(data=data)
+                if carrying:  # (gRPC may read on after the call ended)
+                    loop = asyncio.get_running_loop()
+                    after_close.reschedule(loop.time() + CLOSED_TUNNEL_GRACE_S)
+                yield net_pb2.TunnelFrame(close=True)
+
+            try:
+                try:
+                    call = open_call(frames())
+                except grpc.aio.UsageError as exc:  # the connection closed since looked up
+                    raise PeerUnavailableError(
+                        f"the tunnel's connection is closed ({exc})"
+                    ) from exc
+                async for frame in call:
+                    if frame.data:
+                        writer.write(frame.data)
+                        await writer.drain()
+                    if frame.close:
+                        break
+            finally:
+                carrying = False
+    except TimeoutError:
+        if not after_close.expired():
+            raise
+        _log.info(
+            "ended a tunnel whose far side went on %g s after its local connection closed",
+            CLOSED_TUNNEL_GRACE_S,
+        )
     except grpc.aio.AioRpcError as exc:
         raise (
             await failed(exc) if failed is not None else error_of_rpc_error(exc, "relay", "tunnel")
@@ -506,17 +545,38 @@ class RelayReservations:
 
 class AcceptedTunnels:
     """The tunnels a node carries into its own server, counted by the peer holding the
-    reservation they were announced on: at most :data:`MAX_ACCEPTED_TUNNELS_PER_RESERVATION`
-    from one and :data:`MAX_ACCEPTED_TUNNELS` in all. A tunnel past them is not accepted (its
-    dialer's relay gives up on it), and the first one past them is logged."""
+    reservation they were announced on, relay and direct reservations apart: at most
+    :data:`MAX_ACCEPTED_TUNNELS_PER_RESERVATION` from one relay reservation and
+    :data:`MAX_ACCEPTED_TUNNELS` over all of them; at most
+    :data:`MAX_ACCEPTED_TUNNELS_PER_DIRECT_RESERVATION` from one direct reservation and
+    :data:`MAX_ACCEPTED_DIRECT_TUNNELS` over all of them. A tunnel past them is not accepted
+    (its dialer's relay gives up on it), and the first one past them is logged.
+
+    An announcement is checked before anything is kept of it: a tunnel id longer than a relay
+    makes, a dialer that is not a peer id, or (on a direct reservation) a dialer other than the
+    holder is refused. Unchecked, 8 MiB ids were kept for each tunnel's life (2 GiB).
+    """
 
     def __init__(self) -> None:
-        self._open: Counter[str] = Counter()
-        self._refusing: set[str] = set()
+        self._open = {False: Counter[str](), True: Counter[str]()}
+        """Tunnels open now by holder, of relay (False) and direct (True) reservations."""
+        self._refusing: set[tuple[str, bool]] = set()
+        self._malformed_from: set[str] = set()
+        """Holders whose malformed announcement was logged at WARNING (later ones at DEBUG)."""
 
-    def open_from(self, holder: str) -> int:
-        """Tunnels open now that were announced by ``holder``."""
-        return self._open[holder]
+    def open_from(self, holder: str, *, direct: bool = False) -> int:
+        """Tunnels open now that were announced by ``holder`` (on its direct reservation)."""
+        return self._open[direct][holder]
+
+    def num_open(self, *, direct: bool = False) -> int:
+        """Tunnels open now, over all relay (or all direct) reservations."""
+        return self._open[direct].total()
+
+    @staticmethod
+    def _caps(direct: bool) -> tuple[int, int]:
+        if direct:
+            return MAX_ACCEPTED_TUNNELS_PER_DIRECT_RESERVATION, MAX_ACCEPTED_DIRECT_TUNNELS
+        return MAX_ACCEPTED_TUNNELS_PER_RESERVATION, MAX_ACCEPTED_TUNNELS
 
     def accept(
         self,
@@ -524,46 +584,85 @@ class AcceptedTunnels:
         connection: PeerConnection,
         event: net_pb2.RelayEvent,
         local_address: str,
+        *,
+        direct: bool = False,
     ) -> bool:
-        """Carry the announced tunnel (a task of ``tasks``) if the caps allow; whether it does."""
+        """Carry the announced tunnel (a task of ``tasks``) if it is well formed and the caps
+        allow; whether it does. ``direct``: announced on a direct reservation."""
         holder = connection.peer_id
-        full = self._open[holder] >= MAX_ACCEPTED_TUNNELS_PER_RESERVATION
-        if full or self._open.total() >= MAX_ACCEPTED_TUNNELS:
-            if holder not in self._refusing:
-                self._refusing.add(holder)
+        fault = announcement_fault(event, holder if direct else None)
+        if fault is not None:
+            self._log_malformed(holder, fault)
+            return False
+        per_holder, in_all = self._caps(direct)
+        counts = self._open[direct]
+        if counts[holder] >= per_holder or counts.total() >= in_all:
+            if (holder, direct) not in self._refusing:
+                self._refusing.add((holder, direct))
                 _log.warning(
-                    "not accepting tunnels announced by %s: %d of its are open, %d in all (an "
-                    "honest relay announces at most %d at once)",
+                    "not accepting tunnels announced by %s on its %s: %d of its are open, %d "
+                    "in all (an honest one announces at most %d at once)",
                     short_peer_id(holder),
-                    self._open[holder],
-                    self._open.total(),
-                    MAX_ACCEPTED_TUNNELS_PER_RESERVATION,
+                    "direct reservation" if direct else "relay reservation",
+                    counts[holder],
+                    counts.total(),
+                    per_holder,
                 )
             return False
-        self._open[holder] += 1
+        counts[holder] += 1
+        # Only the checked strings are kept for the tunnel's life, not the message.
+        tunnel_id, dialer = event.tunnel_id, event.dialer_peer_id
         task = tasks.spawn(
-            accept_tunnel(connection, event, local_address), f"accept-{event.tunnel_id[:8]}"
+            accept_tunnel(connection, tunnel_id, dialer, local_address), f"accept-{tunnel_id[:8]}"
         )
         # (a done callback runs even for a task cancelled before it started)
-        task.add_done_callback(lambda _: self._closed(holder))
+        task.add_done_callback(lambda _: self._closed(holder, direct))
         return True
 
-    def _closed(self, holder: str) -> None:
-        self._open[holder] -= 1
-        if self._open[holder] <= 0:
-            del self._open[holder]
+    def _log_malformed(self, holder: str, fault: str) -> None:
+        if len(self._malformed_from) >= 1024:
+            self._malformed_from.clear()
+        first = holder not in self._malformed_from
+        self._malformed_from.add(holder)
+        _log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "refused a tunnel announced by %s: %s",
+            short_peer_id(holder),
+            fault,
+        )
+
+    def _closed(self, holder: str, direct: bool) -> None:
+        counts = self._open[direct]
+        counts[holder] -= 1
+        if counts[holder] <= 0:
+            del counts[holder]
         # (refused for the total, a holder with none open here was never cleared)
-        total = self._open.total()
+        per_holder, in_all = self._caps(direct)
+        total = counts.total()
         self._refusing = {
-            h
-            for h in self._refusing
-            if self._open[h] >= MAX_ACCEPTED_TUNNELS_PER_RESERVATION
-            or total >= MAX_ACCEPTED_TUNNELS
+            (h, d)
+            for h, d in self._refusing
+            if d != direct or self._open[d][h] >= per_holder or total >= in_all
         }
 
 
+def announcement_fault(event: net_pb2.RelayEvent, direct_holder: str | None) -> str | None:
+    """Why a tunnel announcement is refused, or None: a tunnel id longer than a relay makes, a
+    dialer id that is not a peer id, or, on ``direct_holder``'s direct reservation, a dialer
+    other than that holder (only its own node dials back through it)."""
+    if len(event.tunnel_id) > TUNNEL_ID_CHARS:
+        return f"a tunnel id of {len(event.tunnel_id)} characters (a relay makes {TUNNEL_ID_CHARS})"
+    try:
+        digest_of_peer_id(event.dialer_peer_id)
+    except ProtocolError as exc:
+        return f"its dialer: {exc}"
+    if direct_holder is not None and event.dialer_peer_id != direct_holder:
+        return "a tunnel from another peer than the holder, on a direct reservation"
+    return None
+
+
 async def accept_tunnel(
-    connection: PeerConnection, event: net_pb2.RelayEvent, local_address: str
+    connection: PeerConnection, tunnel_id: str, dialer_peer_id: str, local_address: str
 ) -> None:
     """Accept an announced tunnel: carry it into this node's own server at ``local_address``."""
     host, _, port = local_address.rpartition(":")
@@ -576,12 +675,12 @@ async def accept_tunnel(
             return accept(frames, metadata=connection.metadata)
 
         await carry_socket_over_call(
-            reader, writer, open_call, net_pb2.TunnelFrame(tunnel_id=event.tunnel_id)
+            reader, writer, open_call, net_pb2.TunnelFrame(tunnel_id=tunnel_id)
         )
     except (GossamerError, OSError, TimeoutError) as exc:
         _log.info(
             "tunnel from %s via %s ended: %s",
-            short_peer_id(event.dialer_peer_id),
+            short_peer_id(dialer_peer_id),
             short_peer_id(connection.peer_id),
             exc,
         )

@@ -63,7 +63,8 @@ class DirectUpgrades:
         counters: ``num_direct_upgrades`` is counted here.
         local_address: HOST:PORT of this node's own server, where reversed tunnels are delivered.
         is_relayed: whether this node is behind NAT (only then does it offer reversals).
-        accepted: the node's count of tunnels it carries (shared with its relay reservations).
+        accepted: the node's count of tunnels it carries (shared with its relay reservations,
+            which are counted and capped apart).
     """
 
     def __init__(
@@ -148,7 +149,9 @@ class DirectUpgrades:
             self.active.add(peer_id)
             while (event := await call.read()) is not grpc.aio.EOF:
                 if event.tunnel_id:
-                    self._accepted.accept(self._tasks, connection, event, self._local_address())
+                    self._accepted.accept(
+                        self._tasks, connection, event, self._local_address(), direct=True
+                    )
         except grpc.aio.AioRpcError as exc:
             _log.info("direct reservation with %s ended: %s", short_peer_id(peer_id), exc.details())
             note_failure(self._failed_at, peer_id, self._clock.monotonic(), _RETRY_AFTER_S)
