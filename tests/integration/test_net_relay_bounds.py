@@ -329,9 +329,9 @@ def test_a_relay_queues_at_most_a_frame_each_way_of_a_tunnel_whose_ends_never_re
 
 
 def test_a_hung_relay_is_noticed_within_the_keepalive_interval_and_timeout() -> None:
-    """gRPC holds a keepalive ping's ack to ``grpc.http2.ping_timeout_ms`` (60 s by default):
-    keepalive_timeout_s had no visible effect, and a peer relayed by a hung (SIGSTOPped) relay
-    kept naming it for over a minute."""
+    """A peer relayed by a hung (SIGSTOPped) relay kept naming it for over a minute: only
+    gRPC's keepalive watched it, its ack held to ``grpc.http2.ping_timeout_ms`` (60 s by
+    default). The reservation's heartbeats give it up after keepalive interval + timeout."""
     keepalive = {"keepalive_interval_s": 1.0, "keepalive_timeout_s": 1.0}
 
     async def scenario() -> None:
@@ -356,7 +356,7 @@ def test_a_hung_relay_is_noticed_within_the_keepalive_interval_and_timeout() -> 
                 os.kill(process.pid, signal.SIGSTOP)
                 loop = asyncio.get_running_loop()
                 paused_at = loop.time()
-                # 1 s to the next ping, 1 s for its ack, and the reservation's end seen (the
+                # (1 s + 1 s of heartbeats unanswered, and the reservation's end seen; the
                 # old code: 60 s and more)
                 await until(lambda: not hidden.relays, 15, "the hung relay dropped")
                 assert loop.time() - paused_at < 15

@@ -401,8 +401,8 @@ class NodeConfig:
     keepalive_interval_s: float = 10.0
     """HTTP/2 keepalive ping interval on idle connections."""
     keepalive_timeout_s: float = 5.0
-    """A connection whose keepalive ping (or any HTTP/2 ping) is unanswered this long is
-    closed: a hung peer or relay is noticed within ``keepalive_interval_s`` plus this."""
+    """gRPC's keepalive ping timeout; and a relay that answers no heartbeat for
+    ``keepalive_interval_s`` plus this is given up by the peers it relays."""
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     """Sizes and counts accepted from the network."""
     retry: RetryConfig = field(default_factory=RetryConfig)

@@ -190,6 +190,7 @@ class Node:
             on_change=self._relays_changed,
             bootstrap_peers=lambda: list(self._bootstrap_ids),
             accepted=self.accepted_tunnels,
+            heartbeat=self._heartbeat,
         )
         self.upgrades = DirectUpgrades(
             self.pool,

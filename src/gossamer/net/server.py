@@ -68,11 +68,11 @@ def grpc_options(config: NodeConfig) -> list[tuple[str, Any]]:
         ("grpc.max_send_message_length", config.limits.max_message_bytes),
         ("grpc.max_receive_message_length", config.limits.max_message_bytes),
         ("grpc.keepalive_time_ms", int(config.keepalive_interval_s * 1000)),
+        # (grpcio 1.85 holds a ping's ack, keepalive's included, to grpc.http2.ping_timeout_ms,
+        # 60 s by default. Set to this, it closed busy connections on thin links: an ack waits
+        # behind the data already queued on a saturated uplink, a 2 MB round at 1 Mbit/s failed.
+        # A hung relay is noticed by the reservation's own heartbeats instead, see tunnels.py.)
         ("grpc.keepalive_timeout_ms", keepalive_timeout_ms),
-        # The deadline grpcio (1.85) holds a ping's ack to, keepalive pings included: left at
-        # its 60 s default, keepalive_timeout_ms had no visible effect and a hung (SIGSTOPped)
-        # relay was noticed after 74 s, not keepalive_interval_s + keepalive_timeout_s.
-        ("grpc.http2.ping_timeout_ms", keepalive_timeout_ms),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_ping_interval_without_data_ms", int(config.keepalive_interval_s * 500)),

@@ -417,6 +417,9 @@ class RelayReservations:
         bootstrap_peers: peers dialed at start; tried too when their record is unknown (an
             observer that announces nothing gets no records back from a lone bootstrap peer).
         accepted: the node's count of tunnels it carries (shared with its direct reservations).
+        heartbeat: one heartbeat to a peer with a deadline (the node's); with it, a relay that
+            answers none for ``keepalive_interval_s + keepalive_timeout_s`` is given up (a
+            hung relay kept the reservation, and this node named it, for over a minute).
     """
 
     def __init__(
@@ -431,7 +434,9 @@ class RelayReservations:
         on_change: Callable[[], Awaitable[None]],
         bootstrap_peers: Callable[[], list[str]] = list,
         accepted: AcceptedTunnels | None = None,
+        heartbeat: Callable[[str, float], Awaitable[None]] | None = None,
     ) -> None:
+        self._heartbeat = heartbeat
         self._bootstrap_peers = bootstrap_peers
         self._accepted = accepted or AcceptedTunnels()
         self._pool = pool
@@ -514,14 +519,8 @@ class RelayReservations:
             self.active[relay_id] = address
             _log.info("relayed through %s (%s)", short_peer_id(relay_id), self.active[relay_id])
             await self._on_change()
-            # A reservation lives as long as the relay keeps it; keepalive notices a dead relay.
-            while (event := await call.read()) is not grpc.aio.EOF:
-                if event.tunnel_id:
-                    accepted = self._accepted.accept(
-                        self._tasks, connection, event, self._local_address()
-                    )
-                    if accepted and self.on_tunnel is not None:
-                        self.on_tunnel(event.dialer_peer_id)
+            # A reservation lives as long as the relay keeps it and answers heartbeats.
+            await self._read_events(relay_id, call, connection)
         except grpc.aio.AioRpcError as exc:
             _log.info("reservation with %s ended: %s", short_peer_id(relay_id), exc.details())
             if connection is not None:  # (a broken one is dropped, not kept for the next try)
@@ -537,6 +536,65 @@ class RelayReservations:
             if self.active.pop(relay_id, None) is not None and not _cancelling():
                 await self._on_change()
             self.wake()
+
+    async def _read_events(self, relay_id: str, call: Any, connection: PeerConnection) -> None:
+        """Take the relay's tunnel announcements until it ends the reservation, or until it
+        answers no heartbeat for ``keepalive_interval_s + keepalive_timeout_s``.
+
+        Raises:
+            PeerUnavailableError: the relay stopped answering.
+            grpc.aio.AioRpcError: the reservation's call failed.
+        """
+
+        async def events() -> None:
+            while (event := await call.read()) is not grpc.aio.EOF:
+                if event.tunnel_id:
+                    accepted = self._accepted.accept(
+                        self._tasks, connection, event, self._local_address()
+                    )
+                    if accepted and self.on_tunnel is not None:
+                        self.on_tunnel(event.dialer_peer_id)
+
+        reader = asyncio.ensure_future(events())
+        watchdog = asyncio.ensure_future(self._until_silent(relay_id))
+        try:
+            await asyncio.wait({reader, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (reader, watchdog):
+                task.cancel()
+            await asyncio.gather(reader, watchdog, return_exceptions=True)
+        if not reader.cancelled() and reader.exception() is None:
+            return  # (the relay ended it)
+        if not reader.cancelled() and (error := reader.exception()) is not None:
+            raise error
+        silent_s = self._config.keepalive_interval_s + self._config.keepalive_timeout_s
+        raise PeerUnavailableError(f"the relay answered no heartbeat for {silent_s:g} s")
+
+    async def _until_silent(self, relay_id: str) -> None:
+        """Return once ``relay_id`` has answered no heartbeat for ``keepalive_interval_s +
+        keepalive_timeout_s`` (never, without a heartbeat). Not the failure detector's 2.5 s:
+        on a thin link a heartbeat's answer waits behind the tunnels' data, and giving up a
+        reservation ends what it carries; not gRPC's ping deadline either (see server.py)."""
+        if self._heartbeat is None:
+            await asyncio.Event().wait()
+            return
+        interval_s = self._config.heartbeat.interval_s
+        silent_s = self._config.keepalive_interval_s + self._config.keepalive_timeout_s
+        answered_at = self._clock.monotonic()
+        while True:
+            try:
+                await self._heartbeat(relay_id, min(silent_s, self._config.heartbeat.timeout_s))
+                answered_at = self._clock.monotonic()
+            except (GossamerError, TimeoutError, grpc.aio.AioRpcError) as exc:
+                if self._clock.monotonic() - answered_at >= silent_s:
+                    _log.info(
+                        "relay %s answered no heartbeat for %.1f s (%s); giving it up",
+                        short_peer_id(relay_id),
+                        self._clock.monotonic() - answered_at,
+                        exc,
+                    )
+                    return
+            await self._clock.sleep_async(interval_s)  # (pacing, not a wait on a condition)
 
     async def close(self) -> None:
         """End every reservation and tunnel."""
