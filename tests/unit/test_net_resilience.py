@@ -269,8 +269,9 @@ def test_a_stall_of_the_watcher_s_own_loop_does_not_report_a_live_peer_gone() ->
     asyncio.run(scenario())
 
 
-def test_a_heartbeat_that_ends_far_past_its_deadline_is_not_a_verdict() -> None:
-    # The watcher's loop stalled while the heartbeat was in flight: its answer came, unseen.
+def test_a_heartbeat_that_ends_far_past_a_short_deadline_is_not_a_verdict() -> None:
+    # The watcher's loop stalled while a heartbeat with what was left of the budget was in
+    # flight (the one before failed at once): the stall, not the peer, may have eaten it.
     async def scenario() -> None:
         clock = FakeClock()
         config = HeartbeatConfig(interval_s=0.5, timeout_s=2.5)
@@ -280,6 +281,9 @@ def test_a_heartbeat_that_ends_far_past_its_deadline_is_not_a_verdict() -> None:
         async def heartbeat(peer_id: str, timeout_s: float) -> None:
             calls.append(timeout_s)
             if len(calls) == 3:
+                raise PeerUnavailableError("connection reset")  # (at once)
+            if len(calls) == 4:
+                assert timeout_s < config.timeout_s
                 clock.advance(timeout_s + 3.0)
                 raise DeadlineExceededError("no answer seen")
 
@@ -289,7 +293,34 @@ def test_a_heartbeat_that_ends_far_past_its_deadline_is_not_a_verdict() -> None:
             detector.watch("p")
             await _until(lambda: len(calls) >= 6, "six heartbeats")
             assert changes == []
-            assert calls[3] == pytest.approx(config.timeout_s)
+            assert calls[4] == pytest.approx(config.timeout_s)
+
+    asyncio.run(scenario())
+
+
+def test_a_stopped_peer_is_reported_gone_though_every_failure_is_seen_late() -> None:
+    # The watcher's loop stalled every few seconds, so each heartbeat to a stopped peer failed
+    # late; each was excused, the next sent at once into the next stall: never reported gone.
+    async def scenario() -> None:
+        clock = FakeClock()
+        config = HeartbeatConfig(interval_s=0.5, timeout_s=2.5)
+        num_calls = 0
+
+        async def heartbeat(peer_id: str, timeout_s: float) -> None:
+            nonlocal num_calls
+            num_calls += 1
+            if num_calls > 2:  # stopped: each call runs to its deadline, seen 0.6 s late
+                clock.advance(timeout_s + 0.6)
+                raise DeadlineExceededError("no answer")
+
+        async with FailureDetector(heartbeat, config, clock) as detector:
+            detector.watch("p")
+            await _until(lambda: num_calls >= 2, "two answered heartbeats")
+            stopped_at = clock.monotonic()
+            gone_at = await detector.wait_for("p", alive=False, timeout_s=30)
+            # (one failure on a budget shorter than the timeout is excused, once; the next,
+            # on a full budget, counts)
+            assert gone_at - stopped_at <= 2 * config.timeout_s + 2 * 0.6
 
     asyncio.run(scenario())
 
