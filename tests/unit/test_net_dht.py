@@ -654,6 +654,19 @@ def test_the_directory_holds_a_record_at_most_max_stored_ttl_s_after_it_was_sign
     assert ghost.peer_id not in dht.directory
 
 
+def test_a_node_with_a_small_store_limit_still_holds_peer_records_for_the_default_hour() -> None:
+    """A peer's republish interval is checked against its own limits.max_stored_ttl_s: a
+    node whose limit was 600 s dropped the record of a peer republishing every 1,200 s for
+    half of every interval, and could not dial it then."""
+    clock = FakeClock()
+    dht = lone_dht(clock, DeadPeersTransport(clock), limits=LimitsConfig(max_stored_ttl_s=600.0))
+    peer = Identity.generate()
+    dht.learn(_ghost_record(peer, clock.wall(), 14_400.0))
+    record = dht.directory.get(peer.peer_id)
+    assert record is not None
+    assert record.expires_at_s == clock.wall() + LimitsConfig().max_stored_ttl_s
+
+
 def test_a_peer_that_failed_is_put_back_in_routing_only_by_news_of_it() -> None:
     """A lookup's failure took a peer that never answered out of routing, and the next gossip
     of the same record put it back: it was dialed at every refresh."""

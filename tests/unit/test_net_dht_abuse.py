@@ -494,7 +494,7 @@ def test_a_find_value_answer_with_more_bytes_than_a_key_holds_is_no_answer() -> 
     found = asyncio.run(dht.get(key))
     assert len(found) == 1
     assert found[0] == entry
-    assert hostile.peer_id not in dht.routing  # (a failed answer)
+    assert hostile.peer_id in dht.routing  # (no answer, not a failure: its limit may be larger)
     assert honest.peer_id in dht.routing
     assert dht.counters.num_protocol_errors >= 1
 

@@ -189,7 +189,10 @@ class Dht:
         same record gossiped again put a peer that never answered back at once)."""
         directory.on_removed = self.routing.remove
         directory.limit_new_peers(config.max_new_peers_per_source, config.new_peers_interval_s)
-        directory.limit_lifetime(limits.max_stored_ttl_s)
+        # (at least the default: a peer's republish interval is checked against its own
+        # limit, and a node with a smaller one left such a peer out of its directory half the
+        # time, so it could not be dialed)
+        directory.limit_lifetime(max(limits.max_stored_ttl_s, LimitsConfig().max_stored_ttl_s))
 
     @property
     def _short(self) -> str:
@@ -729,8 +732,8 @@ class Dht:
                 num_value_bytes,
                 self.limits.max_key_bytes,
             )
-            self.peer_failed(peer_id)
-            return False, [], []
+            # (not a failed peer: one whose limits.max_key_bytes is larger answers honestly so)
+            return True, [], []
         good = []
         num_checked = 0
         for record in raw_records:
