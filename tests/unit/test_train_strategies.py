@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import math
 import threading
 import time
 from pathlib import Path
@@ -23,10 +24,11 @@ from gossamer.core.config import (
 )
 from gossamer.core.errors import DeadlineExceededError, TrainingDivergedError
 from gossamer.core.hashing import sha256_state
+from gossamer.models.gpt import GPT
 from gossamer.train import Trainer, TrainResult
-from gossamer.train.averaging import InProcessGroup, PendingRound
+from gossamer.train.averaging import AverageOutcome, InProcessGroup, PendingRound, TensorAverager
 from gossamer.train.checkpointing import RunState, estimate_checkpoint_num_bytes
-from gossamer.train.diloco import DiLoCoConfig, DiLoCoStrategy
+from gossamer.train.diloco import DiLoCoConfig, DiLoCoStrategy, averaged_buffers
 from gossamer.train.strategy import TrainingStrategy
 from gossamer.train.sync import SyncStrategy
 from gossamer.train.thread_swarm import run_thread_swarm
@@ -187,17 +189,19 @@ class _LinearPeer:
         train_while_forming: bool = False,
         train_while_averaging: bool = False,
         outer_lr: float = 1.0,
+        overlap: bool | None = None,
+        averager: TensorAverager | None = None,
     ) -> None:
         self.strategy = DiLoCoStrategy(
             DiLoCoConfig(
                 inner_steps=inner_steps,
                 outer_lr=outer_lr,
                 outer_momentum=0.0,
-                overlap=not train_while_forming,
+                overlap=not train_while_forming if overlap is None else overlap,
                 train_while_forming=train_while_forming,
                 train_while_averaging=train_while_averaging,
             ),
-            group.averager(),
+            averager or group.averager(),
         )
         self.model = torch.nn.Linear(2, 1, bias=False)
         with torch.no_grad():
@@ -548,6 +552,217 @@ def test_a_peer_that_took_state_after_a_missed_round_begins_where_the_others_beg
     assert (strategy._forming is not None) == begins
     if begins:
         assert strategy.round_began_at == 7
+
+
+class _FaultyAverage:
+    """An in-process averager whose average of round ``key`` comes back NaN, as where a peer
+    sent NaN as it was (each peer withholds its own; a peer of another build, a bug, a hostile
+    peer does not): every peer of the round receives that same average."""
+
+    def __init__(self, group: InProcessGroup, key: str) -> None:
+        self.inner = group.averager()
+        self.key = key
+        self.keys: list[str] = []
+
+    def poisoned(self, outcome: AverageOutcome, round_key: str) -> AverageOutcome:
+        self.keys.append(round_key)
+        if round_key != self.key:
+            return outcome
+        nan = [torch.full_like(t, math.nan) for t in outcome.tensors]
+        return dataclasses.replace(outcome, tensors=nan)
+
+    def average(
+        self, tensors: list[torch.Tensor], *, round_key: str, weight: float
+    ) -> AverageOutcome:
+        outcome = self.inner.average(tensors, round_key=round_key, weight=weight)
+        return self.poisoned(outcome, round_key)
+
+    def begin(self, round_key: str) -> PendingRound:
+        return _FaultyPending(self, round_key, self.inner.begin(round_key))
+
+
+class _FaultyPending:
+    def __init__(self, faulty: _FaultyAverage, round_key: str, pending: PendingRound) -> None:
+        self.faulty = faulty
+        self.round_key = round_key
+        self.pending = pending
+
+    def ready(self) -> bool:
+        return self.pending.ready()
+
+    def average(self, tensors: list[torch.Tensor], *, weight: float) -> AverageOutcome:
+        return self.faulty.poisoned(self.pending.average(tensors, weight=weight), self.round_key)
+
+    def cancel(self) -> None:
+        self.pending.cancel()
+
+
+def _faulty_peers(key: str, **options: bool) -> list[tuple[_LinearPeer, _FaultyAverage]]:
+    group = InProcessGroup(2, timeout_s=10.0)
+    made = []
+    for _ in range(2):
+        faulty = _FaultyAverage(group, key)
+        made.append((_LinearPeer(group, averager=faulty, **options), faulty))
+    return made
+
+
+def test_an_average_of_nan_is_not_applied_and_its_progress_goes_into_the_next_attempt() -> None:
+    # Each peer checked only what it sent: one peer sending NaN as it was turned every peer's
+    # global weights to NaN, and each died of a "diverged" loss blaming the learning rate.
+    (a, a_rounds), (b, b_rounds) = _faulty_peers("gossamer/outer/1", overlap=False)
+
+    def train(peer: _LinearPeer, delta: float) -> None:
+        peer.steps(delta, range(6))  # boundaries 1, 3 (NaN) and 5
+        peer.strategy.finish(peer.model, 6)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        done = [pool.submit(train, a, 0.1), pool.submit(train, b, 0.2)]
+        for future in done:
+            future.result(timeout=20)
+    for peer, rounds in ((a, a_rounds), (b, b_rounds)):
+        # The failed attempt's key is never formed again (across machines it stays closed).
+        assert rounds.keys == ["gossamer/outer/0", "gossamer/outer/1", "gossamer/outer/1#1"]
+        assert peer.strategy.outer_step == 2
+        # 0.15 a step on average: steps 0-1 in outer/0, steps 2-5 in outer/1#1.
+        assert peer.global_weight() == pytest.approx(1.0 - 0.9)
+        assert peer.weight() == pytest.approx(1.0 - 0.9)
+        peer.strategy.close()
+
+
+def test_an_average_of_nan_in_the_background_gives_its_progress_back_to_the_local_model() -> None:
+    # Overlapped: the local model restarted from an eager estimate of the round's average.
+    (a, a_rounds), (b, b_rounds) = _faulty_peers("gossamer/outer/1")
+    for step in range(4):  # boundaries 1 (outer/0) and 3 (outer/1, NaN)
+        a.step(0.1, step)
+        b.step(0.2, step)
+        if step == 1:
+            a.wait_for_round()
+            b.wait_for_round()
+    a.wait_for_round()
+    b.wait_for_round()
+    a.step(0.1, 4)  # outer/1 lands NaN: not applied, its progress back in the local model
+    b.step(0.2, 4)
+    for peer, own in ((a, 0.1), (b, 0.2)):
+        assert peer.strategy.outer_step == 1
+        assert peer.global_weight() == pytest.approx(0.7)
+        assert peer.weight() == pytest.approx(0.7 - 3 * own)  # steps 2-4, none lost
+    a.step(0.1, 5)  # boundary: outer/1#1 averages steps 2-5
+    b.step(0.2, 5)
+    _finish_together([a, b], 6)
+    for peer, rounds in ((a, a_rounds), (b, b_rounds)):
+        assert rounds.keys == ["gossamer/outer/0", "gossamer/outer/1", "gossamer/outer/1#1"]
+        assert peer.strategy.outer_step == 2
+        assert peer.weight() == pytest.approx(1.0 - 0.9)
+
+
+def test_an_average_of_nan_while_training_on_keeps_every_step_for_the_next_attempt() -> None:
+    (a, a_rounds), (b, b_rounds) = _faulty_peers(
+        "gossamer/outer/0", inner_steps=4, train_while_forming=True, train_while_averaging=True
+    )
+    a.steps(0.1, range(4))  # both begin outer/0 at the boundary of step 3
+    b.steps(0.2, range(4))
+    a.step(0.1, 4)  # formed: each hands 5 steps over and trains on from its estimate
+    b.step(0.2, 4)
+    a.wait_until_averaged()
+    b.wait_until_averaged()
+    a.step(0.1, 5)  # lands NaN: the 5 steps handed over are back, with the one since
+    b.step(0.2, 5)
+    for peer, own in ((a, 0.1), (b, 0.2)):
+        assert peer.strategy.outer_step == 0
+        assert peer.strategy.round_attempt == 1
+        assert peer.global_weight() == pytest.approx(1.0)
+        assert peer.weight() == pytest.approx(1.0 - 6 * own)
+    a.steps(0.1, range(6, 8))  # boundary at 7: outer/0#1 begins, with all 8 steps in it
+    b.steps(0.2, range(6, 8))
+    _finish_together([a, b], 8)
+    for peer, rounds in ((a, a_rounds), (b, b_rounds)):
+        assert rounds.keys == ["gossamer/outer/0", "gossamer/outer/0#1"]
+        assert peer.strategy.outer_step == 1
+        assert peer.weight() == pytest.approx(1.0 - 8 * 0.15)
+
+
+def test_a_last_round_that_failed_on_every_member_is_formed_again_after_the_last_step() -> None:
+    # The budget a multiple of H: the last boundary's round was the last, and its steps were
+    # thrown away at the end.
+    (a, a_rounds), (b, _) = _faulty_peers("gossamer/outer/1", overlap=False)
+
+    def train(peer: _LinearPeer, delta: float) -> None:
+        peer.steps(delta, range(4))  # boundaries 1 and 3 (NaN): the last
+        peer.strategy.finish(peer.model, 4)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        done = [pool.submit(train, a, 0.1), pool.submit(train, b, 0.2)]
+        for future in done:
+            future.result(timeout=20)
+    assert a_rounds.keys == ["gossamer/outer/0", "gossamer/outer/1", "gossamer/outer/1#1"]
+    for peer in (a, b):
+        assert peer.strategy.outer_step == 2
+        assert peer.weight() == pytest.approx(1.0 - 4 * 0.15)
+        peer.strategy.close()
+
+
+class _BatchNormed(torch.nn.Module):
+    """A linear layer and a BatchNorm, whose running statistics are buffers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(3, 4)
+        self.norm = torch.nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.linear(x))
+
+
+@pytest.mark.parametrize(
+    ("train_while_forming", "train_while_averaging"),
+    [(False, False), (True, True)],
+    ids=["blocking", "forming-and-averaging"],
+)
+def test_peers_end_with_the_same_running_statistics(
+    train_while_forming: bool, train_while_averaging: bool
+) -> None:
+    # Only trained parameters were averaged: the BatchNorm statistics stayed each peer's own,
+    # and the peers ended with different models though their hashes agreed.
+    group = InProcessGroup(2, timeout_s=10.0)
+    config = DiLoCoConfig(
+        inner_steps=3,
+        train_while_forming=train_while_forming,
+        train_while_averaging=train_while_averaging,
+    )
+    strategies = [DiLoCoStrategy(config, group.averager()) for _ in range(2)]
+    models = [_BatchNormed() for _ in range(2)]
+
+    def train(index: int) -> None:
+        model, strategy = models[index], strategies[index]
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        strategy.setup(model, optimizer)
+        data = torch.Generator().manual_seed(index)
+        for step in range(6):
+            x = torch.randn(8, 3, generator=data) * (index + 1) + index  # other statistics
+            loss = model(x).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            strategy.on_step_end(model, step)
+        strategy.finish(model, 6)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for future in [pool.submit(train, i) for i in range(2)]:
+            future.result(timeout=20)
+    states = [m.state_dict() for m in models]
+    for name in ("norm.running_mean", "norm.running_var"):
+        torch.testing.assert_close(states[0][name], states[1][name], rtol=0, atol=0)
+    assert sha256_state(states[0]) == sha256_state(states[1])
+    assert strategies[0].global_weights_hash() == strategies[1].global_weights_hash()
+    for strategy in strategies:
+        strategy.close()
+
+
+def test_the_built_in_gpt_has_no_buffers_to_average() -> None:
+    # Its rounds carry its parameters' pseudo-gradients and nothing else (same bytes as before).
+    assert averaged_buffers(GPT(ModelConfig(num_layers=1, num_heads=2, width=32))) == []
+    assert len(averaged_buffers(_BatchNormed())) == 2  # mean and variance, not the count
 
 
 def test_sync_peers_stay_identical(tmp_path: Path) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import dataclasses
 import json
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from types import SimpleNamespace
 from typing import Any, cast
@@ -14,6 +17,7 @@ import torch
 from torch import nn
 
 from gossamer.core.errors import ConfigError, PeerUnavailableError
+from gossamer.core.hashing import sha256_state
 from gossamer.obs.metrics import PeerMetrics
 from gossamer.train import swarm as swarm_module
 from gossamer.train.averaging import AverageOutcome, begin_round
@@ -69,6 +73,15 @@ class FakeAverager:
         self.newest_seen_version: int | None = None
         self.events: list[tuple[str, int]] = []
         self.threads: set[str] = set()
+        self.settings: dict[str, Any] = {}
+        self.other_settings: dict[str, str] = {}
+        self.failed: list[str] = []
+
+    def report_failed(self, round_key: str) -> None:
+        self.failed.append(round_key)
+
+    def failed_everywhere(self, round_key: str) -> bool:
+        return False
 
     def average(
         self, tensors: list[torch.Tensor], *, round_key: str, weight: float
@@ -679,7 +692,11 @@ def test_a_newcomer_whose_model_is_not_the_runs_stops_with_what_to_do(
     monkeypatch.setattr(newcomer, "_others", lambda: ["donor"])
     with pytest.raises(ConfigError, match=r"the donors train another model.*set this peer's"):
         newcomer.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    # Mid-run (a donor's bug, or a liar's) it is a refused download, as before.
+    # Still new to the run (it found no donor when it joined), a later download says so too.
+    with pytest.raises(ConfigError, match=r"the donors train another model"):
+        newcomer._download(version=None)
+    # A peer of the run (a donor's bug, or a liar's): a refused download, as before.
+    newcomer._of_the_run = True
     assert newcomer._download(version=None) is None
     deeper.close()
 
@@ -719,4 +736,230 @@ def test_the_state_of_a_model_of_8000_parameter_tensors_passes_the_meta_limits_i
     )
     manifest = decode_manifest(serialized.manifest_bytes, StateSyncLimits(max_meta_bytes=bound))
     assert len(json.dumps(manifest.meta)) > StateSyncLimits().max_meta_bytes  # (what 1 MiB refused)
+    strategy.close()
+
+
+def _strategy_with(config: DiLoCoConfig, model: nn.Module) -> SwarmDiLoCoStrategy:
+    strategy = SwarmDiLoCoStrategy(
+        config,
+        cast(Any, FakeAverager()),
+        cast(Any, FakeNodeThread()),
+        cast(Any, FakeDonor()),
+        join_existing=False,
+    )
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    return strategy
+
+
+@pytest.mark.parametrize(
+    ("theirs", "said"),
+    [
+        ({"inner_steps": 10}, "swarm.inner_steps is 10 there, 5 here"),
+        ({"outer_lr": 1.3}, "swarm.outer_lr is 1.3 there, 0.7 here"),
+        ({"outer_momentum_warmup": False}, "swarm.outer_momentum_warmup is False there, True"),
+        ({"overlap": True}, "swarm.overlap is True there, False here"),
+    ],
+)
+def test_a_newcomer_whose_diloco_settings_are_not_the_runs_stops_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch, theirs: dict[str, Any], said: str
+) -> None:
+    # Not exchanged, peers with H 5 and 10 both ended at exit 0 with other weights; with outer
+    # lr 0.7 and 1.3 they resynced each other 8 times in 40 rounds.
+    run = _strategy_with(DiLoCoConfig(run_id="r", **{"inner_steps": 5} | theirs), nn.Linear(4, 4))
+    state = run._snapshot(step=0)
+    assert state.meta["diloco"]["inner_steps"] == (10 if "inner_steps" in theirs else 5)
+    monkeypatch.setattr(swarm_module, "download_from_donors", lambda *a, **k: (state, 1))
+    model = nn.Linear(4, 4)
+    newcomer = SwarmDiLoCoStrategy(
+        DiLoCoConfig(inner_steps=5, run_id="r"),
+        cast(Any, FakeAverager()),
+        cast(Any, FakeNodeThread()),
+        cast(Any, FakeDonor()),
+        join_existing=True,
+    )
+    monkeypatch.setattr(newcomer, "_others", lambda: ["donor"])
+    with pytest.raises(ConfigError, match="other DiLoCo settings") as raised:
+        newcomer.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert said in str(raised.value)
+    assert "give it another run name" in str(raised.value)  # what to do
+    # Still new to the run (it found no donor when it joined), a later download says so too;
+    # for a peer of the run (a donor's bug, or a liar's) it is a refused download.
+    with pytest.raises(ConfigError, match="other DiLoCo settings"):
+        newcomer._download(version=None)
+    newcomer._of_the_run = True
+    assert "other DiLoCo settings" in newcomer._unusable(state)
+    assert newcomer._download(version=None) is None
+    run.close()
+
+
+def test_a_state_without_diloco_settings_from_a_peer_of_before_is_taken() -> None:
+    strategy = _strategy_with(DiLoCoConfig(inner_steps=5, run_id="r"), nn.Linear(4, 4))
+    state = strategy._snapshot(step=0)
+    older = StateSnapshot(
+        version=0,
+        tensors=state.tensors,
+        meta={k: v for k, v in state.meta.items() if k not in ("diloco", "round_attempt")},
+    )
+    assert strategy._unusable(older) == ""
+    # Settings only the other version has are not compared; malformed ones are refused.
+    newer = StateSnapshot(
+        version=0, tensors=state.tensors, meta=state.meta | {"diloco": {"new_setting": 3}}
+    )
+    assert strategy._unusable(newer) == ""
+    malformed = StateSnapshot(version=0, tensors=state.tensors, meta=state.meta | {"diloco": [5]})
+    assert "malformed" in strategy._unusable(malformed)
+    strategy.close()
+
+
+class _OtherSettingsAverager(FakeAverager):
+    """A round of ``group_size`` peers whose entries held a peer with other settings too."""
+
+    def __init__(self, group_size: int) -> None:
+        super().__init__()
+        self.group_size = group_size
+
+    def average(
+        self, tensors: list[torch.Tensor], *, round_key: str, weight: float
+    ) -> AverageOutcome:
+        self.other_settings = {"b" * 64: "swarm.inner_steps is 10 there, 5 here"}
+        outcome = super().average(tensors, round_key=round_key, weight=weight)
+        return dataclasses.replace(outcome, group_size=self.group_size)
+
+
+@pytest.mark.parametrize(
+    ("of_the_run", "group_size"), [(False, 1), (True, 1), (False, 2)], ids=["new", "of-run", "met"]
+)
+def test_peers_that_started_together_with_other_settings_are_refused_at_their_first_round(
+    of_the_run: bool, group_size: int
+) -> None:
+    # A newcomer that found no donor yet (the first peer still starting) trained from scratch
+    # and was never compared: its round entries carry its settings now. New to the run, it
+    # stops; a peer of the run (it averaged with another, or took the run's state) goes on,
+    # and its averager leaves the other out of its rounds; so does one whose round had others
+    # of its settings in it.
+    averager = _OtherSettingsAverager(group_size)
+    strategy = SwarmDiLoCoStrategy(
+        DiLoCoConfig(inner_steps=INNER_STEPS, run_id="r"),
+        cast(Any, averager),
+        cast(Any, FakeNodeThread()),
+        cast(Any, FakeDonor()),
+        join_existing=False,
+    )
+    model = nn.Linear(4, 4)
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert averager.settings == strategy.config.agreed_settings()  # (its round entries')
+    strategy._of_the_run = of_the_run
+    strategy.on_step_end(model, 0)
+    if of_the_run or group_size > 1:
+        strategy.on_step_end(model, 1)
+        assert strategy.outer_step == 1
+    else:
+        with pytest.raises(ConfigError, match=r"peer bbbbbbbb of run 'r' uses other DiLoCo.*no st"):
+            strategy.on_step_end(model, 1)
+        assert strategy.outer_step == 0
+    strategy.close()
+
+
+class _BatchNormed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.norm = nn.BatchNorm1d(4)
+
+
+def test_averaged_buffers_travel_with_the_state_and_its_hash() -> None:
+    donor = _strategy_with(DiLoCoConfig(inner_steps=INNER_STEPS, run_id="r"), _BatchNormed())
+    state = donor._snapshot(step=0)
+    assert {"buffer.0", "buffer.1"} <= set(state.tensors)  # running mean and variance
+    assert "buffer.2" not in state.tensors  # (the batch count is an integer: each peer's own)
+    model = _BatchNormed()
+    newcomer = _strategy_with(DiLoCoConfig(inner_steps=INNER_STEPS, run_id="r"), model)
+    hash_before = newcomer.global_weights_hash()
+    state.tensors["buffer.0"].fill_(3.0)
+    assert newcomer._unusable(state) == ""
+    state = StateSnapshot(version=1, tensors=state.tensors, meta=state.meta | {"outer_step": 1})
+    newcomer._apply_snapshot(state)
+    assert torch.equal(model.norm.running_mean, torch.full((4,), 3.0))
+    assert newcomer.global_weights_hash() != hash_before
+    wrong = StateSnapshot(
+        version=1, tensors=state.tensors | {"buffer.1": torch.zeros(5)}, meta=state.meta
+    )
+    assert "'buffer.1'" in newcomer._unusable(wrong)
+    # A model without such buffers hashes as before they were averaged (peers of both agree).
+    plain = _strategy_with(DiLoCoConfig(inner_steps=INNER_STEPS, run_id="r"), nn.Linear(4, 4))
+    expected = sha256_state({str(i): t for i, t in enumerate(plain._global)})
+    assert plain.global_weights_hash() == expected
+    for strategy in (donor, newcomer, plain):
+        strategy.close()
+
+
+class _FailedEverywhere(FakeAverager):
+    """A swarm in which the round ``failing`` fails on every member (this peer's all-reduce
+    ran past its deadline: its own tensors back, excluded), and the swarm says so."""
+
+    def __init__(self, failing: str) -> None:
+        super().__init__()
+        self.failing = failing
+        self.rounds: list[str] = []
+
+    def average(
+        self, tensors: list[torch.Tensor], *, round_key: str, weight: float
+    ) -> AverageOutcome:
+        self.rounds.append(round_key)
+        if round_key == self.failing:
+            return _excluded(tensors)
+        return super().average(tensors, round_key=round_key, weight=weight)
+
+    def failed_everywhere(self, round_key: str) -> bool:
+        return round_key == self.failing
+
+    def run_states(self) -> dict[str, tuple[str, int]]:
+        return {"b" * 64: ("active", 1)}  # (another peer, which publishes no newer state)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_round_failed_on_every_member_is_formed_again_with_its_progress(
+    monkeypatch: pytest.MonkeyPatch, background: bool
+) -> None:
+    # Before, the peer waited 30 s for a newer state nobody published, then formed the round
+    # again under the same key, closed by the failed attempt: never averaged again.
+    monkeypatch.setattr(swarm_module, "_FINAL_AGREEMENT_S", 0.0)
+    monkeypatch.setattr(swarm_module, "_NEWER_STATE_WAIT_S", 1.0)  # (the old code's wait)
+    averager = _FailedEverywhere("r/outer/1")
+    strategy = SwarmDiLoCoStrategy(
+        DiLoCoConfig(
+            inner_steps=2,
+            outer_lr=1.0,
+            outer_momentum=0.0,
+            run_id="r",
+            train_while_forming=background,
+            train_while_averaging=background,
+        ),
+        cast(Any, averager),
+        cast(Any, FakeNodeThread()),
+        cast(Any, FakeDonor()),
+        join_existing=False,
+    )
+    monkeypatch.setattr(strategy, "_download", lambda *a, **k: None)
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    started = time.monotonic()
+    for step in range(8):
+        with torch.no_grad():
+            model.weight.sub_(0.1)
+        strategy.on_step_end(model, step)
+        strategy._wait_for_publication()
+        if strategy._averaging is not None:  # (lands at the next step end, as it is done)
+            concurrent.futures.wait([strategy._averaging], timeout=10)
+    strategy.finish(model, 8)
+    assert time.monotonic() - started < 1.0  # no wait for a newer state
+    keys = averager.rounds
+    assert keys[:3] == ["r/outer/0", "r/outer/1", "r/outer/1#1"]
+    # Every step's progress is in the global weights: none thrown away with the failed round.
+    assert strategy.outer_step == len(keys) - 1
+    assert float(model.weight.detach()) == pytest.approx(0.2)
+    assert float(strategy._global[0].detach()) == pytest.approx(0.2)
+    assert strategy.resyncs == 0
     strategy.close()

@@ -27,6 +27,7 @@ __all__ = [
     "InProcessGroup",
     "PendingRound",
     "TensorAverager",
+    "all_finite",
     "begin_round",
     "record_round_phases",
     "withhold_if_not_finite",
@@ -65,15 +66,24 @@ class AverageOutcome:
     where nobody else was averaged with, or in process."""
 
 
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every floating-point value of ``tensors`` is finite (no NaN, no infinity)."""
+    checks = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return not checks or bool(torch.stack(checks).all())  # one sync, not one per tensor
+
+
 def withhold_if_not_finite(
     tensors: list[torch.Tensor], weight: float, round_key: str
 ) -> tuple[list[torch.Tensor], float]:
     """``tensors`` and ``weight`` as they go into a round, unless a value is NaN or infinite:
     then zeros of weight 0, so the others' average stays finite (one peer's inf gradient or NaN
     weights turned every peer's model to NaN, and nothing said so). The peer's own values then
-    come back as the others' average, or stay zeros where nobody else contributed."""
-    checks = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
-    if not checks or bool(torch.stack(checks).all()):  # one sync, not one per tensor
+    come back as the others' average, or stay zeros where nobody else contributed.
+
+    This guards the sender only: a peer that skips it (another build, a bug, a hostile peer)
+    still sends NaN, so a receiver checks the average it gets too (DiLoCo does, see
+    :meth:`~gossamer.train.diloco.DiLoCoStrategy._apply_outcome`)."""
+    if all_finite(tensors):
         return tensors, weight
     _log.warning(
         "round %s: this peer's values hold NaN or infinite numbers; they are withheld from the "

@@ -75,6 +75,30 @@ inner steps run from where the real average put the model, not from the estimate
 Training never waits for the network unless a round takes longer than H inner steps. After the
 last step (:meth:`DiLoCoStrategy.finish`), a round still in flight is applied and the progress
 since the last boundary is averaged in one more round, so every peer ends on the global weights.
+
+A round that failed on every member (every all-reduce ran past its deadline, members dropped
+each other, or the average was unusable, below) moved nobody's global weights: each peer takes
+its progress back into the local model (with an eager estimate, the local model moves back by
+the estimate, so it stands where it would have without the round) and the next round averages
+it together with the steps since, formed under a key of its own (``RUN/outer/N#1``: the failed
+attempt's records keep its key closed); the run's last steps are averaged by one more round
+after the last step even where the step budget is a multiple of H. Across machines (see
+:mod:`gossamer.train.swarm`) the swarm says whether a round failed on every member.
+
+The average a round returns is checked before it is applied: one that holds NaN or infinite
+values (a peer that sent them as they were: another build, a bug, a hostile peer; each peer
+withholds its own, see :func:`~gossamer.train.averaging.withhold_if_not_finite`) is not
+applied, whichever part holds them: the global weights stay, and the round counts as failed
+here. Every member that received the same average skips it alike.
+
+Floating-point buffers of the model that its ``state_dict`` keeps (BatchNorm's running
+statistics) are not trained by the optimizers but change in the inner steps; each round
+averages them too, weighted like the pseudo-gradients, and the average replaces the local
+buffers and the global copy of them (no outer optimizer: they are statistics, not weights), so
+every peer ends with the same model. Steps taken while a round averages in the background
+update the local buffers, which the average then replaces. Integer buffers (BatchNorm's batch
+count) stay each peer's own. The built-in GPT has no such buffers: its rounds carry exactly
+its parameters' pseudo-gradients.
 """
 
 from __future__ import annotations
@@ -94,11 +118,36 @@ from torch import nn
 from gossamer.core.config import SwarmConfig
 from gossamer.core.hashing import sha256_state
 from gossamer.obs.trace import nested_span
-from gossamer.train.averaging import AverageOutcome, PendingRound, TensorAverager, begin_round
+from gossamer.train.averaging import (
+    AverageOutcome,
+    PendingRound,
+    TensorAverager,
+    all_finite,
+    begin_round,
+)
 
-__all__ = ["DiLoCoConfig", "DiLoCoStrategy"]
+__all__ = ["DiLoCoConfig", "DiLoCoStrategy", "averaged_buffers", "hashed_global_state"]
 
 logger = logging.getLogger(__name__)
+
+
+def averaged_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The buffers of ``model`` that rounds average: floating point, and kept by its
+    ``state_dict`` (a buffer registered as not persistent is derived, not state), in the
+    order of ``named_buffers``."""
+    kept = model.state_dict(keep_vars=True)
+    return [b for name, b in model.named_buffers() if name in kept and b.is_floating_point()]
+
+
+def hashed_global_state(
+    global_weights: list[torch.Tensor], buffers: list[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """What the peers' agreement hash covers: the global weights, named ``0``, ``1``, ..., and
+    the averaged buffers, named ``buffer.0``, ... (a model without such buffers hashes as it
+    did before they were averaged, so peers of both versions agree on it)."""
+    state = {str(i): t.detach() for i, t in enumerate(global_weights)}
+    state.update({f"buffer.{i}": b.detach() for i, b in enumerate(buffers)})
+    return state
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -142,6 +191,20 @@ class DiLoCoConfig:
                 "diloco.train_while_averaging needs diloco.train_while_forming: the round "
                 "averages in the background only once its group has formed in the background"
             )
+
+    def agreed_settings(self) -> dict[str, Any]:
+        """The settings every peer of a run must share, by their ``swarm.`` name: those that
+        change the global weights the rounds make (when rounds are due, how their averages
+        are weighed and applied). Training while the round averages changes only the local
+        model's path between rounds, the run name is the rounds' key already."""
+        return {
+            "inner_steps": self.inner_steps,
+            "outer_lr": self.outer_lr,
+            "outer_momentum": self.outer_momentum,
+            "outer_momentum_warmup": self.outer_momentum_warmup,
+            "overlap": self.overlap,
+            "train_while_forming": self.train_while_forming,
+        }
 
     @classmethod
     def from_swarm(
@@ -191,6 +254,11 @@ class DiLoCoStrategy:
         self.weight = weight
         self._params: list[nn.Parameter] = []
         self._global: list[torch.Tensor] = []
+        self._buffers: list[torch.Tensor] = []
+        """The model's buffers that rounds average (see :func:`averaged_buffers`)."""
+        self._global_buffers: list[torch.Tensor] = []
+        """Their average as of the last outer step (the global copy, as ``_global`` is of
+        the weights)."""
         self._outer: torch.optim.SGD | None = None
         self._pending_state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
         self.outer_step = 0
@@ -232,11 +300,25 @@ class DiLoCoStrategy:
         again finds nothing left to average there)."""
         self._abandoned = False
         """A second stop came: closing leaves the round under way (see :meth:`abandon`)."""
+        self._handed: list[torch.Tensor] | None = None
+        """(background rounds) The progress handed to the round under way or last landed,
+        while the local model stands on an estimate made from it: taken back where that round
+        failed on every member (see :meth:`_keep_failed_round`)."""
+        self._handed_steps = 0
+        """The inner steps behind ``_handed``."""
+        self._round_failed = False
+        """The last round failed on every member: its progress is still to be averaged (by
+        the next round, or by one more after the last step)."""
+        self.round_attempt = 0
+        """Rounds of this outer step that failed on every member: the next one is formed
+        under a key of its own (see :meth:`_round_key`)."""
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
         del optimizer
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._global = [p.detach().clone() for p in self._params]
+        self._buffers = averaged_buffers(model)
+        self._global_buffers = [b.detach().clone() for b in self._buffers]
         for tensor in self._global:
             tensor.requires_grad_(True)
         self._outer = torch.optim.SGD(
@@ -362,13 +444,16 @@ class DiLoCoStrategy:
             The step to continue from if the swarm's state replaced this peer's, else None.
         """
         del step
+        self._handed = None  # (averaged in the foreground: the local model holds its progress)
         pseudo = self._pseudo_gradient()
+        version = self.outer_step
         if forming is None:
             outcome = self._average(pseudo)
         else:  # peers took different numbers of steps while the group formed: weigh by them
-            outcome = forming.average(pseudo, weight=self.weight * self._local_steps)
+            weight = self.weight * self._local_steps
+            outcome = forming.average(self._contribution(pseudo), weight=weight)
         self._apply_outcome(outcome, waited_s=None)
-        if not self.last_round_excluded:
+        if self.outer_step != version:  # (not applied: the local model keeps its progress)
             self._restart_local_from_global()
         return None
 
@@ -381,9 +466,11 @@ class DiLoCoStrategy:
         average will put the model; when it lands, the model moves by the estimate's error.
         """
         pseudo = self._pseudo_gradient()
+        contribution = self._contribution(pseudo)
         self._restart_with_progress(pseudo)
+        self._handed, self._handed_steps = pseudo, self._local_steps
         weight, self._local_steps = self.weight * self._local_steps, 0
-        self._averaging = self._round_thread().submit(forming.average, pseudo, weight=weight)
+        self._averaging = self._round_thread().submit(forming.average, contribution, weight=weight)
 
     def _land_averaging(self) -> int | None:
         """(train while averaging) Apply the round averaging in the background (waiting for
@@ -426,11 +513,26 @@ class DiLoCoStrategy:
         return momentum
 
     def _round_key(self) -> str:
-        return f"{self.config.run_id}/outer/{self.outer_step}"
+        """The key of this outer step's round: ``RUN/outer/N``, then ``RUN/outer/N#A`` for its
+        A-th attempt after attempts that failed on every member. A failed attempt's records
+        (its members, its close) stay on the DHT: formed again under the same key, every
+        member found it closed before it came, missed it, and no peer averaged again for the
+        rest of the run. Every member of a failed attempt learns alike that it failed (see
+        :meth:`_keep_failed_round`), so they all come to the next attempt's key."""
+        key = f"{self.config.run_id}/outer/{self.outer_step}"
+        return key if self.round_attempt == 0 else f"{key}#{self.round_attempt}"
 
     def _average(self, pseudo: list[torch.Tensor], weight: float | None = None) -> AverageOutcome:
         weight = self.weight if weight is None else weight
-        return self.averager.average(pseudo, round_key=self._round_key(), weight=weight)
+        return self.averager.average(
+            self._contribution(pseudo), round_key=self._round_key(), weight=weight
+        )
+
+    def _contribution(self, pseudo: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What this peer puts into a round: ``pseudo`` (one tensor per trained parameter),
+        then copies of the buffers rounds average (copies: training goes on meanwhile with a
+        round in the background, and updates them in place)."""
+        return [*pseudo, *(b.detach().clone() for b in self._buffers)]
 
     def _restart_local_from_global(self) -> None:
         self._local_steps = 0
@@ -438,6 +540,8 @@ class DiLoCoStrategy:
             for param, start, tensor in zip(self._params, self._start, self._global, strict=True):
                 param.copy_(tensor)
                 start.copy_(tensor)
+            for buffer, averaged in zip(self._buffers, self._global_buffers, strict=True):
+                buffer.copy_(averaged)
 
     def _pseudo_gradient(self) -> list[torch.Tensor]:
         """The global weights minus the local model's."""
@@ -453,10 +557,13 @@ class DiLoCoStrategy:
 
     def _overlapped_boundary(self) -> None:
         """Apply the previous round, restart from the new global weights, launch this round."""
-        progress = self._progress()
         self._collect()
         weight = self.weight
-        if self._catch_up():  # progress made from a state too old to count: restart without it
+        stale = self._catch_up()
+        # (taken after: a state taken moves the local model and its start alike, and a round
+        # that failed on every member gave its progress back to the local model)
+        progress = self._progress()
+        if stale:  # progress made from a state too old to count: restart without it
             progress = [torch.zeros_like(t) for t in progress]
             weight = 0.0
         self._restart_with_progress(progress)
@@ -538,8 +645,9 @@ class DiLoCoStrategy:
 
     def _launch(self, progress: list[torch.Tensor], weight: float) -> None:
         key = self._round_key()
+        self._handed, self._handed_steps = progress, 0  # (overlap weighs no steps)
         self._inflight = self._round_thread().submit(
-            self.averager.average, progress, round_key=key, weight=weight
+            self.averager.average, self._contribution(progress), round_key=key, weight=weight
         )
 
     @property
@@ -593,7 +701,10 @@ class DiLoCoStrategy:
         caught_up_from = self.outer_step
         stale = self._catch_up()
         took_state = self.outer_step != caught_up_from
-        replaced = replaced or self.outer_step != version
+        # A round that failed on every member left its progress to average: every member
+        # knows it alike, and runs one more round for it (on a grid step too).
+        tail = tail or (self._round_failed and self._finished_at != step)
+        replaced = replaced or tail or self.outer_step != version
         if tail:
             self._steps_since_round = 0
             weight = self.weight
@@ -656,7 +767,11 @@ class DiLoCoStrategy:
     def _apply_outcome(
         self, outcome: AverageOutcome, *, waited_s: float | None, plain: bool = False
     ) -> None:
-        """Record a round and apply its averaged pseudo-gradient to the global weights.
+        """Record a round and apply its averaged pseudo-gradient to the global weights, and
+        its averaged buffers to the model's.
+
+        An average that holds NaN or infinite values is not applied (see
+        :meth:`_skip_unusable_round`).
 
         Args:
             outcome: the round's result.
@@ -671,6 +786,12 @@ class DiLoCoStrategy:
         self.last_round_excluded = outcome.excluded
         if outcome.excluded:  # the others moved on without us; the caller must fetch their state
             return
+        if not all_finite(outcome.tensors):
+            self._skip_unusable_round(outcome)
+            return
+        self._handed = None
+        self._round_failed = False
+        self.round_attempt = 0  # (the next outer step's first)
         if (outcome.failed_peers or outcome.missing_peers) and self.round_seconds:
             if waited_s is None:
                 typical = statistics.median(self.round_seconds)
@@ -678,7 +799,14 @@ class DiLoCoStrategy:
             else:  # in the background: training lost only the time it waited for the round
                 self.seconds_lost_to_failures += waited_s
         self.round_seconds.append(outcome.seconds)
-        for tensor, averaged in zip(self._global, outcome.tensors, strict=True):
+        num_params = len(self._global)
+        with torch.no_grad():
+            for buffer, kept, averaged in zip(
+                self._buffers, self._global_buffers, outcome.tensors[num_params:], strict=True
+            ):
+                kept.copy_(averaged)
+                buffer.copy_(averaged)
+        for tensor, averaged in zip(self._global, outcome.tensors[:num_params], strict=True):
             tensor.grad = averaged.to(tensor.dtype)
         momentum = 0.0 if plain else self.outer_momentum_at(self.outer_step)
         for group in self._outer.param_groups:
@@ -689,12 +817,58 @@ class DiLoCoStrategy:
         self.outer_step += 1
         logger.info("outer step %d: averaged over %d peers", self.outer_step, outcome.group_size)
 
+    def _skip_unusable_round(self, outcome: AverageOutcome) -> None:
+        """The round's average holds NaN or infinite values: it is not applied, and the global
+        weights stay. In process, every peer of the round received that same average and skips
+        it alike: the round failed on every member (see :meth:`_keep_failed_round`). The swarm
+        strategy overrides this: there, the swarm says whether it failed everywhere.
+
+        Args:
+            outcome: the round's result.
+        """
+        logger.warning(
+            "round %s (outer step %d, %d peers): the average holds NaN or infinite values (a "
+            "peer sent them as they were); it is not applied, the global weights stay",
+            self._round_key(),
+            self.outer_step + 1,
+            outcome.group_size,
+        )
+        self._keep_failed_round()
+
+    def _keep_failed_round(self) -> None:
+        """The last round failed on every member: nobody's global weights moved, and its
+        progress is in no average. The local model keeps it for the next round to average.
+
+        The next round of this outer step is the next attempt, under a key of its own. Averaged
+        in the foreground, the local model never left its progress. Handed to a round in the
+        background, it restarted from an eager estimate made from that progress (and
+        landed on the global weights where the round failed): it moves back by the estimate,
+        to the global weights minus the progress handed over plus the steps since, and counts
+        those steps again, so the next round's pseudo-gradient holds both.
+        """
+        self._round_failed = True
+        self.round_attempt += 1
+        self.last_round_excluded = False
+        handed, self._handed = self._handed, None
+        if handed is None:
+            return
+        with torch.no_grad():
+            for param, start, tensor, progress in zip(
+                self._params, self._start, self._global, handed, strict=True
+            ):
+                param.add_(tensor - progress - start)
+                start.copy_(tensor)
+        self._local_steps += self._handed_steps
+
     def global_weights_hash(self) -> str:
-        """sha256 of the global weights, to compare with other peers after an outer step."""
-        return sha256_state({str(i): t.detach() for i, t in enumerate(self._global)})
+        """sha256 of the global weights (and averaged buffers), to compare with other peers
+        after an outer step."""
+        return sha256_state(hashed_global_state(self._global, self._global_buffers))
 
     def state_for_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {f"global.{i}": t.detach().clone() for i, t in enumerate(self._global)}
+        for i, buffer in enumerate(self._global_buffers):
+            tensors[f"buffer.{i}"] = buffer.detach().clone()
         if self._outer is not None:
             for i, tensor in enumerate(self._global):
                 buffer = self._outer.state.get(tensor, {}).get("momentum_buffer")
@@ -729,6 +903,10 @@ class DiLoCoStrategy:
             if self._forming is not None
             else self._resume_forming_at,
             "finished_at_step": self._finished_at,
+            # Its progress is still to be averaged: a peer killed before the next round still
+            # owes it one after its last step.
+            "round_failed": self._round_failed,
+            "round_attempt": self.round_attempt,
         }
         return tensors, meta
 
@@ -751,6 +929,16 @@ class DiLoCoStrategy:
                 estimate = tensors.get(f"estimate.{i}")
                 if estimate is not None:
                     self._params[i].add_(tensor - estimate)
+            # (the model's own buffers are its checkpoint's; a state taken from others restarts
+            # the local model from this global copy)
+            for i, kept in enumerate(self._global_buffers):
+                saved = tensors.get(f"buffer.{i}")  # (none from a peer of before they were)
+                if saved is not None:
+                    kept.copy_(saved)
+        self._handed = None  # (the state's own progress is the one that counts now)
+        self._round_failed = meta.get("round_failed") is True
+        attempt = meta.get("round_attempt", 0)
+        self.round_attempt = attempt if type(attempt) is int and attempt >= 0 else 0
         self.outer_step = int(meta.get("outer_step", 0))
         self.bytes_sent = int(meta.get("bytes_sent", 0))
         self.bytes_received = int(meta.get("bytes_received", 0))

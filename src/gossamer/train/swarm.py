@@ -10,7 +10,20 @@ trains with the configured strategy. With DiLoCo the peer also
   peers that hold the majority's state;
 - after its last step waits until every live peer of the run has published its hash of the final
   outer step and every published hash agrees, and resyncs if its own differs, so the peers end
-  with the same weights.
+  with the same weights;
+- after a round it missed, waits for the state the others publish, unless the round failed on
+  every member (the swarm says so: :meth:`SwarmAverager.failed_everywhere`): nobody's state moved
+  then, and its progress goes into the round formed again under the next attempt's key (see
+  :mod:`gossamer.train.diloco`). Where one member averaged and others failed, those take its
+  state, so no two peers go on from different weights;
+- refuses peers whose DiLoCo settings differ (those that change the global weights: see
+  :meth:`DiLoCoConfig.agreed_settings`): a newcomer whose donors' state carries other settings
+  stops with a :class:`ConfigError` naming the setting and both values, as for another model;
+  the settings travel with round entries too, so peers that started together (the newcomer
+  found no donor yet) never average together: a peer that holds no state of the run yet (no
+  outer step, no state taken, never averaged with another) stops the same way at its first
+  such round or state, and a peer of the run leaves the other out and warns. A peer of a
+  version before the settings travelled sends none, and is not refused (nothing to compare).
 """
 
 from __future__ import annotations
@@ -48,7 +61,7 @@ from gossamer.obs.metrics import PeerMetrics, SwarmMetrics
 from gossamer.obs.trace import SpanRecorder, nested_span
 from gossamer.store.lease import directory_lease
 from gossamer.train.averaging import AverageOutcome, PendingRound
-from gossamer.train.diloco import DiLoCoConfig, DiLoCoStrategy
+from gossamer.train.diloco import DiLoCoConfig, DiLoCoStrategy, hashed_global_state
 from gossamer.train.loop import (
     ModelFactory,
     ProgressEvent,
@@ -59,7 +72,12 @@ from gossamer.train.loop import (
 from gossamer.train.state_sync import StateSnapshot
 from gossamer.train.state_sync_donor import StateDonor
 from gossamer.train.strategy import TrainingStrategy
-from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig, read_json_records
+from gossamer.train.swarm_averager import (
+    SwarmAverager,
+    SwarmAveragerConfig,
+    read_json_records,
+    settings_difference,
+)
 from gossamer.train.swarm_sync import (
     SwarmSyncStrategy,
     download_from_donors,
@@ -252,6 +270,10 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         self._handed_over = False
         """The last round's progress was handed to it in the background (the local model moved
         on from an estimate): excluded, that progress is gone even with no state taken."""
+        self._of_the_run = False
+        """This peer has averaged with another peer of the run, or taken (or compared) the
+        run's state (see :meth:`_new_to_run`)."""
+        averager.settings = config.agreed_settings()
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
         super().setup(model, optimizer)
@@ -259,6 +281,8 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         start_step: int | None = None
         if self.join_existing:
             snapshot = self._download(version=None, joining=True)
+            if snapshot is not None:  # (the run's settings, checked: whichever state it keeps)
+                self._of_the_run = True
             if snapshot is not None and snapshot.version > self.outer_step:
                 self._apply_snapshot(snapshot)
                 self._joined_mid_round = bool(snapshot.meta.get("round_in_flight", False))
@@ -323,9 +347,14 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         serves it.
 
         Raises:
-            ConfigError: ``joining`` (a newcomer's first download) and the donors train another
-                model: this peer can never be of the run (it trained alone, saying so once in
-                a warning, and its rounds never met the others').
+            ConfigError: the donors train another model (this peer can never be of the run: it
+                trained alone, saying so once in a warning, and its rounds never met the
+                others'), or use other DiLoCo settings (its rounds came at other steps, or
+                applied the average otherwise: it ended with other weights, or the two
+                resynced each other round after round), and this peer is new to the run: it
+                is ``joining`` (a newcomer's first download), or it found no donor then and
+                has neither averaged with the run since nor taken its state. Otherwise (a
+                donor's bug, or a liar's) the state is refused with a warning.
         """
         donors = self._others() if donors is None else list(donors)
         if not donors:
@@ -337,16 +366,16 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
                     self.node_thread,
                     donors,
                     version=version,
-                    max_state_bytes=state_bytes_bound(self._params),
-                    max_meta_bytes=meta_bytes_bound(self._params),
+                    max_state_bytes=state_bytes_bound(self._state_tensors()),
+                    max_meta_bytes=meta_bytes_bound(self._state_tensors()),
                     metrics=self.swarm_metrics,
                 )
         except GossamerError as exc:
             logger.warning("peer %s: no state from donors (%s)", self._short(), exc)
             return None
         self.state_download_bytes += num_bytes
-        other_model = self._other_model(snapshot)
-        if other_model and joining:
+        other_model = self._other_model(snapshot) or self._other_settings(snapshot)
+        if other_model and (joining or self._new_to_run()):
             raise ConfigError(f"swarm: {other_model}")
         unusable = other_model or self._unusable(snapshot)
         if unusable:  # verified bytes, yet not this run's state: a donor's bug, or a liar's
@@ -362,14 +391,17 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
                 return f"meta {key!r} is {value!r}, not a step"
         if not isinstance(snapshot.meta.get("round_in_flight", False), bool):
             return "meta 'round_in_flight' is not a boolean"
-        other_model = self._other_model(snapshot)
+        attempt = snapshot.meta.get("round_attempt", 0)
+        if type(attempt) is not int or attempt < 0:
+            return f"meta 'round_attempt' is {attempt!r}, not a count"
+        other_model = self._other_model(snapshot) or self._other_settings(snapshot)
         if other_model:
             return other_model
         expected = {
             f"{kind}.{i}"
             for i in range(len(self._global))
             for kind in ("global", "momentum", "estimate")
-        }
+        } | {f"buffer.{i}" for i in range(len(self._global_buffers))}
         unexpected = sorted(set(snapshot.tensors) - expected)
         if unexpected:
             shown = ", ".join(repr(n) for n in unexpected[:3])
@@ -388,6 +420,13 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
                     return f"{name!r} has shape {tuple(tensor.shape)}, not {tuple(own.shape)}"
                 if tensor is not None and not tensor.is_floating_point():
                     return f"{name!r} is {tensor.dtype}, not floating point"
+        for i, own in enumerate(self._global_buffers):  # (none from donors of before)
+            tensor = snapshot.tensors.get(f"buffer.{i}")
+            if tensor is not None and (tensor.shape != own.shape or tensor.dtype != own.dtype):
+                return (
+                    f"'buffer.{i}' is {tensor.dtype} of shape {tuple(tensor.shape)}, not "
+                    f"{own.dtype} of shape {tuple(own.shape)}"
+                )
         return ""
 
     def _other_model(self, snapshot: StateSnapshot) -> str:
@@ -401,18 +440,50 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             return ""
         return f"the donors train another model than this peer ({differs}); {_SAME_MODEL}"
 
+    def _other_settings(self, snapshot: StateSnapshot) -> str:
+        """How the DiLoCo settings of the donors of ``snapshot`` differ from this peer's (''
+        where they do not, or where they did not say: donors of before they travelled)."""
+        theirs = snapshot.meta.get("diloco")
+        if theirs is None:
+            return ""
+        differs = settings_difference(theirs, self.config.agreed_settings())
+        if not differs:
+            return ""
+        return f"the donors use other DiLoCo settings than this peer ({differs}); {_SAME_SETTINGS}"
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        """The tensors whose size bounds a donor's state: the trained parameters and the
+        averaged buffers (see :func:`state_bytes_bound`)."""
+        return [*self._params, *self._global_buffers]
+
     def _wait_for_newer_state(self) -> StateSnapshot | None:
         """After a missed round: the state the others publish once it is done.
 
         Stops early when no other peer of the run is active any more (they finished or are
-        gone): nobody is left to publish a newer state.
+        gone): nobody is left to publish a newer state; and when this peer's last round failed
+        on every member (nobody's state moved): it keeps its progress for the next attempt
+        (see :meth:`_keep_failed_round`; it waited for a state nobody would publish, and the
+        next round it formed reused the failed one's key, closed: no averaging for the rest
+        of the run).
         """
         deadline = time.monotonic() + _NEWER_STATE_WAIT_S
+        key = self._round_key()
+        missed = self.last_round_excluded
         with nested_span("waiting", what="newer_state"):  # its downloads nest as "sync"
             while time.monotonic() < deadline:
                 snapshot = self._download(version=None)
                 if snapshot is not None and snapshot.version > self.outer_step:
                     return snapshot
+                if missed and self.swarm_averager.failed_everywhere(key):
+                    self._keep_failed_round()
+                    logger.warning(
+                        "peer %s: round %s failed on every member (nobody's state moved); it is "
+                        "formed again as %s, with this peer's progress in it",
+                        self._short(),
+                        key,
+                        self._round_key(),
+                    )
+                    return None
                 if not self._others_active():
                     logger.warning(
                         "peer %s: no other peer of the run is active; it goes on alone",
@@ -438,10 +509,11 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         """
         if not self.config.overlap:  # (the local progress not in the swarm's state is gone)
             self._discard_uncommitted(self._steps_done)
+        self._of_the_run = True  # (its settings were checked: see _unusable)
         before = [t.clone() for t in self._global] if self.config.overlap else []
         self._apply_state(
             snapshot.tensors,
-            {k: snapshot.meta.get(k, 0) for k in ("outer_step",)}
+            {k: snapshot.meta.get(k, 0) for k in ("outer_step", "round_attempt")}
             | {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received},
         )
         if not self.config.overlap:
@@ -453,6 +525,8 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             ):
                 param.add_(tensor - old)
                 start.add_(tensor - old)
+            for buffer, averaged in zip(self._buffers, self._global_buffers, strict=True):
+                buffer.copy_(averaged)
 
     def _snapshot(self, step: int) -> StateSnapshot:
         tensors, _ = self.state_for_checkpoint()
@@ -464,6 +538,9 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
                 "step": step,
                 "round_in_flight": self.round_in_flight,
                 "model_signature": self._model_signature(),
+                "diloco": self.config.agreed_settings(),
+                # (a newcomer comes to the round the others form again, not to a failed one)
+                "round_attempt": self.round_attempt,
             },
         )
 
@@ -479,7 +556,9 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         ]
 
     def _publish(self, step: int) -> None:
-        self.donor.publish(self._snapshot(step), max_meta_bytes=meta_bytes_bound(self._params))
+        self.donor.publish(
+            self._snapshot(step), max_meta_bytes=meta_bytes_bound(self._state_tensors())
+        )
 
     def _wait_for_publication(self) -> None:
         """Wait for the outstanding publication (its errors, other than the network's, raise)."""
@@ -502,11 +581,14 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         """(Publisher thread.) Serve ``snapshot``, then announce its version and hash."""
         outer_step = snapshot.version
         digest = sha256_state(
-            {str(i): snapshot.tensors[f"global.{i}"] for i in range(len(self._global))}
+            hashed_global_state(
+                [snapshot.tensors[f"global.{i}"] for i in range(len(self._global))],
+                [snapshot.tensors[f"buffer.{i}"] for i in range(len(self._global_buffers))],
+            )
         )
         self._hashes[outer_step] = digest
         # (refused here where newcomers, sizing their limit from the same model, would refuse it)
-        self.donor.publish(snapshot, max_meta_bytes=meta_bytes_bound(self._params))
+        self.donor.publish(snapshot, max_meta_bytes=meta_bytes_bound(self._state_tensors()))
         self.swarm_averager.join_run(outer_step)
         self._put_hash(outer_step, digest)
 
@@ -599,7 +681,8 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         awaiting = self.swarm_averager.rounds_awaiting()
         self._tried_ahead &= set(awaiting)  # (the averager keeps the latest few)
         for key in awaiting:
-            number = key[len(prefix) :] if key.startswith(prefix) else ""
+            # (``N#A``: the A-th attempt of outer step N's round)
+            number = key[len(prefix) :].partition("#")[0] if key.startswith(prefix) else ""
             if not (number.isascii() and number.isdigit()) or key in self._tried_ahead:
                 continue
             if int(number) > self.outer_step:
@@ -634,6 +717,58 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         self._launched_at, self._handed_over = self._steps_done, True
         super()._launch_formed(forming)
 
+    def _apply_outcome(
+        self, outcome: AverageOutcome, *, waited_s: float | None, plain: bool = False
+    ) -> None:
+        if not outcome.excluded and outcome.group_size > 1:
+            self._of_the_run = True  # (its members share its settings: the others are left out)
+        self._refuse_other_settings()
+        super()._apply_outcome(outcome, waited_s=waited_s, plain=plain)
+
+    def _new_to_run(self) -> bool:
+        """Whether this peer holds no state of the run yet: its global weights never moved by
+        an outer step, nor came from (or were compared with) the run's donors, and it never
+        averaged with another peer. Such a peer (a newcomer that found no donor when it
+        started) is the odd one where another model or other settings show up, and stops; a
+        peer of the run leaves the other out and warns."""
+        return not self._of_the_run and self.outer_step == 0
+
+    def _refuse_other_settings(self) -> None:
+        """Stop where a round found a peer of the run with other DiLoCo settings and this peer
+        is new to the run (see :meth:`_new_to_run`), as a newcomer whose donors' state says so
+        stops: the two started together, and this one found no donor to compare with. A peer
+        of the run leaves the other out (the averager warned); two new ones both stop.
+
+        Raises:
+            ConfigError: the settings differ and this peer is new to the run.
+        """
+        others = self.swarm_averager.other_settings
+        if not others or not self._new_to_run():
+            return
+        peer, differs = next(iter(others.items()))
+        raise ConfigError(
+            f"swarm: peer {peer[:8]} of run {self.config.run_id!r} uses other DiLoCo settings "
+            f"than this peer ({differs}), and this peer holds no state of the run yet; "
+            f"{_SAME_SETTINGS}"
+        )
+
+    def _skip_unusable_round(self, outcome: AverageOutcome) -> None:
+        """The average holds NaN or infinite values: not applied (the global weights stay),
+        and the round counts as failed here, as a failed all-reduce does: this peer waits for
+        the state of any member that applied another average, or, where the round failed on
+        every member (each that received this average skips it alike), keeps its progress
+        for the round formed again."""
+        logger.warning(
+            "peer %s: round %s (outer step %d, %d peers): the average holds NaN or infinite "
+            "values (a peer sent them as they were); it is not applied, the global weights stay",
+            self._short(),
+            self._round_key(),
+            self.outer_step + 1,
+            outcome.group_size,
+        )
+        self.swarm_averager.report_failed(self._round_key())
+        self.last_round_excluded = True
+
     def _round(self, step: int, forming: PendingRound | None) -> int | None:
         self._launched_at, self._handed_over = step + 1, False
         continue_from = super()._round(step, forming)
@@ -663,13 +798,14 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             The step to continue from if the swarm's state replaced this peer's, else
             ``continue_from``.
         """
-        if self.last_round_excluded and self._handed_over:
-            # (its progress went to the round alone, and the round went on without it)
-            self._discard_uncommitted(self._launched_at)
         if not self.last_round_excluded and not work_lost and self.weight > 0:
             self._committed = max(self._committed or 0, self._launched_at)
         if self.last_round_excluded:
             snapshot = self._wait_for_newer_state()
+            if snapshot is None and self.last_round_excluded and self._handed_over:
+                # (its progress went to the round alone, and the round went on without it; a
+                # round that failed on every member gave it back: not discarded)
+                self._discard_uncommitted(self._launched_at)
             if snapshot is not None:
                 self._apply_snapshot(snapshot)
                 self.last_round_excluded = False  # caught up: nothing more to wait for
@@ -744,6 +880,8 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         self._joined_mid_round = False
         snapshot = self._wait_for_newer_state()
         if snapshot is None:
+            if missed and not self.last_round_excluded:  # failed on every member: not behind
+                return False
             logger.warning("peer %s is behind but no newer state came; goes on", self._short())
             return False
         self._apply_snapshot(snapshot)
@@ -877,6 +1015,11 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
 _SAME_MODEL = (
     "every peer of a run must train the same model: set this peer's model config (or model "
     "factory) to the run's, or give it another run name"
+)
+_SAME_SETTINGS = (
+    "every peer of a run must use the same swarm.inner_steps, swarm.outer_lr, "
+    "swarm.outer_momentum, swarm.outer_momentum_warmup, swarm.overlap and "
+    "swarm.train_while_forming: set this peer's to the run's, or give it another run name"
 )
 
 

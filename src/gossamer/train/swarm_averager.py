@@ -16,6 +16,21 @@ hasten reads; the DHT records alone decide the members.
 Members then run comm's all-reduce; a member that dies mid-round is dropped as soon as the failure
 detector reports it gone (or a send to it fails) and the others finish with what arrived.
 
+A member whose round failed (its all-reduce raised, the others dropped it, or its strategy found
+the average unusable: :meth:`SwarmAverager.report_failed`) publishes that it did under the round
+key. A round failed on every member when each of its members (the entries stamped by its close)
+published that, or is gone or left the run: nobody's state moved, so no newer state will come
+to wait for (:meth:`SwarmAverager.failed_everywhere`). Its records stay on the DHT and keep its
+key closed (formed again under it, every member found the old close, earlier than its new
+stamp, and missed the round), so a strategy forms the next attempt under a key of its own.
+Where any member did not say it failed, that member may have averaged (with the others dropped):
+the others wait for its newer state.
+
+A strategy may name settings every member must share (:attr:`SwarmAverager.settings`, DiLoCo's
+inner steps and outer optimizer); they go with its round entries, and an entry with other
+values is neither a member nor awaited (an entry without them, from a peer of an older
+version, counts as before). Such peers are listed in :attr:`SwarmAverager.other_settings`.
+
 Where every member is on one site, a torch.distributed group does the all-reduce instead
 (``backend``: ``auto`` or ``torch``): each peer keeps a ``TCPStore`` and publishes its address
 with its round entry, the group's first member is the rendezvous, and the group is re-used for as
@@ -37,7 +52,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -82,6 +97,7 @@ __all__ = [
     "read_json_records",
     "round_entry_key",
     "round_settled",
+    "settings_difference",
 ]
 
 logger = logging.getLogger(__name__)
@@ -119,6 +135,27 @@ def _close_key(round_key: str) -> bytes:
 
 def _members_key(run_id: str) -> bytes:
     return hashlib.sha256(f"gossamer.train.members/{run_id}".encode()).digest()
+
+
+def _failed_key(round_key: str) -> bytes:
+    """The DHT key under which a round's members say that it failed on them."""
+    return hashlib.sha256(f"gossamer.train.failed/{round_key}".encode()).digest()
+
+
+def settings_difference(theirs: object, mine: dict[str, Any]) -> str:
+    """How another peer's settings ``theirs`` (from the network) differ from ``mine`` ('' if
+    they do not): the first that differs, named as the ``swarm.`` setting it is, with both
+    values. A setting ``theirs`` does not hold (a peer of another version) is not compared."""
+    if not isinstance(theirs, dict):
+        return "their settings are malformed"
+    for name, value in mine.items():
+        if name not in theirs:
+            continue
+        other = theirs[name]
+        # (True == 1 in Python: a bool is only ever equal to a bool)
+        if other != value or isinstance(other, bool) != isinstance(value, bool):
+            return f"swarm.{name} is {repr(other)[:40]} there, {value!r} here"
+    return ""
 
 
 _MAX_TORCH_SKIP_ROUNDS = 64
@@ -426,6 +463,17 @@ class SwarmAverager:
         """A nonce of this process: records of a killed predecessor with the same key differ."""
         self.last_failed: list[str] = []
         """Peers dropped from the last round."""
+        self.last_members: list[str] = []
+        """The members of this peer's group in the last round (empty: it came late)."""
+        self.settings: dict[str, Any] = {}
+        """Settings every member of this peer's rounds must share (JSON values), published
+        with its round entries; none if empty (see the module's docstring)."""
+        self.other_settings: dict[str, str] = {}
+        """Peers whose round entries carried other :attr:`settings` (left out of the rounds),
+        with how they differ. Written on the node's loop (replaced whole), read anywhere."""
+        self._other_incarnations: dict[str, str] = {}
+        """The incarnation of each peer whose entry carried other settings (used on the
+        node's loop only)."""
         self.newest_seen_version: int | None = None
         """The newest state version among the run's other active peers, as the last round's
         formation, or the last read after a nudge for a round this peer is not forming, read it
@@ -613,6 +661,7 @@ class SwarmAverager:
             else:
                 round_ = await forming.task
             members, missing = round_.members, round_.missing
+            self.last_members = list(members)
             marks["formed"] = formed = time.monotonic()
             assert self._mailbox is not None
             p2p_key = f"{key}/p2p"  # the key of the p2p re-run after a torch attempt
@@ -693,10 +742,14 @@ class SwarmAverager:
 
         try:
             outcome = self.node_thread.run(work, timeout_s=deadline_s)
+            if outcome.excluded and outcome.group_size > 0:  # dropped by the others
+                self._publish_failed(key)
         except GossamerError as exc:  # the deadline, or the node's work cut under it
             # Whatever the others did, this peer has no result: it counts as having missed the
-            # round, and the strategy takes the swarm's state once the others publish it.
+            # round, and the strategy takes the swarm's state once the others publish it (or
+            # forms the round again, where it failed on every member).
             logger.warning("round %s failed on this peer (%s); it missed the round", key, exc)
+            self._publish_failed(key)
             now = time.monotonic()
             began, formed = marks.get("began", now), marks.get("formed", now)
             outcome = AverageOutcome(
@@ -725,6 +778,99 @@ class SwarmAverager:
             outcome.seconds,
         )
         return outcome
+
+    def report_failed(self, round_key: str) -> None:
+        """The round ``round_key`` (as :meth:`average` names it) failed on this peer although
+        its all-reduce did not: its strategy could not use the average (it held values that
+        are not finite). Published as a failed all-reduce is, so that where it failed on every
+        member the strategy forms it again (see :meth:`failed_everywhere`)."""
+        key = f"{self.config.run_id}/{round_key}"
+        logger.warning(
+            "peer %s: round %s failed here; its members were %s",
+            self.peer_id[:8],
+            key,
+            ", ".join(p[:8] for p in self.last_members) or "none",
+        )
+        self._publish_failed(key)
+
+    def _publish_failed(self, key: str) -> None:
+        """Say on the DHT that round ``key`` (the full key) failed on this peer."""
+        value = json.dumps({"failed_at": self._clock.wall(), "inc": self.incarnation}).encode()
+
+        async def put(node: Node) -> None:
+            await node.dht.put(_failed_key(key), value, self.config.entry_ttl_s, renew=False)
+
+        made: list[Coroutine[Any, Any, None]] = []
+
+        def work(node: Node) -> Coroutine[Any, Any, None]:
+            made.append(put(node))
+            return made[-1]
+
+        try:
+            self.node_thread.run(work, timeout_s=15)
+        except (GossamerError, RuntimeError) as exc:
+            # The others wait for a newer state instead, then go on. RuntimeError: the node's
+            # loop is closed (a round thread that outlived its peer's node): nothing will ever
+            # run the put, which is closed here, not left to warn that it was never awaited.
+            if isinstance(exc, RuntimeError):
+                for coroutine in made:
+                    coroutine.close()
+            logger.warning(
+                "peer %s could not publish that round %s failed here: %s",
+                self.peer_id[:8],
+                key,
+                exc,
+            )
+
+    def failed_everywhere(self, round_key: str) -> bool:
+        """Whether the round ``round_key`` (as :meth:`average` names it) closed and failed on
+        every one of its members: each published that it failed, or is gone or left the run
+        (this peer counts as failed: it asks after its round failed or went on without it).
+        Then nobody's state moved, and no newer state comes. False where it cannot tell (the
+        DHT could not be read, the round never closed).
+        """
+        key = f"{self.config.run_id}/{round_key}"
+        reads = [
+            (round_entry_key(key), "at"),
+            (_close_key(key), "close_at"),
+            (_failed_key(key), "failed_at"),
+        ]
+
+        async def read(node: Node) -> bool:
+            seen: dict[str, dict[str, Any]] = {}
+            memberships, (entries, closes, failed) = await self._read_round(node, reads, seen)
+            if not closes:
+                return False
+            close_at = min(closes.values())
+            members = [
+                p
+                for p, at in entries.items()
+                if at <= close_at and not self._settings_differ(seen.get(p, {}))
+            ]
+
+            def gave_up(peer: str) -> bool:
+                state = memberships.get(peer, ("", 0, ""))[0]
+                return (
+                    peer == node.peer_id
+                    or peer in failed
+                    or state != "active"
+                    or not self._alive(node, peer)
+                )
+
+            return bool(members) and all(gave_up(p) for p in members)
+
+        try:
+            return self.node_thread.run(read, timeout_s=15)
+        except GossamerError as exc:
+            logger.debug("reading whether round %s failed everywhere failed: %s", key, exc)
+            return False
+
+    def _settings_differ(self, entry: dict[str, Any]) -> str:
+        """How the settings of a round entry differ from this peer's ('' where they do not,
+        where this peer names none, or where the entry carries none: a peer of before)."""
+        if not self.settings or "cfg" not in entry:
+            return ""
+        return settings_difference(entry["cfg"], self.settings)
 
     def _torch_plan(self, node: Node, key: str, round_: _Formed) -> _TorchPlan | None:
         """The torch.distributed group of this round, or None where p2p does it.
@@ -1149,6 +1295,8 @@ class SwarmAverager:
             "bwf": self.meter.floor_bytes_per_s,
             "inc": self.incarnation,
         }
+        if self.settings:
+            entry["cfg"] = self.settings
         self._abandoned_torch = [t for t in self._abandoned_torch if t.is_alive()]
         if self._torch_rounds_to_skip > 0:  # after failures: this round over p2p
             self._torch_rounds_to_skip -= 1
@@ -1185,6 +1333,14 @@ class SwarmAverager:
         close_at: float | None = None
         everyone_came = False
         reported_ahead: set[str] = set()
+        # Peers whose entries carry other settings: neither members nor awaited. Those whose
+        # entries did in an earlier round are not awaited in this one before they come (it
+        # waited for them to the join window every round), unless they restarted since.
+        other = {
+            p
+            for p in expected
+            if p in self._other_incarnations and memberships[p][2] == self._other_incarnations[p]
+        }
         tolerance_s = self.config.clock_tolerance_s or self.config.join_window_s
         while True:
             entries[node.peer_id] = stamp
@@ -1200,9 +1356,12 @@ class SwarmAverager:
                     )
                     reported_ahead |= ahead
                 entries = {p: at for p, at in entries.items() if p not in ahead}
+            other |= self._left_out_for_settings(key, entries, seen)
+            entries = {p: at for p, at in entries.items() if p not in other}
             opens_at = min(entries.values())
-            awaited = {p for p in expected if self._alive(node, p)} - ahead
-            closed_before = [at for at in closes.values() if at < stamp]
+            awaited = {p for p in expected if self._alive(node, p)} - ahead - other
+            # (a peer left out for its settings closes rounds of its own)
+            closed_before = [at for p, at in closes.items() if at < stamp and p not in other]
             if closed_before:
                 # Someone closed the round before this peer came (it is behind: the others
                 # moved on, and those it awaits may never come to this round): the earliest
@@ -1211,7 +1370,7 @@ class SwarmAverager:
                 break
             if awaited <= set(entries):
                 close_at = max(entries[p] for p in awaited | {node.peer_id})
-                everyone_came = expected <= set(entries)
+                everyone_came = expected - other <= set(entries)
                 break
             if now() >= opens_at + self.config.join_window_s:
                 close_at = opens_at + self.config.join_window_s
@@ -1233,19 +1392,22 @@ class SwarmAverager:
             )
             if read_at >= read_after:
                 break  # the full grace has passed: what this read saw decides
+            other |= self._left_out_for_settings(key, latest, seen)
             if everyone_came and round_settled(
                 me=node.peer_id,
                 stamp=stamp,
                 close_at=close_at,
-                active=_active(memberships, node.peer_id),
-                entries={**entries, **latest},
-                closes=closes,
+                active=_active(memberships, node.peer_id) - other,
+                entries={p: at for p, at in {**entries, **latest}.items() if p not in other},
+                closes={p: at for p, at in closes.items() if p not in other},
                 join_window_s=self.config.join_window_s,
             ):
                 break
             await self._until_nudged(nudged, min(poll_s / 2, max(0.0, read_after - now())))
-        close_at = min([close_at, *closes.values()])
+        close_at = min([close_at, *(at for p, at in closes.items() if p not in other)])
         entries.update(latest)
+        other |= self._left_out_for_settings(key, entries, seen)
+        entries = {p: at for p, at in entries.items() if p not in other}
         if stamp > close_at:
             logger.warning("peer %s came after round %s closed", node.peer_id[:8], key)
             return _Formed([], [], [], None, {})
@@ -1260,6 +1422,31 @@ class SwarmAverager:
         return _Formed(
             group, missing, plan_weights(estimates), agreed_send_rates(estimates, floors), records
         )
+
+    def _left_out_for_settings(
+        self, key: str, entries: dict[str, float], seen: dict[str, dict[str, Any]]
+    ) -> set[str]:
+        """The peers of ``entries`` whose round entries carry other :attr:`settings`: left out
+        of round ``key`` (neither members nor awaited), each said once in a warning and
+        listed in :attr:`other_settings`."""
+        other: set[str] = set()
+        for peer in entries:
+            differs = self._settings_differ(seen.get(peer, {}))
+            if not differs:
+                continue
+            other.add(peer)
+            self._other_incarnations[peer] = str(seen.get(peer, {}).get("inc", ""))
+            if peer not in self.other_settings:
+                logger.warning(
+                    "peer %s: round %s: peer %s uses other settings than this peer (%s); every "
+                    "peer of a run must use the same: it is left out of this peer's rounds",
+                    self.peer_id[:8],
+                    key,
+                    peer[:8],
+                    differs,
+                )
+                self.other_settings = {**self.other_settings, peer: differs}
+        return other
 
     async def _clock_correction_s(self, node: Node) -> float:
         """What to add to this peer's wall clock for round formation: nothing while it agrees
