@@ -14,7 +14,6 @@ from gossamer.net.relay import (
     MAX_TUNNELS_PER_HOST_TO_TARGET,
     MAX_TUNNELS_PER_TARGET,
     BytePipe,
-    PipeBudget,
     RelayServicer,
     TokenBucket,
     _Reservation,
@@ -106,36 +105,23 @@ async def _turns(count: int = 5) -> None:
         await asyncio.sleep(0)
 
 
-def test_pipes_queue_within_their_size_and_the_relay_s_budget_by_host() -> None:
-    """A relay's pipes held 16 frames each with nothing over them: 64 tunnels whose ends sent
-    and never read held 512 MiB."""
+def test_a_pipe_queues_one_frame_of_the_largest_size() -> None:
+    """A relay's pipes held 16 frames each: 64 tunnels whose ends sent and never read held
+    512 MiB."""
 
     async def main() -> None:
-        budget = PipeBudget(max_bytes=6, max_bytes_per_host=4)
-        first, second = BytePipe(3, budget, "a"), BytePipe(3, budget, "a")
-        assert await first.put(b"xx")
-        too_big = asyncio.ensure_future(first.put(b"yy"))  # the pipe holds 3 bytes
+        pipe = BytePipe(3)
+        assert await pipe.put(b"xx")
+        too_big = asyncio.ensure_future(pipe.put(b"yy"))  # the pipe holds 3 bytes
         await _turns()
         assert not too_big.done()
-        assert await second.put(b"zz")  # host a's share (4 bytes) is taken now
-        over_share = asyncio.ensure_future(second.put(b"w"))
-        other_host = BytePipe(3, budget, "b")
-        assert await other_host.put(b"vv")  # another host's tunnels go on
-        over_budget = asyncio.ensure_future(BytePipe(3, budget, "c").put(b"u"))  # 6 in all
-        await _turns()
-        assert not over_share.done()
-        assert not over_budget.done()
-        assert budget.num_bytes == 6
-        assert await first.get() == b"xx"  # room in the pipe, the host's share, the budget
+        assert await pipe.get() == b"xx"
         assert await too_big
+        assert await BytePipe(3).put(b"wxyz")  # (a frame always goes into an empty pipe)
+        waiting = asyncio.ensure_future(pipe.put(b"vv"))  # ("yy" is queued)
         await _turns()
-        assert not over_share.done()
-        other_host.discard()  # its reader is gone: its bytes leave the budget
-        assert await over_budget
-        second.close()  # a writer waiting on a closed pipe is let go
-        assert await over_share is False
-        first.discard()
-        second.discard()
-        assert budget.num_bytes == 1  # (the third host's byte, not drained)
+        assert not waiting.done()
+        pipe.discard()  # its reader is gone: the writer is let go
+        assert await waiting is False
 
     asyncio.run(main())

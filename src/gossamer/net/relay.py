@@ -43,7 +43,6 @@ __all__ = [
     "RESERVE_METHOD",
     "TUNNEL_ID_CHARS",
     "BytePipe",
-    "PipeBudget",
     "RelayServicer",
     "TokenBucket",
 ]
@@ -56,20 +55,21 @@ _PIPE_BYTES = 256 * 1024
 """Bytes one pipe (one direction of a tunnel) queues: one frame of the largest size. It was 16
 frames (4 MiB): 64 tunnels whose two ends both sent and never read held 512 MiB in pipes. One
 frame carries a tunnel as fast (uncapped, on loopback: 232-304 MiB/s, 224-230 before)."""
-_MAX_PIPE_BYTES = 128 << 20
-"""Bytes queued in all of a relay's pipes at once (a quarter of it under one dialer host); past
-it a pipe's writer waits. Without it: 1,024 tunnels x 2 pipes x 256 KiB = 512 MiB."""
 _MAX_EVENTS = 64
 MAX_PENDING_PER_PEER = 32
 MAX_TUNNELS_PER_TARGET = 64
-MAX_TUNNELS_PER_HOST_TO_TARGET = MAX_TUNNELS_PER_TARGET // 4
+MAX_TUNNELS_PER_HOST_TO_TARGET = MAX_TUNNELS_PER_TARGET // 2
 """Open tunnels to one target whose dialers call from one host: four throwaway identities on
 one host, 16 tunnels each, filled a target's 64 and no other peer could reach it through this
-relay (a host's share of one target, like its share of the relay, is a quarter)."""
+relay. Half, as a host's reservations are half: a quarter (16) kept the 17th peer of an office
+behind one NAT from reaching a relayed peer through a relay, and one host cannot tell an
+office from throwaway identities."""
 _MAX_TUNNELS_PER_DIALER = 16
 _MAX_TUNNELS = 1024
 """Open tunnels a relay carries: to one target, from one dialer, in all. The bytes they queue in
-the relay's pipes are bounded by ``_MAX_PIPE_BYTES`` (128 MiB; 32 MiB for a host's tunnels).
+the relay's pipes are bounded by a frame each way a tunnel (1,024 x 2 x 256 KiB = 512 MiB; a
+relay-wide budget under which writers waited was tried and dropped: four hosts filled it and
+every other tunnel on the relay stalled).
 Not bounded here: what gRPC takes in on each tunnel's two calls while their pipes are full. A
 server's receive window per call is what gRPC's BDP probe sizes it (at least 4 MiB; 13 MiB a
 call on loopback, measured), so a host's 256 tunnels whose ends send and never read can make
@@ -118,97 +118,35 @@ class TokenBucket:
             await self._clock.sleep_async(wait_s)
 
 
-class PipeBudget:
-    """The bytes queued in all of a relay's pipes, counted by the host each tunnel's dialer
-    calls from: a pipe takes a frame only while the relay's total stays within ``max_bytes``
-    and the host's within ``max_bytes_per_host``, else its writer waits (back-pressure, which
-    reaches the sender through gRPC's flow control)."""
-
-    def __init__(self, max_bytes: int, max_bytes_per_host: int) -> None:
-        self.max_bytes = max_bytes
-        self.max_bytes_per_host = max_bytes_per_host
-        self.num_bytes = 0
-        """Bytes queued in all pipes now."""
-        self._by_host: Counter[str] = Counter()
-        self._waiting: dict[BytePipe, None] = {}
-
-    def fits(self, host: str, num_bytes: int) -> bool:
-        """Whether ``num_bytes`` more from ``host``'s tunnels stay within both caps."""
-        return (
-            self.num_bytes + num_bytes <= self.max_bytes
-            and self._by_host[host] + num_bytes <= self.max_bytes_per_host
-        )
-
-    def take(self, host: str, num_bytes: int) -> None:
-        self.num_bytes += num_bytes
-        self._by_host[host] += num_bytes
-
-    def give_back(self, host: str, num_bytes: int) -> None:
-        if not num_bytes:
-            return
-        self.num_bytes -= num_bytes
-        self._by_host[host] -= num_bytes
-        if self._by_host[host] <= 0:
-            del self._by_host[host]
-        for pipe in list(self._waiting):  # (each checks again whether it fits now)
-            pipe.wake_writer()
-
-    def wait(self, pipe: BytePipe, waiting: bool) -> None:
-        """Count ``pipe`` among the pipes waiting for room (or no longer)."""
-        if waiting:
-            self._waiting[pipe] = None
-        else:
-            self._waiting.pop(pipe, None)
-
-
 class BytePipe:
     """A bounded one-way queue of byte frames between two tasks; closing wakes both ends.
 
-    It holds at most ``max_bytes`` (a frame is always taken into an empty pipe), and within
-    ``budget``, where one is given, under ``host``'s share.
+    It holds at most ``max_bytes`` (a frame is always taken into an empty pipe).
 
     After :meth:`close`, :meth:`get` still hands out what was queued, then returns None, and
     :meth:`put` returns False; :meth:`discard` drops what is queued.
     """
 
-    def __init__(
-        self, max_bytes: int = _PIPE_BYTES, budget: PipeBudget | None = None, host: str = ""
-    ) -> None:
+    def __init__(self, max_bytes: int = _PIPE_BYTES) -> None:
         self._frames: deque[bytes] = deque()
         self._num_bytes = 0
         self._max_bytes = max_bytes
-        self._budget = budget
-        self._host = host
         self._closed = False
         self._readable = asyncio.Event()
         self._writable = asyncio.Event()
 
     def _has_room(self, num_bytes: int) -> bool:
-        if self._frames and self._num_bytes + num_bytes > self._max_bytes:
-            return False
-        return self._budget is None or self._budget.fits(self._host, num_bytes)
-
-    def wake_writer(self) -> None:
-        """Let a waiting :meth:`put` look again for room."""
-        self._writable.set()
+        return not self._frames or self._num_bytes + num_bytes <= self._max_bytes
 
     async def put(self, data: bytes) -> bool:
         """Queue a frame, waiting for room; False once the pipe is closed."""
-        try:
-            while not self._closed and not self._has_room(len(data)):
-                self._writable.clear()
-                if self._budget is not None:
-                    self._budget.wait(self, True)
-                await self._writable.wait()
-        finally:
-            if self._budget is not None:
-                self._budget.wait(self, False)
+        while not self._closed and not self._has_room(len(data)):
+            self._writable.clear()
+            await self._writable.wait()
         if self._closed:
             return False
         self._frames.append(data)
         self._num_bytes += len(data)
-        if self._budget is not None:
-            self._budget.take(self._host, len(data))
         self._readable.set()
         return True
 
@@ -221,8 +159,6 @@ class BytePipe:
             data = self._frames.popleft()
             self._num_bytes -= len(data)
             self._writable.set()
-            if self._budget is not None:
-                self._budget.give_back(self._host, len(data))
             return data
         return None
 
@@ -233,12 +169,10 @@ class BytePipe:
         self._writable.set()
 
     def discard(self) -> None:
-        """Close, and drop what is queued (its reader is gone): its bytes leave the budget."""
+        """Close, and drop what is queued (its reader is gone)."""
         self.close()
         self._frames.clear()
-        num_bytes, self._num_bytes = self._num_bytes, 0
-        if self._budget is not None:
-            self._budget.give_back(self._host, num_bytes)
+        self._num_bytes = 0
 
 
 @dataclass(slots=True)
@@ -324,7 +258,6 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
         self._num_open_from: Counter[str] = Counter()
         self._num_open_from_host: Counter[str] = Counter()
         self._num_open_from_host_to: Counter[tuple[str, str]] = Counter()
-        self._pipe_budget = PipeBudget(_MAX_PIPE_BYTES, _MAX_PIPE_BYTES // 4)
         self.on_direct_reservation: Callable[[str], None] | None = None
         """Called with the peer id when a peer takes a direct reservation here."""
         self.on_direct_reservation_ended: Callable[[str], None] | None = None
@@ -454,15 +387,14 @@ class RelayServicer(net_pb2_grpc.RelayServicer):
             )
         if self._num_open_from.total() >= _MAX_TUNNELS:
             raise PeerUnavailableError(f"this relay carries {_MAX_TUNNELS} tunnels already")
-        # (both pipes count under the dialer's host: its share of the budget, as of tunnels)
         tunnel = _Tunnel(
             secrets.token_hex(TUNNEL_ID_CHARS // 2),
             dialer,
             target,
             reservation,
             host,
-            to_target=BytePipe(_PIPE_BYTES, self._pipe_budget, host),
-            to_dialer=BytePipe(_PIPE_BYTES, self._pipe_budget, host),
+            to_target=BytePipe(_PIPE_BYTES),
+            to_dialer=BytePipe(_PIPE_BYTES),
         )
         # Counted from now on, waiting or open (many announced at once must not all pass the
         # caps before the first is accepted); closing the tunnel gives its place back.
