@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
 from gossamer.core.clock import FakeClock
-from gossamer.core.errors import PeerUnavailableError
-from gossamer.net.config import RelayConfig
+from gossamer.core.errors import DeadlineExceededError, PeerUnavailableError
+from gossamer.net.config import NodeConfig, RelayConfig
 from gossamer.net.counters import NetCounters
 from gossamer.net.relay import (
     MAX_TUNNELS_PER_HOST_TO_TARGET,
@@ -18,6 +19,7 @@ from gossamer.net.relay import (
     TokenBucket,
     _Reservation,
 )
+from gossamer.net.tunnels import RelayReservations
 
 
 def test_peers_at_one_host_hold_at_most_a_quarter_of_a_relay_s_tunnels() -> None:
@@ -123,5 +125,64 @@ def test_a_pipe_queues_one_frame_of_the_largest_size() -> None:
         assert not waiting.done()
         pipe.discard()  # its reader is gone: the writer is let go
         assert await waiting is False
+
+    asyncio.run(main())
+
+
+def _watchdog(clock: FakeClock, heartbeat: Any) -> RelayReservations:
+    """Reservations with only what the relay watchdog reads (a pool and a directory unused)."""
+    return RelayReservations(
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        NodeConfig(keepalive_interval_s=10.0, keepalive_timeout_s=5.0),
+        clock,
+        "self",
+        local_address=lambda: "127.0.0.1:1",
+        needs_relay=lambda: True,
+        on_change=_nothing,
+        heartbeat=heartbeat,
+    )
+
+
+async def _nothing() -> None:
+    pass
+
+
+def test_a_relay_answering_slowly_behind_its_tunnels_data_is_kept() -> None:
+    """On a busy 1 Mbit/s link a relay's answers came 3.7-4.7 s late: heartbeats of the failure
+    detector's 2.5 s all missed, and a healthy relay was given up after 15 s."""
+
+    async def main() -> None:
+        clock = FakeClock()
+        budgets: list[float] = []
+
+        async def heartbeat(peer_id: str, timeout_s: float) -> None:
+            budgets.append(timeout_s)
+            if timeout_s < 4.5:
+                clock.advance(timeout_s)
+                raise DeadlineExceededError("no answer within the deadline")
+            clock.advance(4.5)  # (answered, 4.5 s behind the tunnels' data)
+
+        watch = asyncio.ensure_future(_watchdog(clock, heartbeat)._until_silent("relay"))
+        for _ in range(2000):
+            if len(budgets) >= 20 or watch.done():
+                break
+            await asyncio.sleep(0)
+        assert not watch.done(), f"given up after {len(budgets)} heartbeats: {budgets}"
+        watch.cancel()
+
+    asyncio.run(main())
+
+
+def test_a_relay_that_answers_nothing_is_given_up_after_keepalive_interval_and_timeout() -> None:
+    async def main() -> None:
+        clock = FakeClock()
+
+        async def heartbeat(peer_id: str, timeout_s: float) -> None:
+            clock.advance(timeout_s)
+            raise DeadlineExceededError("no answer")
+
+        await asyncio.wait_for(_watchdog(clock, heartbeat)._until_silent("relay"), 5)
+        assert 15.0 <= clock.monotonic() <= 16.0
 
     asyncio.run(main())
