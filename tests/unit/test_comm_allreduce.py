@@ -330,6 +330,32 @@ def test_a_weight_0_member_s_nan_values_spoil_no_average(codec: str) -> None:
         assert all("peer-2" not in p.contributors for p in result.report.parts)
 
 
+@pytest.mark.parametrize("bad", ["nan", "inf", "one chunk"])
+def test_a_member_sending_non_finite_values_is_dropped_and_the_others_average(bad: str) -> None:
+    # A peer that skips the sender's own check (another build, a hostile peer) sent NaN with
+    # weight 1: every member's average was NaN, in every round. Its owners drop it as failed.
+    inputs = _inputs(4)
+    if bad == "one chunk":
+        inputs[2][0].view(-1)[5] = float("nan")
+    else:
+        for tensor in inputs[2]:
+            tensor.fill_(float(bad))
+    results, clock = _run(inputs)
+    honest = {i: r for i, r in results.items() if i != 2}
+    want = _mean(inputs, [0, 1, 3])
+    # (the members it sent them to say why; the rest, who reported it)
+    assert any("NaN or infinite" in r.report.failed["peer-2"] for r in honest.values())
+    for result in honest.values():
+        assert "peer-2" in result.report.failed
+        assert all(bool(torch.isfinite(t).all()) for t in result.tensors)
+        assert result.report.parts[2].outcome is PartOutcome.REASSIGNED
+        if bad != "one chunk":  # (else the chunks it sent finite count, as for a failed member)
+            _assert_close(result.tensors, want, atol=1e-6)
+            assert all("peer-2" not in p.contributors for p in result.report.parts)
+    _assert_agree(honest)
+    assert clock.monotonic() <= TIMEOUT_S
+
+
 def test_an_8_bit_piece_holding_minus_128_is_refused() -> None:
     # No encoder makes it; at the largest scale it decodes to -inf, which made an owner's
     # sum NaN (see above).

@@ -22,13 +22,22 @@ from gossamer.core.config import (
     SwarmConfig,
     TrainConfig,
 )
-from gossamer.core.errors import DeadlineExceededError, TrainingDivergedError
+from gossamer.core.errors import (
+    AveragingStalledError,
+    DeadlineExceededError,
+    TrainingDivergedError,
+)
 from gossamer.core.hashing import sha256_state
 from gossamer.models.gpt import GPT
 from gossamer.train import Trainer, TrainResult
 from gossamer.train.averaging import AverageOutcome, InProcessGroup, PendingRound, TensorAverager
 from gossamer.train.checkpointing import RunState, estimate_checkpoint_num_bytes
-from gossamer.train.diloco import DiLoCoConfig, DiLoCoStrategy, averaged_buffers
+from gossamer.train.diloco import (
+    MAX_FAILED_ATTEMPTS,
+    DiLoCoConfig,
+    DiLoCoStrategy,
+    averaged_buffers,
+)
 from gossamer.train.strategy import TrainingStrategy
 from gossamer.train.sync import SyncStrategy
 from gossamer.train.thread_swarm import run_thread_swarm
@@ -559,14 +568,17 @@ class _FaultyAverage:
     sent NaN as it was (each peer withholds its own; a peer of another build, a bug, a hostile
     peer does not): every peer of the round receives that same average."""
 
-    def __init__(self, group: InProcessGroup, key: str) -> None:
+    def __init__(self, group: InProcessGroup, key: str, *, every_attempt: bool = False) -> None:
         self.inner = group.averager()
         self.key = key
+        self.every_attempt = every_attempt
+        """Poison every attempt of ``key``'s round too (``key#1``, ``key#2``...)."""
         self.keys: list[str] = []
 
     def poisoned(self, outcome: AverageOutcome, round_key: str) -> AverageOutcome:
         self.keys.append(round_key)
-        if round_key != self.key:
+        again = self.every_attempt and round_key.startswith(f"{self.key}#")
+        if round_key != self.key and not again:
             return outcome
         nan = [torch.full_like(t, math.nan) for t in outcome.tensors]
         return dataclasses.replace(outcome, tensors=nan)
@@ -597,11 +609,13 @@ class _FaultyPending:
         self.pending.cancel()
 
 
-def _faulty_peers(key: str, **options: bool) -> list[tuple[_LinearPeer, _FaultyAverage]]:
+def _faulty_peers(
+    key: str, *, every_attempt: bool = False, **options: bool
+) -> list[tuple[_LinearPeer, _FaultyAverage]]:
     group = InProcessGroup(2, timeout_s=10.0)
     made = []
     for _ in range(2):
-        faulty = _FaultyAverage(group, key)
+        faulty = _FaultyAverage(group, key, every_attempt=every_attempt)
         made.append((_LinearPeer(group, averager=faulty, **options), faulty))
     return made
 
@@ -626,6 +640,33 @@ def test_an_average_of_nan_is_not_applied_and_its_progress_goes_into_the_next_at
         # 0.15 a step on average: steps 0-1 in outer/0, steps 2-5 in outer/1#1.
         assert peer.global_weight() == pytest.approx(1.0 - 0.9)
         assert peer.weight() == pytest.approx(1.0 - 0.9)
+        peer.strategy.close()
+
+
+def test_a_round_failing_on_every_member_attempt_after_attempt_raises_naming_it() -> None:
+    # A cause that stays (a peer sending NaN over the torch backend) failed every attempt on
+    # every member: the global weights never moved, each peer trained on alone, and finish()
+    # put every local model back on the stale global weights, exiting 0.
+    (a, a_rounds), (b, _) = _faulty_peers("gossamer/outer/1", every_attempt=True, overlap=False)
+
+    def train(peer: _LinearPeer, delta: float) -> None:
+        peer.steps(delta, range(6))  # boundaries 1, 3 (outer/1, NaN) and 5 (outer/1#1, NaN)
+        peer.strategy.finish(peer.model, 6)  # outer/1#2, NaN: the third attempt in a row
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        done = [pool.submit(train, a, 0.1), pool.submit(train, b, 0.2)]
+        for future in done:
+            with pytest.raises(AveragingStalledError, match=r"round gossamer/outer/1#2 \("):
+                future.result(timeout=20)
+    assert MAX_FAILED_ATTEMPTS == 3  # (the three attempts above)
+    assert a_rounds.keys == [
+        "gossamer/outer/0",
+        "gossamer/outer/1",
+        "gossamer/outer/1#1",
+        "gossamer/outer/1#2",
+    ]
+    for peer in (a, b):
+        assert peer.strategy.outer_step == 1
         peer.strategy.close()
 
 

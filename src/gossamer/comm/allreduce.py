@@ -8,7 +8,9 @@ back to everyone. Long rounds send in pairwise steps, one destination at a time,
 flows share a link (:mod:`gossamer.comm.steps`); short ones send to everyone at once.
 
 Faults: a member whose send fails is marked failed and every other member is told (a
-``PEER_FAILED`` frame), so owners stop waiting for it. A part whose owner failed is reassigned
+``PEER_FAILED`` frame), so owners stop waiting for it. So is a member whose contribution holds
+NaN or infinite values (with a weight above 0), by the owner that receives it: the others
+average without it instead of every member getting NaN. A part whose owner failed is reassigned
 to the next live member in order, which averages it among the survivors; the report says so.
 Owners stop waiting for contributions at the reduce deadline and average what arrived (weights
 renormalised per chunk). At the round deadline everything still running is cancelled and parts

@@ -5,6 +5,8 @@ range into message bodies (one wire piece per tensor segment, each with that ten
 back, checking that a received body matches the layout exactly. :class:`PartReducer` keeps the
 weighted sum of one part per chunk; each chunk is averaged over the contributions that arrived
 for it, so a member whose stream broke half-way still counts for the chunks it delivered.
+:func:`values_finite` checks a received chunk before it is added (a member that sends NaN or
+infinite values is dropped from the round, see :class:`~gossamer.comm.round_state.RoundState`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ from gossamer.comm.transport import Message
 from gossamer.comm.wire import WireLimits, decode_piece, encode_piece, pack_piece_header
 from gossamer.core.errors import ProtocolError
 
-__all__ = ["ChunkCodec", "PartReducer", "pack_contributors", "unpack_contributors"]
+__all__ = [
+    "ChunkCodec",
+    "PartReducer",
+    "pack_contributors",
+    "unpack_contributors",
+    "values_finite",
+]
 
 _COUNT = struct.Struct("<H")
 
@@ -149,6 +157,18 @@ class ChunkCodec:
         if position != len(body):
             raise ProtocolError(f"{len(body) - position} bytes after the last chunk piece")
         return values
+
+
+def values_finite(values: FloatArray) -> bool:
+    """Whether every value of a received chunk is finite (in a thread).
+
+    A sum is finite where every value is, and costs a fraction of ``np.isfinite(...).all()``
+    (no boolean array); only a sum that overflowed from finite values needs the value by
+    value check.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.add.reduce(values, dtype=np.float32)
+    return bool(np.isfinite(total)) or bool(np.isfinite(values).all())
 
 
 def pack_contributors(indices: Sequence[int]) -> bytes:

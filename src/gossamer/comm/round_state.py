@@ -21,6 +21,7 @@ from gossamer.comm.reduction import (
     PartReducer,
     pack_contributors,
     unpack_contributors,
+    values_finite,
 )
 from gossamer.comm.report import AllReduceReport, PartOutcome, PartReport
 from gossamer.comm.steps import PairwiseSteps
@@ -1061,12 +1062,27 @@ class RoundState:
             return  # not ours to reduce, or it came too late
         a, b = self.chunks[part][chunk]
 
-        def work() -> None:
-            reducer.add(chunk, member, frame.weight, self.codec.decode(body, a, b))
+        def work() -> bool:
+            values = self.codec.decode(body, a, b)
+            if frame.weight != 0.0 and not values_finite(values):
+                return False  # (a weight-0 member's values are in no sum: NaN there is fine)
+            reducer.add(chunk, member, frame.weight, values)
+            return True
 
         started = time.perf_counter()
-        await self.offload(work)
+        usable = await self.offload(work)
         self.decode_s += time.perf_counter() - started
+        if not usable:
+            # One such member made every average NaN, every round, on every member (a peer
+            # that skips the sender's own check: another build, a bug, a hostile peer). It is
+            # dropped like a member that failed: the chunks it delivered finite still count,
+            # the rest are averaged over the others, and everyone is told.
+            self.peer_failed(
+                member,
+                f"sent NaN or infinite values (chunk {chunk} of part {part})",
+                notify=True,
+            )
+            return
         self._check_chunk(reducer, chunk)
 
     async def _on_result(self, member: int, frame: Frame, body: Any) -> None:

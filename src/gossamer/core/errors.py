@@ -17,6 +17,7 @@ with ``raise ... from exc`` so the original stays visible.
         ├── ConfigError                a config key, type or value is wrong (also a ValueError)
         ├── DataError                  a data path is missing, empty or unreadable
         ├── TrainingDivergedError      the loss or the gradients became NaN or infinite
+        ├── AveragingStalledError      one round failed on every member attempt after attempt
         ├── CorruptedDataError         bytes failed a hash or size check
         │   └── CheckpointCorruptedError   a checkpoint file is torn, truncated or altered
         ├── IncompatibleCheckpointError    a checkpoint was made for another model or format
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "AveragingStalledError",
     "CheckpointCorruptedError",
     "CheckpointDiskFullError",
     "CheckpointReadError",
@@ -89,6 +91,11 @@ class DataError(FatalError):
 
 class TrainingDivergedError(FatalError):
     """The loss or the gradients became NaN or infinite: stepping on would spread them."""
+
+
+class AveragingStalledError(FatalError):
+    """One averaging round failed on every member attempt after attempt: nobody's global
+    weights move, and training on would throw every peer's work away at the end."""
 
 
 class CorruptedDataError(FatalError):

@@ -83,7 +83,9 @@ the estimate, so it stands where it would have without the round) and the next r
 it together with the steps since, formed under a key of its own (``RUN/outer/N#1``: the failed
 attempt's records keep its key closed); the run's last steps are averaged by one more round
 after the last step even where the step budget is a multiple of H. Across machines (see
-:mod:`gossamer.train.swarm`) the swarm says whether a round failed on every member.
+:mod:`gossamer.train.swarm`) the swarm says whether a round failed on every member. After
+:data:`MAX_FAILED_ATTEMPTS` attempts of one round in a row failed on every member, DiLoCo raises
+:class:`~gossamer.core.errors.AveragingStalledError` (naming the round) instead of training on.
 
 The average a round returns is checked before it is applied: one that holds NaN or infinite
 values (a peer that sent them as they were: another build, a bug, a hostile peer; each peer
@@ -116,6 +118,7 @@ import torch
 from torch import nn
 
 from gossamer.core.config import SwarmConfig
+from gossamer.core.errors import AveragingStalledError
 from gossamer.core.hashing import sha256_state
 from gossamer.obs.trace import nested_span
 from gossamer.train.averaging import (
@@ -129,6 +132,13 @@ from gossamer.train.averaging import (
 __all__ = ["DiLoCoConfig", "DiLoCoStrategy", "averaged_buffers", "hashed_global_state"]
 
 logger = logging.getLogger(__name__)
+
+MAX_FAILED_ATTEMPTS = 3
+"""Attempts of one outer step's round, in a row, that may fail on every member before DiLoCo
+raises :class:`~gossamer.core.errors.AveragingStalledError`. Each such attempt moves nobody's
+global weights; a cause that stays (a peer that sends NaN over the torch backend, which cannot
+drop it; a deadline too short for the model) would otherwise make every later round fail too,
+and each peer train on alone and throw its work away at the end."""
 
 
 def averaged_buffers(model: nn.Module) -> list[torch.Tensor]:
@@ -839,16 +849,32 @@ class DiLoCoStrategy:
         """The last round failed on every member: nobody's global weights moved, and its
         progress is in no average. The local model keeps it for the next round to average.
 
-        The next round of this outer step is the next attempt, under a key of its own. Averaged
+        The next round of this outer step is the next attempt, under a key of its own (after
+        :data:`MAX_FAILED_ATTEMPTS` such attempts in a row, it raises instead). Averaged
         in the foreground, the local model never left its progress. Handed to a round in the
         background, it restarted from an eager estimate made from that progress (and
         landed on the global weights where the round failed): it moves back by the estimate,
         to the global weights minus the progress handed over plus the steps since, and counts
         those steps again, so the next round's pseudo-gradient holds both.
+
+        Raises:
+            AveragingStalledError: :data:`MAX_FAILED_ATTEMPTS` attempts of this outer step's
+                round in a row failed on every member.
         """
+        failed_key = self._round_key()
         self._round_failed = True
         self.round_attempt += 1
         self.last_round_excluded = False
+        if self.round_attempt >= MAX_FAILED_ATTEMPTS:
+            raise AveragingStalledError(
+                f"round {failed_key} (outer step {self.outer_step + 1}) and the "
+                f"{self.round_attempt - 1} attempt(s) before it failed on every member: the "
+                "global weights have not moved since, and training on would throw every peer's "
+                "work away at the end. Check the peers' logs for the cause: a peer whose values "
+                "are NaN or infinite (with the torch backend nobody can be dropped for it: every "
+                "member's average is NaN), rounds that run past their deadline (raise "
+                "swarm.round-timeout-s), or peers that cannot reach each other"
+            )
         handed, self._handed = self._handed, None
         if handed is None:
             return
