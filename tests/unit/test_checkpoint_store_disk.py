@@ -41,6 +41,13 @@ def _leftovers(directory: Path) -> list[str]:
     return [path.name for path in directory.iterdir() if path.name.startswith((".tmp", ".old"))]
 
 
+def _flip_last_byte(path: Path) -> None:
+    """Damage a checkpoint's file: its sha256 no longer matches the manifest."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
 def _checkpoint_bytes(tmp_path: Path) -> int:
     """The size of one checkpoint of :func:`_state`, measured on a scratch store."""
     return folder_bytes(CheckpointStore(tmp_path / "scratch").save(_state(1)))
@@ -80,10 +87,7 @@ def test_a_full_disk_never_removes_the_newest_valid_checkpoint_and_says_what_it_
     store = CheckpointStore(directory, keep_last=3)
     for step in (1, 2, 3):
         store.save(_state(step))
-    damaged = store.path_for(3) / "model.safetensors"
-    data = bytearray(damaged.read_bytes())
-    data[-1] ^= 1
-    damaged.write_bytes(bytes(data))  # step 2 is the newest valid one now
+    _flip_last_byte(store.path_for(3) / "model.safetensors")  # step 2 is the newest valid one now
     big = _state(4, num_values=3 * _NUM_VALUES)  # more than removing steps 1 and 3 makes room for
     with pytest.raises(CheckpointDiskFullError) as excinfo:
         store.save(big)
@@ -117,10 +121,7 @@ def test_a_full_disk_removes_a_damaged_checkpoint_newer_than_the_newest_valid_on
     store = CheckpointStore(directory, keep_last=2)
     store.save(_state(1))
     store.save(_state(2))
-    damaged = store.path_for(2) / "model.safetensors"
-    data = bytearray(damaged.read_bytes())
-    data[-1] ^= 1
-    damaged.write_bytes(bytes(data))  # step 1 is the newest valid one now
+    _flip_last_byte(store.path_for(2) / "model.safetensors")  # step 1 is the newest valid one now
     store.save(_state(3))
     assert disk.num_refused == 1
     assert _steps(directory) == [1, 3]
