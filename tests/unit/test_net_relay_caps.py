@@ -163,7 +163,7 @@ def test_a_relay_answering_slowly_behind_its_tunnels_data_is_kept() -> None:
                 raise DeadlineExceededError("no answer within the deadline")
             clock.advance(4.5)  # (answered, 4.5 s behind the tunnels' data)
 
-        watch = asyncio.ensure_future(_watchdog(clock, heartbeat)._until_silent("relay"))
+        watch = asyncio.ensure_future(_watchdog(clock, heartbeat)._until_silent("relay", heartbeat))
         for _ in range(2000):
             if len(budgets) >= 20 or watch.done():
                 break
@@ -182,7 +182,7 @@ def test_a_relay_that_answers_nothing_is_given_up_after_keepalive_interval_and_t
             clock.advance(timeout_s)
             raise DeadlineExceededError("no answer")
 
-        await asyncio.wait_for(_watchdog(clock, heartbeat)._until_silent("relay"), 5)
+        await asyncio.wait_for(_watchdog(clock, heartbeat)._until_silent("relay", heartbeat), 5)
         assert 15.0 <= clock.monotonic() <= 16.0
 
     asyncio.run(main())

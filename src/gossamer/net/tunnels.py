@@ -557,8 +557,11 @@ class RelayReservations:
                     if accepted and self.on_tunnel is not None:
                         self.on_tunnel(event.dialer_peer_id)
 
+        if self._heartbeat is None:  # (nothing to watch the relay with)
+            await events()
+            return
         reader = asyncio.ensure_future(events())
-        watchdog = asyncio.ensure_future(self._until_silent(relay_id))
+        watchdog = asyncio.ensure_future(self._until_silent(relay_id, self._heartbeat))
         try:
             await asyncio.wait({reader, watchdog}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -575,23 +578,22 @@ class RelayReservations:
         await self._pool.drop(relay_id, connection)
         raise PeerUnavailableError(f"the relay answered no heartbeat for {silent_s:g} s")
 
-    async def _until_silent(self, relay_id: str) -> None:
+    async def _until_silent(
+        self, relay_id: str, heartbeat: Callable[[str, float], Awaitable[None]]
+    ) -> None:
         """Return once ``relay_id`` has answered no heartbeat for ``keepalive_interval_s +
-        keepalive_timeout_s`` (never, without a heartbeat). One heartbeat is in flight at a
+        keepalive_timeout_s``. One heartbeat is in flight at a
         time, with what is left of that window as its deadline: on a thin link its answer waits
         behind the tunnels' data (3.7-4.7 s at 1 Mbit/s), and with the failure detector's 2.5 s
         every heartbeat missed and a healthy relay was given up. Not gRPC's ping deadline
         either (see server.py)."""
-        if self._heartbeat is None:
-            await asyncio.Event().wait()
-            return
         interval_s = self._config.heartbeat.interval_s
         silent_s = self._config.keepalive_interval_s + self._config.keepalive_timeout_s
         answered_at = self._clock.monotonic()
         while True:
             try:
                 left_s = answered_at + silent_s - self._clock.monotonic()
-                await self._heartbeat(relay_id, max(left_s, interval_s))
+                await heartbeat(relay_id, max(left_s, interval_s))
                 answered_at = self._clock.monotonic()
             except (GossamerError, TimeoutError, grpc.aio.AioRpcError) as exc:
                 if self._clock.monotonic() - answered_at >= silent_s:
