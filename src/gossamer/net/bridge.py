@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import logging
 import threading
 from collections.abc import Callable, Coroutine
@@ -89,11 +90,21 @@ class NodeThread:
         self._loop.call_soon_threadsafe(callback)
 
     def _submit(self, coroutine: Coroutine[Any, Any, T], timeout_s: float) -> T:
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        except RuntimeError:  # (the loop is closed)
+            coroutine.close()
+            raise
         try:
             return future.result(timeout_s)
         except concurrent.futures.TimeoutError as exc:
             future.cancel()
+            if not self._loop.is_running() and (
+                inspect.getcoroutinestate(coroutine) == inspect.CORO_CREATED
+            ):
+                # A stopped loop never starts it: closed here, not left to warn at garbage
+                # collection that it was never awaited (in whatever test runs then).
+                coroutine.close()
             raise DeadlineExceededError(f"node work did not finish within {timeout_s} s") from exc
         except concurrent.futures.CancelledError as exc:
             # Cancelled inside the node, not by us: a connection closed under an RPC it awaited.

@@ -52,7 +52,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -800,21 +800,12 @@ class SwarmAverager:
         async def put(node: Node) -> None:
             await node.dht.put(_failed_key(key), value, self.config.entry_ttl_s, renew=False)
 
-        made: list[Coroutine[Any, Any, None]] = []
-
-        def work(node: Node) -> Coroutine[Any, Any, None]:
-            made.append(put(node))
-            return made[-1]
-
         try:
-            self.node_thread.run(work, timeout_s=15)
+            self.node_thread.run(put, timeout_s=15)
         except (GossamerError, RuntimeError) as exc:
             # The others wait for a newer state instead, then go on. RuntimeError: the node's
-            # loop is closed (a round thread that outlived its peer's node): nothing will ever
-            # run the put, which is closed here, not left to warn that it was never awaited.
-            if isinstance(exc, RuntimeError):
-                for coroutine in made:
-                    coroutine.close()
+            # loop is closed (a round thread that outlived its peer's node; the put is closed
+            # by the node thread, never run).
             logger.warning(
                 "peer %s could not publish that round %s failed here: %s",
                 self.peer_id[:8],
