@@ -10,6 +10,7 @@ not counted as relayed.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,12 +50,20 @@ class FakeDirectory:
 class FakeConnection:
     peer_id: str
     target: DialTarget
+    calls: list[asyncio.Task[None]] = field(default_factory=list)
+    """Calls running on it."""
+    closed: bool = False
 
 
 class FakePool:
-    """Connections in memory; a dial through the reversal succeeds unless ``dial_error`` is set."""
+    """Connections in memory; a dial through the reversal succeeds unless ``dial_error`` is set.
 
-    def __init__(self) -> None:
+    Retired connections close as gRPC channels do with a grace: once their calls have ended, or
+    at the end of the grace (on the fake clock), cancelling the calls still running.
+    """
+
+    def __init__(self, clock: FakeClock) -> None:
+        self._clock = clock
         self.connections: dict[str, FakeConnection] = {}
         self.dial_error: Exception | None = None
         self.dials: list[tuple[DialTarget, bool]] = []
@@ -93,6 +102,17 @@ class FakePool:
 
     async def close_retired(self, peer_id: str, grace_s: float) -> None:
         self.closed_retired.append(peer_id)
+        deadline_s = self._clock.monotonic() + grace_s
+        for connection in [c for c in self.retired if c.peer_id == peer_id and not c.closed]:
+            try:
+                while any(not call.done() for call in connection.calls):
+                    if self._clock.monotonic() >= deadline_s:
+                        break
+                    await asyncio.sleep(0)
+            finally:  # (cancelled: closed at once, as the pool does)
+                for call in connection.calls:
+                    call.cancel()
+                connection.closed = True
 
 
 class FakeDialer:
@@ -115,8 +135,9 @@ class Side:
 
 
 def _side(*, relayed: bool) -> Side:
-    pool, directory, dialer = FakePool(), FakeDirectory(), FakeDialer()
-    counters, clock, state = NetCounters(), FakeClock(), [relayed]
+    clock = FakeClock()
+    pool, directory, dialer = FakePool(clock), FakeDirectory(), FakeDialer()
+    counters, state = NetCounters(), [relayed]
     upgrades = DirectUpgrades(
         pool,  # type: ignore[arg-type]
         directory,  # type: ignore[arg-type]
@@ -209,6 +230,67 @@ def test_relayed_connection_is_swapped_for_the_reversal_and_counted() -> None:
         assert side.pool.retired == [relayed]
         assert side.pool.closed_retired == ["nated"]
         assert side.counters.num_direct_upgrades == 1
+
+    asyncio.run(scenario())
+
+
+async def _transfer(clock: FakeClock, duration_s: float) -> None:
+    """A call that runs ``duration_s`` on the fake clock (a bulk transfer on a slow link)."""
+    end_s = clock.monotonic() + duration_s
+    while clock.monotonic() < end_s:
+        await clock.sleep_async(1.0)
+
+
+async def _run_until(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(10_000):  # (fake time: bounded passes)
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(what)
+
+
+def test_a_transfer_on_the_replaced_connection_runs_to_its_end() -> None:
+    # A 32 s bulk transfer on a 1 Mbit/s relayed link failed: the relayed connection was closed
+    # 30 s after the upgrade, whatever still ran on it.
+    async def scenario() -> None:
+        side = _side(relayed=False)
+        relayed = FakeConnection("nated", DialTarget("relay", "relayed"))
+        side.pool.connections["nated"] = relayed
+        transfer = asyncio.ensure_future(_transfer(side.clock, 32.0))
+        relayed.calls.append(transfer)
+        side.dialer.reversible.add("nated")
+        side.upgrades.reversed_to("nated")
+        await _run_until(lambda: relayed.closed and transfer.done(), "the transfer never ended")
+        assert not transfer.cancelled(), "the upgrade cut the transfer"
+        assert side.clock.monotonic() >= 32.0
+        assert side.pool.connections["nated"].target.kind == "direct"  # (new calls)
+        await _settle(side)
+
+    asyncio.run(scenario())
+
+
+def test_a_transfer_on_the_replaced_connection_holds_up_no_later_upgrade() -> None:
+    async def scenario() -> None:
+        side = _side(relayed=False)
+        relayed = FakeConnection("nated", DialTarget("relay", "relayed"))
+        side.pool.connections["nated"] = relayed
+        transfer = asyncio.ensure_future(_transfer(side.clock, 600.0))
+        relayed.calls.append(transfer)
+        side.dialer.reversible.add("nated")
+        side.upgrades.reversed_to("nated")
+        await _run_until(lambda: side.counters.num_direct_upgrades == 1, "no upgrade")
+        # Its way back ends while the transfer still runs: calls go through the relays again,
+        # and the next reversal upgrades them.
+        side.upgrades.reversal_ended("nated")
+        side.pool.connections["nated"] = FakeConnection("nated", DialTarget("relay", "relayed"))
+        side.upgrades.reversed_to("nated")
+        await _run_until(lambda: len(side.pool.dials) == 2, "no second upgrade")
+        assert not transfer.done()
+        assert side.counters.num_direct_upgrades == 2
+        await _settle(side)  # (closing cuts what still runs)
+        await asyncio.wait([transfer])
+        assert transfer.cancelled()
+        assert relayed.closed
 
     asyncio.run(scenario())
 

@@ -7,7 +7,10 @@ A gone peer keeps being probed; when it answers again (for instance restarted wi
 so the same peer id) it is reported back. One gone for ``forget_after_s`` is no longer watched.
 A stall of this node's own event loop is not the peer's silence: the first heartbeat after one
 gets a full ``timeout_s``, and a peer is reported gone only after a heartbeat that had a real
-budget went unanswered.
+budget went unanswered. The loop's lag is measured across each heartbeat's wait: one whose
+budget the loop's own stall ate (the call was issued, then the loop stalled before it sent the
+request) is not counted either, but only while the peer's silence is short, so that a stopped
+peer is still reported gone within ``3 * timeout_s`` however the loop stalls.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ Heartbeat = Callable[[str, float], Awaitable[None]]
 _MAX_LAG_OF_INTERVAL = 0.5
 """A wait or a heartbeat that ends later than planned by over this share of the interval means
 this node's own event loop stalled (the peer's silence in that time is not the peer's)."""
+_MAX_EXCUSED_SILENCE_OF_TIMEOUT = 2.0
+"""A heartbeat whose budget this node's stall ate is not counted only while the peer has been
+silent for less than this many ``timeout_s``: a loop stalled through every heartbeat must not
+keep a stopped peer from being reported gone."""
 
 
 @dataclass(slots=True)
@@ -44,6 +51,49 @@ class PeerLiveness:
     """Monotonic time of its last answered heartbeat (or of the start of watching)."""
     changed_at_s: float
     """Monotonic time of the last change between alive and gone."""
+
+
+class _LoopLag:
+    """How long this node's event loop was held up (by its own stalls, not by waiting) while
+    something ran: a ticker task wakes every ``tick_s`` and sums how late each wake-up came.
+
+    The ticker is due at once: if the loop turned at all, it ran before the awaited thing
+    resumed. If it never ran, nothing was awaited, so no other task could hold the loop up.
+    """
+
+    def __init__(self, clock: Clock, tick_s: float) -> None:
+        self._clock = clock
+        self._tick_s = tick_s
+        self._due_s = clock.monotonic()
+        self._started = False
+        self.stalled_s = 0.0
+        """Seconds the loop was held up past a wake-up so far."""
+        self._task = asyncio.get_running_loop().create_task(self._tick(), name="loop-lag")
+
+    def _note(self) -> None:
+        now = self._clock.monotonic()
+        self.stalled_s += max(0.0, now - self._due_s)
+        self._due_s = max(self._due_s, now)
+
+    async def _tick(self) -> None:
+        self._started = True
+        while True:
+            self._note()
+            self._due_s += self._tick_s
+            await self._clock.sleep_async(self._tick_s)
+
+    async def stop(self) -> float:
+        """Stop the ticker; returns the seconds of stall it measured (a wake-up overdue now
+        included: the loop was held up until this call)."""
+        self._task.cancel()
+        if self._started:
+            self._note()
+            # (``wait``, not ``await``: a cancellation of the caller meanwhile is raised, not
+            # taken for the ticker's own and swallowed)
+            await asyncio.wait([self._task])
+        # A ticker that never ran ends at the loop's next turn, having done nothing: not waited
+        # for, so that a heartbeat answered at once costs its loop no extra turn.
+        return self.stalled_s
 
 
 class FailureDetector:
@@ -150,12 +200,18 @@ class FailureDetector:
             if lagged and state.alive:
                 budget_s = timeout_s
             budget_s = max(min(budget_s, timeout_s), 0.01)
+            # (The call is issued in this turn and its request sent in a later one: a stall in
+            # between ate a budget of 2.0 s, and the failure, seen 2.1 s after it was sent,
+            # was counted: the live peer was reported gone and back.)
+            lag = _LoopLag(self._clock, max_lag_s / 2)
             try:
                 await self._heartbeat(peer_id, budget_s)
                 answered = True
             except GossamerError as exc:
                 answered = False
                 _log.debug("peer %s: heartbeat to %s failed: %s", self._own, peer_id[:12], exc)
+            finally:
+                stalled_s = await lag.stop()
             now = self._clock.monotonic()
             # A failed heartbeat that ended well past a budget shorter than timeout_s: this
             # loop's stall may have eaten the budget, so it says nothing of the peer, once per
@@ -163,20 +219,39 @@ class FailureDetector:
             # (gRPC's core holds the deadline on its own threads, and an answer within it
             # completes the call): excused too, a stopped peer was never reported gone while
             # the watcher's loop stalled every few seconds (each failure seen late).
-            lagged = (
+            late = (
                 not answered
                 and budget_s < timeout_s - 1e-3
                 and not excused
                 and now - started - budget_s > max_lag_s
             )
-            excused = (excused or lagged) and not answered
-            if lagged:
+            excused = (excused or late) and not answered
+            # A failed heartbeat the loop's own stall left less than max_lag_s of its budget:
+            # the peer was hardly asked. Not counted, however often, while the silence is short.
+            eaten = (
+                not answered
+                and state.alive
+                and stalled_s > max_lag_s
+                and budget_s - stalled_s < max_lag_s
+                and now - state.last_answer_s < _MAX_EXCUSED_SILENCE_OF_TIMEOUT * timeout_s
+            )
+            lagged = late or eaten
+            if late:
                 _log.info(
                     "peer %s: heartbeat to %s ended %.1f s past its deadline (this node's event "
                     "loop stalled); not counted",
                     self._own,
                     peer_id[:12],
                     now - started - budget_s,
+                )
+            elif eaten:
+                _log.info(
+                    "peer %s: this node's event loop stalled %.1f s of the %.1f s heartbeat to "
+                    "%s; not counted",
+                    self._own,
+                    stalled_s,
+                    budget_s,
+                    peer_id[:12],
                 )
             elif answered:
                 state.last_answer_s = now

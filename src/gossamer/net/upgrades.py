@@ -5,8 +5,9 @@ tunnel announcement; since R is reachable, N dials R *directly* (outbound works 
 holds a *direct reservation* there (``ReserveRequest.direct``). R then re-dials N through that
 reservation: its gRPC channel's socket is carried over N's own connection to R, so the bytes cross
 no third peer. TLS and the handshake still run end to end between R and N inside it, exactly as
-over a relay. R swaps its relayed connection for the new one (calls still running on the old one
-finish within a grace period) and counts ``num_direct_upgrades``.
+over a relay. R swaps its relayed connection for the new one and counts ``num_direct_upgrades``:
+new calls go the direct way, and the relayed connection is closed once the calls still running
+on it have ended (a bulk transfer on a slow link may take minutes), not cut after a fixed grace.
 
 This holds for N's own relays too: their tunnels to N already cross no third peer, but a direct
 reservation takes them out of the relay's bandwidth cap and its ``relayed_bytes``.
@@ -41,11 +42,14 @@ from gossamer.net.tunnels import (
 )
 from gossamer.proto import net_pb2
 
-__all__ = ["RETIRE_GRACE_S", "DirectUpgrades"]
+__all__ = ["RETIRE_AT_MOST_S", "DirectUpgrades"]
 
 _log = logging.getLogger(__name__)
-RETIRE_GRACE_S = 30.0
-"""How long calls already running on a replaced relayed connection may take to finish."""
+RETIRE_AT_MOST_S = 3600.0
+"""The longest a replaced connection stays open for the calls already running on it. It is
+closed as soon as they have all ended (gRPC's close with a grace waits for the calls in flight,
+and no new call starts on it), and each ends by its own deadline: this bounds only a call with
+none. A fixed 30 s cut a 32 s bulk transfer on a 1 Mbit/s link, which then failed."""
 _RETRY_AFTER_S = 30.0
 _MAX_DIRECT_RESERVATIONS = 64
 _SESSION_AFTER_TUNNEL_S = 10.0
@@ -186,7 +190,9 @@ class DirectUpgrades:
                 await self._pool.dial(target, expected_peer_id=peer_id, retire_previous=True)
             self._counters.num_direct_upgrades += 1
             _log.info("upgraded the connection to %s to direct", short_peer_id(peer_id))
-            await self._pool.close_retired(peer_id, RETIRE_GRACE_S)
+            # (in a task of its own: a transfer still running on the relayed connection must not
+            # hold up a later upgrade, after this one's way back ended)
+            self._close_retired_later(peer_id)
         except GossamerError as exc:
             _log.info("%s stays relayed: %s", short_peer_id(peer_id), exc)
         finally:
@@ -199,8 +205,12 @@ class DirectUpgrades:
             return
         _log.info("the direct way to %s ended: back to its relays", short_peer_id(peer_id))
         self._pool.retire(peer_id, connection)
+        self._close_retired_later(peer_id)
+
+    def _close_retired_later(self, peer_id: str) -> None:
+        """Close the retired connections to ``peer_id`` once the calls on them have ended."""
         self._tasks.spawn(
-            self._pool.close_retired(peer_id, RETIRE_GRACE_S), f"direct-retire-{peer_id[:8]}"
+            self._pool.close_retired(peer_id, RETIRE_AT_MOST_S), f"direct-retire-{peer_id[:8]}"
         )
 
     async def close(self) -> None:

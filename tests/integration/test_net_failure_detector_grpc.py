@@ -1,0 +1,65 @@
+"""The failure detector on loopback gRPC: a stall of the watcher's own event loop in the turn a
+heartbeat is sent is not the peer's silence."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from gossamer.net.config import HeartbeatConfig, NodeConfig
+from gossamer.net.connections import DialTarget
+from gossamer.net.dht_service import DHT_METHODS
+from gossamer.net.node import Node
+from loopback_nodes import until
+
+SECRET = b"failure-detector-test-secret-0123456789"
+HEARTBEAT = HeartbeatConfig(interval_s=0.5, timeout_s=2.5)
+
+
+def _config() -> NodeConfig:
+    return NodeConfig(listen_address="127.0.0.1:0", swarm_secret=SECRET, heartbeat=HEARTBEAT)
+
+
+def test_a_stall_in_the_turn_a_heartbeat_is_sent_does_not_report_the_live_peer_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The call was issued, then the loop stalled 2.1 s before the request went out: it ran past
+    the heartbeat's 2.0 s budget, seen too soon after it to look like a stall, and the live peer
+    was reported gone and back (a flap)."""
+
+    async def scenario() -> None:
+        async with Node(_config()) as a, Node(_config()) as b:
+            await a.pool.dial(DialTarget(b.addresses[0]), expected_peer_id=b.peer_id)
+            changes: list[bool] = []
+            a.detector.add_observer(lambda peer_id, alive: changes.append(alive))
+            loop = asyncio.get_running_loop()
+            stalled_at: list[float] = []
+            call = a.pool.call
+
+            async def stalling_call(peer_id: str, method: str, *args: Any, **kwargs: Any) -> Any:
+                is_heartbeat = method == DHT_METHODS["Ping"] and not kwargs.get("use_breaker", True)
+                if is_heartbeat and len(stalled_at) == 1:  # armed: this heartbeat's turn stalls
+                    stalled_at.append(time.monotonic())
+                    # another task's synchronous step, run before the request is sent
+                    loop.call_soon(time.sleep, 2.1)
+                return await call(peer_id, method, *args, **kwargs)
+
+            monkeypatch.setattr(a.pool, "call", stalling_call)
+            a.detector.watch(b.peer_id)
+            liveness = a.detector.liveness(b.peer_id)
+            assert liveness is not None
+            start = time.monotonic()
+            await until(lambda: liveness.last_answer_s > start + 1.0, 10, "answered heartbeats")
+            stalled_at.append(0.0)  # arm it
+            await until(lambda: len(stalled_at) == 2, 5, "a heartbeat into the stall")
+            await until(
+                lambda: liveness.last_answer_s > stalled_at[1] + 3.0 or bool(changes),
+                15,
+                "heartbeats answered after the stall",
+            )
+            assert changes == [], "the live peer was reported gone for this node's own stall"
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=60))
