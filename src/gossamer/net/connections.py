@@ -62,6 +62,13 @@ class DialTarget:
     """The peer's TLS certificate if known (from its record); probed otherwise."""
     open_entrance: Callable[[], Awaitable[str]] | None = field(default=None, compare=False)
     """For tunnels: prepares the local entrance and returns its HOST:PORT (used over address)."""
+    tunnel_refusal: Callable[[], str | None] | None = field(default=None, compare=False)
+    """For tunnels: why the relay refused (or could not carry) a tunnel through the entrance
+    since :attr:`open_entrance` last opened it, or None. A refused tunnel reaches gRPC only as
+    a closed socket ("Handshake read failed"); the dial's error says this instead."""
+    via: str = ""
+    """For a tunnel through a relay: the relay's peer id (a relay that hangs takes the
+    connections through it down with it)."""
 
 
 @dataclass(slots=True)
@@ -184,6 +191,16 @@ class ConnectionPool:
         self._rng = random.Random()
         self._closed = False
 
+    @property
+    def config(self) -> NodeConfig:
+        """The node config the pool dials and calls with."""
+        return self._config
+
+    @property
+    def clock(self) -> Clock:
+        """The pool's time source."""
+        return self._clock
+
     def get(self, peer_id: str) -> PeerConnection | None:
         """The open connection to a peer, if any."""
         return self._connections.get(peer_id)
@@ -263,6 +280,8 @@ class ConnectionPool:
         except grpc.aio.AioRpcError as exc:
             await channel.close(None)
             error = error_of_rpc_error(exc, where, "handshake")
+            if target.tunnel_refusal is not None and (refusal := target.tunnel_refusal()):
+                error = type(error)(refusal)
             self._counters.error(error)
             raise error from exc
         except BaseException as exc:

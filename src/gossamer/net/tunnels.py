@@ -29,10 +29,15 @@ import grpc
 from gossamer.core.clock import Clock
 from gossamer.core.errors import GossamerError, PeerUnavailableError, ProtocolError
 from gossamer.net.config import NodeConfig
-from gossamer.net.connections import ConnectionPool, DialTarget, PeerConnection
+from gossamer.net.connections import (
+    ConnectionPool,
+    DialTarget,
+    PeerConnection,
+    ended_under_call,
+)
 from gossamer.net.counters import NetCounters
 from gossamer.net.directory import PeerDirectory
-from gossamer.net.grpc_errors import error_of_rpc_error
+from gossamer.net.grpc_errors import answered_by_handler, error_of_rpc_error
 from gossamer.net.identity import digest_of_peer_id, short_peer_id
 from gossamer.net.relay import (
     ACCEPT_METHOD,
@@ -62,6 +67,7 @@ __all__ = [
     "announcement_fault",
     "carry_socket_over_call",
     "note_failure",
+    "printable_reason",
 ]
 
 _log = logging.getLogger(__name__)
@@ -90,6 +96,22 @@ MAX_ACCEPTED_DIRECT_TUNNELS = 64
 """Tunnels a node carries at once over all its direct reservations, apart from its relay
 reservations' :data:`MAX_ACCEPTED_TUNNELS`: one for each of the (at most) 64 peers it holds one
 with, honestly. Holders that take them all cost the node its direct ways back, not its relays."""
+_MAX_REASON_CHARS = 240
+"""Characters of a relay's refusal kept for the dialer's error and log (the rest is cut)."""
+_FAILED_RELAY_LAST_FOR_S = 60.0
+"""How long a relay that refused a tunnel, could not be reached or hung is dialled after the
+target's other relays."""
+_PING_METHOD = "/gossamer.net.v1.Dht/Ping"
+_NO_ANSWER = frozenset(
+    {
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+    }
+)
+"""Statuses of a heartbeat that say nothing came back from the relay (others are answers)."""
 CLOSED_TUNNEL_GRACE_S = 2.0
 """How long a tunnel call may go on once the local connection it carries has closed: the far
 side ends it as soon as it has the close (milliseconds); one that never did held the call, and
@@ -105,6 +127,7 @@ async def carry_socket_over_call(
     open_call: OpenCall,
     first: net_pb2.TunnelFrame,
     failed: Callable[[grpc.aio.AioRpcError], Awaitable[GossamerError]] | None = None,
+    refused: Callable[[grpc.aio.AioRpcError], None] | None = None,
 ) -> None:
     """Carry a local TCP connection's bytes over a tunnel call until either side ends (the
     far side gets :data:`CLOSED_TUNNEL_GRACE_S` to end the call once the local one closed).
@@ -115,6 +138,9 @@ async def carry_socket_over_call(
         open_call: starts the tunnel call with an iterator of outgoing frames.
         first: the frame that names the tunnel (target peer or tunnel id).
         failed: maps the call's error (the pool's, which drops a broken connection).
+        refused: told of a call that failed before the far side sent anything (the relay
+            refused the tunnel), before the local connection is closed: all its owner sees
+            of it is the socket closing.
 
     Raises:
         GossamerError: the tunnel call failed (mapped from gRPC's error).
@@ -122,6 +148,7 @@ async def carry_socket_over_call(
 
     call: Any = None
     carrying = True
+    answered = False
     try:
         # Ends the call CLOSED_TUNNEL_GRACE_S after the local connection closed (set below).
         async with asyncio.timeout(None) as after_close:
@@ -143,6 +170,7 @@ async def carry_socket_over_call(
                         f"the tunnel's connection is closed ({exc})"
                     ) from exc
                 async for frame in call:
+                    answered = True
                     if frame.data:
                         writer.write(frame.data)
                         await writer.drain()
@@ -158,6 +186,8 @@ async def carry_socket_over_call(
             CLOSED_TUNNEL_GRACE_S,
         )
     except grpc.aio.AioRpcError as exc:
+        if refused is not None and not answered:
+            refused(exc)
         raise (
             await failed(exc) if failed is not None else error_of_rpc_error(exc, "relay", "tunnel")
         ) from exc
@@ -201,6 +231,17 @@ def note_failure(failed_at: dict[str, float], peer_id: str, now: float, keep_s: 
     failed_at[peer_id] = now
 
 
+def printable_reason(text: str, max_chars: int = _MAX_REASON_CHARS) -> str:
+    """``text`` from the network made safe for an error or a log line: at most ``max_chars``
+    characters of it (a note says how many were cut), and every character that is not
+    printable (newlines, escapes, bidirectional overrides) written as its escape sequence."""
+    cut = len(text) - max_chars
+    text = text[:max_chars]
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return f"{text}... ({cut} more characters)" if cut > 0 else text
+
+
 @dataclass(slots=True)
 class _Entrance:
     """A local listening socket whose connections are tunnelled to one target."""
@@ -211,6 +252,8 @@ class _Entrance:
     record named for it at the latest dial (a relay restarted elsewhere is followed there)."""
     tunnels: int = 0
     """Connections accepted here whose tunnel is still open."""
+    refusal: str | None = None
+    """Why the latest tunnel from here was refused, since the latest dial opened it."""
 
 
 class RelayDialer:
@@ -218,6 +261,13 @@ class RelayDialer:
 
     Entrances with no tunnel open are closed beyond the :data:`MAX_IDLE_ENTRANCES` used last
     (a later dial opens a new one).
+
+    A relay's refusal of a tunnel is what the dial through it fails with (gRPC sees only the
+    entrance's socket close). A relay that tunnels go through is watched as the relayed peers
+    watch theirs: one that answers no heartbeat for ``keepalive_interval_s +
+    keepalive_timeout_s`` is given up with the connections through it, so that the next dial
+    goes through another relay (only gRPC's ping deadline, 60 s, ended them before). A relay
+    that failed a tunnel is dialled after the target's other relays for a while.
 
     Args:
         pool: the node's connections (the relay is dialed through it).
@@ -244,6 +294,11 @@ class RelayDialer:
         """Open entrances, the least recently dialled first."""
         self._tasks = OwnedTasks()
         self._closed = False
+        self._tunnels_via: Counter[str] = Counter()
+        """Tunnels open through each relay (its connection dialled, this node not the relay)."""
+        self._watches: dict[str, tuple[PeerConnection, asyncio.Task[Any]]] = {}
+        """The heartbeat watch of each relay tunnels go through, and the connection it watches."""
+        self._relay_failed_at: dict[str, float] = {}
 
     def direct_target(self, peer_id: str) -> DialTarget | None:
         """The way back to ``peer_id`` through its direct reservation here, if it holds one.
@@ -261,6 +316,7 @@ class RelayDialer:
             open_entrance=functools.partial(
                 self._entrance, peer_id, self._own_peer_id, "", direct=True
             ),
+            tunnel_refusal=functools.partial(self._refusal, (peer_id, "direct")),
         )
 
     def targets(self, peer_id: str) -> list[DialTarget]:
@@ -269,14 +325,23 @@ class RelayDialer:
         if record is None:
             return []
         reversed_ = self.direct_target(peer_id)
+        now = self._pool.clock.monotonic()
+        relays = sorted(  # (those that failed lately last)
+            record.relays,
+            key=lambda hop: (
+                now - self._relay_failed_at.get(hop[0], -1e9) < _FAILED_RELAY_LAST_FOR_S
+            ),
+        )
         return ([reversed_] if reversed_ else []) + [
             DialTarget(
                 f"relay {short_peer_id(relay_id)} at {relay_address}",
                 "relayed",
                 record.tls_cert_der,
                 open_entrance=functools.partial(self._entrance, peer_id, relay_id, relay_address),
+                tunnel_refusal=functools.partial(self._refusal, (peer_id, relay_id)),
+                via=relay_id,
             )
-            for relay_id, relay_address in record.relays
+            for relay_id, relay_address in relays
             if relay_id != peer_id and (relay_id != self._own_peer_id or self._local_relay)
         ]
 
@@ -297,6 +362,7 @@ class RelayDialer:
             entrance = self._entrances[key] = _Entrance(server, relay_address)
             self._close_idle_entrances()
         entrance.relay_address = relay_address
+        entrance.refusal = None  # (this dial's own refusal, not an earlier one's)
         self._entrances.move_to_end(key)
         if not direct:
             self._counters.num_relayed_dials += 1
@@ -308,6 +374,10 @@ class RelayDialer:
         idle = [key for key, entrance in self._entrances.items() if entrance.tunnels == 0]
         for key in idle[: max(0, len(idle) - MAX_IDLE_ENTRANCES)]:
             self._entrances.pop(key).server.close()
+
+    def _refusal(self, key: tuple[str, str]) -> str | None:
+        entrance = self._entrances.get(key)
+        return entrance.refusal if entrance is not None else None
 
     @property
     def num_entrances(self) -> int:
@@ -338,11 +408,10 @@ class RelayDialer:
             writer.close()
             return
         entrance.tunnels += 1
-        relay_address = entrance.relay_address
 
         async def tunnel() -> None:
             try:
-                await self._tunnel(target, relay_id, relay_address, reader, writer, direct=direct)
+                await self._tunnel(entrance, target, relay_id, reader, writer, direct=direct)
             finally:
                 entrance.tunnels -= 1
 
@@ -350,43 +419,184 @@ class RelayDialer:
 
     async def _tunnel(
         self,
+        entrance: _Entrance,
         target: str,
         relay_id: str,
-        relay_address: str,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         *,
         direct: bool = False,
     ) -> None:
-        try:
-            if relay_id == self._own_peer_id and self._local_relay is not None:
-                # This node is the target's relay, or holds its direct reservation: splice the
-                # socket into the reservation here.
-                await self._local_relay.carry_local(
-                    self._own_peer_id, target, reader, writer, FRAME_BYTES, direct=direct
+        local = relay_id == self._own_peer_id and self._local_relay is not None
+        to = short_peer_id(target)
+
+        def refused(reason: str, what: str = "refused the tunnel to") -> None:
+            # Kept for the dial through the entrance, before its socket closes (see DialTarget).
+            reason = printable_reason(reason)
+            if direct:
+                entrance.refusal = (
+                    f"the way back to {to} over its direct reservation here failed: {reason}; "
+                    f"dial {to} through its relays instead (the node does, if its record "
+                    "names any)"
                 )
                 return
-            connection = await self._relay_connection(relay_id, relay_address)
-            tunnel = connection.stream_stream(CONNECT_METHOD, net_pb2.TunnelFrame)
-
-            def open_call(frames: AsyncIterator[net_pb2.TunnelFrame]) -> Any:
-                return tunnel(frames, metadata=connection.metadata)
-
-            await carry_socket_over_call(
-                reader,
-                writer,
-                open_call,
-                net_pb2.TunnelFrame(target_peer_id=target),
-                failed=lambda exc: self._pool.failed(connection, exc, CONNECT_METHOD),
+            relay = "this node's relay" if local else f"relay {short_peer_id(relay_id)}"
+            entrance.refusal = (
+                f"{relay} {what} {to}: {reason}. A dial tries each relay {to}'s record "
+                f"names; if every one fails, {to} cannot be reached through relays now: check "
+                "that it runs and holds relay reservations (its log says 'relayed through')"
             )
+            if not local:
+                note_failure(
+                    self._relay_failed_at,
+                    relay_id,
+                    self._pool.clock.monotonic(),
+                    _FAILED_RELAY_LAST_FOR_S,
+                )
+
+        try:
+            if local:
+                # This node is the target's relay, or holds its direct reservation: splice the
+                # socket into the reservation here.
+                assert self._local_relay is not None
+                try:
+                    await self._local_relay.carry_local(
+                        self._own_peer_id, target, reader, writer, FRAME_BYTES, direct=direct
+                    )
+                except GossamerError as exc:  # (raised before it carries anything)
+                    refused(str(exc))
+                    raise
+                return
+            try:
+                connection = await self._relay_connection(relay_id, entrance.relay_address)
+            except GossamerError as exc:
+                refused(str(exc), "could not be reached for a tunnel to")
+                raise
+            self._tunnels_via[relay_id] += 1
+            try:
+                self._watch(relay_id, connection)
+                tunnel = connection.stream_stream(CONNECT_METHOD, net_pb2.TunnelFrame)
+
+                def open_call(frames: AsyncIterator[net_pb2.TunnelFrame]) -> Any:
+                    return tunnel(frames, metadata=connection.metadata)
+
+                await carry_socket_over_call(
+                    reader,
+                    writer,
+                    open_call,
+                    net_pb2.TunnelFrame(target_peer_id=target),
+                    failed=lambda exc: self._pool.failed(connection, exc, CONNECT_METHOD),
+                    refused=lambda exc: refused(
+                        exc.details() or "",
+                        "refused the tunnel to"
+                        if answered_by_handler(exc)
+                        else f"did not carry the tunnel ({exc.code().name}) to",
+                    ),
+                )
+            finally:
+                self._tunnels_via[relay_id] -= 1
+                if self._tunnels_via[relay_id] <= 0:
+                    del self._tunnels_via[relay_id]
         except GossamerError as exc:
             _log.info(
-                "tunnel to %s via %s ended: %s", short_peer_id(target), short_peer_id(relay_id), exc
+                "peer %s: tunnel to %s via %s ended: %s",
+                short_peer_id(self._own_peer_id),
+                short_peer_id(target),
+                short_peer_id(relay_id),
+                printable_reason(str(exc)),
             )
         except Exception:
             _log.exception("tunnel to %s failed", short_peer_id(target))
         finally:  # (cancelled too, while it dialled the relay)
             writer.close()
+
+    def _watch(self, relay_id: str, connection: PeerConnection) -> None:
+        """Heartbeat ``relay_id`` over ``connection`` while tunnels go through it (one watch
+        per relay)."""
+        watched = self._watches.get(relay_id)
+        if watched is not None and watched[0] is connection and not watched[1].done():
+            return
+        if watched is not None:
+            watched[1].cancel()  # (it watched a connection the relay's tunnels left)
+        task = self._tasks.spawn(
+            self._watch_relay(relay_id, connection), f"relay-watch-{relay_id[:8]}"
+        )
+        self._watches[relay_id] = (connection, task)
+
+        def done(_: asyncio.Task[Any]) -> None:
+            if self._watches.get(relay_id, (None, None))[1] is task:
+                del self._watches[relay_id]
+
+        task.add_done_callback(done)
+
+    async def _watch_relay(self, relay_id: str, connection: PeerConnection) -> None:
+        """While tunnels go through ``relay_id`` on ``connection``, give it up once it has
+        answered no heartbeat for ``keepalive_interval_s + keepalive_timeout_s``.
+
+        One heartbeat is in flight at a time, with what is left of that window as its deadline
+        (as the relayed peer's own watch, :meth:`RelayReservations._until_silent`): on a thin
+        link its answer waits behind the tunnels' data, and short deadlines gave up healthy
+        relays. Not gRPC's ping deadline either (see server.py).
+        """
+        config, clock = self._pool.config, self._pool.clock
+        interval_s = config.heartbeat.interval_s
+        silent_s = config.keepalive_interval_s + config.keepalive_timeout_s
+        ping = connection.unary_unary(_PING_METHOD, net_pb2.PingResponse)
+        answered_at = clock.monotonic()
+        while self._tunnels_via[relay_id] > 0 and self._pool.get(relay_id) is connection:
+            try:
+                left_s = answered_at + silent_s - clock.monotonic()
+                await ping(
+                    net_pb2.PingRequest(),
+                    timeout=max(left_s, interval_s),
+                    metadata=connection.metadata,
+                )
+                answered_at = clock.monotonic()
+            except grpc.aio.AioRpcError as exc:
+                if answered_by_handler(exc) or exc.code() not in _NO_ANSWER:
+                    answered_at = clock.monotonic()  # (an answer all the same)
+                elif clock.monotonic() - answered_at >= silent_s:
+                    await self._give_up(relay_id, connection, clock.monotonic() - answered_at)
+                    return
+            except grpc.aio.UsageError:
+                return  # (its connection was closed: tunnels on the next one watch that)
+            except asyncio.CancelledError:
+                if ended_under_call(relay_id) is None:
+                    raise
+                return  # (the same, closed under the heartbeat)
+            await clock.sleep_async(interval_s)  # (pacing, not a wait on a condition)
+
+    async def _give_up(
+        self, relay_id: str, connection: PeerConnection, silent_for_s: float
+    ) -> None:
+        """Close the connection to a relay that stopped answering, and those through it (their
+        peers' breakers reset): a dial after it goes through another relay (this one is tried
+        last for a while)."""
+        note_failure(
+            self._relay_failed_at, relay_id, self._pool.clock.monotonic(), _FAILED_RELAY_LAST_FOR_S
+        )
+        through = [
+            (peer_id, relayed)
+            for peer_id in self._pool.peer_ids
+            if (relayed := self._pool.get(peer_id)) is not None
+            and relayed.target.kind == "relayed"
+            and relayed.target.via == relay_id
+        ]
+        _log.warning(
+            "peer %s: relay %s answered no heartbeat for %.1f s; closing the connection to it "
+            "and the %d through it (to %s): they are dialled again through other relays",
+            short_peer_id(self._own_peer_id),
+            short_peer_id(relay_id),
+            silent_for_s,
+            len(through),
+            ", ".join(short_peer_id(peer_id) for peer_id, _ in through) or "none",
+        )
+        for peer_id, relayed in through:
+            await self._pool.drop(peer_id, relayed)
+            # (its calls' failures were the relay's: the next call tries another way at once,
+            # not once the breaker they opened lets one through)
+            self._pool.breakers.forget(peer_id)
+        await self._pool.drop(relay_id, connection)
 
     async def close(self) -> None:
         """Close every entrance and the tunnels through them."""
