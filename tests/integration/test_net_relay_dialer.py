@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from gossamer.core.errors import PeerUnavailableError, RetryableError
+from gossamer.net import tunnels
 from gossamer.net.config import NodeConfig, RelayConfig
 from gossamer.net.identity import short_peer_id
 from gossamer.net.node import Node
@@ -103,6 +104,9 @@ class _RefusingRelay(RelayServicer):
     async def Connect(
         self, request_iterator: AsyncIterator[net_pb2.TunnelFrame], context: Any
     ) -> AsyncIterator[net_pb2.TunnelFrame]:
+        # (the first frame read first, as a relay does: a stream ended before it is read may
+        # reach the dialer as gRPC's INTERNAL, without the reason)
+        await anext(aiter(request_iterator))
         raise PeerUnavailableError(self.reason)
         yield net_pb2.TunnelFrame()  # (a stream handler)
 
@@ -213,3 +217,82 @@ def test_a_dialer_gets_through_another_relay_soon_after_its_relay_hangs() -> Non
                 await asyncio.wait_for(process.wait(), 10)
 
     _run(scenario, timeout_s=50)
+
+
+def test_a_late_refusal_of_an_earlier_dial_s_tunnel_is_not_the_next_dial_s_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Dials through one entrance share it: the refusal of a tunnel whose dial had already
+    given up (it came in the tunnel's grace) was the error of the next dial, which the relay
+    never refused."""
+    opened = 0
+    open_tunnel = RelayServicer._open_tunnel
+
+    async def slow_open(self: RelayServicer, *args: Any, **kwargs: Any) -> Any:
+        nonlocal opened
+        opened += 1
+        if opened == 1:  # refused, after its dial gave up
+            await asyncio.sleep(1.2)  # (the relay's slowness, the fault under test)
+            raise PeerUnavailableError("refusal of the first dial's tunnel")
+        if opened == 2:  # slow, never refused
+            await asyncio.sleep(5.0)
+        return await open_tunnel(self, *args, **kwargs)
+
+    monkeypatch.setattr(RelayServicer, "_open_tunnel", slow_open)
+
+    async def scenario() -> None:
+        async with Node(_config()) as relay, Node(_config()) as dialer:
+            hidden = Node(_hidden_config())
+            await hidden.start()
+            try:
+                await _relayed_through(hidden, [f"{relay.peer_id}@{relay.addresses[0]}"], 1)
+                record = hidden.own_record()
+                assert record is not None
+                dialer.dht.learn(record)
+                target = dialer.relay_dialer.targets(hidden.peer_id)[-1]
+                errors = []
+                for timeout_s in (1.0, 1.5):
+                    with pytest.raises(RetryableError) as raised:
+                        await dialer.pool.dial(
+                            target, expected_peer_id=hidden.peer_id, timeout_s=timeout_s
+                        )
+                    errors.append(str(raised.value))
+                assert opened >= 2, opened
+                assert "refusal of the first dial's tunnel" not in errors[1], errors[1]
+            finally:
+                await hidden.stop()
+
+    _run(scenario)
+
+
+def test_a_local_connection_reset_under_a_tunnel_is_no_error(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """gRPC resetting the entrance's socket (a connection it dropped) ended the tunnel with an
+    ERROR and a traceback in the log: it is how a dropped relayed connection ends."""
+    caplog.set_level(logging.INFO, logger="gossamer.net.tunnels")
+
+    async def reset(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionResetError("Connection lost")
+
+    monkeypatch.setattr(tunnels, "carry_socket_over_call", reset)
+
+    async def scenario() -> None:
+        async with Node(_config()) as relay, Node(_config()) as dialer:
+            hidden = Node(_hidden_config())
+            await hidden.start()
+            try:
+                await _relayed_through(hidden, [f"{relay.peer_id}@{relay.addresses[0]}"], 1)
+                record = hidden.own_record()
+                assert record is not None
+                dialer.dht.learn(record)
+                with pytest.raises(RetryableError):
+                    await _ping(dialer, hidden.peer_id, timeout_s=3.0)
+            finally:
+                await hidden.stop()
+
+    _run(scenario)
+    ended = [r for r in caplog.records if "local connection broke" in r.getMessage()]
+    assert ended, caplog.text
+    assert all(r.levelno == logging.INFO for r in ended), caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

@@ -254,6 +254,9 @@ class _Entrance:
     """Connections accepted here whose tunnel is still open."""
     refusal: str | None = None
     """Why the latest tunnel from here was refused, since the latest dial opened it."""
+    dials: int = 0
+    """Dials through here so far: a tunnel accepted under an earlier dial (refused late, in its
+    grace after that dial gave up) must not put its refusal on the latest dial's error."""
 
 
 class RelayDialer:
@@ -363,6 +366,7 @@ class RelayDialer:
             self._close_idle_entrances()
         entrance.relay_address = relay_address
         entrance.refusal = None  # (this dial's own refusal, not an earlier one's)
+        entrance.dials += 1
         self._entrances.move_to_end(key)
         if not direct:
             self._counters.num_relayed_dials += 1
@@ -408,10 +412,11 @@ class RelayDialer:
             writer.close()
             return
         entrance.tunnels += 1
+        dial = entrance.dials
 
         async def tunnel() -> None:
             try:
-                await self._tunnel(entrance, target, relay_id, reader, writer, direct=direct)
+                await self._tunnel(entrance, dial, target, relay_id, reader, writer, direct=direct)
             finally:
                 entrance.tunnels -= 1
 
@@ -420,6 +425,7 @@ class RelayDialer:
     async def _tunnel(
         self,
         entrance: _Entrance,
+        dial: int,
         target: str,
         relay_id: str,
         reader: asyncio.StreamReader,
@@ -431,22 +437,21 @@ class RelayDialer:
         to = short_peer_id(target)
 
         def refused(reason: str, what: str = "refused the tunnel to") -> None:
-            # Kept for the dial through the entrance, before its socket closes (see DialTarget).
+            # Kept for the dial through the entrance, before its socket closes (see DialTarget),
+            # if that dial is still the latest.
             reason = printable_reason(reason)
-            if direct:
-                entrance.refusal = (
-                    f"the way back to {to} over its direct reservation here failed: {reason}; "
-                    f"dial {to} through its relays instead (the node does, if its record "
-                    "names any)"
-                )
-                return
             relay = "this node's relay" if local else f"relay {short_peer_id(relay_id)}"
-            entrance.refusal = (
-                f"{relay} {what} {to}: {reason}. A dial tries each relay {to}'s record "
+            message = (
+                f"the way back to {to} over its direct reservation here failed: {reason}; "
+                f"dial {to} through its relays instead (the node does, if its record names any)"
+                if direct
+                else f"{relay} {what} {to}: {reason}. A dial tries each relay {to}'s record "
                 f"names; if every one fails, {to} cannot be reached through relays now: check "
                 "that it runs and holds relay reservations (its log says 'relayed through')"
             )
-            if not local:
+            if dial == entrance.dials:
+                entrance.refusal = message
+            if not local and not direct:
                 note_failure(
                     self._relay_failed_at,
                     relay_id,
@@ -504,6 +509,14 @@ class RelayDialer:
                 short_peer_id(target),
                 short_peer_id(relay_id),
                 printable_reason(str(exc)),
+            )
+        except OSError as exc:  # (the local side reset the entrance's socket: a dropped connection)
+            _log.info(
+                "peer %s: tunnel to %s via %s ended: its local connection broke (%s)",
+                short_peer_id(self._own_peer_id),
+                short_peer_id(target),
+                short_peer_id(relay_id),
+                exc,
             )
         except Exception:
             _log.exception("tunnel to %s failed", short_peer_id(target))
@@ -732,7 +745,11 @@ class RelayReservations:
             # A reservation lives as long as the relay keeps it and answers heartbeats.
             await self._read_events(relay_id, call, connection)
         except grpc.aio.AioRpcError as exc:
-            _log.info("reservation with %s ended: %s", short_peer_id(relay_id), exc.details())
+            _log.info(
+                "reservation with %s ended: %s",
+                short_peer_id(relay_id),
+                printable_reason(exc.details() or ""),
+            )
             if connection is not None:  # (a broken one is dropped, not kept for the next try)
                 await self._pool.failed(connection, exc, RESERVE_METHOD)
             note_failure(self._failed_at, relay_id, self._clock.monotonic(), _RETRY_RELAY_AFTER_S)

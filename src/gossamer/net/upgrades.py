@@ -39,6 +39,7 @@ from gossamer.net.tunnels import (
     OwnedTasks,
     RelayDialer,
     note_failure,
+    printable_reason,
 )
 from gossamer.proto import net_pb2
 
@@ -157,7 +158,11 @@ class DirectUpgrades:
                         self._tasks, connection, event, self._local_address(), direct=True
                     )
         except grpc.aio.AioRpcError as exc:
-            _log.info("direct reservation with %s ended: %s", short_peer_id(peer_id), exc.details())
+            _log.info(
+                "direct reservation with %s ended: %s",
+                short_peer_id(peer_id),
+                printable_reason(exc.details() or ""),
+            )
             note_failure(self._failed_at, peer_id, self._clock.monotonic(), _RETRY_AFTER_S)
         except (GossamerError, TimeoutError) as exc:
             _log.info("direct reservation with %s failed: %s", short_peer_id(peer_id), exc)
