@@ -11,6 +11,7 @@ average was applied instead, and every peer's weights turned NaN).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import threading
@@ -38,7 +39,10 @@ FAILING_KEY = f"{RUN}/{RUN}/outer/1"
 
 
 @contextlib.contextmanager
-def two_peers() -> Iterator[list[tuple[SwarmDiLoCoStrategy, nn.Module]]]:
+def two_peers(
+    config: SwarmAveragerConfig | None = None, *, train_while_forming: bool = False
+) -> Iterator[list[tuple[SwarmDiLoCoStrategy, nn.Module]]]:
+    config = config or SwarmAveragerConfig(run_id=RUN, backend="p2p", join_window_s=10.0)
     with contextlib.ExitStack() as stack:
         made = []
         for node_thread in start_node_threads(stack, 2):
@@ -48,11 +52,16 @@ def two_peers() -> Iterator[list[tuple[SwarmDiLoCoStrategy, nn.Module]]]:
 
             donor = node_thread.run(make_donor, timeout_s=10)
             stack.callback(donor.close)
-            config = SwarmAveragerConfig(run_id=RUN, backend="p2p", join_window_s=10.0)
             averager = SwarmAverager(node_thread, config)
             strategy = SwarmDiLoCoStrategy(
                 # lr 1, no momentum: the global weights move by exactly the average progress
-                DiLoCoConfig(inner_steps=2, outer_lr=1.0, outer_momentum=0.0, run_id=RUN),
+                DiLoCoConfig(
+                    inner_steps=2,
+                    outer_lr=1.0,
+                    outer_momentum=0.0,
+                    run_id=RUN,
+                    train_while_forming=train_while_forming,
+                ),
                 averager,
                 node_thread,
                 donor,
@@ -68,8 +77,11 @@ def two_peers() -> Iterator[list[tuple[SwarmDiLoCoStrategy, nn.Module]]]:
         yield made
 
 
-def train_together(made: list[tuple[SwarmDiLoCoStrategy, nn.Module]]) -> list[float]:
-    """Peer i moves every weight by ``0.01 (i + 1)`` per step; the seconds each took."""
+def train_together(
+    made: list[tuple[SwarmDiLoCoStrategy, nn.Module]], steps: int = STEPS
+) -> list[float]:
+    """Peer i moves every weight by ``0.01 (i + 1)`` per step for ``steps`` steps; the seconds
+    each took."""
     took_s = [math.inf] * len(made)
     errors: list[BaseException] = []
 
@@ -77,12 +89,12 @@ def train_together(made: list[tuple[SwarmDiLoCoStrategy, nn.Module]]) -> list[fl
         strategy, model = made[index]
         started = time.monotonic()
         try:
-            for step in range(STEPS):
+            for step in range(steps):
                 with torch.no_grad():
                     for param in model.parameters():
                         param.add_(0.01 * (index + 1))
                 strategy.on_step_end(model, step)
-            strategy.finish(model, STEPS)
+            strategy.finish(model, steps)
         except BaseException as exc:
             errors.append(exc)
         took_s[index] = time.monotonic() - started
@@ -161,3 +173,45 @@ def test_a_round_failed_everywhere_only_once_each_member_said_it_failed(
         assert failing.failed_everywhere("outer/4")
         assert other.failed_everywhere("outer/4")
         assert not failing.failed_everywhere("outer/5")  # (a round that never closed)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("train_while_forming", [False, True])
+def test_members_that_fail_far_apart_form_the_next_attempt_at_the_same_boundary(
+    monkeypatch: pytest.MonkeyPatch, train_while_forming: bool
+) -> None:
+    # The round of outer step 1 fails on the first peer at once, on the second only after
+    # longer than a peer waits for a newer state. Before, the first gave up waiting (the
+    # second had not said it failed yet), came back to the same closed key at its next
+    # boundary and missed it again, and only then formed outer/1#1: a boundary after the
+    # second did. Every later round paired boundaries a step apart, and the peers ended one
+    # outer step apart with different weights.
+    monkeypatch.setattr(swarm_module, "_NEWER_STATE_WAIT_S", 2.0)
+    real_all_reduce = swarm_averager.all_reduce
+    delays_s: dict[object, float] = {}
+    failed_keys: list[str] = []
+
+    async def failing_apart(tensors: list[torch.Tensor], **kwargs: Any) -> Any:
+        key = kwargs["round_key"]
+        if key != FAILING_KEY:
+            return await real_all_reduce(tensors, **kwargs)
+        failed_keys.append(key)
+        await asyncio.sleep(delays_s[kwargs["mailbox"]])  # (the second peer's: a long round)
+        raise DeadlineExceededError(f"round {key} ran past its deadline")
+
+    monkeypatch.setattr(swarm_averager, "all_reduce", failing_apart)
+    config = SwarmAveragerConfig(run_id=RUN, backend="p2p", join_window_s=10.0, round_timeout_s=8.0)
+    with two_peers(config, train_while_forming=train_while_forming) as made:
+        delays_s[made[0][0].swarm_averager._mailbox] = 0.0
+        delays_s[made[1][0].swarm_averager._mailbox] = 6.0
+        steps = 10  # boundaries at steps 1, 3, 5, 7 and 9: outer/0, /1 (fails), /1#1, /2, /3
+        took_s = train_together(made, steps)
+        assert failed_keys == [FAILING_KEY] * 2
+        assert [s.outer_step for s, _ in made] == [4, 4]
+        assert made[0][0].global_weights_hash() == made[1][0].global_weights_hash()
+        for strategy, model in made:
+            assert strategy.resyncs == 0
+            # Every step's progress, the failed round's included, went into an average.
+            for param in model.parameters():
+                torch.testing.assert_close(param.detach(), torch.full_like(param, 1.15))
+        assert max(took_s) < 60.0, took_s

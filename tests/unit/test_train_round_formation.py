@@ -127,7 +127,7 @@ def test_numbers_too_large_for_a_float_in_other_peers_records_are_skipped() -> N
     found = asyncio.run(SwarmAverager._records_by_publisher(huge_stamp, b"k", "at"))  # type: ignore[arg-type]
     assert found == {}
     inf_version = _Records([b'{"state": "active", "version": 1e999, "inc": "x"}'])
-    averager = SimpleNamespace(config=SimpleNamespace(run_id="r"))
+    averager = _membership_reader()
     assert asyncio.run(SwarmAverager._memberships(averager, inf_version)) == {}  # type: ignore[arg-type]
     assert _figure({"bw": 10**400}) == 0.0
 
@@ -137,9 +137,37 @@ def test_records_nested_past_the_parsers_depth_are_skipped() -> None:
     # read of the run's members, a record anyone in the DHT may publish under that key.
     nested = b"[" * 16000
     active = json.dumps({"state": "active", "version": 1, "inc": "x"}).encode()
-    averager = SimpleNamespace(config=SimpleNamespace(run_id="r"))
+    averager = _membership_reader()
     found = asyncio.run(SwarmAverager._memberships(averager, _Records([nested, active])))  # type: ignore[arg-type]
     assert len(found) == 1
+
+
+def _membership_reader(joined_at: float | None = None) -> SimpleNamespace:
+    """What :meth:`SwarmAverager._memberships` reads of its averager."""
+    return SimpleNamespace(
+        config=SimpleNamespace(run_id="r"), _joined_at=joined_at, left_before_joining=frozenset()
+    )
+
+
+@pytest.mark.parametrize(
+    ("record", "kept"),
+    [
+        ({"state": "left", "version": -1, "inc": "x", "at": 99.0}, False),
+        ({"state": "left", "version": -1, "inc": "x", "at": 101.0}, True),  # left after
+        ({"state": "left", "version": -1, "inc": "x"}, True),  # (a peer of before: no time)
+        ({"state": "active", "version": 3, "inc": "x", "at": 5.0}, True),
+    ],
+)
+def test_a_peer_that_left_before_this_one_joined_is_not_of_its_run(
+    record: dict[str, object], kept: bool
+) -> None:
+    # A run started again under the same name: the earlier run's peer, which left, published
+    # round entries this run's peers counted (every round they formed was closed already).
+    averager = _membership_reader(joined_at=100.0)
+    records = _Records([json.dumps(record).encode()])
+    found = asyncio.run(SwarmAverager._memberships(averager, records))  # type: ignore[arg-type]
+    assert bool(found) is kept
+    assert bool(averager.left_before_joining) is not kept
 
 
 @pytest.mark.parametrize(

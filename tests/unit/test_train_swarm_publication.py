@@ -25,6 +25,7 @@ from gossamer.train.diloco import DiLoCoConfig
 from gossamer.train.state_sync import StateSnapshot
 from gossamer.train.state_sync_wire import StateSyncLimits, decode_manifest, serialize_snapshot
 from gossamer.train.swarm import SwarmDiLoCoStrategy
+from gossamer.train.swarm_averager import RoundFate
 from gossamer.train.swarm_sync import meta_bytes_bound
 
 INNER_STEPS = 2
@@ -76,12 +77,16 @@ class FakeAverager:
         self.settings: dict[str, Any] = {}
         self.other_settings: dict[str, str] = {}
         self.failed: list[str] = []
+        self.left_before_joining: frozenset[str] = frozenset()
 
     def report_failed(self, round_key: str) -> None:
         self.failed.append(round_key)
 
     def failed_everywhere(self, round_key: str) -> bool:
         return False
+
+    def round_fate(self, round_key: str) -> RoundFate:
+        return RoundFate(failed_everywhere=self.failed_everywhere(round_key))
 
     def average(
         self, tensors: list[torch.Tensor], *, round_key: str, weight: float
@@ -766,8 +771,10 @@ def test_a_newcomer_whose_diloco_settings_are_not_the_runs_stops_naming_the_sett
     # Not exchanged, peers with H 5 and 10 both ended at exit 0 with other weights; with outer
     # lr 0.7 and 1.3 they resynced each other 8 times in 40 rounds.
     run = _strategy_with(DiLoCoConfig(run_id="r", **{"inner_steps": 5} | theirs), nn.Linear(4, 4))
+    run._of_the_run = True  # (it averaged with another peer: a run exists)
     state = run._snapshot(step=0)
     assert state.meta["diloco"]["inner_steps"] == (10 if "inner_steps" in theirs else 5)
+    assert state.meta["of_the_run"] is True
     monkeypatch.setattr(swarm_module, "download_from_donors", lambda *a, **k: (state, 1))
     model = nn.Linear(4, 4)
     newcomer = SwarmDiLoCoStrategy(
@@ -790,6 +797,50 @@ def test_a_newcomer_whose_diloco_settings_are_not_the_runs_stops_naming_the_sett
     assert "other DiLoCo settings" in newcomer._unusable(state)
     assert newcomer._download(version=None) is None
     run.close()
+
+
+@pytest.mark.parametrize("odd", ["donor", "newcomer"])
+def test_peers_started_together_do_not_refuse_each_other_for_a_state_nobody_averaged(
+    monkeypatch: pytest.MonkeyPatch, odd: str
+) -> None:
+    # Peers started at the same moment (no run yet): whichever published its first state
+    # first was "the run", and one peer with another H refused the honest ones that happened
+    # to download its state (exit 2) while it trained on. Such a state is nobody's authority:
+    # not taken, nobody refused; their first rounds decide (the odd one stops there).
+    honest, other = (
+        DiLoCoConfig(inner_steps=10, run_id="r"),
+        DiLoCoConfig(inner_steps=5, run_id="r"),
+    )
+    first = _strategy_with(other if odd == "donor" else honest, nn.Linear(4, 4))
+    state = first._snapshot(step=0)
+    assert state.version == 0
+    monkeypatch.setattr(swarm_module, "download_from_donors", lambda *a, **k: (state, 1))
+    model = nn.Linear(4, 4)
+    newcomer = SwarmDiLoCoStrategy(
+        honest if odd == "donor" else other,
+        cast(Any, FakeAverager()),
+        cast(Any, FakeNodeThread()),
+        cast(Any, FakeDonor()),
+        join_existing=True,
+    )
+    monkeypatch.setattr(newcomer, "_others", lambda: ["donor"])
+    assert newcomer.setup(model, torch.optim.SGD(model.parameters(), lr=0.1)) is None
+    assert newcomer._new_to_run()  # (its rounds' settings check still applies to it)
+    assert state.meta["of_the_run"] is False
+    assert newcomer._snapshot(step=0).meta["of_the_run"] is False
+    assert newcomer._download(version=None) is None
+    # Once the state is of the run (its peer averaged with another), a newcomer with other
+    # settings is refused, as before.
+    first._of_the_run = True
+    state = first._snapshot(step=0)
+    with pytest.raises(ConfigError, match="other DiLoCo settings"):
+        newcomer._download(version=None, joining=True)
+    # An outer step its peer took alone beside peers of other settings makes it no authority.
+    alone = state.meta | {"of_the_run": False, "outer_step": 1}
+    state = StateSnapshot(version=1, tensors=state.tensors, meta=alone)
+    assert newcomer._download(version=None) is None
+    first.close()
+    newcomer.close()
 
 
 def test_a_state_without_diloco_settings_from_a_peer_of_before_is_taken() -> None:
@@ -825,6 +876,9 @@ class _OtherSettingsAverager(FakeAverager):
         outcome = super().average(tensors, round_key=round_key, weight=weight)
         return dataclasses.replace(outcome, group_size=self.group_size)
 
+    def run_states(self) -> dict[str, tuple[str, int]]:
+        return {"b" * 64: ("active", 0)}  # (the run's only other peer: this one is the odd one)
+
 
 @pytest.mark.parametrize(
     ("of_the_run", "group_size"), [(False, 1), (True, 1), (False, 2)], ids=["new", "of-run", "met"]
@@ -857,6 +911,46 @@ def test_peers_that_started_together_with_other_settings_are_refused_at_their_fi
         with pytest.raises(ConfigError, match=r"peer bbbbbbbb of run 'r' uses other DiLoCo.*no st"):
             strategy.on_step_end(model, 1)
         assert strategy.outer_step == 0
+    strategy.close()
+
+
+class _RunOf(_OtherSettingsAverager):
+    """A round alone beside the odd peer (b...), in a run whose active peers are ``active``."""
+
+    def __init__(self, active: list[str]) -> None:
+        super().__init__(group_size=1)
+        self.active = active
+
+    def run_states(self) -> dict[str, tuple[str, int]]:
+        return {peer: ("active", 0) for peer in self.active}
+
+
+def test_a_new_peer_stops_for_other_settings_only_as_the_odd_one_out() -> None:
+    # Three peers started together, two with H 10 and the odd one with H 5: the first round
+    # of one of the two closed before the other came (it had not joined the run yet). Alone
+    # beside the odd peer, it stopped (exit 2) and left the odd one the run; it goes on now,
+    # still new to the run: the run's other peer may share its settings.
+    odd, honest = "b" * 64, "c" * 64
+    averager = _RunOf([odd, honest])
+    strategy = SwarmDiLoCoStrategy(
+        DiLoCoConfig(inner_steps=INNER_STEPS, run_id="r"),
+        cast(Any, averager),
+        cast(Any, FakeNodeThread()),
+        cast(Any, FakeDonor()),
+        join_existing=False,
+    )
+    model = nn.Linear(4, 4)
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    strategy.on_step_end(model, 0)
+    strategy.on_step_end(model, 1)
+    assert strategy.outer_step == 1
+    assert strategy._new_to_run()  # (an outer step alone beside the odd peer: no authority)
+    assert strategy._snapshot(step=2).meta["of_the_run"] is False
+    # The other peer left: every active peer uses other settings, and this one stops.
+    averager.active = [odd]
+    strategy.on_step_end(model, 2)
+    with pytest.raises(ConfigError, match=r"peer bbbbbbbb of run 'r' uses other DiLoCo.*no st"):
+        strategy.on_step_end(model, 3)
     strategy.close()
 
 

@@ -17,13 +17,17 @@ trains with the configured strategy. With DiLoCo the peer also
   :mod:`gossamer.train.diloco`). Where one member averaged and others failed, those take its
   state, so no two peers go on from different weights;
 - refuses peers whose DiLoCo settings differ (those that change the global weights: see
-  :meth:`DiLoCoConfig.agreed_settings`): a newcomer whose donors' state carries other settings
-  stops with a :class:`ConfigError` naming the setting and both values, as for another model;
+  :meth:`DiLoCoConfig.agreed_settings`): a newcomer whose donors' state of the run carries
+  other settings stops with a :class:`ConfigError` naming the setting and both values, as for
+  another model (the state of a peer new to the run, one that started at the same moment and
+  never averaged with another, is no authority: that peer may be the odd one);
   the settings travel with round entries too, so peers that started together (the newcomer
-  found no donor yet) never average together: a peer that holds no state of the run yet (no
-  outer step, no state taken, never averaged with another) stops the same way at its first
-  such round or state, and a peer of the run leaves the other out and warns. A peer of a
-  version before the settings travelled sends none, and is not refused (nothing to compare).
+  found no donor yet) never average together: a peer that holds no state of the run yet
+  (never averaged with another, no such state taken, no round alone as the run's only peer)
+  stops the same way at a round or state of the run once it is the odd one out (every other
+  active peer uses other settings), and a peer of the run leaves the other out and warns. A
+  peer of a version before the settings travelled sends none, and is not refused (nothing
+  to compare).
 """
 
 from __future__ import annotations
@@ -271,18 +275,21 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         """The last round's progress was handed to it in the background (the local model moved
         on from an estimate): excluded, that progress is gone even with no state taken."""
         self._of_the_run = False
-        """This peer has averaged with another peer of the run, or taken (or compared) the
-        run's state (see :meth:`_new_to_run`)."""
+        """This peer has averaged with another peer of the run, taken (or compared) a state of
+        the run, resumed at an outer step, or ran a round alone with no peer of other settings
+        known: the run's only peer (see :meth:`_new_to_run`)."""
         averager.settings = config.agreed_settings()
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
         super().setup(model, optimizer)
         self._model = model
         start_step: int | None = None
+        if self.outer_step > 0:  # resumed from its checkpoint: a state of the run
+            self._of_the_run = True
         if self.join_existing:
             snapshot = self._download(version=None, joining=True)
-            if snapshot is not None:  # (the run's settings, checked: whichever state it keeps)
-                self._of_the_run = True
+            if snapshot is not None and _state_of_the_run(snapshot):
+                self._of_the_run = True  # (the run's settings, checked: whichever state it keeps)
             if snapshot is not None and snapshot.version > self.outer_step:
                 self._apply_snapshot(snapshot)
                 self._joined_mid_round = bool(snapshot.meta.get("round_in_flight", False))
@@ -346,15 +353,24 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         """The state most ``donors`` (the run's active peers if None) hold, or None if none
         serves it.
 
+        A state of other DiLoCo settings that is not of the run itself (see
+        :func:`_state_of_the_run`: a peer that started at the same moment as this one, and has
+        neither averaged with another peer nor taken the run's state) is no authority on the
+        run's settings: it is not taken, and nobody is refused for it here; the settings their
+        round entries carry decide at the first rounds, where the peers that share settings
+        average together and become the run, and a peer left alone with other ones stops.
+        Before, whichever peer published its first state first was "the run": one peer with
+        another H refused an honest majority started with it.
+
         Raises:
             ConfigError: the donors train another model (this peer can never be of the run: it
                 trained alone, saying so once in a warning, and its rounds never met the
-                others'), or use other DiLoCo settings (its rounds came at other steps, or
-                applied the average otherwise: it ended with other weights, or the two
-                resynced each other round after round), and this peer is new to the run: it
-                is ``joining`` (a newcomer's first download), or it found no donor then and
-                has neither averaged with the run since nor taken its state. Otherwise (a
-                donor's bug, or a liar's) the state is refused with a warning.
+                others'), or their state, of the run, uses other DiLoCo settings (its rounds
+                came at other steps, or applied the average otherwise: it ended with other
+                weights, or the two resynced each other round after round), and this peer is
+                new to the run: it is ``joining`` (a newcomer's first download), or it found no
+                donor then and has neither averaged with the run since nor taken its state.
+                Otherwise (a donor's bug, or a liar's) the state is refused with a warning.
         """
         donors = self._others() if donors is None else list(donors)
         if not donors:
@@ -374,7 +390,19 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             logger.warning("peer %s: no state from donors (%s)", self._short(), exc)
             return None
         self.state_download_bytes += num_bytes
-        other_model = self._other_model(snapshot) or self._other_settings(snapshot)
+        other_model = self._other_model(snapshot)
+        other_settings = self._other_settings(snapshot)
+        if other_settings and not other_model and not _state_of_the_run(snapshot):
+            logger.warning(
+                "peer %s: the donors' state of outer step %d is not taken: %s; its peer is "
+                "new to the run too (it started with this one and never averaged with "
+                "another), so the settings their rounds carry decide which peers are the run",
+                self._short(),
+                snapshot.version,
+                other_settings,
+            )
+            return None
+        other_model = other_model or other_settings
         if other_model and (joining or self._new_to_run()):
             raise ConfigError(f"swarm: {other_model}")
         unusable = other_model or self._unusable(snapshot)
@@ -389,8 +417,9 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             value = snapshot.meta.get(key)
             if type(value) is not int or value < 0:
                 return f"meta {key!r} is {value!r}, not a step"
-        if not isinstance(snapshot.meta.get("round_in_flight", False), bool):
-            return "meta 'round_in_flight' is not a boolean"
+        for key in ("round_in_flight", "of_the_run"):
+            if not isinstance(snapshot.meta.get(key, False), bool):
+                return f"meta {key!r} is not a boolean"
         attempt = snapshot.meta.get("round_attempt", 0)
         if type(attempt) is not int or attempt < 0:
             return f"meta 'round_attempt' is {attempt!r}, not a count"
@@ -465,16 +494,49 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         (see :meth:`_keep_failed_round`; it waited for a state nobody would publish, and the
         next round it formed reused the failed one's key, closed: no averaging for the rest
         of the run).
+
+        Waits ``_NEWER_STATE_WAIT_S``, and where this peer missed the round, for as long as a
+        member that said neither that the round failed on it nor left may still be in it
+        (see :meth:`SwarmAverager.round_fate`), and ``_NEWER_STATE_WAIT_S`` after: given up
+        sooner, this peer came back to the failed round's closed key at its next boundary
+        while such a member, whose all-reduce failed later, formed the next attempt there;
+        the two went on a boundary apart and ended an outer step apart. While the run's
+        versions can be read, a download is tried where they say a newer state is out, and
+        every ``_EARLY_CATCH_UP_EVERY_S`` besides (a version not announced yet), not at every
+        poll (each took a whole state of the same version).
         """
         deadline = time.monotonic() + _NEWER_STATE_WAIT_S
         key = self._round_key()
         missed = self.last_round_excluded
+        next_download_s = 0.0
+        told_undecided: tuple[str, ...] = ()
         with nested_span("waiting", what="newer_state"):  # its downloads nest as "sync"
             while time.monotonic() < deadline:
-                snapshot = self._download(version=None)
-                if snapshot is not None and snapshot.version > self.outer_step:
-                    return snapshot
-                if missed and self.swarm_averager.failed_everywhere(key):
+                fate = self.swarm_averager.round_fate(key) if missed else None
+                newest = fate.newest_version if fate is not None else None
+                if (
+                    newest is None
+                    or newest > self.outer_step
+                    or time.monotonic() >= next_download_s
+                ):
+                    next_download_s = time.monotonic() + _EARLY_CATCH_UP_EVERY_S
+                    snapshot = self._download(version=None)
+                    if snapshot is not None and snapshot.version > self.outer_step:
+                        return snapshot
+                if fate is not None and fate.undecided_for_s > 0:
+                    wait_until = time.monotonic() + fate.undecided_for_s + _NEWER_STATE_WAIT_S
+                    if wait_until > deadline and fate.undecided != told_undecided:
+                        told_undecided = fate.undecided
+                        logger.info(
+                            "peer %s missed round %s; %s said neither that it failed there nor "
+                            "left: waiting up to %.0f s for its state or its word",
+                            self._short(),
+                            key,
+                            ", ".join(p[:8] for p in fate.undecided),
+                            wait_until - time.monotonic(),
+                        )
+                    deadline = max(deadline, wait_until)
+                if fate is not None and fate.failed_everywhere:
                     self._keep_failed_round()
                     logger.warning(
                         "peer %s: round %s failed on every member (nobody's state moved); it is "
@@ -509,7 +571,8 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         """
         if not self.config.overlap:  # (the local progress not in the swarm's state is gone)
             self._discard_uncommitted(self._steps_done)
-        self._of_the_run = True  # (its settings were checked: see _unusable)
+        if _state_of_the_run(snapshot):  # (its settings were checked: see _unusable)
+            self._of_the_run = True
         before = [t.clone() for t in self._global] if self.config.overlap else []
         self._apply_state(
             snapshot.tensors,
@@ -541,6 +604,8 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
                 "diloco": self.config.agreed_settings(),
                 # (a newcomer comes to the round the others form again, not to a failed one)
                 "round_attempt": self.round_attempt,
+                # (a state of a peer new to the run is no authority on its settings: _download)
+                "of_the_run": self._of_the_run,
             },
         )
 
@@ -723,27 +788,44 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         if not outcome.excluded and outcome.group_size > 1:
             self._of_the_run = True  # (its members share its settings: the others are left out)
         self._refuse_other_settings()
+        if not outcome.excluded and not self.swarm_averager.other_settings:
+            self._of_the_run = True  # (alone: the run's only peer so far)
         super()._apply_outcome(outcome, waited_s=waited_s, plain=plain)
 
     def _new_to_run(self) -> bool:
-        """Whether this peer holds no state of the run yet: its global weights never moved by
-        an outer step, nor came from (or were compared with) the run's donors, and it never
-        averaged with another peer. Such a peer (a newcomer that found no donor when it
-        started) is the odd one where another model or other settings show up, and stops; a
-        peer of the run leaves the other out and warns."""
-        return not self._of_the_run and self.outer_step == 0
+        """Whether this peer holds no state of the run yet: it never averaged with another
+        peer, took (or compared) no state of the run, did not resume at an outer step, and ran
+        no round alone while no peer of other settings was known. Such a peer (one that
+        started with others and found no donor) may be the odd one where other settings show
+        up: see :meth:`_refuse_other_settings`. A peer of the run leaves the other out and
+        warns. (An outer step a new peer took alone beside peers of other settings does not
+        make it one of the run: it may be the odd one still.)"""
+        return not self._of_the_run
 
     def _refuse_other_settings(self) -> None:
-        """Stop where a round found a peer of the run with other DiLoCo settings and this peer
-        is new to the run (see :meth:`_new_to_run`), as a newcomer whose donors' state says so
-        stops: the two started together, and this one found no donor to compare with. A peer
-        of the run leaves the other out (the averager warned); two new ones both stop.
+        """Stop where rounds found peers with other DiLoCo settings, this peer is new to the
+        run (see :meth:`_new_to_run`), and it is the odd one out: every other active peer of
+        the run uses other settings, as a newcomer whose donors' state of the run says so
+        stops (the peers started together, and this one found no donor to compare with). Where
+        an active peer is not known to use other settings, it may share this one's: their
+        rounds pair them next, and they are the run (before, an honest peer whose first round
+        did not pair with another of its settings, having come a moment late, stopped for one
+        odd peer). A peer of the run leaves the others out (the averager warned); two new ones
+        alone with each other both stop.
 
         Raises:
-            ConfigError: the settings differ and this peer is new to the run.
+            ConfigError: the settings differ, this peer is new to the run and the odd one out.
         """
         others = self.swarm_averager.other_settings
         if not others or not self._new_to_run():
+            return
+        try:
+            states = self.swarm_averager.run_states()
+        except GossamerError as exc:  # (decided at a later round)
+            logger.warning("peer %s: cannot read the run's members: %s", self._short(), exc)
+            return
+        active = {p for p, (state, _) in states.items() if state == "active"}
+        if active - set(others):
             return
         peer, differs = next(iter(others.items()))
         raise ConfigError(
@@ -921,17 +1003,22 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             logger.warning("peer %s could not publish its hash: %s", self._short(), exc)
 
     def _published_hashes(self, outer_step: int) -> dict[str, str]:
-        """The other peers' hashes of their global weights after ``outer_step``, by peer.
+        """The other peers' hashes of their global weights after ``outer_step``, by peer; not
+        those of peers that left the run before this one joined it (an earlier run of the same
+        name: see :attr:`SwarmAverager.left_before_joining`).
 
         Raises:
             GossamerError: the DHT could not be read.
         """
         key = _hash_key(self.config.run_id, outer_step)
         me = self.node_thread.node.peer_id
+        earlier = self.swarm_averager.left_before_joining
 
         async def get(node: Node) -> dict[str, str]:
             found = {}
             for publisher, value in await read_json_records(node, key):
+                if publisher in earlier:
+                    continue
                 if publisher != me and isinstance(value.get("hash"), str):
                     found[publisher] = value["hash"]
             return found
@@ -1048,6 +1135,14 @@ def _signature_difference(theirs: object, mine: list[list[Any]]) -> str:
             f"{where} is {extra[0][:80]}"
         )
     return ""
+
+
+def _state_of_the_run(snapshot: StateSnapshot) -> bool:
+    """Whether ``snapshot`` is a state of the run, an authority on its DiLoCo settings: that of
+    a peer of the run (see :meth:`SwarmDiLoCoStrategy._new_to_run`; its meta says so, and a
+    donor of before that said nothing counts, as it did then). A new peer's state, before
+    any of that, is only its own."""
+    return snapshot.meta.get("of_the_run", True) is not False
 
 
 def _majority_holders(mine: str, others: dict[str, str]) -> list[str]:

@@ -1,13 +1,14 @@
 """Averaging across machines: group formation on the DHT, then comm's fault-tolerant all-reduce.
 
 A round is named by the run and the round key (``run/outer/12``). Peers join the run by publishing
-that they are active (and that they left, when they finish). Every peer that reaches a round
-announces itself on the DHT with a time stamp, and waits for the run's active peers (those the
-failure detector reports gone are not waited for) or, at most, a join window from the round's
-first announcement. The round closes at the last awaited stamp; every entry stamped by
-then is a member, so peers reading the same entries after a propagation grace agree on the members
-without a leader. A peer that arrives after the round closed averages with nobody, and the hash
-check after the outer step sends it to the donors for the swarm's state.
+that they are active (and that they left, when they finish, and when: a peer that left before this
+one joined is of an earlier run of the same name, and what it published is not this run's). Every
+peer that reaches a round announces itself on the DHT with a time stamp, and waits for the run's
+active peers (those the failure detector reports gone are not waited for) or, at most, a join
+window from the round's first announcement. The round closes at the last awaited stamp; every entry
+stamped by then is a member, so peers reading the same entries after a propagation grace agree on
+the members without a leader. A peer that arrives after the round closed averages with nobody, and
+the hash check after the outer step sends it to the donors for the swarm's state.
 Peers read the DHT again at a poll interval while they wait, and nudge each other: a peer that
 announced itself or published its close tells the run's other active peers directly (a tiny bulk
 message naming the round), and a waiting peer reads again at once instead of at its next poll,
@@ -24,7 +25,10 @@ to wait for (:meth:`SwarmAverager.failed_everywhere`). Its records stay on the D
 key closed (formed again under it, every member found the old close, earlier than its new
 stamp, and missed the round), so a strategy forms the next attempt under a key of its own.
 Where any member did not say it failed, that member may have averaged (with the others dropped):
-the others wait for its newer state.
+the others wait for its newer state, or for its word that the round failed on it too, as long
+as that member may still be in the round (:meth:`SwarmAverager.round_fate`): a member whose
+all-reduce fails late (up to the round's deadline) still fails everywhere with the others, and
+they all form the next attempt at the same boundary.
 
 A strategy may name settings every member must share (:attr:`SwarmAverager.settings`, DiLoCo's
 inner steps and outer optimizer); they go with its round entries, and an entry with other
@@ -91,6 +95,7 @@ from gossamer.proto import net_pb2
 from gossamer.train.averaging import AverageOutcome, record_round_phases, withhold_if_not_finite
 
 __all__ = [
+    "RoundFate",
     "SwarmAverager",
     "SwarmAveragerConfig",
     "SwarmPendingRound",
@@ -289,11 +294,35 @@ class SwarmAveragerConfig:
         return self.join_window_s + max(self.join_window_s, tolerance_s) + self.propagation_grace_s
 
     @property
+    def averaging_bound_s(self) -> float:
+        """The longest a member's averaging may run on after its round closed: the grace, a
+        torch.distributed attempt (up to half the round's timeout, twice) where this peer may
+        use one, the all-reduce over p2p, and 10 s for the node's work around them."""
+        torch_s = self.round_timeout_s if self.backend != "p2p" and self.codec == "none" else 0.0
+        return self.propagation_grace_s + torch_s + self.round_timeout_s + 10.0
+
+    @property
     def entry_ttl_s(self) -> float:
         """How long a round's entries and closes live: past any formation of the round (with
         the fixed 300 s before, a join window over about 300 s let the first entries expire
         while late peers still read them, and members agreed on different lists)."""
         return max(_ENTRY_TTL_S, self.formation_bound_s + 60.0)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RoundFate:
+    """What a closed round's members said of it, as one read of the DHT found (see
+    :meth:`SwarmAverager.round_fate`)."""
+
+    failed_everywhere: bool
+    """Every member published that the round failed on it, or is gone or left the run."""
+    undecided: tuple[str, ...] = ()
+    """Members that said neither and are alive: each may still average, or fail."""
+    undecided_for_s: float = 0.0
+    """How much longer (from the read) an ``undecided`` member may still be in the round:
+    until its close plus :attr:`SwarmAveragerConfig.averaging_bound_s` (0 when none is)."""
+    newest_version: int | None = None
+    """The newest state version the run's other active peers published (None: unknown)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,6 +514,14 @@ class SwarmAverager:
         """The run's other active peers as the last round's formation read them (None before
         the first): whose clocks the next round's stamps agree with."""
         self._clock_correction_warned_s = 0.0
+        self._correction_s = 0.0
+        """The clock correction of the last round's formation (see _clock_correction_s)."""
+        self._joined_at: float | None = None
+        """When this peer first said it joins or is active in the run (its clock, corrected)."""
+        self.left_before_joining: frozenset[str] = frozenset()
+        """Peers whose membership says they left the run before this peer joined it, as the
+        last read found them: their records (round entries, hashes) are not this run's (see
+        :meth:`_memberships`). Replaced whole on the node's loop, read anywhere."""
         self._clock_warned_at_s: dict[str, float] = {}
         """When a clock was last reported off, by peer ('' for this peer's own)."""
 
@@ -820,6 +857,20 @@ class SwarmAverager:
         Then nobody's state moved, and no newer state comes. False where it cannot tell (the
         DHT could not be read, the round never closed).
         """
+        return self.round_fate(round_key).failed_everywhere
+
+    def round_fate(self, round_key: str) -> RoundFate:
+        """What the members of the round ``round_key`` (as :meth:`average` names it) said of
+        it: whether it failed everywhere (see :meth:`failed_everywhere`), else which alive
+        members said neither that it failed nor left, and how much longer they may still be
+        in it. A peer whose own attempt failed waits that long for their word: one that gave
+        up sooner (a member's all-reduce failed late, near its deadline) came back to the
+        closed key at its next boundary, missed it again, and formed the next attempt a
+        boundary after the others did; the peers ended an outer step apart.
+
+        Nothing is known (not failed everywhere, nobody undecided) where the DHT could not be
+        read or the round never closed.
+        """
         key = f"{self.config.run_id}/{round_key}"
         reads = [
             (round_entry_key(key), "at"),
@@ -827,11 +878,12 @@ class SwarmAverager:
             (_failed_key(key), "failed_at"),
         ]
 
-        async def read(node: Node) -> bool:
+        async def read(node: Node) -> RoundFate:
             seen: dict[str, dict[str, Any]] = {}
             memberships, (entries, closes, failed) = await self._read_round(node, reads, seen)
+            newest = self.newest_seen_version  # (noted from these memberships)
             if not closes:
-                return False
+                return RoundFate(failed_everywhere=False, newest_version=newest)
             close_at = min(closes.values())
             members = [
                 p
@@ -848,13 +900,22 @@ class SwarmAverager:
                     or not self._alive(node, peer)
                 )
 
-            return bool(members) and all(gave_up(p) for p in members)
+            undecided = tuple(sorted(p for p in members if not gave_up(p)))
+            if not undecided:
+                return RoundFate(failed_everywhere=bool(members), newest_version=newest)
+            now = self._clock.wall() + self._correction_s  # (the time the stamps are in)
+            return RoundFate(
+                failed_everywhere=False,
+                undecided=undecided,
+                undecided_for_s=max(0.0, close_at + self.config.averaging_bound_s - now),
+                newest_version=newest,
+            )
 
         try:
             return self.node_thread.run(read, timeout_s=15)
         except GossamerError as exc:
-            logger.debug("reading whether round %s failed everywhere failed: %s", key, exc)
-            return False
+            logger.debug("reading what round %s's members said failed: %s", key, exc)
+            return RoundFate(failed_everywhere=False)
 
     def _settings_differ(self, entry: dict[str, Any]) -> str:
         """How the settings of a round entry differ from this peer's ('' where they do not,
@@ -1131,7 +1192,11 @@ class SwarmAverager:
 
     def _set_membership(self, state: str, version: int) -> None:
         key = _members_key(self.config.run_id)
-        value = json.dumps({"state": state, "version": version, "inc": self.incarnation}).encode()
+        at = self._clock.wall() + self._correction_s
+        if self._joined_at is None and state != "left":
+            self._joined_at = at
+        record = {"state": state, "version": version, "inc": self.incarnation, "at": at}
+        value = json.dumps(record).encode()
 
         async def put(node: Node) -> None:
             await node.dht.put(key, value, _ENTRY_TTL_S)
@@ -1150,13 +1215,29 @@ class SwarmAverager:
         catching up, say) knows which of them are gone by its first round, instead of waiting
         for each there until the failure detector's timeout (a SIGKILLed peer's record says
         active for minutes).
+
+        A peer that left before this one joined the run (its record says when) is left out,
+        with whatever it published (see :attr:`left_before_joining`): it is of an earlier run
+        of the same name, or one that ended before this peer came, and no round this peer
+        forms is its. Its records live on for minutes after it left: a run started again
+        under the name on a node still standing found every round it formed closed by the
+        earlier run's entries, missed it, and formed it again as the next attempt, at the
+        next boundary: half its outer steps.
         """
         found: dict[str, tuple[str, int, str]] = {}
+        left_before: set[str] = set()
         for publisher, value in await read_json_records(node, _members_key(self.config.run_id)):
             try:
                 found[publisher] = (str(value["state"]), int(value["version"]), str(value["inc"]))
+                at = float(value.get("at", math.nan))
             except (KeyError, TypeError, ValueError, OverflowError):  # (int of an inf)
                 continue
+            joined_at = self._joined_at
+            if found[publisher][0] == "left" and joined_at is not None and at < joined_at:
+                del found[publisher]  # (a NaN, from a peer of before, compares False: kept)
+                left_before.add(publisher)
+        if left_before != self.left_before_joining:
+            self.left_before_joining = frozenset(left_before)
         for peer, (state, _, _) in found.items():
             if state == "active" and peer != node.peer_id:
                 node.detector.watch(peer)
@@ -1270,7 +1351,7 @@ class SwarmAverager:
         poll_s = self.config.poll_interval_s
         entry_key = round_entry_key(key)
         close_key = _close_key(key)
-        correction_s = await self._clock_correction_s(node)
+        correction_s = self._correction_s = await self._clock_correction_s(node)
         # Stamped after the lookup, so it is on the replicas one store's round trip after its
         # stamp: a peer that closes the round after that stamp reads it by its grace's end.
         replicas = await node.dht.lookup(entry_key)
