@@ -12,8 +12,16 @@ from gossamer.comm.allreduce import AllReduceConfig, all_reduce
 from gossamer.comm.codecs import CodecPolicy
 from gossamer.comm.net_transport import NetCommTransport
 from gossamer.comm.report import AllReduceResult, PartOutcome
-from gossamer.comm.transport import CommMailbox, Message
+from gossamer.comm.transport import (
+    CommMailbox,
+    Frame,
+    FrameKind,
+    Message,
+    pack_frame,
+    refused_for_room,
+)
 from gossamer.core.clock import SystemClock
+from gossamer.core.errors import GossamerError
 from gossamer.net.config import NodeConfig
 from gossamer.net.node import Node
 
@@ -131,3 +139,64 @@ def test_an_owner_cancelled_by_its_caller_midway_is_dropped_at_once_and_the_othe
         assert list(result.report.failed) == [result.report.members[2]]
         assert result.report.parts[2].outcome is PartOutcome.REASSIGNED
     assert torch.equal(first.tensors[0], second.tensors[0])
+
+
+def test_a_peer_flooding_the_early_room_over_grpc_costs_an_honest_pair_nothing() -> None:
+    # A third peer, in no group of theirs, holds peer 1's whole room for unopened rounds (one
+    # round here) and sends again whatever is refused. Peer 1 opens the round 0.3 s after
+    # peer 0. Before, peer 0's early message was refused as malformed (INVALID_ARGUMENT) and
+    # peer 0 dropped its healthy partner; now it takes the room from the peer holding more,
+    # and a refusal for lack of room reaches its sender, over gRPC, as one to retry.
+    async def main() -> tuple[list[AllReduceResult], list[BaseException]]:
+        clock = SystemClock()
+        async with contextlib.AsyncExitStack() as stack:
+            nodes = await _nodes(stack, 3, clock)
+            members = [nodes[0].peer_id, nodes[1].peer_id]
+            boxes = [
+                CommMailbox(NetCommTransport(nodes[0]), clock),
+                CommMailbox(NetCommTransport(nodes[1]), clock, max_waiting_rounds=1),
+            ]
+            flooder = NetCommTransport(nodes[2])
+            refusals: list[BaseException] = []
+            flooding = asyncio.Event()
+
+            async def flood() -> None:
+                frame = Frame(FrameKind.PRESENT, b"\xee" * 16, 0, 0, 0, 0.0)
+                while True:
+                    try:
+                        flooding.set()
+                        await flooder.send(members[1], pack_frame(frame), timeout_s=40.0)
+                    except GossamerError as exc:
+                        refusals.append(exc)
+                        await asyncio.sleep(0.01)  # (a pace for the flood, nothing waits on it)
+
+            flooding_task = asyncio.ensure_future(flood())
+            await flooding.wait()
+            deadline = clock.monotonic() + 10.0
+            while not boxes[1]._opened:  # its message holds the room
+                assert clock.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            config = AllReduceConfig(timeout_s=10.0, send_timeout_s=5.0)
+            inputs = [[torch.full((1000,), float(i))] for i in range(2)]
+
+            async def one(i: int) -> AllReduceResult:
+                if i == 1:
+                    await asyncio.sleep(0.3)  # (the other's messages come before it opens)
+                return await all_reduce(
+                    inputs[i], mailbox=boxes[i], members=members, round_key="f/1", config=config
+                )
+
+            try:
+                results = list(await asyncio.gather(one(0), one(1)))
+            finally:
+                flooding_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flooding_task
+            return results, refusals
+
+    results, refusals = asyncio.run(main())
+    for result in results:
+        assert result.report.failed == {}
+        assert torch.equal(result.tensors[0], torch.full((1000,), 0.5))
+    assert refusals
+    assert all(refused_for_room(exc) for exc in refusals), refusals

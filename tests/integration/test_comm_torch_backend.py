@@ -104,6 +104,44 @@ def test_with_no_weight_anywhere_each_member_keeps_its_values_in_place_too() -> 
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_weight_0_member_s_nan_or_inf_spoils_no_average(bad: float) -> None:
+    # The way to withhold values (weight 0, as the swarm does with non-finite ones): each
+    # member multiplied its values by its weight, and 0 x NaN (or inf) is NaN, so the
+    # all-reduce made every member's average NaN there, as on the p2p path before.
+    def values(rank: int) -> torch.Tensor:
+        held = torch.full((4,), float(rank + 1))
+        if rank == 1:
+            held[0] = bad
+        return held
+
+    def in_place(averager: TorchGroupAverager, rank: int) -> list[float]:
+        held = values(rank)
+        averager.average_([held], weight=1.0 if rank == 0 else 0.0)
+        return held.tolist()
+
+    def copied(averager: TorchGroupAverager, rank: int) -> list[float]:
+        result = averager.average([values(rank)], weight=1.0 if rank == 0 else 0.0)
+        return result.tensors[0].tolist()
+
+    for work, name in ((in_place, "in-place"), (copied, "copied")):
+        got = _two_members(work, f"weight-0/{bad}/{name}")
+        assert got == [[1.0] * 4, [1.0] * 4], (name, got)
+
+
+@pytest.mark.timeout(120)
+def test_large_weights_times_large_values_average_finite_on_the_torch_path_too() -> None:
+    # average() summed values times weights and divided after: 1e30 with weight 1e12 on both
+    # members (each within range) summed to inf. Scaled by weight / total first, as average_
+    # does, the sum is the average.
+    def work(averager: TorchGroupAverager, rank: int) -> list[float]:
+        return averager.average([torch.full((3,), 1e30)], 1e12).tensors[0].tolist()
+
+    want = torch.full((3,), 1e30).tolist()
+    assert _two_members(work, "large-weights") == [want, want]
+
+
+@pytest.mark.timeout(120)
 def test_members_holding_tensors_of_other_shapes_are_refused_before_anything_is_averaged() -> None:
     # Two models with as many values in other shapes: gloo averaged unrelated values without a
     # word. Each member refuses, naming what differs; its inputs are left as they were.

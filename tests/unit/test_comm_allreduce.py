@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import time
@@ -38,7 +39,7 @@ from gossamer.comm.transport import (
 )
 from gossamer.comm.wire import WireLimits
 from gossamer.core.clock import SystemClock
-from gossamer.core.errors import ProtocolError
+from gossamer.core.errors import GossamerError, ProtocolError
 
 TIMEOUT_S = 30.0
 CONFIG = AllReduceConfig(
@@ -295,20 +296,46 @@ def test_nan_values_are_refused_before_the_8_bit_codec_spoils_their_block() -> N
 
 
 def test_an_8_bit_average_of_an_overflowing_sum_goes_to_every_member_finite() -> None:
-    # Finite values whose weighted float32 sum overflows both ways in one element: the
-    # owner's average was NaN there, its block's scale NaN, every receiver refused it and the
-    # owner declared them all failed (each member's own part then kept local).
+    # Finite values whose float32 sum overflows in one element: the owner's average is inf
+    # there, sent at the largest scale. (Weights 1e12 and values +-1e30 made it NaN, its
+    # block's scale NaN: every receiver refused it and the owner declared them all failed.
+    # Weights no longer scale values up, see PartReducer; values near float32's largest still
+    # overflow.)
     inputs = [[torch.ones(shape) for shape in SHAPES] for _ in range(3)]
-    inputs[0][0].view(-1)[5] = 1e30
-    inputs[1][0].view(-1)[5] = -1e30
+    inputs[0][0].view(-1)[5] = 3e38
+    inputs[1][0].view(-1)[5] = 3e38
     config = dataclasses.replace(
         CONFIG, codec=CodecPolicy(codec="int8", block_size=64, min_compressed_numel=1)
     )
-    results, _ = _run(inputs, config=config, weights=[1e12, 1e12, 1e12])
+    results, _ = _run(inputs, config=config)
     for result in results.values():
         assert result.report.failed == {}
         assert all(p.outcome is PartOutcome.AVERAGED for p in result.report.parts)
         assert torch.equal(result.tensors[0], results[0].tensors[0])  # (every member alike)
+
+
+@pytest.mark.parametrize("weights", [(1e12, 1e12, 1e12), (1e12, 1.0, 1e12), (1e-12, 1e-12, 1.0)])
+def test_a_finite_average_of_large_weights_times_large_values_stays_finite(
+    weights: tuple[float, float, float],
+) -> None:
+    # The owners summed values times weights in float32: 1e30 with weight 1e12 everywhere (each
+    # within its range) summed to inf, and every member's average was inf. Summed times each
+    # weight over the owner's own, they stay within float32 wherever the weights are alike.
+    inputs = [[torch.full(shape, 1e30) for shape in SHAPES] for _ in range(3)]
+    if weights[1] == 1.0:  # (the weights differ: the values too, the average still finite)
+        for tensor in inputs[1]:
+            tensor.fill_(-5.0)
+    results, _ = _run(inputs, weights=list(weights))
+    total = sum(weights)
+    want = [
+        sum(w * inputs[m][t].double() for m, w in enumerate(weights)) / total
+        for t in range(len(SHAPES))
+    ]
+    for result in results.values():
+        assert result.report.failed == {}
+        for got, expected in zip(result.tensors, want, strict=True):
+            torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0)
+    _assert_agree(results)
 
 
 @pytest.mark.parametrize("codec", ["none", "int8"])
@@ -354,6 +381,54 @@ def test_a_member_sending_non_finite_values_is_dropped_and_the_others_average(ba
             assert all("peer-2" not in p.contributors for p in result.report.parts)
     _assert_agree(honest)
     assert clock.monotonic() <= TIMEOUT_S
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_a_member_s_non_finite_values_of_its_own_part_reach_nobody(bad: str) -> None:
+    # A received chunk is checked before it is summed; the owner's own values of its part
+    # were not: one NaN there made that element NaN on every member. Left out like a received
+    # one (weight 0), the others' average stands there, and the owner names itself.
+    config = _scheduled(CONFIG)
+    inputs = [[torch.randn(3000, generator=torch.Generator().manual_seed(i))] for i in range(3)]
+    layout = FlatLayout(inputs[0], config.codec)
+    members = [f"peer-{i}" for i in range(3)]
+    start, end = allreduce_module._part_plan(members, layout, config, None).part_range(2)
+    inputs[2][0][start + 3] = float(bad)
+    results, _ = _run(inputs, config=config)
+    values = torch.stack([inputs[i][0].double() for i in range(3)])
+    want = values.mean(0)
+    chunk = slice(start, min(end, start + config.chunk_elements))  # (the NaN's chunk alone)
+    want[chunk] = values[:2, chunk].mean(0)
+    for i, result in results.items():
+        _assert_close(result.tensors, [want], atol=1e-6)
+        if i == 2:
+            assert list(result.report.failed) == ["peer-2"]
+            assert "NaN or infinite" in result.report.failed["peer-2"]
+        else:
+            assert result.report.failed == {}
+        assert result.report.parts[2].partial_contributors == ["peer-2"]
+        assert result.report.parts[2].outcome is PartOutcome.AVERAGED
+    _assert_agree(results)
+
+
+@pytest.mark.parametrize("codec", ["fp16", "bf16"])
+def test_an_infinity_sent_in_half_precision_drops_its_sender_as_in_fp32(codec: str) -> None:
+    # The half-precision codecs clipped an inf to their largest finite value: the owner took
+    # it for a value and every member averaged 65504 (or 3.4e38) in. Sent as inf, the owner
+    # drops its sender as for NaN or inf in fp32, and the others average without it.
+    config = dataclasses.replace(
+        CONFIG, codec=CodecPolicy(codec=codec, block_size=64, min_compressed_numel=1)
+    )
+    inputs = _inputs(3)
+    inputs[2][0].view(-1)[5] = float("inf")  # (part 0's, owned by peer-0)
+    results, _ = _run(inputs, config=config)
+    honest = {i: r for i, r in results.items() if i != 2}
+    for result in honest.values():
+        assert "peer-2" in result.report.failed
+        assert all(bool(torch.isfinite(t).all()) for t in result.tensors)
+        assert abs(result.tensors[0].view(-1)[5].item()) < 100.0
+    assert "NaN or infinite" in honest[0].report.failed["peer-2"]
+    _assert_agree(honest)
 
 
 def test_an_8_bit_piece_holding_minus_128_is_refused() -> None:
@@ -986,6 +1061,77 @@ def test_members_that_formed_different_groups_refuse_each_other_at_once() -> Non
     assert list(results[2].report.failed) == ["peer-0"]
     for i in groups:
         _assert_close(results[i].tensors, _mean(inputs, [i]), atol=0)
+
+
+@pytest.mark.parametrize("flood_of", ["rounds", "bytes"])
+def test_an_honest_pair_averages_while_hostile_identities_flood_the_early_room(
+    flood_of: str,
+) -> None:
+    # Eight identities hold an eighth of peer-1's table of unopened rounds each (or four a
+    # quarter of its bytes), for made-up rounds, sending again whatever is refused. peer-1
+    # opens the round 0.3 s after peer-0: peer-0's early messages found no room, were refused
+    # as malformed, and peer-0 dropped its healthy partner (each kept its own values).
+    inputs = _inputs(2)
+    clock = IdleJumpClock()
+    config = _scheduled(CONFIG)
+    members = ["peer-0", "peer-1"]
+    limits = {"max_waiting_bytes": 64 << 10} if flood_of == "bytes" else {}
+
+    async def main() -> dict[int, AllReduceResult]:
+        network = FakeNetwork(clock)
+        mailboxes = {
+            i: CommMailbox(network.transport(f"peer-{i}"), clock, **limits)  # type: ignore[arg-type]
+            for i in (0, 1)
+        }
+        hostile = [network.transport(f"hostile-{h}") for h in range(8)]
+
+        async def flood(sender: FakeTransport, h: int, n: int) -> None:
+            round_id = bytes([0xEE, h, n]) + b"\0" * 13
+            frame = Frame(FrameKind.CONTRIBUTION, round_id, 0, 0, 0, 1.0)
+            body = b"\0" * ((8 << 10) - 64) if flood_of == "bytes" else b""
+            while True:  # it sends again whatever is refused or dropped
+                with contextlib.suppress(GossamerError):
+                    await sender.send("peer-1", pack_frame(frame) + body, timeout_s=60.0)
+                await clock.sleep_async(0.01)
+
+        flooders = (
+            [(h, n) for h in range(8) for n in range(8)]
+            if flood_of == "rounds"
+            else [(h, n) for h in range(4) for n in range(2)]
+        )
+        floods = [asyncio.ensure_future(flood(hostile[h], h, n)) for h, n in flooders]
+        await clock.sleep_async(1.0)
+        room = mailboxes[1]
+        if flood_of == "rounds":  # (the room is full)
+            assert len(room._opened) == 64
+        else:
+            assert room._waiting_bytes > (64 << 10) - (8 << 10)
+
+        async def one(i: int) -> AllReduceResult:
+            await clock.sleep_async(0.3 * i)
+            return await all_reduce(
+                inputs[i],
+                mailbox=mailboxes[i],
+                members=members,
+                round_key="run/7",
+                config=config,
+                clock=clock,
+                offload=inline_offload,
+            )
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = {i: group.create_task(one(i)) for i in (0, 1)}
+        finally:
+            for task in floods:
+                task.cancel()
+            await asyncio.gather(*floods, return_exceptions=True)
+        assert len(room._opened) <= 64
+        assert room._waiting_bytes <= room._max_waiting_bytes
+        return {i: t.result() for i, t in tasks.items()}
+
+    results = asyncio.run(clock.run(main()))
+    _assert_everyones_mean(results, inputs)
 
 
 def test_a_member_the_failure_detector_reports_gone_is_not_waited_for() -> None:

@@ -110,6 +110,28 @@ def test_bf16_clips_instead_of_overflowing() -> None:
     assert decoded[0] == float(torch.finfo(torch.bfloat16).max)
 
 
+@pytest.mark.parametrize("name", ["fp16", "bf16"])
+@pytest.mark.parametrize("feedback", [False, True])
+def test_half_precision_codecs_send_an_infinity_as_one(name: str, feedback: bool) -> None:
+    # Clipped like a finite value past the range, an inf went out as the codec's largest
+    # finite value (65504, 3.4e38) and was averaged in on every member; sent as inf, the owner
+    # that receives it drops its sender, as with the other codecs. Finite values past the range
+    # are still clipped, and NaN stays NaN.
+    largest = float(codec_by_name(name).largest or 0.0)
+    values = np.array([np.inf, -np.inf, 1e6 if name == "fp16" else 3.4e38, np.nan, 1.0], "f4")
+    choice = CodecChoice(codec_by_name(name), 64)
+    if feedback:
+        payload, decoded = ErrorFeedback().encode(choice, "w", 5, 0, values.copy())
+    else:
+        payload = choice.codec.encode(values, 64)
+        decoded = choice.codec.decode(memoryview(payload), 5, 64)
+    assert decoded[0] == np.inf
+    assert decoded[1] == -np.inf
+    assert decoded[2] == np.float32(largest)
+    assert np.isnan(decoded[3])
+    assert decoded[4] == 1.0
+
+
 @pytest.mark.parametrize("name", ["none", "fp16", "bf16", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_tensor_round_trip_keeps_shape_and_dtype(name: str, dtype: torch.dtype) -> None:

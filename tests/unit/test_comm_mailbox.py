@@ -16,9 +16,10 @@ from gossamer.comm.transport import (
     FrameKind,
     Message,
     pack_frame,
+    refused_for_room,
     unpack_frame,
 )
-from gossamer.core.errors import NotInRoundError, ProtocolError
+from gossamer.core.errors import NotInRoundError, PeerUnavailableError, ProtocolError
 
 ROUND = b"\x01" * 16
 
@@ -119,30 +120,89 @@ def test_a_message_that_timed_out_leaves_a_later_one_of_its_round_waiting() -> N
     asyncio.run(clock.run(main()))
 
 
-@pytest.mark.parametrize("limit", ["messages", "bytes"])
+@pytest.mark.parametrize("limit", ["messages", "bytes", "rounds"])
 def test_only_so_many_messages_and_bytes_wait_for_unopened_rounds(limit: str) -> None:
     # Each waiting message holds its payload: the rounds they wait for were bounded, the
-    # messages of one round (and the bytes they hold) were not.
+    # messages of one round (and the bytes they hold) were not. The room stays bounded; a
+    # sender that holds less than the heaviest holder takes room from it (its oldest message
+    # goes), and one that holds as much as anyone is refused for lack of room, which its
+    # sender retries (before, a few identities that filled the room had every member's early
+    # message refused as malformed, and its sender dropped this healthy peer).
     clock = IdleJumpClock()
-    caps = {  # (two messages for each of 8 senders: a sender's share is an eighth)
+    caps = {  # (one message for each of 16 senders, each for its own round in "rounds")
         "messages": {"max_waiting_messages": 16},
         "bytes": {"max_waiting_bytes": 16 * len(_message(ROUND))},
+        "rounds": {"max_waiting_rounds": 16},
     }
+    rounds = [bytes([i + 2]) * 16 if limit == "rounds" else ROUND for i in range(18)]
 
     async def main() -> None:
         mailbox = CommMailbox(_Silent(), clock, **caps[limit])  # type: ignore[arg-type]
-        waiting = [
-            asyncio.create_task(mailbox.deliver(f"peer{chunk % 8}", _message(ROUND, chunk)))
-            for chunk in range(16)
-        ]
+        waiting = []
+        for i in range(16):
+            message = _message(rounds[i], i)
+            waiting.append(asyncio.create_task(mailbox.deliver(f"peer{i}", message)))
+            await clock.sleep_async(0.1)  # (peer0's message is the oldest)
+        # peer1 holds as much as anyone: refused, for lack of room, not as malformed.
+        with pytest.raises(PeerUnavailableError, match="no room") as refused:
+            await mailbox.deliver("peer1", _message(rounds[17], 16))
+        assert refused_for_room(refused.value)
+        # peer16 holds nothing: peer0's message, the oldest of those holding the most, goes.
+        newcomer = asyncio.create_task(mailbox.deliver("peer16", _message(rounds[16], 17)))
         await asyncio.sleep(0)
-        with pytest.raises(ProtocolError, match=f"too many {limit} wait"):
-            await mailbox.deliver("peer8", _message(ROUND, 16))
+        with pytest.raises(PeerUnavailableError) as dropped:
+            await waiting[0]
+        assert refused_for_room(dropped.value)
+        assert mailbox._num_waiting == 16  # (the room's bound holds)
+        assert len(mailbox._opened) == (16 if limit == "rounds" else 1)
+        handlers = {}
+        for round_id in dict.fromkeys(rounds[1:17]):
+            handlers[round_id] = _Round()
+            mailbox.open_round(round_id, handlers[round_id])  # type: ignore[arg-type]
+        await asyncio.gather(*waiting[1:], newcomer)
+        handled = sorted(chunk for handler in handlers.values() for chunk in handler.chunks)
+        assert handled == [*range(1, 16), 17]
+        await mailbox.deliver("peer0", _message(rounds[1], 18))  # the room was given back
+        assert not mailbox._num_waiting
+        assert not mailbox._waiting_bytes
+
+    asyncio.run(clock.run(main()))
+
+
+def test_a_sender_holding_less_never_loses_its_message_to_one_holding_more() -> None:
+    # Eight identities fill the room (two messages each, their share) before a member's early
+    # message comes, and send again whatever is refused: they take room only from each other,
+    # never from the member, which holds less than any of them.
+    clock = IdleJumpClock()
+
+    def stranger(i: int) -> tuple[str, memoryview]:
+        return f"stranger{i % 8}", _message(bytes([0xE0 + i % 8]) * 16, i)
+
+    async def main() -> None:
+        mailbox = CommMailbox(_Silent(), clock, max_waiting_messages=16)
+        flood = [asyncio.create_task(mailbox.deliver(*stranger(i))) for i in range(16)]
+        await clock.sleep_async(0.1)
+        member = asyncio.create_task(mailbox.deliver("member", _message(ROUND, 1)))
+        await clock.sleep_async(0.1)
+        for _ in range(20):  # the strangers send again, round after round
+            flood += [asyncio.create_task(mailbox.deliver(*stranger(i))) for i in range(16)]
+            await clock.sleep_async(0.1)
+            assert not member.done()
+        assert mailbox._num_waiting == 16
         handler = _Round()
         mailbox.open_round(ROUND, handler)  # type: ignore[arg-type]
-        await asyncio.gather(*waiting)
-        await mailbox.deliver("peer8", _message(ROUND, 17))  # the room was given back
-        assert sorted(handler.chunks) == [*range(16), 17]
+        await member
+        assert handler.chunks == [1]
+        for task in flood:
+            task.cancel()
+        results = await asyncio.gather(*flood, return_exceptions=True)
+        assert any(refused_for_room(r) for r in results)
+        assert all(
+            isinstance(r, asyncio.CancelledError)
+            or refused_for_room(r)
+            or (isinstance(r, ProtocolError) and "its share" in str(r))
+            for r in results
+        ), results
 
     asyncio.run(clock.run(main()))
 

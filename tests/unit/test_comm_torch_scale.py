@@ -29,3 +29,16 @@ def test_other_tensors_are_scaled_too_and_a_scale_of_one_is_a_no_op() -> None:
     before = same.clone()
     _scale_(same, 1.0)
     assert torch.equal(same, before)
+
+
+def test_a_scale_of_zero_makes_exact_zeros_of_nan_and_inf_too() -> None:
+    # A weight-0 member's values are in no average; scaled by 0 a NaN or inf stayed NaN, and
+    # the all-reduce made every member's average NaN there.
+    for tensor in (torch.ones(6), torch.ones(6, 2).t(), torch.ones(6, dtype=torch.float64)):
+        values = tensor
+        if values.dim() == 1:
+            values[0], values[1] = float("nan"), float("inf")
+        else:
+            values[0, 0], values[1, 1] = float("nan"), float("-inf")
+        _scale_(values, 0.0)
+        assert torch.equal(values, torch.zeros_like(values))

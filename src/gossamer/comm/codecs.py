@@ -32,6 +32,7 @@ __all__ = [
     "Float16Codec",
     "FloatArray",
     "NoCompressionCodec",
+    "clip_keeping_infinities",
     "codec_by_id",
     "codec_by_name",
     "codec_names",
@@ -55,8 +56,9 @@ class Codec(ABC):
     lossy: bool = True
     """Whether decoding may differ from the input (error feedback applies only to lossy codecs)."""
     largest: float | None = None
-    """The largest magnitude it sends (values beyond are clipped), if under float32's: error
-    feedback keeps the rounding of a value, not what was clipped off it."""
+    """The largest finite magnitude it sends (finite values beyond are clipped, see
+    :func:`clip_keeping_infinities`), if under float32's: error feedback keeps the rounding of
+    a value, not what was clipped off it."""
 
     @abstractmethod
     def encoded_nbytes(self, num_elements: int, block_size: int) -> int:
@@ -98,8 +100,35 @@ class NoCompressionCodec(Codec):
         return np.frombuffer(payload, dtype="<f4", count=num_elements).astype(np.float32)
 
 
+def clip_keeping_infinities(
+    values: FloatArray, largest: float, out: FloatArray | None = None
+) -> FloatArray:
+    """``values`` clipped to ±``largest``, infinities (and NaN) kept as they are.
+
+    A finite value beyond a codec's range is clipped rather than made infinite; an infinite
+    one is sent as infinite, so the owner that receives it drops its sender as for any
+    codec's non-finite values (see :func:`~gossamer.comm.reduction.values_finite`). Clipped to
+    the largest finite value, an inf was averaged in as 65504 (fp16) or 3.4e38 (bf16) on every
+    member. Costs one sum where every value is finite (the usual case).
+
+    Args:
+        values: 1-D float32.
+        largest: the codec's largest finite magnitude.
+        out: where to write (may be ``values``); a new array when None.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = bool(np.isfinite(np.add.reduce(values, dtype=np.float32)))
+    # (a sum overflows from finite values too: then it is looked at value by value)
+    infinite = None if finite else np.isinf(values)
+    clipped = np.clip(values, -largest, largest, out=out)
+    if infinite is not None and infinite.any():
+        clipped[infinite] = np.copysign(np.float32(np.inf), clipped[infinite])
+    return clipped
+
+
 class Float16Codec(Codec):
-    """IEEE half precision; values beyond its range are clipped to ±65504 rather than made inf."""
+    """IEEE half precision; finite values beyond its range are clipped to ±65504 rather than
+    made inf (infinities stay infinite: see :func:`clip_keeping_infinities`)."""
 
     codec_id = 1
     name = "fp16"
@@ -109,7 +138,7 @@ class Float16Codec(Codec):
         return 2 * num_elements
 
     def encode(self, values: FloatArray, block_size: int) -> bytes:
-        return np.clip(values, -_FP16_MAX, _FP16_MAX).astype("<f2").tobytes()
+        return clip_keeping_infinities(values, _FP16_MAX).astype("<f2").tobytes()
 
     def decode(self, payload: memoryview, num_elements: int, block_size: int) -> FloatArray:
         return np.frombuffer(payload, dtype="<f2", count=num_elements).astype(np.float32)
@@ -117,8 +146,8 @@ class Float16Codec(Codec):
 
 class BFloat16Codec(Codec):
     """bfloat16 (float32's range, 8 bits of mantissa), rounded to nearest even by torch;
-    values beyond its largest (3.39e38, a hair under float32's) are clipped to it rather than
-    rounded to inf."""
+    finite values beyond its largest (3.39e38, a hair under float32's) are clipped to it rather
+    than rounded to inf (infinities stay infinite: see :func:`clip_keeping_infinities`)."""
 
     codec_id = 2
     name = "bf16"
@@ -128,8 +157,8 @@ class BFloat16Codec(Codec):
         return 2 * num_elements
 
     def encode(self, values: FloatArray, block_size: int) -> bytes:
-        clipped = torch.from_numpy(np.ascontiguousarray(values)).clamp(-_BF16_MAX, _BF16_MAX)
-        halves = clipped.to(torch.bfloat16)
+        clipped = clip_keeping_infinities(np.ascontiguousarray(values), _BF16_MAX)
+        halves = torch.from_numpy(clipped).to(torch.bfloat16)
         return bytes(halves.view(torch.int16).numpy().astype("<i2").tobytes())
 
     def decode(self, payload: memoryview, num_elements: int, block_size: int) -> FloatArray:
@@ -380,11 +409,13 @@ class ErrorFeedback:
         if codec.largest is not None:
             # What a clipping codec cuts off is not kept: fed back, a value held past its range
             # would pile up there, and the sender would send the largest value for rounds
-            # after its values came back within range.
-            np.clip(corrected, -codec.largest, codec.largest, out=corrected)
+            # after its values came back within range. (An inf stays one, as the codec sends
+            # it: its owner drops it.)
+            clip_keeping_infinities(corrected, codec.largest, out=corrected)
         payload = codec.encode(corrected, choice.block_size)
         decoded = codec.decode(memoryview(payload), values.shape[0], choice.block_size)
-        np.subtract(corrected, decoded, out=residual)
+        with np.errstate(invalid="ignore"):  # (inf - inf: a NaN residual, zeroed below)
+            np.subtract(corrected, decoded, out=residual)
         if not np.isfinite(residual.sum()):  # one reduction: the check costs little
             # A value that was not finite (an inf, a NaN) leaves no residual: kept, it would
             # make every later encoding of its block NaN, long after the values recovered.

@@ -193,13 +193,30 @@ def unpack_contributors(body: memoryview, num_members: int) -> tuple[list[int], 
 class PartReducer:
     """Weighted sums of one part, per chunk, until each chunk is finalised.
 
+    Each contribution is summed times its weight over a chunk's reference weight, the largest
+    weight it has seen (from ``reference_weight``, the reducer's own: members' weights are alike
+    more often than not, and then the values are summed as they are, as fast as weight 1), and
+    the sum is divided by the weights' total over it. A heavier contribution first scales the
+    sum so far down to its own weight (one pass, where weights differ). So no value is scaled
+    up: values times weights up to 1e12 no longer overflowed float32 where the average is finite
+    (1e30 with weight 1e12 everywhere averaged to inf). Values that are themselves near
+    float32's largest can still overflow their sum, as in any float32 all-reduce.
+
     Args:
         part: the part's index.
         chunks: flat ranges of its chunks.
         expected: member indices whose contributions are awaited.
+        reference_weight: the first reference weight of every chunk (0: the first weight that
+            arrives).
     """
 
-    def __init__(self, part: int, chunks: list[tuple[int, int]], expected: set[int]) -> None:
+    def __init__(
+        self,
+        part: int,
+        chunks: list[tuple[int, int]],
+        expected: set[int],
+        reference_weight: float = 0.0,
+    ) -> None:
         self.part = part
         self.chunks = chunks
         self.expected = set(expected)
@@ -209,6 +226,8 @@ class PartReducer:
         self.finalized = [False] * len(chunks)
         self._sums: list[FloatArray | None] = [None] * len(chunks)
         self._weights = [0.0] * len(chunks)
+        self._references = [reference_weight] * len(chunks)
+        """The weight whose contributions a chunk's sum holds as they are (its largest yet)."""
         self._locks = [threading.Lock() for _ in chunks]
 
     def add(self, chunk: int, member: int, weight: float, values: FloatArray) -> bool:
@@ -222,16 +241,22 @@ class PartReducer:
                 self.contributors[chunk].add(member)
                 return True
             total = self._sums[chunk]
+            reference = self._references[chunk]
             # (a sum may overflow to inf, or NaN: every member then gets the same; not a
             # warning per chunk)
-            with np.errstate(over="ignore", invalid="ignore"):
+            with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+                if weight > reference:  # the sum so far, scaled to the heavier weight
+                    if total is not None:
+                        np.multiply(total, np.float32(reference / weight), out=total)
+                    reference = self._references[chunk] = weight
+                scale = weight / reference
                 if total is None:  # the first contribution starts the sum (one pass, no zeros)
-                    if weight != 1.0:
-                        self._sums[chunk] = np.float32(weight) * values
+                    if scale != 1.0:
+                        self._sums[chunk] = np.float32(scale) * values
                     else:
                         self._sums[chunk] = np.array(values, dtype=np.float32, copy=True)
-                elif weight != 1.0:
-                    total += np.float32(weight) * values
+                elif scale != 1.0:
+                    total += np.float32(scale) * values
                 else:
                     total += values
             self._weights[chunk] += weight
@@ -265,7 +290,6 @@ class PartReducer:
             else:
                 # in place: the sum is this chunk's alone, and a fresh array would cost the
                 # kernel a zero-filled page for every 4 KiB of it
-                average = (
-                    np.divide(total, np.float32(weight), out=total) if weight != 1.0 else total
-                )
+                scale = weight / self._references[chunk]
+                average = np.divide(total, np.float32(scale), out=total) if scale != 1.0 else total
             return average, sorted(self._weighted[chunk])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -39,6 +40,7 @@ from gossamer.comm.transport import (
     message_bytes,
     message_nbytes,
     pack_frame,
+    refused_for_room,
     wait_for_event,
 )
 from gossamer.core.clock import Clock
@@ -48,6 +50,10 @@ __all__ = ["RoundState", "failure_report"]
 
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+_ROOM_RETRY_S = 0.05
+"""First wait before a message refused for lack of room goes again (doubling, jittered)."""
+_ROOM_RETRY_MAX_S = 1.0
+"""Longest wait between its tries."""
 
 
 def failure_report(round_id: bytes, member: int, *, delivered: bool = False) -> bytes:
@@ -151,6 +157,10 @@ class RoundState:
         self.failed: dict[int, str] = {}
         self.excluded: str | None = None
         """Why the others dropped this member from the round (None while they have not)."""
+        self.own_non_finite: str | None = None
+        """Set when this member's own values of a part it reduces were NaN or infinite (with
+        a weight above 0): they were left out, as a member's received ones are, and the report
+        names this member among the failed with this reason."""
         self.reducer_of = list(range(n))
         self.reducers: dict[int, PartReducer] = {}
         self.chunks = [plan.chunks(p) for p in range(n)]
@@ -385,7 +395,9 @@ class RoundState:
     # ---- reducing ------------------------------------------------------------------------------
 
     def _start_reducer(self, part: int, expected: set[int], deadline_s: float) -> None:
-        reducer = PartReducer(part, self.chunks[part], expected - set(self.failed))
+        # (its own weight as the first reference: alike weights sum the values as they are)
+        expected_now = expected - set(self.failed)
+        reducer = PartReducer(part, self.chunks[part], expected_now, self.weight)
         self.reducers[part] = reducer
         self.spawn(self._add_own(reducer))
         self.spawn(self._reduce_deadline(reducer, deadline_s))
@@ -402,7 +414,8 @@ class RoundState:
         if fed:
             await asyncio.wait(fed.values())
 
-        def add() -> None:
+        def add() -> list[int]:
+            non_finite = []
             for chunk, (a, b) in enumerate(reducer.chunks):
                 spent = fed.get(chunk)
                 if spent is None or spent.cancelled() or spent.exception() is not None:
@@ -410,9 +423,29 @@ class RoundState:
                 else:
                     body = memoryview(message_bytes(spent.result()))[FRAME_NBYTES:]
                     values = self.codec.decode(body, a, b)
-                reducer.add(chunk, self.me, self.weight, values)
+                weight = self.weight
+                if weight != 0.0 and not values_finite(values):
+                    # As a member's received chunk is: left out of the sum (counted as
+                    # arrived, weight 0). Summed in, it made every member's average NaN.
+                    weight = 0.0
+                    non_finite.append(chunk)
+                reducer.add(chunk, self.me, weight, values)
+            return non_finite
 
-        await self.offload(add)
+        non_finite = await self.offload(add)
+        if non_finite and self.own_non_finite is None:
+            self.own_non_finite = (
+                f"sent NaN or infinite values (chunk {non_finite[0]} of part {reducer.part}, "
+                "its own: left out of the average)"
+            )
+            _log.warning(
+                "peer %s: its own values of chunk %d of part %d in round %s are NaN or "
+                "infinite: left out of the average",
+                self.plan.members[self.me][:12],
+                non_finite[0],
+                reducer.part,
+                self.round_id.hex()[:12],
+            )
         for chunk in range(len(reducer.chunks)):
             self._check_chunk(reducer, chunk)
 
@@ -673,17 +706,39 @@ class RoundState:
         """Send within the round's deadline; False if none of it is left. A ``word`` (no data)
         goes around the send tally.
 
+        A refusal for lack of room (``dest`` has not opened the round yet, and others' early
+        messages fill its waiting room: see :func:`refused_for_room`) is no failure of
+        ``dest``'s: the message goes again, with backoff, until the round's deadline. Taken
+        for a failure, it made this member drop a healthy one whenever a few identities
+        flooded that one's room.
+
         Raises:
             GossamerError: the send failed.
         """
-        remaining = self.deadline_s - self.clock.monotonic()
-        if remaining <= 0:
-            return False
         transport = self.untimed_transport if word else self.transport
-        await transport.send(
-            self.plan.members[dest], message, timeout_s=min(self.send_timeout_s, remaining)
-        )
-        return True
+        backoff_s = _ROOM_RETRY_S
+        while True:
+            remaining = self.deadline_s - self.clock.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                await transport.send(
+                    self.plan.members[dest], message, timeout_s=min(self.send_timeout_s, remaining)
+                )
+                return True
+            except GossamerError as exc:
+                if not refused_for_room(exc):
+                    raise
+                _log.debug(
+                    "peer %s: member %s has no room for an early message of round %s; again "
+                    "in %.2f s",
+                    self.plan.members[self.me][:12],
+                    self.plan.members[dest][:12],
+                    self.round_id.hex()[:12],
+                    backoff_s,
+                )
+            await self.clock.sleep_async(min(backoff_s * random.uniform(0.5, 1.0), remaining))
+            backoff_s = min(2 * backoff_s, _ROOM_RETRY_MAX_S)
 
     async def _transmit(
         self, dest: int, message: Message, *, word: bool = False, counted: bool = True
@@ -1268,6 +1323,8 @@ class RoundState:
         members = self.plan.members
         ended = time.perf_counter()
         report.failed = {members[i]: why for i, why in sorted(self.failed.items())}
+        if self.own_non_finite is not None:
+            report.failed[members[self.me]] = self.own_non_finite
         report.excluded = self.excluded
         report.round_the_ring = self.steps.ring
         report.ring_left = self._ring_left

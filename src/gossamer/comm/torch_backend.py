@@ -151,7 +151,9 @@ def _delete_keys(store: Store, size: int) -> None:
 
 
 def _scale_(tensor: torch.Tensor, scale: float) -> None:
-    """``tensor *= scale`` in place; on CPU in one thread, as numpy does.
+    """``tensor *= scale`` in place; on CPU in one thread, as numpy does. A scale of 0 makes
+    exact zeros: a weight-0 member's values are in no average, and 0 x NaN (or inf) is NaN,
+    which the all-reduce then spread to every member.
 
     torch's ``mul_`` splits the pass over its OpenMP threads, whose spinning after the pass
     takes CPU from gloo's transfer that follows; the pass is memory-bound, so one thread is
@@ -159,9 +161,15 @@ def _scale_(tensor: torch.Tensor, scale: float) -> None:
     """
     if scale == 1.0:
         return
-    if tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.is_contiguous():
+    cpu_float32 = tensor.device.type == "cpu" and tensor.dtype == torch.float32
+    if cpu_float32 and tensor.is_contiguous():
         values = tensor.detach().numpy()
-        np.multiply(values, np.float32(scale), out=values)
+        if scale == 0.0:
+            values.fill(0.0)
+        else:
+            np.multiply(values, np.float32(scale), out=values)
+    elif scale == 0.0:
+        tensor.zero_()
     else:
         tensor.mul_(scale)
 
@@ -395,9 +403,10 @@ class TorchGroupAverager:
         This is the same work as ``dist.all_reduce`` on the tensors plus the scaling: the
         members first gather each other's weights and check that they hold the same tensors
         (one tiny all-gather), each member scales its values by ``weight / total`` and the sum
-        of the scaled values is the average. One float32 contiguous tensor on the group's
-        device is reduced where it lies; anything else goes through a staging buffer re-used
-        across rounds.
+        of the scaled values is the average (a weight-0 member's are exact zeros, whatever they
+        held: NaN times 0 made every member's average NaN). One float32 contiguous tensor on
+        the group's device is reduced where it lies; anything else goes through a staging
+        buffer re-used across rounds.
 
         Raises:
             PeerLostError: a member failed during the collective, or holds other tensors (the
@@ -447,9 +456,11 @@ class TorchGroupAverager:
         """Weighted average of ``tensors`` across the group as new tensors (blocks; thread it).
 
         The members gather each other's weights and check that they hold the same tensors (one
-        tiny all-gather); one all-reduce of the values scaled by ``weight`` then makes the
-        weighted sum. Leaves ``tensors`` untouched. Where the weights sum to zero each member
-        keeps its own values, as in the p2p path.
+        tiny all-gather); one all-reduce of the values scaled by ``weight / total`` then makes
+        the weighted average (scaled first, a sum of values times weights up to 1e12 did not
+        overflow float32 where the average is finite). A weight-0 member sends exact zeros,
+        whatever its values hold. Leaves ``tensors`` untouched. Where the weights sum to zero
+        each member keeps its own values, as in the p2p path.
 
         Raises:
             PeerLostError: a member failed during the collective, or holds other tensors (the
@@ -463,20 +474,24 @@ class TorchGroupAverager:
         with torch.no_grad():
             if total > 0:
                 flat = self._staging(numel, device)
+                scale = weight / total
                 offset = 0
                 for t in tensors:
                     values, into = t.detach().reshape(-1), flat[offset : offset + t.numel()]
-                    if values.device == into.device:
-                        torch.mul(values, weight, out=into)
+                    if scale == 0.0:  # (0 x NaN is NaN: a weight-0 member sends zeros)
+                        into.zero_()
+                    elif values.device == into.device:
+                        torch.mul(values, scale, out=into)
                     else:  # a CPU tensor on a GPU host: staged onto the group's device first
-                        into.copy_(values).mul_(weight)
+                        into.copy_(values).mul_(scale)
                     offset += t.numel()
                 self._all_reduce(flat)
                 out = []
                 offset = 0
                 for t in tensors:
-                    mean = flat[offset : offset + t.numel()].reshape(t.shape) / total
-                    out.append(mean.to(device=t.device, dtype=t.dtype))
+                    mean = flat[offset : offset + t.numel()].reshape(t.shape)
+                    # (a copy: the staging buffer is the next round's)
+                    out.append(mean.to(device=t.device, dtype=t.dtype, copy=True))
                     offset += t.numel()
             else:  # no weight anywhere: nothing was averaged, each member keeps its own values
                 out = [t.detach().clone() for t in tensors]

@@ -27,13 +27,18 @@ import logging
 import struct
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from gossamer.comm.memory import keep_freed_memory
 from gossamer.comm.plan import ROUND_KEY_TAG_NBYTES
 from gossamer.core.clock import Clock
-from gossamer.core.errors import GossamerError, NotInRoundError, ProtocolError
+from gossamer.core.errors import (
+    GossamerError,
+    NotInRoundError,
+    PeerUnavailableError,
+    ProtocolError,
+)
 
 __all__ = [
     "CHUNK_ELEMENTS_LIMIT",
@@ -53,6 +58,7 @@ __all__ = [
     "message_bytes",
     "message_nbytes",
     "pack_frame",
+    "refused_for_room",
     "unpack_frame",
     "wait_for_event",
     "weight_in_range",
@@ -66,6 +72,9 @@ rounds."""
 _BYTE_SHARES = 4
 """... and this fraction of their bytes (a quarter of 1 GiB: three messages of the largest
 chunk, as many as a member keeps in flight to one peer)."""
+_NO_ROOM = "no room here for messages waiting for unopened rounds; try again"
+"""What a refusal for lack of room says (see :func:`refused_for_room`): the receiver is alive,
+and its waiting room is held by senders that hold more of it than the refused one."""
 _ANSWER_TIMEOUT_S = 5.0
 """Deadline of a ROUND_CLOSED answer (best effort: without it the asker waits to its deadline)."""
 _MAGIC = b"GCM1"
@@ -77,6 +86,14 @@ CHUNK_ELEMENTS_LIMIT = 1 << 24
 WEIGHT_RANGE = (1e-12, 1e12)
 """Where a member's weight in an average lies, unless it is 0: the owners sum values times
 weights in float32, where a weight of 1e39 is infinite and one of 1e-46 is 0."""
+
+
+def refused_for_room(exc: BaseException) -> bool:
+    """Whether ``exc`` is a receiver's refusal of an early message for lack of room (or its
+    eviction to make room for a sender that held less): no failure of the receiver's, and the
+    sender tries again until its deadline. It travels as a retryable error whose text the
+    sender reads, the only thing of a handler's error that reaches a sender over gRPC."""
+    return isinstance(exc, PeerUnavailableError) and _NO_ROOM in str(exc)
 
 
 def weight_in_range(weight: float) -> bool:
@@ -298,6 +315,23 @@ async def wait_for_event(event: asyncio.Event, deadline_s: float, clock: Clock) 
     return event.is_set()
 
 
+@dataclass(eq=False, slots=True)
+class _EarlyMessage:
+    """A message waiting here for its round to open (see :meth:`CommMailbox.deliver`)."""
+
+    sender: str
+    round_id: bytes
+    nbytes: int
+    since_s: float = 0.0
+    """When it began to wait (the mailbox's clock)."""
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when its round opens (or ends, or its key is settled), or it is evicted."""
+    evicted: bool = False
+    """Dropped to make room for a sender that held less (see :meth:`CommMailbox._make_room`)."""
+    held: bool = False
+    """Counted in the waiting room's tables."""
+
+
 class CommMailbox:
     """Dispatches a transport's messages to the open rounds by round id.
 
@@ -312,6 +346,14 @@ class CommMailbox:
         max_waiting_bytes: bytes those messages may hold at once (a round's messages are at
             most 4 MiB of values each). One sender may hold an eighth of the rounds and
             messages and a quarter of the bytes.
+
+    When the waiting room is full, a sender that holds less of what is short (rounds, messages
+    or bytes) than the heaviest holder takes room from it: the heaviest holder's oldest
+    messages are dropped (refused to their senders as for lack of room). Else the message is
+    refused for lack of room (:func:`refused_for_room`), which its sender retries until its
+    deadline rather than taking this peer for failed. A few identities (eight, or four by
+    bytes) filled the room for the early-arrival timeout and again after it, and every
+    member's early message was refused: its sender dropped this healthy peer from the round.
     """
 
     def __init__(
@@ -332,14 +374,17 @@ class CommMailbox:
         self._max_waiting_bytes = max_waiting_bytes
         self._waiting_bytes = 0
         """Bytes of the messages waiting for unopened rounds."""
+        self._num_waiting = 0
+        """Messages waiting for unopened rounds."""
         self._rounds: dict[bytes, RoundHandler] = {}
-        self._opened: dict[bytes, asyncio.Event] = {}
-        """Rounds that messages wait for (to open here), with the event that wakes them."""
-        self._num_waiting: dict[bytes, int] = {}
-        """Messages waiting for each round of ``_opened``: the last to stop takes the entry."""
+        self._opened: dict[bytes, list[_EarlyMessage]] = {}
+        """Rounds that messages wait for (to open here), with those messages: the last to stop
+        waiting takes the entry."""
+        self._early_from: dict[str, list[_EarlyMessage]] = {}
+        """The messages waiting for unopened rounds, by sender, oldest first."""
         self._waiting_from: dict[str, Counter[bytes]] = {}
-        """Messages waiting for unopened rounds, by sender and round: one sender (a peer in
-        no group of this one's, say) may hold only a share of the table, not all of it."""
+        """How many of them wait for each round, by sender: one sender (a peer in no group of
+        this one's, say) may hold only a share of the table, not all of it."""
         self._waiting_bytes_from: Counter[str] = Counter()
         """Bytes of those messages, by sender (its share of the bytes, likewise)."""
         self._closed: OrderedDict[bytes, FinishedRound | None] = OrderedDict()
@@ -372,7 +417,7 @@ class CommMailbox:
         self._settled_keys.pop(tag, None)
         for waiting in [w for w in self._opened if w[:ROUND_KEY_TAG_NBYTES] == tag]:
             # The round itself, or another group's under the same key: those are refused now.
-            self._opened.pop(waiting).set()
+            self._wake(waiting)
 
     def close_round(self, round_id: bytes, *, finished: FinishedRound | None = None) -> None:
         """Stop routing ``round_id``; later messages of it are dropped.
@@ -384,9 +429,7 @@ class CommMailbox:
         """
         self._rounds.pop(round_id, None)
         self._closed[round_id] = finished
-        event = self._opened.pop(round_id, None)
-        if event is not None:  # messages waiting for it to open: it never will
-            event.set()
+        self._wake(round_id)  # messages waiting for it to open: it never will
         while len(self._closed) > 1024:
             self._closed.popitem(last=False)
 
@@ -418,7 +461,7 @@ class CommMailbox:
         while len(self._settled_keys) > 1024:
             self._settled_keys.popitem(last=False)
         for waiting in [w for w in self._opened if w[:ROUND_KEY_TAG_NBYTES] == tag]:
-            self._opened.pop(waiting).set()
+            self._wake(waiting)
 
     def unsettle_key(self, tag: bytes) -> None:
         """Undo :meth:`settle_key`: this peer forms a round of that key again (a peer that
@@ -521,6 +564,15 @@ class CommMailbox:
                 )
 
     async def _wait_open(self, round_id: bytes, nbytes: int, sender: str) -> RoundHandler | None:
+        """Hold a message of ``round_id`` (``nbytes``, from ``sender``) until its round opens
+        here; the round's handler then (None if the round ended or its key was settled).
+
+        Raises:
+            ProtocolError: the sender holds its share of the room already, or the round did not
+                open within the early-arrival timeout.
+            PeerUnavailableError: no room, or the message was dropped for a sender that held
+                less (see :func:`refused_for_room`): the sender tries again.
+        """
         mine = self._waiting_from.get(sender, Counter())
         # One sender may hold a share of each table, not all of it: else its messages alone
         # (1,024 words for one round id, or 8 of the largest) refused everyone else's.
@@ -539,46 +591,142 @@ class CommMailbox:
                 "this peer's messages waiting for rounds this peer has not opened would pass "
                 f"its share of their bytes ({self._max_waiting_bytes // _BYTE_SHARES})"
             )
-        if sum(self._num_waiting.values()) >= self._max_waiting_messages:
-            raise ProtocolError("too many messages wait for rounds this peer has not opened")
-        if self._waiting_bytes + nbytes > self._max_waiting_bytes:
-            raise ProtocolError("too many bytes wait for rounds this peer has not opened")
-        event = self._opened.get(round_id)
-        if event is None:
-            if len(self._opened) >= self._max_waiting_rounds:
-                raise ProtocolError("too many messages for rounds this peer has not opened")
-            event = self._opened[round_id] = asyncio.Event()
-        self._num_waiting[round_id] = self._num_waiting.get(round_id, 0) + 1
-        mine[round_id] += 1
-        self._waiting_from[sender] = mine
-        self._waiting_bytes += nbytes
-        self._waiting_bytes_from[sender] += nbytes
+        short = self._make_room(sender, round_id, nbytes)
+        if short is not None:
+            raise PeerUnavailableError(
+                f"{_NO_ROOM} (too many {short} wait for rounds this peer has not opened, "
+                "and no sender holds more of them than this one)"
+            )
+        message = _EarlyMessage(sender, round_id, nbytes)
+        self._hold(message)
         try:
             deadline = self._clock.monotonic() + self._early_timeout_s
-            opened = await wait_for_event(event, deadline, self._clock)
-        finally:  # woken, timed out, or its sender gave up (the call cancelled)
-            self._waiting_bytes -= nbytes
-            self._waiting_bytes_from[sender] -= nbytes
-            if self._waiting_bytes_from[sender] <= 0:
-                del self._waiting_bytes_from[sender]
-            self._stop_waiting(round_id, event)
-            mine[round_id] -= 1
-            if mine[round_id] <= 0:
-                del mine[round_id]
-            if not mine:
-                self._waiting_from.pop(sender, None)
+            opened = await wait_for_event(message.wake, deadline, self._clock)
+        finally:  # woken, timed out, evicted, or its sender gave up (the call cancelled)
+            self._release(message)
+        if message.evicted:
+            raise PeerUnavailableError(
+                f"{_NO_ROOM} (this message waited for round {round_id.hex()[:12]} and was "
+                "dropped for a sender that held less of the room)"
+            )
         handler = self._rounds.get(round_id)
         if handler is None and not opened:
             raise ProtocolError(f"round {round_id.hex()[:12]} did not open on this peer in time")
         return handler
 
-    def _stop_waiting(self, round_id: bytes, event: asyncio.Event) -> None:
-        """One message stopped waiting for ``round_id``. The last one takes the round's entry
-        with it: one that timed out while others still wait would leave them unwoken when the
-        round opens, and entries left by messages whose senders gave up would fill the table
-        until every early message is refused."""
-        left = self._num_waiting.pop(round_id) - 1
-        if left > 0:
-            self._num_waiting[round_id] = left
-        elif self._opened.get(round_id) is event:
-            del self._opened[round_id]
+    def _short_of(self, round_id: bytes, nbytes: int) -> str | None:
+        """What the waiting room lacks for one more message of ``round_id`` (``nbytes``):
+        ``rounds``, ``messages`` or ``bytes``; None if it fits."""
+        if self._waiting_bytes + nbytes > self._max_waiting_bytes:
+            return "bytes"
+        if self._num_waiting >= self._max_waiting_messages:
+            return "messages"
+        if round_id not in self._opened and len(self._opened) >= self._max_waiting_rounds:
+            return "rounds"
+        return None
+
+    def _held_by(self, sender: str, what: str) -> int:
+        """How much of ``what`` (rounds, messages or bytes) ``sender``'s messages hold."""
+        if what == "bytes":
+            return self._waiting_bytes_from[sender]
+        rounds = self._waiting_from.get(sender)
+        if rounds is None:
+            return 0
+        return len(rounds) if what == "rounds" else sum(rounds.values())
+
+    def _make_room(self, sender: str, round_id: bytes, nbytes: int) -> str | None:
+        """Make room for a message of ``sender``: while the room lacks something, drop the
+        oldest messages of the sender holding the most of it, as long as that one holds more
+        than ``sender`` (of two that hold as much, the one whose oldest message came first).
+        What it still lacks then (None: the message fits).
+
+        An honest member's early messages are a few per round it is in (as many as it keeps
+        in flight), young (its round opens here soon): a sender that floods holds more, and
+        longer, and is the one that loses them. A member's message is dropped only where no
+        other sender holds more, and its sender sends it again (see :func:`refused_for_room`).
+        The room's bounds never move: what is taken is freed first.
+        """
+        while (short := self._short_of(round_id, nbytes)) is not None:
+            holding = self._held_by(sender, short)
+            heaviest: tuple[int, float] | None = None
+            victim: str | None = None
+            for other, messages in self._early_from.items():
+                held = self._held_by(other, short)
+                if other == sender or held <= holding:
+                    continue
+                # (its oldest message's age breaks a tie: a flood's messages are the old ones)
+                rank = (held, -messages[0].since_s)
+                if heaviest is None or rank > heaviest:
+                    heaviest, victim = rank, other
+            if victim is None:
+                return short
+            oldest = self._early_from[victim][0]
+            if short == "rounds":  # all of its messages of that round: that frees an entry
+                for message in list(self._early_from[victim]):
+                    if message.round_id == oldest.round_id:
+                        self._evict(message)
+            else:
+                self._evict(oldest)
+        return None
+
+    def _evict(self, message: _EarlyMessage) -> None:
+        """Drop a waiting message to make room (its sender is refused as for lack of room)."""
+        _log.info(
+            "peer %s: dropping %d bytes from %s that waited for round %s, to make room for a "
+            "sender holding less of the room",
+            self.peer_id[:12],
+            message.nbytes,
+            message.sender[:12],
+            message.round_id.hex()[:12],
+        )
+        message.evicted = True
+        self._release(message)
+        message.wake.set()
+
+    def _hold(self, message: _EarlyMessage) -> None:
+        """Count ``message`` in the waiting room."""
+        message.held = True
+        message.since_s = self._clock.monotonic()
+        self._opened.setdefault(message.round_id, []).append(message)
+        self._early_from.setdefault(message.sender, []).append(message)
+        self._waiting_from.setdefault(message.sender, Counter())[message.round_id] += 1
+        self._waiting_bytes_from[message.sender] += message.nbytes
+        self._waiting_bytes += message.nbytes
+        self._num_waiting += 1
+
+    def _release(self, message: _EarlyMessage) -> None:
+        """Give back the room ``message`` held (once). The last message of a round takes the
+        round's entry with it: entries left by messages that timed out or whose senders gave
+        up would fill the table until every early message is refused."""
+        if not message.held:
+            return
+        message.held = False
+        self._waiting_bytes -= message.nbytes
+        self._num_waiting -= 1
+        sender = message.sender
+        self._waiting_bytes_from[sender] -= message.nbytes
+        if self._waiting_bytes_from[sender] <= 0:
+            del self._waiting_bytes_from[sender]
+        rounds = self._waiting_from[sender]
+        rounds[message.round_id] -= 1
+        if rounds[message.round_id] <= 0:
+            del rounds[message.round_id]
+        if not rounds:
+            del self._waiting_from[sender]
+        from_sender = self._early_from[sender]
+        from_sender.remove(message)
+        if not from_sender:
+            del self._early_from[sender]
+        waiting = self._opened.get(message.round_id)
+        if waiting is not None and message in waiting:
+            waiting.remove(message)
+            if not waiting:
+                del self._opened[message.round_id]
+
+    def _wake(self, round_id: bytes) -> None:
+        """Wake the messages waiting for ``round_id`` (it opened, ended, or its key was
+        settled): they wait no more, and their room is given back now (none of them is then
+        dropped to make room in the moment before it is handled)."""
+        for message in self._opened.pop(round_id, ()):
+            self._release(message)
+            message.wake.set()
