@@ -10,7 +10,9 @@ gets a full ``timeout_s``, and a peer is reported gone only after a heartbeat th
 budget went unanswered. The loop's lag is measured across each heartbeat's wait: one whose
 budget the loop's own stall ate (the call was issued, then the loop stalled before it sent the
 request) is not counted either, but only while the peer's silence is short, so that a stopped
-peer is still reported gone within ``3 * timeout_s`` however the loop stalls.
+peer is still reported gone within ``3 * timeout_s`` (and the stalls in progress then) however
+the loop stalls. Only the stall within a heartbeat's budget counts: one past its deadline, while
+its failure waits to be seen, ate none of it.
 """
 
 from __future__ import annotations
@@ -54,25 +56,28 @@ class PeerLiveness:
 
 
 class _LoopLag:
-    """How long this node's event loop was held up (by its own stalls, not by waiting) while
-    something ran: a ticker task wakes every ``tick_s`` and sums how late each wake-up came.
+    """How long this node's event loop was held up (by its own stalls, not by waiting) within a
+    window while something ran: a ticker task wakes every ``tick_s`` and sums how late each
+    wake-up came, the part of it inside the window only (a stall after a heartbeat's deadline,
+    while its failure waited to be seen, ate none of its budget).
 
     The ticker is due at once: if the loop turned at all, it ran before the awaited thing
     resumed. If it never ran, nothing was awaited, so no other task could hold the loop up.
     """
 
-    def __init__(self, clock: Clock, tick_s: float) -> None:
+    def __init__(self, clock: Clock, tick_s: float, window_s: float) -> None:
         self._clock = clock
         self._tick_s = tick_s
         self._due_s = clock.monotonic()
+        self._end_s = self._due_s + window_s
         self._started = False
         self.stalled_s = 0.0
-        """Seconds the loop was held up past a wake-up so far."""
+        """Seconds the loop was held up past a wake-up within the window so far."""
         self._task = asyncio.get_running_loop().create_task(self._tick(), name="loop-lag")
 
     def _note(self) -> None:
         now = self._clock.monotonic()
-        self.stalled_s += max(0.0, now - self._due_s)
+        self.stalled_s += max(0.0, min(now, self._end_s) - self._due_s)
         self._due_s = max(self._due_s, now)
 
     async def _tick(self) -> None:
@@ -82,17 +87,14 @@ class _LoopLag:
             self._due_s += self._tick_s
             await self._clock.sleep_async(self._tick_s)
 
-    async def stop(self) -> float:
+    def stop(self) -> float:
         """Stop the ticker; returns the seconds of stall it measured (a wake-up overdue now
-        included: the loop was held up until this call)."""
-        self._task.cancel()
+        included: the loop was held up until this call). Not awaited: a heartbeat costs its
+        loop no extra turn, and a heartbeat's coroutine closed with its loop (never cancelled)
+        has nothing to wait on in its ``finally``."""
         if self._started:
             self._note()
-            # (``wait``, not ``await``: a cancellation of the caller meanwhile is raised, not
-            # taken for the ticker's own and swallowed)
-            await asyncio.wait([self._task])
-        # A ticker that never ran ends at the loop's next turn, having done nothing: not waited
-        # for, so that a heartbeat answered at once costs its loop no extra turn.
+        self._task.cancel()
         return self.stalled_s
 
 
@@ -203,7 +205,7 @@ class FailureDetector:
             # (The call is issued in this turn and its request sent in a later one: a stall in
             # between ate a budget of 2.0 s, and the failure, seen 2.1 s after it was sent,
             # was counted: the live peer was reported gone and back.)
-            lag = _LoopLag(self._clock, max_lag_s / 2)
+            lag = _LoopLag(self._clock, max_lag_s / 2, budget_s)
             try:
                 await self._heartbeat(peer_id, budget_s)
                 answered = True
@@ -211,7 +213,7 @@ class FailureDetector:
                 answered = False
                 _log.debug("peer %s: heartbeat to %s failed: %s", self._own, peer_id[:12], exc)
             finally:
-                stalled_s = await lag.stop()
+                stalled_s = lag.stop()
             now = self._clock.monotonic()
             # A failed heartbeat that ended well past a budget shorter than timeout_s: this
             # loop's stall may have eaten the budget, so it says nothing of the peer, once per
