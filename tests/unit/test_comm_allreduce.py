@@ -16,13 +16,14 @@ from comm_fakes import IdleJumpClock, RateLimitedTransport, inline_offload
 
 from comm_leaving import CancelsAfterItsFirstAverage
 from gossamer.comm import allreduce as allreduce_module
+from gossamer.comm import transport as transport_module
 from gossamer.comm.allreduce import AllReduceConfig, all_reduce
 from gossamer.comm.codecs import CodecPolicy, ErrorFeedback, codec_by_name
 from gossamer.comm.fake_transport import FakeNetwork, FakeTransport, FaultScript, FaultyTransport
 from gossamer.comm.plan import FlatLayout, PartPlan
 from gossamer.comm.reduction import ChunkCodec, pack_contributors
 from gossamer.comm.report import AllReduceResult, PartOutcome
-from gossamer.comm.round_state import RoundState
+from gossamer.comm.round_state import _ROOM_RETRY_MAX_S, RoundState
 from gossamer.comm.transport import (
     CHUNK_ELEMENTS_LIMIT,
     FLAG_DELIVERED,
@@ -39,7 +40,7 @@ from gossamer.comm.transport import (
 )
 from gossamer.comm.wire import WireLimits
 from gossamer.core.clock import SystemClock
-from gossamer.core.errors import GossamerError, ProtocolError
+from gossamer.core.errors import GossamerError, PeerUnavailableError, ProtocolError
 
 TIMEOUT_S = 30.0
 CONFIG = AllReduceConfig(
@@ -401,11 +402,12 @@ def test_a_member_s_non_finite_values_of_its_own_part_reach_nobody(bad: str) -> 
     want[chunk] = values[:2, chunk].mean(0)
     for i, result in results.items():
         _assert_close(result.tensors, [want], atol=1e-6)
+        assert result.report.failed == {}  # (nobody was dropped: callers count failures)
         if i == 2:
-            assert list(result.report.failed) == ["peer-2"]
-            assert "NaN or infinite" in result.report.failed["peer-2"]
+            assert result.report.own_non_finite is not None
+            assert "NaN or infinite" in result.report.own_non_finite
         else:
-            assert result.report.failed == {}
+            assert result.report.own_non_finite is None
         assert result.report.parts[2].partial_contributors == ["peer-2"]
         assert result.report.parts[2].outcome is PartOutcome.AVERAGED
     _assert_agree(results)
@@ -1061,6 +1063,37 @@ def test_members_that_formed_different_groups_refuse_each_other_at_once() -> Non
     assert list(results[2].report.failed) == ["peer-0"]
     for i in groups:
         _assert_close(results[i].tensors, _mean(inputs, [i]), atol=0)
+
+
+class _NeverHasRoom(FakeTransport):
+    """A member that answers every message as a waiting room with no space would (hostile, or
+    under a flood it cannot shed), and counts the tries."""
+
+    def __init__(self, network: FakeNetwork, peer_id: str) -> None:
+        super().__init__(network, peer_id)
+        self.tries = 0
+
+    async def accept(self, sender: str, message: Message) -> None:
+        self.tries += 1
+        raise PeerUnavailableError(f"{transport_module._NO_ROOM} (test)")
+
+
+def test_a_member_that_never_has_room_is_dropped_at_the_send_timeout() -> None:
+    # Refusals for room were sent again until the round's deadline: such a member was never
+    # dropped, its senders uploaded each message dozens of times, and the round ran to 30 s.
+    inputs = _inputs(3)
+    made: dict[int, _NeverHasRoom] = {}
+
+    def make(network: FakeNetwork, peer: str) -> FakeTransport:
+        made[2] = _NeverHasRoom(network, peer)
+        return made[2]
+
+    finished: dict[int, float] = {}
+    results, _ = _run(inputs, made={2: make}, finished_at=finished)
+    for i in (0, 1):
+        assert "peer-2" in results[i].report.failed, results[i].report.failed
+        assert finished[i] <= CONFIG.send_timeout_s + 3.0, finished
+    assert made[2].tries <= 2 * 2 * (CONFIG.send_timeout_s / _ROOM_RETRY_MAX_S + 8), made[2].tries
 
 
 @pytest.mark.parametrize("flood_of", ["rounds", "bytes"])

@@ -66,7 +66,12 @@ class AllReduceReport:
     parts: list[PartReport] = field(default_factory=list)
     """One entry per part."""
     failed: dict[str, str] = field(default_factory=dict)
-    """Members seen failing, with why."""
+    """Members seen failing, with why (never this member itself)."""
+    own_non_finite: str | None = None
+    """Set where this member's own values of a part it reduced were NaN or infinite: they
+    were left out of that part's average (the others' finite values were averaged, and every
+    member got the same result), with which chunk. Not a failure of a member: no one was
+    dropped."""
     bytes_sent: int = 0
     """Message bytes this member sent (frame headers and piece headers included; the
     header-only words that steer a round are not)."""

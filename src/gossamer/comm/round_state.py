@@ -160,7 +160,7 @@ class RoundState:
         self.own_non_finite: str | None = None
         """Set when this member's own values of a part it reduces were NaN or infinite (with
         a weight above 0): they were left out, as a member's received ones are, and the report
-        names this member among the failed with this reason."""
+        says so (:attr:`AllReduceReport.own_non_finite`)."""
         self.reducer_of = list(range(n))
         self.reducers: dict[int, PartReducer] = {}
         self.chunks = [plan.chunks(p) for p in range(n)]
@@ -708,26 +708,33 @@ class RoundState:
 
         A refusal for lack of room (``dest`` has not opened the round yet, and others' early
         messages fill its waiting room: see :func:`refused_for_room`) is no failure of
-        ``dest``'s: the message goes again, with backoff, until the round's deadline. Taken
-        for a failure, it made this member drop a healthy one whenever a few identities
-        flooded that one's room.
+        ``dest``'s: the message goes again, with backoff, within its send timeout (counted
+        from the first try). Taken for a failure at once, it made this member drop a healthy
+        one whenever a few identities flooded that one's room.
 
         Raises:
             GossamerError: the send failed.
         """
         transport = self.untimed_transport if word else self.transport
         backoff_s = _ROOM_RETRY_S
+        # (refusals for room count against the message's own send timeout: a receiver that
+        # answers every try so, hostile or under a flood it cannot shed, is failed as one
+        # that does not take the message, not at the round's deadline after dozens of uploads)
+        give_up_at = self.clock.monotonic() + self.send_timeout_s
         while True:
-            remaining = self.deadline_s - self.clock.monotonic()
+            now = self.clock.monotonic()
+            remaining = self.deadline_s - now
             if remaining <= 0:
                 return False
             try:
                 await transport.send(
-                    self.plan.members[dest], message, timeout_s=min(self.send_timeout_s, remaining)
+                    self.plan.members[dest],
+                    message,
+                    timeout_s=min(self.send_timeout_s, remaining, max(give_up_at - now, 0.01)),
                 )
                 return True
             except GossamerError as exc:
-                if not refused_for_room(exc):
+                if not refused_for_room(exc) or self.clock.monotonic() >= give_up_at:
                     raise
                 _log.debug(
                     "peer %s: member %s has no room for an early message of round %s; again "
@@ -737,7 +744,10 @@ class RoundState:
                     self.round_id.hex()[:12],
                     backoff_s,
                 )
-            await self.clock.sleep_async(min(backoff_s * random.uniform(0.5, 1.0), remaining))
+            left_s = min(self.deadline_s, give_up_at) - self.clock.monotonic()
+            await self.clock.sleep_async(
+                max(0.0, min(backoff_s * random.uniform(0.5, 1.0), left_s))
+            )
             backoff_s = min(2 * backoff_s, _ROOM_RETRY_MAX_S)
 
     async def _transmit(
@@ -1323,8 +1333,7 @@ class RoundState:
         members = self.plan.members
         ended = time.perf_counter()
         report.failed = {members[i]: why for i, why in sorted(self.failed.items())}
-        if self.own_non_finite is not None:
-            report.failed[members[self.me]] = self.own_non_finite
+        report.own_non_finite = self.own_non_finite
         report.excluded = self.excluded
         report.round_the_ring = self.steps.ring
         report.ring_left = self._ring_left
