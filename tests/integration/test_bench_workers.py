@@ -92,6 +92,11 @@ def test_a_stopped_run_leaves_no_worker_behind(stop: signal.Signals, tmp_path: P
         assert not [w for w in left if (Path(f"/proc/{w}/stat").read_text().split()[2]) != "Z"]
         if stop == signal.SIGTERM:
             assert list(tmp_path.iterdir()) == []  # the run's folder went with it
+        else:  # the driver had no say: its folder stays, and the next run removes it
+            (folder,) = tmp_path.iterdir()
+            said = allreduce_bench.remove_abandoned_runs(labs=False, temp_dir=tmp_path)
+            assert said == f"removed what killed benchmark runs left behind: folder {folder}"
+            assert list(tmp_path.iterdir()) == []
     finally:
         if driver.poll() is None:
             driver.kill()

@@ -17,19 +17,32 @@ from gossamer.bench.allreduce import (
     AllReduceBenchResult,
     _cpu_per_peer,
     _ExtraMemory,
-    _link_tx_bytes,
     _memory_ratio,
+    _tbf_sent_bytes,
+    _uplink_sent_bytes,
     _utilization,
     aes_gcm_bytes_per_s,
     run_allreduce_sweep,
     write_throughput_plot,
 )
 
+_TC_SHOWN = """\
+qdisc tbf 8c83: root refcnt 3 rate 50Mbit burst 32Kb lat 11.1ms
+ Sent 1234567 bytes 890 pkt (dropped 0, overlimits 12 requeues 0)
+ backlog 0b 0p requeues 0
+"""
 
-def test_link_counter_is_zero_without_an_interface_and_names_a_missing_one() -> None:
-    assert _link_tx_bytes("") == 0
-    with pytest.raises(RuntimeError, match="no-such-if0"):
-        _link_tx_bytes("no-such-if0")
+
+def test_link_counter_is_zero_without_an_interface_and_reads_the_root_tbf_s_bytes() -> None:
+    # The interface's own counter (/proc/net/dev) counts a GSO packet's headers once, where the
+    # tbf charges every segment's: it read 1-4% under what the cap was charged.
+    assert _uplink_sent_bytes("") == 0
+    assert _tbf_sent_bytes(_TC_SHOWN, "eth0") == 1_234_567
+    noqueue = "qdisc noqueue 0: root refcnt 2 \n Sent 0 bytes 0 pkt (dropped 0) \n"
+    with pytest.raises(RuntimeError, match="'eth0' has no root tbf"):
+        _tbf_sent_bytes(noqueue, "eth0")  # (a counter of no tbf: the link would read idle)
+    with pytest.raises(RuntimeError, match="no root tbf"):
+        _tbf_sent_bytes("qdisc tbf 8001: root refcnt 2 rate 1Mbit\n", "eth0")
 
 
 def test_utilization_is_bytes_over_what_each_cap_allows_in_the_round() -> None:
@@ -100,7 +113,8 @@ def test_cpu_per_peer_is_the_median_over_repeats_of_the_workers_mean() -> None:
 def _result(**changes: object) -> AllReduceBenchResult:
     result = AllReduceBenchResult(
         peers=4, size_bytes=100, codec="none", backend="p2p", rate_bits_per_s=None,
-        seconds=1.0, gloo_seconds=1.0, speedup_vs_gloo=1.0, algorithm_bandwidth_bytes_per_s=100,
+        seconds=1.0, gloo_seconds=1.0, speedup_vs_gloo=1.0, speedup_vs_gloo_range=[1.0, 1.0],
+        algorithm_bandwidth_bytes_per_s=100,
         share_of_bound=None, gloo_share_of_bound=None, ring_bound_seconds=None,
         wire_bytes_per_peer=150, header_overhead=0.0, max_abs_error_vs_gloo=0.0, repeats=1,
         all_seconds=[1.0], all_gloo_seconds=[1.0],
@@ -172,7 +186,13 @@ def _worker_row(wire: list[int]) -> dict[str, object]:
     each = {"seconds": [1.0] * repeats, "cpu": [0.5] * repeats, "link": [0] * repeats}
     round_row = {**each, "wire": wire, "error": 0.0, "memory": 0, "ring_left": []}
     gloo = {"gloo": [0.2] * repeats, "gloo_cpu": [0.1] * repeats, "gloo_link": [0] * repeats}
-    return {**gloo, "gloo_memory": 0, "codecs": {"none": round_row}, "tcp_congestion_control": ""}
+    return {
+        **gloo,
+        "gloo_memory": 0,
+        "codecs": {"none": round_row},
+        "tcp_congestion_control": "",
+        "input_absmax": 4.0,
+    }
 
 
 def test_wire_bytes_per_peer_is_the_peers_mean_and_the_busiest_peer_is_stated_apart(

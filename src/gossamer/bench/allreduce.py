@@ -4,25 +4,40 @@ N worker processes each hold a random float32 tensor of the given size. On loopb
 as plain processes; with a rate (``--rate``, root) each runs inside its own lab namespace behind
 a tbf-capped link (``gossamer.lab``). In one run, repeated ``repeats`` times with a barrier
 before each timing, every worker times plain ``torch.distributed`` gloo ``all_reduce`` of its
-tensor (the reference) and then Gossamer's averaging of the same tensor for each codec asked
-for (``p2p``: comm over net's TLS gRPC bulk streams; ``torch``: the torch.distributed backend,
-in place like gloo; ``auto``: torch where every member is directly reachable). A repeat's
-figure is its slowest worker's time; the result is the median over repeats.
+tensor (the reference) and Gossamer's averaging of the same tensor for each codec asked for
+(``p2p``: comm over net's TLS gRPC bulk streams; ``torch``: the torch.distributed backend, in
+place like gloo; ``auto``: torch where every member is directly reachable). Gloo goes first in
+even repeats and last in odd ones (:func:`_round_order`): whatever favours a round's place in a
+repeat (caches, a link's queue, the machine's load as it changes) does not always favour gloo.
+A repeat's figure is its slowest worker's time; ``seconds`` and ``gloo_seconds`` are the medians
+over repeats, and ``speedup_vs_gloo`` is the median of each repeat's own ratio (gloo's time over
+Gossamer's in the same repeat), with the smallest and largest beside it
+(``speedup_vs_gloo_range``): two medians taken apart pair no repeat with another, and a control
+that timed gloo's same work twice, gloo first, read 0.84-1.08x per repeat.
 
-With a rate, every worker also reads its link's own byte counters (``/proc/net/dev`` in its
-namespace) around each timing: ``uplink_utilization`` is the bytes its uplink carried (framing
-included, as the tbf counts them) over what the cap allows in the round's time, averaged over
-the peers; a tbf passes at most the cap, so 1.0 is a link never idle. It tells a link left idle
-(scheduling) from one kept busy with overhead (bytes).
+Each round's result is checked against gloo's mean (the tensors are the same in every repeat,
+so against the latest gloo round's): ``max_abs_error_vs_gloo`` is the largest difference over
+workers and repeats, and ``error_tolerance`` the most an honest round of that codec can give
+(:func:`error_tolerance`); the command fails a run past it.
+
+With a rate, every worker also reads its uplink's own tbf counter (the bytes ``tc -s qdisc``
+says the qdisc sent, in its namespace) around each timing: ``uplink_utilization`` is the bytes
+its uplink carried, framing included as the tbf charges them, over what the cap allows in the
+round's time, averaged over the peers; a tbf passes at most the cap, so 1.0 is a link never
+idle. It tells a link left idle (scheduling) from one kept busy with overhead (bytes). (The
+interface's own counter, ``/proc/net/dev``, read 1-4% low: it counts a GSO packet's headers
+once, where the tbf charges every segment's.)
 
 The ring bound is ``2(N-1)/N * size * 8 / rate`` with ``size`` the tensor's bytes: everything
 else on the wire (TCP/IP and Ethernet framing, TLS, gRPC, comm's own headers) counts against
-Gossamer (and against gloo). ``header_overhead`` states Gossamer's application bytes over the
-ring's bytes; the framing below it is at least 1514/1448 (+4.6%) for full TCP segments. Both are
-the peers' mean, as the ring's figure is: members that pick different send orders (each by its
-own measured send rate, see :mod:`gossamer.comm.steps`) share a round's bytes unevenly, the ones
-sending directly passing on the averages that come round the ring too, and the busiest peer's
-figure is stated apart (``busiest_peer_wire_bytes``).
+Gossamer (and against gloo). ``share_of_bound`` (the bound over the round's time) is given for
+fp32 rounds only: a compressing codec sends fewer bytes than the bound counts (int8 read
+322.6%). ``header_overhead`` states Gossamer's application bytes over the ring's bytes; the
+framing below it is at least 1514/1448 (+4.6%) for full TCP segments. Both are the peers' mean,
+as the ring's figure is: members that pick different send orders (each by its own measured send
+rate, see :mod:`gossamer.comm.steps`) share a round's bytes unevenly, the ones sending directly
+passing on the averages that come round the ring too, and the busiest peer's figure is stated
+apart (``busiest_peer_wire_bytes``).
 
 Workers meet through files in a temporary folder (namespaces share the file system, not the
 network): worker 0 opens the ``TCPStore`` on a free port of its own address and writes the
@@ -40,6 +55,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
@@ -66,14 +82,18 @@ from gossamer.comm.transport import CommMailbox
 from gossamer.core.errors import FatalError
 from gossamer.core.runtime import freeze_startup_heap
 from gossamer.lab.config import MAX_PEERS
+from gossamer.lab.state import process_ended, process_start_ticks
 from gossamer.net.config import LimitsConfig, NodeConfig
 from gossamer.net.node import Node
 
 __all__ = [
+    "NOISY_SPREAD",
     "AllReduceBenchResult",
     "BenchWorkerError",
     "aes_gcm_bytes_per_s",
     "check_fits_in_memory",
+    "error_tolerance",
+    "remove_abandoned_runs",
     "run_allreduce_bench",
     "run_allreduce_sweep",
     "write_throughput_plot",
@@ -97,6 +117,23 @@ _WORKER_BASE_BYTES = 400_000_000
 """A worker's memory before its tensors (Python, torch, gRPC)."""
 _TCP_FRAMING = 1514 / 1448
 """Ethernet + IP + TCP (with timestamps) bytes per payload byte of a full segment."""
+NOISY_SPREAD = 2.0
+"""Largest over smallest of the repeats' paired ratios above which the table warns that the
+median is not to be trusted: the threshold of ``gossamer bench loop`` (its ``NOISY_SPREAD``,
+not imported: that module brings the training stack into every worker)."""
+_CODEC_ROUNDING = {"none": 0.0, "fp16": 2.0**-11, "bf16": 2.0**-8, "int8": 1 / 254}
+"""The most a codec's encoding moves a value, over the largest magnitude of its block (fp16 and
+bf16: half a unit in the last place, relative to the value itself; int8: half a step of
+``absmax / 127``)."""
+_FP32_REORDERING = 1e-5
+"""What summing the members' values in another order than gloo's may move the mean, over the
+inputs' largest magnitude (float32: 64 members move it by at most about 4e-6)."""
+_ERROR_FLOOR = 1e-6
+"""Absolute slack under every tolerance (values near zero)."""
+_FOLDER_PREFIX = "gossamer-bench-"
+"""How a run's temporary folder is named (then a random part)."""
+_DRIVER_FILE = "driver.json"
+"""In a run's temporary folder: the pid and start time of the driver that made it."""
 _UNEVEN_WIRE = 1.01
 """How much more than the peers' mean the busiest peer sends before the table says so (parts
 of a round differ by a few alignment blocks)."""
@@ -114,8 +151,13 @@ class AllReduceBenchResult:
     seconds: float
     gloo_seconds: float
     speedup_vs_gloo: float
+    """The median over repeats of gloo's time over Gossamer's in the same repeat."""
+    speedup_vs_gloo_range: list[float]
+    """The smallest and the largest of those paired ratios."""
     algorithm_bandwidth_bytes_per_s: float
     share_of_bound: float | None
+    """The ring bound's time over the round's: None without a rate, and for a codec other
+    than ``none`` (the bound counts fp32 bytes, which such a round does not send)."""
     gloo_share_of_bound: float | None
     ring_bound_seconds: float | None
     wire_bytes_per_peer: int
@@ -125,6 +167,8 @@ class AllReduceBenchResult:
     header_overhead: float
     """``wire_bytes_per_peer`` over the ring's bytes, less 1."""
     max_abs_error_vs_gloo: float
+    """The largest difference of a round's result from gloo's mean, over workers and repeats
+    (infinite where a result held a value that is not finite: null in JSON)."""
     repeats: int
     all_seconds: list[float]
     all_gloo_seconds: list[float]
@@ -166,10 +210,44 @@ class AllReduceBenchResult:
     the averages that come to it round the ring, so it sends more and the ring's members less,
     with the round's bytes unchanged (4 peers, 100 MB on loopback: 200 MB against 100-150 MB,
     where the members' measured send rates straddle ``AllReduceConfig.min_step_s``'s rule)."""
+    error_tolerance: float | None = None
+    """The largest ``max_abs_error_vs_gloo`` an honest round of this codec gives on these
+    values (:func:`error_tolerance`); None for a codec whose error bound is not known here."""
 
     def to_json(self) -> str:
-        """The result as one JSON object."""
-        return json.dumps(asdict(self), indent=2)
+        """The result as one JSON object; a figure that is not finite is written as null (JSON
+        has no infinity: ``Infinity`` made the output unreadable to JSON parsers)."""
+        return json.dumps(_finite_or_null(asdict(self)), indent=2, allow_nan=False)
+
+    @property
+    def noisy(self) -> bool:
+        """Whether the repeats' paired ratios differ by more than :data:`NOISY_SPREAD` times."""
+        low, high = self.speedup_vs_gloo_range
+        return high > NOISY_SPREAD * low
+
+    def noise_warning(self) -> str | None:
+        """One line saying that the paired ratios disagree too much to trust their median."""
+        if not self.noisy:
+            return None
+        low, high = self.speedup_vs_gloo_range
+        return (
+            f"warning: the repeats' ratios to gloo differ by more than {NOISY_SPREAD:g}x "
+            f"({low:.2f}..{high:.2f}x, codec {self.codec}): the machine was busy, so the median "
+            "is not to be trusted; run again on a quiet machine"
+        )
+
+    def error_problem(self) -> str | None:
+        """One line naming a wrong result: an error vs gloo's mean that is not finite or is past
+        :attr:`error_tolerance`; None when the result is right (or its codec is not judged)."""
+        error, tolerance = self.max_abs_error_vs_gloo, self.error_tolerance
+        if math.isfinite(error) and (tolerance is None or error <= tolerance):
+            return None
+        what = f"{error:.3g}" if math.isfinite(error) else "not finite (NaN or infinite values)"
+        bound = f"its tolerance {tolerance:.3g}" if tolerance is not None else "any tolerance"
+        return (
+            f"Gossamer's result is wrong ({self.peers} peers, backend {self.backend}, codec "
+            f"{self.codec}): its largest difference from gloo's mean is {what}, past {bound}"
+        )
 
     def _wire_note(self) -> str:
         """What ``header_overhead`` measures here, which depends on the backend and codec."""
@@ -186,13 +264,27 @@ class AllReduceBenchResult:
 
     def table(self) -> str:
         """A human-readable summary."""
-        if self.share_of_bound is None or self.gloo_share_of_bound is None:
+        if self.ring_bound_seconds is None or self.gloo_share_of_bound is None:
             bound = "n/a (no --rate)"
+        elif self.share_of_bound is None:
+            bound = (
+                f"n/a for {self.codec} (the bound counts fp32 bytes); gloo "
+                f"{self.gloo_share_of_bound:.1%} of {self.ring_bound_seconds:.2f} s"
+            )
         else:
             bound = (
                 f"{self.share_of_bound:.1%} (gloo {self.gloo_share_of_bound:.1%}) of "
                 f"{self.ring_bound_seconds:.2f} s"
             )
+        low, high = self.speedup_vs_gloo_range
+        speedup = (
+            f"  speedup       {self.speedup_vs_gloo:8.2f}x vs gloo (median of the repeats' "
+            f"ratios, {low:.2f}..{high:.2f}x)"
+        )
+        warning = self.noise_warning()
+        tolerance = (
+            f" (tolerance {self.error_tolerance:.2e})" if self.error_tolerance is not None else ""
+        )
         busy = ""
         if self.uplink_utilization is not None and self.gloo_uplink_utilization is not None:
             busy = (
@@ -244,11 +336,12 @@ class AllReduceBenchResult:
                 f"  gossamer      {self.seconds:8.3f} s  "
                 f"({self.algorithm_bandwidth_bytes_per_s / 1e6:.1f} MB/s algorithm bandwidth)",
                 f"  gloo          {self.gloo_seconds:8.3f} s",
-                f"  speedup       {self.speedup_vs_gloo:8.2f}x vs gloo",
+                speedup,
+                *([f"  {warning}"] if warning else []),
                 f"  ring bound    {bound}",
                 f"  wire bytes    {self.wire_bytes_per_peer} per peer {self._wire_note()}",
                 *([busiest] if busiest else []),
-                f"  max |error|   {self.max_abs_error_vs_gloo:.2e} vs gloo's mean",
+                f"  max |error|   {self.max_abs_error_vs_gloo:.2e} vs gloo's mean{tolerance}",
                 f"  TCP           {self.tcp_congestion_control or 'n/a'} congestion control",
                 *([busy] if busy else []),
                 *([memory] if memory else []),
@@ -282,15 +375,42 @@ def _open_store(spec: dict[str, Any]) -> TCPStore:
     return TCPStore(host, int(port), world, is_master=False, timeout=timeout)
 
 
-def _link_tx_bytes(ifname: str) -> int:
-    """Bytes sent so far on ``ifname`` (in this process's network namespace); 0 without one."""
+def _uplink_sent_bytes(ifname: str) -> int:
+    """Bytes the tbf at the root of ``ifname`` (in this process's network namespace) has sent so
+    far, as it charges them against its rate; 0 without an interface (loopback)."""
     if not ifname:
         return 0
-    for line in Path("/proc/net/dev").read_text().splitlines():
-        name, _, counters = line.partition(":")
-        if name.strip() == ifname:
-            return int(counters.split()[8])
-    raise RuntimeError(f"interface {ifname!r} is not in /proc/net/dev")
+    shown = subprocess.run(
+        ["tc", "-s", "qdisc", "show", "dev", ifname, "root"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if shown.returncode != 0:
+        raise RuntimeError(
+            f"`tc -s qdisc show dev {ifname}` failed: {shown.stderr.strip() or shown.returncode}"
+        )
+    return _tbf_sent_bytes(shown.stdout, ifname)
+
+
+def _tbf_sent_bytes(shown: str, ifname: str) -> int:
+    """The ``Sent N bytes`` of the root tbf in ``tc -s qdisc show``'s output ``shown``.
+
+    Raises:
+        RuntimeError: no root tbf there (a counter of another qdisc would read about nothing).
+    """
+    lines = shown.splitlines()
+    for i, line in enumerate(lines):
+        words = line.split()
+        if words[:2] == ["qdisc", "tbf"] and "root" in words:
+            for stats in lines[i + 1 :]:
+                sent = stats.split()
+                if sent[:1] == ["Sent"] and len(sent) > 2 and sent[2] == "bytes":
+                    return int(sent[1])
+                if sent[:1] == ["qdisc"]:
+                    break
+    raise RuntimeError(f"interface {ifname!r} has no root tbf with a Sent counter: {shown!r}")
 
 
 def _congestion_control() -> str:
@@ -372,11 +492,28 @@ def _worker_main(spec: dict[str, Any]) -> None:
     else:
         rows = asyncio.run(_p2p_rounds(store, tensor, spec))
     rows["tcp_congestion_control"] = _congestion_control()
+    rows["input_absmax"] = float(tensor.abs().max())  # (the scale of the error's tolerance)
     out = Path(spec["folder"]) / f"result-{rank}.json"
     out.write_text(json.dumps(rows))
     dist.barrier()
     averager.close()
     dist.destroy_process_group()
+
+
+def _round_order(repeat: int, codecs: Sequence[str]) -> list[str | None]:
+    """The rounds of repeat ``repeat`` in the order they are timed: ``None`` for gloo's, a
+    codec's name for Gossamer's. Gloo goes first in even repeats and last in odd ones, so that
+    neither side always has the place in a repeat that favours it (a control that timed gloo's
+    same work twice, gloo first, read 1.08x at 100 MB and up to 1.48x at 20 MB)."""
+    ours: list[str | None] = list(codecs)
+    return [None, *ours] if repeat % 2 == 0 else [*ours, None]
+
+
+def _worst_error(so_far: float, result: torch.Tensor, reference: torch.Tensor) -> float:
+    """The larger of ``so_far`` and ``result``'s largest difference from ``reference``; inf
+    once a difference is not finite (``max`` keeps the first of 0.0 and NaN: a NaN was lost)."""
+    error = float((result - reference).abs().max())
+    return max(so_far, error if math.isfinite(error) else math.inf)
 
 
 @dataclass(slots=True)
@@ -394,67 +531,83 @@ def _gloo_round(tensor: torch.Tensor, ifname: str) -> _GlooRound:
     reference = tensor.clone()
     dist.barrier()
     with _ExtraMemory() as memory:  # the reset and reads stay outside the timing
-        sent = _link_tx_bytes(ifname)
+        sent = _uplink_sent_bytes(ifname)
         cpu = time.process_time()
         started = time.perf_counter()
         dist.all_reduce(reference)
         reference /= dist.get_world_size()  # a mean, as Gossamer's rounds give: timed alike
         seconds = time.perf_counter() - started
         cpu = time.process_time() - cpu
-    sent = _link_tx_bytes(ifname) - sent
+    sent = _uplink_sent_bytes(ifname) - sent
     return _GlooRound(seconds, cpu, sent, memory.extra_bytes, reference)
+
+
+class _GlooRows:
+    """Gloo's figures over the repeats, and the mean its latest round gave (the reference)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self.cpu: list[float] = []
+        self.link: list[int] = []
+        self.memory = 0
+        self.reference: torch.Tensor | None = None
+
+    def add(self, done: _GlooRound) -> None:
+        self.seconds.append(done.seconds)
+        self.cpu.append(done.cpu_s)
+        self.link.append(done.sent)
+        self.memory = _most_memory(self.memory, done.extra_memory)
+        self.reference = done.mean
+
+    def mean(self) -> torch.Tensor:
+        """Gloo's mean of the workers' tensors (the same in every repeat: the tensors are)."""
+        assert self.reference is not None, "repeat 0 times gloo first"
+        return self.reference
+
+    def rows(self, codecs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "gloo": self.seconds,
+            "gloo_cpu": self.cpu,
+            "gloo_link": self.link,
+            "gloo_memory": self.memory,
+            "codecs": codecs,
+        }
 
 
 def _torch_rounds(
     averager: TorchGroupAverager, tensor: torch.Tensor, spec: dict[str, Any]
 ) -> dict[str, Any]:
-    gloo: list[float] = []
-    gloo_cpu: list[float] = []
-    gloo_link: list[int] = []
-    gloo_memory = 0
-    timed: list[float] = []
-    cpu: list[float] = []
-    link: list[int] = []
-    memory = 0
-    error = 0.0
-    wire: list[int] = []
+    gloo = _GlooRows()
+    row: dict[str, Any] = {
+        "seconds": [],
+        "cpu": [],
+        "wire": [],
+        "error": 0.0,
+        "link": [],
+        "memory": 0,
+    }
     ifname = spec["ifname"]
-    for _ in range(spec["repeats"]):
-        gloo_round = _gloo_round(tensor, ifname)
-        reference = gloo_round.mean
-        gloo.append(gloo_round.seconds)
-        gloo_cpu.append(gloo_round.cpu_s)
-        gloo_link.append(gloo_round.sent)
-        gloo_memory = _most_memory(gloo_memory, gloo_round.extra_memory)
-        work = tensor.clone()  # like gloo's reference: allocated before the clock starts
-        dist.barrier()
-        with _ExtraMemory() as extra:
-            sent = _link_tx_bytes(ifname)
-            cpu_start = time.process_time()
-            started = time.perf_counter()
-            report = averager.average_([work])
-            timed.append(time.perf_counter() - started)
-            cpu.append(time.process_time() - cpu_start)
-        memory = _most_memory(memory, extra.extra_bytes)
-        link.append(_link_tx_bytes(ifname) - sent)
-        wire.append(report.bytes_sent)
-        dist.barrier()  # every worker stopped its clock before the check takes CPU
-        error = max(error, float((work - reference).abs().max()))
-    row = {
-        "seconds": timed,
-        "cpu": cpu,
-        "wire": wire,
-        "error": error,
-        "link": link,
-        "memory": memory,
-    }
-    return {
-        "gloo": gloo,
-        "gloo_cpu": gloo_cpu,
-        "gloo_link": gloo_link,
-        "gloo_memory": gloo_memory,
-        "codecs": {"none": row},
-    }
+    for repeat in range(spec["repeats"]):
+        for codec in _round_order(repeat, ["none"]):
+            if codec is None:
+                gloo.add(_gloo_round(tensor, ifname))
+                continue
+            work = tensor.clone()  # like gloo's reference: allocated before the clock starts
+            dist.barrier()
+            with _ExtraMemory() as extra:
+                sent = _uplink_sent_bytes(ifname)
+                cpu_start = time.process_time()
+                started = time.perf_counter()
+                report = averager.average_([work])
+                row["seconds"].append(time.perf_counter() - started)
+                row["cpu"].append(time.process_time() - cpu_start)
+            row["memory"] = _most_memory(row["memory"], extra.extra_bytes)
+            row["link"].append(_uplink_sent_bytes(ifname) - sent)
+            row["wire"].append(report.bytes_sent)
+            dist.barrier()  # every worker stopped its clock before the check takes CPU
+            row["error"] = _worst_error(row["error"], work, gloo.mean())
+            del work
+    return gloo.rows({"none": row})
 
 
 async def _p2p_rounds(
@@ -470,10 +623,7 @@ async def _p2p_rounds(
         await asyncio.wait_for(node.bootstrap(others), 60)
         members = [e.partition("@")[0] for e in entries]
         mailbox = CommMailbox(NetCommTransport(node), node.clock)
-        gloo: list[float] = []
-        gloo_cpu: list[float] = []
-        gloo_link: list[int] = []
-        gloo_memory = 0
+        gloo = _GlooRows()
         codecs: dict[str, dict[str, Any]] = {
             c: {
                 "seconds": [],
@@ -492,13 +642,10 @@ async def _p2p_rounds(
         meter = BandwidthMeter()
         ifname = spec["ifname"]
         for repeat in range(spec["repeats"]):
-            gloo_round = await asyncio.to_thread(_gloo_round, tensor, ifname)
-            reference = gloo_round.mean
-            gloo.append(gloo_round.seconds)
-            gloo_cpu.append(gloo_round.cpu_s)
-            gloo_link.append(gloo_round.sent)
-            gloo_memory = _most_memory(gloo_memory, gloo_round.extra_memory)
-            for codec in spec["codecs"]:
+            for codec in _round_order(repeat, spec["codecs"]):
+                if codec is None:
+                    gloo.add(await asyncio.to_thread(_gloo_round, tensor, ifname))
+                    continue
                 config = AllReduceConfig(
                     timeout_s=spec["timeout_s"],
                     codec=CodecPolicy(codec=codec),
@@ -512,7 +659,7 @@ async def _p2p_rounds(
                 )
                 await asyncio.to_thread(dist.barrier)
                 with _ExtraMemory() as extra:
-                    sent = _link_tx_bytes(ifname)
+                    sent = await asyncio.to_thread(_uplink_sent_bytes, ifname)
                     cpu_start = time.process_time()
                     started = time.perf_counter()
                     result = await all_reduce(
@@ -536,18 +683,11 @@ async def _p2p_rounds(
                 row["cpu"].append(cpu_s)
                 if result.report.ring_left is not None:
                     row["ring_left"].append(result.report.ring_left)
-                row["link"].append(_link_tx_bytes(ifname) - sent)
+                row["link"].append(await asyncio.to_thread(_uplink_sent_bytes, ifname) - sent)
                 row["wire"].append(result.report.bytes_sent)
-                error = float((result.tensors[0] - reference).abs().max())
-                row["error"] = max(row["error"], error if math.isfinite(error) else math.inf)
+                row["error"] = _worst_error(row["error"], result.tensors[0], gloo.mean())
         await asyncio.to_thread(dist.barrier)  # nobody stops its node while others still send
-        return {
-            "gloo": gloo,
-            "gloo_cpu": gloo_cpu,
-            "gloo_link": gloo_link,
-            "gloo_memory": gloo_memory,
-            "codecs": codecs,
-        }
+        return gloo.rows(codecs)
 
 
 def _agreed_rates(
@@ -589,7 +729,8 @@ def _placement(
         name=f"ar{secrets.token_hex(3)}",
         tcp_congestion_control=tcp_congestion_control,
     )
-    with open_lab(config) as lab:
+    # (its pid recorded: a driver killed outright leaves the lab, removed at the next run)
+    with open_lab(config, owner_pid=os.getpid()) as lab:
         nodes = lab.topology.peers
         yield _Placement(
             [p.address for p in nodes],
@@ -604,7 +745,8 @@ class BenchWorkerError(FatalError):
 
 def _run_workers(placement: _Placement, options: dict[str, Any]) -> list[dict[str, Any]]:
     peers = len(placement.hosts)
-    with tempfile.TemporaryDirectory(prefix="gossamer-bench-") as folder:
+    with tempfile.TemporaryDirectory(prefix=_FOLDER_PREFIX) as folder:
+        _write_driver(Path(folder))
         processes = []
         try:
             for rank in range(peers):
@@ -628,6 +770,52 @@ def _run_workers(placement: _Placement, options: dict[str, Any]) -> list[dict[st
         if failed:
             raise _worker_failure(processes, ended, failed, Path(folder), options["budget_s"])
         return [json.loads(result.read_text()) for result in results]
+
+
+def _write_driver(folder: Path) -> None:
+    """Record in a run's folder which process made it (see :func:`remove_abandoned_runs`)."""
+    pid = os.getpid()
+    staged = folder / f"{_DRIVER_FILE}.tmp"
+    staged.write_text(json.dumps({"pid": pid, "start_ticks": process_start_ticks(pid)}))
+    staged.rename(folder / _DRIVER_FILE)
+
+
+def _abandoned(folder: Path) -> bool:
+    """Whether a run's folder outlived the driver that made it; False where that cannot be
+    told (no record yet: a run starting now, or a run of a version that wrote none)."""
+    try:
+        driver = json.loads((folder / _DRIVER_FILE).read_text())
+        return process_ended(int(driver["pid"]), driver.get("start_ticks"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def remove_abandoned_runs(*, labs: bool, temp_dir: Path | None = None) -> str | None:
+    """Remove what runs of this benchmark left when their driver was killed outright (SIGKILL
+    leaves it no say; its workers end with it): their temporary folders, and with ``labs``
+    (root) their labs, namespaces and records. Returns one line naming what was removed, None
+    where nothing was. (`gossamer lab down --all` removes every lab by hand.)
+
+    Args:
+        labs: look for labs too (a run with ``--rate``: needs root and the lab's tools).
+        temp_dir: where runs make their folders; the system's temporary folder by default.
+
+    Raises:
+        MissingDependencyError: with ``labs``, not root or a lab tool missing.
+    """
+    removed = []
+    if labs:
+        from gossamer.lab import remove_abandoned_labs  # root only, as the lab itself
+
+        removed += [f"lab {name}" for name in remove_abandoned_labs()]
+    base = temp_dir or Path(tempfile.gettempdir())
+    for folder in sorted(base.glob(f"{_FOLDER_PREFIX}*")):
+        if folder.is_dir() and _abandoned(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(f"folder {folder}")
+    if not removed:
+        return None
+    return f"removed what killed benchmark runs left behind: {', '.join(removed)}"
 
 
 def _wait_for_workers(processes: Sequence[subprocess.Popen[bytes]], budget_s: float) -> list[float]:
@@ -778,10 +966,12 @@ def run_allreduce_sweep(
     gloo_each = [max(r["gloo"][i] for r in rows) for i in range(repeats)]
     gloo_s = statistics.median(gloo_each)
     caps = list(peer_rates_bps) if peer_rates_bps else [rate] * peers if rate else None
+    input_absmax = max(float(r["input_absmax"]) for r in rows)
     results = []
     for codec in codecs:
         each = [max(r["codecs"][codec]["seconds"][i] for r in rows) for i in range(repeats)]
         seconds = statistics.median(each)
+        speedup, speedup_range = _paired_speedup(gloo_each, each)
         # (the peers' mean: members that picked different send orders share the bytes unevenly)
         wire, busiest = _wire_per_peer([r["codecs"][codec]["wire"] for r in rows])
         results.append(
@@ -793,9 +983,11 @@ def run_allreduce_sweep(
                 rate_bits_per_s=rate,
                 seconds=seconds,
                 gloo_seconds=gloo_s,
-                speedup_vs_gloo=gloo_s / seconds,
+                speedup_vs_gloo=speedup,
+                speedup_vs_gloo_range=speedup_range,
                 algorithm_bandwidth_bytes_per_s=real_size / seconds,
-                share_of_bound=bound / seconds if bound else None,
+                # (a compressing codec's round sends fewer bytes than the bound counts)
+                share_of_bound=bound / seconds if bound and codec == "none" else None,
                 gloo_share_of_bound=bound / gloo_s if bound else None,
                 ring_bound_seconds=bound,
                 wire_bytes_per_peer=wire,
@@ -831,9 +1023,51 @@ def run_allreduce_sweep(
                     )
                 ),
                 busiest_peer_wire_bytes=busiest,
+                error_tolerance=error_tolerance(codec, input_absmax),
             )
         )
     return results
+
+
+def _paired_speedup(gloo_s: Sequence[float], seconds: Sequence[float]) -> tuple[float, list[float]]:
+    """Gloo's time over Gossamer's, paired by repeat: the median of the repeats' ratios, and
+    the smallest and largest of them.
+
+    Each ratio compares two rounds of one repeat, a moment apart on the same machine; the ratio
+    of the two medians compared rounds of different repeats whenever the medians fell on them.
+    """
+    ratios = [g / s for g, s in zip(gloo_s, seconds, strict=True)]
+    return statistics.median(ratios), [min(ratios), max(ratios)]
+
+
+def error_tolerance(codec: str, input_absmax: float) -> float | None:
+    """The largest difference from gloo's mean an honest round of ``codec`` gives, where the
+    largest magnitude among the members' values is ``input_absmax``; None for a codec whose
+    error bound is not known here.
+
+    A round encodes the members' values for the part's owner and the owner's average for the
+    others: each moves a value by at most the codec's rounding of the magnitudes it holds
+    (:data:`_CODEC_ROUNDING`), so together at most twice that; the tolerance allows twice as
+    much again, plus float32's reordering of the sum. At 20 MB of ``randn`` values
+    (``input_absmax`` about 5.3): fp32 5.4e-5 (honest rounds give under 1e-6), int8 0.083
+    (honest rounds about 0.02). A round that skipped communication, or left a value unwritten
+    (NaN), is off by far more.
+    """
+    rounding = _CODEC_ROUNDING.get(codec)
+    if rounding is None:
+        return None
+    return (4 * rounding + _FP32_REORDERING) * input_absmax + _ERROR_FLOOR
+
+
+def _finite_or_null(value: Any) -> Any:
+    """``value`` with every float that is not finite replaced by None, in lists and dicts too."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def aes_gcm_bytes_per_s(total_bytes: int = 64 << 20, record_bytes: int = 16 << 10) -> float:

@@ -12,7 +12,9 @@ from typing import Annotated
 import typer
 
 from gossamer.bench.allreduce import (
+    AllReduceBenchResult,
     check_fits_in_memory,
+    remove_abandoned_runs,
     run_allreduce_sweep,
     write_throughput_plot,
 )
@@ -157,6 +159,9 @@ def register(app: typer.Typer) -> None:
                 stop_signals_as_ctrl_c(),
                 exit_on_gossamer_errors(),
             ):  # a worker that failed: one line
+                cleaned = remove_abandoned_runs(labs=rate_bits is not None)
+                if cleaned:
+                    typer.echo(cleaned, err=True)
                 results = [
                     result
                     for count in counts
@@ -175,6 +180,10 @@ def register(app: typer.Typer) -> None:
         if as_json:
             rows = [json.loads(r.to_json()) for r in results]
             typer.echo(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2))
+            for result in results:  # (in the table already; stdout holds JSON only)
+                warning = result.noise_warning()
+                if warning:
+                    typer.echo(warning, err=True)
         else:
             typer.echo("\n\n".join(r.table() for r in results))
         if plot is not None:
@@ -184,3 +193,14 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"error: the plot could not be written: {exc}", err=True)
                 raise typer.Exit(EXIT_FAILED) from exc
             typer.echo(message, err=True)
+        _fail_on_wrong_results(results)
+
+
+def _fail_on_wrong_results(results: list[AllReduceBenchResult]) -> None:
+    """Exit 1, after the figures, where a round's result was wrong: its timing measured
+    nothing worth reporting (a round that skipped communication read 35x gloo's speed)."""
+    problems = [p for p in (r.error_problem() for r in results) if p]
+    for problem in problems:
+        typer.echo(f"error: {problem}", err=True)
+    if problems:
+        raise typer.Exit(EXIT_FAILED)

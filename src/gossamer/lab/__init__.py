@@ -23,6 +23,7 @@ from gossamer.lab.lifecycle import (
     lab_status,
     lab_up,
     open_lab,
+    remove_abandoned_labs,
 )
 from gossamer.lab.plan import PeerNode, Topology, plan_topology
 from gossamer.lab.runner import (
@@ -61,4 +62,5 @@ __all__ = [
     "parse_schedule",
     "plan_topology",
     "play_schedule",
+    "remove_abandoned_labs",
 ]

@@ -25,6 +25,7 @@ from gossamer.lab.state import (
     LabState,
     delete_state,
     load_state,
+    process_start_ticks,
     save_state,
     state_lock,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "lab_status",
     "lab_up",
     "open_lab",
+    "remove_abandoned_labs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -55,8 +57,13 @@ def lab_up(
     *,
     runner: CommandRunner | None = None,
     state_dir: Path = DEFAULT_STATE_DIR,
+    owner_pid: int | None = None,
 ) -> LabControl:
     """Build the lab ``config`` describes and record it; returns its control.
+
+    ``owner_pid`` names a process that makes the lab for its own run and takes it down when
+    done: recorded, so that :func:`remove_abandoned_labs` removes the lab once that process is
+    gone without doing so (killed outright).
 
     Raises:
         MissingDependencyError: not root, or ``ip``/``tc``/``iptables`` missing.
@@ -78,7 +85,11 @@ def lab_up(
                 f"lab {config.name!r} already exists ({', '.join(existing)}); "
                 f"run `gossamer lab down --name {config.name}` first, or pick another --name"
             )
-        state = LabState(topology=plan_topology(config))
+        state = LabState(
+            topology=plan_topology(config),
+            owner_pid=owner_pid,
+            owner_start_ticks=None if owner_pid is None else process_start_ticks(owner_pid),
+        )
         save_state(state, state_dir)  # before building, so a crash leaves a record for `down`
         try:
             build_topology(state.topology, runner)
@@ -170,6 +181,27 @@ def lab_down(
             "`gossamer lab` command holds them (stopped with Ctrl-Z? see `jobs`); let it finish, "
             "then run `gossamer lab down --all` again"
         )
+    return removed
+
+
+def remove_abandoned_labs(
+    *, runner: CommandRunner | None = None, state_dir: Path = DEFAULT_STATE_DIR
+) -> list[str]:
+    """Remove every lab whose owner (see :func:`lab_up`) has ended without taking it down: a
+    benchmark's driver killed outright (SIGKILL) leaves its namespaces and record behind.
+    Returns the names of the labs removed. Labs without an owner (`lab up`'s) and labs another
+    command holds now are left alone.
+    """
+    runner = runner or SubprocessRunner()
+    require_tools(runner)
+    removed = []
+    for name in _recorded_lab_names(state_dir):
+        # (a lab held now is being built or changed by a live process: not abandoned)
+        with contextlib.suppress(DeadlineExceededError), state_lock(name, state_dir, timeout_s=0):
+            state = _readable_state(name, state_dir)
+            if state is not None and state.owner_gone():
+                _remove_lab(runner, name, state_dir)
+                removed.append(name)
     return removed
 
 
@@ -342,10 +374,12 @@ def open_lab(
     *,
     runner: CommandRunner | None = None,
     state_dir: Path = DEFAULT_STATE_DIR,
+    owner_pid: int | None = None,
 ) -> Iterator[LabControl]:
-    """Build a lab, yield its control, and always take it down (failure, Ctrl-C included)."""
+    """Build a lab, yield its control, and always take it down (failure, Ctrl-C included;
+    ``owner_pid`` as for :func:`lab_up`, for the one case nothing here can handle: SIGKILL)."""
     runner = runner or SubprocessRunner()
-    control = lab_up(config, runner=runner, state_dir=state_dir)
+    control = lab_up(config, runner=runner, state_dir=state_dir, owner_pid=owner_pid)
     try:
         yield control
     finally:

@@ -28,6 +28,8 @@ __all__ = [
     "LabState",
     "delete_state",
     "load_state",
+    "process_ended",
+    "process_start_ticks",
     "save_state",
     "state_lock",
     "update_state",
@@ -58,6 +60,17 @@ class LabState:
     """Peers whose access link is cut now."""
     partition_side: list[str] = field(default_factory=list)
     """Peers split off from the rest by a partition in force; empty when healed."""
+    owner_pid: int | None = None
+    """The process that made the lab for its own run and takes it down when done (the
+    all-reduce bench's driver); None for a lab of `lab up`, which stays until `lab down`."""
+    owner_start_ticks: int | None = None
+    """When that process started (``/proc/PID/stat``'s start time), so that a process given its
+    pid later is not taken for it."""
+
+    def owner_gone(self) -> bool:
+        """Whether the lab's owner has ended without taking it down (killed outright): a lab
+        nobody else uses. False for a lab without an owner (`lab up`'s)."""
+        return self.owner_pid is not None and process_ended(self.owner_pid, self.owner_start_ticks)
 
     def rate_bps(self, peer: str) -> int:
         """The current link rate of ``peer``."""
@@ -92,6 +105,8 @@ class LabState:
             "rates_bps": self.rates_bps,
             "cut_peers": self.cut_peers,
             "partition_side": self.partition_side,
+            "owner_pid": self.owner_pid,
+            "owner_start_ticks": self.owner_start_ticks,
         }
 
     @classmethod
@@ -104,7 +119,36 @@ class LabState:
             rates_bps={str(k): int(v) for k, v in record["rates_bps"].items()},
             cut_peers=[str(p) for p in record["cut_peers"]],
             partition_side=[str(p) for p in record["partition_side"]],
+            # (records written before labs had owners have neither)
+            owner_pid=_optional_int(record.get("owner_pid")),
+            owner_start_ticks=_optional_int(record.get("owner_start_ticks")),
         )
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def process_ended(pid: int, start_ticks: int | None) -> bool:
+    """Whether the process ``pid`` that started at ``start_ticks`` (see
+    :func:`process_start_ticks`; None: not known) has ended: no process has that pid now, or
+    the one that has it started at another time (the pid was given again)."""
+    started = process_start_ticks(pid)
+    return started is None or (start_ticks is not None and started != start_ticks)
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (``/proc/PID/stat``); None when
+    no such process runs (a zombie, ended but not yet reaped, counts as ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # (the command name, in parentheses, may hold spaces and parentheses: fields follow the last)
+    fields = stat.rpartition(")")[2].split()
+    if not fields or fields[0] in ("Z", "X"):  # (its state; the start time is the 20th after it)
+        return None
+    return int(fields[19])
 
 
 def _state_path(state_dir: Path, name: str) -> Path:
