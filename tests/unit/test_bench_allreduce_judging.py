@@ -18,11 +18,10 @@ from gossamer.bench import loop
 from gossamer.bench.allreduce import (
     NOISY_SPREAD,
     AllReduceBenchResult,
-    _round_order,
-    _worst_error,
     error_tolerance,
     run_allreduce_sweep,
 )
+from gossamer.bench.allreduce_worker import _round_order, _worst_error
 from gossamer.cli import bench, bench_allreduce
 
 

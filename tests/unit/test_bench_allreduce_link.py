@@ -15,16 +15,12 @@ import pytest
 from gossamer.bench import allreduce as allreduce_bench
 from gossamer.bench.allreduce import (
     AllReduceBenchResult,
-    _cpu_per_peer,
-    _ExtraMemory,
-    _memory_ratio,
-    _tbf_sent_bytes,
-    _uplink_sent_bytes,
-    _utilization,
     aes_gcm_bytes_per_s,
     run_allreduce_sweep,
     write_throughput_plot,
 )
+from gossamer.bench.allreduce_results import _cpu_per_peer, _memory_ratio, _utilization
+from gossamer.bench.allreduce_worker import _ExtraMemory, _tbf_sent_bytes, _uplink_sent_bytes
 
 _TC_SHOWN = """\
 qdisc tbf 8c83: root refcnt 3 rate 50Mbit burst 32Kb lat 11.1ms
@@ -73,7 +69,7 @@ def test_extra_memory_counts_pages_an_earlier_block_freed_and_left_resident() ->
     script = textwrap.dedent(
         """
         import numpy as np
-        from gossamer.bench.allreduce import _ExtraMemory
+        from gossamer.bench.allreduce_worker import _ExtraMemory
         size = 16 * 2**20
         def use():
             buffer = np.ones(size, dtype=np.uint8)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gossamer.bench.allreduce import _memory_ratio, _most_memory
+from gossamer.bench.allreduce_results import _memory_ratio, _most_memory
 from gossamer.bench.loop import LoopBenchResult, pair_spread, run_loop_bench
 from gossamer.bench.obs_overhead import ObsOverheadResult, run_obs_overhead_bench
 from gossamer.core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
