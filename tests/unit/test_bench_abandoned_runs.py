@@ -14,7 +14,13 @@ from gossamer.bench.allreduce import _write_driver, remove_abandoned_runs
 from gossamer.lab.config import LabConfig
 from gossamer.lab.lifecycle import lab_up, remove_abandoned_labs
 from gossamer.lab.runner import FakeCommandRunner
-from gossamer.lab.state import LabState, load_state, process_ended, process_start_ticks
+from gossamer.lab.state import (
+    LabState,
+    load_state,
+    pid_namespace,
+    process_ended,
+    process_start_ticks,
+)
 
 
 def _ended_pid() -> int:
@@ -118,3 +124,48 @@ def test_the_next_run_with_a_rate_removes_abandoned_labs_too(
     monkeypatch.setattr("gossamer.lab.remove_abandoned_labs", lambda: ["ar1b2c3"])
     said = remove_abandoned_runs(labs=True, temp_dir=tmp_path)
     assert said == "removed what killed benchmark runs left behind: lab ar1b2c3"
+
+
+def test_an_owner_of_another_pid_namespace_is_never_taken_for_ended(tmp_path: Path) -> None:
+    # A bench in a container records its own namespace's pids (its driver is pid 2 there):
+    # a bench on the host sharing /tmp read pid 2 as kthreadd's, took the live run's folder
+    # for abandoned and removed it under its workers.
+    elsewhere = (pid_namespace() or 0) + 1
+    assert not process_ended(_ended_pid(), None, elsewhere)
+    assert process_ended(_ended_pid(), None, pid_namespace())
+    folder = tmp_path / "gossamer-bench-container"
+    folder.mkdir()
+    (folder / "driver.json").write_text(
+        json.dumps({"pid": _ended_pid(), "start_ticks": 1, "pid_namespace": elsewhere})
+    )
+    assert remove_abandoned_runs(labs=False, temp_dir=tmp_path) is None
+    assert folder.is_dir()
+    runner = FakeCommandRunner()
+    lab_up(
+        LabConfig(num_peers=2, name="boxed"),
+        runner=runner,
+        state_dir=tmp_path,
+        owner_pid=_ended_pid(),
+    )
+    state = load_state("boxed", tmp_path)
+    assert state is not None
+    assert state.owner_pid_namespace == pid_namespace()
+    assert state.owner_gone()
+    record = dict(state.to_json(), owner_pid_namespace=elsewhere)
+    assert not LabState.from_json(record).owner_gone()
+
+
+def test_a_lab_that_will_not_go_stops_neither_the_run_nor_the_others_removal(
+    tmp_path: Path,
+) -> None:
+    runner = FakeCommandRunner()
+    for name in ("a1", "b2"):
+        lab_up(
+            LabConfig(num_peers=2, name=name),
+            runner=runner,
+            state_dir=tmp_path,
+            owner_pid=_ended_pid(),
+        )
+    runner.answer(["ip", "netns", "del", "gsl-a1-p0"], returncode=1)
+    assert remove_abandoned_labs(runner=runner, state_dir=tmp_path) == ["b2"]
+    assert load_state("b2", tmp_path) is None

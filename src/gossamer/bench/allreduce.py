@@ -85,7 +85,7 @@ from gossamer.bench.allreduce_results import (
 from gossamer.comm.torch_backend import choose_backend
 from gossamer.core.errors import FatalError
 from gossamer.lab.config import MAX_PEERS
-from gossamer.lab.state import process_ended, process_start_ticks
+from gossamer.lab.state import pid_namespace, process_ended, process_start_ticks
 from gossamer.net.config import LimitsConfig
 
 __all__ = [
@@ -195,7 +195,8 @@ def _write_driver(folder: Path) -> None:
     """Record in a run's folder which process made it (see :func:`remove_abandoned_runs`)."""
     pid = os.getpid()
     staged = folder / f"{_DRIVER_FILE}.tmp"
-    staged.write_text(json.dumps({"pid": pid, "start_ticks": process_start_ticks(pid)}))
+    record = {"pid": pid, "start_ticks": process_start_ticks(pid), "pid_namespace": pid_namespace()}
+    staged.write_text(json.dumps(record))
     staged.rename(folder / _DRIVER_FILE)
 
 
@@ -204,7 +205,9 @@ def _abandoned(folder: Path) -> bool:
     told (no record yet: a run starting now, or a run of a version that wrote none)."""
     try:
         driver = json.loads((folder / _DRIVER_FILE).read_text())
-        return process_ended(int(driver["pid"]), driver.get("start_ticks"))
+        return process_ended(
+            int(driver["pid"]), driver.get("start_ticks"), driver.get("pid_namespace")
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return False
 

@@ -14,7 +14,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from gossamer.core.errors import ConfigError, CorruptedDataError, DeadlineExceededError
+from gossamer.core.errors import (
+    ConfigError,
+    CorruptedDataError,
+    DeadlineExceededError,
+    GossamerError,
+)
 from gossamer.lab.build import build_topology, list_namespaces, remove_namespaces
 from gossamer.lab.config import LAB_PREFIX, LabConfig, namespace_prefix
 from gossamer.lab.control import LabControl
@@ -25,6 +30,7 @@ from gossamer.lab.state import (
     LabState,
     delete_state,
     load_state,
+    pid_namespace,
     process_start_ticks,
     save_state,
     state_lock,
@@ -89,6 +95,7 @@ def lab_up(
             topology=plan_topology(config),
             owner_pid=owner_pid,
             owner_start_ticks=None if owner_pid is None else process_start_ticks(owner_pid),
+            owner_pid_namespace=None if owner_pid is None else pid_namespace(),
         )
         save_state(state, state_dir)  # before building, so a crash leaves a record for `down`
         try:
@@ -197,11 +204,17 @@ def remove_abandoned_labs(
     removed = []
     for name in _recorded_lab_names(state_dir):
         # (a lab held now is being built or changed by a live process: not abandoned)
-        with contextlib.suppress(DeadlineExceededError), state_lock(name, state_dir, timeout_s=0):
-            state = _readable_state(name, state_dir)
-            if state is not None and state.owner_gone():
-                _remove_lab(runner, name, state_dir)
-                removed.append(name)
+        try:
+            with (
+                contextlib.suppress(DeadlineExceededError),
+                state_lock(name, state_dir, timeout_s=0),
+            ):
+                state = _readable_state(name, state_dir)
+                if state is not None and state.owner_gone():
+                    _remove_lab(runner, name, state_dir)
+                    removed.append(name)
+        except GossamerError as exc:  # (best effort: one lab that will not go stops no run)
+            logger.warning("could not remove abandoned lab %s: %s", name, exc)
     return removed
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "LabState",
     "delete_state",
     "load_state",
+    "pid_namespace",
     "process_ended",
     "process_start_ticks",
     "save_state",
@@ -66,11 +67,17 @@ class LabState:
     owner_start_ticks: int | None = None
     """When that process started (``/proc/PID/stat``'s start time), so that a process given its
     pid later is not taken for it."""
+    owner_pid_namespace: int | None = None
+    """The PID namespace ``owner_pid`` means a process in (see :func:`pid_namespace`): a
+    bench in a container names its own processes' pids."""
 
     def owner_gone(self) -> bool:
         """Whether the lab's owner has ended without taking it down (killed outright): a lab
-        nobody else uses. False for a lab without an owner (`lab up`'s)."""
-        return self.owner_pid is not None and process_ended(self.owner_pid, self.owner_start_ticks)
+        nobody else uses. False for a lab without an owner (`lab up`'s), and for one whose owner
+        is in another PID namespace (a container's: its pid names no process here)."""
+        return self.owner_pid is not None and process_ended(
+            self.owner_pid, self.owner_start_ticks, self.owner_pid_namespace
+        )
 
     def rate_bps(self, peer: str) -> int:
         """The current link rate of ``peer``."""
@@ -107,6 +114,7 @@ class LabState:
             "partition_side": self.partition_side,
             "owner_pid": self.owner_pid,
             "owner_start_ticks": self.owner_start_ticks,
+            "owner_pid_namespace": self.owner_pid_namespace,
         }
 
     @classmethod
@@ -122,6 +130,7 @@ class LabState:
             # (records written before labs had owners have neither)
             owner_pid=_optional_int(record.get("owner_pid")),
             owner_start_ticks=_optional_int(record.get("owner_start_ticks")),
+            owner_pid_namespace=_optional_int(record.get("owner_pid_namespace")),
         )
 
 
@@ -129,12 +138,26 @@ def _optional_int(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
-def process_ended(pid: int, start_ticks: int | None) -> bool:
+def process_ended(pid: int, start_ticks: int | None, namespace: int | None = None) -> bool:
     """Whether the process ``pid`` that started at ``start_ticks`` (see
     :func:`process_start_ticks`; None: not known) has ended: no process has that pid now, or
-    the one that has it started at another time (the pid was given again)."""
+    the one that has it started at another time (the pid was given again). False where the pid
+    is of another PID ``namespace`` than this process's (see :func:`pid_namespace`; None: not
+    known, taken as this one's): it cannot be told from here, and a container's live bench,
+    sharing the folder or the lab's records, lost them to a bench on the host."""
+    if namespace is not None and namespace != pid_namespace():
+        return False
     started = process_start_ticks(pid)
     return started is None or (start_ticks is not None and started != start_ticks)
+
+
+def pid_namespace() -> int | None:
+    """This process's PID namespace (the inode of ``/proc/self/ns/pid``); None where it cannot
+    be read."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
 
 
 def process_start_ticks(pid: int) -> int | None:
