@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from types import SimpleNamespace
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 
 from gossamer.comm.report import AllReduceReport, PartOutcome, PartReport
+from gossamer.net.identity import peer_id_of_public_key
 from gossamer.train.swarm_averager import (
     SwarmAverager,
     SwarmAveragerConfig,
@@ -142,18 +144,35 @@ def test_records_nested_past_the_parsers_depth_are_skipped() -> None:
     assert len(found) == 1
 
 
-def _membership_reader(joined_at: float | None = None) -> SimpleNamespace:
-    """What :meth:`SwarmAverager._memberships` reads of its averager."""
-    return SimpleNamespace(
-        config=SimpleNamespace(run_id="r"), _joined_at=joined_at, left_before_joining=frozenset()
+def _membership_reader(
+    joined_at: float | None = None, settings: dict[str, Any] | None = None
+) -> SimpleNamespace:
+    """What :meth:`SwarmAverager._memberships` (and ``_note_versions``) read of its averager."""
+    reader = SimpleNamespace(
+        config=SimpleNamespace(run_id="r"),
+        _joined_at=joined_at,
+        left_before_joining=frozenset(),
+        settings=settings or {},
+        other_settings={},
+        other_settings_peers=frozenset(),
+        _members_of_other_settings=frozenset(),
+        joining={},
+        newest_seen_version=None,
+        _alive=lambda node, peer: True,
+        _seen_in_run=set(),
+        _tolerance_s=10.0,
     )
+    for name in ("_settings_differ", "_note_other_settings"):
+        if hasattr(SwarmAverager, name):
+            setattr(reader, name, functools.partial(getattr(SwarmAverager, name), reader))
+    return reader
 
 
 @pytest.mark.parametrize(
     ("record", "kept"),
     [
         ({"state": "left", "version": -1, "inc": "x", "at": 99.0}, False),
-        ({"state": "left", "version": -1, "inc": "x", "at": 101.0}, True),  # left after
+        ({"state": "left", "version": -1, "inc": "x", "at": 111.0}, True),  # left after
         ({"state": "left", "version": -1, "inc": "x"}, True),  # (a peer of before: no time)
         ({"state": "active", "version": 3, "inc": "x", "at": 5.0}, True),
     ],
@@ -168,6 +187,65 @@ def test_a_peer_that_left_before_this_one_joined_is_not_of_its_run(
     found = asyncio.run(SwarmAverager._memberships(averager, records))  # type: ignore[arg-type]
     assert bool(found) is kept
     assert bool(averager.left_before_joining) is not kept
+
+
+@pytest.mark.parametrize("seen_active", [False, True])
+def test_a_peer_that_left_a_few_seconds_after_a_clock_behind_joined_is_not_of_its_run(
+    seen_active: bool,
+) -> None:
+    # A newcomer whose clock is 7 s behind (its join time is stamped uncorrected: it has no
+    # round yet) counted the earlier run's peer that left 3 s before it as one of its run.
+    # Within the clock tolerance, only a peer this one read in the run since it joined is.
+    averager = _membership_reader(joined_at=100.0)
+    if seen_active:
+        active = {"state": "active", "version": 3, "inc": "x", "at": 101.0}
+        asyncio.run(SwarmAverager._memberships(averager, _Records([json.dumps(active).encode()])))  # type: ignore[arg-type]
+    left = {"state": "left", "version": -1, "inc": "x", "at": 107.0}
+    records = _Records([json.dumps(left).encode()])
+    found = asyncio.run(SwarmAverager._memberships(averager, records))  # type: ignore[arg-type]
+    assert bool(found) is seen_active
+    assert bool(averager.left_before_joining) is not seen_active
+    far = {"state": "left", "version": -1, "inc": "x", "at": 111.0}  # (past the tolerance)
+    assert asyncio.run(SwarmAverager._memberships(averager, _Records([json.dumps(far).encode()])))  # type: ignore[arg-type]
+
+
+class _Peers:
+    """A node whose DHT holds one membership record of each peer (by its key's letter)."""
+
+    def __init__(self, records: dict[str, dict[str, Any]]) -> None:
+        found = [
+            SimpleNamespace(value=json.dumps(r).encode(), publisher_public_key=k.encode() * 32)
+            for k, r in records.items()
+        ]
+
+        async def get(key: bytes, replicated_only: bool = False) -> list[SimpleNamespace]:
+            return found
+
+        self.dht = SimpleNamespace(get=get)
+        self.detector = SimpleNamespace(watch=lambda peer_id: None)
+        self.peer_id = "me"
+
+
+@pytest.mark.parametrize("told_by", ["membership", "round"])
+def test_the_versions_of_a_peer_of_other_settings_are_not_the_run_s(told_by: str) -> None:
+    # An odd peer with a smaller H published higher versions: the run's peers, counting them,
+    # were behind at every boundary and downloaded its state (refused) every 0.2 s.
+    mine = {"inner_steps": 10, "outer_lr": 0.7}
+    odd_cfg = {"inner_steps": 5, "outer_lr": 0.7}
+    records = {
+        "b": {"state": "active", "version": 3, "inc": "x", "cfg": mine},
+        "x": {"state": "active", "version": 7, "inc": "x", "cfg": odd_cfg},
+    }
+    if told_by == "round":  # (a peer that says none in its membership; its round entry did)
+        del records["x"]["cfg"]
+    node = _Peers(records)
+    averager = _membership_reader(settings=mine)
+    if told_by == "round":
+        averager.other_settings = {peer_id_of_public_key(b"x" * 32): "swarm.inner_steps"}
+    memberships = asyncio.run(SwarmAverager._memberships(averager, node))  # type: ignore[arg-type]
+    SwarmAverager._note_versions(averager, node, memberships)  # type: ignore[arg-type]
+    assert averager.other_settings_peers == {peer_id_of_public_key(b"x" * 32)}
+    assert averager.newest_seen_version == 3
 
 
 @pytest.mark.parametrize(

@@ -79,6 +79,10 @@ class FakeAverager:
         self.failed: list[str] = []
         self.left_before_joining: frozenset[str] = frozenset()
 
+    @property
+    def other_settings_peers(self) -> frozenset[str]:
+        return frozenset(self.other_settings)
+
     def report_failed(self, round_key: str) -> None:
         self.failed.append(round_key)
 
@@ -1056,4 +1060,51 @@ def test_a_round_failed_on_every_member_is_formed_again_with_its_progress(
     assert float(model.weight.detach()) == pytest.approx(0.2)
     assert float(strategy._global[0].detach()) == pytest.approx(0.2)
     assert strategy.resyncs == 0
+    strategy.close()
+
+
+class _OddPeerAverager(FakeAverager):
+    """A run of b (this peer's settings, at this peer's version 3) and x, an odd peer of a
+    smaller H (known by its round entries) whose versions run ahead: the run's versions, read
+    without x's (see SwarmAverager.other_settings_peers), say nothing newer is out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.other_settings = {"x" * 64: "swarm.inner_steps is 1 there, 2 here"}
+        self.newest_seen_version = 3
+
+    def run_states(self) -> dict[str, tuple[str, int]]:
+        return {"b" * 64: ("active", 3), "x" * 64: ("active", 7)}
+
+    def newest_version(self) -> int:
+        return 3
+
+
+def test_a_peer_waiting_for_a_newer_state_neither_downloads_at_every_poll_nor_from_an_odd_peer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Peers a, b (H 10) beside an odd x (H 5) that never met them: a counted x's versions, was
+    # behind, and waited 30 s for a newer state, downloading every 0.2 s (x won the tie of
+    # two donors as the newer version; its state refused as unusable): 145 downloads in a run.
+    monkeypatch.setattr(swarm_module, "_NEWER_STATE_WAIT_S", 1.0)
+    strategy = SwarmDiLoCoStrategy(
+        DiLoCoConfig(inner_steps=INNER_STEPS, run_id="r"),
+        cast(Any, _OddPeerAverager()),
+        cast(Any, FakeNodeThread()),
+        cast(Any, FakeDonor()),
+        join_existing=False,
+    )
+    model = nn.Linear(4, 4)
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    strategy.outer_step = 3
+    same = strategy._snapshot(step=3 * INNER_STEPS)
+    asked: list[list[str]] = []
+
+    def download(node_thread: object, donors: list[str], **kwargs: Any) -> Any:
+        asked.append(list(donors))
+        return same, 0
+
+    monkeypatch.setattr(swarm_module, "download_from_donors", download)
+    assert strategy._wait_for_newer_state() is None
+    assert asked == [["b" * 64]]  # one try (then one per 2 s), never x
     strategy.close()

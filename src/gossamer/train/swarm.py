@@ -360,7 +360,10 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         round entries carry decide at the first rounds, where the peers that share settings
         average together and become the run, and a peer left alone with other ones stops.
         Before, whichever peer published its first state first was "the run": one peer with
-        another H refused an honest majority started with it.
+        another H refused an honest majority started with it. Peers known to use other
+        settings (:attr:`SwarmAverager.other_settings_peers`) are no donors where ``donors``
+        is None, but at a newcomer's first download (``joining``): an odd peer's state is
+        refused, and of two donors the odd one's newer version won the tie at every try.
 
         Raises:
             ConfigError: the donors train another model (this peer can never be of the run: it
@@ -372,7 +375,12 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
                 donor then and has neither averaged with the run since nor taken its state.
                 Otherwise (a donor's bug, or a liar's) the state is refused with a warning.
         """
-        donors = self._others() if donors is None else list(donors)
+        if donors is None:
+            donors = self._others()
+            if not joining:  # (a newcomer's first download: the run's other settings stop it)
+                odd = self.swarm_averager.other_settings_peers
+                donors = [p for p in donors if p not in odd]
+        donors = list(donors)
         if not donors:
             return None
 
@@ -500,26 +508,32 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         (see :meth:`SwarmAverager.round_fate`), and ``_NEWER_STATE_WAIT_S`` after: given up
         sooner, this peer came back to the failed round's closed key at its next boundary
         while such a member, whose all-reduce failed later, formed the next attempt there;
-        the two went on a boundary apart and ended an outer step apart. While the run's
-        versions can be read, a download is tried where they say a newer state is out, and
-        every ``_EARLY_CATCH_UP_EVERY_S`` besides (a version not announced yet), not at every
-        poll (each took a whole state of the same version).
+        the two went on a boundary apart and ended an outer step apart. On every path (a
+        missed round or not), a download is tried where the run's versions (those of peers
+        of this peer's settings) say a newer state is out than the last try found, and every
+        ``_EARLY_CATCH_UP_EVERY_S`` besides (a version not announced yet, or not read), not at
+        every poll: each took a whole state, and a peer behind only by an odd peer's versions
+        (another H) downloaded its refused state every 0.2 s for the whole wait.
         """
         deadline = time.monotonic() + _NEWER_STATE_WAIT_S
         key = self._round_key()
         missed = self.last_round_excluded
         next_download_s = 0.0
+        tried_newest = self.outer_step  # (the newest version the run said at the last try)
         told_undecided: tuple[str, ...] = ()
         with nested_span("waiting", what="newer_state"):  # its downloads nest as "sync"
             while time.monotonic() < deadline:
                 fate = self.swarm_averager.round_fate(key) if missed else None
-                newest = fate.newest_version if fate is not None else None
-                if (
-                    newest is None
-                    or newest > self.outer_step
-                    or time.monotonic() >= next_download_s
+                newest = (
+                    fate.newest_version
+                    if fate is not None
+                    else self.swarm_averager.newest_version()
+                )
+                if (newest is not None and newest > tried_newest) or (
+                    time.monotonic() >= next_download_s
                 ):
                     next_download_s = time.monotonic() + _EARLY_CATCH_UP_EVERY_S
+                    tried_newest = max(tried_newest, newest if newest is not None else -1)
                     snapshot = self._download(version=None)
                     if snapshot is not None and snapshot.version > self.outer_step:
                         return snapshot
@@ -556,12 +570,14 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         return None
 
     def _others_active(self) -> bool:
-        """Whether another peer of the run is active (True when the DHT cannot be read)."""
+        """Whether another peer of the run is active, not known to use other settings (True
+        when the DHT cannot be read): one that may publish a state this peer takes."""
         try:
             states = self.swarm_averager.run_states()
         except GossamerError:
             return True
-        return any(state == "active" for state, _ in states.values())
+        odd = self.swarm_averager.other_settings_peers
+        return any(state == "active" and p not in odd for p, (state, _) in states.items())
 
     def _apply_snapshot(self, snapshot: StateSnapshot) -> None:
         """Take the swarm's global state; the local model restarts from it.

@@ -34,6 +34,9 @@ A strategy may name settings every member must share (:attr:`SwarmAverager.setti
 inner steps and outer optimizer); they go with its round entries, and an entry with other
 values is neither a member nor awaited (an entry without them, from a peer of an older
 version, counts as before). Such peers are listed in :attr:`SwarmAverager.other_settings`.
+The settings go with a peer's membership too: a peer known to use other ones, by either, is no
+donor of this peer's state and its state versions are not the run's
+(:attr:`SwarmAverager.other_settings_peers`).
 
 Where every member is on one site, a torch.distributed group does the all-reduce instead
 (``backend``: ``auto`` or ``torch``): each peer keeps a ``TCPStore`` and publishes its address
@@ -500,11 +503,20 @@ class SwarmAverager:
         self.other_settings: dict[str, str] = {}
         """Peers whose round entries carried other :attr:`settings` (left out of the rounds),
         with how they differ. Written on the node's loop (replaced whole), read anywhere."""
+        self._members_of_other_settings: frozenset[str] = frozenset()
+        """Peers whose membership record carries other :attr:`settings` (the last read)."""
+        self.other_settings_peers: frozenset[str] = frozenset()
+        """Peers known to use other :attr:`settings`: their round entries (see
+        :attr:`other_settings`) or their membership records say so. Their state versions are
+        left out of :attr:`newest_seen_version` and :meth:`newest_version`: an odd peer of a
+        smaller H published higher versions, and the run's peers, counting them, downloaded
+        its state (refused) every 0.2 s. Replaced whole on the node's loop, read anywhere."""
         self._other_incarnations: dict[str, str] = {}
         """The incarnation of each peer whose entry carried other settings (used on the
         node's loop only)."""
         self.newest_seen_version: int | None = None
-        """The newest state version among the run's other active peers, as the last round's
+        """The newest state version among the run's other active peers (not those of
+        :attr:`other_settings_peers`), as the last round's
         formation, or the last read after a nudge for a round this peer is not forming, read it
         (None before either)."""
         self.joining: dict[str, int] = {}
@@ -518,6 +530,9 @@ class SwarmAverager:
         """The clock correction of the last round's formation (see _clock_correction_s)."""
         self._joined_at: float | None = None
         """When this peer first said it joins or is active in the run (its clock, corrected)."""
+        self._seen_in_run: set[str] = set()
+        """Peers whose membership this peer read as active or joining since it joined the run
+        (see :meth:`_memberships`; used on the node's loop only)."""
         self.left_before_joining: frozenset[str] = frozenset()
         """Peers whose membership says they left the run before this peer joined it, as the
         last read found them: their records (round entries, hashes) are not this run's (see
@@ -1180,10 +1195,13 @@ class SwarmAverager:
         self._set_membership("left", -1)
 
     def newest_version(self) -> int:
-        """The newest state version among the run's active peers (-1 when none is known)."""
+        """The newest state version among the run's active peers (-1 when none is known, or
+        the DHT cannot be read), not those of :attr:`other_settings_peers`."""
 
         async def read(node: Node) -> int:
-            return max((await self._active_members(node)).values(), default=-1)
+            active = await self._active_members(node)
+            others = self.other_settings_peers  # (noted from these memberships)
+            return max((v for p, v in active.items() if p not in others), default=-1)
 
         try:
             return self.node_thread.run(read, timeout_s=15)
@@ -1195,7 +1213,14 @@ class SwarmAverager:
         at = self._clock.wall() + self._correction_s
         if self._joined_at is None and state != "left":
             self._joined_at = at
-        record = {"state": state, "version": version, "inc": self.incarnation, "at": at}
+        record: dict[str, Any] = {
+            "state": state,
+            "version": version,
+            "inc": self.incarnation,
+            "at": at,
+        }
+        if self.settings:  # (see other_settings_peers)
+            record["cfg"] = self.settings
         value = json.dumps(record).encode()
 
         async def put(node: Node) -> None:
@@ -1226,18 +1251,31 @@ class SwarmAverager:
         """
         found: dict[str, tuple[str, int, str]] = {}
         left_before: set[str] = set()
+        other_settings: set[str] = set()
         for publisher, value in await read_json_records(node, _members_key(self.config.run_id)):
             try:
                 found[publisher] = (str(value["state"]), int(value["version"]), str(value["inc"]))
                 at = float(value.get("at", math.nan))
             except (KeyError, TypeError, ValueError, OverflowError):  # (int of an inf)
                 continue
+            if publisher != node.peer_id and self._settings_differ(value):
+                other_settings.add(publisher)
             joined_at = self._joined_at
-            if found[publisher][0] == "left" and joined_at is not None and at < joined_at:
+            if joined_at is None:
+                continue
+            if found[publisher][0] != "left":
+                self._seen_in_run.add(publisher)
+            # (a peer never seen in the run that left up to a clock tolerance after this one
+            # joined: this peer's join time is in its own clock, uncorrected before its first
+            # round, and one a few seconds behind counted an earlier run's peer as its run's)
+            tolerance_s = 0.0 if publisher in self._seen_in_run else self._tolerance_s
+            if found[publisher][0] == "left" and at < joined_at + tolerance_s:
                 del found[publisher]  # (a NaN, from a peer of before, compares False: kept)
                 left_before.add(publisher)
         if left_before != self.left_before_joining:
             self.left_before_joining = frozenset(left_before)
+        self._members_of_other_settings = frozenset(other_settings)
+        self._note_other_settings()
         for peer, (state, _, _) in found.items():
             if state == "active" and peer != node.peer_id:
                 node.detector.watch(peer)
@@ -1314,7 +1352,9 @@ class SwarmAverager:
             (
                 version
                 for peer, (state, version, _) in memberships.items()
-                if state == "active" and peer != node.peer_id
+                if state == "active"
+                and peer != node.peer_id
+                and peer not in self.other_settings_peers
             ),
             default=-1,
         )
@@ -1398,6 +1438,7 @@ class SwarmAverager:
         seen: dict[str, dict[str, Any]] = {}
         both = [(entry_key, "at"), (close_key, "close_at")]
         memberships, (entries, closes) = await self._read_round(node, both, seen)
+        entries, closes = self._this_run_s(node, entries), self._this_run_s(node, closes)
         expected = _active(memberships, node.peer_id)
         self._run_peers = expected
         self._nudge(node, expected, key)  # (_memberships watches them)
@@ -1449,6 +1490,7 @@ class SwarmAverager:
                 break
             await self._until_nudged(nudged, poll_s)
             _, (entries, closes) = await self._read_round(node, both, seen)
+            entries, closes = self._this_run_s(node, entries), self._this_run_s(node, closes)
         await node.dht.put(
             close_key,
             json.dumps({"close_at": close_at, "inc": self.incarnation}).encode(),
@@ -1462,6 +1504,7 @@ class SwarmAverager:
             memberships, (latest, closes) = await self._read_round(
                 node, [(entry_key, "at"), (close_key, "close_at")], seen
             )
+            latest, closes = self._this_run_s(node, latest), self._this_run_s(node, closes)
             if read_at >= read_after:
                 break  # the full grace has passed: what this read saw decides
             other |= self._left_out_for_settings(key, latest, seen)
@@ -1495,6 +1538,45 @@ class SwarmAverager:
             group, missing, plan_weights(estimates), agreed_send_rates(estimates, floors), records
         )
 
+    @property
+    def _tolerance_s(self) -> float:
+        """How far apart two peers' clocks may be (see
+        :attr:`SwarmAveragerConfig.clock_tolerance_s`)."""
+        return self.config.clock_tolerance_s or self.config.join_window_s
+
+    def _this_run_s(self, node: Node, stamps: dict[str, float]) -> dict[str, float]:
+        """``stamps`` (a round's entries or closes, by writer) less those of an earlier run of
+        the same name: stamped before this peer joined the run by a writer the failure
+        detector has not heard answer (gone, or not one answer since it was watched).
+
+        A killed peer of an earlier run leaves no 'left' (see :attr:`left_before_joining`):
+        its membership says active for minutes, and its entries and closes closed every round
+        of the run started again under the name before its peer came; it missed each, and
+        formed it again as the next attempt at its next boundary: half the outer steps. A
+        newcomer's case stands: the entries of the round in progress when it joined are
+        stamped before, by writers alive that answer, and count once they have (this peer
+        reads them again while it waits for those writers, as it awaits them).
+        """
+        joined_at = self._joined_at
+        if joined_at is None:
+            return stamps
+        return {
+            p: at
+            for p, at in stamps.items()
+            if at >= joined_at or p == node.peer_id or self._answered(node, p)
+        }
+
+    @staticmethod
+    def _answered(node: Node, peer_id: str) -> bool:
+        """Whether the failure detector heard ``peer_id`` answer since it was watched (or came
+        back), and does not report it gone."""
+        liveness = node.detector.liveness(peer_id)
+        return (
+            liveness is not None
+            and liveness.alive
+            and liveness.last_answer_s > liveness.changed_at_s
+        )
+
     def _left_out_for_settings(
         self, key: str, entries: dict[str, float], seen: dict[str, dict[str, Any]]
     ) -> set[str]:
@@ -1518,7 +1600,14 @@ class SwarmAverager:
                     differs,
                 )
                 self.other_settings = {**self.other_settings, peer: differs}
+        self._note_other_settings()
         return other
+
+    def _note_other_settings(self) -> None:
+        """Update :attr:`other_settings_peers` from round entries and memberships."""
+        peers = self._members_of_other_settings | frozenset(self.other_settings)
+        if peers != self.other_settings_peers:
+            self.other_settings_peers = peers
 
     async def _clock_correction_s(self, node: Node) -> float:
         """What to add to this peer's wall clock for round formation: nothing while it agrees
