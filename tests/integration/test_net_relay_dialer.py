@@ -53,6 +53,14 @@ async def _relayed_through(node: Node, relays: list[str], num_relays: int) -> No
         await asyncio.sleep(0.05)  # polling in-process state under a deadline
 
 
+async def _relayed_and_known(hidden: Node, relay: Node, dialer: Node) -> None:
+    """``hidden`` relayed through ``relay`` alone, its record known to ``dialer``."""
+    await _relayed_through(hidden, [f"{relay.peer_id}@{relay.addresses[0]}"], 1)
+    record = hidden.own_record()
+    assert record is not None
+    dialer.dht.learn(record)
+
+
 async def _ping(dialer: Node, peer_id: str, timeout_s: float) -> None:
     """One ping from ``dialer`` to ``peer_id``, no retries."""
     await dialer.call(
@@ -74,10 +82,7 @@ def test_a_relay_s_refusal_is_what_the_dialer_s_error_says() -> None:
             hidden = Node(_hidden_config())
             await hidden.start()
             try:
-                await _relayed_through(hidden, [f"{relay.peer_id}@{relay.addresses[0]}"], 1)
-                record = hidden.own_record()
-                assert record is not None
-                dialer.dht.learn(record)
+                await _relayed_and_known(hidden, relay, dialer)
             finally:
                 await hidden.stop()  # its reservation ends; its record still names the relay
             with pytest.raises(PeerUnavailableError) as raised:
@@ -128,10 +133,7 @@ def test_a_relay_s_refusal_reaches_the_dialer_bounded_and_escaped(
             relay.add_servicer(
                 net_pb2_grpc.add_RelayServicer_to_server, _RefusingRelay(relay, reason)
             )
-            await _relayed_through(hidden, [f"{relay.peer_id}@{relay.addresses[0]}"], 1)
-            record = hidden.own_record()
-            assert record is not None
-            dialer.dht.learn(record)
+            await _relayed_and_known(hidden, relay, dialer)
             with pytest.raises(PeerUnavailableError) as raised:
                 await _ping(dialer, hidden.peer_id, timeout_s=5.0)
             message = str(raised.value)
@@ -245,10 +247,7 @@ def test_a_late_refusal_of_an_earlier_dial_s_tunnel_is_not_the_next_dial_s_error
             hidden = Node(_hidden_config())
             await hidden.start()
             try:
-                await _relayed_through(hidden, [f"{relay.peer_id}@{relay.addresses[0]}"], 1)
-                record = hidden.own_record()
-                assert record is not None
-                dialer.dht.learn(record)
+                await _relayed_and_known(hidden, relay, dialer)
                 target = dialer.relay_dialer.targets(hidden.peer_id)[-1]
                 errors = []
                 for timeout_s in (1.0, 1.5):
@@ -282,10 +281,7 @@ def test_a_local_connection_reset_under_a_tunnel_is_no_error(
             hidden = Node(_hidden_config())
             await hidden.start()
             try:
-                await _relayed_through(hidden, [f"{relay.peer_id}@{relay.addresses[0]}"], 1)
-                record = hidden.own_record()
-                assert record is not None
-                dialer.dht.learn(record)
+                await _relayed_and_known(hidden, relay, dialer)
                 with pytest.raises(RetryableError):
                     await _ping(dialer, hidden.peer_id, timeout_s=3.0)
             finally:

@@ -271,18 +271,17 @@ class _GlooRows:
         }
 
 
+def _new_row() -> dict[str, Any]:
+    """One backend's figures over the repeats, empty: per repeat its time, CPU, wire and link
+    bytes; over them the worst error and the most extra memory."""
+    return {"seconds": [], "cpu": [], "wire": [], "error": 0.0, "link": [], "memory": 0}
+
+
 def _torch_rounds(
     averager: TorchGroupAverager, tensor: torch.Tensor, spec: dict[str, Any]
 ) -> dict[str, Any]:
     gloo = _GlooRows()
-    row: dict[str, Any] = {
-        "seconds": [],
-        "cpu": [],
-        "wire": [],
-        "error": 0.0,
-        "link": [],
-        "memory": 0,
-    }
+    row = _new_row()
     ifname = spec["ifname"]
     for repeat in range(spec["repeats"]):
         for codec in _round_order(repeat, ["none"]):
@@ -324,16 +323,7 @@ async def _p2p_rounds(
         mailbox = CommMailbox(NetCommTransport(node), node.clock)
         gloo = _GlooRows()
         codecs: dict[str, dict[str, Any]] = {
-            c: {
-                "seconds": [],
-                "cpu": [],
-                "wire": [],
-                "error": 0.0,
-                "link": [],
-                "memory": 0,
-                "ring_left": [],
-            }
-            for c in spec["codecs"]
+            c: dict(_new_row(), ring_left=[]) for c in spec["codecs"]
         }
         landing = tensor.clone()  # where averages land, allocated once like gloo's buffer
         # like a swarm peer's: its rounds measure its send rate, and before each round the
