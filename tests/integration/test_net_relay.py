@@ -32,6 +32,7 @@ from gossamer.net.tunnels import (
 )
 from gossamer.proto import net_pb2, net_pb2_grpc
 from loopback_nodes import until
+from relay_nodes import learn_record_of, make_unreachable, ping
 
 SECRET = b"relay-test-secret-0123456789"
 
@@ -44,33 +45,6 @@ def _run(scenario: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(scenario(), timeout=60))
 
 
-async def _make_unreachable(node: Node, relay: Node) -> None:
-    """Mark ``node`` as behind NAT and let it reserve a relay (as dial-back would)."""
-    await node.bootstrap([f"{relay.peer_id}@{relay.addresses[0]}"])
-    node.reachability = net_pb2.REACHABILITY_RELAYED
-    node.reservations.wake()
-    assert await node.wait_for_relay(10.0), "no relay reservation within 10 s"
-
-
-def _learn_record_of(node: Node, peer: Node) -> None:
-    """``node`` learns ``peer``'s record as it stands (its relays included)."""
-    record = peer.own_record()
-    assert record is not None
-    node.dht.learn(record)
-
-
-async def _ping(dialer: Node, peer_id: str, timeout_s: float) -> None:
-    """One ping from ``dialer`` to ``peer_id``, no retries."""
-    await dialer.call(
-        peer_id,
-        "/gossamer.net.v1.Dht/Ping",
-        net_pb2.PingRequest(),
-        net_pb2.PingResponse,
-        timeout_s=timeout_s,
-        retry=False,
-    )
-
-
 def test_unreachable_peer_is_reached_through_a_relay_with_the_same_api() -> None:
     payload = os.urandom(8 << 20)
 
@@ -80,7 +54,7 @@ def test_unreachable_peer_is_reached_through_a_relay_with_the_same_api() -> None
             Node(_config(advertise_addresses=("127.0.0.1:9",))) as hidden,
             Node(_config()) as dialer,
         ):
-            await _make_unreachable(hidden, relay)
+            await make_unreachable(hidden, relay)
             assert hidden.relays == [(relay.peer_id, relay.addresses[0])]
             record = hidden.own_record()
             assert record is not None
@@ -137,8 +111,8 @@ def test_a_relay_takes_only_so_many_reservations_from_one_address() -> None:
             Node(_config()) as second,
             Node(_config()) as third,
         ):
-            await _make_unreachable(first, relay)
-            await _make_unreachable(second, relay)
+            await make_unreachable(first, relay)
+            await make_unreachable(second, relay)
             await third.bootstrap([f"{relay.peer_id}@{relay.addresses[0]}"])
             third.reachability = net_pb2.REACHABILITY_RELAYED
             third.reservations.wake()
@@ -158,7 +132,7 @@ def test_a_reservation_refused_keeps_the_connection_and_a_broken_one_drops_it() 
         async with Node(_config()) as held, Node(_config()) as refused:
             relay = Node(_config(relay=relay_config))
             async with relay:
-                await _make_unreachable(held, relay)
+                await make_unreachable(held, relay)
                 await refused.bootstrap([f"{relay.peer_id}@{relay.addresses[0]}"])
                 connection = refused.pool.get(relay.peer_id)
                 refused.reachability = net_pb2.REACHABILITY_RELAYED
@@ -187,8 +161,8 @@ def test_relay_caps_bandwidth_per_relayed_peer() -> None:
             Node(_config(advertise_addresses=("127.0.0.1:9",))) as hidden,
             Node(_config()) as dialer,
         ):
-            await _make_unreachable(hidden, relay)
-            _learn_record_of(dialer, hidden)
+            await make_unreachable(hidden, relay)
+            learn_record_of(dialer, hidden)
             done = asyncio.Event()
 
             async def handler(sender: str, topic: str, data: bytearray) -> None:
@@ -214,12 +188,12 @@ def test_dialing_a_relayed_peer_whose_relay_is_gone_fails_with_unavailable() -> 
             relay = Node(_config())
             await relay.start()
             try:
-                await _make_unreachable(hidden, relay)
-                _learn_record_of(dialer, hidden)
+                await make_unreachable(hidden, relay)
+                learn_record_of(dialer, hidden)
             finally:
                 await relay.stop()
             with pytest.raises(PeerUnavailableError):
-                await _ping(dialer, hidden.peer_id, timeout_s=2.0)
+                await ping(dialer, hidden.peer_id, timeout_s=2.0)
 
     _run(scenario)
 
@@ -236,10 +210,10 @@ def test_reachable_dialer_upgrades_to_direct_and_falls_back_to_the_relay() -> No
         ):
             dialer.reachability = net_pb2.REACHABILITY_DIRECT
             dialer.sign_own_record()
-            await _make_unreachable(hidden, relay)
-            await _make_unreachable(other_hidden, relay)
+            await make_unreachable(hidden, relay)
+            await make_unreachable(other_hidden, relay)
             for node in (dialer, other_hidden):
-                _learn_record_of(node, hidden)
+                learn_record_of(node, hidden)
             received: list[bytes] = []
 
             async def handler(sender: str, topic: str, data: bytearray) -> None:
@@ -295,7 +269,7 @@ def test_one_dialer_cannot_open_more_than_its_share_of_a_relay_s_tunnels() -> No
             Node(_config(advertise_addresses=("127.0.0.1:9",))) as hidden,
             Node(_config()) as attacker,
         ):
-            await _make_unreachable(hidden, relay)
+            await make_unreachable(hidden, relay)
             await attacker.bootstrap([f"{relay.peer_id}@{relay.addresses[0]}"])
             connection = await attacker.pool.connection(relay.peer_id)
             connect = connection.stream_stream(CONNECT_METHOD, net_pb2.TunnelFrame)
@@ -480,7 +454,7 @@ def test_a_relay_announcing_tunnels_without_end_gets_no_more_than_an_honest_one_
                 return accept(*args, **kwargs)
 
             hidden.accepted_tunnels.accept = counted  # type: ignore[method-assign]
-            await _make_unreachable(hidden, relay)
+            await make_unreachable(hidden, relay)
             deadline = time.monotonic() + 30
             while num_offered < num_announced or (
                 flooding.num_accepted < MAX_ACCEPTED_TUNNELS_PER_RESERVATION
@@ -518,9 +492,9 @@ def test_a_dialer_follows_a_relay_that_restarted_at_another_address(
                 Node(_config(advertise_addresses=("127.0.0.1:9",), **no_relay)) as hidden,
                 Node(_config(**no_relay)) as dialer,
             ):
-                await _make_unreachable(hidden, relay)
-                _learn_record_of(dialer, hidden)
-                await _ping(dialer, hidden.peer_id, timeout_s=3.0)
+                await make_unreachable(hidden, relay)
+                learn_record_of(dialer, hidden)
+                await ping(dialer, hidden.peer_id, timeout_s=3.0)
                 old_address = relay.addresses[0]
 
                 await relay.stop()
@@ -534,11 +508,11 @@ def test_a_dialer_follows_a_relay_that_restarted_at_another_address(
                     "the hidden peer reserved the relay at its new address",
                 )
                 assert relay.addresses[0] != old_address
-                _learn_record_of(dialer, hidden)
+                learn_record_of(dialer, hidden)
                 await dialer.pool.drop(relay.peer_id)  # (the DHT's refresh would, in a while)
                 await dialer.pool.drop(hidden.peer_id)
                 dialer.pool.breakers.forget(hidden.peer_id)
-                await _ping(dialer, hidden.peer_id, timeout_s=3.0)
+                await ping(dialer, hidden.peer_id, timeout_s=3.0)
                 connection = dialer.pool.get(relay.peer_id)
                 assert connection is not None
                 assert connection.target.address == relay.addresses[0]
@@ -556,8 +530,8 @@ def test_a_tunnel_whose_target_leaves_the_relay_before_accepting_fails_at_once()
             hidden = Node(_config(advertise_addresses=("127.0.0.1:9",)))
             await hidden.start()
             try:
-                await _make_unreachable(hidden, relay)
-                _learn_record_of(dialer, hidden)
+                await make_unreachable(hidden, relay)
+                learn_record_of(dialer, hidden)
                 announced = asyncio.Event()
 
                 def accept_none(*args: Any) -> bool:
@@ -565,13 +539,13 @@ def test_a_tunnel_whose_target_leaves_the_relay_before_accepting_fails_at_once()
                     return False
 
                 hidden.accepted_tunnels.accept = accept_none  # type: ignore[method-assign]
-                ping = asyncio.ensure_future(_ping(dialer, hidden.peer_id, timeout_s=20.0))
+                pinging = asyncio.ensure_future(ping(dialer, hidden.peer_id, timeout_s=20.0))
                 await asyncio.wait_for(announced.wait(), 10)
             finally:
                 await hidden.stop()
             left = time.monotonic()
             with pytest.raises(PeerUnavailableError):
-                await ping
+                await pinging
             assert time.monotonic() - left < 3.0
 
     _run(scenario)

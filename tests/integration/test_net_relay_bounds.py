@@ -33,6 +33,7 @@ from gossamer.net.tunnels import (
 )
 from gossamer.proto import net_pb2, net_pb2_grpc
 from loopback_nodes import until
+from relay_nodes import make_unreachable
 
 SECRET = b"relay-bounds-secret-0123456789ab"
 _RELAY_PROCESS = Path(__file__).parents[1] / "net_relay_process.py"
@@ -49,14 +50,6 @@ def _hidden_config(**overrides: Any) -> NodeConfig:
 
 def _run(scenario: Callable[[], Awaitable[None]], timeout_s: float = 60) -> None:
     asyncio.run(asyncio.wait_for(scenario(), timeout=timeout_s))
-
-
-async def _make_unreachable(node: Node, relay: Node) -> None:
-    """Mark ``node`` as behind NAT and let it reserve ``relay``."""
-    await node.bootstrap([f"{relay.peer_id}@{relay.addresses[0]}"])
-    node.reachability = net_pb2.REACHABILITY_RELAYED
-    node.reservations.wake()
-    assert await node.wait_for_relay(10.0), "no relay reservation within 10 s"
 
 
 class _AnnouncingService(RelayServicer):
@@ -117,7 +110,7 @@ def test_a_direct_reservation_carries_a_few_tunnels_apart_from_the_relays_share(
             Node(_config()) as holder,
             Node(_config()) as dialer,
         ):
-            await _make_unreachable(hidden, relay)
+            await make_unreachable(hidden, relay)
             num_announced = MAX_ACCEPTED_TUNNELS_PER_RESERVATION
             service = _AnnouncingService(holder, _announcements(holder.peer_id, num_announced))
             num_offered = 0
@@ -160,7 +153,7 @@ def test_an_accepted_tunnel_ends_soon_after_its_local_connection_closed() -> Non
             Node(_hidden_config(limits=quick_close)) as hidden,
             Node(_config()) as holder,
         ):
-            await _make_unreachable(hidden, relay)
+            await make_unreachable(hidden, relay)
             num_announced = MAX_ACCEPTED_TUNNELS_PER_DIRECT_RESERVATION
             service = _AnnouncingService(holder, _announcements(holder.peer_id, num_announced))
             await _hold_direct_reservation_at(hidden, holder, service)
@@ -196,7 +189,7 @@ def test_malformed_tunnel_announcements_are_refused_before_anything_is_kept() ->
         async with Node(_config()) as relay, Node(_hidden_config()) as hidden:
             service = _AnnouncingService(relay, events)
             relay.add_servicer(net_pb2_grpc.add_RelayServicer_to_server, service)
-            await _make_unreachable(hidden, relay)
+            await make_unreachable(hidden, relay)
             await until(lambda: service.accepted, 10, "the well-formed tunnel accepted")
             await hidden.ping(relay.peer_id)  # (the others' calls would have come first)
             assert service.accepted == [f"{3:024x}"]
@@ -229,7 +222,7 @@ def test_one_host_holds_at_most_half_of_one_target_s_tunnels() -> None:
             Node(_config()) as second,
             Node(_config()) as third,
         ):
-            await _make_unreachable(hidden, relay)
+            await make_unreachable(hidden, relay)
             forever = asyncio.Event()
 
             async def idle() -> Any:

@@ -23,6 +23,7 @@ from gossamer.net.identity import short_peer_id
 from gossamer.net.node import Node
 from gossamer.net.relay import RelayServicer
 from gossamer.proto import net_pb2, net_pb2_grpc
+from relay_nodes import learn_record_of, make_unreachable, ping
 
 SECRET = b"relay-dialer-secret-0123456789ab"
 _RELAY_PROCESS = Path(__file__).parents[1] / "net_relay_process.py"
@@ -41,38 +42,6 @@ def _run(scenario: Callable[[], Awaitable[None]], timeout_s: float = 60) -> None
     asyncio.run(asyncio.wait_for(scenario(), timeout=timeout_s))
 
 
-async def _relayed_through(node: Node, relays: list[str], num_relays: int) -> None:
-    """Mark ``node`` as behind NAT and let it reserve ``relays`` (``ID@HOST:PORT`` each)."""
-    await node.bootstrap(relays)
-    node.reachability = net_pb2.REACHABILITY_RELAYED
-    node.reservations.wake()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
-    while len(node.relays) < num_relays:
-        assert loop.time() < deadline, f"{num_relays} relay reservations within 10 s"
-        await asyncio.sleep(0.05)  # polling in-process state under a deadline
-
-
-async def _relayed_and_known(hidden: Node, relay: Node, dialer: Node) -> None:
-    """``hidden`` relayed through ``relay`` alone, its record known to ``dialer``."""
-    await _relayed_through(hidden, [f"{relay.peer_id}@{relay.addresses[0]}"], 1)
-    record = hidden.own_record()
-    assert record is not None
-    dialer.dht.learn(record)
-
-
-async def _ping(dialer: Node, peer_id: str, timeout_s: float) -> None:
-    """One ping from ``dialer`` to ``peer_id``, no retries."""
-    await dialer.call(
-        peer_id,
-        "/gossamer.net.v1.Dht/Ping",
-        net_pb2.PingRequest(),
-        net_pb2.PingResponse,
-        timeout_s=timeout_s,
-        retry=False,
-    )
-
-
 def test_a_relay_s_refusal_is_what_the_dialer_s_error_says() -> None:
     """A relay's refusal (the target holds no reservation there) reached the dialer only as
     gRPC's "Handshake read failed (Socket closed)" about a local port."""
@@ -82,11 +51,12 @@ def test_a_relay_s_refusal_is_what_the_dialer_s_error_says() -> None:
             hidden = Node(_hidden_config())
             await hidden.start()
             try:
-                await _relayed_and_known(hidden, relay, dialer)
+                await make_unreachable(hidden, relay)
+                learn_record_of(dialer, hidden)
             finally:
                 await hidden.stop()  # its reservation ends; its record still names the relay
             with pytest.raises(PeerUnavailableError) as raised:
-                await _ping(dialer, hidden.peer_id, timeout_s=5.0)
+                await ping(dialer, hidden.peer_id, timeout_s=5.0)
             message = str(raised.value)
             assert (
                 f"relay {short_peer_id(relay.peer_id)} refused the tunnel to "
@@ -133,9 +103,10 @@ def test_a_relay_s_refusal_reaches_the_dialer_bounded_and_escaped(
             relay.add_servicer(
                 net_pb2_grpc.add_RelayServicer_to_server, _RefusingRelay(relay, reason)
             )
-            await _relayed_and_known(hidden, relay, dialer)
+            await make_unreachable(hidden, relay)
+            learn_record_of(dialer, hidden)
             with pytest.raises(PeerUnavailableError) as raised:
-                await _ping(dialer, hidden.peer_id, timeout_s=5.0)
+                await ping(dialer, hidden.peer_id, timeout_s=5.0)
             message = str(raised.value)
             assert f"relay {short_peer_id(relay.peer_id)} refused the tunnel" in message, message
             assert "\\x1b[2J\\x1b[Hspoofed\\nWARNING fake line\\u202e xxx" in message, message
@@ -189,11 +160,9 @@ def test_a_dialer_gets_through_another_relay_soon_after_its_relay_hangs() -> Non
                 Node(_hidden_config(relay=no_relay)) as hidden,
                 Node(_config(relay=no_relay, **keepalive)) as dialer,
             ):
-                await _relayed_through(hidden, relays, 2)
-                record = hidden.own_record()
-                assert record is not None
-                dialer.dht.learn(record)
-                await _ping(dialer, hidden.peer_id, timeout_s=5.0)
+                await make_unreachable(hidden, *relays)
+                learn_record_of(dialer, hidden)
+                await ping(dialer, hidden.peer_id, timeout_s=5.0)
                 way = dialer.pool.get(hidden.peer_id)
                 assert way is not None
                 (hung,) = [r for r in processes if short_peer_id(r) in way.target.address]
@@ -204,7 +173,7 @@ def test_a_dialer_gets_through_another_relay_soon_after_its_relay_hangs() -> Non
                 # code: 60 s and more)
                 while True:
                     with contextlib.suppress(RetryableError):
-                        await _ping(dialer, hidden.peer_id, timeout_s=1.0)
+                        await ping(dialer, hidden.peer_id, timeout_s=1.0)
                         break
                     assert loop.time() - hung_at < 8, "through another relay within 8 s"
                     await asyncio.sleep(0.2)  # (pacing the pings, not a wait on a condition)
@@ -247,7 +216,8 @@ def test_a_late_refusal_of_an_earlier_dial_s_tunnel_is_not_the_next_dial_s_error
             hidden = Node(_hidden_config())
             await hidden.start()
             try:
-                await _relayed_and_known(hidden, relay, dialer)
+                await make_unreachable(hidden, relay)
+                learn_record_of(dialer, hidden)
                 target = dialer.relay_dialer.targets(hidden.peer_id)[-1]
                 errors = []
                 for timeout_s in (1.0, 1.5):
@@ -281,9 +251,10 @@ def test_a_local_connection_reset_under_a_tunnel_is_no_error(
             hidden = Node(_hidden_config())
             await hidden.start()
             try:
-                await _relayed_and_known(hidden, relay, dialer)
+                await make_unreachable(hidden, relay)
+                learn_record_of(dialer, hidden)
                 with pytest.raises(RetryableError):
-                    await _ping(dialer, hidden.peer_id, timeout_s=3.0)
+                    await ping(dialer, hidden.peer_id, timeout_s=3.0)
             finally:
                 await hidden.stop()
 
