@@ -8,6 +8,7 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -212,6 +213,29 @@ def test_the_command_prints_the_figures_then_fails_on_a_wrong_result(
     assert errors == [f"error: {wrong.error_problem()}"]
     if as_json:
         assert json.loads(result.stdout)["max_abs_error_vs_gloo"] == 3.9
+
+
+def test_a_plot_that_fails_after_a_wrong_result_leaves_the_wrong_round_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The plot was written first, and its failure exited before the wrong round was named.
+    wrong = replace(_honest_result(), max_abs_error_vs_gloo=3.9, speedup_vs_gloo=35.3)
+    monkeypatch.setattr(bench_allreduce, "run_allreduce_sweep", lambda **_: [wrong])
+    monkeypatch.setattr(bench_allreduce, "remove_abandoned_runs", lambda **_: None)
+    monkeypatch.setattr(bench_allreduce, "_check_plot_path", lambda _: None)
+
+    def fail_to_plot(*_: object) -> str:
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(bench_allreduce, "write_throughput_plot", fail_to_plot)
+    args = ["allreduce", "--peers", "2", "--size", "4MB", "--backend", "p2p"]
+    result = CliRunner().invoke(bench.app, [*args, "--plot", str(tmp_path / "t.png")])
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: {wrong.error_problem()}",
+        "error: the plot could not be written: No space left on device",
+    ]
 
 
 def test_the_command_succeeds_on_a_right_result_and_warns_of_noise_on_stderr_with_json(

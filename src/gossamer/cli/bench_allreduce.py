@@ -186,6 +186,7 @@ def register(app: typer.Typer) -> None:
                     typer.echo(warning, err=True)
         else:
             typer.echo("\n\n".join(r.table() for r in results))
+        wrong = _name_wrong_results(results)  # (before a plot that may fail: both are said)
         if plot is not None:
             try:
                 message = write_throughput_plot(results, plot)
@@ -193,14 +194,15 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"error: the plot could not be written: {exc}", err=True)
                 raise typer.Exit(EXIT_FAILED) from exc
             typer.echo(message, err=True)
-        _fail_on_wrong_results(results)
+        if wrong:
+            raise typer.Exit(EXIT_FAILED)
 
 
-def _fail_on_wrong_results(results: list[AllReduceBenchResult]) -> None:
-    """Exit 1, after the figures, where a round's result was wrong: its timing measured
-    nothing worth reporting (a round that skipped communication read 35x gloo's speed)."""
+def _name_wrong_results(results: list[AllReduceBenchResult]) -> bool:
+    """Say, after the figures, each round whose result was wrong, and whether there was one:
+    the run then exits 1, as its timing measured nothing worth reporting (a round that
+    skipped communication read 35x gloo's speed)."""
     problems = [p for p in (r.error_problem() for r in results) if p]
     for problem in problems:
         typer.echo(f"error: {problem}", err=True)
-    if problems:
-        raise typer.Exit(EXIT_FAILED)
+    return bool(problems)
