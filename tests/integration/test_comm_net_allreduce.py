@@ -24,6 +24,7 @@ from gossamer.core.clock import SystemClock
 from gossamer.core.errors import GossamerError
 from gossamer.net.config import NodeConfig
 from gossamer.net.node import Node
+from gossamer.net.server import current_remote_host
 
 
 class _CallerCancelsMidway(NetCommTransport):
@@ -200,3 +201,46 @@ def test_a_peer_flooding_the_early_room_over_grpc_costs_an_honest_pair_nothing()
         assert torch.equal(result.tensors[0], torch.full((1000,), 0.5))
     assert refusals
     assert all(refused_for_room(exc) for exc in refusals), refusals
+
+
+def test_peers_on_this_machine_are_counted_one_by_one_in_the_early_room() -> None:
+    # Over loopback every peer comes from 127.0.0.1, as every relayed peer comes from this
+    # machine (a tunnel ends in a connection to this node's server): counted by that host, a
+    # swarm on one machine would share one share of the room (one round here) and its members'
+    # early messages would push each other out. They reach the mailbox with no host and are
+    # counted by sender, as before hosts were counted.
+    async def main() -> None:
+        clock = SystemClock()
+        async with contextlib.AsyncExitStack() as stack:
+            nodes = await _nodes(stack, 5, clock)
+            receiving = NetCommTransport(nodes[0])
+            box = CommMailbox(receiving, clock, max_waiting_rounds=8)
+            seen: list[tuple[str | None, str]] = []
+
+            async def receive(sender: str, message: memoryview, host: str | None) -> None:
+                seen.append((host, current_remote_host()))
+                await box.deliver(sender, message, host)
+
+            receiving.set_receiver(receive)
+            rounds = [bytes([0xAA, i]) * 8 for i in range(4)]
+            sends = [
+                asyncio.ensure_future(
+                    NetCommTransport(node).send(
+                        nodes[0].peer_id,
+                        pack_frame(Frame(FrameKind.PRESENT, round_id, 0, 0, 0, 0.0)),
+                        timeout_s=30.0,
+                    )
+                )
+                for node, round_id in zip(nodes[1:], rounds, strict=True)
+            ]
+            deadline = clock.monotonic() + 20.0
+            while len(box._opened) < 4:  # every one of them waits for its round
+                assert clock.monotonic() < deadline, seen
+                assert not any(send.done() for send in sends), seen  # (none pushed out)
+                await asyncio.sleep(0.01)
+            for round_id in rounds:
+                box.close_round(round_id)  # (ended here: they are let go)
+            await asyncio.wait_for(asyncio.gather(*sends), 20.0)
+            assert seen == [(None, "127.0.0.1")] * 4
+
+    asyncio.run(main())

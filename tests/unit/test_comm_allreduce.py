@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import inspect
+import itertools
 import time
 from collections.abc import Callable, Sequence
 
@@ -36,6 +37,7 @@ from gossamer.comm.transport import (
     Message,
     message_bytes,
     pack_frame,
+    refused_for_room,
     unpack_frame,
 )
 from gossamer.comm.wire import WireLimits
@@ -1165,6 +1167,94 @@ def test_an_honest_pair_averages_while_hostile_identities_flood_the_early_room(
 
     results = asyncio.run(clock.run(main()))
     _assert_everyones_mean(results, inputs)
+
+
+class _CountsRoomRefusals(FakeTransport):
+    """A member that counts the refusals for lack of room its sends met."""
+
+    def __init__(self, network: FakeNetwork, peer_id: str) -> None:
+        super().__init__(network, peer_id)
+        self.refused = 0
+
+    async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
+        try:
+            await super().send(peer_id, message, timeout_s=timeout_s)
+        except PeerUnavailableError as exc:
+            self.refused += refused_for_room(exc)
+            raise
+
+
+@pytest.mark.parametrize("num_flood_hosts", [1, 8])
+def test_identities_made_up_on_one_host_cannot_crowd_a_member_out_of_the_early_room(
+    num_flood_hosts: int,
+) -> None:
+    # 64 identities (as many as peer-1's room has rounds) each keep one message for a made-up
+    # round waiting in it, from one host (or eight, which fill the room), and send again
+    # whatever is dropped or refused. peer-1 opens the round 2 s after peer-0. Each of
+    # peer-0's early messages, holding one round like each of them, was dropped for the next
+    # of them to send again, and sent again by peer-0 (up to 1 s later): uploaded over and
+    # over, the round later, and had peer-1 opened near the end of peer-0's send timeout,
+    # peer-1 dropped. Counted by host, the identities share their hosts' shares (an eighth of
+    # the room each) and take room from each other; peer-0's host holds less than theirs and
+    # loses nothing.
+    inputs = _inputs(2)
+    clock = IdleJumpClock()
+    config = _scheduled(CONFIG)
+    members = ["peer-0", "peer-1"]
+
+    async def main() -> tuple[dict[int, AllReduceResult], float]:
+        network = FakeNetwork(clock)
+        honest = _CountsRoomRefusals(network, "peer-0")
+        network.transports["peer-0"] = honest
+        network.hosts["peer-0"] = "192.0.2.1"
+        mailboxes = {
+            0: CommMailbox(honest, clock),
+            1: CommMailbox(network.transport("peer-1", host="192.0.2.2"), clock),
+        }
+        hostile = [
+            network.transport(f"hostile-{n}", host=f"198.51.100.{n % num_flood_hosts}")
+            for n in range(64)
+        ]
+
+        async def flood(sender: FakeTransport, n: int) -> None:
+            for again in itertools.count():  # it sends again whatever is refused or dropped
+                round_id = bytes([0xEE, n]) + again.to_bytes(4, "little") + b"\0" * 10
+                frame = Frame(FrameKind.CONTRIBUTION, round_id, 0, 0, 0, 1.0)
+                with contextlib.suppress(GossamerError):
+                    await sender.send("peer-1", pack_frame(frame), timeout_s=60.0)
+                await clock.sleep_async(0.01)
+
+        floods = [asyncio.ensure_future(flood(hostile[n], n)) for n in range(64)]
+        await clock.sleep_async(1.0)
+        room = mailboxes[1]
+        assert len(room._opened) == min(64, 8 * num_flood_hosts)  # (their hosts' shares)
+        opened_at = clock.monotonic() + 2.0
+
+        async def one(i: int) -> AllReduceResult:
+            await clock.sleep_async(2.0 * i)
+            return await all_reduce(
+                inputs[i],
+                mailbox=mailboxes[i],
+                members=members,
+                round_key="run/7",
+                config=config,
+                clock=clock,
+                offload=inline_offload,
+            )
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = {i: group.create_task(one(i)) for i in (0, 1)}
+        finally:
+            for task in floods:
+                task.cancel()
+            await asyncio.gather(*floods, return_exceptions=True)
+        assert honest.refused == 0
+        return {i: t.result() for i, t in tasks.items()}, clock.monotonic() - opened_at
+
+    results, late_s = asyncio.run(clock.run(main()))
+    _assert_everyones_mean(results, inputs)
+    assert late_s < 0.5
 
 
 def test_a_member_the_failure_detector_reports_gone_is_not_waited_for() -> None:

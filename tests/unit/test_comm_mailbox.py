@@ -7,6 +7,7 @@ import asyncio
 import pytest
 from comm_fakes import IdleJumpClock
 
+from gossamer.comm import net_transport
 from gossamer.comm.net_transport import COMM_TOPIC, NetCommTransport
 from gossamer.comm.transport import (
     CHUNK_ELEMENTS_LIMIT,
@@ -17,6 +18,7 @@ from gossamer.comm.transport import (
     Message,
     pack_frame,
     refused_for_room,
+    sender_host,
     unpack_frame,
 )
 from gossamer.core.errors import NotInRoundError, PeerUnavailableError, ProtocolError
@@ -370,3 +372,96 @@ def test_a_round_left_before_its_end_tells_the_others_and_refuses_its_messages()
         await mailbox.aclose()
 
     asyncio.run(clock.run(main()))
+
+
+def test_identities_of_one_host_share_its_share_of_the_room_and_give_way_to_each_other() -> None:
+    # Identities are free in an open swarm: 16 of them from one host, one message each for
+    # rounds of their own, took all 16 places of the table, and a member's young message was
+    # dropped for the next of them to send again. Counted by host, they hold its share (two
+    # rounds of 16) together, a newcomer among them takes the place of the oldest (refused as
+    # for lack of room: retried, not taken for malformed), and a member of another host finds
+    # room; senders whose host is unknown (this machine, a relay) count one by one as before.
+    clock = IdleJumpClock()
+
+    async def main() -> None:
+        mailbox = CommMailbox(_Silent(), clock, max_waiting_rounds=16)
+        flood = []
+        for i in range(16):
+            message = _message(bytes([0xE0, i]) + b"\0" * 14)
+            flood.append(asyncio.create_task(mailbox.deliver(f"id{i}", message, "203.0.113.9")))
+            await clock.sleep_async(0.1)
+        assert len(mailbox._opened) == 2
+        for dropped in flood[:14]:
+            with pytest.raises(PeerUnavailableError) as refused:
+                await dropped
+            assert refused_for_room(refused.value)
+        # One holding as much as any of its host's: refused for room, which it retries.
+        with pytest.raises(PeerUnavailableError, match="host hold its share") as refused:
+            await mailbox.deliver("id15", _message(b"\xe1" * 16), "203.0.113.9")
+        assert refused_for_room(refused.value)
+        member = asyncio.create_task(mailbox.deliver("member", _message(ROUND, 1), "192.0.2.1"))
+        local = [
+            asyncio.create_task(mailbox.deliver(f"local{i}", _message(bytes([0xD0, i]) * 8)))
+            for i in range(13)
+        ]
+        await clock.sleep_async(0.1)
+        assert len(mailbox._opened) == 16
+        assert not member.done()
+        assert not any(task.done() for task in local)
+        handler = _Round()
+        mailbox.open_round(ROUND, handler)  # type: ignore[arg-type]
+        await member
+        assert handler.chunks == [1]
+        for task in [*flood, *local]:
+            task.cancel()
+        await asyncio.gather(*flood, *local, return_exceptions=True)
+        assert not mailbox._num_waiting
+        assert not mailbox._by_host
+        assert not mailbox._by_sender
+
+    asyncio.run(clock.run(main()))
+
+
+def test_a_sender_is_counted_by_its_ipv4_address_or_its_ipv6_64() -> None:
+    assert sender_host("198.51.100.7") == "198.51.100.7"
+    assert (
+        sender_host("2001:db8:1:2:aaaa::1")
+        == sender_host("2001:db8:1:2::9")
+        == ("2001:db8:1:2::/64")
+    )
+    assert sender_host("::ffff:198.51.100.7") == "198.51.100.7"
+
+
+@pytest.mark.parametrize(
+    ("seen", "listening", "host"),
+    [
+        ("198.51.100.7", "0.0.0.0:0", "198.51.100.7"),
+        ("2001:db8:1:2::5", "[::]:7000", "2001:db8:1:2::/64"),
+        ("127.0.0.1", "0.0.0.0:0", None),  # this machine (a local swarm, or a relay's tunnel)
+        ("::1", "[::]:7000", None),
+        ("192.0.2.4", "192.0.2.4:7000", None),  # tunnels end at the address it listens on
+        ("", "0.0.0.0:0", None),  # not an IP (a unix socket)
+    ],
+)
+def test_a_message_over_net_comes_with_its_senders_host_unless_it_came_from_this_machine(
+    seen: str, listening: str, host: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class _Config:
+        listen_address = listening
+
+    class _Node:
+        config = _Config()
+
+        def on_bulk_read_only(self, topic: str, handler: object, *, max_bytes: int) -> None:
+            self.handler = handler
+
+    got: list[str | None] = []
+
+    async def receive(sender: str, message: memoryview, sender_at: str | None) -> None:
+        got.append(sender_at)
+
+    monkeypatch.setattr(net_transport, "current_remote_host", lambda: seen)
+    transport = NetCommTransport(_Node())  # type: ignore[arg-type]
+    transport.set_receiver(receive)
+    asyncio.run(transport._on_bulk("peer", COMM_TOPIC, bytearray(_message(ROUND))))
+    assert got == [host]

@@ -225,6 +225,7 @@ def test_refusals_from_ever_new_hosts_warn_a_bounded_number_of_times() -> None:
 def test_the_remote_host_is_the_address_without_its_port() -> None:
     assert remote_host("ipv4:10.1.2.3:4567") == "10.1.2.3"
     assert remote_host("ipv6:[fd00::1]:4567") == "fd00::1"
+    assert remote_host("ipv6:%5Bfd00::1%5D:4567") == "fd00::1"  # (grpcio 1.85's own form)
     assert remote_host("unix:/tmp/socket") == "unix:/tmp/socket"
 
 

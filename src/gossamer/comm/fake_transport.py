@@ -30,9 +30,16 @@ class FakeNetwork:
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self.transports: dict[str, FakeTransport] = {}
+        self.hosts: dict[str, str] = {}
+        """The host each peer sends from, where it has one (see
+        :func:`~gossamer.comm.transport.sender_host`); a peer without one reaches the others
+        as from an unknown host (from their own machine, or through a relay)."""
 
-    def transport(self, peer_id: str, script: FaultScript | None = None) -> FakeTransport:
-        """A new peer on this network (faulty when ``script`` is given)."""
+    def transport(
+        self, peer_id: str, script: FaultScript | None = None, *, host: str | None = None
+    ) -> FakeTransport:
+        """A new peer on this network (faulty when ``script`` is given), sending from
+        ``host``."""
         if peer_id in self.transports:
             raise ValueError(f"peer {peer_id} is already on the fake network")
         made = (
@@ -41,6 +48,8 @@ class FakeNetwork:
             else FaultyTransport(self, peer_id, script)
         )
         self.transports[peer_id] = made
+        if host is not None:
+            self.hosts[peer_id] = host
         return made
 
 
@@ -77,7 +86,8 @@ class FakeTransport:
             await asyncio.Event().wait()  # a paused process: the sender's deadline ends it
         if self.receiver is None:
             raise PeerUnavailableError(f"peer {self._peer_id} has no receiver")
-        await self.receiver(sender, memoryview(bytearray(message_bytes(message))))
+        view = memoryview(bytearray(message_bytes(message)))
+        await self.receiver(sender, view, self.network.hosts.get(sender))
 
     async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
         """Deliver ``message`` to ``peer_id``; return once it was handled."""

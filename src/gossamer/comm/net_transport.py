@@ -4,13 +4,18 @@ net's ``Bulk`` service (served through the node's one gRPC server, TLS and the h
 included) already streams payloads in chunks, checks sizes before allocating and returns to the
 sender once the receiver's handler ran, which is exactly :class:`CommTransport`'s contract; comm
 adds no service of its own. gRPC errors arrive here already mapped to Gossamer's error tree.
+Each message reaches the mailbox with its sender's host, where the connection shows it (see
+:meth:`~gossamer.comm.transport.CommMailbox.deliver`).
 """
 
 from __future__ import annotations
 
-from gossamer.comm.transport import MAX_MESSAGE_BYTES, Message, MessageReceiver
+import ipaddress
+
+from gossamer.comm.transport import MAX_MESSAGE_BYTES, Message, MessageReceiver, sender_host
 from gossamer.core.errors import PeerUnavailableError
 from gossamer.net.node import Node
+from gossamer.net.server import current_remote_host
 
 __all__ = ["COMM_TOPIC", "NetCommTransport"]
 
@@ -44,7 +49,20 @@ class NetCommTransport:
     async def _on_bulk(self, sender: str, topic: str, payload: bytearray | memoryview) -> None:
         if self._receiver is None:
             raise PeerUnavailableError("comm is not receiving on this peer yet")
-        await self._receiver(sender, memoryview(payload))
+        await self._receiver(sender, memoryview(payload), self._sender_host())
+
+    def _sender_host(self) -> str | None:
+        """The host of the message being received (see :func:`sender_host`), or None where it
+        came from this machine: a loopback address, or the one this node listens on, which is
+        also where relay tunnels deliver their connections (a relayed sender's own address
+        never shows), and where peers of a swarm on one machine come from."""
+        ip = _ip_of(current_remote_host())
+        if ip is None:
+            return None  # (a unix socket, say: this machine)
+        listening = _ip_of(self.node.config.listen_address.rpartition(":")[0])
+        if ip.is_loopback or ip.is_unspecified or ip == listening:
+            return None
+        return sender_host(str(ip))
 
     async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
         """Stream ``message`` to ``peer_id``; returns once its comm receiver handled it."""
@@ -55,3 +73,14 @@ class NetCommTransport:
     def close(self) -> None:
         """Stop receiving comm messages."""
         self.node.bulk.unregister(COMM_TOPIC)
+
+
+def _ip_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as an IP address (an IPv4-mapped one as IPv4), None where it is none."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip

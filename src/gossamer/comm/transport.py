@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import ipaddress
 import itertools
 import logging
 import struct
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -59,6 +60,7 @@ __all__ = [
     "message_nbytes",
     "pack_frame",
     "refused_for_room",
+    "sender_host",
     "unpack_frame",
     "wait_for_event",
     "weight_in_range",
@@ -67,8 +69,8 @@ __all__ = [
 _log = logging.getLogger(__name__)
 _MAX_ANSWERS_IN_FLIGHT = 64
 _SHARES = 8
-"""One sender may hold at most this fraction of the rounds and messages waiting for unopened
-rounds."""
+"""One sender, and one host's senders together, may hold at most this fraction of the rounds
+and messages waiting for unopened rounds."""
 _BYTE_SHARES = 4
 """... and this fraction of their bytes (a quarter of 1 GiB: three messages of the largest
 chunk, as many as a member keeps in flight to one peer)."""
@@ -96,6 +98,22 @@ def refused_for_room(exc: BaseException) -> bool:
     return isinstance(exc, PeerUnavailableError) and _NO_ROOM in str(exc)
 
 
+def sender_host(address: str) -> str:
+    """What a sender at ``address`` (the IP address its connection came from) is counted by in
+    a receiver's early-message room (see :meth:`CommMailbox.deliver`): an IPv4 address as it
+    is, an IPv6 address by its /64 (a machine is handed a /64 and may send from any address in
+    it), an IPv4-mapped IPv6 address as its IPv4 address; anything else as it is."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(ip), 64), strict=False))
+    return str(ip)
+
+
 def weight_in_range(weight: float) -> bool:
     """Whether ``weight`` is 0 or within :data:`WEIGHT_RANGE` (False for NaN)."""
     return weight == 0 or WEIGHT_RANGE[0] <= weight <= WEIGHT_RANGE[1]
@@ -105,8 +123,10 @@ MAX_MESSAGE_BYTES = 2 * CHUNK_ELEMENTS_LIMIT * 4
 """Largest comm message a peer takes: a chunk of the most values, uncompressed, with room
 for the headers of the tensor pieces it spans (a larger one is refused at its first bytes)."""
 
-MessageReceiver = Callable[[str, memoryview], Awaitable[None]]
-"""Called with (sender peer id, message) for every message a transport receives."""
+MessageReceiver = Callable[[str, memoryview, str | None], Awaitable[None]]
+"""Called with (sender peer id, message, sender's host) for every message a transport
+receives. The host (see :func:`sender_host`) is None where the transport cannot tell it: a
+message from this machine, or one carried through a relay."""
 
 Message = bytes | bytearray | tuple[bytes | memoryview, ...]
 """What a transport sends: one buffer, or byte buffers sent back to back as one message (so a
@@ -320,6 +340,8 @@ class _EarlyMessage:
     """A message waiting here for its round to open (see :meth:`CommMailbox.deliver`)."""
 
     sender: str
+    host: str
+    """What its sender's host share is counted by (see :meth:`CommMailbox.deliver`)."""
     round_id: bytes
     nbytes: int
     since_s: float = 0.0
@@ -330,6 +352,39 @@ class _EarlyMessage:
     """Dropped to make room for a sender that held less (see :meth:`CommMailbox._make_room`)."""
     held: bool = False
     """Counted in the waiting room's tables."""
+
+
+@dataclass(slots=True)
+class _Holding:
+    """What one sender, or one host, holds of the waiting room."""
+
+    messages: list[_EarlyMessage] = field(default_factory=list)
+    """Its waiting messages, oldest first."""
+    rounds: Counter[bytes] = field(default_factory=Counter)
+    """How many of them wait for each round."""
+    nbytes: int = 0
+    """Their bytes."""
+
+    def amount(self, what: str) -> int:
+        """How much of ``what`` (``rounds``, ``messages`` or ``bytes``) it holds."""
+        if what == "bytes":
+            return self.nbytes
+        return len(self.rounds) if what == "rounds" else len(self.messages)
+
+    def add(self, message: _EarlyMessage) -> None:
+        """Count ``message`` here."""
+        self.messages.append(message)
+        self.rounds[message.round_id] += 1
+        self.nbytes += message.nbytes
+
+    def remove(self, message: _EarlyMessage) -> bool:
+        """Stop counting ``message`` here; whether nothing is left."""
+        self.messages.remove(message)
+        self.rounds[message.round_id] -= 1
+        if self.rounds[message.round_id] <= 0:
+            del self.rounds[message.round_id]
+        self.nbytes -= message.nbytes
+        return not self.messages
 
 
 class CommMailbox:
@@ -345,15 +400,21 @@ class CommMailbox:
             sender, as many as it keeps in flight).
         max_waiting_bytes: bytes those messages may hold at once (a round's messages are at
             most 4 MiB of values each). One sender may hold an eighth of the rounds and
-            messages and a quarter of the bytes.
+            messages and a quarter of the bytes, and so may all the senders of one host
+            together (see :meth:`deliver`).
 
-    When the waiting room is full, a sender that holds less of what is short (rounds, messages
-    or bytes) than the heaviest holder takes room from it: the heaviest holder's oldest
-    messages are dropped (refused to their senders as for lack of room). Else the message is
-    refused for lack of room (:func:`refused_for_room`), which its sender retries until its
-    deadline rather than taking this peer for failed. A few identities (eight, or four by
-    bytes) filled the room for the early-arrival timeout and again after it, and every
-    member's early message was refused: its sender dropped this healthy peer from the round.
+    When the waiting room is full, a host whose senders hold less of what is short (rounds,
+    messages or bytes) than the heaviest host takes room from it: the oldest messages of that
+    host's heaviest sender are dropped (refused to their senders as for lack of room). Among
+    the senders of one host (where the room is full and no other host holds more, or where
+    the host holds its share) a sender that holds less takes room from the heaviest. Else the
+    message is refused for lack of room (:func:`refused_for_room`), which its sender retries
+    until its deadline rather than taking this peer for failed. A few identities (eight, or
+    four by bytes) filled the room for the early-arrival timeout and again after it, and
+    every member's early message was refused: its sender dropped this healthy peer from the
+    round. Identities are free in an open swarm, and as many as the room has places, each
+    holding one message and sending again as fast as it was dropped, had a member's young
+    message dropped among them; from one host they now share one host's share.
     """
 
     def __init__(
@@ -380,13 +441,13 @@ class CommMailbox:
         self._opened: dict[bytes, list[_EarlyMessage]] = {}
         """Rounds that messages wait for (to open here), with those messages: the last to stop
         waiting takes the entry."""
-        self._early_from: dict[str, list[_EarlyMessage]] = {}
-        """The messages waiting for unopened rounds, by sender, oldest first."""
-        self._waiting_from: dict[str, Counter[bytes]] = {}
-        """How many of them wait for each round, by sender: one sender (a peer in no group of
-        this one's, say) may hold only a share of the table, not all of it."""
-        self._waiting_bytes_from: Counter[str] = Counter()
-        """Bytes of those messages, by sender (its share of the bytes, likewise)."""
+        self._by_sender: dict[str, _Holding] = {}
+        """What the messages waiting for unopened rounds hold, by sender: one sender (a peer
+        in no group of this one's, say) may hold only a share of the room, not all of it."""
+        self._by_host: dict[str, _Holding] = {}
+        """... and by host (see :meth:`deliver`): identities are free, hosts are not."""
+        self._by_host_sender: dict[str, dict[str, _Holding]] = {}
+        """... and by sender within each host (the senders that give room in their host)."""
         self._closed: OrderedDict[bytes, FinishedRound | None] = OrderedDict()
         """Rounds that ended here, with what is kept of those that finished with every
         part's average."""
@@ -473,8 +534,22 @@ class CommMailbox:
         for ended in [r for r in self._closed if r[:ROUND_KEY_TAG_NBYTES] == tag]:
             del self._closed[ended]
 
-    async def deliver(self, sender: str, message: memoryview) -> None:
-        """The transport's receiver: route one message to its round."""
+    async def deliver(self, sender: str, message: memoryview, host: str | None = None) -> None:
+        """The transport's receiver: route one message to its round.
+
+        Args:
+            sender: the sender's peer id.
+            message: the message.
+            host: the sender's host (see :func:`sender_host`), None where the transport cannot
+                tell it. A message that waits for its round to open counts towards its host's
+                share of the waiting room as well as its sender's, so that identities made up
+                on one machine share one share and senders of other hosts find room. Where
+                the host is unknown (a message from this machine, where a swarm on one machine
+                has every member, or one carried through a relay, which arrives from this
+                machine too), the sender alone is its host's share, as before hosts were
+                counted: a relay's peers are not lumped together, so a flood through a relay
+                costs the others no more than before.
+        """
         frame, body = unpack_frame(message)
         handler = self._rounds.get(frame.round_id)
         if handler is None:
@@ -485,7 +560,8 @@ class CommMailbox:
                 )
             if frame.round_id not in self._closed:
                 self._refuse_other_group(frame.round_id)
-                handler = await self._wait_open(frame.round_id, len(message), sender)
+                owner = f"peer {sender}" if host is None else host  # (no host has a space)
+                handler = await self._wait_open(frame.round_id, len(message), sender, owner)
                 self._refuse_other_group(frame.round_id)
             if handler is None:
                 # A straggler of a round that already ended. One that shows the sender still
@@ -563,41 +639,43 @@ class CommMailbox:
                     "disagree on the group)"
                 )
 
-    async def _wait_open(self, round_id: bytes, nbytes: int, sender: str) -> RoundHandler | None:
-        """Hold a message of ``round_id`` (``nbytes``, from ``sender``) until its round opens
-        here; the round's handler then (None if the round ended or its key was settled).
+    async def _wait_open(
+        self, round_id: bytes, nbytes: int, sender: str, host: str
+    ) -> RoundHandler | None:
+        """Hold a message of ``round_id`` (``nbytes``, from ``sender`` at ``host``) until its
+        round opens here; the round's handler then (None if the round ended or its key was
+        settled).
 
         Raises:
             ProtocolError: the sender holds its share of the room already, or the round did not
                 open within the early-arrival timeout.
-            PeerUnavailableError: no room, or the message was dropped for a sender that held
-                less (see :func:`refused_for_room`): the sender tries again.
+            PeerUnavailableError: no room (in the room, or in the share of the sender's host),
+                or the message was dropped for a sender that held less (see
+                :func:`refused_for_room`): the sender tries again.
         """
-        mine = self._waiting_from.get(sender, Counter())
+        mine = self._by_sender.get(sender, _Holding())
         # One sender may hold a share of each table, not all of it: else its messages alone
         # (1,024 words for one round id, or 8 of the largest) refused everyone else's.
-        if round_id not in mine and len(mine) >= max(1, self._max_waiting_rounds // _SHARES):
+        num_rounds, num_messages = mine.amount("rounds"), mine.amount("messages")
+        if round_id not in mine.rounds and num_rounds >= self._share("rounds"):
             raise ProtocolError(
-                f"messages from this peer wait for {len(mine)} rounds this peer has not opened, "
+                f"messages from this peer wait for {num_rounds} rounds this peer has not opened, "
                 "its share of them"
             )
-        if sum(mine.values()) >= max(1, self._max_waiting_messages // _SHARES):
+        if num_messages >= self._share("messages"):
             raise ProtocolError(
-                f"{sum(mine.values())} messages from this peer wait for rounds this peer has "
+                f"{num_messages} messages from this peer wait for rounds this peer has "
                 "not opened, its share of them"
             )
-        if self._waiting_bytes_from[sender] + nbytes > self._max_waiting_bytes // _BYTE_SHARES:
+        if mine.nbytes + nbytes > self._share("bytes"):
             raise ProtocolError(
                 "this peer's messages waiting for rounds this peer has not opened would pass "
-                f"its share of their bytes ({self._max_waiting_bytes // _BYTE_SHARES})"
+                f"its share of their bytes ({self._share('bytes')})"
             )
-        short = self._make_room(sender, round_id, nbytes)
-        if short is not None:
-            raise PeerUnavailableError(
-                f"{_NO_ROOM} (too many {short} wait for rounds this peer has not opened, "
-                "and no sender holds more of them than this one)"
-            )
-        message = _EarlyMessage(sender, round_id, nbytes)
+        lacking = self._make_room(sender, host, round_id, nbytes)
+        if lacking is not None:
+            raise PeerUnavailableError(f"{_NO_ROOM} ({lacking})")
+        message = _EarlyMessage(sender, host, round_id, nbytes)
         self._hold(message)
         try:
             deadline = self._clock.monotonic() + self._early_timeout_s
@@ -614,6 +692,14 @@ class CommMailbox:
             raise ProtocolError(f"round {round_id.hex()[:12]} did not open on this peer in time")
         return handler
 
+    def _share(self, what: str) -> int:
+        """The most of ``what`` (rounds, messages or bytes) one sender may hold, and one host."""
+        if what == "bytes":
+            return self._max_waiting_bytes // _BYTE_SHARES
+        if what == "rounds":
+            return max(1, self._max_waiting_rounds // _SHARES)
+        return max(1, self._max_waiting_messages // _SHARES)
+
     def _short_of(self, round_id: bytes, nbytes: int) -> str | None:
         """What the waiting room lacks for one more message of ``round_id`` (``nbytes``):
         ``rounds``, ``messages`` or ``bytes``; None if it fits."""
@@ -625,49 +711,90 @@ class CommMailbox:
             return "rounds"
         return None
 
-    def _held_by(self, sender: str, what: str) -> int:
-        """How much of ``what`` (rounds, messages or bytes) ``sender``'s messages hold."""
-        if what == "bytes":
-            return self._waiting_bytes_from[sender]
-        rounds = self._waiting_from.get(sender)
-        if rounds is None:
-            return 0
-        return len(rounds) if what == "rounds" else sum(rounds.values())
+    def _host_short_of(self, host: str, round_id: bytes, nbytes: int) -> str | None:
+        """What ``host``'s share of the room lacks for one more message of ``round_id``
+        (``nbytes``); None if it fits."""
+        held = self._by_host.get(host)
+        if held is None:
+            return None
+        if held.nbytes + nbytes > self._share("bytes"):
+            return "bytes"
+        if held.amount("messages") >= self._share("messages"):
+            return "messages"
+        if round_id not in held.rounds and held.amount("rounds") >= self._share("rounds"):
+            return "rounds"
+        return None
 
-    def _make_room(self, sender: str, round_id: bytes, nbytes: int) -> str | None:
-        """Make room for a message of ``sender``: while the room lacks something, drop the
-        oldest messages of the sender holding the most of it, as long as that one holds more
-        than ``sender`` (of two that hold as much, the one whose oldest message came first).
-        What it still lacks then (None: the message fits).
+    def _make_room(self, sender: str, host: str, round_id: bytes, nbytes: int) -> str | None:
+        """Make room for a message of ``sender`` at ``host``; why it still does not fit, if
+        it does not (None: it fits).
+
+        While the host's share lacks something, the oldest messages of the host's sender
+        holding the most of it go, as long as that one holds more than ``sender``. While the
+        room lacks something, the host holding the most of it gives, as long as it holds more
+        than ``host`` (the oldest messages of its sender holding the most go); where none
+        does, a sender of ``host`` that holds more than ``sender`` gives. Of two that hold as
+        much, the one whose oldest message came first gives.
 
         An honest member's early messages are a few per round it is in (as many as it keeps
         in flight), young (its round opens here soon): a sender that floods holds more, and
-        longer, and is the one that loses them. A member's message is dropped only where no
-        other sender holds more, and its sender sends it again (see :func:`refused_for_room`).
-        The room's bounds never move: what is taken is freed first.
+        longer, and is the one that loses them. Identities are free in an open swarm, hosts
+        are not: identities made up on one host hold no more than one host's share together,
+        and take room from each other there, not from a member of another host that holds
+        less than their host. A member's message is dropped only where no other host (or
+        sender of its own host) holds more, and its sender sends it again (see
+        :func:`refused_for_room`). The room's bounds never move: what is taken is freed first.
         """
-        while (short := self._short_of(round_id, nbytes)) is not None:
-            holding = self._held_by(sender, short)
-            heaviest: tuple[int, float] | None = None
-            victim: str | None = None
-            for other, messages in self._early_from.items():
-                held = self._held_by(other, short)
-                if other == sender or held <= holding:
-                    continue
-                # (its oldest message's age breaks a tie: a flood's messages are the old ones)
-                rank = (held, -messages[0].since_s)
-                if heaviest is None or rank > heaviest:
-                    heaviest, victim = rank, other
+        while (short := self._host_short_of(host, round_id, nbytes)) is not None:
+            victim = self._heaviest(self._by_host_sender[host], short, sender)
             if victim is None:
-                return short
-            oldest = self._early_from[victim][0]
-            if short == "rounds":  # all of its messages of that round: that frees an entry
-                for message in list(self._early_from[victim]):
-                    if message.round_id == oldest.round_id:
-                        self._evict(message)
+                return (
+                    f"messages from this peer's host hold its share of the {short} waiting for "
+                    "rounds this peer has not opened, and no sender of it holds more of them "
+                    "than this one"
+                )
+            self._evict_oldest(self._by_host_sender[host][victim], short)
+        while (short := self._short_of(round_id, nbytes)) is not None:
+            giving = self._heaviest(self._by_host, short, host)
+            if giving is None:  # (no other host holds more: a heavier sender of this host)
+                giving = host
+                victim = self._heaviest(self._by_host_sender.get(host, {}), short, sender)
             else:
-                self._evict(oldest)
+                victim = self._heaviest(self._by_host_sender[giving], short, None)
+            if victim is None:
+                return (
+                    f"too many {short} wait for rounds this peer has not opened, and no host "
+                    "or sender holds more of them than this one"
+                )
+            self._evict_oldest(self._by_host_sender[giving][victim], short)
         return None
+
+    def _heaviest(self, holders: Mapping[str, _Holding], what: str, than: str | None) -> str | None:
+        """Of ``holders`` (senders, or hosts), the one that holds the most of ``what``, if it
+        holds more than ``than`` (one of them, or None: any that holds some). Of two that hold
+        as much, the one whose oldest message came first (a flood's messages are the old
+        ones)."""
+        least = holders[than].amount(what) if than is not None and than in holders else 0
+        heaviest: tuple[int, float] | None = None
+        chosen: str | None = None
+        for holder, held in holders.items():
+            amount = held.amount(what)
+            if holder == than or amount <= least:
+                continue
+            rank = (amount, -held.messages[0].since_s)
+            if heaviest is None or rank > heaviest:
+                heaviest, chosen = rank, holder
+        return chosen
+
+    def _evict_oldest(self, held: _Holding, short: str) -> None:
+        """Drop the oldest message of ``held`` (one sender's at one host), or where the room
+        lacks ``rounds`` all of its messages of that message's round (that frees an entry)."""
+        oldest = held.messages[0]
+        if short == "rounds":
+            for message in [m for m in held.messages if m.round_id == oldest.round_id]:
+                self._evict(message)
+        else:
+            self._evict(oldest)
 
     def _evict(self, message: _EarlyMessage) -> None:
         """Drop a waiting message to make room (its sender is refused as for lack of room)."""
@@ -688,9 +815,10 @@ class CommMailbox:
         message.held = True
         message.since_s = self._clock.monotonic()
         self._opened.setdefault(message.round_id, []).append(message)
-        self._early_from.setdefault(message.sender, []).append(message)
-        self._waiting_from.setdefault(message.sender, Counter())[message.round_id] += 1
-        self._waiting_bytes_from[message.sender] += message.nbytes
+        self._by_sender.setdefault(message.sender, _Holding()).add(message)
+        self._by_host.setdefault(message.host, _Holding()).add(message)
+        of_host = self._by_host_sender.setdefault(message.host, {})
+        of_host.setdefault(message.sender, _Holding()).add(message)
         self._waiting_bytes += message.nbytes
         self._num_waiting += 1
 
@@ -703,20 +831,16 @@ class CommMailbox:
         message.held = False
         self._waiting_bytes -= message.nbytes
         self._num_waiting -= 1
-        sender = message.sender
-        self._waiting_bytes_from[sender] -= message.nbytes
-        if self._waiting_bytes_from[sender] <= 0:
-            del self._waiting_bytes_from[sender]
-        rounds = self._waiting_from[sender]
-        rounds[message.round_id] -= 1
-        if rounds[message.round_id] <= 0:
-            del rounds[message.round_id]
-        if not rounds:
-            del self._waiting_from[sender]
-        from_sender = self._early_from[sender]
-        from_sender.remove(message)
-        if not from_sender:
-            del self._early_from[sender]
+        sender, host = message.sender, message.host
+        if self._by_sender[sender].remove(message):
+            del self._by_sender[sender]
+        if self._by_host[host].remove(message):
+            del self._by_host[host]
+        of_host = self._by_host_sender[host]
+        if of_host[sender].remove(message):
+            del of_host[sender]
+            if not of_host:
+                del self._by_host_sender[host]
         waiting = self._opened.get(message.round_id)
         if waiting is not None and message in waiting:
             waiting.remove(message)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import urllib.parse
 
 from gossamer.core.config import port_number
 from gossamer.core.errors import ProtocolError
@@ -46,10 +47,13 @@ def split_host_port(address: str) -> tuple[str, int]:
 
 
 def observed_host(grpc_peer: str) -> str:
-    """The host in gRPC's ``context.peer()`` form (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``); empty
-    for another form (``unix:...``)."""
+    """The host in gRPC's ``context.peer()`` form (``ipv4:1.2.3.4:5``; ``ipv6:%5B::1%5D:5``, its
+    brackets percent-encoded as grpcio 1.85 writes them, or ``ipv6:[::1]:5``); empty for
+    another form (``unix:...``). Before the encoded brackets were decoded an IPv6 caller's
+    host read ``%5B::1%5D``: dial-back tried that and every IPv6 peer was taken for
+    unreachable."""
     _, _, rest = grpc_peer.partition(":")
-    host = rest.rpartition(":")[0]
+    host = urllib.parse.unquote(rest.rpartition(":")[0])
     return host.strip("[]")
 
 

@@ -34,7 +34,7 @@ from gossamer.core.errors import (
     PeerUnavailableError,
     ProtocolError,
 )
-from gossamer.net.addresses import remote_host
+from gossamer.net.addresses import observed_host, remote_host
 from gossamer.net.config import NodeConfig
 from gossamer.net.counters import NetCounters
 from gossamer.net.grpc_errors import HANDLER_ANSWERED, status_of_error
@@ -49,16 +49,26 @@ from gossamer.net.identity import Identity, short_peer_id
 from gossamer.net.tls import TlsCertificate
 from gossamer.proto import net_pb2, net_pb2_grpc
 
-__all__ = ["NetServer", "current_session", "grpc_options"]
+__all__ = ["NetServer", "current_remote_host", "current_session", "grpc_options"]
 
 _log = logging.getLogger(__name__)
 _session_var: contextvars.ContextVar[Session] = contextvars.ContextVar("gossamer_session")
+_call_var: contextvars.ContextVar[grpc.aio.ServicerContext] = contextvars.ContextVar(
+    "gossamer_call"
+)
 _HANDSHAKE_PREFIX = "/gossamer.net.v1.Handshake/"
 
 
 def current_session() -> Session:
     """The authenticated caller of the RPC being handled (only valid inside a handler)."""
     return _session_var.get()
+
+
+def current_remote_host() -> str:
+    """The address the RPC being handled came from, as its connection shows it (only valid
+    inside a handler; see :func:`~gossamer.net.addresses.observed_host`). A relayed caller's
+    connection comes from this machine: tunnels end in a connection to this node's server."""
+    return observed_host(_call_var.get().peer())
 
 
 def grpc_options(config: NodeConfig) -> list[tuple[str, Any]]:
@@ -428,6 +438,7 @@ def _guarded_handler(
         @functools.wraps(behavior)
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
             _session_var.set(session)
+            _call_var.set(context)
             server.counters.call_served(session.peer_id, method)
             try:
                 return await behavior(checked(request), context)
@@ -442,6 +453,7 @@ def _guarded_handler(
         @functools.wraps(behavior)
         async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             _session_var.set(session)
+            _call_var.set(context)
             server.counters.call_served(session.peer_id, method)
             try:
                 async for response in behavior(checked(request), context):
