@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import itertools
 import json
 import threading
 import time
@@ -1107,4 +1108,170 @@ def test_a_peer_waiting_for_a_newer_state_neither_downloads_at_every_poll_nor_fr
     monkeypatch.setattr(swarm_module, "download_from_donors", download)
     assert strategy._wait_for_newer_state() is None
     assert asked == [["b" * 64]]  # one try (then one per 2 s), never x
+    strategy.close()
+
+
+class _MissedRoundAverager(FakeAverager):
+    """This peer missed round 4; the run's other peer published version 5."""
+
+    def round_fate(self, round_key: str) -> RoundFate:
+        return RoundFate(failed_everywhere=False, newest_version=5)
+
+    def run_states(self) -> dict[str, tuple[str, int]]:
+        return {"b" * 64: ("active", 5)}
+
+
+class _FakeTime:
+    """``time`` for the swarm module: sleeping moves the monotonic clock on at once."""
+
+    def __init__(self) -> None:
+        self.now_s = 0.0
+
+    def monotonic(self) -> float:
+        return self.now_s
+
+    def sleep(self, seconds: float) -> None:
+        self.now_s += seconds
+
+
+def test_a_failed_download_of_a_newer_state_is_tried_again_at_the_next_poll(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The newest version was noted as tried before its download, which failed (a donor's
+    # circuit breaker was open): the next try waited for the 2 s timer, not for the next poll.
+    strategy = SwarmDiLoCoStrategy(
+        DiLoCoConfig(inner_steps=INNER_STEPS, run_id="r", train_while_forming=True),
+        cast(Any, _MissedRoundAverager()),
+        cast(Any, FakeNodeThread()),
+        cast(Any, FakeDonor()),
+        join_existing=False,
+    )
+    model = nn.Linear(4, 4)
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    strategy.outer_step = 5
+    newer = strategy._snapshot(step=5 * INNER_STEPS)
+    strategy.outer_step = 4
+    strategy.last_round_excluded = True
+    clock = _FakeTime()
+    tried_at_s: list[float] = []
+
+    def download(node_thread: object, donors: list[str], **kwargs: Any) -> Any:
+        tried_at_s.append(clock.now_s)
+        if len(tried_at_s) == 1:
+            raise PeerUnavailableError("circuit breaker open for peer bbbbbbbb")
+        return newer, 100
+
+    monkeypatch.setattr(swarm_module, "download_from_donors", download)
+    monkeypatch.setattr(swarm_module, "time", clock)
+    assert strategy._wait_for_newer_state() is newer
+    assert tried_at_s == [0.0, pytest.approx(0.2)]  # the next poll, not 2 s later
+    monkeypatch.undo()
+    strategy.close()
+
+
+def test_downloads_that_keep_failing_are_tried_less_and_less_often(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(swarm_module, "_NEWER_STATE_WAIT_S", 8.0)
+    strategy = SwarmDiLoCoStrategy(
+        DiLoCoConfig(inner_steps=INNER_STEPS, run_id="r", train_while_forming=True),
+        cast(Any, _MissedRoundAverager()),
+        cast(Any, FakeNodeThread()),
+        cast(Any, FakeDonor()),
+        join_existing=False,
+    )
+    model = nn.Linear(4, 4)
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    strategy.outer_step = 4
+    strategy.last_round_excluded = True
+    clock = _FakeTime()
+    tried_at_s: list[float] = []
+
+    def download(node_thread: object, donors: list[str], **kwargs: Any) -> Any:
+        tried_at_s.append(clock.now_s)
+        raise PeerUnavailableError("circuit breaker open for peer bbbbbbbb")
+
+    monkeypatch.setattr(swarm_module, "download_from_donors", download)
+    monkeypatch.setattr(swarm_module, "time", clock)
+    assert strategy._wait_for_newer_state() is None
+    monkeypatch.undo()
+    gaps = [later - earlier for earlier, later in itertools.pairwise(tried_at_s)]
+    assert gaps[0] == pytest.approx(0.2)
+    assert all(b >= a - 1e-6 for a, b in itertools.pairwise(gaps)), gaps  # backing off
+    assert max(gaps) <= 2.0 + 0.2 + 1e-6, gaps  # up to the 2 s timer, then at that pace
+    strategy.close()
+
+
+class _NudgedForItsRound(FakeAverager):
+    """The others nudged this peer for round ``r/outer/4``; of the run's three other active
+    peers, ``entered`` have their entries of it on the DHT."""
+
+    def __init__(self, entered: int) -> None:
+        super().__init__()
+        self.entered = entered
+        self.reads: list[str] = []
+
+    def rounds_awaiting(self) -> list[str]:
+        return ["r/outer/4"]
+
+    def round_entrants(self, round_key: str) -> tuple[frozenset[str], frozenset[str]]:
+        self.reads.append(round_key)
+        active = frozenset(p * 64 for p in "bcd")
+        return active, frozenset(sorted(active)[: self.entered])
+
+
+def _newcomer_at_outer_step_4(averager: FakeAverager) -> tuple[SwarmDiLoCoStrategy, nn.Module]:
+    """A peer that took the others' state of outer step 4 (as of step 4 H), as a newcomer
+    does, training while its rounds form."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4)
+    strategy = SwarmDiLoCoStrategy(
+        DiLoCoConfig(inner_steps=INNER_STEPS * 4, run_id="r", train_while_forming=True),
+        cast(Any, averager),
+        cast(Any, FakeNodeThread()),
+        cast(Any, FakeDonor()),
+        join_existing=False,
+    )
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    strategy.outer_step = 4
+    state = strategy._snapshot(step=4 * INNER_STEPS * 4)
+    strategy.outer_step = 0
+    strategy._apply_snapshot(state)
+    assert strategy.outer_step == 4
+    return strategy, model
+
+
+def test_a_peer_that_took_the_swarms_state_joins_the_round_the_others_began() -> None:
+    # It went on from the state's step, 4 H, while the others were steps past it: it came to
+    # their round 4 as many steps after them, past their join window, and never averaged.
+    h = INNER_STEPS * 4
+    averager = _NudgedForItsRound(entered=2)
+    strategy, model = _newcomer_at_outer_step_4(averager)
+    step = 4 * h + 1  # (two steps taken from the state; the others are at their boundary)
+    assert strategy.on_step_end(model, step) == 5 * h  # goes on after the others' boundary
+    assert averager.reads == ["r/outer/4"]
+    assert strategy.round_began_at == 5 * h - 1  # published as of 5 H, as theirs is
+    # The round formed (this fake forms it inside average): averaged at the next step end,
+    # the two steps taken before joining weighted as such.
+    assert strategy.on_step_end(model, 5 * h) is None
+    assert strategy.outer_step == 5
+    # Once per state taken: a later nudge of its round does not move it.
+    assert strategy.on_step_end(model, 5 * h + 1) is None
+    assert averager.reads == ["r/outer/4"]
+    strategy.close()
+
+
+def test_a_peer_is_not_moved_to_a_round_most_of_the_run_is_not_in(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Any peer can nudge: one alone (a peer that lies, or the first of many to come) in the
+    # round does not move this one off its own boundary.
+    monkeypatch.setattr(swarm_module, "_JOIN_CHECK_EVERY_S", 60.0)
+    h = INNER_STEPS * 4
+    averager = _NudgedForItsRound(entered=1)
+    strategy, model = _newcomer_at_outer_step_4(averager)
+    for step in range(4 * h + 1, 4 * h + 4):
+        assert strategy.on_step_end(model, step) is None
+    assert strategy.outer_step == 4
+    assert averager.reads == ["r/outer/4"]  # not read again at every step end
     strategy.close()

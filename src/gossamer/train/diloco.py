@@ -401,6 +401,16 @@ class DiLoCoStrategy:
             continue_from = resynced_to if resynced_to is not None else continue_from
         elif self._forming is None and self._averaging is None and continue_from is None:
             continue_from = self._catch_up_between_boundaries(step)
+            if continue_from is None and self._joins_running_round(step):
+                # The others began this peer's round at their boundary, which its own steps
+                # have not reached (its place on the step grid came with a state it took): it
+                # forms the round now with the steps it took, and goes on from the step after
+                # that boundary, as they do. Waiting for its own boundary, it came as late
+                # as it was behind, after their join window, round after round.
+                boundary_at = step + h - 1 - step % h
+                self._forming = begin_round(self.averager, self._round_key())
+                self.round_began_at = boundary_at
+                return boundary_at + 1
         if self._forming is not None:
             return continue_from
         if continue_from is None:
@@ -430,6 +440,19 @@ class DiLoCoStrategy:
         """
         del step
         return None
+
+    def _joins_running_round(self, step: int) -> bool:
+        """(train while forming) Between boundaries, in no round: whether the others of the
+        run are forming this peer's round (the one of its outer step) already, at a boundary
+        its steps have not reached, so that it joins that round now with the steps it took.
+        An in-process swarm never leaves a peer off the others' step grid; the swarm strategy
+        overrides this.
+
+        Args:
+            step: the inner step just taken.
+        """
+        del step
+        return False
 
     def _catch_up_before_round(self) -> int | None:
         """(train while forming) Before a round begins: a peer behind the others takes their

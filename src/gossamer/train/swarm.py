@@ -11,6 +11,10 @@ trains with the configured strategy. With DiLoCo the peer also
 - after its last step waits until every live peer of the run has published its hash of the final
   outer step and every published hash agrees, and resyncs if its own differs, so the peers end
   with the same weights;
+- with ``train_while_forming``, after taking the others' state (as a newcomer, or after a
+  round it missed), joins the round of its outer step as soon as they are in it, with the steps
+  it took, instead of at its own boundary, which comes as many steps after theirs as they were
+  past that state (see :meth:`SwarmDiLoCoStrategy._joins_running_round`);
 - after a round it missed, waits for the state the others publish, unless the round failed on
   every member (the swarm says so: :meth:`SwarmAverager.failed_everywhere`): nobody's state moved
   then, and its progress goes into the round formed again under the next attempt's key (see
@@ -108,12 +112,17 @@ nothing)."""
 
 _HASH_TTL_S = 600.0
 _NEWER_STATE_WAIT_S = 30.0
+_NEWER_STATE_POLL_S = 0.2
+"""How often a peer waiting for a newer state reads the round's fate and the run's versions."""
 _FINAL_AGREEMENT_S = 20.0
 """How long a peer that finished waits for the others' hashes of the final outer step."""
 _FINAL_POLL_S = 0.2
 _EARLY_CATCH_UP_EVERY_S = 2.0
 """Least time between two downloads tried between boundaries (see
 ``_catch_up_between_boundaries``): nudges come from any peer."""
+_JOIN_CHECK_EVERY_S = 0.5
+"""Least time between two reads of a round's entries by a peer nudged for its own round
+between boundaries (see ``_joins_running_round``)."""
 
 
 def _hash_key(run_id: str, outer_step: int) -> bytes:
@@ -245,6 +254,8 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         """Seconds from start to the newcomer's state being in place (None: not a newcomer)."""
         self.state_download_bytes = 0
         """Bytes downloaded from donors."""
+        self._states_received = 0
+        """States donors served this peer (taken or not)."""
         self._model: nn.Module | None = None
         self._started = time.monotonic()
         self._hashes: dict[int, str] = {}
@@ -261,6 +272,16 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         before its first round it must take the state that round produces."""
         self._continue_from: int | None = None
         self._work_lost = False
+        self._placed_by_state = False
+        """(train while forming) This peer's place on the step grid came with a state it took
+        from the others (as of the step after their boundary, which they are past by the steps
+        they took since), and no round of its own was averaged since: it may join the others'
+        round before its own boundary (see :meth:`_joins_running_round`)."""
+        self._next_join_check_s = 0.0
+        """Monotonic time before which no round's entries are read for an early join."""
+        self._skipped_steps = 0
+        """Steps of the budget skipped at this step end to join the others' round (not done:
+        neither committed nor lost)."""
         # Goodput without overlap: the steps a replaced state throws away are those since the
         # last round that took this peer's progress (counted, they did not match: 10 for the
         # 17 lost after a missed background round, 10 for 7 when behind at a boundary).
@@ -398,6 +419,7 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             logger.warning("peer %s: no state from donors (%s)", self._short(), exc)
             return None
         self.state_download_bytes += num_bytes
+        self._states_received += 1
         other_model = self._other_model(snapshot)
         other_settings = self._other_settings(snapshot)
         if other_settings and not other_model and not _state_of_the_run(snapshot):
@@ -513,13 +535,19 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         of this peer's settings) say a newer state is out than the last try found, and every
         ``_EARLY_CATCH_UP_EVERY_S`` besides (a version not announced yet, or not read), not at
         every poll: each took a whole state, and a peer behind only by an odd peer's versions
-        (another H) downloaded its refused state every 0.2 s for the whole wait.
+        (another H) downloaded its refused state every 0.2 s for the whole wait. A try that
+        brought no state (no donor answered, or a donor's circuit breaker was open) does not
+        count as one for the version: it is tried again after ``_NEWER_STATE_POLL_S``, then
+        twice as long each time up to ``_EARLY_CATCH_UP_EVERY_S`` (counted, it waited for
+        the 2 s timer after a failure that a retry a moment later would have got past).
         """
         deadline = time.monotonic() + _NEWER_STATE_WAIT_S
         key = self._round_key()
         missed = self.last_round_excluded
         next_download_s = 0.0
-        tried_newest = self.outer_step  # (the newest version the run said at the last try)
+        tried_newest = self.outer_step  # (the newest version a state came for at the last try)
+        retry_at_s = 0.0  # (when a version no state came for yet may be tried again)
+        retry_after_s = _NEWER_STATE_POLL_S
         told_undecided: tuple[str, ...] = ()
         with nested_span("waiting", what="newer_state"):  # its downloads nest as "sync"
             while time.monotonic() < deadline:
@@ -529,14 +557,20 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
                     if fate is not None
                     else self.swarm_averager.newest_version()
                 )
-                if (newest is not None and newest > tried_newest) or (
-                    time.monotonic() >= next_download_s
-                ):
+                newer = newest is not None and newest > tried_newest
+                if time.monotonic() >= (retry_at_s if newer else next_download_s):
                     next_download_s = time.monotonic() + _EARLY_CATCH_UP_EVERY_S
-                    tried_newest = max(tried_newest, newest if newest is not None else -1)
+                    received_before = self._states_received
                     snapshot = self._download(version=None)
                     if snapshot is not None and snapshot.version > self.outer_step:
                         return snapshot
+                    if self._states_received > received_before:  # a state came (refused, or
+                        # an older one most donors still hold): not again for this version
+                        tried_newest = max(tried_newest, newest if newest is not None else -1)
+                        retry_after_s = _NEWER_STATE_POLL_S
+                    else:
+                        retry_at_s = time.monotonic() + retry_after_s
+                        retry_after_s = min(2 * retry_after_s, _EARLY_CATCH_UP_EVERY_S)
                 if fate is not None and fate.undecided_for_s > 0:
                     wait_until = time.monotonic() + fate.undecided_for_s + _NEWER_STATE_WAIT_S
                     if wait_until > deadline and fate.undecided != told_undecided:
@@ -566,7 +600,7 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
                         self._short(),
                     )
                     return None
-                time.sleep(0.2)
+                time.sleep(_NEWER_STATE_POLL_S)
         return None
 
     def _others_active(self) -> bool:
@@ -587,6 +621,7 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         """
         if not self.config.overlap:  # (the local progress not in the swarm's state is gone)
             self._discard_uncommitted(self._steps_done)
+        self._placed_by_state = True
         if _state_of_the_run(snapshot):  # (its settings were checked: see _unusable)
             self._of_the_run = True
         before = [t.clone() for t in self._global] if self.config.overlap else []
@@ -697,8 +732,11 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         self._steps_done = step + 1
         if self._committed is None:
             self._committed = step
+        self._skipped_steps = 0
         continue_from = self._step_end(model, step)
-        if continue_from is not None:
+        if self._skipped_steps:  # (its steps since the state go into the round it joined)
+            self._committed = (self._committed or 0) + self._skipped_steps
+        elif continue_from is not None:
             self._committed = continue_from  # (the state it goes on from is the swarm's)
         return continue_from
 
@@ -755,6 +793,56 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             return None
         return int(snapshot.meta["step"])
 
+    def _joins_running_round(self, step: int) -> bool:
+        """Whether to join the round of this peer's outer step now, before its boundary.
+
+        A peer that took the others' state (a newcomer, or one that missed a round) goes on
+        from the step after their boundary, as the state says; they are past it by the steps
+        they took since (while the round that made it formed and averaged, and since it was
+        published). It reached its next boundary that many steps after them; past their join
+        window, their round closed without it, it took their next state, and stood as far
+        behind again: a newcomer 6 steps of 2 s behind a swarm whose join window was 8 s
+        never averaged with it. Nudged for the round of its own outer step (the others began it and
+        wait for it there), such a peer joins it now, with its steps since the state weighted
+        by their number, and goes on from their boundary's next step: it skips the steps it is
+        behind, and the rounds after meet the others at theirs.
+
+        A nudge comes from any peer: this peer joins early only once more than half of the
+        run's other active peers of its settings have entered that round (their entries are
+        on the DHT), so one peer alone cannot move it, and then by fewer than H steps, once
+        per state taken.
+        """
+        if not self._placed_by_state:
+            return False
+        key = self._round_key()
+        if key not in self.swarm_averager.rounds_awaiting():
+            return False
+        now_s = time.monotonic()
+        if now_s < self._next_join_check_s:
+            return False
+        self._next_join_check_s = now_s + _JOIN_CHECK_EVERY_S
+        try:
+            active, entered = self.swarm_averager.round_entrants(key)
+        except GossamerError as exc:
+            logger.debug("peer %s: cannot read round %s's entries: %s", self._short(), key, exc)
+            return False
+        if 2 * len(entered) <= len(active):
+            return False
+        h = self.config.inner_steps
+        self._skipped_steps = h - 1 - step % h
+        self._placed_by_state = False
+        logger.info(
+            "peer %s joins round %s at step %d, %d steps before its boundary: %d of the run's "
+            "%d other peers are in it",
+            self._short(),
+            key,
+            step + 1,
+            self._skipped_steps,
+            len(entered),
+            len(active),
+        )
+        return True
+
     def _awaited_ahead(self) -> str | None:
         """A round key of a later outer step than this peer's that the others' nudges say
         waits for it, and that no download was tried for yet."""
@@ -796,6 +884,7 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
 
     def _launch_formed(self, forming: PendingRound) -> None:
         self._launched_at, self._handed_over = self._steps_done, True
+        self._placed_by_state = False  # (taken again where this round goes on without it)
         super()._launch_formed(forming)
 
     def _apply_outcome(
@@ -869,6 +958,7 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
 
     def _round(self, step: int, forming: PendingRound | None) -> int | None:
         self._launched_at, self._handed_over = step + 1, False
+        self._placed_by_state = False  # (taken again where this round goes on without it)
         continue_from = super()._round(step, forming)
         if forming is None:  # a blocking boundary: on_step_end does the rest
             return continue_from

@@ -1190,6 +1190,30 @@ class SwarmAverager:
 
         return self.node_thread.run(read, timeout_s=15)
 
+    def round_entrants(self, round_key: str) -> tuple[frozenset[str], frozenset[str]]:
+        """The run's other active peers, and those of them whose entry of round ``round_key``
+        (as callers name it) is on the DHT: peers of :attr:`other_settings_peers` and those the
+        failure detector reports gone are left out of both, and entries of an earlier run of
+        the same name or of a killed incarnation are not counted.
+
+        Raises:
+            GossamerError: the DHT could not be read.
+        """
+        key = f"{self.config.run_id}/{round_key}"
+
+        async def read(node: Node) -> tuple[frozenset[str], frozenset[str]]:
+            memberships, (entries,) = await self._read_round(node, [(round_entry_key(key), "at")])
+            entries = self._this_run_s(node, entries)
+            odd = self.other_settings_peers  # (noted from these memberships)
+            active = frozenset(
+                p
+                for p in _active(memberships, node.peer_id)
+                if p not in odd and self._alive(node, p)
+            )
+            return active, active & frozenset(entries)
+
+        return self.node_thread.run(read, timeout_s=10)
+
     def leave_run(self) -> None:
         """Tell the run's other peers to stop waiting for this one."""
         self._set_membership("left", -1)

@@ -1,0 +1,139 @@
+"""A newcomer to a running DiLoCo swarm averages with it, not only beside it.
+
+Three swarm DiLoCo peers on real nodes on 127.0.0.1 (TLS gRPC, DHT, state donors), training
+while their rounds form and average, each step taking 0.25 s. Two start together; the third
+joins once they are 6 steps past a boundary, so the state it downloads (as of the step after
+that boundary) leaves it 6 steps, 1.5 s, behind them: more than their 1 s join window. Before,
+it reached every boundary that much after them, found their round closed, took their next
+state and stood as far behind again: it never averaged with them, and its steps were thrown
+away for the whole run. Nudged for its round, it now joins it before its own boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from torch import nn
+
+from gossamer.net.bridge import NodeThread
+from gossamer.net.node import Node
+from gossamer.train.diloco import DiLoCoConfig
+from gossamer.train.state_sync_donor import StateDonor
+from gossamer.train.swarm import SwarmDiLoCoStrategy
+from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig
+from loopback_nodes import start_node_threads
+
+RUN = "newcomer"
+INNER_STEPS = 8
+MAX_STEPS = 8 * INNER_STEPS
+STEP_S = 0.25
+"""Each inner step's compute."""
+JOIN_WINDOW_S = 1.0
+JOINS_AT = INNER_STEPS - 2
+"""The newcomer starts once the first peer's next step is this far past a boundary."""
+
+
+@dataclass
+class Peer:
+    name: str
+    strategy: SwarmDiLoCoStrategy
+    model: nn.Module
+    rounds: list[frozenset[str]] = field(default_factory=list)
+    """The members of every round this peer averaged in with others, in order."""
+
+
+def _peer(stack: contextlib.ExitStack, name: str, node_thread: NodeThread, newcomer: bool) -> Peer:
+    async def make_donor(node: Node) -> StateDonor:
+        return StateDonor(node)
+
+    donor = node_thread.run(make_donor, timeout_s=10)
+    stack.callback(donor.close)
+    averager = SwarmAverager(
+        node_thread,
+        SwarmAveragerConfig(run_id=RUN, backend="p2p", join_window_s=JOIN_WINDOW_S),
+    )
+    stack.callback(averager.close)
+    strategy = SwarmDiLoCoStrategy(
+        DiLoCoConfig(
+            inner_steps=INNER_STEPS,
+            run_id=RUN,
+            train_while_forming=True,
+            train_while_averaging=True,
+        ),
+        averager,
+        node_thread,
+        donor,
+        join_existing=newcomer,
+    )
+    stack.callback(strategy.close)
+    torch.manual_seed(0)  # every peer starts from the same weights, as a run does
+    return Peer(name, strategy, nn.Linear(4, 2))
+
+
+@contextlib.contextmanager
+def swarm() -> Iterator[list[Peer]]:
+    with contextlib.ExitStack() as stack:
+        threads = start_node_threads(stack, 3)
+        yield [
+            _peer(stack, name, node_thread, newcomer=name == "n")
+            for name, node_thread in zip("abn", threads, strict=True)
+        ]
+
+
+def train(peer: Peer, past_boundary: threading.Event | None, errors: list[BaseException]) -> None:
+    """Set up and train ``peer`` to ``MAX_STEPS`` as the training loop does; ``past_boundary``
+    is set once its next step is ``JOINS_AT`` steps past a boundary, from outer step 2 on."""
+    strategy, model = peer.strategy, peer.model
+    try:
+        start = strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1)) or 0
+        step = start
+        while step < MAX_STEPS:
+            at_join = strategy.outer_step >= 2 and step % INNER_STEPS == JOINS_AT
+            if past_boundary is not None and at_join:
+                past_boundary.set()
+            time.sleep(STEP_S)  # the step's compute
+            with torch.no_grad():
+                for param in model.parameters():
+                    param.add_(0.01)
+            continue_from = strategy.on_step_end(model, step)
+            members = frozenset(strategy.swarm_averager.last_members)
+            if len(members) > 1 and (not peer.rounds or peer.rounds[-1] != members):
+                peer.rounds.append(members)
+            step = step + 1 if continue_from is None else max(step + 1, continue_from)
+        strategy.finish(model, MAX_STEPS)
+    except BaseException as exc:
+        errors.append(exc)
+
+
+@pytest.mark.timeout(90)
+def test_a_newcomer_behind_by_more_than_the_join_window_averages_with_the_swarm() -> None:
+    with swarm() as (a, b, n):
+        errors: list[BaseException] = []
+        past_boundary = threading.Event()
+        started = time.monotonic()
+        threads = [
+            threading.Thread(target=train, args=(a, past_boundary, errors)),
+            threading.Thread(target=train, args=(b, None, errors)),
+        ]
+        for thread in threads:
+            thread.start()
+        assert past_boundary.wait(timeout=30), "the first peers did not reach outer step 2"
+        newcomer = threading.Thread(target=train, args=(n, None, errors))
+        newcomer.start()
+        for thread in [*threads, newcomer]:
+            thread.join(timeout=60)
+        assert not errors, errors
+        took_s = time.monotonic() - started
+        assert n.strategy.time_to_productive_s is not None  # it synced from the others
+        everyone = {p.strategy.swarm_averager.peer_id for p in (a, b, n)}
+        assert everyone in n.rounds, (
+            f"the newcomer never averaged with both others (its rounds: {len(n.rounds)})"
+        )
+        assert len({p.strategy.global_weights_hash() for p in (a, b, n)}) == 1
+        assert took_s < 60, f"the run took {took_s:.0f} s"
