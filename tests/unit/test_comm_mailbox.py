@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 from comm_fakes import IdleJumpClock
@@ -22,6 +23,7 @@ from gossamer.comm.transport import (
     unpack_frame,
 )
 from gossamer.core.errors import NotInRoundError, PeerUnavailableError, ProtocolError
+from gossamer.net.node import Node
 
 ROUND = b"\x01" * 16
 
@@ -48,6 +50,12 @@ class _Round:
 
 def _message(round_id: bytes, chunk: int = 0) -> memoryview:
     return memoryview(pack_frame(Frame(FrameKind.CONTRIBUTION, round_id, 0, chunk, 0, 1.0)))
+
+
+def _sized(round_id: bytes, nbytes: int, chunk: int = 0) -> memoryview:
+    """A message of ``round_id`` of ``nbytes`` bytes, its header included."""
+    header = pack_frame(Frame(FrameKind.CONTRIBUTION, round_id, 0, chunk, 0, 1.0))
+    return memoryview(header + bytes(nbytes - len(header)))
 
 
 async def _waits_then_is_handled(
@@ -374,37 +382,43 @@ def test_a_round_left_before_its_end_tells_the_others_and_refuses_its_messages()
     asyncio.run(clock.run(main()))
 
 
-def test_identities_of_one_host_share_its_share_of_the_room_and_give_way_to_each_other() -> None:
+def test_identities_of_one_host_fill_a_room_with_space_and_give_way_to_other_hosts() -> None:
     # Identities are free in an open swarm: 16 of them from one host, one message each for
-    # rounds of their own, took all 16 places of the table, and a member's young message was
-    # dropped for the next of them to send again. Counted by host, they hold its share (two
-    # rounds of 16) together, a newcomer among them takes the place of the oldest (refused as
-    # for lack of room: retried, not taken for malformed), and a member of another host finds
-    # room; senders whose host is unknown (this machine, a relay) count one by one as before.
+    # rounds of their own, take all 16 places of the table (a host caps nothing while there is
+    # room: the senders of one address, behind a NAT or a proxy, are counted as by identity).
+    # In the full room a member of another host, and senders of this machine (no host), take
+    # places from that host, the heaviest, never from each other; a newcomer of the host takes
+    # the place of the host's oldest and not the member's, which holds less than its host.
     clock = IdleJumpClock()
+    flood_host = "203.0.113.9"
 
     async def main() -> None:
         mailbox = CommMailbox(_Silent(), clock, max_waiting_rounds=16)
+
+        def from_flood(i: int) -> asyncio.Task[None]:
+            message = _message(bytes([0xE0, i]) + b"\0" * 14)
+            return asyncio.create_task(mailbox.deliver(f"id{i}", message, flood_host))
+
         flood = []
         for i in range(16):
-            message = _message(bytes([0xE0, i]) + b"\0" * 14)
-            flood.append(asyncio.create_task(mailbox.deliver(f"id{i}", message, "203.0.113.9")))
+            flood.append(from_flood(i))
             await clock.sleep_async(0.1)
-        assert len(mailbox._opened) == 2
-        for dropped in flood[:14]:
-            with pytest.raises(PeerUnavailableError) as refused:
-                await dropped
-            assert refused_for_room(refused.value)
-        # One holding as much as any of its host's: refused for room, which it retries.
-        with pytest.raises(PeerUnavailableError, match="host hold its share") as refused:
-            await mailbox.deliver("id15", _message(b"\xe1" * 16), "203.0.113.9")
-        assert refused_for_room(refused.value)
+        assert len(mailbox._opened) == 16
+        assert not any(task.done() for task in flood)
         member = asyncio.create_task(mailbox.deliver("member", _message(ROUND, 1), "192.0.2.1"))
         local = [
             asyncio.create_task(mailbox.deliver(f"local{i}", _message(bytes([0xD0, i]) * 8)))
             for i in range(13)
         ]
         await clock.sleep_async(0.1)
+        for dropped in flood[:14]:  # (the oldest first)
+            with pytest.raises(PeerUnavailableError) as refused:
+                await dropped
+            assert refused_for_room(refused.value)
+        for i in range(16, 24):  # the host sends again: its own give way, not the member
+            flood.append(from_flood(i))
+            await clock.sleep_async(0.1)
+            assert sum(not task.done() for task in flood) == 2
         assert len(mailbox._opened) == 16
         assert not member.done()
         assert not any(task.done() for task in local)
@@ -416,8 +430,142 @@ def test_identities_of_one_host_share_its_share_of_the_room_and_give_way_to_each
             task.cancel()
         await asyncio.gather(*flood, *local, return_exceptions=True)
         assert not mailbox._num_waiting
-        assert not mailbox._by_host
+        assert not mailbox._by_path
         assert not mailbox._by_sender
+
+    asyncio.run(clock.run(main()))
+
+
+def test_members_behind_one_address_are_not_refused_while_the_room_has_space() -> None:
+    # 15 members behind one NAT (or every sender, where a proxy rewrites source addresses)
+    # send their three messages in flight each (3 KiB a member) for a round that opens here
+    # later. The room (64 KiB) holds all 45 KiB; counted as one host with a hard cap of a
+    # quarter of the bytes (16 KiB), 29 of them were refused and sent again and again.
+    clock = IdleJumpClock()
+
+    async def main() -> None:
+        mailbox = CommMailbox(_Silent(), clock, max_waiting_bytes=64 << 10)
+        waiting = [
+            asyncio.create_task(
+                mailbox.deliver(f"member{i}", _sized(ROUND, 1 << 10, chunk), "198.51.100.1")
+            )
+            for i in range(15)
+            for chunk in range(3)
+        ]
+        await clock.sleep_async(0.1)
+        assert [t for t in waiting if t.done()] == []
+        handler = _Round()
+        mailbox.open_round(ROUND, handler)  # type: ignore[arg-type]
+        await asyncio.gather(*waiting)
+        assert len(handler.chunks) == 45
+
+    asyncio.run(clock.run(main()))
+
+
+def test_a_full_room_drops_a_round_only_where_that_frees_its_place() -> None:
+    # The table of 16 rounds is full: a host's members a and b wait in rounds R1 and R2, c in
+    # R1, and 14 other hosts hold a round each. c sends for R3: its host holds the most, and
+    # within it a and b hold more than c. Dropping a's and b's messages of R1 freed no place
+    # (c's own message holds R1) and c was refused after all; R2, held by a and b alone, goes.
+    clock = IdleJumpClock()
+    r1, r2, r3 = (bytes([n]) * 16 for n in (0x11, 0x12, 0x13))
+    host = "198.51.100.1"
+
+    async def main() -> None:
+        mailbox = CommMailbox(_Silent(), clock, max_waiting_rounds=16)
+        sends = [("a", r1), ("b", r1), ("c", r1), ("a", r2), ("b", r2)]
+        held = {
+            (who, rid): asyncio.create_task(mailbox.deliver(who, _message(rid), host))
+            for who, rid in sends
+        }
+        others = [
+            asyncio.create_task(
+                mailbox.deliver(f"other{i}", _message(bytes([0xD0, i]) * 8), f"192.0.2.{i}")
+            )
+            for i in range(14)
+        ]
+        await clock.sleep_async(0.1)
+        assert len(mailbox._opened) == 16
+        newcomer = asyncio.create_task(mailbox.deliver("c", _message(r3), host))
+        await clock.sleep_async(0.1)
+        for dropped in (held["a", r2], held["b", r2]):
+            with pytest.raises(PeerUnavailableError) as refused:
+                await dropped
+            assert refused_for_room(refused.value)
+        assert not newcomer.done()
+        assert not any(held[who, r1].done() for who in "abc")
+        assert not any(task.done() for task in others)
+        tasks = [newcomer, *held.values(), *others]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(clock.run(main()))
+
+
+def test_a_message_that_cannot_be_given_room_drops_nothing() -> None:
+    # The room (64 KiB) lacks 8 KiB for a newcomer's 10 KiB message. Only one host holds more
+    # than the newcomer's (6 KiB against 4: two of its messages could go), the 13 others hold
+    # as much. Two messages were dropped, for nothing: the newcomer was refused after all.
+    clock = IdleJumpClock()
+
+    async def main() -> None:
+        mailbox = CommMailbox(_Silent(), clock, max_waiting_bytes=64 << 10)
+        rounds = iter(bytes([0xC0, i]) * 8 for i in range(64))
+        kib = 1 << 10
+        tasks = [asyncio.create_task(mailbox.deliver("y", _sized(next(rounds), 4 * kib), "y"))]
+        heavier = [
+            asyncio.create_task(mailbox.deliver("x", _sized(next(rounds), kib), "x"))
+            for _ in range(6)
+        ]
+        tasks += [
+            asyncio.create_task(mailbox.deliver(f"z{i}", _sized(next(rounds), 4 * kib), f"z{i}"))
+            for i in range(13)
+        ]
+        await clock.sleep_async(0.1)
+        assert mailbox._waiting_bytes == 62 * kib
+        with pytest.raises(PeerUnavailableError) as refused:
+            await mailbox.deliver("y", _sized(next(rounds), 10 * kib), "y")
+        assert refused_for_room(refused.value)
+        assert not any(task.done() for task in [*heavier, *tasks])
+        assert mailbox._waiting_bytes == 62 * kib
+        for task in [*heavier, *tasks]:
+            task.cancel()
+        await asyncio.gather(*heavier, *tasks, return_exceptions=True)
+
+    asyncio.run(clock.run(main()))
+
+
+def test_identities_from_many_64s_of_one_48_give_way_to_a_member_of_another() -> None:
+    # A machine with a routed /56 (or /48) sends from a /64 of its own for each identity:
+    # counted by /64 alone, 16 of them were 16 hosts, each holding as much as the member, and
+    # the member's message was dropped for the next of them. Their /48 holds them together.
+    clock = IdleJumpClock()
+
+    async def main() -> None:
+        mailbox = CommMailbox(_Silent(), clock, max_waiting_rounds=16)
+
+        def from_flood(i: int) -> asyncio.Task[None]:
+            message = _message(bytes([0xE0, i]) + b"\0" * 14)
+            host = sender_host(f"2001:db8:aa:1{i:02x}::1")
+            return asyncio.create_task(mailbox.deliver(f"id{i}", message, host))
+
+        flood = [from_flood(i) for i in range(15)]
+        member = asyncio.create_task(
+            mailbox.deliver("member", _message(ROUND, 1), sender_host("2001:db8:bb::7"))
+        )
+        await clock.sleep_async(0.1)
+        for i in range(15, 40):  # each sends again whatever is dropped
+            flood.append(from_flood(i))
+            await clock.sleep_async(0.1)
+        assert not member.done()
+        handler = _Round()
+        mailbox.open_round(ROUND, handler)  # type: ignore[arg-type]
+        await member
+        assert handler.chunks == [1]
+        for task in flood:
+            task.cancel()
+        await asyncio.gather(*flood, return_exceptions=True)
 
     asyncio.run(clock.run(main()))
 
@@ -433,24 +581,37 @@ def test_a_sender_is_counted_by_its_ipv4_address_or_its_ipv6_64() -> None:
 
 
 @pytest.mark.parametrize(
-    ("seen", "listening", "host"),
+    ("seen", "listening", "advertised", "host"),
     [
-        ("198.51.100.7", "0.0.0.0:0", "198.51.100.7"),
-        ("2001:db8:1:2::5", "[::]:7000", "2001:db8:1:2::/64"),
-        ("127.0.0.1", "0.0.0.0:0", None),  # this machine (a local swarm, or a relay's tunnel)
-        ("::1", "[::]:7000", None),
-        ("192.0.2.4", "192.0.2.4:7000", None),  # tunnels end at the address it listens on
-        ("", "0.0.0.0:0", None),  # not an IP (a unix socket)
+        ("198.51.100.7", "0.0.0.0:0", "192.0.2.2:7000", "198.51.100.7"),
+        ("2001:db8:1:2::5", "[::]:7000", "[2001:db8:9::1]:7000", "2001:db8:1:2::/64"),
+        ("127.0.0.1", "0.0.0.0:0", "192.0.2.2:7000", None),  # this machine (a local swarm,
+        ("::1", "[::]:7000", "[2001:db8:9::1]:7000", None),  # or a relay's tunnel)
+        ("192.0.2.4", "192.0.2.4:7000", "192.0.2.4:7000", None),  # tunnels end where it listens
+        # ... also on a bracketed IPv6 address (before, every relayed sender was one host):
+        ("fd00::2", "[fd00::2]:7000", "127.0.0.1:9", None),
+        ("::ffff:192.0.2.4", "[::ffff:192.0.2.4]:7000", "127.0.0.1:9", None),
+        # A swarm on one machine listening on 0.0.0.0 dials its advertised address:
+        ("192.0.2.2", "0.0.0.0:0", "192.0.2.2:7000", None),
+        ("2001:db8:9::1", "[::]:7000", "[2001:db8:9::1]:7000", None),
+        ("", "0.0.0.0:0", "192.0.2.2:7000", None),  # not an IP (a unix socket)
     ],
 )
 def test_a_message_over_net_comes_with_its_senders_host_unless_it_came_from_this_machine(
-    seen: str, listening: str, host: str | None, monkeypatch: pytest.MonkeyPatch
+    seen: str,
+    listening: str,
+    advertised: str,
+    host: str | None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     class _Config:
         listen_address = listening
 
     class _Node:
         config = _Config()
+        port = 7000
+        addresses = (advertised,)
+        _local_address = Node._local_address  # (where its tunnels connect to its server)
 
         def on_bulk_read_only(self, topic: str, handler: object, *, max_bytes: int) -> None:
             self.handler = handler
@@ -465,3 +626,82 @@ def test_a_message_over_net_comes_with_its_senders_host_unless_it_came_from_this
     transport.set_receiver(receive)
     asyncio.run(transport._on_bulk("peer", COMM_TOPIC, bytearray(_message(ROUND))))
     assert got == [host]
+
+
+def test_the_waiting_room_keeps_its_bounds_and_its_tables_under_random_traffic() -> None:
+    # Senders of a few networks and hosts (and of this machine, with no host), some from two
+    # hosts, send messages of random sizes for random rounds, which open, close and time out,
+    # and some senders give up. After every step the room keeps its bounds and each sender's
+    # share, its tables agree with the messages that wait, and nothing is left at the end.
+    clock = IdleJumpClock()
+    rng = random.Random(7)
+    limits = {"rounds": 16, "messages": 64, "bytes": 1 << 20}
+    hosts = [None, "10.0.0.1", "10.0.0.2", "2001:db8::/64", "2001:db8:0:1::/64", "2001:db9::/64"]
+    rounds = [bytes([0xA0, i]) * 8 for i in range(40)]
+
+    def check(mailbox: CommMailbox) -> None:
+        held = [m for waiting in mailbox._opened.values() for m in waiting]
+        assert len(mailbox._opened) <= limits["rounds"]
+        assert len(held) == mailbox._num_waiting <= limits["messages"]
+        assert sum(m.nbytes for m in held) == mailbox._waiting_bytes <= limits["bytes"]
+        by_key: dict[object, list[object]] = {}
+        for m in sorted(held, key=lambda m: m.seq):
+            by_key.setdefault(("sender", m.sender), []).append(m)
+            for depth in (1, 2, 3):
+                by_key.setdefault(m.path[:depth], []).append(m)
+        tables = {("sender", s): h for s, h in mailbox._by_sender.items()}
+        tables.update(mailbox._by_path)
+        assert tables.keys() == by_key.keys()
+        for key, holding in tables.items():
+            assert holding.messages == by_key[key]
+            assert holding.nbytes == sum(m.nbytes for m in holding.messages)
+            assert sum(holding.rounds.values()) == len(holding.messages)
+        for holding in mailbox._by_sender.values():
+            for what in ("rounds", "messages", "bytes"):
+                assert holding.amount(what) <= mailbox._share(what)
+
+    async def main() -> None:
+        mailbox = CommMailbox(
+            _Silent(),
+            clock,
+            early_arrival_timeout_s=0.3,
+            max_waiting_rounds=limits["rounds"],
+            max_waiting_messages=limits["messages"],
+            max_waiting_bytes=limits["bytes"],
+        )
+        tasks: list[asyncio.Task[None]] = []
+        for _ in range(1500):
+            draw = rng.random()
+            if draw < 0.7:
+                s = rng.randrange(60)
+                host = hosts[s % len(hosts)] if rng.random() < 0.95 else rng.choice(hosts)
+                size = rng.choice((64, 1000, 30_000, 200_000))
+                message = _sized(rng.choice(rounds), size)
+                tasks.append(asyncio.create_task(mailbox.deliver(f"s{s}", message, host)))
+            elif draw < 0.8:
+                round_id = rng.choice(rounds)
+                if round_id not in mailbox._rounds:
+                    mailbox.open_round(round_id, _Round())  # type: ignore[arg-type]
+            elif draw < 0.9:
+                mailbox.close_round(rng.choice(rounds))
+            elif draw < 0.95 and tasks:
+                rng.choice(tasks).cancel()
+            else:
+                await clock.sleep_async(rng.random() * 0.05)
+            await asyncio.sleep(0)
+            check(mailbox)
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        assert any(refused_for_room(o) for o in outcomes if isinstance(o, BaseException))
+        for outcome in outcomes:
+            assert (
+                outcome is None
+                or isinstance(outcome, asyncio.CancelledError | ProtocolError)
+                or refused_for_room(outcome)
+            ), outcome
+        check(mailbox)
+        assert not mailbox._num_waiting
+        assert not mailbox._opened
+        assert not mailbox._by_sender
+        assert not mailbox._by_path
+
+    asyncio.run(clock.run(main()))

@@ -53,16 +53,27 @@ class NetCommTransport:
 
     def _sender_host(self) -> str | None:
         """The host of the message being received (see :func:`sender_host`), or None where it
-        came from this machine: a loopback address, or the one this node listens on, which is
-        also where relay tunnels deliver their connections (a relayed sender's own address
-        never shows), and where peers of a swarm on one machine come from."""
+        came from this machine (see :meth:`_this_machine`)."""
         ip = _ip_of(current_remote_host())
         if ip is None:
             return None  # (a unix socket, say: this machine)
-        listening = _ip_of(self.node.config.listen_address.rpartition(":")[0])
-        if ip.is_loopback or ip.is_unspecified or ip == listening:
+        if ip.is_loopback or ip.is_unspecified or ip in self._this_machine():
             return None
         return sender_host(str(ip))
+
+    def _this_machine(self) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        """The addresses a connection from this machine comes from, besides loopback: the one
+        relay tunnels connect to this node's server at (they end in a connection from this
+        machine, so a relayed sender's own address never shows), the one it listens on, and
+        those it advertises (peers of a swarm on one machine, listening on 0.0.0.0, dial each
+        other there and come from there)."""
+        hosts = [
+            self.node._local_address(),
+            self.node.config.listen_address,
+            *self.node.addresses,
+        ]
+        ips = (_ip_of(address.rpartition(":")[0]) for address in hosts)
+        return {ip for ip in ips if ip is not None}
 
     async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
         """Stream ``message`` to ``peer_id``; returns once its comm receiver handled it."""
@@ -76,9 +87,10 @@ class NetCommTransport:
 
 
 def _ip_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """``host`` as an IP address (an IPv4-mapped one as IPv4), None where it is none."""
+    """``host`` as an IP address (an IPv4-mapped one as IPv4), None where it is none. An IPv6
+    address may come bracketed, as HOST:PORT writes it (``[fd00::2]``)."""
     try:
-        ip = ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
     except ValueError:
         return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:

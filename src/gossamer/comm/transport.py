@@ -21,13 +21,14 @@ followed by tensor pieces (see :mod:`gossamer.comm.wire`) for contributions and 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import enum
 import ipaddress
 import itertools
 import logging
 import struct
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -69,11 +70,14 @@ __all__ = [
 _log = logging.getLogger(__name__)
 _MAX_ANSWERS_IN_FLIGHT = 64
 _SHARES = 8
-"""One sender, and one host's senders together, may hold at most this fraction of the rounds
-and messages waiting for unopened rounds."""
+"""One sender may hold at most this fraction of the rounds and messages waiting for unopened
+rounds."""
 _BYTE_SHARES = 4
 """... and this fraction of their bytes (a quarter of 1 GiB: three messages of the largest
 chunk, as many as a member keeps in flight to one peer)."""
+_NETWORK_PREFIX = 48
+"""IPv6 senders are ranked in the full room by this prefix before their /64 (see
+:meth:`CommMailbox._make_room`): a machine with a routed /56 or /48 sends from many /64s."""
 _NO_ROOM = "no room here for messages waiting for unopened rounds; try again"
 """What a refusal for lack of room says (see :func:`refused_for_room`): the receiver is alive,
 and its waiting room is held by senders that hold more of it than the refused one."""
@@ -99,10 +103,13 @@ def refused_for_room(exc: BaseException) -> bool:
 
 
 def sender_host(address: str) -> str:
-    """What a sender at ``address`` (the IP address its connection came from) is counted by in
-    a receiver's early-message room (see :meth:`CommMailbox.deliver`): an IPv4 address as it
-    is, an IPv6 address by its /64 (a machine is handed a /64 and may send from any address in
-    it), an IPv4-mapped IPv6 address as its IPv4 address; anything else as it is."""
+    """What a sender at ``address`` (the IP address its connection came from) is ranked by in
+    a receiver's full early-message room (see :meth:`CommMailbox._make_room`): an IPv4 address
+    as it is, an IPv6 address by its /64 (the room ranks its /48 first), an IPv4-mapped IPv6
+    address as its IPv4 address; anything else as it is. A /64 is not one machine: a machine
+    with a routed /56 or /48 sends from many /64s (its /48 holds them together), and on a
+    shared subnet (SLAAC, a cloud's /64) many machines send from one /64, as many behind one
+    NAT send from one IPv4 address."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -335,17 +342,37 @@ async def wait_for_event(event: asyncio.Event, deadline_s: float, clock: Clock) 
     return event.is_set()
 
 
+_Path = tuple[str, str, str]
+"""Where a waiting message is counted in the room, coarsest first: its sender's network (an
+IPv6 /48; an IPv4 address), host (an IPv6 /64; an IPv4 address) and identity."""
+
+
+def _path_of(sender: str, host: str | None) -> _Path:
+    """Where a message of ``sender`` at ``host`` (see :func:`sender_host`; None: this machine,
+    or unknown) is counted: a sender of no known host is a network and a host of its own."""
+    if host is None:
+        return (f"peer {sender}", f"peer {sender}", sender)
+    try:
+        net = ipaddress.ip_network(host, strict=False)
+    except ValueError:
+        return (host, host, sender)
+    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= _NETWORK_PREFIX:
+        fine = net.supernet(new_prefix=64) if net.prefixlen > 64 else net
+        return (str(net.supernet(new_prefix=_NETWORK_PREFIX)), str(fine), sender)
+    return (host, host, sender)
+
+
 @dataclass(eq=False, slots=True)
 class _EarlyMessage:
     """A message waiting here for its round to open (see :meth:`CommMailbox.deliver`)."""
 
     sender: str
-    host: str
-    """What its sender's host share is counted by (see :meth:`CommMailbox.deliver`)."""
+    path: _Path
+    """Where it is counted (see :meth:`CommMailbox._make_room`)."""
     round_id: bytes
     nbytes: int
-    since_s: float = 0.0
-    """When it began to wait (the mailbox's clock)."""
+    seq: int = 0
+    """Its place in the order messages began to wait (earlier: smaller)."""
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when its round opens (or ends, or its key is settled), or it is evicted."""
     evicted: bool = False
@@ -356,7 +383,7 @@ class _EarlyMessage:
 
 @dataclass(slots=True)
 class _Holding:
-    """What one sender, or one host, holds of the waiting room."""
+    """What one sender, host or network holds of the waiting room."""
 
     messages: list[_EarlyMessage] = field(default_factory=list)
     """Its waiting messages, oldest first."""
@@ -372,8 +399,9 @@ class _Holding:
         return len(self.rounds) if what == "rounds" else len(self.messages)
 
     def add(self, message: _EarlyMessage) -> None:
-        """Count ``message`` here."""
-        self.messages.append(message)
+        """Count ``message`` here (in its place by age: one given back after a plan to make
+        room fell through goes back where it was)."""
+        bisect.insort(self.messages, message, key=_age_order)
         self.rounds[message.round_id] += 1
         self.nbytes += message.nbytes
 
@@ -385,6 +413,10 @@ class _Holding:
             del self.rounds[message.round_id]
         self.nbytes -= message.nbytes
         return not self.messages
+
+
+def _age_order(message: _EarlyMessage) -> int:
+    return message.seq
 
 
 class CommMailbox:
@@ -400,21 +432,24 @@ class CommMailbox:
             sender, as many as it keeps in flight).
         max_waiting_bytes: bytes those messages may hold at once (a round's messages are at
             most 4 MiB of values each). One sender may hold an eighth of the rounds and
-            messages and a quarter of the bytes, and so may all the senders of one host
-            together (see :meth:`deliver`).
+            messages and a quarter of the bytes.
 
-    When the waiting room is full, a host whose senders hold less of what is short (rounds,
-    messages or bytes) than the heaviest host takes room from it: the oldest messages of that
-    host's heaviest sender are dropped (refused to their senders as for lack of room). Among
-    the senders of one host (where the room is full and no other host holds more, or where
-    the host holds its share) a sender that holds less takes room from the heaviest. Else the
-    message is refused for lack of room (:func:`refused_for_room`), which its sender retries
-    until its deadline rather than taking this peer for failed. A few identities (eight, or
-    four by bytes) filled the room for the early-arrival timeout and again after it, and
-    every member's early message was refused: its sender dropped this healthy peer from the
-    round. Identities are free in an open swarm, and as many as the room has places, each
-    holding one message and sending again as fast as it was dropped, had a member's young
-    message dropped among them; from one host they now share one host's share.
+    When the waiting room is full, the network (an IPv6 /48; an IPv4 address) whose senders
+    hold the most of what is short (rounds, messages or bytes) gives way to a message from a
+    network that holds less: the oldest messages of its heaviest host's heaviest sender are
+    dropped (refused to their senders as for lack of room). Where no other network holds
+    more, the same rule runs among the hosts (an IPv6 /64; an IPv4 address) of the
+    newcomer's network, and then among the senders of its host (see :meth:`_make_room`).
+    Else the message is refused for lack of room (:func:`refused_for_room`), which its sender
+    retries until its deadline rather than taking this peer for failed. A few identities
+    (eight, or four by bytes) filled the room for the early-arrival timeout and again after
+    it, and every member's early message was refused: its sender dropped this healthy peer
+    from the round. Identities are free in an open swarm, and as many as the room has places,
+    each holding one message and sending again as fast as it was dropped, had a member's
+    young message dropped among them; made up on one host they now give way to the members
+    of other hosts. Hosts cap nothing: the senders of one address (behind a NAT, or every
+    sender where a proxy rewrites source addresses) fare among themselves as if counted by
+    identity alone.
     """
 
     def __init__(
@@ -444,10 +479,10 @@ class CommMailbox:
         self._by_sender: dict[str, _Holding] = {}
         """What the messages waiting for unopened rounds hold, by sender: one sender (a peer
         in no group of this one's, say) may hold only a share of the room, not all of it."""
-        self._by_host: dict[str, _Holding] = {}
-        """... and by host (see :meth:`deliver`): identities are free, hosts are not."""
-        self._by_host_sender: dict[str, dict[str, _Holding]] = {}
-        """... and by sender within each host (the senders that give room in their host)."""
+        self._by_path: dict[tuple[str, ...], _Holding] = {}
+        """... and by network, by host within it and by sender within that (each prefix of
+        their paths, see :func:`_path_of`): who gives way in a full room."""
+        self._seq = itertools.count()
         self._closed: OrderedDict[bytes, FinishedRound | None] = OrderedDict()
         """Rounds that ended here, with what is kept of those that finished with every
         part's average."""
@@ -541,14 +576,13 @@ class CommMailbox:
             sender: the sender's peer id.
             message: the message.
             host: the sender's host (see :func:`sender_host`), None where the transport cannot
-                tell it. A message that waits for its round to open counts towards its host's
-                share of the waiting room as well as its sender's, so that identities made up
-                on one machine share one share and senders of other hosts find room. Where
-                the host is unknown (a message from this machine, where a swarm on one machine
-                has every member, or one carried through a relay, which arrives from this
-                machine too), the sender alone is its host's share, as before hosts were
-                counted: a relay's peers are not lumped together, so a flood through a relay
-                costs the others no more than before.
+                tell it. Where the waiting room is full, a message that waits for its round to
+                open is ranked by its host's network, its host and its sender (see
+                :meth:`_make_room`), so identities made up on one machine give way to senders
+                of other hosts. Where the host is unknown (a message from this machine, where
+                a swarm on one machine has every member, or one carried through a relay,
+                which arrives from this machine too), the sender is a host of its own, as
+                before hosts were counted: a relay's peers are not lumped together.
         """
         frame, body = unpack_frame(message)
         handler = self._rounds.get(frame.round_id)
@@ -560,8 +594,8 @@ class CommMailbox:
                 )
             if frame.round_id not in self._closed:
                 self._refuse_other_group(frame.round_id)
-                owner = f"peer {sender}" if host is None else host  # (no host has a space)
-                handler = await self._wait_open(frame.round_id, len(message), sender, owner)
+                path = _path_of(sender, host)
+                handler = await self._wait_open(frame.round_id, len(message), path)
                 self._refuse_other_group(frame.round_id)
             if handler is None:
                 # A straggler of a round that already ended. One that shows the sender still
@@ -639,20 +673,18 @@ class CommMailbox:
                     "disagree on the group)"
                 )
 
-    async def _wait_open(
-        self, round_id: bytes, nbytes: int, sender: str, host: str
-    ) -> RoundHandler | None:
-        """Hold a message of ``round_id`` (``nbytes``, from ``sender`` at ``host``) until its
+    async def _wait_open(self, round_id: bytes, nbytes: int, path: _Path) -> RoundHandler | None:
+        """Hold a message of ``round_id`` (``nbytes``, from the sender at ``path``) until its
         round opens here; the round's handler then (None if the round ended or its key was
         settled).
 
         Raises:
             ProtocolError: the sender holds its share of the room already, or the round did not
                 open within the early-arrival timeout.
-            PeerUnavailableError: no room (in the room, or in the share of the sender's host),
-                or the message was dropped for a sender that held less (see
-                :func:`refused_for_room`): the sender tries again.
+            PeerUnavailableError: no room, or the message was dropped for a sender that held
+                less (see :func:`refused_for_room`): the sender tries again.
         """
+        sender = path[-1]
         mine = self._by_sender.get(sender, _Holding())
         # One sender may hold a share of each table, not all of it: else its messages alone
         # (1,024 words for one round id, or 8 of the largest) refused everyone else's.
@@ -672,10 +704,13 @@ class CommMailbox:
                 "this peer's messages waiting for rounds this peer has not opened would pass "
                 f"its share of their bytes ({self._share('bytes')})"
             )
-        lacking = self._make_room(sender, host, round_id, nbytes)
+        lacking = self._make_room(path, round_id, nbytes)
         if lacking is not None:
-            raise PeerUnavailableError(f"{_NO_ROOM} ({lacking})")
-        message = _EarlyMessage(sender, host, round_id, nbytes)
+            raise PeerUnavailableError(
+                f"{_NO_ROOM} (too many {lacking} wait for rounds this peer has not opened, and "
+                "no network, host or sender holds more of them than this one's)"
+            )
+        message = _EarlyMessage(sender, path, round_id, nbytes)
         self._hold(message)
         try:
             deadline = self._clock.monotonic() + self._early_timeout_s
@@ -693,7 +728,7 @@ class CommMailbox:
         return handler
 
     def _share(self, what: str) -> int:
-        """The most of ``what`` (rounds, messages or bytes) one sender may hold, and one host."""
+        """The most of ``what`` (rounds, messages or bytes) one sender may hold."""
         if what == "bytes":
             return self._max_waiting_bytes // _BYTE_SHARES
         if what == "rounds":
@@ -711,93 +746,83 @@ class CommMailbox:
             return "rounds"
         return None
 
-    def _host_short_of(self, host: str, round_id: bytes, nbytes: int) -> str | None:
-        """What ``host``'s share of the room lacks for one more message of ``round_id``
-        (``nbytes``); None if it fits."""
-        held = self._by_host.get(host)
-        if held is None:
-            return None
-        if held.nbytes + nbytes > self._share("bytes"):
-            return "bytes"
-        if held.amount("messages") >= self._share("messages"):
-            return "messages"
-        if round_id not in held.rounds and held.amount("rounds") >= self._share("rounds"):
-            return "rounds"
-        return None
+    def _make_room(self, path: _Path, round_id: bytes, nbytes: int) -> str | None:
+        """Make room for a message of ``round_id`` (``nbytes``) counted at ``path``; what the
+        room still lacks if it cannot (None: it fits). Nothing is dropped then.
 
-    def _make_room(self, sender: str, host: str, round_id: bytes, nbytes: int) -> str | None:
-        """Make room for a message of ``sender`` at ``host``; why it still does not fit, if
-        it does not (None: it fits).
+        While the room lacks something (rounds, messages or bytes), the network holding the
+        most of it gives way, if it holds more than the newcomer's network; within it the host
+        holding the most, and within that the sender holding the most, whose oldest message
+        goes. Where no other network holds more than the newcomer's, the same rule runs among
+        the hosts of its network, and then among the senders of its host: one holding more
+        than the newcomer gives. Of two that hold as much, the one whose oldest message came
+        first gives (a flood's messages are the old ones). Where the room lacks rounds, a
+        round goes whole, and only one every message of which comes from senders that could
+        give way (else dropping its messages would free no entry).
 
-        While the host's share lacks something, the oldest messages of the host's sender
-        holding the most of it go, as long as that one holds more than ``sender``. While the
-        room lacks something, the host holding the most of it gives, as long as it holds more
-        than ``host`` (the oldest messages of its sender holding the most go); where none
-        does, a sender of ``host`` that holds more than ``sender`` gives. Of two that hold as
-        much, the one whose oldest message came first gives.
-
-        An honest member's early messages are a few per round it is in (as many as it keeps
-        in flight), young (its round opens here soon): a sender that floods holds more, and
-        longer, and is the one that loses them. Identities are free in an open swarm, hosts
-        are not: identities made up on one host hold no more than one host's share together,
-        and take room from each other there, not from a member of another host that holds
-        less than their host. A member's message is dropped only where no other host (or
-        sender of its own host) holds more, and its sender sends it again (see
-        :func:`refused_for_room`). The room's bounds never move: what is taken is freed first.
+        Hosts set no cap of their own: while the room has space a message waits as long as its
+        sender holds no more than a sender's share. They rank the senders only where it is
+        full, so identities made up on one host take room from each other, not from a member
+        of another host that holds less than theirs, and the senders of one host (behind one
+        NAT or proxy) fare among themselves as if counted by identity alone. An honest
+        member's early messages are a few per round it is in, young (its round opens here
+        soon): a sender that floods holds more, and longer, and loses them; a member's
+        message dropped is sent again (see :func:`refused_for_room`). The room's bounds never
+        move: what is taken is freed first.
         """
-        while (short := self._host_short_of(host, round_id, nbytes)) is not None:
-            victim = self._heaviest(self._by_host_sender[host], short, sender)
-            if victim is None:
-                return (
-                    f"messages from this peer's host hold its share of the {short} waiting for "
-                    "rounds this peer has not opened, and no sender of it holds more of them "
-                    "than this one"
-                )
-            self._evict_oldest(self._by_host_sender[host][victim], short)
+        dropping: list[_EarlyMessage] = []
         while (short := self._short_of(round_id, nbytes)) is not None:
-            giving = self._heaviest(self._by_host, short, host)
-            if giving is None:  # (no other host holds more: a heavier sender of this host)
-                giving = host
-                victim = self._heaviest(self._by_host_sender.get(host, {}), short, sender)
-            else:
-                victim = self._heaviest(self._by_host_sender[giving], short, None)
-            if victim is None:
-                return (
-                    f"too many {short} wait for rounds this peer has not opened, and no host "
-                    "or sender holds more of them than this one"
-                )
-            self._evict_oldest(self._by_host_sender[giving][victim], short)
+            freeing = self._to_give(path, short)
+            if not freeing:
+                for message in dropping:  # (the room is as it was: nobody loses a message)
+                    self._hold(message, again=True)
+                return short
+            for message in freeing:
+                self._release(message)
+            dropping += freeing
+        for message in dropping:
+            self._evict(message)
         return None
 
-    def _heaviest(self, holders: Mapping[str, _Holding], what: str, than: str | None) -> str | None:
-        """Of ``holders`` (senders, or hosts), the one that holds the most of ``what``, if it
-        holds more than ``than`` (one of them, or None: any that holds some). Of two that hold
-        as much, the one whose oldest message came first (a flood's messages are the old
-        ones)."""
-        least = holders[than].amount(what) if than is not None and than in holders else 0
-        heaviest: tuple[int, float] | None = None
-        chosen: str | None = None
-        for holder, held in holders.items():
-            amount = held.amount(what)
-            if holder == than or amount <= least:
-                continue
-            rank = (amount, -held.messages[0].since_s)
-            if heaviest is None or rank > heaviest:
-                heaviest, chosen = rank, holder
-        return chosen
+    def _to_give(self, path: _Path, what: str) -> list[_EarlyMessage]:
+        """The messages that give way to one counted at ``path`` for lack of ``what`` (see
+        :meth:`_make_room`): the oldest of the sender that ranks first, or where ``what`` is
+        rounds a whole round of senders that all rank above ``path``; none if none does."""
+        giving = [
+            leaf for leaf in self._by_path if len(leaf) == 3 and self._gives(leaf, path, what)
+        ]
+        if what != "rounds":
+            first = max(giving, key=lambda leaf: self._rank(leaf, what), default=None)
+            return [] if first is None else self._by_path[first].messages[:1]
+        giving.sort(key=lambda leaf: self._rank(leaf, what), reverse=True)
+        can_give = set(giving)
+        for leaf in giving:
+            for message in self._by_path[leaf].messages:  # (its oldest round first)
+                waiting = self._opened[message.round_id]
+                if all(other.path in can_give for other in waiting):
+                    return list(waiting)
+        return []
 
-    def _evict_oldest(self, held: _Holding, short: str) -> None:
-        """Drop the oldest message of ``held`` (one sender's at one host), or where the room
-        lacks ``rounds`` all of its messages of that message's round (that frees an entry)."""
-        oldest = held.messages[0]
-        if short == "rounds":
-            for message in [m for m in held.messages if m.round_id == oldest.round_id]:
-                self._evict(message)
-        else:
-            self._evict(oldest)
+    def _gives(self, leaf: tuple[str, ...], path: _Path, what: str) -> bool:
+        """Whether the sender at ``leaf`` ranks above one at ``path`` for ``what``: where
+        their paths part, its network (or host, or itself) holds more than the newcomer's."""
+        for depth in range(1, len(path) + 1):
+            if leaf[:depth] != path[:depth]:
+                theirs = self._by_path.get(path[:depth])
+                return self._by_path[leaf[:depth]].amount(what) > (
+                    0 if theirs is None else theirs.amount(what)
+                )
+        return False  # (the newcomer's own messages)
+
+    def _rank(self, leaf: tuple[str, ...], what: str) -> tuple[tuple[int, int], ...]:
+        """Order of giving way among senders: by what their network holds of ``what``, then
+        their host, then they; at each level the one whose oldest message came first."""
+        held = (self._by_path[leaf[:depth]] for depth in range(1, len(leaf) + 1))
+        return tuple((h.amount(what), -h.messages[0].seq) for h in held)
 
     def _evict(self, message: _EarlyMessage) -> None:
-        """Drop a waiting message to make room (its sender is refused as for lack of room)."""
+        """Drop a waiting message (its room already released) to make room: its sender is
+        refused as for lack of room."""
         _log.info(
             "peer %s: dropping %d bytes from %s that waited for round %s, to make room for a "
             "sender holding less of the room",
@@ -807,18 +832,18 @@ class CommMailbox:
             message.round_id.hex()[:12],
         )
         message.evicted = True
-        self._release(message)
         message.wake.set()
 
-    def _hold(self, message: _EarlyMessage) -> None:
-        """Count ``message`` in the waiting room."""
+    def _hold(self, message: _EarlyMessage, *, again: bool = False) -> None:
+        """Count ``message`` in the waiting room (``again``: back in its old place, after a
+        plan to make room that fell through)."""
         message.held = True
-        message.since_s = self._clock.monotonic()
+        if not again:
+            message.seq = next(self._seq)
         self._opened.setdefault(message.round_id, []).append(message)
         self._by_sender.setdefault(message.sender, _Holding()).add(message)
-        self._by_host.setdefault(message.host, _Holding()).add(message)
-        of_host = self._by_host_sender.setdefault(message.host, {})
-        of_host.setdefault(message.sender, _Holding()).add(message)
+        for depth in range(1, len(message.path) + 1):
+            self._by_path.setdefault(message.path[:depth], _Holding()).add(message)
         self._waiting_bytes += message.nbytes
         self._num_waiting += 1
 
@@ -831,16 +856,11 @@ class CommMailbox:
         message.held = False
         self._waiting_bytes -= message.nbytes
         self._num_waiting -= 1
-        sender, host = message.sender, message.host
-        if self._by_sender[sender].remove(message):
-            del self._by_sender[sender]
-        if self._by_host[host].remove(message):
-            del self._by_host[host]
-        of_host = self._by_host_sender[host]
-        if of_host[sender].remove(message):
-            del of_host[sender]
-            if not of_host:
-                del self._by_host_sender[host]
+        if self._by_sender[message.sender].remove(message):
+            del self._by_sender[message.sender]
+        for depth in range(1, len(message.path) + 1):
+            if self._by_path[message.path[:depth]].remove(message):
+                del self._by_path[message.path[:depth]]
         waiting = self._opened.get(message.round_id)
         if waiting is not None and message in waiting:
             waiting.remove(message)
