@@ -534,7 +534,7 @@ def test_a_tunnel_whose_target_leaves_the_relay_before_accepting_fails_at_once()
                 learn_record_of(dialer, hidden)
                 announced = asyncio.Event()
 
-                def accept_none(*args: Any) -> bool:
+                def accept_none(*args: Any, **kwargs: Any) -> bool:
                     announced.set()
                     return False
 

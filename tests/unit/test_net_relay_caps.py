@@ -129,10 +129,19 @@ def test_a_pipe_queues_one_frame_of_the_largest_size() -> None:
     asyncio.run(main())
 
 
+class _ClockOnlyPool:
+    """What the relay watchdog reads of a pool: its clock (its record of relay traffic is
+    kept per pool)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+
+
 def _watchdog(clock: FakeClock, heartbeat: Any) -> RelayReservations:
-    """Reservations with only what the relay watchdog reads (a pool and a directory unused)."""
+    """Reservations with only what the relay watchdog reads (a pool's clock; a directory
+    unused)."""
     return RelayReservations(
-        None,  # type: ignore[arg-type]
+        _ClockOnlyPool(clock),  # type: ignore[arg-type]
         None,  # type: ignore[arg-type]
         NodeConfig(keepalive_interval_s=10.0, keepalive_timeout_s=5.0),
         clock,

@@ -18,11 +18,13 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import random
+import weakref
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 
@@ -46,11 +48,13 @@ from gossamer.net.relay import (
     MAX_TUNNELS_PER_TARGET,
     RESERVE_METHOD,
     TUNNEL_ID_CHARS,
+    BytePipe,
     RelayServicer,
 )
 from gossamer.proto import net_pb2
 
 __all__ = [
+    "BUSY_RELAY_SILENT_S",
     "CLOSED_TUNNEL_GRACE_S",
     "FRAME_BYTES",
     "MAX_ACCEPTED_DIRECT_TUNNELS",
@@ -58,11 +62,14 @@ __all__ = [
     "MAX_ACCEPTED_TUNNELS_PER_DIRECT_RESERVATION",
     "MAX_ACCEPTED_TUNNELS_PER_RESERVATION",
     "MAX_IDLE_ENTRANCES",
+    "PRESSED_WRITE_S",
+    "READ_AHEAD_BYTES",
     "REVERSED_ADDRESS",
     "AcceptedTunnels",
     "OwnedTasks",
     "RelayDialer",
     "RelayReservations",
+    "RelayTraffic",
     "accept_tunnel",
     "announcement_fault",
     "carry_socket_over_call",
@@ -112,6 +119,16 @@ _NO_ANSWER = frozenset(
     }
 )
 """Statuses of a heartbeat that say nothing came back from the relay (others are answers)."""
+PRESSED_WRITE_S = 0.1
+"""A tunnel call that held a frame back this long before taking it is sending on a link it
+fills (a write to a relay that has room takes microseconds)."""
+BUSY_RELAY_SILENT_S = 60.0
+"""Longest a relay whose tunnels still take this node's bytes on a thin link may send nothing
+back before it is given up (see :class:`RelayTraffic`); gRPC's own ping deadline is 60 s."""
+READ_AHEAD_BYTES = 8 * 1024 * 1024
+"""Bytes of a local connection a tunnel reads ahead of its call (see
+:func:`carry_socket_over_call`): more than the local sender has in flight with the flow-control
+window gRPC gives it on a thin link, so its socket is never left with a shut window."""
 CLOSED_TUNNEL_GRACE_S = 2.0
 """How long a tunnel call may go on once the local connection it carries has closed: the far
 side ends it as soon as it has the close (milliseconds); one that never did held the call, and
@@ -128,9 +145,18 @@ async def carry_socket_over_call(
     first: net_pb2.TunnelFrame,
     failed: Callable[[grpc.aio.AioRpcError], Awaitable[GossamerError]] | None = None,
     refused: Callable[[grpc.aio.AioRpcError], None] | None = None,
+    heard: Callable[[], None] | None = None,
+    sent: Callable[[], None] | None = None,
 ) -> None:
     """Carry a local TCP connection's bytes over a tunnel call until either side ends (the
     far side gets :data:`CLOSED_TUNNEL_GRACE_S` to end the call once the local one closed).
+
+    The local connection is read ahead of the call, up to :data:`READ_AHEAD_BYTES`: its other
+    end is gRPC's socket, whose ``TCP_USER_TIMEOUT`` (``keepalive_timeout_s``, 5 s) ends the
+    connection once the reader has left its window shut that long. Read a frame at a time as
+    the call took them, a 256 KiB frame waited 4 s and more behind a 500 kbit/s link's data,
+    and a relayed connection with bulk data both ways was lost to that timeout
+    (``recvmsg:Connection timed out``) within 15 s.
 
     Args:
         reader: the local connection's read side.
@@ -141,6 +167,10 @@ async def carry_socket_over_call(
         refused: told of a call that failed before the far side sent anything (the relay
             refused the tunnel), before the local connection is closed: all its owner sees
             of it is the socket closing.
+        heard: told of every frame the call brings (the relay that carries it is alive).
+        sent: told when the call took a frame after holding the last one back for
+            :data:`PRESSED_WRITE_S` or more (a thin link's data is leaving: see
+            :class:`RelayTraffic`).
 
     Raises:
         GossamerError: the tunnel call failed (mapped from gRPC's error).
@@ -149,16 +179,23 @@ async def carry_socket_over_call(
     call: Any = None
     carrying = True
     answered = False
+    ahead = _ReadAhead(reader)
     try:
+        # (at once: gRPC asks for the next frame only once the first is sent, seconds on a
+        # thin link)
+        ahead.start()
         # Ends the call CLOSED_TUNNEL_GRACE_S after the local connection closed (set below).
         async with asyncio.timeout(None) as after_close:
 
             async def frames() -> AsyncIterator[net_pb2.TunnelFrame]:
+                loop = asyncio.get_running_loop()
                 yield first
-                while data := await reader.read(FRAME_BYTES):
+                while data := await ahead.get():
+                    offered_at = loop.time()
                     yield net_pb2.TunnelFrame(data=data)
+                    if sent is not None and loop.time() - offered_at >= PRESSED_WRITE_S:
+                        sent()
                 if carrying:  # (gRPC may read on after the call ended)
-                    loop = asyncio.get_running_loop()
                     after_close.reschedule(loop.time() + CLOSED_TUNNEL_GRACE_S)
                 yield net_pb2.TunnelFrame(close=True)
 
@@ -171,6 +208,8 @@ async def carry_socket_over_call(
                     ) from exc
                 async for frame in call:
                     answered = True
+                    if heard is not None:
+                        heard()
                     if frame.data:
                         writer.write(frame.data)
                         await writer.drain()
@@ -194,10 +233,132 @@ async def carry_socket_over_call(
     finally:
         if call is not None:
             call.cancel()
+        await ahead.close()
         writer.close()
         with contextlib.suppress(OSError, TimeoutError):
             async with asyncio.timeout(1.0):
                 await writer.wait_closed()
+
+
+class _ReadAhead:
+    """Reads a local connection into a bounded queue in a task of its own, so that the
+    connection's window stays open while the tunnel call waits on a slow link (see
+    :func:`carry_socket_over_call`). :meth:`get` hands out what was read, in frames of at
+    most :data:`FRAME_BYTES`; b"" once the connection ended (its error raised, if it broke).
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, max_bytes: int | None = None) -> None:
+        self._reader = reader
+        self._pipe = BytePipe(READ_AHEAD_BYTES if max_bytes is None else max_bytes)
+        self._error: BaseException | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def _pump(self) -> None:
+        try:
+            while data := await self._reader.read(FRAME_BYTES):
+                if not await self._pipe.put(data):
+                    return
+        except Exception as exc:  # (a reset local socket: raised to the call's reader)
+            self._error = exc
+        finally:
+            self._pipe.close()
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._pump())
+
+    async def get(self) -> bytes:
+        data = await self._pipe.get()
+        if data is None:
+            if self._error is not None:
+                raise self._error
+            return b""
+        return data
+
+    async def close(self) -> None:
+        self._pipe.discard()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+class RelayTraffic:
+    """What came from each relay over one node's connections, and when: a frame on any call
+    through it (a reservation's event, a tunnel's bytes, dialled or accepted), and when its
+    tunnels last took this node's bytes on a thin link. The node's relay dialer and
+    reservations share it (one per connection pool), and both watch a relay by it as well as
+    by heartbeats: on a thin link a heartbeat's answer waits behind the tunnels' data.
+
+    A relay is silent once nothing came from it for ``keepalive_interval_s +
+    keepalive_timeout_s`` (15 s): a hung one sends nothing, so this is as soon as with
+    heartbeats alone. While its tunnels still take this node's bytes on a thin link (a frame
+    held back :data:`PRESSED_WRITE_S` or more and then taken, within that window), it may be
+    quiet up to :data:`BUSY_RELAY_SILENT_S`: a heartbeat's request then waits behind this
+    node's own data (a tunnel that only sends brings back nothing for long: HTTP/2 returns
+    window as half of it is used). A hung relay's kernel takes bytes for a while yet, at most
+    the flow-control window gRPC still grants and its socket buffers, so that bound holds.
+    """
+
+    _MAX_RELAYS = 1024
+    _of_pool: ClassVar[weakref.WeakKeyDictionary[ConnectionPool, RelayTraffic]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._heard_at: dict[str, float] = {}
+        self._sent_at: dict[str, float] = {}
+
+    @classmethod
+    def of(cls, pool: ConnectionPool) -> RelayTraffic:
+        """The record of ``pool``'s node (made on first use)."""
+        traffic = cls._of_pool.get(pool)
+        if traffic is None:
+            traffic = cls._of_pool[pool] = cls(pool.clock)
+        return traffic
+
+    def _note(self, times: dict[str, float], relay_id: str) -> None:
+        if len(times) >= self._MAX_RELAYS and relay_id not in times:
+            del times[min(times, key=times.__getitem__)]
+        times[relay_id] = self._clock.monotonic()
+
+    def heard(self, relay_id: str) -> None:
+        """Something came from ``relay_id`` just now."""
+        self._note(self._heard_at, relay_id)
+
+    def sent(self, relay_id: str) -> None:
+        """A tunnel through ``relay_id`` took a frame it had held back (a thin link)."""
+        self._note(self._sent_at, relay_id)
+
+    def heard_at(self, relay_id: str) -> float:
+        """When something last came from ``relay_id`` (-inf: never)."""
+        return self._heard_at.get(relay_id, -math.inf)
+
+    def _silent_from(self, relay_id: str, answered_at: float, silent_s: float) -> float:
+        """When ``relay_id`` (its last heartbeat answer ``answered_at``) is silent (above)."""
+        heard_at = max(answered_at, self.heard_at(relay_id))
+        sent_at = self._sent_at.get(relay_id, -math.inf)
+        return max(
+            heard_at + silent_s,
+            min(sent_at + silent_s, heard_at + max(silent_s, BUSY_RELAY_SILENT_S)),
+        )
+
+    def silent_for(self, relay_id: str, answered_at: float, silent_s: float) -> float | None:
+        """How long nothing has come from ``relay_id`` (its last heartbeat answer
+        ``answered_at``), if it is silent (see above); else None."""
+        now = self._clock.monotonic()
+        if now < self._silent_from(relay_id, answered_at, silent_s):
+            return None
+        return now - max(answered_at, self.heard_at(relay_id))
+
+    def heartbeat_deadline_s(
+        self, relay_id: str, answered_at: float, silent_s: float, at_least_s: float
+    ) -> float:
+        """The deadline of the next heartbeat to ``relay_id``: until it would be silent, so
+        that a late answer still counts and silence is seen in time (``at_least_s`` if that
+        is past)."""
+        left_s = self._silent_from(relay_id, answered_at, silent_s) - self._clock.monotonic()
+        return max(left_s, at_least_s)
 
 
 class OwnedTasks:
@@ -302,6 +463,10 @@ class RelayDialer:
         self._watches: dict[str, tuple[PeerConnection, asyncio.Task[Any]]] = {}
         """The heartbeat watch of each relay tunnels go through, and the connection it watches."""
         self._relay_failed_at: dict[str, float] = {}
+
+    @functools.cached_property
+    def _traffic(self) -> RelayTraffic:
+        return RelayTraffic.of(self._pool)
 
     def direct_target(self, peer_id: str) -> DialTarget | None:
         """The way back to ``peer_id`` through its direct reservation here, if it holds one.
@@ -491,6 +656,8 @@ class RelayDialer:
                     open_call,
                     net_pb2.TunnelFrame(target_peer_id=target),
                     failed=lambda exc: self._pool.failed(connection, exc, CONNECT_METHOD),
+                    heard=functools.partial(self._traffic.heard, relay_id),
+                    sent=functools.partial(self._traffic.sent, relay_id),
                     refused=lambda exc: refused(
                         exc.details() or "",
                         "refused the tunnel to"
@@ -543,33 +710,43 @@ class RelayDialer:
         task.add_done_callback(done)
 
     async def _watch_relay(self, relay_id: str, connection: PeerConnection) -> None:
-        """While tunnels go through ``relay_id`` on ``connection``, give it up once it has
-        answered no heartbeat for ``keepalive_interval_s + keepalive_timeout_s``.
+        """While tunnels go through ``relay_id`` on ``connection``, give it up once nothing
+        has come from it for ``keepalive_interval_s + keepalive_timeout_s``: no answer to a
+        heartbeat and no frame on any call through it (:class:`RelayTraffic`).
 
         One heartbeat is in flight at a time, with what is left of that window as its deadline
-        (as the relayed peer's own watch, :meth:`RelayReservations._until_silent`): on a thin
-        link its answer waits behind the tunnels' data, and short deadlines gave up healthy
-        relays. Not gRPC's ping deadline either (see server.py).
+        (as the relayed peer's own watch, :meth:`RelayReservations._until_silent`). On a thin
+        link its answer waits behind the tunnels' data: 8-23 s behind bulk data both
+        ways at 500 kbit/s, so a watch of heartbeats alone gave up a healthy relay, and the
+        connections through it, while their data flowed. A hung relay sends nothing at all, so
+        it is given up as soon as before. Not gRPC's ping deadline either (see server.py).
         """
         config, clock = self._pool.config, self._pool.clock
         interval_s = config.heartbeat.interval_s
         silent_s = config.keepalive_interval_s + config.keepalive_timeout_s
         ping = connection.unary_unary(_PING_METHOD, net_pb2.PingResponse)
         answered_at = clock.monotonic()
+
+        def silent_for() -> float | None:
+            return self._traffic.silent_for(relay_id, answered_at, silent_s)
+
         while self._tunnels_via[relay_id] > 0 and self._pool.get(relay_id) is connection:
             try:
-                left_s = answered_at + silent_s - clock.monotonic()
                 await ping(
                     net_pb2.PingRequest(),
-                    timeout=max(left_s, interval_s),
+                    timeout=self._traffic.heartbeat_deadline_s(
+                        relay_id, answered_at, silent_s, interval_s
+                    ),
                     metadata=connection.metadata,
                 )
                 answered_at = clock.monotonic()
+                self._traffic.heard(relay_id)
             except grpc.aio.AioRpcError as exc:
                 if answered_by_handler(exc) or exc.code() not in _NO_ANSWER:
                     answered_at = clock.monotonic()  # (an answer all the same)
-                elif clock.monotonic() - answered_at >= silent_s:
-                    await self._give_up(relay_id, connection, clock.monotonic() - answered_at)
+                    self._traffic.heard(relay_id)
+                elif (silent_for_s := silent_for()) is not None:
+                    await self._give_up(relay_id, connection, silent_for_s)
                     return
             except grpc.aio.UsageError:
                 return  # (its connection was closed: tunnels on the next one watch that)
@@ -596,8 +773,9 @@ class RelayDialer:
             and relayed.target.via == relay_id
         ]
         _log.warning(
-            "peer %s: relay %s answered no heartbeat for %.1f s; closing the connection to it "
-            "and the %d through it (to %s): they are dialled again through other relays",
+            "peer %s: relay %s answered no heartbeat and carried no tunnel byte for %.1f s; "
+            "closing the connection to it and the %d through it (to %s): they are dialled "
+            "again through other relays",
             short_peer_id(self._own_peer_id),
             short_peer_id(relay_id),
             silent_for_s,
@@ -679,6 +857,10 @@ class RelayReservations:
         self._wake = asyncio.Event()
         self._tasks = OwnedTasks()
         self._rng = random.Random()
+
+    @functools.cached_property
+    def _traffic(self) -> RelayTraffic:
+        return RelayTraffic.of(self._pool)
 
     def wake(self) -> None:
         """Look at the reservations now (after reachability changed)."""
@@ -767,19 +949,29 @@ class RelayReservations:
             self.wake()
 
     async def _read_events(self, relay_id: str, call: Any, connection: PeerConnection) -> None:
-        """Take the relay's tunnel announcements until it ends the reservation, or until it
-        answers no heartbeat for ``keepalive_interval_s + keepalive_timeout_s``.
+        """Take the relay's tunnel announcements until it ends the reservation, or until
+        nothing has come from it (see :meth:`_until_silent`) for ``keepalive_interval_s +
+        keepalive_timeout_s``.
 
         Raises:
             PeerUnavailableError: the relay stopped answering.
             grpc.aio.AioRpcError: the reservation's call failed.
         """
 
+        heard = functools.partial(self._traffic.heard, relay_id)
+        sent = functools.partial(self._traffic.sent, relay_id)
+
         async def events() -> None:
             while (event := await call.read()) is not grpc.aio.EOF:
+                heard()
                 if event.tunnel_id:
                     accepted = self._accepted.accept(
-                        self._tasks, connection, event, self._local_address()
+                        self._tasks,
+                        connection,
+                        event,
+                        self._local_address(),
+                        heard=heard,
+                        sent=sent,
                     )
                     if accepted and self.on_tunnel is not None:
                         self.on_tunnel(event.dialer_peer_id)
@@ -799,35 +991,54 @@ class RelayReservations:
             return  # (the relay ended it)
         if not reader.cancelled() and (error := reader.exception()) is not None:
             raise error
+        if not watchdog.cancelled() and (error := watchdog.exception()) is not None:
+            # (a heartbeat on a connection closed under it: not the relay's silence, which
+            # the reservation's end was put down to)
+            await self._pool.drop(relay_id, connection)
+            raise PeerUnavailableError(
+                f"the reservation's heartbeat failed: {str(error) or type(error).__name__}"
+            ) from error
         silent_s = self._config.keepalive_interval_s + self._config.keepalive_timeout_s
         # (its connection too: the next reservation reused the hung one, and a tunnel through
         # it stayed counted until gRPC's own ping deadline, 60 s)
         await self._pool.drop(relay_id, connection)
-        raise PeerUnavailableError(f"the relay answered no heartbeat for {silent_s:g} s")
+        raise PeerUnavailableError(
+            f"the relay answered no heartbeat and sent nothing for {silent_s:g} s"
+        )
 
     async def _until_silent(
         self, relay_id: str, heartbeat: Callable[[str, float], Awaitable[None]]
     ) -> None:
-        """Return once ``relay_id`` has answered no heartbeat for ``keepalive_interval_s +
-        keepalive_timeout_s``. One heartbeat is in flight at a
-        time, with what is left of that window as its deadline: on a thin link its answer waits
-        behind the tunnels' data (3.7-4.7 s at 1 Mbit/s), and with the failure detector's 2.5 s
-        every heartbeat missed and a healthy relay was given up. Not gRPC's ping deadline
-        either (see server.py)."""
+        """Return once nothing has come from ``relay_id`` for ``keepalive_interval_s +
+        keepalive_timeout_s``: no answer to a heartbeat and no frame on any call through it,
+        the reservation's and the tunnels' (:class:`RelayTraffic`).
+
+        One heartbeat is in flight at a time, with what is left of that window as its
+        deadline: on a thin link its answer waits behind the tunnels' data (3.7-4.7 s at 1
+        Mbit/s; 8-23 s behind bulk data both ways at 500 kbit/s, where a watch of
+        heartbeats alone gave up a healthy relay), and with the failure detector's 2.5 s every
+        heartbeat missed. A hung relay sends nothing at all, so it is given up as soon as
+        before. Not gRPC's ping deadline either (see server.py)."""
         interval_s = self._config.heartbeat.interval_s
         silent_s = self._config.keepalive_interval_s + self._config.keepalive_timeout_s
         answered_at = self._clock.monotonic()
         while True:
             try:
-                left_s = answered_at + silent_s - self._clock.monotonic()
-                await heartbeat(relay_id, max(left_s, interval_s))
+                await heartbeat(
+                    relay_id,
+                    self._traffic.heartbeat_deadline_s(relay_id, answered_at, silent_s, interval_s),
+                )
                 answered_at = self._clock.monotonic()
+                self._traffic.heard(relay_id)
             except (GossamerError, TimeoutError, grpc.aio.AioRpcError) as exc:
-                if self._clock.monotonic() - answered_at >= silent_s:
+                silent_for_s = self._traffic.silent_for(relay_id, answered_at, silent_s)
+                if silent_for_s is not None:
                     _log.info(
-                        "relay %s answered no heartbeat for %.1f s (%s); giving it up",
+                        "peer %s: relay %s answered no heartbeat and sent nothing for %.1f s "
+                        "(%s); giving it up",
+                        short_peer_id(self._own_peer_id),
                         short_peer_id(relay_id),
-                        self._clock.monotonic() - answered_at,
+                        silent_for_s,
                         str(exc) or type(exc).__name__,
                     )
                     return
@@ -881,9 +1092,12 @@ class AcceptedTunnels:
         local_address: str,
         *,
         direct: bool = False,
+        heard: Callable[[], None] | None = None,
+        sent: Callable[[], None] | None = None,
     ) -> bool:
         """Carry the announced tunnel (a task of ``tasks``) if it is well formed and the caps
-        allow; whether it does. ``direct``: announced on a direct reservation."""
+        allow; whether it does. ``direct``: announced on a direct reservation; ``heard`` and
+        ``sent``: told of its traffic (see :func:`carry_socket_over_call`)."""
         holder = connection.peer_id
         fault = announcement_fault(event, holder if direct else None)
         if fault is not None:
@@ -908,7 +1122,8 @@ class AcceptedTunnels:
         # Only the checked strings are kept for the tunnel's life, not the message.
         tunnel_id, dialer = event.tunnel_id, event.dialer_peer_id
         task = tasks.spawn(
-            accept_tunnel(connection, tunnel_id, dialer, local_address), f"accept-{tunnel_id[:8]}"
+            accept_tunnel(connection, tunnel_id, dialer, local_address, heard, sent),
+            f"accept-{tunnel_id[:8]}",
         )
         # (a done callback runs even for a task cancelled before it started)
         task.add_done_callback(lambda _: self._closed(holder, direct))
@@ -957,9 +1172,15 @@ def announcement_fault(event: net_pb2.RelayEvent, direct_holder: str | None) -> 
 
 
 async def accept_tunnel(
-    connection: PeerConnection, tunnel_id: str, dialer_peer_id: str, local_address: str
+    connection: PeerConnection,
+    tunnel_id: str,
+    dialer_peer_id: str,
+    local_address: str,
+    heard: Callable[[], None] | None = None,
+    sent: Callable[[], None] | None = None,
 ) -> None:
-    """Accept an announced tunnel: carry it into this node's own server at ``local_address``."""
+    """Accept an announced tunnel: carry it into this node's own server at ``local_address``
+    (``heard``, ``sent``: told of its traffic, see :func:`carry_socket_over_call`)."""
     host, _, port = local_address.rpartition(":")
     try:
         async with asyncio.timeout(_LOCAL_CONNECT_TIMEOUT_S):
@@ -970,7 +1191,12 @@ async def accept_tunnel(
             return accept(frames, metadata=connection.metadata)
 
         await carry_socket_over_call(
-            reader, writer, open_call, net_pb2.TunnelFrame(tunnel_id=tunnel_id)
+            reader,
+            writer,
+            open_call,
+            net_pb2.TunnelFrame(tunnel_id=tunnel_id),
+            heard=heard,
+            sent=sent,
         )
     except (GossamerError, OSError, TimeoutError) as exc:
         _log.info(

@@ -1,0 +1,183 @@
+"""How a relayed peer's reservation watches its relay, on the watchdog alone (no sockets): a
+relay is alive while anything comes from it, heartbeat answers or tunnel bytes."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+
+from gossamer.core.clock import FakeClock
+from gossamer.core.errors import DeadlineExceededError, PeerUnavailableError
+from gossamer.net.config import NodeConfig
+from gossamer.net.tunnels import BUSY_RELAY_SILENT_S, RelayReservations, RelayTraffic
+
+
+class _ClockOnlyPool:
+    """What the relay watchdog reads of a pool: its clock (its record of relay traffic is
+    kept per pool)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+
+
+async def _nothing() -> None:
+    pass
+
+
+def _watchdog(pool: _ClockOnlyPool, heartbeat: Any) -> RelayReservations:
+    return RelayReservations(
+        pool,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        NodeConfig(keepalive_interval_s=10.0, keepalive_timeout_s=5.0),
+        pool.clock,
+        "self",
+        local_address=lambda: "127.0.0.1:1",
+        needs_relay=lambda: True,
+        on_change=_nothing,
+        heartbeat=heartbeat,
+    )
+
+
+def test_a_relay_whose_tunnels_bring_bytes_is_kept_though_no_heartbeat_is_answered() -> None:
+    """At 500 kbit/s with bulk data both ways, heartbeat answers came 8-23 s late behind the
+    tunnels' data, and the relay was given up (with the transfers through it) after 15 s."""
+
+    async def main() -> None:
+        pool = _ClockOnlyPool(FakeClock())
+        traffic = RelayTraffic.of(pool)  # type: ignore[arg-type]
+        num_heartbeats = 0
+
+        async def heartbeat(peer_id: str, timeout_s: float) -> None:
+            nonlocal num_heartbeats
+            num_heartbeats += 1
+            pool.clock.advance(timeout_s / 2)
+            traffic.heard("relay")  # (a tunnel's frame meanwhile)
+            pool.clock.advance(timeout_s / 2)
+            raise DeadlineExceededError("no answer within the deadline")
+
+        watch = asyncio.ensure_future(_watchdog(pool, heartbeat)._until_silent("relay", heartbeat))
+        for _ in range(2000):
+            if num_heartbeats >= 20 or watch.done():
+                break
+            await asyncio.sleep(0)
+        assert not watch.done(), f"given up after {num_heartbeats} heartbeats"
+        assert pool.clock.monotonic() > 60.0
+        watch.cancel()
+
+    asyncio.run(main())
+
+
+def test_a_relay_silent_since_its_last_byte_is_given_up_after_the_window() -> None:
+    """Bytes keep a relay only while they come: one that then sends nothing at all (hung) is
+    given up keepalive interval + timeout (15 s) after the last of them, as before."""
+
+    async def main() -> None:
+        pool = _ClockOnlyPool(FakeClock())
+        traffic = RelayTraffic.of(pool)  # type: ignore[arg-type]
+        last_byte_at = 20.0
+
+        async def heartbeat(peer_id: str, timeout_s: float) -> None:
+            end = pool.clock.monotonic() + timeout_s
+            while pool.clock.monotonic() < end:  # (a tunnel's frame every 1 s until 20 s)
+                pool.clock.advance(min(1.0, end - pool.clock.monotonic()))
+                if pool.clock.monotonic() <= last_byte_at:
+                    traffic.heard("relay")
+            raise DeadlineExceededError("no answer")
+
+        traffic.heard("relay")
+        watch = _watchdog(pool, heartbeat)._until_silent("relay", heartbeat)
+        await asyncio.wait_for(watch, 5)
+        silent_for_s = pool.clock.monotonic() - traffic.heard_at("relay")
+        assert traffic.heard_at("relay") > last_byte_at - 1.0
+        assert 15.0 <= silent_for_s <= 16.0, silent_for_s
+
+    asyncio.run(main())
+
+
+class _DroppingPool(_ClockOnlyPool):
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.dropped: list[str] = []
+
+    async def drop(self, peer_id: str, connection: object = None) -> None:
+        self.dropped.append(peer_id)
+
+
+class _QuietReservation:
+    """A reservation call that announces nothing until cancelled."""
+
+    async def read(self) -> object:
+        await asyncio.Event().wait()
+        raise AssertionError("never reached")
+
+
+def test_a_heartbeat_that_breaks_is_not_put_down_to_the_relay_s_silence() -> None:
+    """A heartbeat on a connection closed under it (gRPC's UsageError) ended the watchdog, and
+    the reservation's end was logged as "the relay answered no heartbeat for 15 s" the moment
+    it broke, in the netlab run where the link, not the relay, was at fault."""
+
+    async def main() -> None:
+        pool = _DroppingPool(FakeClock())
+
+        async def heartbeat(peer_id: str, timeout_s: float) -> None:
+            raise grpc.aio.UsageError("Channel is closed.")
+
+        reservations = _watchdog(pool, heartbeat)
+        with pytest.raises(PeerUnavailableError) as raised:
+            await asyncio.wait_for(
+                reservations._read_events("relay", _QuietReservation(), None),  # type: ignore[arg-type]
+                5,
+            )
+        assert "heartbeat failed" in str(raised.value), raised.value
+        assert "Channel is closed" in str(raised.value)
+        assert pool.dropped == ["relay"]
+
+    asyncio.run(main())
+
+
+def test_a_relay_whose_tunnels_take_a_thin_link_s_bytes_is_kept_up_to_a_bound() -> None:
+    """A tunnel that only sends brings back almost nothing, and the heartbeats wait behind its
+    data: while the tunnels still take bytes they had to hold back (a thin link), the relay is
+    kept, for at most BUSY_RELAY_SILENT_S with nothing from it (a hung relay's kernel takes
+    bytes for a while yet)."""
+
+    async def main() -> None:
+        pool = _ClockOnlyPool(FakeClock())
+        traffic = RelayTraffic.of(pool)  # type: ignore[arg-type]
+
+        async def heartbeat(peer_id: str, timeout_s: float) -> None:
+            end = pool.clock.monotonic() + timeout_s
+            while pool.clock.monotonic() < end:  # (a frame held back and taken every 1 s)
+                pool.clock.advance(min(1.0, end - pool.clock.monotonic()))
+                traffic.sent("relay")
+            raise DeadlineExceededError("no answer")
+
+        watch = _watchdog(pool, heartbeat)._until_silent("relay", heartbeat)
+        await asyncio.wait_for(watch, 5)
+        assert BUSY_RELAY_SILENT_S <= pool.clock.monotonic() <= BUSY_RELAY_SILENT_S + 1.0
+
+    asyncio.run(main())
+
+
+def test_a_relay_is_given_up_soon_after_its_tunnels_stop_taking_bytes() -> None:
+    async def main() -> None:
+        pool = _ClockOnlyPool(FakeClock())
+        traffic = RelayTraffic.of(pool)  # type: ignore[arg-type]
+        last_sent_at = 20.0
+
+        async def heartbeat(peer_id: str, timeout_s: float) -> None:
+            end = pool.clock.monotonic() + timeout_s
+            while pool.clock.monotonic() < end:  # (bytes taken until 20 s, then none)
+                pool.clock.advance(min(1.0, end - pool.clock.monotonic()))
+                if pool.clock.monotonic() <= last_sent_at:
+                    traffic.sent("relay")
+            raise DeadlineExceededError("no answer")
+
+        watch = _watchdog(pool, heartbeat)._until_silent("relay", heartbeat)
+        await asyncio.wait_for(watch, 5)
+        assert last_sent_at + 14.0 <= pool.clock.monotonic() <= last_sent_at + 16.0
+
+    asyncio.run(main())
