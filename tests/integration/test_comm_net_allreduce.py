@@ -174,7 +174,7 @@ def test_a_peer_flooding_the_early_room_over_grpc_costs_an_honest_pair_nothing()
             flooding_task = asyncio.ensure_future(flood())
             await flooding.wait()
             deadline = clock.monotonic() + 10.0
-            while not boxes[1]._opened:  # its message holds the room
+            while not boxes[1].early_room.num_rounds:  # its message holds the room
                 assert clock.monotonic() < deadline
                 await asyncio.sleep(0.01)
             config = AllReduceConfig(timeout_s=10.0, send_timeout_s=5.0)
@@ -234,7 +234,7 @@ def test_peers_on_this_machine_are_counted_one_by_one_in_the_early_room() -> Non
                 for node, round_id in zip(nodes[1:], rounds, strict=True)
             ]
             deadline = clock.monotonic() + 20.0
-            while len(box._opened) < 4:  # every one of them waits for its round
+            while box.early_room.num_rounds < 4:  # every one of them waits for its round
                 assert clock.monotonic() < deadline, seen
                 assert not any(send.done() for send in sends), seen  # (none pushed out)
                 await asyncio.sleep(0.01)

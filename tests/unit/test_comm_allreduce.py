@@ -17,9 +17,9 @@ from comm_fakes import IdleJumpClock, RateLimitedTransport, inline_offload
 
 from comm_leaving import CancelsAfterItsFirstAverage
 from gossamer.comm import allreduce as allreduce_module
-from gossamer.comm import transport as transport_module
 from gossamer.comm.allreduce import AllReduceConfig, all_reduce
 from gossamer.comm.codecs import CodecPolicy, ErrorFeedback, codec_by_name
+from gossamer.comm.early_room import NO_ROOM
 from gossamer.comm.fake_transport import FakeNetwork, FakeTransport, FaultScript, FaultyTransport
 from gossamer.comm.plan import FlatLayout, PartPlan
 from gossamer.comm.reduction import ChunkCodec, pack_contributors
@@ -1078,7 +1078,7 @@ class _NeverHasRoom(FakeTransport):
 
     async def accept(self, sender: str, message: Message) -> None:
         self.tries += 1
-        raise PeerUnavailableError(f"{transport_module._NO_ROOM} (test)")
+        raise PeerUnavailableError(f"{NO_ROOM} (test)")
 
 
 def test_a_member_that_never_has_room_is_dropped_at_the_send_timeout() -> None:
@@ -1137,11 +1137,11 @@ def test_an_honest_pair_averages_while_hostile_identities_flood_the_early_room(
         )
         floods = [asyncio.ensure_future(flood(hostile[h], h, n)) for h, n in flooders]
         await clock.sleep_async(1.0)
-        room = mailboxes[1]
+        room = mailboxes[1].early_room
         if flood_of == "rounds":  # (the room is full)
-            assert len(room._opened) == 64
+            assert room.num_rounds == 64
         else:
-            assert room._waiting_bytes > (64 << 10) - (8 << 10)
+            assert room.nbytes > (64 << 10) - (8 << 10)
 
         async def one(i: int) -> AllReduceResult:
             await clock.sleep_async(0.3 * i)
@@ -1162,8 +1162,8 @@ def test_an_honest_pair_averages_while_hostile_identities_flood_the_early_room(
             for task in floods:
                 task.cancel()
             await asyncio.gather(*floods, return_exceptions=True)
-        assert len(room._opened) <= 64
-        assert room._waiting_bytes <= room._max_waiting_bytes
+        assert room.num_rounds <= 64
+        assert room.nbytes <= room.max_bytes
         return {i: t.result() for i, t in tasks.items()}
 
     results = asyncio.run(clock.run(main()))
@@ -1264,7 +1264,7 @@ def _member_against_early_room_flood(
 
         floods = [asyncio.ensure_future(flood(sender, n)) for n, sender in enumerate(hostile)]
         await clock.sleep_async(1.0)
-        assert len(mailboxes[1]._opened) == num_identities  # (hosts cap nothing)
+        assert mailboxes[1].early_room.num_rounds == num_identities  # (hosts cap nothing)
         opened_at = clock.monotonic() + 2.0
 
         async def one(i: int) -> AllReduceResult:

@@ -163,8 +163,8 @@ def test_only_so_many_messages_and_bytes_wait_for_unopened_rounds(limit: str) ->
         with pytest.raises(PeerUnavailableError) as dropped:
             await waiting[0]
         assert refused_for_room(dropped.value)
-        assert mailbox._num_waiting == 16  # (the room's bound holds)
-        assert len(mailbox._opened) == (16 if limit == "rounds" else 1)
+        assert mailbox.early_room.num_messages == 16  # (the room's bound holds)
+        assert mailbox.early_room.num_rounds == (16 if limit == "rounds" else 1)
         handlers = {}
         for round_id in dict.fromkeys(rounds[1:17]):
             handlers[round_id] = _Round()
@@ -173,8 +173,8 @@ def test_only_so_many_messages_and_bytes_wait_for_unopened_rounds(limit: str) ->
         handled = sorted(chunk for handler in handlers.values() for chunk in handler.chunks)
         assert handled == [*range(1, 16), 17]
         await mailbox.deliver("peer0", _message(rounds[1], 18))  # the room was given back
-        assert not mailbox._num_waiting
-        assert not mailbox._waiting_bytes
+        assert not mailbox.early_room.num_messages
+        assert not mailbox.early_room.nbytes
 
     asyncio.run(clock.run(main()))
 
@@ -198,7 +198,7 @@ def test_a_sender_holding_less_never_loses_its_message_to_one_holding_more() -> 
             flood += [asyncio.create_task(mailbox.deliver(*stranger(i))) for i in range(16)]
             await clock.sleep_async(0.1)
             assert not member.done()
-        assert mailbox._num_waiting == 16
+        assert mailbox.early_room.num_messages == 16
         handler = _Round()
         mailbox.open_round(ROUND, handler)  # type: ignore[arg-type]
         await member
@@ -403,7 +403,7 @@ def test_identities_of_one_host_fill_a_room_with_space_and_give_way_to_other_hos
         for i in range(16):
             flood.append(from_flood(i))
             await clock.sleep_async(0.1)
-        assert len(mailbox._opened) == 16
+        assert mailbox.early_room.num_rounds == 16
         assert not any(task.done() for task in flood)
         member = asyncio.create_task(mailbox.deliver("member", _message(ROUND, 1), "192.0.2.1"))
         local = [
@@ -419,7 +419,7 @@ def test_identities_of_one_host_fill_a_room_with_space_and_give_way_to_other_hos
             flood.append(from_flood(i))
             await clock.sleep_async(0.1)
             assert sum(not task.done() for task in flood) == 2
-        assert len(mailbox._opened) == 16
+        assert mailbox.early_room.num_rounds == 16
         assert not member.done()
         assert not any(task.done() for task in local)
         handler = _Round()
@@ -429,9 +429,9 @@ def test_identities_of_one_host_fill_a_room_with_space_and_give_way_to_other_hos
         for task in [*flood, *local]:
             task.cancel()
         await asyncio.gather(*flood, *local, return_exceptions=True)
-        assert not mailbox._num_waiting
-        assert not mailbox._by_path
-        assert not mailbox._by_sender
+        assert not mailbox.early_room.num_messages
+        assert not mailbox.early_room.holdings_by_sender()
+        assert not mailbox.early_room.holdings_by_path()
 
     asyncio.run(clock.run(main()))
 
@@ -485,7 +485,7 @@ def test_a_full_room_drops_a_round_only_where_that_frees_its_place() -> None:
             for i in range(14)
         ]
         await clock.sleep_async(0.1)
-        assert len(mailbox._opened) == 16
+        assert mailbox.early_room.num_rounds == 16
         newcomer = asyncio.create_task(mailbox.deliver("c", _message(r3), host))
         await clock.sleep_async(0.1)
         for dropped in (held["a", r2], held["b", r2]):
@@ -523,12 +523,12 @@ def test_a_message_that_cannot_be_given_room_drops_nothing() -> None:
             for i in range(13)
         ]
         await clock.sleep_async(0.1)
-        assert mailbox._waiting_bytes == 62 * kib
+        assert mailbox.early_room.nbytes == 62 * kib
         with pytest.raises(PeerUnavailableError) as refused:
             await mailbox.deliver("y", _sized(next(rounds), 10 * kib), "y")
         assert refused_for_room(refused.value)
         assert not any(task.done() for task in [*heavier, *tasks])
-        assert mailbox._waiting_bytes == 62 * kib
+        assert mailbox.early_room.nbytes == 62 * kib
         for task in [*heavier, *tasks]:
             task.cancel()
         await asyncio.gather(*heavier, *tasks, return_exceptions=True)
@@ -640,25 +640,27 @@ def test_the_waiting_room_keeps_its_bounds_and_its_tables_under_random_traffic()
     rounds = [bytes([0xA0, i]) * 8 for i in range(40)]
 
     def check(mailbox: CommMailbox) -> None:
-        held = [m for waiting in mailbox._opened.values() for m in waiting]
-        assert len(mailbox._opened) <= limits["rounds"]
-        assert len(held) == mailbox._num_waiting <= limits["messages"]
-        assert sum(m.nbytes for m in held) == mailbox._waiting_bytes <= limits["bytes"]
+        room = mailbox.early_room
+        held = room.waiting()
+        assert len({m.round_id for m in held}) == room.num_rounds <= limits["rounds"]
+        assert len(held) == room.num_messages <= limits["messages"]
+        assert sum(m.nbytes for m in held) == room.nbytes <= limits["bytes"]
         by_key: dict[object, list[object]] = {}
         for m in sorted(held, key=lambda m: m.seq):
             by_key.setdefault(("sender", m.sender), []).append(m)
             for depth in (1, 2, 3):
                 by_key.setdefault(m.path[:depth], []).append(m)
-        tables = {("sender", s): h for s, h in mailbox._by_sender.items()}
-        tables.update(mailbox._by_path)
+        by_sender = room.holdings_by_sender()
+        tables = {("sender", s): h for s, h in by_sender.items()}
+        tables.update(room.holdings_by_path())
         assert tables.keys() == by_key.keys()
         for key, holding in tables.items():
             assert holding.messages == by_key[key]
             assert holding.nbytes == sum(m.nbytes for m in holding.messages)
             assert sum(holding.rounds.values()) == len(holding.messages)
-        for holding in mailbox._by_sender.values():
+        for holding in by_sender.values():
             for what in ("rounds", "messages", "bytes"):
-                assert holding.amount(what) <= mailbox._share(what)
+                assert holding.amount(what) <= room.share(what)
 
     async def main() -> None:
         mailbox = CommMailbox(
@@ -699,9 +701,9 @@ def test_the_waiting_room_keeps_its_bounds_and_its_tables_under_random_traffic()
                 or refused_for_room(outcome)
             ), outcome
         check(mailbox)
-        assert not mailbox._num_waiting
-        assert not mailbox._opened
-        assert not mailbox._by_sender
-        assert not mailbox._by_path
+        assert not mailbox.early_room.num_messages
+        assert not mailbox.early_room.num_rounds
+        assert not mailbox.early_room.holdings_by_sender()
+        assert not mailbox.early_room.holdings_by_path()
 
     asyncio.run(clock.run(main()))
