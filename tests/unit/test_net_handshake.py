@@ -17,6 +17,7 @@ from gossamer.net.handshake import (
     ClientHandshake,
     HandshakeAuthority,
     RefusalLog,
+    SwarmSecretMismatchError,
     swarm_proof,
     swarm_secret_weakness,
     transcript,
@@ -61,8 +62,36 @@ def test_a_client_without_the_swarm_secret_is_refused_with_a_log_line(
 def test_a_client_with_another_secret_refuses_the_server() -> None:
     _, authority, _ = _authority()
     handshake = ClientHandshake(Identity.generate(), CERT, b"o" * 32, expected_peer_id=None)
-    with pytest.raises(AuthenticationError, match="swarm's secret"):
+    # (it said the server "does not know this swarm's secret": the two simply differ)
+    with pytest.raises(SwarmSecretMismatchError, match="another swarm secret") as refused:
         handshake.prove(authority.hello(handshake.hello()), None)
+    assert not refused.value.open_swarm
+    assert "--swarm-secret-file" in str(refused.value)
+
+
+def test_a_client_with_a_secret_refuses_a_server_of_an_open_swarm_saying_so() -> None:
+    _, authority, _ = _authority(secret=None)
+    handshake = ClientHandshake(Identity.generate(), CERT, SECRET, expected_peer_id=None)
+    with pytest.raises(SwarmSecretMismatchError, match="open swarm") as refused:
+        handshake.prove(authority.hello(handshake.hello()), None)
+    assert refused.value.open_swarm
+
+
+def test_a_client_without_the_secret_knows_why_the_private_server_refused_it() -> None:
+    _, authority, _ = _authority()
+    handshake = ClientHandshake(Identity.generate(), CERT, None, expected_peer_id=None)
+    _, proof = handshake.prove(authority.hello(handshake.hello()), None)
+    assert handshake.server_is_private
+    with pytest.raises(AuthenticationError) as refused:
+        authority.prove(proof, "ipv4:10.0.0.9:4242")
+    meant = handshake.refusal(refused.value, "10.0.0.1:7000")
+    assert isinstance(meant, SwarmSecretMismatchError)
+    assert "10.0.0.1:7000 is private and this peer has no swarm secret" in str(meant)
+    # Refused by a server of an open swarm, it was for something else: said as it was.
+    other = AuthenticationError("handshake refused: something else")
+    open_server = ClientHandshake(Identity.generate(), CERT, None, expected_peer_id=None)
+    open_server.prove(_authority(secret=None)[1].hello(open_server.hello()), None)
+    assert open_server.refusal(other, "10.0.0.1:7000") is other
 
 
 def test_a_server_that_is_not_the_expected_peer_is_refused() -> None:

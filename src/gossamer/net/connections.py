@@ -282,6 +282,8 @@ class ConnectionPool:
             error = error_of_rpc_error(exc, where, "handshake")
             if target.tunnel_refusal is not None and (refusal := target.tunnel_refusal()):
                 error = type(error)(refusal)
+            elif isinstance(error, AuthenticationError):  # (refused for the secret: say so)
+                error = handshake.refusal(error, target.address)
             self._counters.error(error)
             raise error from exc
         except BaseException as exc:

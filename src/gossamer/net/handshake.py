@@ -42,12 +42,14 @@ __all__ = [
     "GOOD_SECRET_COMMAND",
     "HANDSHAKE_VERSION",
     "MAX_REFUSAL_WARNINGS",
+    "PASS_THE_SECRET",
     "REFUSAL_WARNING_INTERVAL_S",
     "SESSION_METADATA_KEY",
     "ClientHandshake",
     "HandshakeAuthority",
     "RefusalLog",
     "Session",
+    "SwarmSecretMismatchError",
     "swarm_proof",
     "swarm_secret_weakness",
     "transcript",
@@ -73,6 +75,25 @@ _MIN_SECRET_BYTES = 32
 _MIN_SECRET_BITS = 128
 GOOD_SECRET_COMMAND = "openssl rand -hex 32 > swarm.secret"
 """How to make a swarm secret no one can guess."""
+PASS_THE_SECRET = (
+    "pass the swarm's secret file, the one its peers were started with (--swarm-secret-file; "
+    "--swarm.swarm-secret-file to gossamer train)"
+)
+"""What to do when this peer's swarm secret is not the one of the swarm it dials."""
+
+
+class SwarmSecretMismatchError(AuthenticationError):
+    """This peer and the one it dialed do not share a swarm secret (one has none, or the two
+    differ): final for that address, dialing it again is refused the same way.
+
+    Args:
+        message: what differs, and what to do.
+        open_swarm: the peer dialed has no secret (this one has): it is in an open swarm.
+    """
+
+    def __init__(self, message: str, *, open_swarm: bool = False) -> None:
+        super().__init__(message)
+        self.open_swarm = open_swarm
 
 
 class RefusalLog:
@@ -409,6 +430,20 @@ class ClientHandshake:
         self._secret = swarm_secret
         self._expected = expected_peer_id
         self._nonce = secrets.token_bytes(NONCE_BYTES)
+        self.server_is_private = False
+        """Whether the server proved a swarm secret (known once :meth:`prove` read its answer):
+        with none of its own, this client is then refused, and knows why."""
+
+    def refusal(self, error: AuthenticationError, where: str) -> AuthenticationError:
+        """What the server's refusal of this client's Prove means: a
+        :class:`SwarmSecretMismatchError` where this client has no secret and the server proved
+        one (it is sent all the same: the server logs who it refused), else ``error``."""
+        if self._secret is None and self.server_is_private:
+            return SwarmSecretMismatchError(
+                f"the swarm at {where} is private and this peer has no swarm secret: "
+                f"{PASS_THE_SECRET}"
+            )
+        return error
 
     def hello(self) -> net_pb2.HelloRequest:
         """The first message."""
@@ -428,8 +463,8 @@ class ClientHandshake:
             The server's proven peer id and the Prove message.
 
         Raises:
-            AuthenticationError: the server is not the expected peer, its signature is wrong, or
-                it does not prove the swarm secret.
+            AuthenticationError: the server is not the expected peer or its signature is wrong.
+            SwarmSecretMismatchError: it does not prove this client's swarm secret.
             ProtocolError: the answer is malformed.
         """
         _check_sizes(
@@ -455,11 +490,20 @@ class ClientHandshake:
             raise AuthenticationError(
                 f"peer {short_peer_id(server_peer_id)} did not prove the key behind its id"
             )
+        server = short_peer_id(server_peer_id)
+        # (an open swarm's server proves nothing: its proof is empty)
+        self.server_is_private = bool(response.server_swarm_proof)
         if self._secret is not None and not hmac.compare_digest(
             response.server_swarm_proof, swarm_proof(self._secret, server_message)
         ):
-            raise AuthenticationError(
-                f"peer {short_peer_id(server_peer_id)} does not know this swarm's secret"
+            if not self.server_is_private:
+                raise SwarmSecretMismatchError(
+                    f"peer {server} is in an open swarm (it has no swarm secret) and this peer "
+                    "has one: leave the secret out to join it",
+                    open_swarm=True,
+                )
+            raise SwarmSecretMismatchError(
+                f"peer {server} has another swarm secret than this peer: {PASS_THE_SECRET}"
             )
         client_message = transcript(b"client", **parts)
         request = net_pb2.ProveRequest(

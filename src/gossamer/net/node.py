@@ -14,6 +14,8 @@ import ipaddress
 import logging
 import os
 import socket
+import struct
+import sys
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -22,7 +24,7 @@ from google.protobuf.message import Message
 
 from gossamer.core.clock import Clock, Pacer, SystemClock
 from gossamer.core.config import port_number
-from gossamer.core.errors import GossamerError, PeerUnavailableError, ProtocolError
+from gossamer.core.errors import ConfigError, GossamerError, PeerUnavailableError, ProtocolError
 from gossamer.core.machine import physical_memory_bytes
 from gossamer.net.addresses import split_host_port
 from gossamer.net.bulk import (
@@ -40,7 +42,7 @@ from gossamer.net.dht import Dht
 from gossamer.net.dht_service import DHT_METHODS, DhtServicer, GrpcDhtTransport
 from gossamer.net.directory import PeerDirectory
 from gossamer.net.failure_detector import FailureDetector
-from gossamer.net.handshake import Session
+from gossamer.net.handshake import PASS_THE_SECRET, Session, SwarmSecretMismatchError
 from gossamer.net.identity import Identity, digest_of_peer_id, short_peer_id
 from gossamer.net.peer_clocks import PeerClocks
 from gossamer.net.reachability import DIAL_BACK_METHOD, ReachabilityServicer
@@ -76,27 +78,101 @@ _DEFAULT_ROUTE_PROBES = (("192.0.2.1", 9), ("2001:db8::1", 9))
 """Addresses of no machine (RFC 5737's TEST-NET-1, RFC 3849's documentation prefix): the
 kernel's route to one is the default route, whose source address is this machine's address on
 its main interface."""
+_SIOCGIFFLAGS = 0x8913
+_SIOCGIFADDR = 0x8915
+_IFF_UP = 0x1
+_IFREQ_BYTES = 40
+"""Linux's ``struct ifreq``: the interface name (16 bytes), then the union asked for."""
 
 
-def _routable_host(listen_host: str, towards: tuple[str, ...]) -> str:
-    """The address others should dial when listening on a wildcard host: the one this machine
-    reaches its bootstrap peers from, or without any, its address on the default route (IPv4
-    first; a first peer advertised 127.0.0.1, which no other machine could dial); 127.0.0.1
-    where it has no route at all. IPv6 addresses come bracketed, as HOST:PORT wants them."""
+def _route_source(host: str, port: str) -> str | None:
+    """This machine's address on its route to ``host`` (None without a route); no packet is
+    sent."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with (
+        contextlib.suppress(OSError, ValueError),
+        socket.socket(family, socket.SOCK_DGRAM) as probe,
+    ):
+        probe.connect((host, int(port)))
+        return str(probe.getsockname()[0])
+    return None
+
+
+def _interface_addresses() -> list[str]:
+    """The IPv4 address of each interface that is up (Linux; elsewhere none are listed, and a
+    wildcard listener with no route out advertises loopback as before)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    import fcntl  # (POSIX only)
+
+    found: list[str] = []
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            request = struct.pack(f"{_IFREQ_BYTES}s", name.encode()[:15])
+            try:
+                flags = struct.unpack_from("H", fcntl.ioctl(s, _SIOCGIFFLAGS, request), 16)[0]
+                if flags & _IFF_UP:
+                    found.append(socket.inet_ntoa(fcntl.ioctl(s, _SIOCGIFADDR, request)[20:24]))
+            except OSError:  # (an interface with no IPv4 address, or gone meanwhile)
+                continue
+    return found
+
+
+def _routable_host(
+    listen_host: str,
+    towards: tuple[str, ...],
+    *,
+    strict: bool = True,
+    route_source: Callable[[str, str], str | None] = _route_source,
+    interface_addresses: Callable[[], list[str]] = _interface_addresses,
+) -> str:
+    """The address others should dial when listening on a wildcard host.
+
+    In order: the one this machine reaches its bootstrap peers from; its address on the default
+    route (IPv4 first; a first peer advertised 127.0.0.1, which no other machine could dial);
+    with no default route (a lab's namespace), its one interface address that is not loopback
+    or link-local; 127.0.0.1 where it has none (a machine alone: a swarm on it). IPv6 addresses
+    come bracketed, as HOST:PORT wants them.
+
+    Args:
+        listen_host: the host part of the listen address; returned as given unless a wildcard.
+        towards: the bootstrap entries (HOST:PORT or PEER_ID@HOST:PORT).
+        strict: raise rather than fall back to loopback where the interfaces leave it open.
+        route_source: this machine's address on its route to (host, port), None without one.
+        interface_addresses: the addresses of this machine's interfaces that are up.
+
+    Raises:
+        ConfigError: ``strict``, no route out and several interface addresses: which one others
+            reach is unknown, and loopback would send them to their own machine.
+    """
     if listen_host.strip("[]") not in ("0.0.0.0", "::", ""):
         return listen_host
     targets = [entry.rpartition("@")[2].rpartition(":") for entry in towards]
     probes = [(host.strip("[]"), port) for host, _, port in targets]
     for host, port in [*probes, *((h, str(p)) for h, p in _DEFAULT_ROUTE_PROBES)]:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with (
-            contextlib.suppress(OSError, ValueError),
-            socket.socket(family, socket.SOCK_DGRAM) as probe,
-        ):
-            probe.connect((host, int(port)))  # no packet is sent
-            found = ipaddress.ip_address(str(probe.getsockname()[0]).partition("%")[0])
+        source = route_source(host, port)
+        if source is None:
+            continue
+        with contextlib.suppress(ValueError):
+            found = ipaddress.ip_address(source.partition("%")[0])
             if not found.is_unspecified:
                 return f"[{found}]" if found.version == 6 else str(found)
+    candidates: list[str] = []
+    for address in interface_addresses():
+        with contextlib.suppress(ValueError):
+            found = ipaddress.ip_address(address)
+            if not (found.is_loopback or found.is_link_local or found.is_unspecified):
+                candidates.append(str(found))
+    candidates = list(dict.fromkeys(candidates))
+    if len(candidates) == 1:
+        return candidates[0]
+    if candidates and strict:
+        raise ConfigError(
+            f"net.listen_address: {listen_host or '0.0.0.0'} is every interface, and with no "
+            f"default route this machine has several addresses ({', '.join(candidates)}): "
+            "which one other peers reach is unknown; pass --advertise HOST:PORT with the one "
+            "they dial (or listen on that address alone)"
+        )
     return "127.0.0.1"
 
 
@@ -219,6 +295,9 @@ class Node:
         self._bootstrap_ids: dict[str, str] = {}
         self._bootstrap_warnings = Pacer(_BOOTSTRAP_WARNING_EVERY_S, self.clock)
         """When a bootstrap entry's silence is logged as a warning again."""
+        self._refused_for_secret: dict[str, bool] = {}
+        """Bootstrap entries refused for the swarm secret (never dialed again), each with
+        whether it was for being in an open swarm."""
         self._maintenance: asyncio.Task[None] | None = None
         self.extra_dial_targets: Callable[[str], list[DialTarget]] | None = (
             self.relay_dialer.targets
@@ -247,7 +326,8 @@ class Node:
         await self.server.start()
         host = self.config.listen_address.rpartition(":")[0]
         self.addresses = self.config.advertise_addresses or (
-            f"{_routable_host(host, self.config.bootstrap)}:{self.server.port}",
+            f"{_routable_host(host, self.config.bootstrap, strict=self.config.announce)}:"
+            f"{self.server.port}",
         )
         self.sign_own_record()
         if self.config.bootstrap:
@@ -342,9 +422,19 @@ class Node:
     # ---- discovery -------------------------------------------------------------------------
 
     async def bootstrap(self, entries: tuple[str, ...] | list[str]) -> int:
-        """Join through known peers (HOST:PORT or PEER_ID@HOST:PORT); returns how many answered."""
+        """Join through known peers (HOST:PORT or PEER_ID@HOST:PORT); returns how many answered.
+
+        An entry refused for the swarm secret is not dialed again: the secrets stay as they are.
+
+        Raises:
+            SwarmSecretMismatchError: every entry refused for the swarm secret (this peer has
+                none, or another one): no retry would join.
+        """
         reached = 0
+        refused: list[tuple[str, SwarmSecretMismatchError]] = []
         for entry in entries:
+            if entry in self._refused_for_secret:
+                continue
             expected, _, address = entry.rpartition("@")
             try:
                 connection = await self.pool.dial(
@@ -363,6 +453,9 @@ class Node:
                     self.dht.learn(record)
                 reached += 1
                 self._bootstrap_warnings.forget(entry)
+            except SwarmSecretMismatchError as exc:
+                self._refused_for_secret[entry] = exc.open_swarm
+                refused.append((entry, exc))
             except GossamerError as exc:
                 # (tried again every few seconds while the node knows nobody: a warning a
                 # minute at most, not one per try)
@@ -373,11 +466,40 @@ class Node:
                     entry,
                     exc,
                 )
+        if entries and all(entry in self._refused_for_secret for entry in entries):
+            raise SwarmSecretMismatchError(self._secret_refusal(entries))
+        for entry, why in refused:  # (the others may let this peer in: said once, as warnings)
+            _log.warning(
+                "peer %s: bootstrap peer %s refused this peer, not tried again: %s",
+                self.short_id,
+                entry,
+                why,
+            )
         if reached:
             # Joining is a lookup of our own id: it fills our buckets and puts our record (sent
             # with every request) on the peers nearest us. Stores follow at republish time.
             await self.dht.lookup(self.identity.digest)
         return reached
+
+    def _all_refused(self) -> bool:
+        """Whether every bootstrap entry refused for the swarm secret (none is dialed again)."""
+        return all(entry in self._refused_for_secret for entry in self.config.bootstrap)
+
+    def _secret_refusal(self, entries: tuple[str, ...] | list[str]) -> str:
+        """One line saying why every one of ``entries`` refused for the swarm secret, and what
+        to do."""
+        where = ", ".join(entries)
+        if self.config.swarm_secret is None:
+            return (
+                f"the swarm at {where} is private and this peer has no swarm secret: "
+                f"{PASS_THE_SECRET}"
+            )
+        if all(self._refused_for_secret[entry] for entry in entries):
+            return (
+                f"the swarm at {where} is open (its peers have no swarm secret) and this peer "
+                "has one: leave the secret out to join it"
+            )
+        return f"this peer's swarm secret is not the one of the swarm at {where}: {PASS_THE_SECRET}"
 
     async def _publish_own_record(self, closest: list[str] | None = None) -> None:
         if (
@@ -406,7 +528,7 @@ class Node:
                     self.sign_own_record()
                     await self._publish_own_record()
                     await self.dht.republish()
-                if not self.directory and self.config.bootstrap:
+                if not self.directory and self.config.bootstrap and not self._all_refused():
                     await self.bootstrap(self.config.bootstrap)
                 elif now >= next_refresh:
                     next_refresh = now + dht.refresh_interval_s
