@@ -205,3 +205,64 @@ def test_a_record_ttl_longer_than_others_keep_records_still_makes_a_config(ttl_s
     assert config.dht.record_ttl_s == ttl_s
     assert config.dht.republish_interval_s < config.limits.max_stored_ttl_s
     assert config.dht.republish_interval_s <= ttl_s / 3
+
+
+def _relayed_view(port: int) -> dict[str, object]:
+    return {
+        "peer_id": "doctorpeer",
+        "reachability": "relayed",
+        "addresses": [f"192.0.2.2:{port}"],
+        "relays": [{"peer_id": "relaypeer0000", "address": "127.0.0.1:7104"}],
+        "peers": [{"peer_id": "relaypeer0000"}],
+        "port": port,
+    }
+
+
+def test_doctor_asking_only_over_loopback_says_it_cannot_tell(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A peer does not dial back a caller on loopback: doctor said "reachable directly: False"
+    # and advised forwarding its own random port and an --advertise it does not have.
+    monkeypatch.setattr(peer_cli, "_transient_view", lambda *a, **k: _relayed_view(41234))
+    code, output = _invoke(["doctor", "--bootstrap", "127.0.0.1:7104"])
+    assert code == 0, output
+    assert "reachable directly: unknown" in output
+    assert "cannot tell from here" in output
+    assert "--bootstrap PEER_ID@OTHER_HOST:PORT" in output
+    assert "41234" not in output
+
+
+def test_doctor_advises_a_fixed_port_where_its_own_was_random(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(peer_cli, "_transient_view", lambda *a, **k: _relayed_view(41234))
+    code, output = _invoke(["doctor", "--bootstrap", "203.0.113.9:7100"])
+    assert code == 0, output
+    assert "reachable directly: False" in output
+    assert "41234" not in output  # (this run's port: forwarding it helps no later run)
+    assert "--listen 0.0.0.0:7100" in output
+
+
+def test_doctor_reads_a_training_peers_status_file(tmp_path: Path) -> None:
+    # The README's swarm line writes `--swarm.status-file me.json`; doctor refused it:
+    # "not a peer's status: 'reachability' is missing".
+    path = tmp_path / "me.json"
+    status = {
+        "peer_id": "trainer",
+        "state": "training",
+        "pid": 1,
+        "step": 20,
+        "max_steps": 400,
+        "outer_step": 0,
+        "group_size": 0,
+        "address": "trainer@127.0.0.1:38957",
+    }
+    path.write_text(json.dumps(status))
+    code, output = _invoke(["doctor", "--status-file", str(path)])
+    assert code == 0, output
+    assert "peer trainer (training)" in output
+    assert "state: training, step 20/400" in output
+    assert "gossamer doctor --bootstrap trainer@127.0.0.1:38957" in output
+    code, output = _invoke(["doctor", "--status-file", str(path), "--json"])
+    assert code == 0, output
+    assert json.loads(output)["step"] == 20

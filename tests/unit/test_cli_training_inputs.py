@@ -545,3 +545,20 @@ def test_the_memory_estimate_counts_the_built_in_model_s_parameters_exactly() ->
     ):
         built = sum(p.numel() for p in GPT(model).parameters())
         assert preflight.model_parameters(model) == built
+
+
+def test_a_mistyped_option_of_the_command_is_named_with_the_closest() -> None:
+    # It was "unknown config key 'metrics_prot'" and a list of every config key.
+    code, output = _invoke(["train", "--metrics-prot", "0"])
+    assert code == 2, output
+    assert "unknown option --metrics-prot: did you mean --metrics-port?" in output
+    assert "known keys" not in output
+
+
+def test_a_bad_value_from_a_flag_is_said_to_come_from_the_flag() -> None:
+    # It was "(in config)" where no config file was given.
+    code, output = _invoke(["train", "--swarm.strategy", "diloc"])
+    assert code == 2, output
+    assert "swarm.strategy: 'diloc' is not one of" in output
+    assert "(from flag --swarm.strategy)" in output
+    assert "in config" not in output

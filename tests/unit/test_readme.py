@@ -71,3 +71,24 @@ def test_the_tours_swarm_and_standing_peer_listen_where_other_machines_reach_the
     standing = [a for a in _tour_commands() if a[:3] == ["gossamer", "peer", "start"]]
     assert standing
     assert standing[0][standing[0].index("--listen") + 1].startswith("0.0.0.0:")
+
+
+def test_the_tour_puts_gossamer_on_the_path_before_its_first_command() -> None:
+    # After `make demo`, `gossamer` was "command not found": it lives in the clone's .venv.
+    commands = _tour_commands()
+    first = next(i for i, argv in enumerate(commands) if argv[0] == "gossamer")
+    assert any(argv[:1] == ["source"] and argv[1].endswith(".venv/bin/activate")
+               for argv in commands[:first])  # fmt: skip
+
+
+def test_the_tours_dashboard_scrapes_a_port_a_tour_peer_serves_metrics_on() -> None:
+    # It scraped HOST:9100 while the tour's peers served metrics on port 0 (any free one).
+    commands = _tour_commands()
+    served = {
+        argv[argv.index("--metrics-port") + 1]
+        for argv in commands
+        if argv[:2] == ["gossamer", "train"] and "--metrics-port" in argv
+    }
+    [dashboard] = [argv for argv in commands if argv[:2] == ["gossamer", "dashboard"]]
+    scraped = dashboard[dashboard.index("--scrape") + 1].rpartition(":")[2]
+    assert scraped in served, (scraped, served)

@@ -10,22 +10,29 @@ ring all-reduce of the encoded tensors puts on the wire.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from gossamer.bench import SMALL_GPT
 from gossamer.comm.codecs import CodecPolicy
 from gossamer.core.config import CheckpointConfig, RunConfig
+from gossamer.core.errors import GossamerError
 from gossamer.data import load_corpus
 from gossamer.train.averaging import InProcessGroup
 from gossamer.train.diloco import DiLoCoConfig, DiLoCoStrategy
 from gossamer.train.strategy import TrainingStrategy
 from gossamer.train.sync import SyncStrategy
-from gossamer.train.thread_swarm import run_thread_swarm
+from gossamer.train.thread_swarm import ThreadSwarmResult, run_thread_swarm
 
 __all__ = [
     "QUALITY_DEFAULTS",
@@ -102,20 +109,142 @@ class DiLoCoBenchResult:
         return fields
 
 
+class _Stopped(GossamerError):
+    """The bench was stopped (Ctrl-C, SIGTERM): a peer thread leaves its training loop."""
+
+
+class _StoppableGroup(InProcessGroup):
+    """An in-process group that :meth:`stop` ends: the peers waiting for a round's others are
+    released at once (they waited out the round's timeout, 120 s, once the others had stopped)
+    and every later round fails."""
+
+    def __init__(self, num_peers: int, *, codec: CodecPolicy | None = None) -> None:
+        super().__init__(num_peers, codec=codec)
+        self.stopped = threading.Event()
+
+    def stop(self) -> None:
+        """End every round under way, and every later one, with :class:`_Stopped`."""
+        with self._lock:
+            self.stopped.set()
+            for state in self._rounds.values():
+                state.arrived = self.num_peers  # (a forming round is ready: it fails at once)
+                if state.result is None:
+                    state.result = []  # (what wakes its waiters; they raise below)
+            self._lock.notify_all()
+
+    def _contribute(
+        self, round_key: str, tensors: list[torch.Tensor], weight: float
+    ) -> list[torch.Tensor]:
+        if self.stopped.is_set():
+            raise _Stopped("stopped")
+        averaged = super()._contribute(round_key, tensors, weight)
+        if self.stopped.is_set():
+            raise _Stopped("stopped")
+        return averaged
+
+
+class _StopsWithGroup:
+    """A peer's strategy that leaves the training loop (raises :class:`_Stopped`) at its next
+    step once its group has stopped; otherwise the strategy it wraps."""
+
+    def __init__(self, inner: TrainingStrategy, group: _StoppableGroup) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self._stopped = group.stopped
+
+    def _check(self) -> None:
+        if self._stopped.is_set():
+            raise _Stopped("stopped")
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
+        self._check()
+        return self.inner.setup(model, optimizer)
+
+    def on_gradients(self, model: nn.Module, step: int) -> None:
+        self._check()
+        self.inner.on_gradients(model, step)
+
+    def on_step_end(self, model: nn.Module, step: int) -> int | None:
+        self._check()
+        return self.inner.on_step_end(model, step)
+
+    def finish(self, model: nn.Module, step: int) -> bool:
+        self._check()
+        return self.inner.finish(model, step)
+
+    def state_for_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return self.inner.state_for_checkpoint()
+
+    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.inner.load_checkpoint_state(tensors, meta)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:  # the optional hooks, ``bytes_sent``
+        return getattr(self.inner, name)
+
+
 def _run_method(
     name: str,
     config: RunConfig,
     make_strategy: Callable[[InProcessGroup], TrainingStrategy],
-    group: InProcessGroup,
+    group: _StoppableGroup,
     peers: int,
     corpus: Any,
 ) -> MethodResult:
-    strategies = [make_strategy(group) for _ in range(peers)]
+    """Train ``peers`` thread-peers with ``make_strategy``'s strategies on ``group``.
+
+    Raises:
+        KeyboardInterrupt: Ctrl-C (or a stop signal raised as one): the peers were stopped and
+            their threads joined first (the process aborted, ``terminate called without an
+            active exception``, where they were left training as it exited).
+    """
+    strategies = [_StopsWithGroup(make_strategy(group), group) for _ in range(peers)]
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix=f"gossamer-bench-{name}-") as tmp:
-        swarm = run_thread_swarm(  # (no deadline: the step budget bounds the run)
-            config, strategies, checkpoint_root=Path(tmp), corpus=corpus, timeout_s=None
-        )
+    outcome: list[ThreadSwarmResult | BaseException] = []
+    done = threading.Event()
+
+    def train(tmp: str) -> None:
+        try:  # (no deadline: the step budget bounds the run)
+            outcome.append(
+                run_thread_swarm(
+                    config, strategies, checkpoint_root=Path(tmp), corpus=corpus, timeout_s=None
+                )
+            )
+        except BaseException as exc:  # handed to the caller below
+            outcome.append(exc)
+        finally:
+            done.set()
+
+    def said_while_running(record: logging.LogRecord) -> bool:
+        # (once stopped, each peer leaving said "another peer failed too": one line says it)
+        return not (group.stopped.is_set() and _Stopped.__name__ in record.getMessage())
+
+    swarm_logger = logging.getLogger(run_thread_swarm.__module__)
+    swarm_logger.addFilter(said_while_running)
+    with (
+        contextlib.ExitStack() as cleanup,
+        tempfile.TemporaryDirectory(prefix=f"gossamer-bench-{name}-") as tmp,
+    ):
+        cleanup.callback(swarm_logger.removeFilter, said_while_running)
+        runner = threading.Thread(target=train, args=(tmp,), name=f"bench-{name}")
+        runner.start()
+        # (on an Event: a Thread.join that Ctrl-C interrupted may mark the thread as ended
+        # while it runs, and the process then exited under the peers' feet)
+        try:
+            done.wait()
+        except KeyboardInterrupt:
+            group.stop()
+            while not done.is_set():  # (the peers stop within a step; another Ctrl-C waits too)
+                with contextlib.suppress(KeyboardInterrupt):
+                    done.wait()
+            raise
+        finally:
+            runner.join()
+    swarm = outcome[0]
+    if isinstance(swarm, BaseException):
+        raise swarm
     seconds = time.monotonic() - started
     losses = [r.val_loss_after for r in swarm.results]
     sent = [int(getattr(s, "bytes_sent", 0)) for s in strategies]
@@ -170,7 +299,7 @@ def run_diloco_bench(
         "sync",
         base,
         lambda g: SyncStrategy(g.averager(), run_id="bench"),
-        InProcessGroup(peers),
+        _StoppableGroup(peers),
         peers,
         corpus,
     )
@@ -178,7 +307,7 @@ def run_diloco_bench(
         "diloco",
         base,
         lambda g: DiLoCoStrategy(diloco_config, g.averager()),
-        InProcessGroup(peers),
+        _StoppableGroup(peers),
         peers,
         corpus,
     )
@@ -195,7 +324,7 @@ def run_diloco_bench(
                 ),
                 g.averager(),
             ),
-            InProcessGroup(peers),
+            _StoppableGroup(peers),
             peers,
             corpus,
         )
@@ -204,7 +333,7 @@ def run_diloco_bench(
             "diloco_int8",
             base,
             lambda g: DiLoCoStrategy(diloco_config, g.averager()),
-            InProcessGroup(peers, codec=CodecPolicy(codec="int8")),
+            _StoppableGroup(peers, codec=CodecPolicy(codec="int8")),
             peers,
             corpus,
         )

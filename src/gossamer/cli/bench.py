@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,7 +21,12 @@ from gossamer.bench.loop import NOISY_SPREAD, PairSpread, run_loop_bench
 from gossamer.bench.obs_overhead import run_obs_overhead_bench
 from gossamer.cli.bench_allreduce import register as register_allreduce
 from gossamer.cli.bench_transport import register as register_transport
-from gossamer.cli.errors import exit_on_gossamer_errors, stop_signals_as_ctrl_c
+from gossamer.cli.errors import (
+    EXIT_INTERRUPTED,
+    exit_on_gossamer_errors,
+    stop_signals_as_ctrl_c,
+)
+from gossamer.cli.flags import command_flags, load_flagged_config
 from gossamer.cli.output import stdout_console
 from gossamer.cli.preflight import (
     check_result_file,
@@ -28,7 +34,6 @@ from gossamer.cli.preflight import (
     positive_finite_float,
     positive_seconds,
 )
-from gossamer.core.config_loader import load_run_config, parse_flag_overrides
 from gossamer.lab import parse_rate
 
 app = typer.Typer(help="Benchmarks: Gossamer against its reference, measured in the same run.")
@@ -96,7 +101,7 @@ def loop(
     """
     with exit_on_gossamer_errors(), stop_signals_as_ctrl_c():
         check_result_file(out, "--out")
-        config = load_run_config(None, parse_flag_overrides(ctx.args))
+        config = load_flagged_config(None, command_flags(ctx))
         result = run_loop_bench(
             config=config, steps=steps, warmup_steps=warmup_steps, repeats=repeats
         )
@@ -139,7 +144,7 @@ def obs(
     """What metrics and tracing cost training: the same run with both off and with both on."""
     with exit_on_gossamer_errors(), stop_signals_as_ctrl_c():
         check_result_file(out, "--out")
-        config = load_run_config(None, parse_flag_overrides(ctx.args))
+        config = load_flagged_config(None, command_flags(ctx))
         result = run_obs_overhead_bench(
             config=config, steps=steps, warmup_steps=warmup_steps, repeats=repeats
         )
@@ -229,8 +234,8 @@ def diloco(
     with exit_on_gossamer_errors(), stop_signals_as_ctrl_c():
         check_result_file(out, "--out")
         rate_bits = parse_rate(rate, key="--rate") if rate else None
-        overrides = parse_flag_overrides(ctx.args)
-        config = load_run_config(None, [*QUALITY_DEFAULTS, *overrides])
+        overrides = command_flags(ctx)
+        config = load_flagged_config(None, [*QUALITY_DEFAULTS, *overrides], flags=overrides)
         if rate_bits is not None:  # before the quality part: it runs for an hour or more
             check_thin_link_inputs(
                 peers=peers,
@@ -239,14 +244,24 @@ def diloco(
                 max_steps=thin_link_steps,
                 cap_s=time_cap_s,
             )
-        result = run_diloco_bench(
-            config=config,
-            peers=peers,
-            inner_steps=inner_steps,
-            steps=steps,
-            with_int8=int8,
-            with_overlap=overlap,
+        methods = ["sync", "diloco", *(["diloco_overlap"] * overlap), *(["diloco_int8"] * int8)]
+        # (it printed nothing for the first method's whole run, a minute or more)
+        sys.stderr.write(
+            f"training {peers} peers (threads of this process), {steps} steps each, "
+            f"H = {inner_steps}, once per method: {', '.join(methods)}; Ctrl-C stops\n"
         )
+        try:
+            result = run_diloco_bench(
+                config=config,
+                peers=peers,
+                inner_steps=inner_steps,
+                steps=steps,
+                with_int8=int8,
+                with_overlap=overlap,
+            )
+        except KeyboardInterrupt:
+            sys.stderr.write("stopped: the peers were stopped before the end; no result\n")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         thin: ThinLinkResult | None = None
         if rate_bits is not None:
             thin = run_thin_link_bench(

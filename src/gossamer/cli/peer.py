@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from typing import Annotated, Any
 import typer
 from prometheus_client import CollectorRegistry
 
-from gossamer.cli.errors import NODE_FLAGS, keys_named_by_flags, one_red_line
+from gossamer.cli.errors import EXIT_INTERRUPTED, NODE_FLAGS, keys_named_by_flags, one_red_line
 from gossamer.cli.output import stdout_console
 from gossamer.cli.preflight import (
     MAX_PORT,
@@ -239,15 +240,23 @@ def peer_start(
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
+        key_path = Path(os.path.expanduser(key_file))
+        new_key = not key_path.exists()
         with contextlib.ExitStack() as stack:
             # (held while it runs: two peers with one key file are one peer id)
             identity = stack.enter_context(held_identity(key_file, setting="--key-file"))
             thread = NodeThread(config, identity)
-            with keys_named_by_flags(NODE_FLAGS):  # (a --listen port in use)
-                stack.enter_context(thread)
+            try:
+                with keys_named_by_flags(NODE_FLAGS):  # (a --listen port in use)
+                    stack.enter_context(thread)
+                if metrics_port is not None:
+                    _serve_peer_metrics(stack, thread, metrics_host, metrics_port)
+            except BaseException:
+                if new_key:  # (removed while still held: a port in use left a new key behind)
+                    with contextlib.suppress(OSError):
+                        key_path.unlink()
+                raise
             node = thread.node
-            if metrics_port is not None:
-                _serve_peer_metrics(stack, thread, metrics_host, metrics_port)
             if check_reachability and config.bootstrap:
                 thread.run(_reach, timeout_s=20.0)
             typer.echo(f"peer {node.peer_id} listening on {', '.join(node.addresses)}", err=False)
@@ -262,6 +271,7 @@ def peer_start(
                     write_status_file(status_file, status)
                 stop.wait(1.0)
         typer.echo(f"peer {identity.peer_id} stopped")
+    raise typer.Exit(EXIT_INTERRUPTED)  # (only a signal stops it; exit 0 said it had finished)
 
 
 def _serve_peer_metrics(
@@ -385,19 +395,27 @@ def doctor(
     """Say whether this peer can be reached by others, whether it uses a relay, what to change."""
     _quiet_unless_verbose()
     with one_red_line():
+        over_loopback = False
         if status_file is not None:
             status = _read_status_file(status_file)
+            if "reachability" not in status:  # a training peer's (`train --swarm.status-file`)
+                _print_training_status(status, as_json)
+                return
         elif bootstrap:
             config = _config(listen, bootstrap, swarm_secret_file)
             status = _transient_view(config, 1.0, reachability=True)
+            over_loopback = _only_loopback(bootstrap)
+            if listen.rpartition(":")[2] == "0":  # (a port picked for this run alone)
+                status = {**status, "port": 0}
         else:
             raise ConfigError("doctor needs --bootstrap (peers to ask) or --status-file")
-        verdict = _verdict(status)
+        verdict = _verdict(status, asked_over_loopback=over_loopback)
         if as_json:
             typer.echo(json.dumps({**verdict, "peer_id": status["peer_id"]}, indent=1))
         else:
             typer.echo(f"peer {status['peer_id']}")
-            typer.echo(f"reachable directly: {verdict['reachable']}")
+            reachable = verdict["reachable"]
+            typer.echo(f"reachable directly: {'unknown' if reachable is None else reachable}")
             typer.echo(f"relayed: {verdict['relayed']}")
             typer.echo(f"known peers: {len(status['peers'])}")
             typer.echo(verdict["advice"])
@@ -441,6 +459,8 @@ def _read_status_file(path: Path) -> dict[str, Any]:
         ) from exc
     if not isinstance(status, dict):
         raise ConfigError(f"{option}: not a peer's status (a JSON object is expected)")
+    if _is_training_status(status):
+        return status
     for key, kind in _STATUS_FIELDS.items():
         if not isinstance(status.get(key), kind):
             raise ConfigError(
@@ -459,27 +479,109 @@ def _read_status_file(path: Path) -> dict[str, Any]:
     return status
 
 
-def _verdict(status: dict[str, Any]) -> dict[str, Any]:
+_TRAINING_FIELDS: dict[str, type] = {"peer_id": str, "state": str, "step": int}
+"""What marks a training peer's status file (``train --swarm.status-file``): it holds the run's
+progress, not the node's reachability (``peer start --status-file``'s)."""
+
+
+def _is_training_status(status: dict[str, Any]) -> bool:
+    """Whether ``status`` is a training peer's status file rather than a standing peer's."""
+    return "reachability" not in status and all(
+        isinstance(status.get(key), kind) for key, kind in _TRAINING_FIELDS.items()
+    )
+
+
+def _print_training_status(status: dict[str, Any], as_json: bool) -> None:
+    """What doctor can say from a training peer's status file: the run's state and its swarm
+    round, and how to learn its reachability (the file does not hold it; doctor refused it as
+    "not a peer's status" although the README's swarm line writes it)."""
+    address = status.get("address")
+    ask = (
+        f"gossamer doctor --bootstrap {address}"
+        if isinstance(address, str)
+        else "gossamer doctor --bootstrap PEER_ID@HOST:PORT"
+    )
+    advice = (
+        "a training peer's status (gossamer train --swarm.status-file) holds its progress, not "
+        f"whether others reach it: for that, ask the swarm from another machine: {ask}"
+    )
+    fields = {
+        key: status.get(key)
+        for key in ("state", "step", "max_steps", "outer_step", "group_size", "loss", "address")
+    }
+    if as_json:
+        typer.echo(json.dumps({"peer_id": status["peer_id"], **fields, "advice": advice}, indent=1))
+        return
+    typer.echo(f"peer {status['peer_id']} (training)")
+    steps = f"{fields['step']}/{fields['max_steps']}" if fields["max_steps"] else fields["step"]
+    typer.echo(f"state: {fields['state']}, step {steps}")
+    if fields["outer_step"] is not None:
+        typer.echo(f"outer step: {fields['outer_step']}, group size: {fields['group_size']}")
+    if address is not None:
+        typer.echo(f"address: {address}")
+    typer.echo(advice)
+
+
+def _only_loopback(bootstrap: list[str]) -> bool:
+    """Whether every ``--bootstrap`` entry is on loopback: a peer does not dial back a caller
+    that reached it over loopback (its ports there are the peer's machine's), so doctor's
+    reachability from this machine tells nothing."""
+
+    def on_loopback(entry: str) -> bool:
+        host = entry.rpartition("@")[2].rpartition(":")[0].strip("[]")
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    return bool(bootstrap) and all(on_loopback(entry) for entry in bootstrap)
+
+
+_FIXED_PORT_ADVICE = (
+    "run the peer on a fixed port (gossamer peer start --listen 0.0.0.0:7100, or gossamer train "
+    "--swarm.listen 0.0.0.0:7100), forward that TCP port on your router, and start `peer start` "
+    "with --advertise PUBLIC_IP:7100"
+)
+
+
+def _verdict(status: dict[str, Any], *, asked_over_loopback: bool = False) -> dict[str, Any]:
+    """Whether others reach the peer of ``status``, and what to change.
+
+    Args:
+        status: the peer's view (``node_status``'s, or a status file's).
+        asked_over_loopback: the peers asked were reached over loopback only, so no dial back
+            could prove anything: reachability is then reported as unknown.
+    """
     reachability = status["reachability"]
     relays = status.get("relays", [])
     port = status.get("port", 0)
+    # (doctor's own port is random unless --listen fixed it: forwarding it helps nobody)
+    forward = f"open TCP port {port} (forward it on your router)" if port else _FIXED_PORT_ADVICE
     if reachability == "direct":
         advice = f"fine: others reach this peer directly at {', '.join(status['addresses'])}"
+    elif asked_over_loopback:
+        reachability = "unknown"
+        advice = (
+            "cannot tell from here: the only peers asked are on this machine, and a peer does "
+            "not dial back a caller that reached it over loopback. Ask a peer on another "
+            "machine: gossamer doctor --bootstrap PEER_ID@OTHER_HOST:PORT"
+        )
     elif relays:
         via = ", ".join(f"{r['peer_id'][:12]} ({r['address']})" for r in relays)
-        advice = (
-            f"fine: relayed through {via}. For direct connections, open TCP port {port} "
-            "(forward it on your router) and pass --advertise PUBLIC_IP:PORT"
-        )
+        advice = f"fine: relayed through {via}. For direct connections, {forward}"
+        if port:
+            advice += " and pass --advertise PUBLIC_IP:PORT to `gossamer peer start`"
     elif reachability == "relayed":
         advice = (
-            f"not reachable and no relay yet: open TCP port {port} (forward it on your router) "
-            "or make sure some reachable peer relays (it does unless it opted out)"
+            f"not reachable and no relay yet: {forward}; or make sure some reachable peer "
+            "relays (it does unless it opted out)"
         )
     else:
         advice = "unknown: no peer answered a dial-back request; check --bootstrap"
     return {
-        "reachable": reachability == "direct",
+        "reachable": None if reachability == "unknown" else reachability == "direct",
         "relayed": bool(relays),
         "reachability": reachability,
         "relays": relays,

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from gossamer.cli.errors import (
     keys_named_by_flags,
     pause_on_stop_signals,
 )
+from gossamer.cli.flags import command_flags, load_flagged_config
 from gossamer.cli.output import stdout_console
 from gossamer.cli.preflight import (
     MAX_PORT,
@@ -39,8 +41,6 @@ from gossamer.core.config import RunConfig
 from gossamer.core.config_loader import (
     config_to_dict,
     describe_fields,
-    load_run_config,
-    parse_flag_overrides,
 )
 from gossamer.core.errors import ConfigError, DataError, GossamerError
 from gossamer.core.runtime import freeze_startup_heap
@@ -49,6 +49,7 @@ from gossamer.data import load_corpus, validation_batches
 from gossamer.data.corpus import check_data_path
 from gossamer.obs.metrics import PeerMetrics
 from gossamer.obs.trace import SpanRecorder
+from gossamer.store.lease import IN_USE_NAME
 from gossamer.train import Trainer, TrainResult
 from gossamer.train.demo import run_demo
 from gossamer.train.demo_swarm import run_swarm_demo
@@ -71,7 +72,7 @@ ConfigFile = Annotated[
 
 
 def _load(ctx: typer.Context, config: Path | None) -> RunConfig:
-    return load_run_config(config, parse_flag_overrides(ctx.args))
+    return load_flagged_config(config, command_flags(ctx))
 
 
 def _to_toml(data: dict[str, Any], prefix: str = "") -> str:
@@ -98,6 +99,27 @@ def _not_utf_8(text: str) -> bool:
     except UnicodeEncodeError:
         return True
     return False
+
+
+def _what_a_swarm_peer_makes(config: RunConfig) -> list[Path]:
+    """The paths a swarm peer makes on its way up that are not there now: its key file, and
+    its checkpoint folder with the folder's lease file, deepest first."""
+    directory = Path(config.checkpoint.directory)
+    key = Path(os.path.expanduser(config.swarm.key_file)) if config.swarm.key_file else None
+    paths = [key or directory / "peer.key"]
+    if not directory.exists():
+        paths += [directory / IN_USE_NAME, directory]
+    return [path for path in paths if not path.exists()]
+
+
+def _remove_made(paths: list[Path]) -> None:
+    """Remove what :func:`_what_a_swarm_peer_makes` listed (a folder only if empty)."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            if path.is_dir():
+                path.rmdir()
+            else:
+                path.unlink()
 
 
 def register(app: typer.Typer) -> None:
@@ -141,12 +163,12 @@ def train(
     --checkpoint.resume false. `gossamer config keys` lists every key.
     """
     with exit_on_gossamer_errors(), contextlib.ExitStack() as stack:
-        overrides = parse_flag_overrides(ctx.args)
+        overrides = command_flags(ctx)
         if bootstrap:  # with --swarm.bootstrap too: every peer named by either (one was lost)
             given = [value for key, value in overrides if key == "swarm.bootstrap"]
             overrides = [(key, value) for key, value in overrides if key != "swarm.bootstrap"]
             overrides.append(("swarm.bootstrap", ",".join([*given, *bootstrap])))
-        run_config = load_run_config(config, overrides)
+        run_config = load_flagged_config(config, overrides)
         _check_swarm_keys_are_used(run_config)
         check_fits_in_memory(run_config)
         _check_train_paths(run_config, summary_json, trace)
@@ -180,18 +202,31 @@ def train(
         else:
             # (net's keys named: "net.listen_address" for a port in use, "net.bootstrap" for a
             # malformed peer id, which are not keys of this command's config)
-            with keys_named_by_flags(_SWARM_NODE_KEYS):
-                result = run_swarm_peer(
-                    run_config,
-                    listener=listener,
-                    spans=spans,
-                    metrics=metrics,
-                    metrics_url=metrics_url,
-                    # (plain: rich wrapped the line where stdout is no terminal, and scripts
-                    # looking for it found half an address)
-                    on_address=lambda address: typer.echo(f"peer address: {address}"),
-                    stop=stop,
-                ).result
+            listening = False
+
+            def on_address(address: str) -> None:
+                nonlocal listening
+                listening = True
+                # (plain: rich wrapped the line where stdout is no terminal, and scripts
+                # looking for it found half an address)
+                typer.echo(f"peer address: {address}")
+
+            made = _what_a_swarm_peer_makes(run_config)
+            try:
+                with keys_named_by_flags(_SWARM_NODE_KEYS):
+                    result = run_swarm_peer(
+                        run_config,
+                        listener=listener,
+                        spans=spans,
+                        metrics=metrics,
+                        metrics_url=metrics_url,
+                        on_address=on_address,
+                        stop=stop,
+                    ).result
+            except BaseException:
+                if not listening:  # (a port in use left a new key behind, and its folder)
+                    _remove_made(made)
+                raise
     written = _print_summary(result, summary_json)
     if result.interrupted:
         with contextlib.suppress(OSError):
@@ -320,7 +355,7 @@ def evaluate(
 ) -> None:
     """Validation loss of a checkpoint, on the data it was trained on (or --data.* flags)."""
     with exit_on_gossamer_errors():
-        overrides = parse_flag_overrides(ctx.args)
+        overrides = command_flags(ctx)
         for key, _ in overrides:
             if key.startswith("model."):
                 raise ConfigError(
@@ -338,7 +373,7 @@ def evaluate(
         data_keys = {key for key, _ in overrides if key.startswith("data.")}
         if "data.source" in data_keys and "data.path" not in data_keys:
             base["data"].pop("path", None)  # (another source: the checkpoint's path is not its)
-        run_config = load_run_config(None, overrides, base=base)
+        run_config = load_flagged_config(None, overrides, base=base)
         changed = [  # (dropout is not the shape, and eval uses none)
             name
             for name in ("num_layers", "num_heads", "width", "context", "vocab_size", "tie_weights")
@@ -474,10 +509,15 @@ def demo(
     if single:
         _demo_single(summary_json, budget_s, max_steps, runs_dir)
         return
+    progress = _ProgressLines()
     with exit_on_gossamer_errors(), Live(console=_console, refresh_per_second=4) as live:
 
         def view(statuses: dict[str, dict[str, Any]], line: str) -> None:
             live.update(_swarm_table(statuses, line))
+            if not _console.is_terminal:  # (the live table shows only at the end there)
+                text = progress.due(statuses, line, time.monotonic())
+                if text is not None:
+                    live.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
         def announce(url: str) -> None:
             live.console.print(f"dashboard at {url} (open it while the demo runs)")
@@ -530,6 +570,33 @@ def demo(
         if not _write_summary(summary_json, summary.write_json):
             raise typer.Exit(EXIT_FAILED)
         _console.print(f"summary written to {summary_json}")
+
+
+PROGRESS_EVERY_S = 10.0
+"""How often the demo prints a progress line where its output is no terminal (a pipe, a log
+file): the live table is drawn there only at the end, and the demo said nothing for minutes."""
+
+
+class _ProgressLines:
+    """The demo's progress as plain lines: one when the swarm's state line changes (a peer
+    killed, one joined), else one every :data:`PROGRESS_EVERY_S` seconds."""
+
+    def __init__(self) -> None:
+        self._last_line: str | None = None
+        self._last_s = -math.inf
+
+    def due(self, statuses: dict[str, dict[str, Any]], line: str, now_s: float) -> str | None:
+        """The line to print now, or None."""
+        if line == self._last_line and now_s - self._last_s < PROGRESS_EVERY_S:
+            return None
+        self._last_line, self._last_s = line, now_s
+        peers = "; ".join(
+            f"{name} {status.get('state', '?')} step {status.get('step', 0)}/"
+            f"{status.get('max_steps', '?')}"
+            + ("" if status.get("loss") is None else f" loss {float(status['loss']):.3f}")
+            for name, status in statuses.items()
+        )
+        return f"swarm: {line}" + (f": {peers}" if peers else "")
 
 
 def _swarm_table(statuses: dict[str, dict[str, Any]], line: str) -> Table:
