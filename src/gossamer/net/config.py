@@ -401,8 +401,13 @@ class NodeConfig:
     keepalive_interval_s: float = 10.0
     """HTTP/2 keepalive ping interval on idle connections."""
     keepalive_timeout_s: float = 5.0
-    """gRPC's keepalive ping timeout; and a relay that answers no heartbeat for
-    ``keepalive_interval_s`` plus this is given up by the peers it relays."""
+    """A relay that answers no heartbeat for ``keepalive_interval_s`` plus this is given up by
+    the peers it relays (and by the dialers whose tunnels go through it)."""
+    unacked_data_timeout_s: float = 60.0
+    """How long data sent on a connection may go unacknowledged before the kernel aborts it
+    (``TCP_USER_TIMEOUT``, which gRPC takes from its keepalive timeout). Long, because on a
+    thin link busy both ways a segment waits behind the queues; a peer gone is noticed by
+    the failure detector's heartbeats, not by this."""
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     """Sizes and counts accepted from the network."""
     retry: RetryConfig = field(default_factory=RetryConfig)
@@ -450,6 +455,7 @@ class NodeConfig:
         _require(self.rpc_timeout_s > 0, "net.rpc_timeout_s", "must be positive")
         _require(self.keepalive_interval_s > 0, "net.keepalive_interval_s", "must be positive")
         _require(self.keepalive_timeout_s > 0, "net.keepalive_timeout_s", "must be positive")
+        _require(self.unacked_data_timeout_s > 0, "net.unacked_data_timeout_s", "must be positive")
         _require(  # (else every record this node renews vanished from the others meanwhile)
             self.dht.republish_interval_s < self.limits.max_stored_ttl_s,
             "dht.republish_interval_s",

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import grpc
 from google.protobuf.message import Message
 
 from gossamer.core.clock import Clock, Pacer, SystemClock
@@ -36,7 +37,7 @@ from gossamer.net.bulk import (
     send_bulk,
 )
 from gossamer.net.config import NodeConfig
-from gossamer.net.connections import ConnectionPool, DialTarget
+from gossamer.net.connections import ConnectionPool, DialTarget, PeerConnection
 from gossamer.net.counters import NetCounters
 from gossamer.net.dht import Dht
 from gossamer.net.dht_service import DHT_METHODS, DhtServicer, GrpcDhtTransport
@@ -59,6 +60,8 @@ __all__ = ["Node", "local_capabilities"]
 _log = logging.getLogger(__name__)
 _BOOTSTRAP_WARNING_EVERY_S = 60.0
 """A bootstrap peer that keeps not answering is logged as a warning this often at most."""
+_WORKING = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE)
+"""States of a connection's channel in which a bootstrap uses it again rather than redial."""
 R = TypeVar("R", bound=Message)
 
 
@@ -437,7 +440,7 @@ class Node:
                 continue
             expected, _, address = entry.rpartition("@")
             try:
-                connection = await self.pool.dial(
+                connection = self._live_connection(expected, address) or await self.pool.dial(
                     DialTarget(address), expected_peer_id=expected or None
                 )
                 self._bootstrap_ids[connection.peer_id] = address
@@ -480,6 +483,22 @@ class Node:
             # with every request) on the peers nearest us. Stores follow at republish time.
             await self.dht.lookup(self.identity.digest)
         return reached
+
+    def _live_connection(self, expected: str, address: str) -> PeerConnection | None:
+        """The pool's working connection to a bootstrap entry's peer, if it has one.
+
+        A node bootstraps again whenever its directory empties (its records expired while
+        refreshes timed out on a thin link), and a dial replaces the peer's connection by
+        closing it: with the relay as bootstrap peer, its reservation and every tunnel on it
+        went too. A connection that works is used again instead.
+        """
+        peer_id = expected or next(
+            (known for known, at in self._bootstrap_ids.items() if at == address), ""
+        )
+        connection = self.pool.get(peer_id) if peer_id else None
+        if connection is None or connection.channel.get_state() not in _WORKING:
+            return None
+        return connection
 
     def _all_refused(self) -> bool:
         """Whether every bootstrap entry refused for the swarm secret (none is dialed again)."""

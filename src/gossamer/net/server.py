@@ -73,7 +73,6 @@ def current_remote_host() -> str:
 
 def grpc_options(config: NodeConfig) -> list[tuple[str, Any]]:
     """Channel and server options shared by both ends: message limits and keepalive."""
-    keepalive_timeout_ms = int(config.keepalive_timeout_s * 1000)
     return [
         ("grpc.max_send_message_length", config.limits.max_message_bytes),
         ("grpc.max_receive_message_length", config.limits.max_message_bytes),
@@ -82,7 +81,12 @@ def grpc_options(config: NodeConfig) -> list[tuple[str, Any]]:
         # 60 s by default. Set to this, it closed busy connections on thin links: an ack waits
         # behind the data already queued on a saturated uplink, a 2 MB round at 1 Mbit/s failed.
         # A hung relay is noticed by the reservation's own heartbeats instead, see tunnels.py.)
-        ("grpc.keepalive_timeout_ms", keepalive_timeout_ms),
+        # gRPC also sets every socket's TCP_USER_TIMEOUT to this, and no other option sets that
+        # apart: at 5 s (keepalive_timeout_s, once passed here) the kernel aborted connections
+        # on a 500 kbit/s link busy both ways, 12-16 times a run per NATed peer behind a relay,
+        # as a segment waited behind the queues for its ack. A peer gone is noticed by the
+        # failure detector's heartbeats (2.5 s), not by TCP, so this can be long.
+        ("grpc.keepalive_timeout_ms", int(config.unacked_data_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_ping_interval_without_data_ms", int(config.keepalive_interval_s * 500)),
