@@ -46,6 +46,8 @@ class Peer:
     model: nn.Module
     rounds: list[frozenset[str]] = field(default_factory=list)
     """The members of every round this peer averaged in with others, in order."""
+    final_step: int | None = None
+    """The step this peer's training ended at (None: it did not end)."""
 
 
 def _peer(stack: contextlib.ExitStack, name: str, node_thread: NodeThread, newcomer: bool) -> Peer:
@@ -70,6 +72,7 @@ def _peer(stack: contextlib.ExitStack, name: str, node_thread: NodeThread, newco
         node_thread,
         donor,
         join_existing=newcomer,
+        max_steps=MAX_STEPS,
     )
     stack.callback(strategy.close)
     torch.manual_seed(0)  # every peer starts from the same weights, as a run does
@@ -87,8 +90,10 @@ def swarm() -> Iterator[list[Peer]]:
 
 
 def train(peer: Peer, past_boundary: threading.Event | None, errors: list[BaseException]) -> None:
-    """Set up and train ``peer`` to ``MAX_STEPS`` as the training loop does; ``past_boundary``
-    is set once its next step is ``JOINS_AT`` steps past a boundary, from outer step 2 on."""
+    """Set up and train ``peer`` to ``MAX_STEPS`` as the training loop does (and finish at
+    the step it reached, as the loop does: a peer that went past the budget shows); sets
+    ``past_boundary`` once its next step is ``JOINS_AT`` steps past a boundary, from outer
+    step 2 on."""
     strategy, model = peer.strategy, peer.model
     try:
         start = strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1)) or 0
@@ -106,17 +111,17 @@ def train(peer: Peer, past_boundary: threading.Event | None, errors: list[BaseEx
             if len(members) > 1 and (not peer.rounds or peer.rounds[-1] != members):
                 peer.rounds.append(members)
             step = step + 1 if continue_from is None else max(step + 1, continue_from)
-        strategy.finish(model, MAX_STEPS)
+        strategy.finish(model, step)
+        peer.final_step = step
     except BaseException as exc:
         errors.append(exc)
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(150)
 def test_a_newcomer_behind_by_more_than_the_join_window_averages_with_the_swarm() -> None:
     with swarm() as (a, b, n):
         errors: list[BaseException] = []
         past_boundary = threading.Event()
-        started = time.monotonic()
         threads = [
             threading.Thread(target=train, args=(a, past_boundary, errors)),
             threading.Thread(target=train, args=(b, None, errors)),
@@ -126,14 +131,19 @@ def test_a_newcomer_behind_by_more_than_the_join_window_averages_with_the_swarm(
         assert past_boundary.wait(timeout=30), "the first peers did not reach outer step 2"
         newcomer = threading.Thread(target=train, args=(n, None, errors))
         newcomer.start()
+        # 16 s of steps; the rest is rounds, downloads and the final agreement, slower under
+        # load (43 s seen): a bound on a hang, not on speed (the pytest timeout is the other)
+        deadline = time.monotonic() + 110
         for thread in [*threads, newcomer]:
-            thread.join(timeout=60)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        assert not any(t.is_alive() for t in [*threads, newcomer]), "a peer never finished"
         assert not errors, errors
-        took_s = time.monotonic() - started
         assert n.strategy.time_to_productive_s is not None  # it synced from the others
         everyone = {p.strategy.swarm_averager.peer_id for p in (a, b, n)}
         assert everyone in n.rounds, (
             f"the newcomer never averaged with both others (its rounds: {len(n.rounds)})"
         )
+        # Every peer ends at the budget's step (one that joined a round early goes on from
+        # the others' next step, never past their last), on the same weights.
+        assert [p.final_step for p in (a, b, n)] == [MAX_STEPS] * 3
         assert len({p.strategy.global_weights_hash() for p in (a, b, n)}) == 1
-        assert took_s < 60, f"the run took {took_s:.0f} s"

@@ -1220,9 +1220,11 @@ class _NudgedForItsRound(FakeAverager):
         return active, frozenset(sorted(active)[: self.entered])
 
 
-def _newcomer_at_outer_step_4(averager: FakeAverager) -> tuple[SwarmDiLoCoStrategy, nn.Module]:
+def _newcomer_at_outer_step_4(
+    averager: FakeAverager, max_steps: int | None = None
+) -> tuple[SwarmDiLoCoStrategy, nn.Module]:
     """A peer that took the others' state of outer step 4 (as of step 4 H), as a newcomer
-    does, training while its rounds form."""
+    does, training while its rounds form (to ``max_steps``, where given)."""
     torch.manual_seed(0)
     model = nn.Linear(4, 4)
     strategy = SwarmDiLoCoStrategy(
@@ -1231,6 +1233,7 @@ def _newcomer_at_outer_step_4(averager: FakeAverager) -> tuple[SwarmDiLoCoStrate
         cast(Any, FakeNodeThread()),
         cast(Any, FakeDonor()),
         join_existing=False,
+        max_steps=max_steps,
     )
     strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
     strategy.outer_step = 4
@@ -1274,4 +1277,68 @@ def test_a_peer_is_not_moved_to_a_round_most_of_the_run_is_not_in(
         assert strategy.on_step_end(model, step) is None
     assert strategy.outer_step == 4
     assert averager.reads == ["r/outer/4"]  # not read again at every step end
+    strategy.close()
+
+
+def test_a_peer_joins_early_a_round_whose_boundary_is_the_runs_last_step() -> None:
+    # (max_steps a multiple of H: the others average that round at their last step's end)
+    h = INNER_STEPS * 4
+    averager = _NudgedForItsRound(entered=2)
+    strategy, model = _newcomer_at_outer_step_4(averager, max_steps=5 * h)
+    assert strategy.on_step_end(model, 4 * h + 1) == 5 * h
+    strategy.close()
+
+
+def test_a_peer_does_not_join_early_a_round_past_the_end_of_the_run() -> None:
+    # max_steps not a multiple of H: the others' last round is the one after their last step
+    # (finish()), applied without the outer momentum. Joined early, this peer averaged it as
+    # a boundary's round (with the momentum: other weights) and went on from the boundary's
+    # next step, past the budget: it ended at 5 H, the others at 5 H - 3.
+    h = INNER_STEPS * 4
+    max_steps = 5 * h - 3
+    averager = _NudgedForItsRound(entered=3)
+    strategy, model = _newcomer_at_outer_step_4(averager, max_steps=max_steps)
+    step = 4 * h + 1  # (two steps taken from the state; the others are in their last round)
+    while step < max_steps:
+        assert strategy.on_step_end(model, step) is None, f"it jumped at step {step}"
+        step += 1
+    # It ends at the others' step, on their grid, with no round of its own formed: its last
+    # round is the others' (same key), run after its last step as theirs is.
+    assert strategy._forming is None
+    assert strategy.outer_step == 4
+    assert strategy._round_key() == "r/outer/4"
+    strategy.close()
+
+
+class _TheOthersFinished(_NudgedForItsRound):
+    """The others ran their last round (after their last step) and published version 5."""
+
+    def round_fate(self, round_key: str) -> RoundFate:
+        return RoundFate(failed_everywhere=False, newest_version=5)
+
+    def run_states(self) -> dict[str, tuple[str, int]]:
+        return {}
+
+
+def test_a_peer_behind_at_the_end_that_takes_the_others_last_state_ends_on_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # It came to the end (max_steps not a multiple of H) after the others had run their last
+    # round and published its state: it took that state, then ran that last round again,
+    # alone, and ended an outer step past them (everyone waited out the final agreement).
+    h = INNER_STEPS * 4
+    max_steps = 5 * h - 3
+    averager = _TheOthersFinished(entered=3)
+    strategy, model = _newcomer_at_outer_step_4(averager, max_steps=max_steps)
+    for step in range(4 * h + 1, max_steps):
+        assert strategy.on_step_end(model, step) is None
+    strategy.outer_step = 5
+    theirs = strategy._snapshot(step=max_steps)  # (published by the others' finish())
+    their_hash = strategy.global_weights_hash()
+    strategy.outer_step = 4
+    monkeypatch.setattr(strategy, "_newest_version", lambda: 5)
+    monkeypatch.setattr(strategy, "_download", lambda version=None, donors=None: theirs)
+    strategy.finish(model, max_steps)
+    assert strategy.outer_step == 5  # theirs, not one more
+    assert strategy.global_weights_hash() == their_hash
     strategy.close()

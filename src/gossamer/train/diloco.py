@@ -454,6 +454,18 @@ class DiLoCoStrategy:
         del step
         return False
 
+    def _took_state_as_of(self, step: int) -> bool:
+        """Whether the global state this peer stands on was taken from the others as of step
+        ``step`` or later (so their rounds up to that step are in it, and the local model
+        restarted from it after). An in-process swarm never takes state; the swarm strategy
+        overrides this.
+
+        Args:
+            step: the step the run ends at.
+        """
+        del step
+        return False
+
     def _catch_up_before_round(self) -> int | None:
         """(train while forming) Before a round begins: a peer behind the others takes their
         state here. An in-process swarm never leaves a peer behind; the swarm strategy
@@ -737,6 +749,12 @@ class DiLoCoStrategy:
         # A round that failed on every member left its progress to average: every member
         # knows it alike, and runs one more round for it (on a grid step too).
         tail = tail or (self._round_failed and self._finished_at != step)
+        if forming_mode and tail and self._took_state_as_of(step):
+            # The state it took is the others' after their last round, the one after their
+            # last step (this one): its own steps went with it. Run alone, that round moved
+            # it an outer step past theirs, and the peers waited for each other's hashes of
+            # the final outer step to the end of the agreement's wait.
+            tail = False
         replaced = replaced or tail or self.outer_step != version
         if tail:
             self._steps_since_round = 0

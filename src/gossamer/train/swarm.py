@@ -14,7 +14,8 @@ trains with the configured strategy. With DiLoCo the peer also
 - with ``train_while_forming``, after taking the others' state (as a newcomer, or after a
   round it missed), joins the round of its outer step as soon as they are in it, with the steps
   it took, instead of at its own boundary, which comes as many steps after theirs as they were
-  past that state (see :meth:`SwarmDiLoCoStrategy._joins_running_round`);
+  past that state, unless that boundary lies past the run's last step (see
+  :meth:`SwarmDiLoCoStrategy._joins_running_round`);
 - after a round it missed, waits for the state the others publish, unless the round failed on
   every member (the swarm says so: :meth:`SwarmAverager.failed_everywhere`): nobody's state moved
   then, and its progress goes into the round formed again under the next attempt's key (see
@@ -221,6 +222,9 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         metrics: records resyncs, state downloads, rounds and goodput (steps thrown away).
         tokens_per_step: training tokens of one inner step: this peer's weight in every average,
             and what thrown-away work is counted in.
+        max_steps: the run's step budget (``train.max_steps``; None: not known here): a round
+            whose boundary lies past it is the others' last round, which they run after their
+            last step (see :meth:`_joins_running_round`).
     """
 
     def __init__(
@@ -233,6 +237,7 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         join_existing: bool,
         metrics: PeerMetrics | None = None,
         tokens_per_step: int = 0,
+        max_steps: int | None = None,
     ) -> None:
         swarm_metrics = metrics.enable_swarm() if metrics is not None else None
         super().__init__(
@@ -248,6 +253,8 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         self.node_thread = node_thread
         self.donor = donor
         self.join_existing = join_existing
+        self.max_steps = max_steps
+        """The run's step budget (None: not known; see :meth:`_joins_running_round`)."""
         self.resyncs = 0
         """Times this peer found itself out of agreement and resynced."""
         self.time_to_productive_s: float | None = None
@@ -279,6 +286,8 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         round before its own boundary (see :meth:`_joins_running_round`)."""
         self._next_join_check_s = 0.0
         """Monotonic time before which no round's entries are read for an early join."""
+        self._state_as_of = -1
+        """The step the last state taken from the others was as of (-1: none taken)."""
         self._skipped_steps = 0
         """Steps of the budget skipped at this step end to join the others' round (not done:
         neither committed nor lost)."""
@@ -622,6 +631,7 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
         if not self.config.overlap:  # (the local progress not in the swarm's state is gone)
             self._discard_uncommitted(self._steps_done)
         self._placed_by_state = True
+        self._state_as_of = int(snapshot.meta.get("step", -1))
         if _state_of_the_run(snapshot):  # (its settings were checked: see _unusable)
             self._of_the_run = True
         before = [t.clone() for t in self._global] if self.config.overlap else []
@@ -809,10 +819,24 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
 
         A nudge comes from any peer: this peer joins early only once more than half of the
         run's other active peers of its settings have entered that round (their entries are
-        on the DHT), so one peer alone cannot move it, and then by fewer than H steps, once
-        per state taken.
+        on the DHT), so one identity alone cannot move it, and then by fewer than H steps, once
+        per state taken. (Identities cost nothing: several on one host, a majority of them
+        counted, can move it that far, that often.)
+
+        Not where its boundary lies past the end of the run (``max_steps`` not a multiple of
+        H): the others never reach that boundary, their last round is the one after their last
+        step (see :meth:`DiLoCoStrategy.finish`), applied without the outer momentum. Joined
+        early, this peer averaged it as a boundary's round, with the momentum, and went on
+        from that boundary's next step, past the budget: it ended on other weights (resynced,
+        its steps thrown away), at another step than the others (its checkpoint, status and a
+        resumed longer run a boundary off theirs). It trains on to the last step instead and
+        runs that round after it, as the others do.
         """
         if not self._placed_by_state:
+            return False
+        h = self.config.inner_steps
+        skipped = h - 1 - step % h
+        if self.max_steps is not None and step + skipped + 1 > self.max_steps:
             return False
         key = self._round_key()
         if key not in self.swarm_averager.rounds_awaiting():
@@ -828,8 +852,7 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             return False
         if 2 * len(entered) <= len(active):
             return False
-        h = self.config.inner_steps
-        self._skipped_steps = h - 1 - step % h
+        self._skipped_steps = skipped
         self._placed_by_state = False
         logger.info(
             "peer %s joins round %s at step %d, %d steps before its boundary: %d of the run's "
@@ -842,6 +865,12 @@ class SwarmDiLoCoStrategy(DiLoCoStrategy):
             len(active),
         )
         return True
+
+    def _took_state_as_of(self, step: int) -> bool:
+        """Whether the state last taken from the others is as of ``step`` or later: at the
+        end, the state they publish after their last round (a peer behind at the end, or one
+        that joined as they finished, takes it)."""
+        return self._state_as_of >= step
 
     def _awaited_ahead(self) -> str | None:
         """A round key of a later outer step than this peer's that the others' nudges say
@@ -1612,6 +1641,7 @@ def _train_on_node(
             join_existing=bool(swarm.bootstrap_addresses),
             metrics=metrics,
             tokens_per_step=tokens_per_step,
+            max_steps=config.train.max_steps,
         )
     elif swarm.strategy == "sync":
         swarm_metrics = metrics.enable_swarm()
