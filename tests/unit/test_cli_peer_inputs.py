@@ -236,11 +236,36 @@ def test_doctor_advises_a_fixed_port_where_its_own_was_random(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(peer_cli, "_transient_view", lambda *a, **k: _relayed_view(41234))
+    monkeypatch.setattr(peer_cli, "local_interface_addresses", lambda: ["127.0.0.1", "10.9.9.1"])
     code, output = _invoke(["doctor", "--bootstrap", "203.0.113.9:7100"])
     assert code == 0, output
     assert "reachable directly: False" in output
     assert "41234" not in output  # (this run's port: forwarding it helps no later run)
     assert "--listen 0.0.0.0:7100" in output
+
+
+@pytest.mark.parametrize(
+    "bootstrap", [f"{'a' * 52}@10.9.9.1:7100", "10.9.9.1:7100", "localhost:7100", "[::1]:7100"]
+)
+def test_doctor_asking_a_peer_on_this_machine_by_its_lan_address_says_it_cannot_tell(
+    monkeypatch: pytest.MonkeyPatch, bootstrap: str
+) -> None:
+    # A peer on this machine asked by its LAN address dials doctor back from this machine: doctor
+    # said "reachable directly: True, fine", which says nothing of other machines.
+    direct = {**_relayed_view(41234), "reachability": "direct", "relays": []}
+    monkeypatch.setattr(peer_cli, "_transient_view", lambda *a, **k: direct)
+    monkeypatch.setattr(peer_cli, "local_interface_addresses", lambda: ["127.0.0.1", "10.9.9.1"])
+    code, output = _invoke(["doctor", "--bootstrap", bootstrap])
+    assert code == 0, output
+    assert "reachable directly: unknown" in output
+    assert "cannot tell from here" in output
+    assert "--bootstrap PEER_ID@OTHER_HOST:PORT" in output
+    # A peer on another machine, or one of several asked, is an answer.
+    for others in (["10.9.9.2:7100"], [bootstrap, "10.9.9.2:7100"]):
+        args = [a for entry in others for a in ("--bootstrap", entry)]
+        code, output = _invoke(["doctor", *args])
+        assert code == 0, output
+        assert "reachable directly: True" in output
 
 
 def test_doctor_reads_a_training_peers_status_file(tmp_path: Path) -> None:
@@ -266,3 +291,54 @@ def test_doctor_reads_a_training_peers_status_file(tmp_path: Path) -> None:
     code, output = _invoke(["doctor", "--status-file", str(path), "--json"])
     assert code == 0, output
     assert json.loads(output)["step"] == 20
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"peer_id": "x", "state": "training", "step": ' + "9" * 5000 + "}", "a number too long"),
+    ],
+)
+def test_doctor_refuses_a_status_file_json_cannot_read_in_one_line(
+    tmp_path: Path, text: str, reason: str
+) -> None:
+    # A traceback, rc 1: RecursionError and ValueError (over 4300 digits) got past the check.
+    path = tmp_path / "status.json"
+    path.write_text(text)
+    code, output = _invoke(["doctor", "--status-file", str(path)])
+    assert code == 2, output
+    assert f"not JSON ({reason})" in output
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("max_steps", {"a": [1]}),
+        ("outer_step", "NaN"),
+        ("group_size", 2.5),
+        ("loss", "high"),
+        ("address", ["a"]),
+        ("max_steps", True),
+    ],
+)
+def test_doctor_refuses_a_training_status_with_a_field_of_the_wrong_type(
+    tmp_path: Path, key: str, value: object
+) -> None:
+    # Doctor printed them as they came: "state: training, step 3/{'a': [1]}".
+    path = tmp_path / "me.json"
+    status = {"peer_id": "x", "state": "training", "step": 3, "max_steps": 9, key: value}
+    path.write_text(json.dumps(status))
+    for extra in ([], ["--json"]):
+        code, output = _invoke(["doctor", "--status-file", str(path), *extra])
+        assert code == 2, output
+        assert f"not a training peer's status: {key!r} is not" in output
+
+
+def test_doctor_reads_a_training_status_with_null_and_float_fields(tmp_path: Path) -> None:
+    path = tmp_path / "me.json"
+    status = {"peer_id": "x", "state": "training", "step": 3, "max_steps": None, "loss": 2.5}
+    path.write_text(json.dumps(status))
+    code, output = _invoke(["doctor", "--status-file", str(path)])
+    assert code == 0, output
+    assert "state: training, step 3" in output

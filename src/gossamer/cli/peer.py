@@ -46,7 +46,7 @@ from gossamer.net.config import (
 from gossamer.net.connections import DialTarget
 from gossamer.net.identity import held_identity, load_or_create_identity
 from gossamer.net.metrics import register_net_metrics
-from gossamer.net.node import Node
+from gossamer.net.node import Node, local_interface_addresses
 from gossamer.net.status import node_status, write_status_file
 from gossamer.obs.metrics import register_peer_info
 from gossamer.proto import net_pb2
@@ -395,7 +395,7 @@ def doctor(
     """Say whether this peer can be reached by others, whether it uses a relay, what to change."""
     _quiet_unless_verbose()
     with one_red_line():
-        over_loopback = False
+        this_machine_only = False
         if status_file is not None:
             status = _read_status_file(status_file)
             if "reachability" not in status:  # a training peer's (`train --swarm.status-file`)
@@ -404,12 +404,12 @@ def doctor(
         elif bootstrap:
             config = _config(listen, bootstrap, swarm_secret_file)
             status = _transient_view(config, 1.0, reachability=True)
-            over_loopback = _only_loopback(bootstrap)
+            this_machine_only = _only_this_machine(bootstrap)
             if listen.rpartition(":")[2] == "0":  # (a port picked for this run alone)
                 status = {**status, "port": 0}
         else:
             raise ConfigError("doctor needs --bootstrap (peers to ask) or --status-file")
-        verdict = _verdict(status, asked_over_loopback=over_loopback)
+        verdict = _verdict(status, asked_this_machine_only=this_machine_only)
         if as_json:
             typer.echo(json.dumps({**verdict, "peer_id": status["peer_id"]}, indent=1))
         else:
@@ -453,13 +453,22 @@ def _read_status_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{option}: cannot read it: {reason or exc}") from exc
     try:
         status = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # (nested too deep; an integer too long)
+        reason = (
+            str(exc)
+            if isinstance(exc, json.JSONDecodeError)
+            else "nested too deeply"
+            if isinstance(exc, RecursionError)
+            else "a number too long"
+        )
         raise ConfigError(
-            f"{option}: not JSON ({exc}); give the file `gossamer peer start --status-file` writes"
+            f"{option}: not JSON ({reason}); give the file `gossamer peer start --status-file` "
+            "writes"
         ) from exc
     if not isinstance(status, dict):
         raise ConfigError(f"{option}: not a peer's status (a JSON object is expected)")
     if _is_training_status(status):
+        _check_training_fields(status, option)
         return status
     for key, kind in _STATUS_FIELDS.items():
         if not isinstance(status.get(key), kind):
@@ -489,6 +498,34 @@ def _is_training_status(status: dict[str, Any]) -> bool:
     return "reachability" not in status and all(
         isinstance(status.get(key), kind) for key, kind in _TRAINING_FIELDS.items()
     )
+
+
+_TRAINING_SHOWN: dict[str, tuple[type, ...]] = {
+    "max_steps": (int,),
+    "outer_step": (int,),
+    "group_size": (int,),
+    "loss": (int, float),
+    "address": (str,),
+}
+"""The types of the training status fields doctor shows besides those of ``_TRAINING_FIELDS``
+(each may be missing or null)."""
+
+
+def _check_training_fields(status: dict[str, Any], option: str) -> None:
+    """Refuse a training peer's status whose shown fields have the wrong types (doctor printed
+    ``step 3/{'a': [1]}``).
+
+    Raises:
+        ConfigError: a field is neither null nor of its type.
+    """
+    for key, kinds in _TRAINING_SHOWN.items():
+        value = status.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            raise ConfigError(
+                f"{option}: not a training peer's status: {key!r} is not "
+                f"{' or '.join(kind.__name__ for kind in kinds)}; give the file "
+                "`gossamer train --swarm.status-file` writes"
+            )
 
 
 def _print_training_status(status: dict[str, Any], as_json: bool) -> None:
@@ -522,21 +559,29 @@ def _print_training_status(status: dict[str, Any], as_json: bool) -> None:
     typer.echo(advice)
 
 
-def _only_loopback(bootstrap: list[str]) -> bool:
-    """Whether every ``--bootstrap`` entry is on loopback: a peer does not dial back a caller
-    that reached it over loopback (its ports there are the peer's machine's), so doctor's
-    reachability from this machine tells nothing."""
+def _only_this_machine(bootstrap: list[str]) -> bool:
+    """Whether every ``--bootstrap`` entry is on this machine (loopback, or one of its interface
+    addresses): a peer does not dial back a caller that reached it over loopback (its ports
+    there are the peer's machine's), and a dial back from this machine says nothing of other
+    machines, so doctor's reachability from here tells nothing."""
+    own: set[str] | None = None
 
-    def on_loopback(entry: str) -> bool:
+    def on_this_machine(entry: str) -> bool:
+        nonlocal own
         host = entry.rpartition("@")[2].rpartition(":")[0].strip("[]")
         if host == "localhost":
             return True
         try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
+            address = ipaddress.ip_address(host)
+        except ValueError:  # (a name: where it leads is not looked up)
             return False
+        if address.is_loopback or address.is_unspecified:
+            return True
+        if own is None:
+            own = {str(ipaddress.ip_address(a)) for a in local_interface_addresses()}
+        return str(address) in own
 
-    return bool(bootstrap) and all(on_loopback(entry) for entry in bootstrap)
+    return bool(bootstrap) and all(on_this_machine(entry) for entry in bootstrap)
 
 
 _FIXED_PORT_ADVICE = (
@@ -546,28 +591,28 @@ _FIXED_PORT_ADVICE = (
 )
 
 
-def _verdict(status: dict[str, Any], *, asked_over_loopback: bool = False) -> dict[str, Any]:
+def _verdict(status: dict[str, Any], *, asked_this_machine_only: bool = False) -> dict[str, Any]:
     """Whether others reach the peer of ``status``, and what to change.
 
     Args:
         status: the peer's view (``node_status``'s, or a status file's).
-        asked_over_loopback: the peers asked were reached over loopback only, so no dial back
-            could prove anything: reachability is then reported as unknown.
+        asked_this_machine_only: the peers asked are all on this machine, so no dial back (or
+            none, over loopback) could prove anything: reachability is then reported as unknown.
     """
     reachability = status["reachability"]
     relays = status.get("relays", [])
     port = status.get("port", 0)
     # (doctor's own port is random unless --listen fixed it: forwarding it helps nobody)
     forward = f"open TCP port {port} (forward it on your router)" if port else _FIXED_PORT_ADVICE
-    if reachability == "direct":
-        advice = f"fine: others reach this peer directly at {', '.join(status['addresses'])}"
-    elif asked_over_loopback:
+    if asked_this_machine_only:  # (a dial back from this machine came through: "direct")
         reachability = "unknown"
         advice = (
-            "cannot tell from here: the only peers asked are on this machine, and a peer does "
-            "not dial back a caller that reached it over loopback. Ask a peer on another "
-            "machine: gossamer doctor --bootstrap PEER_ID@OTHER_HOST:PORT"
+            "cannot tell from here: the only peers asked are on this machine, whose dial back "
+            "says nothing of other machines (and over loopback a peer does not dial back). Ask "
+            "a peer on another machine: gossamer doctor --bootstrap PEER_ID@OTHER_HOST:PORT"
         )
+    elif reachability == "direct":
+        advice = f"fine: others reach this peer directly at {', '.join(status['addresses'])}"
     elif relays:
         via = ", ".join(f"{r['peer_id'][:12]} ({r['address']})" for r in relays)
         advice = f"fine: relayed through {via}. For direct connections, {forward}"

@@ -25,7 +25,7 @@ from google.protobuf.message import Message
 
 from gossamer.core.clock import Clock, Pacer, SystemClock
 from gossamer.core.config import port_number
-from gossamer.core.errors import ConfigError, GossamerError, PeerUnavailableError, ProtocolError
+from gossamer.core.errors import GossamerError, PeerUnavailableError, ProtocolError
 from gossamer.core.machine import physical_memory_bytes
 from gossamer.net.addresses import split_host_port
 from gossamer.net.bulk import (
@@ -55,7 +55,7 @@ from gossamer.net.tunnels import AcceptedTunnels, RelayDialer, RelayReservations
 from gossamer.net.upgrades import DirectUpgrades
 from gossamer.proto import net_pb2, net_pb2_grpc
 
-__all__ = ["Node", "local_capabilities"]
+__all__ = ["Node", "local_capabilities", "local_interface_addresses"]
 
 _log = logging.getLogger(__name__)
 _BOOTSTRAP_WARNING_EVERY_S = 60.0
@@ -101,9 +101,9 @@ def _route_source(host: str, port: str) -> str | None:
     return None
 
 
-def _interface_addresses() -> list[str]:
-    """The IPv4 address of each interface that is up (Linux; elsewhere none are listed, and a
-    wildcard listener with no route out advertises loopback as before)."""
+def local_interface_addresses() -> list[str]:
+    """The IPv4 address of each interface of this machine that is up (Linux; elsewhere none are
+    listed, and a wildcard listener with no route out advertises loopback as before)."""
     if not sys.platform.startswith("linux"):
         return []
     import fcntl  # (POSIX only)
@@ -125,28 +125,27 @@ def _routable_host(
     listen_host: str,
     towards: tuple[str, ...],
     *,
-    strict: bool = True,
+    warn_as: str | None = None,
     route_source: Callable[[str, str], str | None] = _route_source,
-    interface_addresses: Callable[[], list[str]] = _interface_addresses,
+    interface_addresses: Callable[[], list[str]] = local_interface_addresses,
 ) -> str:
     """The address others should dial when listening on a wildcard host.
 
     In order: the one this machine reaches its bootstrap peers from; its address on the default
     route (IPv4 first; a first peer advertised 127.0.0.1, which no other machine could dial);
     with no default route (a lab's namespace), its one interface address that is not loopback
-    or link-local; 127.0.0.1 where it has none (a machine alone: a swarm on it). IPv6 addresses
-    come bracketed, as HOST:PORT wants them.
+    or link-local; 127.0.0.1 where it has none (a machine alone: a swarm on it) or several
+    (an offline machine with docker0 and virbr0 up: which one others reach is unknown, and a
+    local swarm still works on loopback; refusing to start broke it). IPv6 addresses come
+    bracketed, as HOST:PORT wants them.
 
     Args:
         listen_host: the host part of the listen address; returned as given unless a wildcard.
         towards: the bootstrap entries (HOST:PORT or PEER_ID@HOST:PORT).
-        strict: raise rather than fall back to loopback where the interfaces leave it open.
+        warn_as: the peer id to log a warning for where several addresses leave 127.0.0.1 a
+            guess; None logs nothing (a node that does not announce itself: nobody dials it).
         route_source: this machine's address on its route to (host, port), None without one.
         interface_addresses: the addresses of this machine's interfaces that are up.
-
-    Raises:
-        ConfigError: ``strict``, no route out and several interface addresses: which one others
-            reach is unknown, and loopback would send them to their own machine.
     """
     if listen_host.strip("[]") not in ("0.0.0.0", "::", ""):
         return listen_host
@@ -169,12 +168,16 @@ def _routable_host(
     candidates = list(dict.fromkeys(candidates))
     if len(candidates) == 1:
         return candidates[0]
-    if candidates and strict:
-        raise ConfigError(
-            f"net.listen_address: {listen_host or '0.0.0.0'} is every interface, and with no "
-            f"default route this machine has several addresses ({', '.join(candidates)}): "
-            "which one other peers reach is unknown; pass --advertise HOST:PORT with the one "
-            "they dial (or listen on that address alone)"
+    if candidates and warn_as is not None:
+        _log.warning(
+            "peer %s: listening on every interface (%s) with no default route, and this machine "
+            "has several addresses (%s): which one other machines reach is unknown, so it "
+            "advertises 127.0.0.1 (peers on this machine only). For others, pass --advertise "
+            "HOST:PORT to `gossamer peer start`, or listen on that address (--swarm.listen "
+            "HOST:PORT for train)",
+            short_peer_id(warn_as),
+            listen_host or "0.0.0.0",
+            ", ".join(candidates),
         )
     return "127.0.0.1"
 
@@ -328,9 +331,9 @@ class Node:
         """Listen, publish the peer record, join through the bootstrap peers, start maintenance."""
         await self.server.start()
         host = self.config.listen_address.rpartition(":")[0]
+        announced = self.peer_id if self.config.announce else None
         self.addresses = self.config.advertise_addresses or (
-            f"{_routable_host(host, self.config.bootstrap, strict=self.config.announce)}:"
-            f"{self.server.port}",
+            f"{_routable_host(host, self.config.bootstrap, warn_as=announced)}:{self.server.port}",
         )
         self.sign_own_record()
         if self.config.bootstrap:
