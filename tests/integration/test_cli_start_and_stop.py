@@ -10,6 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+from typer.testing import CliRunner
+
+from gossamer.cli.main import app
+from gossamer.store import lease
+
 GOSSAMER = [sys.executable, "-m", "gossamer.cli"]
 
 
@@ -68,6 +74,69 @@ def test_a_swarm_peer_on_a_port_in_use_leaves_no_checkpoint_folder(tmp_path: Pat
     assert result.returncode == 2, result.stderr
     assert "cannot listen" in result.stderr, result.stderr
     assert not (tmp_path / "c").exists(), list((tmp_path / "c").iterdir())
+
+
+_TAKES_THE_FOLDER = """
+import fcntl, os, sys
+folder = sys.argv[1]
+os.mkdir(folder)
+fd = os.open(os.path.join(folder, ".in-use"), os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, f"{os.getpid()}\\n".encode())
+with open(os.path.join(folder, "peer.key"), "wb") as key:
+    key.write(b"its key")
+print("held", flush=True)
+sys.stdin.read()
+"""
+"""A process that makes a run's checkpoint folder, holds it as `train` does, with its key in it,
+until its stdin closes."""
+
+
+def test_a_swarm_peer_failing_on_anothers_new_folder_leaves_the_others_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (it listed the folder as its own while the folder was missing; the other process made
+    # it and took it before this one's lease, which failed, and this one then removed the
+    # other's key and lease file, and the folder, as the other trained)
+    folder = tmp_path / "c"
+    others: list[subprocess.Popen[str]] = []
+    take = lease._acquire
+
+    def the_other_takes_it_first(directory: Path, key: str) -> Path:
+        if not others:  # (just before this process takes the folder: the race's window)
+            other = subprocess.Popen(
+                [sys.executable, "-c", _TAKES_THE_FOLDER, str(folder)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            others.append(other)
+            assert other.stdout is not None
+            assert other.stdout.readline() == "held\n"  # (it exits, "", where it failed)
+        return take(directory, key)
+
+    monkeypatch.setattr(lease, "_acquire", the_other_takes_it_first)
+    monkeypatch.chdir(tmp_path)
+    try:
+        result = CliRunner().invoke(
+            app,
+            ["train", "--swarm.strategy", "diloco", "--checkpoint.directory", str(folder),
+             "--swarm.listen", "127.0.0.1:0", "--train.max-steps", "2",
+             "--model.num-layers", "1", "--model.width", "32", "--model.num-heads", "2",
+             "--model.context", "32"],
+        )  # fmt: skip
+        assert result.exit_code == 2, result.output
+        assert "is in use by another Gossamer process" in result.output
+        assert others[0].poll() is None
+        assert (folder / "peer.key").read_bytes() == b"its key"
+        assert (folder / ".in-use").exists()
+    finally:
+        for other in others:
+            assert other.stdin is not None
+            other.stdin.close()
+            other.wait(timeout=30)
+            assert other.stdout is not None
+            other.stdout.close()
 
 
 def test_peer_start_stopped_by_ctrl_c_exits_130(tmp_path: Path) -> None:

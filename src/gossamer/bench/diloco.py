@@ -13,6 +13,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
+import shutil
+import signal
+import sys
 import tempfile
 import threading
 import time
@@ -135,9 +139,13 @@ class _StoppableGroup(InProcessGroup):
     def _contribute(
         self, round_key: str, tensors: list[torch.Tensor], weight: float
     ) -> list[torch.Tensor]:
-        if self.stopped.is_set():
-            raise _Stopped("stopped")
-        averaged = super()._contribute(round_key, tensors, weight)
+        # (checked under the group's lock, which the round is opened under too: a stop() that
+        # came between a check outside it and the lock left this peer alone in a new round,
+        # waiting out its timeout; the lock is re-entrant, and its wait releases it)
+        with self._lock:
+            if self.stopped.is_set():
+                raise _Stopped("stopped")
+            averaged = super()._contribute(round_key, tensors, weight)
         if self.stopped.is_set():
             raise _Stopped("stopped")
         return averaged
@@ -235,10 +243,7 @@ def _run_method(
         try:
             done.wait()
         except KeyboardInterrupt:
-            group.stop()
-            while not done.is_set():  # (the peers stop within a step; another Ctrl-C waits too)
-                with contextlib.suppress(KeyboardInterrupt):
-                    done.wait()
+            _stop_and_wait(group, done, tmp)  # (the peers stop within a step)
             raise
         finally:
             runner.join()
@@ -254,6 +259,34 @@ def _run_method(
         bytes_per_peer=max(sent),
         seconds=seconds,
     )
+
+
+def _stop_and_wait(group: _StoppableGroup, done: threading.Event, tmp: str) -> None:
+    """Stop ``group`` and wait for ``done``; a second Ctrl-C or SIGTERM meanwhile ends the
+    process at once, exit 130, with ``tmp`` removed (they were swallowed, and a stop that hung
+    left no way out but SIGKILL). It ends it with :func:`os._exit`: the interpreter's exit, the
+    peers' threads still running, aborted the process (``terminate called without an active
+    exception``)."""
+
+    def at_once(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    # (SIGTERM was ignored after the first: `stop_signals_as_ctrl_c`'s guard for a clean-up)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, at_once) if in_main else None
+    try:
+        group.stop()
+        done.wait()
+    except KeyboardInterrupt:
+        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write("stopped again: exiting at once, the peers still stopping\n")
+            sys.stderr.flush()
+            sys.stdout.flush()
+        os._exit(130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def bench_diloco_config(config: RunConfig, inner_steps: int) -> DiLoCoConfig:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
 import sys
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -49,7 +50,7 @@ from gossamer.data import load_corpus, validation_batches
 from gossamer.data.corpus import check_data_path
 from gossamer.obs.metrics import PeerMetrics
 from gossamer.obs.trace import SpanRecorder
-from gossamer.store.lease import IN_USE_NAME
+from gossamer.store.lease import IN_USE_NAME, directory_lease
 from gossamer.train import Trainer, TrainResult
 from gossamer.train.demo import run_demo
 from gossamer.train.demo_swarm import run_swarm_demo
@@ -101,25 +102,63 @@ def _not_utf_8(text: str) -> bool:
     return False
 
 
-def _what_a_swarm_peer_makes(config: RunConfig) -> list[Path]:
-    """The paths a swarm peer makes on its way up that are not there now: its key file, and
-    its checkpoint folder with the folder's lease file, deepest first."""
+@contextlib.contextmanager
+def _removed_if_it_never_listens(
+    config: RunConfig, listening: Callable[[], bool]
+) -> Iterator[None]:
+    """Hold the run's checkpoint folder for the block; where the block fails before the peer
+    listens (a port in use), remove what this process made there: its new key file, and the
+    folder with its lease file where the folder is new and holds nothing else.
+
+    What is this process's is decided while it holds the folder: decided before, a second run
+    given the same new folder, failing on the first's lease, removed the first's key, lease
+    file and folder as it trained. A failure on the lease itself removes nothing.
+
+    Raises:
+        ConfigError: another process holds the folder.
+    """
     directory = Path(config.checkpoint.directory)
-    key = Path(os.path.expanduser(config.swarm.key_file)) if config.swarm.key_file else None
-    paths = [key or directory / "peer.key"]
-    if not directory.exists():
-        paths += [directory / IN_USE_NAME, directory]
-    return [path for path in paths if not path.exists()]
+    folder_is_new = not directory.exists()
+    remove_folder = False
+    try:
+        with directory_lease(directory):  # (the peer's own lease shares this one)
+            key = Path(os.path.expanduser(config.swarm.key_file or directory / "peer.key"))
+            key_is_new = not key.exists()
+            try:
+                yield
+            except BaseException:
+                if not listening():
+                    if key_is_new:
+                        _remove_unless_held(key)
+                    if folder_is_new and _holds_only_its_lease(directory):
+                        with contextlib.suppress(OSError):  # (removed under the lease)
+                            (directory / IN_USE_NAME).unlink()
+                        remove_folder = True
+                raise
+    finally:
+        if remove_folder:
+            with contextlib.suppress(OSError):  # (not empty: another process is in it now)
+                directory.rmdir()
 
 
-def _remove_made(paths: list[Path]) -> None:
-    """Remove what :func:`_what_a_swarm_peer_makes` listed (a folder only if empty)."""
-    for path in paths:
-        with contextlib.suppress(OSError):
-            if path.is_dir():
-                path.rmdir()
-            else:
-                path.unlink()
+def _remove_unless_held(key: Path) -> None:
+    """Remove the key file ``key`` unless another process holds it (a ``swarm.key_file``
+    outside the folder, made and held by another peer meanwhile)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(key, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (OSError where it is held)
+            key.unlink()
+        finally:
+            os.close(fd)
+
+
+def _holds_only_its_lease(directory: Path) -> bool:
+    """Whether the lease file is all ``directory`` holds."""
+    try:
+        return {entry.name for entry in directory.iterdir()} <= {IN_USE_NAME}
+    except OSError:
+        return False
 
 
 def register(app: typer.Typer) -> None:
@@ -211,22 +250,20 @@ def train(
                 # looking for it found half an address)
                 typer.echo(f"peer address: {address}")
 
-            made = _what_a_swarm_peer_makes(run_config)
-            try:
-                with keys_named_by_flags(_SWARM_NODE_KEYS):
-                    result = run_swarm_peer(
-                        run_config,
-                        listener=listener,
-                        spans=spans,
-                        metrics=metrics,
-                        metrics_url=metrics_url,
-                        on_address=on_address,
-                        stop=stop,
-                    ).result
-            except BaseException:
-                if not listening:  # (a port in use left a new key behind, and its folder)
-                    _remove_made(made)
-                raise
+            # (a port in use left a new key behind, and its folder)
+            with (
+                _removed_if_it_never_listens(run_config, lambda: listening),
+                keys_named_by_flags(_SWARM_NODE_KEYS),
+            ):
+                result = run_swarm_peer(
+                    run_config,
+                    listener=listener,
+                    spans=spans,
+                    metrics=metrics,
+                    metrics_url=metrics_url,
+                    on_address=on_address,
+                    stop=stop,
+                ).result
     written = _print_summary(result, summary_json)
     if result.interrupted:
         with contextlib.suppress(OSError):
