@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
+from gossamer.net import tunnels
 from gossamer.net.config import LimitsConfig, NodeConfig
 from gossamer.net.identity import Identity
 from gossamer.net.node import Node
@@ -142,10 +143,14 @@ def test_a_direct_reservation_carries_a_few_tunnels_apart_from_the_relays_share(
     _run(scenario)
 
 
-def test_an_accepted_tunnel_ends_soon_after_its_local_connection_closed() -> None:
+def test_an_accepted_tunnel_ends_soon_after_its_local_connection_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A tunnel waited for the far side to end its call, even after the peer's own server had
-    closed the local connection: a holder that never ended one kept it for good."""
+    closed the local connection: a holder that never ended one kept it for good. (Ended
+    ``STALLED_TUNNEL_S`` after the call last took a frame, 30 s; 2 s here.)"""
     quick_close = LimitsConfig(transport_handshake_timeout_s=1.0)
+    monkeypatch.setattr(tunnels, "STALLED_TUNNEL_S", 2.0)
 
     async def scenario() -> None:
         async with (
@@ -159,7 +164,7 @@ def test_an_accepted_tunnel_ends_soon_after_its_local_connection_closed() -> Non
             await _hold_direct_reservation_at(hidden, holder, service)
             await until(lambda: len(service.accepted) == num_announced, 10, "tunnels accepted")
             # Nothing comes through them: the server closes each local connection after 1 s
-            # (no TLS hello), and the peer ends the call CLOSED_TUNNEL_GRACE_S later.
+            # (no TLS hello), and the peer ends the call STALLED_TUNNEL_S later.
             await until(
                 lambda: service.num_ended == num_announced,
                 15,

@@ -112,12 +112,14 @@ class _SlowCall:
 
 
 def test_a_tunnel_reads_its_local_socket_ahead_of_a_slow_call() -> None:
-    """gRPC's sockets carry ``TCP_USER_TIMEOUT`` (``keepalive_timeout_s``): one whose reader
-    leaves its window shut that long is reset (ETIMEDOUT). A tunnel read its local socket a
-    frame at a time as the call took them, 4 s and more a 256 KiB frame on a 500 kbit/s link,
-    and the relayed connection was lost. Here the sender's timeout is 1 s and the call takes a
-    frame every 2 s: 6 MB, more than the kernel's buffers hold, must go in without a reset."""
-    payload = bytes(6_000_000)
+    """gRPC's sockets carry ``TCP_USER_TIMEOUT``: one whose reader leaves its window shut that
+    long is reset (ETIMEDOUT). With 5 s (``keepalive_timeout_s``), a tunnel that read its local
+    socket a frame at a time as the call took them, 4 s and more a 256 KiB frame on a 500
+    kbit/s link, lost the relayed connection; it is ``unacked_data_timeout_s`` (60 s) since,
+    and a tunnel reads at most ``READ_AHEAD_BYTES`` (1 MiB) ahead. Here, scaled, the sender's
+    timeout is 1 s and the call takes a frame every 0.25 s: 12 MB, more than the kernel's
+    buffers (several MB) and the read-ahead hold, must go in without a reset."""
+    payload = bytes(12_000_000)
 
     async def scenario() -> None:
         listener = socket.create_server(("127.0.0.1", 0))
@@ -129,15 +131,16 @@ def test_a_tunnel_reads_its_local_socket_ahead_of_a_slow_call() -> None:
         calls: list[_SlowCall] = []
 
         def open_call(frames: AsyncIterator[net_pb2.TunnelFrame]) -> _SlowCall:
-            calls.append(_SlowCall(frames, every_s=2.0))
+            calls.append(_SlowCall(frames, every_s=0.25))
             return calls[0]
 
         carrying = asyncio.ensure_future(
             carry_socket_over_call(reader, writer, open_call, net_pb2.TunnelFrame(tunnel_id="t"))
         )
         try:
-            # (the old code: ETIMEDOUT after the kernel's buffers filled, 1 s of shut window)
-            await asyncio.wait_for(asyncio.to_thread(sender.sendall, payload), 10.0)
+            # (ETIMEDOUT once the window stayed shut 1 s)
+            await asyncio.wait_for(asyncio.to_thread(sender.sendall, payload), 20.0)
+            assert calls[0].num_bytes > 1_000_000  # (the window was shut and reopened)
         finally:
             carrying.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -146,4 +149,4 @@ def test_a_tunnel_reads_its_local_socket_ahead_of_a_slow_call() -> None:
                 call.cancel()
             sender.close()
 
-    _run(scenario, timeout_s=30)
+    _run(scenario, timeout_s=40)

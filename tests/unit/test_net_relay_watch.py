@@ -4,6 +4,7 @@ relay is alive while anything comes from it, heartbeat answers or tunnel bytes."
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import grpc
@@ -12,7 +13,9 @@ import pytest
 from gossamer.core.clock import FakeClock
 from gossamer.core.errors import DeadlineExceededError, PeerUnavailableError
 from gossamer.net.config import NodeConfig
+from gossamer.net.connections import DialTarget
 from gossamer.net.tunnels import BUSY_RELAY_SILENT_S, RelayReservations, RelayTraffic
+from gossamer.proto import net_pb2
 
 
 class _ClockOnlyPool:
@@ -179,5 +182,71 @@ def test_a_relay_is_given_up_soon_after_its_tunnels_stop_taking_bytes() -> None:
         watch = _watchdog(pool, heartbeat)._until_silent("relay", heartbeat)
         await asyncio.wait_for(watch, 5)
         assert last_sent_at + 14.0 <= pool.clock.monotonic() <= last_sent_at + 16.0
+
+    asyncio.run(main())
+
+
+class _ClosedUnderCall:
+    """A reservation call that is granted, then ends as gRPC ends a call whose channel was
+    closed under it: ``CancelledError``, which nobody asked for."""
+
+    def __init__(self) -> None:
+        self.num_reads = 0
+
+    async def read(self) -> object:
+        self.num_reads += 1
+        if self.num_reads == 1:
+            return net_pb2.RelayEvent(reserved=True)
+        raise asyncio.CancelledError
+
+    def cancel(self) -> None:
+        pass
+
+
+class _ReservingConnection:
+    peer_id = "relay"
+    metadata = ()
+    target = DialTarget("127.0.0.1:1")
+
+    def __init__(self) -> None:
+        self.call = _ClosedUnderCall()
+
+    def unary_stream(self, method: str, response_type: object) -> object:
+        return lambda request, metadata: self.call
+
+
+class _ReservingPool(_DroppingPool):
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.connection_ = _ReservingConnection()
+
+    async def connection(self, peer_id: str) -> _ReservingConnection:
+        return self.connection_
+
+    async def failed(self, connection: object, exc: object, method: str) -> None:
+        raise AssertionError("no call failed")
+
+
+def test_a_reservation_whose_connection_is_closed_under_it_does_not_blame_the_relay(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The pool dropped the reservation's connection (a redial replaced it): its call ended in
+    ``CancelledError``, which fell through to "the relay answered no heartbeat and sent
+    nothing for 15 s", and the healthy relay was not tried again for 10 s."""
+
+    async def main() -> None:
+        pool = _ReservingPool(FakeClock())
+
+        async def heartbeat(peer_id: str, timeout_s: float) -> None:
+            await asyncio.Event().wait()  # (answered on time: it never gets to answer)
+
+        reservations = _watchdog(pool, heartbeat)
+        with caplog.at_level(logging.INFO, logger="gossamer.net.tunnels"):
+            await asyncio.wait_for(reservations._hold("relay"), 5)
+        assert pool.connection_.call.num_reads == 2
+        assert "relay" not in reservations._failed_at, "the relay was blamed"
+        assert pool.dropped == []
+        assert "closed under it" in caplog.text, caplog.text
+        assert "answered no heartbeat" not in caplog.text
 
     asyncio.run(main())

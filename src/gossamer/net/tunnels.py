@@ -21,7 +21,7 @@ import logging
 import math
 import random
 import weakref
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -48,14 +48,12 @@ from gossamer.net.relay import (
     MAX_TUNNELS_PER_TARGET,
     RESERVE_METHOD,
     TUNNEL_ID_CHARS,
-    BytePipe,
     RelayServicer,
 )
 from gossamer.proto import net_pb2
 
 __all__ = [
     "BUSY_RELAY_SILENT_S",
-    "CLOSED_TUNNEL_GRACE_S",
     "FRAME_BYTES",
     "MAX_ACCEPTED_DIRECT_TUNNELS",
     "MAX_ACCEPTED_TUNNELS",
@@ -63,10 +61,13 @@ __all__ = [
     "MAX_ACCEPTED_TUNNELS_PER_RESERVATION",
     "MAX_IDLE_ENTRANCES",
     "PRESSED_WRITE_S",
+    "READ_AHEAD_BUDGET_BYTES",
     "READ_AHEAD_BYTES",
     "REVERSED_ADDRESS",
+    "STALLED_TUNNEL_S",
     "AcceptedTunnels",
     "OwnedTasks",
+    "ReadAheadBudget",
     "RelayDialer",
     "RelayReservations",
     "RelayTraffic",
@@ -125,14 +126,21 @@ fills (a write to a relay that has room takes microseconds)."""
 BUSY_RELAY_SILENT_S = 60.0
 """Longest a relay whose tunnels still take this node's bytes on a thin link may send nothing
 back before it is given up (see :class:`RelayTraffic`); gRPC's own ping deadline is 60 s."""
-READ_AHEAD_BYTES = 8 * 1024 * 1024
-"""Bytes of a local connection a tunnel reads ahead of its call (see
-:func:`carry_socket_over_call`): more than the local sender has in flight with the flow-control
-window gRPC gives it on a thin link, so its socket is never left with a shut window."""
-CLOSED_TUNNEL_GRACE_S = 2.0
-"""How long a tunnel call may go on once the local connection it carries has closed: the far
-side ends it as soon as it has the close (milliseconds); one that never did held the call, and
-its place among the node's tunnels, for good."""
+READ_AHEAD_BYTES = 1024 * 1024
+"""Most bytes of its local connection one tunnel reads ahead of its call (see
+:func:`carry_socket_over_call`): four frames, so the socket is read again each time the call
+takes one."""
+READ_AHEAD_BUDGET_BYTES = 64 * 1024 * 1024
+"""Most bytes a node's tunnels read ahead of their calls all together (:class:`ReadAheadBudget`),
+past one frame each: 8 MiB a tunnel, unshared, held 256 MiB for 32 tunnels whose far side had
+stopped taking bytes."""
+STALLED_TUNNEL_S = 30.0
+"""How long a tunnel call may leave a frame it is offered untaken, and, once the local
+connection it carries has ended, go without taking one (its close frame included: the far side
+then has this long to end the call), before the tunnel is ended. Well above a frame's time on a
+thin link (4 s at 500 kbit/s), so a closed connection's tail still leaves. A far side that took
+nothing (a dialer that stopped reading) held the tunnel, and its place among the node's, for
+good: the local connection's end, behind data the read-ahead had no room for, was never seen."""
 
 OpenCall = Callable[[AsyncIterator[net_pb2.TunnelFrame]], Any]
 """Starts a bidirectional tunnel call with the given request frames; returns the call."""
@@ -147,16 +155,19 @@ async def carry_socket_over_call(
     refused: Callable[[grpc.aio.AioRpcError], None] | None = None,
     heard: Callable[[], None] | None = None,
     sent: Callable[[], None] | None = None,
+    read_ahead: ReadAheadBudget | None = None,
 ) -> None:
-    """Carry a local TCP connection's bytes over a tunnel call until either side ends (the
-    far side gets :data:`CLOSED_TUNNEL_GRACE_S` to end the call once the local one closed).
+    """Carry a local TCP connection's bytes over a tunnel call until either side ends, or
+    until the call stalls: it left a frame untaken :data:`STALLED_TUNNEL_S`, or took none that
+    long once the local connection ended.
 
-    The local connection is read ahead of the call, up to :data:`READ_AHEAD_BYTES`: its other
-    end is gRPC's socket, whose ``TCP_USER_TIMEOUT`` (``keepalive_timeout_s``, 5 s) ends the
-    connection once the reader has left its window shut that long. Read a frame at a time as
-    the call took them, a 256 KiB frame waited 4 s and more behind a 500 kbit/s link's data,
-    and a relayed connection with bulk data both ways was lost to that timeout
-    (``recvmsg:Connection timed out``) within 15 s.
+    The local connection is read ahead of the call, up to :data:`READ_AHEAD_BYTES` within the
+    node's :class:`ReadAheadBudget`: its other end is gRPC's socket, whose ``TCP_USER_TIMEOUT``
+    ends the connection once the reader has left its window shut that long. With a 5 s timeout
+    (``keepalive_timeout_s``, before ``unacked_data_timeout_s``), read a frame at a time as the
+    call took them, a 256 KiB frame waited 4 s and more behind a 500 kbit/s link's data, and a
+    relayed connection with bulk data both ways was lost to it (``recvmsg:Connection timed
+    out``) within 15 s.
 
     Args:
         reader: the local connection's read side.
@@ -171,33 +182,54 @@ async def carry_socket_over_call(
         sent: told when the call took a frame after holding the last one back for
             :data:`PRESSED_WRITE_S` or more (a thin link's data is leaving: see
             :class:`RelayTraffic`).
+        read_ahead: the budget read-ahead is held in (the running loop's node-wide one).
 
     Raises:
         GossamerError: the tunnel call failed (mapped from gRPC's error).
+        OSError: the local connection broke (the call is cancelled).
     """
 
     call: Any = None
     carrying = True
     answered = False
-    ahead = _ReadAhead(reader)
+    loop = asyncio.get_running_loop()
+    # Ends the call once it stalled (see above): armed when a frame is offered, re-armed when
+    # one is taken once the local connection ended, and disarmed when one is taken before.
+    stalled: asyncio.Timeout | None = None
+
+    def watch(*, from_now: bool) -> None:
+        if carrying and stalled is not None and (from_now or stalled.when() is None):
+            stalled.reschedule(loop.time() + STALLED_TUNNEL_S)
+
+    def taken() -> None:
+        if carrying and stalled is not None:  # (gRPC may read on after the call ended)
+            stalled.reschedule(loop.time() + STALLED_TUNNEL_S if ahead.ended else None)
+
+    ahead = _ReadAhead(
+        reader,
+        read_ahead or ReadAheadBudget.of_running_loop(),
+        on_end=functools.partial(watch, from_now=False),
+    )
     try:
-        # (at once: gRPC asks for the next frame only once the first is sent, seconds on a
-        # thin link)
-        ahead.start()
-        # Ends the call CLOSED_TUNNEL_GRACE_S after the local connection closed (set below).
-        async with asyncio.timeout(None) as after_close:
+        async with asyncio.timeout(None) as stalled:
+            # (at once: gRPC asks for the next frame only once the first is sent, seconds on a
+            # thin link)
+            ahead.start()
 
             async def frames() -> AsyncIterator[net_pb2.TunnelFrame]:
-                loop = asyncio.get_running_loop()
+                watch(from_now=False)
                 yield first
+                taken()
                 while data := await ahead.get():
                     offered_at = loop.time()
+                    watch(from_now=False)
                     yield net_pb2.TunnelFrame(data=data)
+                    taken()
                     if sent is not None and loop.time() - offered_at >= PRESSED_WRITE_S:
                         sent()
-                if carrying:  # (gRPC may read on after the call ended)
-                    after_close.reschedule(loop.time() + CLOSED_TUNNEL_GRACE_S)
+                watch(from_now=False)
                 yield net_pb2.TunnelFrame(close=True)
+                taken()
 
             try:
                 try:
@@ -206,23 +238,31 @@ async def carry_socket_over_call(
                     raise PeerUnavailableError(
                         f"the tunnel's connection is closed ({exc})"
                     ) from exc
-                async for frame in call:
-                    answered = True
-                    if heard is not None:
-                        heard()
-                    if frame.data:
-                        writer.write(frame.data)
-                        await writer.drain()
-                    if frame.close:
-                        break
+                try:
+                    async for frame in call:
+                        answered = True
+                        if heard is not None:
+                            heard()
+                        if frame.data:
+                            writer.write(frame.data)
+                            await writer.drain()
+                        if frame.close:
+                            break
+                except asyncio.CancelledError:
+                    # (gRPC cancels a call whose request iterator raised: the local reset, not
+                    # a cancellation of this task, which must go on)
+                    if ahead.error is None or _cancelling():
+                        raise
+                    raise ahead.error from None
             finally:
                 carrying = False
     except TimeoutError:
-        if not after_close.expired():
+        if stalled is None or not stalled.expired():
             raise
         _log.info(
-            "ended a tunnel whose far side went on %g s after its local connection closed",
-            CLOSED_TUNNEL_GRACE_S,
+            "ended a tunnel whose call took no frame for %g s (its local connection %s)",
+            STALLED_TUNNEL_S,
+            "ended" if ahead.ended else "waiting",
         )
     except grpc.aio.AioRpcError as exc:
         if refused is not None and not answered:
@@ -240,46 +280,142 @@ async def carry_socket_over_call(
                 await writer.wait_closed()
 
 
+class ReadAheadBudget:
+    """The bytes a node's tunnels hold read ahead of their calls, all together: at most
+    ``max_bytes``, past one frame each (a tunnel always reads a frame into an empty read-ahead,
+    so none waits on the others).
+
+    One per event loop (:meth:`of_running_loop`): a node's, shared by the nodes of one loop
+    (tests). Nothing of the loop is kept in it, so it outlives none.
+    """
+
+    _of_loop: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ReadAheadBudget]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = READ_AHEAD_BUDGET_BYTES if max_bytes is None else max_bytes
+        self.num_bytes = 0
+        """Bytes held now."""
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    @classmethod
+    def of_running_loop(cls) -> ReadAheadBudget:
+        """The budget of the running loop's node(s) (made on first use)."""
+        loop = asyncio.get_running_loop()
+        budget = cls._of_loop.get(loop)
+        if budget is None:
+            budget = cls._of_loop[loop] = cls()
+        return budget
+
+    def has_room(self, num_bytes: int) -> bool:
+        """Whether ``num_bytes`` more fit."""
+        return self.num_bytes + num_bytes <= self.max_bytes
+
+    def take(self, num_bytes: int) -> None:
+        """``num_bytes`` more are held."""
+        self.num_bytes += num_bytes
+
+    def give_back(self, num_bytes: int) -> None:
+        """``num_bytes`` are no longer held: wake every read-ahead waiting for room."""
+        self.num_bytes -= num_bytes
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+    async def freed(self) -> None:
+        """Return once bytes were given back (by any tunnel)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.add(waiter)
+        try:
+            await waiter
+        finally:
+            self._waiters.discard(waiter)
+
+
 class _ReadAhead:
     """Reads a local connection into a bounded queue in a task of its own, so that the
     connection's window stays open while the tunnel call waits on a slow link (see
     :func:`carry_socket_over_call`). :meth:`get` hands out what was read, in frames of at
     most :data:`FRAME_BYTES`; b"" once the connection ended (its error raised, if it broke).
+
+    It holds at most ``max_bytes`` (:data:`READ_AHEAD_BYTES`), and more than one frame only
+    while ``budget`` has room.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, max_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        budget: ReadAheadBudget,
+        max_bytes: int | None = None,
+        on_end: Callable[[], None] | None = None,
+    ) -> None:
         self._reader = reader
-        self._pipe = BytePipe(READ_AHEAD_BYTES if max_bytes is None else max_bytes)
-        self._error: BaseException | None = None
+        self._budget = budget
+        self._max_bytes = READ_AHEAD_BYTES if max_bytes is None else max_bytes
+        self._on_end = on_end
+        self._frames: deque[bytes] = deque()
+        self._num_bytes = 0
+        self._readable = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.ended = False
+        """The connection ended (EOF or an error): nothing more is read."""
+        self.error: BaseException | None = None
+        """What the connection broke with."""
+
+    def _may_read(self) -> bool:
+        if not self._frames:
+            return True
+        return self._num_bytes + FRAME_BYTES <= self._max_bytes and self._budget.has_room(
+            FRAME_BYTES
+        )
 
     async def _pump(self) -> None:
         try:
-            while data := await self._reader.read(FRAME_BYTES):
-                if not await self._pipe.put(data):
+            while True:
+                while not self._may_read():
+                    await self._budget.freed()  # (this tunnel's own get gives back too)
+                data = await self._reader.read(FRAME_BYTES)
+                if not data:
                     return
+                self._frames.append(data)
+                self._num_bytes += len(data)
+                self._budget.take(len(data))
+                self._readable.set()
         except Exception as exc:  # (a reset local socket: raised to the call's reader)
-            self._error = exc
+            self.error = exc
         finally:
-            self._pipe.close()
+            self.ended = True
+            self._readable.set()
+            if self._on_end is not None:
+                self._on_end()
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._pump())
 
     async def get(self) -> bytes:
-        data = await self._pipe.get()
-        if data is None:
-            if self._error is not None:
-                raise self._error
-            return b""
-        return data
+        while not self._frames and not self.ended:
+            self._readable.clear()
+            await self._readable.wait()
+        if self._frames:
+            data = self._frames.popleft()
+            self._num_bytes -= len(data)
+            self._budget.give_back(len(data))
+            return data
+        if self.error is not None:
+            raise self.error
+        return b""
 
     async def close(self) -> None:
-        self._pipe.discard()
+        """Stop reading and give back what is held (its reader is gone)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self._frames.clear()
+        self._budget.give_back(self._num_bytes)
+        self._num_bytes = 0
 
 
 class RelayTraffic:
@@ -803,6 +939,11 @@ class RelayDialer:
                     await server.wait_closed()
 
 
+class _ClosedUnderReservationError(PeerUnavailableError):
+    """A reservation's connection was closed under it (dropped by the pool: a redial that
+    replaced it, a watch that gave the relay up): the relay is dialled again at once."""
+
+
 class RelayReservations:
     """Keeps reservations with relays while this node cannot be reached, and accepts tunnels.
 
@@ -926,6 +1067,8 @@ class RelayReservations:
             await self._on_change()
             # A reservation lives as long as the relay keeps it and answers heartbeats.
             await self._read_events(relay_id, call, connection)
+        except _ClosedUnderReservationError as exc:
+            _log.info("reservation with %s ended: %s", short_peer_id(relay_id), exc)
         except grpc.aio.AioRpcError as exc:
             _log.info(
                 "reservation with %s ended: %s",
@@ -954,7 +1097,8 @@ class RelayReservations:
         keepalive_timeout_s``.
 
         Raises:
-            PeerUnavailableError: the relay stopped answering.
+            PeerUnavailableError: the relay stopped answering, or the reservation's connection
+                was closed under it (:class:`_ClosedUnderReservationError`).
             grpc.aio.AioRpcError: the reservation's call failed.
         """
 
@@ -977,12 +1121,21 @@ class RelayReservations:
                         self.on_tunnel(event.dialer_peer_id)
 
         if self._heartbeat is None:  # (nothing to watch the relay with)
-            await events()
+            try:
+                await events()
+            except asyncio.CancelledError:
+                if _cancelling():
+                    raise
+                raise _ClosedUnderReservationError(
+                    "its connection to the relay was closed under it"
+                ) from None
             return
         reader = asyncio.ensure_future(events())
         watchdog = asyncio.ensure_future(self._until_silent(relay_id, self._heartbeat))
         try:
             await asyncio.wait({reader, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+            # (gRPC ends a call whose channel was closed under it in CancelledError)
+            closed_under = any(task.done() and task.cancelled() for task in (reader, watchdog))
         finally:
             for task in (reader, watchdog):
                 task.cancel()
@@ -991,6 +1144,11 @@ class RelayReservations:
             return  # (the relay ended it)
         if not reader.cancelled() and (error := reader.exception()) is not None:
             raise error
+        if closed_under:
+            # (not the relay's silence: the relay is not to blame)
+            raise _ClosedUnderReservationError(
+                "its connection to the relay was closed under it (the relay is not to blame)"
+            )
         if not watchdog.cancelled() and (error := watchdog.exception()) is not None:
             # (a heartbeat on a connection closed under it: not the relay's silence, which
             # the reservation's end was put down to)
