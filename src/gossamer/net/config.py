@@ -403,11 +403,14 @@ class NodeConfig:
     keepalive_timeout_s: float = 5.0
     """A relay that answers no heartbeat for ``keepalive_interval_s`` plus this is given up by
     the peers it relays (and by the dialers whose tunnels go through it)."""
-    unacked_data_timeout_s: float = 60.0
+    unacked_data_timeout_s: float = 20.0
     """How long data sent on a connection may go unacknowledged before the kernel aborts it
-    (``TCP_USER_TIMEOUT``, which gRPC takes from its keepalive timeout). Long, because on a
-    thin link busy both ways a segment waits behind the queues; a peer gone is noticed by
-    the failure detector's heartbeats, not by this."""
+    (``TCP_USER_TIMEOUT``, which gRPC takes from its keepalive timeout). Not 5 s, because on a
+    thin link busy both ways a segment waits behind the queues (5 s aborted 12-16 connections
+    per NATed peer a run on a 500 kbit/s link, 20 s none); not 60 s, because it is also how
+    long a server or relay keeps a vanished client's socket and reservation, and how long a
+    silently dead connection no heartbeat watches stays in use. A peer gone is noticed by the
+    failure detector's heartbeats, not by this."""
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     """Sizes and counts accepted from the network."""
     retry: RetryConfig = field(default_factory=RetryConfig)

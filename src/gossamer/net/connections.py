@@ -14,9 +14,9 @@ import logging
 import random
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf.message import Message
@@ -85,6 +85,11 @@ class PeerConnection:
     """Sent with every call (the session token)."""
     opened_at_s: float
     """Monotonic time it was opened."""
+    last_life_s: float = 0.0
+    """Monotonic time the connection last showed life: a call on it through the pool completed
+    (or its handler answered), or a streaming call on it took its next message (the previous
+    one was written, so the peer's flow-control window let it through: a bulk transfer or a
+    tunnel making progress)."""
     _callables: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     def unary_unary(self, method: str, response_type: type[R]) -> Any:
@@ -135,6 +140,62 @@ class PeerConnection:
 
 def _serialize(message: Message) -> bytes:
     return bytes(message.SerializeToString())
+
+
+class _LivelyChannel:
+    """A channel that notes on its connection each message a streaming call on it takes after
+    the first (the one before was written): progress of a bulk transfer or a tunnel is life,
+    though a heartbeat's answer queued behind it on a thin link came too late."""
+
+    def __init__(self, channel: grpc.aio.Channel, clock: Clock) -> None:
+        self._channel = channel
+        self._clock = clock
+        self.connection: PeerConnection | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._channel, name)
+
+    def _note(self) -> None:
+        if self.connection is not None:
+            self.connection.last_life_s = self._clock.monotonic()
+
+    def stream_unary(self, method: str, **kwargs: Any) -> Any:
+        """The channel's callable, its request iterator watched."""
+        return _Watched(self._channel.stream_unary(method, **kwargs), self._note)
+
+    def stream_stream(self, method: str, **kwargs: Any) -> Any:
+        """The channel's callable, its request iterator watched."""
+        return _Watched(self._channel.stream_stream(method, **kwargs), self._note)
+
+
+class _Watched:
+    """A streaming callable whose request iterator calls ``note`` at each message past the
+    first."""
+
+    def __init__(self, callable_: Any, note: Callable[[], None]) -> None:
+        self._callable = callable_
+        self._note = note
+
+    def __call__(self, request_iterator: Any = None, **kwargs: Any) -> Any:
+        if request_iterator is not None:
+            request_iterator = _noting(request_iterator, self._note)
+        return self._callable(request_iterator, **kwargs)
+
+
+async def _noting(requests: Any, note: Callable[[], None]) -> AsyncIterator[Any]:
+    first = True
+    if hasattr(requests, "__aiter__"):
+        async for request in requests:
+            if not first:
+                note()
+            first = False
+            yield request
+    else:
+        for request in requests:
+            if not first:
+                note()
+            first = False
+            yield request
 
 
 def ended_under_call(peer_id: str) -> PeerUnavailableError | None:
@@ -293,15 +354,23 @@ class ConnectionPool:
             raise
         if not keep:
             await channel.close(None)
+        lively = _LivelyChannel(channel, self._clock)
         connection = PeerConnection(
             peer_id=peer_id,
             target=target,
-            channel=channel,
+            channel=cast(grpc.aio.Channel, lively),
             metadata=((SESSION_METADATA_KEY, granted.session_token),),
             opened_at_s=self._clock.monotonic(),
+            last_life_s=self._clock.monotonic(),
         )
+        lively.connection = connection
         if not keep:
             return connection
+        # The peer proved itself on a fresh connection: its breaker, opened by calls on one
+        # silently dead (each timing out), no longer refuses them (a live peer back on a new
+        # connection stayed refused, its bootstrap too, until the breaker's open time ran out).
+        if peer_id in self.breakers:
+            self.breakers[peer_id].succeeded()
         previous = self._connections.get(peer_id)
         self._connections[peer_id] = connection
         self._counters.connections[target.kind] += 1
@@ -413,7 +482,10 @@ class ConnectionPool:
             use_breaker: go through the peer's circuit breaker (refused at once while it is
                 open) and count the outcome in it. False for heartbeats: they are how a peer's
                 liveness is told, and other calls' failures (a slow handler past the caller's
-                deadline) opened the breaker and made a live peer look gone.
+                deadline) opened the breaker and made a live peer look gone. A heartbeat that
+                runs past its deadline closes its connection if nothing on it showed life
+                for ``keepalive_interval_s + keepalive_timeout_s`` (see
+                :meth:`drop_if_silent`): the next one dials afresh.
 
         Raises:
             GossamerError: the mapped error of the last attempt.
@@ -480,6 +552,10 @@ class ConnectionPool:
         except grpc.aio.AioRpcError as exc:
             self._counters.call_made(peer_id, method, time.perf_counter() - started, ok=False)
             error = await self.failed(connection, exc, method)
+            if breaker is None and isinstance(error, DeadlineExceededError):
+                await self.drop_if_silent(connection)
+            elif answered_by_handler(exc):
+                connection.last_life_s = self._clock.monotonic()
             if breaker is not None:
                 # A refusal the peer's handler answered (busy, over a rate) says the peer is
                 # there: counted as failures, five of them opened the breaker of a live peer.
@@ -493,6 +569,7 @@ class ConnectionPool:
             if breaker is not None:
                 breaker.failed()
             raise unavailable from None
+        connection.last_life_s = self._clock.monotonic()
         if breaker is not None:
             breaker.succeeded()
         self._counters.call_made(peer_id, method, time.perf_counter() - started, ok=True)
@@ -519,6 +596,31 @@ class ConnectionPool:
         ):
             await self.drop(connection.peer_id, connection)
         return error
+
+    async def drop_if_silent(self, connection: PeerConnection) -> bool:
+        """Close ``connection`` (if still current) when nothing on it showed life (see
+        :attr:`PeerConnection.last_life_s`) for ``keepalive_interval_s + keepalive_timeout_s``;
+        returns whether it did.
+
+        For heartbeats that ran past their deadlines. A connection whose packets are silently
+        lost (NAT or conntrack state gone, a partition that healed) is not closed by gRPC until
+        ``unacked_data_timeout_s``, and heartbeats kept going over it: a live peer that a fresh
+        dial reached stayed gone that long. One that shows life is kept: on a thin link busy
+        both ways a heartbeat's answer queues behind a bulk transfer that makes progress.
+        """
+        window_s = self._config.keepalive_interval_s + self._config.keepalive_timeout_s
+        quiet_s = self._clock.monotonic() - connection.last_life_s
+        if quiet_s < window_s or self._connections.get(connection.peer_id) is not connection:
+            return False
+        _log.info(
+            "peer %s: connection to %s showed no life for %.1f s and heartbeats time out: "
+            "closed, the next one dials afresh",
+            short_peer_id(self._identity.peer_id),
+            short_peer_id(connection.peer_id),
+            quiet_s,
+        )
+        await self.drop(connection.peer_id, connection)
+        return True
 
     async def drop(self, peer_id: str, connection: PeerConnection | None = None) -> None:
         """Close the connection to a peer (only ``connection``, if given and still current)."""

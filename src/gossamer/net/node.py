@@ -443,20 +443,33 @@ class Node:
                 continue
             expected, _, address = entry.rpartition("@")
             try:
-                connection = self._live_connection(expected, address) or await self.pool.dial(
-                    DialTarget(address), expected_peer_id=expected or None
-                )
-                self._bootstrap_ids[connection.peer_id] = address
-                await self._timed_ping(
-                    connection.peer_id, with_record=True, timeout_s=self.config.rpc_timeout_s
-                )
-                # A FindNode always returns the responder's record (a Ping answers with one only
-                # if ours came with it, and a node that does not announce sends none), and the
-                # peers nearest us: enough to start the lookup below from.
-                for record in await self._transport.find_node(
-                    connection.peer_id, self.identity.digest
-                ):
-                    self.dht.learn(record)
+                reused = self._live_connection(expected, address)
+                joined = False
+                if reused is not None:
+                    asked_s = self.clock.monotonic()
+                    try:
+                        await self._join_through(reused.peer_id, address)
+                        joined = True
+                    except SwarmSecretMismatchError:
+                        raise
+                    except GossamerError as exc:
+                        if reused.last_life_s >= asked_s:
+                            raise  # (busy, not dead: a bulk transfer or tunnel on it went on)
+                        # (a connection silently dead, or to a peer that restarted with a new
+                        # identity there: a fresh dial may well reach the entry)
+                        _log.debug(
+                            "peer %s: bootstrap peer %s did not answer on the connection kept "
+                            "to it (%s); dialing it afresh",
+                            self.short_id,
+                            entry,
+                            exc,
+                        )
+                        await self.pool.drop(reused.peer_id, reused)
+                if not joined:
+                    connection = await self.pool.dial(
+                        DialTarget(address), expected_peer_id=expected or None
+                    )
+                    await self._join_through(connection.peer_id, address)
                 reached += 1
                 self._bootstrap_warnings.forget(entry)
             except SwarmSecretMismatchError as exc:
@@ -487,21 +500,43 @@ class Node:
             await self.dht.lookup(self.identity.digest)
         return reached
 
+    async def _join_through(self, peer_id: str, address: str) -> None:
+        """Ping a bootstrap peer reached at ``address`` and learn the peers nearest us from it;
+        it is then the one id that address names (a peer there before it, restarted with a new
+        identity, is not: its id kept being picked, with no connection, and every bootstrap
+        dialed again and closed the working one to the new peer, the relay's reservation and
+        tunnels with it)."""
+        self._bootstrap_ids[peer_id] = address
+        await self._timed_ping(peer_id, with_record=True, timeout_s=self.config.rpc_timeout_s)
+        # A FindNode always returns the responder's record (a Ping answers with one only
+        # if ours came with it, and a node that does not announce sends none), and the
+        # peers nearest us: enough to start the lookup below from.
+        for record in await self._transport.find_node(peer_id, self.identity.digest):
+            self.dht.learn(record)
+        for stale in [k for k, at in self._bootstrap_ids.items() if at == address]:
+            if stale != peer_id:
+                del self._bootstrap_ids[stale]
+
     def _live_connection(self, expected: str, address: str) -> PeerConnection | None:
         """The pool's working connection to a bootstrap entry's peer, if it has one.
 
         A node bootstraps again whenever its directory empties (its records expired while
         refreshes timed out on a thin link), and a dial replaces the peer's connection by
         closing it: with the relay as bootstrap peer, its reservation and every tunnel on it
-        went too. A connection that works is used again instead.
+        went too. A connection that works is used again instead (the first working one of the
+        ids the address named, for a HOST:PORT entry). If it does not answer, the bootstrap
+        dials afresh.
         """
-        peer_id = expected or next(
-            (known for known, at in self._bootstrap_ids.items() if at == address), ""
+        peer_ids = (
+            [expected]
+            if expected
+            else [known for known, at in self._bootstrap_ids.items() if at == address]
         )
-        connection = self.pool.get(peer_id) if peer_id else None
-        if connection is None or connection.channel.get_state() not in _WORKING:
-            return None
-        return connection
+        for peer_id in peer_ids:
+            connection = self.pool.get(peer_id)
+            if connection is not None and connection.channel.get_state() in _WORKING:
+                return connection
+        return None
 
     def _all_refused(self) -> bool:
         """Whether every bootstrap entry refused for the swarm secret (none is dialed again)."""

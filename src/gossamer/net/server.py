@@ -85,7 +85,8 @@ def grpc_options(config: NodeConfig) -> list[tuple[str, Any]]:
         # apart: at 5 s (keepalive_timeout_s, once passed here) the kernel aborted connections
         # on a 500 kbit/s link busy both ways, 12-16 times a run per NATed peer behind a relay,
         # as a segment waited behind the queues for its ack. A peer gone is noticed by the
-        # failure detector's heartbeats (2.5 s), not by TCP, so this can be long.
+        # failure detector's heartbeats (2.5 s), not by TCP, so this can be long (20 s: none
+        # aborted on that link; 60 s kept a vanished client's socket and reservation 60 s).
         ("grpc.keepalive_timeout_ms", int(config.unacked_data_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
