@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from gossamer.core.errors import PeerUnavailableError
 from gossamer.net import tunnels
 from gossamer.net.tunnels import FRAME_BYTES, READ_AHEAD_BYTES, carry_socket_over_call
 from gossamer.proto import net_pb2
@@ -260,5 +261,139 @@ def test_tunnels_read_ahead_within_the_node_s_budget_past_a_frame_each(
             assert call.received == bytes([i]) * size
         await asyncio.wait_for(asyncio.gather(*carrying), 5)
         assert tunnels.ReadAheadBudget.of_running_loop().num_bytes == 0
+
+    asyncio.run(main())
+
+
+class _SlowFarSide(_FarSide):
+    """A far side behind a thin link: it takes a frame every ``frame_s`` (a frame's time on
+    the link), and meanwhile its connection carries other traffic."""
+
+    def __init__(self, frames: AsyncIterator[net_pb2.TunnelFrame], frame_s: float) -> None:
+        self._frame_s = frame_s
+        super().__init__(frames)
+
+    async def _take(self, frames: AsyncIterator[net_pb2.TunnelFrame]) -> None:
+        try:
+            async for frame in frames:
+                self.num_frames += 1
+                self.received += frame.data
+                self.got_close = self.got_close or frame.close
+                await asyncio.sleep(self._frame_s)  # (the frame crossing the link)
+        except Exception:
+            self.cancel()
+
+
+@pytest.mark.parametrize("traffic", ["on_the_call", "on_the_relay"])
+def test_a_slow_tunnel_whose_connection_moves_is_kept(
+    monkeypatch: pytest.MonkeyPatch, traffic: str
+) -> None:
+    """On a 500 kbit/s link a frame waits 8-23 s to be taken while the tunnel receives steadily:
+    a tunnel whose offered frame went STALLED_TUNNEL_S (30 s) untaken was ended (1.9 of 6 MiB
+    delivered in the review). Now a wait is a stall only once nothing moved on the tunnel's
+    connection that long: frames brought by this call, or anything from or through its relay
+    (here STALLED_TUNNEL_S is 0.5 s and a frame takes 0.8 s)."""
+    monkeypatch.setattr(tunnels, "STALLED_TUNNEL_S", 0.5)
+
+    async def main() -> None:
+        payload = bytes(range(256)) * (4 * FRAME_BYTES // 256)
+        calls: list[_SlowFarSide] = []
+        relay_marks = [0]
+
+        def open_call(frames: AsyncIterator[net_pb2.TunnelFrame]) -> _SlowFarSide:
+            calls.append(_SlowFarSide(frames, frame_s=0.8))
+            return calls[0]
+
+        writer = _FakeWriter()
+        kwargs: dict[str, object] = {}
+        if traffic == "on_the_relay":
+            kwargs["moved"] = lambda: relay_marks[0]
+        carrying = asyncio.ensure_future(
+            carry_socket_over_call(
+                _local_connection(payload),
+                writer,  # type: ignore[arg-type]
+                open_call,
+                net_pb2.TunnelFrame(tunnel_id="t"),
+                **kwargs,  # type: ignore[arg-type]
+            )
+        )
+        await until(lambda: bool(calls), 5, "the call opened")
+        far = calls[0]
+        while not far.got_close and not carrying.done():  # (steady traffic meanwhile)
+            if traffic == "on_the_call":
+                far.reply(net_pb2.TunnelFrame(data=b"r"))
+            else:
+                relay_marks[0] += 1
+            await asyncio.sleep(0.1)
+        far.reply(net_pb2.TunnelFrame(close=True))
+        await asyncio.wait_for(carrying, 5)
+        assert not far.cut_off, "a slow tunnel whose connection moved was ended"
+        assert far.received == payload
+
+    asyncio.run(main())
+
+
+def test_a_tunnel_whose_far_side_takes_nothing_is_ended_though_its_relay_is_busy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Other tunnels keep the relay connection moving: a far side that stopped reading is
+    still ended, once its frame waited STUCK_TUNNEL_S (here 1 s)."""
+    monkeypatch.setattr(tunnels, "STALLED_TUNNEL_S", 0.5)
+    monkeypatch.setattr(tunnels, "STUCK_TUNNEL_S", 1.0, raising=False)
+
+    async def main() -> None:
+        calls: list[_FarSide] = []
+        loop = asyncio.get_running_loop()
+
+        def open_call(frames: AsyncIterator[net_pb2.TunnelFrame]) -> _FarSide:
+            calls.append(_FarSide(frames, num_taken=1))
+            return calls[0]
+
+        carrying = asyncio.ensure_future(
+            carry_socket_over_call(
+                _local_connection(bytes(READ_AHEAD_BYTES + 2 * FRAME_BYTES), eof=False),
+                _FakeWriter(),  # type: ignore[arg-type]
+                open_call,
+                net_pb2.TunnelFrame(tunnel_id="t"),
+                moved=loop.time,  # (a mark that always changed: the relay is busy)
+            )
+        )
+        done, _ = await asyncio.wait({carrying}, timeout=10)
+        for call in calls:
+            call.cancel()
+        assert carrying in done, "the tunnel still ran 10 s after its far side stopped taking"
+        carrying.result()
+        assert calls[0].num_frames == 1
+
+    asyncio.run(main())
+
+
+def test_a_call_whose_connection_is_closed_under_it_ends_the_tunnel_with_an_error() -> None:
+    """The pool closed the channel under the tunnel (its relay given up): gRPC ended the call
+    with ``CancelledError``, which the tunnel passed on, as if its task had been cancelled.
+    Now it ends with ``PeerUnavailableError`` ("closed under it")."""
+
+    async def main() -> None:
+        calls: list[_FarSide] = []
+
+        def open_call(frames: AsyncIterator[net_pb2.TunnelFrame]) -> _FarSide:
+            calls.append(_FarSide(frames))
+            return calls[0]
+
+        carrying = asyncio.ensure_future(
+            carry_socket_over_call(
+                _local_connection(bytes(FRAME_BYTES), eof=False),
+                _FakeWriter(),  # type: ignore[arg-type]
+                open_call,
+                net_pb2.TunnelFrame(tunnel_id="t"),
+            )
+        )
+        await until(lambda: bool(calls) and calls[0].num_frames >= 2, 5, "a frame taken")
+        calls[0].cancel()  # (the channel closed under the call)
+        await asyncio.wait({carrying}, timeout=5)
+        assert carrying.done()
+        assert not carrying.cancelled(), "the tunnel ended as if its task had been cancelled"
+        with pytest.raises(PeerUnavailableError, match="closed under it"):
+            carrying.result()
 
     asyncio.run(main())

@@ -14,7 +14,14 @@ from gossamer.core.clock import FakeClock
 from gossamer.core.errors import DeadlineExceededError, PeerUnavailableError
 from gossamer.net.config import NodeConfig
 from gossamer.net.connections import DialTarget
-from gossamer.net.tunnels import BUSY_RELAY_SILENT_S, RelayReservations, RelayTraffic
+from gossamer.net.counters import NetCounters
+from gossamer.net.tunnels import (
+    _RETRY_RELAY_AFTER_S,
+    BUSY_RELAY_SILENT_S,
+    RelayDialer,
+    RelayReservations,
+    RelayTraffic,
+)
 from gossamer.proto import net_pb2
 
 
@@ -248,5 +255,58 @@ def test_a_reservation_whose_connection_is_closed_under_it_does_not_blame_the_re
         assert pool.dropped == []
         assert "closed under it" in caplog.text, caplog.text
         assert "answered no heartbeat" not in caplog.text
+
+    asyncio.run(main())
+
+
+class _GivingUpPool(_DroppingPool):
+    """What the dialer's watch reads of a pool when it gives a relay up: no peer goes through
+    it but the relay itself."""
+
+    peer_ids: tuple[str, ...] = ()
+
+    def get(self, peer_id: str) -> None:
+        return None
+
+
+class _NoRecords:
+    def records(self) -> list[object]:
+        return []
+
+    def __contains__(self, peer_id: object) -> bool:
+        return False
+
+
+def test_a_relay_the_dialer_gave_up_is_not_reserved_again_at_once() -> None:
+    """The dialer's watch gave a relay up (it answered nothing) and dropped the connection:
+    the reservation with it ended "closed under it (the relay is not to blame)" and the relay
+    was dialled again at once, 5 s spent on a hung relay in the review. Now the reservations
+    see the dialer's give-up and wait the usual back-off."""
+
+    async def main() -> None:
+        pool = _GivingUpPool(FakeClock())
+        dialer = RelayDialer(
+            pool,  # type: ignore[arg-type]
+            _NoRecords(),  # type: ignore[arg-type]
+            "self",
+            NetCounters(),
+        )
+        reservations = RelayReservations(
+            pool,  # type: ignore[arg-type]
+            _NoRecords(),  # type: ignore[arg-type]
+            NodeConfig(),
+            pool.clock,
+            "self",
+            local_address=lambda: "127.0.0.1:1",
+            needs_relay=lambda: True,
+            on_change=_nothing,
+            bootstrap_peers=lambda: ["relay"],
+        )
+        assert reservations.candidates() == ["relay"]
+        await dialer._give_up("relay", object(), 15.0)  # type: ignore[arg-type]
+        assert pool.dropped == ["relay"]
+        assert reservations.candidates() == [], "the relay given up was reserved again at once"
+        pool.clock.advance(_RETRY_RELAY_AFTER_S)
+        assert reservations.candidates() == ["relay"]
 
     asyncio.run(main())

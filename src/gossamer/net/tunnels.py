@@ -65,6 +65,7 @@ __all__ = [
     "READ_AHEAD_BYTES",
     "REVERSED_ADDRESS",
     "STALLED_TUNNEL_S",
+    "STUCK_TUNNEL_S",
     "AcceptedTunnels",
     "OwnedTasks",
     "ReadAheadBudget",
@@ -134,13 +135,20 @@ READ_AHEAD_BUDGET_BYTES = 64 * 1024 * 1024
 """Most bytes a node's tunnels read ahead of their calls all together (:class:`ReadAheadBudget`),
 past one frame each: 8 MiB a tunnel, unshared, held 256 MiB for 32 tunnels whose far side had
 stopped taking bytes."""
-STALLED_TUNNEL_S = 30.0
-"""How long a tunnel call may leave a frame it is offered untaken, and, once the local
-connection it carries has ended, go without taking one (its close frame included: the far side
-then has this long to end the call), before the tunnel is ended. Well above a frame's time on a
-thin link (4 s at 500 kbit/s), so a closed connection's tail still leaves. A far side that took
-nothing (a dialer that stopped reading) held the tunnel, and its place among the node's, for
-good: the local connection's end, behind data the read-ahead had no room for, was never seen."""
+STALLED_TUNNEL_S = 60.0
+"""How long a tunnel may wait on its call with nothing moving, before it is ended: a frame it
+offered still untaken, or, once the local connection ended, the call not yet ended (the far
+side then ends it once it has the close), and meanwhile neither a frame taken or brought by this
+call nor anything from or through its relay (:class:`RelayTraffic`). The relay connection's
+``TCP_USER_TIMEOUT`` (60 s) likewise ends a connection that moved nothing that long. Not one
+frame's wait: on a thin link that is 8-23 s and more behind other data (a 30 s rule on it
+ended healthy tunnels that were receiving steadily). A far side that took nothing (a dialer
+that stopped reading) held the tunnel, and its place among the node's, for good: the local
+connection's end, behind data the read-ahead had no room for, was never seen."""
+STUCK_TUNNEL_S = 300.0
+"""Longest a tunnel's offered frame may wait untaken (or its call go on after the close was
+taken) even while other tunnels keep its relay connection moving: a far side that stopped
+reading is ended in bounded time however busy the relay is."""
 
 OpenCall = Callable[[AsyncIterator[net_pb2.TunnelFrame]], Any]
 """Starts a bidirectional tunnel call with the given request frames; returns the call."""
@@ -156,10 +164,13 @@ async def carry_socket_over_call(
     heard: Callable[[], None] | None = None,
     sent: Callable[[], None] | None = None,
     read_ahead: ReadAheadBudget | None = None,
+    moved: Callable[[], object] | None = None,
+    peer_id: str = "",
 ) -> None:
     """Carry a local TCP connection's bytes over a tunnel call until either side ends, or
-    until the call stalls: it left a frame untaken :data:`STALLED_TUNNEL_S`, or took none that
-    long once the local connection ended.
+    until the call stalls: nothing moved for :data:`STALLED_TUNNEL_S` while it waited on the
+    call (a frame offered untaken, or the call's end once the local connection ended), or this
+    call took nothing for :data:`STUCK_TUNNEL_S` meanwhile.
 
     The local connection is read ahead of the call, up to :data:`READ_AHEAD_BYTES` within the
     node's :class:`ReadAheadBudget`: its other end is gRPC's socket, whose ``TCP_USER_TIMEOUT``
@@ -183,9 +194,14 @@ async def carry_socket_over_call(
             :data:`PRESSED_WRITE_S` or more (a thin link's data is leaving: see
             :class:`RelayTraffic`).
         read_ahead: the budget read-ahead is held in (the running loop's node-wide one).
+        moved: a mark of the call's connection's traffic, which changes whenever something
+            comes from it or leaves through it (:meth:`RelayTraffic.moved`): while it changes,
+            the tunnel's wait is not a stall. None: only this call's own frames count.
+        peer_id: the peer the call goes to (the relay), for errors.
 
     Raises:
-        GossamerError: the tunnel call failed (mapped from gRPC's error).
+        GossamerError: the tunnel call failed (mapped from gRPC's error), or its connection
+            was closed under it.
         OSError: the local connection broke (the call is cancelled).
     """
 
@@ -193,23 +209,61 @@ async def carry_socket_over_call(
     carrying = True
     answered = False
     loop = asyncio.get_running_loop()
-    # Ends the call once it stalled (see above): armed when a frame is offered, re-armed when
-    # one is taken once the local connection ended, and disarmed when one is taken before.
+    # Ends the call once it stalled (see above), by :func:`check` (at most once: set to expire
+    # now, never rescheduled after).
     stalled: asyncio.Timeout | None = None
+    waiting = False
+    """A frame is offered and not yet taken."""
+    own_at = loop.time()
+    """When this call last took or brought a frame."""
+    moved_at = own_at
+    """When anything was last seen moving: this call's frames, or its connection's traffic."""
+    mark = moved() if moved is not None else None
+    check_handle: asyncio.TimerHandle | None = None
 
-    def watch(*, from_now: bool) -> None:
-        if carrying and stalled is not None and (from_now or stalled.when() is None):
-            stalled.reschedule(loop.time() + STALLED_TUNNEL_S)
+    def check() -> None:
+        nonlocal check_handle, mark, moved_at
+        check_handle = None
+        if not carrying or stalled is None or stalled.expired():
+            return
+        now = loop.time()
+        if moved is not None and (new_mark := moved()) != mark:
+            mark, moved_at = new_mark, now
+        if not waiting and not ahead.ended:
+            return  # (idle: nothing waits on the call; armed again by the next frame offered)
+        if now - moved_at >= STALLED_TUNNEL_S or now - own_at >= STUCK_TUNNEL_S:
+            stalled.reschedule(now)
+            return
+        # (sampled a few times a window: a stall is seen within 1.25 windows of the last move)
+        check_handle = loop.call_at(
+            min(moved_at + STALLED_TUNNEL_S, own_at + STUCK_TUNNEL_S, now + STALLED_TUNNEL_S / 4),
+            check,
+        )
+
+    def watch() -> None:
+        """Something waits on the call: watch it, from now if nothing did."""
+        nonlocal own_at, moved_at, mark
+        if check_handle is None and carrying:
+            now = loop.time()
+            own_at, moved_at = max(own_at, now), max(moved_at, now)
+            mark = moved() if moved is not None else None
+            check()
+
+    def offered() -> None:
+        nonlocal waiting
+        waiting = True
+        watch()
+
+    def progressed() -> None:
+        nonlocal own_at, moved_at
+        own_at = moved_at = loop.time()
 
     def taken() -> None:
-        if carrying and stalled is not None:  # (gRPC may read on after the call ended)
-            stalled.reschedule(loop.time() + STALLED_TUNNEL_S if ahead.ended else None)
+        nonlocal waiting
+        waiting = False
+        progressed()
 
-    ahead = _ReadAhead(
-        reader,
-        read_ahead or ReadAheadBudget.of_running_loop(),
-        on_end=functools.partial(watch, from_now=False),
-    )
+    ahead = _ReadAhead(reader, read_ahead or ReadAheadBudget.of_running_loop(), on_end=watch)
     try:
         async with asyncio.timeout(None) as stalled:
             # (at once: gRPC asks for the next frame only once the first is sent, seconds on a
@@ -217,17 +271,17 @@ async def carry_socket_over_call(
             ahead.start()
 
             async def frames() -> AsyncIterator[net_pb2.TunnelFrame]:
-                watch(from_now=False)
+                offered()
                 yield first
                 taken()
                 while data := await ahead.get():
                     offered_at = loop.time()
-                    watch(from_now=False)
+                    offered()
                     yield net_pb2.TunnelFrame(data=data)
                     taken()
                     if sent is not None and loop.time() - offered_at >= PRESSED_WRITE_S:
                         sent()
-                watch(from_now=False)
+                offered()
                 yield net_pb2.TunnelFrame(close=True)
                 taken()
 
@@ -241,6 +295,7 @@ async def carry_socket_over_call(
                 try:
                     async for frame in call:
                         answered = True
+                        progressed()
                         if heard is not None:
                             heard()
                         if frame.data:
@@ -249,19 +304,29 @@ async def carry_socket_over_call(
                         if frame.close:
                             break
                 except asyncio.CancelledError:
-                    # (gRPC cancels a call whose request iterator raised: the local reset, not
-                    # a cancellation of this task, which must go on)
-                    if ahead.error is None or _cancelling():
+                    # gRPC cancels a call whose request iterator raised (the local reset), and
+                    # one whose connection was closed under it: not a cancellation of this
+                    # task, which must go on
+                    if _cancelling():
                         raise
-                    raise ahead.error from None
+                    if ahead.error is not None:
+                        raise ahead.error from None
+                    closed = ended_under_call(peer_id) if peer_id else None
+                    raise closed or PeerUnavailableError(
+                        "the tunnel's call ended: its connection was closed under it"
+                    ) from None
             finally:
                 carrying = False
+                if check_handle is not None:
+                    check_handle.cancel()
     except TimeoutError:
         if stalled is None or not stalled.expired():
             raise
         _log.info(
-            "ended a tunnel whose call took no frame for %g s (its local connection %s)",
-            STALLED_TUNNEL_S,
+            "ended a tunnel whose call took no frame for %.0f s (nothing moved on its connection "
+            "for %.0f s; its local connection %s)",
+            loop.time() - own_at,
+            loop.time() - moved_at,
             "ended" if ahead.ended else "waiting",
         )
     except grpc.aio.AioRpcError as exc:
@@ -271,6 +336,9 @@ async def carry_socket_over_call(
             await failed(exc) if failed is not None else error_of_rpc_error(exc, "relay", "tunnel")
         ) from exc
     finally:
+        carrying = False
+        if check_handle is not None:
+            check_handle.cancel()
         if call is not None:
             call.cancel()
         await ahead.close()
@@ -444,6 +512,7 @@ class RelayTraffic:
         self._clock = clock
         self._heard_at: dict[str, float] = {}
         self._sent_at: dict[str, float] = {}
+        self._given_up_at: dict[str, float] = {}
 
     @classmethod
     def of(cls, pool: ConnectionPool) -> RelayTraffic:
@@ -465,6 +534,20 @@ class RelayTraffic:
     def sent(self, relay_id: str) -> None:
         """A tunnel through ``relay_id`` took a frame it had held back (a thin link)."""
         self._note(self._sent_at, relay_id)
+
+    def moved(self, relay_id: str) -> tuple[float, float]:
+        """A mark that changes whenever something comes from ``relay_id`` or a tunnel through
+        it takes a held-back frame (see :func:`carry_socket_over_call`)."""
+        return self.heard_at(relay_id), self._sent_at.get(relay_id, -math.inf)
+
+    def gave_up(self, relay_id: str, keep_s: float) -> None:
+        """``relay_id`` was given up for silence (by the dialer's watch): its reservation is
+        not taken again at once either (:meth:`given_up_at`)."""
+        note_failure(self._given_up_at, relay_id, self._clock.monotonic(), keep_s)
+
+    def given_up_at(self, relay_id: str) -> float:
+        """When ``relay_id`` was last given up for silence (-inf: not lately)."""
+        return self._given_up_at.get(relay_id, -math.inf)
 
     def heard_at(self, relay_id: str) -> float:
         """When something last came from ``relay_id`` (-inf: never)."""
@@ -794,6 +877,8 @@ class RelayDialer:
                     failed=lambda exc: self._pool.failed(connection, exc, CONNECT_METHOD),
                     heard=functools.partial(self._traffic.heard, relay_id),
                     sent=functools.partial(self._traffic.sent, relay_id),
+                    moved=functools.partial(self._traffic.moved, relay_id),
+                    peer_id=relay_id,
                     refused=lambda exc: refused(
                         exc.details() or "",
                         "refused the tunnel to"
@@ -901,6 +986,9 @@ class RelayDialer:
         note_failure(
             self._relay_failed_at, relay_id, self._pool.clock.monotonic(), _FAILED_RELAY_LAST_FOR_S
         )
+        # (shared with the reservations: one with this relay ends as the connection is dropped,
+        # and must not take it again at once)
+        self._traffic.gave_up(relay_id, max(_FAILED_RELAY_LAST_FOR_S, _RETRY_RELAY_AFTER_S))
         through = [
             (peer_id, relayed)
             for peer_id in self._pool.peer_ids
@@ -1017,7 +1105,7 @@ class RelayReservations:
             and r.peer_id != self._own_peer_id
             and r.reachability != net_pb2.REACHABILITY_RELAYED
             and r.peer_id not in self._holding
-            and now - self._failed_at.get(r.peer_id, -1e9) >= _RETRY_RELAY_AFTER_S
+            and not self._failed_lately(r.peer_id, now)
         ]
         self._rng.shuffle(found)
         found.sort(key=lambda r: r.reachability != net_pb2.REACHABILITY_DIRECT)
@@ -1026,9 +1114,15 @@ class RelayReservations:
             for p in self._bootstrap_peers()
             if p not in self._directory
             and p not in self._holding
-            and now - self._failed_at.get(p, -1e9) >= _RETRY_RELAY_AFTER_S
+            and not self._failed_lately(p, now)
         ]
         return [r.peer_id for r in found] + extra
+
+    def _failed_lately(self, relay_id: str, now: float) -> bool:
+        """Whether ``relay_id`` failed a reservation, or was given up by the node's relay
+        dialer (:meth:`RelayTraffic.gave_up`), within :data:`_RETRY_RELAY_AFTER_S`."""
+        failed_at = max(self._failed_at.get(relay_id, -1e9), self._traffic.given_up_at(relay_id))
+        return now - failed_at < _RETRY_RELAY_AFTER_S
 
     async def run(self, check_interval_s: float = 1.0) -> None:
         """Keep ``relay.num_relays`` reservations while needed (runs until cancelled)."""
@@ -1116,6 +1210,7 @@ class RelayReservations:
                         self._local_address(),
                         heard=heard,
                         sent=sent,
+                        moved=functools.partial(self._traffic.moved, relay_id),
                     )
                     if accepted and self.on_tunnel is not None:
                         self.on_tunnel(event.dialer_peer_id)
@@ -1252,10 +1347,12 @@ class AcceptedTunnels:
         direct: bool = False,
         heard: Callable[[], None] | None = None,
         sent: Callable[[], None] | None = None,
+        moved: Callable[[], object] | None = None,
     ) -> bool:
         """Carry the announced tunnel (a task of ``tasks``) if it is well formed and the caps
         allow; whether it does. ``direct``: announced on a direct reservation; ``heard`` and
-        ``sent``: told of its traffic (see :func:`carry_socket_over_call`)."""
+        ``sent``: told of its traffic, ``moved``: a mark of its connection's (see
+        :func:`carry_socket_over_call`)."""
         holder = connection.peer_id
         fault = announcement_fault(event, holder if direct else None)
         if fault is not None:
@@ -1280,7 +1377,7 @@ class AcceptedTunnels:
         # Only the checked strings are kept for the tunnel's life, not the message.
         tunnel_id, dialer = event.tunnel_id, event.dialer_peer_id
         task = tasks.spawn(
-            accept_tunnel(connection, tunnel_id, dialer, local_address, heard, sent),
+            accept_tunnel(connection, tunnel_id, dialer, local_address, heard, sent, moved),
             f"accept-{tunnel_id[:8]}",
         )
         # (a done callback runs even for a task cancelled before it started)
@@ -1336,9 +1433,11 @@ async def accept_tunnel(
     local_address: str,
     heard: Callable[[], None] | None = None,
     sent: Callable[[], None] | None = None,
+    moved: Callable[[], object] | None = None,
 ) -> None:
     """Accept an announced tunnel: carry it into this node's own server at ``local_address``
-    (``heard``, ``sent``: told of its traffic, see :func:`carry_socket_over_call`)."""
+    (``heard``, ``sent``: told of its traffic, ``moved``: a mark of its connection's, see
+    :func:`carry_socket_over_call`)."""
     host, _, port = local_address.rpartition(":")
     try:
         async with asyncio.timeout(_LOCAL_CONNECT_TIMEOUT_S):
@@ -1355,6 +1454,8 @@ async def accept_tunnel(
             net_pb2.TunnelFrame(tunnel_id=tunnel_id),
             heard=heard,
             sent=sent,
+            moved=moved,
+            peer_id=connection.peer_id,
         )
     except (GossamerError, OSError, TimeoutError) as exc:
         _log.info(
