@@ -403,14 +403,17 @@ class NodeConfig:
     keepalive_timeout_s: float = 5.0
     """A relay that answers no heartbeat for ``keepalive_interval_s`` plus this is given up by
     the peers it relays (and by the dialers whose tunnels go through it)."""
-    unacked_data_timeout_s: float = 20.0
+    unacked_data_timeout_s: float = 60.0
     """How long data sent on a connection may go unacknowledged before the kernel aborts it
-    (``TCP_USER_TIMEOUT``, which gRPC takes from its keepalive timeout). Not 5 s, because on a
-    thin link busy both ways a segment waits behind the queues (5 s aborted 12-16 connections
-    per NATed peer a run on a 500 kbit/s link, 20 s none); not 60 s, because it is also how
-    long a server or relay keeps a vanished client's socket and reservation, and how long a
-    silently dead connection no heartbeat watches stays in use. A peer gone is noticed by the
-    failure detector's heartbeats, not by this."""
+    (``TCP_USER_TIMEOUT``), and how long gRPC waits for a keepalive ping's answer: gRPC takes
+    both from its keepalive timeout. Not 5 s, because on a thin link busy both ways a segment
+    waits behind the queues (5 s aborted 12-16 connections per NATed peer a run on a 500
+    kbit/s link); not 20 s, because a keepalive ping queued behind a tunnel's bulk data on that
+    link went unanswered that long, and gRPC closed the tunnelled connection ("ping timeout")
+    twice in a run, where at 60 s both transfers went through. It is also how long a server or
+    relay keeps a vanished client's socket and reservation. A peer gone is noticed by the
+    failure detector's heartbeats, not by this, and a silently dead connection they watch is
+    closed after the keepalive window (``ConnectionPool.drop_if_silent``)."""
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     """Sizes and counts accepted from the network."""
     retry: RetryConfig = field(default_factory=RetryConfig)
