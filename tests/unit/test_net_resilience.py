@@ -117,6 +117,32 @@ def test_a_half_open_trial_that_ends_with_no_verdict_lets_the_next_call_try() ->
     assert breaker.state == "open"
 
 
+def test_a_fresh_connection_lets_one_trial_call_through_an_open_breaker_not_all() -> None:
+    # Closed at once for every fresh connection, a peer that answers handshakes and hangs on
+    # calls got five more calls to wait out their deadlines at each one.
+    clock = FakeClock()
+    breaker = CircuitBreaker("p" * 52, BreakerConfig(failure_threshold=3, open_s=30), clock)
+    for _ in range(3):
+        breaker.failed()
+    assert breaker.state == "open"
+    breaker.half_open()  # a fresh connection
+    assert breaker.before_call()  # one trial
+    with pytest.raises(PeerUnavailableError):
+        breaker.before_call()  # and no more while it runs
+    breaker.failed()  # it hung too
+    breaker.settled()
+    assert breaker.state == "open"  # for its whole open time again
+    clock.advance(29)
+    assert breaker.state == "open"
+    breaker.half_open()
+    assert breaker.before_call()
+    breaker.succeeded()  # a live peer back on a new connection
+    breaker.settled()
+    assert breaker.state == "closed"
+    breaker.half_open()  # (a closed breaker stays closed)
+    assert breaker.state == "closed"
+
+
 def _rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="d")
 

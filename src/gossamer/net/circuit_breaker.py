@@ -72,6 +72,15 @@ class CircuitBreaker:
         self.opened_at_s = None
         self._trial_in_flight = False
 
+    def half_open(self) -> None:
+        """Let the next call through as a trial now, without closing: for a fresh connection
+        to the peer, where the failures may have been its old connection's. The trial's
+        success closes the breaker; its failure opens it again for its whole open time. (Closed
+        at once, a peer that answers handshakes and hangs on every call got five more calls to
+        wait out their deadlines at every fresh connection.)"""
+        if self.opened_at_s is not None and not self._trial_in_flight:
+            self.opened_at_s = min(self.opened_at_s, self.clock.monotonic() - self.config.open_s)
+
     def settled(self) -> None:
         """The half-open trial ended (called whatever its outcome, after :meth:`succeeded` or
         :meth:`failed` where it had one; by the trial's caller only: another call's end must

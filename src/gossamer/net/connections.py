@@ -366,11 +366,12 @@ class ConnectionPool:
         lively.connection = connection
         if not keep:
             return connection
-        # The peer proved itself on a fresh connection: its breaker, opened by calls on one
-        # silently dead (each timing out), no longer refuses them (a live peer back on a new
-        # connection stayed refused, its bootstrap too, until the breaker's open time ran out).
+        # A fresh connection: its breaker, opened by calls on one silently dead (each timing
+        # out), lets the next call through as a trial (a live peer back on a new connection
+        # stayed refused, its bootstrap too, until the breaker's open time ran out). Not
+        # closed: a peer that answers handshakes and hangs on calls would be tried in full.
         if peer_id in self.breakers:
-            self.breakers[peer_id].succeeded()
+            self.breakers[peer_id].half_open()
         previous = self._connections.get(peer_id)
         self._connections[peer_id] = connection
         self._counters.connections[target.kind] += 1
