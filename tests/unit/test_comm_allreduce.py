@@ -1110,7 +1110,6 @@ def test_an_honest_pair_averages_while_hostile_identities_flood_the_early_room(
     inputs = _inputs(2)
     clock = IdleJumpClock()
     config = _scheduled(CONFIG)
-    members = ["peer-0", "peer-1"]
     limits = {"max_waiting_bytes": 64 << 10} if flood_of == "bytes" else {}
 
     async def main() -> dict[int, AllReduceResult]:
@@ -1143,31 +1142,47 @@ def test_an_honest_pair_averages_while_hostile_identities_flood_the_early_room(
         else:
             assert room.nbytes > (64 << 10) - (8 << 10)
 
-        async def one(i: int) -> AllReduceResult:
-            await clock.sleep_async(0.3 * i)
-            return await all_reduce(
-                inputs[i],
-                mailbox=mailboxes[i],
-                members=members,
-                round_key="run/7",
-                config=config,
-                clock=clock,
-                offload=inline_offload,
-            )
-
-        try:
-            async with asyncio.TaskGroup() as group:
-                tasks = {i: group.create_task(one(i)) for i in (0, 1)}
-        finally:
-            for task in floods:
-                task.cancel()
-            await asyncio.gather(*floods, return_exceptions=True)
+        results = await _pair_amid_floods(inputs, mailboxes, config, clock, floods, late_s=0.3)
         assert room.num_rounds <= 64
         assert room.nbytes <= room.max_bytes
-        return {i: t.result() for i, t in tasks.items()}
+        return results
 
     results = asyncio.run(clock.run(main()))
     _assert_everyones_mean(results, inputs)
+
+
+async def _pair_amid_floods(
+    inputs: list[list[torch.Tensor]],
+    mailboxes: dict[int, CommMailbox],
+    config: AllReduceConfig,
+    clock: IdleJumpClock,
+    floods: list[asyncio.Future[None]],
+    *,
+    late_s: float,
+) -> dict[int, AllReduceResult]:
+    """peer-0 and peer-1 average round "run/7", peer-1 opening it ``late_s`` after peer-0,
+    while ``floods`` run; they are cancelled when the round ends, however it ends."""
+
+    async def one(i: int) -> AllReduceResult:
+        await clock.sleep_async(late_s * i)
+        return await all_reduce(
+            inputs[i],
+            mailbox=mailboxes[i],
+            members=["peer-0", "peer-1"],
+            round_key="run/7",
+            config=config,
+            clock=clock,
+            offload=inline_offload,
+        )
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = {i: group.create_task(one(i)) for i in (0, 1)}
+    finally:
+        for task in floods:
+            task.cancel()
+        await asyncio.gather(*floods, return_exceptions=True)
+    return {i: t.result() for i, t in tasks.items()}
 
 
 class _CountsRoomRefusals(FakeTransport):
@@ -1239,7 +1254,6 @@ def _member_against_early_room_flood(
     inputs = _inputs(2)
     clock = IdleJumpClock()
     config = _scheduled(CONFIG)
-    members = ["peer-0", "peer-1"]
 
     async def main() -> tuple[dict[int, AllReduceResult], int, float]:
         network = FakeNetwork(clock)
@@ -1266,27 +1280,7 @@ def _member_against_early_room_flood(
         await clock.sleep_async(1.0)
         assert mailboxes[1].early_room.num_rounds == num_identities  # (hosts cap nothing)
         opened_at = clock.monotonic() + 2.0
-
-        async def one(i: int) -> AllReduceResult:
-            await clock.sleep_async(2.0 * i)
-            return await all_reduce(
-                inputs[i],
-                mailbox=mailboxes[i],
-                members=members,
-                round_key="run/7",
-                config=config,
-                clock=clock,
-                offload=inline_offload,
-            )
-
-        try:
-            async with asyncio.TaskGroup() as group:
-                tasks = {i: group.create_task(one(i)) for i in (0, 1)}
-        finally:
-            for task in floods:
-                task.cancel()
-            await asyncio.gather(*floods, return_exceptions=True)
-        results = {i: t.result() for i, t in tasks.items()}
+        results = await _pair_amid_floods(inputs, mailboxes, config, clock, floods, late_s=2.0)
         return results, honest.refused, clock.monotonic() - opened_at
 
     results, refused, late_s = asyncio.run(clock.run(main()))
