@@ -1121,6 +1121,23 @@ class _MissedRoundAverager(FakeAverager):
         return {"b" * 64: ("active", 5)}
 
 
+def _missed_round_4() -> SwarmDiLoCoStrategy:
+    """A peer (training while the group forms) at outer step 4 that missed its round; the run's
+    other peer published version 5."""
+    strategy = SwarmDiLoCoStrategy(
+        DiLoCoConfig(inner_steps=INNER_STEPS, run_id="r", train_while_forming=True),
+        cast(Any, _MissedRoundAverager()),
+        cast(Any, FakeNodeThread()),
+        cast(Any, FakeDonor()),
+        join_existing=False,
+    )
+    model = nn.Linear(4, 4)
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    strategy.outer_step = 4
+    strategy.last_round_excluded = True
+    return strategy
+
+
 class _FakeTime:
     """``time`` for the swarm module: sleeping moves the monotonic clock on at once."""
 
@@ -1139,19 +1156,10 @@ def test_a_failed_download_of_a_newer_state_is_tried_again_at_the_next_poll(
 ) -> None:
     # The newest version was noted as tried before its download, which failed (a donor's
     # circuit breaker was open): the next try waited for the 2 s timer, not for the next poll.
-    strategy = SwarmDiLoCoStrategy(
-        DiLoCoConfig(inner_steps=INNER_STEPS, run_id="r", train_while_forming=True),
-        cast(Any, _MissedRoundAverager()),
-        cast(Any, FakeNodeThread()),
-        cast(Any, FakeDonor()),
-        join_existing=False,
-    )
-    model = nn.Linear(4, 4)
-    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    strategy = _missed_round_4()
     strategy.outer_step = 5
     newer = strategy._snapshot(step=5 * INNER_STEPS)
     strategy.outer_step = 4
-    strategy.last_round_excluded = True
     clock = _FakeTime()
     tried_at_s: list[float] = []
 
@@ -1173,17 +1181,7 @@ def test_downloads_that_keep_failing_are_tried_less_and_less_often(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(swarm_module, "_NEWER_STATE_WAIT_S", 8.0)
-    strategy = SwarmDiLoCoStrategy(
-        DiLoCoConfig(inner_steps=INNER_STEPS, run_id="r", train_while_forming=True),
-        cast(Any, _MissedRoundAverager()),
-        cast(Any, FakeNodeThread()),
-        cast(Any, FakeDonor()),
-        join_existing=False,
-    )
-    model = nn.Linear(4, 4)
-    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    strategy.outer_step = 4
-    strategy.last_round_excluded = True
+    strategy = _missed_round_4()
     clock = _FakeTime()
     tried_at_s: list[float] = []
 
