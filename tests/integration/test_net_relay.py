@@ -16,6 +16,7 @@ import pytest
 from gossamer.core.clock import SystemClock
 from gossamer.core.errors import PeerUnavailableError
 from gossamer.net import tunnels
+from gossamer.net.accepted_tunnels import MAX_ACCEPTED_TUNNELS_PER_RESERVATION
 from gossamer.net.config import NodeConfig, RelayConfig
 from gossamer.net.counters import NetCounters
 from gossamer.net.directory import PeerDirectory
@@ -23,13 +24,9 @@ from gossamer.net.identity import Identity
 from gossamer.net.node import Node
 from gossamer.net.records import sign_peer_record
 from gossamer.net.relay import CONNECT_METHOD, RelayServicer
+from gossamer.net.relay_dialer import MAX_IDLE_ENTRANCES, RelayDialer
 from gossamer.net.tls import TlsCertificate
-from gossamer.net.tunnels import (
-    MAX_ACCEPTED_TUNNELS_PER_RESERVATION,
-    MAX_IDLE_ENTRANCES,
-    RelayDialer,
-    carry_socket_over_call,
-)
+from gossamer.net.tunnel_carry import carry_socket_over_call
 from gossamer.proto import net_pb2, net_pb2_grpc
 from loopback_nodes import until
 from relay_nodes import learn_record_of, make_unreachable, ping

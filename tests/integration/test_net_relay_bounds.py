@@ -15,7 +15,11 @@ from typing import Any
 import grpc
 import pytest
 
-from gossamer.net import tunnels
+from gossamer.net import tunnel_carry
+from gossamer.net.accepted_tunnels import (
+    MAX_ACCEPTED_TUNNELS_PER_DIRECT_RESERVATION,
+    MAX_ACCEPTED_TUNNELS_PER_RESERVATION,
+)
 from gossamer.net.config import LimitsConfig, NodeConfig
 from gossamer.net.identity import Identity
 from gossamer.net.node import Node
@@ -27,11 +31,7 @@ from gossamer.net.relay import (
     BytePipe,
     RelayServicer,
 )
-from gossamer.net.tunnels import (
-    FRAME_BYTES,
-    MAX_ACCEPTED_TUNNELS_PER_DIRECT_RESERVATION,
-    MAX_ACCEPTED_TUNNELS_PER_RESERVATION,
-)
+from gossamer.net.tunnel_carry import FRAME_BYTES
 from gossamer.proto import net_pb2, net_pb2_grpc
 from loopback_nodes import until
 from relay_nodes import make_unreachable
@@ -150,7 +150,7 @@ def test_an_accepted_tunnel_ends_soon_after_its_local_connection_closed(
     closed the local connection: a holder that never ended one kept it for good. (Ended
     ``STALLED_TUNNEL_S`` after the call last took a frame, 30 s; 2 s here.)"""
     quick_close = LimitsConfig(transport_handshake_timeout_s=1.0)
-    monkeypatch.setattr(tunnels, "STALLED_TUNNEL_S", 2.0)
+    monkeypatch.setattr(tunnel_carry, "STALLED_TUNNEL_S", 2.0)
 
     async def scenario() -> None:
         async with (

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from gossamer.core.errors import PeerUnavailableError, RetryableError
-from gossamer.net import tunnels
+from gossamer.net import relay_dialer
 from gossamer.net.config import NodeConfig, RelayConfig
 from gossamer.net.identity import short_peer_id
 from gossamer.net.node import Node
@@ -91,7 +91,7 @@ def test_a_relay_s_refusal_reaches_the_dialer_bounded_and_escaped(
 ) -> None:
     """What a relay says comes from the network: control characters and a screenful of text
     must not reach the dialer's error (and logs) as they are."""
-    caplog.set_level(logging.INFO, logger="gossamer.net.tunnels")
+    caplog.set_level(logging.INFO, logger="gossamer.net.relay_dialer")
     reason = "\x1b[2J\x1b[Hspoofed\nWARNING fake line\u202e " + "x" * 5000
 
     async def scenario() -> None:
@@ -239,12 +239,12 @@ def test_a_local_connection_reset_under_a_tunnel_is_no_error(
 ) -> None:
     """gRPC resetting the entrance's socket (a connection it dropped) ended the tunnel with an
     ERROR and a traceback in the log: it is how a dropped relayed connection ends."""
-    caplog.set_level(logging.INFO, logger="gossamer.net.tunnels")
+    caplog.set_level(logging.INFO, logger="gossamer.net.relay_dialer")
 
     async def reset(*args: Any, **kwargs: Any) -> None:
         raise ConnectionResetError("Connection lost")
 
-    monkeypatch.setattr(tunnels, "carry_socket_over_call", reset)
+    monkeypatch.setattr(relay_dialer, "carry_socket_over_call", reset)
 
     async def scenario() -> None:
         async with Node(_config()) as relay, Node(_config()) as dialer:

@@ -21,7 +21,7 @@ import pytest
 from gossamer.net.config import NodeConfig, RelayConfig
 from gossamer.net.dht_service import DhtServicer
 from gossamer.net.node import Node
-from gossamer.net.tunnels import carry_socket_over_call
+from gossamer.net.tunnel_carry import carry_socket_over_call
 from gossamer.proto import net_pb2
 from relay_nodes import learn_record_of, make_unreachable, ping
 

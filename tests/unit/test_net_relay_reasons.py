@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gossamer.net.tunnels import printable_reason
+from gossamer.net.printable_text import printable_reason
 
 
 def test_a_plain_reason_is_kept_as_it_is() -> None:

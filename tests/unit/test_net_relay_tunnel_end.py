@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from gossamer.core.errors import PeerUnavailableError
-from gossamer.net import tunnels
-from gossamer.net.tunnels import FRAME_BYTES, READ_AHEAD_BYTES, carry_socket_over_call
+from gossamer.net import tunnel_carry
+from gossamer.net.tunnel_carry import FRAME_BYTES, READ_AHEAD_BYTES, carry_socket_over_call
 from gossamer.proto import net_pb2
 from loopback_nodes import until
 
@@ -109,7 +109,7 @@ def test_a_tunnel_whose_far_side_takes_nothing_is_ended(
     tunnel, and its place under the node's caps, for good (15 s and on in the review), and
     the connection's end, behind more data than the read-ahead holds, was not even seen. Now
     the tunnel ends once a frame waited STALLED_TUNNEL_S (here 0.5 s) to be taken."""
-    monkeypatch.setattr(tunnels, "STALLED_TUNNEL_S", 0.5, raising=False)
+    monkeypatch.setattr(tunnel_carry, "STALLED_TUNNEL_S", 0.5, raising=False)
 
     async def main() -> None:
         calls: list[_FarSide] = []
@@ -214,7 +214,7 @@ def test_tunnels_read_ahead_within_the_node_s_budget_past_a_frame_each(
     held 256 MiB in the review. Now all of a node's tunnels hold at most its budget (here 2
     MiB), past one frame each, and every tunnel still delivers all its bytes once its call
     takes them."""
-    monkeypatch.setattr(tunnels, "READ_AHEAD_BUDGET_BYTES", 2 * _MIB, raising=False)
+    monkeypatch.setattr(tunnel_carry, "READ_AHEAD_BUDGET_BYTES", 2 * _MIB, raising=False)
     num_tunnels = 16
     size = 2 * _MIB
 
@@ -260,7 +260,7 @@ def test_tunnels_read_ahead_within_the_node_s_budget_past_a_frame_each(
             call.reply(net_pb2.TunnelFrame(close=True))
             assert call.received == bytes([i]) * size
         await asyncio.wait_for(asyncio.gather(*carrying), 5)
-        assert tunnels.ReadAheadBudget.of_running_loop().num_bytes == 0
+        assert tunnel_carry.ReadAheadBudget.of_running_loop().num_bytes == 0
 
     asyncio.run(main())
 
@@ -293,7 +293,7 @@ def test_a_slow_tunnel_whose_connection_moves_is_kept(
     delivered in the review). Now a wait is a stall only once nothing moved on the tunnel's
     connection that long: frames brought by this call, or anything from or through its relay
     (here STALLED_TUNNEL_S is 0.5 s and a frame takes 0.8 s)."""
-    monkeypatch.setattr(tunnels, "STALLED_TUNNEL_S", 0.5)
+    monkeypatch.setattr(tunnel_carry, "STALLED_TUNNEL_S", 0.5)
 
     async def main() -> None:
         payload = bytes(range(256)) * (4 * FRAME_BYTES // 256)
@@ -338,8 +338,8 @@ def test_a_tunnel_whose_far_side_takes_nothing_is_ended_though_its_relay_is_busy
 ) -> None:
     """Other tunnels keep the relay connection moving: a far side that stopped reading is
     still ended, once its frame waited STUCK_TUNNEL_S (here 1 s)."""
-    monkeypatch.setattr(tunnels, "STALLED_TUNNEL_S", 0.5)
-    monkeypatch.setattr(tunnels, "STUCK_TUNNEL_S", 1.0, raising=False)
+    monkeypatch.setattr(tunnel_carry, "STALLED_TUNNEL_S", 0.5)
+    monkeypatch.setattr(tunnel_carry, "STUCK_TUNNEL_S", 1.0, raising=False)
 
     async def main() -> None:
         calls: list[_FarSide] = []

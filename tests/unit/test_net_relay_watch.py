@@ -15,13 +15,9 @@ from gossamer.core.errors import DeadlineExceededError, PeerUnavailableError
 from gossamer.net.config import NodeConfig
 from gossamer.net.connections import DialTarget
 from gossamer.net.counters import NetCounters
-from gossamer.net.tunnels import (
-    _RETRY_RELAY_AFTER_S,
-    BUSY_RELAY_SILENT_S,
-    RelayDialer,
-    RelayReservations,
-    RelayTraffic,
-)
+from gossamer.net.relay_dialer import RelayDialer
+from gossamer.net.relay_traffic import BUSY_RELAY_SILENT_S, RelayTraffic
+from gossamer.net.tunnels import _RETRY_RELAY_AFTER_S, RelayReservations
 from gossamer.proto import net_pb2
 
 

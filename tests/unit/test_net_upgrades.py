@@ -22,9 +22,10 @@ from gossamer.net.config import NodeConfig, RelayConfig
 from gossamer.net.connections import DialTarget
 from gossamer.net.counters import NetCounters
 from gossamer.net.handshake import Session
+from gossamer.net.recent_failures import note_failure
 from gossamer.net.relay import RelayServicer
+from gossamer.net.relay_dialer import REVERSED_ADDRESS
 from gossamer.net.server import _session_var
-from gossamer.net.tunnels import REVERSED_ADDRESS, note_failure
 from gossamer.net.upgrades import DirectUpgrades
 from gossamer.proto import net_pb2
 

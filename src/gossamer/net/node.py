@@ -27,6 +27,7 @@ from gossamer.core.clock import Clock, Pacer, SystemClock
 from gossamer.core.config import port_number
 from gossamer.core.errors import GossamerError, PeerUnavailableError, ProtocolError
 from gossamer.core.machine import physical_memory_bytes
+from gossamer.net.accepted_tunnels import AcceptedTunnels
 from gossamer.net.addresses import split_host_port
 from gossamer.net.bulk import (
     BulkHandler,
@@ -49,9 +50,10 @@ from gossamer.net.peer_clocks import PeerClocks
 from gossamer.net.reachability import DIAL_BACK_METHOD, ReachabilityServicer
 from gossamer.net.records import PeerRecord, sign_peer_record, signing_time_after
 from gossamer.net.relay import RelayServicer
+from gossamer.net.relay_dialer import RelayDialer
 from gossamer.net.server import NetServer
 from gossamer.net.tls import TlsCertificate
-from gossamer.net.tunnels import AcceptedTunnels, RelayDialer, RelayReservations
+from gossamer.net.tunnels import RelayReservations
 from gossamer.net.upgrades import DirectUpgrades
 from gossamer.proto import net_pb2, net_pb2_grpc
 

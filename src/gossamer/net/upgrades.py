@@ -27,20 +27,17 @@ import grpc
 
 from gossamer.core.clock import Clock
 from gossamer.core.errors import GossamerError, PeerUnavailableError
+from gossamer.net.accepted_tunnels import AcceptedTunnels
 from gossamer.net.config import NodeConfig
 from gossamer.net.connections import ConnectionPool
 from gossamer.net.counters import NetCounters
 from gossamer.net.directory import PeerDirectory
 from gossamer.net.identity import short_peer_id
+from gossamer.net.owned_tasks import OwnedTasks
+from gossamer.net.printable_text import printable_reason
+from gossamer.net.recent_failures import note_failure
 from gossamer.net.relay import RESERVE_METHOD
-from gossamer.net.tunnels import (
-    REVERSED_ADDRESS,
-    AcceptedTunnels,
-    OwnedTasks,
-    RelayDialer,
-    note_failure,
-    printable_reason,
-)
+from gossamer.net.relay_dialer import REVERSED_ADDRESS, RelayDialer
 from gossamer.proto import net_pb2
 
 __all__ = ["RETIRE_AT_MOST_S", "DirectUpgrades"]
