@@ -24,7 +24,8 @@ from gossamer.comm.fake_transport import FakeNetwork, FakeTransport, FaultScript
 from gossamer.comm.plan import FlatLayout, PartPlan
 from gossamer.comm.reduction import ChunkCodec, pack_contributors
 from gossamer.comm.report import AllReduceResult, PartOutcome
-from gossamer.comm.round_state import _ROOM_RETRY_MAX_S, RoundState
+from gossamer.comm.round_sending import _ROOM_RETRY_MAX_S
+from gossamer.comm.round_state import RoundState
 from gossamer.comm.transport import (
     CHUNK_ELEMENTS_LIMIT,
     FLAG_DELIVERED,

@@ -41,7 +41,8 @@ from gossamer.comm.codecs import CodecPolicy, ErrorFeedback, FloatArray, codec_b
 from gossamer.comm.plan import FlatLayout, PartPlan, chunk_elements_for, round_id_of
 from gossamer.comm.reduction import ChunkCodec
 from gossamer.comm.report import AllReduceReport, AllReduceResult
-from gossamer.comm.round_state import RoundState, failure_report
+from gossamer.comm.round_failures import failure_report
+from gossamer.comm.round_state import RoundState
 from gossamer.comm.transport import (
     CHUNK_ELEMENTS_LIMIT,
     WEIGHT_RANGE,
