@@ -15,7 +15,8 @@ from gossamer.net.bridge import NodeThread
 from gossamer.net.config import HeartbeatConfig, NodeConfig
 from gossamer.net.node import Node
 from gossamer.train.averaging import AverageOutcome
-from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig
+from gossamer.train.swarm_averager import SwarmAverager
+from gossamer.train.swarm_averager_config import SwarmAveragerConfig
 
 __all__ = [
     "average_all",

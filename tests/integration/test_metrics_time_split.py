@@ -14,7 +14,7 @@ import pytest
 
 from gossamer.obs.metrics import PeerMetrics
 from gossamer.obs.trace import PHASES, SpanRecorder
-from gossamer.train.swarm_averager import SwarmAveragerConfig
+from gossamer.train.swarm_averager_config import SwarmAveragerConfig
 from loopback_nodes import average_one_late
 
 RUN = "time-split"

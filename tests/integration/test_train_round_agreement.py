@@ -23,7 +23,8 @@ from gossamer.comm.bandwidth import BandwidthMeter, SendRates
 from gossamer.net.node import Node
 from gossamer.net.records import sign_record
 from gossamer.train import swarm_averager
-from gossamer.train.swarm_averager import SwarmAveragerConfig, round_entry_key
+from gossamer.train.swarm_averager_config import SwarmAveragerConfig
+from gossamer.train.swarm_round_records import round_entry_key
 from loopback_nodes import average_all, start_averagers
 
 JOIN_WINDOW_S = 3.0

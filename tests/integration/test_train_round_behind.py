@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig
+from gossamer.train.swarm_averager import SwarmAverager
+from gossamer.train.swarm_averager_config import SwarmAveragerConfig
 from loopback_nodes import start_node_threads
 
 JOIN_WINDOW_S = 20.0

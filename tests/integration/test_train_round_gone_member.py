@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import time
 
-from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig
+from gossamer.train.swarm_averager import SwarmAverager
+from gossamer.train.swarm_averager_config import SwarmAveragerConfig
 from loopback_nodes import average_all, start_node_threads
 
 

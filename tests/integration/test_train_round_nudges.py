@@ -16,7 +16,7 @@ import time
 import torch
 
 from gossamer.train.averaging import AverageOutcome
-from gossamer.train.swarm_averager import SwarmAveragerConfig
+from gossamer.train.swarm_averager_config import SwarmAveragerConfig
 from loopback_nodes import average_one_late, start_averagers
 
 LATE_S = 1.0

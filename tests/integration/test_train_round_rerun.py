@@ -15,7 +15,7 @@ import contextlib
 
 import torch
 
-from gossamer.train.swarm_averager import SwarmAveragerConfig
+from gossamer.train.swarm_averager_config import SwarmAveragerConfig
 from loopback_nodes import start_averagers
 
 

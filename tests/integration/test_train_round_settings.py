@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from gossamer.train.swarm_averager import SwarmAveragerConfig
+from gossamer.train.swarm_averager_config import SwarmAveragerConfig
 from loopback_nodes import average_all, start_averagers
 
 JOIN_WINDOW_S = 10.0

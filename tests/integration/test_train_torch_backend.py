@@ -15,9 +15,10 @@ from gossamer.core.errors import DeadlineExceededError, GossamerError, PeerLostE
 from gossamer.net.bridge import NodeThread
 from gossamer.net.config import NodeConfig
 from gossamer.net.node import Node
-from gossamer.train import swarm_averager
+from gossamer.train import swarm_round_formation, swarm_torch_rounds
 from gossamer.train.averaging import AverageOutcome
-from gossamer.train.swarm_averager import SwarmAverager, SwarmAveragerConfig
+from gossamer.train.swarm_averager import SwarmAverager
+from gossamer.train.swarm_averager_config import SwarmAveragerConfig
 from loopback_nodes import start_node_threads
 
 RUN = "torch-backend"
@@ -217,7 +218,7 @@ def test_peers_set_to_torch_and_to_auto_decide_alike(monkeypatch: pytest.MonkeyP
     with averagers(2, backends=["torch", "auto"]) as made:
         # (once both opened their stores: the auto peer has a private address, the torch
         # peer's round entries look public)
-        monkeypatch.setattr(swarm_averager, "site_local", lambda host: False)
+        monkeypatch.setattr(swarm_torch_rounds, "site_local", lambda host: False)
         started = time.monotonic()
         outcomes = one_round(made, "outer/0", weights)
         assert time.monotonic() - started < 6.0  # (the round's deadline: 8 s)
@@ -411,7 +412,7 @@ def test_members_that_would_make_different_kinds_of_group_average_over_p2p(
     # one rendezvous for each other until the torch timeout. Each publishes its kind; a round
     # whose members differ goes over p2p at once.
     kinds = iter(["nccl", "gloo"])
-    monkeypatch.setattr(swarm_averager, "_torch_kind", lambda: next(kinds))
+    monkeypatch.setattr(swarm_round_formation, "_torch_kind", lambda: next(kinds))
     with averagers(2) as made:
         started = time.monotonic()
         outcomes = one_round(made, "outer/0", [1.0, 1.0])

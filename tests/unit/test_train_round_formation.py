@@ -12,15 +12,10 @@ import pytest
 
 from gossamer.comm.report import AllReduceReport, PartOutcome, PartReport
 from gossamer.net.identity import peer_id_of_public_key
-from gossamer.train.swarm_averager import (
-    SwarmAverager,
-    SwarmAveragerConfig,
-    _figure,
-    _forces_torch,
-    _group_size,
-    _store_address,
-    round_settled,
-)
+from gossamer.train.swarm_averager import SwarmAverager, _group_size
+from gossamer.train.swarm_averager_config import SwarmAveragerConfig
+from gossamer.train.swarm_round_records import _figure, round_settled
+from gossamer.train.swarm_torch_rounds import _forces_torch, _store_address
 
 WINDOW_S = 30.0
 

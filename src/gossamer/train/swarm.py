@@ -81,12 +81,9 @@ from gossamer.train.loop import (
 from gossamer.train.state_sync import StateSnapshot
 from gossamer.train.state_sync_donor import StateDonor
 from gossamer.train.strategy import TrainingStrategy
-from gossamer.train.swarm_averager import (
-    SwarmAverager,
-    SwarmAveragerConfig,
-    read_json_records,
-    settings_difference,
-)
+from gossamer.train.swarm_averager import SwarmAverager
+from gossamer.train.swarm_averager_config import SwarmAveragerConfig
+from gossamer.train.swarm_round_records import read_json_records, settings_difference
 from gossamer.train.swarm_sync import (
     SwarmSyncStrategy,
     download_from_donors,
