@@ -25,12 +25,13 @@ from gossamer.core.errors import (
     PeerUnavailableError,
     ProtocolError,
 )
+from gossamer.net.advertised_host import _routable_host
 from gossamer.net.bulk import PUSH_METHOD, PUSH_ONE_METHOD
 from gossamer.net.config import BreakerConfig, LimitsConfig, NodeConfig, RetryConfig
 from gossamer.net.connections import DialTarget
 from gossamer.net.dht_service import DHT_METHODS
 from gossamer.net.identity import Identity
-from gossamer.net.node import Node, _routable_host
+from gossamer.net.node import Node
 from gossamer.net.reachability import DIAL_BACK_METHOD
 from gossamer.net.records import sign_peer_record
 from gossamer.net.server import current_session

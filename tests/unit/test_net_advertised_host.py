@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from gossamer.net.node import _routable_host
+from gossamer.net.advertised_host import _routable_host
 
 
 def _routes(table: dict[str, str]) -> Callable[[str, str], str | None]:
@@ -51,7 +51,7 @@ def test_several_addresses_and_no_route_advertise_loopback_with_a_warning(
     # ("pass --advertise"), and `gossamer train`, which has no --advertise, got the same advice;
     # a swarm on this machine alone worked before on 127.0.0.1.
     interfaces = _interfaces("127.0.0.1", "172.17.0.1", "192.168.122.1")
-    with caplog.at_level(logging.WARNING, logger="gossamer.net.node"):
+    with caplog.at_level(logging.WARNING, logger="gossamer.net.advertised_host"):
         host = _routable_host(
             "0.0.0.0",
             (),
@@ -68,7 +68,7 @@ def test_several_addresses_and_no_route_advertise_loopback_with_a_warning(
     assert "--swarm.listen HOST:PORT" in message
     # A node that does not announce (`gossamer peers`) is dialled by nobody: nothing to say.
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="gossamer.net.node"):
+    with caplog.at_level(logging.WARNING, logger="gossamer.net.advertised_host"):
         host = _routable_host("0.0.0.0", (), route_source=_no_route, interface_addresses=interfaces)
     assert host == "127.0.0.1"
     assert not caplog.records

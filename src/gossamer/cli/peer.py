@@ -35,6 +35,7 @@ from gossamer.core.config_loader import (
 )
 from gossamer.core.errors import ConfigError, GossamerError, PeerUnavailableError
 from gossamer.core.runtime import freeze_startup_heap
+from gossamer.net.advertised_host import local_interface_addresses
 from gossamer.net.bridge import NodeThread
 from gossamer.net.config import (
     DhtConfig,
@@ -46,7 +47,7 @@ from gossamer.net.config import (
 from gossamer.net.connections import DialTarget
 from gossamer.net.identity import held_identity, load_or_create_identity
 from gossamer.net.metrics import register_net_metrics
-from gossamer.net.node import Node, local_interface_addresses
+from gossamer.net.node import Node
 from gossamer.net.status import node_status, write_status_file
 from gossamer.obs.metrics import register_peer_info
 from gossamer.proto import net_pb2
