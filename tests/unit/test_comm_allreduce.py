@@ -37,6 +37,7 @@ from gossamer.comm.transport import (
     FrameKind,
     Message,
     message_bytes,
+    message_nbytes,
     pack_frame,
     refused_for_room,
     sender_host,
@@ -44,7 +45,12 @@ from gossamer.comm.transport import (
 )
 from gossamer.comm.wire import WireLimits
 from gossamer.core.clock import SystemClock
-from gossamer.core.errors import GossamerError, PeerUnavailableError, ProtocolError
+from gossamer.core.errors import (
+    DeadlineExceededError,
+    GossamerError,
+    PeerUnavailableError,
+    ProtocolError,
+)
 
 TIMEOUT_S = 30.0
 CONFIG = AllReduceConfig(
@@ -763,6 +769,71 @@ def test_a_ring_on_rate_limited_uplinks_keeps_a_slow_members_own_averages_on_it(
     assert left[0] is None, left
     if slower == 1.0:
         assert set(left.values()) == {None}, left
+
+
+class _ThinUplink(FakeTransport):
+    """A fake peer whose uplink moves ``bytes_per_s``, shared by its sends to every member one
+    message at a time; a send's deadline covers its wait for the wire too, as a real
+    connection's deadline covers the bytes queued ahead of its own."""
+
+    def __init__(self, network: FakeNetwork, peer_id: str, bytes_per_s: float) -> None:
+        super().__init__(network, peer_id)
+        self.bytes_per_s = bytes_per_s
+        self._wire = asyncio.Lock()
+
+    async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
+        clock = self.network.clock
+        deadline_s = clock.monotonic() + timeout_s
+
+        async def over_the_wire() -> None:
+            async with self._wire:
+                await clock.sleep_async(message_nbytes(message) / self.bytes_per_s)
+
+        carried = asyncio.ensure_future(over_the_wire())
+        expired = asyncio.ensure_future(clock.sleep_async(timeout_s))
+        try:
+            await asyncio.wait({carried, expired}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (carried, expired):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+        if not carried.done() or carried.cancelled():
+            raise DeadlineExceededError(f"peer {peer_id} did not take the message in {timeout_s} s")
+        await super().send(peer_id, message, timeout_s=max(0.001, deadline_s - clock.monotonic()))
+
+
+def test_a_link_too_thin_for_the_send_timeout_but_fast_enough_for_the_round_fails_nobody() -> None:
+    # Every uplink moves 600 B/s: two 2 KB messages under way to one member take 7 s, past
+    # the send timeout (5 s), yet a member's whole round (about 17 KB) takes some 29 s of the
+    # round's 60 s. With a fixed send timeout the members failed one another and kept their own
+    # values; a message is now given the share of the round that its bytes, and those under
+    # way before it, are.
+    inputs = _inputs(4)
+    config = dataclasses.replace(CONFIG, timeout_s=60.0)
+    made = {
+        i: (lambda network, peer: _ThinUplink(network, peer, 600.0)) for i in range(len(inputs))
+    }
+    results, clock = _run(inputs, config=config, made=made)
+    _assert_everyones_mean(results, inputs)
+    _assert_agree(results)
+    assert not any(result.report.deadline_hit for result in results.values())
+    assert clock.monotonic() > CONFIG.send_timeout_s  # (the links were that slow)
+
+
+def test_a_member_that_takes_nothing_on_a_thin_link_is_still_failed_before_the_round_ends() -> None:
+    # The allowance grows with the bytes under way, not without bound: a member that takes no
+    # message is failed while the others still have most of the round to finish theirs.
+    inputs = _inputs(4)
+    config = dataclasses.replace(CONFIG, timeout_s=60.0)
+    made: dict[int, Callable[[FakeNetwork, str], FakeTransport]] = {
+        i: (lambda network, peer: _ThinUplink(network, peer, 600.0)) for i in range(3)
+    }
+    results, _ = _run(inputs, config=config, made=made, scripts={3: FaultScript(hung=True)})
+    for i in range(3):
+        assert "peer-3" in results[i].report.failed, (i, results[i].report.failed)
+        _assert_close(results[i].tensors, _mean(inputs, range(3)), atol=1e-6)
 
 
 class _SaysRingOff(FakeTransport):

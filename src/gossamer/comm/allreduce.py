@@ -72,7 +72,11 @@ class AllReduceConfig:
     reduce_deadline_share: float = 0.7
     """Share of the deadline after which owners average whatever contributions arrived."""
     send_timeout_s: float = 30.0
-    """Deadline of one chunk message; a peer that misses it is treated as failed."""
+    """Deadline of one chunk message beyond its transfer; a peer that misses it is treated as
+    failed. A data message is given this plus the share of ``timeout_s`` that its bytes, and
+    those under way before it, are of the whole buffer encoded, so a link fast enough for the
+    round never trips it (see :meth:`RoundSending._send_allowance_s
+    <gossamer.comm.round_sending.RoundSending._send_allowance_s>`)."""
     chunk_elements: int | None = None
     """Values per chunk message; None: by the round's size
     (:func:`~gossamer.comm.plan.chunk_elements_for`: 2 MiB of float32 up to a 32 MiB round,

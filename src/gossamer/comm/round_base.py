@@ -191,6 +191,14 @@ class RoundBase:
         self._own_part_done_at: float | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._bytes_in_flight = 0
+        """Bytes of this member's data messages under way (see :meth:`_send_allowance_s`)."""
+        layout = chunk_codec.layout
+        self._round_nbytes = sum(
+            choice.codec.encoded_nbytes(numel, choice.block_size)
+            for choice, numel in zip(layout.choices, layout.numels, strict=True)
+        )
+        """The whole buffer encoded: about the least a member sends in a round."""
         self.fp32_bytes_sent = 0
         self.encode_s = 0.0
         self.decode_s = 0.0

@@ -132,6 +132,8 @@ class RoundSending(RoundBase):
         """Send within the round's deadline; False if none of it is left. A ``word`` (no data)
         goes around the send tally.
 
+        A data message may take :meth:`_send_allowance_s` (a word: the send timeout).
+
         A refusal for lack of room (``dest`` has not opened the round yet, and others' early
         messages fill its waiting room: see :func:`refused_for_room`) is no failure of
         ``dest``'s: the message goes again, with backoff, within its send timeout (counted
@@ -146,35 +148,59 @@ class RoundSending(RoundBase):
         # (refusals for room count against the message's own send timeout: a receiver that
         # answers every try so, hostile or under a flood it cannot shed, is failed as one
         # that does not take the message, not at the round's deadline after dozens of uploads)
-        give_up_at = self.clock.monotonic() + self.send_timeout_s
-        while True:
-            now = self.clock.monotonic()
-            remaining = self.deadline_s - now
-            if remaining <= 0:
-                return False
-            try:
-                await transport.send(
-                    self.plan.members[dest],
-                    message,
-                    timeout_s=min(self.send_timeout_s, remaining, max(give_up_at - now, 0.01)),
+        started = self.clock.monotonic()
+        refusals_until = started + self.send_timeout_s
+        nbytes = 0 if word else message_nbytes(message)
+        give_up_at = started + (self._send_allowance_s(nbytes) if nbytes else self.send_timeout_s)
+        self._bytes_in_flight += nbytes
+        try:
+            while True:
+                now = self.clock.monotonic()
+                remaining = self.deadline_s - now
+                if remaining <= 0:
+                    return False
+                try:
+                    await transport.send(
+                        self.plan.members[dest],
+                        message,
+                        timeout_s=min(remaining, max(give_up_at - now, 0.01)),
+                    )
+                    return True
+                except GossamerError as exc:
+                    if not refused_for_room(exc) or self.clock.monotonic() >= refusals_until:
+                        raise
+                    _log.debug(
+                        "peer %s: member %s has no room for an early message of round %s; "
+                        "again in %.2f s",
+                        self.plan.members[self.me][:12],
+                        self.plan.members[dest][:12],
+                        self.round_id.hex()[:12],
+                        backoff_s,
+                    )
+                left_s = min(self.deadline_s, refusals_until) - self.clock.monotonic()
+                await self.clock.sleep_async(
+                    max(0.0, min(backoff_s * random.uniform(0.5, 1.0), left_s))
                 )
-                return True
-            except GossamerError as exc:
-                if not refused_for_room(exc) or self.clock.monotonic() >= give_up_at:
-                    raise
-                _log.debug(
-                    "peer %s: member %s has no room for an early message of round %s; again "
-                    "in %.2f s",
-                    self.plan.members[self.me][:12],
-                    self.plan.members[dest][:12],
-                    self.round_id.hex()[:12],
-                    backoff_s,
-                )
-            left_s = min(self.deadline_s, give_up_at) - self.clock.monotonic()
-            await self.clock.sleep_async(
-                max(0.0, min(backoff_s * random.uniform(0.5, 1.0), left_s))
-            )
-            backoff_s = min(2 * backoff_s, _ROOM_RETRY_MAX_S)
+                backoff_s = min(2 * backoff_s, _ROOM_RETRY_MAX_S)
+        finally:
+            self._bytes_in_flight -= nbytes
+
+    def _send_allowance_s(self, nbytes: int) -> float:
+        """How long a data message of ``nbytes`` may take before its receiver counts as failed:
+        the send timeout (latency, the receiver's answer), plus the share of the round's time
+        that the message and the bytes this member has under way before it are of the whole
+        buffer encoded (:attr:`_round_nbytes`, about the least a member sends in a round).
+
+        A link fast enough for the round to finish in its deadline carries that share within
+        it, so a slow link never trips a send, however large the message; only a member that
+        takes its bytes slower than the round can use is failed this way. A fixed timeout
+        failed every member on links under about 3 Mbit/s: three 4 MiB messages under way to
+        one member take 34 s at 3 Mbit/s, past the 30 s default, and the round averaged
+        nothing (a 16 MB round between 2 peers at 1 Mbit/s: each member kept its own values).
+        """
+        round_s = max(0.0, self.deadline_s - self._begun_at)
+        share = min(1.0, (self._bytes_in_flight + nbytes) / max(1, self._round_nbytes))
+        return self.send_timeout_s + round_s * share
 
     async def _transmit(
         self, dest: int, message: Message, *, word: bool = False, counted: bool = True
