@@ -297,3 +297,29 @@ def test_a_home_folder_in_a_path_from_a_file_is_expanded() -> None:
     assert CheckpointConfig(directory="~/runs").directory == f"{home}/runs"
     assert SwarmConfig(status_file="~/me.json").status_file == f"{home}/me.json"
     assert SwarmConfig().status_file == ""
+
+
+def test_a_bad_value_is_said_to_come_from_where_it_was_given(tmp_path: Path) -> None:
+    # The file, a variable and a flag each set a bad choice: each error names its own source.
+    # A variable's or a flag's was said to be "(in config)", or "(in FILE)" where a file was
+    # given too, although the file held no such key.
+    path = _toml(tmp_path, '[swarm]\nstrategy = "diloc"\n')
+    with pytest.raises(
+        ConfigError, match=rf"swarm.strategy: 'diloc' is not one of .*\(in {path}\)"
+    ):
+        load_run_config(path, environ={})
+    plain = _toml(tmp_path, "[train]\nmax_steps = 3\n")
+    env = {"GOSSAMER_SWARM__STRATEGY": "diloc"}
+    with pytest.raises(
+        ConfigError, match=r"\(from environment variable GOSSAMER_SWARM__STRATEGY\)"
+    ):
+        load_run_config(plain, environ=env)
+    with pytest.raises(ConfigError, match=r"\(from flag --swarm.strategy\)"):
+        load_run_config(plain, [("swarm.strategy", "diloc")], environ={})
+    with pytest.raises(ConfigError, match=r"\(from bench diloco's defaults\)"):
+        load_run_config(
+            None,
+            [("swarm.strategy", "diloc")],
+            environ={},
+            override_origins={"swarm.strategy": "bench diloco's defaults"},
+        )

@@ -9,7 +9,6 @@ was reported as a bad value "(in config)" although no config file was given.
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,8 @@ def load_flagged_config(
     flags: Iterable[tuple[str, str]] | None = None,
     base: Mapping[str, Any] | None = None,
 ) -> RunConfig:
-    """:func:`load_run_config`, a bad value's error naming the flag that gave it.
+    """:func:`load_run_config`, a bad value's error naming the flag that gave it, or the
+    command where it set the value itself.
 
     Args:
         path: the config file, or None.
@@ -62,14 +62,8 @@ def load_flagged_config(
     """
     overrides = list(overrides)
     flagged = {key for key, _ in (overrides if flags is None else flags)}
-    try:
-        return load_run_config(path, overrides, base=base)
-    except ConfigError as exc:
-        match = re.fullmatch(r"(?s)([\w.]+): (.*) \(in [^()]*\)", str(exc))
-        if match is None or match.group(1) not in flagged:
-            raise
-        key = match.group(1)
-        raise ConfigError(f"{key}: {match.group(2)} (from flag --{key.replace('_', '-')})") from exc
+    origins = {key: "this command's settings" for key, _ in overrides if key not in flagged}
+    return load_run_config(path, overrides, base=base, override_origins=origins)
 
 
 def _first_unknown_flag(args: Iterable[str]) -> str | None:

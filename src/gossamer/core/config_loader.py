@@ -78,18 +78,26 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return result
 
 
-def config_from_dict(cls: type[T], data: Mapping[str, Any], *, origin: str = "config") -> T:
+def config_from_dict(
+    cls: type[T],
+    data: Mapping[str, Any],
+    *,
+    origin: str = "config",
+    origins: Mapping[str, str] | None = None,
+) -> T:
     """Build ``cls`` from nested dicts, checking every key and type.
 
     Args:
         cls: a config dataclass.
         data: nested mappings of values, as parsed from TOML or JSON.
         origin: where ``data`` came from, for error messages.
+        origins: where single keys came from instead (dotted key -> "flag --train.max-steps",
+            say), for error messages.
 
     Raises:
         ConfigError: on an unknown key, a wrong type or an impossible value.
     """
-    return _build(cls, data, prefix="", origin=origin)
+    return _build(cls, data, prefix="", origin=origin, origins=origins or {})
 
 
 def load_run_config(
@@ -98,14 +106,19 @@ def load_run_config(
     *,
     environ: Mapping[str, str] | None = None,
     base: Mapping[str, Any] | None = None,
+    override_origins: Mapping[str, str] | None = None,
 ) -> RunConfig:
     """Load the root config from an optional TOML file, the environment and flag overrides.
+
+    A wrong value's error says where it came from: the file, a variable, or a flag.
 
     Args:
         path: a TOML file, or None for the defaults.
         overrides: ``(dotted_key, text_value)`` pairs from flags, applied last.
         environ: the environment to read ``GOSSAMER_*`` variables from; ``os.environ`` if None.
         base: nested values to start from instead of the defaults (a checkpoint's config, say).
+        override_origins: where an override came from, by key, if not from its flag
+            (``flag --train.max-steps`` by default).
 
     Raises:
         ConfigError: the file is missing or not TOML, or a key, type or value is wrong.
@@ -141,6 +154,8 @@ def load_run_config(
                 "its permissions"
             ) from exc
     env = os.environ if environ is None else environ
+    origins: dict[str, str] = {}
+    """Keys that came from a variable or a flag -> which (else: the file, or the defaults)."""
     root_keys = {f.name for f in dataclasses.fields(RunConfig) if not _is_section(f)}
     single_underscored = {
         info.key.replace(".", "_"): info.key
@@ -152,7 +167,8 @@ def load_run_config(
             continue
         key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
         if "." in key or key in root_keys:  # GOSSAMER_NAME, GOSSAMER_TRAIN__MAX_STEPS
-            _set_text(data, RunConfig, key, text, origin=f"environment variable {name}")
+            origins[key] = f"environment variable {name}"
+            _set_text(data, RunConfig, key, text, origin=origins[key])
         elif key in single_underscored:  # GOSSAMER_TRAIN_MAX_STEPS: silently ignored before
             meant = single_underscored[key]
             raise ConfigError(
@@ -166,8 +182,12 @@ def load_run_config(
                 f"{ENV_PREFIX}{close[0].upper()}?"
             )
     for key, text in overrides:
-        _set_text(data, RunConfig, key, text, origin=f"flag --{key}")
-    return config_from_dict(RunConfig, data, origin=str(path) if path else "config")
+        given = (override_origins or {}).get(key)
+        origins[key] = given or f"flag --{key.replace('_', '-')}"
+        _set_text(data, RunConfig, key, text, origin=origins[key])
+    return config_from_dict(
+        RunConfig, data, origin=str(path) if path else "config", origins=origins
+    )
 
 
 class NotARegularFileError(OSError):
@@ -407,7 +427,9 @@ def _union_members(hint: Any) -> tuple[Any, ...]:
     return (hint,)
 
 
-def _build(cls: type[T], data: Mapping[str, Any], *, prefix: str, origin: str) -> T:
+def _build(
+    cls: type[T], data: Mapping[str, Any], *, prefix: str, origin: str, origins: Mapping[str, str]
+) -> T:
     if not isinstance(data, Mapping):
         raise ConfigError(
             f"{prefix.rstrip('.') or 'config'} must be a table of keys, got {data!r} (in {origin})"
@@ -421,9 +443,13 @@ def _build(cls: type[T], data: Mapping[str, Any], *, prefix: str, origin: str) -
             _check_known(key, [prefix + n for n in names], origin=origin)
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(typing.cast(type, hint), value, prefix=key + ".", origin=origin)
+            kwargs[name] = _build(
+                typing.cast(type, hint), value, prefix=key + ".", origin=origin, origins=origins
+            )
+        elif key in origins:
+            kwargs[name] = _check_value(value, hint, key=key, where=f"from {origins[key]}")
         else:
-            kwargs[name] = _check_value(value, hint, key=key, origin=origin)
+            kwargs[name] = _check_value(value, hint, key=key, where=f"in {origin}")
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -432,7 +458,7 @@ def _build(cls: type[T], data: Mapping[str, Any], *, prefix: str, origin: str) -
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc} (in {origin})") from exc
 
 
-def _check_value(value: Any, hint: Any, *, key: str, origin: str) -> Any:
+def _check_value(value: Any, hint: Any, *, key: str, where: str) -> Any:
     for option in _union_members(hint):
         if option is type(None) and value is None:
             return None
@@ -441,7 +467,7 @@ def _check_value(value: Any, hint: Any, *, key: str, origin: str) -> Any:
                 return value
             if isinstance(value, str):
                 allowed = ", ".join(repr(a) for a in typing.get_args(option))
-                raise ConfigError(f"{key}: {value!r} is not one of {allowed} (in {origin})")
+                raise ConfigError(f"{key}: {value!r} is not one of {allowed} ({where})")
             continue
         if option is bool:
             if isinstance(value, bool):
@@ -455,5 +481,5 @@ def _check_value(value: Any, hint: Any, *, key: str, origin: str) -> Any:
         elif option is str and isinstance(value, str):
             return value
     raise ConfigError(
-        f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__}) (in {origin})"
+        f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__}) ({where})"
     )
