@@ -23,7 +23,8 @@ from gossamer.store import (
     CheckpointState,
     CheckpointStore,
     CheckpointWriteError,
-    checkpoint,
+    checkpoint_folders,
+    checkpoint_loading,
     checkpoint_reader,
     durable_files,
 )
@@ -794,7 +795,7 @@ def test_a_checkpoint_pruned_after_the_reader_listed_it_is_found_anew(
     real_scan = reader._scan
     num_scans = 0
 
-    def scan_then_writer_saves() -> list[checkpoint._FoundFolder]:
+    def scan_then_writer_saves() -> list[checkpoint_folders._FoundFolder]:
         nonlocal num_scans
         found = real_scan()
         num_scans += 1
@@ -862,7 +863,7 @@ def test_a_checkpoint_that_keeps_changing_is_read_a_bounded_number_of_times(
     monkeypatch.setattr(checkpoint_reader, "decode_manifest", decode_then_writer_saves)
     with pytest.raises(CheckpointCorruptedError, match="changed while it was read"):
         reader.load_latest()
-    assert num_decoded == checkpoint._NUM_READ_PASSES
+    assert num_decoded == checkpoint_loading._NUM_READ_PASSES
 
 
 def test_a_listing_that_raced_a_rename_is_taken_again(
