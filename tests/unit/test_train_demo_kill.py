@@ -35,6 +35,7 @@ class _Swarm:
         self.peer1_round_at = peer1_round_at
         self.rounds_when_killed: int | None = None
         self.calls: list[str] = []
+        self.newcomer_trains_at: int | None = None
 
     def prepare(self, name: str) -> None:
         self.calls.append(f"prepare {name}")
@@ -52,6 +53,8 @@ class _Swarm:
         found: dict[str, dict[str, Any]] = {"peer0": {"address": "a@127.0.0.1:1"}}
         found["peer0"]["step"] = self.polls
         found["peer1"] = {"step": 0, "rounds_by_backend": {"p2p": self._peer1_rounds()}}
+        if self.newcomer_trains_at is not None and self.polls >= self.newcomer_trains_at:
+            found["peer3"] = {"state": "training", "step": 20}
         return found
 
     def wait_for(
@@ -71,8 +74,8 @@ class _Swarm:
         pass
 
 
-def _run(swarm: _Swarm, tmp_path: Path) -> list[str]:
-    events: list[str] = []
+def _run(swarm: _Swarm, tmp_path: Path, events: list[str] | None = None) -> list[str]:
+    events = [] if events is None else events
     demo_swarm._run(
         tmp_path,
         PLAN,
@@ -113,3 +116,18 @@ def test_the_later_peers_import_while_the_first_one_starts(tmp_path: Path) -> No
         _run(swarm, tmp_path)
     assert swarm.calls[:4] == ["start peer0", "prepare peer1", "prepare peer2", "prepare peer3"]
     assert swarm.calls[4:] == ["start peer1", "start peer2", "start peer3"]
+
+
+def test_the_progress_line_says_when_the_newcomer_took_the_state_and_trains(
+    tmp_path: Path,
+) -> None:
+    # The last event stayed "peer3 joined and syncs from donors" while peer3 trained.
+    swarm = _Swarm(peer1_round_at=0)
+    swarm.newcomer_trains_at = 30
+    events: list[str] = []
+    with pytest.raises(RuntimeError, match="did not finish"):
+        _run(swarm, tmp_path, events)
+    assert events[-2:] == [
+        "peer3 joined and syncs from donors",
+        "peer3 took the swarm's state and trains from step 20",
+    ]

@@ -424,10 +424,23 @@ def _run(
         swarm.start(newcomer, address)
         events.append(f"{newcomer} joined and syncs from donors")
         survivors = [n for n in swarm.processes if n not in swarm.killed]
+        synced = False
+
+        def survivors_finished() -> bool:
+            # (the newcomer's line changes once it trains: it kept saying "syncs from donors"
+            # to the end of the run)
+            nonlocal synced
+            status = swarm.statuses().get(newcomer, {})
+            if not synced and status.get("state") in ("training", "done"):
+                synced = True
+                events.append(
+                    f"{newcomer} took the swarm's state and trains from step "
+                    f"{int(status.get('step', 0) or 0)}"
+                )
+            return all(swarm.processes[n].poll() is not None for n in survivors)
+
         finished = swarm.wait_for(
-            lambda: all(swarm.processes[n].poll() is not None for n in survivors),
-            max(10.0, limit_s - (time.monotonic() - started)),
-            refresh,
+            survivors_finished, max(10.0, limit_s - (time.monotonic() - started)), refresh
         )
         refresh("finished" if finished else "out of time")
         if not finished:
