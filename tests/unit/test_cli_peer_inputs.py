@@ -245,7 +245,16 @@ def test_doctor_advises_a_fixed_port_where_its_own_was_random(
 
 
 @pytest.mark.parametrize(
-    "bootstrap", [f"{'a' * 52}@10.9.9.1:7100", "10.9.9.1:7100", "localhost:7100", "[::1]:7100"]
+    "bootstrap",
+    [
+        f"{'a' * 52}@10.9.9.1:7100",
+        "10.9.9.1:7100",
+        "localhost:7100",
+        "[::1]:7100",
+        # Written as a dual-stack socket shows them, these were taken for other machines:
+        "[::ffff:10.9.9.1]:7100",
+        "[::ffff:127.0.0.1]:7100",
+    ],
 )
 def test_doctor_asking_a_peer_on_this_machine_by_its_lan_address_says_it_cannot_tell(
     monkeypatch: pytest.MonkeyPatch, bootstrap: str

@@ -35,6 +35,7 @@ from gossamer.core.config_loader import (
 )
 from gossamer.core.errors import ConfigError, GossamerError, PeerUnavailableError
 from gossamer.core.runtime import freeze_startup_heap
+from gossamer.net.addresses import host_of, ip_of, port_of
 from gossamer.net.advertised_host import local_interface_addresses
 from gossamer.net.bridge import NodeThread
 from gossamer.net.config import (
@@ -406,7 +407,7 @@ def doctor(
             config = _config(listen, bootstrap, swarm_secret_file)
             status = _transient_view(config, 1.0, reachability=True)
             this_machine_only = _only_this_machine(bootstrap)
-            if listen.rpartition(":")[2] == "0":  # (a port picked for this run alone)
+            if port_of(listen) == 0:  # (a port picked for this run alone)
                 status = {**status, "port": 0}
         else:
             raise ConfigError("doctor needs --bootstrap (peers to ask) or --status-file")
@@ -565,22 +566,21 @@ def _only_this_machine(bootstrap: list[str]) -> bool:
     addresses): a peer does not dial back a caller that reached it over loopback (its ports
     there are the peer's machine's), and a dial back from this machine says nothing of other
     machines, so doctor's reachability from here tells nothing."""
-    own: set[str] | None = None
+    own: set[ipaddress.IPv4Address | ipaddress.IPv6Address] | None = None
 
     def on_this_machine(entry: str) -> bool:
         nonlocal own
-        host = entry.rpartition("@")[2].rpartition(":")[0].strip("[]")
+        host = host_of(entry)
         if host == "localhost":
             return True
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:  # (a name: where it leads is not looked up)
+        address = ip_of(host)
+        if address is None:  # (a name: where it leads is not looked up)
             return False
         if address.is_loopback or address.is_unspecified:
             return True
         if own is None:
-            own = {str(ipaddress.ip_address(a)) for a in local_interface_addresses()}
-        return str(address) in own
+            own = {ip for a in local_interface_addresses() if (ip := ip_of(a)) is not None}
+        return address in own
 
     return bool(bootstrap) and all(on_this_machine(entry) for entry in bootstrap)
 

@@ -14,6 +14,7 @@ import ipaddress
 
 from gossamer.comm.transport import MAX_MESSAGE_BYTES, Message, MessageReceiver, sender_host
 from gossamer.core.errors import PeerUnavailableError
+from gossamer.net.addresses import host_of, ip_of
 from gossamer.net.node import Node
 from gossamer.net.server import current_remote_host
 
@@ -54,7 +55,7 @@ class NetCommTransport:
     def _sender_host(self) -> str | None:
         """The host of the message being received (see :func:`sender_host`), or None where it
         came from this machine (see :meth:`_this_machine`)."""
-        ip = _ip_of(current_remote_host())
+        ip = ip_of(current_remote_host())
         if ip is None:
             return None  # (a unix socket, say: this machine)
         if ip.is_loopback or ip.is_unspecified or ip in self._this_machine():
@@ -72,7 +73,7 @@ class NetCommTransport:
             self.node.config.listen_address,
             *self.node.addresses,
         ]
-        ips = (_ip_of(address.rpartition(":")[0]) for address in hosts)
+        ips = (ip_of(host_of(address)) for address in hosts)
         return {ip for ip in ips if ip is not None}
 
     async def send(self, peer_id: str, message: Message, *, timeout_s: float) -> None:
@@ -84,15 +85,3 @@ class NetCommTransport:
     def close(self) -> None:
         """Stop receiving comm messages."""
         self.node.bulk.unregister(COMM_TOPIC)
-
-
-def _ip_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """``host`` as an IP address (an IPv4-mapped one as IPv4), None where it is none. An IPv6
-    address may come bracketed, as HOST:PORT writes it (``[fd00::2]``)."""
-    try:
-        ip = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip

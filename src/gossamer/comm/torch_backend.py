@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import ipaddress
 import logging
 import socket
 import threading
@@ -34,6 +33,7 @@ from torch._C._distributed_c10d import Backend, PrefixStore, Store, TCPStore
 from gossamer.comm.report import AllReduceReport, AllReduceResult, PartOutcome, PartReport
 from gossamer.comm.transport import WEIGHT_RANGE, weight_in_range
 from gossamer.core.errors import DeadlineExceededError, PeerLostError
+from gossamer.net.addresses import ip_of
 
 __all__ = [
     "RetiredRendezvous",
@@ -62,7 +62,7 @@ def choose_backend(requested: str, addresses: Sequence[str]) -> str:
         return requested
     if not addresses or not all(map(site_local, addresses)):
         return "p2p"
-    loopback = [ipaddress.ip_address(a.strip("[]")).is_loopback for a in addresses]
+    loopback = [(ip := ip_of(a)) is not None and ip.is_loopback for a in addresses]
     return "torch" if all(loopback) or not any(loopback) else "p2p"
 
 
@@ -81,11 +81,8 @@ def site_local(host: str) -> bool:
     Names are not resolved: only a literal address counts, so the answer is the same on every
     member that reads it.
     """
-    try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return address.is_loopback or address.is_private or address.is_link_local
+    ip = ip_of(host)
+    return ip is not None and (ip.is_loopback or ip.is_private or ip.is_link_local)
 
 
 def open_leader_store(host: str, world_size: int, timeout_s: float) -> TCPStore:

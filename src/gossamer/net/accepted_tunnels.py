@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from gossamer.core.errors import GossamerError, ProtocolError
+from gossamer.net.addresses import host_of, port_of
 from gossamer.net.connections import PeerConnection
 from gossamer.net.identity import digest_of_peer_id, short_peer_id
 from gossamer.net.owned_tasks import OwnedTasks
@@ -192,10 +193,11 @@ async def accept_tunnel(
     """Accept an announced tunnel: carry it into this node's own server at ``local_address``
     (``heard``, ``sent``: told of its traffic, ``moved``: a mark of its connection's, see
     :func:`carry_socket_over_call`)."""
-    host, _, port = local_address.rpartition(":")
     try:
         async with asyncio.timeout(_LOCAL_CONNECT_TIMEOUT_S):
-            reader, writer = await asyncio.open_connection(host, int(port))
+            reader, writer = await asyncio.open_connection(
+                host_of(local_address), port_of(local_address)
+            )
         accept = connection.stream_stream(ACCEPT_METHOD, net_pb2.TunnelFrame)
 
         def open_call(frames: AsyncIterator[net_pb2.TunnelFrame]) -> Any:

@@ -8,13 +8,13 @@ default route, or the machine's one interface address.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import socket
 import struct
 import sys
 from collections.abc import Callable
 
+from gossamer.net.addresses import host_of, ip_of, port_of
 from gossamer.net.identity import short_peer_id
 
 __all__ = ["local_interface_addresses"]
@@ -84,7 +84,8 @@ def _routable_host(
     bracketed, as HOST:PORT wants them.
 
     Args:
-        listen_host: the host part of the listen address; returned as given unless a wildcard.
+        listen_host: the host part of the listen address (an IPv6 one bracketed or not);
+            returned as given unless a wildcard.
         towards: the bootstrap entries (HOST:PORT or PEER_ID@HOST:PORT).
         warn_as: the peer id to log a warning for where several addresses leave 127.0.0.1 a
             guess; None logs nothing (a node that does not announce itself: nobody dials it).
@@ -93,22 +94,19 @@ def _routable_host(
     """
     if listen_host.strip("[]") not in ("0.0.0.0", "::", ""):
         return listen_host
-    targets = [entry.rpartition("@")[2].rpartition(":") for entry in towards]
-    probes = [(host.strip("[]"), port) for host, _, port in targets]
+    probes = [(host_of(entry), str(port_of(entry))) for entry in towards]
     for host, port in [*probes, *((h, str(p)) for h, p in _DEFAULT_ROUTE_PROBES)]:
         source = route_source(host, port)
-        if source is None:
-            continue
-        with contextlib.suppress(ValueError):
-            found = ipaddress.ip_address(source.partition("%")[0])
-            if not found.is_unspecified:
-                return f"[{found}]" if found.version == 6 else str(found)
+        found = None if source is None else ip_of(source)  # (its %zone dropped)
+        if found is not None and not found.is_unspecified:
+            return f"[{found}]" if found.version == 6 else str(found)
     candidates: list[str] = []
     for address in interface_addresses():
-        with contextlib.suppress(ValueError):
-            found = ipaddress.ip_address(address)
-            if not (found.is_loopback or found.is_link_local or found.is_unspecified):
-                candidates.append(str(found))
+        found = ip_of(address)
+        if found is not None and not (
+            found.is_loopback or found.is_link_local or found.is_unspecified
+        ):
+            candidates.append(str(found))
     candidates = list(dict.fromkeys(candidates))
     if len(candidates) == 1:
         return candidates[0]

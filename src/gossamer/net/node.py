@@ -20,11 +20,10 @@ import grpc
 from google.protobuf.message import Message
 
 from gossamer.core.clock import Clock, Pacer, SystemClock
-from gossamer.core.config import port_number
 from gossamer.core.errors import GossamerError, PeerUnavailableError, ProtocolError
 from gossamer.core.machine import physical_memory_bytes
 from gossamer.net.accepted_tunnels import AcceptedTunnels
-from gossamer.net.addresses import split_host_port
+from gossamer.net.addresses import host_of, ip_of, join_host_port, port_of, split_host_port
 from gossamer.net.advertised_host import _routable_host
 from gossamer.net.bulk import (
     BulkHandler,
@@ -224,10 +223,12 @@ class Node:
     async def start(self) -> None:
         """Listen, publish the peer record, join through the bootstrap peers, start maintenance."""
         await self.server.start()
-        host = self.config.listen_address.rpartition(":")[0]
+        host = host_of(self.config.listen_address)
         announced = self.peer_id if self.config.announce else None
         self.addresses = self.config.advertise_addresses or (
-            f"{_routable_host(host, self.config.bootstrap, warn_as=announced)}:{self.server.port}",
+            join_host_port(
+                _routable_host(host, self.config.bootstrap, warn_as=announced), self.server.port
+            ),
         )
         self.sign_own_record()
         if self.config.bootstrap:
@@ -495,16 +496,19 @@ class Node:
 
     def _reached_on_loopback(self) -> bool:
         """Whether this node's own addresses are loopback ones (a swarm on one machine)."""
-        hosts = [a.rpartition(":")[0].strip("[]") for a in self.addresses]
-        return any(h in ("localhost", "127.0.0.1", "::1") or h.startswith("127.") for h in hosts)
+        hosts = [host_of(a) for a in self.addresses]
+        return any(
+            h == "localhost" or ((ip := ip_of(h)) is not None and ip.is_loopback) for h in hosts
+        )
 
     def _local_address(self) -> str:
-        host = self.config.listen_address.rpartition(":")[0].strip("[]")
-        if host in ("0.0.0.0", ""):
+        """HOST:PORT of this node's own server from this machine (where tunnels end)."""
+        host = host_of(self.config.listen_address)
+        if host == "0.0.0.0":
             host = "127.0.0.1"
         elif host == "::":
             host = "::1"
-        return f"{host}:{self.port}"
+        return join_host_port(host, self.port)
 
     async def _relays_changed(self) -> None:
         self.relays = sorted(self.reservations.active.items())
@@ -569,7 +573,7 @@ class Node:
 
         # In parallel: a helper's dial back to a NATed address waits out its connect deadline.
         responses = await asyncio.gather(*(ask(helper) for helper in helpers))
-        asked_ports = {port_number(a.rpartition(":")[2]) for a in request.addresses}
+        asked_ports = {port_of(a) for a in request.addresses}
         reported: Counter[str] = Counter()  # address -> helpers that reached this node there
         answered = reached = 0
         for response in responses:

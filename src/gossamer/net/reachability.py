@@ -9,15 +9,14 @@ could dial is behind NAT or a firewall and needs a relay.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
+import contextlib
 import logging
 from collections.abc import Callable
 
 import grpc
 
-from gossamer.core.config import port_number
 from gossamer.core.errors import GossamerError, PeerUnavailableError, ProtocolError
-from gossamer.net.addresses import observed_host
+from gossamer.net.addresses import ip_of, join_host_port, observed_host, port_of
 from gossamer.net.connections import ConnectionPool, DialTarget
 from gossamer.net.identity import short_peer_id
 from gossamer.net.server import current_session
@@ -62,16 +61,16 @@ class ReachabilityServicer(net_pb2_grpc.ReachabilityServicer):
         if caller in self._busy:
             raise PeerUnavailableError("a dial back for this peer is under way already")
         seen = observed_host(context.peer())
-        try:
-            loopback = ipaddress.ip_address(seen).is_loopback
-        except ValueError:
-            loopback = False  # not an IP literal (a unix socket, say): nothing to dial
+        ip = ip_of(seen)
+        # Not an IP literal (a unix socket, say), or loopback that is not this node's: no
+        # host to dial.
+        if ip is None or (ip.is_loopback and not self._loopback_ok()):
             seen = ""
-        if loopback and not self._loopback_ok():
-            seen = ""
-        host = f"[{seen}]" if ":" in seen else seen
-        ports = [a.rpartition(":")[2] for a in request.addresses]
-        candidates = [f"{host}:{p}" for p in dict.fromkeys(ports) if seen and port_number(p)]
+        ports: dict[int, None] = {}  # (in the caller's order)
+        for address in request.addresses:
+            with contextlib.suppress(ValueError):  # (not HOST:PORT: no port to dial)
+                ports[port_of(address)] = None
+        candidates = [join_host_port(seen, p) for p in ports if seen and p]
 
         async def try_one(address: str) -> bool:
             try:

@@ -91,13 +91,6 @@ def cert_pem_of_der(cert_der: bytes) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _split_host_port(address: str) -> tuple[str, int]:
-    try:
-        return split_host_port(address)
-    except ProtocolError as exc:
-        raise PeerUnavailableError(f"cannot dial {address!r}: {exc}") from exc
-
-
 async def probe_server_certificate(address: str, timeout_s: float) -> bytes:
     """Open a TLS connection to ``address`` and return the server's certificate (DER).
 
@@ -107,7 +100,10 @@ async def probe_server_certificate(address: str, timeout_s: float) -> bytes:
         PeerUnavailableError: nothing answers there, or it does not speak TLS.
         DeadlineExceededError: the probe took longer than ``timeout_s``.
     """
-    host, port = _split_host_port(address)
+    try:
+        host, port = split_host_port(address)
+    except ProtocolError as exc:
+        raise PeerUnavailableError(f"cannot dial {address!r}: {exc}") from exc
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE  # pinned and verified by the handshake, not by a CA
