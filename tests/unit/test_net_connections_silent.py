@@ -2,7 +2,8 @@
 
 gRPC leaves a connection whose packets are silently lost (NAT or conntrack state gone, a
 partition that healed) in use until ``unacked_data_timeout_s``; heartbeats kept going over it,
-so a live peer that a fresh dial reached was reported back only ~60 s later.
+so a live peer that a fresh dial reached was reported back only ~60 s later. One with a bulk
+upload under way is kept: a chunk shows no life until it is through.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 
 from gossamer.core.clock import FakeClock
 from gossamer.core.errors import DeadlineExceededError
+from gossamer.net.bulk import PUSH_METHOD, PUSH_ONE_METHOD, send_bulk
 from gossamer.net.config import NodeConfig
 from gossamer.net.connections import ConnectionPool, DialTarget, PeerConnection
 from gossamer.net.counters import NetCounters
@@ -26,35 +28,59 @@ PING = "/gossamer.net.v1.Dht/Ping"
 
 
 class _FakeChannel:
-    """Answers unary calls as told; consumes streaming requests; records its closing."""
+    """Answers unary calls as told; consumes streaming requests; records its closing. With
+    ``hold_uploads``, a bulk upload (PushOne, or Push after its first message) is held until
+    ``upload_through`` is set, then fails if ``upload_fails``."""
 
     def __init__(self) -> None:
         self.answers = True
         self.closed = False
+        self.upload_started = asyncio.Event()
+        self.upload_through = asyncio.Event()
+        self.upload_fails = False
+        self.hold_uploads = False
+
+    async def _upload(self) -> Any:
+        if not self.hold_uploads:
+            return net_pb2.BulkAck(transfer_complete=True)
+        self.upload_started.set()
+        await self.upload_through.wait()
+        if self.upload_fails:
+            raise _deadline_exceeded()
+        return net_pb2.BulkAck(transfer_complete=True)
 
     def unary_unary(self, method: str, **kwargs: Any) -> Any:
         async def call(request: Any, **call_kwargs: Any) -> Any:
+            if method == PUSH_ONE_METHOD:
+                return await self._upload()
             if not self.answers:
-                raise grpc.aio.AioRpcError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    grpc.aio.Metadata(),
-                    grpc.aio.Metadata(),
-                    details="Deadline Exceeded",
-                )
+                raise _deadline_exceeded()
             return net_pb2.PingResponse()
 
         return call
 
     def stream_unary(self, method: str, **kwargs: Any) -> Any:
         async def call(requests: Any, **call_kwargs: Any) -> Any:
+            requests = aiter(requests)
+            await anext(requests)
+            ack = await self._upload()
             async for _ in requests:
                 pass
-            return net_pb2.BulkAck()
+            return ack
 
         return call
 
     async def close(self, grace: float | None) -> None:
         self.closed = True
+
+
+def _deadline_exceeded() -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        details="Deadline Exceeded",
+    )
 
 
 def _pool_with(
@@ -147,5 +173,73 @@ def test_a_bulk_transfer_making_progress_keeps_a_connection_whose_heartbeats_tim
             await _heartbeat(pool)
         assert pool.get(PEER) is connection
         assert not fake.closed
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("num_bytes", "method"), [(100, PUSH_ONE_METHOD), (5000, PUSH_METHOD)], ids=["one", "stream"]
+)
+def test_a_bulk_upload_under_way_keeps_a_connection_whose_heartbeats_time_out(
+    num_bytes: int, method: str
+) -> None:
+    # One chunk (up to 4 MiB, ~35 s at 1 Mbit/s) shows no life until it is through, and the
+    # heartbeats queued behind it time out: the connection was closed under the upload, which
+    # failed every time.
+    async def scenario() -> None:
+        clock = FakeClock()
+        pool, connection, fake = _pool_with(clock)
+        fake.answers = False
+        fake.hold_uploads = True
+        upload = asyncio.create_task(
+            send_bulk(
+                pool,
+                PEER,
+                "t",
+                b"x" * num_bytes,
+                chunk_bytes=1024,
+                timeout_s=60.0,
+                counters=NetCounters(),
+            )
+        )
+        await fake.upload_started.wait()
+        clock.advance(30.0)
+        with pytest.raises(DeadlineExceededError):
+            await _heartbeat(pool)
+        assert pool.get(PEER) is connection, "the connection was closed under the upload"
+        assert not fake.closed
+        fake.upload_through.set()
+        await upload
+        assert connection.num_uploads == 0
+        assert connection.last_life_s == clock.monotonic(), "a completed upload is life"
+        clock.advance(16.0)  # (silent again, and no upload: closed as before)
+        with pytest.raises(DeadlineExceededError):
+            await _heartbeat(pool)
+        assert pool.get(PEER) is None
+        assert fake.closed
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_upload_leaves_a_silent_connection_to_be_closed() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        pool, _, fake = _pool_with(clock)
+        fake.answers = False
+        fake.hold_uploads = fake.upload_fails = True
+        upload = asyncio.create_task(
+            send_bulk(
+                pool, PEER, "t", b"x", chunk_bytes=1024, timeout_s=60.0, counters=NetCounters()
+            )
+        )
+        await fake.upload_started.wait()
+        clock.advance(30.0)
+        fake.upload_through.set()
+        with pytest.raises(DeadlineExceededError):
+            await upload
+        with pytest.raises(DeadlineExceededError):
+            await _heartbeat(pool)
+        assert pool.get(PEER) is None, "a dead connection stayed in use after its upload failed"
+        assert fake.closed
 
     asyncio.run(scenario())

@@ -664,6 +664,7 @@ async def send_bulk(
                     method, request_serializer=_pre_serialized, response_deserializer=ack
                 )
                 await push(chunks(start, stop), timeout=time_left(), metadata=connection.metadata)
+            connection.last_life_s = pool.clock.monotonic()
         except grpc.aio.AioRpcError as exc:
             raise await pool.failed(connection, exc, method) from exc
         except asyncio.CancelledError:
@@ -672,6 +673,9 @@ async def send_bulk(
             raise error from None
 
     started = time.perf_counter()
+    # (a chunk shows no life on the connection until it is through: heartbeats timing out
+    # behind it must not close the connection under it, see ConnectionPool.drop_if_silent)
+    connection.num_uploads += 1
     try:
         if num_streams == 1:
             await one_stream(0, total)  # no task for the one stream
@@ -683,6 +687,8 @@ async def send_bulk(
         first_error = group_error.exceptions[0]
         counters.call_made(peer_id, method, time.perf_counter() - started, ok=False)
         raise first_error from None
+    finally:
+        connection.num_uploads -= 1
     counters.call_made(peer_id, method, time.perf_counter() - started, ok=True)
     counters.sent(peer_id, total)
     _log.debug(

@@ -413,7 +413,8 @@ class NodeConfig:
     twice in a run, where at 60 s both transfers went through. It is also how long a server or
     relay keeps a vanished client's socket and reservation. A peer gone is noticed by the
     failure detector's heartbeats, not by this, and a silently dead connection they watch is
-    closed after the keepalive window (``ConnectionPool.drop_if_silent``)."""
+    closed after the keepalive window (``ConnectionPool.drop_if_silent``), unless a bulk upload
+    is under way on it: that one is left to this timeout (or to the upload's deadline)."""
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     """Sizes and counts accepted from the network."""
     retry: RetryConfig = field(default_factory=RetryConfig)

@@ -86,10 +86,14 @@ class PeerConnection:
     opened_at_s: float
     """Monotonic time it was opened."""
     last_life_s: float = 0.0
-    """Monotonic time the connection last showed life: a call on it through the pool completed
-    (or its handler answered), or a streaming call on it took its next message (the previous
-    one was written, so the peer's flow-control window let it through: a bulk transfer or a
-    tunnel making progress)."""
+    """Monotonic time the connection last showed life: a call on it through the pool or a bulk
+    transfer on it completed (or its handler answered), or a streaming call on it took its next
+    message (the previous one was written, so the peer's flow-control window let it through: a
+    bulk transfer or a tunnel making progress)."""
+    num_uploads: int = 0
+    """Bulk transfers (:func:`gossamer.net.bulk.send_bulk`) under way on it. One chunk of a
+    transfer (up to 4 MiB, a unary call) shows no life until it is through, ~35 s on a 1 Mbit/s
+    link: while one is under way, :meth:`ConnectionPool.drop_if_silent` keeps the connection."""
     _callables: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     def unary_unary(self, method: str, response_type: type[R]) -> Any:
@@ -485,8 +489,8 @@ class ConnectionPool:
                 liveness is told, and other calls' failures (a slow handler past the caller's
                 deadline) opened the breaker and made a live peer look gone. A heartbeat that
                 runs past its deadline closes its connection if nothing on it showed life
-                for ``keepalive_interval_s + keepalive_timeout_s`` (see
-                :meth:`drop_if_silent`): the next one dials afresh.
+                for ``keepalive_interval_s + keepalive_timeout_s`` and no bulk upload is under
+                way on it (see :meth:`drop_if_silent`): the next one dials afresh.
 
         Raises:
             GossamerError: the mapped error of the last attempt.
@@ -608,10 +612,21 @@ class ConnectionPool:
         ``unacked_data_timeout_s``, and heartbeats kept going over it: a live peer that a fresh
         dial reached stayed gone that long. One that shows life is kept: on a thin link busy
         both ways a heartbeat's answer queues behind a bulk transfer that makes progress.
+
+        One with a bulk upload under way (:attr:`PeerConnection.num_uploads`) is kept too: a
+        chunk of up to 4 MiB shows no life until it is through (~35 s at 1 Mbit/s), and closing
+        the connection failed the upload, every time, so a peer behind a thin uplink never
+        finished one while its failure detector ran. Dead under an upload, the connection is
+        closed by the kernel once its data goes unacknowledged for ``unacked_data_timeout_s``,
+        or the upload ends at its own deadline and the next heartbeat that times out closes it.
         """
         window_s = self._config.keepalive_interval_s + self._config.keepalive_timeout_s
         quiet_s = self._clock.monotonic() - connection.last_life_s
-        if quiet_s < window_s or self._connections.get(connection.peer_id) is not connection:
+        if (
+            quiet_s < window_s
+            or connection.num_uploads > 0
+            or self._connections.get(connection.peer_id) is not connection
+        ):
             return False
         _log.info(
             "peer %s: connection to %s showed no life for %.1f s and heartbeats time out: "

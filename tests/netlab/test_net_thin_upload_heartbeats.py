@@ -1,0 +1,162 @@
+"""A bulk upload slower than the keepalive window finishes while heartbeats time out behind it.
+
+A heartbeat that runs past its deadline closes its connection if nothing on it showed life for
+``keepalive_interval_s + keepalive_timeout_s`` (15 s). A transfer sent in one chunk (4 MiB, one
+unary call: what comm sends an all-reduce part with) shows none until it completes, and on a
+1 Mbit/s link it takes ~35 s, while the heartbeats, queued behind it, time out: the connection
+was closed under it, every time, so a peer behind such an uplink never finished a transfer
+while its failure detector ran. Here the sender heartbeats the receiver as the failure detector
+does (every 0.5 s, 2.5 s deadline) while it sends, and the transfer must finish on the
+connection it began on.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from netlab_support import MakeLab
+
+RATE_BPS = 1_000_000
+PAYLOAD_BYTES = 4 * 1024 * 1024
+
+_PEER = """
+import asyncio, hashlib, json, logging, os, sys, time
+from pathlib import Path
+from gossamer.core.errors import GossamerError
+from gossamer.net.config import NodeConfig
+from gossamer.net.node import Node
+
+role, folder, host = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+
+def write(name, data):
+    tmp = folder / (name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, folder / name)
+
+async def receive():
+    done = asyncio.Event()
+    async def handler(sender, topic, data):
+        write("received.json", {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        done.set()
+    async with Node(NodeConfig(listen_address=host + ":0")) as node:
+        node.on_bulk("t", handler)
+        write("ready.json", {"peer_id": node.peer_id, "port": node.port})
+        await asyncio.wait_for(done.wait(), 150)
+        await asyncio.sleep(float(sys.argv[4]))  # (answers the sender's last calls, bounded)
+
+class Closings(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+    def emit(self, record):
+        if "showed no life" in record.getMessage():
+            self.lines.append(record.getMessage())
+
+async def send():
+    entry, size = sys.argv[4], int(sys.argv[5])
+    closings = Closings()
+    logging.getLogger("gossamer.net.connections").addHandler(closings)
+    logging.getLogger("gossamer.net.connections").setLevel(logging.INFO)
+    payload = os.urandom(size)
+    async with Node(NodeConfig(listen_address=host + ":0", bootstrap=(entry,))) as node:
+        peer_id = entry.partition("@")[0]
+        connection = await node.pool.connection(peer_id)
+        heartbeats = {"ok": 0, "failed": 0}
+
+        async def heartbeat_forever():  # (as the failure detector does)
+            while True:
+                try:
+                    await node._heartbeat(peer_id, timeout_s=2.5)
+                    heartbeats["ok"] += 1
+                except GossamerError:
+                    heartbeats["failed"] += 1
+                await asyncio.sleep(0.5)
+
+        write("sending.json", {})
+        started, error = time.monotonic(), ""
+        beating = asyncio.create_task(heartbeat_forever())
+        try:
+            await node.send_bulk(peer_id, "t", payload, timeout_s=120)
+        except GossamerError as exc:
+            error = repr(exc)
+        finally:
+            beating.cancel()
+            try:
+                await beating
+            except asyncio.CancelledError:
+                pass
+        write("sent.json", {
+            "error": error,
+            "seconds": time.monotonic() - started,
+            "same_connection": node.pool.get(peer_id) is connection,
+            "closings": closings.lines,
+            "heartbeats": heartbeats,
+            "sha256": hashlib.sha256(payload).hexdigest(),
+        })
+
+asyncio.run(receive() if role == "receive" else send())
+"""
+
+
+def _wait_for_file(path: Path, timeout_s: float, processes: list[subprocess.Popen[bytes]]) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            return json.loads(path.read_text())
+        for process in processes:
+            assert process.poll() is None, f"a peer process exited early ({process.poll()})"
+        time.sleep(0.02)  # polling a file the peer writes atomically, under a deadline
+    raise AssertionError(f"{path.name} did not appear within {timeout_s} s")
+
+
+@pytest.mark.slow
+def test_a_one_chunk_upload_on_a_1_mbit_link_outlives_timed_out_heartbeats(
+    make_lab: MakeLab, tmp_path: Path
+) -> None:
+    processes: list[subprocess.Popen[bytes]] = []
+    with make_lab(num_peers=2, rate_bps=RATE_BPS) as lab:
+        try:
+
+            def spawn(name: str, folder: Path, *args: str) -> None:
+                folder.mkdir()
+                argv = [sys.executable, "-c", _PEER, *args[:1], str(folder), *args[1:]]
+                with (tmp_path / f"{name}.log").open("w") as log:
+                    processes.append(
+                        subprocess.Popen(lab.command_in(name, argv), stdout=log, stderr=log)
+                    )
+
+            receiver, sender = tmp_path / "p0", tmp_path / "p1"
+            spawn("p0", receiver, "receive", lab.address_of("p0"), "10")
+            ready = _wait_for_file(receiver / "ready.json", 20, processes)
+            entry = f"{ready['peer_id']}@{lab.address_of('p0')}:{ready['port']}"
+            spawn("p1", sender, "send", lab.address_of("p1"), entry, str(PAYLOAD_BYTES))
+            sent = _wait_for_file(sender / "sent.json", 150, processes)
+            received_path = receiver / "received.json"
+            received = json.loads(received_path.read_text()) if received_path.exists() else {}
+        finally:
+            for process in processes:
+                process.send_signal(signal.SIGTERM)
+            for process in processes:
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(timeout=10)
+
+    log = (tmp_path / "p1.log").read_text()[-3000:]
+    print(f"\n{PAYLOAD_BYTES} bytes in one chunk at {RATE_BPS} bit/s with heartbeats: {sent}")
+    # (the old code: "connection to ... showed no life for 15.x s ... closed", and the upload
+    # ended "its connection was closed under it")
+    assert sent["closings"] == [], log
+    assert sent["error"] == "", log
+    assert sent["same_connection"], log
+    assert received.get("sha256") == sent["sha256"]
+    # (the heartbeats did time out behind the upload: the condition under test held)
+    assert sent["heartbeats"]["failed"] > 0, sent
