@@ -18,9 +18,9 @@ from torch import nn
 from gossamer.net.node import Node
 from gossamer.train.diloco import DiLoCoConfig
 from gossamer.train.state_sync_donor import StateDonor
-from gossamer.train.swarm import SwarmDiLoCoStrategy
 from gossamer.train.swarm_averager import SwarmAverager
 from gossamer.train.swarm_averager_config import SwarmAveragerConfig
+from gossamer.train.swarm_diloco import SwarmDiLoCoStrategy
 from loopback_nodes import start_node_threads
 
 RUN = "final-agreement"

@@ -25,13 +25,12 @@ from torch import nn
 
 from gossamer.core.errors import DeadlineExceededError
 from gossamer.net.node import Node
-from gossamer.train import swarm as swarm_module
-from gossamer.train import swarm_averager
+from gossamer.train import swarm_averager, swarm_catch_up
 from gossamer.train.diloco import DiLoCoConfig
 from gossamer.train.state_sync_donor import StateDonor
-from gossamer.train.swarm import SwarmDiLoCoStrategy
 from gossamer.train.swarm_averager import SwarmAverager
 from gossamer.train.swarm_averager_config import SwarmAveragerConfig
+from gossamer.train.swarm_diloco import SwarmDiLoCoStrategy
 from loopback_nodes import average_all, start_averagers, start_node_threads
 
 RUN = "failed-everywhere"
@@ -115,7 +114,7 @@ def test_a_round_that_failed_on_every_member_is_formed_again_with_its_progress(
     monkeypatch: pytest.MonkeyPatch, failure: str
 ) -> None:
     # (shorter than the 30 s: the old code waited that twice, and still failed below)
-    monkeypatch.setattr(swarm_module, "_NEWER_STATE_WAIT_S", 5.0)
+    monkeypatch.setattr(swarm_catch_up, "_NEWER_STATE_WAIT_S", 5.0)
     real_all_reduce = swarm_averager.all_reduce
     failed_keys: list[str] = []
 
@@ -187,7 +186,7 @@ def test_members_that_fail_far_apart_form_the_next_attempt_at_the_same_boundary(
     # boundary and missed it again, and only then formed outer/1#1: a boundary after the
     # second did. Every later round paired boundaries a step apart, and the peers ended one
     # outer step apart with different weights.
-    monkeypatch.setattr(swarm_module, "_NEWER_STATE_WAIT_S", 2.0)
+    monkeypatch.setattr(swarm_catch_up, "_NEWER_STATE_WAIT_S", 2.0)
     real_all_reduce = swarm_averager.all_reduce
     delays_s: dict[object, float] = {}
     failed_keys: list[str] = []

@@ -19,7 +19,7 @@ from gossamer.obs.goodput import GoodputTracker
 from gossamer.obs.metrics import PeerMetrics
 from gossamer.train.averaging import AverageOutcome
 from gossamer.train.demo_swarm import swarm_goodput
-from gossamer.train.swarm import ObservedAverager
+from gossamer.train.swarm_observed_averager import ObservedAverager
 
 
 def _samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gossamer.train.loop import TrainResult
 from gossamer.train.strategy import LocalStrategy
-from gossamer.train.swarm import StatusFileListener
+from gossamer.train.swarm_status_file import StatusFileListener
 
 
 def test_the_address_is_in_the_status_file_before_training_starts(tmp_path: Path) -> None:

@@ -20,13 +20,13 @@ from torch import nn
 from gossamer.core.errors import ConfigError, PeerUnavailableError
 from gossamer.core.hashing import sha256_state
 from gossamer.obs.metrics import PeerMetrics
-from gossamer.train import swarm as swarm_module
+from gossamer.train import swarm_catch_up, swarm_diloco, swarm_state_exchange
 from gossamer.train.averaging import AverageOutcome, begin_round
 from gossamer.train.diloco import DiLoCoConfig
 from gossamer.train.state_sync import StateSnapshot
 from gossamer.train.state_sync_wire import StateSyncLimits, decode_manifest, serialize_snapshot
-from gossamer.train.swarm import SwarmDiLoCoStrategy
 from gossamer.train.swarm_averager import RoundFate
+from gossamer.train.swarm_diloco import SwarmDiLoCoStrategy
 from gossamer.train.swarm_sync import meta_bytes_bound
 
 INNER_STEPS = 2
@@ -311,7 +311,7 @@ def test_a_peer_takes_state_only_from_its_own_run_s_active_peers(
         asked.append(list(donors))
         return strategy._snapshot(step=0), 0
 
-    monkeypatch.setattr(swarm_module, "download_from_donors", download)
+    monkeypatch.setattr(swarm_state_exchange, "download_from_donors", download)
     assert strategy._download(version=None) is not None
     assert asked == [["b" * 64]]
     strategy.close()
@@ -422,7 +422,7 @@ def test_a_peer_behind_at_finish_adds_nothing_to_the_tail_round(
     # It took the others' newer state (its local model restarted from it) and still joined the
     # tail round at full weight with a zero pseudo-gradient: with two peers, half the others'
     # last outer step.
-    monkeypatch.setattr(swarm_module, "_FINAL_AGREEMENT_S", 0.0)
+    monkeypatch.setattr(swarm_diloco, "_FINAL_AGREEMENT_S", 0.0)
     torch.manual_seed(0)
     model = nn.Linear(4, 4)
     averager = _WeightLog()
@@ -690,7 +690,7 @@ def test_a_newcomer_whose_model_is_not_the_runs_stops_with_what_to_do(
     # Refused with a warning only, it trained alone: its rounds never met the others'.
     deeper = _strategy_on(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)))
     state = deeper._snapshot(step=0)
-    monkeypatch.setattr(swarm_module, "download_from_donors", lambda *a, **k: (state, 1))
+    monkeypatch.setattr(swarm_state_exchange, "download_from_donors", lambda *a, **k: (state, 1))
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     newcomer = SwarmDiLoCoStrategy(
         DiLoCoConfig(inner_steps=INNER_STEPS, run_id="r"),
@@ -734,7 +734,7 @@ def test_the_state_of_a_model_of_8000_parameter_tensors_passes_the_meta_limits_i
         asked.append(kwargs.get("max_meta_bytes"))
         raise PeerUnavailableError("no donor here")
 
-    monkeypatch.setattr(swarm_module, "download_from_donors", download)
+    monkeypatch.setattr(swarm_state_exchange, "download_from_donors", download)
     assert strategy._download(version=None, donors=["b" * 64]) is None
     strategy._publish(step=0)
     bound = meta_bytes_bound(list(model.parameters()))
@@ -780,7 +780,7 @@ def test_a_newcomer_whose_diloco_settings_are_not_the_runs_stops_naming_the_sett
     state = run._snapshot(step=0)
     assert state.meta["diloco"]["inner_steps"] == (10 if "inner_steps" in theirs else 5)
     assert state.meta["of_the_run"] is True
-    monkeypatch.setattr(swarm_module, "download_from_donors", lambda *a, **k: (state, 1))
+    monkeypatch.setattr(swarm_state_exchange, "download_from_donors", lambda *a, **k: (state, 1))
     model = nn.Linear(4, 4)
     newcomer = SwarmDiLoCoStrategy(
         DiLoCoConfig(inner_steps=5, run_id="r"),
@@ -819,7 +819,7 @@ def test_peers_started_together_do_not_refuse_each_other_for_a_state_nobody_aver
     first = _strategy_with(other if odd == "donor" else honest, nn.Linear(4, 4))
     state = first._snapshot(step=0)
     assert state.version == 0
-    monkeypatch.setattr(swarm_module, "download_from_donors", lambda *a, **k: (state, 1))
+    monkeypatch.setattr(swarm_state_exchange, "download_from_donors", lambda *a, **k: (state, 1))
     model = nn.Linear(4, 4)
     newcomer = SwarmDiLoCoStrategy(
         honest if odd == "donor" else other,
@@ -1022,8 +1022,8 @@ def test_a_round_failed_on_every_member_is_formed_again_with_its_progress(
 ) -> None:
     # Before, the peer waited 30 s for a newer state nobody published, then formed the round
     # again under the same key, closed by the failed attempt: never averaged again.
-    monkeypatch.setattr(swarm_module, "_FINAL_AGREEMENT_S", 0.0)
-    monkeypatch.setattr(swarm_module, "_NEWER_STATE_WAIT_S", 1.0)  # (the old code's wait)
+    monkeypatch.setattr(swarm_diloco, "_FINAL_AGREEMENT_S", 0.0)
+    monkeypatch.setattr(swarm_catch_up, "_NEWER_STATE_WAIT_S", 1.0)  # (the old code's wait)
     averager = _FailedEverywhere("r/outer/1")
     strategy = SwarmDiLoCoStrategy(
         DiLoCoConfig(
@@ -1087,7 +1087,7 @@ def test_a_peer_waiting_for_a_newer_state_neither_downloads_at_every_poll_nor_fr
     # Peers a, b (H 10) beside an odd x (H 5) that never met them: a counted x's versions, was
     # behind, and waited 30 s for a newer state, downloading every 0.2 s (x won the tie of
     # two donors as the newer version; its state refused as unusable): 145 downloads in a run.
-    monkeypatch.setattr(swarm_module, "_NEWER_STATE_WAIT_S", 1.0)
+    monkeypatch.setattr(swarm_catch_up, "_NEWER_STATE_WAIT_S", 1.0)
     strategy = SwarmDiLoCoStrategy(
         DiLoCoConfig(inner_steps=INNER_STEPS, run_id="r"),
         cast(Any, _OddPeerAverager()),
@@ -1105,7 +1105,7 @@ def test_a_peer_waiting_for_a_newer_state_neither_downloads_at_every_poll_nor_fr
         asked.append(list(donors))
         return same, 0
 
-    monkeypatch.setattr(swarm_module, "download_from_donors", download)
+    monkeypatch.setattr(swarm_state_exchange, "download_from_donors", download)
     assert strategy._wait_for_newer_state() is None
     assert asked == [["b" * 64]]  # one try (then one per 2 s), never x
     strategy.close()
@@ -1169,8 +1169,8 @@ def test_a_failed_download_of_a_newer_state_is_tried_again_at_the_next_poll(
             raise PeerUnavailableError("circuit breaker open for peer bbbbbbbb")
         return newer, 100
 
-    monkeypatch.setattr(swarm_module, "download_from_donors", download)
-    monkeypatch.setattr(swarm_module, "time", clock)
+    monkeypatch.setattr(swarm_state_exchange, "download_from_donors", download)
+    monkeypatch.setattr(swarm_catch_up, "time", clock)
     assert strategy._wait_for_newer_state() is newer
     assert tried_at_s == [0.0, pytest.approx(0.2)]  # the next poll, not 2 s later
     monkeypatch.undo()
@@ -1180,7 +1180,7 @@ def test_a_failed_download_of_a_newer_state_is_tried_again_at_the_next_poll(
 def test_downloads_that_keep_failing_are_tried_less_and_less_often(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(swarm_module, "_NEWER_STATE_WAIT_S", 8.0)
+    monkeypatch.setattr(swarm_catch_up, "_NEWER_STATE_WAIT_S", 8.0)
     strategy = _missed_round_4()
     clock = _FakeTime()
     tried_at_s: list[float] = []
@@ -1189,8 +1189,8 @@ def test_downloads_that_keep_failing_are_tried_less_and_less_often(
         tried_at_s.append(clock.now_s)
         raise PeerUnavailableError("circuit breaker open for peer bbbbbbbb")
 
-    monkeypatch.setattr(swarm_module, "download_from_donors", download)
-    monkeypatch.setattr(swarm_module, "time", clock)
+    monkeypatch.setattr(swarm_state_exchange, "download_from_donors", download)
+    monkeypatch.setattr(swarm_catch_up, "time", clock)
     assert strategy._wait_for_newer_state() is None
     monkeypatch.undo()
     gaps = [later - earlier for earlier, later in itertools.pairwise(tried_at_s)]
@@ -1267,7 +1267,7 @@ def test_a_peer_is_not_moved_to_a_round_most_of_the_run_is_not_in(
 ) -> None:
     # Any peer can nudge: one alone (a peer that lies, or the first of many to come) in the
     # round does not move this one off its own boundary.
-    monkeypatch.setattr(swarm_module, "_JOIN_CHECK_EVERY_S", 60.0)
+    monkeypatch.setattr(swarm_catch_up, "_JOIN_CHECK_EVERY_S", 60.0)
     h = INNER_STEPS * 4
     averager = _NudgedForItsRound(entered=1)
     strategy, model = _newcomer_at_outer_step_4(averager)
