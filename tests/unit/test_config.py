@@ -323,3 +323,15 @@ def test_a_bad_value_is_said_to_come_from_where_it_was_given(tmp_path: Path) -> 
             environ={},
             override_origins={"swarm.strategy": "bench diloco's defaults"},
         )
+
+
+@pytest.mark.parametrize("address", ["::0", "::1:7000", "fd00::2:7000", "[]:7000"])
+def test_a_listen_address_with_an_ipv6_host_out_of_brackets_is_refused(address: str) -> None:
+    # "::0" passed as host ":" at port 0, and the peer that listened on it crashed with a
+    # traceback once it had started.
+    with pytest.raises(ConfigError, match=r"net\.listen_address: .*IPv6 host in brackets"):
+        NodeConfig(listen_address=address)
+    with pytest.raises(ConfigError, match=r"swarm\.listen: .*IPv6 host in brackets"):
+        load_run_config(None, [("swarm.listen", address)], environ={})
+    NodeConfig(listen_address="[::]:0")
+    NodeConfig(listen_address="[::1]:7000")

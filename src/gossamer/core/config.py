@@ -313,9 +313,14 @@ def port_number(text: str) -> int | None:
 
 
 def is_host_port(address: str, *, lowest_port: int) -> bool:
-    """Whether ``address`` is HOST:PORT with a port from ``lowest_port`` to 65535."""
+    """Whether ``address`` is HOST:PORT with a port from ``lowest_port`` to 65535, an IPv6 host
+    in brackets (``::0`` alone passed, as host ``:`` and port 0, and crashed the peer that
+    listened on it)."""
     host, sep, port = address.rpartition(":")
     number = port_number(port)
+    bracketed = host.startswith("[") and host.endswith("]") and len(host) > 2
+    if (":" in host or host.startswith("[")) and not bracketed:
+        return False
     return bool(sep and host) and number is not None and number >= lowest_port
 
 
@@ -404,7 +409,8 @@ class SwarmConfig:
         _require(
             is_host_port(self.listen, lowest_port=0),
             "swarm.listen",
-            f"expected HOST:PORT (port 0 picks a free one), got {self.listen!r}",
+            "expected HOST:PORT, an IPv6 host in brackets ([::]:7000; port 0 picks a free one), "
+            f"got {self.listen!r}",
         )
         for entry in self.bootstrap_addresses:
             peer_id, at, address = entry.rpartition("@")

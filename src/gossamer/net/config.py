@@ -36,7 +36,8 @@ def _check_address(key: str, address: str) -> None:
     _require(
         is_host_port(address, lowest_port=0),
         key,
-        f"expected HOST:PORT (port 0 picks a free one), got {address!r}",
+        "expected HOST:PORT, an IPv6 host in brackets ([::]:7000; port 0 picks a free one), "
+        f"got {address!r}",
     )
 
 
