@@ -1,4 +1,4 @@
-"""A bulk upload slower than the keepalive window finishes while heartbeats time out behind it.
+"""Bulk uploads slower than the keepalive window finish while heartbeats time out behind them.
 
 A heartbeat that runs past its deadline closes its connection if nothing on it showed life for
 ``keepalive_interval_s + keepalive_timeout_s`` (15 s). A transfer sent in one chunk (4 MiB, one
@@ -116,10 +116,9 @@ def _wait_for_file(path: Path, timeout_s: float, processes: list[subprocess.Pope
     raise AssertionError(f"{path.name} did not appear within {timeout_s} s")
 
 
-@pytest.mark.slow
-def test_a_one_chunk_upload_on_a_1_mbit_link_outlives_timed_out_heartbeats(
-    make_lab: MakeLab, tmp_path: Path
-) -> None:
+def _upload(make_lab: MakeLab, tmp_path: Path, payload_bytes: int) -> tuple[Any, Any, str]:
+    """Send ``payload_bytes`` from p1 to p0 over a 1 Mbit/s link, heartbeating as it goes:
+    what the sender and the receiver wrote, and the end of the sender's log."""
     processes: list[subprocess.Popen[bytes]] = []
     with make_lab(num_peers=2, rate_bps=RATE_BPS) as lab:
         try:
@@ -136,7 +135,7 @@ def test_a_one_chunk_upload_on_a_1_mbit_link_outlives_timed_out_heartbeats(
             spawn("p0", receiver, "receive", lab.address_of("p0"), "10")
             ready = _wait_for_file(receiver / "ready.json", 20, processes)
             entry = f"{ready['peer_id']}@{lab.address_of('p0')}:{ready['port']}"
-            spawn("p1", sender, "send", lab.address_of("p1"), entry, str(PAYLOAD_BYTES))
+            spawn("p1", sender, "send", lab.address_of("p1"), entry, str(payload_bytes))
             sent = _wait_for_file(sender / "sent.json", 150, processes)
             received_path = receiver / "received.json"
             received = json.loads(received_path.read_text()) if received_path.exists() else {}
@@ -149,8 +148,14 @@ def test_a_one_chunk_upload_on_a_1_mbit_link_outlives_timed_out_heartbeats(
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait(timeout=10)
+    return sent, received, (tmp_path / "p1.log").read_text()[-3000:]
 
-    log = (tmp_path / "p1.log").read_text()[-3000:]
+
+@pytest.mark.slow
+def test_a_one_chunk_upload_on_a_1_mbit_link_outlives_timed_out_heartbeats(
+    make_lab: MakeLab, tmp_path: Path
+) -> None:
+    sent, received, log = _upload(make_lab, tmp_path, PAYLOAD_BYTES)
     print(f"\n{PAYLOAD_BYTES} bytes in one chunk at {RATE_BPS} bit/s with heartbeats: {sent}")
     # (the old code: "connection to ... showed no life for 15.x s ... closed", and the upload
     # ended "its connection was closed under it")
@@ -160,3 +165,23 @@ def test_a_one_chunk_upload_on_a_1_mbit_link_outlives_timed_out_heartbeats(
     assert received.get("sha256") == sent["sha256"]
     # (the heartbeats did time out behind the upload: the condition under test held)
     assert sent["heartbeats"]["failed"] > 0, sent
+
+
+@pytest.mark.slow
+def test_a_streamed_upload_on_a_1_mbit_link_arrives_at_the_link_s_rate(
+    make_lab: MakeLab, tmp_path: Path
+) -> None:
+    # 6 MiB is more than a chunk (4 MiB): it goes as a stream. Its chunks were 4 MiB each,
+    # 35 s apiece at 1 Mbit/s, and the receiver gave up on the stream after 30 s without a
+    # whole chunk (limits.bulk_idle_timeout_s): a peer behind such an uplink never sent a
+    # newcomer its state. Its chunks now grow and shrink to go out in seconds.
+    payload_bytes = 6 * 1024 * 1024
+    sent, received, log = _upload(make_lab, tmp_path, payload_bytes)
+    print(f"\n{payload_bytes} bytes streamed at {RATE_BPS} bit/s with heartbeats: {sent}")
+    # (the old code: "INVALID_ARGUMENT: bulk stream sent nothing for 30 s")
+    assert sent["error"] == "", log
+    assert received.get("sha256") == sent["sha256"]
+    assert sent["closings"] == [], log
+    assert sent["same_connection"], log
+    # 50 s of payload at the link's rate; chunks of a few seconds keep it near that
+    assert sent["seconds"] < 60, sent

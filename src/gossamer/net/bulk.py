@@ -60,6 +60,19 @@ _TAIL_SLACK_BYTES = 1024
 _DATA_FIELD = 5
 _MAX_VARINT_BYTES = 10
 
+_FIRST_CHUNK_BYTES = 256 * 1024
+"""A stream's first chunk (and its smallest, but for its last), shared among a transfer's
+streams: the receiver gives up on a stream that brings no whole chunk for
+``limits.bulk_idle_timeout_s`` (30 s), so chunks of this size keep links down to about
+70 kbit/s working."""
+_MIN_CHUNK_BYTES = 16 * 1024
+"""No stream's chunks are smaller than this (a transfer over many streams shares the first
+chunk size among them)."""
+_CHUNK_TARGET_S = 1.0
+"""A chunk that went out within this long is followed by one twice its size."""
+_CHUNK_SLOW_S = 4.0
+"""A chunk that took longer than this is followed by one half its size."""
+
 BulkHandler = Callable[[str, str, bytearray], Awaitable[None]]
 """Called with (sender peer id, topic, payload) once a transfer is complete."""
 
@@ -582,6 +595,74 @@ class _Pieces:
         return out
 
 
+class _ChunkSizes:
+    """The sizes of one stream's chunks, fitted to the link as TCP's slow start fits its
+    window.
+
+    A stream of chunks of ``limits.bulk_chunk_bytes`` (4 MiB) took 35 s a chunk on a 1 Mbit/s
+    link, past the receiver's idle timeout (``limits.bulk_idle_timeout_s``, 30 s, for a
+    stream that brings no whole chunk): such a transfer never finished, and a peer behind a
+    thin uplink never served a newcomer its state. Now a stream starts small and doubles its
+    chunks while each goes out within :data:`_CHUNK_TARGET_S`, up to ``max_bytes``, and
+    halves them (not below its first size) after one that took over :data:`_CHUNK_SLOW_S`:
+    a chunk takes seconds on any link, and on a fast one the stream reaches whole chunks after
+    a few.
+
+    Args:
+        max_bytes: the largest chunk (``chunk_bytes`` of :func:`send_bulk`).
+        num_streams: the transfer's streams, which share the link: each starts at its share
+            of :data:`_FIRST_CHUNK_BYTES`.
+    """
+
+    def __init__(self, max_bytes: int, num_streams: int = 1) -> None:
+        if max_bytes < 1 or num_streams < 1:
+            raise ValueError(
+                f"chunks of at least 1 byte over at least 1 stream, got {max_bytes} bytes "
+                f"over {num_streams}"
+            )
+        self.max_bytes = max_bytes
+        self.min_bytes = min(max_bytes, max(_MIN_CHUNK_BYTES, _FIRST_CHUNK_BYTES // num_streams))
+        self.next_bytes = self.min_bytes
+        """The size of the stream's next chunk."""
+
+    def took(self, seconds: float) -> None:
+        """The last chunk (of :attr:`next_bytes`) took ``seconds`` to go out: size the next."""
+        if seconds <= _CHUNK_TARGET_S:
+            self.next_bytes = min(self.max_bytes, 2 * self.next_bytes)
+        elif seconds > _CHUNK_SLOW_S:
+            self.next_bytes = max(self.min_bytes, self.next_bytes // 2)
+
+
+async def _stream_chunks(
+    pieces: _Pieces,
+    first: net_pb2.BulkChunk,
+    stop: int,
+    sizes: _ChunkSizes,
+    clock: Clock,
+) -> AsyncIterator[bytes]:
+    """The wire chunks of one stream, bytes ``first.offset..stop`` of ``pieces``, sized by
+    ``sizes``; the first carries ``first``'s fields, the others their offset only.
+
+    A chunk's time is from its yield to the next request for one: gRPC asks for the next
+    message once it wrote the last (into flow control's window and the socket's buffer, which
+    fill on a slow link, so the time then follows the link's rate).
+    """
+    fields = first
+    offset = first.offset
+    while True:  # at least one chunk, even for an empty payload
+        end = min(offset + sizes.next_bytes, stop)
+        if stop - end <= _TAIL_SLACK_BYTES:
+            end = stop  # a few bytes past a whole chunk ride along instead of a tiny chunk
+        chunk = _encode_chunk(fields, pieces.cut(offset, end))
+        started = clock.monotonic()
+        yield chunk
+        offset = end
+        if offset >= stop:
+            return
+        sizes.took(clock.monotonic() - started)
+        fields = net_pb2.BulkChunk(offset=offset)
+
+
 async def send_bulk(
     pool: ConnectionPool,
     peer_id: str,
@@ -600,7 +681,9 @@ async def send_bulk(
         peer_id: the receiver.
         topic: the handler to deliver to.
         payload: the bytes: one buffer or several, sent back to back.
-        chunk_bytes: bytes per chunk (within the message size limit).
+        chunk_bytes: the largest chunk (within the message size limit). A stream's chunks
+            start smaller and grow as the link takes them (see :class:`_ChunkSizes`); a
+            transfer of one chunk goes whole.
         num_streams: parallel streams (more can fill a long fat link).
         timeout_s: deadline of the whole transfer.
         counters: bytes sent are counted here.
@@ -635,19 +718,6 @@ async def send_bulk(
             offset=start,
         )
 
-    async def chunks(start: int, stop: int) -> AsyncIterator[bytes]:
-        fields = header(start)
-        offset = start
-        while True:  # at least one chunk, even for an empty payload
-            end = min(offset + chunk_bytes, stop)
-            if stop - end <= _TAIL_SLACK_BYTES:
-                end = stop  # a few bytes past a whole chunk ride along instead of a tiny chunk
-            yield _encode_chunk(fields, pieces.cut(offset, end))
-            offset = end
-            if offset >= stop:
-                return
-            fields = net_pb2.BulkChunk(offset=offset)
-
     async def one_stream(start: int, stop: int) -> None:
         # Chunks go out pre-serialized (see _encode_chunk): the payload is copied once into
         # the message instead of three times (slice to bytes, into the message, serialized).
@@ -663,7 +733,9 @@ async def send_bulk(
                 push = channel.stream_unary(
                     method, request_serializer=_pre_serialized, response_deserializer=ack
                 )
-                await push(chunks(start, stop), timeout=time_left(), metadata=connection.metadata)
+                sizes = _ChunkSizes(chunk_bytes, num_streams)
+                chunks = _stream_chunks(pieces, header(start), stop, sizes, SystemClock())
+                await push(chunks, timeout=time_left(), metadata=connection.metadata)
             connection.last_life_s = pool.clock.monotonic()
         except grpc.aio.AioRpcError as exc:
             raise await pool.failed(connection, exc, method) from exc

@@ -86,7 +86,9 @@ class LimitsConfig:
     max_message_bytes: int = 8 * _MiB
     """Largest single gRPC message sent or received."""
     bulk_chunk_bytes: int = 4 * _MiB
-    """Payload bytes per bulk-stream chunk (a transfer of up to one chunk is one unary call)."""
+    """Largest payload of a bulk-stream chunk (a transfer of up to one chunk is one unary call).
+    A stream's chunks start at 256 KiB and double while each goes out within a second, so a
+    chunk takes seconds on a thin link (see ``bulk._ChunkSizes``)."""
     max_bulk_transfer_bytes: int = 1 << 30
     """Largest bulk transfer accepted (8 GiB until 2026-12-06; comm's messages are at most
     128 MiB, state sync's replies 64 MiB)."""
