@@ -36,6 +36,11 @@ class _Swarm:
         self.rounds_when_killed: int | None = None
         self.calls: list[str] = []
         self.newcomer_trains_at: int | None = None
+        self.newcomer_status: dict[str, Any] = {
+            "state": "training",
+            "step": 20,
+            "time_to_productive_s": 1.5,
+        }
 
     def prepare(self, name: str) -> None:
         self.calls.append(f"prepare {name}")
@@ -54,7 +59,7 @@ class _Swarm:
         found["peer0"]["step"] = self.polls
         found["peer1"] = {"step": 0, "rounds_by_backend": {"p2p": self._peer1_rounds()}}
         if self.newcomer_trains_at is not None and self.polls >= self.newcomer_trains_at:
-            found["peer3"] = {"state": "training", "step": 20}
+            found["peer3"] = dict(self.newcomer_status)
         return found
 
     def wait_for(
@@ -118,16 +123,32 @@ def test_the_later_peers_import_while_the_first_one_starts(tmp_path: Path) -> No
     assert swarm.calls[4:] == ["start peer1", "start peer2", "start peer3"]
 
 
+@pytest.mark.parametrize(
+    ("status", "said"),
+    [
+        (
+            {"state": "training", "step": 20, "time_to_productive_s": 1.5},
+            "peer3 took the swarm's state and trains from step 20",
+        ),
+        # a download that brought nothing: it trains from its own step-0 weights
+        (
+            {"state": "training", "step": 0, "time_to_productive_s": None},
+            "peer3 took no state from donors and trains from its own",
+        ),
+        (
+            {"state": "done", "step": 60, "time_to_productive_s": 1.5},
+            "peer3 took the swarm's state and finished",
+        ),
+    ],
+)
 def test_the_progress_line_says_when_the_newcomer_took_the_state_and_trains(
-    tmp_path: Path,
+    tmp_path: Path, status: dict[str, Any], said: str
 ) -> None:
     # The last event stayed "peer3 joined and syncs from donors" while peer3 trained.
     swarm = _Swarm(peer1_round_at=0)
     swarm.newcomer_trains_at = 30
+    swarm.newcomer_status = status
     events: list[str] = []
     with pytest.raises(RuntimeError, match="did not finish"):
         _run(swarm, tmp_path, events)
-    assert events[-2:] == [
-        "peer3 joined and syncs from donors",
-        "peer3 took the swarm's state and trains from step 20",
-    ]
+    assert events[-2:] == ["peer3 joined and syncs from donors", said]

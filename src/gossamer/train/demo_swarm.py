@@ -433,10 +433,15 @@ def _run(
             status = swarm.statuses().get(newcomer, {})
             if not synced and status.get("state") in ("training", "done"):
                 synced = True
-                events.append(
-                    f"{newcomer} took the swarm's state and trains from step "
-                    f"{int(status.get('step', 0) or 0)}"
-                )
+                if status.get("time_to_productive_s") is None:  # (set only when it took one)
+                    events.append(f"{newcomer} took no state from donors and trains from its own")
+                elif status.get("state") == "done":
+                    events.append(f"{newcomer} took the swarm's state and finished")
+                else:
+                    events.append(
+                        f"{newcomer} took the swarm's state and trains from step "
+                        f"{int(status.get('step', 0) or 0)}"
+                    )
             return all(swarm.processes[n].poll() is not None for n in survivors)
 
         finished = swarm.wait_for(
