@@ -335,3 +335,24 @@ def test_a_listen_address_with_an_ipv6_host_out_of_brackets_is_refused(address: 
         load_run_config(None, [("swarm.listen", address)], environ={})
     NodeConfig(listen_address="[::]:0")
     NodeConfig(listen_address="[::1]:7000")
+
+
+def test_a_value_a_config_refuses_names_where_it_came_from(tmp_path: Path) -> None:
+    # A config's own checks ("must be positive") named the key but never the source.
+    path = _toml(tmp_path, "[optim]\nlr = -1.0\n")
+    with pytest.raises(ConfigError, match=rf"optim\.lr: .*positive.*\(in {path}\)"):
+        load_run_config(path, environ={})
+    with pytest.raises(ConfigError, match=r"optim\.lr: .*\(from environment variable "):
+        load_run_config(None, environ={"GOSSAMER_OPTIM__LR": "-1"})
+    with pytest.raises(ConfigError, match=r"optim\.lr: .*\(from flag --optim\.lr\)"):
+        load_run_config(None, [("optim.lr", "-1")], environ={})
+
+
+def test_a_section_set_to_a_value_in_the_file_is_blamed_on_the_file(tmp_path: Path) -> None:
+    # It was blamed on the flag that set a key inside it.
+    path = _toml(tmp_path, "swarm = 5\n")
+    with pytest.raises(
+        ConfigError,
+        match=rf"swarm must be a table of keys, not 5 \(in {path}\); flag --swarm\.outer-lr",
+    ):
+        load_run_config(path, [("swarm.outer_lr", "1")], environ={})

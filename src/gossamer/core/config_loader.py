@@ -156,6 +156,7 @@ def load_run_config(
     env = os.environ if environ is None else environ
     origins: dict[str, str] = {}
     """Keys that came from a variable or a flag -> which (else: the file, or the defaults)."""
+    where: dict[str, Any] = {"origins": origins, "base_origin": str(path) if path else "config"}
     root_keys = {f.name for f in dataclasses.fields(RunConfig) if not _is_section(f)}
     single_underscored = {
         info.key.replace(".", "_"): info.key
@@ -168,7 +169,7 @@ def load_run_config(
         key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
         if "." in key or key in root_keys:  # GOSSAMER_NAME, GOSSAMER_TRAIN__MAX_STEPS
             origins[key] = f"environment variable {name}"
-            _set_text(data, RunConfig, key, text, origin=origins[key])
+            _set_text(data, RunConfig, key, text, origin=origins[key], **where)
         elif key in single_underscored:  # GOSSAMER_TRAIN_MAX_STEPS: silently ignored before
             meant = single_underscored[key]
             raise ConfigError(
@@ -184,10 +185,8 @@ def load_run_config(
     for key, text in overrides:
         given = (override_origins or {}).get(key)
         origins[key] = given or f"flag --{key.replace('_', '-')}"
-        _set_text(data, RunConfig, key, text, origin=origins[key])
-    return config_from_dict(
-        RunConfig, data, origin=str(path) if path else "config", origins=origins
-    )
+        _set_text(data, RunConfig, key, text, origin=origins[key], **where)
+    return config_from_dict(RunConfig, data, origin=where["base_origin"], origins=origins)
 
 
 class NotARegularFileError(OSError):
@@ -364,17 +363,33 @@ def _check_known(key: str, known: Iterable[str], *, origin: str) -> None:
     raise ConfigError(f"unknown config key {key!r} (from {origin}){hint}")
 
 
-def _set_text(data: dict[str, Any], cls: type, key: str, text: str, *, origin: str) -> None:
+def _set_text(
+    data: dict[str, Any],
+    cls: type,
+    key: str,
+    text: str,
+    *,
+    origin: str,
+    origins: Mapping[str, str] | None = None,
+    base_origin: str = "config",
+) -> None:
     infos = {info.key: info for info in describe_fields(cls)}
     _check_known(key, infos, origin=origin)
     hint = _leaf_hint(cls, key)
     value = _parse_text(text, hint, key=key, origin=origin)
     node = data
     *sections, leaf = key.split(".")
-    for section in sections:
+    for depth, section in enumerate(sections):
         child = node.setdefault(section, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"{section} must be a table of keys, not {child!r} (from {origin})")
+            # (the scalar was set before this key: by the file, or a variable or flag for it)
+            dotted = ".".join(sections[: depth + 1])
+            where = (origins or {}).get(dotted)
+            said = f"from {where}" if where else f"in {base_origin}"
+            raise ConfigError(
+                f"{dotted} must be a table of keys, not {child!r} ({said}); {origin} sets "
+                f"{key} inside it"
+            )
         node = child
     node[leaf] = value
 
@@ -452,7 +467,13 @@ def _build(
             kwargs[name] = _check_value(value, hint, key=key, where=f"in {origin}")
     try:
         return cls(**kwargs)
-    except ConfigError:
+    except ConfigError as exc:
+        # (a config's own check names the key first: "optim.lr: must be positive, got -1.0")
+        key = str(exc).partition(":")[0]
+        if key in origins:
+            raise ConfigError(f"{exc} (from {origins[key]})") from exc
+        if origin != "config" and key.startswith(prefix) and key[len(prefix) :] in data:
+            raise ConfigError(f"{exc} (in {origin})") from exc
         raise
     except TypeError as exc:  # a required field is missing
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc} (in {origin})") from exc
