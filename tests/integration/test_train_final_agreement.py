@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from gossamer.net.node import Node
-from gossamer.train.diloco import DiLoCoConfig
+from gossamer.train.diloco_config import DiLoCoConfig
 from gossamer.train.state_sync_donor import StateDonor
 from gossamer.train.swarm_averager import SwarmAverager
 from gossamer.train.swarm_averager_config import SwarmAveragerConfig

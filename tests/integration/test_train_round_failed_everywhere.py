@@ -26,7 +26,7 @@ from torch import nn
 from gossamer.core.errors import DeadlineExceededError
 from gossamer.net.node import Node
 from gossamer.train import swarm_averager, swarm_catch_up
-from gossamer.train.diloco import DiLoCoConfig
+from gossamer.train.diloco_config import DiLoCoConfig
 from gossamer.train.state_sync_donor import StateDonor
 from gossamer.train.swarm_averager import SwarmAverager
 from gossamer.train.swarm_averager_config import SwarmAveragerConfig

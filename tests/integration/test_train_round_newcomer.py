@@ -23,7 +23,7 @@ from torch import nn
 
 from gossamer.net.bridge import NodeThread
 from gossamer.net.node import Node
-from gossamer.train.diloco import DiLoCoConfig
+from gossamer.train.diloco_config import DiLoCoConfig
 from gossamer.train.state_sync_donor import StateDonor
 from gossamer.train.swarm_averager import SwarmAverager
 from gossamer.train.swarm_averager_config import SwarmAveragerConfig

@@ -25,8 +25,9 @@ from gossamer.core.config import (
 from gossamer.core.hashing import sha256_state
 from gossamer.train import Trainer
 from gossamer.train.averaging import InProcessGroup
-from gossamer.train.diloco import DiLoCoConfig, DiLoCoStrategy
-from gossamer.train.loop import ProgressEvent, TrainingListener
+from gossamer.train.diloco import DiLoCoStrategy
+from gossamer.train.diloco_config import DiLoCoConfig
+from gossamer.train.run_events import ProgressEvent, TrainingListener
 
 H = 4
 

@@ -28,9 +28,10 @@ from gossamer.obs.metrics import PeerMetrics
 from gossamer.store import CheckpointState, CheckpointStore
 from gossamer.train import Trainer, train
 from gossamer.train.averaging import InProcessGroup
-from gossamer.train.diloco import DiLoCoConfig, DiLoCoStrategy
-from gossamer.train.loop import ProgressEvent, TrainingListener
+from gossamer.train.diloco import DiLoCoStrategy
+from gossamer.train.diloco_config import DiLoCoConfig
 from gossamer.train.optim import ScheduleRefit, learning_rate_at
+from gossamer.train.run_events import ProgressEvent, TrainingListener
 from gossamer.train.strategy import LocalStrategy
 
 TEXT = "def add(a, b):\n    return a + b\n\n" * 200 + "class Point:\n    x: int\n    y: int\n" * 100

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from gossamer.train.loop import TrainResult
+from gossamer.train.run_events import TrainResult
 from gossamer.train.strategy import LocalStrategy
 from gossamer.train.swarm_status_file import StatusFileListener
 

@@ -32,12 +32,9 @@ from gossamer.models.gpt import GPT
 from gossamer.train import Trainer, TrainResult
 from gossamer.train.averaging import AverageOutcome, InProcessGroup, PendingRound, TensorAverager
 from gossamer.train.checkpointing import RunState, estimate_checkpoint_num_bytes
-from gossamer.train.diloco import (
-    MAX_FAILED_ATTEMPTS,
-    DiLoCoConfig,
-    DiLoCoStrategy,
-    averaged_buffers,
-)
+from gossamer.train.diloco import DiLoCoStrategy
+from gossamer.train.diloco_config import DiLoCoConfig
+from gossamer.train.diloco_outer_step import MAX_FAILED_ATTEMPTS, averaged_buffers
 from gossamer.train.strategy import TrainingStrategy
 from gossamer.train.sync import SyncStrategy
 from gossamer.train.thread_swarm import run_thread_swarm

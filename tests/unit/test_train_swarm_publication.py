@@ -22,7 +22,7 @@ from gossamer.core.hashing import sha256_state
 from gossamer.obs.metrics import PeerMetrics
 from gossamer.train import swarm_catch_up, swarm_diloco, swarm_state_exchange
 from gossamer.train.averaging import AverageOutcome, begin_round
-from gossamer.train.diloco import DiLoCoConfig
+from gossamer.train.diloco_config import DiLoCoConfig
 from gossamer.train.state_sync import StateSnapshot
 from gossamer.train.state_sync_wire import StateSyncLimits, decode_manifest, serialize_snapshot
 from gossamer.train.swarm_averager import RoundFate

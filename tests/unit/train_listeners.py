@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gossamer.train.loop import TrainingListener
+from gossamer.train.run_events import TrainingListener
 
 
 class CrashAfterCheckpoint(TrainingListener):

@@ -33,7 +33,8 @@ from gossamer.core.config import CheckpointConfig, RunConfig
 from gossamer.core.errors import GossamerError
 from gossamer.data import load_corpus
 from gossamer.train.averaging import InProcessGroup
-from gossamer.train.diloco import DiLoCoConfig, DiLoCoStrategy
+from gossamer.train.diloco import DiLoCoStrategy
+from gossamer.train.diloco_config import DiLoCoConfig
 from gossamer.train.strategy import TrainingStrategy
 from gossamer.train.sync import SyncStrategy
 from gossamer.train.thread_swarm import ThreadSwarmResult, run_thread_swarm

@@ -48,8 +48,9 @@ from gossamer.net.bridge import NodeThread
 from gossamer.net.identity import Identity, load_or_create_identity
 from gossamer.obs.trace import Span, SpanRecorder
 from gossamer.train.inference import mean_validation_loss
-from gossamer.train.loop import Trainer, TrainingListener
+from gossamer.train.loop import Trainer
 from gossamer.train.optim import build_optimizer, learning_rate_at
+from gossamer.train.run_events import TrainingListener
 from gossamer.train.swarm import (
     run_swarm_peer,
     stream_seed_of,

@@ -11,14 +11,8 @@ from typing import TYPE_CHECKING
 from gossamer.core.runtime import lazy_attributes
 
 if TYPE_CHECKING:
-    from gossamer.train.loop import (
-        ModelFactory,
-        ProgressEvent,
-        Trainer,
-        TrainingListener,
-        TrainResult,
-        train,
-    )
+    from gossamer.train.loop import ModelFactory, Trainer, train
+    from gossamer.train.run_events import ProgressEvent, TrainingListener, TrainResult
     from gossamer.train.strategy import LocalStrategy, TrainingStrategy
 
 __all__ = [
@@ -36,10 +30,10 @@ _HOMES = {
     "LocalStrategy": "gossamer.train.strategy",
     "TrainingStrategy": "gossamer.train.strategy",
     "ModelFactory": "gossamer.train.loop",
-    "ProgressEvent": "gossamer.train.loop",
-    "TrainResult": "gossamer.train.loop",
+    "ProgressEvent": "gossamer.train.run_events",
+    "TrainResult": "gossamer.train.run_events",
     "Trainer": "gossamer.train.loop",
-    "TrainingListener": "gossamer.train.loop",
+    "TrainingListener": "gossamer.train.run_events",
     "train": "gossamer.train.loop",
 }
 

@@ -15,7 +15,8 @@ from typing import Any
 
 from gossamer.core.config import CheckpointConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
 from gossamer.train.inference import load_model, sample_text
-from gossamer.train.loop import Trainer, TrainingListener
+from gossamer.train.loop import Trainer
+from gossamer.train.run_events import TrainingListener
 
 __all__ = ["DemoSummary", "demo_config", "run_demo"]
 

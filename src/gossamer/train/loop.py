@@ -14,7 +14,6 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -35,6 +34,7 @@ from gossamer.obs.trace import SpanRecorder
 from gossamer.store import CheckpointDiskFullError, CheckpointStore
 from gossamer.store.checkpoint import format_num_bytes
 from gossamer.store.lease import directory_lease
+from gossamer.train.budget_schedule import BudgetFittedSchedule
 from gossamer.train.checkpointing import (
     RunState,
     capture_run_state,
@@ -42,10 +42,11 @@ from gossamer.train.checkpointing import (
     restore_run_state,
 )
 from gossamer.train.inference import mean_validation_loss
-from gossamer.train.optim import ScheduleRefit, build_optimizer, learning_rate_at, warmup_steps
+from gossamer.train.optim import build_optimizer
+from gossamer.train.run_events import ProgressEvent, TrainingListener, TrainResult
 from gossamer.train.strategy import LocalStrategy, TrainingStrategy, optional_hook
 
-__all__ = ["ModelFactory", "ProgressEvent", "TrainResult", "Trainer", "TrainingListener", "train"]
+__all__ = ["ModelFactory", "Trainer", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,16 +62,6 @@ _RESUME_WATCHED_KEYS: dict[str, tuple[str, ...]] = {
 """Settings a resume warns of when they differ from the checkpoint's config: they change the
 learning rate's schedule or what one step trains on."""
 
-_SCHEDULE_CALIBRATION_STEPS = 20
-"""Steps measured before a time budget fixes the schedule's length."""
-_SCHEDULE_BUDGET_SHARE = 0.93
-"""Share of the budget planned for steps; evaluation and checkpoints take the rest."""
-_SCHEDULE_REFIT_WINDOW_SHARE = 0.1
-"""Share of the budget the step rate is measured over before the schedule may be fitted again."""
-_SCHEDULE_REFIT_TOLERANCE = 0.1
-"""How far (a share) the step rate may move from the one the schedule's end assumes before the
-end follows it."""
-
 
 def _data_sha256(manifest: dict[str, Any]) -> str | None:
     """The training tokens' sha256 from a corpus manifest, if it has one."""
@@ -78,83 +69,7 @@ def _data_sha256(manifest: dict[str, Any]) -> str | None:
     return digest if isinstance(digest, str) else None
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ProgressEvent:
-    """One finished optimizer step, as a progress display sees it."""
-
-    step: int
-    """Steps done so far in the run (1 after the first step)."""
-    max_steps: int
-    """The run's total steps."""
-    loss: float
-    """Mean training loss over the step's micro-batches."""
-    lr: float
-    """Learning rate used for the step."""
-    tokens_per_s: float
-    """Training tokens per second of training time, since this process started."""
-    elapsed_s: float
-    """Wall seconds since this process started the run."""
-    eta_s: float
-    """Estimated wall seconds to the end (of the step budget or the time budget, if sooner)."""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class TrainResult:
-    """What a run did."""
-
-    start_step: int
-    """Step the run started from (non-zero after a resume)."""
-    steps_done: int
-    """Step reached at the end (steps in the whole run, resumes included)."""
-    tokens_trained: int
-    """Training tokens consumed in the whole run, resumes included."""
-    tokens_this_session: int
-    """Training tokens consumed by this process."""
-    train_seconds: float
-    """Seconds spent in training steps by this process (no evaluation, no checkpointing)."""
-    wall_seconds: float
-    """Wall seconds of this process's run, evaluation and checkpointing included."""
-    val_loss_before: float
-    """Validation loss when this process started (after any resume)."""
-    val_loss_after: float
-    """Validation loss at the end (NaN where the run was interrupted: none is measured then)."""
-    final_train_loss: float
-    """Training loss of the last step (NaN if no step ran)."""
-    checkpoint_path: Path | None
-    """The checkpoint written at the end."""
-    resumed_from: Path | None
-    """The checkpoint this process resumed from, if any."""
-    stopped_by_time_budget: bool
-    """True if ``train.max_seconds`` ended the run before ``train.max_steps``."""
-    num_parameters: int
-    """Distinct trainable parameters of the model."""
-    interrupted: bool = False
-    """True if a stop was asked for (Ctrl-C, SIGTERM) and the run paused before its end: its
-    checkpoint is of the step reached, and the same command resumes it."""
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Training throughput of this process: tokens per second of training time."""
-        return self.tokens_this_session / self.train_seconds if self.train_seconds > 0 else 0.0
-
-
-class TrainingListener:
-    """Receives the run's events; subclass and override what you need (all do nothing here)."""
-
-    def on_start(self, *, start_step: int, max_steps: int, num_parameters: int) -> None:
-        """The run is about to take its first step."""
-
-    def on_eval(self, *, step: int, val_loss: float) -> None:
-        """A validation loss was measured at ``step``."""
-
-    def on_step(self, event: ProgressEvent) -> None:
-        """An optimizer step finished."""
-
-    def on_checkpoint(self, *, step: int, path: Path) -> None:
-        """A checkpoint was written."""
-
-
-class Trainer:
+class Trainer(BudgetFittedSchedule):
     """Trains one peer's model; the strategy decides how it cooperates with others.
 
     Args:
@@ -352,103 +267,6 @@ class Trainer:
         return self.run_state.model
 
     @property
-    def schedule_steps(self) -> int:
-        """Length of the learning-rate schedule: ``train.max_steps``, or fitted to the budget."""
-        fitted = self.run_state.schedule_steps
-        max_steps = self.config.train.max_steps
-        return max_steps if fitted is None else min(fitted, max_steps)
-
-    def _fit_schedule_to_budget(self, step: int, start_step: int, elapsed_s: float) -> None:
-        """With a time budget, fit the schedule's length to the measured step rate.
-
-        The learning rate then decays fully by the end of the budget instead of being cut off
-        mid-schedule. The length is first fixed after a few steps, then fitted again to what is
-        left of the budget wherever the step rate over the last tenth of it or more moves more
-        than a tenth from the rate the length assumes (a swarm peer's first steps may run alone
-        and fast, its rounds with others slow it later). The fits, their rate and the budget
-        spent are saved in checkpoints, so a resumed run follows them, and fits again to the
-        run's budget, not to a session's own.
-        """
-        budget_s = self.config.train.max_seconds
-        if not budget_s:
-            return
-        run = self.run_state
-        if run.schedule_steps is not None:
-            self._refit_schedule(step, elapsed_s, budget_s)
-            return
-        if step - start_step < _SCHEDULE_CALIBRATION_STEPS:
-            return
-        steps_per_s = (step - start_step) / elapsed_s
-        run.schedule_steps = self._reachable_steps(
-            step, steps_per_s, self._spent_before + elapsed_s, budget_s
-        )
-        run.schedule_fitted_at = step
-        run.schedule_rate = steps_per_s
-        self._rate_since = (step, elapsed_s)
-        logger.info(
-            "peer %s step %d: learning-rate schedule fitted to the time budget: %d steps",
-            self.spans.peer,
-            step,
-            self.schedule_steps,
-        )
-
-    def _reachable_steps(
-        self, step: int, steps_per_s: float, elapsed_s: float, budget_s: float
-    ) -> int:
-        # The share is of the whole budget, so that fits at a steady rate agree.
-        left_s = budget_s * _SCHEDULE_BUDGET_SHARE - elapsed_s
-        reachable = step + int(steps_per_s * max(0.0, left_s))
-        # At least one step more than taken, never more than max_steps (a fit on the last step
-        # must not make the run one step longer).
-        return min(self.config.train.max_steps, max(step + 1, reachable))
-
-    def _refit_schedule(self, step: int, elapsed_s: float, budget_s: float) -> None:
-        run = self.run_state
-        if self._rate_since is None:  # (a resumed session measures from its start)
-            self._rate_since = (step, elapsed_s)
-            return
-        since_step, since_s = self._rate_since
-        window_s = elapsed_s - since_s
-        if (
-            step - since_step < _SCHEDULE_CALIBRATION_STEPS
-            or window_s < budget_s * _SCHEDULE_REFIT_WINDOW_SHARE
-        ):
-            return
-        self._rate_since = (step, elapsed_s)
-        end = self.schedule_steps
-        if step >= end or step < warmup_steps(self.config.optim, self.config.train.max_steps):
-            return  # (the warm-up keeps its length)
-        rate = (step - since_step) / window_s
-        assumed = run.schedule_rate
-        if assumed is None:  # (a checkpoint from before the rate was kept: from here on)
-            run.schedule_rate = rate
-            return
-        if abs(rate / assumed - 1.0) <= _SCHEDULE_REFIT_TOLERANCE:
-            # (the rate the end assumes: no refit. Fitted again regardless, a resumed session,
-            # with a budget of its own, stretched the schedule its checkpoint holds by half)
-            return
-        run.schedule_rate = rate
-        reachable = self._reachable_steps(step, rate, self._spent_before + elapsed_s, budget_s)
-        if abs(reachable - end) < 2:
-            return
-        last = run.schedule_refit
-        run.schedule_refit = ScheduleRefit(
-            at_step=step,
-            position=last.position_at(step, end) if last is not None else float(step),
-            first_steps=last.first_steps if last is not None else end,
-        )
-        run.schedule_steps = reachable
-        logger.info(
-            "peer %s step %d: learning-rate schedule fitted again to the step rate of the last "
-            "%.0f s: %d steps (was %d)",
-            self.spans.peer,
-            step,
-            window_s,
-            reachable,
-            end,
-        )
-
-    @property
     def step(self) -> int:
         """Optimizer steps taken so far in the run."""
         return self.run_state.step
@@ -573,17 +391,6 @@ class Trainer:
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
-
-    def _learning_rate_at(self, step: int) -> float:
-        """The learning rate of step ``step`` under this session's config and schedule."""
-        return learning_rate_at(
-            step,
-            config=self.config.optim,
-            max_steps=self.schedule_steps,
-            planned_steps=self.config.train.max_steps,  # (the fitted length comes part way)
-            fitted_at=self.run_state.schedule_fitted_at,
-            refit=self.run_state.schedule_refit,
-        )
 
     def _train_step(self, step: int) -> float:
         run = self.run_state

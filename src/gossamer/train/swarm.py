@@ -30,14 +30,9 @@ from gossamer.net.node import Node
 from gossamer.obs.metrics import PeerMetrics
 from gossamer.obs.trace import SpanRecorder
 from gossamer.store.lease import directory_lease
-from gossamer.train.diloco import DiLoCoConfig
-from gossamer.train.loop import (
-    ModelFactory,
-    ProgressEvent,
-    Trainer,
-    TrainingListener,
-    TrainResult,
-)
+from gossamer.train.diloco_config import DiLoCoConfig
+from gossamer.train.loop import ModelFactory, Trainer
+from gossamer.train.run_events import ProgressEvent, TrainingListener, TrainResult
 from gossamer.train.state_sync_donor import StateDonor
 from gossamer.train.strategy import TrainingStrategy
 from gossamer.train.swarm_averager import SwarmAverager

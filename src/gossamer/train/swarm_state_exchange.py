@@ -32,7 +32,9 @@ from gossamer.net.bridge import NodeThread
 from gossamer.net.node import Node
 from gossamer.obs.metrics import PeerMetrics
 from gossamer.obs.trace import nested_span
-from gossamer.train.diloco import DiLoCoConfig, DiLoCoStrategy, hashed_global_state
+from gossamer.train.diloco import DiLoCoStrategy
+from gossamer.train.diloco_config import DiLoCoConfig
+from gossamer.train.diloco_outer_step import hashed_global_state
 from gossamer.train.state_sync import StateSnapshot
 from gossamer.train.state_sync_donor import StateDonor
 from gossamer.train.swarm_averager import SwarmAverager

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gossamer.obs.goodput import GoodputTracker
-from gossamer.train.loop import ProgressEvent, TrainingListener, TrainResult
+from gossamer.train.run_events import ProgressEvent, TrainingListener, TrainResult
 from gossamer.train.strategy import TrainingStrategy
 from gossamer.train.swarm_averager import SwarmAverager
 

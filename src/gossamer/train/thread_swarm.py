@@ -17,7 +17,8 @@ from pathlib import Path
 from gossamer.core.config import CheckpointConfig, RunConfig
 from gossamer.core.errors import GossamerError
 from gossamer.data import Corpus, load_corpus
-from gossamer.train.loop import Trainer, TrainResult
+from gossamer.train.loop import Trainer
+from gossamer.train.run_events import TrainResult
 from gossamer.train.strategy import TrainingStrategy
 
 __all__ = ["ThreadSwarmResult", "run_thread_swarm"]
