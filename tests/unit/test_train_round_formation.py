@@ -12,6 +12,7 @@ import pytest
 
 from gossamer.comm.report import AllReduceReport, PartOutcome, PartReport
 from gossamer.net.identity import peer_id_of_public_key
+from gossamer.train.swarm import _on_loopback_only
 from gossamer.train.swarm_averager import SwarmAverager, _group_size
 from gossamer.train.swarm_averager_config import SwarmAveragerConfig
 from gossamer.train.swarm_round_records import _figure, round_settled
@@ -306,3 +307,24 @@ def test_round_entries_outlive_any_formation_and_the_round_s_deadline_covers_it(
     assert long_window.entry_ttl_s >= 2 * 600.0 + 0.5
     tolerant = SwarmAveragerConfig(run_id="r", join_window_s=10.0, clock_tolerance_s=120.0)
     assert tolerant.formation_bound_s == 10.0 + 120.0 + 0.5
+
+
+@pytest.mark.parametrize(
+    ("addresses", "loopback_only"),
+    [
+        (["127.0.0.1:7000"], True),
+        (["[::1]:7000"], True),
+        # (an IPv4-mapped loopback address, as a dual-stack socket shows one: the node itself
+        # took it for loopback, the swarm peer did not and asked for dial-back)
+        (["[::ffff:127.0.0.1]:7000"], True),
+        (["localhost:7000"], True),
+        (["127.0.0.1:7000", "10.0.0.7:7000"], False),
+        (["127.example.org:7000"], False),
+        ([], False),
+    ],
+)
+def test_a_peer_knows_when_only_its_own_machine_can_reach_it(
+    addresses: list[str], loopback_only: bool
+) -> None:
+    node = SimpleNamespace(addresses=addresses)
+    assert _on_loopback_only(node) is loopback_only  # type: ignore[arg-type]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import ipaddress
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ from gossamer.core.config import RunConfig
 from gossamer.core.config_loader import read_secret_file
 from gossamer.core.errors import PeerUnavailableError
 from gossamer.core.stop import StopRequest
+from gossamer.net.addresses import host_of, ip_of
 from gossamer.net.bridge import NodeThread
 from gossamer.net.config import DhtConfig, HeartbeatConfig, NodeConfig
 from gossamer.net.identity import held_identity, short_peer_id
@@ -199,11 +199,10 @@ def run_swarm_peer(
 def _on_loopback_only(node: Node) -> bool:
     """Whether every address ``node`` has is a loopback one: the peers that can reach it are on
     its machine, and dial it there (nothing to ask)."""
-    hosts = [address.rpartition(":")[0].strip("[]") for address in node.addresses]
-    try:
-        return bool(hosts) and all(ipaddress.ip_address(h).is_loopback for h in hosts)
-    except ValueError:  # (a name)
-        return hosts == ["localhost"] * len(hosts)
+    hosts = [host_of(address) for address in node.addresses]
+    return bool(hosts) and all(
+        h == "localhost" or ((ip := ip_of(h)) is not None and ip.is_loopback) for h in hosts
+    )
 
 
 def _wait_for_a_bootstrap_peer(node_thread: NodeThread, addresses: Sequence[str]) -> None:

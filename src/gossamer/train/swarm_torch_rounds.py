@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import ipaddress
 import logging
 import threading
 import time
@@ -39,6 +38,7 @@ from gossamer.core.errors import (
     PeerLostError,
     ProtocolError,
 )
+from gossamer.net.addresses import host_of, ip_of, join_host_port, port_of
 from gossamer.net.node import Node
 from gossamer.train.swarm_membership import _RunMembership
 from gossamer.train.swarm_round_records import _Formed
@@ -134,14 +134,11 @@ def _store_address(entry: dict[str, Any]) -> tuple[str, int] | None:
     address = entry.get("tcp", "")
     if not isinstance(address, str):
         return None
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
     try:
-        ipaddress.ip_address(host)
-        number = int(port)
+        host, number = host_of(address), port_of(address)
     except ValueError:
         return None
-    if not port.isdigit() or not 0 < number < 65536:
+    if ip_of(host) is None or number == 0:
         return None
     return host, number
 
@@ -172,7 +169,7 @@ class _TorchRounds(_RunMembership):
         """Open this peer's rendezvous store where the torch backend may be chosen."""
         if self.config.backend == "p2p" or self.config.codec != "none":
             return
-        host = self.node_thread.node.addresses[0].rpartition(":")[0].strip("[]")
+        host = host_of(self.node_thread.node.addresses[0])
         if self.config.backend == "auto" and not site_local(host):
             logger.info("peer %s: %s is not site-local: rounds go over p2p", self.peer_id[:8], host)
             return
@@ -189,9 +186,7 @@ class _TorchRounds(_RunMembership):
                 exc,
             )
             return
-        self._store_address = (
-            f"[{host}]:{self._store.port}" if ":" in host else (f"{host}:{self._store.port}")
-        )
+        self._store_address = join_host_port(host, self._store.port)
         self._torch_host = host
         self._torch = TorchGroupAverager(timeout_s=timeout_s, retired=self._retired_rendezvous)
 
@@ -233,7 +228,7 @@ class _TorchRounds(_RunMembership):
         parsed = [_store_address(e) for e in entries]
         stores = [a for a in parsed if a is not None]
         hosts = [host for host, _ in stores]
-        loopback = [ipaddress.ip_address(h).is_loopback for h in hosts]
+        loopback = [(ip := ip_of(h)) is not None and ip.is_loopback for h in hosts]
         if (
             len(stores) < len(entries)
             or (
