@@ -29,9 +29,10 @@ PAYLOAD_BYTES = 4 * 1024 * 1024
 _PEER = """
 import asyncio, hashlib, json, logging, os, sys, time
 from pathlib import Path
-from gossamer.core.errors import GossamerError
+from gossamer.core.errors import DeadlineExceededError, GossamerError, PeerUnavailableError
 from gossamer.net.config import NodeConfig
 from gossamer.net.node import Node
+from gossamer.proto import net_pb2
 
 role, folder, host = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 
@@ -47,6 +48,9 @@ async def receive():
         done.set()
     async with Node(NodeConfig(listen_address=host + ":0")) as node:
         node.on_bulk("t", handler)
+        async def small(sender, topic, data):
+            write("received_second.json", {"bytes": len(data)})
+        node.on_bulk("t2", small)
         write("ready.json", {"peer_id": node.peer_id, "port": node.port})
         await asyncio.wait_for(done.wait(), 150)
         await asyncio.sleep(float(sys.argv[4]))  # (answers the sender's last calls, bounded)
@@ -59,8 +63,35 @@ class Closings(logging.Handler):
         if "showed no life" in record.getMessage():
             self.lines.append(record.getMessage())
 
+async def call_forever(node, peer_id, calls):  # (a call the breaker counts, as the DHT's are)
+    while True:
+        try:
+            await node.call(peer_id, "/gossamer.net.v1.Dht/Ping", net_pb2.PingRequest(),
+                            net_pb2.PingResponse, timeout_s=2.0, retry=False)
+            calls["ok"] += 1
+        except DeadlineExceededError:
+            calls["timed_out"] += 1
+        except PeerUnavailableError as exc:
+            calls["refused" if "circuit open" in str(exc) else "unavailable"] += 1
+        await asyncio.sleep(0.5)
+
+async def second_send(node, peer_id, calls, threshold):
+    # Once the calls behind the upload timed out as often as the breaker's threshold, and one
+    # more was made: a comm message sent while the upload is still under way.
+    while calls["timed_out"] < threshold:
+        await asyncio.sleep(0.1)
+    made = sum(calls.values())
+    while sum(calls.values()) == made:
+        await asyncio.sleep(0.1)
+    try:
+        await node.send_bulk(peer_id, "t2", b"small", timeout_s=120)
+        return ""
+    except GossamerError as exc:
+        return repr(exc)
+
 async def send():
     entry, size = sys.argv[4], int(sys.argv[5])
+    with_calls = len(sys.argv) > 6 and sys.argv[6] == "calls"
     closings = Closings()
     logging.getLogger("gossamer.net.connections").addHandler(closings)
     logging.getLogger("gossamer.net.connections").setLevel(logging.INFO)
@@ -81,23 +112,41 @@ async def send():
 
         write("sending.json", {})
         started, error = time.monotonic(), ""
-        beating = asyncio.create_task(heartbeat_forever())
+        calls = {"ok": 0, "timed_out": 0, "refused": 0, "unavailable": 0}
+        background = [asyncio.create_task(heartbeat_forever())]
+        second = None
+        if with_calls:
+            background.append(asyncio.create_task(call_forever(node, peer_id, calls)))
+            second = asyncio.create_task(
+                second_send(node, peer_id, calls, node.config.breaker.failure_threshold)
+            )
         try:
             await node.send_bulk(peer_id, "t", payload, timeout_s=120)
         except GossamerError as exc:
             error = repr(exc)
         finally:
-            beating.cancel()
+            breaker_after = node.pool.breakers[peer_id].state
+            for task in background:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        second_error = "not sent"
+        if second is not None:
             try:
-                await beating
-            except asyncio.CancelledError:
-                pass
+                second_error = await asyncio.wait_for(second, 60)
+            except TimeoutError:
+                second.cancel()
         write("sent.json", {
             "error": error,
             "seconds": time.monotonic() - started,
             "same_connection": node.pool.get(peer_id) is connection,
             "closings": closings.lines,
             "heartbeats": heartbeats,
+            "calls": calls,
+            "breaker_after": breaker_after,
+            "second_error": second_error,
             "sha256": hashlib.sha256(payload).hexdigest(),
         })
 
@@ -116,9 +165,13 @@ def _wait_for_file(path: Path, timeout_s: float, processes: list[subprocess.Pope
     raise AssertionError(f"{path.name} did not appear within {timeout_s} s")
 
 
-def _upload(make_lab: MakeLab, tmp_path: Path, payload_bytes: int) -> tuple[Any, Any, str]:
-    """Send ``payload_bytes`` from p1 to p0 over a 1 Mbit/s link, heartbeating as it goes:
-    what the sender and the receiver wrote, and the end of the sender's log."""
+def _upload(
+    make_lab: MakeLab, tmp_path: Path, payload_bytes: int, *, with_calls: bool = False
+) -> tuple[Any, Any, str]:
+    """Send ``payload_bytes`` from p1 to p0 over a 1 Mbit/s link, heartbeating as it goes
+    (``with_calls``: also making calls that the peer's circuit breaker counts, and sending a
+    small message once as many of them timed out as open it): what the sender and the receiver
+    wrote, and the end of the sender's log."""
     processes: list[subprocess.Popen[bytes]] = []
     with make_lab(num_peers=2, rate_bps=RATE_BPS) as lab:
         try:
@@ -135,7 +188,8 @@ def _upload(make_lab: MakeLab, tmp_path: Path, payload_bytes: int) -> tuple[Any,
             spawn("p0", receiver, "receive", lab.address_of("p0"), "10")
             ready = _wait_for_file(receiver / "ready.json", 20, processes)
             entry = f"{ready['peer_id']}@{lab.address_of('p0')}:{ready['port']}"
-            spawn("p1", sender, "send", lab.address_of("p1"), entry, str(payload_bytes))
+            mode = ["calls"] if with_calls else []
+            spawn("p1", sender, "send", lab.address_of("p1"), entry, str(payload_bytes), *mode)
             sent = _wait_for_file(sender / "sent.json", 150, processes)
             received_path = receiver / "received.json"
             received = json.loads(received_path.read_text()) if received_path.exists() else {}
@@ -185,3 +239,24 @@ def test_a_streamed_upload_on_a_1_mbit_link_arrives_at_the_link_s_rate(
     assert sent["same_connection"], log
     # 50 s of payload at the link's rate; chunks of a few seconds keep it near that
     assert sent["seconds"] < 60, sent
+
+
+@pytest.mark.slow
+def test_calls_timing_out_behind_an_upload_do_not_open_the_breaker_on_the_next_send(
+    make_lab: MakeLab, tmp_path: Path
+) -> None:
+    # The DHT's calls to the peer (FindNode refresh, 2 s deadline) queue behind the upload's
+    # chunk and time out: counted as failures, five opened the peer's breaker, the trials timed
+    # out the same way, and every send_bulk to the peer (comm's all-reduce messages) was
+    # refused at once with "circuit open": members of a round failed each other.
+    sent, received, log = _upload(make_lab, tmp_path, PAYLOAD_BYTES, with_calls=True)
+    print(f"\n{PAYLOAD_BYTES} bytes in one chunk at {RATE_BPS} bit/s with calls: {sent}")
+    assert sent["error"] == "", log
+    assert received.get("sha256") == sent["sha256"]
+    # (the calls did time out behind the upload, as often as open a breaker)
+    assert sent["calls"]["timed_out"] >= 5, sent
+    # (the old code: refused > 0, breaker "open", and "PeerUnavailableError('peer ...: circuit
+    # open')" for the second send)
+    assert sent["calls"]["refused"] == 0, sent
+    assert sent["breaker_after"] == "closed", sent
+    assert sent["second_error"] == "", sent

@@ -3,7 +3,8 @@
 gRPC leaves a connection whose packets are silently lost (NAT or conntrack state gone, a
 partition that healed) in use until ``unacked_data_timeout_s``; heartbeats kept going over it,
 so a live peer that a fresh dial reached was reported back only ~60 s later. One with a bulk
-upload under way is kept: a chunk shows no life until it is through.
+upload under way is kept: a chunk shows no life until it is through. Nor do calls that run out
+of time behind such an upload count in the peer's circuit breaker.
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ import grpc
 import pytest
 
 from gossamer.core.clock import FakeClock
-from gossamer.core.errors import DeadlineExceededError
+from gossamer.core.errors import DeadlineExceededError, PeerUnavailableError
 from gossamer.net.bulk import PUSH_METHOD, PUSH_ONE_METHOD, send_bulk
 from gossamer.net.config import NodeConfig
 from gossamer.net.connections import ConnectionPool, DialTarget, PeerConnection
 from gossamer.net.counters import NetCounters
 from gossamer.net.identity import Identity
+from gossamer.net.node import Node
 from gossamer.proto import net_pb2
 
 PEER = "peer-under-test"
 PING = "/gossamer.net.v1.Dht/Ping"
+FIND_NODE = "/gossamer.net.v1.Dht/FindNode"
 
 
 class _FakeChannel:
@@ -39,6 +42,9 @@ class _FakeChannel:
         self.upload_through = asyncio.Event()
         self.upload_fails = False
         self.hold_uploads = False
+        self.call_sent = asyncio.Event()
+        self.call_timed_out: asyncio.Event | None = None
+        """When set, an unanswered call runs out of time only once this is set."""
 
     async def _upload(self) -> Any:
         if not self.hold_uploads:
@@ -54,6 +60,9 @@ class _FakeChannel:
             if method == PUSH_ONE_METHOD:
                 return await self._upload()
             if not self.answers:
+                self.call_sent.set()
+                if self.call_timed_out is not None:
+                    await self.call_timed_out.wait()
                 raise _deadline_exceeded()
             return net_pb2.PingResponse()
 
@@ -83,15 +92,19 @@ def _deadline_exceeded() -> grpc.aio.AioRpcError:
     )
 
 
+CONFIG = NodeConfig(keepalive_interval_s=10.0, keepalive_timeout_s=5.0)
+
+
 def _pool_with(
-    clock: FakeClock, *, watch_streams: bool = False
+    clock: FakeClock, *, watch_streams: bool = False, pool: ConnectionPool | None = None
 ) -> tuple[ConnectionPool, PeerConnection, _FakeChannel]:
-    """A pool holding one connection to PEER (opened at the clock's start) over a fake channel;
-    with ``watch_streams``, the channel a dial makes (streaming progress noted as life)."""
-    config = NodeConfig(keepalive_interval_s=10.0, keepalive_timeout_s=5.0)
-    pool = ConnectionPool(
-        Identity.generate(), config, clock, NetCounters(), lambda _: [], lambda: None
-    )
+    """A pool (``pool``, or a fresh one) holding one connection to PEER (opened at the clock's
+    start) over a fake channel; with ``watch_streams``, the channel a dial makes (streaming
+    progress noted as life)."""
+    if pool is None:
+        pool = ConnectionPool(
+            Identity.generate(), CONFIG, clock, NetCounters(), lambda _: [], lambda: None
+        )
     fake = _FakeChannel()
     channel: Any = fake
     if watch_streams:
@@ -241,5 +254,62 @@ def test_a_failed_upload_leaves_a_silent_connection_to_be_closed() -> None:
             await _heartbeat(pool)
         assert pool.get(PEER) is None, "a dead connection stayed in use after its upload failed"
         assert fake.closed
+
+    asyncio.run(scenario())
+
+
+async def _timed_out_call(pool: ConnectionPool) -> None:
+    """A call through the peer's breaker (a DHT FindNode refresh, say) that runs out of time."""
+    with pytest.raises(DeadlineExceededError):
+        await pool.call(
+            PEER, FIND_NODE, net_pb2.PingRequest(), net_pb2.PingResponse, timeout_s=2.0, retry=False
+        )
+
+
+def test_calls_timing_out_behind_a_bulk_upload_leave_the_breaker_closed() -> None:
+    # On a 1-3 Mbit/s link the DHT's own calls to the peer queue behind an upload's chunk and
+    # run out of time: counted as failures, they opened the breaker and kept it open, and every
+    # send_bulk to the peer after it (all-reduce messages, state replies) was refused at once
+    # with "circuit open", so comm failed a healthy member.
+    async def scenario() -> None:
+        clock = FakeClock()
+        node = Node(CONFIG, clock=clock)
+        _, connection, fake = _pool_with(clock, pool=node.pool)
+        fake.answers = False
+        fake.hold_uploads = True
+        first = asyncio.create_task(node.send_bulk(PEER, "t", b"x" * 100, timeout_s=60.0))
+        await fake.upload_started.wait()
+        for _ in range(2 * CONFIG.breaker.failure_threshold):
+            await _timed_out_call(pool=node.pool)
+        # One that started behind the upload and ran out of time after it was through:
+        fake.call_timed_out = asyncio.Event()
+        fake.call_sent.clear()
+        late = asyncio.create_task(_timed_out_call(node.pool))
+        await fake.call_sent.wait()
+        fake.upload_through.set()
+        await first
+        assert connection.num_uploads == 0
+        fake.call_timed_out.set()
+        await late
+        breaker = node.pool.breakers[PEER]
+        assert breaker.state == "closed"
+        assert breaker.num_consecutive_failures == 0, "a timeout behind the upload was counted"
+        await node.send_bulk(PEER, "t", b"y" * 100, timeout_s=60.0)  # not refused
+
+    asyncio.run(scenario())
+
+
+def test_calls_timing_out_on_an_idle_connection_still_open_the_breaker() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        node = Node(CONFIG, clock=clock)
+        _, connection, fake = _pool_with(clock, pool=node.pool)
+        fake.answers = False
+        for _ in range(CONFIG.breaker.failure_threshold):
+            await _timed_out_call(node.pool)
+        assert connection.num_uploads == 0
+        assert node.pool.breakers[PEER].state == "open"
+        with pytest.raises(PeerUnavailableError, match="circuit open"):
+            await node.send_bulk(PEER, "t", b"y" * 100, timeout_s=60.0)
 
     asyncio.run(scenario())

@@ -19,6 +19,11 @@ _log = logging.getLogger(__name__)
 class CircuitBreaker:
     """Closed: calls go through. Open: calls fail at once. Half-open: one trial call goes through.
 
+    Its caller decides what a call's outcome says of the peer: :class:`ConnectionPool
+    <gossamer.net.connections.ConnectionPool>` does not count a refusal the peer's handler
+    answered as a failure, and does not count a call that ran out of time behind a bulk upload
+    on its connection at all (a busy link, not a dead peer).
+
     Args:
         peer: the remote peer (id or address) this breaker guards.
         config: threshold and open time.

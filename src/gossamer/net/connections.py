@@ -93,7 +93,9 @@ class PeerConnection:
     num_uploads: int = 0
     """Bulk transfers (:func:`gossamer.net.bulk.send_bulk`) under way on it. One chunk of a
     transfer (up to 4 MiB, a unary call) shows no life until it is through, ~35 s on a 1 Mbit/s
-    link: while one is under way, :meth:`ConnectionPool.drop_if_silent` keeps the connection."""
+    link: while one is under way, :meth:`ConnectionPool.drop_if_silent` keeps the connection,
+    and a call on it that runs out of time is not counted in the peer's circuit breaker (it
+    queued behind the upload's data)."""
     _callables: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     def unary_unary(self, method: str, response_type: type[R]) -> Any:
@@ -487,7 +489,9 @@ class ConnectionPool:
             use_breaker: go through the peer's circuit breaker (refused at once while it is
                 open) and count the outcome in it. False for heartbeats: they are how a peer's
                 liveness is told, and other calls' failures (a slow handler past the caller's
-                deadline) opened the breaker and made a live peer look gone. A heartbeat that
+                deadline) opened the breaker and made a live peer look gone. A call that
+                runs out of time while a bulk upload is under way on its connection counts as
+                neither success nor failure (see :meth:`_count_in_breaker`). A heartbeat that
                 runs past its deadline closes its connection if nothing on it showed life
                 for ``keepalive_interval_s + keepalive_timeout_s`` and no bulk upload is under
                 way on it (see :meth:`drop_if_silent`): the next one dials afresh.
@@ -550,6 +554,7 @@ class ConnectionPool:
                 breaker.failed()
             raise
         started = time.perf_counter()
+        uploading = connection.num_uploads > 0  # (or once the call failed: see below)
         try:
             response: R = await connection.unary_unary(method, response_type)(
                 request, timeout=max(0.001, deadline - loop.time()), metadata=connection.metadata
@@ -562,10 +567,13 @@ class ConnectionPool:
             elif answered_by_handler(exc):
                 connection.last_life_s = self._clock.monotonic()
             if breaker is not None:
-                # A refusal the peer's handler answered (busy, over a rate) says the peer is
-                # there: counted as failures, five of them opened the breaker of a live peer.
-                failed = isinstance(error, RetryableError) and not answered_by_handler(exc)
-                breaker.failed() if failed else breaker.succeeded()
+                self._count_in_breaker(
+                    breaker,
+                    connection,
+                    error,
+                    exc,
+                    uploading=uploading or connection.num_uploads > 0,
+                )
             raise error from exc
         except asyncio.CancelledError:
             if (unavailable := ended_under_call(peer_id)) is None:
@@ -581,6 +589,41 @@ class ConnectionPool:
         self._counters.sent(peer_id, request.ByteSize())
         self._counters.received(peer_id, response.ByteSize())
         return response
+
+    def _count_in_breaker(
+        self,
+        breaker: CircuitBreaker,
+        connection: PeerConnection,
+        error: GossamerError,
+        exc: grpc.aio.AioRpcError,
+        *,
+        uploading: bool,
+    ) -> None:
+        """Count a failed call in its peer's breaker: as a failure, a success, or neither.
+
+        A refusal the peer's handler answered (busy, over a rate) says the peer is there: it
+        counts as a success (counted as failures, five of them opened the breaker of a live
+        peer). A call that ran out of time while a bulk upload was under way on its connection
+        (``uploading``: when it started or when it failed) counts as neither: it queued
+        behind the upload's data on a busy link, which says nothing of the peer. Counted as
+        failures, the DHT's own calls (a FindNode refresh with a 2 s deadline) behind an upload
+        on a 1-3 Mbit/s link opened the breaker and kept it open, and every bulk send to the
+        peer after it (all-reduce messages, state replies) was refused: healthy members failed
+        each other. A peer really gone under an upload is still told by heartbeats and by the
+        upload's own deadline; a timeout on an idle connection counts as before.
+        """
+        if uploading and isinstance(error, DeadlineExceededError):
+            _log.debug(
+                "peer %s: call to %s ran out of time behind a bulk upload: not counted in its "
+                "circuit breaker (%d uploads under way)",
+                short_peer_id(self._identity.peer_id),
+                short_peer_id(connection.peer_id),
+                connection.num_uploads,
+            )
+        elif isinstance(error, RetryableError) and not answered_by_handler(exc):
+            breaker.failed()
+        else:
+            breaker.succeeded()
 
     async def failed(
         self, connection: PeerConnection, exc: grpc.aio.AioRpcError, method: str

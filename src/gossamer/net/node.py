@@ -710,7 +710,15 @@ class Node:
         num_streams: int = 1,
         timeout_s: float = 60.0,
     ) -> None:
-        """Stream ``payload`` to a peer's handler for ``topic``; returns once it was handled."""
+        """Stream ``payload`` to a peer's handler for ``topic``; returns once it was handled.
+
+        Raises:
+            PeerUnavailableError: the peer's circuit breaker is open: its calls failed (refused,
+                reset, or out of time on a connection with no bulk upload under way; calls
+                that ran out of time behind an upload are not counted, so uploads to a peer
+                on a thin link do not shut out the next one).
+            GossamerError: the transfer failed (see :func:`gossamer.net.bulk.send_bulk`).
+        """
         if self.pool.breakers[peer_id].state == "open":
             raise PeerUnavailableError(f"peer {short_peer_id(peer_id)}: circuit open")
         await send_bulk(
