@@ -554,8 +554,16 @@ def test_a_manifest_announcing_a_huge_state_takes_no_memory_before_its_chunks_co
     liar.on_bulk(REQUEST_TOPIC, on_request)
     tracemalloc.start()
     try:
-        with pytest.raises(PeerUnavailableError):
-            run(download_state(newcomer, ["liar"], timeout_s=3, request_timeout_s=1))
+        with pytest.raises(PeerUnavailableError):  # (struck off: a fast link's floor)
+            run(
+                download_state(
+                    newcomer,
+                    ["liar"],
+                    timeout_s=3,
+                    request_timeout_s=1,
+                    min_donor_bytes_per_s=float(1 << 30),
+                )
+            )
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -6,7 +6,12 @@ spreads chunk requests over the donors that hold exactly that manifest, sending 
 next chunk to the donor expected to deliver it soonest (its requests in flight times its observed
 latency). Every chunk is checked against the manifest's sha256 before it is kept; a donor that
 sends a bad chunk, refuses, times out or drops is struck off and its chunks are fetched again from
-the others. A donor that is busy (its room for requests taken) is not: it is asked again later,
+the others. A donor is judged by its progress, not by how long one request took: its chunk
+requests share its link (and ours) with every other request under way, so one stays in good
+standing while it delivers a chunk within ``request_timeout_s`` plus the bytes under way at a
+floor rate (eight 1 MiB chunks at once over 1 Mbit/s take 67 s each; a fixed 30 s struck every
+donor off such a link and fetched nothing). A donor that is busy (its room for requests taken)
+is not struck off: it is asked again later,
 after a backoff with jitter, within the download's deadline (for its manifest, within
 ``request_timeout_s``, as long as any donor may take to answer), and meanwhile its chunks go to
 the others. Once one manifest is held by more than half of the donors, the others' answers are
@@ -44,6 +49,7 @@ from gossamer.core.errors import (
 from gossamer.train.state_sync_donor import BulkEndpoint, StateDonor
 from gossamer.train.state_sync_wire import (
     DONOR_BUSY,
+    MAX_TIMEOUT_MS,
     REPLY_TOPIC,
     REQUEST_TOPIC,
     Manifest,
@@ -74,6 +80,8 @@ _MIN_HEDGE_S = 0.05
 _BUSY_FIRST_BACKOFF_S = 0.05
 """Wait before asking a busy donor again, the first time; it doubles each time, up to:"""
 _BUSY_MAX_BACKOFF_S = 2.0
+_MIN_DONOR_BYTES_PER_S = float(32 << 10)
+"""The floor rate a download's chunks under way are allowed to come at (about 0.26 Mbit/s)."""
 
 
 class _DonorBusyError(PeerUnavailableError):
@@ -166,6 +174,9 @@ class _Donor:
     delivered since): more are not asked of it. None: no refusal yet."""
     busy: str = ""
     """Its last busy refusal."""
+    quiet_since: float = 0.0
+    """(Loop time) its last sign of life: a chunk or busy refusal, or the request that found
+    none of ours in flight there."""
 
     def askable(self, now: float) -> bool:
         """Whether one more request may go to it now (it is not known to be busy)."""
@@ -183,6 +194,9 @@ class _Download:
     loop: asyncio.AbstractEventLoop
     deadline: float
     request_timeout_s: float
+    min_donor_bytes_per_s: float = _MIN_DONOR_BYTES_PER_S
+    latest: float = -float("inf")
+    """(Loop time) how far progress may move ``deadline`` out (not past where it is now)."""
     failed: dict[str, str] = field(default_factory=dict)
     manifest_s: float = 0.0
     """How long the manifests took."""
@@ -195,9 +209,21 @@ class _Download:
     def remaining_s(self) -> float:
         return self.deadline - self.loop.time()
 
+    def extend(self, until: float) -> None:
+        """Progress: move the deadline out to ``until``, at most to ``latest``."""
+        self.deadline = max(self.deadline, min(self.latest, until))
+
     async def ask(self, donor: str, request: Request) -> tuple[ReplyHeader, memoryview]:
-        """Send ``request`` to ``donor`` and wait for its OK reply (any failure raises)."""
-        timeout_s = min(self.remaining_s(), self.request_timeout_s)
+        """Send ``request`` to ``donor`` and wait for its OK reply (any failure raises).
+
+        A manifest request may take ``request_timeout_s``; a chunk request as long as the
+        download may last (its donor's progress is judged by :func:`_fetch_chunks`: the
+        request shares the link with the others under way, so its own time says little).
+        """
+        if request.kind is RequestKind.MANIFEST:
+            timeout_s = min(self.remaining_s(), self.request_timeout_s)
+        else:
+            timeout_s = max(self.deadline, self.latest) - self.loop.time()
         if timeout_s <= 0:
             raise DeadlineExceededError("no time left for the request")
         request_id, future = self.router.expect(donor)
@@ -206,7 +232,7 @@ class _Download:
             request_id=request_id,
             version=request.version,
             index=request.index,
-            timeout_ms=max(1, int(timeout_s * 1000)),
+            timeout_ms=min(MAX_TIMEOUT_MS, max(1, int(timeout_s * 1000))),
             manifest_sha256=request.manifest_sha256,
         )
         try:
@@ -254,6 +280,7 @@ async def download_state(
     request_timeout_s: float = 30.0,
     limits: StateSyncLimits | None = None,
     min_bytes_per_s: float = 0.0,
+    min_donor_bytes_per_s: float = _MIN_DONOR_BYTES_PER_S,
 ) -> tuple[StateSnapshot, DownloadReport]:
     """Download the global state from ``donors`` at once, every chunk checked by hash.
 
@@ -266,14 +293,21 @@ async def download_state(
         max_chunks_in_flight: chunk requests outstanding at once, over all donors (a donor
             refuses more than its ``max_requests_per_peer`` of one peer, 16 by default, as busy:
             it is then asked no more at once than it was serving).
-        request_timeout_s: a donor taking longer for one request is struck off; so is one busy
-            for longer than this when asked for its manifest (one busy when asked for a chunk
-            is asked again, until the deadline).
+        request_timeout_s: a donor taking longer for its manifest is struck off; so is one busy
+            for longer than this when asked for it (one busy when asked for a chunk is asked
+            again, until the deadline). In the chunk phase, a donor with chunks of ours in
+            flight is struck off once it has delivered none for this plus the bytes of every
+            chunk under way (they share our link) at ``min_donor_bytes_per_s``.
         limits: sizes and counts accepted from donors.
-        min_bytes_per_s: where positive, once a manifest is chosen the deadline moves out to
-            leave its chunks ``total_bytes / min_bytes_per_s`` seconds at least: a state too
-            large for ``timeout_s`` still downloads while its chunks come at that rate or faster
-            (a donor that stalls is struck off after ``request_timeout_s`` all the same).
+        min_bytes_per_s: where positive, the deadline moves out while chunks keep coming: to
+            ``request_timeout_s`` plus a full window of chunks in flight at
+            ``min_donor_bytes_per_s`` after the chunk phase began and after each chunk came (as
+            long as a donor may go quiet before it is struck off), but never past
+            ``timeout_s + total_bytes / min_bytes_per_s`` from the start (a hard cap): a state
+            too large for ``timeout_s`` still downloads while its chunks keep coming, and one
+            whose chunks stop coming (every donor busy, say) still ends soon. Zero:
+            ``timeout_s`` is the download's deadline, whatever comes.
+        min_donor_bytes_per_s: the floor rate above (32 KiB/s, about 0.26 Mbit/s, by default).
 
     Returns:
         The snapshot and a report of who served what.
@@ -288,6 +322,8 @@ async def download_state(
         raise ValueError("timeout_s, request_timeout_s and max_chunks_in_flight must be positive")
     if not min_bytes_per_s >= 0:
         raise ValueError(f"min_bytes_per_s must be >= 0, got {min_bytes_per_s}")
+    if not min_donor_bytes_per_s > 0:
+        raise ValueError(f"min_donor_bytes_per_s must be positive, got {min_donor_bytes_per_s}")
     unique_donors = list(dict.fromkeys(d for d in donors if d != node.peer_id))
     if not unique_donors:
         raise ValueError("download_state needs at least one donor other than this peer")
@@ -298,7 +334,9 @@ async def download_state(
         router = _routers[node] = _ReplyRouter()
     router.allow(node, limits)
     started = loop.time()
-    job = _Download(node, router, loop, started + timeout_s, request_timeout_s)
+    job = _Download(
+        node, router, loop, started + timeout_s, request_timeout_s, min_donor_bytes_per_s
+    )
     try:
         ranked = await _choose_manifest(job, unique_donors, version, limits)
         job.manifest_s = loop.time() - started
@@ -307,10 +345,10 @@ async def download_state(
             # donor that had just published a newer version), the next one is fetched.
             if place and not set(holders) - set(job.failed):
                 continue  # (its holders failed meanwhile)
-            if min_bytes_per_s > 0:  # the chunks' time follows the state's size
-                job.deadline = max(
-                    job.deadline, loop.time() + manifest.total_bytes / min_bytes_per_s
-                )
+            if min_bytes_per_s > 0:  # the chunks' time follows their progress
+                # (a fixed deadline, or one that assumed 1 MiB/s, cut every download over a
+                # slower link short, each try starting over)
+                job.latest = started + timeout_s + manifest.total_bytes / min_bytes_per_s
             try:
                 chunks, stats, num_refetched = await _fetch_chunks(
                     job, manifest, holders, max_chunks_in_flight
@@ -468,6 +506,13 @@ async def _fetch_chunks(
     donor refuses as busy goes back in the queue; that donor is asked no more at once than it
     was serving of ours then (one more for each chunk it delivers since), or, where it served
     none of ours, nothing until a backoff has passed.
+
+    A donor with chunks of ours in flight is struck off once it has gone quiet (no chunk, no
+    busy refusal) for ``request_timeout_s`` plus every chunk under way at
+    ``min_donor_bytes_per_s``: the requests under way, to it and to the others, share its link
+    and ours, so on a slow one each takes long while the donor is healthy. Each chunk that
+    comes (and the chunk phase's start) moves the deadline out, as far as ``job.latest``
+    allows, by as long as a donor with a full window in flight may stay quiet.
     """
     donors = [_Donor(peer_id) for peer_id in holders]
     # Each verified chunk as it came (a view of its reply), joined once all are in: memory
@@ -482,7 +527,19 @@ async def _fetch_chunks(
     orphans: list[asyncio.Task[float]] = []
     latencies: list[float] = []
     num_done = num_refetched = num_bytes_done = 0
+    num_bytes_under_way = 0  # (of the chunk requests in flight to every donor, copies too)
     chunks_began = job.loop.time()
+    quiet_base_s = job.request_timeout_s
+    idle_s = quiet_base_s + max_in_flight * manifest.chunk_bytes / job.min_donor_bytes_per_s
+    job.extend(chunks_began + idle_s)
+
+    def quiet_limit_s() -> float:
+        """How long a donor with chunks in flight may go quiet before it is struck off."""
+        return quiet_base_s + num_bytes_under_way / job.min_donor_bytes_per_s
+
+    def chunk_bytes(index: int) -> int:
+        start, stop = manifest.chunk_range(index)
+        return stop - start
 
     async def fetch(index: int, donor: _Donor) -> float:
         started = job.loop.time()
@@ -499,6 +556,7 @@ async def _fetch_chunks(
         start, stop = manifest.chunk_range(index)
         if len(body) != stop - start:
             raise ProtocolError(f"chunk {index} has {len(body)} bytes, expected {stop - start}")
+        donor.quiet_since = job.loop.time()
         await asyncio.to_thread(_check_and_place, chunks, body, manifest, index)
         donor.num_busy = 0
         if donor.max_in_flight is not None:
@@ -512,13 +570,19 @@ async def _fetch_chunks(
         return elapsed
 
     def launch(index: int, donor: _Donor) -> None:
+        nonlocal num_bytes_under_way
+        if not donor.num_in_flight:  # (it is judged quiet from now)
+            donor.quiet_since = job.loop.time()
+        num_bytes_under_way += chunk_bytes(index)
         donor.num_in_flight += 1
         task = job.loop.create_task(fetch(index, donor), name=f"state-chunk-{index}")
         tasks[task] = (index, donor, job.loop.time())
         copies.setdefault(index, set()).add(task)
 
     def forget(task: asyncio.Task[float], *, cancel: bool) -> int:
+        nonlocal num_bytes_under_way
         index, donor, _ = tasks.pop(task)
+        num_bytes_under_way -= chunk_bytes(index)
         donor.num_in_flight -= 1
         copies[index].discard(task)
         if cancel:
@@ -552,6 +616,22 @@ async def _fetch_chunks(
                     + (f"; busy donors, last said: {'; '.join(busy)}" if busy else "")
                 )
             _admit_late(job, manifest, donors)
+            now = job.loop.time()
+            for donor in donors:
+                quiet_s = now - donor.quiet_since
+                if (
+                    donor.num_in_flight
+                    and donor.peer_id not in job.failed
+                    and quiet_s >= quiet_limit_s()
+                ):
+                    job.strike(
+                        donor.peer_id,
+                        DeadlineExceededError(
+                            f"no chunk in {quiet_s:.1f} s with {donor.num_in_flight} chunk "
+                            f"request(s) of ours there and "
+                            f"{num_bytes_under_way / (1 << 20):.1f} MiB under way in all"
+                        ),
+                    )
             for task, (_, donor, _) in list(tasks.items()):
                 if donor.peer_id in job.failed:  # struck off: stop waiting for it
                     num_refetched += requeue_if_orphaned(forget(task, cancel=True))
@@ -571,6 +651,9 @@ async def _fetch_chunks(
                 if not is_done[index]:
                     launch(index, _pick(ready))
             wake_s = job.remaining_s()
+            for donor in live:  # (a donor's quiet time runs out)
+                if donor.num_in_flight:
+                    wake_s = min(wake_s, donor.quiet_since + quiet_limit_s() - now)
             # (a busy donor's backoff ends: it may take the chunks left)
             backoff_ends = min((d.not_before for d in live if d.not_before > now), default=None)
             if pending and len(tasks) < max_in_flight and backoff_ends is not None:
@@ -605,15 +688,16 @@ async def _fetch_chunks(
                     if not is_done[index]:
                         is_done[index] = True
                         num_done += 1
-                        start, stop = manifest.chunk_range(index)
-                        donor.num_bytes += stop - start
-                        num_bytes_done += stop - start
+                        donor.num_bytes += chunk_bytes(index)
+                        num_bytes_done += chunk_bytes(index)
+                        job.extend(job.loop.time() + idle_s)
                     for sibling in list(copies[index]):
                         forget(sibling, cancel=True)
                 elif isinstance(exc, DeadlineExceededError) and job.remaining_s() <= 0:
                     requeue_if_orphaned(index)  # our deadline, not the donor's fault
                 elif isinstance(exc, _DonorBusyError):  # healthy: asked again later
                     donor.busy = str(exc)
+                    donor.quiet_since = job.loop.time()
                     if donor.num_in_flight:  # asked again once one of those is answered
                         donor.max_in_flight = donor.num_in_flight
                     elif donor.not_before <= job.loop.time():  # (once for a batch refused)

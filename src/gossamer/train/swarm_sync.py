@@ -58,10 +58,12 @@ _MEMBER_WAIT_S = 60.0
 _POLL_S = 0.1
 _DOWNLOAD_TIMEOUT_S = 120.0
 """How long a download may take at least; a large state gets longer (see below)."""
-_MIN_DOWNLOAD_BYTES_PER_S = float(1 << 20)
-"""A download goes on past ``_DOWNLOAD_TIMEOUT_S`` while its chunks come this fast: the state's
-size decides how long it may take (a fixed deadline made a state of more than that deadline's
-transfer impossible to download, each try starting over)."""
+_MIN_DOWNLOAD_BYTES_PER_S = float(32 << 10)
+"""A download goes on past ``_DOWNLOAD_TIMEOUT_S`` while its chunks keep coming, for at most
+the state's size at this rate more (32 KiB/s, about 0.26 Mbit/s: a hard cap, see
+:func:`download_state`'s ``min_bytes_per_s``). A fixed deadline made a state of more than that
+deadline's transfer impossible to download, each try starting over; so did one of 1 MiB/s for a
+newcomer behind a 1 Mbit/s link (a 30 MB state got 8 MiB in each 120 s try)."""
 _META_BYTES_PER_TENSOR = 1024
 """Room in a state's meta per parameter tensor (AdamW's tree takes about 150 bytes of it)."""
 

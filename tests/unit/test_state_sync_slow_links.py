@@ -1,0 +1,244 @@
+"""State sync over slow links: a donor is judged by its progress, not by one request's time, and
+a download goes on while its chunks keep coming (and ends soon once they stop).
+
+The links are scaled down: 4 KiB chunks, each taking 0.08 s of a donor's uplink (the lab's
+1 MiB chunks at 1 Mbit/s take 8.4 s each), and a request timeout of 0.3 s (the swarm's 30 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import pytest
+import torch
+from state_sync_fakes import FakeBulkNetwork, FakeBulkNode
+
+from gossamer.core.errors import DeadlineExceededError, PeerUnavailableError
+from gossamer.train import swarm_sync
+from gossamer.train.state_sync import StateDonor, StateSnapshot, download_state
+from gossamer.train.state_sync_wire import (
+    DONOR_BUSY,
+    REPLY_TOPIC,
+    REQUEST_TOPIC,
+    RequestKind,
+    decode_request,
+)
+
+CHUNK = 4096
+SECONDS_PER_CHUNK = 0.08
+"""A chunk's time alone on a slow donor's uplink."""
+
+
+def _snapshot(numel: int = 12_000) -> StateSnapshot:
+    gen = torch.Generator().manual_seed(0)
+    return StateSnapshot(
+        version=7,
+        tensors={"w": torch.randn(numel, generator=gen), "step": torch.tensor(3)},
+        meta={"step": 3},
+    )
+
+
+def _assert_same(got: StateSnapshot, want: StateSnapshot) -> None:
+    assert got.version == want.version
+    assert got.meta == want.meta
+    for name, tensor in want.tensors.items():
+        assert torch.equal(got.tensors[name], tensor), name
+
+
+class _SharedLink:
+    """A link that carries its transfers at once, each at an equal share of its rate (as TCP
+    streams sharing a bottleneck do): eight chunks asked together all arrive after eight
+    chunks' time, none sooner."""
+
+    def __init__(self, bytes_per_s: float) -> None:
+        self.bytes_per_s = bytes_per_s
+        self._left: dict[asyncio.Future[None], float] = {}
+        self._last = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def _advance(self, now: float) -> None:
+        if self._left:
+            sent = (now - self._last) * self.bytes_per_s / len(self._left)
+            for future in self._left:
+                self._left[future] -= sent
+        self._last = now
+
+    def _schedule(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._left:
+            loop = asyncio.get_running_loop()
+            after_s = min(self._left.values()) * len(self._left) / self.bytes_per_s
+            self._timer = loop.call_later(max(0.0, after_s), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._advance(asyncio.get_running_loop().time())
+        for future, left in list(self._left.items()):
+            if left <= 1e-6 * self.bytes_per_s:  # (sent, within the timer's precision)
+                del self._left[future]
+                if not future.done():
+                    future.set_result(None)
+        self._schedule()
+
+    async def carry(self, num_bytes: int) -> None:
+        """Wait until ``num_bytes`` have crossed the link."""
+        loop = asyncio.get_running_loop()
+        self._advance(loop.time())
+        future: asyncio.Future[None] = loop.create_future()
+        self._left[future] = float(num_bytes)
+        self._schedule()
+        try:
+            await future
+        finally:
+            if future in self._left:  # (given up: the others get its share)
+                self._advance(loop.time())
+                del self._left[future]
+                self._schedule()
+
+
+class SlowUplinkNode(FakeBulkNode):
+    """A donor whose replies share one slow uplink (``link``)."""
+
+    link = _SharedLink(CHUNK / SECONDS_PER_CHUNK)
+
+    async def send_bulk(
+        self,
+        peer_id: str,
+        topic: str,
+        payload: bytes | bytearray | memoryview,
+        *,
+        num_streams: int = 1,
+        timeout_s: float = 60.0,
+    ) -> None:
+        if topic == REPLY_TOPIC:
+            await self.link.carry(len(payload))
+        await super().send_bulk(
+            peer_id, topic, payload, num_streams=num_streams, timeout_s=timeout_s
+        )
+
+
+def _slow_donor(network: FakeBulkNetwork, want: StateSnapshot) -> FakeBulkNode:
+    node = network.add("slow", SlowUplinkNode)
+    node.link = _SharedLink(CHUNK / SECONDS_PER_CHUNK)  # type: ignore[attr-defined]
+    StateDonor(node, chunk_bytes=CHUNK).publish(want)
+    return node
+
+
+def _after_chunks(
+    node: FakeBulkNode,
+    num_chunks: int,
+    then: Callable[[str, str, bytearray], Awaitable[None]],
+) -> None:
+    """Serve ``num_chunks`` chunk requests as the donor does, then hand the rest to ``then``."""
+    serve = node.handlers[REQUEST_TOPIC]
+    num_asked = 0
+
+    async def handler(sender: str, topic: str, payload: bytearray) -> None:
+        nonlocal num_asked
+        if decode_request(payload).kind is RequestKind.CHUNK:
+            num_asked += 1
+            if num_asked > num_chunks:
+                await then(sender, topic, payload)
+                return
+        await serve(sender, topic, payload)
+
+    node.handlers[REQUEST_TOPIC] = handler
+
+
+def test_a_donor_on_a_slow_uplink_serves_every_chunk() -> None:
+    """Eight chunks in flight share the donor's uplink, so each takes eight chunks' time (0.64 s)
+    and none came within the request timeout (0.3 s): the donor was struck off and the download
+    ended with none (the lab: 0/16 chunks of 16 MB at 1 and 2 Mbit/s, 'no reply within 30.0 s').
+    """
+    network = FakeBulkNetwork()
+    newcomer = network.add("newcomer")
+    want = _snapshot()
+    _slow_donor(network, want)
+    got, report = asyncio.run(
+        download_state(newcomer, ["slow"], timeout_s=30, request_timeout_s=0.3)
+    )
+    _assert_same(got, want)
+    assert report.failed_donors == {}
+    num_chunks = -(-report.total_bytes // CHUNK)
+    assert num_chunks > 8  # (more than one window's worth)
+    assert report.seconds > num_chunks * SECONDS_PER_CHUNK * 0.9  # (the link's pace held)
+
+
+def test_a_slow_download_goes_on_past_its_timeout_while_its_chunks_keep_coming() -> None:
+    """The state takes about 2.4 times ``timeout_s`` over the slow link: the deadline moves
+    out with each chunk (within the state's size at ``min_bytes_per_s``)."""
+    network = FakeBulkNetwork()
+    newcomer = network.add("newcomer")
+    want = _snapshot(numel=30_000)
+    _slow_donor(network, want)
+    got, report = asyncio.run(
+        download_state(
+            newcomer, ["slow"], timeout_s=1.0, request_timeout_s=0.3, min_bytes_per_s=1024
+        )
+    )
+    _assert_same(got, want)
+    assert report.seconds > 2 * 1.0
+
+
+def test_a_download_whose_chunks_stop_coming_ends_long_before_its_cap() -> None:
+    """A donor busy for ever after a few chunks (healthy, so not struck off): the deadline had
+    moved out to the state's size at ``min_bytes_per_s`` (here 3 days) as soon as the manifest
+    came, so the download asked it again and again until then; now only chunks that come move
+    it, by as long as a donor may go quiet (0.3 s plus 8 chunks at 32 KiB/s: 1.3 s)."""
+    network = FakeBulkNetwork()
+    newcomer = network.add("newcomer")
+    donor = network.add("donor")
+    StateDonor(donor, chunk_bytes=CHUNK).publish(_snapshot())
+
+    async def busy(sender: str, topic: str, payload: bytearray) -> None:
+        raise PeerUnavailableError(f"{DONOR_BUSY}: for ever")
+
+    _after_chunks(donor, 3, busy)
+
+    async def main() -> None:
+        await asyncio.wait_for(
+            download_state(
+                newcomer, ["donor"], timeout_s=0.5, request_timeout_s=0.3, min_bytes_per_s=1.0
+            ),
+            timeout=10,
+        )
+
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceededError, match=r"3/\d+ chunks .* busy donors"):
+        asyncio.run(main())
+    assert time.monotonic() - started < 5
+
+
+def test_a_donor_that_stops_answering_is_still_struck_off_soon() -> None:
+    """Quiet with chunks in flight for the request timeout plus the bytes under way at the floor
+    rate (0.3 s + 32 KiB at 32 KiB/s): struck off, not kept to the download's far deadline."""
+    network = FakeBulkNetwork()
+    newcomer = network.add("newcomer")
+    donor = network.add("donor")
+    StateDonor(donor, chunk_bytes=CHUNK).publish(_snapshot())
+
+    async def hang(sender: str, topic: str, payload: bytearray) -> None:
+        await asyncio.Event().wait()
+
+    _after_chunks(donor, 3, hang)
+    started = time.monotonic()
+    with pytest.raises(PeerUnavailableError, match=r"3/\d+ chunks .*every donor failed"):
+        asyncio.run(
+            download_state(
+                newcomer, ["donor"], timeout_s=60, request_timeout_s=0.3, min_bytes_per_s=1.0
+            )
+        )
+    assert time.monotonic() - started < 4
+
+
+def test_the_swarm_s_download_bound_lets_a_1_mbit_link_finish() -> None:
+    """The swarm's cap on a download assumed 1 MiB/s (8.4 Mbit/s): a 32 MB state behind a
+    1 Mbit/s link (256 s on the wire; the lab's took 8 MiB in each 120 s try) could not finish
+    in any of its tries. It leaves twice the wire time now."""
+    num_bytes = 32_000_000
+    wire_s = num_bytes * 8 / 1e6
+    assert swarm_sync._download_time_bound_s(num_bytes) >= 2 * wire_s
