@@ -308,3 +308,23 @@ def test_a_donor_busy_for_longer_than_a_request_may_take_is_struck_off() -> None
 
     assert asyncio.run(main()) < 5
     assert full_donor.num_requests_refused >= 2  # asked again before it was struck off
+
+
+def test_a_reply_to_a_newcomer_behind_a_thin_link_may_take_minutes() -> None:
+    """At 120 s at most, the replies to a newcomer under about 0.55 Mbit/s (8 of 1 MiB share
+    its link: 134 s each at 0.5 Mbit/s) were all given up, and it could not download."""
+    network = FakeBulkNetwork()
+    node = network.add("donor", _RecordingNode)
+    hog = network.add("hog")
+    want = _snapshot()
+    donor = StateDonor(node, chunk_bytes=CHUNK)
+    donor.publish(want)
+    assert isinstance(node, _RecordingNode)
+
+    async def main() -> None:
+        asks = _hold(hog, "donor", want.version, 1)  # (asking an hour)
+        await _until(lambda: len(node.reply_timeouts_s) == 1, "the reply leaves")
+        await _end(asks)
+
+    asyncio.run(main())
+    assert node.reply_timeouts_s == [600.0]

@@ -127,6 +127,10 @@ class StateDonor:
             donor and never take their replies do not lock newcomers out.
         max_reply_timeout_s: longest a reply may take to be handled, whatever the request asks
             (its ``timeout_ms`` may say an hour; the reply's chunk copy is held that long).
+            10 minutes: a newcomer behind a thin link shares it among its 8 replies in flight
+            (1 MiB each: 67 s at 1 Mbit/s, 134 s at 0.5 Mbit/s); at 120 s a donor serving a
+            newcomer under about 0.55 Mbit/s gave up every reply. What replies hold is bounded
+            by ``max_requests`` however long they take.
         reply_base_timeout_s: with ``min_reply_bytes_per_s``, when a reply is late: once it has
             waited this plus a chunk's bytes at that rate for each reply its peer is being sent
             (they share its link). A late reply may be given up for a peer holding less, when
@@ -145,7 +149,7 @@ class StateDonor:
         clock: Clock | None = None,
         max_requests_per_peer: int = 16,
         max_requests: int = 256,
-        max_reply_timeout_s: float = 120.0,
+        max_reply_timeout_s: float = 600.0,
         reply_base_timeout_s: float = 5.0,
         min_reply_bytes_per_s: float = float(1 << 20),
     ) -> None:
