@@ -37,7 +37,7 @@ def test_a_stall_in_the_turn_a_heartbeat_is_sent_does_not_report_the_live_peer_g
             a.detector.add_observer(lambda peer_id, alive: changes.append(alive))
             loop = asyncio.get_running_loop()
             stalled_at: list[float] = []
-            call = a.pool.call
+            call = a.heartbeat_pool.call
 
             async def stalling_call(peer_id: str, method: str, *args: Any, **kwargs: Any) -> Any:
                 is_heartbeat = method == DHT_METHODS["Ping"] and not kwargs.get("use_breaker", True)
@@ -47,7 +47,7 @@ def test_a_stall_in_the_turn_a_heartbeat_is_sent_does_not_report_the_live_peer_g
                     loop.call_soon(time.sleep, 2.1)
                 return await call(peer_id, method, *args, **kwargs)
 
-            monkeypatch.setattr(a.pool, "call", stalling_call)
+            monkeypatch.setattr(a.heartbeat_pool, "call", stalling_call)
             a.detector.watch(b.peer_id)
             liveness = a.detector.liveness(b.peer_id)
             assert liveness is not None

@@ -20,7 +20,12 @@ import grpc
 from google.protobuf.message import Message
 
 from gossamer.core.clock import Clock, Pacer, SystemClock
-from gossamer.core.errors import GossamerError, PeerUnavailableError, ProtocolError
+from gossamer.core.errors import (
+    DeadlineExceededError,
+    GossamerError,
+    PeerUnavailableError,
+    ProtocolError,
+)
 from gossamer.core.machine import physical_memory_bytes
 from gossamer.net.accepted_tunnels import AcceptedTunnels
 from gossamer.net.addresses import host_of, ip_of, join_host_port, port_of, split_host_port
@@ -114,6 +119,11 @@ class Node:
         self.pool = ConnectionPool(
             self.identity, config, self.clock, self.counters, self._resolve, self.own_record
         )
+        self.heartbeat_pool = ConnectionPool(
+            self.identity, config, self.clock, self.counters, self._resolve_for_heartbeats,
+            self.own_record,
+        )  # fmt: skip
+        """Connections that carry heartbeats alone (see :meth:`_heartbeat`)."""
         self._transport = GrpcDhtTransport(self.pool, config.dht)
         self.dht = Dht(
             self.identity,
@@ -130,6 +140,7 @@ class Node:
         def removed(peer_id: str) -> None:  # (the DHT's own hook, and the pool's)
             self.dht.routing.remove(peer_id)
             self.pool.forget(peer_id)
+            self.heartbeat_pool.forget(peer_id)
 
         self.directory.on_removed = removed
         self.bulk = BulkReceiver(config.limits, self.counters, self.clock)
@@ -254,6 +265,7 @@ class Node:
         await self.reservations.close()
         await self.relay_dialer.close()
         await self.detector.close()
+        await self.heartbeat_pool.close()
         await self.pool.close()
         await self.server.stop(grace_s=0.5)
         _log.info("peer %s: stopped", self.short_id)
@@ -319,6 +331,13 @@ class Node:
         if self.extra_dial_targets is not None:
             targets += self.extra_dial_targets(peer_id)
         return targets
+
+    def _resolve_for_heartbeats(self, peer_id: str) -> list[DialTarget]:
+        """Where a heartbeat connection dials: where the data connection to the peer went
+        first (it answered there), then what :meth:`_resolve` knows."""
+        data = self.pool.get(peer_id)
+        first = [data.target] if data is not None else []
+        return first + [t for t in self._resolve(peer_id) if t not in first]
 
     # ---- discovery -------------------------------------------------------------------------
 
@@ -656,19 +675,34 @@ class Node:
         )
 
     async def _heartbeat(self, peer_id: str, timeout_s: float) -> None:
-        """One heartbeat: a Ping without records, past the peer's circuit breaker. The breaker
-        counts every other call's failures (a FindValue slower than its deadline, say): five of
-        them opened it, heartbeats then failed at once, and a live peer was reported gone."""
+        """One heartbeat: a Ping without records, past the peer's circuit breaker, on a
+        connection of its own (:attr:`heartbeat_pool`).
+
+        The breaker counts every other call's failures (a FindValue slower than its deadline,
+        say): five of them opened it, heartbeats then failed at once, and a live peer was
+        reported gone. On the connection that carries bulk data a heartbeat waited in the
+        socket's send buffer behind it: on a 2 Mbit/s link every heartbeat of a round's first
+        seconds timed out behind the round's megabytes, the detector reported every member
+        gone, and the rounds averaged each peer alone. On its own connection it waits only in
+        the link's queue. A heartbeat that runs out of time also closes the data connection
+        if that one showed no life either (:meth:`ConnectionPool.drop_if_silent`): a
+        connection whose packets are silently lost is dialled afresh.
+        """
         sent_wall_s, sent_s = self.clock.wall(), self.clock.monotonic()
-        response = await self.pool.call(
-            peer_id,
-            DHT_METHODS["Ping"],
-            net_pb2.PingRequest(),
-            net_pb2.PingResponse,
-            timeout_s=timeout_s,
-            retry=False,
-            use_breaker=False,
-        )
+        try:
+            response = await self.heartbeat_pool.call(
+                peer_id,
+                DHT_METHODS["Ping"],
+                net_pb2.PingRequest(),
+                net_pb2.PingResponse,
+                timeout_s=timeout_s,
+                retry=False,
+                use_breaker=False,
+            )
+        except DeadlineExceededError:
+            if (data := self.pool.get(peer_id)) is not None:
+                await self.pool.drop_if_silent(data)
+            raise
         self._note_clock(peer_id, sent_wall_s, sent_s, response.wall_time_s)
 
     async def _timed_ping(self, peer_id: str, *, with_record: bool, timeout_s: float) -> None:
