@@ -10,8 +10,10 @@ the others. A donor is judged by its progress, not by how long one request took:
 requests share its link (and ours) with every other request under way, so one stays in good
 standing while it delivers a chunk within ``request_timeout_s`` plus the bytes under way at a
 floor rate (eight 1 MiB chunks at once over 1 Mbit/s take 67 s each; a fixed 30 s struck every
-donor off such a link and fetched nothing). A donor that is busy (its room for requests taken)
-is not struck off: it is asked again later,
+donor off such a link and fetched nothing), never more than two minutes whatever its manifest
+declares, and while it keeps up with that floor rate for its share of the requests under way
+(one that trickles chunks slower is struck off, and the error says how fast it was). A donor
+that is busy (its room for requests taken) is not struck off: it is asked again later,
 after a backoff with jitter, within the download's deadline (for its manifest, within
 ``request_timeout_s``, as long as any donor may take to answer), and meanwhile its chunks go to
 the others. Once one manifest is held by more than half of the donors, the others' answers are
@@ -82,6 +84,14 @@ _BUSY_FIRST_BACKOFF_S = 0.05
 _BUSY_MAX_BACKOFF_S = 2.0
 _MIN_DONOR_BYTES_PER_S = float(32 << 10)
 """The floor rate a download's chunks under way are allowed to come at (about 0.26 Mbit/s)."""
+_MAX_QUIET_S = 120.0
+"""Longest silence allowed a donor with chunk requests of ours out, however many bytes are under
+way: a donor declaring 64 MiB chunks (or a full window of 1 MiB ones at the floor rate) held a
+newcomer for hours, or 286 s, before it was struck off. A window of eight 1 MiB chunks over
+1 Mbit/s comes in 67 s."""
+_QUIET_CHUNK_BYTES = 1 << 20
+"""The most bytes of one chunk the quiet time allows for (donors' default chunk, see
+:class:`StateDonor`): the chunk size is the donor's own declaration, larger ones get no more."""
 
 
 class _DonorBusyError(PeerUnavailableError):
@@ -177,6 +187,22 @@ class _Donor:
     quiet_since: float = 0.0
     """(Loop time) its last sign of life: a chunk or busy refusal, or the request that found
     none of ours in flight there."""
+    out_s: float = 0.0
+    """How long it has had chunk requests of ours out."""
+    owed_bytes: float = 0.0
+    """What it would have delivered meanwhile at the floor rate, for its share of the requests
+    under way (they share our link)."""
+    num_chunks_sent: int = 0
+    num_bytes_sent: int = 0
+    """Verified chunks (and their bytes) it delivered, copies that lost the race too."""
+
+    def rate(self) -> str:
+        """What it delivered, and how fast while asked, for messages."""
+        per_s = self.num_bytes_sent / self.out_s if self.out_s > 0 else 0.0
+        return (
+            f"{self.num_chunks_sent} chunk(s) ({self.num_bytes_sent / (1 << 20):.2f} MiB) in "
+            f"{self.out_s:.1f} s with requests of ours out, {per_s / 1024:.1f} KiB/s"
+        )
 
     def askable(self, now: float) -> bool:
         """Whether one more request may go to it now (it is not known to be busy)."""
@@ -195,6 +221,7 @@ class _Download:
     deadline: float
     request_timeout_s: float
     min_donor_bytes_per_s: float = _MIN_DONOR_BYTES_PER_S
+    max_quiet_s: float = _MAX_QUIET_S
     latest: float = -float("inf")
     """(Loop time) how far progress may move ``deadline`` out (not past where it is now)."""
     failed: dict[str, str] = field(default_factory=dict)
@@ -281,6 +308,7 @@ async def download_state(
     limits: StateSyncLimits | None = None,
     min_bytes_per_s: float = 0.0,
     min_donor_bytes_per_s: float = _MIN_DONOR_BYTES_PER_S,
+    max_quiet_s: float = _MAX_QUIET_S,
 ) -> tuple[StateSnapshot, DownloadReport]:
     """Download the global state from ``donors`` at once, every chunk checked by hash.
 
@@ -297,17 +325,23 @@ async def download_state(
             for longer than this when asked for it (one busy when asked for a chunk is asked
             again, until the deadline). In the chunk phase, a donor with chunks of ours in
             flight is struck off once it has delivered none for this plus the bytes of every
-            chunk under way (they share our link) at ``min_donor_bytes_per_s``.
+            chunk under way (they share our link; each counted as at most 1 MiB) at
+            ``min_donor_bytes_per_s``, or for ``max_quiet_s``, whichever is sooner; and so is
+            one that delivers slower than ``min_donor_bytes_per_s`` for its share of the
+            requests under way (after a grace of that quiet time), however steadily.
         limits: sizes and counts accepted from donors.
         min_bytes_per_s: where positive, the deadline moves out while chunks keep coming: to
             ``request_timeout_s`` plus a full window of chunks in flight at
-            ``min_donor_bytes_per_s`` after the chunk phase began and after each chunk came (as
-            long as a donor may go quiet before it is struck off), but never past
+            ``min_donor_bytes_per_s`` (at most ``max_quiet_s``) after the chunk phase began and
+            after each chunk came (as long as a donor may go quiet before it is struck off),
+            but never past
             ``timeout_s + total_bytes / min_bytes_per_s`` from the start (a hard cap): a state
             too large for ``timeout_s`` still downloads while its chunks keep coming, and one
             whose chunks stop coming (every donor busy, say) still ends soon. Zero:
             ``timeout_s`` is the download's deadline, whatever comes.
         min_donor_bytes_per_s: the floor rate above (32 KiB/s, about 0.26 Mbit/s, by default).
+        max_quiet_s: the longest silence allowed a donor with chunk requests of ours out (and
+            how far one chunk moves the deadline out), whatever its manifest declares.
 
     Returns:
         The snapshot and a report of who served what.
@@ -324,6 +358,8 @@ async def download_state(
         raise ValueError(f"min_bytes_per_s must be >= 0, got {min_bytes_per_s}")
     if not min_donor_bytes_per_s > 0:
         raise ValueError(f"min_donor_bytes_per_s must be positive, got {min_donor_bytes_per_s}")
+    if not max_quiet_s > 0:
+        raise ValueError(f"max_quiet_s must be positive, got {max_quiet_s}")
     unique_donors = list(dict.fromkeys(d for d in donors if d != node.peer_id))
     if not unique_donors:
         raise ValueError("download_state needs at least one donor other than this peer")
@@ -335,7 +371,13 @@ async def download_state(
     router.allow(node, limits)
     started = loop.time()
     job = _Download(
-        node, router, loop, started + timeout_s, request_timeout_s, min_donor_bytes_per_s
+        node,
+        router,
+        loop,
+        started + timeout_s,
+        request_timeout_s,
+        min_donor_bytes_per_s,
+        max_quiet_s,
     )
     try:
         ranked = await _choose_manifest(job, unique_donors, version, limits)
@@ -509,10 +551,18 @@ async def _fetch_chunks(
 
     A donor with chunks of ours in flight is struck off once it has gone quiet (no chunk, no
     busy refusal) for ``request_timeout_s`` plus every chunk under way at
-    ``min_donor_bytes_per_s``: the requests under way, to it and to the others, share its link
-    and ours, so on a slow one each takes long while the donor is healthy. Each chunk that
-    comes (and the chunk phase's start) moves the deadline out, as far as ``job.latest``
-    allows, by as long as a donor with a full window in flight may stay quiet.
+    ``min_donor_bytes_per_s`` (each chunk counted as at most ``_QUIET_CHUNK_BYTES``: its size
+    is the donor's word), or for ``max_quiet_s``, whichever is sooner: the requests under way,
+    to it and to the others, share its link and ours, so on a slow one each takes long while
+    the donor is healthy. Each chunk that comes (and the chunk phase's start) moves the
+    deadline out, as far as ``job.latest`` allows, by as long as a donor with a full window in
+    flight may stay quiet.
+
+    A donor is also judged by its rate: while it has requests out it owes
+    ``min_donor_bytes_per_s`` times its share of the requests under way (all of them share our
+    link), and once it is behind that by more than a full quiet window's bytes it is struck
+    off and its chunks go to the others: one that sends a chunk now and then, never quiet for
+    long, held a download to its far deadline. One at or above the floor is kept, however slow.
     """
     donors = [_Donor(peer_id) for peer_id in holders]
     # Each verified chunk as it came (a view of its reply), joined once all are in: memory
@@ -527,19 +577,40 @@ async def _fetch_chunks(
     orphans: list[asyncio.Task[float]] = []
     latencies: list[float] = []
     num_done = num_refetched = num_bytes_done = 0
-    num_bytes_under_way = 0  # (of the chunk requests in flight to every donor, copies too)
-    chunks_began = job.loop.time()
+    # (of the chunk requests in flight to every donor, copies too; each at most
+    # _QUIET_CHUNK_BYTES: what the quiet time allows for, not what a manifest declares)
+    num_bytes_under_way = 0
+    chunks_began = accounted_at = job.loop.time()
+    floor = job.min_donor_bytes_per_s
     quiet_base_s = job.request_timeout_s
-    idle_s = quiet_base_s + max_in_flight * manifest.chunk_bytes / job.min_donor_bytes_per_s
+    idle_s = min(
+        job.max_quiet_s,
+        quiet_base_s + max_in_flight * min(manifest.chunk_bytes, _QUIET_CHUNK_BYTES) / floor,
+    )
+    max_debt_bytes = floor * idle_s  # (the grace of a donor's rate: a full quiet window)
     job.extend(chunks_began + idle_s)
 
     def quiet_limit_s() -> float:
         """How long a donor with chunks in flight may go quiet before it is struck off."""
-        return quiet_base_s + num_bytes_under_way / job.min_donor_bytes_per_s
+        return min(job.max_quiet_s, quiet_base_s + num_bytes_under_way / floor)
 
     def chunk_bytes(index: int) -> int:
         start, stop = manifest.chunk_range(index)
         return stop - start
+
+    def quiet_bytes(index: int) -> int:
+        return min(chunk_bytes(index), _QUIET_CHUNK_BYTES)
+
+    def account(now: float) -> None:
+        """Each donor's time with requests out, and what it owes for it, up to ``now``."""
+        nonlocal accounted_at
+        elapsed_s, accounted_at = now - accounted_at, now
+        if elapsed_s <= 0 or not tasks:
+            return
+        for donor in donors:
+            if donor.num_in_flight:
+                donor.out_s += elapsed_s
+                donor.owed_bytes += elapsed_s * floor * donor.num_in_flight / len(tasks)
 
     async def fetch(index: int, donor: _Donor) -> float:
         started = job.loop.time()
@@ -558,6 +629,8 @@ async def _fetch_chunks(
             raise ProtocolError(f"chunk {index} has {len(body)} bytes, expected {stop - start}")
         donor.quiet_since = job.loop.time()
         await asyncio.to_thread(_check_and_place, chunks, body, manifest, index)
+        donor.num_chunks_sent += 1
+        donor.num_bytes_sent += len(body)
         donor.num_busy = 0
         if donor.max_in_flight is not None:
             donor.max_in_flight += 1  # (it may have room for more again)
@@ -573,7 +646,7 @@ async def _fetch_chunks(
         nonlocal num_bytes_under_way
         if not donor.num_in_flight:  # (it is judged quiet from now)
             donor.quiet_since = job.loop.time()
-        num_bytes_under_way += chunk_bytes(index)
+        num_bytes_under_way += quiet_bytes(index)
         donor.num_in_flight += 1
         task = job.loop.create_task(fetch(index, donor), name=f"state-chunk-{index}")
         tasks[task] = (index, donor, job.loop.time())
@@ -582,7 +655,7 @@ async def _fetch_chunks(
     def forget(task: asyncio.Task[float], *, cancel: bool) -> int:
         nonlocal num_bytes_under_way
         index, donor, _ = tasks.pop(task)
-        num_bytes_under_way -= chunk_bytes(index)
+        num_bytes_under_way -= quiet_bytes(index)
         donor.num_in_flight -= 1
         copies[index].discard(task)
         if cancel:
@@ -606,6 +679,11 @@ async def _fetch_chunks(
                     for d in donors
                     if d.busy and d.peer_id not in job.failed
                 ]
+                serving = [
+                    f"{d.peer_id[:8]}: {d.rate()}"
+                    for d in donors
+                    if d.out_s > 0 and d.peer_id not in job.failed
+                ]
                 raise DeadlineExceededError(
                     f"state version {manifest.version}: {num_done}/{manifest.num_chunks} chunks "
                     f"({num_bytes_done / (1 << 20):.1f} of "
@@ -613,23 +691,32 @@ async def _fetch_chunks(
                     f"{rate / (1 << 20):.2f} MiB/s when the deadline passed, too slow for it "
                     f"(the manifests took {job.manifest_s:.1f} s of it); failed donors: "
                     f"{_reasons(job.failed, holders)}"
+                    + (f"; donors still asked: {'; '.join(serving)}" if serving else "")
                     + (f"; busy donors, last said: {'; '.join(busy)}" if busy else "")
                 )
             _admit_late(job, manifest, donors)
             now = job.loop.time()
             for donor in donors:
+                if donor.peer_id in job.failed:
+                    continue
                 quiet_s = now - donor.quiet_since
-                if (
-                    donor.num_in_flight
-                    and donor.peer_id not in job.failed
-                    and quiet_s >= quiet_limit_s()
-                ):
+                if donor.num_in_flight and quiet_s >= quiet_limit_s():
+                    before = f" (before: {donor.rate()})" if donor.num_chunks_sent else ""
                     job.strike(
                         donor.peer_id,
                         DeadlineExceededError(
                             f"no chunk in {quiet_s:.1f} s with {donor.num_in_flight} chunk "
                             f"request(s) of ours there and "
-                            f"{num_bytes_under_way / (1 << 20):.1f} MiB under way in all"
+                            f"{num_bytes_under_way / (1 << 20):.1f} MiB under way in all{before}"
+                        ),
+                    )
+                elif donor.owed_bytes - donor.num_bytes_sent > max_debt_bytes:
+                    job.strike(
+                        donor.peer_id,
+                        DeadlineExceededError(
+                            f"answered, but too slowly: {donor.rate()}, under the floor of "
+                            f"{donor.owed_bytes / donor.out_s / 1024:.1f} KiB/s for its share "
+                            f"of our requests"
                         ),
                     )
             for task, (_, donor, _) in list(tasks.items()):
@@ -651,9 +738,12 @@ async def _fetch_chunks(
                 if not is_done[index]:
                     launch(index, _pick(ready))
             wake_s = job.remaining_s()
-            for donor in live:  # (a donor's quiet time runs out)
+            for donor in live:  # (a donor's quiet time runs out, or it falls behind the floor)
                 if donor.num_in_flight:
                     wake_s = min(wake_s, donor.quiet_since + quiet_limit_s() - now)
+                    owed_per_s = floor * donor.num_in_flight / len(tasks)
+                    debt_left = max_debt_bytes - (donor.owed_bytes - donor.num_bytes_sent)
+                    wake_s = min(wake_s, debt_left / owed_per_s)
             # (a busy donor's backoff ends: it may take the chunks left)
             backoff_ends = min((d.not_before for d in live if d.not_before > now), default=None)
             if pending and len(tasks) < max_in_flight and backoff_ends is not None:
@@ -677,6 +767,7 @@ async def _fetch_chunks(
                 )
             else:  # every donor left is busy: wait out the first backoff
                 await asyncio.sleep(max(0.0, wake_s))
+            account(job.loop.time())  # (the donors' requests out were as they are since)
             for task in [t for t in tasks if t.done()]:
                 if task not in tasks:  # a copy of a chunk an earlier task of this batch won
                     continue
@@ -770,7 +861,7 @@ def _check_and_place(
 
 def _reasons(failed: dict[str, str], donors: Sequence[str]) -> str:
     parts = [f"{d[:8]}: {failed[d]}" for d in donors if d in failed]
-    return "; ".join(parts) if parts else "none answered"
+    return "; ".join(parts) if parts else "none"
 
 
 def _answers(failed: dict[str, str], manifests: dict[str, Manifest], donors: Sequence[str]) -> str:
