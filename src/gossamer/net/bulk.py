@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import math
 import secrets
 import time
 from collections import Counter
@@ -61,17 +62,22 @@ _DATA_FIELD = 5
 _MAX_VARINT_BYTES = 10
 
 _FIRST_CHUNK_BYTES = 256 * 1024
-"""A stream's first chunk (and its smallest, but for its last), shared among a transfer's
-streams: the receiver gives up on a stream that brings no whole chunk for
-``limits.bulk_idle_timeout_s`` (30 s), so chunks of this size keep links down to about
-70 kbit/s working."""
+"""A stream's first chunk, shared among a transfer's streams: the receiver gives up on a
+stream that brings no whole chunk for ``limits.bulk_idle_timeout_s`` (30 s), so a transfer
+starts on a steady link down to about 80 kbit/s."""
 _MIN_CHUNK_BYTES = 16 * 1024
 """No stream's chunks are smaller than this (a transfer over many streams shares the first
-chunk size among them)."""
+chunk size among them, and the rate cap of :class:`_ChunkSizes` stops here)."""
 _CHUNK_TARGET_S = 1.0
 """A chunk that went out within this long is followed by one twice its size."""
 _CHUNK_SLOW_S = 4.0
-"""A chunk that took longer than this is followed by one half its size."""
+"""A chunk that took longer than this is followed by one of the stream's first size (or
+smaller, by the rate cap)."""
+_IDLE_SHARE = 0.25
+"""A stream's next chunk is expected, at the rate its last one went, to take at most this
+share of the idle timeout (itself shared among the transfer's streams)."""
+_DEFAULT_IDLE_TIMEOUT_S = LimitsConfig().bulk_idle_timeout_s
+"""The receiver's idle timeout a sender assumes when it is told none (the default limit)."""
 
 BulkHandler = Callable[[str, str, bytearray], Awaitable[None]]
 """Called with (sender peer id, topic, payload) once a transfer is complete."""
@@ -603,34 +609,78 @@ class _ChunkSizes:
     link, past the receiver's idle timeout (``limits.bulk_idle_timeout_s``, 30 s, for a
     stream that brings no whole chunk): such a transfer never finished, and a peer behind a
     thin uplink never served a newcomer its state. Now a stream starts small and doubles its
-    chunks while each goes out within :data:`_CHUNK_TARGET_S`, up to ``max_bytes``, and
-    halves them (not below its first size) after one that took over :data:`_CHUNK_SLOW_S`:
-    a chunk takes seconds on any link, and on a fast one the stream reaches whole chunks after
-    a few.
+    chunks while each goes out within :data:`_CHUNK_TARGET_S`, up to its share of
+    ``max_bytes``; after
+    one that took over :data:`_CHUNK_SLOW_S` it drops straight back to its first size (by
+    halving, a stream grown to 4 MiB chunks on a fast link took one slow chunk per halving
+    after the link fell to 0.5 Mbit/s, and its 2 MiB chunk took 33 s). And every chunk is
+    capped by the rate the slower of the last two went at (a chunk the buffers took at once
+    tells nothing of the link): it is expected to take at most :data:`_IDLE_SHARE` of
+    ``idle_timeout_s`` divided by ``num_streams`` (the streams share the link; a stream that
+    measured the whole link while the others waited their turn still leaves them room), down
+    to :data:`_MIN_CHUNK_BYTES`.
+
+    What holds: on a steady link a transfer starts down to about 80 kbit/s (its first chunks,
+    :data:`_FIRST_CHUNK_BYTES` among its streams, in 26 s) and goes on after its first slow
+    chunk in chunks of seconds; on a fast link a stream reaches its share of ``max_bytes``
+    after a few chunks. After the link's rate falls, every chunk sized after a slow one is
+    expected to take at most the cap; the chunks already sent when it fell (in flight and in
+    buffers, up to ``max_bytes`` among the streams) must still arrive within the timeout at
+    the new rate, which 4 MiB do only at about 1.1 Mbit/s or more: a transfer whose link
+    falls below that while it sends whole chunks can still fail.
 
     Args:
         max_bytes: the largest chunk (``chunk_bytes`` of :func:`send_bulk`).
         num_streams: the transfer's streams, which share the link: each starts at its share
-            of :data:`_FIRST_CHUNK_BYTES`.
+            of :data:`_FIRST_CHUNK_BYTES`, grows to its share of ``max_bytes`` (what a
+            transfer has in flight when its link falls is as for one stream: with 4 streams
+            of 4 MiB chunks a fall from 100 to 2 Mbit/s left 16 MiB to go, 67 s) and its cap
+            is its share of the idle budget.
+        idle_timeout_s: the receiver's idle timeout, as far as the sender knows it (its own
+            ``limits.bulk_idle_timeout_s``).
     """
 
-    def __init__(self, max_bytes: int, num_streams: int = 1) -> None:
-        if max_bytes < 1 or num_streams < 1:
+    def __init__(
+        self,
+        max_bytes: int,
+        num_streams: int = 1,
+        idle_timeout_s: float = _DEFAULT_IDLE_TIMEOUT_S,
+    ) -> None:
+        if max_bytes < 1 or num_streams < 1 or not idle_timeout_s > 0:
             raise ValueError(
-                f"chunks of at least 1 byte over at least 1 stream, got {max_bytes} bytes "
-                f"over {num_streams}"
+                f"chunks of at least 1 byte over at least 1 stream within a positive idle "
+                f"timeout, got {max_bytes} bytes over {num_streams} in {idle_timeout_s} s"
             )
-        self.max_bytes = max_bytes
-        self.min_bytes = min(max_bytes, max(_MIN_CHUNK_BYTES, _FIRST_CHUNK_BYTES // num_streams))
+        self.max_bytes = max(min(max_bytes, _MIN_CHUNK_BYTES), max_bytes // num_streams)
+        """The stream's largest chunk: its share of ``max_bytes``."""
+        self.min_bytes = min(
+            self.max_bytes, max(_MIN_CHUNK_BYTES, _FIRST_CHUNK_BYTES // num_streams)
+        )
+        self.floor_bytes = min(self.max_bytes, _MIN_CHUNK_BYTES)
+        """The rate cap stops here."""
+        self.budget_s = idle_timeout_s * _IDLE_SHARE / num_streams
+        """A chunk is expected to go out within this long at the last one's rate."""
         self.next_bytes = self.min_bytes
         """The size of the stream's next chunk."""
+        self._last_rate = math.inf
+        """Bytes a second of the last chunk (one the buffers took at once: no rate)."""
 
-    def took(self, seconds: float) -> None:
-        """The last chunk (of :attr:`next_bytes`) took ``seconds`` to go out: size the next."""
+    def took(self, seconds: float, num_bytes: int | None = None) -> None:
+        """The last chunk, of ``num_bytes`` (:attr:`next_bytes` if None), took ``seconds`` to
+        go out: size the next."""
+        if num_bytes is None:
+            num_bytes = self.next_bytes
         if seconds <= _CHUNK_TARGET_S:
-            self.next_bytes = min(self.max_bytes, 2 * self.next_bytes)
+            size = min(self.max_bytes, 2 * self.next_bytes)
         elif seconds > _CHUNK_SLOW_S:
-            self.next_bytes = max(self.min_bytes, self.next_bytes // 2)
+            size = self.min_bytes
+        else:
+            size = self.next_bytes
+        rate = num_bytes / seconds if seconds > 0 else math.inf
+        slower, self._last_rate = min(rate, self._last_rate), rate
+        if slower < math.inf:
+            size = min(size, max(self.floor_bytes, int(slower * self.budget_s)))
+        self.next_bytes = size
 
 
 async def _stream_chunks(
@@ -656,10 +706,10 @@ async def _stream_chunks(
         chunk = _encode_chunk(fields, pieces.cut(offset, end))
         started = clock.monotonic()
         yield chunk
-        offset = end
+        sent, offset = end - offset, end
         if offset >= stop:
             return
-        sizes.took(clock.monotonic() - started)
+        sizes.took(clock.monotonic() - started, sent)
         fields = net_pb2.BulkChunk(offset=offset)
 
 
@@ -673,6 +723,7 @@ async def send_bulk(
     num_streams: int = 1,
     timeout_s: float,
     counters: NetCounters,
+    idle_timeout_s: float = _DEFAULT_IDLE_TIMEOUT_S,
 ) -> None:
     """Send ``payload`` to ``peer_id``'s handler for ``topic``; returns once it was handled.
 
@@ -687,6 +738,9 @@ async def send_bulk(
         num_streams: parallel streams (more can fill a long fat link).
         timeout_s: deadline of the whole transfer.
         counters: bytes sent are counted here.
+        idle_timeout_s: the receiver's ``limits.bulk_idle_timeout_s`` as far as the sender
+            knows it (its own): a chunk is expected to take a share of it (see
+            :class:`_ChunkSizes`).
 
     Raises:
         GossamerError: the mapped error if any stream failed.
@@ -733,7 +787,7 @@ async def send_bulk(
                 push = channel.stream_unary(
                     method, request_serializer=_pre_serialized, response_deserializer=ack
                 )
-                sizes = _ChunkSizes(chunk_bytes, num_streams)
+                sizes = _ChunkSizes(chunk_bytes, num_streams, idle_timeout_s)
                 chunks = _stream_chunks(pieces, header(start), stop, sizes, SystemClock())
                 await push(chunks, timeout=time_left(), metadata=connection.metadata)
             connection.last_life_s = pool.clock.monotonic()
