@@ -169,7 +169,7 @@ def test_a_donor_waits_for_a_newcomer_as_long_as_its_download_may_take(
     # first round was closed, and it joined again, and again, downloading it each time.
     monkeypatch.setattr(swarm_sync, "_MEMBER_WAIT_S", 0.0)
     monkeypatch.setattr(swarm_sync, "_DOWNLOAD_TIMEOUT_S", 0.0)
-    monkeypatch.setattr(swarm_sync, "_MIN_DOWNLOAD_BYTES_PER_S", 1.0)  # (seconds per byte)
+    monkeypatch.setattr(swarm_sync, "_MEMBER_WAIT_BYTES_PER_S", 1.0)  # (seconds per byte)
     model = nn.Linear(4, 3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     averager, donor = FakeAverager(), FakeDonor()
@@ -573,3 +573,15 @@ def test_a_donor_refuses_to_publish_a_meta_its_newcomers_would_refuse(
     with pytest.raises(ValueError, match=r"meta of \d+ bytes is larger than its receivers accept"):
         donor._serve(["newcomer"], 20)
     assert state_donor.version is None  # nothing published
+
+
+def test_members_wait_for_a_newcomer_at_most_its_state_at_a_megabyte_a_second() -> None:
+    # At the download's own floor (32 KiB/s) every member stopped training for up to 54
+    # minutes for a newcomer taking a 100 MB state.
+    wait_s = (
+        swarm_sync._MEMBER_WAIT_S
+        + swarm_sync._DOWNLOAD_TIMEOUT_S
+        + 100e6 / swarm_sync._MEMBER_WAIT_BYTES_PER_S
+    )
+    assert wait_s < 300.0
+    assert swarm_sync._download_time_bound_s(int(100e6)) > 3000.0  # (the newcomer's own)

@@ -64,6 +64,11 @@ the state's size at this rate more (32 KiB/s, about 0.26 Mbit/s: a hard cap, see
 :func:`download_state`'s ``min_bytes_per_s``). A fixed deadline made a state of more than that
 deadline's transfer impossible to download, each try starting over; so did one of 1 MiB/s for a
 newcomer behind a 1 Mbit/s link (a 30 MB state got 8 MiB in each 120 s try)."""
+_MEMBER_WAIT_BYTES_PER_S = float(1 << 20)
+"""Members wait for a newcomer's download at most as long as the state takes at this rate
+(1 MiB/s) more than the download's own timeout: they stop training while they wait, and at the
+download's floor (``_MIN_DOWNLOAD_BYTES_PER_S``) every member waited up to 54 minutes for a
+newcomer taking a 100 MB state. A newcomer slower than this joins at a later step."""
 _META_BYTES_PER_TENSOR = 1024
 """Room in a state's meta per parameter tensor (AdamW's tree takes about 150 bytes of it)."""
 
@@ -306,10 +311,14 @@ class SwarmSyncStrategy(SyncStrategy):
             step,
             len(newcomers),
         )
-        # As long as a newcomer's download may take, and then the wait: a state larger than
-        # the wait alone allowed came after the others had trained on, its first round was
-        # closed, and it joined again, and again, each time downloading the whole state.
-        wait_s = _MEMBER_WAIT_S + _download_time_bound_s(_snapshot_bytes(snapshot))
+        # As long as a newcomer's download takes at 1 MiB/s, and then the wait: a state larger
+        # than the wait alone allowed came after the others had trained on, its first round
+        # was closed, and it joined again, and again, each time downloading the whole state.
+        wait_s = (
+            _MEMBER_WAIT_S
+            + _DOWNLOAD_TIMEOUT_S
+            + _snapshot_bytes(snapshot) / _MEMBER_WAIT_BYTES_PER_S
+        )
         deadline = time.monotonic() + wait_s
         with nested_span("waiting", what="newcomer"):
             while time.monotonic() < deadline:
