@@ -764,4 +764,5 @@ class Node:
             num_streams=num_streams,
             timeout_s=timeout_s,
             counters=self.counters,
+            idle_timeout_s=self.config.limits.bulk_idle_timeout_s,
         )
