@@ -562,7 +562,9 @@ class ConnectionPool:
         except grpc.aio.AioRpcError as exc:
             self._counters.call_made(peer_id, method, time.perf_counter() - started, ok=False)
             error = await self.failed(connection, exc, method)
-            if breaker is None and isinstance(error, DeadlineExceededError):
+            if isinstance(error, DeadlineExceededError):
+                # (any call's, not only a heartbeat's: heartbeats go on connections of their
+                # own, and a data connection whose packets were silently lost stayed 71 s)
                 await self.drop_if_silent(connection)
             elif answered_by_handler(exc):
                 connection.last_life_s = self._clock.monotonic()

@@ -108,6 +108,8 @@ class FailureDetector:
         clock: time source.
         on_change: called with (peer id, alive) each time a peer goes or comes back.
         own_peer_id: this node's id, for logs.
+        on_unwatched: awaited with a peer's id once it is no longer watched (unwatched, or
+            gone for ``forget_after_s``): what was kept for its heartbeats can go.
     """
 
     def __init__(
@@ -117,8 +119,10 @@ class FailureDetector:
         clock: Clock,
         on_change: Callable[[str, bool], None] | None = None,
         own_peer_id: str = "",
+        on_unwatched: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self._heartbeat = heartbeat
+        self._on_unwatched = on_unwatched
         self._config = config
         self._clock = clock
         self._on_change = on_change
@@ -146,6 +150,8 @@ class FailureDetector:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._on_unwatched is not None:
+            await self._on_unwatched(peer_id)
 
     def add_observer(self, observer: Callable[[str, bool], None]) -> None:
         """Also call ``observer`` with (peer id, alive) at each change (metrics count them).
@@ -269,6 +275,8 @@ class FailureDetector:
                     now - state.changed_at_s,
                 )
                 del self._tasks[peer_id], self._liveness[peer_id]
+                if self._on_unwatched is not None:
+                    await self._on_unwatched(peer_id)
                 return
             wait_s = 0.0 if lagged else max(0.0, interval_s - (now - started))
             await self._clock.sleep_async(wait_s)

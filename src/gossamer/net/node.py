@@ -120,10 +120,12 @@ class Node:
             self.identity, config, self.clock, self.counters, self._resolve, self.own_record
         )
         self.heartbeat_pool = ConnectionPool(
-            self.identity, config, self.clock, self.counters, self._resolve_for_heartbeats,
+            self.identity, config, self.clock, NetCounters(), self._resolve_for_heartbeats,
             self.own_record,
         )  # fmt: skip
-        """Connections that carry heartbeats alone (see :meth:`_heartbeat`)."""
+        """Connections that carry heartbeats alone, to peers whose data connection is direct
+        (see :meth:`_heartbeat`); counted apart (the node's connection counts are its data
+        connections)."""
         self._transport = GrpcDhtTransport(self.pool, config.dht)
         self.dht = Dht(
             self.identity,
@@ -145,7 +147,11 @@ class Node:
         self.directory.on_removed = removed
         self.bulk = BulkReceiver(config.limits, self.counters, self.clock)
         self.detector = FailureDetector(
-            self._heartbeat, config.heartbeat, self.clock, own_peer_id=self.identity.peer_id
+            self._heartbeat,
+            config.heartbeat,
+            self.clock,
+            own_peer_id=self.identity.peer_id,
+            on_unwatched=self.heartbeat_pool.drop,
         )
         self.server.add_servicer(net_pb2_grpc.add_DhtServicer_to_server, DhtServicer(self.dht))
         self.server.add_servicer(add_bulk_receiver_to_server, self.bulk)
@@ -333,8 +339,8 @@ class Node:
         return targets
 
     def _resolve_for_heartbeats(self, peer_id: str) -> list[DialTarget]:
-        """Where a heartbeat connection dials: where the data connection to the peer went
-        first (it answered there), then what :meth:`_resolve` knows."""
+        """Where a heartbeat connection dials: where the (direct) data connection to the peer
+        went first (it answered there), then what :meth:`_resolve` knows."""
         data = self.pool.get(peer_id)
         first = [data.target] if data is not None else []
         return first + [t for t in self._resolve(peer_id) if t not in first]
@@ -684,13 +690,22 @@ class Node:
         socket's send buffer behind it: on a 2 Mbit/s link every heartbeat of a round's first
         seconds timed out behind the round's megabytes, the detector reported every member
         gone, and the rounds averaged each peer alone. On its own connection it waits only in
-        the link's queue. A heartbeat that runs out of time also closes the data connection
-        if that one showed no life either (:meth:`ConnectionPool.drop_if_silent`): a
-        connection whose packets are silently lost is dialled afresh.
+        the link's queue. Only where the data connection is direct: a relayed one's tunnels
+        share one connection to the relay anyway, and each took one of the relay's few places
+        per dialer. A heartbeat that runs out of time also closes the data connection if that
+        one showed no life either (:meth:`ConnectionPool.drop_if_silent`), as any call that
+        does: a connection whose packets are silently lost is dialled afresh.
         """
         sent_wall_s, sent_s = self.clock.wall(), self.clock.monotonic()
+        data = self.pool.get(peer_id)
+        own = data is not None and data.target.kind == "direct"
+        if not own:
+            # (a relayed connection's tunnels share one connection to the relay, and a second
+            # tunnel took a place of the relay's few per dialer: heartbeats go with the data;
+            # none yet: the heartbeat dials it)
+            await self.heartbeat_pool.drop(peer_id)
         try:
-            response = await self.heartbeat_pool.call(
+            response = await (self.heartbeat_pool if own else self.pool).call(
                 peer_id,
                 DHT_METHODS["Ping"],
                 net_pb2.PingRequest(),
@@ -700,7 +715,7 @@ class Node:
                 use_breaker=False,
             )
         except DeadlineExceededError:
-            if (data := self.pool.get(peer_id)) is not None:
+            if own and data is not None:
                 await self.pool.drop_if_silent(data)
             raise
         self._note_clock(peer_id, sent_wall_s, sent_s, response.wall_time_s)
