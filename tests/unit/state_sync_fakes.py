@@ -12,7 +12,16 @@ from gossamer.core.errors import (
     PeerUnavailableError,
     ProtocolError,
 )
-from gossamer.train.state_sync_wire import REPLY_TOPIC, decode_reply
+from gossamer.train.state_sync_wire import (
+    REPLY_TOPIC,
+    REQUEST_TOPIC,
+    ReplyHeader,
+    ReplyStatus,
+    RequestKind,
+    decode_reply,
+    decode_request,
+    encode_reply,
+)
 
 BulkHandler = Callable[[str, str, bytearray], Awaitable[None]]
 
@@ -140,3 +149,23 @@ class FaultyBulkNode(FakeBulkNode):
         await super().send_bulk(
             peer_id, topic, payload, num_streams=num_streams, timeout_s=timeout_s
         )
+
+
+def answer_with_manifest_only(donor: FakeBulkNode, manifest: bytes) -> None:
+    """Make ``donor`` answer every manifest request with ``manifest`` and never send a chunk."""
+
+    async def on_request(sender: str, topic: str, payload: bytearray) -> None:
+        request = decode_request(payload)
+        if request.kind is RequestKind.CHUNK:
+            await asyncio.Event().wait()  # chunks never come
+        header = ReplyHeader(
+            kind=request.kind,
+            status=ReplyStatus.OK,
+            request_id=request.request_id,
+            version=1,
+            index=0,
+            body_bytes=len(manifest),
+        )
+        await donor.send_bulk(sender, REPLY_TOPIC, encode_reply(header, manifest))
+
+    donor.on_bulk(REQUEST_TOPIC, on_request)

@@ -12,7 +12,12 @@ from typing import Any, TypeVar
 
 import pytest
 import torch
-from state_sync_fakes import FakeBulkNetwork, FakeBulkNode, FaultyBulkNode
+from state_sync_fakes import (
+    FakeBulkNetwork,
+    FakeBulkNode,
+    FaultyBulkNode,
+    answer_with_manifest_only,
+)
 
 from gossamer.core.clock import FakeClock
 from gossamer.core.errors import DeadlineExceededError, PeerUnavailableError, ProtocolError
@@ -33,7 +38,6 @@ from gossamer.train.state_sync_wire import (
     RequestKind,
     SerializedSnapshot,
     decode_reply,
-    decode_request,
     encode_manifest,
     encode_reply,
     encode_request,
@@ -536,22 +540,7 @@ def test_a_manifest_announcing_a_huge_state_takes_no_memory_before_its_chunks_co
     manifest = encode_manifest(
         version=1, total_bytes=total, chunk_bytes=chunk, meta={}, digests=[bytes(32)] * 1024
     )
-
-    async def on_request(sender: str, topic: str, payload: bytearray) -> None:
-        request = decode_request(payload)
-        if request.kind is RequestKind.CHUNK:
-            await asyncio.Event().wait()  # chunks never come
-        header = ReplyHeader(
-            kind=request.kind,
-            status=ReplyStatus.OK,
-            request_id=request.request_id,
-            version=1,
-            index=0,
-            body_bytes=len(manifest),
-        )
-        await liar.send_bulk(sender, REPLY_TOPIC, encode_reply(header, manifest))
-
-    liar.on_bulk(REQUEST_TOPIC, on_request)
+    answer_with_manifest_only(liar, manifest)
     tracemalloc.start()
     try:
         with pytest.raises(PeerUnavailableError):  # (struck off: a fast link's floor)

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import torch
-from state_sync_fakes import FakeBulkNetwork, FakeBulkNode
+from state_sync_fakes import FakeBulkNetwork, FakeBulkNode, answer_with_manifest_only
 
 from gossamer.core.errors import DeadlineExceededError, PeerUnavailableError
 from gossamer.train import swarm_sync
@@ -22,12 +22,9 @@ from gossamer.train.state_sync_wire import (
     DONOR_BUSY,
     REPLY_TOPIC,
     REQUEST_TOPIC,
-    ReplyHeader,
-    ReplyStatus,
     RequestKind,
     decode_request,
     encode_manifest,
-    encode_reply,
 )
 
 CHUNK = 4096
@@ -338,22 +335,7 @@ def test_a_donor_s_declared_chunk_size_gives_it_no_more_quiet_time() -> None:
     manifest = encode_manifest(
         version=1, total_bytes=total, chunk_bytes=chunk, meta={}, digests=[bytes(32)] * 2
     )
-
-    async def on_request(sender: str, topic: str, payload: bytearray) -> None:
-        request = decode_request(payload)
-        if request.kind is RequestKind.CHUNK:
-            await asyncio.Event().wait()  # chunks never come
-        header = ReplyHeader(
-            kind=request.kind,
-            status=ReplyStatus.OK,
-            request_id=request.request_id,
-            version=1,
-            index=0,
-            body_bytes=len(manifest),
-        )
-        await liar.send_bulk(sender, REPLY_TOPIC, encode_reply(header, manifest))
-
-    liar.on_bulk(REQUEST_TOPIC, on_request)
+    answer_with_manifest_only(liar, manifest)
     floor = float(8 << 20)
 
     async def main() -> None:
