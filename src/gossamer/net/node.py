@@ -47,6 +47,7 @@ from gossamer.net.directory import PeerDirectory
 from gossamer.net.failure_detector import FailureDetector
 from gossamer.net.handshake import PASS_THE_SECRET, Session, SwarmSecretMismatchError
 from gossamer.net.identity import Identity, digest_of_peer_id, short_peer_id
+from gossamer.net.owned_tasks import being_cancelled
 from gossamer.net.peer_clocks import PeerClocks
 from gossamer.net.reachability import DIAL_BACK_METHOD, ReachabilityServicer
 from gossamer.net.records import PeerRecord, sign_peer_record, signing_time_after
@@ -73,11 +74,6 @@ def local_capabilities() -> net_pb2.Capabilities:
     return net_pb2.Capabilities(
         num_cpus=os.cpu_count() or 1, memory_bytes=physical_memory_bytes() or 0
     )
-
-
-def _cancelling() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 class Node:
@@ -539,7 +535,7 @@ class Node:
         self.relays = sorted(self.reservations.active.items())
         self.sign_own_record()
         self._relays_changed_event.set()
-        if not _cancelling() and self.relays:
+        if not being_cancelled() and self.relays:
             await self._publish_own_record()
 
     async def find_peer(self, peer_id: str, timeout_s: float | None = None) -> PeerRecord | None:

@@ -1,4 +1,5 @@
-"""The tasks an object started, cancelled and awaited on its close (no orphaned tasks)."""
+"""The tasks an object started, cancelled and awaited on its close (no orphaned tasks), and
+whether the running task is being cancelled."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import contextlib
 from collections.abc import Awaitable
 from typing import Any
 
-__all__ = ["OwnedTasks"]
+__all__ = ["OwnedTasks", "being_cancelled"]
 
 
 class OwnedTasks:
@@ -31,3 +32,10 @@ class OwnedTasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+
+
+def being_cancelled() -> bool:
+    """Whether the running task has been asked to cancel (its own cancellation, not a
+    ``CancelledError`` gRPC raised for a call that ended under it)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -21,6 +21,7 @@ import grpc
 from gossamer.core.errors import GossamerError, PeerUnavailableError
 from gossamer.net.connections import ended_under_call
 from gossamer.net.grpc_errors import error_of_rpc_error
+from gossamer.net.owned_tasks import being_cancelled
 from gossamer.proto import net_pb2
 
 __all__ = [
@@ -222,7 +223,7 @@ async def carry_socket_over_call(
                     # gRPC cancels a call whose request iterator raised (the local reset), and
                     # one whose connection was closed under it: not a cancellation of this
                     # task, which must go on
-                    if _cancelling():
+                    if being_cancelled():
                         raise
                     if ahead.error is not None:
                         raise ahead.error from None
@@ -399,8 +400,3 @@ class _ReadAhead:
         self._frames.clear()
         self._budget.give_back(self._num_bytes)
         self._num_bytes = 0
-
-
-def _cancelling() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0

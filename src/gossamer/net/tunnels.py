@@ -35,7 +35,7 @@ from gossamer.net.config import NodeConfig
 from gossamer.net.connections import ConnectionPool, PeerConnection
 from gossamer.net.directory import PeerDirectory
 from gossamer.net.identity import short_peer_id
-from gossamer.net.owned_tasks import OwnedTasks
+from gossamer.net.owned_tasks import OwnedTasks, being_cancelled
 from gossamer.net.printable_text import printable_reason
 from gossamer.net.recent_failures import note_failure
 from gossamer.net.relay import RESERVE_METHOD
@@ -202,7 +202,7 @@ class RelayReservations:
             if call is not None:
                 call.cancel()
             self._holding.discard(relay_id)
-            if self.active.pop(relay_id, None) is not None and not _cancelling():
+            if self.active.pop(relay_id, None) is not None and not being_cancelled():
                 await self._on_change()
             self.wake()
 
@@ -240,7 +240,7 @@ class RelayReservations:
             try:
                 await events()
             except asyncio.CancelledError:
-                if _cancelling():
+                if being_cancelled():
                     raise
                 raise _ClosedUnderReservationError(
                     "its connection to the relay was closed under it"
@@ -321,8 +321,3 @@ class RelayReservations:
     async def close(self) -> None:
         """End every reservation and tunnel."""
         await self._tasks.cancel_all()
-
-
-def _cancelling() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
