@@ -156,7 +156,7 @@ def load_run_config(
     env = os.environ if environ is None else environ
     origins: dict[str, str] = {}
     """Keys that came from a variable or a flag -> which (else: the file, or the defaults)."""
-    where: dict[str, Any] = {"origins": origins, "base_origin": str(path) if path else "config"}
+    base_origin = str(path) if path else "config"
     root_keys = {f.name for f in dataclasses.fields(RunConfig) if not _is_section(f)}
     single_underscored = {
         info.key.replace(".", "_"): info.key
@@ -169,7 +169,15 @@ def load_run_config(
         key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
         if "." in key or key in root_keys:  # GOSSAMER_NAME, GOSSAMER_TRAIN__MAX_STEPS
             origins[key] = f"environment variable {name}"
-            _set_text(data, RunConfig, key, text, origin=origins[key], **where)
+            _set_text(
+                data,
+                RunConfig,
+                key,
+                text,
+                origin=origins[key],
+                origins=origins,
+                base_origin=base_origin,
+            )
         elif key in single_underscored:  # GOSSAMER_TRAIN_MAX_STEPS: silently ignored before
             meant = single_underscored[key]
             raise ConfigError(
@@ -185,8 +193,16 @@ def load_run_config(
     for key, text in overrides:
         given = (override_origins or {}).get(key)
         origins[key] = given or f"flag --{key.replace('_', '-')}"
-        _set_text(data, RunConfig, key, text, origin=origins[key], **where)
-    return config_from_dict(RunConfig, data, origin=where["base_origin"], origins=origins)
+        _set_text(
+            data,
+            RunConfig,
+            key,
+            text,
+            origin=origins[key],
+            origins=origins,
+            base_origin=base_origin,
+        )
+    return config_from_dict(RunConfig, data, origin=base_origin, origins=origins)
 
 
 class NotARegularFileError(OSError):
