@@ -99,8 +99,19 @@ def test_survivors_of_a_killed_peer_finish_in_time_and_agree(
     victim_id = (tmp_path / f"addr-{VICTIM}").read_text().partition("@")[0]
     for record in records:
         assert record["seconds"] <= ROUND_TIMEOUT_S + PART_TRANSFER_S, record
-        assert victim_id in record["failed"], record
         assert not record["deadline_hit"], record
+    named = [victim_id in record["failed"] for record in records]
+    if hang == "hang":
+        assert all(named), records  # it sent nothing: everyone lacks its values
+    else:
+        # Killed as it was to pass an average on, it may already have handed out its values and
+        # its own part's average; the owners whose averages it held send them directly after
+        # the ring stall allowance, so a survivor may lack nothing from it. Such a survivor has
+        # no failure to report, and holds everyone's mean; one that lacked something names it.
+        for record, said in zip(records, named, strict=True):
+            assert said or (record["failed"] == {} and record["min"] == record["max"] == 1.5), (
+                record
+            )
     assert len({r["hash"] for r in records}) == 1, records  # bit-identical everywhere
     # Every value is a mean of ranks 0..3 over some subset that holds every survivor.
     assert all(0.0 <= r["min"] <= r["max"] <= 3.0 for r in records)
