@@ -391,6 +391,17 @@ def test_bootstrap_peers_of_both_flags_are_all_kept(tiny_train: list[str]) -> No
     code, output = _invoke([*args, "--bootstrap", "127.0.0.1:1"])
     assert code == 2
     assert "'nope' is not one" in output
+    assert "(from flags --swarm.bootstrap and --bootstrap)" in output
+
+
+def test_a_bad_peer_of_the_bootstrap_option_is_blamed_on_that_option(
+    tiny_train: list[str],
+) -> None:
+    # It was blamed on "flag --swarm.bootstrap", a flag the user never gave.
+    code, output = _invoke([*tiny_train, "--swarm.strategy", "diloco", "--bootstrap", "nope"])
+    assert code == 2
+    assert "'nope' is not one" in output
+    assert "(from flag --bootstrap)" in output
 
 
 def test_a_table_printed_to_a_pipe_keeps_its_keys_whole(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -50,6 +50,7 @@ def load_flagged_config(
     *,
     flags: Iterable[tuple[str, str]] | None = None,
     base: Mapping[str, Any] | None = None,
+    named_by: Mapping[str, str] | None = None,
 ) -> RunConfig:
     """:func:`load_run_config`, a bad value's error naming the flag that gave it, or the
     command where it set the value itself.
@@ -59,10 +60,13 @@ def load_flagged_config(
         overrides: every override, flags last.
         flags: the overrides that came from the user's flags (``overrides`` if None).
         base: as :func:`load_run_config`'s.
+        named_by: where a key came from where it was not its own flag (the command's own
+            ``--bootstrap`` for ``swarm.bootstrap``, say), by key.
     """
     overrides = list(overrides)
     flagged = {key for key, _ in (overrides if flags is None else flags)}
     origins = {key: "this command's settings" for key, _ in overrides if key not in flagged}
+    origins.update(named_by or {})
     return load_run_config(path, overrides, base=base, override_origins=origins)
 
 

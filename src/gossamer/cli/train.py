@@ -203,11 +203,15 @@ def train(
     """
     with exit_on_gossamer_errors(), contextlib.ExitStack() as stack:
         overrides = command_flags(ctx)
+        named_by: dict[str, str] = {}
         if bootstrap:  # with --swarm.bootstrap too: every peer named by either (one was lost)
             given = [value for key, value in overrides if key == "swarm.bootstrap"]
             overrides = [(key, value) for key, value in overrides if key != "swarm.bootstrap"]
             overrides.append(("swarm.bootstrap", ",".join([*given, *bootstrap])))
-        run_config = load_flagged_config(config, overrides)
+            named_by["swarm.bootstrap"] = (
+                "flags --swarm.bootstrap and --bootstrap" if given else "flag --bootstrap"
+            )
+        run_config = load_flagged_config(config, overrides, named_by=named_by)
         _check_swarm_keys_are_used(run_config)
         check_fits_in_memory(run_config)
         _check_train_paths(run_config, summary_json, trace)
