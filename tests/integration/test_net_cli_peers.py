@@ -143,6 +143,19 @@ def test_peer_start_names_its_listen_flag_when_the_port_is_taken(tmp_path: Path)
         )
     assert result.returncode == 2
     assert f"error: --listen: cannot listen on 127.0.0.1:{port}" in result.stderr, result.stderr
+    assert f"port {port} is in use by another program" in result.stderr, result.stderr
+    # (gRPC's core printed its own "add_port.cc ... Failed to add port" line to stderr first)
+    assert "add_port" not in result.stderr, result.stderr
+
+
+def test_peer_start_on_an_address_of_another_machine_says_so(tmp_path: Path) -> None:
+    # 192.0.2.1 (TEST-NET-1, RFC 5737) is no address of this machine: nothing is sent to it.
+    result = _gossamer(
+        "peer", "start", "--listen", "192.0.2.1:7000", "--key-file", str(tmp_path / "k")
+    )
+    assert result.returncode == 2
+    assert "192.0.2.1 is not an address of this machine" in result.stderr, result.stderr
+    assert "add_port" not in result.stderr, result.stderr
 
 
 def test_a_private_swarm_asked_without_its_secret_says_to_pass_the_secret(

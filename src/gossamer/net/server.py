@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import errno
 import functools
 import logging
+import socket
 import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +36,7 @@ from gossamer.core.errors import (
     PeerUnavailableError,
     ProtocolError,
 )
-from gossamer.net.addresses import observed_host, remote_host
+from gossamer.net.addresses import host_of, observed_host, port_of, remote_host
 from gossamer.net.config import NodeConfig
 from gossamer.net.counters import NetCounters
 from gossamer.net.grpc_errors import HANDLER_ANSWERED, status_of_error
@@ -484,6 +486,47 @@ def _guarded_handler(
     )
 
 
+def _bind_problem(address: str) -> str | None:
+    """Why ``address`` (a listen address, ``HOST:PORT``) cannot be bound, or None if it can
+    (or its port is 0: any free one).
+
+    Found by binding a plain socket to each address the host resolves to, with the options
+    gRPC's server binds with (``SO_REUSEADDR``, no ``SO_REUSEPORT``), and letting it go at
+    once: only when none binds, as gRPC then fails too. gRPC's core says why on stderr alone,
+    in a line of its own before Gossamer's error; this says it in the error.
+    """
+    try:
+        host, port = host_of(address), port_of(address)
+    except ValueError:
+        return None  # (the config's own check says what is wrong with it)
+    if port == 0:
+        return None
+    try:
+        candidates = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"{host} does not resolve: {getattr(exc, 'strerror', None) or exc}"
+    reasons: list[str] = []
+    for family, kind, proto, _, sockaddr in candidates:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                reasons.append(f"port {port} is in use by another program")
+            elif exc.errno == errno.EADDRNOTAVAIL:
+                reasons.append(f"{host} is not an address of this machine")
+            elif exc.errno == errno.EACCES:
+                reasons.append(f"port {port} needs privileges this process lacks")
+            else:
+                reasons.append(exc.strerror or str(exc))
+        else:
+            return None
+    return "; ".join(dict.fromkeys(reasons)) or None
+
+
 class NetServer:
     """The one gRPC server of a node (an async context manager).
 
@@ -572,8 +615,15 @@ class NetServer:
         server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers((_Dispatcher(self),))
         credentials = grpc.ssl_server_credentials([(self.tls.key_pem, self.tls.cert_pem)])
+        address = self.config.listen_address
+        problem = _bind_problem(address)
+        if problem is not None:  # (gRPC's core printed a line of its own to stderr first)
+            raise ConfigError(
+                f"net.listen_address: cannot listen on {address} ({problem}); pick another "
+                "port or use port 0"
+            )
         try:
-            port = server.add_secure_port(self.config.listen_address, credentials)
+            port = server.add_secure_port(address, credentials)
         except RuntimeError as exc:
             port = 0
             cause: Exception | None = exc
@@ -581,7 +631,7 @@ class NetServer:
             cause = None
         if not port:
             raise ConfigError(
-                f"net.listen_address: cannot listen on {self.config.listen_address} "
+                f"net.listen_address: cannot listen on {address} "
                 "(in use or not an address of this machine); pick another port or use port 0"
             ) from cause
         await server.start()
