@@ -5,11 +5,14 @@ The probes run this interpreter inside a peer's namespace, so they only ever tal
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
 
 from gossamer.lab import LabControl
 from gossamer.lab.runner import RunningProcess
@@ -81,3 +84,16 @@ def probe(lab: LabControl, peer: str, address: str, *, timeout_s: float = 1.0) -
         timeout_s=timeout_s + 10.0,
     )
     return done.stdout.strip() if done.ok else None
+
+
+def wait_for_json(path: Path, timeout_s: float, processes: list[subprocess.Popen[bytes]]) -> Any:
+    """The JSON a peer process writes (atomically) at ``path``, once it is there; fails when a
+    process exits first or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            return json.loads(path.read_text())
+        for process in processes:
+            assert process.poll() is None, f"a peer process exited early ({process.poll()})"
+        time.sleep(0.02)  # polling a file another process writes, under a deadline
+    raise AssertionError(f"{path.name} did not appear within {timeout_s} s")

@@ -122,7 +122,17 @@ class Node:
         """Connections that carry heartbeats alone, to peers whose data connection is direct
         (see :meth:`_heartbeat`); counted apart (the node's connection counts are its data
         connections)."""
-        self._transport = GrpcDhtTransport(self.pool, config.dht)
+        self.control_pool = ConnectionPool(
+            self.identity, config, self.clock, NetCounters(), self._resolve_control,
+            self.own_record,
+        )  # fmt: skip
+        """Connections that carry DHT requests alone, to peers whose direct data connection has
+        a bulk upload under way (see :class:`GrpcDhtTransport`); each closed at the first
+        maintenance step after it went unused for ``CONTROL_IDLE_S``. Counted apart, as
+        :attr:`heartbeat_pool` is (the node's connection counts are its data connections);
+        its breakers count only the requests on it (the peer's breaker, :attr:`pool`'s, still
+        refuses them while open)."""
+        self._transport = GrpcDhtTransport(self.pool, config.dht, self.control_pool)
         self.dht = Dht(
             self.identity,
             config.dht,
@@ -139,6 +149,7 @@ class Node:
             self.dht.routing.remove(peer_id)
             self.pool.forget(peer_id)
             self.heartbeat_pool.forget(peer_id)
+            self.control_pool.forget(peer_id)  # (its connection goes once idle)
 
         self.directory.on_removed = removed
         self.bulk = BulkReceiver(config.limits, self.counters, self.clock)
@@ -268,6 +279,7 @@ class Node:
         await self.relay_dialer.close()
         await self.detector.close()
         await self.heartbeat_pool.close()
+        await self.control_pool.close()
         await self.pool.close()
         await self.server.stop(grace_s=0.5)
         _log.info("peer %s: stopped", self.short_id)
@@ -340,6 +352,13 @@ class Node:
         data = self.pool.get(peer_id)
         first = [data.target] if data is not None else []
         return first + [t for t in self._resolve(peer_id) if t not in first]
+
+    def _resolve_control(self, peer_id: str) -> list[DialTarget]:
+        """Where a control connection dials: where the direct data connection to the peer went
+        (it answered there), and nowhere else (a relay's tunnel is no place for it; with the
+        data connection gone, requests go back to the data pool anyway)."""
+        data = self.pool.get(peer_id)
+        return [data.target] if data is not None and data.target.kind == "direct" else []
 
     # ---- discovery -------------------------------------------------------------------------
 
@@ -494,6 +513,7 @@ class Node:
         while True:
             await self.clock.sleep_async(tick_s)
             try:
+                await self._transport.close_idle_control()
                 self.dht.expire()
                 self.bulk.expire_idle()
                 now = self.clock.monotonic()
