@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from gossamer.net.config import HeartbeatConfig, NodeConfig
-from gossamer.net.connections import DialTarget
+from gossamer.net.connections import ConnectionPool, DialTarget
 from gossamer.net.dht_service import DHT_METHODS
 from gossamer.net.node import Node
 from loopback_nodes import until
@@ -37,7 +37,7 @@ def test_a_stall_in_the_turn_a_heartbeat_is_sent_does_not_report_the_live_peer_g
             a.detector.add_observer(lambda peer_id, alive: changes.append(alive))
             loop = asyncio.get_running_loop()
             stalled_at: list[float] = []
-            call = a.heartbeat_pool.call
+            call = a.control_pool.call
 
             async def stalling_call(peer_id: str, method: str, *args: Any, **kwargs: Any) -> Any:
                 is_heartbeat = method == DHT_METHODS["Ping"] and not kwargs.get("use_breaker", True)
@@ -47,7 +47,7 @@ def test_a_stall_in_the_turn_a_heartbeat_is_sent_does_not_report_the_live_peer_g
                     loop.call_soon(time.sleep, 2.1)
                 return await call(peer_id, method, *args, **kwargs)
 
-            monkeypatch.setattr(a.heartbeat_pool, "call", stalling_call)
+            monkeypatch.setattr(a.control_pool, "call", stalling_call)
             a.detector.watch(b.peer_id)
             liveness = a.detector.liveness(b.peer_id)
             assert liveness is not None
@@ -78,13 +78,49 @@ def test_heartbeats_go_on_a_connection_of_their_own_closed_once_the_peer_is_unwa
             assert liveness is not None
             start = time.monotonic()
             await until(lambda: liveness.last_answer_s > start + 1.0, 10, "answered heartbeats")
-            beating = a.heartbeat_pool.get(b.peer_id)
+            beating = a.control_pool.get(b.peer_id)
             assert beating is not None
             assert beating is not data
             assert a.pool.get(b.peer_id) is data
             assert dict(a.counters.connections) == {"direct": 1}, a.counters.connections
             await a.detector.unwatch(b.peer_id)
-            assert a.heartbeat_pool.get(b.peer_id) is None
+            assert a.control_pool.get(b.peer_id) is None
             assert a.pool.get(b.peer_id) is data
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+
+
+def test_a_watched_peer_that_gets_dht_requests_during_an_upload_holds_one_control_connection() -> (
+    None
+):
+    """Heartbeats and the DHT's requests behind an upload each had a connection of their own:
+    a peer both watched and uploaded to held three (the data one, and two small ones). They
+    share one now; the detector letting the peer go leaves it to the requests that used it."""
+
+    async def scenario() -> None:
+        async with Node(_config()) as a, Node(_config()) as b:
+            data = await a.pool.dial(DialTarget(b.addresses[0]), expected_peer_id=b.peer_id)
+            a.detector.watch(b.peer_id)
+            liveness = a.detector.liveness(b.peer_id)
+            assert liveness is not None
+            start = time.monotonic()
+            await until(lambda: liveness.last_answer_s > start + 1.0, 10, "answered heartbeats")
+            data.num_uploads += 1  # (as an upload under way does: DHT requests leave it)
+            try:
+                await a.ping(b.peer_id)  # (the DHT's Ping, through its transport)
+                pools = [v for v in vars(a).values() if isinstance(v, ConnectionPool)]
+                beside = [p for p in pools if p is not a.pool and p.get(b.peer_id) is not None]
+                assert len(beside) == 1, f"{len(beside)} connections beside the data one"
+                control = beside[0].get(b.peer_id)
+                assert control is not None
+                assert control is not data
+                assert a.pool.get(b.peer_id) is data
+                assert dict(a.counters.connections) == {"direct": 1}, a.counters.connections
+                await a.detector.unwatch(b.peer_id)
+                assert beside[0].get(b.peer_id) is control, "closed under the DHT's requests"
+                await a.ping(b.peer_id)
+                assert beside[0].get(b.peer_id) is control
+            finally:
+                data.num_uploads -= 1
 
     asyncio.run(asyncio.wait_for(scenario(), timeout=60))

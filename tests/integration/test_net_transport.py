@@ -25,7 +25,7 @@ from gossamer.core.errors import (
     PeerUnavailableError,
     ProtocolError,
 )
-from gossamer.net.advertised_host import _routable_host
+from gossamer.net.advertised_host import routable_host
 from gossamer.net.bulk import PUSH_METHOD, PUSH_ONE_METHOD
 from gossamer.net.config import BreakerConfig, LimitsConfig, NodeConfig, RetryConfig
 from gossamer.net.connections import DialTarget
@@ -87,9 +87,9 @@ def test_a_first_peer_on_every_interface_advertises_an_address_other_machines_ca
 def test_the_ipv6_wildcard_written_bracketed_is_a_wildcard_too() -> None:
     # "[::]:7000" advertised "[::]:7000", an address nobody can dial.
     for wildcard in ("[::]", "::", "0.0.0.0"):
-        host = _routable_host(wildcard, ())
+        host = routable_host(wildcard, ())
         assert not ipaddress.ip_address(host.strip("[]")).is_unspecified, wildcard
-    assert _routable_host("[fd00::2]", ()) == "[fd00::2]"  # not a wildcard: as given
+    assert routable_host("[fd00::2]", ()) == "[fd00::2]"  # not a wildcard: as given
 
 
 def test_peer_without_the_swarm_secret_is_refused_with_a_log_line(

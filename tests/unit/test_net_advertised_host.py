@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from gossamer.net.advertised_host import _routable_host
+from gossamer.net.advertised_host import routable_host
 
 
 def _routes(table: dict[str, str]) -> Callable[[str, str], str | None]:
@@ -27,7 +27,7 @@ def _interfaces(*addresses: str) -> Callable[[], list[str]]:
 def test_a_lab_namespace_with_no_default_route_advertises_its_one_interface_address() -> None:
     # A lab namespace has no default route: the peer advertised 127.0.0.1, and peers that
     # learned its record dialled their own loopback.
-    host = _routable_host(
+    host = routable_host(
         "0.0.0.0",
         (),
         route_source=_no_route,
@@ -38,7 +38,7 @@ def test_a_lab_namespace_with_no_default_route_advertises_its_one_interface_addr
 
 def test_a_machine_with_only_loopback_advertises_loopback_for_a_local_swarm() -> None:
     for wildcard in ("0.0.0.0", "::", "[::]"):
-        host = _routable_host(
+        host = routable_host(
             wildcard, (), route_source=_no_route, interface_addresses=_interfaces("127.0.0.1")
         )
         assert host == "127.0.0.1"
@@ -52,7 +52,7 @@ def test_several_addresses_and_no_route_advertise_loopback_with_a_warning(
     # a swarm on this machine alone worked before on 127.0.0.1.
     interfaces = _interfaces("127.0.0.1", "172.17.0.1", "192.168.122.1")
     with caplog.at_level(logging.WARNING, logger="gossamer.net.advertised_host"):
-        host = _routable_host(
+        host = routable_host(
             "0.0.0.0",
             (),
             warn_as="abcdefghijklmnopqrstuvwxyz",
@@ -69,7 +69,7 @@ def test_several_addresses_and_no_route_advertise_loopback_with_a_warning(
     # A node that does not announce (`gossamer peers`) is dialled by nobody: nothing to say.
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="gossamer.net.advertised_host"):
-        host = _routable_host("0.0.0.0", (), route_source=_no_route, interface_addresses=interfaces)
+        host = routable_host("0.0.0.0", (), route_source=_no_route, interface_addresses=interfaces)
     assert host == "127.0.0.1"
     assert not caplog.records
 
@@ -78,18 +78,18 @@ def test_the_route_to_the_bootstrap_peers_comes_first_then_the_default_route() -
     interfaces = _interfaces("127.0.0.1", "10.0.0.2", "192.168.7.2")
     routes = _routes({"10.0.0.9": "10.0.0.2", "192.0.2.1": "192.168.7.2"})
     towards = ("abc@10.0.0.9:7000",)
-    assert _routable_host(
+    assert routable_host(
         "0.0.0.0", towards, route_source=routes, interface_addresses=interfaces
     ) == ("10.0.0.2")
-    assert _routable_host("0.0.0.0", (), route_source=routes, interface_addresses=interfaces) == (
+    assert routable_host("0.0.0.0", (), route_source=routes, interface_addresses=interfaces) == (
         "192.168.7.2"
     )
     v6 = _routes({"2001:db8::1": "fd00::2"})
-    assert _routable_host("::", (), route_source=v6, interface_addresses=interfaces) == "[fd00::2]"
+    assert routable_host("::", (), route_source=v6, interface_addresses=interfaces) == "[fd00::2]"
 
 
 def test_a_host_that_is_not_a_wildcard_is_advertised_as_given() -> None:
     def unused() -> list[str]:
         raise AssertionError("a named host needs no interface list")
 
-    assert _routable_host("10.1.2.3", (), interface_addresses=unused) == "10.1.2.3"
+    assert routable_host("10.1.2.3", (), interface_addresses=unused) == "10.1.2.3"

@@ -3,8 +3,9 @@
 On the data connection a request waited in the socket's send buffer behind the upload's
 megabytes: on a 2 Mbit/s uplink every Store and FindNode to the peer ran past its deadline, and
 the records a peer published while it sent reached nobody. The transport now sends them on a
-small connection of their own (``Node.control_pool``) while an upload is under way on a direct
-data connection, and closes that connection once it went unused for ``CONTROL_IDLE_S``.
+small connection of their own (``Node.control_pool``, which heartbeats share) while an upload is
+under way on a direct data connection; that connection is closed once the peer is no longer
+watched and no request chose it for ``CONTROL_IDLE_S``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from gossamer.core.clock import FakeClock
 from gossamer.core.errors import PeerUnavailableError
 from gossamer.net.config import NodeConfig
 from gossamer.net.connections import ConnectionPool, DialTarget, PeerConnection
+from gossamer.net.control_connections import CONTROL_IDLE_S, ControlConnections
 from gossamer.net.counters import NetCounters
-from gossamer.net.dht_service import CONTROL_IDLE_S, DHT_METHODS, GrpcDhtTransport
+from gossamer.net.dht_service import DHT_METHODS, GrpcDhtTransport
 from gossamer.net.identity import Identity
 from gossamer.proto import net_pb2
 
@@ -72,9 +74,13 @@ def _connect(pool: ConnectionPool, kind: str = "direct") -> tuple[PeerConnection
     return connection, fake
 
 
-def _transport(clock: FakeClock) -> tuple[GrpcDhtTransport, ConnectionPool, ConnectionPool]:
+def _transport(
+    clock: FakeClock, watched: set[str] | None = None
+) -> tuple[GrpcDhtTransport, ConnectionPool, ConnectionPool, ControlConnections]:
     data, control = _pool(clock), _pool(clock)
-    return GrpcDhtTransport(data, CONFIG.dht, control), data, control
+    watched_ = watched if watched is not None else set()
+    connections = ControlConnections(data, control, is_watched=lambda p: p in watched_)
+    return GrpcDhtTransport(data, CONFIG.dht, connections), data, control, connections
 
 
 async def _store(transport: GrpcDhtTransport) -> bool:
@@ -84,7 +90,7 @@ async def _store(transport: GrpcDhtTransport) -> bool:
 
 def test_requests_go_on_the_data_connection_while_it_uploads_nothing() -> None:
     async def scenario() -> None:
-        transport, data, control = _transport(FakeClock())
+        transport, data, control, _ = _transport(FakeClock())
         assert transport.pool_for(PEER) is data  # (none yet: the data pool dials it)
         _, on_data = _connect(data)
         assert await _store(transport)
@@ -97,7 +103,7 @@ def test_requests_go_on_the_data_connection_while_it_uploads_nothing() -> None:
 
 def test_requests_go_on_a_control_connection_while_the_direct_data_connection_uploads() -> None:
     async def scenario() -> None:
-        transport, data, control = _transport(FakeClock())
+        transport, data, control, _ = _transport(FakeClock())
         connection, on_data = _connect(data)
         _, on_control = _connect(control)
         connection.num_uploads = 1
@@ -122,7 +128,7 @@ def test_a_relayed_data_connection_keeps_carrying_requests_while_it_uploads() ->
     # (its tunnels share one connection to the relay, and a second tunnel takes one of the
     # relay's few places per dialer)
     async def scenario() -> None:
-        transport, data, control = _transport(FakeClock())
+        transport, data, control, _ = _transport(FakeClock())
         connection, on_data = _connect(data, kind="relayed")
         connection.num_uploads = 1
         assert transport.pool_for(PEER) is data
@@ -135,7 +141,7 @@ def test_a_relayed_data_connection_keeps_carrying_requests_while_it_uploads() ->
 
 def test_an_open_breaker_of_the_peer_still_refuses_requests_at_once() -> None:
     async def scenario() -> None:
-        transport, data, control = _transport(FakeClock())
+        transport, data, control, _ = _transport(FakeClock())
         connection, _ = _connect(data)
         _, on_control = _connect(control)
         connection.num_uploads = 1
@@ -153,20 +159,20 @@ def test_an_open_breaker_of_the_peer_still_refuses_requests_at_once() -> None:
 def test_a_control_connection_unused_for_the_idle_time_is_closed() -> None:
     async def scenario() -> None:
         clock = FakeClock()
-        transport, data, control = _transport(clock)
+        transport, data, control, connections = _transport(clock)
         connection, _ = _connect(data)
         _, on_control = _connect(control)
         connection.num_uploads = 1
         assert await _store(transport)
         clock.advance(CONTROL_IDLE_S - 1.0)
-        await transport.close_idle_control()
+        await connections.close_idle()
         assert control.get(PEER) is not None, "closed while still in use"
         assert await _store(transport)  # (chosen again: its idle time starts over)
         clock.advance(CONTROL_IDLE_S - 1.0)
-        await transport.close_idle_control()
+        await connections.close_idle()
         assert control.get(PEER) is not None
         clock.advance(1.0)
-        await transport.close_idle_control()
+        await connections.close_idle()
         assert control.get(PEER) is None, "an unused control connection stayed open"
         assert on_control.closed
         assert data.get(PEER) is connection  # (the data connection is not the transport's)
@@ -178,7 +184,7 @@ def test_a_control_connection_is_dialled_under_the_connect_deadline_not_the_requ
     # Its handshake's round trips wait in the same full link queue as the request: within the
     # request's 2 s, the dial and the request together came within a few tenths of it.
     async def scenario() -> None:
-        transport, data, control = _transport(FakeClock())
+        transport, data, control, _ = _transport(FakeClock())
         connection, _ = _connect(data)
         connection.num_uploads = 1
         dials: list[float | None] = []
@@ -196,5 +202,102 @@ def test_a_control_connection_is_dialled_under_the_connect_deadline_not_the_requ
         rpc_s = CONFIG.dht.rpc_timeout_s
         assert dials == [CONFIG.connect_timeout_s, rpc_s, rpc_s]
         assert CONFIG.connect_timeout_s > rpc_s
+
+    asyncio.run(scenario())
+
+
+def test_a_peer_no_longer_watched_keeps_a_control_connection_a_request_chose_until_idle() -> None:
+    # (heartbeats and DHT requests share it: the detector letting the peer go must not close
+    # it under the requests that go on it while the upload lasts)
+    async def scenario() -> None:
+        clock = FakeClock()
+        watched = {PEER}
+        transport, data, control, connections = _transport(clock, watched)
+        connection, _ = _connect(data)
+        opened, on_control = _connect(control)
+        connection.num_uploads = 1
+        assert await _store(transport)
+        clock.advance(CONTROL_IDLE_S - 1.0)
+        watched.clear()
+        await connections.release_for_heartbeats(PEER)  # (the detector's on_unwatched)
+        assert control.get(PEER) is opened, "closed under the DHT requests that use it"
+        await connections.close_idle()
+        assert control.get(PEER) is opened
+        clock.advance(1.0)
+        await connections.close_idle()
+        assert control.get(PEER) is None, "an unwatched, unused control connection stayed open"
+        assert on_control.closed
+
+    asyncio.run(scenario())
+
+
+def test_a_watched_peer_keeps_its_control_connection_however_long_no_request_chose_it() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        watched = {PEER}
+        transport, data, control, connections = _transport(clock, watched)
+        connection, _ = _connect(data)
+        opened, on_control = _connect(control)
+        connection.num_uploads = 1
+        assert await _store(transport)
+        clock.advance(10 * CONTROL_IDLE_S)
+        await connections.close_idle()
+        assert control.get(PEER) is opened, "closed under the heartbeats that use it"
+        await connections.heartbeat(PEER, 1.0)
+        assert on_control.methods[-1] == DHT_METHODS["Ping"]
+        watched.clear()
+        await connections.release_for_heartbeats(PEER)  # (unwatched, and idle: closed at once)
+        assert control.get(PEER) is None
+        assert on_control.closed
+
+    asyncio.run(scenario())
+
+
+def test_heartbeats_and_requests_share_one_control_connection() -> None:
+    async def scenario() -> None:
+        transport, data, control, connections = _transport(FakeClock(), {PEER})
+        connection, on_data = _connect(data)
+        _, on_control = _connect(control)
+        await connections.heartbeat(PEER, 1.0)
+        connection.num_uploads = 1
+        assert await _store(transport)
+        await connections.heartbeat(PEER, 1.0)
+        assert on_control.methods == [DHT_METHODS[name] for name in ("Ping", "Store", "Ping")]
+        assert on_data.methods == []
+        assert control.peer_ids == [PEER]
+
+    asyncio.run(scenario())
+
+
+def test_heartbeats_go_on_the_data_connection_where_it_is_relayed_and_release_the_control_one() -> (
+    None
+):
+    async def scenario() -> None:
+        _, data, control, connections = _transport(FakeClock(), {PEER})
+        _, on_data = _connect(data, kind="relayed")
+        _, on_control = _connect(control)  # (from when the data connection was direct)
+        await connections.heartbeat(PEER, 1.0)
+        assert on_data.methods == [DHT_METHODS["Ping"]]
+        assert control.get(PEER) is None
+        assert on_control.closed
+
+    asyncio.run(scenario())
+
+
+def test_heartbeats_the_detector_does_not_send_keep_the_control_connection_until_idle() -> None:
+    # (a relay reservation's watchdog heartbeats its relay, which the detector may not watch:
+    # a connection closed under one of those heartbeats ended the reservation)
+    async def scenario() -> None:
+        clock = FakeClock()
+        _, data, control, connections = _transport(clock)
+        _connect(data)
+        opened, _ = _connect(control)
+        await connections.heartbeat(PEER, 1.0)
+        clock.advance(CONTROL_IDLE_S - 1.0)
+        await connections.close_idle()
+        assert control.get(PEER) is opened, "closed under a relay reservation's heartbeats"
+        clock.advance(1.0)
+        await connections.close_idle()
+        assert control.get(PEER) is None
 
     asyncio.run(scenario())

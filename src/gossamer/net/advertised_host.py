@@ -17,7 +17,7 @@ from collections.abc import Callable
 from gossamer.net.addresses import host_of, ip_of, port_of
 from gossamer.net.identity import short_peer_id
 
-__all__ = ["local_interface_addresses"]
+__all__ = ["local_interface_addresses", "routable_host"]
 
 _log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def local_interface_addresses() -> list[str]:
     return found
 
 
-def _routable_host(
+def routable_host(
     listen_host: str,
     towards: tuple[str, ...],
     *,

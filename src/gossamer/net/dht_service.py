@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -19,15 +19,15 @@ from gossamer.net.identity import peer_id_of_public_key, short_peer_id
 from gossamer.net.server import current_session
 from gossamer.proto import net_pb2, net_pb2_grpc
 
-__all__ = ["CONTROL_IDLE_S", "DHT_METHODS", "DhtServicer", "GrpcDhtTransport", "RequestBudget"]
+if TYPE_CHECKING:  # (it imports this module's DHT_METHODS for heartbeats)
+    from gossamer.net.control_connections import ControlConnections
+
+__all__ = ["DHT_METHODS", "DhtServicer", "GrpcDhtTransport", "RequestBudget"]
 
 _SERVICE = "/gossamer.net.v1.Dht/"
 DHT_METHODS = {name: _SERVICE + name for name in ("Ping", "FindNode", "FindValue", "Store")}
 _log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Message)
-CONTROL_IDLE_S = 30.0
-"""How long a control connection (see :class:`GrpcDhtTransport`) stays open unused: past a
-round's uploads, not past the next round's few seconds of quiet."""
 
 
 class RequestBudget:
@@ -187,47 +187,39 @@ class GrpcDhtTransport:
     """The :class:`DhtTransport` over the node's connection pool.
 
     A DHT request to a peer whose direct data connection has a bulk upload under way
-    (:attr:`PeerConnection.num_uploads`) goes on a small connection of its own instead, from
-    ``control_pool``. On the data connection it waited in the socket's send buffer behind the
-    upload's megabytes: on a 2 Mbit/s uplink every Store and FindNode to the peer ran past its
-    2 s deadline, and the records a peer published while it sent reached nobody. On its own
-    connection a request waits only in the link's queue. Only then, because a second connection
-    to every DHT contact would be waste where the data connection is idle; and only where the
-    data connection is direct (a relayed one's tunnels share one connection to the relay, and
-    each takes one of the relay's few places per dialer), as for heartbeats.
+    (:attr:`PeerConnection.num_uploads`) goes on the peer's control connection instead (see
+    :mod:`gossamer.net.control_connections`; heartbeats share it). On the data connection it
+    waited in the socket's send buffer behind the upload's megabytes: on a 2 Mbit/s uplink every
+    Store and FindNode to the peer ran past its 2 s deadline, and the records a peer published
+    while it sent reached nobody. On its own connection a request waits only in the link's
+    queue. Only then, because a second connection to every DHT contact would be waste where the
+    data connection is idle; and only where the data connection is direct (a relayed one's
+    tunnels share one connection to the relay, and each takes one of the relay's few places per
+    dialer), as for heartbeats.
 
-    A control connection no request chose for :data:`CONTROL_IDLE_S` is closed by
-    :meth:`close_idle_control` (the node's maintenance calls it): it lives about as long as the
-    uploads it stands beside. While the peer's circuit breaker (the data pool's) is open,
-    requests go to the data pool and are refused there at once, as before; requests on a
-    control connection are counted in the control pool's own breakers, so their timeouts, if
-    the link's queue alone holds them past their deadline, never refuse the next bulk send.
+    Each request that chooses a control connection keeps it open for
+    :data:`~gossamer.net.control_connections.CONTROL_IDLE_S` more (it lives about as long as the
+    uploads it stands beside, or as long as the peer is watched). While the peer's circuit
+    breaker (the data pool's) is open, requests go to the data pool and are refused there at
+    once, as before; requests on a control connection are counted in the control pool's own
+    breakers, so their timeouts, if the link's queue alone holds them past their deadline,
+    never refuse the next bulk send.
 
     Args:
         pool: the node's (data) connections.
-        dht: the local DHT (learns the records that come back).
         config: DHT config (request deadline).
-        control_pool: where requests go while the peer's direct data connection uploads (None:
-            every request goes on the data connection). Its connections are dialled only
-            where the data connection went (see ``Node._resolve_control``).
-        control_idle_s: how long a control connection stays unused before it is closed.
+        control: the node's control connections, where requests go while the peer's direct
+            data connection uploads (None: every request goes on the data connection).
     """
 
     def __init__(
-        self,
-        pool: ConnectionPool,
-        config: DhtConfig,
-        control_pool: ConnectionPool | None = None,
-        *,
-        control_idle_s: float = CONTROL_IDLE_S,
+        self, pool: ConnectionPool, config: DhtConfig, control: ControlConnections | None = None
     ) -> None:
         self._pool = pool
         self._config = config
-        self._control = control_pool
-        self._control_idle_s = control_idle_s
-        self._control_chosen_s: dict[str, float] = {}
-        """Per peer: when a request last went on its control connection (monotonic)."""
+        self._control = control
         self.dht: Dht | None = None
+        """The local DHT (learns the records that come back)."""
 
     def pool_for(self, peer_id: str) -> ConnectionPool:
         """The pool a request to ``peer_id`` goes through now: the control pool while the
@@ -242,28 +234,8 @@ class GrpcDhtTransport:
             or (peer_id in self._pool.breakers and self._pool.breakers[peer_id].state == "open")
         ):
             return self._pool
-        self._control_chosen_s[peer_id] = self._pool.clock.monotonic()
-        return self._control
-
-    async def close_idle_control(self) -> None:
-        """Close the control connections no request chose for ``control_idle_s`` (a request
-        runs for its deadline at most, well under it: none is closed under a request)."""
-        if self._control is None:
-            return
-        now_s = self._pool.clock.monotonic()
-        for peer_id in self._control.peer_ids:
-            if now_s - self._control_chosen_s.get(peer_id, -float("inf")) >= self._control_idle_s:
-                _log.debug(
-                    "peer %s: control connection to %s unused for %.0f s: closed",
-                    self._short_own_id,
-                    short_peer_id(peer_id),
-                    self._control_idle_s,
-                )
-                await self._control.drop(peer_id)
-        open_ = set(self._control.peer_ids)
-        for peer_id, chosen_s in list(self._control_chosen_s.items()):
-            if peer_id not in open_ and now_s - chosen_s >= self._control_idle_s:
-                del self._control_chosen_s[peer_id]
+        self._control.chosen(peer_id)
+        return self._control.pool
 
     async def _call(
         self, peer_id: str, method: str, request: Message, response_type: type[R], timeout_s: float
@@ -275,7 +247,7 @@ class GrpcDhtTransport:
         the request together came within a few tenths of it."""
         pool = self.pool_for(peer_id)
         if (
-            pool is self._control
+            pool is not self._pool
             and pool.get(peer_id) is None
             and (peer_id not in pool.breakers or pool.breakers[peer_id].state != "open")
         ):
@@ -283,10 +255,6 @@ class GrpcDhtTransport:
         return await pool.call(
             peer_id, method, request, response_type, timeout_s=timeout_s, retry=False
         )
-
-    @property
-    def _short_own_id(self) -> str:
-        return short_peer_id(self.dht.identity.peer_id) if self.dht is not None else "?"
 
     def _sender(self) -> net_pb2.SignedPeerRecord | None:
         return self.dht.own_record() if self.dht is not None else None

@@ -21,7 +21,6 @@ from google.protobuf.message import Message
 
 from gossamer.core.clock import Clock, Pacer, SystemClock
 from gossamer.core.errors import (
-    DeadlineExceededError,
     GossamerError,
     PeerUnavailableError,
     ProtocolError,
@@ -29,7 +28,7 @@ from gossamer.core.errors import (
 from gossamer.core.machine import physical_memory_bytes
 from gossamer.net.accepted_tunnels import AcceptedTunnels
 from gossamer.net.addresses import host_of, ip_of, join_host_port, port_of, split_host_port
-from gossamer.net.advertised_host import _routable_host
+from gossamer.net.advertised_host import routable_host
 from gossamer.net.bulk import (
     BulkHandler,
     BulkPayload,
@@ -40,9 +39,10 @@ from gossamer.net.bulk import (
 )
 from gossamer.net.config import NodeConfig
 from gossamer.net.connections import ConnectionPool, DialTarget, PeerConnection
+from gossamer.net.control_connections import ControlConnections, direct_data_target
 from gossamer.net.counters import NetCounters
 from gossamer.net.dht import Dht
-from gossamer.net.dht_service import DHT_METHODS, DhtServicer, GrpcDhtTransport
+from gossamer.net.dht_service import DhtServicer, GrpcDhtTransport
 from gossamer.net.directory import PeerDirectory
 from gossamer.net.failure_detector import FailureDetector
 from gossamer.net.handshake import PASS_THE_SECRET, Session, SwarmSecretMismatchError
@@ -115,24 +115,23 @@ class Node:
         self.pool = ConnectionPool(
             self.identity, config, self.clock, self.counters, self._resolve, self.own_record
         )
-        self.heartbeat_pool = ConnectionPool(
-            self.identity, config, self.clock, NetCounters(), self._resolve_for_heartbeats,
-            self.own_record,
-        )  # fmt: skip
-        """Connections that carry heartbeats alone, to peers whose data connection is direct
-        (see :meth:`_heartbeat`); counted apart (the node's connection counts are its data
-        connections)."""
         self.control_pool = ConnectionPool(
-            self.identity, config, self.clock, NetCounters(), self._resolve_control,
-            self.own_record,
+            self.identity, config, self.clock, NetCounters(),
+            lambda peer_id: direct_data_target(self.pool, peer_id), self.own_record,
         )  # fmt: skip
-        """Connections that carry DHT requests alone, to peers whose direct data connection has
-        a bulk upload under way (see :class:`GrpcDhtTransport`); each closed at the first
-        maintenance step after it went unused for ``CONTROL_IDLE_S``. Counted apart, as
-        :attr:`heartbeat_pool` is (the node's connection counts are its data connections);
-        its breakers count only the requests on it (the peer's breaker, :attr:`pool`'s, still
-        refuses them while open)."""
-        self._transport = GrpcDhtTransport(self.pool, config.dht, self.control_pool)
+        """One small connection per peer, dialled where its direct data connection went, for
+        heartbeats (see :meth:`ControlConnections.heartbeat`) and for DHT requests while that
+        data connection uploads (see :class:`GrpcDhtTransport`); kept while the peer is watched
+        or a DHT request chose it lately (see :class:`ControlConnections`). Counted apart (the
+        node's connection counts are its data connections); its breakers count only the DHT
+        requests on it."""
+        self.control = ControlConnections(
+            self.pool,
+            self.control_pool,
+            is_watched=lambda peer_id: self.detector.liveness(peer_id) is not None,
+            own_peer_id=self.identity.peer_id,
+        )
+        self._transport = GrpcDhtTransport(self.pool, config.dht, self.control)
         self.dht = Dht(
             self.identity,
             config.dht,
@@ -148,8 +147,7 @@ class Node:
         def removed(peer_id: str) -> None:  # (the DHT's own hook, and the pool's)
             self.dht.routing.remove(peer_id)
             self.pool.forget(peer_id)
-            self.heartbeat_pool.forget(peer_id)
-            self.control_pool.forget(peer_id)  # (its connection goes once idle)
+            self.control.forget(peer_id)  # (its connection goes once unwatched and idle)
 
         self.directory.on_removed = removed
         self.bulk = BulkReceiver(config.limits, self.counters, self.clock)
@@ -158,7 +156,7 @@ class Node:
             config.heartbeat,
             self.clock,
             own_peer_id=self.identity.peer_id,
-            on_unwatched=self.heartbeat_pool.drop,
+            on_unwatched=self.control.release_for_heartbeats,
         )
         self.server.add_servicer(net_pb2_grpc.add_DhtServicer_to_server, DhtServicer(self.dht))
         self.server.add_servicer(add_bulk_receiver_to_server, self.bulk)
@@ -251,7 +249,7 @@ class Node:
         announced = self.peer_id if self.config.announce else None
         self.addresses = self.config.advertise_addresses or (
             join_host_port(
-                _routable_host(host, self.config.bootstrap, warn_as=announced), self.server.port
+                routable_host(host, self.config.bootstrap, warn_as=announced), self.server.port
             ),
         )
         self.sign_own_record()
@@ -278,8 +276,7 @@ class Node:
         await self.reservations.close()
         await self.relay_dialer.close()
         await self.detector.close()
-        await self.heartbeat_pool.close()
-        await self.control_pool.close()
+        await self.control.close()
         await self.pool.close()
         await self.server.stop(grace_s=0.5)
         _log.info("peer %s: stopped", self.short_id)
@@ -345,20 +342,6 @@ class Node:
         if self.extra_dial_targets is not None:
             targets += self.extra_dial_targets(peer_id)
         return targets
-
-    def _resolve_for_heartbeats(self, peer_id: str) -> list[DialTarget]:
-        """Where a heartbeat connection dials: where the (direct) data connection to the peer
-        went first (it answered there), then what :meth:`_resolve` knows."""
-        data = self.pool.get(peer_id)
-        first = [data.target] if data is not None else []
-        return first + [t for t in self._resolve(peer_id) if t not in first]
-
-    def _resolve_control(self, peer_id: str) -> list[DialTarget]:
-        """Where a control connection dials: where the direct data connection to the peer went
-        (it answered there), and nowhere else (a relay's tunnel is no place for it; with the
-        data connection gone, requests go back to the data pool anyway)."""
-        data = self.pool.get(peer_id)
-        return [data.target] if data is not None and data.target.kind == "direct" else []
 
     # ---- discovery -------------------------------------------------------------------------
 
@@ -513,7 +496,7 @@ class Node:
         while True:
             await self.clock.sleep_async(tick_s)
             try:
-                await self._transport.close_idle_control()
+                await self.control.close_idle()
                 self.dht.expire()
                 self.bulk.expire_idle()
                 now = self.clock.monotonic()
@@ -697,44 +680,10 @@ class Node:
         )
 
     async def _heartbeat(self, peer_id: str, timeout_s: float) -> None:
-        """One heartbeat: a Ping without records, past the peer's circuit breaker, on a
-        connection of its own (:attr:`heartbeat_pool`).
-
-        The breaker counts every other call's failures (a FindValue slower than its deadline,
-        say): five of them opened it, heartbeats then failed at once, and a live peer was
-        reported gone. On the connection that carries bulk data a heartbeat waited in the
-        socket's send buffer behind it: on a 2 Mbit/s link every heartbeat of a round's first
-        seconds timed out behind the round's megabytes, the detector reported every member
-        gone, and the rounds averaged each peer alone. On its own connection it waits only in
-        the link's queue. Only where the data connection is direct: a relayed one's tunnels
-        share one connection to the relay anyway, and each took one of the relay's few places
-        per dialer. A heartbeat that runs out of time also closes the data connection if that
-        one showed no life either (:meth:`ConnectionPool.drop_if_silent`), as any call that
-        does: a connection whose packets are silently lost is dialled afresh.
-        """
+        """One heartbeat (see :meth:`ControlConnections.heartbeat`); samples the peer's clock."""
         sent_wall_s, sent_s = self.clock.wall(), self.clock.monotonic()
-        data = self.pool.get(peer_id)
-        own = data is not None and data.target.kind == "direct"
-        if not own:
-            # (a relayed connection's tunnels share one connection to the relay, and a second
-            # tunnel took a place of the relay's few per dialer: heartbeats go with the data;
-            # none yet: the heartbeat dials it)
-            await self.heartbeat_pool.drop(peer_id)
-        try:
-            response = await (self.heartbeat_pool if own else self.pool).call(
-                peer_id,
-                DHT_METHODS["Ping"],
-                net_pb2.PingRequest(),
-                net_pb2.PingResponse,
-                timeout_s=timeout_s,
-                retry=False,
-                use_breaker=False,
-            )
-        except DeadlineExceededError:
-            if own and data is not None:
-                await self.pool.drop_if_silent(data)
-            raise
-        self._note_clock(peer_id, sent_wall_s, sent_s, response.wall_time_s)
+        remote_wall_s = await self.control.heartbeat(peer_id, timeout_s)
+        self._note_clock(peer_id, sent_wall_s, sent_s, remote_wall_s)
 
     async def _timed_ping(self, peer_id: str, *, with_record: bool, timeout_s: float) -> None:
         sent_wall_s, sent_s = self.clock.wall(), self.clock.monotonic()
