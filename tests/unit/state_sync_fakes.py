@@ -96,6 +96,59 @@ class FakeBulkNode:
             raise DeadlineExceededError(f"bulk to {peer_id} timed out") from None
 
 
+class FakeSharedLink:
+    """A link that carries its transfers at once, each at an equal share of its rate (as TCP
+    streams sharing a bottleneck do): eight chunks asked together all arrive after eight
+    chunks' time, none sooner."""
+
+    def __init__(self, bytes_per_s: float) -> None:
+        self.bytes_per_s = bytes_per_s
+        self._left: dict[asyncio.Future[None], float] = {}
+        self._last = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def _advance(self, now: float) -> None:
+        if self._left:
+            sent = (now - self._last) * self.bytes_per_s / len(self._left)
+            for future in self._left:
+                self._left[future] -= sent
+        self._last = now
+
+    def _schedule(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._left:
+            loop = asyncio.get_running_loop()
+            after_s = min(self._left.values()) * len(self._left) / self.bytes_per_s
+            self._timer = loop.call_later(max(0.0, after_s), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._advance(asyncio.get_running_loop().time())
+        for future, left in list(self._left.items()):
+            if left <= 1e-6 * self.bytes_per_s:  # (sent, within the timer's precision)
+                del self._left[future]
+                if not future.done():
+                    future.set_result(None)
+        self._schedule()
+
+    async def carry(self, num_bytes: int) -> None:
+        """Wait until ``num_bytes`` have crossed the link."""
+        loop = asyncio.get_running_loop()
+        self._advance(loop.time())
+        future: asyncio.Future[None] = loop.create_future()
+        self._left[future] = float(num_bytes)
+        self._schedule()
+        try:
+            await future
+        finally:
+            if future in self._left:  # (given up: the others get its share)
+                self._advance(loop.time())
+                del self._left[future]
+                self._schedule()
+
+
 class FaultyBulkNode(FakeBulkNode):
     """A fake node that misbehaves on a script, in the replies it sends as a donor.
 

@@ -13,7 +13,12 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import torch
-from state_sync_fakes import FakeBulkNetwork, FakeBulkNode, answer_with_manifest_only
+from state_sync_fakes import (
+    FakeBulkNetwork,
+    FakeBulkNode,
+    FakeSharedLink,
+    answer_with_manifest_only,
+)
 
 from gossamer.core.errors import DeadlineExceededError, PeerUnavailableError
 from gossamer.train import swarm_sync
@@ -48,63 +53,10 @@ def _assert_same(got: StateSnapshot, want: StateSnapshot) -> None:
         assert torch.equal(got.tensors[name], tensor), name
 
 
-class _SharedLink:
-    """A link that carries its transfers at once, each at an equal share of its rate (as TCP
-    streams sharing a bottleneck do): eight chunks asked together all arrive after eight
-    chunks' time, none sooner."""
-
-    def __init__(self, bytes_per_s: float) -> None:
-        self.bytes_per_s = bytes_per_s
-        self._left: dict[asyncio.Future[None], float] = {}
-        self._last = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-
-    def _advance(self, now: float) -> None:
-        if self._left:
-            sent = (now - self._last) * self.bytes_per_s / len(self._left)
-            for future in self._left:
-                self._left[future] -= sent
-        self._last = now
-
-    def _schedule(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._left:
-            loop = asyncio.get_running_loop()
-            after_s = min(self._left.values()) * len(self._left) / self.bytes_per_s
-            self._timer = loop.call_later(max(0.0, after_s), self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._advance(asyncio.get_running_loop().time())
-        for future, left in list(self._left.items()):
-            if left <= 1e-6 * self.bytes_per_s:  # (sent, within the timer's precision)
-                del self._left[future]
-                if not future.done():
-                    future.set_result(None)
-        self._schedule()
-
-    async def carry(self, num_bytes: int) -> None:
-        """Wait until ``num_bytes`` have crossed the link."""
-        loop = asyncio.get_running_loop()
-        self._advance(loop.time())
-        future: asyncio.Future[None] = loop.create_future()
-        self._left[future] = float(num_bytes)
-        self._schedule()
-        try:
-            await future
-        finally:
-            if future in self._left:  # (given up: the others get its share)
-                self._advance(loop.time())
-                del self._left[future]
-                self._schedule()
-
-
 class SlowUplinkNode(FakeBulkNode):
     """A donor whose replies share one slow uplink (``link``)."""
 
-    link = _SharedLink(CHUNK / SECONDS_PER_CHUNK)
+    link = FakeSharedLink(CHUNK / SECONDS_PER_CHUNK)
 
     async def send_bulk(
         self,
@@ -124,7 +76,7 @@ class SlowUplinkNode(FakeBulkNode):
 
 def _slow_donor(network: FakeBulkNetwork, want: StateSnapshot) -> FakeBulkNode:
     node = network.add("slow", SlowUplinkNode)
-    node.link = _SharedLink(CHUNK / SECONDS_PER_CHUNK)  # type: ignore[attr-defined]
+    node.link = FakeSharedLink(CHUNK / SECONDS_PER_CHUNK)  # type: ignore[attr-defined]
     StateDonor(node, chunk_bytes=CHUNK).publish(want)
     return node
 
@@ -425,7 +377,7 @@ def test_honest_donors_at_1_mbit_serve_every_chunk_under_the_swarm_s_limits(
     network = FakeBulkNetwork()
     newcomer = network.add("newcomer")
     want = _snapshot(numel=31_000)
-    link = _SharedLink(1e6 / 8 / 256 * 100)
+    link = FakeSharedLink(1e6 / 8 / 256 * 100)
     names = [f"slow{i}" for i in range(num_donors)]
     for name in names:
         node = network.add(name, SlowUplinkNode)

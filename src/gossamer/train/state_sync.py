@@ -16,11 +16,14 @@ declares, and while it keeps up with that floor rate for its share of the reques
 that is busy (its room for requests taken) is not struck off: it is asked again later,
 after a backoff with jitter, within the download's deadline (for its manifest, within
 ``request_timeout_s``, as long as any donor may take to answer), and meanwhile its chunks go to
-the others. Once one manifest is held by more than half of the donors, the others' answers are
-not waited for: one hung donor among agreeing ones does not hold every download up for its
-request timeout. Nothing received is unpickled, and every size and count is checked
-against :class:`StateSyncLimits` before memory is allocated for it (a reply larger than the limits
-allow is refused by net at its first chunk).
+the others. The requests kept in flight are fitted to what the newcomer's own link delivers
+(about a request timeout's worth, at least one): eight 1 MiB chunks at once over its 0.25 Mbit/s
+took 268 s each, past the two minutes a donor may be silent, and every honest donor was struck
+off for the newcomer's slowness. Once one manifest is held by more than half of the donors, the
+others' answers are not waited for: one hung donor among agreeing ones does not hold every
+download up for its request timeout. Nothing received is unpickled, and every size and count is
+checked against :class:`StateSyncLimits` before memory is allocated for it (a reply larger than
+the limits allow is refused by net at its first chunk).
 
 Donors live in :mod:`gossamer.train.state_sync_donor`, the message format in
 :mod:`gossamer.train.state_sync_wire`.
@@ -53,6 +56,7 @@ from gossamer.train.state_sync_requests import (
     _Donor,
     _DonorBusyError,
     _Download,
+    _FittedWindow,
     _ReplyRouter,
     _routers,
 )
@@ -127,9 +131,13 @@ async def download_state(
         timeout_s: deadline of the whole download.
         version: the version to fetch; when None, the one most donors hold (newest on a
             tie), or where every holder of that one fails, the next one so ranked.
-        max_chunks_in_flight: chunk requests outstanding at once, over all donors (a donor
-            refuses more than its ``max_requests_per_peer`` of one peer, 16 by default, as busy:
-            it is then asked no more at once than it was serving).
+        max_chunks_in_flight: the most chunk requests outstanding at once, over all donors (a
+            donor refuses more than its ``max_requests_per_peer`` of one peer, 16 by default, as
+            busy: it is then asked no more at once than it was serving). Fewer are kept where
+            our link is thin: at first as many as the floor rate carries in ``max_quiet_s``
+            less ``request_timeout_s`` (two 1 MiB chunks), then what our link delivered in
+            ``request_timeout_s``, at least one; a request out twice as long as the link needs
+            for it no longer holds its place.
         request_timeout_s: a donor taking longer for its manifest is struck off; so is one busy
             for longer than this when asked for it (one busy when asked for a chunk is asked
             again, until the deadline). In the chunk phase, a donor with chunks of ours in
@@ -353,7 +361,10 @@ async def _fetch_chunks(
 
     A chunk still in flight long after most chunks took (``_HEDGE_FACTOR`` times the median)
     is also asked of another donor once, and the first verified copy wins: one hung or slow
-    donor then costs the tail of the download a little, not its request timeout. A chunk a
+    donor then costs the tail of the download a little, not its request timeout. At most a
+    :class:`_FittedWindow` of requests is kept in flight: what our link delivers in a request
+    timeout, so each chunk's time on the wire stays well inside a donor's silence allowance
+    however thin our link. A chunk a
     donor refuses as busy goes back in the queue; that donor is asked no more at once than it
     was serving of ours then (one more for each chunk it delivers since), or, where it served
     none of ours, nothing until a backoff has passed.
@@ -361,7 +372,9 @@ async def _fetch_chunks(
     A donor with chunks of ours in flight is struck off once it has gone quiet (no chunk, no
     busy refusal) for ``request_timeout_s`` plus every chunk under way at
     ``min_donor_bytes_per_s`` (each chunk counted as at most ``_QUIET_CHUNK_BYTES``: its size
-    is the donor's word), or for ``max_quiet_s``, whichever is sooner: the requests under way,
+    is the donor's word; and at least a full ``max_in_flight`` window of the chunks left, so a
+    window fitted to a thin link of ours shortens no donor's allowance), or for
+    ``max_quiet_s``, whichever is sooner: the requests under way,
     to it and to the others, share its link and ours, so on a slow one each takes long while
     the donor is healthy. Each chunk that comes (and the chunk phase's start) moves the
     deadline out, as far as ``job.latest`` allows, by as long as a donor with a full window in
@@ -398,10 +411,30 @@ async def _fetch_chunks(
     )
     max_debt_bytes = floor * idle_s  # (the grace of a donor's rate: a full quiet window)
     job.extend(chunks_began + idle_s)
+    first_size = _FittedWindow.first_size(
+        max_in_flight,
+        manifest.num_chunks,
+        min(manifest.chunk_bytes, _QUIET_CHUNK_BYTES),
+        floor,
+        job.max_quiet_s - quiet_base_s,
+    )
+    window = _FittedWindow(
+        max_size=max_in_flight,
+        chunk_bytes=max(1, manifest.chunk_bytes),
+        window_s=job.request_timeout_s,
+        size=first_size,
+    )
 
     def quiet_limit_s() -> float:
-        """How long a donor with chunks in flight may go quiet before it is struck off."""
-        return min(job.max_quiet_s, quiet_base_s + num_bytes_under_way / floor)
+        """How long a donor with chunks in flight may go quiet before it is struck off.
+
+        The bytes under way count as at least a full ``max_in_flight`` window of the chunks
+        left, as if the window had not been fitted to our link: a thin link (a small window)
+        shortens no donor's allowance, nor does a fast one lengthen it past what it was.
+        """
+        full_window = min(max_in_flight, manifest.num_chunks - num_done)
+        under_way = max(num_bytes_under_way, full_window * quiet_bytes(0))
+        return min(job.max_quiet_s, quiet_base_s + under_way / floor)
 
     def chunk_bytes(index: int) -> int:
         start, stop = manifest.chunk_range(index)
@@ -416,6 +449,7 @@ async def _fetch_chunks(
         elapsed_s, accounted_at = now - accounted_at, now
         if elapsed_s <= 0 or not tasks:
             return
+        window.elapse(elapsed_s)
         for donor in donors:
             if donor.num_in_flight:
                 donor.out_s += elapsed_s
@@ -539,13 +573,22 @@ async def _fetch_chunks(
                     f"{_reasons(job.failed, [d.peer_id for d in donors])}"
                 )
             now = job.loop.time()
-            while pending and len(tasks) < max_in_flight:
+            overdue_s = window.overdue_s()
+            # (requests out longer than the link needs for them hold no place in the window:
+            # one a donor sits on must not stall the rest behind a thin link)
+            on_time = [
+                started
+                for _, _, started in tasks.values()
+                if overdue_s is None or now - started < overdue_s
+            ]
+            while pending and len(on_time) < window.size and len(tasks) < max_in_flight:
                 ready = [d for d in live if d.askable(now)]
                 if not ready:
                     break
                 index = pending.popleft()
                 if not is_done[index]:
                     launch(index, _pick(ready))
+                    on_time.append(now)
             wake_s = job.remaining_s()
             for donor in live:  # (a donor's quiet time runs out, or it falls behind the floor)
                 if donor.num_in_flight:
@@ -555,18 +598,24 @@ async def _fetch_chunks(
                     wake_s = min(wake_s, debt_left / owed_per_s)
             # (a busy donor's backoff ends: it may take the chunks left)
             backoff_ends = min((d.not_before for d in live if d.not_before > now), default=None)
-            if pending and len(tasks) < max_in_flight and backoff_ends is not None:
+            if pending and len(on_time) < window.size and backoff_ends is not None:
                 wake_s = min(wake_s, backoff_ends - now)
+            if pending and overdue_s is not None and len(tasks) < max_in_flight:
+                for started in on_time:  # (one's place in the window comes free)
+                    wake_s = min(wake_s, started + overdue_s - now)
             if not pending and len(live) > 1 and latencies:
                 hedge_after_s = max(_MIN_HEDGE_S, _HEDGE_FACTOR * statistics.median(latencies))
                 for index, donor, started in sorted(tasks.values(), key=lambda t: t[2]):
-                    if len(copies[index]) != 1 or len(tasks) >= max_in_flight:
+                    if len(copies[index]) != 1 or len(on_time) >= window.size:
+                        continue
+                    if len(tasks) >= max_in_flight:
                         continue
                     others = [d for d in live if d is not donor and d.askable(now)]
                     if now - started < hedge_after_s:
                         wake_s = min(wake_s, started + hedge_after_s - now)
                     elif others:
                         launch(index, _pick(others))
+                        on_time.append(now)
                         num_refetched += 1
                     elif backoff_ends is not None:  # (the others are busy for now)
                         wake_s = min(wake_s, backoff_ends - now)
@@ -585,6 +634,17 @@ async def _fetch_chunks(
                 exc = task.exception()
                 if exc is None:
                     latencies.append(task.result())
+                    size_before = window.size
+                    window.delivered(chunk_bytes(index))
+                    if window.size != size_before:
+                        _log.debug(
+                            "peer %s: state version %d: %d chunk request(s) kept in flight, "
+                            "our link delivering %.1f KiB/s",
+                            job.node.peer_id[:8],
+                            manifest.version,
+                            window.size,
+                            window.per_s / 1024,
+                        )
                     if not is_done[index]:
                         is_done[index] = True
                         num_done += 1

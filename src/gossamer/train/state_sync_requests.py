@@ -4,7 +4,9 @@
 its reply from the node's :class:`_ReplyRouter`; it keeps the download's deadline (moved out by
 progress) and the donors struck off, and why. :class:`_Donor` is one donor's standing in the
 chunk phase: requests in flight, latency, busy refusals and their backoff, and the progress it is
-judged by (quiet time, bytes owed at the floor rate). A busy refusal raises
+judged by (quiet time, bytes owed at the floor rate). :class:`_FittedWindow` is how many chunk
+requests the newcomer keeps in flight: what its own link carries in a request timeout. A busy
+refusal raises
 :class:`_DonorBusyError`: the donor is healthy and asked again later. Used by
 :func:`gossamer.train.state_sync.download_state`, which decides what to ask and whom to strike off.
 """
@@ -16,6 +18,7 @@ import logging
 import random
 import secrets
 import weakref
+from collections import deque
 from dataclasses import dataclass, field
 
 from gossamer.core.errors import (
@@ -52,6 +55,11 @@ _MAX_QUIET_S = 120.0
 way: a donor declaring 64 MiB chunks (or a full window of 1 MiB ones at the floor rate) held a
 newcomer for hours, or 286 s, before it was struck off. A window of eight 1 MiB chunks over
 1 Mbit/s comes in 67 s."""
+
+
+_INTAKE_HORIZON_WINDOWS = 4
+"""The newcomer's intake rate is measured over its last this many ``window_s`` with requests
+out: long enough to span a window's chunks, short enough to follow a link that changes."""
 
 
 class _DonorBusyError(PeerUnavailableError):
@@ -146,6 +154,70 @@ class _Donor:
         return self.not_before <= now and (
             self.max_in_flight is None or self.num_in_flight < self.max_in_flight
         )
+
+
+@dataclass(slots=True)
+class _FittedWindow:
+    """How many chunk requests a newcomer keeps in flight: about what its own link delivered in
+    ``window_s`` (at least one, at most ``max_size``), so each chunk's time on the wire stays
+    near ``window_s``, well inside the silence a donor is allowed.
+
+    Every request shares the newcomer's downlink: eight 1 MiB chunks asked at once over
+    0.25 Mbit/s take 268 s each, longer than the two minutes a donor may be silent, so every
+    honest donor was struck off for the newcomer's own slowness and it took no state at all.
+    The rate is measured from the chunks that came, over the time requests were out (a busy
+    pause with none out does not count as a slow link).
+    """
+
+    max_size: int
+    chunk_bytes: int
+    window_s: float
+    size: int
+    """Requests to keep in flight now: ``first_size`` until a chunk comes, then the fit."""
+    out_s: float = 0.0
+    """How long requests of ours have been out, in all."""
+    intake: deque[tuple[float, int]] = field(default_factory=deque)
+    """Chunks that came within the horizon: (``out_s`` then, bytes)."""
+    intake_bytes: int = 0
+    per_s: float = 0.0
+    """The intake rate measured (bytes a second with requests out); 0 until a chunk came."""
+
+    @staticmethod
+    def first_size(
+        max_size: int, num_chunks: int, chunk_bytes: int, floor: float, spare_quiet_s: float
+    ) -> int:
+        """The window before any chunk has come: as many chunks as the floor rate carries in
+        the silence a donor is allowed past its request timeout (``spare_quiet_s``), so even a
+        link just at the floor brings them before any donor's silence runs out; at least one.
+        Two in the swarm: 1 MiB chunks, 32 KiB/s, 120 s less 30 s."""
+        fits = int(spare_quiet_s * floor / max(1, chunk_bytes))
+        return max(1, min(max_size, num_chunks, fits))
+
+    def elapse(self, elapsed_s: float) -> None:
+        """``elapsed_s`` passed with requests of ours out."""
+        self.out_s += elapsed_s
+
+    def delivered(self, num_bytes: int) -> None:
+        """A chunk came (of ``num_bytes``): fit the window to the rate measured."""
+        self.intake.append((self.out_s, num_bytes))
+        self.intake_bytes += num_bytes
+        horizon_s = _INTAKE_HORIZON_WINDOWS * self.window_s
+        while self.intake and self.intake[0][0] < self.out_s - horizon_s:
+            self.intake_bytes -= self.intake.popleft()[1]
+        span_s = min(self.out_s, horizon_s)
+        if span_s <= 0:
+            return  # (no time measured yet: nothing to fit to)
+        self.per_s = self.intake_bytes / span_s
+        self.size = max(1, min(self.max_size, int(self.per_s * self.window_s / self.chunk_bytes)))
+
+    def overdue_s(self) -> float | None:
+        """How long a request may be out before it no longer holds its place in the window:
+        twice what one chunk of a fitted window takes on our link. A donor that sits on the one
+        request a thin link allows then stalls the others for that long, not for the silence
+        it is allowed (two minutes). None until a chunk came (nothing measured yet)."""
+        if self.per_s <= 0:
+            return None
+        return 2 * max(self.window_s, self.size * self.chunk_bytes / self.per_s)
 
 
 @dataclass(slots=True)
