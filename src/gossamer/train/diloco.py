@@ -275,6 +275,11 @@ class DiLoCoStrategy(DiLoCoOuterStep):
         del step
         return False
 
+    def _dropped_last_steps(self) -> None:
+        """At the end, the state just taken from the others covers the run's last steps: this
+        peer's own went into no round. An in-process swarm never takes state; the swarm
+        strategy counts it."""
+
     def _catch_up_before_round(self) -> int | None:
         """(train while forming) Before a round begins: a peer behind the others takes their
         state here. An in-process swarm never leaves a peer behind; the swarm strategy
@@ -360,6 +365,13 @@ class DiLoCoStrategy(DiLoCoOuterStep):
         self._collect()
         weight = self.weight
         stale = self._catch_up()
+        if self._took_final_state():
+            # The others' state after their last round: none of theirs is left to join. Launched
+            # alone, this round moved the peer an outer step past them (its progress was
+            # stale: at weight 0, and the outer momentum still moved the weights); its steps
+            # go with the state taken, and the run ends at the state's step.
+            self._restart_local_from_global()
+            return
         # (taken after: a state taken moves the local model and its start alike, and a round
         # that failed on every member gave its progress back to the local model)
         progress = self._progress()
@@ -403,6 +415,12 @@ class DiLoCoStrategy(DiLoCoOuterStep):
         Returns:
             Whether the progress since the last round was made from a state too old to count.
         """
+        return False
+
+    def _took_final_state(self) -> bool:
+        """(overlap) Whether the state :meth:`_catch_up` just took is the others' final one,
+        after their last round (the run's step budget is spent in it). An in-process swarm
+        never takes state; the swarm strategy overrides this."""
         return False
 
     def _round_thread(self) -> ThreadPoolExecutor:
@@ -472,12 +490,17 @@ class DiLoCoStrategy(DiLoCoOuterStep):
         # A round that failed on every member left its progress to average: every member
         # knows it alike, and runs one more round for it (on a grid step too).
         tail = tail or (self._round_failed and self._finished_at != step)
-        if forming_mode and tail and self._took_state_as_of(step):
+        if tail and self._took_state_as_of(step):
             # The state it took is the others' after their last round, the one after their
             # last step (this one): its own steps went with it. Run alone, that round moved
-            # it an outer step past theirs, and the peers waited for each other's hashes of
-            # the final outer step to the end of the agreement's wait.
+            # it an outer step past theirs (with blocking rounds too, at weight 0: the outer
+            # momentum moves the weights with no data behind it), and the peers waited for
+            # each other's hashes of the final outer step to the end of the agreement's wait.
+            # (A state as of an earlier step, their last boundary's, still needs that round:
+            # the others run it after their last step, and this peer joins it.)
             tail = False
+            if took_state:
+                self._dropped_last_steps()
         replaced = replaced or tail or self.outer_step != version
         if tail:
             self._steps_since_round = 0

@@ -36,6 +36,10 @@ between boundaries (see ``_joins_running_round``)."""
 class SwarmCatchUp(SwarmStateExchange):
     """Takes the others' state where this peer is behind them (see the module docstring)."""
 
+    _final_state_taken = False
+    """The state the last :meth:`_catch_up` took is the others' final one (see
+    :meth:`_is_final_state`)."""
+
     def _wait_for_newer_state(self) -> StateSnapshot | None:
         """After a missed round: the state the others publish once it is done.
 
@@ -280,6 +284,7 @@ class SwarmCatchUp(SwarmStateExchange):
         an older checkpoint, say). Progress made from a state more than one round old does not
         count.
         """
+        self._final_state_taken = False
         behind = (
             self.last_round_excluded
             or self._joined_mid_round
@@ -300,8 +305,13 @@ class SwarmCatchUp(SwarmStateExchange):
         self.last_round_excluded = False
         self._continue_from = int(snapshot.meta["step"])
         stale = snapshot.version > was + 1
-        self._work_lost = missed or stale
-        if missed or stale:
+        self._final_state_taken = self._is_final_state(snapshot)
+        # (taken at a boundary, the others' final state leaves no round for this peer's
+        # progress: see DiLoCoStrategy._overlapped_boundary)
+        self._work_lost = missed or stale or self._final_state_taken
+        # (without overlap, only finish() calls this: the local model restarted from the state
+        # taken, its steps since the last round gone, as where _take_newer_state takes one)
+        if self._work_lost or not self.config.overlap:
             self._resynced()
         logger.warning(
             "peer %s was behind; took the swarm's state at outer step %d (from %d)",
@@ -310,6 +320,29 @@ class SwarmCatchUp(SwarmStateExchange):
             was,
         )
         return stale
+
+    def _took_final_state(self) -> bool:
+        return self._final_state_taken
+
+    def _is_final_state(self, snapshot: StateSnapshot) -> bool:
+        """Whether ``snapshot`` is the others' state after their last round: as of the run's
+        last step, with no round in flight. (With overlap and ``max_steps`` a multiple of H,
+        the state published at the last boundary is as of that step too, but with that
+        boundary's round in flight: the others land it in their finish(), and a peer that
+        took it joins it.)"""
+        return (
+            self.max_steps is not None
+            and int(snapshot.meta["step"]) >= self.max_steps
+            and not snapshot.meta.get("round_in_flight", False)
+        )
+
+    def _dropped_last_steps(self) -> None:
+        """At the end, the others' final state taken there covers the run's last steps, and
+        this peer's own go into no round: it replaced its work with their state, a resync.
+        (Counted already where it missed its last round, its progress was stale, or it had no
+        overlap: see :meth:`_catch_up`.)"""
+        if self.config.overlap and not self._work_lost:
+            self._resynced()
 
     def _newest_version(self) -> int:
         """The newest state version among the run's other active peers.

@@ -165,10 +165,23 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
         # others' and everyone applies the same outer step.
         snapshot = self._take_newer_state()
         if snapshot is not None:
+            taken_at = int(snapshot.meta["step"])
+            if self._is_final_state(snapshot):
+                # The others' final state, after their last round: no round of theirs is left
+                # to join. Joined alone at weight 0, it still moved this peer's weights (the
+                # outer momentum) an outer step past theirs; and the run went on past the
+                # budget (from the state's step + H). Its steps since its last round went
+                # with the state taken, so finish() has none left to average.
+                self._steps_since_round = 0
+                return self._after_round(step, taken_at, work_lost=True)
             self.weight = 0.0
             work_lost = True
-            # After this round the others stand at the step after it: so will this peer.
-            continue_from = int(snapshot.meta["step"]) + self.config.inner_steps
+            # After this round the others stand at the step after it: so will this peer. The
+            # round after the budget's last boundary is their last round, run after their
+            # last step (max_steps not a multiple of H): they end there, and so does this peer.
+            continue_from = taken_at + self.config.inner_steps
+            if self.max_steps is not None:
+                continue_from = min(continue_from, self.max_steps)
         try:
             super().on_step_end(model, step)
         finally:

@@ -1,0 +1,282 @@
+"""A swarm DiLoCo peer that takes the others' state at the end of the run ends where they do:
+at the step budget, on their final outer step and weights, with no round of its own after it."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
+
+import pytest
+import torch
+from torch import nn
+
+from gossamer.train import swarm_diloco
+from gossamer.train.averaging import AverageOutcome
+from gossamer.train.diloco_config import DiLoCoConfig
+from gossamer.train.state_sync import StateSnapshot
+from gossamer.train.swarm_averager import RoundFate
+from gossamer.train.swarm_diloco import SwarmDiLoCoStrategy
+
+MODES = {
+    "blocking": {},
+    "forming": {"train_while_forming": True},
+    "overlap": {"overlap": True},
+}
+
+
+class FakeDht:
+    async def put(
+        self, key: bytes, value: bytes, ttl_s: float | None = None, *, renew: bool = True
+    ) -> int:
+        return 1
+
+    async def get(self, key: bytes, *, replicated_only: bool = False) -> list[Any]:
+        return []
+
+
+class FakeNode:
+    peer_id = "a" * 64
+
+    def __init__(self) -> None:
+        self.dht = FakeDht()
+
+    def peers(self) -> list[Any]:
+        return []
+
+
+class FakeNodeThread:
+    """Runs node work to completion in the calling thread."""
+
+    def __init__(self) -> None:
+        self.node = FakeNode()
+
+    def run(self, work: Callable[[Any], Coroutine[Any, Any, Any]], timeout_s: float) -> Any:
+        return asyncio.run(work(self.node))
+
+
+class FakeDonor:
+    def publish(self, snapshot: StateSnapshot, *, max_meta_bytes: int | None = None) -> None:
+        pass
+
+
+class RoundLog:
+    """A swarm of one (every average is this peer's own) that logs each round's key, weight and
+    the step it was averaged at; ``newest_seen_version`` is what the test says the others hold."""
+
+    def __init__(self) -> None:
+        self.rounds: list[tuple[int, str, float]] = []
+        self.step = -1
+        self.newest_seen_version: int | None = None
+        self.other_settings: dict[str, str] = {}
+        self.other_settings_peers: frozenset[str] = frozenset()
+        self.left_before_joining: frozenset[str] = frozenset()
+
+    def average(
+        self, tensors: list[torch.Tensor], *, round_key: str, weight: float
+    ) -> AverageOutcome:
+        self.rounds.append((self.step, round_key, weight))
+        return AverageOutcome(
+            tensors=[t.clone() for t in tensors], group_size=1, bytes_sent=0, bytes_received=0
+        )
+
+    def newest_version(self) -> int:
+        return -1
+
+    def round_fate(self, round_key: str) -> RoundFate:
+        return RoundFate(failed_everywhere=False)
+
+    def run_states(self) -> dict[str, tuple[str, int]]:
+        return {}
+
+    def rounds_awaiting(self) -> list[str]:
+        return []
+
+    def report_failed(self, round_key: str) -> None:
+        pass
+
+    def join_run(self, version: int) -> None:
+        pass
+
+    def leave_run(self) -> None:
+        pass
+
+
+def _peer(
+    monkeypatch: pytest.MonkeyPatch, mode: str, inner_steps: int, max_steps: int
+) -> tuple[SwarmDiLoCoStrategy, RoundLog, nn.Module]:
+    monkeypatch.setattr(swarm_diloco, "_FINAL_AGREEMENT_S", 0.0)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4)
+    log = RoundLog()
+    strategy = SwarmDiLoCoStrategy(
+        DiLoCoConfig(inner_steps=inner_steps, run_id="r", **MODES[mode]),
+        cast(Any, log),
+        cast(Any, FakeNodeThread()),
+        cast(Any, FakeDonor()),
+        join_existing=False,
+        max_steps=max_steps,
+    )
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    monkeypatch.setattr(strategy, "_out_of_agreement", lambda outer_step: [])
+    return strategy, log, model
+
+
+def _step(strategy: SwarmDiLoCoStrategy, log: RoundLog, model: nn.Module, step: int) -> int:
+    """One inner step and its step end, as Trainer.run takes it; returns the next step."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.01)
+    log.step = step
+    if strategy._inflight is not None:  # (overlap: done, it lands at this step end)
+        concurrent.futures.wait([strategy._inflight], timeout=10)
+    continue_from = strategy.on_step_end(model, step)
+    return step + 1 if continue_from is None else max(step + 1, continue_from)
+
+
+def _theirs(
+    strategy: SwarmDiLoCoStrategy, version: int, step: int, *, in_flight: bool = False
+) -> StateSnapshot:
+    """The others' state of ``version`` as of ``step``: global weights other than this peer's."""
+    tensors, _ = strategy.state_for_checkpoint()
+    kept = {k: v for k, v in tensors.items() if k.startswith(("global.", "momentum.", "buffer."))}
+    for name in kept:
+        if name.startswith("global."):
+            kept[name] = kept[name] + 0.5 + 0.01 * version
+    meta = {"outer_step": version, "step": step, "round_in_flight": in_flight}
+    return StateSnapshot(version=version, tensors=kept, meta=meta)
+
+
+def _assert_on(strategy: SwarmDiLoCoStrategy, model: nn.Module, theirs: StateSnapshot) -> None:
+    assert strategy.outer_step == theirs.version  # theirs, not one past it
+    for i, (mine, param) in enumerate(zip(strategy._global, model.parameters(), strict=True)):
+        assert torch.equal(mine, theirs.tensors[f"global.{i}"])
+        assert torch.equal(param.detach(), mine.detach())
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_peer_that_takes_the_others_final_state_at_finish_runs_no_round_after_it(
+    monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    # It came to its last step (12: not a multiple of H = 5) after the others had run their
+    # last round and published its state as of step 12. It took that state in finish() and,
+    # but while training while forming, ran that last round again, alone: with blocking
+    # rounds at weight 0 (the outer momentum still moved the weights), with overlap at full
+    # weight; it ended an outer step past the others on other weights, and every peer waited
+    # the whole final agreement for hashes of one outer step.
+    strategy, log, model = _peer(monkeypatch, mode, inner_steps=5, max_steps=12)
+    step = 0
+    while step < 12:
+        step = _step(strategy, log, model, step)
+    # (with overlap, finish() lands the round in flight first: the others did too)
+    theirs = _theirs(strategy, strategy.outer_step + 1 + strategy.round_in_flight, step=12)
+    monkeypatch.setattr(strategy, "_download", lambda version=None, donors=None: theirs)
+    log.newest_seen_version = theirs.version
+    rounds_before, resyncs_before = len(log.rounds), strategy.resyncs
+    in_flight = [strategy._inflight] if strategy._inflight is not None else []
+
+    assert strategy.finish(model, step)
+    strategy.close()
+
+    own_rounds = len(in_flight)  # (the round in flight is this peer's own, launched at step 9)
+    assert log.rounds[rounds_before + own_rounds :] == []
+    _assert_on(strategy, model, theirs)
+    assert strategy.resyncs == resyncs_before + 1  # its last steps gave way to their state
+
+
+def test_a_peer_behind_at_finish_still_joins_the_last_round_with_nothing_to_add(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The state it takes is as of the last boundary (10), before the others' last round: they
+    # run that round after their last step, and this peer joins it (weight 0, blocking).
+    strategy, log, model = _peer(monkeypatch, "blocking", inner_steps=5, max_steps=12)
+    step = 0
+    while step < 12:
+        step = _step(strategy, log, model, step)
+    theirs = _theirs(strategy, strategy.outer_step + 1, step=10)
+    monkeypatch.setattr(strategy, "_download", lambda version=None, donors=None: theirs)
+    log.newest_seen_version = theirs.version
+    rounds_before = len(log.rounds)
+    strategy.finish(model, step)
+    strategy.close()
+    assert [(key, weight) for _, key, weight in log.rounds[rounds_before:]] == [("r/outer/3", 0.0)]
+    assert strategy.outer_step == theirs.version + 1
+    assert strategy.resyncs == 1  # (its steps 10 and 11 gave way to their state)
+
+
+H, MAX_STEPS = 8, 30  # the last segment, steps 24 to 29, is shorter than H
+
+
+def _newcomer_behind_at_the_last_boundary(
+    monkeypatch: pytest.MonkeyPatch, mode: str, theirs_at: tuple[int, int]
+) -> tuple[SwarmDiLoCoStrategy, RoundLog, nn.Module, StateSnapshot, int]:
+    """A newcomer that took version 2 (as of step 16) trains to its boundary at step 23, where
+    the others publish version ``theirs_at[0]`` as of step ``theirs_at[1]``; it trains on as
+    Trainer.run does and finishes. Returns the step it finished at."""
+    strategy, log, model = _peer(monkeypatch, mode, inner_steps=H, max_steps=MAX_STEPS)
+    strategy.outer_step = 2
+    strategy._apply_snapshot(strategy._snapshot(step=2 * H))
+    version, as_of = theirs_at
+    theirs = _theirs(strategy, version, step=as_of)
+    monkeypatch.setattr(strategy, "_newest_version", lambda: version)
+    monkeypatch.setattr(strategy, "_download", lambda version=None, donors=None: theirs)
+    log.newest_seen_version = version
+    step = 2 * H
+    while step < MAX_STEPS:
+        step = _step(strategy, log, model, step)
+    strategy.finish(model, step)
+    strategy.close()
+    return strategy, log, model, theirs, step
+
+
+def test_a_peer_behind_at_the_last_boundary_joins_the_others_last_round_and_ends_at_the_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # It took their state of the last boundary (version 3, as of 24) and joined the round of
+    # outer step 3 (their last, run after their last step) with nothing to add; then it went
+    # on from 24 + H = 32, past the 30-step budget.
+    strategy, log, _, _, step = _newcomer_behind_at_the_last_boundary(
+        monkeypatch, "blocking", theirs_at=(3, 3 * H)
+    )
+    assert step == MAX_STEPS
+    assert [(key, weight) for _, key, weight in log.rounds] == [("r/outer/3", 0.0)]
+    assert strategy.outer_step == 4  # the others' after their last round, not one more
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_peer_behind_at_the_last_boundary_that_takes_the_others_final_state_ends_on_it(
+    monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    # The others had finished (version 4, after their last round, as of step 30). It took
+    # that state at its boundary and joined outer step 4's round, alone, with nothing to add
+    # (the outer momentum moved it past their weights), then went on from 30 + H = 38.
+    strategy, log, model, theirs, step = _newcomer_behind_at_the_last_boundary(
+        monkeypatch, mode, theirs_at=(4, MAX_STEPS)
+    )
+    assert step == MAX_STEPS
+    assert log.rounds == []
+    _assert_on(strategy, model, theirs)
+    assert strategy.resyncs == 1
+
+
+def test_an_overlap_peer_that_takes_the_last_boundarys_state_joins_its_round_in_flight(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # max_steps a multiple of H: with overlap the others publish their state at the last
+    # boundary as of max_steps too, with that boundary's round in flight (they land it in
+    # finish()). It is not their final state: a peer that takes it there still joins that round.
+    strategy, log, model = _peer(monkeypatch, "overlap", inner_steps=H, max_steps=3 * H)
+    strategy.outer_step = 1
+    strategy._apply_snapshot(strategy._snapshot(step=2 * H))
+    theirs = _theirs(strategy, 2, step=3 * H, in_flight=True)
+    monkeypatch.setattr(strategy, "_download", lambda version=None, donors=None: theirs)
+    log.newest_seen_version = 2
+    step = 2 * H
+    while step < 3 * H:
+        step = _step(strategy, log, model, step)
+    assert [(key, weight) for _, key, weight in log.rounds] == [("r/outer/2", 1.0)]
+    strategy.finish(model, step)
+    strategy.close()
+    assert step == 3 * H
+    assert strategy.outer_step == 3  # (the round it joined, landed as the others land it)
