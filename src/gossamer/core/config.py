@@ -369,7 +369,12 @@ class SwarmConfig:
     join_window_s: float = 30.0
     """Longest a round waits for the previous round's peers (the dead are dropped sooner)."""
     round_timeout_s: float = 60.0
-    """Deadline of one averaging round; nothing waits past it."""
+    """Shortest deadline of an averaging round: each round's own is twice the time its buffer
+    takes round the ring at the slowest member's measured send rate, never below this."""
+    max_round_timeout_s: float = 900.0
+    """Longest deadline of an averaging round, whatever its members' links (or a member that
+    lies about its link) say: raise it for a model too large for its links (a warning says
+    by how much)."""
     status_file: str = ""
     """If set, this peer keeps a JSON status (step, loss, throughput, bytes) in this file."""
 
@@ -428,6 +433,12 @@ class SwarmConfig:
         )
         _require(self.join_window_s > 0, "swarm.join_window_s", "must be positive")
         _require(self.round_timeout_s > 0, "swarm.round_timeout_s", "must be positive")
+        _require(
+            self.max_round_timeout_s >= self.round_timeout_s,
+            "swarm.max_round_timeout_s",
+            f"must be at least swarm.round_timeout_s ({self.round_timeout_s:g} s), got "
+            f"{self.max_round_timeout_s:g} s: raise it, or lower swarm.round_timeout_s",
+        )
         _require(
             self.strategy != "local" or not self.bootstrap_addresses,
             "swarm.bootstrap",

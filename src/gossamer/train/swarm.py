@@ -119,6 +119,7 @@ def swarm_averager_config(config: RunConfig) -> SwarmAveragerConfig:
         backend=swarm.backend,
         join_window_s=swarm.join_window_s,
         round_timeout_s=swarm.round_timeout_s,
+        max_round_timeout_s=swarm.max_round_timeout_s,
         max_group_size=swarm.max_group_size,
     )
 

@@ -52,10 +52,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -86,6 +87,9 @@ from gossamer.train.swarm_round_formation import (
     _MAX_NUDGE_BYTES,
     NUDGE_TOPIC,
     _RoundFormation,
+    buffer_wire_nbytes,
+    lowest_figure_of_any_group,
+    round_deadline_s,
 )
 from gossamer.train.swarm_round_records import _close_key, _failed_key, _Formed, round_entry_key
 from gossamer.train.swarm_torch_rounds import (
@@ -114,9 +118,17 @@ class RoundFate:
     """Members that said neither and are alive: each may still average, or fail."""
     undecided_for_s: float = 0.0
     """How much longer (from the read) an ``undecided`` member may still be in the round:
-    until its close plus :attr:`SwarmAveragerConfig.averaging_bound_s` (0 when none is)."""
+    until its close plus how long its averaging may run, by the round's members' links (see
+    :meth:`SwarmAverager._averaging_bound_of_s`; 0 when none is)."""
     newest_version: int | None = None
     """The newest state version the run's other active peers published (None: unknown)."""
+
+
+def _send_timeout_s(round_timeout_s: float) -> float:
+    """The send timeout of a round whose all-reduce has ``round_timeout_s``: half of it, at
+    most 30 s (a message is given its share of the round besides, see
+    :attr:`~gossamer.comm.allreduce.AllReduceConfig.send_timeout_s`)."""
+    return min(30.0, round_timeout_s / 2)
 
 
 def _group_size(num_members: int, report: AllReduceReport) -> int:
@@ -151,9 +163,16 @@ class SwarmAverager(_RoundFormation, _TorchRounds):
         of the all-reduce are sized by the members' figures."""
         self._allreduce_config = AllReduceConfig(
             timeout_s=config.round_timeout_s,
-            send_timeout_s=min(30.0, config.round_timeout_s / 2),
+            send_timeout_s=_send_timeout_s(config.round_timeout_s),
             codec=CodecPolicy(codec=config.codec),
         )
+        """The all-reduce's settings at the floor deadline; each round's own deadline follows
+        its members' links (see :meth:`_round_configs`)."""
+        self._deadline_cap_warned = False
+        """Whether a round's links needed more than ``max_round_timeout_s`` (said once)."""
+        self._wire_nbytes: int | None = None
+        """The bytes this peer's buffer takes on the wire, as its last round found (None
+        before the first): every member of the run averages the same tensors."""
         self._mailbox: CommMailbox | None = None
         self.incarnation = secrets.token_hex(8)
         """A nonce of this process: records of a killed predecessor with the same key differ."""
@@ -304,13 +323,15 @@ class SwarmAverager(_RoundFormation, _TorchRounds):
         group from this call on, not the formation's whole time (it trained meanwhile)."""
         tensors, weight = withhold_if_not_finite(tensors, weight, key)
         self._layout = layout_signature(tensors)
+        wire_nbytes = buffer_wire_nbytes([t.numel() for t in tensors], self._allreduce_config.codec)
+        self._wire_nbytes = wire_nbytes
         started = time.monotonic()
         wall_offset_s = time.time() - started
         marks: dict[str, float] = {}
         """Monotonic times the work reached on the node's loop: began, formed (the group)."""
         deadline_s = (
             self.config.formation_bound_s  # (a clock tolerance over the join window included)
-            + self.config.round_timeout_s
+            + self.config.max_round_timeout_s  # (the round's own deadline is not known yet)
             + (self._torch_timeout_s * 2 if self._torch is not None else 0.0)
             + 10.0
         )
@@ -347,6 +368,7 @@ class SwarmAverager(_RoundFormation, _TorchRounds):
             for peer in members:  # so that one dying from here on is noticed within seconds
                 if peer != node.peer_id:
                     node.detector.watch(peer)
+            round_config, rerun_config = self._round_configs(node, key, wire_nbytes, round_)
             result = None
             backend = "torch"
             plan = self._torch_plan(node, key, round_)
@@ -363,7 +385,7 @@ class SwarmAverager(_RoundFormation, _TorchRounds):
                         mailbox=self._mailbox,
                         members=members,
                         round_key=p2p_key,
-                        config=self._allreduce_config,
+                        config=round_config,
                         bandwidth_weights=round_.part_weights,
                     )
             if result is None:
@@ -372,7 +394,7 @@ class SwarmAverager(_RoundFormation, _TorchRounds):
                     mailbox=self._mailbox,
                     members=members,
                     round_key=key if plan is None else p2p_key,
-                    config=self._allreduce_config if plan is None else self._rerun_config,
+                    config=round_config if plan is None else rerun_config,
                     weight=weight,
                     bandwidth_weights=round_.part_weights,
                     meter=self.meter,
@@ -441,6 +463,71 @@ class SwarmAverager(_RoundFormation, _TorchRounds):
             outcome.seconds,
         )
         return outcome
+
+    def _round_configs(
+        self, node: Node, key: str, wire_nbytes: int, round_: _Formed
+    ) -> tuple[AllReduceConfig, AllReduceConfig]:
+        """The all-reduce's settings for round ``key`` (of two members or more), and those of
+        its p2p re-run after a torch.distributed attempt: the round's deadline follows its
+        members' links (:func:`round_deadline_s`), and so does its send timeout.
+
+        Computed from what formation fixed with the members and their part weights, the same
+        on every member: the group, and the slowest member's figure of the same round entries
+        (``round_.send_rates``, clamped against the others' there). A round whose links need
+        more than ``max_round_timeout_s`` is cut there, with a warning once per run."""
+        lowest = round_.send_rates.estimate_bytes_per_s if round_.send_rates else math.nan
+        timeout_s, needed_s = round_deadline_s(
+            num_members=len(round_.members),
+            wire_nbytes=wire_nbytes,
+            lowest_bytes_per_s=lowest,
+            floor_s=self.config.round_timeout_s,
+            cap_s=self.config.max_round_timeout_s,
+        )
+        if needed_s > self.config.max_round_timeout_s and not self._deadline_cap_warned:
+            self._deadline_cap_warned = True
+            logger.warning(
+                "peer %s round %s: %d members' %.1f MB each at %.3g Mbit/s (the slowest "
+                "member's send rate) need a %.0f s deadline, past swarm.max_round_timeout_s "
+                "(%.0f s): rounds are cut there and average part of what they should. Set "
+                "swarm.max_round_timeout_s to at least %.0f (said once per run)",
+                node.peer_id[:8],
+                key,
+                len(round_.members),
+                wire_nbytes / 1e6,
+                lowest * 8 / 1e6,
+                needed_s,
+                self.config.max_round_timeout_s,
+                math.ceil(needed_s),
+            )
+        round_config = replace(
+            self._allreduce_config, timeout_s=timeout_s, send_timeout_s=_send_timeout_s(timeout_s)
+        )
+        # The second: the round run again over p2p after a torch.distributed attempt. Members
+        # leave the attempt at different times (one whose collective failed at once starts the
+        # p2p round while another still waits in gloo's collective, which cannot be
+        # interrupted), and messages to a member that has not opened the round yet wait in its
+        # mailbox: with the usual send deadline the sender counted it failed just as it came.
+        # There a message may wait until the round's deadline (a member that is gone is still
+        # dropped at once by the failure detector, and no round waits past its deadline).
+        return round_config, replace(round_config, send_timeout_s=timeout_s)
+
+    def _averaging_bound_of_s(self, entries: list[dict[str, Any]]) -> float:
+        """How long after its close any member of a round of ``entries`` may still average:
+        :meth:`SwarmAveragerConfig.averaging_bound_within_s` of a deadline no group of them
+        exceeds (the largest group, at a figure none agrees below:
+        :func:`lowest_figure_of_any_group`), or of ``max_round_timeout_s`` before this peer
+        knows its buffer's size. A member that fails late fails within it, so the others
+        wait for its word that long, and no longer."""
+        if self._wire_nbytes is None or not entries:
+            return self.config.averaging_bound_s
+        deadline_s, _ = round_deadline_s(
+            num_members=min(len(entries), self.config.max_group_size),
+            wire_nbytes=self._wire_nbytes,
+            lowest_bytes_per_s=lowest_figure_of_any_group(entries),
+            floor_s=self.config.round_timeout_s,
+            cap_s=self.config.max_round_timeout_s,
+        )
+        return self.config.averaging_bound_within_s(deadline_s)
 
     def report_failed(self, round_key: str) -> None:
         """The round ``round_key`` (as :meth:`average` names it) failed on this peer although
@@ -530,10 +617,11 @@ class SwarmAverager(_RoundFormation, _TorchRounds):
             if not undecided:
                 return RoundFate(failed_everywhere=bool(members), newest_version=newest)
             now = self._clock.wall() + self._correction_s  # (the time the stamps are in)
+            bound_s = self._averaging_bound_of_s([seen.get(p, {}) for p in members])
             return RoundFate(
                 failed_everywhere=False,
                 undecided=undecided,
-                undecided_for_s=max(0.0, close_at + self.config.averaging_bound_s - now),
+                undecided_for_s=max(0.0, close_at + bound_s - now),
                 newest_version=newest,
             )
 

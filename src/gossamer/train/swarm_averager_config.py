@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from gossamer.train.swarm_round_records import _ENTRY_TTL_S
@@ -22,7 +23,12 @@ class SwarmAveragerConfig:
     propagation_grace_s: float = 0.5
     """Extra wait before reading the members, so late announcements have spread."""
     round_timeout_s: float = 60.0
-    """Deadline of the all-reduce."""
+    """The shortest deadline of a round's all-reduce: each round's own follows its members'
+    links (twice the ring bound of the buffer at the slowest member's published send rate,
+    see :func:`~gossamer.train.swarm_round_formation.round_deadline_s`), never below this."""
+    max_round_timeout_s: float = 900.0
+    """The longest deadline of a round's all-reduce, whatever its members' figures say: what
+    a slow link, or a member that publishes a figure far too low, can stretch a round to."""
     max_group_size: int = 16
     """Peers per group; larger rounds split into several groups."""
     poll_interval_s: float = 0.1
@@ -47,6 +53,15 @@ class SwarmAveragerConfig:
         for name in ("join_window_s", "round_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        # (finite: it is what a member's unusable figure gives a round)
+        if not (
+            math.isfinite(self.max_round_timeout_s)
+            and self.max_round_timeout_s >= self.round_timeout_s
+        ):
+            raise ValueError(
+                f"max_round_timeout_s ({self.max_round_timeout_s}) must be finite and at least "
+                f"round_timeout_s ({self.round_timeout_s}): raise it, or lower round_timeout_s"
+            )
         if not self.propagation_grace_s >= 0:
             raise ValueError(f"propagation_grace_s must be >= 0, got {self.propagation_grace_s}")
         if self.clock_tolerance_s is not None and not self.clock_tolerance_s > 0:
@@ -68,15 +83,25 @@ class SwarmAveragerConfig:
 
     @property
     def averaging_bound_s(self) -> float:
-        """The longest a member's averaging may run on after its round closed: the grace, a
-        torch.distributed attempt (up to half the round's timeout, twice) where this peer may
-        use one, the all-reduce over p2p, and 10 s for the node's work around them."""
+        """The longest a member's averaging may run on after its round closed, where the
+        round's own deadline is not known (it follows the members' links): see
+        :meth:`averaging_bound_within_s`, with ``max_round_timeout_s``."""
+        return self.averaging_bound_within_s(self.max_round_timeout_s)
+
+    def averaging_bound_within_s(self, round_deadline_s: float) -> float:
+        """The longest a member's averaging may run on after its round closed, for a round
+        whose all-reduce has ``round_deadline_s`` at most: the grace, a torch.distributed
+        attempt (up to half of ``round_timeout_s``, twice) where this peer may use one, the
+        all-reduce over p2p, and 10 s for the node's work around them."""
         torch_s = self.round_timeout_s if self.backend != "p2p" and self.codec == "none" else 0.0
-        return self.propagation_grace_s + torch_s + self.round_timeout_s + 10.0
+        return self.propagation_grace_s + torch_s + round_deadline_s + 10.0
 
     @property
     def entry_ttl_s(self) -> float:
         """How long a round's entries and closes live: past any formation of the round (with
         the fixed 300 s before, a join window over about 300 s let the first entries expire
-        while late peers still read them, and members agreed on different lists)."""
-        return max(_ENTRY_TTL_S, self.formation_bound_s + 60.0)
+        while late peers still read them, and members agreed on different lists) and past
+        any averaging of it (a round's deadline follows its members' links, up to
+        ``max_round_timeout_s``: a peer asking whether a round failed everywhere reads its
+        entries, and with them gone mid-round it waited out its whole bound)."""
+        return max(_ENTRY_TTL_S, self.formation_bound_s + self.averaging_bound_s + 60.0)

@@ -15,9 +15,16 @@ import json
 import logging
 import math
 import threading
+from collections.abc import Sequence
 from typing import Any
 
-from gossamer.comm.bandwidth import BandwidthMeter, agreed_send_rates, plan_weights
+from gossamer.comm.bandwidth import (
+    DEFAULT_BYTES_PER_S,
+    BandwidthMeter,
+    agreed_send_rates,
+    plan_weights,
+)
+from gossamer.comm.codecs import CodecPolicy
 from gossamer.comm.groups import split_into_groups
 from gossamer.comm.plan import round_key_tag
 from gossamer.comm.torch_backend import (
@@ -41,7 +48,14 @@ from gossamer.train.swarm_round_records import (
 )
 from gossamer.train.swarm_torch_rounds import _torch_kind
 
-__all__ = ["NUDGE_TOPIC"]
+__all__ = [
+    "NUDGE_TOPIC",
+    "ROUND_DEADLINE_MARGIN",
+    "buffer_wire_nbytes",
+    "formed_group",
+    "lowest_figure_of_any_group",
+    "round_deadline_s",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +69,95 @@ starts (one series at a time: a burst of nudges, forged ones included, costs thr
 _NUDGE_TIMEOUT_S = 5.0
 _CLOCK_SAMPLE_TIMEOUT_S = 1.0
 _CLOCK_WARNING_EVERY_S = 600.0
+
+ROUND_DEADLINE_MARGIN = 2.0
+"""A round's deadline over its ring bound. The bound is what the buffer takes at the slowest
+member's figure with nothing else on the link; the figure is a moving average of earlier
+rounds (a link that slowed since carries less), it is what the sender's uplink carried, while
+a round also waits on receivers' downlinks shared by every sender, on encoding and on
+messages' headers and latency, and the reduce phase ends at a share of the deadline
+(``AllReduceConfig.reduce_deadline_share``, 0.7) to leave time for the averages' way back.
+Measured, a 16 MB round between 2 peers at 1 Mbit/s took 137 s against a 128 s bound: twice
+the bound leaves room for all of this, and a round that goes well ends long before it."""
+
+
+def formed_group(
+    group: list[str], missing: list[str], records: dict[str, dict[str, Any]]
+) -> _Formed:
+    """The round of ``group`` as every member fixes it from the same round entries
+    (``records``, in group order): the part weights and the send rates from the members'
+    figures. The round's deadline follows from the same (see :func:`round_deadline_s`: the
+    slowest member's figure is ``send_rates.estimate_bytes_per_s``)."""
+    estimates = [_figure(r) for r in records.values()]
+    floors = [_figure(r, "bwf") for r in records.values()]
+    return _Formed(
+        group, missing, plan_weights(estimates), agreed_send_rates(estimates, floors), records
+    )
+
+
+def lowest_figure_of_any_group(records: Sequence[dict[str, Any]]) -> float:
+    """A send rate at or below the one any group of these members' entries agrees on (see
+    :func:`formed_group`), so that a peer bounds the deadline of every group of a round from
+    its entries, its own group's or another's (for :meth:`SwarmAverager.round_fate
+    <gossamer.train.swarm_averager.SwarmAverager.round_fate>`): the lowest usable figure (a
+    group agrees on its lowest, clamped up towards its median), and no more than the default
+    (100 Mbit/s) where some member published none usable (a group of only such members
+    agrees on the default)."""
+    figures = [_figure(r) for r in records]
+    usable = [f for f in figures if math.isfinite(f) and f > 0]
+    if len(usable) < len(figures):  # (a group of such members alone takes the default)
+        usable.append(DEFAULT_BYTES_PER_S)
+    return min(usable, default=DEFAULT_BYTES_PER_S)
+
+
+def buffer_wire_nbytes(numels: Sequence[int], policy: CodecPolicy) -> int:
+    """The bytes one member's buffer of tensors of ``numels`` values takes on the wire: each
+    tensor in the codec ``policy`` picks for it (small tensors go in fp32), e.g. 4 B a value
+    in fp32, 2 in fp16 and bf16, 1 in int8 and a 4-byte scale per ``policy.block_size``
+    values. Message headers are left out (the margin covers them)."""
+    total = 0
+    for numel in numels:
+        choice = policy.choose(numel)
+        total += choice.codec.encoded_nbytes(numel, choice.block_size)
+    return total
+
+
+def round_deadline_s(
+    *,
+    num_members: int,
+    wire_nbytes: int,
+    lowest_bytes_per_s: float,
+    floor_s: float,
+    cap_s: float,
+) -> tuple[float, float]:
+    """The deadline of a round's all-reduce, and what its members' links need.
+
+    What they need is :data:`ROUND_DEADLINE_MARGIN` times the ring bound, 2(N-1)/N times the
+    buffer's bytes on the wire over the slowest member's send rate: the least any all-reduce
+    sends and receives per member. The deadline is that, clamped to ``floor_s``..``cap_s``.
+    A pure function of figures every member of the round agreed on (the members, the
+    slowest member's published figure as :func:`~gossamer.comm.bandwidth.agreed_send_rates`
+    clamps it) and of the tensors' sizes (the same on every member), so every member
+    computes the same deadline. A figure that is not a positive finite number (nothing
+    usable was published) gives the cap, never an infinite deadline.
+
+    Args:
+        num_members: the round's group size.
+        wire_nbytes: one member's buffer on the wire (:func:`buffer_wire_nbytes`).
+        lowest_bytes_per_s: the slowest member's send rate (bytes/s).
+        floor_s: the shortest deadline (``round_timeout_s``).
+        cap_s: the longest (``max_round_timeout_s``).
+
+    Returns:
+        The deadline in seconds, and the unclamped need (inf where the figure is unusable).
+    """
+    if num_members < 2 or wire_nbytes <= 0:
+        return floor_s, 0.0
+    if not (math.isfinite(lowest_bytes_per_s) and lowest_bytes_per_s > 0):
+        return cap_s, math.inf
+    ring_bound_s = 2 * (num_members - 1) / num_members * wire_nbytes / lowest_bytes_per_s
+    needed_s = ROUND_DEADLINE_MARGIN * ring_bound_s
+    return min(max(needed_s, floor_s), cap_s), needed_s
 
 
 class _RoundFormation(_RunMembership):
@@ -250,12 +353,7 @@ class _RoundFormation(_RunMembership):
         groups = split_into_groups(key, members, self.config.max_group_size)
         group = next(g for g in groups if node.peer_id in g)
         seen[node.peer_id] = entry
-        records = {p: seen.get(p, {}) for p in group}
-        estimates = [_figure(r) for r in records.values()]
-        floors = [_figure(r, "bwf") for r in records.values()]
-        return _Formed(
-            group, missing, plan_weights(estimates), agreed_send_rates(estimates, floors), records
-        )
+        return formed_group(group, missing, {p: seen.get(p, {}) for p in group})
 
     def _left_out_for_settings(
         self, key: str, entries: dict[str, float], seen: dict[str, dict[str, Any]]

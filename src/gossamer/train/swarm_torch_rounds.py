@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -191,21 +191,6 @@ class _TorchRounds(_RunMembership):
         self._torch = TorchGroupAverager(timeout_s=timeout_s, retired=self._retired_rendezvous)
 
     @property
-    def _rerun_config(self) -> AllReduceConfig:
-        """The round's config when it runs again over p2p after a torch.distributed attempt.
-
-        The members leave the attempt at different times: one whose collective failed at once
-        starts the p2p round while another still waits in gloo's collective, which cannot be
-        interrupted and does not always fail when a member's failed (its timeout counts per
-        receive, so it may outlast the torch timeout). Messages to a member that has not opened
-        the round yet wait in its mailbox; with the usual send deadline (as long as the torch
-        timeout) the sender counted it failed just as it came. Here a message may wait until
-        the round's deadline: a member that is gone is still dropped at once (the failure
-        detector), and no round waits past its deadline.
-        """
-        return replace(self._allreduce_config, send_timeout_s=self._allreduce_config.timeout_s)
-
-    @property
     def _torch_timeout_s(self) -> float:
         """Deadline of a torch.distributed rendezvous and collective: half the round's, so the
         round can still run again over p2p when the group fails."""
@@ -284,7 +269,7 @@ class _TorchRounds(_RunMembership):
         collective closes the group too (the others' collectives fail as well, at once where
         their connections to this peer close, else at gloo's timeout) and the caller runs the
         round over p2p, where messages wait for the members still in their collective (see
-        :attr:`_rerun_config`).
+        :meth:`SwarmAverager._round_configs`).
         """
         averager = self._torch
         assert averager is not None
