@@ -5,7 +5,7 @@ takes ~35 s on a 1 Mbit/s link. Heartbeats went on the same connection and timed
 in the socket's send buffer; one that did closed the connection if nothing on it had shown life
 for 15 s, so the upload failed every time, and the failure detector reported the receiver gone
 (on a 2 Mbit/s lab link every round of a DiLoCo swarm then averaged each peer alone).
-Heartbeats now go on a connection of their own (``Node.control_pool``) and a connection with
+Heartbeats now go on a connection of their own (``Node.heartbeat_pool``) and a connection with
 an upload under way is not closed as silent. Here the sender heartbeats the receiver as the
 failure detector does (every 0.5 s, 2.5 s deadline) while it sends: the transfer must finish on
 the connection it began on, and the heartbeats must be answered beside it.

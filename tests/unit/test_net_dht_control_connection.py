@@ -3,9 +3,10 @@
 On the data connection a request waited in the socket's send buffer behind the upload's
 megabytes: on a 2 Mbit/s uplink every Store and FindNode to the peer ran past its deadline, and
 the records a peer published while it sent reached nobody. The transport now sends them on a
-small connection of their own (``Node.control_pool``, which heartbeats share) while an upload is
-under way on a direct data connection; that connection is closed once the peer is no longer
-watched and no request chose it for ``CONTROL_IDLE_S``.
+small connection of their own (``Node.control_pool``, not the heartbeats' one) while an upload
+is under way on a direct data connection, and closes that connection once it went unused for
+``CONTROL_IDLE_S``. It is dialled within the request's own deadline and through its breaker,
+and a timeout there while the data connection uploads is not counted in that breaker.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import grpc
 import pytest
 
 from gossamer.core.clock import FakeClock
-from gossamer.core.errors import PeerUnavailableError
+from gossamer.core.errors import DeadlineExceededError, PeerUnavailableError
 from gossamer.net.config import NodeConfig
 from gossamer.net.connections import ConnectionPool, DialTarget, PeerConnection
-from gossamer.net.control_connections import CONTROL_IDLE_S, ControlConnections
+from gossamer.net.control_connections import CONTROL_IDLE_S, DhtControlConnections
 from gossamer.net.counters import NetCounters
 from gossamer.net.dht_service import DHT_METHODS, GrpcDhtTransport
 from gossamer.net.identity import Identity
@@ -35,10 +37,16 @@ class _FakeChannel:
     def __init__(self) -> None:
         self.methods: list[str] = []
         self.closed = False
+        self.late = False
+        """Answer every call with DEADLINE_EXCEEDED (a request a link's queue held too long)."""
 
     def unary_unary(self, method: str, **kwargs: Any) -> Any:
         async def call(request: Any, **call_kwargs: Any) -> Any:
             self.methods.append(method)
+            if self.late:
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata()
+                )
             if method == DHT_METHODS["Store"]:
                 return net_pb2.StoreResponse(stored=True)
             if method == DHT_METHODS["FindNode"]:
@@ -75,11 +83,15 @@ def _connect(pool: ConnectionPool, kind: str = "direct") -> tuple[PeerConnection
 
 
 def _transport(
-    clock: FakeClock, watched: set[str] | None = None
-) -> tuple[GrpcDhtTransport, ConnectionPool, ConnectionPool, ControlConnections]:
-    data, control = _pool(clock), _pool(clock)
-    watched_ = watched if watched is not None else set()
-    connections = ControlConnections(data, control, is_watched=lambda p: p in watched_)
+    clock: FakeClock, counters: NetCounters | None = None, gone: set[str] | None = None
+) -> tuple[GrpcDhtTransport, ConnectionPool, ConnectionPool, DhtControlConnections]:
+    data = _pool(clock)
+    gone_ = gone if gone is not None else set()
+    connections = DhtControlConnections(
+        Identity.generate(), CONFIG, clock, data, counters or NetCounters(), lambda: None,
+        reported_gone=lambda peer_id: peer_id in gone_,
+    )  # fmt: skip
+    control = connections.pool
     return GrpcDhtTransport(data, CONFIG.dht, connections), data, control, connections
 
 
@@ -180,9 +192,9 @@ def test_a_control_connection_unused_for_the_idle_time_is_closed() -> None:
     asyncio.run(scenario())
 
 
-def test_a_control_connection_is_dialled_under_the_connect_deadline_not_the_request_s() -> None:
-    # Its handshake's round trips wait in the same full link queue as the request: within the
-    # request's 2 s, the dial and the request together came within a few tenths of it.
+def test_a_control_connection_is_dialled_within_the_request_s_own_deadline() -> None:
+    # Under the node's connect deadline (5 s), every request to a frozen peer took 5 s instead
+    # of its own 2 s. The request then gets its own deadline again: twice it at most.
     async def scenario() -> None:
         transport, data, control, _ = _transport(FakeClock())
         connection, _ = _connect(data)
@@ -197,107 +209,113 @@ def test_a_control_connection_is_dialled_under_the_connect_deadline_not_the_requ
         control.connection = dial  # type: ignore[method-assign]
         assert await _store(transport)
         assert await _store(transport)
-        # (the first dialled under the connect deadline, then each request looks up the open
-        # connection under its own; the old code: the dial under the request's 2 s)
+        # (the first dialled, then each request looks up the open connection under its own)
         rpc_s = CONFIG.dht.rpc_timeout_s
-        assert dials == [CONFIG.connect_timeout_s, rpc_s, rpc_s]
-        assert CONFIG.connect_timeout_s > rpc_s
+        assert dials == [rpc_s, rpc_s, rpc_s]  # (the old code: connect_timeout_s first)
 
     asyncio.run(scenario())
 
 
-def test_a_peer_no_longer_watched_keeps_a_control_connection_a_request_chose_until_idle() -> None:
-    # (heartbeats and DHT requests share it: the detector letting the peer go must not close
-    # it under the requests that go on it while the upload lasts)
+def test_failed_dials_of_a_control_connection_open_its_breaker() -> None:
+    # (outside the breaker, a frozen peer was dialled afresh by every request, never refused)
     async def scenario() -> None:
-        clock = FakeClock()
-        watched = {PEER}
-        transport, data, control, connections = _transport(clock, watched)
+        transport, data, control, _ = _transport(FakeClock())
         connection, _ = _connect(data)
-        opened, on_control = _connect(control)
         connection.num_uploads = 1
-        assert await _store(transport)
-        clock.advance(CONTROL_IDLE_S - 1.0)
-        watched.clear()
-        await connections.release_for_heartbeats(PEER)  # (the detector's on_unwatched)
-        assert control.get(PEER) is opened, "closed under the DHT requests that use it"
-        await connections.close_idle()
-        assert control.get(PEER) is opened
-        clock.advance(1.0)
-        await connections.close_idle()
-        assert control.get(PEER) is None, "an unwatched, unused control connection stayed open"
-        assert on_control.closed
+        dials: list[float | None] = []
+
+        async def dial(peer_id: str, timeout_s: float | None = None) -> PeerConnection:
+            dials.append(timeout_s)
+            raise DeadlineExceededError("connecting ran past its deadline")
+
+        control.connection = dial  # type: ignore[method-assign]
+        for _ in range(CONFIG.breaker.failure_threshold):
+            with pytest.raises(DeadlineExceededError):
+                await _store(transport)
+        with pytest.raises(PeerUnavailableError, match="circuit open"):
+            await _store(transport)
+        assert len(dials) == CONFIG.breaker.failure_threshold
+        assert data.breakers[PEER].state == "closed"  # (bulk sends to the peer unaffected)
 
     asyncio.run(scenario())
 
 
-def test_a_watched_peer_keeps_its_control_connection_however_long_no_request_chose_it() -> None:
+def test_timeouts_on_a_control_connection_while_the_data_one_uploads_do_not_open_its_breaker() -> (
+    None
+):
+    # (the link's queue behind the upload explains them: counted, they opened the breaker and
+    # small Stores to a live peer were refused)
     async def scenario() -> None:
-        clock = FakeClock()
-        watched = {PEER}
-        transport, data, control, connections = _transport(clock, watched)
+        transport, data, control, _ = _transport(FakeClock())
         connection, _ = _connect(data)
-        opened, on_control = _connect(control)
-        connection.num_uploads = 1
-        assert await _store(transport)
-        clock.advance(10 * CONTROL_IDLE_S)
-        await connections.close_idle()
-        assert control.get(PEER) is opened, "closed under the heartbeats that use it"
-        await connections.heartbeat(PEER, 1.0)
-        assert on_control.methods[-1] == DHT_METHODS["Ping"]
-        watched.clear()
-        await connections.release_for_heartbeats(PEER)  # (unwatched, and idle: closed at once)
-        assert control.get(PEER) is None
-        assert on_control.closed
-
-    asyncio.run(scenario())
-
-
-def test_heartbeats_and_requests_share_one_control_connection() -> None:
-    async def scenario() -> None:
-        transport, data, control, connections = _transport(FakeClock(), {PEER})
-        connection, on_data = _connect(data)
         _, on_control = _connect(control)
-        await connections.heartbeat(PEER, 1.0)
         connection.num_uploads = 1
+        on_control.late = True
+        for _ in range(2 * CONFIG.breaker.failure_threshold):
+            with pytest.raises(DeadlineExceededError):
+                await transport.find_node(PEER, b"t" * 32)
+        assert control.breakers[PEER].state == "closed"
+        on_control.late = False
         assert await _store(transport)
-        await connections.heartbeat(PEER, 1.0)
-        assert on_control.methods == [DHT_METHODS[name] for name in ("Ping", "Store", "Ping")]
-        assert on_data.methods == []
-        assert control.peer_ids == [PEER]
 
     asyncio.run(scenario())
 
 
-def test_heartbeats_go_on_the_data_connection_where_it_is_relayed_and_release_the_control_one() -> (
+def test_timeouts_on_a_control_connection_count_while_the_detector_reports_the_peer_gone() -> None:
+    # (its heartbeats, on their own connection beside the same upload, went unanswered: the
+    # link does not explain the timeouts, a frozen peer does)
+    async def scenario() -> None:
+        transport, data, control, _ = _transport(FakeClock(), gone={PEER})
+        connection, _ = _connect(data)
+        _, on_control = _connect(control)
+        connection.num_uploads = 1
+        on_control.late = True
+        for _ in range(CONFIG.breaker.failure_threshold):
+            with pytest.raises(DeadlineExceededError):
+                await transport.find_node(PEER, b"t" * 32)
+        with pytest.raises(PeerUnavailableError, match="circuit open"):
+            await transport.find_node(PEER, b"t" * 32)
+
+    asyncio.run(scenario())
+
+
+def test_timeouts_on_a_control_connection_count_once_the_upload_is_over() -> None:
+    # (a request that chose it just before the upload ended, on a link no longer busy)
+    async def scenario() -> None:
+        _, data, control, _ = _transport(FakeClock())
+        connection, _ = _connect(data)
+        _, on_control = _connect(control)
+        on_control.late = True
+        for _ in range(CONFIG.breaker.failure_threshold):
+            with pytest.raises(DeadlineExceededError):
+                await control.call(
+                    PEER, DHT_METHODS["Ping"], net_pb2.PingRequest(), net_pb2.PingResponse,
+                    timeout_s=1.0, retry=False,
+                )  # fmt: skip
+        assert control.breakers[PEER].state == "open"
+        assert connection.num_uploads == 0
+
+    asyncio.run(scenario())
+
+
+def test_calls_on_a_control_connection_are_counted_in_the_node_s_counters_not_its_connections() -> (
     None
 ):
     async def scenario() -> None:
-        _, data, control, connections = _transport(FakeClock(), {PEER})
-        _, on_data = _connect(data, kind="relayed")
-        _, on_control = _connect(control)  # (from when the data connection was direct)
-        await connections.heartbeat(PEER, 1.0)
-        assert on_data.methods == [DHT_METHODS["Ping"]]
-        assert control.get(PEER) is None
-        assert on_control.closed
-
-    asyncio.run(scenario())
-
-
-def test_heartbeats_the_detector_does_not_send_keep_the_control_connection_until_idle() -> None:
-    # (a relay reservation's watchdog heartbeats its relay, which the detector may not watch:
-    # a connection closed under one of those heartbeats ended the reservation)
-    async def scenario() -> None:
-        clock = FakeClock()
-        _, data, control, connections = _transport(clock)
-        _connect(data)
-        opened, _ = _connect(control)
-        await connections.heartbeat(PEER, 1.0)
-        clock.advance(CONTROL_IDLE_S - 1.0)
-        await connections.close_idle()
-        assert control.get(PEER) is opened, "closed under a relay reservation's heartbeats"
-        clock.advance(1.0)
-        await connections.close_idle()
-        assert control.get(PEER) is None
+        counters = NetCounters()
+        transport, data, control, _ = _transport(FakeClock(), counters)
+        connection, _ = _connect(data)
+        _, on_control = _connect(control)
+        connection.num_uploads = 1
+        assert await _store(transport)
+        on_control.late = True
+        with pytest.raises(DeadlineExceededError):
+            await _store(transport)
+        assert counters.rpc_calls[DHT_METHODS["Store"]] == 2
+        assert counters.rpc_latency[DHT_METHODS["Store"]].num_calls == 2
+        assert counters.peers[PEER].num_errors == 1
+        assert counters.errors["DeadlineExceededError"] == 1
+        assert counters.peers[PEER].bytes_sent > 0
+        assert dict(counters.connections) == {}
 
     asyncio.run(scenario())

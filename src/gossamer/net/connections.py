@@ -230,6 +230,11 @@ class ConnectionPool:
         counters: where traffic, latency and errors are counted.
         resolve: the ways to reach a peer id (from the peer directory and relays).
         own_record: this node's current peer record, sent in the handshake.
+        link_busy: whether another connection to a peer has a bulk upload under way (for a
+            DHT control pool: its calls queue in the link behind the data connection's upload,
+            so a call that times out then counts in the breaker as neither success nor failure,
+            as one behind an upload on its own connection does, see :meth:`_count_in_breaker`).
+            None: only uploads on the call's own connection count.
     """
 
     def __init__(
@@ -240,6 +245,8 @@ class ConnectionPool:
         counters: NetCounters,
         resolve: Callable[[str], list[DialTarget]],
         own_record: Callable[[], net_pb2.SignedPeerRecord | None],
+        *,
+        link_busy: Callable[[str], bool] | None = None,
     ) -> None:
         self._identity = identity
         self._config = config
@@ -247,6 +254,7 @@ class ConnectionPool:
         self._counters = counters
         self._resolve = resolve
         self._own_record = own_record
+        self._link_busy = link_busy
         self._connections: dict[str, PeerConnection] = {}
         self._dial_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
@@ -554,7 +562,7 @@ class ConnectionPool:
                 breaker.failed()
             raise
         started = time.perf_counter()
-        uploading = connection.num_uploads > 0  # (or once the call failed: see below)
+        uploading = self._uploading(connection)  # (or once the call failed: see below)
         try:
             response: R = await connection.unary_unary(method, response_type)(
                 request, timeout=max(0.001, deadline - loop.time()), metadata=connection.metadata
@@ -574,7 +582,7 @@ class ConnectionPool:
                     connection,
                     error,
                     exc,
-                    uploading=uploading or connection.num_uploads > 0,
+                    uploading=uploading or self._uploading(connection),
                 )
             raise error from exc
         except asyncio.CancelledError:
@@ -591,6 +599,12 @@ class ConnectionPool:
         self._counters.sent(peer_id, request.ByteSize())
         self._counters.received(peer_id, response.ByteSize())
         return response
+
+    def _uploading(self, connection: PeerConnection) -> bool:
+        """Whether a bulk upload is under way on ``connection`` or beside it on the link."""
+        return connection.num_uploads > 0 or (
+            self._link_busy is not None and self._link_busy(connection.peer_id)
+        )
 
     def _count_in_breaker(
         self,

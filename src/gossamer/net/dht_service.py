@@ -20,7 +20,7 @@ from gossamer.net.server import current_session
 from gossamer.proto import net_pb2, net_pb2_grpc
 
 if TYPE_CHECKING:  # (it imports this module's DHT_METHODS for heartbeats)
-    from gossamer.net.control_connections import ControlConnections
+    from gossamer.net.control_connections import DhtControlConnections
 
 __all__ = ["DHT_METHODS", "DhtServicer", "GrpcDhtTransport", "RequestBudget"]
 
@@ -187,33 +187,32 @@ class GrpcDhtTransport:
     """The :class:`DhtTransport` over the node's connection pool.
 
     A DHT request to a peer whose direct data connection has a bulk upload under way
-    (:attr:`PeerConnection.num_uploads`) goes on the peer's control connection instead (see
-    :mod:`gossamer.net.control_connections`; heartbeats share it). On the data connection it
-    waited in the socket's send buffer behind the upload's megabytes: on a 2 Mbit/s uplink every
-    Store and FindNode to the peer ran past its 2 s deadline, and the records a peer published
-    while it sent reached nobody. On its own connection a request waits only in the link's
-    queue. Only then, because a second connection to every DHT contact would be waste where the
-    data connection is idle; and only where the data connection is direct (a relayed one's
-    tunnels share one connection to the relay, and each takes one of the relay's few places per
-    dialer), as for heartbeats.
+    (:attr:`PeerConnection.num_uploads`) goes on a small control connection of its own instead
+    (see :class:`~gossamer.net.control_connections.DhtControlConnections`). On the data
+    connection it waited in the socket's send buffer behind the upload's megabytes: on a 2
+    Mbit/s uplink every Store and FindNode to the peer ran past its 2 s deadline, and the
+    records a peer published while it sent reached nobody. On its own connection a request
+    waits only in the link's queue. Only then, because a second connection to every DHT contact
+    would be waste where the data connection is idle; and only where the data connection is
+    direct (a relayed one's tunnels share one connection to the relay, and each takes one of
+    the relay's few places per dialer), as for heartbeats. Not the heartbeats' connection: a
+    FindValue answer of up to 1 MiB held heartbeat answers behind it.
 
-    Each request that chooses a control connection keeps it open for
-    :data:`~gossamer.net.control_connections.CONTROL_IDLE_S` more (it lives about as long as the
-    uploads it stands beside, or as long as the peer is watched). While the peer's circuit
-    breaker (the data pool's) is open, requests go to the data pool and are refused there at
-    once, as before; requests on a control connection are counted in the control pool's own
-    breakers, so their timeouts, if the link's queue alone holds them past their deadline,
-    never refuse the next bulk send.
+    While the peer's circuit breaker (the data pool's) is open, requests go to the data pool
+    and are refused there at once, as before; requests on a control connection are counted in
+    the control pool's own breakers (see
+    :class:`~gossamer.net.control_connections.DhtControlConnections`), so they never refuse
+    the next bulk send.
 
     Args:
         pool: the node's (data) connections.
         config: DHT config (request deadline).
-        control: the node's control connections, where requests go while the peer's direct
+        control: the node's DHT control connections, where requests go while the peer's direct
             data connection uploads (None: every request goes on the data connection).
     """
 
     def __init__(
-        self, pool: ConnectionPool, config: DhtConfig, control: ControlConnections | None = None
+        self, pool: ConnectionPool, config: DhtConfig, control: DhtControlConnections | None = None
     ) -> None:
         self._pool = pool
         self._config = config
@@ -240,18 +239,12 @@ class GrpcDhtTransport:
     async def _call(
         self, peer_id: str, method: str, request: Message, response_type: type[R], timeout_s: float
     ) -> R:
-        """One request, on the connection :meth:`pool_for` picks. A control connection not
-        open yet is dialled first under the node's connect deadline rather than the request's:
-        its handshake's round trips wait in the same full link queue as the request (at 2
-        Mbit/s the lab's queue holds 200 ms), and within a 2 s request deadline the dial and
-        the request together came within a few tenths of it."""
+        """One request, on the connection :meth:`pool_for` picks; a control connection not
+        open yet is dialled first, within the request's deadline (see
+        :meth:`DhtControlConnections.ready`)."""
         pool = self.pool_for(peer_id)
-        if (
-            pool is not self._pool
-            and pool.get(peer_id) is None
-            and (peer_id not in pool.breakers or pool.breakers[peer_id].state != "open")
-        ):
-            await pool.connection(peer_id, timeout_s=pool.config.connect_timeout_s)
+        if self._control is not None and pool is self._control.pool:
+            await self._control.ready(peer_id, timeout_s)
         return await pool.call(
             peer_id, method, request, response_type, timeout_s=timeout_s, retry=False
         )

@@ -39,7 +39,7 @@ from gossamer.net.bulk import (
 )
 from gossamer.net.config import NodeConfig
 from gossamer.net.connections import ConnectionPool, DialTarget, PeerConnection
-from gossamer.net.control_connections import ControlConnections, direct_data_target
+from gossamer.net.control_connections import DhtControlConnections, HeartbeatConnections
 from gossamer.net.counters import NetCounters
 from gossamer.net.dht import Dht
 from gossamer.net.dht_service import DhtServicer, GrpcDhtTransport
@@ -115,22 +115,22 @@ class Node:
         self.pool = ConnectionPool(
             self.identity, config, self.clock, self.counters, self._resolve, self.own_record
         )
-        self.control_pool = ConnectionPool(
-            self.identity, config, self.clock, NetCounters(),
-            lambda peer_id: direct_data_target(self.pool, peer_id), self.own_record,
-        )  # fmt: skip
-        """One small connection per peer, dialled where its direct data connection went, for
-        heartbeats (see :meth:`ControlConnections.heartbeat`) and for DHT requests while that
-        data connection uploads (see :class:`GrpcDhtTransport`); kept while the peer is watched
-        or a DHT request chose it lately (see :class:`ControlConnections`). Counted apart (the
-        node's connection counts are its data connections); its breakers count only the DHT
-        requests on it."""
-        self.control = ControlConnections(
-            self.pool,
-            self.control_pool,
-            is_watched=lambda peer_id: self.detector.liveness(peer_id) is not None,
-            own_peer_id=self.identity.peer_id,
+        self.heartbeats = HeartbeatConnections(
+            self.identity, config, self.clock, self.pool, self._resolve, self.own_record
         )
+        self.heartbeat_pool = self.heartbeats.pool
+        """Connections that carry heartbeats alone, to peers whose data connection is direct
+        (see :mod:`gossamer.net.control_connections`); counted apart (the node's connection
+        counts are its data connections)."""
+        self.control = DhtControlConnections(
+            self.identity, config, self.clock, self.pool, self.counters, self.own_record,
+            reported_gone=lambda p: (s := self.detector.liveness(p)) is not None and not s.alive,
+        )  # fmt: skip
+        self.control_pool = self.control.pool
+        """Connections that carry DHT requests alone, to peers whose direct data connection has
+        a bulk upload under way (see :class:`GrpcDhtTransport`); closed once unused for
+        ``CONTROL_IDLE_S``. Not counted among the node's connections; its calls are counted
+        with the node's. Its breakers count only the requests on it."""
         self._transport = GrpcDhtTransport(self.pool, config.dht, self.control)
         self.dht = Dht(
             self.identity,
@@ -147,7 +147,8 @@ class Node:
         def removed(peer_id: str) -> None:  # (the DHT's own hook, and the pool's)
             self.dht.routing.remove(peer_id)
             self.pool.forget(peer_id)
-            self.control.forget(peer_id)  # (its connection goes once unwatched and idle)
+            self.heartbeat_pool.forget(peer_id)
+            self.control_pool.forget(peer_id)  # (its connection goes once idle)
 
         self.directory.on_removed = removed
         self.bulk = BulkReceiver(config.limits, self.counters, self.clock)
@@ -156,7 +157,7 @@ class Node:
             config.heartbeat,
             self.clock,
             own_peer_id=self.identity.peer_id,
-            on_unwatched=self.control.release_for_heartbeats,
+            on_unwatched=self.heartbeat_pool.drop,
         )
         self.server.add_servicer(net_pb2_grpc.add_DhtServicer_to_server, DhtServicer(self.dht))
         self.server.add_servicer(add_bulk_receiver_to_server, self.bulk)
@@ -276,7 +277,8 @@ class Node:
         await self.reservations.close()
         await self.relay_dialer.close()
         await self.detector.close()
-        await self.control.close()
+        await self.heartbeat_pool.close()
+        await self.control_pool.close()
         await self.pool.close()
         await self.server.stop(grace_s=0.5)
         _log.info("peer %s: stopped", self.short_id)
@@ -680,9 +682,9 @@ class Node:
         )
 
     async def _heartbeat(self, peer_id: str, timeout_s: float) -> None:
-        """One heartbeat (see :meth:`ControlConnections.heartbeat`); samples the peer's clock."""
+        """One heartbeat (see :meth:`HeartbeatConnections.heartbeat`); samples the peer's clock."""
         sent_wall_s, sent_s = self.clock.wall(), self.clock.monotonic()
-        remote_wall_s = await self.control.heartbeat(peer_id, timeout_s)
+        remote_wall_s = await self.heartbeats.heartbeat(peer_id, timeout_s)
         self._note_clock(peer_id, sent_wall_s, sent_s, remote_wall_s)
 
     async def _timed_ping(self, peer_id: str, *, with_record: bool, timeout_s: float) -> None:
