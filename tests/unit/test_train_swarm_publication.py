@@ -1331,7 +1331,7 @@ def test_a_peer_behind_at_the_end_that_takes_the_others_last_state_ends_on_it(
     for step in range(4 * h + 1, max_steps):
         assert strategy.on_step_end(model, step) is None
     strategy.outer_step = 5
-    theirs = strategy._snapshot(step=max_steps)  # (published by the others' finish())
+    theirs = strategy._snapshot(step=max_steps, final=True)  # (from the others' finish())
     their_hash = strategy.global_weights_hash()
     strategy.outer_step = 4
     monkeypatch.setattr(strategy, "_newest_version", lambda: 5)

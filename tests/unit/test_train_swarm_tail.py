@@ -104,7 +104,7 @@ class RoundLog:
 
 
 def _peer(
-    monkeypatch: pytest.MonkeyPatch, mode: str, inner_steps: int, max_steps: int
+    monkeypatch: pytest.MonkeyPatch, mode: str, inner_steps: int, max_steps: int | None
 ) -> tuple[SwarmDiLoCoStrategy, RoundLog, nn.Module]:
     monkeypatch.setattr(swarm_diloco, "_FINAL_AGREEMENT_S", 0.0)
     torch.manual_seed(0)
@@ -136,15 +136,28 @@ def _step(strategy: SwarmDiLoCoStrategy, log: RoundLog, model: nn.Module, step: 
 
 
 def _theirs(
-    strategy: SwarmDiLoCoStrategy, version: int, step: int, *, in_flight: bool = False
+    strategy: SwarmDiLoCoStrategy,
+    version: int,
+    step: int,
+    *,
+    in_flight: bool = False,
+    final: bool = False,
+    attempt: int = 0,
 ) -> StateSnapshot:
-    """The others' state of ``version`` as of ``step``: global weights other than this peer's."""
+    """The others' state of ``version`` as of ``step``: global weights other than this peer's;
+    ``final`` where they published it from their finish(), after their last round."""
     tensors, _ = strategy.state_for_checkpoint()
     kept = {k: v for k, v in tensors.items() if k.startswith(("global.", "momentum.", "buffer."))}
     for name in kept:
         if name.startswith("global."):
             kept[name] = kept[name] + 0.5 + 0.01 * version
-    meta = {"outer_step": version, "step": step, "round_in_flight": in_flight}
+    meta = {
+        "outer_step": version,
+        "step": step,
+        "round_in_flight": in_flight,
+        "final": final,
+        "round_attempt": attempt,
+    }
     return StateSnapshot(version=version, tensors=kept, meta=meta)
 
 
@@ -170,7 +183,9 @@ def test_a_peer_that_takes_the_others_final_state_at_finish_runs_no_round_after_
     while step < 12:
         step = _step(strategy, log, model, step)
     # (with overlap, finish() lands the round in flight first: the others did too)
-    theirs = _theirs(strategy, strategy.outer_step + 1 + strategy.round_in_flight, step=12)
+    theirs = _theirs(
+        strategy, strategy.outer_step + 1 + strategy.round_in_flight, step=12, final=True
+    )
     monkeypatch.setattr(strategy, "_download", lambda version=None, donors=None: theirs)
     log.newest_seen_version = theirs.version
     rounds_before, resyncs_before = len(log.rounds), strategy.resyncs
@@ -209,16 +224,22 @@ H, MAX_STEPS = 8, 30  # the last segment, steps 24 to 29, is shorter than H
 
 
 def _newcomer_behind_at_the_last_boundary(
-    monkeypatch: pytest.MonkeyPatch, mode: str, theirs_at: tuple[int, int]
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    theirs_at: tuple[int, int],
+    *,
+    final: bool = False,
+    max_steps: int | None = MAX_STEPS,
+    attempt: int = 0,
 ) -> tuple[SwarmDiLoCoStrategy, RoundLog, nn.Module, StateSnapshot, int]:
     """A newcomer that took version 2 (as of step 16) trains to its boundary at step 23, where
     the others publish version ``theirs_at[0]`` as of step ``theirs_at[1]``; it trains on as
     Trainer.run does and finishes. Returns the step it finished at."""
-    strategy, log, model = _peer(monkeypatch, mode, inner_steps=H, max_steps=MAX_STEPS)
+    strategy, log, model = _peer(monkeypatch, mode, inner_steps=H, max_steps=max_steps)
     strategy.outer_step = 2
     strategy._apply_snapshot(strategy._snapshot(step=2 * H))
     version, as_of = theirs_at
-    theirs = _theirs(strategy, version, step=as_of)
+    theirs = _theirs(strategy, version, step=as_of, final=final, attempt=attempt)
     monkeypatch.setattr(strategy, "_newest_version", lambda: version)
     monkeypatch.setattr(strategy, "_download", lambda version=None, donors=None: theirs)
     log.newest_seen_version = version
@@ -252,7 +273,7 @@ def test_a_peer_behind_at_the_last_boundary_that_takes_the_others_final_state_en
     # that state at its boundary and joined outer step 4's round, alone, with nothing to add
     # (the outer momentum moved it past their weights), then went on from 30 + H = 38.
     strategy, log, model, theirs, step = _newcomer_behind_at_the_last_boundary(
-        monkeypatch, mode, theirs_at=(4, MAX_STEPS)
+        monkeypatch, mode, theirs_at=(4, MAX_STEPS), final=True
     )
     assert step == MAX_STEPS
     assert log.rounds == []
@@ -280,3 +301,130 @@ def test_an_overlap_peer_that_takes_the_last_boundarys_state_joins_its_round_in_
     strategy.close()
     assert step == 3 * H
     assert strategy.outer_step == 3  # (the round it joined, landed as the others land it)
+
+
+RETRY_MAX_STEPS = 4 * H  # a multiple of H: the last round is the last boundary's (step 31)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_peer_behind_that_takes_a_state_with_a_retry_owed_joins_the_retry(
+    monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    # The others' last boundary round (outer step 3) failed on every member: they published
+    # their state as of the last step (32) with round_attempt 1, and run the retry r/outer/3#1
+    # in finish(). Taken as their final state (as of max_steps, no round in flight), it ended
+    # this peer on it, a round behind them: the swarm ended split, and they waited the whole
+    # final agreement. Not marked final, it is joined.
+    strategy, log, model = _peer(monkeypatch, mode, inner_steps=H, max_steps=RETRY_MAX_STEPS)
+    strategy.outer_step = 2
+    strategy._apply_snapshot(strategy._snapshot(step=3 * H))
+    theirs = _theirs(strategy, 3, step=RETRY_MAX_STEPS, attempt=1)
+    monkeypatch.setattr(strategy, "_newest_version", lambda: 3)
+    monkeypatch.setattr(strategy, "_download", lambda version=None, donors=None: theirs)
+    log.newest_seen_version = 3
+    step = 3 * H
+    while step < RETRY_MAX_STEPS:
+        step = _step(strategy, log, model, step)
+    strategy.finish(model, step)
+    strategy.close()
+    assert step == RETRY_MAX_STEPS
+    assert [key for _, key, _ in log.rounds] == ["r/outer/3#1"]
+    assert strategy.outer_step == 4  # (the retry's outer step, as the others)
+
+
+@pytest.mark.parametrize("max_steps", [1000, None])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_run_that_ends_before_max_steps_ends_a_peer_that_takes_its_final_state_on_it(
+    monkeypatch: pytest.MonkeyPatch, mode: str, max_steps: int | None
+) -> None:
+    # The run ends at step 30 (a time budget fitted the schedule shorter; or the strategy
+    # knows no max_steps): the others' final state, as of step 30, is short of max_steps.
+    # Not taken as final, it had this peer join outer step 4's round alone (the outer
+    # momentum moved it past their weights) and go on from 30 + H = 38.
+    strategy, log, model, theirs, step = _newcomer_behind_at_the_last_boundary(
+        monkeypatch, mode, theirs_at=(4, MAX_STEPS), final=True, max_steps=max_steps
+    )
+    assert step == MAX_STEPS
+    assert log.rounds == []
+    _assert_on(strategy, model, theirs)
+    assert strategy.resyncs == 1
+
+
+class RecordingDonor(FakeDonor):
+    def __init__(self) -> None:
+        self.published: list[StateSnapshot] = []
+
+    def publish(self, snapshot: StateSnapshot, *, max_meta_bytes: int | None = None) -> None:
+        self.published.append(snapshot)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_the_state_published_from_finish_is_marked_final_and_no_other(
+    monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    # max_steps a multiple of H: the state published after the last boundary's round is as
+    # of max_steps too, yet a round may follow it (failed on every member, it is run again in
+    # finish()); only finish() knows none does, and publishes it again, marked.
+    strategy, log, model = _peer(monkeypatch, mode, inner_steps=5, max_steps=10)
+    donor = RecordingDonor()
+    strategy.donor = cast(Any, donor)
+    step = 0
+    while step < 10:
+        step = _step(strategy, log, model, step)
+    strategy._wait_for_publication()
+    assert donor.published
+    assert not any(s.meta["final"] for s in donor.published)
+    strategy.finish(model, step)
+    strategy.close()
+    last = donor.published[-1]
+    assert last.meta["final"] is True
+    assert last.version == strategy.outer_step
+    assert last.meta["step"] == 10
+
+
+@pytest.mark.parametrize("value", ["true", 1, None])
+def test_a_state_whose_final_marker_is_not_a_boolean_is_refused(
+    monkeypatch: pytest.MonkeyPatch, value: object
+) -> None:
+    strategy, _, _ = _peer(monkeypatch, "blocking", inner_steps=5, max_steps=10)
+    theirs = _theirs(strategy, 1, step=5)
+    theirs.meta["final"] = value
+    assert "'final' is not a boolean" in strategy._unusable(theirs)
+    theirs.meta["final"] = True
+    assert strategy._unusable(theirs) == ""
+    strategy.close()
+
+
+class FakeGoodput:
+    def __init__(self) -> None:
+        self.discarded = 0
+
+    def discard(self, tokens: int) -> None:
+        self.discarded += tokens
+
+
+class FakeMetrics:
+    def __init__(self) -> None:
+        self.goodput = FakeGoodput()
+
+
+def test_an_overlap_peer_that_takes_the_final_state_at_finish_drops_its_last_steps_from_goodput(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Its steps 10 and 11 (after its last boundary, at 9) went into no round: the others'
+    # final state took their place. Counted as a resync, they stayed in goodput (only a
+    # boundary took thrown-away steps out of it).
+    strategy, log, model = _peer(monkeypatch, "overlap", inner_steps=5, max_steps=12)
+    metrics = FakeMetrics()
+    strategy.metrics, strategy.tokens_per_step = cast(Any, metrics), 3
+    step = 0
+    while step < 12:
+        step = _step(strategy, log, model, step)
+    assert metrics.goodput.discarded == 0
+    theirs = _theirs(strategy, strategy.outer_step + 2, step=12, final=True)
+    monkeypatch.setattr(strategy, "_download", lambda version=None, donors=None: theirs)
+    log.newest_seen_version = theirs.version
+    strategy.finish(model, step)
+    strategy.close()
+    _assert_on(strategy, model, theirs)
+    assert metrics.goodput.discarded == 2 * 3

@@ -222,6 +222,10 @@ class DiLoCoStrategy(DiLoCoOuterStep):
                 return boundary_at + 1
         if self._forming is not None:
             return continue_from
+        if self._took_final_state():
+            # The others' final state: no round of theirs follows it, and none of this peer's
+            # (begun alone, it moved the weights past theirs); the run ends at its step.
+            return continue_from
         if continue_from is None:
             due_at = step if boundary else None
         else:
@@ -259,18 +263,6 @@ class DiLoCoStrategy(DiLoCoOuterStep):
 
         Args:
             step: the inner step just taken.
-        """
-        del step
-        return False
-
-    def _took_state_as_of(self, step: int) -> bool:
-        """Whether the global state this peer stands on was taken from the others as of step
-        ``step`` or later (so their rounds up to that step are in it, and the local model
-        restarted from it after). An in-process swarm never takes state; the swarm strategy
-        overrides this.
-
-        Args:
-            step: the step the run ends at.
         """
         del step
         return False
@@ -418,9 +410,9 @@ class DiLoCoStrategy(DiLoCoOuterStep):
         return False
 
     def _took_final_state(self) -> bool:
-        """(overlap) Whether the state :meth:`_catch_up` just took is the others' final one,
-        after their last round (the run's step budget is spent in it). An in-process swarm
-        never takes state; the swarm strategy overrides this."""
+        """Whether the global state this peer stands on is the others' final one, taken from
+        them: they published it after their last round, and no round follows it. An
+        in-process swarm never takes state; the swarm strategy overrides this."""
         return False
 
     def _round_thread(self) -> ThreadPoolExecutor:
@@ -490,17 +482,18 @@ class DiLoCoStrategy(DiLoCoOuterStep):
         # A round that failed on every member left its progress to average: every member
         # knows it alike, and runs one more round for it (on a grid step too).
         tail = tail or (self._round_failed and self._finished_at != step)
-        if tail and self._took_state_as_of(step):
-            # The state it took is the others' after their last round, the one after their
-            # last step (this one): its own steps went with it. Run alone, that round moved
+        if self._took_final_state():
+            # The state it took is the others' final one (marked so where they published it,
+            # after their last round): its own steps went with it. Run alone, that round moved
             # it an outer step past theirs (with blocking rounds too, at weight 0: the outer
             # momentum moves the weights with no data behind it), and the peers waited for
             # each other's hashes of the final outer step to the end of the agreement's wait.
-            # (A state as of an earlier step, their last boundary's, still needs that round:
-            # the others run it after their last step, and this peer joins it.)
-            tail = False
+            # (A state not marked final, their last boundary's or one whose round failed on
+            # every member, still needs that round: the others run it in their finish(), and
+            # this peer joins it.)
             if took_state:
                 self._dropped_last_steps()
+            tail = False
         replaced = replaced or tail or self.outer_step != version
         if tail:
             self._steps_since_round = 0

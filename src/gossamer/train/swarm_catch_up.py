@@ -36,9 +36,9 @@ between boundaries (see ``_joins_running_round``)."""
 class SwarmCatchUp(SwarmStateExchange):
     """Takes the others' state where this peer is behind them (see the module docstring)."""
 
-    _final_state_taken = False
-    """The state the last :meth:`_catch_up` took is the others' final one (see
-    :meth:`_is_final_state`)."""
+    _missed_before_catch_up = False
+    """The last :meth:`_catch_up` took a state after a round that closed without this peer
+    (the progress it gave that round went into no average)."""
 
     def _wait_for_newer_state(self) -> StateSnapshot | None:
         """After a missed round: the state the others publish once it is done.
@@ -197,7 +197,7 @@ class SwarmCatchUp(SwarmStateExchange):
         resumed longer run a boundary off theirs). It trains on to the last step instead and
         runs that round after it, as the others do.
         """
-        if not self._placed_by_state:
+        if not self._placed_by_state or self._took_final_state():
             return False
         h = self.config.inner_steps
         skipped = h - 1 - step % h
@@ -230,12 +230,6 @@ class SwarmCatchUp(SwarmStateExchange):
             len(active),
         )
         return True
-
-    def _took_state_as_of(self, step: int) -> bool:
-        """Whether the state last taken from the others is as of ``step`` or later: at the
-        end, the state they publish after their last round (a peer behind at the end, or one
-        that joined as they finished, takes it)."""
-        return self._state_as_of >= step
 
     def _awaited_ahead(self) -> str | None:
         """A round key of a later outer step than this peer's that the others' nudges say
@@ -284,7 +278,7 @@ class SwarmCatchUp(SwarmStateExchange):
         an older checkpoint, say). Progress made from a state more than one round old does not
         count.
         """
-        self._final_state_taken = False
+        self._missed_before_catch_up = False
         behind = (
             self.last_round_excluded
             or self._joined_mid_round
@@ -305,10 +299,10 @@ class SwarmCatchUp(SwarmStateExchange):
         self.last_round_excluded = False
         self._continue_from = int(snapshot.meta["step"])
         stale = snapshot.version > was + 1
-        self._final_state_taken = self._is_final_state(snapshot)
+        self._missed_before_catch_up = missed
         # (taken at a boundary, the others' final state leaves no round for this peer's
         # progress: see DiLoCoStrategy._overlapped_boundary)
-        self._work_lost = missed or stale or self._final_state_taken
+        self._work_lost = missed or stale or self._took_final_state()
         # (without overlap, only finish() calls this: the local model restarted from the state
         # taken, its steps since the last round gone, as where _take_newer_state takes one)
         if self._work_lost or not self.config.overlap:
@@ -322,27 +316,35 @@ class SwarmCatchUp(SwarmStateExchange):
         return stale
 
     def _took_final_state(self) -> bool:
-        return self._final_state_taken
+        """Whether the global state this peer stands on is the others' final one: a state its
+        donors marked final (published from their finish(), after their last round; see
+        :meth:`_snapshot`), with no round of this peer's applied since and none owed (a round
+        that failed on every member is run again, and this peer's progress goes into it).
 
-    def _is_final_state(self, snapshot: StateSnapshot) -> bool:
-        """Whether ``snapshot`` is the others' state after their last round: as of the run's
-        last step, with no round in flight. (With overlap and ``max_steps`` a multiple of H,
-        the state published at the last boundary is as of that step too, but with that
-        boundary's round in flight: the others land it in their finish(), and a peer that
-        took it joins it.)"""
+        Not inferred from the state's step: a state as of ``max_steps`` may still have a
+        round after it (with overlap, the last boundary's, in flight; one that failed on
+        every member, run again in the others' finish()), and a run that ends before
+        ``max_steps`` (a time budget) or knows none ends on a state as of an earlier step.
+        """
         return (
-            self.max_steps is not None
-            and int(snapshot.meta["step"]) >= self.max_steps
-            and not snapshot.meta.get("round_in_flight", False)
+            self._final_version is not None
+            and self._final_version == self.outer_step
+            and not self._round_failed
         )
 
     def _dropped_last_steps(self) -> None:
-        """At the end, the others' final state taken there covers the run's last steps, and
-        this peer's own go into no round: it replaced its work with their state, a resync.
-        (Counted already where it missed its last round, its progress was stale, or it had no
-        overlap: see :meth:`_catch_up`.)"""
-        if self.config.overlap and not self._work_lost:
-            self._resynced()
+        """(at the end) The others' final state taken in finish() covers the run's last steps:
+        this peer's own go into no round, a resync (counted in :meth:`_catch_up`). With
+        overlap, those steps are not goodput either: the steps since its last boundary, and
+        the last round's H where that round closed without it (at a boundary,
+        :meth:`_discard_round` counts these; finish() has none after it). Without overlap,
+        :meth:`_apply_snapshot` discarded them."""
+        if not self.config.overlap or self.metrics is None:
+            return
+        lost = self._steps_since_round
+        if self._missed_before_catch_up:
+            lost += self.config.inner_steps
+        self.metrics.goodput.discard(lost * self.tokens_per_step)
 
     def _newest_version(self) -> int:
         """The newest state version among the run's other active peers.

@@ -96,6 +96,8 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
                 self._apply_snapshot(snapshot)
                 self._joined_mid_round = bool(snapshot.meta.get("round_in_flight", False))
                 start_step = int(snapshot.meta["step"])
+                if self._took_final_state():  # (the others ended there: so does this peer)
+                    self.max_steps = start_step
                 self.time_to_productive_s = time.monotonic() - self._started
                 logger.info(
                     "peer %s synced from donors at outer step %d (%.1f s)",
@@ -112,7 +114,8 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
         # took it a boundary off the others)
         boundaries = self.outer_step + (1 if self.config.overlap and self.outer_step > 0 else 0)
         self._publish(
-            step=start_step if start_step is not None else boundaries * self.config.inner_steps
+            step=start_step if start_step is not None else boundaries * self.config.inner_steps,
+            final=self._took_final_state(),
         )
         if self.swarm_metrics is not None:  # (resumed or synced: not 0 until its first round)
             self.swarm_metrics.outer_step.set(self.outer_step)
@@ -157,6 +160,10 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
             return super().on_step_end(model, step)  # its rounds call the hooks below
         if self.config.overlap:
             return self._overlapped_step_end(model, step)
+        if self._took_final_state() and self._newest_version() <= self.outer_step:
+            # Trained on past the others' final state (where its own loop did not end at that
+            # state's step): no round follows it; finish() ends on it.
+            return None
         weight = self.weight
         continue_from: int | None = None
         work_lost = False
@@ -166,19 +173,24 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
         snapshot = self._take_newer_state()
         if snapshot is not None:
             taken_at = int(snapshot.meta["step"])
-            if self._is_final_state(snapshot):
-                # The others' final state, after their last round: no round of theirs is left
-                # to join. Joined alone at weight 0, it still moved this peer's weights (the
-                # outer momentum) an outer step past theirs; and the run went on past the
-                # budget (from the state's step + H). Its steps since its last round went
-                # with the state taken, so finish() has none left to average.
+            if self._took_final_state():
+                # The others' final state (marked so: published from their finish(), after
+                # their last round): no round of theirs is left to join. Joined alone at
+                # weight 0, it still moved this peer's weights (the outer momentum) an outer
+                # step past theirs; and the run went on past their end (from the state's step
+                # + H). It ends where they did: its budget is that state's step. Its steps
+                # since its last round went with the state taken, so finish() has none left
+                # to average.
                 self._steps_since_round = 0
+                self.max_steps = taken_at
                 return self._after_round(step, taken_at, work_lost=True)
             self.weight = 0.0
             work_lost = True
             # After this round the others stand at the step after it: so will this peer. The
             # round after the budget's last boundary is their last round, run after their
             # last step (max_steps not a multiple of H): they end there, and so does this peer.
+            # (A state not marked final, as of max_steps, has a round owed after it: one that
+            # failed on every member, run again in their finish(). This peer joins it.)
             continue_from = taken_at + self.config.inner_steps
             if self.max_steps is not None:
                 continue_from = min(continue_from, self.max_steps)
@@ -302,7 +314,10 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
                 )
         if self.swarm_metrics is not None:
             self.swarm_metrics.outer_step.set(self.outer_step)
-        self._publish_outer_step(step=continue_from if continue_from is not None else boundary + 1)
+        self._publish_outer_step(
+            step=continue_from if continue_from is not None else boundary + 1,
+            final=self._took_final_state(),
+        )
         majority_holders = self._out_of_agreement(self.outer_step - 1)
         if majority_holders:
             snapshot = self._download(version=None, donors=majority_holders)
@@ -315,7 +330,7 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
                     self._short(),
                     self.outer_step,
                 )
-                self._publish_outer_step(step=continue_from)
+                self._publish_outer_step(step=continue_from, final=self._took_final_state())
         return continue_from
 
     def _overlapped_step_end(self, model: nn.Module, step: int) -> int | None:
@@ -328,7 +343,10 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
         if self.swarm_metrics is not None:
             self.swarm_metrics.outer_step.set(self.outer_step)
         continue_from = self._continue_from
-        self._publish_outer_step(step=continue_from if continue_from is not None else step + 1)
+        self._publish_outer_step(
+            step=continue_from if continue_from is not None else step + 1,
+            final=self._took_final_state(),
+        )
         majority_holders = self._out_of_agreement(self.outer_step - 1)
         if majority_holders:
             # The same version only: the round in flight was launched from it.
@@ -341,7 +359,9 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
                     self._short(),
                     self.outer_step,
                 )
-                self._publish_outer_step(step=int(snapshot.meta["step"]))
+                self._publish_outer_step(
+                    step=int(snapshot.meta["step"]), final=self._took_final_state()
+                )
         return continue_from
 
     def finish(self, model: nn.Module, step: int) -> bool:
@@ -357,8 +377,12 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
         """
         replaced = super().finish(model, step)
         self._wait_for_publication()
-        if replaced or self.outer_step not in self._hashes:
-            self._publish_outer_step(step=step)
+        # Marked final: this peer runs no round after it. A peer behind that takes it ends on
+        # it, and one that takes a state not so marked joins the round still owed after it
+        # (republished where the last publication was of this outer step, but not final:
+        # the last boundary's, when max_steps is a multiple of H).
+        if replaced or self.outer_step not in self._hashes or not self._published_final:
+            self._publish_outer_step(step=step, final=True)
             self._wait_for_publication()
         final = self.outer_step
         deadline = time.monotonic() + _FINAL_AGREEMENT_S
@@ -389,7 +413,7 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
                         self._short(),
                         final,
                     )
-                    self._publish_outer_step(step=step)
+                    self._publish_outer_step(step=step, final=True)
                     self._wait_for_publication()
                     continue
             if time.monotonic() >= deadline:

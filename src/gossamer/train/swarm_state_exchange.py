@@ -118,8 +118,11 @@ class SwarmStateExchange(DiLoCoStrategy):
         round before its own boundary (see :meth:`_joins_running_round`)."""
         self._next_join_check_s = 0.0
         """Monotonic time before which no round's entries are read for an early join."""
-        self._state_as_of = -1
-        """The step the last state taken from the others was as of (-1: none taken)."""
+        self._final_version: int | None = None
+        """The version of the others' final state this peer took (see :func:`_final_state`;
+        None: none taken). While it stands on that version, it runs no round of its own."""
+        self._published_final = False
+        """The last state this peer published was marked final (see :meth:`_snapshot`)."""
         self._skipped_steps = 0
         """Steps of the budget skipped at this step end to join the others' round (not done:
         neither committed nor lost)."""
@@ -236,7 +239,7 @@ class SwarmStateExchange(DiLoCoStrategy):
             value = snapshot.meta.get(key)
             if type(value) is not int or value < 0:
                 return f"meta {key!r} is {value!r}, not a step"
-        for key in ("round_in_flight", "of_the_run"):
+        for key in ("round_in_flight", "of_the_run", "final"):
             if not isinstance(snapshot.meta.get(key, False), bool):
                 return f"meta {key!r} is not a boolean"
         attempt = snapshot.meta.get("round_attempt", 0)
@@ -313,13 +316,20 @@ class SwarmStateExchange(DiLoCoStrategy):
         if not self.config.overlap:  # (the local progress not in the swarm's state is gone)
             self._discard_uncommitted(self._steps_done)
         self._placed_by_state = True
-        self._state_as_of = int(snapshot.meta.get("step", -1))
+        self._final_version = snapshot.version if _final_state(snapshot) else None
         if _state_of_the_run(snapshot):  # (its settings were checked: see _unusable)
             self._of_the_run = True
         before = [t.clone() for t in self._global] if self.config.overlap else []
+        # A state published after a round that failed on every member (round_attempt > 0)
+        # owes that round's next attempt: its donors run it at their next boundary, or in
+        # their finish() where the run ended, and this peer joins it there too (see
+        # DiLoCoStrategy.finish). Not one marked final: nobody runs a round after it.
+        attempt = snapshot.meta.get("round_attempt", 0)
+        retry_owed = type(attempt) is int and attempt > 0 and not _final_state(snapshot)
         self._apply_state(
             snapshot.tensors,
             {k: snapshot.meta.get(k, 0) for k in ("outer_step", "round_attempt")}
+            | {"round_failed": retry_owed}
             | {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received},
         )
         if not self.config.overlap:
@@ -334,7 +344,18 @@ class SwarmStateExchange(DiLoCoStrategy):
             for buffer, averaged in zip(self._buffers, self._global_buffers, strict=True):
                 buffer.copy_(averaged)
 
-    def _snapshot(self, step: int) -> StateSnapshot:
+    def _snapshot(self, step: int, *, final: bool = False) -> StateSnapshot:
+        """This peer's global state as of ``step``.
+
+        Args:
+            step: the step the state is as of.
+            final: this peer runs no round after this state (it ran its last one, in
+                finish(), or took the others' final state): a peer behind that takes it ends
+                on it. Said outright, not inferred from the step: a run may end before
+                ``train.max_steps`` (a time budget), and a state as of the last step may still
+                have a round owed after it (one that failed on every member is run again in
+                finish()).
+        """
         tensors, _ = self.state_for_checkpoint()
         return StateSnapshot(
             version=self.outer_step,
@@ -349,6 +370,7 @@ class SwarmStateExchange(DiLoCoStrategy):
                 "round_attempt": self.round_attempt,
                 # (a state of a peer new to the run is no authority on its settings: _download)
                 "of_the_run": self._of_the_run,
+                "final": final,
             },
         )
 
@@ -363,9 +385,11 @@ class SwarmStateExchange(DiLoCoStrategy):
             if param.requires_grad
         ]
 
-    def _publish(self, step: int) -> None:
+    def _publish(self, step: int, *, final: bool = False) -> None:
+        self._published_final = final
         self.donor.publish(
-            self._snapshot(step), max_meta_bytes=meta_bytes_bound(self._state_tensors())
+            self._snapshot(step, final=final),
+            max_meta_bytes=meta_bytes_bound(self._state_tensors()),
         )
 
     def _wait_for_publication(self) -> None:
@@ -374,7 +398,7 @@ class SwarmStateExchange(DiLoCoStrategy):
             publishing, self._publishing = self._publishing, None
             publishing.result()
 
-    def _publish_outer_step(self, step: int) -> None:
+    def _publish_outer_step(self, step: int, *, final: bool = False) -> None:
         """Publish this outer step's state, version and hash from the publisher thread.
 
         The snapshot is taken (cloned) here, on the training thread; serializing and hashing it
@@ -382,7 +406,8 @@ class SwarmStateExchange(DiLoCoStrategy):
         waited for first, so they stay in order and at most one is outstanding.
         """
         self._wait_for_publication()
-        snapshot = self._snapshot(step)
+        snapshot = self._snapshot(step, final=final)
+        self._published_final = final
         self._publishing = self._publisher.submit(self._publish_snapshot, snapshot)
 
     def _publish_snapshot(self, snapshot: StateSnapshot) -> None:
@@ -520,6 +545,12 @@ def _state_of_the_run(snapshot: StateSnapshot) -> bool:
     donor of before that said nothing counts, as it did then). A new peer's state, before
     any of that, is only its own."""
     return snapshot.meta.get("of_the_run", True) is not False
+
+
+def _final_state(snapshot: StateSnapshot) -> bool:
+    """Whether ``snapshot`` is its peer's final state, after which it runs no round (its meta
+    says so: checked a boolean in :meth:`SwarmStateExchange._unusable`)."""
+    return snapshot.meta.get("final") is True
 
 
 def _majority_holders(mine: str, others: dict[str, str]) -> list[str]:
