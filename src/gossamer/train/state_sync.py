@@ -362,9 +362,10 @@ async def _fetch_chunks(
     A chunk still in flight long after most chunks took (``_HEDGE_FACTOR`` times the median)
     is also asked of another donor once, and the first verified copy wins: one hung or slow
     donor then costs the tail of the download a little, not its request timeout. At most a
-    :class:`_FittedWindow` of requests is kept in flight: what our link delivers in a request
-    timeout, so each chunk's time on the wire stays well inside a donor's silence allowance
-    however thin our link. A chunk a
+    :class:`_FittedWindow` of requests is kept in flight: as many as the donors serve at once
+    while chunk times do not rise with it, and what our link delivers in a request timeout
+    once they do, so each chunk's time on the wire stays well inside a donor's silence
+    allowance however thin our link. A chunk a
     donor refuses as busy goes back in the queue; that donor is asked no more at once than it
     was serving of ours then (one more for each chunk it delivers since), or, where it served
     none of ours, nothing until a backoff has passed.
@@ -396,6 +397,8 @@ async def _fetch_chunks(
     is_done = [False] * manifest.num_chunks
     copies: dict[int, set[asyncio.Task[float]]] = {}
     tasks: dict[asyncio.Task[float], tuple[int, _Donor, float]] = {}
+    asked_at: dict[asyncio.Task[float], float] = {}
+    """Each task's ``window.request_s`` when it was asked."""
     orphans: list[asyncio.Task[float]] = []
     latencies: list[float] = []
     num_done = num_refetched = num_bytes_done = 0
@@ -422,6 +425,7 @@ async def _fetch_chunks(
         max_size=max_in_flight,
         chunk_bytes=max(1, manifest.chunk_bytes),
         window_s=job.request_timeout_s,
+        probe_s=job.max_quiet_s / 2,
         size=first_size,
     )
 
@@ -449,7 +453,7 @@ async def _fetch_chunks(
         elapsed_s, accounted_at = now - accounted_at, now
         if elapsed_s <= 0 or not tasks:
             return
-        window.elapse(elapsed_s)
+        window.elapse(elapsed_s, len(tasks))
         for donor in donors:
             if donor.num_in_flight:
                 donor.out_s += elapsed_s
@@ -493,11 +497,13 @@ async def _fetch_chunks(
         donor.num_in_flight += 1
         task = job.loop.create_task(fetch(index, donor), name=f"state-chunk-{index}")
         tasks[task] = (index, donor, job.loop.time())
+        asked_at[task] = window.request_s
         copies.setdefault(index, set()).add(task)
 
     def forget(task: asyncio.Task[float], *, cancel: bool) -> int:
         nonlocal num_bytes_under_way
         index, donor, _ = tasks.pop(task)
+        asked_at.pop(task)
         num_bytes_under_way -= quiet_bytes(index)
         donor.num_in_flight -= 1
         copies[index].discard(task)
@@ -629,13 +635,19 @@ async def _fetch_chunks(
             for task in [t for t in tasks if t.done()]:
                 if task not in tasks:  # a copy of a chunk an earlier task of this batch won
                     continue
-                donor = tasks[task][1]
+                _, donor, started = tasks[task]
+                asked_request_s = asked_at[task]
                 index = forget(task, cancel=False)
                 exc = task.exception()
                 if exc is None:
                     latencies.append(task.result())
                     size_before = window.size
-                    window.delivered(chunk_bytes(index))
+                    window.delivered(
+                        donor.peer_id,
+                        chunk_bytes(index),
+                        accounted_at - started,
+                        window.request_s - asked_request_s,
+                    )
                     if window.size != size_before:
                         _log.debug(
                             "peer %s: state version %d: %d chunk request(s) kept in flight, "

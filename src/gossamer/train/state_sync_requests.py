@@ -5,8 +5,8 @@ its reply from the node's :class:`_ReplyRouter`; it keeps the download's deadlin
 progress) and the donors struck off, and why. :class:`_Donor` is one donor's standing in the
 chunk phase: requests in flight, latency, busy refusals and their backoff, and the progress it is
 judged by (quiet time, bytes owed at the floor rate). :class:`_FittedWindow` is how many chunk
-requests the newcomer keeps in flight: what its own link carries in a request timeout. A busy
-refusal raises
+requests the newcomer keeps in flight: grown while the donors are the bottleneck, fitted to
+what its own link carries in a request timeout once that link is. A busy refusal raises
 :class:`_DonorBusyError`: the donor is healthy and asked again later. Used by
 :func:`gossamer.train.state_sync.download_state`, which decides what to ask and whom to strike off.
 """
@@ -60,6 +60,16 @@ newcomer for hours, or 286 s, before it was struck off. A window of eight 1 MiB 
 _INTAKE_HORIZON_WINDOWS = 4
 """The newcomer's intake rate is measured over its last this many ``window_s`` with requests
 out: long enough to span a window's chunks, short enough to follow a link that changes."""
+
+
+def _rose(base: tuple[float, float], num_sharing: float, wire_s: float) -> bool:
+    """Whether a chunk that took ``wire_s``, its time shared with ``num_sharing`` requests of
+    ours, took longer than ``base`` (the same) by more than half of what sharing one link
+    with more requests would add."""
+    base_sharing, base_s = base
+    return num_sharing > base_sharing + 0.5 and wire_s > base_s * (
+        1 + (num_sharing / base_sharing - 1) / 2
+    )
 
 
 class _DonorBusyError(PeerUnavailableError):
@@ -158,29 +168,52 @@ class _Donor:
 
 @dataclass(slots=True)
 class _FittedWindow:
-    """How many chunk requests a newcomer keeps in flight: about what its own link delivered in
-    ``window_s`` (at least one, at most ``max_size``), so each chunk's time on the wire stays
-    near ``window_s``, well inside the silence a donor is allowed.
+    """How many chunk requests a newcomer keeps in flight: as many as its donors serve at once,
+    unless its own link is the bottleneck; then about what that link delivers in ``window_s``
+    (at least one, at most ``max_size``), so each chunk's time on the wire stays near
+    ``window_s``, well inside the silence a donor is allowed.
 
     Every request shares the newcomer's downlink: eight 1 MiB chunks asked at once over
     0.25 Mbit/s take 268 s each, longer than the two minutes a donor may be silent, so every
     honest donor was struck off for the newcomer's own slowness and it took no state at all.
-    The rate is measured from the chunks that came, over the time requests were out (a busy
-    pause with none out does not count as a slow link).
+    But a window fitted to what came is fitted to the window itself where the donors are the
+    bottleneck (each one's uplink, or its time to answer): eight donors at 0.3 Mbit/s up took
+    16 MB in 233 s with one or two chunks in flight, not 63 s with eight. So the window probes:
+    each chunk that comes tells how long it took (``wire_s``) and how many of our requests it
+    shared the time with on average (``num_sharing``). While chunk times do not rise with the
+    requests in flight, the donors are the bottleneck and the window grows: at most doubling,
+    and no further than would keep chunks within ``probe_s`` if our link were the bottleneck
+    after all. Once they rise as a shared link's do, the window is fitted to the link (and
+    follows it from then on, as before). A chunk slower than ``probe_s``, whatever the cause,
+    fits the window at once.
     """
 
     max_size: int
     chunk_bytes: int
     window_s: float
+    probe_s: float
+    """How long a chunk may take while the window probes (half the silence a donor is
+    allowed); a chunk slower than this fits the window to our link at once."""
     size: int
-    """Requests to keep in flight now: ``first_size`` until a chunk comes, then the fit."""
+    """Requests to keep in flight now."""
     out_s: float = 0.0
     """How long requests of ours have been out, in all."""
+    request_s: float = 0.0
+    """Seconds of each request of ours out, summed over the requests (a chunk's share of
+    it, over its time on the wire, is how many requests it shared that time with)."""
     intake: deque[tuple[float, int]] = field(default_factory=deque)
     """Chunks that came within the horizon: (``out_s`` then, bytes)."""
     intake_bytes: int = 0
     per_s: float = 0.0
     """The intake rate measured (bytes a second with requests out); 0 until a chunk came."""
+    probe_base: tuple[float, float] | None = None
+    """(Requests shared with, seconds) of the chunk that last grew the window by a probe."""
+    by_donor: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Each donor's chunk that later ones of it are compared with: (requests of ours it
+    shared its time with, seconds). A donor's own, since donors differ: one four times as
+    fast as the rest is no sign of our link."""
+    link_bound: bool = False
+    """Chunk times rose with the requests in flight: the window is fitted to our link."""
 
     @staticmethod
     def first_size(
@@ -193,22 +226,56 @@ class _FittedWindow:
         fits = int(spare_quiet_s * floor / max(1, chunk_bytes))
         return max(1, min(max_size, num_chunks, fits))
 
-    def elapse(self, elapsed_s: float) -> None:
-        """``elapsed_s`` passed with requests of ours out."""
+    def elapse(self, elapsed_s: float, num_in_flight: int) -> None:
+        """``elapsed_s`` passed with ``num_in_flight`` requests of ours out."""
         self.out_s += elapsed_s
+        self.request_s += elapsed_s * num_in_flight
 
-    def delivered(self, num_bytes: int) -> None:
-        """A chunk came (of ``num_bytes``): fit the window to the rate measured."""
+    def delivered(self, donor: str, num_bytes: int, wire_s: float, request_s: float) -> None:
+        """A chunk came from ``donor`` (of ``num_bytes``, after ``wire_s``, while ``request_s``
+        seconds of requests of ours were out): fit the window, or probe."""
         self.intake.append((self.out_s, num_bytes))
         self.intake_bytes += num_bytes
         horizon_s = _INTAKE_HORIZON_WINDOWS * self.window_s
         while self.intake and self.intake[0][0] < self.out_s - horizon_s:
             self.intake_bytes -= self.intake.popleft()[1]
         span_s = min(self.out_s, horizon_s)
-        if span_s <= 0:
+        if span_s <= 0 or wire_s <= 0:
             return  # (no time measured yet: nothing to fit to)
         self.per_s = self.intake_bytes / span_s
-        self.size = max(1, min(self.max_size, int(self.per_s * self.window_s / self.chunk_bytes)))
+        num_sharing = max(1.0, request_s / wire_s)
+        # (the window that would bring chunks in window_s if our link carried these at most)
+        fit = self._clamp(int(num_sharing * self.window_s / wire_s))
+        # A shared link's chunk times rise in proportion to the requests sharing it; a
+        # donor's own do not. Risen by more than half of that, on one donor: our link is the
+        # bottleneck (or the donor's, shared by more of ours: fitted as well).
+        base = self.by_donor.get(donor)
+        if base is None or abs(num_sharing - base[0]) > 0.5:
+            self.by_donor[donor] = (num_sharing, wire_s)
+        if base is not None and _rose(base, num_sharing, wire_s):
+            self.link_bound = True
+            self.size = fit
+        elif wire_s > self.probe_s:  # (too near a donor's silence allowance, whatever the cause)
+            self.size = fit
+        elif self.link_bound:
+            self.size = self._clamp(int(self.per_s * self.window_s / self.chunk_bytes))
+        elif (
+            base is not None
+            or self.probe_base is None
+            or not _rose(self.probe_base, num_sharing, wire_s)
+        ):
+            # (a donor's first chunk is compared with the one that last grew the window: it
+            # may be a slower donor's, so it grows nothing if it rose, and tells nothing of our
+            # link either. At most doubling, so a link that falls meanwhile finds few requests
+            # out; and from no more than it keeps now, as a chunk asked before the window
+            # shrank shared its time with more.)
+            probe = min(num_sharing, self.size) * min(2.0, self.probe_s / wire_s)
+            probe = self._clamp(int(probe))
+            if probe > self.size:
+                self.size, self.probe_base = probe, (num_sharing, wire_s)
+
+    def _clamp(self, size: int) -> int:
+        return max(1, min(self.max_size, size))
 
     def overdue_s(self) -> float | None:
         """How long a request may be out before it no longer holds its place in the window:
