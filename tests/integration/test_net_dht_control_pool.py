@@ -41,7 +41,10 @@ def test_a_frozen_peer_under_an_upload_is_given_up_within_the_requests_deadlines
     """The control connection was dialled under the node's connect deadline (5 s), outside its
     breaker: every request to a frozen peer took 5 s instead of its own 0.5 s, and none was
     ever refused. Here the data connection's target is a socket that takes TCP connections and
-    never answers (as a SIGSTOPped peer's kernel does)."""
+    never answers (as a SIGSTOPped peer's kernel does). While the detector does not report the
+    peer gone the link explains a dial's timeout: each gets twice the request's deadline and
+    counts neither way; once it is reported gone, each takes the request's deadline and
+    counts."""
 
     async def scenario() -> None:
         with socket.socket() as frozen:
@@ -52,7 +55,18 @@ def test_a_frozen_peer_under_an_upload_is_given_up_within_the_requests_deadlines
                 data = await a.pool.dial(DialTarget(b.addresses[0]), expected_peer_id=b.peer_id)
                 moved = dataclasses.replace(data, target=DialTarget(frozen_at), num_uploads=1)
                 a.pool._connections[b.peer_id] = moved  # (its control connection dials there)
+                gone = False
+                a.control._reported_gone = lambda _: gone
                 took_s: list[float] = []
+                for _ in range(THRESHOLD + 1):
+                    started = time.monotonic()
+                    with pytest.raises(DeadlineExceededError):
+                        await a._transport.find_node(b.peer_id, b"t" * 32)
+                    took_s.append(time.monotonic() - started)
+                assert max(took_s) < 2 * RPC_S + 0.5, took_s
+                assert a.control_pool.breakers[b.peer_id].state == "closed"
+                gone = True  # (its heartbeats went unanswered: the link does not explain it)
+                took_s = []
                 for _ in range(THRESHOLD):
                     started = time.monotonic()
                     with pytest.raises(DeadlineExceededError):
@@ -65,6 +79,44 @@ def test_a_frozen_peer_under_an_upload_is_given_up_within_the_requests_deadlines
                 assert time.monotonic() - started < 0.2
                 assert a.pool.breakers[b.peer_id].state == "closed"  # (bulk sends unaffected)
                 a.pool._connections[b.peer_id] = data
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+
+
+def test_a_control_connection_to_a_restarted_peer_s_old_incarnation_is_dialled_afresh() -> None:
+    """A peer restarted (here on a new port) within ``CONTROL_IDLE_S`` of its last control
+    connection: kept, that connection answered the first request of the next upload with
+    UNAVAILABLE, a failure in its breaker."""
+
+    async def scenario() -> None:
+        async with Node(_config()) as a:
+            b = Node(_config())
+            await b.start()
+            identity = b.identity
+            try:
+                a.directory.learn(b.own_record())
+                data = await a.pool.connection(b.peer_id)
+                data.num_uploads += 1
+                await a._transport.find_node(b.peer_id, b"t" * 32)
+                data.num_uploads -= 1
+                old = a.control_pool.get(b.peer_id)
+                assert old is not None
+            finally:
+                await b.stop()
+            async with Node(_config(), identity=identity) as b2:
+                a.directory.learn(b2.own_record())
+                await a.pool.drop(b2.peer_id)
+                data = await a.pool.connection(b2.peer_id)
+                data.num_uploads += 1
+                try:
+                    await a._transport.find_node(b2.peer_id, b"t" * 32)  # (the old code: failed)
+                    control = a.control_pool.get(b2.peer_id)
+                    assert control is not None
+                    assert control is not old
+                    assert control.target.address == data.target.address
+                    assert a.control_pool.breakers[b2.peer_id].num_consecutive_failures == 0
+                finally:
+                    data.num_uploads -= 1
 
     asyncio.run(asyncio.wait_for(scenario(), timeout=60))
 

@@ -209,33 +209,208 @@ def test_a_control_connection_is_dialled_within_the_request_s_own_deadline() -> 
         control.connection = dial  # type: ignore[method-assign]
         assert await _store(transport)
         assert await _store(transport)
-        # (the first dialled, then each request looks up the open connection under its own)
+        # (the first dialled, then each request looks up the open connection under its own;
+        # the dial gets twice the request's deadline, its handshake queued behind the upload)
         rpc_s = CONFIG.dht.rpc_timeout_s
-        assert dials == [rpc_s, rpc_s, rpc_s]  # (the old code: connect_timeout_s first)
+        assert dials == [min(CONFIG.connect_timeout_s, 2 * rpc_s), rpc_s, rpc_s]
 
     asyncio.run(scenario())
 
 
-def test_failed_dials_of_a_control_connection_open_its_breaker() -> None:
-    # (outside the breaker, a frozen peer was dialled afresh by every request, never refused)
+def test_a_control_connection_to_a_peer_reported_gone_is_dialled_within_the_deadline() -> None:
     async def scenario() -> None:
-        transport, data, control, _ = _transport(FakeClock())
+        transport, data, control, _ = _transport(FakeClock(), gone={PEER})
         connection, _ = _connect(data)
         connection.num_uploads = 1
         dials: list[float | None] = []
 
         async def dial(peer_id: str, timeout_s: float | None = None) -> PeerConnection:
             dials.append(timeout_s)
-            raise DeadlineExceededError("connecting ran past its deadline")
+            opened = control.get(peer_id)
+            return opened if opened is not None else _connect(control)[0]
+
+        control.connection = dial  # type: ignore[method-assign]
+        assert await _store(transport)
+        assert dials[0] == CONFIG.dht.rpc_timeout_s
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("failure", "gone"),
+    [
+        (PeerUnavailableError("connection refused"), False),
+        (DeadlineExceededError("connecting ran past its deadline"), True),
+    ],
+    ids=["refused", "timed-out-peer-reported-gone"],
+)
+def test_failed_dials_of_a_control_connection_open_its_breaker(
+    failure: Exception, gone: bool
+) -> None:
+    # (outside the breaker, a frozen peer was dialled afresh by every request, never refused)
+    async def scenario() -> None:
+        transport, data, control, _ = _transport(FakeClock(), gone={PEER} if gone else set())
+        connection, _ = _connect(data)
+        connection.num_uploads = 1
+        dials: list[float | None] = []
+
+        async def dial(peer_id: str, timeout_s: float | None = None) -> PeerConnection:
+            dials.append(timeout_s)
+            raise failure
 
         control.connection = dial  # type: ignore[method-assign]
         for _ in range(CONFIG.breaker.failure_threshold):
-            with pytest.raises(DeadlineExceededError):
+            with pytest.raises(type(failure)):
                 await _store(transport)
         with pytest.raises(PeerUnavailableError, match="circuit open"):
             await _store(transport)
         assert len(dials) == CONFIG.breaker.failure_threshold
         assert data.breakers[PEER].state == "closed"  # (bulk sends to the peer unaffected)
+
+    asyncio.run(scenario())
+
+
+def test_dials_that_time_out_behind_the_upload_do_not_open_the_breaker() -> None:
+    # (the handshake queues behind the upload as the requests do: that says nothing of the peer)
+    async def scenario() -> None:
+        transport, data, control, _ = _transport(FakeClock())
+        connection, _ = _connect(data)
+        connection.num_uploads = 1
+
+        async def dial(peer_id: str, timeout_s: float | None = None) -> PeerConnection:
+            raise DeadlineExceededError("connecting ran past its deadline")
+
+        control.connection = dial  # type: ignore[method-assign]
+        for _ in range(2 * CONFIG.breaker.failure_threshold):
+            with pytest.raises(DeadlineExceededError):
+                await _store(transport)
+        assert control.breakers[PEER].num_consecutive_failures == 0
+
+    asyncio.run(scenario())
+
+
+class _SlowDials:
+    """Dials of the control pool that wait for :attr:`release`, then fail with ``failure``."""
+
+    def __init__(self, control: ConnectionPool, failure: Exception) -> None:
+        self.release = asyncio.Event()
+        self.dialling = asyncio.Event()
+        self.num_dials = 0
+        self.num_waiting = 0
+        self._failure = failure
+        control.dial = self.dial  # type: ignore[method-assign]
+
+    async def dial(self, target: DialTarget, **kwargs: Any) -> PeerConnection:
+        self.num_dials += 1
+        self.dialling.set()
+        await self.release.wait()
+        raise self._failure
+
+
+@pytest.mark.parametrize("gone", [False, True], ids=["live", "reported-gone"])
+def test_requests_waiting_on_one_slow_dial_count_one_failure(gone: bool) -> None:
+    # Five concurrent FindNodes behind one slow dial to a live peer counted five failures and
+    # opened the breaker: its requests were refused for seconds. Now the one that dialled
+    # counts it (only if the link does not explain a timeout); the others wait and count none.
+    async def scenario() -> None:
+        transport, data, control, _ = _transport(FakeClock(), gone={PEER} if gone else set())
+        connection, _ = _connect(data)
+        connection.num_uploads = 1
+        dials = _SlowDials(control, PeerUnavailableError("connection refused"))
+        requests = [
+            asyncio.create_task(transport.find_node(PEER, b"t" * 32))
+            for _ in range(CONFIG.breaker.failure_threshold)
+        ]
+        async with asyncio.timeout(5.0):
+            await dials.dialling.wait()
+        for _ in range(10):  # (the others, started with it, reach their wait for the dial)
+            await asyncio.sleep(0)
+        dials.release.set()
+        results = await asyncio.gather(*requests, return_exceptions=True)
+        assert all(isinstance(r, PeerUnavailableError) for r in results), results
+        assert dials.num_dials == 1  # (the old code: each waiter dialled again)
+        breaker = control.breakers[PEER]
+        assert breaker.num_consecutive_failures == 1  # (the old code: 5, and open)
+        assert breaker.state == "closed"
+
+    asyncio.run(scenario())
+
+
+def test_requests_waiting_on_one_slow_dial_that_times_out_behind_the_upload_count_none() -> None:
+    async def scenario() -> None:
+        transport, data, control, _ = _transport(FakeClock())
+        connection, _ = _connect(data)
+        connection.num_uploads = 1
+        dials = _SlowDials(control, DeadlineExceededError("connecting ran past its deadline"))
+        requests = [
+            asyncio.create_task(transport.find_node(PEER, b"t" * 32))
+            for _ in range(CONFIG.breaker.failure_threshold)
+        ]
+        async with asyncio.timeout(5.0):
+            await dials.dialling.wait()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        dials.release.set()
+        results = await asyncio.gather(*requests, return_exceptions=True)
+        assert all(isinstance(r, DeadlineExceededError) for r in results), results
+        assert control.breakers[PEER].num_consecutive_failures == 0
+        assert control.breakers[PEER].state == "closed"
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("restart", ["new-port", "same-port"])
+def test_a_control_connection_left_from_before_a_redial_of_the_data_one_is_dialled_afresh(
+    restart: str,
+) -> None:
+    # (kept, it reached the peer's old incarnation: the first request of the new one's upload
+    # failed UNAVAILABLE and counted a breaker failure, for up to CONTROL_IDLE_S)
+    async def scenario() -> None:
+        clock = FakeClock()
+        transport, data, control, _ = _transport(clock)
+        old_data, _ = _connect(data)
+        old_control, on_old = _connect(control)
+        clock.advance(10.0)
+        address = "127.0.0.1:10" if restart == "new-port" else old_data.target.address
+        new_data = PeerConnection(
+            peer_id=PEER,
+            target=DialTarget(address, "direct"),
+            channel=old_data.channel,
+            metadata=(),
+            opened_at_s=clock.monotonic(),
+        )
+        data._connections[PEER] = new_data
+        new_data.num_uploads = 1
+        dialled: list[str] = []
+
+        async def dial(target: DialTarget, **kwargs: Any) -> PeerConnection:
+            dialled.append(target.address)
+            return _connect(control)[0]
+
+        control.dial = dial  # type: ignore[method-assign]
+        await transport.find_node(PEER, b"t" * 32)
+        assert on_old.closed
+        assert on_old.methods == []  # (the old code: the request went on it)
+        assert dialled == [address]
+        assert control.get(PEER) is not old_control
+        assert control.breakers[PEER].num_consecutive_failures == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_control_connection_beside_its_data_connection_is_kept() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        transport, data, control, _ = _transport(clock)
+        connection, _ = _connect(data)
+        clock.advance(1.0)
+        kept, on_control = _connect(control)
+        connection.num_uploads = 1
+        clock.advance(10.0)
+        await transport.find_node(PEER, b"t" * 32)
+        assert control.get(PEER) is kept
+        assert not on_control.closed
+        assert on_control.methods == [DHT_METHODS["FindNode"]]
 
     asyncio.run(scenario())
 

@@ -17,11 +17,18 @@ connections); the DHT's calls on its control connection are counted with the nod
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
 from gossamer.core.clock import Clock
-from gossamer.core.errors import DeadlineExceededError, RetryableError
+from gossamer.core.errors import (
+    DeadlineExceededError,
+    GossamerError,
+    PeerUnavailableError,
+    RetryableError,
+)
+from gossamer.net.circuit_breaker import CircuitBreaker
 from gossamer.net.config import NodeConfig
 from gossamer.net.connections import ConnectionPool, DialTarget
 from gossamer.net.counters import NetCounters
@@ -147,8 +154,17 @@ class DhtControlConnections:
     counted, the timeouts of FindNodes behind a thin link's queue opened it, and small Stores
     to a live peer were refused. Unless the failure detector reports the peer gone: its
     heartbeats, on their own connection beside the same upload, went unanswered, so the link
-    does not explain it. A dial that fails is counted (see :meth:`ready`): that, and the
-    detector, is how a frozen peer is given up.
+    does not explain it. A dial is counted once (see :meth:`ready`): refused or broken as a
+    failure, out of time only where the link does not explain it.
+
+    How long a frozen peer gets: watched, the detector reports it gone ``heartbeat.timeout_s``
+    (2.5 s) after its last answer; the control connection's timeouts and dials count from
+    then, and after five of them the breaker refuses the rest (on 2 Mbit/s lab links, 16 s
+    after the freeze). Not watched, nothing tells the link from the peer while the upload
+    lasts: a request on the open control connection times out uncounted, the connection is
+    closed once it showed no life for ``keepalive_interval_s + keepalive_timeout_s`` (15 s),
+    and each request then takes its dial budget (:meth:`dial_budget_s`), uncounted too,
+    until the upload fails or ends; the next five requests count, and the rest are refused.
 
     Args:
         identity, config, clock, own_record: as the node's :class:`ConnectionPool` takes them.
@@ -185,6 +201,10 @@ class DhtControlConnections:
         )
         self._chosen_s: dict[str, float] = {}
         """Per peer: when a request last chose its control connection (monotonic)."""
+        self._connect_timeout_s = config.connect_timeout_s
+        self._dials: dict[str, asyncio.Future[GossamerError | None]] = {}
+        """Per peer: the dial under way in :meth:`ready`, done with its error (None: dialled
+        or cancelled), for the requests that wait for it."""
 
     def targets(self, peer_id: str) -> list[DialTarget]:
         """Where the control connection dials: where the direct data connection went, only."""
@@ -201,33 +221,134 @@ class DhtControlConnections:
         """Note that a request goes on ``peer_id``'s control connection now."""
         self._chosen_s[peer_id] = self.pool.clock.monotonic()
 
-    async def ready(self, peer_id: str, timeout_s: float) -> None:
-        """Dial ``peer_id``'s control connection, if none is open, within ``timeout_s`` (the
-        request's own deadline), through the pool's breaker: a failed dial counts there.
+    def dial_budget_s(self, peer_id: str, timeout_s: float) -> float:
+        """How long a control connection's dial for a request of ``timeout_s`` may take.
 
-        The request then gets its own full ``timeout_s``: a request that dials takes twice its
-        deadline at most. The handshake's round trips wait in the same full link queue as the
-        request (at 2 Mbit/s the lab's holds 200 ms): within one shared 2 s deadline the dial
-        and the request together came within a few tenths of it. Under the node's connect
-        deadline instead (5 s) and outside the breaker, every request to a frozen peer took
-        5 s and none was ever refused; now each takes the request's deadline, and once the
-        breaker opens they are refused at once.
+        While the link explains timeouts (:meth:`link_explains_timeouts`): twice the request's
+        deadline, at most the node's ``connect_timeout_s`` (and never less than the deadline).
+        The handshake's round trips (TCP, the certificate probe, TLS, hello and proof) each wait
+        in the same queue behind the upload as the request: behind a 1 s queue the dial took
+        2.8-3.0 s, past a 2 s request's own deadline, and the first request of every upload
+        failed while the peer was live. Otherwise the request's own deadline: a peer reported
+        gone is given up at the request's pace.
+        """
+        if not self.link_explains_timeouts(peer_id):
+            return timeout_s
+        return max(timeout_s, min(self._connect_timeout_s, 2.0 * timeout_s))
+
+    async def ready(self, peer_id: str, timeout_s: float) -> None:
+        """Dial ``peer_id``'s control connection, if none is open, within
+        :meth:`dial_budget_s` and through the pool's breaker.
+
+        One dial per peer at a time, counted once, in the request that dialled: requests that
+        come while it runs wait for it (within the same budget) and count nothing. Counted by
+        each, five FindNodes waiting on one slow dial to a live peer opened the breaker, and
+        the peer's DHT requests were refused for up to 7 s. A dial that runs out of time while
+        the link explains it counts neither way, as a call's timeout does (see the class
+        docstring); a dial refused or broken counts as a failure. A control connection left
+        from before the data connection was dialled afresh (:meth:`_drop_stale`) is closed
+        first.
+
+        The request then gets its own full ``timeout_s``. Under the node's connect deadline
+        and outside the breaker, every request to a frozen peer took 5 s and none was ever
+        refused; now, once the detector reports it gone, each takes the request's deadline,
+        and once the breaker opens they are refused at once.
 
         Raises:
             GossamerError: the dial failed, or the breaker refused it.
         """
+        await self._drop_stale(peer_id)
         if self.pool.get(peer_id) is not None:
+            return
+        budget_s = self.dial_budget_s(peer_id, timeout_s)
+        pending = self._dials.get(peer_id)
+        if pending is not None:
+            await self._wait_for_dial(peer_id, pending, budget_s)
             return
         breaker = self.pool.breakers[peer_id]
         trial = breaker.before_call()
+        done: asyncio.Future[GossamerError | None] = asyncio.get_running_loop().create_future()
+        self._dials[peer_id] = done
+        error: GossamerError | None = None
         try:
-            await self.pool.connection(peer_id, timeout_s=timeout_s)
-        except RetryableError:
-            breaker.failed()
+            await self.pool.connection(peer_id, timeout_s=budget_s)
+        except RetryableError as exc:
+            error = exc
+            self._count_failed_dial(breaker, peer_id, exc)
+            raise
+        except GossamerError as exc:
+            error = exc
             raise
         finally:
             if trial:
                 breaker.settled()
+            del self._dials[peer_id]
+            done.set_result(error)
+
+    async def _wait_for_dial(
+        self, peer_id: str, pending: asyncio.Future[GossamerError | None], budget_s: float
+    ) -> None:
+        """Wait for another request's dial of ``peer_id`` within ``budget_s``; its outcome is
+        counted by that request, not here."""
+        try:
+            async with asyncio.timeout(budget_s):
+                error = await asyncio.shield(pending)
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"connecting to {short_peer_id(peer_id)}: another request's dial of its control "
+                f"connection took the whole {budget_s:.1f} s"
+            ) from None
+        if self.pool.get(peer_id) is not None:
+            return
+        reason = (
+            f"connecting to {short_peer_id(peer_id)} failed in another request: "
+            f"{error or 'that request ended first'}"
+        )
+        if isinstance(error, DeadlineExceededError):
+            raise DeadlineExceededError(reason)
+        raise PeerUnavailableError(reason)
+
+    def _count_failed_dial(
+        self, breaker: CircuitBreaker, peer_id: str, error: RetryableError
+    ) -> None:
+        """Count a failed dial in the breaker, unless it ran out of time while the link
+        explains it (its handshake queued behind the upload: that says nothing of the peer)."""
+        if isinstance(error, DeadlineExceededError) and self.link_explains_timeouts(peer_id):
+            _log.debug(
+                "peer %s: dial of a control connection to %s ran out of time behind a bulk "
+                "upload: not counted in its circuit breaker",
+                self._own,
+                short_peer_id(peer_id),
+            )
+            return
+        breaker.failed()
+
+    async def _drop_stale(self, peer_id: str) -> None:
+        """Close ``peer_id``'s control connection if it is not beside the current data
+        connection: that one went elsewhere (the peer restarted on a new port) or was dialled
+        after it (the peer restarted on the same port; the old connection may point at a
+        process that is gone). Kept, it answered the first requests of the new incarnation's
+        upload with UNAVAILABLE, a breaker failure each, for up to :data:`CONTROL_IDLE_S`."""
+        control = self.pool.get(peer_id)
+        if control is None:
+            return
+        data = self._data.get(peer_id)
+        if (
+            data is not None
+            and (data.target.address, data.target.kind)
+            == (control.target.address, control.target.kind)
+            and data.opened_at_s <= control.opened_at_s
+        ):
+            return
+        _log.debug(
+            "peer %s: control connection to %s at %s is not beside its data connection "
+            "(now %s): closed, dialled afresh",
+            self._own,
+            short_peer_id(peer_id),
+            control.target.address,
+            data.target.address if data is not None else "none",
+        )
+        await self.pool.drop(peer_id, control)
 
     async def close_idle(self) -> None:
         """Close the control connections no request chose for ``idle_s`` (a request runs for
