@@ -306,10 +306,16 @@ def test_a_peer_waits_for_undecided_members_as_long_as_their_round_may_run(
     # On fast links, the floor: not the cap (a member alive but silent held it 15 minutes).
     fast = {"a": _entry(100 * MBIT_S), "b": _entry(100 * MBIT_S)}
     assert _undecided_for_s(monkeypatch, averager, fast) == pytest.approx(0.5 + 60.0 + 10.0)
-    # A member of another group (or one that lied) slower than this peer's own group: its
-    # figure counts, unclamped by anyone's median; the cap holds.
+    # A member that lies low: clamped as its group clamps it (a hundredth of the median),
+    # not taken as it says (that gave 910.5 s on a round whose group had 351.8 s).
     liar = {"a": _entry(100 * MBIT_S), "b": _entry(1e-9), "c": _entry(100 * MBIT_S)}
-    assert _undecided_for_s(monkeypatch, averager, liar) == pytest.approx(0.5 + 900.0 + 10.0)
+    expected_liar = 2 * 2 * (2 / 3) * 16e6 / MBIT_S
+    assert _undecided_for_s(monkeypatch, averager, liar) == pytest.approx(
+        0.5 + expected_liar + 10.0
+    )
+    # In a group of two, the liar is the median itself: the cap holds.
+    pair = {"a": _entry(100 * MBIT_S), "b": _entry(1e-9)}
+    assert _undecided_for_s(monkeypatch, averager, pair) == pytest.approx(0.5 + 900.0 + 10.0)
     # Groups of at most max_group_size: 2(N-1)/N of the largest.
     many = {p: _entry(5 * MBIT_S) for p in "abcdefghij"}
     grouped = _averager("a", max_group_size=4)
@@ -323,3 +329,179 @@ def test_a_peer_waits_for_undecided_members_as_long_as_their_round_may_run(
 def test_what_waits_for_a_round_it_does_not_know_waits_for_the_cap() -> None:
     config = SwarmAveragerConfig(run_id="r", backend="p2p", max_round_timeout_s=600.0)
     assert config.averaging_bound_s == pytest.approx(0.5 + 600.0 + 10.0)
+
+
+def test_the_wait_on_a_round_s_fate_is_the_deadline_its_groups_computed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # round_fate's bound took the lowest figure of any member unclamped: one member publishing
+    # 1 B/s on fast links made peers wait 910.5 s on a round whose group's deadline was 214 s.
+    tensors = [torch.zeros(2_506_560)]  # (a 10 MB fp32 model, as in the lab)
+    cases: list[dict[str, dict[str, Any]]] = [
+        {"a": _entry(12.5e6), "b": _entry(12.5e6), "c": _entry(1.0)},
+        {"a": _entry(250e3), "b": _entry(250e3), "c": _entry(1e300)},
+        {"a": _entry(250e3), "b": _entry(1e300), "c": _entry(1e300)},
+        {"a": _entry(12.5e6, bwm=0), "b": _entry(12.5e6, bwm=3), "c": _entry(12.5e6, bwm=0)},
+    ]
+    for records in cases:
+        averager = _averager("a")
+        group_s, _ = _timeouts_given_to_the_all_reduce(
+            monkeypatch, averager, _views(records)["a"], tensors
+        )
+        assert _undecided_for_s(monkeypatch, averager, records) == pytest.approx(
+            0.5 + group_s + 10.0
+        )
+    assert formation.lowest_figure_of_any_group([_entry(12.5e6), _entry(12.5e6), _entry(1.0)]) == (
+        pytest.approx(12.5e6 / 100)
+    )
+
+
+def test_an_unmeasured_member_counts_at_1_mbit_s_for_the_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 3 new peers on 2 Mbit/s links, a 10 MB model: each published the meter's start figure
+    # (100 Mbit/s), the first round was cut at the 60 s floor (its ring bound is 53.5 s) and
+    # the swarm splintered. Unmeasured (bwm 0) they count at 1 Mbit/s: 213.9 s, on every member.
+    tensors = [torch.zeros(2_506_560)]
+    nbytes = 4 * 2_506_560
+    new = {p: _entry(12.5e6, bwm=0) for p in "abc"}
+    timeouts = {
+        me: _timeouts_given_to_the_all_reduce(monkeypatch, _averager(me), round_, tensors)[0]
+        for me, round_ in _views(new).items()
+    }
+    [timeout_s] = set(timeouts.values())  # (every member alike)
+    assert timeout_s == pytest.approx(2 * 2 * (2 / 3) * nbytes / MBIT_S)
+    # One unmeasured member among measured fast ones: still its 1 Mbit/s.
+    mixed = {"a": _entry(12.5e6, bwm=5), "b": _entry(12.5e6, bwm=0), "c": _entry(12.5e6, bwm=2)}
+    timeout_s, _ = _timeouts_given_to_the_all_reduce(
+        monkeypatch, _averager("a"), _views(mixed)["a"], tensors
+    )
+    assert timeout_s == pytest.approx(2 * 2 * (2 / 3) * nbytes / MBIT_S)
+    # The part weights keep the published figures (equal here).
+    assert _views(mixed)["a"].part_weights == [12.5e6] * 3
+    # Measured, or from a peer before the field (no bwm; malformed counts as that): as before.
+    for fields in ({"bwm": 4}, {}, {"bwm": "x"}, {"bwm": None}, {"bwm": math.nan}):
+        old = {p: _entry(12.5e6, **fields) for p in "abc"}
+        timeout_s, _ = _timeouts_given_to_the_all_reduce(
+            monkeypatch, _averager("a"), _views(old)["a"], tensors
+        )
+        assert timeout_s == 60.0
+    # A start figure set below 1 Mbit/s is taken as it is.
+    low = {p: _entry(0.5 * MBIT_S, bwm=0) for p in "ab"}
+    timeout_s, _ = _timeouts_given_to_the_all_reduce(
+        monkeypatch, _averager("a"), _views(low)["a"], tensors
+    )
+    assert timeout_s == pytest.approx(2 * 2 * (1 / 2) * nbytes / (0.5 * MBIT_S))
+
+
+def test_a_round_entry_says_how_many_measurements_its_figure_has() -> None:
+    averager = _averager("a")
+    stored: list[dict[str, Any]] = []
+
+    async def put(key: bytes, value: bytes, ttl_s: float, **kwargs: Any) -> bool:
+        stored.append(json.loads(value))
+        raise RuntimeError("stop here")
+
+    async def lookup(key: bytes) -> list[Any]:
+        return []
+
+    async def no_correction(node: Any) -> float:
+        return 0.0
+
+    node: Any = averager.node_thread.node
+    node.dht = SimpleNamespace(put=put, lookup=lookup)
+    averager._clock_correction_s = no_correction  # type: ignore[method-assign]
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="stop here"):
+            asyncio.run(averager._form_group(node, "r/outer/0"))
+        averager.meter.observe(250e3)
+    assert [e["bwm"] for e in stored] == [0, 1]
+    assert [e["bw"] for e in stored] == [12.5e6, 250e3]
+
+
+def _torch_entry(bw: float, bwm: int, host: str) -> dict[str, Any]:
+    return _entry(bw, bwm=bwm, tcp=f"{host}:29500", pg="", dev="cpu", bk="auto", lay="L")
+
+
+def _backend_of_the_round(
+    monkeypatch: pytest.MonkeyPatch, records: dict[str, dict[str, Any]], tensors: list[Any]
+) -> tuple[str, float]:
+    """(the backend member "a" averaged round outer/3 over, its all-reduce's deadline or the
+    torch timeout), for a peer on backend auto that may open torch.distributed groups."""
+    # (no store: a unit test opens no socket, and the torch round itself is a fake)
+    monkeypatch.setattr(SwarmAverager, "_open_torch_store", lambda self: None)
+    averager = SwarmAverager(
+        FakeNodeThread("a"),  # type: ignore[arg-type]
+        SwarmAveragerConfig(run_id="r", backend="auto"),
+    )
+    averager._torch = SimpleNamespace(  # type: ignore[assignment]
+        group_hash=None, members=(), rank=0
+    )
+    given: list[tuple[str, float]] = []
+
+    async def torch_round(node: Any, plan: Any, tensors: list[torch.Tensor], *a: Any) -> Any:
+        given.append(("torch", averager._torch_timeout_s))
+        report = AllReduceReport(round_id="00", peer_id="a", members=plan.members, codec="none")
+        return SimpleNamespace(tensors=[t.clone() for t in tensors], report=report)
+
+    monkeypatch.setattr(averager, "_torch_round", torch_round)
+    monkeypatch.setattr(averager_module, "decline_round", lambda *a, **k: None)
+    try:
+        timeout_s, _ = _timeouts_given_to_the_all_reduce(
+            monkeypatch, averager, _views(records)["a"], tensors
+        )
+    except ValueError:  # (no all-reduce: the torch round did it)
+        [(backend, timeout_s)] = given
+        return backend, timeout_s
+    assert not given
+    return "p2p", timeout_s
+
+
+def test_a_round_whose_deadline_is_past_the_floor_goes_over_p2p_not_torch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Backend auto, codec none, private addresses: torch.distributed first, its timeout half
+    # the floor (30 s) whatever the links; 3 new peers on 2 Mbit/s with a 10 MB model all
+    # gave up at 60 s and averaged nothing, round after round (torch measures no link).
+    tensors = [torch.zeros(2_506_560)]
+    hosts = {"a": "10.0.0.1", "b": "10.0.0.2", "c": "10.0.0.3"}
+    new = {p: _torch_entry(12.5e6, 0, h) for p, h in hosts.items()}
+    backend, timeout_s = _backend_of_the_round(monkeypatch, new, tensors)
+    assert backend == "p2p"
+    assert timeout_s == pytest.approx(2 * 2 * (2 / 3) * 4 * 2_506_560 / MBIT_S)
+    # Measured thin links: p2p with their deadline.
+    thin = {p: _torch_entry(250e3, 3, h) for p, h in hosts.items()}
+    assert _backend_of_the_round(monkeypatch, thin, tensors) == ("p2p", pytest.approx(106.95, 0.01))
+    # Measured fast links (after p2p rounds measured them): back to torch.
+    fast = {p: _torch_entry(12.5e6, 3, h) for p, h in hosts.items()}
+    assert _backend_of_the_round(monkeypatch, fast, tensors) == ("torch", 30.0)
+    # A small model is within the floor even unmeasured: torch from the first round.
+    assert _backend_of_the_round(monkeypatch, new, [torch.zeros(1000)]) == ("torch", 30.0)
+
+
+def test_round_entries_live_as_long_as_the_recent_rounds_need(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Sized by the 900 s cap (1091 s), a peer's entries and closes of fast rounds (one every
+    # 0.2 s) piled up past max_records_per_publisher (10,000) and replicas refused its stores.
+    averager = _averager("a")
+    config = averager.config
+    assert averager._entry_ttl_s() == config.entry_ttl_s  # (nothing known yet: the cap)
+    assert config.entry_ttl_s >= config.formation_bound_s + config.max_round_timeout_s
+    tensors = [torch.zeros(MODEL_VALUES)]
+    fast = {"a": _entry(100 * MBIT_S), "b": _entry(100 * MBIT_S)}
+    _timeouts_given_to_the_all_reduce(monkeypatch, averager, _views(fast)["a"], tensors)
+    assert averager._entry_ttl_s() == 300.0  # (the floor, as before the deadline followed links)
+    thin = {"a": _entry(1 * MBIT_S), "b": _entry(1 * MBIT_S)}
+    _timeouts_given_to_the_all_reduce(monkeypatch, averager, _views(thin)["a"], tensors)
+    assert averager._entry_ttl_s() == pytest.approx(config.formation_bound_s + 0.5 + 256 + 10 + 60)
+    # The longest of the recent rounds counts, until it is no longer recent.
+    for _ in range(15):
+        _timeouts_given_to_the_all_reduce(monkeypatch, averager, _views(fast)["a"], tensors)
+    assert averager._entry_ttl_s() > 300.0
+    _timeouts_given_to_the_all_reduce(monkeypatch, averager, _views(fast)["a"], tensors)
+    assert averager._entry_ttl_s() == 300.0
+    # A deadline read from another round's entries (waiting on its fate) counts too.
+    averager._wire_nbytes = 4 * MODEL_VALUES
+    _undecided_for_s(monkeypatch, averager, thin)
+    assert averager._entry_ttl_s() > 300.0

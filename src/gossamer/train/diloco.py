@@ -526,10 +526,11 @@ class DiLoCoStrategy(DiLoCoOuterStep):
 
         Checkpointed in flight, the round was lost: the resumed peer came back onto the old
         global weights (its H steps gone) although it was paused, not killed. The wait is the
-        one a boundary makes, bounded by the averager's round timeout; a round that left this
-        peer out lands as one that did at a step end. A round still forming is not waited
-        for (that waits on the slowest peer's steps): the checkpoint records it, and the
-        resumed peer begins it again.
+        one a boundary makes, bounded by the round's own deadline, which follows its members'
+        links (between ``swarm.round_timeout_s`` and ``swarm.max_round_timeout_s``: minutes on
+        thin links); a round that left this peer out lands as one that did at a step end. A
+        round still forming is not waited for (that waits on the slowest peer's steps): the
+        checkpoint records it, and the resumed peer begins it again.
 
         Args:
             model: the model being trained.

@@ -56,6 +56,7 @@ import math
 import secrets
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -65,6 +66,7 @@ from torch._C._distributed_c10d import Store
 from gossamer.comm.allreduce import AllReduceConfig, all_reduce, decline_round
 from gossamer.comm.bandwidth import BandwidthMeter
 from gossamer.comm.codecs import CodecPolicy, ErrorFeedback
+from gossamer.comm.groups import split_into_groups
 from gossamer.comm.net_transport import NetCommTransport
 from gossamer.comm.plan import round_key_tag
 from gossamer.comm.report import AllReduceReport
@@ -88,6 +90,7 @@ from gossamer.train.swarm_round_formation import (
     NUDGE_TOPIC,
     _RoundFormation,
     buffer_wire_nbytes,
+    deadline_bytes_per_s,
     lowest_figure_of_any_group,
     round_deadline_s,
 )
@@ -122,6 +125,10 @@ class RoundFate:
     :meth:`SwarmAverager._averaging_bound_of_s`; 0 when none is)."""
     newest_version: int | None = None
     """The newest state version the run's other active peers published (None: unknown)."""
+
+
+_NUM_RECENT_DEADLINES = 16
+"""How many recent rounds' deadlines size this peer's round entries' lifetime."""
 
 
 def _send_timeout_s(round_timeout_s: float) -> float:
@@ -170,6 +177,9 @@ class SwarmAverager(_RoundFormation, _TorchRounds):
         its members' links (see :meth:`_round_configs`)."""
         self._deadline_cap_warned = False
         """Whether a round's links needed more than ``max_round_timeout_s`` (said once)."""
+        self._recent_deadlines_s: deque[float] = deque(maxlen=_NUM_RECENT_DEADLINES)
+        """The deadlines of this peer's recent rounds, as it computed them for its own groups
+        or read them from others' entries (see :meth:`_entry_ttl_s`)."""
         self._wire_nbytes: int | None = None
         """The bytes this peer's buffer takes on the wire, as its last round found (None
         before the first): every member of the run averages the same tensors."""
@@ -329,6 +339,9 @@ class SwarmAverager(_RoundFormation, _TorchRounds):
         wall_offset_s = time.time() - started
         marks: dict[str, float] = {}
         """Monotonic times the work reached on the node's loop: began, formed (the group)."""
+        # A backstop, not the round's deadline: the all-reduce ends at its own deadline (see
+        # _round_configs), a torch attempt at twice its timeout; this only catches the node's
+        # work hung past all of them, so it counts each at its longest.
         deadline_s = (
             self.config.formation_bound_s  # (a clock tolerance over the join window included)
             + self.config.max_round_timeout_s  # (the round's own deadline is not known yet)
@@ -371,7 +384,7 @@ class SwarmAverager(_RoundFormation, _TorchRounds):
             round_config, rerun_config = self._round_configs(node, key, wire_nbytes, round_)
             result = None
             backend = "torch"
-            plan = self._torch_plan(node, key, round_)
+            plan = self._torch_plan(node, key, round_, round_config.timeout_s)
             if plan is not None:  # (its p2p re-run has a key of its own)
                 presence = _TorchPresence(self._mailbox, _torch_round_id(key, plan))
                 presence.open(plan.members, node.peer_id, self._torch_timeout_s)
@@ -473,9 +486,10 @@ class SwarmAverager(_RoundFormation, _TorchRounds):
 
         Computed from what formation fixed with the members and their part weights, the same
         on every member: the group, and the slowest member's figure of the same round entries
-        (``round_.send_rates``, clamped against the others' there). A round whose links need
+        (:func:`deadline_bytes_per_s`: clamped against the others', and a member that measured
+        nothing yet counted at a low figure, not the meter's start value). A round whose links need
         more than ``max_round_timeout_s`` is cut there, with a warning once per run."""
-        lowest = round_.send_rates.estimate_bytes_per_s if round_.send_rates else math.nan
+        lowest = deadline_bytes_per_s([round_.entries.get(p, {}) for p in round_.members])
         timeout_s, needed_s = round_deadline_s(
             num_members=len(round_.members),
             wire_nbytes=wire_nbytes,
@@ -499,6 +513,7 @@ class SwarmAverager(_RoundFormation, _TorchRounds):
                 self.config.max_round_timeout_s,
                 math.ceil(needed_s),
             )
+        self._recent_deadlines_s.append(timeout_s)
         round_config = replace(
             self._allreduce_config, timeout_s=timeout_s, send_timeout_s=_send_timeout_s(timeout_s)
         )
@@ -511,23 +526,28 @@ class SwarmAverager(_RoundFormation, _TorchRounds):
         # dropped at once by the failure detector, and no round waits past its deadline).
         return round_config, replace(round_config, send_timeout_s=timeout_s)
 
-    def _averaging_bound_of_s(self, entries: list[dict[str, Any]]) -> float:
-        """How long after its close any member of a round of ``entries`` may still average:
-        :meth:`SwarmAveragerConfig.averaging_bound_within_s` of a deadline no group of them
-        exceeds (the largest group, at a figure none agrees below:
-        :func:`lowest_figure_of_any_group`), or of ``max_round_timeout_s`` before this peer
-        knows its buffer's size. A member that fails late fails within it, so the others
-        wait for its word that long, and no longer."""
+    def _averaging_bound_of_s(self, key: str, entries: dict[str, dict[str, Any]]) -> float:
+        """How long after its close any member of round ``key`` of members with ``entries``
+        may still average: :meth:`SwarmAveragerConfig.averaging_bound_within_s` of the longest
+        deadline of its groups, each computed as its members compute it (the groups as
+        formation splits them, each at :func:`lowest_figure_of_any_group` of its entries), or
+        of ``max_round_timeout_s`` before this peer knows its buffer's size. A member that
+        fails late fails within it, so the others wait for its word that long, and no
+        longer."""
         if self._wire_nbytes is None or not entries:
             return self.config.averaging_bound_s
-        deadline_s, _ = round_deadline_s(
-            num_members=min(len(entries), self.config.max_group_size),
-            wire_nbytes=self._wire_nbytes,
-            lowest_bytes_per_s=lowest_figure_of_any_group(entries),
-            floor_s=self.config.round_timeout_s,
-            cap_s=self.config.max_round_timeout_s,
-        )
-        return self.config.averaging_bound_within_s(deadline_s)
+        longest_s = 0.0
+        for group in split_into_groups(key, list(entries), self.config.max_group_size):
+            deadline_s, _ = round_deadline_s(
+                num_members=len(group),
+                wire_nbytes=self._wire_nbytes,
+                lowest_bytes_per_s=lowest_figure_of_any_group([entries[p] for p in group]),
+                floor_s=self.config.round_timeout_s,
+                cap_s=self.config.max_round_timeout_s,
+            )
+            longest_s = max(longest_s, deadline_s)
+        self._recent_deadlines_s.append(longest_s)
+        return self.config.averaging_bound_within_s(longest_s)
 
     def report_failed(self, round_key: str) -> None:
         """The round ``round_key`` (as :meth:`average` names it) failed on this peer although
@@ -548,7 +568,7 @@ class SwarmAverager(_RoundFormation, _TorchRounds):
         value = json.dumps({"failed_at": self._clock.wall(), "inc": self.incarnation}).encode()
 
         async def put(node: Node) -> None:
-            await node.dht.put(_failed_key(key), value, self.config.entry_ttl_s, renew=False)
+            await node.dht.put(_failed_key(key), value, self._entry_ttl_s(), renew=False)
 
         try:
             self.node_thread.run(put, timeout_s=15)
@@ -617,7 +637,7 @@ class SwarmAverager(_RoundFormation, _TorchRounds):
             if not undecided:
                 return RoundFate(failed_everywhere=bool(members), newest_version=newest)
             now = self._clock.wall() + self._correction_s  # (the time the stamps are in)
-            bound_s = self._averaging_bound_of_s([seen.get(p, {}) for p in members])
+            bound_s = self._averaging_bound_of_s(key, {p: seen.get(p, {}) for p in members})
             return RoundFate(
                 failed_everywhere=False,
                 undecided=undecided,

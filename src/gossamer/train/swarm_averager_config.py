@@ -91,17 +91,35 @@ class SwarmAveragerConfig:
     def averaging_bound_within_s(self, round_deadline_s: float) -> float:
         """The longest a member's averaging may run on after its round closed, for a round
         whose all-reduce has ``round_deadline_s`` at most: the grace, a torch.distributed
-        attempt (up to half of ``round_timeout_s``, twice) where this peer may use one, the
-        all-reduce over p2p, and 10 s for the node's work around them."""
-        torch_s = self.round_timeout_s if self.backend != "p2p" and self.codec == "none" else 0.0
+        attempt (up to half of ``round_timeout_s``, twice) where this peer may use one and the
+        round's deadline is the floor (a longer one goes over p2p alone), the all-reduce over
+        p2p, and 10 s for the node's work around them."""
+        torch_s = (
+            self.round_timeout_s
+            if self.backend != "p2p"
+            and self.codec == "none"
+            and round_deadline_s <= self.round_timeout_s
+            else 0.0
+        )
         return self.propagation_grace_s + torch_s + round_deadline_s + 10.0
 
     @property
     def entry_ttl_s(self) -> float:
-        """How long a round's entries and closes live: past any formation of the round (with
-        the fixed 300 s before, a join window over about 300 s let the first entries expire
-        while late peers still read them, and members agreed on different lists) and past
-        any averaging of it (a round's deadline follows its members' links, up to
-        ``max_round_timeout_s``: a peer asking whether a round failed everywhere reads its
-        entries, and with them gone mid-round it waited out its whole bound)."""
-        return max(_ENTRY_TTL_S, self.formation_bound_s + self.averaging_bound_s + 60.0)
+        """How long a round's entries and closes live where no round's deadline is known yet:
+        :meth:`entry_ttl_within_s` of ``max_round_timeout_s``."""
+        return self.entry_ttl_within_s(self.max_round_timeout_s)
+
+    def entry_ttl_within_s(self, round_deadline_s: float) -> float:
+        """How long a round's entries and closes live, for a round whose all-reduce has
+        ``round_deadline_s`` at most: past any formation of the round (with the fixed 300 s
+        before, a join window over about 300 s let the first entries expire while late peers
+        still read them, and members agreed on different lists) and past any averaging of it
+        (a peer asking whether a round failed everywhere reads its entries, and with them gone
+        mid-round it waited out its whole bound), 300 s at least. The averager passes the
+        longest deadline of its recent rounds, not the cap: see
+        :meth:`SwarmAverager._entry_ttl_s
+        <gossamer.train.swarm_averager.SwarmAverager._entry_ttl_s>`."""
+        return max(
+            _ENTRY_TTL_S,
+            self.formation_bound_s + self.averaging_bound_within_s(round_deadline_s) + 60.0,
+        )

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import threading
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,9 +52,13 @@ from gossamer.train.swarm_torch_rounds import _torch_kind
 __all__ = [
     "NUDGE_TOPIC",
     "ROUND_DEADLINE_MARGIN",
+    "UNMEASURED_BYTES_PER_S",
     "buffer_wire_nbytes",
+    "deadline_bytes_per_s",
+    "deadline_figure",
     "formed_group",
     "lowest_figure_of_any_group",
+    "measured",
     "round_deadline_s",
 ]
 
@@ -86,8 +91,8 @@ def formed_group(
 ) -> _Formed:
     """The round of ``group`` as every member fixes it from the same round entries
     (``records``, in group order): the part weights and the send rates from the members'
-    figures. The round's deadline follows from the same (see :func:`round_deadline_s`: the
-    slowest member's figure is ``send_rates.estimate_bytes_per_s``)."""
+    figures. The round's deadline follows from the same entries (:func:`round_deadline_s` at
+    :func:`deadline_bytes_per_s`: an unmeasured member counts at a low figure there)."""
     estimates = [_figure(r) for r in records.values()]
     floors = [_figure(r, "bwf") for r in records.values()]
     return _Formed(
@@ -95,19 +100,63 @@ def formed_group(
     )
 
 
+UNMEASURED_BYTES_PER_S = 125_000.0
+"""The send rate (1 Mbit/s) a round's deadline counts a member at whose meter measured nothing
+yet: its published figure is the meter's start value (100 Mbit/s), not its link's. Counted at
+that, a new peer on a thin link cut the first round of a run at the floor, averaged part of the
+model, and the swarm's states drifted apart (3 peers at 2 Mbit/s with a 10 MB model: no round
+complete in 8 minutes). 1 Mbit/s is the thinnest uplink this project trains over (a home ADSL
+line's): a first round slower than that is cut, as any round at its deadline. The cost of the
+low figure is small: the deadline is a bound, not a wait, so a round over fast links still ends
+as soon as its parts are in; it only waits longer for a member that never answers, and it goes
+over p2p rather than torch.distributed (see :meth:`SwarmAverager._round_configs
+<gossamer.train.swarm_averager.SwarmAverager._round_configs>`), which measures the links for
+the next round."""
+
+
+def measured(entry: dict[str, Any]) -> bool:
+    """Whether a round entry's figure was measured: its ``bwm`` (the writer's number of
+    measurements) is missing (a peer from before the field published measured figures only as
+    far as anyone could tell: as before, its figure counts) or unreadable, or positive."""
+    count = entry.get("bwm")
+    if isinstance(count, bool) or not isinstance(count, int | float):
+        return True
+    return not count <= 0  # (NaN: unreadable, so measured)
+
+
+def deadline_figure(entry: dict[str, Any]) -> float:
+    """A member's figure as its round's deadline counts it: its published send rate, or at
+    most :data:`UNMEASURED_BYTES_PER_S` where its meter measured nothing yet (:func:`measured`).
+    The part weights and the send order keep the published figure."""
+    figure = _figure(entry)
+    if measured(entry):
+        return figure
+    usable = math.isfinite(figure) and figure > 0
+    return min(figure, UNMEASURED_BYTES_PER_S) if usable else UNMEASURED_BYTES_PER_S
+
+
+def deadline_bytes_per_s(records: Sequence[dict[str, Any]]) -> float:
+    """The send rate a group of members with round entries ``records`` sizes its deadline by
+    (:func:`round_deadline_s`): the slowest member's :func:`deadline_figure`, clamped as
+    :func:`~gossamer.comm.bandwidth.agreed_send_rates` clamps the estimates (an unreadable
+    figure counts as the median, none below a hundredth of it, so one member that publishes
+    1 B/s cannot stretch its group's round to the cap unless it is half the group); the
+    default (100 Mbit/s) where no member's figure is usable. A pure function of the entries,
+    the same on every member and on a peer asking about the round afterwards."""
+    figures = [deadline_figure(r) for r in records]
+    if not any(math.isfinite(f) and f > 0 for f in figures):
+        return DEFAULT_BYTES_PER_S
+    return min(plan_weights(figures))
+
+
 def lowest_figure_of_any_group(records: Sequence[dict[str, Any]]) -> float:
-    """A send rate at or below the one any group of these members' entries agrees on (see
-    :func:`formed_group`), so that a peer bounds the deadline of every group of a round from
-    its entries, its own group's or another's (for :meth:`SwarmAverager.round_fate
-    <gossamer.train.swarm_averager.SwarmAverager.round_fate>`): the lowest usable figure (a
-    group agrees on its lowest, clamped up towards its median), and no more than the default
-    (100 Mbit/s) where some member published none usable (a group of only such members
-    agrees on the default)."""
-    figures = [_figure(r) for r in records]
-    usable = [f for f in figures if math.isfinite(f) and f > 0]
-    if len(usable) < len(figures):  # (a group of such members alone takes the default)
-        usable.append(DEFAULT_BYTES_PER_S)
-    return min(usable, default=DEFAULT_BYTES_PER_S)
+    """The send rate a group of exactly these members' entries sizes its deadline by
+    (:func:`deadline_bytes_per_s`): clamped as the group clamps it. (It took the lowest
+    figure unclamped, so one member publishing 1 B/s made a peer wait 910 s on a round whose
+    group had a 214 s deadline.) A round split into several groups is bounded group by group
+    (:meth:`SwarmAverager._averaging_bound_of_s
+    <gossamer.train.swarm_averager.SwarmAverager._averaging_bound_of_s>`)."""
+    return deadline_bytes_per_s(records)
 
 
 def buffer_wire_nbytes(numels: Sequence[int], policy: CodecPolicy) -> int:
@@ -180,6 +229,20 @@ class _RoundFormation(_RunMembership):
     _abandoned_torch: list[threading.Thread]
     _store_address: str
     _layout: str
+    _recent_deadlines_s: deque[float]
+
+    def _entry_ttl_s(self) -> float:
+        """How long this peer's round entries and closes live: past any formation and any
+        averaging of the round (see :meth:`SwarmAveragerConfig.entry_ttl_within_s`), for a
+        deadline as long as the longest this peer computed or read in its recent rounds, or
+        the cap before it knows any. Not the cap always: with rounds fast and frequent (every
+        0.2 s), the cap's 1091 s kept so many of a peer's records alive that replicas refused
+        its stores (``max_records_per_publisher``). A round far slower than the recent ones
+        (a new member on a thin link) may outlive its entries; a peer asking about its fate
+        then finds no close and waits as for a round it knows nothing of."""
+        if not self._recent_deadlines_s:
+            return self.config.entry_ttl_s
+        return self.config.entry_ttl_within_s(max(self._recent_deadlines_s))
 
     async def _form_group(self, node: Node, key: str) -> _Formed:
         """The members of round ``key``, the run's peers that did not come, and part weights.
@@ -227,6 +290,7 @@ class _RoundFormation(_RunMembership):
             "at": stamp,
             "bw": figure,
             "bwf": self.meter.floor_bytes_per_s,
+            "bwm": self.meter.num_measurements,  # (0: "bw" is the meter's start value)
             "inc": self.incarnation,
         }
         if self.settings:
@@ -248,7 +312,7 @@ class _RoundFormation(_RunMembership):
         stored = await node.dht.put(
             entry_key,
             json.dumps(entry).encode(),
-            self.config.entry_ttl_s,
+            self._entry_ttl_s(),
             closest=replicas,
             renew=False,
         )
@@ -316,7 +380,7 @@ class _RoundFormation(_RunMembership):
         await node.dht.put(
             close_key,
             json.dumps({"close_at": close_at, "inc": self.incarnation}).encode(),
-            self.config.entry_ttl_s,
+            self._entry_ttl_s(),
             renew=False,
         )
         self._nudge(node, expected, key)

@@ -196,10 +196,21 @@ class _TorchRounds(_RunMembership):
         round can still run again over p2p when the group fails."""
         return self.config.round_timeout_s / 2
 
-    def _torch_plan(self, node: Node, key: str, round_: _Formed) -> _TorchPlan | None:
+    def _torch_plan(
+        self, node: Node, key: str, round_: _Formed, deadline_s: float
+    ) -> _TorchPlan | None:
         """The torch.distributed group of this round, or None where p2p does it.
 
-        Decided from the members' round entries alone, so every member decides alike: torch
+        Decided from the members' round entries alone, so every member decides alike: p2p
+        where the round's ``deadline_s`` (computed from the same entries, see
+        :meth:`SwarmAverager._round_configs
+        <gossamer.train.swarm_averager.SwarmAverager._round_configs>`) is past the floor
+        ``round_timeout_s``: a torch attempt has half the floor whatever the links (its
+        timeout is fixed when the group is made), so on links too slow for the floor, or with
+        a member that measured nothing yet, it failed at that timeout and the round ran out
+        (torch rounds measure nothing, so no later round came out of it). Over p2p the
+        round has its whole deadline and measures the links, and once they are measured fast
+        enough for the floor the rounds go back to torch. Otherwise torch
         when every member published a store address (site-local ones, unless every member's
         entry says ``torch``: one peer's own setting decided it for that peer alone; loopback
         ones only where all are) and every member makes the same kind of group (NCCL where it
@@ -208,6 +219,16 @@ class _TorchRounds(_RunMembership):
         a new one is made, named by the round and its first member's stamp.
         """
         if self._torch is None:
+            return None
+        if deadline_s > self.config.round_timeout_s:
+            logger.info(
+                "peer %s round %s: its deadline (%.0f s, by its members' links) is past "
+                "swarm.round_timeout_s (%.0f s): it goes over p2p, not torch.distributed",
+                node.peer_id[:8],
+                key,
+                deadline_s,
+                self.config.round_timeout_s,
+            )
             return None
         entries = [round_.entries.get(p, {}) for p in round_.members]
         parsed = [_store_address(e) for e in entries]
