@@ -231,15 +231,19 @@ def _newcomer_behind_at_the_last_boundary(
     final: bool = False,
     max_steps: int | None = MAX_STEPS,
     attempt: int = 0,
+    unmarked: bool = False,
 ) -> tuple[SwarmDiLoCoStrategy, RoundLog, nn.Module, StateSnapshot, int]:
     """A newcomer that took version 2 (as of step 16) trains to its boundary at step 23, where
-    the others publish version ``theirs_at[0]`` as of step ``theirs_at[1]``; it trains on as
+    the others publish version ``theirs_at[0]`` as of step ``theirs_at[1]`` (``unmarked``:
+    without the final field, as a peer from before it publishes); it trains on as
     Trainer.run does and finishes. Returns the step it finished at."""
     strategy, log, model = _peer(monkeypatch, mode, inner_steps=H, max_steps=max_steps)
     strategy.outer_step = 2
     strategy._apply_snapshot(strategy._snapshot(step=2 * H))
     version, as_of = theirs_at
     theirs = _theirs(strategy, version, step=as_of, final=final, attempt=attempt)
+    if unmarked:
+        del theirs.meta["final"]
     monkeypatch.setattr(strategy, "_newest_version", lambda: version)
     monkeypatch.setattr(strategy, "_download", lambda version=None, donors=None: theirs)
     log.newest_seen_version = version
@@ -359,12 +363,16 @@ class RecordingDonor(FakeDonor):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_the_state_published_from_finish_is_marked_final_and_no_other(
+def test_the_state_after_the_last_round_is_marked_final_where_it_is_first_published(
     monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
     # max_steps a multiple of H: the state published after the last boundary's round is as
-    # of max_steps too, yet a round may follow it (failed on every member, it is run again in
-    # finish()); only finish() knows none does, and publishes it again, marked.
+    # of max_steps, and no round follows it. Published unmarked there and marked only where
+    # finish() published it again (after the last checkpoint's save), it had a late peer that
+    # took it in between run the last round again alone at weight 0 and end an outer step
+    # past the others. With overlap, that boundary publishes with its round in flight: only
+    # finish(), which lands it, publishes the final state. (Training while forming, that
+    # round forms after the last step and lands in finish().)
     strategy, log, model = _peer(monkeypatch, mode, inner_steps=5, max_steps=10)
     donor = RecordingDonor()
     strategy.donor = cast(Any, donor)
@@ -372,14 +380,56 @@ def test_the_state_published_from_finish_is_marked_final_and_no_other(
     while step < 10:
         step = _step(strategy, log, model, step)
     strategy._wait_for_publication()
-    assert donor.published
-    assert not any(s.meta["final"] for s in donor.published)
+    before_finish = len(donor.published)
+    assert not any(s.meta["final"] for s in donor.published[:-1])
+    if mode != "forming":
+        at_the_end = donor.published[-1]
+        assert at_the_end.meta["step"] == 10
+        assert at_the_end.meta["final"] is (mode == "blocking")
     strategy.finish(model, step)
     strategy.close()
+    assert all(s.meta["final"] for s in donor.published[before_finish:])
     last = donor.published[-1]
     assert last.meta["final"] is True
     assert last.version == strategy.outer_step
     assert last.meta["step"] == 10
+
+
+class FailingLog(RoundLog):
+    """Every round's average holds NaN, and every round failed on all its members."""
+
+    def average(
+        self, tensors: list[torch.Tensor], *, round_key: str, weight: float
+    ) -> AverageOutcome:
+        outcome = super().average(tensors, round_key=round_key, weight=weight)
+        return AverageOutcome(
+            tensors=[torch.full_like(t, float("nan")) for t in outcome.tensors],
+            group_size=2,
+            bytes_sent=0,
+            bytes_received=0,
+        )
+
+    def round_fate(self, round_key: str) -> RoundFate:
+        return RoundFate(failed_everywhere=True)
+
+
+def test_the_state_after_a_last_round_that_failed_everywhere_is_not_marked_final(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The others run that round again in finish(): a late peer that takes this state joins it.
+    strategy, _, model = _peer(monkeypatch, "blocking", inner_steps=5, max_steps=10)
+    failing = FailingLog()
+    donor = RecordingDonor()
+    strategy.averager = strategy.swarm_averager = cast(Any, failing)
+    strategy.donor = cast(Any, donor)
+    step = 0
+    while step < 10:
+        step = _step(strategy, failing, model, step)  # (both rounds fail: two attempts)
+    strategy._wait_for_publication()
+    strategy.close()
+    assert donor.published[-1].meta["step"] == 10
+    assert donor.published[-1].meta["round_attempt"] == 2
+    assert donor.published[-1].meta["final"] is False
 
 
 @pytest.mark.parametrize("value", ["true", 1, None])
@@ -428,3 +478,69 @@ def test_an_overlap_peer_that_takes_the_final_state_at_finish_drops_its_last_ste
     strategy.close()
     _assert_on(strategy, model, theirs)
     assert metrics.goodput.discarded == 2 * 3
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_state_of_a_peer_from_before_the_final_marker_is_final_where_it_ends_the_run(
+    monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    # A peer from before the marker publishes its end-of-run state without the field. Read as
+    # not final, a new peer that took it ran the last round again alone and ended an outer
+    # step past the others (agree False). Without the field, the end is inferred as the old
+    # peers inferred it: as of max_steps, no round in flight, none owed.
+    strategy, log, model, theirs, step = _newcomer_behind_at_the_last_boundary(
+        monkeypatch, mode, theirs_at=(4, MAX_STEPS), unmarked=True
+    )
+    assert step == MAX_STEPS
+    assert log.rounds == []
+    _assert_on(strategy, model, theirs)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_an_unmarked_state_with_a_retry_owed_or_short_of_the_budget_is_not_final(
+    monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    # (the old inference: a retry owed, or a boundary short of max_steps, is joined)
+    strategy, _, _ = _peer(monkeypatch, mode, inner_steps=H, max_steps=MAX_STEPS)
+    for meta in (
+        {"step": MAX_STEPS, "round_attempt": 1},
+        {"step": MAX_STEPS, "round_in_flight": True},
+        {"step": 3 * H},
+    ):
+        theirs = _theirs(strategy, 4, step=0)
+        del theirs.meta["final"]
+        theirs.meta.update(meta)
+        strategy._apply_snapshot(theirs)
+        assert not strategy._took_final_state(), meta
+    strategy.close()
+
+
+def test_a_state_marked_final_mid_run_leaves_the_budget_of_the_states_after_it_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A donor marked its state of outer step 2 (as of 16) final mid-run (hostile, or of
+    # another budget): taking it set this peer's max_steps to 16 for good. The honest state
+    # taken later, version 4 as of 40, then had it continue from min(48, 16): a boundary off
+    # the others for the rest of the run (the swarm split), and no early join of a round.
+    # And while it stood on the marked state, it read the others' versions only from its
+    # last round's formation (none formed since): it never saw them go on, and ended there.
+    strategy, log, model = _peer(monkeypatch, "blocking", inner_steps=H, max_steps=80)
+    step = 0
+    while step < 2 * H - 1:
+        step = _step(strategy, log, model, step)
+    current = {"snapshot": _theirs(strategy, 2, step=2 * H, final=True), "version": 2}
+    monkeypatch.setattr(log, "newest_version", lambda: current["version"])
+    monkeypatch.setattr(
+        strategy, "_download", lambda version=None, donors=None, joining=False: current["snapshot"]
+    )
+    log.newest_seen_version = 2  # (its last formation's read: no round formed after it)
+    step = _step(strategy, log, model, step)  # its boundary at 15: it takes the marked state
+    assert strategy._took_final_state()
+    while step < 4 * H - 1:
+        step = _step(strategy, log, model, step)
+    assert log.rounds == [(7, "r/outer/0", 1.0)]  # (none on the marked state)
+    current["snapshot"], current["version"] = _theirs(strategy, 4, step=5 * H), 4
+    assert _step(strategy, log, model, step) == 6 * H  # (joined round 4 -> 5, as the others)
+    assert strategy.max_steps == 80
+    assert not strategy._took_final_state()
+    strategy.close()

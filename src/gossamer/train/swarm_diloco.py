@@ -96,8 +96,6 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
                 self._apply_snapshot(snapshot)
                 self._joined_mid_round = bool(snapshot.meta.get("round_in_flight", False))
                 start_step = int(snapshot.meta["step"])
-                if self._took_final_state():  # (the others ended there: so does this peer)
-                    self.max_steps = start_step
                 self.time_to_productive_s = time.monotonic() - self._started
                 logger.info(
                     "peer %s synced from donors at outer step %d (%.1f s)",
@@ -160,17 +158,35 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
             return super().on_step_end(model, step)  # its rounds call the hooks below
         if self.config.overlap:
             return self._overlapped_step_end(model, step)
-        if self._took_final_state() and self._newest_version() <= self.outer_step:
-            # Trained on past the others' final state (where its own loop did not end at that
-            # state's step): no round follows it; finish() ends on it.
-            return None
         weight = self.weight
         continue_from: int | None = None
         work_lost = False
-        # Behind the swarm (restarted from an older checkpoint, say): take its state and join
-        # this round with a zero pseudo-gradient and no weight, so the round's result is the
-        # others' and everyone applies the same outer step.
-        snapshot = self._take_newer_state()
+        if self._took_final_state():
+            # Trained on past the others' final state (where its own loop did not end at that
+            # state's step): no round follows it, and finish() ends on it, unless the others
+            # went on past it (a state marked final mid-run: a hostile donor's, or one of a
+            # shorter budget). Their versions are read afresh: this peer formed no round since
+            # it took that state, and the versions its last formation read are as old as
+            # that (it stayed on the marked state to the end while the others went on).
+            newest = self.swarm_averager.newest_version()
+            logger.debug(
+                "peer %s at step %d stands on the others' final state (outer step %d); the "
+                "newest version out is %d",
+                self._short(),
+                step,
+                self.outer_step,
+                newest,
+            )
+            if newest <= self.outer_step:
+                return None
+            snapshot = self._take_newer_state(version=newest)
+            if snapshot is None:  # (no donor served it: tried again at the next boundary)
+                return None
+        else:
+            # Behind the swarm (restarted from an older checkpoint, say): take its state and
+            # join this round with a zero pseudo-gradient and no weight, so the round's result
+            # is the others' and everyone applies the same outer step.
+            snapshot = self._take_newer_state()
         if snapshot is not None:
             taken_at = int(snapshot.meta["step"])
             if self._took_final_state():
@@ -178,11 +194,12 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
                 # their last round): no round of theirs is left to join. Joined alone at
                 # weight 0, it still moved this peer's weights (the outer momentum) an outer
                 # step past theirs; and the run went on past their end (from the state's step
-                # + H). It ends where they did: its budget is that state's step. Its steps
-                # since its last round went with the state taken, so finish() has none left
-                # to average.
+                # + H). It ends where they did, at that state's step, while it stands on
+                # that state (self.max_steps stays the run's budget: a later state not marked
+                # final, a hostile donor's marker outvoted, clamped to a stale one and put
+                # this peer a boundary off the others for good). Its steps since its last
+                # round went with the state taken, so finish() has none left to average.
                 self._steps_since_round = 0
-                self.max_steps = taken_at
                 return self._after_round(step, taken_at, work_lost=True)
             self.weight = 0.0
             work_lost = True
@@ -314,10 +331,8 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
                 )
         if self.swarm_metrics is not None:
             self.swarm_metrics.outer_step.set(self.outer_step)
-        self._publish_outer_step(
-            step=continue_from if continue_from is not None else boundary + 1,
-            final=self._took_final_state(),
-        )
+        as_of = continue_from if continue_from is not None else boundary + 1
+        self._publish_outer_step(step=as_of, final=self._ends_run_at(as_of))
         majority_holders = self._out_of_agreement(self.outer_step - 1)
         if majority_holders:
             snapshot = self._download(version=None, donors=majority_holders)
@@ -330,8 +345,34 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
                     self._short(),
                     self.outer_step,
                 )
-                self._publish_outer_step(step=continue_from, final=self._took_final_state())
+                self._publish_outer_step(step=continue_from, final=self._ends_run_at(continue_from))
         return continue_from
+
+    def _ends_run_at(self, step: int) -> bool:
+        """Whether the state this peer publishes after a round, as of ``step``, is its final
+        one: it took the others' final state, or the round just landed was its last (the
+        state is as of the step budget, and no round is in flight, forming or owed after it).
+
+        Marked final at once, not only where finish() publishes it again: with ``max_steps``
+        a multiple of H and blocking rounds, the last boundary's state was published unmarked
+        first (the last checkpoint is saved before finish()), and a late peer that took it
+        ran the last round again alone at weight 0 and ended an outer step past the others.
+
+        Args:
+            step: the step the state is published as of.
+        """
+        if self._took_final_state():
+            return True
+        return (
+            self.max_steps is not None
+            and step >= self.max_steps
+            and not self.config.overlap  # (its boundaries publish with the round in flight)
+            and not self._round_failed
+            and not self.last_round_excluded
+            and self._forming is None
+            and self._averaging is None
+            and self._inflight is None
+        )
 
     def _overlapped_step_end(self, model: nn.Module, step: int) -> int | None:
         """A boundary with overlap: the base class applies and launches; then publish and check."""
@@ -380,7 +421,8 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
         # Marked final: this peer runs no round after it. A peer behind that takes it ends on
         # it, and one that takes a state not so marked joins the round still owed after it
         # (republished where the last publication was of this outer step, but not final:
-        # the last boundary's, when max_steps is a multiple of H).
+        # the last boundary's, when max_steps is a multiple of H, where this peer knows no
+        # max_steps or a time budget ended the run there; see _ends_run_at).
         if replaced or self.outer_step not in self._hashes or not self._published_final:
             self._publish_outer_step(step=step, final=True)
             self._wait_for_publication()

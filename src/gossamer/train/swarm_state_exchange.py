@@ -316,7 +316,8 @@ class SwarmStateExchange(DiLoCoStrategy):
         if not self.config.overlap:  # (the local progress not in the swarm's state is gone)
             self._discard_uncommitted(self._steps_done)
         self._placed_by_state = True
-        self._final_version = snapshot.version if _final_state(snapshot) else None
+        final = _final_state(snapshot, self.max_steps)
+        self._final_version = snapshot.version if final else None
         if _state_of_the_run(snapshot):  # (its settings were checked: see _unusable)
             self._of_the_run = True
         before = [t.clone() for t in self._global] if self.config.overlap else []
@@ -325,7 +326,7 @@ class SwarmStateExchange(DiLoCoStrategy):
         # their finish() where the run ended, and this peer joins it there too (see
         # DiLoCoStrategy.finish). Not one marked final: nobody runs a round after it.
         attempt = snapshot.meta.get("round_attempt", 0)
-        retry_owed = type(attempt) is int and attempt > 0 and not _final_state(snapshot)
+        retry_owed = type(attempt) is int and attempt > 0 and not final
         self._apply_state(
             snapshot.tensors,
             {k: snapshot.meta.get(k, 0) for k in ("outer_step", "round_attempt")}
@@ -547,10 +548,31 @@ def _state_of_the_run(snapshot: StateSnapshot) -> bool:
     return snapshot.meta.get("of_the_run", True) is not False
 
 
-def _final_state(snapshot: StateSnapshot) -> bool:
-    """Whether ``snapshot`` is its peer's final state, after which it runs no round (its meta
-    says so: checked a boolean in :meth:`SwarmStateExchange._unusable`)."""
-    return snapshot.meta.get("final") is True
+def _final_state(snapshot: StateSnapshot, max_steps: int | None) -> bool:
+    """Whether ``snapshot`` is its peer's final state, after which it runs no round.
+
+    Its meta says so (checked a boolean in :meth:`SwarmStateExchange._unusable`). A state
+    without the field comes from a peer that predates the marker: its end is inferred as
+    those peers inferred it, a state as of the run's last step (``max_steps``, this peer's
+    budget) with no round in flight and none owed (``round_attempt`` 0). Read as not final,
+    a new peer that took an old peer's end-of-run state ran the last round again alone and
+    ended an outer step past the others.
+
+    Args:
+        snapshot: the state taken.
+        max_steps: this peer's step budget (None: not known, so an unmarked state is not
+            final).
+    """
+    marked = snapshot.meta.get("final")
+    if marked is not None:
+        return marked is True
+    attempt = snapshot.meta.get("round_attempt", 0)
+    return (
+        max_steps is not None
+        and int(snapshot.meta.get("step", -1)) >= max_steps
+        and not snapshot.meta.get("round_in_flight", False)
+        and attempt == 0
+    )
 
 
 def _majority_holders(mine: str, others: dict[str, str]) -> list[str]:
