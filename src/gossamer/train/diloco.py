@@ -488,9 +488,10 @@ class DiLoCoStrategy(DiLoCoOuterStep):
             # it an outer step past theirs (with blocking rounds too, at weight 0: the outer
             # momentum moves the weights with no data behind it), and the peers waited for
             # each other's hashes of the final outer step to the end of the agreement's wait.
-            # (A state not marked final, their last boundary's or one whose round failed on
-            # every member, still needs that round: the others run it in their finish(), and
-            # this peer joins it.)
+            # (A state not marked final, one whose round failed on every member or one whose
+            # round was still in flight, still needs that round: the others run it in their
+            # finish(), and this peer joins it. The last boundary's state goes out marked final
+            # at once where nothing is left to run.)
             if took_state:
                 self._dropped_last_steps()
             tail = False
