@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from gossamer.net.config import HeartbeatConfig, NodeConfig
-from gossamer.net.connections import ConnectionPool, DialTarget
+from gossamer.net.connections import ConnectionPool, DialTarget, PeerConnection
 from gossamer.net.dht_service import DHT_METHODS
 from gossamer.net.identity import Identity
 from gossamer.net.node import Node
@@ -22,6 +22,18 @@ HEARTBEAT = HeartbeatConfig(interval_s=0.5, timeout_s=2.5)
 
 def _config() -> NodeConfig:
     return NodeConfig(listen_address="127.0.0.1:0", swarm_secret=SECRET, heartbeat=HEARTBEAT)
+
+
+async def _watch_over_a_data_connection(a: Node, b: Node) -> PeerConnection:
+    """Dial ``a``'s data connection to ``b``, then watch ``b`` until its heartbeats have been
+    answered for a second; returns the data connection."""
+    data = await a.pool.dial(DialTarget(b.addresses[0]), expected_peer_id=b.peer_id)
+    a.detector.watch(b.peer_id)
+    liveness = a.detector.liveness(b.peer_id)
+    assert liveness is not None
+    start = time.monotonic()
+    await until(lambda: liveness.last_answer_s > start + 1.0, 10, "answered heartbeats")
+    return data
 
 
 def test_a_stall_in_the_turn_a_heartbeat_is_sent_does_not_report_the_live_peer_gone(
@@ -73,12 +85,7 @@ def test_heartbeats_go_on_a_connection_of_their_own_closed_once_the_peer_is_unwa
 
     async def scenario() -> None:
         async with Node(_config()) as a, Node(_config()) as b:
-            data = await a.pool.dial(DialTarget(b.addresses[0]), expected_peer_id=b.peer_id)
-            a.detector.watch(b.peer_id)
-            liveness = a.detector.liveness(b.peer_id)
-            assert liveness is not None
-            start = time.monotonic()
-            await until(lambda: liveness.last_answer_s > start + 1.0, 10, "answered heartbeats")
+            data = await _watch_over_a_data_connection(a, b)
             beating = a.heartbeat_pool.get(b.peer_id)
             assert beating is not None
             assert beating is not data
@@ -102,12 +109,7 @@ def test_heartbeats_and_dht_requests_during_an_upload_go_on_two_connections_besi
 
     async def scenario() -> None:
         async with Node(_config()) as a, Node(_config()) as b:
-            data = await a.pool.dial(DialTarget(b.addresses[0]), expected_peer_id=b.peer_id)
-            a.detector.watch(b.peer_id)
-            liveness = a.detector.liveness(b.peer_id)
-            assert liveness is not None
-            start = time.monotonic()
-            await until(lambda: liveness.last_answer_s > start + 1.0, 10, "answered heartbeats")
+            data = await _watch_over_a_data_connection(a, b)
             data.num_uploads += 1  # (as an upload under way does: DHT requests leave it)
             try:
                 await a.ping(b.peer_id)  # (the DHT's Ping, through its transport)

@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -86,7 +86,7 @@ def probe(lab: LabControl, peer: str, address: str, *, timeout_s: float = 1.0) -
     return done.stdout.strip() if done.ok else None
 
 
-def wait_for_json(path: Path, timeout_s: float, processes: list[subprocess.Popen[bytes]]) -> Any:
+def wait_for_json(path: Path, timeout_s: float, processes: Sequence[RunningProcess]) -> Any:
     """The JSON a peer process writes (atomically) at ``path``, once it is there; fails when a
     process exits first or ``timeout_s`` passes."""
     deadline = time.monotonic() + timeout_s
@@ -97,3 +97,16 @@ def wait_for_json(path: Path, timeout_s: float, processes: list[subprocess.Popen
             assert process.poll() is None, f"a peer process exited early ({process.poll()})"
         time.sleep(0.02)  # polling a file another process writes, under a deadline
     raise AssertionError(f"{path.name} did not appear within {timeout_s} s")
+
+
+def stop_processes(processes: Sequence[RunningProcess]) -> None:
+    """Stop the peer processes a test started: SIGTERM to all of them first (so they shut down
+    together), then up to 10 s for each to exit before it is killed."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)

@@ -12,13 +12,12 @@ each within a few seconds of its put.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from netlab_support import MakeLab, wait_for_json
+from netlab_support import MakeLab, stop_processes, wait_for_json
 
 RATE_BPS = 2_000_000
 NUM_PUTS = 5
@@ -158,14 +157,7 @@ def test_records_published_behind_a_full_2_mbit_uplink_reach_the_other_peers(
             published = wait_for_json(tmp_path / "p1.published.json", 90, processes)
             got = {p: wait_for_json(tmp_path / f"{p}.got.json", 5, processes) for p in ("p0", "p2")}
         finally:
-            for process in processes:
-                process.send_signal(signal.SIGTERM)
-            for process in processes:
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout=10)
+            stop_processes(processes)
     log = (tmp_path / "p1.log").read_text()[-3000:]
     puts = published["puts"]
     latencies = {

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netlab_support import MakeLab
+from netlab_support import MakeLab, stop_processes, wait_for_json
 
 from gossamer.lab.runner import RunningProcess
 
@@ -36,23 +35,12 @@ sys.path.insert(0, str(_TESTS))
 from net_lab_peer import PAYLOAD_BYTES, SECOND_ROUND_BYTES, payload_of  # noqa: E402
 
 
-def _wait_for_file(path: Path, timeout_s: float, processes: list[RunningProcess]) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists():
-            return json.loads(path.read_text())
-        for process in processes:
-            assert process.poll() is None, f"a peer process exited early ({process.poll()})"
-        time.sleep(0.05)  # polling a file the peer writes atomically, under a deadline
-    raise AssertionError(f"{path.name} did not appear within {timeout_s} s")
-
-
 def _fresh_states(folder: Path, processes: list[RunningProcess]) -> dict[str, Any]:
     """Every peer's state file, as written after this call began (they rewrite it every 0.2 s)."""
     since = time.time()
     deadline = time.monotonic() + 10
     while True:
-        states = {n: _wait_for_file(folder / f"{n}.state.json", 5, processes) for n in _NAMES}
+        states = {n: wait_for_json(folder / f"{n}.state.json", 5, processes) for n in _NAMES}
         if all(s["written_at"] > since for s in states.values()):
             return states
         assert time.monotonic() < deadline, "the peers stopped writing their state"
@@ -76,11 +64,11 @@ def test_nated_peers_are_relayed_and_every_pair_streams_50_mb(
                     )
 
             spawn("p0", "--advertise-host", lab.address_of("p0"))
-            first = _wait_for_file(tmp_path / "p0.ready.json", 20, processes)
+            first = wait_for_json(tmp_path / "p0.ready.json", 20, processes)
             bootstrap = f"{first['peer_id']}@{lab.address_of('p0')}:{first['port']}"
             for name in _NAMES[1:]:
                 spawn(name, bootstrap)
-            ready = {n: _wait_for_file(tmp_path / f"{n}.ready.json", 30, processes) for n in _NAMES}
+            ready = {n: wait_for_json(tmp_path / f"{n}.ready.json", 30, processes) for n in _NAMES}
             for name in _NATED:
                 assert ready[name]["reachability"] == "relayed", ready[name]
                 assert ready[name]["relays"], f"{name} holds no relay"
@@ -90,7 +78,7 @@ def test_nated_peers_are_relayed_and_every_pair_streams_50_mb(
             # one stream per pair, towards the NATed side where there is one
             plan = {n: [ids[m] for m in _NAMES[i + 1 :]] for i, n in enumerate(_NAMES)}
             (tmp_path / "plan.json").write_text(json.dumps(plan))
-            sent = {n: _wait_for_file(tmp_path / f"{n}.sent.json", 60, processes) for n in _NAMES}
+            sent = {n: wait_for_json(tmp_path / f"{n}.sent.json", 60, processes) for n in _NAMES}
 
             # every reachable peer holds a direct way back to every NATed one
             deadline = time.monotonic() + 20
@@ -103,7 +91,7 @@ def test_nated_peers_are_relayed_and_every_pair_streams_50_mb(
                 time.sleep(0.2)  # the peers rewrite their state files every 0.2 s
             relayed_before = sum(s["relayed_bytes"] for s in state.values())
             (tmp_path / "plan2.json").write_text("{}")
-            sent2 = {n: _wait_for_file(tmp_path / f"{n}.sent2.json", 60, processes) for n in _NAMES}
+            sent2 = {n: wait_for_json(tmp_path / f"{n}.sent2.json", 60, processes) for n in _NAMES}
             state = _fresh_states(tmp_path, processes)
             relayed_after = sum(s["relayed_bytes"] for s in state.values())
 
@@ -117,14 +105,7 @@ def test_nated_peers_are_relayed_and_every_pair_streams_50_mb(
             )
             doctor_s = time.monotonic() - doctor_started
         finally:
-            for process in processes:
-                process.send_signal(signal.SIGTERM)
-            for process in processes:
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout=10)
+            stop_processes(processes)
 
     logs = {n: (tmp_path / f"{n}.log").read_text()[-3000:] for n in _NAMES}
     expected = {ids[n]: hashlib.sha256(payload_of(n)).hexdigest() for n in _NAMES}

@@ -14,15 +14,13 @@ the connection it began on, and the heartbeats must be answered beside it.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from netlab_support import MakeLab
+from netlab_support import MakeLab, stop_processes, wait_for_json
 
 RATE_BPS = 1_000_000
 PAYLOAD_BYTES = 4 * 1024 * 1024
@@ -155,17 +153,6 @@ asyncio.run(receive() if role == "receive" else send())
 """
 
 
-def _wait_for_file(path: Path, timeout_s: float, processes: list[subprocess.Popen[bytes]]) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists():
-            return json.loads(path.read_text())
-        for process in processes:
-            assert process.poll() is None, f"a peer process exited early ({process.poll()})"
-        time.sleep(0.02)  # polling a file the peer writes atomically, under a deadline
-    raise AssertionError(f"{path.name} did not appear within {timeout_s} s")
-
-
 def _upload(
     make_lab: MakeLab, tmp_path: Path, payload_bytes: int, *, with_calls: bool = False
 ) -> tuple[Any, Any, str]:
@@ -187,22 +174,15 @@ def _upload(
 
             receiver, sender = tmp_path / "p0", tmp_path / "p1"
             spawn("p0", receiver, "receive", lab.address_of("p0"), "10")
-            ready = _wait_for_file(receiver / "ready.json", 20, processes)
+            ready = wait_for_json(receiver / "ready.json", 20, processes)
             entry = f"{ready['peer_id']}@{lab.address_of('p0')}:{ready['port']}"
             mode = ["calls"] if with_calls else []
             spawn("p1", sender, "send", lab.address_of("p1"), entry, str(payload_bytes), *mode)
-            sent = _wait_for_file(sender / "sent.json", 150, processes)
+            sent = wait_for_json(sender / "sent.json", 150, processes)
             received_path = receiver / "received.json"
             received = json.loads(received_path.read_text()) if received_path.exists() else {}
         finally:
-            for process in processes:
-                process.send_signal(signal.SIGTERM)
-            for process in processes:
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout=10)
+            stop_processes(processes)
     return sent, received, (tmp_path / "p1.log").read_text()[-3000:]
 
 

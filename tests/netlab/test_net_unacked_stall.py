@@ -10,15 +10,13 @@ while its bytes are in flight, and it must finish on the connection it began on.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-from netlab_support import MakeLab
+from netlab_support import MakeLab, stop_processes, wait_for_json
 
 STALL_S = 8.0
 PAYLOAD_BYTES = 2_000_000
@@ -79,17 +77,6 @@ asyncio.run(receive() if role == "receive" else send())
 """
 
 
-def _wait_for_file(path: Path, timeout_s: float, processes: list[subprocess.Popen[bytes]]) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists():
-            return json.loads(path.read_text())
-        for process in processes:
-            assert process.poll() is None, f"a peer process exited early ({process.poll()})"
-        time.sleep(0.02)  # polling a file the peer writes atomically, under a deadline
-    raise AssertionError(f"{path.name} did not appear within {timeout_s} s")
-
-
 @pytest.mark.slow
 def test_a_transfer_outlives_8_s_of_unacknowledged_data(make_lab: MakeLab, tmp_path: Path) -> None:
     processes: list[subprocess.Popen[bytes]] = []
@@ -106,27 +93,20 @@ def test_a_transfer_outlives_8_s_of_unacknowledged_data(make_lab: MakeLab, tmp_p
 
             receiver, sender = tmp_path / "p0", tmp_path / "p1"
             spawn("p0", receiver, "receive", lab.address_of("p0"), "20")
-            ready = _wait_for_file(receiver / "ready.json", 20, processes)
+            ready = wait_for_json(receiver / "ready.json", 20, processes)
             entry = f"{ready['peer_id']}@{lab.address_of('p0')}:{ready['port']}"
             spawn("p1", sender, "send", lab.address_of("p1"), entry, str(PAYLOAD_BYTES))
-            _wait_for_file(sender / "sending.json", 20, processes)
+            wait_for_json(sender / "sending.json", 20, processes)
             lab.partition(["p0"])
             try:
                 time.sleep(STALL_S)  # (the stall is the condition under test)
             finally:
                 lab.heal()
-            sent = _wait_for_file(sender / "sent.json", 60, processes)
+            sent = wait_for_json(sender / "sent.json", 60, processes)
             received_path = receiver / "received.json"
             received = json.loads(received_path.read_text()) if received_path.exists() else {}
         finally:
-            for process in processes:
-                process.send_signal(signal.SIGTERM)
-            for process in processes:
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout=10)
+            stop_processes(processes)
 
     log = (tmp_path / "p1.log").read_text()[-3000:]
     print(f"\ntransfer with an {STALL_S:g} s stall: {sent}")

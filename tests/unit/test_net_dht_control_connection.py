@@ -100,6 +100,44 @@ async def _store(transport: GrpcDhtTransport) -> bool:
     return await transport.store(PEER, record)
 
 
+def _uploading(
+    gone: set[str] | None = None, counters: NetCounters | None = None
+) -> tuple[GrpcDhtTransport, ConnectionPool, ConnectionPool]:
+    """A transport whose direct data connection to ``PEER`` has an upload under way (so its
+    requests go on the control pool): the transport, its data pool and its control pool."""
+    transport, data, control, _ = _transport(FakeClock(), counters, gone)
+    connection, _ = _connect(data)
+    connection.num_uploads = 1
+    return transport, data, control
+
+
+def _record_dials(control: ConnectionPool) -> list[float | None]:
+    """Replace the control pool's connection lookup with one that opens a fake connection
+    where none is open; returns the deadline of each lookup, in order."""
+    dials: list[float | None] = []
+
+    async def dial(peer_id: str, timeout_s: float | None = None) -> PeerConnection:
+        dials.append(timeout_s)
+        opened = control.get(peer_id)
+        return opened if opened is not None else _connect(control)[0]
+
+    control.connection = dial  # type: ignore[method-assign]
+    return dials
+
+
+def _fail_dials(control: ConnectionPool, failure: Exception) -> list[float | None]:
+    """Replace the control pool's connection lookup with one that raises ``failure``; returns
+    the deadline of each lookup, in order."""
+    dials: list[float | None] = []
+
+    async def dial(peer_id: str, timeout_s: float | None = None) -> PeerConnection:
+        dials.append(timeout_s)
+        raise failure
+
+    control.connection = dial  # type: ignore[method-assign]
+    return dials
+
+
 def test_requests_go_on_the_data_connection_while_it_uploads_nothing() -> None:
     async def scenario() -> None:
         transport, data, control, _ = _transport(FakeClock())
@@ -153,10 +191,8 @@ def test_a_relayed_data_connection_keeps_carrying_requests_while_it_uploads() ->
 
 def test_an_open_breaker_of_the_peer_still_refuses_requests_at_once() -> None:
     async def scenario() -> None:
-        transport, data, control, _ = _transport(FakeClock())
-        connection, _ = _connect(data)
+        transport, data, control = _uploading()
         _, on_control = _connect(control)
-        connection.num_uploads = 1
         breaker = data.breakers[PEER]
         for _ in range(CONFIG.breaker.failure_threshold):
             breaker.failed()
@@ -196,17 +232,8 @@ def test_a_control_connection_is_dialled_within_the_request_s_own_deadline() -> 
     # Under the node's connect deadline (5 s), every request to a frozen peer took 5 s instead
     # of its own 2 s. The request then gets its own deadline again: twice it at most.
     async def scenario() -> None:
-        transport, data, control, _ = _transport(FakeClock())
-        connection, _ = _connect(data)
-        connection.num_uploads = 1
-        dials: list[float | None] = []
-
-        async def dial(peer_id: str, timeout_s: float | None = None) -> PeerConnection:
-            dials.append(timeout_s)
-            opened = control.get(peer_id)
-            return opened if opened is not None else _connect(control)[0]
-
-        control.connection = dial  # type: ignore[method-assign]
+        transport, _, control = _uploading()
+        dials = _record_dials(control)
         assert await _store(transport)
         assert await _store(transport)
         # (the first dialled, then each request looks up the open connection under its own;
@@ -219,17 +246,8 @@ def test_a_control_connection_is_dialled_within_the_request_s_own_deadline() -> 
 
 def test_a_control_connection_to_a_peer_reported_gone_is_dialled_within_the_deadline() -> None:
     async def scenario() -> None:
-        transport, data, control, _ = _transport(FakeClock(), gone={PEER})
-        connection, _ = _connect(data)
-        connection.num_uploads = 1
-        dials: list[float | None] = []
-
-        async def dial(peer_id: str, timeout_s: float | None = None) -> PeerConnection:
-            dials.append(timeout_s)
-            opened = control.get(peer_id)
-            return opened if opened is not None else _connect(control)[0]
-
-        control.connection = dial  # type: ignore[method-assign]
+        transport, _, control = _uploading(gone={PEER})
+        dials = _record_dials(control)
         assert await _store(transport)
         assert dials[0] == CONFIG.dht.rpc_timeout_s
 
@@ -249,16 +267,8 @@ def test_failed_dials_of_a_control_connection_open_its_breaker(
 ) -> None:
     # (outside the breaker, a frozen peer was dialled afresh by every request, never refused)
     async def scenario() -> None:
-        transport, data, control, _ = _transport(FakeClock(), gone={PEER} if gone else set())
-        connection, _ = _connect(data)
-        connection.num_uploads = 1
-        dials: list[float | None] = []
-
-        async def dial(peer_id: str, timeout_s: float | None = None) -> PeerConnection:
-            dials.append(timeout_s)
-            raise failure
-
-        control.connection = dial  # type: ignore[method-assign]
+        transport, data, control = _uploading(gone={PEER} if gone else set())
+        dials = _fail_dials(control, failure)
         for _ in range(CONFIG.breaker.failure_threshold):
             with pytest.raises(type(failure)):
                 await _store(transport)
@@ -273,14 +283,8 @@ def test_failed_dials_of_a_control_connection_open_its_breaker(
 def test_dials_that_time_out_behind_the_upload_do_not_open_the_breaker() -> None:
     # (the handshake queues behind the upload as the requests do: that says nothing of the peer)
     async def scenario() -> None:
-        transport, data, control, _ = _transport(FakeClock())
-        connection, _ = _connect(data)
-        connection.num_uploads = 1
-
-        async def dial(peer_id: str, timeout_s: float | None = None) -> PeerConnection:
-            raise DeadlineExceededError("connecting ran past its deadline")
-
-        control.connection = dial  # type: ignore[method-assign]
+        transport, _, control = _uploading()
+        _fail_dials(control, DeadlineExceededError("connecting ran past its deadline"))
         for _ in range(2 * CONFIG.breaker.failure_threshold):
             with pytest.raises(DeadlineExceededError):
                 await _store(transport)
@@ -306,6 +310,20 @@ class _SlowDials:
         await self.release.wait()
         raise self._failure
 
+    async def find_nodes(self, transport: GrpcDhtTransport) -> list[object]:
+        """As many concurrent FindNodes as open a breaker, all started before the first dial
+        is let through: what each returned or raised."""
+        requests = [
+            asyncio.create_task(transport.find_node(PEER, b"t" * 32))
+            for _ in range(CONFIG.breaker.failure_threshold)
+        ]
+        async with asyncio.timeout(5.0):
+            await self.dialling.wait()
+        for _ in range(10):  # (the others, started with it, reach their wait for the dial)
+            await asyncio.sleep(0)
+        self.release.set()
+        return await asyncio.gather(*requests, return_exceptions=True)
+
 
 @pytest.mark.parametrize("gone", [False, True], ids=["live", "reported-gone"])
 def test_requests_waiting_on_one_slow_dial_count_one_failure(gone: bool) -> None:
@@ -313,20 +331,9 @@ def test_requests_waiting_on_one_slow_dial_count_one_failure(gone: bool) -> None
     # opened the breaker: its requests were refused for seconds. Now the one that dialled
     # counts it (only if the link does not explain a timeout); the others wait and count none.
     async def scenario() -> None:
-        transport, data, control, _ = _transport(FakeClock(), gone={PEER} if gone else set())
-        connection, _ = _connect(data)
-        connection.num_uploads = 1
+        transport, _, control = _uploading(gone={PEER} if gone else set())
         dials = _SlowDials(control, PeerUnavailableError("connection refused"))
-        requests = [
-            asyncio.create_task(transport.find_node(PEER, b"t" * 32))
-            for _ in range(CONFIG.breaker.failure_threshold)
-        ]
-        async with asyncio.timeout(5.0):
-            await dials.dialling.wait()
-        for _ in range(10):  # (the others, started with it, reach their wait for the dial)
-            await asyncio.sleep(0)
-        dials.release.set()
-        results = await asyncio.gather(*requests, return_exceptions=True)
+        results = await dials.find_nodes(transport)
         assert all(isinstance(r, PeerUnavailableError) for r in results), results
         assert dials.num_dials == 1  # (the old code: each waiter dialled again)
         breaker = control.breakers[PEER]
@@ -338,20 +345,9 @@ def test_requests_waiting_on_one_slow_dial_count_one_failure(gone: bool) -> None
 
 def test_requests_waiting_on_one_slow_dial_that_times_out_behind_the_upload_count_none() -> None:
     async def scenario() -> None:
-        transport, data, control, _ = _transport(FakeClock())
-        connection, _ = _connect(data)
-        connection.num_uploads = 1
+        transport, _, control = _uploading()
         dials = _SlowDials(control, DeadlineExceededError("connecting ran past its deadline"))
-        requests = [
-            asyncio.create_task(transport.find_node(PEER, b"t" * 32))
-            for _ in range(CONFIG.breaker.failure_threshold)
-        ]
-        async with asyncio.timeout(5.0):
-            await dials.dialling.wait()
-        for _ in range(10):
-            await asyncio.sleep(0)
-        dials.release.set()
-        results = await asyncio.gather(*requests, return_exceptions=True)
+        results = await dials.find_nodes(transport)
         assert all(isinstance(r, DeadlineExceededError) for r in results), results
         assert control.breakers[PEER].num_consecutive_failures == 0
         assert control.breakers[PEER].state == "closed"
@@ -421,10 +417,8 @@ def test_timeouts_on_a_control_connection_while_the_data_one_uploads_do_not_open
     # (the link's queue behind the upload explains them: counted, they opened the breaker and
     # small Stores to a live peer were refused)
     async def scenario() -> None:
-        transport, data, control, _ = _transport(FakeClock())
-        connection, _ = _connect(data)
+        transport, _, control = _uploading()
         _, on_control = _connect(control)
-        connection.num_uploads = 1
         on_control.late = True
         for _ in range(2 * CONFIG.breaker.failure_threshold):
             with pytest.raises(DeadlineExceededError):
@@ -440,10 +434,8 @@ def test_timeouts_on_a_control_connection_count_while_the_detector_reports_the_p
     # (its heartbeats, on their own connection beside the same upload, went unanswered: the
     # link does not explain the timeouts, a frozen peer does)
     async def scenario() -> None:
-        transport, data, control, _ = _transport(FakeClock(), gone={PEER})
-        connection, _ = _connect(data)
+        transport, _, control = _uploading(gone={PEER})
         _, on_control = _connect(control)
-        connection.num_uploads = 1
         on_control.late = True
         for _ in range(CONFIG.breaker.failure_threshold):
             with pytest.raises(DeadlineExceededError):
@@ -478,10 +470,8 @@ def test_calls_on_a_control_connection_are_counted_in_the_node_s_counters_not_it
 ):
     async def scenario() -> None:
         counters = NetCounters()
-        transport, data, control, _ = _transport(FakeClock(), counters)
-        connection, _ = _connect(data)
+        transport, _, control = _uploading(counters=counters)
         _, on_control = _connect(control)
-        connection.num_uploads = 1
         assert await _store(transport)
         on_control.late = True
         with pytest.raises(DeadlineExceededError):
