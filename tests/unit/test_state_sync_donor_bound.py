@@ -16,7 +16,7 @@ import torch
 from state_sync_fakes import FakeBulkNetwork, FakeBulkNode, FakeSharedLink
 
 from gossamer.train.state_sync import StateDonor, StateSnapshot, download_state
-from gossamer.train.state_sync_requests import _FittedWindow
+from gossamer.train.state_sync_requests import _ChunkWindow
 from gossamer.train.state_sync_wire import REPLY_TOPIC, REQUEST_TOPIC, RequestKind, decode_request
 
 CHUNK = 4096
@@ -120,42 +120,85 @@ def test_a_laggy_donor_alone_is_asked_for_many_chunks_at_once() -> None:
     assert report.seconds < 1.6 * full_windows_s
 
 
-def _window() -> _FittedWindow:
-    return _FittedWindow(max_size=8, chunk_bytes=CHUNK, window_s=30.0, probe_s=60.0, size=2)
+def _window() -> _ChunkWindow:
+    """Swarm units: 1 MiB chunks, a donor may be silent 120 s."""
+    return _ChunkWindow(
+        max_size=8, chunk_bytes=1 << 20, grow_below_s=60.0, shrink_above_s=90.0, size=2
+    )
 
 
-def _deliver(window: _FittedWindow, num_in_flight: int, wire_s: float) -> None:
-    """``num_in_flight`` chunks, asked together, came together after ``wire_s``."""
-    window.elapse(wire_s, num_in_flight)
-    for _ in range(num_in_flight):
-        window.delivered("donor", CHUNK, wire_s, wire_s * num_in_flight)
-
-
-def test_the_window_grows_while_chunk_times_hold_and_fits_our_link_once_they_rise() -> None:
-    """Swarm units: 28 s a chunk with two out, then with four out. Held: the donors are the
-    bottleneck, so it grows, each step at most doubling. Risen in proportion (a shared link's
-    mark): fitted to our link, chunks within the request timeout (30 s), and it grows no
-    further by probing."""
+def test_the_window_grows_while_chunks_come_quickly_and_settles_where_our_link_fills() -> None:
+    """Donors as the bottleneck (28 s a chunk whatever the window): it grows to the full
+    window. Our link as the bottleneck (1 Mbit/s, 8.4 s a chunk for each request sharing it):
+    it grows while chunks take under 60 s, and holds where they take 60-90 s."""
     window = _window()
-    _deliver(window, 2, 28.0)
-    assert window.size == 4
-    _deliver(window, 4, 28.0)
+    for _ in range(10):
+        window.delivered(1 << 20, 28.0)
     assert window.size == 8
-    assert not window.link_bound
 
     window = _window()
-    _deliver(window, 2, 28.0)
+    for _ in range(20):
+        window.delivered(1 << 20, 8.4 * window.size)
+    assert window.size == 8  # (8 x 8.4 = 67 s: held)
+
+    window = _window()
+    for _ in range(20):
+        window.delivered(1 << 20, 33.5 * window.size)  # (0.25 Mbit/s)
+    assert window.size == 2  # (67 s: held; three would take 100 s)
+
+
+def test_a_slow_chunk_halves_the_window_and_a_short_one_is_scaled_to_a_full_chunk() -> None:
+    """A chunk over three quarters of the silence allowed halves the window (at least one), as
+    does a donor struck off. A short last chunk is judged by its time per byte: 20 s for a
+    tenth of a chunk is 200 s a chunk (slow), not quick."""
+    window = _window()
+    window.size = 8
+    window.delivered(1 << 20, 100.0)
     assert window.size == 4
-    _deliver(window, 4, 56.0)  # (twice the requests, twice as long)
-    assert window.link_bound
-    assert window.size == 2  # (4 * 30 / 56)
-    _deliver(window, 2, 28.0)
-    assert window.size == 2  # (what our link brings in 30 s, not a probe's 60 s)
-
-
-def test_a_chunk_slower_than_half_the_silence_allowed_fits_the_window_at_once() -> None:
-    """A thin link of ours seen from the first chunks (two out, 67 s each behind 0.25 Mbit/s)
-    is not probed further: the window is fitted to 30 s at once."""
-    window = _window()
-    _deliver(window, 2, 67.0)
+    window.delivered(1 << 20, 75.0)
+    assert window.size == 4  # (between the marks: held)
+    window.delivered((1 << 20) // 10, 20.0)
+    assert window.size == 2
+    window.size = 1
+    window.delivered(1 << 20, 300.0)
     assert window.size == 1
+    window.size = 8
+    window.lost()  # (a donor struck off: its chunks go to fewer donors)
+    assert window.size == 4
+
+
+def test_one_late_chunk_does_not_pin_the_window() -> None:
+    """Two honest donors at 0.3 Mbit/s up and one on a fast uplink that answers its first
+    chunk at once, its second 20 s late, then nothing. The late chunk, after a window grown
+    on quick ones, read as our link filling up: the window was pinned at one for the rest
+    of the download (48 MB in 1257 s, where the two honest uplinks carry it in 640 s). Now
+    it halves once, the honest donors' chunks grow it back, and the state comes at about
+    their pace plus the silence the hostile one is allowed."""
+    network = FakeBulkNetwork()
+    newcomer = network.add("newcomer")
+    num_chunks = 32
+    want = _snapshot(num_chunks)
+    hostile = network.add("hostile")
+    StateDonor(hostile, chunk_bytes=CHUNK).publish(want)
+    serve = hostile.handlers[REQUEST_TOPIC]
+    num_asked = 0
+
+    async def late_then_silent(sender: str, topic: str, payload: bytearray) -> None:
+        nonlocal num_asked
+        if decode_request(payload).kind is RequestKind.CHUNK:
+            num_asked += 1
+            if num_asked == 2:
+                await asyncio.sleep(0.2)  # (20 s late, scaled; not a synchronisation)
+            elif num_asked > 2:
+                await asyncio.Event().wait()  # (silent: it is struck off)
+        await serve(sender, topic, payload)
+
+    hostile.handlers[REQUEST_TOPIC] = late_then_silent
+    honest = ["donor0", "donor1"]
+    for name in honest:
+        StateDonor(network.add(name, _SlowUplink), chunk_bytes=CHUNK).publish(want)
+    got, report = asyncio.run(download_state(newcomer, ["hostile", *honest], **_SWARM_ARGS))
+    _assert_same(got, want)
+    assert set(report.failed_donors) == {"hostile"}
+    honest_s = report.total_bytes / len(honest) / _UPLINK_BYTES_PER_S
+    assert report.seconds < 1.3 * honest_s + _SWARM_ARGS["max_quiet_s"]

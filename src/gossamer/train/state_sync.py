@@ -16,14 +16,15 @@ declares, and while it keeps up with that floor rate for its share of the reques
 that is busy (its room for requests taken) is not struck off: it is asked again later,
 after a backoff with jitter, within the download's deadline (for its manifest, within
 ``request_timeout_s``, as long as any donor may take to answer), and meanwhile its chunks go to
-the others. The requests kept in flight are fitted to what the newcomer's own link delivers
-(about a request timeout's worth, at least one): eight 1 MiB chunks at once over its 0.25 Mbit/s
-took 268 s each, past the two minutes a donor may be silent, and every honest donor was struck
-off for the newcomer's slowness. Once one manifest is held by more than half of the donors, the
-others' answers are not waited for: one hung donor among agreeing ones does not hold every
-download up for its request timeout. Nothing received is unpickled, and every size and count is
-checked against :class:`StateSyncLimits` before memory is allocated for it (a reply larger than
-the limits allow is refused by net at its first chunk).
+the others. The requests kept in flight follow how long chunks take (more while they come in
+under half a donor's silence allowance, half as many once one takes over three quarters of it):
+eight 1 MiB chunks at once over a newcomer's 0.25 Mbit/s took 268 s each, past the two minutes
+a donor may be silent, and every honest donor was struck off for the newcomer's slowness. Once
+one manifest is held by more than half of the donors, the others' answers are not waited for:
+one hung donor among agreeing ones does not hold every download up for its request timeout.
+Nothing received is unpickled, and every size and count is checked against
+:class:`StateSyncLimits` before memory is allocated for it (a reply larger than the limits allow
+is refused by net at its first chunk).
 
 Donors live in :mod:`gossamer.train.state_sync_donor`, the message format in
 :mod:`gossamer.train.state_sync_wire`.
@@ -53,10 +54,10 @@ from gossamer.train.state_sync_requests import (
     _MAX_QUIET_S,
     _MIN_DONOR_BYTES_PER_S,
     _busy_backoff_s,
+    _ChunkWindow,
     _Donor,
     _DonorBusyError,
     _Download,
-    _FittedWindow,
     _ReplyRouter,
     _routers,
 )
@@ -133,17 +134,17 @@ async def download_state(
             tie), or where every holder of that one fails, the next one so ranked.
         max_chunks_in_flight: the most chunk requests outstanding at once, over all donors (a
             donor refuses more than its ``max_requests_per_peer`` of one peer, 16 by default, as
-            busy: it is then asked no more at once than it was serving). Fewer are kept where
-            our link is thin: at first as many as the floor rate carries in ``max_quiet_s``
-            less ``request_timeout_s`` (two 1 MiB chunks), then what our link delivered in
-            ``request_timeout_s``, at least one; a request out twice as long as the link needs
-            for it no longer holds its place.
+            busy: it is then asked no more at once than it was serving). Fewer are kept while
+            chunks come slowly: two at first, one more for each chunk that came in under half
+            of ``max_quiet_s``, half as many after one that took over three quarters of it (at
+            least one), so a thin link of ours keeps each chunk inside a donor's allowance.
         request_timeout_s: a donor taking longer for its manifest is struck off; so is one busy
             for longer than this when asked for it (one busy when asked for a chunk is asked
             again, until the deadline). In the chunk phase, a donor with chunks of ours in
-            flight is struck off once it has delivered none for this plus the bytes of every
-            chunk under way (they share our link; each counted as at most 1 MiB) at
-            ``min_donor_bytes_per_s``, or for ``max_quiet_s``, whichever is sooner; and so is
+            flight is struck off once it has delivered none for this plus the bytes of a full
+            ``max_chunks_in_flight`` window or of every chunk, whichever is fewer (they share
+            our link; each counted as at most 1 MiB) at ``min_donor_bytes_per_s``, or for
+            ``max_quiet_s``, whichever is sooner; and so is
             one that delivers slower than ``min_donor_bytes_per_s`` for its share of the
             requests under way (after a grace of that quiet time), however steadily.
         limits: sizes and counts accepted from donors.
@@ -362,24 +363,24 @@ async def _fetch_chunks(
     A chunk still in flight long after most chunks took (``_HEDGE_FACTOR`` times the median)
     is also asked of another donor once, and the first verified copy wins: one hung or slow
     donor then costs the tail of the download a little, not its request timeout. At most a
-    :class:`_FittedWindow` of requests is kept in flight: as many as the donors serve at once
-    while chunk times do not rise with it, and what our link delivers in a request timeout
-    once they do, so each chunk's time on the wire stays well inside a donor's silence
-    allowance however thin our link. A chunk a
+    :class:`_ChunkWindow` of requests is kept in flight: grown while chunks come in under half
+    of ``max_quiet_s``, halved when one takes over three quarters of it, so each chunk's time
+    on the wire stays inside a donor's silence allowance however thin our link. A chunk a
     donor refuses as busy goes back in the queue; that donor is asked no more at once than it
     was serving of ours then (one more for each chunk it delivers since), or, where it served
     none of ours, nothing until a backoff has passed.
 
     A donor with chunks of ours in flight is struck off once it has gone quiet (no chunk, no
-    busy refusal) for ``request_timeout_s`` plus every chunk under way at
-    ``min_donor_bytes_per_s`` (each chunk counted as at most ``_QUIET_CHUNK_BYTES``: its size
-    is the donor's word; and at least a full ``max_in_flight`` window of the chunks left, so a
-    window fitted to a thin link of ours shortens no donor's allowance), or for
-    ``max_quiet_s``, whichever is sooner: the requests under way,
-    to it and to the others, share its link and ours, so on a slow one each takes long while
-    the donor is healthy. Each chunk that comes (and the chunk phase's start) moves the
-    deadline out, as far as ``job.latest`` allows, by as long as a donor with a full window in
-    flight may stay quiet.
+    busy refusal) for ``request_timeout_s`` plus a full ``max_in_flight`` window of chunks (or
+    every chunk, where there are fewer) at ``min_donor_bytes_per_s`` (each chunk counted as at
+    most ``_QUIET_CHUNK_BYTES``: its size is the donor's word), or for ``max_quiet_s``,
+    whichever is sooner: the requests under way, to it and to the others, share its link and
+    ours, so on a slow one each takes long while the donor is healthy. That whatever the window
+    now and however few chunks are left: the window keeps chunk times inside this allowance,
+    and one that shrank with the chunks left struck off an honest donor behind a thin link of
+    ours, its last chunk still sharing the link with the one before. Each chunk that comes (and
+    the chunk phase's start) moves the deadline out, as far as ``job.latest`` allows, by as
+    long as a donor with a full window in flight may stay quiet.
 
     A donor is also judged by its rate: while it has requests out it owes
     ``min_donor_bytes_per_s`` times its share of the requests under way (all of them share our
@@ -397,14 +398,9 @@ async def _fetch_chunks(
     is_done = [False] * manifest.num_chunks
     copies: dict[int, set[asyncio.Task[float]]] = {}
     tasks: dict[asyncio.Task[float], tuple[int, _Donor, float]] = {}
-    asked_at: dict[asyncio.Task[float], float] = {}
-    """Each task's ``window.request_s`` when it was asked."""
     orphans: list[asyncio.Task[float]] = []
     latencies: list[float] = []
     num_done = num_refetched = num_bytes_done = 0
-    # (of the chunk requests in flight to every donor, copies too; each at most
-    # _QUIET_CHUNK_BYTES: what the quiet time allows for, not what a manifest declares)
-    num_bytes_under_way = 0
     chunks_began = accounted_at = job.loop.time()
     floor = job.min_donor_bytes_per_s
     quiet_base_s = job.request_timeout_s
@@ -412,40 +408,27 @@ async def _fetch_chunks(
         job.max_quiet_s,
         quiet_base_s + max_in_flight * min(manifest.chunk_bytes, _QUIET_CHUNK_BYTES) / floor,
     )
+    # (how long a donor with requests of ours may go quiet: a full window, or every chunk)
+    quiet_limit_s = min(
+        idle_s,
+        quiet_base_s
+        + min(max_in_flight, manifest.num_chunks)
+        * min(manifest.chunk_bytes, _QUIET_CHUNK_BYTES)
+        / floor,
+    )
     max_debt_bytes = floor * idle_s  # (the grace of a donor's rate: a full quiet window)
     job.extend(chunks_began + idle_s)
-    first_size = _FittedWindow.first_size(
-        max_in_flight,
-        manifest.num_chunks,
-        min(manifest.chunk_bytes, _QUIET_CHUNK_BYTES),
-        floor,
-        job.max_quiet_s - quiet_base_s,
-    )
-    window = _FittedWindow(
+    window = _ChunkWindow(
         max_size=max_in_flight,
-        chunk_bytes=max(1, manifest.chunk_bytes),
-        window_s=job.request_timeout_s,
-        probe_s=job.max_quiet_s / 2,
-        size=first_size,
+        chunk_bytes=manifest.chunk_bytes,
+        grow_below_s=job.max_quiet_s / 2,
+        shrink_above_s=job.max_quiet_s * 3 / 4,
+        size=min(2, max_in_flight),
     )
-
-    def quiet_limit_s() -> float:
-        """How long a donor with chunks in flight may go quiet before it is struck off.
-
-        The bytes under way count as at least a full ``max_in_flight`` window of the chunks
-        left, as if the window had not been fitted to our link: a thin link (a small window)
-        shortens no donor's allowance, nor does a fast one lengthen it past what it was.
-        """
-        full_window = min(max_in_flight, manifest.num_chunks - num_done)
-        under_way = max(num_bytes_under_way, full_window * quiet_bytes(0))
-        return min(job.max_quiet_s, quiet_base_s + under_way / floor)
 
     def chunk_bytes(index: int) -> int:
         start, stop = manifest.chunk_range(index)
         return stop - start
-
-    def quiet_bytes(index: int) -> int:
-        return min(chunk_bytes(index), _QUIET_CHUNK_BYTES)
 
     def account(now: float) -> None:
         """Each donor's time with requests out, and what it owes for it, up to ``now``."""
@@ -453,7 +436,6 @@ async def _fetch_chunks(
         elapsed_s, accounted_at = now - accounted_at, now
         if elapsed_s <= 0 or not tasks:
             return
-        window.elapse(elapsed_s, len(tasks))
         for donor in donors:
             if donor.num_in_flight:
                 donor.out_s += elapsed_s
@@ -490,21 +472,15 @@ async def _fetch_chunks(
         return elapsed
 
     def launch(index: int, donor: _Donor) -> None:
-        nonlocal num_bytes_under_way
         if not donor.num_in_flight:  # (it is judged quiet from now)
             donor.quiet_since = job.loop.time()
-        num_bytes_under_way += quiet_bytes(index)
         donor.num_in_flight += 1
         task = job.loop.create_task(fetch(index, donor), name=f"state-chunk-{index}")
         tasks[task] = (index, donor, job.loop.time())
-        asked_at[task] = window.request_s
         copies.setdefault(index, set()).add(task)
 
     def forget(task: asyncio.Task[float], *, cancel: bool) -> int:
-        nonlocal num_bytes_under_way
         index, donor, _ = tasks.pop(task)
-        asked_at.pop(task)
-        num_bytes_under_way -= quiet_bytes(index)
         donor.num_in_flight -= 1
         copies[index].discard(task)
         if cancel:
@@ -549,14 +525,13 @@ async def _fetch_chunks(
                 if donor.peer_id in job.failed:
                     continue
                 quiet_s = now - donor.quiet_since
-                if donor.num_in_flight and quiet_s >= quiet_limit_s():
+                if donor.num_in_flight and quiet_s >= quiet_limit_s:
                     before = f" (before: {donor.rate()})" if donor.num_chunks_sent else ""
                     job.strike(
                         donor.peer_id,
                         DeadlineExceededError(
                             f"no chunk in {quiet_s:.1f} s with {donor.num_in_flight} chunk "
-                            f"request(s) of ours there and "
-                            f"{num_bytes_under_way / (1 << 20):.1f} MiB under way in all{before}"
+                            f"request(s) of ours there and {len(tasks)} out in all{before}"
                         ),
                     )
                 elif donor.owed_bytes - donor.num_bytes_sent > max_debt_bytes:
@@ -568,9 +543,12 @@ async def _fetch_chunks(
                             f"of our requests"
                         ),
                     )
+            struck = {d.peer_id for _, d, _ in tasks.values() if d.peer_id in job.failed}
             for task, (_, donor, _) in list(tasks.items()):
                 if donor.peer_id in job.failed:  # struck off: stop waiting for it
                     num_refetched += requeue_if_orphaned(forget(task, cancel=True))
+            for _ in struck:  # (its chunks go to fewer donors, each with more of ours)
+                window.lost()
             live = [d for d in donors if d.peer_id not in job.failed]
             if not live and not job.late:
                 raise PeerUnavailableError(
@@ -579,49 +557,34 @@ async def _fetch_chunks(
                     f"{_reasons(job.failed, [d.peer_id for d in donors])}"
                 )
             now = job.loop.time()
-            overdue_s = window.overdue_s()
-            # (requests out longer than the link needs for them hold no place in the window:
-            # one a donor sits on must not stall the rest behind a thin link)
-            on_time = [
-                started
-                for _, _, started in tasks.values()
-                if overdue_s is None or now - started < overdue_s
-            ]
-            while pending and len(on_time) < window.size and len(tasks) < max_in_flight:
+            while pending and len(tasks) < window.size:
                 ready = [d for d in live if d.askable(now)]
                 if not ready:
                     break
                 index = pending.popleft()
                 if not is_done[index]:
                     launch(index, _pick(ready))
-                    on_time.append(now)
             wake_s = job.remaining_s()
             for donor in live:  # (a donor's quiet time runs out, or it falls behind the floor)
                 if donor.num_in_flight:
-                    wake_s = min(wake_s, donor.quiet_since + quiet_limit_s() - now)
+                    wake_s = min(wake_s, donor.quiet_since + quiet_limit_s - now)
                     owed_per_s = floor * donor.num_in_flight / len(tasks)
                     debt_left = max_debt_bytes - (donor.owed_bytes - donor.num_bytes_sent)
                     wake_s = min(wake_s, debt_left / owed_per_s)
             # (a busy donor's backoff ends: it may take the chunks left)
             backoff_ends = min((d.not_before for d in live if d.not_before > now), default=None)
-            if pending and len(on_time) < window.size and backoff_ends is not None:
+            if pending and len(tasks) < window.size and backoff_ends is not None:
                 wake_s = min(wake_s, backoff_ends - now)
-            if pending and overdue_s is not None and len(tasks) < max_in_flight:
-                for started in on_time:  # (one's place in the window comes free)
-                    wake_s = min(wake_s, started + overdue_s - now)
             if not pending and len(live) > 1 and latencies:
                 hedge_after_s = max(_MIN_HEDGE_S, _HEDGE_FACTOR * statistics.median(latencies))
                 for index, donor, started in sorted(tasks.values(), key=lambda t: t[2]):
-                    if len(copies[index]) != 1 or len(on_time) >= window.size:
-                        continue
-                    if len(tasks) >= max_in_flight:
+                    if len(copies[index]) != 1 or len(tasks) >= window.size:
                         continue
                     others = [d for d in live if d is not donor and d.askable(now)]
                     if now - started < hedge_after_s:
                         wake_s = min(wake_s, started + hedge_after_s - now)
                     elif others:
                         launch(index, _pick(others))
-                        on_time.append(now)
                         num_refetched += 1
                     elif backoff_ends is not None:  # (the others are busy for now)
                         wake_s = min(wake_s, backoff_ends - now)
@@ -636,26 +599,20 @@ async def _fetch_chunks(
                 if task not in tasks:  # a copy of a chunk an earlier task of this batch won
                     continue
                 _, donor, started = tasks[task]
-                asked_request_s = asked_at[task]
                 index = forget(task, cancel=False)
                 exc = task.exception()
                 if exc is None:
                     latencies.append(task.result())
                     size_before = window.size
-                    window.delivered(
-                        donor.peer_id,
-                        chunk_bytes(index),
-                        accounted_at - started,
-                        window.request_s - asked_request_s,
-                    )
+                    window.delivered(chunk_bytes(index), accounted_at - started)
                     if window.size != size_before:
                         _log.debug(
-                            "peer %s: state version %d: %d chunk request(s) kept in flight, "
-                            "our link delivering %.1f KiB/s",
+                            "peer %s: state version %d: %d chunk request(s) kept in flight "
+                            "(a chunk took %.1f s)",
                             job.node.peer_id[:8],
                             manifest.version,
                             window.size,
-                            window.per_s / 1024,
+                            accounted_at - started,
                         )
                     if not is_done[index]:
                         is_done[index] = True
@@ -679,6 +636,8 @@ async def _fetch_chunks(
                 elif isinstance(exc, GossamerError):
                     job.strike(donor.peer_id, exc)
                     num_refetched += requeue_if_orphaned(index)
+                    if not donor.num_in_flight:  # (else halved with its others, above)
+                        window.lost()
                 else:
                     raise exc
     finally:

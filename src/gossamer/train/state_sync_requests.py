@@ -4,9 +4,9 @@
 its reply from the node's :class:`_ReplyRouter`; it keeps the download's deadline (moved out by
 progress) and the donors struck off, and why. :class:`_Donor` is one donor's standing in the
 chunk phase: requests in flight, latency, busy refusals and their backoff, and the progress it is
-judged by (quiet time, bytes owed at the floor rate). :class:`_FittedWindow` is how many chunk
-requests the newcomer keeps in flight: grown while the donors are the bottleneck, fitted to
-what its own link carries in a request timeout once that link is. A busy refusal raises
+judged by (quiet time, bytes owed at the floor rate). :class:`_ChunkWindow` is how many chunk
+requests the newcomer keeps in flight: grown while chunks come quickly, halved when they come
+near a donor's silence allowance. A busy refusal raises
 :class:`_DonorBusyError`: the donor is healthy and asked again later. Used by
 :func:`gossamer.train.state_sync.download_state`, which decides what to ask and whom to strike off.
 """
@@ -18,7 +18,6 @@ import logging
 import random
 import secrets
 import weakref
-from collections import deque
 from dataclasses import dataclass, field
 
 from gossamer.core.errors import (
@@ -55,21 +54,6 @@ _MAX_QUIET_S = 120.0
 way: a donor declaring 64 MiB chunks (or a full window of 1 MiB ones at the floor rate) held a
 newcomer for hours, or 286 s, before it was struck off. A window of eight 1 MiB chunks over
 1 Mbit/s comes in 67 s."""
-
-
-_INTAKE_HORIZON_WINDOWS = 4
-"""The newcomer's intake rate is measured over its last this many ``window_s`` with requests
-out: long enough to span a window's chunks, short enough to follow a link that changes."""
-
-
-def _rose(base: tuple[float, float], num_sharing: float, wire_s: float) -> bool:
-    """Whether a chunk that took ``wire_s``, its time shared with ``num_sharing`` requests of
-    ours, took longer than ``base`` (the same) by more than half of what sharing one link
-    with more requests would add."""
-    base_sharing, base_s = base
-    return num_sharing > base_sharing + 0.5 and wire_s > base_s * (
-        1 + (num_sharing / base_sharing - 1) / 2
-    )
 
 
 class _DonorBusyError(PeerUnavailableError):
@@ -167,124 +151,50 @@ class _Donor:
 
 
 @dataclass(slots=True)
-class _FittedWindow:
-    """How many chunk requests a newcomer keeps in flight: as many as its donors serve at once,
-    unless its own link is the bottleneck; then about what that link delivers in ``window_s``
-    (at least one, at most ``max_size``), so each chunk's time on the wire stays near
-    ``window_s``, well inside the silence a donor is allowed.
+class _ChunkWindow:
+    """How many chunk requests a newcomer keeps in flight, set by how long its chunks take.
 
     Every request shares the newcomer's downlink: eight 1 MiB chunks asked at once over
-    0.25 Mbit/s take 268 s each, longer than the two minutes a donor may be silent, so every
-    honest donor was struck off for the newcomer's own slowness and it took no state at all.
-    But a window fitted to what came is fitted to the window itself where the donors are the
-    bottleneck (each one's uplink, or its time to answer): eight donors at 0.3 Mbit/s up took
-    16 MB in 233 s with one or two chunks in flight, not 63 s with eight. So the window probes:
-    each chunk that comes tells how long it took (``wire_s``) and how many of our requests it
-    shared the time with on average (``num_sharing``). While chunk times do not rise with the
-    requests in flight, the donors are the bottleneck and the window grows: at most doubling,
-    and no further than would keep chunks within ``probe_s`` if our link were the bottleneck
-    after all. Once they rise as a shared link's do, the window is fitted to the link (and
-    follows it from then on, as before). A chunk slower than ``probe_s``, whatever the cause,
-    fits the window at once.
+    0.25 Mbit/s took 268 s each, longer than the two minutes a donor may be silent, so every
+    honest donor was struck off for the newcomer's own slowness. So the window starts at two
+    and follows each chunk that comes (its time on the wire scaled to a full chunk, so a short
+    last chunk reads neither fast nor slow): under ``grow_below_s`` it grows by one (at most
+    ``max_size``); over ``shrink_above_s`` it halves (at least one); between, it holds.
+
+    Where our own link is the bottleneck, a chunk's time grows with the window (the window
+    times a chunk, over the link's rate), so the window settles where chunks take between the
+    two marks, inside the silence a donor is allowed. Where the donors are (their uplinks, or
+    their time to answer), a chunk's time does not depend on our window, so donors answering
+    in under ``grow_below_s`` let it grow to ``max_size``. Nothing is kept per donor and
+    nothing sticks: one late chunk halves the window once, and the chunks after it grow it
+    back (a rule that judged our link once and for all from one late chunk held a download
+    at one request in flight to its end).
+
+    A donor struck off with requests of ours out halves it as well: its chunks go to the
+    donors left, and a window grown on three donors' uplinks, put on two slow ones, gave each
+    six requests at once, its first chunk (all six share its uplink) later than the silence
+    it is allowed, and it was struck off in turn.
     """
 
     max_size: int
     chunk_bytes: int
-    window_s: float
-    probe_s: float
-    """How long a chunk may take while the window probes (half the silence a donor is
-    allowed); a chunk slower than this fits the window to our link at once."""
+    """The manifest's chunk size: what each chunk's time is scaled to."""
+    grow_below_s: float
+    shrink_above_s: float
     size: int
     """Requests to keep in flight now."""
-    out_s: float = 0.0
-    """How long requests of ours have been out, in all."""
-    request_s: float = 0.0
-    """Seconds of each request of ours out, summed over the requests (a chunk's share of
-    it, over its time on the wire, is how many requests it shared that time with)."""
-    intake: deque[tuple[float, int]] = field(default_factory=deque)
-    """Chunks that came within the horizon: (``out_s`` then, bytes)."""
-    intake_bytes: int = 0
-    per_s: float = 0.0
-    """The intake rate measured (bytes a second with requests out); 0 until a chunk came."""
-    probe_base: tuple[float, float] | None = None
-    """(Requests shared with, seconds) of the chunk that last grew the window by a probe."""
-    by_donor: dict[str, tuple[float, float]] = field(default_factory=dict)
-    """Each donor's chunk that later ones of it are compared with: (requests of ours it
-    shared its time with, seconds). A donor's own, since donors differ: one four times as
-    fast as the rest is no sign of our link."""
-    link_bound: bool = False
-    """Chunk times rose with the requests in flight: the window is fitted to our link."""
 
-    @staticmethod
-    def first_size(
-        max_size: int, num_chunks: int, chunk_bytes: int, floor: float, spare_quiet_s: float
-    ) -> int:
-        """The window before any chunk has come: as many chunks as the floor rate carries in
-        the silence a donor is allowed past its request timeout (``spare_quiet_s``), so even a
-        link just at the floor brings them before any donor's silence runs out; at least one.
-        Two in the swarm: 1 MiB chunks, 32 KiB/s, 120 s less 30 s."""
-        fits = int(spare_quiet_s * floor / max(1, chunk_bytes))
-        return max(1, min(max_size, num_chunks, fits))
+    def delivered(self, num_bytes: int, wire_s: float) -> None:
+        """A chunk of ``num_bytes`` came ``wire_s`` after it was asked: grow, hold or halve."""
+        full_chunk_s = wire_s * self.chunk_bytes / max(1, num_bytes)
+        if full_chunk_s < self.grow_below_s:
+            self.size = min(self.max_size, self.size + 1)
+        elif full_chunk_s > self.shrink_above_s:
+            self.lost()
 
-    def elapse(self, elapsed_s: float, num_in_flight: int) -> None:
-        """``elapsed_s`` passed with ``num_in_flight`` requests of ours out."""
-        self.out_s += elapsed_s
-        self.request_s += elapsed_s * num_in_flight
-
-    def delivered(self, donor: str, num_bytes: int, wire_s: float, request_s: float) -> None:
-        """A chunk came from ``donor`` (of ``num_bytes``, after ``wire_s``, while ``request_s``
-        seconds of requests of ours were out): fit the window, or probe."""
-        self.intake.append((self.out_s, num_bytes))
-        self.intake_bytes += num_bytes
-        horizon_s = _INTAKE_HORIZON_WINDOWS * self.window_s
-        while self.intake and self.intake[0][0] < self.out_s - horizon_s:
-            self.intake_bytes -= self.intake.popleft()[1]
-        span_s = min(self.out_s, horizon_s)
-        if span_s <= 0 or wire_s <= 0:
-            return  # (no time measured yet: nothing to fit to)
-        self.per_s = self.intake_bytes / span_s
-        num_sharing = max(1.0, request_s / wire_s)
-        # (the window that would bring chunks in window_s if our link carried these at most)
-        fit = self._clamp(int(num_sharing * self.window_s / wire_s))
-        # A shared link's chunk times rise in proportion to the requests sharing it; a
-        # donor's own do not. Risen by more than half of that, on one donor: our link is the
-        # bottleneck (or the donor's, shared by more of ours: fitted as well).
-        base = self.by_donor.get(donor)
-        if base is None or abs(num_sharing - base[0]) > 0.5:
-            self.by_donor[donor] = (num_sharing, wire_s)
-        if base is not None and _rose(base, num_sharing, wire_s):
-            self.link_bound = True
-            self.size = fit
-        elif wire_s > self.probe_s:  # (too near a donor's silence allowance, whatever the cause)
-            self.size = fit
-        elif self.link_bound:
-            self.size = self._clamp(int(self.per_s * self.window_s / self.chunk_bytes))
-        elif (
-            base is not None
-            or self.probe_base is None
-            or not _rose(self.probe_base, num_sharing, wire_s)
-        ):
-            # (a donor's first chunk is compared with the one that last grew the window: it
-            # may be a slower donor's, so it grows nothing if it rose, and tells nothing of our
-            # link either. At most doubling, so a link that falls meanwhile finds few requests
-            # out; and from no more than it keeps now, as a chunk asked before the window
-            # shrank shared its time with more.)
-            probe = min(num_sharing, self.size) * min(2.0, self.probe_s / wire_s)
-            probe = self._clamp(int(probe))
-            if probe > self.size:
-                self.size, self.probe_base = probe, (num_sharing, wire_s)
-
-    def _clamp(self, size: int) -> int:
-        return max(1, min(self.max_size, size))
-
-    def overdue_s(self) -> float | None:
-        """How long a request may be out before it no longer holds its place in the window:
-        twice what one chunk of a fitted window takes on our link. A donor that sits on the one
-        request a thin link allows then stalls the others for that long, not for the silence
-        it is allowed (two minutes). None until a chunk came (nothing measured yet)."""
-        if self.per_s <= 0:
-            return None
-        return 2 * max(self.window_s, self.size * self.chunk_bytes / self.per_s)
+    def lost(self) -> None:
+        """Halve the window (at least one): a chunk was slow, or a donor was struck off."""
+        self.size = max(1, self.size // 2)
 
 
 @dataclass(slots=True)
