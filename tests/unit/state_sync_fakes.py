@@ -6,12 +6,15 @@ import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
+import torch
+
 from gossamer.core.errors import (
     DeadlineExceededError,
     PeerLostError,
     PeerUnavailableError,
     ProtocolError,
 )
+from gossamer.train.state_sync import StateSnapshot
 from gossamer.train.state_sync_wire import (
     REPLY_TOPIC,
     REQUEST_TOPIC,
@@ -222,3 +225,51 @@ def answer_with_manifest_only(donor: FakeBulkNode, manifest: bytes) -> None:
         await donor.send_bulk(sender, REPLY_TOPIC, encode_reply(header, manifest))
 
     donor.on_bulk(REQUEST_TOPIC, on_request)
+
+
+class LinkedRepliesNode(FakeBulkNode):
+    """A node whose state-sync replies cross ``link``: a donor's own slow uplink, or, given to
+    every donor, the newcomer's downlink they all share."""
+
+    link: FakeSharedLink
+
+    async def send_bulk(
+        self,
+        peer_id: str,
+        topic: str,
+        payload: bytes | bytearray | memoryview,
+        *,
+        num_streams: int = 1,
+        timeout_s: float = 60.0,
+    ) -> None:
+        if topic == REPLY_TOPIC:
+            await self.link.carry(len(payload))
+        await super().send_bulk(
+            peer_id, topic, payload, num_streams=num_streams, timeout_s=timeout_s
+        )
+
+
+def add_linked_node(network: FakeBulkNetwork, name: str, link: FakeSharedLink) -> LinkedRepliesNode:
+    """A :class:`LinkedRepliesNode` ``name`` on ``network``, its replies crossing ``link``."""
+    node = network.add(name, LinkedRepliesNode)
+    assert isinstance(node, LinkedRepliesNode)
+    node.link = link
+    return node
+
+
+def random_snapshot(numel: int) -> StateSnapshot:
+    """Version 7 of a state: ``numel`` random (seeded) float32 weights and a step counter."""
+    gen = torch.Generator().manual_seed(0)
+    return StateSnapshot(
+        version=7,
+        tensors={"w": torch.randn(numel, generator=gen), "step": torch.tensor(3)},
+        meta={"step": 3},
+    )
+
+
+def assert_same_state(got: StateSnapshot, want: StateSnapshot) -> None:
+    """``got`` is ``want``: version, meta and every tensor bit for bit."""
+    assert got.version == want.version
+    assert got.meta == want.meta
+    for name, tensor in want.tensors.items():
+        assert torch.equal(got.tensors[name], tensor), name

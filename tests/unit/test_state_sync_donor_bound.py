@@ -13,11 +13,17 @@ import asyncio
 import math
 
 import torch
-from state_sync_fakes import FakeBulkNetwork, FakeBulkNode, FakeSharedLink
+from state_sync_fakes import (
+    FakeBulkNetwork,
+    FakeSharedLink,
+    LinkedRepliesNode,
+    add_linked_node,
+    assert_same_state,
+)
 
 from gossamer.train.state_sync import StateDonor, StateSnapshot, download_state
 from gossamer.train.state_sync_requests import _ChunkWindow
-from gossamer.train.state_sync_wire import REPLY_TOPIC, REQUEST_TOPIC, RequestKind, decode_request
+from gossamer.train.state_sync_wire import REQUEST_TOPIC, RequestKind, decode_request
 
 CHUNK = 4096
 _SCALE_BYTES = 256
@@ -43,34 +49,9 @@ def _snapshot(num_chunks: int) -> StateSnapshot:
     )
 
 
-def _assert_same(got: StateSnapshot, want: StateSnapshot) -> None:
-    assert got.version == want.version
-    assert got.meta == want.meta
-    for name, tensor in want.tensors.items():
-        assert torch.equal(got.tensors[name], tensor), name
-
-
-class _SlowUplink(FakeBulkNode):
+def _slow_uplink(network: FakeBulkNetwork, name: str) -> LinkedRepliesNode:
     """A donor whose replies cross its own slow uplink, shared by its replies under way."""
-
-    def __init__(self, network: FakeBulkNetwork, peer_id: str) -> None:
-        super().__init__(network, peer_id)
-        self.link = FakeSharedLink(_UPLINK_BYTES_PER_S)
-
-    async def send_bulk(
-        self,
-        peer_id: str,
-        topic: str,
-        payload: bytes | bytearray | memoryview,
-        *,
-        num_streams: int = 1,
-        timeout_s: float = 60.0,
-    ) -> None:
-        if topic == REPLY_TOPIC:
-            await self.link.carry(len(payload))
-        await super().send_bulk(
-            peer_id, topic, payload, num_streams=num_streams, timeout_s=timeout_s
-        )
+    return add_linked_node(network, name, FakeSharedLink(_UPLINK_BYTES_PER_S))
 
 
 def test_eight_donors_with_slow_uplinks_are_all_kept_busy() -> None:
@@ -85,9 +66,9 @@ def test_eight_donors_with_slow_uplinks_are_all_kept_busy() -> None:
     want = _snapshot(num_chunks)
     names = [f"donor{i}" for i in range(8)]
     for name in names:
-        StateDonor(network.add(name, _SlowUplink), chunk_bytes=CHUNK).publish(want)
+        StateDonor(_slow_uplink(network, name), chunk_bytes=CHUNK).publish(want)
     got, report = asyncio.run(download_state(newcomer, names, **_SWARM_ARGS))
-    _assert_same(got, want)
+    assert_same_state(got, want)
     assert report.failed_donors == {}
     # (each donor sends its eighth of the chunks one after another at its uplink's rate)
     bound_s = math.ceil(report.total_bytes / CHUNK / len(names)) * CHUNK / _UPLINK_BYTES_PER_S
@@ -114,7 +95,7 @@ def test_a_laggy_donor_alone_is_asked_for_many_chunks_at_once() -> None:
 
     donor.handlers[REQUEST_TOPIC] = lagging
     got, report = asyncio.run(download_state(newcomer, ["donor"], **_SWARM_ARGS))
-    _assert_same(got, want)
+    assert_same_state(got, want)
     assert report.failed_donors == {}
     full_windows_s = math.ceil(report.total_bytes / CHUNK / 8) * lag_s  # (eight at once)
     assert report.seconds < 1.6 * full_windows_s
@@ -196,9 +177,9 @@ def test_one_late_chunk_does_not_pin_the_window() -> None:
     hostile.handlers[REQUEST_TOPIC] = late_then_silent
     honest = ["donor0", "donor1"]
     for name in honest:
-        StateDonor(network.add(name, _SlowUplink), chunk_bytes=CHUNK).publish(want)
+        StateDonor(_slow_uplink(network, name), chunk_bytes=CHUNK).publish(want)
     got, report = asyncio.run(download_state(newcomer, ["hostile", *honest], **_SWARM_ARGS))
-    _assert_same(got, want)
+    assert_same_state(got, want)
     assert set(report.failed_donors) == {"hostile"}
     honest_s = report.total_bytes / len(honest) / _UPLINK_BYTES_PER_S
     assert report.seconds < 1.3 * honest_s + _SWARM_ARGS["max_quiet_s"]

@@ -12,12 +12,14 @@ import time
 from collections.abc import Awaitable, Callable
 
 import pytest
-import torch
 from state_sync_fakes import (
     FakeBulkNetwork,
     FakeBulkNode,
     FakeSharedLink,
+    add_linked_node,
     answer_with_manifest_only,
+    assert_same_state,
+    random_snapshot,
 )
 
 from gossamer.core.errors import DeadlineExceededError, PeerUnavailableError
@@ -25,7 +27,6 @@ from gossamer.train import swarm_sync
 from gossamer.train.state_sync import StateDonor, StateSnapshot, download_state
 from gossamer.train.state_sync_wire import (
     DONOR_BUSY,
-    REPLY_TOPIC,
     REQUEST_TOPIC,
     RequestKind,
     decode_request,
@@ -37,46 +38,8 @@ SECONDS_PER_CHUNK = 0.08
 """A chunk's time alone on a slow donor's uplink."""
 
 
-def _snapshot(numel: int = 12_000) -> StateSnapshot:
-    gen = torch.Generator().manual_seed(0)
-    return StateSnapshot(
-        version=7,
-        tensors={"w": torch.randn(numel, generator=gen), "step": torch.tensor(3)},
-        meta={"step": 3},
-    )
-
-
-def _assert_same(got: StateSnapshot, want: StateSnapshot) -> None:
-    assert got.version == want.version
-    assert got.meta == want.meta
-    for name, tensor in want.tensors.items():
-        assert torch.equal(got.tensors[name], tensor), name
-
-
-class SlowUplinkNode(FakeBulkNode):
-    """A donor whose replies share one slow uplink (``link``)."""
-
-    link = FakeSharedLink(CHUNK / SECONDS_PER_CHUNK)
-
-    async def send_bulk(
-        self,
-        peer_id: str,
-        topic: str,
-        payload: bytes | bytearray | memoryview,
-        *,
-        num_streams: int = 1,
-        timeout_s: float = 60.0,
-    ) -> None:
-        if topic == REPLY_TOPIC:
-            await self.link.carry(len(payload))
-        await super().send_bulk(
-            peer_id, topic, payload, num_streams=num_streams, timeout_s=timeout_s
-        )
-
-
 def _slow_donor(network: FakeBulkNetwork, want: StateSnapshot) -> FakeBulkNode:
-    node = network.add("slow", SlowUplinkNode)
-    node.link = FakeSharedLink(CHUNK / SECONDS_PER_CHUNK)  # type: ignore[attr-defined]
+    node = add_linked_node(network, "slow", FakeSharedLink(CHUNK / SECONDS_PER_CHUNK))
     StateDonor(node, chunk_bytes=CHUNK).publish(want)
     return node
 
@@ -109,12 +72,12 @@ def test_a_donor_on_a_slow_uplink_serves_every_chunk() -> None:
     """
     network = FakeBulkNetwork()
     newcomer = network.add("newcomer")
-    want = _snapshot()
+    want = random_snapshot(12_000)
     _slow_donor(network, want)
     got, report = asyncio.run(
         download_state(newcomer, ["slow"], timeout_s=30, request_timeout_s=0.3)
     )
-    _assert_same(got, want)
+    assert_same_state(got, want)
     assert report.failed_donors == {}
     num_chunks = -(-report.total_bytes // CHUNK)
     assert num_chunks > 8  # (more than one window's worth)
@@ -126,14 +89,14 @@ def test_a_slow_download_goes_on_past_its_timeout_while_its_chunks_keep_coming()
     out with each chunk (within the state's size at ``min_bytes_per_s``)."""
     network = FakeBulkNetwork()
     newcomer = network.add("newcomer")
-    want = _snapshot(numel=30_000)
+    want = random_snapshot(30_000)
     _slow_donor(network, want)
     got, report = asyncio.run(
         download_state(
             newcomer, ["slow"], timeout_s=1.0, request_timeout_s=0.3, min_bytes_per_s=1024
         )
     )
-    _assert_same(got, want)
+    assert_same_state(got, want)
     assert report.seconds > 2 * 1.0
 
 
@@ -145,7 +108,7 @@ def test_a_download_whose_chunks_stop_coming_ends_long_before_its_cap() -> None:
     network = FakeBulkNetwork()
     newcomer = network.add("newcomer")
     donor = network.add("donor")
-    StateDonor(donor, chunk_bytes=CHUNK).publish(_snapshot())
+    StateDonor(donor, chunk_bytes=CHUNK).publish(random_snapshot(12_000))
 
     async def busy(sender: str, topic: str, payload: bytearray) -> None:
         raise PeerUnavailableError(f"{DONOR_BUSY}: for ever")
@@ -172,7 +135,7 @@ def test_a_donor_that_stops_answering_is_still_struck_off_soon() -> None:
     network = FakeBulkNetwork()
     newcomer = network.add("newcomer")
     donor = network.add("donor")
-    StateDonor(donor, chunk_bytes=CHUNK).publish(_snapshot())
+    StateDonor(donor, chunk_bytes=CHUNK).publish(random_snapshot(12_000))
 
     async def hang(sender: str, topic: str, payload: bytearray) -> None:
         await asyncio.Event().wait()
@@ -222,7 +185,7 @@ def _hostile(
     network = FakeBulkNetwork()
     newcomer = network.add("newcomer")
     donor = network.add("donor")
-    StateDonor(donor, chunk_bytes=chunk_bytes).publish(_snapshot(numel=_BIG_STATE))
+    StateDonor(donor, chunk_bytes=chunk_bytes).publish(random_snapshot(_BIG_STATE))
     serve = donor.handlers[REQUEST_TOPIC]
     served = {"chunks": 0}
 
@@ -346,11 +309,11 @@ def test_a_donor_just_above_the_floor_is_kept() -> None:
     network = FakeBulkNetwork()
     newcomer = network.add("newcomer")
     donor = network.add("donor")
-    want = _snapshot(numel=6_000)  # (6 chunks)
+    want = random_snapshot(6_000)  # (6 chunks)
     StateDonor(donor, chunk_bytes=CHUNK).publish(want)
     _after_chunks(donor, 0, _trickle_then_serve(donor, 0.3))
     got, report = asyncio.run(download_state(newcomer, ["donor"], **_SWARM_ARGS))
-    _assert_same(got, want)
+    assert_same_state(got, want)
     assert report.failed_donors == {}
 
 
@@ -376,14 +339,13 @@ def test_honest_donors_at_1_mbit_serve_every_chunk_under_the_swarm_s_limits(
     minutes' silence or the floor rate."""
     network = FakeBulkNetwork()
     newcomer = network.add("newcomer")
-    want = _snapshot(numel=31_000)
+    want = random_snapshot(31_000)
     link = FakeSharedLink(1e6 / 8 / 256 * 100)
     names = [f"slow{i}" for i in range(num_donors)]
     for name in names:
-        node = network.add(name, SlowUplinkNode)
-        node.link = link  # type: ignore[attr-defined]
+        node = add_linked_node(network, name, link)
         StateDonor(node, chunk_bytes=CHUNK).publish(want)
     got, report = asyncio.run(download_state(newcomer, names, **_SWARM_ARGS))
-    _assert_same(got, want)
+    assert_same_state(got, want)
     assert report.failed_donors == {}
     assert report.seconds > report.total_bytes / link.bytes_per_s * 0.9  # (the link's pace)

@@ -14,11 +14,18 @@ import time
 from collections.abc import Awaitable, Callable
 
 import pytest
-import torch
-from state_sync_fakes import FakeBulkNetwork, FakeBulkNode, FakeSharedLink
+from state_sync_fakes import (
+    FakeBulkNetwork,
+    FakeBulkNode,
+    FakeSharedLink,
+    LinkedRepliesNode,
+    add_linked_node,
+    assert_same_state,
+    random_snapshot,
+)
 
 from gossamer.train.state_sync import StateDonor, StateSnapshot, download_state
-from gossamer.train.state_sync_wire import REPLY_TOPIC, REQUEST_TOPIC, RequestKind, decode_request
+from gossamer.train.state_sync_wire import REQUEST_TOPIC, RequestKind, decode_request
 
 CHUNK = 4096
 _SCALE_BYTES = 256
@@ -38,51 +45,13 @@ _STATE_4_MB = 4_000_000 // 4 // _SCALE_BYTES
 """Parameters (float32) of a 4 MB state, scaled (4 chunks)."""
 
 
-def _snapshot(numel: int = _STATE_4_MB) -> StateSnapshot:
-    gen = torch.Generator().manual_seed(0)
-    return StateSnapshot(
-        version=7,
-        tensors={"w": torch.randn(numel, generator=gen), "step": torch.tensor(3)},
-        meta={"step": 3},
-    )
-
-
-def _assert_same(got: StateSnapshot, want: StateSnapshot) -> None:
-    assert got.version == want.version
-    assert got.meta == want.meta
-    for name, tensor in want.tensors.items():
-        assert torch.equal(got.tensors[name], tensor), name
-
-
-class _BehindDownlink(FakeBulkNode):
-    """A donor whose replies cross ``link``: the newcomer's downlink, shared by every donor."""
-
-    link: FakeSharedLink
-
-    async def send_bulk(
-        self,
-        peer_id: str,
-        topic: str,
-        payload: bytes | bytearray | memoryview,
-        *,
-        num_streams: int = 1,
-        timeout_s: float = 60.0,
-    ) -> None:
-        if topic == REPLY_TOPIC:
-            await self.link.carry(len(payload))
-        await super().send_bulk(
-            peer_id, topic, payload, num_streams=num_streams, timeout_s=timeout_s
-        )
-
-
 def _donors(
     network: FakeBulkNetwork, names: list[str], want: StateSnapshot, link: FakeSharedLink
-) -> dict[str, _BehindDownlink]:
+) -> dict[str, LinkedRepliesNode]:
+    """Donors of ``want`` whose replies all cross ``link``, the newcomer's downlink."""
     nodes = {}
     for name in names:
-        node = network.add(name, _BehindDownlink)
-        assert isinstance(node, _BehindDownlink)
-        node.link = link
+        node = add_linked_node(network, name, link)
         StateDonor(node, chunk_bytes=CHUNK).publish(want)
         nodes[name] = node
     return nodes
@@ -99,12 +68,12 @@ def test_a_newcomer_behind_a_quarter_megabit_takes_a_4_mb_state(num_donors: int)
     silence.)"""
     network = FakeBulkNetwork()
     newcomer = network.add("newcomer")
-    want = _snapshot()
+    want = random_snapshot(_STATE_4_MB)
     link = FakeSharedLink(_DOWNLINK_BYTES_PER_S)
     names = [f"donor{i}" for i in range(num_donors)]
     _donors(network, names, want, link)
     got, report = asyncio.run(download_state(newcomer, names, **_SWARM_ARGS))
-    _assert_same(got, want)
+    assert_same_state(got, want)
     assert report.failed_donors == {}
     wire_s = report.total_bytes / _DOWNLINK_BYTES_PER_S
     assert wire_s * 0.9 < report.seconds < wire_s * 1.6  # (the link's pace, little lost)
@@ -138,7 +107,7 @@ def test_a_trickling_donor_is_struck_off_as_soon_behind_a_thin_downlink() -> Non
     nothing for it. (The old code struck the honest donor off too, and the download failed.)"""
     network = FakeBulkNetwork()
     newcomer = network.add("newcomer")
-    want = _snapshot(numel=4 * _STATE_4_MB)  # (16 chunks: it outlasts the trickler's gap)
+    want = random_snapshot(4 * _STATE_4_MB)  # (16 chunks: it outlasts the trickler's gap)
     link = FakeSharedLink(_DOWNLINK_BYTES_PER_S)
     nodes = _donors(network, ["honest", "trickler"], want, link)
     struck: list[float] = []
@@ -148,7 +117,7 @@ def test_a_trickling_donor_is_struck_off_as_soon_behind_a_thin_downlink() -> Non
         got, report = await asyncio.wait_for(
             download_state(newcomer, ["honest", "trickler"], **_SWARM_ARGS), timeout=30
         )
-        _assert_same(got, want)
+        assert_same_state(got, want)
         assert set(report.failed_donors) == {"trickler"}
         assert "no chunk in" in report.failed_donors["trickler"]
         assert report.bytes_per_donor == {"honest": report.total_bytes}
@@ -191,10 +160,10 @@ def test_a_newcomer_on_a_fast_link_keeps_its_full_window() -> None:
     newcomer = network.add("newcomer")
     node = network.add("donor", _CountingDonor)
     assert isinstance(node, _CountingDonor)
-    want = _snapshot(numel=4 * _STATE_4_MB)
+    want = random_snapshot(4 * _STATE_4_MB)
     StateDonor(node, chunk_bytes=CHUNK).publish(want)
     node.start_counting()
     got, report = asyncio.run(download_state(newcomer, ["donor"], **_SWARM_ARGS))
-    _assert_same(got, want)
+    assert_same_state(got, want)
     assert report.failed_donors == {}
     assert node.most_held == 8
