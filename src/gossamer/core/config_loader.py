@@ -163,21 +163,19 @@ def load_run_config(
         for info in describe_fields(RunConfig)
         if "." in info.key
     }
+
+    def set_text(key: str, text: str, origin: str) -> None:
+        origins[key] = origin
+        _set_text(
+            data, RunConfig, key, text, origin=origin, origins=origins, base_origin=base_origin
+        )
+
     for name, text in sorted(env.items()):
         if not name.startswith(ENV_PREFIX):
             continue
         key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
         if "." in key or key in root_keys:  # GOSSAMER_NAME, GOSSAMER_TRAIN__MAX_STEPS
-            origins[key] = f"environment variable {name}"
-            _set_text(
-                data,
-                RunConfig,
-                key,
-                text,
-                origin=origins[key],
-                origins=origins,
-                base_origin=base_origin,
-            )
+            set_text(key, text, f"environment variable {name}")
         elif key in single_underscored:  # GOSSAMER_TRAIN_MAX_STEPS: silently ignored before
             meant = single_underscored[key]
             raise ConfigError(
@@ -192,16 +190,7 @@ def load_run_config(
             )
     for key, text in overrides:
         given = (override_origins or {}).get(key)
-        origins[key] = given or f"flag --{key.replace('_', '-')}"
-        _set_text(
-            data,
-            RunConfig,
-            key,
-            text,
-            origin=origins[key],
-            origins=origins,
-            base_origin=base_origin,
-        )
+        set_text(key, text, given or f"flag --{key.replace('_', '-')}")
     return config_from_dict(RunConfig, data, origin=base_origin, origins=origins)
 
 
