@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 from collections.abc import Callable, Coroutine
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -18,6 +20,7 @@ from gossamer.train.diloco_config import DiLoCoConfig
 from gossamer.train.state_sync import StateSnapshot
 from gossamer.train.swarm_averager import RoundFate
 from gossamer.train.swarm_diloco import SwarmDiLoCoStrategy
+from gossamer.train.swarm_state_exchange import _hash_key
 
 MODES = {
     "blocking": {},
@@ -27,13 +30,20 @@ MODES = {
 
 
 class FakeDht:
+    """Serves the other peers' records a test sets under a key; logs this peer's puts."""
+
+    def __init__(self) -> None:
+        self.records: dict[bytes, list[Any]] = {}
+        self.puts: list[tuple[bytes, bytes]] = []
+
     async def put(
         self, key: bytes, value: bytes, ttl_s: float | None = None, *, renew: bool = True
     ) -> int:
+        self.puts.append((key, value))
         return 1
 
     async def get(self, key: bytes, *, replicated_only: bool = False) -> list[Any]:
-        return []
+        return list(self.records.get(key, []))
 
 
 class FakeNode:
@@ -223,6 +233,34 @@ def test_a_peer_behind_at_finish_still_joins_the_last_round_with_nothing_to_add(
 H, MAX_STEPS = 8, 30  # the last segment, steps 24 to 29, is shorter than H
 
 
+def _set_hash_records(
+    monkeypatch: pytest.MonkeyPatch,
+    strategy: SwarmDiLoCoStrategy,
+    version: int,
+    others_final: dict[str, bool | None],
+) -> None:
+    """The other peers' hash records of outer step ``version``, by a name that stands for the
+    peer: marked final or not (None: no final field, as a peer from before it publishes).
+    Their hashes are none of this peer's: the final agreement reads none (it took the state
+    from the majority's holders again and again)."""
+    monkeypatch.setattr(strategy, "_published_hashes", lambda outer_step: {})
+    dht = cast(FakeDht, strategy.node_thread.node.dht)
+    records = []
+    for name, final in others_final.items():
+        value: dict[str, Any] = {"hash": "0" * 64}
+        if final is not None:
+            value["final"] = final
+        key = name.encode().ljust(32, b".")
+        records.append(SimpleNamespace(value=json.dumps(value).encode(), publisher_public_key=key))
+    dht.records[_hash_key("r", version)] = records
+
+
+def _own_hash_records(strategy: SwarmDiLoCoStrategy, version: int) -> list[dict[str, Any]]:
+    """The hash records of outer step ``version`` this peer put, in order."""
+    dht = cast(FakeDht, strategy.node_thread.node.dht)
+    return [json.loads(value) for key, value in dht.puts if key == _hash_key("r", version)]
+
+
 def _newcomer_behind_at_the_last_boundary(
     monkeypatch: pytest.MonkeyPatch,
     mode: str,
@@ -232,12 +270,16 @@ def _newcomer_behind_at_the_last_boundary(
     max_steps: int | None = MAX_STEPS,
     attempt: int = 0,
     unmarked: bool = False,
+    others_final: dict[str, bool | None] | None = None,
 ) -> tuple[SwarmDiLoCoStrategy, RoundLog, nn.Module, StateSnapshot, int]:
     """A newcomer that took version 2 (as of step 16) trains to its boundary at step 23, where
     the others publish version ``theirs_at[0]`` as of step ``theirs_at[1]`` (``unmarked``:
-    without the final field, as a peer from before it publishes); it trains on as
+    without the final field, as a peer from before it publishes; ``others_final``: the other
+    peers' hash records of that version, see :func:`_set_hash_records`); it trains on as
     Trainer.run does and finishes. Returns the step it finished at."""
     strategy, log, model = _peer(monkeypatch, mode, inner_steps=H, max_steps=max_steps)
+    if others_final is not None:
+        _set_hash_records(monkeypatch, strategy, theirs_at[0], others_final)
     strategy.outer_step = 2
     strategy._apply_snapshot(strategy._snapshot(step=2 * H))
     version, as_of = theirs_at
@@ -544,3 +586,130 @@ def test_a_state_marked_final_mid_run_leaves_the_budget_of_the_states_after_it_a
     assert strategy.max_steps == 80
     assert not strategy._took_final_state()
     strategy.close()
+
+
+def _outcome(
+    run: tuple[SwarmDiLoCoStrategy, RoundLog, nn.Module, StateSnapshot, int],
+) -> tuple[int, int, list[tuple[str, float]], list[torch.Tensor]]:
+    """Where a peer ended: its step, outer step, rounds (key and weight) and global weights."""
+    strategy, log, _, _, step = run
+    rounds = [(key, weight) for _, key, weight in log.rounds]
+    return step, strategy.outer_step, rounds, [t.detach().clone() for t in strategy._global]
+
+
+@pytest.mark.parametrize("max_steps", [MAX_STEPS, 1000, None])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_state_one_peer_marks_final_mid_run_is_taken_as_any_state_where_the_others_go_on(
+    monkeypatch: pytest.MonkeyPatch, mode: str, max_steps: int | None
+) -> None:
+    # A swarm of 3: x marks its states final mid-run (hostile, or buggy); b published the same
+    # outer step 3 (as of 24, the last boundary's) unmarked: it runs the round after it. The
+    # newcomer took x's state at its boundary, believed the run had ended there, skipped the
+    # others' last round and ended on outer step 3 where they end on 4 (the swarm split; 3 of
+    # 14 loopback runs). Outvoted by b (a tie counts against the marker), the marker is
+    # ignored: the peer ends exactly as one that took b's state. (max_steps 1000: a time
+    # budget ends the run short of it; None: the strategy knows no budget. The step a state
+    # is as of tells nothing there, nor where a liar sets it.)
+    as_b = _outcome(
+        _newcomer_behind_at_the_last_boundary(
+            monkeypatch, mode, theirs_at=(3, 3 * H), max_steps=max_steps
+        )
+    )
+    as_x = _outcome(
+        _newcomer_behind_at_the_last_boundary(
+            monkeypatch,
+            mode,
+            theirs_at=(3, 3 * H),
+            final=True,
+            max_steps=max_steps,
+            others_final={"b": False, "x": True},
+        )
+    )
+    assert as_x[:3] == as_b[:3]
+    assert as_x[2]  # (the others' round after outer step 3, which it ran with them)
+    assert all(torch.equal(a, b) for a, b in zip(as_x[3], as_b[3], strict=True))
+
+
+@pytest.mark.parametrize(
+    "others_final",
+    [{"b": True, "c": True}, {"b": True, "old": None}, {"b": True, "c": True, "x": False}],
+)
+@pytest.mark.parametrize("max_steps", [MAX_STEPS, 1000, None])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_final_state_most_of_its_publishers_marked_final_still_ends_a_peer_on_it(
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    max_steps: int | None,
+    others_final: dict[str, bool | None],
+) -> None:
+    # The honest end: every peer publishes its last outer step marked final (one from before
+    # the marker says nothing, and counts for neither side; one liar is outvoted). A time
+    # budget (max_steps 1000) or no budget known ends it short of max_steps.
+    strategy, log, model, theirs, step = _newcomer_behind_at_the_last_boundary(
+        monkeypatch,
+        mode,
+        theirs_at=(4, MAX_STEPS),
+        final=True,
+        max_steps=max_steps,
+        others_final=others_final,
+    )
+    assert step == MAX_STEPS
+    assert log.rounds == []
+    _assert_on(strategy, model, theirs)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_final_marker_taken_before_the_others_published_is_weighed_again_in_finish(
+    monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    # The newcomer took x's state of outer step 3 (as of 24) marked final before any other
+    # record of that outer step was out: nothing outvoted it then, and the peer published it
+    # marked final too. By finish(), b's record of it is out, unmarked: the marker is weighed
+    # again there, the peer runs the others' last round with them (it skipped it, and ended
+    # on outer step 3 where they end on 4), and puts its own record of outer step 3 again,
+    # unmarked (its echo of x's marker outvoted b for the next peer to weigh it).
+    strategy, log, model = _peer(monkeypatch, mode, inner_steps=H, max_steps=MAX_STEPS)
+    strategy.outer_step = 2
+    strategy._apply_snapshot(strategy._snapshot(step=2 * H))
+    theirs = _theirs(strategy, 3, step=3 * H, final=True)
+    monkeypatch.setattr(strategy, "_newest_version", lambda: 3)
+    monkeypatch.setattr(strategy, "_download", lambda version=None, donors=None: theirs)
+    log.newest_seen_version = 3
+    step = 2 * H
+    while step < MAX_STEPS:
+        step = _step(strategy, log, model, step)
+    strategy._wait_for_publication()
+    assert strategy._took_final_state()
+    assert log.rounds == []
+    _set_hash_records(monkeypatch, strategy, 3, {"b": False, "x": True})
+    strategy.finish(model, step)
+    strategy.close()
+    assert step == MAX_STEPS
+    assert [key for _, key, _ in log.rounds] == ["r/outer/3"]
+    assert strategy.outer_step == 4
+    # (training while forming, a state taken goes out after the round that follows it)
+    own = [record["final"] for record in _own_hash_records(strategy, 3)]
+    assert own == ([] if mode == "forming" else [True, False])
+
+
+def test_a_retry_owed_after_a_state_whose_final_marker_is_outvoted_is_joined(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # x marked its state after the last round, which failed on every member (round_attempt
+    # 1), final: taken at its word, the peer skipped the retry the others run in finish()
+    # and ended a round behind them.
+    strategy, log, model = _peer(monkeypatch, "blocking", inner_steps=H, max_steps=RETRY_MAX_STEPS)
+    strategy.outer_step = 2
+    strategy._apply_snapshot(strategy._snapshot(step=3 * H))
+    theirs = _theirs(strategy, 3, step=RETRY_MAX_STEPS, attempt=1, final=True)
+    _set_hash_records(monkeypatch, strategy, 3, {"b": False, "c": False, "x": True})
+    monkeypatch.setattr(strategy, "_newest_version", lambda: 3)
+    monkeypatch.setattr(strategy, "_download", lambda version=None, donors=None: theirs)
+    log.newest_seen_version = 3
+    step = 3 * H
+    while step < RETRY_MAX_STEPS:
+        step = _step(strategy, log, model, step)
+    strategy.finish(model, step)
+    strategy.close()
+    assert [key for _, key, _ in log.rounds] == ["r/outer/3#1"]
+    assert strategy.outer_step == 4

@@ -140,7 +140,10 @@ class SwarmCatchUp(SwarmStateExchange):
 
     def _catch_up_before_round(self) -> int | None:
         """(train while forming) Take the swarm's newer state first if this peer is behind (it
-        restarted from an older checkpoint, say), so it forms the round the others form."""
+        restarted from an older checkpoint, say), so it forms the round the others form; and
+        one standing on a state marked final forms it after all where that marker is outvoted
+        now (see :meth:`_recheck_final_state`)."""
+        self._recheck_final_state()
         snapshot = self._take_newer_state()
         if snapshot is None:
             return None
@@ -276,8 +279,10 @@ class SwarmCatchUp(SwarmStateExchange):
         A peer is behind when its last round closed without it, when it joined with a round in
         flight that it is not in, or when the others publish a newer version (it restarted from
         an older checkpoint, say). Progress made from a state more than one round old does not
-        count.
+        count. (First, a state marked final that this peer stands on is weighed again: see
+        :meth:`_recheck_final_state`. Outvoted, it has this peer run the round after it.)
         """
+        self._recheck_final_state()
         self._missed_before_catch_up = False
         behind = (
             self.last_round_excluded
@@ -319,7 +324,9 @@ class SwarmCatchUp(SwarmStateExchange):
         """Whether the global state this peer stands on is the others' final one: a state its
         donors marked final (published from their finish(), after their last round; see
         :meth:`_snapshot`), with no round of this peer's applied since and none owed (a round
-        that failed on every member is run again, and this peer's progress goes into it).
+        that failed on every member is run again, and this peer's progress goes into it), and
+        whose marker the other peers that published that outer step did not outvote (see
+        :meth:`_final_marker_outvoted`).
 
         Not inferred from the state's step: a state as of ``max_steps`` may still have a
         round after it (with overlap, the last boundary's, in flight; one that failed on

@@ -161,13 +161,16 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
         weight = self.weight
         continue_from: int | None = None
         work_lost = False
+        self._recheck_final_state()  # (a marker outvoted now: this boundary's round is run)
         if self._took_final_state():
             # Trained on past the others' final state (where its own loop did not end at that
             # state's step): no round follows it, and finish() ends on it, unless the others
-            # went on past it (a state marked final mid-run: a hostile donor's, or one of a
-            # shorter budget). Their versions are read afresh: this peer formed no round since
-            # it took that state, and the versions its last formation read are as old as
-            # that (it stayed on the marked state to the end while the others went on).
+            # went on past it (a state marked final mid-run, a hostile donor's or one of a
+            # shorter budget, that no record of its outer step outvoted: where none was out
+            # yet, say, or every other one is a liar's). Their versions are read afresh: this
+            # peer formed no round since it took that state, and the versions its last
+            # formation read are as old as that (it stayed on the marked state to the end
+            # while the others went on).
             newest = self.swarm_averager.newest_version()
             logger.debug(
                 "peer %s at step %d stands on the others' final state (outer step %d); the "

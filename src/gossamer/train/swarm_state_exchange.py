@@ -120,7 +120,11 @@ class SwarmStateExchange(DiLoCoStrategy):
         """Monotonic time before which no round's entries are read for an early join."""
         self._final_version: int | None = None
         """The version of the others' final state this peer took (see :func:`_final_state`;
-        None: none taken). While it stands on that version, it runs no round of its own."""
+        None: none taken, or its marker was outvoted: see :meth:`_final_marker_outvoted`).
+        While it stands on that version, it runs no round of its own."""
+        self._final_attempt = 0
+        """The ``round_attempt`` of that state: a retry owed after it where its marker is
+        outvoted later (see :meth:`_recheck_final_state`)."""
         self._published_final = False
         """The last state this peer published was marked final (see :meth:`_snapshot`)."""
         self._skipped_steps = 0
@@ -316,8 +320,13 @@ class SwarmStateExchange(DiLoCoStrategy):
         if not self.config.overlap:  # (the local progress not in the swarm's state is gone)
             self._discard_uncommitted(self._steps_done)
         self._placed_by_state = True
-        final = _final_state(snapshot, self.max_steps)
+        # (the others' records are read only for a state that says it is final: rare)
+        final = _final_state(snapshot, self.max_steps) and not self._final_marker_outvoted(
+            snapshot.version
+        )
         self._final_version = snapshot.version if final else None
+        attempt = snapshot.meta.get("round_attempt", 0)
+        self._final_attempt = attempt if type(attempt) is int else 0
         if _state_of_the_run(snapshot):  # (its settings were checked: see _unusable)
             self._of_the_run = True
         before = [t.clone() for t in self._global] if self.config.overlap else []
@@ -325,7 +334,6 @@ class SwarmStateExchange(DiLoCoStrategy):
         # owes that round's next attempt: its donors run it at their next boundary, or in
         # their finish() where the run ended, and this peer joins it there too (see
         # DiLoCoStrategy.finish). Not one marked final: nobody runs a round after it.
-        attempt = snapshot.meta.get("round_attempt", 0)
         retry_owed = type(attempt) is int and attempt > 0 and not final
         self._apply_state(
             snapshot.tensors,
@@ -424,7 +432,7 @@ class SwarmStateExchange(DiLoCoStrategy):
         # (refused here where newcomers, sizing their limit from the same model, would refuse it)
         self.donor.publish(snapshot, max_meta_bytes=meta_bytes_bound(self._state_tensors()))
         self.swarm_averager.join_run(outer_step)
-        self._put_hash(outer_step, digest)
+        self._put_hash(outer_step, digest, final=snapshot.meta.get("final") is True)
 
     def _resynced(self) -> None:
         self.resyncs += 1
@@ -450,9 +458,12 @@ class SwarmStateExchange(DiLoCoStrategy):
         make it one of the run: it may be the odd one still.)"""
         return not self._of_the_run
 
-    def _put_hash(self, outer_step: int, digest: str) -> None:
+    def _put_hash(self, outer_step: int, digest: str, *, final: bool) -> None:
+        """Announce this peer's hash of its global weights after ``outer_step``, and whether
+        it runs no round after that state (``final``): the others weigh a state's final
+        marker by these (see :meth:`_final_marker_outvoted`)."""
         key = _hash_key(self.config.run_id, outer_step)
-        value = json.dumps({"hash": digest}).encode()
+        value = json.dumps({"hash": digest, "final": final}).encode()
 
         async def put(node: Node) -> None:
             await node.dht.put(key, value, _HASH_TTL_S, renew=False)
@@ -470,20 +481,94 @@ class SwarmStateExchange(DiLoCoStrategy):
         Raises:
             GossamerError: the DHT could not be read.
         """
+        return {peer: record["hash"] for peer, record in self._hash_records(outer_step).items()}
+
+    def _hash_records(self, outer_step: int) -> dict[str, dict[str, Any]]:
+        """The other peers' hash records of ``outer_step`` (a string ``hash``, and from peers
+        since the final marker a boolean ``final`` where well formed), by peer; as
+        :meth:`_published_hashes` picks them.
+
+        Raises:
+            GossamerError: the DHT could not be read.
+        """
         key = _hash_key(self.config.run_id, outer_step)
         me = self.node_thread.node.peer_id
         earlier = self.swarm_averager.left_before_joining
 
-        async def get(node: Node) -> dict[str, str]:
+        async def get(node: Node) -> dict[str, dict[str, Any]]:
             found = {}
             for publisher, value in await read_json_records(node, key):
                 if publisher in earlier:
                     continue
                 if publisher != me and isinstance(value.get("hash"), str):
-                    found[publisher] = value["hash"]
+                    found[publisher] = value
             return found
 
         return self.node_thread.run(get, timeout_s=10)
+
+    def _final_marker_outvoted(self, version: int) -> bool:
+        """Whether a state of outer step ``version`` marked final is no end of the run: most
+        of the other peers that published their hash of that outer step say they go on past
+        it (their records are not marked final; a tie counts against the marker).
+
+        The marker is one donor's word, in meta nobody checks: taken at its word from a peer
+        that marked its states final mid-run (hostile, or buggy), it had a peer that resynced
+        from it (or a newcomer) skip the rounds the others went on to run and end an outer
+        step or more behind them (3 of 14 runs of a loopback swarm of 3 ended split). The
+        step it is as of proves nothing either: a time budget ends a run short of
+        ``max_steps``, and a state's step is the donor's word too. The peers that published
+        that outer step know whether they run a round after it; every honest peer publishes
+        its last outer step marked final (see :meth:`_snapshot`) and a state it goes on
+        from unmarked, so the marker is outvoted only where most of them go on.
+
+        Not outvoted where no other record of that outer step carries a marker (the DHT
+        cannot be read, its publishers predate the marker, or their records are not out
+        yet): the marker is taken as before, and weighed again at the next boundary and in
+        finish() (:meth:`_recheck_final_state`), where the others have published theirs.
+        Identities cost nothing: several on one host, a majority of them counted, can still
+        end a peer's run early.
+        """
+        try:
+            records = self._hash_records(version)
+        except GossamerError as exc:
+            logger.debug(
+                "peer %s: cannot read the hashes of outer step %d: %s", self._short(), version, exc
+            )
+            return False
+        marks = [r["final"] for r in records.values() if isinstance(r.get("final"), bool)]
+        if not marks or 2 * sum(marks) > len(marks):
+            return False
+        logger.warning(
+            "peer %s: a donor's state of outer step %d is marked final, yet %d of the %d other "
+            "peers that published that outer step go on past it: the run has not ended there",
+            self._short(),
+            version,
+            marks.count(False),
+            len(marks),
+        )
+        return True
+
+    def _recheck_final_state(self) -> None:
+        """Where this peer stands on a state taken as the others' final one, weigh its marker
+        again (at a boundary, and in finish(): where the marker decides whether this peer
+        runs a round) and forget it where it is outvoted now (see
+        :meth:`_final_marker_outvoted`): this peer then runs the others' rounds from that
+        state, as from any state not marked final (the retry of a round that failed on every
+        member included, where the state owed one).
+
+        Taken while the others' records of that outer step were not out yet, the marker went
+        out again with this peer's own record of it: that record is put again unmarked, so
+        the echo does not outvote the others for the next peer that weighs it.
+        """
+        if not self._took_final_state() or not self._final_marker_outvoted(self.outer_step):
+            return
+        self._final_version = None
+        self._round_failed = self._final_attempt > 0
+        self._wait_for_publication()
+        digest = self._hashes.get(self.outer_step)
+        if self._published_final and digest is not None:
+            self._published_final = False
+            self._put_hash(self.outer_step, digest, final=False)
 
     def _out_of_agreement(self, outer_step: int) -> list[str]:
         """The peers to resync from if this peer's hash after ``outer_step`` is not the majority's.
@@ -551,7 +636,9 @@ def _state_of_the_run(snapshot: StateSnapshot) -> bool:
 def _final_state(snapshot: StateSnapshot, max_steps: int | None) -> bool:
     """Whether ``snapshot`` is its peer's final state, after which it runs no round.
 
-    Its meta says so (checked a boolean in :meth:`SwarmStateExchange._unusable`). A state
+    Its meta says so (checked a boolean in :meth:`SwarmStateExchange._unusable`), and the
+    other peers that published its outer step do not outvote that (see
+    :meth:`SwarmStateExchange._final_marker_outvoted`, which the caller asks). A state
     without the field comes from a peer that predates the marker: its end is inferred as
     those peers inferred it, a state as of the run's last step (``max_steps``, this peer's
     budget) with no round in flight and none owed (``round_attempt`` 0). Read as not final,
