@@ -418,6 +418,15 @@ class NodeConfig:
     failure detector's heartbeats, not by this, and a silently dead connection they watch is
     closed after the keepalive window (``ConnectionPool.drop_if_silent``), unless a bulk upload
     is under way on it: that one is left to this timeout (or to the upload's deadline)."""
+    ping_ack_timeout_s: float = 300.0
+    """How long gRPC waits for the answer to one of its HTTP/2 pings (keepalive's and flow
+    control's) before it closes the connection (``grpc.http2.ping_timeout_ms``; gRPC's default
+    is 60 s). The answer goes out behind the data its sender has queued on that connection: an
+    upload on a link down from 100 Mbit/s to 100 kbit/s had 1.1 MB in its socket, and gRPC
+    closed the connection at 60 s ("ping timeout"; the answer took 114 s); 300 s covers a 4
+    MiB socket buffer at 112 kbit/s. It is also how long a stopped peer (its kernel still
+    acking) keeps an idle connection; one that vanished is cut after
+    ``unacked_data_timeout_s``."""
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     """Sizes and counts accepted from the network."""
     retry: RetryConfig = field(default_factory=RetryConfig)
@@ -466,6 +475,7 @@ class NodeConfig:
         _require(self.keepalive_interval_s > 0, "net.keepalive_interval_s", "must be positive")
         _require(self.keepalive_timeout_s > 0, "net.keepalive_timeout_s", "must be positive")
         _require(self.unacked_data_timeout_s > 0, "net.unacked_data_timeout_s", "must be positive")
+        _require(self.ping_ack_timeout_s > 0, "net.ping_ack_timeout_s", "must be positive")
         _require(  # (else every record this node renews vanished from the others meanwhile)
             self.dht.republish_interval_s < self.limits.max_stored_ttl_s,
             "dht.republish_interval_s",

@@ -79,17 +79,20 @@ def grpc_options(config: NodeConfig) -> list[tuple[str, Any]]:
         ("grpc.max_send_message_length", config.limits.max_message_bytes),
         ("grpc.max_receive_message_length", config.limits.max_message_bytes),
         ("grpc.keepalive_time_ms", int(config.keepalive_interval_s * 1000)),
-        # (grpcio 1.85 holds a ping's ack, keepalive's included, to grpc.http2.ping_timeout_ms,
-        # 60 s by default. Set to this, it closed busy connections on thin links: an ack waits
-        # behind the data already queued on a saturated uplink, a 2 MB round at 1 Mbit/s failed.
-        # A hung relay is noticed by the reservation's own heartbeats instead, see tunnels.py.)
-        # gRPC also sets every socket's TCP_USER_TIMEOUT to this, and no other option sets that
+        # gRPC sets every socket's TCP_USER_TIMEOUT to this, and no other option sets that
         # apart: at 5 s (keepalive_timeout_s, once passed here) the kernel aborted connections
         # on a 500 kbit/s link busy both ways, 12-16 times a run per NATed peer behind a relay,
         # as a segment waited behind the queues for its ack. A peer gone is noticed by the
         # failure detector's heartbeats (2.5 s), not by TCP, so this can be long (20 s: none
         # aborted on that link; 60 s kept a vanished client's socket and reservation 60 s).
         ("grpc.keepalive_timeout_ms", int(config.unacked_data_timeout_s * 1000)),
+        # grpcio 1.85 holds every ping's ack (keepalive's and flow control's) to its own
+        # deadline, 60 s by default, and an ack waits behind the data its sender has queued on
+        # the connection: at 5 s a 2 MB round at 1 Mbit/s failed, and at 60 s an upload on a
+        # link down from 100 Mbit/s to 100 kbit/s (1.1 MB in the socket, 114 s) failed with
+        # "ping timeout". TCP_USER_TIMEOUT stays above; a hung relay is noticed by the
+        # reservation's own heartbeats, see tunnels.py.
+        ("grpc.http2.ping_timeout_ms", int(config.ping_ack_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_ping_interval_without_data_ms", int(config.keepalive_interval_s * 500)),
