@@ -123,6 +123,9 @@ class FakeDonor:
         self.steps.append(snapshot.meta["step"])
         self.max_meta_bytes.append(max_meta_bytes)
 
+    def serving_idle_s(self, version: int) -> float | None:
+        return None  # (nobody downloads from it)
+
 
 def test_outer_steps_are_published_in_order_and_drained_on_close() -> None:
     torch.manual_seed(0)

@@ -189,6 +189,11 @@ class StateDonor:
         """Requests answered with an error status, refused as malformed or as busy."""
         self.num_requests_evicted = 0
         """Requests whose reply was given up for a peer holding fewer requests."""
+        self._served_s: dict[int, float] = {}
+        """(The donor's clock) when a manifest or chunk of each version was last asked for or
+        taken: see :meth:`serving_idle_s`."""
+        self._num_sending: dict[int, int] = {}
+        """Manifest and chunk replies being sent right now, by version."""
         node.on_bulk(REQUEST_TOPIC, self._on_request, max_bytes=MAX_REQUEST_BYTES)
 
     @property
@@ -196,6 +201,24 @@ class StateDonor:
         """The version of the newest published snapshot (None before the first)."""
         with self._lock:
             return None if self._current is None else self._current.snapshot.manifest.version
+
+    def serving_idle_s(self, version: int) -> float | None:
+        """Seconds since this donor last served ``version``: since a request for its manifest
+        or a chunk of it came, or the reply was taken; 0 while such a reply is being sent.
+
+        A peer that has run its last step asks this before it leaves: a peer still fetching
+        its state shows here, behind a thin link too, where a chunk's reply takes many seconds
+        to cross (the reply being sent counts as serving, not only the reply taken).
+
+        Returns:
+            The seconds, or None where it served nothing of ``version`` (of the versions it
+            still holds).
+        """
+        with self._lock:
+            if self._num_sending.get(version, 0) > 0:
+                return 0.0
+            served_s = self._served_s.get(version)
+            return None if served_s is None else max(0.0, self._clock.monotonic() - served_s)
 
     def publish(self, snapshot: StateSnapshot, *, max_meta_bytes: int | None = None) -> None:
         """Make ``snapshot`` the one served to newcomers (thread-safe; blocks while serializing).
@@ -237,6 +260,17 @@ class StateDonor:
                     self._previous = old
                 old.superseded_at_s = now
             self._current = _Served(snapshot=serialized)
+            # (one entry per version held or still being sent: not one per outer step run)
+            held = {
+                served.snapshot.manifest.version
+                for served in (self._current, self._previous)
+                if served is not None
+            }
+            self._served_s = {
+                v: served_s
+                for v, served_s in self._served_s.items()
+                if v in held or self._num_sending.get(v, 0) > 0
+            }
         _log.info(
             "peer %s: serving state version %d (%d bytes, %d chunks)",
             self._node.peer_id[:8],
@@ -436,8 +470,9 @@ class StateDonor:
             await self._refuse(sender, request, status, "no snapshot published")
             return
         reply = self._ok_reply(request, current, current.snapshot.manifest_bytes)
+        version = current.snapshot.manifest.version
         del current  # the reply holds a copy: the snapshot may go while it is sent
-        await self._send(sender, request, reply)
+        await self._send_serving(sender, request, reply, version)
 
     async def _serve_chunk(self, sender: str, request: Request) -> None:
         served = self._find(request.version, request.manifest_sha256)
@@ -464,9 +499,29 @@ class StateDonor:
                 sender, request, ReplyStatus.BAD_REQUEST, f"chunk {request.index} of {num_chunks}"
             )
             return
-        await self._send(sender, request, reply)
+        await self._send_serving(sender, request, reply, request.version)
         with self._lock:
             self.num_bytes_served += len(reply) - REPLY_HEADER_BYTES
+
+    async def _send_serving(
+        self, sender: str, request: Request, reply: bytes, version: int
+    ) -> None:
+        """Send a manifest or chunk reply of ``version``, counted as serving it while it is
+        sent and when it was taken (see :meth:`serving_idle_s`)."""
+        with self._lock:
+            self._served_s[version] = self._clock.monotonic()
+            self._num_sending[version] = self._num_sending.get(version, 0) + 1
+        try:
+            await self._send(sender, request, reply)
+            with self._lock:
+                self._served_s[version] = self._clock.monotonic()
+        finally:
+            with self._lock:
+                left = self._num_sending[version] - 1
+                if left:
+                    self._num_sending[version] = left
+                else:
+                    del self._num_sending[version]
 
     def _chunk_reply(self, request: Request, served: _Served) -> bytes:
         start, stop = served.snapshot.manifest.chunk_range(request.index)

@@ -10,7 +10,7 @@
   peers that hold the majority's state;
 - after its last step waits until every live peer of the run has published its hash of the final
   outer step and every published hash agrees, and resyncs if its own differs, so the peers end
-  with the same weights;
+  with the same weights (it serves its state past that wait while a peer is still fetching it);
 - with ``train_while_forming``, after taking the others' state (as a newcomer, or after a
   round it missed), joins the round of its outer step as soon as they are in it, with the steps
   it took, instead of at its own boundary, which comes as many steps after theirs as they were
@@ -61,7 +61,12 @@ __all__ = ["SwarmDiLoCoStrategy"]
 
 logger = logging.getLogger(__name__)
 _FINAL_AGREEMENT_S = 20.0
-"""How long a peer that finished waits for the others' hashes of the final outer step."""
+"""How long a peer that finished waits for the others' hashes of the final outer step (longer
+while a peer fetches its state: see :meth:`SwarmDiLoCoStrategy._serving_final_state`)."""
+_FINAL_SERVING_QUIET_S = 10.0
+"""A peer that finished and served its final state (its manifest or a chunk) within this long,
+or is sending it, stays past ``_FINAL_AGREEMENT_S``: the peer fetching it is still at it (it
+asks its next chunks as soon as the last ones come)."""
 _FINAL_POLL_S = 0.2
 
 
@@ -418,6 +423,12 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
         hash is not the majority's downloads that state from the peers holding it and publishes
         again; the others keep serving until they see it agree. A peer that missed the
         last round is waited for too: it is fetching the others' state meanwhile.
+
+        Past that wait, a peer stays while a peer is still fetching its final state (see
+        :meth:`_serving_final_state`): behind a thin link the download takes longer than the
+        wait (a 10 MB state over 2 Mbit/s, 40 s), and its donors left mid-download, their
+        state gone with them, so the peer fetching it ended on its own weights. A peer that
+        serves nobody leaves at the wait, as before.
         """
         replaced = super().finish(model, step)
         self._wait_for_publication()
@@ -430,7 +441,9 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
             self._publish_outer_step(step=step, final=True)
             self._wait_for_publication()
         final = self.outer_step
-        deadline = time.monotonic() + _FINAL_AGREEMENT_S
+        started = time.monotonic()
+        deadline = started + _FINAL_AGREEMENT_S
+        said_serving = False
         while True:
             try:
                 states = self.swarm_averager.run_states()
@@ -462,10 +475,43 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
                     self._wait_for_publication()
                     continue
             if time.monotonic() >= deadline:
-                logger.warning(
-                    "peer %s: no agreement on the final weights within %.0f s; ending with its own",
-                    self._short(),
-                    _FINAL_AGREEMENT_S,
-                )
-                return replaced
+                serving = self._serving_final_state(final, started)
+                if serving is None:
+                    logger.warning(
+                        "peer %s at outer step %d: no agreement on the final weights within "
+                        "%.0f s; ending with its own",
+                        self._short(),
+                        final,
+                        time.monotonic() - started,
+                    )
+                    return replaced
+                if not said_serving:
+                    said_serving = True
+                    logger.info(
+                        "peer %s at outer step %d: a peer is still fetching its final state "
+                        "(%s); serving it past the %.0f s wait",
+                        self._short(),
+                        final,
+                        serving,
+                        _FINAL_AGREEMENT_S,
+                    )
             time.sleep(_FINAL_POLL_S)
+
+    def _serving_final_state(self, final: int, started: float) -> str | None:
+        """Why this peer, waiting for the final agreement since ``started``, stays past its
+        wait: its donor is sending outer step ``final``'s state (its manifest or a chunk), or
+        sent some within ``_FINAL_SERVING_QUIET_S`` (None: it served none lately, or it has
+        waited ``swarm.max_round_timeout_s``, the longest a round may take over the swarm's
+        links).
+
+        What the donor serves says a peer is fetching, and making progress, with no figure for
+        the link needed: a peer that stalls holds its donors no longer than the quiet
+        allowance, or a reply's own deadline, and the cap holds for all of them.
+        """
+        idle_s = self.donor.serving_idle_s(final)
+        if idle_s is None or idle_s > _FINAL_SERVING_QUIET_S:
+            return None
+        cap_s = max(_FINAL_AGREEMENT_S, self.swarm_averager.config.max_round_timeout_s)
+        if time.monotonic() - started >= cap_s:
+            return None
+        return "sending it now" if idle_s == 0 else f"some sent {idle_s:.1f} s ago"

@@ -1,0 +1,329 @@
+"""The final agreement of swarm DiLoCo peers when the odd one's link is thin: the peers holding
+the majority's state keep serving it while the odd one is still fetching it.
+
+Three real strategies and state donors over the in-memory bulk network (``state_sync_fakes``),
+with a shared in-memory DHT for the hashes and a run whose members are all active. The odd
+peer's downlink carries the donors' replies slowly: its download takes several times the
+final agreement's wait (scaled down here, as a 10 MB state over 2 Mbit/s takes 40 s against
+the 20 s wait). Before, the donors gave up at that wait, left and stopped serving mid-download,
+and the odd peer ended on its own weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+import torch
+from state_sync_fakes import (
+    FakeBulkNetwork,
+    FakeSharedLink,
+    LinkedRepliesNode,
+    add_linked_node,
+    assert_same_state,
+    random_snapshot,
+)
+from torch import nn
+
+from gossamer.core.clock import FakeClock
+from gossamer.net.identity import peer_id_of_public_key
+from gossamer.train import swarm_diloco
+from gossamer.train.diloco_config import DiLoCoConfig
+from gossamer.train.state_sync import StateSnapshot, download_state
+from gossamer.train.state_sync_donor import StateDonor
+from gossamer.train.swarm_diloco import SwarmDiLoCoStrategy
+
+RUN = "final-thin-link"
+FINAL_OUTER_STEP = 3
+FINAL_STEP = 6
+CHUNK = 4096
+BASE_WAIT_S = 0.5
+"""The final agreement's wait, scaled down (20 s in a run)."""
+WIRE_S = 3.0
+"""How long the odd peer's downlink takes to carry the majority's state: six waits."""
+
+
+class SharedDht:
+    """Records by key and publisher, as every peer's DHT finds them."""
+
+    def __init__(self) -> None:
+        self.records: dict[bytes, dict[bytes, bytes]] = {}
+
+
+class PeerDht:
+    """One peer's view of :class:`SharedDht`: its puts are signed with its key."""
+
+    def __init__(self, shared: SharedDht, public_key: bytes) -> None:
+        self._shared = shared
+        self._public_key = public_key
+
+    async def put(
+        self, key: bytes, value: bytes, ttl_s: float | None = None, *, renew: bool = True
+    ) -> int:
+        self._shared.records.setdefault(key, {})[self._public_key] = value
+        return 1
+
+    async def get(self, key: bytes, *, replicated_only: bool = False) -> list[Any]:
+        return [
+            SimpleNamespace(value=value, publisher_public_key=public_key)
+            for public_key, value in self._shared.records.get(key, {}).items()
+        ]
+
+
+class LoopThread:
+    """One event loop in a thread of its own, that every peer's node work runs on (the fake
+    bulk network hands a transfer to its receiver's handler on the sender's loop)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        async def cancel_the_rest() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(cancel_the_rest(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+
+class FakeNodeThread:
+    """A peer's node thread: runs its node work on the shared loop."""
+
+    def __init__(self, loop_thread: LoopThread, node: LinkedRepliesNode) -> None:
+        self._loop_thread = loop_thread
+        self.node = node
+
+    def run(self, work: Callable[[Any], Coroutine[Any, Any, Any]], timeout_s: float) -> Any:
+        future = asyncio.run_coroutine_threadsafe(work(self.node), self._loop_thread.loop)
+        return future.result(timeout=timeout_s)
+
+
+class FakeRun:
+    """The run's membership as one peer's failure detector reports it: every other peer that
+    has not left is active."""
+
+    def __init__(
+        self, me: str, peers: list[str], left: set[str], max_round_timeout_s: float
+    ) -> None:
+        self._me = me
+        self._peers = peers
+        self._left = left
+        self.config = SimpleNamespace(max_round_timeout_s=max_round_timeout_s)
+        self.settings: dict[str, Any] = {}
+        self.other_settings: dict[str, Any] = {}
+        self.other_settings_peers: frozenset[str] = frozenset()
+        self.left_before_joining: frozenset[str] = frozenset()
+        self.newest_seen_version: int | None = None
+
+    def run_states(self) -> dict[str, tuple[str, int]]:
+        return {
+            p: ("active", FINAL_OUTER_STEP)
+            for p in self._peers
+            if p != self._me and p not in self._left
+        }
+
+    def join_run(self, version: int) -> None:
+        pass
+
+    def leave_run(self) -> None:
+        pass
+
+    def newest_version(self) -> int:
+        return -1
+
+    def rounds_awaiting(self) -> list[str]:
+        return []
+
+
+@dataclass
+class Peer:
+    strategy: SwarmDiLoCoStrategy
+    model: nn.Module
+    donor: StateDonor
+    peer_id: str
+
+
+@contextlib.contextmanager
+def peers(
+    count: int, link: FakeSharedLink, *, max_round_timeout_s: float = 60.0
+) -> Iterator[tuple[list[Peer], set[str]]]:
+    """``count`` peers on one in-memory network; every peer's state-sync replies cross
+    ``link`` (the odd peer's downlink: only it downloads). Yields them and the set of peers
+    that left the run (a peer leaves once its finish() returns)."""
+    network = FakeBulkNetwork()
+    dht = SharedDht()
+    loop_thread = LoopThread()
+    keys = [bytes([i + 1]) * 32 for i in range(count)]
+    ids = [peer_id_of_public_key(key) for key in keys]
+    left: set[str] = set()
+    made: list[Peer] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            for key, peer_id in zip(keys, ids, strict=True):
+                node = add_linked_node(network, peer_id, link)
+                cast(Any, node).dht = PeerDht(dht, key)
+                donor = StateDonor(node, chunk_bytes=CHUNK)
+                stack.callback(donor.close)
+                strategy = SwarmDiLoCoStrategy(
+                    DiLoCoConfig(inner_steps=2, run_id=RUN),
+                    cast(Any, FakeRun(peer_id, ids, left, max_round_timeout_s)),
+                    cast(Any, FakeNodeThread(loop_thread, node)),
+                    donor,
+                    join_existing=False,
+                )
+                stack.callback(strategy.close)
+                torch.manual_seed(0)  # every peer starts from the same weights, as a run does
+                model = nn.Linear(64, 64)
+                strategy.setup(model, torch.optim.AdamW(model.parameters()))
+                made.append(Peer(strategy, model, donor, peer_id))
+            yield made, left
+    finally:
+        loop_thread.close()
+
+
+def end_run_with(peer: Peer, value: float) -> None:
+    """Make ``peer`` stand after the final outer step with every global weight at ``value``."""
+    strategy = peer.strategy
+    strategy.outer_step = FINAL_OUTER_STEP
+    with torch.no_grad():
+        for tensor, param in zip(strategy._global, peer.model.parameters(), strict=True):
+            tensor.fill_(value)
+            param.fill_(value)
+    strategy._publish_outer_step(step=FINAL_STEP)
+    strategy._wait_for_publication()
+
+
+def finish_all(made: list[Peer], left: set[str]) -> tuple[list[bool], list[float]]:
+    """Every peer's finish() at once; a peer whose finish() returned leaves the run and its
+    process ends: its donor serves no more. Returns what each returned and when."""
+    replaced: list[bool | None] = [None] * len(made)
+    took_s = [0.0] * len(made)
+    started = time.monotonic()
+
+    def finish(index: int) -> None:
+        peer = made[index]
+        replaced[index] = peer.strategy.finish(peer.model, FINAL_STEP)
+        took_s[index] = time.monotonic() - started
+        left.add(peer.peer_id)
+        peer.donor.close()
+
+    threads = [threading.Thread(target=finish, args=(i,)) for i in range(len(made))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert all(r is not None for r in replaced), "a peer's finish() did not return"
+    return [bool(r) for r in replaced], took_s
+
+
+def state_bytes(peer: Peer) -> int:
+    """Bytes of ``peer``'s published state, as a download carries them."""
+    with peer.donor._lock:
+        assert peer.donor._current is not None
+        return peer.donor._current.snapshot.manifest.total_bytes
+
+
+@pytest.mark.timeout(60)
+def test_the_majority_serves_its_final_state_until_a_slow_minority_has_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(swarm_diloco, "_FINAL_AGREEMENT_S", BASE_WAIT_S)
+    link = FakeSharedLink(bytes_per_s=1.0)  # (set once the state's size is known)
+    with peers(3, link) as (made, left):
+        for peer, value in zip(made, [1.0, 2.0, 1.0], strict=True):
+            end_run_with(peer, value)
+        link.bytes_per_s = state_bytes(made[0]) / WIRE_S
+        replaced, took_s = finish_all(made, left)
+        # The odd peer took the majority's state: every peer ends on the same weights.
+        assert replaced == [False, True, False]
+        assert len({p.strategy.global_weights_hash() for p in made}) == 1
+        odd = made[1]
+        assert odd.strategy.resyncs == 1
+        for param in odd.model.parameters():
+            assert torch.equal(param.detach(), torch.full_like(param, 1.0))
+        # The majority stayed past its wait, serving, until the odd peer had its state.
+        assert min(took_s[0], took_s[2]) > WIRE_S * 0.8
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_that_fetches_nothing_holds_the_others_no_longer_than_the_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The odd peer published another hash and never runs its finish(): it fetches nothing,
+    # so the majority leaves at its wait, as before.
+    monkeypatch.setattr(swarm_diloco, "_FINAL_AGREEMENT_S", BASE_WAIT_S)
+    link = FakeSharedLink(bytes_per_s=1e9)
+    with peers(3, link) as (made, left):
+        for peer, value in zip(made, [1.0, 2.0, 1.0], strict=True):
+            end_run_with(peer, value)
+        replaced, took_s = finish_all([made[0], made[2]], left)
+        assert replaced == [False, False]
+        assert all(BASE_WAIT_S <= s < BASE_WAIT_S + 2.0 for s in took_s)
+        assert made[0].donor.num_bytes_served == made[2].donor.num_bytes_served == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_minority_fetching_for_longer_than_a_round_may_take_is_left_at_that_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Its download would take 10 s; the majority serves it at most swarm.max_round_timeout_s
+    # (2 s here) in all, then leaves.
+    monkeypatch.setattr(swarm_diloco, "_FINAL_AGREEMENT_S", BASE_WAIT_S)
+    cap_s = 2.0
+    link = FakeSharedLink(bytes_per_s=1.0)
+    with peers(3, link, max_round_timeout_s=cap_s) as (made, left):
+        for peer, value in zip(made, [1.0, 2.0, 1.0], strict=True):
+            end_run_with(peer, value)
+        link.bytes_per_s = state_bytes(made[0]) / 10.0
+        replaced, took_s = finish_all(made, left)
+        assert replaced == [False, False, False]  # (the odd peer's download was cut short)
+        assert all(cap_s <= s < cap_s + 2.0 for s in (took_s[0], took_s[2]))
+
+
+def test_a_donor_says_how_long_since_it_last_served_a_version() -> None:
+    # What finish() reads: 0 while a reply of the version is on its way (a thin link's chunk
+    # takes long to cross), the time since the last one after, None for a version it never
+    # served or no longer holds.
+    clock = FakeClock()
+    network = FakeBulkNetwork()
+    link = FakeSharedLink(bytes_per_s=40_000.0)  # (5 chunks of 4 KiB: about half a second)
+    node = add_linked_node(network, "donor", link)
+    donor = StateDonor(node, chunk_bytes=CHUNK, clock=clock)
+    want = random_snapshot(5000)
+    donor.publish(want)
+    assert donor.serving_idle_s(want.version) is None
+    seen: list[float | None] = []
+
+    async def download_watching() -> StateSnapshot:
+        fetching = asyncio.create_task(
+            download_state(network.add("newcomer"), ["donor"], timeout_s=30)
+        )
+        while not fetching.done():
+            seen.append(donor.serving_idle_s(want.version))
+            await asyncio.sleep(0.01)
+        return await fetching
+
+    got = asyncio.run(download_watching())
+    assert_same_state(got[0], want)
+    assert 0.0 in seen  # (sending)
+    assert donor.serving_idle_s(want.version) == 0.0  # (taken just now, by the fake clock)
+    clock.advance(7.0)
+    assert donor.serving_idle_s(want.version) == 7.0
+    assert donor.serving_idle_s(want.version + 1) is None
+    clock.advance(60.0)  # (past the grace a replaced state is kept for its downloads)
+    for version in (want.version + 1, want.version + 2):  # (it no longer holds the first)
+        donor.publish(StateSnapshot(version=version, tensors=want.tensors, meta={"step": 0}))
+    assert donor.serving_idle_s(want.version) is None
