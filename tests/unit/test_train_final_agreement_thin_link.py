@@ -327,3 +327,45 @@ def test_a_donor_says_how_long_since_it_last_served_a_version() -> None:
     for version in (want.version + 1, want.version + 2):  # (it no longer holds the first)
         donor.publish(StateSnapshot(version=version, tensors=want.tensors, meta={"step": 0}))
     assert donor.serving_idle_s(want.version) is None
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_outside_the_run_fetching_the_final_state_holds_nobody(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The odd peer published another hash and never runs its finish(); a node that is not a
+    # member of the run (a monitor, an evaluator, or a hostile one) downloads the majority's
+    # final state over and over. Only members still to agree may hold the majority past its
+    # wait: counted as serving, that node held every finished peer to the cap (900 s by
+    # default; 5 s here), with requests of a few bytes.
+    monkeypatch.setattr(swarm_diloco, "_FINAL_AGREEMENT_S", BASE_WAIT_S)
+    link = FakeSharedLink(bytes_per_s=1e9)
+    with peers(3, link, max_round_timeout_s=5.0) as (made, left):
+        for peer, value in zip(made, [1.0, 2.0, 1.0], strict=True):
+            end_run_with(peer, value)
+        network = made[0].donor._node.network  # (the peers' in-memory network)
+        donors = [made[0].peer_id, made[2].peer_id]
+        stop = threading.Event()
+        fetched: list[int] = []
+
+        def fetch_over_and_over() -> None:
+            async def fetch() -> None:
+                outsider = network.add("outsider")
+                while not stop.is_set():
+                    with contextlib.suppress(Exception):
+                        await download_state(outsider, donors, timeout_s=5)
+                        fetched.append(1)
+                    await asyncio.sleep(0.1)
+
+            asyncio.run(fetch())
+
+        fetcher = threading.Thread(target=fetch_over_and_over)
+        fetcher.start()
+        try:
+            replaced, took_s = finish_all([made[0], made[2]], left)
+        finally:
+            stop.set()
+            fetcher.join(timeout=10)
+        assert fetched, "the outsider never fetched the state"
+        assert replaced == [False, False]
+        assert all(BASE_WAIT_S <= s < BASE_WAIT_S + 2.0 for s in took_s), took_s

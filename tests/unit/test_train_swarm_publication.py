@@ -123,7 +123,7 @@ class FakeDonor:
         self.steps.append(snapshot.meta["step"])
         self.max_meta_bytes.append(max_meta_bytes)
 
-    def serving_idle_s(self, version: int) -> float | None:
+    def serving_idle_s(self, version: int, peers: set[str] | None = None) -> float | None:
         return None  # (nobody downloads from it)
 
 

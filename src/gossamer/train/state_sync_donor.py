@@ -53,6 +53,9 @@ from gossamer.train.state_sync_wire import (
 __all__ = ["BulkEndpoint", "StateDonor"]
 
 _log = logging.getLogger(__name__)
+_MAX_SERVED_ENTRIES = 1024
+"""Peers whose last request of a version a donor remembers (see
+:meth:`StateDonor.serving_idle_s`); past it the oldest half not being sent to is forgotten."""
 
 
 class BulkEndpoint(Protocol):
@@ -189,10 +192,10 @@ class StateDonor:
         """Requests answered with an error status, refused as malformed or as busy."""
         self.num_requests_evicted = 0
         """Requests whose reply was given up for a peer holding fewer requests."""
-        self._served_s: dict[int, float] = {}
+        self._served_s: dict[tuple[int, str], float] = {}
         """(The donor's clock) when a manifest or chunk of each version was last asked for or
         taken: see :meth:`serving_idle_s`."""
-        self._num_sending: dict[int, int] = {}
+        self._num_sending: dict[tuple[int, str], int] = {}
         """Manifest and chunk replies being sent right now, by version."""
         node.on_bulk(REQUEST_TOPIC, self._on_request, max_bytes=MAX_REQUEST_BYTES)
 
@@ -202,7 +205,7 @@ class StateDonor:
         with self._lock:
             return None if self._current is None else self._current.snapshot.manifest.version
 
-    def serving_idle_s(self, version: int) -> float | None:
+    def serving_idle_s(self, version: int, peers: set[str] | None = None) -> float | None:
         """Seconds since this donor last served ``version``: since a request for its manifest
         or a chunk of it came, or the reply was taken; 0 while such a reply is being sent.
 
@@ -210,15 +213,26 @@ class StateDonor:
         its state shows here, behind a thin link too, where a chunk's reply takes many seconds
         to cross (the reply being sent counts as serving, not only the reply taken).
 
+        Args:
+            version: the state's version.
+            peers: count only what these peers asked (None: anyone's requests). A finished
+                peer counts the members of its run still to agree: counting anyone's, a node
+                outside the run that fetched the state every few seconds held every finished
+                peer to ``swarm.max_round_timeout_s`` (900 s), not the 20 s wait.
+
         Returns:
             The seconds, or None where it served nothing of ``version`` (of the versions it
-            still holds).
+            still holds) to ``peers``.
         """
         with self._lock:
-            if self._num_sending.get(version, 0) > 0:
+
+            def counted(key: tuple[int, str]) -> bool:
+                return key[0] == version and (peers is None or key[1] in peers)
+
+            if any(counted(k) and n > 0 for k, n in self._num_sending.items()):
                 return 0.0
-            served_s = self._served_s.get(version)
-            return None if served_s is None else max(0.0, self._clock.monotonic() - served_s)
+            times = [t for k, t in self._served_s.items() if counted(k)]
+            return None if not times else max(0.0, self._clock.monotonic() - max(times))
 
     def publish(self, snapshot: StateSnapshot, *, max_meta_bytes: int | None = None) -> None:
         """Make ``snapshot`` the one served to newcomers (thread-safe; blocks while serializing).
@@ -267,9 +281,9 @@ class StateDonor:
                 if served is not None
             }
             self._served_s = {
-                v: served_s
-                for v, served_s in self._served_s.items()
-                if v in held or self._num_sending.get(v, 0) > 0
+                k: served_s
+                for k, served_s in self._served_s.items()
+                if k[0] in held or self._num_sending.get(k, 0) > 0
             }
         _log.info(
             "peer %s: serving state version %d (%d bytes, %d chunks)",
@@ -508,20 +522,28 @@ class StateDonor:
     ) -> None:
         """Send a manifest or chunk reply of ``version``, counted as serving it while it is
         sent and when it was taken (see :meth:`serving_idle_s`)."""
+        key = (version, sender)
         with self._lock:
-            self._served_s[version] = self._clock.monotonic()
-            self._num_sending[version] = self._num_sending.get(version, 0) + 1
+            if key not in self._served_s and len(self._served_s) >= _MAX_SERVED_ENTRIES:
+                # (many identities asking: the oldest not being sent to go first)
+                idle = sorted(
+                    (t, k) for k, t in self._served_s.items() if k not in self._num_sending
+                )
+                for _, stale in idle[: len(idle) // 2 + 1]:
+                    del self._served_s[stale]
+            self._served_s[key] = self._clock.monotonic()
+            self._num_sending[key] = self._num_sending.get(key, 0) + 1
         try:
             await self._send(sender, request, reply)
             with self._lock:
-                self._served_s[version] = self._clock.monotonic()
+                self._served_s[key] = self._clock.monotonic()
         finally:
             with self._lock:
-                left = self._num_sending[version] - 1
+                left = self._num_sending[key] - 1
                 if left:
-                    self._num_sending[version] = left
+                    self._num_sending[key] = left
                 else:
-                    del self._num_sending[version]
+                    del self._num_sending[key]
 
     def _chunk_reply(self, request: Request, served: _Served) -> bytes:
         start, stop = served.snapshot.manifest.chunk_range(request.index)

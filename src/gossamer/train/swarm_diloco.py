@@ -444,6 +444,7 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
         started = time.monotonic()
         deadline = started + _FINAL_AGREEMENT_S
         said_serving = False
+        unsettled: set[str] | None = None
         while True:
             try:
                 states = self.swarm_averager.run_states()
@@ -452,6 +453,11 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
             except GossamerError:
                 live, others = None, {}
             mine = self._hashes.get(final)
+            if live is not None:
+                # (only run members still to agree hold this peer past its wait)
+                unsettled = {p for p in live if p not in others} | {
+                    p for p, theirs in others.items() if theirs != mine
+                }
             # Decide only once every live peer has spoken: a partial count can tie the wrong way.
             if live is not None and live <= set(others) and mine is not None:
                 holders = _majority_holders(mine, others)
@@ -475,7 +481,7 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
                     self._wait_for_publication()
                     continue
             if time.monotonic() >= deadline:
-                serving = self._serving_final_state(final, started)
+                serving = self._serving_final_state(final, started, unsettled)
                 if serving is None:
                     logger.warning(
                         "peer %s at outer step %d: no agreement on the final weights within "
@@ -497,7 +503,9 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
                     )
             time.sleep(_FINAL_POLL_S)
 
-    def _serving_final_state(self, final: int, started: float) -> str | None:
+    def _serving_final_state(
+        self, final: int, started: float, unsettled: set[str] | None = None
+    ) -> str | None:
         """Why this peer, waiting for the final agreement since ``started``, stays past its
         wait: its donor is sending outer step ``final``'s state (its manifest or a chunk), or
         sent some within ``_FINAL_SERVING_QUIET_S`` (None: it served none lately, or it has
@@ -508,7 +516,7 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
         the link needed: a peer that stalls holds its donors no longer than the quiet
         allowance, or a reply's own deadline, and the cap holds for all of them.
         """
-        idle_s = self.donor.serving_idle_s(final)
+        idle_s = self.donor.serving_idle_s(final, unsettled if unsettled is not None else set())
         if idle_s is None or idle_s > _FINAL_SERVING_QUIET_S:
             return None
         cap_s = max(_FINAL_AGREEMENT_S, self.swarm_averager.config.max_round_timeout_s)
