@@ -237,22 +237,31 @@ def _set_hash_records(
     monkeypatch: pytest.MonkeyPatch,
     strategy: SwarmDiLoCoStrategy,
     version: int,
-    others_final: dict[str, bool | None],
+    others_final: dict[str, bool | str | None],
 ) -> None:
     """The other peers' hash records of outer step ``version``, by a name that stands for the
-    peer: marked final or not (None: no final field, as a peer from before it publishes).
+    peer: marked final or not (None: no final field, as a peer from before it publishes). A
+    peer not marked final (False) went on: it published its hash of ``version + 1`` too;
+    ``"unmarked"``: a record not marked final, of a peer that did not go on (its last
+    boundary's put, not yet put again marked).
     Their hashes are none of this peer's: the final agreement reads none (it took the state
     from the majority's holders again and again)."""
     monkeypatch.setattr(strategy, "_published_hashes", lambda outer_step: {})
     dht = cast(FakeDht, strategy.node_thread.node.dht)
-    records = []
+    records: list[SimpleNamespace] = []
+    went_on: list[SimpleNamespace] = []
     for name, final in others_final.items():
         value: dict[str, Any] = {"hash": "0" * 64}
         if final is not None:
-            value["final"] = final
+            value["final"] = final is True
         key = name.encode().ljust(32, b".")
         records.append(SimpleNamespace(value=json.dumps(value).encode(), publisher_public_key=key))
+        if final is False:
+            went_on.append(
+                SimpleNamespace(value=b'{"hash": "' + b"1" * 64 + b'"}', publisher_public_key=key)
+            )
     dht.records[_hash_key("r", version)] = records
+    dht.records[_hash_key("r", version + 1)] = went_on
 
 
 def _own_hash_records(strategy: SwarmDiLoCoStrategy, version: int) -> list[dict[str, Any]]:
@@ -270,7 +279,7 @@ def _newcomer_behind_at_the_last_boundary(
     max_steps: int | None = MAX_STEPS,
     attempt: int = 0,
     unmarked: bool = False,
-    others_final: dict[str, bool | None] | None = None,
+    others_final: dict[str, bool | str | None] | None = None,
 ) -> tuple[SwarmDiLoCoStrategy, RoundLog, nn.Module, StateSnapshot, int]:
     """A newcomer that took version 2 (as of step 16) trains to its boundary at step 23, where
     the others publish version ``theirs_at[0]`` as of step ``theirs_at[1]`` (``unmarked``:
@@ -632,7 +641,16 @@ def test_a_state_one_peer_marks_final_mid_run_is_taken_as_any_state_where_the_ot
 
 @pytest.mark.parametrize(
     "others_final",
-    [{"b": True, "c": True}, {"b": True, "old": None}, {"b": True, "c": True, "x": False}],
+    [
+        {"b": True, "c": True},
+        {"b": True, "old": None},
+        {"b": True, "c": True, "x": False},
+        # (c's last boundary's record, put unmarked, not yet put again marked: a time budget
+        # that ends the run on a boundary; read as a vote, it outvoted b and the peer ran a
+        # round alone, an outer step past the others)
+        {"b": True, "c": "unmarked"},
+        {"c": "unmarked"},
+    ],
 )
 @pytest.mark.parametrize("max_steps", [MAX_STEPS, 1000, None])
 @pytest.mark.parametrize("mode", list(MODES))
@@ -640,7 +658,7 @@ def test_a_final_state_most_of_its_publishers_marked_final_still_ends_a_peer_on_
     monkeypatch: pytest.MonkeyPatch,
     mode: str,
     max_steps: int | None,
-    others_final: dict[str, bool | None],
+    others_final: dict[str, bool | str | None],
 ) -> None:
     # The honest end: every peer publishes its last outer step marked final (one from before
     # the marker says nothing, and counts for neither side; one liar is outvoted). A time

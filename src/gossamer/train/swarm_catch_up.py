@@ -325,7 +325,7 @@ class SwarmCatchUp(SwarmStateExchange):
         donors marked final (published from their finish(), after their last round; see
         :meth:`_snapshot`), with no round of this peer's applied since and none owed (a round
         that failed on every member is run again, and this peer's progress goes into it), and
-        whose marker the other peers that published that outer step did not outvote (see
+        whose marker is not outvoted by the other peers going on past it (see
         :meth:`_final_marker_outvoted`).
 
         Not inferred from the state's step: a state as of ``max_steps`` may still have a

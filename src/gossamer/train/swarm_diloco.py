@@ -171,8 +171,8 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
             # Trained on past the others' final state (where its own loop did not end at that
             # state's step): no round follows it, and finish() ends on it, unless the others
             # went on past it (a state marked final mid-run, a hostile donor's or one of a
-            # shorter budget, that no record of its outer step outvoted: where none was out
-            # yet, say, or every other one is a liar's). Their versions are read afresh: this
+            # shorter budget, that no hash of the next outer step outvoted: where none was
+            # out yet, say, or the only one is a liar's). Their versions are read afresh: this
             # peer formed no round since it took that state, and the versions its last
             # formation read are as old as that (it stayed on the marked state to the end
             # while the others went on).

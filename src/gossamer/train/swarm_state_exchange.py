@@ -460,8 +460,9 @@ class SwarmStateExchange(DiLoCoStrategy):
 
     def _put_hash(self, outer_step: int, digest: str, *, final: bool) -> None:
         """Announce this peer's hash of its global weights after ``outer_step``, and whether
-        it runs no round after that state (``final``): the others weigh a state's final
-        marker by these (see :meth:`_final_marker_outvoted`)."""
+        it means to run no round after that state (``final``; what a peer did shows in its
+        hash of the next outer step, which is what outvotes a state's final marker: see
+        :meth:`_final_marker_outvoted`)."""
         key = _hash_key(self.config.run_id, outer_step)
         value = json.dumps({"hash": digest, "final": final}).encode()
 
@@ -507,44 +508,47 @@ class SwarmStateExchange(DiLoCoStrategy):
         return self.node_thread.run(get, timeout_s=10)
 
     def _final_marker_outvoted(self, version: int) -> bool:
-        """Whether a state of outer step ``version`` marked final is no end of the run: most
-        of the other peers that published their hash of that outer step say they go on past
-        it (their records are not marked final; a tie counts against the marker).
+        """Whether a state of outer step ``version`` marked final is no end of the run: at
+        least half of the other peers that published their hash of that outer step or of the
+        next went on past it (they published the next).
 
         The marker is one donor's word, in meta nobody checks: taken at its word from a peer
         that marked its states final mid-run (hostile, or buggy), it had a peer that resynced
         from it (or a newcomer) skip the rounds the others went on to run and end an outer
         step or more behind them (3 of 14 runs of a loopback swarm of 3 ended split). The
         step it is as of proves nothing either: a time budget ends a run short of
-        ``max_steps``, and a state's step is the donor's word too. The peers that published
-        that outer step know whether they run a round after it; every honest peer publishes
-        its last outer step marked final (see :meth:`_snapshot`) and a state it goes on
-        from unmarked, so the marker is outvoted only where most of them go on.
+        ``max_steps``, and a state's step is the donor's word too. What the others did shows
+        in the DHT: a peer that ran the round after outer step ``version`` published its hash
+        of ``version + 1``. At an honest end nobody did, whatever the records of ``version``
+        say: a record put unmarked and not yet put again marked (a time budget that ends the
+        run on a boundary), a marked put that failed, or one that said what its peer meant
+        to do then, never outvotes it (read as votes, one such record of two did, and a peer
+        on the others' final state ran a round alone).
 
-        Not outvoted where no other record of that outer step carries a marker (the DHT
-        cannot be read, its publishers predate the marker, or their records are not out
-        yet): the marker is taken as before, and weighed again at the next boundary and in
-        finish() (:meth:`_recheck_final_state`), where the others have published theirs.
-        Identities cost nothing: several on one host, a majority of them counted, can still
-        end a peer's run early.
+        Not outvoted where the DHT cannot be read, or nobody has gone on yet: the marker
+        stands, and is weighed again at the next boundary and in finish()
+        (:meth:`_recheck_final_state`). Identities cost nothing: one that publishes a hash of
+        the next outer step it never reached, where the other peers that published are no
+        more than one, still has a peer run on alone.
         """
         try:
-            records = self._hash_records(version)
+            here = self._hash_records(version)
+            went_on = set(self._hash_records(version + 1))
         except GossamerError as exc:
             logger.debug(
                 "peer %s: cannot read the hashes of outer step %d: %s", self._short(), version, exc
             )
             return False
-        marks = [r["final"] for r in records.values() if isinstance(r.get("final"), bool)]
-        if not marks or 2 * sum(marks) > len(marks):
+        publishers = set(here) | went_on
+        if not went_on or 2 * len(went_on) < len(publishers):
             return False
         logger.warning(
             "peer %s: a donor's state of outer step %d is marked final, yet %d of the %d other "
-            "peers that published that outer step go on past it: the run has not ended there",
+            "peers that published it or the next went on past it: the run has not ended there",
             self._short(),
             version,
-            marks.count(False),
-            len(marks),
+            len(went_on),
+            len(publishers),
         )
         return True
 
@@ -556,9 +560,10 @@ class SwarmStateExchange(DiLoCoStrategy):
         state, as from any state not marked final (the retry of a round that failed on every
         member included, where the state owed one).
 
-        Taken while the others' records of that outer step were not out yet, the marker went
-        out again with this peer's own record of it: that record is put again unmarked, so
-        the echo does not outvote the others for the next peer that weighs it.
+        Taken while nobody had gone on yet, the marker went out again with this peer's own
+        record of that outer step: that record is put again unmarked, as this peer goes on
+        past it (the records' marks say what their peers meant to do; only the next outer
+        step's records outvote a marker).
         """
         if not self._took_final_state() or not self._final_marker_outvoted(self.outer_step):
             return
