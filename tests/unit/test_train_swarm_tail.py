@@ -678,16 +678,12 @@ def test_a_final_state_most_of_its_publishers_marked_final_still_ends_a_peer_on_
     _assert_on(strategy, model, theirs)
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-def test_a_final_marker_taken_before_the_others_published_is_weighed_again_in_finish(
+def _standing_on_a_final_state(
     monkeypatch: pytest.MonkeyPatch, mode: str
-) -> None:
-    # The newcomer took x's state of outer step 3 (as of 24) marked final before any other
-    # record of that outer step was out: nothing outvoted it then, and the peer published it
-    # marked final too. By finish(), b's record of it is out, unmarked: the marker is weighed
-    # again there, the peer runs the others' last round with them (it skipped it, and ended
-    # on outer step 3 where they end on 4), and puts its own record of outer step 3 again,
-    # unmarked (its echo of x's marker outvoted b for the next peer to weigh it).
+) -> tuple[SwarmDiLoCoStrategy, RoundLog, nn.Module, int]:
+    """A newcomer that took x's state of outer step 3 (as of 24) marked final before anyone
+    had gone on past it, and trained on to the budget without a round. Returns the step it
+    reached."""
     strategy, log, model = _peer(monkeypatch, mode, inner_steps=H, max_steps=MAX_STEPS)
     strategy.outer_step = 2
     strategy._apply_snapshot(strategy._snapshot(step=2 * H))
@@ -701,6 +697,20 @@ def test_a_final_marker_taken_before_the_others_published_is_weighed_again_in_fi
     strategy._wait_for_publication()
     assert strategy._took_final_state()
     assert log.rounds == []
+    return strategy, log, model, step
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_final_marker_taken_before_the_others_published_is_weighed_again_in_finish(
+    monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    # The newcomer took x's state of outer step 3 (as of 24) marked final before any other
+    # record of that outer step was out: nothing outvoted it then, and the peer published it
+    # marked final too. By finish(), b's record of it is out, unmarked: the marker is weighed
+    # again there, the peer runs the others' last round with them (it skipped it, and ended
+    # on outer step 3 where they end on 4), and puts its own record of outer step 3 again,
+    # unmarked (its echo of x's marker outvoted b for the next peer to weigh it).
+    strategy, log, model, step = _standing_on_a_final_state(monkeypatch, mode)
     _set_hash_records(monkeypatch, strategy, 3, {"b": False, "x": True})
     strategy.finish(model, step)
     strategy.close()
@@ -735,28 +745,6 @@ def test_a_retry_owed_after_a_state_whose_final_marker_is_outvoted_is_joined(
     assert strategy.outer_step == 4
 
 
-def _standing_on_a_final_state(
-    monkeypatch: pytest.MonkeyPatch, others_final: dict[str, bool | str | None]
-) -> SwarmDiLoCoStrategy:
-    """A newcomer that took x's state of outer step 3 marked final before anyone had gone on
-    past it, and trained on to the budget; the others' records of outer step 3 are
-    ``others_final`` (see :func:`_set_hash_records`)."""
-    strategy, log, model = _peer(monkeypatch, "blocking", inner_steps=H, max_steps=MAX_STEPS)
-    strategy.outer_step = 2
-    strategy._apply_snapshot(strategy._snapshot(step=2 * H))
-    theirs = _theirs(strategy, 3, step=3 * H, final=True)
-    monkeypatch.setattr(strategy, "_newest_version", lambda: 3)
-    monkeypatch.setattr(strategy, "_download", lambda version=None, donors=None: theirs)
-    log.newest_seen_version = 3
-    step = 2 * H
-    while step < MAX_STEPS:
-        step = _step(strategy, log, model, step)
-    strategy._wait_for_publication()
-    _set_hash_records(monkeypatch, strategy, 3, others_final)
-    assert strategy._took_final_state()
-    return strategy
-
-
 @pytest.mark.parametrize("settles_as", ["went-on", "marked"])
 def test_finish_waits_for_a_disputed_final_marker_to_settle(
     monkeypatch: pytest.MonkeyPatch, settles_as: str
@@ -767,7 +755,8 @@ def test_finish_waits_for_a_disputed_final_marker_to_settle(
     # marked (an honest end). Before, a peer on x's state weighed the marker once in
     # finish() with nothing to go on, kept it, and ended an outer step or more behind b
     # (2 of 2 loopback runs of a swarm of 2 with x and a newcomer).
-    strategy = _standing_on_a_final_state(monkeypatch, {"b": "unmarked", "x": True})
+    strategy = _standing_on_a_final_state(monkeypatch, "blocking")[0]
+    _set_hash_records(monkeypatch, strategy, 3, {"b": "unmarked", "x": True})
     dht = cast(FakeDht, strategy.node_thread.node.dht)
 
     def settle() -> None:
@@ -797,7 +786,8 @@ def test_finish_waits_for_a_disputed_final_marker_to_settle(
 def test_finish_does_not_wait_on_a_final_marker_nobody_disputes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    strategy = _standing_on_a_final_state(monkeypatch, {"b": True, "old": None})
+    strategy = _standing_on_a_final_state(monkeypatch, "blocking")[0]
+    _set_hash_records(monkeypatch, strategy, 3, {"b": True, "old": None})
     started = time.monotonic()
     strategy._settle_s = 10.0
     strategy._recheck_final_state()
