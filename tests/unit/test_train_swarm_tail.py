@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import threading
-import time
 from collections.abc import Callable, Coroutine
 from types import SimpleNamespace
 from typing import Any, cast
@@ -743,55 +741,3 @@ def test_a_retry_owed_after_a_state_whose_final_marker_is_outvoted_is_joined(
     strategy.close()
     assert [key for _, key, _ in log.rounds] == ["r/outer/3#1"]
     assert strategy.outer_step == 4
-
-
-@pytest.mark.parametrize("settles_as", ["went-on", "marked"])
-def test_finish_waits_for_a_disputed_final_marker_to_settle(
-    monkeypatch: pytest.MonkeyPatch, settles_as: str
-) -> None:
-    # b's record of outer step 3 says it goes on past it; nobody has published outer step 4
-    # yet. Either b's round goes through and it publishes outer step 4 (x lied: the peer
-    # must not end on x's state), or b ends there after all and puts its record again,
-    # marked (an honest end). Before, a peer on x's state weighed the marker once in
-    # finish() with nothing to go on, kept it, and ended an outer step or more behind b
-    # (2 of 2 loopback runs of a swarm of 2 with x and a newcomer).
-    strategy = _standing_on_a_final_state(monkeypatch, "blocking")[0]
-    _set_hash_records(monkeypatch, strategy, 3, {"b": "unmarked", "x": True})
-    dht = cast(FakeDht, strategy.node_thread.node.dht)
-
-    def settle() -> None:
-        time.sleep(0.3)
-        if settles_as == "went-on":
-            dht.records[_hash_key("r", 4)] = [
-                SimpleNamespace(
-                    value=b'{"hash": "' + b"1" * 64 + b'"}',
-                    publisher_public_key=b"b".ljust(32, b"."),
-                )
-            ]
-        else:
-            _set_hash_records(monkeypatch, strategy, 3, {"b": True, "x": True})
-
-    settler = threading.Thread(target=settle)
-    settler.start()
-    started = time.monotonic()
-    strategy._settle_s = 10.0
-    strategy._recheck_final_state()
-    took_s = time.monotonic() - started
-    settler.join()
-    strategy.close()
-    assert 0.3 <= took_s < 3.0
-    assert strategy._took_final_state() == (settles_as == "marked")
-
-
-def test_finish_does_not_wait_on_a_final_marker_nobody_disputes(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    strategy = _standing_on_a_final_state(monkeypatch, "blocking")[0]
-    _set_hash_records(monkeypatch, strategy, 3, {"b": True, "old": None})
-    started = time.monotonic()
-    strategy._settle_s = 10.0
-    strategy._recheck_final_state()
-    took_s = time.monotonic() - started
-    strategy.close()
-    assert took_s < 1.0
-    assert strategy._took_final_state()

@@ -430,10 +430,6 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
         state gone with them, so the peer fetching it ended on its own weights. A peer that
         serves nobody leaves at the wait, as before.
         """
-        # (a final marker in dispute decides for good from here: it is waited on to settle,
-        # see _final_marker_outvoted_settled)
-        self._settle_s = _FINAL_AGREEMENT_S
-        self._recheck_final_state()
         replaced = super().finish(model, step)
         self._wait_for_publication()
         # Marked final: this peer runs no round after it. A peer behind that takes it ends on

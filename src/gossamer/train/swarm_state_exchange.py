@@ -125,9 +125,6 @@ class SwarmStateExchange(DiLoCoStrategy):
         self._final_attempt = 0
         """The ``round_attempt`` of that state: a retry owed after it where its marker is
         outvoted later (see :meth:`_recheck_final_state`)."""
-        self._settle_s = 0.0
-        """How long a final marker in dispute is waited on to settle (see
-        :meth:`_final_marker_outvoted_settled`): 0 until finish()."""
         self._published_final = False
         """The last state this peer published was marked final (see :meth:`_snapshot`)."""
         self._skipped_steps = 0
@@ -324,7 +321,7 @@ class SwarmStateExchange(DiLoCoStrategy):
             self._discard_uncommitted(self._steps_done)
         self._placed_by_state = True
         # (the others' records are read only for a state that says it is final: rare)
-        final = _final_state(snapshot, self.max_steps) and not self._final_marker_outvoted_settled(
+        final = _final_state(snapshot, self.max_steps) and not self._final_marker_outvoted(
             snapshot.version
         )
         self._final_version = snapshot.version if final else None
@@ -568,7 +565,7 @@ class SwarmStateExchange(DiLoCoStrategy):
         past it (the records' marks say what their peers meant to do; only the next outer
         step's records outvote a marker).
         """
-        if not self._took_final_state() or not self._final_marker_outvoted_settled(self.outer_step):
+        if not self._took_final_state() or not self._final_marker_outvoted(self.outer_step):
             return
         self._final_version = None
         self._round_failed = self._final_attempt > 0
@@ -577,33 +574,6 @@ class SwarmStateExchange(DiLoCoStrategy):
         if self._published_final and digest is not None:
             self._published_final = False
             self._put_hash(self.outer_step, digest, final=False)
-
-    def _final_marker_outvoted_settled(self, version: int) -> bool:
-        """:meth:`_final_marker_outvoted`, where the marker is disputed (another peer's record
-        of ``version`` says it goes on past it) waiting up to ``_settle_s`` for the dispute
-        to settle: a peer that goes on publishes the next outer step once its round is
-        through, and one that ends there after all puts its record again, marked.
-
-        ``_settle_s`` is 0 until finish(), where the marker decides for good: weighed once
-        there with nothing yet to go on, the marker of a peer that marked a state final
-        mid-run stood, and a newcomer that had trained alone to its budget on it ended an
-        outer step or more behind the others (2 of 2 loopback runs of a swarm of 2 with a
-        newcomer)."""
-        settle_until = time.monotonic() + self._settle_s
-        while not self._final_marker_outvoted(version):
-            if time.monotonic() >= settle_until or not self._final_marker_disputed(version):
-                return False
-            time.sleep(_SETTLE_POLL_S)
-        return True
-
-    def _final_marker_disputed(self, version: int) -> bool:
-        """Whether another peer's record of outer step ``version`` says it goes on past it
-        (not marked final). False where the DHT cannot be read."""
-        try:
-            records = self._hash_records(version)
-        except GossamerError:
-            return False
-        return any(record.get("final") is False for record in records.values())
 
     def _out_of_agreement(self, outer_step: int) -> list[str]:
         """The peers to resync from if this peer's hash after ``outer_step`` is not the majority's.
@@ -658,10 +628,6 @@ def _signature_difference(theirs: object, mine: list[list[Any]]) -> str:
             f"{where} is {extra[0][:80]}"
         )
     return ""
-
-
-_SETTLE_POLL_S = 0.5
-"""How often finish() reads the records while a final marker it stands on is disputed."""
 
 
 def _state_of_the_run(snapshot: StateSnapshot) -> bool:
