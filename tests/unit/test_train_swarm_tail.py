@@ -361,6 +361,35 @@ def test_an_overlap_peer_that_takes_the_last_boundarys_state_joins_its_round_in_
 RETRY_MAX_STEPS = 4 * H  # a multiple of H: the last round is the last boundary's (step 31)
 
 
+def _behind_a_state_with_a_retry_owed(
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    *,
+    others_final: dict[str, bool | str | None] | None = None,
+) -> tuple[SwarmDiLoCoStrategy, RoundLog, int]:
+    """A peer behind at step 24 takes the others' state of outer step 3 as of the last step,
+    with round_attempt 1 (their last round failed on every member), trains to the budget and
+    finishes. ``others_final``: that state is marked final, and these are the other peers'
+    hash records of outer step 3 (see :func:`_set_hash_records`). Returns the step it
+    finished at."""
+    strategy, log, model = _peer(monkeypatch, mode, inner_steps=H, max_steps=RETRY_MAX_STEPS)
+    strategy.outer_step = 2
+    strategy._apply_snapshot(strategy._snapshot(step=3 * H))
+    final = others_final is not None
+    theirs = _theirs(strategy, 3, step=RETRY_MAX_STEPS, attempt=1, final=final)
+    if others_final is not None:
+        _set_hash_records(monkeypatch, strategy, 3, others_final)
+    monkeypatch.setattr(strategy, "_newest_version", lambda: 3)
+    monkeypatch.setattr(strategy, "_download", lambda version=None, donors=None: theirs)
+    log.newest_seen_version = 3
+    step = 3 * H
+    while step < RETRY_MAX_STEPS:
+        step = _step(strategy, log, model, step)
+    strategy.finish(model, step)
+    strategy.close()
+    return strategy, log, step
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 def test_a_peer_behind_that_takes_a_state_with_a_retry_owed_joins_the_retry(
     monkeypatch: pytest.MonkeyPatch, mode: str
@@ -370,18 +399,7 @@ def test_a_peer_behind_that_takes_a_state_with_a_retry_owed_joins_the_retry(
     # in finish(). Taken as their final state (as of max_steps, no round in flight), it ended
     # this peer on it, a round behind them: the swarm ended split, and they waited the whole
     # final agreement. Not marked final, it is joined.
-    strategy, log, model = _peer(monkeypatch, mode, inner_steps=H, max_steps=RETRY_MAX_STEPS)
-    strategy.outer_step = 2
-    strategy._apply_snapshot(strategy._snapshot(step=3 * H))
-    theirs = _theirs(strategy, 3, step=RETRY_MAX_STEPS, attempt=1)
-    monkeypatch.setattr(strategy, "_newest_version", lambda: 3)
-    monkeypatch.setattr(strategy, "_download", lambda version=None, donors=None: theirs)
-    log.newest_seen_version = 3
-    step = 3 * H
-    while step < RETRY_MAX_STEPS:
-        step = _step(strategy, log, model, step)
-    strategy.finish(model, step)
-    strategy.close()
+    strategy, log, step = _behind_a_state_with_a_retry_owed(monkeypatch, mode)
     assert step == RETRY_MAX_STEPS
     assert [key for _, key, _ in log.rounds] == ["r/outer/3#1"]
     assert strategy.outer_step == 4  # (the retry's outer step, as the others)
@@ -726,18 +744,8 @@ def test_a_retry_owed_after_a_state_whose_final_marker_is_outvoted_is_joined(
     # x marked its state after the last round, which failed on every member (round_attempt
     # 1), final: taken at its word, the peer skipped the retry the others run in finish()
     # and ended a round behind them.
-    strategy, log, model = _peer(monkeypatch, "blocking", inner_steps=H, max_steps=RETRY_MAX_STEPS)
-    strategy.outer_step = 2
-    strategy._apply_snapshot(strategy._snapshot(step=3 * H))
-    theirs = _theirs(strategy, 3, step=RETRY_MAX_STEPS, attempt=1, final=True)
-    _set_hash_records(monkeypatch, strategy, 3, {"b": False, "c": False, "x": True})
-    monkeypatch.setattr(strategy, "_newest_version", lambda: 3)
-    monkeypatch.setattr(strategy, "_download", lambda version=None, donors=None: theirs)
-    log.newest_seen_version = 3
-    step = 3 * H
-    while step < RETRY_MAX_STEPS:
-        step = _step(strategy, log, model, step)
-    strategy.finish(model, step)
-    strategy.close()
+    strategy, log, _ = _behind_a_state_with_a_retry_owed(
+        monkeypatch, "blocking", others_final={"b": False, "c": False, "x": True}
+    )
     assert [key for _, key, _ in log.rounds] == ["r/outer/3#1"]
     assert strategy.outer_step == 4
