@@ -110,3 +110,21 @@ def stop_processes(processes: Sequence[RunningProcess]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
+
+
+def spawn_role(
+    lab: LabControl,
+    processes: list[subprocess.Popen[bytes]],
+    program: str,
+    name: str,
+    folder: Path,
+    role: str,
+    *args: str,
+) -> None:
+    """Start ``program`` (Python source) in lab peer ``name``'s namespace as ``program role
+    folder *args``, with ``folder`` made for what it writes and its output in
+    ``folder``'s sibling ``name.log``; the process is added to ``processes``."""
+    folder.mkdir()
+    argv = [sys.executable, "-c", program, role, str(folder), *args]
+    with (folder.parent / f"{name}.log").open("w") as log:
+        processes.append(subprocess.Popen(lab.command_in(name, argv), stdout=log, stderr=log))

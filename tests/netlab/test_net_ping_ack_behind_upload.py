@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from netlab_support import MakeLab, stop_processes, wait_for_json
+from netlab_support import MakeLab, spawn_role, stop_processes, wait_for_json
 
 FAST_RATE_BPS = 100_000_000
 RATE_BPS = 100_000
@@ -91,13 +90,8 @@ def test_an_upload_on_a_100_kbit_link_outlasts_the_pings_waiting_behind_it(
     with make_lab(num_peers=2, rate_bps=FAST_RATE_BPS) as lab:
         try:
 
-            def spawn(name: str, folder: Path, *args: str) -> None:
-                folder.mkdir()
-                argv = [sys.executable, "-c", _PEER, *args[:1], str(folder), *args[1:]]
-                with (tmp_path / f"{name}.log").open("w") as log:
-                    processes.append(
-                        subprocess.Popen(lab.command_in(name, argv), stdout=log, stderr=log)
-                    )
+            def spawn(name: str, folder: Path, role: str, *args: str) -> None:
+                spawn_role(lab, processes, _PEER, name, folder, role, *args)
 
             receiver, sender = tmp_path / "p0", tmp_path / "p1"
             spawn("p0", receiver, "receive", lab.address_of("p0"))

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from netlab_support import MakeLab, stop_processes, wait_for_json
+from netlab_support import MakeLab, spawn_role, stop_processes, wait_for_json
 
 STALL_S = 8.0
 PAYLOAD_BYTES = 2_000_000
@@ -83,13 +82,8 @@ def test_a_transfer_outlives_8_s_of_unacknowledged_data(make_lab: MakeLab, tmp_p
     with make_lab(num_peers=2, rate_bps=4_000_000) as lab:
         try:
 
-            def spawn(name: str, folder: Path, *args: str) -> None:
-                folder.mkdir()
-                argv = [sys.executable, "-c", _PEER, *args[:1], str(folder), *args[1:]]
-                with (tmp_path / f"{name}.log").open("w") as log:
-                    processes.append(
-                        subprocess.Popen(lab.command_in(name, argv), stdout=log, stderr=log)
-                    )
+            def spawn(name: str, folder: Path, role: str, *args: str) -> None:
+                spawn_role(lab, processes, _PEER, name, folder, role, *args)
 
             receiver, sender = tmp_path / "p0", tmp_path / "p1"
             spawn("p0", receiver, "receive", lab.address_of("p0"), "20")
