@@ -7,6 +7,7 @@ last outer step, where no later round's hash check could repair it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+import final_agreement_support as support
 from gossamer.net.node import Node
 from gossamer.train.diloco_config import DiLoCoConfig
 from gossamer.train.state_sync_donor import StateDonor
@@ -63,28 +65,14 @@ def peers(count: int) -> Iterator[list[Peer]]:
 
 def end_run_with(peer: Peer, value: float) -> None:
     """Make ``peer`` stand after the final outer step with every global weight at ``value``."""
-    strategy = peer.strategy
-    strategy.outer_step = FINAL_OUTER_STEP
-    with torch.no_grad():
-        for tensor, param in zip(strategy._global, peer.model.parameters(), strict=True):
-            tensor.fill_(value)
-            param.fill_(value)
-    strategy._publish_outer_step(step=FINAL_STEP)
+    support.end_run_with(
+        peer.strategy, peer.model, value, outer_step=FINAL_OUTER_STEP, step=FINAL_STEP
+    )
 
 
 def finish_all(made: list[Peer]) -> list[bool]:
-    replaced: list[bool | None] = [None] * len(made)
-
-    def finish(index: int) -> None:
-        replaced[index] = made[index].strategy.finish(made[index].model, FINAL_STEP)
-
-    threads = [threading.Thread(target=finish, args=(i,)) for i in range(len(made))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert all(r is not None for r in replaced), "a peer's finish() did not return"
-    return [bool(r) for r in replaced]
+    finishes = [functools.partial(p.strategy.finish, p.model, FINAL_STEP) for p in made]
+    return support.finish_all(finishes)[0]
 
 
 @pytest.mark.timeout(120)

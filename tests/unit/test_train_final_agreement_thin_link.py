@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
-import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -32,6 +32,7 @@ from state_sync_fakes import (
 )
 from torch import nn
 
+import final_agreement_support as support
 from gossamer.core.clock import FakeClock
 from gossamer.net.identity import peer_id_of_public_key
 from gossamer.train import swarm_diloco
@@ -196,37 +197,26 @@ def peers(
 
 def end_run_with(peer: Peer, value: float) -> None:
     """Make ``peer`` stand after the final outer step with every global weight at ``value``."""
-    strategy = peer.strategy
-    strategy.outer_step = FINAL_OUTER_STEP
-    with torch.no_grad():
-        for tensor, param in zip(strategy._global, peer.model.parameters(), strict=True):
-            tensor.fill_(value)
-            param.fill_(value)
-    strategy._publish_outer_step(step=FINAL_STEP)
-    strategy._wait_for_publication()
+    support.end_run_with(
+        peer.strategy,
+        peer.model,
+        value,
+        outer_step=FINAL_OUTER_STEP,
+        step=FINAL_STEP,
+        published=True,
+    )
 
 
 def finish_all(made: list[Peer], left: set[str]) -> tuple[list[bool], list[float]]:
     """Every peer's finish() at once; a peer whose finish() returned leaves the run and its
     process ends: its donor serves no more. Returns what each returned and when."""
-    replaced: list[bool | None] = [None] * len(made)
-    took_s = [0.0] * len(made)
-    started = time.monotonic()
 
-    def finish(index: int) -> None:
-        peer = made[index]
-        replaced[index] = peer.strategy.finish(peer.model, FINAL_STEP)
-        took_s[index] = time.monotonic() - started
-        left.add(peer.peer_id)
-        peer.donor.close()
+    def leave(index: int) -> None:
+        left.add(made[index].peer_id)
+        made[index].donor.close()
 
-    threads = [threading.Thread(target=finish, args=(i,)) for i in range(len(made))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert all(r is not None for r in replaced), "a peer's finish() did not return"
-    return [bool(r) for r in replaced], took_s
+    finishes = [functools.partial(p.strategy.finish, p.model, FINAL_STEP) for p in made]
+    return support.finish_all(finishes, then=leave)
 
 
 def state_bytes(peer: Peer) -> int:
