@@ -39,7 +39,6 @@ from gossamer.lab import parse_rate
 app = typer.Typer(help="Benchmarks: Gossamer against its reference, measured in the same run.")
 register_allreduce(app)
 register_transport(app)
-_console = stdout_console()
 _OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
@@ -112,7 +111,7 @@ def loop(
         _warn_if_noisy(result.spread)
         return
     title = f"one-peer loop, {steps} steps x {repeats} repeats, {result.threads} threads"
-    _console.print(
+    stdout_console().print(
         _runs_table(
             title,
             [
@@ -122,12 +121,12 @@ def loop(
         )
     )
     change = "slower" if result.ratio < 1 else "faster"
-    _console.print(
+    stdout_console().print(
         f"ratio gossamer / plain = {result.ratio:.3f}: Gossamer's loop is "
         f"{abs(fields['slowdown_percent']):.1f}% {change} (target: at most 5% slower)"
     )
     for line in _spread_lines(result.spread):
-        _console.print(line, markup=False)
+        stdout_console().print(line, markup=False)
 
 
 @app.command(context_settings=_OVERRIDES)
@@ -155,7 +154,7 @@ def obs(
         _warn_if_noisy(result.spread)
         return
     title = f"observability overhead, {steps} steps x {repeats} repeats, {result.threads} threads"
-    _console.print(
+    stdout_console().print(
         _runs_table(
             title,
             [
@@ -164,9 +163,11 @@ def obs(
             ],
         )
     )
-    _console.print(f"overhead = {result.overhead_percent:+.2f}% of throughput (target: at most 2%)")
+    stdout_console().print(
+        f"overhead = {result.overhead_percent:+.2f}% of throughput (target: at most 2%)"
+    )
     for line in _spread_lines(result.spread):
-        _console.print(line, markup=False)
+        stdout_console().print(line, markup=False)
 
 
 @app.command(context_settings=_OVERRIDES)
@@ -295,18 +296,18 @@ def diloco(
             f"{method.bytes_per_peer:,}",
             _seconds(method.seconds),
         )
-    _console.print(table)
-    _console.print(
+    stdout_console().print(table)
+    stdout_console().print(
         f"DiLoCo sends {fields['bytes_ratio_sync_over_diloco']:.0f}x fewer bytes than sync; "
         f"its loss is {fields['loss_gap_diloco_vs_sync_percent']:+.2f}% vs sync (target: within 3%)"
     )
     if "loss_gap_overlap_vs_diloco_percent" in fields:
-        _console.print(
+        stdout_console().print(
             f"overlapped DiLoCo (swarm.overlap): loss "
             f"{fields['loss_gap_overlap_vs_diloco_percent']:+.2f}% vs DiLoCo"
         )
     if "loss_gap_int8_vs_diloco_percent" in fields:
-        _console.print(
+        stdout_console().print(
             f"8-bit codec: loss {fields['loss_gap_int8_vs_diloco_percent']:+.2f}% vs fp32 DiLoCo "
             "(target: at most +1%)"
         )
@@ -337,19 +338,19 @@ def _print_thin_link(thin: ThinLinkResult, rate: str) -> None:
             f"{method.best_val_loss:.4f}" if method.best_val_loss is not None else "-",
             f"{min(shares):.0%}" if shares else "-",
         )
-    _console.print(table)
+    stdout_console().print(table)
     for method in thin.methods.values():
         if method.error:
-            _console.print(f"{method.name} failed: {method.error}", markup=False)
+            stdout_console().print(f"{method.name} failed: {method.error}", markup=False)
     for name, label in (("diloco", "DiLoCo"), ("diloco_overlap", "Overlapped DiLoCo")):
         for reference in ("ddp", "ddp_fp16", "sync"):
             speedup = thin.speedup_over(reference, name)
             if speedup is not None:
                 bound = " at least" if thin.speedup_is_lower_bound(reference, name) else ""
-                _console.print(
+                stdout_console().print(
                     f"{label} reaches the target{bound} {speedup:.1f}x faster than {reference}"
                 )
-    _console.print(
+    stdout_console().print(
         "targets: DiLoCo at least 5x faster than DDP, compute utilization at least 90% on every "
         "peer; latency is not emulated in the lab (docs/lab.md)"
     )

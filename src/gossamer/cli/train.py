@@ -58,7 +58,6 @@ from gossamer.train.inference import LoadedModel, load_model, mean_validation_lo
 from gossamer.train.swarm import run_swarm_peer
 
 _OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
-_console = stdout_console()
 _SWARM_NODE_KEYS = {"net.listen_address": "swarm.listen", "net.bootstrap": "swarm.bootstrap"}
 """The run config's keys for the node settings a swarm peer's errors name."""
 
@@ -223,7 +222,7 @@ def train(
             )
             stack.callback(server.close)
             metrics_url = server.url
-            _console.print(f"metrics at {metrics_url}")
+            stdout_console().print(f"metrics at {metrics_url}")
         spans = SpanRecorder(peer=run_config.name, path=trace)
         stack.callback(spans.close)
         listener = stack.enter_context(RichProgressListener())
@@ -367,7 +366,7 @@ def _print_summary(result: TrainResult, summary_json: Path | None) -> bool:
         written = _write_summary(summary_json, lambda path: path.write_text(text))
     after = f"{result.val_loss_after:.4f}" if measured else "(not measured at the stop)"
     with contextlib.suppress(OSError):
-        _console.print(
+        stdout_console().print(
             f"validation loss {result.val_loss_before:.4f} -> {after}; "
             f"{result.tokens_per_s:,.0f} tokens/s; checkpoint {result.checkpoint_path}"
         )
@@ -465,7 +464,7 @@ def evaluate(
         result = {"checkpoint": str(loaded.path), "step": loaded.step, "val_loss": loss}
         typer.echo(json.dumps(result | {"bits_per_token": bits}))
     else:
-        _console.print(
+        stdout_console().print(
             f"step {loaded.step}: validation loss {loss:.4f} ({bits:.3f} bits per token)"
         )
 
@@ -551,11 +550,12 @@ def demo(
         _demo_single(summary_json, budget_s, max_steps, runs_dir)
         return
     progress = _ProgressLines()
-    with exit_on_gossamer_errors(), Live(console=_console, refresh_per_second=4) as live:
+    console = stdout_console()
+    with exit_on_gossamer_errors(), Live(console=console, refresh_per_second=4) as live:
 
         def view(statuses: dict[str, dict[str, Any]], line: str) -> None:
             live.update(_swarm_table(statuses, line))
-            if not _console.is_terminal:  # (the live table shows only at the end there)
+            if not console.is_terminal:  # (the live table shows only at the end there)
                 text = progress.due(statuses, line, time.monotonic())
                 if text is not None:
                     live.console.print(text, markup=False, highlight=False, soft_wrap=True)
@@ -569,8 +569,8 @@ def demo(
             )
         except RuntimeError as exc:
             raise GossamerError(str(exc)) from exc
-    if not _console.is_terminal:  # (off a terminal the live table's last line has no end)
-        _console.line()
+    if not console.is_terminal:  # (off a terminal the live table's last line has no end)
+        console.line()
     table = Table(title="Gossamer demo: a swarm of peers on this machine", show_header=False)
     table.add_row(
         "validation loss", f"{summary.val_loss_before:.4f} -> {summary.val_loss_after:.4f}"
@@ -604,13 +604,13 @@ def demo(
     table.add_row("newcomer productive after", "-" if ttp is None else f"{ttp:.1f} s")
     table.add_row("seconds", f"{summary.seconds:.1f}")
     table.add_row("checkpoint", summary.checkpoint_path)
-    _console.print(table)
-    _console.print(f"[bold]sample[/] (prompt {summary.sample_prompt!r}):")
-    _console.print(summary.sample_prompt + summary.sample, markup=False, highlight=False)
+    console.print(table)
+    console.print(f"[bold]sample[/] (prompt {summary.sample_prompt!r}):")
+    console.print(summary.sample_prompt + summary.sample, markup=False, highlight=False)
     if summary_json is not None:
         if not _write_summary(summary_json, summary.write_json):
             raise typer.Exit(EXIT_FAILED)
-        _console.print(f"summary written to {summary_json}")
+        console.print(f"summary written to {summary_json}")
 
 
 PROGRESS_EVERY_S = 10.0
@@ -675,13 +675,13 @@ def _demo_single(
     table.add_row("seconds", f"{summary.seconds:.1f}")
     table.add_row("parameters", f"{summary.num_parameters:,}")
     table.add_row("checkpoint", summary.checkpoint_path)
-    _console.print(table)
-    _console.print(f"[bold]sample[/] (prompt {summary.sample_prompt!r}):")
-    _console.print(summary.sample_prompt + summary.sample, markup=False, highlight=False)
+    stdout_console().print(table)
+    stdout_console().print(f"[bold]sample[/] (prompt {summary.sample_prompt!r}):")
+    stdout_console().print(summary.sample_prompt + summary.sample, markup=False, highlight=False)
     if summary_json is not None:
         if not _write_summary(summary_json, summary.write_json):
             raise typer.Exit(EXIT_FAILED)
-        _console.print(f"summary written to {summary_json}")
+        stdout_console().print(f"summary written to {summary_json}")
 
 
 @config_app.command("keys")
@@ -690,7 +690,7 @@ def config_keys() -> None:
     table = Table("key", "type", "default", "meaning")
     for info in describe_fields(RunConfig):
         table.add_row(info.key, info.type_name, repr(info.default), info.doc)
-    _console.print(table)
+    stdout_console().print(table)
 
 
 @config_app.command("show", context_settings=_OVERRIDES)
