@@ -3,6 +3,7 @@ unit tests."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -74,3 +75,19 @@ def _no_sockets_in_unit_tests(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
     finally:
         socket.socket = real_socket  # type: ignore[misc]
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_restored() -> Iterator[None]:
+    """The root logger as it was before each test: a command run in process (typer's
+    ``CliRunner``) configures it as a process of its own would, a level of ERROR and a handler
+    on the runner's stream included, and every later test in the process inherited that (one
+    that counts the warnings it logs saw none once a peer command had run before it). pytest's
+    own capture handlers come and go on their own and are left alone."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    root.setLevel(level)
+    for handler in list(root.handlers):
+        if handler not in handlers and not type(handler).__module__.startswith("_pytest"):
+            root.removeHandler(handler)
