@@ -100,6 +100,11 @@ def assert_rounds_went_over(swarm: Swarm, names: list[str]) -> None:
 # at the boundary on torch, overlapped ones on p2p: all see the kills.
 MODES = [(False, True, "auto"), (False, True, "p2p"), (False, False, "auto"), (True, False, "p2p")]
 MODE_IDS = ["forming-torch", "forming-p2p", "blocking-torch", "overlap-p2p"]
+# Restarting everyone from checkpoints: resuming does not depend on the rounds' transport, so
+# training while forming is restarted over torch only (~30 s saved); rounds over p2p after a
+# restart are the overlapped mode's, and forming rounds over p2p through kills the kill test's.
+RESTART_MODES = [m for m, i in zip(MODES, MODE_IDS, strict=True) if i != "forming-p2p"]
+RESTART_MODE_IDS = [i for i in MODE_IDS if i != "forming-p2p"]
 
 
 def _running(root: Path, mode: tuple[bool, bool, str], inner_steps: int) -> Iterator[Swarm]:
@@ -122,7 +127,7 @@ def swarm(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Swarm]:
     yield from _running(tmp_path, request.param, KILL_INNER_STEPS)
 
 
-@pytest.fixture(params=MODES, ids=MODE_IDS)
+@pytest.fixture(params=RESTART_MODES, ids=RESTART_MODE_IDS)
 def restarting_swarm(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Swarm]:
     yield from _running(tmp_path, request.param, INNER_STEPS)
 
@@ -220,6 +225,8 @@ def test_sync_peers_stay_identical_through_a_kill_and_a_newcomer(tmp_path: Path)
             120,
             "b and c joined",
         )
+        # (Killed at step 30 with the run cut to 110 steps, a had averaged over p2p only, the
+        # kill landing in its first torch round: the kill must come after rounds over torch.)
         swarm.wait_for(lambda: swarm.status("a").get("step", 0) >= 50, 120, "step 50")
         victim = random.Random().choice(["b", "c"])
         swarm.kill(victim)
