@@ -68,6 +68,12 @@ _FINAL_SERVING_QUIET_S = 10.0
 or is sending it, stays past ``_FINAL_AGREEMENT_S``: the peer fetching it is still at it (it
 asks its next chunks as soon as the last ones come)."""
 _FINAL_POLL_S = 0.2
+"""How often a peer waiting for the final agreement looks at the run and its hashes (each look
+asks the DHT)."""
+_FINAL_SERVING_POLL_S = 1.0
+"""The same past ``_FINAL_AGREEMENT_S``, while it serves its final state: that can last up to
+``swarm.max_round_timeout_s`` (900 s by default) for every peer that finished, and at 0.2 s
+each of them asked the DHT some 4,500 times over it."""
 
 
 class SwarmDiLoCoStrategy(SwarmCatchUp):
@@ -501,7 +507,7 @@ class SwarmDiLoCoStrategy(SwarmCatchUp):
                         serving,
                         _FINAL_AGREEMENT_S,
                     )
-            time.sleep(_FINAL_POLL_S)
+            time.sleep(_FINAL_POLL_S if time.monotonic() < deadline else _FINAL_SERVING_POLL_S)
 
     def _serving_final_state(
         self, final: int, started: float, unsettled: set[str] | None = None
