@@ -268,6 +268,19 @@ def test_a_peer_that_fetches_nothing_holds_the_others_no_longer_than_the_wait(
         assert made[0].donor.num_bytes_served == made[2].donor.num_bytes_served == 0
 
 
+def _serve_a_download_longer_than(cap_s: float) -> tuple[list[bool], list[float], list[int]]:
+    """The odd peer's download takes 10 s; the majority serves it at most ``cap_s``
+    (``swarm.max_round_timeout_s``). Returns what each peer's finish() returned, when, and how
+    often each read the run's states (see :class:`FakeRun`)."""
+    link = FakeSharedLink(bytes_per_s=1.0)
+    with peers(3, link, max_round_timeout_s=cap_s) as (made, left):
+        for peer, value in zip(made, [1.0, 2.0, 1.0], strict=True):
+            end_run_with(peer, value)
+        link.bytes_per_s = state_bytes(made[0]) / 10.0
+        replaced, took_s = finish_all(made, left)
+        return replaced, took_s, [cast(Any, p.strategy.swarm_averager).looks for p in made]
+
+
 @pytest.mark.timeout(60)
 def test_a_minority_fetching_for_longer_than_a_round_may_take_is_left_at_that_bound(
     monkeypatch: pytest.MonkeyPatch,
@@ -276,36 +289,25 @@ def test_a_minority_fetching_for_longer_than_a_round_may_take_is_left_at_that_bo
     # (2 s here) in all, then leaves.
     monkeypatch.setattr(swarm_diloco, "_FINAL_AGREEMENT_S", BASE_WAIT_S)
     cap_s = 2.0
-    link = FakeSharedLink(bytes_per_s=1.0)
-    with peers(3, link, max_round_timeout_s=cap_s) as (made, left):
-        for peer, value in zip(made, [1.0, 2.0, 1.0], strict=True):
-            end_run_with(peer, value)
-        link.bytes_per_s = state_bytes(made[0]) / 10.0
-        replaced, took_s = finish_all(made, left)
-        assert replaced == [False, False, False]  # (the odd peer's download was cut short)
-        assert all(cap_s <= s < cap_s + 2.0 for s in (took_s[0], took_s[2]))
+    replaced, took_s, _ = _serve_a_download_longer_than(cap_s)
+    assert replaced == [False, False, False]  # (the odd peer's download was cut short)
+    assert all(cap_s <= s < cap_s + 2.0 for s in (took_s[0], took_s[2]))
 
 
 @pytest.mark.timeout(60)
 def test_a_peer_serving_past_the_wait_looks_at_the_run_less_often(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The odd peer's download takes 10 s; the majority serves it for the cap (4 s here). It
-    # looked at the run every 0.2 s throughout (20 looks in those 4 s; up to 900 s and 4,500
-    # DHT lookups for every finished peer in a run); past the wait, once a second.
+    # The majority serves the odd peer's download for the cap (4 s here). It looked at the run
+    # every 0.2 s throughout (20 looks in those 4 s; up to 900 s and 4,500 DHT lookups for
+    # every finished peer in a run); past the wait, once a second.
     monkeypatch.setattr(swarm_diloco, "_FINAL_AGREEMENT_S", BASE_WAIT_S)
     cap_s = 4.0
-    link = FakeSharedLink(bytes_per_s=1.0)
-    with peers(3, link, max_round_timeout_s=cap_s) as (made, left):
-        for peer, value in zip(made, [1.0, 2.0, 1.0], strict=True):
-            end_run_with(peer, value)
-        link.bytes_per_s = state_bytes(made[0]) / 10.0
-        _, took_s = finish_all(made, left)
-        assert all(cap_s <= s < cap_s + 2.0 for s in (took_s[0], took_s[2]))
-        for serving in (made[0], made[2]):
-            looks = cast(Any, serving.strategy.swarm_averager).looks
-            # (the wait's looks, then about one a second)
-            assert looks <= BASE_WAIT_S / 0.2 + 2 + (cap_s - BASE_WAIT_S) + 2, looks
+    _, took_s, looks = _serve_a_download_longer_than(cap_s)
+    assert all(cap_s <= s < cap_s + 2.0 for s in (took_s[0], took_s[2]))
+    for serving in (0, 2):
+        # (the wait's looks, then about one a second)
+        assert looks[serving] <= BASE_WAIT_S / 0.2 + 2 + (cap_s - BASE_WAIT_S) + 2, looks
 
 
 def test_a_donor_says_how_long_since_it_last_served_a_version() -> None:
