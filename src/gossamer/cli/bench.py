@@ -111,7 +111,8 @@ def loop(
         _warn_if_noisy(result.spread)
         return
     title = f"one-peer loop, {steps} steps x {repeats} repeats, {result.threads} threads"
-    stdout_console().print(
+    console = stdout_console()
+    console.print(
         _runs_table(
             title,
             [
@@ -121,12 +122,12 @@ def loop(
         )
     )
     change = "slower" if result.ratio < 1 else "faster"
-    stdout_console().print(
+    console.print(
         f"ratio gossamer / plain = {result.ratio:.3f}: Gossamer's loop is "
         f"{abs(fields['slowdown_percent']):.1f}% {change} (target: at most 5% slower)"
     )
     for line in _spread_lines(result.spread):
-        stdout_console().print(line, markup=False)
+        console.print(line, markup=False)
 
 
 @app.command(context_settings=_OVERRIDES)
@@ -154,7 +155,8 @@ def obs(
         _warn_if_noisy(result.spread)
         return
     title = f"observability overhead, {steps} steps x {repeats} repeats, {result.threads} threads"
-    stdout_console().print(
+    console = stdout_console()
+    console.print(
         _runs_table(
             title,
             [
@@ -163,11 +165,9 @@ def obs(
             ],
         )
     )
-    stdout_console().print(
-        f"overhead = {result.overhead_percent:+.2f}% of throughput (target: at most 2%)"
-    )
+    console.print(f"overhead = {result.overhead_percent:+.2f}% of throughput (target: at most 2%)")
     for line in _spread_lines(result.spread):
-        stdout_console().print(line, markup=False)
+        console.print(line, markup=False)
 
 
 @app.command(context_settings=_OVERRIDES)
@@ -296,18 +296,19 @@ def diloco(
             f"{method.bytes_per_peer:,}",
             _seconds(method.seconds),
         )
-    stdout_console().print(table)
-    stdout_console().print(
+    console = stdout_console()
+    console.print(table)
+    console.print(
         f"DiLoCo sends {fields['bytes_ratio_sync_over_diloco']:.0f}x fewer bytes than sync; "
         f"its loss is {fields['loss_gap_diloco_vs_sync_percent']:+.2f}% vs sync (target: within 3%)"
     )
     if "loss_gap_overlap_vs_diloco_percent" in fields:
-        stdout_console().print(
+        console.print(
             f"overlapped DiLoCo (swarm.overlap): loss "
             f"{fields['loss_gap_overlap_vs_diloco_percent']:+.2f}% vs DiLoCo"
         )
     if "loss_gap_int8_vs_diloco_percent" in fields:
-        stdout_console().print(
+        console.print(
             f"8-bit codec: loss {fields['loss_gap_int8_vs_diloco_percent']:+.2f}% vs fp32 DiLoCo "
             "(target: at most +1%)"
         )
@@ -338,19 +339,20 @@ def _print_thin_link(thin: ThinLinkResult, rate: str) -> None:
             f"{method.best_val_loss:.4f}" if method.best_val_loss is not None else "-",
             f"{min(shares):.0%}" if shares else "-",
         )
-    stdout_console().print(table)
+    console = stdout_console()
+    console.print(table)
     for method in thin.methods.values():
         if method.error:
-            stdout_console().print(f"{method.name} failed: {method.error}", markup=False)
+            console.print(f"{method.name} failed: {method.error}", markup=False)
     for name, label in (("diloco", "DiLoCo"), ("diloco_overlap", "Overlapped DiLoCo")):
         for reference in ("ddp", "ddp_fp16", "sync"):
             speedup = thin.speedup_over(reference, name)
             if speedup is not None:
                 bound = " at least" if thin.speedup_is_lower_bound(reference, name) else ""
-                stdout_console().print(
+                console.print(
                     f"{label} reaches the target{bound} {speedup:.1f}x faster than {reference}"
                 )
-    stdout_console().print(
+    console.print(
         "targets: DiLoCo at least 5x faster than DDP, compute utilization at least 90% on every "
         "peer; latency is not emulated in the lab (docs/lab.md)"
     )

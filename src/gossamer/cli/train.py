@@ -675,13 +675,14 @@ def _demo_single(
     table.add_row("seconds", f"{summary.seconds:.1f}")
     table.add_row("parameters", f"{summary.num_parameters:,}")
     table.add_row("checkpoint", summary.checkpoint_path)
-    stdout_console().print(table)
-    stdout_console().print(f"[bold]sample[/] (prompt {summary.sample_prompt!r}):")
-    stdout_console().print(summary.sample_prompt + summary.sample, markup=False, highlight=False)
+    console = stdout_console()
+    console.print(table)
+    console.print(f"[bold]sample[/] (prompt {summary.sample_prompt!r}):")
+    console.print(summary.sample_prompt + summary.sample, markup=False, highlight=False)
     if summary_json is not None:
         if not _write_summary(summary_json, summary.write_json):
             raise typer.Exit(EXIT_FAILED)
-        stdout_console().print(f"summary written to {summary_json}")
+        console.print(f"summary written to {summary_json}")
 
 
 @config_app.command("keys")
