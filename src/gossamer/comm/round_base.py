@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from gossamer.comm.codecs import ErrorFeedback, FloatArray
@@ -25,7 +24,7 @@ from gossamer.comm.steps import PairwiseSteps
 from gossamer.comm.transport import CommTransport, Frame, Message
 from gossamer.core.clock import Clock
 
-__all__ = ["Alongside", "RoundBase"]
+__all__ = ["RoundBase"]
 
 _T = TypeVar("_T")
 
@@ -42,30 +41,6 @@ def _owner_feedback(feedback: ErrorFeedback, layout: FlatLayout) -> ErrorFeedbac
         averages.clear()
         averages.layout = signature
     return averages
-
-
-@dataclass(eq=False, slots=True)
-class Alongside:
-    """Where a data message stands among the sends sharing its links (see
-    :meth:`RoundSending._shared_allowance_until
-    <gossamer.comm.round_sending.RoundSending._shared_allowance_until>`)."""
-
-    seq: int
-    """Its place among this member's data messages of the round, in the order they began."""
-    ahead: int
-    """Bytes of this member's data messages under way when it began, itself included."""
-    begun: int
-    """This member's count of data bytes begun in the round (:attr:`RoundBase._bytes_begun`)
-    when it began, itself included."""
-    phase_nbytes: int
-    """About what its receiver takes from all members in its phase of the round, up to its
-    end: everyone's contributions to a part, or (an average) everything of the round."""
-    nbytes: int
-    """Its own bytes."""
-    begun_until: int | None = None
-    """That count when a message begun after it went through (None: none did yet)."""
-    through_at: float | None = None
-    """When that was, on the round's clock."""
 
 
 class RoundBase:
@@ -218,12 +193,6 @@ class RoundBase:
         self.bytes_received = 0
         self._bytes_in_flight = 0
         """Bytes of this member's data messages under way (see :meth:`_send_allowance_s`)."""
-        self._bytes_begun = 0
-        """Bytes of this member's data messages begun in the round, sent or not."""
-        self._num_begun = 0
-        """This member's data messages begun in the round."""
-        self._alongside: set[Alongside] = set()
-        """Those under way to members the caller's failure detector watches."""
         layout = chunk_codec.layout
         self._round_nbytes = sum(
             choice.codec.encoded_nbytes(numel, choice.block_size)

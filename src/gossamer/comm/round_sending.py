@@ -8,13 +8,11 @@ when the receiver had no room yet), and this member's contributions to the parts
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable
 
-from gossamer.comm.round_base import Alongside, RoundBase
+from gossamer.comm.round_base import RoundBase
 from gossamer.comm.transport import (
     Frame,
     FrameKind,
@@ -24,7 +22,7 @@ from gossamer.comm.transport import (
     refused_for_room,
     wait_for_event,
 )
-from gossamer.core.errors import DeadlineExceededError, GossamerError
+from gossamer.core.errors import GossamerError
 
 __all__ = ["RoundSending"]
 
@@ -130,16 +128,11 @@ class RoundSending(RoundBase):
 
     # ---- sending -------------------------------------------------------------------------------
 
-    async def _send(
-        self, dest: int, message: Message, *, word: bool = False, part: int | None = None
-    ) -> bool:
+    async def _send(self, dest: int, message: Message, *, word: bool = False) -> bool:
         """Send within the round's deadline; False if none of it is left. A ``word`` (no data)
-        goes around the send tally. ``part``: the part that a contribution is to (None: an
-        average, or no data).
+        goes around the send tally.
 
-        A data message may take :meth:`_send_allowance_s`; to a member the caller's failure
-        detector watches, :meth:`_shared_allowance_until` (see :meth:`_within_allowance`). A word
-        may take the send timeout.
+        A data message may take :meth:`_send_allowance_s` (a word: the send timeout).
 
         A refusal for lack of room (``dest`` has not opened the round yet, and others' early
         messages fill its waiting room: see :func:`refused_for_room`) is no failure of
@@ -160,18 +153,6 @@ class RoundSending(RoundBase):
         nbytes = 0 if word else message_nbytes(message)
         give_up_at = started + (self._send_allowance_s(nbytes) if nbytes else self.send_timeout_s)
         self._bytes_in_flight += nbytes
-        self._bytes_begun += nbytes
-        self._num_begun += 1
-        alongside = None
-        if nbytes and self.alive is not None:
-            alongside = Alongside(
-                self._num_begun,
-                self._bytes_in_flight,
-                self._bytes_begun,
-                self._phase_download_nbytes(dest, part),
-                nbytes,
-            )
-            self._alongside.add(alongside)
         try:
             while True:
                 now = self.clock.monotonic()
@@ -179,14 +160,11 @@ class RoundSending(RoundBase):
                 if remaining <= 0:
                     return False
                 try:
-                    peer = self.plan.members[dest]
-                    if alongside is None:
-                        timeout_s = min(remaining, max(give_up_at - now, 0.01))
-                        await transport.send(peer, message, timeout_s=timeout_s)
-                    else:
-                        sending = transport.send(peer, message, timeout_s=remaining)
-                        await self._within_allowance(sending, dest, started, alongside)
-                        self._went_through(alongside)
+                    await transport.send(
+                        self.plan.members[dest],
+                        message,
+                        timeout_s=min(remaining, max(give_up_at - now, 0.01)),
+                    )
                     return True
                 except GossamerError as exc:
                     if not refused_for_room(exc) or self.clock.monotonic() >= refusals_until:
@@ -206,16 +184,6 @@ class RoundSending(RoundBase):
                 backoff_s = min(2 * backoff_s, _ROOM_RETRY_MAX_S)
         finally:
             self._bytes_in_flight -= nbytes
-            if alongside is not None:
-                self._alongside.discard(alongside)
-
-    def _went_through(self, sent: Alongside) -> None:
-        """``sent`` went through: the messages under way that began before it are no longer
-        held up by this member's uplink alone (see :meth:`_shared_allowance_until`)."""
-        for other in self._alongside:
-            if other.seq < sent.seq and other.begun_until is None:
-                other.begun_until = self._bytes_begun
-                other.through_at = self.clock.monotonic()
 
     def _send_allowance_s(self, nbytes: int) -> float:
         """How long a data message of ``nbytes`` may take before its receiver counts as failed:
@@ -234,110 +202,8 @@ class RoundSending(RoundBase):
         share = min(1.0, (self._bytes_in_flight + nbytes) / max(1, self._round_nbytes))
         return self.send_timeout_s + round_s * share
 
-    async def _within_allowance(
-        self, sending: Awaitable[None], dest: int, started: float, alongside: Alongside
-    ) -> None:
-        """Await ``sending`` (a data message to ``dest``, begun at ``started``) while it is
-        within :meth:`_shared_allowance_until`, which moves as this member's other sends
-        begin and go through; past it, cut it short.
-
-        Raises:
-            DeadlineExceededError: the message ran past its allowance.
-        """
-        send = asyncio.ensure_future(sending)
-        try:
-            while not send.done():
-                now = self.clock.monotonic()
-                until = self._shared_allowance_until(dest, started, alongside)
-                if now >= until:
-                    raise DeadlineExceededError(
-                        f"member {self.plan.members[dest][:12]} took no more in "
-                        f"{now - started:.1f} s of a message of round {self.round_id.hex()[:12]} "
-                        "(its allowance)"
-                    )
-                timer = asyncio.ensure_future(self.clock.sleep_async(until - now))
-                try:
-                    await asyncio.wait({send, timer}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    timer.cancel()
-            await send
-        finally:
-            if not send.done():
-                send.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await send
-
-    def _shared_allowance_until(self, dest: int, started: float, alongside: Alongside) -> float:
-        """Until when a data message begun at ``started`` to a member that the caller's failure
-        detector watches (``alive``) may go on: :meth:`_send_allowance_s`, counting that links
-        are shared.
-
-        This member's uplink is shared among all its messages under way, those begun after
-        this one too (TCP shares a link among connections: one begun later slows one begun
-        earlier), so its share of the round is of the bytes under way when it began and those
-        begun since. Once one begun since went through, the uplink has shown that it moves:
-        it gave this one as much (a fair share), so from then on this one may take its own
-        share of the round, no more, on the uplink's account. ``dest``'s downlink is shared
-        among the members sending to it at the same time, each getting about an equal part of
-        it, so the message may not be through before ``dest`` took what all of them send it
-        in the message's phase (:meth:`_phase_download_nbytes`: a contribution, everyone's
-        contributions to its part; an average, the whole round), a share of all it takes in
-        the round (:meth:`_round_download_nbytes`) that a downlink carrying the round in time
-        carries within that share of the round's time. The message may go on while either
-        link accounts for it, plus the send timeout.
-
-        Counting only this member's bytes under way when the message began, a member on a
-        thin link was failed while its link carried the round in time (lab: 1 Mbit/s against
-        three at 8 Mbit/s, equal parts, 3 MiB in 8 bits under a 60 s deadline that the thin link
-        carries in some 38 s: the fast members' sends to it, three under way at once, or its own
-        sends to them ran out of time within 21 s, two runs out of two; now the round averages
-        every part, 40-47 s: ``tests/netlab/test_comm_slow_member.py``). So long a wait is only
-        for a member that the detector does not report gone: one that hangs is declared failed by
-        the detector meanwhile, within its timeout (see :meth:`RoundState._watch_liveness
-        <gossamer.comm.round_state.RoundState._watch_liveness>`); without a detector, a member
-        that takes nothing would be waited for up to half the round or more.
-        """
-        round_s = max(0.0, self.deadline_s - self._begun_at)
-        whole = max(1, self._round_nbytes)
-
-        def share_s(nbytes: float) -> float:
-            return self.send_timeout_s + round_s * min(1.0, nbytes / whole)
-
-        begun = self._bytes_begun if alongside.begun_until is None else alongside.begun_until
-        uplink_until = started + share_s(alongside.ahead + begun - alongside.begun)
-        if alongside.through_at is not None:
-            uplink_until = min(uplink_until, alongside.through_at + share_s(alongside.nbytes))
-        downlink = alongside.phase_nbytes * whole / max(1, self._round_download_nbytes(dest))
-        return max(uplink_until, started + share_s(downlink))
-
-    def _part_nbytes(self, part: int) -> float:
-        """About the bytes of ``part`` encoded."""
-        start, end = self.plan.part_range(part)
-        return self._round_nbytes * (end - start) / max(1, self.plan.bounds[-1])
-
-    def _phase_download_nbytes(self, member: int, part: int | None) -> int:
-        """About what ``member`` takes from all members up to the end of a message's phase:
-        every other member's contribution to ``part`` (None: an average: all it takes in the
-        round, :meth:`_round_download_nbytes`)."""
-        if part is None:
-            return self._round_download_nbytes(member)
-        return int((self.plan.num_parts - 1) * self._part_nbytes(part))
-
-    def _round_download_nbytes(self, member: int) -> int:
-        """About the least ``member`` receives in a round: every other member's contribution
-        to its part, and the averages of every other part (the whole buffer encoded, less its
-        own part once, plus its part once for each other member)."""
-        own = self._part_nbytes(member)
-        return int(self._round_nbytes + max(0, self.plan.num_parts - 2) * own)
-
     async def _transmit(
-        self,
-        dest: int,
-        message: Message,
-        *,
-        word: bool = False,
-        counted: bool = True,
-        contribution_to: int | None = None,
+        self, dest: int, message: Message, *, word: bool = False, counted: bool = True
     ) -> bool:
         """Send ``message`` to ``dest``; False if it did not go (``dest`` failed, no time left).
 
@@ -346,11 +212,10 @@ class RoundSending(RoundBase):
         declares ``dest`` failed, unless it is a ``word`` (no data, not counted in the bytes
         sent), whose loss costs only what the word would have saved. Only data is counted in
         the bytes sent (``counted``: a notice is not), as only data is in the bytes received.
-        ``contribution_to``: the part that a contribution is to (see :meth:`_send`).
         """
         if dest in self.failed:
             return False
-        send = asyncio.ensure_future(self._send(dest, message, word=word, part=contribution_to))
+        send = asyncio.ensure_future(self._send(dest, message, word=word))
         self._sends_to[dest].add(send)
         try:
             if not await send:
@@ -393,7 +258,7 @@ class RoundSending(RoundBase):
                 prefix = pack_frame(frame)
                 message = await self._contribution(part, chunk, a, b, prefix)
                 self.encode_s += time.perf_counter() - started
-                if await self._transmit(dest, message, contribution_to=part):
+                if await self._transmit(dest, message):
                     self.fp32_bytes_sent += 4 * (b - a)
 
         try:
